@@ -1,0 +1,410 @@
+//! Typed configuration: every `INTENTGATE_*` variable and CLI flag, parsed into one struct and
+//! validated before anything starts.
+//!
+//! This module must never read the environment anywhere else, and must never print a secret:
+//! the `Debug` of [`Config`] redacts the master key and the admin tokens.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Errors that stop the gateway before it starts; each names the setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{setting}: {reason}")]
+    Invalid { setting: &'static str, reason: String },
+}
+
+fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        reason: reason.into(),
+    }
+}
+
+/// How much of a call's arguments the audit event keeps (`INTENTGATE_AUDIT_PERSIST_ARG_VALUES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ArgValues {
+    /// Argument names only (the default: values can hold personal data).
+    #[default]
+    Off,
+    /// Names, plus values that are strings, numbers, booleans or null.
+    Scalars,
+    /// The arguments as sent.
+    Raw,
+}
+
+/// The raw settings as clap reads them from flags and environment. Validated into [`Config`].
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "INTENTGATE_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    /// Directory for the embedded SQLite store and the generated secrets.
+    #[arg(long, env = "INTENTGATE_DATA_DIR", default_value = "intentgate-data")]
+    pub data_dir: PathBuf,
+    /// HMAC master key for capability tokens (base64, >= 16 bytes). Generated when unset.
+    #[arg(long, env = "INTENTGATE_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+    /// Superadmin bearer token for /v1/admin/*. Generated when unset.
+    #[arg(long, env = "INTENTGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Per-tenant admin tokens: `tenant1:token1,tenant2:token2`.
+    #[arg(long, env = "INTENTGATE_TENANT_ADMINS", hide_env_values = true)]
+    pub tenant_admins: Option<String>,
+    /// PostgreSQL DSN; when unset the embedded SQLite store in the data directory is used.
+    #[arg(long, env = "INTENTGATE_POSTGRES_URL", hide_env_values = true)]
+    pub postgres_url: Option<String>,
+    /// Upstream MCP server (streamable HTTP), e.g. http://tools.internal/mcp.
+    #[arg(long, env = "INTENTGATE_UPSTREAM_URL")]
+    pub upstream_url: Option<String>,
+    /// Name of the upstream server, matched by `mcp_allow` caveats.
+    #[arg(long, env = "INTENTGATE_UPSTREAM_NAME", default_value = "default")]
+    pub upstream_name: String,
+    /// Upstream call timeout in milliseconds.
+    #[arg(long, env = "INTENTGATE_UPSTREAM_TIMEOUT_MS", default_value_t = 5000)]
+    pub upstream_timeout_ms: u64,
+    /// Largest upstream response accepted, in bytes.
+    #[arg(long, env = "INTENTGATE_UPSTREAM_MAX_RESPONSE_BYTES", default_value_t = 8 << 20)]
+    pub upstream_max_response_bytes: usize,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "INTENTGATE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Deepest JSON nesting accepted in a request body.
+    #[arg(long, env = "INTENTGATE_MAX_JSON_DEPTH", default_value_t = 64)]
+    pub max_json_depth: usize,
+    /// Time allowed for a client to send its request headers, in milliseconds.
+    #[arg(long, env = "INTENTGATE_HEADER_TIMEOUT_MS", default_value_t = 5000)]
+    pub header_timeout_ms: u64,
+    /// Clock skew tolerated on token `nbf`, in seconds.
+    #[arg(long, env = "INTENTGATE_CLOCK_LEEWAY_SECS", default_value_t = 30)]
+    pub clock_leeway_secs: u64,
+    /// Calls fail closed when the revocation set is older than this, in seconds.
+    #[arg(long, env = "INTENTGATE_REVOCATION_MAX_STALENESS_SECS", default_value_t = 10)]
+    pub revocation_max_staleness_secs: u64,
+    /// How much of the arguments an audit event keeps.
+    #[arg(long, env = "INTENTGATE_AUDIT_PERSIST_ARG_VALUES", value_enum, default_value_t = ArgValues::Off, ignore_case = true)]
+    pub audit_persist_arg_values: ArgValues,
+    /// Start a built-in demo MCP tool server as the upstream when none is configured.
+    #[arg(long)]
+    pub demo: bool,
+}
+
+/// Where state lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl std::fmt::Debug for StoreChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(p) => write!(f, "Sqlite({})", p.display()),
+            // The DSN may carry a password.
+            Self::Postgres(_) => f.write_str("Postgres(<redacted DSN>)"),
+        }
+    }
+}
+
+/// The validated configuration the gateway runs with.
+#[derive(Clone)]
+pub struct Config {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub master_key: Option<String>,
+    pub admin_token: Option<String>,
+    pub tenant_admins: Vec<(String, String)>,
+    pub store: StoreChoice,
+    pub upstream_url: Option<hyper::Uri>,
+    pub upstream_name: String,
+    pub upstream_timeout: Duration,
+    pub upstream_max_response_bytes: usize,
+    pub max_body_bytes: usize,
+    pub max_json_depth: usize,
+    pub header_timeout: Duration,
+    pub clock_leeway_secs: u64,
+    pub revocation_max_staleness: Duration,
+    pub arg_values: ArgValues,
+    pub demo: bool,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |o: &Option<String>| if o.is_some() { "<set>" } else { "<generated>" };
+        let tenants: Vec<&str> = self.tenant_admins.iter().map(|(t, _)| t.as_str()).collect();
+        f.debug_struct("Config")
+            .field("addr", &self.addr)
+            .field("data_dir", &self.data_dir)
+            .field("master_key", &redact(&self.master_key))
+            .field("admin_token", &redact(&self.admin_token))
+            .field("tenant_admins", &tenants)
+            .field("store", &self.store)
+            .field("upstream_url", &self.upstream_url)
+            .field("upstream_name", &self.upstream_name)
+            .field("upstream_timeout", &self.upstream_timeout)
+            .field("upstream_max_response_bytes", &self.upstream_max_response_bytes)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_json_depth", &self.max_json_depth)
+            .field("header_timeout", &self.header_timeout)
+            .field("clock_leeway_secs", &self.clock_leeway_secs)
+            .field("revocation_max_staleness", &self.revocation_max_staleness)
+            .field("arg_values", &self.arg_values)
+            .field("demo", &self.demo)
+            .finish()
+    }
+}
+
+/// A tenant name: what tokens, admin scopes and audit chains are keyed by.
+pub fn valid_tenant_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl ServeArgs {
+    /// Checks every setting and returns the configuration, or the first bad setting by name.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let addr: SocketAddr = self.addr.parse().map_err(|e| {
+            invalid(
+                "INTENTGATE_ADDR",
+                format!("{e}: expected host:port such as 127.0.0.1:8080"),
+            )
+        })?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("INTENTGATE_DATA_DIR", "must not be empty"));
+        }
+        if let Some(t) = &self.admin_token
+            && t.len() < 16
+        {
+            return Err(invalid(
+                "INTENTGATE_ADMIN_TOKEN",
+                "must be at least 16 characters",
+            ));
+        }
+        let tenant_admins = match &self.tenant_admins {
+            None => Vec::new(),
+            Some(raw) => parse_tenant_admins(raw)?,
+        };
+        let store = match self.postgres_url {
+            Some(url) if !url.trim().is_empty() => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(invalid(
+                        "INTENTGATE_POSTGRES_URL",
+                        "must start with postgres:// or postgresql://",
+                    ));
+                }
+                StoreChoice::Postgres(url)
+            }
+            _ => StoreChoice::Sqlite(self.data_dir.join("intentgate.sqlite3")),
+        };
+        let upstream_url = match self.upstream_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(raw) => {
+                let uri: hyper::Uri = raw
+                    .parse()
+                    .map_err(|e| invalid("INTENTGATE_UPSTREAM_URL", format!("{e}")))?;
+                match uri.scheme_str() {
+                    Some("http") => {}
+                    Some("https") => {
+                        return Err(invalid(
+                            "INTENTGATE_UPSTREAM_URL",
+                            "https upstreams are not supported yet; terminate TLS in a sidecar",
+                        ));
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "INTENTGATE_UPSTREAM_URL",
+                            "must be an absolute http:// URL",
+                        ));
+                    }
+                }
+                if uri.host().is_none() {
+                    return Err(invalid("INTENTGATE_UPSTREAM_URL", "has no host"));
+                }
+                Some(uri)
+            }
+        };
+        if !valid_tenant_name(&self.upstream_name) {
+            return Err(invalid(
+                "INTENTGATE_UPSTREAM_NAME",
+                "use 1-64 of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        let ranged = |setting: &'static str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(v)
+            } else {
+                Err(invalid(setting, format!("{v} is outside {lo}..={hi}")))
+            }
+        };
+        let upstream_timeout = Duration::from_millis(ranged(
+            "INTENTGATE_UPSTREAM_TIMEOUT_MS",
+            self.upstream_timeout_ms,
+            1,
+            600_000,
+        )?);
+        let header_timeout = Duration::from_millis(ranged(
+            "INTENTGATE_HEADER_TIMEOUT_MS",
+            self.header_timeout_ms,
+            100,
+            120_000,
+        )?);
+        ranged(
+            "INTENTGATE_MAX_BODY_BYTES",
+            self.max_body_bytes as u64,
+            1024,
+            64 << 20,
+        )?;
+        ranged(
+            "INTENTGATE_UPSTREAM_MAX_RESPONSE_BYTES",
+            self.upstream_max_response_bytes as u64,
+            1024,
+            256 << 20,
+        )?;
+        ranged(
+            "INTENTGATE_MAX_JSON_DEPTH",
+            self.max_json_depth as u64,
+            4,
+            512,
+        )?;
+        ranged(
+            "INTENTGATE_CLOCK_LEEWAY_SECS",
+            self.clock_leeway_secs,
+            0,
+            300,
+        )?;
+        let staleness = ranged(
+            "INTENTGATE_REVOCATION_MAX_STALENESS_SECS",
+            self.revocation_max_staleness_secs,
+            1,
+            3600,
+        )?;
+        if self.demo && upstream_url.is_some() {
+            return Err(invalid(
+                "--demo",
+                "starts a demo upstream; do not combine it with INTENTGATE_UPSTREAM_URL",
+            ));
+        }
+        Ok(Config {
+            addr,
+            data_dir: self.data_dir,
+            master_key: self.master_key,
+            admin_token: self.admin_token,
+            tenant_admins,
+            store,
+            upstream_url,
+            upstream_name: self.upstream_name,
+            upstream_timeout,
+            upstream_max_response_bytes: self.upstream_max_response_bytes,
+            max_body_bytes: self.max_body_bytes,
+            max_json_depth: self.max_json_depth,
+            header_timeout,
+            clock_leeway_secs: self.clock_leeway_secs,
+            revocation_max_staleness: Duration::from_secs(staleness),
+            arg_values: self.audit_persist_arg_values,
+            demo: self.demo,
+        })
+    }
+}
+
+fn parse_tenant_admins(raw: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    const SETTING: &str = "INTENTGATE_TENANT_ADMINS";
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (i, entry) in raw.split(',').map(str::trim).enumerate() {
+        if entry.is_empty() {
+            continue;
+        }
+        // Never echo the entry: it holds a secret.
+        let Some((tenant, token)) = entry.split_once(':') else {
+            return Err(invalid(
+                SETTING,
+                format!("entry {} is not tenant:token", i + 1),
+            ));
+        };
+        let (tenant, token) = (tenant.trim(), token.trim());
+        if !valid_tenant_name(tenant) {
+            return Err(invalid(
+                SETTING,
+                format!("entry {}: bad tenant name", i + 1),
+            ));
+        }
+        if token.len() < 16 {
+            return Err(invalid(
+                SETTING,
+                format!("entry {} ({tenant}): token shorter than 16 characters", i + 1),
+            ));
+        }
+        if out.iter().any(|(t, _)| t == tenant) {
+            return Err(invalid(SETTING, format!("tenant {tenant} listed twice")));
+        }
+        out.push((tenant.to_owned(), token.to_owned()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["t"];
+        v.extend_from_slice(args);
+        T::try_parse_from(v).expect("clap parse").a.validate()
+    }
+
+    #[test]
+    fn defaults_are_local_and_embedded() {
+        let c = parse(&[]).expect("defaults valid");
+        assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
+        assert!(matches!(c.store, StoreChoice::Sqlite(_)));
+        assert!(c.upstream_url.is_none());
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let e = parse(&["--addr", "nope"]).unwrap_err().to_string();
+        assert!(e.starts_with("INTENTGATE_ADDR"), "{e}");
+        let e = parse(&["--upstream-url", "ftp://x/mcp"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("INTENTGATE_UPSTREAM_URL"), "{e}");
+        let e = parse(&["--tenant-admins", "acme:short"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("acme") && !e.contains("short"), "{e}");
+        let e = parse(&["--upstream-timeout-ms", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("INTENTGATE_UPSTREAM_TIMEOUT_MS"), "{e}");
+        let e = parse(&["--postgres-url", "mysql://x"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("INTENTGATE_POSTGRES_URL"), "{e}");
+    }
+
+    #[test]
+    fn tenant_admins_parse_and_debug_redacts() {
+        let c = parse(&[
+            "--tenant-admins",
+            "acme:aaaaaaaaaaaaaaaa1, globex:bbbbbbbbbbbbbbbb2",
+            "--admin-token",
+            "supersecretsupersecret",
+        ])
+        .expect("valid");
+        assert_eq!(c.tenant_admins.len(), 2);
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("aaaaaaaa") && !dbg.contains("supersecret"), "{dbg}");
+    }
+}

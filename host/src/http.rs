@@ -1,0 +1,163 @@
+//! Small HTTP helpers shared by the endpoints: the response body type, bounded body reads,
+//! JSON replies and the JSON nesting guard.
+//!
+//! Nothing here may buffer without a bound: every read goes through [`read_body`].
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::body::Body as _;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Response, StatusCode};
+
+/// Every response body the gateway sends: whole buffers or streams (audit export).
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// A whole-buffer body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// A response with a JSON body.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    json_bytes(status, serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// A response with an already-encoded JSON body.
+pub fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// A response with a status and no body.
+pub fn status(status: StatusCode) -> Response<Body> {
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body exceeds {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("request body could not be read: {0}")]
+    Read(String),
+}
+
+/// Reads a body completely, refusing more than `limit` bytes (checked against `Content-Length`
+/// first, then while reading).
+pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    if let Some(upper) = body.size_hint().exact()
+        && upper > limit as u64
+    {
+        return Err(BodyError::TooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
+        Err(e) => Err(BodyError::Read(e.to_string())),
+    }
+}
+
+/// True when the JSON text nests objects and arrays no deeper than `max_depth`.
+///
+/// Runs before parsing so a hostile body cannot make any parser recurse deeply. Brackets inside
+/// strings are skipped; the text need not be valid JSON (the parser judges that afterwards).
+pub fn json_depth_within(text: &[u8], max_depth: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in text {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max_depth {
+                    return false;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
+
+/// The bearer credential of an `Authorization` header, if well formed.
+pub fn bearer(headers: &hyper::HeaderMap) -> Option<&str> {
+    let value = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// A header's value as text, when present and printable.
+pub fn header_str<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_guard_counts_only_structure() {
+        assert!(json_depth_within(br#"{"a":[1,{"b":2}]}"#, 3));
+        assert!(!json_depth_within(br#"{"a":[1,{"b":2}]}"#, 2));
+        assert!(json_depth_within(br#"{"a":"[[[[[[[[[[\"[[["}"#, 1));
+        let deep = "[".repeat(100_000);
+        assert!(!json_depth_within(deep.as_bytes(), 64));
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = hyper::HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert("authorization", HeaderValue::from_static("Bearer abc"));
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert("authorization", HeaderValue::from_static("bearer   xyz "));
+        assert_eq!(bearer(&h), Some("xyz"));
+        h.insert("authorization", HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+    }
+
+    #[tokio::test]
+    async fn body_limit_enforced() {
+        let b = Full::new(Bytes::from(vec![b'x'; 100]));
+        assert!(matches!(
+            read_body(b, 10).await,
+            Err(BodyError::TooLarge { limit: 10 })
+        ));
+        let b = Full::new(Bytes::from_static(b"ok"));
+        assert_eq!(read_body(b, 10).await.expect("fits"), Bytes::from_static(b"ok"));
+    }
+}

@@ -1,0 +1,44 @@
+//! IntentGate: a self-hosted authorization gateway for AI agents.
+//!
+//! Every tool call an agent makes through `POST /v1/mcp` is decided here: capability token
+//! (native), then the intent, policy and budget checks, then a durable audit event, and only
+//! then forwarded to the upstream tool server.
+//!
+//! # Layout
+//!
+//! | module | concept |
+//! |---|---|
+//! | [`config`] | typed configuration from `INTENTGATE_*` variables and flags, validated before start |
+//! | [`secrets`] | the master key and superadmin token: generated on first start, kept 0600 |
+//! | [`capability`] | token format, mint, verify, attenuation rules, revocation set |
+//! | [`mcp`] | JSON-RPC 2.0 / MCP streamable HTTP framing and method handling |
+//! | [`pipeline`] | the ordered checks and the decision (`Permit`) |
+//! | [`upstream`] | forwarding to the upstream MCP server (pooled, bounded) |
+//! | [`admin`] | the admin HTTP API |
+//! | [`store`] | SQLite and PostgreSQL behind one trait |
+//! | [`audit`] | audit events, canonical form, chain, checkpoints, verify, export |
+//! | [`plugins`] | the WebAssembly check runtime |
+//! | [`bundles`] | bundles of checks: digests, drafts, promote/rollback, per-tenant hot swap |
+//! | [`server`] | the hyper accept loop, routing, request limits |
+//! | [`http`] | small HTTP helpers shared by the endpoints (bounded body read, JSON replies) |
+//! | [`demo`] | a built-in harmless MCP tool server for `--demo` |
+//! | [`testkit`] | test support: a throwaway PostgreSQL server started from local binaries |
+
+pub mod admin;
+pub mod audit;
+pub mod bundles;
+pub mod capability;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod mcp;
+pub mod pipeline;
+pub mod plugins;
+pub mod secrets;
+pub mod server;
+pub mod store;
+#[doc(hidden)]
+pub mod testkit;
+pub mod upstream;
+
+pub use server::serve;

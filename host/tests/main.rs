@@ -1,0 +1,4 @@
+//! The one integration-test binary of the `intentgate` crate (one link of the large deps).
+//! Each concept has its own module; `support` holds shared helpers.
+
+mod support;
