@@ -1,1 +1,119 @@
-//! TODO
+//! Audit: the tamper-evident, durable record of every decision and admin action.
+//!
+//! - [`event`]: the versioned event schema ([`AuditEvent`]) and argument redaction ([`ArgValuesMode`]).
+//! - [`jcs`]: RFC 8785 canonical JSON, the hashed form of an event.
+//! - [`log`]: [`AuditLog`], the per-tenant group-commit writers. `append` resolves only after the
+//!   event's transaction committed; a full queue or a failing store is a typed error
+//!   ([`AuditError::Overloaded`], [`AuditError::CommitFailed`]) and the caller must refuse the
+//!   call (fail closed). Chain: `hash = SHA-256(prev_hash || canonical_event)` per tenant, the
+//!   first `prev_hash` being 32 zero bytes; hashes are stored as lowercase hex.
+//! - [`key`] and [`checkpoint`]: the Ed25519 log key and signed checkpoints (C2SP signed notes).
+//! - [`query`]: filters and keyset pagination for the admin API and export.
+//! - [`verify`]: walks a tenant's chain in the database, optionally against a checkpoint.
+//! - [`export`]: streamed CSV / NDJSON with bounded memory.
+//! - [`offline`]: verifies an NDJSON export against a checkpoint and public key, no gateway needed.
+//!
+//! This module must never acknowledge an event that is not committed, never drop an event it
+//! acknowledged, and never let two writers extend one tenant's chain from the same head.
+
+pub mod checkpoint;
+pub mod event;
+pub mod export;
+pub mod jcs;
+pub mod key;
+pub mod log;
+pub mod offline;
+pub mod query;
+pub mod time;
+pub mod verify;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use checkpoint::Checkpoint;
+pub use event::{ArgValuesMode, AuditEvent, Decision, SCHEMA_VERSION, kinds};
+pub use key::{LogKey, Verifier};
+pub use log::{Appended, AuditLog, AuditStats};
+pub use query::{AuditFilter, AuditRecord, Page};
+pub use verify::{BrokenAt, CheckpointCheck, VerifyReport};
+
+/// The database the audit tables live in: the store's raw pool ([`crate::store::Store::db`]).
+pub use crate::store::Db;
+
+/// Errors of the audit layer.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The tenant's writer queue is full, or an event waited too long in it: the store is not
+    /// keeping up. The event was not written; refuse the call.
+    #[error("audit log overloaded for tenant {tenant:?}: {detail}")]
+    Overloaded { tenant: String, detail: &'static str },
+    /// The batch holding this event failed to commit; the event was not written.
+    #[error("audit commit failed: {0}")]
+    CommitFailed(#[source] Arc<AuditError>),
+    /// The writer for this tenant is gone (shutting down).
+    #[error("audit writer unavailable")]
+    Unavailable,
+    #[error("audit store: {0}")]
+    Store(#[from] sqlx::Error),
+    /// The chain in the database contradicts itself in a way a writer cannot continue from.
+    #[error("audit chain integrity: {0}")]
+    Integrity(String),
+    #[error("audit log key: {0}")]
+    Key(String),
+    #[error("invalid checkpoint: {0}")]
+    InvalidCheckpoint(String),
+    #[error("invalid audit query: {0}")]
+    InvalidQuery(String),
+    #[error("audit configuration: {0}")]
+    Config(String),
+    /// Input to the offline verifier that is not what an export contains.
+    #[error("malformed input: {0}")]
+    Malformed(String),
+    #[error("audit i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Tuning of the writers and checkpoints.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Events that may wait per tenant before `append` answers [`AuditError::Overloaded`].
+    pub queue_capacity: usize,
+    /// Most events committed in one transaction.
+    pub max_batch: usize,
+    /// An event that waited longer than this in the queue is refused instead of written.
+    pub max_queue_wait: Duration,
+    /// Sign a checkpoint after this many new events of a tenant…
+    pub checkpoint_every: u64,
+    /// …or this long after the first event not covered by one.
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            queue_capacity: 4096,
+            max_batch: 512,
+            max_queue_wait: Duration::from_secs(5),
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl AuditConfig {
+    fn validate(&self) -> Result<(), AuditError> {
+        if self.queue_capacity == 0 {
+            return Err(AuditError::Config("queue_capacity must be at least 1".into()));
+        }
+        if !(1..=2000).contains(&self.max_batch) {
+            return Err(AuditError::Config("max_batch must be within 1..=2000".into()));
+        }
+        if self.checkpoint_every == 0 {
+            return Err(AuditError::Config("checkpoint_every must be at least 1".into()));
+        }
+        if self.checkpoint_interval.is_zero() {
+            return Err(AuditError::Config("checkpoint_interval must be positive".into()));
+        }
+        Ok(())
+    }
+}

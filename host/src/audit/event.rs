@@ -1,0 +1,323 @@
+//! The audit event: what one decision (or admin action) records, its versioned JSON schema, and
+//! the redaction of tool-call argument values before they are stored.
+//!
+//! The JSON field names follow the original gateway's audit schema (`ts`, `event`, `decision`,
+//! `check`, `agent_id`, `capability_token_id`, …) so SIEM mappings and consoles keep working; empty
+//! fields are omitted, as there. The hashed form of an event is its RFC 8785 canonical JSON with
+//! the chain position `seq` included, so an event cannot be moved within or between chains.
+//!
+//! This module must never store an argument value that the configured [`ArgValuesMode`] excludes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+
+use super::{AuditError, jcs, time};
+
+/// Version of the event JSON schema. The original gateway's schema 6 plus `seq` (chain position)
+/// and `bundle_digest`; every field of schema 6 keeps its name and meaning.
+pub const SCHEMA_VERSION: &str = "7";
+
+/// Event kinds the gateway emits (the `event` field). Admin actions use `admin/<action>`.
+pub mod kinds {
+    /// A `tools/call` (MCP) or `POST /v1/tool-call` decision.
+    pub const TOOL_CALL: &str = "intentgate.tool_call";
+    /// A non-tool MCP method (`tools/list`, `initialize`, …) that was authenticated.
+    pub const MCP_METHOD: &str = "intentgate.mcp_method";
+    /// Prefix of admin actions, e.g. `admin/mint`, `admin/revoke`, `admin/clear_policy`.
+    pub const ADMIN_PREFIX: &str = "admin/";
+}
+
+/// The outcome of a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Block,
+    Escalate,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Block => "block",
+            Decision::Escalate => "escalate",
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Decision {
+    type Err = AuditError;
+    fn from_str(s: &str) -> Result<Self, AuditError> {
+        match s {
+            "allow" => Ok(Decision::Allow),
+            "block" | "deny" => Ok(Decision::Block),
+            "escalate" => Ok(Decision::Escalate),
+            other => Err(AuditError::InvalidQuery(format!(
+                "decision must be allow, block or escalate, not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// What is kept of tool-call argument values (`INTENTGATE_AUDIT_PERSIST_ARG_VALUES`).
+/// Argument *keys* are always recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ArgValuesMode {
+    /// No values (default): only `arg_keys`.
+    #[default]
+    Off,
+    /// Top-level scalar values (strings cut to [`SCALAR_STRING_LIMIT`] bytes, numbers, booleans,
+    /// null); nested objects and arrays are replaced by the strings `"[object]"` / `"[array]"`.
+    Scalars,
+    /// The arguments exactly as the agent sent them.
+    Raw,
+}
+
+/// Longest string value kept in [`ArgValuesMode::Scalars`], in bytes.
+pub const SCALAR_STRING_LIMIT: usize = 256;
+
+impl FromStr for ArgValuesMode {
+    type Err = AuditError;
+    fn from_str(s: &str) -> Result<Self, AuditError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "off" | "false" | "none" => Ok(ArgValuesMode::Off),
+            "scalars" => Ok(ArgValuesMode::Scalars),
+            "raw" => Ok(ArgValuesMode::Raw),
+            other => Err(AuditError::Config(format!(
+                "INTENTGATE_AUDIT_PERSIST_ARG_VALUES must be off, scalars or raw, not {other:?}"
+            ))),
+        }
+    }
+}
+
+impl ArgValuesMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArgValuesMode::Off => "off",
+            ArgValuesMode::Scalars => "scalars",
+            ArgValuesMode::Raw => "raw",
+        }
+    }
+
+    /// Turns tool-call arguments into what gets stored: the sorted top-level keys, and the values
+    /// this mode keeps (`None` when it keeps none). Arguments that are not a JSON object have no
+    /// keys; in `raw` mode they are stored as given, in `scalars` mode only if they are a scalar.
+    pub fn apply(self, args: &Value) -> (Vec<String>, Option<Value>) {
+        let mut keys: Vec<String> = match args {
+            Value::Object(map) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        keys.sort();
+        let values = match self {
+            ArgValuesMode::Off => None,
+            ArgValuesMode::Raw => (!args.is_null()).then(|| args.clone()),
+            ArgValuesMode::Scalars => match args {
+                Value::Object(map) => Some(Value::Object(
+                    map.iter()
+                        .map(|(k, v)| (k.clone(), scalar_of(v)))
+                        .collect(),
+                )),
+                Value::Null | Value::Array(_) => None,
+                scalar => Some(scalar_of(scalar)),
+            },
+        };
+        (keys, values)
+    }
+}
+
+fn scalar_of(v: &Value) -> Value {
+    match v {
+        Value::Object(_) => Value::String("[object]".into()),
+        Value::Array(_) => Value::String("[array]".into()),
+        Value::String(s) if s.len() > SCALAR_STRING_LIMIT => {
+            let mut cut = SCALAR_STRING_LIMIT;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            Value::String(format!("{}…", &s[..cut]))
+        }
+        other => other.clone(),
+    }
+}
+
+/// One audit event, before it is placed in a chain. Build it with [`AuditEvent::new`] and set the
+/// fields that apply; empty strings, `None` and `false` are left out of the stored JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEvent {
+    /// Wall-clock time of the decision, unix milliseconds (`ts`).
+    pub ts_ms: i64,
+    /// Event kind (`event`), see [`kinds`].
+    pub kind: String,
+    /// Tenant whose chain records the event.
+    pub tenant: String,
+    pub decision: Option<Decision>,
+    /// The check that decided (`capability`, `intent`, `policy`, `budget`, `upstream`, …).
+    pub check: String,
+    pub reason: String,
+    /// Agent identity: the token subject (`agent_id`).
+    pub agent_id: String,
+    pub session_id: String,
+    pub tool: String,
+    pub arg_keys: Vec<String>,
+    pub arg_values: Option<Value>,
+    /// Token id (`capability_token_id`) and its root (`root_capability_token_id`).
+    pub jti: String,
+    pub root_jti: String,
+    pub caveat_count: Option<u32>,
+    pub intent_summary: String,
+    pub requires_step_up: bool,
+    /// Who decided: an approver's identity, or the admin principal for admin events.
+    pub decided_by: String,
+    /// Pending approval id (`pending_id`).
+    pub pending_id: String,
+    /// From `X-IntentGate-Elevation-Id` on admin calls: metadata, not authority.
+    pub elevation_id: String,
+    /// Digest of the pipeline bundle that decided.
+    pub bundle_digest: String,
+    pub latency_ms: Option<u64>,
+    /// Upstream HTTP status when the call was forwarded.
+    pub upstream_status: Option<u16>,
+    /// Caller address (`remote_ip`).
+    pub remote_ip: String,
+}
+
+impl AuditEvent {
+    /// An event of `kind` for `tenant`, stamped now; every other field empty.
+    pub fn new(kind: impl Into<String>, tenant: impl Into<String>) -> Self {
+        AuditEvent {
+            ts_ms: time::now_ms(),
+            kind: kind.into(),
+            tenant: tenant.into(),
+            decision: None,
+            check: String::new(),
+            reason: String::new(),
+            agent_id: String::new(),
+            session_id: String::new(),
+            tool: String::new(),
+            arg_keys: Vec::new(),
+            arg_values: None,
+            jti: String::new(),
+            root_jti: String::new(),
+            caveat_count: None,
+            intent_summary: String::new(),
+            requires_step_up: false,
+            decided_by: String::new(),
+            pending_id: String::new(),
+            elevation_id: String::new(),
+            bundle_digest: String::new(),
+            latency_ms: None,
+            upstream_status: None,
+            remote_ip: String::new(),
+        }
+    }
+
+    /// Records the tool-call arguments as `mode` allows.
+    pub fn with_arguments(mut self, mode: ArgValuesMode, args: &Value) -> Self {
+        let (keys, values) = mode.apply(args);
+        self.arg_keys = keys;
+        self.arg_values = values;
+        self
+    }
+
+    /// The event as JSON, with its chain position; the object that is canonicalized and hashed.
+    pub fn to_json(&self, seq: u64) -> Value {
+        let mut m = Map::new();
+        let put_str = |m: &mut Map<String, Value>, k: &str, v: &str| {
+            if !v.is_empty() {
+                m.insert(k.into(), Value::String(v.into()));
+            }
+        };
+        m.insert("schema_version".into(), SCHEMA_VERSION.into());
+        m.insert("seq".into(), seq.into());
+        m.insert("ts".into(), time::format_rfc3339_ms(self.ts_ms).into());
+        m.insert("event".into(), self.kind.clone().into());
+        m.insert("tenant".into(), self.tenant.clone().into());
+        if let Some(d) = self.decision {
+            m.insert("decision".into(), d.as_str().into());
+        }
+        put_str(&mut m, "check", &self.check);
+        put_str(&mut m, "reason", &self.reason);
+        put_str(&mut m, "agent_id", &self.agent_id);
+        put_str(&mut m, "session_id", &self.session_id);
+        put_str(&mut m, "tool", &self.tool);
+        if !self.arg_keys.is_empty() {
+            m.insert("arg_keys".into(), self.arg_keys.clone().into());
+        }
+        if let Some(v) = &self.arg_values {
+            m.insert("arg_values".into(), v.clone());
+        }
+        put_str(&mut m, "capability_token_id", &self.jti);
+        put_str(&mut m, "root_capability_token_id", &self.root_jti);
+        if let Some(n) = self.caveat_count {
+            m.insert("caveat_count".into(), n.into());
+        }
+        put_str(&mut m, "intent_summary", &self.intent_summary);
+        if self.requires_step_up {
+            m.insert("requires_step_up".into(), true.into());
+        }
+        put_str(&mut m, "decided_by", &self.decided_by);
+        put_str(&mut m, "pending_id", &self.pending_id);
+        put_str(&mut m, "elevation_id", &self.elevation_id);
+        put_str(&mut m, "bundle_digest", &self.bundle_digest);
+        if let Some(n) = self.latency_ms {
+            m.insert("latency_ms".into(), n.into());
+        }
+        if let Some(n) = self.upstream_status {
+            m.insert("upstream_status".into(), n.into());
+        }
+        put_str(&mut m, "remote_ip", &self.remote_ip);
+        Value::Object(m)
+    }
+
+    /// The canonical (RFC 8785) bytes hashed into the chain at position `seq`.
+    pub fn canonical(&self, seq: u64) -> String {
+        jcs::canonicalize(&self.to_json(seq))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn arg_values_modes() {
+        let long = "x".repeat(300);
+        let args = json!({"b": {"deep": 1}, "a": "s", "c": [1], "d": 2.5, "e": long});
+        let (keys, v) = ArgValuesMode::Off.apply(&args);
+        assert_eq!(keys, ["a", "b", "c", "d", "e"]);
+        assert_eq!(v, None);
+        let (_, v) = ArgValuesMode::Scalars.apply(&args);
+        let v = v.expect("scalars kept");
+        assert_eq!(v["a"], "s");
+        assert_eq!(v["b"], "[object]");
+        assert_eq!(v["c"], "[array]");
+        assert_eq!(v["d"], 2.5);
+        assert_eq!(v["e"].as_str().map(|s| s.len()), Some(256 + "…".len()));
+        let (_, v) = ArgValuesMode::Raw.apply(&args);
+        assert_eq!(v, Some(args.clone()));
+        assert_eq!("SCALARS".parse::<ArgValuesMode>().ok(), Some(ArgValuesMode::Scalars));
+        assert!("some".parse::<ArgValuesMode>().is_err());
+    }
+
+    #[test]
+    fn canonical_omits_empty_fields_and_sorts() {
+        let mut e = AuditEvent::new(kinds::TOOL_CALL, "acme");
+        e.ts_ms = 1_778_580_873_871;
+        e.decision = Some(Decision::Allow);
+        e.tool = "read_file".into();
+        e.caveat_count = Some(2);
+        assert_eq!(
+            e.canonical(5),
+            r#"{"caveat_count":2,"decision":"allow","event":"intentgate.tool_call","schema_version":"7","seq":5,"tenant":"acme","tool":"read_file","ts":"2026-05-12T10:14:33.871Z"}"#
+        );
+    }
+}

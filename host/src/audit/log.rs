@@ -1,0 +1,594 @@
+//! [`AuditLog`]: durable-before-forward appends through one group-commit writer per tenant.
+//!
+//! `append` puts the event on the tenant's bounded queue (`try_send`: a full queue answers
+//! [`AuditError::Overloaded`] at once, it never blocks unboundedly) and waits for the writer's
+//! answer. The writer takes everything queued (up to `max_batch`) and commits it in **one**
+//! transaction: read the chain head (SQLite: under `BEGIN IMMEDIATE`, the database write lock;
+//! PostgreSQL: `SELECT … FOR UPDATE` on the tenant's head row, so writers on other replicas
+//! wait), hash each event onto it, insert the rows, move the head with a compare-and-set
+//! `UPDATE`, and, when due, sign a checkpoint in the same transaction. Only after `COMMIT`
+//! returns does any waiter hear `Ok`. If the transaction fails, every waiter of the batch hears
+//! the error and nothing of the batch is stored; the next batch re-reads the head.
+//! `UNIQUE (tenant, seq)` makes any logic error that would fork a chain fail loudly.
+//!
+//! This module must never answer `Ok` before the commit, never skip or reuse a chain position,
+//! and never wait on a full queue.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use super::checkpoint::{Checkpoint, origin_for};
+use super::key::hex;
+use super::{AuditConfig, AuditError, AuditEvent, Db, LogKey, Verifier, time};
+
+/// Where an appended event landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// Row id (global, increasing): the keyset cursor and the id `verify` reports.
+    pub id: i64,
+    /// Position in the tenant's chain, from 1.
+    pub seq: u64,
+    /// Chain hash after this event, lowercase hex.
+    pub hash: String,
+}
+
+/// The chain link: `SHA-256(prev_hash || canonical_event)`.
+pub fn link_hash(prev: &[u8; 32], canonical_event: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(canonical_event);
+    h.finalize().into()
+}
+
+/// `prev_hash` of a tenant's first event.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+struct Job {
+    event: AuditEvent,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<Appended, AuditError>>,
+}
+
+/// The audit log. Cheap to clone; every clone shares the writers.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Shared,
+    writers: ArcSwap<HashMap<String, mpsc::Sender<Job>>>,
+    spawn_lock: Mutex<()>,
+}
+
+/// What a writer task needs (it holds no sender, so dropping every `AuditLog` ends the writers
+/// once their queues are drained).
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) db: Db,
+    pub(crate) key: LogKey,
+    pub(crate) cfg: AuditConfig,
+    counters: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    events: AtomicU64,
+    batches: AtomicU64,
+    failed_batches: AtomicU64,
+    overloaded: AtomicU64,
+    checkpoints: AtomicU64,
+}
+
+/// Counters of this process's writers since `open` (for metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AuditStats {
+    /// Events committed.
+    pub events: u64,
+    /// Transactions that committed events (events / batches = the group-commit factor).
+    pub batches: u64,
+    /// Transactions that failed (their events were refused).
+    pub failed_batches: u64,
+    /// Appends refused because a queue was full or an event waited too long.
+    pub overloaded: u64,
+    /// Checkpoints signed.
+    pub checkpoints: u64,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("key", &self.inner.shared.key)
+            .field("cfg", &self.inner.shared.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// Opens the log over a migrated database. Refuses a SQLite database whose connections do not
+    /// sync on commit (`synchronous` below FULL): acknowledged events must survive power loss.
+    pub async fn open(db: Db, key: LogKey, cfg: AuditConfig) -> Result<Self, AuditError> {
+        cfg.validate()?;
+        let missing =
+            |e: sqlx::Error| AuditError::Config(format!("audit tables missing (run migrations): {e}"));
+        match &db {
+            Db::Sqlite(pool) => {
+                sqlx::query("SELECT 1 FROM audit_chain_heads LIMIT 1")
+                    .fetch_optional(pool)
+                    .await
+                    .map_err(missing)?;
+                let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(pool).await?;
+                if sync < 2 {
+                    return Err(AuditError::Config(format!(
+                        "SQLite synchronous is {sync}; the audit log needs FULL (2) or EXTRA (3)"
+                    )));
+                }
+                let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(pool).await?;
+                if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
+                    tracing::warn!(journal_mode = %mode, "SQLite is not in WAL mode; audit group commit will be slower");
+                }
+            }
+            Db::Postgres(pool) => {
+                sqlx::query("SELECT 1 FROM audit_chain_heads LIMIT 1")
+                    .fetch_optional(pool)
+                    .await
+                    .map_err(missing)?;
+            }
+        }
+        Ok(AuditLog {
+            inner: Arc::new(Inner {
+                shared: Shared {
+                    db,
+                    key,
+                    cfg,
+                    counters: Arc::default(),
+                },
+                writers: ArcSwap::from_pointee(HashMap::new()),
+                spawn_lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.shared.db
+    }
+
+    pub fn key(&self) -> &LogKey {
+        &self.inner.shared.key
+    }
+
+    /// The public log key (served by the admin API).
+    pub fn verifier(&self) -> Verifier {
+        self.inner.shared.key.verifier()
+    }
+
+    pub fn config(&self) -> &AuditConfig {
+        &self.inner.shared.cfg
+    }
+
+    /// Counters since `open`.
+    pub fn stats(&self) -> AuditStats {
+        let c = &self.inner.shared.counters;
+        AuditStats {
+            events: c.events.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            failed_batches: c.failed_batches.load(Ordering::Relaxed),
+            overloaded: c.overloaded.load(Ordering::Relaxed),
+            checkpoints: c.checkpoints.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Appends `event` to its tenant's chain. Resolves only after the transaction holding the
+    /// event committed. Errors mean the event was **not** stored (with one exception: if the
+    /// caller's future is dropped while waiting, the event may still be committed) and the
+    /// caller must fail closed.
+    pub async fn append(&self, event: AuditEvent) -> Result<Appended, AuditError> {
+        let tenant = event.tenant.clone();
+        let (reply, answer) = oneshot::channel();
+        let mut job = Job {
+            event,
+            enqueued: Instant::now(),
+            reply,
+        };
+        for _attempt in 0..2 {
+            let sender = self.sender(&tenant);
+            match sender.try_send(job) {
+                Ok(()) => return answer.await.map_err(|_| AuditError::Unavailable)?,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.inner.shared.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+                    return Err(AuditError::Overloaded {
+                        tenant,
+                        detail: "writer queue full",
+                    });
+                }
+                Err(mpsc::error::TrySendError::Closed(j)) => {
+                    // The writer ended (it only does when its task was aborted): start a new one.
+                    self.forget(&tenant, &sender);
+                    job = j;
+                }
+            }
+        }
+        Err(AuditError::Unavailable)
+    }
+
+    fn sender(&self, tenant: &str) -> mpsc::Sender<Job> {
+        if let Some(s) = self.inner.writers.load().get(tenant) {
+            return s.clone();
+        }
+        let _guard = self
+            .inner
+            .spawn_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = self.inner.writers.load_full();
+        if let Some(s) = current.get(tenant) {
+            return s.clone();
+        }
+        let (tx, rx) = mpsc::channel(self.inner.shared.cfg.queue_capacity);
+        let writer = Writer {
+            shared: self.inner.shared.clone(),
+            tenant: tenant.to_owned(),
+        };
+        tokio::spawn(writer.run(rx));
+        let mut next = HashMap::clone(&current);
+        next.insert(tenant.to_owned(), tx.clone());
+        self.inner.writers.store(Arc::new(next));
+        tx
+    }
+
+    fn forget(&self, tenant: &str, dead: &mpsc::Sender<Job>) {
+        let _guard = self
+            .inner
+            .spawn_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = self.inner.writers.load_full();
+        if current.get(tenant).is_some_and(|s| s.same_channel(dead)) {
+            let mut next = HashMap::clone(&current);
+            next.remove(tenant);
+            self.inner.writers.store(Arc::new(next));
+        }
+    }
+
+    /// Signs a checkpoint of `tenant`'s current head unless the newest checkpoint already covers
+    /// it, and returns the newest checkpoint note (`None` when the chain is empty).
+    pub async fn checkpoint_now(&self, tenant: &str) -> Result<Option<String>, AuditError> {
+        let writer = Writer {
+            shared: self.inner.shared.clone(),
+            tenant: tenant.to_owned(),
+        };
+        writer.checkpoint().await?;
+        Ok(super::query::latest_checkpoint(&self.inner.shared.db, tenant)
+            .await?
+            .map(|c| c.note))
+    }
+}
+
+/// One tenant's writer.
+struct Writer {
+    shared: Shared,
+    tenant: String,
+}
+
+/// The head row of a tenant's chain.
+#[derive(Debug)]
+struct Head {
+    seq: i64,
+    hash: String,
+    checkpoint_size: i64,
+}
+
+/// A row about to be inserted.
+struct NewRow {
+    seq: i64,
+    ts_ms: i64,
+    kind: String,
+    decision: &'static str,
+    check: String,
+    agent_id: String,
+    tool: String,
+    jti: String,
+    root_jti: String,
+    elevation_id: String,
+    body: String,
+    prev_hash: String,
+    hash: String,
+}
+
+/// What a committed batch did.
+struct Committed {
+    appended: Vec<Appended>,
+    /// The head is beyond the newest checkpoint.
+    uncovered: bool,
+}
+
+/// The chain arithmetic of one batch, shared by both backends: the rows to insert, the new head,
+/// and the checkpoint to sign (if due).
+fn plan(
+    head: &Head,
+    tenant: &str,
+    events: &[AuditEvent],
+    key: &LogKey,
+    cfg: &AuditConfig,
+    force_checkpoint: bool,
+) -> Result<(Vec<NewRow>, Head, Option<(Checkpoint, String)>), AuditError> {
+    let mut prev = hex::decode32(&head.hash).ok_or_else(|| {
+        AuditError::Integrity(format!("chain head of {tenant:?} holds a malformed hash"))
+    })?;
+    let mut seq = head.seq;
+    let mut rows = Vec::with_capacity(events.len());
+    for e in events {
+        seq += 1;
+        let body = e.canonical(seq as u64);
+        let hash = link_hash(&prev, body.as_bytes());
+        rows.push(NewRow {
+            seq,
+            ts_ms: e.ts_ms,
+            kind: e.kind.clone(),
+            decision: e.decision.map(|d| d.as_str()).unwrap_or(""),
+            check: e.check.clone(),
+            agent_id: e.agent_id.clone(),
+            tool: e.tool.clone(),
+            jti: e.jti.clone(),
+            root_jti: e.root_jti.clone(),
+            elevation_id: e.elevation_id.clone(),
+            body,
+            prev_hash: hex::encode(&prev),
+            hash: hex::encode(&hash),
+        });
+        prev = hash;
+    }
+    let due = seq > head.checkpoint_size
+        && (force_checkpoint || (seq - head.checkpoint_size) as u64 >= cfg.checkpoint_every);
+    let checkpoint = due.then(|| {
+        let cp = Checkpoint {
+            origin: origin_for(key.name(), tenant),
+            size: seq as u64,
+            root_hash: prev,
+        };
+        let note = cp.sign(key);
+        (cp, note)
+    });
+    let new_head = Head {
+        seq,
+        hash: hex::encode(&prev),
+        checkpoint_size: if due { seq } else { head.checkpoint_size },
+    };
+    Ok((rows, new_head, checkpoint))
+}
+
+const HEAD_SELECT: &str =
+    "SELECT seq, hash, checkpoint_size FROM audit_chain_heads WHERE tenant = $1";
+const HEAD_INSERT: &str = "INSERT INTO audit_chain_heads (tenant, seq, hash, checkpoint_size, event_id, ts_ms) \
+     VALUES ($1, 0, $2, 0, 0, 0) ON CONFLICT (tenant) DO NOTHING";
+const HEAD_UPDATE: &str = "UPDATE audit_chain_heads SET seq = $1, hash = $2, checkpoint_size = $3, \
+     event_id = COALESCE($4, event_id), ts_ms = COALESCE($5, ts_ms) \
+     WHERE tenant = $6 AND seq = $7 AND hash = $8";
+const CHECKPOINT_INSERT: &str = "INSERT INTO audit_checkpoints (tenant, size, root_hash, key_name, note, created_ms) \
+     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, size) DO NOTHING";
+const INSERT_PREFIX: &str = "INSERT INTO audit_events (tenant, seq, ts_ms, event, decision, check_name, \
+     agent_id, tool, jti, root_jti, elevation_id, body, prev_hash, hash) ";
+
+/// The transaction of one batch (or of a checkpoint, with no events), written once for both
+/// backends: `$begin` opens the transaction, `$lock` is appended to the head read.
+macro_rules! commit_tx {
+    ($db:ty, $begin:expr, $lock:expr, $shared:expr, $tenant:expr, $events:expr, $force:expr) => {{
+        let shared: &Shared = $shared;
+        let tenant: &str = $tenant;
+        let mut tx = $begin.await?;
+        let select = format!("{HEAD_SELECT}{}", $lock);
+        let mut head: Option<(i64, String, i64)> = sqlx::query_as(&select)
+            .bind(tenant)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if head.is_none() {
+            sqlx::query(HEAD_INSERT)
+                .bind(tenant)
+                .bind(hex::encode(&GENESIS))
+                .execute(&mut *tx)
+                .await?;
+            head = sqlx::query_as(&select)
+                .bind(tenant)
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
+        let (seq, hash, checkpoint_size) = head.ok_or_else(|| {
+            AuditError::Integrity(format!("chain head of {tenant:?} vanished"))
+        })?;
+        let head = Head { seq, hash, checkpoint_size };
+        let (rows, new_head, checkpoint) =
+            plan(&head, tenant, $events, &shared.key, &shared.cfg, $force)?;
+        let mut appended = Vec::with_capacity(rows.len());
+        let mut last_id = 0i64;
+        let mut last_ts = 0i64;
+        if !rows.is_empty() {
+            let mut qb = sqlx::QueryBuilder::<$db>::new(INSERT_PREFIX);
+            qb.push_values(rows.iter(), |mut b, r| {
+                b.push_bind(tenant)
+                    .push_bind(r.seq)
+                    .push_bind(r.ts_ms)
+                    .push_bind(r.kind.as_str())
+                    .push_bind(r.decision)
+                    .push_bind(r.check.as_str())
+                    .push_bind(r.agent_id.as_str())
+                    .push_bind(r.tool.as_str())
+                    .push_bind(r.jti.as_str())
+                    .push_bind(r.root_jti.as_str())
+                    .push_bind(r.elevation_id.as_str())
+                    .push_bind(r.body.as_str())
+                    .push_bind(r.prev_hash.as_str())
+                    .push_bind(r.hash.as_str());
+            });
+            qb.push(" RETURNING id, seq");
+            let ids: Vec<(i64, i64)> = qb.build_query_as().fetch_all(&mut *tx).await?;
+            let by_seq: HashMap<i64, i64> = ids.into_iter().map(|(id, seq)| (seq, id)).collect();
+            for r in &rows {
+                let id = *by_seq.get(&r.seq).ok_or_else(|| {
+                    AuditError::Integrity(format!("insert returned no id for seq {}", r.seq))
+                })?;
+                last_id = last_id.max(id);
+                last_ts = r.ts_ms;
+                appended.push(Appended { id, seq: r.seq as u64, hash: r.hash.clone() });
+            }
+        }
+        if let Some((cp, note)) = &checkpoint {
+            sqlx::query(CHECKPOINT_INSERT)
+                .bind(tenant)
+                .bind(cp.size as i64)
+                .bind(hex::encode(&cp.root_hash))
+                .bind(shared.key.name())
+                .bind(note.as_str())
+                .bind(time::now_ms())
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !rows.is_empty() || checkpoint.is_some() {
+            let mut update = sqlx::query(HEAD_UPDATE)
+                .bind(new_head.seq)
+                .bind(new_head.hash.as_str())
+                .bind(new_head.checkpoint_size);
+            update = if rows.is_empty() {
+                // Checkpoint only: keep the head's event id and time.
+                update.bind(None::<i64>).bind(None::<i64>)
+            } else {
+                update.bind(Some(last_id)).bind(Some(last_ts))
+            };
+            let done = update
+                .bind(tenant)
+                .bind(head.seq)
+                .bind(head.hash.as_str())
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() != 1 {
+                return Err(AuditError::Integrity(format!(
+                    "chain head of {tenant:?} moved under a held lock"
+                )));
+            }
+        }
+        tx.commit().await?;
+        if checkpoint.is_some() {
+            shared.counters.checkpoints.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(Committed {
+            appended,
+            uncovered: new_head.seq > new_head.checkpoint_size,
+        })
+    }};
+}
+
+impl Writer {
+    async fn commit(&self, events: &[AuditEvent], force: bool) -> Result<Committed, AuditError> {
+        match &self.shared.db {
+            Db::Sqlite(pool) => commit_tx!(
+                sqlx::Sqlite,
+                pool.begin_with("BEGIN IMMEDIATE"),
+                "",
+                &self.shared,
+                &self.tenant,
+                events,
+                force
+            ),
+            Db::Postgres(pool) => commit_tx!(
+                sqlx::Postgres,
+                pool.begin(),
+                " FOR UPDATE",
+                &self.shared,
+                &self.tenant,
+                events,
+                force
+            ),
+        }
+    }
+
+    /// Signs a checkpoint of the current head if it is not covered yet.
+    async fn checkpoint(&self) -> Result<bool, AuditError> {
+        self.commit(&[], true).await.map(|c| !c.uncovered)
+    }
+
+    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+        let cfg = self.shared.cfg.clone();
+        let mut batch: Vec<Job> = Vec::with_capacity(cfg.max_batch);
+        // When set: the head is not covered by a checkpoint, sign one by then.
+        let mut checkpoint_due: Option<tokio::time::Instant> = None;
+        loop {
+            let first = match checkpoint_due {
+                Some(due) => tokio::select! {
+                    biased;
+                    job = rx.recv() => job,
+                    _ = tokio::time::sleep_until(due) => {
+                        checkpoint_due = match self.checkpoint().await {
+                            Ok(_) => None,
+                            Err(e) => {
+                                tracing::warn!(tenant = %self.tenant, error = %e, "audit checkpoint failed; retrying");
+                                Some(tokio::time::Instant::now() + std::time::Duration::from_secs(1))
+                            }
+                        };
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            let Some(first) = first else { break };
+            batch.push(first);
+            while batch.len() < cfg.max_batch {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            // Refuse what waited too long: its caller is better told now than after a late write.
+            let now = Instant::now();
+            let (fresh, stale): (Vec<Job>, Vec<Job>) = batch
+                .drain(..)
+                .partition(|j| now.duration_since(j.enqueued) <= cfg.max_queue_wait);
+            for job in stale {
+                self.shared.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+                let _ = job.reply.send(Err(AuditError::Overloaded {
+                    tenant: self.tenant.clone(),
+                    detail: "event waited too long for the writer",
+                }));
+            }
+            if fresh.is_empty() {
+                continue;
+            }
+            let (events, replies): (Vec<AuditEvent>, Vec<_>) =
+                fresh.into_iter().map(|j| (j.event, j.reply)).unzip();
+            let force = checkpoint_due.is_some_and(|d| d <= tokio::time::Instant::now());
+            match self.commit(&events, force).await {
+                Ok(done) => {
+                    let c = &self.shared.counters;
+                    c.events.fetch_add(done.appended.len() as u64, Ordering::Relaxed);
+                    c.batches.fetch_add(1, Ordering::Relaxed);
+                    for (reply, appended) in replies.into_iter().zip(done.appended) {
+                        let _ = reply.send(Ok(appended));
+                    }
+                    if !done.uncovered {
+                        checkpoint_due = None;
+                    } else if checkpoint_due.is_none() {
+                        checkpoint_due = Some(tokio::time::Instant::now() + cfg.checkpoint_interval);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(tenant = %self.tenant, events = replies.len(), error = %e, "audit batch failed to commit; refusing its calls");
+                    self.shared.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    let e = Arc::new(e);
+                    for reply in replies {
+                        let _ = reply.send(Err(AuditError::CommitFailed(e.clone())));
+                    }
+                }
+            }
+        }
+        // Queue closed: every AuditLog handle is gone. Cover the tail before leaving.
+        if checkpoint_due.is_some()
+            && let Err(e) = self.checkpoint().await
+        {
+            tracing::warn!(tenant = %self.tenant, error = %e, "final audit checkpoint failed");
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! Reading the audit tables: filtered listing with keyset pagination, chain walks by position,
+//! chain heads and the checkpoint history.
+//!
+//! Pagination is always keyset (`id < cursor` / `id > cursor`), never OFFSET over a live table.
+//! This module must never write, and never widen a query beyond the tenant it was given: tenant
+//! scoping is decided by the caller (the admin API) and passed in [`AuditFilter::tenant`].
+
+use serde_json::Value;
+
+use super::event::Decision;
+use super::{AuditError, Db, time};
+
+/// Filters of `GET /v1/admin/audit` and the export. `tenant: None` means every tenant (only a
+/// superadmin may ask for that; the admin API decides).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditFilter {
+    pub tenant: Option<String>,
+    /// Inclusive lower bound on the event time, unix ms.
+    pub from_ms: Option<i64>,
+    /// Inclusive upper bound on the event time, unix ms.
+    pub to_ms: Option<i64>,
+    pub agent_id: Option<String>,
+    pub tool: Option<String>,
+    pub decision: Option<Decision>,
+    pub check: Option<String>,
+    /// Matches the token id or the root token id, so a root jti finds its whole delegation tree.
+    pub jti: Option<String>,
+    pub elevation_id: Option<String>,
+    /// One event by row id.
+    pub id: Option<i64>,
+}
+
+impl AuditFilter {
+    /// Reads the filter from query parameters (`tenant, from, to, agent_id, tool, decision, check,
+    /// jti, elevation_id, id`; `since`/`until`/`subject` are accepted as aliases of
+    /// `from`/`to`/`agent_id`). Unknown parameters are ignored; bad values are errors.
+    pub fn from_params<'a>(
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, AuditError> {
+        let mut f = AuditFilter::default();
+        let text = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+        for (k, v) in params {
+            match k {
+                "tenant" => f.tenant = text(v),
+                "from" | "since" if !v.is_empty() => {
+                    f.from_ms = Some(time::parse_rfc3339(v).ok_or_else(|| {
+                        AuditError::InvalidQuery(format!("{k} must be an RFC 3339 time"))
+                    })?)
+                }
+                "to" | "until" if !v.is_empty() => {
+                    let ms = time::parse_rfc3339(v).ok_or_else(|| {
+                        AuditError::InvalidQuery(format!("{k} must be an RFC 3339 time"))
+                    })?;
+                    // A bound without milliseconds covers its whole second (or day).
+                    let whole = if v.len() == 10 {
+                        86_399_999
+                    } else if !v.contains('.') {
+                        999
+                    } else {
+                        0
+                    };
+                    f.to_ms = Some(ms + whole);
+                }
+                "agent_id" | "subject" => f.agent_id = text(v),
+                "tool" => f.tool = text(v),
+                "decision" if !v.is_empty() => f.decision = Some(v.parse()?),
+                "check" => f.check = text(v),
+                "jti" => f.jti = text(v),
+                "elevation_id" => f.elevation_id = text(v),
+                "id" if !v.is_empty() => {
+                    f.id = Some(v.parse().map_err(|_| {
+                        AuditError::InvalidQuery("id must be an integer".into())
+                    })?)
+                }
+                _ => {}
+            }
+        }
+        Ok(f)
+    }
+
+    /// SQL conditions (joined with AND, starting with `WHERE 1=1`) and their parameters.
+    fn where_sql(&self, params: &mut Vec<Param>) -> String {
+        let mut sql = String::from(" WHERE 1=1");
+        let eq = |col: &str, v: Param, params: &mut Vec<Param>, sql: &mut String| {
+            params.push(v);
+            sql.push_str(&format!(" AND {col} = ${}", params.len()));
+        };
+        if let Some(t) = &self.tenant {
+            eq("tenant", Param::S(t.clone()), params, &mut sql);
+        }
+        if let Some(v) = self.from_ms {
+            params.push(Param::I(v));
+            sql.push_str(&format!(" AND ts_ms >= ${}", params.len()));
+        }
+        if let Some(v) = self.to_ms {
+            params.push(Param::I(v));
+            sql.push_str(&format!(" AND ts_ms <= ${}", params.len()));
+        }
+        if let Some(v) = &self.agent_id {
+            eq("agent_id", Param::S(v.clone()), params, &mut sql);
+        }
+        if let Some(v) = &self.tool {
+            eq("tool", Param::S(v.clone()), params, &mut sql);
+        }
+        if let Some(v) = self.decision {
+            eq("decision", Param::S(v.as_str().into()), params, &mut sql);
+        }
+        if let Some(v) = &self.check {
+            eq("check_name", Param::S(v.clone()), params, &mut sql);
+        }
+        if let Some(v) = &self.jti {
+            params.push(Param::S(v.clone()));
+            let n = params.len();
+            sql.push_str(&format!(" AND (jti = ${n} OR root_jti = ${n})"));
+        }
+        if let Some(v) = &self.elevation_id {
+            eq("elevation_id", Param::S(v.clone()), params, &mut sql);
+        }
+        if let Some(v) = self.id {
+            eq("id", Param::I(v), params, &mut sql);
+        }
+        sql
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Param {
+    S(String),
+    I(i64),
+}
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub tenant: String,
+    pub seq: i64,
+    pub ts_ms: i64,
+    /// The canonical event JSON exactly as hashed.
+    pub body: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl AuditRecord {
+    /// The event as one JSON object: the hashed body's members plus `id`, `hash` and `prev_hash`
+    /// in front. Built by splicing text, so the body's bytes (numbers included) are exactly the
+    /// stored ones; the offline verifier drops those three members and re-canonicalizes.
+    pub fn to_json_line(&self) -> String {
+        let rest = self.body.strip_prefix('{').unwrap_or("}");
+        let mut line = String::with_capacity(self.body.len() + 170);
+        line.push_str(&format!(
+            "{{\"id\":{},\"hash\":\"{}\",\"prev_hash\":\"{}\"",
+            self.id,
+            json_safe_hex(&self.hash),
+            json_safe_hex(&self.prev_hash)
+        ));
+        if rest != "}" {
+            line.push(',');
+        }
+        line.push_str(rest);
+        line
+    }
+
+    /// The body as a JSON value (for CSV and display; not for hashing).
+    pub fn body_value(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// Stored hashes are hex; anything else (a tampered row) is shown with its non-hex characters
+/// replaced, so it can never break out of the JSON string.
+fn json_safe_hex(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '?' })
+        .collect()
+}
+
+/// A page of events, newest first, and the cursor for the next (older) page.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub items: Vec<AuditRecord>,
+    pub next_cursor: Option<String>,
+}
+
+const RECORD_COLS: &str = "SELECT id, tenant, seq, ts_ms, body, prev_hash, hash FROM audit_events";
+
+macro_rules! fetch_all {
+    ($db:expr, $T:ty, $sql:expr, $params:expr) => {{
+        let sql: &str = $sql;
+        let params: &[Param] = $params;
+        match $db {
+            Db::Sqlite(pool) => {
+                let mut q = sqlx::query_as::<_, $T>(sql);
+                for p in params {
+                    q = match p {
+                        Param::S(s) => q.bind(s.as_str()),
+                        Param::I(i) => q.bind(*i),
+                    };
+                }
+                q.fetch_all(pool).await?
+            }
+            Db::Postgres(pool) => {
+                let mut q = sqlx::query_as::<_, $T>(sql);
+                for p in params {
+                    q = match p {
+                        Param::S(s) => q.bind(s.as_str()),
+                        Param::I(i) => q.bind(*i),
+                    };
+                }
+                q.fetch_all(pool).await?
+            }
+        }
+    }};
+}
+
+/// Events matching `filter`, newest first, older than `cursor` (an id from `next_cursor`).
+pub async fn list(
+    db: &Db,
+    filter: &AuditFilter,
+    cursor: Option<&str>,
+    limit: u32,
+) -> Result<Page, AuditError> {
+    let limit = limit.clamp(1, 1000);
+    let mut params = Vec::new();
+    let mut sql = format!("{RECORD_COLS}{}", filter.where_sql(&mut params));
+    if let Some(c) = cursor.filter(|c| !c.is_empty()) {
+        let before: i64 = c
+            .parse()
+            .map_err(|_| AuditError::InvalidQuery("cursor is not one this API gave".into()))?;
+        params.push(Param::I(before));
+        sql.push_str(&format!(" AND id < ${}", params.len()));
+    }
+    params.push(Param::I(i64::from(limit) + 1));
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
+    let mut items: Vec<AuditRecord> = fetch_all!(db, AuditRecord, &sql, &params);
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|r| r.id.to_string())
+    } else {
+        None
+    };
+    Ok(Page { items, next_cursor })
+}
+
+/// Events matching `filter` with `after < id <= upto`, oldest first (the export's pages).
+pub async fn scan(
+    db: &Db,
+    filter: &AuditFilter,
+    after: i64,
+    upto: i64,
+    limit: u32,
+) -> Result<Vec<AuditRecord>, AuditError> {
+    let mut params = Vec::new();
+    let mut sql = format!("{RECORD_COLS}{}", filter.where_sql(&mut params));
+    params.push(Param::I(after));
+    sql.push_str(&format!(" AND id > ${}", params.len()));
+    params.push(Param::I(upto));
+    sql.push_str(&format!(" AND id <= ${}", params.len()));
+    params.push(Param::I(i64::from(limit.max(1))));
+    sql.push_str(&format!(" ORDER BY id ASC LIMIT ${}", params.len()));
+    Ok(fetch_all!(db, AuditRecord, &sql, &params))
+}
+
+/// The largest event id now (the export's fixed upper bound), 0 when empty.
+pub async fn max_id(db: &Db) -> Result<i64, AuditError> {
+    let rows: Vec<(Option<i64>,)> = fetch_all!(db, (Option<i64>,), "SELECT MAX(id) FROM audit_events", &[]);
+    Ok(rows.first().and_then(|r| r.0).unwrap_or(0))
+}
+
+/// A stored event with the indexed columns that the verifier compares against its body.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ChainRow {
+    #[sqlx(flatten)]
+    pub record: AuditRecord,
+    pub event: String,
+    pub decision: String,
+    pub check_name: String,
+    pub agent_id: String,
+    pub tool: String,
+    pub jti: String,
+    pub root_jti: String,
+    pub elevation_id: String,
+}
+
+/// A tenant's events with `after_seq < seq <= upto_seq`, in chain order (the verifier's pages).
+pub async fn chain_page(
+    db: &Db,
+    tenant: &str,
+    after_seq: i64,
+    upto_seq: i64,
+    limit: u32,
+) -> Result<Vec<ChainRow>, AuditError> {
+    let sql = "SELECT id, tenant, seq, ts_ms, body, prev_hash, hash, event, decision, check_name, \
+               agent_id, tool, jti, root_jti, elevation_id FROM audit_events \
+               WHERE tenant = $1 AND seq > $2 AND seq <= $3 ORDER BY seq ASC LIMIT $4";
+    let params = [
+        Param::S(tenant.to_owned()),
+        Param::I(after_seq),
+        Param::I(upto_seq),
+        Param::I(i64::from(limit.max(1))),
+    ];
+    Ok(fetch_all!(db, ChainRow, sql, &params))
+}
+
+/// How many events of `tenant` have `seq > after_seq`.
+pub async fn count_after(db: &Db, tenant: &str, after_seq: i64) -> Result<i64, AuditError> {
+    let params = [Param::S(tenant.to_owned()), Param::I(after_seq)];
+    let rows: Vec<(i64,)> = fetch_all!(
+        db,
+        (i64,),
+        "SELECT COUNT(*) FROM audit_events WHERE tenant = $1 AND seq > $2",
+        &params
+    );
+    Ok(rows.first().map(|r| r.0).unwrap_or(0))
+}
+
+/// A tenant's chain head row.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct HeadRow {
+    pub seq: i64,
+    pub hash: String,
+    pub checkpoint_size: i64,
+    pub event_id: i64,
+    pub ts_ms: i64,
+}
+
+pub async fn head(db: &Db, tenant: &str) -> Result<Option<HeadRow>, AuditError> {
+    let params = [Param::S(tenant.to_owned())];
+    let rows: Vec<HeadRow> = fetch_all!(
+        db,
+        HeadRow,
+        "SELECT seq, hash, checkpoint_size, event_id, ts_ms FROM audit_chain_heads WHERE tenant = $1",
+        &params
+    );
+    Ok(rows.into_iter().next())
+}
+
+/// Tenants that have a chain.
+pub async fn tenants(db: &Db) -> Result<Vec<String>, AuditError> {
+    let rows: Vec<(String,)> = fetch_all!(
+        db,
+        (String,),
+        "SELECT tenant FROM audit_chain_heads ORDER BY tenant",
+        &[]
+    );
+    Ok(rows.into_iter().map(|r| r.0).collect())
+}
+
+/// One signed checkpoint from the history.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct CheckpointRow {
+    pub tenant: String,
+    pub size: i64,
+    /// Hex of the chain hash at `size` (the note carries it in base64).
+    pub root_hash: String,
+    pub key_name: String,
+    /// The signed note text.
+    pub note: String,
+    pub created_ms: i64,
+}
+
+const CHECKPOINT_COLS: &str =
+    "SELECT tenant, size, root_hash, key_name, note, created_ms FROM audit_checkpoints";
+
+/// A tenant's checkpoints, newest first, smaller than `before_size` when given.
+pub async fn checkpoints(
+    db: &Db,
+    tenant: &str,
+    before_size: Option<i64>,
+    limit: u32,
+) -> Result<Vec<CheckpointRow>, AuditError> {
+    let sql = format!("{CHECKPOINT_COLS} WHERE tenant = $1 AND size < $2 ORDER BY size DESC LIMIT $3");
+    let params = [
+        Param::S(tenant.to_owned()),
+        Param::I(before_size.unwrap_or(i64::MAX)),
+        Param::I(i64::from(limit.clamp(1, 1000))),
+    ];
+    Ok(fetch_all!(db, CheckpointRow, &sql, &params))
+}
+
+/// A tenant's newest checkpoint.
+pub async fn latest_checkpoint(db: &Db, tenant: &str) -> Result<Option<CheckpointRow>, AuditError> {
+    Ok(checkpoints(db, tenant, None, 1).await?.into_iter().next())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_from_params() {
+        let f = AuditFilter::from_params([
+            ("tenant", "acme"),
+            ("from", "2026-05-01"),
+            ("to", "2026-05-01T10:00:00Z"),
+            ("decision", "block"),
+            ("jti", "j1"),
+            ("other", "x"),
+        ])
+        .expect("filter");
+        assert_eq!(f.tenant.as_deref(), Some("acme"));
+        assert_eq!(f.from_ms, time::parse_rfc3339("2026-05-01"));
+        assert_eq!(
+            f.to_ms,
+            time::parse_rfc3339("2026-05-01T10:00:00.999Z"),
+            "a whole-second bound covers the second"
+        );
+        assert_eq!(f.decision, Some(Decision::Block));
+        let mut params = Vec::new();
+        let sql = f.where_sql(&mut params);
+        assert_eq!(
+            sql,
+            " WHERE 1=1 AND tenant = $1 AND ts_ms >= $2 AND ts_ms <= $3 AND decision = $4 AND (jti = $5 OR root_jti = $5)"
+        );
+        assert!(AuditFilter::from_params([("from", "yesterday")]).is_err());
+        assert!(AuditFilter::from_params([("decision", "maybe")]).is_err());
+    }
+
+    #[test]
+    fn json_line_splices_the_body() {
+        let r = AuditRecord {
+            id: 9,
+            tenant: "t".into(),
+            seq: 1,
+            ts_ms: 0,
+            body: r#"{"a":1.5,"seq":1}"#.into(),
+            prev_hash: "00".into(),
+            hash: "ab".into(),
+        };
+        assert_eq!(
+            r.to_json_line(),
+            r#"{"id":9,"hash":"ab","prev_hash":"00","a":1.5,"seq":1}"#
+        );
+    }
+}
