@@ -1,0 +1,386 @@
+#!/usr/bin/env python3
+"""Real clients that nobody on this team wrote, driven against a gateway (or any MCP server).
+
+    python3 tests/interop/clients.py SCENARIO --gateway URL --token TOKEN [options] [ARGS...]
+
+Scenarios (each prints exactly one JSON line on stdout):
+
+    check                       versions of the installed client packages
+    list                        official MCP client: connect, tools/list
+    call TOOL ARGS_JSON         official MCP client: connect, tools/call
+    sdk-call TOOL ARGS_JSON     IntentGate SDK: Gateway(url, token).tool_call(TOOL, ARGS)
+    sdk-attenuated-call TOOL ARGS_JSON --deny GLOB[,GLOB]
+                                IntentGate SDK: attenuate the token client-side (tool_deny),
+                                then tool_call with the child token
+    steps STEPS_JSON            several operations in one process and one MCP connection:
+                                a JSON list of {"op": "list"}, {"op": "call", "tool", "args"},
+                                {"op": "sdk-call", "tool", "args"}, {"op": "sleep", "seconds"},
+                                {"op": "revoke", "jti", "admin_token", "reason"}
+
+Options:
+    --gateway URL     the gateway's base URL (http://127.0.0.1:PORT)
+    --mcp-path PATH   path of the MCP endpoint under URL (default /v1/mcp)
+    --token TOKEN     the capability token (sent as Authorization: Bearer)
+    --mode MODE       how the MCP client picks its protocol era: legacy (initialize
+                      handshake, sessions), auto (probe server/discover, then fall back:
+                      the default of mcp 2.x) or a modern version such as 2026-07-28 (pinned,
+                      stateless). Default: legacy.
+    --intent TEXT     sent as X-Intent-Prompt by both clients
+
+Output: one JSON object. Single-operation scenarios put that operation's fields at the top
+level and also under "results"; `steps` gives "results" only. An operation that the server
+refused is still a result: {"op", "ok": false, "code", "message", "data", "exception"}, where
+"code" is the JSON-RPC error code (MCPError.code for the MCP client, IntentGateError.code for
+the SDK) or null when the failure was not a JSON-RPC error. The exit code is 0 whenever a JSON
+line was printed, 2 for bad arguments, 3 when the client packages are missing.
+"""
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from typing import Any
+
+INSTALL_HINT = "pip install -r tests/interop/requirements.txt"
+
+
+def missing_packages(exc: ImportError) -> None:
+    print(
+        f"interop clients: cannot import a client package ({exc}); run: {INSTALL_HINT}",
+        file=sys.stderr,
+    )
+    sys.exit(3)
+
+
+# --- result helpers ----------------------------------------------------------------------
+
+
+def flatten_exceptions(exc: BaseException) -> list[BaseException]:
+    """The leaf exceptions of an exception (group), outermost first."""
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for e in exc.exceptions:
+            out.extend(flatten_exceptions(e))
+        return out
+    chain = [exc]
+    if exc.__cause__ is not None and exc.__cause__ is not exc:
+        chain.extend(flatten_exceptions(exc.__cause__))
+    return chain
+
+
+def error_result(op: str, exc: BaseException) -> dict[str, Any]:
+    """A failed operation, with the JSON-RPC error code when one is anywhere in the exception."""
+    leaves = flatten_exceptions(exc)
+    coded = None
+    for e in leaves:
+        code = getattr(e, "code", None)
+        if isinstance(code, int) and code != 0 and type(e).__name__ not in ("OSError",):
+            coded = e
+            break
+    chosen = coded or leaves[0]
+    data = getattr(chosen, "data", None)
+    try:
+        json.dumps(data)
+    except (TypeError, ValueError):
+        data = repr(data)
+    return {
+        "op": op,
+        "ok": False,
+        "code": getattr(chosen, "code", None) if coded is not None else None,
+        "message": str(getattr(chosen, "message", "") or chosen),
+        "data": data,
+        "exception": type(chosen).__name__,
+        "all_exceptions": [f"{type(e).__name__}: {e}" for e in leaves][:5],
+    }
+
+
+def jsonable(v: Any) -> Any:
+    try:
+        json.dumps(v)
+        return v
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+# --- the official MCP client ---------------------------------------------------------------
+
+
+class McpConnection:
+    """One official-SDK client connection, opened on first use and reused by later steps."""
+
+    def __init__(self, endpoint: str, token: str | None, mode: str, intent: str | None):
+        self.endpoint = endpoint
+        self.token = token
+        self.mode = mode
+        self.intent = intent
+        self.client = None
+        self._stack = None
+
+    async def connect(self):
+        if self.client is not None:
+            return self.client
+        from contextlib import AsyncExitStack
+
+        import httpx2
+        from mcp import Client
+        from mcp.client.streamable_http import streamable_http_client
+
+        headers = {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if self.intent:
+            headers["X-Intent-Prompt"] = self.intent
+        stack = AsyncExitStack()
+        try:
+            http = await stack.enter_async_context(
+                httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=60.0))
+            )
+            transport = streamable_http_client(self.endpoint, http_client=http)
+            client = Client(transport, mode=self.mode, read_timeout_seconds=30.0, cache=None)
+            await stack.enter_async_context(client)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        self.client = client
+        return client
+
+    async def close(self) -> None:
+        if self._stack is not None:
+            stack, self._stack, self.client = self._stack, None, None
+            try:
+                await stack.aclose()
+            except BaseException:  # a failed teardown must not hide the results
+                pass
+
+    async def list(self) -> dict[str, Any]:
+        client = await self.connect()
+        result = await client.list_tools()
+        return {
+            "op": "list",
+            "ok": True,
+            "tools": [t.name for t in result.tools],
+            "protocol_version": client.protocol_version,
+        }
+
+    async def call(self, tool: str, args: dict[str, Any]) -> dict[str, Any]:
+        client = await self.connect()
+        result = await client.call_tool(tool, args)
+        texts = [getattr(b, "text", None) for b in result.content]
+        return {
+            "op": "call",
+            "ok": True,
+            "tool": tool,
+            "is_error": bool(result.is_error),
+            "text": texts,
+            "structured": jsonable(result.structured_content),
+            "protocol_version": client.protocol_version,
+        }
+
+
+# --- the IntentGate SDK ----------------------------------------------------------------------
+
+
+def sdk_result(op: str, tool: str, result: Any) -> dict[str, Any]:
+    ig = result.intentgate
+    return {
+        "op": op,
+        "ok": True,
+        "tool": tool,
+        "is_error": bool(result.is_error),
+        "text": [b.text for b in result.content],
+        "intentgate": None
+        if ig is None
+        else {"decision": ig.decision, "reason": ig.reason, "check": ig.check, "latency_ms": ig.latency_ms},
+    }
+
+
+def sdk_call(base: str, token: str | None, tool: str, args: dict[str, Any], intent: str | None) -> dict[str, Any]:
+    try:
+        from intentgate import Gateway
+    except ImportError as e:
+        missing_packages(e)
+    try:
+        with Gateway(base, token, timeout=30.0) as gw:
+            return sdk_result("sdk-call", tool, gw.tool_call(tool, args, intent_prompt=intent))
+    except Exception as e:  # the SDK's typed exceptions carry .code
+        return error_result("sdk-call", e)
+
+
+def sdk_attenuated_call(
+    base: str, token: str, tool: str, args: dict[str, Any], deny: list[str], intent: str | None
+) -> dict[str, Any]:
+    try:
+        from intentgate import Gateway, attenuate
+    except ImportError as e:
+        missing_packages(e)
+    try:
+        child = attenuate(token, deny_tools=deny)
+    except Exception as e:
+        return error_result("sdk-attenuated-call", e)
+    try:
+        with Gateway(base, child, timeout=30.0) as gw:
+            out = sdk_result("sdk-attenuated-call", tool, gw.tool_call(tool, args, intent_prompt=intent))
+    except Exception as e:
+        out = error_result("sdk-attenuated-call", e)
+    out["child_token"] = child
+    return out
+
+
+def admin_revoke(base: str, admin_token: str, jti: str, reason: str) -> dict[str, Any]:
+    import httpx
+
+    resp = httpx.post(
+        base + "/v1/admin/revoke",
+        json={"jti": jti, "reason": reason},
+        headers={"Authorization": f"Bearer {admin_token}"},
+        timeout=30.0,
+    )
+    return {"op": "revoke", "ok": resp.status_code // 100 == 2, "status": resp.status_code}
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+async def run_steps(args: argparse.Namespace, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import anyio
+
+    endpoint = args.gateway.rstrip("/") + args.mcp_path
+    conn = McpConnection(endpoint, args.token, args.mode, args.intent)
+    results: list[dict[str, Any]] = []
+    try:
+        for step in steps:
+            op = step.get("op")
+            started = time.monotonic()
+            try:
+                if op in ("list", "call"):
+                    # Connect outside any cancel scope: the connection's task group must be
+                    # entered and left in the same scope (its own timeouts bound it).
+                    await conn.connect()
+                with anyio.fail_after(90):
+                    if op == "list":
+                        r = await conn.list()
+                    elif op == "call":
+                        r = await conn.call(step["tool"], step.get("args") or {})
+                    elif op == "sdk-call":
+                        r = await anyio.to_thread.run_sync(
+                            sdk_call, args.gateway, args.token, step["tool"], step.get("args") or {}, args.intent
+                        )
+                    elif op == "sleep":
+                        await anyio.sleep(float(step["seconds"]))
+                        r = {"op": "sleep", "ok": True}
+                    elif op == "revoke":
+                        r = await anyio.to_thread.run_sync(
+                            admin_revoke,
+                            args.gateway,
+                            step["admin_token"],
+                            step["jti"],
+                            step.get("reason", "interop test"),
+                        )
+                    else:
+                        raise SystemExit(f"unknown op {op!r}")
+            except (Exception, BaseExceptionGroup) as e:  # noqa: B036 - report, never crash
+                r = error_result(str(op), e)
+                if op in ("list", "call"):
+                    # The connection may be unusable now: open a new one for the next step.
+                    await conn.close()
+            r["elapsed_ms"] = round((time.monotonic() - started) * 1000)
+            results.append(r)
+    finally:
+        await conn.close()
+    return results
+
+
+def parse_json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        print(f"{what} is not JSON: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description="interop clients", usage=__doc__)
+    p.add_argument("scenario")
+    p.add_argument("rest", nargs="*")
+    p.add_argument("--gateway", default="http://127.0.0.1:8080")
+    p.add_argument("--mcp-path", default="/v1/mcp")
+    p.add_argument("--token")
+    p.add_argument("--mode", default="legacy")
+    p.add_argument("--intent")
+    p.add_argument("--deny", default="")
+    args = p.parse_intermixed_args(argv)
+
+    if args.scenario == "check":
+        try:
+            import importlib.metadata as md
+
+            import httpx2  # noqa: F401
+            import intentgate
+            import mcp  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError as e:
+            missing_packages(e)
+        out = {
+            "ok": True,
+            "python": sys.version.split()[0],
+            "mcp": md.version("mcp"),
+            "intentgate": intentgate.__version__,
+        }
+        print(json.dumps(out), flush=True)
+        return 0
+
+    if args.scenario in ("sdk-call", "sdk-attenuated-call"):
+        if len(args.rest) != 2:
+            print(f"usage: {args.scenario} TOOL ARGS_JSON", file=sys.stderr)
+            return 2
+        tool, targs = args.rest[0], parse_json_arg(args.rest[1], "ARGS_JSON")
+        if args.scenario == "sdk-call":
+            r = sdk_call(args.gateway, args.token, tool, targs, args.intent)
+        else:
+            deny = [d for d in args.deny.split(",") if d]
+            r = sdk_attenuated_call(args.gateway, args.token or "", tool, targs, deny, args.intent)
+        print(json.dumps({"scenario": args.scenario, **r, "results": [r]}), flush=True)
+        return 0
+
+    if args.scenario == "list":
+        steps = [{"op": "list"}]
+    elif args.scenario == "call":
+        if len(args.rest) != 2:
+            print("usage: call TOOL ARGS_JSON", file=sys.stderr)
+            return 2
+        steps = [{"op": "call", "tool": args.rest[0], "args": parse_json_arg(args.rest[1], "ARGS_JSON")}]
+    elif args.scenario == "steps":
+        if len(args.rest) != 1:
+            print("usage: steps STEPS_JSON", file=sys.stderr)
+            return 2
+        steps = parse_json_arg(args.rest[0], "STEPS_JSON")
+    else:
+        print(f"unknown scenario {args.scenario!r}\n{__doc__}", file=sys.stderr)
+        return 2
+
+    try:
+        import anyio
+        import httpx2  # noqa: F401
+        import mcp  # noqa: F401
+    except ImportError as e:
+        missing_packages(e)
+
+    results = anyio.run(run_steps, args, steps)
+    out: dict[str, Any] = {"scenario": args.scenario, "mode": args.mode}
+    if args.scenario != "steps":
+        out.update(results[0])
+    out["results"] = results
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        sys.exit(1)

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""A real MCP tool server for the interop tests, built with the official `mcp` package.
+
+It serves the streamable HTTP transport on 127.0.0.1 at `/mcp`, stateful (with
+`Mcp-Session-Id` sessions) and answering with SSE streams by default, as the official
+server does. It speaks both protocol eras that `mcp` 2.x speaks (handshake 2025-11-25 and
+the stateless 2026-07-28).
+
+    python3 tests/interop/upstream_server.py [PORT] [--json-response] [--stateless]
+                                             [--call-log FILE] [--ignore-stdin]
+
+PORT 0 (the default) picks a free port. The first line on stdout is always `PORT <n>`,
+written once the socket is bound, so a parent can connect as soon as it reads it.
+
+The server exits when its stdin closes (so a test process that dies takes it along) or on
+SIGTERM/SIGINT. `--ignore-stdin` turns the stdin watch off, for running it by hand with
+stdin at /dev/null.
+
+Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text).
+With `--call-log FILE`, every tool invocation appends one JSON line to FILE:
+`{"tool", "args", "protocol_version", "authorization", "session_id"}`, so a test can tell
+which calls reached the upstream and with which headers.
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("port", nargs="?", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
+    p.add_argument("--json-response", action="store_true", help="answer POSTs with JSON, not SSE")
+    p.add_argument("--stateless", action="store_true", help="no Mcp-Session-Id sessions")
+    p.add_argument("--call-log", metavar="FILE", help="append one JSON line per tool call")
+    p.add_argument("--ignore-stdin", action="store_true", help="do not exit when stdin closes")
+    return p.parse_args(argv)
+
+
+def build_server(call_log: str | None):
+    from mcp.server.mcpserver import Context, MCPServer
+
+    server = MCPServer("intentgate-interop-upstream")
+    log_lock = threading.Lock()
+
+    def record(tool: str, args: dict[str, Any], ctx: Context) -> None:
+        if not call_log:
+            return
+        headers = {}
+        try:
+            headers = {k.lower(): v for k, v in (ctx.headers or {}).items()}
+        except Exception:  # no HTTP request behind this call
+            pass
+        line = json.dumps(
+            {
+                "tool": tool,
+                "args": args,
+                "protocol_version": ctx.protocol_version,
+                "authorization": headers.get("authorization"),
+                "session_id": headers.get("mcp-session-id"),
+            }
+        )
+        with log_lock, open(call_log, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    @server.tool()
+    def read_invoice(id: str, ctx: Context) -> dict[str, Any]:
+        """Read one invoice by its id."""
+        record("read_invoice", {"id": id}, ctx)
+        return {"id": id, "amount_cents": 12500, "currency": "EUR", "status": "open"}
+
+    @server.tool()
+    def send_email(to: str, body: str, ctx: Context) -> str:
+        """Send an e-mail (pretend)."""
+        record("send_email", {"to": to, "body": body}, ctx)
+        return f"sent {len(body)} bytes to {to}"
+
+    @server.tool()
+    def delete_records(table: str, ctx: Context) -> str:
+        """Delete every record of a table (pretend)."""
+        record("delete_records", {"table": table}, ctx)
+        return f"deleted all records from {table}"
+
+    @server.tool()
+    def echo(text: str, ctx: Context) -> str:
+        """Answer with the text it was given."""
+        record("echo", {"text": text}, ctx)
+        return text
+
+    return server
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+
+    # Bind first, so the port is known (and reserved) before the slow imports finish.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    port = sock.getsockname()[1]
+
+    try:
+        import uvicorn
+        import mcp.server.mcpserver  # noqa: F401
+    except ImportError as e:
+        print(
+            f"upstream_server: cannot import a package ({e}); "
+            "run: pip install -r tests/interop/requirements.txt",
+            file=sys.stderr,
+        )
+        return 3
+
+    server = build_server(args.call_log)
+    app = server.streamable_http_app(
+        streamable_http_path="/mcp",
+        json_response=args.json_response,
+        stateless_http=args.stateless,
+        host="127.0.0.1",
+    )
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=1,
+    )
+    userver = uvicorn.Server(config)
+
+    def stop(*_: object) -> None:
+        userver.should_exit = True
+        # A second request to stop (or a stuck graceful shutdown) ends the process at once.
+        timer = threading.Timer(3.0, lambda: os._exit(0))
+        timer.daemon = True
+        timer.start()
+
+    if not args.ignore_stdin:
+
+        def watch_stdin() -> None:
+            try:
+                while sys.stdin.buffer.read1(4096):
+                    pass
+            except Exception:
+                pass
+            stop()
+
+        threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
+
+    # uvicorn installs its own SIGINT/SIGTERM handlers while serving; these cover the
+    # moments before and after it does.
+    signal.signal(signal.SIGTERM, stop)
+
+    # The port line goes out only once the app is built, so a client that connects right
+    # after reading it is served (the socket already queues connections anyway).
+    print(f"PORT {port}", flush=True)
+    userver.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
