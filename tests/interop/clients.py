@@ -14,8 +14,11 @@ Scenarios (each prints exactly one JSON line on stdout):
                                 then tool_call with the child token
     steps STEPS_JSON            several operations in one process and one MCP connection:
                                 a JSON list of {"op": "list"}, {"op": "call", "tool", "args"},
-                                {"op": "sdk-call", "tool", "args"}, {"op": "sleep", "seconds"},
+                                {"op": "sdk-call", "tool", "args"[, "token"]},
+                                {"op": "sdk-attenuated-call", "tool", "args", "deny"[, "token"]},
+                                {"op": "sleep", "seconds"}, {"op": "sleep_until", "unix"},
                                 {"op": "revoke", "jti", "admin_token", "reason"}
+                                ("token" on an SDK step overrides --token; null sends none)
 
 Options:
     --gateway URL     the gateway's base URL (http://127.0.0.1:PORT)
@@ -265,11 +268,29 @@ async def run_steps(args: argparse.Namespace, steps: list[dict[str, Any]]) -> li
                         r = await conn.call(step["tool"], step.get("args") or {})
                     elif op == "sdk-call":
                         r = await anyio.to_thread.run_sync(
-                            sdk_call, args.gateway, args.token, step["tool"], step.get("args") or {}, args.intent
+                            sdk_call,
+                            args.gateway,
+                            step.get("token", args.token),
+                            step["tool"],
+                            step.get("args") or {},
+                            args.intent,
+                        )
+                    elif op == "sdk-attenuated-call":
+                        r = await anyio.to_thread.run_sync(
+                            sdk_attenuated_call,
+                            args.gateway,
+                            step.get("token", args.token) or "",
+                            step["tool"],
+                            step.get("args") or {},
+                            list(step.get("deny") or []),
+                            args.intent,
                         )
                     elif op == "sleep":
                         await anyio.sleep(float(step["seconds"]))
                         r = {"op": "sleep", "ok": True}
+                    elif op == "sleep_until":
+                        await anyio.sleep(max(0.0, float(step["unix"]) - time.time()))
+                        r = {"op": "sleep_until", "ok": True}
                     elif op == "revoke":
                         r = await anyio.to_thread.run_sync(
                             admin_revoke,
