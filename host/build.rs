@@ -17,11 +17,31 @@ use std::process::Command;
 /// (const name, cargo package, artifact file stem, embedded in the binary?)
 const PLUGINS: &[(&str, &str, &str, bool)] = &[
     ("INTENT", "intentgate-intent", "intentgate_intent", true),
-    ("POLICY_REGO", "intentgate-policy-rego", "intentgate_policy_rego", true),
+    (
+        "POLICY_REGO",
+        "intentgate-policy-rego",
+        "intentgate_policy_rego",
+        true,
+    ),
     ("BUDGET", "intentgate-budget", "intentgate_budget", true),
-    ("SIEM_JSON", "intentgate-siem-json", "intentgate_siem_json", true),
-    ("TEST_HOSTILE", "intentgate-test-hostile", "intentgate_test_hostile", false),
-    ("TEST_CUSTOM", "intentgate-test-custom", "intentgate_test_custom", false),
+    (
+        "SIEM_JSON",
+        "intentgate-siem-json",
+        "intentgate_siem_json",
+        true,
+    ),
+    (
+        "TEST_HOSTILE",
+        "intentgate-test-hostile",
+        "intentgate_test_hostile",
+        false,
+    ),
+    (
+        "TEST_CUSTOM",
+        "intentgate-test-custom",
+        "intentgate_test_custom",
+        false,
+    ),
 ];
 
 fn main() {
@@ -34,7 +54,10 @@ fn main() {
 
 fn build_plugins() -> Result<(), String> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
-    let root = manifest_dir.parent().ok_or("host has no parent dir")?.to_path_buf();
+    let root = manifest_dir
+        .parent()
+        .ok_or("host has no parent dir")?
+        .to_path_buf();
     for dir in ["plugins", "sdk", "wit"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
@@ -44,7 +67,11 @@ fn build_plugins() -> Result<(), String> {
     let target_dir = match env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => {
             let dir = PathBuf::from(dir);
-            if dir.is_absolute() { dir } else { root.join(dir) }
+            if dir.is_absolute() {
+                dir
+            } else {
+                root.join(dir)
+            }
         }
         None => root.join("target"),
     }
@@ -82,7 +109,9 @@ fn build_plugins() -> Result<(), String> {
     }
     let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
-        return Err(format!("`cargo build --target wasm32-wasip2` in plugins/ exited with {status}"));
+        return Err(format!(
+            "`cargo build --target wasm32-wasip2` in plugins/ exited with {status}"
+        ));
     }
 
     let release = target_dir.join("wasm32-wasip2").join("release");
@@ -93,13 +122,20 @@ fn build_plugins() -> Result<(), String> {
         std::fs::copy(&built, &copied)
             .map_err(|e| format!("{package}: cannot copy {}: {e}", built.display()))?;
         let path = escape(&copied);
-        writeln!(consts, "/// Path of the `{package}` component built for wasm32-wasip2.")
-            .map_err(|e| e.to_string())?;
+        writeln!(
+            consts,
+            "/// Path of the `{package}` component built for wasm32-wasip2."
+        )
+        .map_err(|e| e.to_string())?;
         writeln!(consts, "pub const {name}_PATH: &str = \"{path}\";").map_err(|e| e.to_string())?;
         if *embed {
-            writeln!(consts, "/// The `{package}` component, embedded.").map_err(|e| e.to_string())?;
-            writeln!(consts, "pub const {name}: &[u8] = include_bytes!(\"{path}\");")
+            writeln!(consts, "/// The `{package}` component, embedded.")
                 .map_err(|e| e.to_string())?;
+            writeln!(
+                consts,
+                "pub const {name}: &[u8] = include_bytes!(\"{path}\");"
+            )
+            .map_err(|e| e.to_string())?;
         }
     }
     std::fs::write(out_dir.join("plugin_artifacts.rs"), consts).map_err(|e| e.to_string())?;
@@ -107,5 +143,8 @@ fn build_plugins() -> Result<(), String> {
 }
 
 fn escape(path: &Path) -> String {
-    path.display().to_string().replace('\\', "\\\\").replace('"', "\\\"")
+    path.display()
+        .to_string()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
 }

@@ -2,3 +2,5 @@
 //! Each concept has its own module; `support` holds shared helpers.
 
 mod support;
+mod bundles;
+mod plugins;

@@ -1,0 +1,514 @@
+//! The bundle and plugin part of the admin API, as a handler the admin router calls after it
+//! authenticated the caller and resolved the tenant (`/v1/admin/plugins*`, `/v1/admin/bundles*`,
+//! and the IntentGate `/v1/admin/policies/*` shorthand for the policy stage's Rego).
+//!
+//! It never authenticates, never decides tenant scope and never writes the audit chain itself:
+//! every state change returns an [`AdminEvent`] that the caller must audit. Slow work (compile,
+//! instantiate) runs in `spawn_blocking`.
+
+use super::registry::{BundleError, DraftInfo, RecordedCall, Registry, SwapOutcome};
+use super::spec::BundleSpec;
+use crate::plugins::{CheckInput, PluginError, Stage, VerdictKind};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// One admin request, already authenticated and scoped to `tenant`.
+#[derive(Clone, Copy, Debug)]
+pub struct AdminCall<'a> {
+    /// HTTP method.
+    pub method: &'a hyper::Method,
+    /// Path, e.g. `/v1/admin/bundles/sha256:…/promote`.
+    pub path: &'a str,
+    /// Raw query string (without `?`).
+    pub query: Option<&'a str>,
+    /// The tenant the caller acts on.
+    pub tenant: &'a str,
+    /// Who (for the audit event).
+    pub actor: &'a str,
+    /// Request body.
+    pub body: &'a [u8],
+}
+
+/// A state change the caller must write to the audit chain.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct AdminEvent {
+    /// e.g. `bundle.promote`, `plugin.upload`.
+    pub action: &'static str,
+    /// Tenant.
+    pub tenant: String,
+    /// Who.
+    pub actor: String,
+    /// What.
+    pub detail: Value,
+}
+
+/// The reply: status, JSON body (`{"error": …}` on errors), and the event to audit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminReply {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body (`Value::Null` for 204).
+    pub body: Value,
+    /// Audit this when present.
+    pub event: Option<AdminEvent>,
+}
+
+fn reply(status: u16, body: Value) -> AdminReply {
+    AdminReply {
+        status,
+        body,
+        event: None,
+    }
+}
+
+fn error(status: u16, message: impl std::fmt::Display) -> AdminReply {
+    reply(status, json!({"error": message.to_string()}))
+}
+
+fn event(call: &AdminCall<'_>, action: &'static str, detail: Value) -> Option<AdminEvent> {
+    Some(AdminEvent {
+        action,
+        tenant: call.tenant.to_string(),
+        actor: call.actor.to_string(),
+        detail,
+    })
+}
+
+fn bundle_error(e: BundleError) -> AdminReply {
+    match &e {
+        BundleError::UnknownBundle(_) => error(404, e),
+        BundleError::NoPrevious(_) => error(409, e),
+        BundleError::Plugin(PluginError::Busy(_)) => error(503, e),
+        _ => error(400, e),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AdminReply> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| error(500, format!("worker failed: {e}")))
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, AdminReply> {
+    serde_json::from_slice(body).map_err(|e| error(400, format!("invalid JSON body: {e}")))
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| {
+        kv.split_once('=')
+            .filter(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    })
+}
+
+/// Handle the request when the path is ours; `None` otherwise.
+pub async fn handle(registry: &Registry, call: AdminCall<'_>) -> Option<AdminReply> {
+    let path = call.path.trim_end_matches('/');
+    let rest = path.strip_prefix("/v1/admin/")?;
+    let segments: Vec<&str> = rest.split('/').collect();
+    let method = call.method.as_str();
+    let reply = match (method, segments.as_slice()) {
+        (_, ["plugins", ..]) => plugins(registry, &call, &segments[1..]).await,
+        (_, ["bundles", ..]) => bundles(registry, &call, &segments[1..]).await,
+        (_, ["policies", ..]) => policies(registry, &call, &segments[1..]).await,
+        _ => return None,
+    };
+    Some(match reply {
+        Ok(r) | Err(r) => r,
+    })
+}
+
+#[derive(Deserialize)]
+struct UploadJson {
+    name: String,
+    wasm_base64: String,
+}
+
+async fn plugins(
+    registry: &Registry,
+    call: &AdminCall<'_>,
+    rest: &[&str],
+) -> Result<AdminReply, AdminReply> {
+    match (call.method.as_str(), rest) {
+        ("GET", []) => Ok(reply(200, json!(registry.components()))),
+        ("GET", [digest]) => registry
+            .components()
+            .into_iter()
+            .find(|c| c.digest == *digest)
+            .map(|c| reply(200, json!(c)))
+            .ok_or_else(|| error(404, format!("unknown component {digest}"))),
+        ("POST", []) => {
+            let (name, wasm) = if call.body.starts_with(b"\0asm") {
+                let name = query_param(call.query, "name")
+                    .unwrap_or("uploaded")
+                    .to_string();
+                (name, call.body.to_vec())
+            } else {
+                let upload: UploadJson = parse(call.body)?;
+                let wasm = base64::engine::general_purpose::STANDARD
+                    .decode(upload.wasm_base64.as_bytes())
+                    .map_err(|e| error(400, format!("wasm_base64: {e}")))?;
+                (upload.name, wasm)
+            };
+            let registry = registry.clone();
+            let info = blocking(move || registry.upload_component(&name, &wasm))
+                .await?
+                .map_err(|e| error(422, e))?;
+            let detail = json!({"digest": info.digest, "world": info.world, "name": info.name});
+            Ok(AdminReply {
+                status: 201,
+                body: json!(info),
+                event: event(call, "plugin.upload", detail),
+            })
+        }
+        _ => Err(error(405, "method not allowed")),
+    }
+}
+
+#[derive(Deserialize)]
+struct DraftCreate {
+    #[serde(default)]
+    name: String,
+    spec: BundleSpec,
+}
+
+#[derive(Deserialize)]
+struct DryRunBody {
+    #[serde(default)]
+    calls: Vec<RecordedCall>,
+}
+
+async fn bundles(
+    registry: &Registry,
+    call: &AdminCall<'_>,
+    rest: &[&str],
+) -> Result<AdminReply, AdminReply> {
+    let tenant = call.tenant.to_string();
+    match (call.method.as_str(), rest) {
+        ("GET", []) => Ok(reply(
+            200,
+            json!({"status": registry.status(&tenant), "drafts": registry.drafts(&tenant)}),
+        )),
+        ("GET", ["history"]) => {
+            let history: Vec<SwapOutcome> = registry
+                .history()
+                .into_iter()
+                .filter(|h| h.tenant == tenant)
+                .collect();
+            Ok(reply(200, json!(history)))
+        }
+        ("POST", []) => {
+            let body: DraftCreate = parse(call.body)?;
+            let registry = registry.clone();
+            let t = tenant.clone();
+            let draft = blocking(move || registry.create_draft(&t, &body.name, body.spec))
+                .await?
+                .map_err(bundle_error)?;
+            let detail = json!({"digest": draft.digest, "name": draft.name});
+            Ok(AdminReply {
+                status: 201,
+                body: json!(draft),
+                event: event(call, "bundle.draft", detail),
+            })
+        }
+        ("GET", [digest]) => registry
+            .drafts(&tenant)
+            .into_iter()
+            .find(|d| d.digest == *digest)
+            .map(|d| reply(200, json!(d)))
+            .ok_or_else(|| error(404, format!("unknown bundle {digest}"))),
+        ("DELETE", [digest]) => {
+            if registry.delete_draft(&tenant, digest) {
+                Ok(AdminReply {
+                    status: 204,
+                    body: Value::Null,
+                    event: event(call, "bundle.delete", json!({"digest": digest})),
+                })
+            } else {
+                Err(error(404, format!("unknown or active bundle {digest}")))
+            }
+        }
+        ("POST", ["rollback"]) => {
+            let registry = registry.clone();
+            let outcome = blocking(move || registry.rollback(&tenant))
+                .await?
+                .map_err(bundle_error)?;
+            Ok(AdminReply {
+                status: 200,
+                body: json!(outcome),
+                event: event(call, "bundle.rollback", json!(outcome)),
+            })
+        }
+        ("POST", [digest, "promote"]) => {
+            let (registry, digest) = (registry.clone(), digest.to_string());
+            let outcome = blocking(move || registry.promote(&tenant, &digest))
+                .await?
+                .map_err(bundle_error)?;
+            Ok(AdminReply {
+                status: 200,
+                body: json!(outcome),
+                event: event(call, "bundle.promote", json!(outcome)),
+            })
+        }
+        ("POST", [digest, "dry-run"]) => {
+            let body: DryRunBody = parse(call.body)?;
+            let (registry, digest) = (registry.clone(), digest.to_string());
+            let report = blocking(move || registry.dry_run(&tenant, &digest, &body.calls))
+                .await?
+                .map_err(bundle_error)?;
+            Ok(reply(200, json!(report)))
+        }
+        _ => Err(error(405, "method not allowed")),
+    }
+}
+
+/// The Rego text of a bundle's policy stage (first check), as given.
+fn rego_of(spec: &BundleSpec) -> String {
+    let config = spec
+        .checks(Stage::Policy)
+        .first()
+        .map(|c| c.config.clone())
+        .unwrap_or_default();
+    if config.trim_start().starts_with('{') {
+        if let Ok(v) = serde_json::from_str::<Value>(&config) {
+            if let Some(modules) = v.get("modules").and_then(Value::as_object) {
+                return modules
+                    .values()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join("\n");
+            }
+        }
+    }
+    config
+}
+
+fn rego_sha256(spec: &BundleSpec) -> String {
+    crate::plugins::runtime::digest_of(rego_of(spec).as_bytes())
+        .trim_start_matches("sha256:")
+        .to_string()
+}
+
+/// RFC 3339 UTC from unix seconds.
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn draft_json(tenant: &str, d: &DraftInfo, with_source: bool) -> Value {
+    let mut v = json!({
+        "id": d.digest,
+        "name": d.name,
+        "tenant": tenant,
+        "created_at": rfc3339(d.created_at),
+        "rego_sha256": rego_sha256(&d.spec),
+        "bundle_digest": d.digest,
+    });
+    if let (true, Some(obj)) = (with_source, v.as_object_mut()) {
+        obj.insert("rego_source".into(), json!(rego_of(&d.spec)));
+    }
+    v
+}
+
+fn active_json(registry: &Registry, tenant: &str) -> Value {
+    let status = registry.status(tenant);
+    let snapshot = registry.snapshot(tenant);
+    let name = registry
+        .drafts(tenant)
+        .into_iter()
+        .find(|d| d.digest == status.active)
+        .map(|d| d.name)
+        .unwrap_or_else(|| {
+            if status.is_default {
+                "default".into()
+            } else {
+                String::new()
+            }
+        });
+    let promoted_at = registry
+        .history()
+        .into_iter()
+        .rev()
+        .find(|h| h.tenant == tenant)
+        .map(|h| rfc3339(h.at));
+    json!({
+        "draft_id": status.active,
+        "name": name,
+        "tenant": tenant,
+        "promoted_at": promoted_at,
+        "rego_sha256": rego_sha256(snapshot.spec()),
+        "bundle_digest": status.active,
+        "previous": status.previous,
+    })
+}
+
+#[derive(Deserialize)]
+struct PolicyDraftCreate {
+    rego_source: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PromoteRequest {
+    draft_id: String,
+}
+
+#[derive(Deserialize)]
+struct PolicyDryRun {
+    rego_source: String,
+    #[serde(default)]
+    input: Option<CheckInput>,
+    #[serde(default)]
+    calls: Vec<RecordedCall>,
+}
+
+async fn policies(
+    registry: &Registry,
+    call: &AdminCall<'_>,
+    rest: &[&str],
+) -> Result<AdminReply, AdminReply> {
+    let tenant = call.tenant.to_string();
+    match (call.method.as_str(), rest) {
+        ("GET", ["drafts"]) => {
+            let drafts: Vec<Value> = registry
+                .drafts(&tenant)
+                .iter()
+                .map(|d| draft_json(&tenant, d, false))
+                .collect();
+            Ok(reply(200, json!(drafts)))
+        }
+        ("POST", ["drafts"]) => {
+            let body: PolicyDraftCreate = parse(call.body)?;
+            let name = body.name.unwrap_or_else(|| "policy".into());
+            let (registry2, t) = (registry.clone(), tenant.clone());
+            let draft = blocking(move || registry2.draft_policy(&t, &name, body.rego_source))
+                .await?
+                .map_err(|e| error(400, e))?;
+            let detail = json!({"id": draft.digest, "name": draft.name});
+            Ok(AdminReply {
+                status: 201,
+                body: draft_json(&tenant, &draft, true),
+                event: event(call, "policy.draft", detail),
+            })
+        }
+        ("GET", ["drafts", id]) => registry
+            .drafts(&tenant)
+            .iter()
+            .find(|d| d.digest == *id)
+            .map(|d| reply(200, draft_json(&tenant, d, true)))
+            .ok_or_else(|| error(404, format!("unknown draft {id}"))),
+        ("DELETE", ["drafts", id]) => {
+            if registry.delete_draft(&tenant, id) {
+                Ok(AdminReply {
+                    status: 204,
+                    body: Value::Null,
+                    event: event(call, "policy.draft.delete", json!({"id": id})),
+                })
+            } else {
+                Err(error(404, format!("unknown or active draft {id}")))
+            }
+        }
+        ("GET", ["active"]) => Ok(reply(200, active_json(registry, &tenant))),
+        ("POST", ["active"]) => {
+            let body: PromoteRequest = parse(call.body)?;
+            let (registry2, t) = (registry.clone(), tenant.clone());
+            let outcome = blocking(move || registry2.promote(&t, &body.draft_id))
+                .await?
+                .map_err(bundle_error)?;
+            Ok(AdminReply {
+                status: 200,
+                body: active_json(registry, &tenant),
+                event: event(call, "policy.promote", json!(outcome)),
+            })
+        }
+        ("DELETE", ["active"]) => {
+            // Back to the default bundle: deny by default (fail closed).
+            let (registry2, t) = (registry.clone(), tenant.clone());
+            let outcome = blocking(move || registry2.promote(&t, "default"))
+                .await?
+                .map_err(bundle_error)?;
+            Ok(AdminReply {
+                status: 204,
+                body: Value::Null,
+                event: event(call, "policy.clear", json!(outcome)),
+            })
+        }
+        ("POST", ["rollback"]) => {
+            let (registry2, t) = (registry.clone(), tenant.clone());
+            let outcome = blocking(move || registry2.rollback(&t))
+                .await?
+                .map_err(bundle_error)?;
+            Ok(AdminReply {
+                status: 200,
+                body: active_json(registry, &tenant),
+                event: event(call, "policy.rollback", json!(outcome)),
+            })
+        }
+        ("POST", ["dry-run"]) => {
+            let body: PolicyDryRun = parse(call.body)?;
+            let mut calls = body.calls;
+            if let Some(input) = body.input {
+                calls.push(RecordedCall {
+                    input,
+                    decision: VerdictKind::Block,
+                    id: Some("input".into()),
+                });
+            }
+            let (registry2, t) = (registry.clone(), tenant.clone());
+            let report = blocking(move || {
+                let spec = registry2
+                    .active_spec(&t)
+                    .with_policy_config(body.rego_source);
+                let draft = registry2.create_draft(&t, "dry-run", spec)?;
+                let report = registry2.dry_run(&t, &draft.digest, &calls);
+                registry2.delete_draft(&t, &draft.digest);
+                report.map(|r| (r, calls))
+            })
+            .await?
+            .map_err(|e| error(400, e))?;
+            let (report, calls) = report;
+            let decisions: Vec<Value> = calls
+                .iter()
+                .map(|c| json!({"input": c.input, "actual_decision": c.decision}))
+                .collect();
+            let mut body = json!(report);
+            if let Some(obj) = body.as_object_mut() {
+                obj.insert("decisions".into(), json!(decisions));
+            }
+            Ok(reply(200, body))
+        }
+        _ => Err(error(405, "method not allowed")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}

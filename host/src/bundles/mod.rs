@@ -1,0 +1,23 @@
+//! Bundles: immutable, content-addressed sets of check components and their configuration, and
+//! the per-tenant hot swap between them.
+//!
+//! A [`BundleSpec`] names, per stage, the checks to run (component digest + configuration text);
+//! its digest covers all of it. A [`Snapshot`] is a spec made live for one tenant: compiled,
+//! pre-linked components with their instance pools. The [`Registry`] keeps, per tenant, the
+//! active snapshot behind an `ArcSwap` (requests load it once and keep it), the previous one
+//! (rollback target), and the drafts. A promotion builds and validates the new snapshot before
+//! swapping; after `promote` returns, no new request sees the old bundle.
+//!
+//! It must never let a request see a half-built bundle, and never decide allow on a plugin error.
+
+pub mod admin;
+mod registry;
+mod snapshot;
+mod spec;
+
+pub use registry::{
+    BundleError, BundleStatus, ComponentInfo, DraftInfo, DryRunReport, DryRunRow, RecordedCall,
+    Registry, SwapOutcome,
+};
+pub use snapshot::Snapshot;
+pub use spec::{BundleSpec, CheckSpec, builtin_components, default_policy_config};

@@ -1,0 +1,609 @@
+//! The bundle registry: uploaded components (validated at upload), bundle drafts, and per
+//! tenant the active snapshot (behind `ArcSwap`), the previous one (rollback target) and the
+//! history of swaps.
+//!
+//! Reads (`snapshot`) are lock-free. Writes (upload, draft, promote, rollback) are slow (they
+//! compile and instantiate) and synchronous: call them from `spawn_blocking`. Promotion builds
+//! and warms the new snapshot completely before the swap, so a request sees either the old
+//! bundle or the new one, never a mix, and after `promote` returns no new request sees the old.
+//! Persistence of components, bundles and the active pointer is the store's (see
+//! `migrations/*/0003_bundles.sql`); this registry is the in-process state.
+
+use super::snapshot::Snapshot;
+use super::spec::{BundleSpec, builtin_components};
+use crate::plugins::{
+    CheckComponent, CheckInput, Counters, MemoryCounters, PluginError, Runtime, Stage, VerdictKind,
+    World,
+};
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Errors of bundle management.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The component failed validation.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// A check of the bundle failed to load with its configuration.
+    #[error("{stage} check #{index}: {error}")]
+    Invalid {
+        /// Stage.
+        stage: Stage,
+        /// Index within the stage.
+        index: usize,
+        /// Why.
+        error: PluginError,
+    },
+    /// A component digest that was never uploaded.
+    #[error("unknown component {0}")]
+    UnknownComponent(String),
+    /// A component of the SIEM world used as a check (or the reverse).
+    #[error("component {digest} implements {world:?}, not the check world")]
+    NotACheck {
+        /// Digest.
+        digest: String,
+        /// What it is.
+        world: World,
+    },
+    /// No such bundle (draft) for this tenant.
+    #[error("unknown bundle {0}")]
+    UnknownBundle(String),
+    /// Nothing to roll back to.
+    #[error("tenant {0} has no previous bundle to roll back to")]
+    NoPrevious(String),
+}
+
+/// An uploaded component.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ComponentInfo {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// The world it implements.
+    pub world: World,
+    /// Size in bytes.
+    pub size: usize,
+    /// Name given at upload (informational).
+    pub name: String,
+    /// True for the embedded built-ins.
+    pub builtin: bool,
+}
+
+/// A bundle draft of a tenant.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DraftInfo {
+    /// The bundle digest (also its id).
+    pub digest: String,
+    /// Name given by the operator.
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The spec.
+    pub spec: BundleSpec,
+}
+
+/// What a promotion or rollback did (the admin layer audits it).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SwapOutcome {
+    /// Tenant.
+    pub tenant: String,
+    /// `promote` or `rollback`.
+    pub action: String,
+    /// Digest active before.
+    pub from: String,
+    /// Digest active now.
+    pub to: String,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+/// Active and previous bundle of a tenant.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BundleStatus {
+    /// Tenant.
+    pub tenant: String,
+    /// Active digest.
+    pub active: String,
+    /// Rollback target.
+    pub previous: Option<String>,
+    /// True when the active bundle is the built-in default.
+    pub is_default: bool,
+}
+
+/// A recorded call to replay in a dry-run, with the decision it got.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecordedCall {
+    /// The call as the checks saw it.
+    pub input: CheckInput,
+    /// The recorded decision.
+    pub decision: VerdictKind,
+    /// An id to show in the divergent rows (audit event id).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// One call whose decision would change.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DryRunRow {
+    /// Recorded id.
+    pub id: Option<String>,
+    /// Tool.
+    pub tool: String,
+    /// Agent.
+    pub agent_id: String,
+    /// Recorded decision.
+    pub from: VerdictKind,
+    /// Candidate decision.
+    pub to: VerdictKind,
+    /// Candidate reason.
+    pub reason: String,
+}
+
+/// Result of replaying recorded calls against a candidate bundle.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DryRunReport {
+    /// Candidate digest.
+    pub digest: String,
+    /// Calls replayed.
+    pub total: usize,
+    /// Would allow.
+    pub would_allow: usize,
+    /// Would block (plugin errors count here: fail closed).
+    pub would_block: usize,
+    /// Would escalate.
+    pub would_escalate: usize,
+    /// `"allow->block"` → count, for every (recorded, candidate) pair seen.
+    pub transitions: BTreeMap<String, usize>,
+    /// Up to 50 calls whose decision changes.
+    pub divergent: Vec<DryRunRow>,
+}
+
+struct TenantSlot {
+    active: ArcSwap<Snapshot>,
+    previous: Mutex<Option<Arc<Snapshot>>>,
+    /// Serializes promote/rollback of this tenant.
+    swap: Mutex<()>,
+}
+
+struct Inner {
+    runtime: Arc<Runtime>,
+    counters: Arc<dyn Counters>,
+    memory_counters: Option<Arc<MemoryCounters>>,
+    default_spec: BundleSpec,
+    components: RwLock<HashMap<String, CheckComponent>>,
+    infos: RwLock<BTreeMap<String, ComponentInfo>>,
+    wasm: RwLock<HashMap<String, Arc<[u8]>>>,
+    drafts: RwLock<HashMap<String, BTreeMap<String, DraftInfo>>>,
+    tenants: ArcSwap<HashMap<String, Arc<TenantSlot>>>,
+    history: Mutex<Vec<SwapOutcome>>,
+}
+
+/// The bundle registry. Cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    match lock.read() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    match lock.write() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Registry {
+    /// The default bundle only, the process-wide runtime, in-memory counters; no database.
+    /// Startup-time: compiles the built-in components (a few seconds in a debug build).
+    pub fn builtin() -> Result<Self, BundleError> {
+        let counters = Arc::new(MemoryCounters::default());
+        Self::build(Runtime::shared()?, counters.clone(), Some(counters))
+    }
+
+    /// A registry over this runtime, reading budget counters from `counters`.
+    pub fn new(runtime: Arc<Runtime>, counters: Arc<dyn Counters>) -> Result<Self, BundleError> {
+        Self::build(runtime, counters, None)
+    }
+
+    /// Like [`Registry::builtin`] but with a given runtime (tests with tight limits).
+    pub fn with_runtime(runtime: Arc<Runtime>) -> Result<Self, BundleError> {
+        let counters = Arc::new(MemoryCounters::default());
+        Self::build(runtime, counters.clone(), Some(counters))
+    }
+
+    fn build(
+        runtime: Arc<Runtime>,
+        counters: Arc<dyn Counters>,
+        memory_counters: Option<Arc<MemoryCounters>>,
+    ) -> Result<Self, BundleError> {
+        let registry = Registry {
+            inner: Arc::new(Inner {
+                runtime,
+                counters,
+                memory_counters,
+                default_spec: BundleSpec::builtin(),
+                components: RwLock::new(HashMap::new()),
+                infos: RwLock::new(BTreeMap::new()),
+                wasm: RwLock::new(HashMap::new()),
+                drafts: RwLock::new(HashMap::new()),
+                tenants: ArcSwap::from_pointee(HashMap::new()),
+                history: Mutex::new(Vec::new()),
+            }),
+        };
+        for (name, wasm) in builtin_components() {
+            registry.add_component(name, wasm, true)?;
+        }
+        // Validate the default bundle once (the default Rego and its tests) at startup.
+        Snapshot::build(
+            &registry.inner.runtime,
+            &read(&registry.inner.components),
+            &registry.inner.default_spec,
+            "-",
+            &registry.inner.counters,
+            true,
+        )?;
+        Ok(registry)
+    }
+
+    /// The runtime.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.inner.runtime
+    }
+
+    /// The in-memory counters, when this registry owns them (`builtin`, `with_runtime`): the
+    /// pipeline applies charges with [`MemoryCounters::charge_all`] when it has no store.
+    pub fn memory_counters(&self) -> Option<Arc<MemoryCounters>> {
+        self.inner.memory_counters.clone()
+    }
+
+    /// The default bundle's spec.
+    pub fn default_spec(&self) -> &BundleSpec {
+        &self.inner.default_spec
+    }
+
+    /// The active snapshot of `tenant` (the default bundle when none was promoted). Lock-free
+    /// after the tenant's first request. Hold the returned `Arc` for the whole request.
+    pub fn snapshot(&self, tenant: &str) -> Arc<Snapshot> {
+        if let Some(slot) = self.inner.tenants.load().get(tenant) {
+            return slot.active.load_full();
+        }
+        self.slot(tenant).active.load_full()
+    }
+
+    fn slot(&self, tenant: &str) -> Arc<TenantSlot> {
+        if let Some(slot) = self.inner.tenants.load().get(tenant) {
+            return slot.clone();
+        }
+        let fresh = Arc::new(TenantSlot {
+            active: ArcSwap::from_pointee(self.default_snapshot(tenant)),
+            previous: Mutex::new(None),
+            swap: Mutex::new(()),
+        });
+        let mut result = fresh.clone();
+        self.inner.tenants.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            match map.get(tenant) {
+                Some(existing) => result = existing.clone(),
+                None => {
+                    map.insert(tenant.to_string(), fresh.clone());
+                    result = fresh.clone();
+                }
+            }
+            map
+        });
+        result
+    }
+
+    fn default_snapshot(&self, tenant: &str) -> Snapshot {
+        let components = read(&self.inner.components);
+        match Snapshot::build(
+            &self.inner.runtime,
+            &components,
+            &self.inner.default_spec,
+            tenant,
+            &self.inner.counters,
+            false,
+        ) {
+            Ok(s) => s,
+            // The default bundle was validated at startup with the same components; an empty
+            // spec (deny everything) is the fail-closed fallback should that ever change.
+            Err(_) => Snapshot::empty(tenant),
+        }
+    }
+
+    fn add_component(
+        &self,
+        name: &str,
+        wasm: &[u8],
+        builtin: bool,
+    ) -> Result<ComponentInfo, BundleError> {
+        let runtime = &self.inner.runtime;
+        let world = runtime.validate(wasm)?;
+        let (digest, component) = runtime.compile(wasm)?;
+        if world == World::CheckPlugin {
+            let check = CheckComponent::from_component(runtime, digest.clone(), &component)?;
+            write(&self.inner.components).insert(digest.clone(), check);
+        }
+        let info = ComponentInfo {
+            digest: digest.clone(),
+            world,
+            size: wasm.len(),
+            name: name.to_string(),
+            builtin,
+        };
+        write(&self.inner.wasm).insert(digest.clone(), Arc::from(wasm));
+        write(&self.inner.infos)
+            .entry(digest)
+            .or_insert_with(|| info.clone());
+        Ok(info)
+    }
+
+    /// Upload a component: compiled and validated against the worlds now; refused when it
+    /// implements neither. Slow: call from `spawn_blocking`.
+    pub fn upload_component(&self, name: &str, wasm: &[u8]) -> Result<ComponentInfo, BundleError> {
+        self.add_component(name, wasm, false)
+    }
+
+    /// Uploaded components (built-ins included).
+    pub fn components(&self) -> Vec<ComponentInfo> {
+        read(&self.inner.infos).values().cloned().collect()
+    }
+
+    /// The bytes of a component (for persistence and export).
+    pub fn component_bytes(&self, digest: &str) -> Option<Arc<[u8]>> {
+        read(&self.inner.wasm).get(digest).cloned()
+    }
+
+    fn check_spec(&self, spec: &BundleSpec) -> Result<(), BundleError> {
+        let infos = read(&self.inner.infos);
+        for digest in spec.component_digests() {
+            match infos.get(digest) {
+                None => return Err(BundleError::UnknownComponent(digest.to_string())),
+                Some(info) if info.world != World::CheckPlugin => {
+                    return Err(BundleError::NotACheck {
+                        digest: digest.to_string(),
+                        world: info.world,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Build and warm a snapshot of `spec` for `tenant` without activating it.
+    fn prepare(&self, tenant: &str, spec: &BundleSpec) -> Result<Snapshot, BundleError> {
+        self.check_spec(spec)?;
+        let components = read(&self.inner.components).clone();
+        Snapshot::build(
+            &self.inner.runtime,
+            &components,
+            spec,
+            tenant,
+            &self.inner.counters,
+            true,
+        )
+    }
+
+    /// Create a draft: validates the spec (components known and of the check world, every
+    /// configuration accepted — Rego compiles and its tests pass). Returns the draft; its
+    /// digest is its id. Idempotent for equal content.
+    pub fn create_draft(
+        &self,
+        tenant: &str,
+        name: &str,
+        spec: BundleSpec,
+    ) -> Result<DraftInfo, BundleError> {
+        let snapshot = self.prepare(tenant, &spec)?;
+        drop(snapshot);
+        let info = DraftInfo {
+            digest: spec.digest(),
+            name: name.to_string(),
+            created_at: now_secs(),
+            spec,
+        };
+        write(&self.inner.drafts)
+            .entry(tenant.to_string())
+            .or_default()
+            .entry(info.digest.clone())
+            .or_insert_with(|| info.clone());
+        Ok(info)
+    }
+
+    /// The drafts of a tenant.
+    pub fn drafts(&self, tenant: &str) -> Vec<DraftInfo> {
+        read(&self.inner.drafts)
+            .get(tenant)
+            .map(|d| d.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Delete a draft (the active one cannot be deleted). Returns whether it existed.
+    pub fn delete_draft(&self, tenant: &str, digest: &str) -> bool {
+        if self.status(tenant).active == digest {
+            return false;
+        }
+        write(&self.inner.drafts)
+            .get_mut(tenant)
+            .map(|d| d.remove(digest).is_some())
+            .unwrap_or(false)
+    }
+
+    fn find_spec(&self, tenant: &str, digest: &str) -> Result<BundleSpec, BundleError> {
+        if digest == self.inner.default_spec.digest() || digest == "default" {
+            return Ok(self.inner.default_spec.clone());
+        }
+        read(&self.inner.drafts)
+            .get(tenant)
+            .and_then(|d| d.get(digest))
+            .map(|d| d.spec.clone())
+            .ok_or_else(|| BundleError::UnknownBundle(digest.to_string()))
+    }
+
+    /// Promote a draft (or `"default"`): build and warm it, then swap it in. The previous active
+    /// bundle becomes the rollback target. Slow: call from `spawn_blocking`.
+    pub fn promote(&self, tenant: &str, digest: &str) -> Result<SwapOutcome, BundleError> {
+        let spec = self.find_spec(tenant, digest)?;
+        let snapshot = Arc::new(self.prepare(tenant, &spec)?);
+        let slot = self.slot(tenant);
+        let _serial = lock(&slot.swap);
+        let old = slot.active.swap(snapshot.clone());
+        old.trim();
+        let outcome = SwapOutcome {
+            tenant: tenant.to_string(),
+            action: "promote".into(),
+            from: old.digest().to_string(),
+            to: snapshot.digest().to_string(),
+            at: now_secs(),
+        };
+        *lock(&slot.previous) = Some(old);
+        lock(&self.inner.history).push(outcome.clone());
+        Ok(outcome)
+    }
+
+    /// Swap the active and previous bundles back, instantly (the previous snapshot is kept
+    /// built). Rolling back twice returns to where you were.
+    pub fn rollback(&self, tenant: &str) -> Result<SwapOutcome, BundleError> {
+        let slot = self.slot(tenant);
+        let _serial = lock(&slot.swap);
+        let mut previous = lock(&slot.previous);
+        let Some(target) = previous.take() else {
+            return Err(BundleError::NoPrevious(tenant.to_string()));
+        };
+        let old = slot.active.swap(target.clone());
+        old.trim();
+        let outcome = SwapOutcome {
+            tenant: tenant.to_string(),
+            action: "rollback".into(),
+            from: old.digest().to_string(),
+            to: target.digest().to_string(),
+            at: now_secs(),
+        };
+        *previous = Some(old);
+        drop(previous);
+        lock(&self.inner.history).push(outcome.clone());
+        Ok(outcome)
+    }
+
+    /// The active and previous bundle of a tenant.
+    pub fn status(&self, tenant: &str) -> BundleStatus {
+        let slot = self.slot(tenant);
+        let active = slot.active.load().digest().to_string();
+        let previous = lock(&slot.previous)
+            .as_ref()
+            .map(|s| s.digest().to_string());
+        let is_default = active == self.inner.default_spec.digest();
+        BundleStatus {
+            tenant: tenant.to_string(),
+            active,
+            previous,
+            is_default,
+        }
+    }
+
+    /// Every promote/rollback so far (oldest first).
+    pub fn history(&self) -> Vec<SwapOutcome> {
+        lock(&self.inner.history).clone()
+    }
+
+    /// The spec of the active bundle of a tenant.
+    pub fn active_spec(&self, tenant: &str) -> BundleSpec {
+        self.snapshot(tenant).spec().clone()
+    }
+
+    /// Replay recorded calls against a draft (or `"default"`, or the active digest) without
+    /// activating it or charging anything: counts and a transition matrix.
+    pub fn dry_run(
+        &self,
+        tenant: &str,
+        digest: &str,
+        calls: &[RecordedCall],
+    ) -> Result<DryRunReport, BundleError> {
+        let active = self.snapshot(tenant);
+        let spec = if digest == active.digest() {
+            active.spec().clone()
+        } else {
+            self.find_spec(tenant, digest)?
+        };
+        let snapshot = self.prepare(tenant, &spec)?;
+        let mut report = DryRunReport {
+            digest: snapshot.digest().to_string(),
+            total: calls.len(),
+            ..Default::default()
+        };
+        for call in calls {
+            let (kind, reason) = match snapshot.decide(&call.input) {
+                Ok((verdict, _)) => (verdict.kind, verdict.reason),
+                Err(e) => (VerdictKind::Block, e.to_string()),
+            };
+            match kind {
+                VerdictKind::Allow => report.would_allow += 1,
+                VerdictKind::Block => report.would_block += 1,
+                VerdictKind::Escalate => report.would_escalate += 1,
+            }
+            *report
+                .transitions
+                .entry(format!("{}->{}", name(call.decision), name(kind)))
+                .or_insert(0) += 1;
+            if kind != call.decision && report.divergent.len() < 50 {
+                report.divergent.push(DryRunRow {
+                    id: call.id.clone(),
+                    tool: call.input.tool.clone(),
+                    agent_id: call.input.agent_id.clone(),
+                    from: call.decision,
+                    to: kind,
+                    reason,
+                });
+            }
+        }
+        Ok(report)
+    }
+
+    /// The `/v1/admin/policies` shorthand: a draft equal to the active bundle with the policy
+    /// stage's Rego replaced by `config` (Rego text, or JSON with modules/tests/data).
+    pub fn draft_policy(
+        &self,
+        tenant: &str,
+        name: &str,
+        config: String,
+    ) -> Result<DraftInfo, BundleError> {
+        let spec = self.active_spec(tenant).with_policy_config(config);
+        self.create_draft(tenant, name, spec)
+    }
+}
+
+fn name(kind: VerdictKind) -> &'static str {
+    match kind {
+        VerdictKind::Allow => "allow",
+        VerdictKind::Block => "block",
+        VerdictKind::Escalate => "escalate",
+    }
+}

@@ -1,0 +1,224 @@
+//! A bundle made live for one tenant: the checks of each stage as instance pools, and the
+//! bundle digest that every decision it makes must record.
+//!
+//! The pipeline loads one `Arc<Snapshot>` per request and calls the stages in order. A stage
+//! runs its checks in order and returns the first verdict that is not allow; any plugin error
+//! is returned as an error (the pipeline fails closed).
+
+use crate::plugins::{
+    BudgetOutcome, Charge, CheckComponent, CheckInput, CheckPool, Counters, IntentOutcome,
+    IntentRecord, PluginError, Runtime, Stage, Verdict, VerdictKind,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::BundleSpec;
+use super::registry::BundleError;
+
+/// A live bundle for one tenant. Immutable; dropping the last `Arc` frees its instances.
+pub struct Snapshot {
+    digest: String,
+    tenant: Arc<str>,
+    spec: BundleSpec,
+    intent: Vec<CheckPool>,
+    policy: Vec<CheckPool>,
+    budget: Vec<CheckPool>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("digest", &self.digest)
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    /// Build pools for `spec`. With `warm`, instantiate and configure one instance of every
+    /// check now, so a bad configuration (Rego that does not compile, failing Rego tests) is
+    /// refused here rather than at the first call.
+    pub(crate) fn build(
+        runtime: &Arc<Runtime>,
+        components: &HashMap<String, CheckComponent>,
+        spec: &BundleSpec,
+        tenant: &str,
+        counters: &Arc<dyn Counters>,
+        warm: bool,
+    ) -> Result<Self, BundleError> {
+        let tenant: Arc<str> = tenant.into();
+        let mut pools: HashMap<Stage, Vec<CheckPool>> = HashMap::new();
+        for stage in Stage::ALL {
+            let mut list = Vec::new();
+            for (i, check) in spec.checks(stage).iter().enumerate() {
+                let component = components
+                    .get(&check.component)
+                    .ok_or_else(|| BundleError::UnknownComponent(check.component.clone()))?;
+                let pool = CheckPool::new(
+                    runtime.clone(),
+                    component.clone(),
+                    check.config.as_str(),
+                    stage,
+                    tenant.clone(),
+                    counters.clone(),
+                )
+                .with_intent_required(stage == Stage::Intent && i == 0);
+                if warm {
+                    pool.warm().map_err(|e| BundleError::Invalid {
+                        stage,
+                        index: i,
+                        error: e,
+                    })?;
+                }
+                list.push(pool);
+            }
+            pools.insert(stage, list);
+        }
+        let mut take = |s: Stage| pools.remove(&s).unwrap_or_default();
+        Ok(Self {
+            digest: spec.digest(),
+            tenant,
+            spec: spec.clone(),
+            intent: take(Stage::Intent),
+            policy: take(Stage::Policy),
+            budget: take(Stage::Budget),
+        })
+    }
+
+    /// A bundle with no checks: every call is blocked by the policy stage (deny by default).
+    pub(crate) fn empty(tenant: &str) -> Self {
+        let spec = BundleSpec::default();
+        Self {
+            digest: spec.digest(),
+            tenant: tenant.into(),
+            spec,
+            intent: Vec::new(),
+            policy: Vec::new(),
+            budget: Vec::new(),
+        }
+    }
+
+    /// The bundle digest (`sha256:<hex>`): record it with every decision this snapshot makes.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// The tenant this snapshot serves.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// The spec.
+    pub fn spec(&self) -> &BundleSpec {
+        &self.spec
+    }
+
+    /// The intent stage: the first check's intent record and the stage verdict.
+    pub fn intent(&self, input: &CheckInput) -> Result<IntentOutcome, PluginError> {
+        let mut record = None;
+        let mut last = Verdict::allow("no intent check in bundle");
+        for pool in &self.intent {
+            let out = pool.evaluate(input, None)?;
+            if record.is_none() {
+                record = out.intent;
+            }
+            if !out.verdict.is_allow() {
+                return Ok(IntentOutcome {
+                    record: record.unwrap_or_default(),
+                    verdict: out.verdict,
+                });
+            }
+            last = out.verdict;
+        }
+        let record = record.unwrap_or_else(|| IntentRecord {
+            summary: "no intent check".into(),
+            rationale: "the bundle has no intent stage".into(),
+            ..IntentRecord::default()
+        });
+        Ok(IntentOutcome {
+            record,
+            verdict: last,
+        })
+    }
+
+    /// The policy stage. A bundle without a policy check denies (deny by default).
+    pub fn policy(
+        &self,
+        input: &CheckInput,
+        intent: &IntentRecord,
+    ) -> Result<Verdict, PluginError> {
+        let mut last = Verdict {
+            kind: VerdictKind::Block,
+            reason: "no policy in bundle (deny by default)".into(),
+            requires_step_up: false,
+        };
+        for pool in &self.policy {
+            let out = pool.evaluate(input, Some(intent))?;
+            if !out.verdict.is_allow() {
+                return Ok(out.verdict);
+            }
+            last = out.verdict;
+        }
+        Ok(last)
+    }
+
+    /// The budget stage: a verdict and, when it allows, the charges (keys namespaced
+    /// `"<tenant>/<key>"`) the pipeline applies once every check allowed.
+    pub fn budget(&self, input: &CheckInput) -> Result<BudgetOutcome, PluginError> {
+        let mut charges: Vec<Charge> = Vec::new();
+        let mut last = Verdict::allow("no budget check in bundle");
+        for pool in &self.budget {
+            let out = pool.evaluate(input, None)?;
+            if !out.verdict.is_allow() {
+                return Ok(BudgetOutcome {
+                    verdict: out.verdict,
+                    charges: Vec::new(),
+                });
+            }
+            charges.extend(out.charges.into_iter().map(|c| Charge {
+                key: format!("{}/{}", self.tenant, c.key),
+                ..c
+            }));
+            last = out.verdict;
+        }
+        Ok(BudgetOutcome {
+            verdict: last,
+            charges,
+        })
+    }
+
+    /// All three stages in order, without applying charges (dry-run, tests): the first verdict
+    /// that is not allow, or (all allowed) the policy's verdict with the budget's charges.
+    pub fn decide(&self, input: &CheckInput) -> Result<(Verdict, Vec<Charge>), PluginError> {
+        let intent = self.intent(input)?;
+        if !intent.verdict.is_allow() {
+            return Ok((intent.verdict, Vec::new()));
+        }
+        let policy = self.policy(input, &intent.record)?;
+        if !policy.is_allow() {
+            return Ok((policy, Vec::new()));
+        }
+        let budget = self.budget(input)?;
+        if !budget.verdict.is_allow() {
+            return Ok((budget.verdict, Vec::new()));
+        }
+        Ok((policy, budget.charges))
+    }
+
+    /// Drop idle instances (when this snapshot stops being active).
+    pub(crate) fn trim(&self) {
+        for pool in self.intent.iter().chain(&self.policy).chain(&self.budget) {
+            pool.trim();
+        }
+    }
+
+    /// Idle instances across the snapshot's pools.
+    pub fn idle_instances(&self) -> usize {
+        self.intent
+            .iter()
+            .chain(&self.policy)
+            .chain(&self.budget)
+            .map(CheckPool::idle_count)
+            .sum()
+    }
+}

@@ -1,0 +1,373 @@
+//! Check components and their instance pools.
+//!
+//! A [`CheckComponent`] is compiled and pre-linked once per digest. A [`CheckPool`] belongs to
+//! one (tenant, bundle, stage, check): it hands out configured instances, takes them back after
+//! a successful call, and drops them after a bounded number of calls or on any error (a store
+//! that trapped is never entered again). Every call runs under the epoch deadline and the memory
+//! limit, and its result is validated before the caller sees it.
+
+use super::bindings::check as cb;
+use super::bindings::check::intentgate::plugin::types as wit;
+use super::counters::Counters;
+use super::host_state::HostState;
+use super::runtime::{Limits, LiveSlot, Runtime};
+use super::{
+    Charge, CheckInput, CheckOutput, IntentRecord, PluginError, Stage, Verdict, VerdictKind,
+};
+use std::sync::{Arc, Mutex};
+use wasmtime::Store;
+use wasmtime::component::Component;
+
+/// A compiled, pre-linked check component. Cheap to clone.
+#[derive(Clone)]
+pub struct CheckComponent {
+    digest: Arc<str>,
+    pre: cb::CheckPluginPre<HostState>,
+}
+
+impl std::fmt::Debug for CheckComponent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckComponent")
+            .field("digest", &self.digest)
+            .finish()
+    }
+}
+
+impl CheckComponent {
+    /// Compile and link `wasm` as a check; refuses components of another world.
+    /// Slow: call off the request path.
+    pub fn new(runtime: &Runtime, wasm: &[u8]) -> Result<Self, PluginError> {
+        let (digest, component) = runtime.compile(wasm)?;
+        Self::from_component(runtime, digest, &component)
+    }
+
+    pub(crate) fn from_component(
+        runtime: &Runtime,
+        digest: String,
+        component: &Component,
+    ) -> Result<Self, PluginError> {
+        let pre = runtime.check_pre(component)?;
+        Ok(Self {
+            digest: digest.into(),
+            pre,
+        })
+    }
+
+    /// `sha256:<hex>` of the component bytes.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+}
+
+struct Instance {
+    store: Store<HostState>,
+    bindings: cb::CheckPlugin,
+    uses: u64,
+    _slot: LiveSlot,
+}
+
+/// Pooled, configured instances of one check for one tenant and bundle.
+pub struct CheckPool {
+    runtime: Arc<Runtime>,
+    component: CheckComponent,
+    config: Arc<str>,
+    stage: Stage,
+    tenant: Arc<str>,
+    counters: Arc<dyn Counters>,
+    require_intent: bool,
+    idle: Mutex<Vec<Instance>>,
+}
+
+impl std::fmt::Debug for CheckPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckPool")
+            .field("component", &self.component.digest)
+            .field("stage", &self.stage)
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CheckPool {
+    /// A pool for this check. Does not instantiate: call [`CheckPool::warm`] to validate the
+    /// configuration (and keep one instance ready).
+    pub fn new(
+        runtime: Arc<Runtime>,
+        component: CheckComponent,
+        config: impl Into<Arc<str>>,
+        stage: Stage,
+        tenant: impl Into<Arc<str>>,
+        counters: Arc<dyn Counters>,
+    ) -> Self {
+        Self {
+            runtime,
+            component,
+            config: config.into(),
+            stage,
+            tenant: tenant.into(),
+            counters,
+            require_intent: stage == Stage::Intent,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether results must carry an intent record (default: in the intent stage). Custom
+    /// checks after the first one of the intent stage need not.
+    #[must_use]
+    pub fn with_intent_required(mut self, required: bool) -> Self {
+        self.require_intent = required;
+        self
+    }
+
+    /// The component digest.
+    pub fn component_digest(&self) -> &str {
+        self.component.digest()
+    }
+
+    /// The stage.
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// Instantiate and configure one instance now (so a bad configuration is reported at load,
+    /// not at the first call) and keep it idle.
+    pub fn warm(&self) -> Result<(), PluginError> {
+        let instance = self.instantiate()?;
+        self.give_back(instance);
+        Ok(())
+    }
+
+    /// Drop every idle instance (e.g. when this bundle stops being active).
+    pub fn trim(&self) {
+        self.lock_idle().clear();
+    }
+
+    /// Idle instances right now.
+    pub fn idle_count(&self) -> usize {
+        self.lock_idle().len()
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
+        match self.idle.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn instantiate(&self) -> Result<Instance, PluginError> {
+        let slot = self.runtime.reserve()?;
+        let limits = &self.runtime.limits;
+        let state = HostState::new(
+            limits.max_memory_bytes,
+            self.counters.clone(),
+            self.tenant.clone(),
+            Some(self.stage),
+            self.component.digest.clone(),
+        );
+        let mut store = Store::new(self.runtime.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(Limits::ticks(limits.configure_deadline));
+        let stage = self.stage;
+        let bindings =
+            self.component
+                .pre
+                .instantiate(&mut store)
+                .map_err(|e| PluginError::Instantiate {
+                    stage,
+                    detail: format!("{e:#}"),
+                })?;
+        let configured = bindings
+            .intentgate_plugin_check()
+            .call_configure(&mut store, &self.config);
+        match configured {
+            Ok(Ok(())) => Ok(Instance {
+                store,
+                bindings,
+                uses: 0,
+                _slot: slot,
+            }),
+            Ok(Err(message)) => Err(PluginError::Configure {
+                stage,
+                message: truncate(message, 2048),
+            }),
+            Err(e) => {
+                let oom = store.data().limiter.exceeded;
+                let inner = self
+                    .runtime
+                    .classify(stage, e, oom, limits.configure_deadline);
+                Err(PluginError::Configure {
+                    stage,
+                    message: inner.to_string(),
+                })
+            }
+        }
+    }
+
+    fn give_back(&self, instance: Instance) {
+        let limits = &self.runtime.limits;
+        if instance.uses >= limits.max_uses_per_instance {
+            return;
+        }
+        let mut idle = self.lock_idle();
+        if idle.len() < limits.max_idle_per_pool {
+            idle.push(instance);
+        }
+    }
+
+    /// Run `evaluate` once on a pooled (or fresh) instance and validate the result.
+    pub fn evaluate(
+        &self,
+        input: &CheckInput,
+        intent: Option<&IntentRecord>,
+    ) -> Result<CheckOutput, PluginError> {
+        let pooled = self.lock_idle().pop();
+        let mut instance = match pooled {
+            Some(instance) => instance,
+            None => self.instantiate()?,
+        };
+        let limits = &self.runtime.limits;
+        instance.store.data_mut().begin_call();
+        instance
+            .store
+            .set_epoch_deadline(Limits::ticks(limits.call_deadline));
+        let call = input.to_wit();
+        let intent = intent.map(IntentRecord::to_wit);
+        let result = instance.bindings.intentgate_plugin_check().call_evaluate(
+            &mut instance.store,
+            &call,
+            intent.as_ref(),
+        );
+        match result {
+            Ok(raw) => {
+                instance.uses += 1;
+                self.give_back(instance);
+                validate(self.stage, raw, limits, self.require_intent)
+            }
+            Err(e) => {
+                let oom = instance.store.data().limiter.exceeded;
+                // `instance` is dropped here: a store that trapped is never entered again.
+                Err(self
+                    .runtime
+                    .classify(self.stage, e, oom, limits.call_deadline))
+            }
+        }
+    }
+}
+
+impl Drop for CheckPool {
+    fn drop(&mut self) {
+        self.trim();
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+const MAX_LIST: usize = 256;
+const MAX_CHARGES: usize = 16;
+const MAX_KEY_BYTES: usize = 256;
+const MAX_SUMMARY_BYTES: usize = 1024;
+
+/// Accept only well-formed results: bounded strings and lists, an intent record from the intent
+/// stage with a finite confidence in [0, 1], charges only from the budget stage and only with
+/// an allow.
+fn validate(
+    stage: Stage,
+    raw: wit::CheckResult,
+    limits: &Limits,
+    require_intent: bool,
+) -> Result<CheckOutput, PluginError> {
+    let bad = |detail: String| PluginError::Malformed { stage, detail };
+    let verdict = raw.verdict;
+    if verdict.reason.len() > limits.max_reason_bytes {
+        return Err(bad(format!(
+            "reason of {} bytes (max {})",
+            verdict.reason.len(),
+            limits.max_reason_bytes
+        )));
+    }
+    let kind = match verdict.kind {
+        wit::VerdictKind::Allow => VerdictKind::Allow,
+        wit::VerdictKind::Block => VerdictKind::Block,
+        wit::VerdictKind::Escalate => VerdictKind::Escalate,
+    };
+    let verdict = Verdict {
+        kind,
+        reason: verdict.reason,
+        requires_step_up: verdict.requires_step_up,
+    };
+
+    let intent = match (require_intent, raw.intent) {
+        (true, None) => return Err(bad("the intent stage returned no intent record".into())),
+        (_, Some(r)) if stage == Stage::Intent => {
+            if !r.confidence.is_finite() || !(0.0..=1.0).contains(&r.confidence) {
+                return Err(bad(format!(
+                    "intent confidence {} is not in [0, 1]",
+                    r.confidence
+                )));
+            }
+            if r.summary.len() > MAX_SUMMARY_BYTES || r.rationale.len() > limits.max_reason_bytes {
+                return Err(bad("intent summary or rationale too long".into()));
+            }
+            let lists = [&r.allowed_tools, &r.forbidden_tools];
+            if lists
+                .iter()
+                .any(|l| l.len() > MAX_LIST || l.iter().any(|t| t.len() > MAX_KEY_BYTES))
+            {
+                return Err(bad("intent tool lists too long".into()));
+            }
+            Some(IntentRecord {
+                summary: r.summary,
+                allowed_tools: r.allowed_tools,
+                forbidden_tools: r.forbidden_tools,
+                confidence: r.confidence,
+                rationale: r.rationale,
+            })
+        }
+        (_, _) => None,
+    };
+
+    if !raw.charges.is_empty() {
+        if stage != Stage::Budget {
+            return Err(bad("only the budget stage may charge".into()));
+        }
+        if verdict.kind != VerdictKind::Allow {
+            return Err(bad("charges on a verdict that is not allow".into()));
+        }
+        if raw.charges.len() > MAX_CHARGES {
+            return Err(bad(format!(
+                "{} charges (max {MAX_CHARGES})",
+                raw.charges.len()
+            )));
+        }
+    }
+    let mut charges = Vec::with_capacity(raw.charges.len());
+    for c in raw.charges {
+        if c.key.is_empty() || c.key.len() > MAX_KEY_BYTES || c.key.contains('/') {
+            return Err(bad("charge key empty, too long, or containing '/'".into()));
+        }
+        if c.amount == 0 {
+            return Err(bad(format!("charge {} has amount 0", c.key)));
+        }
+        charges.push(Charge {
+            key: c.key,
+            window_start: c.window_start,
+            amount: c.amount,
+            limit: c.limit,
+        });
+    }
+    Ok(CheckOutput {
+        verdict,
+        intent,
+        charges,
+    })
+}

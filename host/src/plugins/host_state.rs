@@ -1,0 +1,187 @@
+//! What a plugin instance may reach, and nothing more: logging (bounded, tagged), the wall
+//! clock, read-only budget counters (namespaced by tenant), and an empty WASI context for Rust
+//! std (no preopened dirs, no env, no args, no sockets, no stdin; output discarded).
+//!
+//! Host functions here must never panic into the guest: the counters view is called under
+//! `catch_unwind` and a panic reads as "exhausted".
+
+use super::Stage;
+use super::bindings::{check as cb, siem as sb};
+use super::counters::Counters;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// Bytes of log output one instance may write per call before lines are dropped.
+const LOG_BUDGET_PER_CALL: usize = 16 * 1024;
+
+/// Memory limiter that remembers it refused a growth (so a trap can be reported as OOM).
+pub(crate) struct MemoryLimiter {
+    max_bytes: usize,
+    pub(crate) exceeded: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.exceeded = true;
+        Ok(())
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// Per-store host state.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: MemoryLimiter,
+    counters: Arc<dyn Counters>,
+    tenant: Arc<str>,
+    stage: Option<Stage>,
+    plugin: Arc<str>,
+    log_budget: usize,
+}
+
+impl HostState {
+    pub(crate) fn new(
+        max_memory_bytes: usize,
+        counters: Arc<dyn Counters>,
+        tenant: Arc<str>,
+        stage: Option<Stage>,
+        plugin: Arc<str>,
+    ) -> Self {
+        let wasi = WasiCtxBuilder::new()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                max_bytes: max_memory_bytes,
+                exceeded: false,
+            },
+            counters,
+            tenant,
+            stage,
+            plugin,
+            log_budget: LOG_BUDGET_PER_CALL,
+        }
+    }
+
+    /// Reset per-call budgets before a call.
+    pub(crate) fn begin_call(&mut self) {
+        self.limiter.exceeded = false;
+        self.log_budget = LOG_BUDGET_PER_CALL;
+    }
+
+    fn log_line(&mut self, level: u8, message: &str) {
+        if self.log_budget == 0 {
+            return;
+        }
+        let mut end = message.len().min(self.log_budget).min(2048);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.log_budget = self.log_budget.saturating_sub(end.max(1));
+        let text = &message[..end];
+        let stage = self.stage.map(Stage::as_str).unwrap_or("-");
+        let (tenant, plugin) = (&*self.tenant, &*self.plugin);
+        match level {
+            0 => tracing::debug!(target: "intentgate::plugin", tenant, stage, plugin, "{text}"),
+            1 => tracing::info!(target: "intentgate::plugin", tenant, stage, plugin, "{text}"),
+            2 => tracing::warn!(target: "intentgate::plugin", tenant, stage, plugin, "{text}"),
+            _ => tracing::error!(target: "intentgate::plugin", tenant, stage, plugin, "{text}"),
+        }
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl cb::intentgate::plugin::types::Host for HostState {}
+
+impl cb::intentgate::plugin::log::Host for HostState {
+    fn log(&mut self, level: cb::intentgate::plugin::log::Level, message: String) {
+        use cb::intentgate::plugin::log::Level;
+        let level = match level {
+            Level::Debug => 0,
+            Level::Info => 1,
+            Level::Warn => 2,
+            Level::Error => 3,
+        };
+        self.log_line(level, &message);
+    }
+}
+
+impl cb::intentgate::plugin::clock::Host for HostState {
+    fn now_unix_ms(&mut self) -> u64 {
+        now_unix_ms()
+    }
+}
+
+impl cb::intentgate::plugin::counters::Host for HostState {
+    fn get(&mut self, key: String, window_start: u64) -> u64 {
+        let key = format!("{}/{}", self.tenant, key);
+        let counters = self.counters.clone();
+        catch_unwind(AssertUnwindSafe(|| counters.get(&key, window_start))).unwrap_or(u64::MAX)
+    }
+}
+
+impl sb::intentgate::plugin::types::Host for HostState {}
+
+impl sb::intentgate::plugin::log::Host for HostState {
+    fn log(&mut self, level: sb::intentgate::plugin::log::Level, message: String) {
+        use sb::intentgate::plugin::log::Level;
+        let level = match level {
+            Level::Debug => 0,
+            Level::Info => 1,
+            Level::Warn => 2,
+            Level::Error => 3,
+        };
+        self.log_line(level, &message);
+    }
+}
+
+impl sb::intentgate::plugin::clock::Host for HostState {
+    fn now_unix_ms(&mut self) -> u64 {
+        now_unix_ms()
+    }
+}

@@ -1,0 +1,335 @@
+//! The one wasmtime engine of the process, its linkers (our imports + an empty WASI), the
+//! limits every call runs under, the epoch ticker, and the compile cache.
+//!
+//! Compiling is slow (milliseconds to seconds): callers on the async runtime do it in
+//! `spawn_blocking`, never on the request path. Nothing here runs guest code.
+
+use super::bindings::{check as cb, siem as sb};
+use super::host_state::HostState;
+use super::{PluginError, Stage};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the ticker advances the engine's epoch.
+pub const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// Bounds for every plugin call.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Wall-clock deadline of one `evaluate` (epoch based).
+    pub call_deadline: Duration,
+    /// Deadline of `configure` (parsing Rego, etc.), once per instance.
+    pub configure_deadline: Duration,
+    /// Linear memory ceiling per instance.
+    pub max_memory_bytes: usize,
+    /// Live instances across the process (the pooling allocator's size).
+    pub max_instances: usize,
+    /// An instance is recycled after this many calls.
+    pub max_uses_per_instance: u64,
+    /// Idle instances kept per pool (per tenant, bundle and check).
+    pub max_idle_per_pool: usize,
+    /// Longest verdict reason accepted.
+    pub max_reason_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            call_deadline: Duration::from_millis(50),
+            configure_deadline: Duration::from_secs(2),
+            max_memory_bytes: 64 << 20,
+            max_instances: 256,
+            max_uses_per_instance: 10_000,
+            max_idle_per_pool: 4,
+            max_reason_bytes: 4096,
+        }
+    }
+}
+
+impl Limits {
+    pub(crate) fn ticks(d: Duration) -> u64 {
+        (d.as_millis() as u64)
+            .div_ceil(EPOCH_TICK.as_millis().max(1) as u64)
+            .max(1)
+    }
+}
+
+/// Which world a component implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum World {
+    /// `intentgate:plugin/check-plugin@0.1.0`
+    CheckPlugin,
+    /// `intentgate:plugin/siem-formatter@0.1.0`
+    SiemFormatter,
+}
+
+impl World {
+    /// The fully qualified world name.
+    pub fn name(self) -> &'static str {
+        match self {
+            World::CheckPlugin => "intentgate:plugin/check-plugin@0.1.0",
+            World::SiemFormatter => "intentgate:plugin/siem-formatter@0.1.0",
+        }
+    }
+}
+
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The plugin runtime: engine + linkers + limits. Share it as `Arc<Runtime>`.
+pub struct Runtime {
+    engine: Engine,
+    pub(crate) check_linker: Linker<HostState>,
+    pub(crate) siem_linker: Linker<HostState>,
+    pub(crate) limits: Limits,
+    pub(crate) live: AtomicUsize,
+    compiled: Mutex<HashMap<String, Component>>,
+    _ticker: Ticker,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hex SHA-256 of bytes, prefixed `sha256:`.
+pub fn digest_of(bytes: &[u8]) -> String {
+    let hash = Sha256::digest(bytes);
+    let mut out = String::with_capacity(71);
+    out.push_str("sha256:");
+    for b in hash {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+impl Runtime {
+    /// Build a runtime with these limits (starts the epoch ticker thread).
+    pub fn new(limits: Limits) -> Result<Arc<Self>, PluginError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.parallel_compilation(true);
+        let slots = u32::try_from(limits.max_instances).unwrap_or(u32::MAX);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(16))
+            .total_memories(slots.saturating_mul(4))
+            .total_tables(slots.saturating_mul(8))
+            .max_core_instances_per_component(16)
+            .max_memories_per_component(4)
+            .max_tables_per_component(8)
+            .max_memory_size(limits.max_memory_bytes)
+            .max_unused_warm_slots(16);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        // Keep the address-space reservation per slot near the ceiling (bounds checks are explicit).
+        config.memory_reservation(limits.max_memory_bytes as u64);
+        config.memory_guard_size(2 << 20);
+        config.memory_reservation_for_growth(0);
+        let engine = Engine::new(&config)
+            .map_err(|e| PluginError::InvalidComponent(format!("engine: {e}")))?;
+
+        let mut check_linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut check_linker)
+            .map_err(|e| PluginError::InvalidComponent(format!("linking WASI: {e}")))?;
+        cb::CheckPlugin::add_to_linker::<_, HasSelf<_>>(&mut check_linker, |s| s)
+            .map_err(|e| PluginError::InvalidComponent(format!("linking host imports: {e}")))?;
+        let mut siem_linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut siem_linker)
+            .map_err(|e| PluginError::InvalidComponent(format!("linking WASI: {e}")))?;
+        sb::SiemFormatter::add_to_linker::<_, HasSelf<_>>(&mut siem_linker, |s| s)
+            .map_err(|e| PluginError::InvalidComponent(format!("linking host imports: {e}")))?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.clone();
+        let ticker_stop = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("intentgate-epoch".into())
+            .spawn(move || {
+                while !ticker_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .map_err(|e| PluginError::InvalidComponent(format!("epoch ticker: {e}")))?;
+
+        Ok(Arc::new(Self {
+            engine,
+            check_linker,
+            siem_linker,
+            limits,
+            live: AtomicUsize::new(0),
+            compiled: Mutex::new(HashMap::new()),
+            _ticker: Ticker {
+                stop,
+                handle: Some(handle),
+            },
+        }))
+    }
+
+    /// The process-wide runtime with default limits.
+    pub fn shared() -> Result<Arc<Self>, PluginError> {
+        static SHARED: OnceLock<Result<Arc<Runtime>, PluginError>> = OnceLock::new();
+        SHARED
+            .get_or_init(|| Runtime::new(Limits::default()))
+            .clone()
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Instances alive right now (pooled idle ones included).
+    pub fn live_instances(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Compile a component (cached by digest). Slow: call off the request path.
+    pub fn compile(&self, wasm: &[u8]) -> Result<(String, Component), PluginError> {
+        let digest = digest_of(wasm);
+        if let Some(component) = self.cache().get(&digest) {
+            return Ok((digest, component.clone()));
+        }
+        if !wasmparser_is_component(wasm) {
+            return Err(PluginError::InvalidComponent(
+                "not a component (core module or garbage)".into(),
+            ));
+        }
+        let component = Component::new(&self.engine, wasm)
+            .map_err(|e| PluginError::InvalidComponent(format!("{e:#}")))?;
+        self.cache().insert(digest.clone(), component.clone());
+        Ok((digest, component))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Component>> {
+        match self.compiled.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Which world this component implements (imports satisfiable by the host, exports of the
+    /// right types), or why none.
+    pub fn validate(&self, wasm: &[u8]) -> Result<World, PluginError> {
+        let (_, component) = self.compile(wasm)?;
+        let check = self.check_pre(&component);
+        if check.is_ok() {
+            return Ok(World::CheckPlugin);
+        }
+        if self.siem_pre(&component).is_ok() {
+            return Ok(World::SiemFormatter);
+        }
+        match check {
+            Err(e) => Err(e),
+            Ok(_) => Ok(World::CheckPlugin),
+        }
+    }
+
+    pub(crate) fn check_pre(
+        &self,
+        component: &Component,
+    ) -> Result<cb::CheckPluginPre<HostState>, PluginError> {
+        let wrong = |e: wasmtime::Error| PluginError::WrongWorld {
+            world: World::CheckPlugin.name(),
+            detail: format!("{e:#}"),
+        };
+        let pre = self
+            .check_linker
+            .instantiate_pre(component)
+            .map_err(wrong)?;
+        cb::CheckPluginPre::new(pre).map_err(wrong)
+    }
+
+    pub(crate) fn siem_pre(
+        &self,
+        component: &Component,
+    ) -> Result<sb::SiemFormatterPre<HostState>, PluginError> {
+        let wrong = |e: wasmtime::Error| PluginError::WrongWorld {
+            world: World::SiemFormatter.name(),
+            detail: format!("{e:#}"),
+        };
+        let pre = self.siem_linker.instantiate_pre(component).map_err(wrong)?;
+        sb::SiemFormatterPre::new(pre).map_err(wrong)
+    }
+
+    /// Reserve one live-instance slot, or `Busy`.
+    pub(crate) fn reserve(self: &Arc<Self>) -> Result<LiveSlot, PluginError> {
+        let max = self.limits.max_instances;
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|n| PluginError::Busy(n))?;
+        Ok(LiveSlot {
+            runtime: self.clone(),
+        })
+    }
+
+    /// Map a wasmtime error from a guest call to a typed error.
+    pub(crate) fn classify(
+        &self,
+        stage: Stage,
+        error: wasmtime::Error,
+        oom: bool,
+        deadline: Duration,
+    ) -> PluginError {
+        if oom {
+            return PluginError::OutOfMemory { stage };
+        }
+        if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
+            if *trap == wasmtime::Trap::Interrupt {
+                return PluginError::Timeout {
+                    stage,
+                    deadline_ms: deadline.as_millis() as u64,
+                };
+            }
+        }
+        PluginError::Trap {
+            stage,
+            detail: format!("{error:#}").chars().take(512).collect(),
+        }
+    }
+}
+
+/// A reserved live-instance slot; released on drop.
+pub(crate) struct LiveSlot {
+    runtime: Arc<Runtime>,
+}
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        self.runtime.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A component binary starts with `\0asm`, then version 0x0d and layer 1.
+fn wasmparser_is_component(wasm: &[u8]) -> bool {
+    wasm.len() >= 8 && wasm[0..4] == *b"\0asm" && wasm[6..8] == [1, 0]
+}

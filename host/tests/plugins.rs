@@ -1,0 +1,420 @@
+//! The plugin runtime end to end with the real components built by `build.rs`: the default
+//! bundle, hostile plugins failing closed within their deadline while other tenants keep
+//! succeeding, world validation, the runbook policy, budget charges, the SIEM formatter.
+
+use intentgate::bundles::Registry;
+use intentgate::plugins::{
+    CheckComponent, CheckInput, CheckPool, Limits, MemoryCounters, PluginError, Runtime, Stage,
+    TokenInput, Usage, VerdictKind, World, artifacts,
+};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn input(tenant: &str, tool: &str) -> CheckInput {
+    CheckInput {
+        tenant: tenant.into(),
+        agent_id: "agent-trade-bot".into(),
+        tool: tool.into(),
+        arguments: r#"{"to": "ops@example.com"}"#.into(),
+        intent_prompt: Some("read the March invoice".into()),
+        token: TokenInput {
+            jti: "jti-1".into(),
+            root_jti: "jti-1".into(),
+            subject: "agent-trade-bot".into(),
+            zone: "default".into(),
+            caveat_count: 2,
+            max_calls: Some(1000),
+            step_up_at: None,
+        },
+        usage: Usage::default(),
+    }
+}
+
+/// One registry (built-in components compiled once) for the whole test binary.
+pub fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(|| Registry::builtin().expect("builtin registry"))
+}
+
+fn hostile_runtime() -> Arc<Runtime> {
+    static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            Runtime::new(Limits {
+                call_deadline: Duration::from_millis(150),
+                configure_deadline: Duration::from_millis(300),
+                max_memory_bytes: 16 << 20,
+                max_instances: 64,
+                ..Limits::default()
+            })
+            .expect("runtime")
+        })
+        .clone()
+}
+
+fn hostile_pool(mode: &str, tenant: &str) -> CheckPool {
+    let runtime = hostile_runtime();
+    let wasm = std::fs::read(artifacts::TEST_HOSTILE_PATH).expect("hostile artifact");
+    let component = CheckComponent::new(&runtime, &wasm).expect("compile hostile");
+    CheckPool::new(
+        runtime,
+        component,
+        mode,
+        Stage::Policy,
+        tenant,
+        Arc::new(MemoryCounters::default()),
+    )
+}
+
+#[test]
+fn default_bundle_denies_by_default_and_records_its_digest() {
+    let registry = registry();
+    let snapshot = registry.snapshot("plugins-default");
+    assert_eq!(snapshot.digest(), registry.default_spec().digest());
+    assert!(snapshot.digest().starts_with("sha256:"));
+    let call = input("plugins-default", "read_invoice");
+    let intent = snapshot.intent(&call).expect("intent");
+    assert_eq!(intent.verdict.kind, VerdictKind::Allow);
+    let verdict = snapshot.policy(&call, &intent.record).expect("policy");
+    assert_eq!(
+        (verdict.kind, verdict.reason.as_str()),
+        (VerdictKind::Block, "denied by default")
+    );
+    let budget = snapshot.budget(&call).expect("budget");
+    assert_eq!(budget.verdict.kind, VerdictKind::Allow);
+    assert_eq!(budget.charges.len(), 1, "token max_calls charge");
+    assert_eq!(
+        budget.charges[0].key,
+        "plugins-default/token-calls:plugins-default:jti-1"
+    );
+    assert_eq!(budget.charges[0].limit, 1000);
+}
+
+#[test]
+fn hostile_plugins_fail_closed_within_the_deadline_while_others_keep_serving() {
+    // Another tenant keeps evaluating a well-behaved check the whole time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let worker = {
+        let (stop, served) = (stop.clone(), served.clone());
+        std::thread::spawn(move || {
+            let pool = hostile_pool("ok", "good-tenant");
+            let call = input("good-tenant", "read_invoice");
+            while !stop.load(Ordering::Relaxed) {
+                let out = pool
+                    .evaluate(&call, None)
+                    .expect("the good tenant must keep succeeding");
+                assert_eq!(out.verdict.kind, VerdictKind::Allow);
+                served.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+
+    let call = input("bad-tenant", "read_invoice");
+    for _round in 0..2 {
+        let started = Instant::now();
+        let err = hostile_pool("loop", "bad-tenant")
+            .evaluate(&call, None)
+            .expect_err("loop");
+        assert!(matches!(err, PluginError::Timeout { .. }), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "loop stopped after {:?}",
+            started.elapsed()
+        );
+
+        let err = hostile_pool("alloc", "bad-tenant")
+            .evaluate(&call, None)
+            .expect_err("alloc");
+        assert!(matches!(err, PluginError::OutOfMemory { .. }), "{err}");
+
+        let err = hostile_pool("trap", "bad-tenant")
+            .evaluate(&call, None)
+            .expect_err("trap");
+        assert!(matches!(err, PluginError::Trap { .. }), "{err}");
+
+        let err = hostile_pool("garbage", "bad-tenant")
+            .evaluate(&call, None)
+            .expect_err("garbage");
+        assert!(matches!(err, PluginError::Malformed { .. }), "{err}");
+
+        let err = hostile_pool("configure-fail", "bad-tenant")
+            .evaluate(&call, None)
+            .expect_err("configure");
+        assert!(matches!(err, PluginError::Configure { .. }), "{err}");
+
+        let started = Instant::now();
+        let err = hostile_pool("configure-loop", "bad-tenant")
+            .warm()
+            .expect_err("configure-loop");
+        assert!(matches!(err, PluginError::Configure { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(2000));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    worker.join().expect("good tenant worker");
+    assert!(
+        served.load(Ordering::Relaxed) > 10,
+        "the good tenant was served {} times",
+        served.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn a_trapped_instance_is_replaced_and_the_pool_keeps_working() {
+    let pool = hostile_pool("sometimes-trap:3", "recycle-tenant");
+    let call = input("recycle-tenant", "t");
+    let mut outcomes = Vec::new();
+    for _ in 0..7 {
+        outcomes.push(pool.evaluate(&call, None).is_ok());
+    }
+    // calls 1, 2 ok; 3 traps (instance dropped); a fresh instance serves 4, 5; 6 traps; 7 ok.
+    assert_eq!(outcomes, vec![true, true, false, true, true, false, true]);
+    assert_eq!(pool.idle_count(), 1);
+}
+
+#[test]
+fn instances_are_reused_and_bounded() {
+    let runtime = Runtime::new(Limits {
+        max_instances: 2,
+        max_uses_per_instance: 3,
+        ..Limits::default()
+    })
+    .expect("runtime");
+    let wasm = std::fs::read(artifacts::TEST_HOSTILE_PATH).expect("hostile artifact");
+    let component = CheckComponent::new(&runtime, &wasm).expect("compile");
+    let pool = CheckPool::new(
+        runtime.clone(),
+        component.clone(),
+        "ok",
+        Stage::Policy,
+        "t",
+        Arc::new(MemoryCounters::default()),
+    );
+    for _ in 0..10 {
+        pool.evaluate(&input("t", "x"), None).expect("ok");
+        assert!(
+            runtime.live_instances() <= 1,
+            "one instance reused (recycled every 3 calls)"
+        );
+    }
+    let other = CheckPool::new(
+        runtime.clone(),
+        component.clone(),
+        "ok",
+        Stage::Policy,
+        "u",
+        Arc::new(MemoryCounters::default()),
+    );
+    other.warm().expect("second slot");
+    let third = CheckPool::new(
+        runtime.clone(),
+        component,
+        "ok",
+        Stage::Policy,
+        "v",
+        Arc::new(MemoryCounters::default()),
+    );
+    assert!(matches!(
+        third.evaluate(&input("v", "x"), None),
+        Err(PluginError::Busy(2))
+    ));
+    drop(other);
+    third
+        .evaluate(&input("v", "x"), None)
+        .expect("a freed slot is usable again");
+}
+
+#[test]
+fn components_are_validated_against_the_worlds() {
+    let runtime = hostile_runtime();
+    assert_eq!(
+        runtime.validate(artifacts::POLICY_REGO).expect("policy"),
+        World::CheckPlugin
+    );
+    assert_eq!(
+        runtime.validate(artifacts::SIEM_JSON).expect("siem"),
+        World::SiemFormatter
+    );
+    let err = CheckComponent::new(&runtime, artifacts::SIEM_JSON).expect_err("siem is not a check");
+    assert!(matches!(err, PluginError::WrongWorld { .. }), "{err}");
+    let core_module = b"\0asm\x01\0\0\0";
+    assert!(matches!(
+        runtime.validate(core_module),
+        Err(PluginError::InvalidComponent(_))
+    ));
+    assert!(matches!(
+        runtime.validate(b"garbage"),
+        Err(PluginError::InvalidComponent(_))
+    ));
+    // The registry refuses a formatter as a check at draft time and garbage at upload.
+    let registry = registry();
+    let info = registry
+        .upload_component("siem", artifacts::SIEM_JSON)
+        .expect("upload siem");
+    assert_eq!(info.world, World::SiemFormatter);
+    let mut spec = registry.default_spec().clone();
+    spec.stages.get_mut(&Stage::Policy).expect("policy stage")[0].component = info.digest;
+    assert!(matches!(
+        registry.create_draft("plugins-world", "wrong", spec),
+        Err(intentgate::bundles::BundleError::NotACheck { .. })
+    ));
+    assert!(
+        registry
+            .upload_component("junk", b"\0asm\x0d\0\x01\0junk")
+            .is_err()
+    );
+}
+
+const RUNBOOK: &str = include_str!("../../policies/examples/runbook.rego");
+const RUNBOOK_TEST: &str = include_str!("../../policies/examples/runbook_test.rego");
+
+#[test]
+fn the_runbook_policy_works_as_written() {
+    let registry = registry();
+    let tenant = "plugins-runbook";
+    let config = serde_json::json!({"modules": {"runbook.rego": RUNBOOK}, "tests": {"runbook_test.rego": RUNBOOK_TEST}});
+    let draft = registry
+        .draft_policy(tenant, "runbook", config.to_string())
+        .expect("draft");
+    registry.promote(tenant, &draft.digest).expect("promote");
+    let snapshot = registry.snapshot(tenant);
+    assert_eq!(snapshot.digest(), draft.digest);
+
+    let decide = |tool: &str, calls_today: u64| {
+        let mut call = input(tenant, tool);
+        call.usage = Usage {
+            calls_today_tool: calls_today,
+            calls_today_total: calls_today,
+        };
+        snapshot.decide(&call).expect("decide").0
+    };
+    let v = decide("read_invoice", 500);
+    assert_eq!(
+        (v.kind, v.reason.as_str()),
+        (VerdictKind::Allow, "read-only invoice access")
+    );
+    let v = decide("send_email_internal", 49);
+    assert_eq!(
+        (v.kind, v.reason.as_str()),
+        (VerdictKind::Allow, "internal email under daily quota")
+    );
+    let v = decide("send_email_internal", 50);
+    assert_eq!(v.kind, VerdictKind::Escalate);
+    assert!(v.requires_step_up);
+    assert_eq!(v.reason, "internal email over daily quota — review");
+    let v = decide("delete_invoice", 0);
+    assert_eq!(
+        (v.kind, v.reason.as_str()),
+        (VerdictKind::Block, "denied by default")
+    );
+}
+
+#[test]
+fn every_policy_in_policies_passes_its_rego_tests_and_broken_tests_fail() {
+    let registry = registry();
+    let cases = [
+        (
+            "default.rego",
+            include_str!("../../policies/default.rego"),
+            include_str!("../../policies/default_test.rego"),
+        ),
+        ("runbook.rego", RUNBOOK, RUNBOOK_TEST),
+        (
+            "intent_aware.rego",
+            include_str!("../../policies/examples/intent_aware.rego"),
+            include_str!("../../policies/examples/intent_aware_test.rego"),
+        ),
+    ];
+    for (name, module, tests) in cases {
+        let config = serde_json::json!({"modules": {name: module}, "tests": {"test.rego": tests}});
+        registry
+            .draft_policy("plugins-rego-tests", name, config.to_string())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        // The same tests against a policy that allows everything must fail.
+        let wrong =
+            "package intentgate.policy\n\ndecision := {\"allow\": true, \"reason\": \"x\"}\n";
+        let config = serde_json::json!({"modules": {name: wrong}, "tests": {"test.rego": tests}});
+        let err = registry
+            .draft_policy("plugins-rego-tests", name, config.to_string())
+            .expect_err(name);
+        assert!(
+            err.to_string().contains("Rego tests failed"),
+            "{name}: {err}"
+        );
+    }
+    let err = registry.draft_policy(
+        "plugins-rego-tests",
+        "syntax",
+        "package intentgate.policy\ndecision := {".into(),
+    );
+    assert!(err.is_err());
+}
+
+#[test]
+fn budget_charges_apply_only_when_asked_and_block_at_the_ceiling() {
+    let registry = Registry::with_runtime(Runtime::shared().expect("runtime")).expect("registry");
+    let counters = registry.memory_counters().expect("memory counters");
+    let tenant = "plugins-budget";
+    let mut spec = registry.default_spec().clone().with_policy_config(
+        "package intentgate.policy\n\ndecision := {\"allow\": true, \"reason\": \"ok\"}\n".into(),
+    );
+    spec.stages.get_mut(&Stage::Budget).expect("budget")[0].config =
+        r#"{"agent": {"calls": 2, "window_secs": 3600}}"#.into();
+    let draft = registry
+        .create_draft(tenant, "budget", spec)
+        .expect("draft");
+    registry.promote(tenant, &draft.digest).expect("promote");
+    let snapshot = registry.snapshot(tenant);
+    let mut call = input(tenant, "read_invoice");
+    call.token.max_calls = None;
+    // Evaluating without charging never consumes budget.
+    for _ in 0..5 {
+        assert!(snapshot.budget(&call).expect("budget").verdict.is_allow());
+    }
+    for _ in 0..2 {
+        let outcome = snapshot.budget(&call).expect("budget");
+        assert!(outcome.verdict.is_allow());
+        counters.charge_all(&outcome.charges).expect("charge fits");
+    }
+    let outcome = snapshot.budget(&call).expect("budget");
+    assert_eq!(
+        outcome.verdict.kind,
+        VerdictKind::Block,
+        "{}",
+        outcome.verdict.reason
+    );
+    assert!(outcome.charges.is_empty());
+    // Another tenant's counters are separate.
+    let other = registry.snapshot("plugins-budget-other");
+    assert!(
+        other
+            .budget(&input("plugins-budget-other", "read_invoice"))
+            .expect("budget")
+            .verdict
+            .is_allow()
+    );
+}
+
+#[test]
+fn the_siem_formatter_builds_a_request() {
+    let formatter = intentgate::plugins::siem::Formatter::new(
+        Runtime::shared().expect("runtime"),
+        artifacts::SIEM_JSON,
+        r#"{"format": "splunk-hec", "splunk_token": "t0k"}"#,
+    )
+    .expect("formatter");
+    let request = formatter
+        .format(&[r#"{"a":1}"#.to_string(), r#"{"b":2}"#.to_string()])
+        .expect("format");
+    let body = String::from_utf8(request.body).expect("utf8");
+    assert_eq!(body.lines().count(), 2);
+    assert!(body.starts_with(r#"{"event":{"a":1}"#), "{body}");
+    assert!(
+        request
+            .headers
+            .contains(&("authorization".to_string(), "Splunk t0k".to_string()))
+    );
+    assert!(formatter.format(&["not json".to_string()]).is_err());
+}

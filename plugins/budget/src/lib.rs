@@ -1,0 +1,195 @@
+//! Built-in budget check: per-agent and per-tenant ceilings on calls per window and on cost
+//! (cents) per window, plus the token's `max_calls`.
+//!
+//! It reads the host-owned counters and proposes charges; it never counts anything itself. The
+//! host applies the charges atomically and conditionally, and only for calls that every other
+//! check allowed, so blocked calls are never charged.
+//!
+//! Configuration (JSON, every field optional):
+//! ```json
+//! {"agent": {"calls": 1000, "cents": 500, "window_secs": 86400},
+//!  "tenant": {"calls": 100000, "window_secs": 86400},
+//!  "costs": {"send_email_internal": 2}, "default_cost_cents": 0,
+//!  "enforce_token_max_calls": true}
+//! ```
+
+use intentgate_plugin_sdk::{
+    Charge, Check, CheckResult, IntentRecord, ToolCall, Verdict, glob_match, host,
+};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    agent: Option<Ceiling>,
+    #[serde(default)]
+    tenant: Option<Ceiling>,
+    /// Cost in cents per tool (glob patterns; the first matching pattern in order wins).
+    #[serde(default)]
+    costs: BTreeMap<String, u64>,
+    #[serde(default)]
+    default_cost_cents: u64,
+    #[serde(default = "yes")]
+    enforce_token_max_calls: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Ceiling {
+    #[serde(default)]
+    calls: Option<u64>,
+    #[serde(default)]
+    cents: Option<u64>,
+    #[serde(default = "day")]
+    window_secs: u64,
+}
+
+fn day() -> u64 {
+    86_400
+}
+
+struct Budget {
+    config: Config,
+}
+
+impl Check for Budget {
+    fn configure(config: &str) -> Result<Self, String> {
+        let config: Config = if config.trim().is_empty() {
+            Config {
+                enforce_token_max_calls: true,
+                ..Default::default()
+            }
+        } else {
+            serde_json::from_str(config).map_err(|e| format!("budget configuration: {e}"))?
+        };
+        for (name, ceiling) in [("agent", &config.agent), ("tenant", &config.tenant)] {
+            if let Some(c) = ceiling {
+                if c.window_secs == 0 {
+                    return Err(format!("budget {name}.window_secs must be > 0"));
+                }
+            }
+        }
+        Ok(Self { config })
+    }
+
+    fn evaluate(&self, call: &ToolCall, _intent: Option<&IntentRecord>) -> CheckResult {
+        let now_secs = host::now_unix_ms() / 1000;
+        let cost = self.cost(&call.tool);
+        let mut charges = Vec::new();
+        let mut labels = Vec::new();
+        let scopes = [
+            (
+                "agent",
+                format!("{}:{}", call.tenant, call.agent_id),
+                &self.config.agent,
+            ),
+            ("tenant", call.tenant.clone(), &self.config.tenant),
+        ];
+        for (scope, id, ceiling) in scopes {
+            let Some(c) = ceiling else { continue };
+            let window_start = now_secs - now_secs % c.window_secs;
+            if let Some(limit) = c.calls {
+                charges.push(Charge {
+                    key: format!("{scope}-calls:{id}"),
+                    window_start,
+                    amount: 1,
+                    limit,
+                });
+                labels.push(format!("{scope} calls per {}s", c.window_secs));
+            }
+            if let (Some(limit), true) = (c.cents, cost > 0) {
+                charges.push(Charge {
+                    key: format!("{scope}-cents:{id}"),
+                    window_start,
+                    amount: cost,
+                    limit,
+                });
+                labels.push(format!("{scope} cents per {}s", c.window_secs));
+            }
+        }
+        if let (true, Some(limit)) = (self.config.enforce_token_max_calls, call.token.max_calls) {
+            charges.push(Charge {
+                key: format!("token-calls:{}:{}", call.tenant, call.token.root_jti),
+                window_start: 0,
+                amount: 1,
+                limit,
+            });
+            labels.push("token max_calls".to_string());
+        }
+        for (charge, label) in charges.iter().zip(&labels) {
+            let used = host::counter(&charge.key, charge.window_start);
+            if used.saturating_add(charge.amount) > charge.limit {
+                return Verdict::block(format!(
+                    "budget exceeded: {label} ({used}/{})",
+                    charge.limit
+                ))
+                .into();
+            }
+        }
+        CheckResult::from(Verdict::allow(format!(
+            "within budget ({} counters)",
+            charges.len()
+        )))
+        .with_charges(charges)
+    }
+}
+
+impl Budget {
+    fn cost(&self, tool: &str) -> u64 {
+        self.config
+            .costs
+            .iter()
+            .find(|(pattern, _)| glob_match(pattern, tool))
+            .map(|(_, cents)| *cents)
+            .unwrap_or(self.config.default_cost_cents)
+    }
+}
+
+intentgate_plugin_sdk::export_check!(Budget);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use intentgate_plugin_sdk::VerdictKind;
+    use intentgate_plugin_sdk::testing::{Harness, call};
+
+    #[test]
+    fn charges_until_the_ceiling_then_blocks() {
+        let h = Harness::<Budget>::new(r#"{"agent": {"calls": 2, "window_secs": 60}}"#)
+            .expect("configure");
+        h.set_now_ms(120_500);
+        let c = call("t").build();
+        for _ in 0..2 {
+            let r = h.evaluate(&c, None);
+            assert_eq!(r.verdict.kind, VerdictKind::Allow);
+            assert_eq!(r.charges.len(), 1);
+            assert_eq!(r.charges[0].window_start, 120);
+            assert!(h.apply_charges(&r));
+        }
+        let r = h.evaluate(&c, None);
+        assert_eq!(r.verdict.kind, VerdictKind::Block, "{}", r.verdict.reason);
+        assert!(r.charges.is_empty());
+        // A new window starts from zero.
+        h.set_now_ms(180_000);
+        assert_eq!(h.evaluate(&c, None).verdict.kind, VerdictKind::Allow);
+    }
+
+    #[test]
+    fn token_max_calls_and_costs() {
+        let h = Harness::<Budget>::new(r#"{"tenant": {"cents": 5}, "costs": {"send_*": 3}}"#)
+            .expect("configure");
+        let c = call("send_email").max_calls(1).build();
+        let r = h.evaluate(&c, None);
+        assert_eq!(r.charges.len(), 2);
+        assert!(h.apply_charges(&r));
+        let r = h.evaluate(&c, None);
+        assert_eq!(r.verdict.kind, VerdictKind::Block);
+        assert!(r.verdict.reason.contains("cents") || r.verdict.reason.contains("max_calls"));
+    }
+}

@@ -1,0 +1,26 @@
+package intentgate.policy_test
+
+import data.intentgate.policy
+
+intent := {"allowed_tools": ["read_*"], "forbidden_tools": ["delete_*"], "confidence": 0.9}
+
+test_fits_intent if {
+	policy.decision.allow with input as {"tool": "read_invoice", "intent": intent}
+}
+
+test_forbidden if {
+	d := policy.decision with input as {"tool": "delete_invoice", "intent": intent}
+	d.allow == false
+	not d.escalate
+}
+
+test_outside_confident_intent_escalates if {
+	d := policy.decision with input as {"tool": "pay", "intent": intent}
+	d.escalate == true
+}
+
+test_no_intent_denied if {
+	d := policy.decision with input as {"tool": "pay"}
+	d.allow == false
+	not d.escalate
+}
