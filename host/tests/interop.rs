@@ -67,7 +67,9 @@ fn run_with_deadline(mut cmd: Command, deadline: Duration) -> (Option<i32>, Stri
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}; is python3 installed? then {INSTALL_HINT}"));
+        .unwrap_or_else(|e| {
+            panic!("cannot start {what}: {e}; is python3 installed? then {INSTALL_HINT}")
+        });
     let out = reader_thread(child.stdout.take().expect("stdout"));
     let err = reader_thread(child.stderr.take().expect("stderr"));
     let start = Instant::now();
@@ -159,7 +161,11 @@ async fn run_client(args: Vec<String>) -> Value {
         if code == Some(3) {
             panic!("the interop tests need Python packages: run `{INSTALL_HINT}`\n{stderr}");
         }
-        let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let last = stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
         match serde_json::from_str::<Value>(last) {
             Ok(v) if code == Some(0) => v,
             _ => panic!(
@@ -234,7 +240,9 @@ impl Upstream {
             // Keep draining so the server never blocks on a full pipe.
             let _ = std::io::copy(&mut stdout, &mut std::io::sink());
         });
-        let line = rx.recv_timeout(Duration::from_secs(120)).unwrap_or_default();
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_default();
         let port = line
             .strip_prefix("PORT ")
             .and_then(|p| p.trim().parse::<u16>().ok());
@@ -330,26 +338,43 @@ fn marker(name: &str) -> String {
 #[track_caller]
 fn assert_ok(r: &Value, ctx: &str) {
     assert_eq!(r["ok"], true, "{ctx}: expected success, got {r}");
-    assert_eq!(r["is_error"], false, "{ctx}: the tool reported an error: {r}");
+    assert_eq!(
+        r["is_error"], false,
+        "{ctx}: the tool reported an error: {r}"
+    );
 }
 
 #[track_caller]
 fn assert_code(r: &Value, code: i64, ctx: &str) {
-    assert_eq!(r["ok"], false, "{ctx}: expected JSON-RPC error {code}, got success: {r}");
-    assert_eq!(r["code"], code, "{ctx}: expected JSON-RPC error {code}: {r}");
+    assert_eq!(
+        r["ok"], false,
+        "{ctx}: expected JSON-RPC error {code}, got success: {r}"
+    );
+    assert_eq!(
+        r["code"], code,
+        "{ctx}: expected JSON-RPC error {code}: {r}"
+    );
 }
 
 fn texts(r: &Value) -> Vec<String> {
     r["text"]
         .as_array()
-        .map(|a| a.iter().map(|t| t.as_str().unwrap_or("").to_owned()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|t| t.as_str().unwrap_or("").to_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn sorted_tools(r: &Value) -> Vec<String> {
     let mut t: Vec<String> = r["tools"]
         .as_array()
-        .map(|a| a.iter().map(|t| t.as_str().unwrap_or("").to_owned()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|t| t.as_str().unwrap_or("").to_owned())
+                .collect()
+        })
         .unwrap_or_default();
     t.sort();
     t
@@ -471,8 +496,10 @@ async fn mcp_client_in_mode(backend: Backend, mode: &str, flavor: Flavor) {
     let up = Upstream::shared_async(flavor).await;
     let tg = gateway::start(backend, Some(&up.url), &[]).await;
     let (token, _) = tg
-        .mint(json!({"subject": "agent-mcp", "tenant": "acme", "ttl_seconds": 600,
-                     "tools": ["read_*", "echo"]}))
+        .mint(
+            json!({"subject": "agent-mcp", "tenant": "acme", "ttl_seconds": 600,
+                     "tools": ["read_*", "echo"]}),
+        )
         .await;
     let m = marker(&format!("mcp-{mode}-{flavor:?}"));
     let r = steps(
@@ -505,8 +532,16 @@ async fn mcp_client_in_mode(backend: Backend, mode: &str, flavor: Flavor) {
     );
     assert_ok(&r[2], &format!("{ctx}: echo"));
     assert_eq!(texts(&r[2]), [m.clone()], "{ctx}: echo result: {}", r[2]);
-    assert_code(&r[3], CAPABILITY, &format!("{ctx}: delete_records is out of scope"));
-    assert_code(&r[4], CAPABILITY, &format!("{ctx}: send_email is out of scope"));
+    assert_code(
+        &r[3],
+        CAPABILITY,
+        &format!("{ctx}: delete_records is out of scope"),
+    );
+    assert_code(
+        &r[4],
+        CAPABILITY,
+        &format!("{ctx}: send_email is out of scope"),
+    );
     assert_eq!(
         sorted_tools(&r[5]),
         ["echo", "read_invoice"],
@@ -552,8 +587,10 @@ async fn sdk_calls_and_attenuation(backend: Backend) {
     let up = Upstream::shared_async(Flavor::Sse).await;
     let tg = gateway::start(backend, Some(&up.url), &[]).await;
     let (token, _) = tg
-        .mint(json!({"subject": "agent-sdk", "tenant": "acme", "ttl_seconds": 600,
-                     "tools": ["read_invoice", "echo"]}))
+        .mint(
+            json!({"subject": "agent-sdk", "tenant": "acme", "ttl_seconds": 600,
+                     "tools": ["read_invoice", "echo"]}),
+        )
         .await;
     let m = marker("sdk");
     let r = steps(
@@ -578,13 +615,25 @@ async fn sdk_calls_and_attenuation(backend: Backend) {
         r[0]
     );
     if !r[0]["intentgate"].is_null() {
-        assert_eq!(r[0]["intentgate"]["decision"], "allow", "sdk metadata: {}", r[0]);
+        assert_eq!(
+            r[0]["intentgate"]["decision"], "allow",
+            "sdk metadata: {}",
+            r[0]
+        );
     }
     assert_ok(&r[1], "sdk: echo");
     assert_eq!(texts(&r[1]), [m.clone()], "sdk: echo: {}", r[1]);
     assert_code(&r[2], CAPABILITY, "sdk: delete_records is out of scope");
-    assert_eq!(r[2]["exception"], "CapabilityError", "sdk exception type: {}", r[2]);
-    assert_code(&r[3], CAPABILITY, "sdk: echo with a child token that denies it");
+    assert_eq!(
+        r[2]["exception"], "CapabilityError",
+        "sdk exception type: {}",
+        r[2]
+    );
+    assert_code(
+        &r[3],
+        CAPABILITY,
+        "sdk: echo with a child token that denies it",
+    );
     assert_eq!(r[3]["exception"], "CapabilityError", "{}", r[3]);
     assert_ok(&r[4], "sdk: read_invoice with the attenuated child token");
     assert_eq!(
@@ -602,10 +651,12 @@ async fn sdk_calls_and_attenuation(backend: Backend) {
 /// applies it at once, to new connections and to a session that is already open.
 async fn revoked_token_is_refused(backend: Backend) {
     let up = Upstream::shared_async(Flavor::Sse).await;
-    let tg = gateway::start(backend, Some(&up.url), &[]).await;
+    let tg = gateway::start(backend.clone(), Some(&up.url), &[]).await;
     let (token, jti) = tg
-        .mint(json!({"subject": "agent-rev", "tenant": "acme", "ttl_seconds": 600,
-                     "tools": ["echo"]}))
+        .mint(
+            json!({"subject": "agent-rev", "tenant": "acme", "ttl_seconds": 600,
+                     "tools": ["echo"]}),
+        )
         .await;
     let m = marker("revoke");
     let r = steps(
@@ -624,13 +675,42 @@ async fn revoked_token_is_refused(backend: Backend) {
     assert_eq!(sorted_tools(&r[0]), ["echo"], "{}", r[0]);
     assert_ok(&r[1], "before revocation");
     assert_eq!(r[2]["ok"], true, "revoke through the admin API: {}", r[2]);
-    assert_code(&r[3], CAPABILITY, "mcp client, open session, after revocation");
+    assert_code(
+        &r[3],
+        CAPABILITY,
+        "mcp client, open session, after revocation",
+    );
     assert_code(&r[4], CAPABILITY, "sdk, after revocation");
 
     // A new connection with the revoked token is refused at its first message.
     for mode in ["legacy", "2026-07-28"] {
         let r = steps(&tg, Some(&token), mode, json!([{"op": "list"}])).await;
-        assert_code(&r[0], CAPABILITY, &format!("mcp client ({mode}), new connection, revoked"));
+        assert_code(
+            &r[0],
+            CAPABILITY,
+            &format!("mcp client ({mode}), new connection, revoked"),
+        );
+    }
+    // The revocation outlives the feed's next polls of the store (every 0.5 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let v = tg
+        .tool_call(&token, "echo", json!({"text": format!("{m}-later")}))
+        .await;
+    assert_eq!(
+        v["error"]["code"], CAPABILITY,
+        "still revoked after the feed polled: {v}"
+    );
+    // Another replica on the same PostgreSQL database learns it from the store.
+    if let Backend::Postgres(url) = &backend {
+        let replica = gateway::start(Backend::Postgres(url.clone()), Some(&up.url), &[]).await;
+        let v = replica
+            .tool_call(&token, "echo", json!({"text": format!("{m}-replica")}))
+            .await;
+        assert_eq!(
+            v["error"]["code"], CAPABILITY,
+            "revoked at another replica: {v}"
+        );
+        replica.shutdown().await;
     }
     assert_eq!(
         up.tools_called_with(&m),
@@ -646,8 +726,10 @@ async fn expired_token_is_refused(backend: Backend) {
     let tg = gateway::start(backend, Some(&up.url), &[]).await;
     // Long enough for the Python client to start and make one call before expiry.
     let (token, _) = tg
-        .mint(json!({"subject": "agent-exp", "tenant": "acme", "ttl_seconds": 20,
-                     "tools": ["echo"]}))
+        .mint(
+            json!({"subject": "agent-exp", "tenant": "acme", "ttl_seconds": 20,
+                     "tools": ["echo"]}),
+        )
         .await;
     let exp = token_exp(&token);
     let m = marker("expire");
@@ -669,11 +751,16 @@ async fn expired_token_is_refused(backend: Backend) {
 
     // A token minted with a one-second TTL is refused by a new connection once it passed.
     let (short, _) = tg
-        .mint(json!({"subject": "agent-exp", "tenant": "acme", "ttl_seconds": 1,
-                     "tools": ["echo"]}))
+        .mint(
+            json!({"subject": "agent-exp", "tenant": "acme", "ttl_seconds": 1,
+                     "tools": ["echo"]}),
+        )
         .await;
     let exp = token_exp(&short);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs_f64();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
     tokio::time::sleep(Duration::from_secs_f64((exp as f64 - now).max(0.0) + 0.2)).await;
     let r = steps(
         &tg,
@@ -687,7 +774,11 @@ async fn expired_token_is_refused(backend: Backend) {
     .await;
     assert_code(&r[0], CAPABILITY, "mcp client, new connection, expired");
     assert_code(&r[1], CAPABILITY, "sdk, expired");
-    assert_eq!(up.tools_called_with(&m), ["echo"], "only the call before expiry is forwarded");
+    assert_eq!(
+        up.tools_called_with(&m),
+        ["echo"],
+        "only the call before expiry is forwarded"
+    );
     tg.shutdown().await;
 }
 
@@ -695,8 +786,10 @@ async fn missing_or_forged_token_is_refused(backend: Backend) {
     let up = Upstream::shared_async(Flavor::Sse).await;
     let tg = gateway::start(backend, Some(&up.url), &[]).await;
     let (token, _) = tg
-        .mint(json!({"subject": "agent-forge", "tenant": "acme", "ttl_seconds": 600,
-                     "tools": ["echo"]}))
+        .mint(
+            json!({"subject": "agent-forge", "tenant": "acme", "ttl_seconds": 600,
+                     "tools": ["echo"]}),
+        )
         .await;
     // Widen the token's tools without the key: decode, edit the caveat, re-encode.
     let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -724,7 +817,11 @@ async fn missing_or_forged_token_is_refused(backend: Backend) {
     assert_code(&r[1], CAPABILITY, "sdk with a forged token");
     assert_code(&r[2], CAPABILITY, "sdk with no token");
     assert_code(&r[3], CAPABILITY, "sdk with a garbage token");
-    assert!(up.calls_with(&m).is_empty(), "nothing reaches the upstream: {:?}", up.calls_with(&m));
+    assert!(
+        up.calls_with(&m).is_empty(),
+        "nothing reaches the upstream: {:?}",
+        up.calls_with(&m)
+    );
     tg.shutdown().await;
 }
 
@@ -734,8 +831,10 @@ async fn budget_counts_allowed_calls_only(backend: Backend) {
     let up = Upstream::shared_async(Flavor::Sse).await;
     let tg = gateway::start(backend, Some(&up.url), &[]).await;
     let (token, _) = tg
-        .mint(json!({"subject": "agent-budget", "tenant": "acme", "ttl_seconds": 600,
-                     "tools": ["echo"], "max_calls": 2}))
+        .mint(
+            json!({"subject": "agent-budget", "tenant": "acme", "ttl_seconds": 600,
+                     "tools": ["echo"], "max_calls": 2}),
+        )
         .await;
     let m = marker("budget");
     let r = steps(
@@ -757,7 +856,11 @@ async fn budget_counts_allowed_calls_only(backend: Backend) {
     assert_code(&r[3], BUDGET, "third call, sdk: max_calls=2 is spent");
     assert_eq!(r[3]["exception"], "BudgetError", "{}", r[3]);
     assert_code(&r[4], BUDGET, "third call, mcp client");
-    assert_eq!(up.tools_called_with(&m), ["echo", "echo"], "two calls reach the upstream");
+    assert_eq!(
+        up.tools_called_with(&m),
+        ["echo", "echo"],
+        "two calls reach the upstream"
+    );
     tg.shutdown().await;
 }
 
@@ -791,16 +894,28 @@ async fn tenant_admins_stay_in_their_tenant(backend: Backend) {
     let (s, acme) = admin_post(&tg, "/v1/admin/mint", ACME_ADMIN, mint(Some("acme"))).await;
     assert_eq!(s, 200, "acme admin mints for acme: {acme}");
     let (s, implied) = admin_post(&tg, "/v1/admin/mint", ACME_ADMIN, mint(None)).await;
-    assert_eq!(s, 200, "acme admin mints without naming a tenant: {implied}");
+    assert_eq!(
+        s, 200,
+        "acme admin mints without naming a tenant: {implied}"
+    );
     let implied_tok = implied["token"].as_str().expect("token");
     let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let decoded: Value =
         serde_json::from_slice(&engine.decode(implied_tok).expect("b64")).expect("json");
-    assert_eq!(decoded["tenant"], "acme", "a tenant admin's token is of its tenant: {decoded}");
+    assert_eq!(
+        decoded["tenant"], "acme",
+        "a tenant admin's token is of its tenant: {decoded}"
+    );
     let (s, v) = admin_post(&tg, "/v1/admin/mint", ACME_ADMIN, mint(Some("globex"))).await;
     assert_eq!(s, 403, "acme admin must not mint for globex: {v}");
     assert!(v["error"].is_string(), "errors are {{\"error\": ...}}: {v}");
-    let (s, v) = admin_post(&tg, "/v1/admin/mint", "no-such-admin-token", mint(Some("acme"))).await;
+    let (s, v) = admin_post(
+        &tg,
+        "/v1/admin/mint",
+        "no-such-admin-token",
+        mint(Some("acme")),
+    )
+    .await;
     assert_eq!(s, 401, "unknown admin token: {v}");
 
     let (s, globex) = admin_post(&tg, "/v1/admin/mint", GLOBEX_ADMIN, mint(Some("globex"))).await;
@@ -809,12 +924,21 @@ async fn tenant_admins_stay_in_their_tenant(backend: Backend) {
     let g_jti = globex["jti"].as_str().expect("jti").to_owned();
 
     // Revoke: acme's admin cannot revoke globex's token, by jti alone or naming globex.
-    let (s, v) = admin_post(&tg, "/v1/admin/revoke", ACME_ADMIN,
-                            json!({"jti": g_jti, "reason": "cross-tenant"})).await;
+    let (s, v) = admin_post(
+        &tg,
+        "/v1/admin/revoke",
+        ACME_ADMIN,
+        json!({"jti": g_jti, "reason": "cross-tenant"}),
+    )
+    .await;
     assert_eq!(s, 403, "acme admin must not revoke a globex token: {v}");
-    let (s, v) = admin_post(&tg, "/v1/admin/revoke", ACME_ADMIN,
-                            json!({"jti": g_jti, "reason": "cross-tenant", "tenant": "globex"}))
-        .await;
+    let (s, v) = admin_post(
+        &tg,
+        "/v1/admin/revoke",
+        ACME_ADMIN,
+        json!({"jti": g_jti, "reason": "cross-tenant", "tenant": "globex"}),
+    )
+    .await;
     assert_eq!(s, 403, "acme admin must not revoke in globex: {v}");
 
     // The globex token still works, through the official client and the SDK.
@@ -836,9 +960,17 @@ async fn tenant_admins_stay_in_their_tenant(backend: Backend) {
     assert_eq!(up.tools_called_with(&m), ["echo", "echo"]);
 
     // Audit and revocations are tenant-scoped.
-    let (s, v) = http::get_json(&format!("{}/v1/admin/audit?tenant=globex", tg.url), ACME_ADMIN).await;
+    let (s, v) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=globex", tg.url),
+        ACME_ADMIN,
+    )
+    .await;
     assert_eq!(s, 403, "acme admin must not read globex's audit: {v}");
-    let (s, v) = http::get_json(&format!("{}/v1/admin/audit?jti={g_jti}", tg.url), ACME_ADMIN).await;
+    let (s, v) = http::get_json(
+        &format!("{}/v1/admin/audit?jti={g_jti}", tg.url),
+        ACME_ADMIN,
+    )
+    .await;
     assert!(
         s == 403 || (s == 200 && items(&v).is_empty()),
         "acme admin must see no globex audit events (HTTP {s}): {v}"
@@ -846,9 +978,16 @@ async fn tenant_admins_stay_in_their_tenant(backend: Backend) {
     let (s, v) = http::get_json(&format!("{}/v1/admin/audit", tg.url), ACME_ADMIN).await;
     assert_eq!(s, 200, "acme admin reads its own audit: {v}");
     for e in items(&v) {
-        assert_eq!(e["tenant"], "acme", "acme's audit shows another tenant's event: {e}");
+        assert_eq!(
+            e["tenant"], "acme",
+            "acme's audit shows another tenant's event: {e}"
+        );
     }
-    let (s, v) = http::get_json(&format!("{}/v1/admin/audit?jti={g_jti}", tg.url), GLOBEX_ADMIN).await;
+    let (s, v) = http::get_json(
+        &format!("{}/v1/admin/audit?jti={g_jti}", tg.url),
+        GLOBEX_ADMIN,
+    )
+    .await;
     assert_eq!(s, 200, "globex admin reads its own audit: {v}");
     let g_events = items(&v);
     assert!(
@@ -859,8 +998,13 @@ async fn tenant_admins_stay_in_their_tenant(backend: Backend) {
         assert_eq!(e["tenant"], "globex", "{e}");
     }
 
-    let (s, _) = admin_post(&tg, "/v1/admin/revoke", GLOBEX_ADMIN,
-                            json!({"jti": g_jti, "reason": "own tenant"})).await;
+    let (s, _) = admin_post(
+        &tg,
+        "/v1/admin/revoke",
+        GLOBEX_ADMIN,
+        json!({"jti": g_jti, "reason": "own tenant"}),
+    )
+    .await;
     assert_eq!(s, 204, "globex admin revokes its own token");
     let (s, v) = http::get_json(&format!("{}/v1/admin/revocations", tg.url), ACME_ADMIN).await;
     assert_eq!(s, 200, "{v}");
@@ -868,8 +1012,13 @@ async fn tenant_admins_stay_in_their_tenant(backend: Backend) {
         !v.to_string().contains(&g_jti),
         "acme admin sees globex's revocation: {v}"
     );
-    let r = tg.tool_call(&g_token, "echo", json!({"text": format!("{m}-revoked")})).await;
-    assert_eq!(r["error"]["code"], CAPABILITY, "revoked by its own tenant admin: {r}");
+    let r = tg
+        .tool_call(&g_token, "echo", json!({"text": format!("{m}-revoked")}))
+        .await;
+    assert_eq!(
+        r["error"]["code"], CAPABILITY,
+        "revoked by its own tenant admin: {r}"
+    );
     tg.shutdown().await;
 }
 
@@ -879,54 +1028,102 @@ async fn session_is_bound_to_its_token(backend: Backend) {
     let up = Upstream::shared_async(Flavor::Sse).await;
     let tg = gateway::start(backend, Some(&up.url), &[]).await;
     let (acme, _) = tg
-        .mint(json!({"subject": "agent-a", "tenant": "acme", "ttl_seconds": 600,
-                     "tools": ["echo"]}))
+        .mint(
+            json!({"subject": "agent-a", "tenant": "acme", "ttl_seconds": 600,
+                     "tools": ["echo"]}),
+        )
         .await;
     let (globex, _) = tg
-        .mint(json!({"subject": "agent-g", "tenant": "globex", "ttl_seconds": 600,
-                     "tools": ["echo", "delete_records"]}))
+        .mint(
+            json!({"subject": "agent-g", "tenant": "globex", "ttl_seconds": 600,
+                     "tools": ["echo", "delete_records"]}),
+        )
         .await;
     let m = marker("session");
 
     let (s, sid, v) = mcp_post(&tg, &acme, None, initialize_body()).await;
     assert_eq!(s, 200, "initialize: {v}");
-    assert!(v["result"]["protocolVersion"].is_string(), "initialize result: {v}");
+    assert!(
+        v["result"]["protocolVersion"].is_string(),
+        "initialize result: {v}"
+    );
     let sid = sid.expect("a stateful gateway hands out Mcp-Session-Id on initialize");
-    let (s, _, _) = mcp_post(&tg, &acme, Some(&sid),
-                             json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
+    let (s, _, _) = mcp_post(
+        &tg,
+        &acme,
+        Some(&sid),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await;
     assert_eq!(s, 202, "notifications are answered with 202");
 
     let call = |id: u64, tool: &str, args: Value| {
         json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
                "params": {"name": tool, "arguments": args}})
     };
-    let (s, _, v) = mcp_post(&tg, &acme, Some(&sid), call(2, "echo", json!({"text": format!("{m}-a")}))).await;
+    let (s, _, v) = mcp_post(
+        &tg,
+        &acme,
+        Some(&sid),
+        call(2, "echo", json!({"text": format!("{m}-a")})),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     assert!(v["result"].is_object(), "acme's own session works: {v}");
 
     // globex's token on acme's session: must not run, whatever the transport answers.
-    let (s, _, v) = mcp_post(&tg, &globex, Some(&sid),
-                             call(3, "delete_records", json!({"table": format!("{m}-g")}))).await;
+    let (s, _, v) = mcp_post(
+        &tg,
+        &globex,
+        Some(&sid),
+        call(3, "delete_records", json!({"table": format!("{m}-g")})),
+    )
+    .await;
     assert!(
         v["result"].is_null() && (s >= 400 || v["error"]["code"] == CAPABILITY),
         "a globex token on an acme session must be refused (HTTP {s}): {v}"
     );
-    let (s, _, v) = mcp_post(&tg, &globex, Some(&sid), call(4, "echo", json!({"text": format!("{m}-g2")}))).await;
+    let (s, _, v) = mcp_post(
+        &tg,
+        &globex,
+        Some(&sid),
+        call(4, "echo", json!({"text": format!("{m}-g2")})),
+    )
+    .await;
     assert!(
         v["result"].is_null() && (s >= 400 || v["error"]["code"] == CAPABILITY),
         "a globex token on an acme session must be refused (HTTP {s}): {v}"
     );
     // The session itself is no credential.
-    let (s, _, v) = mcp_post(&tg, "", Some(&sid), call(5, "echo", json!({"text": format!("{m}-none")}))).await;
+    let (s, _, v) = mcp_post(
+        &tg,
+        "",
+        Some(&sid),
+        call(5, "echo", json!({"text": format!("{m}-none")})),
+    )
+    .await;
     assert!(
         v["result"].is_null() && (s >= 400 || v["error"]["code"] == CAPABILITY),
         "a session id without a token must be refused (HTTP {s}): {v}"
     );
 
-    let (s, _, v) = mcp_post(&tg, &acme, Some(&sid), call(6, "echo", json!({"text": format!("{m}-a2")}))).await;
+    let (s, _, v) = mcp_post(
+        &tg,
+        &acme,
+        Some(&sid),
+        call(6, "echo", json!({"text": format!("{m}-a2")})),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
-    assert!(v["result"].is_object(), "acme's session still works afterwards: {v}");
-    assert_eq!(up.tools_called_with(&m), ["echo", "echo"], "only acme's calls are forwarded");
+    assert!(
+        v["result"].is_object(),
+        "acme's session still works afterwards: {v}"
+    );
+    assert_eq!(
+        up.tools_called_with(&m),
+        ["echo", "echo"],
+        "only acme's calls are forwarded"
+    );
     tg.shutdown().await;
 }
 
@@ -942,8 +1139,10 @@ async fn upstream_down_is_typed(backend: Backend) {
     let url = format!("http://127.0.0.1:{port}/mcp");
     let tg = gateway::start(backend, Some(&url), &[]).await;
     let (token, _) = tg
-        .mint(json!({"subject": "agent-down", "tenant": "acme", "ttl_seconds": 600,
-                     "tools": ["echo"]}))
+        .mint(
+            json!({"subject": "agent-down", "tenant": "acme", "ttl_seconds": 600,
+                     "tools": ["echo"]}),
+        )
         .await;
     let r = steps(
         &tg,
