@@ -24,17 +24,7 @@ fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// How much of a call's arguments the audit event keeps (`INTENTGATE_AUDIT_PERSIST_ARG_VALUES`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum ArgValues {
-    /// Argument names only (the default: values can hold personal data).
-    #[default]
-    Off,
-    /// Names, plus values that are strings, numbers, booleans or null.
-    Scalars,
-    /// The arguments as sent.
-    Raw,
-}
+pub use crate::audit::ArgValuesMode as ArgValues;
 
 /// The raw settings as clap reads them from flags and environment. Validated into [`Config`].
 #[derive(Args, Clone)]
@@ -85,7 +75,7 @@ pub struct ServeArgs {
     #[arg(long, env = "INTENTGATE_REVOCATION_MAX_STALENESS_SECS", default_value_t = 10)]
     pub revocation_max_staleness_secs: u64,
     /// How much of the arguments an audit event keeps.
-    #[arg(long, env = "INTENTGATE_AUDIT_PERSIST_ARG_VALUES", value_enum, default_value_t = ArgValues::Off, ignore_case = true)]
+    #[arg(long, env = "INTENTGATE_AUDIT_PERSIST_ARG_VALUES", default_value = "off", value_parser = str::parse::<ArgValues>)]
     pub audit_persist_arg_values: ArgValues,
     /// Start a built-in demo MCP tool server as the upstream when none is configured.
     #[arg(long)]

@@ -41,4 +41,4 @@ pub mod store;
 pub mod testkit;
 pub mod upstream;
 
-pub use server::serve;
+pub use server::{Gateway, run, serve};

@@ -1,2 +1,283 @@
-//! TODO
-pub async fn serve() {}
+//! The running gateway: start-up ([`Gateway::start`]), the accept loop ([`serve`]) with its
+//! request limits, and routing to the MCP, admin and health endpoints.
+//!
+//! Start-up checks everything it can before the listener accepts (secrets, store, migrations,
+//! audit key) and refuses to start with a clear error. The accept loop must never let a slow
+//! client hold a connection open without sending headers (header read timeout), and never
+//! read a body without a bound.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::admin::AdminAuth;
+use crate::audit::{AuditConfig, AuditLog, LogKey};
+use crate::capability::{CapabilityError, Grant, MasterKey, RevocationSet, Verifier};
+use crate::config::{Config, StoreChoice};
+use crate::http::{self, Body};
+use crate::mcp::{self, Endpoint, session::SessionKeys};
+use crate::pipeline::Pipeline;
+use crate::secrets;
+use crate::store::{self, Store, StoreConfig};
+use crate::upstream::Upstream;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretsError),
+    #[error("INTENTGATE_MASTER_KEY: {0}")]
+    MasterKey(String),
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("audit: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("demo upstream: {0}")]
+    Demo(std::io::Error),
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct Gateway {
+    pub config: Config,
+    pub master_key: MasterKey,
+    pub verifier: Verifier,
+    pub revocations: Arc<RevocationSet>,
+    pub store: Arc<dyn Store>,
+    pub pipeline: Pipeline,
+    pub upstream: Option<Upstream>,
+    pub sessions: SessionKeys,
+    pub admin: AdminAuth,
+    /// Where generated secrets live, when they were generated.
+    pub secrets_file: Option<std::path::PathBuf>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        for task in &self.background {
+            task.abort();
+        }
+    }
+}
+
+impl Gateway {
+    /// Loads secrets, opens the store and the audit log, starts the revocation feed and (with
+    /// `--demo`) the demo upstream.
+    pub async fn start(mut config: Config) -> Result<Arc<Gateway>, StartError> {
+        let secrets = secrets::load_or_create(
+            &config.data_dir,
+            config.master_key.as_deref(),
+            config.admin_token.as_deref(),
+        )?;
+        let master_key =
+            MasterKey::from_base64(&secrets.master_key).map_err(|e| StartError::MasterKey(e.to_string()))?;
+        let store_cfg = match &config.store {
+            StoreChoice::Sqlite(path) => StoreConfig::Sqlite { path: path.clone() },
+            StoreChoice::Postgres(url) => StoreConfig::Postgres { url: url.clone() },
+        };
+        let store = store::connect(&store_cfg).await?;
+        let log_key = LogKey::from_env_or_dir(&config.data_dir)?;
+        let audit = AuditLog::open(store.db(), log_key, AuditConfig::default()).await?;
+
+        let mut background = Vec::new();
+        if config.demo && config.upstream_url.is_none() {
+            let (uri, task) = crate::demo::spawn("127.0.0.1:0")
+                .await
+                .map_err(StartError::Demo)?;
+            background.push(task);
+            config.upstream_url = Some(uri);
+        }
+        let upstream = config.upstream_url.clone().map(|uri| {
+            Upstream::new(uri, config.upstream_timeout, config.upstream_max_response_bytes)
+        });
+        let revocations = Arc::new(RevocationSet::new(config.revocation_max_staleness));
+        background.push(tokio::spawn(revocation_feed(
+            Arc::clone(&store),
+            Arc::clone(&revocations),
+        )));
+        let pipeline = Pipeline::new(
+            Arc::clone(&store),
+            audit,
+            config.arg_values,
+            config.upstream_name.clone(),
+        );
+        let admin = AdminAuth::new(secrets.admin_token.clone(), config.tenant_admins.clone());
+        Ok(Arc::new(Gateway {
+            sessions: SessionKeys::derive(secrets.master_key.as_bytes()),
+            verifier: Verifier::new(master_key.clone(), config.clock_leeway_secs as i64),
+            master_key,
+            revocations,
+            store,
+            pipeline,
+            upstream,
+            admin,
+            secrets_file: secrets.file,
+            config,
+            background,
+        }))
+    }
+
+    /// Authenticates a bearer capability token (signature, time, revocation; no tool yet).
+    pub fn authenticate(&self, token: &str) -> Result<Grant, CapabilityError> {
+        self.verifier
+            .authenticate(token, crate::audit::time::now_ms() / 1000, &self.revocations)
+    }
+}
+
+/// Keeps the in-memory revocation set current by polling the store. When polling fails the set
+/// goes stale and token checks fail closed until it recovers.
+async fn revocation_feed(store: Arc<dyn Store>, set: Arc<RevocationSet>) {
+    let mut after = 0i64;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        loop {
+            match store.revocations_since(after, 1000).await {
+                Ok(rows) => {
+                    let full = rows.len() == 1000;
+                    if let Some((seq, _)) = rows.last() {
+                        after = *seq;
+                    }
+                    set.extend(rows.into_iter().map(|(_, jti)| jti));
+                    if !full {
+                        set.mark_synced();
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "revocation feed: store unavailable");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Serves HTTP on `listener` until `shutdown` resolves, then drains open connections.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(gw.config.header_timeout)
+        .max_buf_size(64 * 1024)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let gw = Arc::clone(&gw);
+        let service = service_fn(move |req| {
+            let gw = Arc::clone(&gw);
+            async move { Ok::<_, Infallible>(route(&gw, req, remote).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(Duration::from_secs(10)) => {
+            tracing::warn!("connections still open after 10 s; closing");
+        }
+    }
+    Ok(())
+}
+
+async fn route(gw: &Gateway, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    let path = req.uri().path();
+    match path {
+        "/v1/mcp" => mcp::handle(gw, req, remote, Endpoint::Mcp).await,
+        "/v1/tool-call" => mcp::handle(gw, req, remote, Endpoint::ToolCall).await,
+        "/healthz" if req.method() == Method::GET => health(gw),
+        p if p.starts_with("/v1/admin/") => crate::admin::handle(gw, req, remote).await,
+        _ => http::json(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+    }
+}
+
+fn health(gw: &Gateway) -> Response<Body> {
+    let fresh = gw.revocations.check_fresh().is_ok();
+    let status = if fresh {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    http::json(
+        status,
+        &json!({
+            "status": if fresh { "ok" } else { "degraded" },
+            "version": env!("CARGO_PKG_VERSION"),
+            "revocations_fresh": fresh,
+            "upstream": gw.upstream.as_ref().map(|u| u.uri().to_string()),
+        }),
+    )
+}
+
+/// Why `intentgate serve` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Starts the gateway on the configured address and serves until `shutdown`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let addr = config.addr;
+    let gw = Gateway::start(config).await?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(RunError::Serve)?;
+    tracing::info!(%local, "IntentGate listening (MCP endpoint POST /v1/mcp)");
+    match &gw.secrets_file {
+        Some(f) => tracing::info!(
+            file = %f.display(),
+            "master key and superadmin token are in this file (mode 0600)"
+        ),
+        None => tracing::info!("master key and superadmin token come from the environment"),
+    }
+    match &gw.upstream {
+        Some(u) if gw.config.demo => tracing::info!(upstream = %u.uri(), "demo tool server running as the upstream"),
+        Some(u) => tracing::info!(upstream = %u.uri(), "forwarding allowed calls"),
+        None => tracing::warn!("no INTENTGATE_UPSTREAM_URL: allowed calls answer -32018 upstream unavailable"),
+    }
+    serve(gw, listener, shutdown).await.map_err(RunError::Serve)
+}

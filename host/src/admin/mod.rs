@@ -1,1 +1,325 @@
-//! TODO
+//! The admin HTTP API under `/v1/admin/`: authentication (superadmin or per-tenant admin,
+//! compared in constant time), tenant scoping, routing, and the `{"error": ...}` error shape.
+//!
+//! Every handler receives an [`AdminRequest`] whose [`Principal`] decides which tenants it may
+//! touch; a per-tenant admin naming another tenant gets 403. This module must never answer a
+//! request before authenticating it, never log a token, and never let an admin action go
+//! unaudited.
+
+mod tokens;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use crate::audit::{self, AuditEvent};
+use crate::config::valid_tenant_name;
+use crate::http::{self, Body};
+use crate::server::Gateway;
+
+/// Errors of the admin API, mapped once to a status and `{"error": ...}`.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or invalid admin token")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request body too large")]
+    TooLarge,
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl AdminError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        http::json(self.status(), &json!({"error": self.to_string()}))
+    }
+}
+
+impl From<crate::store::StoreError> for AdminError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::error!(error = %e, "admin: store error");
+        Self::Unavailable("store unavailable".into())
+    }
+}
+
+impl From<audit::AuditError> for AdminError {
+    fn from(e: audit::AuditError) -> Self {
+        match e {
+            audit::AuditError::InvalidQuery(m) => Self::BadRequest(m),
+            other => {
+                tracing::error!(error = %other, "admin: audit error");
+                Self::Unavailable("audit log unavailable".into())
+            }
+        }
+    }
+}
+
+/// Who is calling the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Superadmin,
+    TenantAdmin(String),
+}
+
+impl Principal {
+    /// The tenant an operation applies to: a tenant admin is pinned to its tenant (naming
+    /// another is 403); the superadmin gets what it named, or `None` for all tenants.
+    pub fn scope(&self, requested: Option<&str>) -> Result<Option<String>, AdminError> {
+        if let Some(t) = requested
+            && !valid_tenant_name(t)
+        {
+            return Err(AdminError::BadRequest(format!("invalid tenant name {t:?}")));
+        }
+        match (self, requested) {
+            (Self::Superadmin, r) => Ok(r.map(str::to_owned)),
+            (Self::TenantAdmin(own), None) => Ok(Some(own.clone())),
+            (Self::TenantAdmin(own), Some(r)) if r == own => Ok(Some(own.clone())),
+            (Self::TenantAdmin(own), Some(r)) => Err(AdminError::Forbidden(format!(
+                "admin of tenant {own:?} cannot act on tenant {r:?}"
+            ))),
+        }
+    }
+
+    /// Like [`Self::scope`] but always one tenant (`default` for the superadmin).
+    pub fn one_tenant(&self, requested: Option<&str>) -> Result<String, AdminError> {
+        Ok(self.scope(requested)?.unwrap_or_else(|| "default".to_owned()))
+    }
+
+    /// How the audit log names this principal (`decided_by`).
+    pub fn label(&self) -> String {
+        match self {
+            Self::Superadmin => "superadmin".into(),
+            Self::TenantAdmin(t) => format!("tenant-admin:{t}"),
+        }
+    }
+}
+
+/// The admin credentials.
+pub struct AdminAuth {
+    superadmin: Vec<u8>,
+    tenants: Vec<(String, Vec<u8>)>,
+}
+
+impl AdminAuth {
+    pub fn new(superadmin: String, tenants: Vec<(String, String)>) -> Self {
+        Self {
+            superadmin: superadmin.into_bytes(),
+            tenants: tenants
+                .into_iter()
+                .map(|(t, k)| (t, k.into_bytes()))
+                .collect(),
+        }
+    }
+
+    /// Compares the presented token with every configured one in constant time (no early exit,
+    /// so timing does not reveal which entry matched or how much of one).
+    pub fn authenticate(&self, headers: &HeaderMap) -> Option<Principal> {
+        let presented = http::bearer(headers)?.as_bytes();
+        let mut found = None;
+        if bool::from(presented.ct_eq(&self.superadmin)) {
+            found = Some(Principal::Superadmin);
+        }
+        for (tenant, key) in &self.tenants {
+            if bool::from(presented.ct_eq(key)) && found.is_none() {
+                found = Some(Principal::TenantAdmin(tenant.clone()));
+            }
+        }
+        found
+    }
+}
+
+/// One authenticated admin request.
+pub struct AdminRequest {
+    pub principal: Principal,
+    pub method: Method,
+    pub path: String,
+    pub query: HashMap<String, String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub remote: SocketAddr,
+}
+
+impl AdminRequest {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query.get(name).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    /// The body as JSON of type `T`, with a clear error naming what is wrong.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, AdminError> {
+        if self.body.is_empty() {
+            return Err(AdminError::BadRequest("request body is required".into()));
+        }
+        serde_json::from_slice(&self.body)
+            .map_err(|e| AdminError::BadRequest(format!("invalid JSON body: {e}")))
+    }
+
+    /// An audit event for this admin action, with principal, elevation id and caller address.
+    pub fn event(&self, action: &str, tenant: &str) -> AuditEvent {
+        let mut e = AuditEvent::new(format!("{}{action}", audit::kinds::ADMIN_PREFIX), tenant);
+        e.decision = Some(audit::Decision::Allow);
+        e.decided_by = self.principal.label();
+        e.remote_ip = self.remote.ip().to_string();
+        e.elevation_id = http::header_str(&self.headers, "x-intentgate-elevation-id")
+            .unwrap_or_default()
+            .chars()
+            .take(128)
+            .collect();
+        e
+    }
+}
+
+/// Parses `a=b&c=d` with percent-decoding; repeated keys keep the last value.
+pub fn parse_query(q: Option<&str>) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for pair in q.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.insert(percent_decode(k), percent_decode(v));
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Authenticates, reads the body (bounded) and routes one admin request.
+pub async fn handle(gw: &Gateway, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    let Some(principal) = gw.admin.authenticate(req.headers()) else {
+        return AdminError::Unauthorized.into_response();
+    };
+    let (parts, body) = req.into_parts();
+    let body = match http::read_body(body, gw.config.max_body_bytes).await {
+        Ok(b) => b,
+        Err(http::BodyError::TooLarge { .. }) => return AdminError::TooLarge.into_response(),
+        Err(e) => return AdminError::BadRequest(e.to_string()).into_response(),
+    };
+    if !body.is_empty() && !http::json_depth_within(&body, gw.config.max_json_depth) {
+        return AdminError::BadRequest("JSON nesting too deep".into()).into_response();
+    }
+    let req = AdminRequest {
+        principal,
+        method: parts.method,
+        path: parts.uri.path().to_owned(),
+        query: parse_query(parts.uri.query()),
+        headers: parts.headers,
+        body,
+        remote,
+    };
+    match route(gw, &req).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn route(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+    let path = req.path.trim_end_matches('/');
+    match (&req.method, path) {
+        (&Method::POST, "/v1/admin/mint") => tokens::mint(gw, req).await,
+        (&Method::POST, "/v1/admin/revoke") => tokens::revoke(gw, req).await,
+        (&Method::GET, "/v1/admin/revocations") => tokens::revocations(gw, req).await,
+        (&Method::GET, "/v1/admin/tenants") => tokens::tenants(gw, req).await,
+        (_, "/v1/admin/mint" | "/v1/admin/revoke" | "/v1/admin/revocations" | "/v1/admin/tenants") => {
+            Err(AdminError::MethodNotAllowed)
+        }
+        _ => Err(AdminError::NotFound),
+    }
+}
+
+/// Appends an admin action's event; the action is not acknowledged unless this succeeds.
+pub async fn audit_action(gw: &Gateway, event: AuditEvent) -> Result<(), AdminError> {
+    gw.pipeline.audit().append(event).await?;
+    Ok(())
+}
+
+/// A JSON 200 response.
+pub fn ok(value: Value) -> Response<Body> {
+    http::json(StatusCode::OK, &value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::header::{AUTHORIZATION, HeaderValue};
+
+    fn headers(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+        );
+        h
+    }
+
+    #[test]
+    fn principals_and_scopes() {
+        let auth = AdminAuth::new(
+            "super-secret-token-1".into(),
+            vec![("acme".into(), "acme-secret-token-1".into())],
+        );
+        assert_eq!(auth.authenticate(&headers("super-secret-token-1")), Some(Principal::Superadmin));
+        let acme = auth.authenticate(&headers("acme-secret-token-1")).expect("acme");
+        assert_eq!(acme, Principal::TenantAdmin("acme".into()));
+        assert_eq!(auth.authenticate(&headers("super-secret-token-")), None);
+        assert_eq!(auth.authenticate(&HeaderMap::new()), None);
+        assert_eq!(acme.scope(None).expect("own"), Some("acme".into()));
+        assert!(matches!(acme.scope(Some("globex")), Err(AdminError::Forbidden(_))));
+        assert_eq!(Principal::Superadmin.scope(None).expect("all"), None);
+        assert!(matches!(
+            Principal::Superadmin.scope(Some("bad name")),
+            Err(AdminError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn query_decoding() {
+        let q = parse_query(Some("tenant=acme%2Dcorp&tool=a+b&x=%zz&y=%4"));
+        assert_eq!(q["tenant"], "acme-corp");
+        assert_eq!(q["tool"], "a b");
+        assert_eq!(q["x"], "%zz");
+        assert_eq!(q["y"], "%4");
+    }
+}

@@ -1,1 +1,6 @@
 //! Shared helpers for the integration tests.
+
+#![allow(dead_code)]
+
+pub mod gateway;
+pub mod http;

@@ -1,0 +1,208 @@
+//! Token lifecycle and tenant inventory: `mint`, `revoke`, `revocations`, `tenants`.
+//!
+//! A minted token is returned once and never stored; its `jti` is recorded in the tenant's
+//! audit chain, which is also how a per-tenant admin's revoke is checked to be within its
+//! tenant. These handlers must never log or audit a token value.
+
+use hyper::{Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{AdminError, AdminRequest, Principal, audit_action, ok};
+use crate::audit::{self, AuditFilter};
+use crate::capability::{self, MintRequest};
+use crate::http::{self, Body};
+use crate::server::Gateway;
+use crate::store::NewRevocation;
+
+/// The mint body: IntentGate's fields plus the caveats this gateway enforces.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MintBody {
+    subject: String,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    zone: Option<String>,
+    #[serde(default)]
+    issuer: Option<String>,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    tools: Vec<String>,
+    #[serde(default)]
+    max_calls: Option<u64>,
+    /// IntentGate: stamp a fresh step-up time that policies read as `capability.step_up_at`.
+    #[serde(default)]
+    step_up: bool,
+    #[serde(default)]
+    servers: Vec<String>,
+    #[serde(default)]
+    rate_per_min: Option<u64>,
+    #[serde(default)]
+    max_cents: Option<u64>,
+    #[serde(default)]
+    risk_max: Option<u64>,
+    #[serde(default)]
+    callees: Vec<String>,
+    #[serde(default)]
+    callee_zones: Vec<String>,
+    #[serde(default)]
+    with_memory_signing_key: bool,
+}
+
+pub async fn mint(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+    let body: MintBody = req.json()?;
+    let tenant = req.principal.one_tenant(body.tenant.as_deref())?;
+    if body.with_memory_signing_key {
+        return Err(AdminError::BadRequest(
+            "with_memory_signing_key is not supported by this gateway".into(),
+        ));
+    }
+    if let Some(iss) = &body.issuer
+        && iss != "intentgate"
+    {
+        return Err(AdminError::BadRequest("issuer must be \"intentgate\"".into()));
+    }
+    let now = audit::time::now_ms() / 1000;
+    let request = MintRequest {
+        subject: body.subject,
+        tenant: Some(tenant.clone()),
+        zone: body.zone,
+        ttl_seconds: body.ttl_seconds,
+        tools: body.tools,
+        max_calls: body.max_calls,
+        servers: body.servers,
+        rate_per_min: body.rate_per_min,
+        max_cents: body.max_cents,
+        risk_max: body.risk_max,
+        step_up_at: body.step_up.then_some(now as u64),
+        callees: body.callees,
+        callee_zones: body.callee_zones,
+        ..MintRequest::default()
+    };
+    let minted = capability::mint(&gw.master_key, &request, now)
+        .map_err(|e| AdminError::BadRequest(e.to_string()))?;
+    gw.store.ensure_tenant(&tenant).await?;
+    let mut event = req.event("mint", &tenant);
+    event.agent_id = minted.subject.clone();
+    event.jti = minted.jti.clone();
+    event.root_jti = minted.root_jti.clone();
+    event.tool = request.tools.join(",");
+    audit_action(gw, event).await?;
+    Ok(ok(json!({
+        "token": minted.token,
+        "jti": minted.jti,
+        "subject": minted.subject,
+        "tenant": tenant,
+        "expires_at": minted.expires_at.map(|s| audit::time::format_rfc3339_ms(s * 1000)),
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    jti: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+pub async fn revoke(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+    let body: RevokeBody = req.json()?;
+    let jti = body.jti.trim();
+    if jti.is_empty() || jti.len() > 128 {
+        return Err(AdminError::BadRequest("jti must be 1-128 characters".into()));
+    }
+    if body.reason.len() > 1024 {
+        return Err(AdminError::BadRequest("reason is longer than 1024 bytes".into()));
+    }
+    let tenant = match &req.principal {
+        Principal::Superadmin => body.tenant.clone().unwrap_or_else(|| "default".into()),
+        p @ Principal::TenantAdmin(_) => {
+            let own = p.one_tenant(body.tenant.as_deref())?;
+            // A tenant admin may only revoke tokens minted in its tenant: the mint is in
+            // that tenant's audit chain.
+            let filter = AuditFilter {
+                tenant: Some(own.clone()),
+                jti: Some(jti.to_owned()),
+                ..AuditFilter::default()
+            };
+            let page = audit::query::list(gw.pipeline.audit().db(), &filter, None, 1).await?;
+            if page.items.is_empty() {
+                return Err(AdminError::Forbidden(format!(
+                    "no token with this jti was minted in tenant {own:?}"
+                )));
+            }
+            own
+        }
+    };
+    let rev = gw
+        .store
+        .revoke(NewRevocation {
+            tenant: tenant.clone(),
+            jti: jti.to_owned(),
+            reason: body.reason.clone(),
+            revoked_by: req.principal.label(),
+        })
+        .await?;
+    // Take effect on this replica now, not at the next feed poll.
+    gw.revocations.extend(std::iter::once(jti.to_owned()));
+    if rev.newly_revoked {
+        let mut event = req.event("revoke", &tenant);
+        event.jti = jti.to_owned();
+        event.reason = body.reason;
+        audit_action(gw, event).await?;
+    }
+    Ok(http::status(StatusCode::NO_CONTENT))
+}
+
+pub async fn revocations(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+    let scope = req.principal.scope(req.param("tenant"))?;
+    let limit = match req.param("limit") {
+        None => 100,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| AdminError::BadRequest("limit must be 1-1000".into()))?,
+    };
+    let rows = gw.store.list_revocations(scope.as_deref(), limit).await?;
+    let items: Vec<Value> = rows
+        .into_iter()
+        .map(|r| {
+            json!({
+                "jti": r.jti,
+                "tenant": r.tenant,
+                "reason": r.reason,
+                "revoked_by": r.revoked_by,
+                "revoked_at": audit::time::format_rfc3339_ms(r.revoked_at * 1000),
+            })
+        })
+        .collect();
+    Ok(ok(json!({"items": items, "next_cursor": null})))
+}
+
+pub async fn tenants(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+    let mut names: Vec<String> = gw
+        .store
+        .list_tenants()
+        .await?
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    names.extend(gw.config.tenant_admins.iter().map(|(t, _)| t.clone()));
+    names.push("default".into());
+    names.sort();
+    names.dedup();
+    let visible: Vec<Value> = names
+        .into_iter()
+        .filter(|n| match &req.principal {
+            Principal::Superadmin => true,
+            Principal::TenantAdmin(own) => own == n,
+        })
+        .map(|name| json!({"name": name}))
+        .collect();
+    Ok(ok(Value::Array(visible)))
+}

@@ -1,0 +1,133 @@
+//! A gateway started in-process on a loopback port, with its own data directory, the store of
+//! choice and an optional upstream, shut down through the same future Ctrl-C uses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use clap::Parser;
+use intentgate::Gateway;
+use intentgate::config::ServeArgs;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// Which store a test gateway uses.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres(String),
+}
+
+pub const ADMIN_TOKEN: &str = "test-superadmin-token-0123456789";
+pub const MASTER_KEY: &str = "dGVzdC1tYXN0ZXIta2V5LTAxMjM0NTY3ODlhYmNkZWY";
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub gw: Arc<Gateway>,
+    pub data_dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Options beyond the defaults, as `--flag value` pairs.
+pub async fn start(backend: Backend, upstream: Option<&str>, extra: &[&str]) -> TestGateway {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let mut argv: Vec<String> = vec![
+        "intentgate".into(),
+        "--addr".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        data_dir.path().display().to_string(),
+        "--admin-token".into(),
+        ADMIN_TOKEN.into(),
+        "--master-key".into(),
+        MASTER_KEY.into(),
+    ];
+    if let Backend::Postgres(url) = &backend {
+        argv.push("--postgres-url".into());
+        argv.push(url.clone());
+    }
+    if let Some(u) = upstream {
+        argv.push("--upstream-url".into());
+        argv.push(u.into());
+    }
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    let config = Args::try_parse_from(argv)
+        .expect("flags")
+        .serve
+        .validate()
+        .expect("valid config");
+    let gw = Gateway::start(config).await.expect("gateway starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(intentgate::serve(Arc::clone(&gw), listener, async move {
+        let _ = stopped.await;
+    }));
+    let task = tokio::spawn(async move {
+        let _ = task.await;
+    });
+    // The revocation feed must have synced once before tokens verify.
+    for _ in 0..100 {
+        if gw.revocations.check_fresh().is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    TestGateway {
+        addr,
+        url: format!("http://{addr}"),
+        gw,
+        data_dir,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl TestGateway {
+    /// Stops accepting and waits for the server to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// Mints a token through the admin API; returns `(token, jti)`.
+    pub async fn mint(&self, body: Value) -> (String, String) {
+        let (status, v) = super::http::post_json(
+            &format!("{}/v1/admin/mint", self.url),
+            Some(ADMIN_TOKEN),
+            &body,
+        )
+        .await;
+        assert_eq!(status, 200, "mint failed: {v}");
+        (
+            v["token"].as_str().expect("token").to_owned(),
+            v["jti"].as_str().expect("jti").to_owned(),
+        )
+    }
+
+    /// Calls a tool over `/v1/mcp` without a session, as the IntentGate SDKs do.
+    pub async fn tool_call(&self, token: &str, tool: &str, args: Value) -> Value {
+        let (status, v) = super::http::post_json(
+            &format!("{}/v1/mcp", self.url),
+            Some(token),
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                    "params": {"name": tool, "arguments": args}}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+}

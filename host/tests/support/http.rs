@@ -1,0 +1,47 @@
+//! A minimal HTTP/1.1 client for tests (hyper's client, one connection per request), so tests
+//! can send exactly the bytes and headers they mean to.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// Sends a request and returns status, headers and body bytes.
+pub async fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, hyper::HeaderMap, Bytes) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body))).expect("request");
+    let resp = client.request(req).await.expect("request sent");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, headers, body)
+}
+
+/// POSTs JSON with an optional bearer token; returns status and the JSON answer (or Null).
+pub async fn post_json(url: &str, bearer: Option<&str>, body: &Value) -> (u16, Value) {
+    let auth = bearer.map(|b| format!("Bearer {b}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    let (status, _, bytes) = send("POST", url, &headers, serde_json::to_vec(body).expect("json")).await;
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// GETs JSON with a bearer token.
+pub async fn get_json(url: &str, bearer: &str) -> (u16, Value) {
+    let auth = format!("Bearer {bearer}");
+    let (status, _, bytes) = send("GET", url, &[("authorization", &auth)], Vec::new()).await;
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
