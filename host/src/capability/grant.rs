@@ -1,0 +1,207 @@
+//! What an authenticated token permits: identity, effective limits, and the per-call checks
+//! (`tool_allow`, `tool_deny`, `mcp_allow`, `callee_allow`, `risk_max`, the requesting agent).
+//!
+//! A [`Grant`] can only be built by `Verifier::authenticate`, so holding one means the token's
+//! signature, time window and revocation status were checked. Stateful limits (`max_calls`,
+//! `rate_limit`, `max_cost`, `step_up`) are only surfaced here for the budget and policy stages.
+//! This module must never let a missing fact (no server, no callee, no risk score) allow a call
+//! that a caveat restricts.
+
+use super::MAX_NAME_BYTES;
+use super::error::{CapabilityError, echo};
+use super::glob::{Glob, any_matches};
+use super::token::Token;
+
+/// A per-call restriction from one caveat, kept in chain order.
+#[derive(Debug, Clone)]
+pub(crate) enum Restriction {
+    ToolAllow {
+        caveat: usize,
+        globs: Vec<Glob>,
+    },
+    ToolDeny {
+        caveat: usize,
+        globs: Vec<Glob>,
+    },
+    McpAllow {
+        caveat: usize,
+        globs: Vec<Glob>,
+    },
+    /// Allowed if the callee agent matches a glob of `agents` OR its zone is in `zones`
+    /// (as the original's `CanCall`); both empty allows nothing.
+    CalleeAllow {
+        caveat: usize,
+        agents: Vec<Glob>,
+        zones: Vec<String>,
+    },
+    RiskMax {
+        caveat: usize,
+        max: i64,
+    },
+}
+
+/// The facts about one call that the per-call caveats need.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallContext<'a> {
+    /// The tool being called.
+    pub tool: &'a str,
+    /// The agent the request claims to act for, if it names one; must be the token's subject.
+    pub agent: Option<&'a str>,
+    /// The upstream MCP server the call goes to; `None` fails every `mcp_allow` caveat.
+    pub server: Option<&'a str>,
+    /// `(agent, zone)` of the callee in an agent-to-agent call; `None` fails every
+    /// `callee_allow` caveat.
+    pub callee: Option<(&'a str, &'a str)>,
+    /// The caller's risk score 0-100; `None` (unknown) counts as 100.
+    pub risk: Option<u8>,
+}
+
+impl<'a> CallContext<'a> {
+    /// A call to `tool` with no other facts known.
+    pub fn tool(tool: &'a str) -> CallContext<'a> {
+        CallContext {
+            tool,
+            ..CallContext::default()
+        }
+    }
+}
+
+/// An authenticated token: who it is, its effective limits, and its per-call restrictions.
+///
+/// Only `Verifier::authenticate` builds one (the restriction list is private). The public
+/// fields are facts for the later stages; treat them as read-only.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub jti: String,
+    pub root_jti: String,
+    pub tenant: String,
+    pub zone: String,
+    /// The agent the token is bound to (`sub`, equal to every `agent_lock`).
+    pub subject: String,
+    pub issued_at: i64,
+    pub caveat_count: usize,
+    /// The earliest `exp` along the chain.
+    pub expires_at: Option<i64>,
+    /// The smallest `max_calls` along the chain (enforced by the budget stage).
+    pub max_calls: Option<u64>,
+    /// The smallest `rate_per_min` along the chain (enforced by the budget stage).
+    pub rate_per_min: Option<u64>,
+    /// The smallest `max_cents` along the chain (enforced by the budget stage).
+    pub max_cents: Option<u64>,
+    /// The lowest `risk_max` ceiling along the chain, capped at 100 (enforced by `authorize`).
+    pub risk_max: Option<u8>,
+    /// The oldest `step_up_at` along the chain (for the policy input; 0 means none recorded).
+    pub step_up_at: Option<i64>,
+    restrictions: Vec<Restriction>,
+}
+
+impl Grant {
+    pub(crate) fn new(t: &Token) -> Grant {
+        Grant {
+            jti: t.jti.clone(),
+            root_jti: t.root_jti.clone(),
+            tenant: t.tenant.clone(),
+            zone: t.zone.clone(),
+            subject: t.sub.clone(),
+            issued_at: t.iat,
+            caveat_count: t.cav.len(),
+            expires_at: None,
+            max_calls: None,
+            rate_per_min: None,
+            max_cents: None,
+            risk_max: None,
+            step_up_at: None,
+            restrictions: Vec::new(),
+        }
+    }
+
+    pub(crate) fn push(&mut self, r: Restriction) {
+        self.restrictions.push(r);
+    }
+
+    /// Checks one call against the token's per-call caveats, in chain order; the first failing
+    /// caveat is reported.
+    pub fn authorize(&self, ctx: &CallContext<'_>) -> Result<(), CapabilityError> {
+        check_len("tool", Some(ctx.tool))?;
+        check_len("agent", ctx.agent)?;
+        check_len("server", ctx.server)?;
+        check_len("callee", ctx.callee.map(|(a, _)| a))?;
+        check_len("callee zone", ctx.callee.map(|(_, z)| z))?;
+        if let Some(agent) = ctx.agent
+            && agent != self.subject
+        {
+            return Err(CapabilityError::AgentMismatch { agent: echo(agent) });
+        }
+        for r in &self.restrictions {
+            check(r, ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the tool caveats alone (`tool_allow`, `tool_deny`) permit `tool`: used to filter
+    /// `tools/list` to the token's scope.
+    pub fn allows_tool(&self, tool: &str) -> bool {
+        tool.len() <= MAX_NAME_BYTES
+            && self.restrictions.iter().all(|r| match r {
+                Restriction::ToolAllow { .. } | Restriction::ToolDeny { .. } => {
+                    check(r, &CallContext::tool(tool)).is_ok()
+                }
+                _ => true,
+            })
+    }
+}
+
+fn check_len(what: &'static str, name: Option<&str>) -> Result<(), CapabilityError> {
+    match name {
+        Some(n) if n.len() > MAX_NAME_BYTES => Err(CapabilityError::NameTooLong { what }),
+        _ => Ok(()),
+    }
+}
+
+fn check(r: &Restriction, ctx: &CallContext<'_>) -> Result<(), CapabilityError> {
+    match r {
+        Restriction::ToolAllow { caveat, globs } if !any_matches(globs, ctx.tool) => {
+            Err(CapabilityError::ToolNotAllowed {
+                tool: echo(ctx.tool),
+                caveat: *caveat,
+            })
+        }
+        Restriction::ToolDeny { caveat, globs } if any_matches(globs, ctx.tool) => {
+            Err(CapabilityError::ToolDenied {
+                tool: echo(ctx.tool),
+                caveat: *caveat,
+            })
+        }
+        Restriction::McpAllow { caveat, globs } => match ctx.server {
+            Some(s) if any_matches(globs, s) => Ok(()),
+            server => Err(CapabilityError::ServerNotAllowed {
+                server: server.map(echo),
+                caveat: *caveat,
+            }),
+        },
+        Restriction::CalleeAllow {
+            caveat,
+            agents,
+            zones,
+        } => match ctx.callee {
+            Some((a, z)) if any_matches(agents, a) || zones.iter().any(|x| x == z) => Ok(()),
+            callee => Err(CapabilityError::CalleeNotAllowed {
+                callee: callee.map(|(a, _)| echo(a)),
+                caveat: *caveat,
+            }),
+        },
+        Restriction::RiskMax { caveat, max } => {
+            let risk = ctx.risk.unwrap_or(100);
+            if i64::from(risk) > *max {
+                Err(CapabilityError::RiskTooHigh {
+                    risk,
+                    max: *max,
+                    caveat: *caveat,
+                })
+            } else {
+                Ok(())
+            }
+        }
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,412 @@
+//! Every caveat type allowed and denied, `exp`/`nbf` boundaries with leeway, revocation.
+
+use super::super::*;
+use super::*;
+
+// ---- caveats: each allowed and denied --------------------------------------------------------
+
+#[test]
+fn tool_allow_and_deny() {
+    let m = mint_ok(&MintRequest {
+        tools: vec!["read_*".into(), "list_vendors".into()],
+        ..req("bot")
+    });
+    let t = attenuate(&m.token, vec![Caveat::tool_deny(["read_secret*"])]);
+    let g = grant(&t);
+    assert_eq!(g.authorize(&CallContext::tool("read_invoice")), Ok(()));
+    assert_eq!(g.authorize(&CallContext::tool("list_vendors")), Ok(()));
+    assert_eq!(
+        g.authorize(&CallContext::tool("send_email")),
+        Err(CapabilityError::ToolNotAllowed {
+            tool: "send_email".into(),
+            caveat: 1
+        })
+    );
+    assert_eq!(
+        g.authorize(&CallContext::tool("read_secrets")),
+        Err(CapabilityError::ToolDenied {
+            tool: "read_secrets".into(),
+            caveat: 2
+        })
+    );
+    assert!(
+        g.allows_tool("read_invoice")
+            && !g.allows_tool("send_email")
+            && !g.allows_tool("read_secret")
+    );
+    // A child's broader allow list does not widen the parent's.
+    let wider = grant(&attenuate(&m.token, vec![Caveat::tool_allow(["*"])]));
+    assert!(!wider.allows_tool("send_email"));
+    // An allow caveat with no tools allows nothing.
+    let none = grant(&attenuate(&m.token, vec![Caveat::bare("tool_allow")]));
+    assert!(!none.allows_tool("read_invoice"));
+}
+
+#[test]
+fn mcp_allow_needs_a_matching_server() {
+    let m = mint_ok(&MintRequest {
+        servers: vec!["erp-*".into(), "crm".into()],
+        ..req("bot")
+    });
+    let g = grant(&m.token);
+    let call = |server| CallContext {
+        server,
+        ..CallContext::tool("x")
+    };
+    assert_eq!(g.authorize(&call(Some("erp-eu"))), Ok(()));
+    assert_eq!(g.authorize(&call(Some("crm"))), Ok(()));
+    assert_eq!(
+        g.authorize(&call(Some("hr"))),
+        Err(CapabilityError::ServerNotAllowed {
+            server: Some("hr".into()),
+            caveat: 1
+        })
+    );
+    assert_eq!(
+        g.authorize(&call(None)),
+        Err(CapabilityError::ServerNotAllowed {
+            server: None,
+            caveat: 1
+        })
+    );
+    assert!(
+        g.allows_tool("x"),
+        "tools/list filtering looks at tool caveats only"
+    );
+}
+
+#[test]
+fn callee_allow_by_agent_glob_or_zone() {
+    let m = mint_ok(&MintRequest {
+        callees: vec!["helper-*".into()],
+        callee_zones: vec!["ops".into()],
+        ..req("bot")
+    });
+    let g = grant(&m.token);
+    let call = |callee| CallContext {
+        callee,
+        ..CallContext::tool("x")
+    };
+    assert_eq!(g.authorize(&call(Some(("helper-7", "finance")))), Ok(()));
+    assert_eq!(g.authorize(&call(Some(("anyone", "ops")))), Ok(()));
+    assert_eq!(
+        g.authorize(&call(Some(("stranger", "finance")))),
+        Err(CapabilityError::CalleeNotAllowed {
+            callee: Some("stranger".into()),
+            caveat: 1
+        })
+    );
+    assert_eq!(
+        g.authorize(&call(None)),
+        Err(CapabilityError::CalleeNotAllowed {
+            callee: None,
+            caveat: 1
+        })
+    );
+    // Every callee_allow caveat must agree: a child narrows to one zone.
+    let narrowed = grant(&attenuate(
+        &m.token,
+        vec![Caveat {
+            callee_zones: vec!["ops".into()],
+            ..Caveat::bare("callee_allow")
+        }],
+    ));
+    assert!(
+        narrowed
+            .authorize(&call(Some(("helper-7", "finance"))))
+            .is_err()
+    );
+    assert_eq!(narrowed.authorize(&call(Some(("helper-7", "ops")))), Ok(()));
+    let empty = grant(&attenuate(&m.token, vec![Caveat::bare("callee_allow")]));
+    assert!(empty.authorize(&call(Some(("helper-7", "ops")))).is_err());
+}
+
+#[test]
+fn risk_max_is_a_ceiling_and_unknown_risk_fails_closed() {
+    let m = mint_ok(&MintRequest {
+        risk_max: Some(60),
+        ..req("bot")
+    });
+    let g = grant(&m.token);
+    let call = |risk| CallContext {
+        risk,
+        ..CallContext::tool("x")
+    };
+    assert_eq!(g.authorize(&call(Some(60))), Ok(()));
+    assert_eq!(g.authorize(&call(Some(0))), Ok(()));
+    assert_eq!(
+        g.authorize(&call(Some(61))),
+        Err(CapabilityError::RiskTooHigh {
+            risk: 61,
+            max: 60,
+            caveat: 1
+        })
+    );
+    assert_eq!(
+        g.authorize(&call(None)),
+        Err(CapabilityError::RiskTooHigh {
+            risk: 100,
+            max: 60,
+            caveat: 1
+        })
+    );
+    let child = grant(&attenuate(
+        &m.token,
+        vec![
+            Caveat {
+                risk_max: 90,
+                ..Caveat::bare("risk_max")
+            },
+            Caveat::bare("risk_max"),
+        ],
+    ));
+    assert_eq!(
+        child.risk_max,
+        Some(0),
+        "minimum along the chain; a bare risk_max is a ceiling of 0"
+    );
+    assert_eq!(
+        child.authorize(&call(Some(1))),
+        Err(CapabilityError::RiskTooHigh {
+            risk: 1,
+            max: 0,
+            caveat: 3
+        })
+    );
+    let unlimited = grant(
+        &mint_ok(&MintRequest {
+            risk_max: Some(100),
+            ..req("bot")
+        })
+        .token,
+    );
+    assert_eq!(unlimited.authorize(&call(None)), Ok(()));
+}
+
+#[test]
+fn stateful_limits_are_the_minimum_along_the_chain() {
+    let m = mint_ok(&MintRequest {
+        max_calls: Some(10),
+        rate_per_min: Some(5),
+        max_cents: Some(100),
+        step_up_at: Some(500),
+        ..req("bot")
+    });
+    let t = attenuate(
+        &m.token,
+        vec![
+            Caveat::max_calls(3),
+            Caveat::max_calls(7),
+            Caveat {
+                rate_per_min: 9,
+                ..Caveat::bare("rate_limit")
+            },
+            Caveat {
+                max_cents: 40,
+                ..Caveat::bare("max_cost")
+            },
+            Caveat {
+                step_up_at: 400,
+                ..Caveat::bare("step_up")
+            },
+        ],
+    );
+    let g = grant(&t);
+    assert_eq!(
+        (g.max_calls, g.rate_per_min, g.max_cents, g.step_up_at),
+        (Some(3), Some(5), Some(40), Some(400))
+    );
+    assert_eq!(
+        g.authorize(&CallContext::tool("x")),
+        Ok(()),
+        "not enforced here"
+    );
+    // A bare max_calls (as the Python SDK writes for max_calls=0) means zero calls.
+    assert_eq!(
+        grant(&attenuate(&m.token, vec![Caveat::bare("max_calls")])).max_calls,
+        Some(0)
+    );
+}
+
+#[test]
+fn agent_lock_binds_the_subject_and_the_request() {
+    let m = mint_ok(&req("bot"));
+    let g = grant(&m.token);
+    assert_eq!(
+        g.authorize(&CallContext {
+            agent: Some("bot"),
+            ..CallContext::tool("x")
+        }),
+        Ok(())
+    );
+    assert_eq!(
+        g.authorize(&CallContext {
+            agent: Some("other"),
+            ..CallContext::tool("x")
+        }),
+        Err(CapabilityError::AgentMismatch {
+            agent: "other".into()
+        })
+    );
+    // A holder cannot attenuate the token into another agent's: the lock must equal `sub`.
+    let t = attenuate(&m.token, vec![Caveat::agent_lock("other")]);
+    assert_eq!(
+        auth(&t).err(),
+        Some(CapabilityError::AgentLockMismatch { caveat: 1 })
+    );
+    let t = attenuate(&m.token, vec![Caveat::bare("agent_lock")]);
+    assert_eq!(
+        auth(&t).err(),
+        Some(CapabilityError::AgentLockMismatch { caveat: 1 })
+    );
+}
+
+#[test]
+fn unknown_and_malformed_caveats_are_denied() {
+    let m = mint_ok(&req("bot"));
+    let t = attenuate(&m.token, vec![Caveat::bare("discharge")]);
+    assert_eq!(
+        auth(&t).err(),
+        Some(CapabilityError::UnknownCaveat {
+            caveat: 1,
+            kind: "discharge".into()
+        })
+    );
+    let bad = |c: Caveat| auth(&attenuate(&m.token, vec![c])).err();
+    let wrong_field = Caveat {
+        max_calls: 5,
+        ..Caveat::tool_allow(["a"])
+    };
+    assert!(matches!(
+        bad(wrong_field),
+        Some(CapabilityError::MalformedCaveat {
+            caveat: 1,
+            kind: "tool_allow",
+            ..
+        })
+    ));
+    assert!(matches!(
+        bad(Caveat::max_calls(-1)),
+        Some(CapabilityError::MalformedCaveat {
+            kind: "max_calls",
+            ..
+        })
+    ));
+    assert!(matches!(
+        bad(Caveat::tool_allow(["[a"])),
+        Some(CapabilityError::MalformedCaveat {
+            kind: "tool_allow",
+            ..
+        })
+    ));
+    assert!(matches!(
+        bad(Caveat::bare("exp")),
+        Some(CapabilityError::MalformedCaveat { kind: "exp", .. })
+    ));
+    let neg_risk = Caveat {
+        risk_max: -1,
+        ..Caveat::bare("risk_max")
+    };
+    assert!(matches!(
+        bad(neg_risk),
+        Some(CapabilityError::MalformedCaveat {
+            kind: "risk_max",
+            ..
+        })
+    ));
+}
+
+// ---- time --------------------------------------------------------------------------------------
+
+#[test]
+fn exp_boundary_has_no_leeway() {
+    let m = mint_ok(&MintRequest {
+        ttl_seconds: Some(100),
+        ..req("bot")
+    });
+    let v = Verifier::new(key(), 300);
+    assert!(v.authenticate(&m.token, NOW + 99, &fresh()).is_ok());
+    assert_eq!(
+        v.authenticate(&m.token, NOW + 100, &fresh()).err(),
+        Some(CapabilityError::Expired { caveat: 1 })
+    );
+    // A child may only shorten the lifetime.
+    let child = attenuate(
+        &m.token,
+        vec![Caveat::exp(NOW + 10), Caveat::exp(NOW + 1000)],
+    );
+    let g = v
+        .authenticate(&child, NOW, &fresh())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(g.expires_at, Some(NOW + 10));
+    assert_eq!(
+        v.authenticate(&child, NOW + 10, &fresh()).err(),
+        Some(CapabilityError::Expired { caveat: 2 })
+    );
+}
+
+#[test]
+fn nbf_boundary_with_leeway() {
+    let m = mint_ok(&MintRequest {
+        nbf: Some((NOW + 100) as u64),
+        ..req("bot")
+    });
+    let v = Verifier::new(key(), 30);
+    assert_eq!(
+        v.authenticate(&m.token, NOW + 69, &fresh()).err(),
+        Some(CapabilityError::NotYetValid)
+    );
+    assert!(v.authenticate(&m.token, NOW + 70, &fresh()).is_ok());
+    let strict = Verifier::new(key(), 0);
+    assert_eq!(
+        strict.authenticate(&m.token, NOW + 99, &fresh()).err(),
+        Some(CapabilityError::NotYetValid)
+    );
+    assert!(strict.authenticate(&m.token, NOW + 100, &fresh()).is_ok());
+    assert_eq!(Verifier::new(key(), -5).leeway_secs(), 0);
+    assert_eq!(
+        Verifier::new(key(), 1_000_000).leeway_secs(),
+        MAX_LEEWAY_SECS
+    );
+}
+
+// ---- revocation --------------------------------------------------------------------------------
+
+#[test]
+fn revoking_jti_or_root_rejects_the_tree() {
+    let m = mint_ok(&req("bot"));
+    let child = attenuate(&m.token, vec![Caveat::tool_allow(["a"])]);
+    let set = RevocationSet::always_fresh();
+    assert!(verifier().authenticate(&child, NOW, &set).is_ok());
+    set.extend([m.root_jti.clone()]);
+    assert_eq!(
+        verifier().authenticate(&m.token, NOW, &set).err(),
+        Some(CapabilityError::Revoked)
+    );
+    assert_eq!(
+        verifier().authenticate(&child, NOW, &set).err(),
+        Some(CapabilityError::Revoked)
+    );
+    // A token whose own jti differs from its root is caught by either id.
+    let mut t = decode(&mint_ok(&req("bot")).token);
+    t.jti = "child-hop".into();
+    t.sign(&key());
+    let set = RevocationSet::always_fresh();
+    set.extend(["child-hop"]);
+    assert_eq!(
+        verifier().authenticate(&t.encode(), NOW, &set).err(),
+        Some(CapabilityError::Revoked)
+    );
+}
+
+#[test]
+fn stale_revocation_set_fails_closed() {
+    let m = mint_ok(&req("bot"));
+    let set = RevocationSet::new(std::time::Duration::from_secs(60));
+    assert_eq!(
+        verifier().authenticate(&m.token, NOW, &set).err(),
+        Some(CapabilityError::RevocationStale)
+    );
+    set.mark_synced();
+    assert!(verifier().authenticate(&m.token, NOW, &set).is_ok());
+}
