@@ -4,3 +4,4 @@
 mod support;
 mod bundles;
 mod plugins;
+mod store;

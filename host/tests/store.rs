@@ -1,0 +1,936 @@
+//! The store suite: every case is written once, as an async fn taking a [`Fixture`], and run
+//! against SQLite (a temp dir) and PostgreSQL (a throwaway server from `testkit`), as
+//! `store::<case>::sqlite` and `store::<case>::postgres`. Below the suite, backend-specific
+//! checks (SQLite pragmas, connect errors) and the testkit's own shutdown guarantees.
+//!
+//! These tests must never skip: missing PostgreSQL binaries fail them with the package name.
+//! They must never reach anything but loopback and their own temp dirs.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use intentgate::store::{
+    self, ChargeOutcome, Db, MAX_PAGE, NewRevocation, SessionRecord, Store, StoreConfig, StoreError,
+};
+use intentgate::testkit::PgServer;
+
+/// A store on a fresh database, and how to open it again (as another replica would).
+struct Fixture {
+    config: StoreConfig,
+    store: Arc<dyn Store>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Fixture {
+    async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // A directory that does not exist yet: opening must create it and the file.
+        let config = StoreConfig::Sqlite {
+            path: dir.path().join("data").join("intentgate.db"),
+        };
+        let store = store::connect(&config).await.expect("open SQLite store");
+        Self {
+            config,
+            store,
+            _dir: Some(dir),
+        }
+    }
+
+    async fn postgres() -> Self {
+        let url = tokio::task::spawn_blocking(|| {
+            PgServer::shared().and_then(|server| server.fresh_database())
+        })
+        .await
+        .expect("join")
+        .expect("PostgreSQL test server");
+        let config = StoreConfig::Postgres { url };
+        let store = store::connect(&config)
+            .await
+            .expect("connect PostgreSQL store");
+        Self {
+            config,
+            store,
+            _dir: None,
+        }
+    }
+
+    /// A second, independent handle on the same database: another replica.
+    async fn replica(&self) -> Arc<dyn Store> {
+        store::connect(&self.config).await.expect("second connect")
+    }
+}
+
+/// Runs each case against both backends.
+macro_rules! suite {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$case(super::Fixture::sqlite().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$case(super::Fixture::postgres().await).await;
+            }
+        }
+    )*};
+}
+
+suite!(
+    migrations_are_idempotent,
+    revoke_is_idempotent,
+    list_revocations_is_scoped_by_tenant,
+    revocations_since_orders_and_pages,
+    concurrent_revocations_are_never_missed,
+    tenants_are_listed_once,
+    charge_adds_within_the_limit,
+    concurrent_charges_never_pass_the_limit,
+    sessions_round_trip_and_expire,
+    bad_input_is_a_typed_error,
+    db_handle_ping_and_close,
+);
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+fn rev(tenant: &str, jti: &str, reason: &str) -> NewRevocation {
+    NewRevocation {
+        tenant: tenant.into(),
+        jti: jti.into(),
+        reason: reason.into(),
+        revoked_by: "superadmin".into(),
+    }
+}
+
+async fn migration_versions(db: &Db) -> Vec<i64> {
+    let sql = "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version";
+    match db {
+        Db::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+        Db::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+    }
+    .expect("read _sqlx_migrations")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The suite.
+
+async fn migrations_are_idempotent(f: Fixture) {
+    let applied = migration_versions(&f.store.db()).await;
+    assert_eq!(applied.first(), Some(&1), "0001_core applied: {applied:?}");
+    f.store
+        .revoke(rev("acme", "jti-survives", "r"))
+        .await
+        .expect("revoke");
+    // Connect again, twice at once (two replicas starting together), to the migrated database.
+    let (a, b) = tokio::join!(store::connect(&f.config), store::connect(&f.config));
+    let (a, b) = (a.expect("second connect"), b.expect("third connect"));
+    assert_eq!(migration_versions(&a.db()).await, applied);
+    for s in [&a, &b] {
+        let rows = s.list_revocations(Some("acme"), 10).await.expect("list");
+        assert_eq!(rows.len(), 1, "data survives a re-connect");
+        assert_eq!(rows[0].jti, "jti-survives");
+    }
+}
+
+async fn revoke_is_idempotent(f: Fixture) {
+    let before = now();
+    let first = f
+        .store
+        .revoke(rev("acme", "jti-1", "leaked"))
+        .await
+        .expect("revoke");
+    assert!(first.newly_revoked);
+    assert!(first.seq > 0);
+    assert_eq!(
+        (
+            first.tenant.as_str(),
+            first.jti.as_str(),
+            first.reason.as_str()
+        ),
+        ("acme", "jti-1", "leaked")
+    );
+    assert_eq!(first.revoked_by, "superadmin");
+    assert!(
+        (before..=now()).contains(&first.revoked_at),
+        "revoked_at is unix seconds"
+    );
+
+    let mut again = rev("acme", "jti-1", "another reason");
+    again.revoked_by = "tenant-admin:acme".into();
+    let second = f.store.revoke(again).await.expect("revoke again");
+    assert!(!second.newly_revoked, "second revoke is not new");
+    assert_eq!(
+        Store::revoke(&*f.store, rev("acme", "jti-1", "x"))
+            .await
+            .expect("third")
+            .seq,
+        first.seq
+    );
+    // The existing row comes back unchanged.
+    assert_eq!(
+        second,
+        store::Revocation {
+            newly_revoked: false,
+            ..first.clone()
+        }
+    );
+    // The tenant was created by the revoke.
+    let tenants = f.store.list_tenants().await.expect("tenants");
+    assert_eq!(
+        tenants.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["acme"]
+    );
+
+    // Revocations are tenant-scoped: the same jti in another tenant is its own row.
+    let other = f
+        .store
+        .revoke(rev("globex", "jti-1", "also"))
+        .await
+        .expect("revoke in globex");
+    assert!(other.newly_revoked);
+    assert!(other.seq > first.seq);
+    let feed = f.store.revocations_since(0, 100).await.expect("feed");
+    assert_eq!(
+        feed,
+        vec![(first.seq, "jti-1".into()), (other.seq, "jti-1".into())]
+    );
+}
+
+async fn list_revocations_is_scoped_by_tenant(f: Fixture) {
+    for (tenant, jti) in [
+        ("acme", "a1"),
+        ("globex", "g1"),
+        ("acme", "a2"),
+        ("globex", "g2"),
+        ("acme", "a3"),
+    ] {
+        f.store.revoke(rev(tenant, jti, "r")).await.expect("revoke");
+    }
+    let jtis = |rows: Vec<store::Revocation>| rows.into_iter().map(|r| r.jti).collect::<Vec<_>>();
+
+    let acme = f
+        .store
+        .list_revocations(Some("acme"), 100)
+        .await
+        .expect("list acme");
+    assert!(acme.iter().all(|r| r.tenant == "acme" && !r.newly_revoked));
+    assert_eq!(jtis(acme), ["a3", "a2", "a1"], "newest first");
+    assert_eq!(
+        jtis(
+            f.store
+                .list_revocations(Some("globex"), 100)
+                .await
+                .expect("globex")
+        ),
+        ["g2", "g1"]
+    );
+    assert_eq!(
+        jtis(f.store.list_revocations(None, 100).await.expect("all")),
+        ["a3", "g2", "a2", "g1", "a1"]
+    );
+    assert_eq!(
+        jtis(f.store.list_revocations(None, 2).await.expect("limit")),
+        ["a3", "g2"]
+    );
+    assert_eq!(
+        jtis(
+            f.store
+                .list_revocations(Some("acme"), 1)
+                .await
+                .expect("limit")
+        ),
+        ["a3"]
+    );
+    assert!(
+        f.store
+            .list_revocations(Some("initech"), 10)
+            .await
+            .expect("unknown tenant")
+            .is_empty()
+    );
+}
+
+async fn revocations_since_orders_and_pages(f: Fixture) {
+    let expected: Vec<String> = (0..25).map(|i| format!("jti-{i:02}")).collect();
+    for jti in &expected {
+        f.store
+            .revoke(rev("default", jti, ""))
+            .await
+            .expect("revoke");
+    }
+    let all = f.store.revocations_since(0, 1000).await.expect("all");
+    assert_eq!(
+        all.iter().map(|(_, j)| j.clone()).collect::<Vec<_>>(),
+        expected,
+        "oldest first"
+    );
+    assert!(
+        all.windows(2).all(|w| w[0].0 < w[1].0),
+        "strictly increasing seq"
+    );
+
+    let mut paged = Vec::new();
+    let mut sizes = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = f.store.revocations_since(after, 10).await.expect("page");
+        sizes.push(page.len());
+        let Some((last, _)) = page.last() else { break };
+        after = *last;
+        paged.extend(page);
+    }
+    assert_eq!(sizes, [10, 10, 5, 0]);
+    assert_eq!(paged, all);
+
+    // Re-revoking does not move the feed; a new revocation appears after the cursor.
+    f.store
+        .revoke(rev("default", "jti-03", "again"))
+        .await
+        .expect("re-revoke");
+    assert!(
+        f.store
+            .revocations_since(after, 10)
+            .await
+            .expect("empty")
+            .is_empty()
+    );
+    let new = f
+        .store
+        .revoke(rev("default", "jti-new", ""))
+        .await
+        .expect("new");
+    assert_eq!(
+        f.store.revocations_since(after, 10).await.expect("one"),
+        [(new.seq, "jti-new".to_owned())]
+    );
+}
+
+/// Many writers on two replicas while a poller follows the feed with a cursor and never
+/// re-reads: every revocation must reach the poller. A feed whose seq can commit out of order
+/// loses rows here.
+async fn concurrent_revocations_are_never_missed(f: Fixture) {
+    const WRITERS: usize = 8;
+    const EACH: usize = 25;
+    let replica = f.replica().await;
+    let done = Arc::new(AtomicBool::new(false));
+
+    let poller = {
+        let store = Arc::clone(&f.store);
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut after = 0i64;
+            let mut seen = Vec::new();
+            loop {
+                let finished = done.load(Ordering::SeqCst);
+                let page = store.revocations_since(after, 7).await.expect("poll");
+                if let Some((last, _)) = page.last() {
+                    after = *last;
+                }
+                let empty = page.is_empty();
+                seen.extend(page);
+                if finished && empty {
+                    return seen;
+                }
+                if empty {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let store = if w % 2 == 0 {
+            Arc::clone(&f.store)
+        } else {
+            Arc::clone(&replica)
+        };
+        writers.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+                store
+                    .revoke(rev(tenant, &format!("w{w}-{i}"), "bulk"))
+                    .await
+                    .expect("concurrent revoke");
+            }
+        }));
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    done.store(true, Ordering::SeqCst);
+    let seen = poller.await.expect("poller");
+
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "feed order is seq order"
+    );
+    let seen: BTreeSet<String> = seen.into_iter().map(|(_, j)| j).collect();
+    let expected: BTreeSet<String> = (0..WRITERS)
+        .flat_map(|w| (0..EACH).map(move |i| format!("w{w}-{i}")))
+        .collect();
+    assert_eq!(
+        seen.len(),
+        expected.len(),
+        "missed: {:?}",
+        expected.difference(&seen).collect::<Vec<_>>()
+    );
+    assert_eq!(seen, expected);
+}
+
+async fn tenants_are_listed_once(f: Fixture) {
+    let before = now();
+    assert!(f.store.ensure_tenant("globex").await.expect("ensure"));
+    assert!(f.store.ensure_tenant("acme").await.expect("ensure"));
+    assert!(!f.store.ensure_tenant("acme").await.expect("again"));
+    f.store
+        .revoke(rev("acme", "j", ""))
+        .await
+        .expect("revoke in a known tenant");
+    f.store
+        .revoke(rev("default", "j", ""))
+        .await
+        .expect("revoke in a new tenant");
+    let tenants = f.store.list_tenants().await.expect("list");
+    assert_eq!(
+        tenants.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["acme", "default", "globex"]
+    );
+    assert!(
+        tenants
+            .iter()
+            .all(|t| (before..=now()).contains(&t.created_at))
+    );
+}
+
+async fn charge_adds_within_the_limit(f: Fixture) {
+    use ChargeOutcome::{Charged, Exceeded};
+    let s = &f.store;
+    let w = 1_700_000_040;
+    let charge = |key: &'static str, window: i64, amount: i64, limit: i64| {
+        let s = Arc::clone(s);
+        async move { s.charge(key, window, amount, limit).await.expect("charge") }
+    };
+    assert_eq!(s.counter("calls:a", w).await.expect("counter"), 0);
+    assert_eq!(charge("calls:a", w, 3, 10).await, Charged { total: 3 });
+    assert_eq!(charge("calls:a", w, 7, 10).await, Charged { total: 10 });
+    assert_eq!(charge("calls:a", w, 1, 10).await, Exceeded { total: 10 });
+    assert_eq!(charge("calls:a", w, 0, 10).await, Charged { total: 10 });
+    assert_eq!(s.counter("calls:a", w).await.expect("counter"), 10);
+    // Windows and keys are independent counters.
+    assert_eq!(charge("calls:a", w + 60, 5, 10).await, Charged { total: 5 });
+    assert_eq!(charge("calls:b", w, 1, 10).await, Charged { total: 1 });
+    // A first charge above the limit creates nothing.
+    assert_eq!(charge("calls:c", w, 11, 10).await, Exceeded { total: 0 });
+    assert_eq!(s.counter("calls:c", w).await.expect("counter"), 0);
+    // A lowered limit refuses further charges but keeps the total.
+    assert_eq!(charge("calls:a", w, 1, 4).await, Exceeded { total: 10 });
+    // Refunds: always applied, floored at zero, never create a row.
+    assert_eq!(
+        charge("calls:a", w, -4, i64::MAX).await,
+        Charged { total: 6 }
+    );
+    assert_eq!(charge("calls:a", w, -100, 0).await, Charged { total: 0 });
+    assert_eq!(
+        charge("calls:none", w, -1, i64::MAX).await,
+        Charged { total: 0 }
+    );
+    assert_eq!(s.counter("calls:none", w).await.expect("counter"), 0);
+    // Extremes do not overflow.
+    assert_eq!(
+        charge("big", 0, i64::MAX, i64::MAX).await,
+        Charged { total: i64::MAX }
+    );
+    assert_eq!(
+        charge("big", 0, 1, i64::MAX).await,
+        Exceeded { total: i64::MAX }
+    );
+    assert_eq!(
+        charge("big", 0, i64::MAX, i64::MAX).await,
+        Exceeded { total: i64::MAX }
+    );
+    assert_eq!(charge("zero", 0, 0, 0).await, Charged { total: 0 });
+    assert_eq!(charge("zero", 0, 1, 0).await, Exceeded { total: 0 });
+}
+
+/// Many tasks on two replicas charge one counter at once: exactly `limit` unit charges win,
+/// each sees a distinct total, and the counter ends at the limit.
+async fn concurrent_charges_never_pass_the_limit(f: Fixture) {
+    const TASKS: i64 = 120;
+    const LIMIT: i64 = 37;
+    let replica = f.replica().await;
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let s = if t % 2 == 0 {
+            Arc::clone(&f.store)
+        } else {
+            Arc::clone(&replica)
+        };
+        tasks.push(tokio::spawn(async move {
+            s.charge("rate:hot", 60, 1, LIMIT).await.expect("charge")
+        }));
+    }
+    let mut totals = Vec::new();
+    let mut exceeded = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            ChargeOutcome::Charged { total } => totals.push(total),
+            ChargeOutcome::Exceeded { total } => {
+                assert!(total <= LIMIT);
+                exceeded += 1;
+            }
+        }
+    }
+    totals.sort();
+    assert_eq!(
+        totals,
+        (1..=LIMIT).collect::<Vec<_>>(),
+        "each winner saw a distinct total"
+    );
+    assert_eq!(exceeded, TASKS - LIMIT);
+    assert_eq!(
+        f.store.counter("rate:hot", 60).await.expect("counter"),
+        LIMIT
+    );
+
+    // Mixed amounts: the sum of what was granted is what was counted, and within the limit.
+    let mut tasks = Vec::new();
+    for t in 0..80i64 {
+        let s = if t % 2 == 0 {
+            Arc::clone(&f.store)
+        } else {
+            Arc::clone(&replica)
+        };
+        let amount = t % 5 + 1;
+        tasks.push(tokio::spawn(async move {
+            let out = s.charge("cents:x", 0, amount, 100).await.expect("charge");
+            (amount, out)
+        }));
+    }
+    let mut granted = 0;
+    for t in tasks {
+        if let (amount, ChargeOutcome::Charged { .. }) = t.await.expect("task") {
+            granted += amount;
+        }
+    }
+    let counted = f.store.counter("cents:x", 0).await.expect("counter");
+    assert_eq!(granted, counted);
+    assert!(
+        counted <= 100 && counted > 95,
+        "the limit is filled, not passed: {counted}"
+    );
+}
+
+async fn sessions_round_trip_and_expire(f: Fixture) {
+    let now = now();
+    let s = SessionRecord {
+        id: "sess-1".into(),
+        tenant: "acme".into(),
+        token_jti: "jti-1".into(),
+        upstream_session: Some("upstream-abc".into()),
+        protocol_version: "2025-06-18".into(),
+        created_at: now,
+        expires_at: now + 3600,
+    };
+    f.store.put_session(&s).await.expect("put");
+    assert_eq!(
+        f.store.get_session("sess-1").await.expect("get"),
+        Some(s.clone())
+    );
+    let replica = f.replica().await;
+    assert_eq!(
+        replica.get_session("sess-1").await.expect("get on replica"),
+        Some(s.clone()),
+        "a session opened on one replica is known to another"
+    );
+
+    // Update: created_at is kept, the rest follows.
+    let updated = SessionRecord {
+        upstream_session: None,
+        protocol_version: "2025-11-25".into(),
+        created_at: now + 5,
+        expires_at: now + 7200,
+        ..s.clone()
+    };
+    replica.put_session(&updated).await.expect("update");
+    assert_eq!(
+        f.store.get_session("sess-1").await.expect("get"),
+        Some(SessionRecord {
+            created_at: now,
+            ..updated.clone()
+        })
+    );
+
+    // Another tenant or token cannot take the session over.
+    for hijack in [
+        SessionRecord {
+            tenant: "globex".into(),
+            ..s.clone()
+        },
+        SessionRecord {
+            token_jti: "jti-2".into(),
+            ..s.clone()
+        },
+    ] {
+        let e = f.store.put_session(&hijack).await.expect_err("hijack");
+        assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+    }
+    assert_eq!(
+        f.store
+            .get_session("sess-1")
+            .await
+            .expect("get")
+            .map(|s| s.tenant),
+        Some("acme".into())
+    );
+
+    // Expired sessions are gone for get and removed by prune.
+    for (id, expires_at) in [("sess-old", now - 1), ("sess-edge", now)] {
+        f.store
+            .put_session(&SessionRecord {
+                id: id.into(),
+                created_at: now - 100,
+                expires_at,
+                ..s.clone()
+            })
+            .await
+            .expect("put expired");
+        assert_eq!(f.store.get_session(id).await.expect("get"), None, "{id}");
+    }
+    assert_eq!(f.store.prune_sessions().await.expect("prune"), 2);
+    assert!(f.store.get_session("sess-1").await.expect("get").is_some());
+
+    assert!(f.store.delete_session("sess-1").await.expect("delete"));
+    assert_eq!(f.store.get_session("sess-1").await.expect("get"), None);
+    assert!(
+        !f.store
+            .delete_session("sess-1")
+            .await
+            .expect("delete again")
+    );
+    assert_eq!(f.store.get_session("nope").await.expect("unknown"), None);
+}
+
+async fn bad_input_is_a_typed_error(f: Fixture) {
+    fn field_of(r: Result<impl std::fmt::Debug, StoreError>) -> &'static str {
+        match r {
+            Err(StoreError::InvalidInput { field, .. }) => field,
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+    }
+    let s = &f.store;
+    let mut long_reason = rev("acme", "j", "");
+    long_reason.reason = "x".repeat(1025);
+    let mut nul_reason = rev("acme", "j", "");
+    nul_reason.reason = "a\0b".into();
+    let mut no_author = rev("acme", "j", "");
+    no_author.revoked_by = String::new();
+    for (r, field) in [
+        (rev("acme", "", "r"), "jti"),
+        (rev("acme", "has space", "r"), "jti"),
+        (rev("acme", &"j".repeat(129), "r"), "jti"),
+        (rev("", "j", "r"), "tenant"),
+        (rev("a b", "j", "r"), "tenant"),
+        (rev("acme:x", "j", "r"), "tenant"),
+        (long_reason, "reason"),
+        (nul_reason, "reason"),
+        (no_author, "revoked_by"),
+    ] {
+        assert_eq!(field_of(s.revoke(r.clone()).await), field, "{r:?}");
+    }
+    assert_eq!(field_of(s.list_revocations(None, 0).await), "limit");
+    assert_eq!(
+        field_of(s.list_revocations(None, MAX_PAGE + 1).await),
+        "limit"
+    );
+    assert_eq!(
+        field_of(s.list_revocations(Some("a b"), 10).await),
+        "tenant"
+    );
+    assert_eq!(field_of(s.revocations_since(0, 0).await), "limit");
+    assert_eq!(field_of(s.revocations_since(0, -5).await), "limit");
+    assert_eq!(field_of(s.ensure_tenant("").await), "tenant");
+    assert_eq!(field_of(s.charge("", 0, 1, 1).await), "key");
+    assert_eq!(field_of(s.charge("k", 0, 1, -1).await), "limit");
+    assert_eq!(field_of(s.charge("k", 0, i64::MIN, 0).await), "amount");
+    assert_eq!(field_of(s.counter("", 0).await), "key");
+
+    let good = SessionRecord {
+        id: "sess".into(),
+        tenant: "acme".into(),
+        token_jti: "jti".into(),
+        upstream_session: None,
+        protocol_version: "2025-06-18".into(),
+        created_at: 100,
+        expires_at: 200,
+    };
+    for (bad, field) in [
+        (
+            SessionRecord {
+                id: String::new(),
+                ..good.clone()
+            },
+            "session id",
+        ),
+        (
+            SessionRecord {
+                id: "a\nb".into(),
+                ..good.clone()
+            },
+            "session id",
+        ),
+        (
+            SessionRecord {
+                tenant: "bad tenant".into(),
+                ..good.clone()
+            },
+            "tenant",
+        ),
+        (
+            SessionRecord {
+                token_jti: String::new(),
+                ..good.clone()
+            },
+            "token_jti",
+        ),
+        (
+            SessionRecord {
+                upstream_session: Some(String::new()),
+                ..good.clone()
+            },
+            "upstream_session",
+        ),
+        (
+            SessionRecord {
+                protocol_version: String::new(),
+                ..good.clone()
+            },
+            "protocol_version",
+        ),
+        (
+            SessionRecord {
+                expires_at: 99,
+                ..good.clone()
+            },
+            "expires_at",
+        ),
+    ] {
+        assert_eq!(field_of(s.put_session(&bad).await), field, "{bad:?}");
+    }
+    assert_eq!(field_of(s.get_session("").await), "session id");
+    assert_eq!(field_of(s.delete_session("with space").await), "session id");
+
+    // Nothing reached the database.
+    assert!(s.list_revocations(None, 10).await.expect("list").is_empty());
+    assert!(s.list_tenants().await.expect("tenants").is_empty());
+    let e = s.charge("", 0, 1, 1).await.expect_err("bad key");
+    assert!(!e.is_unavailable());
+    assert!(e.to_string().contains("key"), "{e}");
+}
+
+async fn db_handle_ping_and_close(f: Fixture) {
+    f.store.ping().await.expect("ping");
+    f.store.revoke(rev("acme", "j", "")).await.expect("revoke");
+    let sql = "SELECT COUNT(*) FROM revocations";
+    let n: i64 = match (&f.config, f.store.db()) {
+        (StoreConfig::Sqlite { .. }, Db::Sqlite(pool)) => {
+            sqlx::query_scalar(sql).fetch_one(&pool).await
+        }
+        (StoreConfig::Postgres { .. }, Db::Postgres(pool)) => {
+            sqlx::query_scalar(sql).fetch_one(&pool).await
+        }
+        (config, db) => panic!("{config:?} gave {db:?}"),
+    }
+    .expect("raw query");
+    assert_eq!(n, 1, "db() reaches the store's own database");
+
+    f.store.close().await;
+    let e = f.store.ping().await.expect_err("closed");
+    assert!(e.is_unavailable(), "a closed pool is unavailable: {e:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend-specific checks.
+
+#[tokio::test]
+async fn sqlite_runs_wal_full_sync_with_foreign_keys() {
+    let f = Fixture::sqlite().await;
+    let Db::Sqlite(pool) = f.store.db() else {
+        panic!("not SQLite")
+    };
+    let mut conn = pool.acquire().await.expect("connection");
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("journal_mode");
+    let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("synchronous");
+    let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("foreign_keys");
+    let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("busy_timeout");
+    assert_eq!(mode, "wal");
+    assert_eq!(sync, 2, "synchronous=FULL");
+    assert_eq!(fk, 1);
+    assert_eq!(busy, store::SQLITE_BUSY_TIMEOUT.as_millis() as i64);
+}
+
+#[tokio::test]
+async fn sqlite_bad_paths_are_config_errors() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a directory").expect("write");
+    for path in [std::path::PathBuf::new(), file.join("under-a-file.db")] {
+        let e = store::connect(&StoreConfig::Sqlite { path: path.clone() })
+            .await
+            .err()
+            .expect("must fail");
+        assert!(matches!(e, StoreError::Config(_)), "{path:?}: {e:?}");
+    }
+    // A file that is not a database.
+    let e = store::connect(&StoreConfig::Sqlite { path: file })
+        .await
+        .err()
+        .expect("must fail");
+    assert!(!e.is_unavailable(), "{e:?}");
+}
+
+#[tokio::test]
+async fn postgres_bad_url_is_a_config_error_without_the_password() {
+    let url = "postgres://ig:hunter2@127.0.0.1:notaport/db";
+    let e = store::connect(&StoreConfig::Postgres { url: url.into() })
+        .await
+        .err()
+        .expect("must fail");
+    assert!(matches!(e, StoreError::Config(_)), "{e:?}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let cfg = StoreConfig::Postgres { url: url.into() };
+    assert!(!format!("{cfg} {cfg:?}").contains("hunter2"));
+}
+
+#[tokio::test]
+async fn postgres_unreachable_is_unavailable_within_the_timeout() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let started = Instant::now();
+    let e = store::connect(&StoreConfig::Postgres {
+        url: format!("postgres://ig:pw@127.0.0.1:{port}/ig"),
+    })
+    .await
+    .err()
+    .expect("must fail");
+    assert!(e.is_unavailable(), "{e:?}");
+    assert!(started.elapsed() < store::PG_CONNECT_TIMEOUT + Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn postgres_wrong_password_is_refused() {
+    let server = tokio::task::spawn_blocking(PgServer::shared)
+        .await
+        .expect("join")
+        .expect("server");
+    let url = format!(
+        "postgres://postgres:wrong@127.0.0.1:{}/postgres",
+        server.port()
+    );
+    let e = store::connect(&StoreConfig::Postgres { url })
+        .await
+        .err()
+        .expect("must fail");
+    assert!(!e.to_string().contains("wrong@"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The testkit itself.
+
+#[test]
+fn pg_server_private_instance_stops_and_cleans_up_on_drop() {
+    let server = PgServer::start().expect("start");
+    let dir = server.dir().to_path_buf();
+    let port = server.port();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let a = server.fresh_database().expect("db a");
+    let b = server.fresh_database().expect("db b");
+    assert_ne!(a, b);
+    assert!(a.starts_with("postgres://postgres:"));
+    drop(server);
+    assert!(!dir.exists(), "temp dir removed");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "server stopped"
+    );
+}
+
+const WATCHDOG_CHILD_ENV: &str = "INTENTGATE_TEST_PG_WATCHDOG_CHILD";
+
+/// Not a test on its own: run by `pg_server_shared_instance_stops_when_the_process_exits` in a
+/// child process, where it starts the shared server and exits without dropping anything.
+#[test]
+fn pg_watchdog_child() {
+    if std::env::var_os(WATCHDOG_CHILD_ENV).is_none() {
+        return;
+    }
+    let server = PgServer::shared().expect("shared server");
+    println!("PGDIR={}", server.dir().display());
+    println!("PGPORT={}", server.port());
+    std::process::exit(0);
+}
+
+#[test]
+fn pg_server_shared_instance_stops_when_the_process_exits() {
+    // libtest names a test by its module path without the crate: `store::pg_watchdog_child`
+    // in the `main` test binary, `pg_watchdog_child` when this file is built on its own.
+    let child_test_name = match module_path!().split_once("::") {
+        Some((_crate, path)) => format!("{path}::pg_watchdog_child"),
+        None => "pg_watchdog_child".to_owned(),
+    };
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            &child_test_name,
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(WATCHDOG_CHILD_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.split_once(key).map(|(_, v)| v.trim()))
+            .unwrap_or_else(|| panic!("child printed no {key}: {stdout}"))
+            .to_owned()
+    };
+    let dir = std::path::PathBuf::from(value("PGDIR="));
+    let port: u16 = value("PGPORT=").parse().expect("port");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dir.exists() || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "server of an exited process still running"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
