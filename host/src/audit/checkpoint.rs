@@ -95,12 +95,17 @@ impl Checkpoint {
             return Err(bad("not signed by the given log key"));
         }
         let mut lines = body.lines();
-        let origin = lines.next().filter(|l| !l.is_empty()).ok_or_else(|| bad("no origin"))?;
+        let origin = lines
+            .next()
+            .filter(|l| !l.is_empty())
+            .ok_or_else(|| bad("no origin"))?;
         let size: u64 = lines
             .next()
             .and_then(|l| {
                 // Decimal without leading zeros, as tlog-checkpoint requires.
-                (l == "0" || !l.starts_with('0')).then(|| l.parse().ok()).flatten()
+                (l == "0" || !l.starts_with('0'))
+                    .then(|| l.parse().ok())
+                    .flatten()
             })
             .ok_or_else(|| bad("size is not a decimal number"))?;
         let root = lines
@@ -131,7 +136,10 @@ mod tests {
         assert_eq!(cp.origin, "gw/acme%20corp");
         let note = cp.sign(&key);
         let lines: Vec<&str> = note.lines().collect();
-        assert_eq!(lines[..4], ["gw/acme%20corp", "42", &B64.encode([9u8; 32]), ""]);
+        assert_eq!(
+            lines[..4],
+            ["gw/acme%20corp", "42", &B64.encode([9u8; 32]), ""]
+        );
         assert!(lines[4].starts_with("\u{2014} gw "));
         assert_eq!(Checkpoint::open(&note, &key.verifier()).expect("open"), cp);
         let forged = note.replace("\n42\n", "\n43\n");

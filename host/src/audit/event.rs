@@ -121,9 +121,7 @@ impl ArgValuesMode {
             ArgValuesMode::Raw => (!args.is_null()).then(|| args.clone()),
             ArgValuesMode::Scalars => match args {
                 Value::Object(map) => Some(Value::Object(
-                    map.iter()
-                        .map(|(k, v)| (k.clone(), scalar_of(v)))
-                        .collect(),
+                    map.iter().map(|(k, v)| (k.clone(), scalar_of(v))).collect(),
                 )),
                 Value::Null | Value::Array(_) => None,
                 scalar => Some(scalar_of(scalar)),
@@ -304,7 +302,10 @@ mod tests {
         assert_eq!(v["e"].as_str().map(|s| s.len()), Some(256 + "…".len()));
         let (_, v) = ArgValuesMode::Raw.apply(&args);
         assert_eq!(v, Some(args.clone()));
-        assert_eq!("SCALARS".parse::<ArgValuesMode>().ok(), Some(ArgValuesMode::Scalars));
+        assert_eq!(
+            "SCALARS".parse::<ArgValuesMode>().ok(),
+            Some(ArgValuesMode::Scalars)
+        );
         assert!("some".parse::<ArgValuesMode>().is_err());
     }
 

@@ -67,7 +67,13 @@ pub fn filename(tenant: Option<&str>, now_ms: i64, format: Format) -> String {
     let scope: String = tenant
         .unwrap_or("all")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect();
     format!(
@@ -79,7 +85,10 @@ pub fn filename(tenant: Option<&str>, now_ms: i64, format: Format) -> String {
 
 /// The `Content-Disposition` header value for an export.
 pub fn content_disposition(tenant: Option<&str>, now_ms: i64, format: Format) -> String {
-    format!("attachment; filename=\"{}\"", filename(tenant, now_ms, format))
+    format!(
+        "attachment; filename=\"{}\"",
+        filename(tenant, now_ms, format)
+    )
 }
 
 /// CSV columns, in order.

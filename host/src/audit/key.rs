@@ -140,9 +140,8 @@ impl LogKey {
         match std::fs::read_to_string(&path) {
             Ok(text) => {
                 warn_if_readable_by_others(&path);
-                return Self::parse(&text).map_err(|e| {
-                    AuditError::Key(format!("{}: {e}", path.display()))
-                });
+                return Self::parse(&text)
+                    .map_err(|e| AuditError::Key(format!("{}: {e}", path.display())));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(AuditError::Io(e)),
@@ -272,7 +271,8 @@ impl Verifier {
             Some(raw) => (default_name.to_owned(), None, raw),
             None => {
                 let mut parts = text.splitn(3, '+');
-                let (Some(name), Some(hash), Some(key)) = (parts.next(), parts.next(), parts.next())
+                let (Some(name), Some(hash), Some(key)) =
+                    (parts.next(), parts.next(), parts.next())
                 else {
                     return Err(AuditError::Key("malformed verifier key".into()));
                 };
@@ -368,7 +368,8 @@ mod tests {
         let vk = key.verifier().to_string();
         assert!(vk.starts_with("gw.example+"));
         assert_eq!(Verifier::parse(&vk, "x").expect("vk"), key.verifier());
-        let bare = Verifier::parse(&key.verifier().public_key_base64(), "gw.example").expect("bare");
+        let bare =
+            Verifier::parse(&key.verifier().public_key_base64(), "gw.example").expect("bare");
         assert_eq!(bare, key.verifier());
         // A tampered hash or key is refused.
         let mut bad = vk.clone();

@@ -115,21 +115,26 @@ impl AuditLog {
     /// sync on commit (`synchronous` below FULL): acknowledged events must survive power loss.
     pub async fn open(db: Db, key: LogKey, cfg: AuditConfig) -> Result<Self, AuditError> {
         cfg.validate()?;
-        let missing =
-            |e: sqlx::Error| AuditError::Config(format!("audit tables missing (run migrations): {e}"));
+        let missing = |e: sqlx::Error| {
+            AuditError::Config(format!("audit tables missing (run migrations): {e}"))
+        };
         match &db {
             Db::Sqlite(pool) => {
                 sqlx::query("SELECT 1 FROM audit_chain_heads LIMIT 1")
                     .fetch_optional(pool)
                     .await
                     .map_err(missing)?;
-                let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(pool).await?;
+                let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                    .fetch_one(pool)
+                    .await?;
                 if sync < 2 {
                     return Err(AuditError::Config(format!(
                         "SQLite synchronous is {sync}; the audit log needs FULL (2) or EXTRA (3)"
                     )));
                 }
-                let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(pool).await?;
+                let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                    .fetch_one(pool)
+                    .await?;
                 if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
                     tracing::warn!(journal_mode = %mode, "SQLite is not in WAL mode; audit group commit will be slower");
                 }
@@ -201,7 +206,11 @@ impl AuditLog {
             match sender.try_send(job) {
                 Ok(()) => return answer.await.map_err(|_| AuditError::Unavailable)?,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.inner.shared.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+                    self.inner
+                        .shared
+                        .counters
+                        .overloaded
+                        .fetch_add(1, Ordering::Relaxed);
                     return Err(AuditError::Overloaded {
                         tenant,
                         detail: "writer queue full",
@@ -264,9 +273,11 @@ impl AuditLog {
             tenant: tenant.to_owned(),
         };
         writer.checkpoint().await?;
-        Ok(super::query::latest_checkpoint(&self.inner.shared.db, tenant)
-            .await?
-            .map(|c| c.note))
+        Ok(
+            super::query::latest_checkpoint(&self.inner.shared.db, tenant)
+                .await?
+                .map(|c| c.note),
+        )
     }
 }
 
@@ -398,10 +409,13 @@ macro_rules! commit_tx {
                 .fetch_optional(&mut *tx)
                 .await?;
         }
-        let (seq, hash, checkpoint_size) = head.ok_or_else(|| {
-            AuditError::Integrity(format!("chain head of {tenant:?} vanished"))
-        })?;
-        let head = Head { seq, hash, checkpoint_size };
+        let (seq, hash, checkpoint_size) = head
+            .ok_or_else(|| AuditError::Integrity(format!("chain head of {tenant:?} vanished")))?;
+        let head = Head {
+            seq,
+            hash,
+            checkpoint_size,
+        };
         let (rows, new_head, checkpoint) =
             plan(&head, tenant, $events, &shared.key, &shared.cfg, $force)?;
         let mut appended = Vec::with_capacity(rows.len());
@@ -434,7 +448,11 @@ macro_rules! commit_tx {
                 })?;
                 last_id = last_id.max(id);
                 last_ts = r.ts_ms;
-                appended.push(Appended { id, seq: r.seq as u64, hash: r.hash.clone() });
+                appended.push(Appended {
+                    id,
+                    seq: r.seq as u64,
+                    hash: r.hash.clone(),
+                });
             }
         }
         if let Some((cp, note)) = &checkpoint {
@@ -473,7 +491,10 @@ macro_rules! commit_tx {
         }
         tx.commit().await?;
         if checkpoint.is_some() {
-            shared.counters.checkpoints.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared
+                .counters
+                .checkpoints
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(Committed {
             appended,
@@ -548,7 +569,10 @@ impl Writer {
                 .drain(..)
                 .partition(|j| now.duration_since(j.enqueued) <= cfg.max_queue_wait);
             for job in stale {
-                self.shared.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .counters
+                    .overloaded
+                    .fetch_add(1, Ordering::Relaxed);
                 let _ = job.reply.send(Err(AuditError::Overloaded {
                     tenant: self.tenant.clone(),
                     detail: "event waited too long for the writer",
@@ -563,7 +587,8 @@ impl Writer {
             match self.commit(&events, force).await {
                 Ok(done) => {
                     let c = &self.shared.counters;
-                    c.events.fetch_add(done.appended.len() as u64, Ordering::Relaxed);
+                    c.events
+                        .fetch_add(done.appended.len() as u64, Ordering::Relaxed);
                     c.batches.fetch_add(1, Ordering::Relaxed);
                     for (reply, appended) in replies.into_iter().zip(done.appended) {
                         let _ = reply.send(Ok(appended));
@@ -571,12 +596,16 @@ impl Writer {
                     if !done.uncovered {
                         checkpoint_due = None;
                     } else if checkpoint_due.is_none() {
-                        checkpoint_due = Some(tokio::time::Instant::now() + cfg.checkpoint_interval);
+                        checkpoint_due =
+                            Some(tokio::time::Instant::now() + cfg.checkpoint_interval);
                     }
                 }
                 Err(e) => {
                     tracing::error!(tenant = %self.tenant, events = replies.len(), error = %e, "audit batch failed to commit; refusing its calls");
-                    self.shared.counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .counters
+                        .failed_batches
+                        .fetch_add(1, Ordering::Relaxed);
                     let e = Arc::new(e);
                     for reply in replies {
                         let _ = reply.send(Err(AuditError::CommitFailed(e.clone())));

@@ -46,7 +46,10 @@ pub enum AuditError {
     /// The tenant's writer queue is full, or an event waited too long in it: the store is not
     /// keeping up. The event was not written; refuse the call.
     #[error("audit log overloaded for tenant {tenant:?}: {detail}")]
-    Overloaded { tenant: String, detail: &'static str },
+    Overloaded {
+        tenant: String,
+        detail: &'static str,
+    },
     /// The batch holding this event failed to commit; the event was not written.
     #[error("audit commit failed: {0}")]
     CommitFailed(#[source] Arc<AuditError>),
@@ -103,16 +106,24 @@ impl Default for AuditConfig {
 impl AuditConfig {
     fn validate(&self) -> Result<(), AuditError> {
         if self.queue_capacity == 0 {
-            return Err(AuditError::Config("queue_capacity must be at least 1".into()));
+            return Err(AuditError::Config(
+                "queue_capacity must be at least 1".into(),
+            ));
         }
         if !(1..=2000).contains(&self.max_batch) {
-            return Err(AuditError::Config("max_batch must be within 1..=2000".into()));
+            return Err(AuditError::Config(
+                "max_batch must be within 1..=2000".into(),
+            ));
         }
         if self.checkpoint_every == 0 {
-            return Err(AuditError::Config("checkpoint_every must be at least 1".into()));
+            return Err(AuditError::Config(
+                "checkpoint_every must be at least 1".into(),
+            ));
         }
         if self.checkpoint_interval.is_zero() {
-            return Err(AuditError::Config("checkpoint_interval must be positive".into()));
+            return Err(AuditError::Config(
+                "checkpoint_interval must be positive".into(),
+            ));
         }
         Ok(())
     }

@@ -103,7 +103,10 @@ impl fmt::Display for Report {
 
 /// Opens `checkpoint` with `public_key`: a verifier key (`name+hash+base64`) or a bare base64
 /// Ed25519 public key, which is tried under each signer name on the checkpoint.
-fn open_checkpoint(checkpoint: &str, public_key: &str) -> Result<(Checkpoint, Verifier), AuditError> {
+fn open_checkpoint(
+    checkpoint: &str,
+    public_key: &str,
+) -> Result<(Checkpoint, Verifier), AuditError> {
     let public_key = public_key.trim();
     if !Verifier::is_bare_key(public_key) {
         let v = Verifier::parse(public_key, "")?;
@@ -163,7 +166,11 @@ pub fn verify_export(
         if n as u64 > MAX_LINE_BYTES {
             return Err(AuditError::Malformed(format!("line {line_no} is too long")));
         }
-        let fail = |reason: String, id: Option<i64>, seq: Option<u64>, stored: String, expected: String| {
+        let fail = |reason: String,
+                    id: Option<i64>,
+                    seq: Option<u64>,
+                    stored: String,
+                    expected: String| {
             Broken {
                 line: line_no,
                 id,
@@ -174,7 +181,13 @@ pub fn verify_export(
             }
         };
         let Ok(text) = std::str::from_utf8(&buf) else {
-            report.broken = Some(fail("line is not UTF-8".into(), None, None, String::new(), String::new()));
+            report.broken = Some(fail(
+                "line is not UTF-8".into(),
+                None,
+                None,
+                String::new(),
+                String::new(),
+            ));
             break;
         };
         let text = text.trim_end_matches(['\n', '\r']);
@@ -182,7 +195,13 @@ pub fn verify_export(
             continue;
         }
         let Ok(meta) = serde_json::from_str::<Value>(text) else {
-            report.broken = Some(fail("line is not JSON".into(), None, None, String::new(), String::new()));
+            report.broken = Some(fail(
+                "line is not JSON".into(),
+                None,
+                None,
+                String::new(),
+                String::new(),
+            ));
             break;
         };
         let tenant = meta.get("tenant").and_then(Value::as_str).unwrap_or("");
@@ -195,11 +214,17 @@ pub fn verify_export(
         }
         let id = meta.get("id").and_then(Value::as_i64);
         let seq = meta.get("seq").and_then(Value::as_u64);
-        let stored = meta.get("hash").and_then(Value::as_str).unwrap_or("").to_owned();
+        let stored = meta
+            .get("hash")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
         let (Some(seq), Some(stored_bytes), Some(prev_hash)) = (
             seq,
             hex::decode32(&stored),
-            meta.get("prev_hash").and_then(Value::as_str).and_then(hex::decode32),
+            meta.get("prev_hash")
+                .and_then(Value::as_str)
+                .and_then(hex::decode32),
         ) else {
             report.broken = Some(fail(
                 "line lacks seq, hash or prev_hash".into(),

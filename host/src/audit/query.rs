@@ -68,9 +68,10 @@ impl AuditFilter {
                 "jti" => f.jti = text(v),
                 "elevation_id" => f.elevation_id = text(v),
                 "id" if !v.is_empty() => {
-                    f.id = Some(v.parse().map_err(|_| {
-                        AuditError::InvalidQuery("id must be an integer".into())
-                    })?)
+                    f.id =
+                        Some(v.parse().map_err(|_| {
+                            AuditError::InvalidQuery("id must be an integer".into())
+                        })?)
                 }
                 _ => {}
             }
@@ -264,7 +265,8 @@ pub async fn scan(
 
 /// The largest event id now (the export's fixed upper bound), 0 when empty.
 pub async fn max_id(db: &Db) -> Result<i64, AuditError> {
-    let rows: Vec<(Option<i64>,)> = fetch_all!(db, (Option<i64>,), "SELECT MAX(id) FROM audit_events", &[]);
+    let rows: Vec<(Option<i64>,)> =
+        fetch_all!(db, (Option<i64>,), "SELECT MAX(id) FROM audit_events", &[]);
     Ok(rows.first().and_then(|r| r.0).unwrap_or(0))
 }
 
@@ -370,7 +372,8 @@ pub async fn checkpoints(
     before_size: Option<i64>,
     limit: u32,
 ) -> Result<Vec<CheckpointRow>, AuditError> {
-    let sql = format!("{CHECKPOINT_COLS} WHERE tenant = $1 AND size < $2 ORDER BY size DESC LIMIT $3");
+    let sql =
+        format!("{CHECKPOINT_COLS} WHERE tenant = $1 AND size < $2 ORDER BY size DESC LIMIT $3");
     let params = [
         Param::S(tenant.to_owned()),
         Param::I(before_size.unwrap_or(i64::MAX)),

@@ -123,7 +123,11 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
                 return None;
             }
             let offset = (oh * 60 + om) * 60_000;
-            Some(if off.starts_with('+') { ms - offset } else { ms + offset })
+            Some(if off.starts_with('+') {
+                ms - offset
+            } else {
+                ms + offset
+            })
         }
         _ => None,
     }
@@ -148,7 +152,10 @@ mod tests {
             parse_rfc3339("2024-02-29"),
             parse_rfc3339("2024-02-29T00:00:00Z")
         );
-        assert_eq!(parse_rfc3339("2024-02-29T00:00:00Z"), Some(1_709_164_800_000));
+        assert_eq!(
+            parse_rfc3339("2024-02-29T00:00:00Z"),
+            Some(1_709_164_800_000)
+        );
         for bad in [
             "2023-02-29",
             "2026-13-01",

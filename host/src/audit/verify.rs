@@ -131,13 +131,19 @@ pub async fn verify_chain(
                 cp.origin
             )));
         }
-        targets.push(Target { source: "given", cp, result: None });
+        targets.push(Target {
+            source: "given",
+            cp,
+            result: None,
+        });
     }
     if let Some(row) = query::latest_checkpoint(db, tenant).await? {
         match Checkpoint::open(&row.note, verifier) {
-            Ok(cp) if cp.origin == origin && cp.size == row.size as u64 => {
-                targets.push(Target { source: "stored", cp, result: None })
-            }
+            Ok(cp) if cp.origin == origin && cp.size == row.size as u64 => targets.push(Target {
+                source: "stored",
+                cp,
+                result: None,
+            }),
             Ok(_) => report.checkpoints.push(CheckpointCheck {
                 source: "stored",
                 size: row.size.max(0) as u64,
@@ -235,7 +241,9 @@ pub async fn verify_chain(
         report.broken_at = Some(BrokenAt {
             id: h.map(|h| h.event_id).unwrap_or(0),
             seq: head_seq,
-            ts: h.map(|h| time::format_rfc3339_ms(h.ts_ms)).unwrap_or_default(),
+            ts: h
+                .map(|h| time::format_rfc3339_ms(h.ts_ms))
+                .unwrap_or_default(),
             stored_hash: h.map(|h| h.hash.clone()).unwrap_or_default(),
             expected_hash: hex::encode(&prev),
             reason: format!("chain head says {head_seq} events, the chain has {last_seq}"),
