@@ -2,7 +2,10 @@
 //! Each concept has its own module; `support` holds shared helpers.
 
 mod support;
+mod gateway;
+mod capability;
 mod bundles;
 mod plugins;
 mod store;
 mod audit;
+mod interop;
