@@ -1,0 +1,375 @@
+//! The load generator: MCP `tools/call` over HTTP/1.1 keep-alive connections.
+//!
+//! - **Closed loop**: `connections` clients, each sending its next call as soon as the previous
+//!   answer arrived. Measures saturation throughput at that concurrency; latency there is mostly
+//!   queueing (Little's law: latency = concurrency / throughput).
+//! - **Open loop**: calls are *scheduled* at a fixed rate by a pacer thread (independent of how
+//!   fast answers come back) and picked up by up to `connections` clients. Latency is measured
+//!   from the scheduled time, not from when a client got round to sending, so a server that
+//!   falls behind is charged for the wait (no coordinated omission). The pacer uses
+//!   `std::thread::sleep` (tens of µs of jitter on Linux), not the 1 ms tokio timer.
+//!
+//! Only calls that *complete* inside the measurement window (after the warm-up) are counted.
+//! An answer is an error when the HTTP status is not 200 or the body carries a JSON-RPC
+//! `"error"` member, or when the connection fails (the client then reconnects).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use crate::stats::{Samples, Summary};
+
+/// Where to send calls and what with.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub path: String,
+    /// Bearer tokens; connection `i` uses `tokens[i % len]` (one per tenant). Empty: no header.
+    pub tokens: Vec<String>,
+    /// The `tools/call` `params` to send (JSON text).
+    pub params: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    Closed,
+    /// Calls scheduled per second.
+    Open { rate: f64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub target: Target,
+    pub connections: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub mode: Mode,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub mode: Mode,
+    pub connections: usize,
+    /// Successful calls completed inside the measurement window.
+    pub ok: u64,
+    pub errors: u64,
+    pub window: Duration,
+    pub latency: Summary,
+    /// First few error descriptions, for the report.
+    pub error_examples: Vec<String>,
+}
+
+impl Outcome {
+    pub fn throughput(&self) -> f64 {
+        self.ok as f64 / self.window.as_secs_f64()
+    }
+}
+
+struct Shared {
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+    ok: AtomicU64,
+    errors: AtomicU64,
+    examples: std::sync::Mutex<Vec<String>>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn error(&self, at: Instant, what: String) {
+        if at >= self.measure_from && at <= self.end {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Ok(mut ex) = self.examples.lock()
+            && ex.len() < 5
+        {
+            ex.push(what);
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether an answer is a successful JSON-RPC result, or why not.
+pub fn check_answer(status: StatusCode, body: &[u8]) -> Result<(), String> {
+    if status != StatusCode::OK {
+        return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)])));
+    }
+    if contains(body, b"\"error\":") || !contains(body, b"\"result\":") {
+        return Err(format!("JSON-RPC error: {}", String::from_utf8_lossy(&body[..body.len().min(300)])));
+    }
+    Ok(())
+}
+
+struct Conn {
+    sender: http1::SendRequest<Full<Bytes>>,
+}
+
+async fn connect(addr: SocketAddr) -> Result<Conn, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Conn { sender })
+}
+
+struct Client {
+    addr: SocketAddr,
+    host: HeaderValue,
+    path: String,
+    auth: Option<HeaderValue>,
+    body: Bytes,
+    conn: Option<Conn>,
+}
+
+impl Client {
+    fn new(target: &Target, index: usize) -> Client {
+        let auth = (!target.tokens.is_empty()).then(|| {
+            let t = &target.tokens[index % target.tokens.len()];
+            HeaderValue::from_str(&format!("Bearer {t}")).unwrap_or(HeaderValue::from_static(""))
+        });
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":{index},"method":"tools/call","params":{}}}"#,
+            target.params
+        );
+        Client {
+            addr: target.addr,
+            host: HeaderValue::from_str(&target.addr.to_string()).unwrap_or(HeaderValue::from_static("localhost")),
+            path: target.path.clone(),
+            auth,
+            body: Bytes::from(body),
+            conn: None,
+        }
+    }
+
+    /// One call; `Ok(())` on a successful JSON-RPC result.
+    async fn call(&mut self) -> Result<(), String> {
+        if self.conn.is_none() {
+            self.conn = Some(connect(self.addr).await?);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err("no connection".into());
+        };
+        if conn.sender.ready().await.is_err() {
+            self.conn = None;
+            return Err("connection closed".into());
+        }
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(self.path.as_str())
+            .header(HOST, self.host.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
+        if let Some(a) = &self.auth {
+            req = req.header(AUTHORIZATION, a.clone());
+        }
+        let req = req.body(Full::new(self.body.clone())).map_err(|e| e.to_string())?;
+        let resp = match conn.sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.conn = None;
+                return Err(format!("request: {e}"));
+            }
+        };
+        let status = resp.status();
+        let body = match resp.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                self.conn = None;
+                return Err(format!("response body: {e}"));
+            }
+        };
+        check_answer(status, &body)
+    }
+}
+
+async fn closed_worker(shared: Arc<Shared>, mut client: Client) -> Samples {
+    let mut samples = Samples::with_capacity(64 * 1024);
+    loop {
+        let sent = Instant::now();
+        if sent >= shared.end || shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let r = client.call().await;
+        let done = Instant::now();
+        match r {
+            Ok(()) => {
+                if done >= shared.measure_from && done <= shared.end {
+                    shared.ok.fetch_add(1, Ordering::Relaxed);
+                    samples.push(done - sent);
+                }
+            }
+            Err(e) => {
+                shared.error(done, e);
+                // Do not spin on a dead server.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    samples
+}
+
+type Tickets = Arc<Mutex<tokio::sync::mpsc::UnboundedReceiver<Instant>>>;
+
+async fn open_worker(shared: Arc<Shared>, mut client: Client, tickets: Tickets) -> Samples {
+    let mut samples = Samples::with_capacity(64 * 1024);
+    loop {
+        let next = { tickets.lock().await.recv().await };
+        let Some(scheduled) = next else { break };
+        let r = client.call().await;
+        let done = Instant::now();
+        match r {
+            Ok(()) => {
+                if scheduled >= shared.measure_from && done <= shared.end {
+                    shared.ok.fetch_add(1, Ordering::Relaxed);
+                    samples.push(done - scheduled);
+                }
+            }
+            Err(e) => shared.error(done, e),
+        }
+    }
+    samples
+}
+
+/// Runs one load test on the current tokio runtime.
+pub async fn run(spec: &Spec) -> Outcome {
+    let start = Instant::now();
+    let measure_from = start + spec.warmup;
+    let end = measure_from + spec.duration;
+    let shared = Arc::new(Shared {
+        start,
+        measure_from,
+        end,
+        ok: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        examples: std::sync::Mutex::new(Vec::new()),
+        stop: AtomicBool::new(false),
+    });
+    let mut tasks = Vec::with_capacity(spec.connections);
+    let mut pacer = None;
+    match spec.mode {
+        Mode::Closed => {
+            for i in 0..spec.connections {
+                let client = Client::new(&spec.target, i);
+                tasks.push(tokio::spawn(closed_worker(Arc::clone(&shared), client)));
+            }
+        }
+        Mode::Open { rate } => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let rx: Tickets = Arc::new(Mutex::new(rx));
+            for i in 0..spec.connections {
+                let client = Client::new(&spec.target, i);
+                tasks.push(tokio::spawn(open_worker(Arc::clone(&shared), client, Arc::clone(&rx))));
+            }
+            let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
+            let shared = Arc::clone(&shared);
+            pacer = Some(std::thread::spawn(move || {
+                let mut i: u32 = 0;
+                loop {
+                    let at = shared.start + interval * i;
+                    if at >= shared.end {
+                        break;
+                    }
+                    let now = Instant::now();
+                    if at > now {
+                        std::thread::sleep(at - now);
+                    }
+                    if tx.send(at).is_err() {
+                        break;
+                    }
+                    i = i.saturating_add(1);
+                }
+                // Dropping tx lets the workers finish the queue and stop.
+            }));
+        }
+    }
+    // Stop waiting for stragglers a little after the window: a call that has not come back by
+    // then is not counted (it would have completed outside the window anyway).
+    let deadline = end + Duration::from_secs(5);
+    let mut all = Samples::default();
+    for t in tasks {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, t).await {
+            Ok(Ok(s)) => all.extend(s),
+            Ok(Err(_)) => {}
+            Err(_) => shared.stop.store(true, Ordering::Relaxed),
+        }
+    }
+    if let Some(p) = pacer {
+        let _ = p.join();
+    }
+    let examples = shared.examples.lock().map(|e| e.clone()).unwrap_or_default();
+    Outcome {
+        mode: spec.mode,
+        connections: spec.connections,
+        ok: shared.ok.load(Ordering::Relaxed),
+        errors: shared.errors.load(Ordering::Relaxed),
+        window: spec.duration,
+        latency: all.summary(),
+        error_examples: examples,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_classified() {
+        let ok = br#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":false}}"#;
+        assert!(check_answer(StatusCode::OK, ok).is_ok());
+        let err = br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32010,"message":"x"}}"#;
+        assert!(check_answer(StatusCode::OK, err).is_err());
+        assert!(check_answer(StatusCode::BAD_GATEWAY, ok).is_err());
+        assert!(check_answer(StatusCode::OK, b"").is_err());
+    }
+}
+
+/// Sends one call and reports whether it succeeded (a sanity check before measuring).
+pub async fn probe(target: &Target) -> Result<(), String> {
+    Client::new(target, 0).call().await
+}
+
+/// Polls `GET /healthz` until it answers 200 (the gateway's revocation set is synced).
+pub async fn wait_healthy(addr: SocketAddr, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match healthz(addr).await {
+            Ok(StatusCode::OK) => return Ok(()),
+            Ok(s) => last = format!("HTTP {s}"),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{addr} not healthy after {within:?}: {last}"))
+}
+
+async fn healthz(addr: SocketAddr) -> Result<StatusCode, String> {
+    let mut conn = connect(addr).await?;
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri("/healthz")
+        .header(HOST, addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = conn.sender.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(resp.status())
+}

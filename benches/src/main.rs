@@ -1,0 +1,825 @@
+//! `intentgate-bench`: benchmarks that tell the truth about the gateway.
+//!
+//! ```text
+//! cargo run --release -p intentgate-bench -- load     # gateway vs bare proxy, same run
+//! cargo run --release -p intentgate-bench -- micro    # per-stage costs
+//! cargo run --release -p intentgate-bench -- scale    # throughput vs worker threads and tenants
+//! cargo run --release -p intentgate-bench -- swap     # hot swap under load (TODO: bundles)
+//! ```
+//!
+//! Every server under test runs in its own child process (this binary re-executed with a
+//! `serve-*` subcommand) with its own tokio runtime; the load generator runs in this process on
+//! a runtime of `--client-threads` workers. See `BENCHMARKS.md` for what the figures mean and
+//! what limits each. Nothing here runs under `cargo test` except the unit tests of the maths.
+
+mod bare;
+mod child;
+#[cfg(feature = "gateway")]
+mod gateway;
+mod loadgen;
+#[cfg(feature = "gateway")]
+mod micro;
+#[cfg_attr(not(feature = "gateway"), allow(dead_code))]
+mod pg;
+mod stats;
+mod upstream;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+use child::Server;
+use loadgen::{Mode, Outcome, Spec, Target};
+use stats::{fmt_ns, median, parse_duration};
+
+#[derive(Parser)]
+#[command(name = "intentgate-bench", about = "IntentGate benchmarks: gateway vs bare proxy, per-stage costs, scaling")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load benchmark: upstream, bare proxy and gateway (SQLite, PostgreSQL) in one run.
+    Load(LoadOpts),
+    /// Throughput vs server worker threads and vs tenants (closed loop).
+    Scale(ScaleOpts),
+    /// Per-stage micro-benchmarks: token verify, revocation lookup, audit append.
+    #[cfg(feature = "gateway")]
+    Micro(MicroOpts),
+    /// Hot swap of a tenant's bundle under load (not measurable yet).
+    Swap,
+    /// (internal) the fast MCP upstream, in a child process.
+    #[command(hide = true)]
+    ServeUpstream(ServeSimple),
+    /// (internal) the bare reverse proxy, in a child process.
+    #[command(hide = true)]
+    ServeBare(ServeSimple),
+    /// (internal) the gateway, in a child process.
+    #[cfg(feature = "gateway")]
+    #[command(hide = true)]
+    ServeGateway(gateway::ServeGateway),
+}
+
+#[derive(Args)]
+struct ServeSimple {
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
+    /// Upstream MCP URL (serve-bare only).
+    #[arg(long)]
+    upstream: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Measurement window of each run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Warm-up before each run's window (connections open, caches and pools warm).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Repetitions of each closed-loop run (systems interleaved; the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Closed-loop concurrency (connections, each with one call in flight).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// tokio worker threads of the load generator (this process).
+    #[arg(long, default_value_t = 1)]
+    client_threads: usize,
+    /// tokio worker threads of the upstream child.
+    #[arg(long, default_value_t = 1)]
+    upstream_threads: usize,
+    /// Pin the server under test to CPU 0 and the load generator and upstream to CPU 1
+    /// (`taskset`). Default: unpinned, everything shares both cores.
+    #[arg(long)]
+    pin: bool,
+    /// Where temporary data directories go (must be a real disk for honest fsync figures).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    work_dir: PathBuf,
+    /// Rego policy of the gateway's default bundle (`--policy-file`; a `NAME_test.rego` beside
+    /// it runs at start). Default: the token-scope policy that `intentgate serve --demo` uses.
+    #[arg(long, default_value_os_t = default_policy())]
+    policy: PathBuf,
+}
+
+fn default_policy() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies/examples/token_scope.rego")
+}
+
+#[derive(Args, Clone)]
+struct LoadOpts {
+    /// Systems, in order: direct (upstream alone), bare, sqlite, postgres (gateway with that store).
+    #[arg(long, value_delimiter = ',', default_value = "direct,bare,sqlite,postgres")]
+    systems: Vec<String>,
+    #[command(flatten)]
+    common: Common,
+    /// tokio worker threads of each server under test (bare proxy and gateway alike).
+    #[arg(long, default_value_t = 2)]
+    server_threads: usize,
+    /// Tenants (one token each, connections spread over them).
+    #[arg(long, default_value_t = 1)]
+    tenants: usize,
+    /// Open loop: offer this fraction of each system's closed-loop saturation (0 disables).
+    #[arg(long, default_value_t = 0.5)]
+    open_fraction: f64,
+    /// Open loop: most calls in flight (clients available to the pacer).
+    #[arg(long, default_value_t = 256)]
+    open_connections: usize,
+    /// Record a `perf` profile of each gateway process during one extra closed-loop run, into
+    /// this directory (needs `perf`).
+    #[arg(long)]
+    perf: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+struct ScaleOpts {
+    #[command(flatten)]
+    common: Common,
+    /// Server worker-thread counts to try (bare proxy and gateway/SQLite).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    threads: Vec<usize>,
+    /// Tenant counts to try (gateway/SQLite at --server-threads).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    tenants: Vec<usize>,
+    /// Server worker threads for the tenant sweep.
+    #[arg(long, default_value_t = 2)]
+    server_threads: usize,
+    /// Store of the gateway: sqlite or postgres.
+    #[arg(long, default_value = "sqlite")]
+    store: String,
+}
+
+#[cfg(feature = "gateway")]
+#[derive(Args, Clone)]
+struct MicroOpts {
+    /// Which: verify, revocation, audit, plugin (default: all).
+    #[arg(value_delimiter = ',', default_value = "verify,revocation,audit,plugin")]
+    which: Vec<String>,
+    /// Audit backends.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    backends: Vec<String>,
+    /// Repetitions of each timed batch.
+    #[arg(long, default_value_t = 7)]
+    reps: usize,
+    /// Audit: measurement window per case.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Audit: warm-up per case.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Audit cases as appenders:tenants.
+    #[arg(long, value_delimiter = ',', default_value = "1:1,16:1,64:1,256:1,1024:1,256:4,256:16")]
+    audit_cases: Vec<String>,
+    /// tokio worker threads for the micro-benchmarks.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    work_dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Load(o) => load(o),
+        Cmd::Scale(o) => scale(o),
+        #[cfg(feature = "gateway")]
+        Cmd::Micro(o) => micro_main(o),
+        Cmd::Swap => swap(),
+        Cmd::ServeUpstream(o) => serve_simple(o, false),
+        Cmd::ServeBare(o) => serve_simple(o, true),
+        #[cfg(feature = "gateway")]
+        Cmd::ServeGateway(o) => gateway::serve(o),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("intentgate-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn serve_simple(o: ServeSimple, bare: bool) -> Result<(), String> {
+    let rt = runtime(o.worker_threads)?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let server = if bare {
+            let uri: hyper::Uri = o
+                .upstream
+                .ok_or("serve-bare needs --upstream")?
+                .parse()
+                .map_err(|e| format!("--upstream: {e}"))?;
+            tokio::spawn(bare::serve(listener, uri))
+        } else {
+            tokio::spawn(upstream::serve(listener))
+        };
+        child::ready_then_wait_for_stdin_eof(addr).await;
+        server.abort();
+        Ok(())
+    })
+}
+
+fn swap() -> Result<(), String> {
+    println!("hot swap under load: NOT MEASURED.");
+    println!("TODO(bundles): when per-tenant bundles and promotion land, this command will run the");
+    println!("closed-loop load against the gateway, promote a new bundle for the tenant every second");
+    println!("through the admin API, and report throughput and p99/p99.9 per second around each swap,");
+    println!("plus errors (there must be none) and the time from promote to first call decided by the");
+    println!("new bundle digest (read from the audit events' bundle_digest).");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Systems under test
+
+/// A system the load generator drives, and what to count as its CPU.
+struct System {
+    name: String,
+    label: String,
+    addr: std::net::SocketAddr,
+    path: &'static str,
+    /// Process whose CPU is the server's cost (None: the upstream itself).
+    pid: Option<u32>,
+    /// Also count PostgreSQL processes as server CPU.
+    with_postgres: bool,
+    /// The gateway (as opposed to the upstream alone or the bare proxy).
+    gateway: bool,
+    /// Bearer tokens for this system (empty: the rig's shared ones, for equal request sizes).
+    tokens: Vec<String>,
+}
+
+/// Children and temporary state of one benchmark run; dropped in reverse order.
+struct Rig {
+    upstream: Server,
+    servers: Vec<Server>,
+    systems: Vec<System>,
+    tokens: Vec<String>,
+    _pg: Option<pg::PgServer>,
+    _dirs: Vec<tempfile::TempDir>,
+    cpus_server: Option<&'static str>,
+}
+
+const TOOL_PARAMS: &str = r#"{"name":"echo","arguments":{"text":"hello from intentgate-bench"}}"#;
+
+impl Rig {
+    fn new(common: &Common) -> Result<Rig, String> {
+        let (cpus_server, cpus_client) = if common.pin {
+            (Some("0"), Some("1"))
+        } else {
+            (None, None)
+        };
+        if let Some(c) = cpus_client {
+            pin_self(c)?;
+        }
+        let upstream = Server::spawn(
+            "upstream",
+            &[
+                "serve-upstream".into(),
+                "--worker-threads".into(),
+                common.upstream_threads.to_string(),
+            ],
+            cpus_client,
+        )?;
+        Ok(Rig {
+            upstream,
+            servers: Vec::new(),
+            systems: Vec::new(),
+            tokens: Vec::new(),
+            _pg: None,
+            _dirs: Vec::new(),
+            cpus_server,
+        })
+    }
+
+    fn upstream_url(&self) -> String {
+        format!("http://{}/mcp", self.upstream.addr)
+    }
+
+    fn add(&mut self, name: &str, server_threads: usize, tenants: usize, common: &Common) -> Result<(), String> {
+        match name {
+            "direct" => {
+                self.systems.push(System {
+                    name: "direct".into(),
+                    label: "upstream alone (no proxy)".into(),
+                    addr: self.upstream.addr,
+                    path: "/mcp",
+                    pid: None,
+                    with_postgres: false,
+                    gateway: false,
+                    tokens: Vec::new(),
+                });
+            }
+            "bare" => {
+                let s = Server::spawn(
+                    "bare proxy",
+                    &[
+                        "serve-bare".into(),
+                        "--worker-threads".into(),
+                        server_threads.to_string(),
+                        "--upstream".into(),
+                        self.upstream_url(),
+                    ],
+                    self.cpus_server,
+                )?;
+                self.systems.push(System {
+                    name: format!("bare/{server_threads}t"),
+                    label: "bare proxy (same hyper stack, no checks)".into(),
+                    addr: s.addr,
+                    path: "/v1/mcp",
+                    pid: Some(s.pid()),
+                    with_postgres: false,
+                    gateway: false,
+                    tokens: Vec::new(),
+                });
+                self.servers.push(s);
+            }
+            "sqlite" | "postgres" => self.add_gateway(name, server_threads, tenants, common)?,
+            other => return Err(format!("unknown system {other:?} (direct, bare, sqlite, postgres)")),
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "gateway"))]
+    fn add_gateway(&mut self, name: &str, _: usize, _: usize, _: &Common) -> Result<(), String> {
+        Err(format!("system {name} needs the gateway: build with the default `gateway` feature"))
+    }
+
+    #[cfg(feature = "gateway")]
+    fn add_gateway(&mut self, store: &str, server_threads: usize, tenants: usize, common: &Common) -> Result<(), String> {
+        let root = common.work_dir.as_path();
+        let dir = tempfile::Builder::new()
+            .prefix("intentgate-bench-gw-")
+            .tempdir_in(root)
+            .map_err(|e| format!("tempdir in {}: {e}", root.display()))?;
+        let key = gateway::new_master_key()?;
+        let mut args: Vec<String> = vec![
+            "serve-gateway".into(),
+            "--worker-threads".into(),
+            server_threads.to_string(),
+            "--addr".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.path().display().to_string(),
+            "--master-key".into(),
+            key.clone(),
+            "--admin-token".into(),
+            format!("bench-admin-{}", key.chars().filter(char::is_ascii_alphanumeric).take(24).collect::<String>()),
+            "--upstream-url".into(),
+            self.upstream_url(),
+            "--policy-file".into(),
+            common.policy.display().to_string(),
+        ];
+        let label = if store == "postgres" {
+            if self._pg.is_none() {
+                self._pg = Some(pg::PgServer::start(root)?);
+            }
+            let url = self._pg.as_ref().map(|p| p.url.clone()).unwrap_or_default();
+            args.push("--postgres-url".into());
+            args.push(url);
+            "gateway, full pipeline, PostgreSQL audit"
+        } else {
+            "gateway, full pipeline, SQLite audit"
+        };
+        let s = Server::spawn(&format!("gateway ({store})"), &args, self.cpus_server)?;
+        // Each gateway has its own master key, hence its own tokens. Systems without a key
+        // (direct, bare) send the first gateway's tokens, so every request has the same size.
+        let tokens = gateway::mint_tokens(&key, tenants, "echo")?;
+        if self.tokens.is_empty() {
+            self.tokens = tokens.clone();
+        }
+        self.systems.push(System {
+            name: format!("{store}/{server_threads}t"),
+            label: label.into(),
+            addr: s.addr,
+            path: "/v1/mcp",
+            pid: Some(s.pid()),
+            with_postgres: store == "postgres",
+            gateway: true,
+            tokens,
+        });
+        self.servers.push(s);
+        self._dirs.push(dir);
+        Ok(())
+    }
+
+    fn target(&self, i: usize) -> Target {
+        let s = &self.systems[i];
+        let tokens = if s.tokens.is_empty() { self.tokens.clone() } else { s.tokens.clone() };
+        Target {
+            addr: s.addr,
+            path: s.path.to_owned(),
+            tokens,
+            params: TOOL_PARAMS.to_owned(),
+        }
+    }
+}
+
+fn pin_self(cpus: &str) -> Result<(), String> {
+    let pid = std::process::id().to_string();
+    let ok = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok { Ok(()) } else { Err("taskset failed (needed for --pin)".into()) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU accounting
+
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    server: f64,
+    upstream: f64,
+    client: f64,
+    postgres: f64,
+    busy: f64,
+}
+
+fn cpu_snapshot(rig: &Rig, sys: &System) -> Cpu {
+    let busy = child::machine_cpu_secs().map_or(0.0, |(busy, _)| busy);
+    Cpu {
+        server: sys.pid.and_then(child::process_cpu_secs).unwrap_or(0.0),
+        upstream: child::process_cpu_secs(rig.upstream.pid()).unwrap_or(0.0),
+        client: child::process_cpu_secs(std::process::id()).unwrap_or(0.0),
+        postgres: if sys.with_postgres { child::cpu_secs_by_comm("postgres") } else { 0.0 },
+        busy,
+    }
+}
+
+/// CPU used during a window, in core-seconds.
+#[derive(Clone, Copy, Default)]
+struct CpuUse {
+    server: f64,
+    upstream: f64,
+    client: f64,
+    /// Busy time of processes that are not part of the benchmark (other work on the machine).
+    other: f64,
+    window: f64,
+}
+
+fn cpu_delta(a: Cpu, b: Cpu, window: f64) -> CpuUse {
+    let server = (b.server - a.server) + (b.postgres - a.postgres);
+    let upstream = b.upstream - a.upstream;
+    let client = b.client - a.client;
+    let busy = b.busy - a.busy;
+    CpuUse {
+        server,
+        upstream,
+        client,
+        other: (busy - server - upstream - client).max(0.0),
+        window,
+    }
+}
+
+struct Run {
+    system: usize,
+    outcome: Outcome,
+    cpu: CpuUse,
+}
+
+/// Runs one measurement against system `i`, sampling CPU over the window.
+fn measure(rt: &tokio::runtime::Runtime, rig: &Rig, i: usize, common: &Common, mode: Mode, connections: usize) -> Run {
+    let spec = Spec {
+        target: rig.target(i),
+        connections,
+        warmup: common.warmup,
+        duration: common.duration,
+        mode,
+    };
+    let sys = &rig.systems[i];
+    let (tx, rx) = std::sync::mpsc::channel();
+    let outcome = {
+        let warmup = common.warmup;
+        let duration = common.duration;
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(warmup.saturating_sub(start.elapsed()));
+                let a = cpu_snapshot(rig, sys);
+                std::thread::sleep((warmup + duration).saturating_sub(start.elapsed()));
+                let b = cpu_snapshot(rig, sys);
+                let _ = tx.send((a, b));
+            });
+            rt.block_on(loadgen::run(&spec))
+        })
+    };
+    let (a, b) = rx.recv().unwrap_or_default();
+    let cpu = cpu_delta(a, b, common.duration.as_secs_f64());
+    Run { system: i, outcome, cpu }
+}
+
+fn us_per_call(cpu_secs: f64, calls: u64) -> String {
+    if calls == 0 {
+        return "-".into();
+    }
+    format!("{:.1}", cpu_secs / calls as f64 * 1e6)
+}
+
+fn print_run(rig: &Rig, r: &Run, rep: Option<usize>) {
+    let o = &r.outcome;
+    let mode = match o.mode {
+        Mode::Closed => format!("closed c={}", o.connections),
+        Mode::Open { rate } => format!("open {rate:.0}/s"),
+    };
+    let w = r.cpu.window.max(1e-9);
+    println!(
+        "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        rig.systems[r.system].name,
+        rep.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+        mode,
+        o.throughput(),
+        fmt_ns(o.latency.p50),
+        fmt_ns(o.latency.p99),
+        fmt_ns(o.latency.p999),
+        fmt_ns(o.latency.max),
+        o.errors,
+        us_per_call(r.cpu.server, o.ok),
+        r.cpu.server / w,
+        r.cpu.client / w,
+        r.cpu.upstream / w,
+        r.cpu.other / w,
+    );
+    for e in &o.error_examples {
+        println!("|   error example: {} |", e.replace('|', "/"));
+    }
+}
+
+const RUN_HEADER: &str = "| system | rep | load | calls/s | p50 | p99 | p99.9 | max | errors | server CPU µs/call | server cores | loadgen cores | upstream cores | other cores |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+
+fn print_machine(common: &Common, extra: &str) {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0) / 1024.0 / 1024.0))
+        .unwrap_or(0.0);
+    println!("machine: {cpu}, {cores} cores, {mem:.0} GiB; load average {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
+    println!(
+        "settings: warm-up {:?}, window {:?}, {} reps, client threads {}, upstream threads {}, pinned {}{extra}",
+        common.warmup, common.duration, common.reps, common.client_threads, common.upstream_threads, common.pin
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// load
+
+fn check_systems(rt: &tokio::runtime::Runtime, rig: &Rig) -> Result<(), String> {
+    for (i, s) in rig.systems.iter().enumerate() {
+        if s.gateway {
+            rt.block_on(loadgen::wait_healthy(s.addr, Duration::from_secs(60)))?;
+        }
+        rt.block_on(loadgen::probe(&rig.target(i)))
+            .map_err(|e| format!("{} ({}) does not answer a tools/call correctly: {e}", s.name, s.label))?;
+    }
+    Ok(())
+}
+
+fn load(o: LoadOpts) -> Result<(), String> {
+    let common = &o.common;
+    let mut systems = o.systems.clone();
+    if systems.iter().any(|s| s == "postgres") && !pg::PgServer::available() {
+        eprintln!("note: no PostgreSQL binaries on this machine; skipping the PostgreSQL configuration");
+        systems.retain(|s| s != "postgres");
+    }
+    let mut rig = Rig::new(common)?;
+    for s in &systems {
+        rig.add(s, o.server_threads, o.tenants, common)?;
+    }
+    let rt = runtime(common.client_threads)?;
+    check_systems(&rt, &rig)?;
+
+    println!("# intentgate-bench load\n");
+    print_machine(common, &format!(", server threads {}, tenants {}", o.server_threads, o.tenants));
+    println!("systems:");
+    for s in &rig.systems {
+        println!("- {}: {} at {}", s.name, s.label, s.addr);
+    }
+    println!("\n## closed loop, {} connections\n\n{RUN_HEADER}", common.concurrency);
+    let mut runs: Vec<Run> = Vec::new();
+    for rep in 1..=common.reps.max(1) {
+        for i in 0..rig.systems.len() {
+            let r = measure(&rt, &rig, i, common, Mode::Closed, common.concurrency);
+            print_run(&rig, &r, Some(rep));
+            runs.push(r);
+        }
+    }
+
+    // Summary: the median repetition of each system.
+    let bare = rig.systems.iter().position(|s| s.name.starts_with("bare"));
+    let median_run = |i: usize| -> Option<&Run> {
+        let mut mine: Vec<&Run> = runs.iter().filter(|r| r.system == i).collect();
+        mine.sort_by(|a, b| a.outcome.throughput().total_cmp(&b.outcome.throughput()));
+        mine.get(mine.len() / 2).copied()
+    };
+    let sat: Vec<f64> = (0..rig.systems.len())
+        .map(|i| median(&runs.iter().filter(|r| r.system == i).map(|r| r.outcome.throughput()).collect::<Vec<_>>()))
+        .collect();
+    let cpu_per_call = |i: usize| -> f64 {
+        let (cpu, calls) = runs
+            .iter()
+            .filter(|r| r.system == i)
+            .fold((0.0, 0u64), |(c, n), r| (c + r.cpu.server, n + r.outcome.ok));
+        if calls == 0 { f64::NAN } else { cpu / calls as f64 * 1e6 }
+    };
+    println!("\n## summary (median of {} reps)\n", common.reps.max(1));
+    println!("| system | calls/s | vs bare | p50 | p99 | p99.9 | server CPU µs/call | CPU vs bare |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for i in 0..rig.systems.len() {
+        let Some(m) = median_run(i) else { continue };
+        let (ratio, cpu_ratio) = match bare {
+            Some(b) => (
+                format!("{:.0}%", sat[i] / sat[b] * 100.0),
+                format!("{:.2}×", cpu_per_call(i) / cpu_per_call(b)),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        let cpu = cpu_per_call(i);
+        println!(
+            "| {} | {:.0} | {ratio} | {} | {} | {} | {} | {} |",
+            rig.systems[i].name,
+            sat[i],
+            fmt_ns(m.outcome.latency.p50),
+            fmt_ns(m.outcome.latency.p99),
+            fmt_ns(m.outcome.latency.p999),
+            if cpu.is_finite() && rig.systems[i].pid.is_some() { format!("{cpu:.1}") } else { "-".into() },
+            if rig.systems[i].pid.is_some() { cpu_ratio } else { "-".into() },
+        );
+    }
+
+    // Open loop at a fraction of each system's saturation; the bare proxy also at each
+    // gateway's rate, so latencies compare at equal offered load.
+    if o.open_fraction > 0.0 {
+        println!(
+            "\n## open loop at {:.0}% of each gateway's closed-loop saturation (latency from the scheduled send time)\n\n{RUN_HEADER}",
+            o.open_fraction * 100.0
+        );
+        for i in 0..rig.systems.len() {
+            let is_gw = rig.systems[i].gateway;
+            if !is_gw && rig.systems.iter().any(|s| s.gateway) {
+                continue;
+            }
+            let rate = (sat[i] * o.open_fraction).max(1.0);
+            let r = measure(&rt, &rig, i, common, Mode::Open { rate }, o.open_connections);
+            print_run(&rig, &r, None);
+            let p99 = r.outcome.latency.p99;
+            if let Some(b) = bare.filter(|_| is_gw) {
+                let rb = measure(&rt, &rig, b, common, Mode::Open { rate }, o.open_connections);
+                print_run(&rig, &rb, None);
+            }
+            if is_gw {
+                println!(
+                    "|   goal p99 ≤ 2 ms at {:.0}% of saturation: {} ({}) |",
+                    o.open_fraction * 100.0,
+                    if p99 <= 2_000_000 { "met" } else { "NOT met" },
+                    fmt_ns(p99)
+                );
+            }
+        }
+    }
+
+    if let Some(b) = bare {
+        println!("\n## goals\n");
+        for i in 0..rig.systems.len() {
+            if rig.systems[i].gateway {
+                let pct = sat[i] / sat[b] * 100.0;
+                println!(
+                    "- {}: {:.0}% of bare-proxy throughput (goal ≥ 50%): {}",
+                    rig.systems[i].name,
+                    pct,
+                    if pct >= 50.0 { "met" } else { "NOT met" }
+                );
+            }
+        }
+    }
+
+    if let Some(dir) = &o.perf {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        println!("\n## profiles (perf record, one extra closed-loop run per gateway)\n");
+        for i in 0..rig.systems.len() {
+            let Some(pid) = rig.systems[i].pid.filter(|_| rig.systems[i].gateway) else { continue };
+            let file = dir.join(format!("{}.perf.data", rig.systems[i].name.replace('/', "-")));
+            let secs = (common.warmup + common.duration).as_secs_f64();
+            let mut perf = std::process::Command::new("perf")
+                .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-p", &pid.to_string(), "-o"])
+                .arg(&file)
+                .args(["--", "sleep", &format!("{:.1}", secs)])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn();
+            // Start perf during the warm-up so it covers the window.
+            let r = measure(&rt, &rig, i, common, Mode::Closed, common.concurrency);
+            if let Ok(p) = perf.as_mut() {
+                let _ = p.wait();
+            }
+            print_run(&rig, &r, None);
+            println!("|   profile: {} |", file.display());
+        }
+    }
+    drop(rig);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// scale
+
+fn scale(o: ScaleOpts) -> Result<(), String> {
+    let common = &o.common;
+    let rt = runtime(common.client_threads)?;
+    println!("# intentgate-bench scale\n");
+    print_machine(common, &format!(", gateway store {}", o.store));
+    println!("\n## closed loop vs server worker threads, {} connections\n\n{RUN_HEADER}", common.concurrency);
+    let mut rows = Vec::new();
+    for &t in &o.threads {
+        let mut rig = Rig::new(common)?;
+        rig.add("bare", t, 1, common)?;
+        rig.add(&o.store, t, 1, common)?;
+        check_systems(&rt, &rig)?;
+        let mut tput = vec![Vec::new(), Vec::new()];
+        for rep in 1..=common.reps.max(1) {
+            for (i, tp) in tput.iter_mut().enumerate() {
+                let r = measure(&rt, &rig, i, common, Mode::Closed, common.concurrency);
+                print_run(&rig, &r, Some(rep));
+                tp.push(r.outcome.throughput());
+            }
+        }
+        rows.push((format!("{t} threads"), median(&tput[0]), median(&tput[1])));
+    }
+    println!("\n## closed loop vs tenants ({} server threads)\n\n{RUN_HEADER}", o.server_threads);
+    for &n in &o.tenants {
+        let mut rig = Rig::new(common)?;
+        rig.add(&o.store, o.server_threads, n, common)?;
+        check_systems(&rt, &rig)?;
+        let mut tput = Vec::new();
+        for rep in 1..=common.reps.max(1) {
+            let r = measure(&rt, &rig, 0, common, Mode::Closed, common.concurrency);
+            print_run(&rig, &r, Some(rep));
+            tput.push(r.outcome.throughput());
+        }
+        rows.push((format!("{n} tenants, {} threads", o.server_threads), f64::NAN, median(&tput)));
+    }
+    println!("\n## summary (median calls/s)\n\n| configuration | bare proxy | gateway ({}) | ratio |\n|---|---:|---:|---:|", o.store);
+    for (label, b, g) in rows {
+        let (bs, ratio) = if b.is_finite() {
+            (format!("{b:.0}"), format!("{:.0}%", g / b * 100.0))
+        } else {
+            ("-".into(), "-".into())
+        };
+        println!("| {label} | {bs} | {g:.0} | {ratio} |");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// micro
+
+#[cfg(feature = "gateway")]
+fn micro_main(o: MicroOpts) -> Result<(), String> {
+    println!("# intentgate-bench micro\n");
+    let rt = runtime(o.threads)?;
+    for w in &o.which {
+        match w.as_str() {
+            "verify" => micro::verify(o.reps)?,
+            "revocation" => micro::revocation(o.reps)?,
+            "audit" => {
+                let cases: Vec<(usize, usize)> = o
+                    .audit_cases
+                    .iter()
+                    .map(|c| {
+                        let (a, t) = c.split_once(':').unwrap_or((c, "1"));
+                        Ok((a.parse().map_err(|_| format!("bad case {c}"))?, t.parse().map_err(|_| format!("bad case {c}"))?))
+                    })
+                    .collect::<Result<_, String>>()?;
+                for b in &o.backends {
+                    if b == "postgres" && !pg::PgServer::available() {
+                        println!("\n(no PostgreSQL binaries: PostgreSQL audit skipped)");
+                        continue;
+                    }
+                    rt.block_on(micro::audit(b, &o.work_dir, &cases, o.warmup, o.duration))?;
+                }
+            }
+            "plugin" => micro::plugin()?,
+            other => return Err(format!("unknown micro-benchmark {other:?}")),
+        }
+    }
+    Ok(())
+}

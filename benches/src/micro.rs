@@ -1,0 +1,294 @@
+//! Per-stage micro-benchmarks of the gateway's hot path, called through the library exactly as
+//! the request path calls them:
+//!
+//! - `verify`: [`Verifier::authenticate`] (decode, HMAC chain, caveats, revocation) by caveat
+//!   count, and [`Grant::authorize`] for one tool;
+//! - `revocation`: [`RevocationSet::is_revoked`] by set size, hit and miss;
+//! - `audit`: [`AuditLog::append`] throughput with group commit, by concurrent appenders and
+//!   tenants, on SQLite and on PostgreSQL (a throwaway server);
+//! - `plugin`: a hook, not measured yet (see [`plugin`]).
+//!
+//! Timing: each case runs a warm-up, then `reps` repetitions of a timed batch; the reported
+//! figure is the median repetition (ns per operation), with the spread across repetitions.
+//! The per-call percentiles of `audit` come from one timestamp pair per append.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use intentgate::audit::{AuditConfig, AuditEvent, AuditLog, Decision, LogKey, kinds};
+use intentgate::capability::{
+    CallContext, Caveat, DEFAULT_LEEWAY_SECS, MasterKey, MintRequest, RevocationSet, Token, Verifier,
+    mint,
+};
+use intentgate::store::{self, StoreConfig};
+
+use crate::stats::{Samples, fmt_ns, median};
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Times `op` in `reps` batches of `batch` calls after a warm-up; returns (median, min, max)
+/// ns per call.
+fn time_per_op(batch: u32, reps: usize, mut op: impl FnMut()) -> (f64, f64, f64) {
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(200) {
+        op();
+    }
+    let mut per_op = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        for _ in 0..batch {
+            op();
+        }
+        per_op.push(t.elapsed().as_nanos() as f64 / f64::from(batch));
+    }
+    let min = per_op.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = per_op.iter().copied().fold(0.0, f64::max);
+    (median(&per_op), min, max)
+}
+
+/// A token with exactly `n` caveats: minted with one `tool_allow`, then attenuated with more
+/// `tool_allow` caveats (each must be checked; all allow `echo`).
+fn token_with_caveats(key: &MasterKey, n: usize) -> Result<String, String> {
+    let req = MintRequest {
+        subject: "bench-agent".into(),
+        tenant: Some("bench".into()),
+        tools: vec!["echo".into(), "read_*".into()],
+        ..MintRequest::default()
+    };
+    let minted = mint(key, &req, now_unix()).map_err(|e| e.to_string())?;
+    let mut token = Token::decode(&minted.token).map_err(|e| e.to_string())?;
+    while token.cav.len() < n {
+        let i = token.cav.len();
+        let caveat = if i % 2 == 0 {
+            Caveat::tool_allow(["echo", "read_*"])
+        } else {
+            Caveat::tool_deny([format!("forbidden_{i}")])
+        };
+        token = token.attenuate(caveat).map_err(|e| e.to_string())?;
+    }
+    if token.cav.len() != n {
+        return Err(format!("minted token has {} caveats, wanted {n}", token.cav.len()));
+    }
+    Ok(token.encode())
+}
+
+pub fn verify(reps: usize) -> Result<(), String> {
+    println!("\n## token verify (Verifier::authenticate: decode + HMAC chain + caveats + revocation)\n");
+    println!("| caveats | token bytes | ns/verify (median) | min..max of {reps} reps | verifies/s/core |");
+    println!("|---:|---:|---:|---:|---:|");
+    let key = MasterKey::generate().map_err(|e| e.to_string())?;
+    let verifier = Verifier::new(key.clone(), DEFAULT_LEEWAY_SECS);
+    let revoked = RevocationSet::always_fresh();
+    revoked.extend((0..10_000).map(|i| format!("revoked-{i}")));
+    let now = now_unix();
+    for n in [1usize, 2, 4, 8, 16, 32, 64] {
+        let token = token_with_caveats(&key, n)?;
+        verifier
+            .authenticate(&token, now, &revoked)
+            .map_err(|e| format!("token with {n} caveats does not verify: {e}"))?;
+        let (med, min, max) = time_per_op(2_000, reps, || {
+            black_box(verifier.authenticate(black_box(&token), now, &revoked).is_ok());
+        });
+        println!(
+            "| {n} | {} | {} | {}..{} | {:.0} |",
+            token.len(),
+            fmt_ns(med as u64),
+            fmt_ns(min as u64),
+            fmt_ns(max as u64),
+            1e9 / med
+        );
+    }
+    let token = token_with_caveats(&key, 4)?;
+    let grant = verifier
+        .authenticate(&token, now, &revoked)
+        .map_err(|e| e.to_string())?;
+    let ctx = CallContext {
+        tool: "echo",
+        agent: None,
+        server: Some("default"),
+        callee: None,
+        risk: None,
+    };
+    let (med, _, _) = time_per_op(100_000, reps, || {
+        black_box(grant.authorize(black_box(&ctx)).is_ok());
+    });
+    println!("\nGrant::authorize (4 caveats, tool `echo`): {} per call", fmt_ns(med as u64));
+    Ok(())
+}
+
+pub fn revocation(reps: usize) -> Result<(), String> {
+    println!("\n## revocation lookup (RevocationSet::is_revoked)\n");
+    println!("| revoked ids | miss (ns) | hit (ns) |");
+    println!("|---:|---:|---:|");
+    for size in [0usize, 1_000, 100_000, 1_000_000] {
+        let set = RevocationSet::always_fresh();
+        set.extend((0..size).map(|i| format!("tok_{i:024x}")));
+        let miss = "tok_ffffffffffffffffffffffff".to_owned();
+        let hit = format!("tok_{:024x}", size / 2);
+        let (m, _, _) = time_per_op(200_000, reps, || {
+            black_box(set.is_revoked(black_box(&miss)));
+        });
+        let h = if size > 0 {
+            let (h, _, _) = time_per_op(200_000, reps, || {
+                black_box(set.is_revoked(black_box(&hit)));
+            });
+            fmt_ns(h as u64)
+        } else {
+            "-".into()
+        };
+        println!("| {size} | {} | {h} |", fmt_ns(m as u64));
+    }
+    Ok(())
+}
+
+fn tool_call_event(tenant: &str, n: u64) -> AuditEvent {
+    let mut e = AuditEvent::new(kinds::TOOL_CALL, tenant);
+    e.decision = Some(Decision::Allow);
+    e.agent_id = "bench-agent".into();
+    e.tool = "echo".into();
+    e.arg_keys = vec!["text".into()];
+    e.jti = format!("tok_{n:024x}");
+    e.root_jti = e.jti.clone();
+    e.caveat_count = Some(2);
+    e.remote_ip = "127.0.0.1".into();
+    e.latency_ms = Some(0);
+    e
+}
+
+/// One audit case: `appenders` tasks appending as fast as answers come back, spread over
+/// `tenants` tenants, for `duration` after a warm-up.
+async fn audit_case(
+    log: &AuditLog,
+    appenders: usize,
+    tenants: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> (f64, u64, u64, crate::stats::Summary) {
+    let start = Instant::now();
+    let from = start + warmup;
+    let end = from + duration;
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let before = log.stats();
+    let mut tasks = Vec::new();
+    for i in 0..appenders {
+        let log = log.clone();
+        let (ok, failed, stop) = (Arc::clone(&ok), Arc::clone(&failed), Arc::clone(&stop));
+        let tenant = format!("bench-{}", i % tenants.max(1));
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Samples::with_capacity(16 * 1024);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                n += 1;
+                let r = log.append(tool_call_event(&tenant, n)).await;
+                let done = Instant::now();
+                if done >= from && done <= end {
+                    match r {
+                        Ok(_) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            samples.push(done - t);
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                if done < from {
+                    // warm-up: keep appending
+                }
+            }
+            samples
+        }));
+    }
+    let mut all = Samples::default();
+    for t in tasks {
+        if let Ok(s) = t.await {
+            all.extend(s);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let after = log.stats();
+    let ok = ok.load(Ordering::Relaxed);
+    let rate = ok as f64 / duration.as_secs_f64();
+    let events = after.events.saturating_sub(before.events);
+    let batches = after.batches.saturating_sub(before.batches);
+    let _ = failed;
+    (rate, events, batches, all.summary())
+}
+
+pub async fn audit(
+    backend: &str,
+    root: &Path,
+    cases: &[(usize, usize)],
+    warmup: Duration,
+    duration: Duration,
+) -> Result<(), String> {
+    let _pg;
+    let (cfg, label) = match backend {
+        "sqlite" => {
+            let dir = tempfile::Builder::new()
+                .prefix("intentgate-bench-audit-")
+                .tempdir_in(root)
+                .map_err(|e| e.to_string())?;
+            let path = dir.path().join("audit.sqlite3");
+            // Keep the directory for the life of the case.
+            let cfg = StoreConfig::Sqlite { path };
+            _pg = Holder::Dir(dir);
+            (cfg, "SQLite (WAL, synchronous=FULL)")
+        }
+        "postgres" => {
+            let pg = crate::pg::PgServer::start(root)?;
+            let cfg = StoreConfig::Postgres { url: pg.url.clone() };
+            _pg = Holder::Pg(pg);
+            (cfg, "PostgreSQL (fsync=on, synchronous_commit=on)")
+        }
+        other => return Err(format!("unknown backend {other:?} (sqlite or postgres)")),
+    };
+    let store = store::connect(&cfg).await.map_err(|e| e.to_string())?;
+    let key = LogKey::generate("bench").map_err(|e| e.to_string())?;
+    let log = AuditLog::open(store.db(), key, AuditConfig::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("\n## audit append, {label}, group commit (AuditConfig::default())\n");
+    println!("| appenders | tenants | events/s | events/commit | append p50 | p99 | p99.9 |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for &(appenders, tenants) in cases {
+        let (rate, events, batches, lat) = audit_case(&log, appenders, tenants, warmup, duration).await;
+        let per_batch = if batches > 0 { events as f64 / batches as f64 } else { f64::NAN };
+        println!(
+            "| {appenders} | {tenants} | {rate:.0} | {per_batch:.1} | {} | {} | {} |",
+            fmt_ns(lat.p50),
+            fmt_ns(lat.p99),
+            fmt_ns(lat.p999)
+        );
+    }
+    Ok(())
+}
+
+enum Holder {
+    Dir(#[allow(dead_code)] tempfile::TempDir),
+    Pg(#[allow(dead_code)] crate::pg::PgServer),
+}
+
+/// Hook for the plugin stage. TODO(plugins): once the pipeline runs check plugins (the
+/// `plugins::CheckPool` is wired into `Pipeline::run_checks`), measure `CheckPool::evaluate`
+/// for the built-in intent, policy (regorus, five-rule policy) and budget components, reused
+/// and fresh instances, here, and add the plugin-bundle configuration to the load benchmark.
+pub fn plugin() -> Result<(), String> {
+    println!("\n## plugin evaluate\n");
+    println!("not measured: the plugin runtime is not wired into the pipeline yet (TODO in benches/src/micro.rs::plugin).");
+    Ok(())
+}
