@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// How much of the arguments an audit event keeps.
     #[arg(long, env = "INTENTGATE_AUDIT_PERSIST_ARG_VALUES", default_value = "off", value_parser = str::parse::<ArgValues>)]
     pub audit_persist_arg_values: ArgValues,
+    /// Rego policy for the default bundle (a `NAME_test.rego` beside it is run at start).
+    /// Without it the default policy denies every call; `--demo` uses a token-scope policy.
+    #[arg(long, env = "INTENTGATE_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
     /// Start a built-in demo MCP tool server as the upstream when none is configured.
     #[arg(long)]
     pub demo: bool,
@@ -118,7 +122,63 @@ pub struct Config {
     pub clock_leeway_secs: u64,
     pub revocation_max_staleness: Duration,
     pub arg_values: ArgValues,
+    /// `(file name, Rego source)` of the policy file and of its test file, when given.
+    pub policy: Option<PolicySource>,
     pub demo: bool,
+}
+
+/// A Rego policy (and its tests) for the default bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySource {
+    pub modules: Vec<(String, String)>,
+    pub tests: Vec<(String, String)>,
+}
+
+impl PolicySource {
+    /// The policy plugin's configuration document.
+    pub fn to_config(&self) -> String {
+        let map = |v: &[(String, String)]| {
+            v.iter()
+                .map(|(k, s)| (k.clone(), serde_json::Value::from(s.clone())))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        serde_json::json!({"modules": map(&self.modules), "tests": map(&self.tests)}).to_string()
+    }
+
+    /// The token-scope policy `--demo` uses.
+    pub fn demo() -> Self {
+        Self {
+            modules: vec![(
+                "token_scope.rego".into(),
+                include_str!("../../policies/examples/token_scope.rego").into(),
+            )],
+            tests: vec![(
+                "token_scope_test.rego".into(),
+                include_str!("../../policies/examples/token_scope_test.rego").into(),
+            )],
+        }
+    }
+
+    fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
+        const SETTING: &str = "INTENTGATE_POLICY_FILE";
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| invalid(SETTING, format!("{}: {e}", p.display())))
+        };
+        let name = |p: &std::path::Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "policy.rego".into())
+        };
+        let modules = vec![(name(path), read(path)?)];
+        let mut tests = Vec::new();
+        if let Some(stem) = path.file_stem() {
+            let test = path.with_file_name(format!("{}_test.rego", stem.to_string_lossy()));
+            if test.is_file() {
+                tests.push((name(&test), read(&test)?));
+            }
+        }
+        Ok(Self { modules, tests })
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -142,6 +202,10 @@ impl std::fmt::Debug for Config {
             .field("clock_leeway_secs", &self.clock_leeway_secs)
             .field("revocation_max_staleness", &self.revocation_max_staleness)
             .field("arg_values", &self.arg_values)
+            .field(
+                "policy",
+                &self.policy.as_ref().map(|p| p.modules.iter().map(|m| m.0.as_str()).collect::<Vec<_>>()),
+            )
             .field("demo", &self.demo)
             .finish()
     }
@@ -297,6 +361,11 @@ impl ServeArgs {
             clock_leeway_secs: self.clock_leeway_secs,
             revocation_max_staleness: Duration::from_secs(staleness),
             arg_values: self.audit_persist_arg_values,
+            policy: match (&self.policy_file, self.demo) {
+                (Some(p), _) => Some(PolicySource::read(p)?),
+                (None, true) => Some(PolicySource::demo()),
+                (None, false) => None,
+            },
             demo: self.demo,
         })
     }

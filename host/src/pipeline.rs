@@ -13,8 +13,13 @@ use std::time::Instant;
 use serde_json::Value;
 
 use crate::audit::{self, ArgValuesMode, AuditEvent, AuditLog, Decision};
+use crate::bundles::{Registry, Snapshot};
 use crate::capability::{CallContext, CapabilityError, Grant};
 use crate::mcp::jsonrpc::{RpcError, code};
+use crate::plugins::{
+    Charge, CheckInput, Counters, MemoryCounters, PluginError, Stage, TokenInput, Usage, Verdict,
+    VerdictKind,
+};
 use crate::store::{ChargeOutcome, Store};
 
 /// Proof that a tool call was decided `allow` and its audit event is durable.
@@ -42,6 +47,9 @@ pub enum Denial {
     },
     #[error("{0}")]
     Budget(String),
+    /// A check plugin failed (trap, timeout, bad result): the call is refused by that stage.
+    #[error("{stage} check failed closed: {error}")]
+    CheckFailed { stage: Stage, error: PluginError },
     /// The counters store failed: a budget that cannot be checked is not granted.
     #[error("budget store unavailable: {0}")]
     BudgetStore(String),
@@ -58,6 +66,7 @@ impl Denial {
             Self::Intent(_) => "intent",
             Self::Policy { .. } => "policy",
             Self::Budget(_) | Self::BudgetStore(_) => "budget",
+            Self::CheckFailed { stage, .. } => stage.as_str(),
             Self::Audit(_) => "audit",
         }
     }
@@ -70,6 +79,11 @@ impl Denial {
             Self::Policy { escalate: true, .. } => (code::APPROVAL_PENDING, "approval required"),
             Self::Policy { .. } => (code::POLICY, "policy check failed"),
             Self::Budget(_) | Self::BudgetStore(_) => (code::BUDGET, "budget check failed"),
+            Self::CheckFailed { stage, .. } => match stage {
+                Stage::Intent => (code::INTENT, "intent check failed"),
+                Stage::Budget => (code::BUDGET, "budget check failed"),
+                _ => (code::POLICY, "policy check failed"),
+            },
             Self::Audit(_) => (code::AUDIT_UNAVAILABLE, "audit log unavailable"),
         };
         RpcError::new(code, message).with_data(Value::from(self.to_string()))
@@ -86,29 +100,68 @@ pub struct ToolCall<'a> {
     pub agent: Option<&'a str>,
     pub remote_ip: String,
     pub session_id: Option<&'a str>,
+    /// A later round of a multi-round call (MCP 2026-07-28): decided again, never charged again.
+    pub round: Option<Round>,
+}
+
+/// Which call a later round continues: the first round's audit event and this round's number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    pub call_event: i64,
+    /// 2 for the first retry.
+    pub number: u32,
 }
 
 /// The ordered checks and what they need.
 pub struct Pipeline {
     store: Arc<dyn Store>,
     audit: AuditLog,
+    registry: Registry,
+    /// This replica's view of usage and budget counters, read by plugins; the store's
+    /// conditional charges are the authority across replicas.
+    local_counters: Arc<MemoryCounters>,
     arg_values: ArgValuesMode,
     upstream_name: String,
+}
+
+/// What the checks concluded, for the audit event.
+#[derive(Default)]
+struct Findings {
+    intent_summary: String,
+    requires_step_up: bool,
+    charges: Vec<Debit>,
+}
+
+/// One conditional counter increment in the store: `amount` added only if the total stays
+/// within `limit`.
+struct Debit {
+    key: String,
+    window: i64,
+    amount: i64,
+    limit: i64,
 }
 
 impl Pipeline {
     pub fn new(
         store: Arc<dyn Store>,
         audit: AuditLog,
+        registry: Registry,
+        local_counters: Arc<MemoryCounters>,
         arg_values: ArgValuesMode,
         upstream_name: String,
     ) -> Self {
         Self {
             store,
             audit,
+            registry,
+            local_counters,
             arg_values,
             upstream_name,
         }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     pub fn audit(&self) -> &AuditLog {
@@ -118,14 +171,16 @@ impl Pipeline {
     /// Decides one call. `Ok` only when every check allowed and the event is durable.
     pub async fn decide(&self, call: &ToolCall<'_>) -> Result<Permit, Denial> {
         let started = Instant::now();
-        let bundle_digest = String::new();
-        let outcome = self.run_checks(call).await;
-        let mut event = self.event_for(call, &bundle_digest);
+        // One snapshot for the whole call: a promotion mid-call does not mix bundles.
+        let snapshot = self.registry.snapshot(&call.grant.tenant);
+        let mut findings = Findings::default();
+        let outcome = self.run_checks(call, &snapshot, &mut findings).await;
+        let mut event = self.event_for(call, snapshot.digest());
         event.latency_ms = Some(started.elapsed().as_millis() as u64);
+        event.intent_summary = findings.intent_summary;
+        event.requires_step_up = findings.requires_step_up;
         match &outcome {
-            Ok(()) => {
-                event.decision = Some(Decision::Allow);
-            }
+            Ok(()) => event.decision = Some(Decision::Allow),
             Err(denial) => {
                 event.decision = Some(match denial {
                     Denial::Policy { escalate: true, .. } => Decision::Escalate,
@@ -133,32 +188,34 @@ impl Pipeline {
                 });
                 event.check = denial.check().to_owned();
                 event.reason = denial.to_string();
-                if let Denial::Policy {
-                    requires_step_up, ..
-                } = denial
-                {
-                    event.requires_step_up = *requires_step_up;
-                }
             }
         }
         let appended = self.audit.append(event).await;
         match (outcome, appended) {
-            (Ok(()), Ok(a)) => Ok(Permit {
-                event_id: a.id,
-                bundle_digest,
-                started,
-                _sealed: (),
-            }),
+            (Ok(()), Ok(a)) => {
+                self.note_usage(call, &findings.charges);
+                Ok(Permit {
+                    event_id: a.id,
+                    bundle_digest: snapshot.digest().to_owned(),
+                    started,
+                    _sealed: (),
+                })
+            }
             (Ok(()), Err(e)) => {
                 // Charged but never forwarded: give the budget back, then refuse.
-                self.refund(call).await;
+                self.refund(&findings.charges).await;
                 Err(Denial::Audit(e.to_string()))
             }
             (Err(denial), _) => Err(denial),
         }
     }
 
-    async fn run_checks(&self, call: &ToolCall<'_>) -> Result<(), Denial> {
+    async fn run_checks(
+        &self,
+        call: &ToolCall<'_>,
+        snapshot: &Snapshot,
+        findings: &mut Findings,
+    ) -> Result<(), Denial> {
         // 1. capability: the token's static caveats for this tool, server and agent.
         call.grant.authorize(&CallContext {
             tool: call.tool,
@@ -167,53 +224,150 @@ impl Pipeline {
             callee: None,
             risk: None,
         })?;
-        // 2-4. intent, policy and budget plugins run here (see the plugins module).
-        // 5. charge the token's own limits, only now that every check allowed.
-        self.charge(call).await
+        let input = self.check_input(call);
+        let failed = |stage| move |error| Denial::CheckFailed { stage, error };
+        // 2. intent: what the agent says it wants, against the call.
+        let intent = snapshot.intent(&input).map_err(failed(Stage::Intent))?;
+        findings.intent_summary = intent.record.summary.clone();
+        refuse_unless_allowed(&intent.verdict, Denial::Intent)?;
+        // 3. policy: the operator's Rego.
+        let policy = snapshot
+            .policy(&input, &intent.record)
+            .map_err(failed(Stage::Policy))?;
+        findings.requires_step_up = policy.requires_step_up;
+        match policy.kind {
+            VerdictKind::Allow => {}
+            kind => {
+                return Err(Denial::Policy {
+                    reason: policy.reason,
+                    escalate: kind == VerdictKind::Escalate,
+                    requires_step_up: policy.requires_step_up,
+                });
+            }
+        }
+        // A later round of a multi-round call was charged with its first round.
+        if call.round.is_some() {
+            return Ok(());
+        }
+        // 4. budget: the bundle's ceilings, then the token's own limits.
+        let budget = snapshot.budget(&input).map_err(failed(Stage::Budget))?;
+        refuse_unless_allowed(&budget.verdict, Denial::Budget)?;
+        findings.charges = self.charges_for(call.grant, &budget.charges);
+        // 5. charge, only now that every check allowed.
+        self.charge(&findings.charges).await
     }
 
-    fn limits(&self, grant: &Grant) -> Vec<(String, i64, i64)> {
-        let mut out = Vec::new();
+    fn check_input(&self, call: &ToolCall<'_>) -> CheckInput {
+        let g = call.grant;
+        let day = day_start();
+        let agent_key = format!("usage/{}/{}", g.tenant, g.subject);
+        CheckInput {
+            tenant: g.tenant.clone(),
+            agent_id: g.subject.clone(),
+            tool: call.tool.to_owned(),
+            arguments: call.arguments.to_string(),
+            intent_prompt: call.intent_prompt.map(str::to_owned),
+            token: TokenInput {
+                jti: g.jti.clone(),
+                root_jti: g.root_jti.clone(),
+                subject: g.subject.clone(),
+                zone: g.zone.clone(),
+                caveat_count: g.caveat_count as u32,
+                max_calls: g.max_calls,
+                step_up_at: g.step_up_at.and_then(|t| u64::try_from(t).ok()),
+            },
+            usage: Usage {
+                calls_today_tool: self
+                    .local_counters
+                    .get(&format!("{agent_key}/{}", call.tool), day),
+                calls_today_total: self.local_counters.get(&agent_key, day),
+            },
+        }
+    }
+
+    /// The bundle's charges plus the token's `max_calls` and `rate_limit`.
+    fn charges_for(&self, grant: &Grant, bundle: &[Charge]) -> Vec<Debit> {
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let mut out: Vec<Debit> = bundle
+            .iter()
+            .map(|c| Debit {
+                key: c.key.clone(),
+                window: int(c.window_start),
+                amount: int(c.amount),
+                limit: int(c.limit),
+            })
+            .collect();
         if let Some(max) = grant.max_calls {
-            out.push((format!("calls:{}", grant.jti), 0, max as i64));
+            out.push(Debit {
+                key: format!("calls:{}", grant.jti),
+                window: 0,
+                amount: 1,
+                limit: int(max),
+            });
         }
         if let Some(per_min) = grant.rate_per_min {
-            let minute = audit::time::now_ms() / 60_000 * 60;
-            out.push((format!("rate:{}", grant.jti), minute, per_min as i64));
+            out.push(Debit {
+                key: format!("rate:{}", grant.jti),
+                window: audit::time::now_ms() / 60_000 * 60,
+                amount: 1,
+                limit: int(per_min),
+            });
         }
         out
     }
 
-    async fn charge(&self, call: &ToolCall<'_>) -> Result<(), Denial> {
-        let limits = self.limits(call.grant);
-        for (i, (key, window, limit)) in limits.iter().enumerate() {
-            let outcome = self.store.charge(key, *window, 1, *limit).await;
-            let refused = match outcome {
+    async fn charge(&self, debits: &[Debit]) -> Result<(), Denial> {
+        for (i, d) in debits.iter().enumerate() {
+            let refused = match self.store.charge(&d.key, d.window, d.amount, d.limit).await {
                 Ok(ChargeOutcome::Charged { .. }) => continue,
                 Ok(ChargeOutcome::Exceeded { .. }) => {
-                    let what = if key.starts_with("calls:") {
-                        "max_calls"
+                    let what = if d.key.starts_with("calls:") {
+                        "token max_calls"
+                    } else if d.key.starts_with("rate:") {
+                        "token rate_limit"
                     } else {
-                        "rate_limit"
+                        "budget"
                     };
-                    Denial::Budget(format!("token {what} of {limit} reached"))
+                    Denial::Budget(format!("{what} of {} reached", d.limit))
                 }
                 Err(e) => Denial::BudgetStore(e.to_string()),
             };
-            for (key, window, _) in &limits[..i] {
-                let _ = self.store.charge(key, *window, -1, i64::MAX).await;
-            }
+            self.refund(&debits[..i]).await;
             return Err(refused);
         }
         Ok(())
     }
 
-    async fn refund(&self, call: &ToolCall<'_>) {
-        for (key, window, _) in self.limits(call.grant) {
-            if let Err(e) = self.store.charge(&key, window, -1, i64::MAX).await {
+    async fn refund(&self, debits: &[Debit]) {
+        for d in debits {
+            if let Err(e) = self.store.charge(&d.key, d.window, -d.amount, i64::MAX).await {
                 tracing::warn!(error = %e, "could not refund a budget charge");
             }
         }
+    }
+
+    /// Counts an allowed call in this replica's usage view (what policies see as usage).
+    fn note_usage(&self, call: &ToolCall<'_>, debits: &[Debit]) {
+        if call.round.is_some() {
+            return; // counted with the call's first round
+        }
+        let day = day_start();
+        let agent_key = format!("usage/{}/{}", call.grant.tenant, call.grant.subject);
+        let unit = |key: String| Charge {
+            key,
+            window_start: day,
+            amount: 1,
+            limit: u64::MAX,
+        };
+        let mut seen = vec![unit(format!("{agent_key}/{}", call.tool)), unit(agent_key)];
+        // Mirror the bundle's charges so the budget plugin's reads see this replica's usage.
+        seen.extend(debits.iter().map(|d| Charge {
+            key: d.key.clone(),
+            window_start: u64::try_from(d.window).unwrap_or(0),
+            amount: u64::try_from(d.amount).unwrap_or(0),
+            limit: u64::MAX,
+        }));
+        let _ = self.local_counters.charge_all(&seen);
     }
 
     fn event_for(&self, call: &ToolCall<'_>, bundle_digest: &str) -> AuditEvent {
@@ -228,6 +382,10 @@ impl Pipeline {
         e.bundle_digest = bundle_digest.to_owned();
         e.remote_ip = call.remote_ip.clone();
         e.session_id = call.session_id.unwrap_or_default().to_owned();
+        if let Some(r) = call.round {
+            // Linked to the call's first event (the audit schema has no round fields yet).
+            e.session_id = format!("round:{}/{}", r.call_event, r.number);
+        }
         e
     }
 
@@ -250,6 +408,18 @@ impl Pipeline {
             tracing::error!(error = %err, "could not record an upstream failure in the audit log");
         }
     }
+}
+
+fn refuse_unless_allowed(verdict: &Verdict, deny: fn(String) -> Denial) -> Result<(), Denial> {
+    if verdict.kind == VerdictKind::Allow {
+        Ok(())
+    } else {
+        Err(deny(verdict.reason.clone()))
+    }
+}
+
+fn day_start() -> u64 {
+    (audit::time::now_ms() / 86_400_000 * 86_400) as u64
 }
 
 /// The summary forwarded to the caller in the `_intentgate` member of a result.

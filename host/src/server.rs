@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 
 use crate::admin::AdminAuth;
 use crate::audit::{AuditConfig, AuditLog, LogKey};
+use crate::bundles::{BundleSpec, Registry};
 use crate::capability::{CapabilityError, Grant, MasterKey, RevocationSet, Verifier};
 use crate::config::{Config, StoreChoice};
 use crate::http::{self, Body};
@@ -42,6 +43,8 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error("audit: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("plugins: {0}")]
+    Plugins(String),
     #[error("demo upstream: {0}")]
     Demo(std::io::Error),
 }
@@ -105,9 +108,23 @@ impl Gateway {
             Arc::clone(&store),
             Arc::clone(&revocations),
         )));
+        // Compiling the built-in components takes a moment: keep it off the runtime's threads.
+        let default_spec = match &config.policy {
+            Some(policy) => BundleSpec::builtin().with_policy_config(policy.to_config()),
+            None => BundleSpec::builtin(),
+        };
+        let registry = tokio::task::spawn_blocking(move || Registry::builtin_with_default(default_spec))
+            .await
+            .map_err(|e| StartError::Plugins(e.to_string()))?
+            .map_err(|e| StartError::Plugins(e.to_string()))?;
+        let counters = registry
+            .memory_counters()
+            .ok_or_else(|| StartError::Plugins("registry without local counters".into()))?;
         let pipeline = Pipeline::new(
             Arc::clone(&store),
             audit,
+            registry,
+            counters,
             config.arg_values,
             config.upstream_name.clone(),
         );

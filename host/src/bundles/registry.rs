@@ -40,6 +40,16 @@ pub enum BundleError {
     /// A component digest that was never uploaded.
     #[error("unknown component {0}")]
     UnknownComponent(String),
+    /// A component of another world than the one expected at upload.
+    #[error("component {digest} implements {found:?}, expected {expected:?}")]
+    WrongWorld {
+        /// Digest.
+        digest: String,
+        /// Expected.
+        expected: World,
+        /// Found.
+        found: World,
+    },
     /// A component of the SIEM world used as a check (or the reverse).
     #[error("component {digest} implements {world:?}, not the check world")]
     NotACheck {
@@ -178,6 +188,7 @@ struct Inner {
     drafts: RwLock<HashMap<String, BTreeMap<String, DraftInfo>>>,
     tenants: ArcSwap<HashMap<String, Arc<TenantSlot>>>,
     history: Mutex<Vec<SwapOutcome>>,
+    persist: std::sync::OnceLock<super::persist::Persist>,
 }
 
 /// The bundle registry. Cheap to clone (one `Arc`).
@@ -224,38 +235,46 @@ impl Registry {
     /// The default bundle only, the process-wide runtime, in-memory counters; no database.
     /// Startup-time: compiles the built-in components (a few seconds in a debug build).
     pub fn builtin() -> Result<Self, BundleError> {
+        Self::builtin_with_default(BundleSpec::builtin())
+    }
+
+    /// Like [`Registry::builtin`] with another default bundle (e.g. the default spec with the
+    /// operator's policy file, `INTENTGATE_POLICY_FILE`). Validated here, at start-up.
+    pub fn builtin_with_default(default_spec: BundleSpec) -> Result<Self, BundleError> {
         let counters = Arc::new(MemoryCounters::default());
-        Self::build(Runtime::shared()?, counters.clone(), Some(counters))
+        Self::build(Runtime::shared()?, counters.clone(), Some(counters), default_spec)
     }
 
     /// A registry over this runtime, reading budget counters from `counters`.
     pub fn new(runtime: Arc<Runtime>, counters: Arc<dyn Counters>) -> Result<Self, BundleError> {
-        Self::build(runtime, counters, None)
+        Self::build(runtime, counters, None, BundleSpec::builtin())
     }
 
     /// Like [`Registry::builtin`] but with a given runtime (tests with tight limits).
     pub fn with_runtime(runtime: Arc<Runtime>) -> Result<Self, BundleError> {
         let counters = Arc::new(MemoryCounters::default());
-        Self::build(runtime, counters.clone(), Some(counters))
+        Self::build(runtime, counters.clone(), Some(counters), BundleSpec::builtin())
     }
 
     fn build(
         runtime: Arc<Runtime>,
         counters: Arc<dyn Counters>,
         memory_counters: Option<Arc<MemoryCounters>>,
+        default_spec: BundleSpec,
     ) -> Result<Self, BundleError> {
         let registry = Registry {
             inner: Arc::new(Inner {
                 runtime,
                 counters,
                 memory_counters,
-                default_spec: BundleSpec::builtin(),
+                default_spec,
                 components: RwLock::new(HashMap::new()),
                 infos: RwLock::new(BTreeMap::new()),
                 wasm: RwLock::new(HashMap::new()),
                 drafts: RwLock::new(HashMap::new()),
                 tenants: ArcSwap::from_pointee(HashMap::new()),
                 history: Mutex::new(Vec::new()),
+                persist: std::sync::OnceLock::new(),
             }),
         };
         for (name, wasm) in builtin_components() {
@@ -271,6 +290,17 @@ impl Registry {
             true,
         )?;
         Ok(registry)
+    }
+
+    /// Persist components, bundles and swaps made through the admin API in the store (once;
+    /// later calls are ignored). Pair it with a [`super::persist::Follower`] on every replica.
+    pub fn attach_store(&self, persist: super::persist::Persist) {
+        let _ = self.inner.persist.set(persist);
+    }
+
+    /// The attached store, if any.
+    pub fn persist(&self) -> Option<&super::persist::Persist> {
+        self.inner.persist.get()
     }
 
     /// The runtime.
@@ -366,9 +396,24 @@ impl Registry {
         Ok(info)
     }
 
-    /// Upload a component: compiled and validated against the worlds now; refused when it
-    /// implements neither. Slow: call from `spawn_blocking`.
-    pub fn upload_component(&self, name: &str, wasm: &[u8]) -> Result<ComponentInfo, BundleError> {
+    /// Upload a component: compiled and validated now; refused unless it implements `expect`
+    /// (a component of another world, or of none, never enters the registry). Slow: call from
+    /// `spawn_blocking`.
+    pub fn upload_component(
+        &self,
+        name: &str,
+        wasm: &[u8],
+        expect: World,
+    ) -> Result<ComponentInfo, BundleError> {
+        let world = self.inner.runtime.validate(wasm)?;
+        if world != expect {
+            let (digest, _) = self.inner.runtime.compile(wasm)?;
+            return Err(BundleError::WrongWorld {
+                digest,
+                expected: expect,
+                found: world,
+            });
+        }
         self.add_component(name, wasm, false)
     }
 
@@ -511,6 +556,50 @@ impl Registry {
         drop(previous);
         lock(&self.inner.history).push(outcome.clone());
         Ok(outcome)
+    }
+
+    /// Make `active` (and `previous`, the rollback target) current for `tenant`, as a replica
+    /// following the stored pointer does. Both must be drafts of the tenant or the default.
+    /// Returns false when they already were. Slow: call from `spawn_blocking`.
+    pub fn install(
+        &self,
+        tenant: &str,
+        active: &str,
+        previous: Option<&str>,
+    ) -> Result<bool, BundleError> {
+        let status = self.status(tenant);
+        if status.active == active && status.previous.as_deref() == previous {
+            return Ok(false);
+        }
+        let components = read(&self.inner.components).clone();
+        let build = |digest: &str, warm: bool| -> Result<Arc<Snapshot>, BundleError> {
+            let spec = self.find_spec(tenant, digest)?;
+            self.check_spec(&spec)?;
+            Ok(Arc::new(Snapshot::build(
+                &self.inner.runtime,
+                &components,
+                &spec,
+                tenant,
+                &self.inner.counters,
+                warm,
+            )?))
+        };
+        let next = build(active, true)?;
+        let previous = previous.map(|d| build(d, false)).transpose()?;
+        let slot = self.slot(tenant);
+        let _serial = lock(&slot.swap);
+        let old = slot.active.swap(next.clone());
+        old.trim();
+        *lock(&slot.previous) = previous;
+        let outcome = SwapOutcome {
+            tenant: tenant.to_string(),
+            action: "sync".into(),
+            from: old.digest().to_string(),
+            to: next.digest().to_string(),
+            at: now_secs(),
+        };
+        lock(&self.inner.history).push(outcome);
+        Ok(true)
     }
 
     /// The active and previous bundle of a tenant.

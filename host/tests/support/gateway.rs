@@ -57,6 +57,14 @@ pub async fn start(backend: Backend, upstream: Option<&str>, extra: &[&str]) -> 
         argv.push("--upstream-url".into());
         argv.push(u.into());
     }
+    // Tests run with the token-scope policy (what --demo uses) unless they bring their own.
+    if !extra.iter().any(|f| *f == "--policy-file" || *f == "--demo") {
+        argv.push("--policy-file".into());
+        argv.push(format!(
+            "{}/../policies/examples/token_scope.rego",
+            env!("CARGO_MANIFEST_DIR")
+        ));
+    }
     argv.extend(extra.iter().map(|s| s.to_string()));
     let config = Args::try_parse_from(argv)
         .expect("flags")
