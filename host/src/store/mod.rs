@@ -168,9 +168,9 @@ impl From<sqlx::Error> for StoreError {
                         .is_ok_and(|c| c & 0xff == 5 || c & 0xff == 6)
                 } else {
                     // PostgreSQL: serialization failure, deadlock, too many connections,
-                    // connection exceptions (08xxx), operator intervention (57xxx: shutdown,
-                    // cancel).
-                    matches!(code, "40001" | "40P01" | "53300")
+                    // lock timeout, connection exceptions (08xxx), operator intervention
+                    // (57xxx: shutdown, cancel, statement timeout).
+                    matches!(code, "40001" | "40P01" | "53300" | "55P03")
                         || code.starts_with("08")
                         || code.starts_with("57")
                 }

@@ -105,6 +105,11 @@ impl PgStore {
         // Readers (ACCESS SHARE) are not blocked. Revocations are rare admin actions, so the
         // serialization costs nothing that matters; the alternative (re-reading a trailing
         // window on every poll) would push that subtlety onto every caller.
+        // A revoke stuck behind a hung lock holder gives up (Unavailable) instead of waiting
+        // forever.
+        sqlx::query("SET LOCAL lock_timeout = '5s'")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("LOCK TABLE revocations IN SHARE ROW EXCLUSIVE MODE")
             .execute(&mut *tx)
             .await?;
