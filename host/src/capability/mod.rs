@@ -31,6 +31,7 @@
 //! | `glob.rs` | [`Glob`] patterns for tool, server and callee names |
 //! | `revocation.rs` | [`RevocationSet`] |
 //! | `error.rs` | [`CapabilityError`], [`MintError`], [`KeyError`] |
+//! | `tests/` | cross-file unit tests: known answers, every caveat, tampering |
 
 mod canonical;
 mod error;
