@@ -4,8 +4,9 @@
 //! restart, and dry-runs.
 
 use crate::plugins::{input, registry};
+use intentgate::bundles::admin::{AdminCall, AdminReply, handle};
 use intentgate::bundles::{BundleError, BundleSpec, CheckSpec, RecordedCall};
-use intentgate::plugins::{Stage, VerdictKind, artifacts};
+use intentgate::plugins::{Stage, VerdictKind, World, artifacts};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -131,7 +132,7 @@ fn a_custom_check_from_the_template_changes_decisions_without_restart() {
     let tenant = "bundles-custom";
     let wasm = std::fs::read(artifacts::TEST_CUSTOM_PATH).expect("custom artifact");
     let info = registry
-        .upload_component("no-email", &wasm)
+        .upload_component("no-email", &wasm, World::CheckPlugin)
         .expect("upload");
     let base = tagged_spec("base");
     let mut custom = base.clone();
@@ -277,4 +278,351 @@ fn dry_run_counts_and_transitions() {
     assert_eq!(report.divergent.len(), 2);
     // The dry-run activated nothing.
     assert!(registry.status(tenant).is_default);
+}
+
+fn admin<'a>(
+    method: &'a hyper::Method,
+    path: &'a str,
+    query: Option<&'a str>,
+    body: &'a [u8],
+) -> AdminCall<'a> {
+    AdminCall {
+        method,
+        path,
+        query,
+        tenant: "bundles-admin",
+        actor: "ops@example.com",
+        body,
+    }
+}
+
+async fn run(registry: &intentgate::bundles::Registry, call: AdminCall<'_>) -> AdminReply {
+    handle(registry, call).await.expect("one of our routes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_uploads_promotes_rolls_back_and_edits_policies() {
+    let registry = registry().clone();
+    let tenant = "bundles-admin";
+    let (get, post, delete) = (
+        hyper::Method::GET,
+        hyper::Method::POST,
+        hyper::Method::DELETE,
+    );
+
+    // A component of the wrong world is refused at upload; the template-built check is taken.
+    let r = run(
+        &registry,
+        admin(
+            &post,
+            "/v1/admin/plugins",
+            Some("name=siem"),
+            artifacts::SIEM_JSON,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let r = run(
+        &registry,
+        admin(
+            &post,
+            "/v1/admin/plugins",
+            Some("name=junk"),
+            b"\0asm\x01\0\0\0",
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let wasm = std::fs::read(artifacts::TEST_CUSTOM_PATH).expect("custom artifact");
+    let r = run(
+        &registry,
+        admin(&post, "/v1/admin/plugins", Some("name=no-email"), &wasm),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.event.as_ref().map(|e| e.action), Some("plugin.upload"));
+    let component = r.body["digest"].as_str().expect("digest").to_string();
+
+    // A bundle with the custom check, promoted: decisions change without restart.
+    let mut spec = tagged_spec("admin");
+    spec.stages
+        .get_mut(&Stage::Policy)
+        .expect("policy")
+        .push(CheckSpec {
+            component,
+            config: r#"{"deny": ["send_email_*"]}"#.into(),
+        });
+    let body =
+        serde_json::to_vec(&serde_json::json!({"name": "no-email", "spec": spec})).expect("json");
+    let r = run(&registry, admin(&post, "/v1/admin/bundles", None, &body)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let digest = r.body["digest"].as_str().expect("digest").to_string();
+    let email = input(tenant, "send_email_internal");
+    assert!(
+        registry
+            .snapshot(tenant)
+            .decide(&email)
+            .is_ok_and(|(v, _)| v.kind == VerdictKind::Block),
+        "default denies"
+    );
+    let promote = format!("/v1/admin/bundles/{digest}/promote");
+    let r = run(&registry, admin(&post, &promote, None, b"")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.event.as_ref().map(|e| e.action), Some("bundle.promote"));
+    assert_eq!(registry.snapshot(tenant).digest(), digest);
+    let (verdict, _) = registry.snapshot(tenant).decide(&email).expect("decide");
+    assert!(
+        verdict.reason.contains("custom check"),
+        "{}",
+        verdict.reason
+    );
+    assert!(
+        registry
+            .snapshot(tenant)
+            .decide(&input(tenant, "read_invoice"))
+            .expect("decide")
+            .0
+            .is_allow()
+    );
+    let r = run(&registry, admin(&get, "/v1/admin/bundles", None, b"")).await;
+    assert_eq!(r.body["status"]["active"], digest.as_str());
+
+    // The policies shorthand: draft the runbook policy, promote it, read it back, roll back.
+    let rego = include_str!("../../policies/examples/runbook.rego");
+    let body = serde_json::to_vec(&serde_json::json!({"name": "runbook", "rego_source": rego}))
+        .expect("json");
+    let r = run(
+        &registry,
+        admin(&post, "/v1/admin/policies/drafts", None, &body),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["rego_source"], rego);
+    let id = r.body["id"].as_str().expect("id").to_string();
+    let bad = serde_json::to_vec(&serde_json::json!({"rego_source": "package x\ndecision := {"}))
+        .expect("json");
+    assert_eq!(
+        run(
+            &registry,
+            admin(&post, "/v1/admin/policies/drafts", None, &bad)
+        )
+        .await
+        .status,
+        400
+    );
+    let body = serde_json::to_vec(&serde_json::json!({"draft_id": id})).expect("json");
+    let r = run(
+        &registry,
+        admin(&post, "/v1/admin/policies/active", None, &body),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["draft_id"], id.as_str());
+    assert_eq!(r.body["name"], "runbook");
+    let mut over_quota = input(tenant, "send_email_internal");
+    over_quota.usage.calls_today_tool = 50;
+    let (verdict, _) = registry
+        .snapshot(tenant)
+        .decide(&over_quota)
+        .expect("decide");
+    // The custom check of the active bundle is kept: the shorthand only replaces the Rego.
+    assert_eq!(verdict.kind, VerdictKind::Escalate, "{}", verdict.reason);
+    let r = run(
+        &registry,
+        admin(&get, "/v1/admin/policies/active", None, b""),
+    )
+    .await;
+    assert_eq!(r.body["bundle_digest"], id.as_str());
+    let r = run(
+        &registry,
+        admin(&post, "/v1/admin/policies/rollback", None, b""),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(registry.snapshot(tenant).digest(), digest);
+
+    // Dry-run a candidate against recorded calls.
+    let calls = serde_json::json!([
+        {"input": input(tenant, "read_invoice"), "decision": "block"},
+        {"input": input(tenant, "delete_invoice"), "decision": "block"},
+    ]);
+    let body = serde_json::to_vec(&serde_json::json!({"rego_source": rego, "calls": calls}))
+        .expect("json");
+    let r = run(
+        &registry,
+        admin(&post, "/v1/admin/policies/dry-run", None, &body),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["transitions"]["block->allow"], 1);
+    assert_eq!(r.body["transitions"]["block->block"], 1);
+
+    // Clearing the active policy returns to deny by default; unknown paths are not ours.
+    assert_eq!(
+        run(
+            &registry,
+            admin(&delete, "/v1/admin/policies/active", None, b"")
+        )
+        .await
+        .status,
+        204
+    );
+    assert!(registry.status(tenant).is_default);
+    assert!(
+        handle(&registry, admin(&get, "/v1/admin/tokens", None, b""))
+            .await
+            .is_none()
+    );
+}
+
+#[test]
+fn watch_mode_reloads_rego_and_wasm_on_save() {
+    let registry = registry().clone();
+    let tenant = "bundles-watch".to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let allow_all =
+        "package intentgate.policy\n\ndecision := {\"allow\": true, \"reason\": \"watch v1\"}\n";
+    std::fs::write(dir.path().join("policy.rego"), allow_all).expect("write");
+    let _handle = intentgate::bundles::watch::watch(
+        registry.clone(),
+        dir.path().to_path_buf(),
+        vec![tenant.clone()],
+    )
+    .expect("watch");
+    let reason = |tool: &str| {
+        registry
+            .snapshot(&tenant)
+            .decide(&input(&tenant, tool))
+            .expect("decide")
+            .0
+            .reason
+    };
+    assert_eq!(reason("send_email_internal"), "watch v1");
+
+    let wait_for = |want: &str, tool: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while reason(tool) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no reload to {want:?} (have {:?})",
+                reason(tool)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    // Saving new Rego reloads it.
+    std::fs::write(
+        dir.path().join("policy.rego"),
+        allow_all.replace("v1", "v2"),
+    )
+    .expect("write");
+    wait_for("watch v2", "send_email_internal");
+    // Broken Rego is refused and the running bundle stays.
+    std::fs::write(
+        dir.path().join("policy.rego"),
+        "package intentgate.policy\ndecision := {",
+    )
+    .expect("write");
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert_eq!(reason("send_email_internal"), "watch v2");
+    // Dropping a component (with its configuration) next to it adds a custom check.
+    std::fs::write(
+        dir.path().join("policy.rego"),
+        allow_all.replace("v1", "v3"),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("no-email.json"),
+        r#"{"deny": ["send_email_*"]}"#,
+    )
+    .expect("write");
+    let wasm = std::fs::read(artifacts::TEST_CUSTOM_PATH).expect("custom artifact");
+    std::fs::write(dir.path().join("no-email.wasm"), wasm).expect("write");
+    wait_for(
+        "custom check: send_email_internal matches send_email_*",
+        "send_email_internal",
+    );
+    assert_eq!(reason("read_invoice"), "watch v3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_follow_promotions_and_rollbacks_through_the_store() {
+    use intentgate::bundles::persist::{Follower, Persist};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = intentgate::store::StoreConfig::Sqlite {
+        path: dir.path().join("gateway.db"),
+    };
+    let store = intentgate::store::connect(&config).await.expect("store");
+    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let a = intentgate::bundles::Registry::with_runtime(runtime.clone()).expect("replica a");
+    let b = intentgate::bundles::Registry::with_runtime(runtime).expect("replica b");
+    a.attach_store(Persist::new(store.db()));
+    let mut follow_b = Follower::new(b.clone(), Persist::new(store.db()));
+    assert!(
+        follow_b.poll().await.expect("poll").is_empty(),
+        "nothing promoted yet"
+    );
+
+    let post = hyper::Method::POST;
+    let tenant = "bundles-admin"; // the tenant `admin()` acts on
+    let wasm = std::fs::read(artifacts::TEST_CUSTOM_PATH).expect("custom artifact");
+    let r = run(
+        &a,
+        admin(&post, "/v1/admin/plugins", Some("name=no-email"), &wasm),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let mut spec = tagged_spec("replicated");
+    spec.stages
+        .get_mut(&Stage::Policy)
+        .expect("policy")
+        .push(CheckSpec {
+            component: r.body["digest"].as_str().expect("digest").into(),
+            config: r#"{"deny": ["send_email_*"]}"#.into(),
+        });
+    let body =
+        serde_json::to_vec(&serde_json::json!({"name": "replicated", "spec": spec})).expect("json");
+    let r = run(&a, admin(&post, "/v1/admin/bundles", None, &body)).await;
+    let digest = r.body["digest"].as_str().expect("digest").to_string();
+    let r = run(
+        &a,
+        admin(
+            &post,
+            &format!("/v1/admin/bundles/{digest}/promote"),
+            None,
+            b"",
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Replica b has never seen the component or the bundle: it loads both and swaps.
+    assert_eq!(
+        follow_b.poll().await.expect("poll"),
+        vec![tenant.to_string()]
+    );
+    assert_eq!(b.snapshot(tenant).digest(), digest);
+    let (verdict, _) = b
+        .snapshot(tenant)
+        .decide(&input(tenant, "send_email_internal"))
+        .expect("decide");
+    assert!(
+        verdict.reason.contains("custom check"),
+        "{}",
+        verdict.reason
+    );
+    assert!(
+        follow_b.poll().await.expect("poll").is_empty(),
+        "no change, no swap"
+    );
+
+    // A rollback on a reaches b too.
+    let r = run(&a, admin(&post, "/v1/admin/bundles/rollback", None, b"")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        follow_b.poll().await.expect("poll"),
+        vec![tenant.to_string()]
+    );
+    assert!(b.status(tenant).is_default);
+    assert_eq!(b.status(tenant).previous.as_deref(), Some(digest.as_str()));
 }

@@ -250,8 +250,15 @@ fn components_are_validated_against_the_worlds() {
     ));
     // The registry refuses a formatter as a check at draft time and garbage at upload.
     let registry = registry();
+    assert!(matches!(
+        registry.upload_component("siem-as-check", artifacts::SIEM_JSON, World::CheckPlugin),
+        Err(intentgate::bundles::BundleError::WrongWorld {
+            found: World::SiemFormatter,
+            ..
+        })
+    ));
     let info = registry
-        .upload_component("siem", artifacts::SIEM_JSON)
+        .upload_component("siem", artifacts::SIEM_JSON, World::SiemFormatter)
         .expect("upload siem");
     assert_eq!(info.world, World::SiemFormatter);
     let mut spec = registry.default_spec().clone();
@@ -262,7 +269,7 @@ fn components_are_validated_against_the_worlds() {
     ));
     assert!(
         registry
-            .upload_component("junk", b"\0asm\x0d\0\x01\0junk")
+            .upload_component("junk", b"\0asm\x0d\0\x01\0junk", World::CheckPlugin)
             .is_err()
     );
 }

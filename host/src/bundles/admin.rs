@@ -2,13 +2,25 @@
 //! authenticated the caller and resolved the tenant (`/v1/admin/plugins*`, `/v1/admin/bundles*`,
 //! and the IntentGate `/v1/admin/policies/*` shorthand for the policy stage's Rego).
 //!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /v1/admin/plugins`, `GET …/plugins/{digest}` | uploaded components |
+//! | `POST /v1/admin/plugins?name=N&world=check-plugin` | upload (raw wasm, or JSON `{name, wasm_base64}`); 422 unless it implements the world (default `check-plugin`) |
+//! | `GET /v1/admin/bundles` | `{status: {active, previous, …}, drafts}` |
+//! | `POST /v1/admin/bundles` | `{name, spec}` → a validated draft (201), its digest is its id |
+//! | `GET/DELETE /v1/admin/bundles/{digest}` | one draft |
+//! | `POST /v1/admin/bundles/{digest}/promote`, `POST /v1/admin/bundles/rollback` | swap |
+//! | `POST /v1/admin/bundles/{digest}/dry-run` | `{calls: [RecordedCall]}` → counts + transition matrix |
+//! | `GET /v1/admin/bundles/history` | promotions and rollbacks |
+//! | `/v1/admin/policies/{drafts,drafts/{id},active,rollback,dry-run}` | the IntentGate shapes, on the policy stage |
+//!
 //! It never authenticates, never decides tenant scope and never writes the audit chain itself:
 //! every state change returns an [`AdminEvent`] that the caller must audit. Slow work (compile,
 //! instantiate) runs in `spawn_blocking`.
 
-use super::registry::{BundleError, DraftInfo, RecordedCall, Registry, SwapOutcome};
+use super::registry::{BundleError, ComponentInfo, DraftInfo, RecordedCall, Registry, SwapOutcome};
 use super::spec::BundleSpec;
-use crate::plugins::{CheckInput, PluginError, Stage, VerdictKind};
+use crate::plugins::{CheckInput, PluginError, Stage, VerdictKind, World};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -51,7 +63,7 @@ pub struct AdminReply {
     /// JSON body (`Value::Null` for 204).
     pub body: Value,
     /// Audit this when present.
-    pub event: Option<AdminEvent>,
+    pub event: Option<Box<AdminEvent>>,
 }
 
 fn reply(status: u16, body: Value) -> AdminReply {
@@ -66,13 +78,13 @@ fn error(status: u16, message: impl std::fmt::Display) -> AdminReply {
     reply(status, json!({"error": message.to_string()}))
 }
 
-fn event(call: &AdminCall<'_>, action: &'static str, detail: Value) -> Option<AdminEvent> {
-    Some(AdminEvent {
+fn event(call: &AdminCall<'_>, action: &'static str, detail: Value) -> Option<Box<AdminEvent>> {
+    Some(Box::new(AdminEvent {
         action,
         tenant: call.tenant.to_string(),
         actor: call.actor.to_string(),
         detail,
-    })
+    }))
 }
 
 fn bundle_error(e: BundleError) -> AdminReply {
@@ -121,6 +133,67 @@ pub async fn handle(registry: &Registry, call: AdminCall<'_>) -> Option<AdminRep
     })
 }
 
+/// Store the component when a store is attached.
+async fn store_component(
+    registry: &Registry,
+    info: &ComponentInfo,
+    actor: &str,
+) -> Result<(), AdminReply> {
+    let (Some(persist), Some(wasm)) = (registry.persist(), registry.component_bytes(&info.digest))
+    else {
+        return Ok(());
+    };
+    persist
+        .save_component(info, &wasm, actor)
+        .await
+        .map_err(|e| error(503, e))
+}
+
+/// Store the draft when a store is attached.
+async fn store_draft(
+    registry: &Registry,
+    tenant: &str,
+    draft: &DraftInfo,
+    actor: &str,
+) -> Result<(), AdminReply> {
+    let Some(persist) = registry.persist() else {
+        return Ok(());
+    };
+    persist
+        .save_bundle(tenant, draft, actor)
+        .await
+        .map_err(|e| error(503, e))
+}
+
+/// Mark the draft deleted when a store is attached.
+async fn store_delete(registry: &Registry, tenant: &str, digest: &str) -> Result<(), AdminReply> {
+    let Some(persist) = registry.persist() else {
+        return Ok(());
+    };
+    persist
+        .delete_bundle(tenant, digest)
+        .await
+        .map_err(|e| error(503, e))
+}
+
+/// Store the tenant's pointer after a swap (replicas follow it) when a store is attached.
+async fn store_pointer(registry: &Registry, tenant: &str, actor: &str) -> Result<(), AdminReply> {
+    let Some(persist) = registry.persist() else {
+        return Ok(());
+    };
+    let status = registry.status(tenant);
+    persist
+        .set_pointer(&status, actor)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            error(
+                503,
+                format!("swapped on this replica but not stored for the others: {e}"),
+            )
+        })
+}
+
 #[derive(Deserialize)]
 struct UploadJson {
     name: String,
@@ -153,11 +226,17 @@ async fn plugins(
                     .map_err(|e| error(400, format!("wasm_base64: {e}")))?;
                 (upload.name, wasm)
             };
-            let registry = registry.clone();
-            let info = blocking(move || registry.upload_component(&name, &wasm))
+            let expect = match query_param(call.query, "world").unwrap_or("check-plugin") {
+                "check-plugin" => World::CheckPlugin,
+                "siem-formatter" => World::SiemFormatter,
+                other => return Err(error(400, format!("unknown world {other:?}"))),
+            };
+            let r2 = registry.clone();
+            let info = blocking(move || r2.upload_component(&name, &wasm, expect))
                 .await?
                 .map_err(|e| error(422, e))?;
             let detail = json!({"digest": info.digest, "world": info.world, "name": info.name});
+            store_component(registry, &info, call.actor).await?;
             Ok(AdminReply {
                 status: 201,
                 body: json!(info),
@@ -202,12 +281,13 @@ async fn bundles(
         }
         ("POST", []) => {
             let body: DraftCreate = parse(call.body)?;
-            let registry = registry.clone();
+            let r2 = registry.clone();
             let t = tenant.clone();
-            let draft = blocking(move || registry.create_draft(&t, &body.name, body.spec))
+            let draft = blocking(move || r2.create_draft(&t, &body.name, body.spec))
                 .await?
                 .map_err(bundle_error)?;
             let detail = json!({"digest": draft.digest, "name": draft.name});
+            store_draft(registry, call.tenant, &draft, call.actor).await?;
             Ok(AdminReply {
                 status: 201,
                 body: json!(draft),
@@ -222,6 +302,7 @@ async fn bundles(
             .ok_or_else(|| error(404, format!("unknown bundle {digest}"))),
         ("DELETE", [digest]) => {
             if registry.delete_draft(&tenant, digest) {
+                store_delete(registry, call.tenant, digest).await?;
                 Ok(AdminReply {
                     status: 204,
                     body: Value::Null,
@@ -232,10 +313,11 @@ async fn bundles(
             }
         }
         ("POST", ["rollback"]) => {
-            let registry = registry.clone();
-            let outcome = blocking(move || registry.rollback(&tenant))
+            let r2 = registry.clone();
+            let outcome = blocking(move || r2.rollback(&tenant))
                 .await?
                 .map_err(bundle_error)?;
+            store_pointer(registry, call.tenant, call.actor).await?;
             Ok(AdminReply {
                 status: 200,
                 body: json!(outcome),
@@ -243,10 +325,11 @@ async fn bundles(
             })
         }
         ("POST", [digest, "promote"]) => {
-            let (registry, digest) = (registry.clone(), digest.to_string());
-            let outcome = blocking(move || registry.promote(&tenant, &digest))
+            let (r2, digest) = (registry.clone(), digest.to_string());
+            let outcome = blocking(move || r2.promote(&tenant, &digest))
                 .await?
                 .map_err(bundle_error)?;
+            store_pointer(registry, call.tenant, call.actor).await?;
             Ok(AdminReply {
                 status: 200,
                 body: json!(outcome),
@@ -255,8 +338,8 @@ async fn bundles(
         }
         ("POST", [digest, "dry-run"]) => {
             let body: DryRunBody = parse(call.body)?;
-            let (registry, digest) = (registry.clone(), digest.to_string());
-            let report = blocking(move || registry.dry_run(&tenant, &digest, &body.calls))
+            let (r2, digest) = (registry.clone(), digest.to_string());
+            let report = blocking(move || r2.dry_run(&tenant, &digest, &body.calls))
                 .await?
                 .map_err(bundle_error)?;
             Ok(reply(200, json!(report)))
@@ -272,16 +355,15 @@ fn rego_of(spec: &BundleSpec) -> String {
         .first()
         .map(|c| c.config.clone())
         .unwrap_or_default();
-    if config.trim_start().starts_with('{') {
-        if let Ok(v) = serde_json::from_str::<Value>(&config) {
-            if let Some(modules) = v.get("modules").and_then(Value::as_object) {
-                return modules
-                    .values()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join("\n");
-            }
-        }
+    if config.trim_start().starts_with('{')
+        && let Ok(v) = serde_json::from_str::<Value>(&config)
+        && let Some(modules) = v.get("modules").and_then(Value::as_object)
+    {
+        return modules
+            .values()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join("\n");
     }
     config
 }
@@ -405,6 +487,7 @@ async fn policies(
                 .await?
                 .map_err(|e| error(400, e))?;
             let detail = json!({"id": draft.digest, "name": draft.name});
+            store_draft(registry, call.tenant, &draft, call.actor).await?;
             Ok(AdminReply {
                 status: 201,
                 body: draft_json(&tenant, &draft, true),
@@ -419,6 +502,7 @@ async fn policies(
             .ok_or_else(|| error(404, format!("unknown draft {id}"))),
         ("DELETE", ["drafts", id]) => {
             if registry.delete_draft(&tenant, id) {
+                store_delete(registry, call.tenant, id).await?;
                 Ok(AdminReply {
                     status: 204,
                     body: Value::Null,
@@ -435,6 +519,7 @@ async fn policies(
             let outcome = blocking(move || registry2.promote(&t, &body.draft_id))
                 .await?
                 .map_err(bundle_error)?;
+            store_pointer(registry, call.tenant, call.actor).await?;
             Ok(AdminReply {
                 status: 200,
                 body: active_json(registry, &tenant),
@@ -447,6 +532,7 @@ async fn policies(
             let outcome = blocking(move || registry2.promote(&t, "default"))
                 .await?
                 .map_err(bundle_error)?;
+            store_pointer(registry, call.tenant, call.actor).await?;
             Ok(AdminReply {
                 status: 204,
                 body: Value::Null,
@@ -458,6 +544,7 @@ async fn policies(
             let outcome = blocking(move || registry2.rollback(&t))
                 .await?
                 .map_err(bundle_error)?;
+            store_pointer(registry, call.tenant, call.actor).await?;
             Ok(AdminReply {
                 status: 200,
                 body: active_json(registry, &tenant),

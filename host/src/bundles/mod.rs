@@ -9,11 +9,24 @@
 //! swapping; after `promote` returns, no new request sees the old bundle.
 //!
 //! It must never let a request see a half-built bundle, and never decide allow on a plugin error.
+//!
+//! # Layout
+//!
+//! | module | what |
+//! |---|---|
+//! | `spec` | [`BundleSpec`], its digest, the default (embedded) bundle |
+//! | `snapshot` | [`Snapshot`]: a bundle live for one tenant; the stage calls of the pipeline |
+//! | `registry` | [`Registry`]: components, drafts, promote/rollback/install, dry-run |
+//! | [`admin`] | the `/v1/admin/{plugins,bundles,policies}` handlers |
+//! | [`persist`] | the store tables, and [`persist::Follower`] (replicas follow promotions) |
+//! | [`watch`] | `serve --watch DIR` development mode |
 
 pub mod admin;
+pub mod persist;
 mod registry;
 mod snapshot;
 mod spec;
+pub mod watch;
 
 pub use registry::{
     BundleError, BundleStatus, ComponentInfo, DraftInfo, DryRunReport, DryRunRow, RecordedCall,

@@ -141,25 +141,27 @@ impl Snapshot {
         })
     }
 
-    /// The policy stage. A bundle without a policy check denies (deny by default).
+    /// The policy stage: the first verdict that is not allow, else the first check's allow (the
+    /// operator's policy words the reason; custom checks after it only add vetoes). A bundle
+    /// without a policy check denies (deny by default).
     pub fn policy(
         &self,
         input: &CheckInput,
         intent: &IntentRecord,
     ) -> Result<Verdict, PluginError> {
-        let mut last = Verdict {
-            kind: VerdictKind::Block,
-            reason: "no policy in bundle (deny by default)".into(),
-            requires_step_up: false,
-        };
+        let mut first_allow = None;
         for pool in &self.policy {
             let out = pool.evaluate(input, Some(intent))?;
             if !out.verdict.is_allow() {
                 return Ok(out.verdict);
             }
-            last = out.verdict;
+            first_allow.get_or_insert(out.verdict);
         }
-        Ok(last)
+        Ok(first_allow.unwrap_or_else(|| Verdict {
+            kind: VerdictKind::Block,
+            reason: "no policy in bundle (deny by default)".into(),
+            requires_step_up: false,
+        }))
     }
 
     /// The budget stage: a verdict and, when it allows, the charges (keys namespaced

@@ -101,7 +101,7 @@ pub struct Runtime {
     pub(crate) siem_linker: Linker<HostState>,
     pub(crate) limits: Limits,
     pub(crate) live: AtomicUsize,
-    compiled: Mutex<HashMap<String, Component>>,
+    compiled: Mutex<HashMap<String, Arc<OnceLock<Result<Component, PluginError>>>>>,
     _ticker: Ticker,
 }
 
@@ -211,24 +211,31 @@ impl Runtime {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Compile a component (cached by digest). Slow: call off the request path.
+    /// Compile a component (cached by digest; concurrent callers of one digest wait for a
+    /// single compilation). Slow: call off the request path.
     pub fn compile(&self, wasm: &[u8]) -> Result<(String, Component), PluginError> {
         let digest = digest_of(wasm);
-        if let Some(component) = self.cache().get(&digest) {
-            return Ok((digest, component.clone()));
+        let cell = self.cache().entry(digest.clone()).or_default().clone();
+        let compiled = cell.get_or_init(|| {
+            if !is_component(wasm) {
+                return Err(PluginError::InvalidComponent(
+                    "not a component (core module or garbage)".into(),
+                ));
+            }
+            Component::new(&self.engine, wasm)
+                .map_err(|e| PluginError::InvalidComponent(format!("{e:#}")))
+        });
+        if compiled.is_err() {
+            // Do not keep failures: garbage uploads must not grow the cache.
+            self.cache().remove(&digest);
         }
-        if !wasmparser_is_component(wasm) {
-            return Err(PluginError::InvalidComponent(
-                "not a component (core module or garbage)".into(),
-            ));
-        }
-        let component = Component::new(&self.engine, wasm)
-            .map_err(|e| PluginError::InvalidComponent(format!("{e:#}")))?;
-        self.cache().insert(digest.clone(), component.clone());
-        Ok((digest, component))
+        compiled.clone().map(|component| (digest, component))
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Component>> {
+    fn cache(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<OnceLock<Result<Component, PluginError>>>>>
+    {
         match self.compiled.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -286,7 +293,7 @@ impl Runtime {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
-            .map_err(|n| PluginError::Busy(n))?;
+            .map_err(PluginError::Busy)?;
         Ok(LiveSlot {
             runtime: self.clone(),
         })
@@ -303,13 +310,13 @@ impl Runtime {
         if oom {
             return PluginError::OutOfMemory { stage };
         }
-        if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
-            if *trap == wasmtime::Trap::Interrupt {
-                return PluginError::Timeout {
-                    stage,
-                    deadline_ms: deadline.as_millis() as u64,
-                };
-            }
+        if let Some(trap) = error.downcast_ref::<wasmtime::Trap>()
+            && *trap == wasmtime::Trap::Interrupt
+        {
+            return PluginError::Timeout {
+                stage,
+                deadline_ms: deadline.as_millis() as u64,
+            };
         }
         PluginError::Trap {
             stage,
@@ -330,6 +337,6 @@ impl Drop for LiveSlot {
 }
 
 /// A component binary starts with `\0asm`, then version 0x0d and layer 1.
-fn wasmparser_is_component(wasm: &[u8]) -> bool {
+fn is_component(wasm: &[u8]) -> bool {
     wasm.len() >= 8 && wasm[0..4] == *b"\0asm" && wasm[6..8] == [1, 0]
 }

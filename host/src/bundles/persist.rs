@@ -1,0 +1,432 @@
+//! Bundles in the store, and replicas following each other's promotions.
+//!
+//! Components, bundles and the per-tenant active pointer live in the tables of
+//! `migrations/*/0003_bundles.sql`. Every swap bumps the tenant's pointer `seq`; on PostgreSQL
+//! the same transaction sends `NOTIFY intentgate_bundles`. [`Follower`] makes a registry follow
+//! the pointers: woken by `LISTEN` on PostgreSQL, by polling on SQLite (and as a fallback on
+//! PostgreSQL), it loads what it lacks (components are validated again, never trusted) and
+//! swaps. It never writes a pointer itself, and a bundle it cannot load leaves the running one
+//! in place (logged) so a bad row cannot take a replica down.
+
+use super::registry::{BundleError, BundleStatus, ComponentInfo, DraftInfo, Registry};
+use super::spec::BundleSpec;
+use crate::plugins::World;
+use crate::store::Db;
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The PostgreSQL notification channel of bundle swaps (payload: the tenant).
+pub const CHANNEL: &str = "intentgate_bundles";
+
+/// Errors of bundle persistence.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The database failed.
+    #[error("bundle store: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A stored bundle or component did not load.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// A stored row is unreadable.
+    #[error("stored {what} {id} is unreadable: {detail}")]
+    Corrupt {
+        /// Kind of row.
+        what: &'static str,
+        /// Its id.
+        id: String,
+        /// Why.
+        detail: String,
+    },
+    /// A blocking task failed.
+    #[error("worker failed: {0}")]
+    Join(String),
+}
+
+/// One tenant's pointer row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pointer {
+    /// Tenant.
+    pub tenant: String,
+    /// Active digest.
+    pub active: String,
+    /// Rollback target.
+    pub previous: Option<String>,
+    /// Bumped on every swap.
+    pub seq: i64,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn world_name(world: World) -> &'static str {
+    match world {
+        World::CheckPlugin => "check-plugin",
+        World::SiemFormatter => "siem-formatter",
+    }
+}
+
+fn world_of(name: &str) -> Option<World> {
+    match name {
+        "check-plugin" => Some(World::CheckPlugin),
+        "siem-formatter" => Some(World::SiemFormatter),
+        _ => None,
+    }
+}
+
+/// Bundle persistence over the store's pool.
+#[derive(Clone, Debug)]
+pub struct Persist {
+    db: Db,
+}
+
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+impl Persist {
+    /// Over this pool (the migrations must have run: `store::connect` does).
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// Store an uploaded component (idempotent).
+    pub async fn save_component(
+        &self,
+        info: &ComponentInfo,
+        wasm: &[u8],
+        actor: &str,
+    ) -> Result<(), PersistError> {
+        let sql = "INSERT INTO plugin_components (digest, name, world, size, wasm, created_by, created_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (digest) DO NOTHING";
+        on_db!(&self.db, pool => {
+            sqlx::query(sql)
+                .bind(&info.digest)
+                .bind(&info.name)
+                .bind(world_name(info.world))
+                .bind(info.size as i64)
+                .bind(wasm)
+                .bind(actor)
+                .bind(now())
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Store a bundle of a tenant (idempotent; un-deletes).
+    pub async fn save_bundle(
+        &self,
+        tenant: &str,
+        draft: &DraftInfo,
+        actor: &str,
+    ) -> Result<(), PersistError> {
+        let spec = serde_json::to_string(&draft.spec).map_err(|e| PersistError::Corrupt {
+            what: "bundle",
+            id: draft.digest.clone(),
+            detail: e.to_string(),
+        })?;
+        let sql = "INSERT INTO bundles (tenant, digest, name, spec, created_by, created_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, digest) DO UPDATE SET deleted_at = NULL";
+        on_db!(&self.db, pool => {
+            sqlx::query(sql)
+                .bind(tenant)
+                .bind(&draft.digest)
+                .bind(&draft.name)
+                .bind(&spec)
+                .bind(actor)
+                .bind(now())
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Mark a bundle deleted (rows are never removed: decisions refer to digests).
+    pub async fn delete_bundle(&self, tenant: &str, digest: &str) -> Result<(), PersistError> {
+        let sql = "UPDATE bundles SET deleted_at = $1 WHERE tenant = $2 AND digest = $3";
+        on_db!(&self.db, pool => {
+            sqlx::query(sql).bind(now()).bind(tenant).bind(digest).execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    /// Write the tenant's pointer after a swap; returns the new `seq`. On PostgreSQL the same
+    /// transaction notifies the other replicas.
+    pub async fn set_pointer(
+        &self,
+        status: &BundleStatus,
+        actor: &str,
+    ) -> Result<i64, PersistError> {
+        let sql = "INSERT INTO bundle_pointers (tenant, active_digest, previous_digest, seq, updated_by, updated_at) \
+                   VALUES ($1, $2, $3, 1, $4, $5) ON CONFLICT (tenant) DO UPDATE SET \
+                   active_digest = excluded.active_digest, previous_digest = excluded.previous_digest, \
+                   seq = bundle_pointers.seq + 1, updated_by = excluded.updated_by, updated_at = excluded.updated_at \
+                   RETURNING seq";
+        let seq: i64 = match &self.db {
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let seq = sqlx::query_scalar(sql)
+                    .bind(&status.tenant)
+                    .bind(&status.active)
+                    .bind(&status.previous)
+                    .bind(actor)
+                    .bind(now())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                seq
+            }
+            Db::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let seq = sqlx::query_scalar(sql)
+                    .bind(&status.tenant)
+                    .bind(&status.active)
+                    .bind(&status.previous)
+                    .bind(actor)
+                    .bind(now())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(CHANNEL)
+                    .bind(&status.tenant)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                seq
+            }
+        };
+        Ok(seq)
+    }
+
+    /// Every tenant's pointer.
+    pub async fn pointers(&self) -> Result<Vec<Pointer>, PersistError> {
+        let sql = "SELECT tenant, active_digest, previous_digest, seq FROM bundle_pointers";
+        let rows: Vec<(String, String, Option<String>, i64)> =
+            on_db!(&self.db, pool => sqlx::query_as(sql).fetch_all(pool).await?);
+        Ok(rows
+            .into_iter()
+            .map(|(tenant, active, previous, seq)| Pointer {
+                tenant,
+                active,
+                previous,
+                seq,
+            })
+            .collect())
+    }
+
+    /// A stored bundle: its name and spec.
+    pub async fn bundle(
+        &self,
+        tenant: &str,
+        digest: &str,
+    ) -> Result<Option<(String, BundleSpec)>, PersistError> {
+        let sql = "SELECT name, spec FROM bundles WHERE tenant = $1 AND digest = $2";
+        let row: Option<(String, String)> = on_db!(&self.db, pool => sqlx::query_as(sql).bind(tenant).bind(digest).fetch_optional(pool).await?);
+        let Some((name, spec)) = row else {
+            return Ok(None);
+        };
+        let spec: BundleSpec = serde_json::from_str(&spec).map_err(|e| PersistError::Corrupt {
+            what: "bundle",
+            id: digest.to_string(),
+            detail: e.to_string(),
+        })?;
+        if spec.digest() != digest {
+            return Err(PersistError::Corrupt {
+                what: "bundle",
+                id: digest.into(),
+                detail: "digest mismatch".into(),
+            });
+        }
+        Ok(Some((name, spec)))
+    }
+
+    /// A stored component: name, world, bytes.
+    pub async fn component(
+        &self,
+        digest: &str,
+    ) -> Result<Option<(String, World, Vec<u8>)>, PersistError> {
+        let sql = "SELECT name, world, wasm FROM plugin_components WHERE digest = $1";
+        let row: Option<(String, String, Vec<u8>)> =
+            on_db!(&self.db, pool => sqlx::query_as(sql).bind(digest).fetch_optional(pool).await?);
+        let Some((name, world, wasm)) = row else {
+            return Ok(None);
+        };
+        let world = world_of(&world).ok_or_else(|| PersistError::Corrupt {
+            what: "component",
+            id: digest.into(),
+            detail: format!("unknown world {world}"),
+        })?;
+        Ok(Some((name, world, wasm)))
+    }
+}
+
+/// Makes a registry follow the stored pointers.
+pub struct Follower {
+    registry: Registry,
+    persist: Persist,
+    seen: HashMap<String, i64>,
+}
+
+impl std::fmt::Debug for Follower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follower")
+            .field("seen", &self.seen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Follower {
+    /// A follower that has seen nothing yet (its first poll loads every tenant's pointer).
+    pub fn new(registry: Registry, persist: Persist) -> Self {
+        Self {
+            registry,
+            persist,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Note a pointer this replica wrote itself, so it is not reloaded.
+    pub fn saw(&mut self, tenant: &str, seq: i64) {
+        self.seen.insert(tenant.to_string(), seq);
+    }
+
+    /// Apply every pointer that moved since the last poll; returns the tenants swapped. A
+    /// pointer that fails to load is logged, left for the next poll, and the running bundle
+    /// stays.
+    pub async fn poll(&mut self) -> Result<Vec<String>, PersistError> {
+        let mut changed = Vec::new();
+        for pointer in self.persist.pointers().await? {
+            if self.seen.get(&pointer.tenant) == Some(&pointer.seq) {
+                continue;
+            }
+            match self.install(&pointer).await {
+                Ok(swapped) => {
+                    self.seen.insert(pointer.tenant.clone(), pointer.seq);
+                    if swapped {
+                        changed.push(pointer.tenant.clone());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %pointer.tenant, "bundle sync: cannot load {}: {e}", pointer.active)
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn ensure(&self, tenant: &str, digest: &str) -> Result<(), PersistError> {
+        if digest == self.registry.default_spec().digest()
+            || self
+                .registry
+                .drafts(tenant)
+                .iter()
+                .any(|d| d.digest == digest)
+        {
+            return Ok(());
+        }
+        let (name, spec) =
+            self.persist
+                .bundle(tenant, digest)
+                .await?
+                .ok_or_else(|| PersistError::Corrupt {
+                    what: "bundle",
+                    id: digest.into(),
+                    detail: "pointer names a bundle that is not stored".into(),
+                })?;
+        let known: Vec<String> = self
+            .registry
+            .components()
+            .into_iter()
+            .map(|c| c.digest)
+            .collect();
+        for component in spec.component_digests() {
+            if known.iter().any(|k| k == component) {
+                continue;
+            }
+            let (cname, world, wasm) =
+                self.persist
+                    .component(component)
+                    .await?
+                    .ok_or_else(|| PersistError::Corrupt {
+                        what: "component",
+                        id: component.into(),
+                        detail: "bundle names a component that is not stored".into(),
+                    })?;
+            let registry = self.registry.clone();
+            tokio::task::spawn_blocking(move || registry.upload_component(&cname, &wasm, world))
+                .await
+                .map_err(|e| PersistError::Join(e.to_string()))??;
+        }
+        let (registry, tenant) = (self.registry.clone(), tenant.to_string());
+        tokio::task::spawn_blocking(move || registry.create_draft(&tenant, &name, spec))
+            .await
+            .map_err(|e| PersistError::Join(e.to_string()))??;
+        Ok(())
+    }
+
+    async fn install(&self, p: &Pointer) -> Result<bool, PersistError> {
+        self.ensure(&p.tenant, &p.active).await?;
+        if let Some(previous) = &p.previous {
+            self.ensure(&p.tenant, previous).await?;
+        }
+        let (registry, p) = (self.registry.clone(), p.clone());
+        let swapped = tokio::task::spawn_blocking(move || {
+            registry.install(&p.tenant, &p.active, p.previous.as_deref())
+        })
+        .await
+        .map_err(|e| PersistError::Join(e.to_string()))??;
+        Ok(swapped)
+    }
+
+    /// Follow until `shutdown` resolves: on PostgreSQL woken by `LISTEN`, and polling every
+    /// `interval` on both backends (the only mechanism on SQLite).
+    pub async fn run(
+        mut self,
+        interval: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut listener = match &self.persist.db {
+            Db::Postgres(pool) => match sqlx::postgres::PgListener::connect_with(pool).await {
+                Ok(mut l) => match l.listen(CHANNEL).await {
+                    Ok(()) => Some(l),
+                    Err(e) => {
+                        tracing::warn!("bundle sync: LISTEN failed, polling only: {e}");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!("bundle sync: LISTEN connection failed, polling only: {e}");
+                    None
+                }
+            },
+            Db::Sqlite(_) => None,
+        };
+        loop {
+            if let Err(e) = self.poll().await {
+                tracing::warn!("bundle sync: {e}");
+            }
+            let wake = async {
+                match listener.as_mut() {
+                    Some(l) => {
+                        let _ = tokio::time::timeout(interval, l.recv()).await;
+                    }
+                    None => tokio::time::sleep(interval).await,
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = wake => {}
+            }
+        }
+    }
+}
