@@ -242,7 +242,12 @@ impl Registry {
     /// operator's policy file, `INTENTGATE_POLICY_FILE`). Validated here, at start-up.
     pub fn builtin_with_default(default_spec: BundleSpec) -> Result<Self, BundleError> {
         let counters = Arc::new(MemoryCounters::default());
-        Self::build(Runtime::shared()?, counters.clone(), Some(counters), default_spec)
+        Self::build(
+            Runtime::shared()?,
+            counters.clone(),
+            Some(counters),
+            default_spec,
+        )
     }
 
     /// A registry over this runtime, reading budget counters from `counters`.
@@ -253,7 +258,12 @@ impl Registry {
     /// Like [`Registry::builtin`] but with a given runtime (tests with tight limits).
     pub fn with_runtime(runtime: Arc<Runtime>) -> Result<Self, BundleError> {
         let counters = Arc::new(MemoryCounters::default());
-        Self::build(runtime, counters.clone(), Some(counters), BundleSpec::builtin())
+        Self::build(
+            runtime,
+            counters.clone(),
+            Some(counters),
+            BundleSpec::builtin(),
+        )
     }
 
     fn build(
