@@ -1,10 +1,18 @@
-//! Forwarding to the upstream MCP server (streamable HTTP; JSON or SSE responses).
+//! Forwarding to the upstream MCP server (streamable HTTP; JSON or SSE responses), in whichever
+//! revision it speaks.
 //!
-//! One pooled HTTP client and, toward a stateful upstream, one shared MCP session opened lazily
-//! and reopened when the upstream forgets it, so calls do not pay a handshake each. Every call
-//! is bounded in time and response size. Failures are reported as [`UpstreamError`], distinct
-//! from authorization denials. This module must never forward a `tools/call` on its own: it
-//! takes a [`crate::pipeline::Permit`] for that.
+//! The gateway learns the upstream's revision once: it probes `server/discover` at the newest
+//! stateless revision (2026-07-28); a result that offers that revision means "stateless", and
+//! anything short of that positive evidence — a handshake-only server answers HTTP 400
+//! `-32600` "Missing session ID", others 404 or `-32601` — means "handshake era". The verdict
+//! is cached, forgotten when the upstream fails or answers as the other era would, and learned
+//! again. Toward a stateless upstream there is no session: each request carries its own
+//! `_meta` envelope and routing headers computed from the body being sent. Toward a
+//! handshake-era upstream there is one shared session, opened lazily and reopened when the
+//! upstream forgets it, so calls do not pay a handshake each. One pooled HTTP client; every
+//! exchange is bounded in time and size; failures are [`UpstreamError`]s, distinct from
+//! authorization denials. This module must never forward a `tools/call` without a
+//! [`crate::pipeline::Permit`], and never send a header taken from the agent's request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,8 +26,12 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
+use crate::mcp::discover::UpstreamProfile;
+use crate::mcp::era::{Envelope, LATEST_MODERN, MODERN_VERSIONS, meta};
+use crate::mcp::headers;
+use crate::mcp::jsonrpc::code;
 use crate::pipeline::Permit;
 
 /// The protocol revision the gateway asks a handshake-era upstream for.
@@ -58,10 +70,73 @@ pub enum Reply {
     Error(Value),
 }
 
+/// The revision the upstream was found to speak.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamEra {
+    /// Stateless, at this revision.
+    Modern(String),
+    Handshake,
+}
+
+/// What the probe learned.
+enum Peer {
+    Modern { version: String, discover: Value },
+    Handshake,
+}
+
 struct Session {
     id: Option<HeaderValue>,
     protocol_version: HeaderValue,
     initialize_result: Value,
+}
+
+/// One HTTP exchange: the status, the JSON-RPC answer if the body held one, the session header.
+struct Answer {
+    status: StatusCode,
+    reply: Option<Reply>,
+    session_id: Option<HeaderValue>,
+    detail: String,
+}
+
+impl Answer {
+    fn error_code(&self) -> Option<i64> {
+        match &self.reply {
+            Some(Reply::Error(e)) => e.get("code").and_then(Value::as_i64),
+            _ => None,
+        }
+    }
+
+    /// A stateless upstream answering as if it no longer spoke that revision (a handshake-only
+    /// server's "Missing session ID", an unsupported version, a routing-header refusal), or
+    /// not answering the method at all at the HTTP level. Refused before dispatch, so the
+    /// request can be sent again in the other era.
+    fn wrong_era(&self) -> bool {
+        match self.status.as_u16() {
+            400 => matches!(
+                self.error_code(),
+                Some(code::INVALID_REQUEST | code::UNSUPPORTED_VERSION | code::HEADER_MISMATCH)
+            ),
+            404 | 405 | 406 => self.reply.is_none(),
+            _ => false,
+        }
+    }
+
+    /// The reply a caller gets: a JSON-RPC answer is passed on whatever the HTTP status (a
+    /// stateless server maps its errors to 400/404); anything else is an HTTP failure.
+    fn settle(self) -> Result<Reply, UpstreamError> {
+        match self.reply {
+            Some(r @ Reply::Result(_)) if self.status == StatusCode::OK => Ok(r),
+            Some(e @ Reply::Error(_)) => Ok(e),
+            _ => Err(UpstreamError::Status {
+                status: self.status.as_u16(),
+                detail: self.detail,
+            }),
+        }
+    }
+}
+
+fn client_info() -> Value {
+    json!({"name": "intentgate", "version": env!("CARGO_PKG_VERSION")})
 }
 
 /// The pooled client for one upstream server.
@@ -71,6 +146,8 @@ pub struct Upstream {
     timeout: Duration,
     max_response: usize,
     next_id: AtomicU64,
+    peer: ArcSwapOption<Peer>,
+    learning: tokio::sync::Mutex<()>,
     session: ArcSwapOption<Session>,
     opening: tokio::sync::Mutex<()>,
 }
@@ -90,6 +167,8 @@ impl Upstream {
             timeout,
             max_response,
             next_id: AtomicU64::new(1),
+            peer: ArcSwapOption::empty(),
+            learning: tokio::sync::Mutex::new(()),
             session: ArcSwapOption::empty(),
             opening: tokio::sync::Mutex::new(()),
         }
@@ -99,37 +178,223 @@ impl Upstream {
         &self.uri
     }
 
-    /// The upstream's `initialize` result (opening the shared session if needed).
-    pub async fn initialize_result(&self) -> Result<Value, UpstreamError> {
-        Ok(self.session().await?.initialize_result.clone())
+    /// The revision the upstream speaks (probing it if not known yet).
+    pub async fn era(&self) -> Result<UpstreamEra, UpstreamError> {
+        Ok(match &*self.peer().await? {
+            Peer::Modern { version, .. } => UpstreamEra::Modern(version.clone()),
+            Peer::Handshake => UpstreamEra::Handshake,
+        })
+    }
+
+    /// What the upstream says about itself: its `server/discover` result when stateless, its
+    /// `initialize` result otherwise (opening the shared session if needed).
+    pub async fn profile(&self) -> Result<UpstreamProfile, UpstreamError> {
+        let described = match &*self.peer().await? {
+            Peer::Modern { discover, .. } => discover.clone(),
+            Peer::Handshake => self.session().await?.initialize_result.clone(),
+        };
+        Ok(UpstreamProfile {
+            capabilities: described.get("capabilities").cloned(),
+            instructions: described
+                .get("instructions")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        })
     }
 
     /// Lists tools (one page; `cursor` as the client sent it).
     pub async fn list_tools(&self, cursor: Option<&Value>) -> Result<Reply, UpstreamError> {
-        let params = match cursor {
-            Some(c) => json!({ "cursor": c }),
-            None => json!({}),
-        };
-        self.request("tools/list", params).await
+        let mut params = Map::new();
+        if let Some(c) = cursor {
+            params.insert("cursor".into(), c.clone());
+        }
+        self.request("tools/list", params, None).await
     }
 
-    /// Forwards a `tools/call` that the pipeline permitted.
-    pub async fn call_tool(&self, _permit: &Permit, params: Value) -> Result<Reply, UpstreamError> {
-        self.request("tools/call", params).await
+    /// Forwards a `tools/call` that the pipeline permitted. `relay` is the envelope of a
+    /// stateless-era client, whose capabilities a stateless upstream may use (input requests
+    /// travel back to that client); otherwise the gateway declares none.
+    pub async fn call_tool(
+        &self,
+        _permit: &Permit,
+        params: Map<String, Value>,
+        relay: Option<&Envelope>,
+    ) -> Result<Reply, UpstreamError> {
+        self.request("tools/call", params, relay).await
     }
+
+    /// Sends one request in the upstream's revision; when the upstream answers as the other
+    /// revision would (refused before dispatch), learns its revision again and sends once more.
+    async fn request(
+        &self,
+        method: &str,
+        params: Map<String, Value>,
+        relay: Option<&Envelope>,
+    ) -> Result<Reply, UpstreamError> {
+        let peer = self.peer().await?;
+        match self.send_as(&peer, method, params.clone(), relay).await {
+            Ok(answer) if !answer.wrong_era() => return answer.settle(),
+            Ok(_) | Err(UpstreamError::Status { .. }) => {
+                tracing::info!(upstream = %self.uri, "upstream answered as another MCP revision; probing again");
+            }
+            Err(e) => {
+                // Unreachable or broken: it may come back as another server; learn again then.
+                self.forget(&peer);
+                return Err(e);
+            }
+        }
+        self.forget(&peer);
+        let fresh = self.peer().await?;
+        let answer = self.send_as(&fresh, method, params, relay).await;
+        if answer.is_err() {
+            self.forget(&fresh);
+        }
+        answer?.settle()
+    }
+
+    async fn send_as(
+        &self,
+        peer: &Peer,
+        method: &str,
+        params: Map<String, Value>,
+        relay: Option<&Envelope>,
+    ) -> Result<Answer, UpstreamError> {
+        match peer {
+            Peer::Modern { version, .. } => self.send_modern(version, method, params, relay).await,
+            Peer::Handshake => self.send_in_session(method, params).await,
+        }
+    }
+
+    fn forget(&self, peer: &Arc<Peer>) {
+        self.peer.compare_and_swap(&Some(Arc::clone(peer)), None);
+        self.session.store(None);
+    }
+
+    // --- learning the revision ----------------------------------------------------------------
+
+    async fn peer(&self) -> Result<Arc<Peer>, UpstreamError> {
+        if let Some(p) = self.peer.load_full() {
+            return Ok(p);
+        }
+        let _guard = self.learning.lock().await;
+        if let Some(p) = self.peer.load_full() {
+            return Ok(p);
+        }
+        let p = Arc::new(self.probe().await?);
+        self.peer.store(Some(Arc::clone(&p)));
+        Ok(p)
+    }
+
+    /// `server/discover` at the newest stateless revision. Only a result offering a revision
+    /// the gateway speaks is stateless; any other answer is the handshake era. No answer at all
+    /// (unreachable, timeout, 5xx) is no verdict: the error is returned and nothing is cached.
+    async fn probe(&self) -> Result<Peer, UpstreamError> {
+        let answer = match self
+            .send_modern(LATEST_MODERN, "server/discover", Map::new(), None)
+            .await
+        {
+            Ok(a) => a,
+            Err(UpstreamError::Malformed(_) | UpstreamError::TooLarge(_)) => {
+                return Ok(Peer::Handshake);
+            }
+            Err(e) => return Err(e),
+        };
+        if answer.status.is_server_error() {
+            return Err(UpstreamError::Status {
+                status: answer.status.as_u16(),
+                detail: answer.detail,
+            });
+        }
+        if let (StatusCode::OK, Some(Reply::Result(r))) = (answer.status, &answer.reply) {
+            let offered = r.get("supportedVersions").and_then(Value::as_array);
+            let mutual = MODERN_VERSIONS
+                .iter()
+                .find(|v| offered.is_some_and(|o| o.iter().any(|x| x == **v)));
+            if let Some(v) = mutual {
+                tracing::info!(upstream = %self.uri, version = v, "upstream speaks the stateless MCP revision");
+                return Ok(Peer::Modern {
+                    version: (*v).to_owned(),
+                    discover: r.clone(),
+                });
+            }
+        }
+        tracing::info!(upstream = %self.uri, status = answer.status.as_u16(), "upstream speaks the handshake MCP revision");
+        Ok(Peer::Handshake)
+    }
+
+    // --- the stateless revision ---------------------------------------------------------------
+
+    async fn send_modern(
+        &self,
+        version: &str,
+        method: &str,
+        mut params: Map<String, Value>,
+        relay: Option<&Envelope>,
+    ) -> Result<Answer, UpstreamError> {
+        let mut envelope = match params.remove("_meta") {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        for k in meta::ENVELOPE {
+            envelope.remove(*k);
+        }
+        envelope.insert(meta::PROTOCOL_VERSION.into(), Value::from(version));
+        let (caps, info) = match relay {
+            Some(r) => (
+                r.client_capabilities.clone(),
+                r.client_info.clone().unwrap_or_else(client_info),
+            ),
+            None => (json!({}), client_info()),
+        };
+        envelope.insert(meta::CLIENT_CAPABILITIES.into(), caps);
+        envelope.insert(meta::CLIENT_INFO.into(), info);
+        params.insert("_meta".into(), Value::Object(envelope));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        // The routing headers are computed from this body and nothing else.
+        let routing = headers::for_upstream(&body).map_err(UpstreamError::Malformed)?;
+        self.post(&body, id, &routing).await
+    }
+
+    // --- the handshake revision ---------------------------------------------------------------
 
     /// Sends one request within the shared session; reopens the session once if the upstream
     /// says it no longer knows it.
-    async fn request(&self, method: &str, params: Value) -> Result<Reply, UpstreamError> {
-        let session = self.session().await?;
-        match self.send(method, params.clone(), Some(&session)).await {
-            Err(UpstreamError::Status { status: 404, .. }) if session.id.is_some() => {
-                self.session.compare_and_swap(&Some(Arc::clone(&session)), None);
-                let fresh = self.session().await?;
-                self.send(method, params, Some(&fresh)).await
+    async fn send_in_session(
+        &self,
+        method: &str,
+        mut params: Map<String, Value>,
+    ) -> Result<Answer, UpstreamError> {
+        if let Some(Value::Object(m)) = params.get_mut("_meta") {
+            for k in meta::ENVELOPE {
+                m.remove(*k);
             }
-            other => other,
+            if m.is_empty() {
+                params.remove("_meta");
+            }
         }
+        let session = self.session().await?;
+        let answer = self
+            .send_with_session(method, params.clone(), &session)
+            .await?;
+        if answer.status == StatusCode::NOT_FOUND && session.id.is_some() {
+            self.session
+                .compare_and_swap(&Some(Arc::clone(&session)), None);
+            let fresh = self.session().await?;
+            return self.send_with_session(method, params, &fresh).await;
+        }
+        Ok(answer)
+    }
+
+    async fn send_with_session(
+        &self,
+        method: &str,
+        params: Map<String, Value>,
+        session: &Session,
+    ) -> Result<Answer, UpstreamError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        self.post(&body, id, &session_headers(session)).await
     }
 
     async fn session(&self) -> Result<Arc<Session>, UpstreamError> {
@@ -149,15 +414,16 @@ impl Upstream {
         let params = json!({
             "protocolVersion": HANDSHAKE_VERSION,
             "capabilities": {},
-            "clientInfo": {"name": "intentgate", "version": env!("CARGO_PKG_VERSION")},
+            "clientInfo": client_info(),
         });
-        let (reply, session_id) = self.exchange("initialize", params, None).await?;
-        let result = match reply {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": params});
+        let answer = self.post(&body, id, &[]).await?;
+        let session_id = answer.session_id.clone();
+        let result = match answer.settle()? {
             Reply::Result(r) => r,
             Reply::Error(e) => {
-                return Err(UpstreamError::Malformed(format!(
-                    "initialize refused: {e}"
-                )));
+                return Err(UpstreamError::Malformed(format!("initialize refused: {e}")));
             }
         };
         let version = result
@@ -175,46 +441,19 @@ impl Upstream {
         Ok(session)
     }
 
-    async fn send(
-        &self,
-        method: &str,
-        params: Value,
-        session: Option<&Session>,
-    ) -> Result<Reply, UpstreamError> {
-        Ok(self.exchange(method, params, session).await?.0)
-    }
-
-    fn build(
-        &self,
-        body: Vec<u8>,
-        session: Option<&Session>,
-    ) -> Result<Request<Full<Bytes>>, UpstreamError> {
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(self.uri.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header(ACCEPT, "application/json, text/event-stream");
-        if let Some(s) = session {
-            req = req.header("mcp-protocol-version", s.protocol_version.clone());
-            if let Some(id) = &s.id {
-                req = req.header("mcp-session-id", id.clone());
-            }
-        }
-        req.body(Full::new(Bytes::from(body)))
-            .map_err(|e| UpstreamError::Unavailable(e.to_string()))
-    }
-
     async fn notify(&self, method: &str, session: &Session) -> Result<(), UpstreamError> {
         let body = serde_json::to_vec(&json!({"jsonrpc": "2.0", "method": method}))
             .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
-        let req = self.build(body, Some(session))?;
+        let req = self.build(body, &session_headers(session))?;
         let resp = tokio::time::timeout(self.timeout, self.client.request(req))
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
             .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
         let status = resp.status();
         // Drain so the connection goes back to the pool.
-        let _ = Limited::new(resp.into_body(), self.max_response).collect().await;
+        let _ = Limited::new(resp.into_body(), self.max_response)
+            .collect()
+            .await;
         if status.is_success() {
             Ok(())
         } else {
@@ -225,19 +464,35 @@ impl Upstream {
         }
     }
 
-    /// One JSON-RPC round trip; returns the reply and the session id header, if any.
-    async fn exchange(
+    // --- HTTP ---------------------------------------------------------------------------------
+
+    fn build(
         &self,
-        method: &str,
-        params: Value,
-        session: Option<&Session>,
-    ) -> Result<(Reply, Option<HeaderValue>), UpstreamError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let body = serde_json::to_vec(&json!({
-            "jsonrpc": "2.0", "id": id, "method": method, "params": params
-        }))
-        .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
-        let req = self.build(body, session)?;
+        body: Vec<u8>,
+        extra: &[(&'static str, HeaderValue)],
+    ) -> Result<Request<Full<Bytes>>, UpstreamError> {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(self.uri.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "application/json, text/event-stream");
+        for (name, value) in extra {
+            req = req.header(*name, value.clone());
+        }
+        req.body(Full::new(Bytes::from(body)))
+            .map_err(|e| UpstreamError::Unavailable(e.to_string()))
+    }
+
+    /// One JSON-RPC round trip, bounded in time and size.
+    async fn post(
+        &self,
+        body: &Value,
+        id: u64,
+        extra: &[(&'static str, HeaderValue)],
+    ) -> Result<Answer, UpstreamError> {
+        let bytes =
+            serde_json::to_vec(body).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+        let req = self.build(bytes, extra)?;
         let fut = async {
             let resp = self
                 .client
@@ -264,24 +519,38 @@ impl Upstream {
                 .to_bytes();
             Ok::<_, UpstreamError>((status, session_id, is_sse, body))
         };
-        let (status, session_id, is_sse, body) = tokio::time::timeout(self.timeout, fut)
-            .await
-            .map_err(|_| UpstreamError::Timeout(self.timeout))??;
-        if status != StatusCode::OK {
-            let detail = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
-            return Err(UpstreamError::Status {
-                status: status.as_u16(),
-                detail,
-            });
-        }
+        let (status, session_id, is_sse, body) =
+            tokio::time::timeout(self.timeout, fut)
+                .await
+                .map_err(|_| UpstreamError::Timeout(self.timeout))??;
+        let detail = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
         let message = if is_sse {
-            find_sse_response(&body, id)?
+            find_sse_response(&body, id)
         } else {
             serde_json::from_slice::<Value>(&body)
-                .map_err(|e| UpstreamError::Malformed(e.to_string()))?
+                .map_err(|e| UpstreamError::Malformed(e.to_string()))
         };
-        Ok((to_reply(message)?, session_id))
+        let reply = match message.and_then(to_reply) {
+            Ok(r) => Some(r),
+            // A 200 must carry an answer; an HTTP error may carry none.
+            Err(e) if status == StatusCode::OK => return Err(e),
+            Err(_) => None,
+        };
+        Ok(Answer {
+            status,
+            reply,
+            session_id,
+            detail,
+        })
     }
+}
+
+fn session_headers(session: &Session) -> Vec<(&'static str, HeaderValue)> {
+    let mut h = vec![(headers::PROTOCOL_VERSION, session.protocol_version.clone())];
+    if let Some(id) = &session.id {
+        h.push(("mcp-session-id", id.clone()));
+    }
+    h
 }
 
 fn to_reply(mut message: Value) -> Result<Reply, UpstreamError> {
@@ -341,5 +610,40 @@ event: message\r\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\
         assert_eq!(v["result"]["ok"], true);
         assert!(find_sse_response(body, 8).is_err());
         assert!(find_sse_response(b"data: {bad", 1).is_err());
+    }
+
+    fn answer(status: u16, reply: Option<Value>) -> Answer {
+        Answer {
+            status: StatusCode::from_u16(status).expect("status"),
+            reply: reply.map(Reply::Error),
+            session_id: None,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn wrong_era_signals() {
+        // mcp 1.30 to a session-less request: 400 -32600 "Missing session ID".
+        assert!(
+            answer(
+                400,
+                Some(json!({"code": -32600, "message": "Missing session ID"}))
+            )
+            .wrong_era()
+        );
+        assert!(answer(400, Some(json!({"code": -32022}))).wrong_era());
+        assert!(answer(404, None).wrong_era());
+        // A JSON-RPC answer of the right era is passed on, not retried.
+        assert!(!answer(400, Some(json!({"code": -32602}))).wrong_era());
+        assert!(!answer(404, Some(json!({"code": -32601}))).wrong_era());
+        assert!(!answer(200, Some(json!({"code": -32603}))).wrong_era());
+        assert!(matches!(
+            answer(400, Some(json!({"code": -32602}))).settle(),
+            Ok(Reply::Error(_))
+        ));
+        assert!(matches!(
+            answer(502, None).settle(),
+            Err(UpstreamError::Status { status: 502, .. })
+        ));
     }
 }

@@ -21,6 +21,7 @@ pub mod code {
     pub const UPSTREAM_UNAVAILABLE: i64 = -32018;
     pub const APPROVAL_PENDING: i64 = -32019;
     pub const HEADER_MISMATCH: i64 = -32020;
+    pub const MISSING_CAPABILITY: i64 = -32021;
     pub const UNSUPPORTED_VERSION: i64 = -32022;
 }
 
@@ -206,15 +207,30 @@ mod tests {
         assert_eq!(err_code("[]"), code::INVALID_REQUEST);
         assert_eq!(err_code("42"), code::INVALID_REQUEST);
         assert_eq!(err_code(r#"{"id":1,"method":"x"}"#), code::INVALID_REQUEST);
-        assert_eq!(err_code(r#"{"jsonrpc":"1.0","id":1,"method":"x"}"#), code::INVALID_REQUEST);
-        assert_eq!(err_code(r#"{"jsonrpc":"2.0","id":{},"method":"x"}"#), code::INVALID_REQUEST);
-        assert_eq!(err_code(r#"{"jsonrpc":"2.0","id":1,"method":5}"#), code::INVALID_REQUEST);
-        assert_eq!(err_code(r#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#), code::INVALID_PARAMS);
+        assert_eq!(
+            err_code(r#"{"jsonrpc":"1.0","id":1,"method":"x"}"#),
+            code::INVALID_REQUEST
+        );
+        assert_eq!(
+            err_code(r#"{"jsonrpc":"2.0","id":{},"method":"x"}"#),
+            code::INVALID_REQUEST
+        );
+        assert_eq!(
+            err_code(r#"{"jsonrpc":"2.0","id":1,"method":5}"#),
+            code::INVALID_REQUEST
+        );
+        assert_eq!(
+            err_code(r#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#),
+            code::INVALID_PARAMS
+        );
     }
 
     #[test]
     fn error_echoes_id() {
-        let out = error(Some(&Value::from("a")), &RpcError::new(code::POLICY, "policy check failed"));
+        let out = error(
+            Some(&Value::from("a")),
+            &RpcError::new(code::POLICY, "policy check failed"),
+        );
         let v: Value = serde_json::from_slice(&out).expect("json");
         assert_eq!(v["id"], "a");
         assert_eq!(v["error"]["code"], -32012);

@@ -40,6 +40,16 @@ impl SessionKeys {
         Self { key }
     }
 
+    /// A key for another purpose, derived from the session key with a domain label (the
+    /// multi-round state seal uses one), so replicas sharing the master key share it too.
+    pub fn subkey(&self, label: &[u8]) -> [u8; 32] {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC accepts any key length");
+        mac.update(label);
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&mac.finalize().into_bytes());
+        key
+    }
+
     fn tag(&self, body: &str) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC accepts any key length");
         mac.update(body.as_bytes());

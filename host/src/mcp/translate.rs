@@ -1,0 +1,138 @@
+//! Results on their way back to the client, shaped for the client's revision whatever the
+//! upstream's.
+//!
+//! The stateless revision's clients require `resultType` (and `cacheScope`/`ttlMs` on lists);
+//! handshake-era clients know none of them. A result from an upstream of the other revision
+//! is translated here: fields added or removed, an `InputRequiredResult` (which only a modern
+//! client can answer) refused for a handshake-era client. Every list the gateway returns is
+//! filtered per token, so it is never marked shareable: `cacheScope` is always `private`. This
+//! module must never widen what the pipeline or the token filter decided.
+
+use serde_json::{Map, Value};
+
+use super::era::meta;
+use super::jsonrpc::{RpcError, code};
+
+pub const COMPLETE: &str = "complete";
+pub const INPUT_REQUIRED: &str = "input_required";
+
+/// How long a modern client may cache a per-token list when the upstream said nothing.
+pub const DEFAULT_TTL_MS: u64 = 0;
+
+/// The upstream's server identity is not the client's business: the gateway is its server.
+fn drop_upstream_identity(result: &mut Map<String, Value>) {
+    if let Some(Value::Object(m)) = result.get_mut("_meta") {
+        m.remove(meta::SERVER_INFO);
+        if m.is_empty() {
+            result.remove("_meta");
+        }
+    }
+}
+
+/// A cacheable result (`tools/list`) for the client's revision.
+pub fn list_for_client(mut result: Map<String, Value>, modern: bool) -> Value {
+    drop_upstream_identity(&mut result);
+    if modern {
+        let ttl = result
+            .get("ttlMs")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_TTL_MS);
+        result.insert("resultType".into(), Value::from(COMPLETE));
+        result.insert("cacheScope".into(), Value::from("private"));
+        result.insert("ttlMs".into(), Value::from(ttl));
+    } else {
+        for k in ["resultType", "cacheScope", "ttlMs"] {
+            result.remove(k);
+        }
+    }
+    Value::Object(result)
+}
+
+/// Whether an upstream `tools/call` result asks for another round.
+pub fn is_input_required(result: &Map<String, Value>) -> bool {
+    result.get("resultType").and_then(Value::as_str) == Some(INPUT_REQUIRED)
+}
+
+/// A final `tools/call` result for the client's revision. An `InputRequiredResult` for a
+/// handshake-era client is an error: that client cannot answer it.
+pub fn call_for_client(
+    mut result: Map<String, Value>,
+    modern: bool,
+) -> Result<Map<String, Value>, RpcError> {
+    drop_upstream_identity(&mut result);
+    if modern {
+        result
+            .entry("resultType")
+            .or_insert_with(|| Value::from(COMPLETE));
+        return Ok(result);
+    }
+    if is_input_required(&result) {
+        return Err(
+            RpcError::new(code::INTERNAL_ERROR, "upstream failure").with_data(serde_json::json!({
+                "upstream_status": 200,
+                "detail": "the tool asked for more input (a 2026-07-28 multi-round call); \
+                           connect with MCP-Protocol-Version 2026-07-28 to answer it",
+            })),
+        );
+    }
+    result.remove("resultType");
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().expect("object")
+    }
+
+    #[test]
+    fn lists_are_private_for_modern_clients_and_plain_for_others() {
+        let from_handshake = obj(json!({"tools": []}));
+        let m = list_for_client(from_handshake.clone(), true);
+        assert_eq!(m["resultType"], "complete");
+        assert_eq!(m["cacheScope"], "private");
+        assert_eq!(m["ttlMs"], 0);
+        let from_modern = obj(
+            json!({"tools": [], "resultType": "complete", "cacheScope": "public",
+            "ttlMs": 5000, "_meta": {meta::SERVER_INFO: {"name": "up"}}}),
+        );
+        let m = list_for_client(from_modern.clone(), true);
+        assert_eq!(
+            m["cacheScope"], "private",
+            "a per-token list is never shareable"
+        );
+        assert_eq!(m["ttlMs"], 5000);
+        assert!(m.get("_meta").is_none());
+        let h = list_for_client(from_modern, false);
+        assert_eq!(h, json!({"tools": []}));
+    }
+
+    #[test]
+    fn calls_translate_both_ways() {
+        let plain = obj(json!({"content": [], "isError": false}));
+        assert_eq!(
+            call_for_client(plain.clone(), true).expect("ok")["resultType"],
+            "complete"
+        );
+        let modern = obj(json!({"content": [], "resultType": "complete"}));
+        assert!(
+            call_for_client(modern, false)
+                .expect("ok")
+                .get("resultType")
+                .is_none()
+        );
+        let more = obj(json!({"resultType": "input_required", "requestState": "s"}));
+        assert!(is_input_required(&more));
+        assert_eq!(
+            call_for_client(more.clone(), false).unwrap_err().code,
+            code::INTERNAL_ERROR
+        );
+        assert_eq!(
+            call_for_client(more, true).expect("ok")["resultType"],
+            "input_required"
+        );
+    }
+}
