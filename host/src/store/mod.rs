@@ -78,13 +78,34 @@ impl fmt::Debug for StoreConfig {
     }
 }
 
-/// A URL with its password (if any) replaced by `***`, for logs and errors.
+/// A URL with its password (in the userinfo or a `password=` query parameter) replaced by
+/// `***`, for logs and errors.
 pub fn redact_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = redact_userinfo(base);
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority_end = rest.find(['/', '#']).unwrap_or(rest.len());
     let authority = &rest[..authority_end];
     let Some(at) = authority.rfind('@') else {
         return url.to_owned();
@@ -470,6 +491,14 @@ mod tests {
         assert_eq!(redact_url("postgres://ig@db/ig"), "postgres://ig@db/ig");
         assert_eq!(redact_url("postgres://db/ig"), "postgres://db/ig");
         assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/d?password=x&sslmode=disable"),
+            "postgres://u:***@h/d?password=***&sslmode=disable"
+        );
+        assert_eq!(
+            redact_url("postgres:///d?host=/run&password=x"),
+            "postgres:///d?host=/run&password=***"
+        );
         let cfg = StoreConfig::Postgres {
             url: "postgresql://u:p%40ss@h/d".into(),
         };
