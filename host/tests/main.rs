@@ -9,3 +9,4 @@ mod plugins;
 mod store;
 mod audit;
 mod interop;
+mod mcp_eras;
