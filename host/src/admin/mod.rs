@@ -6,6 +6,8 @@
 //! request before authenticating it, never log a token, and never let an admin action go
 //! unaudited.
 
+#[path = "audit.rs"]
+mod audit_api;
 mod tokens;
 
 use std::collections::HashMap;
@@ -158,6 +160,7 @@ pub struct AdminRequest {
     pub method: Method,
     pub path: String,
     pub query: HashMap<String, String>,
+    pub raw_query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
     pub remote: SocketAddr,
@@ -245,6 +248,7 @@ pub async fn handle(gw: &Gateway, req: Request<Incoming>, remote: SocketAddr) ->
         method: parts.method,
         path: parts.uri.path().to_owned(),
         query: parse_query(parts.uri.query()),
+        raw_query: parts.uri.query().map(str::to_owned),
         headers: parts.headers,
         body,
         remote,
@@ -262,11 +266,53 @@ async fn route(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Admin
         (&Method::POST, "/v1/admin/revoke") => tokens::revoke(gw, req).await,
         (&Method::GET, "/v1/admin/revocations") => tokens::revocations(gw, req).await,
         (&Method::GET, "/v1/admin/tenants") => tokens::tenants(gw, req).await,
+        (&Method::GET, "/v1/admin/audit") => audit_api::list(gw, req).await,
+        (&Method::GET, "/v1/admin/audit/verify") => audit_api::verify(gw, req).await,
+        (&Method::GET, "/v1/admin/audit/export") => audit_api::export(gw, req).await,
+        (&Method::GET, "/v1/admin/audit/checkpoints") => audit_api::checkpoints(gw, req).await,
+        (&Method::GET, "/v1/admin/audit/public-key") => audit_api::public_key(gw, req).await,
+        (
+            _,
+            "/v1/admin/audit"
+            | "/v1/admin/audit/verify"
+            | "/v1/admin/audit/export"
+            | "/v1/admin/audit/checkpoints"
+            | "/v1/admin/audit/public-key",
+        ) => Err(AdminError::MethodNotAllowed),
         (_, "/v1/admin/mint" | "/v1/admin/revoke" | "/v1/admin/revocations" | "/v1/admin/tenants") => {
             Err(AdminError::MethodNotAllowed)
         }
-        _ => Err(AdminError::NotFound),
+        _ => bundles(gw, req).await,
     }
+}
+
+/// Plugins, bundles and the `/v1/admin/policies/*` shorthand (the bundles module's API); the
+/// state change it reports is audited before the answer goes out.
+async fn bundles(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+    let tenant = req.principal.one_tenant(req.param("tenant"))?;
+    let actor = req.principal.label();
+    let call = crate::bundles::admin::AdminCall {
+        method: &req.method,
+        path: &req.path,
+        query: req.raw_query.as_deref(),
+        tenant: &tenant,
+        actor: &actor,
+        body: &req.body,
+    };
+    let Some(reply) = crate::bundles::admin::handle(gw.pipeline.registry(), call).await else {
+        return Err(AdminError::NotFound);
+    };
+    if let Some(ev) = reply.event {
+        let mut event = req.event(ev.action, &ev.tenant);
+        event.reason = ev.detail.to_string().chars().take(1024).collect();
+        audit_action(gw, event).await?;
+    }
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Ok(if reply.body.is_null() {
+        http::status(status)
+    } else {
+        http::json(status, &reply.body)
+    })
 }
 
 /// Appends an admin action's event; the action is not acknowledged unless this succeeds.
