@@ -122,8 +122,10 @@ def build_server(call_log: str | None, json_response: bool):
             answers = ctx.input_responses or {}
             state = ctx.request_state
             rnd = 1 if state is None else int(state.split(":")[1]) + 1
+            dumped = {k: (v.model_dump(mode="json", by_alias=True) if hasattr(v, "model_dump") else v)
+                      for k, v in answers.items()}
             record("confirm_transfer", {"amount": amount, "memo": memo}, ctx, round=rnd,
-                   request_state=state, input_responses=answers or None)
+                   request_state=state, input_responses=dumped or None)
             confirm = answers.get("confirm")
             content = getattr(confirm, "content", None) or (
                 confirm.get("content") if isinstance(confirm, dict) else None)
