@@ -179,6 +179,9 @@ struct MicroOpts {
     threads: usize,
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     work_dir: PathBuf,
+    /// Rego policy for the plugin micro-benchmark.
+    #[arg(long, default_value_os_t = default_policy())]
+    policy: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -817,7 +820,7 @@ fn micro_main(o: MicroOpts) -> Result<(), String> {
                     rt.block_on(micro::audit(b, &o.work_dir, &cases, o.warmup, o.duration))?;
                 }
             }
-            "plugin" => micro::plugin()?,
+            "plugin" => micro::plugin(o.reps, &o.policy)?,
             other => return Err(format!("unknown micro-benchmark {other:?}")),
         }
     }

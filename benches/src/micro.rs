@@ -6,7 +6,7 @@
 //! - `revocation`: [`RevocationSet::is_revoked`] by set size, hit and miss;
 //! - `audit`: [`AuditLog::append`] throughput with group commit, by concurrent appenders and
 //!   tenants, on SQLite and on PostgreSQL (a throwaway server);
-//! - `plugin`: a hook, not measured yet (see [`plugin`]).
+//! - `plugin`: the default bundle's check components ([`intentgate::bundles::Snapshot`] intent, policy, budget).
 //!
 //! Timing: each case runs a warm-up, then `reps` repetitions of a timed batch; the reported
 //! figure is the median repetition (ns per operation), with the spread across repetitions.
@@ -23,6 +23,9 @@ use intentgate::capability::{
     CallContext, Caveat, DEFAULT_LEEWAY_SECS, MasterKey, MintRequest, RevocationSet, Token, Verifier,
     mint,
 };
+use intentgate::bundles::{BundleSpec, Registry};
+use intentgate::config::PolicySource;
+use intentgate::plugins::{CheckInput, TokenInput, Usage};
 use intentgate::store::{self, StoreConfig};
 
 use crate::stats::{Samples, fmt_ns, median};
@@ -54,8 +57,9 @@ fn time_per_op(batch: u32, reps: usize, mut op: impl FnMut()) -> (f64, f64, f64)
     (median(&per_op), min, max)
 }
 
-/// A token with exactly `n` caveats: minted with one `tool_allow`, then attenuated with more
-/// `tool_allow` caveats (each must be checked; all allow `echo`).
+/// A token with exactly `n` caveats: minted (`agent_lock` + `tool_allow`, the smallest token
+/// that can call a tool), then attenuated with alternating `tool_allow` / `tool_deny` caveats
+/// that all leave `echo` allowed, so every one of them is checked.
 fn token_with_caveats(key: &MasterKey, n: usize) -> Result<String, String> {
     let req = MintRequest {
         subject: "bench-agent".into(),
@@ -89,7 +93,7 @@ pub fn verify(reps: usize) -> Result<(), String> {
     let revoked = RevocationSet::always_fresh();
     revoked.extend((0..10_000).map(|i| format!("revoked-{i}")));
     let now = now_unix();
-    for n in [1usize, 2, 4, 8, 16, 32, 64] {
+    for n in [2usize, 4, 8, 16, 32, 64] {
         let token = token_with_caveats(&key, n)?;
         verifier
             .authenticate(&token, now, &revoked)
@@ -283,12 +287,73 @@ enum Holder {
     Pg(#[allow(dead_code)] crate::pg::PgServer),
 }
 
-/// Hook for the plugin stage. TODO(plugins): once the pipeline runs check plugins (the
-/// `plugins::CheckPool` is wired into `Pipeline::run_checks`), measure `CheckPool::evaluate`
-/// for the built-in intent, policy (regorus, five-rule policy) and budget components, reused
-/// and fresh instances, here, and add the plugin-bundle configuration to the load benchmark.
-pub fn plugin() -> Result<(), String> {
-    println!("\n## plugin evaluate\n");
-    println!("not measured: the plugin runtime is not wired into the pipeline yet (TODO in benches/src/micro.rs::plugin).");
+/// The check plugins of the default bundle, as the pipeline runs them: the built-in intent,
+/// policy (regorus inside a component, configured with `policy`) and budget components, through
+/// `Snapshot::intent`, `Snapshot::policy` and `Snapshot::budget` on pooled instances
+/// (one tenant, so every call after the warm-up reuses an instance).
+pub fn plugin(reps: usize, policy: &Path) -> Result<(), String> {
+    println!("\n## plugin evaluate (default bundle: built-in intent, policy-rego, budget components)\n");
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut tests = Vec::new();
+    if let Some(stem) = policy.file_stem() {
+        let t = policy.with_file_name(format!("{}_test.rego", stem.to_string_lossy()));
+        if t.is_file() {
+            tests.push((name(&t), read(&t)?));
+        }
+    }
+    let source = PolicySource {
+        modules: vec![(name(policy), read(policy)?)],
+        tests,
+    };
+    let spec = BundleSpec::builtin().with_policy_config(source.to_config());
+    let t = Instant::now();
+    let registry = Registry::builtin_with_default(spec).map_err(|e| e.to_string())?;
+    let compile = t.elapsed();
+    let t = Instant::now();
+    let snap = registry.snapshot("bench");
+    let first_snapshot = t.elapsed();
+    let input = CheckInput {
+        tenant: "bench".into(),
+        agent_id: "bench-agent-0".into(),
+        tool: "echo".into(),
+        arguments: r#"{"text":"hello from intentgate-bench"}"#.into(),
+        intent_prompt: None,
+        token: TokenInput {
+            jti: "tok_000000000000000000000001".into(),
+            root_jti: "tok_000000000000000000000001".into(),
+            subject: "bench-agent-0".into(),
+            zone: "default".into(),
+            caveat_count: 2,
+            max_calls: None,
+            step_up_at: None,
+        },
+        usage: Usage::default(),
+    };
+    let intent = snap.intent(&input).map_err(|e| e.to_string())?;
+    let verdict = snap.policy(&input, &intent.record).map_err(|e| e.to_string())?;
+    if !verdict.is_allow() {
+        return Err(format!("policy {} does not allow the bench call: {}", policy.display(), verdict.reason));
+    }
+    println!("policy: {}", policy.display());
+    println!("compile the built-in components (Registry::builtin_with_default): {}", fmt_ns(compile.as_nanos() as u64));
+    println!("first snapshot for a tenant (instantiate + configure, incl. Rego parse): {}\n", fmt_ns(first_snapshot.as_nanos() as u64));
+    println!("| stage | ns/call (median of {reps}) | min..max | calls/s/core |");
+    println!("|---|---:|---:|---:|");
+    let row = |label: &str, (med, min, max): (f64, f64, f64)| {
+        println!("| {label} | {} | {}..{} | {:.0} |", fmt_ns(med as u64), fmt_ns(min as u64), fmt_ns(max as u64), 1e9 / med);
+    };
+    row("intent", time_per_op(500, reps, || {
+        black_box(snap.intent(black_box(&input)).is_ok());
+    }));
+    row("policy (Rego)", time_per_op(500, reps, || {
+        black_box(snap.policy(black_box(&input), &intent.record).is_ok());
+    }));
+    row("budget", time_per_op(500, reps, || {
+        black_box(snap.budget(black_box(&input)).is_ok());
+    }));
+    row("all three (Snapshot::decide)", time_per_op(500, reps, || {
+        black_box(snap.decide(black_box(&input)).is_ok());
+    }));
     Ok(())
 }
