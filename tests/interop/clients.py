@@ -322,7 +322,12 @@ def parse_json_arg(text: str, what: str) -> Any:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description="interop clients", usage=__doc__)
+    p = argparse.ArgumentParser(
+        prog="clients.py",
+        description="Real MCP and IntentGate clients for the interop tests.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("scenario")
     p.add_argument("rest", nargs="*")
     p.add_argument("--gateway", default="http://127.0.0.1:8080")
