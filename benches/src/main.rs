@@ -156,8 +156,8 @@ struct ScaleOpts {
 #[cfg(feature = "gateway")]
 #[derive(Args, Clone)]
 struct MicroOpts {
-    /// Which: verify, revocation, audit, plugin (default: all).
-    #[arg(value_delimiter = ',', default_value = "verify,revocation,audit,plugin")]
+    /// Which: fsync, verify, revocation, plugin, audit (default: all).
+    #[arg(value_delimiter = ',', default_value = "fsync,verify,revocation,plugin,audit")]
     which: Vec<String>,
     /// Audit backends.
     #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
@@ -613,9 +613,17 @@ fn load(o: LoadOpts) -> Result<(), String> {
 
     println!("# intentgate-bench load\n");
     print_machine(common, &format!(", server threads {}, tenants {}", o.server_threads, o.tenants));
-    println!("systems:");
+    println!("systems (idle CPU: the server's own CPU over 2 s without load):");
     for s in &rig.systems {
-        println!("- {}: {} at {}", s.name, s.label, s.addr);
+        let idle = s.pid.map(|pid| {
+            let a = child::process_cpu_secs(pid).unwrap_or(0.0);
+            std::thread::sleep(Duration::from_secs(2));
+            (child::process_cpu_secs(pid).unwrap_or(0.0) - a) / 2.0
+        });
+        match idle {
+            Some(c) => println!("- {}: {} at {}; idle CPU {:.3} cores", s.name, s.label, s.addr, c),
+            None => println!("- {}: {} at {}", s.name, s.label, s.addr),
+        }
     }
     println!("\n## closed loop, {} connections\n\n{RUN_HEADER}", common.concurrency);
     let mut runs: Vec<Run> = Vec::new();
@@ -801,6 +809,7 @@ fn micro_main(o: MicroOpts) -> Result<(), String> {
     let rt = runtime(o.threads)?;
     for w in &o.which {
         match w.as_str() {
+            "fsync" => micro::fsync(&o.work_dir, 300)?,
             "verify" => micro::verify(o.reps)?,
             "revocation" => micro::revocation(o.reps)?,
             "audit" => {

@@ -3,6 +3,7 @@
 //!
 //! - `verify`: [`Verifier::authenticate`] (decode, HMAC chain, caveats, revocation) by caveat
 //!   count, and [`Grant::authorize`] for one tool;
+//! - `fsync`: the disk's flush latency, the floor under every durable audit append;
 //! - `revocation`: [`RevocationSet::is_revoked`] by set size, hit and miss;
 //! - `audit`: [`AuditLog::append`] throughput with group commit, by concurrent appenders and
 //!   tenants, on SQLite and on PostgreSQL (a throwaway server);
@@ -167,6 +168,32 @@ fn tool_call_event(tenant: &str, n: u64) -> AuditEvent {
     e
 }
 
+/// The durability floor: latency of appending 4 KiB to a file and `fdatasync`-ing it, in the
+/// directory the stores use. Every audited call waits for at least one such flush (SQLite WAL
+/// with `synchronous=FULL`, PostgreSQL with `synchronous_commit=on`).
+pub fn fsync(root: &Path, n: usize) -> Result<(), String> {
+    use std::io::Write;
+    let dir = tempfile::Builder::new()
+        .prefix("intentgate-bench-fsync-")
+        .tempdir_in(root)
+        .map_err(|e| e.to_string())?;
+    let mut f = std::fs::File::create(dir.path().join("probe")).map_err(|e| e.to_string())?;
+    let block = [0x5au8; 4096];
+    let mut samples = Samples::with_capacity(n);
+    for i in 0..n + 10 {
+        f.write_all(&block).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        f.sync_data().map_err(|e| e.to_string())?;
+        if i >= 10 {
+            samples.push(t.elapsed());
+        }
+    }
+    let s = samples.summary();
+    println!("\n## fsync floor ({}: append 4 KiB + fdatasync, {n} times)\n", root.display());
+    println!("p50 {}, p90 {}, p99 {}, max {}", fmt_ns(s.p50), fmt_ns(s.p90), fmt_ns(s.p99), fmt_ns(s.max));
+    Ok(())
+}
+
 /// One audit case: `appenders` tasks appending as fast as answers come back, spread over
 /// `tenants` tenants, for `duration` after a warm-up.
 async fn audit_case(
@@ -175,7 +202,7 @@ async fn audit_case(
     tenants: usize,
     warmup: Duration,
     duration: Duration,
-) -> (f64, u64, u64, crate::stats::Summary) {
+) -> AuditCase {
     let start = Instant::now();
     let from = start + warmup;
     let end = from + duration;
@@ -183,6 +210,18 @@ async fn audit_case(
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let before = log.stats();
+    let cpu_at = |when: Instant| {
+        let me = std::process::id();
+        async move {
+            tokio::time::sleep_until(when.into()).await;
+            crate::child::process_cpu_secs(me).unwrap_or(0.0)
+        }
+    };
+    let cpu_window = tokio::spawn(async move {
+        let a = cpu_at(from).await;
+        let b = cpu_at(end).await;
+        b - a
+    });
     let mut tasks = Vec::new();
     for i in 0..appenders {
         let log = log.clone();
@@ -210,9 +249,6 @@ async fn audit_case(
                         }
                     }
                 }
-                if done < from {
-                    // warm-up: keep appending
-                }
             }
             samples
         }));
@@ -227,10 +263,28 @@ async fn audit_case(
     let after = log.stats();
     let ok = ok.load(Ordering::Relaxed);
     let rate = ok as f64 / duration.as_secs_f64();
-    let events = after.events.saturating_sub(before.events);
-    let batches = after.batches.saturating_sub(before.batches);
-    let _ = failed;
-    (rate, events, batches, all.summary())
+    let cpu = cpu_window.await.unwrap_or(f64::NAN);
+    AuditCase {
+        rate,
+        failed: failed.load(Ordering::Relaxed),
+        events_per_commit: {
+            let events = after.events.saturating_sub(before.events);
+            let batches = after.batches.saturating_sub(before.batches);
+            if batches > 0 { events as f64 / batches as f64 } else { f64::NAN }
+        },
+        cpu_us_per_event: if ok > 0 { cpu / ok as f64 * 1e6 } else { f64::NAN },
+        latency: all.summary(),
+    }
+}
+
+struct AuditCase {
+    rate: f64,
+    failed: u64,
+    events_per_commit: f64,
+    /// CPU of the whole process (appenders, writer, SQLite thread or PostgreSQL client) per event;
+    /// PostgreSQL's own CPU is not included.
+    cpu_us_per_event: f64,
+    latency: crate::stats::Summary,
 }
 
 pub async fn audit(
@@ -267,16 +321,19 @@ pub async fn audit(
         .await
         .map_err(|e| e.to_string())?;
     println!("\n## audit append, {label}, group commit (AuditConfig::default())\n");
-    println!("| appenders | tenants | events/s | events/commit | append p50 | p99 | p99.9 |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| appenders | tenants | events/s | events/commit | bench-process CPU µs/event | append p50 | p99 | p99.9 | failed |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &(appenders, tenants) in cases {
-        let (rate, events, batches, lat) = audit_case(&log, appenders, tenants, warmup, duration).await;
-        let per_batch = if batches > 0 { events as f64 / batches as f64 } else { f64::NAN };
+        let c = audit_case(&log, appenders, tenants, warmup, duration).await;
         println!(
-            "| {appenders} | {tenants} | {rate:.0} | {per_batch:.1} | {} | {} | {} |",
-            fmt_ns(lat.p50),
-            fmt_ns(lat.p99),
-            fmt_ns(lat.p999)
+            "| {appenders} | {tenants} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            c.rate,
+            c.events_per_commit,
+            c.cpu_us_per_event,
+            fmt_ns(c.latency.p50),
+            fmt_ns(c.latency.p99),
+            fmt_ns(c.latency.p999),
+            c.failed,
         );
     }
     Ok(())

@@ -45,8 +45,10 @@ pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
     }
     let p = p.clamp(0.0, 100.0);
     let n = sorted.len();
-    // rank in 1..=n; p = 0 is the minimum.
-    let rank = ((p / 100.0) * n as f64).ceil() as usize;
+    // rank in 1..=n; p = 0 is the minimum. The tolerance keeps binary rounding of p (99.9 is
+    // 99.900000000000006) from pushing an exact rank such as 999 of 1000 to the next sample.
+    let exact = p / 100.0 * n as f64;
+    let rank = (exact - 1e-9 * exact.max(1.0)).ceil() as usize;
     let idx = rank.clamp(1, n) - 1;
     Some(sorted[idx])
 }
