@@ -439,10 +439,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("INTENTGATE_UPSTREAM_URL"), "{e}");
-        let e = parse(&["--tenant-admins", "acme:short"])
+        let e = parse(&["--tenant-admins", "acme:tiny-secret"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("acme") && !e.contains("short"), "{e}");
+        assert!(e.contains("acme") && !e.contains("tiny-secret"), "{e}");
         let e = parse(&["--upstream-timeout-ms", "0"])
             .unwrap_err()
             .to_string();
