@@ -54,12 +54,12 @@ fn test_key() -> LogKey {
 
 fn event(tenant: &str, i: usize) -> AuditEvent {
     let mut e = AuditEvent::new(kinds::TOOL_CALL, tenant);
-    e.decision = Some(if i % 3 == 0 {
+    e.decision = Some(if i.is_multiple_of(3) {
         Decision::Block
     } else {
         Decision::Allow
     });
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         e.check = "policy".into();
         e.reason = "rule deny_writes matched".into();
     }
@@ -69,7 +69,7 @@ fn event(tenant: &str, i: usize) -> AuditEvent {
     e.root_jti = format!("root-{}", i % 2);
     e.caveat_count = Some(2);
     e.latency_ms = Some(i as u64 % 17);
-    e.upstream_status = (i % 3 != 0).then_some(200);
+    e.upstream_status = (!i.is_multiple_of(3)).then_some(200);
     e.remote_ip = "127.0.0.1".into();
     e.with_arguments(
         ArgValuesMode::Raw,

@@ -319,6 +319,9 @@ struct Committed {
     uncovered: bool,
 }
 
+/// Rows to insert, the new head, and the checkpoint (with its signed note) to store.
+type Plan = (Vec<NewRow>, Head, Option<(Checkpoint, String)>);
+
 /// The chain arithmetic of one batch, shared by both backends: the rows to insert, the new head,
 /// and the checkpoint to sign (if due).
 fn plan(
@@ -328,7 +331,7 @@ fn plan(
     key: &LogKey,
     cfg: &AuditConfig,
     force_checkpoint: bool,
-) -> Result<(Vec<NewRow>, Head, Option<(Checkpoint, String)>), AuditError> {
+) -> Result<Plan, AuditError> {
     let mut prev = hex::decode32(&head.hash).ok_or_else(|| {
         AuditError::Integrity(format!("chain head of {tenant:?} holds a malformed hash"))
     })?;
