@@ -94,6 +94,9 @@ impl Drop for Ticker {
     }
 }
 
+/// Compiled components by digest; a cell per digest so one compilation serves every caller.
+type CompileCache = HashMap<String, Arc<OnceLock<Result<Component, PluginError>>>>;
+
 /// The plugin runtime: engine + linkers + limits. Share it as `Arc<Runtime>`.
 pub struct Runtime {
     engine: Engine,
@@ -101,7 +104,7 @@ pub struct Runtime {
     pub(crate) siem_linker: Linker<HostState>,
     pub(crate) limits: Limits,
     pub(crate) live: AtomicUsize,
-    compiled: Mutex<HashMap<String, Arc<OnceLock<Result<Component, PluginError>>>>>,
+    compiled: Mutex<CompileCache>,
     _ticker: Ticker,
 }
 
@@ -232,10 +235,7 @@ impl Runtime {
         compiled.clone().map(|component| (digest, component))
     }
 
-    fn cache(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<OnceLock<Result<Component, PluginError>>>>>
-    {
+    fn cache(&self) -> std::sync::MutexGuard<'_, CompileCache> {
         match self.compiled.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
