@@ -10,7 +10,9 @@
 //! - `plugin`: the default bundle's check components ([`intentgate::bundles::Snapshot`] intent, policy, budget).
 //!
 //! Timing: each case runs a warm-up, then `reps` repetitions of a timed batch; the reported
-//! figure is the median repetition (ns per operation), with the spread across repetitions.
+//! figure is the median repetition's on-CPU time per operation (the thread's own run time from
+//! `/proc/thread-self/schedstat`, so preemption by other work on a shared machine is not
+//! counted), with the spread across repetitions and the wall-clock median beside it.
 //! The per-call percentiles of `audit` come from one timestamp pair per append.
 
 use std::hint::black_box;
@@ -38,24 +40,59 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-/// Times `op` in `reps` batches of `batch` calls after a warm-up; returns (median, min, max)
-/// ns per call.
-fn time_per_op(batch: u32, reps: usize, mut op: impl FnMut()) -> (f64, f64, f64) {
+/// On-CPU nanoseconds of the calling thread so far (`/proc/thread-self/schedstat`), so that a
+/// batch preempted by other work on the machine is not charged for the time it did not run.
+fn thread_cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// Per-operation cost of one case: median over repetitions, on-CPU and wall-clock.
+#[derive(Clone, Copy)]
+struct PerOp {
+    cpu: f64,
+    cpu_min: f64,
+    cpu_max: f64,
+    wall: f64,
+}
+
+/// Times `op` in `reps` batches after a 200 ms warm-up. A batch is at least `batch` calls and
+/// at least ~100 ms (the scheduler updates a thread's run time at ticks and switches, so
+/// shorter batches would read as zero or a whole tick).
+fn time_per_op(batch: u32, reps: usize, mut op: impl FnMut()) -> PerOp {
     let warm = Instant::now();
+    let mut warm_calls = 0u32;
     while warm.elapsed() < Duration::from_millis(200) {
         op();
+        warm_calls = warm_calls.saturating_add(1);
     }
-    let mut per_op = Vec::with_capacity(reps);
+    let batch = batch.max(warm_calls / 2).max(1);
+    let mut cpu = Vec::with_capacity(reps);
+    let mut wall = Vec::with_capacity(reps);
     for _ in 0..reps {
+        let c = thread_cpu_ns();
         let t = Instant::now();
         for _ in 0..batch {
             op();
         }
-        per_op.push(t.elapsed().as_nanos() as f64 / f64::from(batch));
+        let w = t.elapsed().as_nanos() as f64;
+        let c = match (c, thread_cpu_ns()) {
+            (Some(a), Some(b)) => (b - a) as f64,
+            _ => w,
+        };
+        cpu.push(c / f64::from(batch));
+        wall.push(w / f64::from(batch));
     }
-    let min = per_op.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = per_op.iter().copied().fold(0.0, f64::max);
-    (median(&per_op), min, max)
+    PerOp {
+        cpu: median(&cpu),
+        cpu_min: cpu.iter().copied().fold(f64::INFINITY, f64::min),
+        cpu_max: cpu.iter().copied().fold(0.0, f64::max),
+        wall: median(&wall),
+    }
+}
+
+fn ns(v: f64) -> String {
+    fmt_ns(v as u64)
 }
 
 /// A token with exactly `n` caveats: minted (`agent_lock` + `tool_allow`, the smallest token
@@ -87,8 +124,8 @@ fn token_with_caveats(key: &MasterKey, n: usize) -> Result<String, String> {
 
 pub fn verify(reps: usize) -> Result<(), String> {
     println!("\n## token verify (Verifier::authenticate: decode + HMAC chain + caveats + revocation)\n");
-    println!("| caveats | token bytes | ns/verify (median) | min..max of {reps} reps | verifies/s/core |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!("| caveats | token bytes | on-CPU per verify (median of {reps}) | min..max | wall per verify | verifies/s/core |");
+    println!("|---:|---:|---:|---:|---:|---:|");
     let key = MasterKey::generate().map_err(|e| e.to_string())?;
     let verifier = Verifier::new(key.clone(), DEFAULT_LEEWAY_SECS);
     let revoked = RevocationSet::always_fresh();
@@ -99,16 +136,17 @@ pub fn verify(reps: usize) -> Result<(), String> {
         verifier
             .authenticate(&token, now, &revoked)
             .map_err(|e| format!("token with {n} caveats does not verify: {e}"))?;
-        let (med, min, max) = time_per_op(2_000, reps, || {
+        let t = time_per_op(2_000, reps, || {
             black_box(verifier.authenticate(black_box(&token), now, &revoked).is_ok());
         });
         println!(
-            "| {n} | {} | {} | {}..{} | {:.0} |",
+            "| {n} | {} | {} | {}..{} | {} | {:.0} |",
             token.len(),
-            fmt_ns(med as u64),
-            fmt_ns(min as u64),
-            fmt_ns(max as u64),
-            1e9 / med
+            ns(t.cpu),
+            ns(t.cpu_min),
+            ns(t.cpu_max),
+            ns(t.wall),
+            1e9 / t.cpu
         );
     }
     let token = token_with_caveats(&key, 4)?;
@@ -122,34 +160,34 @@ pub fn verify(reps: usize) -> Result<(), String> {
         callee: None,
         risk: None,
     };
-    let (med, _, _) = time_per_op(100_000, reps, || {
+    let t = time_per_op(100_000, reps, || {
         black_box(grant.authorize(black_box(&ctx)).is_ok());
     });
-    println!("\nGrant::authorize (4 caveats, tool `echo`): {} per call", fmt_ns(med as u64));
+    println!("\nGrant::authorize (4 caveats, tool `echo`): {} on-CPU per call", ns(t.cpu));
     Ok(())
 }
 
 pub fn revocation(reps: usize) -> Result<(), String> {
     println!("\n## revocation lookup (RevocationSet::is_revoked)\n");
-    println!("| revoked ids | miss (ns) | hit (ns) |");
+    println!("| revoked ids | miss (on-CPU) | hit (on-CPU) |");
     println!("|---:|---:|---:|");
     for size in [0usize, 1_000, 100_000, 1_000_000] {
         let set = RevocationSet::always_fresh();
         set.extend((0..size).map(|i| format!("tok_{i:024x}")));
         let miss = "tok_ffffffffffffffffffffffff".to_owned();
         let hit = format!("tok_{:024x}", size / 2);
-        let (m, _, _) = time_per_op(200_000, reps, || {
+        let m = time_per_op(200_000, reps, || {
             black_box(set.is_revoked(black_box(&miss)));
         });
         let h = if size > 0 {
-            let (h, _, _) = time_per_op(200_000, reps, || {
+            let h = time_per_op(200_000, reps, || {
                 black_box(set.is_revoked(black_box(&hit)));
             });
-            fmt_ns(h as u64)
+            ns(h.cpu)
         } else {
             "-".into()
         };
-        println!("| {size} | {} | {h} |", fmt_ns(m as u64));
+        println!("| {size} | {} | {h} |", ns(m.cpu));
     }
     Ok(())
 }
@@ -395,10 +433,10 @@ pub fn plugin(reps: usize, policy: &Path) -> Result<(), String> {
     println!("policy: {}", policy.display());
     println!("compile the built-in components (Registry::builtin_with_default): {}", fmt_ns(compile.as_nanos() as u64));
     println!("first snapshot for a tenant (instantiate + configure, incl. Rego parse): {}\n", fmt_ns(first_snapshot.as_nanos() as u64));
-    println!("| stage | ns/call (median of {reps}) | min..max | calls/s/core |");
-    println!("|---|---:|---:|---:|");
-    let row = |label: &str, (med, min, max): (f64, f64, f64)| {
-        println!("| {label} | {} | {}..{} | {:.0} |", fmt_ns(med as u64), fmt_ns(min as u64), fmt_ns(max as u64), 1e9 / med);
+    println!("| stage | on-CPU per call (median of {reps}) | min..max | wall per call | calls/s/core |");
+    println!("|---|---:|---:|---:|---:|");
+    let row = |label: &str, t: PerOp| {
+        println!("| {label} | {} | {}..{} | {} | {:.0} |", ns(t.cpu), ns(t.cpu_min), ns(t.cpu_max), ns(t.wall), 1e9 / t.cpu);
     };
     row("intent", time_per_op(500, reps, || {
         black_box(snap.intent(black_box(&input)).is_ok());
