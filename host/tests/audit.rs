@@ -1059,3 +1059,170 @@ async fn sqlite_large_export_streams_and_verifies_offline() {
 async fn postgres_export_verifies_offline() {
     export_verifies_offline(postgres_at(&postgres_url().await).await, 3_200).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// the admin HTTP API
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_lists_verifies_exports_and_serves_checkpoints() {
+    use crate::support::gateway::{self, ADMIN_TOKEN, Backend};
+    use crate::support::http;
+    const ACME_ADMIN: &str = "acme-admin-token-0123456789abcdef";
+    let tg = gateway::start(
+        Backend::Sqlite,
+        None,
+        &["--tenant-admins", &format!("acme:{ACME_ADMIN}")],
+    )
+    .await;
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let mint =
+        serde_json::to_vec(&json!({"subject": "agent-a", "tenant": "acme", "ttl_seconds": 60}))
+            .expect("json");
+    let (status, _, _) = http::send(
+        "POST",
+        &format!("{}/v1/admin/mint", tg.url),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+            ("x-intentgate-elevation-id", "elv_42"),
+        ],
+        mint,
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // List, filtered by elevation id; a tenant admin cannot look at another tenant.
+    let (s, v) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=acme&elevation_id=elv_42", tg.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let items = v["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{v}");
+    assert_eq!(items[0]["event"], "admin/mint");
+    assert_eq!(items[0]["elevation_id"], "elv_42");
+    assert!(items[0]["hash"].as_str().is_some_and(|h| h.len() == 64));
+    let (s, _) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=globex", tg.url),
+        ACME_ADMIN,
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, v) = http::get_json(&format!("{}/v1/admin/audit", tg.url), ACME_ADMIN).await;
+    assert_eq!(s, 200);
+    assert!(
+        v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .all(|i| i["tenant"] == "acme"),
+        "a tenant admin only sees its tenant: {v}"
+    );
+
+    // Verify, checkpoint, public key.
+    let (s, v) = http::get_json(
+        &format!("{}/v1/admin/audit/verify?tenant=acme", tg.url),
+        ACME_ADMIN,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["verified"].as_u64().is_some_and(|n| n >= 1));
+    tg.gw
+        .pipeline
+        .audit()
+        .checkpoint_now("acme")
+        .await
+        .expect("checkpoint");
+    let (s, _, note) = http::send(
+        "GET",
+        &format!(
+            "{}/v1/admin/audit/checkpoints?tenant=acme&format=note",
+            tg.url
+        ),
+        &[("authorization", &auth)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let note = String::from_utf8(note.to_vec()).expect("utf8");
+    let (s, v) = http::get_json(
+        &format!("{}/v1/admin/audit/checkpoints?tenant=acme", tg.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["items"][0]["checkpoint"].as_str(), Some(note.as_str()));
+    let (s, pk) = http::get_json(
+        &format!("{}/v1/admin/audit/public-key", tg.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let vk = pk["verifier_key"]
+        .as_str()
+        .expect("verifier key")
+        .to_owned();
+    let (s, v) = http::get_json(
+        &format!(
+            "{}/v1/admin/audit/verify?tenant=acme&checkpoint={}",
+            tg.url,
+            percent_encode(&note)
+        ),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["checkpoints"][0]["source"], "given");
+
+    // Export: an attachment that verifies offline with what the API served.
+    let (s, headers, body) = http::send(
+        "GET",
+        &format!("{}/v1/admin/audit/export?tenant=acme&format=json", tg.url),
+        &[("authorization", &auth)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let cd = headers
+        .get("content-disposition")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    assert!(
+        cd.starts_with("attachment; filename=\"intentgate-audit-acme-")
+            && cd.ends_with(".ndjson\""),
+        "{cd}"
+    );
+    let report = offline::verify_export(&body[..], &note, &vk).expect("offline");
+    assert!(report.ok, "{report}");
+    let (s, headers, body) = http::send(
+        "GET",
+        &format!("{}/v1/admin/audit/export?tenant=acme", tg.url),
+        &[("authorization", &auth)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("text/csv")
+    );
+    assert!(body.starts_with(b"id,seq,ts,tenant,"));
+    tg.shutdown().await;
+}
