@@ -116,7 +116,7 @@ impl Answer {
                 self.error_code(),
                 Some(code::INVALID_REQUEST | code::UNSUPPORTED_VERSION | code::HEADER_MISMATCH)
             ),
-            404 | 405 | 406 => self.reply.is_none(),
+            404..=406 => self.reply.is_none(),
             _ => false,
         }
     }

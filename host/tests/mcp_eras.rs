@@ -215,16 +215,25 @@ struct Upstream {
 
 impl Upstream {
     fn start(kind: Kind) -> Upstream {
+        Upstream::start_on(kind, 0)
+    }
+
+    /// An upstream of its own on `port` (0: any free port).
+    fn start_on(kind: Kind, port: u16) -> Upstream {
         require_tools();
-        let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("mcp-eras-{}-{kind:?}.jsonl", std::process::id()));
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "mcp-eras-{}-{kind:?}-{}.jsonl",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_file(&log);
         let mut cmd = match kind {
             Kind::BothEras => Command::new(python()),
             Kind::HandshakeOnly => Command::new(venv_python()),
         };
         cmd.arg(dir().join("upstream_server.py"))
-            .arg("0")
+            .arg(port.to_string())
             .arg("--call-log")
             .arg(&log)
             .stdin(Stdio::piped())
@@ -263,6 +272,13 @@ impl Upstream {
             child: Mutex::new(child),
             _stdin: Mutex::new(stdin),
         }
+    }
+
+    /// Stops this upstream and waits for it to exit.
+    fn stop(&self) {
+        let mut child = self.child.lock().expect("child");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     async fn shared(kind: Kind) -> &'static Upstream {
@@ -693,7 +709,8 @@ async fn headers_never_outvote_the_body() {
     let plain = |tool: &str, args: Value| json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": args}});
     let allowed = call("echo", json!({"text": format!("{m}-a")}));
     let forbidden = call("delete_records", json!({"table": format!("{m}-f")}));
-    let cases: Vec<(&str, Vec<(&str, &str)>, Value)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Value);
+    let cases: Vec<Case> = vec![
         // The header names an allowed tool, the body a forbidden one.
         (
             "Mcp-Name allowed, body forbidden",
@@ -1174,4 +1191,59 @@ async fn session_opened_on_one_replica_works_on_another() {
     assert_eq!(up.tools_called_with(&m), ["echo"]);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+// --- learning the upstream's revision -----------------------------------------------------------
+
+/// The upstream's revision is cached, and learned again when the upstream answers as another
+/// revision: a stateless upstream replaced on the same address by a handshake-only one (mcp
+/// 1.30 answers the stateless request with 400 "Missing session ID") is probed again and the
+/// call goes through a session, within the agent's one call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_revision_is_learned_again() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let modern_up = tokio::task::spawn_blocking(move || Upstream::start_on(Kind::BothEras, port))
+        .await
+        .expect("start");
+    let gw = gateway::start(Backend::Sqlite, Some(&modern_up.url), &[]).await;
+    let (tok, _) = token(&gw, &["echo"], json!({})).await;
+    let m = marker("relearn");
+    let v = gw
+        .tool_call(&tok, "echo", json!({"text": format!("{m}-1")}))
+        .await;
+    assert_eq!(v["result"]["content"][0]["text"], format!("{m}-1"), "{v}");
+    let calls = modern_up.calls_with(&m);
+    assert_eq!(
+        calls[0]["headers"]["mcp-method"], "tools/call",
+        "stateless toward mcp 2.3: {calls:?}"
+    );
+
+    modern_up.stop();
+    let old_up = tokio::task::spawn_blocking(move || Upstream::start_on(Kind::HandshakeOnly, port))
+        .await
+        .expect("start");
+    let v = gw
+        .tool_call(&tok, "echo", json!({"text": format!("{m}-2")}))
+        .await;
+    assert_eq!(
+        v["result"]["content"][0]["text"],
+        format!("{m}-2"),
+        "the call is sent again in the handshake era, transparently: {v}"
+    );
+    let calls = old_up.calls_with(&m);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(
+        calls[0]["headers"]["mcp-session-id"].is_string(),
+        "in a session toward mcp 1.30: {calls:?}"
+    );
+    // The verdict is cached: later calls go straight to the session.
+    let v = gw
+        .tool_call(&tok, "echo", json!({"text": format!("{m}-3")}))
+        .await;
+    assert_eq!(v["result"]["content"][0]["text"], format!("{m}-3"), "{v}");
+    old_up.stop();
+    gw.shutdown().await;
 }

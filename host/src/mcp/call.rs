@@ -133,7 +133,9 @@ mod tests {
             json!({"name": "t", "inputResponses": []}),
         ] {
             assert_eq!(
-                Invocation::decode(&params(bad.clone())).unwrap_err().code,
+                Invocation::decode(&params(bad.clone()))
+                    .expect_err("refused")
+                    .code,
                 code::INVALID_PARAMS,
                 "{bad}"
             );

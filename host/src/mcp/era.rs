@@ -207,18 +207,23 @@ mod tests {
     fn envelope_ladder() {
         let p = |v: Value| v.as_object().cloned().expect("object");
         assert_eq!(
-            envelope_shape(&p(json!({}))).map(|_| ()).unwrap_err().code,
+            envelope_shape(&p(json!({})))
+                .map(|_| ())
+                .expect_err("refused")
+                .code,
             code::INVALID_PARAMS
         );
         assert_eq!(
             envelope_shape(&p(json!({"_meta": 5})))
                 .map(|_| ())
-                .unwrap_err()
+                .expect_err("refused")
                 .code,
             code::INVALID_PARAMS
         );
         let only_version = p(json!({"_meta": {meta::PROTOCOL_VERSION: "2026-07-28"}}));
-        let e = envelope_shape(&only_version).map(|_| ()).unwrap_err();
+        let e = envelope_shape(&only_version)
+            .map(|_| ())
+            .expect_err("refused");
         assert!(e.message.contains("clientCapabilities"), "{e:?}");
         let good = p(json!({"_meta": {meta::PROTOCOL_VERSION: "2026-07-28",
                                       meta::CLIENT_CAPABILITIES: {}}}));
@@ -226,14 +231,14 @@ mod tests {
         assert_eq!(envelope_version(m).expect("version").version, "2026-07-28");
         let future = p(json!({"_meta": {meta::PROTOCOL_VERSION: "2031-01-01",
                                         meta::CLIENT_CAPABILITIES: {}}}));
-        let e = envelope_version(envelope_shape(&future).expect("shape")).unwrap_err();
+        let e = envelope_version(envelope_shape(&future).expect("shape")).expect_err("refused");
         assert_eq!(e.code, code::UNSUPPORTED_VERSION);
         let data = e.data.expect("data");
         assert_eq!(data["requested"], "2031-01-01");
         assert_eq!(data["supported"][0], "2026-07-28");
         let number =
             p(json!({"_meta": {meta::PROTOCOL_VERSION: 5, meta::CLIENT_CAPABILITIES: {}}}));
-        let e = envelope_version(envelope_shape(&number).expect("shape")).unwrap_err();
+        let e = envelope_version(envelope_shape(&number).expect("shape")).expect_err("refused");
         assert_eq!(e.code, code::INVALID_PARAMS);
     }
 

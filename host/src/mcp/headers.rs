@@ -169,10 +169,11 @@ pub fn for_upstream(body: &Value) -> Result<Vec<(&'static str, HeaderValue)>, St
         (PROTOCOL_VERSION, value(version)?),
         (METHOD, value(method)?),
     ];
-    if let Some(param) = name_param(method) {
-        if let Some(name) = params.and_then(|p| p.get(param)).and_then(Value::as_str) {
-            out.push((NAME, value(&encode_value(name))?));
-        }
+    let name = name_param(method)
+        .and_then(|param| params.and_then(|p| p.get(param)))
+        .and_then(Value::as_str);
+    if let Some(name) = name {
+        out.push((NAME, value(&encode_value(name))?));
     }
     Ok(out)
 }
@@ -222,7 +223,9 @@ mod tests {
             ),
             routing(Some("2027-01-01"), Some("tools/call"), Some("echo")),
         ] {
-            let e = bad.agree_with(&call, HeaderEra::Modern).unwrap_err();
+            let e = bad
+                .agree_with(&call, HeaderEra::Modern)
+                .expect_err("refused");
             assert_eq!(e.code, code::HEADER_MISMATCH, "{bad:?}");
         }
     }
@@ -243,14 +246,16 @@ mod tests {
         ] {
             assert_eq!(
                 bad.agree_with(&call, HeaderEra::Handshake)
-                    .unwrap_err()
+                    .expect_err("refused")
                     .code,
                 code::HEADER_MISMATCH
             );
         }
         // Modern _meta with a handshake header: the body says otherwise.
         let call = modern_call("echo");
-        let e = v.agree_with(&call, HeaderEra::Handshake).unwrap_err();
+        let e = v
+            .agree_with(&call, HeaderEra::Handshake)
+            .expect_err("refused");
         assert_eq!(e.code, code::HEADER_MISMATCH);
         // Modern _meta without the header: a handshake-era request.
         assert_eq!(
@@ -301,6 +306,9 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(METHOD, HeaderValue::from_static("tools/call"));
         h.append(METHOD, HeaderValue::from_static("tools/list"));
-        assert_eq!(Routing::read(&h).unwrap_err().code, code::HEADER_MISMATCH);
+        assert_eq!(
+            Routing::read(&h).expect_err("refused").code,
+            code::HEADER_MISMATCH
+        );
     }
 }

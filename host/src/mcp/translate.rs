@@ -127,7 +127,9 @@ mod tests {
         let more = obj(json!({"resultType": "input_required", "requestState": "s"}));
         assert!(is_input_required(&more));
         assert_eq!(
-            call_for_client(more.clone(), false).unwrap_err().code,
+            call_for_client(more.clone(), false)
+                .expect_err("refused")
+                .code,
             code::INTERNAL_ERROR
         );
         assert_eq!(
