@@ -881,6 +881,19 @@ async fn python_client_in_every_mode() {
                 ["echo"],
                 "{ctx}: only the allowed call reaches the upstream"
             );
+            // Whatever the client's revision, the gateway speaks the upstream's own: stateless
+            // toward mcp 2.3, in its pooled session toward mcp 1.30.
+            let h = &up.calls_with(&m)[0]["headers"];
+            match kind {
+                Kind::BothEras => assert!(
+                    h["mcp-method"] == "tools/call" && h.get("mcp-session-id").is_none(),
+                    "{ctx}: {h}"
+                ),
+                Kind::HandshakeOnly => assert!(
+                    h["mcp-session-id"].is_string() && h.get("mcp-method").is_none(),
+                    "{ctx}: {h}"
+                ),
+            }
         }
         gw.shutdown().await;
     }
