@@ -2,7 +2,8 @@
 //!
 //! - the upstream is `tests/interop/upstream_server.py`, a tool server built with the official
 //!   `mcp` Python package (2.3), over streamable HTTP: stateful and answering with SSE streams by
-//!   default, and in other tests answering with plain JSON or with no sessions;
+//!   default, and in other tests answering with plain JSON, with no sessions, or refusing the
+//!   stateless era as `mcp` 1.x does (so the gateway must keep a handshake-era session);
 //! - the clients are driven by `tests/interop/clients.py`: the official MCP Python client
 //!   (`mcp.Client` over `streamable_http_client`) in each of its protocol modes (the handshake era,
 //!   `auto` which probes `server/discover` first, and the stateless 2026-07-28 era), and the
@@ -190,12 +191,34 @@ struct Upstream {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Flavor {
-    /// The official server's default: sessions, answers as SSE streams.
+    /// The official server's default: sessions, answers as SSE streams, both eras (a gateway
+    /// that speaks the stateless era to it needs no session).
     Sse,
-    /// `json_response=True`: sessions, answers as plain JSON bodies.
+    /// `json_response=True`: answers as plain JSON bodies, both eras.
     Json,
     /// `stateless_http=True`: no sessions.
     Stateless,
+    /// The default server refusing the stateless era as `mcp` 1.x does: the gateway must
+    /// `initialize`, keep the `Mcp-Session-Id` and read SSE answers.
+    HandshakeSse,
+    /// The same, answering with plain JSON bodies.
+    HandshakeJson,
+}
+
+impl Flavor {
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Flavor::Sse => &[],
+            Flavor::Json => &["--json-response"],
+            Flavor::Stateless => &["--stateless"],
+            Flavor::HandshakeSse => &["--handshake-only"],
+            Flavor::HandshakeJson => &["--handshake-only", "--json-response"],
+        }
+    }
+
+    fn handshake_only(self) -> bool {
+        matches!(self, Flavor::HandshakeSse | Flavor::HandshakeJson)
+    }
 }
 
 impl Upstream {
@@ -213,16 +236,8 @@ impl Upstream {
         cmd.arg(interop_dir().join("upstream_server.py"))
             .arg("0")
             .arg("--call-log")
-            .arg(&call_log);
-        match flavor {
-            Flavor::Sse => {}
-            Flavor::Json => {
-                cmd.arg("--json-response");
-            }
-            Flavor::Stateless => {
-                cmd.arg("--stateless");
-            }
-        }
+            .arg(&call_log)
+            .args(flavor.flags());
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -268,10 +283,14 @@ impl Upstream {
         static SSE: OnceLock<Upstream> = OnceLock::new();
         static JSON: OnceLock<Upstream> = OnceLock::new();
         static STATELESS: OnceLock<Upstream> = OnceLock::new();
+        static HANDSHAKE_SSE: OnceLock<Upstream> = OnceLock::new();
+        static HANDSHAKE_JSON: OnceLock<Upstream> = OnceLock::new();
         let cell = match flavor {
             Flavor::Sse => &SSE,
             Flavor::Json => &JSON,
             Flavor::Stateless => &STATELESS,
+            Flavor::HandshakeSse => &HANDSHAKE_SSE,
+            Flavor::HandshakeJson => &HANDSHAKE_JSON,
         };
         let up = cell.get_or_init(|| Upstream::start(flavor));
         if let Ok(Some(status)) = up.child.lock().expect("child").try_wait() {
@@ -485,6 +504,7 @@ on_both_backends!(
     tenant_admins_stay_in_their_tenant,
     session_is_bound_to_its_token,
     upstream_answering_json,
+    upstream_handshake_only_sse_sessions,
     upstream_without_sessions,
     upstream_down_is_typed,
 );
@@ -554,6 +574,32 @@ async fn mcp_client_in_mode(backend: Backend, mode: &str, flavor: Flavor) {
         "{ctx}: exactly the allowed calls reach the upstream"
     );
     assert_token_not_forwarded(up, &m, &token);
+    if flavor.handshake_only() {
+        // Toward a handshake-only upstream the gateway initializes once and keeps the session
+        // for later calls (ARCHITECTURE.md: no new upstream session per call).
+        let calls = up.calls_with(&m);
+        let mut sessions: Vec<&str> = calls
+            .iter()
+            .filter_map(|c| c["session_id"].as_str())
+            .collect();
+        assert_eq!(
+            sessions.len(),
+            calls.len(),
+            "{ctx}: every call in a session: {calls:?}"
+        );
+        for c in &calls {
+            assert_ne!(
+                c["protocol_version"], "2026-07-28",
+                "{ctx}: handshake era upstream: {c}"
+            );
+        }
+        sessions.dedup();
+        assert_eq!(
+            sessions.len(),
+            1,
+            "{ctx}: one upstream session for the calls: {calls:?}"
+        );
+    }
     tg.shutdown().await;
 }
 
@@ -573,7 +619,14 @@ async fn mcp_client_modern_era(backend: Backend) {
 
 async fn upstream_answering_json(backend: Backend) {
     mcp_client_in_mode(backend.clone(), "legacy", Flavor::Json).await;
-    mcp_client_in_mode(backend, "2026-07-28", Flavor::Json).await;
+    mcp_client_in_mode(backend.clone(), "legacy", Flavor::HandshakeJson).await;
+    mcp_client_in_mode(backend, "2026-07-28", Flavor::HandshakeJson).await;
+}
+
+/// The official server's SSE answers inside a handshake-era session: clients of either era.
+async fn upstream_handshake_only_sse_sessions(backend: Backend) {
+    mcp_client_in_mode(backend.clone(), "legacy", Flavor::HandshakeSse).await;
+    mcp_client_in_mode(backend, "2026-07-28", Flavor::HandshakeSse).await;
 }
 
 async fn upstream_without_sessions(backend: Backend) {

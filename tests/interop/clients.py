@@ -43,9 +43,12 @@ import json
 import sys
 import time
 import traceback
+from contextlib import asynccontextmanager
 from typing import Any
 
 INSTALL_HINT = "pip install -r tests/interop/requirements.txt"
+# One step (a call, a listing, a sleep) may take at most this long.
+STEP_TIMEOUT_S = 90
 
 
 def missing_packages(exc: ImportError) -> None:
@@ -109,77 +112,49 @@ def jsonable(v: Any) -> Any:
 # --- the official MCP client ---------------------------------------------------------------
 
 
-class McpConnection:
-    """One official-SDK client connection, opened on first use and reused by later steps."""
+MCP_OPS = ("list", "call")
 
-    def __init__(self, endpoint: str, token: str | None, mode: str, intent: str | None):
-        self.endpoint = endpoint
-        self.token = token
-        self.mode = mode
-        self.intent = intent
-        self.client = None
-        self._stack = None
 
-    async def connect(self):
-        if self.client is not None:
-            return self.client
-        from contextlib import AsyncExitStack
+@asynccontextmanager
+async def mcp_client(endpoint: str, token: str | None, mode: str, intent: str | None):
+    """One official-SDK client connection (`mcp.Client` over `streamable_http_client`)."""
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
 
-        import httpx2
-        from mcp import Client
-        from mcp.client.streamable_http import streamable_http_client
+    headers = {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if intent:
+        headers["X-Intent-Prompt"] = intent
+    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=60.0)) as http:
+        transport = streamable_http_client(endpoint, http_client=http)
+        async with Client(transport, mode=mode, read_timeout_seconds=30.0, cache=None) as client:
+            yield client
 
-        headers = {}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        if self.intent:
-            headers["X-Intent-Prompt"] = self.intent
-        stack = AsyncExitStack()
-        try:
-            http = await stack.enter_async_context(
-                httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=60.0))
-            )
-            transport = streamable_http_client(self.endpoint, http_client=http)
-            client = Client(transport, mode=self.mode, read_timeout_seconds=30.0, cache=None)
-            await stack.enter_async_context(client)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
-        self.client = client
-        return client
 
-    async def close(self) -> None:
-        if self._stack is not None:
-            stack, self._stack, self.client = self._stack, None, None
-            try:
-                await stack.aclose()
-            except BaseException:  # a failed teardown must not hide the results
-                pass
+async def mcp_list(client) -> dict[str, Any]:
+    result = await client.list_tools()
+    return {
+        "op": "list",
+        "ok": True,
+        "tools": [t.name for t in result.tools],
+        "protocol_version": client.protocol_version,
+    }
 
-    async def list(self) -> dict[str, Any]:
-        client = await self.connect()
-        result = await client.list_tools()
-        return {
-            "op": "list",
-            "ok": True,
-            "tools": [t.name for t in result.tools],
-            "protocol_version": client.protocol_version,
-        }
 
-    async def call(self, tool: str, args: dict[str, Any]) -> dict[str, Any]:
-        client = await self.connect()
-        result = await client.call_tool(tool, args)
-        texts = [getattr(b, "text", None) for b in result.content]
-        return {
-            "op": "call",
-            "ok": True,
-            "tool": tool,
-            "is_error": bool(result.is_error),
-            "text": texts,
-            "structured": jsonable(result.structured_content),
-            "protocol_version": client.protocol_version,
-        }
+async def mcp_call(client, tool: str, args: dict[str, Any]) -> dict[str, Any]:
+    result = await client.call_tool(tool, args)
+    texts = [getattr(b, "text", None) for b in result.content]
+    return {
+        "op": "call",
+        "ok": True,
+        "tool": tool,
+        "is_error": bool(result.is_error),
+        "text": texts,
+        "structured": jsonable(result.structured_content),
+        "protocol_version": client.protocol_version,
+    }
 
 
 # --- the IntentGate SDK ----------------------------------------------------------------------
@@ -246,70 +221,96 @@ def admin_revoke(base: str, admin_token: str, jti: str, reason: str) -> dict[str
 # --- driver ----------------------------------------------------------------------------------
 
 
-async def run_steps(args: argparse.Namespace, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def run_plain_step(args: argparse.Namespace, step: dict[str, Any]) -> dict[str, Any]:
+    """A step that needs no MCP connection."""
     import anyio
 
-    endpoint = args.gateway.rstrip("/") + args.mcp_path
-    conn = McpConnection(endpoint, args.token, args.mode, args.intent)
-    results: list[dict[str, Any]] = []
+    op = step.get("op")
+    if op == "sdk-call":
+        return await anyio.to_thread.run_sync(
+            sdk_call,
+            args.gateway,
+            step.get("token", args.token),
+            step["tool"],
+            step.get("args") or {},
+            args.intent,
+        )
+    if op == "sdk-attenuated-call":
+        return await anyio.to_thread.run_sync(
+            sdk_attenuated_call,
+            args.gateway,
+            step.get("token", args.token) or "",
+            step["tool"],
+            step.get("args") or {},
+            list(step.get("deny") or []),
+            args.intent,
+        )
+    if op == "sleep":
+        await anyio.sleep(float(step["seconds"]))
+        return {"op": "sleep", "ok": True}
+    if op == "sleep_until":
+        await anyio.sleep(max(0.0, float(step["unix"]) - time.time()))
+        return {"op": "sleep_until", "ok": True}
+    if op == "revoke":
+        return await anyio.to_thread.run_sync(
+            admin_revoke,
+            args.gateway,
+            step["admin_token"],
+            step["jti"],
+            step.get("reason", "interop test"),
+        )
+    raise ValueError(f"unknown op {op!r}")
+
+
+async def run_step(args: argparse.Namespace, client, step: dict[str, Any]) -> dict[str, Any]:
+    import anyio
+
+    started = time.monotonic()
     try:
-        for step in steps:
-            op = step.get("op")
-            started = time.monotonic()
-            try:
-                if op in ("list", "call"):
-                    # Connect outside any cancel scope: the connection's task group must be
-                    # entered and left in the same scope (its own timeouts bound it).
-                    await conn.connect()
-                with anyio.fail_after(90):
-                    if op == "list":
-                        r = await conn.list()
-                    elif op == "call":
-                        r = await conn.call(step["tool"], step.get("args") or {})
-                    elif op == "sdk-call":
-                        r = await anyio.to_thread.run_sync(
-                            sdk_call,
-                            args.gateway,
-                            step.get("token", args.token),
-                            step["tool"],
-                            step.get("args") or {},
-                            args.intent,
-                        )
-                    elif op == "sdk-attenuated-call":
-                        r = await anyio.to_thread.run_sync(
-                            sdk_attenuated_call,
-                            args.gateway,
-                            step.get("token", args.token) or "",
-                            step["tool"],
-                            step.get("args") or {},
-                            list(step.get("deny") or []),
-                            args.intent,
-                        )
-                    elif op == "sleep":
-                        await anyio.sleep(float(step["seconds"]))
-                        r = {"op": "sleep", "ok": True}
-                    elif op == "sleep_until":
-                        await anyio.sleep(max(0.0, float(step["unix"]) - time.time()))
-                        r = {"op": "sleep_until", "ok": True}
-                    elif op == "revoke":
-                        r = await anyio.to_thread.run_sync(
-                            admin_revoke,
-                            args.gateway,
-                            step["admin_token"],
-                            step["jti"],
-                            step.get("reason", "interop test"),
-                        )
-                    else:
-                        raise SystemExit(f"unknown op {op!r}")
-            except (Exception, BaseExceptionGroup) as e:  # noqa: B036 - report, never crash
-                r = error_result(str(op), e)
-                if op in ("list", "call"):
-                    # The connection may be unusable now: open a new one for the next step.
-                    await conn.close()
+        with anyio.fail_after(STEP_TIMEOUT_S):
+            if step.get("op") == "list":
+                r = await mcp_list(client)
+            elif step.get("op") == "call":
+                r = await mcp_call(client, step["tool"], step.get("args") or {})
+            else:
+                r = await run_plain_step(args, step)
+    except Exception as e:  # an answer the server refused is a result, not a crash
+        r = error_result(str(step.get("op")), e)
+    r["elapsed_ms"] = round((time.monotonic() - started) * 1000)
+    return r
+
+
+async def run_steps(args: argparse.Namespace, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs the steps in order. The MCP connection is opened at the first MCP step and kept for
+    the steps after it; when it fails (refused at connect, or its transport died), the step that
+    saw it gets the error and the next MCP step opens a new connection."""
+    endpoint = args.gateway.rstrip("/") + args.mcp_path
+    results: list[dict[str, Any]] = []
+    pending = list(steps)
+    while pending:
+        if pending[0].get("op") not in MCP_OPS:
+            results.append(await run_step(args, None, pending.pop(0)))
+            continue
+        started = time.monotonic()
+        try:
+            # Connecting is bounded by the client's own timeouts; its task group must be entered
+            # and left in one scope, so it is never opened inside a step's deadline.
+            async with mcp_client(endpoint, args.token, args.mode, args.intent) as client:
+                while pending:
+                    # BaseException other than Exception (the transport's task group cancelling
+                    # this task) leaves the connection through the except below.
+                    results.append(await run_step(args, client, pending[0]))
+                    pending.pop(0)
+                    started = time.monotonic()
+        except BaseException as e:  # noqa: B036 - report every failure as a result
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            if not pending:
+                break  # every step has its result; a failed teardown changes none of them
+            step = pending.pop(0)
+            r = error_result(str(step.get("op")), e)
             r["elapsed_ms"] = round((time.monotonic() - started) * 1000)
             results.append(r)
-    finally:
-        await conn.close()
     return results
 
 

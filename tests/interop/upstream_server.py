@@ -4,10 +4,12 @@
 It serves the streamable HTTP transport on 127.0.0.1 at `/mcp`, stateful (with
 `Mcp-Session-Id` sessions) and answering with SSE streams by default, as the official
 server does. It speaks both protocol eras that `mcp` 2.x speaks (handshake 2025-11-25 and
-the stateless 2026-07-28).
+the stateless 2026-07-28); `--handshake-only` makes it refuse the stateless era as `mcp` 1.x
+servers do, so its clients use `initialize` and sessions.
 
     python3 tests/interop/upstream_server.py [PORT] [--json-response] [--stateless]
-                                             [--call-log FILE] [--ignore-stdin]
+                                             [--handshake-only] [--call-log FILE]
+                                             [--ignore-stdin]
 
 PORT 0 (the default) picks a free port. The first line on stdout is always `PORT <n>`,
 written once the socket is bound, so a parent can connect as soon as it reads it.
@@ -37,6 +39,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("port", nargs="?", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
     p.add_argument("--json-response", action="store_true", help="answer POSTs with JSON, not SSE")
     p.add_argument("--stateless", action="store_true", help="no Mcp-Session-Id sessions")
+    p.add_argument(
+        "--handshake-only",
+        action="store_true",
+        help="refuse the stateless 2026-07-28 era as a handshake-only server (mcp 1.x) does",
+    )
     p.add_argument("--call-log", metavar="FILE", help="append one JSON line per tool call")
     p.add_argument("--ignore-stdin", action="store_true", help="do not exit when stdin closes")
     return p.parse_args(argv)
@@ -95,6 +102,65 @@ def build_server(call_log: str | None):
     return server
 
 
+class HandshakeOnly:
+    """ASGI middleware: answer like a handshake-only server (mcp 1.x).
+
+    Such a server knows nothing of `server/discover` or of requests without a session: it
+    answers every POST that is not `initialize` and carries no `Mcp-Session-Id` with HTTP 400
+    and JSON-RPC -32600 "Missing session ID". So a client (or gateway) that probes the stateless
+    era falls back to the initialize handshake, and from then on uses sessions.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        messages = []
+        body = b""
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        method = None
+        try:
+            parsed = json.loads(body)
+            if isinstance(parsed, dict):
+                method = parsed.get("method")
+        except ValueError:
+            pass
+        if "mcp-session-id" not in headers and method != "initialize":
+            answer = json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "id": "server-error",
+                    "error": {"code": -32600, "message": "Bad Request: Missing session ID"},
+                }
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 400,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": answer})
+            return None
+
+        async def replay():
+            if messages:
+                return messages.pop(0)
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
 
@@ -124,6 +190,8 @@ def main(argv: list[str]) -> int:
         stateless_http=args.stateless,
         host="127.0.0.1",
     )
+    if args.handshake_only:
+        app = HandshakeOnly(app)
     config = uvicorn.Config(
         app,
         log_level="warning",
