@@ -14,7 +14,10 @@ use clap::Args;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{setting}: {reason}")]
-    Invalid { setting: &'static str, reason: String },
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
 }
 
 fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -72,7 +75,11 @@ pub struct ServeArgs {
     #[arg(long, env = "INTENTGATE_CLOCK_LEEWAY_SECS", default_value_t = 30)]
     pub clock_leeway_secs: u64,
     /// Calls fail closed when the revocation set is older than this, in seconds.
-    #[arg(long, env = "INTENTGATE_REVOCATION_MAX_STALENESS_SECS", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "INTENTGATE_REVOCATION_MAX_STALENESS_SECS",
+        default_value_t = 10
+    )]
     pub revocation_max_staleness_secs: u64,
     /// How much of the arguments an audit event keeps.
     #[arg(long, env = "INTENTGATE_AUDIT_PERSIST_ARG_VALUES", default_value = "off", value_parser = str::parse::<ArgValues>)]
@@ -162,7 +169,8 @@ impl PolicySource {
     fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
         const SETTING: &str = "INTENTGATE_POLICY_FILE";
         let read = |p: &std::path::Path| {
-            std::fs::read_to_string(p).map_err(|e| invalid(SETTING, format!("{}: {e}", p.display())))
+            std::fs::read_to_string(p)
+                .map_err(|e| invalid(SETTING, format!("{}: {e}", p.display())))
         };
         let name = |p: &std::path::Path| {
             p.file_name()
@@ -195,7 +203,10 @@ impl std::fmt::Debug for Config {
             .field("upstream_url", &self.upstream_url)
             .field("upstream_name", &self.upstream_name)
             .field("upstream_timeout", &self.upstream_timeout)
-            .field("upstream_max_response_bytes", &self.upstream_max_response_bytes)
+            .field(
+                "upstream_max_response_bytes",
+                &self.upstream_max_response_bytes,
+            )
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_json_depth", &self.max_json_depth)
             .field("header_timeout", &self.header_timeout)
@@ -204,7 +215,10 @@ impl std::fmt::Debug for Config {
             .field("arg_values", &self.arg_values)
             .field(
                 "policy",
-                &self.policy.as_ref().map(|p| p.modules.iter().map(|m| m.0.as_str()).collect::<Vec<_>>()),
+                &self
+                    .policy
+                    .as_ref()
+                    .map(|p| p.modules.iter().map(|m| m.0.as_str()).collect::<Vec<_>>()),
             )
             .field("demo", &self.demo)
             .finish()
@@ -395,7 +409,10 @@ fn parse_tenant_admins(raw: &str) -> Result<Vec<(String, String)>, ConfigError> 
         if token.len() < 16 {
             return Err(invalid(
                 SETTING,
-                format!("entry {} ({tenant}): token shorter than 16 characters", i + 1),
+                format!(
+                    "entry {} ({tenant}): token shorter than 16 characters",
+                    i + 1
+                ),
             ));
         }
         if out.iter().any(|(t, _)| t == tenant) {
@@ -464,6 +481,9 @@ mod tests {
         .expect("valid");
         assert_eq!(c.tenant_admins.len(), 2);
         let dbg = format!("{c:?}");
-        assert!(!dbg.contains("aaaaaaaa") && !dbg.contains("supersecret"), "{dbg}");
+        assert!(
+            !dbg.contains("aaaaaaaa") && !dbg.contains("supersecret"),
+            "{dbg}"
+        );
     }
 }

@@ -25,8 +25,14 @@ const TOOLS: &[(&str, &str)] = &[
     ("echo", "Returns its `text` argument."),
     ("add", "Adds the numbers `a` and `b`."),
     ("read_invoice", "Returns a made-up invoice for `id`."),
-    ("send_email", "Pretends to send an email to `to` (sends nothing)."),
-    ("delete_records", "Pretends to delete records in `table` (deletes nothing)."),
+    (
+        "send_email",
+        "Pretends to send an email to `to` (sends nothing).",
+    ),
+    (
+        "delete_records",
+        "Pretends to delete records in `table` (deletes nothing).",
+    ),
 ];
 
 fn tool_list() -> Value {
@@ -48,7 +54,10 @@ fn text(s: String) -> Value {
 }
 
 fn call_tool(params: &serde_json::Map<String, Value>) -> Result<Value, RpcError> {
-    let name = params.get("name").and_then(Value::as_str).unwrap_or_default();
+    let name = params
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let args = params.get("arguments").cloned().unwrap_or(json!({}));
     let arg = |k: &str| args.get(k).cloned().unwrap_or(Value::Null);
     Ok(match name {
@@ -57,7 +66,9 @@ fn call_tool(params: &serde_json::Map<String, Value>) -> Result<Value, RpcError>
             let (a, b) = (arg("a").as_f64(), arg("b").as_f64());
             match (a, b) {
                 (Some(a), Some(b)) => text(format!("{}", a + b)),
-                _ => json!({"content": [{"type": "text", "text": "a and b must be numbers"}], "isError": true}),
+                _ => {
+                    json!({"content": [{"type": "text", "text": "a and b must be numbers"}], "isError": true})
+                }
             }
         }
         "read_invoice" => text(format!(
@@ -67,7 +78,10 @@ fn call_tool(params: &serde_json::Map<String, Value>) -> Result<Value, RpcError>
         "send_email" => text(format!("(demo) would send an email to {}", arg("to"))),
         "delete_records" => text(format!("(demo) would delete records in {}", arg("table"))),
         other => {
-            return Err(RpcError::new(code::INVALID_PARAMS, format!("Unknown tool: {other}")));
+            return Err(RpcError::new(
+                code::INVALID_PARAMS,
+                format!("Unknown tool: {other}"),
+            ));
         }
     })
 }
@@ -121,7 +135,9 @@ pub async fn spawn(addr: &str) -> std::io::Result<(Uri, tokio::task::JoinHandle<
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     if !local.ip().is_loopback() {
-        return Err(std::io::Error::other("the demo server listens on loopback only"));
+        return Err(std::io::Error::other(
+            "the demo server listens on loopback only",
+        ));
     }
     let uri: Uri = format!("http://{local}/mcp")
         .parse()

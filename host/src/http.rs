@@ -157,6 +157,9 @@ mod tests {
             Err(BodyError::TooLarge { limit: 10 })
         ));
         let b = Full::new(Bytes::from_static(b"ok"));
-        assert_eq!(read_body(b, 10).await.expect("fits"), Bytes::from_static(b"ok"));
+        assert_eq!(
+            read_body(b, 10).await.expect("fits"),
+            Bytes::from_static(b"ok")
+        );
     }
 }

@@ -95,9 +95,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Plugin(PluginCommand::Check { file }) => {
-            let checked = intentgate::plugins::Runtime::shared().and_then(|rt| {
-                intentgate::plugins::scaffold::check_file(&rt, &file)
-            });
+            let checked = intentgate::plugins::Runtime::shared()
+                .and_then(|rt| intentgate::plugins::scaffold::check_file(&rt, &file));
             match checked {
                 Ok(world) => {
                     println!("{}: implements {world:?}", file.display());
@@ -139,7 +138,10 @@ fn audit_verify(file: &PathBuf, checkpoint: &PathBuf, public_key: &str) -> ExitC
     };
     match intentgate::audit::offline::verify_export(export, &checkpoint, &key) {
         Ok(report) => {
-            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
             if report.ok {
                 ExitCode::SUCCESS
             } else {
@@ -164,7 +166,10 @@ fn serve(args: ServeArgs) -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("intentgate: cannot start the runtime: {e}");

@@ -340,7 +340,11 @@ impl Pipeline {
 
     async fn refund(&self, debits: &[Debit]) {
         for d in debits {
-            if let Err(e) = self.store.charge(&d.key, d.window, -d.amount, i64::MAX).await {
+            if let Err(e) = self
+                .store
+                .charge(&d.key, d.window, -d.amount, i64::MAX)
+                .await
+            {
                 tracing::warn!(error = %e, "could not refund a budget charge");
             }
         }

@@ -152,7 +152,10 @@ fn read_file(path: &Path) -> Result<(String, String), SecretsError> {
         path: path.to_owned(),
         reason: format!("{var} is missing"),
     };
-    Ok((key.ok_or_else(|| missing(KEY_VAR))?, admin.ok_or_else(|| missing(ADMIN_VAR))?))
+    Ok((
+        key.ok_or_else(|| missing(KEY_VAR))?,
+        admin.ok_or_else(|| missing(ADMIN_VAR))?,
+    ))
 }
 
 #[cfg(test)]

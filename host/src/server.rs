@@ -82,8 +82,8 @@ impl Gateway {
             config.master_key.as_deref(),
             config.admin_token.as_deref(),
         )?;
-        let master_key =
-            MasterKey::from_base64(&secrets.master_key).map_err(|e| StartError::MasterKey(e.to_string()))?;
+        let master_key = MasterKey::from_base64(&secrets.master_key)
+            .map_err(|e| StartError::MasterKey(e.to_string()))?;
         let store_cfg = match &config.store {
             StoreChoice::Sqlite(path) => StoreConfig::Sqlite { path: path.clone() },
             StoreChoice::Postgres(url) => StoreConfig::Postgres { url: url.clone() },
@@ -101,7 +101,11 @@ impl Gateway {
             config.upstream_url = Some(uri);
         }
         let upstream = config.upstream_url.clone().map(|uri| {
-            Upstream::new(uri, config.upstream_timeout, config.upstream_max_response_bytes)
+            Upstream::new(
+                uri,
+                config.upstream_timeout,
+                config.upstream_max_response_bytes,
+            )
         });
         let revocations = Arc::new(RevocationSet::new(config.revocation_max_staleness));
         background.push(tokio::spawn(revocation_feed(
@@ -113,10 +117,11 @@ impl Gateway {
             Some(policy) => BundleSpec::builtin().with_policy_config(policy.to_config()),
             None => BundleSpec::builtin(),
         };
-        let registry = tokio::task::spawn_blocking(move || Registry::builtin_with_default(default_spec))
-            .await
-            .map_err(|e| StartError::Plugins(e.to_string()))?
-            .map_err(|e| StartError::Plugins(e.to_string()))?;
+        let registry =
+            tokio::task::spawn_blocking(move || Registry::builtin_with_default(default_spec))
+                .await
+                .map_err(|e| StartError::Plugins(e.to_string()))?
+                .map_err(|e| StartError::Plugins(e.to_string()))?;
         let counters = registry
             .memory_counters()
             .ok_or_else(|| StartError::Plugins("registry without local counters".into()))?;
@@ -146,8 +151,11 @@ impl Gateway {
 
     /// Authenticates a bearer capability token (signature, time, revocation; no tool yet).
     pub fn authenticate(&self, token: &str) -> Result<Grant, CapabilityError> {
-        self.verifier
-            .authenticate(token, crate::audit::time::now_ms() / 1000, &self.revocations)
+        self.verifier.authenticate(
+            token,
+            crate::audit::time::now_ms() / 1000,
+            &self.revocations,
+        )
     }
 }
 
@@ -292,9 +300,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => tracing::info!("master key and superadmin token come from the environment"),
     }
     match &gw.upstream {
-        Some(u) if gw.config.demo => tracing::info!(upstream = %u.uri(), "demo tool server running as the upstream"),
+        Some(u) if gw.config.demo => {
+            tracing::info!(upstream = %u.uri(), "demo tool server running as the upstream")
+        }
         Some(u) => tracing::info!(upstream = %u.uri(), "forwarding allowed calls"),
-        None => tracing::warn!("no INTENTGATE_UPSTREAM_URL: allowed calls answer -32018 upstream unavailable"),
+        None => tracing::warn!(
+            "no INTENTGATE_UPSTREAM_URL: allowed calls answer -32018 upstream unavailable"
+        ),
     }
     serve(gw, listener, shutdown).await.map_err(RunError::Serve)
 }

@@ -20,7 +20,9 @@ async fn rpc(tg: &TestGateway, token: &str, body: Value) -> (u16, Value) {
 }
 
 fn err_code(v: &Value) -> i64 {
-    v["error"]["code"].as_i64().unwrap_or_else(|| panic!("not an error: {v}"))
+    v["error"]["code"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("not an error: {v}"))
 }
 
 #[tokio::test]
@@ -29,7 +31,12 @@ async fn allow_deny_and_filtered_listing() {
     let (token, _) = tg
         .mint(json!({"subject": "alice", "tools": ["read_*", "echo"], "ttl_seconds": 600}))
         .await;
-    let (_, list) = rpc(&tg, &token, json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})).await;
+    let (_, list) = rpc(
+        &tg,
+        &token,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}),
+    )
+    .await;
     let mut names: Vec<&str> = list["result"]["tools"]
         .as_array()
         .expect("tools")
@@ -43,16 +50,31 @@ async fn allow_deny_and_filtered_listing() {
     assert_eq!(ok["result"]["content"][0]["text"], "hi", "{ok}");
     assert_eq!(ok["result"]["_intentgate"]["decision"], "allow");
 
-    let denied = tg.tool_call(&token, "delete_records", json!({"table": "t"})).await;
+    let denied = tg
+        .tool_call(&token, "delete_records", json!({"table": "t"}))
+        .await;
     assert_eq!(err_code(&denied), -32010, "{denied}");
-    assert!(denied["error"]["data"].as_str().expect("reason").contains("delete_records"));
+    assert!(
+        denied["error"]["data"]
+            .as_str()
+            .expect("reason")
+            .contains("delete_records")
+    );
 
     // Both decisions are in the audit chain, and the chain verifies.
-    let (_, audit) = get_json(&format!("{}/v1/admin/audit?tool=delete_records", tg.url), ADMIN_TOKEN).await;
+    let (_, audit) = get_json(
+        &format!("{}/v1/admin/audit?tool=delete_records", tg.url),
+        ADMIN_TOKEN,
+    )
+    .await;
     let items = audit["items"].as_array().expect("items");
     assert_eq!(items.len(), 1, "{audit}");
     assert_eq!(items[0]["decision"], "block");
-    let (_, verify) = get_json(&format!("{}/v1/admin/audit/verify?tenant=default", tg.url), ADMIN_TOKEN).await;
+    let (_, verify) = get_json(
+        &format!("{}/v1/admin/audit/verify?tenant=default", tg.url),
+        ADMIN_TOKEN,
+    )
+    .await;
     assert_eq!(verify["ok"], true, "{verify}");
     tg.shutdown().await;
 }
@@ -88,7 +110,10 @@ async fn sessions_are_bound_to_their_token() {
     let (status, headers, body) = send(
         "POST",
         &format!("{}/v1/mcp", tg.url),
-        &[("authorization", &auth), ("content-type", "application/json")],
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
         serde_json::to_vec(&init).expect("json"),
     )
     .await;
@@ -97,20 +122,30 @@ async fn sessions_are_bound_to_their_token() {
     assert_eq!(v["result"]["protocolVersion"], "2025-06-18");
     let sid = headers["mcp-session-id"].to_str().expect("sid").to_owned();
 
-    let ping = serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 2, "method": "ping"})).expect("json");
+    let ping =
+        serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 2, "method": "ping"})).expect("json");
     let with = |token: &str, sid: &str| {
         let auth = format!("Bearer {token}");
         let sid = sid.to_owned();
         let url = format!("{}/v1/mcp", tg.url);
         let ping = ping.clone();
         async move {
-            send("POST", &url, &[("authorization", &auth), ("mcp-session-id", &sid)], ping)
-                .await
-                .0
+            send(
+                "POST",
+                &url,
+                &[("authorization", &auth), ("mcp-session-id", &sid)],
+                ping,
+            )
+            .await
+            .0
         }
     };
     assert_eq!(with(&alice, &sid).await, 200);
-    assert_eq!(with(&bob, &sid).await, 404, "another token cannot ride the session");
+    assert_eq!(
+        with(&bob, &sid).await,
+        404,
+        "another token cannot ride the session"
+    );
     assert_eq!(with(&alice, "forged-session").await, 404);
     tg.shutdown().await;
 }
@@ -118,14 +153,17 @@ async fn sessions_are_bound_to_their_token() {
 #[tokio::test]
 async fn bad_input_gets_clear_errors_and_server_keeps_serving() {
     let tg = demo_gateway(&["--max-body-bytes", "4096", "--header-timeout-ms", "300"]).await;
-    let (token, _) = tg.mint(json!({"subject": "alice", "tools": ["echo"]})).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "alice", "tools": ["echo"]}))
+        .await;
     let auth = format!("Bearer {token}");
     let url = format!("{}/v1/mcp", tg.url);
     let post = |body: Vec<u8>| {
         let (url, auth) = (url.clone(), auth.clone());
         async move { send("POST", &url, &[("authorization", &auth)], body).await }
     };
-    let code_of = |b: &[u8]| err_code(&serde_json::from_slice::<Value>(b).expect("json error body"));
+    let code_of =
+        |b: &[u8]| err_code(&serde_json::from_slice::<Value>(b).expect("json error body"));
 
     let (s, _, b) = post(b"{not json".to_vec()).await;
     assert_eq!((s, code_of(&b)), (400, -32700));
@@ -133,7 +171,9 @@ async fn bad_input_gets_clear_errors_and_server_keeps_serving() {
     assert_eq!((s, code_of(&b)), (400, -32600));
     let (s, _, b) = post(br#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#.to_vec()).await;
     assert_eq!((s, code_of(&b)), (400, -32600));
-    let (s, _, b) = post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":7}}"#.to_vec()).await;
+    let (s, _, b) =
+        post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":7}}"#.to_vec())
+            .await;
     assert_eq!((s, code_of(&b)), (200, -32602));
     let (s, _, b) = post(br#"{"jsonrpc":"2.0","id":1,"method":"resources/list"}"#.to_vec()).await;
     assert_eq!((s, code_of(&b)), (200, -32601));
@@ -146,14 +186,23 @@ async fn bad_input_gets_clear_errors_and_server_keeps_serving() {
     assert_eq!((s, code_of(&b)), (400, -32700));
 
     // A client that never finishes its headers is cut off by the header read timeout.
-    let mut slow = tokio::net::TcpStream::connect(tg.addr).await.expect("connect");
-    slow.write_all(b"POST /v1/mcp HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+    let mut slow = tokio::net::TcpStream::connect(tg.addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"POST /v1/mcp HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "slow-header connection must be closed by the server");
+    assert!(
+        read.is_ok(),
+        "slow-header connection must be closed by the server"
+    );
 
     // Still serving.
-    let ok = tg.tool_call(&token, "echo", json!({"text": "still here"})).await;
+    let ok = tg
+        .tool_call(&token, "echo", json!({"text": "still here"}))
+        .await;
     assert_eq!(ok["result"]["content"][0]["text"], "still here", "{ok}");
     tg.shutdown().await;
 }
@@ -161,7 +210,9 @@ async fn bad_input_gets_clear_errors_and_server_keeps_serving() {
 #[tokio::test]
 async fn revoked_and_limited_tokens_are_refused() {
     let tg = demo_gateway(&[]).await;
-    let (token, jti) = tg.mint(json!({"subject": "alice", "tools": ["echo"], "max_calls": 2})).await;
+    let (token, jti) = tg
+        .mint(json!({"subject": "alice", "tools": ["echo"], "max_calls": 2}))
+        .await;
     for _ in 0..2 {
         let ok = tg.tool_call(&token, "echo", json!({"text": "x"})).await;
         assert!(ok.get("result").is_some(), "{ok}");
@@ -169,11 +220,16 @@ async fn revoked_and_limited_tokens_are_refused() {
     let third = tg.tool_call(&token, "echo", json!({"text": "x"})).await;
     assert_eq!(err_code(&third), -32013, "{third}");
     // A denied call (outside scope) is not charged; a second token is unaffected.
-    let (other, _) = tg.mint(json!({"subject": "alice", "tools": ["echo"], "max_calls": 1})).await;
+    let (other, _) = tg
+        .mint(json!({"subject": "alice", "tools": ["echo"], "max_calls": 1}))
+        .await;
     let denied = tg.tool_call(&other, "send_email", json!({})).await;
     assert_eq!(err_code(&denied), -32010);
     let ok = tg.tool_call(&other, "echo", json!({"text": "x"})).await;
-    assert!(ok.get("result").is_some(), "blocked calls must not be charged: {ok}");
+    assert!(
+        ok.get("result").is_some(),
+        "blocked calls must not be charged: {ok}"
+    );
 
     let (status, _) = post_json(
         &format!("{}/v1/admin/revoke", tg.url),
@@ -184,7 +240,13 @@ async fn revoked_and_limited_tokens_are_refused() {
     assert_eq!(status, 204);
     let revoked = tg.tool_call(&token, "echo", json!({"text": "x"})).await;
     assert_eq!(err_code(&revoked), -32010);
-    assert!(revoked["error"]["data"].as_str().expect("reason").contains("revoked"), "{revoked}");
+    assert!(
+        revoked["error"]["data"]
+            .as_str()
+            .expect("reason")
+            .contains("revoked"),
+        "{revoked}"
+    );
     tg.shutdown().await;
 }
 
@@ -196,25 +258,46 @@ async fn tenant_admins_stay_in_their_tenant() {
     ])
     .await;
     let url = |p: &str| format!("{}{p}", tg.url);
-    let (s, v) = post_json(&url("/v1/admin/mint"), Some("acme-admin-token-123456"),
-        &json!({"subject": "bot", "tenant": "globex"})).await;
+    let (s, v) = post_json(
+        &url("/v1/admin/mint"),
+        Some("acme-admin-token-123456"),
+        &json!({"subject": "bot", "tenant": "globex"}),
+    )
+    .await;
     assert_eq!(s, 403, "{v}");
     assert!(v["error"].is_string());
-    let (s, v) = post_json(&url("/v1/admin/mint"), Some("acme-admin-token-123456"),
-        &json!({"subject": "bot"})).await;
+    let (s, v) = post_json(
+        &url("/v1/admin/mint"),
+        Some("acme-admin-token-123456"),
+        &json!({"subject": "bot"}),
+    )
+    .await;
     assert_eq!((s, v["tenant"].as_str()), (200, Some("acme")), "{v}");
     let acme_jti = v["jti"].as_str().expect("jti").to_owned();
     // globex's admin cannot revoke acme's token.
-    let (s, _) = post_json(&url("/v1/admin/revoke"), Some("globex-admin-token-12345"),
-        &json!({"jti": acme_jti})).await;
+    let (s, _) = post_json(
+        &url("/v1/admin/revoke"),
+        Some("globex-admin-token-12345"),
+        &json!({"jti": acme_jti}),
+    )
+    .await;
     assert_eq!(s, 403);
     let (s, v) = get_json(&url("/v1/admin/tenants"), "acme-admin-token-123456").await;
     assert_eq!((s, v), (200, json!([{"name": "acme"}])));
-    let (s, _) = get_json(&url("/v1/admin/revocations?tenant=globex"), "acme-admin-token-123456").await;
+    let (s, _) = get_json(
+        &url("/v1/admin/revocations?tenant=globex"),
+        "acme-admin-token-123456",
+    )
+    .await;
     assert_eq!(s, 403);
     let (s, _) = get_json(&url("/v1/admin/tenants"), "wrong-token").await;
     assert_eq!(s, 401);
-    let (s, v) = post_json(&url("/v1/admin/mint"), Some(ADMIN_TOKEN), &json!({"subject": ""})).await;
+    let (s, v) = post_json(
+        &url("/v1/admin/mint"),
+        Some(ADMIN_TOKEN),
+        &json!({"subject": ""}),
+    )
+    .await;
     assert_eq!(s, 400, "{v}");
     tg.shutdown().await;
 }
@@ -222,11 +305,20 @@ async fn tenant_admins_stay_in_their_tenant() {
 #[tokio::test]
 async fn upstream_failures_are_not_authorization_blocks() {
     // An upstream that refuses connections.
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let dead_url = format!("http://{}/mcp", dead.local_addr().expect("addr"));
     drop(dead);
-    let tg = gateway::start(Backend::Sqlite, Some(&dead_url), &["--upstream-timeout-ms", "500"]).await;
-    let (token, _) = tg.mint(json!({"subject": "alice", "tools": ["echo"]})).await;
+    let tg = gateway::start(
+        Backend::Sqlite,
+        Some(&dead_url),
+        &["--upstream-timeout-ms", "500"],
+    )
+    .await;
+    let (token, _) = tg
+        .mint(json!({"subject": "alice", "tools": ["echo"]}))
+        .await;
     let v = tg.tool_call(&token, "echo", json!({})).await;
     assert_eq!(err_code(&v), -32018, "{v}");
     assert_eq!(v["error"]["data"]["upstream_status"], 0);

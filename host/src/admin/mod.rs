@@ -108,7 +108,9 @@ impl Principal {
 
     /// Like [`Self::scope`] but always one tenant (`default` for the superadmin).
     pub fn one_tenant(&self, requested: Option<&str>) -> Result<String, AdminError> {
-        Ok(self.scope(requested)?.unwrap_or_else(|| "default".to_owned()))
+        Ok(self
+            .scope(requested)?
+            .unwrap_or_else(|| "default".to_owned()))
     }
 
     /// How the audit log names this principal (`decided_by`).
@@ -168,7 +170,10 @@ pub struct AdminRequest {
 
 impl AdminRequest {
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.query.get(name).map(String::as_str).filter(|v| !v.is_empty())
+        self.query
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 
     /// The body as JSON of type `T`, with a clear error naming what is wrong.
@@ -279,9 +284,10 @@ async fn route(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Admin
             | "/v1/admin/audit/checkpoints"
             | "/v1/admin/audit/public-key",
         ) => Err(AdminError::MethodNotAllowed),
-        (_, "/v1/admin/mint" | "/v1/admin/revoke" | "/v1/admin/revocations" | "/v1/admin/tenants") => {
-            Err(AdminError::MethodNotAllowed)
-        }
+        (
+            _,
+            "/v1/admin/mint" | "/v1/admin/revoke" | "/v1/admin/revocations" | "/v1/admin/tenants",
+        ) => Err(AdminError::MethodNotAllowed),
         _ => bundles(gw, req).await,
     }
 }
@@ -346,13 +352,21 @@ mod tests {
             "super-secret-token-1".into(),
             vec![("acme".into(), "acme-secret-token-1".into())],
         );
-        assert_eq!(auth.authenticate(&headers("super-secret-token-1")), Some(Principal::Superadmin));
-        let acme = auth.authenticate(&headers("acme-secret-token-1")).expect("acme");
+        assert_eq!(
+            auth.authenticate(&headers("super-secret-token-1")),
+            Some(Principal::Superadmin)
+        );
+        let acme = auth
+            .authenticate(&headers("acme-secret-token-1"))
+            .expect("acme");
         assert_eq!(acme, Principal::TenantAdmin("acme".into()));
         assert_eq!(auth.authenticate(&headers("super-secret-token-")), None);
         assert_eq!(auth.authenticate(&HeaderMap::new()), None);
         assert_eq!(acme.scope(None).expect("own"), Some("acme".into()));
-        assert!(matches!(acme.scope(Some("globex")), Err(AdminError::Forbidden(_))));
+        assert!(matches!(
+            acme.scope(Some("globex")),
+            Err(AdminError::Forbidden(_))
+        ));
         assert_eq!(Principal::Superadmin.scope(None).expect("all"), None);
         assert!(matches!(
             Principal::Superadmin.scope(Some("bad name")),

@@ -62,7 +62,9 @@ pub async fn mint(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Ad
     if let Some(iss) = &body.issuer
         && iss != "intentgate"
     {
-        return Err(AdminError::BadRequest("issuer must be \"intentgate\"".into()));
+        return Err(AdminError::BadRequest(
+            "issuer must be \"intentgate\"".into(),
+        ));
     }
     let now = audit::time::now_ms() / 1000;
     let request = MintRequest {
@@ -113,10 +115,14 @@ pub async fn revoke(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, 
     let body: RevokeBody = req.json()?;
     let jti = body.jti.trim();
     if jti.is_empty() || jti.len() > 128 {
-        return Err(AdminError::BadRequest("jti must be 1-128 characters".into()));
+        return Err(AdminError::BadRequest(
+            "jti must be 1-128 characters".into(),
+        ));
     }
     if body.reason.len() > 1024 {
-        return Err(AdminError::BadRequest("reason is longer than 1024 bytes".into()));
+        return Err(AdminError::BadRequest(
+            "reason is longer than 1024 bytes".into(),
+        ));
     }
     let tenant = match &req.principal {
         Principal::Superadmin => body.tenant.clone().unwrap_or_else(|| "default".into()),

@@ -58,7 +58,10 @@ pub async fn start(backend: Backend, upstream: Option<&str>, extra: &[&str]) -> 
         argv.push(u.into());
     }
     // Tests run with the token-scope policy (what --demo uses) unless they bring their own.
-    if !extra.iter().any(|f| *f == "--policy-file" || *f == "--demo") {
+    if !extra
+        .iter()
+        .any(|f| *f == "--policy-file" || *f == "--demo")
+    {
         argv.push("--policy-file".into());
         argv.push(format!(
             "{}/../policies/examples/token_scope.rego",

@@ -35,13 +35,25 @@ pub async fn post_json(url: &str, bearer: Option<&str>, body: &Value) -> (u16, V
     if let Some(a) = &auth {
         headers.push(("authorization", a.as_str()));
     }
-    let (status, _, bytes) = send("POST", url, &headers, serde_json::to_vec(body).expect("json")).await;
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    let (status, _, bytes) = send(
+        "POST",
+        url,
+        &headers,
+        serde_json::to_vec(body).expect("json"),
+    )
+    .await;
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 /// GETs JSON with a bearer token.
 pub async fn get_json(url: &str, bearer: &str) -> (u16, Value) {
     let auth = format!("Bearer {bearer}");
     let (status, _, bytes) = send("GET", url, &[("authorization", &auth)], Vec::new()).await;
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
