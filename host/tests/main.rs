@@ -1,12 +1,12 @@
 //! The one integration-test binary of the `intentgate` crate (one link of the large deps).
 //! Each concept has its own module; `support` holds shared helpers.
 
-mod support;
-mod gateway;
-mod capability;
-mod bundles;
-mod plugins;
-mod store;
 mod audit;
+mod bundles;
+mod capability;
+mod gateway;
 mod interop;
 mod mcp_eras;
+mod plugins;
+mod store;
+mod support;
