@@ -54,6 +54,35 @@ pub struct Spec {
     pub warmup: Duration,
     pub duration: Duration,
     pub mode: Mode,
+    /// Keep a [`CallRecord`] of every call completed in the window (for timelines).
+    pub record: bool,
+}
+
+/// One completed call, for timelines (hot swap).
+#[derive(Debug, Clone, Copy)]
+pub struct CallRecord {
+    /// Completion time, from the start of the measurement window.
+    pub done: Duration,
+    pub latency: Duration,
+    pub ok: bool,
+    /// First 64 bits of the `bundle_digest` the gateway reported for the call (0: none).
+    pub digest: u64,
+}
+
+/// The first 64 bits of a `sha256:…` digest (what timelines compare).
+pub fn digest_prefix(digest: &str) -> u64 {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    hex.get(..16).and_then(|h| u64::from_str_radix(h, 16).ok()).unwrap_or(0)
+}
+
+fn find_digest(body: &[u8]) -> u64 {
+    const KEY: &[u8] = b"\"bundle_digest\":\"";
+    let Some(at) = body.windows(KEY.len()).position(|w| w == KEY) else {
+        return 0;
+    };
+    let rest = &body[at + KEY.len()..];
+    let end = rest.iter().position(|&b| b == b'"').unwrap_or(rest.len());
+    std::str::from_utf8(&rest[..end]).map(digest_prefix).unwrap_or(0)
 }
 
 /// What one run measured.
@@ -68,6 +97,8 @@ pub struct Outcome {
     pub latency: Summary,
     /// First few error descriptions, for the report.
     pub error_examples: Vec<String>,
+    /// Every call completed in the window, by completion time (when `Spec::record`).
+    pub calls: Vec<CallRecord>,
 }
 
 impl Outcome {
@@ -84,6 +115,8 @@ struct Shared {
     errors: AtomicU64,
     examples: std::sync::Mutex<Vec<String>>,
     stop: AtomicBool,
+    record: bool,
+    calls: std::sync::Mutex<Vec<CallRecord>>,
 }
 
 impl Shared {
@@ -159,8 +192,8 @@ impl Client {
         }
     }
 
-    /// One call; `Ok(())` on a successful JSON-RPC result.
-    async fn call(&mut self) -> Result<(), String> {
+    /// One call; on a successful JSON-RPC result, the prefix of the bundle digest it reports.
+    async fn call(&mut self) -> Result<u64, String> {
         if self.conn.is_none() {
             self.conn = Some(connect(self.addr).await?);
         }
@@ -196,12 +229,13 @@ impl Client {
                 return Err(format!("response body: {e}"));
             }
         };
-        check_answer(status, &body)
+        check_answer(status, &body).map(|()| find_digest(&body))
     }
 }
 
 async fn closed_worker(shared: Arc<Shared>, mut client: Client) -> Samples {
     let mut samples = Samples::with_capacity(64 * 1024);
+    let mut records = Vec::new();
     loop {
         let sent = Instant::now();
         if sent >= shared.end || shared.stop.load(Ordering::Relaxed) {
@@ -209,9 +243,18 @@ async fn closed_worker(shared: Arc<Shared>, mut client: Client) -> Samples {
         }
         let r = client.call().await;
         let done = Instant::now();
+        let in_window = done >= shared.measure_from && done <= shared.end;
+        if shared.record && in_window {
+            records.push(CallRecord {
+                done: done - shared.measure_from,
+                latency: done - sent,
+                ok: r.is_ok(),
+                digest: *r.as_ref().unwrap_or(&0),
+            });
+        }
         match r {
-            Ok(()) => {
-                if done >= shared.measure_from && done <= shared.end {
+            Ok(_) => {
+                if in_window {
                     shared.ok.fetch_add(1, Ordering::Relaxed);
                     samples.push(done - sent);
                 }
@@ -222,6 +265,9 @@ async fn closed_worker(shared: Arc<Shared>, mut client: Client) -> Samples {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
+    }
+    if let Ok(mut all) = shared.calls.lock() {
+        all.extend(records);
     }
     samples
 }
@@ -236,7 +282,7 @@ async fn open_worker(shared: Arc<Shared>, mut client: Client, tickets: Tickets) 
         let r = client.call().await;
         let done = Instant::now();
         match r {
-            Ok(()) => {
+            Ok(_) => {
                 if scheduled >= shared.measure_from && done <= shared.end {
                     shared.ok.fetch_add(1, Ordering::Relaxed);
                     samples.push(done - scheduled);
@@ -261,6 +307,8 @@ pub async fn run(spec: &Spec) -> Outcome {
         errors: AtomicU64::new(0),
         examples: std::sync::Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
+        record: spec.record,
+        calls: std::sync::Mutex::new(Vec::new()),
     });
     let mut tasks = Vec::with_capacity(spec.connections);
     let mut pacer = None;
@@ -316,6 +364,8 @@ pub async fn run(spec: &Spec) -> Outcome {
         let _ = p.join();
     }
     let examples = shared.examples.lock().map(|e| e.clone()).unwrap_or_default();
+    let mut calls = shared.calls.lock().map(|c| c.clone()).unwrap_or_default();
+    calls.sort_by_key(|c| c.done);
     Outcome {
         mode: spec.mode,
         connections: spec.connections,
@@ -324,6 +374,7 @@ pub async fn run(spec: &Spec) -> Outcome {
         window: spec.duration,
         latency: all.summary(),
         error_examples: examples,
+        calls,
     }
 }
 
@@ -334,6 +385,10 @@ mod tests {
     #[test]
     fn answers_are_classified() {
         let ok = br#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":false}}"#;
+        assert_eq!(find_digest(ok), 0);
+        let with = br#"{"result":{"_intentgate":{"bundle_digest":"sha256:00000000000000ff99"}}}"#;
+        assert_eq!(find_digest(with), 0xff);
+        assert_eq!(digest_prefix("sha256:0000000000000001abcdef"), 1);
         assert!(check_answer(StatusCode::OK, ok).is_ok());
         let err = br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32010,"message":"x"}}"#;
         assert!(check_answer(StatusCode::OK, err).is_err());
@@ -344,7 +399,30 @@ mod tests {
 
 /// Sends one call and reports whether it succeeded (a sanity check before measuring).
 pub async fn probe(target: &Target) -> Result<(), String> {
-    Client::new(target, 0).call().await
+    Client::new(target, 0).call().await.map(|_| ())
+}
+
+/// One admin API call (`Authorization: Bearer admin_token`, JSON body): status and body.
+pub async fn admin(
+    addr: SocketAddr,
+    method: Method,
+    path_and_query: &str,
+    admin_token: &str,
+    body: &str,
+) -> Result<(StatusCode, Bytes), String> {
+    let mut conn = connect(addr).await?;
+    let req = Request::builder()
+        .method(method)
+        .uri(path_and_query)
+        .header(HOST, addr.to_string())
+        .header(CONTENT_TYPE, "application/json")
+        .header(AUTHORIZATION, format!("Bearer {admin_token}"))
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .map_err(|e| e.to_string())?;
+    let resp = conn.sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, body))
 }
 
 /// Polls `GET /healthz` until it answers 200 (the gateway's revocation set is synced).

@@ -4,7 +4,7 @@
 //! cargo run --release -p intentgate-bench -- load     # gateway vs bare proxy, same run
 //! cargo run --release -p intentgate-bench -- micro    # per-stage costs
 //! cargo run --release -p intentgate-bench -- scale    # throughput vs worker threads and tenants
-//! cargo run --release -p intentgate-bench -- swap     # hot swap under load (TODO: bundles)
+//! cargo run --release -p intentgate-bench -- swap     # hot swap of a tenant's policy under load
 //! ```
 //!
 //! Every server under test runs in its own child process (this binary re-executed with a
@@ -50,8 +50,9 @@ enum Cmd {
     /// Per-stage micro-benchmarks: token verify, revocation lookup, audit append.
     #[cfg(feature = "gateway")]
     Micro(MicroOpts),
-    /// Hot swap of a tenant's bundle under load (not measurable yet).
-    Swap,
+    /// Hot swap of a tenant's policy bundle under load: promote two drafts alternately.
+    #[cfg(feature = "gateway")]
+    Swap(SwapOpts),
     /// (internal) the fast MCP upstream, in a child process.
     #[command(hide = true)]
     ServeUpstream(ServeSimple),
@@ -155,6 +156,22 @@ struct ScaleOpts {
 
 #[cfg(feature = "gateway")]
 #[derive(Args, Clone)]
+struct SwapOpts {
+    #[command(flatten)]
+    common: Common,
+    /// Promote the other draft this often during the window.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    every: Duration,
+    /// tokio worker threads of the gateway.
+    #[arg(long, default_value_t = 2)]
+    server_threads: usize,
+    /// Store of the gateway: sqlite or postgres.
+    #[arg(long, default_value = "sqlite")]
+    store: String,
+}
+
+#[cfg(feature = "gateway")]
+#[derive(Args, Clone)]
 struct MicroOpts {
     /// Which: fsync, verify, revocation, plugin, audit (default: all).
     #[arg(value_delimiter = ',', default_value = "fsync,verify,revocation,plugin,audit")]
@@ -191,7 +208,8 @@ fn main() -> ExitCode {
         Cmd::Scale(o) => scale(o),
         #[cfg(feature = "gateway")]
         Cmd::Micro(o) => micro_main(o),
-        Cmd::Swap => swap(),
+        #[cfg(feature = "gateway")]
+        Cmd::Swap(o) => swap(o),
         Cmd::ServeUpstream(o) => serve_simple(o, false),
         Cmd::ServeBare(o) => serve_simple(o, true),
         #[cfg(feature = "gateway")]
@@ -237,16 +255,6 @@ fn serve_simple(o: ServeSimple, bare: bool) -> Result<(), String> {
     })
 }
 
-fn swap() -> Result<(), String> {
-    println!("hot swap under load: NOT MEASURED.");
-    println!("TODO(bundles): when per-tenant bundles and promotion land, this command will run the");
-    println!("closed-loop load against the gateway, promote a new bundle for the tenant every second");
-    println!("through the admin API, and report throughput and p99/p99.9 per second around each swap,");
-    println!("plus errors (there must be none) and the time from promote to first call decided by the");
-    println!("new bundle digest (read from the audit events' bundle_digest).");
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Systems under test
 
@@ -264,6 +272,9 @@ struct System {
     gateway: bool,
     /// Bearer tokens for this system (empty: the rig's shared ones, for equal request sizes).
     tokens: Vec<String>,
+    /// The gateway's superadmin token.
+    #[cfg_attr(not(feature = "gateway"), allow(dead_code))]
+    admin_token: String,
 }
 
 /// Children and temporary state of one benchmark run; dropped in reverse order.
@@ -325,6 +336,7 @@ impl Rig {
                     with_postgres: false,
                     gateway: false,
                     tokens: Vec::new(),
+                    admin_token: String::new(),
                 });
             }
             "bare" => {
@@ -348,6 +360,7 @@ impl Rig {
                     with_postgres: false,
                     gateway: false,
                     tokens: Vec::new(),
+                    admin_token: String::new(),
                 });
                 self.servers.push(s);
             }
@@ -370,6 +383,7 @@ impl Rig {
             .tempdir_in(root)
             .map_err(|e| format!("tempdir in {}: {e}", root.display()))?;
         let key = gateway::new_master_key()?;
+        let admin_token = format!("bench-admin-{}", gateway::new_master_key()?.chars().filter(char::is_ascii_alphanumeric).take(24).collect::<String>());
         let mut args: Vec<String> = vec![
             "serve-gateway".into(),
             "--worker-threads".into(),
@@ -381,7 +395,7 @@ impl Rig {
             "--master-key".into(),
             key.clone(),
             "--admin-token".into(),
-            format!("bench-admin-{}", key.chars().filter(char::is_ascii_alphanumeric).take(24).collect::<String>()),
+            admin_token.clone(),
             "--upstream-url".into(),
             self.upstream_url(),
             "--policy-file".into(),
@@ -414,6 +428,7 @@ impl Rig {
             with_postgres: store == "postgres",
             gateway: true,
             tokens,
+            admin_token,
         });
         self.servers.push(s);
         self._dirs.push(dir);
@@ -505,6 +520,7 @@ fn measure(rt: &tokio::runtime::Runtime, rig: &Rig, i: usize, common: &Common, m
         warmup: common.warmup,
         duration: common.duration,
         mode,
+        record: false,
     };
     let sys = &rig.systems[i];
     let (tx, rx) = std::sync::mpsc::channel();
@@ -832,6 +848,198 @@ fn micro_main(o: MicroOpts) -> Result<(), String> {
             "plugin" => micro::plugin(o.reps, &o.policy)?,
             other => return Err(format!("unknown micro-benchmark {other:?}")),
         }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// swap
+
+#[cfg(feature = "gateway")]
+struct Promotion {
+    sent: Duration,
+    answered: Duration,
+    digest: u64,
+    ok: bool,
+}
+
+#[cfg(feature = "gateway")]
+fn swap(o: SwapOpts) -> Result<(), String> {
+    use hyper::Method;
+    let common = &o.common;
+    let mut rig = Rig::new(common)?;
+    rig.add(&o.store, o.server_threads, 1, common)?;
+    let rt = runtime(common.client_threads)?;
+    check_systems(&rt, &rig)?;
+    let sys = &rig.systems[0];
+    let (addr, admin) = (sys.addr, sys.admin_token.clone());
+    let tenant = "bench-0";
+
+    // Two drafts that both allow the bench call and differ only in a comment, so each has its
+    // own digest and the gateway's answers say which one decided.
+    let source = std::fs::read_to_string(&common.policy).map_err(|e| format!("{}: {e}", common.policy.display()))?;
+    let mut drafts = Vec::new();
+    for (name, extra) in [("swap-a", "\n# bench variant a\n"), ("swap-b", "\n# bench variant b\n")] {
+        let body = serde_json::json!({"rego_source": format!("{source}{extra}"), "name": name}).to_string();
+        let (status, reply) = rt.block_on(loadgen::admin(addr, Method::POST, &format!("/v1/admin/policies/drafts?tenant={tenant}"), &admin, &body))?;
+        let v: serde_json::Value = serde_json::from_slice(&reply).map_err(|e| e.to_string())?;
+        let id = v.get("id").and_then(|i| i.as_str()).ok_or_else(|| format!("draft {name}: HTTP {status}: {}", String::from_utf8_lossy(&reply)))?;
+        drafts.push(id.to_owned());
+    }
+    let promote = |id: &str| {
+        let body = serde_json::json!({"draft_id": id}).to_string();
+        let path = format!("/v1/admin/policies/active?tenant={tenant}");
+        let admin = admin.clone();
+        async move { loadgen::admin(addr, Method::POST, &path, &admin, &body).await }
+    };
+    let (status, reply) = rt.block_on(promote(&drafts[0]))?;
+    if !status.is_success() {
+        return Err(format!("promote: HTTP {status}: {}", String::from_utf8_lossy(&reply)));
+    }
+
+    println!("# intentgate-bench swap\n");
+    print_machine(common, &format!(", gateway store {}, server threads {}, promote every {:?}", o.store, o.server_threads, o.every));
+    let spec = Spec {
+        target: rig.target(0),
+        connections: common.concurrency,
+        warmup: common.warmup,
+        duration: common.duration,
+        mode: Mode::Closed,
+        record: true,
+    };
+    // Baseline: the same load, no promotion.
+    let base = rt.block_on(loadgen::run(&spec));
+    // With promotions every `every`, alternating between the two drafts, from the start of the
+    // window to its end.
+    let every = o.every;
+    let window = common.duration;
+    let warmup = common.warmup;
+    let ids = drafts.clone();
+    let digests: Vec<u64> = ids.iter().map(|d| loadgen::digest_prefix(d)).collect();
+    let (run, promotions) = rt.block_on(async {
+        let t0 = Instant::now() + warmup;
+        let ids = ids.clone();
+        let digests = digests.clone();
+        let promote = &promote;
+        let swapper = async move {
+            let mut out = Vec::new();
+            let mut k: u32 = 1;
+            loop {
+                let at = t0 + every * k;
+                if at >= t0 + window {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                let i = (k % 2) as usize;
+                let sent = Instant::now();
+                let r = promote(&ids[i]).await;
+                out.push(Promotion {
+                    sent: sent - t0,
+                    answered: Instant::now() - t0,
+                    digest: digests[i],
+                    ok: matches!(r, Ok((s, _)) if s.is_success()),
+                });
+                k += 1;
+            }
+            out
+        };
+        tokio::join!(loadgen::run(&spec), swapper)
+    });
+
+    println!("\n| run | calls/s | p50 | p99 | p99.9 | max | errors |\n|---|---:|---:|---:|---:|---:|---:|");
+    for (label, r) in [("no promotion", &base), ("promotion every interval", &run)] {
+        println!(
+            "| {label} | {:.0} | {} | {} | {} | {} | {} |",
+            r.throughput(),
+            fmt_ns(r.latency.p50),
+            fmt_ns(r.latency.p99),
+            fmt_ns(r.latency.p999),
+            fmt_ns(r.latency.max),
+            r.errors
+        );
+        for e in &r.error_examples {
+            println!("|   error example: {} |", e.replace('|', "/"));
+        }
+    }
+    // Per promotion: how long the admin call took, when the first call decided by the new
+    // bundle completed, and until when calls decided by the old one kept completing.
+    println!("\n| promotion at | admin call | first call on new bundle (from promote sent) | last call on old bundle (after promote answered) |\n|---:|---:|---:|---:|");
+    let mut admin_lat = Vec::new();
+    let mut first_new = Vec::new();
+    let mut last_old = Vec::new();
+    let ms = |d: f64| format!("{:.2}ms", d * 1e3);
+    for (i, p) in promotions.iter().enumerate() {
+        let old = if i == 0 { digests[0] } else { promotions[i - 1].digest };
+        let next_sent = promotions.get(i + 1).map_or(Duration::MAX, |n| n.sent);
+        let fnew = run
+            .calls
+            .iter()
+            .find(|c| c.ok && c.digest == p.digest && c.done >= p.sent && c.done < next_sent)
+            .map(|c| c.done.as_secs_f64() - p.sent.as_secs_f64());
+        let lold = run
+            .calls
+            .iter()
+            .filter(|c| c.ok && c.digest == old && c.done >= p.answered && c.done < next_sent)
+            .map(|c| c.done.as_secs_f64() - p.answered.as_secs_f64())
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        let adm = p.answered.as_secs_f64() - p.sent.as_secs_f64();
+        admin_lat.push(adm);
+        if let Some(f) = fnew {
+            first_new.push(f);
+        }
+        last_old.push(lold.unwrap_or(0.0));
+        println!(
+            "| {:.2}s | {}{} | {} | {} |",
+            p.sent.as_secs_f64(),
+            ms(adm),
+            if p.ok { "" } else { " (FAILED)" },
+            fnew.map_or("none".into(), ms),
+            lold.map_or("none".into(), ms),
+        );
+    }
+    let maxf = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
+    println!(
+        "\npromotions: {} ({} failed); admin call median {} max {}; first call on the new bundle median {} max {}; old bundle drained within {} of the answer (max)",
+        promotions.len(),
+        promotions.iter().filter(|p| !p.ok).count(),
+        ms(median(&admin_lat)),
+        ms(maxf(&admin_lat)),
+        ms(median(&first_new)),
+        ms(maxf(&first_new)),
+        ms(maxf(&last_old)),
+    );
+    // Throughput and tail per 100 ms, without and with promotions: a promotion should not
+    // show; a stall in both columns is the gateway's (or the machine's), not the swap's.
+    println!("\n| 100 ms bin | calls, no promotion | p99 | calls, with promotions | p99 | errors | promotion sent in bin |\n|---:|---:|---:|---:|---:|---:|---|");
+    let bins = (window.as_millis() / 100) as usize;
+    let bin = |calls: &[loadgen::CallRecord], lo: Duration, hi: Duration| {
+        let mut lat = stats::Samples::default();
+        let mut errs = 0;
+        for c in calls.iter().filter(|c| c.done >= lo && c.done < hi) {
+            if c.ok {
+                lat.push(c.latency);
+            } else {
+                errs += 1;
+            }
+        }
+        (lat.summary(), errs)
+    };
+    for b in 0..bins {
+        let lo = Duration::from_millis(b as u64 * 100);
+        let hi = lo + Duration::from_millis(100);
+        let (s0, _) = bin(&base.calls, lo, hi);
+        let (s1, e1) = bin(&run.calls, lo, hi);
+        let promo = promotions.iter().any(|p| p.sent >= lo && p.sent < hi);
+        println!(
+            "| {:.1}s | {} | {} | {} | {} | {} | {} |",
+            lo.as_secs_f64(),
+            s0.count,
+            fmt_ns(s0.p99),
+            s1.count,
+            fmt_ns(s1.p99),
+            e1,
+            if promo { "yes" } else { "" }
+        );
     }
     Ok(())
 }
