@@ -21,6 +21,7 @@ mod loadgen;
 mod micro;
 #[cfg_attr(not(feature = "gateway"), allow(dead_code))]
 mod pg;
+mod stages;
 mod stats;
 mod upstream;
 
@@ -53,6 +54,14 @@ enum Cmd {
     /// Hot swap of a tenant's policy bundle under load: promote two drafts alternately.
     #[cfg(feature = "gateway")]
     Swap(SwapOpts),
+    /// Where the gateway's CPU goes by pipeline stage, from a `load --perf` profile.
+    Stages {
+        /// A `perf.data` file.
+        file: PathBuf,
+        /// The run's server CPU µs per call, to turn shares into µs.
+        #[arg(long)]
+        us_per_call: Option<f64>,
+    },
     /// (internal) the fast MCP upstream, in a child process.
     #[command(hide = true)]
     ServeUpstream(ServeSimple),
@@ -210,6 +219,7 @@ fn main() -> ExitCode {
         Cmd::Micro(o) => micro_main(o),
         #[cfg(feature = "gateway")]
         Cmd::Swap(o) => swap(o),
+        Cmd::Stages { file, us_per_call } => stages::report(&file, us_per_call),
         Cmd::ServeUpstream(o) => serve_simple(o, false),
         Cmd::ServeBare(o) => serve_simple(o, true),
         #[cfg(feature = "gateway")]
