@@ -91,6 +91,13 @@ pub struct ServeArgs {
     /// Start a built-in demo MCP tool server as the upstream when none is configured.
     #[arg(long)]
     pub demo: bool,
+    /// Development mode: the `.rego` and `.wasm` files of DIR become the watched tenants'
+    /// bundle, reloaded on save. Not persisted, not for production.
+    #[arg(long = "watch", env = "INTENTGATE_WATCH_DIR", value_name = "DIR")]
+    pub watch_dir: Option<PathBuf>,
+    /// Tenants that `--watch` applies to (comma-separated).
+    #[arg(long, env = "INTENTGATE_WATCH_TENANTS", default_value = "default")]
+    pub watch_tenants: String,
 }
 
 /// Where state lives.
@@ -132,6 +139,8 @@ pub struct Config {
     /// `(file name, Rego source)` of the policy file and of its test file, when given.
     pub policy: Option<PolicySource>,
     pub demo: bool,
+    /// `--watch DIR` and the tenants it applies to.
+    pub watch: Option<(PathBuf, Vec<String>)>,
 }
 
 /// A Rego policy (and its tests) for the default bundle.
@@ -213,6 +222,7 @@ impl std::fmt::Debug for Config {
             .field("clock_leeway_secs", &self.clock_leeway_secs)
             .field("revocation_max_staleness", &self.revocation_max_staleness)
             .field("arg_values", &self.arg_values)
+            .field("watch", &self.watch)
             .field(
                 "policy",
                 &self
@@ -352,6 +362,31 @@ impl ServeArgs {
             1,
             3600,
         )?;
+        let watch = match &self.watch_dir {
+            None => None,
+            Some(dir) => {
+                if !dir.is_dir() {
+                    return Err(invalid(
+                        "INTENTGATE_WATCH_DIR",
+                        format!("{} is not a directory", dir.display()),
+                    ));
+                }
+                let tenants: Vec<String> = self
+                    .watch_tenants
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if tenants.is_empty() || !tenants.iter().all(|t| valid_tenant_name(t)) {
+                    return Err(invalid(
+                        "INTENTGATE_WATCH_TENANTS",
+                        "a comma-separated list of tenant names (1-64 of A-Z a-z 0-9 . _ -)",
+                    ));
+                }
+                Some((dir.clone(), tenants))
+            }
+        };
         if self.demo && upstream_url.is_some() {
             return Err(invalid(
                 "--demo",
@@ -381,6 +416,7 @@ impl ServeArgs {
                 (None, false) => None,
             },
             demo: self.demo,
+            watch,
         })
     }
 }
@@ -449,23 +485,56 @@ mod tests {
     }
 
     #[test]
+    fn watch_needs_a_folder_and_valid_tenants() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().to_str().expect("utf-8");
+        let c = parse(&["--watch", d, "--watch-tenants", " acme, globex ,"]).expect("valid");
+        assert_eq!(
+            c.watch,
+            Some((
+                dir.path().to_path_buf(),
+                vec!["acme".into(), "globex".into()]
+            ))
+        );
+        assert_eq!(
+            parse(&["--watch", d]).expect("valid").watch.map(|w| w.1),
+            Some(vec!["default".into()])
+        );
+        let missing = dir.path().join("missing");
+        let e = parse(&["--watch", missing.to_str().expect("utf-8")])
+            .expect_err("must be refused")
+            .to_string();
+        assert!(
+            e.starts_with("INTENTGATE_WATCH_DIR") && e.contains("not a directory"),
+            "{e}"
+        );
+        let e = parse(&["--watch", d, "--watch-tenants", "a b"])
+            .expect_err("must be refused")
+            .to_string();
+        assert!(e.starts_with("INTENTGATE_WATCH_TENANTS"), "{e}");
+        assert!(parse(&[]).expect("defaults").watch.is_none());
+    }
+
+    #[test]
     fn bad_settings_are_named() {
-        let e = parse(&["--addr", "nope"]).unwrap_err().to_string();
+        let e = parse(&["--addr", "nope"])
+            .expect_err("must be refused")
+            .to_string();
         assert!(e.starts_with("INTENTGATE_ADDR"), "{e}");
         let e = parse(&["--upstream-url", "ftp://x/mcp"])
-            .unwrap_err()
+            .expect_err("must be refused")
             .to_string();
         assert!(e.starts_with("INTENTGATE_UPSTREAM_URL"), "{e}");
         let e = parse(&["--tenant-admins", "acme:tiny-secret"])
-            .unwrap_err()
+            .expect_err("must be refused")
             .to_string();
         assert!(e.contains("acme") && !e.contains("tiny-secret"), "{e}");
         let e = parse(&["--upstream-timeout-ms", "0"])
-            .unwrap_err()
+            .expect_err("must be refused")
             .to_string();
         assert!(e.starts_with("INTENTGATE_UPSTREAM_TIMEOUT_MS"), "{e}");
         let e = parse(&["--postgres-url", "mysql://x"])
-            .unwrap_err()
+            .expect_err("must be refused")
             .to_string();
         assert!(e.starts_with("INTENTGATE_POSTGRES_URL"), "{e}");
     }

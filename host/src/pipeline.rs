@@ -23,6 +23,9 @@ use crate::plugins::{
 use crate::store::{ChargeOutcome, Store};
 
 /// Proof that a tool call was decided `allow` and its audit event is durable.
+// The private field (not `#[non_exhaustive]`, which binds only other crates) keeps every module
+// of this crate but this one from making a Permit.
+#[allow(clippy::manual_non_exhaustive)]
 #[derive(Debug)]
 pub struct Permit {
     /// The id of the decision's audit event.

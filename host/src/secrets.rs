@@ -188,7 +188,7 @@ mod tests {
         load_or_create(dir.path(), None, None).expect("create");
         let path = dir.path().join(FILE_NAME);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
-        let err = load_or_create(dir.path(), None, None).unwrap_err();
+        let err = load_or_create(dir.path(), None, None).expect_err("must be refused");
         assert!(matches!(err, SecretsError::Permissions { .. }), "{err}");
     }
 }

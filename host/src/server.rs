@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 
 use crate::admin::AdminAuth;
 use crate::audit::{AuditConfig, AuditLog, LogKey};
+use crate::bundles::persist::{Follower, Persist};
 use crate::bundles::{BundleSpec, Registry};
 use crate::capability::{CapabilityError, Grant, MasterKey, RevocationSet, Verifier};
 use crate::config::{Config, StoreChoice};
@@ -31,6 +32,9 @@ use crate::pipeline::Pipeline;
 use crate::secrets;
 use crate::store::{self, Store, StoreConfig};
 use crate::upstream::Upstream;
+
+/// How often a replica polls the stored bundle pointers (PostgreSQL also wakes it at once).
+const BUNDLE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,8 @@ pub struct Gateway {
     /// Where generated secrets live, when they were generated.
     pub secrets_file: Option<std::path::PathBuf>,
     background: Vec<tokio::task::JoinHandle<()>>,
+    /// `--watch DIR`: dropping it stops watching.
+    _watch: Option<crate::bundles::watch::WatchHandle>,
 }
 
 impl Drop for Gateway {
@@ -122,6 +128,31 @@ impl Gateway {
                 .await
                 .map_err(|e| StartError::Plugins(e.to_string()))?
                 .map_err(|e| StartError::Plugins(e.to_string()))?;
+        // Bundles promoted through the admin API are stored; this replica starts on the stored
+        // pointers (before it accepts a call) and follows them: PostgreSQL wakes it through
+        // LISTEN/NOTIFY, both backends poll.
+        registry.attach_store(Persist::new(store.db()));
+        let mut follower = Follower::new(registry.clone(), Persist::new(store.db()));
+        follower
+            .load_all()
+            .await
+            .map_err(|e| StartError::Plugins(format!("loading the stored bundles: {e}")))?;
+        background.push(tokio::spawn(
+            follower.run(BUNDLE_SYNC_INTERVAL, std::future::pending()),
+        ));
+        let watch = match config.watch.clone() {
+            None => None,
+            Some((dir, tenants)) => {
+                let registry = registry.clone();
+                let handle = tokio::task::spawn_blocking(move || {
+                    crate::bundles::watch::watch(registry, dir, tenants)
+                })
+                .await
+                .map_err(|e| StartError::Plugins(e.to_string()))?
+                .map_err(|e| StartError::Plugins(format!("--watch: {e}")))?;
+                Some(handle)
+            }
+        };
         let counters = registry
             .memory_counters()
             .ok_or_else(|| StartError::Plugins("registry without local counters".into()))?;
@@ -146,6 +177,7 @@ impl Gateway {
             secrets_file: secrets.file,
             config,
             background,
+            _watch: watch,
         }))
     }
 

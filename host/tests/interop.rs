@@ -551,7 +551,12 @@ async fn mcp_client_in_mode(backend: Backend, mode: &str, flavor: Flavor) {
         r[1]
     );
     assert_ok(&r[2], &format!("{ctx}: echo"));
-    assert_eq!(texts(&r[2]), [m.clone()], "{ctx}: echo result: {}", r[2]);
+    assert_eq!(
+        texts(&r[2]),
+        std::slice::from_ref(&m),
+        "{ctx}: echo result: {}",
+        r[2]
+    );
     assert_code(
         &r[3],
         CAPABILITY,
@@ -675,7 +680,12 @@ async fn sdk_calls_and_attenuation(backend: Backend) {
         );
     }
     assert_ok(&r[1], "sdk: echo");
-    assert_eq!(texts(&r[1]), [m.clone()], "sdk: echo: {}", r[1]);
+    assert_eq!(
+        texts(&r[1]),
+        std::slice::from_ref(&m),
+        "sdk: echo: {}",
+        r[1]
+    );
     assert_code(&r[2], CAPABILITY, "sdk: delete_records is out of scope");
     assert_eq!(
         r[2]["exception"], "CapabilityError",

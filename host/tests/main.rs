@@ -2,6 +2,7 @@
 //! Each concept has its own module; `support` holds shared helpers.
 
 mod audit;
+mod bundle_sync;
 mod bundles;
 mod capability;
 mod gateway;

@@ -10,7 +10,7 @@
 //! | `POST /v1/admin/bundles` | `{name, spec}` → a validated draft (201), its digest is its id |
 //! | `GET/DELETE /v1/admin/bundles/{digest}` | one draft |
 //! | `POST /v1/admin/bundles/{digest}/promote`, `POST /v1/admin/bundles/rollback` | swap |
-//! | `POST /v1/admin/bundles/{digest}/dry-run` | `{calls: [RecordedCall]}` → counts + transition matrix |
+//! | `POST /v1/admin/bundles/{digest}/dry-run` | `{calls: [RecordedCall], sample: "last-24h"}` → counts + transition matrix |
 //! | `GET /v1/admin/bundles/history` | promotions and rollbacks |
 //! | `/v1/admin/policies/{drafts,drafts/{id},active,rollback,dry-run}` | the IntentGate shapes, on the policy stage |
 //!
@@ -176,22 +176,45 @@ async fn store_delete(registry: &Registry, tenant: &str, digest: &str) -> Result
         .map_err(|e| error(503, e))
 }
 
-/// Store the tenant's pointer after a swap (replicas follow it) when a store is attached.
-async fn store_pointer(registry: &Registry, tenant: &str, actor: &str) -> Result<(), AdminReply> {
+/// Make a swap (`promote` or `rollback`) and store the tenant's new pointer, which the other
+/// replicas follow. Both happen under the registry's swap gate, so this replica's follower
+/// cannot interleave an older pointer. When the store refuses the pointer the swap is undone
+/// and the caller gets 503: a swap is either on every replica or on none.
+async fn swap_and_store(
+    registry: &Registry,
+    tenant: &str,
+    actor: &str,
+    swap: impl FnOnce(&Registry) -> Result<SwapOutcome, BundleError> + Send + 'static,
+) -> Result<SwapOutcome, AdminReply> {
+    let _gate = registry.swap_gate().lock().await;
+    let before = registry.status(tenant);
+    let r2 = registry.clone();
+    let outcome = blocking(move || swap(&r2)).await?.map_err(bundle_error)?;
     let Some(persist) = registry.persist() else {
-        return Ok(());
+        return Ok(outcome);
     };
-    let status = registry.status(tenant);
-    persist
-        .set_pointer(&status, actor)
-        .await
-        .map(|_| ())
-        .map_err(|e| {
-            error(
+    let stored = persist.set_pointer(&registry.status(tenant), actor).await;
+    if let Err(e) = stored {
+        let (r2, t) = (registry.clone(), tenant.to_string());
+        let undo =
+            blocking(move || r2.install(&t, &before.active, before.previous.as_deref())).await;
+        return Err(match undo {
+            Ok(Ok(_)) => error(
                 503,
-                format!("swapped on this replica but not stored for the others: {e}"),
-            )
-        })
+                format!(
+                    "not swapped: the store did not record it ({e}); the running bundle is unchanged"
+                ),
+            ),
+            Ok(Err(u)) => error(
+                500,
+                format!(
+                    "the store did not record the swap ({e}) and undoing it failed ({u}): this replica runs a bundle the others do not"
+                ),
+            ),
+            Err(join) => join,
+        });
+    }
+    Ok(outcome)
 }
 
 #[derive(Deserialize)]
@@ -255,9 +278,37 @@ struct DraftCreate {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DryRunBody {
     #[serde(default)]
     calls: Vec<RecordedCall>,
+    /// `last-24h` and the like: the tenant's recorded decisions of that window.
+    #[serde(default)]
+    sample: Option<String>,
+}
+
+/// Most per-call rows a dry-run lists (the counts and the matrix always cover every call).
+const MAX_LISTED: usize = 1000;
+
+/// The calls to replay: those given, plus the tenant's recorded ones when a sample is named.
+async fn replay_set(
+    registry: &Registry,
+    tenant: &str,
+    mut calls: Vec<RecordedCall>,
+    sample: Option<&str>,
+) -> Result<Vec<RecordedCall>, AdminReply> {
+    if let Some(name) = sample {
+        let window = super::sample::window_ms(name).map_err(|e| error(400, e))?;
+        let persist = registry
+            .persist()
+            .ok_or_else(|| error(400, "sample: this gateway has no audit store to read"))?;
+        let now = crate::audit::time::now_ms();
+        let recorded = super::sample::recorded_calls(persist.db(), tenant, window, now)
+            .await
+            .map_err(|e| error(503, e))?;
+        calls.extend(recorded);
+    }
+    Ok(calls)
 }
 
 async fn bundles(
@@ -313,11 +364,10 @@ async fn bundles(
             }
         }
         ("POST", ["rollback"]) => {
-            let r2 = registry.clone();
-            let outcome = blocking(move || r2.rollback(&tenant))
-                .await?
-                .map_err(bundle_error)?;
-            store_pointer(registry, call.tenant, call.actor).await?;
+            let outcome = swap_and_store(registry, call.tenant, call.actor, move |r| {
+                r.rollback(&tenant)
+            })
+            .await?;
             Ok(AdminReply {
                 status: 200,
                 body: json!(outcome),
@@ -325,11 +375,11 @@ async fn bundles(
             })
         }
         ("POST", [digest, "promote"]) => {
-            let (r2, digest) = (registry.clone(), digest.to_string());
-            let outcome = blocking(move || r2.promote(&tenant, &digest))
-                .await?
-                .map_err(bundle_error)?;
-            store_pointer(registry, call.tenant, call.actor).await?;
+            let digest = digest.to_string();
+            let outcome = swap_and_store(registry, call.tenant, call.actor, move |r| {
+                r.promote(&tenant, &digest)
+            })
+            .await?;
             Ok(AdminReply {
                 status: 200,
                 body: json!(outcome),
@@ -338,8 +388,9 @@ async fn bundles(
         }
         ("POST", [digest, "dry-run"]) => {
             let body: DryRunBody = parse(call.body)?;
+            let calls = replay_set(registry, &tenant, body.calls, body.sample.as_deref()).await?;
             let (r2, digest) = (registry.clone(), digest.to_string());
-            let report = blocking(move || r2.dry_run(&tenant, &digest, &body.calls))
+            let report = blocking(move || r2.dry_run(&tenant, &digest, &calls))
                 .await?
                 .map_err(bundle_error)?;
             Ok(reply(200, json!(report)))
@@ -455,11 +506,48 @@ struct PromoteRequest {
     draft_id: String,
 }
 
+/// A synthetic call in the shape of the Rego input: `{tool, args, agent_id, intent_prompt,
+/// usage}`; everything but `tool` may be left out. The tenant is the caller's.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyntheticInput {
+    tool: String,
+    #[serde(default)]
+    args: serde_json::Map<String, Value>,
+    #[serde(default)]
+    agent_id: String,
+    #[serde(default)]
+    intent_prompt: Option<String>,
+    #[serde(default)]
+    usage: crate::plugins::Usage,
+}
+
+impl SyntheticInput {
+    fn into_check_input(self, tenant: &str) -> CheckInput {
+        CheckInput {
+            tenant: tenant.to_string(),
+            token: crate::plugins::TokenInput {
+                subject: self.agent_id.clone(),
+                ..Default::default()
+            },
+            agent_id: self.agent_id,
+            tool: self.tool,
+            arguments: Value::Object(self.args).to_string(),
+            intent_prompt: self.intent_prompt,
+            usage: self.usage,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct PolicyDryRun {
     rego_source: String,
+    /// One synthetic call (IntentGate: exclusive with `sample`).
     #[serde(default)]
-    input: Option<CheckInput>,
+    input: Option<SyntheticInput>,
+    /// `last-24h` and the like: the tenant's recorded decisions of that window.
+    #[serde(default)]
+    sample: Option<String>,
     #[serde(default)]
     calls: Vec<RecordedCall>,
 }
@@ -515,11 +603,11 @@ async fn policies(
         ("GET", ["active"]) => Ok(reply(200, active_json(registry, &tenant))),
         ("POST", ["active"]) => {
             let body: PromoteRequest = parse(call.body)?;
-            let (registry2, t) = (registry.clone(), tenant.clone());
-            let outcome = blocking(move || registry2.promote(&t, &body.draft_id))
-                .await?
-                .map_err(bundle_error)?;
-            store_pointer(registry, call.tenant, call.actor).await?;
+            let t = tenant.clone();
+            let outcome = swap_and_store(registry, call.tenant, call.actor, move |r| {
+                r.promote(&t, &body.draft_id)
+            })
+            .await?;
             Ok(AdminReply {
                 status: 200,
                 body: active_json(registry, &tenant),
@@ -528,11 +616,11 @@ async fn policies(
         }
         ("DELETE", ["active"]) => {
             // Back to the default bundle: deny by default (fail closed).
-            let (registry2, t) = (registry.clone(), tenant.clone());
-            let outcome = blocking(move || registry2.promote(&t, "default"))
-                .await?
-                .map_err(bundle_error)?;
-            store_pointer(registry, call.tenant, call.actor).await?;
+            let t = tenant.clone();
+            let outcome = swap_and_store(registry, call.tenant, call.actor, move |r| {
+                r.promote(&t, "default")
+            })
+            .await?;
             Ok(AdminReply {
                 status: 204,
                 body: Value::Null,
@@ -540,11 +628,9 @@ async fn policies(
             })
         }
         ("POST", ["rollback"]) => {
-            let (registry2, t) = (registry.clone(), tenant.clone());
-            let outcome = blocking(move || registry2.rollback(&t))
-                .await?
-                .map_err(bundle_error)?;
-            store_pointer(registry, call.tenant, call.actor).await?;
+            let t = tenant.clone();
+            let outcome =
+                swap_and_store(registry, call.tenant, call.actor, move |r| r.rollback(&t)).await?;
             Ok(AdminReply {
                 status: 200,
                 body: active_json(registry, &tenant),
@@ -553,10 +639,20 @@ async fn policies(
         }
         ("POST", ["dry-run"]) => {
             let body: PolicyDryRun = parse(call.body)?;
-            let mut calls = body.calls;
+            if body.input.is_some() && body.sample.is_some() {
+                return Err(error(400, "give either input or sample, not both"));
+            }
+            if body.input.is_none() && body.sample.is_none() && body.calls.is_empty() {
+                return Err(error(
+                    400,
+                    "nothing to replay: give input (one call) or sample (e.g. \"last-24h\")",
+                ));
+            }
+            let mut calls =
+                replay_set(registry, &tenant, body.calls, body.sample.as_deref()).await?;
             if let Some(input) = body.input {
                 calls.push(RecordedCall {
-                    input,
+                    input: input.into_check_input(&tenant),
                     decision: VerdictKind::Block,
                     id: Some("input".into()),
                 });
@@ -574,13 +670,33 @@ async fn policies(
             .await?
             .map_err(|e| error(400, e))?;
             let (report, calls) = report;
-            let decisions: Vec<Value> = calls
+            // Every call when few; otherwise the ones whose decision changes come first.
+            let mut order: Vec<usize> = (0..calls.len()).collect();
+            if calls.len() > MAX_LISTED {
+                order.sort_by_key(|&i| report.candidates.get(i) == Some(&calls[i].decision));
+                order.truncate(MAX_LISTED);
+                order.sort_unstable();
+            }
+            let decisions: Vec<Value> = order
                 .iter()
-                .map(|c| json!({"input": c.input, "actual_decision": c.decision}))
+                .map(|&i| {
+                    let c = &calls[i];
+                    let synthetic = c.id.as_deref() == Some("input");
+                    json!({
+                        "id": c.id,
+                        "input": c.input,
+                        "candidate_decision": report.candidates.get(i),
+                        "actual_decision": (!synthetic).then_some(c.decision),
+                    })
+                })
                 .collect();
             let mut body = json!(report);
             if let Some(obj) = body.as_object_mut() {
                 obj.insert("decisions".into(), json!(decisions));
+                obj.insert(
+                    "decisions_truncated".into(),
+                    json!(calls.len() > decisions.len()),
+                );
             }
             Ok(reply(200, body))
         }

@@ -19,11 +19,13 @@
 //! | `registry` | [`Registry`]: components, drafts, promote/rollback/install, dry-run |
 //! | [`admin`] | the `/v1/admin/{plugins,bundles,policies}` handlers |
 //! | [`persist`] | the store tables, and [`persist::Follower`] (replicas follow promotions) |
+//! | [`sample`] | recorded calls for a dry-run, read back from the audit chain |
 //! | [`watch`] | `serve --watch DIR` development mode |
 
 pub mod admin;
 pub mod persist;
 mod registry;
+pub mod sample;
 mod snapshot;
 mod spec;
 pub mod watch;

@@ -98,6 +98,11 @@ impl Persist {
         Self { db }
     }
 
+    /// The pool (the dry-run reads recorded calls from the audit tables through it).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
     /// Store an uploaded component (idempotent).
     pub async fn save_component(
         &self,
@@ -223,6 +228,20 @@ impl Persist {
             .collect())
     }
 
+    /// One tenant's pointer, if it has one.
+    pub async fn pointer(&self, tenant: &str) -> Result<Option<Pointer>, PersistError> {
+        let sql = "SELECT tenant, active_digest, previous_digest, seq FROM bundle_pointers WHERE tenant = $1";
+        let row: Option<(String, String, Option<String>, i64)> = on_db!(&self.db, pool => {
+            sqlx::query_as(sql).bind(tenant).fetch_optional(pool).await?
+        });
+        Ok(row.map(|(tenant, active, previous, seq)| Pointer {
+            tenant,
+            active,
+            previous,
+            seq,
+        }))
+    }
+
     /// A stored bundle: its name and spec.
     pub async fn bundle(
         &self,
@@ -303,11 +322,28 @@ impl Follower {
     /// pointer that fails to load is logged, left for the next poll, and the running bundle
     /// stays.
     pub async fn poll(&mut self) -> Result<Vec<String>, PersistError> {
+        self.sync(false).await
+    }
+
+    /// Start-up: apply every stored pointer, or fail. A replica must not serve a tenant on the
+    /// default bundle because the tenant's own bundle failed to load.
+    pub async fn load_all(&mut self) -> Result<Vec<String>, PersistError> {
+        self.sync(true).await
+    }
+
+    async fn sync(&mut self, strict: bool) -> Result<Vec<String>, PersistError> {
         let mut changed = Vec::new();
-        for pointer in self.persist.pointers().await? {
-            if self.seen.get(&pointer.tenant) == Some(&pointer.seq) {
+        for listed in self.persist.pointers().await? {
+            if self.seen.get(&listed.tenant) == Some(&listed.seq) {
                 continue;
             }
+            // Read the pointer again under the gate: a swap made on this replica meanwhile has
+            // stored a newer one, and applying the listed one would undo it.
+            let registry = self.registry.clone();
+            let _gate = registry.swap_gate().lock().await;
+            let Some(pointer) = self.persist.pointer(&listed.tenant).await? else {
+                continue;
+            };
             match self.install(&pointer).await {
                 Ok(swapped) => {
                     self.seen.insert(pointer.tenant.clone(), pointer.seq);
@@ -315,6 +351,7 @@ impl Follower {
                         changed.push(pointer.tenant.clone());
                     }
                 }
+                Err(e) if strict => return Err(e),
                 Err(e) => {
                     tracing::warn!(tenant = %pointer.tenant, "bundle sync: cannot load {}: {e}", pointer.active)
                 }

@@ -168,6 +168,9 @@ pub struct DryRunReport {
     pub transitions: BTreeMap<String, usize>,
     /// Up to 50 calls whose decision changes.
     pub divergent: Vec<DryRunRow>,
+    /// The candidate's decision for each call, in the order given (for the per-call listing).
+    #[serde(skip)]
+    pub candidates: Vec<VerdictKind>,
 }
 
 struct TenantSlot {
@@ -189,6 +192,9 @@ struct Inner {
     tenants: ArcSwap<HashMap<String, Arc<TenantSlot>>>,
     history: Mutex<Vec<SwapOutcome>>,
     persist: std::sync::OnceLock<super::persist::Persist>,
+    /// Held while a swap is made and stored, and while a follower applies a stored pointer, so
+    /// a follower can never apply a pointer older than a swap this replica just made.
+    gate: tokio::sync::Mutex<()>,
 }
 
 /// The bundle registry. Cheap to clone (one `Arc`).
@@ -285,6 +291,7 @@ impl Registry {
                 tenants: ArcSwap::from_pointee(HashMap::new()),
                 history: Mutex::new(Vec::new()),
                 persist: std::sync::OnceLock::new(),
+                gate: tokio::sync::Mutex::new(()),
             }),
         };
         for (name, wasm) in builtin_components() {
@@ -311,6 +318,12 @@ impl Registry {
     /// The attached store, if any.
     pub fn persist(&self) -> Option<&super::persist::Persist> {
         self.inner.persist.get()
+    }
+
+    /// The lock that orders swaps made here (and stored) with pointers applied from the store.
+    /// Hold it across "swap, then store the pointer" and across "read the pointer, then apply".
+    pub fn swap_gate(&self) -> &tokio::sync::Mutex<()> {
+        &self.inner.gate
     }
 
     /// The runtime.
@@ -663,6 +676,7 @@ impl Registry {
                 Ok((verdict, _)) => (verdict.kind, verdict.reason),
                 Err(e) => (VerdictKind::Block, e.to_string()),
             };
+            report.candidates.push(kind);
             match kind {
                 VerdictKind::Allow => report.would_allow += 1,
                 VerdictKind::Block => report.would_block += 1,

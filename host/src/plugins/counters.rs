@@ -68,6 +68,40 @@ impl Counters for MemoryCounters {
     }
 }
 
+/// Counters read from the store (shared by every replica). The host import is synchronous, so
+/// on a multi-threaded tokio runtime the read runs under `block_in_place`; elsewhere (no
+/// runtime, current-thread runtime) it reads 0, which is safe: the pipeline's conditional
+/// `Store::charge` is what enforces the limit, the plugin's read only words the verdict early.
+/// A database error reads as exhausted (the budget check then blocks: fail closed).
+pub struct StoreCounters {
+    store: std::sync::Arc<dyn crate::store::Store>,
+}
+
+impl StoreCounters {
+    /// Over this store.
+    pub fn new(store: std::sync::Arc<dyn crate::store::Store>) -> Self {
+        Self { store }
+    }
+}
+
+impl Counters for StoreCounters {
+    fn get(&self, key: &str, window_start: u64) -> u64 {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let Ok(handle) = Handle::try_current() else {
+            return 0;
+        };
+        if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
+            return 0;
+        }
+        let window = i64::try_from(window_start).unwrap_or(i64::MAX);
+        let read = tokio::task::block_in_place(|| handle.block_on(self.store.counter(key, window)));
+        match read {
+            Ok(value) => u64::try_from(value).unwrap_or(0),
+            Err(_) => u64::MAX,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,39 +137,5 @@ mod tests {
         assert!(c.charge_all(&[charge("a", 60, 1)]).is_ok());
         assert_eq!(c.get("a", 0), 0);
         assert_eq!(c.get("a", 60), 1);
-    }
-}
-
-/// Counters read from the store (shared by every replica). The host import is synchronous, so
-/// on a multi-threaded tokio runtime the read runs under `block_in_place`; elsewhere (no
-/// runtime, current-thread runtime) it reads 0, which is safe: the pipeline's conditional
-/// `Store::charge` is what enforces the limit, the plugin's read only words the verdict early.
-/// A database error reads as exhausted (the budget check then blocks: fail closed).
-pub struct StoreCounters {
-    store: std::sync::Arc<dyn crate::store::Store>,
-}
-
-impl StoreCounters {
-    /// Over this store.
-    pub fn new(store: std::sync::Arc<dyn crate::store::Store>) -> Self {
-        Self { store }
-    }
-}
-
-impl Counters for StoreCounters {
-    fn get(&self, key: &str, window_start: u64) -> u64 {
-        use tokio::runtime::{Handle, RuntimeFlavor};
-        let Ok(handle) = Handle::try_current() else {
-            return 0;
-        };
-        if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
-            return 0;
-        }
-        let window = i64::try_from(window_start).unwrap_or(i64::MAX);
-        let read = tokio::task::block_in_place(|| handle.block_on(self.store.counter(key, window)));
-        match read {
-            Ok(value) => u64::try_from(value).unwrap_or(0),
-            Err(_) => u64::MAX,
-        }
     }
 }

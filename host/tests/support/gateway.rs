@@ -38,17 +38,18 @@ pub struct TestGateway {
 /// Options beyond the defaults, as `--flag value` pairs.
 pub async fn start(backend: Backend, upstream: Option<&str>, extra: &[&str]) -> TestGateway {
     let data_dir = tempfile::tempdir().expect("tempdir");
-    let mut argv: Vec<String> = vec![
-        "intentgate".into(),
-        "--addr".into(),
-        "127.0.0.1:0".into(),
-        "--data-dir".into(),
-        data_dir.path().display().to_string(),
+    let mut argv: Vec<String> = vec!["intentgate".into(), "--addr".into(), "127.0.0.1:0".into()];
+    // A test that shares a data directory between gateways (restart, replicas) names its own.
+    if !extra.contains(&"--data-dir") {
+        argv.push("--data-dir".into());
+        argv.push(data_dir.path().display().to_string());
+    }
+    argv.extend([
         "--admin-token".into(),
         ADMIN_TOKEN.into(),
         "--master-key".into(),
         MASTER_KEY.into(),
-    ];
+    ]);
     if let Backend::Postgres(url) = &backend {
         argv.push("--postgres-url".into());
         argv.push(url.clone());

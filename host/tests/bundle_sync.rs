@@ -1,0 +1,375 @@
+//! Bundles across processes and time, through `intentgate serve` as operators run it: a
+//! promotion made on one gateway reaches the others (SQLite polling, PostgreSQL NOTIFY),
+//! survives a restart, is undone when the store cannot record it, a dry-run replays the
+//! recorded traffic (`sample: last-24h`), and `--watch DIR` reloads on save.
+
+use std::time::Duration;
+
+use intentgate::bundles::admin::{AdminCall, handle};
+use intentgate::bundles::persist::{Follower, Persist};
+use intentgate::bundles::{BundleSpec, Registry};
+use serde_json::{Value, json};
+
+use crate::support::gateway::{self, ADMIN_TOKEN, Backend, TestGateway};
+use crate::support::http::{get_json, post_json};
+
+const FREEZE: &str = r#"package intentgate.policy
+
+decision := {"allow": false, "reason": "frozen by the sync test"}
+"#;
+
+async fn admin_post(tg: &TestGateway, path: &str, body: Value) -> (u16, Value) {
+    post_json(&format!("{}{path}", tg.url), Some(ADMIN_TOKEN), &body).await
+}
+
+/// Drafts `rego` for tenant acme and promotes it; returns the draft id (the bundle digest).
+async fn promote_rego(tg: &TestGateway, rego: &str) -> String {
+    let (status, draft) = admin_post(
+        tg,
+        "/v1/admin/policies/drafts?tenant=acme",
+        json!({"rego_source": rego, "name": "freeze"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{draft}");
+    let id = draft["id"].as_str().expect("draft id").to_string();
+    let (status, active) = admin_post(
+        tg,
+        "/v1/admin/policies/active?tenant=acme",
+        json!({"draft_id": id}),
+    )
+    .await;
+    assert_eq!(status, 200, "{active}");
+    id
+}
+
+/// The reason a policy denial gives, or None when the call went through.
+async fn denial(tg: &TestGateway, token: &str) -> Option<String> {
+    let v = tg
+        .tool_call(token, "read_invoice", json!({"id": "INV-1"}))
+        .await;
+    if v["result"].is_object() {
+        return None;
+    }
+    assert_eq!(v["error"]["code"], -32012, "not a policy denial: {v}");
+    Some(v["error"]["data"].as_str().unwrap_or_default().to_string())
+}
+
+/// Waits (up to 20 s) until `tg` decides as `frozen` says.
+async fn until_frozen(tg: &TestGateway, token: &str, frozen: bool, what: &str) {
+    for _ in 0..200 {
+        if denial(tg, token).await.is_some() == frozen {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: gateway never became frozen={frozen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotions_reach_other_gateways_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    let a = gateway::start(Backend::Sqlite, None, &["--demo", "--data-dir", d]).await;
+    let b = gateway::start(Backend::Sqlite, None, &["--demo", "--data-dir", d]).await;
+    let (token, _) = a
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_invoice"], "ttl_seconds": 600}))
+        .await;
+    assert_eq!(denial(&a, &token).await, None);
+    assert_eq!(denial(&b, &token).await, None);
+
+    // Promoted on a: a decides with it as soon as the call returns; b follows the stored pointer.
+    let id = promote_rego(&a, FREEZE).await;
+    assert_eq!(
+        denial(&a, &token).await.as_deref(),
+        Some("frozen by the sync test")
+    );
+    until_frozen(&b, &token, true, "b after a's promotion").await;
+
+    // Rolled back on b: b at once, a follows.
+    let (status, v) = admin_post(&b, "/v1/admin/policies/rollback?tenant=acme", json!({})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(denial(&b, &token).await, None);
+    until_frozen(&a, &token, false, "a after b's rollback").await;
+
+    // Promoted again, then both stop. A gateway started on the same store decides with the
+    // stored bundle from its first call: no window on the default bundle.
+    let (status, v) = admin_post(
+        &a,
+        "/v1/admin/policies/active?tenant=acme",
+        json!({"draft_id": id}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    a.shutdown().await;
+    b.shutdown().await;
+    let c = gateway::start(Backend::Sqlite, None, &["--demo", "--data-dir", d]).await;
+    assert_eq!(
+        denial(&c, &token).await.as_deref(),
+        Some("frozen by the sync test")
+    );
+    let (status, active) = get_json(
+        &format!("{}/v1/admin/policies/active?tenant=acme", c.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(status, 200, "{active}");
+    assert_eq!(active["draft_id"], id.as_str());
+    // The decision records the bundle that made it.
+    let (_, page) = get_json(
+        &format!("{}/v1/admin/audit?tenant=acme&decision=block", c.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    let digests: Vec<&str> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|e| e["bundle_digest"].as_str())
+        .collect();
+    assert!(!digests.is_empty(), "{page}");
+    assert!(digests.iter().all(|d| *d == id), "{digests:?} vs {id}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_are_woken_by_notify_not_by_the_poll() {
+    let url = intentgate::testkit::PgServer::shared()
+        .and_then(|pg| pg.fresh_database())
+        .expect("PostgreSQL");
+    let store = intentgate::store::connect(&intentgate::store::StoreConfig::Postgres { url })
+        .await
+        .expect("store");
+    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let a = Registry::with_runtime(runtime.clone()).expect("replica a");
+    let b = Registry::with_runtime(runtime).expect("replica b");
+    a.attach_store(Persist::new(store.db()));
+    // An hour between polls: only the notification can wake b within the test.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let follower = tokio::spawn(Follower::new(b.clone(), Persist::new(store.db())).run(
+        Duration::from_secs(3600),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await; // b has done its first poll and listens
+
+    let tenant = "notify";
+    let spec = BundleSpec::builtin().with_policy_config(FREEZE.into());
+    let body = serde_json::to_vec(&json!({"name": "frozen", "spec": spec})).expect("json");
+    let r = handle(
+        &a,
+        AdminCall {
+            method: &hyper::Method::POST,
+            path: "/v1/admin/bundles",
+            query: None,
+            tenant,
+            actor: "ops",
+            body: &body,
+        },
+    )
+    .await
+    .expect("route");
+    assert_eq!(r.status, 201, "{}", r.body);
+    let digest = r.body["digest"].as_str().expect("digest").to_string();
+    let path = format!("/v1/admin/bundles/{digest}/promote");
+    let r = handle(
+        &a,
+        AdminCall {
+            method: &hyper::Method::POST,
+            path: &path,
+            query: None,
+            tenant,
+            actor: "ops",
+            body: b"",
+        },
+    )
+    .await
+    .expect("route");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut followed = false;
+    for _ in 0..200 {
+        if b.status(tenant).active == digest {
+            followed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    let _ = follower.await;
+    assert!(followed, "replica b was not woken by NOTIFY");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_the_store_cannot_record_is_undone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = intentgate::store::connect(&intentgate::store::StoreConfig::Sqlite {
+        path: dir.path().join("gateway.db"),
+    })
+    .await
+    .expect("store");
+    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let a = Registry::with_runtime(runtime).expect("registry");
+    a.attach_store(Persist::new(store.db()));
+    let tenant = "undo";
+    let draft = a
+        .create_draft(
+            tenant,
+            "frozen",
+            BundleSpec::builtin().with_policy_config(FREEZE.into()),
+        )
+        .expect("draft");
+    let before = a.status(tenant);
+    // The store loses its pointer table: every pointer write fails.
+    match store.db() {
+        intentgate::store::Db::Sqlite(pool) => {
+            sqlx::query("DROP TABLE bundle_pointers")
+                .execute(&pool)
+                .await
+                .expect("drop");
+        }
+        intentgate::store::Db::Postgres(_) => unreachable!("SQLite store"),
+    }
+    let path = format!("/v1/admin/bundles/{}/promote", draft.digest);
+    let r = handle(
+        &a,
+        AdminCall {
+            method: &hyper::Method::POST,
+            path: &path,
+            query: None,
+            tenant,
+            actor: "ops",
+            body: b"",
+        },
+    )
+    .await
+    .expect("route");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        r.body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not swapped"),
+        "{}",
+        r.body
+    );
+    assert!(r.event.is_none(), "a refused swap is not reported as done");
+    assert_eq!(a.status(tenant), before, "the running bundle is unchanged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_replays_the_recorded_traffic() {
+    let tg = gateway::start(
+        Backend::Sqlite,
+        None,
+        &["--demo", "--audit-persist-arg-values", "scalars"],
+    )
+    .await;
+    let (token, _) = tg
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_invoice", "echo"], "ttl_seconds": 600}))
+        .await;
+    for id in ["INV-1", "INV-2", "INV-3"] {
+        let v = tg
+            .tool_call(&token, "read_invoice", json!({"id": id}))
+            .await;
+        assert!(v["result"].is_object(), "{v}");
+    }
+    let v = tg.tool_call(&token, "echo", json!({"text": "hi"})).await;
+    assert!(v["result"].is_object(), "{v}");
+    // Stopped by the capability check: never reached a bundle, so not replayed.
+    let v = tg
+        .tool_call(&token, "send_email", json!({"to": "x@example.com"}))
+        .await;
+    assert_eq!(v["error"]["code"], -32010, "{v}");
+
+    // The candidate blocks one invoice by its recorded argument.
+    let candidate = r#"package intentgate.policy
+
+default decision := {"allow": true, "reason": "ok"}
+
+decision := {"allow": false, "reason": "INV-2 is disputed"} if {
+	input.args.id == "INV-2"
+}
+"#;
+    let (status, report) = admin_post(
+        &tg,
+        "/v1/admin/policies/dry-run?tenant=acme",
+        json!({"rego_source": candidate, "sample": "last-24h"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["total"], 4, "{report}");
+    assert_eq!(
+        report["transitions"],
+        json!({"allow->allow": 3, "allow->block": 1})
+    );
+    let decisions = report["decisions"].as_array().expect("decisions");
+    assert_eq!(decisions.len(), 4);
+    let blocked: Vec<&Value> = decisions
+        .iter()
+        .filter(|d| d["candidate_decision"] == "block")
+        .collect();
+    assert_eq!(blocked.len(), 1, "{report}");
+    assert_eq!(blocked[0]["actual_decision"], "allow");
+    assert_eq!(blocked[0]["input"]["tool"], "read_invoice");
+    assert_eq!(report["divergent"][0]["reason"], "INV-2 is disputed");
+    // Nothing changed: the active bundle is still the default one.
+    assert_eq!(
+        denial(&tg, &token).await,
+        None,
+        "a dry-run must not change decisions"
+    );
+
+    for (body, expect) in [
+        (
+            json!({"rego_source": candidate, "sample": "yesterday"}),
+            "last-24h",
+        ),
+        (json!({"rego_source": candidate}), "nothing to replay"),
+        (
+            json!({"rego_source": candidate, "sample": "last-24h", "input": {"tool": "x"}}),
+            "either input or sample",
+        ),
+    ] {
+        let (status, v) = admin_post(&tg, "/v1/admin/policies/dry-run?tenant=acme", body).await;
+        assert_eq!(status, 400, "{v}");
+        assert!(
+            v["error"].as_str().unwrap_or_default().contains(expect),
+            "{v}"
+        );
+    }
+    tg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_watch_reloads_the_folder_on_save() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rego = dir.path().join("freeze.rego");
+    std::fs::write(&rego, FREEZE).expect("write");
+    let d = dir.path().to_str().expect("utf-8 path");
+    let tg = gateway::start(
+        Backend::Sqlite,
+        None,
+        &["--demo", "--watch", d, "--watch-tenants", "acme,globex"],
+    )
+    .await;
+    let (token, _) = tg
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_invoice"], "ttl_seconds": 600}))
+        .await;
+    assert_eq!(
+        denial(&tg, &token).await.as_deref(),
+        Some("frozen by the sync test")
+    );
+    // A tenant that is not watched keeps the default bundle (the demo's token-scope policy).
+    let (other, _) = tg
+        .mint(json!({"subject": "bot", "tenant": "initech", "tools": ["read_invoice"], "ttl_seconds": 600}))
+        .await;
+    assert_eq!(denial(&tg, &other).await, None);
+
+    std::fs::write(
+        &rego,
+        "package intentgate.policy\n\ndecision := {\"allow\": true, \"reason\": \"thawed\"}\n",
+    )
+    .expect("write");
+    until_frozen(&tg, &token, false, "after saving an allowing policy").await;
+    tg.shutdown().await;
+}
