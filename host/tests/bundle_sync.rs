@@ -1,7 +1,8 @@
 //! Bundles across processes and time, through `intentgate serve` as operators run it: a
 //! promotion made on one gateway reaches the others (SQLite polling, PostgreSQL NOTIFY),
 //! survives a restart, is undone when the store cannot record it, a dry-run replays the
-//! recorded traffic (`sample: last-24h`), and `--watch DIR` reloads on save.
+//! recorded traffic (`sample: last-24h`), `--watch DIR` reloads on save, and a check plugin
+//! uploaded over HTTP changes decisions without a restart.
 
 use std::time::Duration;
 
@@ -371,5 +372,68 @@ async fn serve_watch_reloads_the_folder_on_save() {
     )
     .expect("write");
     until_frozen(&tg, &token, false, "after saving an allowing policy").await;
+    tg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_plugin_uploaded_over_http_changes_decisions_without_restart() {
+    let tg = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["send_email", "read_invoice"], "ttl_seconds": 600}))
+        .await;
+    let email = json!({"to": "ops@example.com"});
+    assert!(tg.tool_call(&token, "send_email", email.clone()).await["result"].is_object());
+
+    // The template's code (plugins/test-custom is the template, checked by a unit test).
+    let wasm = std::fs::read(intentgate::plugins::artifacts::TEST_CUSTOM_PATH).expect("artifact");
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let (status, _, body) = crate::support::http::send(
+        "POST",
+        &format!("{}/v1/admin/plugins?tenant=acme&name=no-email", tg.url),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/wasm"),
+        ],
+        wasm,
+    )
+    .await;
+    let uploaded: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(status, 201, "{uploaded}");
+    // The running default bundle (the demo's token-scope policy) plus the uploaded check.
+    let mut spec = serde_json::to_value(tg.gw.pipeline.registry().default_spec()).expect("spec");
+    spec["stages"]["policy"]
+        .as_array_mut()
+        .expect("policy stage")
+        .push(json!({"component": uploaded["digest"], "config": r#"{"deny": ["send_email"]}"#}));
+    let (status, created) = admin_post(
+        &tg,
+        "/v1/admin/bundles?tenant=acme",
+        json!({"name": "no-email", "spec": spec}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let digest = created["digest"].as_str().expect("digest");
+    let (status, v) = admin_post(
+        &tg,
+        &format!("/v1/admin/bundles/{digest}/promote?tenant=acme"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+
+    let denied = tg.tool_call(&token, "send_email", email).await;
+    assert_eq!(denied["error"]["code"], -32012, "{denied}");
+    assert!(
+        denied["error"]["data"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("custom check: send_email matches send_email"),
+        "{denied}"
+    );
+    assert!(
+        tg.tool_call(&token, "read_invoice", json!({"id": "INV-1"}))
+            .await["result"]
+            .is_object()
+    );
     tg.shutdown().await;
 }
