@@ -390,8 +390,8 @@ impl Pipeline {
         e.remote_ip = call.remote_ip.clone();
         e.session_id = call.session_id.unwrap_or_default().to_owned();
         if let Some(r) = call.round {
-            // Linked to the call's first event (the audit schema has no round fields yet).
-            e.session_id = format!("round:{}/{}", r.call_event, r.number);
+            e.call_id = Some(r.call_event);
+            e.round = Some(r.number);
         }
         e
     }

@@ -997,17 +997,18 @@ async fn multi_round_call_is_one_call() {
     assert_eq!(events.len(), 2, "one event per round: {events:?}");
     let first = events
         .iter()
-        .find(|e| e.get("session_id").is_none())
+        .find(|e| e.get("round").is_none())
         .expect("first round");
     let second = events
         .iter()
-        .find(|e| e.get("session_id").is_some())
+        .find(|e| e.get("round").is_some())
         .expect("second round");
     assert_eq!(first["decision"], "allow");
     assert_eq!(second["decision"], "allow");
+    assert!(first.get("call_id").is_none(), "{first}");
+    assert_eq!(second["round"], 2, "{second}");
     assert_eq!(
-        second["session_id"],
-        format!("round:{}/2", first["id"]),
+        second["call_id"], first["id"],
         "round 2 names the call's first event: {events:?}"
     );
     gw.shutdown().await;

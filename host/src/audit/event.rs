@@ -185,6 +185,11 @@ pub struct AuditEvent {
     pub upstream_status: Option<u16>,
     /// Caller address (`remote_ip`).
     pub remote_ip: String,
+    /// A later round of a multi-round tool call (MCP 2026-07-28): the id of the audit event of
+    /// the call's first round (`call_id`) and this round's number (`round`, 2 for the first
+    /// retry). The first round's event carries neither.
+    pub call_id: Option<i64>,
+    pub round: Option<u32>,
 }
 
 impl AuditEvent {
@@ -214,6 +219,8 @@ impl AuditEvent {
             latency_ms: None,
             upstream_status: None,
             remote_ip: String::new(),
+            call_id: None,
+            round: None,
         }
     }
 
@@ -272,6 +279,12 @@ impl AuditEvent {
             m.insert("upstream_status".into(), n.into());
         }
         put_str(&mut m, "remote_ip", &self.remote_ip);
+        if let Some(id) = self.call_id {
+            m.insert("call_id".into(), id.into());
+        }
+        if let Some(n) = self.round {
+            m.insert("round".into(), n.into());
+        }
         Value::Object(m)
     }
 

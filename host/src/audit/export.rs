@@ -92,7 +92,7 @@ pub fn content_disposition(tenant: Option<&str>, now_ms: i64, format: Format) ->
 }
 
 /// CSV columns, in order.
-pub const CSV_COLUMNS: [&str; 28] = [
+pub const CSV_COLUMNS: [&str; 30] = [
     "id",
     "seq",
     "ts",
@@ -118,6 +118,8 @@ pub const CSV_COLUMNS: [&str; 28] = [
     "latency_ms",
     "upstream_status",
     "remote_ip",
+    "call_id",
+    "round",
     "schema_version",
     "prev_hash",
     "hash",
