@@ -41,7 +41,13 @@ fn status(s: StatusCode) -> Response<Full<Bytes>> {
 }
 
 const PASSED: [HeaderName; 2] = [CONTENT_TYPE, ACCEPT];
-const MCP_HEADERS: [&str; 2] = ["mcp-session-id", "mcp-protocol-version"];
+/// The MCP transport and routing headers, passed as they are (a proxy with no checks).
+const MCP_HEADERS: [&str; 4] = [
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "mcp-method",
+    "mcp-name",
+];
 
 async fn forward(p: &Proxy, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::POST {
@@ -52,7 +58,9 @@ async fn forward(p: &Proxy, req: Request<Incoming>) -> Response<Full<Bytes>> {
         Ok(b) => b.to_bytes(),
         Err(_) => return status(StatusCode::PAYLOAD_TOO_LARGE),
     };
-    let mut out = Request::builder().method(Method::POST).uri(p.upstream.clone());
+    let mut out = Request::builder()
+        .method(Method::POST)
+        .uri(p.upstream.clone());
     for h in PASSED.iter() {
         if let Some(v) = parts.headers.get(h) {
             out = out.header(h, v);
@@ -67,7 +75,11 @@ async fn forward(p: &Proxy, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return status(StatusCode::BAD_REQUEST);
     };
     let answer = tokio::time::timeout(TIMEOUT, async {
-        let resp = p.client.request(out).await.map_err(|_| StatusCode::BAD_GATEWAY)?;
+        let resp = p
+            .client
+            .request(out)
+            .await
+            .map_err(|_| StatusCode::BAD_GATEWAY)?;
         let (parts, body) = resp.into_parts();
         let bytes = Limited::new(body, MAX_RESPONSE)
             .collect()
@@ -87,8 +99,10 @@ async fn forward(p: &Proxy, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 }
             }
             if let Some(v) = parts.headers.get("mcp-session-id") {
-                r.headers_mut()
-                    .insert(HeaderName::from_static("mcp-session-id"), HeaderValue::clone(v));
+                r.headers_mut().insert(
+                    HeaderName::from_static("mcp-session-id"),
+                    HeaderValue::clone(v),
+                );
             }
             r
         }

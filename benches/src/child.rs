@@ -54,7 +54,9 @@ impl Server {
             Ok(Some(Ok(l))) => l,
             Ok(_) => {
                 let _ = child.kill();
-                return Err(format!("{name} exited before it was ready (see its stderr above)"));
+                return Err(format!(
+                    "{name} exited before it was ready (see its stderr above)"
+                ));
             }
             Err(_) => {
                 let _ = child.kill();
@@ -66,11 +68,7 @@ impl Server {
             .and_then(|a| a.trim().parse().ok())
             .ok_or_else(|| format!("{name}: unexpected first line {line:?}"))?;
         let stdin = child.stdin.take();
-        Ok(Server {
-            addr,
-            child,
-            stdin,
-        })
+        Ok(Server { addr, child, stdin })
     }
 
     pub fn pid(&self) -> u32 {
@@ -125,6 +123,13 @@ fn parse_stat_cpu(stat: &str) -> Option<f64> {
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
     Some((utime + stime) / CLK_TCK)
+}
+
+/// Resident set size of a process, in KiB (`VmRSS` of `/proc/PID/status`).
+pub fn process_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// CPU seconds of every process whose command is `comm` (e.g. all PostgreSQL backends).

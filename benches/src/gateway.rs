@@ -49,7 +49,11 @@ pub fn new_master_key() -> Result<String, String> {
 }
 
 /// One token per tenant (`bench-0`, `bench-1`, …) allowing `tool`, no expiry.
-pub fn mint_tokens(master_key_b64: &str, tenants: usize, tool: &str) -> Result<Vec<String>, String> {
+pub fn mint_tokens(
+    master_key_b64: &str,
+    tenants: usize,
+    tool: &str,
+) -> Result<Vec<String>, String> {
     let key = MasterKey::from_base64(master_key_b64).map_err(|e| e.to_string())?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -63,7 +67,9 @@ pub fn mint_tokens(master_key_b64: &str, tenants: usize, tool: &str) -> Result<V
                 tools: vec![tool.to_owned()],
                 ..MintRequest::default()
             };
-            mint(&key, &req, now).map(|m| m.token).map_err(|e| e.to_string())
+            mint(&key, &req, now)
+                .map(|m| m.token)
+                .map_err(|e| e.to_string())
         })
         .collect()
 }

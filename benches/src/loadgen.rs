@@ -38,13 +38,45 @@ pub struct Target {
     pub tokens: Vec<String>,
     /// The `tools/call` `params` to send (JSON text).
     pub params: String,
+    /// Which MCP revision the clients speak.
+    pub era: ClientEra,
 }
+
+/// How a client speaks MCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientEra {
+    /// Header-less JSON-RPC POSTs, no handshake (the IntentGate SDKs).
+    Plain,
+    /// 2025-11-25: `initialize` + `notifications/initialized` once per connection, then
+    /// `Mcp-Session-Id` and `MCP-Protocol-Version` on every call.
+    Handshake,
+    /// 2026-07-28, stateless: `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name` headers and
+    /// the `params._meta` envelope on every call.
+    Modern,
+}
+
+impl ClientEra {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientEra::Plain => "plain",
+            ClientEra::Handshake => "handshake",
+            ClientEra::Modern => "modern",
+        }
+    }
+}
+
+/// The handshake revision the `handshake` clients ask for.
+pub const HANDSHAKE_VERSION: &str = "2025-11-25";
+/// The stateless revision the `modern` clients speak.
+pub const MODERN_VERSION: &str = "2026-07-28";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Mode {
     Closed,
     /// Calls scheduled per second.
-    Open { rate: f64 },
+    Open {
+        rate: f64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -72,7 +104,9 @@ pub struct CallRecord {
 /// The first 64 bits of a `sha256:…` digest (what timelines compare).
 pub fn digest_prefix(digest: &str) -> u64 {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    hex.get(..16).and_then(|h| u64::from_str_radix(h, 16).ok()).unwrap_or(0)
+    hex.get(..16)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or(0)
 }
 
 fn find_digest(body: &[u8]) -> u64 {
@@ -82,7 +116,9 @@ fn find_digest(body: &[u8]) -> u64 {
     };
     let rest = &body[at + KEY.len()..];
     let end = rest.iter().position(|&b| b == b'"').unwrap_or(rest.len());
-    std::str::from_utf8(&rest[..end]).map(digest_prefix).unwrap_or(0)
+    std::str::from_utf8(&rest[..end])
+        .map(digest_prefix)
+        .unwrap_or(0)
 }
 
 /// What one run measured.
@@ -139,10 +175,16 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// Whether an answer is a successful JSON-RPC result, or why not.
 pub fn check_answer(status: StatusCode, body: &[u8]) -> Result<(), String> {
     if status != StatusCode::OK {
-        return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)])));
+        return Err(format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ));
     }
     if contains(body, b"\"error\":") || !contains(body, b"\"result\":") {
-        return Err(format!("JSON-RPC error: {}", String::from_utf8_lossy(&body[..body.len().min(300)])));
+        return Err(format!(
+            "JSON-RPC error: {}",
+            String::from_utf8_lossy(&body[..body.len().min(300)])
+        ));
     }
     Ok(())
 }
@@ -152,7 +194,9 @@ struct Conn {
 }
 
 async fn connect(addr: SocketAddr) -> Result<Conn, String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
     let (sender, conn) = http1::handshake(TokioIo::new(stream))
         .await
@@ -169,7 +213,62 @@ struct Client {
     path: String,
     auth: Option<HeaderValue>,
     body: Bytes,
+    era: ClientEra,
+    /// Per-call headers of the client's era (routing headers, protocol version).
+    extra: Headers,
+    /// Handshake era: the session of the current connection (opened after connecting).
+    session: Option<HeaderValue>,
     conn: Option<Conn>,
+}
+
+/// Extra request headers, by name.
+pub type Headers = Vec<(&'static str, HeaderValue)>;
+
+/// The `tools/call` request body of a client of `era` (`params` as JSON text), and the
+/// per-call headers that go with it.
+pub fn call_body(era: ClientEra, index: usize, params: &str) -> Result<(Bytes, Headers), String> {
+    let hv = |s: &str| HeaderValue::from_str(s).map_err(|e| format!("header value {s:?}: {e}"));
+    match era {
+        ClientEra::Plain => Ok((
+            Bytes::from(format!(
+                r#"{{"jsonrpc":"2.0","id":{index},"method":"tools/call","params":{params}}}"#
+            )),
+            Vec::new(),
+        )),
+        ClientEra::Handshake => Ok((
+            Bytes::from(format!(
+                r#"{{"jsonrpc":"2.0","id":{index},"method":"tools/call","params":{params}}}"#
+            )),
+            vec![("mcp-protocol-version", hv(HANDSHAKE_VERSION)?)],
+        )),
+        ClientEra::Modern => {
+            let mut p: serde_json::Value =
+                serde_json::from_str(params).map_err(|e| format!("params: {e}"))?;
+            let name = p
+                .get("name")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            let obj = p.as_object_mut().ok_or("params must be an object")?;
+            obj.insert(
+                "_meta".into(),
+                serde_json::json!({
+                    "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
+                    "io.modelcontextprotocol/clientCapabilities": {},
+                    "io.modelcontextprotocol/clientInfo": {"name": "intentgate-bench", "version": "0"},
+                }),
+            );
+            let body = serde_json::json!({"jsonrpc": "2.0", "id": index, "method": "tools/call", "params": p});
+            Ok((
+                Bytes::from(serde_json::to_vec(&body).map_err(|e| e.to_string())?),
+                vec![
+                    ("mcp-protocol-version", hv(MODERN_VERSION)?),
+                    ("mcp-method", hv("tools/call")?),
+                    ("mcp-name", hv(&name)?),
+                ],
+            ))
+        }
+    }
 }
 
 impl Client {
@@ -178,25 +277,52 @@ impl Client {
             let t = &target.tokens[index % target.tokens.len()];
             HeaderValue::from_str(&format!("Bearer {t}")).unwrap_or(HeaderValue::from_static(""))
         });
-        let body = format!(
-            r#"{{"jsonrpc":"2.0","id":{index},"method":"tools/call","params":{}}}"#,
-            target.params
-        );
+        // The params are the bench's own constant: a failure here is a bug, and shows as an
+        // error on every call (empty body) rather than a panic.
+        let (body, extra) = call_body(target.era, index, &target.params).unwrap_or_default();
         Client {
             addr: target.addr,
-            host: HeaderValue::from_str(&target.addr.to_string()).unwrap_or(HeaderValue::from_static("localhost")),
+            host: HeaderValue::from_str(&target.addr.to_string())
+                .unwrap_or(HeaderValue::from_static("localhost")),
             path: target.path.clone(),
             auth,
-            body: Bytes::from(body),
+            body,
+            era: target.era,
+            extra,
+            session: None,
             conn: None,
         }
     }
 
-    /// One call; on a successful JSON-RPC result, the prefix of the bundle digest it reports.
-    async fn call(&mut self) -> Result<u64, String> {
-        if self.conn.is_none() {
-            self.conn = Some(connect(self.addr).await?);
+    fn request(&self, body: Bytes, call: bool) -> Result<Request<Full<Bytes>>, String> {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(self.path.as_str())
+            .header(HOST, self.host.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(
+                ACCEPT,
+                HeaderValue::from_static("application/json, text/event-stream"),
+            );
+        if let Some(a) = &self.auth {
+            req = req.header(AUTHORIZATION, a.clone());
         }
+        if call {
+            for (k, v) in &self.extra {
+                req = req.header(*k, v.clone());
+            }
+        }
+        if let Some(s) = &self.session {
+            req = req.header("mcp-session-id", s.clone());
+        }
+        req.body(Full::new(body)).map_err(|e| e.to_string())
+    }
+
+    /// One exchange on the current connection (dropping it on a transport failure).
+    async fn exchange(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, Option<HeaderValue>, Bytes), String> {
         let Some(conn) = self.conn.as_mut() else {
             return Err("no connection".into());
         };
@@ -204,16 +330,6 @@ impl Client {
             self.conn = None;
             return Err("connection closed".into());
         }
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(self.path.as_str())
-            .header(HOST, self.host.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header(ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
-        if let Some(a) = &self.auth {
-            req = req.header(AUTHORIZATION, a.clone());
-        }
-        let req = req.body(Full::new(self.body.clone())).map_err(|e| e.to_string())?;
         let resp = match conn.sender.send_request(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -222,13 +338,53 @@ impl Client {
             }
         };
         let status = resp.status();
-        let body = match resp.into_body().collect().await {
-            Ok(b) => b.to_bytes(),
+        let session = resp.headers().get("mcp-session-id").cloned();
+        match resp.into_body().collect().await {
+            Ok(b) => Ok((status, session, b.to_bytes())),
             Err(e) => {
                 self.conn = None;
-                return Err(format!("response body: {e}"));
+                Err(format!("response body: {e}"))
             }
-        };
+        }
+    }
+
+    /// Handshake era: `initialize`, then `notifications/initialized`, in a new session.
+    async fn open_session(&mut self) -> Result<(), String> {
+        self.session = None;
+        let init = format!(
+            r#"{{"jsonrpc":"2.0","id":0,"method":"initialize","params":{{"protocolVersion":"{HANDSHAKE_VERSION}","capabilities":{{}},"clientInfo":{{"name":"intentgate-bench","version":"0"}}}}}}"#
+        );
+        let req = self.request(Bytes::from(init), false)?;
+        let (status, session, body) = self.exchange(req).await?;
+        check_answer(status, &body).map_err(|e| format!("initialize: {e}"))?;
+        self.session = Some(session.ok_or("initialize: no Mcp-Session-Id in the answer")?);
+        let note = Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+        let req = self.request(note, true)?;
+        let (status, _, body) = self.exchange(req).await?;
+        if !status.is_success() {
+            return Err(format!(
+                "notifications/initialized: HTTP {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ));
+        }
+        Ok(())
+    }
+
+    /// One call; on a successful JSON-RPC result, the prefix of the bundle digest it reports.
+    async fn call(&mut self) -> Result<u64, String> {
+        if self.conn.is_none() {
+            self.conn = Some(connect(self.addr).await?);
+            self.session = None;
+        }
+        if self.era == ClientEra::Handshake && self.session.is_none() {
+            self.open_session().await?;
+        }
+        let req = self.request(self.body.clone(), true)?;
+        let (status, _, body) = self.exchange(req).await?;
+        if status == StatusCode::NOT_FOUND && self.session.is_some() {
+            // The server forgot the session: the transport says open a new one.
+            self.session = None;
+        }
         check_answer(status, &body).map(|()| find_digest(&body))
     }
 }
@@ -324,7 +480,11 @@ pub async fn run(spec: &Spec) -> Outcome {
             let rx: Tickets = Arc::new(Mutex::new(rx));
             for i in 0..spec.connections {
                 let client = Client::new(&spec.target, i);
-                tasks.push(tokio::spawn(open_worker(Arc::clone(&shared), client, Arc::clone(&rx))));
+                tasks.push(tokio::spawn(open_worker(
+                    Arc::clone(&shared),
+                    client,
+                    Arc::clone(&rx),
+                )));
             }
             let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
             let shared = Arc::clone(&shared);
@@ -363,7 +523,11 @@ pub async fn run(spec: &Spec) -> Outcome {
     if let Some(p) = pacer {
         let _ = p.join();
     }
-    let examples = shared.examples.lock().map(|e| e.clone()).unwrap_or_default();
+    let examples = shared
+        .examples
+        .lock()
+        .map(|e| e.clone())
+        .unwrap_or_default();
     let mut calls = shared.calls.lock().map(|c| c.clone()).unwrap_or_default();
     calls.sort_by_key(|c| c.done);
     Outcome {
@@ -375,25 +539,6 @@ pub async fn run(spec: &Spec) -> Outcome {
         latency: all.summary(),
         error_examples: examples,
         calls,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn answers_are_classified() {
-        let ok = br#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":false}}"#;
-        assert_eq!(find_digest(ok), 0);
-        let with = br#"{"result":{"_intentgate":{"bundle_digest":"sha256:00000000000000ff99"}}}"#;
-        assert_eq!(find_digest(with), 0xff);
-        assert_eq!(digest_prefix("sha256:0000000000000001abcdef"), 1);
-        assert!(check_answer(StatusCode::OK, ok).is_ok());
-        let err = br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32010,"message":"x"}}"#;
-        assert!(check_answer(StatusCode::OK, err).is_err());
-        assert!(check_answer(StatusCode::BAD_GATEWAY, ok).is_err());
-        assert!(check_answer(StatusCode::OK, b"").is_err());
     }
 }
 
@@ -419,9 +564,18 @@ pub async fn admin(
         .header(AUTHORIZATION, format!("Bearer {admin_token}"))
         .body(Full::new(Bytes::from(body.to_owned())))
         .map_err(|e| e.to_string())?;
-    let resp = conn.sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = conn
+        .sender
+        .send_request(req)
+        .await
+        .map_err(|e| e.to_string())?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
     Ok((status, body))
 }
 
@@ -448,6 +602,62 @@ async fn healthz(addr: SocketAddr) -> Result<StatusCode, String> {
         .header(HOST, addr.to_string())
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
-    let resp = conn.sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = conn
+        .sender
+        .send_request(req)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(resp.status())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_classified() {
+        let ok = br#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":false}}"#;
+        assert_eq!(find_digest(ok), 0);
+        let with = br#"{"result":{"_intentgate":{"bundle_digest":"sha256:00000000000000ff99"}}}"#;
+        assert_eq!(find_digest(with), 0xff);
+        assert_eq!(digest_prefix("sha256:0000000000000001abcdef"), 1);
+        assert!(check_answer(StatusCode::OK, ok).is_ok());
+        let err = br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32010,"message":"x"}}"#;
+        assert!(check_answer(StatusCode::OK, err).is_err());
+        assert!(check_answer(StatusCode::BAD_GATEWAY, ok).is_err());
+        assert!(check_answer(StatusCode::OK, b"").is_err());
+    }
+
+    #[test]
+    fn era_bodies_and_headers() {
+        let params = r#"{"name":"echo","arguments":{"text":"hi"}}"#;
+        let (plain, h) = call_body(ClientEra::Plain, 3, params).expect("plain");
+        assert!(h.is_empty());
+        let v: serde_json::Value = serde_json::from_slice(&plain).expect("json");
+        assert_eq!(v["params"]["name"], "echo");
+        let (_, h) = call_body(ClientEra::Handshake, 3, params).expect("handshake");
+        assert_eq!(
+            h,
+            vec![(
+                "mcp-protocol-version",
+                HeaderValue::from_static(HANDSHAKE_VERSION)
+            )]
+        );
+        let (modern, h) = call_body(ClientEra::Modern, 3, params).expect("modern");
+        let v: serde_json::Value = serde_json::from_slice(&modern).expect("json");
+        assert_eq!(
+            v["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"],
+            MODERN_VERSION
+        );
+        assert!(v["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"].is_object());
+        assert_eq!(v["params"]["arguments"]["text"], "hi");
+        let get = |k: &str| {
+            h.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_str().unwrap_or("").to_owned())
+        };
+        assert_eq!(get("mcp-protocol-version").as_deref(), Some(MODERN_VERSION));
+        assert_eq!(get("mcp-method").as_deref(), Some("tools/call"));
+        assert_eq!(get("mcp-name").as_deref(), Some("echo"));
+    }
 }

@@ -32,11 +32,15 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 
 use child::Server;
-use loadgen::{Mode, Outcome, Spec, Target};
+use loadgen::{ClientEra, Mode, Outcome, Spec, Target};
 use stats::{fmt_ns, median, parse_duration};
+use upstream::UpstreamEra;
 
 #[derive(Parser)]
-#[command(name = "intentgate-bench", about = "IntentGate benchmarks: gateway vs bare proxy, per-stage costs, scaling")]
+#[command(
+    name = "intentgate-bench",
+    about = "IntentGate benchmarks: gateway vs bare proxy, per-stage costs, scaling"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -48,6 +52,10 @@ enum Cmd {
     Load(LoadOpts),
     /// Throughput vs server worker threads and vs tenants (closed loop).
     Scale(ScaleOpts),
+    /// MCP revisions: client era (plain, handshake, modern) × upstream era (dual, handshake)
+    /// through the gateway, with the bare proxy where it can carry the pair, in one run.
+    #[cfg(feature = "gateway")]
+    Eras(ErasOpts),
     /// Per-stage micro-benchmarks: token verify, revocation lookup, audit append.
     #[cfg(feature = "gateway")]
     Micro(MicroOpts),
@@ -81,6 +89,9 @@ struct ServeSimple {
     /// Upstream MCP URL (serve-bare only).
     #[arg(long)]
     upstream: Option<String>,
+    /// MCP revisions the upstream speaks (serve-upstream only).
+    #[arg(long, value_enum, default_value = "dual")]
+    era: UpstreamEra,
 }
 
 #[derive(Args, Clone)]
@@ -103,6 +114,14 @@ struct Common {
     /// tokio worker threads of the upstream child.
     #[arg(long, default_value_t = 1)]
     upstream_threads: usize,
+    /// MCP revision the load generator speaks: plain (header-less JSON-RPC, as the IntentGate
+    /// SDKs), handshake (2025-11-25 sessions) or modern (2026-07-28, stateless).
+    #[arg(long, value_enum, default_value = "plain")]
+    era: ClientEra,
+    /// MCP revisions the upstream speaks: dual (both, like `mcp` 2.x) or handshake (only the
+    /// 2025-11-25 era with sessions, like `mcp` 1.x).
+    #[arg(long, value_enum, default_value = "dual")]
+    upstream_era: UpstreamEra,
     /// Pin the server under test to CPU 0 and the load generator and upstream to CPU 1
     /// (`taskset`). Default: unpinned, everything shares both cores.
     #[arg(long)]
@@ -123,7 +142,11 @@ fn default_policy() -> PathBuf {
 #[derive(Args, Clone)]
 struct LoadOpts {
     /// Systems, in order: direct (upstream alone), bare, sqlite, postgres (gateway with that store).
-    #[arg(long, value_delimiter = ',', default_value = "direct,bare,sqlite,postgres")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,bare,sqlite,postgres"
+    )]
     systems: Vec<String>,
     #[command(flatten)]
     common: Common,
@@ -161,6 +184,42 @@ struct ScaleOpts {
     /// Store of the gateway: sqlite or postgres.
     #[arg(long, default_value = "sqlite")]
     store: String,
+    /// Tenants with their own promoted policy bundle, cumulative steps (gateway memory and
+    /// throughput at each; empty to skip).
+    #[arg(long, value_delimiter = ',', default_value = "0,16,64,256")]
+    bundles: Vec<usize>,
+}
+
+#[cfg(feature = "gateway")]
+#[derive(Args, Clone)]
+struct ErasOpts {
+    #[command(flatten)]
+    common: Common,
+    /// Client revisions to drive.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "plain,handshake,modern"
+    )]
+    client_eras: Vec<ClientEra>,
+    /// Upstream revisions to put behind the gateway (one upstream and one gateway each).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "dual,handshake"
+    )]
+    upstream_eras: Vec<UpstreamEra>,
+    /// tokio worker threads of each gateway and bare proxy.
+    #[arg(long, default_value_t = 2)]
+    server_threads: usize,
+    /// Store of the gateways: sqlite or postgres.
+    #[arg(long, default_value = "sqlite")]
+    store: String,
+    /// Leave out the bare-proxy reference runs.
+    #[arg(long)]
+    no_bare: bool,
 }
 
 #[cfg(feature = "gateway")]
@@ -183,7 +242,10 @@ struct SwapOpts {
 #[derive(Args, Clone)]
 struct MicroOpts {
     /// Which: fsync, verify, revocation, plugin, audit (default: all).
-    #[arg(value_delimiter = ',', default_value = "fsync,verify,revocation,plugin,audit")]
+    #[arg(
+        value_delimiter = ',',
+        default_value = "fsync,verify,revocation,plugin,audit"
+    )]
     which: Vec<String>,
     /// Audit backends.
     #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
@@ -198,7 +260,11 @@ struct MicroOpts {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     warmup: Duration,
     /// Audit cases as appenders:tenants.
-    #[arg(long, value_delimiter = ',', default_value = "1:1,16:1,64:1,256:1,1024:1,256:4,256:16")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1:1,16:1,64:1,256:1,1024:1,256:4,256:16"
+    )]
     audit_cases: Vec<String>,
     /// tokio worker threads for the micro-benchmarks.
     #[arg(long, default_value_t = 2)]
@@ -219,6 +285,8 @@ fn main() -> ExitCode {
         Cmd::Micro(o) => micro_main(o),
         #[cfg(feature = "gateway")]
         Cmd::Swap(o) => swap(o),
+        #[cfg(feature = "gateway")]
+        Cmd::Eras(o) => eras(o),
         Cmd::Stages { file, us_per_call } => stages::report(&file, us_per_call),
         Cmd::ServeUpstream(o) => serve_simple(o, false),
         Cmd::ServeBare(o) => serve_simple(o, true),
@@ -257,7 +325,7 @@ fn serve_simple(o: ServeSimple, bare: bool) -> Result<(), String> {
                 .map_err(|e| format!("--upstream: {e}"))?;
             tokio::spawn(bare::serve(listener, uri))
         } else {
-            tokio::spawn(upstream::serve(listener))
+            tokio::spawn(upstream::serve(listener, o.era))
         };
         child::ready_then_wait_for_stdin_eof(addr).await;
         server.abort();
@@ -269,6 +337,7 @@ fn serve_simple(o: ServeSimple, bare: bool) -> Result<(), String> {
 // Systems under test
 
 /// A system the load generator drives, and what to count as its CPU.
+#[derive(Clone)]
 struct System {
     name: String,
     label: String,
@@ -285,17 +354,27 @@ struct System {
     /// The gateway's superadmin token.
     #[cfg_attr(not(feature = "gateway"), allow(dead_code))]
     admin_token: String,
+    /// Index of the upstream it forwards to (in `Rig::upstreams`).
+    upstream: usize,
+    /// The MCP revision the load generator speaks to it.
+    era: ClientEra,
 }
 
 /// Children and temporary state of one benchmark run; dropped in reverse order.
 struct Rig {
-    upstream: Server,
+    /// The upstreams (the first is the default one), with the revisions each speaks.
+    upstreams: Vec<(UpstreamEra, Server)>,
     servers: Vec<Server>,
     systems: Vec<System>,
     tokens: Vec<String>,
     _pg: Option<pg::PgServer>,
     _dirs: Vec<tempfile::TempDir>,
     cpus_server: Option<&'static str>,
+    cpus_client: Option<&'static str>,
+    /// The upstream new systems forward to.
+    current_upstream: usize,
+    /// The revision new systems are driven with.
+    era: ClientEra,
 }
 
 const TOOL_PARAMS: &str = r#"{"name":"echo","arguments":{"text":"hello from intentgate-bench"}}"#;
@@ -310,43 +389,77 @@ impl Rig {
         if let Some(c) = cpus_client {
             pin_self(c)?;
         }
-        let upstream = Server::spawn(
-            "upstream",
-            &[
-                "serve-upstream".into(),
-                "--worker-threads".into(),
-                common.upstream_threads.to_string(),
-            ],
-            cpus_client,
-        )?;
-        Ok(Rig {
-            upstream,
+        let mut rig = Rig {
+            upstreams: Vec::new(),
             servers: Vec::new(),
             systems: Vec::new(),
             tokens: Vec::new(),
             _pg: None,
             _dirs: Vec::new(),
             cpus_server,
-        })
+            cpus_client,
+            current_upstream: 0,
+            era: common.era,
+        };
+        rig.add_upstream(common.upstream_era, common)?;
+        rig.current_upstream = 0;
+        Ok(rig)
+    }
+
+    /// Starts another upstream speaking `era`; systems added from now on forward to it.
+    fn add_upstream(&mut self, era: UpstreamEra, common: &Common) -> Result<usize, String> {
+        let s = Server::spawn(
+            &format!("upstream ({})", era.as_str()),
+            &[
+                "serve-upstream".into(),
+                "--worker-threads".into(),
+                common.upstream_threads.to_string(),
+                "--era".into(),
+                era.as_str().into(),
+            ],
+            self.cpus_client,
+        )?;
+        self.upstreams.push((era, s));
+        self.current_upstream = self.upstreams.len() - 1;
+        Ok(self.current_upstream)
     }
 
     fn upstream_url(&self) -> String {
-        format!("http://{}/mcp", self.upstream.addr)
+        format!(
+            "http://{}/mcp",
+            self.upstreams[self.current_upstream].1.addr
+        )
     }
 
-    fn add(&mut self, name: &str, server_threads: usize, tenants: usize, common: &Common) -> Result<(), String> {
+    /// Another view of system `i`, driven in `era` (same process).
+    fn alias(&mut self, i: usize, era: ClientEra) -> usize {
+        let mut s = self.systems[i].clone();
+        s.era = era;
+        self.systems.push(s);
+        self.systems.len() - 1
+    }
+
+    fn add(
+        &mut self,
+        name: &str,
+        server_threads: usize,
+        tenants: usize,
+        common: &Common,
+    ) -> Result<(), String> {
         match name {
             "direct" => {
                 self.systems.push(System {
                     name: "direct".into(),
                     label: "upstream alone (no proxy)".into(),
-                    addr: self.upstream.addr,
+                    addr: self.upstreams[self.current_upstream].1.addr,
                     path: "/mcp",
                     pid: None,
                     with_postgres: false,
                     gateway: false,
                     tokens: Vec::new(),
                     admin_token: String::new(),
+                    upstream: self.current_upstream,
+                    era: self.era,
                 });
             }
             "bare" => {
@@ -371,29 +484,50 @@ impl Rig {
                     gateway: false,
                     tokens: Vec::new(),
                     admin_token: String::new(),
+                    upstream: self.current_upstream,
+                    era: self.era,
                 });
                 self.servers.push(s);
             }
             "sqlite" | "postgres" => self.add_gateway(name, server_threads, tenants, common)?,
-            other => return Err(format!("unknown system {other:?} (direct, bare, sqlite, postgres)")),
+            other => {
+                return Err(format!(
+                    "unknown system {other:?} (direct, bare, sqlite, postgres)"
+                ));
+            }
         }
         Ok(())
     }
 
     #[cfg(not(feature = "gateway"))]
     fn add_gateway(&mut self, name: &str, _: usize, _: usize, _: &Common) -> Result<(), String> {
-        Err(format!("system {name} needs the gateway: build with the default `gateway` feature"))
+        Err(format!(
+            "system {name} needs the gateway: build with the default `gateway` feature"
+        ))
     }
 
     #[cfg(feature = "gateway")]
-    fn add_gateway(&mut self, store: &str, server_threads: usize, tenants: usize, common: &Common) -> Result<(), String> {
+    fn add_gateway(
+        &mut self,
+        store: &str,
+        server_threads: usize,
+        tenants: usize,
+        common: &Common,
+    ) -> Result<(), String> {
         let root = common.work_dir.as_path();
         let dir = tempfile::Builder::new()
             .prefix("intentgate-bench-gw-")
             .tempdir_in(root)
             .map_err(|e| format!("tempdir in {}: {e}", root.display()))?;
         let key = gateway::new_master_key()?;
-        let admin_token = format!("bench-admin-{}", gateway::new_master_key()?.chars().filter(char::is_ascii_alphanumeric).take(24).collect::<String>());
+        let admin_token = format!(
+            "bench-admin-{}",
+            gateway::new_master_key()?
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(24)
+                .collect::<String>()
+        );
         let mut args: Vec<String> = vec![
             "serve-gateway".into(),
             "--worker-threads".into(),
@@ -439,6 +573,8 @@ impl Rig {
             gateway: true,
             tokens,
             admin_token,
+            upstream: self.current_upstream,
+            era: self.era,
         });
         self.servers.push(s);
         self._dirs.push(dir);
@@ -447,12 +583,17 @@ impl Rig {
 
     fn target(&self, i: usize) -> Target {
         let s = &self.systems[i];
-        let tokens = if s.tokens.is_empty() { self.tokens.clone() } else { s.tokens.clone() };
+        let tokens = if s.tokens.is_empty() {
+            self.tokens.clone()
+        } else {
+            s.tokens.clone()
+        };
         Target {
             addr: s.addr,
             path: s.path.to_owned(),
             tokens,
             params: TOOL_PARAMS.to_owned(),
+            era: s.era,
         }
     }
 }
@@ -465,7 +606,11 @@ fn pin_self(cpus: &str) -> Result<(), String> {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    if ok { Ok(()) } else { Err("taskset failed (needed for --pin)".into()) }
+    if ok {
+        Ok(())
+    } else {
+        Err("taskset failed (needed for --pin)".into())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -484,9 +629,13 @@ fn cpu_snapshot(rig: &Rig, sys: &System) -> Cpu {
     let busy = child::machine_cpu_secs().map_or(0.0, |(busy, _)| busy);
     Cpu {
         server: sys.pid.and_then(child::process_cpu_secs).unwrap_or(0.0),
-        upstream: child::process_cpu_secs(rig.upstream.pid()).unwrap_or(0.0),
+        upstream: child::process_cpu_secs(rig.upstreams[sys.upstream].1.pid()).unwrap_or(0.0),
         client: child::process_cpu_secs(std::process::id()).unwrap_or(0.0),
-        postgres: if sys.with_postgres { child::cpu_secs_by_comm("postgres") } else { 0.0 },
+        postgres: if sys.with_postgres {
+            child::cpu_secs_by_comm("postgres")
+        } else {
+            0.0
+        },
         busy,
     }
 }
@@ -523,7 +672,14 @@ struct Run {
 }
 
 /// Runs one measurement against system `i`, sampling CPU over the window.
-fn measure(rt: &tokio::runtime::Runtime, rig: &Rig, i: usize, common: &Common, mode: Mode, connections: usize) -> Run {
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    rig: &Rig,
+    i: usize,
+    common: &Common,
+    mode: Mode,
+    connections: usize,
+) -> Run {
     let spec = Spec {
         target: rig.target(i),
         connections,
@@ -551,7 +707,11 @@ fn measure(rt: &tokio::runtime::Runtime, rig: &Rig, i: usize, common: &Common, m
     };
     let (a, b) = rx.recv().unwrap_or_default();
     let cpu = cpu_delta(a, b, common.duration.as_secs_f64());
-    Run { system: i, outcome, cpu }
+    Run {
+        system: i,
+        outcome,
+        cpu,
+    }
 }
 
 fn us_per_call(cpu_secs: f64, calls: u64) -> String {
@@ -595,17 +755,45 @@ const RUN_HEADER: &str = "| system | rep | load | calls/s | p50 | p99 | p99.9 | 
 fn print_machine(common: &Common, extra: &str) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<f64>().unwrap_or(0.0) / 1024.0 / 1024.0))
+        .and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+                    / 1024.0
+                    / 1024.0
+            })
+        })
         .unwrap_or(0.0);
-    println!("machine: {cpu}, {cores} cores, {mem:.0} GiB; load average {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     println!(
-        "settings: warm-up {:?}, window {:?}, {} reps, client threads {}, upstream threads {}, pinned {}{extra}",
-        common.warmup, common.duration, common.reps, common.client_threads, common.upstream_threads, common.pin
+        "machine: {cpu}, {cores} cores, {mem:.0} GiB; load average {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!(
+        "settings: warm-up {:?}, window {:?}, {} reps, client threads {}, upstream threads {}, pinned {}, client era {}, upstream era {}{extra}",
+        common.warmup,
+        common.duration,
+        common.reps,
+        common.client_threads,
+        common.upstream_threads,
+        common.pin,
+        common.era.as_str(),
+        common.upstream_era.as_str()
     );
 }
 
@@ -617,8 +805,12 @@ fn check_systems(rt: &tokio::runtime::Runtime, rig: &Rig) -> Result<(), String> 
         if s.gateway {
             rt.block_on(loadgen::wait_healthy(s.addr, Duration::from_secs(60)))?;
         }
-        rt.block_on(loadgen::probe(&rig.target(i)))
-            .map_err(|e| format!("{} ({}) does not answer a tools/call correctly: {e}", s.name, s.label))?;
+        rt.block_on(loadgen::probe(&rig.target(i))).map_err(|e| {
+            format!(
+                "{} ({}) does not answer a tools/call correctly: {e}",
+                s.name, s.label
+            )
+        })?;
     }
     Ok(())
 }
@@ -627,7 +819,9 @@ fn load(o: LoadOpts) -> Result<(), String> {
     let common = &o.common;
     let mut systems = o.systems.clone();
     if systems.iter().any(|s| s == "postgres") && !pg::PgServer::available() {
-        eprintln!("note: no PostgreSQL binaries on this machine; skipping the PostgreSQL configuration");
+        eprintln!(
+            "note: no PostgreSQL binaries on this machine; skipping the PostgreSQL configuration"
+        );
         systems.retain(|s| s != "postgres");
     }
     let mut rig = Rig::new(common)?;
@@ -638,7 +832,13 @@ fn load(o: LoadOpts) -> Result<(), String> {
     check_systems(&rt, &rig)?;
 
     println!("# intentgate-bench load\n");
-    print_machine(common, &format!(", server threads {}, tenants {}", o.server_threads, o.tenants));
+    print_machine(
+        common,
+        &format!(
+            ", server threads {}, tenants {}",
+            o.server_threads, o.tenants
+        ),
+    );
     println!("systems (idle CPU: the server's own CPU over 2 s without load):");
     for s in &rig.systems {
         let idle = s.pid.map(|pid| {
@@ -647,11 +847,17 @@ fn load(o: LoadOpts) -> Result<(), String> {
             (child::process_cpu_secs(pid).unwrap_or(0.0) - a) / 2.0
         });
         match idle {
-            Some(c) => println!("- {}: {} at {}; idle CPU {:.3} cores", s.name, s.label, s.addr, c),
+            Some(c) => println!(
+                "- {}: {} at {}; idle CPU {:.3} cores",
+                s.name, s.label, s.addr, c
+            ),
             None => println!("- {}: {} at {}", s.name, s.label, s.addr),
         }
     }
-    println!("\n## closed loop, {} connections\n\n{RUN_HEADER}", common.concurrency);
+    println!(
+        "\n## closed loop, {} connections\n\n{RUN_HEADER}",
+        common.concurrency
+    );
     let mut runs: Vec<Run> = Vec::new();
     for rep in 1..=common.reps.max(1) {
         for i in 0..rig.systems.len() {
@@ -669,18 +875,34 @@ fn load(o: LoadOpts) -> Result<(), String> {
         mine.get(mine.len() / 2).copied()
     };
     let sat: Vec<f64> = (0..rig.systems.len())
-        .map(|i| median(&runs.iter().filter(|r| r.system == i).map(|r| r.outcome.throughput()).collect::<Vec<_>>()))
+        .map(|i| {
+            median(
+                &runs
+                    .iter()
+                    .filter(|r| r.system == i)
+                    .map(|r| r.outcome.throughput())
+                    .collect::<Vec<_>>(),
+            )
+        })
         .collect();
     let cpu_per_call = |i: usize| -> f64 {
         let (cpu, calls) = runs
             .iter()
             .filter(|r| r.system == i)
-            .fold((0.0, 0u64), |(c, n), r| (c + r.cpu.server, n + r.outcome.ok));
-        if calls == 0 { f64::NAN } else { cpu / calls as f64 * 1e6 }
+            .fold((0.0, 0u64), |(c, n), r| {
+                (c + r.cpu.server, n + r.outcome.ok)
+            });
+        if calls == 0 {
+            f64::NAN
+        } else {
+            cpu / calls as f64 * 1e6
+        }
     };
     println!("\n## summary (median of {} reps)\n", common.reps.max(1));
-    println!("| system | calls/s | vs bare | p50 | p99 | p99.9 | server CPU µs/call | CPU vs bare |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| system | calls/s | vs bare | p50 | p99 | p99.9 | errors (all reps) | server CPU µs/call | CPU vs bare |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for i in 0..rig.systems.len() {
         let Some(m) = median_run(i) else { continue };
         let (ratio, cpu_ratio) = match bare {
@@ -692,14 +914,26 @@ fn load(o: LoadOpts) -> Result<(), String> {
         };
         let cpu = cpu_per_call(i);
         println!(
-            "| {} | {:.0} | {ratio} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {ratio} | {} | {} | {} | {} | {} | {} |",
             rig.systems[i].name,
             sat[i],
             fmt_ns(m.outcome.latency.p50),
             fmt_ns(m.outcome.latency.p99),
             fmt_ns(m.outcome.latency.p999),
-            if cpu.is_finite() && rig.systems[i].pid.is_some() { format!("{cpu:.1}") } else { "-".into() },
-            if rig.systems[i].pid.is_some() { cpu_ratio } else { "-".into() },
+            runs.iter()
+                .filter(|r| r.system == i)
+                .map(|r| r.outcome.errors)
+                .sum::<u64>(),
+            if cpu.is_finite() && rig.systems[i].pid.is_some() {
+                format!("{cpu:.1}")
+            } else {
+                "-".into()
+            },
+            if rig.systems[i].pid.is_some() {
+                cpu_ratio
+            } else {
+                "-".into()
+            },
         );
     }
 
@@ -710,17 +944,31 @@ fn load(o: LoadOpts) -> Result<(), String> {
             "\n## open loop at {:.0}% of each gateway's closed-loop saturation (latency from the scheduled send time)\n\n{RUN_HEADER}",
             o.open_fraction * 100.0
         );
-        for i in 0..rig.systems.len() {
+        for (i, &saturation) in sat.iter().enumerate() {
             let is_gw = rig.systems[i].gateway;
             if !is_gw && rig.systems.iter().any(|s| s.gateway) {
                 continue;
             }
-            let rate = (sat[i] * o.open_fraction).max(1.0);
-            let r = measure(&rt, &rig, i, common, Mode::Open { rate }, o.open_connections);
+            let rate = (saturation * o.open_fraction).max(1.0);
+            let r = measure(
+                &rt,
+                &rig,
+                i,
+                common,
+                Mode::Open { rate },
+                o.open_connections,
+            );
             print_run(&rig, &r, None);
             let p99 = r.outcome.latency.p99;
             if let Some(b) = bare.filter(|_| is_gw) {
-                let rb = measure(&rt, &rig, b, common, Mode::Open { rate }, o.open_connections);
+                let rb = measure(
+                    &rt,
+                    &rig,
+                    b,
+                    common,
+                    Mode::Open { rate },
+                    o.open_connections,
+                );
                 print_run(&rig, &rb, None);
             }
             if is_gw {
@@ -753,11 +1001,25 @@ fn load(o: LoadOpts) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         println!("\n## profiles (perf record, one extra closed-loop run per gateway)\n");
         for i in 0..rig.systems.len() {
-            let Some(pid) = rig.systems[i].pid.filter(|_| rig.systems[i].gateway) else { continue };
-            let file = dir.join(format!("{}.perf.data", rig.systems[i].name.replace('/', "-")));
+            let Some(pid) = rig.systems[i].pid.filter(|_| rig.systems[i].gateway) else {
+                continue;
+            };
+            let file = dir.join(format!(
+                "{}.perf.data",
+                rig.systems[i].name.replace('/', "-")
+            ));
             let secs = (common.warmup + common.duration).as_secs_f64();
             let mut perf = std::process::Command::new("perf")
-                .args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-p", &pid.to_string(), "-o"])
+                .args([
+                    "record",
+                    "-F",
+                    "499",
+                    "--call-graph",
+                    "dwarf,16384",
+                    "-p",
+                    &pid.to_string(),
+                    "-o",
+                ])
                 .arg(&file)
                 .args(["--", "sleep", &format!("{:.1}", secs)])
                 .stdout(std::process::Stdio::null())
@@ -784,14 +1046,17 @@ fn scale(o: ScaleOpts) -> Result<(), String> {
     let rt = runtime(common.client_threads)?;
     println!("# intentgate-bench scale\n");
     print_machine(common, &format!(", gateway store {}", o.store));
-    println!("\n## closed loop vs server worker threads, {} connections\n\n{RUN_HEADER}", common.concurrency);
+    println!(
+        "\n## closed loop vs server worker threads, {} connections\n\n{RUN_HEADER}",
+        common.concurrency
+    );
     let mut rows = Vec::new();
     for &t in &o.threads {
         let mut rig = Rig::new(common)?;
         rig.add("bare", t, 1, common)?;
         rig.add(&o.store, t, 1, common)?;
         check_systems(&rt, &rig)?;
-        let mut tput = vec![Vec::new(), Vec::new()];
+        let mut tput = [Vec::new(), Vec::new()];
         for rep in 1..=common.reps.max(1) {
             for (i, tp) in tput.iter_mut().enumerate() {
                 let r = measure(&rt, &rig, i, common, Mode::Closed, common.concurrency);
@@ -801,7 +1066,10 @@ fn scale(o: ScaleOpts) -> Result<(), String> {
         }
         rows.push((format!("{t} threads"), median(&tput[0]), median(&tput[1])));
     }
-    println!("\n## closed loop vs tenants ({} server threads)\n\n{RUN_HEADER}", o.server_threads);
+    println!(
+        "\n## closed loop vs tenants ({} server threads)\n\n{RUN_HEADER}",
+        o.server_threads
+    );
     for &n in &o.tenants {
         let mut rig = Rig::new(common)?;
         rig.add(&o.store, o.server_threads, n, common)?;
@@ -812,9 +1080,20 @@ fn scale(o: ScaleOpts) -> Result<(), String> {
             print_run(&rig, &r, Some(rep));
             tput.push(r.outcome.throughput());
         }
-        rows.push((format!("{n} tenants, {} threads", o.server_threads), f64::NAN, median(&tput)));
+        rows.push((
+            format!("{n} tenants, {} threads", o.server_threads),
+            f64::NAN,
+            median(&tput),
+        ));
     }
-    println!("\n## summary (median calls/s)\n\n| configuration | bare proxy | gateway ({}) | ratio |\n|---|---:|---:|---:|", o.store);
+    #[cfg(feature = "gateway")]
+    if !o.bundles.is_empty() {
+        scale_bundles(&o, &rt)?;
+    }
+    println!(
+        "\n## summary (median calls/s)\n\n| configuration | bare proxy | gateway ({}) | ratio |\n|---|---:|---:|---:|",
+        o.store
+    );
     for (label, b, g) in rows {
         let (bs, ratio) = if b.is_finite() {
             (format!("{b:.0}"), format!("{:.0}%", g / b * 100.0))
@@ -822,6 +1101,280 @@ fn scale(o: ScaleOpts) -> Result<(), String> {
             ("-".into(), "-".into())
         };
         println!("| {label} | {bs} | {g:.0} | {ratio} |");
+    }
+    Ok(())
+}
+
+/// Gateway memory and throughput as tenants get their own promoted policy bundle.
+#[cfg(feature = "gateway")]
+fn scale_bundles(o: &ScaleOpts, rt: &tokio::runtime::Runtime) -> Result<(), String> {
+    use hyper::Method;
+    let common = &o.common;
+    let most = o.bundles.iter().copied().max().unwrap_or(0).max(1);
+    let mut rig = Rig::new(common)?;
+    rig.add(&o.store, o.server_threads, most, common)?;
+    let all_tokens = rig.systems[0].tokens.clone();
+    rig.systems[0].tokens.truncate(1);
+    check_systems(rt, &rig)?;
+    let (addr, admin, pid) = (
+        rig.systems[0].addr,
+        rig.systems[0].admin_token.clone(),
+        rig.systems[0].pid.unwrap_or(0),
+    );
+    let source = std::fs::read_to_string(&common.policy)
+        .map_err(|e| format!("{}: {e}", common.policy.display()))?;
+    println!(
+        "\n## tenants with their own promoted bundle ({} server threads; each bundle: the default policy plus a per-tenant comment, so its own digest; a tenant with a promoted bundle also keeps its previous one built for rollback)\n",
+        o.server_threads
+    );
+    println!(
+        "| tenants with own bundle | admin time to draft + promote the step | gateway RSS | RSS per bundle since 0 | tenants driven | calls/s | p99 | errors |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let mut loaded = 0usize;
+    let mut rss0: Option<u64> = None;
+    let mut steps = o.bundles.clone();
+    steps.sort_unstable();
+    for &n in &steps {
+        let t = Instant::now();
+        while loaded < n {
+            let tenant = format!("bench-{loaded}");
+            let body = serde_json::json!({"rego_source": format!("{source}\n# bench tenant {loaded}\n"), "name": format!("scale-{loaded}")}).to_string();
+            let (status, reply) = rt.block_on(loadgen::admin(
+                addr,
+                Method::POST,
+                &format!("/v1/admin/policies/drafts?tenant={tenant}"),
+                &admin,
+                &body,
+            ))?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&reply).map_err(|e| format!("draft: HTTP {status}: {e}"))?;
+            let id = v.get("id").and_then(|i| i.as_str()).ok_or_else(|| {
+                format!("draft: HTTP {status}: {}", String::from_utf8_lossy(&reply))
+            })?;
+            let body = serde_json::json!({"draft_id": id}).to_string();
+            let (status, reply) = rt.block_on(loadgen::admin(
+                addr,
+                Method::POST,
+                &format!("/v1/admin/policies/active?tenant={tenant}"),
+                &admin,
+                &body,
+            ))?;
+            if !status.is_success() {
+                return Err(format!(
+                    "promote for {tenant}: HTTP {status}: {}",
+                    String::from_utf8_lossy(&reply)
+                ));
+            }
+            loaded += 1;
+        }
+        let admin_time = t.elapsed();
+        // Drive the loaded tenants (up to one per connection; tenant 0 when none is loaded).
+        rig.systems[0].tokens = all_tokens[..n.clamp(1, common.concurrency)].to_vec();
+        let r = measure(rt, &rig, 0, common, Mode::Closed, common.concurrency);
+        let rss = child::process_rss_kib(pid).unwrap_or(0);
+        let base = *rss0.get_or_insert(rss);
+        let per = if n > 0 {
+            format!("{:.0} KiB", (rss as f64 - base as f64) / n as f64)
+        } else {
+            "-".into()
+        };
+        println!(
+            "| {n} | {:.2}s | {:.1} MiB | {per} | {} | {:.0} | {} | {} |",
+            admin_time.as_secs_f64(),
+            rss as f64 / 1024.0,
+            rig.systems[0].tokens.len(),
+            r.outcome.throughput(),
+            fmt_ns(r.outcome.latency.p99),
+            r.outcome.errors
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// eras
+
+/// Whether the bare proxy (which translates nothing) can carry a client era to an upstream era.
+fn bare_carries(client: ClientEra, upstream: UpstreamEra) -> bool {
+    upstream == UpstreamEra::Dual || client == ClientEra::Handshake
+}
+
+#[cfg(feature = "gateway")]
+fn eras(o: ErasOpts) -> Result<(), String> {
+    let mut common = o.common.clone();
+    let first_upstream = *o.upstream_eras.first().ok_or("--upstream-eras is empty")?;
+    let first_client = *o.client_eras.first().ok_or("--client-eras is empty")?;
+    common.upstream_era = first_upstream;
+    common.era = first_client;
+    let common = &common;
+    let mut rig = Rig::new(common)?;
+    // (client era, upstream era, gateway system, bare system)
+    let mut cells: Vec<(ClientEra, UpstreamEra, usize, Option<usize>)> = Vec::new();
+    for (k, &u) in o.upstream_eras.iter().enumerate() {
+        if k > 0 {
+            rig.add_upstream(u, common)?;
+        }
+        rig.era = first_client;
+        let g = rig.systems.len();
+        rig.add(&o.store, o.server_threads, 1, common)?;
+        let b = if o.no_bare {
+            None
+        } else {
+            rig.add("bare", o.server_threads, 1, common)?;
+            Some(rig.systems.len() - 1)
+        };
+        for (j, &c) in o.client_eras.iter().enumerate() {
+            let gi = if j == 0 { g } else { rig.alias(g, c) };
+            let bi = b
+                .filter(|_| bare_carries(c, u))
+                .map(|b| if j == 0 { b } else { rig.alias(b, c) });
+            for i in [Some(gi), bi].into_iter().flatten() {
+                let s = &mut rig.systems[i];
+                let kind = if s.gateway { o.store.as_str() } else { "bare" };
+                s.name = format!("{kind} {}→{}", c.as_str(), u.as_str());
+            }
+            cells.push((c, u, gi, bi));
+        }
+    }
+    // Only the cells' systems are driven (a bare proxy in front of a handshake-only upstream
+    // exists for the handshake client alone).
+    let measured: Vec<usize> = cells
+        .iter()
+        .flat_map(|&(_, _, g, b)| [Some(g), b])
+        .flatten()
+        .collect();
+    let rt = runtime(common.client_threads)?;
+    for &i in &measured {
+        let s = &rig.systems[i];
+        if s.gateway {
+            rt.block_on(loadgen::wait_healthy(s.addr, Duration::from_secs(60)))?;
+        }
+        rt.block_on(loadgen::probe(&rig.target(i)))
+            .map_err(|e| format!("{} does not answer a tools/call correctly: {e}", s.name))?;
+    }
+    println!(
+        "# intentgate-bench eras
+"
+    );
+    print_machine(
+        common,
+        &format!(
+            ", gateway store {}, server threads {}",
+            o.store, o.server_threads
+        ),
+    );
+    println!(
+        "
+client eras: plain = header-less JSON-RPC (IntentGate SDKs); handshake = initialize once per connection, then Mcp-Session-Id + MCP-Protocol-Version {}; modern = MCP-Protocol-Version {} + Mcp-Method + Mcp-Name + params._meta on every call.",
+        loadgen::HANDSHAKE_VERSION,
+        loadgen::MODERN_VERSION
+    );
+    println!(
+        "upstream eras: dual = both revisions (the gateway finds 2026-07-28 by server/discover and talks to it statelessly); handshake = 2025-11-25 only, session-less requests refused with HTTP 400 -32600 (the gateway falls back to initialize and one pooled session)."
+    );
+    println!(
+        "
+## closed loop, {} connections (systems interleaved per rep)
+
+{RUN_HEADER}",
+        common.concurrency
+    );
+    let mut runs: Vec<Run> = Vec::new();
+    for rep in 1..=common.reps.max(1) {
+        for &i in &measured {
+            let r = measure(&rt, &rig, i, common, Mode::Closed, common.concurrency);
+            print_run(&rig, &r, Some(rep));
+            runs.push(r);
+        }
+    }
+    let agg = |i: usize| -> (f64, f64, f64, u64, f64) {
+        let mine: Vec<&Run> = runs.iter().filter(|r| r.system == i).collect();
+        let tput = median(
+            &mine
+                .iter()
+                .map(|r| r.outcome.throughput())
+                .collect::<Vec<_>>(),
+        );
+        let per_call: Vec<f64> = mine
+            .iter()
+            .filter(|r| r.outcome.ok > 0)
+            .map(|r| r.cpu.server / r.outcome.ok as f64 * 1e6)
+            .collect();
+        let lo = per_call.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = per_call.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut p99: Vec<f64> = mine.iter().map(|r| r.outcome.latency.p99 as f64).collect();
+        p99.sort_by(f64::total_cmp);
+        let errors = mine.iter().map(|r| r.outcome.errors).sum();
+        (
+            tput,
+            median(&per_call),
+            median(&p99),
+            errors,
+            (hi - lo).max(0.0),
+        )
+    };
+    println!("
+## matrix (median of {} reps; CPU µs/call is the server process's user+system CPU per completed call, range over reps in brackets)
+", common.reps.max(1));
+    println!(
+        "| client era | upstream era | gateway calls/s | gateway p99 | gateway CPU µs/call | errors | bare calls/s | bare CPU µs/call | gateway − bare µs/call |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let mut by_cell = Vec::new();
+    for &(c, u, g, b) in &cells {
+        let (gt, gc, gp99, ge, gspread) = agg(g);
+        let (bt, bc) = b
+            .map(|b| {
+                let (t, c, _, _, _) = agg(b);
+                (format!("{t:.0}"), c)
+            })
+            .unwrap_or(("(cannot carry)".into(), f64::NAN));
+        println!(
+            "| {} | {} | {gt:.0} | {} | {gc:.1} (±{:.0}) | {ge} | {bt} | {} | {} |",
+            c.as_str(),
+            u.as_str(),
+            fmt_ns(gp99 as u64),
+            gspread / 2.0,
+            if bc.is_finite() {
+                format!("{bc:.1}")
+            } else {
+                "-".into()
+            },
+            if bc.is_finite() {
+                format!("{:.1}", gc - bc)
+            } else {
+                "-".into()
+            },
+        );
+        by_cell.push((c, u, gt, gc));
+    }
+    println!(
+        "
+## issue 7: a modern-revision tools/call costs no more than a handshake-revision one
+"
+    );
+    for &u in &o.upstream_eras {
+        let get = |c: ClientEra| {
+            by_cell
+                .iter()
+                .find(|x| x.0 == c && x.1 == u)
+                .map(|x| (x.2, x.3))
+        };
+        if let (Some((mt, mc)), Some((ht, hc))) =
+            (get(ClientEra::Modern), get(ClientEra::Handshake))
+        {
+            println!(
+                "- upstream {}: modern {mc:.1} µs/call vs handshake {hc:.1} µs/call of gateway CPU ({:+.1}%), throughput {mt:.0} vs {ht:.0} calls/s ({:+.1}%): {}",
+                u.as_str(),
+                (mc / hc - 1.0) * 100.0,
+                (mt / ht - 1.0) * 100.0,
+                if mc <= hc * 1.03 {
+                    "met (within 3%)"
+                } else {
+                    "NOT met"
+                }
+            );
+        }
     }
     Ok(())
 }
@@ -844,7 +1397,10 @@ fn micro_main(o: MicroOpts) -> Result<(), String> {
                     .iter()
                     .map(|c| {
                         let (a, t) = c.split_once(':').unwrap_or((c, "1"));
-                        Ok((a.parse().map_err(|_| format!("bad case {c}"))?, t.parse().map_err(|_| format!("bad case {c}"))?))
+                        Ok((
+                            a.parse().map_err(|_| format!("bad case {c}"))?,
+                            t.parse().map_err(|_| format!("bad case {c}"))?,
+                        ))
                     })
                     .collect::<Result<_, String>>()?;
                 for b in &o.backends {
@@ -867,6 +1423,7 @@ fn micro_main(o: MicroOpts) -> Result<(), String> {
 
 #[cfg(feature = "gateway")]
 struct Promotion {
+    action: &'static str,
     sent: Duration,
     answered: Duration,
     digest: u64,
@@ -887,13 +1444,29 @@ fn swap(o: SwapOpts) -> Result<(), String> {
 
     // Two drafts that both allow the bench call and differ only in a comment, so each has its
     // own digest and the gateway's answers say which one decided.
-    let source = std::fs::read_to_string(&common.policy).map_err(|e| format!("{}: {e}", common.policy.display()))?;
+    let source = std::fs::read_to_string(&common.policy)
+        .map_err(|e| format!("{}: {e}", common.policy.display()))?;
     let mut drafts = Vec::new();
-    for (name, extra) in [("swap-a", "\n# bench variant a\n"), ("swap-b", "\n# bench variant b\n")] {
-        let body = serde_json::json!({"rego_source": format!("{source}{extra}"), "name": name}).to_string();
-        let (status, reply) = rt.block_on(loadgen::admin(addr, Method::POST, &format!("/v1/admin/policies/drafts?tenant={tenant}"), &admin, &body))?;
+    for (name, extra) in [
+        ("swap-a", "\n# bench variant a\n"),
+        ("swap-b", "\n# bench variant b\n"),
+    ] {
+        let body = serde_json::json!({"rego_source": format!("{source}{extra}"), "name": name})
+            .to_string();
+        let (status, reply) = rt.block_on(loadgen::admin(
+            addr,
+            Method::POST,
+            &format!("/v1/admin/policies/drafts?tenant={tenant}"),
+            &admin,
+            &body,
+        ))?;
         let v: serde_json::Value = serde_json::from_slice(&reply).map_err(|e| e.to_string())?;
-        let id = v.get("id").and_then(|i| i.as_str()).ok_or_else(|| format!("draft {name}: HTTP {status}: {}", String::from_utf8_lossy(&reply)))?;
+        let id = v.get("id").and_then(|i| i.as_str()).ok_or_else(|| {
+            format!(
+                "draft {name}: HTTP {status}: {}",
+                String::from_utf8_lossy(&reply)
+            )
+        })?;
         drafts.push(id.to_owned());
     }
     let promote = |id: &str| {
@@ -902,13 +1475,27 @@ fn swap(o: SwapOpts) -> Result<(), String> {
         let admin = admin.clone();
         async move { loadgen::admin(addr, Method::POST, &path, &admin, &body).await }
     };
+    let rollback = || {
+        let path = format!("/v1/admin/policies/rollback?tenant={tenant}");
+        let admin = admin.clone();
+        async move { loadgen::admin(addr, Method::POST, &path, &admin, "{}").await }
+    };
     let (status, reply) = rt.block_on(promote(&drafts[0]))?;
     if !status.is_success() {
-        return Err(format!("promote: HTTP {status}: {}", String::from_utf8_lossy(&reply)));
+        return Err(format!(
+            "promote: HTTP {status}: {}",
+            String::from_utf8_lossy(&reply)
+        ));
     }
 
     println!("# intentgate-bench swap\n");
-    print_machine(common, &format!(", gateway store {}, server threads {}, promote every {:?}", o.store, o.server_threads, o.every));
+    print_machine(
+        common,
+        &format!(
+            ", gateway store {}, server threads {}, promote every {:?}",
+            o.store, o.server_threads, o.every
+        ),
+    );
     let spec = Spec {
         target: rig.target(0),
         connections: common.concurrency,
@@ -931,6 +1518,7 @@ fn swap(o: SwapOpts) -> Result<(), String> {
         let ids = ids.clone();
         let digests = digests.clone();
         let promote = &promote;
+        let rollback = &rollback;
         let swapper = async move {
             let mut out = Vec::new();
             let mut k: u32 = 1;
@@ -940,10 +1528,16 @@ fn swap(o: SwapOpts) -> Result<(), String> {
                     break;
                 }
                 tokio::time::sleep_until(at.into()).await;
+                // Odd: promote draft b (a becomes the rollback target); even: roll back to a.
                 let i = (k % 2) as usize;
                 let sent = Instant::now();
-                let r = promote(&ids[i]).await;
+                let (action, r) = if i == 1 {
+                    ("promote", promote(&ids[1]).await)
+                } else {
+                    ("rollback", rollback().await)
+                };
                 out.push(Promotion {
+                    action,
                     sent: sent - t0,
                     answered: Instant::now() - t0,
                     digest: digests[i],
@@ -956,7 +1550,9 @@ fn swap(o: SwapOpts) -> Result<(), String> {
         tokio::join!(loadgen::run(&spec), swapper)
     });
 
-    println!("\n| run | calls/s | p50 | p99 | p99.9 | max | errors |\n|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "\n| run | calls/s | p50 | p99 | p99.9 | max | errors |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
     for (label, r) in [("no promotion", &base), ("promotion every interval", &run)] {
         println!(
             "| {label} | {:.0} | {} | {} | {} | {} | {} |",
@@ -973,13 +1569,19 @@ fn swap(o: SwapOpts) -> Result<(), String> {
     }
     // Per promotion: how long the admin call took, when the first call decided by the new
     // bundle completed, and until when calls decided by the old one kept completing.
-    println!("\n| promotion at | admin call | first call on new bundle (from promote sent) | last call on old bundle (after promote answered) |\n|---:|---:|---:|---:|");
+    println!(
+        "\n| swap at | action | admin call | first call on new bundle (from swap sent) | last call on old bundle (after swap answered) |\n|---:|---|---:|---:|---:|"
+    );
     let mut admin_lat = Vec::new();
     let mut first_new = Vec::new();
     let mut last_old = Vec::new();
     let ms = |d: f64| format!("{:.2}ms", d * 1e3);
     for (i, p) in promotions.iter().enumerate() {
-        let old = if i == 0 { digests[0] } else { promotions[i - 1].digest };
+        let old = if i == 0 {
+            digests[0]
+        } else {
+            promotions[i - 1].digest
+        };
         let next_sent = promotions.get(i + 1).map_or(Duration::MAX, |n| n.sent);
         let fnew = run
             .calls
@@ -999,8 +1601,9 @@ fn swap(o: SwapOpts) -> Result<(), String> {
         }
         last_old.push(lold.unwrap_or(0.0));
         println!(
-            "| {:.2}s | {}{} | {} | {} |",
+            "| {:.2}s | {} | {}{} | {} | {} |",
             p.sent.as_secs_f64(),
+            p.action,
             ms(adm),
             if p.ok { "" } else { " (FAILED)" },
             fnew.map_or("none".into(), ms),
@@ -1008,8 +1611,42 @@ fn swap(o: SwapOpts) -> Result<(), String> {
         );
     }
     let maxf = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
+    // Mis-attribution: a successful call whose answer names a bundle that was never active
+    // (no digest, or another one), or a call *sent* after a swap was answered (and completed
+    // before the next swap was sent) that reports the bundle the swap replaced. Calls in
+    // flight across a swap may finish on either bundle and are not counted.
+    let known = |d: u64| digests.contains(&d);
+    let unknown = run
+        .calls
+        .iter()
+        .filter(|c| c.ok && !known(c.digest))
+        .count();
+    let mut stale = 0usize;
+    let mut checked = 0usize;
+    for (i, p) in promotions.iter().enumerate() {
+        let next_sent = promotions.get(i + 1).map_or(Duration::MAX, |n| n.sent);
+        for c in run.calls.iter().filter(|c| c.ok && c.done < next_sent) {
+            let sent = c.done.saturating_sub(c.latency);
+            if sent >= p.answered && p.ok {
+                checked += 1;
+                if c.digest != p.digest {
+                    stale += 1;
+                }
+            }
+        }
+    }
+    let base_unknown = base
+        .calls
+        .iter()
+        .filter(|c| c.ok && c.digest != digests[0])
+        .count();
     println!(
-        "\npromotions: {} ({} failed); admin call median {} max {}; first call on the new bundle median {} max {}; old bundle drained within {} of the answer (max)",
+        "\nattribution: {} calls checked against the swap answered before they were sent: {stale} reported the replaced bundle; {unknown} successful calls (of {}) named no or an unknown bundle; baseline run: {base_unknown} calls not on bundle a",
+        checked,
+        run.calls.iter().filter(|c| c.ok).count()
+    );
+    println!(
+        "\nswaps: {} ({} failed); admin call median {} max {}; first call on the new bundle median {} max {}; old bundle drained within {} of the answer (max)",
         promotions.len(),
         promotions.iter().filter(|p| !p.ok).count(),
         ms(median(&admin_lat)),
@@ -1020,7 +1657,9 @@ fn swap(o: SwapOpts) -> Result<(), String> {
     );
     // Throughput and tail per 100 ms, without and with promotions: a promotion should not
     // show; a stall in both columns is the gateway's (or the machine's), not the swap's.
-    println!("\n| 100 ms bin | calls, no promotion | p99 | calls, with promotions | p99 | errors | promotion sent in bin |\n|---:|---:|---:|---:|---:|---:|---|");
+    println!(
+        "\n| 100 ms bin | calls, no promotion | p99 | calls, with promotions | p99 | errors | promotion sent in bin |\n|---:|---:|---:|---:|---:|---:|---|"
+    );
     let bins = (window.as_millis() / 100) as usize;
     let bin = |calls: &[loadgen::CallRecord], lo: Duration, hi: Duration| {
         let mut lat = stats::Samples::default();

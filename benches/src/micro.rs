@@ -22,11 +22,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use intentgate::audit::{AuditConfig, AuditEvent, AuditLog, Decision, LogKey, kinds};
-use intentgate::capability::{
-    CallContext, Caveat, DEFAULT_LEEWAY_SECS, MasterKey, MintRequest, RevocationSet, Token, Verifier,
-    mint,
-};
 use intentgate::bundles::{BundleSpec, Registry};
+use intentgate::capability::{
+    CallContext, Caveat, DEFAULT_LEEWAY_SECS, MasterKey, MintRequest, RevocationSet, Token,
+    Verifier, mint,
+};
 use intentgate::config::PolicySource;
 use intentgate::plugins::{CheckInput, TokenInput, Usage};
 use intentgate::store::{self, StoreConfig};
@@ -117,14 +117,21 @@ fn token_with_caveats(key: &MasterKey, n: usize) -> Result<String, String> {
         token = token.attenuate(caveat).map_err(|e| e.to_string())?;
     }
     if token.cav.len() != n {
-        return Err(format!("minted token has {} caveats, wanted {n}", token.cav.len()));
+        return Err(format!(
+            "minted token has {} caveats, wanted {n}",
+            token.cav.len()
+        ));
     }
     Ok(token.encode())
 }
 
 pub fn verify(reps: usize) -> Result<(), String> {
-    println!("\n## token verify (Verifier::authenticate: decode + HMAC chain + caveats + revocation)\n");
-    println!("| caveats | token bytes | on-CPU per verify (median of {reps}) | min..max | wall per verify | verifies/s/core |");
+    println!(
+        "\n## token verify (Verifier::authenticate: decode + HMAC chain + caveats + revocation)\n"
+    );
+    println!(
+        "| caveats | token bytes | on-CPU per verify (median of {reps}) | min..max | wall per verify | verifies/s/core |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|");
     let key = MasterKey::generate().map_err(|e| e.to_string())?;
     let verifier = Verifier::new(key.clone(), DEFAULT_LEEWAY_SECS);
@@ -137,7 +144,11 @@ pub fn verify(reps: usize) -> Result<(), String> {
             .authenticate(&token, now, &revoked)
             .map_err(|e| format!("token with {n} caveats does not verify: {e}"))?;
         let t = time_per_op(2_000, reps, || {
-            black_box(verifier.authenticate(black_box(&token), now, &revoked).is_ok());
+            black_box(
+                verifier
+                    .authenticate(black_box(&token), now, &revoked)
+                    .is_ok(),
+            );
         });
         println!(
             "| {n} | {} | {} | {}..{} | {} | {:.0} |",
@@ -163,7 +174,10 @@ pub fn verify(reps: usize) -> Result<(), String> {
     let t = time_per_op(100_000, reps, || {
         black_box(grant.authorize(black_box(&ctx)).is_ok());
     });
-    println!("\nGrant::authorize (4 caveats, tool `echo`): {} on-CPU per call", ns(t.cpu));
+    println!(
+        "\nGrant::authorize (4 caveats, tool `echo`): {} on-CPU per call",
+        ns(t.cpu)
+    );
     Ok(())
 }
 
@@ -206,29 +220,61 @@ fn tool_call_event(tenant: &str, n: u64) -> AuditEvent {
     e
 }
 
-/// The durability floor: latency of appending 4 KiB to a file and `fdatasync`-ing it, in the
-/// directory the stores use. Every audited call waits for at least one such flush (SQLite WAL
-/// with `synchronous=FULL`, PostgreSQL with `synchronous_commit=on`).
+/// The durability floor: latency of writing 4 KiB to a file and `fdatasync`-ing it, in the
+/// directory the stores use, both appending (the file grows: the filesystem journal commits
+/// too) and overwriting a preallocated region (as a reused SQLite WAL or PostgreSQL WAL segment
+/// does). Every audited call waits for at least one such flush (SQLite WAL with
+/// `synchronous=FULL`, PostgreSQL with `synchronous_commit=on`).
 pub fn fsync(root: &Path, n: usize) -> Result<(), String> {
     use std::io::Write;
+    use std::os::unix::fs::FileExt;
     let dir = tempfile::Builder::new()
         .prefix("intentgate-bench-fsync-")
         .tempdir_in(root)
         .map_err(|e| e.to_string())?;
-    let mut f = std::fs::File::create(dir.path().join("probe")).map_err(|e| e.to_string())?;
     let block = [0x5au8; 4096];
-    let mut samples = Samples::with_capacity(n);
-    for i in 0..n + 10 {
-        f.write_all(&block).map_err(|e| e.to_string())?;
-        let t = Instant::now();
-        f.sync_data().map_err(|e| e.to_string())?;
-        if i >= 10 {
-            samples.push(t.elapsed());
+    let e = |e: std::io::Error| e.to_string();
+    println!(
+        "\n## fsync floor ({}: 4 KiB write + fdatasync, {n} times each)\n",
+        root.display()
+    );
+    println!("| write | p50 | p90 | p99 | max |\n|---|---:|---:|---:|---:|");
+    for append in [true, false] {
+        let path = dir.path().join(if append { "append" } else { "overwrite" });
+        let mut f = std::fs::File::create(&path).map_err(e)?;
+        if !append {
+            for _ in 0..256 {
+                f.write_all(&block).map_err(e)?;
+            }
+            f.sync_all().map_err(e)?;
         }
+        let mut samples = Samples::with_capacity(n);
+        for i in 0..n + 10 {
+            if append {
+                f.write_all(&block).map_err(e)?;
+            } else {
+                f.write_at(&block, (i as u64 % 256) * 4096).map_err(e)?;
+            }
+            let t = Instant::now();
+            f.sync_data().map_err(e)?;
+            if i >= 10 {
+                samples.push(t.elapsed());
+            }
+        }
+        let s = samples.summary();
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            if append {
+                "append (file grows)"
+            } else {
+                "overwrite (preallocated)"
+            },
+            fmt_ns(s.p50),
+            fmt_ns(s.p90),
+            fmt_ns(s.p99),
+            fmt_ns(s.max)
+        );
     }
-    let s = samples.summary();
-    println!("\n## fsync floor ({}: append 4 KiB + fdatasync, {n} times)\n", root.display());
-    println!("p50 {}, p90 {}, p99 {}, max {}", fmt_ns(s.p50), fmt_ns(s.p90), fmt_ns(s.p99), fmt_ns(s.max));
     Ok(())
 }
 
@@ -308,9 +354,17 @@ async fn audit_case(
         events_per_commit: {
             let events = after.events.saturating_sub(before.events);
             let batches = after.batches.saturating_sub(before.batches);
-            if batches > 0 { events as f64 / batches as f64 } else { f64::NAN }
+            if batches > 0 {
+                events as f64 / batches as f64
+            } else {
+                f64::NAN
+            }
         },
-        cpu_us_per_event: if ok > 0 { cpu / ok as f64 * 1e6 } else { f64::NAN },
+        cpu_us_per_event: if ok > 0 {
+            cpu / ok as f64 * 1e6
+        } else {
+            f64::NAN
+        },
         latency: all.summary(),
     }
 }
@@ -347,7 +401,9 @@ pub async fn audit(
         }
         "postgres" => {
             let pg = crate::pg::PgServer::start(root)?;
-            let cfg = StoreConfig::Postgres { url: pg.url.clone() };
+            let cfg = StoreConfig::Postgres {
+                url: pg.url.clone(),
+            };
             _pg = Holder::Pg(pg);
             (cfg, "PostgreSQL (fsync=on, synchronous_commit=on)")
         }
@@ -359,7 +415,9 @@ pub async fn audit(
         .await
         .map_err(|e| e.to_string())?;
     println!("\n## audit append, {label}, group commit (AuditConfig::default())\n");
-    println!("| appenders | tenants | events/s | events/commit | bench-process CPU µs/event | append p50 | p99 | p99.9 | failed |");
+    println!(
+        "| appenders | tenants | events/s | events/commit | bench-process CPU µs/event | append p50 | p99 | p99.9 | failed |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &(appenders, tenants) in cases {
         let c = audit_case(&log, appenders, tenants, warmup, duration).await;
@@ -387,9 +445,15 @@ enum Holder {
 /// `Snapshot::intent`, `Snapshot::policy` and `Snapshot::budget` on pooled instances
 /// (one tenant, so every call after the warm-up reuses an instance).
 pub fn plugin(reps: usize, policy: &Path) -> Result<(), String> {
-    println!("\n## plugin evaluate (default bundle: built-in intent, policy-rego, budget components)\n");
+    println!(
+        "\n## plugin evaluate (default bundle: built-in intent, policy-rego, budget components)\n"
+    );
     let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
-    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
     let mut tests = Vec::new();
     if let Some(stem) = policy.file_stem() {
         let t = policy.with_file_name(format!("{}_test.rego", stem.to_string_lossy()));
@@ -426,29 +490,62 @@ pub fn plugin(reps: usize, policy: &Path) -> Result<(), String> {
         usage: Usage::default(),
     };
     let intent = snap.intent(&input).map_err(|e| e.to_string())?;
-    let verdict = snap.policy(&input, &intent.record).map_err(|e| e.to_string())?;
+    let verdict = snap
+        .policy(&input, &intent.record)
+        .map_err(|e| e.to_string())?;
     if !verdict.is_allow() {
-        return Err(format!("policy {} does not allow the bench call: {}", policy.display(), verdict.reason));
+        return Err(format!(
+            "policy {} does not allow the bench call: {}",
+            policy.display(),
+            verdict.reason
+        ));
     }
     println!("policy: {}", policy.display());
-    println!("compile the built-in components (Registry::builtin_with_default): {}", fmt_ns(compile.as_nanos() as u64));
-    println!("first snapshot for a tenant (instantiate + configure, incl. Rego parse): {}\n", fmt_ns(first_snapshot.as_nanos() as u64));
-    println!("| stage | on-CPU per call (median of {reps}) | min..max | wall per call | calls/s/core |");
+    println!(
+        "compile the built-in components (Registry::builtin_with_default): {}",
+        fmt_ns(compile.as_nanos() as u64)
+    );
+    println!(
+        "first snapshot for a tenant (instantiate + configure, incl. Rego parse): {}\n",
+        fmt_ns(first_snapshot.as_nanos() as u64)
+    );
+    println!(
+        "| stage | on-CPU per call (median of {reps}) | min..max | wall per call | calls/s/core |"
+    );
     println!("|---|---:|---:|---:|---:|");
     let row = |label: &str, t: PerOp| {
-        println!("| {label} | {} | {}..{} | {} | {:.0} |", ns(t.cpu), ns(t.cpu_min), ns(t.cpu_max), ns(t.wall), 1e9 / t.cpu);
+        println!(
+            "| {label} | {} | {}..{} | {} | {:.0} |",
+            ns(t.cpu),
+            ns(t.cpu_min),
+            ns(t.cpu_max),
+            ns(t.wall),
+            1e9 / t.cpu
+        );
     };
-    row("intent", time_per_op(500, reps, || {
-        black_box(snap.intent(black_box(&input)).is_ok());
-    }));
-    row("policy (Rego)", time_per_op(500, reps, || {
-        black_box(snap.policy(black_box(&input), &intent.record).is_ok());
-    }));
-    row("budget", time_per_op(500, reps, || {
-        black_box(snap.budget(black_box(&input)).is_ok());
-    }));
-    row("all three (Snapshot::decide)", time_per_op(500, reps, || {
-        black_box(snap.decide(black_box(&input)).is_ok());
-    }));
+    row(
+        "intent",
+        time_per_op(500, reps, || {
+            black_box(snap.intent(black_box(&input)).is_ok());
+        }),
+    );
+    row(
+        "policy (Rego)",
+        time_per_op(500, reps, || {
+            black_box(snap.policy(black_box(&input), &intent.record).is_ok());
+        }),
+    );
+    row(
+        "budget",
+        time_per_op(500, reps, || {
+            black_box(snap.budget(black_box(&input)).is_ok());
+        }),
+    );
+    row(
+        "all three (Snapshot::decide)",
+        time_per_op(500, reps, || {
+            black_box(snap.decide(black_box(&input)).is_ok());
+        }),
+    );
     Ok(())
 }

@@ -88,7 +88,10 @@ impl PgServer {
             .output()
             .map_err(|e| format!("initdb: {e}"))?;
         if !out.status.success() {
-            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",

@@ -11,16 +11,56 @@ use std::process::{Command, Stdio};
 /// Stage of one frame by symbol prefix (checked innermost first). Order within the list does
 /// not matter: a frame names one stage.
 const STAGES: &[(&str, &[&str])] = &[
-    ("database driver (sqlx + SQLite engine / PostgreSQL protocol)", &["sqlx_", "sqlite3", "pcache1", "pager", "btree"]),
-    ("audit: event JSON, canonical form, chain hash, group-commit writer", &["intentgate::audit::"]),
-    ("plugins: wasm guest code + wasmtime (intent, policy, budget)", &["wasmtime", "intentgate::plugins::", "intentgate::bundles::", "cranelift", "regorus"]),
-    ("capability: token decode, HMAC chain, caveats, revocation", &["intentgate::capability::"]),
-    ("request decode: body read, depth check, JSON-RPC parse", &["intentgate::http::", "intentgate::mcp::jsonrpc::"]),
-    ("MCP handling (tools/call glue, result building)", &["intentgate::mcp::"]),
-    ("pipeline glue (inputs, charges, decision)", &["intentgate::pipeline::"]),
-    ("store (counters, revocation feed)", &["intentgate::store::"]),
-    ("forward to upstream (HTTP client, session)", &["intentgate::upstream::", "hyper_util::client", "hyper::client"]),
-    ("HTTP server (hyper accept, parse, write)", &["intentgate::server::"]),
+    (
+        "database driver (sqlx + SQLite engine / PostgreSQL protocol)",
+        &["sqlx_", "sqlite3", "pcache1", "pager", "btree"],
+    ),
+    (
+        "audit: event JSON, canonical form, chain hash, group-commit writer",
+        &["intentgate::audit::"],
+    ),
+    (
+        "plugins: wasm guest code + wasmtime (intent, policy, budget)",
+        &[
+            "wasmtime",
+            "intentgate::plugins::",
+            "intentgate::bundles::",
+            "cranelift",
+            "regorus",
+        ],
+    ),
+    (
+        "capability: token decode, HMAC chain, caveats, revocation",
+        &["intentgate::capability::"],
+    ),
+    (
+        "request decode: body read, depth check, JSON-RPC parse",
+        &["intentgate::http::", "intentgate::mcp::jsonrpc::"],
+    ),
+    (
+        "MCP handling (tools/call glue, result building)",
+        &["intentgate::mcp::"],
+    ),
+    (
+        "pipeline glue (inputs, charges, decision)",
+        &["intentgate::pipeline::"],
+    ),
+    (
+        "store (counters, revocation feed)",
+        &["intentgate::store::"],
+    ),
+    (
+        "forward to upstream (HTTP client, session)",
+        &[
+            "intentgate::upstream::",
+            "hyper_util::client",
+            "hyper::client",
+        ],
+    ),
+    (
+        "HTTP server (hyper accept, parse, write)",
+        &["intentgate::server::"],
+    ),
 ];
 
 const OTHER_HTTP_CLIENT: &str = "forward to upstream (HTTP client, session)";
@@ -144,8 +184,11 @@ pub fn report(file: &std::path::Path, us_per_call: Option<f64>) -> Result<(), St
         return Err(format!("no samples in {}", file.display()));
     }
     let mut rows: Vec<(&str, u64)> = counts.into_iter().collect();
-    rows.sort_by(|a, b| b.1.cmp(&a.1));
-    println!("## where the CPU goes: {} ({total} samples)\n", file.display());
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
+    println!(
+        "## where the CPU goes: {} ({total} samples)\n",
+        file.display()
+    );
     match us_per_call {
         Some(_) => println!("| stage | share of samples | ≈ CPU µs per call |\n|---|---:|---:|"),
         None => println!("| stage | share of samples |\n|---|---:|"),
@@ -159,7 +202,7 @@ pub fn report(file: &std::path::Path, us_per_call: Option<f64>) -> Result<(), St
     }
     println!("\n| thread | share of samples |\n|---|---:|");
     let mut threads: Vec<(String, u64)> = by_thread.into_iter().collect();
-    threads.sort_by(|a, b| b.1.cmp(&a.1));
+    threads.sort_by_key(|t| std::cmp::Reverse(t.1));
     for (t, n) in threads {
         println!("| {t} | {:.1}% |", n as f64 / total as f64 * 100.0);
     }
@@ -187,16 +230,28 @@ mod tests {
             f("intentgate::server::serve::{{closure}}", "bench"),
         ];
         assert!(classify(&sample).starts_with("audit"));
-        let jit = [f("[unknown]", "[JIT] tid 7"), f("wasmtime::runtime::func", "bench")];
+        let jit = [
+            f("[unknown]", "[JIT] tid 7"),
+            f("wasmtime::runtime::func", "bench"),
+        ];
         assert!(classify(&jit).starts_with("plugins"));
-        let jit = [f("[unknown]", "/tmp/perf-10150.map"), f("tokio::runtime::task", "bench")];
+        let jit = [
+            f("[unknown]", "/tmp/perf-10150.map"),
+            f("tokio::runtime::task", "bench"),
+        ];
         assert!(classify(&jit).starts_with("plugins"));
         let client = [
             f("__GI___writev", "libc.so.6"),
             f("hyper::proto::h1::io::Buffered<T,B>::poll_flush", "bench"),
-            f("<hyper::client::conn::http1::upgrades::UpgradeableConnection<I,B> as Future>::poll", "bench"),
+            f(
+                "<hyper::client::conn::http1::upgrades::UpgradeableConnection<I,B> as Future>::poll",
+                "bench",
+            ),
         ];
         assert!(classify(&client).starts_with("forward"));
-        assert!(parse_frame("\t ffffffff8142b2b4 __run_timers ([kernel.kallsyms])").is_some_and(|f| f.dso == "[kernel.kallsyms]"));
+        assert!(
+            parse_frame("\t ffffffff8142b2b4 __run_timers ([kernel.kallsyms])")
+                .is_some_and(|f| f.dso == "[kernel.kallsyms]")
+        );
     }
 }

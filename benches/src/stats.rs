@@ -15,11 +15,14 @@ pub struct Samples {
 
 impl Samples {
     pub fn with_capacity(n: usize) -> Self {
-        Samples { ns: Vec::with_capacity(n) }
+        Samples {
+            ns: Vec::with_capacity(n),
+        }
     }
 
     pub fn push(&mut self, d: Duration) {
-        self.ns.push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.ns
+            .push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     }
 
     #[cfg(test)]
