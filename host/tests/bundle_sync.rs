@@ -437,3 +437,62 @@ async fn a_template_plugin_uploaded_over_http_changes_decisions_without_restart(
     );
     tg.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pointer_to_the_default_bundle_means_each_replicas_own_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    let a = gateway::start(Backend::Sqlite, None, &["--demo", "--data-dir", d]).await;
+    let (token, _) = a
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_invoice"], "ttl_seconds": 600}))
+        .await;
+    promote_rego(&a, FREEZE).await;
+    let (status, _, _) = crate::support::http::send(
+        "DELETE",
+        &format!("{}/v1/admin/policies/active?tenant=acme", a.url),
+        &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert_eq!(denial(&a, &token).await, None);
+    a.shutdown().await;
+
+    // Restarted with another policy file: the stored "default" is this process's default, and
+    // the rollback target (the frozen draft) is still there.
+    let policies = tempfile::tempdir().expect("tempdir");
+    let file = policies.path().join("open.rego");
+    std::fs::write(
+        &file,
+        "package intentgate.policy\n\ndecision := {\"allow\": true, \"reason\": \"open house\"}\n",
+    )
+    .expect("write");
+    let b = gateway::start(
+        Backend::Sqlite,
+        None,
+        &[
+            "--demo",
+            "--data-dir",
+            d,
+            "--policy-file",
+            file.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    let ok = b
+        .tool_call(&token, "read_invoice", json!({"id": "INV-1"}))
+        .await;
+    let own_default = b.gw.pipeline.registry().default_spec().digest();
+    assert_eq!(
+        ok["result"]["_intentgate"]["bundle_digest"],
+        own_default.as_str(),
+        "{ok}"
+    );
+    let (status, v) = admin_post(&b, "/v1/admin/policies/rollback?tenant=acme", json!({})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        denial(&b, &token).await.as_deref(),
+        Some("frozen by the sync test")
+    );
+    b.shutdown().await;
+}

@@ -20,7 +20,14 @@ fn tagged_spec(tag: &str) -> BundleSpec {
 
 #[test]
 fn promote_and_rollback_under_load_never_fail_or_misattribute() {
-    let registry = registry().clone();
+    // This test is about attribution, not deadlines: a wall-clock deadline generous enough that
+    // a loaded 2-core machine descheduling a worker cannot turn a decision into a timeout.
+    let runtime = intentgate::plugins::Runtime::new(intentgate::plugins::Limits {
+        call_deadline: std::time::Duration::from_secs(10),
+        ..intentgate::plugins::Limits::default()
+    })
+    .expect("runtime");
+    let registry = intentgate::bundles::Registry::with_runtime(runtime).expect("registry");
     let tenant = "bundles-load";
     let mut tag_of: HashMap<String, String> = HashMap::new();
     let mut digests = Vec::new();

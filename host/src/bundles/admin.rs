@@ -193,7 +193,9 @@ async fn swap_and_store(
     let Some(persist) = registry.persist() else {
         return Ok(outcome);
     };
-    let stored = persist.set_pointer(&registry.status(tenant), actor).await;
+    let stored = persist
+        .set_pointer(&registry.stored_status(tenant), actor)
+        .await;
     if let Err(e) = stored {
         let (r2, t) = (registry.clone(), tenant.to_string());
         let undo =

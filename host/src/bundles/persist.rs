@@ -288,6 +288,9 @@ impl Persist {
     }
 }
 
+/// What a stored pointer says for "the default bundle of whichever replica reads it".
+pub const DEFAULT: &str = "default";
+
 /// Makes a registry follow the stored pointers.
 pub struct Follower {
     registry: Registry,
@@ -411,11 +414,30 @@ impl Follower {
     }
 
     async fn install(&self, p: &Pointer) -> Result<bool, PersistError> {
+        // `default` names whatever default bundle this replica was started with (its policy
+        // file may differ from the one of the replica that stored the pointer).
+        let default = self.registry.default_spec().digest();
+        let resolve = |d: &str| {
+            if d == DEFAULT {
+                default.clone()
+            } else {
+                d.to_string()
+            }
+        };
+        let mut p = Pointer {
+            active: resolve(&p.active),
+            previous: p.previous.as_deref().map(resolve),
+            ..p.clone()
+        };
         self.ensure(&p.tenant, &p.active).await?;
-        if let Some(previous) = &p.previous {
-            self.ensure(&p.tenant, previous).await?;
+        if let Some(previous) = &p.previous
+            && let Err(e) = self.ensure(&p.tenant, previous).await
+        {
+            // Only the rollback target is lost; the active bundle is what must load.
+            tracing::warn!(tenant = %p.tenant, "bundle sync: rollback target {previous} not loaded: {e}");
+            p.previous = None;
         }
-        let (registry, p) = (self.registry.clone(), p.clone());
+        let registry = self.registry.clone();
         let swapped = tokio::task::spawn_blocking(move || {
             registry.install(&p.tenant, &p.active, p.previous.as_deref())
         })

@@ -641,6 +641,23 @@ impl Registry {
         }
     }
 
+    /// The tenant's status as the store keeps it: the default bundle is named `default`, not
+    /// by its digest, because each replica's default depends on its own policy file.
+    pub fn stored_status(&self, tenant: &str) -> BundleStatus {
+        let mut status = self.status(tenant);
+        let default = self.inner.default_spec.digest();
+        let symbolic = |d: &mut String| {
+            if *d == default {
+                *d = super::persist::DEFAULT.to_string();
+            }
+        };
+        symbolic(&mut status.active);
+        if let Some(p) = status.previous.as_mut() {
+            symbolic(p);
+        }
+        status
+    }
+
     /// Every promote/rollback so far (oldest first).
     pub fn history(&self) -> Vec<SwapOutcome> {
         lock(&self.inner.history).clone()
