@@ -89,7 +89,19 @@ impl Denial {
             },
             Self::Audit(_) => (code::AUDIT_UNAVAILABLE, "audit log unavailable"),
         };
-        RpcError::new(code, message).with_data(Value::from(self.to_string()))
+        // Store errors carry database text (names, addresses): it goes to the log, not to the
+        // agent, which learns only that the dependency is down.
+        let data = match self {
+            Self::BudgetStore(detail) | Self::Audit(detail) => {
+                tracing::error!(check = self.check(), %detail, "call refused: store unavailable");
+                match self {
+                    Self::Audit(_) => "audit log unavailable".to_owned(),
+                    _ => "budget store unavailable".to_owned(),
+                }
+            }
+            _ => self.to_string(),
+        };
+        RpcError::new(code, message).with_data(Value::from(data))
     }
 }
 
@@ -248,8 +260,27 @@ impl Pipeline {
                 });
             }
         }
-        // A later round of a multi-round call was charged with its first round.
-        if call.round.is_some() {
+        // A later round of a multi-round call was charged with its first round; its sealed
+        // state is single-use (a conditional counter of 1 in the shared store, so a replay is
+        // refused on every replica), or a replayed state would be a free call.
+        if let Some(r) = call.round {
+            let nonce = Debit {
+                key: format!("round:{}:{}", r.call_event, r.number),
+                window: 0,
+                amount: 1,
+                limit: 1,
+            };
+            match self.store.charge(&nonce.key, 0, 1, 1).await {
+                Ok(ChargeOutcome::Charged { .. }) => {}
+                Ok(ChargeOutcome::Exceeded { .. }) => {
+                    return Err(Denial::Budget(
+                        "this round was already answered: a requestState is single-use".into(),
+                    ));
+                }
+                Err(e) => return Err(Denial::BudgetStore(e.to_string())),
+            }
+            // Given back if the decision cannot be made durable, so the client may retry.
+            findings.charges = vec![nonce];
             return Ok(());
         }
         // 4. budget: the bundle's ceilings, then the token's own limits.

@@ -1133,6 +1133,55 @@ async fn every_round_is_authorized() {
     gw.shutdown().await;
 }
 
+/// A sealed round state is single-use: replaying an answered round (which would skip the
+/// budget, charged once per call) is refused and never reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_state_is_single_use() {
+    let up = Upstream::shared(Kind::BothEras).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (tok, _) = token(&gw, &["confirm_transfer"], json!({})).await;
+    let m = marker("round-replay");
+    let args = json!({"amount": 7, "memo": m});
+    let round = |id: u64, extra: Value| {
+        let mut b = modern_body(
+            id,
+            "tools/call",
+            json!({"name": "confirm_transfer", "arguments": args}),
+        );
+        b["params"]["_meta"][CAPS] = json!({"elicitation": {}});
+        if let (Some(p), Some(e)) = (b["params"].as_object_mut(), extra.as_object()) {
+            p.extend(e.clone());
+        }
+        b
+    };
+    let (s, first) = modern(&gw, &tok, &round(1, json!({}))).await;
+    assert_eq!(s, 200, "{first}");
+    let state = first["result"]["requestState"]
+        .as_str()
+        .expect("requestState")
+        .to_owned();
+    let answer = json!({"inputResponses": {"confirm": {"action": "accept", "content": {"ok": true}}},
+                        "requestState": state});
+    let (s, second) = modern(&gw, &tok, &round(2, answer.clone())).await;
+    assert_eq!(s, 200, "{second}");
+    assert!(second.get("error").is_none(), "round 2 answered: {second}");
+    assert_eq!(up.calls_with(&m).len(), 2);
+    let (s, replay) = modern(&gw, &tok, &round(3, answer)).await;
+    assert_rpc_error(s, &replay, 200, BUDGET, "a replayed round");
+    assert!(
+        replay["error"]["data"]
+            .as_str()
+            .is_some_and(|d| d.contains("single-use")),
+        "{replay}"
+    );
+    assert_eq!(
+        up.calls_with(&m).len(),
+        2,
+        "the replay never reached the upstream"
+    );
+    gw.shutdown().await;
+}
+
 // --- replicas -----------------------------------------------------------------------------------
 
 /// Two gateways on one PostgreSQL database with the same master key: a handshake-era session
