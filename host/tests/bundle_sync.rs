@@ -496,3 +496,138 @@ async fn a_pointer_to_the_default_bundle_means_each_replicas_own_default() {
     );
     b.shutdown().await;
 }
+
+/// One admin call on `registry` for `tenant` (the superadmin's shape, as the router passes it).
+async fn call(
+    registry: &Registry,
+    tenant: &str,
+    method: hyper::Method,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> intentgate::bundles::admin::AdminReply {
+    handle(
+        registry,
+        AdminCall {
+            method: &method,
+            path,
+            query,
+            tenant,
+            actor: "ops",
+            body,
+        },
+    )
+    .await
+    .expect("route")
+}
+
+async fn sqlite_exec(store: &std::sync::Arc<dyn intentgate::store::Store>, sql: &str) {
+    match store.db() {
+        intentgate::store::Db::Sqlite(pool) => {
+            sqlx::query(sql).execute(&pool).await.expect(sql);
+        }
+        intentgate::store::Db::Postgres(_) => unreachable!("SQLite store"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_the_store_never_recorded_is_stored_before_it_is_promoted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = intentgate::store::connect(&intentgate::store::StoreConfig::Sqlite {
+        path: dir.path().join("gateway.db"),
+    })
+    .await
+    .expect("store");
+    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let a = Registry::with_runtime(runtime.clone()).expect("replica a");
+    a.attach_store(Persist::new(store.db()));
+    let tenant = "unstored";
+    let wasm = std::fs::read(intentgate::plugins::artifacts::TEST_CUSTOM_PATH).expect("artifact");
+
+    // The store refuses bundles and components: the upload and the draft are answered 503 and
+    // are not kept in memory either.
+    sqlite_exec(&store, "ALTER TABLE bundles RENAME TO bundles_away").await;
+    sqlite_exec(
+        &store,
+        "ALTER TABLE plugin_components RENAME TO plugin_components_away",
+    )
+    .await;
+    let r = call(
+        &a,
+        tenant,
+        hyper::Method::POST,
+        "/v1/admin/plugins",
+        Some("name=no-email"),
+        &wasm,
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        a.components().iter().all(|c| c.builtin),
+        "an upload the store refused stays in memory"
+    );
+    let spec = BundleSpec::builtin().with_policy_config(FREEZE.into());
+    let body = serde_json::to_vec(&json!({"name": "frozen", "spec": spec})).expect("json");
+    let r = call(
+        &a,
+        tenant,
+        hyper::Method::POST,
+        "/v1/admin/bundles",
+        None,
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        a.drafts(tenant).is_empty(),
+        "a draft the store refused stays in memory"
+    );
+    let r = call(
+        &a,
+        tenant,
+        hyper::Method::POST,
+        "/v1/admin/policies/drafts",
+        None,
+        &serde_json::to_vec(&json!({"rego_source": FREEZE})).expect("json"),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(a.drafts(tenant).is_empty());
+
+    // A draft only in memory (as one whose write failed before this fix): promoting it while the
+    // store still cannot record it is undone.
+    let info = a
+        .upload_component("no-email", &wasm, intentgate::plugins::World::CheckPlugin)
+        .expect("upload");
+    let mut spec = BundleSpec::builtin().with_policy_config(FREEZE.into());
+    spec.stages
+        .get_mut(&intentgate::plugins::Stage::Policy)
+        .expect("policy stage")
+        .push(intentgate::bundles::CheckSpec {
+            component: info.digest.clone(),
+            config: r#"{"deny": ["send_email"]}"#.into(),
+        });
+    let draft = a.create_draft(tenant, "custom", spec).expect("draft");
+    let promote = format!("/v1/admin/bundles/{}/promote", draft.digest);
+    let before = a.status(tenant);
+    let r = call(&a, tenant, hyper::Method::POST, &promote, None, b"").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(a.status(tenant), before, "the running bundle is unchanged");
+
+    // Once the store works again the promotion stores the bundle and its component first, so a
+    // replica starting on this store loads what the pointer names.
+    sqlite_exec(&store, "ALTER TABLE bundles_away RENAME TO bundles").await;
+    sqlite_exec(
+        &store,
+        "ALTER TABLE plugin_components_away RENAME TO plugin_components",
+    )
+    .await;
+    let r = call(&a, tenant, hyper::Method::POST, &promote, None, b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let b = Registry::with_runtime(runtime).expect("replica b");
+    Follower::new(b.clone(), Persist::new(store.db()))
+        .load_all()
+        .await
+        .expect("a replica loads every stored pointer");
+    assert_eq!(b.status(tenant).active, draft.digest);
+}

@@ -149,12 +149,18 @@ async fn store_component(
         .map_err(|e| error(503, e))
 }
 
-/// Store the draft when a store is attached.
+fn draft_exists(registry: &Registry, tenant: &str, digest: &str) -> bool {
+    registry.drafts(tenant).iter().any(|d| d.digest == digest)
+}
+
+/// Store the draft when a store is attached. When the store refuses it, a draft this request
+/// created is dropped again (`existed`: it was there before, and stays).
 async fn store_draft(
     registry: &Registry,
     tenant: &str,
     draft: &DraftInfo,
     actor: &str,
+    existed: bool,
 ) -> Result<(), AdminReply> {
     let Some(persist) = registry.persist() else {
         return Ok(());
@@ -162,7 +168,12 @@ async fn store_draft(
     persist
         .save_bundle(tenant, draft, actor)
         .await
-        .map_err(|e| error(503, e))
+        .map_err(|e| {
+            if !existed {
+                registry.delete_draft(tenant, &draft.digest);
+            }
+            error(503, e)
+        })
 }
 
 /// Mark the draft deleted when a store is attached.
@@ -176,10 +187,54 @@ async fn store_delete(registry: &Registry, tenant: &str, digest: &str) -> Result
         .map_err(|e| error(503, e))
 }
 
+/// Store (again) the bundles a pointer is about to name and their uploaded components, so a
+/// stored pointer never names a bundle the other replicas (or this one restarting) cannot load:
+/// a draft or component whose store write failed when it was made may still be in memory.
+/// Every write is idempotent.
+async fn store_pointed(
+    registry: &Registry,
+    persist: &super::persist::Persist,
+    tenant: &str,
+    actor: &str,
+) -> Result<(), super::persist::PersistError> {
+    let status = registry.status(tenant);
+    let drafts = registry.drafts(tenant);
+    let builtin: Vec<String> = registry
+        .components()
+        .into_iter()
+        .filter(|c| c.builtin)
+        .map(|c| c.digest)
+        .collect();
+    let default = registry.default_spec().digest();
+    for digest in std::iter::once(&status.active).chain(status.previous.as_ref()) {
+        if *digest == default {
+            continue;
+        }
+        let Some(draft) = drafts.iter().find(|d| d.digest == *digest) else {
+            continue;
+        };
+        for component in draft.spec.component_digests() {
+            if builtin.iter().any(|b| b == component) {
+                continue;
+            }
+            let info = registry
+                .components()
+                .into_iter()
+                .find(|c| c.digest == component);
+            if let (Some(info), Some(wasm)) = (info, registry.component_bytes(component)) {
+                persist.save_component(&info, &wasm, actor).await?;
+            }
+        }
+        persist.save_bundle(tenant, draft, actor).await?;
+    }
+    Ok(())
+}
+
 /// Make a swap (`promote` or `rollback`) and store the tenant's new pointer, which the other
 /// replicas follow. Both happen under the registry's swap gate, so this replica's follower
-/// cannot interleave an older pointer. When the store refuses the pointer the swap is undone
-/// and the caller gets 503: a swap is either on every replica or on none.
+/// cannot interleave an older pointer. The bundles the pointer names are stored first. When the
+/// store refuses either the swap is undone and the caller gets 503: a swap is either on every
+/// replica or on none.
 async fn swap_and_store(
     registry: &Registry,
     tenant: &str,
@@ -193,9 +248,14 @@ async fn swap_and_store(
     let Some(persist) = registry.persist() else {
         return Ok(outcome);
     };
-    let stored = persist
-        .set_pointer(&registry.stored_status(tenant), actor)
-        .await;
+    let stored = match store_pointed(registry, persist, tenant, actor).await {
+        Ok(()) => {
+            persist
+                .set_pointer(&registry.stored_status(tenant), actor)
+                .await
+        }
+        Err(e) => Err(e),
+    };
     if let Err(e) = stored {
         let (r2, t) = (registry.clone(), tenant.to_string());
         let undo =
@@ -256,12 +316,23 @@ async fn plugins(
                 "siem-formatter" => World::SiemFormatter,
                 other => return Err(error(400, format!("unknown world {other:?}"))),
             };
+            let known: Vec<String> = registry
+                .components()
+                .into_iter()
+                .map(|c| c.digest)
+                .collect();
             let r2 = registry.clone();
             let info = blocking(move || r2.upload_component(&name, &wasm, expect))
                 .await?
                 .map_err(|e| error(422, e))?;
             let detail = json!({"digest": info.digest, "world": info.world, "name": info.name});
-            store_component(registry, &info, call.actor).await?;
+            if let Err(e) = store_component(registry, &info, call.actor).await {
+                // Not stored, so not kept: a bundle naming it could not be loaded elsewhere.
+                if !known.contains(&info.digest) {
+                    registry.remove_component(&info.digest);
+                }
+                return Err(e);
+            }
             Ok(AdminReply {
                 status: 201,
                 body: json!(info),
@@ -334,13 +405,14 @@ async fn bundles(
         }
         ("POST", []) => {
             let body: DraftCreate = parse(call.body)?;
+            let existed = draft_exists(registry, &tenant, &body.spec.digest());
             let r2 = registry.clone();
             let t = tenant.clone();
             let draft = blocking(move || r2.create_draft(&t, &body.name, body.spec))
                 .await?
                 .map_err(bundle_error)?;
             let detail = json!({"digest": draft.digest, "name": draft.name});
-            store_draft(registry, call.tenant, &draft, call.actor).await?;
+            store_draft(registry, call.tenant, &draft, call.actor, existed).await?;
             Ok(AdminReply {
                 status: 201,
                 body: json!(draft),
@@ -572,12 +644,14 @@ async fn policies(
         ("POST", ["drafts"]) => {
             let body: PolicyDraftCreate = parse(call.body)?;
             let name = body.name.unwrap_or_else(|| "policy".into());
+            let existed = registry.drafts(&tenant);
             let (registry2, t) = (registry.clone(), tenant.clone());
             let draft = blocking(move || registry2.draft_policy(&t, &name, body.rego_source))
                 .await?
                 .map_err(|e| error(400, e))?;
+            let existed = existed.iter().any(|d| d.digest == draft.digest);
             let detail = json!({"id": draft.digest, "name": draft.name});
-            store_draft(registry, call.tenant, &draft, call.actor).await?;
+            store_draft(registry, call.tenant, &draft, call.actor, existed).await?;
             Ok(AdminReply {
                 status: 201,
                 body: draft_json(&tenant, &draft, true),

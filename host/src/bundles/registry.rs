@@ -440,6 +440,24 @@ impl Registry {
         self.add_component(name, wasm, false)
     }
 
+    /// Forget an uploaded component (the admin API undoes an upload the store did not record).
+    /// Built-ins and components a draft of any tenant names stay. Returns whether it went.
+    pub fn remove_component(&self, digest: &str) -> bool {
+        let drafts = read(&self.inner.drafts);
+        let used = drafts
+            .values()
+            .flat_map(|d| d.values())
+            .any(|d| d.spec.component_digests().any(|c| c == digest));
+        let mut infos = write(&self.inner.infos);
+        if used || infos.get(digest).is_none_or(|i| i.builtin) {
+            return false;
+        }
+        infos.remove(digest);
+        write(&self.inner.components).remove(digest);
+        write(&self.inner.wasm).remove(digest);
+        true
+    }
+
     /// Uploaded components (built-ins included).
     pub fn components(&self) -> Vec<ComponentInfo> {
         read(&self.inner.infos).values().cloned().collect()
