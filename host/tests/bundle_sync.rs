@@ -631,3 +631,37 @@ async fn a_bundle_the_store_never_recorded_is_stored_before_it_is_promoted() {
         .expect("a replica loads every stored pointer");
     assert_eq!(b.status(tenant).active, draft.digest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_dry_run_leaves_the_drafts_as_they_were() {
+    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let a = Registry::with_runtime(runtime).expect("registry");
+    let tenant = "dry-run-drafts";
+    let post = |path: &'static str, body: Value| {
+        let a = a.clone();
+        async move {
+            let body = serde_json::to_vec(&body).expect("json");
+            call(&a, tenant, hyper::Method::POST, path, None, &body).await
+        }
+    };
+    let dry_run = json!({"rego_source": FREEZE, "input": {"tool": "read_invoice"}});
+    // No draft before: none after.
+    let r = post("/v1/admin/policies/dry-run", dry_run.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["would_block"], 1, "{}", r.body);
+    assert!(a.drafts(tenant).is_empty(), "the dry-run left a draft");
+    // The operator's draft of the very same Rego survives a dry-run of it.
+    let r = post(
+        "/v1/admin/policies/drafts",
+        json!({"rego_source": FREEZE, "name": "mine"}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["id"].as_str().expect("id").to_string();
+    let r = post("/v1/admin/policies/dry-run", dry_run).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let drafts = a.drafts(tenant);
+    assert_eq!(drafts.len(), 1, "{drafts:?}");
+    assert_eq!(drafts[0].digest, id);
+    assert_eq!(drafts[0].name, "mine");
+}

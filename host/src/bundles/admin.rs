@@ -738,9 +738,9 @@ async fn policies(
                 let spec = registry2
                     .active_spec(&t)
                     .with_policy_config(body.rego_source);
-                let draft = registry2.create_draft(&t, "dry-run", spec)?;
-                let report = registry2.dry_run(&t, &draft.digest, &calls);
-                registry2.delete_draft(&t, &draft.digest);
+                // Evaluated as is, never inserted among the drafts: an operator's draft of the
+                // same content must survive the dry-run.
+                let report = registry2.dry_run_spec(&t, &spec, &calls);
                 report.map(|r| (r, calls))
             })
             .await?

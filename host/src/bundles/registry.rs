@@ -700,7 +700,18 @@ impl Registry {
         } else {
             self.find_spec(tenant, digest)?
         };
-        let snapshot = self.prepare(tenant, &spec)?;
+        self.dry_run_spec(tenant, &spec, calls)
+    }
+
+    /// Replay recorded calls against `spec` (validated like a draft, but never kept as one:
+    /// the tenant's drafts are not touched) without activating it or charging anything.
+    pub fn dry_run_spec(
+        &self,
+        tenant: &str,
+        spec: &BundleSpec,
+        calls: &[RecordedCall],
+    ) -> Result<DryRunReport, BundleError> {
+        let snapshot = self.prepare(tenant, spec)?;
         let mut report = DryRunReport {
             digest: snapshot.digest().to_string(),
             total: calls.len(),
