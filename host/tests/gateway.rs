@@ -324,3 +324,41 @@ async fn upstream_failures_are_not_authorization_blocks() {
     assert_eq!(v["error"]["data"]["upstream_status"], 0);
     tg.shutdown().await;
 }
+
+#[tokio::test]
+async fn raw_wasm_uploads_are_not_checked_as_json() {
+    let tg = demo_gateway(&[]).await;
+    // A component whose bytes hold more `[` than the JSON depth limit: judged as a component
+    // (422 here, it is not a valid one), never refused as "JSON nesting too deep".
+    let mut wasm = b"\0asm\x0d\0\x01\0".to_vec();
+    wasm.extend(std::iter::repeat_n(b'[', 10_000));
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let (status, _, body) = send(
+        "POST",
+        &format!("{}/v1/admin/plugins?tenant=acme&name=deep", tg.url),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/wasm"),
+        ],
+        wasm,
+    )
+    .await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(!text.contains("nesting"), "{status} {text}");
+    assert_eq!(status, 422, "{text}");
+    // A JSON body is still depth-checked.
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let (status, _, body) = send(
+        "POST",
+        &format!("{}/v1/admin/plugins?tenant=acme", tg.url),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        deep.into_bytes(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("nesting"));
+    tg.shutdown().await;
+}

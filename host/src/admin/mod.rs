@@ -245,7 +245,11 @@ pub async fn handle(gw: &Gateway, req: Request<Incoming>, remote: SocketAddr) ->
         Err(http::BodyError::TooLarge { .. }) => return AdminError::TooLarge.into_response(),
         Err(e) => return AdminError::BadRequest(e.to_string()).into_response(),
     };
-    if !body.is_empty() && !http::json_depth_within(&body, gw.config.max_json_depth) {
+    // A raw WebAssembly upload is not JSON: its bytes would count as brackets.
+    if !body.is_empty()
+        && !body.starts_with(b"\0asm")
+        && !http::json_depth_within(&body, gw.config.max_json_depth)
+    {
         return AdminError::BadRequest("JSON nesting too deep".into()).into_response();
     }
     let req = AdminRequest {
