@@ -296,7 +296,9 @@ fn health(gw: &Gateway) -> Response<Body> {
             "status": if fresh { "ok" } else { "degraded" },
             "version": env!("CARGO_PKG_VERSION"),
             "revocations_fresh": fresh,
-            "upstream": gw.upstream.as_ref().map(|u| u.uri().to_string()),
+            // Unauthenticated: whether an upstream is configured, never its URL (it may carry
+            // credentials in its userinfo or query).
+            "upstream_configured": gw.upstream.is_some(),
         }),
     )
 }

@@ -362,3 +362,22 @@ async fn raw_wasm_uploads_are_not_checked_as_json() {
     assert!(String::from_utf8_lossy(&body).contains("nesting"));
     tg.shutdown().await;
 }
+
+#[tokio::test]
+async fn healthz_does_not_reveal_the_upstream_url() {
+    let tg = gateway::start(
+        Backend::Sqlite,
+        Some("http://svc:hunter2@127.0.0.1:9/mcp?api_key=sekrit"),
+        &[],
+    )
+    .await;
+    let (status, _, body) = send("GET", &format!("{}/healthz", tg.url), &[], Vec::new()).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body);
+    for secret in ["hunter2", "sekrit", "127.0.0.1:9", "svc"] {
+        assert!(!text.contains(secret), "{text}");
+    }
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["upstream_configured"], true, "{v}");
+    tg.shutdown().await;
+}
