@@ -71,6 +71,9 @@ pub struct ServeArgs {
     /// Time allowed for a client to send its request headers, in milliseconds.
     #[arg(long, env = "INTENTGATE_HEADER_TIMEOUT_MS", default_value_t = 5000)]
     pub header_timeout_ms: u64,
+    /// Time allowed for a client to send its whole request body, in milliseconds (408 after).
+    #[arg(long, env = "INTENTGATE_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_timeout_ms: u64,
     /// Clock skew tolerated on token `nbf`, in seconds.
     #[arg(long, env = "INTENTGATE_CLOCK_LEEWAY_SECS", default_value_t = 30)]
     pub clock_leeway_secs: u64,
@@ -133,6 +136,7 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub max_json_depth: usize,
     pub header_timeout: Duration,
+    pub body_timeout: Duration,
     pub clock_leeway_secs: u64,
     pub revocation_max_staleness: Duration,
     pub arg_values: ArgValues,
@@ -219,6 +223,7 @@ impl std::fmt::Debug for Config {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_json_depth", &self.max_json_depth)
             .field("header_timeout", &self.header_timeout)
+            .field("body_timeout", &self.body_timeout)
             .field("clock_leeway_secs", &self.clock_leeway_secs)
             .field("revocation_max_staleness", &self.revocation_max_staleness)
             .field("arg_values", &self.arg_values)
@@ -332,6 +337,12 @@ impl ServeArgs {
             100,
             120_000,
         )?);
+        let body_timeout = Duration::from_millis(ranged(
+            "INTENTGATE_BODY_TIMEOUT_MS",
+            self.body_timeout_ms,
+            100,
+            600_000,
+        )?);
         ranged(
             "INTENTGATE_MAX_BODY_BYTES",
             self.max_body_bytes as u64,
@@ -407,6 +418,7 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
             max_json_depth: self.max_json_depth,
             header_timeout,
+            body_timeout,
             clock_leeway_secs: self.clock_leeway_secs,
             revocation_max_staleness: Duration::from_secs(staleness),
             arg_values: self.audit_persist_arg_values,

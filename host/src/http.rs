@@ -53,6 +53,24 @@ pub enum BodyError {
     TooLarge { limit: usize },
     #[error("request body could not be read: {0}")]
     Read(String),
+    #[error("request body not received within {} ms", .0.as_millis())]
+    Timeout(std::time::Duration),
+}
+
+/// [`read_body`] with a deadline for the whole body: a client that sends its body slowly (or
+/// never) cannot hold the request open longer than `deadline`.
+pub async fn read_body_within<B>(
+    body: B,
+    limit: usize,
+    deadline: std::time::Duration,
+) -> Result<Bytes, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    tokio::time::timeout(deadline, read_body(body, limit))
+        .await
+        .unwrap_or(Err(BodyError::Timeout(deadline)))
 }
 
 /// Reads a body completely, refusing more than `limit` bytes (checked against `Content-Length`

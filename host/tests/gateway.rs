@@ -381,3 +381,62 @@ async fn healthz_does_not_reveal_the_upstream_url() {
     assert_eq!(v["upstream_configured"], true, "{v}");
     tg.shutdown().await;
 }
+
+/// Sends `head` (request line and headers) on a fresh connection, never the body it announces,
+/// and returns what the server answers within `wait` (None when it answers nothing).
+async fn answer_without_body(tg: &TestGateway, head: &str, wait: Duration) -> Option<String> {
+    let mut conn = tokio::net::TcpStream::connect(tg.addr)
+        .await
+        .expect("connect");
+    conn.write_all(head.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(wait, conn.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_never_arrives_gets_408() {
+    let tg = demo_gateway(&["--body-timeout-ms", "300"]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "alice", "tools": ["echo"], "ttl_seconds": 600}))
+        .await;
+    for (path, auth) in [
+        ("/v1/mcp", token.as_str()),
+        ("/v1/tool-call", token.as_str()),
+        ("/v1/admin/bundles?tenant=acme", ADMIN_TOKEN),
+    ] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {auth}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"jsonrpc\""
+        );
+        let answer = answer_without_body(&tg, &head, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("{path}: no answer while the body never arrives"));
+        assert!(answer.starts_with("HTTP/1.1 408"), "{path}: {answer}");
+    }
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_call_without_a_token_is_refused_before_its_body_is_read() {
+    let tg = demo_gateway(&[]).await;
+    for path in ["/v1/mcp", "/v1/tool-call"] {
+        // Half a megabyte announced, none sent: refused at once, not after the body deadline.
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: 500000\r\n\r\n"
+        );
+        let answer = answer_without_body(&tg, &head, Duration::from_secs(3))
+            .await
+            .unwrap_or_else(|| panic!("{path}: not refused before the body"));
+        assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+        assert!(answer.contains("-32010"), "{path}: {answer}");
+        assert!(
+            answer.contains("missing bearer capability token"),
+            "{path}: {answer}"
+        );
+    }
+    tg.shutdown().await;
+}

@@ -240,9 +240,17 @@ pub async fn handle(gw: &Gateway, req: Request<Incoming>, remote: SocketAddr) ->
         return AdminError::Unauthorized.into_response();
     };
     let (parts, body) = req.into_parts();
-    let body = match http::read_body(body, gw.config.max_body_bytes).await {
+    let body = match http::read_body_within(body, gw.config.max_body_bytes, gw.config.body_timeout)
+        .await
+    {
         Ok(b) => b,
         Err(http::BodyError::TooLarge { .. }) => return AdminError::TooLarge.into_response(),
+        Err(e @ http::BodyError::Timeout(_)) => {
+            return http::json(
+                StatusCode::REQUEST_TIMEOUT,
+                &json!({"error": e.to_string()}),
+            );
+        }
         Err(e) => return AdminError::BadRequest(e.to_string()).into_response(),
     };
     // A raw WebAssembly upload is not JSON: its bytes would count as brackets.

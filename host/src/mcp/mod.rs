@@ -72,6 +72,10 @@ fn method_not_allowed() -> Response<Body> {
     resp
 }
 
+/// The most of a body read from a request without a bearer token (enough for any JSON-RPC
+/// envelope whose id the refusal echoes).
+const UNAUTHENTICATED_BODY_BYTES: usize = 16 << 10;
+
 /// Handles one HTTP request on an MCP endpoint.
 pub async fn handle(
     gw: &Gateway,
@@ -94,8 +98,27 @@ pub async fn handle(
         _ => return method_not_allowed(),
     }
     let (parts, body) = req.into_parts();
-    let bytes = match http::read_body(body, gw.config.max_body_bytes).await {
+    // Without a bearer token nothing here is authenticated: read no more of the body than it
+    // takes to echo the request's id in the refusal below, and refuse at once, unread, a body
+    // larger than that. Every body read has a deadline.
+    let has_token = http::bearer(&parts.headers).is_some();
+    let limit = if has_token {
+        gw.config.max_body_bytes
+    } else {
+        gw.config.max_body_bytes.min(UNAUTHENTICATED_BODY_BYTES)
+    };
+    let bytes = match http::read_body_within(body, limit, gw.config.body_timeout).await {
         Ok(b) => b,
+        Err(http::BodyError::TooLarge { .. }) if !has_token => {
+            let err = RpcError::new(code::CAPABILITY, "capability check failed")
+                .with_data(Value::from("missing bearer capability token"));
+            return rpc_response(StatusCode::UNAUTHORIZED, None, &err);
+        }
+        Err(e @ http::BodyError::Timeout(_)) => {
+            let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request")
+                .with_data(Value::from(e.to_string()));
+            return rpc_response(StatusCode::REQUEST_TIMEOUT, None, &err);
+        }
         Err(e @ http::BodyError::TooLarge { .. }) => {
             let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request")
                 .with_data(Value::from(e.to_string()));
