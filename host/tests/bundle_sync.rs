@@ -665,3 +665,106 @@ async fn a_policy_dry_run_leaves_the_drafts_as_they_were() {
     assert_eq!(drafts[0].digest, id);
     assert_eq!(drafts[0].name, "mine");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_over_a_pointer_another_replica_moved_is_refused_and_undone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = intentgate::store::connect(&intentgate::store::StoreConfig::Sqlite {
+        path: dir.path().join("gateway.db"),
+    })
+    .await
+    .expect("store");
+    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let a = Registry::with_runtime(runtime.clone()).expect("replica a");
+    let b = Registry::with_runtime(runtime).expect("replica b");
+    a.attach_store(Persist::new(store.db()));
+    b.attach_store(Persist::new(store.db()));
+    let mut follow_b = Follower::new(b.clone(), Persist::new(store.db()));
+    let tenant = "cas";
+    let draft = |registry: &Registry, tag: &'static str| {
+        let registry = registry.clone();
+        async move {
+            let rego = format!(
+                "package intentgate.policy\n\ndecision := {{\"allow\": true, \"reason\": \"{tag}\"}}\n"
+            );
+            let body =
+                serde_json::to_vec(&json!({"rego_source": rego, "name": tag})).expect("json");
+            let r = call(
+                &registry,
+                tenant,
+                hyper::Method::POST,
+                "/v1/admin/policies/drafts",
+                None,
+                &body,
+            )
+            .await;
+            assert_eq!(r.status, 201, "{}", r.body);
+            r.body["id"].as_str().expect("id").to_string()
+        }
+    };
+    let promote = |registry: &Registry, id: String| {
+        let registry = registry.clone();
+        async move {
+            let body = serde_json::to_vec(&json!({"draft_id": id})).expect("json");
+            call(
+                &registry,
+                tenant,
+                hyper::Method::POST,
+                "/v1/admin/policies/active",
+                None,
+                &body,
+            )
+            .await
+        }
+    };
+    let from_a = draft(&a, "from a").await;
+    let from_b = draft(&b, "from b").await;
+
+    // a promotes; b has not followed yet and still runs the default bundle.
+    let r = promote(&a, from_a.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(b.status(tenant).is_default);
+    // b's promotion would overwrite a's without b ever having run it: refused and undone.
+    let r = promote(&b, from_b.clone()).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("changed on another replica"),
+        "{}",
+        r.body
+    );
+    assert!(r.event.is_none());
+    assert!(b.status(tenant).is_default, "b's swap was not undone");
+    let persist = Persist::new(store.db());
+    let stored = persist
+        .pointer(tenant)
+        .await
+        .expect("read")
+        .expect("pointer");
+    assert_eq!(stored.active, from_a, "a's promotion was overwritten");
+
+    // Once b follows, its promotion goes through, and then a's next swap is the one refused.
+    follow_b.poll().await.expect("poll");
+    assert_eq!(b.status(tenant).active, from_a);
+    let r = promote(&b, from_b.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let stored = persist
+        .pointer(tenant)
+        .await
+        .expect("read")
+        .expect("pointer");
+    assert_eq!((stored.active.as_str(), stored.seq), (from_b.as_str(), 2));
+    let r = call(
+        &a,
+        tenant,
+        hyper::Method::POST,
+        "/v1/admin/policies/rollback",
+        None,
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(a.status(tenant).active, from_a);
+}

@@ -234,7 +234,9 @@ async fn store_pointed(
 /// replicas follow. Both happen under the registry's swap gate, so this replica's follower
 /// cannot interleave an older pointer. The bundles the pointer names are stored first. When the
 /// store refuses either the swap is undone and the caller gets 503: a swap is either on every
-/// replica or on none.
+/// replica or on none. The pointer is a compare-and-set on the `seq` this replica runs: when
+/// another replica swapped meanwhile, the swap here is undone too and the caller gets 409 (this
+/// replica's follower brings it up to date; then a retry works).
 async fn swap_and_store(
     registry: &Registry,
     tenant: &str,
@@ -251,32 +253,44 @@ async fn swap_and_store(
     let stored = match store_pointed(registry, persist, tenant, actor).await {
         Ok(()) => {
             persist
-                .set_pointer(&registry.stored_status(tenant), actor)
+                .set_pointer(
+                    &registry.stored_status(tenant),
+                    actor,
+                    registry.pointer_seq(tenant),
+                )
                 .await
         }
         Err(e) => Err(e),
     };
-    if let Err(e) = stored {
-        let (r2, t) = (registry.clone(), tenant.to_string());
-        let undo =
-            blocking(move || r2.install(&t, &before.active, before.previous.as_deref())).await;
-        return Err(match undo {
-            Ok(Ok(_)) => error(
-                503,
-                format!(
-                    "not swapped: the store did not record it ({e}); the running bundle is unchanged"
-                ),
+    let e = match stored {
+        Ok(seq) => {
+            registry.set_pointer_seq(tenant, seq);
+            return Ok(outcome);
+        }
+        Err(e) => e,
+    };
+    let conflict = matches!(e, super::persist::PersistError::Conflict(_));
+    let (r2, t) = (registry.clone(), tenant.to_string());
+    let undo = blocking(move || r2.install(&t, &before.active, before.previous.as_deref())).await;
+    Err(match undo {
+        Ok(Ok(_)) if conflict => error(
+            409,
+            "this tenant's bundle was changed on another replica; retry",
+        ),
+        Ok(Ok(_)) => error(
+            503,
+            format!(
+                "not swapped: the store did not record it ({e}); the running bundle is unchanged"
             ),
-            Ok(Err(u)) => error(
-                500,
-                format!(
-                    "the store did not record the swap ({e}) and undoing it failed ({u}): this replica runs a bundle the others do not"
-                ),
+        ),
+        Ok(Err(u)) => error(
+            500,
+            format!(
+                "the store did not record the swap ({e}) and undoing it failed ({u}): this replica runs a bundle the others do not"
             ),
-            Err(join) => join,
-        });
-    }
-    Ok(outcome)
+        ),
+        Err(join) => join,
+    })
 }
 
 #[derive(Deserialize)]

@@ -40,6 +40,9 @@ pub enum PersistError {
     /// A blocking task failed.
     #[error("worker failed: {0}")]
     Join(String),
+    /// The stored pointer is not the one this replica runs: another replica swapped meanwhile.
+    #[error("the stored pointer of tenant {0} moved on another replica")]
+    Conflict(String),
 }
 
 /// One tenant's pointer row.
@@ -164,52 +167,63 @@ impl Persist {
         Ok(())
     }
 
-    /// Write the tenant's pointer after a swap; returns the new `seq`. On PostgreSQL the same
-    /// transaction notifies the other replicas.
+    /// Write the tenant's pointer after a swap, as a compare-and-set: only when the stored
+    /// pointer is still at `expected` (the `seq` this replica last applied or wrote; `None`: the
+    /// tenant has no stored pointer yet). Returns the new `seq`, or [`PersistError::Conflict`]
+    /// when another replica moved the pointer meanwhile. On PostgreSQL the same transaction
+    /// notifies the other replicas.
     pub async fn set_pointer(
         &self,
         status: &BundleStatus,
         actor: &str,
+        expected: Option<i64>,
     ) -> Result<i64, PersistError> {
-        let sql = "INSERT INTO bundle_pointers (tenant, active_digest, previous_digest, seq, updated_by, updated_at) \
-                   VALUES ($1, $2, $3, 1, $4, $5) ON CONFLICT (tenant) DO UPDATE SET \
-                   active_digest = excluded.active_digest, previous_digest = excluded.previous_digest, \
-                   seq = bundle_pointers.seq + 1, updated_by = excluded.updated_by, updated_at = excluded.updated_at \
-                   RETURNING seq";
-        let seq: i64 = match &self.db {
-            Db::Sqlite(pool) => {
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                let seq = sqlx::query_scalar(sql)
+        let sql = match expected {
+            Some(_) => {
+                "UPDATE bundle_pointers SET active_digest = $2, previous_digest = $3, seq = seq + 1, \
+                 updated_by = $4, updated_at = $5 WHERE tenant = $1 AND seq = $6 RETURNING seq"
+            }
+            None => {
+                "INSERT INTO bundle_pointers (tenant, active_digest, previous_digest, seq, updated_by, updated_at) \
+                 VALUES ($1, $2, $3, 1, $4, $5) ON CONFLICT (tenant) DO NOTHING RETURNING seq"
+            }
+        };
+        macro_rules! write_pointer {
+            ($tx:expr) => {{
+                let mut q = sqlx::query_scalar(sql)
                     .bind(&status.tenant)
                     .bind(&status.active)
                     .bind(&status.previous)
                     .bind(actor)
-                    .bind(now())
-                    .fetch_one(&mut *tx)
-                    .await?;
+                    .bind(now());
+                if let Some(seq) = expected {
+                    q = q.bind(seq);
+                }
+                q.fetch_optional(&mut *$tx).await?
+            }};
+        }
+        let seq: Option<i64> = match &self.db {
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let seq = write_pointer!(tx);
                 tx.commit().await?;
                 seq
             }
             Db::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                let seq = sqlx::query_scalar(sql)
-                    .bind(&status.tenant)
-                    .bind(&status.active)
-                    .bind(&status.previous)
-                    .bind(actor)
-                    .bind(now())
-                    .fetch_one(&mut *tx)
-                    .await?;
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(CHANNEL)
-                    .bind(&status.tenant)
-                    .execute(&mut *tx)
-                    .await?;
+                let seq = write_pointer!(tx);
+                if seq.is_some() {
+                    sqlx::query("SELECT pg_notify($1, $2)")
+                        .bind(CHANNEL)
+                        .bind(&status.tenant)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 tx.commit().await?;
                 seq
             }
         };
-        Ok(seq)
+        seq.ok_or_else(|| PersistError::Conflict(status.tenant.clone()))
     }
 
     /// Every tenant's pointer.
@@ -350,6 +364,8 @@ impl Follower {
             match self.install(&pointer).await {
                 Ok(swapped) => {
                     self.seen.insert(pointer.tenant.clone(), pointer.seq);
+                    // Swaps made here from now on compare-and-set against this pointer.
+                    self.registry.set_pointer_seq(&pointer.tenant, pointer.seq);
                     if swapped {
                         changed.push(pointer.tenant.clone());
                     }

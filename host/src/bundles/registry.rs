@@ -191,6 +191,9 @@ struct Inner {
     drafts: RwLock<HashMap<String, BTreeMap<String, DraftInfo>>>,
     tenants: ArcSwap<HashMap<String, Arc<TenantSlot>>>,
     history: Mutex<Vec<SwapOutcome>>,
+    /// Per tenant, the `seq` of the stored pointer this replica runs (applied by the follower
+    /// or written by a swap here): a swap stores its pointer only over that one.
+    pointer_seqs: Mutex<HashMap<String, i64>>,
     persist: std::sync::OnceLock<super::persist::Persist>,
     /// Held while a swap is made and stored, and while a follower applies a stored pointer, so
     /// a follower can never apply a pointer older than a swap this replica just made.
@@ -290,6 +293,7 @@ impl Registry {
                 drafts: RwLock::new(HashMap::new()),
                 tenants: ArcSwap::from_pointee(HashMap::new()),
                 history: Mutex::new(Vec::new()),
+                pointer_seqs: Mutex::new(HashMap::new()),
                 persist: std::sync::OnceLock::new(),
                 gate: tokio::sync::Mutex::new(()),
             }),
@@ -324,6 +328,17 @@ impl Registry {
     /// Hold it across "swap, then store the pointer" and across "read the pointer, then apply".
     pub fn swap_gate(&self) -> &tokio::sync::Mutex<()> {
         &self.inner.gate
+    }
+
+    /// The `seq` of the stored pointer this replica runs for `tenant` (`None`: none applied
+    /// or written yet). Read and set under [`Registry::swap_gate`].
+    pub fn pointer_seq(&self, tenant: &str) -> Option<i64> {
+        lock(&self.inner.pointer_seqs).get(tenant).copied()
+    }
+
+    /// Record that this replica runs the stored pointer `seq` of `tenant`.
+    pub fn set_pointer_seq(&self, tenant: &str, seq: i64) {
+        lock(&self.inner.pointer_seqs).insert(tenant.to_string(), seq);
     }
 
     /// The runtime.
