@@ -768,3 +768,104 @@ async fn a_swap_over_a_pointer_another_replica_moved_is_refused_and_undone() {
     assert_eq!(r.status, 409, "{}", r.body);
     assert_eq!(a.status(tenant).active, from_a);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_sees_and_uses_only_its_own_uploaded_components() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = intentgate::store::connect(&intentgate::store::StoreConfig::Sqlite {
+        path: dir.path().join("gateway.db"),
+    })
+    .await
+    .expect("store");
+    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let a = Registry::with_runtime(runtime).expect("registry");
+    a.attach_store(Persist::new(store.db()));
+    let wasm = std::fs::read(intentgate::plugins::artifacts::TEST_CUSTOM_PATH).expect("artifact");
+    let r = call(
+        &a,
+        "acme",
+        hyper::Method::POST,
+        "/v1/admin/plugins",
+        Some("name=no-email"),
+        &wasm,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let digest = r.body["digest"].as_str().expect("digest").to_string();
+    let listed = |tenant: &'static str| {
+        let a = a.clone();
+        async move {
+            let r = call(
+                &a,
+                tenant,
+                hyper::Method::GET,
+                "/v1/admin/plugins",
+                None,
+                b"",
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.body
+                .as_array()
+                .expect("list")
+                .iter()
+                .filter(|c| c["builtin"] == false)
+                .map(|c| c["digest"].as_str().expect("digest").to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed("acme").await, vec![digest.clone()]);
+    assert!(
+        listed("globex").await.is_empty(),
+        "globex sees acme's upload"
+    );
+    let one = format!("/v1/admin/plugins/{digest}");
+    let r = call(&a, "globex", hyper::Method::GET, &one, None, b"").await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = call(&a, "acme", hyper::Method::GET, &one, None, b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The store records who uploaded it.
+    let owners: Vec<String> = match store.db() {
+        intentgate::store::Db::Sqlite(pool) => {
+            sqlx::query_scalar("SELECT tenant FROM plugin_component_tenants WHERE digest = $1")
+                .bind(&digest)
+                .fetch_all(&pool)
+                .await
+                .expect("owners")
+        }
+        intentgate::store::Db::Postgres(_) => unreachable!("SQLite store"),
+    };
+    assert_eq!(owners, ["acme"]);
+
+    // A bundle of globex cannot name acme's component; acme's can.
+    let mut spec = BundleSpec::builtin().with_policy_config(FREEZE.into());
+    spec.stages
+        .get_mut(&intentgate::plugins::Stage::Policy)
+        .expect("policy stage")
+        .push(intentgate::bundles::CheckSpec {
+            component: digest.clone(),
+            config: r#"{"deny": ["send_email"]}"#.into(),
+        });
+    let body = serde_json::to_vec(&json!({"name": "borrowed", "spec": spec})).expect("json");
+    let r = call(
+        &a,
+        "globex",
+        hyper::Method::POST,
+        "/v1/admin/bundles",
+        None,
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(a.drafts("globex").is_empty());
+    let r = call(
+        &a,
+        "acme",
+        hyper::Method::POST,
+        "/v1/admin/bundles",
+        None,
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+}

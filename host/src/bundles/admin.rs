@@ -133,9 +133,10 @@ pub async fn handle(registry: &Registry, call: AdminCall<'_>) -> Option<AdminRep
     })
 }
 
-/// Store the component when a store is attached.
+/// Store the component (uploaded by `tenant`) when a store is attached.
 async fn store_component(
     registry: &Registry,
+    tenant: &str,
     info: &ComponentInfo,
     actor: &str,
 ) -> Result<(), AdminReply> {
@@ -144,7 +145,7 @@ async fn store_component(
         return Ok(());
     };
     persist
-        .save_component(info, &wasm, actor)
+        .save_component(tenant, info, &wasm, actor)
         .await
         .map_err(|e| error(503, e))
 }
@@ -222,7 +223,7 @@ async fn store_pointed(
                 .into_iter()
                 .find(|c| c.digest == component);
             if let (Some(info), Some(wasm)) = (info, registry.component_bytes(component)) {
-                persist.save_component(&info, &wasm, actor).await?;
+                persist.save_component(tenant, &info, &wasm, actor).await?;
             }
         }
         persist.save_bundle(tenant, draft, actor).await?;
@@ -305,9 +306,9 @@ async fn plugins(
     rest: &[&str],
 ) -> Result<AdminReply, AdminReply> {
     match (call.method.as_str(), rest) {
-        ("GET", []) => Ok(reply(200, json!(registry.components()))),
+        ("GET", []) => Ok(reply(200, json!(registry.components_of(call.tenant)))),
         ("GET", [digest]) => registry
-            .components()
+            .components_of(call.tenant)
             .into_iter()
             .find(|c| c.digest == *digest)
             .map(|c| reply(200, json!(c)))
@@ -340,8 +341,12 @@ async fn plugins(
                 .await?
                 .map_err(|e| error(422, e))?;
             let detail = json!({"digest": info.digest, "world": info.world, "name": info.name});
-            if let Err(e) = store_component(registry, &info, call.actor).await {
+            let newly_owned = registry.add_component_owner(&info.digest, call.tenant);
+            if let Err(e) = store_component(registry, call.tenant, &info, call.actor).await {
                 // Not stored, so not kept: a bundle naming it could not be loaded elsewhere.
+                if newly_owned {
+                    registry.remove_component_owner(&info.digest, call.tenant);
+                }
                 if !known.contains(&info.digest) {
                     registry.remove_component(&info.digest);
                 }
@@ -419,6 +424,18 @@ async fn bundles(
         }
         ("POST", []) => {
             let body: DraftCreate = parse(call.body)?;
+            // A tenant builds bundles from the built-ins and the components it uploaded.
+            if let Some(foreign) = body.spec.component_digests().find(|d| {
+                registry.components().iter().any(|c| c.digest == *d)
+                    && !registry.may_use_component(&tenant, d)
+            }) {
+                return Err(error(
+                    422,
+                    format!(
+                        "component {foreign} was not uploaded by tenant {tenant}: upload it as this tenant first"
+                    ),
+                ));
+            }
             let existed = draft_exists(registry, &tenant, &body.spec.digest());
             let r2 = registry.clone();
             let t = tenant.clone();

@@ -106,13 +106,16 @@ impl Persist {
         &self.db
     }
 
-    /// Store an uploaded component (idempotent).
+    /// Store an uploaded component and that `tenant` uploaded it (idempotent).
     pub async fn save_component(
         &self,
+        tenant: &str,
         info: &ComponentInfo,
         wasm: &[u8],
         actor: &str,
     ) -> Result<(), PersistError> {
+        let owner = "INSERT INTO plugin_component_tenants (digest, tenant, created_by, created_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (digest, tenant) DO NOTHING";
         let sql = "INSERT INTO plugin_components (digest, name, world, size, wasm, created_by, created_at) \
                    VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (digest) DO NOTHING";
         on_db!(&self.db, pool => {
@@ -122,6 +125,13 @@ impl Persist {
                 .bind(world_name(info.world))
                 .bind(info.size as i64)
                 .bind(wasm)
+                .bind(actor)
+                .bind(now())
+                .execute(pool)
+                .await?;
+            sqlx::query(owner)
+                .bind(&info.digest)
+                .bind(tenant)
                 .bind(actor)
                 .bind(now())
                 .execute(pool)
@@ -405,6 +415,8 @@ impl Follower {
             .map(|c| c.digest)
             .collect();
         for component in spec.component_digests() {
+            // A component a stored bundle of the tenant names is the tenant's.
+            self.registry.add_component_owner(component, tenant);
             if known.iter().any(|k| k == component) {
                 continue;
             }
@@ -421,6 +433,7 @@ impl Follower {
             tokio::task::spawn_blocking(move || registry.upload_component(&cname, &wasm, world))
                 .await
                 .map_err(|e| PersistError::Join(e.to_string()))??;
+            self.registry.add_component_owner(component, tenant);
         }
         let (registry, tenant) = (self.registry.clone(), tenant.to_string());
         tokio::task::spawn_blocking(move || registry.create_draft(&tenant, &name, spec))

@@ -188,6 +188,8 @@ struct Inner {
     components: RwLock<HashMap<String, CheckComponent>>,
     infos: RwLock<BTreeMap<String, ComponentInfo>>,
     wasm: RwLock<HashMap<String, Arc<[u8]>>>,
+    /// Per uploaded component, the tenants that uploaded it (or whose stored bundle names it).
+    owners: RwLock<HashMap<String, std::collections::BTreeSet<String>>>,
     drafts: RwLock<HashMap<String, BTreeMap<String, DraftInfo>>>,
     tenants: ArcSwap<HashMap<String, Arc<TenantSlot>>>,
     history: Mutex<Vec<SwapOutcome>>,
@@ -290,6 +292,7 @@ impl Registry {
                 components: RwLock::new(HashMap::new()),
                 infos: RwLock::new(BTreeMap::new()),
                 wasm: RwLock::new(HashMap::new()),
+                owners: RwLock::new(HashMap::new()),
                 drafts: RwLock::new(HashMap::new()),
                 tenants: ArcSwap::from_pointee(HashMap::new()),
                 history: Mutex::new(Vec::new()),
@@ -470,7 +473,44 @@ impl Registry {
         infos.remove(digest);
         write(&self.inner.components).remove(digest);
         write(&self.inner.wasm).remove(digest);
+        write(&self.inner.owners).remove(digest);
         true
+    }
+
+    /// Record that `tenant` uploaded the component (it may then list it and build bundles
+    /// from it). Returns false when it already had.
+    pub fn add_component_owner(&self, digest: &str, tenant: &str) -> bool {
+        write(&self.inner.owners)
+            .entry(digest.to_string())
+            .or_default()
+            .insert(tenant.to_string())
+    }
+
+    /// Undo [`Registry::add_component_owner`].
+    pub fn remove_component_owner(&self, digest: &str, tenant: &str) {
+        if let Some(owners) = write(&self.inner.owners).get_mut(digest) {
+            owners.remove(tenant);
+        }
+    }
+
+    /// Whether `tenant` may use the component: a built-in, or one it uploaded.
+    pub fn may_use_component(&self, tenant: &str, digest: &str) -> bool {
+        read(&self.inner.infos)
+            .get(digest)
+            .is_some_and(|i| i.builtin)
+            || read(&self.inner.owners)
+                .get(digest)
+                .is_some_and(|o| o.contains(tenant))
+    }
+
+    /// The components `tenant` may use: the built-ins and the ones it uploaded.
+    pub fn components_of(&self, tenant: &str) -> Vec<ComponentInfo> {
+        let owners = read(&self.inner.owners);
+        read(&self.inner.infos)
+            .values()
+            .filter(|i| i.builtin || owners.get(&i.digest).is_some_and(|o| o.contains(tenant)))
+            .cloned()
+            .collect()
     }
 
     /// Uploaded components (built-ins included).
