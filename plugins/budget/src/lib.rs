@@ -69,10 +69,10 @@ impl Check for Budget {
             serde_json::from_str(config).map_err(|e| format!("budget configuration: {e}"))?
         };
         for (name, ceiling) in [("agent", &config.agent), ("tenant", &config.tenant)] {
-            if let Some(c) = ceiling {
-                if c.window_secs == 0 {
-                    return Err(format!("budget {name}.window_secs must be > 0"));
-                }
+            if let Some(c) = ceiling
+                && c.window_secs == 0
+            {
+                return Err(format!("budget {name}.window_secs must be > 0"));
             }
         }
         Ok(Self { config })

@@ -75,10 +75,10 @@ impl Check for Hostile {
         if let Some(n) = mode
             .strip_prefix("sometimes-trap:")
             .and_then(|s| s.parse::<u64>().ok())
+            && n > 0
+            && self.calls.get().is_multiple_of(n)
         {
-            if n > 0 && self.calls.get() % n == 0 {
-                panic!("periodic trap");
-            }
+            panic!("periodic trap");
         }
         Verdict::allow(format!(
             "hostile plugin in mode {mode} allowed {}",

@@ -55,14 +55,13 @@ impl Check for MyCheck {
         if let Some(pattern) = self.deny.iter().find(|p| glob_match(p, &call.tool)) {
             return Verdict::block(format!("custom check: {} matches {pattern}", call.tool)).into();
         }
-        if let Some((arg, limit)) = &self.step_up {
-            if let Some(value) = call.arg::<f64>(arg) {
-                if value > *limit {
-                    return Verdict::escalate(format!("custom check: {arg} {value} over {limit}"))
-                        .with_step_up()
-                        .into();
-                }
-            }
+        if let Some((arg, limit)) = &self.step_up
+            && let Some(value) = call.arg::<f64>(arg)
+            && value > *limit
+        {
+            return Verdict::escalate(format!("custom check: {arg} {value} over {limit}"))
+                .with_step_up()
+                .into();
         }
         Verdict::allow("custom check: ok").into()
     }
