@@ -74,6 +74,10 @@ pub struct ServeArgs {
     /// Time allowed for a client to send its whole request body, in milliseconds (408 after).
     #[arg(long, env = "INTENTGATE_BODY_TIMEOUT_MS", default_value_t = 10_000)]
     pub body_timeout_ms: u64,
+    /// Wall-clock deadline of one check plugin call, in milliseconds; a plugin that overruns it
+    /// fails closed (the call is refused). Process-wide.
+    #[arg(long, env = "INTENTGATE_PLUGIN_DEADLINE_MS", default_value_t = 50)]
+    pub plugin_deadline_ms: u64,
     /// Clock skew tolerated on token `nbf`, in seconds.
     #[arg(long, env = "INTENTGATE_CLOCK_LEEWAY_SECS", default_value_t = 30)]
     pub clock_leeway_secs: u64,
@@ -137,6 +141,7 @@ pub struct Config {
     pub max_json_depth: usize,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
+    pub plugin_deadline: Duration,
     pub clock_leeway_secs: u64,
     pub revocation_max_staleness: Duration,
     pub arg_values: ArgValues,
@@ -224,6 +229,7 @@ impl std::fmt::Debug for Config {
             .field("max_json_depth", &self.max_json_depth)
             .field("header_timeout", &self.header_timeout)
             .field("body_timeout", &self.body_timeout)
+            .field("plugin_deadline", &self.plugin_deadline)
             .field("clock_leeway_secs", &self.clock_leeway_secs)
             .field("revocation_max_staleness", &self.revocation_max_staleness)
             .field("arg_values", &self.arg_values)
@@ -337,6 +343,12 @@ impl ServeArgs {
             100,
             120_000,
         )?);
+        let plugin_deadline = Duration::from_millis(ranged(
+            "INTENTGATE_PLUGIN_DEADLINE_MS",
+            self.plugin_deadline_ms,
+            1,
+            10_000,
+        )?);
         let body_timeout = Duration::from_millis(ranged(
             "INTENTGATE_BODY_TIMEOUT_MS",
             self.body_timeout_ms,
@@ -419,6 +431,7 @@ impl ServeArgs {
             max_json_depth: self.max_json_depth,
             header_timeout,
             body_timeout,
+            plugin_deadline,
             clock_leeway_secs: self.clock_leeway_secs,
             revocation_max_staleness: Duration::from_secs(staleness),
             arg_values: self.audit_persist_arg_values,
@@ -494,6 +507,26 @@ mod tests {
         assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
         assert!(matches!(c.store, StoreChoice::Sqlite(_)));
         assert!(c.upstream_url.is_none());
+    }
+
+    #[test]
+    fn plugin_deadline_is_bounded() {
+        assert_eq!(
+            parse(&[]).expect("defaults").plugin_deadline,
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            parse(&["--plugin-deadline-ms", "250"])
+                .expect("valid")
+                .plugin_deadline,
+            Duration::from_millis(250)
+        );
+        for bad in ["0", "10001"] {
+            let e = parse(&["--plugin-deadline-ms", bad])
+                .expect_err("must be refused")
+                .to_string();
+            assert!(e.starts_with("INTENTGATE_PLUGIN_DEADLINE_MS"), "{e}");
+        }
     }
 
     #[test]

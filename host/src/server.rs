@@ -123,6 +123,8 @@ impl Gateway {
             Some(policy) => BundleSpec::builtin().with_policy_config(policy.to_config()),
             None => BundleSpec::builtin(),
         };
+        crate::plugins::Runtime::shared_with(config.plugin_deadline)
+            .map_err(|e| StartError::Plugins(format!("INTENTGATE_PLUGIN_DEADLINE_MS: {e}")))?;
         let registry =
             tokio::task::spawn_blocking(move || Registry::builtin_with_default(default_spec))
                 .await

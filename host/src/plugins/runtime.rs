@@ -127,6 +127,8 @@ pub fn digest_of(bytes: &[u8]) -> String {
     out
 }
 
+static SHARED: OnceLock<Result<Arc<Runtime>, PluginError>> = OnceLock::new();
+
 impl Runtime {
     /// Build a runtime with these limits (starts the epoch ticker thread).
     pub fn new(limits: Limits) -> Result<Arc<Self>, PluginError> {
@@ -194,12 +196,33 @@ impl Runtime {
         }))
     }
 
-    /// The process-wide runtime with default limits.
+    /// The process-wide runtime (default limits unless [`Runtime::shared_with`] came first).
     pub fn shared() -> Result<Arc<Self>, PluginError> {
-        static SHARED: OnceLock<Result<Arc<Runtime>, PluginError>> = OnceLock::new();
         SHARED
             .get_or_init(|| Runtime::new(Limits::default()))
             .clone()
+    }
+
+    /// The process-wide runtime with this call deadline (`INTENTGATE_PLUGIN_DEADLINE_MS`).
+    /// One engine serves the process, so a second, different deadline is refused rather than
+    /// silently ignored.
+    pub fn shared_with(call_deadline: Duration) -> Result<Arc<Self>, PluginError> {
+        let runtime = SHARED
+            .get_or_init(|| {
+                Runtime::new(Limits {
+                    call_deadline,
+                    ..Limits::default()
+                })
+            })
+            .clone()?;
+        if runtime.limits.call_deadline != call_deadline {
+            return Err(PluginError::InvalidComponent(format!(
+                "the plugin deadline is process-wide and already {} ms (asked for {} ms)",
+                runtime.limits.call_deadline.as_millis(),
+                call_deadline.as_millis()
+            )));
+        }
+        Ok(runtime)
     }
 
     /// The engine.
@@ -342,4 +365,20 @@ impl Drop for LiveSlot {
 /// A component binary starts with `\0asm`, then version 0x0d and layer 1.
 fn is_component(wasm: &[u8]) -> bool {
     wasm.len() >= 8 && wasm[0..4] == *b"\0asm" && wasm[6..8] == [1, 0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shared_deadline_cannot_be_changed_silently() {
+        let default = Limits::default().call_deadline;
+        let runtime = Runtime::shared_with(default).expect("the default deadline");
+        assert_eq!(runtime.limits().call_deadline, default);
+        let Err(e) = Runtime::shared_with(default + Duration::from_millis(1)) else {
+            panic!("a second deadline must be refused");
+        };
+        assert!(e.to_string().contains("process-wide"), "{e}");
+    }
 }
