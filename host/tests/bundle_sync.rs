@@ -869,3 +869,87 @@ async fn a_tenant_sees_and_uses_only_its_own_uploaded_components() {
     .await;
     assert_eq!(r.status, 201, "{}", r.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drafts_uploads_and_the_history_are_bounded() {
+    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let a = Registry::with_runtime(runtime).expect("registry");
+    a.set_limits(2, 0);
+    let tenant = "limits";
+    let rego = |tag: usize| {
+        serde_json::to_vec(&json!({"rego_source": format!(
+            "package intentgate.policy\n\ndecision := {{\"allow\": true, \"reason\": \"{tag}\"}}\n"
+        )}))
+        .expect("json")
+    };
+    let post = |path: &'static str, body: Vec<u8>| {
+        let a = a.clone();
+        async move { call(&a, tenant, hyper::Method::POST, path, None, &body).await }
+    };
+    for i in 0..2 {
+        let r = post("/v1/admin/policies/drafts", rego(i)).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let r = post("/v1/admin/policies/drafts", rego(2)).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("delete some"),
+        "{}",
+        r.body
+    );
+    let spec = BundleSpec::builtin().with_policy_config(FREEZE.into());
+    let body = serde_json::to_vec(&json!({"name": "third", "spec": spec})).expect("json");
+    let r = post("/v1/admin/bundles", body).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(a.drafts(tenant).len(), 2);
+    // Another tenant has its own allowance.
+    let r = call(
+        &a,
+        "limits-other",
+        hyper::Method::POST,
+        "/v1/admin/policies/drafts",
+        None,
+        &rego(0),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // No room for uploads at all here.
+    let wasm = std::fs::read(intentgate::plugins::artifacts::TEST_CUSTOM_PATH).expect("artifact");
+    let r = call(
+        &a,
+        tenant,
+        hyper::Method::POST,
+        "/v1/admin/plugins",
+        Some("name=no-email"),
+        &wasm,
+    )
+    .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("uploaded components"),
+        "{}",
+        r.body
+    );
+    assert!(a.components().iter().all(|c| c.builtin));
+
+    // The history keeps the last 1000 swaps.
+    let first = a.drafts(tenant)[0].digest.clone();
+    a.promote(tenant, &first).expect("promote");
+    for _ in 0..1100 {
+        a.rollback(tenant).expect("rollback");
+    }
+    let history = a.history();
+    assert_eq!(history.len(), 1000);
+    assert_eq!(history.last().map(|h| h.action.as_str()), Some("rollback"));
+    assert!(
+        history.iter().all(|h| h.action == "rollback"),
+        "the oldest went first"
+    );
+}

@@ -90,7 +90,9 @@ fn event(call: &AdminCall<'_>, action: &'static str, detail: Value) -> Option<Bo
 fn bundle_error(e: BundleError) -> AdminReply {
     match &e {
         BundleError::UnknownBundle(_) => error(404, e),
-        BundleError::NoPrevious(_) => error(409, e),
+        BundleError::NoPrevious(_)
+        | BundleError::TooManyDrafts { .. }
+        | BundleError::TooManyComponents { .. } => error(409, e),
         BundleError::Plugin(PluginError::Busy(_)) => error(503, e),
         _ => error(400, e),
     }
@@ -331,6 +333,9 @@ async fn plugins(
                 "siem-formatter" => World::SiemFormatter,
                 other => return Err(error(400, format!("unknown world {other:?}"))),
             };
+            registry
+                .component_room(&crate::plugins::runtime::digest_of(&wasm))
+                .map_err(bundle_error)?;
             let known: Vec<String> = registry
                 .components()
                 .into_iter()
@@ -437,6 +442,9 @@ async fn bundles(
                 ));
             }
             let existed = draft_exists(registry, &tenant, &body.spec.digest());
+            registry
+                .draft_room(&tenant, Some(&body.spec.digest()))
+                .map_err(bundle_error)?;
             let r2 = registry.clone();
             let t = tenant.clone();
             let draft = blocking(move || r2.create_draft(&t, &body.name, body.spec))
@@ -676,6 +684,7 @@ async fn policies(
             let body: PolicyDraftCreate = parse(call.body)?;
             let name = body.name.unwrap_or_else(|| "policy".into());
             let existed = registry.drafts(&tenant);
+            registry.draft_room(&tenant, None).map_err(bundle_error)?;
             let (registry2, t) = (registry.clone(), tenant.clone());
             let draft = blocking(move || registry2.draft_policy(&t, &name, body.rego_source))
                 .await?

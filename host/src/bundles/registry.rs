@@ -64,7 +64,32 @@ pub enum BundleError {
     /// Nothing to roll back to.
     #[error("tenant {0} has no previous bundle to roll back to")]
     NoPrevious(String),
+    /// The tenant holds the most drafts allowed.
+    #[error(
+        "tenant {tenant} has {limit} drafts, the most allowed: delete some (DELETE /v1/admin/bundles/{{digest}}) first"
+    )]
+    TooManyDrafts {
+        /// Tenant.
+        tenant: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The gateway holds the most uploaded components allowed.
+    #[error(
+        "this gateway holds {limit} uploaded components, the most allowed: no more can be uploaded"
+    )]
+    TooManyComponents {
+        /// The limit.
+        limit: usize,
+    },
 }
+
+/// Most drafts a tenant may hold (the active bundle and the rollback target count).
+pub const MAX_DRAFTS_PER_TENANT: usize = 256;
+/// Most uploaded (non-built-in) components a gateway holds.
+pub const MAX_UPLOADED_COMPONENTS: usize = 256;
+/// Swaps the history keeps (the oldest go first).
+pub const HISTORY_LEN: usize = 1000;
 
 /// An uploaded component.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -192,7 +217,9 @@ struct Inner {
     owners: RwLock<HashMap<String, std::collections::BTreeSet<String>>>,
     drafts: RwLock<HashMap<String, BTreeMap<String, DraftInfo>>>,
     tenants: ArcSwap<HashMap<String, Arc<TenantSlot>>>,
-    history: Mutex<Vec<SwapOutcome>>,
+    history: Mutex<std::collections::VecDeque<SwapOutcome>>,
+    max_drafts: std::sync::atomic::AtomicUsize,
+    max_components: std::sync::atomic::AtomicUsize,
     /// Per tenant, the `seq` of the stored pointer this replica runs (applied by the follower
     /// or written by a swap here): a swap stores its pointer only over that one.
     pointer_seqs: Mutex<HashMap<String, i64>>,
@@ -295,7 +322,9 @@ impl Registry {
                 owners: RwLock::new(HashMap::new()),
                 drafts: RwLock::new(HashMap::new()),
                 tenants: ArcSwap::from_pointee(HashMap::new()),
-                history: Mutex::new(Vec::new()),
+                history: Mutex::new(std::collections::VecDeque::new()),
+                max_drafts: MAX_DRAFTS_PER_TENANT.into(),
+                max_components: MAX_UPLOADED_COMPONENTS.into(),
                 pointer_seqs: Mutex::new(HashMap::new()),
                 persist: std::sync::OnceLock::new(),
                 gate: tokio::sync::Mutex::new(()),
@@ -626,7 +655,7 @@ impl Registry {
             at: now_secs(),
         };
         *lock(&slot.previous) = Some(old);
-        lock(&self.inner.history).push(outcome.clone());
+        self.record(outcome.clone());
         Ok(outcome)
     }
 
@@ -650,7 +679,7 @@ impl Registry {
         };
         *previous = Some(old);
         drop(previous);
-        lock(&self.inner.history).push(outcome.clone());
+        self.record(outcome.clone());
         Ok(outcome)
     }
 
@@ -694,7 +723,7 @@ impl Registry {
             to: next.digest().to_string(),
             at: now_secs(),
         };
-        lock(&self.inner.history).push(outcome);
+        self.record(outcome);
         Ok(true)
     }
 
@@ -733,7 +762,59 @@ impl Registry {
 
     /// Every promote/rollback so far (oldest first).
     pub fn history(&self) -> Vec<SwapOutcome> {
-        lock(&self.inner.history).clone()
+        lock(&self.inner.history).iter().cloned().collect()
+    }
+
+    /// Append to the history, a ring of the last [`HISTORY_LEN`] swaps.
+    fn record(&self, outcome: SwapOutcome) {
+        let mut history = lock(&self.inner.history);
+        while history.len() >= HISTORY_LEN {
+            history.pop_front();
+        }
+        history.push_back(outcome);
+    }
+
+    /// Change the limits of [`MAX_DRAFTS_PER_TENANT`] and [`MAX_UPLOADED_COMPONENTS`] (tests).
+    pub fn set_limits(&self, max_drafts_per_tenant: usize, max_uploaded_components: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.max_drafts.store(max_drafts_per_tenant, Relaxed);
+        self.inner
+            .max_components
+            .store(max_uploaded_components, Relaxed);
+    }
+
+    /// Whether `tenant` may hold one more draft (one equal to `digest`, when given, is not
+    /// "more"). The admin API asks before it creates a draft.
+    pub fn draft_room(&self, tenant: &str, digest: Option<&str>) -> Result<(), BundleError> {
+        let limit = self
+            .inner
+            .max_drafts
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let drafts = read(&self.inner.drafts);
+        let mine = drafts.get(tenant);
+        let held = mine.map_or(0, BTreeMap::len);
+        if held < limit || digest.is_some_and(|d| mine.is_some_and(|m| m.contains_key(d))) {
+            return Ok(());
+        }
+        Err(BundleError::TooManyDrafts {
+            tenant: tenant.to_string(),
+            limit,
+        })
+    }
+
+    /// Whether one more component (of this digest) may be uploaded. The admin API asks before
+    /// it compiles an upload.
+    pub fn component_room(&self, digest: &str) -> Result<(), BundleError> {
+        let limit = self
+            .inner
+            .max_components
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let infos = read(&self.inner.infos);
+        let uploaded = infos.values().filter(|i| !i.builtin).count();
+        if uploaded < limit || infos.contains_key(digest) {
+            return Ok(());
+        }
+        Err(BundleError::TooManyComponents { limit })
     }
 
     /// The spec of the active bundle of a tenant.
