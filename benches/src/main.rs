@@ -126,6 +126,13 @@ struct Common {
     /// (`taskset`). Default: unpinned, everything shares both cores.
     #[arg(long)]
     pin: bool,
+    /// A run during which other processes used more CPU than this (cores, from `/proc/stat`
+    /// minus the rig's own processes) is measured again, up to `--retries` times.
+    #[arg(long, default_value_t = 0.25)]
+    max_other_cores: f64,
+    /// How many times to measure a run again because of foreign load (0: never).
+    #[arg(long, default_value_t = 2)]
+    retries: usize,
     /// Where temporary data directories go (must be a real disk for honest fsync figures).
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     work_dir: PathBuf,
@@ -672,7 +679,51 @@ struct Run {
 }
 
 /// Runs one measurement against system `i`, sampling CPU over the window.
+/// Runs one measurement against system `i`; when other work on the machine took more than
+/// `--max-other-cores` during the window, waits for the machine to calm down and measures
+/// again (up to `--retries` times), keeping the run with the least foreign load.
 fn measure(
+    rt: &tokio::runtime::Runtime,
+    rig: &Rig,
+    i: usize,
+    common: &Common,
+    mode: Mode,
+    connections: usize,
+) -> Run {
+    let mut best = measure_once(rt, rig, i, common, mode, connections);
+    for attempt in 1..=common.retries {
+        let other = best.cpu.other / best.cpu.window.max(1e-9);
+        if other <= common.max_other_cores {
+            break;
+        }
+        eprintln!(
+            "note: {}: other processes used {other:.2} cores during the window; measuring again ({attempt}/{})",
+            rig.systems[i].name, common.retries
+        );
+        wait_for_quiet(common.max_other_cores, Duration::from_secs(60));
+        let r = measure_once(rt, rig, i, common, mode, connections);
+        if r.cpu.other < best.cpu.other {
+            best = r;
+        }
+    }
+    best
+}
+
+/// Waits (at most `within`) until the machine's busy CPU over one second is below `cores`.
+fn wait_for_quiet(cores: f64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let a = child::machine_cpu_secs().map_or(0.0, |(b, _)| b);
+        std::thread::sleep(Duration::from_secs(1));
+        let b = child::machine_cpu_secs().map_or(0.0, |(b, _)| b);
+        // The idle servers of the rig use a few hundredths of a core.
+        if b - a <= cores + 0.1 {
+            return;
+        }
+    }
+}
+
+fn measure_once(
     rt: &tokio::runtime::Runtime,
     rig: &Rig,
     i: usize,
@@ -1368,8 +1419,10 @@ client eras: plain = header-less JSON-RPC (IntentGate SDKs); handshake = initial
                 u.as_str(),
                 (mc / hc - 1.0) * 100.0,
                 (mt / ht - 1.0) * 100.0,
-                if mc <= hc * 1.03 {
-                    "met (within 3%)"
+                if mc <= hc {
+                    "met"
+                } else if mc <= hc * 1.03 {
+                    "met within 3% (run-to-run noise)"
                 } else {
                     "NOT met"
                 }
