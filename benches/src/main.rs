@@ -543,10 +543,9 @@ impl Rig {
             "127.0.0.1:0".into(),
             "--data-dir".into(),
             dir.path().display().to_string(),
-            "--master-key".into(),
-            key.clone(),
-            "--admin-token".into(),
-            admin_token.clone(),
+            // `--flag=value`: a URL-safe base64 key may start with `-`.
+            format!("--master-key={key}"),
+            format!("--admin-token={admin_token}"),
             "--upstream-url".into(),
             self.upstream_url(),
             "--policy-file".into(),
@@ -1187,9 +1186,9 @@ fn scale_bundles(o: &ScaleOpts, rt: &tokio::runtime::Runtime) -> Result<(), Stri
     steps.sort_unstable();
     for &n in &steps {
         let t = Instant::now();
-        while loaded < n {
-            let tenant = format!("bench-{loaded}");
-            let body = serde_json::json!({"rego_source": format!("{source}\n# bench tenant {loaded}\n"), "name": format!("scale-{loaded}")}).to_string();
+        let load_one = |k: usize| -> Result<(), String> {
+            let tenant = format!("bench-{k}");
+            let body = serde_json::json!({"rego_source": format!("{source}\n# bench tenant {k}\n"), "name": format!("scale-{k}")}).to_string();
             let (status, reply) = rt.block_on(loadgen::admin(
                 addr,
                 Method::POST,
@@ -1200,7 +1199,10 @@ fn scale_bundles(o: &ScaleOpts, rt: &tokio::runtime::Runtime) -> Result<(), Stri
             let v: serde_json::Value =
                 serde_json::from_slice(&reply).map_err(|e| format!("draft: HTTP {status}: {e}"))?;
             let id = v.get("id").and_then(|i| i.as_str()).ok_or_else(|| {
-                format!("draft: HTTP {status}: {}", String::from_utf8_lossy(&reply))
+                format!(
+                    "draft for {tenant}: HTTP {status}: {}",
+                    String::from_utf8_lossy(&reply)
+                )
             })?;
             let body = serde_json::json!({"draft_id": id}).to_string();
             let (status, reply) = rt.block_on(loadgen::admin(
@@ -1216,8 +1218,17 @@ fn scale_bundles(o: &ScaleOpts, rt: &tokio::runtime::Runtime) -> Result<(), Stri
                     String::from_utf8_lossy(&reply)
                 ));
             }
+            Ok(())
+        };
+        let mut refused = None;
+        while loaded < n {
+            if let Err(e) = load_one(loaded) {
+                refused = Some(e);
+                break;
+            }
             loaded += 1;
         }
+        let n = loaded;
         let admin_time = t.elapsed();
         // Drive the loaded tenants (up to one per connection; tenant 0 when none is loaded).
         rig.systems[0].tokens = all_tokens[..n.clamp(1, common.concurrency)].to_vec();
@@ -1238,6 +1249,13 @@ fn scale_bundles(o: &ScaleOpts, rt: &tokio::runtime::Runtime) -> Result<(), Stri
             fmt_ns(r.outcome.latency.p99),
             r.outcome.errors
         );
+        if let Some(e) = refused {
+            println!(
+                "\nthe gateway refused the next bundle (tenant {n} would have been the {}th): {e}",
+                n + 1
+            );
+            break;
+        }
     }
     Ok(())
 }
