@@ -44,7 +44,8 @@ impl Default for Limits {
             call_deadline: Duration::from_millis(50),
             configure_deadline: Duration::from_secs(2),
             max_memory_bytes: 64 << 20,
-            max_instances: 256,
+            // Three stages per tenant bundle: room for ~340 tenants with bundles of their own.
+            max_instances: 1024,
             max_uses_per_instance: 10_000,
             max_idle_per_pool: 4,
             max_reason_bytes: 4096,
@@ -140,7 +141,8 @@ impl Runtime {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(slots)
             .total_core_instances(slots.saturating_mul(16))
-            .total_memories(slots.saturating_mul(4))
+            // Our components have one linear memory each; address space is reserved per slot.
+            .total_memories(slots.saturating_mul(2))
             .total_tables(slots.saturating_mul(8))
             .max_core_instances_per_component(16)
             .max_memories_per_component(4)
