@@ -157,35 +157,19 @@ async fn postgres_replicas_are_woken_by_notify_not_by_the_poll() {
     let tenant = "notify";
     let spec = BundleSpec::builtin().with_policy_config(FREEZE.into());
     let body = serde_json::to_vec(&json!({"name": "frozen", "spec": spec})).expect("json");
-    let r = handle(
+    let r = call(
         &a,
-        AdminCall {
-            method: &hyper::Method::POST,
-            path: "/v1/admin/bundles",
-            query: None,
-            tenant,
-            actor: "ops",
-            body: &body,
-        },
+        tenant,
+        hyper::Method::POST,
+        "/v1/admin/bundles",
+        None,
+        &body,
     )
-    .await
-    .expect("route");
+    .await;
     assert_eq!(r.status, 201, "{}", r.body);
     let digest = r.body["digest"].as_str().expect("digest").to_string();
     let path = format!("/v1/admin/bundles/{digest}/promote");
-    let r = handle(
-        &a,
-        AdminCall {
-            method: &hyper::Method::POST,
-            path: &path,
-            query: None,
-            tenant,
-            actor: "ops",
-            body: b"",
-        },
-    )
-    .await
-    .expect("route");
+    let r = call(&a, tenant, hyper::Method::POST, &path, None, b"").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let mut followed = false;
     for _ in 0..200 {
@@ -231,19 +215,7 @@ async fn a_swap_the_store_cannot_record_is_undone() {
         intentgate::store::Db::Postgres(_) => unreachable!("SQLite store"),
     }
     let path = format!("/v1/admin/bundles/{}/promote", draft.digest);
-    let r = handle(
-        &a,
-        AdminCall {
-            method: &hyper::Method::POST,
-            path: &path,
-            query: None,
-            tenant,
-            actor: "ops",
-            body: b"",
-        },
-    )
-    .await
-    .expect("route");
+    let r = call(&a, tenant, hyper::Method::POST, &path, None, b"").await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(
         r.body["error"]
