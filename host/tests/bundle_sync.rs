@@ -155,17 +155,7 @@ async fn postgres_replicas_are_woken_by_notify_not_by_the_poll() {
     tokio::time::sleep(Duration::from_millis(500)).await; // b has done its first poll and listens
 
     let tenant = "notify";
-    let spec = BundleSpec::builtin().with_policy_config(FREEZE.into());
-    let body = serde_json::to_vec(&json!({"name": "frozen", "spec": spec})).expect("json");
-    let r = call(
-        &a,
-        tenant,
-        hyper::Method::POST,
-        "/v1/admin/bundles",
-        None,
-        &body,
-    )
-    .await;
+    let r = draft_frozen(&a, tenant).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let digest = r.body["digest"].as_str().expect("digest").to_string();
     let path = format!("/v1/admin/bundles/{digest}/promote");
@@ -469,6 +459,21 @@ async fn a_pointer_to_the_default_bundle_means_each_replicas_own_default() {
     b.shutdown().await;
 }
 
+/// Drafts the frozen policy as bundle `frozen` of `tenant` through the admin handler.
+async fn draft_frozen(registry: &Registry, tenant: &str) -> intentgate::bundles::admin::AdminReply {
+    let spec = BundleSpec::builtin().with_policy_config(FREEZE.into());
+    let body = serde_json::to_vec(&json!({"name": "frozen", "spec": spec})).expect("json");
+    call(
+        registry,
+        tenant,
+        hyper::Method::POST,
+        "/v1/admin/bundles",
+        None,
+        &body,
+    )
+    .await
+}
+
 /// One admin call on `registry` for `tenant` (the superadmin's shape, as the router passes it).
 async fn call(
     registry: &Registry,
@@ -538,17 +543,7 @@ async fn a_bundle_the_store_never_recorded_is_stored_before_it_is_promoted() {
         a.components().iter().all(|c| c.builtin),
         "an upload the store refused stays in memory"
     );
-    let spec = BundleSpec::builtin().with_policy_config(FREEZE.into());
-    let body = serde_json::to_vec(&json!({"name": "frozen", "spec": spec})).expect("json");
-    let r = call(
-        &a,
-        tenant,
-        hyper::Method::POST,
-        "/v1/admin/bundles",
-        None,
-        &body,
-    )
-    .await;
+    let r = draft_frozen(&a, tenant).await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(
         a.drafts(tenant).is_empty(),
