@@ -11,6 +11,7 @@
 //! | [`config`] | typed configuration from `INTENTGATE_*` variables and flags, validated before start |
 //! | [`secrets`] | the master key and superadmin token: generated on first start, kept 0600 |
 //! | [`capability`] | token format, mint, verify, attenuation rules, revocation set |
+//! | [`cli`] | the operator CLI (`intentgate tokens/policy/bundle/plugin/audit`): a client of the admin API |
 //! | [`mcp`] | JSON-RPC 2.0 / MCP streamable HTTP framing and method handling |
 //! | [`pipeline`] | the ordered checks and the decision (`Permit`) |
 //! | [`upstream`] | forwarding to the upstream MCP server (pooled, bounded) |
@@ -28,6 +29,7 @@ pub mod admin;
 pub mod audit;
 pub mod bundles;
 pub mod capability;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod http;

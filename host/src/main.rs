@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use intentgate::cli;
 use intentgate::config::ServeArgs;
 
 #[derive(Parser)]
@@ -27,28 +28,49 @@ enum Command {
     Serve(ServeArgs),
     /// Validate the configuration and print what would run (secrets redacted).
     CheckConfig(ServeArgs),
-    /// Audit evidence tools that need no gateway.
-    #[command(subcommand)]
-    Audit(AuditCommand),
-    /// Check plugins: scaffold one, validate a component.
-    #[command(subcommand)]
-    Plugin(PluginCommand),
-}
-
-#[derive(Subcommand)]
-enum AuditCommand {
-    /// Verify an NDJSON export against a signed checkpoint and the log's public key, offline.
-    Verify {
-        /// The export (`GET /v1/admin/audit/export?format=json`).
-        #[arg(long)]
-        file: PathBuf,
-        /// A signed checkpoint kept outside the gateway (`GET /v1/admin/audit/checkpoints`).
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// The log's public key (`GET /v1/admin/audit/public-key`): the text, or a file holding it.
-        #[arg(long)]
-        public_key: String,
+    /// Capability tokens: mint, revoke, list, attenuate.
+    Tokens {
+        #[command(flatten)]
+        conn: cli::Connection,
+        #[command(subcommand)]
+        cmd: cli::TokensCmd,
     },
+    /// Rego policies of a tenant: draft, test, dry-run, promote, roll back.
+    Policy {
+        #[command(flatten)]
+        conn: cli::Connection,
+        #[command(subcommand)]
+        cmd: cli::PolicyCmd,
+    },
+    /// Whole bundles of checks: list, new from the active one, draft, promote, roll back.
+    Bundle {
+        #[command(flatten)]
+        conn: cli::Connection,
+        #[command(subcommand)]
+        cmd: cli::BundleCmd,
+    },
+    /// The audit chain: query, export (resumable), verify online or offline, checkpoints.
+    Audit {
+        #[command(flatten)]
+        conn: cli::Connection,
+        #[command(subcommand)]
+        cmd: cli::AuditCmd,
+    },
+    /// Check plugins: scaffold and validate offline; upload, list and delete in the gateway.
+    Plugin {
+        #[command(flatten)]
+        conn: cli::Connection,
+        #[command(subcommand)]
+        cmd: PluginCommand,
+    },
+    /// Profiles of the operator CLI: gateway URL, where the admin token is, tenant.
+    #[command(subcommand)]
+    Profile(cli::ProfileCmd),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Example:\n  intentgate completions bash > /etc/bash_completion.d/intentgate"
+    )]
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand)]
@@ -65,6 +87,8 @@ enum PluginCommand {
     },
     /// Validate a component against the plugin worlds.
     Check { file: PathBuf },
+    #[command(flatten)]
+    Admin(cli::PluginCmd),
 }
 
 fn main() -> ExitCode {
@@ -75,12 +99,37 @@ fn main() -> ExitCode {
     };
     match command {
         Command::Serve(args) => serve(args),
-        Command::Audit(AuditCommand::Verify {
-            file,
-            checkpoint,
-            public_key,
-        }) => audit_verify(&file, &checkpoint, &public_key),
-        Command::Plugin(PluginCommand::New { name, dir, sdk }) => {
+        Command::Audit {
+            cmd:
+                cli::AuditCmd::Verify {
+                    file: Some(file),
+                    checkpoint: Some(checkpoint),
+                    public_key: Some(public_key),
+                },
+            ..
+        } => audit_verify(&file, &checkpoint, &public_key),
+        Command::Audit { conn, cmd } => cli::finish(cmd.run(&conn)),
+        Command::Tokens { conn, cmd } => cli::finish(cmd.run(&conn)),
+        Command::Policy { conn, cmd } => cli::finish(cmd.run(&conn)),
+        Command::Bundle { conn, cmd } => cli::finish(cmd.run(&conn)),
+        Command::Plugin {
+            conn,
+            cmd: PluginCommand::Admin(cmd),
+        } => cli::finish(cmd.run(&conn)),
+        Command::Profile(cmd) => cli::finish(cmd.run()),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "intentgate",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Plugin {
+            cmd: PluginCommand::New { name, dir, sdk },
+            ..
+        } => {
             let sdk = sdk.unwrap_or_else(intentgate::plugins::scaffold::default_sdk_path);
             match intentgate::plugins::scaffold::new_plugin(&dir, &name, &sdk) {
                 Ok(path) => {
@@ -94,7 +143,10 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Command::Plugin(PluginCommand::Check { file }) => {
+        Command::Plugin {
+            cmd: PluginCommand::Check { file },
+            ..
+        } => {
             let checked = intentgate::plugins::Runtime::shared()
                 .and_then(|rt| intentgate::plugins::scaffold::check_file(&rt, &file));
             match checked {

@@ -28,11 +28,15 @@ pub struct AuditFilter {
     pub elevation_id: Option<String>,
     /// One event by row id.
     pub id: Option<i64>,
+    /// The event kind (`event`: `intentgate.tool_call`, `admin/mint`, …).
+    pub event: Option<String>,
+    /// Only events after this row id (resuming an export where it broke off).
+    pub after_id: Option<i64>,
 }
 
 impl AuditFilter {
     /// Reads the filter from query parameters (`tenant, from, to, agent_id, tool, decision, check,
-    /// jti, elevation_id, id`; `since`/`until`/`subject` are accepted as aliases of
+    /// jti, elevation_id, id, event, after_id`; `since`/`until`/`subject` are accepted as aliases of
     /// `from`/`to`/`agent_id`). Unknown parameters are ignored; bad values are errors.
     pub fn from_params<'a>(
         params: impl IntoIterator<Item = (&'a str, &'a str)>,
@@ -67,6 +71,12 @@ impl AuditFilter {
                 "check" => f.check = text(v),
                 "jti" => f.jti = text(v),
                 "elevation_id" => f.elevation_id = text(v),
+                "event" => f.event = text(v),
+                "after_id" if !v.is_empty() => {
+                    f.after_id = Some(v.parse().map_err(|_| {
+                        AuditError::InvalidQuery("after_id must be an integer".into())
+                    })?)
+                }
                 "id" if !v.is_empty() => {
                     f.id =
                         Some(v.parse().map_err(|_| {
@@ -119,6 +129,13 @@ impl AuditFilter {
         }
         if let Some(v) = self.id {
             eq("id", Param::I(v), params, &mut sql);
+        }
+        if let Some(v) = &self.event {
+            eq("event", Param::S(v.clone()), params, &mut sql);
+        }
+        if let Some(v) = self.after_id {
+            params.push(Param::I(v));
+            sql.push_str(&format!(" AND id > ${}", params.len()));
         }
         sql
     }

@@ -1,0 +1,359 @@
+//! The operator CLI end to end: the real `intentgate` binary against a gateway started in this
+//! process, redoing the README's quickstart with the CLI alone, and its conventions (profiles,
+//! JSON output, exit codes, completions).
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::support::gateway::{self, ADMIN_TOKEN, Backend};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+    }
+}
+
+/// Runs the binary off the runtime's threads (the gateway serves on them), in `dir`, with the
+/// profile file inside `dir` and the given environment.
+async fn cli(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_intentgate"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env_remove("INTENTGATE_ADMIN_TOKEN")
+        .env_remove("INTENTGATE_URL")
+        .env_remove("INTENTGATE_TENANT")
+        .env_remove("INTENTGATE_PROFILE")
+        .env_remove("INTENTGATE_ADMIN_TOKEN_FILE")
+        .env("INTENTGATE_CLI_CONFIG", dir.join("profiles.json"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("join")
+        .expect("the binary runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn rpc_code(v: &Value) -> Option<i64> {
+    v.get("error")
+        .and_then(|e| e.get("code"))
+        .and_then(Value::as_i64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_with_the_cli_alone() {
+    let gw = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let env = [
+        ("INTENTGATE_URL", gw.url.as_str()),
+        ("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN),
+    ];
+
+    // Mint: --quiet prints the token alone.
+    let minted = cli(
+        d,
+        &env,
+        &[
+            "tokens",
+            "mint",
+            "--subject",
+            "agent-1",
+            "--tenant",
+            "acme",
+            "--tool",
+            "echo",
+            "--max-calls",
+            "100",
+            "--ttl",
+            "3600",
+            "--quiet",
+        ],
+    )
+    .await;
+    assert_eq!(minted.code, 0, "{}", minted.stderr);
+    let token = minted.stdout.trim().to_owned();
+    let allowed = gw.tool_call(&token, "echo", json!({"text": "hi"})).await;
+    assert!(allowed.get("result").is_some(), "{allowed}");
+
+    // A deny-all policy, drafted and promoted for acme by the CLI, decides acme's next call.
+    let rego = d.join("deny.rego");
+    std::fs::write(
+        &rego,
+        "package intentgate.policy\n\ndecision := {\"allow\": false, \"reason\": \"frozen by cli test\"}\n",
+    )
+    .expect("write rego");
+    let draft = cli(
+        d,
+        &env,
+        &[
+            "policy",
+            "draft",
+            rego.to_str().expect("utf8"),
+            "--tenant",
+            "acme",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(draft.code, 0, "{}", draft.stderr);
+    let draft_id = draft.json()["id"].as_str().expect("draft id").to_owned();
+    let promoted = cli(
+        d,
+        &env,
+        &[
+            "policy", "promote", &draft_id, "--tenant", "acme", "-o", "json",
+        ],
+    )
+    .await;
+    assert_eq!(promoted.code, 0, "{}", promoted.stderr);
+    assert_eq!(promoted.json()["tenant"], "acme");
+    let denied = gw.tool_call(&token, "echo", json!({"text": "hi"})).await;
+    assert_eq!(rpc_code(&denied), Some(-32012), "{denied}");
+
+    // The dry-run shows the change as a diff, then rollback restores the earlier policy.
+    let active = cli(
+        d,
+        &env,
+        &["policy", "active", "--tenant", "acme", "-o", "json"],
+    )
+    .await;
+    assert_eq!(active.json()["draft_id"], draft_id.as_str());
+    let rolled = cli(d, &env, &["policy", "rollback", "--tenant", "acme"]).await;
+    assert_eq!(rolled.code, 0, "{}", rolled.stderr);
+    let again = gw.tool_call(&token, "echo", json!({"text": "hi"})).await;
+    assert!(again.get("result").is_some(), "{again}");
+    let dry = cli(
+        d,
+        &env,
+        &[
+            "policy",
+            "dry-run",
+            rego.to_str().expect("utf8"),
+            "--tenant",
+            "acme",
+            "--sample",
+            "last-1h",
+        ],
+    )
+    .await;
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert!(dry.stdout.contains("allow->block"), "{}", dry.stdout);
+    assert!(dry.stdout.contains("+ block"), "{}", dry.stdout);
+
+    // Revoke, then list shows the token as revoked; the next call is refused.
+    let jti = cli(
+        d,
+        &env,
+        &["tokens", "list", "--tenant", "acme", "-o", "json"],
+    )
+    .await;
+    assert_eq!(jti.code, 0, "{}", jti.stderr);
+    let rows = jti.json();
+    let jti = rows[0]["jti"].as_str().expect("jti").to_owned();
+    assert_eq!(rows[0]["subject"], "agent-1");
+    let revoked = cli(
+        d,
+        &env,
+        &[
+            "tokens", "revoke", &jti, "--reason", "cli test", "--tenant", "acme",
+        ],
+    )
+    .await;
+    assert_eq!(revoked.code, 0, "{}", revoked.stderr);
+    let listed = cli(
+        d,
+        &env,
+        &["tokens", "list", "--tenant", "acme", "-o", "json"],
+    )
+    .await;
+    assert!(
+        listed.json()[0]["revoked_at"].is_string(),
+        "{}",
+        listed.stdout
+    );
+    let refused = gw.tool_call(&token, "echo", json!({})).await;
+    assert_eq!(rpc_code(&refused), Some(-32010), "{refused}");
+
+    // Audit: query by decision, verify online, export and resume a broken export.
+    let blocked = cli(
+        d,
+        &env,
+        &[
+            "audit",
+            "query",
+            "--tenant",
+            "acme",
+            "--decision",
+            "block",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(blocked.code, 0, "{}", blocked.stderr);
+    assert!(
+        !blocked.json()["items"]
+            .as_array()
+            .expect("items")
+            .is_empty()
+    );
+    let verified = cli(d, &env, &["audit", "verify", "--tenant", "acme"]).await;
+    assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
+    assert!(verified.stdout.starts_with("ok"), "{}", verified.stdout);
+
+    let full = d.join("full.ndjson");
+    let part = d.join("part.ndjson");
+    let whole = cli(
+        d,
+        &env,
+        &[
+            "audit",
+            "export",
+            "--tenant",
+            "acme",
+            "--out",
+            full.to_str().expect("utf8"),
+        ],
+    )
+    .await;
+    assert_eq!(whole.code, 0, "{}", whole.stderr);
+    let text = std::fs::read_to_string(&full).expect("export");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 4, "{text}");
+    // A transfer that broke off inside the third event.
+    let cut = lines[0].len() + lines[1].len() + 2 + 10;
+    std::fs::write(&part, &text.as_bytes()[..cut]).expect("write part");
+    let resumed = cli(
+        d,
+        &env,
+        &[
+            "audit",
+            "export",
+            "--tenant",
+            "acme",
+            "--resume",
+            "--out",
+            part.to_str().expect("utf8"),
+        ],
+    )
+    .await;
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    // The resumed file holds the same events (the export itself is audited, so a later
+    // export may hold more at its end).
+    let after = std::fs::read_to_string(&part).expect("resumed");
+    assert!(after.starts_with(&text), "resumed export differs");
+    assert!(
+        resumed.stderr.contains("resuming after event"),
+        "{}",
+        resumed.stderr
+    );
+
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_exit_codes_and_completions() {
+    let gw = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+
+    // No token anywhere: a usage error (2) that says what to do.
+    let none = cli(
+        d,
+        &[("INTENTGATE_URL", gw.url.as_str())],
+        &["tokens", "list"],
+    )
+    .await;
+    assert_eq!(none.code, 2, "{}", none.stderr);
+    assert!(
+        none.stderr.contains("INTENTGATE_ADMIN_TOKEN"),
+        "{}",
+        none.stderr
+    );
+
+    // A wrong token: refused (1) with a hint.
+    let wrong = cli(
+        d,
+        &[
+            ("INTENTGATE_URL", gw.url.as_str()),
+            ("INTENTGATE_ADMIN_TOKEN", "nope"),
+        ],
+        &["tokens", "list"],
+    )
+    .await;
+    assert_eq!(wrong.code, 1, "{}", wrong.stderr);
+    assert!(
+        wrong.stderr.contains("401") && wrong.stderr.contains("hint"),
+        "{}",
+        wrong.stderr
+    );
+
+    // Nothing listening: unreachable (3).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let gone = cli(
+        d,
+        &[
+            ("INTENTGATE_URL", dead.as_str()),
+            ("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN),
+        ],
+        &["tokens", "list"],
+    )
+    .await;
+    assert_eq!(gone.code, 3, "{}", gone.stderr);
+    assert!(gone.stderr.contains("cannot reach"), "{}", gone.stderr);
+
+    // A profile with the token in a secrets.env file, used with no environment at all.
+    let secrets = d.join("secrets.env");
+    std::fs::write(&secrets, format!("INTENTGATE_ADMIN_TOKEN={ADMIN_TOKEN}\n")).expect("write");
+    let set = cli(
+        d,
+        &[],
+        &[
+            "profile",
+            "set",
+            "local",
+            "--url",
+            &gw.url,
+            "--token-file",
+            secrets.to_str().expect("utf8"),
+            "--tenant",
+            "globex",
+        ],
+    )
+    .await;
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    let listed = cli(d, &[], &["profile", "list"]).await;
+    assert!(
+        !listed.stdout.contains(ADMIN_TOKEN),
+        "a profile listing shows the token"
+    );
+    let minted = cli(d, &[], &["tokens", "mint", "--subject", "p", "-o", "json"]).await;
+    assert_eq!(minted.code, 0, "{}", minted.stderr);
+    assert_eq!(minted.json()["tenant"], "globex");
+
+    let bash = cli(d, &[], &["completions", "bash"]).await;
+    assert_eq!(bash.code, 0);
+    assert!(bash.stdout.contains("intentgate") && bash.stdout.contains("tokens"));
+    let help = cli(d, &[], &["tokens", "mint", "--help"]).await;
+    assert!(help.stdout.contains("Examples:"), "{}", help.stdout);
+
+    gw.shutdown().await;
+}
