@@ -81,7 +81,8 @@ enum PluginCommand {
         /// Parent directory of the new crate.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// Path of the plugin SDK crate the new crate depends on.
+        /// Path of a plugin SDK crate to depend on [default: a copy of the SDK this binary
+        /// carries, written into the new crate's vendor/, so it builds anywhere].
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
@@ -130,8 +131,11 @@ fn main() -> ExitCode {
             cmd: PluginCommand::New { name, dir, sdk },
             ..
         } => {
-            let sdk = sdk.unwrap_or_else(intentgate::plugins::scaffold::default_sdk_path);
-            match intentgate::plugins::scaffold::new_plugin(&dir, &name, &sdk) {
+            let created = match sdk {
+                Some(sdk) => intentgate::plugins::scaffold::new_plugin(&dir, &name, &sdk),
+                None => intentgate::plugins::scaffold::new_plugin_vendored(&dir, &name),
+            };
+            match created {
                 Ok(path) => {
                     println!("created {}", path.display());
                     println!(

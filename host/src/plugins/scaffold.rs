@@ -2,6 +2,10 @@
 //! command and tests natively with `cargo test`) and `intentgate plugin check FILE.wasm`
 //! (validate a component against the worlds).
 //!
+//! Without `--sdk`, the SDK (and the WIT package it binds) is written into the new crate's
+//! `vendor/` from copies compiled into this binary, so the crate builds anywhere, outside the
+//! repository too, against exactly the interface this gateway speaks.
+//!
 //! It only writes inside the new crate's directory and never overwrites an existing one.
 
 use super::PluginError;
@@ -16,6 +20,45 @@ const TEMPLATE_README: &str = include_str!("template/README.md.tmpl");
 /// The SDK path compiled into this binary (the repository's `sdk/`).
 pub fn default_sdk_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("sdk")
+}
+
+/// The SDK crate and the WIT package as compiled into this binary: `(path under vendor/, text)`.
+/// The SDK binds `../wit`, so the two sit side by side as in the repository.
+const VENDORED_SDK: &[(&str, &str)] = &[
+    (
+        "intentgate-plugin-sdk/Cargo.toml",
+        include_str!("../../../sdk/Cargo.toml"),
+    ),
+    (
+        "intentgate-plugin-sdk/README.md",
+        include_str!("../../../sdk/README.md"),
+    ),
+    (
+        "intentgate-plugin-sdk/src/lib.rs",
+        include_str!("../../../sdk/src/lib.rs"),
+    ),
+    (
+        "intentgate-plugin-sdk/src/bindings.rs",
+        include_str!("../../../sdk/src/bindings.rs"),
+    ),
+    (
+        "intentgate-plugin-sdk/src/host.rs",
+        include_str!("../../../sdk/src/host.rs"),
+    ),
+    (
+        "intentgate-plugin-sdk/src/testing.rs",
+        include_str!("../../../sdk/src/testing.rs"),
+    ),
+    ("wit/types.wit", include_str!("../../../wit/types.wit")),
+];
+
+/// Where the new crate's SDK comes from.
+#[derive(Debug, Clone)]
+pub enum SdkSource {
+    /// An SDK crate on disk (`--sdk PATH`).
+    Path(PathBuf),
+    /// The copy compiled into this binary, written into the crate's `vendor/`.
+    Vendored,
 }
 
 /// Errors of `plugin new`.
@@ -42,8 +85,18 @@ pub enum ScaffoldError {
     },
 }
 
-/// Create `parent/NAME/` from the template. Returns the crate directory.
+/// Create `parent/NAME/` from the template with the SDK vendored into it (builds anywhere).
+pub fn new_plugin_vendored(parent: &Path, name: &str) -> Result<PathBuf, ScaffoldError> {
+    create(parent, name, &SdkSource::Vendored)
+}
+
+/// Create `parent/NAME/` from the template against the SDK at `sdk_path`. Returns the crate
+/// directory.
 pub fn new_plugin(parent: &Path, name: &str, sdk_path: &Path) -> Result<PathBuf, ScaffoldError> {
+    create(parent, name, &SdkSource::Path(sdk_path.to_path_buf()))
+}
+
+fn create(parent: &Path, name: &str, source: &SdkSource) -> Result<PathBuf, ScaffoldError> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
         && name
             .chars()
@@ -52,15 +105,24 @@ pub fn new_plugin(parent: &Path, name: &str, sdk_path: &Path) -> Result<PathBuf,
     if !valid {
         return Err(ScaffoldError::InvalidName(name.to_string()));
     }
-    if !sdk_path.join("Cargo.toml").is_file() {
-        return Err(ScaffoldError::NoSdk(sdk_path.to_path_buf()));
-    }
-    let sdk = sdk_path
-        .canonicalize()
-        .map_err(|source| ScaffoldError::Io {
-            path: sdk_path.into(),
-            source,
-        })?;
+    let sdk_text = match source {
+        SdkSource::Path(sdk_path) => {
+            if !sdk_path.join("Cargo.toml").is_file() {
+                return Err(ScaffoldError::NoSdk(sdk_path.to_path_buf()));
+            }
+            let sdk = sdk_path
+                .canonicalize()
+                .map_err(|source| ScaffoldError::Io {
+                    path: sdk_path.into(),
+                    source,
+                })?;
+            sdk.display()
+                .to_string()
+                .replace('\\', "/")
+                .replace('"', "\\\"")
+        }
+        SdkSource::Vendored => "vendor/intentgate-plugin-sdk".to_owned(),
+    };
     let dir = parent.join(name);
     if dir.exists() {
         return Err(ScaffoldError::Exists(dir));
@@ -71,11 +133,15 @@ pub fn new_plugin(parent: &Path, name: &str, sdk_path: &Path) -> Result<PathBuf,
     };
     let src = dir.join("src");
     std::fs::create_dir_all(&src).map_err(io(&src))?;
-    let sdk_text = sdk
-        .display()
-        .to_string()
-        .replace('\\', "/")
-        .replace('"', "\\\"");
+    if let SdkSource::Vendored = source {
+        for (rel, text) in VENDORED_SDK {
+            let path = dir.join("vendor").join(rel);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
+            std::fs::write(&path, text).map_err(io(&path))?;
+        }
+    }
     let file = name.replace('-', "_");
     let files = [
         (
@@ -139,5 +205,33 @@ mod tests {
             new_plugin(tmp.path(), "x", tmp.path()),
             Err(ScaffoldError::NoSdk(_))
         ));
+    }
+
+    #[test]
+    fn vendored_sdk_makes_a_self_contained_crate() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = new_plugin_vendored(tmp.path(), "anywhere").expect("new");
+        let cargo = std::fs::read_to_string(dir.join("Cargo.toml")).expect("Cargo.toml");
+        assert!(
+            cargo.contains("path = \"vendor/intentgate-plugin-sdk\""),
+            "{cargo}"
+        );
+        let sdk = dir.join("vendor/intentgate-plugin-sdk");
+        assert_eq!(
+            std::fs::read_to_string(sdk.join("src/bindings.rs")).expect("bindings"),
+            include_str!("../../../sdk/src/bindings.rs")
+        );
+        // The SDK binds `../wit`: the WIT package sits beside it, as this gateway speaks it.
+        assert_eq!(
+            std::fs::read_to_string(sdk.join("../wit/types.wit")).expect("wit"),
+            include_str!("../../../wit/types.wit")
+        );
+        for entry in std::fs::read_dir(default_sdk_path().join("src")).expect("sdk src") {
+            let name = entry.expect("entry").file_name();
+            assert!(
+                sdk.join("src").join(&name).is_file(),
+                "sdk/src/{name:?} is not vendored: add it to VENDORED_SDK"
+            );
+        }
     }
 }
