@@ -80,14 +80,22 @@ pub struct ServeArgs {
     pub plugin_deadline_ms: u64,
     /// Deadline of all the check plugins of one call together, in milliseconds; a call whose
     /// checks have not all answered by then is refused.
-    #[arg(long, env = "INTENTGATE_CALL_CHECKS_DEADLINE_MS", default_value_t = 200)]
+    #[arg(
+        long,
+        env = "INTENTGATE_CALL_CHECKS_DEADLINE_MS",
+        default_value_t = 200
+    )]
     pub call_checks_deadline_ms: u64,
     /// Most checks one bundle may hold across its stages (drafts with more are refused, 422).
     #[arg(long, env = "INTENTGATE_MAX_CHECKS_PER_BUNDLE", default_value_t = 16)]
     pub max_checks_per_bundle: usize,
     /// Most live plugin instances one tenant may hold (of the process's 1,024); at its quota a
     /// tenant's own calls are refused, the other tenants are not affected.
-    #[arg(long, env = "INTENTGATE_MAX_INSTANCES_PER_TENANT", default_value_t = 16)]
+    #[arg(
+        long,
+        env = "INTENTGATE_MAX_INSTANCES_PER_TENANT",
+        default_value_t = 16
+    )]
     pub max_instances_per_tenant: usize,
     /// Clock skew tolerated on token `nbf`, in seconds.
     #[arg(long, env = "INTENTGATE_CLOCK_LEEWAY_SECS", default_value_t = 30)]
@@ -596,8 +604,14 @@ mod tests {
         .to_string();
         assert!(e.starts_with("INTENTGATE_MAX_CHECKS_PER_BUNDLE"), "{e}");
         for (flag, setting) in [
-            ("--max-instances-per-tenant", "INTENTGATE_MAX_INSTANCES_PER_TENANT"),
-            ("--call-checks-deadline-ms", "INTENTGATE_CALL_CHECKS_DEADLINE_MS"),
+            (
+                "--max-instances-per-tenant",
+                "INTENTGATE_MAX_INSTANCES_PER_TENANT",
+            ),
+            (
+                "--call-checks-deadline-ms",
+                "INTENTGATE_CALL_CHECKS_DEADLINE_MS",
+            ),
         ] {
             let e = parse(&[flag, "0"]).expect_err("zero").to_string();
             assert!(e.starts_with(setting), "{e}");

@@ -245,8 +245,13 @@ impl Pipeline {
         let limit = self.registry.runtime().limits().call_checks_deadline;
         let deadline = tokio::time::Instant::now() + limit;
         // 2. intent: what the agent says it wants, against the call.
-        let intent =
-            checks_within(deadline, limit, Stage::Intent, snapshot.intent_async(&input)).await?;
+        let intent = checks_within(
+            deadline,
+            limit,
+            Stage::Intent,
+            snapshot.intent_async(&input),
+        )
+        .await?;
         findings.intent_summary = intent.record.summary.clone();
         refuse_unless_allowed(&intent.verdict, Denial::Intent)?;
         // 3. policy: the operator's Rego.

@@ -125,7 +125,11 @@ impl Snapshot {
         self.intent_in(input, Exec::Async).await
     }
 
-    async fn intent_in(&self, input: &CheckInput, exec: Exec) -> Result<IntentOutcome, PluginError> {
+    async fn intent_in(
+        &self,
+        input: &CheckInput,
+        exec: Exec,
+    ) -> Result<IntentOutcome, PluginError> {
         let mut record = None;
         let mut last = Verdict::allow("no intent check in bundle");
         for pool in &self.intent {
@@ -204,7 +208,11 @@ impl Snapshot {
         self.budget_in(input, Exec::Async).await
     }
 
-    async fn budget_in(&self, input: &CheckInput, exec: Exec) -> Result<BudgetOutcome, PluginError> {
+    async fn budget_in(
+        &self,
+        input: &CheckInput,
+        exec: Exec,
+    ) -> Result<BudgetOutcome, PluginError> {
         let mut charges: Vec<Charge> = Vec::new();
         let mut last = Verdict::allow("no budget check in bundle");
         for pool in &self.budget {

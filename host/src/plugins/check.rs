@@ -173,11 +173,7 @@ impl CheckPool {
             self.component.digest.clone(),
         );
         let mut store = state.into_store(self.runtime.engine());
-        host_state::arm(
-            &mut store,
-            limits.configure_deadline,
-            exec == Exec::Async,
-        );
+        host_state::arm(&mut store, limits.configure_deadline, exec == Exec::Async);
         let stage = self.stage;
         let pre = &self.component.pre;
         let bindings = match exec {
@@ -265,7 +261,11 @@ impl CheckPool {
             None => self.instantiate(exec).await?,
         };
         let limits = &self.runtime.limits;
-        host_state::arm(&mut instance.store, limits.call_deadline, exec == Exec::Async);
+        host_state::arm(
+            &mut instance.store,
+            limits.call_deadline,
+            exec == Exec::Async,
+        );
         let call = input.to_wit();
         let intent = intent.map(IntentRecord::to_wit);
         let api = instance.bindings.intentgate_plugin_check();
@@ -310,7 +310,10 @@ pub(crate) fn now_or_never<T>(
     stage: Stage,
 ) -> Result<T, PluginError> {
     let mut future = pin!(future);
-    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
         Poll::Ready(out) => out,
         Poll::Pending => Err(PluginError::Trap {
             stage,

@@ -13,13 +13,13 @@ use super::{PluginError, Stage};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use wasmtime::component::types::ComponentFunc;
-use wasmtime::component::{LinkerInstance, Val};
-use wasmtime::StoreContextMut;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use wasmtime::StoreContextMut;
+use wasmtime::component::types::ComponentFunc;
 use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{LinkerInstance, Val};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// How often the ticker advances the engine's epoch.
