@@ -547,5 +547,36 @@ pub fn plugin(reps: usize, policy: &Path) -> Result<(), String> {
             black_box(snap.decide(black_box(&input)).is_ok());
         }),
     );
+    // The request path: the same stages through `call_async` (the guest on a fiber that
+    // yields at epoch ticks), polled here without an executor so only the plugin cost shows.
+    row(
+        "intent, async (request path)",
+        time_per_op(500, reps, || {
+            black_box(poll_to_end(snap.intent_async(black_box(&input))).is_ok());
+        }),
+    );
+    row(
+        "policy (Rego), async (request path)",
+        time_per_op(500, reps, || {
+            black_box(poll_to_end(snap.policy_async(black_box(&input), &intent.record)).is_ok());
+        }),
+    );
+    row(
+        "budget, async (request path)",
+        time_per_op(500, reps, || {
+            black_box(poll_to_end(snap.budget_async(black_box(&input))).is_ok());
+        }),
+    );
     Ok(())
+}
+
+/// Polls a future to its end on this thread (a plugin's epoch yield wakes itself at once).
+fn poll_to_end<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+    }
 }

@@ -78,6 +78,25 @@ pub struct ServeArgs {
     /// fails closed (the call is refused). Process-wide.
     #[arg(long, env = "INTENTGATE_PLUGIN_DEADLINE_MS", default_value_t = 50)]
     pub plugin_deadline_ms: u64,
+    /// Deadline of all the check plugins of one call together, in milliseconds; a call whose
+    /// checks have not all answered by then is refused.
+    #[arg(
+        long,
+        env = "INTENTGATE_CALL_CHECKS_DEADLINE_MS",
+        default_value_t = 200
+    )]
+    pub call_checks_deadline_ms: u64,
+    /// Most checks one bundle may hold across its stages (drafts with more are refused, 422).
+    #[arg(long, env = "INTENTGATE_MAX_CHECKS_PER_BUNDLE", default_value_t = 16)]
+    pub max_checks_per_bundle: usize,
+    /// Most live plugin instances one tenant may hold (of the process's 1,024); at its quota a
+    /// tenant's own calls are refused, the other tenants are not affected.
+    #[arg(
+        long,
+        env = "INTENTGATE_MAX_INSTANCES_PER_TENANT",
+        default_value_t = 16
+    )]
+    pub max_instances_per_tenant: usize,
     /// Clock skew tolerated on token `nbf`, in seconds.
     #[arg(long, env = "INTENTGATE_CLOCK_LEEWAY_SECS", default_value_t = 30)]
     pub clock_leeway_secs: u64,
@@ -142,6 +161,12 @@ pub struct Config {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub plugin_deadline: Duration,
+    /// `INTENTGATE_CALL_CHECKS_DEADLINE_MS`.
+    pub call_checks_deadline: Duration,
+    /// `INTENTGATE_MAX_CHECKS_PER_BUNDLE`.
+    pub max_checks_per_bundle: usize,
+    /// `INTENTGATE_MAX_INSTANCES_PER_TENANT`.
+    pub max_instances_per_tenant: usize,
     pub clock_leeway_secs: u64,
     pub revocation_max_staleness: Duration,
     pub arg_values: ArgValues,
@@ -230,6 +255,9 @@ impl std::fmt::Debug for Config {
             .field("header_timeout", &self.header_timeout)
             .field("body_timeout", &self.body_timeout)
             .field("plugin_deadline", &self.plugin_deadline)
+            .field("call_checks_deadline", &self.call_checks_deadline)
+            .field("max_checks_per_bundle", &self.max_checks_per_bundle)
+            .field("max_instances_per_tenant", &self.max_instances_per_tenant)
             .field("clock_leeway_secs", &self.clock_leeway_secs)
             .field("revocation_max_staleness", &self.revocation_max_staleness)
             .field("arg_values", &self.arg_values)
@@ -349,6 +377,35 @@ impl ServeArgs {
             1,
             10_000,
         )?);
+        let call_checks_deadline = Duration::from_millis(ranged(
+            "INTENTGATE_CALL_CHECKS_DEADLINE_MS",
+            self.call_checks_deadline_ms,
+            1,
+            60_000,
+        )?);
+        let pool = crate::plugins::Limits::default().max_instances as u64;
+        let max_instances_per_tenant = ranged(
+            "INTENTGATE_MAX_INSTANCES_PER_TENANT",
+            self.max_instances_per_tenant as u64,
+            1,
+            pool,
+        )? as usize;
+        let max_checks_per_bundle = ranged(
+            "INTENTGATE_MAX_CHECKS_PER_BUNDLE",
+            self.max_checks_per_bundle as u64,
+            1,
+            pool,
+        )? as usize;
+        if max_checks_per_bundle > max_instances_per_tenant {
+            // Every check of a bundle holds an instance of the tenant's quota.
+            return Err(invalid(
+                "INTENTGATE_MAX_CHECKS_PER_BUNDLE",
+                format!(
+                    "{max_checks_per_bundle} exceeds INTENTGATE_MAX_INSTANCES_PER_TENANT \
+                     ({max_instances_per_tenant}): every check holds one of the tenant's instances"
+                ),
+            ));
+        }
         let body_timeout = Duration::from_millis(ranged(
             "INTENTGATE_BODY_TIMEOUT_MS",
             self.body_timeout_ms,
@@ -432,6 +489,9 @@ impl ServeArgs {
             header_timeout,
             body_timeout,
             plugin_deadline,
+            call_checks_deadline,
+            max_checks_per_bundle,
+            max_instances_per_tenant,
             clock_leeway_secs: self.clock_leeway_secs,
             revocation_max_staleness: Duration::from_secs(staleness),
             arg_values: self.audit_persist_arg_values,
@@ -526,6 +586,35 @@ mod tests {
                 .expect_err("must be refused")
                 .to_string();
             assert!(e.starts_with("INTENTGATE_PLUGIN_DEADLINE_MS"), "{e}");
+        }
+    }
+
+    #[test]
+    fn plugin_quotas_are_bounded_and_consistent() {
+        let c = parse(&[]).expect("defaults");
+        assert_eq!(c.call_checks_deadline, Duration::from_millis(200));
+        assert!(c.max_checks_per_bundle <= c.max_instances_per_tenant);
+        let e = parse(&[
+            "--max-checks-per-bundle",
+            "8",
+            "--max-instances-per-tenant",
+            "4",
+        ])
+        .expect_err("more checks than instances")
+        .to_string();
+        assert!(e.starts_with("INTENTGATE_MAX_CHECKS_PER_BUNDLE"), "{e}");
+        for (flag, setting) in [
+            (
+                "--max-instances-per-tenant",
+                "INTENTGATE_MAX_INSTANCES_PER_TENANT",
+            ),
+            (
+                "--call-checks-deadline-ms",
+                "INTENTGATE_CALL_CHECKS_DEADLINE_MS",
+            ),
+        ] {
+            let e = parse(&[flag, "0"]).expect_err("zero").to_string();
+            assert!(e.starts_with(setting), "{e}");
         }
     }
 

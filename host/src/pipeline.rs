@@ -240,15 +240,23 @@ impl Pipeline {
             risk: None,
         })?;
         let input = self.check_input(call);
-        let failed = |stage| move |error| Denial::CheckFailed { stage, error };
+        // One deadline for all the checks together: a bundle of many slow checks is denied
+        // when it runs out, whatever each check's own deadline.
+        let limit = self.registry.runtime().limits().call_checks_deadline;
+        let deadline = tokio::time::Instant::now() + limit;
         // 2. intent: what the agent says it wants, against the call.
-        let intent = snapshot.intent(&input).map_err(failed(Stage::Intent))?;
+        let intent = checks_within(
+            deadline,
+            limit,
+            Stage::Intent,
+            snapshot.intent_async(&input),
+        )
+        .await?;
         findings.intent_summary = intent.record.summary.clone();
         refuse_unless_allowed(&intent.verdict, Denial::Intent)?;
         // 3. policy: the operator's Rego.
-        let policy = snapshot
-            .policy(&input, &intent.record)
-            .map_err(failed(Stage::Policy))?;
+        let policy = snapshot.policy_async(&input, &intent.record);
+        let policy = checks_within(deadline, limit, Stage::Policy, policy).await?;
         findings.requires_step_up = policy.requires_step_up;
         match policy.kind {
             VerdictKind::Allow => {}
@@ -284,7 +292,8 @@ impl Pipeline {
             return Ok(());
         }
         // 4. budget: the bundle's ceilings, then the token's own limits.
-        let budget = snapshot.budget(&input).map_err(failed(Stage::Budget))?;
+        let budget = snapshot.budget_async(&input);
+        let budget = checks_within(deadline, limit, Stage::Budget, budget).await?;
         refuse_unless_allowed(&budget.verdict, Denial::Budget)?;
         findings.charges = self.charges_for(call.grant, &budget.charges);
         // 5. charge, only now that every check allowed.
@@ -445,6 +454,26 @@ impl Pipeline {
         if let Err(err) = self.audit.append(e).await {
             tracing::error!(error = %err, "could not record an upstream failure in the audit log");
         }
+    }
+}
+
+/// A stage's checks, bounded by the call's deadline for all checks: an error or the deadline
+/// is that stage failing closed (the future is dropped, abandoning the plugin call).
+async fn checks_within<T>(
+    deadline: tokio::time::Instant,
+    limit: std::time::Duration,
+    stage: Stage,
+    checks: impl std::future::Future<Output = Result<T, PluginError>>,
+) -> Result<T, Denial> {
+    match tokio::time::timeout_at(deadline, checks).await {
+        Ok(result) => result.map_err(|error| Denial::CheckFailed { stage, error }),
+        Err(_) => Err(Denial::CheckFailed {
+            stage,
+            error: PluginError::CallDeadline {
+                stage,
+                deadline_ms: limit.as_millis() as u64,
+            },
+        }),
     }
 }
 

@@ -123,8 +123,14 @@ impl Gateway {
             Some(policy) => BundleSpec::builtin().with_policy_config(policy.to_config()),
             None => BundleSpec::builtin(),
         };
-        crate::plugins::Runtime::shared_with(config.plugin_deadline)
-            .map_err(|e| StartError::Plugins(format!("INTENTGATE_PLUGIN_DEADLINE_MS: {e}")))?;
+        crate::plugins::Runtime::shared_with(crate::plugins::Limits {
+            call_deadline: config.plugin_deadline,
+            call_checks_deadline: config.call_checks_deadline,
+            max_checks_per_bundle: config.max_checks_per_bundle,
+            max_instances_per_tenant: config.max_instances_per_tenant,
+            ..crate::plugins::Limits::default()
+        })
+        .map_err(|e| StartError::Plugins(format!("INTENTGATE_PLUGIN_*: {e}")))?;
         let registry =
             tokio::task::spawn_blocking(move || Registry::builtin_with_default(default_spec))
                 .await

@@ -425,3 +425,316 @@ fn the_siem_formatter_builds_a_request() {
     );
     assert!(formatter.format(&["not json".to_string()]).is_err());
 }
+
+fn hostile_component(runtime: &Arc<Runtime>) -> CheckComponent {
+    let wasm = std::fs::read(artifacts::TEST_HOSTILE_PATH).expect("hostile artifact");
+    CheckComponent::new(runtime, &wasm).expect("compile hostile")
+}
+
+fn pool_on(runtime: &Arc<Runtime>, mode: &str, tenant: &str) -> CheckPool {
+    CheckPool::new(
+        runtime.clone(),
+        hostile_component(runtime),
+        mode,
+        Stage::Policy,
+        tenant,
+        Arc::new(MemoryCounters::default()),
+    )
+}
+
+#[test]
+fn a_tenant_at_its_instance_quota_is_refused_while_other_tenants_get_instances() {
+    let runtime = Runtime::new(Limits {
+        max_instances: 16,
+        max_instances_per_tenant: 2,
+        ..Limits::default()
+    })
+    .expect("runtime");
+    let greedy = pool_on(&runtime, "ok", "greedy");
+    greedy.warm().expect("first instance");
+    greedy.warm().expect("second instance");
+    let refused = greedy
+        .warm()
+        .expect_err("a third instance is over the quota");
+    assert!(
+        matches!(&refused, PluginError::TenantQuota { tenant, limit: 2 } if tenant == "greedy"),
+        "{refused}"
+    );
+    assert!(
+        refused
+            .to_string()
+            .contains("INTENTGATE_MAX_INSTANCES_PER_TENANT"),
+        "{refused}"
+    );
+    // Another check of the same tenant is refused too: the quota is the tenant's.
+    let call = input("greedy", "x");
+    let sibling = pool_on(&runtime, "ok", "greedy");
+    assert!(matches!(
+        sibling.evaluate(&call, None),
+        Err(PluginError::TenantQuota { .. })
+    ));
+    assert_eq!(runtime.tenant_instances("greedy"), 2);
+
+    // The pool has room, and another tenant gets its instances.
+    let modest = pool_on(&runtime, "ok", "modest");
+    let out = modest
+        .evaluate(&input("modest", "x"), None)
+        .expect("another tenant is served");
+    assert_eq!(out.verdict.kind, VerdictKind::Allow);
+    assert_eq!(runtime.tenant_instances("modest"), 1);
+
+    // Instances given back free the quota.
+    greedy.trim();
+    assert_eq!(runtime.tenant_instances("greedy"), 0);
+    sibling.evaluate(&call, None).expect("room again");
+}
+
+#[test]
+fn a_spinning_plugin_does_not_stop_another_tenants_calls() {
+    // A deadline far beyond the test, so only yielding lets the other tenant through.
+    let runtime = Runtime::new(Limits {
+        call_deadline: Duration::from_secs(600),
+        max_instances: 8,
+        ..Limits::default()
+    })
+    .expect("runtime");
+    let spinning = Arc::new(pool_on(&runtime, "loop", "spinning"));
+    let fine = pool_on(&runtime, "ok", "fine");
+    fine.warm().expect("warm");
+    // One runtime thread: with plugins that held it, the second call could not start.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    rt.block_on(async {
+        let slow = {
+            let pool = spinning.clone();
+            tokio::spawn(async move { pool.evaluate_async(&input("spinning", "x"), None).await })
+        };
+        // Let the spinning call start (it runs until its first yield).
+        tokio::task::yield_now().await;
+        for _ in 0..3 {
+            let out = fine
+                .evaluate_async(&input("fine", "read_invoice"), None)
+                .await
+                .expect("the other tenant is decided");
+            assert_eq!(out.verdict.kind, VerdictKind::Allow);
+        }
+        assert!(
+            !slow.is_finished(),
+            "the spinning call is still running while the other tenant was served"
+        );
+        assert_eq!(runtime.tenant_instances("spinning"), 1);
+        // Abandoning the call (as the all-checks deadline does) frees its instance.
+        slow.abort();
+        assert!(slow.await.is_err_and(|e| e.is_cancelled()));
+    });
+    assert_eq!(runtime.tenant_instances("spinning"), 0);
+    assert_eq!(spinning.idle_count(), 0);
+}
+
+#[test]
+fn a_plugin_that_sleeps_in_the_host_traps_at_once_in_check_and_in_configure() {
+    let call = input("sleepy", "read_invoice");
+    // An hour: only a trap ends these before the test times out.
+    let sleeper = hostile_pool("sleep:3600000", "sleepy");
+    let err = sleeper.evaluate(&call, None).expect_err("sleeping");
+    assert!(
+        matches!(&err, PluginError::Trap { detail, .. } if detail.contains("plugins may not wait")),
+        "{err}"
+    );
+    // The same on the request path, on a single runtime thread that the sleep must not hold.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let err = rt
+        .block_on(sleeper.evaluate_async(&call, None))
+        .expect_err("sleeping");
+    assert!(err.to_string().contains("plugins may not wait"), "{err}");
+    let err = hostile_pool("configure-sleep:3600000", "sleepy")
+        .warm()
+        .expect_err("sleeping in configure");
+    assert!(
+        matches!(&err, PluginError::Configure { message, .. } if message.contains("plugins may not wait")),
+        "{err}"
+    );
+}
+
+mod over_http {
+    //! Hostile checks in a tenant's bundle, through a whole gateway on one runtime thread.
+
+    use crate::support::gateway::{self, ADMIN_TOKEN, Backend, TestGateway};
+    use crate::support::http::{get_json, post_json, send};
+    use serde_json::{Value, json};
+
+    async fn admin_post(tg: &TestGateway, path: &str, body: Value) -> (u16, Value) {
+        post_json(&format!("{}{path}", tg.url), Some(ADMIN_TOKEN), &body).await
+    }
+
+    /// Uploads the hostile check for `tenant`; returns its digest.
+    async fn upload_hostile(tg: &TestGateway, tenant: &str) -> String {
+        let wasm = std::fs::read(intentgate::plugins::artifacts::TEST_HOSTILE_PATH)
+            .expect("hostile artifact");
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let (status, _, body) = send(
+            "POST",
+            &format!("{}/v1/admin/plugins?tenant={tenant}&name=hostile", tg.url),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/wasm"),
+            ],
+            wasm,
+        )
+        .await;
+        let uploaded: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(status, 201, "{uploaded}");
+        uploaded["digest"].as_str().expect("digest").to_string()
+    }
+
+    /// The running default bundle plus hostile policy checks in these modes.
+    fn spec_with(tg: &TestGateway, component: &str, modes: &[String]) -> Value {
+        let mut spec =
+            serde_json::to_value(tg.gw.pipeline.registry().default_spec()).expect("spec");
+        let checks = spec["stages"]["policy"]
+            .as_array_mut()
+            .expect("policy stage");
+        for mode in modes {
+            checks.push(json!({"component": component, "config": mode}));
+        }
+        spec
+    }
+
+    /// Drafts `spec` for `tenant`: (status, body).
+    async fn draft(tg: &TestGateway, tenant: &str, spec: Value) -> (u16, Value) {
+        admin_post(
+            tg,
+            &format!("/v1/admin/bundles?tenant={tenant}"),
+            json!({"name": "hostile", "spec": spec}),
+        )
+        .await
+    }
+
+    async fn draft_and_promote(tg: &TestGateway, tenant: &str, spec: Value) {
+        let (status, created) = draft(tg, tenant, spec).await;
+        assert_eq!(status, 201, "{created}");
+        let digest = created["digest"].as_str().expect("digest");
+        let (status, v) = admin_post(
+            tg,
+            &format!("/v1/admin/bundles/{digest}/promote?tenant={tenant}"),
+            json!({}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+
+    async fn token_for(tg: &TestGateway, tenant: &str) -> String {
+        tg.mint(json!({"subject": "bot", "tenant": tenant, "tools": ["read_invoice"], "ttl_seconds": 600}))
+            .await
+            .0
+    }
+
+    /// The audit events of `tenant`'s calls of `read_invoice`, newest first.
+    async fn audited(tg: &TestGateway, tenant: &str) -> Vec<Value> {
+        let (status, audit) = get_json(
+            &format!(
+                "{}/v1/admin/audit?tenant={tenant}&tool=read_invoice",
+                tg.url
+            ),
+            ADMIN_TOKEN,
+        )
+        .await;
+        assert_eq!(status, 200, "{audit}");
+        let items = audit["items"].as_array().expect("items");
+        items
+            .iter()
+            .filter(|e| e["event"] == "intentgate.tool_call")
+            .cloned()
+            .collect()
+    }
+
+    // One runtime thread: a check that held it (sleeping in the host) would stop the gateway.
+    #[tokio::test]
+    async fn a_sleeping_check_is_denied_and_audited_and_the_gateway_keeps_serving() {
+        let tg = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
+        let component = upload_hostile(&tg, "sleepy").await;
+        let spec = spec_with(&tg, &component, &["sleep:3600000".to_string()]);
+        draft_and_promote(&tg, "sleepy", spec).await;
+        let sleepy = token_for(&tg, "sleepy").await;
+        let awake = token_for(&tg, "awake").await;
+        for _ in 0..2 {
+            let denied = tg
+                .tool_call(&sleepy, "read_invoice", json!({"id": "INV-1"}))
+                .await;
+            assert_eq!(denied["error"]["code"], -32012, "{denied}");
+            let reason = denied["error"]["data"].as_str().unwrap_or_default();
+            assert!(reason.contains("plugins may not wait"), "{denied}");
+            // Another tenant is served on the same connection pool and thread.
+            let ok = tg
+                .tool_call(&awake, "read_invoice", json!({"id": "INV-1"}))
+                .await;
+            assert!(ok["result"].is_object(), "{ok}");
+        }
+        let events = audited(&tg, "sleepy").await;
+        assert_eq!(events.len(), 2, "{events:?}");
+        for e in &events {
+            assert_eq!(e["decision"], "block", "{e}");
+            assert_eq!(e["check"], "policy", "{e}");
+        }
+        tg.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_check_that_sleeps_in_configure_is_refused_without_holding_other_tenants() {
+        let tg = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
+        let component = upload_hostile(&tg, "dozy").await;
+        // Twenty seconds: were the sleep honoured, the draft would be accepted after it.
+        let dozy = spec_with(&tg, &component, &["configure-sleep:20000".to_string()]);
+        let tagged = spec_with(&tg, &component, &["ok".to_string()]);
+        let other = upload_hostile(&tg, "busy").await;
+        assert_eq!(other, component);
+        let (refused, ()) = tokio::join!(draft(&tg, "dozy", dozy), async {
+            draft_and_promote(&tg, "busy", tagged).await
+        });
+        let (status, body) = refused;
+        assert_eq!(status, 400, "{body}");
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("policy check #1") && message.contains("plugins may not wait"),
+            "{body}"
+        );
+        tg.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checks_past_the_calls_deadline_are_denied_and_audited() {
+        let tg = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
+        let component = upload_hostile(&tg, "slowpoke").await;
+        // Thirteen checks of 20 ms each (each well within its own 50 ms deadline) with the
+        // default bundle's three: sixteen checks, the most a bundle may hold, and more than the
+        // 200 ms all the checks of one call may take together.
+        let modes = vec!["slow:20".to_string(); 13];
+        draft_and_promote(&tg, "slowpoke", spec_with(&tg, &component, &modes)).await;
+        let token = token_for(&tg, "slowpoke").await;
+        let denied = tg
+            .tool_call(&token, "read_invoice", json!({"id": "INV-1"}))
+            .await;
+        assert_eq!(denied["error"]["code"], -32012, "{denied}");
+        let reason = denied["error"]["data"].as_str().unwrap_or_default();
+        assert!(reason.contains("deadline"), "{denied}");
+        let events = audited(&tg, "slowpoke").await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["decision"], "block");
+
+        // One check more than a bundle may hold is refused when drafted, naming the setting.
+        let modes = vec!["ok".to_string(); 14];
+        let (status, body) = draft(&tg, "slowpoke", spec_with(&tg, &component, &modes)).await;
+        assert_eq!(status, 422, "{body}");
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("17 checks") && message.contains("INTENTGATE_MAX_CHECKS_PER_BUNDLE"),
+            "{body}"
+        );
+        tg.shutdown().await;
+    }
+}

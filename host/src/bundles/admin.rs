@@ -94,6 +94,11 @@ fn bundle_error(e: BundleError) -> AdminReply {
         | BundleError::TooManyDrafts { .. }
         | BundleError::TooManyComponents { .. } => error(409, e),
         BundleError::Plugin(PluginError::Busy(_)) => error(503, e),
+        BundleError::TooManyChecks { .. }
+        | BundleError::Invalid {
+            error: PluginError::TenantQuota { .. },
+            ..
+        } => error(422, e),
         _ => error(400, e),
     }
 }

@@ -74,6 +74,16 @@ pub enum BundleError {
         /// The limit.
         limit: usize,
     },
+    /// The bundle has more checks than one bundle (or one tenant's instance quota) may hold.
+    #[error("the bundle has {count} checks, more than the {limit} allowed ({setting})")]
+    TooManyChecks {
+        /// Checks in the bundle, across its stages.
+        count: usize,
+        /// The limit.
+        limit: usize,
+        /// The setting that sets it.
+        setting: &'static str,
+    },
     /// The gateway holds the most uploaded components allowed.
     #[error(
         "this gateway holds {limit} uploaded components, the most allowed: no more can be uploaded"
@@ -553,6 +563,28 @@ impl Registry {
     }
 
     fn check_spec(&self, spec: &BundleSpec) -> Result<(), BundleError> {
+        // Every check holds at least one live instance of the tenant's quota, and runs on
+        // every call: both bound the checks of one bundle.
+        let limits = self.inner.runtime.limits();
+        let count = spec.stages.values().map(Vec::len).sum::<usize>();
+        for (limit, setting) in [
+            (
+                limits.max_checks_per_bundle,
+                "INTENTGATE_MAX_CHECKS_PER_BUNDLE",
+            ),
+            (
+                limits.max_instances_per_tenant,
+                "INTENTGATE_MAX_INSTANCES_PER_TENANT",
+            ),
+        ] {
+            if count > limit {
+                return Err(BundleError::TooManyChecks {
+                    count,
+                    limit,
+                    setting,
+                });
+            }
+        }
         let infos = read(&self.inner.infos);
         for digest in spec.component_digests() {
             match infos.get(digest) {
@@ -573,14 +605,30 @@ impl Registry {
     fn prepare(&self, tenant: &str, spec: &BundleSpec) -> Result<Snapshot, BundleError> {
         self.check_spec(spec)?;
         let components = read(&self.inner.components).clone();
-        Snapshot::build(
-            &self.inner.runtime,
-            &components,
-            spec,
-            tenant,
-            &self.inner.counters,
-            true,
-        )
+        let build = || {
+            Snapshot::build(
+                &self.inner.runtime,
+                &components,
+                spec,
+                tenant,
+                &self.inner.counters,
+                true,
+            )
+        };
+        match build() {
+            Err(BundleError::Invalid {
+                error: PluginError::TenantQuota { .. },
+                ..
+            }) => {
+                // The active bundle's idle instances are a cache: give them back to the
+                // tenant's quota so that it can hold the candidate, and try once more.
+                if let Some(slot) = self.inner.tenants.load().get(tenant) {
+                    slot.active.load().trim();
+                }
+                build()
+            }
+            built => built,
+        }
     }
 
     /// Create a draft: validates the spec (components known and of the check world, every

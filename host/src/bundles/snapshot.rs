@@ -3,11 +3,13 @@
 //!
 //! The pipeline loads one `Arc<Snapshot>` per request and calls the stages in order. A stage
 //! runs its checks in order and returns the first verdict that is not allow; any plugin error
-//! is returned as an error (the pipeline fails closed).
+//! is returned as an error (the pipeline fails closed). The `*_async` stage calls are the
+//! request path (plugins yield to the runtime); the plain ones run inline, off the runtime.
 
+use crate::plugins::check::{Exec, now_or_never};
 use crate::plugins::{
-    BudgetOutcome, Charge, CheckComponent, CheckInput, CheckPool, Counters, IntentOutcome,
-    IntentRecord, PluginError, Runtime, Stage, Verdict, VerdictKind,
+    BudgetOutcome, Charge, CheckComponent, CheckInput, CheckOutput, CheckPool, Counters,
+    IntentOutcome, IntentRecord, PluginError, Runtime, Stage, Verdict, VerdictKind,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -115,10 +117,23 @@ impl Snapshot {
 
     /// The intent stage: the first check's intent record and the stage verdict.
     pub fn intent(&self, input: &CheckInput) -> Result<IntentOutcome, PluginError> {
+        now_or_never(self.intent_in(input, Exec::Inline), Stage::Intent)
+    }
+
+    /// [`Snapshot::intent`] on the request path.
+    pub async fn intent_async(&self, input: &CheckInput) -> Result<IntentOutcome, PluginError> {
+        self.intent_in(input, Exec::Async).await
+    }
+
+    async fn intent_in(
+        &self,
+        input: &CheckInput,
+        exec: Exec,
+    ) -> Result<IntentOutcome, PluginError> {
         let mut record = None;
         let mut last = Verdict::allow("no intent check in bundle");
         for pool in &self.intent {
-            let out = pool.evaluate(input, None)?;
+            let out = pool.run(input, None, exec).await?;
             if record.is_none() {
                 record = out.intent;
             }
@@ -149,9 +164,27 @@ impl Snapshot {
         input: &CheckInput,
         intent: &IntentRecord,
     ) -> Result<Verdict, PluginError> {
+        now_or_never(self.policy_in(input, intent, Exec::Inline), Stage::Policy)
+    }
+
+    /// [`Snapshot::policy`] on the request path.
+    pub async fn policy_async(
+        &self,
+        input: &CheckInput,
+        intent: &IntentRecord,
+    ) -> Result<Verdict, PluginError> {
+        self.policy_in(input, intent, Exec::Async).await
+    }
+
+    async fn policy_in(
+        &self,
+        input: &CheckInput,
+        intent: &IntentRecord,
+        exec: Exec,
+    ) -> Result<Verdict, PluginError> {
         let mut first_allow = None;
         for pool in &self.policy {
-            let out = pool.evaluate(input, Some(intent))?;
+            let out: CheckOutput = pool.run(input, Some(intent), exec).await?;
             if !out.verdict.is_allow() {
                 return Ok(out.verdict);
             }
@@ -167,10 +200,23 @@ impl Snapshot {
     /// The budget stage: a verdict and, when it allows, the charges (keys namespaced
     /// `"<tenant>/<key>"`) the pipeline applies once every check allowed.
     pub fn budget(&self, input: &CheckInput) -> Result<BudgetOutcome, PluginError> {
+        now_or_never(self.budget_in(input, Exec::Inline), Stage::Budget)
+    }
+
+    /// [`Snapshot::budget`] on the request path.
+    pub async fn budget_async(&self, input: &CheckInput) -> Result<BudgetOutcome, PluginError> {
+        self.budget_in(input, Exec::Async).await
+    }
+
+    async fn budget_in(
+        &self,
+        input: &CheckInput,
+        exec: Exec,
+    ) -> Result<BudgetOutcome, PluginError> {
         let mut charges: Vec<Charge> = Vec::new();
         let mut last = Verdict::allow("no budget check in bundle");
         for pool in &self.budget {
-            let out = pool.evaluate(input, None)?;
+            let out = pool.run(input, None, exec).await?;
             if !out.verdict.is_allow() {
                 return Ok(BudgetOutcome {
                     verdict: out.verdict,
@@ -205,6 +251,11 @@ impl Snapshot {
             return Ok((budget.verdict, Vec::new()));
         }
         Ok((policy, budget.charges))
+    }
+
+    /// How many checks the snapshot runs, across its stages.
+    pub fn check_count(&self) -> usize {
+        self.intent.len() + self.policy.len() + self.budget.len()
     }
 
     /// Drop idle instances (when this snapshot stops being active).

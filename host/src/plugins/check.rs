@@ -5,16 +5,24 @@
 //! a successful call, and drops them after a bounded number of calls or on any error (a store
 //! that trapped is never entered again). Every call runs under the epoch deadline and the memory
 //! limit, and its result is validated before the caller sees it.
+//!
+//! [`CheckPool::evaluate_async`] is the request path: the guest runs on a fiber and yields to
+//! the tokio runtime at every epoch tick, so a slow check never holds a worker for long and
+//! dropping the future (a deadline) abandons the call. [`CheckPool::evaluate`] runs the same
+//! code inline, for callers that are already off the runtime (dry-runs, benchmarks).
 
 use super::bindings::check as cb;
 use super::bindings::check::intentgate::plugin::types as wit;
 use super::counters::Counters;
-use super::host_state::HostState;
+use super::host_state::{self, HostState};
 use super::runtime::{Limits, LiveSlot, Runtime};
 use super::{
     Charge, CheckInput, CheckOutput, IntentRecord, PluginError, Stage, Verdict, VerdictKind,
 };
+use std::future::Future;
+use std::pin::pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use wasmtime::Store;
 use wasmtime::component::Component;
 
@@ -132,7 +140,7 @@ impl CheckPool {
     /// Instantiate and configure one instance now (so a bad configuration is reported at load,
     /// not at the first call) and keep it idle.
     pub fn warm(&self) -> Result<(), PluginError> {
-        let instance = self.instantiate()?;
+        let instance = now_or_never(self.instantiate(Exec::Inline), self.stage)?;
         self.give_back(instance);
         Ok(())
     }
@@ -154,8 +162,8 @@ impl CheckPool {
         }
     }
 
-    fn instantiate(&self) -> Result<Instance, PluginError> {
-        let slot = self.runtime.reserve()?;
+    async fn instantiate(&self, exec: Exec) -> Result<Instance, PluginError> {
+        let slot = self.runtime.reserve(Some(&self.tenant))?;
         let limits = &self.runtime.limits;
         let state = HostState::new(
             limits.max_memory_bytes,
@@ -164,22 +172,27 @@ impl CheckPool {
             Some(self.stage),
             self.component.digest.clone(),
         );
-        let mut store = Store::new(self.runtime.engine(), state);
-        store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(Limits::ticks(limits.configure_deadline));
+        let mut store = state.into_store(self.runtime.engine());
+        host_state::arm(&mut store, limits.configure_deadline, exec == Exec::Async);
         let stage = self.stage;
-        let bindings =
-            self.component
-                .pre
-                .instantiate(&mut store)
-                .map_err(|e| PluginError::Instantiate {
-                    stage,
-                    detail: format!("{e:#}"),
-                })?;
-        let configured = bindings
-            .intentgate_plugin_check()
-            .call_configure(&mut store, &self.config);
+        let pre = &self.component.pre;
+        let bindings = match exec {
+            Exec::Inline => pre.instantiate(&mut store),
+            Exec::Async => pre.instantiate_async(&mut store).await,
+        }
+        .map_err(|e| PluginError::Instantiate {
+            stage,
+            detail: format!("{e:#}"),
+        })?;
+        let api = bindings.intentgate_plugin_check();
+        let configured = match exec {
+            Exec::Inline => api.call_configure(&mut store, &self.config),
+            Exec::Async => api
+                .func_configure()
+                .call_async(&mut store, (&*self.config,))
+                .await
+                .map(|(r,)| r),
+        };
         match configured {
             Ok(Ok(())) => Ok(Instance {
                 store,
@@ -215,29 +228,55 @@ impl CheckPool {
         }
     }
 
-    /// Run `evaluate` once on a pooled (or fresh) instance and validate the result.
+    /// Run `evaluate` once on a pooled (or fresh) instance and validate the result, inline on
+    /// this thread (never suspends). For callers off the async runtime; the request path uses
+    /// [`CheckPool::evaluate_async`].
     pub fn evaluate(
         &self,
         input: &CheckInput,
         intent: Option<&IntentRecord>,
     ) -> Result<CheckOutput, PluginError> {
+        now_or_never(self.run(input, intent, Exec::Inline), self.stage)
+    }
+
+    /// Run `evaluate` once, asynchronously: the guest yields to the executor at every epoch
+    /// tick. Dropping the future abandons the call and its instance.
+    pub async fn evaluate_async(
+        &self,
+        input: &CheckInput,
+        intent: Option<&IntentRecord>,
+    ) -> Result<CheckOutput, PluginError> {
+        self.run(input, intent, Exec::Async).await
+    }
+
+    pub(crate) async fn run(
+        &self,
+        input: &CheckInput,
+        intent: Option<&IntentRecord>,
+        exec: Exec,
+    ) -> Result<CheckOutput, PluginError> {
         let pooled = self.lock_idle().pop();
         let mut instance = match pooled {
             Some(instance) => instance,
-            None => self.instantiate()?,
+            None => self.instantiate(exec).await?,
         };
         let limits = &self.runtime.limits;
-        instance.store.data_mut().begin_call();
-        instance
-            .store
-            .set_epoch_deadline(Limits::ticks(limits.call_deadline));
+        host_state::arm(
+            &mut instance.store,
+            limits.call_deadline,
+            exec == Exec::Async,
+        );
         let call = input.to_wit();
         let intent = intent.map(IntentRecord::to_wit);
-        let result = instance.bindings.intentgate_plugin_check().call_evaluate(
-            &mut instance.store,
-            &call,
-            intent.as_ref(),
-        );
+        let api = instance.bindings.intentgate_plugin_check();
+        let result = match exec {
+            Exec::Inline => api.call_evaluate(&mut instance.store, &call, intent.as_ref()),
+            Exec::Async => api
+                .func_evaluate()
+                .call_async(&mut instance.store, (&call, intent.as_ref()))
+                .await
+                .map(|(r,)| r),
+        };
         match result {
             Ok(raw) => {
                 instance.uses += 1;
@@ -252,6 +291,34 @@ impl CheckPool {
                     .classify(self.stage, e, oom, limits.call_deadline))
             }
         }
+    }
+}
+
+/// How a guest call is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Exec {
+    /// On the caller's thread, to completion (the future never suspends).
+    Inline,
+    /// On a fiber that yields to the executor at every epoch tick.
+    Async,
+}
+
+/// Poll a future that never suspends ([`Exec::Inline`] code) to its end. Should it suspend
+/// anyway, the call fails closed rather than blocking.
+pub(crate) fn now_or_never<T>(
+    future: impl Future<Output = Result<T, PluginError>>,
+    stage: Stage,
+) -> Result<T, PluginError> {
+    let mut future = pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(out) => out,
+        Poll::Pending => Err(PluginError::Trap {
+            stage,
+            detail: "an inline plugin call suspended".into(),
+        }),
     }
 }
 

@@ -10,9 +10,9 @@ use super::bindings::{check as cb, siem as sb};
 use super::counters::Counters;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
-use wasmtime::ResourceLimiter;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// Bytes of log output one instance may write per call before lines are dropped.
@@ -63,6 +63,10 @@ pub(crate) struct HostState {
     stage: Option<Stage>,
     plugin: Arc<str>,
     log_budget: usize,
+    /// When the current guest call must have returned (checked at every epoch tick).
+    deadline: Instant,
+    /// The current call runs under `call_async`: at every tick it yields to the executor.
+    yielding: bool,
 }
 
 impl HostState {
@@ -90,6 +94,8 @@ impl HostState {
             stage,
             plugin,
             log_budget: LOG_BUDGET_PER_CALL,
+            deadline: Instant::now(),
+            yielding: false,
         }
     }
 
@@ -99,6 +105,37 @@ impl HostState {
         self.log_budget = LOG_BUDGET_PER_CALL;
     }
 
+    /// A store for this state: the memory limiter, and an epoch callback that interrupts the
+    /// guest once the call's deadline passed and otherwise, in an async call, yields to the
+    /// executor at every tick (so a plugin never holds a runtime worker for more than a tick).
+    pub(crate) fn into_store(self, engine: &Engine) -> Store<HostState> {
+        let mut store = Store::new(engine, self);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_callback(|ctx| {
+            let state = ctx.data();
+            Ok(if Instant::now() >= state.deadline {
+                UpdateDeadline::Interrupt
+            } else if state.yielding {
+                UpdateDeadline::Yield(1)
+            } else {
+                UpdateDeadline::Continue(1)
+            })
+        });
+        store
+    }
+}
+
+/// Arm the deadline of the next guest call on `store`: `limit` from now, yielding at every
+/// tick when the call is made with `call_async`.
+pub(crate) fn arm(store: &mut Store<HostState>, limit: Duration, yielding: bool) {
+    let state = store.data_mut();
+    state.begin_call();
+    state.deadline = Instant::now() + limit;
+    state.yielding = yielding;
+    store.set_epoch_deadline(1);
+}
+
+impl HostState {
     fn log_line(&mut self, level: u8, message: &str) {
         if self.log_budget == 0 {
             return;

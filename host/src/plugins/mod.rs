@@ -5,7 +5,9 @@
 //! A trap, a timeout, a memory blow-up or a malformed result becomes a typed [`PluginError`]
 //! (the caller turns it into a fail-closed decision); the instance is thrown away and the
 //! gateway keeps serving. Plugins get only logging, a clock and read-only budget counters: no
-//! filesystem, network or environment. This module must never decide allow on an error.
+//! filesystem, network or environment, and no way to wait in the host. On the request path a
+//! call runs asynchronously and yields to the tokio runtime at every epoch tick, so a slow
+//! plugin delays only its own call. This module must never decide allow on an error.
 //!
 //! # Layout
 //!
@@ -135,6 +137,27 @@ pub enum PluginError {
     /// Every instance slot is in use: shed load rather than wait.
     #[error("plugin capacity exhausted ({0} live instances)")]
     Busy(usize),
+    /// The tenant holds as many live instances as it may: its own calls are refused, the other
+    /// tenants keep their share of the pool.
+    #[error(
+        "tenant {tenant} holds {limit} plugin instances, its quota (INTENTGATE_MAX_INSTANCES_PER_TENANT)"
+    )]
+    TenantQuota {
+        /// Tenant.
+        tenant: String,
+        /// The quota.
+        limit: usize,
+    },
+    /// The checks of one call did not all answer within the call's deadline.
+    #[error(
+        "the checks of this call missed their {deadline_ms} ms deadline (INTENTGATE_CALL_CHECKS_DEADLINE_MS); the {stage} stage was still running"
+    )]
+    CallDeadline {
+        /// The stage still running.
+        stage: Stage,
+        /// The deadline.
+        deadline_ms: u64,
+    },
 }
 
 /// The verified capability token as the checks see it.

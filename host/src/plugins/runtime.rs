@@ -1,8 +1,11 @@
-//! The one wasmtime engine of the process, its linkers (our imports + an empty WASI), the
-//! limits every call runs under, the epoch ticker, and the compile cache.
+//! The one wasmtime engine of the process, its linkers (our imports + an empty WASI whose
+//! blocking calls trap), the limits every call runs under, the epoch ticker, the compile cache,
+//! and the live-instance slots (process-wide and per tenant).
 //!
 //! Compiling is slow (milliseconds to seconds): callers on the async runtime do it in
-//! `spawn_blocking`, never on the request path. Nothing here runs guest code.
+//! `spawn_blocking`, never on the request path. Nothing here runs guest code. A plugin must
+//! never be able to wait inside the host: every WASI function that could block (`wasi:io/poll`)
+//! is linked as a trap, because epoch interruption cannot fire while the host waits.
 
 use super::bindings::{check as cb, siem as sb};
 use super::host_state::HostState;
@@ -13,14 +16,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use wasmtime::StoreContextMut;
+use wasmtime::component::types::ComponentFunc;
 use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{LinkerInstance, Val};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// How often the ticker advances the engine's epoch.
 pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 
 /// Bounds for every plugin call.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Wall-clock deadline of one `evaluate` (epoch based).
     pub call_deadline: Duration,
@@ -36,6 +42,15 @@ pub struct Limits {
     pub max_idle_per_pool: usize,
     /// Longest verdict reason accepted.
     pub max_reason_bytes: usize,
+    /// Live instances one tenant may hold (`INTENTGATE_MAX_INSTANCES_PER_TENANT`), so one
+    /// tenant's bundle cannot take the whole pool.
+    pub max_instances_per_tenant: usize,
+    /// Checks one bundle may hold across its stages (`INTENTGATE_MAX_CHECKS_PER_BUNDLE`),
+    /// refused when the draft is made.
+    pub max_checks_per_bundle: usize,
+    /// Deadline of all the checks of one call together (`INTENTGATE_CALL_CHECKS_DEADLINE_MS`):
+    /// the pipeline denies a call whose checks have not all answered by then.
+    pub call_checks_deadline: Duration,
 }
 
 impl Default for Limits {
@@ -49,15 +64,11 @@ impl Default for Limits {
             max_uses_per_instance: 10_000,
             max_idle_per_pool: 4,
             max_reason_bytes: 4096,
+            // 64 tenants at their quota fill the pool.
+            max_instances_per_tenant: 1024 / 64,
+            max_checks_per_bundle: 16,
+            call_checks_deadline: Duration::from_millis(200),
         }
-    }
-}
-
-impl Limits {
-    pub(crate) fn ticks(d: Duration) -> u64 {
-        (d.as_millis() as u64)
-            .div_ceil(EPOCH_TICK.as_millis().max(1) as u64)
-            .max(1)
     }
 }
 
@@ -105,6 +116,8 @@ pub struct Runtime {
     pub(crate) siem_linker: Linker<HostState>,
     pub(crate) limits: Limits,
     pub(crate) live: AtomicUsize,
+    /// Live instances per tenant (entries leave at zero).
+    per_tenant: Mutex<HashMap<Arc<str>, usize>>,
     compiled: Mutex<CompileCache>,
     _ticker: Ticker,
 }
@@ -148,7 +161,10 @@ impl Runtime {
             .max_memories_per_component(4)
             .max_tables_per_component(8)
             .max_memory_size(limits.max_memory_bytes)
-            .max_unused_warm_slots(16);
+            .max_unused_warm_slots(16)
+            // An instance's store keeps the fiber stack of its last async call (the request
+            // path evaluates asynchronously), so there is one stack per live instance.
+            .total_stacks(slots);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         // Reserve the whole 32-bit space per memory slot (address space only, never committed)
         // so that Cranelift elides the bounds check of every load and store: explicit checks
@@ -161,12 +177,12 @@ impl Runtime {
             .map_err(|e| PluginError::InvalidComponent(format!("engine: {e}")))?;
 
         let mut check_linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut check_linker)
+        link_wasi(&mut check_linker)
             .map_err(|e| PluginError::InvalidComponent(format!("linking WASI: {e}")))?;
         cb::CheckPlugin::add_to_linker::<_, HasSelf<_>>(&mut check_linker, |s| s)
             .map_err(|e| PluginError::InvalidComponent(format!("linking host imports: {e}")))?;
         let mut siem_linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut siem_linker)
+        link_wasi(&mut siem_linker)
             .map_err(|e| PluginError::InvalidComponent(format!("linking WASI: {e}")))?;
         sb::SiemFormatter::add_to_linker::<_, HasSelf<_>>(&mut siem_linker, |s| s)
             .map_err(|e| PluginError::InvalidComponent(format!("linking host imports: {e}")))?;
@@ -190,6 +206,7 @@ impl Runtime {
             siem_linker,
             limits,
             live: AtomicUsize::new(0),
+            per_tenant: Mutex::new(HashMap::new()),
             compiled: Mutex::new(HashMap::new()),
             _ticker: Ticker {
                 stop,
@@ -205,23 +222,17 @@ impl Runtime {
             .clone()
     }
 
-    /// The process-wide runtime with this call deadline (`INTENTGATE_PLUGIN_DEADLINE_MS`).
-    /// One engine serves the process, so a second, different deadline is refused rather than
+    /// The process-wide runtime with these limits (the `INTENTGATE_PLUGIN_*` settings). One
+    /// engine serves the process, so second, different limits are refused rather than
     /// silently ignored.
-    pub fn shared_with(call_deadline: Duration) -> Result<Arc<Self>, PluginError> {
+    pub fn shared_with(limits: Limits) -> Result<Arc<Self>, PluginError> {
         let runtime = SHARED
-            .get_or_init(|| {
-                Runtime::new(Limits {
-                    call_deadline,
-                    ..Limits::default()
-                })
-            })
+            .get_or_init(|| Runtime::new(limits.clone()))
             .clone()?;
-        if runtime.limits.call_deadline != call_deadline {
+        if runtime.limits != limits {
             return Err(PluginError::InvalidComponent(format!(
-                "the plugin deadline is process-wide and already {} ms (asked for {} ms)",
-                runtime.limits.call_deadline.as_millis(),
-                call_deadline.as_millis()
+                "the plugin limits are process-wide and already {:?} (asked for {limits:?})",
+                runtime.limits
             )));
         }
         Ok(runtime)
@@ -240,6 +251,18 @@ impl Runtime {
     /// Instances alive right now (pooled idle ones included).
     pub fn live_instances(&self) -> usize {
         self.live.load(Ordering::Relaxed)
+    }
+
+    /// Instances `tenant` holds right now (pooled idle ones included).
+    pub fn tenant_instances(&self, tenant: &str) -> usize {
+        self.tenants().get(tenant).copied().unwrap_or(0)
+    }
+
+    fn tenants(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, usize>> {
+        match self.per_tenant.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
     }
 
     /// Compile a component (cached by digest; concurrent callers of one digest wait for a
@@ -314,17 +337,54 @@ impl Runtime {
         sb::SiemFormatterPre::new(pre).map_err(wrong)
     }
 
-    /// Reserve one live-instance slot, or `Busy`.
-    pub(crate) fn reserve(self: &Arc<Self>) -> Result<LiveSlot, PluginError> {
+    /// Reserve one live-instance slot for `tenant` (`None`: the process's own, e.g. a SIEM
+    /// formatter), or `TenantQuota` when the tenant holds its share, or `Busy` when the pool is
+    /// full. A tenant at its quota is refused without touching the process-wide count.
+    pub(crate) fn reserve(
+        self: &Arc<Self>,
+        tenant: Option<&Arc<str>>,
+    ) -> Result<LiveSlot, PluginError> {
+        if let Some(tenant) = tenant {
+            let quota = self.limits.max_instances_per_tenant;
+            let mut tenants = self.tenants();
+            let held = tenants.entry(tenant.clone()).or_insert(0);
+            if *held >= quota {
+                return Err(PluginError::TenantQuota {
+                    tenant: tenant.to_string(),
+                    limit: quota,
+                });
+            }
+            *held += 1;
+        }
         let max = self.limits.max_instances;
-        self.live
+        let global = self
+            .live
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
-            .map_err(PluginError::Busy)?;
-        Ok(LiveSlot {
+            .map_err(PluginError::Busy);
+        let slot = LiveSlot {
             runtime: self.clone(),
-        })
+            tenant: tenant.cloned(),
+            counted: global.is_ok(),
+        };
+        // On `Busy` the slot drops here and gives the tenant's count back.
+        global.map(|_| slot)
+    }
+
+    fn release(&self, tenant: Option<&Arc<str>>, counted: bool) {
+        if counted {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(tenant) = tenant {
+            let mut tenants = self.tenants();
+            if let Some(held) = tenants.get_mut(tenant) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    tenants.remove(tenant);
+                }
+            }
+        }
     }
 
     /// Map a wasmtime error from a guest call to a typed error.
@@ -356,11 +416,51 @@ impl Runtime {
 /// A reserved live-instance slot; released on drop.
 pub(crate) struct LiveSlot {
     runtime: Arc<Runtime>,
+    tenant: Option<Arc<str>>,
+    counted: bool,
 }
 
 impl Drop for LiveSlot {
     fn drop(&mut self) {
-        self.runtime.live.fetch_sub(1, Ordering::AcqRel);
+        self.runtime.release(self.tenant.as_ref(), self.counted);
+    }
+}
+
+/// The WASI a plugin gets: the p2 set Rust's `std` links against (over an empty context: no
+/// files, sockets, environment or input; output discarded), except that every function that
+/// can wait in the host traps instead. A wait (`std::thread::sleep`, a subscription to a clock
+/// polled with `wasi:io/poll`) would happen in the host, where the epoch deadline cannot
+/// interrupt it: it would hold a runtime worker, or the promotion gate during `configure`.
+/// With no files and no sockets, `wasi:io/poll` is the only way to wait (stdin is empty and
+/// stdout a sink, so the blocking stream calls return at once).
+fn link_wasi(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_sync(linker)?;
+    linker.allow_shadowing(true);
+    {
+        let mut poll: LinkerInstance<'_, HostState> = linker.instance(WASI_POLL)?;
+        for name in ["poll", "[method]pollable.block"] {
+            poll.func_new(name, refuse_wait(name))?;
+        }
+    }
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// The `wasi:io/poll` instance of the WASI the host links (components importing an older
+/// 0.2.x resolve to it).
+const WASI_POLL: &str = "wasi:io/poll@0.2.12";
+
+fn refuse_wait(
+    name: &'static str,
+) -> impl Fn(StoreContextMut<'_, HostState>, ComponentFunc, &[Val], &mut [Val]) -> wasmtime::Result<()>
++ Send
++ Sync
++ 'static {
+    move |_, _, _, _| {
+        Err(wasmtime::format_err!(
+            "plugins may not wait: wasi:io/poll {name} is not available (a sleep or a blocking \
+             poll cannot be interrupted by the deadline)"
+        ))
     }
 }
 
@@ -374,12 +474,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_shared_deadline_cannot_be_changed_silently() {
-        let default = Limits::default().call_deadline;
-        let runtime = Runtime::shared_with(default).expect("the default deadline");
-        assert_eq!(runtime.limits().call_deadline, default);
-        let Err(e) = Runtime::shared_with(default + Duration::from_millis(1)) else {
-            panic!("a second deadline must be refused");
+    fn the_shared_limits_cannot_be_changed_silently() {
+        let default = Limits::default();
+        let runtime = Runtime::shared_with(default.clone()).expect("the default limits");
+        assert_eq!(runtime.limits(), &default);
+        let other = Limits {
+            call_deadline: default.call_deadline + Duration::from_millis(1),
+            ..default
+        };
+        let Err(e) = Runtime::shared_with(other) else {
+            panic!("second limits must be refused");
         };
         assert!(e.to_string().contains("process-wide"), "{e}");
     }

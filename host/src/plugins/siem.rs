@@ -6,11 +6,10 @@
 
 use super::bindings::siem as sb;
 use super::counters::MemoryCounters;
-use super::host_state::HostState;
-use super::runtime::{Limits, Runtime};
+use super::host_state::{self, HostState};
+use super::runtime::Runtime;
 use super::{PluginError, Stage};
 use std::sync::Arc;
-use wasmtime::Store;
 
 /// What a formatter produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,7 +46,7 @@ impl Formatter {
     /// Format one batch (canonical JSON events, oldest first).
     pub fn format(&self, events: &[String]) -> Result<FormattedRequest, PluginError> {
         let stage = Stage::Siem;
-        let _slot = self.runtime.reserve()?;
+        let _slot = self.runtime.reserve(None)?;
         let limits = &self.runtime.limits;
         let state = HostState::new(
             limits.max_memory_bytes,
@@ -56,10 +55,8 @@ impl Formatter {
             Some(stage),
             self.digest.clone(),
         );
-        let mut store = Store::new(self.runtime.engine(), state);
-        store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(Limits::ticks(limits.configure_deadline));
+        let mut store = state.into_store(self.runtime.engine());
+        host_state::arm(&mut store, limits.configure_deadline, false);
         let bindings = self
             .pre
             .instantiate(&mut store)
@@ -80,7 +77,7 @@ impl Formatter {
                 ));
             }
         }
-        store.set_epoch_deadline(Limits::ticks(limits.call_deadline));
+        host_state::arm(&mut store, limits.call_deadline, false);
         match api.call_format(&mut store, events) {
             Ok(Ok(r)) => Ok(FormattedRequest {
                 content_type: r.content_type,

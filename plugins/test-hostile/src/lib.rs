@@ -2,11 +2,22 @@
 //! `loop` (spins forever), `alloc` (allocates without bound), `trap` (panics → unreachable),
 //! `garbage` (returns a malformed result), `slow:<ms>` (busy-waits on the host clock), `ok`
 //! (allows), `configure-loop` (spins in configure), `configure-fail` (refuses configuration),
-//! `sometimes-trap:<n>` (traps on every n-th call of an instance, allows otherwise).
+//! `sometimes-trap:<n>` (traps on every n-th call of an instance, allows otherwise),
+//! `sleep:<ms>` (sleeps in `evaluate` with `std::thread::sleep`, i.e. a WASI monotonic-clock
+//! subscription polled with `wasi:io/poll`: a wait in the host), `configure-sleep:<ms>` (the same
+//! in configure).
 //! It must never be part of a production bundle.
 
 use intentgate_plugin_sdk::{Charge, Check, CheckResult, IntentRecord, ToolCall, Verdict, host};
 use std::cell::Cell;
+use std::time::Duration;
+
+/// The milliseconds of a `<prefix><ms>` mode.
+fn millis(mode: &str, prefix: &str) -> Option<Duration> {
+    mode.strip_prefix(prefix)
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Duration::from_millis)
+}
 
 struct Hostile {
     mode: String,
@@ -15,6 +26,9 @@ struct Hostile {
 
 impl Check for Hostile {
     fn configure(config: &str) -> Result<Self, String> {
+        if let Some(pause) = millis(config, "configure-sleep:") {
+            std::thread::sleep(pause);
+        }
         match config {
             "configure-loop" => loop {
                 std::hint::black_box(0u8);
@@ -71,6 +85,10 @@ impl Check for Hostile {
             let until = host::now_unix_ms() + ms;
             while host::now_unix_ms() < until {}
             return Verdict::allow("slow but fine").into();
+        }
+        if let Some(pause) = millis(mode, "sleep:") {
+            std::thread::sleep(pause);
+            return Verdict::allow("slept").into();
         }
         if let Some(n) = mode
             .strip_prefix("sometimes-trap:")
