@@ -124,6 +124,9 @@ pub struct ServeArgs {
     /// Tenants that `--watch` applies to (comma-separated).
     #[arg(long, env = "INTENTGATE_WATCH_TENANTS", default_value = "default")]
     pub watch_tenants: String,
+    /// Most plugin components one tenant may hold (uploaded and not deleted).
+    #[arg(long, env = "INTENTGATE_MAX_COMPONENTS_PER_TENANT", default_value_t = crate::bundles::MAX_COMPONENTS_PER_TENANT)]
+    pub max_components_per_tenant: usize,
 }
 
 /// Where state lives.
@@ -175,6 +178,8 @@ pub struct Config {
     pub demo: bool,
     /// `--watch DIR` and the tenants it applies to.
     pub watch: Option<(PathBuf, Vec<String>)>,
+    /// Most plugin components one tenant may hold.
+    pub max_components_per_tenant: usize,
 }
 
 /// A Rego policy (and its tests) for the default bundle.
@@ -270,6 +275,7 @@ impl std::fmt::Debug for Config {
                     .map(|p| p.modules.iter().map(|m| m.0.as_str()).collect::<Vec<_>>()),
             )
             .field("demo", &self.demo)
+            .field("max_components_per_tenant", &self.max_components_per_tenant)
             .finish()
     }
 }
@@ -502,6 +508,18 @@ impl ServeArgs {
             },
             demo: self.demo,
             watch,
+            max_components_per_tenant: match self.max_components_per_tenant {
+                n @ 1..=crate::bundles::MAX_UPLOADED_COMPONENTS => n,
+                _ => {
+                    return Err(invalid(
+                        "INTENTGATE_MAX_COMPONENTS_PER_TENANT",
+                        format!(
+                            "must be 1-{} (the gateway's cap)",
+                            crate::bundles::MAX_UPLOADED_COMPONENTS
+                        ),
+                    ));
+                }
+            },
         })
     }
 }

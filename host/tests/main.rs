@@ -1,6 +1,7 @@
 //! The one integration-test binary of the `intentgate` crate (one link of the large deps).
 //! Each concept has its own module; `support` holds shared helpers.
 
+mod admin;
 mod audit;
 mod bundle_sync;
 mod bundles;

@@ -32,6 +32,18 @@ fn scoped_filter(req: &AdminRequest) -> Result<AuditFilter, AdminError> {
     Ok(filter)
 }
 
+/// `limit` (1..=1000, default 100): anything else is a 400 naming it.
+fn page_limit(req: &AdminRequest) -> Result<u32, AdminError> {
+    match req.param("limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| AdminError::BadRequest("limit must be within 1..=1000".into())),
+    }
+}
+
 fn bad_checkpoint(e: AuditError) -> AdminError {
     match e {
         AuditError::InvalidCheckpoint(m) | AuditError::Key(m) => {
@@ -45,14 +57,7 @@ fn bad_checkpoint(e: AuditError) -> AdminError {
 /// Query: the filters of [`AuditFilter::from_params`], `limit` (1..=1000, default 100), `cursor`.
 pub async fn list(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let filter = scoped_filter(req)?;
-    let limit = match req.param("limit") {
-        None => DEFAULT_LIMIT,
-        Some(v) => v
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| AdminError::BadRequest("limit must be within 1..=1000".into()))?,
-    };
+    let limit = page_limit(req)?;
     let page = query::list(
         gw.pipeline.audit().db(),
         &filter,
@@ -137,11 +142,7 @@ pub async fn checkpoints(gw: &Gateway, req: &AdminRequest) -> Result<Response<Bo
         );
         return Ok(resp);
     }
-    let limit = req
-        .param("limit")
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(DEFAULT_LIMIT)
-        .clamp(1, 1000);
+    let limit = page_limit(req)?;
     let before = match req.param("cursor") {
         None => None,
         Some(c) => Some(

@@ -2,9 +2,16 @@
 //! compared in constant time), tenant scoping, routing, and the `{"error": ...}` error shape.
 //!
 //! Every handler receives an [`AdminRequest`] whose [`Principal`] decides which tenants it may
-//! touch; a per-tenant admin naming another tenant gets 403. This module must never answer a
-//! request before authenticating it, never log a token, and never let an admin action go
-//! unaudited.
+//! touch; a per-tenant admin naming another tenant gets 403. A route that names a tenant takes
+//! it from the body or the `?tenant=` query ([`AdminRequest::tenant_named`]): both given and
+//! different is 400, never a silent pick of one.
+//!
+//! Audit comes first: every state change is recorded in the audit chain BEFORE it is applied
+//! (an event that a change was made; when applying it then fails, a `….failed` event follows).
+//! An action whose event the audit log refuses is not applied and the caller gets 503, so a
+//! change can never be live without its event. A retry after the store recovers applies and
+//! audits it. This module must never answer a request before authenticating it, never log a
+//! token, and never apply an admin action before its event is committed.
 
 #[path = "audit.rs"]
 mod audit_api;
@@ -35,6 +42,8 @@ pub enum AdminError {
     Forbidden(String),
     #[error("not found")]
     NotFound,
+    #[error("{0}")]
+    Conflict(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request body too large")]
@@ -50,6 +59,7 @@ impl AdminError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -62,9 +72,18 @@ impl AdminError {
 }
 
 impl From<crate::store::StoreError> for AdminError {
+    /// A value the store refused is the caller's mistake (400 naming the field), a row it
+    /// contradicts is 409; only a store that failed is 503 (and logged).
     fn from(e: crate::store::StoreError) -> Self {
-        tracing::error!(error = %e, "admin: store error");
-        Self::Unavailable("store unavailable".into())
+        use crate::store::StoreError;
+        match e {
+            StoreError::InvalidInput { .. } => Self::BadRequest(e.to_string()),
+            StoreError::Conflict(m) => Self::Conflict(m),
+            other => {
+                tracing::error!(error = %other, "admin: store error");
+                Self::Unavailable("store unavailable".into())
+            }
+        }
     }
 }
 
@@ -174,6 +193,20 @@ impl AdminRequest {
             .get(name)
             .map(String::as_str)
             .filter(|v| !v.is_empty())
+    }
+
+    /// The tenant this request names: `body` (the body's `tenant` field, when the route has
+    /// one) or the `?tenant=` query. Both given and different is a 400: an operator's change
+    /// must never land on a tenant other than the one written.
+    pub fn tenant_named<'a>(&'a self, body: Option<&'a str>) -> Result<Option<&'a str>, AdminError> {
+        let body = body.filter(|t| !t.is_empty());
+        match (body, self.param("tenant")) {
+            (Some(b), Some(q)) if b != q => Err(AdminError::BadRequest(format!(
+                "tenant {b:?} in the body and tenant {q:?} in the query differ"
+            ))),
+            (Some(b), _) => Ok(Some(b)),
+            (None, q) => Ok(q),
+        }
     }
 
     /// The body as JSON of type `T`, with a clear error naming what is wrong.
@@ -304,10 +337,14 @@ async fn route(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Admin
     }
 }
 
-/// Plugins, bundles and the `/v1/admin/policies/*` shorthand (the bundles module's API); the
-/// state change it reports is audited before the answer goes out.
+/// Plugins, bundles and the `/v1/admin/policies/*` shorthand (the bundles module's API). The
+/// tenant comes from the body's `tenant` field or the query; the handler records each state
+/// change in the audit chain through [`ChainAudit`] before it applies it.
 async fn bundles(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
-    let tenant = req.principal.one_tenant(req.param("tenant"))?;
+    let body_tenant = body_tenant(&req.body)?;
+    let tenant = req
+        .principal
+        .one_tenant(req.tenant_named(body_tenant.as_deref())?)?;
     let actor = req.principal.label();
     let call = crate::bundles::admin::AdminCall {
         method: &req.method,
@@ -317,14 +354,16 @@ async fn bundles(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Adm
         actor: &actor,
         body: &req.body,
     };
-    let Some(reply) = crate::bundles::admin::handle(gw.pipeline.registry(), call).await else {
+    let audit = ChainAudit { gw, req };
+    let options = crate::bundles::admin::AdminOptions {
+        audit: &audit,
+        max_components_per_tenant: gw.config.max_components_per_tenant,
+    };
+    let Some(reply) =
+        crate::bundles::admin::handle_with(gw.pipeline.registry(), call, &options).await
+    else {
         return Err(AdminError::NotFound);
     };
-    if let Some(ev) = reply.event {
-        let mut event = req.event(ev.action, &ev.tenant);
-        event.reason = ev.detail.to_string().chars().take(1024).collect();
-        audit_action(gw, event).await?;
-    }
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     Ok(if reply.body.is_null() {
         http::status(status)
@@ -333,10 +372,77 @@ async fn bundles(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Adm
     })
 }
 
-/// Appends an admin action's event; the action is not acknowledged unless this succeeds.
+/// The `tenant` member of a JSON object body, if any (a raw wasm upload or an empty body has
+/// none). A `tenant` that is not a string is a 400 naming it.
+fn body_tenant(body: &[u8]) -> Result<Option<String>, AdminError> {
+    if body.is_empty() || body.starts_with(b"\0asm") {
+        return Ok(None);
+    }
+    // An unparsable body is the handler's to refuse, with its own message.
+    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
+        return Ok(None);
+    };
+    match map.get("tenant") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(t)) => Ok(Some(t.clone())),
+        Some(_) => Err(AdminError::BadRequest("tenant must be a string".into())),
+    }
+}
+
+/// Records the bundle handler's events in the audit chain, as this request's principal.
+struct ChainAudit<'a> {
+    gw: &'a Gateway,
+    req: &'a AdminRequest,
+}
+
+impl crate::bundles::admin::AdminAudit for ChainAudit<'_> {
+    fn record<'a>(
+        &'a self,
+        ev: &'a crate::bundles::admin::AdminEvent,
+    ) -> crate::store::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut event = self.req.event(ev.action, &ev.tenant);
+            event.reason = ev.detail.to_string().chars().take(1024).collect();
+            audit_action(self.gw, event)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn failed<'a>(
+        &'a self,
+        ev: &'a crate::bundles::admin::AdminEvent,
+        error: &'a str,
+    ) -> crate::store::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            audit_failed(
+                self.gw,
+                self.req,
+                ev.action,
+                &ev.tenant,
+                &json!({"error": error, "detail": ev.detail}).to_string(),
+            )
+            .await;
+        })
+    }
+}
+
+/// Appends an admin action's event. Called BEFORE the action is applied: when this fails the
+/// action must not be applied (the caller answers the error, 503).
 pub async fn audit_action(gw: &Gateway, event: AuditEvent) -> Result<(), AdminError> {
     gw.pipeline.audit().append(event).await?;
     Ok(())
+}
+
+/// Records that an action whose event was appended then failed to apply (`admin/ACTION.failed`).
+/// Best effort: the caller already answers an error; a refusal here is logged.
+pub async fn audit_failed(gw: &Gateway, req: &AdminRequest, action: &str, tenant: &str, why: &str) {
+    let mut event = req.event(&format!("{action}.failed"), tenant);
+    event.decision = Some(audit::Decision::Block);
+    event.reason = why.chars().take(1024).collect();
+    if let Err(e) = gw.pipeline.audit().append(event).await {
+        tracing::error!(error = %e, action, tenant, "admin: the failure of an audited action was not recorded");
+    }
 }
 
 /// A JSON 200 response.

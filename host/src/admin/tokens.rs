@@ -2,13 +2,14 @@
 //!
 //! A minted token is returned once and never stored; its `jti` is recorded in the tenant's
 //! audit chain, which is also how a per-tenant admin's revoke is checked to be within its
-//! tenant. These handlers must never log or audit a token value.
+//! tenant. Each action's event is appended before the action takes effect (see the module
+//! docs of `admin`). These handlers must never log or audit a token value.
 
 use hyper::{Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{AdminError, AdminRequest, Principal, audit_action, ok};
+use super::{AdminError, AdminRequest, Principal, audit_action, audit_failed, ok};
 use crate::audit::{self, AuditFilter};
 use crate::capability::{self, MintRequest};
 use crate::http::{self, Body};
@@ -53,7 +54,9 @@ struct MintBody {
 
 pub async fn mint(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let body: MintBody = req.json()?;
-    let tenant = req.principal.one_tenant(body.tenant.as_deref())?;
+    let tenant = req
+        .principal
+        .one_tenant(req.tenant_named(body.tenant.as_deref())?)?;
     if body.with_memory_signing_key {
         return Err(AdminError::BadRequest(
             "with_memory_signing_key is not supported by this gateway".into(),
@@ -85,13 +88,18 @@ pub async fn mint(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Ad
     };
     let minted = capability::mint(&gw.master_key, &request, now)
         .map_err(|e| AdminError::BadRequest(e.to_string()))?;
-    gw.store.ensure_tenant(&tenant).await?;
     let mut event = req.event("mint", &tenant);
     event.agent_id = minted.subject.clone();
     event.jti = minted.jti.clone();
     event.root_jti = minted.root_jti.clone();
     event.tool = request.tools.join(",");
+    // Recorded before the token leaves the gateway: no token exists without its event.
     audit_action(gw, event).await?;
+    if let Err(e) = gw.store.ensure_tenant(&tenant).await {
+        let e = AdminError::from(e);
+        audit_failed(gw, req, "mint", &tenant, &e.to_string()).await;
+        return Err(e);
+    }
     Ok(ok(json!({
         "token": minted.token,
         "jti": minted.jti,
@@ -111,23 +119,40 @@ struct RevokeBody {
     tenant: Option<String>,
 }
 
+/// Whether `jti` is a token id this gateway could have minted or recorded: 1-128 visible ASCII
+/// characters (what the store accepts), so a bad one is a 400 naming it, never a store error.
+fn check_jti(jti: &str) -> Result<(), AdminError> {
+    if jti.is_empty() || jti.len() > 128 || !jti.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(AdminError::BadRequest(
+            "jti must be 1-128 visible ASCII characters".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub async fn revoke(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let body: RevokeBody = req.json()?;
     let jti = body.jti.trim();
-    if jti.is_empty() || jti.len() > 128 {
-        return Err(AdminError::BadRequest(
-            "jti must be 1-128 characters".into(),
-        ));
-    }
+    check_jti(jti)?;
     if body.reason.len() > 1024 {
         return Err(AdminError::BadRequest(
             "reason is longer than 1024 bytes".into(),
         ));
     }
+    if body
+        .reason
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(AdminError::BadRequest(
+            "reason must not contain control characters".into(),
+        ));
+    }
+    let named = req.tenant_named(body.tenant.as_deref())?;
     let tenant = match &req.principal {
-        Principal::Superadmin => body.tenant.clone().unwrap_or_else(|| "default".into()),
+        Principal::Superadmin => req.principal.one_tenant(named)?,
         p @ Principal::TenantAdmin(_) => {
-            let own = p.one_tenant(body.tenant.as_deref())?;
+            let own = p.one_tenant(named)?;
             // A tenant admin may only revoke tokens minted in its tenant: the mint is in
             // that tenant's audit chain.
             let filter = AuditFilter {
@@ -144,7 +169,13 @@ pub async fn revoke(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, 
             own
         }
     };
-    let rev = gw
+    // The event first: a revocation never takes effect unrecorded, and a retry after a
+    // refused event is recorded (the store answers an existing revocation idempotently).
+    let mut event = req.event("revoke", &tenant);
+    event.jti = jti.to_owned();
+    event.reason = body.reason.clone();
+    audit_action(gw, event).await?;
+    let revoked = gw
         .store
         .revoke(NewRevocation {
             tenant: tenant.clone(),
@@ -152,15 +183,14 @@ pub async fn revoke(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, 
             reason: body.reason.clone(),
             revoked_by: req.principal.label(),
         })
-        .await?;
+        .await;
+    if let Err(e) = revoked {
+        let e = AdminError::from(e);
+        audit_failed(gw, req, "revoke", &tenant, &e.to_string()).await;
+        return Err(e);
+    }
     // Take effect on this replica now, not at the next feed poll.
     gw.revocations.extend(std::iter::once(jti.to_owned()));
-    if rev.newly_revoked {
-        let mut event = req.event("revoke", &tenant);
-        event.jti = jti.to_owned();
-        event.reason = body.reason;
-        audit_action(gw, event).await?;
-    }
     Ok(http::status(StatusCode::NO_CONTENT))
 }
 
@@ -174,7 +204,23 @@ pub async fn revocations(gw: &Gateway, req: &AdminRequest) -> Result<Response<Bo
             .filter(|l| (1..=1000).contains(l))
             .ok_or_else(|| AdminError::BadRequest("limit must be 1-1000".into()))?,
     };
-    let rows = gw.store.list_revocations(scope.as_deref(), limit).await?;
+    // Keyset paging: the cursor is the feed position of the last row of the previous page.
+    let before = match req.param("cursor") {
+        None => i64::MAX,
+        Some(c) => c
+            .parse::<i64>()
+            .ok()
+            .filter(|c| *c > 0)
+            .ok_or_else(|| AdminError::BadRequest("cursor is not one this API gave".into()))?,
+    };
+    let mut rows = gw
+        .store
+        .list_revocations_before(scope.as_deref(), before, limit + 1)
+        .await?;
+    let next_cursor = (rows.len() > limit as usize).then(|| {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| r.seq.to_string())
+    });
     let items: Vec<Value> = rows
         .into_iter()
         .map(|r| {
@@ -187,7 +233,7 @@ pub async fn revocations(gw: &Gateway, req: &AdminRequest) -> Result<Response<Bo
             })
         })
         .collect();
-    Ok(ok(json!({"items": items, "next_cursor": null})))
+    Ok(ok(json!({"items": items, "next_cursor": next_cursor.flatten()})))
 }
 
 pub async fn tenants(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {

@@ -10,6 +10,9 @@ use serde_json::Value;
 use super::event::Decision;
 use super::{AuditError, Db, time};
 
+/// Longest value of one filter parameter (longer than any stored field can be).
+pub const MAX_FILTER_BYTES: usize = 1024;
+
 /// Filters of `GET /v1/admin/audit` and the export. `tenant: None` means every tenant (only a
 /// superadmin may ask for that; the admin API decides).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -36,14 +39,26 @@ pub struct AuditFilter {
 
 impl AuditFilter {
     /// Reads the filter from query parameters (`tenant, from, to, agent_id, tool, decision, check,
-    /// jti, elevation_id, id, event, after_id`; `since`/`until`/`subject` are accepted as aliases of
-    /// `from`/`to`/`agent_id`). Unknown parameters are ignored; bad values are errors.
+    /// jti, elevation_id, id, event, after_id`; `since`/`until`/`subject` are accepted as aliases
+    /// of `from`/`to`/`agent_id`). Unknown parameters are ignored; bad values are errors
+    /// ([`AuditError::InvalidQuery`] naming the parameter), checked here so that no value the
+    /// database would refuse (a NUL byte on PostgreSQL) reaches it as a store failure.
     pub fn from_params<'a>(
         params: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Self, AuditError> {
         let mut f = AuditFilter::default();
         let text = |v: &str| (!v.is_empty()).then(|| v.to_owned());
         for (k, v) in params {
+            if v.len() > MAX_FILTER_BYTES {
+                return Err(AuditError::InvalidQuery(format!(
+                    "{k} is longer than {MAX_FILTER_BYTES} bytes"
+                )));
+            }
+            if v.chars().any(char::is_control) {
+                return Err(AuditError::InvalidQuery(format!(
+                    "{k} must not contain control characters"
+                )));
+            }
             match k {
                 "tenant" => f.tenant = text(v),
                 "from" | "since" if !v.is_empty() => {
@@ -435,6 +450,14 @@ mod tests {
         );
         assert!(AuditFilter::from_params([("from", "yesterday")]).is_err());
         assert!(AuditFilter::from_params([("decision", "maybe")]).is_err());
+        for (k, v) in [("tool", "a\0b"), ("agent_id", "\u{7}")] {
+            match AuditFilter::from_params([(k, v)]) {
+                Err(AuditError::InvalidQuery(m)) => assert!(m.starts_with(k), "{m}"),
+                other => panic!("{k}: expected InvalidQuery, got {other:?}"),
+            }
+        }
+        let long = "x".repeat(MAX_FILTER_BYTES + 1);
+        assert!(AuditFilter::from_params([("tool", long.as_str())]).is_err());
     }
 
     #[test]

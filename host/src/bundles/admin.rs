@@ -5,7 +5,8 @@
 //! | method and path | what |
 //! |---|---|
 //! | `GET /v1/admin/plugins`, `GET …/plugins/{digest}` | uploaded components |
-//! | `POST /v1/admin/plugins?name=N&world=check-plugin` | upload (raw wasm, or JSON `{name, wasm_base64}`); 422 unless it implements the world (default `check-plugin`) |
+//! | `POST /v1/admin/plugins?name=N&world=check-plugin` | upload (raw wasm, or JSON `{name, wasm_base64}`); 422 unless it implements the world (default `check-plugin`); 409 past the tenant's quota |
+//! | `DELETE /v1/admin/plugins/{digest}` | drop a component no bundle of the tenant uses (204; 409 naming the user) |
 //! | `GET /v1/admin/bundles` | `{status: {active, previous, …}, drafts}` |
 //! | `POST /v1/admin/bundles` | `{name, spec}` → a validated draft (201), its digest is its id |
 //! | `GET/DELETE /v1/admin/bundles/{digest}` | one draft |
@@ -14,11 +15,16 @@
 //! | `GET /v1/admin/bundles/history` | promotions and rollbacks |
 //! | `/v1/admin/policies/{drafts,drafts/{id},active,rollback,dry-run}` | the IntentGate shapes, on the policy stage |
 //!
-//! It never authenticates, never decides tenant scope and never writes the audit chain itself:
-//! every state change returns an [`AdminEvent`] that the caller must audit. Slow work (compile,
-//! instantiate) runs in `spawn_blocking`.
+//! It never authenticates and never decides tenant scope. Every state change is first validated,
+//! then recorded through the caller's [`AdminAudit`] and only then applied: an event the audit
+//! log refuses means the change is not made (503), and a change that fails after its event was
+//! recorded is followed by a `failed` event. JSON bodies refuse unknown fields (400 naming
+//! them). Slow work (compile, instantiate) runs in `spawn_blocking`.
 
-use super::registry::{BundleError, ComponentInfo, DraftInfo, RecordedCall, Registry, SwapOutcome};
+use super::registry::{
+    BundleError, ComponentInfo, DraftInfo, MAX_COMPONENTS_PER_TENANT, RecordedCall, Registry,
+    SwapOutcome,
+};
 use super::spec::BundleSpec;
 use crate::plugins::{CheckInput, PluginError, Stage, VerdictKind, World};
 use base64::Engine as _;
@@ -55,15 +61,58 @@ pub struct AdminEvent {
     pub detail: Value,
 }
 
-/// The reply: status, JSON body (`{"error": …}` on errors), and the event to audit.
+/// The reply: status, JSON body (`{"error": …}` on errors), and the event that was audited.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdminReply {
     /// HTTP status.
     pub status: u16,
     /// JSON body (`Value::Null` for 204).
     pub body: Value,
-    /// Audit this when present.
+    /// The event recorded (before the change was applied) when the request changed state.
     pub event: Option<Box<AdminEvent>>,
+}
+
+/// Where the handler records state changes, before it applies them.
+pub trait AdminAudit: Sync {
+    /// Record `event` durably. `Err` (why) means it was not recorded: the change is not made.
+    fn record<'a>(&'a self, event: &'a AdminEvent)
+    -> crate::store::BoxFuture<'a, Result<(), String>>;
+    /// Record that the change of `event`, recorded by [`AdminAudit::record`], then failed to
+    /// apply (best effort: the caller gets an error either way).
+    fn failed<'a>(&'a self, event: &'a AdminEvent, error: &'a str)
+    -> crate::store::BoxFuture<'a, ()>;
+}
+
+/// Records nothing: for a registry without an audit chain (tests, tools). The gateway's admin
+/// API always passes its audit log.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Unaudited;
+
+impl AdminAudit for Unaudited {
+    fn record<'a>(&'a self, _: &'a AdminEvent) -> crate::store::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn failed<'a>(&'a self, _: &'a AdminEvent, _: &'a str) -> crate::store::BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// What the handler needs besides the request: the audit hook and the per-tenant limits.
+pub struct AdminOptions<'a> {
+    /// Records each state change before it is applied.
+    pub audit: &'a dyn AdminAudit,
+    /// Most uploaded components one tenant holds.
+    pub max_components_per_tenant: usize,
+}
+
+impl Default for AdminOptions<'_> {
+    fn default() -> Self {
+        Self {
+            audit: &Unaudited,
+            max_components_per_tenant: MAX_COMPONENTS_PER_TENANT,
+        }
+    }
 }
 
 fn reply(status: u16, body: Value) -> AdminReply {
@@ -78,21 +127,79 @@ fn error(status: u16, message: impl std::fmt::Display) -> AdminReply {
     reply(status, json!({"error": message.to_string()}))
 }
 
-fn event(call: &AdminCall<'_>, action: &'static str, detail: Value) -> Option<Box<AdminEvent>> {
-    Some(Box::new(AdminEvent {
+/// Record the event of a change about to be applied. When the audit log refuses it, nothing is
+/// applied and the caller gets 503.
+async fn audit_first(
+    opts: &AdminOptions<'_>,
+    call: &AdminCall<'_>,
+    action: &'static str,
+    detail: Value,
+) -> Result<Box<AdminEvent>, AdminReply> {
+    let event = Box::new(AdminEvent {
         action,
         tenant: call.tenant.to_string(),
         actor: call.actor.to_string(),
         detail,
-    }))
+    });
+    match opts.audit.record(&event).await {
+        Ok(()) => Ok(event),
+        Err(e) => Err(error(
+            503,
+            format!("not applied: the audit log did not record it ({e})"),
+        )),
+    }
+}
+
+/// After a recorded change failed to apply: record that, and pass the reply on.
+async fn applied_failed(opts: &AdminOptions<'_>, event: &AdminEvent, reply: AdminReply) -> AdminReply {
+    let message = reply
+        .body
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("failed")
+        .to_string();
+    opts.audit.failed(event, &message).await;
+    reply
+}
+
+/// A name or other free text of a body: at most `max` bytes, no control characters (a NUL
+/// would otherwise reach the store and fail there).
+fn check_text(field: &str, v: &str, max: usize) -> Result<(), AdminReply> {
+    if v.len() > max {
+        return Err(error(400, format!("{field} is longer than {max} bytes")));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(error(
+            400,
+            format!("{field} must not contain control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// A route without a documented body takes none, `{}`, or only `{"tenant": …}` (which the
+/// router resolved); anything else is a 400 naming the field.
+fn no_body_fields(body: &[u8]) -> Result<(), AdminReply> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TenantOnly {
+        #[serde(default, rename = "tenant")]
+        _tenant: Option<String>,
+    }
+    parse::<TenantOnly>(body).map(|_| ())
 }
 
 fn bundle_error(e: BundleError) -> AdminReply {
     match &e {
-        BundleError::UnknownBundle(_) => error(404, e),
+        BundleError::UnknownBundle(_) | BundleError::NotTenantComponent(_) => error(404, e),
         BundleError::NoPrevious(_)
         | BundleError::TooManyDrafts { .. }
-        | BundleError::TooManyComponents { .. } => error(409, e),
+        | BundleError::TooManyComponents { .. }
+        | BundleError::TenantComponentQuota { .. }
+        | BundleError::ComponentInUse { .. } => error(409, e),
         BundleError::Plugin(PluginError::Busy(_)) => error(503, e),
         BundleError::TooManyChecks { .. }
         | BundleError::Invalid {
@@ -123,16 +230,27 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     })
 }
 
-/// Handle the request when the path is ours; `None` otherwise.
+/// Handle the request when the path is ours; `None` otherwise. Records nothing in an audit
+/// chain ([`Unaudited`]) and applies the default limits: for a registry without a gateway.
 pub async fn handle(registry: &Registry, call: AdminCall<'_>) -> Option<AdminReply> {
+    handle_with(registry, call, &AdminOptions::default()).await
+}
+
+/// Handle the request when the path is ours (`None` otherwise), recording every state change
+/// through `opts.audit` before applying it.
+pub async fn handle_with(
+    registry: &Registry,
+    call: AdminCall<'_>,
+    opts: &AdminOptions<'_>,
+) -> Option<AdminReply> {
     let path = call.path.trim_end_matches('/');
     let rest = path.strip_prefix("/v1/admin/")?;
     let segments: Vec<&str> = rest.split('/').collect();
     let method = call.method.as_str();
     let reply = match (method, segments.as_slice()) {
-        (_, ["plugins", ..]) => plugins(registry, &call, &segments[1..]).await,
-        (_, ["bundles", ..]) => bundles(registry, &call, &segments[1..]).await,
-        (_, ["policies", ..]) => policies(registry, &call, &segments[1..]).await,
+        (_, ["plugins", ..]) => plugins(registry, &call, opts, &segments[1..]).await,
+        (_, ["bundles", ..]) => bundles(registry, &call, opts, &segments[1..]).await,
+        (_, ["policies", ..]) => policies(registry, &call, opts, &segments[1..]).await,
         _ => return None,
     };
     Some(match reply {
@@ -301,15 +419,59 @@ async fn swap_and_store(
     })
 }
 
+/// Record a swap, then make it (see [`swap_and_store`]); when it then fails, record that.
+async fn audited_swap(
+    registry: &Registry,
+    call: &AdminCall<'_>,
+    opts: &AdminOptions<'_>,
+    action: &'static str,
+    detail: Value,
+    swap: impl FnOnce(&Registry) -> Result<SwapOutcome, BundleError> + Send + 'static,
+) -> Result<(SwapOutcome, Box<AdminEvent>), AdminReply> {
+    let event = audit_first(opts, call, action, detail).await?;
+    match swap_and_store(registry, call.tenant, call.actor, swap).await {
+        Ok(outcome) => Ok((outcome, event)),
+        Err(r) => Err(applied_failed(opts, &event, r).await),
+    }
+}
+
+/// The checks a promotion can fail cheaply, before its event is recorded: the bundle exists.
+/// Returns the event detail `{from, to}` (what the swap will do).
+fn promotion(registry: &Registry, tenant: &str, digest: &str) -> Result<Value, AdminReply> {
+    if !registry.has_bundle(tenant, digest) {
+        return Err(error(404, format!("unknown bundle {digest}")));
+    }
+    let to = if digest == "default" {
+        registry.default_spec().digest()
+    } else {
+        digest.to_string()
+    };
+    Ok(json!({"from": registry.status(tenant).active, "to": to}))
+}
+
+/// Likewise for a rollback: there is a target.
+fn rollback_target(registry: &Registry, tenant: &str) -> Result<Value, AdminReply> {
+    let status = registry.status(tenant);
+    let Some(previous) = status.previous else {
+        return Err(bundle_error(BundleError::NoPrevious(tenant.to_string())));
+    };
+    Ok(json!({"from": status.active, "to": previous}))
+}
+
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct UploadJson {
     name: String,
     wasm_base64: String,
+    /// Resolved by the router (body or query); accepted here.
+    #[serde(default, rename = "tenant")]
+    _tenant: Option<String>,
 }
 
 async fn plugins(
     registry: &Registry,
     call: &AdminCall<'_>,
+    opts: &AdminOptions<'_>,
     rest: &[&str],
 ) -> Result<AdminReply, AdminReply> {
     match (call.method.as_str(), rest) {
@@ -333,39 +495,82 @@ async fn plugins(
                     .map_err(|e| error(400, format!("wasm_base64: {e}")))?;
                 (upload.name, wasm)
             };
+            check_text("name", &name, 128)?;
             let expect = match query_param(call.query, "world").unwrap_or("check-plugin") {
                 "check-plugin" => World::CheckPlugin,
                 "siem-formatter" => World::SiemFormatter,
                 other => return Err(error(400, format!("unknown world {other:?}"))),
             };
             registry
-                .component_room(&crate::plugins::runtime::digest_of(&wasm))
+                .component_room(
+                    &crate::plugins::runtime::digest_of(&wasm),
+                    call.tenant,
+                    opts.max_components_per_tenant,
+                )
                 .map_err(bundle_error)?;
             let known: Vec<String> = registry
                 .components()
                 .into_iter()
                 .map(|c| c.digest)
                 .collect();
+            // Compiled (and so validated) before its event is recorded; no tenant may use it
+            // until it is recorded, stored and owned below.
             let r2 = registry.clone();
             let info = blocking(move || r2.upload_component(&name, &wasm, expect))
                 .await?
                 .map_err(|e| error(422, e))?;
+            let forget = |registry: &Registry| {
+                if !known.contains(&info.digest) {
+                    registry.remove_component(&info.digest);
+                }
+            };
             let detail = json!({"digest": info.digest, "world": info.world, "name": info.name});
+            let event = match audit_first(opts, call, "plugin.upload", detail).await {
+                Ok(e) => e,
+                Err(r) => {
+                    forget(registry);
+                    return Err(r);
+                }
+            };
             let newly_owned = registry.add_component_owner(&info.digest, call.tenant);
             if let Err(e) = store_component(registry, call.tenant, &info, call.actor).await {
                 // Not stored, so not kept: a bundle naming it could not be loaded elsewhere.
                 if newly_owned {
                     registry.remove_component_owner(&info.digest, call.tenant);
                 }
-                if !known.contains(&info.digest) {
-                    registry.remove_component(&info.digest);
-                }
-                return Err(e);
+                forget(registry);
+                return Err(applied_failed(opts, &event, e).await);
             }
             Ok(AdminReply {
                 status: 201,
                 body: json!(info),
-                event: event(call, "plugin.upload", detail),
+                event: Some(event),
+            })
+        }
+        ("DELETE", [digest]) => {
+            if !registry.holds_component(call.tenant, digest) {
+                return Err(bundle_error(BundleError::NotTenantComponent(
+                    digest.to_string(),
+                )));
+            }
+            if let Some(by) = registry.component_user(call.tenant, digest) {
+                return Err(bundle_error(BundleError::ComponentInUse {
+                    digest: digest.to_string(),
+                    by,
+                }));
+            }
+            let event =
+                audit_first(opts, call, "plugin.delete", json!({"digest": digest})).await?;
+            if let Some(persist) = registry.persist()
+                && let Err(e) = persist.delete_component(call.tenant, digest).await
+            {
+                return Err(applied_failed(opts, &event, error(503, e)).await);
+            }
+            registry.release_component(call.tenant, digest);
+            Ok(AdminReply {
+                status: 204,
+                body: Value::Null,
+                event: Some(event),
             })
         }
         _ => Err(error(405, "method not allowed")),
@@ -373,10 +578,14 @@ async fn plugins(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DraftCreate {
     #[serde(default)]
     name: String,
     spec: BundleSpec,
+    /// Resolved by the router (body or query); accepted here.
+    #[serde(default, rename = "tenant")]
+    _tenant: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -387,6 +596,9 @@ struct DryRunBody {
     /// `last-24h` and the like: the tenant's recorded decisions of that window.
     #[serde(default)]
     sample: Option<String>,
+    /// Resolved by the router (body or query); accepted here.
+    #[serde(default, rename = "tenant")]
+    _tenant: Option<String>,
 }
 
 /// Most per-call rows a dry-run lists (the counts and the matrix always cover every call).
@@ -413,9 +625,32 @@ async fn replay_set(
     Ok(calls)
 }
 
+/// Delete a draft (not the active bundle): 404 unless it exists, then its event, then the
+/// store, then memory (so a store that refuses leaves the draft everywhere).
+async fn delete_draft(
+    registry: &Registry,
+    call: &AdminCall<'_>,
+    opts: &AdminOptions<'_>,
+    digest: &str,
+    action: &'static str,
+    detail: Value,
+) -> Result<Box<AdminEvent>, AdminReply> {
+    let tenant = call.tenant;
+    if !draft_exists(registry, tenant, digest) || registry.status(tenant).active == digest {
+        return Err(error(404, format!("unknown or active draft {digest}")));
+    }
+    let event = audit_first(opts, call, action, detail).await?;
+    if let Err(r) = store_delete(registry, tenant, digest).await {
+        return Err(applied_failed(opts, &event, r).await);
+    }
+    registry.delete_draft(tenant, digest);
+    Ok(event)
+}
+
 async fn bundles(
     registry: &Registry,
     call: &AdminCall<'_>,
+    opts: &AdminOptions<'_>,
     rest: &[&str],
 ) -> Result<AdminReply, AdminReply> {
     let tenant = call.tenant.to_string();
@@ -434,6 +669,7 @@ async fn bundles(
         }
         ("POST", []) => {
             let body: DraftCreate = parse(call.body)?;
+            check_text("name", &body.name, 128)?;
             // A tenant builds bundles from the built-ins and the components it uploaded.
             if let Some(foreign) = body.spec.component_digests().find(|d| {
                 registry.components().iter().any(|c| c.digest == *d)
@@ -452,15 +688,19 @@ async fn bundles(
                 .map_err(bundle_error)?;
             let r2 = registry.clone();
             let t = tenant.clone();
-            let draft = blocking(move || r2.create_draft(&t, &body.name, body.spec))
+            let draft = blocking(move || r2.check_draft(&t, &body.name, body.spec))
                 .await?
                 .map_err(bundle_error)?;
             let detail = json!({"digest": draft.digest, "name": draft.name});
-            store_draft(registry, call.tenant, &draft, call.actor, existed).await?;
+            let event = audit_first(opts, call, "bundle.draft", detail).await?;
+            let draft = registry.insert_draft(&tenant, draft);
+            if let Err(r) = store_draft(registry, call.tenant, &draft, call.actor, existed).await {
+                return Err(applied_failed(opts, &event, r).await);
+            }
             Ok(AdminReply {
                 status: 201,
                 body: json!(draft),
-                event: event(call, "bundle.draft", detail),
+                event: Some(event),
             })
         }
         ("GET", [digest]) => registry
@@ -470,38 +710,56 @@ async fn bundles(
             .map(|d| reply(200, json!(d)))
             .ok_or_else(|| error(404, format!("unknown bundle {digest}"))),
         ("DELETE", [digest]) => {
-            if registry.delete_draft(&tenant, digest) {
-                store_delete(registry, call.tenant, digest).await?;
-                Ok(AdminReply {
-                    status: 204,
-                    body: Value::Null,
-                    event: event(call, "bundle.delete", json!({"digest": digest})),
-                })
-            } else {
-                Err(error(404, format!("unknown or active bundle {digest}")))
-            }
+            let event = delete_draft(
+                registry,
+                call,
+                opts,
+                digest,
+                "bundle.delete",
+                json!({"digest": digest}),
+            )
+            .await?;
+            Ok(AdminReply {
+                status: 204,
+                body: Value::Null,
+                event: Some(event),
+            })
         }
         ("POST", ["rollback"]) => {
-            let outcome = swap_and_store(registry, call.tenant, call.actor, move |r| {
-                r.rollback(&tenant)
-            })
+            no_body_fields(call.body)?;
+            let detail = rollback_target(registry, &tenant)?;
+            let (outcome, event) = audited_swap(
+                registry,
+                call,
+                opts,
+                "bundle.rollback",
+                detail,
+                move |r| r.rollback(&tenant),
+            )
             .await?;
             Ok(AdminReply {
                 status: 200,
                 body: json!(outcome),
-                event: event(call, "bundle.rollback", json!(outcome)),
+                event: Some(event),
             })
         }
         ("POST", [digest, "promote"]) => {
+            no_body_fields(call.body)?;
+            let detail = promotion(registry, &tenant, digest)?;
             let digest = digest.to_string();
-            let outcome = swap_and_store(registry, call.tenant, call.actor, move |r| {
-                r.promote(&tenant, &digest)
-            })
+            let (outcome, event) = audited_swap(
+                registry,
+                call,
+                opts,
+                "bundle.promote",
+                detail,
+                move |r| r.promote(&tenant, &digest),
+            )
             .await?;
             Ok(AdminReply {
                 status: 200,
                 body: json!(outcome),
-                event: event(call, "bundle.promote", json!(outcome)),
+                event: Some(event),
             })
         }
         ("POST", [digest, "dry-run"]) => {
@@ -612,16 +870,33 @@ fn active_json(registry: &Registry, tenant: &str) -> Value {
     })
 }
 
+/// IntentGate's `DraftCreate`. `description` and `created_by` are recorded in the audit event
+/// (and echoed); the authenticated principal stays the event's actor.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PolicyDraftCreate {
     rego_source: String,
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    created_by: Option<String>,
+    /// Resolved by the router (body or query); accepted here.
+    #[serde(default, rename = "tenant")]
+    _tenant: Option<String>,
 }
 
+/// IntentGate's `PromoteRequest`. `promoted_by` is recorded in the audit event (and echoed).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PromoteRequest {
     draft_id: String,
+    #[serde(default)]
+    promoted_by: Option<String>,
+    /// Resolved by the router (body or query); accepted here.
+    #[serde(default, rename = "tenant")]
+    _tenant: Option<String>,
 }
 
 /// A synthetic call in the shape of the Rego input: `{tool, args, agent_id, intent_prompt,
@@ -658,8 +933,12 @@ impl SyntheticInput {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PolicyDryRun {
     rego_source: String,
+    /// Resolved by the router (body or query); accepted here.
+    #[serde(default, rename = "tenant")]
+    _tenant: Option<String>,
     /// One synthetic call (IntentGate: exclusive with `sample`).
     #[serde(default)]
     input: Option<SyntheticInput>,
@@ -673,6 +952,7 @@ struct PolicyDryRun {
 async fn policies(
     registry: &Registry,
     call: &AdminCall<'_>,
+    opts: &AdminOptions<'_>,
     rest: &[&str],
 ) -> Result<AdminReply, AdminReply> {
     let tenant = call.tenant.to_string();
@@ -688,19 +968,38 @@ async fn policies(
         ("POST", ["drafts"]) => {
             let body: PolicyDraftCreate = parse(call.body)?;
             let name = body.name.unwrap_or_else(|| "policy".into());
-            let existed = registry.drafts(&tenant);
+            check_text("name", &name, 128)?;
+            let description = body.description.unwrap_or_default();
+            check_text("description", &description, 1024)?;
+            let created_by = body.created_by.unwrap_or_default();
+            check_text("created_by", &created_by, 256)?;
             registry.draft_room(&tenant, None).map_err(bundle_error)?;
             let (registry2, t) = (registry.clone(), tenant.clone());
-            let draft = blocking(move || registry2.draft_policy(&t, &name, body.rego_source))
-                .await?
-                .map_err(|e| error(400, e))?;
-            let existed = existed.iter().any(|d| d.digest == draft.digest);
-            let detail = json!({"id": draft.digest, "name": draft.name});
-            store_draft(registry, call.tenant, &draft, call.actor, existed).await?;
+            let draft = blocking(move || {
+                let spec = registry2
+                    .active_spec(&t)
+                    .with_policy_config(body.rego_source);
+                registry2.check_draft(&t, &name, spec)
+            })
+            .await?
+            .map_err(|e| error(400, e))?;
+            let existed = draft_exists(registry, &tenant, &draft.digest);
+            let detail = json!({"id": draft.digest, "name": draft.name,
+                "description": description, "created_by": created_by});
+            let event = audit_first(opts, call, "policy.draft", detail).await?;
+            let draft = registry.insert_draft(&tenant, draft);
+            if let Err(r) = store_draft(registry, call.tenant, &draft, call.actor, existed).await {
+                return Err(applied_failed(opts, &event, r).await);
+            }
+            let mut body = draft_json(&tenant, &draft, true);
+            if let Some(obj) = body.as_object_mut() {
+                obj.insert("description".into(), json!(description));
+                obj.insert("created_by".into(), json!(created_by));
+            }
             Ok(AdminReply {
                 status: 201,
-                body: draft_json(&tenant, &draft, true),
-                event: event(call, "policy.draft", detail),
+                body,
+                event: Some(event),
             })
         }
         ("GET", ["drafts", id]) => registry
@@ -709,53 +1008,92 @@ async fn policies(
             .find(|d| d.digest == *id)
             .map(|d| reply(200, draft_json(&tenant, d, true)))
             .ok_or_else(|| error(404, format!("unknown draft {id}"))),
+        ("PUT", ["drafts", _]) => Err(error(
+            405,
+            "drafts are content-addressed and immutable: POST /v1/admin/policies/drafts a new one",
+        )),
         ("DELETE", ["drafts", id]) => {
-            if registry.delete_draft(&tenant, id) {
-                store_delete(registry, call.tenant, id).await?;
-                Ok(AdminReply {
-                    status: 204,
-                    body: Value::Null,
-                    event: event(call, "policy.draft.delete", json!({"id": id})),
-                })
-            } else {
-                Err(error(404, format!("unknown or active draft {id}")))
-            }
-        }
-        ("GET", ["active"]) => Ok(reply(200, active_json(registry, &tenant))),
-        ("POST", ["active"]) => {
-            let body: PromoteRequest = parse(call.body)?;
-            let t = tenant.clone();
-            let outcome = swap_and_store(registry, call.tenant, call.actor, move |r| {
-                r.promote(&t, &body.draft_id)
-            })
-            .await?;
-            Ok(AdminReply {
-                status: 200,
-                body: active_json(registry, &tenant),
-                event: event(call, "policy.promote", json!(outcome)),
-            })
-        }
-        ("DELETE", ["active"]) => {
-            // Back to the default bundle: deny by default (fail closed).
-            let t = tenant.clone();
-            let outcome = swap_and_store(registry, call.tenant, call.actor, move |r| {
-                r.promote(&t, "default")
-            })
+            let event = delete_draft(
+                registry,
+                call,
+                opts,
+                id,
+                "policy.draft.delete",
+                json!({"id": id}),
+            )
             .await?;
             Ok(AdminReply {
                 status: 204,
                 body: Value::Null,
-                event: event(call, "policy.clear", json!(outcome)),
+                event: Some(event),
+            })
+        }
+        ("GET", ["active"]) => Ok(reply(200, active_json(registry, &tenant))),
+        ("POST", ["active"]) => {
+            let body: PromoteRequest = parse(call.body)?;
+            let promoted_by = body.promoted_by.unwrap_or_default();
+            check_text("promoted_by", &promoted_by, 256)?;
+            let mut detail = promotion(registry, &tenant, &body.draft_id)?;
+            if let Some(obj) = detail.as_object_mut() {
+                obj.insert("promoted_by".into(), json!(promoted_by));
+            }
+            let t = tenant.clone();
+            let draft_id = body.draft_id;
+            let (_, event) = audited_swap(
+                registry,
+                call,
+                opts,
+                "policy.promote",
+                detail,
+                move |r| r.promote(&t, &draft_id),
+            )
+            .await?;
+            let mut body = active_json(registry, &tenant);
+            if let Some(obj) = body.as_object_mut() {
+                obj.insert("promoted_by".into(), json!(promoted_by));
+            }
+            Ok(AdminReply {
+                status: 200,
+                body,
+                event: Some(event),
+            })
+        }
+        ("DELETE", ["active"]) => {
+            // Back to the default bundle: deny by default (fail closed).
+            let detail = promotion(registry, &tenant, "default")?;
+            let t = tenant.clone();
+            let (_, event) = audited_swap(
+                registry,
+                call,
+                opts,
+                "policy.clear",
+                detail,
+                move |r| r.promote(&t, "default"),
+            )
+            .await?;
+            Ok(AdminReply {
+                status: 204,
+                body: Value::Null,
+                event: Some(event),
             })
         }
         ("POST", ["rollback"]) => {
+            no_body_fields(call.body)?;
+            let detail = rollback_target(registry, &tenant)?;
             let t = tenant.clone();
-            let outcome =
-                swap_and_store(registry, call.tenant, call.actor, move |r| r.rollback(&t)).await?;
+            let (_, event) = audited_swap(
+                registry,
+                call,
+                opts,
+                "policy.rollback",
+                detail,
+                move |r| r.rollback(&t),
+            )
+            .await?;
             Ok(AdminReply {
                 status: 200,
                 body: active_json(registry, &tenant),
-                event: event(call, "policy.rollback", json!(outcome)),
+                event: Some(event),
             })
         }
         ("POST", ["dry-run"]) => {

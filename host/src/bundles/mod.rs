@@ -31,8 +31,8 @@ mod spec;
 pub mod watch;
 
 pub use registry::{
-    BundleError, BundleStatus, ComponentInfo, DraftInfo, DryRunReport, DryRunRow, RecordedCall,
-    Registry, SwapOutcome,
+    BundleError, BundleStatus, ComponentInfo, DraftInfo, DryRunReport, DryRunRow,
+    MAX_COMPONENTS_PER_TENANT, MAX_UPLOADED_COMPONENTS, RecordedCall, Registry, SwapOutcome,
 };
 pub use snapshot::Snapshot;
 pub use spec::{BundleSpec, CheckSpec, builtin_components, default_policy_config};

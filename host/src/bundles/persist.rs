@@ -140,6 +140,37 @@ impl Persist {
         Ok(())
     }
 
+    /// Drop `tenant`'s hold on a component, and the component's row when no tenant holds it
+    /// any more, in one transaction (idempotent).
+    pub async fn delete_component(&self, tenant: &str, digest: &str) -> Result<(), PersistError> {
+        let owner = "DELETE FROM plugin_component_tenants WHERE digest = $1 AND tenant = $2";
+        let orphan = "DELETE FROM plugin_components WHERE digest = $1 AND NOT EXISTS \
+                      (SELECT 1 FROM plugin_component_tenants WHERE digest = $1)";
+        macro_rules! delete {
+            ($tx:expr) => {{
+                sqlx::query(owner)
+                    .bind(digest)
+                    .bind(tenant)
+                    .execute(&mut *$tx)
+                    .await?;
+                sqlx::query(orphan).bind(digest).execute(&mut *$tx).await?;
+            }};
+        }
+        match &self.db {
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                delete!(tx);
+                tx.commit().await?;
+            }
+            Db::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                delete!(tx);
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Store a bundle of a tenant (idempotent; un-deletes).
     pub async fn save_bundle(
         &self,

@@ -92,12 +92,36 @@ pub enum BundleError {
         /// The limit.
         limit: usize,
     },
+    /// The tenant holds the most uploaded components its quota allows.
+    #[error(
+        "tenant {tenant} holds {limit} uploaded components, the most allowed: delete unused ones (DELETE /v1/admin/plugins/{{digest}}) first"
+    )]
+    TenantComponentQuota {
+        /// Tenant.
+        tenant: String,
+        /// The per-tenant limit.
+        limit: usize,
+    },
+    /// A component a bundle of the tenant still uses cannot be deleted.
+    #[error("component {digest} is in use by {by}: delete or replace that bundle first")]
+    ComponentInUse {
+        /// The component.
+        digest: String,
+        /// What uses it, e.g. `the active bundle sha256:… of tenant acme`.
+        by: String,
+    },
+    /// No uploaded component of that digest is the tenant's.
+    #[error("unknown component {0}")]
+    NotTenantComponent(String),
 }
 
 /// Most drafts a tenant may hold (the active bundle and the rollback target count).
 pub const MAX_DRAFTS_PER_TENANT: usize = 256;
-/// Most uploaded (non-built-in) components a gateway holds.
+/// Most uploaded (non-built-in) components a gateway holds (every tenant together).
 pub const MAX_UPLOADED_COMPONENTS: usize = 256;
+/// Most uploaded components one tenant holds, unless configured
+/// (`INTENTGATE_MAX_COMPONENTS_PER_TENANT`): one tenant cannot fill the gateway's room.
+pub const MAX_COMPONENTS_PER_TENANT: usize = 64;
 /// Swaps the history keeps (the oldest go first).
 pub const HISTORY_LEN: usize = 1000;
 
@@ -640,20 +664,47 @@ impl Registry {
         name: &str,
         spec: BundleSpec,
     ) -> Result<DraftInfo, BundleError> {
+        let info = self.check_draft(tenant, name, spec)?;
+        Ok(self.insert_draft(tenant, info))
+    }
+
+    /// Validate a draft as [`Registry::create_draft`] does, without keeping it: the admin API
+    /// records the draft in the audit chain between this and [`Registry::insert_draft`].
+    pub fn check_draft(
+        &self,
+        tenant: &str,
+        name: &str,
+        spec: BundleSpec,
+    ) -> Result<DraftInfo, BundleError> {
         let snapshot = self.prepare(tenant, &spec)?;
         drop(snapshot);
-        let info = DraftInfo {
+        Ok(DraftInfo {
             digest: spec.digest(),
             name: name.to_string(),
             created_at: now_secs(),
             spec,
-        };
+        })
+    }
+
+    /// Keep a draft that [`Registry::check_draft`] validated (an equal one already kept stays
+    /// as it was). Returns the kept draft.
+    pub fn insert_draft(&self, tenant: &str, info: DraftInfo) -> DraftInfo {
         write(&self.inner.drafts)
             .entry(tenant.to_string())
             .or_default()
             .entry(info.digest.clone())
-            .or_insert_with(|| info.clone());
-        Ok(info)
+            .or_insert(info)
+            .clone()
+    }
+
+    /// Whether `digest` names a bundle `tenant` can promote: one of its drafts, or the default
+    /// (`"default"` or its digest).
+    pub fn has_bundle(&self, tenant: &str, digest: &str) -> bool {
+        digest == "default"
+            || digest == self.inner.default_spec.digest()
+            || read(&self.inner.drafts)
+                .get(tenant)
+                .is_some_and(|d| d.contains_key(digest))
     }
 
     /// The drafts of a tenant.
@@ -850,19 +901,94 @@ impl Registry {
         })
     }
 
-    /// Whether one more component (of this digest) may be uploaded. The admin API asks before
-    /// it compiles an upload.
-    pub fn component_room(&self, digest: &str) -> Result<(), BundleError> {
+    /// Whether `tenant` may upload one more component (of this digest): within the gateway's
+    /// cap and the tenant's quota (`per_tenant`). A component the tenant already holds is not
+    /// "more". The admin API asks before it compiles an upload.
+    pub fn component_room(
+        &self,
+        digest: &str,
+        tenant: &str,
+        per_tenant: usize,
+    ) -> Result<(), BundleError> {
         let limit = self
             .inner
             .max_components
             .load(std::sync::atomic::Ordering::Relaxed);
         let infos = read(&self.inner.infos);
+        let owners = read(&self.inner.owners);
+        if owners.get(digest).is_some_and(|o| o.contains(tenant)) {
+            return Ok(());
+        }
+        let held = owners
+            .iter()
+            .filter(|(d, o)| o.contains(tenant) && infos.get(*d).is_some_and(|i| !i.builtin))
+            .count();
+        if held >= per_tenant {
+            return Err(BundleError::TenantComponentQuota {
+                tenant: tenant.to_string(),
+                limit: per_tenant,
+            });
+        }
         let uploaded = infos.values().filter(|i| !i.builtin).count();
         if uploaded < limit || infos.contains_key(digest) {
             return Ok(());
         }
         Err(BundleError::TooManyComponents { limit })
+    }
+
+    /// What of `tenant` uses the component: a draft, the active bundle or the rollback target.
+    /// `None` when nothing does.
+    pub fn component_user(&self, tenant: &str, digest: &str) -> Option<String> {
+        let uses = |spec: &BundleSpec| spec.component_digests().any(|c| c == digest);
+        let slot = self.slot(tenant);
+        let active = slot.active.load_full();
+        if uses(active.spec()) {
+            return Some(format!(
+                "the active bundle {} of tenant {tenant}",
+                active.digest()
+            ));
+        }
+        if let Some(previous) = lock(&slot.previous).as_ref()
+            && uses(previous.spec())
+        {
+            return Some(format!(
+                "the rollback target {} of tenant {tenant}",
+                previous.digest()
+            ));
+        }
+        read(&self.inner.drafts).get(tenant).and_then(|drafts| {
+            drafts
+                .values()
+                .find(|d| uses(&d.spec))
+                .map(|d| format!("the draft {} of tenant {tenant}", d.digest))
+        })
+    }
+
+    /// Whether the uploaded (not built-in) component is one `tenant` holds.
+    pub fn holds_component(&self, tenant: &str, digest: &str) -> bool {
+        read(&self.inner.infos)
+            .get(digest)
+            .is_some_and(|i| !i.builtin)
+            && read(&self.inner.owners)
+                .get(digest)
+                .is_some_and(|o| o.contains(tenant))
+    }
+
+    /// Drop `tenant`'s hold on an uploaded component (`DELETE /v1/admin/plugins/{digest}`); the
+    /// component itself goes when no tenant holds it any more and no bundle uses it. Returns
+    /// whether it went entirely.
+    pub fn release_component(&self, tenant: &str, digest: &str) -> bool {
+        let orphan = {
+            let mut owners = write(&self.inner.owners);
+            match owners.get_mut(digest) {
+                Some(o) => {
+                    o.remove(tenant);
+                    o.is_empty()
+                }
+                None => true,
+            }
+        };
+        orphan && self.remove_component(digest)
     }
 
     /// The spec of the active bundle of a tenant.

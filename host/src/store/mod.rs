@@ -297,6 +297,15 @@ pub trait Store: Send + Sync {
         limit: i64,
     ) -> BoxFuture<'a, Result<Vec<Revocation>, StoreError>>;
 
+    /// Like [`Store::list_revocations`], only revocations with `seq < before_seq` (keyset
+    /// paging: pass the `seq` of the last row of the previous page).
+    fn list_revocations_before<'a>(
+        &'a self,
+        tenant: Option<&'a str>,
+        before_seq: i64,
+        limit: i64,
+    ) -> BoxFuture<'a, Result<Vec<Revocation>, StoreError>>;
+
     /// The revocation feed: `(seq, jti)` with `seq > after_seq`, oldest first, at most `limit`
     /// (1..=[`MAX_PAGE`]). Poll with the last `seq` seen; a row committed after a poll always
     /// has a larger `seq` than every row that poll returned, so none is ever skipped. The same

@@ -152,6 +152,7 @@ impl PgStore {
     async fn list_revocations_impl(
         &self,
         tenant: Option<&str>,
+        before_seq: i64,
         limit: i64,
     ) -> Result<Vec<Revocation>, StoreError> {
         check::limit(limit)?;
@@ -160,17 +161,20 @@ impl PgStore {
                 check::tenant(t)?;
                 sqlx::query(&format!(
                     "SELECT {REVOCATION_COLUMNS} FROM revocations WHERE tenant = $1 \
-                     ORDER BY seq DESC LIMIT $2"
+                     AND seq < $2 ORDER BY seq DESC LIMIT $3"
                 ))
                 .bind(t)
+                .bind(before_seq)
                 .bind(limit)
                 .fetch_all(&self.pool)
                 .await?
             }
             None => {
                 sqlx::query(&format!(
-                    "SELECT {REVOCATION_COLUMNS} FROM revocations ORDER BY seq DESC LIMIT $1"
+                    "SELECT {REVOCATION_COLUMNS} FROM revocations WHERE seq < $1 \
+                     ORDER BY seq DESC LIMIT $2"
                 ))
+                .bind(before_seq)
                 .bind(limit)
                 .fetch_all(&self.pool)
                 .await?
@@ -373,7 +377,16 @@ impl Store for PgStore {
         tenant: Option<&'a str>,
         limit: i64,
     ) -> BoxFuture<'a, Result<Vec<Revocation>, StoreError>> {
-        Box::pin(self.list_revocations_impl(tenant, limit))
+        Box::pin(self.list_revocations_impl(tenant, i64::MAX, limit))
+    }
+
+    fn list_revocations_before<'a>(
+        &'a self,
+        tenant: Option<&'a str>,
+        before_seq: i64,
+        limit: i64,
+    ) -> BoxFuture<'a, Result<Vec<Revocation>, StoreError>> {
+        Box::pin(self.list_revocations_impl(tenant, before_seq, limit))
     }
 
     fn revocations_since(

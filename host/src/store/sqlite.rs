@@ -171,6 +171,7 @@ impl SqliteStore {
     async fn list_revocations_impl(
         &self,
         tenant: Option<&str>,
+        before_seq: i64,
         limit: i64,
     ) -> Result<Vec<Revocation>, StoreError> {
         check::limit(limit)?;
@@ -179,17 +180,20 @@ impl SqliteStore {
                 check::tenant(t)?;
                 sqlx::query(&format!(
                     "SELECT {REVOCATION_COLUMNS} FROM revocations WHERE tenant = ?1 \
-                     ORDER BY seq DESC LIMIT ?2"
+                     AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
                 ))
                 .bind(t)
+                .bind(before_seq)
                 .bind(limit)
                 .fetch_all(&self.pool)
                 .await?
             }
             None => {
                 sqlx::query(&format!(
-                    "SELECT {REVOCATION_COLUMNS} FROM revocations ORDER BY seq DESC LIMIT ?1"
+                    "SELECT {REVOCATION_COLUMNS} FROM revocations WHERE seq < ?1 \
+                     ORDER BY seq DESC LIMIT ?2"
                 ))
+                .bind(before_seq)
                 .bind(limit)
                 .fetch_all(&self.pool)
                 .await?
@@ -392,7 +396,16 @@ impl Store for SqliteStore {
         tenant: Option<&'a str>,
         limit: i64,
     ) -> BoxFuture<'a, Result<Vec<Revocation>, StoreError>> {
-        Box::pin(self.list_revocations_impl(tenant, limit))
+        Box::pin(self.list_revocations_impl(tenant, i64::MAX, limit))
+    }
+
+    fn list_revocations_before<'a>(
+        &'a self,
+        tenant: Option<&'a str>,
+        before_seq: i64,
+        limit: i64,
+    ) -> BoxFuture<'a, Result<Vec<Revocation>, StoreError>> {
+        Box::pin(self.list_revocations_impl(tenant, before_seq, limit))
     }
 
     fn revocations_since(
