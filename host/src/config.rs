@@ -105,6 +105,11 @@ pub struct ServeArgs {
     /// Tenants that `--watch` applies to (comma-separated).
     #[arg(long, env = "INTENTGATE_WATCH_TENANTS", default_value = "default")]
     pub watch_tenants: String,
+    /// How long a call or admin action waits for its audit event to be durable, in
+    /// milliseconds; after it the call is refused (-32016) and the refusal is audited once the
+    /// store answers.
+    #[arg(long, env = "INTENTGATE_AUDIT_DEADLINE_MS", default_value_t = 2000)]
+    pub audit_deadline_ms: u64,
 }
 
 /// Where state lives.
@@ -150,6 +155,18 @@ pub struct Config {
     pub demo: bool,
     /// `--watch DIR` and the tenants it applies to.
     pub watch: Option<(PathBuf, Vec<String>)>,
+    /// `INTENTGATE_AUDIT_DEADLINE_MS`.
+    pub audit_deadline: Duration,
+}
+
+impl Config {
+    /// The audit writers' tuning: the defaults with this configuration's deadline.
+    pub fn audit_config(&self) -> crate::audit::AuditConfig {
+        crate::audit::AuditConfig {
+            deadline: self.audit_deadline,
+            ..crate::audit::AuditConfig::default()
+        }
+    }
 }
 
 /// A Rego policy (and its tests) for the default bundle.
@@ -242,6 +259,7 @@ impl std::fmt::Debug for Config {
                     .map(|p| p.modules.iter().map(|m| m.0.as_str()).collect::<Vec<_>>()),
             )
             .field("demo", &self.demo)
+            .field("audit_deadline", &self.audit_deadline)
             .finish()
     }
 }
@@ -349,6 +367,12 @@ impl ServeArgs {
             1,
             10_000,
         )?);
+        let audit_deadline = Duration::from_millis(ranged(
+            "INTENTGATE_AUDIT_DEADLINE_MS",
+            self.audit_deadline_ms,
+            10,
+            60_000,
+        )?);
         let body_timeout = Duration::from_millis(ranged(
             "INTENTGATE_BODY_TIMEOUT_MS",
             self.body_timeout_ms,
@@ -442,6 +466,7 @@ impl ServeArgs {
             },
             demo: self.demo,
             watch,
+            audit_deadline,
         })
     }
 }
@@ -526,6 +551,26 @@ mod tests {
                 .expect_err("must be refused")
                 .to_string();
             assert!(e.starts_with("INTENTGATE_PLUGIN_DEADLINE_MS"), "{e}");
+        }
+    }
+
+    #[test]
+    fn audit_deadline_is_bounded() {
+        let c = parse(&[]).expect("defaults");
+        assert_eq!(c.audit_deadline, Duration::from_secs(2));
+        assert_eq!(c.audit_config().deadline, Duration::from_secs(2));
+        assert_eq!(
+            parse(&["--audit-deadline-ms", "300"])
+                .expect("valid")
+                .audit_config()
+                .deadline,
+            Duration::from_millis(300)
+        );
+        for bad in ["0", "9", "60001"] {
+            let e = parse(&["--audit-deadline-ms", bad])
+                .expect_err("must be refused")
+                .to_string();
+            assert!(e.starts_with("INTENTGATE_AUDIT_DEADLINE_MS"), "{e}");
         }
     }
 

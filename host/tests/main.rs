@@ -5,6 +5,7 @@ mod audit;
 mod bundle_sync;
 mod bundles;
 mod capability;
+mod decisions;
 mod gateway;
 mod interop;
 mod mcp_eras;
