@@ -318,11 +318,10 @@ fn mint_validation_errors() {
         ..req("b")
     };
     assert!(matches!(bad(huge), Some(MintError::TooLarge { .. })));
-    // Zero is a meaningful ceiling for these two.
+    // Zero is a meaningful ceiling for max_cents (free tools only).
     assert!(
         bad(MintRequest {
             max_cents: Some(0),
-            risk_max: Some(0),
             ..req("b")
         })
         .is_none()
