@@ -485,6 +485,7 @@ pub fn plugin(reps: usize, policy: &Path) -> Result<(), String> {
             zone: "default".into(),
             caveat_count: 2,
             max_calls: None,
+            max_cents: None,
             step_up_at: None,
         },
         usage: Usage::default(),

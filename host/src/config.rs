@@ -127,6 +127,11 @@ pub struct ServeArgs {
     /// Most plugin components one tenant may hold (uploaded and not deleted).
     #[arg(long, env = "INTENTGATE_MAX_COMPONENTS_PER_TENANT", default_value_t = crate::bundles::MAX_COMPONENTS_PER_TENANT)]
     pub max_components_per_tenant: usize,
+    /// How long a call or admin action waits for its audit event to be durable, in
+    /// milliseconds; after it the call is refused (-32016) and the refusal is audited once the
+    /// store answers.
+    #[arg(long, env = "INTENTGATE_AUDIT_DEADLINE_MS", default_value_t = 2000)]
+    pub audit_deadline_ms: u64,
 }
 
 /// Where state lives.
@@ -180,6 +185,18 @@ pub struct Config {
     pub watch: Option<(PathBuf, Vec<String>)>,
     /// Most plugin components one tenant may hold.
     pub max_components_per_tenant: usize,
+    /// `INTENTGATE_AUDIT_DEADLINE_MS`.
+    pub audit_deadline: Duration,
+}
+
+impl Config {
+    /// The audit writers' tuning: the defaults with this configuration's deadline.
+    pub fn audit_config(&self) -> crate::audit::AuditConfig {
+        crate::audit::AuditConfig {
+            deadline: self.audit_deadline,
+            ..crate::audit::AuditConfig::default()
+        }
+    }
 }
 
 /// A Rego policy (and its tests) for the default bundle.
@@ -276,6 +293,7 @@ impl std::fmt::Debug for Config {
             )
             .field("demo", &self.demo)
             .field("max_components_per_tenant", &self.max_components_per_tenant)
+            .field("audit_deadline", &self.audit_deadline)
             .finish()
     }
 }
@@ -412,6 +430,12 @@ impl ServeArgs {
                 ),
             ));
         }
+        let audit_deadline = Duration::from_millis(ranged(
+            "INTENTGATE_AUDIT_DEADLINE_MS",
+            self.audit_deadline_ms,
+            10,
+            60_000,
+        )?);
         let body_timeout = Duration::from_millis(ranged(
             "INTENTGATE_BODY_TIMEOUT_MS",
             self.body_timeout_ms,
@@ -520,6 +544,7 @@ impl ServeArgs {
                     ));
                 }
             },
+            audit_deadline,
         })
     }
 }
@@ -633,6 +658,26 @@ mod tests {
         ] {
             let e = parse(&[flag, "0"]).expect_err("zero").to_string();
             assert!(e.starts_with(setting), "{e}");
+        }
+    }
+
+    #[test]
+    fn audit_deadline_is_bounded() {
+        let c = parse(&[]).expect("defaults");
+        assert_eq!(c.audit_deadline, Duration::from_secs(2));
+        assert_eq!(c.audit_config().deadline, Duration::from_secs(2));
+        assert_eq!(
+            parse(&["--audit-deadline-ms", "300"])
+                .expect("valid")
+                .audit_config()
+                .deadline,
+            Duration::from_millis(300)
+        );
+        for bad in ["0", "9", "60001"] {
+            let e = parse(&["--audit-deadline-ms", bad])
+                .expect_err("must be refused")
+                .to_string();
+            assert!(e.starts_with("INTENTGATE_AUDIT_DEADLINE_MS"), "{e}");
         }
     }
 

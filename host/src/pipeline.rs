@@ -1,5 +1,9 @@
 //! The decision for one tool call, read top to bottom as its phases:
-//! capability → intent → policy → budget → charge → audit → [`Permit`].
+//! throttle → capability → intent → policy → budget → charge → audit → [`Permit`].
+//!
+//! The throttle (`throttle.rs`) refuses, before any check runs, the calls of a token or tenant
+//! that keeps being denied; those refusals are audited as one aggregated event per token and
+//! window (with their count) rather than one row each, so denials cannot flood the chain.
 //!
 //! Only this module can construct a [`Permit`], and forwarding a `tools/call` needs one, so no
 //! code path forwards without a recorded decision. Every phase fails closed: an error in a
@@ -21,6 +25,10 @@ use crate::plugins::{
     VerdictKind,
 };
 use crate::store::{ChargeOutcome, Store};
+
+mod throttle;
+
+pub use throttle::{DenialLimits, Scope as ThrottleScope, THROTTLED_KIND, Throttled};
 
 /// Proof that a tool call was decided `allow` and its audit event is durable.
 // The private field (not `#[non_exhaustive]`, which binds only other crates) keeps every module
@@ -59,6 +67,13 @@ pub enum Denial {
     /// The decision could not be made durable; nothing was forwarded.
     #[error("audit log unavailable: {0}")]
     Audit(String),
+    /// Too many denied calls of this token or tenant in the current window: refused before
+    /// any check ran (audited in aggregate, see `throttle.rs`).
+    #[error(
+        "too many denied calls for this {}: refused for {} s (limit {} denials per window)",
+        .0.scope.as_str(), .0.retry_after_secs, .0.limit
+    )]
+    Throttled(Throttled),
 }
 
 impl Denial {
@@ -71,6 +86,20 @@ impl Denial {
             Self::Budget(_) | Self::BudgetStore(_) => "budget",
             Self::CheckFailed { stage, .. } => stage.as_str(),
             Self::Audit(_) => "audit",
+            Self::Throttled(_) => "throttle",
+        }
+    }
+
+    /// Whether this denial is the caller's doing and counts toward the denial throttle: not
+    /// our own store failing, not an approval being awaited.
+    fn counts_toward_throttle(&self) -> bool {
+        match self {
+            Self::Capability(_)
+            | Self::Intent(_)
+            | Self::Budget(_)
+            | Self::CheckFailed { .. } => true,
+            Self::Policy { escalate, .. } => !escalate,
+            Self::BudgetStore(_) | Self::Audit(_) | Self::Throttled(_) => false,
         }
     }
 
@@ -88,6 +117,8 @@ impl Denial {
                 _ => (code::POLICY, "policy check failed"),
             },
             Self::Audit(_) => (code::AUDIT_UNAVAILABLE, "audit log unavailable"),
+            // Rate limiting is a budget refusal on the wire, as a `rate_limit` caveat's is.
+            Self::Throttled(_) => (code::BUDGET, "rate limited"),
         };
         // Store errors carry database text (names, addresses): it goes to the log, not to the
         // agent, which learns only that the dependency is down.
@@ -137,6 +168,7 @@ pub struct Pipeline {
     local_counters: Arc<MemoryCounters>,
     arg_values: ArgValuesMode,
     upstream_name: String,
+    throttle: Arc<throttle::Throttle>,
 }
 
 /// What the checks concluded, for the audit event.
@@ -165,6 +197,7 @@ impl Pipeline {
         arg_values: ArgValuesMode,
         upstream_name: String,
     ) -> Self {
+        let throttle = throttle::Throttle::new(DenialLimits::default(), audit.clone());
         Self {
             store,
             audit,
@@ -172,7 +205,26 @@ impl Pipeline {
             local_counters,
             arg_values,
             upstream_name,
+            throttle,
         }
+    }
+
+    /// The same pipeline with other denial throttle limits.
+    #[must_use]
+    pub fn with_denial_limits(mut self, limits: DenialLimits) -> Self {
+        self.throttle = throttle::Throttle::new(limits, self.audit.clone());
+        self
+    }
+
+    /// The denial throttle's limits.
+    pub fn denial_limits(&self) -> DenialLimits {
+        self.throttle.limits()
+    }
+
+    /// Writes the aggregated audit events of throttled calls now (a background task does so
+    /// at the end of each window); returns how many events were written.
+    pub async fn flush_throttled(&self) -> usize {
+        self.throttle.flush().await
     }
 
     pub fn registry(&self) -> &Registry {
@@ -186,10 +238,27 @@ impl Pipeline {
     /// Decides one call. `Ok` only when every check allowed and the event is durable.
     pub async fn decide(&self, call: &ToolCall<'_>) -> Result<Permit, Denial> {
         let started = Instant::now();
+        // 0. throttle: a token or tenant that keeps being denied is refused before any check
+        // runs; the refusal is counted into an aggregated audit event, not written alone.
+        let g = call.grant;
+        let now = audit::time::now_ms();
+        self.throttle
+            .admit(
+                &g.tenant,
+                &g.root_jti,
+                || (g.subject.clone(), g.jti.clone()),
+                now,
+            )
+            .map_err(Denial::Throttled)?;
         // One snapshot for the whole call: a promotion mid-call does not mix bundles.
         let snapshot = self.registry.snapshot(&call.grant.tenant);
         let mut findings = Findings::default();
         let outcome = self.run_checks(call, &snapshot, &mut findings).await;
+        if let Err(denial) = &outcome
+            && denial.counts_toward_throttle()
+        {
+            self.throttle.note_denial(&g.tenant, &g.root_jti, now);
+        }
         let mut event = self.event_for(call, snapshot.digest());
         event.latency_ms = Some(started.elapsed().as_millis() as u64);
         event.intent_summary = findings.intent_summary;
@@ -236,7 +305,9 @@ impl Pipeline {
             tool: call.tool,
             agent: call.agent,
             server: Some(&self.upstream_name),
-            callee: None,
+            // The callee is the upstream server the call is forwarded to; its zone is not known.
+            callee: Some((&self.upstream_name, None)),
+            // No risk score is computed: a risk_max caveat is refused as not evaluated.
             risk: None,
         })?;
         let input = self.check_input(call);
@@ -317,6 +388,7 @@ impl Pipeline {
                 zone: g.zone.clone(),
                 caveat_count: g.caveat_count as u32,
                 max_calls: g.max_calls,
+                max_cents: g.max_cents,
                 step_up_at: g.step_up_at.and_then(|t| u64::try_from(t).ok()),
             },
             usage: Usage {
@@ -368,6 +440,8 @@ impl Pipeline {
                         "token max_calls"
                     } else if d.key.starts_with("rate:") {
                         "token rate_limit"
+                    } else if d.key.contains("/token-cents:") {
+                        "token max_cents"
                     } else {
                         "budget"
                     };

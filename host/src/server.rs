@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::admin::AdminAuth;
-use crate::audit::{AuditConfig, AuditLog, LogKey};
+use crate::audit::{AuditLog, LogKey};
 use crate::bundles::persist::{Follower, Persist};
 use crate::bundles::{BundleSpec, Registry};
 use crate::capability::{CapabilityError, Grant, MasterKey, RevocationSet, Verifier};
@@ -96,7 +96,7 @@ impl Gateway {
         };
         let store = store::connect(&store_cfg).await?;
         let log_key = LogKey::from_env_or_dir(&config.data_dir)?;
-        let audit = AuditLog::open(store.db(), log_key, AuditConfig::default()).await?;
+        let audit = AuditLog::open(store.db(), log_key, config.audit_config()).await?;
 
         let mut background = Vec::new();
         if config.demo && config.upstream_url.is_none() {

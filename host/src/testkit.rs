@@ -19,6 +19,9 @@
 //! EOF and the watchdog runs `pg_ctl stop -m immediate` and removes the temp dir. `Drop` of a
 //! private server closes the pipe and waits for the same watchdog.
 //!
+//! [`StallProxy`] stands between a client and a server and can stop forwarding without closing
+//! anything (a stalled disk or a black-holed database, as the client sees it).
+//!
 //! Missing binaries are an error naming the Debian package, never a silent skip.
 //! This module must never be used by the gateway itself, never touch a server or directory it
 //! did not create, and never listen beyond loopback. Standard library only.
@@ -422,4 +425,128 @@ fn random_hex() -> String {
         out.push_str(&format!("{:016x}", h.finish()));
     }
     out
+}
+
+/// The `host:port` of a `postgres://user:password@host:port/db` URL.
+pub fn host_port(url: &str) -> Option<String> {
+    let after_scheme = url.split_once("://")?.1;
+    let authority = after_scheme.split('/').next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    host_port.contains(':').then(|| host_port.to_owned())
+}
+
+/// A loopback TCP proxy that can stop forwarding without closing anything: a stalled disk or a
+/// black-holed database as its client sees it. While paused, bytes are read into the proxy and
+/// held; on resume they flow on. Threads and blocking sockets only (std).
+#[derive(Debug)]
+pub struct StallProxy {
+    addr: std::net::SocketAddr,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StallProxy {
+    /// Starts forwarding every connection on a new loopback port to `target` (`host:port`).
+    pub fn start(target: &str) -> Result<StallProxy, String> {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let listener =
+            TcpListener::bind("127.0.0.1:0").map_err(|e| format!("proxy bind: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("proxy addr: {e}"))?;
+        let paused = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let target = target.to_owned();
+        let (p, s) = (paused.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("stall-proxy".into())
+            .spawn(move || {
+                for client in listener.incoming() {
+                    if s.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let Ok(client) = client else { continue };
+                    let Ok(server) = std::net::TcpStream::connect(&target) else {
+                        continue;
+                    };
+                    for (from, to) in [(&client, &server), (&server, &client)] {
+                        let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
+                            continue;
+                        };
+                        let (p, s) = (p.clone(), s.clone());
+                        let _ = std::thread::Builder::new()
+                            .name("stall-proxy-pump".into())
+                            .spawn(move || pump(from, to, &p, &s));
+                    }
+                }
+            })
+            .map_err(|e| format!("proxy thread: {e}"))?;
+        Ok(StallProxy { addr, paused, stop })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Stop forwarding (connections stay open, nothing arrives).
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::Release);
+    }
+
+    /// Forward again, held bytes first.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Release);
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.paused.store(false, Ordering::Release);
+        // Wake the accept loop so it sees `stop`.
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
+/// Copies `from` to `to`, holding each chunk while paused, until either side closes or `stop`.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    paused: &std::sync::atomic::AtomicBool,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::Read;
+    let _ = from.set_read_timeout(Some(std::time::Duration::from_millis(50)));
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        while paused.load(Ordering::Acquire) {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                while paused.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
 }

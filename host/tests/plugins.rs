@@ -25,6 +25,7 @@ pub fn input(tenant: &str, tool: &str) -> CheckInput {
             zone: "default".into(),
             caveat_count: 2,
             max_calls: Some(1000),
+            max_cents: None,
             step_up_at: None,
         },
         usage: Usage::default(),
@@ -272,6 +273,51 @@ fn components_are_validated_against_the_worlds() {
             .upload_component("junk", b"\0asm\x0d\0\x01\0junk", World::CheckPlugin)
             .is_err()
     );
+}
+
+/// The built-in budget component with its WIT package version rewritten in place to 0.1.0
+/// (same length, so the binary stays well formed): a component built for the old version.
+fn built_for_wit_0_1_0() -> Vec<u8> {
+    let mut wasm = artifacts::BUDGET.to_vec();
+    let package = b"intentgate:plugin/";
+    let mut rewritten = 0;
+    let mut i = 0;
+    while i + package.len() < wasm.len() {
+        if wasm[i..].starts_with(package) {
+            let rest = i + package.len();
+            if let Some(at) = wasm[rest..(rest + 40).min(wasm.len())]
+                .windows(6)
+                .position(|w| w == b"@0.2.0")
+            {
+                wasm[rest + at..rest + at + 6].copy_from_slice(b"@0.1.0");
+                rewritten += 1;
+            }
+        }
+        i += 1;
+    }
+    assert!(rewritten > 0, "the component names our package");
+    wasm
+}
+
+#[test]
+fn a_component_built_for_another_wit_version_is_refused_by_name() {
+    let runtime = hostile_runtime();
+    let old = built_for_wit_0_1_0();
+    for err in [
+        runtime.validate(&old).expect_err("old version"),
+        CheckComponent::new(&runtime, &old).expect_err("old version"),
+    ] {
+        let text = err.to_string();
+        assert!(matches!(err, PluginError::WrongWorld { .. }), "{text}");
+        assert!(
+            text.contains("intentgate:plugin@0.1.0")
+                && text.contains("intentgate:plugin@0.2.0")
+                && text.contains("rebuild"),
+            "{text}"
+        );
+    }
+    // The current build of the same component loads.
+    assert!(CheckComponent::new(&runtime, artifacts::BUDGET).is_ok());
 }
 
 const RUNBOOK: &str = include_str!("../../policies/examples/runbook.rego");

@@ -855,6 +855,29 @@ async fn postgres_wrong_password_is_refused() {
     assert!(!e.to_string().contains("wrong@"), "{e}");
 }
 
+/// Every PostgreSQL session is bounded: no statement runs forever, a transaction whose client
+/// went silent is ended by the server, and the server probes idle connections.
+#[tokio::test]
+async fn postgres_sessions_carry_statement_timeout_and_keepalive() {
+    let f = Fixture::postgres().await;
+    let Db::Postgres(pool) = f.store.db() else {
+        panic!("a PostgreSQL store");
+    };
+    for (setting, expected) in [
+        ("statement_timeout", "30s"),
+        ("idle_in_transaction_session_timeout", "1min"),
+        ("tcp_keepalives_idle", "30"),
+        ("tcp_keepalives_interval", "10"),
+        ("tcp_keepalives_count", "3"),
+    ] {
+        let value: String = sqlx::query_scalar(&format!("SHOW {setting}"))
+            .fetch_one(&pool)
+            .await
+            .expect("show");
+        assert_eq!(value, expected, "{setting}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The testkit itself.
 

@@ -1,4 +1,4 @@
-//! Generated bindings for the `intentgate:plugin@0.1.0` worlds (wit-bindgen).
+//! Generated bindings for the `intentgate:plugin@0.2.0` worlds (wit-bindgen).
 //!
 //! Plugin authors do not use this module directly: `intentgate_plugin_sdk::export_check!` wires a
 //! [`crate::Check`] implementation to it. It must never contain hand-written logic.

@@ -21,7 +21,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`bindings`] | the wit-bindgen output for the `intentgate:plugin@0.1.0` worlds |
+//! | [`bindings`] | the wit-bindgen output for the `intentgate:plugin@0.2.0` worlds |
 //! | [`host`] | the host imports (log, clock, counters), routed to the test harness natively |
 //! | [`testing`] | the native test harness and a tool-call builder |
 //!

@@ -105,6 +105,7 @@ pub fn call(tool: &str) -> CallBuilder {
                 zone: "default".into(),
                 caveat_count: 1,
                 max_calls: None,
+                max_cents: None,
                 step_up_at: None,
             },
             usage: Usage {
@@ -151,6 +152,18 @@ impl CallBuilder {
     /// Set the token's effective max_calls.
     pub fn max_calls(mut self, max_calls: u64) -> Self {
         self.call.token.max_calls = Some(max_calls);
+        self
+    }
+
+    /// Set the token's effective max_cents (its `max_cost` caveat).
+    pub fn max_cents(mut self, max_cents: u64) -> Self {
+        self.call.token.max_cents = Some(max_cents);
+        self
+    }
+
+    /// Set the root token id (children of one root share it, and its per-token counters).
+    pub fn root_jti(mut self, root_jti: &str) -> Self {
+        self.call.token.root_jti = root_jti.into();
         self
     }
 

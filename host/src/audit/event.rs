@@ -190,6 +190,9 @@ pub struct AuditEvent {
     /// retry). The first round's event carries neither.
     pub call_id: Option<i64>,
     pub round: Option<u32>,
+    /// How many calls an aggregated event stands for (`count`): the throttled denials of one
+    /// token or tenant in one window.
+    pub count: Option<u64>,
 }
 
 impl AuditEvent {
@@ -221,6 +224,7 @@ impl AuditEvent {
             remote_ip: String::new(),
             call_id: None,
             round: None,
+            count: None,
         }
     }
 
@@ -284,6 +288,9 @@ impl AuditEvent {
         }
         if let Some(n) = self.round {
             m.insert("round".into(), n.into());
+        }
+        if let Some(n) = self.count {
+            m.insert("count".into(), n.into());
         }
         Value::Object(m)
     }

@@ -11,8 +11,17 @@
 //! the error and nothing of the batch is stored; the next batch re-reads the head.
 //! `UNIQUE (tenant, seq)` makes any logic error that would fork a chain fail loudly.
 //!
+//! **Deadline.** `append` waits at most [`AuditConfig::deadline`] for its answer; then it
+//! answers [`AuditError::DeadlineExceeded`] and the caller refuses (a stalled disk or a
+//! black-holed database must not hang calls and admin actions until TCP gives up). The event
+//! is still in the writer's hands, so the writer records the outcome when the store returns:
+//! an event committed after its caller gave up is followed by a refusal event pointing at it
+//! (`call_id`, `check: "audit"`, decision `block`), and an event that could not be committed at
+//! all is written in its refused form. These late records are retried until the store takes
+//! them (bounded: beyond [`MAX_LATE`] they are dropped with an error log).
+//!
 //! This module must never answer `Ok` before the commit, never skip or reuse a chain position,
-//! and never wait on a full queue.
+//! never wait on a full queue, and never leave a caller waiting past the deadline.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,6 +57,12 @@ pub fn link_hash(prev: &[u8; 32], canonical_event: &[u8]) -> [u8; 32] {
 
 /// `prev_hash` of a tenant's first event.
 pub const GENESIS: [u8; 32] = [0; 32];
+
+/// Most late records (refusals of callers that gave up at the deadline) a writer holds while
+/// its store is down.
+pub const MAX_LATE: usize = 4096;
+/// How soon a writer retries its late records when no new event arrives.
+const LATE_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 struct Job {
     event: AuditEvent,
@@ -207,10 +222,11 @@ impl AuditLog {
             enqueued: Instant::now(),
             reply,
         };
+        let deadline = self.inner.shared.cfg.deadline;
         for _attempt in 0..2 {
             let sender = self.sender(&tenant);
             match sender.try_send(job) {
-                Ok(()) => return answer.await.map_err(|_| AuditError::Unavailable)?,
+                Ok(()) => return wait_for(answer, deadline).await,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     self.inner
                         .shared
@@ -233,6 +249,7 @@ impl AuditLog {
     }
 
     fn sender(&self, tenant: &str) -> mpsc::Sender<Job> {
+        // (The writer task is spawned on first use of a tenant.)
         if let Some(s) = self.inner.writers.load().get(tenant) {
             return s.clone();
         }
@@ -285,6 +302,55 @@ impl AuditLog {
                 .map(|c| c.note),
         )
     }
+}
+
+/// Waits for the writer's answer until `deadline`. After it, the receiver is closed first, so
+/// the writer either delivered its answer before (and it is used: the event is durable in time)
+/// or learns that its caller is gone (and records the refusal): never both, never neither.
+async fn wait_for(
+    mut answer: oneshot::Receiver<Result<Appended, AuditError>>,
+    deadline: std::time::Duration,
+) -> Result<Appended, AuditError> {
+    match tokio::time::timeout(deadline, &mut answer).await {
+        Ok(reply) => reply.map_err(|_| AuditError::Unavailable)?,
+        Err(_elapsed) => {
+            answer.close();
+            match answer.try_recv() {
+                Ok(reply) => reply,
+                Err(_) => Err(AuditError::DeadlineExceeded {
+                    ms: deadline.as_millis() as u64,
+                }),
+            }
+        }
+    }
+}
+
+/// The record of an event whose caller gave up at the deadline. `committed` is the id of the
+/// event when it was committed after all (then the refusal points at it), `None` when it was
+/// not written (then the event is written in its refused form). A denial needs no such record
+/// once it is written: the caller was refused either way.
+fn late_record(event: &AuditEvent, committed: Option<i64>) -> Option<AuditEvent> {
+    let refused = matches!(
+        event.decision,
+        Some(super::Decision::Block | super::Decision::Escalate)
+    );
+    if refused && committed.is_some() {
+        return None;
+    }
+    let mut late = event.clone();
+    late.ts_ms = time::now_ms();
+    if !refused {
+        late.decision = Some(super::Decision::Block);
+        late.check = "audit".to_owned();
+        late.reason = match committed {
+            Some(id) => format!(
+                "event {id} became durable only after its caller stopped waiting (audit deadline): the caller was answered with a refusal"
+            ),
+            None => "the audit store did not record this event before its caller stopped waiting (audit deadline): the caller was answered with a refusal".to_owned(),
+        };
+        late.call_id = committed.or(event.call_id);
+    }
+    Some(late)
 }
 
 /// One tenant's writer.
@@ -544,16 +610,37 @@ impl Writer {
         self.commit(&[], true).await.map(|c| !c.uncovered)
     }
 
+    /// Keeps a late record for the next commit (bounded).
+    fn keep_late(&self, late: &mut Vec<AuditEvent>, record: Option<AuditEvent>) {
+        let Some(record) = record else { return };
+        if late.len() >= MAX_LATE {
+            tracing::error!(tenant = %self.tenant, "audit: too many late records held; dropping the refusal of a caller that gave up at the deadline");
+            return;
+        }
+        late.push(record);
+    }
+
     async fn run(self, mut rx: mpsc::Receiver<Job>) {
         let cfg = self.shared.cfg.clone();
         let mut batch: Vec<Job> = Vec::with_capacity(cfg.max_batch);
         // When set: the head is not covered by a checkpoint, sign one by then.
         let mut checkpoint_due: Option<tokio::time::Instant> = None;
+        // Records of callers that gave up at the deadline, written with the next commit.
+        let mut late: Vec<AuditEvent> = Vec::new();
         loop {
-            let first = match checkpoint_due {
+            let late_due = (!late.is_empty()).then(|| tokio::time::Instant::now() + LATE_RETRY);
+            let wake = match (checkpoint_due, late_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let first = match wake {
                 Some(due) => tokio::select! {
                     biased;
-                    job = rx.recv() => job,
+                    job = rx.recv() => match job {
+                        Some(job) => Some(job),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(due), if late_due == Some(due) => None,
                     _ = tokio::time::sleep_until(due) => {
                         checkpoint_due = match self.checkpoint().await {
                             Ok(_) => None,
@@ -565,11 +652,15 @@ impl Writer {
                         continue;
                     }
                 },
-                None => rx.recv().await,
+                None => match rx.recv().await {
+                    Some(job) => Some(job),
+                    None => break,
+                },
             };
-            let Some(first) = first else { break };
-            batch.push(first);
-            while batch.len() < cfg.max_batch {
+            batch.extend(first);
+            // Leave room for late records (up to half a batch) so they are not starved.
+            let room = cfg.max_batch - late.len().min(cfg.max_batch / 2);
+            while batch.len() < room {
                 match rx.try_recv() {
                     Ok(job) => batch.push(job),
                     Err(_) => break,
@@ -585,16 +676,26 @@ impl Writer {
                     .counters
                     .overloaded
                     .fetch_add(1, Ordering::Relaxed);
-                let _ = job.reply.send(Err(AuditError::Overloaded {
+                let refused = job.reply.send(Err(AuditError::Overloaded {
                     tenant: self.tenant.clone(),
                     detail: "event waited too long for the writer",
                 }));
+                if let Err(_gone) = refused {
+                    // Its caller gave up at the deadline: record the refusal it was told.
+                    self.keep_late(&mut late, late_record(&job.event, None));
+                }
             }
-            if fresh.is_empty() {
+            if fresh.is_empty() && late.is_empty() {
                 continue;
             }
-            let (events, replies): (Vec<AuditEvent>, Vec<_>) =
-                fresh.into_iter().map(|j| (j.event, j.reply)).unzip();
+            // Late records first: they are older than anything in this batch.
+            let held = late.len().min(cfg.max_batch.saturating_sub(fresh.len()));
+            let mut events: Vec<AuditEvent> = late.drain(..held).collect();
+            let mut replies = Vec::with_capacity(fresh.len());
+            for j in fresh {
+                events.push(j.event);
+                replies.push(j.reply);
+            }
             let force = checkpoint_due.is_some_and(|d| d <= tokio::time::Instant::now());
             match self.commit(&events, force).await {
                 Ok(done) => {
@@ -602,8 +703,13 @@ impl Writer {
                     c.events
                         .fetch_add(done.appended.len() as u64, Ordering::Relaxed);
                     c.batches.fetch_add(1, Ordering::Relaxed);
-                    for (reply, appended) in replies.into_iter().zip(done.appended) {
-                        let _ = reply.send(Ok(appended));
+                    let own = events[held..].iter().zip(&done.appended[held..]);
+                    for (reply, (event, appended)) in replies.into_iter().zip(own) {
+                        let id = appended.id;
+                        if reply.send(Ok(appended.clone())).is_err() {
+                            // Committed after its caller was refused at the deadline.
+                            self.keep_late(&mut late, late_record(event, Some(id)));
+                        }
                     }
                     if !done.uncovered {
                         checkpoint_due = None;
@@ -619,13 +725,29 @@ impl Writer {
                         .failed_batches
                         .fetch_add(1, Ordering::Relaxed);
                     let e = Arc::new(e);
-                    for reply in replies {
-                        let _ = reply.send(Err(AuditError::CommitFailed(e.clone())));
+                    let own = events.split_off(held);
+                    // The late records stay for the next attempt.
+                    late.splice(0..0, events);
+                    for (reply, event) in replies.into_iter().zip(own) {
+                        if reply.send(Err(AuditError::CommitFailed(e.clone()))).is_err() {
+                            self.keep_late(&mut late, late_record(&event, None));
+                        }
                     }
                 }
             }
         }
-        // Queue closed: every AuditLog handle is gone. Cover the tail before leaving.
+        // Queue closed: every AuditLog handle is gone. Record what is still late (one
+        // attempt), then cover the tail before leaving.
+        if !late.is_empty() {
+            match self.commit(&late, false).await {
+                Ok(done) => {
+                    checkpoint_due = checkpoint_due.or(done.uncovered.then(tokio::time::Instant::now));
+                }
+                Err(e) => {
+                    tracing::error!(tenant = %self.tenant, events = late.len(), error = %e, "audit: late refusal records lost at shutdown");
+                }
+            }
+        }
         if checkpoint_due.is_some()
             && let Err(e) = self.checkpoint().await
         {

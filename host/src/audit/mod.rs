@@ -56,6 +56,11 @@ pub enum AuditError {
     /// The writer for this tenant is gone (shutting down).
     #[error("audit writer unavailable")]
     Unavailable,
+    /// The event was not durable within the deadline (a stalled disk or database): refuse the
+    /// call. The event may still be committed later; the writer then records that its caller
+    /// was refused.
+    #[error("audit store did not answer within the {ms} ms deadline")]
+    DeadlineExceeded { ms: u64 },
     #[error("audit store: {0}")]
     Store(#[from] sqlx::Error),
     /// The chain in the database contradicts itself in a way a writer cannot continue from.
@@ -89,6 +94,8 @@ pub struct AuditConfig {
     pub checkpoint_every: u64,
     /// …or this long after the first event not covered by one.
     pub checkpoint_interval: Duration,
+    /// How long `append` waits for its event to be durable (`INTENTGATE_AUDIT_DEADLINE_MS`).
+    pub deadline: Duration,
 }
 
 impl Default for AuditConfig {
@@ -99,6 +106,7 @@ impl Default for AuditConfig {
             max_queue_wait: Duration::from_secs(5),
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(60),
+            deadline: Duration::from_secs(2),
         }
     }
 }
@@ -119,6 +127,9 @@ impl AuditConfig {
             return Err(AuditError::Config(
                 "checkpoint_every must be at least 1".into(),
             ));
+        }
+        if self.deadline.is_zero() {
+            return Err(AuditError::Config("deadline must be positive".into()));
         }
         if self.checkpoint_interval.is_zero() {
             return Err(AuditError::Config(

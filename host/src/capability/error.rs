@@ -86,9 +86,15 @@ pub enum CapabilityError {
         callee: Option<String>,
         caveat: usize,
     },
-    /// The caller's risk score (unknown counts as 100) exceeds a `risk_max` ceiling.
+    /// The caller's risk score exceeds a `risk_max` ceiling.
     #[error("risk {risk} exceeds ceiling {max} of caveat {caveat} (risk_max)")]
     RiskTooHigh { risk: u8, max: i64, caveat: usize },
+    /// A `risk_max` caveat, but no risk score exists for the call: the gateway does not
+    /// evaluate `risk_max`, so the token is refused (fail closed).
+    #[error(
+        "caveat {caveat} (risk_max) cannot be evaluated: this gateway computes no risk score and does not evaluate risk_max"
+    )]
+    RiskNotEvaluated { caveat: usize },
 }
 
 /// Why a mint request was refused. Messages name the offending field.
@@ -115,6 +121,13 @@ pub enum MintError {
     ZeroLimit { field: &'static str },
     #[error("{field} is out of range")]
     OutOfRange { field: &'static str },
+    /// A caveat this gateway cannot evaluate: minting it would make a token that is refused
+    /// on every call.
+    #[error("{field} is not supported: {reason}")]
+    Unsupported {
+        field: &'static str,
+        reason: &'static str,
+    },
     #[error("minted token would be {len} bytes, more than the verifier accepts")]
     TooLarge { len: usize },
     #[error("operating system random source failed")]

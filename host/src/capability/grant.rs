@@ -6,6 +6,12 @@
 //! `rate_limit`, `max_cost`, `step_up`) are only surfaced here for the budget and policy stages.
 //! This module must never let a missing fact (no server, no callee, no risk score) allow a call
 //! that a caveat restricts.
+//!
+//! The callee of a call is the upstream server the gateway forwards it to: its configured name
+//! (`INTENTGATE_UPSTREAM_NAME`) is the callee agent that `callee_allow` globs match. The gateway
+//! knows no zone for its upstream, so a caveat's `callee_zones` match nothing (mint refuses
+//! them). No risk score is computed either: a `risk_max` caveat cannot be evaluated and is
+//! refused with that reason (mint refuses it too), never read as "risk 100".
 
 use super::MAX_NAME_BYTES;
 use super::error::{CapabilityError, echo};
@@ -49,10 +55,12 @@ pub struct CallContext<'a> {
     pub agent: Option<&'a str>,
     /// The upstream MCP server the call goes to; `None` fails every `mcp_allow` caveat.
     pub server: Option<&'a str>,
-    /// `(agent, zone)` of the callee in an agent-to-agent call; `None` fails every
-    /// `callee_allow` caveat.
-    pub callee: Option<(&'a str, &'a str)>,
-    /// The caller's risk score 0-100; `None` (unknown) counts as 100.
+    /// `(agent, zone)` of the callee: the upstream server's name, and its zone when one is
+    /// known. `None` fails every `callee_allow` caveat; an unknown zone matches no
+    /// `callee_zones` entry.
+    pub callee: Option<(&'a str, Option<&'a str>)>,
+    /// The caller's risk score 0-100. The gateway computes none (`None`): a `risk_max` caveat
+    /// then fails with [`CapabilityError::RiskNotEvaluated`].
     pub risk: Option<u8>,
 }
 
@@ -126,7 +134,7 @@ impl Grant {
         check_len("agent", ctx.agent)?;
         check_len("server", ctx.server)?;
         check_len("callee", ctx.callee.map(|(a, _)| a))?;
-        check_len("callee zone", ctx.callee.map(|(_, z)| z))?;
+        check_len("callee zone", ctx.callee.and_then(|(_, z)| z))?;
         if let Some(agent) = ctx.agent
             && agent != self.subject
         {
@@ -184,14 +192,22 @@ fn check(r: &Restriction, ctx: &CallContext<'_>) -> Result<(), CapabilityError> 
             agents,
             zones,
         } => match ctx.callee {
-            Some((a, z)) if any_matches(agents, a) || zones.iter().any(|x| x == z) => Ok(()),
+            Some((a, z))
+                if any_matches(agents, a) || z.is_some_and(|z| zones.iter().any(|x| x == z)) =>
+            {
+                Ok(())
+            }
             callee => Err(CapabilityError::CalleeNotAllowed {
                 callee: callee.map(|(a, _)| echo(a)),
                 caveat: *caveat,
             }),
         },
         Restriction::RiskMax { caveat, max } => {
-            let risk = ctx.risk.unwrap_or(100);
+            // No score is not a score of 100: say that the caveat cannot be evaluated, and
+            // refuse (fail closed).
+            let Some(risk) = ctx.risk else {
+                return Err(CapabilityError::RiskNotEvaluated { caveat: *caveat });
+            };
             if i64::from(risk) > *max {
                 Err(CapabilityError::RiskTooHigh {
                     risk,

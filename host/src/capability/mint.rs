@@ -3,7 +3,8 @@
 //! Caveats are appended in the original gateway's order: `agent_lock{sub}`, `exp` (when a TTL is
 //! given), then `tool_allow`, `max_calls`, `mcp_allow`, `rate_limit`, `max_cost`, `risk_max`,
 //! `step_up`, `callee_allow` as requested. This module must never mint a token that our own
-//! verifier would refuse (bad pattern, too large), nor one with an ambiguous zero limit.
+//! verifier would refuse (bad pattern, too large), nor one with an ambiguous zero limit, nor a
+//! caveat the gateway cannot evaluate (`risk_max`, `callee_zones`): those are refused by name.
 
 use std::fmt;
 
@@ -45,13 +46,13 @@ pub struct MintRequest {
     pub rate_per_min: Option<u64>,
     /// `max_cost` in cents (0 allows no spending).
     pub max_cents: Option<u64>,
-    /// `risk_max` ceiling, 0..=100.
+    /// `risk_max`: refused (the gateway computes no risk score); kept so the request names it.
     pub risk_max: Option<u64>,
     /// `step_up`: unix time of the operator's fresh step-up factor.
     pub step_up_at: Option<u64>,
-    /// `callee_allow` agent globs.
+    /// `callee_allow` globs over the upstream server's name (the callee of every call).
     pub callees: Vec<String>,
-    /// `callee_allow` zones (exact names).
+    /// `callee_allow` zones: refused (the gateway knows no zone for its upstream).
     pub callee_zones: Vec<String>,
     /// Not-before, unix seconds.
     pub nbf: Option<u64>,
@@ -153,13 +154,11 @@ pub(crate) fn mint_with_random(
             ..Caveat::bare("max_cost")
         });
     }
-    if let Some(n) = req.risk_max {
-        if n > 100 {
-            return Err(MintError::OutOfRange { field: "risk_max" });
-        }
-        cav.push(Caveat {
-            risk_max: int(n, "risk_max")?,
-            ..Caveat::bare("risk_max")
+    if req.risk_max.is_some() {
+        // No risk score exists: a risk_max caveat could only ever refuse.
+        return Err(MintError::Unsupported {
+            field: "risk_max",
+            reason: "this gateway computes no risk score, so it cannot evaluate a risk_max caveat",
         });
     }
     if let Some(at) = req.step_up_at {
@@ -174,15 +173,19 @@ pub(crate) fn mint_with_random(
             ..Caveat::bare("step_up")
         });
     }
-    if !req.callees.is_empty() || !req.callee_zones.is_empty() {
-        let callees = checked_patterns("callees", &req.callees)?;
-        let mut zones = Vec::with_capacity(req.callee_zones.len());
+    if !req.callee_zones.is_empty() {
         for z in &req.callee_zones {
-            zones.push(checked_name("callee_zones", Some(z), "")?.to_owned());
+            checked_name("callee_zones", Some(z), "")?;
         }
+        // The callee is the upstream server, whose zone the gateway does not know.
+        return Err(MintError::Unsupported {
+            field: "callee_zones",
+            reason: "the gateway knows no zone for its upstream server; name the upstream in callees",
+        });
+    }
+    if !req.callees.is_empty() {
         cav.push(Caveat {
-            callees,
-            callee_zones: zones,
+            callees: checked_patterns("callees", &req.callees)?,
             ..Caveat::bare("callee_allow")
         });
     }

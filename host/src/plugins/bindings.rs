@@ -1,4 +1,4 @@
-//! Host-side bindings (wasmtime `bindgen!`) for the `intentgate:plugin@0.1.0` worlds.
+//! Host-side bindings (wasmtime `bindgen!`) for the `intentgate:plugin@0.2.0` worlds.
 //!
 //! Generated code only: the host behaviour behind the imports lives in [`super::host_state`].
 

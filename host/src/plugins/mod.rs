@@ -175,6 +175,9 @@ pub struct TokenInput {
     pub caveat_count: u32,
     /// Effective `max_calls` (minimum along the chain).
     pub max_calls: Option<u64>,
+    /// Effective `max_cost` in cents (minimum along the chain).
+    #[serde(default)]
+    pub max_cents: Option<u64>,
     /// `step_up` threshold.
     pub step_up_at: Option<u64>,
 }
@@ -319,6 +322,7 @@ impl CheckInput {
                 zone: self.token.zone.clone(),
                 caveat_count: self.token.caveat_count,
                 max_calls: self.token.max_calls,
+                max_cents: self.token.max_cents,
                 step_up_at: self.token.step_up_at,
             },
             usage: wit::Usage {

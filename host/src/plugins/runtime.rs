@@ -72,13 +72,16 @@ impl Default for Limits {
     }
 }
 
+/// The version of the WIT package `intentgate:plugin` this host speaks (`wit/types.wit`).
+pub const WIT_VERSION: &str = "0.2.0";
+
 /// Which world a component implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum World {
-    /// `intentgate:plugin/check-plugin@0.1.0`
+    /// `intentgate:plugin/check-plugin@0.2.0`
     CheckPlugin,
-    /// `intentgate:plugin/siem-formatter@0.1.0`
+    /// `intentgate:plugin/siem-formatter@0.2.0`
     SiemFormatter,
 }
 
@@ -86,8 +89,8 @@ impl World {
     /// The fully qualified world name.
     pub fn name(self) -> &'static str {
         match self {
-            World::CheckPlugin => "intentgate:plugin/check-plugin@0.1.0",
-            World::SiemFormatter => "intentgate:plugin/siem-formatter@0.1.0",
+            World::CheckPlugin => "intentgate:plugin/check-plugin@0.2.0",
+            World::SiemFormatter => "intentgate:plugin/siem-formatter@0.2.0",
         }
     }
 }
@@ -318,6 +321,7 @@ impl Runtime {
             world: World::CheckPlugin.name(),
             detail: format!("{e:#}"),
         };
+        self.refuse_other_wit_version(component, World::CheckPlugin)?;
         let pre = self
             .check_linker
             .instantiate_pre(component)
@@ -333,8 +337,36 @@ impl Runtime {
             world: World::SiemFormatter.name(),
             detail: format!("{e:#}"),
         };
+        self.refuse_other_wit_version(component, World::SiemFormatter)?;
         let pre = self.siem_linker.instantiate_pre(component).map_err(wrong)?;
         sb::SiemFormatterPre::new(pre).map_err(wrong)
+    }
+
+    /// A component built against another version of our WIT package would fail to link with
+    /// a type mismatch deep in some record; name the versions instead, so its author knows to
+    /// rebuild it with the current SDK.
+    fn refuse_other_wit_version(
+        &self,
+        component: &Component,
+        world: World,
+    ) -> Result<(), PluginError> {
+        let ty = component.component_type();
+        let names = ty
+            .imports(&self.engine)
+            .map(|(name, _)| name)
+            .chain(ty.exports(&self.engine).map(|(name, _)| name));
+        for name in names {
+            if let Some(version) = other_wit_version(name) {
+                return Err(PluginError::WrongWorld {
+                    world: world.name(),
+                    detail: format!(
+                        "built for intentgate:plugin@{version} ({name}); this gateway speaks \
+                         intentgate:plugin@{WIT_VERSION}: rebuild the plugin with the current SDK"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reserve one live-instance slot for `tenant` (`None`: the process's own, e.g. a SIEM
@@ -464,6 +496,14 @@ fn refuse_wait(
     }
 }
 
+/// The version in an import or export name of our package (`intentgate:plugin/log@0.1.0`),
+/// when it is not the one this host speaks.
+fn other_wit_version(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix("intentgate:plugin/")?;
+    let (_, version) = rest.split_once('@')?;
+    (version != WIT_VERSION).then_some(version)
+}
+
 /// A component binary starts with `\0asm`, then version 0x0d and layer 1.
 fn is_component(wasm: &[u8]) -> bool {
     wasm.len() >= 8 && wasm[0..4] == *b"\0asm" && wasm[6..8] == [1, 0]
@@ -472,6 +512,14 @@ fn is_component(wasm: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_wit_versions_are_named() {
+        assert_eq!(other_wit_version("intentgate:plugin/log@0.1.0"), Some("0.1.0"));
+        assert_eq!(other_wit_version("intentgate:plugin/check@0.2.0"), None);
+        assert_eq!(other_wit_version("wasi:io/poll@0.2.0"), None);
+        assert_eq!(other_wit_version("intentgate:plugin/log"), None);
+    }
 
     #[test]
     fn the_shared_limits_cannot_be_changed_silently() {

@@ -34,6 +34,23 @@ fn migrator() -> sqlx::migrate::Migrator {
     m
 }
 
+/// Settings of every session, so that a stalled statement or a vanished client cannot hold a
+/// connection, a row lock (the audit chain head) or a table lock (revocations) for long:
+/// - `statement_timeout`: no statement runs longer than this (a migration included);
+/// - `idle_in_transaction_session_timeout`: a transaction whose client stopped talking (a
+///   black-holed replica holding the chain head `FOR UPDATE`) is ended by the server;
+/// - `tcp_keepalives_*`: the server probes an idle connection and drops it when the client is
+///   gone. sqlx sets no client-side keepalive on its socket; on the client, the audit deadline
+///   (`INTENTGATE_AUDIT_DEADLINE_MS`) bounds what a caller waits, and the pool's acquire
+///   timeout bounds a new connection.
+const SESSION_SETTINGS: [(&str, &str); 5] = [
+    ("statement_timeout", "30s"),
+    ("idle_in_transaction_session_timeout", "60s"),
+    ("tcp_keepalives_idle", "30"),
+    ("tcp_keepalives_interval", "10"),
+    ("tcp_keepalives_count", "3"),
+];
+
 const REVOCATION_COLUMNS: &str = "seq, tenant, jti, reason, revoked_by, revoked_at";
 const SESSION_COLUMNS: &str =
     "id, tenant, token_jti, upstream_session, protocol_version, created_at, expires_at";
@@ -71,7 +88,8 @@ impl PgStore {
             .map_err(|e| {
                 StoreError::Config(format!("bad PostgreSQL URL {}: {e}", redact_url(url)))
             })?
-            .application_name("intentgate");
+            .application_name("intentgate")
+            .options(SESSION_SETTINGS);
         let pool = PgPoolOptions::new()
             .max_connections(PG_MAX_CONNECTIONS)
             .min_connections(0)

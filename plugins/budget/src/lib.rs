@@ -1,5 +1,11 @@
 //! Built-in budget check: per-agent and per-tenant ceilings on calls per window and on cost
-//! (cents) per window, plus the token's `max_calls`.
+//! (cents) per window, plus the token's `max_calls` and `max_cents` (`max_cost` caveat).
+//!
+//! The price of a call is this configuration's (`costs`, else `default_cost_cents`), so the
+//! token's `max_cents` is charged here, and only here: one conditional charge
+//! `token-cents:<tenant>:<root jti>` of the call's price against the token's limit, shared by
+//! every attenuated child of the root and, through the host's store, by every replica. A free
+//! call (price 0) is never charged, so a `max_cents: 0` token may call free tools only.
 //!
 //! It reads the host-owned counters and proposes charges; it never counts anything itself. The
 //! host applies the charges atomically and conditionally, and only for calls that every other
@@ -113,6 +119,15 @@ impl Check for Budget {
                 labels.push(format!("{scope} cents per {}s", c.window_secs));
             }
         }
+        if let (Some(limit), true) = (call.token.max_cents, cost > 0) {
+            charges.push(Charge {
+                key: format!("token-cents:{}:{}", call.tenant, call.token.root_jti),
+                window_start: 0,
+                amount: cost,
+                limit,
+            });
+            labels.push("token max_cents".to_string());
+        }
         if let (true, Some(limit)) = (self.config.enforce_token_max_calls, call.token.max_calls) {
             charges.push(Charge {
                 key: format!("token-calls:{}:{}", call.tenant, call.token.root_jti),
@@ -191,5 +206,40 @@ mod tests {
         let r = h.evaluate(&c, None);
         assert_eq!(r.verdict.kind, VerdictKind::Block);
         assert!(r.verdict.reason.contains("cents") || r.verdict.reason.contains("max_calls"));
+    }
+
+    #[test]
+    fn token_max_cents_is_charged_per_root_at_the_configured_price() {
+        let h = Harness::<Budget>::new(r#"{"costs": {"send_*": 3, "read_*": 0}, "default_cost_cents": 1}"#)
+            .expect("configure");
+        // max_cents 0: priced tools are refused, free ones are allowed and never charged.
+        let zero = call("send_email").max_cents(0).build();
+        let r = h.evaluate(&zero, None);
+        assert_eq!(r.verdict.kind, VerdictKind::Block, "{}", r.verdict.reason);
+        assert!(r.verdict.reason.contains("max_cents"), "{}", r.verdict.reason);
+        let free = call("read_file").max_cents(0).build();
+        let r = h.evaluate(&free, None);
+        assert_eq!(r.verdict.kind, VerdictKind::Allow);
+        assert!(r.charges.is_empty(), "a free call is not charged");
+        // max_cents 7 at 3 a call: two calls (6), the third (9) would exceed it.
+        let paid = call("send_email").max_cents(7).root_jti("root-a").build();
+        for _ in 0..2 {
+            let r = h.evaluate(&paid, None);
+            assert_eq!(r.verdict.kind, VerdictKind::Allow, "{}", r.verdict.reason);
+            assert_eq!(r.charges.len(), 1);
+            assert_eq!(r.charges[0].amount, 3);
+            assert_eq!(r.charges[0].limit, 7);
+            assert!(h.apply_charges(&r));
+        }
+        assert_eq!(h.evaluate(&paid, None).verdict.kind, VerdictKind::Block);
+        // A child of the same root shares the counter: 1 cent left, the default price fits.
+        let child = call("other").max_cents(7).root_jti("root-a").build();
+        let r = h.evaluate(&child, None);
+        assert_eq!(r.verdict.kind, VerdictKind::Allow, "{}", r.verdict.reason);
+        assert!(h.apply_charges(&r));
+        assert_eq!(h.evaluate(&child, None).verdict.kind, VerdictKind::Block);
+        // Another root has its own.
+        let other = call("send_email").max_cents(7).root_jti("root-b").build();
+        assert_eq!(h.evaluate(&other, None).verdict.kind, VerdictKind::Allow);
     }
 }

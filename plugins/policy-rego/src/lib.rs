@@ -154,6 +154,7 @@ pub fn input_document(call: &ToolCall, intent: Option<&IntentRecord>) -> Json {
             "zone": call.token.zone,
             "step_up_at": call.token.step_up_at,
             "max_calls": call.token.max_calls,
+            "max_cents": call.token.max_cents,
             "jti": call.token.jti,
             "root_jti": call.token.root_jti,
             "caveat_count": call.token.caveat_count,

@@ -79,18 +79,45 @@ fn mcp_allow_needs_a_matching_server() {
 fn callee_allow_by_agent_glob_or_zone() {
     let m = mint_ok(&MintRequest {
         callees: vec!["helper-*".into()],
-        callee_zones: vec!["ops".into()],
         ..req("bot")
     });
-    let g = grant(&m.token);
+    // A token attenuated offline may carry zones, which mint refuses.
+    let t = attenuate(
+        &m.token,
+        vec![Caveat {
+            callees: vec!["helper-*".into()],
+            callee_zones: vec!["ops".into()],
+            ..Caveat::bare("callee_allow")
+        }],
+    );
+    let g = grant(&t);
     let call = |callee| CallContext {
         callee,
         ..CallContext::tool("x")
     };
-    assert_eq!(g.authorize(&call(Some(("helper-7", "finance")))), Ok(()));
-    assert_eq!(g.authorize(&call(Some(("anyone", "ops")))), Ok(()));
+    assert_eq!(g.authorize(&call(Some(("helper-7", Some("finance"))))), Ok(()));
+    assert_eq!(g.authorize(&call(Some(("helper-7", None)))), Ok(()));
+    let zone_only = grant(&attenuate(
+        &m.token,
+        vec![Caveat {
+            callee_zones: vec!["ops".into()],
+            ..Caveat::bare("callee_allow")
+        }],
+    ));
     assert_eq!(
-        g.authorize(&call(Some(("stranger", "finance")))),
+        zone_only.authorize(&call(Some(("helper-7", Some("ops"))))),
+        Ok(())
+    );
+    assert_eq!(
+        zone_only.authorize(&call(Some(("helper-7", None)))),
+        Err(CapabilityError::CalleeNotAllowed {
+            callee: Some("helper-7".into()),
+            caveat: 2
+        }),
+        "an unknown zone matches no callee_zones entry"
+    );
+    assert_eq!(
+        g.authorize(&call(Some(("stranger", Some("finance"))))),
         Err(CapabilityError::CalleeNotAllowed {
             callee: Some("stranger".into()),
             caveat: 1
@@ -103,31 +130,38 @@ fn callee_allow_by_agent_glob_or_zone() {
             caveat: 1
         })
     );
-    // Every callee_allow caveat must agree: a child narrows to one zone.
-    let narrowed = grant(&attenuate(
+    // An empty zone in a caveat never matches an unknown zone.
+    let empty_zone = grant(&attenuate(
         &m.token,
         vec![Caveat {
-            callee_zones: vec!["ops".into()],
+            callee_zones: vec![String::new()],
             ..Caveat::bare("callee_allow")
         }],
     ));
     assert!(
-        narrowed
-            .authorize(&call(Some(("helper-7", "finance"))))
+        empty_zone
+            .authorize(&call(Some(("helper-7", None))))
             .is_err()
     );
-    assert_eq!(narrowed.authorize(&call(Some(("helper-7", "ops")))), Ok(()));
     let empty = grant(&attenuate(&m.token, vec![Caveat::bare("callee_allow")]));
-    assert!(empty.authorize(&call(Some(("helper-7", "ops")))).is_err());
+    assert!(
+        empty
+            .authorize(&call(Some(("helper-7", Some("ops")))))
+            .is_err()
+    );
 }
 
 #[test]
-fn risk_max_is_a_ceiling_and_unknown_risk_fails_closed() {
-    let m = mint_ok(&MintRequest {
-        risk_max: Some(60),
-        ..req("bot")
-    });
-    let g = grant(&m.token);
+fn risk_max_is_a_ceiling_and_no_score_is_refused_as_not_evaluated() {
+    let m = mint_ok(&req("bot"));
+    let t = attenuate(
+        &m.token,
+        vec![Caveat {
+            risk_max: 60,
+            ..Caveat::bare("risk_max")
+        }],
+    );
+    let g = grant(&t);
     let call = |risk| CallContext {
         risk,
         ..CallContext::tool("x")
@@ -142,16 +176,16 @@ fn risk_max_is_a_ceiling_and_unknown_risk_fails_closed() {
             caveat: 1
         })
     );
-    assert_eq!(
-        g.authorize(&call(None)),
-        Err(CapabilityError::RiskTooHigh {
-            risk: 100,
-            max: 60,
-            caveat: 1
-        })
+    // The gateway has no risk score: refused, saying why, not "risk 100 exceeds 60".
+    let e = g.authorize(&call(None));
+    assert_eq!(e, Err(CapabilityError::RiskNotEvaluated { caveat: 1 }));
+    let reason = e.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        reason.contains("does not evaluate risk_max") && !reason.contains("100"),
+        "{reason}"
     );
     let child = grant(&attenuate(
-        &m.token,
+        &t,
         vec![
             Caveat {
                 risk_max: 90,
@@ -173,14 +207,16 @@ fn risk_max_is_a_ceiling_and_unknown_risk_fails_closed() {
             caveat: 3
         })
     );
-    let unlimited = grant(
-        &mint_ok(&MintRequest {
-            risk_max: Some(100),
-            ..req("bot")
-        })
-        .token,
-    );
-    assert_eq!(unlimited.authorize(&call(None)), Ok(()));
+    // Even a ceiling of 100 cannot be evaluated without a score.
+    let unlimited = grant(&attenuate(
+        &m.token,
+        vec![Caveat {
+            risk_max: 100,
+            ..Caveat::bare("risk_max")
+        }],
+    ));
+    assert!(unlimited.authorize(&call(None)).is_err());
+    assert_eq!(unlimited.authorize(&call(Some(100))), Ok(()));
 }
 
 #[test]

@@ -76,10 +76,10 @@ fn round_trip_surfaces_identity_and_limits() {
         servers: vec!["erp*".into()],
         rate_per_min: Some(30),
         max_cents: Some(500),
-        risk_max: Some(70),
+        risk_max: None,
         step_up_at: Some((NOW - 5) as u64),
         callees: vec!["helper-*".into()],
-        callee_zones: vec!["finance".into()],
+        callee_zones: Vec::new(),
         nbf: None,
     };
     let m = mint_ok(&r);
@@ -92,13 +92,13 @@ fn round_trip_surfaces_identity_and_limits() {
         (g.tenant.as_str(), g.zone.as_str(), g.subject.as_str()),
         ("acme", "finance", "bot")
     );
-    assert_eq!(g.caveat_count, 10);
+    assert_eq!(g.caveat_count, 9);
     assert_eq!(g.expires_at, Some(NOW + 60));
     assert_eq!(
         (g.max_calls, g.rate_per_min, g.max_cents),
         (Some(10), Some(30), Some(500))
     );
-    assert_eq!((g.risk_max, g.step_up_at), (Some(70), Some(NOW - 5)));
+    assert_eq!((g.risk_max, g.step_up_at), (None, Some(NOW - 5)));
     let kinds: Vec<String> = decode(&m.token).cav.into_iter().map(|c| c.t).collect();
     assert_eq!(
         kinds,
@@ -110,7 +110,6 @@ fn round_trip_surfaces_identity_and_limits() {
             "mcp_allow",
             "rate_limit",
             "max_cost",
-            "risk_max",
             "step_up",
             "callee_allow"
         ]
@@ -119,8 +118,8 @@ fn round_trip_surfaces_identity_and_limits() {
         tool: "read_x",
         agent: Some("bot"),
         server: Some("erp-1"),
-        callee: Some(("helper-1", "other")),
-        risk: Some(70),
+        callee: Some(("helper-1", None)),
+        risk: None,
     };
     assert_eq!(g.authorize(&ok), Ok(()));
 }
@@ -197,6 +196,32 @@ fn mint_validation_errors() {
             ..
         })
     ));
+    // Caveats the gateway cannot evaluate are refused by name, with the reason.
+    for (r, field) in [
+        (
+            MintRequest {
+                risk_max: Some(50),
+                ..req("b")
+            },
+            "risk_max",
+        ),
+        (
+            MintRequest {
+                callees: vec!["crm".into()],
+                callee_zones: vec!["ops".into()],
+                ..req("b")
+            },
+            "callee_zones",
+        ),
+    ] {
+        let e = bad(r);
+        assert!(
+            matches!(e, Some(MintError::Unsupported { field: f, .. }) if f == field),
+            "{e:?}"
+        );
+        let text = e.map(|e| e.to_string()).unwrap_or_default();
+        assert!(text.starts_with(field) && text.contains("not supported"), "{text}");
+    }
     for p in ["[abc", "x\\", ""] {
         let r = MintRequest {
             tools: vec!["ok".into(), p.into()],
@@ -262,13 +287,6 @@ fn mint_validation_errors() {
     );
     assert_eq!(
         bad(MintRequest {
-            risk_max: Some(101),
-            ..req("b")
-        }),
-        Some(MintError::OutOfRange { field: "risk_max" })
-    );
-    assert_eq!(
-        bad(MintRequest {
             max_cents: Some(u64::MAX),
             ..req("b")
         }),
@@ -300,11 +318,10 @@ fn mint_validation_errors() {
         ..req("b")
     };
     assert!(matches!(bad(huge), Some(MintError::TooLarge { .. })));
-    // Zero is a meaningful ceiling for these two.
+    // Zero is a meaningful ceiling for max_cents (free tools only).
     assert!(
         bad(MintRequest {
             max_cents: Some(0),
-            risk_max: Some(0),
             ..req("b")
         })
         .is_none()

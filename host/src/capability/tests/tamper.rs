@@ -158,14 +158,27 @@ fn full_token() -> String {
         servers: vec!["erp".into()],
         rate_per_min: Some(5),
         max_cents: Some(100),
-        risk_max: Some(50),
         step_up_at: Some(NOW as u64),
         callees: vec!["h".into()],
-        callee_zones: vec!["z".into()],
         nbf: Some((NOW - 10) as u64),
         ..req("bot")
     });
-    attenuate(&m.token, vec![Caveat::tool_deny(["read_secret"])])
+    // Mint refuses risk_max and callee_zones; an SDK may still attenuate with them.
+    attenuate(
+        &m.token,
+        vec![
+            Caveat {
+                risk_max: 50,
+                ..Caveat::bare("risk_max")
+            },
+            Caveat {
+                callees: vec!["h".into()],
+                callee_zones: vec!["z".into()],
+                ..Caveat::bare("callee_allow")
+            },
+            Caveat::tool_deny(["read_secret"]),
+        ],
+    )
 }
 
 #[test]
@@ -245,7 +258,7 @@ fn every_caveat_field_is_signed() {
 fn caveats_cannot_be_dropped_reordered_or_duplicated() {
     let t = full_token();
     let n = decode(&t).cav.len();
-    assert_eq!(n, 11);
+    assert_eq!(n, 12);
     let with_cav = |f: &dyn Fn(&mut Vec<Value>)| {
         edit_json(&t, |v| {
             if let Some(list) = v["cav"].as_array_mut() {
