@@ -11,3 +11,4 @@ mod mcp_eras;
 mod plugins;
 mod store;
 mod support;
+mod transport;
