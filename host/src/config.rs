@@ -132,6 +132,25 @@ pub struct ServeArgs {
     /// store answers.
     #[arg(long, env = "INTENTGATE_AUDIT_DEADLINE_MS", default_value_t = 2000)]
     pub audit_deadline_ms: u64,
+    /// Most connections served at once; one more is answered 503 (with `Retry-After`) and closed.
+    #[arg(long, env = "INTENTGATE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// PEM file of the CA certificates that an https upstream's certificate must chain to
+    /// (instead of the system's roots).
+    #[arg(long, env = "INTENTGATE_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
+    /// PEM certificate chain the gateway presents to an https upstream (mTLS).
+    #[arg(long, env = "INTENTGATE_UPSTREAM_CLIENT_CERT_FILE")]
+    pub upstream_client_cert_file: Option<PathBuf>,
+    /// PEM private key of the upstream client certificate (mTLS).
+    #[arg(long, env = "INTENTGATE_UPSTREAM_CLIENT_KEY_FILE")]
+    pub upstream_client_key_file: Option<PathBuf>,
+    /// Serve TLS with this PEM certificate chain (reloaded when the file changes).
+    #[arg(long, env = "INTENTGATE_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of the listener certificate (reloaded when the file changes).
+    #[arg(long, env = "INTENTGATE_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// Where state lives.
@@ -187,6 +206,12 @@ pub struct Config {
     pub max_components_per_tenant: usize,
     /// `INTENTGATE_AUDIT_DEADLINE_MS`.
     pub audit_deadline: Duration,
+    /// Most connections served at once.
+    pub max_connections: usize,
+    /// How the gateway verifies (and authenticates to) an https upstream.
+    pub upstream_tls: UpstreamTls,
+    /// The listener's certificate and key files, when it serves TLS.
+    pub listener_tls: Option<ListenerTls>,
 }
 
 impl Config {
@@ -197,6 +222,74 @@ impl Config {
             ..crate::audit::AuditConfig::default()
         }
     }
+}
+
+/// TLS toward the upstream: the roots its certificate must chain to, and the client identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// PEM CA certificates; `None` means the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// `(certificate chain, private key)` PEM files presented for mTLS.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// The listener's certificate chain and private key (PEM files, watched for changes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// A URL as it may be shown (logs, `check-config`, errors): the userinfo and the query, which
+/// may carry credentials, are replaced by `***`. The one redaction of URLs; use it everywhere a
+/// URL leaves the process.
+pub fn redact_url(uri: &hyper::Uri) -> String {
+    let mut out = String::new();
+    if let Some(scheme) = uri.scheme_str() {
+        out.push_str(scheme);
+        out.push_str("://");
+    }
+    if let Some(authority) = uri.authority() {
+        match authority.as_str().rsplit_once('@') {
+            Some((_, host)) => {
+                out.push_str("***@");
+                out.push_str(host);
+            }
+            None => out.push_str(authority.as_str()),
+        }
+    }
+    out.push_str(uri.path());
+    if uri.query().is_some() {
+        out.push_str("?***");
+    }
+    out
+}
+
+/// `text` with the secrets of `uri` (its userinfo and query, whole and part by part) replaced
+/// by `***`: for messages that may echo the URL, such as an upstream's error page or a client
+/// library's error. Parts shorter than 4 characters are only removed as part of the whole.
+pub fn scrub_url_secrets(text: &str, uri: &hyper::Uri) -> String {
+    let mut secrets: Vec<&str> = Vec::new();
+    if let Some((userinfo, _)) = uri.authority().and_then(|a| a.as_str().rsplit_once('@')) {
+        secrets.push(userinfo);
+        secrets.extend(userinfo.split(':').filter(|p| p.len() >= 4));
+    }
+    if let Some(query) = uri.query() {
+        secrets.push(query);
+        secrets.extend(
+            query
+                .split('&')
+                .filter_map(|pair| pair.split_once('=').map(|(_, v)| v))
+                .filter(|v| v.len() >= 4),
+        );
+    }
+    // Longest first, so a part never leaves the rest of a longer secret behind.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut out = text.to_owned();
+    for secret in secrets.into_iter().filter(|s| !s.is_empty()) {
+        out = out.replace(secret, "***");
+    }
+    out
 }
 
 /// A Rego policy (and its tests) for the default bundle.
@@ -265,7 +358,10 @@ impl std::fmt::Debug for Config {
             .field("admin_token", &redact(&self.admin_token))
             .field("tenant_admins", &tenants)
             .field("store", &self.store)
-            .field("upstream_url", &self.upstream_url)
+            .field(
+                "upstream_url",
+                &self.upstream_url.as_ref().map(redact_url),
+            )
             .field("upstream_name", &self.upstream_name)
             .field("upstream_timeout", &self.upstream_timeout)
             .field(
@@ -294,6 +390,9 @@ impl std::fmt::Debug for Config {
             .field("demo", &self.demo)
             .field("max_components_per_tenant", &self.max_components_per_tenant)
             .field("audit_deadline", &self.audit_deadline)
+            .field("max_connections", &self.max_connections)
+            .field("upstream_tls", &self.upstream_tls)
+            .field("listener_tls", &self.listener_tls)
             .finish()
     }
 }
@@ -331,7 +430,7 @@ impl ServeArgs {
             None => Vec::new(),
             Some(raw) => parse_tenant_admins(raw)?,
         };
-        let store = match self.postgres_url {
+        let store = match self.postgres_url.clone() {
             Some(url) if !url.trim().is_empty() => {
                 if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                     return Err(invalid(
@@ -349,20 +448,11 @@ impl ServeArgs {
                 let uri: hyper::Uri = raw
                     .parse()
                     .map_err(|e| invalid("INTENTGATE_UPSTREAM_URL", format!("{e}")))?;
-                match uri.scheme_str() {
-                    Some("http") => {}
-                    Some("https") => {
-                        return Err(invalid(
-                            "INTENTGATE_UPSTREAM_URL",
-                            "https upstreams are not supported yet; terminate TLS in a sidecar",
-                        ));
-                    }
-                    _ => {
-                        return Err(invalid(
-                            "INTENTGATE_UPSTREAM_URL",
-                            "must be an absolute http:// URL",
-                        ));
-                    }
+                if !matches!(uri.scheme_str(), Some("http" | "https")) {
+                    return Err(invalid(
+                        "INTENTGATE_UPSTREAM_URL",
+                        "must be an absolute http:// or https:// URL",
+                    ));
                 }
                 if uri.host().is_none() {
                     return Err(invalid("INTENTGATE_UPSTREAM_URL", "has no host"));
@@ -497,6 +587,40 @@ impl ServeArgs {
                 Some((dir.clone(), tenants))
             }
         };
+        let max_connections = ranged(
+            "INTENTGATE_MAX_CONNECTIONS",
+            self.max_connections as u64,
+            1,
+            1_000_000,
+        )? as usize;
+        let upstream_tls = self.upstream_tls(upstream_url.as_ref())?;
+        let listener_tls = match (self.tls_cert_file.clone(), self.tls_key_file.clone()) {
+            (None, None) => None,
+            (Some(cert_file), Some(key_file)) => {
+                crate::tls::load_certified_key(&cert_file, &key_file).map_err(|e| {
+                    invalid(
+                        "INTENTGATE_TLS_CERT_FILE/INTENTGATE_TLS_KEY_FILE",
+                        e.to_string(),
+                    )
+                })?;
+                Some(ListenerTls {
+                    cert_file,
+                    key_file,
+                })
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "INTENTGATE_TLS_KEY_FILE",
+                    "required with INTENTGATE_TLS_CERT_FILE",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "INTENTGATE_TLS_CERT_FILE",
+                    "required with INTENTGATE_TLS_KEY_FILE",
+                ));
+            }
+        };
         if self.demo && upstream_url.is_some() {
             return Err(invalid(
                 "--demo",
@@ -545,6 +669,62 @@ impl ServeArgs {
                 }
             },
             audit_deadline,
+            max_connections,
+            upstream_tls,
+            listener_tls,
+        })
+    }
+
+    /// The upstream TLS files, each checked (read and parsed) and named when bad. They only
+    /// make sense toward an https upstream.
+    fn upstream_tls(&self, upstream: Option<&hyper::Uri>) -> Result<UpstreamTls, ConfigError> {
+        let https = upstream.is_some_and(|u| u.scheme_str() == Some("https"));
+        if let Some(ca) = &self.upstream_ca_file {
+            if !https {
+                return Err(invalid(
+                    "INTENTGATE_UPSTREAM_CA_FILE",
+                    "set, but INTENTGATE_UPSTREAM_URL is not an https:// URL",
+                ));
+            }
+            crate::tls::read_certs(ca)
+                .map_err(|e| invalid("INTENTGATE_UPSTREAM_CA_FILE", e.to_string()))?;
+        }
+        let client_identity = match (
+            self.upstream_client_cert_file.clone(),
+            self.upstream_client_key_file.clone(),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                if !https {
+                    return Err(invalid(
+                        "INTENTGATE_UPSTREAM_CLIENT_CERT_FILE",
+                        "set, but INTENTGATE_UPSTREAM_URL is not an https:// URL",
+                    ));
+                }
+                crate::tls::load_certified_key(&cert, &key).map_err(|e| {
+                    invalid(
+                        "INTENTGATE_UPSTREAM_CLIENT_CERT_FILE/INTENTGATE_UPSTREAM_CLIENT_KEY_FILE",
+                        e.to_string(),
+                    )
+                })?;
+                Some((cert, key))
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "INTENTGATE_UPSTREAM_CLIENT_KEY_FILE",
+                    "required with INTENTGATE_UPSTREAM_CLIENT_CERT_FILE",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "INTENTGATE_UPSTREAM_CLIENT_CERT_FILE",
+                    "required with INTENTGATE_UPSTREAM_CLIENT_KEY_FILE",
+                ));
+            }
+        };
+        Ok(UpstreamTls {
+            ca_file: self.upstream_ca_file.clone(),
+            client_identity,
         })
     }
 }
@@ -734,6 +914,30 @@ mod tests {
             .expect_err("must be refused")
             .to_string();
         assert!(e.starts_with("INTENTGATE_POSTGRES_URL"), "{e}");
+    }
+
+    #[test]
+    fn url_credentials_are_redacted() {
+        let c = parse(&[
+            "--upstream-url",
+            "https://svc:hunter2pass@tools.internal:8443/mcp?token=sekrit-token&v=1",
+        ])
+        .expect("valid");
+        let dbg = format!("{c:#?}");
+        for secret in ["hunter2pass", "sekrit-token", "svc:"] {
+            assert!(!dbg.contains(secret), "{dbg}");
+        }
+        assert!(dbg.contains("https://***@tools.internal:8443/mcp?***"), "{dbg}");
+        let uri = c.upstream_url.expect("url");
+        let text = "POST /mcp?token=sekrit-token&v=1 refused for svc:hunter2pass (sekrit-token)";
+        let scrubbed = scrub_url_secrets(text, &uri);
+        assert!(
+            !scrubbed.contains("sekrit") && !scrubbed.contains("hunter2pass"),
+            "{scrubbed}"
+        );
+        let plain: hyper::Uri = "http://127.0.0.1:9/mcp".parse().expect("uri");
+        assert_eq!(redact_url(&plain), "http://127.0.0.1:9/mcp");
+        assert_eq!(scrub_url_secrets("HTTP 502", &plain), "HTTP 502");
     }
 
     #[test]

@@ -22,6 +22,7 @@
 //! | [`bundles`] | bundles of checks: digests, drafts, promote/rollback, per-tenant hot swap |
 //! | [`server`] | the hyper accept loop, routing, request limits |
 //! | [`http`] | small HTTP helpers shared by the endpoints (bounded body read, JSON replies) |
+//! | [`tls`] | rustls: the https upstream's client configuration, the listener's reloaded certificate |
 //! | [`demo`] | a built-in harmless MCP tool server for `--demo` |
 //! | [`testkit`] | test support: a throwaway PostgreSQL server started from local binaries |
 
@@ -41,6 +42,7 @@ pub mod server;
 pub mod store;
 #[doc(hidden)]
 pub mod testkit;
+pub mod tls;
 pub mod upstream;
 
 pub use server::{Gateway, run, serve};

@@ -2,9 +2,12 @@
 //! request limits, and routing to the MCP, admin and health endpoints.
 //!
 //! Start-up checks everything it can before the listener accepts (secrets, store, migrations,
-//! audit key) and refuses to start with a clear error. The accept loop must never let a slow
-//! client hold a connection open without sending headers (header read timeout), and never
-//! read a body without a bound.
+//! audit key, TLS files) and refuses to start with a clear error. The accept loop serves plain
+//! HTTP or TLS (the certificate follows its files, see [`crate::tls`]) and at most
+//! `INTENTGATE_MAX_CONNECTIONS` connections at once: one more is answered 503 with
+//! `Retry-After` and closed. It must never let a slow client hold a connection open without
+//! sending headers (header read timeout, which also bounds the TLS handshake), and never read
+//! a body without a bound.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,7 +21,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 use crate::admin::AdminAuth;
 use crate::audit::{AuditLog, LogKey};
@@ -51,6 +56,8 @@ pub enum StartError {
     Plugins(String),
     #[error("demo upstream: {0}")]
     Demo(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Everything a request needs, shared by all connections.
@@ -66,6 +73,8 @@ pub struct Gateway {
     pub admin: AdminAuth,
     /// Where generated secrets live, when they were generated.
     pub secrets_file: Option<std::path::PathBuf>,
+    /// The listener's TLS (its certificate reloaded when the files change), when configured.
+    pub tls: Option<crate::tls::ServerTls>,
     background: Vec<tokio::task::JoinHandle<()>>,
     /// `--watch DIR`: dropping it stops watching.
     _watch: Option<crate::bundles::watch::WatchHandle>,
@@ -106,13 +115,28 @@ impl Gateway {
             background.push(task);
             config.upstream_url = Some(uri);
         }
-        let upstream = config.upstream_url.clone().map(|uri| {
-            Upstream::new(
-                uri,
-                config.upstream_timeout,
-                config.upstream_max_response_bytes,
-            )
-        });
+        // TLS is set up once, here: the upstream's client configuration (only an https
+        // upstream needs roots) and the listener's certificate.
+        let upstream = match config.upstream_url.clone() {
+            Some(uri) => {
+                let tls = if uri.scheme_str() == Some("https") {
+                    crate::tls::client_config(&config.upstream_tls)?
+                } else {
+                    crate::tls::plaintext_only()?
+                };
+                Some(Upstream::new(
+                    uri,
+                    config.upstream_timeout,
+                    config.upstream_max_response_bytes,
+                    tls,
+                ))
+            }
+            None => None,
+        };
+        let tls = match &config.listener_tls {
+            Some(files) => Some(crate::tls::ServerTls::start(files)?),
+            None => None,
+        };
         let revocations = Arc::new(RevocationSet::new(config.revocation_max_staleness));
         background.push(tokio::spawn(revocation_feed(
             Arc::clone(&store),
@@ -183,6 +207,7 @@ impl Gateway {
             upstream,
             admin,
             secrets_file: secrets.file,
+            tls,
             config,
             background,
             _watch: watch,
@@ -229,7 +254,15 @@ async fn revocation_feed(store: Arc<dyn Store>, set: Arc<RevocationSet>) {
     }
 }
 
-/// Serves HTTP on `listener` until `shutdown` resolves, then drains open connections.
+/// At most this many refusals (cap reached) are being written at once; beyond, a connection
+/// is closed without an answer.
+const REFUSALS_IN_FLIGHT: usize = 64;
+
+/// How often the "connection cap reached" warning may be logged.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Serves HTTP (or HTTPS, when the gateway has a listener certificate) on `listener` until
+/// `shutdown` resolves, then drains open connections.
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
@@ -242,6 +275,11 @@ pub async fn serve(
         .header_read_timeout(gw.config.header_timeout)
         .max_buf_size(64 * 1024)
         .keep_alive(true);
+    let acceptor = gw.tls.as_ref().map(crate::tls::ServerTls::acceptor);
+    let max_connections = gw.config.max_connections;
+    let open = Arc::new(Semaphore::new(max_connections));
+    let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
+    let mut refusal_log = RefusalLog::default();
     tokio::pin!(shutdown);
     loop {
         let (stream, remote) = tokio::select! {
@@ -257,15 +295,59 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        // The permit lives as long as the connection.
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            refusal_log.refused(max_connections);
+            if let Ok(slot) = Arc::clone(&refusals).try_acquire_owned() {
+                let acceptor = acceptor.clone();
+                let timeout = gw.config.header_timeout;
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    refuse(stream, acceptor, max_connections, timeout).await;
+                });
+            }
+            continue;
+        };
         let gw = Arc::clone(&gw);
-        let service = service_fn(move |req| {
+        let service = {
             let gw = Arc::clone(&gw);
-            async move { Ok::<_, Infallible>(route(&gw, req, remote).await) }
-        });
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+            service_fn(move |req| {
+                let gw = Arc::clone(&gw);
+                async move { Ok::<_, Infallible>(route(&gw, req, remote).await) }
+            })
+        };
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let _permit = permit;
+            let ended = match acceptor {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        gw.config.header_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await;
+                    let tls = match handshake {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %remote, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(tls), service);
+                    watcher.watch(conn).await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
@@ -278,6 +360,79 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Counts refused connections and logs at most once per [`REFUSAL_LOG_INTERVAL`] (a flood
+/// must not become a flood of log lines).
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, max_connections: usize) {
+        self.unlogged += 1;
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < REFUSAL_LOG_INTERVAL)
+        {
+            return;
+        }
+        tracing::warn!(
+            max_connections,
+            refused = self.unlogged,
+            "connection cap reached (INTENTGATE_MAX_CONNECTIONS): refusing new connections with 503"
+        );
+        self.last = Some(std::time::Instant::now());
+        self.unlogged = 0;
+    }
+}
+
+/// Answers a connection over the cap: `503` with a JSON body and `Retry-After`, then closes.
+/// The client's request is read and discarded for a moment after the answer, so closing with
+/// unread data does not reset the connection before the client has read the refusal.
+async fn refuse(
+    stream: TcpStream,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    max_connections: usize,
+    timeout: Duration,
+) {
+    let body = json!({
+        "error": "too many connections",
+        "max_connections": max_connections,
+    })
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(timeout, async move {
+        match acceptor {
+            None => write_and_linger(stream, answer.as_bytes()).await,
+            Some(acceptor) => {
+                if let Ok(tls) = acceptor.accept(stream).await {
+                    write_and_linger(tls, answer.as_bytes()).await;
+                }
+            }
+        }
+    })
+    .await;
+}
+
+async fn write_and_linger<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, answer: &[u8]) {
+    if stream.write_all(answer).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut drained = 0usize;
+    while drained < 64 << 10 {
+        match stream.read(&mut sink).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
 }
 
 async fn route(gw: &Gateway, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
@@ -333,7 +488,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .await
         .map_err(|source| RunError::Bind { addr, source })?;
     let local = listener.local_addr().map_err(RunError::Serve)?;
-    tracing::info!(%local, "IntentGate listening (MCP endpoint POST /v1/mcp)");
+    let scheme = if gw.tls.is_some() { "https" } else { "http" };
+    tracing::info!(%local, scheme, "IntentGate listening (MCP endpoint POST /v1/mcp)");
     match &gw.secrets_file {
         Some(f) => tracing::info!(
             file = %f.display(),
@@ -343,9 +499,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     match &gw.upstream {
         Some(u) if gw.config.demo => {
-            tracing::info!(upstream = %u.uri(), "demo tool server running as the upstream")
+            tracing::info!(upstream = %u.redacted_uri(), "demo tool server running as the upstream")
         }
-        Some(u) => tracing::info!(upstream = %u.uri(), "forwarding allowed calls"),
+        Some(u) => tracing::info!(upstream = %u.redacted_uri(), "forwarding allowed calls"),
         None => tracing::warn!(
             "no INTENTGATE_UPSTREAM_URL: allowed calls answer -32018 upstream unavailable"
         ),

@@ -9,10 +9,13 @@
 //! again. Toward a stateless upstream there is no session: each request carries its own
 //! `_meta` envelope and routing headers computed from the body being sent. Toward a
 //! handshake-era upstream there is one shared session, opened lazily and reopened when the
-//! upstream forgets it, so calls do not pay a handshake each. One pooled HTTP client; every
+//! upstream forgets it, so calls do not pay a handshake each. One pooled HTTP client (http, or
+//! https with the TLS client configuration built once at start-up, see [`crate::tls`]); every
 //! exchange is bounded in time and size; failures are [`UpstreamError`]s, distinct from
-//! authorization denials. This module must never forward a `tools/call` without a
-//! [`crate::pipeline::Permit`], and never send a header taken from the agent's request.
+//! authorization denials, that name their cause (a TLS failure says which check failed). This
+//! module must never forward a `tools/call` without a [`crate::pipeline::Permit`], never send
+//! a header taken from the agent's request, and never show the URL's userinfo or query (they
+//! may carry credentials): logs use [`Upstream::redacted_uri`], errors are scrubbed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +26,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -142,7 +146,7 @@ fn client_info() -> Value {
 /// The pooled client for one upstream server.
 pub struct Upstream {
     uri: Uri,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     max_response: usize,
     next_id: AtomicU64,
@@ -153,10 +157,23 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(uri: Uri, timeout: Duration, max_response: usize) -> Self {
+    /// `tls` is used when the URI is https (the configuration is built once, at start-up); an
+    /// http URI never negotiates TLS.
+    pub fn new(
+        uri: Uri,
+        timeout: Duration,
+        max_response: usize,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(Arc::unwrap_or_clone(tls))
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
@@ -178,9 +195,29 @@ impl Upstream {
         &self.uri
     }
 
+    /// The URI as it may be shown: without userinfo or query (they may carry credentials).
+    pub fn redacted_uri(&self) -> String {
+        crate::config::redact_url(&self.uri)
+    }
+
+    /// An error as it may leave this module: any text that echoes the URL's credentials (a
+    /// client library's message, an upstream's error page) has them removed.
+    fn scrubbed(&self, e: UpstreamError) -> UpstreamError {
+        let scrub = |t: String| crate::config::scrub_url_secrets(&t, &self.uri);
+        match e {
+            UpstreamError::Unavailable(t) => UpstreamError::Unavailable(scrub(t)),
+            UpstreamError::Status { status, detail } => UpstreamError::Status {
+                status,
+                detail: scrub(detail),
+            },
+            UpstreamError::Malformed(t) => UpstreamError::Malformed(scrub(t)),
+            other => other,
+        }
+    }
+
     /// The revision the upstream speaks (probing it if not known yet).
     pub async fn era(&self) -> Result<UpstreamEra, UpstreamError> {
-        Ok(match &*self.peer().await? {
+        Ok(match &*self.peer().await.map_err(|e| self.scrubbed(e))? {
             Peer::Modern { version, .. } => UpstreamEra::Modern(version.clone()),
             Peer::Handshake => UpstreamEra::Handshake,
         })
@@ -189,6 +226,10 @@ impl Upstream {
     /// What the upstream says about itself: its `server/discover` result when stateless, its
     /// `initialize` result otherwise (opening the shared session if needed).
     pub async fn profile(&self) -> Result<UpstreamProfile, UpstreamError> {
+        self.describe().await.map_err(|e| self.scrubbed(e))
+    }
+
+    async fn describe(&self) -> Result<UpstreamProfile, UpstreamError> {
         let described = match &*self.peer().await? {
             Peer::Modern { discover, .. } => discover.clone(),
             Peer::Handshake => self.session().await?.initialize_result.clone(),
@@ -208,7 +249,9 @@ impl Upstream {
         if let Some(c) = cursor {
             params.insert("cursor".into(), c.clone());
         }
-        self.request("tools/list", params, None).await
+        self.request("tools/list", params, None)
+            .await
+            .map_err(|e| self.scrubbed(e))
     }
 
     /// Forwards a `tools/call` that the pipeline permitted. `relay` is the envelope of a
@@ -220,7 +263,9 @@ impl Upstream {
         params: Map<String, Value>,
         relay: Option<&Envelope>,
     ) -> Result<Reply, UpstreamError> {
-        self.request("tools/call", params, relay).await
+        self.request("tools/call", params, relay)
+            .await
+            .map_err(|e| self.scrubbed(e))
     }
 
     /// Sends one request in the upstream's revision; when the upstream answers as the other
@@ -235,7 +280,7 @@ impl Upstream {
         match self.send_as(&peer, method, params.clone(), relay).await {
             Ok(answer) if !answer.wrong_era() => return answer.settle(),
             Ok(_) | Err(UpstreamError::Status { .. }) => {
-                tracing::info!(upstream = %self.uri, "upstream answered as another MCP revision; probing again");
+                tracing::info!(upstream = %self.redacted_uri(), "upstream answered as another MCP revision; probing again");
             }
             Err(e) => {
                 // Unreachable or broken: it may come back as another server; learn again then.
@@ -311,14 +356,14 @@ impl Upstream {
                 .iter()
                 .find(|v| offered.is_some_and(|o| o.iter().any(|x| x == **v)));
             if let Some(v) = mutual {
-                tracing::info!(upstream = %self.uri, version = v, "upstream speaks the stateless MCP revision");
+                tracing::info!(upstream = %self.redacted_uri(), version = v, "upstream speaks the stateless MCP revision");
                 return Ok(Peer::Modern {
                     version: (*v).to_owned(),
                     discover: r.clone(),
                 });
             }
         }
-        tracing::info!(upstream = %self.uri, status = answer.status.as_u16(), "upstream speaks the handshake MCP revision");
+        tracing::info!(upstream = %self.redacted_uri(), status = answer.status.as_u16(), "upstream speaks the handshake MCP revision");
         Ok(Peer::Handshake)
     }
 
@@ -448,7 +493,7 @@ impl Upstream {
         let resp = tokio::time::timeout(self.timeout, self.client.request(req))
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
-            .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+            .map_err(|e| UpstreamError::Unavailable(error_chain(&e)))?;
         let status = resp.status();
         // Drain so the connection goes back to the pool.
         let _ = Limited::new(resp.into_body(), self.max_response)
@@ -498,7 +543,7 @@ impl Upstream {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+                .map_err(|e| UpstreamError::Unavailable(error_chain(&e)))?;
             let status = resp.status();
             let session_id = resp.headers().get("mcp-session-id").cloned();
             let is_sse = resp
@@ -543,6 +588,22 @@ impl Upstream {
             detail,
         })
     }
+}
+
+/// An error with its causes (`client error (Connect): invalid peer certificate: UnknownIssuer`):
+/// the client's own message alone does not say what failed, e.g. which TLS check.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }
 
 fn session_headers(session: &Session) -> Vec<(&'static str, HeaderValue)> {

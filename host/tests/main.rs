@@ -14,3 +14,4 @@ mod mcp_eras;
 mod plugins;
 mod store;
 mod support;
+mod transport;

@@ -72,9 +72,17 @@ fn method_not_allowed() -> Response<Body> {
     resp
 }
 
-/// The most of a body read from a request without a bearer token (enough for any JSON-RPC
+/// The most of a body read from a request that is not authenticated (enough for any JSON-RPC
 /// envelope whose id the refusal echoes).
 const UNAUTHENTICATED_BODY_BYTES: usize = 16 << 10;
+
+/// Why a request was not authenticated, as the `-32010` refusal's data says it.
+fn refusal_reason(e: Option<&crate::capability::CapabilityError>) -> String {
+    e.map_or_else(
+        || "missing bearer capability token".to_owned(),
+        |e| e.to_string(),
+    )
+}
 
 /// Handles one HTTP request on an MCP endpoint.
 pub async fn handle(
@@ -98,20 +106,23 @@ pub async fn handle(
         _ => return method_not_allowed(),
     }
     let (parts, body) = req.into_parts();
-    // Without a bearer token nothing here is authenticated: read no more of the body than it
-    // takes to echo the request's id in the refusal below, and refuse at once, unread, a body
-    // larger than that. Every body read has a deadline.
-    let has_token = http::bearer(&parts.headers).is_some();
-    let limit = if has_token {
+    // Authenticate from the header before reading the body (decode, HMAC chain, revocation
+    // set: microseconds). A request that is not authenticated — no token, or a token that
+    // does not verify — gets no more of its body read than it takes to echo the request's id
+    // in the refusal below; a larger body is refused at once, unread. Every read has a deadline.
+    let auth = http::bearer(&parts.headers)
+        .ok_or(None)
+        .and_then(|t| gw.authenticate(t).map_err(Some));
+    let limit = if auth.is_ok() {
         gw.config.max_body_bytes
     } else {
         gw.config.max_body_bytes.min(UNAUTHENTICATED_BODY_BYTES)
     };
     let bytes = match http::read_body_within(body, limit, gw.config.body_timeout).await {
         Ok(b) => b,
-        Err(http::BodyError::TooLarge { .. }) if !has_token => {
+        Err(http::BodyError::TooLarge { .. }) if auth.is_err() => {
             let err = RpcError::new(code::CAPABILITY, "capability check failed")
-                .with_data(Value::from("missing bearer capability token"));
+                .with_data(Value::from(refusal_reason(auth.as_ref().err().and_then(Option::as_ref))));
             return rpc_response(StatusCode::UNAUTHORIZED, None, &err);
         }
         Err(e @ http::BodyError::Timeout(_)) => {
@@ -148,19 +159,13 @@ pub async fn handle(
         Err(err) => return bad_request(rpc.id.as_ref(), &err),
     };
 
-    // Every method, notifications included, is authenticated.
-    let grant = match http::bearer(&parts.headers)
-        .ok_or(None)
-        .and_then(|t| gw.authenticate(t).map_err(Some))
-    {
+    // Every method, notifications included, is authenticated (the token was verified above,
+    // before the body was read; era and framing errors still answer first, as they always did).
+    let grant = match auth {
         Ok(g) => g,
         Err(e) => {
-            let reason = e.map_or_else(
-                || "missing bearer capability token".to_owned(),
-                |e| e.to_string(),
-            );
             let err = RpcError::new(code::CAPABILITY, "capability check failed")
-                .with_data(Value::from(reason));
+                .with_data(Value::from(refusal_reason(e.as_ref())));
             let status = if rpc.is_notification() {
                 StatusCode::UNAUTHORIZED
             } else {
