@@ -357,3 +357,79 @@ async fn profiles_exit_codes_and_completions() {
 
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_gateway_with_its_own_ca() {
+    // A CA and a leaf for 127.0.0.1, generated now.
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "cli test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let leaf_key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .expect("leaf");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let write = |name: &str, text: String| {
+        let p = d.join(name);
+        std::fs::write(&p, text).expect("write");
+        p.to_str().expect("utf8").to_owned()
+    };
+    let cert = write("tls.pem", leaf.pem());
+    let key = write("tls.key", leaf_key.serialize_pem());
+    let ca_file = write("ca.pem", ca.pem());
+    let gw = gateway::start(
+        Backend::Sqlite,
+        None,
+        &["--tls-cert-file", &cert, "--tls-key-file", &key],
+    )
+    .await;
+    let url = gw.url.replacen("http://", "https://", 1);
+    let env = [
+        ("INTENTGATE_URL", url.as_str()),
+        ("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN),
+    ];
+    let ok = cli(
+        d,
+        &env,
+        &[
+            "tokens",
+            "mint",
+            "--subject",
+            "s",
+            "--ca-file",
+            &ca_file,
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(ok.json()["token"].is_string());
+    // Another CA: a clear TLS failure, exit 3.
+    let other_key = rcgen::KeyPair::generate().expect("key");
+    let mut other = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other = write(
+        "other.pem",
+        other.self_signed(&other_key).expect("ca").pem(),
+    );
+    let untrusted = cli(
+        d,
+        &env,
+        &["tokens", "mint", "--subject", "s", "--ca-file", &other],
+    )
+    .await;
+    assert_eq!(untrusted.code, 3, "{}", untrusted.stderr);
+    assert!(
+        untrusted.stderr.to_lowercase().contains("certificate"),
+        "{}",
+        untrusted.stderr
+    );
+    gw.shutdown().await;
+}

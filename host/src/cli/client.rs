@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, header};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -20,7 +21,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Client {
     target: Target,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 /// A request body.
@@ -31,13 +32,26 @@ pub enum Payload<'a> {
 }
 
 impl Client {
-    pub fn new(target: Target) -> Client {
+    /// A client for `target`: plain http, or https verified against the system's roots or
+    /// only `ca_file` (a gateway with its own CA, e.g. `INTENTGATE_TLS_CERT_FILE` self-signed).
+    pub fn new(target: Target) -> Result<Client, CliError> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        Client {
+        connector.enforce_http(false);
+        let tls = crate::tls::client_config(&crate::config::UpstreamTls {
+            ca_file: target.ca_file.clone(),
+            client_identity: None,
+        })
+        .map_err(|e| CliError::Usage(format!("TLS toward the gateway: {e}")))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(std::sync::Arc::unwrap_or_clone(tls))
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        Ok(Client {
             target,
             http: HyperClient::builder(TokioExecutor::new()).build(connector),
-        }
+        })
     }
 
     pub fn output(&self) -> Output {
@@ -72,11 +86,6 @@ impl Client {
         query: &[(&str, String)],
         payload: Payload<'_>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, CliError> {
-        if self.target.url.starts_with("https://") {
-            return Err(CliError::Usage(
-                "the CLI speaks plain http to the admin API; reach a TLS listener through a local address (e.g. an SSH tunnel) for now".into(),
-            ));
-        }
         let uri = self.uri(path, query);
         let (content_type, body) = match payload {
             Payload::None => (None, Bytes::new()),

@@ -82,7 +82,7 @@ where
         .enable_all()
         .build()
         .map_err(|e| CliError::Local(format!("cannot start the runtime: {e}")))?;
-    runtime.block_on(async move { f(client::Client::new(target)).await })
+    runtime.block_on(async move { f(client::Client::new(target)?).await })
 }
 
 /// Reads a file the operator named, with the path in the error.

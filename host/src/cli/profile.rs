@@ -48,6 +48,9 @@ pub struct Connection {
     /// Tenant to act for (a tenant admin may name only its own).
     #[arg(long, global = true, env = "INTENTGATE_TENANT")]
     pub tenant: Option<String>,
+    /// PEM CA certificates an https gateway must chain to [default: the system's roots].
+    #[arg(long, global = true, env = "INTENTGATE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -59,6 +62,7 @@ pub struct Target {
     pub url: String,
     pub token: String,
     pub tenant: Option<String>,
+    pub ca_file: Option<PathBuf>,
     pub output: Output,
 }
 
@@ -85,6 +89,9 @@ pub struct Profile {
     pub token_env: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// PEM CA certificates of an https gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -201,6 +208,7 @@ impl Connection {
             url,
             token,
             tenant: self.tenant.clone().or(profile.tenant),
+            ca_file: self.ca_file.clone().or(profile.ca_file),
             output: self.output,
         })
     }
@@ -224,6 +232,9 @@ pub enum ProfileCmd {
         token_env: Option<String>,
         #[arg(long)]
         tenant: Option<String>,
+        /// PEM CA certificates of an https gateway.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
         /// Make it the profile used when none is named.
         #[arg(long)]
         default: bool,
@@ -258,6 +269,7 @@ impl ProfileCmd {
                 token_file,
                 token_env,
                 tenant,
+                ca_file,
                 default,
             } => {
                 let p = file.profiles.entry(name.clone()).or_default();
@@ -276,6 +288,9 @@ impl ProfileCmd {
                 }
                 if tenant.is_some() {
                     p.tenant = tenant;
+                }
+                if let Some(f) = ca_file {
+                    p.ca_file = Some(std::path::absolute(&f).unwrap_or(f));
                 }
                 if default || file.default.is_none() {
                     file.default = Some(name.clone());
@@ -322,6 +337,7 @@ mod tests {
             url: "http://x".into(),
             token: "very-secret".into(),
             tenant: None,
+            ca_file: None,
             output: Output::Json,
         };
         assert!(!format!("{t:?}").contains("very-secret"));
