@@ -57,7 +57,9 @@ async fn call_denied(tg: &TestGateway, token: &str) -> Option<i64> {
 }
 
 fn error_of(v: &Value) -> &str {
-    v["error"].as_str().unwrap_or_else(|| panic!("no error: {v}"))
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {v}"))
 }
 
 /// The reasons of the admin events `kind` (e.g. `admin/revoke`) of `tenant`, newest first.
@@ -98,10 +100,22 @@ async fn the_policy_calls_with_the_tenant_in_the_body_change_that_tenant_only() 
     let id = draft["id"].as_str().expect("id").to_owned();
     let (s, listed) = get(&tg, "/v1/admin/policies/drafts?tenant=acme").await;
     assert_eq!(s, 200);
-    assert!(listed.as_array().expect("drafts").iter().any(|d| d["id"] == id.as_str()));
+    assert!(
+        listed
+            .as_array()
+            .expect("drafts")
+            .iter()
+            .any(|d| d["id"] == id.as_str())
+    );
     let (s, listed) = get(&tg, "/v1/admin/policies/drafts?tenant=default").await;
     assert_eq!(s, 200);
-    assert!(!listed.as_array().expect("drafts").iter().any(|d| d["id"] == id.as_str()));
+    assert!(
+        !listed
+            .as_array()
+            .expect("drafts")
+            .iter()
+            .any(|d| d["id"] == id.as_str())
+    );
 
     let (s, active) = post(
         &tg,
@@ -130,7 +144,12 @@ async fn the_policy_calls_with_the_tenant_in_the_body_change_that_tenant_only() 
     assert_eq!(detail["promoted_by"], "joe@acme.example");
     assert_eq!(detail["to"], id.as_str());
     let drafts = admin_events(&tg, "acme", "admin/policy.draft").await;
-    assert!(drafts[0]["reason"].as_str().expect("reason").contains("joe@acme.example"));
+    assert!(
+        drafts[0]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("joe@acme.example")
+    );
 
     // Body and query naming different tenants: 400, nothing changes.
     let (s, v) = post(
@@ -270,7 +289,13 @@ async fn bad_values_are_400s_naming_the_field_not_store_failures() {
         assert_eq!(s, 400, "{path}: {v}");
         assert!(error_of(&v).contains(field), "{path}: {v}");
     }
-    let (s, v) = raw(&tg, "POST", "/v1/admin/plugins?name=a%00", b"\0asm\x01\0\0\0".to_vec()).await;
+    let (s, v) = raw(
+        &tg,
+        "POST",
+        "/v1/admin/plugins?name=a%00",
+        b"\0asm\x01\0\0\0".to_vec(),
+    )
+    .await;
     assert!(s < 500, "{s} {v}");
     let (s, v) = post(
         &tg,
@@ -297,7 +322,11 @@ async fn bad_values_are_400s_naming_the_field_not_store_failures() {
         assert_eq!(s, 200, "{v}");
         let items = v["items"].as_array().expect("items");
         assert!(items.len() <= 2);
-        seen.extend(items.iter().map(|r| r["jti"].as_str().expect("jti").to_owned()));
+        seen.extend(
+            items
+                .iter()
+                .map(|r| r["jti"].as_str().expect("jti").to_owned()),
+        );
         match v["next_cursor"].as_str() {
             Some(c) => path = format!("/v1/admin/revocations?limit=2&cursor={c}"),
             None => break,
@@ -345,7 +374,12 @@ async fn an_admin_change_whose_event_is_refused_is_not_applied_and_a_retry_is_bo
     let (s, v) = post(&tg, "/v1/admin/revoke", ADMIN_TOKEN, json!({"jti": jti})).await;
     assert_eq!(s, 503, "{v}");
     assert!(
-        tg.gw.store.list_revocations(None, 10).await.expect("list").is_empty(),
+        tg.gw
+            .store
+            .list_revocations(None, 10)
+            .await
+            .expect("list")
+            .is_empty(),
         "a revocation without its event"
     );
     assert!(!tg.gw.revocations.is_revoked(&jti));
@@ -366,7 +400,11 @@ async fn an_admin_change_whose_event_is_refused_is_not_applied_and_a_retry_is_bo
     assert_eq!(s, 503, "{v}");
     let (_, plugins) = get(&tg, "/v1/admin/plugins").await;
     assert!(
-        plugins.as_array().expect("plugins").iter().all(|p| p["builtin"] == true),
+        plugins
+            .as_array()
+            .expect("plugins")
+            .iter()
+            .all(|p| p["builtin"] == true),
         "{plugins}"
     );
     // Draft: refused, not listed.
@@ -381,7 +419,13 @@ async fn an_admin_change_whose_event_is_refused_is_not_applied_and_a_retry_is_bo
     let (_, drafts) = get(&tg, "/v1/admin/policies/drafts").await;
     assert_eq!(drafts.as_array().expect("drafts").len(), 1, "{drafts}");
     // Delete of the draft: refused, still there.
-    let (s, v) = raw(&tg, "DELETE", &format!("/v1/admin/policies/drafts/{id}"), vec![]).await;
+    let (s, v) = raw(
+        &tg,
+        "DELETE",
+        &format!("/v1/admin/policies/drafts/{id}"),
+        vec![],
+    )
+    .await;
     assert_eq!(s, 503, "{v}");
 
     // The store recovers: each retry is applied and audited.
@@ -399,10 +443,20 @@ async fn an_admin_change_whose_event_is_refused_is_not_applied_and_a_retry_is_bo
     .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["draft_id"], id.as_str());
-    assert_eq!(admin_events(&tg, "default", "admin/policy.promote").await.len(), 1);
+    assert_eq!(
+        admin_events(&tg, "default", "admin/policy.promote")
+            .await
+            .len(),
+        1
+    );
     let (s, v) = raw(&tg, "POST", "/v1/admin/plugins?name=custom", wasm).await;
     assert_eq!(s, 201, "{v}");
-    assert_eq!(admin_events(&tg, "default", "admin/plugin.upload").await.len(), 1);
+    assert_eq!(
+        admin_events(&tg, "default", "admin/plugin.upload")
+            .await
+            .len(),
+        1
+    );
     let (s, v) = post(
         &tg,
         "/v1/admin/policies/drafts",
@@ -412,7 +466,12 @@ async fn an_admin_change_whose_event_is_refused_is_not_applied_and_a_retry_is_bo
     .await;
     assert_eq!(s, 201, "{v}");
     // The first draft's event, and the retried one's; none for the refused attempts.
-    assert_eq!(admin_events(&tg, "default", "admin/policy.draft").await.len(), 2);
+    assert_eq!(
+        admin_events(&tg, "default", "admin/policy.draft")
+            .await
+            .len(),
+        2
+    );
     let (s, v) = get(&tg, "/v1/admin/audit/verify").await;
     assert_eq!((s, &v["ok"]), (200, &json!(true)), "{v}");
     tg.shutdown().await;
@@ -502,7 +561,14 @@ async fn the_component_quota_is_per_tenant_and_unused_components_can_be_deleted(
             json!({"rego_source": DENY_ALL, "tenant": "a"}),
         )
         .await;
-        let (_, b) = get(&tg, &format!("/v1/admin/bundles/{}?tenant=a", d["id"].as_str().expect("id"))).await;
+        let (_, b) = get(
+            &tg,
+            &format!(
+                "/v1/admin/bundles/{}?tenant=a",
+                d["id"].as_str().expect("id")
+            ),
+        )
+        .await;
         b["spec"].clone()
     };
     spec["stages"]["policy"]
@@ -527,7 +593,13 @@ async fn the_component_quota_is_per_tenant_and_unused_components_can_be_deleted(
     .await;
     assert_eq!(s, 409, "{v}");
     assert!(error_of(&v).contains(&bundle), "{v}");
-    let (s, v) = raw(&tg, "DELETE", &format!("/v1/admin/bundles/{bundle}?tenant=a"), vec![]).await;
+    let (s, v) = raw(
+        &tg,
+        "DELETE",
+        &format!("/v1/admin/bundles/{bundle}?tenant=a"),
+        vec![],
+    )
+    .await;
     assert_eq!(s, 204, "{v}");
     let (s, v) = raw(
         &tg,
@@ -576,7 +648,7 @@ async fn schemathesis_finds_no_server_error_in_the_admin_api() {
         .args(["--include-path-regex", "^/v1/(admin|mcp)"])
         .args(["--checks", "not_a_server_error"])
         .args(["--phases", "examples,coverage,fuzzing"])
-        .args(["--max-examples", "10", "--seed", "1", "--workers", "2"])
+        .args(["--max-examples", "30", "--seed", "1", "--workers", "2"])
         .args(["--request-timeout", "20", "--generation-database", "none"])
         .args(["--no-color", "--suppress-health-check", "all"])
         .stdin(std::process::Stdio::null());

@@ -198,7 +198,10 @@ impl AdminRequest {
     /// The tenant this request names: `body` (the body's `tenant` field, when the route has
     /// one) or the `?tenant=` query. Both given and different is a 400: an operator's change
     /// must never land on a tenant other than the one written.
-    pub fn tenant_named<'a>(&'a self, body: Option<&'a str>) -> Result<Option<&'a str>, AdminError> {
+    pub fn tenant_named<'a>(
+        &'a self,
+        body: Option<&'a str>,
+    ) -> Result<Option<&'a str>, AdminError> {
         let body = body.filter(|t| !t.is_empty());
         match (body, self.param("tenant")) {
             (Some(b), Some(q)) if b != q => Err(AdminError::BadRequest(format!(

@@ -233,7 +233,9 @@ pub async fn revocations(gw: &Gateway, req: &AdminRequest) -> Result<Response<Bo
             })
         })
         .collect();
-    Ok(ok(json!({"items": items, "next_cursor": next_cursor.flatten()})))
+    Ok(ok(
+        json!({"items": items, "next_cursor": next_cursor.flatten()}),
+    ))
 }
 
 pub async fn tenants(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {

@@ -75,12 +75,17 @@ pub struct AdminReply {
 /// Where the handler records state changes, before it applies them.
 pub trait AdminAudit: Sync {
     /// Record `event` durably. `Err` (why) means it was not recorded: the change is not made.
-    fn record<'a>(&'a self, event: &'a AdminEvent)
-    -> crate::store::BoxFuture<'a, Result<(), String>>;
+    fn record<'a>(
+        &'a self,
+        event: &'a AdminEvent,
+    ) -> crate::store::BoxFuture<'a, Result<(), String>>;
     /// Record that the change of `event`, recorded by [`AdminAudit::record`], then failed to
     /// apply (best effort: the caller gets an error either way).
-    fn failed<'a>(&'a self, event: &'a AdminEvent, error: &'a str)
-    -> crate::store::BoxFuture<'a, ()>;
+    fn failed<'a>(
+        &'a self,
+        event: &'a AdminEvent,
+        error: &'a str,
+    ) -> crate::store::BoxFuture<'a, ()>;
 }
 
 /// Records nothing: for a registry without an audit chain (tests, tools). The gateway's admin
@@ -151,7 +156,11 @@ async fn audit_first(
 }
 
 /// After a recorded change failed to apply: record that, and pass the reply on.
-async fn applied_failed(opts: &AdminOptions<'_>, event: &AdminEvent, reply: AdminReply) -> AdminReply {
+async fn applied_failed(
+    opts: &AdminOptions<'_>,
+    event: &AdminEvent,
+    reply: AdminReply,
+) -> AdminReply {
     let message = reply
         .body
         .get("error")
@@ -554,8 +563,7 @@ async fn plugins(
                     by,
                 }));
             }
-            let event =
-                audit_first(opts, call, "plugin.delete", json!({"digest": digest})).await?;
+            let event = audit_first(opts, call, "plugin.delete", json!({"digest": digest})).await?;
             if let Some(persist) = registry.persist()
                 && let Err(e) = persist.delete_component(call.tenant, digest).await
             {
@@ -723,15 +731,11 @@ async fn bundles(
         ("POST", ["rollback"]) => {
             no_body_fields(call.body)?;
             let detail = rollback_target(registry, &tenant)?;
-            let (outcome, event) = audited_swap(
-                registry,
-                call,
-                opts,
-                "bundle.rollback",
-                detail,
-                move |r| r.rollback(&tenant),
-            )
-            .await?;
+            let (outcome, event) =
+                audited_swap(registry, call, opts, "bundle.rollback", detail, move |r| {
+                    r.rollback(&tenant)
+                })
+                .await?;
             Ok(AdminReply {
                 status: 200,
                 body: json!(outcome),
@@ -742,15 +746,11 @@ async fn bundles(
             no_body_fields(call.body)?;
             let detail = promotion(registry, &tenant, digest)?;
             let digest = digest.to_string();
-            let (outcome, event) = audited_swap(
-                registry,
-                call,
-                opts,
-                "bundle.promote",
-                detail,
-                move |r| r.promote(&tenant, &digest),
-            )
-            .await?;
+            let (outcome, event) =
+                audited_swap(registry, call, opts, "bundle.promote", detail, move |r| {
+                    r.promote(&tenant, &digest)
+                })
+                .await?;
             Ok(AdminReply {
                 status: 200,
                 body: json!(outcome),
@@ -1034,15 +1034,11 @@ async fn policies(
             }
             let t = tenant.clone();
             let draft_id = body.draft_id;
-            let (_, event) = audited_swap(
-                registry,
-                call,
-                opts,
-                "policy.promote",
-                detail,
-                move |r| r.promote(&t, &draft_id),
-            )
-            .await?;
+            let (_, event) =
+                audited_swap(registry, call, opts, "policy.promote", detail, move |r| {
+                    r.promote(&t, &draft_id)
+                })
+                .await?;
             let mut body = active_json(registry, &tenant);
             if let Some(obj) = body.as_object_mut() {
                 obj.insert("promoted_by".into(), json!(promoted_by));
@@ -1057,14 +1053,9 @@ async fn policies(
             // Back to the default bundle: deny by default (fail closed).
             let detail = promotion(registry, &tenant, "default")?;
             let t = tenant.clone();
-            let (_, event) = audited_swap(
-                registry,
-                call,
-                opts,
-                "policy.clear",
-                detail,
-                move |r| r.promote(&t, "default"),
-            )
+            let (_, event) = audited_swap(registry, call, opts, "policy.clear", detail, move |r| {
+                r.promote(&t, "default")
+            })
             .await?;
             Ok(AdminReply {
                 status: 204,
@@ -1076,15 +1067,11 @@ async fn policies(
             no_body_fields(call.body)?;
             let detail = rollback_target(registry, &tenant)?;
             let t = tenant.clone();
-            let (_, event) = audited_swap(
-                registry,
-                call,
-                opts,
-                "policy.rollback",
-                detail,
-                move |r| r.rollback(&t),
-            )
-            .await?;
+            let (_, event) =
+                audited_swap(registry, call, opts, "policy.rollback", detail, move |r| {
+                    r.rollback(&t)
+                })
+                .await?;
             Ok(AdminReply {
                 status: 200,
                 body: active_json(registry, &tenant),
