@@ -17,13 +17,17 @@ const ACME_ADMIN: &str = "acme-admin-token-123456";
 const GLOBEX_ADMIN: &str = "globex-admin-token-12345";
 
 async fn demo_gateway(extra: &[&str]) -> TestGateway {
+    demo_gateway_on(Backend::Sqlite, extra).await
+}
+
+async fn demo_gateway_on(backend: Backend, extra: &[&str]) -> TestGateway {
     let mut flags = vec![
         "--demo",
         "--tenant-admins",
         "acme:acme-admin-token-123456,globex:globex-admin-token-12345",
     ];
     flags.extend_from_slice(extra);
-    gateway::start(Backend::Sqlite, None, &flags).await
+    gateway::start(backend, None, &flags).await
 }
 
 async fn post(tg: &TestGateway, path: &str, token: &str, body: Value) -> (u16, Value) {
@@ -479,7 +483,19 @@ async fn an_admin_change_whose_event_is_refused_is_not_applied_and_a_retry_is_bo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_component_quota_is_per_tenant_and_unused_components_can_be_deleted() {
-    let tg = demo_gateway(&["--max-components-per-tenant", "1"]).await;
+    component_quota_and_deletion(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_component_quota_and_deletion_on_postgres() {
+    let url = intentgate::testkit::PgServer::shared()
+        .and_then(|pg| pg.fresh_database())
+        .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    component_quota_and_deletion(Backend::Postgres(url)).await;
+}
+
+async fn component_quota_and_deletion(backend: Backend) {
+    let tg = demo_gateway_on(backend, &["--max-components-per-tenant", "1"]).await;
     let custom = std::fs::read(intentgate::plugins::artifacts::TEST_CUSTOM_PATH).expect("wasm");
     let hostile = std::fs::read(intentgate::plugins::artifacts::TEST_HOSTILE_PATH).expect("wasm");
     let upload = |tenant: &'static str, wasm: &Vec<u8>| {
@@ -536,15 +552,18 @@ async fn the_component_quota_is_per_tenant_and_unused_components_can_be_deleted(
     assert_eq!(admin_events(&tg, "a", "admin/plugin.delete").await.len(), 1);
     let (_, listed) = get(&tg, "/v1/admin/plugins?tenant=a").await;
     assert!(!listed.to_string().contains(&hostile_digest), "{listed}");
+    let sql = "SELECT digest FROM plugin_components WHERE digest = $1";
     let stored: Vec<(String,)> = match tg.gw.store.db() {
-        intentgate::store::Db::Sqlite(pool) => {
-            sqlx::query_as("SELECT digest FROM plugin_components WHERE digest = ?1")
-                .bind(&hostile_digest)
-                .fetch_all(&pool)
-                .await
-                .expect("query")
-        }
-        intentgate::store::Db::Postgres(_) => unreachable!("SQLite gateway"),
+        intentgate::store::Db::Sqlite(pool) => sqlx::query_as(sql)
+            .bind(&hostile_digest)
+            .fetch_all(&pool)
+            .await
+            .expect("query"),
+        intentgate::store::Db::Postgres(pool) => sqlx::query_as(sql)
+            .bind(&hostile_digest)
+            .fetch_all(&pool)
+            .await
+            .expect("query"),
     };
     assert!(stored.is_empty(), "the deletion is stored");
     let (s, v) = upload("a", &custom).await;
@@ -648,7 +667,7 @@ async fn schemathesis_finds_no_server_error_in_the_admin_api() {
         .args(["--include-path-regex", "^/v1/(admin|mcp)"])
         .args(["--checks", "not_a_server_error"])
         .args(["--phases", "examples,coverage,fuzzing"])
-        .args(["--max-examples", "10", "--seed", "1", "--workers", "2"])
+        .args(["--max-examples", "30", "--seed", "1", "--workers", "2"])
         .args(["--request-timeout", "20", "--generation-database", "none"])
         .args(["--no-color", "--suppress-health-check", "all"])
         .stdin(std::process::Stdio::null());
