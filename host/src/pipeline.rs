@@ -94,10 +94,9 @@ impl Denial {
     /// our own store failing, not an approval being awaited.
     fn counts_toward_throttle(&self) -> bool {
         match self {
-            Self::Capability(_)
-            | Self::Intent(_)
-            | Self::Budget(_)
-            | Self::CheckFailed { .. } => true,
+            Self::Capability(_) | Self::Intent(_) | Self::Budget(_) | Self::CheckFailed { .. } => {
+                true
+            }
             Self::Policy { escalate, .. } => !escalate,
             Self::BudgetStore(_) | Self::Audit(_) | Self::Throttled(_) => false,
         }

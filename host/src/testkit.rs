@@ -450,8 +450,7 @@ impl StallProxy {
     pub fn start(target: &str) -> Result<StallProxy, String> {
         use std::sync::Arc;
         use std::sync::atomic::AtomicBool;
-        let listener =
-            TcpListener::bind("127.0.0.1:0").map_err(|e| format!("proxy bind: {e}"))?;
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("proxy bind: {e}"))?;
         let addr = listener
             .local_addr()
             .map_err(|e| format!("proxy addr: {e}"))?;

@@ -52,7 +52,8 @@ fn attenuate(token: &str, caveat: Caveat) -> String {
 }
 
 async fn invoice(tg: &TestGateway, token: &str) -> Value {
-    tg.tool_call(token, "read_invoice", json!({"id": "7"})).await
+    tg.tool_call(token, "read_invoice", json!({"id": "7"}))
+        .await
 }
 
 #[tokio::test]
@@ -156,7 +157,10 @@ async fn caveats_the_gateway_cannot_evaluate_are_refused_at_mint_and_on_use() {
     let tg = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
     for (extra, field) in [
         (json!({"risk_max": 50}), "risk_max"),
-        (json!({"callees": ["default"], "callee_zones": ["ops"]}), "callee_zones"),
+        (
+            json!({"callees": ["default"], "callee_zones": ["ops"]}),
+            "callee_zones",
+        ),
     ] {
         let mut body = json!({"subject": "bot", "tools": ["echo"]});
         for (k, v) in extra.as_object().expect("object") {
@@ -177,9 +181,7 @@ async fn caveats_the_gateway_cannot_evaluate_are_refused_at_mint_and_on_use() {
     }
     // A token attenuated offline with risk_max is refused, saying the gateway does not
     // evaluate it (not "risk 100 exceeds").
-    let (token, _) = tg
-        .mint(json!({"subject": "bot", "tools": ["echo"]}))
-        .await;
+    let (token, _) = tg.mint(json!({"subject": "bot", "tools": ["echo"]})).await;
     let risky = attenuate(
         &token,
         Caveat {
@@ -237,7 +239,10 @@ async fn callee_allow_is_checked_against_the_upstream_name() {
 /// Every audit event of this token (newest first).
 async fn events_of(tg: &TestGateway, jti: &str) -> Vec<Value> {
     let (status, v) = get_json(
-        &format!("{}/v1/admin/audit?tenant=default&jti={jti}&limit=1000", tg.url),
+        &format!(
+            "{}/v1/admin/audit?tenant=default&jti={jti}&limit=1000",
+            tg.url
+        ),
         ADMIN_TOKEN,
     )
     .await;
@@ -260,7 +265,9 @@ async fn a_flood_of_denied_calls_is_throttled_and_audited_in_aggregate() {
     let mut denied = 0u64;
     for i in 0..n {
         // Outside the token's scope: every one is denied.
-        let v = tg.tool_call(&flooder, "send_email", json!({"to": "x"})).await;
+        let v = tg
+            .tool_call(&flooder, "send_email", json!({"to": "x"}))
+            .await;
         match err_code(&v) {
             Some(-32013) => {
                 assert!(
@@ -280,7 +287,11 @@ async fn a_flood_of_denied_calls_is_throttled_and_audited_in_aggregate() {
             assert!(allowed(&ok), "call {i}: {ok}");
         }
     }
-    assert_eq!(denied, u64::from(limits.per_token), "denied before the throttle");
+    assert_eq!(
+        denied,
+        u64::from(limits.per_token),
+        "denied before the throttle"
+    );
     assert_eq!(denied + throttled, n as u64);
     // Allowed calls of the flooding token are throttled too (cheaply, before any check).
     let v = tg.tool_call(&flooder, "echo", json!({"text": "x"})).await;
@@ -293,7 +304,11 @@ async fn a_flood_of_denied_calls_is_throttled_and_audited_in_aggregate() {
         .iter()
         .filter(|e| e["event"] == intentgate::pipeline::THROTTLED_KIND)
         .collect();
-    assert_eq!(summaries.len(), 1, "one event per token and window: {events:?}");
+    assert_eq!(
+        summaries.len(),
+        1,
+        "one event per token and window: {events:?}"
+    );
     assert_eq!(summaries[0]["count"].as_u64(), Some(throttled));
     assert_eq!(summaries[0]["check"], "throttle");
     assert_eq!(summaries[0]["decision"], "block");
@@ -301,7 +316,10 @@ async fn a_flood_of_denied_calls_is_throttled_and_audited_in_aggregate() {
         .iter()
         .filter(|e| e["event"] == "intentgate.tool_call")
         .count();
-    assert_eq!(calls as u64, denied, "only the unthrottled denials have rows");
+    assert_eq!(
+        calls as u64, denied,
+        "only the unthrottled denials have rows"
+    );
     assert!(
         events.len() < n / 2,
         "{} events for {n} denied calls",
@@ -333,14 +351,16 @@ async fn a_stalled_audit_store_refuses_calls_at_the_deadline_and_records_them_la
         &["--demo", "--audit-deadline-ms", "300"],
     )
     .await;
-    let (token, jti) = tg
-        .mint(json!({"subject": "bot", "tools": ["echo"]}))
+    let (token, jti) = tg.mint(json!({"subject": "bot", "tools": ["echo"]})).await;
+    let ok = tg
+        .tool_call(&token, "echo", json!({"text": "before"}))
         .await;
-    let ok = tg.tool_call(&token, "echo", json!({"text": "before"})).await;
     assert!(allowed(&ok), "{ok}");
 
     proxy.pause();
-    let stalled = tg.tool_call(&token, "echo", json!({"text": "stalled"})).await;
+    let stalled = tg
+        .tool_call(&token, "echo", json!({"text": "stalled"}))
+        .await;
     assert_eq!(err_code(&stalled), Some(-32016), "{stalled}");
     proxy.resume();
 
@@ -354,7 +374,10 @@ async fn a_stalled_audit_store_refuses_calls_at_the_deadline_and_records_them_la
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(recovered.is_some(), "calls work again after the store returns");
+    assert!(
+        recovered.is_some(),
+        "calls work again after the store returns"
+    );
     // The refused call is in the chain: its allow event points to a refusal by the audit check.
     let mut refusal = None;
     for _ in 0..100 {

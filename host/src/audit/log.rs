@@ -729,7 +729,10 @@ impl Writer {
                     // The late records stay for the next attempt.
                     late.splice(0..0, events);
                     for (reply, event) in replies.into_iter().zip(own) {
-                        if reply.send(Err(AuditError::CommitFailed(e.clone()))).is_err() {
+                        if reply
+                            .send(Err(AuditError::CommitFailed(e.clone())))
+                            .is_err()
+                        {
                             self.keep_late(&mut late, late_record(&event, None));
                         }
                     }
@@ -741,7 +744,8 @@ impl Writer {
         if !late.is_empty() {
             match self.commit(&late, false).await {
                 Ok(done) => {
-                    checkpoint_due = checkpoint_due.or(done.uncovered.then(tokio::time::Instant::now));
+                    checkpoint_due =
+                        checkpoint_due.or(done.uncovered.then(tokio::time::Instant::now));
                 }
                 Err(e) => {
                     tracing::error!(tenant = %self.tenant, events = late.len(), error = %e, "audit: late refusal records lost at shutdown");

@@ -189,11 +189,7 @@ impl Throttle {
             None => false,
         };
         let (scope, limit, entry) = if token_over {
-            (
-                Scope::Token,
-                self.limits.per_token,
-                st.tokens.get_mut(&key),
-            )
+            (Scope::Token, self.limits.per_token, st.tokens.get_mut(&key))
         } else if tenant_over {
             (
                 Scope::Tenant,
@@ -362,7 +358,9 @@ impl Throttle {
         handle.spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
-                let Some(throttle) = weak.upgrade() else { break };
+                let Some(throttle) = weak.upgrade() else {
+                    break;
+                };
                 throttle.flush().await;
                 if throttle.stop_flusher_if_idle() {
                     break;
@@ -502,9 +500,14 @@ mod tests {
             assert!(t.admit("acme", token, who, T0).is_ok(), "{i}");
             t.note_denial("acme", token, T0);
         }
-        let refused = t.admit("acme", "fresh", who, T0).expect_err("tenant throttled");
+        let refused = t
+            .admit("acme", "fresh", who, T0)
+            .expect_err("tenant throttled");
         assert_eq!(refused.scope, Scope::Tenant);
-        assert!(t.admit("globex", "x", who, T0).is_ok(), "other tenants unaffected");
+        assert!(
+            t.admit("globex", "x", who, T0).is_ok(),
+            "other tenants unaffected"
+        );
         let s = t.take_summaries();
         assert_eq!(s.len(), 1);
         assert_eq!((s[0].count, s[0].scope), (1, Scope::Tenant));

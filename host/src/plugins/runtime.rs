@@ -415,7 +415,10 @@ mod tests {
 
     #[test]
     fn other_wit_versions_are_named() {
-        assert_eq!(other_wit_version("intentgate:plugin/log@0.1.0"), Some("0.1.0"));
+        assert_eq!(
+            other_wit_version("intentgate:plugin/log@0.1.0"),
+            Some("0.1.0")
+        );
         assert_eq!(other_wit_version("intentgate:plugin/check@0.2.0"), None);
         assert_eq!(other_wit_version("wasi:io/poll@0.2.0"), None);
         assert_eq!(other_wit_version("intentgate:plugin/log"), None);

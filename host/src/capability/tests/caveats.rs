@@ -95,7 +95,10 @@ fn callee_allow_by_agent_glob_or_zone() {
         callee,
         ..CallContext::tool("x")
     };
-    assert_eq!(g.authorize(&call(Some(("helper-7", Some("finance"))))), Ok(()));
+    assert_eq!(
+        g.authorize(&call(Some(("helper-7", Some("finance"))))),
+        Ok(())
+    );
     assert_eq!(g.authorize(&call(Some(("helper-7", None)))), Ok(()));
     let zone_only = grant(&attenuate(
         &m.token,

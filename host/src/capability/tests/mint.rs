@@ -220,7 +220,10 @@ fn mint_validation_errors() {
             "{e:?}"
         );
         let text = e.map(|e| e.to_string()).unwrap_or_default();
-        assert!(text.starts_with(field) && text.contains("not supported"), "{text}");
+        assert!(
+            text.starts_with(field) && text.contains("not supported"),
+            "{text}"
+        );
     }
     for p in ["[abc", "x\\", ""] {
         let r = MintRequest {
