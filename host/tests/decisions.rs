@@ -358,9 +358,13 @@ async fn a_stalled_audit_store_refuses_calls_at_the_deadline_and_records_them_la
     assert!(allowed(&ok), "{ok}");
 
     proxy.pause();
-    let stalled = tg
-        .tool_call(&token, "echo", json!({"text": "stalled"}))
-        .await;
+    // Bounded only so that a gateway without a deadline fails this test instead of hanging it.
+    let stalled = tokio::time::timeout(
+        Duration::from_secs(30),
+        tg.tool_call(&token, "echo", json!({"text": "stalled"})),
+    )
+    .await
+    .expect("refused while the store is stalled, not left waiting");
     assert_eq!(err_code(&stalled), Some(-32016), "{stalled}");
     proxy.resume();
 

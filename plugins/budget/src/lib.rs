@@ -210,13 +210,19 @@ mod tests {
 
     #[test]
     fn token_max_cents_is_charged_per_root_at_the_configured_price() {
-        let h = Harness::<Budget>::new(r#"{"costs": {"send_*": 3, "read_*": 0}, "default_cost_cents": 1}"#)
-            .expect("configure");
+        let h = Harness::<Budget>::new(
+            r#"{"costs": {"send_*": 3, "read_*": 0}, "default_cost_cents": 1}"#,
+        )
+        .expect("configure");
         // max_cents 0: priced tools are refused, free ones are allowed and never charged.
         let zero = call("send_email").max_cents(0).build();
         let r = h.evaluate(&zero, None);
         assert_eq!(r.verdict.kind, VerdictKind::Block, "{}", r.verdict.reason);
-        assert!(r.verdict.reason.contains("max_cents"), "{}", r.verdict.reason);
+        assert!(
+            r.verdict.reason.contains("max_cents"),
+            "{}",
+            r.verdict.reason
+        );
         let free = call("read_file").max_cents(0).build();
         let r = h.evaluate(&free, None);
         assert_eq!(r.verdict.kind, VerdictKind::Allow);
