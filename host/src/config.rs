@@ -311,10 +311,7 @@ impl std::fmt::Debug for Config {
             .field("admin_token", &redact(&self.admin_token))
             .field("tenant_admins", &tenants)
             .field("store", &self.store)
-            .field(
-                "upstream_url",
-                &self.upstream_url.as_ref().map(redact_url),
-            )
+            .field("upstream_url", &self.upstream_url.as_ref().map(redact_url))
             .field("upstream_name", &self.upstream_name)
             .field("upstream_timeout", &self.upstream_timeout)
             .field(
@@ -775,7 +772,10 @@ mod tests {
         for secret in ["hunter2pass", "sekrit-token", "svc:"] {
             assert!(!dbg.contains(secret), "{dbg}");
         }
-        assert!(dbg.contains("https://***@tools.internal:8443/mcp?***"), "{dbg}");
+        assert!(
+            dbg.contains("https://***@tools.internal:8443/mcp?***"),
+            "{dbg}"
+        );
         let uri = c.upstream_url.expect("url");
         let text = "POST /mcp?token=sekrit-token&v=1 refused for svc:hunter2pass (sekrit-token)";
         let scrubbed = scrub_url_secrets(text, &uri);

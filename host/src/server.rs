@@ -321,11 +321,9 @@ pub async fn serve(
                     watcher.watch(conn).await
                 }
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(
-                        gw.config.header_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await;
+                    let handshake =
+                        tokio::time::timeout(gw.config.header_timeout, acceptor.accept(stream))
+                            .await;
                     let tls = match handshake {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {

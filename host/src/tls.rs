@@ -105,13 +105,13 @@ pub fn client_config(tls: &UpstreamTls) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
-    let mut config = match &tls.client_identity {
+    let config = match &tls.client_identity {
         Some((cert, key)) => builder
             .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
             .map_err(|e| file_error(key, e))?,
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // ALPN is left to the connector, which sets it from the protocols it enables (http/1.1).
     Ok(Arc::new(config))
 }
 
@@ -151,10 +151,7 @@ impl ServerTls {
     /// certificate stays.
     pub fn start(files: &ListenerTls) -> Result<Self, TlsError> {
         let resolver = Arc::new(ReloadingCert {
-            current: ArcSwap::from_pointee(load_certified_key(
-                &files.cert_file,
-                &files.key_file,
-            )?),
+            current: ArcSwap::from_pointee(load_certified_key(&files.cert_file, &files.key_file)?),
         });
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?

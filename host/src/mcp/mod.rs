@@ -121,8 +121,9 @@ pub async fn handle(
     let bytes = match http::read_body_within(body, limit, gw.config.body_timeout).await {
         Ok(b) => b,
         Err(http::BodyError::TooLarge { .. }) if auth.is_err() => {
-            let err = RpcError::new(code::CAPABILITY, "capability check failed")
-                .with_data(Value::from(refusal_reason(auth.as_ref().err().and_then(Option::as_ref))));
+            let err = RpcError::new(code::CAPABILITY, "capability check failed").with_data(
+                Value::from(refusal_reason(auth.as_ref().err().and_then(Option::as_ref))),
+            );
             return rpc_response(StatusCode::UNAUTHORIZED, None, &err);
         }
         Err(e @ http::BodyError::Timeout(_)) => {
