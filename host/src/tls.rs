@@ -105,13 +105,13 @@ pub fn client_config(tls: &UpstreamTls) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
-    // No ALPN here: hyper-rustls sets it from the enabled protocols (and refuses a preset one).
     let config = match &tls.client_identity {
         Some((cert, key)) => builder
             .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
             .map_err(|e| file_error(key, e))?,
         None => builder.with_no_client_auth(),
     };
+    // ALPN is left to the connector, which sets it from the protocols it enables (http/1.1).
     Ok(Arc::new(config))
 }
 

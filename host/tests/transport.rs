@@ -61,7 +61,7 @@ async fn a_bogus_token_is_refused_before_its_body_is_read() {
         &json!({"jti": jti, "reason": "test"}),
     )
     .await;
-    assert_eq!(s, 200);
+    assert!(s == 200 || s == 204, "revoke: {s}");
     // The revocation feed polls: wait until a small call sees the revocation.
     for _ in 0..50 {
         let v = tg.tool_call(&token, "echo", json!({})).await;
