@@ -162,6 +162,17 @@ fn read_file(path: &Path) -> Result<(String, String), SecretsError> {
 mod tests {
     use super::*;
 
+    /// The quickstart runs `intentgate serve` in a checkout: the data directory it creates
+    /// there (secrets included) must never show up as something to commit.
+    #[test]
+    fn the_default_data_dir_is_ignored_by_git() {
+        let ignore = include_str!("../../.gitignore");
+        assert!(
+            ignore.lines().any(|l| l.trim() == "/intentgate-data"),
+            ".gitignore must list /intentgate-data"
+        );
+    }
+
     #[test]
     fn generated_once_private_and_stable() {
         let dir = tempfile::tempdir().expect("tempdir");
