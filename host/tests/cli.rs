@@ -90,6 +90,29 @@ async fn quickstart_with_the_cli_alone() {
     let allowed = gw.tool_call(&token, "echo", json!({"text": "hi"})).await;
     assert!(allowed.get("result").is_some(), "{allowed}");
 
+    // The bundle acme runs (the built-in default) can be fetched and written out to edit.
+    let spec_file = d.join("bundle.json");
+    let copied = cli(
+        d,
+        &env,
+        &[
+            "bundle",
+            "new",
+            "--from",
+            "active",
+            "--tenant",
+            "acme",
+            "--out",
+            spec_file.to_str().expect("utf8"),
+        ],
+    )
+    .await;
+    assert_eq!(copied.code, 0, "{}", copied.stderr);
+    let spec: Value =
+        serde_json::from_slice(&std::fs::read(&spec_file).expect("spec file")).expect("json");
+    assert!(spec["spec"].is_object(), "{spec}");
+    assert_eq!(spec["name"], "default");
+
     // A deny-all policy, drafted and promoted for acme by the CLI, decides acme's next call.
     let rego = d.join("deny.rego");
     std::fs::write(

@@ -711,12 +711,40 @@ async fn bundles(
                 event: Some(event),
             })
         }
-        ("GET", [digest]) => registry
-            .drafts(&tenant)
-            .into_iter()
-            .find(|d| d.digest == *digest)
-            .map(|d| reply(200, json!(d)))
-            .ok_or_else(|| error(404, format!("unknown bundle {digest}"))),
+        ("GET", [digest]) => {
+            if let Some(d) = registry
+                .drafts(&tenant)
+                .into_iter()
+                .find(|d| d.digest == *digest)
+            {
+                return Ok(reply(200, json!(d)));
+            }
+            // Every bundle the tenant runs can be fetched, the built-in default included, so
+            // an operator can copy it and change it (`intentgate bundle new --from active`).
+            let status = registry.status(&tenant);
+            let default = registry.default_spec();
+            let spec = if *digest == default.digest() {
+                Some(default.clone())
+            } else if *digest == status.active {
+                Some(registry.active_spec(&tenant))
+            } else {
+                None
+            };
+            spec.map(|spec| {
+                let is_default = spec.digest() == default.digest();
+                reply(
+                    200,
+                    json!({
+                        "digest": digest,
+                        "name": if is_default { "default" } else { "active" },
+                        "created_at": null,
+                        "spec": spec,
+                        "builtin": is_default,
+                    }),
+                )
+            })
+            .ok_or_else(|| error(404, format!("unknown bundle {digest}")))
+        }
         ("DELETE", [digest]) => {
             let event = delete_draft(
                 registry,

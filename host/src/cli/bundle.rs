@@ -7,7 +7,7 @@ use clap::Subcommand;
 use hyper::Method;
 use serde_json::{Value, json};
 
-use super::client::{Client, Payload, encode};
+use super::client::{Client, Payload, segment};
 use super::output::{self, cell};
 use super::profile::{Connection, Output};
 use super::{CliError, with_client};
@@ -161,7 +161,7 @@ impl BundleCmd {
                 Ok(())
             }
             BundleCmd::Promote { digest } => {
-                let path = format!("/v1/admin/bundles/{}/promote", encode(&digest));
+                let path = format!("/v1/admin/bundles/{}/promote", segment(&digest));
                 let v = c.post(&path, &json!({})).await?;
                 print_swap(out, &v);
                 Ok(())
@@ -172,7 +172,7 @@ impl BundleCmd {
                 Ok(())
             }
             BundleCmd::DryRun { digest, sample } => {
-                let path = format!("/v1/admin/bundles/{}/dry-run", encode(&digest));
+                let path = format!("/v1/admin/bundles/{}/dry-run", segment(&digest));
                 let v = c.post(&path, &json!({"sample": sample})).await?;
                 match out {
                     Output::Json => println!("{}", output::pretty(&v)),
@@ -181,7 +181,7 @@ impl BundleCmd {
                 Ok(())
             }
             BundleCmd::Delete { digest } => {
-                let path = format!("/v1/admin/bundles/{}", encode(&digest));
+                let path = format!("/v1/admin/bundles/{}", segment(&digest));
                 c.call(Method::DELETE, &path, &[], Payload::None).await?;
                 match out {
                     Output::Json => println!("{}", output::pretty(&json!({"deleted": digest}))),
@@ -205,7 +205,7 @@ impl BundleCmd {
 }
 
 async fn get_bundle(c: &Client, digest: &str) -> Result<Value, CliError> {
-    c.get(&format!("/v1/admin/bundles/{}", encode(digest)), &[])
+    c.get(&format!("/v1/admin/bundles/{}", segment(digest)), &[])
         .await
 }
 

@@ -234,9 +234,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Percent-encodes a query value.
 pub fn encode(v: &str) -> String {
+    escape(v, b"-_.~")
+}
+
+/// Percent-encodes one path segment; `:` stays as it is (a digest is `sha256:…`, and the admin
+/// API matches segments as sent).
+pub fn segment(v: &str) -> String {
+    escape(v, b"-_.~:@")
+}
+
+fn escape(v: &str, keep: &[u8]) -> String {
     let mut out = String::with_capacity(v.len());
     for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+        if b.is_ascii_alphanumeric() || keep.contains(&b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -253,6 +263,7 @@ mod tests {
     fn query_values_are_encoded() {
         assert_eq!(encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
         assert_eq!(encode("last-24h"), "last-24h");
+        assert_eq!(segment("sha256:ab/c d"), "sha256:ab%2Fc%20d");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use hyper::Method;
 use serde_json::json;
 
-use super::client::{Client, Payload, encode};
+use super::client::{Client, Payload, segment};
 use super::output::{self, cell};
 use super::profile::{Connection, Output};
 use super::{CliError, with_client};
@@ -80,7 +80,7 @@ impl PluginCmd {
                 Ok(())
             }
             PluginCmd::Delete { digest } => {
-                let path = format!("/v1/admin/plugins/{}", encode(&digest));
+                let path = format!("/v1/admin/plugins/{}", segment(&digest));
                 c.call(Method::DELETE, &path, &[], Payload::None).await?;
                 match out {
                     Output::Json => println!("{}", output::pretty(&json!({"deleted": digest}))),
