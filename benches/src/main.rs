@@ -47,6 +47,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: boxing the large variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Load benchmark: upstream, bare proxy and gateway (SQLite, PostgreSQL) in one run.
     Load(LoadOpts),
