@@ -730,6 +730,34 @@ mod over_http {
         tg.shutdown().await;
     }
 
+    // One runtime thread, as above: a plugin that panics writes to stderr, and a stream call
+    // that entered tokio from the request path panicked the host and dropped the connection.
+    #[tokio::test]
+    async fn a_check_that_panics_is_denied_and_audited_and_the_gateway_keeps_serving() {
+        let tg = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
+        let component = upload_hostile(&tg, "panicky").await;
+        let spec = spec_with(&tg, &component, &["trap".to_string()]);
+        draft_and_promote(&tg, "panicky", spec).await;
+        let panicky = token_for(&tg, "panicky").await;
+        let calm = token_for(&tg, "calm").await;
+        for _ in 0..2 {
+            let denied = tg
+                .tool_call(&panicky, "read_invoice", json!({"id": "INV-1"}))
+                .await;
+            assert_eq!(denied["error"]["code"], -32012, "{denied}");
+            let ok = tg
+                .tool_call(&calm, "read_invoice", json!({"id": "INV-1"}))
+                .await;
+            assert!(ok["result"].is_object(), "{ok}");
+        }
+        let events = audited(&tg, "panicky").await;
+        assert_eq!(events.len(), 2, "{events:?}");
+        for e in &events {
+            assert_eq!(e["decision"], "block", "{e}");
+        }
+        tg.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_check_that_sleeps_in_configure_is_refused_without_holding_other_tenants() {
         let tg = gateway::start(Backend::Sqlite, None, &["--demo"]).await;

@@ -470,9 +470,18 @@ fn link_wasi(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
     {
         let mut poll: LinkerInstance<'_, HostState> = linker.instance(WASI_POLL)?;
-        for name in ["poll", "[method]pollable.block"] {
+        for name in ["poll", "[method]pollable.block", "[method]pollable.ready"] {
             poll.func_new(name, refuse_wait(name))?;
         }
+    }
+    // No standard streams either. wasmtime-wasi's sync stream calls (blocking writes, even a
+    // stream's drop) enter tokio with `Handle::block_on`, which panics on the async request path
+    // and would drop the connection without an audit. A plugin writes to stderr when it panics,
+    // so without this every panicking plugin took its caller down; now it traps here, which is
+    // a denied, audited call. Plugins log through `intentgate:plugin/log`.
+    for (instance, name) in WASI_STDIO {
+        let mut stdio: LinkerInstance<'_, HostState> = linker.instance(instance)?;
+        stdio.func_new(name, refuse_stdio(name))?;
     }
     linker.allow_shadowing(false);
     Ok(())
@@ -481,6 +490,27 @@ fn link_wasi(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 /// The `wasi:io/poll` instance of the WASI the host links (components importing an older
 /// 0.2.x resolve to it).
 const WASI_POLL: &str = "wasi:io/poll@0.2.12";
+
+/// The standard stream getters of the WASI the host links.
+const WASI_STDIO: [(&str, &str); 3] = [
+    ("wasi:cli/stdin@0.2.12", "get-stdin"),
+    ("wasi:cli/stdout@0.2.12", "get-stdout"),
+    ("wasi:cli/stderr@0.2.12", "get-stderr"),
+];
+
+fn refuse_stdio(
+    name: &'static str,
+) -> impl Fn(StoreContextMut<'_, HostState>, ComponentFunc, &[Val], &mut [Val]) -> wasmtime::Result<()>
++ Send
++ Sync
++ 'static {
+    move |_, _, _, _| {
+        Err(wasmtime::format_err!(
+            "plugins have no standard streams: wasi:cli {name} is not available (log through \
+             intentgate:plugin/log; a Rust plugin that panics writes its message to stderr)"
+        ))
+    }
+}
 
 fn refuse_wait(
     name: &'static str,
