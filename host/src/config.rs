@@ -90,11 +90,12 @@ pub struct ServeArgs {
     #[arg(long, env = "INTENTGATE_MAX_CHECKS_PER_BUNDLE", default_value_t = 16)]
     pub max_checks_per_bundle: usize,
     /// Most live plugin instances one tenant may hold (of the process's 1,024); at its quota a
-    /// tenant's own calls are refused, the other tenants are not affected.
+    /// tenant's own calls are refused, the other tenants are not affected. Idle pooled instances
+    /// count, so the default leaves a busy tenant room for many calls in flight.
     #[arg(
         long,
         env = "INTENTGATE_MAX_INSTANCES_PER_TENANT",
-        default_value_t = 16
+        default_value_t = 64
     )]
     pub max_instances_per_tenant: usize,
     /// Clock skew tolerated on token `nbf`, in seconds.

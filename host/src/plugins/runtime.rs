@@ -64,8 +64,9 @@ impl Default for Limits {
             max_uses_per_instance: 10_000,
             max_idle_per_pool: 4,
             max_reason_bytes: 4096,
-            // 64 tenants at their quota fill the pool.
-            max_instances_per_tenant: 1024 / 64,
+            // 16 tenants at their quota fill the pool; idle pooled instances count, so a busy
+            // tenant with a 3-check bundle keeps room for ~20 calls evaluating at once.
+            max_instances_per_tenant: 1024 / 16,
             max_checks_per_bundle: 16,
             call_checks_deadline: Duration::from_millis(200),
         }
