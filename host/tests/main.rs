@@ -6,6 +6,7 @@ mod audit;
 mod bundle_sync;
 mod bundles;
 mod capability;
+mod charges;
 mod cli;
 mod decisions;
 mod gateway;
