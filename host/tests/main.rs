@@ -7,6 +7,7 @@ mod bundle_sync;
 mod bundles;
 mod capability;
 mod cli;
+mod conformance;
 mod decisions;
 mod gateway;
 mod interop;
