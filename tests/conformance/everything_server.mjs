@@ -648,6 +648,7 @@ function eventStore() {
   };
 }
 
+// A test upstream: events and sessions live until DELETE or exit (a suite run opens a few dozen).
 const store = eventStore();
 const sessions = new Map();
 
