@@ -8,6 +8,7 @@ mod bundles;
 mod capability;
 mod charges;
 mod cli;
+mod conformance;
 mod decisions;
 mod gateway;
 mod interop;
