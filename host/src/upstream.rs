@@ -254,6 +254,40 @@ impl Upstream {
             .map_err(|e| self.scrubbed(e))
     }
 
+    /// Forwards a method that needs no decision of its own (lists, `resources/unsubscribe`):
+    /// the agent was authenticated and the result is filtered by the caller. A method that
+    /// reaches a target (see [`needs_permit`]) is refused here: it goes through
+    /// [`Upstream::forward_permitted`].
+    pub async fn forward(
+        &self,
+        method: &str,
+        params: Map<String, Value>,
+        relay: Option<&Envelope>,
+    ) -> Result<Reply, UpstreamError> {
+        if needs_permit(method) {
+            return Err(UpstreamError::Malformed(format!(
+                "{method} needs a permit to be forwarded"
+            )));
+        }
+        self.request(method, params, relay)
+            .await
+            .map_err(|e| self.scrubbed(e))
+    }
+
+    /// Forwards a `resources/read`, `resources/subscribe`, `prompts/get` or
+    /// `completion/complete` that the pipeline permitted (`params` as decided).
+    pub async fn forward_permitted(
+        &self,
+        _permit: &Permit,
+        method: &str,
+        params: Map<String, Value>,
+        relay: Option<&Envelope>,
+    ) -> Result<Reply, UpstreamError> {
+        self.request(method, params, relay)
+            .await
+            .map_err(|e| self.scrubbed(e))
+    }
+
     /// Forwards a `tools/call` that the pipeline permitted. `relay` is the envelope of a
     /// stateless-era client, whose capabilities a stateless upstream may use (input requests
     /// travel back to that client); otherwise the gateway declares none.
@@ -572,8 +606,7 @@ impl Upstream {
         let message = if is_sse {
             find_sse_response(&body, id)
         } else {
-            serde_json::from_slice::<Value>(&body)
-                .map_err(|e| UpstreamError::Malformed(e.to_string()))
+            find_json_response(&body, id)
         };
         let reply = match message.and_then(to_reply) {
             Ok(r) => Some(r),
@@ -627,6 +660,71 @@ fn to_reply(mut message: Value) -> Result<Reply, UpstreamError> {
     }
 }
 
+/// Methods that reach a target and are forwarded only with a [`Permit`].
+pub fn needs_permit(method: &str) -> bool {
+    matches!(
+        method,
+        "tools/call"
+            | "resources/read"
+            | "resources/subscribe"
+            | "prompts/get"
+            | "completion/complete"
+    )
+}
+
+/// Whether `v` is a JSON-RPC response (not a notification or a request).
+fn is_response(v: &Value) -> bool {
+    v.get("method").is_none() && (v.get("result").is_some() || v.get("error").is_some())
+}
+
+/// Of several messages, the response with our id; failing that, an error response without an
+/// id (a server that could not read the request answers so).
+fn pick_response(messages: impl Iterator<Item = Value>, id: u64) -> Option<Value> {
+    let mut anonymous_error = None;
+    for v in messages {
+        if !is_response(&v) {
+            continue;
+        }
+        match v.get("id") {
+            Some(x) if x.as_u64() == Some(id) => return Some(v),
+            None | Some(Value::Null) if v.get("error").is_some() && anonymous_error.is_none() => {
+                anonymous_error = Some(v);
+            }
+            _ => {}
+        }
+    }
+    anonymous_error
+}
+
+/// A JSON body: one JSON-RPC message as usual, or newline-delimited JSON (several messages, one
+/// per line: notifications the upstream sent before its answer), of which the response with our
+/// id is taken.
+fn find_json_response(body: &[u8], id: u64) -> Result<Value, UpstreamError> {
+    let whole = serde_json::from_slice::<Value>(body);
+    match whole {
+        Ok(v @ Value::Object(_)) => return Ok(v),
+        Ok(Value::Array(batch)) => {
+            return pick_response(batch.into_iter(), id)
+                .ok_or_else(|| UpstreamError::Malformed("no response in the batch".into()));
+        }
+        Ok(_) => return Err(UpstreamError::Malformed("not a JSON object".into())),
+        Err(e) if !body.contains(&b'\n') => return Err(UpstreamError::Malformed(e.to_string())),
+        Err(_) => {}
+    }
+    let mut lines = Vec::new();
+    for line in body.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let v = serde_json::from_slice::<Value>(line)
+            .map_err(|e| UpstreamError::Malformed(format!("NDJSON line: {e}")))?;
+        lines.push(v);
+    }
+    pick_response(lines.into_iter(), id)
+        .ok_or_else(|| UpstreamError::Malformed("no response among the JSON lines".into()))
+}
+
 /// Picks the JSON-RPC response with our id out of an SSE stream (skipping notifications and
 /// server requests the upstream interleaves).
 fn find_sse_response(body: &[u8], id: u64) -> Result<Value, UpstreamError> {
@@ -662,6 +760,25 @@ fn find_sse_response(body: &[u8], id: u64) -> Result<Value, UpstreamError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ndjson_and_batches_pick_our_response() {
+        let ndjson = b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{}}\n\
+{\"jsonrpc\":\"2.0\",\"id\":6,\"result\":{\"other\":true}}\r\n\
+{\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\n\n";
+        let v = find_json_response(ndjson, 7).expect("found");
+        assert_eq!(v["result"]["ok"], true);
+        assert!(find_json_response(ndjson, 8).is_err());
+        assert!(find_json_response(b"{\"a\":1}\n{bad", 1).is_err());
+        // One object is the answer whatever its id (a refusal may carry none).
+        let one = find_json_response(b"{\"jsonrpc\":\"2.0\",\"id\":\"x\",\"error\":{}}", 3);
+        assert!(one.expect("one")["error"].is_object());
+        let batch = br#"[{"jsonrpc":"2.0","id":1,"result":{}},{"jsonrpc":"2.0","id":2,"result":{"n":2}}]"#;
+        assert_eq!(find_json_response(batch, 2).expect("batch")["result"]["n"], 2);
+        let anon = b"{\"jsonrpc\":\"2.0\",\"method\":\"x\"}\n{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32700}}\n";
+        assert_eq!(find_json_response(anon, 9).expect("anon")["error"]["code"], -32700);
+        assert!(needs_permit("prompts/get") && !needs_permit("prompts/list"));
+    }
 
     #[test]
     fn sse_picks_our_response() {

@@ -56,14 +56,46 @@ pub fn is_input_required(result: &Map<String, Value>) -> bool {
 /// A final `tools/call` result for the client's revision. An `InputRequiredResult` for a
 /// handshake-era client is an error: that client cannot answer it.
 pub fn call_for_client(
+    result: Map<String, Value>,
+    modern: bool,
+) -> Result<Map<String, Value>, RpcError> {
+    result_for_client(result, modern, false)
+}
+
+/// Methods whose modern results are cacheable (`cacheScope`, `ttlMs`): the lists and
+/// `resources/read`.
+pub fn is_cacheable(method: &str) -> bool {
+    matches!(
+        method,
+        "tools/list"
+            | "resources/list"
+            | "resources/templates/list"
+            | "prompts/list"
+            | "resources/read"
+    )
+}
+
+/// A result of any method for the client's revision: `resultType` (and for a cacheable one
+/// `cacheScope: private` and `ttlMs`) added for a modern client, removed for a handshake-era
+/// one, to which an `InputRequiredResult` is an error.
+pub fn result_for_client(
     mut result: Map<String, Value>,
     modern: bool,
+    cacheable: bool,
 ) -> Result<Map<String, Value>, RpcError> {
     drop_upstream_identity(&mut result);
     if modern {
         result
             .entry("resultType")
             .or_insert_with(|| Value::from(COMPLETE));
+        if cacheable {
+            let ttl = result
+                .get("ttlMs")
+                .and_then(Value::as_u64)
+                .unwrap_or(DEFAULT_TTL_MS);
+            result.insert("cacheScope".into(), Value::from("private"));
+            result.insert("ttlMs".into(), Value::from(ttl));
+        }
         return Ok(result);
     }
     if is_input_required(&result) {
@@ -75,7 +107,9 @@ pub fn call_for_client(
             })),
         );
     }
-    result.remove("resultType");
+    for k in ["resultType", "cacheScope", "ttlMs"] {
+        result.remove(k);
+    }
     Ok(result)
 }
 
@@ -108,6 +142,22 @@ mod tests {
         assert!(m.get("_meta").is_none());
         let h = list_for_client(from_modern, false);
         assert_eq!(h, json!({"tools": []}));
+    }
+
+    #[test]
+    fn reads_are_private_and_plain_results_lose_modern_fields() {
+        let read = obj(json!({"contents": [], "cacheScope": "public", "ttlMs": 60000}));
+        let m = result_for_client(read.clone(), true, is_cacheable("resources/read"))
+            .expect("modern");
+        assert_eq!(m["cacheScope"], "private");
+        assert_eq!(m["ttlMs"], 60000);
+        assert_eq!(m["resultType"], "complete");
+        let h = result_for_client(read, false, true).expect("handshake");
+        assert_eq!(Value::Object(h), json!({"contents": []}));
+        let prompt = obj(json!({"messages": []}));
+        let m = result_for_client(prompt, true, is_cacheable("prompts/get")).expect("modern");
+        assert!(m.get("cacheScope").is_none());
+        assert!(!is_cacheable("completion/complete"));
     }
 
     #[test]
