@@ -494,7 +494,10 @@ impl Pipeline {
             amount: 1,
             limit: u64::MAX,
         };
-        let mut seen = vec![unit(format!("{agent_key}/{}", call.name())), unit(agent_key)];
+        let mut seen = vec![
+            unit(format!("{agent_key}/{}", call.name())),
+            unit(agent_key),
+        ];
         // Mirror the bundle's charges so the budget plugin's reads see this replica's usage.
         seen.extend(debits.iter().map(|d| Charge {
             key: d.key.clone(),

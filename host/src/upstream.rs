@@ -773,10 +773,17 @@ mod tests {
         // One object is the answer whatever its id (a refusal may carry none).
         let one = find_json_response(b"{\"jsonrpc\":\"2.0\",\"id\":\"x\",\"error\":{}}", 3);
         assert!(one.expect("one")["error"].is_object());
-        let batch = br#"[{"jsonrpc":"2.0","id":1,"result":{}},{"jsonrpc":"2.0","id":2,"result":{"n":2}}]"#;
-        assert_eq!(find_json_response(batch, 2).expect("batch")["result"]["n"], 2);
+        let batch =
+            br#"[{"jsonrpc":"2.0","id":1,"result":{}},{"jsonrpc":"2.0","id":2,"result":{"n":2}}]"#;
+        assert_eq!(
+            find_json_response(batch, 2).expect("batch")["result"]["n"],
+            2
+        );
         let anon = b"{\"jsonrpc\":\"2.0\",\"method\":\"x\"}\n{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32700}}\n";
-        assert_eq!(find_json_response(anon, 9).expect("anon")["error"]["code"], -32700);
+        assert_eq!(
+            find_json_response(anon, 9).expect("anon")["error"]["code"],
+            -32700
+        );
         assert!(needs_permit("prompts/get") && !needs_permit("prompts/list"));
     }
 

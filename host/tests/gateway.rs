@@ -175,7 +175,7 @@ async fn bad_input_gets_clear_errors_and_server_keeps_serving() {
         post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":7}}"#.to_vec())
             .await;
     assert_eq!((s, code_of(&b)), (200, -32602));
-    let (s, _, b) = post(br#"{"jsonrpc":"2.0","id":1,"method":"resources/list"}"#.to_vec()).await;
+    let (s, _, b) = post(br#"{"jsonrpc":"2.0","id":1,"method":"no/such_method"}"#.to_vec()).await;
     assert_eq!((s, code_of(&b)), (200, -32601));
     let (s, _, b) = post(vec![b' '; 10_000]).await;
     assert_eq!((s, code_of(&b)), (413, -32600));

@@ -172,7 +172,13 @@ pub(crate) async fn python_client(
 }
 
 /// A TypeScript client (`v1` or `v2`) in `mode` (legacy, auto, pin), through the gateway.
-pub(crate) async fn ts_client(gw: &TestGateway, token: &str, client: &str, mode: &str, steps: Value) -> Value {
+pub(crate) async fn ts_client(
+    gw: &TestGateway,
+    token: &str,
+    client: &str,
+    mode: &str,
+    steps: Value,
+) -> Value {
     require_tools();
     let mut cmd = Command::new("node");
     cmd.arg(dir().join("clients.mjs"))
@@ -454,9 +460,12 @@ async fn stateless_era_raw_protocol() {
         assert_eq!(r["resultType"], "complete", "{ctx}: {d}");
         assert_eq!(r["cacheScope"], "private", "{ctx}: {d}");
         assert!(r["ttlMs"].is_u64(), "{ctx}: {d}");
+        // What the upstream offers and the gateway proxies, without the notifications and
+        // subscriptions it does not relay.
         assert_eq!(
             r["capabilities"],
-            json!({"tools": {"listChanged": false}}),
+            json!({"tools": {"listChanged": false}, "prompts": {"listChanged": false},
+                   "resources": {"listChanged": false, "subscribe": false}}),
             "{ctx}: {d}"
         );
         assert!(

@@ -47,9 +47,11 @@ fn marker(name: &str) -> String {
 }
 
 async fn full_token(gw: &TestGateway) -> (String, String) {
-    gw.mint(json!({"subject": "agent-kinds", "tenant": "acme", "ttl_seconds": 600,
-                   "tools": ["*"]}))
-        .await
+    gw.mint(
+        json!({"subject": "agent-kinds", "tenant": "acme", "ttl_seconds": 600,
+                   "tools": ["*"]}),
+    )
+    .await
 }
 
 /// What reached the upstream, by the log's `tool` (`resource:<uri>`, `prompt:<name>`, ...).
@@ -185,7 +187,9 @@ print(attenuate(sys.argv[1], extra=[
     let out = Command::new("python3")
         .args(["-c", SCRIPT, parent])
         .output()
-        .unwrap_or_else(|e| panic!("python3: {e}; run pip install -r tests/interop/requirements.txt"));
+        .unwrap_or_else(|e| {
+            panic!("python3: {e}; run pip install -r tests/interop/requirements.txt")
+        });
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(
         out.status.success() && !text.starts_with("IMPORT-ERROR"),
@@ -253,7 +257,10 @@ async fn scoped_token_sees_and_reaches_only_its_resources_and_prompts() {
             assert_eq!(r["ok"], false, "{ctx}: step {i} refused: {out}");
             assert_eq!(r["code"], CAPABILITY, "{ctx}: step {i}: {r}");
         }
-        assert_eq!(result_of(&out, 6, &ctx)["text"], json!([format!("Say hello to {m}")]));
+        assert_eq!(
+            result_of(&out, 6, &ctx)["text"],
+            json!([format!("Say hello to {m}")])
+        );
         assert_eq!(result_of(&out, 9, &ctx)["values"], json!(["bob"]));
         assert_eq!(
             reached(up, &m),
@@ -283,8 +290,15 @@ async fn scoped_token_sees_and_reaches_only_its_resources_and_prompts() {
             .iter()
             .filter(|e| e["tool"] == target && e["decision"] == "block")
             .collect();
-        assert_eq!(denied.len(), 2, "{target}: once per client mode: {events:?}");
-        assert!(denied.iter().all(|e| e["check"] == "capability"), "{denied:?}");
+        assert_eq!(
+            denied.len(),
+            2,
+            "{target}: once per client mode: {events:?}"
+        );
+        assert!(
+            denied.iter().all(|e| e["check"] == "capability"),
+            "{denied:?}"
+        );
     }
     assert!(
         events
@@ -311,8 +325,14 @@ decision := {"allow": false, "reason": sprintf("%s %s is off limits", [input.kin
 async fn modern(gw: &TestGateway, token: &str, body: &Value) -> (u16, Value) {
     let method = body["method"].as_str().unwrap_or("").to_owned();
     let p = &body["params"];
-    let name = p["name"].as_str().or_else(|| p["uri"].as_str()).map(str::to_owned);
-    let mut h = vec![("mcp-protocol-version", MODERN), ("mcp-method", method.as_str())];
+    let name = p["name"]
+        .as_str()
+        .or_else(|| p["uri"].as_str())
+        .map(str::to_owned);
+    let mut h = vec![
+        ("mcp-protocol-version", MODERN),
+        ("mcp-method", method.as_str()),
+    ];
     if let Some(n) = &name {
         h.push(("mcp-name", n.as_str()));
     }
@@ -345,7 +365,10 @@ async fn policy_sees_the_kind_and_headers_must_agree() {
     let r = &ok["result"];
     assert_eq!(r["contents"][0]["text"], format!("note about {m}"), "{ok}");
     assert_eq!(r["resultType"], "complete", "{ok}");
-    assert_eq!(r["cacheScope"], "private", "a decided read is per token: {ok}");
+    assert_eq!(
+        r["cacheScope"], "private",
+        "a decided read is per token: {ok}"
+    );
     assert!(r["ttlMs"].is_u64(), "{ok}");
     assert_eq!(r["_intentgate"]["decision"], "allow", "{ok}");
 
@@ -359,14 +382,20 @@ async fn policy_sees_the_kind_and_headers_must_agree() {
     );
     let events = audit_events(&gw).await;
     assert!(
-        events.iter().any(|e| e["tool"] == format!("resource:{forbidden}")
-            && e["check"] == "policy"
-            && e["decision"] == "block"),
+        events
+            .iter()
+            .any(|e| e["tool"] == format!("resource:{forbidden}")
+                && e["check"] == "policy"
+                && e["decision"] == "block"),
         "{events:?}"
     );
 
     // Headers that disagree with the body: refused before any check, nothing forwarded.
-    let body = modern_body(3, "prompts/get", json!({"name": "greet", "arguments": {"name": m}}));
+    let body = modern_body(
+        3,
+        "prompts/get",
+        json!({"name": "greet", "arguments": {"name": m}}),
+    );
     for (method, name) in [("prompts/get", "summarize"), ("prompts/list", "greet")] {
         let (s, _, v) = post(
             &gw,
@@ -401,7 +430,10 @@ async fn policy_sees_the_kind_and_headers_must_agree() {
     );
     let (s, v) = modern(&gw, &tok, &body).await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(v["result"]["messages"][0]["content"]["text"], format!("Say hello to {m}"));
+    assert_eq!(
+        v["result"]["messages"][0]["content"]["text"],
+        format!("Say hello to {m}")
+    );
 
     // A target that names nothing is invalid; the stateless era has no subscribe pair.
     let (s, v) = modern(&gw, &tok, &modern_body(5, "resources/read", json!({}))).await;
@@ -412,7 +444,13 @@ async fn policy_sees_the_kind_and_headers_must_agree() {
         &modern_body(6, "resources/subscribe", json!({"uri": "note://x"})),
     )
     .await;
-    assert_rpc_error(s, &v, 404, METHOD_NOT_FOUND, "subscribe in the stateless era");
+    assert_rpc_error(
+        s,
+        &v,
+        404,
+        METHOD_NOT_FOUND,
+        "subscribe in the stateless era",
+    );
 
     // -32022 names the revisions server/discover advertises.
     let (_, d) = modern(&gw, &tok, &modern_body(7, "server/discover", json!({}))).await;
@@ -434,9 +472,7 @@ async fn policy_sees_the_kind_and_headers_must_agree() {
         "{v} vs {d}"
     );
     // Handshake-era logging/setLevel is acknowledged, with a typed error for a bad level.
-    let level = |id: u64, l: &str| {
-        json!({"jsonrpc": "2.0", "id": id, "method": "logging/setLevel", "params": {"level": l}})
-    };
+    let level = |id: u64, l: &str| json!({"jsonrpc": "2.0", "id": id, "method": "logging/setLevel", "params": {"level": l}});
     let (_, _, v) = post(&gw, &tok, &[], &level(9, "warning")).await;
     assert_eq!(v["result"], json!({}), "{v}");
     let (_, _, v) = post(&gw, &tok, &[], &level(10, "loud")).await;
@@ -458,9 +494,7 @@ async fn policy_sees_the_kind_and_headers_must_agree() {
         .and_then(|v| v.to_str().ok())
         .expect("session")
         .to_owned();
-    let sub = |id: u64, uri: &str| {
-        json!({"jsonrpc": "2.0", "id": id, "method": "resources/subscribe", "params": {"uri": uri}})
-    };
+    let sub = |id: u64, uri: &str| json!({"jsonrpc": "2.0", "id": id, "method": "resources/subscribe", "params": {"uri": uri}});
     let session = [("mcp-session-id", sid.as_str())];
     let (_, _, ok) = post(&gw, &tok, &session, &sub(2, &format!("note://sub-{m}"))).await;
     assert!(ok["result"].is_object(), "{ok}");
@@ -471,14 +505,25 @@ async fn policy_sees_the_kind_and_headers_must_agree() {
     let (_, _, v) = post(&gw, &tok, &session, &unsub).await;
     assert!(v["result"].is_object(), "{v}");
     let all = reached(up, "");
-    assert!(all.contains(&format!("subscribe:note://sub-{m}")), "{all:?}");
-    assert!(all.contains(&format!("unsubscribe:note://sub-{m}")), "{all:?}");
+    assert!(
+        all.contains(&format!("subscribe:note://sub-{m}")),
+        "{all:?}"
+    );
+    assert!(
+        all.contains(&format!("unsubscribe:note://sub-{m}")),
+        "{all:?}"
+    );
     assert!(!all.contains(&format!("subscribe:{forbidden}")), "{all:?}");
     gw.shutdown().await;
 }
 
 /// A raw request with explicit `Host` and `Origin`.
-async fn with_host(gw: &TestGateway, token: &str, host: &str, origin: Option<&str>) -> (u16, Value) {
+async fn with_host(
+    gw: &TestGateway,
+    token: &str,
+    host: &str,
+    origin: Option<&str>,
+) -> (u16, Value) {
     let auth = format!("Bearer {token}");
     let mut h = vec![
         ("content-type", "application/json"),
@@ -515,7 +560,11 @@ async fn host_and_origin_are_checked() {
         (local.as_str(), Some("http://127.0.0.1:5173")),
     ] {
         let (s, v) = with_host(&gw, &tok, host, origin).await;
-        assert_eq!((s, &v["result"]), (200, &json!({})), "{host} {origin:?}: {v}");
+        assert_eq!(
+            (s, &v["result"]),
+            (200, &json!({})),
+            "{host} {origin:?}: {v}"
+        );
     }
     for (host, origin) in [
         ("evil.example", None),
@@ -589,11 +638,17 @@ async fn delete_ends_the_session_everywhere() {
             let (s, _, b) = http::send(
                 "DELETE",
                 &url,
-                &[("authorization", auth.as_str()), ("mcp-session-id", sid.as_str())],
+                &[
+                    ("authorization", auth.as_str()),
+                    ("mcp-session-id", sid.as_str()),
+                ],
                 Vec::new(),
             )
             .await;
-            (s, serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null))
+            (
+                s,
+                serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
+            )
         }
     };
     let (s, _) = delete(&a, &other).await;
@@ -602,10 +657,18 @@ async fn delete_ends_the_session_everywhere() {
     assert_eq!(s, 204);
     for gw in [&a, &b] {
         let (s, _, v) = post(gw, &tok, &[("mcp-session-id", &sid)], &list).await;
-        assert_eq!((s, &v["error"]["code"]), (404, &json!(-32001)), "ended: {v}");
+        assert_eq!(
+            (s, &v["error"]["code"]),
+            (404, &json!(-32001)),
+            "ended: {v}"
+        );
     }
     let (s, v) = delete(&b, &tok).await;
-    assert_eq!((s, &v["error"]["code"]), (404, &json!(-32001)), "already ended: {v}");
+    assert_eq!(
+        (s, &v["error"]["code"]),
+        (404, &json!(-32001)),
+        "already ended: {v}"
+    );
     let (s, v) = delete(&b, "not-a-token").await;
     assert_eq!((s, &v["error"]["code"]), (401, &json!(CAPABILITY)), "{v}");
     a.shutdown().await;
@@ -630,35 +693,46 @@ async fn framing_upstream(sse: bool) -> String {
                 return;
             };
             tokio::spawn(async move {
-                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
-                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                    let rpc: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                    let id = rpc["id"].clone();
-                    let result = match rpc["method"].as_str() {
-                        Some("server/discover") => json!({"supportedVersions": [MODERN],
+                let service = service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let rpc: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                        let id = rpc["id"].clone();
+                        let result = match rpc["method"].as_str() {
+                            Some("server/discover") => json!({"supportedVersions": [MODERN],
                             "capabilities": {"resources": {}}, "resultType": "complete",
                             "cacheScope": "public", "ttlMs": 0}),
-                        _ => json!({"contents": [{"uri": rpc["params"]["uri"],
+                            _ => json!({"contents": [{"uri": rpc["params"]["uri"],
                             "text": format!("framed {}", rpc["params"]["uri"].as_str().unwrap_or(""))}],
                             "resultType": "complete"}),
-                    };
-                    let note = json!({"jsonrpc": "2.0", "method": "notifications/message",
+                        };
+                        let note = json!({"jsonrpc": "2.0", "method": "notifications/message",
                                       "params": {"level": "info", "data": "working"}});
-                    let other = json!({"jsonrpc": "2.0", "id": 999_999, "result": {}});
-                    let answer = json!({"jsonrpc": "2.0", "id": id, "result": result});
-                    let (ctype, text) = if sse {
-                        ("text/event-stream", format!(
-                            "event: message\ndata: {note}\n\nevent: message\ndata: {other}\n\nevent: message\ndata: {answer}\n\n"))
-                    } else {
-                        ("application/json", format!("{note}\n{other}\n{answer}\n"))
-                    };
-                    Ok::<_, std::convert::Infallible>(
-                        hyper::Response::builder()
-                            .header("content-type", ctype)
-                            .body(Full::new(bytes::Bytes::from(text)))
-                            .expect("response"),
-                    )
-                });
+                        let other = json!({"jsonrpc": "2.0", "id": 999_999, "result": {}});
+                        let answer = json!({"jsonrpc": "2.0", "id": id, "result": result});
+                        let (ctype, text) = if sse {
+                            (
+                                "text/event-stream",
+                                format!(
+                                    "event: message\ndata: {note}\n\nevent: message\ndata: {other}\n\nevent: message\ndata: {answer}\n\n"
+                                ),
+                            )
+                        } else {
+                            ("application/json", format!("{note}\n{other}\n{answer}\n"))
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header("content-type", ctype)
+                                .body(Full::new(bytes::Bytes::from(text)))
+                                .expect("response"),
+                        )
+                    },
+                );
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;

@@ -134,8 +134,10 @@ mod tests {
         };
         assert_eq!(discover_result(&none)["capabilities"], json!({}));
         let all = UpstreamProfile {
-            capabilities: Some(json!({"resources": {"subscribe": true, "listChanged": true},
-                                      "completions": {}})),
+            capabilities: Some(
+                json!({"resources": {"subscribe": true, "listChanged": true},
+                                      "completions": {}}),
+            ),
             instructions: None,
         };
         assert_eq!(

@@ -228,7 +228,11 @@ mod tests {
         assert_eq!(e.code, code::UNSUPPORTED_VERSION);
         let data = e.data.expect("data");
         assert_eq!(data["requested"], "2031-01-01");
-        assert_eq!(data["supported"], json!(MODERN_VERSIONS), "as server/discover");
+        assert_eq!(
+            data["supported"],
+            json!(MODERN_VERSIONS),
+            "as server/discover"
+        );
         let number =
             p(json!({"_meta": {meta::PROTOCOL_VERSION: 5, meta::CLIENT_CAPABILITIES: {}}}));
         let e = envelope_version(envelope_shape(&number).expect("shape")).expect_err("refused");

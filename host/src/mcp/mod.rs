@@ -271,7 +271,10 @@ fn no_session() -> RpcError {
 /// token must be the one that opened it (another token's, an unknown or an ended session is
 /// 404, as for any request); without a token 401, without a session id 400.
 async fn end_session(gw: &Gateway, headers: &hyper::HeaderMap) -> Response<Body> {
-    let grant = match http::bearer(headers).ok_or(None).and_then(|t| gw.authenticate(t).map_err(Some)) {
+    let grant = match http::bearer(headers)
+        .ok_or(None)
+        .and_then(|t| gw.authenticate(t).map_err(Some))
+    {
         Ok(g) => g,
         Err(e) => {
             let err = RpcError::new(code::CAPABILITY, "capability check failed")
@@ -280,8 +283,9 @@ async fn end_session(gw: &Gateway, headers: &hyper::HeaderMap) -> Response<Body>
         }
     };
     let Some(id) = http::header_str(headers, SESSION_HEADER) else {
-        let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request")
-            .with_data(Value::from("DELETE needs the Mcp-Session-Id of the session to end"));
+        let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request").with_data(Value::from(
+            "DELETE needs the Mcp-Session-Id of the session to end",
+        ));
         return bad_request(None, &err);
     };
     let claims = match gw.sessions.verify(id) {
@@ -394,8 +398,11 @@ fn set_level(rpc: &RpcRequest) -> Result<Value, RpcError> {
     ];
     match rpc.param_str("level") {
         Some(l) if LEVELS.contains(&l) => Ok(json!({})),
-        _ => Err(RpcError::new(code::INVALID_PARAMS, "Invalid params")
-            .with_data(Value::from(format!("params.level must be one of {LEVELS:?}")))),
+        _ => Err(
+            RpcError::new(code::INVALID_PARAMS, "Invalid params").with_data(Value::from(format!(
+                "params.level must be one of {LEVELS:?}"
+            ))),
+        ),
     }
 }
 

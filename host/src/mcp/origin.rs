@@ -153,11 +153,16 @@ mod tests {
     #[test]
     fn authorities_split() {
         assert_eq!(split_host("localhost"), Some(("localhost", None)));
-        assert_eq!(split_host("127.0.0.1:8080"), Some(("127.0.0.1", Some(8080))));
+        assert_eq!(
+            split_host("127.0.0.1:8080"),
+            Some(("127.0.0.1", Some(8080)))
+        );
         assert_eq!(split_host("[::1]:80"), Some(("::1", Some(80))));
         assert_eq!(split_host("[::1]"), Some(("::1", None)));
         assert_eq!(split_host("::1"), Some(("::1", None)));
-        for bad in ["", ":80", "a:b", "a b", "[::1", "[::1]x", "u@h", "h/p", "h:99999"] {
+        for bad in [
+            "", ":80", "a:b", "a b", "[::1", "[::1]x", "u@h", "h/p", "h:99999",
+        ] {
             assert_eq!(split_host(bad), None, "{bad}");
         }
         assert_eq!(
@@ -183,7 +188,16 @@ mod tests {
 
     #[test]
     fn other_listeners_and_configured_lists() {
-        assert!(check(ANY, &[], &[], Some("gw.example"), Some("https://app.example")).is_ok());
+        assert!(
+            check(
+                ANY,
+                &[],
+                &[],
+                Some("gw.example"),
+                Some("https://app.example")
+            )
+            .is_ok()
+        );
         assert!(check(ANY, &[], &[], None, None).is_ok());
         let hosts = list(&["gw.example", "localhost:9000"]);
         assert!(check(ANY, &hosts, &[], Some("GW.example:443"), None).is_ok());

@@ -72,7 +72,10 @@ impl Target {
             return Err(invalid("params.ref must be an object"));
         };
         let (kind, name) = match reference.get("type").and_then(Value::as_str) {
-            Some("ref/prompt") => (Kind::Prompt, non_empty(reference, "name", "params.ref.name")?),
+            Some("ref/prompt") => (
+                Kind::Prompt,
+                non_empty(reference, "name", "params.ref.name")?,
+            ),
             Some("ref/resource") => (
                 Kind::Resource,
                 non_empty(reference, "uri", "params.ref.uri")?,
@@ -111,16 +114,19 @@ mod tests {
     #[test]
     fn each_kind_decodes() {
         let r = decode("resources/read", json!({"uri": "file:///a", "_meta": {}})).expect("read");
-        assert_eq!(
-            (r.kind, r.name.as_str()),
-            (CallKind::Resource, "file:///a")
-        );
+        assert_eq!((r.kind, r.name.as_str()), (CallKind::Resource, "file:///a"));
         assert_eq!(r.arguments, json!({"operation": "read"}));
         let s = decode("resources/subscribe", json!({"uri": "file:///a"})).expect("subscribe");
         assert_eq!(s.arguments, json!({"operation": "subscribe"}));
-        let p = decode("prompts/get", json!({"name": "greet", "arguments": {"who": "x"}}))
-            .expect("prompt");
-        assert_eq!((p.kind, p.arguments), (CallKind::Prompt, json!({"who": "x"})));
+        let p = decode(
+            "prompts/get",
+            json!({"name": "greet", "arguments": {"who": "x"}}),
+        )
+        .expect("prompt");
+        assert_eq!(
+            (p.kind, p.arguments),
+            (CallKind::Prompt, json!({"who": "x"}))
+        );
         let c = decode(
             "completion/complete",
             json!({"ref": {"type": "ref/resource", "uri": "db://{table}"},
@@ -143,10 +149,19 @@ mod tests {
             ("resources/subscribe", json!({"uri": 5})),
             ("prompts/get", json!({"name": "p", "arguments": []})),
             ("prompts/get", json!({})),
-            ("completion/complete", json!({"ref": {"type": "ref/prompt"}, "argument": {}})),
-            ("completion/complete", json!({"ref": {"type": "ref/tool", "name": "x"},
-                                           "argument": {}})),
-            ("completion/complete", json!({"ref": {"type": "ref/prompt", "name": "x"}})),
+            (
+                "completion/complete",
+                json!({"ref": {"type": "ref/prompt"}, "argument": {}}),
+            ),
+            (
+                "completion/complete",
+                json!({"ref": {"type": "ref/tool", "name": "x"},
+                                           "argument": {}}),
+            ),
+            (
+                "completion/complete",
+                json!({"ref": {"type": "ref/prompt", "name": "x"}}),
+            ),
         ] {
             let e = decode(method, params.clone()).expect_err("refused");
             assert_eq!(e.code, code::INVALID_PARAMS, "{method} {params}");

@@ -5,7 +5,7 @@
 
 use hyper::header::HeaderValue;
 use hyper::{Response, StatusCode};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use super::call::Invocation;
 use super::era::Era;

@@ -147,8 +147,8 @@ mod tests {
     #[test]
     fn reads_are_private_and_plain_results_lose_modern_fields() {
         let read = obj(json!({"contents": [], "cacheScope": "public", "ttlMs": 60000}));
-        let m = result_for_client(read.clone(), true, is_cacheable("resources/read"))
-            .expect("modern");
+        let m =
+            result_for_client(read.clone(), true, is_cacheable("resources/read")).expect("modern");
         assert_eq!(m["cacheScope"], "private");
         assert_eq!(m["ttlMs"], 60000);
         assert_eq!(m["resultType"], "complete");

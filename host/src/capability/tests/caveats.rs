@@ -112,12 +112,18 @@ fn resource_and_prompt_caveats_restrict_their_kind_only() {
     wrong.servers = vec!["s".into()];
     assert!(matches!(
         auth(&attenuate(&m.token, vec![wrong])),
-        Err(CapabilityError::MalformedCaveat { kind: "resource_deny", .. })
+        Err(CapabilityError::MalformedCaveat {
+            kind: "resource_deny",
+            ..
+        })
     ));
     let bad_glob = attenuate(&m.token, vec![Caveat::scoped("prompt_deny", ["[a"])]);
     assert!(matches!(
         auth(&bad_glob),
-        Err(CapabilityError::MalformedCaveat { kind: "prompt_deny", .. })
+        Err(CapabilityError::MalformedCaveat {
+            kind: "prompt_deny",
+            ..
+        })
     ));
 }
 

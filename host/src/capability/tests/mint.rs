@@ -115,6 +115,7 @@ fn round_trip_surfaces_identity_and_limits() {
         ]
     );
     let ok = CallContext {
+        kind: Kind::Tool,
         tool: "read_x",
         agent: Some("bot"),
         server: Some("erp-1"),
