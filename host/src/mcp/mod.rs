@@ -69,8 +69,13 @@ fn bad_request(id: Option<&Id>, err: &RpcError) -> Response<Body> {
     rpc_response(StatusCode::BAD_REQUEST, id, err)
 }
 
-fn method_not_allowed() -> Response<Body> {
-    let mut resp = http::status(StatusCode::METHOD_NOT_ALLOWED);
+/// `405` for a GET stream (not served) or a DELETE where no session can end, with a typed
+/// JSON-RPC error like every other refusal.
+fn method_not_allowed(method: &Method) -> Response<Body> {
+    let err = RpcError::new(code::INVALID_REQUEST, "Method not allowed").with_data(Value::from(
+        format!("{method} is not served on this endpoint in this revision; use POST"),
+    ));
+    let mut resp = rpc_response(StatusCode::METHOD_NOT_ALLOWED, None, &err);
     resp.headers_mut()
         .insert(ALLOW, HeaderValue::from_static("POST"));
     resp
@@ -118,7 +123,7 @@ pub async fn handle(
             return end_session(gw, req.headers()).await;
         }
         // No GET stream in either era here; none at all in the stateless one.
-        _ => return method_not_allowed(),
+        (m, _) => return method_not_allowed(m),
     }
     let (parts, body) = req.into_parts();
     // Authenticate from the header before reading the body (decode, HMAC chain, revocation
