@@ -440,3 +440,48 @@ async fn a_call_without_a_token_is_refused_before_its_body_is_read() {
     }
     tg.shutdown().await;
 }
+
+/// Issue 13 (idle costs nothing): a replica's revocation feed is woken by the revoking
+/// replica's `NOTIFY`, not by polling. With a 300 s staleness limit its fallback poll is 60 s
+/// apart, so only the notification can make the revocation reach it within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_another_replica_by_notification() {
+    let url = tokio::task::spawn_blocking(|| {
+        intentgate::testkit::PgServer::shared().and_then(|pg| pg.fresh_database())
+    })
+    .await
+    .expect("postgres task")
+    .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    let slow_poll = ["--demo", "--revocation-max-staleness-secs", "300"];
+    let a = gateway::start(Backend::Postgres(url.clone()), None, &slow_poll).await;
+    let b = gateway::start(Backend::Postgres(url), None, &slow_poll).await;
+    let (token, jti) = a.mint(json!({"subject": "alice", "tools": ["echo"]})).await;
+    let ok = b.tool_call(&token, "echo", json!({"text": "x"})).await;
+    assert!(ok.get("result").is_some(), "{ok}");
+    let (status, _) = post_json(
+        &format!("{}/v1/admin/revoke", a.url),
+        Some(ADMIN_TOKEN),
+        &json!({"jti": jti, "reason": "test"}),
+    )
+    .await;
+    assert_eq!(status, 204);
+    let mut refused = None;
+    for _ in 0..50 {
+        let v = b.tool_call(&token, "echo", json!({"text": "x"})).await;
+        if v["error"]["code"] == -32010 {
+            refused = Some(v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = refused.expect("replica b still allows the token 5 s after it was revoked");
+    assert!(
+        refused["error"]["data"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("revoked"),
+        "{refused}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}

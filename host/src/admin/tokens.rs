@@ -191,6 +191,17 @@ pub async fn revoke(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, 
     }
     // Take effect on this replica now, not at the next feed poll.
     gw.revocations.extend(std::iter::once(jti.to_owned()));
+    // Wake every other replica's feed (PostgreSQL). If the notification is lost, their
+    // fallback poll reads the revocation within a third of the staleness limit.
+    if let crate::store::Db::Postgres(pool) = gw.store.db() {
+        let notified = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(crate::server::REVOCATIONS_CHANNEL)
+            .execute(&pool)
+            .await;
+        if let Err(e) = notified {
+            tracing::warn!("revoke: could not notify the other replicas: {e}");
+        }
+    }
     Ok(http::status(StatusCode::NO_CONTENT))
 }
 
