@@ -8,6 +8,12 @@
 //! - `resources/unsubscribe`: authenticated and forwarded (it only narrows what the upstream
 //!   sends).
 //!
+//! A stateless (2026-07-28) upstream has no subscribe pair (its subscriptions are a
+//! `subscriptions/listen` stream, not opened yet): a permitted `resources/subscribe` and an
+//! `resources/unsubscribe` of a handshake-era client are acknowledged by the gateway itself.
+//! Update notifications reach no client yet, whichever the upstream's revision (the gateway
+//! advertises `subscribe: false`).
+//!
 //! This module must never forward a target the pipeline did not permit, and never list an
 //! entry the token may not use.
 
@@ -20,7 +26,7 @@ use super::{CallContext, passthrough_error, translate, upstream_rpc_error};
 use crate::capability::Kind;
 use crate::http;
 use crate::pipeline::{ToolCall, decision_summary};
-use crate::upstream::{Reply, UpstreamError};
+use crate::upstream::{Reply, Upstream, UpstreamEra, UpstreamError};
 
 /// A list method: the result member holding the entries, the entry field that names one, and
 /// the kind of caveat that governs it.
@@ -48,6 +54,13 @@ fn result_object(reply: Reply, method: &str) -> Result<Map<String, Value>, RpcEr
         )))),
         Reply::Error(e) => Err(passthrough_error(e)),
     }
+}
+
+/// Whether `method` is a subscribe/unsubscribe the upstream cannot take (a stateless upstream),
+/// so the gateway acknowledges it.
+async fn acknowledged_here(upstream: &Upstream, method: &str) -> bool {
+    matches!(method, "resources/subscribe" | "resources/unsubscribe")
+        && matches!(upstream.era().await, Ok(UpstreamEra::Modern(_)))
 }
 
 impl CallContext<'_> {
@@ -126,6 +139,9 @@ impl CallContext<'_> {
                 .await;
             return Err(upstream_rpc_error(&e));
         };
+        if acknowledged_here(upstream, method).await {
+            return Ok(json!({"_intentgate": decision_summary(&permit)}));
+        }
         // The body the target was decoded from, as decided (envelope keys are the upstream
         // client's to write for its own hop).
         let reply = match upstream
@@ -157,6 +173,9 @@ impl CallContext<'_> {
         let Some(upstream) = self.gw.upstream.as_ref() else {
             return Err(upstream_rpc_error(&UpstreamError::NotConfigured));
         };
+        if acknowledged_here(upstream, method).await {
+            return Ok(json!({}));
+        }
         let reply = upstream
             .forward(method, rpc.params.clone(), self.relay())
             .await
