@@ -50,10 +50,7 @@ const KNOWN_GAPS: &str = "\
 2025-11-25 elicitation-sep1330-enums: the upstream's elicitation/create is not relayed to the client
 2025-11-25 tools-call-elicitation: the upstream's elicitation/create is not relayed to the client
 2025-11-25 tools-call-sampling: the upstream's sampling/createMessage is not relayed to the client
-2025-11-25 tools-call-with-logging: log notifications are dropped (logging/setLevel is acknowledged by the gateway, not forwarded)
-2025-11-25 tools-call-with-progress: progress notifications are dropped: the upstream's SSE stream is read whole, only the answer is sent
 2026-07-28 http-custom-header-server-validation: Mcp-Param-* headers are not forwarded upstream, which refuses the call (-32020, header absent)
-2026-07-28 tools-call-with-progress: progress notifications are dropped: the upstream's SSE stream is read whole, only the answer is sent
 ";
 
 /// One line per scenario, as in [`KNOWN_GAPS`]: the scenarios the upstream (TypeScript SDK 2.4.0)

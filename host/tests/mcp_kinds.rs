@@ -723,19 +723,25 @@ async fn framing_upstream(sse: bool) -> String {
                             "text": format!("framed {}", rpc["params"]["uri"].as_str().unwrap_or(""))}],
                             "resultType": "complete"}),
                         };
-                        let note = json!({"jsonrpc": "2.0", "method": "notifications/message",
-                                      "params": {"level": "info", "data": "working"}});
-                        let other = json!({"jsonrpc": "2.0", "id": 999_999, "result": {}});
+                        let token = rpc["params"]["_meta"]["progressToken"].clone();
+                        let notes = [
+                            json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                                   "params": {"progressToken": token, "progress": 50}}),
+                            json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                                   "params": {"progressToken": "someone-else", "progress": 1}}),
+                            json!({"jsonrpc": "2.0", "method": "notifications/message",
+                                   "params": {"level": "info", "data": "working"}}),
+                            json!({"jsonrpc": "2.0", "method": "notifications/resources/updated",
+                                   "params": {"uri": "note://framed"}}),
+                            json!({"jsonrpc": "2.0", "id": 999_999, "result": {}}),
+                        ];
                         let answer = json!({"jsonrpc": "2.0", "id": id, "result": result});
-                        let (ctype, text) = if sse {
-                            (
-                                "text/event-stream",
-                                format!(
-                                    "event: message\ndata: {note}\n\nevent: message\ndata: {other}\n\nevent: message\ndata: {answer}\n\n"
-                                ),
-                            )
+                        let all = notes.iter().chain([&answer]);
+                        let (ctype, text): (&str, String) = if sse {
+                            let events = all.map(|m| format!("event: message\ndata: {m}\n\n"));
+                            ("text/event-stream", events.collect())
                         } else {
-                            ("application/json", format!("{note}\n{other}\n{answer}\n"))
+                            ("application/json", all.map(|m| format!("{m}\n")).collect())
                         };
                         Ok::<_, std::convert::Infallible>(
                             hyper::Response::builder()
@@ -754,25 +760,76 @@ async fn framing_upstream(sse: bool) -> String {
     format!("http://{addr}/mcp")
 }
 
+/// The JSON messages of an SSE body, in order.
+fn sse_messages(body: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).expect("event data is JSON"))
+        .collect()
+}
+
 /// An upstream answering newline-delimited JSON, or several SSE events, is read for the
-/// response to the request (notifications and other responses around it are skipped).
+/// response to the request; the progress of that request and log messages sent before it are
+/// relayed to a client that accepts an event stream (another request's progress, other
+/// notifications and other responses are not), and dropped for one that accepts only JSON.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_ndjson_and_several_sse_events() {
     for sse in [false, true] {
         let url = framing_upstream(sse).await;
         let gw = gateway::start(Backend::Sqlite, Some(&url), &[]).await;
         let (tok, _) = full_token(&gw).await;
-        let (s, v) = modern(
-            &gw,
-            &tok,
-            &modern_body(1, "resources/read", json!({"uri": "note://framed"})),
-        )
-        .await;
-        assert_eq!(s, 200, "sse={sse}: {v}");
-        assert_eq!(
-            v["result"]["contents"][0]["text"], "framed note://framed",
-            "sse={sse}: {v}"
-        );
+        let mut body = modern_body(1, "resources/read", json!({"uri": "note://framed"}));
+        body["params"]["_meta"]["progressToken"] = json!("tok-1");
+        let auth = format!("Bearer {tok}");
+        for accept in ["application/json, text/event-stream", "application/json"] {
+            let (s, h, b) = http::send(
+                "POST",
+                &format!("{}/v1/mcp", gw.url),
+                &[
+                    ("content-type", "application/json"),
+                    ("accept", accept),
+                    ("authorization", auth.as_str()),
+                    ("mcp-protocol-version", MODERN),
+                    ("mcp-method", "resources/read"),
+                    ("mcp-name", "note://framed"),
+                ],
+                serde_json::to_vec(&body).expect("json"),
+            )
+            .await;
+            let ctx = format!("sse={sse}, accept {accept}");
+            assert_eq!(s, 200, "{ctx}: {}", String::from_utf8_lossy(&b));
+            let ctype = h
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let streamed = accept.contains("event-stream");
+            let messages = if streamed {
+                assert_eq!(ctype, "text/event-stream", "{ctx}");
+                sse_messages(&b)
+            } else {
+                assert_eq!(ctype, "application/json", "{ctx}");
+                vec![serde_json::from_slice(&b).expect("json")]
+            };
+            let (answer, notes) = messages.split_last().expect("an answer");
+            assert_eq!(
+                answer["result"]["contents"][0]["text"], "framed note://framed",
+                "{ctx}: {answer}"
+            );
+            let relayed: Vec<Value> = notes
+                .iter()
+                .map(|n| json!([n["method"], n["params"]]))
+                .collect();
+            let expected = if streamed {
+                vec![
+                    json!(["notifications/progress", {"progressToken": "tok-1", "progress": 50}]),
+                    json!(["notifications/message", {"level": "info", "data": "working"}]),
+                ]
+            } else {
+                Vec::new()
+            };
+            assert_eq!(relayed, expected, "{ctx}");
+        }
         gw.shutdown().await;
     }
 }

@@ -58,6 +58,8 @@ pub struct Envelope {
     pub version: String,
     pub client_capabilities: Value,
     pub client_info: Option<Value>,
+    /// The log level the client asks for with this request (`io.modelcontextprotocol/logLevel`).
+    pub log_level: Option<String>,
 }
 
 /// What the `MCP-Protocol-Version` header says about the era, before the body is read.
@@ -154,6 +156,11 @@ pub fn envelope_version(meta: &Map<String, Value>) -> Result<Envelope, RpcError>
         version: version.to_owned(),
         client_capabilities,
         client_info: meta.get(meta::CLIENT_INFO).cloned(),
+        log_level: meta
+            .get(meta::LOG_LEVEL)
+            .and_then(Value::as_str)
+            .filter(|l| l.len() <= 16 && l.bytes().all(|b| b.is_ascii_lowercase()))
+            .map(str::to_owned),
     })
 }
 

@@ -236,6 +236,7 @@ pub async fn handle(
         remote,
         session: session.as_deref(),
         era: &era,
+        notifications: std::sync::Mutex::new(Vec::new()),
     };
     let modern = era.is_modern();
     // Each revision's methods: the stateless one has no initialize, ping, logging/setLevel or
@@ -255,7 +256,14 @@ pub async fn handle(
         (_, false, "resources/unsubscribe") => ctx.forward_plain(&rpc).await,
         (_, _, other) => Err(method_not_found(other)),
     };
+    let notifications = ctx.take_notifications();
     match outcome {
+        // Notifications the upstream sent before its answer go first, as events of one SSE
+        // stream, to a client that accepts one (in the upstream's order, after the answer
+        // arrived: they are not streamed as they come yet).
+        Ok(result) if !notifications.is_empty() && accepts_event_stream(&parts.headers) => {
+            translate::event_stream(&notifications, &jsonrpc::result(&id, result))
+        }
         Ok(result) => http::json_bytes(StatusCode::OK, jsonrpc::result(&id, result)),
         Err(err) => {
             let status = if modern {
@@ -331,6 +339,7 @@ fn classify(routing: &Routing, header_era: HeaderEra, rpc: &RpcRequest) -> Resul
                 version: v.to_owned(),
                 client_capabilities: json!({}),
                 client_info: None,
+                log_level: None,
             }))
         }
         HeaderEra::Modern => {
@@ -348,6 +357,16 @@ struct CallContext<'a> {
     remote: SocketAddr,
     session: Option<&'a str>,
     era: &'a Era,
+    /// The upstream's notifications for this request, to relay with the answer.
+    notifications: std::sync::Mutex<Vec<Value>>,
+}
+
+fn accepts_event_stream(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"))
 }
 
 fn upstream_rpc_error(e: &UpstreamError) -> RpcError {
@@ -368,6 +387,27 @@ fn now_secs() -> i64 {
 }
 
 impl CallContext<'_> {
+    /// The answer of a forwarded request, its relayable notifications kept for the client.
+    fn relay_notifications(
+        &self,
+        relayed: crate::upstream::Relayed,
+        params: &serde_json::Map<String, Value>,
+    ) -> crate::upstream::Reply {
+        let token = params.get("_meta").and_then(|m| m.get("progressToken"));
+        let keep = translate::relayable(relayed.notifications, token);
+        if let Ok(mut n) = self.notifications.lock() {
+            n.extend(keep);
+        }
+        relayed.reply
+    }
+
+    fn take_notifications(&self) -> Vec<Value> {
+        self.notifications
+            .lock()
+            .map(|mut n| std::mem::take(&mut *n))
+            .unwrap_or_default()
+    }
+
     /// What the upstream says about itself; when it cannot be asked, the gateway answers alone.
     async fn upstream_profile(&self) -> UpstreamProfile {
         match self.gw.upstream.as_ref() {

@@ -148,7 +148,7 @@ impl CallContext<'_> {
             .forward_permitted(&permit, method, rpc.params.clone(), self.relay())
             .await
         {
-            Ok(r) => r,
+            Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {
                 self.gw
                     .pipeline

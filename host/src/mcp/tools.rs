@@ -111,7 +111,7 @@ impl CallContext<'_> {
         };
         let params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
         let reply = match upstream.call_tool(&permit, params, relay).await {
-            Ok(r) => r,
+            Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {
                 self.gw
                     .pipeline

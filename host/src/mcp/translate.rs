@@ -8,10 +8,50 @@
 //! filtered per token, so it is never marked shareable: `cacheScope` is always `private`. This
 //! module must never widen what the pipeline or the token filter decided.
 
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::{Response, StatusCode};
 use serde_json::{Map, Value};
 
 use super::era::meta;
 use super::jsonrpc::{RpcError, code};
+use crate::http::{self, Body};
+
+/// Of the upstream's notifications before an answer, those the client may see: progress of
+/// this very request (its `progressToken`, which the gateway forwarded unchanged) and log
+/// messages. Others (list changes, resource updates, another request's progress) are dropped.
+pub fn relayable(notifications: Vec<Value>, progress_token: Option<&Value>) -> Vec<Value> {
+    notifications
+        .into_iter()
+        .filter(|n| match n.get("method").and_then(Value::as_str) {
+            Some("notifications/progress") => {
+                progress_token.is_some()
+                    && n.get("params").and_then(|p| p.get("progressToken")) == progress_token
+            }
+            Some("notifications/message") => true,
+            _ => false,
+        })
+        .collect()
+}
+
+/// An SSE response: each notification as an event, then the answer (an encoded JSON-RPC
+/// response).
+pub fn event_stream(notifications: &[Value], answer: &[u8]) -> Response<Body> {
+    let mut body = Vec::with_capacity(answer.len() + 256 * notifications.len());
+    for n in notifications {
+        body.extend_from_slice(b"event: message\ndata: ");
+        body.extend_from_slice(n.to_string().as_bytes());
+        body.extend_from_slice(b"\n\n");
+    }
+    body.extend_from_slice(b"event: message\ndata: ");
+    body.extend_from_slice(answer);
+    body.extend_from_slice(b"\n\n");
+    let mut resp = Response::new(http::full(body));
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
 
 pub const COMPLETE: &str = "complete";
 pub const INPUT_REQUIRED: &str = "input_required";
@@ -142,6 +182,19 @@ mod tests {
         assert!(m.get("_meta").is_none());
         let h = list_for_client(from_modern, false);
         assert_eq!(h, json!({"tools": []}));
+    }
+
+    #[test]
+    fn only_this_requests_progress_and_log_messages_are_relayed() {
+        let notes = vec![
+            json!({"method": "notifications/progress", "params": {"progressToken": 7}}),
+            json!({"method": "notifications/progress", "params": {"progressToken": 8}}),
+            json!({"method": "notifications/message", "params": {"level": "info"}}),
+            json!({"method": "notifications/resources/updated", "params": {"uri": "x"}}),
+        ];
+        let kept = relayable(notes.clone(), Some(&json!(7)));
+        assert_eq!(kept, [notes[0].clone(), notes[2].clone()]);
+        assert_eq!(relayable(notes.clone(), None), [notes[2].clone()]);
     }
 
     #[test]
