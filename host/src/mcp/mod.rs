@@ -428,8 +428,8 @@ fn method_not_found(method: &str) -> RpcError {
 
 /// `logging/setLevel` (handshake era): the level is checked and acknowledged by the gateway
 /// itself. It is not forwarded: toward a handshake-era upstream the gateway's one session is
-/// shared by every agent, so one agent's level would become everyone's, and log messages are
-/// not relayed to agents yet.
+/// shared by every agent, so one agent's level would become everyone's. Log messages the
+/// upstream sends with an answer are relayed at the upstream's own level.
 fn set_level(rpc: &RpcRequest) -> Result<Value, RpcError> {
     const LEVELS: &[&str] = &[
         "debug",
