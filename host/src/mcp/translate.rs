@@ -5,8 +5,11 @@
 //! handshake-era clients know none of them. A result from an upstream of the other revision
 //! is translated here: fields added or removed, an `InputRequiredResult` (which only a modern
 //! client can answer) refused for a handshake-era client. Every list the gateway returns is
-//! filtered per token, so it is never marked shareable: `cacheScope` is always `private`. This
-//! module must never widen what the pipeline or the token filter decided.
+//! filtered per token, so it is never marked shareable: `cacheScope` is always `private`; so is
+//! a decided `resources/read`. The upstream's notifications that came with an answer are
+//! filtered to what this client may see ([`relayable`]: its request's progress, log messages)
+//! and sent before the answer as one SSE body ([`event_stream`]). This module must never widen
+//! what the pipeline or the token filter decided, nor relay another request's notifications.
 
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
