@@ -435,6 +435,33 @@ async fn policy_sees_the_kind_and_headers_must_agree() {
         format!("Say hello to {m}")
     );
 
+    // A token minted for some resources and prompts (admin API `resources`, `prompts`).
+    let (minted, _) = gw
+        .mint(
+            json!({"subject": "agent-kinds", "tenant": "acme", "ttl_seconds": 600,
+                     "tools": ["*"], "resources": ["note://*"], "prompts": ["greet"]}),
+        )
+        .await;
+    let (_, v) = modern(&gw, &minted, &modern_body(11, "prompts/list", json!({}))).await;
+    let names: Vec<&str> = v["result"]["prompts"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["greet"], "{v}");
+    let (_, v) = modern(&gw, &minted, &modern_body(12, "resources/list", json!({}))).await;
+    assert_eq!(v["result"]["resources"], json!([]), "{v}");
+    let (s, v) = modern(
+        &gw,
+        &minted,
+        &modern_body(
+            13,
+            "prompts/get",
+            json!({"name": "summarize", "arguments": {"text": m}}),
+        ),
+    )
+    .await;
+    assert_rpc_error(s, &v, 200, CAPABILITY, "prompt outside the minted scope");
+
     // A target that names nothing is invalid; the stateless era has no subscribe pair.
     let (s, v) = modern(&gw, &tok, &modern_body(5, "resources/read", json!({}))).await;
     assert_rpc_error(s, &v, 400, INVALID_PARAMS, "read without uri");
