@@ -170,8 +170,8 @@ impl Caveat {
             ..Caveat::bare("tool_deny")
         }
     }
-    /// A `resource_allow`, `resource_deny`, `prompt_allow` or `prompt_deny` caveat (`t`), its
-    /// globs carried in `tools`.
+    /// A list caveat (`tool_allow`, `tool_deny`, `resource_allow`, `resource_deny`,
+    /// `prompt_allow` or `prompt_deny`: `t`), its globs carried in `tools`.
     pub fn scoped<S: Into<String>>(t: &str, globs: impl IntoIterator<Item = S>) -> Caveat {
         Caveat {
             tools: globs.into_iter().map(Into::into).collect(),
