@@ -12,9 +12,9 @@
 //! are decoded into a [`target::Target`] and decided the same way, with their kind; lists are
 //! filtered to what the token allows ([`proxy`]). Every method is authenticated with the
 //! capability token. Before anything, `Host` and `Origin` are checked ([`origin`]); `DELETE`
-//! ends a handshake-era session on every replica ([`ended`]). This module must never let an
-//! unauthenticated request reach the upstream, never decide from a header, and never run a
-//! check on a request whose headers disagree with its body.
+//! ends a handshake-era session on every replica (`lifecycle.rs`, [`ended`]). This module
+//! must never let an unauthenticated request reach the upstream, never decide from a header,
+//! and never run a check on a request whose headers disagree with its body.
 
 pub mod call;
 pub mod discover;
@@ -22,6 +22,7 @@ pub mod ended;
 pub mod era;
 pub mod headers;
 pub mod jsonrpc;
+mod lifecycle;
 pub mod origin;
 mod proxy;
 pub mod rounds;
@@ -120,7 +121,7 @@ pub async fn handle(
     match (req.method(), header_era) {
         (&Method::POST, _) => {}
         (&Method::DELETE, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
-            return end_session(gw, req.headers()).await;
+            return lifecycle::end_session(gw, req.headers()).await;
         }
         // No GET stream in either era here; none at all in the stateless one.
         (m, _) => return method_not_allowed(m),
@@ -196,32 +197,16 @@ pub async fn handle(
         }
     };
 
-    // A session id must be ours and belong to this token; an unknown one is 404 so the
-    // client opens a new session, as the transport specifies. The stateless era has none.
+    // A session id must be ours, belong to this token and not have ended; the stateless era
+    // has none.
     let session = match http::header_str(&parts.headers, SESSION_HEADER) {
         _ if era.is_modern() || endpoint == Endpoint::ToolCall => None,
-        Some(id) if rpc.method != "initialize" => match gw.sessions.verify(id) {
-            Some(c) if c.tenant == grant.tenant && c.jti == grant.jti => {
-                match ended::is_ended(gw.store.as_ref(), id).await {
-                    Ok(false) => Some(id.to_owned()),
-                    Ok(true) => {
-                        return rpc_response(StatusCode::NOT_FOUND, rpc.id.as_ref(), &no_session());
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot tell whether a session was ended");
-                        let err = RpcError::new(code::INTERNAL_ERROR, "session store unavailable");
-                        return rpc_response(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            rpc.id.as_ref(),
-                            &err,
-                        );
-                    }
-                }
+        Some(id) if rpc.method != "initialize" => {
+            match lifecycle::presented_session(gw, id, &grant).await {
+                Ok(()) => Some(id.to_owned()),
+                Err((status, err)) => return rpc_response(status, rpc.id.as_ref(), &err),
             }
-            _ => {
-                return rpc_response(StatusCode::NOT_FOUND, rpc.id.as_ref(), &no_session());
-            }
-        },
+        }
         _ => None,
     };
 
@@ -272,51 +257,6 @@ pub async fn handle(
                 StatusCode::OK
             };
             rpc_response(status, Some(&id), &err)
-        }
-    }
-}
-
-fn no_session() -> RpcError {
-    RpcError::new(-32001, "Session not found")
-}
-
-/// `DELETE /v1/mcp`: ends the handshake-era session the request names, on every replica. The
-/// token must be the one that opened it (another token's, an unknown or an ended session is
-/// 404, as for any request); without a token 401, without a session id 400.
-async fn end_session(gw: &Gateway, headers: &hyper::HeaderMap) -> Response<Body> {
-    let grant = match http::bearer(headers)
-        .ok_or(None)
-        .and_then(|t| gw.authenticate(t).map_err(Some))
-    {
-        Ok(g) => g,
-        Err(e) => {
-            let err = RpcError::new(code::CAPABILITY, "capability check failed")
-                .with_data(Value::from(refusal_reason(e.as_ref())));
-            return rpc_response(StatusCode::UNAUTHORIZED, None, &err);
-        }
-    };
-    let Some(id) = http::header_str(headers, SESSION_HEADER) else {
-        let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request").with_data(Value::from(
-            "DELETE needs the Mcp-Session-Id of the session to end",
-        ));
-        return bad_request(None, &err);
-    };
-    let claims = match gw.sessions.verify(id) {
-        Some(c) if c.tenant == grant.tenant && c.jti == grant.jti => c,
-        _ => return rpc_response(StatusCode::NOT_FOUND, None, &no_session()),
-    };
-    let store = gw.store.as_ref();
-    let ended = match ended::is_ended(store, id).await {
-        Ok(true) => return rpc_response(StatusCode::NOT_FOUND, None, &no_session()),
-        Ok(false) => ended::end(store, id, &claims, grant.expires_at, now_secs()).await,
-        Err(e) => Err(e),
-    };
-    match ended {
-        Ok(()) => http::status(StatusCode::NO_CONTENT),
-        Err(e) => {
-            tracing::error!(error = %e, "could not record an ended session");
-            let err = RpcError::new(code::INTERNAL_ERROR, "session store unavailable");
-            rpc_response(StatusCode::SERVICE_UNAVAILABLE, None, &err)
         }
     }
 }
