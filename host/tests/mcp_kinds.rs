@@ -639,14 +639,28 @@ async fn host_and_origin_are_checked() {
     gw.shutdown().await;
 }
 
-/// `DELETE` ends a handshake-era session on every replica sharing the store: the id is then
-/// unknown (404) there and here; another token cannot end it.
+/// `DELETE` ends a handshake-era session on every replica sharing the store (two gateways on
+/// one SQLite file, then on one PostgreSQL database): the id is then unknown (404) there and
+/// here; another token cannot end it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_ends_the_session_everywhere() {
     let shared = tempfile::tempdir().expect("tempdir");
     let dir = shared.path().display().to_string();
     let a = gateway::start(Backend::Sqlite, None, &["--data-dir", dir.as_str()]).await;
     let b = gateway::start(Backend::Sqlite, None, &["--data-dir", dir.as_str()]).await;
+    delete_on_one_replica_ends_it_on_both(a, b).await;
+    let url = tokio::task::spawn_blocking(|| {
+        intentgate::testkit::PgServer::shared().and_then(|pg| pg.fresh_database())
+    })
+    .await
+    .expect("postgres task")
+    .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    let a = gateway::start(Backend::Postgres(url.clone()), None, &[]).await;
+    let b = gateway::start(Backend::Postgres(url), None, &[]).await;
+    delete_on_one_replica_ends_it_on_both(a, b).await;
+}
+
+async fn delete_on_one_replica_ends_it_on_both(a: TestGateway, b: TestGateway) {
     let (tok, _) = full_token(&a).await;
     let (other, _) = full_token(&a).await;
     let (s, h, v) = post(
