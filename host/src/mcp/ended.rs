@@ -4,9 +4,12 @@
 //! Session ids are self-contained and signed ([`super::session`]), so any replica accepts one
 //! without a lookup; ending one therefore needs a shared list of ended ids. It lives in the
 //! store's session table (`mcp_sessions`), one row per ended id, keyed by a digest of the id
-//! (`ended:<base64url(SHA-256(id))>`, a fixed length whatever the id's), kept until the token
-//! that opened the session expires (a session never outlives its token) or, for a token without
-//! expiry, for [`RETENTION_SECS`]. Expired rows are pruned when a session is ended. A request
+//! (`ended:<base64url(SHA-256(id))>`, a fixed length whatever the id's), kept for
+//! [`RETENTION_SECS`], or longer when the ending token expires later (a session is bound to a
+//! token id, which attenuated children share with their root, so the ending token's own expiry
+//! does not bound the session's). Session ids carry no expiry of their own yet, so an id ended
+//! more than [`RETENTION_SECS`] ago by a token that is still valid would be accepted again.
+//! Expired rows are pruned when a session is ended. A request
 //! presenting a session id is checked against the list (one indexed read); when the store
 //! cannot answer, the request is refused rather than served on a possibly ended session. This
 //! module must never accept a session whose end it could not rule out.
@@ -32,8 +35,8 @@ pub fn key(session_id: &str) -> String {
     )
 }
 
-/// Records that `session_id` (with `claims`, already verified) has ended; `token_expires_at`
-/// bounds how long the record is kept. Idempotent.
+/// Records that `session_id` (with `claims`, already verified) has ended, for
+/// [`RETENTION_SECS`] or until `token_expires_at` when later. Idempotent.
 pub async fn end(
     store: &dyn Store,
     session_id: &str,
@@ -49,8 +52,8 @@ pub async fn end(
         protocol_version: ENDED.to_owned(),
         created_at: now,
         expires_at: token_expires_at
-            .unwrap_or_else(|| now.saturating_add(RETENTION_SECS))
-            .max(now + 1),
+            .unwrap_or(0)
+            .max(now.saturating_add(RETENTION_SECS)),
     };
     store.put_session(&record).await?;
     if let Err(e) = store.prune_sessions().await {
