@@ -29,6 +29,9 @@ fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
 
 pub use crate::audit::ArgValuesMode as ArgValues;
 
+mod telemetry;
+pub use telemetry::{LogFormat, MetricsConfig, TelemetryArgs, TelemetryConfig};
+
 /// The raw settings as clap reads them from flags and environment. Validated into [`Config`].
 #[derive(Args, Clone)]
 pub struct ServeArgs {
@@ -152,6 +155,9 @@ pub struct ServeArgs {
     /// PEM private key of the listener certificate (reloaded when the file changes).
     #[arg(long, env = "INTENTGATE_TLS_KEY_FILE")]
     pub tls_key_file: Option<PathBuf>,
+    /// `/metrics` and the log format.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 /// Where state lives.
@@ -213,6 +219,8 @@ pub struct Config {
     pub upstream_tls: UpstreamTls,
     /// The listener's certificate and key files, when it serves TLS.
     pub listener_tls: Option<ListenerTls>,
+    /// `/metrics` and the log format.
+    pub telemetry: TelemetryConfig,
 }
 
 impl Config {
@@ -391,6 +399,7 @@ impl std::fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("upstream_tls", &self.upstream_tls)
             .field("listener_tls", &self.listener_tls)
+            .field("telemetry", &self.telemetry)
             .finish()
     }
 }
@@ -625,6 +634,7 @@ impl ServeArgs {
                 "starts a demo upstream; do not combine it with INTENTGATE_UPSTREAM_URL",
             ));
         }
+        let telemetry = self.telemetry.validate(addr)?;
         Ok(Config {
             addr,
             data_dir: self.data_dir,
@@ -670,6 +680,7 @@ impl ServeArgs {
             max_connections,
             upstream_tls,
             listener_tls,
+            telemetry,
         })
     }
 

@@ -165,6 +165,9 @@ pub async fn handle(
     let grant = match auth {
         Ok(g) => g,
         Err(e) => {
+            if rpc.method == "tools/call" {
+                gw.metrics().decisions.record_unauthenticated();
+            }
             let err = RpcError::new(code::CAPABILITY, "capability check failed")
                 .with_data(Value::from(refusal_reason(e.as_ref())));
             let status = if rpc.is_notification() {
@@ -303,6 +306,7 @@ impl CallContext<'_> {
             protocol_version: version.to_owned(),
             issued_at: now_secs(),
         });
+        self.gw.metrics().server.session_issued();
         let mut resp = http::json_bytes(StatusCode::OK, jsonrpc::result(id, result));
         if let Ok(v) = HeaderValue::from_str(&session_id) {
             resp.headers_mut().insert(SESSION_HEADER, v);
@@ -399,6 +403,7 @@ impl CallContext<'_> {
             .map_err(|d| d.to_rpc())?;
         let Some(upstream) = self.gw.upstream.as_ref() else {
             let e = UpstreamError::NotConfigured;
+            self.gw.metrics().upstream.error(&e);
             self.gw
                 .pipeline
                 .record_upstream_failure(&call, &permit, 0, &e.to_string())
@@ -410,7 +415,10 @@ impl CallContext<'_> {
             Era::Handshake => None,
         };
         let params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
-        let reply = match upstream.call_tool(&permit, params, relay).await {
+        let forwarding = std::time::Instant::now();
+        let reply = upstream.call_tool(&permit, params, relay).await;
+        self.gw.metrics().forwarded(forwarding, &reply);
+        let reply = match reply {
             Ok(r) => r,
             Err(e) => {
                 self.gw
