@@ -116,17 +116,17 @@ impl<const N: usize> Histogram<N> {
                 Unit::Seconds => format_seconds(*bound),
                 Unit::Count => bound.to_string(),
             };
-            family.sample_le("_bucket", labels, &le, cumulative as f64);
+            family.sample_le("_bucket", labels, &le, cumulative);
         }
         cumulative += self.buckets[N].load(Ordering::Relaxed);
-        family.sample_le("_bucket", labels, "+Inf", cumulative as f64);
+        family.sample_le("_bucket", labels, "+Inf", cumulative);
         let sum = self.sum.load(Ordering::Relaxed);
         let sum = match self.unit {
             Unit::Seconds => sum as f64 / 1e9,
             Unit::Count => sum as f64,
         };
         family.sample_suffixed("_sum", labels, sum);
-        family.sample_suffixed("_count", labels, cumulative as f64);
+        family.sample_suffixed("_count", labels, cumulative);
     }
 }
 
