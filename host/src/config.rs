@@ -121,6 +121,9 @@ pub struct ServeArgs {
     /// Start a built-in demo MCP tool server as the upstream when none is configured.
     #[arg(long)]
     pub demo: bool,
+    /// `/metrics` and the log format.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// Development mode: the `.rego` and `.wasm` files of DIR become the watched tenants'
     /// bundle, reloaded on save. Not persisted, not for production.
     #[arg(long = "watch", env = "INTENTGATE_WATCH_DIR", value_name = "DIR")]
@@ -155,9 +158,6 @@ pub struct ServeArgs {
     /// PEM private key of the listener certificate (reloaded when the file changes).
     #[arg(long, env = "INTENTGATE_TLS_KEY_FILE")]
     pub tls_key_file: Option<PathBuf>,
-    /// `/metrics` and the log format.
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
 }
 
 /// Where state lives.
@@ -207,6 +207,8 @@ pub struct Config {
     /// `(file name, Rego source)` of the policy file and of its test file, when given.
     pub policy: Option<PolicySource>,
     pub demo: bool,
+    /// `/metrics` and the log format.
+    pub telemetry: TelemetryConfig,
     /// `--watch DIR` and the tenants it applies to.
     pub watch: Option<(PathBuf, Vec<String>)>,
     /// Most plugin components one tenant may hold.
@@ -219,8 +221,6 @@ pub struct Config {
     pub upstream_tls: UpstreamTls,
     /// The listener's certificate and key files, when it serves TLS.
     pub listener_tls: Option<ListenerTls>,
-    /// `/metrics` and the log format.
-    pub telemetry: TelemetryConfig,
 }
 
 impl Config {
@@ -394,12 +394,12 @@ impl std::fmt::Debug for Config {
                     .map(|p| p.modules.iter().map(|m| m.0.as_str()).collect::<Vec<_>>()),
             )
             .field("demo", &self.demo)
+            .field("telemetry", &self.telemetry)
             .field("max_components_per_tenant", &self.max_components_per_tenant)
             .field("audit_deadline", &self.audit_deadline)
             .field("max_connections", &self.max_connections)
             .field("upstream_tls", &self.upstream_tls)
             .field("listener_tls", &self.listener_tls)
-            .field("telemetry", &self.telemetry)
             .finish()
     }
 }
@@ -663,6 +663,7 @@ impl ServeArgs {
                 (None, false) => None,
             },
             demo: self.demo,
+            telemetry,
             watch,
             max_components_per_tenant: match self.max_components_per_tenant {
                 n @ 1..=crate::bundles::MAX_UPLOADED_COMPONENTS => n,
@@ -680,7 +681,6 @@ impl ServeArgs {
             max_connections,
             upstream_tls,
             listener_tls,
-            telemetry,
         })
     }
 

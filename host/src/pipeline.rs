@@ -306,9 +306,9 @@ impl Pipeline {
         snapshot: &Snapshot,
         findings: &mut Findings,
     ) -> Result<(), Denial> {
+        let authorizing = (self.metrics.stages).timer(crate::metrics::Stage::Capability);
         // 1. capability: the token's static caveats for this tool, server and agent.
-        let authorizing = Instant::now();
-        let authorized = call.grant.authorize(&CallContext {
+        call.grant.authorize(&CallContext {
             tool: call.tool,
             agent: call.agent,
             server: Some(&self.upstream_name),
@@ -316,9 +316,8 @@ impl Pipeline {
             callee: Some((&self.upstream_name, None)),
             // No risk score is computed: a risk_max caveat is refused as not evaluated.
             risk: None,
-        });
-        (self.metrics.stages).since(crate::metrics::Stage::Capability, authorizing);
-        authorized?;
+        })?;
+        drop(authorizing);
         let input = self.check_input(call);
         // One deadline for all the checks together: a bundle of many slow checks is denied
         // when it runs out, whatever each check's own deadline.

@@ -38,7 +38,7 @@ pub use endpoint::serve;
 pub use stages::Stage;
 
 use crate::pipeline::{Denial, Permit};
-use crate::upstream::{Reply, UpstreamError};
+use crate::upstream::UpstreamError;
 
 /// A gateway's metrics (one per [`crate::pipeline::Pipeline`]).
 #[derive(Debug)]
@@ -80,9 +80,10 @@ impl Metrics {
         self.decisions.record(tenant, check, outcome);
     }
 
-    /// Records a call forwarded to the upstream at `started` and what came back.
+    /// Records a call forwarded to the upstream at `started` and what came back (whatever the
+    /// answer's type).
     #[inline]
-    pub fn forwarded(&self, started: Instant, result: &Result<Reply, UpstreamError>) {
+    pub fn forwarded<T>(&self, started: Instant, result: &Result<T, UpstreamError>) {
         self.stages.since(Stage::Upstream, started);
         self.upstream.call();
         if let Err(e) = result {

@@ -67,7 +67,32 @@ pub struct Stages {
     decision: Latency,
 }
 
+/// Records its stage's latency when dropped (also when a `?` leaves the stage early).
+#[derive(Debug)]
+#[must_use = "the stage is recorded when the timer drops"]
+pub struct StageTimer<'a> {
+    stages: &'a Stages,
+    stage: Stage,
+    started: Instant,
+}
+
+impl Drop for StageTimer<'_> {
+    fn drop(&mut self) {
+        self.stages.since(self.stage, self.started);
+    }
+}
+
 impl Stages {
+    /// Times `stage` from now until the returned timer drops.
+    #[inline]
+    pub fn timer(&self, stage: Stage) -> StageTimer<'_> {
+        StageTimer {
+            stages: self,
+            stage,
+            started: Instant::now(),
+        }
+    }
+
     /// Records the time since `started` for `stage`.
     #[inline]
     pub fn since(&self, stage: Stage, started: Instant) {
