@@ -228,6 +228,16 @@ impl Pipeline {
         let started = Instant::now();
         let decided = self.decide_unmetered(call).await;
         self.metrics.decided(&call.grant.tenant, started, &decided);
+        // Off at the default level (`INTENTGATE_LOG=intentgate=debug` turns it on); never the
+        // reason, which may quote the call.
+        match &decided {
+            Ok(p) => {
+                tracing::debug!(event_id = p.event_id, tenant = %call.grant.tenant, "call allowed")
+            }
+            Err(d) => {
+                tracing::debug!(tenant = %call.grant.tenant, check = d.check(), "call refused")
+            }
+        }
         decided
     }
 

@@ -644,4 +644,10 @@ async fn json_log_lines_parse_and_carry_no_planted_secret() {
         lines.iter().any(|l| l.contains("forwarding allowed calls")),
         "the upstream was logged (redacted): {lines:?}"
     );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("call allowed") && l.contains("\"event_id\":")),
+        "a decision is logged at debug with its audit event id: {lines:?}"
+    );
 }
