@@ -162,6 +162,10 @@ impl Decisions {
     /// A tenant's first decision: give it a label value if there is room, else `other`.
     #[cold]
     fn counts_for_new(&self, tenant: &str) -> Arc<TenantCounts> {
+        // Once full, the tenants beyond the cap never take the lock.
+        if self.tenants.load().len() >= self.max_tenants {
+            return Arc::clone(&self.other);
+        }
         let _grow = self.grow.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.tenants.load();
         if let Some(counts) = current.get(tenant) {
