@@ -252,10 +252,10 @@ struct SwapOpts {
 #[cfg(feature = "gateway")]
 #[derive(Args, Clone)]
 struct MicroOpts {
-    /// Which: fsync, verify, revocation, plugin, audit (default: all).
+    /// Which: fsync, verify, revocation, plugin, audit, metrics (default: all).
     #[arg(
         value_delimiter = ',',
-        default_value = "fsync,verify,revocation,plugin,audit"
+        default_value = "fsync,verify,revocation,plugin,audit,metrics"
     )]
     which: Vec<String>,
     /// Audit backends.
@@ -1496,6 +1496,7 @@ fn micro_main(o: MicroOpts) -> Result<(), String> {
                 }
             }
             "plugin" => micro::plugin(o.reps, &o.policy)?,
+            "metrics" => micro::metrics(o.reps)?,
             other => return Err(format!("unknown micro-benchmark {other:?}")),
         }
     }

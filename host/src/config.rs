@@ -29,6 +29,9 @@ fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
 
 pub use crate::audit::ArgValuesMode as ArgValues;
 
+mod telemetry;
+pub use telemetry::{LogFormat, MetricsConfig, TelemetryArgs, TelemetryConfig};
+
 /// The raw settings as clap reads them from flags and environment. Validated into [`Config`].
 #[derive(Args, Clone)]
 pub struct ServeArgs {
@@ -118,6 +121,9 @@ pub struct ServeArgs {
     /// Start a built-in demo MCP tool server as the upstream when none is configured.
     #[arg(long)]
     pub demo: bool,
+    /// `/metrics` and the log format.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// Development mode: the `.rego` and `.wasm` files of DIR become the watched tenants'
     /// bundle, reloaded on save. Not persisted, not for production.
     #[arg(long = "watch", env = "INTENTGATE_WATCH_DIR", value_name = "DIR")]
@@ -212,6 +218,8 @@ pub struct Config {
     /// `(file name, Rego source)` of the policy file and of its test file, when given.
     pub policy: Option<PolicySource>,
     pub demo: bool,
+    /// `/metrics` and the log format.
+    pub telemetry: TelemetryConfig,
     /// `--watch DIR` and the tenants it applies to.
     pub watch: Option<(PathBuf, Vec<String>)>,
     /// Most plugin components one tenant may hold.
@@ -401,6 +409,7 @@ impl std::fmt::Debug for Config {
                     .map(|p| p.modules.iter().map(|m| m.0.as_str()).collect::<Vec<_>>()),
             )
             .field("demo", &self.demo)
+            .field("telemetry", &self.telemetry)
             .field("max_components_per_tenant", &self.max_components_per_tenant)
             .field("audit_deadline", &self.audit_deadline)
             .field("max_connections", &self.max_connections)
@@ -668,6 +677,7 @@ impl ServeArgs {
                 "starts a demo upstream; do not combine it with INTENTGATE_UPSTREAM_URL",
             ));
         }
+        let telemetry = self.telemetry.validate(addr)?;
         Ok(Config {
             addr,
             data_dir: self.data_dir,
@@ -696,6 +706,7 @@ impl ServeArgs {
                 (None, false) => None,
             },
             demo: self.demo,
+            telemetry,
             watch,
             max_components_per_tenant: match self.max_components_per_tenant {
                 n @ 1..=crate::bundles::MAX_UPLOADED_COMPONENTS => n,

@@ -20,6 +20,8 @@
 //! | [`audit`] | audit events, canonical form, chain, checkpoints, verify, export |
 //! | [`plugins`] | the WebAssembly check runtime |
 //! | [`bundles`] | bundles of checks: digests, drafts, promote/rollback, per-tenant hot swap |
+//! | [`metrics`] | Prometheus `/metrics`: counters and histograms on atomics, bounded labels |
+//! | [`logging`] | log output: text or JSON lines (`INTENTGATE_LOG_FORMAT`) |
 //! | [`server`] | the hyper accept loop, routing, request limits |
 //! | [`http`] | small HTTP helpers shared by the endpoints (bounded body read, JSON replies) |
 //! | [`tls`] | rustls: the https upstream's client configuration, the listener's reloaded certificate |
@@ -34,7 +36,9 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod http;
+pub mod logging;
 pub mod mcp;
+pub mod metrics;
 pub mod pipeline;
 pub mod plugins;
 pub mod secrets;

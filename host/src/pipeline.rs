@@ -174,6 +174,7 @@ pub struct Pipeline {
     arg_values: ArgValuesMode,
     upstream_name: String,
     throttle: Arc<throttle::Throttle>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What the checks concluded, for the audit event.
@@ -193,6 +194,7 @@ impl Pipeline {
         upstream_name: String,
     ) -> Self {
         let throttle = throttle::Throttle::new(DenialLimits::default(), audit.clone());
+        let metrics = Arc::new(crate::metrics::Metrics::new(&upstream_name));
         Self {
             audit,
             registry,
@@ -200,6 +202,7 @@ impl Pipeline {
             arg_values,
             upstream_name,
             throttle,
+            metrics,
         }
     }
 
@@ -229,8 +232,30 @@ impl Pipeline {
         &self.audit
     }
 
+    /// The metrics this pipeline's decisions are counted in.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
     /// Decides one call. `Ok` only when every check allowed and the event is durable.
     pub async fn decide(&self, call: &ToolCall<'_>) -> Result<Permit, Denial> {
+        let started = Instant::now();
+        let decided = self.decide_unmetered(call).await;
+        self.metrics.decided(&call.grant.tenant, started, &decided);
+        // Off at the default level (`INTENTGATE_LOG=intentgate=debug` turns it on); never the
+        // reason, which may quote the call.
+        match &decided {
+            Ok(p) => {
+                tracing::debug!(event_id = p.event_id, tenant = %call.grant.tenant, "call allowed")
+            }
+            Err(d) => {
+                tracing::debug!(tenant = %call.grant.tenant, check = d.check(), "call refused")
+            }
+        }
+        decided
+    }
+
+    async fn decide_unmetered(&self, call: &ToolCall<'_>) -> Result<Permit, Denial> {
         let started = Instant::now();
         // 0. throttle: a token or tenant that keeps being denied is refused before any check
         // runs; the refusal is counted into an aggregated audit event, not written alone.
@@ -275,7 +300,9 @@ impl Pipeline {
             Ok(()) => std::mem::take(&mut findings.charges),
             Err(_) => Vec::new(),
         };
+        let committing = Instant::now();
         let appended = self.audit.append_charged(event, debits.clone()).await;
+        (self.metrics.stages).since(crate::metrics::Stage::Audit, committing);
         match (outcome, appended) {
             (Ok(()), Ok(a)) => match a.refused {
                 None => {
@@ -303,6 +330,7 @@ impl Pipeline {
         snapshot: &Snapshot,
         findings: &mut Findings,
     ) -> Result<(), Denial> {
+        let authorizing = (self.metrics.stages).timer(crate::metrics::Stage::Capability);
         // 1. capability: the token's static caveats for this tool, server and agent.
         call.grant.authorize(&CallContext {
             kind: call.kind.capability_kind(),
@@ -314,6 +342,7 @@ impl Pipeline {
             // No risk score is computed: a risk_max caveat is refused as not evaluated.
             risk: None,
         })?;
+        drop(authorizing);
         let input = self.check_input(call);
         // One deadline for all the checks together: a bundle of many slow checks is denied
         // when it runs out, whatever each check's own deadline.
@@ -321,6 +350,7 @@ impl Pipeline {
         let deadline = tokio::time::Instant::now() + limit;
         // 2. intent: what the agent says it wants, against the call.
         let intent = checks_within(
+            &self.metrics,
             deadline,
             limit,
             Stage::Intent,
@@ -331,7 +361,7 @@ impl Pipeline {
         refuse_unless_allowed(&intent.verdict, Denial::Intent)?;
         // 3. policy: the operator's Rego.
         let policy = snapshot.policy_async(&input, &intent.record);
-        let policy = checks_within(deadline, limit, Stage::Policy, policy).await?;
+        let policy = checks_within(&self.metrics, deadline, limit, Stage::Policy, policy).await?;
         findings.requires_step_up = policy.requires_step_up;
         match policy.kind {
             VerdictKind::Allow => {}
@@ -359,7 +389,7 @@ impl Pipeline {
         // 4. budget: the bundle's ceilings, then the token's own limits; charged with the
         // event (see `decide`).
         let budget = snapshot.budget_async(&input);
-        let budget = checks_within(deadline, limit, Stage::Budget, budget).await?;
+        let budget = checks_within(&self.metrics, deadline, limit, Stage::Budget, budget).await?;
         refuse_unless_allowed(&budget.verdict, Denial::Budget)?;
         findings.charges = self.charges_for(call.grant, &budget.charges);
         Ok(())
@@ -495,12 +525,16 @@ impl Pipeline {
 /// A stage's checks, bounded by the call's deadline for all checks: an error or the deadline
 /// is that stage failing closed (the future is dropped, abandoning the plugin call).
 async fn checks_within<T>(
+    metrics: &crate::metrics::Metrics,
     deadline: tokio::time::Instant,
     limit: std::time::Duration,
     stage: Stage,
     checks: impl std::future::Future<Output = Result<T, PluginError>>,
 ) -> Result<T, Denial> {
-    match tokio::time::timeout_at(deadline, checks).await {
+    let started = Instant::now();
+    let finished = tokio::time::timeout_at(deadline, checks).await;
+    metrics.stages.since(stage.into(), started);
+    match finished {
         Ok(result) => result.map_err(|error| Denial::CheckFailed { stage, error }),
         Err(_) => Err(Denial::CheckFailed {
             stage,

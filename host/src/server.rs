@@ -227,11 +227,14 @@ impl Gateway {
 
     /// Authenticates a bearer capability token (signature, time, revocation; no tool yet).
     pub fn authenticate(&self, token: &str) -> Result<Grant, CapabilityError> {
-        self.verifier.authenticate(
+        let started = std::time::Instant::now();
+        let grant = self.verifier.authenticate(
             token,
             crate::audit::time::now_ms() / 1000,
             &self.revocations,
-        )
+        );
+        (self.metrics().stages).since(crate::metrics::Stage::Token, started);
+        grant
     }
 }
 
@@ -365,8 +368,9 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
+        let open_connection = gw.metrics().server.connection();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, open_connection);
             let ended = match acceptor {
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -485,6 +489,9 @@ async fn route(gw: &Gateway, req: Request<Incoming>, remote: SocketAddr) -> Resp
         "/v1/mcp" => mcp::handle(gw, req, remote, Endpoint::Mcp).await,
         "/v1/tool-call" => mcp::handle(gw, req, remote, Endpoint::ToolCall).await,
         "/healthz" if req.method() == Method::GET => health(gw),
+        "/metrics" if crate::metrics::endpoint::on_main_listener(gw) => {
+            crate::metrics::endpoint::handle(gw, &req, crate::metrics::endpoint::Listener::Main)
+        }
         p if p.starts_with("/v1/admin/") => crate::admin::handle(gw, req, remote).await,
         _ => http::json(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
     }
@@ -550,5 +557,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "no INTENTGATE_UPSTREAM_URL: allowed calls answer -32018 upstream unavailable"
         ),
     }
+    let _metrics = crate::metrics::endpoint::start_listener(&gw).await?;
     serve(gw, listener, shutdown).await.map_err(RunError::Serve)
 }

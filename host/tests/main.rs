@@ -14,6 +14,7 @@ mod gateway;
 mod interop;
 mod mcp_eras;
 mod mcp_kinds;
+mod metrics;
 mod plugins;
 mod store;
 mod support;

@@ -109,6 +109,8 @@ pub(crate) struct Counters {
     pub(crate) failed_batches: AtomicU64,
     pub(crate) overloaded: AtomicU64,
     pub(crate) checkpoints: AtomicU64,
+    /// Batch sizes and commit latency (`/metrics`).
+    pub(crate) commits: crate::metrics::audit::AuditCommits,
 }
 
 /// Counters of this process's writers since `open` (for metrics).
@@ -205,6 +207,11 @@ impl AuditLog {
 
     pub fn config(&self) -> &AuditConfig {
         &self.inner.shared.cfg
+    }
+
+    /// Batch sizes and commit latency of this process's writers since `open`.
+    pub fn commits(&self) -> &crate::metrics::audit::AuditCommits {
+        &self.inner.shared.counters.commits
     }
 
     /// Counters since `open`.
@@ -508,7 +515,9 @@ impl Writer {
                 replies.push(j.reply);
             }
             let force = checkpoint_due.is_some_and(|d| d <= tokio::time::Instant::now());
+            let (batch, committing) = (events.len(), std::time::Instant::now());
             let (mut events, committed) = self.commit(events, force).await;
+            (self.shared.counters.commits).record(batch, committing.elapsed(), committed.is_ok());
             match committed {
                 Ok(done) => {
                     let c = &self.shared.counters;

@@ -261,7 +261,12 @@ struct Inner {
     /// Held while a swap is made and stored, and while a follower applies a stored pointer, so
     /// a follower can never apply a pointer older than a swap this replica just made.
     gate: tokio::sync::Mutex<()>,
+    /// Swaps made in this process by action, [`SWAP_ACTIONS`] order (`/metrics`).
+    swaps: [std::sync::atomic::AtomicU64; 3],
 }
+
+/// The actions a swap is recorded with.
+const SWAP_ACTIONS: [&str; 3] = ["promote", "rollback", "sync"];
 
 /// The bundle registry. Cheap to clone (one `Arc`).
 #[derive(Clone)]
@@ -362,6 +367,7 @@ impl Registry {
                 pointer_seqs: Mutex::new(HashMap::new()),
                 persist: std::sync::OnceLock::new(),
                 gate: tokio::sync::Mutex::new(()),
+                swaps: Default::default(),
             }),
         };
         for (name, wasm) in builtin_components() {
@@ -864,8 +870,17 @@ impl Registry {
         lock(&self.inner.history).iter().cloned().collect()
     }
 
+    /// Swaps made in this process so far, by action (`promote`, `rollback`, `sync`).
+    pub fn swap_counts(&self) -> [(&'static str, u64); 3] {
+        let n = |i: usize| self.inner.swaps[i].load(std::sync::atomic::Ordering::Relaxed);
+        [0, 1, 2].map(|i| (SWAP_ACTIONS[i], n(i)))
+    }
+
     /// Append to the history, a ring of the last [`HISTORY_LEN`] swaps.
     fn record(&self, outcome: SwapOutcome) {
+        if let Some(i) = SWAP_ACTIONS.iter().position(|a| *a == outcome.action) {
+            self.inner.swaps[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut history = lock(&self.inner.history);
         while history.len() >= HISTORY_LEN {
             history.pop_front();

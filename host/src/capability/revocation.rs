@@ -99,6 +99,16 @@ impl RevocationSet {
             .store(nanos.min(NEVER - 1), Ordering::Release);
     }
 
+    /// Time since the last sync, `None` before the first (for `/metrics`).
+    pub fn sync_age(&self) -> Option<Duration> {
+        let last = self.last_sync.load(Ordering::Acquire);
+        (last != NEVER).then(|| {
+            self.epoch
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(last))
+        })
+    }
+
     /// `Ok` if synced within the bound (or the bound is disabled), else
     /// [`CapabilityError::RevocationStale`].
     pub fn check_fresh(&self) -> Result<(), CapabilityError> {

@@ -186,6 +186,9 @@ pub async fn handle(
     let grant = match auth {
         Ok(g) => g,
         Err(e) => {
+            if rpc.method == "tools/call" {
+                gw.metrics().decisions.record_unauthenticated();
+            }
             let err = RpcError::new(code::CAPABILITY, "capability check failed")
                 .with_data(Value::from(refusal_reason(e.as_ref())));
             let status = if rpc.is_notification() {

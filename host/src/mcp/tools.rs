@@ -31,6 +31,7 @@ impl CallContext<'_> {
             protocol_version: version.to_owned(),
             issued_at: now_secs(),
         });
+        self.gw.metrics().server.session_issued();
         let mut resp = http::json_bytes(StatusCode::OK, jsonrpc::result(id, result));
         if let Ok(v) = HeaderValue::from_str(&session_id) {
             resp.headers_mut().insert(SESSION_HEADER, v);
@@ -99,6 +100,7 @@ impl CallContext<'_> {
             .map_err(|d| d.to_rpc())?;
         let Some(upstream) = self.gw.upstream.as_ref() else {
             let e = UpstreamError::NotConfigured;
+            self.gw.metrics().upstream.error(&e);
             self.gw
                 .pipeline
                 .record_upstream_failure(&call, &permit, 0, &e.to_string())
@@ -110,7 +112,10 @@ impl CallContext<'_> {
             Era::Handshake => None,
         };
         let params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
-        let reply = match upstream.call_tool(&permit, params, relay).await {
+        let forwarding = std::time::Instant::now();
+        let reply = upstream.call_tool(&permit, params, relay).await;
+        self.gw.metrics().forwarded(forwarding, &reply);
+        let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {
                 self.gw

@@ -1,0 +1,78 @@
+//! The audit writers' batches: events per committed batch (`intentgate_audit_batch_events`)
+//! and commit latency (`intentgate_audit_commit_duration_seconds`), recorded by each tenant's
+//! writer around its commit; plus the writers' counters ([`crate::audit::AuditStats`]) at
+//! scrape time.
+//!
+//! This module must never label with a tenant (the per-tenant view is the decisions counter).
+
+use std::time::Duration;
+
+use super::exposition::{Exposition, Kind, Labels};
+use super::histogram::{Latency, Sizes};
+use crate::audit::AuditStats;
+
+#[derive(Debug, Default)]
+pub struct AuditCommits {
+    batch_events: Sizes,
+    commit_seconds: Latency,
+}
+
+impl AuditCommits {
+    /// A batch of `events` was committed (or failed to) in `elapsed`.
+    pub fn record(&self, events: usize, elapsed: Duration, committed: bool) {
+        self.commit_seconds.observe_duration(elapsed);
+        if committed {
+            self.batch_events.observe(events as u64);
+        }
+    }
+
+    /// Batches recorded so far.
+    pub fn commits(&self) -> u64 {
+        self.commit_seconds.count()
+    }
+
+    pub fn write(&self, e: &mut Exposition, stats: &AuditStats) {
+        let counters = [
+            (
+                "intentgate_audit_events_total",
+                "Audit events committed by this process.",
+                stats.events,
+            ),
+            (
+                "intentgate_audit_batches_total",
+                "Audit transactions that committed (events / batches = the group-commit factor).",
+                stats.batches,
+            ),
+            (
+                "intentgate_audit_failed_batches_total",
+                "Audit transactions that failed (their calls were refused).",
+                stats.failed_batches,
+            ),
+            (
+                "intentgate_audit_overloaded_total",
+                "Appends refused because a writer's queue was full or an event waited too long.",
+                stats.overloaded,
+            ),
+            (
+                "intentgate_audit_checkpoints_total",
+                "Audit checkpoints signed.",
+                stats.checkpoints,
+            ),
+        ];
+        for (name, help, value) in counters {
+            e.single(name, Kind::Counter, help, value);
+        }
+        let mut f = e.family(
+            "intentgate_audit_batch_events",
+            Kind::Histogram,
+            "Events per committed audit batch (one tenant's writer).",
+        );
+        self.batch_events.write(&mut f, &Labels::NONE);
+        let mut f = e.family(
+            "intentgate_audit_commit_duration_seconds",
+            Kind::Histogram,
+            "Latency of one audit batch commit (events, charges and chain head in one transaction).",
+        );
+        self.commit_seconds.write(&mut f, &Labels::NONE);
+    }
+}

@@ -1,0 +1,64 @@
+//! One scrape: every family, in a fixed order, from the gateway's [`super::Metrics`] and from
+//! what is read at scrape time (audit writers, revocation set, bundle swaps, plugin runtime).
+//!
+//! This module must never block on the store or a lock held across a call: a scrape reads
+//! atomics and snapshots only.
+
+use super::exposition::{Exposition, Kind, Labels};
+use crate::server::Gateway;
+
+/// The scrape answer's body (Prometheus text format 0.0.4).
+pub fn render(gw: &Gateway) -> String {
+    let m = gw.metrics();
+    let mut e = Exposition::new();
+    e.family(
+        "intentgate_build_info",
+        Kind::Gauge,
+        "Always 1; the version of the running gateway.",
+    )
+    .sample(&Labels(&[("version", env!("CARGO_PKG_VERSION"))]), 1u64);
+    e.single(
+        "intentgate_uptime_seconds",
+        Kind::Gauge,
+        "Seconds since the gateway started.",
+        m.uptime_seconds(),
+    );
+    m.decisions.write(&mut e);
+    m.stages.write(&mut e);
+    m.upstream.write(&mut e);
+    let audit = gw.pipeline.audit();
+    audit.commits().write(&mut e, &audit.stats());
+    m.plugins.write(&mut e, gw.pipeline.registry().runtime());
+    let mut f = e.family(
+        "intentgate_bundle_swaps_total",
+        Kind::Counter,
+        "Active bundles swapped in this process, by action (promote, rollback, sync from the store).",
+    );
+    for (action, n) in gw.pipeline.registry().swap_counts() {
+        f.sample(&Labels(&[("action", action)]), n);
+    }
+    let revocations = &gw.revocations;
+    e.single(
+        "intentgate_revocation_sync_age_seconds",
+        Kind::Gauge,
+        "Seconds since the revocation set last caught up with the store (+Inf before the first \
+         sync); calls fail closed beyond INTENTGATE_REVOCATION_MAX_STALENESS_SECS.",
+        revocations
+            .sync_age()
+            .map_or(f64::INFINITY, |d| d.as_secs_f64()),
+    );
+    e.single(
+        "intentgate_revocation_max_staleness_seconds",
+        Kind::Gauge,
+        "The staleness bound of the revocation set (INTENTGATE_REVOCATION_MAX_STALENESS_SECS).",
+        gw.config.revocation_max_staleness.as_secs_f64(),
+    );
+    e.single(
+        "intentgate_revoked_tokens",
+        Kind::Gauge,
+        "Token ids in the revocation set.",
+        revocations.len(),
+    );
+    m.server.write(&mut e, gw.config.max_connections);
+    e.finish()
+}
