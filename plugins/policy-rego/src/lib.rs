@@ -331,4 +331,83 @@ decision := {"allow": "yes"} if input.tool == "weird"
         }
         assert!(pruned_some);
     }
+
+    /// `policies/examples/token_scope.rego` ends its `else` chain in the denial instead of a
+    /// `default` rule (faster in regorus). On any input, of any shape, it decides exactly what
+    /// the `default` form did (kept in `tests/token_scope_with_default.rego`).
+    #[test]
+    fn token_scope_decides_what_its_default_form_decided() {
+        let compile = |source: &str| {
+            let mut engine = Engine::new();
+            engine
+                .add_policy("p.rego".into(), source.into())
+                .expect("parses");
+            engine
+                .compile_with_entrypoint(&ENTRYPOINT.into())
+                .expect("compiles")
+        };
+        let now = compile(include_str!("../../../policies/examples/token_scope.rego"));
+        let before = compile(include_str!("../tests/token_scope_with_default.rego"));
+        let tools = [
+            r#""read_invoice""#,
+            r#""delete_records""#,
+            r#""delete_""#,
+            r#""""#,
+            "7",
+            "null",
+            "true",
+            r#"["delete_x"]"#,
+            r#"{"a":1}"#,
+            "undefined",
+        ];
+        let capabilities = [
+            r#"{"subject":"a"}"#,
+            r#"{"subject":""}"#,
+            r#"{"subject":7}"#,
+            r#"{"subject":null}"#,
+            "{}",
+            "null",
+            r#""cap""#,
+            "[]",
+            "undefined",
+        ];
+        let mut inputs = vec![
+            "null".to_string(),
+            "7".into(),
+            r#""x""#.into(),
+            "[]".into(),
+            "{}".into(),
+        ];
+        for tool in tools {
+            for capability in capabilities {
+                let mut fields = Vec::new();
+                if tool != "undefined" {
+                    fields.push(format!(r#""tool":{tool}"#));
+                }
+                if capability != "undefined" {
+                    fields.push(format!(r#""capability":{capability}"#));
+                }
+                inputs.push(format!("{{{}}}", fields.join(",")));
+            }
+        }
+        // An error is compared by its message, without the source location.
+        let outcome = |policy: &CompiledPolicy, input: &Value| {
+            policy.eval_with_input(input.clone()).map_err(|e| {
+                let e = e.to_string();
+                e.rsplit("error: ").next().unwrap_or_default().to_string()
+            })
+        };
+        for input in &inputs {
+            let input = Value::from_json_str(input).expect("json");
+            assert_eq!(
+                outcome(&now, &input),
+                outcome(&before, &input),
+                "input {input}"
+            );
+        }
+        assert_eq!(
+            outcome(&now, &Value::Undefined),
+            outcome(&before, &Value::Undefined)
+        );
+    }
 }
