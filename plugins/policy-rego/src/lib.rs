@@ -410,4 +410,42 @@ decision := {"allow": "yes"} if input.tool == "weird"
             outcome(&before, &Value::Undefined)
         );
     }
+
+    /// The Rego tests beside each shipped policy pass against it, and fail against a policy
+    /// that allows everything (so they test something).
+    #[test]
+    fn shipped_policies_pass_their_rego_tests() {
+        let cases = [
+            (
+                include_str!("../../../policies/default.rego"),
+                include_str!("../../../policies/default_test.rego"),
+            ),
+            (
+                include_str!("../../../policies/examples/token_scope.rego"),
+                include_str!("../../../policies/examples/token_scope_test.rego"),
+            ),
+            (
+                include_str!("../../../policies/examples/runbook.rego"),
+                include_str!("../../../policies/examples/runbook_test.rego"),
+            ),
+            (
+                include_str!("../../../policies/examples/intent_aware.rego"),
+                include_str!("../../../policies/examples/intent_aware_test.rego"),
+            ),
+        ];
+        let wrong =
+            "package intentgate.policy\n\ndecision := {\"allow\": true, \"reason\": \"x\"}\n";
+        for (module, tests) in cases {
+            let config = |module: &str| {
+                json!({"modules": {"p.rego": module}, "tests": {"p_test.rego": tests}}).to_string()
+            };
+            if let Err(e) = Harness::<Policy>::new(&config(module)) {
+                panic!("{e}\n{module}");
+            }
+            let err = Harness::<Policy>::new(&config(wrong))
+                .err()
+                .expect("must fail");
+            assert!(err.contains("Rego tests failed"), "{err}");
+        }
+    }
 }
