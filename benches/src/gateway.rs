@@ -48,11 +48,17 @@ pub fn new_master_key() -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// One token per tenant (`bench-0`, `bench-1`, …) allowing `tool`, no expiry.
+/// Calls a budgeted bench token may make: never reached in a run, so every call is charged and
+/// allowed.
+pub const BUDGET: u64 = 1_000_000_000_000;
+
+/// One token per tenant (`bench-0`, `bench-1`, …) allowing `tool`, no expiry; `budgeted` adds
+/// `max_calls` and `rate_limit` (what real tokens carry, each one counter charged per call).
 pub fn mint_tokens(
     master_key_b64: &str,
     tenants: usize,
     tool: &str,
+    budgeted: bool,
 ) -> Result<Vec<String>, String> {
     let key = MasterKey::from_base64(master_key_b64).map_err(|e| e.to_string())?;
     let now = std::time::SystemTime::now()
@@ -65,6 +71,8 @@ pub fn mint_tokens(
                 subject: format!("bench-agent-{i}"),
                 tenant: Some(format!("bench-{i}")),
                 tools: vec![tool.to_owned()],
+                max_calls: budgeted.then_some(BUDGET),
+                rate_per_min: budgeted.then_some(BUDGET),
                 ..MintRequest::default()
             };
             mint(&key, &req, now)

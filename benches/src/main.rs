@@ -150,11 +150,13 @@ fn default_policy() -> PathBuf {
 
 #[derive(Args, Clone)]
 struct LoadOpts {
-    /// Systems, in order: direct (upstream alone), bare, sqlite, postgres (gateway with that store).
+    /// Systems, in order: direct (upstream alone), bare, sqlite, postgres (gateway with that
+    /// store, driven with budgeted tokens: `max_calls` + `rate_limit`, as real tokens carry),
+    /// sqlite-tools, postgres-tools (the same with tokens that carry only `tools`).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,bare,sqlite,postgres"
+        default_value = "direct,bare,sqlite,sqlite-tools,postgres,postgres-tools"
     )]
     systems: Vec<String>,
     #[command(flatten)]
@@ -498,10 +500,12 @@ impl Rig {
                 });
                 self.servers.push(s);
             }
-            "sqlite" | "postgres" => self.add_gateway(name, server_threads, tenants, common)?,
+            "sqlite" | "postgres" | "sqlite-tools" | "postgres-tools" => {
+                self.add_gateway(name, server_threads, tenants, common)?
+            }
             other => {
                 return Err(format!(
-                    "unknown system {other:?} (direct, bare, sqlite, postgres)"
+                    "unknown system {other:?} (direct, bare, sqlite, sqlite-tools, postgres, postgres-tools)"
                 ));
             }
         }
@@ -518,11 +522,13 @@ impl Rig {
     #[cfg(feature = "gateway")]
     fn add_gateway(
         &mut self,
-        store: &str,
+        system: &str,
         server_threads: usize,
         tenants: usize,
         common: &Common,
     ) -> Result<(), String> {
+        let budgeted = !system.ends_with("-tools");
+        let store = system.trim_end_matches("-tools");
         let root = common.work_dir.as_path();
         let dir = tempfile::Builder::new()
             .prefix("intentgate-bench-gw-")
@@ -564,16 +570,21 @@ impl Rig {
         } else {
             "gateway, full pipeline, SQLite audit"
         };
+        let label = if budgeted {
+            format!("{label}, max_calls + rate_limit token")
+        } else {
+            format!("{label}, tools-only token")
+        };
         let s = Server::spawn(&format!("gateway ({store})"), &args, self.cpus_server)?;
         // Each gateway has its own master key, hence its own tokens. Systems without a key
         // (direct, bare) send the first gateway's tokens, so every request has the same size.
-        let tokens = gateway::mint_tokens(&key, tenants, "echo")?;
+        let tokens = gateway::mint_tokens(&key, tenants, "echo", budgeted)?;
         if self.tokens.is_empty() {
             self.tokens = tokens.clone();
         }
         self.systems.push(System {
-            name: format!("{store}/{server_threads}t"),
-            label: label.into(),
+            name: format!("{system}/{server_threads}t"),
+            label,
             addr: s.addr,
             path: "/v1/mcp",
             pid: Some(s.pid()),

@@ -1,5 +1,5 @@
 //! The decision for one tool call, read top to bottom as its phases:
-//! throttle → capability → intent → policy → budget → charge → audit → [`Permit`].
+//! throttle → capability → intent → policy → budget → charge + audit (one commit) → [`Permit`].
 //!
 //! The throttle (`throttle.rs`) refuses, before any check runs, the calls of a token or tenant
 //! that keeps being denied; those refusals are audited as one aggregated event per token and
@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::audit::{self, ArgValuesMode, AuditEvent, AuditLog, Decision};
+use crate::audit::{self, ArgValuesMode, AuditEvent, AuditLog, Debit, Decision};
 use crate::bundles::{Registry, Snapshot};
 use crate::capability::{CallContext, CapabilityError, Grant};
 use crate::mcp::jsonrpc::{RpcError, code};
@@ -24,10 +24,11 @@ use crate::plugins::{
     Charge, CheckInput, Counters, MemoryCounters, PluginError, Stage, TokenInput, Usage, Verdict,
     VerdictKind,
 };
-use crate::store::{ChargeOutcome, Store};
 
+mod kind;
 mod throttle;
 
+pub use kind::{CallKind, is_reserved_tool_name};
 pub use throttle::{DenialLimits, Scope as ThrottleScope, THROTTLED_KIND, Throttled};
 
 /// Proof that a tool call was decided `allow` and its audit event is durable.
@@ -61,9 +62,6 @@ pub enum Denial {
     /// A check plugin failed (trap, timeout, bad result): the call is refused by that stage.
     #[error("{stage} check failed closed: {error}")]
     CheckFailed { stage: Stage, error: PluginError },
-    /// The counters store failed: a budget that cannot be checked is not granted.
-    #[error("budget store unavailable: {0}")]
-    BudgetStore(String),
     /// The decision could not be made durable; nothing was forwarded.
     #[error("audit log unavailable: {0}")]
     Audit(String),
@@ -83,7 +81,7 @@ impl Denial {
             Self::Capability(_) => "capability",
             Self::Intent(_) => "intent",
             Self::Policy { .. } => "policy",
-            Self::Budget(_) | Self::BudgetStore(_) => "budget",
+            Self::Budget(_) => "budget",
             Self::CheckFailed { stage, .. } => stage.as_str(),
             Self::Audit(_) => "audit",
             Self::Throttled(_) => "throttle",
@@ -98,7 +96,7 @@ impl Denial {
                 true
             }
             Self::Policy { escalate, .. } => !escalate,
-            Self::BudgetStore(_) | Self::Audit(_) | Self::Throttled(_) => false,
+            Self::Audit(_) | Self::Throttled(_) => false,
         }
     }
 
@@ -109,7 +107,7 @@ impl Denial {
             Self::Intent(_) => (code::INTENT, "intent check failed"),
             Self::Policy { escalate: true, .. } => (code::APPROVAL_PENDING, "approval required"),
             Self::Policy { .. } => (code::POLICY, "policy check failed"),
-            Self::Budget(_) | Self::BudgetStore(_) => (code::BUDGET, "budget check failed"),
+            Self::Budget(_) => (code::BUDGET, "budget check failed"),
             Self::CheckFailed { stage, .. } => match stage {
                 Stage::Intent => (code::INTENT, "intent check failed"),
                 Stage::Budget => (code::BUDGET, "budget check failed"),
@@ -122,12 +120,9 @@ impl Denial {
         // Store errors carry database text (names, addresses): it goes to the log, not to the
         // agent, which learns only that the dependency is down.
         let data = match self {
-            Self::BudgetStore(detail) | Self::Audit(detail) => {
+            Self::Audit(detail) => {
                 tracing::error!(check = self.check(), %detail, "call refused: store unavailable");
-                match self {
-                    Self::Audit(_) => "audit log unavailable".to_owned(),
-                    _ => "budget store unavailable".to_owned(),
-                }
+                "audit log unavailable".to_owned()
             }
             _ => self.to_string(),
         };
@@ -135,9 +130,14 @@ impl Denial {
     }
 }
 
-/// One tool call as the pipeline sees it, after the token was authenticated.
+/// One call as the pipeline sees it, after the token was authenticated: a tool call, or a
+/// resource read/subscription, prompt get or completion ([`CallKind`]).
 pub struct ToolCall<'a> {
     pub grant: &'a Grant,
+    /// What the call reaches; checks and audit see `tool` qualified by it ([`ToolCall::name`]).
+    pub kind: CallKind,
+    /// The tool's name, the resource's URI, the prompt's name (for a completion: its prompt's
+    /// name or its resource template's URI template).
     pub tool: &'a str,
     pub arguments: &'a Value,
     pub intent_prompt: Option<&'a str>,
@@ -147,6 +147,13 @@ pub struct ToolCall<'a> {
     pub session_id: Option<&'a str>,
     /// A later round of a multi-round call (MCP 2026-07-28): decided again, never charged again.
     pub round: Option<Round>,
+}
+
+impl ToolCall<'_> {
+    /// The name checks and audit events see: the tool's, or the target qualified by its kind.
+    pub fn name(&self) -> std::borrow::Cow<'_, str> {
+        self.kind.qualified(self.tool)
+    }
 }
 
 /// Which call a later round continues: the first round's audit event and this round's number.
@@ -159,7 +166,6 @@ pub struct Round {
 
 /// The ordered checks and what they need.
 pub struct Pipeline {
-    store: Arc<dyn Store>,
     audit: AuditLog,
     registry: Registry,
     /// This replica's view of usage and budget counters, read by plugins; the store's
@@ -178,18 +184,8 @@ struct Findings {
     charges: Vec<Debit>,
 }
 
-/// One conditional counter increment in the store: `amount` added only if the total stays
-/// within `limit`.
-struct Debit {
-    key: String,
-    window: i64,
-    amount: i64,
-    limit: i64,
-}
-
 impl Pipeline {
     pub fn new(
-        store: Arc<dyn Store>,
         audit: AuditLog,
         registry: Registry,
         local_counters: Arc<MemoryCounters>,
@@ -198,7 +194,6 @@ impl Pipeline {
     ) -> Self {
         let throttle = throttle::Throttle::new(DenialLimits::default(), audit.clone());
         Self {
-            store,
             audit,
             registry,
             local_counters,
@@ -273,22 +268,31 @@ impl Pipeline {
                 event.reason = denial.to_string();
             }
         }
-        let appended = self.audit.append(event).await;
+        // 5. charge and audit in one commit: the debits are decided in the transaction that
+        // records the event, so the charges and the decision are durable together or not at
+        // all (a failed commit charged nothing; nothing is refunded here).
+        let debits = match &outcome {
+            Ok(()) => std::mem::take(&mut findings.charges),
+            Err(_) => Vec::new(),
+        };
+        let appended = self.audit.append_charged(event, debits.clone()).await;
         match (outcome, appended) {
-            (Ok(()), Ok(a)) => {
-                self.note_usage(call, &findings.charges);
-                Ok(Permit {
-                    event_id: a.id,
-                    bundle_digest: snapshot.digest().to_owned(),
-                    started,
-                    _sealed: (),
-                })
-            }
-            (Ok(()), Err(e)) => {
-                // Charged but never forwarded: give the budget back, then refuse.
-                self.refund(&findings.charges).await;
-                Err(Denial::Audit(e.to_string()))
-            }
+            (Ok(()), Ok(a)) => match a.refused {
+                None => {
+                    self.note_usage(call, &debits);
+                    Ok(Permit {
+                        event_id: a.id,
+                        bundle_digest: snapshot.digest().to_owned(),
+                        started,
+                        _sealed: (),
+                    })
+                }
+                Some(reason) => {
+                    self.throttle.note_denial(&g.tenant, &g.root_jti, now);
+                    Err(Denial::Budget(reason))
+                }
+            },
+            (Ok(()), Err(e)) => Err(Denial::Audit(e.to_string())),
             (Err(denial), _) => Err(denial),
         }
     }
@@ -301,6 +305,7 @@ impl Pipeline {
     ) -> Result<(), Denial> {
         // 1. capability: the token's static caveats for this tool, server and agent.
         call.grant.authorize(&CallContext {
+            kind: call.kind.capability_kind(),
             tool: call.tool,
             agent: call.agent,
             server: Some(&self.upstream_name),
@@ -340,34 +345,24 @@ impl Pipeline {
         }
         // A later round of a multi-round call was charged with its first round; its sealed
         // state is single-use (a conditional counter of 1 in the shared store, so a replay is
-        // refused on every replica), or a replayed state would be a free call.
+        // refused on every replica), or a replayed state would be a free call. It is charged
+        // with the round's event, so a round whose decision is not durable may be retried.
         if let Some(r) = call.round {
-            let nonce = Debit {
+            findings.charges = vec![Debit {
                 key: format!("round:{}:{}", r.call_event, r.number),
                 window: 0,
                 amount: 1,
                 limit: 1,
-            };
-            match self.store.charge(&nonce.key, 0, 1, 1).await {
-                Ok(ChargeOutcome::Charged { .. }) => {}
-                Ok(ChargeOutcome::Exceeded { .. }) => {
-                    return Err(Denial::Budget(
-                        "this round was already answered: a requestState is single-use".into(),
-                    ));
-                }
-                Err(e) => return Err(Denial::BudgetStore(e.to_string())),
-            }
-            // Given back if the decision cannot be made durable, so the client may retry.
-            findings.charges = vec![nonce];
+            }];
             return Ok(());
         }
-        // 4. budget: the bundle's ceilings, then the token's own limits.
+        // 4. budget: the bundle's ceilings, then the token's own limits; charged with the
+        // event (see `decide`).
         let budget = snapshot.budget_async(&input);
         let budget = checks_within(deadline, limit, Stage::Budget, budget).await?;
         refuse_unless_allowed(&budget.verdict, Denial::Budget)?;
         findings.charges = self.charges_for(call.grant, &budget.charges);
-        // 5. charge, only now that every check allowed.
-        self.charge(&findings.charges).await
+        Ok(())
     }
 
     fn check_input(&self, call: &ToolCall<'_>) -> CheckInput {
@@ -377,7 +372,7 @@ impl Pipeline {
         CheckInput {
             tenant: g.tenant.clone(),
             agent_id: g.subject.clone(),
-            tool: call.tool.to_owned(),
+            tool: call.name().into_owned(),
             arguments: call.arguments.to_string(),
             intent_prompt: call.intent_prompt.map(str::to_owned),
             token: TokenInput {
@@ -393,7 +388,7 @@ impl Pipeline {
             usage: Usage {
                 calls_today_tool: self
                     .local_counters
-                    .get(&format!("{agent_key}/{}", call.tool), day),
+                    .get(&format!("{agent_key}/{}", call.name()), day),
                 calls_today_total: self.local_counters.get(&agent_key, day),
             },
         }
@@ -430,42 +425,6 @@ impl Pipeline {
         out
     }
 
-    async fn charge(&self, debits: &[Debit]) -> Result<(), Denial> {
-        for (i, d) in debits.iter().enumerate() {
-            let refused = match self.store.charge(&d.key, d.window, d.amount, d.limit).await {
-                Ok(ChargeOutcome::Charged { .. }) => continue,
-                Ok(ChargeOutcome::Exceeded { .. }) => {
-                    let what = if d.key.starts_with("calls:") {
-                        "token max_calls"
-                    } else if d.key.starts_with("rate:") {
-                        "token rate_limit"
-                    } else if d.key.contains("/token-cents:") {
-                        "token max_cents"
-                    } else {
-                        "budget"
-                    };
-                    Denial::Budget(format!("{what} of {} reached", d.limit))
-                }
-                Err(e) => Denial::BudgetStore(e.to_string()),
-            };
-            self.refund(&debits[..i]).await;
-            return Err(refused);
-        }
-        Ok(())
-    }
-
-    async fn refund(&self, debits: &[Debit]) {
-        for d in debits {
-            if let Err(e) = self
-                .store
-                .charge(&d.key, d.window, -d.amount, i64::MAX)
-                .await
-            {
-                tracing::warn!(error = %e, "could not refund a budget charge");
-            }
-        }
-    }
-
     /// Counts an allowed call in this replica's usage view (what policies see as usage).
     fn note_usage(&self, call: &ToolCall<'_>, debits: &[Debit]) {
         if call.round.is_some() {
@@ -479,7 +438,10 @@ impl Pipeline {
             amount: 1,
             limit: u64::MAX,
         };
-        let mut seen = vec![unit(format!("{agent_key}/{}", call.tool)), unit(agent_key)];
+        let mut seen = vec![
+            unit(format!("{agent_key}/{}", call.name())),
+            unit(agent_key),
+        ];
         // Mirror the bundle's charges so the budget plugin's reads see this replica's usage.
         seen.extend(debits.iter().map(|d| Charge {
             key: d.key.clone(),
@@ -495,7 +457,7 @@ impl Pipeline {
         let mut e = AuditEvent::new(audit::kinds::TOOL_CALL, g.tenant.clone())
             .with_arguments(self.arg_values, call.arguments);
         e.agent_id = g.subject.clone();
-        e.tool = call.tool.to_owned();
+        e.tool = call.name().into_owned();
         e.jti = g.jti.clone();
         e.root_jti = g.root_jti.clone();
         e.caveat_count = Some(g.caveat_count as u32);

@@ -35,11 +35,20 @@ use crate::http::{self, Body};
 use crate::mcp::{self, Endpoint, session::SessionKeys};
 use crate::pipeline::Pipeline;
 use crate::secrets;
-use crate::store::{self, Store, StoreConfig};
+use crate::store::{self, Db, Store, StoreConfig};
 use crate::upstream::Upstream;
 
-/// How often a replica polls the stored bundle pointers (PostgreSQL also wakes it at once).
-const BUNDLE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a replica polls the stored bundle pointers. PostgreSQL wakes it at once through
+/// `LISTEN`, so there the poll is only a fallback for a lost notification; on SQLite a
+/// promotion made by this process is applied directly, and the poll is how another process
+/// sharing the file follows (SQLite has no cross-process notification), so it stays short: one
+/// indexed read a second, measured at well under 0.1 % of a core on an idle gateway.
+fn bundle_sync_interval(db: &Db) -> Duration {
+    match db {
+        Db::Postgres(_) => Duration::from_secs(30),
+        Db::Sqlite(_) => Duration::from_secs(1),
+    }
+}
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +150,7 @@ impl Gateway {
         background.push(tokio::spawn(revocation_feed(
             Arc::clone(&store),
             Arc::clone(&revocations),
+            config.revocation_max_staleness,
         )));
         // Compiling the built-in components takes a moment: keep it off the runtime's threads.
         let default_spec = match &config.policy {
@@ -154,7 +164,9 @@ impl Gateway {
             max_instances_per_tenant: config.max_instances_per_tenant,
             ..crate::plugins::Limits::default()
         })
-        .map_err(|e| StartError::Plugins(format!("INTENTGATE_PLUGIN_*: {e}")))?;
+        .map_err(|e| StartError::Plugins(format!("INTENTGATE_PLUGIN_*: {e}")))?
+        // Every worker evaluating at once must find a pooled instance (issue 13).
+        .size_pools_for_workers(tokio::runtime::Handle::current().metrics().num_workers());
         let registry =
             tokio::task::spawn_blocking(move || Registry::builtin_with_default(default_spec))
                 .await
@@ -170,7 +182,7 @@ impl Gateway {
             .await
             .map_err(|e| StartError::Plugins(format!("loading the stored bundles: {e}")))?;
         background.push(tokio::spawn(
-            follower.run(BUNDLE_SYNC_INTERVAL, std::future::pending()),
+            follower.run(bundle_sync_interval(&store.db()), std::future::pending()),
         ));
         let watch = match config.watch.clone() {
             None => None,
@@ -189,7 +201,6 @@ impl Gateway {
             .memory_counters()
             .ok_or_else(|| StartError::Plugins("registry without local counters".into()))?;
         let pipeline = Pipeline::new(
-            Arc::clone(&store),
             audit,
             registry,
             counters,
@@ -224,14 +235,36 @@ impl Gateway {
     }
 }
 
-/// Keeps the in-memory revocation set current by polling the store. When polling fails the set
-/// goes stale and token checks fail closed until it recovers.
-async fn revocation_feed(store: Arc<dyn Store>, set: Arc<RevocationSet>) {
+/// The channel a revocation is announced on (PostgreSQL `NOTIFY`), so every replica's feed
+/// reads it at once instead of polling for it.
+pub const REVOCATIONS_CHANNEL: &str = "intentgate_revocations";
+
+/// Keeps the in-memory revocation set current. It reads the store when woken: on PostgreSQL
+/// by `LISTEN` (another replica revoked), and on both backends by a fallback poll a third of
+/// the staleness limit apart (a revocation made in this process is applied to the set
+/// directly). Each successful read marks the set synced; when reads fail the set goes stale
+/// and token checks fail closed until it recovers. An idle gateway does no more than the
+/// fallback poll.
+async fn revocation_feed(store: Arc<dyn Store>, set: Arc<RevocationSet>, max_staleness: Duration) {
+    let fallback = (max_staleness / 3).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut listener = match store.db() {
+        Db::Postgres(pool) => match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(mut l) => match l.listen(REVOCATIONS_CHANNEL).await {
+                Ok(()) => Some(l),
+                Err(e) => {
+                    tracing::warn!("revocation feed: LISTEN failed, polling only: {e}");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!("revocation feed: LISTEN connection failed, polling only: {e}");
+                None
+            }
+        },
+        Db::Sqlite(_) => None,
+    };
     let mut after = 0i64;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
         loop {
             match store.revocations_since(after, 1000).await {
                 Ok(rows) => {
@@ -250,6 +283,19 @@ async fn revocation_feed(store: Arc<dyn Store>, set: Arc<RevocationSet>) {
                     break;
                 }
             }
+        }
+        match listener.as_mut() {
+            Some(l) => match tokio::time::timeout(fallback, l.recv()).await {
+                // A notification or the fallback poll's turn: read now.
+                Ok(Ok(_)) | Err(_) => {}
+                // The connection dropped (it reconnects on the next recv): pause so a down
+                // database is not hammered, then read (notifications may have been missed).
+                Ok(Err(e)) => {
+                    tracing::warn!("revocation feed: LISTEN connection lost: {e}");
+                    tokio::time::sleep(fallback.min(Duration::from_millis(500))).await;
+                }
+            },
+            None => tokio::time::sleep(fallback).await,
         }
     }
 }

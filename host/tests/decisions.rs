@@ -351,7 +351,9 @@ async fn a_stalled_audit_store_refuses_calls_at_the_deadline_and_records_them_la
         &["--demo", "--audit-deadline-ms", "300"],
     )
     .await;
-    let (token, jti) = tg.mint(json!({"subject": "bot", "tools": ["echo"]})).await;
+    let (token, jti) = tg
+        .mint(json!({"subject": "bot", "tools": ["echo"], "max_calls": 50}))
+        .await;
     let ok = tg
         .tool_call(&token, "echo", json!({"text": "before"}))
         .await;
@@ -395,6 +397,15 @@ async fn a_stalled_audit_store_refuses_calls_at_the_deadline_and_records_them_la
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let refusal = refusal.expect("the refusal at the deadline is audited");
+    // The refused call charged nothing (or was refunded with its refusal record): the token's
+    // counter holds exactly the two calls that were answered.
+    let pool = sqlx::PgPool::connect(&url).await.expect("direct pool");
+    let charged: i64 = sqlx::query_scalar("SELECT value FROM counters WHERE key = $1")
+        .bind(format!("calls:{jti}"))
+        .fetch_one(&pool)
+        .await
+        .expect("counter");
+    assert_eq!(charged, 2, "max_calls charged only for answered calls");
     assert!(
         refusal["reason"]
             .as_str()

@@ -175,7 +175,7 @@ async fn bad_input_gets_clear_errors_and_server_keeps_serving() {
         post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":7}}"#.to_vec())
             .await;
     assert_eq!((s, code_of(&b)), (200, -32602));
-    let (s, _, b) = post(br#"{"jsonrpc":"2.0","id":1,"method":"resources/list"}"#.to_vec()).await;
+    let (s, _, b) = post(br#"{"jsonrpc":"2.0","id":1,"method":"no/such_method"}"#.to_vec()).await;
     assert_eq!((s, code_of(&b)), (200, -32601));
     let (s, _, b) = post(vec![b' '; 10_000]).await;
     assert_eq!((s, code_of(&b)), (413, -32600));
@@ -189,7 +189,7 @@ async fn bad_input_gets_clear_errors_and_server_keeps_serving() {
     let mut slow = tokio::net::TcpStream::connect(tg.addr)
         .await
         .expect("connect");
-    slow.write_all(b"POST /v1/mcp HTTP/1.1\r\nHost: x\r\n")
+    slow.write_all(b"POST /v1/mcp HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .expect("write");
     let mut buf = Vec::new();
@@ -408,7 +408,7 @@ async fn a_body_that_never_arrives_gets_408() {
         ("/v1/admin/bundles?tenant=acme", ADMIN_TOKEN),
     ] {
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {auth}\r\n\
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {auth}\r\n\
              Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"jsonrpc\""
         );
         let answer = answer_without_body(&tg, &head, Duration::from_secs(5))
@@ -425,7 +425,7 @@ async fn a_call_without_a_token_is_refused_before_its_body_is_read() {
     for path in ["/v1/mcp", "/v1/tool-call"] {
         // Half a megabyte announced, none sent: refused at once, not after the body deadline.
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
              Content-Length: 500000\r\n\r\n"
         );
         let answer = answer_without_body(&tg, &head, Duration::from_secs(3))
@@ -439,4 +439,49 @@ async fn a_call_without_a_token_is_refused_before_its_body_is_read() {
         );
     }
     tg.shutdown().await;
+}
+
+/// Issue 13 (idle costs nothing): a replica's revocation feed is woken by the revoking
+/// replica's `NOTIFY`, not by polling. With a 300 s staleness limit its fallback poll is 60 s
+/// apart, so only the notification can make the revocation reach it within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_another_replica_by_notification() {
+    let url = tokio::task::spawn_blocking(|| {
+        intentgate::testkit::PgServer::shared().and_then(|pg| pg.fresh_database())
+    })
+    .await
+    .expect("postgres task")
+    .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    let slow_poll = ["--demo", "--revocation-max-staleness-secs", "300"];
+    let a = gateway::start(Backend::Postgres(url.clone()), None, &slow_poll).await;
+    let b = gateway::start(Backend::Postgres(url), None, &slow_poll).await;
+    let (token, jti) = a.mint(json!({"subject": "alice", "tools": ["echo"]})).await;
+    let ok = b.tool_call(&token, "echo", json!({"text": "x"})).await;
+    assert!(ok.get("result").is_some(), "{ok}");
+    let (status, _) = post_json(
+        &format!("{}/v1/admin/revoke", a.url),
+        Some(ADMIN_TOKEN),
+        &json!({"jti": jti, "reason": "test"}),
+    )
+    .await;
+    assert_eq!(status, 204);
+    let mut refused = None;
+    for _ in 0..50 {
+        let v = b.tool_call(&token, "echo", json!({"text": "x"})).await;
+        if v["error"]["code"] == -32010 {
+            refused = Some(v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = refused.expect("replica b still allows the token 5 s after it was revoked");
+    assert!(
+        refused["error"]["data"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("revoked"),
+        "{refused}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
 }

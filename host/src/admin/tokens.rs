@@ -50,6 +50,12 @@ struct MintBody {
     callee_zones: Vec<String>,
     #[serde(default)]
     with_memory_signing_key: bool,
+    /// `resource_allow` globs over resource URIs.
+    #[serde(default)]
+    resources: Vec<String>,
+    /// `prompt_allow` globs over prompt names.
+    #[serde(default)]
+    prompts: Vec<String>,
 }
 
 pub async fn mint(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
@@ -84,6 +90,8 @@ pub async fn mint(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Ad
         step_up_at: body.step_up.then_some(now as u64),
         callees: body.callees,
         callee_zones: body.callee_zones,
+        resources: body.resources,
+        prompts: body.prompts,
         ..MintRequest::default()
     };
     let minted = capability::mint(&gw.master_key, &request, now)
@@ -191,6 +199,17 @@ pub async fn revoke(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, 
     }
     // Take effect on this replica now, not at the next feed poll.
     gw.revocations.extend(std::iter::once(jti.to_owned()));
+    // Wake every other replica's feed (PostgreSQL). If the notification is lost, their
+    // fallback poll reads the revocation within a third of the staleness limit.
+    if let crate::store::Db::Postgres(pool) = gw.store.db() {
+        let notified = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(crate::server::REVOCATIONS_CHANNEL)
+            .execute(&pool)
+            .await;
+        if let Err(e) = notified {
+            tracing::warn!("revoke: could not notify the other replicas: {e}");
+        }
+    }
     Ok(http::status(StatusCode::NO_CONTENT))
 }
 

@@ -3,12 +3,14 @@
 //! `append` puts the event on the tenant's bounded queue (`try_send`: a full queue answers
 //! [`AuditError::Overloaded`] at once, it never blocks unboundedly) and waits for the writer's
 //! answer. The writer takes everything queued (up to `max_batch`) and commits it in **one**
-//! transaction: read the chain head (SQLite: under `BEGIN IMMEDIATE`, the database write lock;
+//! transaction (`commit.rs`): read the chain head (SQLite: under `BEGIN IMMEDIATE`, the
+//! database write lock, with every other tenant's pending batch in the same transaction;
 //! PostgreSQL: `SELECT … FOR UPDATE` on the tenant's head row, so writers on other replicas
-//! wait), hash each event onto it, insert the rows, move the head with a compare-and-set
-//! `UPDATE`, and, when due, sign a checkpoint in the same transaction. Only after `COMMIT`
-//! returns does any waiter hear `Ok`. If the transaction fails, every waiter of the batch hears
-//! the error and nothing of the batch is stored; the next batch re-reads the head.
+//! wait), settle the calls' budget debits ([`AuditLog::append_charged`], `charges.rs`), hash
+//! each event onto the head, insert the rows, move the head with a compare-and-set `UPDATE`,
+//! and, when due, sign a checkpoint in the same transaction. Only after `COMMIT` returns does
+//! any waiter hear `Ok`. If the transaction fails, every waiter of the batch hears the error
+//! and nothing of the batch is stored (no charge either); the next batch re-reads the head.
 //! `UNIQUE (tenant, seq)` makes any logic error that would fork a chain fail loudly.
 //!
 //! **Deadline.** `append` waits at most [`AuditConfig::deadline`] for its answer; then it
@@ -32,8 +34,8 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use super::checkpoint::{Checkpoint, origin_for};
-use super::key::hex;
+use super::charges::Debit;
+use super::commit::{Committed, Entry, SqliteCommitter, commit_postgres};
 use super::{AuditConfig, AuditError, AuditEvent, Db, LogKey, Verifier, time};
 
 /// Where an appended event landed.
@@ -45,6 +47,9 @@ pub struct Appended {
     pub seq: u64,
     /// Chain hash after this event, lowercase hex.
     pub hash: String,
+    /// Set when one of the call's debits ([`AuditLog::append_charged`]) would have passed its
+    /// limit: the event was recorded as this budget refusal instead, and nothing was charged.
+    pub refused: Option<String>,
 }
 
 /// The chain link: `SHA-256(prev_hash || canonical_event)`.
@@ -65,7 +70,7 @@ pub const MAX_LATE: usize = 4096;
 const LATE_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 struct Job {
-    event: AuditEvent,
+    entry: Entry,
     enqueued: Instant,
     reply: oneshot::Sender<Result<Appended, AuditError>>,
 }
@@ -89,21 +94,21 @@ pub(crate) struct Shared {
     pub(crate) db: Db,
     pub(crate) key: LogKey,
     pub(crate) cfg: AuditConfig,
-    counters: Arc<Counters>,
-    /// SQLite has one writer at a time: the tenants' writers of this process take turns here
-    /// instead of colliding on the database lock, whose busy handler sleeps (up to 100 ms a
-    /// try) and made multi-tenant latency collapse. A writer waiting for its turn gathers a
-    /// larger batch meanwhile.
-    sqlite_turn: Arc<tokio::sync::Mutex<()>>,
+    pub(crate) counters: Arc<Counters>,
+    /// SQLite has one writer at a time: the tenants' writers of this process hand their
+    /// batches to this one committer, which commits all of them in one transaction, instead
+    /// of colliding on the database lock (whose busy handler sleeps) and paying one fsync per
+    /// tenant. `None` on PostgreSQL, and in the committer's own copy.
+    sqlite: Option<SqliteCommitter>,
 }
 
 #[derive(Default)]
-struct Counters {
-    events: AtomicU64,
-    batches: AtomicU64,
-    failed_batches: AtomicU64,
-    overloaded: AtomicU64,
-    checkpoints: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) events: AtomicU64,
+    pub(crate) batches: AtomicU64,
+    pub(crate) failed_batches: AtomicU64,
+    pub(crate) overloaded: AtomicU64,
+    pub(crate) checkpoints: AtomicU64,
 }
 
 /// Counters of this process's writers since `open` (for metrics).
@@ -166,15 +171,19 @@ impl AuditLog {
                     .map_err(missing)?;
             }
         }
+        let mut shared = Shared {
+            db,
+            key,
+            cfg,
+            counters: Arc::default(),
+            sqlite: None,
+        };
+        if let Db::Sqlite(pool) = &shared.db {
+            shared.sqlite = Some(SqliteCommitter::start(pool.clone(), shared.clone()));
+        }
         Ok(AuditLog {
             inner: Arc::new(Inner {
-                shared: Shared {
-                    db,
-                    key,
-                    cfg,
-                    counters: Arc::default(),
-                    sqlite_turn: Arc::default(),
-                },
+                shared,
                 writers: ArcSwap::from_pointee(HashMap::new()),
                 spawn_lock: Mutex::new(()),
             }),
@@ -215,10 +224,30 @@ impl AuditLog {
     /// caller's future is dropped while waiting, the event may still be committed) and the
     /// caller must fail closed.
     pub async fn append(&self, event: AuditEvent) -> Result<Appended, AuditError> {
+        self.append_charged(event, Vec::new()).await
+    }
+
+    /// Appends an allowed call's event together with its budget debits, decided in order and
+    /// written in the same transaction (see [`charges`]). If a debit would pass its limit,
+    /// nothing of the call is charged and the event is recorded as that budget refusal
+    /// ([`Appended::refused`]). An error means neither the event nor any charge was stored
+    /// (a caller that gave up at the deadline is refunded by its late record).
+    pub async fn append_charged(
+        &self,
+        event: AuditEvent,
+        debits: Vec<Debit>,
+    ) -> Result<Appended, AuditError> {
+        for d in &debits {
+            d.validate()?;
+        }
         let tenant = event.tenant.clone();
         let (reply, answer) = oneshot::channel();
+        // The canonical text (the arguments' share of the hashing work) is made here, on the
+        // caller's task, so the one writer of the chain does only the sequential part.
+        let mut entry = Entry::new(event, debits);
+        entry.canonical = entry.event.canonical_open();
         let mut job = Job {
-            event,
+            entry,
             enqueued: Instant::now(),
             reply,
         };
@@ -329,7 +358,8 @@ async fn wait_for(
 /// event when it was committed after all (then the refusal points at it), `None` when it was
 /// not written (then the event is written in its refused form). A denial needs no such record
 /// once it is written: the caller was refused either way.
-fn late_record(event: &AuditEvent, committed: Option<i64>) -> Option<AuditEvent> {
+fn late_record(entry: &Entry, committed: Option<i64>) -> Option<Entry> {
+    let event = &entry.event;
     let refused = matches!(
         event.decision,
         Some(super::Decision::Block | super::Decision::Escalate)
@@ -337,6 +367,12 @@ fn late_record(event: &AuditEvent, committed: Option<i64>) -> Option<AuditEvent>
     if refused && committed.is_some() {
         return None;
     }
+    // What was charged with a committed event is given back with its refusal; an event that
+    // was not committed charged nothing.
+    let refunds = match committed {
+        Some(_) => entry.debits.iter().map(Debit::refund).collect(),
+        None => Vec::new(),
+    };
     let mut late = event.clone();
     late.ts_ms = time::now_ms();
     if !refused {
@@ -350,7 +386,7 @@ fn late_record(event: &AuditEvent, committed: Option<i64>) -> Option<AuditEvent>
         };
         late.call_id = committed.or(event.call_id);
     }
-    Some(late)
+    Some(Entry::new(late, refunds))
 }
 
 /// One tenant's writer.
@@ -359,259 +395,34 @@ struct Writer {
     tenant: String,
 }
 
-/// The head row of a tenant's chain.
-#[derive(Debug)]
-struct Head {
-    seq: i64,
-    hash: String,
-    checkpoint_size: i64,
-}
-
-/// A row about to be inserted.
-struct NewRow {
-    seq: i64,
-    ts_ms: i64,
-    kind: String,
-    decision: &'static str,
-    check: String,
-    agent_id: String,
-    tool: String,
-    jti: String,
-    root_jti: String,
-    elevation_id: String,
-    body: String,
-    prev_hash: String,
-    hash: String,
-}
-
-/// What a committed batch did.
-struct Committed {
-    appended: Vec<Appended>,
-    /// The head is beyond the newest checkpoint.
-    uncovered: bool,
-}
-
-/// Rows to insert, the new head, and the checkpoint (with its signed note) to store.
-type Plan = (Vec<NewRow>, Head, Option<(Checkpoint, String)>);
-
-/// The chain arithmetic of one batch, shared by both backends: the rows to insert, the new head,
-/// and the checkpoint to sign (if due).
-fn plan(
-    head: &Head,
-    tenant: &str,
-    events: &[AuditEvent],
-    key: &LogKey,
-    cfg: &AuditConfig,
-    force_checkpoint: bool,
-) -> Result<Plan, AuditError> {
-    let mut prev = hex::decode32(&head.hash).ok_or_else(|| {
-        AuditError::Integrity(format!("chain head of {tenant:?} holds a malformed hash"))
-    })?;
-    let mut seq = head.seq;
-    let mut rows = Vec::with_capacity(events.len());
-    for e in events {
-        seq += 1;
-        let body = e.canonical(seq as u64);
-        let hash = link_hash(&prev, body.as_bytes());
-        rows.push(NewRow {
-            seq,
-            ts_ms: e.ts_ms,
-            kind: e.kind.clone(),
-            decision: e.decision.map(|d| d.as_str()).unwrap_or(""),
-            check: e.check.clone(),
-            agent_id: e.agent_id.clone(),
-            tool: e.tool.clone(),
-            jti: e.jti.clone(),
-            root_jti: e.root_jti.clone(),
-            elevation_id: e.elevation_id.clone(),
-            body,
-            prev_hash: hex::encode(&prev),
-            hash: hex::encode(&hash),
-        });
-        prev = hash;
-    }
-    let due = seq > head.checkpoint_size
-        && (force_checkpoint || (seq - head.checkpoint_size) as u64 >= cfg.checkpoint_every);
-    let checkpoint = due.then(|| {
-        let cp = Checkpoint {
-            origin: origin_for(key.name(), tenant),
-            size: seq as u64,
-            root_hash: prev,
-        };
-        let note = cp.sign(key);
-        (cp, note)
-    });
-    let new_head = Head {
-        seq,
-        hash: hex::encode(&prev),
-        checkpoint_size: if due { seq } else { head.checkpoint_size },
-    };
-    Ok((rows, new_head, checkpoint))
-}
-
-const HEAD_SELECT: &str =
-    "SELECT seq, hash, checkpoint_size FROM audit_chain_heads WHERE tenant = $1";
-const HEAD_INSERT: &str = "INSERT INTO audit_chain_heads (tenant, seq, hash, checkpoint_size, event_id, ts_ms) \
-     VALUES ($1, 0, $2, 0, 0, 0) ON CONFLICT (tenant) DO NOTHING";
-const HEAD_UPDATE: &str = "UPDATE audit_chain_heads SET seq = $1, hash = $2, checkpoint_size = $3, \
-     event_id = COALESCE($4, event_id), ts_ms = COALESCE($5, ts_ms) \
-     WHERE tenant = $6 AND seq = $7 AND hash = $8";
-const CHECKPOINT_INSERT: &str = "INSERT INTO audit_checkpoints (tenant, size, root_hash, key_name, note, created_ms) \
-     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, size) DO NOTHING";
-const INSERT_PREFIX: &str = "INSERT INTO audit_events (tenant, seq, ts_ms, event, decision, check_name, \
-     agent_id, tool, jti, root_jti, elevation_id, body, prev_hash, hash) ";
-
-/// The transaction of one batch (or of a checkpoint, with no events), written once for both
-/// backends: `$begin` opens the transaction, `$lock` is appended to the head read.
-macro_rules! commit_tx {
-    ($db:ty, $begin:expr, $lock:expr, $shared:expr, $tenant:expr, $events:expr, $force:expr) => {{
-        let shared: &Shared = $shared;
-        let tenant: &str = $tenant;
-        let mut tx = $begin.await?;
-        let select = format!("{HEAD_SELECT}{}", $lock);
-        let mut head: Option<(i64, String, i64)> = sqlx::query_as(&select)
-            .bind(tenant)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if head.is_none() {
-            sqlx::query(HEAD_INSERT)
-                .bind(tenant)
-                .bind(hex::encode(&GENESIS))
-                .execute(&mut *tx)
-                .await?;
-            head = sqlx::query_as(&select)
-                .bind(tenant)
-                .fetch_optional(&mut *tx)
-                .await?;
-        }
-        let (seq, hash, checkpoint_size) = head
-            .ok_or_else(|| AuditError::Integrity(format!("chain head of {tenant:?} vanished")))?;
-        let head = Head {
-            seq,
-            hash,
-            checkpoint_size,
-        };
-        let (rows, new_head, checkpoint) =
-            plan(&head, tenant, $events, &shared.key, &shared.cfg, $force)?;
-        let mut appended = Vec::with_capacity(rows.len());
-        let mut last_id = 0i64;
-        let mut last_ts = 0i64;
-        if !rows.is_empty() {
-            let mut qb = sqlx::QueryBuilder::<$db>::new(INSERT_PREFIX);
-            qb.push_values(rows.iter(), |mut b, r| {
-                b.push_bind(tenant)
-                    .push_bind(r.seq)
-                    .push_bind(r.ts_ms)
-                    .push_bind(r.kind.as_str())
-                    .push_bind(r.decision)
-                    .push_bind(r.check.as_str())
-                    .push_bind(r.agent_id.as_str())
-                    .push_bind(r.tool.as_str())
-                    .push_bind(r.jti.as_str())
-                    .push_bind(r.root_jti.as_str())
-                    .push_bind(r.elevation_id.as_str())
-                    .push_bind(r.body.as_str())
-                    .push_bind(r.prev_hash.as_str())
-                    .push_bind(r.hash.as_str());
-            });
-            qb.push(" RETURNING id, seq");
-            let ids: Vec<(i64, i64)> = qb.build_query_as().fetch_all(&mut *tx).await?;
-            let by_seq: HashMap<i64, i64> = ids.into_iter().map(|(id, seq)| (seq, id)).collect();
-            for r in &rows {
-                let id = *by_seq.get(&r.seq).ok_or_else(|| {
-                    AuditError::Integrity(format!("insert returned no id for seq {}", r.seq))
-                })?;
-                last_id = last_id.max(id);
-                last_ts = r.ts_ms;
-                appended.push(Appended {
-                    id,
-                    seq: r.seq as u64,
-                    hash: r.hash.clone(),
-                });
-            }
-        }
-        if let Some((cp, note)) = &checkpoint {
-            sqlx::query(CHECKPOINT_INSERT)
-                .bind(tenant)
-                .bind(cp.size as i64)
-                .bind(hex::encode(&cp.root_hash))
-                .bind(shared.key.name())
-                .bind(note.as_str())
-                .bind(time::now_ms())
-                .execute(&mut *tx)
-                .await?;
-        }
-        if !rows.is_empty() || checkpoint.is_some() {
-            let mut update = sqlx::query(HEAD_UPDATE)
-                .bind(new_head.seq)
-                .bind(new_head.hash.as_str())
-                .bind(new_head.checkpoint_size);
-            update = if rows.is_empty() {
-                // Checkpoint only: keep the head's event id and time.
-                update.bind(None::<i64>).bind(None::<i64>)
-            } else {
-                update.bind(Some(last_id)).bind(Some(last_ts))
-            };
-            let done = update
-                .bind(tenant)
-                .bind(head.seq)
-                .bind(head.hash.as_str())
-                .execute(&mut *tx)
-                .await?;
-            if done.rows_affected() != 1 {
-                return Err(AuditError::Integrity(format!(
-                    "chain head of {tenant:?} moved under a held lock"
-                )));
-            }
-        }
-        tx.commit().await?;
-        if checkpoint.is_some() {
-            shared
-                .counters
-                .checkpoints
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(Committed {
-            appended,
-            uncovered: new_head.seq > new_head.checkpoint_size,
-        })
-    }};
-}
-
 impl Writer {
-    async fn commit(&self, events: &[AuditEvent], force: bool) -> Result<Committed, AuditError> {
-        match &self.shared.db {
-            Db::Sqlite(pool) => {
-                let _turn = self.shared.sqlite_turn.lock().await;
-                commit_tx!(
-                    sqlx::Sqlite,
-                    pool.begin_with("BEGIN IMMEDIATE"),
-                    "",
-                    &self.shared,
-                    &self.tenant,
-                    events,
-                    force
-                )
+    /// Commits a batch; the entries come back (settling may have rewritten some as refusals;
+    /// they are lost only if the SQLite committer itself is gone).
+    async fn commit(
+        &self,
+        mut entries: Vec<Entry>,
+        force: bool,
+    ) -> (Vec<Entry>, Result<Committed, AuditError>) {
+        match (&self.shared.db, &self.shared.sqlite) {
+            (Db::Sqlite(_), Some(committer)) => {
+                committer.commit(&self.tenant, entries, force).await
             }
-            Db::Postgres(pool) => commit_tx!(
-                sqlx::Postgres,
-                pool.begin(),
-                " FOR UPDATE",
-                &self.shared,
-                &self.tenant,
-                events,
-                force
-            ),
+            (Db::Sqlite(_), None) => (entries, Err(AuditError::Unavailable)),
+            (Db::Postgres(pool), _) => {
+                let done =
+                    commit_postgres(pool, &self.shared, &self.tenant, &mut entries, force).await;
+                (entries, done)
+            }
         }
     }
 
     /// Signs a checkpoint of the current head if it is not covered yet.
     async fn checkpoint(&self) -> Result<bool, AuditError> {
-        self.commit(&[], true).await.map(|c| !c.uncovered)
+        self.commit(Vec::new(), true).await.1.map(|c| !c.uncovered)
     }
 
     /// Keeps a late record for the next commit (bounded).
-    fn keep_late(&self, late: &mut Vec<AuditEvent>, record: Option<AuditEvent>) {
+    fn keep_late(&self, late: &mut Vec<Entry>, record: Option<Entry>) {
         let Some(record) = record else { return };
         if late.len() >= MAX_LATE {
             tracing::error!(tenant = %self.tenant, "audit: too many late records held; dropping the refusal of a caller that gave up at the deadline");
@@ -626,7 +437,7 @@ impl Writer {
         // When set: the head is not covered by a checkpoint, sign one by then.
         let mut checkpoint_due: Option<tokio::time::Instant> = None;
         // Records of callers that gave up at the deadline, written with the next commit.
-        let mut late: Vec<AuditEvent> = Vec::new();
+        let mut late: Vec<Entry> = Vec::new();
         loop {
             let late_due = (!late.is_empty()).then(|| tokio::time::Instant::now() + LATE_RETRY);
             let wake = match (checkpoint_due, late_due) {
@@ -682,7 +493,7 @@ impl Writer {
                 }));
                 if let Err(_gone) = refused {
                     // Its caller gave up at the deadline: record the refusal it was told.
-                    self.keep_late(&mut late, late_record(&job.event, None));
+                    self.keep_late(&mut late, late_record(&job.entry, None));
                 }
             }
             if fresh.is_empty() && late.is_empty() {
@@ -690,25 +501,30 @@ impl Writer {
             }
             // Late records first: they are older than anything in this batch.
             let held = late.len().min(cfg.max_batch.saturating_sub(fresh.len()));
-            let mut events: Vec<AuditEvent> = late.drain(..held).collect();
+            let mut events: Vec<Entry> = late.drain(..held).collect();
             let mut replies = Vec::with_capacity(fresh.len());
             for j in fresh {
-                events.push(j.event);
+                events.push(j.entry);
                 replies.push(j.reply);
             }
             let force = checkpoint_due.is_some_and(|d| d <= tokio::time::Instant::now());
-            match self.commit(&events, force).await {
+            let (mut events, committed) = self.commit(events, force).await;
+            match committed {
                 Ok(done) => {
                     let c = &self.shared.counters;
                     c.events
                         .fetch_add(done.appended.len() as u64, Ordering::Relaxed);
                     c.batches.fetch_add(1, Ordering::Relaxed);
                     let own = events[held..].iter().zip(&done.appended[held..]);
-                    for (reply, (event, appended)) in replies.into_iter().zip(own) {
+                    for (reply, (entry, appended)) in replies.into_iter().zip(own) {
                         let id = appended.id;
-                        if reply.send(Ok(appended.clone())).is_err() {
+                        let answer = Appended {
+                            refused: entry.refused.clone(),
+                            ..appended.clone()
+                        };
+                        if reply.send(Ok(answer)).is_err() {
                             // Committed after its caller was refused at the deadline.
-                            self.keep_late(&mut late, late_record(event, Some(id)));
+                            self.keep_late(&mut late, late_record(entry, Some(id)));
                         }
                     }
                     if !done.uncovered {
@@ -724,16 +540,21 @@ impl Writer {
                         .counters
                         .failed_batches
                         .fetch_add(1, Ordering::Relaxed);
-                    let e = Arc::new(e);
-                    let own = events.split_off(held);
+                    let e = match e {
+                        AuditError::CommitFailed(inner) => inner,
+                        e => Arc::new(e),
+                    };
+                    let own = events.split_off(held.min(events.len()));
                     // The late records stay for the next attempt.
                     late.splice(0..0, events);
-                    for (reply, event) in replies.into_iter().zip(own) {
+                    for (reply, entry) in replies.into_iter().zip(own) {
                         if reply
                             .send(Err(AuditError::CommitFailed(e.clone())))
                             .is_err()
                         {
-                            self.keep_late(&mut late, late_record(&event, None));
+                            // Nothing of it was stored (if its debits refused it, the record
+                            // says so; it is a refusal either way).
+                            self.keep_late(&mut late, late_record(&entry, None));
                         }
                     }
                 }
@@ -742,7 +563,7 @@ impl Writer {
         // Queue closed: every AuditLog handle is gone. Record what is still late (one
         // attempt), then cover the tail before leaving.
         if !late.is_empty() {
-            match self.commit(&late, false).await {
+            match self.commit(std::mem::take(&mut late), false).await.1 {
                 Ok(done) => {
                     checkpoint_due =
                         checkpoint_due.or(done.uncovered.then(tokio::time::Instant::now));

@@ -7,6 +7,8 @@
 //!   ([`AuditError::Overloaded`], [`AuditError::CommitFailed`]) and the caller must refuse the
 //!   call (fail closed). Chain: `hash = SHA-256(prev_hash || canonical_event)` per tenant, the
 //!   first `prev_hash` being 32 zero bytes; hashes are stored as lowercase hex.
+//! - [`charges`]: budget debits decided and written in the transaction of their call's event
+//!   ([`AuditLog::append_charged`]), so a call costs one commit.
 //! - [`key`] and [`checkpoint`]: the Ed25519 log key and signed checkpoints (C2SP signed notes).
 //! - [`query`]: filters and keyset pagination for the admin API and export.
 //! - [`verify`]: walks a tenant's chain in the database, optionally against a checkpoint.
@@ -16,7 +18,9 @@
 //! This module must never acknowledge an event that is not committed, never drop an event it
 //! acknowledged, and never let two writers extend one tenant's chain from the same head.
 
+pub mod charges;
 pub mod checkpoint;
+mod commit;
 pub mod event;
 pub mod export;
 pub mod jcs;
@@ -30,6 +34,7 @@ pub mod verify;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use charges::Debit;
 pub use checkpoint::Checkpoint;
 pub use event::{ArgValuesMode, AuditEvent, Decision, SCHEMA_VERSION, kinds};
 pub use key::{LogKey, Verifier};

@@ -10,6 +10,11 @@
 //! the tokio runtime at every epoch tick, so a slow check never holds a worker for long and
 //! dropping the future (a deadline) abandons the call. [`CheckPool::evaluate`] runs the same
 //! code inline, for callers that are already off the runtime (dry-runs, benchmarks).
+//!
+//! A configuration's self-tests (the top-level `tests` member of a JSON configuration, as the
+//! Rego plugin takes them) run once, in the instance [`CheckPool::warm`] configures when a
+//! bundle is drafted or promoted. The instances that serve calls are configured without them:
+//! a test suite is not run again for every fresh instance on the request path.
 
 use super::bindings::check as cb;
 use super::bindings::check::intentgate::plugin::types as wit;
@@ -78,7 +83,10 @@ struct Instance {
 pub struct CheckPool {
     runtime: Arc<Runtime>,
     component: CheckComponent,
+    /// The whole configuration, self-tests included: what [`CheckPool::warm`] configures.
     config: Arc<str>,
+    /// The configuration without its self-tests: what the request path's instances get.
+    serving_config: Arc<str>,
     stage: Stage,
     tenant: Arc<str>,
     counters: Arc<dyn Counters>,
@@ -107,10 +115,12 @@ impl CheckPool {
         tenant: impl Into<Arc<str>>,
         counters: Arc<dyn Counters>,
     ) -> Self {
+        let config: Arc<str> = config.into();
         Self {
             runtime,
             component,
-            config: config.into(),
+            serving_config: without_self_tests(&config),
+            config,
             stage,
             tenant: tenant.into(),
             counters,
@@ -140,7 +150,7 @@ impl CheckPool {
     /// Instantiate and configure one instance now (so a bad configuration is reported at load,
     /// not at the first call) and keep it idle.
     pub fn warm(&self) -> Result<(), PluginError> {
-        let instance = now_or_never(self.instantiate(Exec::Inline), self.stage)?;
+        let instance = now_or_never(self.instantiate(Exec::Inline, &self.config), self.stage)?;
         self.give_back(instance);
         Ok(())
     }
@@ -162,8 +172,9 @@ impl CheckPool {
         }
     }
 
-    async fn instantiate(&self, exec: Exec) -> Result<Instance, PluginError> {
+    async fn instantiate(&self, exec: Exec, config: &str) -> Result<Instance, PluginError> {
         let slot = self.runtime.reserve(Some(&self.tenant))?;
+        let _awake = self.runtime.awake();
         let limits = &self.runtime.limits;
         let state = HostState::new(
             limits.max_memory_bytes,
@@ -186,10 +197,10 @@ impl CheckPool {
         })?;
         let api = bindings.intentgate_plugin_check();
         let configured = match exec {
-            Exec::Inline => api.call_configure(&mut store, &self.config),
+            Exec::Inline => api.call_configure(&mut store, config),
             Exec::Async => api
                 .func_configure()
-                .call_async(&mut store, (&*self.config,))
+                .call_async(&mut store, (config,))
                 .await
                 .map(|(r,)| r),
         };
@@ -223,7 +234,7 @@ impl CheckPool {
             return;
         }
         let mut idle = self.lock_idle();
-        if idle.len() < limits.max_idle_per_pool {
+        if idle.len() < self.runtime.idle_per_pool() {
             idle.push(instance);
         }
     }
@@ -255,10 +266,11 @@ impl CheckPool {
         intent: Option<&IntentRecord>,
         exec: Exec,
     ) -> Result<CheckOutput, PluginError> {
+        let _awake = self.runtime.awake();
         let pooled = self.lock_idle().pop();
         let mut instance = match pooled {
             Some(instance) => instance,
-            None => self.instantiate(exec).await?,
+            None => self.instantiate(exec, &self.serving_config).await?,
         };
         let limits = &self.runtime.limits;
         host_state::arm(
@@ -291,6 +303,21 @@ impl CheckPool {
                     .classify(self.stage, e, oom, limits.call_deadline))
             }
         }
+    }
+}
+
+/// `config` without its top-level `tests` member (unchanged when it is not a JSON object or
+/// has none): self-tests run once per bundle, in the validating instance.
+fn without_self_tests(config: &Arc<str>) -> Arc<str> {
+    if !config.trim_start().starts_with('{') {
+        return config.clone();
+    }
+    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(config) {
+        Ok(mut object) if object.contains_key("tests") => {
+            object.remove("tests");
+            serde_json::Value::Object(object).to_string().into()
+        }
+        _ => config.clone(),
     }
 }
 

@@ -2,6 +2,10 @@
 //! blocking calls trap), the limits every call runs under, the epoch ticker, the compile cache,
 //! and the live-instance slots (process-wide and per tenant).
 //!
+//! The epoch ticker runs only while a guest call is in flight ([`Runtime::awake`]): an idle
+//! gateway must cost nothing, and a tick is only a chance for the epoch callback to look at the
+//! call's wall-clock deadline, so there is nothing to tick for when no guest runs.
+//!
 //! Compiling is slow (milliseconds to seconds): callers on the async runtime do it in
 //! `spawn_blocking`, never on the request path. Nothing here runs guest code. A plugin must
 //! never be able to wait inside the host: every WASI function that could block (`wasi:io/poll`)
@@ -12,8 +16,8 @@ use super::host_state::HostState;
 use super::{PluginError, Stage};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use wasmtime::StoreContextMut;
@@ -97,16 +101,70 @@ impl World {
 }
 
 struct Ticker {
-    stop: Arc<AtomicBool>,
+    gate: Arc<TickGate>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl Drop for Ticker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.gate.stop.store(true, Ordering::Release);
+        self.gate.wake();
         if let Some(handle) = self.handle.take() {
             let _ = handle.join();
         }
+    }
+}
+
+/// What wakes the ticker: the number of guest calls in flight. The hot path touches only the
+/// atomic; the mutex is taken on the 0 → 1 transition alone (to wake a parked ticker).
+#[derive(Default)]
+struct TickGate {
+    in_flight: AtomicUsize,
+    /// Epoch increments so far (how tests and metrics see that an idle ticker is parked).
+    ticks: AtomicU64,
+    stop: AtomicBool,
+    parked: Mutex<()>,
+    wake_up: Condvar,
+}
+
+impl TickGate {
+    fn wake(&self) {
+        // Taking the lock orders this notify after the ticker's check-then-wait.
+        let _guard = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        self.wake_up.notify_one();
+    }
+
+    /// The ticker thread: advances the epoch every tick while a call is in flight, and parks
+    /// (no wake-ups at all) while none is.
+    fn run(&self, engine: &Engine) {
+        loop {
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                let mut guard = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+                while self.in_flight.load(Ordering::Acquire) == 0
+                    && !self.stop.load(Ordering::Acquire)
+                {
+                    guard = self.wake_up.wait(guard).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(EPOCH_TICK);
+            engine.increment_epoch();
+            self.ticks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Keeps the epoch ticker running while held: hold one across every guest call (instantiate,
+/// configure, evaluate, format), or the call's deadline is never looked at.
+pub(crate) struct Awake {
+    gate: Arc<TickGate>,
+}
+
+impl Drop for Awake {
+    fn drop(&mut self) {
+        self.gate.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -120,10 +178,14 @@ pub struct Runtime {
     pub(crate) siem_linker: Linker<HostState>,
     pub(crate) limits: Limits,
     pub(crate) live: AtomicUsize,
+    /// Idle instances kept per pool: `max_idle_per_pool`, raised to the request path's worker
+    /// count ([`Runtime::size_pools_for_workers`]) so that every worker evaluating at once
+    /// finds a configured instance instead of paying `instantiate` + `configure`.
+    idle_per_pool: AtomicUsize,
     /// Live instances per tenant (entries leave at zero).
     per_tenant: Mutex<HashMap<Arc<str>, usize>>,
     compiled: Mutex<CompileCache>,
-    _ticker: Ticker,
+    ticker: Ticker,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -191,29 +253,26 @@ impl Runtime {
         sb::SiemFormatter::add_to_linker::<_, HasSelf<_>>(&mut siem_linker, |s| s)
             .map_err(|e| PluginError::InvalidComponent(format!("linking host imports: {e}")))?;
 
-        let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(TickGate::default());
         let ticker_engine = engine.clone();
-        let ticker_stop = stop.clone();
+        let ticker_gate = gate.clone();
         let handle = std::thread::Builder::new()
             .name("intentgate-epoch".into())
-            .spawn(move || {
-                while !ticker_stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    ticker_engine.increment_epoch();
-                }
-            })
+            .spawn(move || ticker_gate.run(&ticker_engine))
             .map_err(|e| PluginError::InvalidComponent(format!("epoch ticker: {e}")))?;
 
+        let idle_per_pool = limits.max_idle_per_pool;
         Ok(Arc::new(Self {
             engine,
             check_linker,
             siem_linker,
             limits,
             live: AtomicUsize::new(0),
+            idle_per_pool: AtomicUsize::new(idle_per_pool),
             per_tenant: Mutex::new(HashMap::new()),
             compiled: Mutex::new(HashMap::new()),
-            _ticker: Ticker {
-                stop,
+            ticker: Ticker {
+                gate,
                 handle: Some(handle),
             },
         }))
@@ -250,6 +309,40 @@ impl Runtime {
     /// The limits.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Keep at least `workers` idle instances per pool (never fewer than the limits say; only
+    /// grows, since the runtime is process-wide and serves every server in the process).
+    pub fn size_pools_for_workers(&self, workers: usize) {
+        // A tenant's quota bounds what its pools may hold anyway; beyond it, idle slots
+        // would only be refused.
+        let cap = self.limits.max_instances_per_tenant.max(1);
+        self.idle_per_pool
+            .fetch_max(workers.min(cap), Ordering::AcqRel);
+    }
+
+    /// Idle instances kept per pool right now.
+    pub fn idle_per_pool(&self) -> usize {
+        self.idle_per_pool.load(Ordering::Acquire)
+    }
+
+    /// Keep the epoch ticker running until the returned guard drops (see [`Awake`]).
+    pub(crate) fn awake(&self) -> Awake {
+        let gate = &self.ticker.gate;
+        if gate.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            gate.wake();
+        }
+        Awake { gate: gate.clone() }
+    }
+
+    /// Guest calls in flight right now (what keeps the epoch ticker running).
+    pub fn calls_in_flight(&self) -> usize {
+        self.ticker.gate.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Epoch ticks so far: it stays put while no guest call is in flight.
+    pub fn epoch_ticks(&self) -> u64 {
+        self.ticker.gate.ticks.load(Ordering::Relaxed)
     }
 
     /// Instances alive right now (pooled idle ones included).

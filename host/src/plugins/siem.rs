@@ -47,6 +47,7 @@ impl Formatter {
     pub fn format(&self, events: &[String]) -> Result<FormattedRequest, PluginError> {
         let stage = Stage::Siem;
         let _slot = self.runtime.reserve(None)?;
+        let _awake = self.runtime.awake();
         let limits = &self.runtime.limits;
         let state = HostState::new(
             limits.max_memory_bytes,

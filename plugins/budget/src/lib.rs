@@ -16,8 +16,13 @@
 //! {"agent": {"calls": 1000, "cents": 500, "window_secs": 86400},
 //!  "tenant": {"calls": 100000, "window_secs": 86400},
 //!  "costs": {"send_email_internal": 2}, "default_cost_cents": 0,
-//!  "enforce_token_max_calls": true}
+//!  "enforce_token_max_calls": false}
 //! ```
+//!
+//! `enforce_token_max_calls` is off by default: the gateway itself charges every token's
+//! `max_calls` (one conditional counter per token, in the call's audit transaction), so this
+//! plugin charging it too would make one limit two writes. Turn it on to share one call budget
+//! across a root token and all its attenuated children (`token-calls:<tenant>:<root jti>`).
 
 use intentgate_plugin_sdk::{
     Charge, Check, CheckResult, IntentRecord, ToolCall, Verdict, glob_match, host,
@@ -37,12 +42,8 @@ struct Config {
     costs: BTreeMap<String, u64>,
     #[serde(default)]
     default_cost_cents: u64,
-    #[serde(default = "yes")]
+    #[serde(default)]
     enforce_token_max_calls: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Deserialize)]
@@ -67,10 +68,7 @@ struct Budget {
 impl Check for Budget {
     fn configure(config: &str) -> Result<Self, String> {
         let config: Config = if config.trim().is_empty() {
-            Config {
-                enforce_token_max_calls: true,
-                ..Default::default()
-            }
+            Config::default()
         } else {
             serde_json::from_str(config).map_err(|e| format!("budget configuration: {e}"))?
         };
@@ -197,8 +195,10 @@ mod tests {
 
     #[test]
     fn token_max_calls_and_costs() {
-        let h = Harness::<Budget>::new(r#"{"tenant": {"cents": 5}, "costs": {"send_*": 3}}"#)
-            .expect("configure");
+        let h = Harness::<Budget>::new(
+            r#"{"tenant": {"cents": 5}, "costs": {"send_*": 3}, "enforce_token_max_calls": true}"#,
+        )
+        .expect("configure");
         let c = call("send_email").max_calls(1).build();
         let r = h.evaluate(&c, None);
         assert_eq!(r.charges.len(), 2);
@@ -206,6 +206,14 @@ mod tests {
         let r = h.evaluate(&c, None);
         assert_eq!(r.verdict.kind, VerdictKind::Block);
         assert!(r.verdict.reason.contains("cents") || r.verdict.reason.contains("max_calls"));
+    }
+
+    #[test]
+    fn the_token_max_calls_is_left_to_the_gateway_by_default() {
+        let h = Harness::<Budget>::new("").expect("configure");
+        let r = h.evaluate(&call("send_email").max_calls(1).build(), None);
+        assert_eq!(r.verdict.kind, VerdictKind::Allow);
+        assert!(r.charges.is_empty(), "{:?}", r.charges);
     }
 
     #[test]

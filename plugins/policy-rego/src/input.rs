@@ -1,8 +1,8 @@
 //! The Rego input document of one call, built per evaluation.
 //!
-//! [`input_document`] is the document's definition, as JSON: `tool`, `args`, `agent_id`,
-//! `tenant`, `intent_prompt`, `capability`, `agent`, `usage` and `intent` (when the intent stage
-//! produced one). [`input_value`] builds the same document directly as a regorus value, the way
+//! [`input_document`] is the document's definition, as JSON: `tool`, `kind`, `target`, `args`,
+//! `agent_id`, `tenant`, `intent_prompt`, `capability`, `agent`, `usage` and `intent` (when the
+//! intent stage produced one). [`input_value`] builds the same document directly as a regorus value, the way
 //! the policy sees it, with its keys allocated once per instance ([`InputKeys`]) and only the
 //! top-level fields the policy's modules can reach ([`Fields::used_by`]): a field no module
 //! names cannot change a decision, so it is not built.
@@ -17,11 +17,35 @@ use regorus::Value;
 use regorus::unstable::{Lexer, TokenKind};
 use std::collections::BTreeMap;
 
-/// The input document for one call, as JSON (the definition [`input_value`] follows).
+/// The kind of MCP target a call reaches and its name, from the host's qualified `tool`
+/// (`resource:<uri>`, `prompt:<name>`, `completion:prompt:<name>`,
+/// `completion:resource:<uri template>`; a plain name is a tool). The host never passes a tool
+/// whose name starts with one of these prefixes.
+pub fn kind_and_target(tool: &str) -> (&'static str, &str) {
+    for kind in ["resource", "prompt", "completion"] {
+        if let Some(target) = tool
+            .strip_prefix(kind)
+            .and_then(|rest| rest.strip_prefix(':'))
+        {
+            return (kind, target);
+        }
+    }
+    ("tool", tool)
+}
+
+/// The input document for one call, as JSON (the definition [`input_value`] follows): `tool`,
+/// `args`, `agent_id`, `intent` (when the intent stage produced one), `capability`, and the
+/// agent's recent usage as `agent.calls_today_for_tool` / `agent.calls_today_total` (also under
+/// `usage`); `kind` (`tool`, `resource`, `prompt`, `completion`) and `target` (the tool's name,
+/// the resource's URI, the prompt's name, or for a completion `prompt:<name>` /
+/// `resource:<uri template>`).
 pub fn input_document(call: &ToolCall, intent: Option<&IntentRecord>) -> Json {
     let args: Json = serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
+    let (kind, target) = kind_and_target(&call.tool);
     let mut input = json!({
         "tool": call.tool,
+        "kind": kind,
+        "target": target,
         "args": args,
         "agent_id": call.agent_id,
         "tenant": call.tenant,
@@ -62,8 +86,8 @@ pub fn input_document(call: &ToolCall, intent: Option<&IntentRecord>) -> Json {
     input
 }
 
-/// The top-level fields of the input document, in document order.
-const FIELDS: [&str; 9] = [
+/// The top-level fields of the input document.
+const FIELDS: [&str; 11] = [
     "tool",
     "args",
     "agent_id",
@@ -73,6 +97,8 @@ const FIELDS: [&str; 9] = [
     "agent",
     "usage",
     "intent",
+    "kind",
+    "target",
 ];
 
 /// Which top-level fields of the input document to build.
@@ -229,6 +255,8 @@ pub fn input_value(
         }
         let value = match FIELDS[i] {
             "tool" => string(&call.tool),
+            "kind" => string(kind_and_target(&call.tool).0),
+            "target" => string(kind_and_target(&call.tool).1),
             "args" => match args(&call.arguments) {
                 Some(args) => args,
                 None => return Value::Undefined,
@@ -258,10 +286,11 @@ pub fn input_value(
                     Value::from(call.usage.calls_today_total),
                 ),
             ]),
-            _ => match intent {
+            "intent" => match intent {
                 Some(intent) => intent_value(k, intent),
                 None => continue,
             },
+            _ => continue,
         };
         top.insert(key.clone(), value);
     }
@@ -364,7 +393,8 @@ mod tests {
     fn calls() -> Vec<ToolCall> {
         let mut calls = Vec::new();
         for (i, args) in ARGS.iter().enumerate() {
-            let mut c = call("pay")
+            let tool = ["pay", "resource:file:///a", "completion:prompt:p"][i % 3];
+            let mut c = call(tool)
                 .agent("agent-7")
                 .tenant("acme")
                 .usage(i as u64, 40 + i as u64)

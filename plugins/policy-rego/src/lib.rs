@@ -16,7 +16,7 @@
 
 pub mod input;
 
-pub use input::{Fields, InputKeys, input_document, input_value};
+pub use input::{Fields, InputKeys, input_document, input_value, kind_and_target};
 use intentgate_plugin_sdk::serde_json::Value as Json;
 use intentgate_plugin_sdk::{Check, CheckResult, IntentRecord, ToolCall, Verdict};
 use regorus::{CompiledPolicy, Engine, Value};
@@ -264,6 +264,38 @@ decision := {"allow": "yes"} if input.tool == "weird"
     }
 
     #[test]
+    fn kinds_reach_the_policy_input() {
+        const KINDS: &str = r#"
+package intentgate.policy
+
+default decision := {"allow": false, "reason": "denied by default"}
+
+decision := {"allow": true, "reason": "public resource"} if {
+  input.kind == "resource"
+  startswith(input.target, "file:///public/")
+}
+
+decision := {"allow": true, "reason": "prompt"} if {
+  input.kind == "prompt"
+  input.target == "summarize"
+}
+"#;
+        let h = Harness::<Policy>::new(KINDS).expect("configure");
+        let kind = |tool: &str| h.evaluate(&call(tool).build(), None).verdict.kind;
+        assert_eq!(kind("resource:file:///public/a"), VerdictKind::Allow);
+        assert_eq!(kind("resource:file:///etc/passwd"), VerdictKind::Block);
+        assert_eq!(kind("prompt:summarize"), VerdictKind::Allow);
+        assert_eq!(kind("completion:prompt:summarize"), VerdictKind::Block);
+        // A tool named like the URI is a tool, not a resource.
+        assert_eq!(kind("file:///public/a"), VerdictKind::Block);
+        assert_eq!(kind_and_target("read_invoice"), ("tool", "read_invoice"));
+        assert_eq!(
+            kind_and_target("completion:resource:db://{t}"),
+            ("completion", "resource:db://{t}")
+        );
+    }
+
+    #[test]
     fn syntax_errors_are_refused() {
         assert!(Harness::<Policy>::new("package x\n decision := {").is_err());
     }
@@ -302,6 +334,7 @@ decision := {"allow": "yes"} if input.tool == "weird"
                 "delete_records",
                 "send_email_internal",
                 "pay",
+                "resource:file:///public/a",
             ] {
                 for subject in ["", "agent-1"] {
                     for usage in [0, 49, 50] {
