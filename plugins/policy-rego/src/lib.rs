@@ -11,9 +11,13 @@
 //! Tests are rules named `test_*` in the test modules; every one must evaluate to `true`, or the
 //! configuration is refused.
 //!
-//! The input document (see WIRE.md) is built by [`input_document`].
+//! The input document is defined by [`input::input_document`] and built per call, directly as a
+//! regorus value and with only the fields the policy can reach, by [`input::input_value`].
 
-use intentgate_plugin_sdk::serde_json::{Value as Json, json};
+pub mod input;
+
+pub use input::{Fields, InputKeys, input_document, input_value, kind_and_target};
+use intentgate_plugin_sdk::serde_json::Value as Json;
 use intentgate_plugin_sdk::{Check, CheckResult, IntentRecord, ToolCall, Verdict};
 use regorus::{CompiledPolicy, Engine, Value};
 use serde::Deserialize;
@@ -36,6 +40,29 @@ struct Config {
 /// The loaded policy.
 pub struct Policy {
     compiled: CompiledPolicy,
+    /// The input fields the modules can reach.
+    fields: Fields,
+    keys: InputKeys,
+    decision: DecisionKeys,
+}
+
+/// The decision object's keys, allocated once.
+struct DecisionKeys {
+    allow: Value,
+    reason: Value,
+    escalate: Value,
+    requires_step_up: Value,
+}
+
+impl Default for DecisionKeys {
+    fn default() -> Self {
+        Self {
+            allow: Value::from("allow"),
+            reason: Value::from("reason"),
+            escalate: Value::from("escalate"),
+            requires_step_up: Value::from("requires_step_up"),
+        }
+    }
 }
 
 impl Check for Policy {
@@ -45,11 +72,9 @@ impl Check for Policy {
     }
 
     fn evaluate(&self, call: &ToolCall, intent: Option<&IntentRecord>) -> CheckResult {
-        // Straight from the JSON tree: printing it and parsing the text again cost more than
-        // the evaluation itself.
-        let input = Value::from(input_document(call, intent));
+        let input = input_value(&self.keys, self.fields, call, intent);
         match self.compiled.eval_with_input(input) {
-            Ok(decision) => decide(&decision).into(),
+            Ok(decision) => decide(&self.decision, &decision).into(),
             Err(e) => Verdict::block(format!("policy evaluation failed: {e}")).into(),
         }
     }
@@ -92,7 +117,12 @@ impl Policy {
         let compiled = engine
             .compile_with_entrypoint(&entry)
             .map_err(|e| format!("compiling {ENTRYPOINT}: {e}"))?;
-        Ok(Self { compiled })
+        Ok(Self {
+            compiled,
+            fields: Fields::used_by(config.modules.values().map(String::as_str)),
+            keys: InputKeys::default(),
+            decision: DecisionKeys::default(),
+        })
     }
 }
 
@@ -136,88 +166,18 @@ fn run_tests(mut engine: Engine, tests: &BTreeMap<String, String>) -> Result<(),
     }
 }
 
-/// The kind of MCP target a call reaches and its name, from the host's qualified `tool`
-/// (`resource:<uri>`, `prompt:<name>`, `completion:prompt:<name>`,
-/// `completion:resource:<uri template>`; a plain name is a tool). The host never passes a tool
-/// whose name starts with one of these prefixes.
-pub fn kind_and_target(tool: &str) -> (&'static str, &str) {
-    for kind in ["resource", "prompt", "completion"] {
-        if let Some(target) = tool
-            .strip_prefix(kind)
-            .and_then(|rest| rest.strip_prefix(':'))
-        {
-            return (kind, target);
-        }
-    }
-    ("tool", tool)
-}
-
-/// The Rego input document for one call (WIRE.md): `tool`, `args`, `agent_id`, `intent`
-/// (when the intent stage produced one), `capability`, and the agent's recent usage as
-/// `agent.calls_today_for_tool` / `agent.calls_today_total` (also under `usage`); `kind`
-/// (`tool`, `resource`, `prompt`, `completion`) and `target` (the tool's name, the resource's
-/// URI, the prompt's name, or for a completion `prompt:<name>` / `resource:<uri template>`).
-pub fn input_document(call: &ToolCall, intent: Option<&IntentRecord>) -> Json {
-    let args: Json =
-        intentgate_plugin_sdk::serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
-    let (kind, target) = kind_and_target(&call.tool);
-    let mut input = json!({
-        "tool": call.tool,
-        "kind": kind,
-        "target": target,
-        "args": args,
-        "agent_id": call.agent_id,
-        "tenant": call.tenant,
-        "intent_prompt": call.intent_prompt,
-        "capability": {
-            "subject": call.token.subject,
-            "tenant": call.tenant,
-            "zone": call.token.zone,
-            "step_up_at": call.token.step_up_at,
-            "max_calls": call.token.max_calls,
-            "max_cents": call.token.max_cents,
-            "jti": call.token.jti,
-            "root_jti": call.token.root_jti,
-            "caveat_count": call.token.caveat_count,
-        },
-        "agent": {
-            "id": call.agent_id,
-            "calls_today_for_tool": call.usage.calls_today_tool,
-            "calls_today_total": call.usage.calls_today_total,
-        },
-        "usage": {
-            "calls_today_tool": call.usage.calls_today_tool,
-            "calls_today_total": call.usage.calls_today_total,
-        },
-    });
-    if let (Some(intent), Some(obj)) = (intent, input.as_object_mut()) {
-        obj.insert(
-            "intent".into(),
-            json!({
-                "summary": intent.summary,
-                "allowed_tools": intent.allowed_tools,
-                "forbidden_tools": intent.forbidden_tools,
-                "confidence": intent.confidence,
-                "rationale": intent.rationale,
-            }),
-        );
-    }
-    input
-}
-
 /// Map a decision value to a verdict, failing closed on anything malformed.
-fn decide(decision: &Value) -> Verdict {
+fn decide(k: &DecisionKeys, decision: &Value) -> Verdict {
     let Ok(obj) = decision.as_object() else {
         return Verdict::block("policy produced no decision (deny by default)");
     };
-    let field = |name: &str| obj.get(&Value::from(name));
-    let reason = match field("reason") {
+    let reason = match obj.get(&k.reason) {
         Some(Value::String(s)) => s.to_string(),
         _ => String::new(),
     };
-    let flag = |name: &str| matches!(field(name), Some(Value::Bool(true)));
-    let step_up = flag("requires_step_up");
-    if flag("escalate") {
+    let flag = |key: &Value| matches!(obj.get(key), Some(Value::Bool(true)));
+    let step_up = flag(&k.requires_step_up);
+    if flag(&k.escalate) {
         let v = Verdict::escalate(if reason.is_empty() {
             "policy escalated".into()
         } else {
@@ -225,7 +185,7 @@ fn decide(decision: &Value) -> Verdict {
         });
         return if step_up { v.with_step_up() } else { v };
     }
-    let verdict = match field("allow") {
+    let verdict = match obj.get(&k.allow) {
         Some(Value::Bool(true)) => Verdict::allow(if reason.is_empty() {
             "allowed by policy".into()
         } else {
@@ -251,6 +211,7 @@ intentgate_plugin_sdk::export_check!(Policy);
 mod tests {
     use super::*;
     use intentgate_plugin_sdk::VerdictKind;
+    use intentgate_plugin_sdk::serde_json::json;
     use intentgate_plugin_sdk::testing::{Harness, call};
 
     const POLICY: &str = r#"
@@ -337,5 +298,187 @@ decision := {"allow": true, "reason": "prompt"} if {
     #[test]
     fn syntax_errors_are_refused() {
         assert!(Harness::<Policy>::new("package x\n decision := {").is_err());
+    }
+
+    /// Every policy shipped in `policies/`, evaluated on a matrix of calls, with the input
+    /// pruned to the fields it names and with every field: the verdicts are the same.
+    #[test]
+    fn pruning_the_input_never_changes_a_verdict() {
+        let policies = [
+            include_str!("../../../policies/default.rego"),
+            include_str!("../../../policies/examples/token_scope.rego"),
+            include_str!("../../../policies/examples/runbook.rego"),
+            include_str!("../../../policies/examples/intent_aware.rego"),
+        ];
+        let intent = |allowed: &[&str], forbidden: &[&str], confidence: f32| IntentRecord {
+            summary: "s".into(),
+            allowed_tools: allowed.iter().map(|t| t.to_string()).collect(),
+            forbidden_tools: forbidden.iter().map(|t| t.to_string()).collect(),
+            confidence,
+            rationale: "r".into(),
+        };
+        let intents = [
+            None,
+            Some(intent(&["read_*"], &[], 0.9)),
+            Some(intent(&["pay"], &["delete_*"], 0.9)),
+            Some(intent(&[], &[], 0.2)),
+        ];
+        let mut pruned_some = false;
+        for source in policies {
+            let pruned = Policy::configure(source).expect("loads");
+            let mut full = Policy::configure(source).expect("loads");
+            full.fields = Fields::ALL;
+            pruned_some |= pruned.fields != Fields::ALL;
+            for tool in [
+                "read_invoice",
+                "delete_records",
+                "send_email_internal",
+                "pay",
+                "resource:file:///public/a",
+            ] {
+                for subject in ["", "agent-1"] {
+                    for usage in [0, 49, 50] {
+                        for args in [
+                            r#"{"amount":500}"#,
+                            "not json",
+                            r#"{"$serde_json::private::Number":"x"}"#,
+                        ] {
+                            let mut c = call(tool).usage(usage, usage).build();
+                            c.token.subject = subject.into();
+                            c.arguments = args.into();
+                            for i in &intents {
+                                let (a, b) = (
+                                    pruned.evaluate(&c, i.as_ref()),
+                                    full.evaluate(&c, i.as_ref()),
+                                );
+                                assert_eq!(
+                                    (a.verdict.kind, a.verdict.reason, a.verdict.requires_step_up),
+                                    (b.verdict.kind, b.verdict.reason, b.verdict.requires_step_up),
+                                    "{tool} {subject:?} {usage} {args} {i:?}\n{source}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(pruned_some);
+    }
+
+    /// `policies/examples/token_scope.rego` ends its `else` chain in the denial instead of a
+    /// `default` rule (faster in regorus). On any input, of any shape, it decides exactly what
+    /// the `default` form did (kept in `tests/token_scope_with_default.rego`).
+    #[test]
+    fn token_scope_decides_what_its_default_form_decided() {
+        let compile = |source: &str| {
+            let mut engine = Engine::new();
+            engine
+                .add_policy("p.rego".into(), source.into())
+                .expect("parses");
+            engine
+                .compile_with_entrypoint(&ENTRYPOINT.into())
+                .expect("compiles")
+        };
+        let now = compile(include_str!("../../../policies/examples/token_scope.rego"));
+        let before = compile(include_str!("../tests/token_scope_with_default.rego"));
+        let tools = [
+            r#""read_invoice""#,
+            r#""delete_records""#,
+            r#""delete_""#,
+            r#""""#,
+            "7",
+            "null",
+            "true",
+            r#"["delete_x"]"#,
+            r#"{"a":1}"#,
+            "undefined",
+        ];
+        let capabilities = [
+            r#"{"subject":"a"}"#,
+            r#"{"subject":""}"#,
+            r#"{"subject":7}"#,
+            r#"{"subject":null}"#,
+            "{}",
+            "null",
+            r#""cap""#,
+            "[]",
+            "undefined",
+        ];
+        let mut inputs = vec![
+            "null".to_string(),
+            "7".into(),
+            r#""x""#.into(),
+            "[]".into(),
+            "{}".into(),
+        ];
+        for tool in tools {
+            for capability in capabilities {
+                let mut fields = Vec::new();
+                if tool != "undefined" {
+                    fields.push(format!(r#""tool":{tool}"#));
+                }
+                if capability != "undefined" {
+                    fields.push(format!(r#""capability":{capability}"#));
+                }
+                inputs.push(format!("{{{}}}", fields.join(",")));
+            }
+        }
+        // An error is compared by its message, without the source location.
+        let outcome = |policy: &CompiledPolicy, input: &Value| {
+            policy.eval_with_input(input.clone()).map_err(|e| {
+                let e = e.to_string();
+                e.rsplit("error: ").next().unwrap_or_default().to_string()
+            })
+        };
+        for input in &inputs {
+            let input = Value::from_json_str(input).expect("json");
+            assert_eq!(
+                outcome(&now, &input),
+                outcome(&before, &input),
+                "input {input}"
+            );
+        }
+        assert_eq!(
+            outcome(&now, &Value::Undefined),
+            outcome(&before, &Value::Undefined)
+        );
+    }
+
+    /// The Rego tests beside each shipped policy pass against it, and fail against a policy
+    /// that allows everything (so they test something).
+    #[test]
+    fn shipped_policies_pass_their_rego_tests() {
+        let cases = [
+            (
+                include_str!("../../../policies/default.rego"),
+                include_str!("../../../policies/default_test.rego"),
+            ),
+            (
+                include_str!("../../../policies/examples/token_scope.rego"),
+                include_str!("../../../policies/examples/token_scope_test.rego"),
+            ),
+            (
+                include_str!("../../../policies/examples/runbook.rego"),
+                include_str!("../../../policies/examples/runbook_test.rego"),
+            ),
+            (
+                include_str!("../../../policies/examples/intent_aware.rego"),
+                include_str!("../../../policies/examples/intent_aware_test.rego"),
+            ),
+        ];
+        let wrong =
+            "package intentgate.policy\n\ndecision := {\"allow\": true, \"reason\": \"x\"}\n";
+        for (module, tests) in cases {
+            let config = |module: &str| {
+                json!({"modules": {"p.rego": module}, "tests": {"p_test.rego": tests}}).to_string()
+            };
+            if let Err(e) = Harness::<Policy>::new(&config(module)) {
+                panic!("{e}\n{module}");
+            }
+            let err = Harness::<Policy>::new(&config(wrong))
+                .err()
+                .expect("must fail");
+            assert!(err.contains("Rego tests failed"), "{err}");
+        }
     }
 }
