@@ -167,6 +167,7 @@ pub fn verify(reps: usize) -> Result<(), String> {
         .authenticate(&token, now, &revoked)
         .map_err(|e| e.to_string())?;
     let ctx = CallContext {
+        kind: intentgate::capability::Kind::Tool,
         tool: "echo",
         agent: None,
         server: Some("default"),

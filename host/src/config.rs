@@ -158,6 +158,17 @@ pub struct ServeArgs {
     /// PEM private key of the listener certificate (reloaded when the file changes).
     #[arg(long, env = "INTENTGATE_TLS_KEY_FILE")]
     pub tls_key_file: Option<PathBuf>,
+    /// Host names the MCP endpoints answer to (`Host` header; comma-separated, `name` for any
+    /// port or `name:port`, `*` for any). Unset: a loopback listener answers only to loopback
+    /// names (`localhost`, `127.0.0.1`, `::1`), any other listener to every name. Guards
+    /// against DNS rebinding.
+    #[arg(long, env = "INTENTGATE_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins the MCP endpoints accept (`Origin` header; comma-separated
+    /// `scheme://host[:port]`, `*` for any). Unset: an origin is accepted when its host is an
+    /// allowed host. A request without `Origin` (not from a browser) is not affected.
+    #[arg(long, env = "INTENTGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 }
 
 /// Where state lives.
@@ -221,6 +232,10 @@ pub struct Config {
     pub upstream_tls: UpstreamTls,
     /// The listener's certificate and key files, when it serves TLS.
     pub listener_tls: Option<ListenerTls>,
+    /// `INTENTGATE_ALLOWED_HOSTS`, lowercased; empty: the listener's default.
+    pub allowed_hosts: Vec<String>,
+    /// `INTENTGATE_ALLOWED_ORIGINS`, lowercased; empty: origins of allowed hosts.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Config {
@@ -400,8 +415,29 @@ impl std::fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("upstream_tls", &self.upstream_tls)
             .field("listener_tls", &self.listener_tls)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("allowed_origins", &self.allowed_origins)
             .finish()
     }
+}
+
+/// A comma-separated list of host names or origins, trimmed and lowercased, each checked.
+fn host_list(
+    setting: &'static str,
+    raw: &[String],
+    valid: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for entry in raw.iter().map(|e| e.trim().to_ascii_lowercase()) {
+        if entry.is_empty() {
+            continue;
+        }
+        if !valid(&entry) {
+            return Err(invalid(setting, format!("{entry:?} is not a valid entry")));
+        }
+        out.push(entry);
+    }
+    Ok(out)
 }
 
 /// A tenant name: what tokens, admin scopes and audit chains are keyed by.
@@ -628,6 +664,13 @@ impl ServeArgs {
                 ));
             }
         };
+        let allowed_hosts = host_list("INTENTGATE_ALLOWED_HOSTS", &self.allowed_hosts, |h| {
+            h == "*" || crate::mcp::origin::split_host(h).is_some()
+        })?;
+        let allowed_origins =
+            host_list("INTENTGATE_ALLOWED_ORIGINS", &self.allowed_origins, |o| {
+                o == "*" || crate::mcp::origin::parse_origin(o).is_some()
+            })?;
         if self.demo && upstream_url.is_some() {
             return Err(invalid(
                 "--demo",
@@ -681,6 +724,8 @@ impl ServeArgs {
             max_connections,
             upstream_tls,
             listener_tls,
+            allowed_hosts,
+            allowed_origins,
         })
     }
 

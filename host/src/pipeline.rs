@@ -25,8 +25,10 @@ use crate::plugins::{
     VerdictKind,
 };
 
+mod kind;
 mod throttle;
 
+pub use kind::{CallKind, is_reserved_tool_name};
 pub use throttle::{DenialLimits, Scope as ThrottleScope, THROTTLED_KIND, Throttled};
 
 /// Proof that a tool call was decided `allow` and its audit event is durable.
@@ -128,9 +130,14 @@ impl Denial {
     }
 }
 
-/// One tool call as the pipeline sees it, after the token was authenticated.
+/// One call as the pipeline sees it, after the token was authenticated: a tool call, or a
+/// resource read/subscription, prompt get or completion ([`CallKind`]).
 pub struct ToolCall<'a> {
     pub grant: &'a Grant,
+    /// What the call reaches; checks and audit see `tool` qualified by it ([`ToolCall::name`]).
+    pub kind: CallKind,
+    /// The tool's name, the resource's URI, the prompt's name (for a completion: its prompt's
+    /// name or its resource template's URI template).
     pub tool: &'a str,
     pub arguments: &'a Value,
     pub intent_prompt: Option<&'a str>,
@@ -140,6 +147,13 @@ pub struct ToolCall<'a> {
     pub session_id: Option<&'a str>,
     /// A later round of a multi-round call (MCP 2026-07-28): decided again, never charged again.
     pub round: Option<Round>,
+}
+
+impl ToolCall<'_> {
+    /// The name checks and audit events see: the tool's, or the target qualified by its kind.
+    pub fn name(&self) -> std::borrow::Cow<'_, str> {
+        self.kind.qualified(self.tool)
+    }
 }
 
 /// Which call a later round continues: the first round's audit event and this round's number.
@@ -319,6 +333,7 @@ impl Pipeline {
         let authorizing = (self.metrics.stages).timer(crate::metrics::Stage::Capability);
         // 1. capability: the token's static caveats for this tool, server and agent.
         call.grant.authorize(&CallContext {
+            kind: call.kind.capability_kind(),
             tool: call.tool,
             agent: call.agent,
             server: Some(&self.upstream_name),
@@ -387,7 +402,7 @@ impl Pipeline {
         CheckInput {
             tenant: g.tenant.clone(),
             agent_id: g.subject.clone(),
-            tool: call.tool.to_owned(),
+            tool: call.name().into_owned(),
             arguments: call.arguments.to_string(),
             intent_prompt: call.intent_prompt.map(str::to_owned),
             token: TokenInput {
@@ -403,7 +418,7 @@ impl Pipeline {
             usage: Usage {
                 calls_today_tool: self
                     .local_counters
-                    .get(&format!("{agent_key}/{}", call.tool), day),
+                    .get(&format!("{agent_key}/{}", call.name()), day),
                 calls_today_total: self.local_counters.get(&agent_key, day),
             },
         }
@@ -453,7 +468,10 @@ impl Pipeline {
             amount: 1,
             limit: u64::MAX,
         };
-        let mut seen = vec![unit(format!("{agent_key}/{}", call.tool)), unit(agent_key)];
+        let mut seen = vec![
+            unit(format!("{agent_key}/{}", call.name())),
+            unit(agent_key),
+        ];
         // Mirror the bundle's charges so the budget plugin's reads see this replica's usage.
         seen.extend(debits.iter().map(|d| Charge {
             key: d.key.clone(),
@@ -469,7 +487,7 @@ impl Pipeline {
         let mut e = AuditEvent::new(audit::kinds::TOOL_CALL, g.tenant.clone())
             .with_arguments(self.arg_values, call.arguments);
         e.agent_id = g.subject.clone();
-        e.tool = call.tool.to_owned();
+        e.tool = call.name().into_owned();
         e.jti = g.jti.clone();
         e.root_jti = g.root_jti.clone();
         e.caveat_count = Some(g.caveat_count as u32);

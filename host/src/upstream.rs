@@ -74,6 +74,17 @@ pub enum Reply {
     Error(Value),
 }
 
+/// Most notifications kept from one upstream answer (the answer is bounded in bytes too).
+pub const MAX_NOTIFICATIONS: usize = 64;
+
+/// An answer with the notifications the upstream sent before it in the same response (SSE
+/// events or NDJSON lines: progress, log messages), in order, at most [`MAX_NOTIFICATIONS`].
+#[derive(Debug, Clone)]
+pub struct Relayed {
+    pub reply: Reply,
+    pub notifications: Vec<Value>,
+}
+
 /// The revision the upstream was found to speak.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamEra {
@@ -100,6 +111,7 @@ struct Answer {
     reply: Option<Reply>,
     session_id: Option<HeaderValue>,
     detail: String,
+    notifications: Vec<Value>,
 }
 
 impl Answer {
@@ -128,14 +140,24 @@ impl Answer {
     /// The reply a caller gets: a JSON-RPC answer is passed on whatever the HTTP status (a
     /// stateless server maps its errors to 400/404); anything else is an HTTP failure.
     fn settle(self) -> Result<Reply, UpstreamError> {
-        match self.reply {
+        self.settle_relayed().map(|r| r.reply)
+    }
+
+    /// [`Answer::settle`] with the notifications that came before the answer.
+    fn settle_relayed(self) -> Result<Relayed, UpstreamError> {
+        let notifications = self.notifications;
+        let reply = match self.reply {
             Some(r @ Reply::Result(_)) if self.status == StatusCode::OK => Ok(r),
             Some(e @ Reply::Error(_)) => Ok(e),
             _ => Err(UpstreamError::Status {
                 status: self.status.as_u16(),
                 detail: self.detail,
             }),
-        }
+        }?;
+        Ok(Relayed {
+            reply,
+            notifications,
+        })
     }
 }
 
@@ -251,6 +273,42 @@ impl Upstream {
         }
         self.request("tools/list", params, None)
             .await
+            .map(|r| r.reply)
+            .map_err(|e| self.scrubbed(e))
+    }
+
+    /// Forwards a method that needs no decision of its own (lists, `resources/unsubscribe`):
+    /// the agent was authenticated and the result is filtered by the caller. A method that
+    /// reaches a target (see [`needs_permit`]) is refused here: it goes through
+    /// [`Upstream::forward_permitted`].
+    pub async fn forward(
+        &self,
+        method: &str,
+        params: Map<String, Value>,
+        relay: Option<&Envelope>,
+    ) -> Result<Reply, UpstreamError> {
+        if needs_permit(method) {
+            return Err(UpstreamError::Malformed(format!(
+                "{method} needs a permit to be forwarded"
+            )));
+        }
+        self.request(method, params, relay)
+            .await
+            .map(|r| r.reply)
+            .map_err(|e| self.scrubbed(e))
+    }
+
+    /// Forwards a `resources/read`, `resources/subscribe`, `prompts/get` or
+    /// `completion/complete` that the pipeline permitted (`params` as decided).
+    pub async fn forward_permitted(
+        &self,
+        _permit: &Permit,
+        method: &str,
+        params: Map<String, Value>,
+        relay: Option<&Envelope>,
+    ) -> Result<Relayed, UpstreamError> {
+        self.request(method, params, relay)
+            .await
             .map_err(|e| self.scrubbed(e))
     }
 
@@ -262,7 +320,7 @@ impl Upstream {
         _permit: &Permit,
         params: Map<String, Value>,
         relay: Option<&Envelope>,
-    ) -> Result<Reply, UpstreamError> {
+    ) -> Result<Relayed, UpstreamError> {
         self.request("tools/call", params, relay)
             .await
             .map_err(|e| self.scrubbed(e))
@@ -275,10 +333,10 @@ impl Upstream {
         method: &str,
         params: Map<String, Value>,
         relay: Option<&Envelope>,
-    ) -> Result<Reply, UpstreamError> {
+    ) -> Result<Relayed, UpstreamError> {
         let peer = self.peer().await?;
         match self.send_as(&peer, method, params.clone(), relay).await {
-            Ok(answer) if !answer.wrong_era() => return answer.settle(),
+            Ok(answer) if !answer.wrong_era() => return answer.settle_relayed(),
             Ok(_) | Err(UpstreamError::Status { .. }) => {
                 tracing::info!(upstream = %self.redacted_uri(), "upstream answered as another MCP revision; probing again");
             }
@@ -294,7 +352,7 @@ impl Upstream {
         if answer.is_err() {
             self.forget(&fresh);
         }
-        answer?.settle()
+        answer?.settle_relayed()
     }
 
     async fn send_as(
@@ -393,6 +451,11 @@ impl Upstream {
         };
         envelope.insert(meta::CLIENT_CAPABILITIES.into(), caps);
         envelope.insert(meta::CLIENT_INFO.into(), info);
+        // The log level a stateless client asked for with this request, so the upstream's log
+        // messages for it are sent (and relayed back).
+        if let Some(level) = relay.and_then(|r| r.log_level.as_deref()) {
+            envelope.insert(meta::LOG_LEVEL.into(), Value::from(level));
+        }
         params.insert("_meta".into(), Value::Object(envelope));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
@@ -569,11 +632,11 @@ impl Upstream {
                 .await
                 .map_err(|_| UpstreamError::Timeout(self.timeout))??;
         let detail = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+        let mut notifications = Vec::new();
         let message = if is_sse {
-            find_sse_response(&body, id)
+            find_sse_response(&body, id, &mut notifications)
         } else {
-            serde_json::from_slice::<Value>(&body)
-                .map_err(|e| UpstreamError::Malformed(e.to_string()))
+            find_json_response(&body, id, &mut notifications)
         };
         let reply = match message.and_then(to_reply) {
             Ok(r) => Some(r),
@@ -586,6 +649,7 @@ impl Upstream {
             reply,
             session_id,
             detail,
+            notifications,
         })
     }
 }
@@ -627,21 +691,116 @@ fn to_reply(mut message: Value) -> Result<Reply, UpstreamError> {
     }
 }
 
+/// Methods that reach a target and are forwarded only with a [`Permit`].
+pub fn needs_permit(method: &str) -> bool {
+    matches!(
+        method,
+        "tools/call"
+            | "resources/read"
+            | "resources/subscribe"
+            | "prompts/get"
+            | "completion/complete"
+    )
+}
+
+/// Whether `v` is a JSON-RPC response (not a notification or a request).
+fn is_response(v: &Value) -> bool {
+    v.get("method").is_none() && (v.get("result").is_some() || v.get("error").is_some())
+}
+
+/// Whether `v` is a notification (a method and no id).
+fn is_notification(v: &Value) -> bool {
+    v.get("method").is_some() && v.get("id").is_none()
+}
+
+/// Keeps a notification that came before the answer, up to [`MAX_NOTIFICATIONS`].
+fn keep(notifications: &mut Vec<Value>, v: Value) {
+    if is_notification(&v) && notifications.len() < MAX_NOTIFICATIONS {
+        notifications.push(v);
+    }
+}
+
+/// Of several messages, the response with our id; failing that, an error response without an
+/// id (a server that could not read the request answers so). The notifications before the
+/// response are kept in `notifications`.
+fn pick_response(
+    messages: impl Iterator<Item = Value>,
+    id: u64,
+    notifications: &mut Vec<Value>,
+) -> Option<Value> {
+    let mut anonymous_error = None;
+    for v in messages {
+        if !is_response(&v) {
+            keep(notifications, v);
+            continue;
+        }
+        match v.get("id") {
+            Some(x) if x.as_u64() == Some(id) => return Some(v),
+            None | Some(Value::Null) if v.get("error").is_some() && anonymous_error.is_none() => {
+                anonymous_error = Some(v);
+            }
+            _ => {}
+        }
+    }
+    anonymous_error
+}
+
+/// A JSON body: one JSON-RPC message as usual, or newline-delimited JSON (several messages, one
+/// per line: notifications the upstream sent before its answer), of which the response with our
+/// id is taken.
+fn find_json_response(
+    body: &[u8],
+    id: u64,
+    notifications: &mut Vec<Value>,
+) -> Result<Value, UpstreamError> {
+    let whole = serde_json::from_slice::<Value>(body);
+    match whole {
+        Ok(v @ Value::Object(_)) => return Ok(v),
+        Ok(Value::Array(batch)) => {
+            return pick_response(batch.into_iter(), id, notifications)
+                .ok_or_else(|| UpstreamError::Malformed("no response in the batch".into()));
+        }
+        Ok(_) => return Err(UpstreamError::Malformed("not a JSON object".into())),
+        Err(e) if !body.contains(&b'\n') => return Err(UpstreamError::Malformed(e.to_string())),
+        Err(_) => {}
+    }
+    let mut lines = Vec::new();
+    for line in body.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let v = serde_json::from_slice::<Value>(line)
+            .map_err(|e| UpstreamError::Malformed(format!("NDJSON line: {e}")))?;
+        lines.push(v);
+    }
+    pick_response(lines.into_iter(), id, notifications)
+        .ok_or_else(|| UpstreamError::Malformed("no response among the JSON lines".into()))
+}
+
 /// Picks the JSON-RPC response with our id out of an SSE stream (skipping notifications and
 /// server requests the upstream interleaves).
-fn find_sse_response(body: &[u8], id: u64) -> Result<Value, UpstreamError> {
+fn find_sse_response(
+    body: &[u8],
+    id: u64,
+    notifications: &mut Vec<Value>,
+) -> Result<Value, UpstreamError> {
     let text = std::str::from_utf8(body).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
     let mut data = String::new();
-    let check = |data: &mut String| -> Option<Value> {
+    let mut check = |data: &mut String| -> Option<Value> {
         if data.is_empty() {
             return None;
         }
         let parsed = serde_json::from_str::<Value>(data).ok();
         data.clear();
         let v = parsed?;
-        (v.get("id").and_then(Value::as_u64) == Some(id)
-            && (v.get("result").is_some() || v.get("error").is_some()))
-        .then_some(v)
+        if v.get("id").and_then(Value::as_u64) == Some(id)
+            && (v.get("result").is_some() || v.get("error").is_some())
+        {
+            return Some(v);
+        }
+        keep(notifications, v);
+        None
     };
     for line in text.lines() {
         let line = line.strip_suffix('\r').unwrap_or(line);
@@ -664,13 +823,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ndjson_and_batches_pick_our_response() {
+        let mut notes = Vec::new();
+        let ndjson = b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{}}\n\
+{\"jsonrpc\":\"2.0\",\"id\":6,\"result\":{\"other\":true}}\r\n\
+{\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\n\n";
+        let v = find_json_response(ndjson, 7, &mut notes).expect("found");
+        assert_eq!(v["result"]["ok"], true);
+        assert_eq!(notes.len(), 1, "the notification before the answer is kept");
+        assert_eq!(notes[0]["method"], "notifications/message");
+        assert!(find_json_response(ndjson, 8, &mut Vec::new()).is_err());
+        assert!(find_json_response(b"{\"a\":1}\n{bad", 1, &mut Vec::new()).is_err());
+        // One object is the answer whatever its id (a refusal may carry none).
+        let one = find_json_response(
+            b"{\"jsonrpc\":\"2.0\",\"id\":\"x\",\"error\":{}}",
+            3,
+            &mut Vec::new(),
+        );
+        assert!(one.expect("one")["error"].is_object());
+        let batch =
+            br#"[{"jsonrpc":"2.0","id":1,"result":{}},{"jsonrpc":"2.0","id":2,"result":{"n":2}}]"#;
+        assert_eq!(
+            find_json_response(batch, 2, &mut Vec::new()).expect("batch")["result"]["n"],
+            2
+        );
+        let anon = b"{\"jsonrpc\":\"2.0\",\"method\":\"x\"}\n{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32700}}\n";
+        assert_eq!(
+            find_json_response(anon, 9, &mut Vec::new()).expect("anon")["error"]["code"],
+            -32700
+        );
+        assert!(needs_permit("prompts/get") && !needs_permit("prompts/list"));
+    }
+
+    #[test]
     fn sse_picks_our_response() {
         let body = b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n\
 event: message\r\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\r\n\r\n";
-        let v = find_sse_response(body, 7).expect("found");
+        let mut notes = Vec::new();
+        let v = find_sse_response(body, 7, &mut notes).expect("found");
         assert_eq!(v["result"]["ok"], true);
-        assert!(find_sse_response(body, 8).is_err());
-        assert!(find_sse_response(b"data: {bad", 1).is_err());
+        assert_eq!(notes[0]["method"], "notifications/progress");
+        assert!(find_sse_response(body, 8, &mut Vec::new()).is_err());
+        assert!(find_sse_response(b"data: {bad", 1, &mut Vec::new()).is_err());
     }
 
     fn answer(status: u16, reply: Option<Value>) -> Answer {
@@ -679,6 +873,7 @@ event: message\r\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\
             reply: reply.map(Reply::Error),
             session_id: None,
             detail: String::new(),
+            notifications: Vec::new(),
         }
     }
 

@@ -456,3 +456,90 @@ async fn https_gateway_with_its_own_ca() {
     );
     gw.shutdown().await;
 }
+
+/// The caveat types of a token, in chain order.
+fn caveat_types(token: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim())
+        .expect("base64url token");
+    let v: Value = serde_json::from_slice(&raw).expect("token JSON");
+    v["cav"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| c["t"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `tokens mint --resource/--prompt` and `tokens attenuate --resource/--deny-resource/--prompt/
+/// --deny-prompt` write the resource and prompt caveats, and the gateway enforces them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_carry_resource_and_prompt_scopes() {
+    let gw = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let env = [
+        ("INTENTGATE_URL", gw.url.as_str()),
+        ("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN),
+    ];
+    let minted = cli(
+        d,
+        &env,
+        &[
+            "tokens",
+            "mint",
+            "--subject",
+            "a",
+            "--resource",
+            "file:///*",
+            "--prompt",
+            "greet",
+            "--quiet",
+        ],
+    )
+    .await;
+    assert_eq!(minted.code, 0, "{}", minted.stderr);
+    assert_eq!(
+        caveat_types(&minted.stdout),
+        ["agent_lock", "resource_allow", "prompt_allow"]
+    );
+    std::fs::write(d.join("parent.txt"), minted.stdout.trim()).expect("write");
+    let child = cli(
+        d,
+        &[],
+        &[
+            "tokens",
+            "attenuate",
+            "--token-in",
+            "parent.txt",
+            "--deny-resource",
+            "file:///secret*",
+            "--deny-prompt",
+            "greet",
+        ],
+    )
+    .await;
+    assert_eq!(child.code, 0, "{}", child.stderr);
+    assert_eq!(
+        caveat_types(&child.stdout),
+        [
+            "agent_lock",
+            "resource_allow",
+            "prompt_allow",
+            "resource_deny",
+            "prompt_deny"
+        ]
+    );
+    // The child verifies at the gateway (an authenticated method answers).
+    let (s, v) = crate::support::http::post_json(
+        &format!("{}/v1/mcp", gw.url),
+        Some(child.stdout.trim()),
+        &json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
+    )
+    .await;
+    assert_eq!((s, &v["result"]), (200, &json!({})), "{v}");
+    gw.shutdown().await;
+}

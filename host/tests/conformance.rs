@@ -46,43 +46,11 @@ const RUN_DEADLINE: Duration = Duration::from_secs(900);
 /// both fail the test. To regenerate: `INTENTGATE_CONFORMANCE_PRINT=1` (see the module
 /// documentation), then write each line's reason from the failing check it prints.
 const KNOWN_GAPS: &str = "\
-2025-11-25 completion-complete: completion/complete is not proxied (-32601)
-2025-11-25 dns-rebinding-protection: Host and Origin are not checked: Host evil.example.com is served (200)
 2025-11-25 elicitation-sep1034-defaults: the upstream's elicitation/create is not relayed to the client
 2025-11-25 elicitation-sep1330-enums: the upstream's elicitation/create is not relayed to the client
-2025-11-25 logging-set-level: logging/setLevel is not proxied (-32601)
-2025-11-25 prompts-get-embedded-resource: prompts/get is not proxied (-32601)
-2025-11-25 prompts-get-simple: prompts/get is not proxied (-32601)
-2025-11-25 prompts-get-with-args: prompts/get is not proxied (-32601)
-2025-11-25 prompts-get-with-image: prompts/get is not proxied (-32601)
-2025-11-25 prompts-list: prompts/list is not proxied (-32601)
-2025-11-25 resources-list: resources/list is not proxied (-32601)
-2025-11-25 resources-read-binary: resources/read is not proxied (-32601)
-2025-11-25 resources-read-text: resources/read is not proxied (-32601)
-2025-11-25 resources-subscribe: resources/subscribe is not proxied (-32601)
-2025-11-25 resources-templates-read: resources/templates/list and resources/read are not proxied (-32601)
-2025-11-25 resources-unsubscribe: resources/unsubscribe is not proxied (-32601)
-2025-11-25 server-session-lifecycle: DELETE answers 204 but the session id keeps working (200, not 404)
 2025-11-25 tools-call-elicitation: the upstream's elicitation/create is not relayed to the client
 2025-11-25 tools-call-sampling: the upstream's sampling/createMessage is not relayed to the client
-2025-11-25 tools-call-with-logging: logging/setLevel is not proxied (-32601); log notifications are dropped
-2025-11-25 tools-call-with-progress: progress notifications are dropped: the upstream's SSE stream is read whole, only the answer is sent
-2026-07-28 caching: prompts/list, resources/list and resources/templates/list are not proxied (-32601), so their caching hints are missing
-2026-07-28 completion-complete: completion/complete is not proxied (-32601)
-2026-07-28 dns-rebinding-protection: Host and Origin are not checked: Host evil.example.com is served (200)
 2026-07-28 http-custom-header-server-validation: Mcp-Param-* headers are not forwarded upstream, which refuses the call (-32020, header absent)
-2026-07-28 input-required-result-non-tool-request: prompts/get is not proxied (-32601), so its input-required result never arrives
-2026-07-28 prompts-get-embedded-resource: prompts/get is not proxied (-32601)
-2026-07-28 prompts-get-simple: prompts/get is not proxied (-32601)
-2026-07-28 prompts-get-with-args: prompts/get is not proxied (-32601)
-2026-07-28 prompts-get-with-image: prompts/get is not proxied (-32601)
-2026-07-28 prompts-list: prompts/list is not proxied (-32601)
-2026-07-28 resources-list: resources/list is not proxied (-32601)
-2026-07-28 resources-read-binary: resources/read is not proxied (-32601)
-2026-07-28 resources-read-text: resources/read is not proxied (-32601)
-2026-07-28 resources-templates-read: resources/templates/list and resources/read are not proxied (-32601)
-2026-07-28 server-stateless: the -32022 error lists five revisions in data.supported while server/discover lists one
-2026-07-28 tools-call-with-progress: progress notifications are dropped: the upstream's SSE stream is read whole, only the answer is sent
 ";
 
 /// One line per scenario, as in [`KNOWN_GAPS`]: the scenarios the upstream (TypeScript SDK 2.4.0)

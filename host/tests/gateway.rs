@@ -175,7 +175,7 @@ async fn bad_input_gets_clear_errors_and_server_keeps_serving() {
         post(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":7}}"#.to_vec())
             .await;
     assert_eq!((s, code_of(&b)), (200, -32602));
-    let (s, _, b) = post(br#"{"jsonrpc":"2.0","id":1,"method":"resources/list"}"#.to_vec()).await;
+    let (s, _, b) = post(br#"{"jsonrpc":"2.0","id":1,"method":"no/such_method"}"#.to_vec()).await;
     assert_eq!((s, code_of(&b)), (200, -32601));
     let (s, _, b) = post(vec![b' '; 10_000]).await;
     assert_eq!((s, code_of(&b)), (413, -32600));
@@ -189,7 +189,7 @@ async fn bad_input_gets_clear_errors_and_server_keeps_serving() {
     let mut slow = tokio::net::TcpStream::connect(tg.addr)
         .await
         .expect("connect");
-    slow.write_all(b"POST /v1/mcp HTTP/1.1\r\nHost: x\r\n")
+    slow.write_all(b"POST /v1/mcp HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .expect("write");
     let mut buf = Vec::new();
@@ -408,7 +408,7 @@ async fn a_body_that_never_arrives_gets_408() {
         ("/v1/admin/bundles?tenant=acme", ADMIN_TOKEN),
     ] {
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {auth}\r\n\
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {auth}\r\n\
              Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"jsonrpc\""
         );
         let answer = answer_without_body(&tg, &head, Duration::from_secs(5))
@@ -425,7 +425,7 @@ async fn a_call_without_a_token_is_refused_before_its_body_is_read() {
     for path in ["/v1/mcp", "/v1/tool-call"] {
         // Half a megabyte announced, none sent: refused at once, not after the body deadline.
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
              Content-Length: 500000\r\n\r\n"
         );
         let answer = answer_without_body(&tg, &head, Duration::from_secs(3))

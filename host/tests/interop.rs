@@ -182,15 +182,15 @@ async fn run_client(args: Vec<String>) -> Value {
 
 /// A running `upstream_server.py`. It exits when its stdin closes, so even a shared one (never
 /// dropped) goes away with the test process.
-struct Upstream {
-    url: String,
+pub(crate) struct Upstream {
+    pub(crate) url: String,
     call_log: PathBuf,
     child: Mutex<Child>,
     _stdin: Mutex<ChildStdin>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Flavor {
+pub(crate) enum Flavor {
     /// The official server's default: sessions, answers as SSE streams, both eras (a gateway
     /// that speaks the stateless era to it needs no session).
     Sse,
@@ -299,14 +299,14 @@ impl Upstream {
         up
     }
 
-    async fn shared_async(flavor: Flavor) -> &'static Upstream {
+    pub(crate) async fn shared_async(flavor: Flavor) -> &'static Upstream {
         tokio::task::spawn_blocking(move || Upstream::shared(flavor))
             .await
             .expect("upstream start")
     }
 
     /// The tool calls that reached this upstream with `marker` anywhere in their arguments.
-    fn calls_with(&self, marker: &str) -> Vec<Value> {
+    pub(crate) fn calls_with(&self, marker: &str) -> Vec<Value> {
         let text = std::fs::read_to_string(&self.call_log).unwrap_or_default();
         text.lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())

@@ -13,6 +13,7 @@ mod decisions;
 mod gateway;
 mod interop;
 mod mcp_eras;
+mod mcp_kinds;
 mod metrics;
 mod plugins;
 mod store;

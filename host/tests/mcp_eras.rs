@@ -150,7 +150,7 @@ fn last_json_line(what: &str, code: Option<i32>, out: &str, err: &str) -> Value 
 }
 
 /// The official Python client (mcp 2.3) in `mode`, through the gateway.
-async fn python_client(
+pub(crate) async fn python_client(
     gw: &TestGateway,
     token: &str,
     mode: &str,
@@ -172,7 +172,13 @@ async fn python_client(
 }
 
 /// A TypeScript client (`v1` or `v2`) in `mode` (legacy, auto, pin), through the gateway.
-async fn ts_client(gw: &TestGateway, token: &str, client: &str, mode: &str, steps: Value) -> Value {
+pub(crate) async fn ts_client(
+    gw: &TestGateway,
+    token: &str,
+    client: &str,
+    mode: &str,
+    steps: Value,
+) -> Value {
     require_tools();
     let mut cmd = Command::new("node");
     cmd.arg(dir().join("clients.mjs"))
@@ -344,17 +350,17 @@ async fn token(gw: &TestGateway, tools: &[&str], extra: Value) -> (String, Strin
     gw.mint(body).await
 }
 
-fn envelope() -> Value {
+pub(crate) fn envelope() -> Value {
     json!({PV: MODERN, CAPS: {}, "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"}})
 }
 
-fn modern_body(id: u64, method: &str, mut params: Value) -> Value {
+pub(crate) fn modern_body(id: u64, method: &str, mut params: Value) -> Value {
     params["_meta"] = envelope();
     json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
 }
 
 /// A raw POST to `/v1/mcp`: status, headers, JSON answer (or Null).
-async fn post(
+pub(crate) async fn post(
     gw: &TestGateway,
     token: &str,
     headers: &[(&str, &str)],
@@ -397,7 +403,7 @@ async fn modern(gw: &TestGateway, token: &str, body: &Value) -> (u16, Value) {
 }
 
 #[track_caller]
-fn assert_rpc_error(status: u16, v: &Value, want_status: u16, code: i64, ctx: &str) {
+pub(crate) fn assert_rpc_error(status: u16, v: &Value, want_status: u16, code: i64, ctx: &str) {
     assert_eq!(v["error"]["code"], code, "{ctx}: {v}");
     assert_eq!(status, want_status, "{ctx}: HTTP status: {v}");
     assert!(v["result"].is_null(), "{ctx}: {v}");
@@ -454,9 +460,12 @@ async fn stateless_era_raw_protocol() {
         assert_eq!(r["resultType"], "complete", "{ctx}: {d}");
         assert_eq!(r["cacheScope"], "private", "{ctx}: {d}");
         assert!(r["ttlMs"].is_u64(), "{ctx}: {d}");
+        // What the upstream offers and the gateway proxies, without the notifications and
+        // subscriptions it does not relay.
         assert_eq!(
             r["capabilities"],
-            json!({"tools": {"listChanged": false}}),
+            json!({"tools": {"listChanged": false}, "prompts": {"listChanged": false},
+                   "resources": {"listChanged": false, "subscribe": false}}),
             "{ctx}: {d}"
         );
         assert!(
@@ -588,11 +597,8 @@ async fn stateless_era_raw_protocol() {
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
-            assert!(
-                supported.iter().any(|x| x == MODERN)
-                    && supported.iter().any(|x| x == "2025-11-25"),
-                "{r}"
-            );
+            // The same list server/discover advertises (as the official servers answer).
+            assert_eq!(supported, [json!(MODERN)], "{r}");
             assert!(
                 r["error"]["message"]
                     .as_str()

@@ -42,7 +42,7 @@ async fn a_bogus_token_is_refused_before_its_body_is_read() {
         // Half a megabyte announced under a bearer that is no token, none of it sent: refused
         // at once (before this, the body was awaited until the body deadline).
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer x\r\n\
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer x\r\n\
              Content-Type: application/json\r\nContent-Length: 500000\r\n\r\n"
         );
         let answer = answer_without_body(tg.addr, &head, Duration::from_secs(3))
@@ -71,7 +71,7 @@ async fn a_bogus_token_is_refused_before_its_body_is_read() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let head = format!(
-        "POST /v1/mcp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+        "POST /v1/mcp HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
          Content-Type: application/json\r\nContent-Length: 500000\r\n\r\n"
     );
     let refused = answer_without_body(tg.addr, &head, Duration::from_secs(3)).await;

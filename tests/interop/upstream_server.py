@@ -19,9 +19,16 @@ SIGTERM/SIGINT. `--ignore-stdin` turns the stdin watch off, for running it by ha
 stdin at /dev/null.
 
 Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text).
-With `--call-log FILE`, every tool invocation appends one JSON line to FILE:
-`{"tool", "args", "protocol_version", "authorization", "session_id"}`, so a test can tell
-which calls reached the upstream and with which headers.
+Resources: `file:///public/readme.md`, `file:///public/secret.txt`, `file:///private/ledger.csv`
+and the template `note://{topic}`; prompts: `summarize(text)`, `greet(name)`, `admin_reset()`;
+completions: `greet`'s `name` and `note://{topic}`'s `topic` complete from fixed lists;
+`resources/subscribe` and `resources/unsubscribe` are accepted (and logged).
+With `--call-log FILE`, every tool invocation, resource read, prompt get, completion and
+(un)subscription appends one JSON line to FILE:
+`{"tool", "args", "protocol_version", "authorization", "session_id"}` (`tool` is the tool's
+name, or `resource:<uri>`, `prompt:<name>`, `completion:<ref>`, `subscribe:<uri>`,
+`unsubscribe:<uri>`), so a test can tell which calls reached the upstream and with which
+headers.
 """
 
 import argparse
@@ -98,6 +105,80 @@ def build_server(call_log: str | None):
         """Answer with the text it was given."""
         record("echo", {"text": text}, ctx)
         return text
+
+    # --- resources, prompts, completions (host/tests/mcp_kinds.rs) ---
+
+    def record_plain(tool: str, args: dict[str, Any]) -> None:
+        """For handlers without a Context (static resources, completions, subscriptions)."""
+        if not call_log:
+            return
+        line = json.dumps({"tool": tool, "args": args, "protocol_version": None,
+                           "authorization": None, "session_id": None})
+        with log_lock, open(call_log, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    @server.resource("file:///public/readme.md", name="readme", mime_type="text/markdown")
+    def readme() -> str:
+        """The public readme."""
+        record_plain("resource:file:///public/readme.md", {})
+        return "# Readme\nPublic."
+
+    @server.resource("file:///public/secret.txt", name="secret", mime_type="text/plain")
+    def secret() -> str:
+        """A secret in the public folder."""
+        record_plain("resource:file:///public/secret.txt", {})
+        return "the launch code"
+
+    @server.resource("file:///private/ledger.csv", name="ledger", mime_type="text/csv")
+    def ledger() -> str:
+        """The private ledger."""
+        record_plain("resource:file:///private/ledger.csv", {})
+        return "date,amount\n2026-01-01,100"
+
+    @server.resource("note://{topic}", name="note", mime_type="text/plain")
+    def note(topic: str, ctx: Context) -> str:
+        """A note on a topic."""
+        record(f"resource:note://{topic}", {"topic": topic}, ctx)
+        return f"note about {topic}"
+
+    @server.prompt()
+    def summarize(text: str, ctx: Context) -> str:
+        """Summarize a text."""
+        record("prompt:summarize", {"text": text}, ctx)
+        return f"Please summarize: {text}"
+
+    @server.prompt()
+    def greet(name: str, ctx: Context) -> str:
+        """Greet someone."""
+        record("prompt:greet", {"name": name}, ctx)
+        return f"Say hello to {name}"
+
+    @server.prompt()
+    def admin_reset(ctx: Context) -> str:
+        """Reset everything (an administrator's prompt)."""
+        record("prompt:admin_reset", {}, ctx)
+        return "Reset all the things"
+
+    import mcp_types
+
+    @server.completion()
+    async def complete(ref: Any, argument: Any, context: Any) -> Any:
+        name = getattr(ref, "name", None) or getattr(ref, "uri", None)
+        values = {"name": ["alice", "alfred", "bob"], "topic": ["alpha", "almanac", "beta"]}
+        picked = [v for v in values.get(argument.name, []) if v.startswith(argument.value)]
+        record_plain(f"completion:{name}", {argument.name: argument.value})
+        return mcp_types.Completion(values=picked, total=len(picked), has_more=False)
+
+    def subscription(kind: str):
+        async def handler(ctx: Any, params: Any) -> Any:
+            record_plain(f"{kind}:{params.uri}", {})
+            return mcp_types.EmptyResult()
+        return handler
+
+    server._lowlevel_server.add_request_handler(
+        "resources/subscribe", mcp_types.SubscribeRequestParams, subscription("subscribe"))
+    server._lowlevel_server.add_request_handler(
+        "resources/unsubscribe", mcp_types.UnsubscribeRequestParams, subscription("unsubscribe"))
 
     return server
 

@@ -7,8 +7,10 @@
 //
 // v1 is @modelcontextprotocol/sdk (handshake era only); v2 is @modelcontextprotocol/client,
 // whose `versionNegotiation.mode` is 'legacy' (its default), 'auto' (server/discover probe,
-// then fallback) or { pin: '2026-07-28' } ("pin"). STEPS_JSON is a list of {"op": "list"} and
-// {"op": "call", "tool", "args"}. Prints one JSON line:
+// then fallback) or { pin: '2026-07-28' } ("pin"). STEPS_JSON is a list of {"op": "list"},
+// {"op": "call", "tool", "args"}, {"op": "resources"}, {"op": "templates"}, {"op": "prompts"},
+// {"op": "read", "uri"}, {"op": "prompt", "name", "args"} and {"op": "complete", "ref",
+// "argument"} (ref as on the wire). Prints one JSON line:
 // {"client", "mode", "era", "protocol_version", "results": [...]}, where a refused operation is
 // {"op", "ok": false, "code", "message"}. Exit 0 whenever the line was printed, 2 for bad
 // arguments, 3 when the packages are missing (run tests/interop_modern/setup.sh).
@@ -77,6 +79,38 @@ async function run(opts, steps) {
       if (step.op === 'list') {
         const r = await client.listTools();
         out.results.push({ op: 'list', ok: true, tools: r.tools.map((t) => t.name).sort() });
+      } else if (step.op === 'resources') {
+        const r = await client.listResources();
+        out.results.push({ op: step.op, ok: true, uris: r.resources.map((x) => x.uri).sort() });
+      } else if (step.op === 'templates') {
+        const r = await client.listResourceTemplates();
+        out.results.push({
+          op: step.op,
+          ok: true,
+          templates: r.resourceTemplates.map((x) => x.uriTemplate).sort(),
+        });
+      } else if (step.op === 'prompts') {
+        const r = await client.listPrompts();
+        out.results.push({ op: step.op, ok: true, prompts: r.prompts.map((x) => x.name).sort() });
+      } else if (step.op === 'read') {
+        const r = await client.readResource({ uri: step.uri });
+        out.results.push({
+          op: step.op,
+          ok: true,
+          uri: step.uri,
+          text: (r.contents ?? []).map((c) => c.text ?? null),
+        });
+      } else if (step.op === 'prompt') {
+        const r = await client.getPrompt({ name: step.name, arguments: step.args ?? {} });
+        out.results.push({
+          op: step.op,
+          ok: true,
+          name: step.name,
+          text: (r.messages ?? []).map((m) => m.content?.text ?? null),
+        });
+      } else if (step.op === 'complete') {
+        const r = await client.complete({ ref: step.ref, argument: step.argument });
+        out.results.push({ op: step.op, ok: true, values: r.completion.values });
       } else if (step.op === 'call') {
         const r = await client.callTool({ name: step.tool, arguments: step.args ?? {} });
         out.results.push({

@@ -5,8 +5,11 @@
             [--revoke-on-elicit JTI --admin-token ADMIN]
 
 MODE is the client's `mode`: legacy (initialize handshake), auto (server/discover probe, then
-fallback) or 2026-07-28 (pinned, stateless). STEPS_JSON is a list of {"op": "list"} and
-{"op": "call", "tool", "args"}. The client answers every elicitation (a 2026-07-28
+fallback) or 2026-07-28 (pinned, stateless). STEPS_JSON is a list of {"op": "list"},
+{"op": "call", "tool", "args"}, {"op": "resources"}, {"op": "templates"}, {"op": "prompts"},
+{"op": "read", "uri"}, {"op": "prompt", "name", "args"}, {"op": "complete", "ref", "argument"}
+(ref as on the wire: {"type": "ref/prompt", "name"} or {"type": "ref/resource", "uri"}),
+{"op": "subscribe", "uri"} and {"op": "unsubscribe", "uri"}. The client answers every elicitation (a 2026-07-28
 InputRequiredResult round) with {"ok": true}; with --revoke-on-elicit it first revokes that
 token id through the admin API, so the next round runs with a revoked token.
 
@@ -82,6 +85,42 @@ async def run(args: argparse.Namespace, steps: list[dict[str, Any]]) -> dict[str
                             r = await client.list_tools()
                             results.append({"op": op, "ok": True,
                                             "tools": sorted(t.name for t in r.tools)})
+                        elif op == "resources":
+                            r = await client.list_resources()
+                            results.append({"op": op, "ok": True,
+                                            "uris": sorted(str(x.uri) for x in r.resources)})
+                        elif op == "templates":
+                            r = await client.list_resource_templates()
+                            results.append({"op": op, "ok": True, "templates": sorted(
+                                x.uri_template for x in r.resource_templates)})
+                        elif op == "prompts":
+                            r = await client.list_prompts()
+                            results.append({"op": op, "ok": True,
+                                            "prompts": sorted(x.name for x in r.prompts)})
+                        elif op == "read":
+                            r = await client.read_resource(step["uri"])
+                            results.append({"op": op, "ok": True, "uri": step["uri"],
+                                            "text": [getattr(c, "text", None) for c in r.contents]})
+                        elif op == "prompt":
+                            r = await client.get_prompt(step["name"], step.get("args") or {})
+                            results.append({"op": op, "ok": True, "name": step["name"], "text": [
+                                getattr(m.content, "text", None) for m in r.messages]})
+                        elif op == "complete":
+                            ref = step["ref"]
+                            if ref["type"] == "ref/prompt":
+                                reference = types.PromptReference(type="ref/prompt", name=ref["name"])
+                            else:
+                                reference = types.ResourceTemplateReference(type="ref/resource",
+                                                                            uri=ref["uri"])
+                            r = await client.complete(reference, step["argument"])
+                            results.append({"op": op, "ok": True,
+                                            "values": list(r.completion.values)})
+                        elif op in ("subscribe", "unsubscribe"):
+                            if op == "subscribe":
+                                await client.subscribe_resource(step["uri"])
+                            else:
+                                await client.unsubscribe_resource(step["uri"])
+                            results.append({"op": op, "ok": True, "uri": step["uri"]})
                         elif op == "call":
                             r = await client.call_tool(step["tool"], step.get("args") or {})
                             results.append({

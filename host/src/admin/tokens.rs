@@ -50,6 +50,12 @@ struct MintBody {
     callee_zones: Vec<String>,
     #[serde(default)]
     with_memory_signing_key: bool,
+    /// `resource_allow` globs over resource URIs.
+    #[serde(default)]
+    resources: Vec<String>,
+    /// `prompt_allow` globs over prompt names.
+    #[serde(default)]
+    prompts: Vec<String>,
 }
 
 pub async fn mint(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
@@ -84,6 +90,8 @@ pub async fn mint(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Ad
         step_up_at: body.step_up.then_some(now as u64),
         callees: body.callees,
         callee_zones: body.callee_zones,
+        resources: body.resources,
+        prompts: body.prompts,
         ..MintRequest::default()
     };
     let minted = capability::mint(&gw.master_key, &request, now)

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::charges::{self, Debit};
 use super::checkpoint::{Checkpoint, origin_for};
+use super::event::CanonicalOpen;
 use super::key::hex;
 use super::log::{Appended, GENESIS, Shared, link_hash};
 use super::{AuditConfig, AuditError, AuditEvent, LogKey, time};
@@ -29,6 +30,9 @@ use super::{AuditConfig, AuditError, AuditEvent, LogKey, time};
 /// An event in a batch, with the debits to settle in its transaction.
 pub(crate) struct Entry {
     pub(crate) event: AuditEvent,
+    /// The event's canonical text without its position, prepared by the caller (off the serial
+    /// writer); `None` when the event changed after (a refusal) or for late records.
+    pub(crate) canonical: Option<CanonicalOpen>,
     pub(crate) debits: Vec<Debit>,
     /// Set by [`charges::settle`] when a debit refused the entry.
     pub(crate) refused: Option<String>,
@@ -38,6 +42,7 @@ impl Entry {
     pub(crate) fn new(event: AuditEvent, debits: Vec<Debit>) -> Self {
         Self {
             event,
+            canonical: None,
             debits,
             refused: None,
         }
@@ -49,6 +54,7 @@ impl Entry {
         self.event.decision = Some(super::Decision::Block);
         self.event.check = "budget".to_owned();
         self.event.reason = reason.clone();
+        self.canonical = None;
         self.refused = Some(reason);
     }
 }
@@ -105,9 +111,13 @@ fn plan(
     })?;
     let mut seq = head.seq;
     let mut rows = Vec::with_capacity(entries.len());
-    for e in entries.iter().map(|e| &e.event) {
+    for entry in entries {
+        let e = &entry.event;
         seq += 1;
-        let body = e.canonical(seq as u64);
+        let body = match &entry.canonical {
+            Some(open) => open.at(seq as u64),
+            None => e.canonical(seq as u64),
+        };
         let hash = link_hash(&prev, body.as_bytes());
         rows.push(NewRow {
             seq,

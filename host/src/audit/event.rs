@@ -299,6 +299,42 @@ impl AuditEvent {
     pub fn canonical(&self, seq: u64) -> String {
         jcs::canonicalize(&self.to_json(seq))
     }
+
+    /// The canonical form with the chain position left open, so a caller can do the expensive
+    /// part (the arguments) before the event reaches the serial writer.
+    pub fn canonical_open(&self) -> Option<CanonicalOpen> {
+        let text = self.canonical(0);
+        // Top-level keys are sorted, and every key after "seq" holds a scalar, so the last
+        // `"seq":0` is the event's own (a nested one can only come earlier, in `arg_values`;
+        // inside a string a quote is escaped, so the pattern cannot occur there).
+        let at = text.rfind("\"seq\":0")?;
+        let end = at + "\"seq\":0".len();
+        if !matches!(text.as_bytes().get(end), Some(b',' | b'}')) {
+            return None;
+        }
+        Some(CanonicalOpen {
+            head: text[..at + "\"seq\":".len()].to_owned(),
+            tail: text[end..].to_owned(),
+        })
+    }
+}
+
+/// An event's canonical text without its chain position ([`AuditEvent::canonical_open`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanonicalOpen {
+    head: String,
+    tail: String,
+}
+
+impl CanonicalOpen {
+    /// The canonical text at position `seq`: equal to [`AuditEvent::canonical`]`(seq)`.
+    pub fn at(&self, seq: u64) -> String {
+        let mut out = String::with_capacity(self.head.len() + self.tail.len() + 20);
+        out.push_str(&self.head);
+        out.push_str(&seq.to_string());
+        out.push_str(&self.tail);
+        out
+    }
 }
 
 #[cfg(test)]
@@ -327,6 +363,25 @@ mod tests {
             Some(ArgValuesMode::Scalars)
         );
         assert!("some".parse::<ArgValuesMode>().is_err());
+    }
+
+    #[test]
+    fn the_open_canonical_form_closes_to_the_same_text_whatever_the_arguments() {
+        for args in [
+            json!({}),
+            json!({"seq": 0, "nested": {"seq": 0}}),
+            json!({"text": "\"seq\":0,"}),
+        ] {
+            let mut e =
+                AuditEvent::new(kinds::TOOL_CALL, "acme").with_arguments(ArgValuesMode::Raw, &args);
+            e.decision = Some(Decision::Allow);
+            e.tool = "seq".into();
+            e.session_id = "s-1".into();
+            let open = e.canonical_open().expect("open form");
+            for seq in [1, 9, 10, 123_456_789_012] {
+                assert_eq!(open.at(seq), e.canonical(seq), "{args}");
+            }
+        }
     }
 
     #[test]

@@ -249,8 +249,12 @@ impl AuditLog {
         }
         let tenant = event.tenant.clone();
         let (reply, answer) = oneshot::channel();
+        // The canonical text (the arguments' share of the hashing work) is made here, on the
+        // caller's task, so the one writer of the chain does only the sequential part.
+        let mut entry = Entry::new(event, debits);
+        entry.canonical = entry.event.canonical_open();
         let mut job = Job {
-            entry: Entry::new(event, debits),
+            entry,
             enqueued: Instant::now(),
             reply,
         };

@@ -74,6 +74,22 @@ pub enum CapabilityError {
     /// The tool matches a pattern of a `tool_deny` caveat.
     #[error("tool {tool:?} denied by caveat {caveat} (tool_deny)")]
     ToolDenied { tool: String, caveat: usize },
+    /// The resource URI or prompt name matches no pattern of a `resource_allow` /
+    /// `prompt_allow` caveat.
+    #[error("{kind} {name:?} not allowed by caveat {caveat} ({kind}_allow)")]
+    NotAllowed {
+        kind: &'static str,
+        name: String,
+        caveat: usize,
+    },
+    /// The resource URI or prompt name matches a pattern of a `resource_deny` / `prompt_deny`
+    /// caveat.
+    #[error("{kind} {name:?} denied by caveat {caveat} ({kind}_deny)")]
+    Denied {
+        kind: &'static str,
+        name: String,
+        caveat: usize,
+    },
     /// The upstream server is unknown or matches no pattern of an `mcp_allow` caveat.
     #[error("upstream server {server:?} not allowed by caveat {caveat} (mcp_allow)")]
     ServerNotAllowed {

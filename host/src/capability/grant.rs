@@ -1,5 +1,11 @@
 //! What an authenticated token permits: identity, effective limits, and the per-call checks
-//! (`tool_allow`, `tool_deny`, `mcp_allow`, `callee_allow`, `risk_max`, the requesting agent).
+//! (`tool_allow`, `tool_deny`, `resource_allow`, `resource_deny`, `prompt_allow`, `prompt_deny`,
+//! `mcp_allow`, `callee_allow`, `risk_max`, the requesting agent).
+//!
+//! A call has a [`Kind`]: a tool (by name), a resource (by URI) or a prompt (by name). Each
+//! allow/deny pair restricts only its own kind, so a token without `resource_*` caveats reaches
+//! every resource and one without `prompt_*` caveats every prompt, as before those caveats
+//! existed; `mcp_allow`, `callee_allow`, `risk_max` and the agent apply to every kind.
 //!
 //! A [`Grant`] can only be built by `Verifier::authenticate`, so holding one means the token's
 //! signature, time window and revocation status were checked. Stateful limits (`max_calls`,
@@ -29,6 +35,18 @@ pub(crate) enum Restriction {
         caveat: usize,
         globs: Vec<Glob>,
     },
+    /// `resource_allow` / `prompt_allow`: the name of a call of `kind` must match a glob.
+    KindAllow {
+        kind: Kind,
+        caveat: usize,
+        globs: Vec<Glob>,
+    },
+    /// `resource_deny` / `prompt_deny`: the name of a call of `kind` must match no glob.
+    KindDeny {
+        kind: Kind,
+        caveat: usize,
+        globs: Vec<Glob>,
+    },
     McpAllow {
         caveat: usize,
         globs: Vec<Glob>,
@@ -46,10 +64,35 @@ pub(crate) enum Restriction {
     },
 }
 
+/// What a call reaches, for the caveats that restrict one kind of target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kind {
+    /// A tool, by name (`tool_allow`, `tool_deny`).
+    #[default]
+    Tool,
+    /// A resource, by URI (`resource_allow`, `resource_deny`).
+    Resource,
+    /// A prompt, by name (`prompt_allow`, `prompt_deny`).
+    Prompt,
+}
+
+impl Kind {
+    /// The kind as errors, audit events and policies name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tool => "tool",
+            Kind::Resource => "resource",
+            Kind::Prompt => "prompt",
+        }
+    }
+}
+
 /// The facts about one call that the per-call caveats need.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CallContext<'a> {
-    /// The tool being called.
+    /// What the call reaches: a tool, a resource or a prompt.
+    pub kind: Kind,
+    /// The tool's name, the resource's URI or the prompt's name.
     pub tool: &'a str,
     /// The agent the request claims to act for, if it names one; must be the token's subject.
     pub agent: Option<&'a str>,
@@ -69,6 +112,15 @@ impl<'a> CallContext<'a> {
     pub fn tool(tool: &'a str) -> CallContext<'a> {
         CallContext {
             tool,
+            ..CallContext::default()
+        }
+    }
+
+    /// A call reaching `name` of `kind` with no other facts known.
+    pub fn of(kind: Kind, name: &'a str) -> CallContext<'a> {
+        CallContext {
+            kind,
+            tool: name,
             ..CallContext::default()
         }
     }
@@ -130,7 +182,7 @@ impl Grant {
     /// Checks one call against the token's per-call caveats, in chain order; the first failing
     /// caveat is reported.
     pub fn authorize(&self, ctx: &CallContext<'_>) -> Result<(), CapabilityError> {
-        check_len("tool", Some(ctx.tool))?;
+        check_len(ctx.kind.as_str(), Some(ctx.tool))?;
         check_len("agent", ctx.agent)?;
         check_len("server", ctx.server)?;
         check_len("callee", ctx.callee.map(|(a, _)| a))?;
@@ -149,11 +201,19 @@ impl Grant {
     /// Whether the tool caveats alone (`tool_allow`, `tool_deny`) permit `tool`: used to filter
     /// `tools/list` to the token's scope.
     pub fn allows_tool(&self, tool: &str) -> bool {
-        tool.len() <= MAX_NAME_BYTES
+        self.allows(Kind::Tool, tool)
+    }
+
+    /// Whether the caveats of `kind` alone (`tool_*`, `resource_*` or `prompt_*`) permit
+    /// `name`: used to filter lists to the token's scope.
+    pub fn allows(&self, kind: Kind, name: &str) -> bool {
+        let ctx = CallContext::of(kind, name);
+        name.len() <= MAX_NAME_BYTES
             && self.restrictions.iter().all(|r| match r {
-                Restriction::ToolAllow { .. } | Restriction::ToolDeny { .. } => {
-                    check(r, &CallContext::tool(tool)).is_ok()
-                }
+                Restriction::ToolAllow { .. }
+                | Restriction::ToolDeny { .. }
+                | Restriction::KindAllow { .. }
+                | Restriction::KindDeny { .. } => check(r, &ctx).is_ok(),
                 _ => true,
             })
     }
@@ -167,19 +227,40 @@ fn check_len(what: &'static str, name: Option<&str>) -> Result<(), CapabilityErr
 }
 
 fn check(r: &Restriction, ctx: &CallContext<'_>) -> Result<(), CapabilityError> {
+    let is_tool = ctx.kind == Kind::Tool;
     match r {
-        Restriction::ToolAllow { caveat, globs } if !any_matches(globs, ctx.tool) => {
+        Restriction::ToolAllow { caveat, globs } if is_tool && !any_matches(globs, ctx.tool) => {
             Err(CapabilityError::ToolNotAllowed {
                 tool: echo(ctx.tool),
                 caveat: *caveat,
             })
         }
-        Restriction::ToolDeny { caveat, globs } if any_matches(globs, ctx.tool) => {
+        Restriction::ToolDeny { caveat, globs } if is_tool && any_matches(globs, ctx.tool) => {
             Err(CapabilityError::ToolDenied {
                 tool: echo(ctx.tool),
                 caveat: *caveat,
             })
         }
+        Restriction::KindAllow {
+            kind,
+            caveat,
+            globs,
+        } if *kind == ctx.kind && !any_matches(globs, ctx.tool) => {
+            Err(CapabilityError::NotAllowed {
+                kind: kind.as_str(),
+                name: echo(ctx.tool),
+                caveat: *caveat,
+            })
+        }
+        Restriction::KindDeny {
+            kind,
+            caveat,
+            globs,
+        } if *kind == ctx.kind && any_matches(globs, ctx.tool) => Err(CapabilityError::Denied {
+            kind: kind.as_str(),
+            name: echo(ctx.tool),
+            caveat: *caveat,
+        }),
         Restriction::McpAllow { caveat, globs } => match ctx.server {
             Some(s) if any_matches(globs, s) => Ok(()),
             server => Err(CapabilityError::ServerNotAllowed {

@@ -2,7 +2,7 @@
 //!
 //! Caveats are appended in the original gateway's order: `agent_lock{sub}`, `exp` (when a TTL is
 //! given), then `tool_allow`, `max_calls`, `mcp_allow`, `rate_limit`, `max_cost`, `risk_max`,
-//! `step_up`, `callee_allow` as requested. This module must never mint a token that our own
+//! `step_up`, `callee_allow` as requested, then ours: `resource_allow`, `prompt_allow`. This module must never mint a token that our own
 //! verifier would refuse (bad pattern, too large), nor one with an ambiguous zero limit, nor a
 //! caveat the gateway cannot evaluate (`risk_max`, `callee_zones`): those are refused by name.
 
@@ -56,6 +56,10 @@ pub struct MintRequest {
     pub callee_zones: Vec<String>,
     /// Not-before, unix seconds.
     pub nbf: Option<u64>,
+    /// `resource_allow` globs over resource URIs (none: every resource).
+    pub resources: Vec<String>,
+    /// `prompt_allow` globs over prompt names (none: every prompt).
+    pub prompts: Vec<String>,
 }
 
 /// A freshly minted token. `Debug` does not show the token.
@@ -188,6 +192,14 @@ pub(crate) fn mint_with_random(
             callees: checked_patterns("callees", &req.callees)?,
             ..Caveat::bare("callee_allow")
         });
+    }
+    if !req.resources.is_empty() {
+        let globs = checked_patterns("resources", &req.resources)?;
+        cav.push(Caveat::scoped("resource_allow", globs));
+    }
+    if !req.prompts.is_empty() {
+        let globs = checked_patterns("prompts", &req.prompts)?;
+        cav.push(Caveat::scoped("prompt_allow", globs));
     }
 
     let mut id = [0u8; 16];

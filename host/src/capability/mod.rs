@@ -7,9 +7,10 @@
 //!
 //! 1. [`Verifier::authenticate`]: decode, signature, `nbf`, `exp`, `agent_lock`, caveat shape,
 //!    revocation (and its freshness) → a [`Grant`];
-//! 2. [`Grant::authorize`]: `tool_allow`, `tool_deny`, `mcp_allow`, `callee_allow`, `risk_max`
-//!    and the requesting agent for one [`CallContext`]; [`Grant::allows_tool`] filters
-//!    `tools/list`.
+//! 2. [`Grant::authorize`]: `tool_allow`, `tool_deny`, `resource_allow`, `resource_deny`,
+//!    `prompt_allow`, `prompt_deny`, `mcp_allow`, `callee_allow`, `risk_max` and the requesting
+//!    agent for one [`CallContext`] (a tool, resource or prompt: its [`Kind`]);
+//!    [`Grant::allows`] filters the lists.
 //!
 //! Stateful limits (`max_calls`, `rate_limit`, `max_cost`, `step_up`) are surfaced on the grant
 //! (minimum along the chain) for the budget and policy stages; they are not enforced here.
@@ -48,7 +49,7 @@ mod tests;
 
 pub use error::{CapabilityError, KeyError, MintError};
 pub use glob::Glob;
-pub use grant::{CallContext, Grant};
+pub use grant::{CallContext, Grant, Kind};
 pub use key::{GENERATED_KEY_BYTES, MIN_KEY_BYTES, MasterKey};
 pub use mint::{DEFAULT_TENANT, DEFAULT_ZONE, ISSUER, MintRequest, Minted, is_valid_name, mint};
 pub use revocation::RevocationSet;

@@ -170,6 +170,14 @@ impl Caveat {
             ..Caveat::bare("tool_deny")
         }
     }
+    /// A list caveat (`tool_allow`, `tool_deny`, `resource_allow`, `resource_deny`,
+    /// `prompt_allow` or `prompt_deny`: `t`), its globs carried in `tools`.
+    pub fn scoped<S: Into<String>>(t: &str, globs: impl IntoIterator<Item = S>) -> Caveat {
+        Caveat {
+            tools: globs.into_iter().map(Into::into).collect(),
+            ..Caveat::bare(t)
+        }
+    }
     pub fn max_calls(n: i64) -> Caveat {
         Caveat {
             max_calls: n,

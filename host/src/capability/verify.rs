@@ -11,7 +11,7 @@
 use super::MAX_LEEWAY_SECS;
 use super::error::CapabilityError;
 use super::glob::Glob;
-use super::grant::{Grant, Restriction};
+use super::grant::{Grant, Kind, Restriction};
 use super::key::MasterKey;
 use super::revocation::RevocationSet;
 use super::token::{Caveat, Token};
@@ -98,10 +98,16 @@ fn fields_set(c: &Caveat) -> u16 {
 }
 
 /// The caveat types, the name used in errors and the fields each may set.
-const KINDS: [(&str, u16); 11] = [
+const KINDS: [(&str, u16); 15] = [
     ("exp", EXP),
     ("tool_allow", TOOLS),
     ("tool_deny", TOOLS),
+    // The resource and prompt caveats carry their globs in `tools`, the one list field of the
+    // wire caveat, so every SDK that can attenuate with a tool list can write them.
+    ("resource_allow", TOOLS),
+    ("resource_deny", TOOLS),
+    ("prompt_allow", TOOLS),
+    ("prompt_deny", TOOLS),
     ("agent_lock", AGENT),
     ("max_calls", MAX_CALLS),
     ("step_up", STEP_UP_AT),
@@ -162,6 +168,16 @@ fn apply(
             caveat: i,
             globs: globs(&c.tools, &bad)?,
         }),
+        "resource_allow" | "prompt_allow" => grant.push(Restriction::KindAllow {
+            kind: target_kind(kind),
+            caveat: i,
+            globs: globs(&c.tools, &bad)?,
+        }),
+        "resource_deny" | "prompt_deny" => grant.push(Restriction::KindDeny {
+            kind: target_kind(kind),
+            caveat: i,
+            globs: globs(&c.tools, &bad)?,
+        }),
         "mcp_allow" => grant.push(Restriction::McpAllow {
             caveat: i,
             globs: globs(&c.servers, &bad)?,
@@ -194,6 +210,15 @@ fn apply(
         }
     }
     Ok(())
+}
+
+/// The kind a `resource_*` or `prompt_*` caveat restricts.
+fn target_kind(caveat_type: &str) -> Kind {
+    if caveat_type.starts_with("resource_") {
+        Kind::Resource
+    } else {
+        Kind::Prompt
+    }
 }
 
 fn globs(

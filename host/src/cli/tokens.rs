@@ -40,6 +40,12 @@ pub enum TokensCmd {
         /// An upstream server the token may reach (repeat).
         #[arg(long = "server")]
         servers: Vec<String>,
+        /// A resource URI the token may read (repeat; globs allowed). None: every resource.
+        #[arg(long = "resource")]
+        resources: Vec<String>,
+        /// A prompt the token may get (repeat; globs allowed). None: every prompt.
+        #[arg(long = "prompt")]
+        prompts: Vec<String>,
         #[arg(long)]
         zone: Option<String>,
         /// Stamp a fresh step-up time (policies read `capability.step_up_at`).
@@ -78,6 +84,18 @@ pub enum TokensCmd {
         /// Deny these tools (repeat).
         #[arg(long = "deny-tool")]
         deny_tools: Vec<String>,
+        /// Allow only these resource URIs (repeat; globs).
+        #[arg(long = "resource")]
+        resources: Vec<String>,
+        /// Deny these resource URIs (repeat; globs).
+        #[arg(long = "deny-resource")]
+        deny_resources: Vec<String>,
+        /// Allow only these prompts (repeat; globs).
+        #[arg(long = "prompt")]
+        prompts: Vec<String>,
+        /// Deny these prompts (repeat; globs).
+        #[arg(long = "deny-prompt")]
+        deny_prompts: Vec<String>,
         #[arg(long)]
         max_calls: Option<u64>,
         /// Expire within this many seconds from now.
@@ -96,10 +114,24 @@ impl TokensCmd {
                 token_in,
                 tools,
                 deny_tools,
+                resources,
+                deny_resources,
+                prompts,
+                deny_prompts,
                 max_calls,
                 ttl,
                 agent,
-            } => attenuate(token_in, tools, deny_tools, max_calls, ttl, agent),
+            } => {
+                let scopes = [
+                    ("tool_allow", tools),
+                    ("tool_deny", deny_tools),
+                    ("resource_allow", resources),
+                    ("resource_deny", deny_resources),
+                    ("prompt_allow", prompts),
+                    ("prompt_deny", deny_prompts),
+                ];
+                attenuate(token_in, scopes, max_calls, ttl, agent)
+            }
             other => with_client(conn, |c| other.remote(c)),
         }
     }
@@ -114,6 +146,8 @@ impl TokensCmd {
                 rate_per_min,
                 max_cents,
                 servers,
+                resources,
+                prompts,
                 zone,
                 step_up,
                 quiet,
@@ -135,6 +169,11 @@ impl TokensCmd {
                 opt("zone", zone.map(Value::from));
                 opt("tools", (!tools.is_empty()).then(|| json!(tools)));
                 opt("servers", (!servers.is_empty()).then(|| json!(servers)));
+                opt(
+                    "resources",
+                    (!resources.is_empty()).then(|| json!(resources)),
+                );
+                opt("prompts", (!prompts.is_empty()).then(|| json!(prompts)));
                 opt("step_up", step_up.then_some(Value::Bool(true)));
                 let minted = c.post("/v1/admin/mint", &Value::Object(body)).await?;
                 if quiet {
@@ -237,10 +276,11 @@ fn token_rows(minted: &Value, revoked: &Value) -> Vec<Value> {
         .collect()
 }
 
+/// Attenuates a token: `scopes` are `(caveat type, globs)` of the list caveats (tool, resource
+/// and prompt allow/deny), in that order; an empty list adds none.
 fn attenuate(
     token_in: Option<PathBuf>,
-    tools: Vec<String>,
-    deny_tools: Vec<String>,
+    scopes: [(&str, Vec<String>); 6],
     max_calls: Option<u64>,
     ttl: Option<u64>,
     agent: Option<String>,
@@ -258,13 +298,11 @@ fn attenuate(
     };
     let mut token = Token::decode(text.trim())
         .map_err(|e| CliError::Usage(format!("not a capability token: {e}")))?;
-    let mut caveats = Vec::new();
-    if !tools.is_empty() {
-        caveats.push(Caveat::tool_allow(tools));
-    }
-    if !deny_tools.is_empty() {
-        caveats.push(Caveat::tool_deny(deny_tools));
-    }
+    let mut caveats: Vec<Caveat> = scopes
+        .into_iter()
+        .filter(|(_, globs)| !globs.is_empty())
+        .map(|(t, globs)| Caveat::scoped(t, globs))
+        .collect();
     if let Some(n) = max_calls {
         let n = i64::try_from(n).map_err(|_| CliError::Usage("--max-calls is too large".into()))?;
         caveats.push(Caveat::max_calls(n));
@@ -279,7 +317,9 @@ fn attenuate(
     }
     if caveats.is_empty() {
         return Err(CliError::Usage(
-            "nothing to add: give --tool, --deny-tool, --max-calls, --ttl or --agent".into(),
+            "nothing to add: give --tool, --deny-tool, --resource, --deny-resource, --prompt, \
+             --deny-prompt, --max-calls, --ttl or --agent"
+                .into(),
         ));
     }
     for c in caveats {

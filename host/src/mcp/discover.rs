@@ -3,18 +3,19 @@
 //!
 //! The gateway is the server its agents talk to, so it answers both itself: the version is
 //! negotiated with the gateway, and the capabilities are the upstream's (from its `initialize`
-//! result or its `server/discover` result) narrowed to what the gateway proxies and the token
-//! may use: tools, never list-change notifications it would not relay. A discover result is
-//! per token, so it is `cacheScope: private`. This module must never advertise a capability
-//! the gateway does not govern.
+//! result or its `server/discover` result) narrowed to what the gateway proxies and governs:
+//! tools, resources, prompts and completions, never list-change notifications or resource
+//! subscriptions it would not relay (update notifications do not reach the client yet), nor
+//! logging. A discover result is per token, so it is `cacheScope: private`. This module must
+//! never advertise a capability the gateway does not govern.
 
 use serde_json::{Map, Value, json};
 
 use super::era::{HANDSHAKE_VERSIONS, MODERN_VERSIONS, meta};
 use super::translate::{COMPLETE, DEFAULT_TTL_MS};
 
-const INSTRUCTIONS: &str =
-    "Tool calls are authorized by IntentGate; tools outside your token's scope are hidden.";
+const INSTRUCTIONS: &str = "Tool calls, resource reads, prompts and completions are authorized by \
+     IntentGate; what is outside your token's scope is hidden.";
 
 fn server_info() -> Value {
     json!({"name": "intentgate", "version": env!("CARGO_PKG_VERSION")})
@@ -27,17 +28,30 @@ pub struct UpstreamProfile {
     pub instructions: Option<String>,
 }
 
-/// The upstream's capabilities narrowed to what the gateway proxies: tools (without
-/// `listChanged`, which the gateway does not relay). No upstream at all still offers tools (an
-/// empty list), so clients keep working and learn of the outage on their first call.
+/// The upstream's capabilities narrowed to what the gateway proxies: tools, resources,
+/// prompts and completions (without `listChanged` or `subscribe`, which the gateway does not
+/// relay). No upstream at all still offers tools (an empty list), so clients keep working and
+/// learn of the outage on their first call.
 fn capabilities(profile: &UpstreamProfile) -> Value {
-    let offers_tools = match &profile.capabilities {
-        Some(c) => c.get("tools").is_some(),
-        None => true,
+    let offers = |what: &str| match &profile.capabilities {
+        Some(c) => c.get(what).is_some(),
+        None => what == "tools",
     };
     let mut caps = Map::new();
-    if offers_tools {
+    if offers("tools") {
         caps.insert("tools".into(), json!({"listChanged": false}));
+    }
+    if offers("resources") {
+        caps.insert(
+            "resources".into(),
+            json!({"listChanged": false, "subscribe": false}),
+        );
+    }
+    if offers("prompts") {
+        caps.insert("prompts".into(), json!({"listChanged": false}));
+    }
+    if offers("completions") {
+        caps.insert("completions".into(), json!({}));
     }
     Value::Object(caps)
 }
@@ -89,12 +103,16 @@ mod tests {
     #[test]
     fn discover_from_a_handshake_upstream() {
         let profile = UpstreamProfile {
-            capabilities: Some(json!({"tools": {"listChanged": true}, "prompts": {}})),
+            capabilities: Some(json!({"tools": {"listChanged": true}, "prompts": {},
+                                      "logging": {}, "experimental": {"x": {}}})),
             instructions: Some("Invoices.".into()),
         };
         let d = discover_result(&profile);
         assert_eq!(d["supportedVersions"], json!(["2026-07-28"]));
-        assert_eq!(d["capabilities"], json!({"tools": {"listChanged": false}}));
+        assert_eq!(
+            d["capabilities"],
+            json!({"tools": {"listChanged": false}, "prompts": {"listChanged": false}})
+        );
         assert_eq!(d["cacheScope"], "private");
         assert_eq!(d["resultType"], "complete");
         assert!(d["ttlMs"].is_u64());
@@ -105,16 +123,27 @@ mod tests {
         );
         let i = initialize_result("2025-06-18", &profile);
         assert_eq!(i["protocolVersion"], "2025-06-18");
-        assert_eq!(i["capabilities"], json!({"tools": {"listChanged": false}}));
+        assert_eq!(i["capabilities"], d["capabilities"]);
     }
 
     #[test]
-    fn nothing_but_tools_is_offered() {
+    fn only_what_the_upstream_offers_is_offered() {
         let none = UpstreamProfile {
-            capabilities: Some(json!({"prompts": {}})),
+            capabilities: Some(json!({"logging": {}})),
             instructions: None,
         };
         assert_eq!(discover_result(&none)["capabilities"], json!({}));
+        let all = UpstreamProfile {
+            capabilities: Some(
+                json!({"resources": {"subscribe": true, "listChanged": true},
+                                      "completions": {}}),
+            ),
+            instructions: None,
+        };
+        assert_eq!(
+            discover_result(&all)["capabilities"],
+            json!({"resources": {"listChanged": false, "subscribe": false}, "completions": {}})
+        );
         assert_eq!(
             discover_result(&UpstreamProfile::default())["capabilities"],
             json!({"tools": {"listChanged": false}})

@@ -58,6 +58,8 @@ pub struct Envelope {
     pub version: String,
     pub client_capabilities: Value,
     pub client_info: Option<Value>,
+    /// The log level the client asks for with this request (`io.modelcontextprotocol/logLevel`).
+    pub log_level: Option<String>,
 }
 
 /// What the `MCP-Protocol-Version` header says about the era, before the body is read.
@@ -76,15 +78,6 @@ pub enum HeaderEra {
     Modern,
 }
 
-/// Every revision the gateway speaks, modern first (the `supported` list of `-32022`).
-pub fn all_supported() -> Vec<&'static str> {
-    MODERN_VERSIONS
-        .iter()
-        .chain(HANDSHAKE_VERSIONS)
-        .copied()
-        .collect()
-}
-
 /// Whether `v` looks like a protocol revision (`YYYY-MM-DD`), for clearer errors.
 pub fn is_version_shaped(v: &str) -> bool {
     let b = v.as_bytes();
@@ -95,7 +88,9 @@ pub fn is_version_shaped(v: &str) -> bool {
         })
 }
 
-/// The `-32022` refusal for a revision the gateway does not speak.
+/// The `-32022` refusal for a revision the gateway does not speak. It is answered on the
+/// stateless path only (a handshake revision in the header is the handshake era), so its
+/// `supported` list is the one `server/discover` advertises, as the official servers answer.
 pub fn unsupported_version(requested: &str) -> RpcError {
     let message = if is_version_shaped(requested) {
         "Unsupported protocol version".to_owned()
@@ -103,7 +98,7 @@ pub fn unsupported_version(requested: &str) -> RpcError {
         "Unsupported protocol version: not a protocol revision (expected YYYY-MM-DD)".to_owned()
     };
     RpcError::new(code::UNSUPPORTED_VERSION, message)
-        .with_data(json!({"supported": all_supported(), "requested": requested}))
+        .with_data(json!({"supported": MODERN_VERSIONS, "requested": requested}))
 }
 
 /// Reads the envelope of a modern request: `params._meta` must be an object holding the
@@ -161,6 +156,11 @@ pub fn envelope_version(meta: &Map<String, Value>) -> Result<Envelope, RpcError>
         version: version.to_owned(),
         client_capabilities,
         client_info: meta.get(meta::CLIENT_INFO).cloned(),
+        log_level: meta
+            .get(meta::LOG_LEVEL)
+            .and_then(Value::as_str)
+            .filter(|l| l.len() <= 16 && l.bytes().all(|b| b.is_ascii_lowercase()))
+            .map(str::to_owned),
     })
 }
 
@@ -235,7 +235,11 @@ mod tests {
         assert_eq!(e.code, code::UNSUPPORTED_VERSION);
         let data = e.data.expect("data");
         assert_eq!(data["requested"], "2031-01-01");
-        assert_eq!(data["supported"][0], "2026-07-28");
+        assert_eq!(
+            data["supported"],
+            json!(MODERN_VERSIONS),
+            "as server/discover"
+        );
         let number =
             p(json!({"_meta": {meta::PROTOCOL_VERSION: 5, meta::CLIENT_CAPABILITIES: {}}}));
         let e = envelope_version(envelope_shape(&number).expect("shape")).expect_err("refused");

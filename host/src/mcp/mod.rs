@@ -8,39 +8,44 @@
 //! the same [`call::Invocation`] before the [`crate::pipeline`], so no check knows which
 //! revision it serves, and the result is shaped for the client's revision after
 //! ([`translate`]); `server/discover`/`initialize` are answered by [`discover`]; multi-round
-//! calls are linked by [`rounds`]. Every method is authenticated with the capability token;
-//! lists are filtered to what the token allows. This module must never let an unauthenticated
-//! request reach the upstream, never decide from a header, and never run a check on a request
-//! whose headers disagree with its body.
+//! calls are linked by [`rounds`]. Resource reads and subscriptions, prompts and completions
+//! are decoded into a [`target::Target`] and decided the same way, with their kind; lists are
+//! filtered to what the token allows ([`proxy`]). Every method is authenticated with the
+//! capability token. Before anything, `Host` and `Origin` are checked ([`origin`]); `DELETE`
+//! ends a handshake-era session on every replica (`lifecycle.rs`, [`ended`]). This module
+//! must never let an unauthenticated request reach the upstream, never decide from a header,
+//! and never run a check on a request whose headers disagree with its body.
 
 pub mod call;
 pub mod discover;
+pub mod ended;
 pub mod era;
 pub mod headers;
 pub mod jsonrpc;
+mod lifecycle;
+pub mod origin;
+mod proxy;
 pub mod rounds;
 pub mod session;
+pub mod target;
+mod tools;
 pub mod translate;
 
 use std::net::SocketAddr;
 
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, HeaderValue};
+use hyper::header::{ALLOW, HOST, HeaderValue, ORIGIN};
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::capability::Grant;
 use crate::http::{self, Body};
-use crate::pipeline::{Round, ToolCall, decision_summary};
 use crate::server::Gateway;
-use crate::upstream::{Reply, UpstreamError};
-use call::Invocation;
+use crate::upstream::UpstreamError;
 use discover::UpstreamProfile;
 use era::{Era, HeaderEra};
 use headers::Routing;
 use jsonrpc::{Id, Incoming as Message, Request as RpcRequest, RpcError, code};
-use rounds::{RoundSeal, RoundState};
-use session::SessionClaims;
 
 /// Handshake-era revisions this gateway speaks, newest first.
 pub const SUPPORTED_VERSIONS: &[&str] = era::HANDSHAKE_VERSIONS;
@@ -65,8 +70,13 @@ fn bad_request(id: Option<&Id>, err: &RpcError) -> Response<Body> {
     rpc_response(StatusCode::BAD_REQUEST, id, err)
 }
 
-fn method_not_allowed() -> Response<Body> {
-    let mut resp = http::status(StatusCode::METHOD_NOT_ALLOWED);
+/// `405` for a GET stream (not served) or a DELETE where no session can end, with a typed
+/// JSON-RPC error like every other refusal.
+fn method_not_allowed(method: &Method) -> Response<Body> {
+    let err = RpcError::new(code::INVALID_REQUEST, "Method not allowed").with_data(Value::from(
+        format!("{method} is not served on this endpoint in this revision; use POST"),
+    ));
+    let mut resp = rpc_response(StatusCode::METHOD_NOT_ALLOWED, None, &err);
     resp.headers_mut()
         .insert(ALLOW, HeaderValue::from_static("POST"));
     resp
@@ -91,6 +101,18 @@ pub async fn handle(
     remote: SocketAddr,
     endpoint: Endpoint,
 ) -> Response<Body> {
+    // DNS rebinding: a page whose name resolves to this gateway is refused before anything.
+    let host = http::header_str(req.headers(), HOST.as_str())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if let Err(e) = origin::check(
+        gw.config.addr.ip(),
+        &gw.config.allowed_hosts,
+        &gw.config.allowed_origins,
+        host,
+        http::header_str(req.headers(), ORIGIN.as_str()),
+    ) {
+        return rpc_response(StatusCode::FORBIDDEN, None, &e);
+    }
     let routing = match Routing::read(req.headers()) {
         Ok(r) => r,
         Err(e) => return bad_request(None, &e),
@@ -98,12 +120,11 @@ pub async fn handle(
     let header_era = era::era_of_header(routing.version.as_deref());
     match (req.method(), header_era) {
         (&Method::POST, _) => {}
-        // Handshake sessions are self-contained; there is nothing to tear down.
         (&Method::DELETE, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
-            return http::status(StatusCode::NO_CONTENT);
+            return lifecycle::end_session(gw, req.headers()).await;
         }
         // No GET stream in either era here; none at all in the stateless one.
-        _ => return method_not_allowed(),
+        (m, _) => return method_not_allowed(m),
     }
     let (parts, body) = req.into_parts();
     // Authenticate from the header before reading the body (decode, HMAC chain, revocation
@@ -179,17 +200,16 @@ pub async fn handle(
         }
     };
 
-    // A session id must be ours and belong to this token; an unknown one is 404 so the
-    // client opens a new session, as the transport specifies. The stateless era has none.
+    // A session id must be ours, belong to this token and not have ended; the stateless era
+    // has none.
     let session = match http::header_str(&parts.headers, SESSION_HEADER) {
         _ if era.is_modern() || endpoint == Endpoint::ToolCall => None,
-        Some(id) if rpc.method != "initialize" => match gw.sessions.verify(id) {
-            Some(c) if c.tenant == grant.tenant && c.jti == grant.jti => Some(id.to_owned()),
-            _ => {
-                let err = RpcError::new(-32001, "Session not found");
-                return rpc_response(StatusCode::NOT_FOUND, rpc.id.as_ref(), &err);
+        Some(id) if rpc.method != "initialize" => {
+            match lifecycle::presented_session(gw, id, &grant).await {
+                Ok(()) => Some(id.to_owned()),
+                Err((status, err)) => return rpc_response(status, rpc.id.as_ref(), &err),
             }
-        },
+        }
         _ => None,
     };
 
@@ -204,20 +224,34 @@ pub async fn handle(
         remote,
         session: session.as_deref(),
         era: &era,
+        notifications: std::sync::Mutex::new(Vec::new()),
     };
     let modern = era.is_modern();
+    // Each revision's methods: the stateless one has no initialize, ping, logging/setLevel or
+    // subscribe pair (its subscriptions are a stream, not served here).
     let outcome = match (endpoint, modern, rpc.method.as_str()) {
         (_, _, "tools/call") => ctx.tools_call(&rpc).await,
-        (Endpoint::Mcp, false, "initialize") => return ctx.initialize(&rpc, &id).await,
-        (Endpoint::Mcp, false, "ping") => Ok(json!({})),
-        (Endpoint::Mcp, true, "server/discover") => {
+        (Endpoint::ToolCall, _, other) => Err(method_not_found(other)),
+        (_, false, "initialize") => return ctx.initialize(&rpc, &id).await,
+        (_, false, "ping") => Ok(json!({})),
+        (_, false, "logging/setLevel") => set_level(&rpc),
+        (_, true, "server/discover") => {
             Ok(discover::discover_result(&ctx.upstream_profile().await))
         }
-        (Endpoint::Mcp, _, "tools/list") => ctx.tools_list(&rpc).await,
-        (_, _, other) => Err(RpcError::new(code::METHOD_NOT_FOUND, "Method not found")
-            .with_data(Value::from(format!("method {other:?} is not supported")))),
+        (_, _, m) if proxy::is_list(m) => ctx.list(&rpc).await,
+        (_, _, "resources/read" | "prompts/get" | "completion/complete")
+        | (_, false, "resources/subscribe") => ctx.target(&rpc).await,
+        (_, false, "resources/unsubscribe") => ctx.forward_plain(&rpc).await,
+        (_, _, other) => Err(method_not_found(other)),
     };
+    let notifications = ctx.take_notifications();
     match outcome {
+        // Notifications the upstream sent before its answer go first, as events of one SSE
+        // stream, to a client that accepts one (in the upstream's order, after the answer
+        // arrived: they are not streamed as they come yet).
+        Ok(result) if !notifications.is_empty() && accepts_event_stream(&parts.headers) => {
+            translate::event_stream(&notifications, &jsonrpc::result(&id, result))
+        }
         Ok(result) => http::json_bytes(StatusCode::OK, jsonrpc::result(&id, result)),
         Err(err) => {
             let status = if modern {
@@ -248,6 +282,7 @@ fn classify(routing: &Routing, header_era: HeaderEra, rpc: &RpcRequest) -> Resul
                 version: v.to_owned(),
                 client_capabilities: json!({}),
                 client_info: None,
+                log_level: None,
             }))
         }
         HeaderEra::Modern => {
@@ -265,6 +300,16 @@ struct CallContext<'a> {
     remote: SocketAddr,
     session: Option<&'a str>,
     era: &'a Era,
+    /// The upstream's notifications for this request, to relay with the answer.
+    notifications: std::sync::Mutex<Vec<Value>>,
+}
+
+fn accepts_event_stream(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"))
 }
 
 fn upstream_rpc_error(e: &UpstreamError) -> RpcError {
@@ -285,6 +330,27 @@ fn now_secs() -> i64 {
 }
 
 impl CallContext<'_> {
+    /// The answer of a forwarded request, its relayable notifications kept for the client.
+    fn relay_notifications(
+        &self,
+        relayed: crate::upstream::Relayed,
+        params: &serde_json::Map<String, Value>,
+    ) -> crate::upstream::Reply {
+        let token = params.get("_meta").and_then(|m| m.get("progressToken"));
+        let keep = translate::relayable(relayed.notifications, token);
+        if let Ok(mut n) = self.notifications.lock() {
+            n.extend(keep);
+        }
+        relayed.reply
+    }
+
+    fn take_notifications(&self) -> Vec<Value> {
+        self.notifications
+            .lock()
+            .map(|mut n| std::mem::take(&mut *n))
+            .unwrap_or_default()
+    }
+
     /// What the upstream says about itself; when it cannot be asked, the gateway answers alone.
     async fn upstream_profile(&self) -> UpstreamProfile {
         match self.gw.upstream.as_ref() {
@@ -295,158 +361,36 @@ impl CallContext<'_> {
             None => UpstreamProfile::default(),
         }
     }
+}
 
-    async fn initialize(&self, rpc: &RpcRequest, id: &Id) -> Response<Body> {
-        let requested = rpc.param_str("protocolVersion").unwrap_or_default();
-        let version = discover::negotiate_handshake(requested);
-        let result = discover::initialize_result(version, &self.upstream_profile().await);
-        let session_id = self.gw.sessions.issue(&SessionClaims {
-            tenant: self.grant.tenant.clone(),
-            jti: self.grant.jti.clone(),
-            protocol_version: version.to_owned(),
-            issued_at: now_secs(),
-        });
-        self.gw.metrics().server.session_issued();
-        let mut resp = http::json_bytes(StatusCode::OK, jsonrpc::result(id, result));
-        if let Ok(v) = HeaderValue::from_str(&session_id) {
-            resp.headers_mut().insert(SESSION_HEADER, v);
-        }
-        resp
-    }
+/// The `-32601` refusal of a method this endpoint or revision does not serve.
+fn method_not_found(method: &str) -> RpcError {
+    RpcError::new(code::METHOD_NOT_FOUND, "Method not found")
+        .with_data(Value::from(format!("method {method:?} is not supported")))
+}
 
-    async fn tools_list(&self, rpc: &RpcRequest) -> Result<Value, RpcError> {
-        let modern = self.era.is_modern();
-        let Some(upstream) = self.gw.upstream.as_ref() else {
-            return Ok(translate::list_for_client(
-                Map::from_iter([("tools".to_owned(), json!([]))]),
-                modern,
-            ));
-        };
-        let reply = upstream
-            .list_tools(rpc.params.get("cursor"))
-            .await
-            .map_err(|e| upstream_rpc_error(&e))?;
-        let mut result = match reply {
-            Reply::Result(Value::Object(r)) => r,
-            Reply::Result(_) => {
-                return Err(upstream_rpc_error(&UpstreamError::Malformed(
-                    "tools/list result is not an object".into(),
-                )));
-            }
-            Reply::Error(e) => return Err(passthrough_error(e)),
-        };
-        let tools = match result.remove("tools") {
-            Some(Value::Array(tools)) => tools,
-            _ => Vec::new(),
-        };
-        let visible: Vec<Value> = tools
-            .into_iter()
-            .filter(|t| {
-                t.get("name")
-                    .and_then(Value::as_str)
-                    .is_some_and(|n| self.grant.allows_tool(n))
-            })
-            .collect();
-        result.insert("tools".into(), Value::Array(visible));
-        Ok(translate::list_for_client(result, modern))
-    }
-
-    /// What binds the rounds of this call (everything but the links themselves).
-    fn round_binding(&self, inv: &Invocation) -> RoundState {
-        RoundState {
-            tenant: self.grant.tenant.clone(),
-            jti: self.grant.jti.clone(),
-            tool: inv.name.clone(),
-            args_digest: rounds::args_digest(&inv.arguments),
-            call_event: 0,
-            round: 0,
-            issued_at: now_secs(),
-            inner: None,
-        }
-    }
-
-    async fn tools_call(&self, rpc: &RpcRequest) -> Result<Value, RpcError> {
-        let inv = Invocation::decode(&rpc.params)?;
-        let modern = self.era.is_modern();
-        let seal = RoundSeal::new(&self.gw.sessions);
-        // A later round of a multi-round call: the state must be one the gateway sealed for
-        // this very call; it names the call's first audit event and the round.
-        let previous = match &inv.request_state {
-            Some(s) => Some(
-                seal.open(s, &self.round_binding(&inv), now_secs())
-                    .map_err(|e| {
-                        RpcError::new(code::INVALID_PARAMS, "Invalid or expired requestState")
-                            .with_data(Value::from(e.to_string()))
-                    })?,
-            ),
-            None => None,
-        };
-        let call = ToolCall {
-            grant: self.grant,
-            tool: &inv.name,
-            arguments: &inv.arguments,
-            intent_prompt: http::header_str(self.headers, "x-intent-prompt"),
-            agent: http::header_str(self.headers, "x-intentgate-agent"),
-            remote_ip: self.remote.ip().to_string(),
-            session_id: self.session,
-            round: previous.as_ref().map(|p| Round {
-                call_event: p.call_event,
-                number: p.round.saturating_add(1),
-            }),
-        };
-        // Every round is decided again; only the first is charged.
-        let permit = self
-            .gw
-            .pipeline
-            .decide(&call)
-            .await
-            .map_err(|d| d.to_rpc())?;
-        let Some(upstream) = self.gw.upstream.as_ref() else {
-            let e = UpstreamError::NotConfigured;
-            self.gw.metrics().upstream.error(&e);
-            self.gw
-                .pipeline
-                .record_upstream_failure(&call, &permit, 0, &e.to_string())
-                .await;
-            return Err(upstream_rpc_error(&e));
-        };
-        let relay = match self.era {
-            Era::Modern(env) => Some(env),
-            Era::Handshake => None,
-        };
-        let params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
-        let forwarding = std::time::Instant::now();
-        let reply = upstream.call_tool(&permit, params, relay).await;
-        self.gw.metrics().forwarded(forwarding, &reply);
-        let reply = match reply {
-            Ok(r) => r,
-            Err(e) => {
-                self.gw
-                    .pipeline
-                    .record_upstream_failure(&call, &permit, e.status(), &e.to_string())
-                    .await;
-                return Err(upstream_rpc_error(&e));
-            }
-        };
-        let mut result = match reply {
-            Reply::Result(Value::Object(r)) => r,
-            Reply::Result(other) => return Ok(other),
-            Reply::Error(e) => return Err(passthrough_error(e)),
-        };
-        if modern && translate::is_input_required(&result) {
-            // Hand out the gateway's seal instead of the upstream's state.
-            let mut next = self.round_binding(&inv);
-            next.call_event = previous.as_ref().map_or(permit.event_id, |p| p.call_event);
-            next.round = call.round.as_ref().map_or(1, |r| r.number);
-            next.inner = result
-                .get("requestState")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            result.insert("requestState".into(), Value::from(seal.seal(&next)));
-        }
-        let mut result = translate::call_for_client(result, modern)?;
-        result.insert("_intentgate".into(), decision_summary(&permit));
-        Ok(Value::Object(result))
+/// `logging/setLevel` (handshake era): the level is checked and acknowledged by the gateway
+/// itself. It is not forwarded: toward a handshake-era upstream the gateway's one session is
+/// shared by every agent, so one agent's level would become everyone's. Log messages the
+/// upstream sends with an answer are relayed at the upstream's own level.
+fn set_level(rpc: &RpcRequest) -> Result<Value, RpcError> {
+    const LEVELS: &[&str] = &[
+        "debug",
+        "info",
+        "notice",
+        "warning",
+        "error",
+        "critical",
+        "alert",
+        "emergency",
+    ];
+    match rpc.param_str("level") {
+        Some(l) if LEVELS.contains(&l) => Ok(json!({})),
+        _ => Err(
+            RpcError::new(code::INVALID_PARAMS, "Invalid params").with_data(Value::from(format!(
+                "params.level must be one of {LEVELS:?}"
+            ))),
+        ),
     }
 }
 

@@ -5,13 +5,56 @@
 //! handshake-era clients know none of them. A result from an upstream of the other revision
 //! is translated here: fields added or removed, an `InputRequiredResult` (which only a modern
 //! client can answer) refused for a handshake-era client. Every list the gateway returns is
-//! filtered per token, so it is never marked shareable: `cacheScope` is always `private`. This
-//! module must never widen what the pipeline or the token filter decided.
+//! filtered per token, so it is never marked shareable: `cacheScope` is always `private`; so is
+//! a decided `resources/read`. The upstream's notifications that came with an answer are
+//! filtered to what this client may see ([`relayable`]: its request's progress, log messages)
+//! and sent before the answer as one SSE body ([`event_stream`]). This module must never widen
+//! what the pipeline or the token filter decided, nor relay another request's notifications.
 
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::{Response, StatusCode};
 use serde_json::{Map, Value};
 
 use super::era::meta;
 use super::jsonrpc::{RpcError, code};
+use crate::http::{self, Body};
+
+/// Of the upstream's notifications before an answer, those the client may see: progress of
+/// this very request (its `progressToken`, which the gateway forwarded unchanged) and log
+/// messages. Others (list changes, resource updates, another request's progress) are dropped.
+pub fn relayable(notifications: Vec<Value>, progress_token: Option<&Value>) -> Vec<Value> {
+    notifications
+        .into_iter()
+        .filter(|n| match n.get("method").and_then(Value::as_str) {
+            Some("notifications/progress") => {
+                progress_token.is_some()
+                    && n.get("params").and_then(|p| p.get("progressToken")) == progress_token
+            }
+            Some("notifications/message") => true,
+            _ => false,
+        })
+        .collect()
+}
+
+/// An SSE response: each notification as an event, then the answer (an encoded JSON-RPC
+/// response).
+pub fn event_stream(notifications: &[Value], answer: &[u8]) -> Response<Body> {
+    let mut body = Vec::with_capacity(answer.len() + 256 * notifications.len());
+    for n in notifications {
+        body.extend_from_slice(b"event: message\ndata: ");
+        body.extend_from_slice(n.to_string().as_bytes());
+        body.extend_from_slice(b"\n\n");
+    }
+    body.extend_from_slice(b"event: message\ndata: ");
+    body.extend_from_slice(answer);
+    body.extend_from_slice(b"\n\n");
+    let mut resp = Response::new(http::full(body));
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
 
 pub const COMPLETE: &str = "complete";
 pub const INPUT_REQUIRED: &str = "input_required";
@@ -56,14 +99,46 @@ pub fn is_input_required(result: &Map<String, Value>) -> bool {
 /// A final `tools/call` result for the client's revision. An `InputRequiredResult` for a
 /// handshake-era client is an error: that client cannot answer it.
 pub fn call_for_client(
+    result: Map<String, Value>,
+    modern: bool,
+) -> Result<Map<String, Value>, RpcError> {
+    result_for_client(result, modern, false)
+}
+
+/// Methods whose modern results are cacheable (`cacheScope`, `ttlMs`): the lists and
+/// `resources/read`.
+pub fn is_cacheable(method: &str) -> bool {
+    matches!(
+        method,
+        "tools/list"
+            | "resources/list"
+            | "resources/templates/list"
+            | "prompts/list"
+            | "resources/read"
+    )
+}
+
+/// A result of any method for the client's revision: `resultType` (and for a cacheable one
+/// `cacheScope: private` and `ttlMs`) added for a modern client, removed for a handshake-era
+/// one, to which an `InputRequiredResult` is an error.
+pub fn result_for_client(
     mut result: Map<String, Value>,
     modern: bool,
+    cacheable: bool,
 ) -> Result<Map<String, Value>, RpcError> {
     drop_upstream_identity(&mut result);
     if modern {
         result
             .entry("resultType")
             .or_insert_with(|| Value::from(COMPLETE));
+        if cacheable {
+            let ttl = result
+                .get("ttlMs")
+                .and_then(Value::as_u64)
+                .unwrap_or(DEFAULT_TTL_MS);
+            result.insert("cacheScope".into(), Value::from("private"));
+            result.insert("ttlMs".into(), Value::from(ttl));
+        }
         return Ok(result);
     }
     if is_input_required(&result) {
@@ -75,7 +150,9 @@ pub fn call_for_client(
             })),
         );
     }
-    result.remove("resultType");
+    for k in ["resultType", "cacheScope", "ttlMs"] {
+        result.remove(k);
+    }
     Ok(result)
 }
 
@@ -108,6 +185,35 @@ mod tests {
         assert!(m.get("_meta").is_none());
         let h = list_for_client(from_modern, false);
         assert_eq!(h, json!({"tools": []}));
+    }
+
+    #[test]
+    fn only_this_requests_progress_and_log_messages_are_relayed() {
+        let notes = vec![
+            json!({"method": "notifications/progress", "params": {"progressToken": 7}}),
+            json!({"method": "notifications/progress", "params": {"progressToken": 8}}),
+            json!({"method": "notifications/message", "params": {"level": "info"}}),
+            json!({"method": "notifications/resources/updated", "params": {"uri": "x"}}),
+        ];
+        let kept = relayable(notes.clone(), Some(&json!(7)));
+        assert_eq!(kept, [notes[0].clone(), notes[2].clone()]);
+        assert_eq!(relayable(notes.clone(), None), [notes[2].clone()]);
+    }
+
+    #[test]
+    fn reads_are_private_and_plain_results_lose_modern_fields() {
+        let read = obj(json!({"contents": [], "cacheScope": "public", "ttlMs": 60000}));
+        let m =
+            result_for_client(read.clone(), true, is_cacheable("resources/read")).expect("modern");
+        assert_eq!(m["cacheScope"], "private");
+        assert_eq!(m["ttlMs"], 60000);
+        assert_eq!(m["resultType"], "complete");
+        let h = result_for_client(read, false, true).expect("handshake");
+        assert_eq!(Value::Object(h), json!({"contents": []}));
+        let prompt = obj(json!({"messages": []}));
+        let m = result_for_client(prompt, true, is_cacheable("prompts/get")).expect("modern");
+        assert!(m.get("cacheScope").is_none());
+        assert!(!is_cacheable("completion/complete"));
     }
 
     #[test]

@@ -136,14 +136,35 @@ fn run_tests(mut engine: Engine, tests: &BTreeMap<String, String>) -> Result<(),
     }
 }
 
+/// The kind of MCP target a call reaches and its name, from the host's qualified `tool`
+/// (`resource:<uri>`, `prompt:<name>`, `completion:prompt:<name>`,
+/// `completion:resource:<uri template>`; a plain name is a tool). The host never passes a tool
+/// whose name starts with one of these prefixes.
+pub fn kind_and_target(tool: &str) -> (&'static str, &str) {
+    for kind in ["resource", "prompt", "completion"] {
+        if let Some(target) = tool
+            .strip_prefix(kind)
+            .and_then(|rest| rest.strip_prefix(':'))
+        {
+            return (kind, target);
+        }
+    }
+    ("tool", tool)
+}
+
 /// The Rego input document for one call (WIRE.md): `tool`, `args`, `agent_id`, `intent`
 /// (when the intent stage produced one), `capability`, and the agent's recent usage as
-/// `agent.calls_today_for_tool` / `agent.calls_today_total` (also under `usage`).
+/// `agent.calls_today_for_tool` / `agent.calls_today_total` (also under `usage`); `kind`
+/// (`tool`, `resource`, `prompt`, `completion`) and `target` (the tool's name, the resource's
+/// URI, the prompt's name, or for a completion `prompt:<name>` / `resource:<uri template>`).
 pub fn input_document(call: &ToolCall, intent: Option<&IntentRecord>) -> Json {
     let args: Json =
         intentgate_plugin_sdk::serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
+    let (kind, target) = kind_and_target(&call.tool);
     let mut input = json!({
         "tool": call.tool,
+        "kind": kind,
+        "target": target,
         "args": args,
         "agent_id": call.agent_id,
         "tenant": call.tenant,
@@ -279,6 +300,38 @@ decision := {"allow": "yes"} if input.tool == "weird"
             .err()
             .expect("must fail");
         assert!(err.contains("test_other"), "{err}");
+    }
+
+    #[test]
+    fn kinds_reach_the_policy_input() {
+        const KINDS: &str = r#"
+package intentgate.policy
+
+default decision := {"allow": false, "reason": "denied by default"}
+
+decision := {"allow": true, "reason": "public resource"} if {
+  input.kind == "resource"
+  startswith(input.target, "file:///public/")
+}
+
+decision := {"allow": true, "reason": "prompt"} if {
+  input.kind == "prompt"
+  input.target == "summarize"
+}
+"#;
+        let h = Harness::<Policy>::new(KINDS).expect("configure");
+        let kind = |tool: &str| h.evaluate(&call(tool).build(), None).verdict.kind;
+        assert_eq!(kind("resource:file:///public/a"), VerdictKind::Allow);
+        assert_eq!(kind("resource:file:///etc/passwd"), VerdictKind::Block);
+        assert_eq!(kind("prompt:summarize"), VerdictKind::Allow);
+        assert_eq!(kind("completion:prompt:summarize"), VerdictKind::Block);
+        // A tool named like the URI is a tool, not a resource.
+        assert_eq!(kind("file:///public/a"), VerdictKind::Block);
+        assert_eq!(kind_and_target("read_invoice"), ("tool", "read_invoice"));
+        assert_eq!(
+            kind_and_target("completion:resource:db://{t}"),
+            ("completion", "resource:db://{t}")
+        );
     }
 
     #[test]

@@ -43,6 +43,91 @@ fn tool_allow_and_deny() {
 }
 
 #[test]
+fn resource_and_prompt_caveats_restrict_their_kind_only() {
+    let m = mint_ok(&MintRequest {
+        tools: vec!["read_*".into()],
+        ..req("bot")
+    });
+    // Without resource or prompt caveats every resource and prompt is in scope (as before
+    // those caveats existed), whatever the tool caveats say.
+    let plain = grant(&m.token);
+    assert_eq!(
+        plain.authorize(&CallContext::of(Kind::Resource, "file:///etc/passwd")),
+        Ok(())
+    );
+    assert!(plain.allows(Kind::Prompt, "anything") && !plain.allows_tool("send_email"));
+    let t = attenuate(
+        &m.token,
+        vec![
+            Caveat::scoped("resource_allow", ["file:///public/*", "note://*"]),
+            Caveat::scoped("resource_deny", ["file:///public/secret*"]),
+            Caveat::scoped("prompt_allow", ["summarize", "greet_*"]),
+            Caveat::scoped("prompt_deny", ["greet_admin"]),
+        ],
+    );
+    let g = grant(&t);
+    let res = |uri| g.authorize(&CallContext::of(Kind::Resource, uri));
+    let prompt = |name| g.authorize(&CallContext::of(Kind::Prompt, name));
+    assert_eq!(res("file:///public/readme.md"), Ok(()));
+    assert_eq!(res("note://a/b"), Ok(()));
+    assert_eq!(
+        res("file:///etc/passwd"),
+        Err(CapabilityError::NotAllowed {
+            kind: "resource",
+            name: "file:///etc/passwd".into(),
+            caveat: 2
+        })
+    );
+    assert_eq!(
+        res("file:///public/secret.txt"),
+        Err(CapabilityError::Denied {
+            kind: "resource",
+            name: "file:///public/secret.txt".into(),
+            caveat: 3
+        })
+    );
+    assert_eq!(prompt("summarize"), Ok(()));
+    assert_eq!(prompt("greet_user"), Ok(()));
+    assert_eq!(
+        prompt("greet_admin"),
+        Err(CapabilityError::Denied {
+            kind: "prompt",
+            name: "greet_admin".into(),
+            caveat: 5
+        })
+    );
+    assert!(matches!(
+        prompt("exfiltrate"),
+        Err(CapabilityError::NotAllowed { kind: "prompt", .. })
+    ));
+    // The tool caveats still govern tools, and no other kind's caveat touches them; a
+    // resource named like an allowed tool is still a resource.
+    assert_eq!(g.authorize(&CallContext::tool("read_invoice")), Ok(()));
+    assert!(!g.allows(Kind::Resource, "read_invoice"));
+    assert!(g.allows(Kind::Resource, "note://x") && !g.allows(Kind::Prompt, "note://x"));
+    // Empty lists allow nothing; a field the type does not take is refused.
+    let none = grant(&attenuate(&m.token, vec![Caveat::bare("prompt_allow")]));
+    assert!(!none.allows(Kind::Prompt, "summarize"));
+    let mut wrong = Caveat::scoped("resource_deny", ["x"]);
+    wrong.servers = vec!["s".into()];
+    assert!(matches!(
+        auth(&attenuate(&m.token, vec![wrong])),
+        Err(CapabilityError::MalformedCaveat {
+            kind: "resource_deny",
+            ..
+        })
+    ));
+    let bad_glob = attenuate(&m.token, vec![Caveat::scoped("prompt_deny", ["[a"])]);
+    assert!(matches!(
+        auth(&bad_glob),
+        Err(CapabilityError::MalformedCaveat {
+            kind: "prompt_deny",
+            ..
+        })
+    ));
+}
+
+#[test]
 fn mcp_allow_needs_a_matching_server() {
     let m = mint_ok(&MintRequest {
         servers: vec!["erp-*".into(), "crm".into()],

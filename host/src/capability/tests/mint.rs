@@ -81,6 +81,8 @@ fn round_trip_surfaces_identity_and_limits() {
         callees: vec!["helper-*".into()],
         callee_zones: Vec::new(),
         nbf: None,
+        resources: Vec::new(),
+        prompts: Vec::new(),
     };
     let m = mint_ok(&r);
     let g = grant(&m.token);
@@ -115,6 +117,7 @@ fn round_trip_surfaces_identity_and_limits() {
         ]
     );
     let ok = CallContext {
+        kind: Kind::Tool,
         tool: "read_x",
         agent: Some("bot"),
         server: Some("erp-1"),
@@ -142,6 +145,39 @@ fn minimal_token_has_agent_lock_only_and_defaults() {
     assert_eq!(id.len(), 16);
     assert_eq!(id[..4], (NOW as u32).to_be_bytes());
     assert_ne!(mint_ok(&req("bot")).jti, m.jti);
+}
+
+#[test]
+fn resources_and_prompts_mint_their_allow_caveats() {
+    let m = mint_ok(&MintRequest {
+        tools: vec!["echo".into()],
+        resources: vec!["file:///public/*".into()],
+        prompts: vec!["greet".into()],
+        ..req("bot")
+    });
+    let kinds: Vec<String> = decode(&m.token).cav.iter().map(|c| c.t.clone()).collect();
+    assert_eq!(
+        kinds,
+        ["agent_lock", "tool_allow", "resource_allow", "prompt_allow"]
+    );
+    let g = grant(&m.token);
+    assert!(g.allows(Kind::Resource, "file:///public/a") && !g.allows(Kind::Resource, "x://y"));
+    assert!(g.allows(Kind::Prompt, "greet") && !g.allows(Kind::Prompt, "other"));
+    let bad = mint(
+        &key(),
+        &MintRequest {
+            prompts: vec!["[x".into()],
+            ..req("bot")
+        },
+        NOW,
+    );
+    assert!(matches!(
+        bad,
+        Err(MintError::InvalidPattern {
+            field: "prompts",
+            ..
+        })
+    ));
 }
 
 #[test]

@@ -1,0 +1,81 @@
+//! A handshake-era session's life at the gateway: a presented `Mcp-Session-Id` is checked
+//! (issued by a gateway sharing the master key, to this token, not ended), and `DELETE /v1/mcp`
+//! ends one on every replica ([`super::ended`]). This module must never accept a session of
+//! another token, nor one whose end it could not rule out.
+
+use hyper::{Response, StatusCode};
+use serde_json::Value;
+
+use super::jsonrpc::{RpcError, code};
+use super::{SESSION_HEADER, bad_request, ended, now_secs, refusal_reason, rpc_response};
+use crate::capability::Grant;
+use crate::http::{self, Body};
+use crate::server::Gateway;
+
+fn no_session() -> RpcError {
+    RpcError::new(-32001, "Session not found")
+}
+
+/// Checks a presented `Mcp-Session-Id`: issued by a gateway sharing the master key, to this
+/// token, and not ended on any replica. An unknown or ended one is 404 so the client opens a
+/// new session, as the transport specifies; a store that cannot say is 503 (fail closed).
+pub(super) async fn presented_session(
+    gw: &Gateway,
+    id: &str,
+    grant: &Grant,
+) -> Result<(), (StatusCode, RpcError)> {
+    match gw.sessions.verify(id) {
+        Some(c) if c.tenant == grant.tenant && c.jti == grant.jti => {}
+        _ => return Err((StatusCode::NOT_FOUND, no_session())),
+    }
+    match ended::is_ended(gw.store.as_ref(), id).await {
+        Ok(false) => Ok(()),
+        Ok(true) => Err((StatusCode::NOT_FOUND, no_session())),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot tell whether a session was ended");
+            let err = RpcError::new(code::INTERNAL_ERROR, "session store unavailable");
+            Err((StatusCode::SERVICE_UNAVAILABLE, err))
+        }
+    }
+}
+
+/// `DELETE /v1/mcp`: ends the handshake-era session the request names, on every replica. The
+/// token must be the one that opened it (another token's, an unknown or an ended session is
+/// 404, as for any request); without a token 401, without a session id 400.
+pub(super) async fn end_session(gw: &Gateway, headers: &hyper::HeaderMap) -> Response<Body> {
+    let grant = match http::bearer(headers)
+        .ok_or(None)
+        .and_then(|t| gw.authenticate(t).map_err(Some))
+    {
+        Ok(g) => g,
+        Err(e) => {
+            let err = RpcError::new(code::CAPABILITY, "capability check failed")
+                .with_data(Value::from(refusal_reason(e.as_ref())));
+            return rpc_response(StatusCode::UNAUTHORIZED, None, &err);
+        }
+    };
+    let Some(id) = http::header_str(headers, SESSION_HEADER) else {
+        let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request").with_data(Value::from(
+            "DELETE needs the Mcp-Session-Id of the session to end",
+        ));
+        return bad_request(None, &err);
+    };
+    let claims = match gw.sessions.verify(id) {
+        Some(c) if c.tenant == grant.tenant && c.jti == grant.jti => c,
+        _ => return rpc_response(StatusCode::NOT_FOUND, None, &no_session()),
+    };
+    let store = gw.store.as_ref();
+    let ended = match ended::is_ended(store, id).await {
+        Ok(true) => return rpc_response(StatusCode::NOT_FOUND, None, &no_session()),
+        Ok(false) => ended::end(store, id, &claims, grant.expires_at, now_secs()).await,
+        Err(e) => Err(e),
+    };
+    match ended {
+        Ok(()) => http::status(StatusCode::NO_CONTENT),
+        Err(e) => {
+            tracing::error!(error = %e, "could not record an ended session");
+            let err = RpcError::new(code::INTERNAL_ERROR, "session store unavailable");
+            rpc_response(StatusCode::SERVICE_UNAVAILABLE, None, &err)
+        }
+    }
+}

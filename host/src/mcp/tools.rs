@@ -1,0 +1,148 @@
+//! `initialize` (handshake era) and `tools/call` of either revision: the call
+//! decoded into one [`Invocation`], decided by the pipeline, forwarded with its permit, and its
+//! result shaped for the client's revision, multi-round calls sealed ([`super::rounds`]).
+//! This module must never forward a call the pipeline did not permit.
+
+use hyper::header::HeaderValue;
+use hyper::{Response, StatusCode};
+use serde_json::Value;
+
+use super::call::Invocation;
+use super::era::Era;
+use super::jsonrpc::{self, Id, Request as RpcRequest, RpcError, code};
+use super::rounds::{self, RoundSeal, RoundState};
+use super::session::SessionClaims;
+use super::{
+    CallContext, SESSION_HEADER, discover, now_secs, passthrough_error, translate,
+    upstream_rpc_error,
+};
+use crate::http::{self, Body};
+use crate::pipeline::{CallKind, Round, ToolCall, decision_summary, is_reserved_tool_name};
+use crate::upstream::{Reply, UpstreamError};
+
+impl CallContext<'_> {
+    pub(super) async fn initialize(&self, rpc: &RpcRequest, id: &Id) -> Response<Body> {
+        let requested = rpc.param_str("protocolVersion").unwrap_or_default();
+        let version = discover::negotiate_handshake(requested);
+        let result = discover::initialize_result(version, &self.upstream_profile().await);
+        let session_id = self.gw.sessions.issue(&SessionClaims {
+            tenant: self.grant.tenant.clone(),
+            jti: self.grant.jti.clone(),
+            protocol_version: version.to_owned(),
+            issued_at: now_secs(),
+        });
+        self.gw.metrics().server.session_issued();
+        let mut resp = http::json_bytes(StatusCode::OK, jsonrpc::result(id, result));
+        if let Ok(v) = HeaderValue::from_str(&session_id) {
+            resp.headers_mut().insert(SESSION_HEADER, v);
+        }
+        resp
+    }
+
+    /// What binds the rounds of this call (everything but the links themselves).
+    fn round_binding(&self, inv: &Invocation) -> RoundState {
+        RoundState {
+            tenant: self.grant.tenant.clone(),
+            jti: self.grant.jti.clone(),
+            tool: inv.name.clone(),
+            args_digest: rounds::args_digest(&inv.arguments),
+            call_event: 0,
+            round: 0,
+            issued_at: now_secs(),
+            inner: None,
+        }
+    }
+
+    pub(super) async fn tools_call(&self, rpc: &RpcRequest) -> Result<Value, RpcError> {
+        let inv = Invocation::decode(&rpc.params)?;
+        if is_reserved_tool_name(&inv.name) {
+            // It would read as a resource, prompt or completion to the checks and the audit.
+            return Err(
+                RpcError::new(code::INVALID_PARAMS, "Invalid params").with_data(Value::from(
+                    "tool names starting with resource:, prompt: or completion: are reserved",
+                )),
+            );
+        }
+        let modern = self.era.is_modern();
+        let seal = RoundSeal::new(&self.gw.sessions);
+        // A later round of a multi-round call: the state must be one the gateway sealed for
+        // this very call; it names the call's first audit event and the round.
+        let previous = match &inv.request_state {
+            Some(s) => Some(
+                seal.open(s, &self.round_binding(&inv), now_secs())
+                    .map_err(|e| {
+                        RpcError::new(code::INVALID_PARAMS, "Invalid or expired requestState")
+                            .with_data(Value::from(e.to_string()))
+                    })?,
+            ),
+            None => None,
+        };
+        let call = ToolCall {
+            grant: self.grant,
+            kind: CallKind::Tool,
+            tool: &inv.name,
+            arguments: &inv.arguments,
+            intent_prompt: http::header_str(self.headers, "x-intent-prompt"),
+            agent: http::header_str(self.headers, "x-intentgate-agent"),
+            remote_ip: self.remote.ip().to_string(),
+            session_id: self.session,
+            round: previous.as_ref().map(|p| Round {
+                call_event: p.call_event,
+                number: p.round.saturating_add(1),
+            }),
+        };
+        // Every round is decided again; only the first is charged.
+        let permit = self
+            .gw
+            .pipeline
+            .decide(&call)
+            .await
+            .map_err(|d| d.to_rpc())?;
+        let Some(upstream) = self.gw.upstream.as_ref() else {
+            let e = UpstreamError::NotConfigured;
+            self.gw.metrics().upstream.error(&e);
+            self.gw
+                .pipeline
+                .record_upstream_failure(&call, &permit, 0, &e.to_string())
+                .await;
+            return Err(upstream_rpc_error(&e));
+        };
+        let relay = match self.era {
+            Era::Modern(env) => Some(env),
+            Era::Handshake => None,
+        };
+        let params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
+        let forwarding = std::time::Instant::now();
+        let reply = upstream.call_tool(&permit, params, relay).await;
+        self.gw.metrics().forwarded(forwarding, &reply);
+        let reply = match reply {
+            Ok(r) => self.relay_notifications(r, &rpc.params),
+            Err(e) => {
+                self.gw
+                    .pipeline
+                    .record_upstream_failure(&call, &permit, e.status(), &e.to_string())
+                    .await;
+                return Err(upstream_rpc_error(&e));
+            }
+        };
+        let mut result = match reply {
+            Reply::Result(Value::Object(r)) => r,
+            Reply::Result(other) => return Ok(other),
+            Reply::Error(e) => return Err(passthrough_error(e)),
+        };
+        if modern && translate::is_input_required(&result) {
+            // Hand out the gateway's seal instead of the upstream's state.
+            let mut next = self.round_binding(&inv);
+            next.call_event = previous.as_ref().map_or(permit.event_id, |p| p.call_event);
+            next.round = call.round.as_ref().map_or(1, |r| r.number);
+            next.inner = result
+                .get("requestState")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            result.insert("requestState".into(), Value::from(seal.seal(&next)));
+        }
+        let mut result = translate::call_for_client(result, modern)?;
+        result.insert("_intentgate".into(), decision_summary(&permit));
+        Ok(Value::Object(result))
+    }
+}
