@@ -133,6 +133,7 @@ impl CallContext<'_> {
             .map_err(|d| d.to_rpc())?;
         let Some(upstream) = self.gw.upstream.as_ref() else {
             let e = UpstreamError::NotConfigured;
+            self.gw.metrics().upstream.error(&e);
             self.gw
                 .pipeline
                 .record_upstream_failure(&call, &permit, 0, &e.to_string())
@@ -144,10 +145,12 @@ impl CallContext<'_> {
         }
         // The body the target was decoded from, as decided (envelope keys are the upstream
         // client's to write for its own hop).
-        let reply = match upstream
+        let forwarding = std::time::Instant::now();
+        let reply = upstream
             .forward_permitted(&permit, method, rpc.params.clone(), self.relay())
-            .await
-        {
+            .await;
+        self.gw.metrics().forwarded(forwarding, &reply);
+        let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {
                 self.gw

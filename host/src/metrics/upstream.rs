@@ -70,7 +70,7 @@ impl Upstream {
         e.family(
             "intentgate_upstream_calls_total",
             Kind::Counter,
-            "Tool calls forwarded to the upstream (after an allow decision).",
+            "Calls forwarded to the upstream after an allow decision (tools, resources, prompts).",
         )
         .sample(
             &Labels(&[("upstream", name)]),
@@ -79,7 +79,7 @@ impl Upstream {
         let mut f = e.family(
             "intentgate_upstream_errors_total",
             Kind::Counter,
-            "Allowed tool calls the upstream did not answer, by upstream and kind.",
+            "Allowed calls the upstream did not answer, by upstream and kind.",
         );
         for (i, kind) in KINDS.iter().enumerate() {
             f.sample(
