@@ -194,6 +194,16 @@ async fn decisions_match_the_calls_by_outcome_and_the_reference_parser_reads_the
         let v = call(&tg, "not-a-token", "echo").await;
         assert_eq!(v["error"]["code"], -32010, "{v}");
     }
+    // Any decided method counts; a method that is not decided (ping) does not.
+    for method in ["resources/read", "ping"] {
+        let (_, v) = http::post_json(
+            &format!("{}/v1/mcp", tg.url),
+            Some("not-a-token"),
+            &json!({"jsonrpc": "2.0", "id": 9, "method": method, "params": {"uri": "file:///x"}}),
+        )
+        .await;
+        assert_eq!(v["error"]["code"], -32010, "{v}");
+    }
 
     let (text, m) = scrape_parsed(&tg).await;
     let d = "intentgate_decisions_total";
@@ -202,7 +212,7 @@ async fn decisions_match_the_calls_by_outcome_and_the_reference_parser_reads_the
         (("default", "capability", "block"), 3.0),
         (("default", "policy", "escalate"), 2.0),
         (("acme", "none", "allow"), 1.0),
-        (("(unauthenticated)", "capability", "block"), 2.0),
+        (("(unauthenticated)", "capability", "block"), 3.0),
     ];
     for ((tenant, check, outcome), want) in cases {
         let got = m.value(
@@ -213,7 +223,7 @@ async fn decisions_match_the_calls_by_outcome_and_the_reference_parser_reads_the
     }
     // By outcome, whatever the tenant or check: exactly the calls made.
     assert_eq!(m.sum(d, &[("outcome", "allow")]), 6.0);
-    assert_eq!(m.sum(d, &[("outcome", "block")]), 5.0);
+    assert_eq!(m.sum(d, &[("outcome", "block")]), 6.0);
     assert_eq!(m.sum(d, &[("outcome", "escalate")]), 2.0);
 
     // Stages ran as often as the calls reached them.
@@ -229,7 +239,7 @@ async fn decisions_match_the_calls_by_outcome_and_the_reference_parser_reads_the
     assert_eq!(count("policy"), 8.0);
     assert_eq!(count("budget"), 6.0, "the calls the policy allowed");
     assert_eq!(count("upstream"), 6.0, "the allowed calls were forwarded");
-    assert!(count("token") >= 13.0, "every call's token was verified");
+    assert!(count("token") >= 15.0, "every request's token was verified");
     assert_eq!(
         m.value("intentgate_decision_duration_seconds_count", &[]),
         11.0

@@ -186,7 +186,7 @@ pub async fn handle(
     let grant = match auth {
         Ok(g) => g,
         Err(e) => {
-            if rpc.method == "tools/call" {
+            if crate::metrics::decisions::is_decided_method(&rpc.method) {
                 gw.metrics().decisions.record_unauthenticated();
             }
             let err = RpcError::new(code::CAPABILITY, "capability check failed")

@@ -25,6 +25,19 @@ pub const OTHER_TENANTS: &str = "(other)";
 /// The label value of calls refused before their token verified.
 pub const UNAUTHENTICATED: &str = "(unauthenticated)";
 
+/// Whether the pipeline decides requests of this MCP method (the ones counted here): a request
+/// of one refused before its token verified is counted under [`UNAUTHENTICATED`].
+pub fn is_decided_method(method: &str) -> bool {
+    matches!(
+        method,
+        "tools/call"
+            | "resources/read"
+            | "prompts/get"
+            | "completion/complete"
+            | "resources/subscribe"
+    )
+}
+
 /// The check that decided a call (`none` when every check allowed it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
@@ -200,7 +213,8 @@ impl Decisions {
         let mut f = e.family(
             "intentgate_decisions_total",
             Kind::Counter,
-            "Tool-call decisions by tenant, deciding check (none when allowed) and outcome.",
+            "Decisions (tools/call, resources/read, prompts/get, completion/complete, \
+             resources/subscribe) by tenant, deciding check (none when allowed) and outcome.",
         );
         let tenants = self.tenants.load();
         let mut named: Vec<(&str, &TenantCounts)> =
