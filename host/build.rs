@@ -58,8 +58,20 @@ fn build_plugins() -> Result<(), String> {
         .parent()
         .ok_or("host has no parent dir")?
         .to_path_buf();
-    for dir in ["plugins", "sdk", "wit"] {
+    for dir in ["sdk", "wit"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
+    }
+    // Every entry of plugins/ but its own target dir: a native `cargo bench` or `cargo test`
+    // of the plugins writes there, and must not make the next host build redo the wasm build.
+    // (A new plugin crate is also a change of plugins/Cargo.toml, which is watched.)
+    let plugins = root.join("plugins");
+    let entries =
+        std::fs::read_dir(&plugins).map_err(|e| format!("reading {}: {e}", plugins.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("reading {}: {e}", plugins.display()))?;
+        if entry.file_name() != "target" {
+            println!("cargo:rerun-if-changed={}", entry.path().display());
+        }
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
 
