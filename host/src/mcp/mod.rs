@@ -330,6 +330,30 @@ fn now_secs() -> i64 {
 }
 
 impl CallContext<'_> {
+    /// Decides `call` and returns its permit with the upstream to forward to. Without an
+    /// upstream, the failure is recorded against the decision and the call refused.
+    async fn decide(
+        &self,
+        call: &crate::pipeline::ToolCall<'_>,
+    ) -> Result<(crate::pipeline::Permit, &crate::upstream::Upstream), RpcError> {
+        let permit = self
+            .gw
+            .pipeline
+            .decide(call)
+            .await
+            .map_err(|d| d.to_rpc())?;
+        let Some(upstream) = self.gw.upstream.as_ref() else {
+            let e = UpstreamError::NotConfigured;
+            self.gw.metrics().upstream.error(&e);
+            self.gw
+                .pipeline
+                .record_upstream_failure(call, &permit, 0, &e.to_string())
+                .await;
+            return Err(upstream_rpc_error(&e));
+        };
+        Ok((permit, upstream))
+    }
+
     /// The answer of a forwarded request, its relayable notifications kept for the client.
     fn relay_notifications(
         &self,

@@ -125,21 +125,7 @@ impl CallContext<'_> {
             session_id: self.session,
             round: None,
         };
-        let permit = self
-            .gw
-            .pipeline
-            .decide(&call)
-            .await
-            .map_err(|d| d.to_rpc())?;
-        let Some(upstream) = self.gw.upstream.as_ref() else {
-            let e = UpstreamError::NotConfigured;
-            self.gw.metrics().upstream.error(&e);
-            self.gw
-                .pipeline
-                .record_upstream_failure(&call, &permit, 0, &e.to_string())
-                .await;
-            return Err(upstream_rpc_error(&e));
-        };
+        let (permit, upstream) = self.decide(&call).await?;
         if acknowledged_here(upstream, method).await {
             return Ok(json!({"_intentgate": decision_summary(&permit)}));
         }

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::http::{self, Body};
 use crate::pipeline::{CallKind, Round, ToolCall, decision_summary, is_reserved_tool_name};
-use crate::upstream::{Reply, UpstreamError};
+use crate::upstream::Reply;
 
 impl CallContext<'_> {
     pub(super) async fn initialize(&self, rpc: &RpcRequest, id: &Id) -> Response<Body> {
@@ -92,21 +92,7 @@ impl CallContext<'_> {
             }),
         };
         // Every round is decided again; only the first is charged.
-        let permit = self
-            .gw
-            .pipeline
-            .decide(&call)
-            .await
-            .map_err(|d| d.to_rpc())?;
-        let Some(upstream) = self.gw.upstream.as_ref() else {
-            let e = UpstreamError::NotConfigured;
-            self.gw.metrics().upstream.error(&e);
-            self.gw
-                .pipeline
-                .record_upstream_failure(&call, &permit, 0, &e.to_string())
-                .await;
-            return Err(upstream_rpc_error(&e));
-        };
+        let (permit, upstream) = self.decide(&call).await?;
         let relay = match self.era {
             Era::Modern(env) => Some(env),
             Era::Handshake => None,
