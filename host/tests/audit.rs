@@ -704,7 +704,18 @@ fn kill9_child_writer() {
                 let mut i = t * 1_000_000;
                 while Instant::now() < deadline {
                     i += 1;
-                    let a = log.append(event(tenant, i)).await.expect("append");
+                    // Allowed calls charge their tenant's call counter in the event's commit.
+                    let e = event(tenant, i);
+                    let debits = match e.decision {
+                        Some(Decision::Allow) => vec![audit::Debit {
+                            key: format!("calls:{tenant}"),
+                            window: 0,
+                            amount: 1,
+                            limit: i64::MAX,
+                        }],
+                        _ => Vec::new(),
+                    };
+                    let a = log.append_charged(e, debits).await.expect("append");
                     let mut out = stdout.lock().unwrap_or_else(|p| p.into_inner());
                     let _ = writeln!(out, "ACK {tenant} {} {} {}", a.id, a.seq, a.hash);
                     let _ = out.flush();
@@ -806,6 +817,29 @@ fn kill9_under_load_then_restart_loses_nothing_acknowledged() {
                 .expect("verify");
             assert!(r.ok, "{tenant} after kill -9: {r:?}");
             assert!(r.verified >= per_tenant.get(tenant).copied().unwrap_or(0));
+            // The budget is exact through the kill: every stored allowed call was charged
+            // once, and nothing else was (charges commit with their events or not at all).
+            let Db::Sqlite(pool) = &db else {
+                unreachable!("a SQLite store")
+            };
+            let allowed: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM audit_events WHERE tenant = ?1 AND decision = 'allow'",
+            )
+            .bind(tenant)
+            .fetch_one(pool)
+            .await
+            .expect("count allowed");
+            let charged: i64 =
+                sqlx::query_scalar("SELECT COALESCE(SUM(value), 0) FROM counters WHERE key = ?1")
+                    .bind(format!("calls:{tenant}"))
+                    .fetch_one(pool)
+                    .await
+                    .expect("counter");
+            assert!(allowed > 0, "{tenant} stored allowed calls");
+            assert_eq!(
+                charged, allowed,
+                "{tenant}: charges == stored allowed calls"
+            );
         }
         // The restarted gateway continues every chain from its head.
         let log = AuditLog::open(db.clone(), key.clone(), AuditConfig::default())
