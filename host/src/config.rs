@@ -62,6 +62,21 @@ pub struct ServeArgs {
     /// Upstream call timeout in milliseconds.
     #[arg(long, env = "INTENTGATE_UPSTREAM_TIMEOUT_MS", default_value_t = 5000)]
     pub upstream_timeout_ms: u64,
+    /// How an escalated call is answered: `async` (`-32019` with a pending id to resume with)
+    /// or `sync` (held until a decision or the timeout). A request's `Prefer: respond-async` or
+    /// `Prefer: wait` overrides it.
+    #[arg(long, env = "INTENTGATE_APPROVAL_MODE", default_value = "async")]
+    pub approval_mode: String,
+    /// Seconds a pending approval waits for a decision (and an approved one may be resumed).
+    #[arg(long, env = "INTENTGATE_APPROVAL_TIMEOUT_S", default_value_t = 300)]
+    pub approval_timeout_s: u64,
+    /// Milliseconds between the SSE keep-alive comments of a held call.
+    #[arg(
+        long,
+        env = "INTENTGATE_APPROVAL_KEEPALIVE_MS",
+        default_value_t = 15_000
+    )]
+    pub approval_keepalive_ms: u64,
     /// Largest upstream response accepted, in bytes.
     #[arg(long, env = "INTENTGATE_UPSTREAM_MAX_RESPONSE_BYTES", default_value_t = 8 << 20)]
     pub upstream_max_response_bytes: usize,
@@ -201,6 +216,8 @@ pub struct Config {
     pub upstream_name: String,
     pub upstream_timeout: Duration,
     pub upstream_max_response_bytes: usize,
+    /// `INTENTGATE_APPROVAL_MODE`, `_TIMEOUT_S`, `_KEEPALIVE_MS`.
+    pub approvals: crate::approvals::ApprovalConfig,
     pub max_body_bytes: usize,
     pub max_json_depth: usize,
     pub header_timeout: Duration,
@@ -522,6 +539,22 @@ impl ServeArgs {
             1,
             600_000,
         )?);
+        let approvals = crate::approvals::ApprovalConfig {
+            mode: crate::approvals::Mode::parse(&self.approval_mode)
+                .map_err(|e| invalid("INTENTGATE_APPROVAL_MODE", e))?,
+            timeout: Duration::from_secs(ranged(
+                "INTENTGATE_APPROVAL_TIMEOUT_S",
+                self.approval_timeout_s,
+                1,
+                7 * 86_400,
+            )?),
+            keepalive: Duration::from_millis(ranged(
+                "INTENTGATE_APPROVAL_KEEPALIVE_MS",
+                self.approval_keepalive_ms,
+                50,
+                300_000,
+            )?),
+        };
         let header_timeout = Duration::from_millis(ranged(
             "INTENTGATE_HEADER_TIMEOUT_MS",
             self.header_timeout_ms,
@@ -689,6 +722,7 @@ impl ServeArgs {
             upstream_name: self.upstream_name,
             upstream_timeout,
             upstream_max_response_bytes: self.upstream_max_response_bytes,
+            approvals,
             max_body_bytes: self.max_body_bytes,
             max_json_depth: self.max_json_depth,
             header_timeout,

@@ -29,6 +29,7 @@
 //! | [`testkit`] | test support: a throwaway PostgreSQL server started from local binaries |
 
 pub mod admin;
+pub mod approvals;
 pub mod audit;
 pub mod bundles;
 pub mod capability;

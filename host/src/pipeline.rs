@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use crate::approvals::{self, Approval, ApprovalConfig, ApprovalWrite};
 use crate::audit::{self, ArgValuesMode, AuditEvent, AuditLog, Debit, Decision};
 use crate::bundles::{Registry, Snapshot};
 use crate::capability::{CallContext, CapabilityError, Grant};
@@ -65,6 +66,23 @@ pub enum Denial {
     /// The decision could not be made durable; nothing was forwarded.
     #[error("audit log unavailable: {0}")]
     Audit(String),
+    /// The policy escalated (or asked for a step-up the token does not carry): the call waits
+    /// for a person in the approval queue, under this pending id.
+    #[error("approval required: {}", .0.reason)]
+    ApprovalPending(Pending),
+    /// The approval the call resumed (`X-IntentGate-Approval-Id`) does not let it run: unknown,
+    /// not approved, already used, expired, or issued for another call.
+    #[error("{0}")]
+    Approval(String),
+    /// A held call's approval was rejected by a person.
+    #[error("approval rejected{}", .note.as_deref().map(|n| format!(": {n}")).unwrap_or_default())]
+    ApprovalRejected {
+        pending_id: String,
+        note: Option<String>,
+    },
+    /// A held call's approval was not decided in time.
+    #[error("approval timed out")]
+    ApprovalTimedOut { pending_id: String },
     /// Too many denied calls of this token or tenant in the current window: refused before
     /// any check ran (audited in aggregate, see `throttle.rs`).
     #[error(
@@ -85,6 +103,10 @@ impl Denial {
             Self::CheckFailed { stage, .. } => stage.as_str(),
             Self::Audit(_) => "audit",
             Self::Throttled(_) => "throttle",
+            Self::ApprovalPending(_) => "policy",
+            Self::Approval(_) | Self::ApprovalRejected { .. } | Self::ApprovalTimedOut { .. } => {
+                "approval"
+            }
         }
     }
 
@@ -96,7 +118,12 @@ impl Denial {
                 true
             }
             Self::Policy { escalate, .. } => !escalate,
-            Self::Audit(_) | Self::Throttled(_) => false,
+            Self::Approval(_) => true,
+            Self::Audit(_)
+            | Self::Throttled(_)
+            | Self::ApprovalPending(_)
+            | Self::ApprovalRejected { .. }
+            | Self::ApprovalTimedOut { .. } => false,
         }
     }
 
@@ -116,17 +143,56 @@ impl Denial {
             Self::Audit(_) => (code::AUDIT_UNAVAILABLE, "audit log unavailable"),
             // Rate limiting is a budget refusal on the wire, as a `rate_limit` caveat's is.
             Self::Throttled(_) => (code::BUDGET, "rate limited"),
+            Self::ApprovalPending(_) => (code::APPROVAL_PENDING, "approval required"),
+            Self::Approval(_) => (code::POLICY, "approval not valid for this call"),
+            Self::ApprovalRejected { .. } => (code::POLICY, "approval rejected"),
+            Self::ApprovalTimedOut { .. } => (code::POLICY, "approval timed out"),
         };
         // Store errors carry database text (names, addresses): it goes to the log, not to the
         // agent, which learns only that the dependency is down.
         let data = match self {
             Self::Audit(detail) => {
                 tracing::error!(check = self.check(), %detail, "call refused: store unavailable");
-                "audit log unavailable".to_owned()
+                Value::from("audit log unavailable")
             }
-            _ => self.to_string(),
+            Self::ApprovalPending(p) => p.to_json(),
+            Self::ApprovalRejected { pending_id, note } => serde_json::json!({
+                "pending_id": pending_id,
+                "status": "rejected",
+                "reason": self.to_string(),
+                "note": note,
+            }),
+            Self::ApprovalTimedOut { pending_id } => serde_json::json!({
+                "pending_id": pending_id,
+                "status": "expired",
+                "reason": self.to_string(),
+            }),
+            _ => Value::from(self.to_string()),
         };
-        RpcError::new(code, message).with_data(Value::from(data))
+        RpcError::new(code, message).with_data(data)
+    }
+}
+
+/// A call waiting in the approval queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub pending_id: String,
+    pub reason: String,
+    pub requires_step_up: bool,
+    pub expires_ms: i64,
+}
+
+impl Pending {
+    /// The `data` of the `-32019` answer: what the agent needs to resume.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "pending_id": self.pending_id,
+            "status": "pending",
+            "resume_header": approvals::RESUME_HEADER,
+            "reason": self.reason,
+            "requires_step_up": self.requires_step_up,
+            "expires_at": audit::time::format_rfc3339_ms(self.expires_ms),
+        })
     }
 }
 
@@ -147,6 +213,9 @@ pub struct ToolCall<'a> {
     pub session_id: Option<&'a str>,
     /// A later round of a multi-round call (MCP 2026-07-28): decided again, never charged again.
     pub round: Option<Round>,
+    /// The approval this call resumes (`X-IntentGate-Approval-Id`): matched to the call, then
+    /// consumed with the call's event.
+    pub approval_id: Option<&'a str>,
 }
 
 impl ToolCall<'_> {
@@ -175,6 +244,7 @@ pub struct Pipeline {
     upstream_name: String,
     throttle: Arc<throttle::Throttle>,
     metrics: Arc<crate::metrics::Metrics>,
+    approvals: ApprovalConfig,
 }
 
 /// What the checks concluded, for the audit event.
@@ -203,7 +273,20 @@ impl Pipeline {
             upstream_name,
             throttle,
             metrics,
+            approvals: ApprovalConfig::default(),
         }
+    }
+
+    /// The same pipeline with other approval settings.
+    #[must_use]
+    pub fn with_approvals(mut self, approvals: ApprovalConfig) -> Self {
+        self.approvals = approvals;
+        self
+    }
+
+    /// The approval queue's settings.
+    pub fn approvals(&self) -> &ApprovalConfig {
+        &self.approvals
     }
 
     /// The same pipeline with other denial throttle limits.
@@ -272,7 +355,14 @@ impl Pipeline {
         // One snapshot for the whole call: a promotion mid-call does not mix bundles.
         let snapshot = self.registry.snapshot(&call.grant.tenant);
         let mut findings = Findings::default();
-        let outcome = self.run_checks(call, &snapshot, &mut findings).await;
+        // A resumed approval is matched to this call before any check runs.
+        let outcome = match self.resumed(call, snapshot.digest()).await {
+            Ok(approved) => {
+                self.run_checks(call, &snapshot, &mut findings, approved)
+                    .await
+            }
+            Err(denial) => Err(denial),
+        };
         if let Err(denial) = &outcome
             && denial.counts_toward_throttle()
         {
@@ -282,6 +372,7 @@ impl Pipeline {
         event.latency_ms = Some(started.elapsed().as_millis() as u64);
         event.intent_summary = findings.intent_summary;
         event.requires_step_up = findings.requires_step_up;
+        event.pending_id = call.approval_id.unwrap_or_default().to_owned();
         match &outcome {
             Ok(()) => event.decision = Some(Decision::Allow),
             Err(denial) => {
@@ -300,10 +391,53 @@ impl Pipeline {
             Ok(()) => std::mem::take(&mut findings.charges),
             Err(_) => Vec::new(),
         };
+        // The approval queue's change rides in the same commit: the escalation creates its
+        // pending approval, a resumed call consumes its approval (single-use on every replica).
+        let approval = match &outcome {
+            Ok(()) => call.approval_id.map(|id| ApprovalWrite::Consume {
+                id: id.to_owned(),
+                at_ms: audit::time::now_ms(),
+            }),
+            Err(Denial::Policy {
+                escalate: true,
+                reason,
+                requires_step_up,
+            }) => {
+                let pending = self.pending_for(call, &event, reason, *requires_step_up);
+                event.pending_id = pending.pending_id.clone();
+                Some(ApprovalWrite::Create(Box::new(pending)))
+            }
+            Err(_) => None,
+        };
         let committing = Instant::now();
-        let appended = self.audit.append_charged(event, debits.clone()).await;
+        let appended = self
+            .audit
+            .append_with(event, debits.clone(), approval.clone())
+            .await;
         (self.metrics.stages).since(crate::metrics::Stage::Audit, committing);
         match (outcome, appended) {
+            (
+                Err(Denial::Policy {
+                    reason,
+                    requires_step_up,
+                    escalate: true,
+                }),
+                Ok(_),
+            ) => {
+                let Some(ApprovalWrite::Create(a)) = approval else {
+                    return Err(Denial::Audit("escalation without its approval".into()));
+                };
+                Err(Denial::ApprovalPending(Pending {
+                    pending_id: a.pending_id,
+                    reason,
+                    requires_step_up,
+                    expires_ms: a.expires_ms,
+                }))
+            }
+            (Ok(()), Ok(a)) if a.refused.is_some() && a.refused_check == "approval" => {
+                self.throttle.note_denial(&g.tenant, &g.root_jti, now);
+                Err(Denial::Approval(a.refused.unwrap_or_default()))
+            }
             (Ok(()), Ok(a)) => match a.refused {
                 None => {
                     self.note_usage(call, &debits);
@@ -324,11 +458,85 @@ impl Pipeline {
         }
     }
 
+    /// Whether the call resumes an approval that lets it run: `Ok(false)` without one, `Ok(true)`
+    /// when it matches an approved, unexpired approval (consumed with the call's event), else
+    /// the refusal. Matched on tenant, agent, token tree, tool, arguments and bundle.
+    async fn resumed(&self, call: &ToolCall<'_>, bundle_digest: &str) -> Result<bool, Denial> {
+        let Some(id) = call.approval_id else {
+            return Ok(false);
+        };
+        let g = call.grant;
+        let found = approvals::query::get(self.audit.db(), Some(&g.tenant), id)
+            .await
+            .map_err(|e| Denial::Audit(e.to_string()))?;
+        let Some(a) = found else {
+            return Err(Denial::Approval(format!("unknown approval id {id:?}")));
+        };
+        let refuse = |what: &str| Err(Denial::Approval(format!("approval {id} {what}")));
+        match a.status_at(audit::time::now_ms()) {
+            approvals::Status::Approved => {}
+            approvals::Status::Pending => return refuse("is still pending"),
+            approvals::Status::Rejected => return refuse("was rejected"),
+            approvals::Status::Expired => return refuse("has expired"),
+            approvals::Status::Consumed => return refuse("was already used"),
+        }
+        if a.agent_id != g.subject {
+            return refuse("was issued to another agent");
+        }
+        if a.root_capability_token_id != g.root_jti {
+            return refuse("was issued to another token");
+        }
+        if a.tool != call.name() {
+            return refuse("was issued for another tool");
+        }
+        if a.args_digest != approvals::args_digest(call.arguments) {
+            return refuse("was issued for other arguments");
+        }
+        if a.bundle_digest != bundle_digest {
+            return refuse("was issued under another policy bundle");
+        }
+        Ok(true)
+    }
+
+    /// The pending approval an escalated call creates.
+    fn pending_for(
+        &self,
+        call: &ToolCall<'_>,
+        event: &AuditEvent,
+        reason: &str,
+        requires_step_up: bool,
+    ) -> Approval {
+        let g = call.grant;
+        let now = audit::time::now_ms();
+        Approval {
+            tenant: g.tenant.clone(),
+            pending_id: approvals::new_id(),
+            capability_token_id: g.jti.clone(),
+            root_capability_token_id: g.root_jti.clone(),
+            agent_id: g.subject.clone(),
+            tool: call.name().into_owned(),
+            args: event.arg_values.clone(),
+            args_digest: approvals::args_digest(call.arguments),
+            bundle_digest: event.bundle_digest.clone(),
+            intent_summary: event.intent_summary.clone(),
+            reason: reason.to_owned(),
+            status: approvals::Status::Pending,
+            requires_step_up,
+            created_ms: now,
+            expires_ms: now.saturating_add(self.approvals.timeout.as_millis() as i64),
+            decided_ms: None,
+            decided_by: None,
+            decide_note: None,
+            consumed_ms: None,
+        }
+    }
+
     async fn run_checks(
         &self,
         call: &ToolCall<'_>,
         snapshot: &Snapshot,
         findings: &mut Findings,
+        approved: bool,
     ) -> Result<(), Denial> {
         let authorizing = (self.metrics.stages).timer(crate::metrics::Stage::Capability);
         // 1. capability: the token's static caveats for this tool, server and agent.
@@ -364,6 +572,18 @@ impl Pipeline {
         let policy = checks_within(&self.metrics, deadline, limit, Stage::Policy, policy).await?;
         findings.requires_step_up = policy.requires_step_up;
         match policy.kind {
+            // A person approved this very call (see `resumed`): the escalation is answered.
+            VerdictKind::Escalate if approved => {}
+            // A step-up the token does not carry is asked of a person, bound to the call.
+            VerdictKind::Allow if policy.requires_step_up && call.grant.step_up_at.is_none() => {
+                if !approved {
+                    return Err(Denial::Policy {
+                        reason: format!("step-up required: {}", policy.reason),
+                        escalate: true,
+                        requires_step_up: true,
+                    });
+                }
+            }
             VerdictKind::Allow => {}
             kind => {
                 return Err(Denial::Policy {

@@ -78,6 +78,8 @@ pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub pipeline: Pipeline,
     pub upstream: Option<Upstream>,
+    /// Wakes held requests when their approval is decided (here or on another replica).
+    pub approvals: crate::approvals::Waiters,
     pub sessions: SessionKeys,
     pub admin: AdminAuth,
     /// Where generated secrets live, when they were generated.
@@ -206,7 +208,16 @@ impl Gateway {
             counters,
             config.arg_values,
             config.upstream_name.clone(),
-        );
+        )
+        .with_approvals(config.approvals);
+        let approvals = crate::approvals::Waiters::default();
+        background.push(tokio::spawn(crate::approvals::wait::listen(
+            store.db(),
+            approvals.clone(),
+        )));
+        background.push(tokio::spawn(crate::approvals::sweep::run(
+            pipeline.audit().clone(),
+        )));
         let admin = AdminAuth::new(secrets.admin_token.clone(), config.tenant_admins.clone());
         Ok(Arc::new(Gateway {
             sessions: SessionKeys::derive(secrets.master_key.as_bytes()),
@@ -216,6 +227,7 @@ impl Gateway {
             store,
             pipeline,
             upstream,
+            approvals,
             admin,
             secrets_file: secrets.file,
             tls,
@@ -483,7 +495,7 @@ async fn write_and_linger<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, answ
     }
 }
 
-async fn route(gw: &Gateway, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+async fn route(gw: &Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
     let path = req.uri().path();
     match path {
         "/v1/mcp" => mcp::handle(gw, req, remote, Endpoint::Mcp).await,

@@ -2,6 +2,7 @@
 //! Each concept has its own module; `support` holds shared helpers.
 
 mod admin;
+mod approvals;
 mod audit;
 mod bundle_sync;
 mod bundles;

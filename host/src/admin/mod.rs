@@ -13,6 +13,7 @@
 //! audits it. This module must never answer a request before authenticating it, never log a
 //! token, and never apply an admin action before its event is committed.
 
+mod approvals;
 #[path = "audit.rs"]
 mod audit_api;
 mod tokens;
@@ -319,6 +320,17 @@ async fn route(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Admin
         (&Method::POST, "/v1/admin/revoke") => tokens::revoke(gw, req).await,
         (&Method::GET, "/v1/admin/revocations") => tokens::revocations(gw, req).await,
         (&Method::GET, "/v1/admin/tenants") => tokens::tenants(gw, req).await,
+        (&Method::GET, "/v1/admin/approvals") => approvals::list(gw, req).await,
+        (_, "/v1/admin/approvals") => Err(AdminError::MethodNotAllowed),
+        (method, p) if p.starts_with("/v1/admin/approvals/") => {
+            match p["/v1/admin/approvals/".len()..].split_once('/') {
+                Some((id, "decide")) if method == Method::POST => {
+                    approvals::decide(gw, req, id).await
+                }
+                Some((_, "decide")) => Err(AdminError::MethodNotAllowed),
+                _ => Err(AdminError::NotFound),
+            }
+        }
         (&Method::GET, "/v1/admin/audit") => audit_api::list(gw, req).await,
         (&Method::GET, "/v1/admin/audit/verify") => audit_api::verify(gw, req).await,
         (&Method::GET, "/v1/admin/audit/export") => audit_api::export(gw, req).await,

@@ -26,6 +26,7 @@ use super::event::CanonicalOpen;
 use super::key::hex;
 use super::log::{Appended, GENESIS, Shared, link_hash};
 use super::{AuditConfig, AuditError, AuditEvent, LogKey, time};
+use crate::approvals::ApprovalWrite;
 
 /// An event in a batch, with the debits to settle in its transaction.
 pub(crate) struct Entry {
@@ -34,8 +35,14 @@ pub(crate) struct Entry {
     /// writer); `None` when the event changed after (a refusal) or for late records.
     pub(crate) canonical: Option<CanonicalOpen>,
     pub(crate) debits: Vec<Debit>,
-    /// Set by [`charges::settle`] when a debit refused the entry.
+    /// Set by [`charges::settle`] when a debit refused the entry (or by an approval write
+    /// whose condition failed).
     pub(crate) refused: Option<String>,
+    /// A change to the approval queue recorded by this event (`crate::approvals::record`).
+    pub(crate) approval: Option<ApprovalWrite>,
+    /// The approval write's condition held (a consumed approval a debit then refused is given
+    /// back in the same transaction).
+    pub(crate) approval_applied: bool,
 }
 
 impl Entry {
@@ -45,7 +52,20 @@ impl Entry {
             canonical: None,
             debits,
             refused: None,
+            approval: None,
+            approval_applied: false,
         }
+    }
+
+    /// Rewrites the entry as a refusal by `check` (an approval write whose condition failed):
+    /// it charges nothing.
+    pub(crate) fn refuse_with(&mut self, check: &str, reason: &str) {
+        self.event.decision = Some(super::Decision::Block);
+        self.event.check = check.to_owned();
+        self.event.reason = reason.to_owned();
+        self.canonical = None;
+        self.debits.clear();
+        self.refused = Some(reason.to_owned());
     }
 
     /// Rewrites the entry as the budget refusal of its debit `i`: it charges nothing.
@@ -197,8 +217,11 @@ macro_rules! write_part {
             hash,
             checkpoint_size,
         };
-        // Budget debits before the chain: a refusal rewrites its event before it is hashed.
+        // Approval writes, then budget debits, before the chain: a refusal rewrites its event
+        // before it is hashed; a consumed approval whose call a debit refused is given back.
+        crate::approvals::record::apply!(tx, tenant, $events)?;
         charges::settle!($db, tx, $events)?;
+        crate::approvals::record::restore!(tx, tenant, $events)?;
         let (rows, new_head, checkpoint) =
             plan(&head, tenant, $events, &shared.key, &shared.cfg, $force)?;
         let mut appended = Vec::with_capacity(rows.len());
@@ -236,6 +259,7 @@ macro_rules! write_part {
                     seq: r.seq as u64,
                     hash: r.hash.clone(),
                     refused: None,
+                    refused_check: String::new(),
                 });
             }
         }

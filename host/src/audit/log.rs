@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::charges::Debit;
 use super::commit::{Committed, Entry, SqliteCommitter, commit_postgres};
 use super::{AuditConfig, AuditError, AuditEvent, Db, LogKey, Verifier, time};
+use crate::approvals::ApprovalWrite;
 
 /// Where an appended event landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +51,9 @@ pub struct Appended {
     /// Set when one of the call's debits ([`AuditLog::append_charged`]) would have passed its
     /// limit: the event was recorded as this budget refusal instead, and nothing was charged.
     pub refused: Option<String>,
+    /// The check that refused it when [`Appended::refused`] is set: `budget`, or `approval`
+    /// when the approval the call resumed was already used or expired.
+    pub refused_check: String,
 }
 
 /// The chain link: `SHA-256(prev_hash || canonical_event)`.
@@ -244,6 +248,19 @@ impl AuditLog {
         event: AuditEvent,
         debits: Vec<Debit>,
     ) -> Result<Appended, AuditError> {
+        self.append_with(event, debits, None).await
+    }
+
+    /// [`Self::append_charged`] with a change to the approval queue written in the same
+    /// transaction (`crate::approvals::record`). A conditional change whose condition fails
+    /// records the event as that refusal ([`Appended::refused`], `refused_check: "approval"`)
+    /// and charges nothing.
+    pub async fn append_with(
+        &self,
+        event: AuditEvent,
+        debits: Vec<Debit>,
+        approval: Option<ApprovalWrite>,
+    ) -> Result<Appended, AuditError> {
         for d in &debits {
             d.validate()?;
         }
@@ -252,6 +269,7 @@ impl AuditLog {
         // The canonical text (the arguments' share of the hashing work) is made here, on the
         // caller's task, so the one writer of the chain does only the sequential part.
         let mut entry = Entry::new(event, debits);
+        entry.approval = approval;
         entry.canonical = entry.event.canonical_open();
         let mut job = Job {
             entry,
@@ -393,7 +411,17 @@ fn late_record(entry: &Entry, committed: Option<i64>) -> Option<Entry> {
         };
         late.call_id = committed.or(event.call_id);
     }
-    Some(Entry::new(late, refunds))
+    let mut record = Entry::new(late, refunds);
+    match (&entry.approval, committed) {
+        // A resumed call that was committed gives its approval back with its refusal.
+        (Some(ApprovalWrite::Consume { id, .. }), Some(_)) if entry.approval_applied => {
+            record.approval = Some(ApprovalWrite::Restore { id: id.clone() });
+        }
+        // An escalation that was not written created no approval: its record names none.
+        (Some(ApprovalWrite::Create(_)), None) => record.event.pending_id.clear(),
+        _ => {}
+    }
+    Some(record)
 }
 
 /// One tenant's writer.
@@ -529,6 +557,11 @@ impl Writer {
                         let id = appended.id;
                         let answer = Appended {
                             refused: entry.refused.clone(),
+                            refused_check: if entry.refused.is_some() {
+                                entry.event.check.clone()
+                            } else {
+                                String::new()
+                            },
                             ..appended.clone()
                         };
                         if reply.send(Ok(answer)).is_err() {

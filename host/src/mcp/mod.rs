@@ -21,6 +21,7 @@ pub mod discover;
 pub mod ended;
 pub mod era;
 pub mod headers;
+mod hold;
 pub mod jsonrpc;
 mod lifecycle;
 pub mod origin;
@@ -96,7 +97,7 @@ fn refusal_reason(e: Option<&crate::capability::CapabilityError>) -> String {
 
 /// Handles one HTTP request on an MCP endpoint.
 pub async fn handle(
-    gw: &Gateway,
+    gw: &std::sync::Arc<Gateway>,
     req: Request<Incoming>,
     remote: SocketAddr,
     endpoint: Endpoint,
@@ -217,50 +218,116 @@ pub async fn handle(
         return http::status(StatusCode::ACCEPTED);
     }
     let id = rpc.id.clone().unwrap_or(Value::Null);
-    let ctx = CallContext {
-        gw,
-        grant: &grant,
-        headers: &parts.headers,
-        remote,
-        session: session.as_deref(),
-        era: &era,
-        notifications: std::sync::Mutex::new(Vec::new()),
-    };
-    let modern = era.is_modern();
-    // Each revision's methods: the stateless one has no initialize, ping, logging/setLevel or
-    // subscribe pair (its subscriptions are a stream, not served here).
-    let outcome = match (endpoint, modern, rpc.method.as_str()) {
-        (_, _, "tools/call") => ctx.tools_call(&rpc).await,
-        (Endpoint::ToolCall, _, other) => Err(method_not_found(other)),
-        (_, false, "initialize") => return ctx.initialize(&rpc, &id).await,
-        (_, false, "ping") => Ok(json!({})),
-        (_, false, "logging/setLevel") => set_level(&rpc),
-        (_, true, "server/discover") => {
-            Ok(discover::discover_result(&ctx.upstream_profile().await))
+    let ctx = CallContext::new(gw, &grant, &parts.headers, remote, session.as_deref(), &era);
+    if endpoint == Endpoint::Mcp && !era.is_modern() && rpc.method == "initialize" {
+        return ctx.initialize(&rpc, &id).await;
+    }
+    let outcome = ctx.dispatch(endpoint, &rpc).await;
+    // An escalated call waits for its approval here when the client asked to wait (or sync is
+    // the gateway's mode); otherwise `-32019` tells it how to resume.
+    if outcome.is_err()
+        && let Some(pending) = ctx.take_pending()
+        && hold::wanted(gw, &parts.headers)
+    {
+        let held = hold::Held {
+            gw: std::sync::Arc::clone(gw),
+            grant: grant.clone(),
+            headers: parts.headers.clone(),
+            remote,
+            session: session.clone(),
+            era: era.clone(),
+            endpoint,
+            rpc,
+            pending,
+        };
+        return held.respond(accepts_event_stream(&parts.headers)).await;
+    }
+    ctx.respond(&parts.headers, &id, outcome)
+}
+
+impl<'a> CallContext<'a> {
+    fn new(
+        gw: &'a Gateway,
+        grant: &'a Grant,
+        headers: &'a hyper::HeaderMap,
+        remote: SocketAddr,
+        session: Option<&'a str>,
+        era: &'a Era,
+    ) -> Self {
+        CallContext {
+            gw,
+            grant,
+            headers,
+            remote,
+            session,
+            era,
+            notifications: std::sync::Mutex::new(Vec::new()),
+            approval: None,
+            pending: std::sync::Mutex::new(None),
         }
-        (_, _, m) if proxy::is_list(m) => ctx.list(&rpc).await,
-        (_, _, "resources/read" | "prompts/get" | "completion/complete")
-        | (_, false, "resources/subscribe") => ctx.target(&rpc).await,
-        (_, false, "resources/unsubscribe") => ctx.forward_plain(&rpc).await,
-        (_, _, other) => Err(method_not_found(other)),
-    };
-    let notifications = ctx.take_notifications();
-    match outcome {
-        // Notifications the upstream sent before its answer go first, as events of one SSE
-        // stream, to a client that accepts one (in the upstream's order, after the answer
-        // arrived: they are not streamed as they come yet).
-        Ok(result) if !notifications.is_empty() && accepts_event_stream(&parts.headers) => {
-            translate::event_stream(&notifications, &jsonrpc::result(&id, result))
+    }
+
+    /// Runs one method (not `initialize`, which answers with its own headers).
+    async fn dispatch(&self, endpoint: Endpoint, rpc: &RpcRequest) -> Result<Value, RpcError> {
+        let ctx = self;
+        let modern = self.era.is_modern();
+        // Each revision's methods: the stateless one has no initialize, ping, logging/setLevel
+        // or subscribe pair (its subscriptions are a stream, not served here).
+        match (endpoint, modern, rpc.method.as_str()) {
+            (_, _, "tools/call") => ctx.tools_call(rpc).await,
+            (Endpoint::ToolCall, _, other) => Err(method_not_found(other)),
+            (_, false, "ping") => Ok(json!({})),
+            (_, false, "logging/setLevel") => set_level(rpc),
+            (_, true, "server/discover") => {
+                Ok(discover::discover_result(&ctx.upstream_profile().await))
+            }
+            (_, _, m) if proxy::is_list(m) => ctx.list(rpc).await,
+            (_, _, "resources/read" | "prompts/get" | "completion/complete")
+            | (_, false, "resources/subscribe") => ctx.target(rpc).await,
+            (_, false, "resources/unsubscribe") => ctx.forward_plain(rpc).await,
+            (_, _, other) => Err(method_not_found(other)),
         }
-        Ok(result) => http::json_bytes(StatusCode::OK, jsonrpc::result(&id, result)),
-        Err(err) => {
-            let status = if modern {
-                StatusCode::from_u16(era::modern_status(err.code)).unwrap_or(StatusCode::OK)
-            } else {
-                StatusCode::OK
-            };
-            rpc_response(status, Some(&id), &err)
+    }
+
+    /// The HTTP answer of a method's outcome, with the upstream's relayed notifications.
+    fn respond(
+        &self,
+        headers: &hyper::HeaderMap,
+        id: &Id,
+        outcome: Result<Value, RpcError>,
+    ) -> Response<Body> {
+        let notifications = self.take_notifications();
+        match outcome {
+            // Notifications the upstream sent before its answer go first, as events of one SSE
+            // stream, to a client that accepts one (in the upstream's order, after the answer
+            // arrived: they are not streamed as they come yet).
+            Ok(result) if !notifications.is_empty() && accepts_event_stream(headers) => {
+                translate::event_stream(&notifications, &jsonrpc::result(id, result))
+            }
+            Ok(result) => http::json_bytes(StatusCode::OK, jsonrpc::result(id, result)),
+            Err(err) => rpc_response(self.error_status(&err), Some(id), &err),
         }
+    }
+
+    /// The HTTP status of a JSON-RPC error: 200, but in the stateless era what it prescribes.
+    fn error_status(&self, err: &RpcError) -> StatusCode {
+        if self.era.is_modern() {
+            StatusCode::from_u16(era::modern_status(err.code)).unwrap_or(StatusCode::OK)
+        } else {
+            StatusCode::OK
+        }
+    }
+
+    /// The approval a held call was waiting for, once the pipeline asked for one.
+    fn take_pending(&self) -> Option<crate::pipeline::Pending> {
+        self.pending.lock().ok().and_then(|mut p| p.take())
+    }
+
+    /// The approval this request resumes: the held call's own, or the agent's header.
+    fn approval_id(&self) -> Option<&str> {
+        self.approval
+            .as_deref()
+            .or_else(|| http::header_str(self.headers, "x-intentgate-approval-id"))
     }
 }
 
@@ -302,6 +369,10 @@ struct CallContext<'a> {
     era: &'a Era,
     /// The upstream's notifications for this request, to relay with the answer.
     notifications: std::sync::Mutex<Vec<Value>>,
+    /// The approval a held call resumes once it was approved (overrides the header).
+    approval: Option<String>,
+    /// Set when the pipeline put the call in the approval queue.
+    pending: std::sync::Mutex<Option<crate::pipeline::Pending>>,
 }
 
 fn accepts_event_stream(headers: &hyper::HeaderMap) -> bool {
@@ -336,12 +407,14 @@ impl CallContext<'_> {
         &self,
         call: &crate::pipeline::ToolCall<'_>,
     ) -> Result<(crate::pipeline::Permit, &crate::upstream::Upstream), RpcError> {
-        let permit = self
-            .gw
-            .pipeline
-            .decide(call)
-            .await
-            .map_err(|d| d.to_rpc())?;
+        let permit = self.gw.pipeline.decide(call).await.map_err(|d| {
+            if let crate::pipeline::Denial::ApprovalPending(p) = &d
+                && let Ok(mut slot) = self.pending.lock()
+            {
+                *slot = Some(p.clone());
+            }
+            d.to_rpc()
+        })?;
         let Some(upstream) = self.gw.upstream.as_ref() else {
             let e = UpstreamError::NotConfigured;
             self.gw.metrics().upstream.error(&e);

@@ -124,6 +124,7 @@ impl CallContext<'_> {
             remote_ip: self.remote.ip().to_string(),
             session_id: self.session,
             round: None,
+            approval_id: self.approval_id(),
         };
         let (permit, upstream) = self.decide(&call).await?;
         if acknowledged_here(upstream, method).await {

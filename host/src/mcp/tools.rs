@@ -90,6 +90,7 @@ impl CallContext<'_> {
                 call_event: p.call_event,
                 number: p.round.saturating_add(1),
             }),
+            approval_id: self.approval_id(),
         };
         // Every round is decided again; only the first is charged.
         let (permit, upstream) = self.decide(&call).await?;

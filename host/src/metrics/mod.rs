@@ -71,7 +71,9 @@ impl Metrics {
         self.stages.decision_since(started);
         let (check, outcome) = match result {
             Ok(_) => (Check::None, Outcome::Allow),
-            Err(Denial::Policy { escalate: true, .. }) => (Check::Policy, Outcome::Escalate),
+            Err(Denial::Policy { escalate: true, .. } | Denial::ApprovalPending(_)) => {
+                (Check::Policy, Outcome::Escalate)
+            }
             Err(d) => (Check::from_name(d.check()), Outcome::Block),
         };
         if let Err(Denial::CheckFailed { stage, error }) = result {

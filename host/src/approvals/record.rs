@@ -1,0 +1,204 @@
+//! The approval queue's writes, applied inside the audit batch transaction of the event that
+//! records each one ([`apply`], called by the audit commit before the budget debits are settled).
+//!
+//! The conditional writes (decide, consume, expire) are one `UPDATE … WHERE status = …` each: on
+//! PostgreSQL the row lock orders replicas, on SQLite the transaction holds the write lock, so
+//! exactly one of two racing consumers wins. A write whose condition fails refuses its own
+//! entry only: its event is rewritten (before hashing) as the refusal, and it charges nothing.
+//!
+//! This module must never write a row of another tenant than the batch's, and never leave an
+//! approval consumed by a call that was refused in the same transaction ([`restore`]).
+
+use super::{Approval, Status};
+
+/// One change to the queue, carried by an audit entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApprovalWrite {
+    /// A new pending approval (with the event of the escalated call).
+    Create(Box<Approval>),
+    /// pending → approved | rejected, if still pending and not expired. An approval may then be
+    /// resumed until `resume_until_ms`.
+    Decide {
+        id: String,
+        approve: bool,
+        by: String,
+        note: String,
+        at_ms: i64,
+        resume_until_ms: i64,
+    },
+    /// approved → consumed, if approved and not expired (with the event of the resumed call).
+    Consume { id: String, at_ms: i64 },
+    /// pending | approved → expired (the sweep, or a held request that timed out). Only a
+    /// pending row when `pending_only`.
+    Expire { id: String, pending_only: bool },
+    /// consumed → approved: the late refusal of a resumed call whose caller gave up at the audit
+    /// deadline gives its approval back (unconditional; nothing to give back is no refusal).
+    Restore { id: String },
+}
+
+impl ApprovalWrite {
+    /// What the caller is told when this write's condition fails.
+    pub fn refusal(&self) -> &'static str {
+        match self {
+            Self::Create(_) => "approval could not be created",
+            Self::Decide { .. } => "approval already decided or expired",
+            Self::Consume { .. } => "approval already used, not approved, or expired",
+            Self::Expire { .. } => "approval already decided",
+            Self::Restore { .. } => "approval could not be restored",
+        }
+    }
+}
+
+pub(crate) const INSERT: &str = "INSERT INTO approvals (tenant, pending_id, capability_token_id, \
+     root_capability_token_id, agent_id, tool, args, args_digest, bundle_digest, intent_summary, \
+     reason, status, requires_step_up, created_ms, expires_ms) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+pub(crate) const DECIDE: &str = "UPDATE approvals SET status = $1, decided_ms = $2, decided_by = $3, \
+     decide_note = $4, expires_ms = $5 \
+     WHERE tenant = $6 AND pending_id = $7 AND status = 'pending' AND expires_ms > $2";
+pub(crate) const CONSUME: &str = "UPDATE approvals SET status = 'consumed', consumed_ms = $1 \
+     WHERE tenant = $2 AND pending_id = $3 AND status = 'approved' AND expires_ms > $1";
+pub(crate) const EXPIRE: &str = "UPDATE approvals SET status = 'expired' \
+     WHERE tenant = $1 AND pending_id = $2 AND (status = 'pending' OR (status = 'approved' AND $3 = 0))";
+pub(crate) const RESTORE: &str = "UPDATE approvals SET status = 'approved', consumed_ms = NULL \
+     WHERE tenant = $1 AND pending_id = $2 AND status = 'consumed'";
+
+/// Applies the approval writes of `$entries` (a `&mut [Entry]` of tenant `$tenant`) inside the
+/// open transaction `$tx`, in queue order; an entry whose conditional write fails is refused
+/// (and its debits dropped). Evaluates to `Result<(), AuditError>`.
+macro_rules! apply {
+    ($tx:expr, $tenant:expr, $entries:expr) => {{
+        use $crate::approvals::record::{self, ApprovalWrite};
+        let tenant: &str = $tenant;
+        let entries: &mut [Entry] = $entries;
+        let mut result = Ok::<(), AuditError>(());
+        for entry in entries.iter_mut() {
+            let Some(write) = entry.approval.as_ref() else {
+                continue;
+            };
+            let done = match write {
+                ApprovalWrite::Create(a) => {
+                    let args = a.args.as_ref().map(|v| v.to_string());
+                    sqlx::query(record::INSERT)
+                        .bind(tenant)
+                        .bind(a.pending_id.as_str())
+                        .bind(a.capability_token_id.as_str())
+                        .bind(a.root_capability_token_id.as_str())
+                        .bind(a.agent_id.as_str())
+                        .bind(a.tool.as_str())
+                        .bind(args)
+                        .bind(a.args_digest.as_str())
+                        .bind(a.bundle_digest.as_str())
+                        .bind(a.intent_summary.as_str())
+                        .bind(a.reason.as_str())
+                        .bind(a.status.as_str())
+                        .bind(i64::from(a.requires_step_up))
+                        .bind(a.created_ms)
+                        .bind(a.expires_ms)
+                        .execute(&mut *$tx)
+                        .await
+                }
+                ApprovalWrite::Decide {
+                    id,
+                    approve,
+                    by,
+                    note,
+                    at_ms,
+                    resume_until_ms,
+                } => {
+                    let status = if *approve {
+                        $crate::approvals::Status::Approved
+                    } else {
+                        $crate::approvals::Status::Rejected
+                    };
+                    sqlx::query(record::DECIDE)
+                        .bind(status.as_str())
+                        .bind(*at_ms)
+                        .bind(by.as_str())
+                        .bind(note.as_str())
+                        .bind(*resume_until_ms)
+                        .bind(tenant)
+                        .bind(id.as_str())
+                        .execute(&mut *$tx)
+                        .await
+                }
+                ApprovalWrite::Consume { id, at_ms } => {
+                    sqlx::query(record::CONSUME)
+                        .bind(*at_ms)
+                        .bind(tenant)
+                        .bind(id.as_str())
+                        .execute(&mut *$tx)
+                        .await
+                }
+                ApprovalWrite::Expire { id, pending_only } => {
+                    sqlx::query(record::EXPIRE)
+                        .bind(tenant)
+                        .bind(id.as_str())
+                        .bind(i64::from(*pending_only))
+                        .execute(&mut *$tx)
+                        .await
+                }
+                ApprovalWrite::Restore { id } => {
+                    sqlx::query(record::RESTORE)
+                        .bind(tenant)
+                        .bind(id.as_str())
+                        .execute(&mut *$tx)
+                        .await
+                }
+            };
+            match done {
+                Ok(_) if matches!(write, ApprovalWrite::Restore { .. }) => {}
+                Ok(r) if r.rows_affected() == 1 => entry.approval_applied = true,
+                Ok(_) => {
+                    let why = write.refusal();
+                    entry.refuse_with("approval", why);
+                }
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+        }
+        result
+    }};
+}
+pub(crate) use apply;
+
+/// Gives back, in the same transaction, the approvals consumed by entries that a budget debit
+/// then refused: a refused call must not use up its approval. Evaluates to
+/// `Result<(), AuditError>`.
+macro_rules! restore {
+    ($tx:expr, $tenant:expr, $entries:expr) => {{
+        use $crate::approvals::record::{self, ApprovalWrite};
+        let tenant: &str = $tenant;
+        let mut result = Ok::<(), AuditError>(());
+        for entry in $entries.iter() {
+            if let (Some(ApprovalWrite::Consume { id, .. }), Some(_), true) = (
+                entry.approval.as_ref(),
+                entry.refused.as_ref(),
+                entry.approval_applied,
+            ) {
+                if let Err(e) = sqlx::query(record::RESTORE)
+                    .bind(tenant)
+                    .bind(id.as_str())
+                    .execute(&mut *$tx)
+                    .await
+                {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+        }
+        result
+    }};
+}
+pub(crate) use restore;
+
+/// The status a [`ApprovalWrite::Decide`] leaves.
+pub fn decided_status(approve: bool) -> Status {
+    if approve {
+        Status::Approved
+    } else {
+        Status::Rejected
+    }
+}

@@ -1,0 +1,106 @@
+//! The expiry sweep: an approval past its expiry (never decided, or approved and never resumed)
+//! is recorded as expired, with its audit event, so the queue and the chain say so without
+//! anyone asking. A held request that times out records its own expiry (`mcp/hold.rs`).
+//!
+//! On PostgreSQL one replica sweeps: the one holding a session advisory lock on a dedicated
+//! connection (another takes over when that connection goes), so replicas do not race to
+//! record the same expiry. This module must never expire an approval without its event.
+
+use std::time::Duration;
+
+use super::query;
+use super::{Approval, ApprovalWrite};
+use crate::audit::{self, AuditEvent, AuditLog, Decision};
+use crate::store::Db;
+
+/// How often the sweep looks for overdue approvals.
+pub const INTERVAL: Duration = Duration::from_secs(5);
+/// The advisory lock the PostgreSQL sweeper holds (`'intentgate-approvals'` as a number).
+const LOCK_KEY: i64 = 0x6967_6170_7072_7631;
+
+/// The event that records an approval's expiry.
+pub fn expiry_event(a: &Approval, reason: &str) -> AuditEvent {
+    let mut e = AuditEvent::new(audit::kinds::APPROVAL, a.tenant.clone());
+    e.decision = Some(Decision::Block);
+    e.check = "approval".to_owned();
+    e.reason = reason.to_owned();
+    e.pending_id = a.pending_id.clone();
+    e.agent_id = a.agent_id.clone();
+    e.tool = a.tool.clone();
+    e.jti = a.capability_token_id.clone();
+    e.root_jti = a.root_capability_token_id.clone();
+    e.requires_step_up = a.requires_step_up;
+    e
+}
+
+/// Records every overdue approval as expired, now; returns how many were.
+pub async fn sweep_once(audit: &AuditLog) -> Result<usize, query::QueryError> {
+    let overdue = query::overdue(audit.db(), audit::time::now_ms(), 200).await?;
+    let mut expired = 0;
+    for a in overdue {
+        let write = ApprovalWrite::Expire {
+            id: a.pending_id.clone(),
+            pending_only: false,
+        };
+        match audit
+            .append_with(
+                expiry_event(&a, "approval expired"),
+                Vec::new(),
+                Some(write),
+            )
+            .await
+        {
+            Ok(r) if r.refused.is_none() => expired += 1,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "approvals: an expiry was not recorded; retrying later");
+                break;
+            }
+        }
+    }
+    Ok(expired)
+}
+
+/// Sweeps for the life of the gateway.
+pub async fn run(audit: AuditLog) {
+    let mut leader: Option<sqlx::PgConnection> = None;
+    loop {
+        tokio::time::sleep(INTERVAL).await;
+        if let Db::Postgres(pool) = audit.db()
+            && !holds_lock(pool, &mut leader).await
+        {
+            continue;
+        }
+        if let Err(e) = sweep_once(&audit).await {
+            tracing::warn!(error = %e, "approvals: expiry sweep failed");
+        }
+    }
+}
+
+/// Whether this replica is the sweeper: it keeps the connection that holds the lock.
+async fn holds_lock(pool: &sqlx::PgPool, leader: &mut Option<sqlx::PgConnection>) -> bool {
+    if let Some(conn) = leader.as_mut() {
+        // Still connected (the lock lives as long as the session).
+        if sqlx::query("SELECT 1").execute(&mut *conn).await.is_ok() {
+            return true;
+        }
+        *leader = None;
+    }
+    // Detached from the pool: a connection holding the lock must never be handed to another
+    // user of the pool.
+    let Ok(conn) = pool.acquire().await else {
+        return false;
+    };
+    let mut conn = conn.detach();
+    match sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+        .bind(LOCK_KEY)
+        .fetch_one(&mut conn)
+        .await
+    {
+        Ok(true) => {
+            *leader = Some(conn);
+            true
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,258 @@
+//! A synchronous approval: the escalated request is held until a person decides or the
+//! approval times out, then decided again with its approval (and forwarded once, if allowed).
+//!
+//! A client that accepts `text/event-stream` gets the answer as an SSE stream at once, with a
+//! comment every keep-alive interval so no proxy or client read timeout ends the wait; the
+//! answer is its one event. Otherwise the request is held open and answered as JSON. Either
+//! way the wait belongs to the client's connection: when the client goes (hyper drops the
+//! request's future, or the stream's receiver), the wait is dropped with it, before anything
+//! is forwarded.
+//!
+//! Chosen per request: `Prefer: respond-async` asks for the `-32019` answer, `Prefer: wait`
+//! to be held; without either, `INTENTGATE_APPROVAL_MODE`.
+//!
+//! This module must never forward a call whose approval it did not see approved, and never
+//! keep waiting for a client that has gone.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::{Response, StatusCode};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::era::Era;
+use super::jsonrpc::{self, RpcError};
+use super::{CallContext, Endpoint};
+use crate::approvals::{self, Status, wait::Outcome};
+use crate::audit::{self, AuditEvent, Decision};
+use crate::capability::Grant;
+use crate::http::{self, Body};
+use crate::pipeline::{Denial, Pending};
+use crate::server::Gateway;
+
+/// Whether this request waits for its approval (see the module docs).
+pub(super) fn wanted(gw: &Gateway, headers: &hyper::HeaderMap) -> bool {
+    let mut mode = gw.pipeline.approvals().mode;
+    for v in headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        for pref in v.split(',').map(str::trim) {
+            let name = pref.split(['=', ';']).next().unwrap_or_default().trim();
+            if name.eq_ignore_ascii_case("respond-async") {
+                mode = approvals::Mode::Async;
+            } else if name.eq_ignore_ascii_case("wait") {
+                mode = approvals::Mode::Sync;
+            }
+        }
+    }
+    mode == approvals::Mode::Sync
+}
+
+/// Everything a held request needs, owned (the stream's task outlives the handler).
+pub(super) struct Held {
+    pub(super) gw: Arc<Gateway>,
+    pub(super) grant: Grant,
+    pub(super) headers: hyper::HeaderMap,
+    pub(super) remote: std::net::SocketAddr,
+    pub(super) session: Option<String>,
+    pub(super) era: Era,
+    pub(super) endpoint: Endpoint,
+    pub(super) rpc: jsonrpc::Request,
+    pub(super) pending: Pending,
+}
+
+impl Held {
+    /// The held request's answer: streamed (with keep-alives) or whole.
+    pub(super) async fn respond(self, stream: bool) -> Response<Body> {
+        if !stream {
+            let (ctx_out, id) = self.finish().await;
+            return ctx_out.into_response(&id);
+        }
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        let keepalive = self.gw.pipeline.approvals().keepalive;
+        tokio::spawn(async move {
+            let finishing = self.finish();
+            tokio::pin!(finishing);
+            let mut tick = tokio::time::interval(keepalive);
+            tick.tick().await;
+            let answer = loop {
+                tokio::select! {
+                    done = &mut finishing => break done,
+                    // The client went away: the wait ends here, before any forward.
+                    _ = tx.closed() => return,
+                    _ = tick.tick() => {
+                        let comment = Bytes::from_static(b": waiting for approval\n\n");
+                        if tx.send(comment).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            };
+            let (out, id) = answer;
+            let mut event = Vec::new();
+            for n in &out.notifications {
+                event.extend_from_slice(b"event: message\ndata: ");
+                event.extend_from_slice(n.to_string().as_bytes());
+                event.extend_from_slice(b"\n\n");
+            }
+            event.extend_from_slice(b"event: message\ndata: ");
+            event.extend_from_slice(&out.body(&id));
+            event.extend_from_slice(b"\n\n");
+            let _ = tx.send(Bytes::from(event)).await;
+        });
+        let mut resp = Response::new(http::channel(rx));
+        *resp.status_mut() = StatusCode::OK;
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        resp
+    }
+
+    /// Waits for the decision, then answers: the call decided again with its approval, or the
+    /// rejection or timeout.
+    async fn finish(self) -> (Answer, Value) {
+        let id = self.rpc.id.clone().unwrap_or(Value::Null);
+        let outcome = self.wait_and_run().await;
+        (outcome, id)
+    }
+
+    async fn wait_and_run(&self) -> Answer {
+        let gw = &self.gw;
+        let db = gw.pipeline.audit().db();
+        let pending = &self.pending;
+        let tenant = &self.grant.tenant;
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(
+                u64::try_from(pending.expires_ms - audit::time::now_ms()).unwrap_or(0),
+            );
+        let waited = gw
+            .approvals
+            .wait(db, tenant, &pending.pending_id, deadline)
+            .await;
+        let decided = match waited {
+            Ok(Outcome::Decided(a)) => a,
+            Ok(Outcome::TimedOut) => match self.time_out().await {
+                Some(a) => a,
+                None => {
+                    return self.refused(Denial::ApprovalTimedOut {
+                        pending_id: pending.pending_id.clone(),
+                    });
+                }
+            },
+            Err(e) => return self.refused(Denial::Audit(e.to_string())),
+        };
+        match decided.status {
+            Status::Approved => {}
+            Status::Rejected => {
+                return self.refused(Denial::ApprovalRejected {
+                    pending_id: pending.pending_id.clone(),
+                    note: decided.decide_note.filter(|n| !n.is_empty()),
+                });
+            }
+            _ => {
+                return self.refused(Denial::ApprovalTimedOut {
+                    pending_id: pending.pending_id.clone(),
+                });
+            }
+        }
+        // Approved: decided again, with the approval consumed in the call's commit.
+        let mut ctx = CallContext::new(
+            gw,
+            &self.grant,
+            &self.headers,
+            self.remote,
+            self.session.as_deref(),
+            &self.era,
+        );
+        ctx.approval = Some(pending.pending_id.clone());
+        let outcome = ctx.dispatch(self.endpoint, &self.rpc).await;
+        Answer {
+            notifications: ctx.take_notifications(),
+            outcome,
+            modern: self.era.is_modern(),
+        }
+    }
+
+    /// Records the timeout (the approval expires with an audit event). `Some` when a decision
+    /// landed at the last moment instead.
+    async fn time_out(&self) -> Option<approvals::Approval> {
+        let g = &self.grant;
+        let mut e = AuditEvent::new(audit::kinds::APPROVAL, g.tenant.clone());
+        e.decision = Some(Decision::Block);
+        e.check = "approval".to_owned();
+        e.reason = "approval timed out".to_owned();
+        e.pending_id = self.pending.pending_id.clone();
+        e.agent_id = g.subject.clone();
+        e.jti = g.jti.clone();
+        e.root_jti = g.root_jti.clone();
+        e.remote_ip = self.remote.ip().to_string();
+        let write = approvals::ApprovalWrite::Expire {
+            id: self.pending.pending_id.clone(),
+            pending_only: true,
+        };
+        match self
+            .gw
+            .pipeline
+            .audit()
+            .append_with(e, Vec::new(), Some(write))
+            .await
+        {
+            Ok(a) if a.refused.is_some() => {
+                // Decided meanwhile: act on the decision.
+                approvals::query::get(
+                    self.gw.pipeline.audit().db(),
+                    Some(&g.tenant),
+                    &self.pending.pending_id,
+                )
+                .await
+                .ok()
+                .flatten()
+                .filter(|a| a.status != Status::Pending)
+            }
+            Ok(_) => None,
+            Err(err) => {
+                tracing::error!(error = %err, "approvals: the timeout of a held call was not recorded");
+                None
+            }
+        }
+    }
+
+    fn refused(&self, denial: Denial) -> Answer {
+        Answer {
+            notifications: Vec::new(),
+            outcome: Err(denial.to_rpc()),
+            modern: self.era.is_modern(),
+        }
+    }
+}
+
+/// A held request's outcome, ready to encode.
+struct Answer {
+    notifications: Vec<Value>,
+    outcome: Result<Value, RpcError>,
+    modern: bool,
+}
+
+impl Answer {
+    /// The JSON-RPC message of the answer (the notifications are sent as their own events).
+    fn body(&self, id: &Value) -> Vec<u8> {
+        match &self.outcome {
+            Ok(result) => jsonrpc::result(id, result.clone()),
+            Err(err) => jsonrpc::error(Some(id), err),
+        }
+    }
+
+    fn into_response(self, id: &Value) -> Response<Body> {
+        let status = match &self.outcome {
+            Err(err) if self.modern => {
+                StatusCode::from_u16(super::era::modern_status(err.code)).unwrap_or(StatusCode::OK)
+            }
+            _ => StatusCode::OK,
+        };
+        http::json_bytes(status, self.body(id))
+    }
+}

@@ -1,0 +1,677 @@
+//! The approval queue end to end, in front of the real MCP upstream (`upstream_server.py`, which
+//! logs every call it executes): async escalation and resume (single-use, matched to the call,
+//! expiring), sync holds (approved, rejected, timed out, client gone), the admin API's errors,
+//! two replicas on PostgreSQL, and pending approvals surviving `kill -9`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::interop::{Flavor, Upstream};
+use crate::support::gateway::{self, ADMIN_TOKEN, Backend, MASTER_KEY, TestGateway};
+use crate::support::http;
+
+/// A marker unique to this test run, put in the arguments so the upstream's call log can be
+/// searched for exactly this call.
+fn marker(name: &str) -> String {
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        intentgate::approvals::new_id()
+    )
+}
+
+fn call_body(tool: &str, table: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+           "params": {"name": tool, "arguments": {"table": table}}})
+}
+
+async fn call_with(url: &str, token: &str, body: &Value, extra: &[(&str, &str)]) -> Value {
+    let auth = format!("Bearer {token}");
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+        ("authorization", auth.as_str()),
+    ];
+    headers.extend_from_slice(extra);
+    let (status, h, bytes) = http::send(
+        "POST",
+        &format!("{url}/v1/mcp"),
+        &headers,
+        serde_json::to_vec(body).expect("json"),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let sse = h
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("text/event-stream"));
+    if sse {
+        // The last `data:` line is the answer (comments and notifications come before it).
+        let data = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .last()
+            .unwrap_or_else(|| panic!("no event in {text:?}"));
+        serde_json::from_str(data).expect("event JSON")
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"))
+    }
+}
+
+async fn start(backend: Backend, up: &Upstream, extra: &[&str]) -> TestGateway {
+    let mut flags = vec!["--tenant-admins", "acme:acme-admin-token-0123456789"];
+    flags.extend_from_slice(extra);
+    gateway::start(backend, Some(&up.url), &flags).await
+}
+
+async fn pending_of(v: &Value) -> String {
+    assert_eq!(v["error"]["code"], -32019, "escalated: {v}");
+    let data = &v["error"]["data"];
+    assert_eq!(data["status"], "pending", "{v}");
+    assert_eq!(data["resume_header"], "X-IntentGate-Approval-Id", "{v}");
+    data["pending_id"].as_str().expect("pending_id").to_owned()
+}
+
+async fn decide(tg_url: &str, admin: &str, id: &str, body: Value) -> (u16, Value) {
+    http::post_json(
+        &format!("{tg_url}/v1/admin/approvals/{id}/decide"),
+        Some(admin),
+        &body,
+    )
+    .await
+}
+
+async fn approvals(tg_url: &str, admin: &str, query: &str) -> Vec<Value> {
+    let (status, v) = http::get_json(&format!("{tg_url}/v1/admin/approvals?{query}"), admin).await;
+    assert_eq!(status, 200, "{v}");
+    v["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until the upstream's call log holds `n` calls with `marker` (it is written when the
+/// tool runs), or a few seconds pass; returns the count.
+async fn upstream_calls(up: &Upstream, marker: &str, n: usize) -> usize {
+    let until = Instant::now() + Duration::from_secs(3);
+    loop {
+        let got = up.calls_with(marker).len();
+        if got >= n || Instant::now() > until {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn audit_with(tg: &TestGateway, pending_id: &str) -> Vec<Value> {
+    let (status, v) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=default&limit=500", tg.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    v["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.to_string().contains(pending_id))
+        .collect()
+}
+
+#[tokio::test]
+async fn async_escalation_resumes_once_and_every_mismatch_is_refused_and_audited() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let tg = start(Backend::Sqlite, up, &[]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "agent-a", "tools": ["delete_records", "echo"]}))
+        .await;
+    let m = marker("async");
+    let v = call_with(&tg.url, &token, &call_body("delete_records", &m), &[]).await;
+    let id = pending_of(&v).await;
+    assert_eq!(
+        upstream_calls(up, &m, 1).await,
+        0,
+        "not run before approval"
+    );
+
+    // The queue shows it with the original's fields.
+    let rows = approvals(&tg.url, ADMIN_TOKEN, "status=pending").await;
+    let row = rows
+        .iter()
+        .find(|r| r["pending_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("pending row in {rows:?}"));
+    for field in [
+        "tenant",
+        "capability_token_id",
+        "root_capability_token_id",
+        "agent_id",
+        "tool",
+        "intent_summary",
+        "reason",
+        "status",
+        "created_at",
+        "requires_step_up",
+        "args_digest",
+        "bundle_digest",
+        "expires_at",
+    ] {
+        assert!(row.get(field).is_some(), "{field} in {row}");
+    }
+    assert_eq!(row["tool"], "delete_records");
+    assert_eq!(row["agent_id"], "agent-a");
+    assert_eq!(row["requires_step_up"], true, "the demo policy asks for it");
+
+    // Resuming before the decision is refused.
+    let resume = [("x-intentgate-approval-id", id.as_str())];
+    let v = call_with(&tg.url, &token, &call_body("delete_records", &m), &resume).await;
+    assert_eq!(v["error"]["code"], -32012, "still pending: {v}");
+
+    let (status, d) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "approve", "decided_by": "ops@example.com", "note": "ok"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["approval"]["status"], "approved");
+
+    // Another tool, other arguments, another token of the same agent: refused, not consumed.
+    let other_args = call_with(
+        &tg.url,
+        &token,
+        &call_body("delete_records", "other"),
+        &resume,
+    )
+    .await;
+    assert_eq!(other_args["error"]["code"], -32012, "{other_args}");
+    assert!(
+        other_args.to_string().contains("other arguments"),
+        "{other_args}"
+    );
+    let other_tool = call_with(&tg.url, &token, &call_body("echo", &m), &resume).await;
+    assert_eq!(other_tool["error"]["code"], -32012, "{other_tool}");
+    let (token2, _) = tg
+        .mint(json!({"subject": "agent-a", "tools": ["delete_records"]}))
+        .await;
+    let other_token = call_with(&tg.url, &token2, &call_body("delete_records", &m), &resume).await;
+    assert_eq!(other_token["error"]["code"], -32012, "{other_token}");
+    assert!(
+        other_token.to_string().contains("another token"),
+        "{other_token}"
+    );
+    let (acme, _) = tg
+        .mint(json!({"subject": "agent-a", "tenant": "acme", "tools": ["delete_records"]}))
+        .await;
+    let other_tenant = call_with(&tg.url, &acme, &call_body("delete_records", &m), &resume).await;
+    assert_eq!(other_tenant["error"]["code"], -32012, "{other_tenant}");
+    assert!(
+        other_tenant.to_string().contains("unknown approval"),
+        "{other_tenant}"
+    );
+
+    // The matching call runs, once.
+    let v = call_with(&tg.url, &token, &call_body("delete_records", &m), &resume).await;
+    assert!(v.get("result").is_some(), "approved call runs: {v}");
+    assert_eq!(upstream_calls(up, &m, 1).await, 1);
+    // And only once.
+    let again = call_with(&tg.url, &token, &call_body("delete_records", &m), &resume).await;
+    assert_eq!(again["error"]["code"], -32012, "{again}");
+    assert!(again.to_string().contains("already used"), "{again}");
+    assert_eq!(upstream_calls(up, &m, 2).await, 1, "a replay never runs");
+
+    let rows = approvals(&tg.url, ADMIN_TOKEN, "status=consumed").await;
+    assert!(
+        rows.iter().any(|r| r["pending_id"] == id.as_str()),
+        "{rows:?}"
+    );
+
+    // Every step is on the chain: escalation, decision, refusals, the consumption.
+    let events = audit_with(&tg, &id).await;
+    let has = |pred: &dyn Fn(&Value) -> bool, what: &str| {
+        assert!(events.iter().any(pred), "{what} in {events:#?}");
+    };
+    has(&|e| e["decision"] == "escalate", "the escalation");
+    has(
+        &|e| e["event"] == "intentgate.approval" && e["decided_by"] == "ops@example.com",
+        "the decision",
+    );
+    has(
+        &|e| e["decision"] == "allow" && e["event"] == "intentgate.tool_call",
+        "the consumption",
+    );
+    let refusals = events
+        .iter()
+        .filter(|e| e["decision"] == "block" && e["check"] == "approval")
+        .count();
+    assert!(
+        refusals >= 4,
+        "mismatches and the replay are audited: {events:#?}"
+    );
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_approved_id_expires() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let tg = start(Backend::Sqlite, up, &["--approval-timeout-s", "1"]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "agent-e", "tools": ["delete_records"]}))
+        .await;
+    let m = marker("expiry");
+    let id =
+        pending_of(&call_with(&tg.url, &token, &call_body("delete_records", &m), &[]).await).await;
+    let (status, d) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "approve", "decided_by": "ops"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let resume = [("x-intentgate-approval-id", id.as_str())];
+    let v = call_with(&tg.url, &token, &call_body("delete_records", &m), &resume).await;
+    assert_eq!(v["error"]["code"], -32012, "{v}");
+    assert!(v.to_string().contains("expired"), "{v}");
+    assert_eq!(upstream_calls(up, &m, 1).await, 0);
+    // Deciding an expired approval is a conflict, too.
+    let id2 =
+        pending_of(&call_with(&tg.url, &token, &call_body("delete_records", &m), &[]).await).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let (status, d) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id2,
+        json!({"decision": "approve", "decided_by": "ops"}),
+    )
+    .await;
+    assert_eq!(status, 409, "{d}");
+    assert_eq!(d["current"]["status"], "expired", "{d}");
+    // The sweep records the expiry on the chain.
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let events = audit_with(&tg, &id2).await;
+        if events.iter().any(|e| e["reason"] == "approval expired") {
+            break;
+        }
+        assert!(Instant::now() < until, "expiry recorded: {events:#?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn deciding_is_scoped_single_and_not_by_the_agent_itself() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let tg = start(Backend::Sqlite, up, &[]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "agent-d", "tools": ["delete_records"]}))
+        .await;
+    let id =
+        pending_of(&call_with(&tg.url, &token, &call_body("delete_records", "x"), &[]).await).await;
+    // Another tenant's admin: 404, as an unknown id.
+    let acme = "acme-admin-token-0123456789";
+    let (status, v) = decide(
+        &tg.url,
+        acme,
+        &id,
+        json!({"decision": "approve", "decided_by": "eve"}),
+    )
+    .await;
+    assert_eq!(status, 404, "{v}");
+    assert!(
+        approvals(&tg.url, acme, "status=all").await.is_empty(),
+        "acme sees none of default's"
+    );
+    // Bad input.
+    let (status, v) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "maybe", "decided_by": "ops"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    // Self-approval.
+    let (status, v) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "approve", "decided_by": "agent-d"}),
+    )
+    .await;
+    assert_eq!(status, 403, "{v}");
+    // Two deciders race: exactly one wins, the other gets 409 with the current row.
+    let body_a = json!({"decision": "reject", "decided_by": "ops-1", "note": "no"});
+    let body_b = json!({"decision": "approve", "decided_by": "ops-2"});
+    let (a, b) = tokio::join!(
+        decide(&tg.url, ADMIN_TOKEN, &id, body_a),
+        decide(&tg.url, ADMIN_TOKEN, &id, body_b)
+    );
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "{a:?} {b:?}");
+    let loser = if a.0 == 409 { &a.1 } else { &b.1 };
+    assert_eq!(loser["error"], "already decided");
+    assert!(
+        loser["current"]["status"] == "approved" || loser["current"]["status"] == "rejected",
+        "{loser}"
+    );
+    tg.shutdown().await;
+}
+
+/// A held call (`Prefer: wait`) in a task; the caller decides it meanwhile.
+async fn held(url: String, token: String, body: Value) -> tokio::task::JoinHandle<Value> {
+    tokio::spawn(async move { call_with(&url, &token, &body, &[("prefer", "wait")]).await })
+}
+
+async fn wait_pending(url: &str, agent: &str) -> String {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = approvals(url, ADMIN_TOKEN, "status=pending&limit=500").await;
+        if let Some(r) = rows.iter().find(|r| r["agent_id"] == agent) {
+            return r["pending_id"].as_str().expect("id").to_owned();
+        }
+        assert!(Instant::now() < until, "no pending approval for {agent}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn sync_holds_until_approved_rejected_or_timed_out() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let tg = start(
+        Backend::Sqlite,
+        up,
+        &[
+            "--approval-timeout-s",
+            "2",
+            "--approval-keepalive-ms",
+            "100",
+        ],
+    )
+    .await;
+    let (token, _) = tg
+        .mint(json!({"subject": "agent-s", "tools": ["delete_records"]}))
+        .await;
+    // Approved: the held call completes, once.
+    let m = marker("sync-ok");
+    let task = held(
+        tg.url.clone(),
+        token.clone(),
+        call_body("delete_records", &m),
+    )
+    .await;
+    let id = wait_pending(&tg.url, "agent-s").await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // a few keep-alives go out
+    let (status, d) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "approve", "decided_by": "ops"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    let v = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("answered")
+        .expect("task");
+    assert!(v.get("result").is_some(), "approved held call runs: {v}");
+    assert_eq!(upstream_calls(up, &m, 1).await, 1);
+
+    // Rejected: the rejection, no upstream call.
+    let m = marker("sync-no");
+    let task = held(
+        tg.url.clone(),
+        token.clone(),
+        call_body("delete_records", &m),
+    )
+    .await;
+    let id = wait_pending(&tg.url, "agent-s").await;
+    let (status, _) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "reject", "decided_by": "ops", "note": "too risky"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let v = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("answered")
+        .expect("task");
+    assert_eq!(v["error"]["code"], -32012, "{v}");
+    assert_eq!(v["error"]["message"], "approval rejected", "{v}");
+    assert_eq!(v["error"]["data"]["note"], "too risky", "{v}");
+    assert_eq!(upstream_calls(up, &m, 1).await, 0);
+
+    // Nobody decides: timed out, audited, no upstream call.
+    let m = marker("sync-late");
+    let task = held(
+        tg.url.clone(),
+        token.clone(),
+        call_body("delete_records", &m),
+    )
+    .await;
+    let id = wait_pending(&tg.url, "agent-s").await;
+    let v = tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("answered")
+        .expect("task");
+    assert_eq!(v["error"]["code"], -32012, "{v}");
+    assert_eq!(v["error"]["message"], "approval timed out", "{v}");
+    assert_eq!(upstream_calls(up, &m, 1).await, 0);
+    let events = audit_with(&tg, &id).await;
+    assert!(
+        events.iter().any(|e| e["reason"] == "approval timed out"),
+        "{events:#?}"
+    );
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_left_never_runs_its_approved_call() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let tg = start(Backend::Sqlite, up, &["--approval-keepalive-ms", "100"]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "agent-gone", "tools": ["delete_records"]}))
+        .await;
+    for accept in ["application/json, text/event-stream", "application/json"] {
+        let m = marker("gone");
+        let body = serde_json::to_vec(&call_body("delete_records", &m)).expect("json");
+        let mut sock = std::net::TcpStream::connect(tg.addr).expect("connect");
+        write!(
+            sock,
+            "POST /v1/mcp HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nAccept: {accept}\r\nPrefer: wait\r\nContent-Length: {}\r\n\r\n",
+            tg.addr,
+            body.len()
+        )
+        .expect("write");
+        sock.write_all(&body).expect("body");
+        let id = wait_pending(&tg.url, "agent-gone").await;
+        drop(sock);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (status, d) = decide(
+            &tg.url,
+            ADMIN_TOKEN,
+            &id,
+            json!({"decision": "approve", "decided_by": "ops"}),
+        )
+        .await;
+        assert_eq!(status, 200, "{d}");
+        assert_eq!(
+            upstream_calls(up, &m, 1).await,
+            0,
+            "{accept}: the client had gone"
+        );
+        let rows = approvals(&tg.url, ADMIN_TOKEN, "status=approved").await;
+        assert!(
+            rows.iter().any(|r| r["pending_id"] == id.as_str()),
+            "not consumed: {rows:?}"
+        );
+    }
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_decision_on_one_replica_releases_the_call_held_on_another() {
+    let Ok(pg) = intentgate::testkit::PgServer::shared() else {
+        panic!("PostgreSQL test server could not start");
+    };
+    let url = pg.fresh_database().expect("database");
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let a = start(Backend::Postgres(url.clone()), up, &[]).await;
+    let b = start(Backend::Postgres(url), up, &[]).await;
+    let (token, _) = a
+        .mint(json!({"subject": "agent-r", "tools": ["delete_records"]}))
+        .await;
+    let m = marker("replicas");
+    let task = held(
+        a.url.clone(),
+        token.clone(),
+        call_body("delete_records", &m),
+    )
+    .await;
+    let id = wait_pending(&b.url, "agent-r").await;
+    let started = Instant::now();
+    let (status, d) = decide(
+        &b.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "approve", "decided_by": "ops"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    let v = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("answered")
+        .expect("task");
+    assert!(v.get("result").is_some(), "{v}");
+    assert!(
+        started.elapsed() < intentgate::approvals::wait::POLL,
+        "woken by NOTIFY, not the poll: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(upstream_calls(up, &m, 1).await, 1);
+    // The consumed id is refused on the other replica too.
+    let resume = [("x-intentgate-approval-id", id.as_str())];
+    let again = call_with(&b.url, &token, &call_body("delete_records", &m), &resume).await;
+    assert_eq!(again["error"]["code"], -32012, "{again}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+// --- kill -9 ---------------------------------------------------------------------------------
+
+fn collect_lines(out: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().expect("lines").push(line);
+        }
+    });
+    lines
+}
+
+/// The gateway binary on `data`; returns the child and its URL.
+async fn binary(data: &std::path::Path, upstream: &str) -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_intentgate"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("INTENTGATE_LOG_FORMAT", "json")
+        .env("INTENTGATE_ADDR", "127.0.0.1:0")
+        .env("INTENTGATE_DATA_DIR", data)
+        .env("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("INTENTGATE_MASTER_KEY", MASTER_KEY)
+        .env("INTENTGATE_UPSTREAM_URL", upstream)
+        .env(
+            "INTENTGATE_POLICY_FILE",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../policies/examples/token_scope.rego"
+            ),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the gateway binary");
+    let lines = collect_lines(child.stdout.take().expect("stdout"));
+    let started = Instant::now();
+    loop {
+        let found = lines.lock().expect("lines").iter().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            v["fields"]["local"].as_str().map(|a| format!("http://{a}"))
+        });
+        if let Some(url) = found {
+            return (child, url);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no listening line"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn pending_approvals_survive_kill_9_and_resume_once() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let (mut child, url) = binary(data.path(), &up.url).await;
+    let (status, minted) = http::post_json(
+        &format!("{url}/v1/admin/mint"),
+        Some(ADMIN_TOKEN),
+        &json!({"subject": "agent-k", "tools": ["delete_records"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{minted}");
+    let token = minted["token"].as_str().expect("token").to_owned();
+    let m = marker("kill9");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let v = call_with(
+            &url,
+            &token,
+            &call_body("delete_records", &format!("{m}-{i}")),
+            &[],
+        )
+        .await;
+        ids.push(pending_of(&v).await);
+    }
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+
+    let (mut child, url) = binary(data.path(), &up.url).await;
+    let rows = approvals(&url, ADMIN_TOKEN, "status=pending&limit=500").await;
+    for id in &ids {
+        let n = rows
+            .iter()
+            .filter(|r| r["pending_id"] == id.as_str())
+            .count();
+        assert_eq!(n, 1, "{id} survived exactly once: {rows:?}");
+    }
+    let (status, d) = decide(
+        &url,
+        ADMIN_TOKEN,
+        &ids[0],
+        json!({"decision": "approve", "decided_by": "ops"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    let resume = [("x-intentgate-approval-id", ids[0].as_str())];
+    let body = call_body("delete_records", &format!("{m}-0"));
+    let v = call_with(&url, &token, &body, &resume).await;
+    assert!(v.get("result").is_some(), "{v}");
+    let again = call_with(&url, &token, &body, &resume).await;
+    assert_eq!(again["error"]["code"], -32012, "{again}");
+    assert_eq!(upstream_calls(up, &format!("{m}-0"), 1).await, 1);
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+}
