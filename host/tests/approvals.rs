@@ -164,10 +164,15 @@ async fn async_escalation_resumes_once_and_every_mismatch_is_refused_and_audited
     assert_eq!(row["agent_id"], "agent-a");
     assert_eq!(row["requires_step_up"], true, "the demo policy asks for it");
 
-    // Resuming before the decision is refused.
+    // Resuming before the decision: still pending (after a long-poll of `Prefer: wait=1`),
+    // or at once with `respond-async`; nothing is decided or consumed.
     let resume = [("x-intentgate-approval-id", id.as_str())];
-    let v = call_with(&tg.url, &token, &call_body("delete_records", &m), &resume).await;
-    assert_eq!(v["error"]["code"], -32012, "still pending: {v}");
+    for prefer in ["wait=1", "respond-async"] {
+        let mut headers = resume.to_vec();
+        headers.push(("prefer", prefer));
+        let v = call_with(&tg.url, &token, &call_body("delete_records", &m), &headers).await;
+        assert_eq!(pending_of(&v).await, id, "still pending ({prefer}): {v}");
+    }
 
     let (status, d) = decide(
         &tg.url,
@@ -674,4 +679,71 @@ async fn pending_approvals_survive_kill_9_and_resume_once() {
     assert_eq!(upstream_calls(up, &format!("{m}-0"), 1).await, 1);
     child.kill().expect("SIGKILL");
     let _ = child.wait();
+}
+
+// --- agents resuming with real clients ----------------------------------------------------------
+
+/// Runs `tests/interop/approval_agent.py MODE` in the background; its one JSON line when done.
+fn agent(mode: &str, url: &str, token: &str, table: &str) -> tokio::task::JoinHandle<Value> {
+    let mut cmd = Command::new(crate::interop::python());
+    cmd.arg(crate::interop::interop_dir().join("approval_agent.py"))
+        .args([mode, "--gateway", url, "--token", token, "delete_records"])
+        .arg(json!({"table": table}).to_string())
+        .stdin(Stdio::null());
+    tokio::task::spawn_blocking(move || {
+        let out = cmd.output().expect("the agent ran");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|_| {
+            panic!(
+                "agent printed no JSON: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    })
+}
+
+#[tokio::test]
+async fn agents_with_the_official_client_and_plain_http_resume_after_approval() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let tg = start(Backend::Sqlite, up, &[]).await;
+    for mode in ["mcp", "http", "modern"] {
+        let subject = format!("agent-{mode}");
+        let (token, _) = tg
+            .mint(json!({"subject": subject, "tools": ["delete_records"]}))
+            .await;
+        // Approved: the agent's call runs once.
+        let m = marker(mode);
+        let task = agent(mode, &tg.url, &token, &m);
+        let id = wait_pending(&tg.url, &subject).await;
+        tokio::time::sleep(Duration::from_millis(500)).await; // the agent is resuming
+        let (status, d) = decide(
+            &tg.url,
+            ADMIN_TOKEN,
+            &id,
+            json!({"decision": "approve", "decided_by": "ops"}),
+        )
+        .await;
+        assert_eq!(status, 200, "{d}");
+        let out = task.await.expect("agent");
+        assert_eq!(out["ok"], true, "{mode}: {out}");
+        assert!(out["text"].to_string().contains(&m), "{mode}: {out}");
+        assert_eq!(upstream_calls(up, &m, 1).await, 1, "{mode}");
+        // Rejected: the agent learns it, the call never runs.
+        let m = marker(mode);
+        let task = agent(mode, &tg.url, &token, &m);
+        let id = wait_pending(&tg.url, &subject).await;
+        let (status, _) = decide(
+            &tg.url,
+            ADMIN_TOKEN,
+            &id,
+            json!({"decision": "reject", "decided_by": "ops"}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let out = task.await.expect("agent");
+        assert_eq!(out["ok"], false, "{mode}: {out}");
+        assert!(out.to_string().contains("rejected"), "{mode}: {out}");
+        assert_eq!(upstream_calls(up, &m, 1).await, 0, "{mode}");
+    }
+    tg.shutdown().await;
 }

@@ -52,11 +52,11 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn interop_dir() -> PathBuf {
+pub(crate) fn interop_dir() -> PathBuf {
     repo_root().join("tests").join("interop")
 }
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     std::env::var("INTENTGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 

@@ -52,6 +52,34 @@ pub(super) fn wanted(gw: &Gateway, headers: &hyper::HeaderMap) -> bool {
     mode == approvals::Mode::Sync
 }
 
+/// How long a resume of a still-pending approval waits for its decision before it is
+/// answered pending again: `Prefer: wait=N` seconds, none with `Prefer: respond-async`, else
+/// `default`.
+pub(super) fn poll_window(
+    headers: &hyper::HeaderMap,
+    default: std::time::Duration,
+) -> std::time::Duration {
+    let mut window = default;
+    for v in headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        for pref in v.split(',').map(str::trim) {
+            let mut kv = pref.splitn(2, '=');
+            let name = kv.next().unwrap_or_default().trim();
+            if name.eq_ignore_ascii_case("respond-async") {
+                window = std::time::Duration::ZERO;
+            } else if name.eq_ignore_ascii_case("wait")
+                && let Some(secs) = kv.next().and_then(|n| n.trim().parse::<u64>().ok())
+            {
+                window = std::time::Duration::from_secs(secs.min(3600));
+            }
+        }
+    }
+    window
+}
+
 /// Everything a held request needs, owned (the stream's task outlives the handler).
 pub(super) struct Held {
     pub(super) gw: Arc<Gateway>,

@@ -5,7 +5,7 @@
 
 use hyper::header::HeaderValue;
 use hyper::{Response, StatusCode};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::call::Invocation;
 use super::era::Era;
@@ -16,8 +16,11 @@ use super::{
     CallContext, SESSION_HEADER, discover, now_secs, passthrough_error, translate,
     upstream_rpc_error,
 };
+use crate::approvals::{Status, wait::Outcome};
 use crate::http::{self, Body};
-use crate::pipeline::{CallKind, Round, ToolCall, decision_summary, is_reserved_tool_name};
+use crate::pipeline::{
+    CallKind, Pending, Round, ToolCall, decision_summary, is_reserved_tool_name,
+};
 use crate::upstream::Reply;
 
 impl CallContext<'_> {
@@ -67,7 +70,7 @@ impl CallContext<'_> {
         let seal = RoundSeal::new(&self.gw.sessions);
         // A later round of a multi-round call: the state must be one the gateway sealed for
         // this very call; it names the call's first audit event and the round.
-        let previous = match &inv.request_state {
+        let mut previous = match &inv.request_state {
             Some(s) => Some(
                 seal.open(s, &self.round_binding(&inv), now_secs())
                     .map_err(|e| {
@@ -77,6 +80,23 @@ impl CallContext<'_> {
             ),
             None => None,
         };
+        // A state sealed for a pending approval (round 0): the retry long-polls the decision,
+        // then the call is decided again with its approval.
+        let mut resumes: Option<String> = None;
+        if let Some(p) = previous.as_ref().filter(|p| p.round == 0) {
+            let id = p.inner.clone().unwrap_or_default();
+            if let Some(still) = self.await_approval(&id).await? {
+                return Ok(self.approval_input_required(&inv, &still));
+            }
+            resumes = Some(id);
+            previous = None;
+        } else if let Some(id) = self.approval_id() {
+            // A resume by header long-polls the same way; still pending is `-32019` again
+            // (nothing was decided, so nothing is audited).
+            if let Some(still) = self.await_approval(id).await? {
+                return Err(crate::pipeline::Denial::ApprovalPending(still).to_rpc());
+            }
+        }
         let call = ToolCall {
             grant: self.grant,
             kind: CallKind::Tool,
@@ -90,10 +110,21 @@ impl CallContext<'_> {
                 call_event: p.call_event,
                 number: p.round.saturating_add(1),
             }),
-            approval_id: self.approval_id(),
+            approval_id: resumes.as_deref().or_else(|| self.approval_id()),
         };
         // Every round is decided again; only the first is charged.
-        let (permit, upstream) = self.decide(&call).await?;
+        let (permit, upstream) = match self.decide(&call).await {
+            Ok(decided) => decided,
+            // A stateless-era client that is not held gets the pending approval as an
+            // input-required result: any MCP client resumes it by retrying with the state.
+            Err(e) if modern && !super::hold::wanted(self.gw, self.headers) => {
+                match self.take_pending() {
+                    Some(p) => return Ok(self.approval_input_required(&inv, &p)),
+                    None => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         let relay = match self.era {
             Era::Modern(env) => Some(env),
             Era::Handshake => None,
@@ -132,4 +163,68 @@ impl CallContext<'_> {
         result.insert("_intentgate".into(), decision_summary(&permit));
         Ok(Value::Object(result))
     }
+
+    /// The input-required result of a pending approval (2026-07-28): state only, sealed to
+    /// this call, naming the approval in `_meta` for clients that know the gateway.
+    fn approval_input_required(&self, inv: &Invocation, p: &Pending) -> Value {
+        let mut state = self.round_binding(inv);
+        state.round = 0;
+        state.inner = Some(p.pending_id.clone());
+        json!({
+            "resultType": translate::INPUT_REQUIRED,
+            "requestState": RoundSeal::new(&self.gw.sessions).seal(&state),
+            "_meta": {APPROVAL_META: p.to_json()},
+        })
+    }
+
+    /// Long-polls a pending approval for at most [`APPROVAL_LONG_POLL`] (or the request's
+    /// `Prefer: wait=N`, none with `respond-async`; never past its expiry):
+    /// `Some` when it is still pending (answer input-required again), `None` once it was
+    /// decided or expired (decide the call with it).
+    async fn await_approval(&self, id: &str) -> Result<Option<Pending>, RpcError> {
+        let audit = self.gw.pipeline.audit();
+        let tenant = &self.grant.tenant;
+        let store = |e: crate::approvals::query::QueryError| {
+            crate::pipeline::Denial::Audit(e.to_string()).to_rpc()
+        };
+        let Some(row) = crate::approvals::query::get(audit.db(), Some(tenant), id)
+            .await
+            .map_err(store)?
+        else {
+            return Ok(None); // refused by the pipeline as unknown
+        };
+        if row.agent_id != self.grant.subject {
+            return Ok(None); // refused by the pipeline as another agent's
+        }
+        let now = crate::audit::time::now_ms();
+        let left = u64::try_from(row.expires_ms - now).unwrap_or(0);
+        let window = super::hold::poll_window(self.headers, APPROVAL_LONG_POLL);
+        let until =
+            tokio::time::Instant::now() + window.min(std::time::Duration::from_millis(left));
+        let waited = self
+            .gw
+            .approvals
+            .wait(audit.db(), tenant, id, until)
+            .await
+            .map_err(store)?;
+        match waited {
+            Outcome::Decided(_) => Ok(None),
+            Outcome::TimedOut if row.status_at(crate::audit::time::now_ms()) == Status::Pending => {
+                Ok(Some(Pending {
+                    pending_id: row.pending_id,
+                    reason: row.reason,
+                    requires_step_up: row.requires_step_up,
+                    expires_ms: row.expires_ms,
+                }))
+            }
+            Outcome::TimedOut => Ok(None),
+        }
+    }
 }
+
+/// The `_meta` key of a pending approval in an input-required result.
+pub const APPROVAL_META: &str = "io.intentgate/approval";
+
+/// How long a stateless-era retry of a pending approval waits for its decision before it is
+/// answered input-required again.
+pub const APPROVAL_LONG_POLL: std::time::Duration = std::time::Duration::from_secs(20);
