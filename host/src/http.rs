@@ -142,6 +142,31 @@ pub fn header_str<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a s
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// A streamed response body: the chunks a producer task sends, ended when it drops its sender.
+/// When the client goes, hyper drops the body and the producer's `Sender::closed` resolves.
+pub struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// A [`Body`] fed by `rx`.
+pub fn channel(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
+    ChannelBody { rx }.boxed()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,29 +205,4 @@ mod tests {
             Bytes::from_static(b"ok")
         );
     }
-}
-
-/// A streamed response body: the chunks a producer task sends, ended when it drops its sender.
-/// When the client goes, hyper drops the body and the producer's `Sender::closed` resolves.
-pub struct ChannelBody {
-    rx: tokio::sync::mpsc::Receiver<Bytes>,
-}
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|b| Ok(hyper::body::Frame::data(b))))
-    }
-}
-
-/// A [`Body`] fed by `rx`.
-pub fn channel(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
-    ChannelBody { rx }.boxed()
 }

@@ -55,7 +55,7 @@ async fn call_with(url: &str, token: &str, body: &Value, extra: &[(&str, &str)])
         let data = text
             .lines()
             .filter_map(|l| l.strip_prefix("data: "))
-            .last()
+            .next_back()
             .unwrap_or_else(|| panic!("no event in {text:?}"));
         serde_json::from_str(data).expect("event JSON")
     } else {
@@ -332,6 +332,16 @@ async fn deciding_is_scoped_single_and_not_by_the_agent_itself() {
         approvals(&tg.url, acme, "status=all").await.is_empty(),
         "acme sees none of default's"
     );
+    // The tenants listing counts what waits, per tenant.
+    let (_, tenants) = http::get_json(&format!("{}/v1/admin/tenants", tg.url), ADMIN_TOKEN).await;
+    let count = |t: &str| {
+        tenants
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == t))
+            .map(|x| x["pending_approvals"].clone())
+    };
+    assert_eq!(count("default"), Some(json!(1)), "{tenants}");
+    assert_eq!(count("acme"), Some(json!(0)), "{tenants}");
     // Bad input.
     let (status, v) = decide(
         &tg.url,
@@ -584,7 +594,8 @@ fn collect_lines(out: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<Stri
     lines
 }
 
-/// The gateway binary on `data`; returns the child and its URL.
+/// The gateway binary on `data`; returns the child and its URL (the caller kills and waits).
+#[allow(clippy::zombie_processes)]
 async fn binary(data: &std::path::Path, upstream: &str) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_intentgate"))
         .env_clear()
@@ -617,10 +628,11 @@ async fn binary(data: &std::path::Path, upstream: &str) -> (std::process::Child,
         if let Some(url) = found {
             return (child, url);
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no listening line"
-        );
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no listening line");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -745,5 +757,69 @@ async fn agents_with_the_official_client_and_plain_http_resume_after_approval() 
         assert!(out.to_string().contains("rejected"), "{mode}: {out}");
         assert_eq!(upstream_calls(up, &m, 1).await, 0, "{mode}");
     }
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_step_up_the_token_lacks_is_asked_of_a_person_and_recorded() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("step_up.rego");
+    std::fs::write(
+        &policy,
+        r#"package intentgate.policy
+
+decision := {"allow": true, "requires_step_up": true, "reason": "payments need a fresh factor"} if {
+	input.tool == "delete_records"
+} else := {"allow": true, "reason": "ok"}
+"#,
+    )
+    .expect("policy");
+    let policy = policy.display().to_string();
+    let tg = start(Backend::Sqlite, up, &["--policy-file", &policy]).await;
+    // Without a step-up: an approval marked step_up, not a run.
+    let (plain, _) = tg
+        .mint(json!({"subject": "agent-su", "tools": ["delete_records"]}))
+        .await;
+    let m = marker("stepup");
+    let v = call_with(&tg.url, &plain, &call_body("delete_records", &m), &[]).await;
+    let id = pending_of(&v).await;
+    assert_eq!(v["error"]["data"]["requires_step_up"], true, "{v}");
+    assert!(v.to_string().contains("step-up required"), "{v}");
+    let rows = approvals(&tg.url, ADMIN_TOKEN, "status=pending").await;
+    let row = rows
+        .iter()
+        .find(|r| r["pending_id"] == id.as_str())
+        .expect("row");
+    assert_eq!(row["requires_step_up"], true);
+    assert_eq!(upstream_calls(up, &m, 1).await, 0);
+    // Approved by a person: the same call runs once, and the chain says a step-up was asked.
+    let (status, d) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "approve", "decided_by": "ops"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    let resume = [("x-intentgate-approval-id", id.as_str())];
+    let v = call_with(&tg.url, &plain, &call_body("delete_records", &m), &resume).await;
+    assert!(v.get("result").is_some(), "{v}");
+    assert_eq!(upstream_calls(up, &m, 1).await, 1);
+    let events = audit_with(&tg, &id).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["decision"] == "escalate" && e["requires_step_up"] == true),
+        "{events:#?}"
+    );
+    // A token that carries a step-up runs without a person.
+    let (stepped, _) = tg
+        .mint(json!({"subject": "agent-su", "tools": ["delete_records"], "step_up": true}))
+        .await;
+    let m = marker("stepped");
+    let v = call_with(&tg.url, &stepped, &call_body("delete_records", &m), &[]).await;
+    assert!(v.get("result").is_some(), "{v}");
+    assert_eq!(upstream_calls(up, &m, 1).await, 1);
     tg.shutdown().await;
 }

@@ -269,13 +269,16 @@ pub async fn tenants(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>,
     names.push("default".into());
     names.sort();
     names.dedup();
-    let visible: Vec<Value> = names
-        .into_iter()
-        .filter(|n| match &req.principal {
-            Principal::Superadmin => true,
-            Principal::TenantAdmin(own) => own == n,
-        })
-        .map(|name| json!({"name": name}))
-        .collect();
+    let now = crate::audit::time::now_ms();
+    let mut visible = Vec::new();
+    for name in names.into_iter().filter(|n| match &req.principal {
+        Principal::Superadmin => true,
+        Principal::TenantAdmin(own) => own == n,
+    }) {
+        // The console's badge (the original's `Tenant.pending_approvals`).
+        let pending =
+            crate::approvals::query::pending_count(gw.pipeline.audit().db(), &name, now).await?;
+        visible.push(json!({"name": name, "pending_approvals": pending}));
+    }
     Ok(ok(Value::Array(visible)))
 }

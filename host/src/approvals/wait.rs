@@ -36,7 +36,7 @@ impl Default for Waiters {
 #[derive(Debug)]
 pub enum Outcome {
     /// Decided (approved or rejected) or otherwise no longer pending: the row as it is now.
-    Decided(Approval),
+    Decided(Box<Approval>),
     /// Still pending at the deadline.
     TimedOut,
 }
@@ -77,7 +77,7 @@ impl Waiters {
             if let Some(a) = query::get(db, Some(tenant), id).await?
                 && a.status != Status::Pending
             {
-                return Ok(Outcome::Decided(a));
+                return Ok(Outcome::Decided(Box::new(a)));
             }
             let poll = tokio::time::Instant::now() + POLL;
             loop {
@@ -97,7 +97,7 @@ impl Waiters {
             if tokio::time::Instant::now() >= deadline {
                 // One last read: a decision at the deadline still counts.
                 return match query::get(db, Some(tenant), id).await? {
-                    Some(a) if a.status != Status::Pending => Ok(Outcome::Decided(a)),
+                    Some(a) if a.status != Status::Pending => Ok(Outcome::Decided(Box::new(a))),
                     _ => Ok(Outcome::TimedOut),
                 };
             }

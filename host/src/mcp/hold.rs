@@ -162,7 +162,7 @@ impl Held {
             .wait(db, tenant, &pending.pending_id, deadline)
             .await;
         let decided = match waited {
-            Ok(Outcome::Decided(a)) => a,
+            Ok(Outcome::Decided(a)) => *a,
             Ok(Outcome::TimedOut) => match self.time_out().await {
                 Some(a) => a,
                 None => {
