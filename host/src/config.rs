@@ -136,6 +136,11 @@ pub struct ServeArgs {
     /// Start a built-in demo MCP tool server as the upstream when none is configured.
     #[arg(long)]
     pub demo: bool,
+    /// Also put the decision summary into each forwarded result as `_intentgate` (the
+    /// decision and event id are always in the `X-IntentGate-Decision` and
+    /// `X-IntentGate-Event-Id` response headers).
+    #[arg(long, env = "INTENTGATE_ANNOTATE_RESULTS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub annotate_results: bool,
     /// `/metrics` and the log format.
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -235,6 +240,8 @@ pub struct Config {
     /// `(file name, Rego source)` of the policy file and of its test file, when given.
     pub policy: Option<PolicySource>,
     pub demo: bool,
+    /// `INTENTGATE_ANNOTATE_RESULTS`: `_intentgate` in forwarded results.
+    pub annotate_results: bool,
     /// `/metrics` and the log format.
     pub telemetry: TelemetryConfig,
     /// `--watch DIR` and the tenants it applies to.
@@ -740,6 +747,7 @@ impl ServeArgs {
                 (None, false) => None,
             },
             demo: self.demo,
+            annotate_results: self.annotate_results,
             telemetry,
             watch,
             max_components_per_tenant: match self.max_components_per_tenant {

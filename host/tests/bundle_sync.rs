@@ -438,6 +438,7 @@ async fn a_pointer_to_the_default_bundle_means_each_replicas_own_default() {
             d,
             "--policy-file",
             file.to_str().expect("utf-8"),
+            "--annotate-results",
         ],
     )
     .await;

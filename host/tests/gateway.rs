@@ -48,7 +48,10 @@ async fn allow_deny_and_filtered_listing() {
 
     let ok = tg.tool_call(&token, "echo", json!({"text": "hi"})).await;
     assert_eq!(ok["result"]["content"][0]["text"], "hi", "{ok}");
-    assert_eq!(ok["result"]["_intentgate"]["decision"], "allow");
+    assert!(
+        ok["result"].get("_intentgate").is_none(),
+        "not annotated by default: {ok}"
+    );
 
     let denied = tg
         .tool_call(&token, "delete_records", json!({"table": "t"}))
@@ -283,7 +286,10 @@ async fn tenant_admins_stay_in_their_tenant() {
     .await;
     assert_eq!(s, 403);
     let (s, v) = get_json(&url("/v1/admin/tenants"), "acme-admin-token-123456").await;
-    assert_eq!((s, v), (200, json!([{"name": "acme"}])));
+    assert_eq!(
+        (s, v),
+        (200, json!([{"name": "acme", "pending_approvals": 0}]))
+    );
     let (s, _) = get_json(
         &url("/v1/admin/revocations?tenant=globex"),
         "acme-admin-token-123456",
@@ -484,4 +490,64 @@ async fn a_revocation_reaches_another_replica_by_notification() {
     );
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// The decision and its audit event in the response headers, always; the `_intentgate`
+/// summary in the result only with `INTENTGATE_ANNOTATE_RESULTS`.
+#[tokio::test]
+async fn the_decision_is_in_the_headers_and_the_annotation_is_opt_in() {
+    for annotate in [false, true] {
+        let extra: &[&str] = if annotate {
+            &["--demo", "--annotate-results"]
+        } else {
+            &["--demo"]
+        };
+        let tg = gateway::start(Backend::Sqlite, None, extra).await;
+        let (token, _) = tg.mint(json!({"subject": "hdr", "tools": ["echo"]})).await;
+        let auth = format!("Bearer {token}");
+        let call = |tool: &str| {
+            serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": tool, "arguments": {"text": "hi"}}}))
+            .expect("json")
+        };
+        let headers = [
+            ("content-type", "application/json"),
+            ("authorization", auth.as_str()),
+        ];
+        let url = format!("{}/v1/mcp", tg.url);
+        let (status, h, body) = send("POST", &url, &headers, call("echo")).await;
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(h["x-intentgate-decision"], "allow", "{v}");
+        let event_id: i64 = h["x-intentgate-event-id"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("an event id");
+        // The header names the decision's audit event.
+        let (_, audit) = get_json(
+            &format!("{}/v1/admin/audit?tenant=default&limit=50", tg.url),
+            ADMIN_TOKEN,
+        )
+        .await;
+        let ev = audit["items"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["id"] == event_id))
+            .unwrap_or_else(|| panic!("event {event_id} in {audit}"));
+        assert_eq!(ev["decision"], "allow", "{ev}");
+        assert_eq!(ev["tool"], "echo", "{ev}");
+        match annotate {
+            false => assert!(v["result"].get("_intentgate").is_none(), "{v}"),
+            true => {
+                assert_eq!(v["result"]["_intentgate"]["decision"], "allow", "{v}");
+                assert_eq!(v["result"]["_intentgate"]["event_id"], event_id, "{v}");
+            }
+        }
+        assert_eq!(v["result"]["content"][0]["text"], "hi", "{v}");
+        // A refusal says so too, with no event id to follow.
+        let (_, h, _) = send("POST", &url, &headers, call("delete_records")).await;
+        assert_eq!(h["x-intentgate-decision"], "block");
+        assert!(h.get("x-intentgate-event-id").is_none());
+        tg.shutdown().await;
+    }
 }

@@ -202,6 +202,7 @@ impl Held {
             notifications: ctx.take_notifications(),
             outcome,
             modern: self.era.is_modern(),
+            decided: ctx.decided(),
         }
     }
 
@@ -254,6 +255,7 @@ impl Held {
             notifications: Vec::new(),
             outcome: Err(denial.to_rpc()),
             modern: self.era.is_modern(),
+            decided: None,
         }
     }
 }
@@ -263,6 +265,8 @@ struct Answer {
     notifications: Vec<Value>,
     outcome: Result<Value, RpcError>,
     modern: bool,
+    /// The decision of the resumed call, for the headers of a whole (not streamed) answer.
+    decided: Option<super::Decided>,
 }
 
 impl Answer {
@@ -281,6 +285,10 @@ impl Answer {
             }
             _ => StatusCode::OK,
         };
-        http::json_bytes(status, self.body(id))
+        let mut resp = http::json_bytes(status, self.body(id));
+        if let Some(d) = self.decided {
+            d.stamp(&mut resp);
+        }
+        resp
     }
 }

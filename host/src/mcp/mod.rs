@@ -264,6 +264,7 @@ impl<'a> CallContext<'a> {
             notifications: std::sync::Mutex::new(Vec::new()),
             approval: None,
             pending: std::sync::Mutex::new(None),
+            decided: std::sync::Mutex::new(None),
         }
     }
 
@@ -297,7 +298,7 @@ impl<'a> CallContext<'a> {
         outcome: Result<Value, RpcError>,
     ) -> Response<Body> {
         let notifications = self.take_notifications();
-        match outcome {
+        let mut resp = match outcome {
             // Notifications the upstream sent before its answer go first, as events of one SSE
             // stream, to a client that accepts one (in the upstream's order, after the answer
             // arrived: they are not streamed as they come yet).
@@ -306,6 +307,29 @@ impl<'a> CallContext<'a> {
             }
             Ok(result) => http::json_bytes(StatusCode::OK, jsonrpc::result(id, result)),
             Err(err) => rpc_response(self.error_status(&err), Some(id), &err),
+        };
+        if let Some(d) = self.decided() {
+            d.stamp(&mut resp);
+        }
+        resp
+    }
+
+    fn decided(&self) -> Option<Decided> {
+        self.decided.lock().ok().and_then(|d| *d)
+    }
+
+    /// The permit's summary in the result as `_intentgate`, when the operator asked for it
+    /// (`INTENTGATE_ANNOTATE_RESULTS`); the response headers carry the decision either way.
+    fn annotate(
+        &self,
+        result: &mut serde_json::Map<String, Value>,
+        permit: &crate::pipeline::Permit,
+    ) {
+        if self.gw.config.annotate_results {
+            result.insert(
+                "_intentgate".into(),
+                crate::pipeline::decision_summary(permit),
+            );
         }
     }
 
@@ -373,7 +397,51 @@ struct CallContext<'a> {
     approval: Option<String>,
     /// Set when the pipeline put the call in the approval queue.
     pending: std::sync::Mutex<Option<crate::pipeline::Pending>>,
+    /// The pipeline's decision on this request and its audit event, for the response headers.
+    decided: std::sync::Mutex<Option<Decided>>,
 }
+
+/// What the `X-IntentGate-Decision` and `X-IntentGate-Event-Id` response headers say.
+#[derive(Debug, Clone, Copy)]
+struct Decided {
+    decision: &'static str,
+    event_id: Option<i64>,
+}
+
+impl Decided {
+    fn of(result: &Result<crate::pipeline::Permit, crate::pipeline::Denial>) -> Self {
+        use crate::pipeline::Denial;
+        match result {
+            Ok(p) => Self {
+                decision: "allow",
+                event_id: Some(p.event_id),
+            },
+            Err(Denial::ApprovalPending(_) | Denial::Policy { escalate: true, .. }) => Self {
+                decision: "escalate",
+                event_id: None,
+            },
+            Err(_) => Self {
+                decision: "block",
+                event_id: None,
+            },
+        }
+    }
+
+    fn stamp(self, resp: &mut Response<Body>) {
+        let h = resp.headers_mut();
+        h.insert(DECISION_HEADER, HeaderValue::from_static(self.decision));
+        if let Some(id) = self.event_id
+            && let Ok(v) = HeaderValue::from_str(&id.to_string())
+        {
+            h.insert(EVENT_ID_HEADER, v);
+        }
+    }
+}
+
+/// The pipeline's decision on a request that reached it (`allow`, `block`, `escalate`).
+pub const DECISION_HEADER: &str = "x-intentgate-decision";
+/// The audit event of an allowed call's decision.
+pub const EVENT_ID_HEADER: &str = "x-intentgate-event-id";
 
 fn accepts_event_stream(headers: &hyper::HeaderMap) -> bool {
     headers
@@ -407,7 +475,11 @@ impl CallContext<'_> {
         &self,
         call: &crate::pipeline::ToolCall<'_>,
     ) -> Result<(crate::pipeline::Permit, &crate::upstream::Upstream), RpcError> {
-        let permit = self.gw.pipeline.decide(call).await.map_err(|d| {
+        let decided = self.gw.pipeline.decide(call).await;
+        if let Ok(mut slot) = self.decided.lock() {
+            *slot = Some(Decided::of(&decided));
+        }
+        let permit = decided.map_err(|d| {
             if let crate::pipeline::Denial::ApprovalPending(p) = &d
                 && let Ok(mut slot) = self.pending.lock()
             {

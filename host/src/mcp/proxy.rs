@@ -25,7 +25,7 @@ use super::target::Target;
 use super::{CallContext, passthrough_error, translate, upstream_rpc_error};
 use crate::capability::Kind;
 use crate::http;
-use crate::pipeline::{ToolCall, decision_summary};
+use crate::pipeline::ToolCall;
 use crate::upstream::{Reply, Upstream, UpstreamEra, UpstreamError};
 
 /// A list method: the result member holding the entries, the entry field that names one, and
@@ -128,7 +128,9 @@ impl CallContext<'_> {
         };
         let (permit, upstream) = self.decide(&call).await?;
         if acknowledged_here(upstream, method).await {
-            return Ok(json!({"_intentgate": decision_summary(&permit)}));
+            let mut ack = serde_json::Map::new();
+            self.annotate(&mut ack, &permit);
+            return Ok(Value::Object(ack));
         }
         // The body the target was decoded from, as decided (envelope keys are the upstream
         // client's to write for its own hop).
@@ -153,7 +155,7 @@ impl CallContext<'_> {
             self.era.is_modern(),
             translate::is_cacheable(method),
         )?;
-        result.insert("_intentgate".into(), decision_summary(&permit));
+        self.annotate(&mut result, &permit);
         Ok(Value::Object(result))
     }
 

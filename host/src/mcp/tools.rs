@@ -18,9 +18,7 @@ use super::{
 };
 use crate::approvals::{Status, wait::Outcome};
 use crate::http::{self, Body};
-use crate::pipeline::{
-    CallKind, Pending, Round, ToolCall, decision_summary, is_reserved_tool_name,
-};
+use crate::pipeline::{CallKind, Pending, Round, ToolCall, is_reserved_tool_name};
 use crate::upstream::Reply;
 
 impl CallContext<'_> {
@@ -160,7 +158,7 @@ impl CallContext<'_> {
             result.insert("requestState".into(), Value::from(seal.seal(&next)));
         }
         let mut result = translate::call_for_client(result, modern)?;
-        result.insert("_intentgate".into(), decision_summary(&permit));
+        self.annotate(&mut result, &permit);
         Ok(Value::Object(result))
     }
 
