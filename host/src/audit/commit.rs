@@ -91,6 +91,8 @@ pub(crate) struct Committed {
     pub(crate) uncovered: bool,
     /// A checkpoint was signed in the batch.
     pub(crate) checkpointed: bool,
+    /// Outbox rows were written in the batch (ring the delivery worker after the commit).
+    pub(crate) outboxed: bool,
 }
 
 /// Rows to insert, the new head, and the checkpoint (with its signed note) to store.
@@ -239,6 +241,15 @@ macro_rules! write_part {
                 });
             }
         }
+        // The outbox rows of the events, in their transaction (see crate::outbox).
+        let outboxed = crate::outbox::store::enqueue!(
+            $db,
+            tx,
+            &shared.outbox,
+            tenant,
+            $events,
+            &appended
+        )?;
         if let Some((cp, note)) = &checkpoint {
             sqlx::query(CHECKPOINT_INSERT)
                 .bind(tenant)
@@ -277,6 +288,7 @@ macro_rules! write_part {
             appended,
             uncovered: new_head.seq > new_head.checkpoint_size,
             checkpointed: checkpoint.is_some(),
+            outboxed,
         })
     }};
 }
@@ -306,6 +318,9 @@ pub(crate) async fn commit_postgres(
     tx.commit().await?;
     if done.checkpointed {
         shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+    }
+    if done.outboxed {
+        shared.outbox.ring();
     }
     Ok(done)
 }
@@ -428,6 +443,9 @@ async fn commit_sqlite(
     for done in results.iter().flatten() {
         if done.checkpointed {
             shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+        }
+        if done.outboxed {
+            shared.outbox.ring();
         }
     }
     results
