@@ -15,6 +15,7 @@
 
 #[path = "audit.rs"]
 mod audit_api;
+mod integrations;
 mod tokens;
 
 use std::collections::HashMap;
@@ -336,6 +337,7 @@ async fn route(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Admin
             _,
             "/v1/admin/mint" | "/v1/admin/revoke" | "/v1/admin/revocations" | "/v1/admin/tenants",
         ) => Err(AdminError::MethodNotAllowed),
+        (_, p) if p.starts_with("/v1/admin/integrations") => integrations::handle(gw, req).await,
         _ => bundles(gw, req).await,
     }
 }
