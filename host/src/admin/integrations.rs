@@ -189,7 +189,11 @@ async fn list(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminE
 }
 
 /// The tenant a change applies to: `None` for a global destination (superadmin only).
-fn target(req: &AdminRequest, tenant: Option<&str>, global: bool) -> Result<Option<String>, AdminError> {
+fn target(
+    req: &AdminRequest,
+    tenant: Option<&str>,
+    global: bool,
+) -> Result<Option<String>, AdminError> {
     if global {
         if req.principal != Principal::Superadmin {
             return Err(AdminError::Forbidden(
@@ -268,7 +272,11 @@ async fn put(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminEr
 }
 
 /// `DELETE /v1/admin/integrations/destinations/{name}` (`?tenant=` or `?global=true`).
-async fn delete(gw: &Gateway, req: &AdminRequest, name: &str) -> Result<Response<Body>, AdminError> {
+async fn delete(
+    gw: &Gateway,
+    req: &AdminRequest,
+    name: &str,
+) -> Result<Response<Body>, AdminError> {
     let global = req.param("global") == Some("true");
     let tenant = target(req, None, global)?;
     let id = match &tenant {
@@ -319,7 +327,9 @@ async fn dead_letters(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>
         limit,
     )
     .await?;
-    let next = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.id)).flatten();
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.id))
+        .flatten();
     let items: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -348,7 +358,9 @@ async fn redrive(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Adm
         tenant: Option<String>,
     }
     let body: Body = req.json()?;
-    let scope = req.principal.scope(req.tenant_named(body.tenant.as_deref())?)?;
+    let scope = req
+        .principal
+        .scope(req.tenant_named(body.tenant.as_deref())?)?;
     let audit_tenant = scope.clone().unwrap_or_else(|| "default".into());
     let mut event = req.event("outbox.redrive", &audit_tenant);
     event.reason = json!({"destination": body.destination, "tenant": scope}).to_string();

@@ -242,14 +242,8 @@ macro_rules! write_part {
             }
         }
         // The outbox rows of the events, in their transaction (see crate::outbox).
-        let outboxed = crate::outbox::store::enqueue!(
-            $db,
-            tx,
-            &shared.outbox,
-            tenant,
-            $events,
-            &appended
-        )?;
+        let outboxed =
+            crate::outbox::store::enqueue!($db, tx, &shared.outbox, tenant, $events, &appended)?;
         if let Some((cp, note)) = &checkpoint {
             sqlx::query(CHECKPOINT_INSERT)
                 .bind(tenant)

@@ -67,13 +67,25 @@ pub struct OutboxArgs {
     #[arg(long, env = "INTENTGATE_OUTBOX_RETRY_BASE_MS", default_value_t = 1000)]
     pub outbox_retry_base_ms: u64,
     /// Longest retry delay, in milliseconds.
-    #[arg(long, env = "INTENTGATE_OUTBOX_RETRY_MAX_MS", default_value_t = 300_000)]
+    #[arg(
+        long,
+        env = "INTENTGATE_OUTBOX_RETRY_MAX_MS",
+        default_value_t = 300_000
+    )]
     pub outbox_retry_max_ms: u64,
     /// Age after which a failing delivery becomes a dead letter, in seconds.
-    #[arg(long, env = "INTENTGATE_OUTBOX_DEAD_AFTER_SECS", default_value_t = 259_200)]
+    #[arg(
+        long,
+        env = "INTENTGATE_OUTBOX_DEAD_AFTER_SECS",
+        default_value_t = 259_200
+    )]
     pub outbox_dead_after_secs: u64,
     /// Undelivered events beyond which `/healthz` and `/metrics` raise the backlog alarm.
-    #[arg(long, env = "INTENTGATE_OUTBOX_BACKLOG_ALARM", default_value_t = 100_000)]
+    #[arg(
+        long,
+        env = "INTENTGATE_OUTBOX_BACKLOG_ALARM",
+        default_value_t = 100_000
+    )]
     pub outbox_backlog_alarm: u64,
 }
 

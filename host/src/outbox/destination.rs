@@ -218,9 +218,7 @@ pub fn classify(e: &AuditEvent) -> Option<(EventType, Severity)> {
             Some((EventType::Deny, sev))
         }
         Decision::Escalate => Some((EventType::Escalate, Severity::Warning)),
-        Decision::Allow if e.requires_step_up => {
-            Some((EventType::StepUpRequired, Severity::Info))
-        }
+        Decision::Allow if e.requires_step_up => Some((EventType::StepUpRequired, Severity::Info)),
         Decision::Allow => None,
     }
 }
@@ -419,10 +417,13 @@ impl Destination {
         }
         if let Some(d) = &spec.formatter
             && !d.is_empty()
-            && !(d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()))
+            && !d
+                .strip_prefix("sha256:")
+                .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
         {
             return Err(OutboxError::Invalid(
-                "formatter must be the 64-hex digest of an uploaded formatter component".into(),
+                "formatter must be the digest (sha256:<hex>) of an uploaded formatter component"
+                    .into(),
             ));
         }
         let filter = Filter::parse(
@@ -601,9 +602,15 @@ mod tests {
         admin.decision = Some(Decision::Allow);
         assert_eq!(classify(&admin), None);
         let timeout = AuditEvent::new("intentgate.approval_timeout", "acme");
-        assert_eq!(classify(&timeout).map(|c| c.0), Some(EventType::ApprovalTimeout));
+        assert_eq!(
+            classify(&timeout).map(|c| c.0),
+            Some(EventType::ApprovalTimeout)
+        );
         let decided = AuditEvent::new("admin/approval.decide", "acme");
-        assert_eq!(classify(&decided).map(|c| c.0), Some(EventType::ApprovalDecided));
+        assert_eq!(
+            classify(&decided).map(|c| c.0),
+            Some(EventType::ApprovalDecided)
+        );
     }
 
     #[test]
@@ -621,8 +628,8 @@ mod tests {
         let critical = Filter::parse(Kind::Splunk, &[], &[], Some("critical")).expect("f");
         assert!(critical.matches(&ev(Decision::Block, "capability")));
         assert!(!critical.matches(&ev(Decision::Block, "policy")));
-        let blocks = Filter::parse(Kind::Splunk, &["all".into()], &["deny".into()], None)
-            .expect("f");
+        let blocks =
+            Filter::parse(Kind::Splunk, &["all".into()], &["deny".into()], None).expect("f");
         assert!(blocks.matches(&ev(Decision::Block, "policy")));
         assert!(!blocks.matches(&ev(Decision::Allow, "")));
         assert!(Filter::parse(Kind::Webhook, &["nope".into()], &[], None).is_err());

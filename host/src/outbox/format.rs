@@ -130,7 +130,14 @@ mod tests {
 
     #[test]
     fn garbage_is_refused() {
-        assert!(check(req("application/json", &[("authorization", "Splunk t")], 10)).is_ok());
+        assert!(
+            check(req(
+                "application/json",
+                &[("authorization", "Splunk t")],
+                10
+            ))
+            .is_ok()
+        );
         assert!(check(req("", &[], 1)).is_err());
         assert!(check(req("text\nplain", &[], 1)).is_err());
         assert!(check(req("application/json", &[("host", "evil")], 1)).is_err());

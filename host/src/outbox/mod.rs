@@ -216,7 +216,9 @@ impl Outbox {
         for (id, tenant, spec) in stored {
             match Destination::new(spec, tenant, Source::Admin) {
                 Ok(d) => dests.push(d),
-                Err(e) => tracing::error!(destination = %id, error = %e, "outbox: stored destination is invalid; skipped"),
+                Err(e) => {
+                    tracing::error!(destination = %id, error = %e, "outbox: stored destination is invalid; skipped")
+                }
             }
         }
         let runtime = self.inner.runtime.clone();

@@ -41,7 +41,8 @@ macro_rules! enqueue {
         let mut rows: Vec<(&str, i64)> = Vec::new();
         if !routes.is_empty() {
             for (entry, appended) in $entries.iter().zip($appended.iter()) {
-                for id in $crate::outbox::destination::destinations_for(&routes, tenant, &entry.event)
+                for id in
+                    $crate::outbox::destination::destinations_for(&routes, tenant, &entry.event)
                 {
                     rows.push((id.as_ref(), appended.id));
                 }
@@ -64,9 +65,8 @@ macro_rules! enqueue {
                 qb.build().execute(&mut *$tx).await?;
             }
             let lanes: std::collections::BTreeSet<&str> = rows.iter().map(|(d, _)| *d).collect();
-            let mut qb = sqlx::QueryBuilder::<$db>::new(
-                "INSERT INTO outbox_lanes (destination, tenant) ",
-            );
+            let mut qb =
+                sqlx::QueryBuilder::<$db>::new("INSERT INTO outbox_lanes (destination, tenant) ");
             qb.push_values(lanes.iter(), |mut b, dest| {
                 b.push_bind(*dest).push_bind(tenant);
             });
@@ -196,9 +196,14 @@ pub async fn claim(
 pub enum Outcome {
     Delivered,
     /// Failed; retry the lane at `retry_at_ms`.
-    Retry { error: String, retry_at_ms: i64 },
+    Retry {
+        error: String,
+        retry_at_ms: i64,
+    },
     /// Failed and the batch is older than the dead-letter age: set aside, the lane moves on.
-    Dead { error: String },
+    Dead {
+        error: String,
+    },
 }
 
 macro_rules! write_outcome {
@@ -301,8 +306,6 @@ pub async fn finish(
     Ok(())
 }
 
-
-
 /// Undelivered rows (not dead letters) over every lane.
 pub async fn backlog(db: &Db) -> Result<i64, OutboxError> {
     let sql = "SELECT COUNT(*) FROM outbox WHERE dead_ms = 0";
@@ -352,7 +355,8 @@ pub async fn lane_status(db: &Db, tenant: Option<&str>) -> Result<Vec<LaneStatus
         Option<i64>,
         i64,
     );
-    let rows: Vec<R> = on_db!(db, pool => sqlx::query_as(sql).bind(tenant.unwrap_or("")).fetch_all(pool).await?);
+    let rows: Vec<R> =
+        on_db!(db, pool => sqlx::query_as(sql).bind(tenant.unwrap_or("")).fetch_all(pool).await?);
     Ok(rows
         .into_iter()
         .map(|r| LaneStatus {
@@ -420,11 +424,7 @@ pub async fn list_dead(
 
 /// Puts the dead letters of `destination` (and `tenant`, all tenants when `None`) back in
 /// their lanes, due at once. Returns how many.
-pub async fn redrive(
-    db: &Db,
-    destination: &str,
-    tenant: Option<&str>,
-) -> Result<u64, OutboxError> {
+pub async fn redrive(db: &Db, destination: &str, tenant: Option<&str>) -> Result<u64, OutboxError> {
     let t = tenant.unwrap_or("");
     let rows = "UPDATE outbox SET dead_ms = 0, attempts = 0 WHERE dead_ms <> 0 \
                 AND destination = $1 AND ($2 = '' OR tenant = $2)";
@@ -446,25 +446,36 @@ pub type StoredDestination = (String, Option<String>, DestinationSpec);
 pub async fn load_destinations(db: &Db) -> Result<Vec<StoredDestination>, OutboxError> {
     let sql = "SELECT id, tenant, name, kind, url, settings, secret, formatter \
                FROM outbox_destinations ORDER BY id";
-    type R = (String, String, String, String, String, String, String, String);
+    type R = (
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+    );
     let rows: Vec<R> = on_db!(db, pool => sqlx::query_as(sql).fetch_all(pool).await?);
     rows.into_iter()
-        .map(|(id, tenant, name, kind, url, settings, secret, formatter)| {
-            let stored: Settings = serde_json::from_str(&settings)
-                .map_err(|e| OutboxError::Corrupt(format!("destination {id}: {e}")))?;
-            let spec = DestinationSpec {
-                name,
-                kind,
-                url,
-                secret: (!secret.is_empty()).then_some(secret),
-                events: stored.events,
-                decisions: stored.decisions,
-                min_severity: stored.min_severity,
-                settings: stored.settings,
-                formatter: (!formatter.is_empty()).then_some(formatter),
-            };
-            Ok((id, (!tenant.is_empty()).then_some(tenant), spec))
-        })
+        .map(
+            |(id, tenant, name, kind, url, settings, secret, formatter)| {
+                let stored: Settings = serde_json::from_str(&settings)
+                    .map_err(|e| OutboxError::Corrupt(format!("destination {id}: {e}")))?;
+                let spec = DestinationSpec {
+                    name,
+                    kind,
+                    url,
+                    secret: (!secret.is_empty()).then_some(secret),
+                    events: stored.events,
+                    decisions: stored.decisions,
+                    min_severity: stored.min_severity,
+                    settings: stored.settings,
+                    formatter: (!formatter.is_empty()).then_some(formatter),
+                };
+                Ok((id, (!tenant.is_empty()).then_some(tenant), spec))
+            },
+        )
         .collect()
 }
 

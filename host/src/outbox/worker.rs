@@ -168,7 +168,11 @@ async fn count(outbox: &Outbox) {
         let over = backlog as u64 > outbox.inner.cfg.backlog_alarm;
         let was = stats.alarm.swap(over, Ordering::Relaxed);
         if over && !was {
-            tracing::error!(backlog, threshold = outbox.inner.cfg.backlog_alarm, "outbox: backlog over its alarm threshold (INTENTGATE_OUTBOX_BACKLOG_ALARM); events are kept and delivered when destinations recover");
+            tracing::error!(
+                backlog,
+                threshold = outbox.inner.cfg.backlog_alarm,
+                "outbox: backlog over its alarm threshold (INTENTGATE_OUTBOX_BACKLOG_ALARM); events are kept and delivered when destinations recover"
+            );
         }
     }
 }
@@ -280,7 +284,10 @@ async fn send(
     rows: &[Pending],
     timeout: Duration,
 ) -> Result<(), Failure> {
-    let formatter = live.formatter.as_ref().map_err(|e| Failure::new(e.clone()))?;
+    let formatter = live
+        .formatter
+        .as_ref()
+        .map_err(|e| Failure::new(e.clone()))?;
     let events = rows.iter().map(|r| r.body.clone()).collect();
     let req = formatter.format(events).await.map_err(Failure::new)?;
     let id = delivery_id(rows);
@@ -431,7 +438,10 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_imf_fixdate("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777));
+        assert_eq!(
+            parse_imf_fixdate("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777)
+        );
         assert_eq!(
             parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
             Some(Duration::ZERO)
