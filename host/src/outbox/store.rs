@@ -400,7 +400,8 @@ pub async fn list_dead(
     let sql = "SELECT id, destination, tenant, event_id, created_ms, attempts, dead_ms, last_error \
                FROM outbox WHERE dead_ms <> 0 AND ($1 = '' OR tenant = $1) \
                AND ($2 = '' OR destination = $2) AND id > $3 ORDER BY id LIMIT $4";
-    let rows: Vec<(i64, String, String, i64, i64, i64, i64, String)> = on_db!(db, pool => sqlx::query_as(sql)
+    type R = (i64, String, String, i64, i64, i64, i64, String);
+    let rows: Vec<R> = on_db!(db, pool => sqlx::query_as(sql)
         .bind(tenant.unwrap_or(""))
         .bind(destination.unwrap_or(""))
         .bind(after)
