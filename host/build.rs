@@ -42,6 +42,12 @@ const PLUGINS: &[(&str, &str, &str, bool)] = &[
         "intentgate_test_custom",
         false,
     ),
+    (
+        "TEST_HOSTILE_FORMATTER",
+        "intentgate-test-hostile-formatter",
+        "intentgate_test_hostile_formatter",
+        false,
+    ),
 ];
 
 fn main() {

@@ -29,6 +29,9 @@ fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
 
 pub use crate::audit::ArgValuesMode as ArgValues;
 
+mod outbox;
+pub use outbox::{DATADOG_US1, OutboxArgs};
+
 mod telemetry;
 pub use telemetry::{LogFormat, MetricsConfig, TelemetryArgs, TelemetryConfig};
 
@@ -189,6 +192,9 @@ pub struct ServeArgs {
     /// allowed host. A request without `Origin` (not from a browser) is not affected.
     #[arg(long, env = "INTENTGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// Webhooks, SIEM sinks and delivery tuning.
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
 }
 
 /// Where state lives.
@@ -260,6 +266,8 @@ pub struct Config {
     pub allowed_hosts: Vec<String>,
     /// `INTENTGATE_ALLOWED_ORIGINS`, lowercased; empty: origins of allowed hosts.
     pub allowed_origins: Vec<String>,
+    /// The outbox: destinations from the environment and delivery tuning.
+    pub outbox: crate::outbox::OutboxConfig,
 }
 
 impl Config {
@@ -441,6 +449,7 @@ impl std::fmt::Debug for Config {
             .field("listener_tls", &self.listener_tls)
             .field("allowed_hosts", &self.allowed_hosts)
             .field("allowed_origins", &self.allowed_origins)
+            .field("outbox", &self.outbox)
             .finish()
     }
 }
@@ -718,6 +727,7 @@ impl ServeArgs {
             ));
         }
         let telemetry = self.telemetry.validate(addr)?;
+        let outbox = self.outbox.validate()?;
         Ok(Config {
             addr,
             data_dir: self.data_dir,
@@ -768,6 +778,7 @@ impl ServeArgs {
             listener_tls,
             allowed_hosts,
             allowed_origins,
+            outbox,
         })
     }
 

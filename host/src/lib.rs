@@ -18,6 +18,7 @@
 //! | [`admin`] | the admin HTTP API |
 //! | [`store`] | SQLite and PostgreSQL behind one trait |
 //! | [`audit`] | audit events, canonical form, chain, checkpoints, verify, export |
+//! | [`outbox`] | durable delivery of audit events to webhooks, notification channels and SIEMs |
 //! | [`plugins`] | the WebAssembly check runtime |
 //! | [`bundles`] | bundles of checks: digests, drafts, promote/rollback, per-tenant hot swap |
 //! | [`metrics`] | Prometheus `/metrics`: counters and histograms on atomics, bounded labels |
@@ -40,6 +41,7 @@ pub mod http;
 pub mod logging;
 pub mod mcp;
 pub mod metrics;
+pub mod outbox;
 pub mod pipeline;
 pub mod plugins;
 pub mod secrets;

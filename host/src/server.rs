@@ -67,6 +67,8 @@ pub enum StartError {
     Demo(std::io::Error),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("outbox: {0}")]
+    Outbox(#[from] crate::outbox::OutboxError),
 }
 
 /// Everything a request needs, shared by all connections.
@@ -82,6 +84,8 @@ pub struct Gateway {
     pub approvals: crate::approvals::Waiters,
     pub sessions: SessionKeys,
     pub admin: AdminAuth,
+    /// Webhooks, notification channels and SIEM sinks (see [`crate::outbox`]).
+    pub outbox: crate::outbox::Outbox,
     /// Where generated secrets live, when they were generated.
     pub secrets_file: Option<std::path::PathBuf>,
     /// The listener's TLS (its certificate reloaded when the files change), when configured.
@@ -202,6 +206,15 @@ impl Gateway {
         let counters = registry
             .memory_counters()
             .ok_or_else(|| StartError::Plugins("registry without local counters".into()))?;
+        // Destinations route inside the audit commit; the worker delivers what was committed.
+        let outbox = crate::outbox::Outbox::open(
+            store.db(),
+            audit.outbox_router().clone(),
+            config.outbox.clone(),
+            registry.clone(),
+        )
+        .await?;
+        background.push(outbox.spawn_worker());
         let pipeline = Pipeline::new(
             audit,
             registry,
@@ -229,6 +242,7 @@ impl Gateway {
             upstream,
             approvals,
             admin,
+            outbox,
             secrets_file: secrets.file,
             tls,
             config,
@@ -525,6 +539,9 @@ fn health(gw: &Gateway) -> Response<Body> {
             // Unauthenticated: whether an upstream is configured, never its URL (it may carry
             // credentials in its userinfo or query).
             "upstream_configured": gw.upstream.is_some(),
+            // Over INTENTGATE_OUTBOX_BACKLOG_ALARM undelivered events: raised, never a 503 (a
+            // restart would not deliver them sooner).
+            "outbox_backlog_alarm": gw.outbox.alarm(),
         }),
     )
 }

@@ -16,6 +16,7 @@ mod interop;
 mod mcp_eras;
 mod mcp_kinds;
 mod metrics;
+mod outbox;
 mod plugins;
 mod store;
 mod support;

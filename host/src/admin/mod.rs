@@ -16,6 +16,7 @@
 mod approvals;
 #[path = "audit.rs"]
 mod audit_api;
+mod integrations;
 mod tokens;
 
 use std::collections::HashMap;
@@ -348,6 +349,7 @@ async fn route(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Admin
             _,
             "/v1/admin/mint" | "/v1/admin/revoke" | "/v1/admin/revocations" | "/v1/admin/tenants",
         ) => Err(AdminError::MethodNotAllowed),
+        (_, p) if p.starts_with("/v1/admin/integrations") => integrations::handle(gw, req).await,
         _ => bundles(gw, req).await,
     }
 }

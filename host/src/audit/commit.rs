@@ -111,6 +111,8 @@ pub(crate) struct Committed {
     pub(crate) uncovered: bool,
     /// A checkpoint was signed in the batch.
     pub(crate) checkpointed: bool,
+    /// Outbox rows were written in the batch (ring the delivery worker after the commit).
+    pub(crate) outboxed: bool,
 }
 
 /// Rows to insert, the new head, and the checkpoint (with its signed note) to store.
@@ -263,6 +265,9 @@ macro_rules! write_part {
                 });
             }
         }
+        // The outbox rows of the events, in their transaction (see crate::outbox).
+        let outboxed =
+            crate::outbox::store::enqueue!($db, tx, &shared.outbox, tenant, $events, &appended)?;
         if let Some((cp, note)) = &checkpoint {
             sqlx::query(CHECKPOINT_INSERT)
                 .bind(tenant)
@@ -301,6 +306,7 @@ macro_rules! write_part {
             appended,
             uncovered: new_head.seq > new_head.checkpoint_size,
             checkpointed: checkpoint.is_some(),
+            outboxed,
         })
     }};
 }
@@ -330,6 +336,9 @@ pub(crate) async fn commit_postgres(
     tx.commit().await?;
     if done.checkpointed {
         shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+    }
+    if done.outboxed {
+        shared.outbox.ring();
     }
     Ok(done)
 }
@@ -452,6 +461,9 @@ async fn commit_sqlite(
     for done in results.iter().flatten() {
         if done.checkpointed {
             shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+        }
+        if done.outboxed {
+            shared.outbox.ring();
         }
     }
     results

@@ -104,6 +104,8 @@ pub(crate) struct Shared {
     /// of colliding on the database lock (whose busy handler sleeps) and paying one fsync per
     /// tenant. `None` on PostgreSQL, and in the committer's own copy.
     sqlite: Option<SqliteCommitter>,
+    /// Where committed events go next: the outbox routing table (empty: no destination).
+    pub(crate) outbox: crate::outbox::Router,
 }
 
 #[derive(Default)]
@@ -183,6 +185,7 @@ impl AuditLog {
             cfg,
             counters: Arc::default(),
             sqlite: None,
+            outbox: crate::outbox::Router::default(),
         };
         if let Db::Sqlite(pool) = &shared.db {
             shared.sqlite = Some(SqliteCommitter::start(pool.clone(), shared.clone()));
@@ -211,6 +214,12 @@ impl AuditLog {
 
     pub fn config(&self) -> &AuditConfig {
         &self.inner.shared.cfg
+    }
+
+    /// The outbox routing table the commits read: [`crate::outbox::Outbox`] installs the
+    /// destinations in it, and every batch writes its events' outbox rows from it.
+    pub fn outbox_router(&self) -> &crate::outbox::Router {
+        &self.inner.shared.outbox
     }
 
     /// Batch sizes and commit latency of this process's writers since `open`.

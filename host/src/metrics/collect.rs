@@ -37,6 +37,38 @@ pub fn render(gw: &Gateway) -> String {
     for (action, n) in gw.pipeline.registry().swap_counts() {
         f.sample(&Labels(&[("action", action)]), n);
     }
+    let outbox = gw.outbox.stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    e.single(
+        "intentgate_outbox_backlog",
+        Kind::Gauge,
+        "Recorded events not yet delivered to their destinations (all lanes, last reading).",
+        outbox.backlog.load(Relaxed).max(0) as u64,
+    );
+    e.single(
+        "intentgate_outbox_backlog_alarm",
+        Kind::Gauge,
+        "1 when the backlog is over INTENTGATE_OUTBOX_BACKLOG_ALARM (events are kept).",
+        u64::from(outbox.alarm.load(Relaxed)),
+    );
+    e.single(
+        "intentgate_outbox_dead_letters",
+        Kind::Gauge,
+        "Deliveries set aside after INTENTGATE_OUTBOX_DEAD_AFTER_SECS (re-drivable).",
+        outbox.dead_letters.load(Relaxed).max(0) as u64,
+    );
+    e.single(
+        "intentgate_outbox_delivered_total",
+        Kind::Counter,
+        "Events delivered by this process.",
+        outbox.delivered.load(Relaxed),
+    );
+    e.single(
+        "intentgate_outbox_failed_attempts_total",
+        Kind::Counter,
+        "Failed delivery attempts of this process (each retried or dead-lettered).",
+        outbox.failed.load(Relaxed),
+    );
     let revocations = &gw.revocations;
     e.single(
         "intentgate_revocation_sync_age_seconds",

@@ -1,74 +1,418 @@
-//! Built-in SIEM formatter (world `siem-formatter`): turns a batch of canonical JSON audit events
-//! into one HTTP request body and headers, as NDJSON or Splunk HEC. The host does the I/O; this
-//! component never sees credentials other than those in its configuration.
+//! Built-in formatter (world `siem-formatter`, interface `intentgate:plugin/formatter`): turns a
+//! batch of canonical JSON audit events into one HTTP request body and headers for the
+//! destination's vendor. The host does the I/O and the signing; this component never sees the
+//! network, and sees only the credential its configuration carries.
 //!
-//! Configuration (JSON): `{"format": "ndjson" | "splunk-hec", "splunk_token": "...",
-//! "sourcetype": "intentgate:audit"}`.
+//! Configuration (JSON), `format` choosing the vendor:
+//! - `ndjson`: the events as recorded, one per line.
+//! - `splunk-hec`: Splunk HTTP Event Collector, `{time, host?, source, sourcetype, index?,
+//!   event}` objects one after another, `Authorization: Splunk <secret>`; settings `index`,
+//!   `source` (default `intentgate`), `sourcetype` (default `intentgate:audit`), `host`.
+//! - `datadog`: Datadog logs intake v2, a JSON array of `{ddsource, ddtags?, hostname?,
+//!   service, message, status, audit}` (the original's fields), `DD-API-KEY: <secret>`;
+//!   settings `service` (default `intentgate-gateway`), `ddsource` (default `intentgate`),
+//!   `ddtags`, `hostname`.
+//! - `webhook`: the original's webhook body (`event`, `schema_version`, `timestamp`,
+//!   `severity`, `tenant`, `decision`, `check`, `tool`, `agent_id`, `reason`,
+//!   `requires_step_up`, `capability_token_id`, `pending_id`) plus `seq` and `audit` (the
+//!   recorded event).
+//! - `slack` (Block Kit), `teams` (Adaptive Card 1.4), `pagerduty` (Events API v2, the
+//!   routing key being the secret; setting `source`).
+//!
+//! The legacy key `splunk_token` is accepted for `secret`.
 
-use intentgate_plugin_sdk::serde_json::{self, Value};
+use intentgate_plugin_sdk::serde_json::{self, Map, Value, json};
 use intentgate_plugin_sdk::{FormattedRequest, Formatter};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Config {
-    #[serde(default = "ndjson")]
-    format: String,
-    #[serde(default)]
-    splunk_token: Option<String>,
-    #[serde(default = "sourcetype")]
-    sourcetype: String,
-}
-
-fn ndjson() -> String {
-    "ndjson".into()
-}
-fn sourcetype() -> String {
-    "intentgate:audit".into()
-}
 
 struct Siem {
-    config: Config,
+    format: String,
+    settings: Map<String, Value>,
+    secret: Option<String>,
+}
+
+const FORMATS: [&str; 7] = [
+    "ndjson",
+    "splunk-hec",
+    "datadog",
+    "webhook",
+    "slack",
+    "teams",
+    "pagerduty",
+];
+
+impl Siem {
+    fn setting<'a>(&'a self, key: &str, default: &'a str) -> &'a str {
+        self.settings
+            .get(key)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .unwrap_or(default)
+    }
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time as the audit log writes it
+/// (`2026-05-12T10:14:33.871Z`), with milliseconds.
+fn epoch_seconds(ts: &str) -> Option<f64> {
+    let (date, time) = ts.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, mi, s) = (t.next()??, t.next()??, t.next()??);
+    let ms: f64 = format!("0.{frac}").parse().ok()?;
+    let (yy, mm) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * mm + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + mi * 60 + s) as f64 + ms)
+}
+
+fn str_of<'a>(e: &'a Value, k: &str) -> &'a str {
+    e.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+/// The original's webhook projection: event type and severity (see the host's
+/// `outbox::destination::classify`, which routes with the same rules).
+fn classify(e: &Value) -> (&'static str, &'static str) {
+    let kind = str_of(e, "event");
+    if kind.contains("approval") {
+        if kind.contains("timeout") || kind.contains("expired") {
+            return ("intentgate.approval_timeout", "warning");
+        }
+        if kind.contains("decide") {
+            return ("intentgate.approval_decided", "info");
+        }
+    }
+    match str_of(e, "decision") {
+        "block" => {
+            let sev = match str_of(e, "check") {
+                "capability" | "budget" | "upstream" => "critical",
+                _ => "warning",
+            };
+            ("intentgate.deny", sev)
+        }
+        "escalate" => ("intentgate.escalate", "warning"),
+        _ if e.get("requires_step_up") == Some(&Value::Bool(true)) => {
+            ("intentgate.step_up_required", "info")
+        }
+        _ => ("intentgate.audit", "info"),
+    }
+}
+
+fn webhook_body(e: &Value) -> Value {
+    let (event, severity) = classify(e);
+    let mut m = Map::new();
+    m.insert("event".into(), event.into());
+    m.insert("schema_version".into(), "1".into());
+    m.insert("timestamp".into(), str_of(e, "ts").into());
+    m.insert("severity".into(), severity.into());
+    for (out, key) in [
+        ("tenant", "tenant"),
+        ("check", "check"),
+        ("agent_id", "agent_id"),
+        ("reason", "reason"),
+        ("capability_token_id", "capability_token_id"),
+        ("pending_id", "pending_id"),
+    ] {
+        let v = str_of(e, key);
+        if !v.is_empty() {
+            m.insert(out.into(), v.into());
+        }
+    }
+    m.insert("decision".into(), str_of(e, "decision").into());
+    m.insert("tool".into(), str_of(e, "tool").into());
+    if e.get("requires_step_up") == Some(&Value::Bool(true)) {
+        m.insert("requires_step_up".into(), true.into());
+    }
+    if let Some(seq) = e.get("seq") {
+        m.insert("seq".into(), seq.clone());
+    }
+    m.insert("audit".into(), e.clone());
+    Value::Object(m)
+}
+
+fn cut(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// A one-line summary (Datadog `message`, PagerDuty `summary`, chat titles).
+fn summary(e: &Value) -> String {
+    let agent = match str_of(e, "agent_id") {
+        "" => "(unknown)",
+        a => a,
+    };
+    format!(
+        "{} {} tool={} agent={} tenant={} reason={}",
+        str_of(e, "decision"),
+        str_of(e, "check"),
+        str_of(e, "tool"),
+        agent,
+        str_of(e, "tenant"),
+        str_of(e, "reason")
+    )
+}
+
+fn facts(e: &Value) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    for (title, key) in [
+        ("Tenant", "tenant"),
+        ("Decision", "decision"),
+        ("Check", "check"),
+        ("Tool", "tool"),
+        ("Agent", "agent_id"),
+        ("Token", "capability_token_id"),
+        ("Pending", "pending_id"),
+        ("Time", "ts"),
+    ] {
+        let v = str_of(e, key);
+        if !v.is_empty() {
+            out.push((title, cut(v, 200)));
+        }
+    }
+    out
+}
+
+fn title(e: &Value) -> String {
+    let (event, severity) = classify(e);
+    let name = event.trim_start_matches("intentgate.").replace('_', " ");
+    cut(
+        &format!(
+            "IntentGate {name} ({severity}): {}",
+            match str_of(e, "tool") {
+                "" => str_of(e, "event"),
+                t => t,
+            }
+        ),
+        150,
+    )
+}
+
+fn json_request(body: &Value) -> FormattedRequest {
+    FormattedRequest {
+        content_type: "application/json".into(),
+        headers: Vec::new(),
+        body: body.to_string().into_bytes(),
+    }
 }
 
 impl Formatter for Siem {
     fn configure(config: &str) -> Result<Self, String> {
-        let config: Config = if config.trim().is_empty() {
-            serde_json::from_str("{}").map_err(|e| e.to_string())?
+        let mut settings: Map<String, Value> = if config.trim().is_empty() {
+            Map::new()
         } else {
-            serde_json::from_str(config).map_err(|e| format!("siem configuration: {e}"))?
+            serde_json::from_str(config).map_err(|e| format!("formatter configuration: {e}"))?
         };
-        match config.format.as_str() {
-            "ndjson" => {}
-            "splunk-hec" if config.splunk_token.is_some() => {}
-            "splunk-hec" => return Err("splunk-hec needs splunk_token".into()),
-            other => return Err(format!("unknown format {other:?}")),
+        let format = match settings.remove("format") {
+            None => "ndjson".to_owned(),
+            Some(Value::String(f)) => f,
+            Some(_) => return Err("format must be a string".into()),
+        };
+        if !FORMATS.contains(&format.as_str()) {
+            return Err(format!("unknown format {format:?}"));
         }
-        Ok(Self { config })
+        let secret = match settings
+            .remove("secret")
+            .or_else(|| settings.remove("splunk_token"))
+        {
+            None => None,
+            Some(Value::String(s)) => Some(s),
+            Some(_) => return Err("secret must be a string".into()),
+        };
+        if matches!(format.as_str(), "splunk-hec" | "datadog" | "pagerduty") && secret.is_none() {
+            return Err(format!("{format} needs its secret (token, API key or routing key)"));
+        }
+        Ok(Siem {
+            format,
+            settings,
+            secret,
+        })
     }
 
     fn format(&self, events: &[String]) -> Result<FormattedRequest, String> {
-        let mut body = Vec::new();
-        let mut headers = Vec::new();
-        for event in events {
-            let value: Value = serde_json::from_str(event).map_err(|e| format!("event: {e}"))?;
-            let line = if self.config.format == "splunk-hec" {
-                serde_json::json!({"event": value, "sourcetype": self.config.sourcetype})
-            } else {
-                value
-            };
-            body.extend_from_slice(line.to_string().as_bytes());
-            body.push(b'\n');
+        let events: Vec<Value> = events
+            .iter()
+            .map(|e| serde_json::from_str(e).map_err(|e| format!("event: {e}")))
+            .collect::<Result<_, _>>()?;
+        let secret = self.secret.clone().unwrap_or_default();
+        match self.format.as_str() {
+            "ndjson" => {
+                let mut body = Vec::new();
+                for e in &events {
+                    body.extend_from_slice(e.to_string().as_bytes());
+                    body.push(b'\n');
+                }
+                Ok(FormattedRequest {
+                    content_type: "application/x-ndjson".into(),
+                    headers: Vec::new(),
+                    body,
+                })
+            }
+            "splunk-hec" => {
+                let mut body = Vec::new();
+                for e in &events {
+                    let mut m = Map::new();
+                    if let Some(t) = epoch_seconds(str_of(e, "ts")) {
+                        m.insert("time".into(), json!((t * 1000.0).round() / 1000.0));
+                    }
+                    let host = self.setting("host", "");
+                    if !host.is_empty() {
+                        m.insert("host".into(), host.into());
+                    }
+                    m.insert("source".into(), self.setting("source", "intentgate").into());
+                    m.insert(
+                        "sourcetype".into(),
+                        self.setting("sourcetype", "intentgate:audit").into(),
+                    );
+                    let index = self.setting("index", "");
+                    if !index.is_empty() {
+                        m.insert("index".into(), index.into());
+                    }
+                    m.insert("event".into(), e.clone());
+                    body.extend_from_slice(Value::Object(m).to_string().as_bytes());
+                    body.push(b'\n');
+                }
+                Ok(FormattedRequest {
+                    content_type: "application/json".into(),
+                    headers: vec![("authorization".into(), format!("Splunk {secret}"))],
+                    body,
+                })
+            }
+            "datadog" => {
+                let logs: Vec<Value> = events
+                    .iter()
+                    .map(|e| {
+                        let mut m = Map::new();
+                        m.insert("ddsource".into(), self.setting("ddsource", "intentgate").into());
+                        let tags = self.setting("ddtags", "");
+                        if !tags.is_empty() {
+                            m.insert("ddtags".into(), tags.into());
+                        }
+                        let host = self.setting("hostname", "");
+                        if !host.is_empty() {
+                            m.insert("hostname".into(), host.into());
+                        }
+                        m.insert(
+                            "service".into(),
+                            self.setting("service", "intentgate-gateway").into(),
+                        );
+                        m.insert("message".into(), summary(e).into());
+                        let status = if str_of(e, "decision") == "block" { "warn" } else { "info" };
+                        m.insert("status".into(), status.into());
+                        m.insert("audit".into(), e.clone());
+                        Value::Object(m)
+                    })
+                    .collect();
+                let mut req = json_request(&Value::Array(logs));
+                req.headers.push(("dd-api-key".into(), secret));
+                Ok(req)
+            }
+            "webhook" => {
+                let body = match events.as_slice() {
+                    [one] => webhook_body(one),
+                    many => Value::Array(many.iter().map(webhook_body).collect()),
+                };
+                Ok(json_request(&body))
+            }
+            "slack" => {
+                let e = events.first().ok_or("empty batch")?;
+                let fields: Vec<Value> = facts(e)
+                    .into_iter()
+                    .take(10)
+                    .map(|(t, v)| json!({"type": "mrkdwn", "text": format!("*{t}*\n{v}")}))
+                    .collect();
+                let mut blocks = vec![
+                    json!({"type": "header", "text": {"type": "plain_text", "text": title(e)}}),
+                    json!({"type": "section", "fields": fields}),
+                ];
+                let reason = str_of(e, "reason");
+                if !reason.is_empty() {
+                    blocks.push(json!({"type": "context", "elements": [
+                        {"type": "mrkdwn", "text": cut(reason, 2000)}
+                    ]}));
+                }
+                Ok(json_request(&json!({"text": cut(&summary(e), 3000), "blocks": blocks})))
+            }
+            "teams" => {
+                let e = events.first().ok_or("empty batch")?;
+                let facts: Vec<Value> = facts(e)
+                    .into_iter()
+                    .map(|(t, v)| json!({"title": t, "value": v}))
+                    .collect();
+                let mut body = vec![
+                    json!({"type": "TextBlock", "size": "Medium", "weight": "Bolder", "text": title(e), "wrap": true}),
+                    json!({"type": "FactSet", "facts": facts}),
+                ];
+                let reason = str_of(e, "reason");
+                if !reason.is_empty() {
+                    body.push(json!({"type": "TextBlock", "text": cut(reason, 2000), "wrap": true}));
+                }
+                Ok(json_request(&json!({
+                    "type": "message",
+                    "attachments": [{
+                        "contentType": "application/vnd.microsoft.card.adaptive",
+                        "contentUrl": null,
+                        "content": {
+                            "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+                            "type": "AdaptiveCard",
+                            "version": "1.4",
+                            "body": body
+                        }
+                    }]
+                })))
+            }
+            "pagerduty" => {
+                let e = events.first().ok_or("empty batch")?;
+                let (class, severity) = classify(e);
+                let mut payload = Map::new();
+                payload.insert("summary".into(), cut(&summary(e), 1024).into());
+                payload.insert("source".into(), self.setting("source", "intentgate").into());
+                payload.insert("severity".into(), severity.into());
+                let ts = str_of(e, "ts");
+                if !ts.is_empty() {
+                    payload.insert("timestamp".into(), ts.into());
+                }
+                let tool = str_of(e, "tool");
+                if !tool.is_empty() {
+                    payload.insert("component".into(), tool.into());
+                }
+                payload.insert("group".into(), str_of(e, "tenant").into());
+                payload.insert("class".into(), class.into());
+                payload.insert("custom_details".into(), webhook_body(e));
+                let dedup = format!(
+                    "intentgate-{}-{}",
+                    str_of(e, "tenant"),
+                    e.get("seq").map(Value::to_string).unwrap_or_default()
+                );
+                Ok(json_request(&json!({
+                    "routing_key": secret,
+                    "event_action": "trigger",
+                    "dedup_key": dedup,
+                    "payload": Value::Object(payload),
+                })))
+            }
+            other => Err(format!("unknown format {other:?}")),
         }
-        if let Some(token) = &self.config.splunk_token {
-            headers.push(("authorization".to_string(), format!("Splunk {token}")));
-        }
-        Ok(FormattedRequest {
-            content_type: "application/x-ndjson".into(),
-            headers,
-            body,
-        })
     }
 }
 
 intentgate_plugin_sdk::export_formatter!(Siem);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_of_audit_times() {
+        assert_eq!(epoch_seconds("1970-01-01T00:00:00Z"), Some(0.0));
+        let t = epoch_seconds("2026-05-12T10:14:33.871Z").expect("time");
+        assert!((t - 1_778_580_873.871).abs() < 1e-6, "{t}");
+        assert_eq!(epoch_seconds("garbage"), None);
+    }
+}

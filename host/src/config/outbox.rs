@@ -1,0 +1,252 @@
+//! The outbox settings: delivery tuning (`INTENTGATE_OUTBOX_*`) and the destinations of the
+//! original gateway's environment variables, kept compatible:
+//! `INTENTGATE_WEBHOOK_URL`/`_SECRET`/`_EVENTS`, `INTENTGATE_SIEM_SPLUNK_HEC_URL`/`_TOKEN`
+//! (plus `_INDEX`), `INTENTGATE_SIEM_DATADOG_API_KEY` with `INTENTGATE_SIEM_DATADOG_URL` (the
+//! logs intake URL; default: the US1 site) or `_SITE`, and `_SERVICE`. Flattened into
+//! [`super::ServeArgs`] and validated into [`crate::outbox::OutboxConfig`]. This module must
+//! never print a secret.
+
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::{Map, Value};
+
+use super::{ConfigError, invalid};
+use crate::outbox::{Destination, DestinationSpec, OutboxConfig, Source};
+
+/// The default Datadog logs intake (US1).
+pub const DATADOG_US1: &str = "https://http-intake.logs.datadoghq.com/api/v2/logs";
+
+/// The raw outbox flags and variables.
+#[derive(Args, Clone)]
+pub struct OutboxArgs {
+    /// Webhook receiver for deny, escalate, approval and step-up events (signed).
+    #[arg(long, env = "INTENTGATE_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Webhook signing secret: `whsec_<base64>` (Standard Webhooks) or any shared secret.
+    #[arg(long, env = "INTENTGATE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Webhook events (comma-separated: deny, escalate, approval_timeout, step_up_required,
+    /// approval_decided; the `intentgate.` prefix is accepted). Unset: all of them.
+    #[arg(long, env = "INTENTGATE_WEBHOOK_EVENTS")]
+    pub webhook_events: Option<String>,
+    /// Splunk HTTP Event Collector URL (…/services/collector/event).
+    #[arg(long, env = "INTENTGATE_SIEM_SPLUNK_HEC_URL")]
+    pub splunk_hec_url: Option<String>,
+    /// Splunk HEC token.
+    #[arg(long, env = "INTENTGATE_SIEM_SPLUNK_TOKEN", hide_env_values = true)]
+    pub splunk_token: Option<String>,
+    /// Splunk index (optional).
+    #[arg(long, env = "INTENTGATE_SIEM_SPLUNK_INDEX")]
+    pub splunk_index: Option<String>,
+    /// Datadog API key; enables the Datadog logs destination.
+    #[arg(long, env = "INTENTGATE_SIEM_DATADOG_API_KEY", hide_env_values = true)]
+    pub datadog_api_key: Option<String>,
+    /// Datadog logs intake URL (any site, or a local receiver).
+    #[arg(long, env = "INTENTGATE_SIEM_DATADOG_URL")]
+    pub datadog_url: Option<String>,
+    /// Datadog site (`datadoghq.eu`, `us3.datadoghq.com`, …) when no URL is given.
+    #[arg(long, env = "INTENTGATE_SIEM_DATADOG_SITE")]
+    pub datadog_site: Option<String>,
+    /// Datadog `service` tag.
+    #[arg(long, env = "INTENTGATE_SIEM_DATADOG_SERVICE")]
+    pub datadog_service: Option<String>,
+    /// Most events per SIEM request.
+    #[arg(long, env = "INTENTGATE_OUTBOX_BATCH", default_value_t = 100)]
+    pub outbox_batch: usize,
+    /// Lanes (destination × tenant) delivered at once.
+    #[arg(long, env = "INTENTGATE_OUTBOX_CONCURRENCY", default_value_t = 8)]
+    pub outbox_concurrency: usize,
+    /// How often the worker polls for due deliveries, in milliseconds.
+    #[arg(long, env = "INTENTGATE_OUTBOX_POLL_MS", default_value_t = 1000)]
+    pub outbox_poll_ms: u64,
+    /// Bound of one delivery's HTTP exchange, in milliseconds.
+    #[arg(long, env = "INTENTGATE_OUTBOX_TIMEOUT_MS", default_value_t = 10_000)]
+    pub outbox_timeout_ms: u64,
+    /// First retry delay after a failed delivery, in milliseconds (doubled per failure).
+    #[arg(long, env = "INTENTGATE_OUTBOX_RETRY_BASE_MS", default_value_t = 1000)]
+    pub outbox_retry_base_ms: u64,
+    /// Longest retry delay, in milliseconds.
+    #[arg(
+        long,
+        env = "INTENTGATE_OUTBOX_RETRY_MAX_MS",
+        default_value_t = 300_000
+    )]
+    pub outbox_retry_max_ms: u64,
+    /// Age after which a failing delivery becomes a dead letter, in seconds.
+    #[arg(
+        long,
+        env = "INTENTGATE_OUTBOX_DEAD_AFTER_SECS",
+        default_value_t = 259_200
+    )]
+    pub outbox_dead_after_secs: u64,
+    /// Undelivered events beyond which `/healthz` and `/metrics` raise the backlog alarm.
+    #[arg(
+        long,
+        env = "INTENTGATE_OUTBOX_BACKLOG_ALARM",
+        default_value_t = 100_000
+    )]
+    pub outbox_backlog_alarm: u64,
+}
+
+impl std::fmt::Debug for OutboxArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxArgs")
+            .field("webhook_url", &self.webhook_url.as_ref().map(|_| "<set>"))
+            .field("splunk_hec_url", &self.splunk_hec_url)
+            .field("datadog_url", &self.datadog_url)
+            .finish_non_exhaustive()
+    }
+}
+
+fn set(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+impl OutboxArgs {
+    pub fn validate(&self) -> Result<OutboxConfig, ConfigError> {
+        let mut env = Vec::new();
+        if let Some(url) = set(&self.webhook_url) {
+            env.push(DestinationSpec {
+                name: "webhook".into(),
+                kind: "webhook".into(),
+                url: url.into(),
+                secret: set(&self.webhook_secret).map(str::to_owned),
+                events: set(&self.webhook_events)
+                    .map(|e| e.split(',').map(|s| s.trim().to_owned()).collect())
+                    .unwrap_or_default(),
+                ..DestinationSpec::default()
+            });
+            if let Some(s) = set(&self.webhook_secret)
+                && !crate::outbox::sign::valid_secret(s)
+            {
+                return Err(invalid(
+                    "INTENTGATE_WEBHOOK_SECRET",
+                    "a whsec_ secret must be followed by base64",
+                ));
+            }
+        } else if set(&self.webhook_secret).is_some() || set(&self.webhook_events).is_some() {
+            return Err(invalid(
+                "INTENTGATE_WEBHOOK_URL",
+                "is required when INTENTGATE_WEBHOOK_SECRET or _EVENTS is set",
+            ));
+        }
+        match (set(&self.splunk_hec_url), set(&self.splunk_token)) {
+            (Some(url), Some(token)) => {
+                let mut settings = Map::new();
+                if let Some(index) = set(&self.splunk_index) {
+                    settings.insert("index".into(), Value::from(index));
+                }
+                env.push(DestinationSpec {
+                    name: "splunk".into(),
+                    kind: "splunk".into(),
+                    url: url.into(),
+                    secret: Some(token.into()),
+                    settings,
+                    ..DestinationSpec::default()
+                });
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "INTENTGATE_SIEM_SPLUNK_TOKEN",
+                    "is required with INTENTGATE_SIEM_SPLUNK_HEC_URL",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "INTENTGATE_SIEM_SPLUNK_HEC_URL",
+                    "is required with INTENTGATE_SIEM_SPLUNK_TOKEN",
+                ));
+            }
+            (None, None) => {}
+        }
+        if let Some(key) = set(&self.datadog_api_key) {
+            let url = match (set(&self.datadog_url), set(&self.datadog_site)) {
+                (Some(u), _) => u.to_owned(),
+                (None, Some(site)) => format!("https://http-intake.logs.{site}/api/v2/logs"),
+                (None, None) => DATADOG_US1.to_owned(),
+            };
+            let mut settings = Map::new();
+            if let Some(service) = set(&self.datadog_service) {
+                settings.insert("service".into(), Value::from(service));
+            }
+            env.push(DestinationSpec {
+                name: "datadog".into(),
+                kind: "datadog".into(),
+                url,
+                secret: Some(key.into()),
+                settings,
+                ..DestinationSpec::default()
+            });
+        } else if set(&self.datadog_url).is_some() {
+            return Err(invalid(
+                "INTENTGATE_SIEM_DATADOG_API_KEY",
+                "is required with INTENTGATE_SIEM_DATADOG_URL",
+            ));
+        }
+        for spec in &env {
+            let setting = match spec.kind.as_str() {
+                "webhook" => "INTENTGATE_WEBHOOK_URL",
+                "splunk" => "INTENTGATE_SIEM_SPLUNK_HEC_URL",
+                _ => "INTENTGATE_SIEM_DATADOG_URL",
+            };
+            Destination::new(spec.clone(), None, Source::Env)
+                .map_err(|e| invalid(setting, e.to_string()))?;
+        }
+        let ranged = |setting: &'static str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(v)
+            } else {
+                Err(invalid(setting, format!("must be within {lo}..={hi}")))
+            }
+        };
+        let retry_base = ranged(
+            "INTENTGATE_OUTBOX_RETRY_BASE_MS",
+            self.outbox_retry_base_ms,
+            1,
+            3_600_000,
+        )?;
+        let retry_max = ranged(
+            "INTENTGATE_OUTBOX_RETRY_MAX_MS",
+            self.outbox_retry_max_ms,
+            retry_base,
+            86_400_000,
+        )?;
+        Ok(OutboxConfig {
+            env_destinations: env,
+            batch: ranged("INTENTGATE_OUTBOX_BATCH", self.outbox_batch as u64, 1, 1000)? as usize,
+            concurrency: ranged(
+                "INTENTGATE_OUTBOX_CONCURRENCY",
+                self.outbox_concurrency as u64,
+                1,
+                256,
+            )? as usize,
+            poll: Duration::from_millis(ranged(
+                "INTENTGATE_OUTBOX_POLL_MS",
+                self.outbox_poll_ms,
+                10,
+                60_000,
+            )?),
+            timeout: Duration::from_millis(ranged(
+                "INTENTGATE_OUTBOX_TIMEOUT_MS",
+                self.outbox_timeout_ms,
+                100,
+                300_000,
+            )?),
+            retry_base: Duration::from_millis(retry_base),
+            retry_max: Duration::from_millis(retry_max),
+            dead_after: Duration::from_secs(ranged(
+                "INTENTGATE_OUTBOX_DEAD_AFTER_SECS",
+                self.outbox_dead_after_secs,
+                1,
+                365 * 86_400,
+            )?),
+            backlog_alarm: ranged(
+                "INTENTGATE_OUTBOX_BACKLOG_ALARM",
+                self.outbox_backlog_alarm,
+                1,
+                u64::MAX,
+            )?,
+        })
+    }
+}

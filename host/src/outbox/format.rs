@@ -1,0 +1,149 @@
+//! Formatting a batch for its destination through a formatter component (world
+//! `siem-formatter`, interface `intentgate:plugin/formatter`): the built-in one (the embedded
+//! `siem-json` component, configured with the destination kind's `format`) or one a platform
+//! team uploaded (`/v1/admin/plugins`) and bound to the destination by digest.
+//!
+//! The component runs off the async runtime (`spawn_blocking`) under the plugin deadline and
+//! memory limit; what it returns is checked before it reaches the network: a bounded body, a
+//! valid content type, and only headers that are valid and that the host does not own
+//! (framing, `Host`, the signature headers). A formatter that traps, loops or returns garbage
+//! is a failed delivery of its own destination only. This module must never send what a
+//! formatter returned without these checks.
+
+use std::sync::Arc;
+
+use hyper::header::{HeaderName, HeaderValue};
+
+use crate::plugins::siem::{FormattedRequest, Formatter};
+use crate::plugins::{PluginError, Runtime};
+
+/// Largest request body a formatter may produce (Datadog's intake takes 5 MB).
+pub const MAX_BODY: usize = 5 << 20;
+/// Most extra headers a formatter may set.
+const MAX_HEADERS: usize = 32;
+
+/// Headers the host sets itself.
+const HOST_OWNED: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "x-intentgate-signature",
+];
+
+/// A checked request, ready to send.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub content_type: HeaderValue,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: bytes::Bytes,
+}
+
+/// A destination's compiled formatter with its configuration.
+#[derive(Clone)]
+pub struct Bound {
+    formatter: Arc<Formatter>,
+}
+
+impl Bound {
+    /// Compiles (cached by digest) and links `wasm`; refuses a component of another world.
+    pub fn new(runtime: Arc<Runtime>, wasm: &[u8], config: &str) -> Result<Self, PluginError> {
+        Ok(Bound {
+            formatter: Arc::new(Formatter::new(runtime, wasm, config)?),
+        })
+    }
+
+    /// Formats `events` (canonical JSON, oldest first) off the async runtime and checks the
+    /// result. Errors are the text recorded as the delivery's error.
+    pub async fn format(&self, events: Vec<String>) -> Result<Request, String> {
+        let formatter = self.formatter.clone();
+        let out = tokio::task::spawn_blocking(move || formatter.format(&events))
+            .await
+            .map_err(|e| format!("formatter task failed: {e}"))?
+            .map_err(|e| format!("formatter: {e}"))?;
+        check(out)
+    }
+}
+
+/// Checks a formatter's answer.
+pub fn check(out: FormattedRequest) -> Result<Request, String> {
+    if out.body.len() > MAX_BODY {
+        return Err(format!(
+            "formatter returned a {} byte body (limit {MAX_BODY})",
+            out.body.len()
+        ));
+    }
+    let content_type = HeaderValue::from_str(&out.content_type)
+        .ok()
+        .filter(|v| !v.is_empty() && out.content_type.contains('/'))
+        .ok_or_else(|| "formatter returned an invalid content type".to_owned())?;
+    if out.headers.len() > MAX_HEADERS {
+        return Err(format!(
+            "formatter returned {} headers (limit {MAX_HEADERS})",
+            out.headers.len()
+        ));
+    }
+    let mut headers = Vec::with_capacity(out.headers.len());
+    for (name, value) in out.headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| "formatter returned an invalid header name".to_owned())?;
+        if HOST_OWNED.contains(&name.as_str()) || name.as_str().starts_with("proxy-") {
+            return Err(format!(
+                "formatter may not set the {name} header (the host owns it)"
+            ));
+        }
+        let value = HeaderValue::from_str(&value)
+            .map_err(|_| format!("formatter returned an invalid value for {name}"))?;
+        headers.push((name, value));
+    }
+    Ok(Request {
+        content_type,
+        headers,
+        body: out.body.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(ct: &str, headers: &[(&str, &str)], body: usize) -> FormattedRequest {
+        FormattedRequest {
+            content_type: ct.into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: vec![b'x'; body],
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(
+            check(req(
+                "application/json",
+                &[("authorization", "Splunk t")],
+                10
+            ))
+            .is_ok()
+        );
+        assert!(check(req("", &[], 1)).is_err());
+        assert!(check(req("text\nplain", &[], 1)).is_err());
+        assert!(check(req("application/json", &[("host", "evil")], 1)).is_err());
+        assert!(check(req("application/json", &[("webhook-signature", "v1,x")], 1)).is_err());
+        assert!(check(req("application/json", &[("bad name", "v")], 1)).is_err());
+        assert!(check(req("application/json", &[("x-a", "line\r\nbreak")], 1)).is_err());
+        assert!(check(req("application/json", &[], MAX_BODY + 1)).is_err());
+    }
+}

@@ -1,0 +1,262 @@
+//! The outbox: audit events leave the box for webhooks, notification channels and SIEMs,
+//! durably and in order.
+//!
+//! - **Written with the event.** The audit commit writes one `outbox` row per (event,
+//!   destination) in the transaction that records the event ([`store::enqueue!`], called from
+//!   `audit/commit.rs`), choosing destinations from the arc-swapped [`Router`]. An event is
+//!   delivered if and only if it was recorded, and the rows live on disk: a slow or dead
+//!   destination costs disk, never memory, and never a call's latency.
+//! - **Delivered by a worker** ([`worker`]): at least once, in id order per lane (destination,
+//!   tenant), with an idempotency key per delivery (`webhook-id`), exponential back-off with
+//!   jitter on network errors and non-2xx answers (honouring `Retry-After`), dead letters after
+//!   [`OutboxConfig::dead_after`] (kept, listed and re-driven over the admin API). On
+//!   PostgreSQL replicas share lanes through `FOR UPDATE SKIP LOCKED` ([`store::claim`]).
+//! - **Formatted by components** ([`format`]): every destination's request is produced by a
+//!   formatter component (world `siem-formatter`), the built-in one or an uploaded one.
+//! - **Signed** ([`sign`]): Standard Webhooks plus the original's `X-IntentGate-Signature`.
+//! - **Configured** ([`destination`]): per tenant or global, through the admin API (stored,
+//!   secrets write-only) and the original's environment variables.
+//!
+//! Over [`OutboxConfig::backlog_alarm`] undelivered rows the outbox raises an alarm (`/healthz`
+//! and `/metrics`) and keeps every row. This module must never block or fail a call because a
+//! destination is slow or down, and never drop a recorded event without making it a dead
+//! letter.
+
+pub mod destination;
+pub mod format;
+pub mod sign;
+pub mod store;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+pub use destination::{Destination, DestinationSpec, Kind, Router, Source};
+
+use crate::bundles::Registry;
+use crate::plugins::Runtime;
+use crate::store::Db;
+
+/// Errors of the outbox layer.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// A destination or filter that cannot be used; names what is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("outbox store: {0}")]
+    Store(#[from] sqlx::Error),
+    /// A stored row that cannot be read back.
+    #[error("outbox store holds a corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// Tuning of delivery (`INTENTGATE_OUTBOX_*`).
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Destinations from the original's environment variables (global, read-only).
+    pub env_destinations: Vec<DestinationSpec>,
+    /// Most events in one SIEM request (notifications always take one).
+    pub batch: usize,
+    /// Lanes delivered at once by this process.
+    pub concurrency: usize,
+    /// How often the worker looks for due lanes when nothing rang (other replicas' rows,
+    /// back-off expiries).
+    pub poll: Duration,
+    /// Bound of one HTTP exchange.
+    pub timeout: Duration,
+    /// First back-off after a failure; doubled per consecutive failure…
+    pub retry_base: Duration,
+    /// …up to this.
+    pub retry_max: Duration,
+    /// A failing batch older than this becomes dead letters.
+    pub dead_after: Duration,
+    /// Undelivered rows beyond which the alarm is raised.
+    pub backlog_alarm: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            env_destinations: Vec::new(),
+            batch: 100,
+            concurrency: 8,
+            poll: Duration::from_secs(1),
+            timeout: Duration::from_secs(10),
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            dead_after: Duration::from_secs(72 * 3600),
+            backlog_alarm: 100_000,
+        }
+    }
+}
+
+/// A destination as the worker uses it: validated, with its formatter bound (or why not).
+pub struct Live {
+    pub dest: Destination,
+    pub formatter: Result<format::Bound, String>,
+}
+
+/// The destinations in force.
+#[derive(Default)]
+pub struct LiveSet {
+    pub list: Vec<Arc<Live>>,
+    pub by_id: HashMap<Arc<str>, Arc<Live>>,
+}
+
+/// Counters of this process's deliveries and the last backlog reading.
+#[derive(Default)]
+pub struct Stats {
+    pub delivered: AtomicU64,
+    pub failed: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub backlog: AtomicI64,
+    pub dead_letters: AtomicI64,
+    pub alarm: AtomicBool,
+}
+
+/// The outbox handle: cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    router: Router,
+    cfg: OutboxConfig,
+    runtime: Arc<Runtime>,
+    registry: Registry,
+    env: Vec<Destination>,
+    live: ArcSwap<LiveSet>,
+    stats: Stats,
+    version: tokio::sync::Mutex<Option<(i64, i64)>>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("destinations", &self.inner.live.load().list.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    /// Validates the environment's destinations, loads the stored ones and installs them in
+    /// `router` (the audit log's). Start the worker with [`Outbox::spawn_worker`].
+    pub async fn open(
+        db: Db,
+        router: Router,
+        cfg: OutboxConfig,
+        registry: Registry,
+    ) -> Result<Self, OutboxError> {
+        let env = cfg
+            .env_destinations
+            .iter()
+            .map(|spec| Destination::new(spec.clone(), None, Source::Env))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outbox = Outbox {
+            inner: Arc::new(Inner {
+                db,
+                router,
+                runtime: registry.runtime().clone(),
+                registry,
+                cfg,
+                env,
+                live: ArcSwap::default(),
+                stats: Stats::default(),
+                version: tokio::sync::Mutex::new(None),
+            }),
+        };
+        outbox.reload(true).await?;
+        Ok(outbox)
+    }
+
+    pub fn config(&self) -> &OutboxConfig {
+        &self.inner.cfg
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The destinations in force.
+    pub fn live(&self) -> Arc<LiveSet> {
+        self.inner.live.load_full()
+    }
+
+    /// Whether the backlog is over its alarm threshold (last reading).
+    pub fn alarm(&self) -> bool {
+        self.inner.stats.alarm.load(Ordering::Relaxed)
+    }
+
+    /// Starts the delivery worker; it runs until the returned task is aborted.
+    pub fn spawn_worker(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(worker::run(self.clone()))
+    }
+
+    /// Re-reads the stored destinations (when they changed, or always with `force`), binds
+    /// their formatters and swaps them in: the next audit batch routes with them and the
+    /// worker delivers with them.
+    pub async fn reload(&self, force: bool) -> Result<(), OutboxError> {
+        let mut seen = self.inner.version.lock().await;
+        let version = store::destinations_version(&self.inner.db).await?;
+        if !force && *seen == Some(version) {
+            return Ok(());
+        }
+        let stored = store::load_destinations(&self.inner.db).await?;
+        let mut dests = self.inner.env.clone();
+        for (id, tenant, spec) in stored {
+            match Destination::new(spec, tenant, Source::Admin) {
+                Ok(d) => dests.push(d),
+                Err(e) => {
+                    tracing::error!(destination = %id, error = %e, "outbox: stored destination is invalid; skipped")
+                }
+            }
+        }
+        let runtime = self.inner.runtime.clone();
+        let registry = self.inner.registry.clone();
+        let live = tokio::task::spawn_blocking(move || bind_all(&runtime, &registry, dests))
+            .await
+            .map_err(|e| OutboxError::Invalid(format!("binding formatters: {e}")))?;
+        let list: Vec<Destination> = live.list.iter().map(|l| l.dest.clone()).collect();
+        self.inner.live.store(Arc::new(live));
+        self.inner.router.install(&list);
+        *seen = Some(version);
+        Ok(())
+    }
+}
+
+/// Binds every destination's formatter (compiles are cached by digest).
+fn bind_all(runtime: &Arc<Runtime>, registry: &Registry, dests: Vec<Destination>) -> LiveSet {
+    let mut set = LiveSet::default();
+    for dest in dests {
+        let formatter = match dest.spec.formatter.as_deref().filter(|d| !d.is_empty()) {
+            None => format::Bound::new(
+                runtime.clone(),
+                crate::plugins::artifacts::SIEM_JSON,
+                &dest.formatter_config(),
+            )
+            .map_err(|e| e.to_string()),
+            Some(digest) => match registry.component_bytes(digest) {
+                None => Err(format!("formatter component {digest} is not uploaded")),
+                Some(wasm) => format::Bound::new(runtime.clone(), &wasm, &dest.formatter_config())
+                    .map_err(|e| e.to_string()),
+            },
+        };
+        if let Err(e) = &formatter {
+            tracing::warn!(destination = %dest.id, error = %e, "outbox: destination has no usable formatter; its deliveries fail until fixed");
+        }
+        let live = Arc::new(Live { dest, formatter });
+        set.by_id.insert(live.dest.id.clone(), live.clone());
+        set.list.push(live);
+    }
+    set
+}

@@ -1,0 +1,561 @@
+//! The outbox tables (`migrations/*/0006_outbox.sql`): writing rows inside the audit batch
+//! ([`enqueue!`]), claiming a lane for delivery, recording what a delivery did, and the
+//! queries of the admin API (health per lane, dead letters, re-drive, stored destinations).
+//!
+//! A lane is one (destination, tenant): rows are delivered in id order within it, by one
+//! worker at a time. On PostgreSQL the claim is the lane row locked `FOR UPDATE SKIP LOCKED`
+//! in a transaction held for the delivery, so replicas share lanes and never deliver one
+//! twice at once; a replica that dies releases its lanes with its connection. On SQLite one
+//! process owns the file and its worker keeps its lanes apart in memory.
+//!
+//! This module must never delete a row that was not delivered, never write outside the lane
+//! it claimed, and never return a stored secret to the admin API.
+
+use std::collections::BTreeSet;
+
+use super::OutboxError;
+use super::destination::DestinationSpec;
+use crate::store::Db;
+
+/// Runs `$body` with `$pool` bound to the pool of either backend.
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Writes the outbox rows of a batch inside the open audit transaction `$tx`: for each entry
+/// of `$entries` (a `&[Entry]`, after budget settling) and its row id in `$appended`, one row
+/// per destination the routing table (`$router`, a [`super::Router`]) sends it to, plus the
+/// lanes they fall in. Two statements at most per batch (more only beyond 1000 rows), none
+/// when no destination is configured. Evaluates to `Result<bool, AuditError>`: whether rows
+/// were written (the caller rings the worker after the commit).
+macro_rules! enqueue {
+    ($db:ty, $tx:expr, $router:expr, $tenant:expr, $entries:expr, $appended:expr) => {{
+        let router: &$crate::outbox::Router = $router;
+        let tenant: &str = $tenant;
+        let routes = router.routes();
+        let mut rows: Vec<(&str, i64)> = Vec::new();
+        if !routes.is_empty() {
+            for (entry, appended) in $entries.iter().zip($appended.iter()) {
+                for id in
+                    $crate::outbox::destination::destinations_for(&routes, tenant, &entry.event)
+                {
+                    rows.push((id.as_ref(), appended.id));
+                }
+            }
+        }
+        if rows.is_empty() {
+            Ok::<bool, AuditError>(false)
+        } else {
+            let now = $crate::audit::time::now_ms();
+            for chunk in rows.chunks(1000) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO outbox (destination, tenant, event_id, created_ms) ",
+                );
+                qb.push_values(chunk.iter(), |mut b, (dest, id)| {
+                    b.push_bind(*dest)
+                        .push_bind(tenant)
+                        .push_bind(*id)
+                        .push_bind(now);
+                });
+                qb.build().execute(&mut *$tx).await?;
+            }
+            let lanes: std::collections::BTreeSet<&str> = rows.iter().map(|(d, _)| *d).collect();
+            let mut qb =
+                sqlx::QueryBuilder::<$db>::new("INSERT INTO outbox_lanes (destination, tenant) ");
+            qb.push_values(lanes.iter(), |mut b, dest| {
+                b.push_bind(*dest).push_bind(tenant);
+            });
+            qb.push(" ON CONFLICT (destination, tenant) DO NOTHING");
+            qb.build().execute(&mut *$tx).await?;
+            Ok(true)
+        }
+    }};
+}
+pub(crate) use enqueue;
+
+/// One row to deliver, with the recorded event (its canonical JSON, as hashed).
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub id: i64,
+    pub event_id: i64,
+    pub created_ms: i64,
+    pub body: String,
+}
+
+/// A lane: (destination id, tenant).
+pub type Lane = (String, String);
+
+/// Lanes with undelivered rows whose back-off has passed, oldest due first.
+pub async fn due_lanes(db: &Db, now: i64, limit: i64) -> Result<Vec<Lane>, OutboxError> {
+    let sql = "SELECT l.destination, l.tenant FROM outbox_lanes l WHERE l.next_ms <= $1 \
+               AND EXISTS (SELECT 1 FROM outbox o WHERE o.destination = l.destination \
+               AND o.tenant = l.tenant AND o.dead_ms = 0) ORDER BY l.next_ms LIMIT $2";
+    Ok(on_db!(db, pool => sqlx::query_as(sql).bind(now).bind(limit).fetch_all(pool).await?))
+}
+
+const BATCH_SELECT: &str = "SELECT o.id, o.event_id, o.created_ms, e.body FROM outbox o \
+     JOIN audit_events e ON e.id = o.event_id \
+     WHERE o.destination = $1 AND o.tenant = $2 AND o.dead_ms = 0 ORDER BY o.id LIMIT $3";
+
+fn pending_of<R: sqlx::Row>(rows: Vec<R>) -> Result<Vec<Pending>, sqlx::Error>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    usize: sqlx::ColumnIndex<R>,
+{
+    rows.into_iter()
+        .map(|r| {
+            Ok(Pending {
+                id: r.try_get(0)?,
+                event_id: r.try_get(1)?,
+                created_ms: r.try_get(2)?,
+                body: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+/// A claimed lane: on PostgreSQL the transaction holding its row lock.
+pub enum Claim {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Sqlite(sqlx::SqlitePool),
+}
+
+/// Claims `lane` if its back-off has passed and no other replica holds it, and reads its
+/// next batch (at most `limit` rows, in id order) with the lane's consecutive failures.
+/// `None`: taken elsewhere, not due, or empty.
+pub async fn claim(
+    db: &Db,
+    lane: &Lane,
+    now: i64,
+    limit: i64,
+) -> Result<Option<(Claim, i64, Vec<Pending>)>, OutboxError> {
+    let (dest, tenant) = lane;
+    match db {
+        Db::Postgres(pool) => {
+            let mut tx = pool.begin().await?;
+            let locked: Option<(i64,)> = sqlx::query_as(
+                "SELECT failures FROM outbox_lanes WHERE destination = $1 AND tenant = $2 \
+                 AND next_ms <= $3 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(dest)
+            .bind(tenant)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((failures,)) = locked else {
+                return Ok(None);
+            };
+            let rows = sqlx::query(BATCH_SELECT)
+                .bind(dest)
+                .bind(tenant)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+            let rows = pending_of(rows)?;
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some((Claim::Postgres(tx), failures, rows)))
+        }
+        Db::Sqlite(pool) => {
+            let due: Option<(i64,)> = sqlx::query_as(
+                "SELECT failures FROM outbox_lanes WHERE destination = $1 AND tenant = $2 \
+                 AND next_ms <= $3",
+            )
+            .bind(dest)
+            .bind(tenant)
+            .bind(now)
+            .fetch_optional(pool)
+            .await?;
+            let Some((failures,)) = due else {
+                return Ok(None);
+            };
+            let rows = sqlx::query(BATCH_SELECT)
+                .bind(dest)
+                .bind(tenant)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?;
+            let rows = pending_of(rows)?;
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some((Claim::Sqlite(pool.clone()), failures, rows)))
+        }
+    }
+}
+
+/// What one delivery attempt of a batch came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Failed; retry the lane at `retry_at_ms`.
+    Retry {
+        error: String,
+        retry_at_ms: i64,
+    },
+    /// Failed and the batch is older than the dead-letter age: set aside, the lane moves on.
+    Dead {
+        error: String,
+    },
+}
+
+macro_rules! write_outcome {
+    ($db:ty, $conn:expr, $lane:expr, $ids:expr, $outcome:expr, $now:expr) => {{
+        let (dest, tenant) = $lane;
+        let conn = $conn;
+        let ids: &[i64] = $ids;
+        let push_ids = |qb: &mut sqlx::QueryBuilder<'_, $db>| {
+            qb.push(" WHERE id IN (");
+            let mut sep = qb.separated(", ");
+            for id in ids {
+                sep.push_bind(*id);
+            }
+            qb.push(")");
+        };
+        match $outcome {
+            Outcome::Delivered => {
+                let mut qb = sqlx::QueryBuilder::<$db>::new("DELETE FROM outbox");
+                push_ids(&mut qb);
+                qb.build().execute(&mut *conn).await?;
+                sqlx::query(
+                    "UPDATE outbox_lanes SET failures = 0, next_ms = 0, delivered = delivered + $1, \
+                     last_success_ms = $2 WHERE destination = $3 AND tenant = $4",
+                )
+                .bind(ids.len() as i64)
+                .bind($now)
+                .bind(dest)
+                .bind(tenant)
+                .execute(&mut *conn)
+                .await?;
+            }
+            Outcome::Retry { error, retry_at_ms } => {
+                let error = error_text(error);
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "UPDATE outbox SET attempts = attempts + 1, last_error = ",
+                );
+                qb.push_bind(error.clone());
+                push_ids(&mut qb);
+                qb.build().execute(&mut *conn).await?;
+                sqlx::query(
+                    "UPDATE outbox_lanes SET failures = failures + 1, next_ms = $1, last_error = $2, \
+                     last_error_ms = $3 WHERE destination = $4 AND tenant = $5",
+                )
+                .bind(*retry_at_ms)
+                .bind(error)
+                .bind($now)
+                .bind(dest)
+                .bind(tenant)
+                .execute(&mut *conn)
+                .await?;
+            }
+            Outcome::Dead { error } => {
+                let error = error_text(error);
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "UPDATE outbox SET attempts = attempts + 1, dead_ms = ",
+                );
+                qb.push_bind($now);
+                qb.push(", last_error = ");
+                qb.push_bind(error.clone());
+                push_ids(&mut qb);
+                qb.build().execute(&mut *conn).await?;
+                sqlx::query(
+                    "UPDATE outbox_lanes SET failures = 0, next_ms = 0, last_error = $1, \
+                     last_error_ms = $2 WHERE destination = $3 AND tenant = $4",
+                )
+                .bind(error)
+                .bind($now)
+                .bind(dest)
+                .bind(tenant)
+                .execute(&mut *conn)
+                .await?;
+            }
+        }
+    }};
+}
+
+fn error_text(e: &str) -> String {
+    e.chars().take(1024).collect()
+}
+
+/// Records `outcome` for the batch `ids` of `lane`, and releases the claim.
+pub async fn finish(
+    claim: Claim,
+    lane: &Lane,
+    ids: &[i64],
+    outcome: &Outcome,
+    now: i64,
+) -> Result<(), OutboxError> {
+    match claim {
+        Claim::Postgres(mut tx) => {
+            write_outcome!(sqlx::Postgres, &mut *tx, lane, ids, outcome, now);
+            tx.commit().await?;
+        }
+        Claim::Sqlite(pool) => {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+            write_outcome!(sqlx::Sqlite, &mut *tx, lane, ids, outcome, now);
+            tx.commit().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Undelivered rows (not dead letters) over every lane.
+pub async fn backlog(db: &Db) -> Result<i64, OutboxError> {
+    let sql = "SELECT COUNT(*) FROM outbox WHERE dead_ms = 0";
+    Ok(on_db!(db, pool => sqlx::query_scalar(sql).fetch_one(pool).await?))
+}
+
+/// Dead letters over every lane.
+pub async fn dead_letters(db: &Db) -> Result<i64, OutboxError> {
+    let sql = "SELECT COUNT(*) FROM outbox WHERE dead_ms <> 0";
+    Ok(on_db!(db, pool => sqlx::query_scalar(sql).fetch_one(pool).await?))
+}
+
+/// The health of one lane.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaneStatus {
+    pub destination: String,
+    pub tenant: String,
+    pub delivered: i64,
+    pub last_success_ms: i64,
+    pub last_error: String,
+    pub last_error_ms: i64,
+    pub failures: i64,
+    pub next_ms: i64,
+    pub backlog: i64,
+    pub oldest_ms: Option<i64>,
+    pub dead: i64,
+}
+
+/// Lanes of `tenant` (every tenant when `None`).
+pub async fn lane_status(db: &Db, tenant: Option<&str>) -> Result<Vec<LaneStatus>, OutboxError> {
+    let sql = "SELECT l.destination, l.tenant, l.delivered, l.last_success_ms, l.last_error, \
+               l.last_error_ms, l.failures, l.next_ms, \
+               (SELECT COUNT(*) FROM outbox o WHERE o.destination = l.destination AND o.tenant = l.tenant AND o.dead_ms = 0), \
+               (SELECT MIN(o.created_ms) FROM outbox o WHERE o.destination = l.destination AND o.tenant = l.tenant AND o.dead_ms = 0), \
+               (SELECT COUNT(*) FROM outbox o WHERE o.destination = l.destination AND o.tenant = l.tenant AND o.dead_ms <> 0) \
+               FROM outbox_lanes l WHERE ($1 = '' OR l.tenant = $1) ORDER BY l.destination, l.tenant";
+    type R = (
+        String,
+        String,
+        i64,
+        i64,
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<i64>,
+        i64,
+    );
+    let rows: Vec<R> =
+        on_db!(db, pool => sqlx::query_as(sql).bind(tenant.unwrap_or("")).fetch_all(pool).await?);
+    Ok(rows
+        .into_iter()
+        .map(|r| LaneStatus {
+            destination: r.0,
+            tenant: r.1,
+            delivered: r.2,
+            last_success_ms: r.3,
+            last_error: r.4,
+            last_error_ms: r.5,
+            failures: r.6,
+            next_ms: r.7,
+            backlog: r.8,
+            oldest_ms: r.9,
+            dead: r.10,
+        })
+        .collect())
+}
+
+/// A dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub destination: String,
+    pub tenant: String,
+    pub event_id: i64,
+    pub created_ms: i64,
+    pub attempts: i64,
+    pub dead_ms: i64,
+    pub last_error: String,
+}
+
+/// Dead letters of `tenant` (all when `None`) and `destination` (all when `None`), by id,
+/// after `after`.
+pub async fn list_dead(
+    db: &Db,
+    tenant: Option<&str>,
+    destination: Option<&str>,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, OutboxError> {
+    let sql = "SELECT id, destination, tenant, event_id, created_ms, attempts, dead_ms, last_error \
+               FROM outbox WHERE dead_ms <> 0 AND ($1 = '' OR tenant = $1) \
+               AND ($2 = '' OR destination = $2) AND id > $3 ORDER BY id LIMIT $4";
+    type R = (i64, String, String, i64, i64, i64, i64, String);
+    let rows: Vec<R> = on_db!(db, pool => sqlx::query_as(sql)
+        .bind(tenant.unwrap_or(""))
+        .bind(destination.unwrap_or(""))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?);
+    Ok(rows
+        .into_iter()
+        .map(|r| DeadLetter {
+            id: r.0,
+            destination: r.1,
+            tenant: r.2,
+            event_id: r.3,
+            created_ms: r.4,
+            attempts: r.5,
+            dead_ms: r.6,
+            last_error: r.7,
+        })
+        .collect())
+}
+
+/// Puts the dead letters of `destination` (and `tenant`, all tenants when `None`) back in
+/// their lanes, due at once. Returns how many.
+pub async fn redrive(db: &Db, destination: &str, tenant: Option<&str>) -> Result<u64, OutboxError> {
+    let t = tenant.unwrap_or("");
+    let rows = "UPDATE outbox SET dead_ms = 0, attempts = 0 WHERE dead_ms <> 0 \
+                AND destination = $1 AND ($2 = '' OR tenant = $2)";
+    let lanes = "UPDATE outbox_lanes SET next_ms = 0, failures = 0 WHERE destination = $1 \
+                 AND ($2 = '' OR tenant = $2)";
+    Ok(on_db!(db, pool => {
+        let mut tx = pool.begin().await?;
+        let n = sqlx::query(rows).bind(destination).bind(t).execute(&mut *tx).await?.rows_affected();
+        sqlx::query(lanes).bind(destination).bind(t).execute(&mut *tx).await?;
+        tx.commit().await?;
+        n
+    }))
+}
+
+/// A stored destination row: (id, tenant or '' for global, spec with its secret).
+pub type StoredDestination = (String, Option<String>, DestinationSpec);
+
+/// Every destination configured through the admin API.
+pub async fn load_destinations(db: &Db) -> Result<Vec<StoredDestination>, OutboxError> {
+    let sql = "SELECT id, tenant, name, kind, url, settings, secret, formatter \
+               FROM outbox_destinations ORDER BY id";
+    type R = (
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+    );
+    let rows: Vec<R> = on_db!(db, pool => sqlx::query_as(sql).fetch_all(pool).await?);
+    rows.into_iter()
+        .map(
+            |(id, tenant, name, kind, url, settings, secret, formatter)| {
+                let stored: Settings = serde_json::from_str(&settings)
+                    .map_err(|e| OutboxError::Corrupt(format!("destination {id}: {e}")))?;
+                let spec = DestinationSpec {
+                    name,
+                    kind,
+                    url,
+                    secret: (!secret.is_empty()).then_some(secret),
+                    events: stored.events,
+                    decisions: stored.decisions,
+                    min_severity: stored.min_severity,
+                    settings: stored.settings,
+                    formatter: (!formatter.is_empty()).then_some(formatter),
+                };
+                Ok((id, (!tenant.is_empty()).then_some(tenant), spec))
+            },
+        )
+        .collect()
+}
+
+/// The `settings` column: the spec without name, kind, url, secret and formatter.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Settings {
+    #[serde(default)]
+    events: Vec<String>,
+    #[serde(default)]
+    decisions: Vec<String>,
+    #[serde(default)]
+    min_severity: Option<String>,
+    #[serde(default)]
+    settings: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Stores (creates or replaces) a destination. A spec without a secret keeps the stored one.
+pub async fn save_destination(
+    db: &Db,
+    id: &str,
+    tenant: Option<&str>,
+    spec: &DestinationSpec,
+) -> Result<(), OutboxError> {
+    let settings = serde_json::to_string(&Settings {
+        events: spec.events.clone(),
+        decisions: spec.decisions.clone(),
+        min_severity: spec.min_severity.clone(),
+        settings: spec.settings.clone(),
+    })
+    .map_err(|e| OutboxError::Invalid(e.to_string()))?;
+    let sql = "INSERT INTO outbox_destinations (id, tenant, name, kind, url, settings, secret, formatter, updated_ms) \
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO UPDATE SET \
+               kind = excluded.kind, url = excluded.url, settings = excluded.settings, \
+               secret = CASE WHEN excluded.secret = '' THEN outbox_destinations.secret ELSE excluded.secret END, \
+               formatter = excluded.formatter, updated_ms = excluded.updated_ms";
+    let now = crate::audit::time::now_ms();
+    on_db!(db, pool => {
+        sqlx::query(sql)
+            .bind(id)
+            .bind(tenant.unwrap_or(""))
+            .bind(&spec.name)
+            .bind(&spec.kind)
+            .bind(&spec.url)
+            .bind(settings)
+            .bind(spec.secret.as_deref().unwrap_or(""))
+            .bind(spec.formatter.as_deref().unwrap_or(""))
+            .bind(now)
+            .execute(pool)
+            .await?;
+    });
+    Ok(())
+}
+
+/// The stored secret of a destination (to keep it when a replacement omits it).
+pub async fn stored_secret(db: &Db, id: &str) -> Result<Option<String>, OutboxError> {
+    let sql = "SELECT secret FROM outbox_destinations WHERE id = $1";
+    let s: Option<String> =
+        on_db!(db, pool => sqlx::query_scalar(sql).bind(id).fetch_optional(pool).await?);
+    Ok(s.filter(|s| !s.is_empty()))
+}
+
+/// Deletes a stored destination; its undelivered rows stay (visible as backlog) until it is
+/// configured again or they are dead-lettered. Returns whether it existed.
+pub async fn delete_destination(db: &Db, id: &str) -> Result<bool, OutboxError> {
+    let sql = "DELETE FROM outbox_destinations WHERE id = $1";
+    let n = on_db!(db, pool => sqlx::query(sql).bind(id).execute(pool).await?.rows_affected());
+    Ok(n > 0)
+}
+
+/// A cheap fingerprint of the stored destinations (to reload only on change).
+pub async fn destinations_version(db: &Db) -> Result<(i64, i64), OutboxError> {
+    let sql = "SELECT COUNT(*), COALESCE(MAX(updated_ms), 0) FROM outbox_destinations";
+    Ok(on_db!(db, pool => sqlx::query_as(sql).fetch_one(pool).await?))
+}
+
+/// The distinct destinations referenced by undelivered rows (for lanes whose destination is
+/// gone).
+pub async fn referenced_destinations(db: &Db) -> Result<BTreeSet<String>, OutboxError> {
+    let sql = "SELECT DISTINCT destination FROM outbox_lanes";
+    let v: Vec<String> = on_db!(db, pool => sqlx::query_scalar(sql).fetch_all(pool).await?);
+    Ok(v.into_iter().collect())
+}

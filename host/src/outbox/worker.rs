@@ -1,0 +1,463 @@
+//! The delivery worker: finds lanes with due rows, claims each (one worker per lane across
+//! replicas), formats its next batch, sends it, and records the outcome: delivered rows are
+//! deleted; a failure sets the lane's back-off (exponential with jitter, never earlier than
+//! the destination's `Retry-After`); a failing batch older than the dead-letter age is set
+//! aside so the lane moves on.
+//!
+//! It wakes when a commit wrote outbox rows (the router's bell), when a back-off may have
+//! passed (a poll), and keeps at most [`OutboxConfig::concurrency`] lanes in flight. Memory is
+//! bounded by the batch size times that concurrency, whatever the backlog. This module must
+//! never delete a row before its destination answered 2xx, and never hold a lane while another
+//! worker delivers it.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::store::{self, Lane, Outcome, Pending};
+use super::{Kind, Live, Outbox, sign};
+use crate::audit::time::now_ms;
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Batches one lane task delivers before it gives its slot to other lanes.
+const BATCHES_PER_TURN: usize = 32;
+/// How often the stored destinations are checked for changes made by another replica.
+const RELOAD_EVERY: Duration = Duration::from_secs(5);
+/// How often the backlog is counted (for the alarm and `/metrics`).
+const COUNT_EVERY: Duration = Duration::from_secs(2);
+/// The longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// A failed delivery: what to record, and the destination's `Retry-After`, if any.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn new(error: impl Into<String>) -> Self {
+        Failure {
+            error: error.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// The client every delivery uses: pooled, http or https (system roots).
+fn client(timeout: Duration) -> HttpClient {
+    let tls = crate::tls::client_config(&crate::config::UpstreamTls::default())
+        .or_else(|_| crate::tls::plaintext_only());
+    let tls = match tls {
+        Ok(t) => Arc::unwrap_or_clone(t),
+        Err(e) => {
+            tracing::error!(error = %e, "outbox: no TLS client configuration; https destinations will fail");
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map(|b| {
+                b.with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth()
+            })
+            .unwrap_or_else(|_| unreachable_tls())
+        }
+    };
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(timeout));
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
+#[cold]
+fn unreachable_tls() -> rustls::ClientConfig {
+    panic!("rustls refused its default protocol versions")
+}
+
+/// The worker loop.
+pub async fn run(outbox: Outbox) {
+    let http = client(outbox.inner.cfg.timeout);
+    let inflight: Arc<Mutex<HashSet<Lane>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut reloaded = Instant::now();
+    let mut counted: Option<Instant> = None;
+    let cfg = outbox.inner.cfg.clone();
+    loop {
+        tokio::select! {
+            () = outbox.inner.router.rung() => {
+                // Let the ringing commit (and its neighbours) land before looking.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            () = tokio::time::sleep(cfg.poll) => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+        while tasks.try_join_next().is_some() {}
+        if reloaded.elapsed() >= RELOAD_EVERY {
+            reloaded = Instant::now();
+            if let Err(e) = outbox.reload(false).await {
+                tracing::warn!(error = %e, "outbox: reloading destinations failed");
+            }
+        }
+        if counted.is_none_or(|t| t.elapsed() >= COUNT_EVERY) {
+            counted = Some(Instant::now());
+            count(&outbox).await;
+        }
+        let room = cfg.concurrency.saturating_sub(tasks.len());
+        if room == 0 {
+            continue;
+        }
+        let lanes = match store::due_lanes(&outbox.inner.db, now_ms(), 256).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox: looking for due lanes failed");
+                continue;
+            }
+        };
+        let mut started = 0;
+        for lane in lanes {
+            if started == room {
+                break;
+            }
+            let fresh = lock(&inflight).insert(lane.clone());
+            if !fresh {
+                continue;
+            }
+            started += 1;
+            let (outbox, http, inflight) = (outbox.clone(), http.clone(), inflight.clone());
+            tasks.spawn(async move {
+                if let Err(e) = deliver_lane(&outbox, &http, &lane).await {
+                    tracing::warn!(destination = %lane.0, tenant = %lane.1, error = %e, "outbox: delivery bookkeeping failed; the lane is retried");
+                }
+                lock(&inflight).remove(&lane);
+                // Another lane may be waiting for this slot.
+                outbox.inner.router.ring();
+            });
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads the backlog and dead letters, and sets the alarm.
+async fn count(outbox: &Outbox) {
+    let db = &outbox.inner.db;
+    let stats = &outbox.inner.stats;
+    if let (Ok(backlog), Ok(dead)) = (store::backlog(db).await, store::dead_letters(db).await) {
+        stats.backlog.store(backlog, Ordering::Relaxed);
+        stats.dead_letters.store(dead, Ordering::Relaxed);
+        let over = backlog as u64 > outbox.inner.cfg.backlog_alarm;
+        let was = stats.alarm.swap(over, Ordering::Relaxed);
+        if over && !was {
+            tracing::error!(
+                backlog,
+                threshold = outbox.inner.cfg.backlog_alarm,
+                "outbox: backlog over its alarm threshold (INTENTGATE_OUTBOX_BACKLOG_ALARM); events are kept and delivered when destinations recover"
+            );
+        }
+    }
+}
+
+/// Delivers batches of one lane until it is empty, fails, or has had its turn.
+async fn deliver_lane(
+    outbox: &Outbox,
+    http: &HttpClient,
+    lane: &Lane,
+) -> Result<(), super::OutboxError> {
+    let cfg = &outbox.inner.cfg;
+    for _ in 0..BATCHES_PER_TURN {
+        let live = outbox.live();
+        let dest = live.by_id.get(lane.0.as_str()).cloned();
+        let limit = dest.as_ref().map_or(1, |d| d.dest.batch_limit(cfg.batch)) as i64;
+        let Some((claim, failures, rows)) =
+            store::claim(&outbox.inner.db, lane, now_ms(), limit).await?
+        else {
+            return Ok(());
+        };
+        let sent = match &dest {
+            None => Err(Failure::new(format!(
+                "destination {} is not configured",
+                lane.0
+            ))),
+            Some(d) => send(http, d, &lane.1, &rows, cfg.timeout).await,
+        };
+        let now = now_ms();
+        let outcome = match sent {
+            Ok(()) => Outcome::Delivered,
+            Err(f) => {
+                let oldest = rows.first().map_or(now, |r| r.created_ms);
+                if now.saturating_sub(oldest) >= cfg.dead_after.as_millis() as i64 {
+                    Outcome::Dead { error: f.error }
+                } else {
+                    let wait = backoff(cfg.retry_base, cfg.retry_max, failures, f.retry_after);
+                    Outcome::Retry {
+                        error: f.error,
+                        retry_at_ms: now + wait.as_millis() as i64,
+                    }
+                }
+            }
+        };
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        store::finish(claim, lane, &ids, &outcome, now).await?;
+        let stats = &outbox.inner.stats;
+        match &outcome {
+            Outcome::Delivered => {
+                stats
+                    .delivered
+                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
+            }
+            Outcome::Retry { error, .. } => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(destination = %lane.0, tenant = %lane.1, error = %error, "outbox: delivery failed; retrying after back-off");
+                return Ok(());
+            }
+            Outcome::Dead { error } => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .dead_lettered
+                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                tracing::error!(destination = %lane.0, tenant = %lane.1, events = ids.len(), error = %error, "outbox: undeliverable past the dead-letter age; kept as dead letters");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The wait before the next attempt after `failures` earlier consecutive failures:
+/// `base·2^failures` capped at `max`, with jitter (uniform in its upper half), and never less
+/// than the destination's `Retry-After`.
+pub fn backoff(
+    base: Duration,
+    max: Duration,
+    failures: i64,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let exp = base.saturating_mul(1u32 << failures.clamp(0, 20) as u32);
+    let capped = exp.min(max);
+    let mut r = [0u8; 8];
+    let jitter = match getrandom::fill(&mut r) {
+        Ok(()) => u64::from_le_bytes(r) as f64 / u64::MAX as f64,
+        Err(_) => 0.5,
+    };
+    let jittered = capped.mul_f64(0.5 + 0.5 * jitter);
+    match retry_after {
+        Some(ra) => jittered.max(ra.min(MAX_RETRY_AFTER)),
+        None => jittered,
+    }
+}
+
+/// The idempotency key of a delivery: stable across retries (the events' audit ids).
+pub fn delivery_id(rows: &[Pending]) -> String {
+    match (rows.first(), rows.last()) {
+        (Some(a), Some(b)) if a.event_id != b.event_id => {
+            format!("msg_{}_{}", a.event_id, b.event_id)
+        }
+        (Some(a), _) => format!("msg_{}", a.event_id),
+        _ => "msg_".to_owned(),
+    }
+}
+
+/// Formats and sends one batch; `Ok` only on a 2xx answer.
+async fn send(
+    http: &HttpClient,
+    live: &Live,
+    _tenant: &str,
+    rows: &[Pending],
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let formatter = live
+        .formatter
+        .as_ref()
+        .map_err(|e| Failure::new(e.clone()))?;
+    let events = rows.iter().map(|r| r.body.clone()).collect();
+    let req = formatter.format(events).await.map_err(Failure::new)?;
+    let id = delivery_id(rows);
+    let mut builder = hyper::Request::post(live.dest.url.clone())
+        .header(CONTENT_TYPE, req.content_type)
+        .header(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("intentgate/", env!("CARGO_PKG_VERSION"))),
+        );
+    for (k, v) in req.headers {
+        builder = builder.header(k, v);
+    }
+    if live.dest.kind == Kind::Webhook {
+        match live.dest.spec.secret.as_deref().filter(|s| !s.is_empty()) {
+            Some(secret) => {
+                for (k, v) in sign::headers(secret, &id, now_ms() / 1000, &req.body) {
+                    builder = builder.header(k, v);
+                }
+            }
+            None => {
+                builder = builder
+                    .header("webhook-id", id.as_str())
+                    .header("webhook-timestamp", (now_ms() / 1000).to_string());
+            }
+        }
+    } else {
+        builder = builder.header("x-intentgate-delivery-id", id.as_str());
+    }
+    let request = builder
+        .body(Full::new(req.body))
+        .map_err(|e| Failure::new(format!("request: {e}")))?;
+    let exchange = async {
+        let resp = http
+            .request(request)
+            .await
+            .map_err(|e| Failure::new(format!("{}: {}", live.dest.shown_endpoint(), chain(&e))))?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        // A bounded look at the answer (for the error text), then the connection is reused.
+        let body = Limited::new(resp.into_body(), 64 << 10)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        if status.is_success() {
+            return Ok(());
+        }
+        let snippet: String = String::from_utf8_lossy(&body).chars().take(200).collect();
+        Err(Failure {
+            error: format!("HTTP {}: {}", status.as_u16(), snippet.trim()),
+            retry_after,
+        })
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure::new(format!(
+            "{}: no answer within {} ms",
+            live.dest.shown_endpoint(),
+            timeout.as_millis()
+        ))),
+    }
+}
+
+/// An error and its sources, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// `Retry-After`: delay-seconds or an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = parse_imf_fixdate(v)?;
+    let now = now_ms() / 1000;
+    Some(Duration::from_secs(at.saturating_sub(now).max(0) as u64))
+}
+
+fn parse_imf_fixdate(v: &str) -> Option<i64> {
+    // "Sun, 06 Nov 1994 08:49:37 GMT"
+    let rest = v.split_once(", ")?.1;
+    let parts: Vec<&str> = rest.split(' ').collect();
+    if parts.len() != 5 || parts[4] != "GMT" {
+        return None;
+    }
+    let day: i64 = parts[0].parse().ok()?;
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| *m == parts[1])? as i64
+        + 1;
+    let year: i64 = parts[2].parse().ok()?;
+    let hms: Vec<i64> = parts[3]
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    if hms.len() != 3 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant).
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_jitters_and_honours_retry_after() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(10);
+        for failures in 0..30 {
+            let d = backoff(base, max, failures, None);
+            let full = base
+                .saturating_mul(1u32 << failures.clamp(0, 20) as u32)
+                .min(max);
+            assert!(d >= full / 2 && d <= full, "{failures}: {d:?} vs {full:?}");
+        }
+        let d = backoff(base, max, 0, Some(Duration::from_secs(7)));
+        assert!(d >= Duration::from_secs(7));
+        let d = backoff(base, max, 0, Some(Duration::from_secs(1 << 30)));
+        assert_eq!(d, MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_imf_fixdate("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777)
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn delivery_ids_are_stable_per_batch() {
+        let p = |event_id| Pending {
+            id: 1,
+            event_id,
+            created_ms: 0,
+            body: String::new(),
+        };
+        assert_eq!(delivery_id(&[p(7)]), "msg_7");
+        assert_eq!(delivery_id(&[p(7), p(9)]), "msg_7_9");
+    }
+}

@@ -1,0 +1,741 @@
+//! The outbox end to end: a real gateway (in-process, or the binary for kill -9) delivering to
+//! local receivers written from the vendors' documentation (`tests/interop/outbox_receiver.py`:
+//! a Standard Webhooks receiver verifying with the `standardwebhooks` library, a Splunk HEC
+//! collector, a Datadog logs v2 intake).
+//!
+//! - a destination down, then up: every event arrives, in order per tenant, none twice beyond
+//!   its idempotency key, and calls keep their latency meanwhile;
+//! - hostile formatter components (trap, loop, garbage) fail only their own destinations;
+//! - dead letters are kept, listed and re-driven; secrets never come back; tenant scoping;
+//! - kill -9 of the gateway binary during delivery loses nothing recorded;
+//! - on PostgreSQL, two replicas share the lanes without delivering a batch twice at once.
+//!
+//! Needs `pip install -r tests/interop/requirements.txt` (the `standardwebhooks` package).
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::gateway::{self, ADMIN_TOKEN, Backend, MASTER_KEY, TestGateway};
+use crate::support::http;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const HEC_TOKEN: &str = "hec-token-0123";
+const DD_KEY: &str = "dd-api-key-0123";
+const GLOBEX_ADMIN: &str = "globex-admin-token-0123456789abcdef";
+
+fn python() -> String {
+    std::env::var("INTENTGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// The Python receivers, killed on drop.
+struct Receiver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/interop/outbox_receiver.py"
+        );
+        let mut child = Command::new(python())
+            .args([script, SECRET, HEC_TOKEN, DD_KEY])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start the receiver: {e}; pip install -r tests/interop/requirements.txt"
+                )
+            });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("receiver port");
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .unwrap_or_else(|| panic!("receiver did not start (needs standardwebhooks): {line:?}"))
+            .to_owned();
+        Receiver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    async fn control(&self, state: Value) {
+        let (status, _) = http::post_json(&format!("{}/control", self.url), None, &state).await;
+        assert_eq!(status, 200);
+    }
+
+    async fn get(&self, what: &str) -> Value {
+        let (_, _, body) =
+            http::send("GET", &format!("{}/{what}", self.url), &[], Vec::new()).await;
+        serde_json::from_slice(&body).expect("receiver JSON")
+    }
+
+    fn env_flags(&self) -> Vec<String> {
+        [
+            "--webhook-url",
+            &format!("{}/webhook", self.url),
+            "--webhook-secret",
+            SECRET,
+            "--splunk-hec-url",
+            &format!("{}/services/collector/event", self.url),
+            "--splunk-token",
+            HEC_TOKEN,
+            "--datadog-api-key",
+            DD_KEY,
+            "--datadog-url",
+            &format!("{}/api/v2/logs", self.url),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+/// Fast delivery settings for tests.
+const FAST: &[&str] = &[
+    "--outbox-poll-ms",
+    "50",
+    "--outbox-retry-base-ms",
+    "50",
+    "--outbox-retry-max-ms",
+    "300",
+];
+
+async fn start(backend: Backend, flags: &[String]) -> TestGateway {
+    let mut all: Vec<&str> = FAST.to_vec();
+    all.extend(flags.iter().map(String::as_str));
+    gateway::start(backend, None, &all).await
+}
+
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A call the token's scope refuses: a deny event (capability check).
+async fn denied_call(url: &str, token: &str, n: usize) -> Duration {
+    let started = Instant::now();
+    let (status, v) = http::post_json(
+        &format!("{url}/v1/mcp"),
+        Some(token),
+        &json!({"jsonrpc": "2.0", "id": n, "method": "tools/call",
+                "params": {"name": "delete_everything", "arguments": {"n": n}}}),
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(status, 200);
+    assert!(v.get("error").is_some(), "denied: {v}");
+    took
+}
+
+async fn integrations(url: &str, token: &str) -> Vec<Value> {
+    let (status, v) = http::get_json(&format!("{url}/v1/admin/integrations"), token).await;
+    assert_eq!(status, 200, "{v}");
+    v.as_array().expect("array").clone()
+}
+
+fn find<'a>(list: &'a [Value], id: &str) -> &'a Value {
+    list.iter()
+        .find(|d| d["id"] == id)
+        .unwrap_or_else(|| panic!("no {id} in {list:?}"))
+}
+
+/// Webhook records deduplicated by `webhook-id` (the idempotency key): asserts a repeated id
+/// carries the same body, and returns the first arrivals in order.
+fn distinct_webhooks(records: &Value) -> Vec<Value> {
+    let mut seen: BTreeMap<String, Value> = BTreeMap::new();
+    let mut out = Vec::new();
+    for r in records["webhook"].as_array().expect("webhooks") {
+        let id = r["id"].as_str().expect("id").to_owned();
+        match seen.get(&id) {
+            Some(body) => assert_eq!(
+                body, &r["body"],
+                "a repeated webhook-id carries the same event"
+            ),
+            None => {
+                seen.insert(id, r["body"].clone());
+                out.push(r["body"].clone());
+            }
+        }
+    }
+    out
+}
+
+/// Asserts `seqs` (first arrivals) are strictly increasing.
+fn assert_in_order(what: &str, seqs: &[i64]) {
+    for w in seqs.windows(2) {
+        assert!(w[0] < w[1], "{what} out of order: {seqs:?}");
+    }
+}
+
+/// Distinct values of `key_of` in first-arrival order.
+fn first_arrivals(items: &[Value], key_of: impl Fn(&Value) -> Option<i64>) -> Vec<i64> {
+    let mut seen = HashSet::new();
+    items
+        .iter()
+        .filter_map(key_of)
+        .filter(|k| seen.insert(*k))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn destinations_down_then_up_get_every_event_in_order_and_calls_keep_their_latency() {
+    let rx = Receiver::start();
+    let gw = start(Backend::Sqlite, &rx.env_flags()).await;
+    let (token, _) = gw
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
+        .await;
+    // Up: a baseline.
+    let mut up = Vec::new();
+    for n in 0..5 {
+        up.push(denied_call(&gw.url, &token, n).await);
+    }
+    rx.control(json!({"down": true, "status": 503, "retry_after": "0"}))
+        .await;
+    let mut down = Vec::new();
+    for n in 5..40 {
+        down.push(denied_call(&gw.url, &token, n).await);
+    }
+    let worst_down = *down.iter().max().expect("calls");
+    assert!(
+        worst_down < Duration::from_millis(500),
+        "a call took {worst_down:?} while the destinations were down (up: {up:?})"
+    );
+    wait_for("the outage to show", Duration::from_secs(10), || async {
+        let list = integrations(&gw.url, ADMIN_TOKEN).await;
+        let hook = find(&list, "env:webhook");
+        hook["failing"] == true && hook["backlog"].as_i64() > Some(0)
+    })
+    .await;
+    let list = integrations(&gw.url, ADMIN_TOKEN).await;
+    let hook = find(&list, "env:webhook");
+    assert!(
+        hook["last_error"].as_str().unwrap_or("").contains("503"),
+        "{hook}"
+    );
+    assert!(hook["oldest_undelivered_ts"].is_string(), "{hook}");
+    let text = serde_json::to_string(&list).expect("json");
+    assert!(!text.contains(HEC_TOKEN) && !text.contains(DD_KEY) && !text.contains("MfKQ9r8"));
+
+    rx.control(json!({"down": false})).await;
+    wait_for("the backlog to drain", Duration::from_secs(30), || async {
+        let list = integrations(&gw.url, ADMIN_TOKEN).await;
+        ["env:webhook", "env:splunk", "env:datadog"]
+            .iter()
+            .all(|id| {
+                let d = find(&list, id);
+                d["backlog"] == 0 && d["failing"] == false && d["last_success_ts"].is_string()
+            })
+    })
+    .await;
+    // What the chain recorded (repeated denials of one token may be aggregated into one event).
+    let (_, audit) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=acme&limit=1000", gw.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    let recorded = audit["items"].as_array().expect("items").clone();
+    let mut deny_seqs: Vec<i64> = recorded
+        .iter()
+        .filter(|e| e["event"] == "intentgate.tool_call" && e["decision"] == "block")
+        .filter_map(|e| e["seq"].as_i64())
+        .collect();
+    deny_seqs.sort();
+    assert!(
+        deny_seqs.len() >= 20,
+        "{} denials recorded",
+        deny_seqs.len()
+    );
+    let records = rx.get("records").await;
+    assert_eq!(
+        rx.get("rejected").await,
+        json!([]),
+        "every request was well-formed and signed"
+    );
+
+    // Webhook: the original's body, deny events only, in chain order.
+    let hooks = distinct_webhooks(&records);
+    for h in &hooks {
+        assert_eq!(h["event"], "intentgate.deny");
+        assert_eq!(h["schema_version"], "1");
+        assert_eq!(h["tenant"], "acme");
+        assert_eq!(h["decision"], "block");
+        assert_eq!(h["severity"], "critical", "a capability block is critical");
+        assert_eq!(h["tool"], "delete_everything");
+        assert_eq!(h["agent_id"], "bot");
+        assert!(h["capability_token_id"].is_string() && h["timestamp"].is_string());
+    }
+    let seqs = first_arrivals(&hooks, |h| h["seq"].as_i64());
+    assert_eq!(
+        seqs, deny_seqs,
+        "every recorded denial, once, in chain order"
+    );
+
+    // Splunk HEC and Datadog: every acme event (the mint too), in chain order, no gap.
+    let splunk = records["splunk"].as_array().expect("splunk");
+    for e in splunk {
+        assert!(e["time"].is_number(), "{e}");
+        assert_eq!(e["sourcetype"], "intentgate:audit");
+    }
+    let acme = |items: &Vec<Value>, at: &str| -> Vec<i64> {
+        let of_acme: Vec<Value> = items
+            .iter()
+            .filter(|i| i[at]["tenant"] == "acme")
+            .cloned()
+            .collect();
+        first_arrivals(&of_acme, |i| i[at]["seq"].as_i64())
+    };
+    let dd = records["datadog"].as_array().expect("datadog");
+    for l in dd {
+        assert!(
+            l["message"].is_string() && l["service"] == "intentgate-gateway",
+            "{l}"
+        );
+    }
+    for (name, seqs) in [
+        ("splunk", acme(splunk, "event")),
+        ("datadog", acme(dd, "audit")),
+    ] {
+        assert_in_order(name, &seqs);
+        let max = *seqs.last().expect("events");
+        assert_eq!(
+            seqs,
+            (1..=max).collect::<Vec<_>>(),
+            "{name}: every event, no gap"
+        );
+        let newest = recorded
+            .iter()
+            .filter_map(|e| e["seq"].as_i64())
+            .max()
+            .unwrap_or(0);
+        assert!(max >= newest, "{name}: up to the newest recorded event");
+    }
+
+    gw.shutdown().await;
+}
+
+async fn upload_formatter(gw: &TestGateway, tenant: &str) -> String {
+    let wasm = std::fs::read(intentgate::plugins::artifacts::TEST_HOSTILE_FORMATTER_PATH)
+        .expect("hostile formatter artifact");
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let (status, _, body) = http::send(
+        "POST",
+        &format!(
+            "{}/v1/admin/plugins?name=hostile&world=siem-formatter&tenant={tenant}",
+            gw.url
+        ),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/wasm"),
+        ],
+        wasm,
+    )
+    .await;
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    assert_eq!(status, 201, "{v}");
+    v["digest"].as_str().expect("digest").to_owned()
+}
+
+async fn put_destination(gw: &TestGateway, token: &str, body: Value) -> (u16, Value) {
+    http::post_json(
+        &format!("{}/v1/admin/integrations/destinations", gw.url),
+        Some(token),
+        &body,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
+    let rx = Receiver::start();
+    let flags: Vec<String> = [
+        "--tenant-admins",
+        &format!("globex:{GLOBEX_ADMIN}"),
+        "--plugin-deadline-ms",
+        "50",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gw = start(Backend::Sqlite, &flags).await;
+    let digest = upload_formatter(&gw, "acme").await;
+    for mode in ["trap", "loop", "garbage"] {
+        let (status, v) = put_destination(
+            &gw,
+            ADMIN_TOKEN,
+            json!({"tenant": "acme", "name": mode, "kind": "ndjson",
+                   "url": format!("{}/ndjson/{mode}", rx.url), "events": ["all"],
+                   "formatter": digest, "settings": {"mode": mode}}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"tenant": "acme", "name": "good", "kind": "ndjson",
+               "url": format!("{}/ndjson/good", rx.url), "secret": "sekrit-value-42"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        !v.to_string().contains("sekrit"),
+        "the secret is write-only: {v}"
+    );
+    assert_eq!(v["secret_set"], true);
+
+    let (token, _) = gw
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
+        .await;
+    let mut worst = Duration::ZERO;
+    for n in 0..10 {
+        worst = worst.max(denied_call(&gw.url, &token, n).await);
+    }
+    assert!(worst < Duration::from_millis(500), "a call took {worst:?}");
+    wait_for(
+        "the healthy destination",
+        Duration::from_secs(20),
+        || async {
+            let r = rx.get("records").await;
+            r["ndjson"]["good"].as_array().is_some_and(|l| {
+                l.iter()
+                    .filter(|e| e["event"] == "intentgate.tool_call")
+                    .count()
+                    >= 10
+            })
+        },
+    )
+    .await;
+    wait_for(
+        "the hostile destinations to fail",
+        Duration::from_secs(20),
+        || async {
+            let list = integrations(&gw.url, ADMIN_TOKEN).await;
+            ["trap", "loop", "garbage"].iter().all(|m| {
+                let d = find(&list, &format!("acme/{m}"));
+                d["failing"] == true && d["backlog"].as_i64() > Some(0)
+            })
+        },
+    )
+    .await;
+    let list = integrations(&gw.url, ADMIN_TOKEN).await;
+    for (mode, says) in [
+        ("trap", "trap"),
+        ("loop", "deadline"),
+        ("garbage", "content type"),
+    ] {
+        let err = find(&list, &format!("acme/{mode}"))["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        assert!(err.contains(says), "{mode}: {err}");
+    }
+    let records = rx.get("records").await;
+    for mode in ["trap", "loop", "garbage"] {
+        assert!(
+            records["ndjson"][mode].is_null(),
+            "{mode} delivered nothing"
+        );
+    }
+    assert_eq!(find(&list, "acme/good")["failing"], false);
+    // The gateway still serves.
+    denied_call(&gw.url, &token, 99).await;
+
+    // Secrets never come back; a replacement without a secret keeps it.
+    let (_, dests) = http::get_json(
+        &format!("{}/v1/admin/integrations/destinations", gw.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert!(!dests.to_string().contains("sekrit"));
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"tenant": "acme", "name": "good", "kind": "ndjson",
+               "url": format!("{}/ndjson/good", rx.url)}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["secret_set"], true, "the stored secret was kept");
+
+    // Tenant scoping: globex sees none of acme's destinations, cannot add a global one, and
+    // cannot delete acme's.
+    let list = integrations(&gw.url, GLOBEX_ADMIN).await;
+    assert!(
+        list.iter()
+            .all(|d| !d["id"].as_str().unwrap_or("").starts_with("acme/")),
+        "{list:?}"
+    );
+    let (status, _) = put_destination(
+        &gw,
+        GLOBEX_ADMIN,
+        json!({"global": true, "name": "x", "kind": "ndjson", "url": "http://127.0.0.1:9/x"}),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = put_destination(
+        &gw,
+        GLOBEX_ADMIN,
+        json!({"tenant": "acme", "name": "x", "kind": "ndjson", "url": "http://127.0.0.1:9/x"}),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let auth = format!("Bearer {GLOBEX_ADMIN}");
+    let (status, _, _) = http::send(
+        "DELETE",
+        &format!("{}/v1/admin/integrations/destinations/good", gw.url),
+        &[("authorization", &auth)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 404);
+    // Every change was audited.
+    let (_, audit) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=acme&limit=1000", gw.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    let puts = audit["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|e| e["event"] == "admin/destination.put")
+        .count();
+    assert_eq!(puts, 5);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_are_kept_listed_and_redriven() {
+    let rx = Receiver::start();
+    rx.control(json!({"down": true, "status": 500})).await;
+    let mut flags = rx.env_flags();
+    flags.extend(["--outbox-dead-after-secs".to_string(), "1".to_string()]);
+    let gw = start(Backend::Sqlite, &flags).await;
+    let (token, _) = gw
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
+        .await;
+    for n in 0..3 {
+        denied_call(&gw.url, &token, n).await;
+    }
+    wait_for("dead letters", Duration::from_secs(20), || async {
+        let list = integrations(&gw.url, ADMIN_TOKEN).await;
+        find(&list, "env:webhook")["dead_letters"] == 3
+    })
+    .await;
+    let (status, dead) = http::get_json(
+        &format!(
+            "{}/v1/admin/integrations/dead-letters?destination=env:webhook",
+            gw.url
+        ),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let items = dead["items"].as_array().expect("items");
+    assert_eq!(items.len(), 3, "{dead}");
+    assert!(
+        items.iter().all(
+            |d| d["tenant"] == "acme" && d["last_error"].as_str().unwrap_or("").contains("500")
+        )
+    );
+    assert!(distinct_webhooks(&rx.get("records").await).is_empty());
+
+    rx.control(json!({"down": false})).await;
+    let (status, v) = http::post_json(
+        &format!("{}/v1/admin/integrations/redrive", gw.url),
+        Some(ADMIN_TOKEN),
+        &json!({"destination": "env:webhook", "tenant": "acme"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["redriven"], 3);
+    wait_for(
+        "the re-driven deliveries",
+        Duration::from_secs(20),
+        || async { distinct_webhooks(&rx.get("records").await).len() == 3 },
+    )
+    .await;
+    let list = integrations(&gw.url, ADMIN_TOKEN).await;
+    assert_eq!(find(&list, "env:webhook")["dead_letters"], 0);
+    gw.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// kill -9 during delivery
+
+struct Binary(Child);
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_binary(data: &std::path::Path, port: u16, rx: &Receiver) -> Binary {
+    let policy = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../policies/examples/token_scope.rego"
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_intentgate"));
+    cmd.args(["serve", "--addr", &format!("127.0.0.1:{port}")])
+        .args(["--data-dir", &data.display().to_string()])
+        .args(["--admin-token", ADMIN_TOKEN, "--master-key", MASTER_KEY])
+        .args(["--policy-file", policy])
+        .args(FAST)
+        .args(rx.env_flags())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("INTENTGATE_") {
+            cmd.env_remove(k);
+        }
+    }
+    Binary(cmd.spawn().expect("the gateway binary starts"))
+}
+
+async fn wait_healthy(url: &str) {
+    wait_for("the gateway binary", Duration::from_secs(30), || async {
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let Ok(uri) = format!("{url}/healthz").parse::<hyper::Uri>() else {
+            return false;
+        };
+        client.get(uri).await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill9_during_delivery_loses_nothing_recorded() {
+    let rx = Receiver::start();
+    // Slow deliveries, so the kill lands in the middle of them.
+    rx.control(json!({"delay_ms": 150})).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut first = spawn_binary(data.path(), port, &rx);
+    wait_healthy(&url).await;
+    let (status, v) = http::post_json(
+        &format!("{url}/v1/admin/mint"),
+        Some(ADMIN_TOKEN),
+        &json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let token = v["token"].as_str().expect("token").to_owned();
+    // Each answered denial is a recorded event (audit before answer).
+    for n in 0..30 {
+        denied_call(&url, &token, n).await;
+    }
+    wait_for(
+        "delivery to be under way",
+        Duration::from_secs(20),
+        || async { distinct_webhooks(&rx.get("records").await).len() >= 2 },
+    )
+    .await;
+    first.0.kill().expect("SIGKILL");
+    let _ = first.0.wait();
+    let before = distinct_webhooks(&rx.get("records").await).len();
+    assert!(
+        before < 30,
+        "the kill landed before the end of delivery ({before})"
+    );
+
+    rx.control(json!({"delay_ms": 0})).await;
+    let _second = spawn_binary(data.path(), port, &rx);
+    wait_healthy(&url).await;
+    wait_for(
+        "every recorded deny after the restart",
+        Duration::from_secs(30),
+        || async { distinct_webhooks(&rx.get("records").await).len() >= 30 },
+    )
+    .await;
+    let hooks = distinct_webhooks(&rx.get("records").await);
+    assert_eq!(hooks.len(), 30);
+    let seqs = first_arrivals(&hooks, |h| h["seq"].as_i64());
+    assert_eq!(seqs.len(), 30, "30 distinct events");
+    assert_in_order("webhook across the kill", &seqs);
+    assert_eq!(rx.get("rejected").await, json!([]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL: replicas share the work
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_replicas_share_lanes_without_delivering_twice_at_once() {
+    let url = intentgate::testkit::PgServer::shared()
+        .expect("postgres server")
+        .fresh_database()
+        .expect("fresh database");
+    let rx = Receiver::start();
+    rx.control(json!({"delay_ms": 20})).await;
+    let a = start(Backend::Postgres(url.clone()), &rx.env_flags()).await;
+    let b = start(Backend::Postgres(url), &rx.env_flags()).await;
+    let mut tokens = Vec::new();
+    for (i, tenant) in ["acme", "globex", "initech"].iter().enumerate() {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let (t, _) = gw
+            .mint(json!({"subject": "bot", "tenant": tenant, "tools": ["read_*"]}))
+            .await;
+        tokens.push((*tenant, t));
+    }
+    for n in 0..15 {
+        for (i, (_, t)) in tokens.iter().enumerate() {
+            let gw = if (n + i) % 2 == 0 { &a } else { &b };
+            denied_call(&gw.url, t, n).await;
+        }
+    }
+    wait_for(
+        "every deny of every tenant",
+        Duration::from_secs(30),
+        || async { distinct_webhooks(&rx.get("records").await).len() >= 45 },
+    )
+    .await;
+    let records = rx.get("records").await;
+    let all = records["webhook"].as_array().expect("webhooks");
+    let hooks = distinct_webhooks(&records);
+    assert_eq!(hooks.len(), 45);
+    // Without a kill, the lane lock means no batch is sent twice.
+    assert_eq!(all.len(), 45, "no double delivery between replicas");
+    for (tenant, _) in &tokens {
+        let of: Vec<Value> = hooks
+            .iter()
+            .filter(|h| h["tenant"] == *tenant)
+            .cloned()
+            .collect();
+        let seqs = first_arrivals(&of, |h| h["seq"].as_i64());
+        assert_eq!(seqs.len(), 15, "{tenant}");
+        assert_in_order(tenant, &seqs);
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
