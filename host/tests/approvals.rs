@@ -241,7 +241,7 @@ async fn async_escalation_resumes_once_and_every_mismatch_is_refused_and_audited
     };
     has(&|e| e["decision"] == "escalate", "the escalation");
     has(
-        &|e| e["event"] == "intentgate.approval" && e["decided_by"] == "ops@example.com",
+        &|e| e["event"] == "intentgate.approval.decided" && e["decided_by"] == "ops@example.com",
         "the decision",
     );
     has(

@@ -133,7 +133,7 @@ pub async fn decide(
         ));
     }
     let mut e = req.event("approvals/decide", &a.tenant);
-    e.kind = audit::kinds::APPROVAL.to_owned();
+    e.kind = audit::kinds::APPROVAL_DECIDED.to_owned();
     e.decision = Some(if approve {
         Decision::Allow
     } else {

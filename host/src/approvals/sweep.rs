@@ -20,7 +20,7 @@ const LOCK_KEY: i64 = 0x6967_6170_7072_7631;
 
 /// The event that records an approval's expiry.
 pub fn expiry_event(a: &Approval, reason: &str) -> AuditEvent {
-    let mut e = AuditEvent::new(audit::kinds::APPROVAL, a.tenant.clone());
+    let mut e = AuditEvent::new(audit::kinds::APPROVAL_EXPIRED, a.tenant.clone());
     e.decision = Some(Decision::Block);
     e.check = "approval".to_owned();
     e.reason = reason.to_owned();

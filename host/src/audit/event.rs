@@ -25,10 +25,12 @@ pub mod kinds {
     pub const TOOL_CALL: &str = "intentgate.tool_call";
     /// A non-tool MCP method (`tools/list`, `initialize`, …) that was authenticated.
     pub const MCP_METHOD: &str = "intentgate.mcp_method";
-    /// A step of an approval after its escalation: decided (approved or rejected), expired
-    /// (`check: "approval"`, `pending_id`). The escalation is the call's own event, the
+    /// An approval decided by a person (approved: `allow`, rejected: `block`; `check:
+    /// "approval"`, `pending_id`, `decided_by`). The escalation is the call's own event, the
     /// consumption the resumed call's.
-    pub const APPROVAL: &str = "intentgate.approval";
+    pub const APPROVAL_DECIDED: &str = "intentgate.approval.decided";
+    /// An approval that expired undecided or unused, or whose held call timed out.
+    pub const APPROVAL_EXPIRED: &str = "intentgate.approval.expired";
     /// Prefix of admin actions, e.g. `admin/mint`, `admin/revoke`, `admin/clear_policy`.
     pub const ADMIN_PREFIX: &str = "admin/";
 }

@@ -210,7 +210,7 @@ impl Held {
     /// landed at the last moment instead.
     async fn time_out(&self) -> Option<approvals::Approval> {
         let g = &self.grant;
-        let mut e = AuditEvent::new(audit::kinds::APPROVAL, g.tenant.clone());
+        let mut e = AuditEvent::new(audit::kinds::APPROVAL_EXPIRED, g.tenant.clone());
         e.decision = Some(Decision::Block);
         e.check = "approval".to_owned();
         e.reason = "approval timed out".to_owned();
