@@ -34,8 +34,8 @@ use serde_json::{Map, Value, json};
 
 use crate::mcp::discover::UpstreamProfile;
 use crate::mcp::era::{Envelope, LATEST_MODERN, MODERN_VERSIONS, meta};
-use crate::mcp::headers;
 use crate::mcp::jsonrpc::code;
+use crate::mcp::{headers, params};
 use crate::pipeline::Permit;
 
 /// The protocol revision the gateway asks a handshake-era upstream for.
@@ -176,7 +176,17 @@ pub struct Upstream {
     learning: tokio::sync::Mutex<()>,
     session: ArcSwapOption<Session>,
     opening: tokio::sync::Mutex<()>,
+    /// Each tool's `x-mcp-header` arguments, learned from its `tools/list` (SEP-2243), so the
+    /// `Mcp-Param-*` headers of a forwarded call are computed from its arguments.
+    marked: arc_swap::ArcSwap<std::collections::HashMap<String, Arc<params::Marked>>>,
+    /// When the tool list was last read to learn a tool not seen yet (unix ms).
+    marked_refreshed: std::sync::atomic::AtomicI64,
 }
+
+/// Most tools whose marked arguments are remembered.
+const MAX_MARKED_TOOLS: usize = 10_000;
+/// A tool not seen in any listing makes the gateway read the list at most this often.
+const MARKED_REFRESH_MS: i64 = 10_000;
 
 impl Upstream {
     /// `tls` is used when the URI is https (the configuration is built once, at start-up); an
@@ -210,7 +220,59 @@ impl Upstream {
             learning: tokio::sync::Mutex::new(()),
             session: ArcSwapOption::empty(),
             opening: tokio::sync::Mutex::new(()),
+            marked: arc_swap::ArcSwap::from_pointee(std::collections::HashMap::new()),
+            marked_refreshed: std::sync::atomic::AtomicI64::new(0),
         }
+    }
+
+    /// Remembers the marked arguments of the tools of a `tools/list` result page.
+    fn learn_tools(&self, result: &Value) {
+        let Some(tools) = result.get("tools").and_then(Value::as_array) else {
+            return;
+        };
+        let mut next = std::collections::HashMap::clone(&self.marked.load());
+        for t in tools {
+            let (Some(name), Some(schema)) =
+                (t.get("name").and_then(Value::as_str), t.get("inputSchema"))
+            else {
+                continue;
+            };
+            let m = params::marked(schema);
+            if m.is_empty() {
+                next.remove(name);
+            } else if next.len() < MAX_MARKED_TOOLS || next.contains_key(name) {
+                next.insert(name.to_owned(), Arc::new(m));
+            }
+        }
+        self.marked.store(Arc::new(next));
+    }
+
+    /// The `x-mcp-header` arguments of `tool` (empty when it marks none). A tool not seen in a
+    /// listing yet has the upstream's list read (all pages, at most every 10 s).
+    pub async fn marked_arguments(&self, tool: &str) -> Arc<params::Marked> {
+        if let Some(m) = self.marked.load().get(tool) {
+            return Arc::clone(m);
+        }
+        let now = crate::audit::time::now_ms();
+        let last = self.marked_refreshed.load(Ordering::Relaxed);
+        if now - last >= MARKED_REFRESH_MS
+            && self
+                .marked_refreshed
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let mut cursor: Option<Value> = None;
+            for _page in 0..20 {
+                let Ok(Reply::Result(r)) = self.list_tools(cursor.as_ref()).await else {
+                    break;
+                };
+                cursor = r.get("nextCursor").filter(|c| !c.is_null()).cloned();
+                if cursor.is_none() {
+                    break;
+                }
+            }
+        }
+        self.marked.load().get(tool).cloned().unwrap_or_default()
     }
 
     pub fn uri(&self) -> &Uri {
@@ -321,7 +383,15 @@ impl Upstream {
         params: Map<String, Value>,
         relay: Option<&Envelope>,
     ) -> Result<Relayed, UpstreamError> {
-        self.request("tools/call", params, relay)
+        // A stateless upstream validates the `Mcp-Param-*` headers of the arguments its
+        // schema marks; they are computed from the forwarded arguments.
+        let peer = self.peer().await.map_err(|e| self.scrubbed(e))?;
+        let modern = matches!(&*peer, Peer::Modern { .. });
+        let marked = match params.get("name").and_then(Value::as_str) {
+            Some(tool) if modern => Some(self.marked_arguments(tool).await),
+            _ => None,
+        };
+        self.request_marked("tools/call", params, relay, marked.as_deref())
             .await
             .map_err(|e| self.scrubbed(e))
     }
@@ -334,9 +404,24 @@ impl Upstream {
         params: Map<String, Value>,
         relay: Option<&Envelope>,
     ) -> Result<Relayed, UpstreamError> {
+        self.request_marked(method, params, relay, None).await
+    }
+
+    /// [`Self::request`] with the marked arguments of the called tool, for its `Mcp-Param-*`
+    /// headers toward a stateless upstream.
+    async fn request_marked(
+        &self,
+        method: &str,
+        params: Map<String, Value>,
+        relay: Option<&Envelope>,
+        marked: Option<&params::Marked>,
+    ) -> Result<Relayed, UpstreamError> {
         let peer = self.peer().await?;
-        match self.send_as(&peer, method, params.clone(), relay).await {
-            Ok(answer) if !answer.wrong_era() => return answer.settle_relayed(),
+        match self
+            .send_as(&peer, method, params.clone(), relay, marked)
+            .await
+        {
+            Ok(answer) if !answer.wrong_era() => return self.settled(method, answer),
             Ok(_) | Err(UpstreamError::Status { .. }) => {
                 tracing::info!(upstream = %self.redacted_uri(), "upstream answered as another MCP revision; probing again");
             }
@@ -348,11 +433,22 @@ impl Upstream {
         }
         self.forget(&peer);
         let fresh = self.peer().await?;
-        let answer = self.send_as(&fresh, method, params, relay).await;
+        let answer = self.send_as(&fresh, method, params, relay, marked).await;
         if answer.is_err() {
             self.forget(&fresh);
         }
-        answer?.settle_relayed()
+        self.settled(method, answer?)
+    }
+
+    /// An answer settled, with what a `tools/list` teaches about the tools' marked arguments.
+    fn settled(&self, method: &str, answer: Answer) -> Result<Relayed, UpstreamError> {
+        let relayed = answer.settle_relayed()?;
+        if method == "tools/list"
+            && let Reply::Result(r) = &relayed.reply
+        {
+            self.learn_tools(r);
+        }
+        Ok(relayed)
     }
 
     async fn send_as(
@@ -361,9 +457,13 @@ impl Upstream {
         method: &str,
         params: Map<String, Value>,
         relay: Option<&Envelope>,
+        marked: Option<&params::Marked>,
     ) -> Result<Answer, UpstreamError> {
         match peer {
-            Peer::Modern { version, .. } => self.send_modern(version, method, params, relay).await,
+            Peer::Modern { version, .. } => {
+                self.send_modern(version, method, params, relay, marked)
+                    .await
+            }
             Peer::Handshake => self.send_in_session(method, params).await,
         }
     }
@@ -393,7 +493,7 @@ impl Upstream {
     /// (unreachable, timeout, 5xx) is no verdict: the error is returned and nothing is cached.
     async fn probe(&self) -> Result<Peer, UpstreamError> {
         let answer = match self
-            .send_modern(LATEST_MODERN, "server/discover", Map::new(), None)
+            .send_modern(LATEST_MODERN, "server/discover", Map::new(), None, None)
             .await
         {
             Ok(a) => a,
@@ -433,6 +533,7 @@ impl Upstream {
         method: &str,
         mut params: Map<String, Value>,
         relay: Option<&Envelope>,
+        marked: Option<&params::Marked>,
     ) -> Result<Answer, UpstreamError> {
         let mut envelope = match params.remove("_meta") {
             Some(Value::Object(m)) => m,
@@ -460,7 +561,16 @@ impl Upstream {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
         // The routing headers are computed from this body and nothing else.
-        let routing = headers::for_upstream(&body).map_err(UpstreamError::Malformed)?;
+        let mut routing: Vec<(hyper::header::HeaderName, HeaderValue)> =
+            headers::for_upstream(&body)
+                .map_err(UpstreamError::Malformed)?
+                .into_iter()
+                .map(|(k, v)| (hyper::header::HeaderName::from_static(k), v))
+                .collect();
+        if let Some(marked) = marked {
+            let arguments = body.pointer("/params/arguments").and_then(Value::as_object);
+            routing.extend(params::for_upstream(marked, arguments));
+        }
         self.post(&body, id, &routing).await
     }
 
@@ -577,7 +687,7 @@ impl Upstream {
     fn build(
         &self,
         body: Vec<u8>,
-        extra: &[(&'static str, HeaderValue)],
+        extra: &[(hyper::header::HeaderName, HeaderValue)],
     ) -> Result<Request<Full<Bytes>>, UpstreamError> {
         let mut req = Request::builder()
             .method(Method::POST)
@@ -585,7 +695,7 @@ impl Upstream {
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "application/json, text/event-stream");
         for (name, value) in extra {
-            req = req.header(*name, value.clone());
+            req = req.header(name, value.clone());
         }
         req.body(Full::new(Bytes::from(body)))
             .map_err(|e| UpstreamError::Unavailable(e.to_string()))
@@ -596,7 +706,7 @@ impl Upstream {
         &self,
         body: &Value,
         id: u64,
-        extra: &[(&'static str, HeaderValue)],
+        extra: &[(hyper::header::HeaderName, HeaderValue)],
     ) -> Result<Answer, UpstreamError> {
         let bytes =
             serde_json::to_vec(body).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
@@ -670,10 +780,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn session_headers(session: &Session) -> Vec<(&'static str, HeaderValue)> {
-    let mut h = vec![(headers::PROTOCOL_VERSION, session.protocol_version.clone())];
+fn session_headers(session: &Session) -> Vec<(hyper::header::HeaderName, HeaderValue)> {
+    use hyper::header::HeaderName;
+    let mut h = vec![(
+        HeaderName::from_static(headers::PROTOCOL_VERSION),
+        session.protocol_version.clone(),
+    )];
     if let Some(id) = &session.id {
-        h.push(("mcp-session-id", id.clone()));
+        h.push((HeaderName::from_static("mcp-session-id"), id.clone()));
     }
     h
 }

@@ -50,7 +50,6 @@ const KNOWN_GAPS: &str = "\
 2025-11-25 elicitation-sep1330-enums: the upstream's elicitation/create is not relayed to the client
 2025-11-25 tools-call-elicitation: the upstream's elicitation/create is not relayed to the client
 2025-11-25 tools-call-sampling: the upstream's sampling/createMessage is not relayed to the client
-2026-07-28 http-custom-header-server-validation: Mcp-Param-* headers are not forwarded upstream, which refuses the call (-32020, header absent)
 ";
 
 /// One line per scenario, as in [`KNOWN_GAPS`]: the scenarios the upstream (TypeScript SDK 2.4.0)

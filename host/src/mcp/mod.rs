@@ -25,6 +25,7 @@ mod hold;
 pub mod jsonrpc;
 mod lifecycle;
 pub mod origin;
+pub mod params;
 mod proxy;
 pub mod rounds;
 pub mod session;

@@ -65,6 +65,13 @@ impl CallContext<'_> {
             );
         }
         let modern = self.era.is_modern();
+        if modern && let Some(upstream) = self.gw.upstream.as_ref() {
+            // The client's `Mcp-Param-*` headers must agree with the arguments the tool marks.
+            let marked = upstream.marked_arguments(&inv.name).await;
+            let empty = serde_json::Map::new();
+            let args = inv.arguments.as_object().unwrap_or(&empty);
+            super::params::check(self.headers, &marked, args)?;
+        }
         let seal = RoundSeal::new(&self.gw.sessions);
         // A later round of a multi-round call: the state must be one the gateway sealed for
         // this very call; it names the call's first audit event and the round.
