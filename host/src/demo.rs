@@ -96,7 +96,7 @@ async fn handle(req: Request<Incoming>, sessions: Arc<AtomicU64>) -> Response<Bo
     };
     let rpc = match jsonrpc::parse(&body) {
         Ok(Message::Request(r)) => r,
-        Ok(Message::Response) => return http::status(StatusCode::ACCEPTED),
+        Ok(Message::Response(_)) => return http::status(StatusCode::ACCEPTED),
         Err((id, e)) => {
             return http::json_bytes(StatusCode::BAD_REQUEST, jsonrpc::error(id.as_ref(), &e));
         }

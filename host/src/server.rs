@@ -82,6 +82,8 @@ pub struct Gateway {
     pub upstream: Option<Upstream>,
     /// Wakes held requests when their approval is decided (here or on another replica).
     pub approvals: crate::approvals::Waiters,
+    /// Upstream requests relayed to agents, waiting for their replies.
+    pub relays: Arc<crate::mcp::relay::Relays>,
     pub sessions: SessionKeys,
     pub admin: AdminAuth,
     /// Webhooks, notification channels and SIEM sinks (see [`crate::outbox`]).
@@ -241,6 +243,7 @@ impl Gateway {
             pipeline,
             upstream,
             approvals,
+            relays: Arc::default(),
             admin,
             outbox,
             secrets_file: secrets.file,

@@ -181,7 +181,38 @@ pub struct Upstream {
     marked: arc_swap::ArcSwap<std::collections::HashMap<String, Arc<params::Marked>>>,
     /// When the tool list was last read to learn a tool not seen yet (unix ms).
     marked_refreshed: std::sync::atomic::AtomicI64,
+    /// A stateless upstream that refused a handshake-era session (see `request_with`).
+    no_session: std::sync::atomic::AtomicBool,
 }
+
+/// Answers a request the upstream sends while it works on a call (`sampling/createMessage`,
+/// `elicitation/create`, `roots/list`): given the request message, the reply's `result` or
+/// `error` member, as an object.
+pub type ServerRequests =
+    dyn Fn(Value) -> crate::store::BoxFuture<'static, Map<String, Value>> + Send + Sync;
+
+/// What a call carries beyond its body toward the upstream.
+#[derive(Clone, Copy, Default)]
+struct Extras<'a> {
+    /// The called tool's `x-mcp-header` arguments (a stateless upstream's routing headers).
+    marked: Option<&'a params::Marked>,
+    /// Who answers the upstream's requests during the call (a handshake-era upstream's
+    /// server-to-client requests); without it they are refused.
+    server_requests: Option<&'a ServerRequests>,
+}
+
+/// The client capabilities declared toward a stateless upstream for a handshake-era client
+/// whose requests can be relayed (its input requests are asked on the client's event stream).
+fn relayable_capabilities() -> Value {
+    json!({"sampling": {}, "elicitation": {"form": {}, "url": {}}})
+}
+
+/// How long the upstream may go silent while it works on a call that relays server requests
+/// (a person may be answering an elicitation).
+const RELAYED_CALL_IDLE: Duration = Duration::from_secs(300);
+
+/// Most server requests one call may relay.
+const MAX_SERVER_REQUESTS: usize = 32;
 
 /// Most tools whose marked arguments are remembered.
 const MAX_MARKED_TOOLS: usize = 10_000;
@@ -222,6 +253,7 @@ impl Upstream {
             opening: tokio::sync::Mutex::new(()),
             marked: arc_swap::ArcSwap::from_pointee(std::collections::HashMap::new()),
             marked_refreshed: std::sync::atomic::AtomicI64::new(0),
+            no_session: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -379,9 +411,21 @@ impl Upstream {
     /// travel back to that client); otherwise the gateway declares none.
     pub async fn call_tool(
         &self,
+        permit: &Permit,
+        params: Map<String, Value>,
+        relay: Option<&Envelope>,
+    ) -> Result<Relayed, UpstreamError> {
+        self.call_tool_relaying(permit, params, relay, None).await
+    }
+
+    /// [`Self::call_tool`] with `server_requests` answering what a handshake-era upstream asks
+    /// the client while it works on the call (see [`ServerRequests`]).
+    pub async fn call_tool_relaying(
+        &self,
         _permit: &Permit,
         params: Map<String, Value>,
         relay: Option<&Envelope>,
+        server_requests: Option<&ServerRequests>,
     ) -> Result<Relayed, UpstreamError> {
         // A stateless upstream validates the `Mcp-Param-*` headers of the arguments its
         // schema marks; they are computed from the forwarded arguments.
@@ -391,7 +435,11 @@ impl Upstream {
             Some(tool) if modern => Some(self.marked_arguments(tool).await),
             _ => None,
         };
-        self.request_marked("tools/call", params, relay, marked.as_deref())
+        let extras = Extras {
+            marked: marked.as_deref(),
+            server_requests,
+        };
+        self.request_with("tools/call", params, relay, extras)
             .await
             .map_err(|e| self.scrubbed(e))
     }
@@ -404,21 +452,42 @@ impl Upstream {
         params: Map<String, Value>,
         relay: Option<&Envelope>,
     ) -> Result<Relayed, UpstreamError> {
-        self.request_marked(method, params, relay, None).await
+        self.request_with(method, params, relay, Extras::default())
+            .await
     }
 
-    /// [`Self::request`] with the marked arguments of the called tool, for its `Mcp-Param-*`
-    /// headers toward a stateless upstream.
-    async fn request_marked(
+    /// [`Self::request`] with what the call carries beyond its body ([`Extras`]).
+    async fn request_with(
         &self,
         method: &str,
         params: Map<String, Value>,
         relay: Option<&Envelope>,
-        marked: Option<&params::Marked>,
+        extras: Extras<'_>,
     ) -> Result<Relayed, UpstreamError> {
         let peer = self.peer().await?;
+        // A handshake-era client that can be asked things during the call is served through
+        // the upstream's session when the upstream speaks that era too: its requests then come
+        // as they would to that client (a stateless-only upstream asks through input-required
+        // results instead, relayed by the caller).
+        if extras.server_requests.is_some()
+            && matches!(&*peer, Peer::Modern { .. })
+            && !self.no_session.load(Ordering::Relaxed)
+        {
+            match self
+                .send_in_session(method, params.clone(), extras.server_requests)
+                .await
+            {
+                Ok(answer) if !answer.wrong_era() => return self.settled(method, answer),
+                Ok(_) | Err(UpstreamError::Status { .. } | UpstreamError::Malformed(_)) => {
+                    tracing::info!(upstream = %self.redacted_uri(), "upstream has no handshake-era session; relaying through input-required results");
+                    self.no_session.store(true, Ordering::Relaxed);
+                    self.session.store(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         match self
-            .send_as(&peer, method, params.clone(), relay, marked)
+            .send_as(&peer, method, params.clone(), relay, extras)
             .await
         {
             Ok(answer) if !answer.wrong_era() => return self.settled(method, answer),
@@ -433,7 +502,7 @@ impl Upstream {
         }
         self.forget(&peer);
         let fresh = self.peer().await?;
-        let answer = self.send_as(&fresh, method, params, relay, marked).await;
+        let answer = self.send_as(&fresh, method, params, relay, extras).await;
         if answer.is_err() {
             self.forget(&fresh);
         }
@@ -457,14 +526,17 @@ impl Upstream {
         method: &str,
         params: Map<String, Value>,
         relay: Option<&Envelope>,
-        marked: Option<&params::Marked>,
+        extras: Extras<'_>,
     ) -> Result<Answer, UpstreamError> {
         match peer {
             Peer::Modern { version, .. } => {
-                self.send_modern(version, method, params, relay, marked)
+                self.send_modern(version, method, params, relay, extras)
                     .await
             }
-            Peer::Handshake => self.send_in_session(method, params).await,
+            Peer::Handshake => {
+                self.send_in_session(method, params, extras.server_requests)
+                    .await
+            }
         }
     }
 
@@ -493,7 +565,13 @@ impl Upstream {
     /// (unreachable, timeout, 5xx) is no verdict: the error is returned and nothing is cached.
     async fn probe(&self) -> Result<Peer, UpstreamError> {
         let answer = match self
-            .send_modern(LATEST_MODERN, "server/discover", Map::new(), None, None)
+            .send_modern(
+                LATEST_MODERN,
+                "server/discover",
+                Map::new(),
+                None,
+                Extras::default(),
+            )
             .await
         {
             Ok(a) => a,
@@ -533,7 +611,7 @@ impl Upstream {
         method: &str,
         mut params: Map<String, Value>,
         relay: Option<&Envelope>,
-        marked: Option<&params::Marked>,
+        extras: Extras<'_>,
     ) -> Result<Answer, UpstreamError> {
         let mut envelope = match params.remove("_meta") {
             Some(Value::Object(m)) => m,
@@ -548,6 +626,7 @@ impl Upstream {
                 r.client_capabilities.clone(),
                 r.client_info.clone().unwrap_or_else(client_info),
             ),
+            None if extras.server_requests.is_some() => (relayable_capabilities(), client_info()),
             None => (json!({}), client_info()),
         };
         envelope.insert(meta::CLIENT_CAPABILITIES.into(), caps);
@@ -567,7 +646,7 @@ impl Upstream {
                 .into_iter()
                 .map(|(k, v)| (hyper::header::HeaderName::from_static(k), v))
                 .collect();
-        if let Some(marked) = marked {
+        if let Some(marked) = extras.marked {
             let arguments = body.pointer("/params/arguments").and_then(Value::as_object);
             routing.extend(params::for_upstream(marked, arguments));
         }
@@ -582,6 +661,7 @@ impl Upstream {
         &self,
         method: &str,
         mut params: Map<String, Value>,
+        server_requests: Option<&ServerRequests>,
     ) -> Result<Answer, UpstreamError> {
         if let Some(Value::Object(m)) = params.get_mut("_meta") {
             for k in meta::ENVELOPE {
@@ -593,13 +673,15 @@ impl Upstream {
         }
         let session = self.session().await?;
         let answer = self
-            .send_with_session(method, params.clone(), &session)
+            .send_with_session(method, params.clone(), &session, server_requests)
             .await?;
         if answer.status == StatusCode::NOT_FOUND && session.id.is_some() {
             self.session
                 .compare_and_swap(&Some(Arc::clone(&session)), None);
             let fresh = self.session().await?;
-            return self.send_with_session(method, params, &fresh).await;
+            return self
+                .send_with_session(method, params, &fresh, server_requests)
+                .await;
         }
         Ok(answer)
     }
@@ -609,10 +691,154 @@ impl Upstream {
         method: &str,
         params: Map<String, Value>,
         session: &Session,
+        server_requests: Option<&ServerRequests>,
     ) -> Result<Answer, UpstreamError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        self.post(&body, id, &session_headers(session)).await
+        match server_requests {
+            Some(answer) => {
+                self.post_relaying(&body, id, session, answer, RELAYED_CALL_IDLE)
+                    .await
+            }
+            // Nobody to ask: a request of the upstream is refused at once, and the whole
+            // exchange keeps the call timeout.
+            None => tokio::time::timeout(
+                self.timeout,
+                self.post_relaying(&body, id, session, &refuse_server_request, self.timeout),
+            )
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.timeout))?,
+        }
+    }
+
+    /// [`Self::post`] for a call during which the upstream may ask the client something: an
+    /// event stream is read as it arrives; each request in it is answered through `answer`
+    /// and the reply posted back in the session, until our response arrives. Bounded like
+    /// `post` in size, and by [`RELAYED_CALL_IDLE`] of silence rather than the call timeout.
+    async fn post_relaying(
+        &self,
+        body: &Value,
+        id: u64,
+        session: &Session,
+        answer: &ServerRequests,
+        idle: Duration,
+    ) -> Result<Answer, UpstreamError> {
+        let bytes =
+            serde_json::to_vec(body).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+        let headers = session_headers(session);
+        let req = self.build(bytes, &headers)?;
+        let resp = tokio::time::timeout(self.timeout, self.client.request(req))
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.timeout))?
+            .map_err(|e| UpstreamError::Unavailable(error_chain(&e)))?;
+        let status = resp.status();
+        let session_id = resp.headers().get("mcp-session-id").cloned();
+        let is_sse = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut read = 0usize;
+        let mut notifications = Vec::new();
+        let mut relayed = 0usize;
+        let finish = |reply: Option<Reply>, detail: String, notifications| {
+            Ok(Answer {
+                status,
+                reply,
+                session_id: session_id.clone(),
+                detail,
+                notifications,
+            })
+        };
+        loop {
+            // Complete events first (an event ends with a blank line).
+            while let Some(end) = event_end(&buf) {
+                let event: Vec<u8> = buf.drain(..end).collect();
+                let Some(v) = sse_event_json(&event) else {
+                    continue;
+                };
+                if is_response(&v) && v.get("id").and_then(Value::as_u64) == Some(id) {
+                    return finish(Some(to_reply(v)?), String::new(), notifications);
+                }
+                let is_request = v.get("method").is_some() && v.get("id").is_some();
+                if !is_request {
+                    keep(&mut notifications, v);
+                    continue;
+                }
+                relayed += 1;
+                let upstream_id = v.get("id").cloned().unwrap_or(Value::Null);
+                let mut reply = if relayed > MAX_SERVER_REQUESTS {
+                    let mut m = Map::new();
+                    m.insert(
+                        "error".into(),
+                        json!({"code": code::INTERNAL_ERROR, "message": "too many requests during one call"}),
+                    );
+                    m
+                } else {
+                    answer(v).await
+                };
+                reply.insert("jsonrpc".into(), Value::from("2.0"));
+                reply.insert("id".into(), upstream_id);
+                self.post_reply(&Value::Object(reply), &headers).await?;
+            }
+            let frame = tokio::time::timeout(idle, body.frame())
+                .await
+                .map_err(|_| UpstreamError::Timeout(idle))?;
+            match frame {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        read += data.len();
+                        if read > self.max_response {
+                            return Err(UpstreamError::TooLarge(self.max_response));
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => return Err(UpstreamError::Unavailable(e.to_string())),
+                None => break,
+            }
+        }
+        // The body ended without our response: a JSON answer, or a stream cut short.
+        let detail = String::from_utf8_lossy(&buf[..buf.len().min(512)]).into_owned();
+        let message = if is_sse {
+            find_sse_response(&buf, id, &mut notifications)
+        } else {
+            find_json_response(&buf, id, &mut notifications)
+        };
+        match message.and_then(to_reply) {
+            Ok(r) => finish(Some(r), detail, notifications),
+            Err(e) if status == StatusCode::OK => Err(e),
+            Err(_) => finish(None, detail, notifications),
+        }
+    }
+
+    /// Posts the client's reply to a server request in the session (answered `202`).
+    async fn post_reply(
+        &self,
+        reply: &Value,
+        headers: &[(hyper::header::HeaderName, HeaderValue)],
+    ) -> Result<(), UpstreamError> {
+        let bytes =
+            serde_json::to_vec(reply).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+        let req = self.build(bytes, headers)?;
+        let resp = tokio::time::timeout(self.timeout, self.client.request(req))
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.timeout))?
+            .map_err(|e| UpstreamError::Unavailable(error_chain(&e)))?;
+        let status = resp.status();
+        let _ = Limited::new(resp.into_body(), self.max_response)
+            .collect()
+            .await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(UpstreamError::Status {
+                status: status.as_u16(),
+                detail: "the reply to the upstream's request was refused".into(),
+            })
+        }
     }
 
     async fn session(&self) -> Result<Arc<Session>, UpstreamError> {
@@ -629,9 +855,11 @@ impl Upstream {
     }
 
     async fn open_session(&self) -> Result<Session, UpstreamError> {
+        // Sampling and elicitation are relayed to the agent whose call asks for them (and
+        // refused when it cannot be asked).
         let params = json!({
             "protocolVersion": HANDSHAKE_VERSION,
-            "capabilities": {},
+            "capabilities": {"sampling": {}, "elicitation": {"form": {}, "url": {}}},
             "clientInfo": client_info(),
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -890,6 +1118,51 @@ fn find_json_response(
     }
     pick_response(lines.into_iter(), id, notifications)
         .ok_or_else(|| UpstreamError::Malformed("no response among the JSON lines".into()))
+}
+
+/// The answer to an upstream's request when no client can be asked (the client does not take
+/// an event stream, or the call came in on `/v1/tool-call`).
+fn refuse_server_request(request: Value) -> crate::store::BoxFuture<'static, Map<String, Value>> {
+    let method = request
+        .get("method")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    Box::pin(async move {
+        let mut m = Map::new();
+        m.insert(
+            "error".into(),
+            json!({"code": code::METHOD_NOT_FOUND,
+                   "message": format!("{method} is not available: the client cannot be asked during this call")}),
+        );
+        m
+    })
+}
+
+/// Where the first complete SSE event in `buf` ends (after its blank line), if any.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The JSON message of one SSE event (its `data:` lines joined), if it holds one.
+fn sse_event_json(event: &[u8]) -> Option<Value> {
+    let text = std::str::from_utf8(event).ok()?;
+    let mut data = String::new();
+    for line in text.lines() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if let Some(rest) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
+        }
+    }
+    serde_json::from_str(&data).ok()
 }
 
 /// Picks the JSON-RPC response with our id out of an SSE stream (skipping notifications and

@@ -885,10 +885,16 @@ async fn python_client_in_every_mode() {
                 ["echo"],
                 "{ctx}: only the allowed call reaches the upstream"
             );
-            // Whatever the client's revision, the gateway speaks the upstream's own: stateless
-            // toward mcp 2.3, in its pooled session toward mcp 1.30.
+            // The gateway speaks the upstream's newest revision (stateless toward mcp 2.3, in
+            // its pooled session toward mcp 1.30), except that a handshake-era client's call goes
+            // through the session of an upstream that speaks both: the tool may ask that client
+            // something during the call (sampling, elicitation), which only a session carries.
             let h = &up.calls_with(&m)[0]["headers"];
             match kind {
+                Kind::BothEras if mode == "legacy" => assert!(
+                    h["mcp-session-id"].is_string() && h.get("mcp-method").is_none(),
+                    "{ctx}: {h}"
+                ),
                 Kind::BothEras => assert!(
                     h["mcp-method"] == "tools/call" && h.get("mcp-session-id").is_none(),
                     "{ctx}: {h}"

@@ -18,7 +18,7 @@ The server exits when its stdin closes (so a test process that dies takes it alo
 SIGTERM/SIGINT. `--ignore-stdin` turns the stdin watch off, for running it by hand with
 stdin at /dev/null.
 
-Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text).
+Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text), ask_user(question).
 Resources: `file:///public/readme.md`, `file:///public/secret.txt`, `file:///private/ledger.csv`
 and the template `note://{topic}`; prompts: `summarize(text)`, `greet(name)`, `admin_reset()`;
 completions: `greet`'s `name` and `note://{topic}`'s `topic` complete from fixed lists;
@@ -105,6 +105,20 @@ def build_server(call_log: str | None):
         """Answer with the text it was given."""
         record("echo", {"text": text}, ctx)
         return text
+
+    from pydantic import BaseModel
+
+    class Confirm(BaseModel):
+        confirm: bool
+
+    @server.tool()
+    async def ask_user(question: str, ctx: Context) -> str:
+        """Ask the user a yes/no question (an elicitation to the client) and report the answer."""
+        r = await ctx.elicit(question, Confirm)
+        record("ask_user", {"question": question, "action": r.action}, ctx)
+        if r.action == "accept":
+            return f"answer: {r.data.confirm}"
+        return f"answer: {r.action}"
 
     # --- resources, prompts, completions (host/tests/mcp_kinds.rs) ---
 

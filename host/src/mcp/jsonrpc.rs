@@ -86,9 +86,9 @@ impl Request {
 #[derive(Debug)]
 pub enum Incoming {
     Request(Request),
-    /// A response or error from the client (answer to a server request); we never send those,
-    /// so it is acknowledged and dropped.
-    Response,
+    /// A response or error from the client: its reply to a request the upstream sent it
+    /// through the gateway (`relay.rs`), the whole message.
+    Response(Value),
 }
 
 /// Parses a body into one JSON-RPC message. `id` of the error is `null` when unknown.
@@ -140,7 +140,7 @@ pub fn parse(body: &[u8]) -> Result<Incoming, (Option<Id>, RpcError)> {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         Some(_) => return invalid("method must be a non-empty string"),
         None if id.is_some() && (obj.contains_key("result") || obj.contains_key("error")) => {
-            return Ok(Incoming::Response);
+            return Ok(Incoming::Response(Value::Object(obj)));
         }
         None => return invalid("method is missing"),
     };
@@ -197,7 +197,7 @@ mod tests {
         assert!(n.is_notification());
         assert!(matches!(
             parse(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#),
-            Ok(Incoming::Response)
+            Ok(Incoming::Response(_))
         ));
     }
 

@@ -27,8 +27,10 @@ mod lifecycle;
 pub mod origin;
 pub mod params;
 mod proxy;
+pub mod relay;
 pub mod rounds;
 pub mod session;
+mod streamed;
 pub mod target;
 mod tools;
 pub mod translate;
@@ -173,7 +175,22 @@ pub async fn handle(
     }
     let rpc = match jsonrpc::parse(&bytes) {
         Ok(Message::Request(r)) => r,
-        Ok(Message::Response) => return http::status(StatusCode::ACCEPTED),
+        Ok(Message::Response(reply)) => {
+            // An agent's reply to a request the upstream sent it during a call (`relay.rs`):
+            // taken only from the token the request was relayed to.
+            let Ok(grant) = auth else {
+                let err = RpcError::new(code::CAPABILITY, "capability check failed")
+                    .with_data(Value::from("missing or invalid capability token"));
+                return rpc_response(StatusCode::UNAUTHORIZED, None, &err);
+            };
+            if gw.relays.deliver(&grant.tenant, &grant.jti, reply) {
+                return http::status(StatusCode::ACCEPTED);
+            }
+            let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request").with_data(
+                Value::from("no request of this token waits for a reply with this id"),
+            );
+            return rpc_response(StatusCode::NOT_FOUND, None, &err);
+        }
         Err((id, err)) => return bad_request(id.as_ref(), &err),
     };
 
@@ -219,6 +236,26 @@ pub async fn handle(
         return http::status(StatusCode::ACCEPTED);
     }
     let id = rpc.id.clone().unwrap_or(Value::Null);
+    // A handshake-era tool call whose client takes an event stream: the upstream may ask that
+    // client something while it works (sampling, elicitation), relayed on the stream.
+    if endpoint == Endpoint::Mcp
+        && !era.is_modern()
+        && rpc.method == "tools/call"
+        && accepts_event_stream(&parts.headers)
+        && gw.upstream.is_some()
+    {
+        let call = streamed::Owned {
+            gw: std::sync::Arc::clone(gw),
+            grant,
+            headers: parts.headers,
+            remote,
+            session,
+            era,
+            endpoint,
+            rpc,
+        };
+        return streamed::call(call).await;
+    }
     let ctx = CallContext::new(gw, &grant, &parts.headers, remote, session.as_deref(), &era);
     if endpoint == Endpoint::Mcp && !era.is_modern() && rpc.method == "initialize" {
         return ctx.initialize(&rpc, &id).await;
@@ -266,6 +303,7 @@ impl<'a> CallContext<'a> {
             approval: None,
             pending: std::sync::Mutex::new(None),
             decided: std::sync::Mutex::new(None),
+            to_client: None,
         }
     }
 
@@ -298,21 +336,14 @@ impl<'a> CallContext<'a> {
         id: &Id,
         outcome: Result<Value, RpcError>,
     ) -> Response<Body> {
-        let notifications = self.take_notifications();
-        let mut resp = match outcome {
-            // Notifications the upstream sent before its answer go first, as events of one SSE
-            // stream, to a client that accepts one (in the upstream's order, after the answer
-            // arrived: they are not streamed as they come yet).
-            Ok(result) if !notifications.is_empty() && accepts_event_stream(headers) => {
-                translate::event_stream(&notifications, &jsonrpc::result(id, result))
-            }
-            Ok(result) => http::json_bytes(StatusCode::OK, jsonrpc::result(id, result)),
-            Err(err) => rpc_response(self.error_status(&err), Some(id), &err),
-        };
-        if let Some(d) = self.decided() {
-            d.stamp(&mut resp);
-        }
-        resp
+        respond_parts(
+            headers,
+            id,
+            self.era.is_modern(),
+            outcome,
+            self.take_notifications(),
+            self.decided(),
+        )
     }
 
     fn decided(&self) -> Option<Decided> {
@@ -331,15 +362,6 @@ impl<'a> CallContext<'a> {
                 "_intentgate".into(),
                 crate::pipeline::decision_summary(permit),
             );
-        }
-    }
-
-    /// The HTTP status of a JSON-RPC error: 200, but in the stateless era what it prescribes.
-    fn error_status(&self, err: &RpcError) -> StatusCode {
-        if self.era.is_modern() {
-            StatusCode::from_u16(era::modern_status(err.code)).unwrap_or(StatusCode::OK)
-        } else {
-            StatusCode::OK
         }
     }
 
@@ -400,6 +422,9 @@ struct CallContext<'a> {
     pending: std::sync::Mutex<Option<crate::pipeline::Pending>>,
     /// The pipeline's decision on this request and its audit event, for the response headers.
     decided: std::sync::Mutex<Option<Decided>>,
+    /// Where requests of the upstream for this call's client go (`relay.rs`), when the client
+    /// takes an event stream.
+    to_client: Option<tokio::sync::mpsc::Sender<Value>>,
 }
 
 /// What the `X-IntentGate-Decision` and `X-IntentGate-Event-Id` response headers say.
@@ -531,6 +556,39 @@ impl CallContext<'_> {
             None => UpstreamProfile::default(),
         }
     }
+}
+
+/// The HTTP answer of a method's outcome, with the upstream's relayed notifications and the
+/// decision headers.
+fn respond_parts(
+    headers: &hyper::HeaderMap,
+    id: &Id,
+    modern: bool,
+    outcome: Result<Value, RpcError>,
+    notifications: Vec<Value>,
+    decided: Option<Decided>,
+) -> Response<Body> {
+    let mut resp = match outcome {
+        // Notifications the upstream sent before its answer go first, as events of one SSE
+        // stream, to a client that accepts one (in the upstream's order, after the answer
+        // arrived: they are not streamed as they come yet).
+        Ok(result) if !notifications.is_empty() && accepts_event_stream(headers) => {
+            translate::event_stream(&notifications, &jsonrpc::result(id, result))
+        }
+        Ok(result) => http::json_bytes(StatusCode::OK, jsonrpc::result(id, result)),
+        Err(err) => {
+            let status = if modern {
+                StatusCode::from_u16(era::modern_status(err.code)).unwrap_or(StatusCode::OK)
+            } else {
+                StatusCode::OK
+            };
+            rpc_response(status, Some(id), &err)
+        }
+    };
+    if let Some(d) = decided {
+        d.stamp(&mut resp);
+    }
+    resp
 }
 
 /// The `-32601` refusal of a method this endpoint or revision does not serve.

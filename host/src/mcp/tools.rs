@@ -130,29 +130,48 @@ impl CallContext<'_> {
             }
             Err(e) => return Err(e),
         };
-        let relay = match self.era {
-            Era::Modern(env) => Some(env),
-            Era::Handshake => None,
-        };
         let params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
-        let forwarding = std::time::Instant::now();
-        let reply = upstream.call_tool(&permit, params, relay).await;
-        self.gw.metrics().forwarded(forwarding, &reply);
-        let reply = match reply {
-            Ok(r) => self.relay_notifications(r, &rpc.params),
-            Err(e) => {
-                self.gw
-                    .pipeline
-                    .record_upstream_failure(&call, &permit, e.status(), &e.to_string())
-                    .await;
-                return Err(upstream_rpc_error(&e));
+        let mut result = match self.forward(&call, &permit, upstream, params, rpc).await? {
+            Ok(r) => r,
+            Err(other) => return Ok(other),
+        };
+        // A handshake-era client cannot answer an input-required result itself: its input
+        // requests are relayed to it as requests on its event stream, and the call is sent
+        // again with its answers, each round decided again (and charged once, with the first).
+        let mut number = 1;
+        while !modern && translate::is_input_required(&result) && self.to_client.is_some() {
+            number += 1;
+            if number > MAX_RELAYED_ROUNDS {
+                break;
             }
-        };
-        let mut result = match reply {
-            Reply::Result(Value::Object(r)) => r,
-            Reply::Result(other) => return Ok(other),
-            Reply::Error(e) => return Err(passthrough_error(e)),
-        };
+            let answers = self.ask_inputs(&result).await;
+            let round = ToolCall {
+                grant: self.grant,
+                kind: CallKind::Tool,
+                tool: &inv.name,
+                arguments: &inv.arguments,
+                intent_prompt: call.intent_prompt,
+                agent: call.agent,
+                remote_ip: call.remote_ip.clone(),
+                session_id: call.session_id,
+                round: Some(Round {
+                    call_event: permit.event_id,
+                    number,
+                }),
+                approval_id: None,
+            };
+            let (next_permit, upstream) = self.decide(&round).await?;
+            let state = result.get("requestState").and_then(Value::as_str);
+            let mut params = inv.forward_params(state);
+            params.insert("inputResponses".into(), Value::Object(answers));
+            result = match self
+                .forward(&round, &next_permit, upstream, params, rpc)
+                .await?
+            {
+                Ok(r) => r,
+                Err(other) => return Ok(other),
+            };
+        }
         if modern && translate::is_input_required(&result) {
             // Hand out the gateway's seal instead of the upstream's state.
             let mut next = self.round_binding(&inv);
@@ -167,6 +186,92 @@ impl CallContext<'_> {
         let mut result = translate::call_for_client(result, modern)?;
         self.annotate(&mut result, &permit);
         Ok(Value::Object(result))
+    }
+
+    /// Forwards a permitted call: the upstream's result object (`Err` holds a result that is
+    /// not an object, passed on as is), its requests to the client relayed when the client
+    /// takes an event stream, its failure recorded against the decision.
+    async fn forward(
+        &self,
+        call: &ToolCall<'_>,
+        permit: &crate::pipeline::Permit,
+        upstream: &crate::upstream::Upstream,
+        params: serde_json::Map<String, Value>,
+        rpc: &RpcRequest,
+    ) -> Result<Result<serde_json::Map<String, Value>, Value>, RpcError> {
+        let relay = match self.era {
+            Era::Modern(env) => Some(env),
+            Era::Handshake => None,
+        };
+        let forwarding = std::time::Instant::now();
+        // The upstream may ask this call's client something (sampling, elicitation): relayed
+        // when the client takes an event stream, refused otherwise.
+        let ask_client = self.to_client.clone().map(|tx| {
+            let relays = std::sync::Arc::clone(&self.gw.relays);
+            let (tenant, jti) = (self.grant.tenant.clone(), self.grant.jti.clone());
+            move |request: Value| -> crate::store::BoxFuture<'static, serde_json::Map<String, Value>> {
+                let (relays, tx) = (std::sync::Arc::clone(&relays), tx.clone());
+                let (tenant, jti) = (tenant.clone(), jti.clone());
+                Box::pin(async move { relays.relay(&tenant, &jti, &tx, request).await })
+            }
+        });
+        let reply = upstream
+            .call_tool_relaying(
+                permit,
+                params,
+                relay,
+                ask_client
+                    .as_ref()
+                    .map(|f| f as &crate::upstream::ServerRequests),
+            )
+            .await;
+        self.gw.metrics().forwarded(forwarding, &reply);
+        let reply = match reply {
+            Ok(r) => self.relay_notifications(r, &rpc.params),
+            Err(e) => {
+                self.gw
+                    .pipeline
+                    .record_upstream_failure(call, permit, e.status(), &e.to_string())
+                    .await;
+                return Err(upstream_rpc_error(&e));
+            }
+        };
+        match reply {
+            Reply::Result(Value::Object(r)) => Ok(Ok(r)),
+            Reply::Result(other) => Ok(Err(other)),
+            Reply::Error(e) => Err(passthrough_error(e)),
+        }
+    }
+
+    /// Asks a handshake-era client the input requests of an input-required result, one by
+    /// one, on its event stream; its answers keyed as the requests were.
+    async fn ask_inputs(
+        &self,
+        result: &serde_json::Map<String, Value>,
+    ) -> serde_json::Map<String, Value> {
+        let mut answers = serde_json::Map::new();
+        let Some(tx) = self.to_client.as_ref() else {
+            return answers;
+        };
+        let requests = result
+            .get("inputRequests")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        for (key, request) in requests.into_iter().take(MAX_RELAYED_INPUTS) {
+            let reply = self
+                .gw
+                .relays
+                .relay(&self.grant.tenant, &self.grant.jti, tx, request)
+                .await;
+            // An input the client refused is answered as declined, so the tool can go on.
+            let answer = match reply.get("result") {
+                Some(r) => r.clone(),
+                None => json!({"action": "decline"}),
+            };
+            answers.insert(key, answer);
+        }
+        answers
     }
 
     /// The input-required result of a pending approval (2026-07-28): state only, sealed to
@@ -226,6 +331,11 @@ impl CallContext<'_> {
         }
     }
 }
+
+/// Most rounds of one handshake-era call whose input requests are relayed to its client.
+const MAX_RELAYED_ROUNDS: u32 = 16;
+/// Most input requests of one round relayed.
+const MAX_RELAYED_INPUTS: usize = 16;
 
 /// The `_meta` key of a pending approval in an input-required result.
 pub const APPROVAL_META: &str = "io.intentgate/approval";

@@ -1,0 +1,220 @@
+//! Requests a handshake-era upstream sends the client while it works on a call
+//! (`sampling/createMessage`, `elicitation/create`), relayed to the agent whose call caused
+//! them, and the agent's replies carried back.
+//!
+//! The gateway holds one session toward the upstream for every agent, so an upstream request
+//! is tied to the agent through the call it arrived on: it is sent on that call's event stream
+//! under a fresh, unguessable id ([`Relays::register`]), and only a reply POSTed with the same
+//! token (tenant and token id) is taken for it ([`Relays::deliver`]). A call whose client does
+//! not take an event stream refuses the upstream's request at once (`upstream.rs`).
+//!
+//! This module must never deliver a reply to another token's request, never keep a request
+//! waiting past [`REPLY_TIMEOUT`], and never hold more than [`MAX_PENDING`] at once.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use super::jsonrpc::code;
+
+/// The server-to-client methods relayed; anything else is refused.
+pub const RELAYED: &[&str] = &["sampling/createMessage", "elicitation/create"];
+
+/// How long an agent has to answer a relayed request (a person may be filling a form).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Most relayed requests waiting for a reply in this process.
+pub const MAX_PENDING: usize = 4096;
+
+struct Waiting {
+    tenant: String,
+    jti: String,
+    reply: oneshot::Sender<Value>,
+}
+
+/// Relayed requests waiting for their agent's reply.
+#[derive(Default)]
+pub struct Relays {
+    waiting: Mutex<HashMap<String, Waiting>>,
+}
+
+impl Relays {
+    /// A fresh id for a request relayed to the agent of `tenant`/`jti`, and where its reply
+    /// arrives. `None` when too many are waiting.
+    fn register(&self, tenant: &str, jti: &str) -> Option<(String, oneshot::Receiver<Value>)> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes).ok()?;
+        let id = format!(
+            "igq-{}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let (tx, rx) = oneshot::channel();
+        let mut w = self.waiting.lock().ok()?;
+        // Replies that will never come (their call ended) are dropped here.
+        w.retain(|_, v| !v.reply.is_closed());
+        if w.len() >= MAX_PENDING {
+            return None;
+        }
+        w.insert(
+            id.clone(),
+            Waiting {
+                tenant: tenant.to_owned(),
+                jti: jti.to_owned(),
+                reply: tx,
+            },
+        );
+        Some((id, rx))
+    }
+
+    fn forget(&self, id: &str) {
+        if let Ok(mut w) = self.waiting.lock() {
+            w.remove(id);
+        }
+    }
+
+    /// Hands an agent's reply (a JSON-RPC response) to the relayed request it answers. `false`
+    /// when no request of this token waits under its id.
+    pub fn deliver(&self, tenant: &str, jti: &str, reply: Value) -> bool {
+        let Some(id) = reply.get("id").and_then(Value::as_str) else {
+            return false;
+        };
+        let Ok(mut w) = self.waiting.lock() else {
+            return false;
+        };
+        match w.get(id) {
+            Some(v) if v.tenant == tenant && v.jti == jti => {}
+            _ => return false,
+        }
+        match w.remove(id) {
+            Some(v) => v.reply.send(reply).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Relays one upstream request to the agent through `to_client`, waits for its reply and
+    /// returns what to answer the upstream (`result` or `error`).
+    pub async fn relay(
+        &self,
+        tenant: &str,
+        jti: &str,
+        to_client: &mpsc::Sender<Value>,
+        request: Value,
+    ) -> Map<String, Value> {
+        let method = request
+            .get("method")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if !RELAYED.contains(&method) {
+            return error(code::METHOD_NOT_FOUND, format!("{method} is not relayed"));
+        }
+        let Some((id, reply)) = self.register(tenant, jti) else {
+            return error(
+                code::INTERNAL_ERROR,
+                "too many requests waiting for clients".into(),
+            );
+        };
+        let message = json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "method": method,
+            "params": request.get("params").cloned().unwrap_or_else(|| json!({})),
+        });
+        if to_client.send(message).await.is_err() {
+            self.forget(&id);
+            return error(code::INTERNAL_ERROR, "the client is gone".into());
+        }
+        let answered = tokio::time::timeout(REPLY_TIMEOUT, reply).await;
+        self.forget(&id);
+        match answered {
+            Ok(Ok(Value::Object(mut m))) => {
+                let mut out = Map::new();
+                if let Some(r) = m.remove("result") {
+                    out.insert("result".into(), r);
+                } else if let Some(e) = m.remove("error") {
+                    out.insert("error".into(), e);
+                } else {
+                    return error(code::INTERNAL_ERROR, "the client's reply was empty".into());
+                }
+                out
+            }
+            Ok(_) => error(code::INTERNAL_ERROR, "the client is gone".into()),
+            Err(_) => error(
+                code::INTERNAL_ERROR,
+                format!(
+                    "the client did not answer within {} s",
+                    REPLY_TIMEOUT.as_secs()
+                ),
+            ),
+        }
+    }
+}
+
+fn error(code: i64, message: String) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("error".into(), json!({"code": code, "message": message}));
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn replies_reach_only_their_own_tokens_request() {
+        let relays = std::sync::Arc::new(Relays::default());
+        let (tx, mut rx) = mpsc::channel(4);
+        let r = std::sync::Arc::clone(&relays);
+        let task = tokio::spawn(async move {
+            r.relay(
+                "t",
+                "j",
+                &tx,
+                json!({"id": 5, "method": "elicitation/create", "params": {"message": "ok?"}}),
+            )
+            .await
+        });
+        let sent = rx.recv().await.expect("relayed");
+        let id = sent["id"].as_str().expect("id").to_owned();
+        assert!(id.starts_with("igq-"));
+        assert_eq!(sent["params"]["message"], "ok?");
+        let reply = json!({"jsonrpc": "2.0", "id": id, "result": {"action": "accept"}});
+        assert!(
+            !relays.deliver("t", "other", reply.clone()),
+            "another token"
+        );
+        assert!(!relays.deliver("u", "j", reply.clone()), "another tenant");
+        assert!(relays.deliver("t", "j", reply.clone()));
+        assert!(!relays.deliver("t", "j", reply), "only once");
+        let out = task.await.expect("task");
+        assert_eq!(out["result"]["action"], "accept");
+    }
+
+    #[tokio::test]
+    async fn other_methods_and_gone_clients_are_refused() {
+        let relays = Relays::default();
+        let (tx, rx) = mpsc::channel(1);
+        let out = relays
+            .relay("t", "j", &tx, json!({"id": 1, "method": "roots/list"}))
+            .await;
+        assert_eq!(out["error"]["code"], code::METHOD_NOT_FOUND);
+        drop(rx);
+        let out = relays
+            .relay(
+                "t",
+                "j",
+                &tx,
+                json!({"id": 2, "method": "sampling/createMessage"}),
+            )
+            .await;
+        assert!(
+            out["error"]["message"]
+                .as_str()
+                .expect("msg")
+                .contains("gone")
+        );
+        assert!(relays.waiting.lock().expect("lock").is_empty());
+    }
+}

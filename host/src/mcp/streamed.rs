@@ -1,0 +1,151 @@
+//! A handshake-era tool call whose client takes an event stream, run so the upstream's requests
+//! during the call (`relay.rs`) can reach the client: the call runs in its own task; if it
+//! ends before the upstream asks anything, the answer is the usual one (JSON, or the event
+//! stream of its notifications); at the upstream's first request the answer becomes an event
+//! stream at once, carrying that request, any later ones, and finally the call's response.
+//!
+//! This module must never write to the stream after the call's response, and never keep the
+//! client's stream open once the call ended.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::{Response, StatusCode};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::era::Era;
+use super::jsonrpc::{self, RpcError};
+use super::{CallContext, Decided, Endpoint, hold, respond_parts};
+use crate::capability::Grant;
+use crate::http::{self, Body};
+use crate::pipeline::Pending;
+use crate::server::Gateway;
+
+/// What the call's task needs, owned.
+pub(super) struct Owned {
+    pub(super) gw: Arc<Gateway>,
+    pub(super) grant: Grant,
+    pub(super) headers: hyper::HeaderMap,
+    pub(super) remote: std::net::SocketAddr,
+    pub(super) session: Option<String>,
+    pub(super) era: Era,
+    pub(super) endpoint: Endpoint,
+    pub(super) rpc: jsonrpc::Request,
+}
+
+/// How the call ended.
+struct Finished {
+    outcome: Result<Value, RpcError>,
+    notifications: Vec<Value>,
+    decided: Option<Decided>,
+    pending: Option<Pending>,
+}
+
+pub(super) async fn call(owned: Owned) -> Response<Body> {
+    let owned = Arc::new(owned);
+    let (to_client, mut requests) = mpsc::channel::<Value>(8);
+    let (done_tx, mut done) = oneshot::channel::<Finished>();
+    let task_owned = Arc::clone(&owned);
+    tokio::spawn(async move {
+        let o = &*task_owned;
+        let mut ctx = CallContext::new(
+            &o.gw,
+            &o.grant,
+            &o.headers,
+            o.remote,
+            o.session.as_deref(),
+            &o.era,
+        );
+        ctx.to_client = Some(to_client);
+        let outcome = ctx.dispatch(o.endpoint, &o.rpc).await;
+        let _ = done_tx.send(Finished {
+            outcome,
+            notifications: ctx.take_notifications(),
+            decided: ctx.decided(),
+            pending: ctx.take_pending(),
+        });
+    });
+    let id = owned.rpc.id.clone().unwrap_or(Value::Null);
+    let first = tokio::select! {
+        finished = &mut done => {
+            let Ok(f) = finished else {
+                let err = RpcError::new(super::code::INTERNAL_ERROR, "call task ended");
+                return http::json_bytes(StatusCode::OK, jsonrpc::error(Some(&id), &err));
+            };
+            return answer(&owned, &id, f).await;
+        }
+        Some(request) = requests.recv() => request,
+    };
+    // The upstream asked the client something: answer as an event stream from now on.
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    tokio::spawn(async move {
+        let mut next = Some(first);
+        loop {
+            if let Some(request) = next.take() {
+                if tx.send(event(&request.to_string())).await.is_err() {
+                    return; // the client is gone; its relayed requests are refused
+                }
+                continue;
+            }
+            tokio::select! {
+                Some(request) = requests.recv() => next = Some(request),
+                finished = &mut done => {
+                    let Ok(f) = finished else { return };
+                    let mut out = Vec::new();
+                    for n in &f.notifications {
+                        out.extend_from_slice(&event(&n.to_string()));
+                    }
+                    let body = match &f.outcome {
+                        Ok(result) => jsonrpc::result(&id, result.clone()),
+                        Err(err) => jsonrpc::error(Some(&id), err),
+                    };
+                    out.extend_from_slice(&event(&String::from_utf8_lossy(&body)));
+                    let _ = tx.send(Bytes::from(out)).await;
+                    return;
+                }
+            }
+        }
+    });
+    let mut resp = Response::new(http::channel(rx));
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn event(data: &str) -> Bytes {
+    Bytes::from(format!("event: message\ndata: {data}\n\n"))
+}
+
+/// The whole answer of a call that ended without asking the client anything (held for its
+/// approval when it was escalated and the client asked to wait).
+async fn answer(owned: &Arc<Owned>, id: &Value, f: Finished) -> Response<Body> {
+    if f.outcome.is_err()
+        && let Some(pending) = f.pending
+        && hold::wanted(&owned.gw, &owned.headers)
+    {
+        let held = hold::Held {
+            gw: Arc::clone(&owned.gw),
+            grant: owned.grant.clone(),
+            headers: owned.headers.clone(),
+            remote: owned.remote,
+            session: owned.session.clone(),
+            era: owned.era.clone(),
+            endpoint: owned.endpoint,
+            rpc: owned.rpc.clone(),
+            pending,
+        };
+        return held.respond(true).await;
+    }
+    respond_parts(
+        &owned.headers,
+        id,
+        owned.era.is_modern(),
+        f.outcome,
+        f.notifications,
+        f.decided,
+    )
+}
