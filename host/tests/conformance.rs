@@ -45,12 +45,7 @@ const RUN_DEADLINE: Duration = Duration::from_secs(900);
 /// against the upstream and fail through the gateway. Exact: a new failure and a gap that closes
 /// both fail the test. To regenerate: `INTENTGATE_CONFORMANCE_PRINT=1` (see the module
 /// documentation), then write each line's reason from the failing check it prints.
-const KNOWN_GAPS: &str = "\
-2025-11-25 elicitation-sep1034-defaults: the upstream's elicitation/create is not relayed to the client
-2025-11-25 elicitation-sep1330-enums: the upstream's elicitation/create is not relayed to the client
-2025-11-25 tools-call-elicitation: the upstream's elicitation/create is not relayed to the client
-2025-11-25 tools-call-sampling: the upstream's sampling/createMessage is not relayed to the client
-";
+const KNOWN_GAPS: &str = "";
 
 /// One line per scenario, as in [`KNOWN_GAPS`]: the scenarios the upstream (TypeScript SDK 2.4.0)
 /// fails on its own, so they say nothing about the gateway. Exact, like [`KNOWN_GAPS`].

@@ -206,24 +206,22 @@ impl CallContext<'_> {
         let forwarding = std::time::Instant::now();
         // The upstream may ask this call's client something (sampling, elicitation): relayed
         // when the client takes an event stream, refused otherwise.
-        let ask_client = self.to_client.clone().map(|tx| {
-            let relays = std::sync::Arc::clone(&self.gw.relays);
-            let (tenant, jti) = (self.grant.tenant.clone(), self.grant.jti.clone());
-            move |request: Value| -> crate::store::BoxFuture<'static, serde_json::Map<String, Value>> {
-                let (relays, tx) = (std::sync::Arc::clone(&relays), tx.clone());
-                let (tenant, jti) = (tenant.clone(), jti.clone());
-                Box::pin(async move { relays.relay(&tenant, &jti, &tx, request).await })
-            }
-        });
+        let ask_client: Option<std::sync::Arc<crate::upstream::ServerRequests>> =
+            self.to_client.clone().map(|tx| {
+                let relays = std::sync::Arc::clone(&self.gw.relays);
+                let (tenant, jti) = (self.grant.tenant.clone(), self.grant.jti.clone());
+                let ask = move |request: Value| -> crate::store::BoxFuture<
+                    'static,
+                    serde_json::Map<String, Value>,
+                > {
+                    let (relays, tx) = (std::sync::Arc::clone(&relays), tx.clone());
+                    let (tenant, jti) = (tenant.clone(), jti.clone());
+                    Box::pin(async move { relays.relay(&tenant, &jti, &tx, request).await })
+                };
+                std::sync::Arc::new(ask) as std::sync::Arc<crate::upstream::ServerRequests>
+            });
         let reply = upstream
-            .call_tool_relaying(
-                permit,
-                params,
-                relay,
-                ask_client
-                    .as_ref()
-                    .map(|f| f as &crate::upstream::ServerRequests),
-            )
+            .call_tool_relaying(permit, params, relay, ask_client.as_ref())
             .await;
         self.gw.metrics().forwarded(forwarding, &reply);
         let reply = match reply {

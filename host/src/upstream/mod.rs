@@ -38,6 +38,8 @@ use crate::mcp::jsonrpc::code;
 use crate::mcp::{headers, params};
 use crate::pipeline::Permit;
 
+mod session_stream;
+
 /// The protocol revision the gateway asks a handshake-era upstream for.
 pub const HANDSHAKE_VERSION: &str = "2025-11-25";
 
@@ -183,6 +185,9 @@ pub struct Upstream {
     marked_refreshed: std::sync::atomic::AtomicI64,
     /// A stateless upstream that refused a handshake-era session (see `request_with`).
     no_session: std::sync::atomic::AtomicBool,
+    /// The calls in flight in the shared session, for the requests the upstream sends on the
+    /// session's own stream (`session_stream.rs`).
+    session_calls: Arc<session_stream::Calls>,
 }
 
 /// Answers a request the upstream sends while it works on a call (`sampling/createMessage`,
@@ -198,7 +203,7 @@ struct Extras<'a> {
     marked: Option<&'a params::Marked>,
     /// Who answers the upstream's requests during the call (a handshake-era upstream's
     /// server-to-client requests); without it they are refused.
-    server_requests: Option<&'a ServerRequests>,
+    server_requests: Option<&'a Arc<ServerRequests>>,
 }
 
 /// The client capabilities declared toward a stateless upstream for a handshake-era client
@@ -254,6 +259,7 @@ impl Upstream {
             marked: arc_swap::ArcSwap::from_pointee(std::collections::HashMap::new()),
             marked_refreshed: std::sync::atomic::AtomicI64::new(0),
             no_session: std::sync::atomic::AtomicBool::new(false),
+            session_calls: Arc::default(),
         }
     }
 
@@ -425,7 +431,7 @@ impl Upstream {
         _permit: &Permit,
         params: Map<String, Value>,
         relay: Option<&Envelope>,
-        server_requests: Option<&ServerRequests>,
+        server_requests: Option<&Arc<ServerRequests>>,
     ) -> Result<Relayed, UpstreamError> {
         // A stateless upstream validates the `Mcp-Param-*` headers of the arguments its
         // schema marks; they are computed from the forwarded arguments.
@@ -661,7 +667,7 @@ impl Upstream {
         &self,
         method: &str,
         mut params: Map<String, Value>,
-        server_requests: Option<&ServerRequests>,
+        server_requests: Option<&Arc<ServerRequests>>,
     ) -> Result<Answer, UpstreamError> {
         if let Some(Value::Object(m)) = params.get_mut("_meta") {
             for k in meta::ENVELOPE {
@@ -691,13 +697,14 @@ impl Upstream {
         method: &str,
         params: Map<String, Value>,
         session: &Session,
-        server_requests: Option<&ServerRequests>,
+        server_requests: Option<&Arc<ServerRequests>>,
     ) -> Result<Answer, UpstreamError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        let _in_flight = self.session_calls.enter(id, server_requests.cloned());
         match server_requests {
             Some(answer) => {
-                self.post_relaying(&body, id, session, answer, RELAYED_CALL_IDLE)
+                self.post_relaying(&body, id, session, &**answer, RELAYED_CALL_IDLE)
                     .await
             }
             // Nobody to ask: a request of the upstream is refused at once, and the whole
@@ -851,6 +858,16 @@ impl Upstream {
         }
         let s = Arc::new(self.open_session().await?);
         self.session.store(Some(Arc::clone(&s)));
+        // The requests the upstream sends outside any call's stream, for as long as the
+        // session lives.
+        tokio::spawn(session_stream::listen(session_stream::Listener {
+            client: self.client.clone(),
+            uri: self.uri.clone(),
+            session: Arc::downgrade(&s),
+            calls: Arc::clone(&self.session_calls),
+            timeout: self.timeout,
+            max_response: self.max_response,
+        }));
         Ok(s)
     }
 

@@ -1,0 +1,192 @@
+//! The shared handshake-era session's own event stream (`GET` on the upstream's endpoint):
+//! some servers (the TypeScript SDK's) send their requests to the client there rather than on
+//! the stream of the call that caused them.
+//!
+//! The session is shared by every agent, and such a request names no call. So it is given to a
+//! call only when it cannot belong to any other: exactly one call is in flight in the session,
+//! and that call's client can be asked ([`Calls::route`]). Otherwise it is refused, so a
+//! question meant for one agent never reaches another. This module must never relay a request
+//! it cannot attribute, and never outlive its session.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{ACCEPT, CONTENT_TYPE};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::{Map, Value, json};
+
+use super::{ServerRequests, Session, event_end, session_headers, sse_event_json};
+use crate::mcp::jsonrpc::code;
+
+/// The calls in flight in the shared session, and who can answer for each.
+#[derive(Default)]
+pub(super) struct Calls {
+    calls: Mutex<HashMap<u64, Option<Arc<ServerRequests>>>>,
+}
+
+/// Leaves [`Calls`] when the call ends.
+pub(super) struct InFlight<'a> {
+    calls: &'a Calls,
+    id: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.calls.calls.lock() {
+            c.remove(&self.id);
+        }
+    }
+}
+
+impl Calls {
+    /// Records a call in flight until the guard drops.
+    pub(super) fn enter(&self, id: u64, answer: Option<Arc<ServerRequests>>) -> InFlight<'_> {
+        if let Ok(mut c) = self.calls.lock() {
+            c.insert(id, answer);
+        }
+        InFlight { calls: self, id }
+    }
+
+    /// Who answers a request that came on the session's stream: the one call in flight, when
+    /// its client can be asked.
+    fn route(&self) -> Option<Arc<ServerRequests>> {
+        let c = self.calls.lock().ok()?;
+        if c.len() != 1 {
+            return None;
+        }
+        c.values().next().cloned().flatten()
+    }
+}
+
+/// What the listener needs.
+pub(super) struct Listener {
+    pub(super) client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pub(super) uri: Uri,
+    pub(super) session: Weak<Session>,
+    pub(super) calls: Arc<Calls>,
+    pub(super) timeout: Duration,
+    pub(super) max_response: usize,
+}
+
+/// How long the listener waits before opening the stream again after it ended.
+const REOPEN: Duration = Duration::from_secs(1);
+
+/// Reads the session's stream while the session lives; ends when the upstream does not offer
+/// one (405) or the session is gone.
+pub(super) async fn listen(l: Listener) {
+    loop {
+        let Some(session) = l.session.upgrade() else {
+            return;
+        };
+        let headers = session_headers(&session);
+        drop(session);
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(l.uri.clone())
+            .header(ACCEPT, "text/event-stream");
+        for (k, v) in &headers {
+            req = req.header(k, v.clone());
+        }
+        let Ok(req) = req.body(Full::new(Bytes::new())) else {
+            return;
+        };
+        let resp = match tokio::time::timeout(l.timeout, l.client.request(req)).await {
+            Ok(Ok(r)) => r,
+            _ => {
+                tokio::time::sleep(REOPEN).await;
+                continue;
+            }
+        };
+        if resp.status() != StatusCode::OK {
+            // No stream offered (405), or the session is gone: nothing to listen to.
+            return;
+        }
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            while let Some(end) = event_end(&buf) {
+                let event: Vec<u8> = buf.drain(..end).collect();
+                if let Some(v) = sse_event_json(&event)
+                    && v.get("method").is_some()
+                    && v.get("id").is_some()
+                {
+                    answer(&l, &headers, v);
+                }
+            }
+            if l.session.strong_count() == 0 {
+                return;
+            }
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        if buf.len() + data.len() > l.max_response {
+                            buf.clear(); // one event larger than any answer: dropped
+                            continue;
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                }
+                _ => break,
+            }
+        }
+        tokio::time::sleep(REOPEN).await;
+    }
+}
+
+/// Answers one request of the upstream: through the one call it can belong to, or refused.
+fn answer(
+    l: &Listener,
+    headers: &[(hyper::header::HeaderName, hyper::header::HeaderValue)],
+    request: Value,
+) {
+    let upstream_id = request.get("id").cloned().unwrap_or(Value::Null);
+    let who = l.calls.route();
+    let client = l.client.clone();
+    let uri = l.uri.clone();
+    let headers = headers.to_vec();
+    let (timeout, max_response) = (l.timeout, l.max_response);
+    tokio::spawn(async move {
+        let mut reply = match who {
+            Some(ask) => ask(request).await,
+            None => {
+                let mut m = Map::new();
+                m.insert(
+                    "error".into(),
+                    json!({"code": code::INTERNAL_ERROR,
+                           "message": "the gateway cannot tell which call this request belongs to (several are in flight, or none whose client can be asked)"}),
+                );
+                m
+            }
+        };
+        reply.insert("jsonrpc".into(), Value::from("2.0"));
+        reply.insert("id".into(), upstream_id);
+        let Ok(bytes) = serde_json::to_vec(&Value::Object(reply)) else {
+            return;
+        };
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "application/json, text/event-stream");
+        for (k, v) in &headers {
+            req = req.header(k, v.clone());
+        }
+        let Ok(req) = req.body(Full::new(Bytes::from(bytes))) else {
+            return;
+        };
+        match tokio::time::timeout(timeout, client.request(req)).await {
+            Ok(Ok(resp)) => {
+                let _ = Limited::new(resp.into_body(), max_response).collect().await;
+            }
+            _ => tracing::warn!(
+                "upstream: the reply to a request on the session stream was not delivered"
+            ),
+        }
+    });
+}
