@@ -3,6 +3,8 @@
 //! a Standard Webhooks receiver verifying with the `standardwebhooks` library, a Splunk HEC
 //! collector, a Datadog logs v2 intake).
 //!
+//! - a deny and an approval decision reach the signed webhook and the Slack, Teams and
+//!   PagerDuty receivers, each checking its vendor's documented format;
 //! - a destination down, then up: every event arrives, in order per tenant, none twice beyond
 //!   its idempotency key, and calls keep their latency meanwhile;
 //! - hostile formatter components (trap, loop, garbage) fail only their own destinations;
@@ -25,6 +27,8 @@ use crate::support::http;
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const HEC_TOKEN: &str = "hec-token-0123";
 const DD_KEY: &str = "dd-api-key-0123";
+/// A PagerDuty integration key is 32 characters.
+const PD_KEY: &str = "R0UT1NGKEY0123456789abcdefABCDEF";
 const GLOBEX_ADMIN: &str = "globex-admin-token-0123456789abcdef";
 
 fn python() -> String {
@@ -51,7 +55,7 @@ impl Receiver {
             "/../tests/interop/outbox_receiver.py"
         );
         let mut child = Command::new(python())
-            .args([script, SECRET, HEC_TOKEN, DD_KEY])
+            .args([script, SECRET, HEC_TOKEN, DD_KEY, PD_KEY])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -334,6 +338,154 @@ async fn destinations_down_then_up_get_every_event_in_order_and_calls_keep_their
         assert!(max >= newest, "{name}: up to the newest recorded event");
     }
 
+    gw.shutdown().await;
+}
+
+/// Records of `kind` (`slack`, `teams`) under `name`.
+fn named<'a>(records: &'a Value, kind: &str, name: &str) -> &'a [Value] {
+    records[kind][name].as_array().map_or(&[], Vec::as_slice)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deny_and_an_approval_decision_reach_the_webhook_slack_teams_and_pagerduty() {
+    let rx = Receiver::start();
+    let flags: Vec<String> = [
+        "--webhook-url",
+        &format!("{}/webhook", rx.url),
+        "--webhook-secret",
+        SECRET,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gw = start(Backend::Sqlite, &flags).await;
+    for (kind, url, secret) in [
+        ("slack", format!("{}/slack/ops", rx.url), None),
+        ("teams", format!("{}/teams/ops", rx.url), None),
+        (
+            "pagerduty",
+            format!("{}/pagerduty/v2/enqueue", rx.url),
+            Some(PD_KEY),
+        ),
+    ] {
+        let (status, v) = put_destination(
+            &gw,
+            ADMIN_TOKEN,
+            json!({"global": true, "name": kind, "kind": kind, "url": url, "secret": secret}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    // A deny (the token's scope refuses the tool)…
+    let (reader, _) = gw
+        .mint(json!({"subject": "bot", "tools": ["read_*"]}))
+        .await;
+    denied_call(&gw.url, &reader, 1).await;
+    // …and an escalation (the demo policy sends delete_records to a person), decided.
+    let (deleter, _) = gw
+        .mint(json!({"subject": "cleaner", "tools": ["delete_records"]}))
+        .await;
+    let (status, v) = http::post_json(
+        &format!("{}/v1/mcp", gw.url),
+        Some(&deleter),
+        &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                "params": {"name": "delete_records", "arguments": {"table": "users"}}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["error"]["code"], -32019, "escalated: {v}");
+    let pending = v["error"]["data"]["pending_id"]
+        .as_str()
+        .expect("pending_id")
+        .to_owned();
+    let (status, d) = http::post_json(
+        &format!("{}/v1/admin/approvals/{pending}/decide", gw.url),
+        Some(ADMIN_TOKEN),
+        &json!({"decision": "approve", "decided_by": "ops@example.com"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+
+    let expected = [
+        "intentgate.deny",
+        "intentgate.escalate",
+        "intentgate.approval_decided",
+    ];
+    wait_for("every channel", Duration::from_secs(20), || async {
+        let r = rx.get("records").await;
+        distinct_webhooks(&r).len() >= 3
+            && named(&r, "slack", "ops").len() >= 3
+            && named(&r, "teams", "ops").len() >= 3
+            && r["pagerduty"].as_array().is_some_and(|a| a.len() >= 3)
+    })
+    .await;
+    let records = rx.get("records").await;
+    assert_eq!(
+        rx.get("rejected").await,
+        json!([]),
+        "every request met its vendor's format"
+    );
+
+    // The webhook: verified by standardwebhooks (else rejected), the original's body.
+    let hooks = distinct_webhooks(&records);
+    let events: Vec<&str> = hooks.iter().filter_map(|h| h["event"].as_str()).collect();
+    assert_eq!(events, expected, "{hooks:?}");
+    assert_eq!(hooks[0]["tool"], "delete_everything");
+    assert_eq!(hooks[0]["decision"], "block");
+    assert_eq!(hooks[1]["tool"], "delete_records");
+    assert_eq!(hooks[1]["decision"], "escalate");
+    assert_eq!(hooks[1]["pending_id"], pending.as_str());
+    let decided = &hooks[2];
+    assert_eq!(decided["pending_id"], pending.as_str(), "{decided}");
+    assert_eq!(decided["severity"], "info");
+    assert_eq!(decided["audit"]["decided_by"], "ops@example.com");
+    assert_eq!(decided["audit"]["event"], "intentgate.approval.decided");
+
+    // Slack: one Block Kit message per event, titled by its type.
+    let slack = named(&records, "slack", "ops");
+    assert_eq!(slack.len(), 3, "one message per event, none twice: {slack:?}");
+    for (msg, want) in slack.iter().zip(["deny", "escalate", "approval decided"]) {
+        let header = msg["blocks"][0]["text"]["text"].as_str().unwrap_or("");
+        assert!(header.contains(want), "{header:?} names {want}");
+        assert!(msg["text"].as_str().is_some_and(|t| !t.is_empty()));
+    }
+    assert!(slack[2].to_string().contains(&pending));
+
+    // Teams: an Adaptive Card per event with the facts.
+    let teams = named(&records, "teams", "ops");
+    assert_eq!(teams.len(), 3, "{teams:?}");
+    for (msg, want) in teams.iter().zip(["deny", "escalate", "approval decided"]) {
+        let card = &msg["attachments"][0]["content"];
+        let title = card["body"][0]["text"].as_str().unwrap_or("");
+        assert!(title.contains(want), "{title:?} names {want}");
+        let facts = card["body"][1]["facts"].as_array().expect("facts");
+        assert!(facts.iter().any(|f| f["title"] == "Tenant" && f["value"] == "default"));
+    }
+
+    // PagerDuty: a trigger per event, severities from the classification, stable dedup keys.
+    let pd = records["pagerduty"].as_array().expect("pagerduty");
+    assert_eq!(pd.len(), 3, "{pd:?}");
+    let severities: Vec<&str> = pd
+        .iter()
+        .filter_map(|e| e["payload"]["severity"].as_str())
+        .collect();
+    assert_eq!(severities, ["critical", "warning", "info"]);
+    let classes: Vec<&str> = pd
+        .iter()
+        .filter_map(|e| e["payload"]["class"].as_str())
+        .collect();
+    assert_eq!(classes, expected);
+    let keys: HashSet<&str> = pd.iter().filter_map(|e| e["dedup_key"].as_str()).collect();
+    assert_eq!(keys.len(), 3, "one dedup key per event");
+    for e in pd {
+        assert_eq!(e["routing_key"], PD_KEY);
+        assert_eq!(e["event_action"], "trigger");
+        assert_eq!(e["payload"]["group"], "default");
+    }
+    assert_eq!(
+        pd[2]["payload"]["custom_details"]["pending_id"],
+        pending.as_str()
+    );
     gw.shutdown().await;
 }
 
