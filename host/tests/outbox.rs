@@ -443,7 +443,11 @@ async fn a_deny_and_an_approval_decision_reach_the_webhook_slack_teams_and_pager
 
     // Slack: one Block Kit message per event, titled by its type.
     let slack = named(&records, "slack", "ops");
-    assert_eq!(slack.len(), 3, "one message per event, none twice: {slack:?}");
+    assert_eq!(
+        slack.len(),
+        3,
+        "one message per event, none twice: {slack:?}"
+    );
     for (msg, want) in slack.iter().zip(["deny", "escalate", "approval decided"]) {
         let header = msg["blocks"][0]["text"]["text"].as_str().unwrap_or("");
         assert!(header.contains(want), "{header:?} names {want}");
@@ -459,7 +463,11 @@ async fn a_deny_and_an_approval_decision_reach_the_webhook_slack_teams_and_pager
         let title = card["body"][0]["text"].as_str().unwrap_or("");
         assert!(title.contains(want), "{title:?} names {want}");
         let facts = card["body"][1]["facts"].as_array().expect("facts");
-        assert!(facts.iter().any(|f| f["title"] == "Tenant" && f["value"] == "default"));
+        assert!(
+            facts
+                .iter()
+                .any(|f| f["title"] == "Tenant" && f["value"] == "default")
+        );
     }
 
     // PagerDuty: a trigger per event, severities from the classification, stable dedup keys.
@@ -890,4 +898,232 @@ async fn postgres_replicas_share_lanes_without_delivering_twice_at_once() {
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// S3: gzipped NDJSON objects, partitioned by hour, SigV4-signed, on a moto server
+
+/// A child process killed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Reads `PORT <n>` from a helper's first line.
+fn port_line(child: &mut Child, what: &str) -> u16 {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("helper port");
+    line.trim()
+        .strip_prefix("PORT ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| {
+            panic!("{what} did not start: {line:?}; pip install -r tests/interop/requirements.txt")
+        })
+}
+
+const S3_SINK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/interop/s3_sink.py");
+const S3_KEY_ID: &str = "AKIDINTENTGATETEST01";
+const S3_SECRET: &str = "s3-secret/with+chars0123456789abcdefghij";
+
+/// moto in server mode on a free loopback port, and the SigV4-verifying proxy in front of it.
+struct S3 {
+    _moto: Killed,
+    _proxy: Killed,
+    moto: String,
+    proxy: String,
+}
+
+impl S3 {
+    async fn start() -> S3 {
+        let port = free_port();
+        let moto = Killed(
+            Command::new(python())
+                .args([
+                    "-m",
+                    "moto.server",
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("moto server (pip install -r tests/interop/requirements.txt)"),
+        );
+        let moto_url = format!("http://127.0.0.1:{port}");
+        wait_for("the moto server", Duration::from_secs(30), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        let mut proxy = Command::new(python())
+            .args([
+                S3_SINK,
+                "proxy",
+                &moto_url,
+                S3_KEY_ID,
+                S3_SECRET,
+                "us-east-1",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("s3_sink.py");
+        let proxy_port = port_line(&mut proxy, "the S3 proxy");
+        S3 {
+            _moto: moto,
+            _proxy: Killed(proxy),
+            moto: moto_url,
+            proxy: format!("http://127.0.0.1:{proxy_port}"),
+        }
+    }
+
+    /// Every object of the bucket, read back with boto3.
+    fn dump(&self) -> Vec<Value> {
+        let out = Command::new(python())
+            .args([S3_SINK, "dump", &self.moto, "audit"])
+            .output()
+            .expect("s3_sink.py dump");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("dump JSON")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_gets_gzipped_ndjson_partitioned_by_hour_and_sigv4_signed() {
+    let s3 = S3::start().await;
+    let flags: Vec<String> = [
+        "--s3-url",
+        &format!("{}/audit", s3.proxy),
+        "--s3-access-key-id",
+        S3_KEY_ID,
+        "--s3-secret-access-key",
+        S3_SECRET,
+        "--s3-prefix",
+        "intentgate/audit",
+        "--outbox-batch",
+        "4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gw = start(Backend::Sqlite, &flags).await;
+    // A second destination signing with the wrong secret: the proxy must refuse it.
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"tenant": "acme", "name": "wrong-key", "kind": "s3",
+               "url": format!("{}/audit", s3.proxy), "secret": "not-the-secret",
+               "settings": {"access_key_id": S3_KEY_ID, "prefix": "wrong"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (token, _) = gw
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
+        .await;
+    for n in 0..10 {
+        denied_call(&gw.url, &token, n).await;
+    }
+    let (_, audit) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=acme&limit=1000", gw.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    let mut recorded: Vec<i64> = audit["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|e| e["seq"].as_i64())
+        .collect();
+    recorded.sort();
+    let newest = *recorded.last().expect("events");
+    wait_for("the S3 objects", Duration::from_secs(30), || async {
+        let list = integrations(&gw.url, ADMIN_TOKEN).await;
+        let d = find(&list, "env:s3");
+        let wrong = find(&list, "acme/wrong-key");
+        d["backlog"] == 0
+            && d["failing"] == false
+            && d["last_success_ts"].is_string()
+            && wrong["failing"] == true
+    })
+    .await;
+    let list = integrations(&gw.url, ADMIN_TOKEN).await;
+    let wrong = find(&list, "acme/wrong-key")["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        wrong.contains("403") && wrong.contains("SignatureDoesNotMatch"),
+        "{wrong}"
+    );
+    assert!(
+        !serde_json::to_string(&list)
+            .expect("json")
+            .contains(S3_SECRET)
+    );
+
+    let objects = s3.dump();
+    assert!(
+        objects.len() >= 3,
+        "batches of 4 make several objects: {objects:?}"
+    );
+    let mut seqs = Vec::new();
+    for o in &objects {
+        let key = o["key"].as_str().expect("key");
+        assert!(!key.starts_with("wrong"), "a refused signature wrote {key}");
+        assert_eq!(o["gzip"], true, "{key} is gzip");
+        assert_eq!(o["content_type"], "application/gzip", "{key}");
+        let lines = o["lines"].as_array().expect("lines");
+        assert!(!lines.is_empty() && lines.len() <= 4, "{key}: {lines:?}");
+        // The key's partition is the hour of its events.
+        let ts = lines[0]["ts"].as_str().expect("ts");
+        let partition = format!(
+            "intentgate/audit/year={}/month={}/day={}/hour={}/acme-",
+            &ts[0..4],
+            &ts[5..7],
+            &ts[8..10],
+            &ts[11..13]
+        );
+        assert!(key.starts_with(&partition), "{key} vs {partition}");
+        assert!(key.ends_with(".ndjson.gz"), "{key}");
+        for l in lines {
+            assert_eq!(l["tenant"], "acme");
+            assert_eq!(&l["ts"].as_str().unwrap_or("")[..13], &ts[..13]);
+            seqs.push(l["seq"].as_i64().expect("seq"));
+        }
+    }
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs, (1..=newest).collect::<Vec<_>>(), "every acme event");
+    let (_, _, rejected) =
+        http::send("GET", &format!("{}/_rejected", s3.proxy), &[], Vec::new()).await;
+    let rejected: Vec<Value> = serde_json::from_slice(&rejected).expect("rejected");
+    assert!(
+        rejected.iter().all(|r| r["path"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("/audit/wrong/")),
+        "only the wrong key was refused: {rejected:?}"
+    );
+    assert!(!rejected.is_empty());
+    gw.shutdown().await;
 }

@@ -18,6 +18,11 @@
 //!   recorded event).
 //! - `slack` (Block Kit), `teams` (Adaptive Card 1.4), `pagerduty` (Events API v2, the
 //!   routing key being the secret; setting `source`).
+//! - `sentinel`: the Azure Monitor Logs Ingestion API's JSON array, one record per event: the
+//!   event's fields as recorded plus `TimeGenerated` (its `ts`), `EventType` and `Severity`
+//!   (the webhook classification). The host gets the token and splits calls over 1 MB.
+//!
+//! The S3 sink uses `ndjson` (the host gzips and signs the objects).
 //!
 //! The legacy key `splunk_token` is accepted for `secret`.
 
@@ -30,7 +35,7 @@ struct Siem {
     secret: Option<String>,
 }
 
-const FORMATS: [&str; 7] = [
+const FORMATS: [&str; 8] = [
     "ndjson",
     "splunk-hec",
     "datadog",
@@ -38,6 +43,7 @@ const FORMATS: [&str; 7] = [
     "slack",
     "teams",
     "pagerduty",
+    "sentinel",
 ];
 
 impl Siem {
@@ -366,6 +372,25 @@ impl Formatter for Siem {
                         }
                     }]
                 })))
+            }
+            "sentinel" => {
+                let records: Vec<Value> = events
+                    .iter()
+                    .map(|e| {
+                        let (class, severity) = classify(e);
+                        let mut m = Map::new();
+                        m.insert("TimeGenerated".into(), str_of(e, "ts").into());
+                        m.insert("EventType".into(), class.into());
+                        m.insert("Severity".into(), severity.into());
+                        if let Value::Object(fields) = e {
+                            for (k, v) in fields {
+                                m.entry(k.clone()).or_insert_with(|| v.clone());
+                            }
+                        }
+                        Value::Object(m)
+                    })
+                    .collect();
+                Ok(json_request(&Value::Array(records)))
             }
             "pagerduty" => {
                 let e = events.first().ok_or("empty batch")?;
