@@ -1127,3 +1127,183 @@ async fn s3_gets_gzipped_ndjson_partitioned_by_hour_and_sigv4_signed() {
     assert!(!rejected.is_empty());
     gw.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Microsoft Sentinel: Logs Ingestion API with an Entra client-credentials token
+
+const SENTINEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/interop/sentinel_receiver.py"
+);
+const DIRECTORY: &str = "00000000-1111-2222-3333-444444444444";
+const CLIENT_ID: &str = "intentgate-app";
+const CLIENT_SECRET: &str = "client~secret.0123456789";
+const DCR: &str = "dcr-00000000000000000000000000000000";
+const STREAM: &str = "Custom-IntentGateAudit_CL";
+
+async fn sentinel_records(url: &str) -> Value {
+    let (_, _, body) = http::send("GET", &format!("{url}/records"), &[], Vec::new()).await;
+    serde_json::from_slice(&body).expect("records")
+}
+
+/// The distinct acme `seq`s Sentinel holds, sorted.
+fn sentinel_acme_seqs(records: &Value) -> Vec<i64> {
+    let mut seqs: Vec<i64> = records["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["tenant"] == "acme")
+        .filter_map(|r| r["seq"].as_i64())
+        .collect();
+    seqs.sort();
+    seqs.dedup();
+    seqs
+}
+
+async fn newest_acme_seq(gw: &TestGateway) -> i64 {
+    let (_, audit) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=acme&limit=1000", gw.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    audit["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|e| e["seq"].as_i64())
+        .max()
+        .expect("events")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_gets_every_event_through_the_logs_ingestion_api_with_one_cached_token() {
+    let mut child = Command::new(python())
+        .args([SENTINEL, DIRECTORY, CLIENT_ID, CLIENT_SECRET, DCR, STREAM])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("sentinel_receiver.py");
+    let port = port_line(&mut child, "the Sentinel receiver");
+    let _rx = Killed(child);
+    let rx = format!("http://127.0.0.1:{port}");
+    let flags: Vec<String> = [
+        "--sentinel-dce-url",
+        &rx,
+        "--sentinel-dcr-id",
+        DCR,
+        "--sentinel-stream",
+        STREAM,
+        "--sentinel-client-id",
+        CLIENT_ID,
+        "--sentinel-client-secret",
+        CLIENT_SECRET,
+        "--sentinel-token-url",
+        &format!("{rx}/{DIRECTORY}/oauth2/v2.0/token"),
+        "--outbox-batch",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gw = start(Backend::Sqlite, &flags).await;
+    // A destination with a wrong client secret fails with Entra's error, never the secret.
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"tenant": "acme", "name": "wrong-secret", "kind": "sentinel", "url": rx,
+               "secret": "not-the-client-secret",
+               "settings": {"dcr_immutable_id": DCR, "stream": STREAM, "client_id": CLIENT_ID,
+                            "token_url": format!("{rx}/{DIRECTORY}/oauth2/v2.0/token")}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (token, _) = gw
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
+        .await;
+    for n in 0..12 {
+        denied_call(&gw.url, &token, n).await;
+    }
+    let newest = newest_acme_seq(&gw).await;
+    wait_for(
+        "every event in Sentinel",
+        Duration::from_secs(30),
+        || async {
+            sentinel_acme_seqs(&sentinel_records(&rx).await) == (1..=newest).collect::<Vec<_>>()
+        },
+    )
+    .await;
+    let records = sentinel_records(&rx).await;
+    let calls = records["calls"].as_i64().expect("calls");
+    assert!(calls >= 3, "batches of 5 take several calls ({calls})");
+    for r in records["records"].as_array().expect("records") {
+        assert_eq!(r["TimeGenerated"], r["ts"], "{r}");
+        if r["decision"] == "block" {
+            assert_eq!(r["EventType"], "intentgate.deny");
+            assert_eq!(r["Severity"], "critical");
+        }
+    }
+    wait_for(
+        "the wrong secret to fail",
+        Duration::from_secs(20),
+        || async {
+            let list = integrations(&gw.url, ADMIN_TOKEN).await;
+            find(&list, "acme/wrong-secret")["failing"] == true
+        },
+    )
+    .await;
+    let list = integrations(&gw.url, ADMIN_TOKEN).await;
+    let err = find(&list, "acme/wrong-secret")["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        err.contains("401") && err.contains("invalid_client"),
+        "{err}"
+    );
+    let text = serde_json::to_string(&list).expect("json");
+    assert!(!text.contains(CLIENT_SECRET) && !text.contains("not-the-client-secret"));
+    // One token for every call of the good destination (the wrong one asks on each retry).
+    let (_, _, rejected) = http::send("GET", &format!("{rx}/rejected"), &[], Vec::new()).await;
+    let rejected: Vec<Value> = serde_json::from_slice(&rejected).expect("rejected");
+    assert!(
+        rejected
+            .iter()
+            .all(|r| r["body"]["error"] == "invalid_client"),
+        "only the wrong secret was refused: {rejected:?}"
+    );
+    assert_eq!(
+        records["tokens_issued"], 1,
+        "the token is cached until it expires"
+    );
+
+    // Revoked: the API answers 401, the token is dropped, a new one is fetched, nothing lost.
+    let (status, _) =
+        http::post_json(&format!("{rx}/control"), None, &json!({"revoke": true})).await;
+    assert_eq!(status, 200);
+    for n in 12..20 {
+        denied_call(&gw.url, &token, n).await;
+    }
+    let newest = newest_acme_seq(&gw).await;
+    wait_for(
+        "every event after the revocation",
+        Duration::from_secs(30),
+        || async {
+            sentinel_acme_seqs(&sentinel_records(&rx).await) == (1..=newest).collect::<Vec<_>>()
+        },
+    )
+    .await;
+    let (_, _, rejected) = http::send("GET", &format!("{rx}/rejected"), &[], Vec::new()).await;
+    let rejected: Vec<Value> = serde_json::from_slice(&rejected).expect("rejected");
+    assert!(
+        rejected
+            .iter()
+            .any(|r| r["status"] == 401 && r["body"]["error"]["code"] == "InvalidToken"),
+        "the revoked token was refused: {rejected:?}"
+    );
+    assert_eq!(
+        sentinel_records(&rx).await["tokens_issued"],
+        2,
+        "one new token after the revocation"
+    );
+    gw.shutdown().await;
+}

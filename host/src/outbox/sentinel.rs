@@ -153,6 +153,8 @@ struct Cached {
 #[derive(Default)]
 pub struct TokenCache {
     inner: Mutex<Option<Cached>>,
+    /// Held while a token is requested, so lanes waiting for one share a single request.
+    fetch: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for TokenCache {
@@ -180,6 +182,12 @@ impl TokenCache {
         };
         let until = Instant::now() + expires_in.saturating_sub(margin);
         *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = Some(Cached { token, until });
+    }
+
+    /// Waits for the right to request a token (then check [`TokenCache::get`] again: the
+    /// previous holder may have got one).
+    pub async fn fetching(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.fetch.lock().await
     }
 
     /// Forgets the token (the API refused it).

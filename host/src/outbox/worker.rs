@@ -459,6 +459,10 @@ async fn sentinel_token(
     if let Some(token) = live.tokens.get() {
         return Ok(token);
     }
+    let _one_request = live.tokens.fetching().await;
+    if let Some(token) = live.tokens.get() {
+        return Ok(token);
+    }
     let secret = live.dest.spec.secret.as_deref().unwrap_or("");
     let request = hyper::Request::post(t.token_url.clone())
         .header(

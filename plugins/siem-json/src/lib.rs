@@ -232,7 +232,9 @@ impl Formatter for Siem {
             Some(_) => return Err("secret must be a string".into()),
         };
         if matches!(format.as_str(), "splunk-hec" | "datadog" | "pagerduty") && secret.is_none() {
-            return Err(format!("{format} needs its secret (token, API key or routing key)"));
+            return Err(format!(
+                "{format} needs its secret (token, API key or routing key)"
+            ));
         }
         Ok(Siem {
             format,
@@ -295,7 +297,10 @@ impl Formatter for Siem {
                     .iter()
                     .map(|e| {
                         let mut m = Map::new();
-                        m.insert("ddsource".into(), self.setting("ddsource", "intentgate").into());
+                        m.insert(
+                            "ddsource".into(),
+                            self.setting("ddsource", "intentgate").into(),
+                        );
                         let tags = self.setting("ddtags", "");
                         if !tags.is_empty() {
                             m.insert("ddtags".into(), tags.into());
@@ -309,7 +314,11 @@ impl Formatter for Siem {
                             self.setting("service", "intentgate-gateway").into(),
                         );
                         m.insert("message".into(), summary(e).into());
-                        let status = if str_of(e, "decision") == "block" { "warn" } else { "info" };
+                        let status = if str_of(e, "decision") == "block" {
+                            "warn"
+                        } else {
+                            "info"
+                        };
                         m.insert("status".into(), status.into());
                         m.insert("audit".into(), e.clone());
                         Value::Object(m)
@@ -343,7 +352,9 @@ impl Formatter for Siem {
                         {"type": "mrkdwn", "text": cut(reason, 2000)}
                     ]}));
                 }
-                Ok(json_request(&json!({"text": cut(&summary(e), 3000), "blocks": blocks})))
+                Ok(json_request(
+                    &json!({"text": cut(&summary(e), 3000), "blocks": blocks}),
+                ))
             }
             "teams" => {
                 let e = events.first().ok_or("empty batch")?;
@@ -357,7 +368,9 @@ impl Formatter for Siem {
                 ];
                 let reason = str_of(e, "reason");
                 if !reason.is_empty() {
-                    body.push(json!({"type": "TextBlock", "text": cut(reason, 2000), "wrap": true}));
+                    body.push(
+                        json!({"type": "TextBlock", "text": cut(reason, 2000), "wrap": true}),
+                    );
                 }
                 Ok(json_request(&json!({
                     "type": "message",
@@ -439,5 +452,20 @@ mod tests {
         let t = epoch_seconds("2026-05-12T10:14:33.871Z").expect("time");
         assert!((t - 1_778_580_873.871).abs() < 1e-6, "{t}");
         assert_eq!(epoch_seconds("garbage"), None);
+    }
+
+    #[test]
+    fn sentinel_records_carry_time_generated() {
+        let f = Siem::configure(r#"{"format": "sentinel"}"#).expect("configure");
+        let e = r#"{"event":"intentgate.tool_call","ts":"2026-05-12T10:14:33.871Z","decision":"block","check":"policy","tenant":"acme"}"#;
+        let out = f.format(&[e.to_owned(), e.to_owned()]).expect("format");
+        assert_eq!(out.content_type, "application/json");
+        let v: Value = serde_json::from_slice(&out.body).expect("json");
+        let records = v.as_array().expect("array");
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0]["TimeGenerated"], "2026-05-12T10:14:33.871Z");
+        assert_eq!(records[0]["EventType"], "intentgate.deny");
+        assert_eq!(records[0]["Severity"], "warning");
+        assert_eq!(records[0]["tenant"], "acme");
     }
 }
