@@ -497,14 +497,14 @@ async fn a_deny_and_an_approval_decision_reach_the_webhook_slack_teams_and_pager
     gw.shutdown().await;
 }
 
-async fn upload_formatter(gw: &TestGateway, tenant: &str) -> String {
-    let wasm = std::fs::read(intentgate::plugins::artifacts::TEST_HOSTILE_FORMATTER_PATH)
-        .expect("hostile formatter artifact");
+/// Uploads a formatter component (`world`: `formatter`, or its earlier name `siem-formatter`).
+async fn upload_formatter(gw: &TestGateway, tenant: &str, path: &str, world: &str) -> String {
+    let wasm = std::fs::read(path).expect("formatter artifact");
     let auth = format!("Bearer {ADMIN_TOKEN}");
     let (status, _, body) = http::send(
         "POST",
         &format!(
-            "{}/v1/admin/plugins?name=hostile&world=siem-formatter&tenant={tenant}",
+            "{}/v1/admin/plugins?name=formatter&world={world}&tenant={tenant}",
             gw.url
         ),
         &[
@@ -541,7 +541,29 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
     .map(|s| s.to_string())
     .collect();
     let gw = start(Backend::Sqlite, &flags).await;
-    let digest = upload_formatter(&gw, "acme").await;
+    let digest = upload_formatter(
+        &gw,
+        "acme",
+        intentgate::plugins::artifacts::TEST_HOSTILE_FORMATTER_PATH,
+        "formatter",
+    )
+    .await;
+    // A component built for the world's earlier name (`siem-formatter`) still loads and formats.
+    let legacy = upload_formatter(
+        &gw,
+        "acme",
+        intentgate::plugins::artifacts::TEST_LEGACY_FORMATTER_PATH,
+        "siem-formatter",
+    )
+    .await;
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"tenant": "acme", "name": "legacy", "kind": "ndjson",
+               "url": format!("{}/ndjson/legacy", rx.url), "formatter": legacy}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
     for mode in ["trap", "loop", "garbage"] {
         let (status, v) = put_destination(
             &gw,
@@ -576,15 +598,17 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
     }
     assert!(worst < Duration::from_millis(500), "a call took {worst:?}");
     wait_for(
-        "the healthy destination",
+        "the healthy destinations",
         Duration::from_secs(20),
         || async {
             let r = rx.get("records").await;
-            r["ndjson"]["good"].as_array().is_some_and(|l| {
-                l.iter()
-                    .filter(|e| e["event"] == "intentgate.tool_call")
-                    .count()
-                    >= 10
+            ["good", "legacy"].iter().all(|name| {
+                r["ndjson"][name].as_array().is_some_and(|l| {
+                    l.iter()
+                        .filter(|e| e["event"] == "intentgate.tool_call")
+                        .count()
+                        >= 10
+                })
             })
         },
     )
@@ -621,6 +645,7 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
         );
     }
     assert_eq!(find(&list, "acme/good")["failing"], false);
+    assert_eq!(find(&list, "acme/legacy")["failing"], false);
     // The gateway still serves.
     denied_call(&gw.url, &token, 99).await;
 
@@ -684,7 +709,7 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
         .iter()
         .filter(|e| e["event"] == "admin/destination.put")
         .count();
-    assert_eq!(puts, 5);
+    assert_eq!(puts, 6);
     gw.shutdown().await;
 }
 
@@ -1306,4 +1331,53 @@ async fn sentinel_gets_every_event_through_the_logs_ingestion_api_with_one_cache
         "one new token after the revocation"
     );
     gw.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The formatter world: `intentgate:plugin/formatter`, and its earlier name still loading
+
+#[test]
+fn formatters_of_the_world_and_of_its_earlier_name_load_and_format() {
+    use intentgate::plugins::{Runtime, World, artifacts, siem::Formatter};
+    let runtime = Runtime::shared().expect("runtime");
+    assert_eq!(
+        World::SiemFormatter.name(),
+        "intentgate:plugin/formatter@0.2.0"
+    );
+    for (what, path) in [
+        ("template", artifacts::TEST_CUSTOM_FORMATTER_PATH),
+        ("legacy", artifacts::TEST_LEGACY_FORMATTER_PATH),
+    ] {
+        let wasm = std::fs::read(path).expect("artifact");
+        assert_eq!(
+            runtime.validate(&wasm).expect(what),
+            World::SiemFormatter,
+            "{what}"
+        );
+        let f = Formatter::new(runtime.clone(), &wasm, r#"{"secret": "t0k"}"#).expect(what);
+        let req = f
+            .format(&[r#"{"decision":"block","tool":"x"}"#.to_string()])
+            .expect(what);
+        assert!(!req.body.is_empty(), "{what}");
+    }
+    // The template keeps what its configuration asks for and sets the token.
+    let wasm = std::fs::read(artifacts::TEST_CUSTOM_FORMATTER_PATH).expect("artifact");
+    let f = Formatter::new(
+        runtime.clone(),
+        &wasm,
+        r#"{"decisions": ["block"], "secret": "t0k"}"#,
+    )
+    .expect("template");
+    let req = f
+        .format(&[
+            r#"{"decision":"block","tool":"x"}"#.to_string(),
+            r#"{"decision":"allow","tool":"y"}"#.to_string(),
+        ])
+        .expect("format");
+    let body: Value = serde_json::from_slice(&req.body).expect("json");
+    assert_eq!(body["events"].as_array().map(Vec::len), Some(1));
+    assert!(
+        req.headers
+            .contains(&("authorization".to_string(), "Bearer t0k".to_string()))
+    );
 }

@@ -334,7 +334,7 @@ pub struct DestinationSpec {
     /// …), passed to the formatter component as its configuration.
     #[serde(default)]
     pub settings: Map<String, Value>,
-    /// The digest of an uploaded formatter component (world `siem-formatter`) to use instead
+    /// The digest of an uploaded formatter component (world `formatter`) to use instead
     /// of the built-in one.
     #[serde(default)]
     pub formatter: Option<String>,

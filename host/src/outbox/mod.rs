@@ -12,7 +12,8 @@
 //!   [`OutboxConfig::dead_after`] (kept, listed and re-driven over the admin API). On
 //!   PostgreSQL replicas share lanes through `FOR UPDATE SKIP LOCKED` ([`store::claim`]).
 //! - **Formatted by components** ([`format`]): every destination's request is produced by a
-//!   formatter component (world `siem-formatter`), the built-in one or an uploaded one.
+//!   formatter component (world `intentgate:plugin/formatter`), the built-in one or an
+//!   uploaded one.
 //! - **Signed** ([`sign`]): Standard Webhooks plus the original's `X-IntentGate-Signature`;
 //!   S3 objects with SigV4 ([`s3`]); Sentinel calls with an Entra token ([`sentinel`]).
 //! - **Configured** ([`destination`]): per tenant or global, through the admin API (stored,

@@ -1,4 +1,4 @@
-//! Built-in formatter (world `siem-formatter`, interface `intentgate:plugin/formatter`): turns a
+//! Built-in formatter (world `intentgate:plugin/formatter`): turns a
 //! batch of canonical JSON audit events into one HTTP request body and headers for the
 //! destination's vendor. The host does the I/O and the signing; this component never sees the
 //! network, and sees only the credential its configuration carries.
