@@ -48,6 +48,18 @@ const PLUGINS: &[(&str, &str, &str, bool)] = &[
         "intentgate_test_hostile_formatter",
         false,
     ),
+    (
+        "TEST_LEGACY_FORMATTER",
+        "intentgate-test-legacy-formatter",
+        "intentgate_test_legacy_formatter",
+        false,
+    ),
+    (
+        "TEST_CUSTOM_FORMATTER",
+        "intentgate-test-custom-formatter",
+        "intentgate_test_custom_formatter",
+        false,
+    ),
 ];
 
 fn main() {

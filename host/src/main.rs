@@ -75,9 +75,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// Create a check-plugin crate from the template (builds with one cargo command).
+    /// Create a plugin crate from the template (builds with one cargo command).
     New {
         name: String,
+        /// `check-plugin` (a check) or `formatter` (an outbox formatter).
+        #[arg(long, default_value = "check-plugin", value_parser = ["check-plugin", "formatter"])]
+        world: String,
         /// Parent directory of the new crate.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
@@ -128,13 +131,25 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Plugin {
-            cmd: PluginCommand::New { name, dir, sdk },
+            cmd:
+                PluginCommand::New {
+                    name,
+                    world,
+                    dir,
+                    sdk,
+                },
             ..
         } => {
-            let created = match sdk {
-                Some(sdk) => intentgate::plugins::scaffold::new_plugin(&dir, &name, &sdk),
-                None => intentgate::plugins::scaffold::new_plugin_vendored(&dir, &name),
+            use intentgate::plugins::scaffold::{SdkSource, new_plugin_of};
+            let world = match world.as_str() {
+                "formatter" => intentgate::plugins::runtime::World::SiemFormatter,
+                _ => intentgate::plugins::runtime::World::CheckPlugin,
             };
+            let source = match sdk {
+                Some(sdk) => SdkSource::Path(sdk),
+                None => SdkSource::Vendored,
+            };
+            let created = new_plugin_of(&dir, &name, &source, world);
             match created {
                 Ok(path) => {
                     println!("created {}", path.display());

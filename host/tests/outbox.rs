@@ -3,6 +3,8 @@
 //! a Standard Webhooks receiver verifying with the `standardwebhooks` library, a Splunk HEC
 //! collector, a Datadog logs v2 intake).
 //!
+//! - a deny and an approval decision reach the signed webhook and the Slack, Teams and
+//!   PagerDuty receivers, each checking its vendor's documented format;
 //! - a destination down, then up: every event arrives, in order per tenant, none twice beyond
 //!   its idempotency key, and calls keep their latency meanwhile;
 //! - hostile formatter components (trap, loop, garbage) fail only their own destinations;
@@ -25,6 +27,8 @@ use crate::support::http;
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const HEC_TOKEN: &str = "hec-token-0123";
 const DD_KEY: &str = "dd-api-key-0123";
+/// A PagerDuty integration key is 32 characters.
+const PD_KEY: &str = "R0UT1NGKEY0123456789abcdefABCDEF";
 const GLOBEX_ADMIN: &str = "globex-admin-token-0123456789abcdef";
 
 fn python() -> String {
@@ -51,7 +55,7 @@ impl Receiver {
             "/../tests/interop/outbox_receiver.py"
         );
         let mut child = Command::new(python())
-            .args([script, SECRET, HEC_TOKEN, DD_KEY])
+            .args([script, SECRET, HEC_TOKEN, DD_KEY, PD_KEY])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -337,14 +341,170 @@ async fn destinations_down_then_up_get_every_event_in_order_and_calls_keep_their
     gw.shutdown().await;
 }
 
-async fn upload_formatter(gw: &TestGateway, tenant: &str) -> String {
-    let wasm = std::fs::read(intentgate::plugins::artifacts::TEST_HOSTILE_FORMATTER_PATH)
-        .expect("hostile formatter artifact");
+/// Records of `kind` (`slack`, `teams`) under `name`.
+fn named<'a>(records: &'a Value, kind: &str, name: &str) -> &'a [Value] {
+    records[kind][name].as_array().map_or(&[], Vec::as_slice)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deny_and_an_approval_decision_reach_the_webhook_slack_teams_and_pagerduty() {
+    let rx = Receiver::start();
+    let flags: Vec<String> = [
+        "--webhook-url",
+        &format!("{}/webhook", rx.url),
+        "--webhook-secret",
+        SECRET,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gw = start(Backend::Sqlite, &flags).await;
+    for (kind, url, secret) in [
+        ("slack", format!("{}/slack/ops", rx.url), None),
+        ("teams", format!("{}/teams/ops", rx.url), None),
+        (
+            "pagerduty",
+            format!("{}/pagerduty/v2/enqueue", rx.url),
+            Some(PD_KEY),
+        ),
+    ] {
+        let (status, v) = put_destination(
+            &gw,
+            ADMIN_TOKEN,
+            json!({"global": true, "name": kind, "kind": kind, "url": url, "secret": secret}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    // A deny (the token's scope refuses the tool)…
+    let (reader, _) = gw
+        .mint(json!({"subject": "bot", "tools": ["read_*"]}))
+        .await;
+    denied_call(&gw.url, &reader, 1).await;
+    // …and an escalation (the demo policy sends delete_records to a person), decided.
+    let (deleter, _) = gw
+        .mint(json!({"subject": "cleaner", "tools": ["delete_records"]}))
+        .await;
+    let (status, v) = http::post_json(
+        &format!("{}/v1/mcp", gw.url),
+        Some(&deleter),
+        &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                "params": {"name": "delete_records", "arguments": {"table": "users"}}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["error"]["code"], -32019, "escalated: {v}");
+    let pending = v["error"]["data"]["pending_id"]
+        .as_str()
+        .expect("pending_id")
+        .to_owned();
+    let (status, d) = http::post_json(
+        &format!("{}/v1/admin/approvals/{pending}/decide", gw.url),
+        Some(ADMIN_TOKEN),
+        &json!({"decision": "approve", "decided_by": "ops@example.com"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+
+    let expected = [
+        "intentgate.deny",
+        "intentgate.escalate",
+        "intentgate.approval_decided",
+    ];
+    wait_for("every channel", Duration::from_secs(20), || async {
+        let r = rx.get("records").await;
+        distinct_webhooks(&r).len() >= 3
+            && named(&r, "slack", "ops").len() >= 3
+            && named(&r, "teams", "ops").len() >= 3
+            && r["pagerduty"].as_array().is_some_and(|a| a.len() >= 3)
+    })
+    .await;
+    let records = rx.get("records").await;
+    assert_eq!(
+        rx.get("rejected").await,
+        json!([]),
+        "every request met its vendor's format"
+    );
+
+    // The webhook: verified by standardwebhooks (else rejected), the original's body.
+    let hooks = distinct_webhooks(&records);
+    let events: Vec<&str> = hooks.iter().filter_map(|h| h["event"].as_str()).collect();
+    assert_eq!(events, expected, "{hooks:?}");
+    assert_eq!(hooks[0]["tool"], "delete_everything");
+    assert_eq!(hooks[0]["decision"], "block");
+    assert_eq!(hooks[1]["tool"], "delete_records");
+    assert_eq!(hooks[1]["decision"], "escalate");
+    assert_eq!(hooks[1]["pending_id"], pending.as_str());
+    let decided = &hooks[2];
+    assert_eq!(decided["pending_id"], pending.as_str(), "{decided}");
+    assert_eq!(decided["severity"], "info");
+    assert_eq!(decided["audit"]["decided_by"], "ops@example.com");
+    assert_eq!(decided["audit"]["event"], "intentgate.approval.decided");
+
+    // Slack: one Block Kit message per event, titled by its type.
+    let slack = named(&records, "slack", "ops");
+    assert_eq!(
+        slack.len(),
+        3,
+        "one message per event, none twice: {slack:?}"
+    );
+    for (msg, want) in slack.iter().zip(["deny", "escalate", "approval decided"]) {
+        let header = msg["blocks"][0]["text"]["text"].as_str().unwrap_or("");
+        assert!(header.contains(want), "{header:?} names {want}");
+        assert!(msg["text"].as_str().is_some_and(|t| !t.is_empty()));
+    }
+    assert!(slack[2].to_string().contains(&pending));
+
+    // Teams: an Adaptive Card per event with the facts.
+    let teams = named(&records, "teams", "ops");
+    assert_eq!(teams.len(), 3, "{teams:?}");
+    for (msg, want) in teams.iter().zip(["deny", "escalate", "approval decided"]) {
+        let card = &msg["attachments"][0]["content"];
+        let title = card["body"][0]["text"].as_str().unwrap_or("");
+        assert!(title.contains(want), "{title:?} names {want}");
+        let facts = card["body"][1]["facts"].as_array().expect("facts");
+        assert!(
+            facts
+                .iter()
+                .any(|f| f["title"] == "Tenant" && f["value"] == "default")
+        );
+    }
+
+    // PagerDuty: a trigger per event, severities from the classification, stable dedup keys.
+    let pd = records["pagerduty"].as_array().expect("pagerduty");
+    assert_eq!(pd.len(), 3, "{pd:?}");
+    let severities: Vec<&str> = pd
+        .iter()
+        .filter_map(|e| e["payload"]["severity"].as_str())
+        .collect();
+    assert_eq!(severities, ["critical", "warning", "info"]);
+    let classes: Vec<&str> = pd
+        .iter()
+        .filter_map(|e| e["payload"]["class"].as_str())
+        .collect();
+    assert_eq!(classes, expected);
+    let keys: HashSet<&str> = pd.iter().filter_map(|e| e["dedup_key"].as_str()).collect();
+    assert_eq!(keys.len(), 3, "one dedup key per event");
+    for e in pd {
+        assert_eq!(e["routing_key"], PD_KEY);
+        assert_eq!(e["event_action"], "trigger");
+        assert_eq!(e["payload"]["group"], "default");
+    }
+    assert_eq!(
+        pd[2]["payload"]["custom_details"]["pending_id"],
+        pending.as_str()
+    );
+    gw.shutdown().await;
+}
+
+/// Uploads a formatter component (`world`: `formatter`, or its earlier name `siem-formatter`).
+async fn upload_formatter(gw: &TestGateway, tenant: &str, path: &str, world: &str) -> String {
+    let wasm = std::fs::read(path).expect("formatter artifact");
     let auth = format!("Bearer {ADMIN_TOKEN}");
     let (status, _, body) = http::send(
         "POST",
         &format!(
-            "{}/v1/admin/plugins?name=hostile&world=siem-formatter&tenant={tenant}",
+            "{}/v1/admin/plugins?name=formatter&world={world}&tenant={tenant}",
             gw.url
         ),
         &[
@@ -381,7 +541,29 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
     .map(|s| s.to_string())
     .collect();
     let gw = start(Backend::Sqlite, &flags).await;
-    let digest = upload_formatter(&gw, "acme").await;
+    let digest = upload_formatter(
+        &gw,
+        "acme",
+        intentgate::plugins::artifacts::TEST_HOSTILE_FORMATTER_PATH,
+        "formatter",
+    )
+    .await;
+    // A component built for the world's earlier name (`siem-formatter`) still loads and formats.
+    let legacy = upload_formatter(
+        &gw,
+        "acme",
+        intentgate::plugins::artifacts::TEST_LEGACY_FORMATTER_PATH,
+        "siem-formatter",
+    )
+    .await;
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"tenant": "acme", "name": "legacy", "kind": "ndjson",
+               "url": format!("{}/ndjson/legacy", rx.url), "formatter": legacy}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
     for mode in ["trap", "loop", "garbage"] {
         let (status, v) = put_destination(
             &gw,
@@ -416,15 +598,17 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
     }
     assert!(worst < Duration::from_millis(500), "a call took {worst:?}");
     wait_for(
-        "the healthy destination",
+        "the healthy destinations",
         Duration::from_secs(20),
         || async {
             let r = rx.get("records").await;
-            r["ndjson"]["good"].as_array().is_some_and(|l| {
-                l.iter()
-                    .filter(|e| e["event"] == "intentgate.tool_call")
-                    .count()
-                    >= 10
+            ["good", "legacy"].iter().all(|name| {
+                r["ndjson"][name].as_array().is_some_and(|l| {
+                    l.iter()
+                        .filter(|e| e["event"] == "intentgate.tool_call")
+                        .count()
+                        >= 10
+                })
             })
         },
     )
@@ -461,6 +645,7 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
         );
     }
     assert_eq!(find(&list, "acme/good")["failing"], false);
+    assert_eq!(find(&list, "acme/legacy")["failing"], false);
     // The gateway still serves.
     denied_call(&gw.url, &token, 99).await;
 
@@ -524,7 +709,7 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
         .iter()
         .filter(|e| e["event"] == "admin/destination.put")
         .count();
-    assert_eq!(puts, 5);
+    assert_eq!(puts, 6);
     gw.shutdown().await;
 }
 
@@ -738,4 +923,461 @@ async fn postgres_replicas_share_lanes_without_delivering_twice_at_once() {
     }
     a.shutdown().await;
     b.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// S3: gzipped NDJSON objects, partitioned by hour, SigV4-signed, on a moto server
+
+/// A child process killed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Reads `PORT <n>` from a helper's first line.
+fn port_line(child: &mut Child, what: &str) -> u16 {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("helper port");
+    line.trim()
+        .strip_prefix("PORT ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| {
+            panic!("{what} did not start: {line:?}; pip install -r tests/interop/requirements.txt")
+        })
+}
+
+const S3_SINK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/interop/s3_sink.py");
+const S3_KEY_ID: &str = "AKIDINTENTGATETEST01";
+const S3_SECRET: &str = "s3-secret/with+chars0123456789abcdefghij";
+
+/// moto in server mode on a free loopback port, and the SigV4-verifying proxy in front of it.
+struct S3 {
+    _moto: Killed,
+    _proxy: Killed,
+    moto: String,
+    proxy: String,
+}
+
+impl S3 {
+    async fn start() -> S3 {
+        let port = free_port();
+        let moto = Killed(
+            Command::new(python())
+                .args([
+                    "-m",
+                    "moto.server",
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("moto server (pip install -r tests/interop/requirements.txt)"),
+        );
+        let moto_url = format!("http://127.0.0.1:{port}");
+        wait_for("the moto server", Duration::from_secs(30), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        let mut proxy = Command::new(python())
+            .args([
+                S3_SINK,
+                "proxy",
+                &moto_url,
+                S3_KEY_ID,
+                S3_SECRET,
+                "us-east-1",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("s3_sink.py");
+        let proxy_port = port_line(&mut proxy, "the S3 proxy");
+        S3 {
+            _moto: moto,
+            _proxy: Killed(proxy),
+            moto: moto_url,
+            proxy: format!("http://127.0.0.1:{proxy_port}"),
+        }
+    }
+
+    /// Every object of the bucket, read back with boto3.
+    fn dump(&self) -> Vec<Value> {
+        let out = Command::new(python())
+            .args([S3_SINK, "dump", &self.moto, "audit"])
+            .output()
+            .expect("s3_sink.py dump");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("dump JSON")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_gets_gzipped_ndjson_partitioned_by_hour_and_sigv4_signed() {
+    let s3 = S3::start().await;
+    let flags: Vec<String> = [
+        "--s3-url",
+        &format!("{}/audit", s3.proxy),
+        "--s3-access-key-id",
+        S3_KEY_ID,
+        "--s3-secret-access-key",
+        S3_SECRET,
+        "--s3-prefix",
+        "intentgate/audit",
+        "--outbox-batch",
+        "4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gw = start(Backend::Sqlite, &flags).await;
+    // A second destination signing with the wrong secret: the proxy must refuse it.
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"tenant": "acme", "name": "wrong-key", "kind": "s3",
+               "url": format!("{}/audit", s3.proxy), "secret": "not-the-secret",
+               "settings": {"access_key_id": S3_KEY_ID, "prefix": "wrong"}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (token, _) = gw
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
+        .await;
+    for n in 0..10 {
+        denied_call(&gw.url, &token, n).await;
+    }
+    let (_, audit) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=acme&limit=1000", gw.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    let mut recorded: Vec<i64> = audit["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|e| e["seq"].as_i64())
+        .collect();
+    recorded.sort();
+    let newest = *recorded.last().expect("events");
+    wait_for("the S3 objects", Duration::from_secs(30), || async {
+        let list = integrations(&gw.url, ADMIN_TOKEN).await;
+        let d = find(&list, "env:s3");
+        let wrong = find(&list, "acme/wrong-key");
+        d["backlog"] == 0
+            && d["failing"] == false
+            && d["last_success_ts"].is_string()
+            && wrong["failing"] == true
+    })
+    .await;
+    let list = integrations(&gw.url, ADMIN_TOKEN).await;
+    let wrong = find(&list, "acme/wrong-key")["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        wrong.contains("403") && wrong.contains("SignatureDoesNotMatch"),
+        "{wrong}"
+    );
+    assert!(
+        !serde_json::to_string(&list)
+            .expect("json")
+            .contains(S3_SECRET)
+    );
+
+    let objects = s3.dump();
+    assert!(
+        objects.len() >= 3,
+        "batches of 4 make several objects: {objects:?}"
+    );
+    let mut seqs = Vec::new();
+    for o in &objects {
+        let key = o["key"].as_str().expect("key");
+        assert!(!key.starts_with("wrong"), "a refused signature wrote {key}");
+        assert_eq!(o["gzip"], true, "{key} is gzip");
+        assert_eq!(o["content_type"], "application/gzip", "{key}");
+        let lines = o["lines"].as_array().expect("lines");
+        assert!(!lines.is_empty() && lines.len() <= 4, "{key}: {lines:?}");
+        // The key's partition is the hour of its events.
+        let ts = lines[0]["ts"].as_str().expect("ts");
+        let partition = format!(
+            "intentgate/audit/year={}/month={}/day={}/hour={}/acme-",
+            &ts[0..4],
+            &ts[5..7],
+            &ts[8..10],
+            &ts[11..13]
+        );
+        assert!(key.starts_with(&partition), "{key} vs {partition}");
+        assert!(key.ends_with(".ndjson.gz"), "{key}");
+        for l in lines {
+            assert_eq!(l["tenant"], "acme");
+            assert_eq!(&l["ts"].as_str().unwrap_or("")[..13], &ts[..13]);
+            seqs.push(l["seq"].as_i64().expect("seq"));
+        }
+    }
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs, (1..=newest).collect::<Vec<_>>(), "every acme event");
+    let (_, _, rejected) =
+        http::send("GET", &format!("{}/_rejected", s3.proxy), &[], Vec::new()).await;
+    let rejected: Vec<Value> = serde_json::from_slice(&rejected).expect("rejected");
+    assert!(
+        rejected.iter().all(|r| r["path"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("/audit/wrong/")),
+        "only the wrong key was refused: {rejected:?}"
+    );
+    assert!(!rejected.is_empty());
+    gw.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Microsoft Sentinel: Logs Ingestion API with an Entra client-credentials token
+
+const SENTINEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/interop/sentinel_receiver.py"
+);
+const DIRECTORY: &str = "00000000-1111-2222-3333-444444444444";
+const CLIENT_ID: &str = "intentgate-app";
+const CLIENT_SECRET: &str = "client~secret.0123456789";
+const DCR: &str = "dcr-00000000000000000000000000000000";
+const STREAM: &str = "Custom-IntentGateAudit_CL";
+
+async fn sentinel_records(url: &str) -> Value {
+    let (_, _, body) = http::send("GET", &format!("{url}/records"), &[], Vec::new()).await;
+    serde_json::from_slice(&body).expect("records")
+}
+
+/// The distinct acme `seq`s Sentinel holds, sorted.
+fn sentinel_acme_seqs(records: &Value) -> Vec<i64> {
+    let mut seqs: Vec<i64> = records["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["tenant"] == "acme")
+        .filter_map(|r| r["seq"].as_i64())
+        .collect();
+    seqs.sort();
+    seqs.dedup();
+    seqs
+}
+
+async fn newest_acme_seq(gw: &TestGateway) -> i64 {
+    let (_, audit) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=acme&limit=1000", gw.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    audit["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|e| e["seq"].as_i64())
+        .max()
+        .expect("events")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_gets_every_event_through_the_logs_ingestion_api_with_one_cached_token() {
+    let mut child = Command::new(python())
+        .args([SENTINEL, DIRECTORY, CLIENT_ID, CLIENT_SECRET, DCR, STREAM])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("sentinel_receiver.py");
+    let port = port_line(&mut child, "the Sentinel receiver");
+    let _rx = Killed(child);
+    let rx = format!("http://127.0.0.1:{port}");
+    let flags: Vec<String> = [
+        "--sentinel-dce-url",
+        &rx,
+        "--sentinel-dcr-id",
+        DCR,
+        "--sentinel-stream",
+        STREAM,
+        "--sentinel-client-id",
+        CLIENT_ID,
+        "--sentinel-client-secret",
+        CLIENT_SECRET,
+        "--sentinel-token-url",
+        &format!("{rx}/{DIRECTORY}/oauth2/v2.0/token"),
+        "--outbox-batch",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gw = start(Backend::Sqlite, &flags).await;
+    // A destination with a wrong client secret fails with Entra's error, never the secret.
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"tenant": "acme", "name": "wrong-secret", "kind": "sentinel", "url": rx,
+               "secret": "not-the-client-secret",
+               "settings": {"dcr_immutable_id": DCR, "stream": STREAM, "client_id": CLIENT_ID,
+                            "token_url": format!("{rx}/{DIRECTORY}/oauth2/v2.0/token")}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (token, _) = gw
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
+        .await;
+    for n in 0..12 {
+        denied_call(&gw.url, &token, n).await;
+    }
+    let newest = newest_acme_seq(&gw).await;
+    wait_for(
+        "every event in Sentinel",
+        Duration::from_secs(30),
+        || async {
+            sentinel_acme_seqs(&sentinel_records(&rx).await) == (1..=newest).collect::<Vec<_>>()
+        },
+    )
+    .await;
+    let records = sentinel_records(&rx).await;
+    let calls = records["calls"].as_i64().expect("calls");
+    assert!(calls >= 3, "batches of 5 take several calls ({calls})");
+    for r in records["records"].as_array().expect("records") {
+        assert_eq!(r["TimeGenerated"], r["ts"], "{r}");
+        if r["decision"] == "block" {
+            assert_eq!(r["EventType"], "intentgate.deny");
+            assert_eq!(r["Severity"], "critical");
+        }
+    }
+    wait_for(
+        "the wrong secret to fail",
+        Duration::from_secs(20),
+        || async {
+            let list = integrations(&gw.url, ADMIN_TOKEN).await;
+            find(&list, "acme/wrong-secret")["failing"] == true
+        },
+    )
+    .await;
+    let list = integrations(&gw.url, ADMIN_TOKEN).await;
+    let err = find(&list, "acme/wrong-secret")["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        err.contains("401") && err.contains("invalid_client"),
+        "{err}"
+    );
+    let text = serde_json::to_string(&list).expect("json");
+    assert!(!text.contains(CLIENT_SECRET) && !text.contains("not-the-client-secret"));
+    // One token for every call of the good destination (the wrong one asks on each retry).
+    let (_, _, rejected) = http::send("GET", &format!("{rx}/rejected"), &[], Vec::new()).await;
+    let rejected: Vec<Value> = serde_json::from_slice(&rejected).expect("rejected");
+    assert!(
+        rejected
+            .iter()
+            .all(|r| r["body"]["error"] == "invalid_client"),
+        "only the wrong secret was refused: {rejected:?}"
+    );
+    assert_eq!(
+        records["tokens_issued"], 1,
+        "the token is cached until it expires"
+    );
+
+    // Revoked: the API answers 401, the token is dropped, a new one is fetched, nothing lost.
+    let (status, _) =
+        http::post_json(&format!("{rx}/control"), None, &json!({"revoke": true})).await;
+    assert_eq!(status, 200);
+    for n in 12..20 {
+        denied_call(&gw.url, &token, n).await;
+    }
+    let newest = newest_acme_seq(&gw).await;
+    wait_for(
+        "every event after the revocation",
+        Duration::from_secs(30),
+        || async {
+            sentinel_acme_seqs(&sentinel_records(&rx).await) == (1..=newest).collect::<Vec<_>>()
+        },
+    )
+    .await;
+    let (_, _, rejected) = http::send("GET", &format!("{rx}/rejected"), &[], Vec::new()).await;
+    let rejected: Vec<Value> = serde_json::from_slice(&rejected).expect("rejected");
+    assert!(
+        rejected
+            .iter()
+            .any(|r| r["status"] == 401 && r["body"]["error"]["code"] == "InvalidToken"),
+        "the revoked token was refused: {rejected:?}"
+    );
+    assert_eq!(
+        sentinel_records(&rx).await["tokens_issued"],
+        2,
+        "one new token after the revocation"
+    );
+    gw.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The formatter world: `intentgate:plugin/formatter`, and its earlier name still loading
+
+#[test]
+fn formatters_of_the_world_and_of_its_earlier_name_load_and_format() {
+    use intentgate::plugins::{Runtime, World, artifacts, siem::Formatter};
+    let runtime = Runtime::shared().expect("runtime");
+    assert_eq!(
+        World::SiemFormatter.name(),
+        "intentgate:plugin/formatter@0.2.0"
+    );
+    for (what, path) in [
+        ("template", artifacts::TEST_CUSTOM_FORMATTER_PATH),
+        ("legacy", artifacts::TEST_LEGACY_FORMATTER_PATH),
+    ] {
+        let wasm = std::fs::read(path).expect("artifact");
+        assert_eq!(
+            runtime.validate(&wasm).expect(what),
+            World::SiemFormatter,
+            "{what}"
+        );
+        let f = Formatter::new(runtime.clone(), &wasm, r#"{"secret": "t0k"}"#).expect(what);
+        let req = f
+            .format(&[r#"{"decision":"block","tool":"x"}"#.to_string()])
+            .expect(what);
+        assert!(!req.body.is_empty(), "{what}");
+    }
+    // The template keeps what its configuration asks for and sets the token.
+    let wasm = std::fs::read(artifacts::TEST_CUSTOM_FORMATTER_PATH).expect("artifact");
+    let f = Formatter::new(
+        runtime.clone(),
+        &wasm,
+        r#"{"decisions": ["block"], "secret": "t0k"}"#,
+    )
+    .expect("template");
+    let req = f
+        .format(&[
+            r#"{"decision":"block","tool":"x"}"#.to_string(),
+            r#"{"decision":"allow","tool":"y"}"#.to_string(),
+        ])
+        .expect("format");
+    let body: Value = serde_json::from_slice(&req.body).expect("json");
+    assert_eq!(body["events"].as_array().map(Vec::len), Some(1));
+    assert!(
+        req.headers
+            .contains(&("authorization".to_string(), "Bearer t0k".to_string()))
+    );
 }

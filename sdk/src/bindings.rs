@@ -15,12 +15,12 @@ pub mod check {
     });
 }
 
-/// The SIEM formatter world.
+/// The formatter world (`intentgate:plugin/formatter`: webhooks, notification channels, SIEMs).
 #[cfg(feature = "siem")]
 pub mod siem {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "siem-formatter",
+        world: "formatter",
         default_bindings_module: "intentgate_plugin_sdk::bindings::siem",
         pub_export_macro: true,
         export_macro_name: "__export_siem_world",

@@ -51,7 +51,8 @@ pub trait Check: 'static {
     fn evaluate(&self, call: &ToolCall, intent: Option<&IntentRecord>) -> CheckResult;
 }
 
-/// A SIEM formatter plugin: a batch of canonical JSON audit events in, an HTTP request out.
+/// A formatter plugin (world `intentgate:plugin/formatter`): a batch of canonical JSON audit
+/// events in, an HTTP request out.
 pub trait Formatter: 'static {
     /// Parse the configuration.
     fn configure(config: &str) -> Result<Self, String>
@@ -190,7 +191,7 @@ pub mod __private {
 
     pub use bindings::check::exports::intentgate::plugin::check::Guest as CheckGuest;
     #[cfg(feature = "siem")]
-    pub use bindings::siem::exports::intentgate::plugin::formatter::Guest as FormatterGuest;
+    pub use bindings::siem::exports::intentgate::plugin::format::Guest as FormatterGuest;
     #[cfg(feature = "siem")]
     pub use bindings::siem::intentgate::plugin::types::FormattedRequest as SiemRequest;
 
@@ -246,8 +247,8 @@ macro_rules! export_check {
     };
 }
 
-/// Export a [`Formatter`] implementation as the component's `formatter` interface
-/// (needs the SDK's `siem` feature).
+/// Export a [`Formatter`] implementation as the component's `format` interface, making it a
+/// component of the world `intentgate:plugin/formatter` (needs the SDK's `siem` feature).
 #[cfg(feature = "siem")]
 #[macro_export]
 macro_rules! export_formatter {

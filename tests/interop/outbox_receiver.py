@@ -14,16 +14,36 @@ documentation, not from the gateway's code.
   application/json`, a JSON array of log objects (at most 1000, payload at most 5 MB), reserved
   attributes `ddsource`, `ddtags`, `hostname`, `message`, `service` as strings. Answers 202 `{}`.
 - POST /ndjson/<name>: any collector taking NDJSON; records the lines.
+- POST /slack/<name>: a Slack incoming webhook. A JSON object with `text` (the notification
+  fallback) and/or `blocks` (Block Kit, at most 50): `header` (a `plain_text` object of at most
+  150 characters), `section` (`text` of at most 3000 characters, or `fields`: at most 10 text
+  objects of at most 2000 characters each), `context` (1 to 10 text or image elements),
+  `divider`. Text objects are `plain_text` or `mrkdwn`. Answers 200 `ok` (text/plain), or 400
+  `invalid_payload` / `invalid_blocks` / `no_text` as Slack does.
+- POST /teams/<name>: a Microsoft Teams incoming webhook carrying an Adaptive Card: a
+  `message` with `attachments` whose `contentType` is `application/vnd.microsoft.card.adaptive`
+  and whose `content` is an `AdaptiveCard` (`version` "1.0"-"1.5", `body` of elements:
+  `TextBlock` with a string `text`, `FactSet` with `facts` of string `title`/`value`,
+  `Container`/`ColumnSet`/`Image`). Answers 200 `1`.
+- POST /pagerduty/v2/enqueue: PagerDuty Events API v2. `routing_key` (the 32-character
+  integration key), `event_action` trigger|acknowledge|resolve, `dedup_key` (at most 255
+  characters; required to acknowledge or resolve), and for a trigger a `payload` with
+  `summary` (at most 1024 characters), `source`, `severity` critical|error|warning|info,
+  optional `timestamp` (ISO 8601), `component`, `group`, `class` (strings) and
+  `custom_details` (an object). Answers 202 `{"status": "success", "message": "Event
+  processed", "dedup_key": …}`, or 400 `{"status": "invalid event", "errors": [...]}`.
 - POST /control {"down": bool, "status": int, "retry_after": str|null, "delay_ms": int}: makes
   every receiver answer `status` (with `Retry-After`) while down, and wait `delay_ms` first.
 - GET /records: everything accepted so far; GET /rejected: what was refused and why.
 
-Usage: outbox_receiver.py <webhook secret> <splunk token> <datadog api key>; prints `PORT <n>`.
+Usage: outbox_receiver.py <webhook secret> <splunk token> <datadog api key> [<pagerduty routing
+key>]; prints `PORT <n>`.
 """
 
 import hashlib
 import hmac
 import json
+import re
 import sys
 import threading
 import time
@@ -32,9 +52,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from standardwebhooks.webhooks import Webhook
 
 WEBHOOK_SECRET, SPLUNK_TOKEN, DD_KEY = sys.argv[1], sys.argv[2], sys.argv[3]
+PD_KEY = sys.argv[4] if len(sys.argv) > 4 else None
 LOCK = threading.Lock()
 STATE = {"down": False, "status": 503, "retry_after": None, "delay_ms": 0}
-RECORDS = {"webhook": [], "splunk": [], "datadog": [], "ndjson": {}}
+RECORDS = {"webhook": [], "splunk": [], "datadog": [], "ndjson": {}, "slack": {}, "teams": {}, "pagerduty": []}
 REJECTED = []
 HEC_KEYS = {"event", "time", "host", "source", "sourcetype", "index", "fields"}
 
@@ -100,6 +121,12 @@ class Handler(BaseHTTPRequestHandler):
             return self.splunk(raw)
         if self.path == "/api/v2/logs":
             return self.datadog(raw)
+        if self.path.startswith("/slack/"):
+            return self.slack(self.path[len("/slack/"):], raw)
+        if self.path.startswith("/teams/"):
+            return self.teams(self.path[len("/teams/"):], raw)
+        if self.path == "/pagerduty/v2/enqueue":
+            return self.pagerduty(raw)
         if self.path.startswith("/ndjson/"):
             name = self.path[len("/ndjson/"):]
             lines = [json.loads(l) for l in raw.decode().splitlines() if l.strip()]
@@ -169,6 +196,203 @@ class Handler(BaseHTTPRequestHandler):
         with LOCK:
             RECORDS["datadog"].extend(logs)
         self.reply(202, {})
+
+    def reply_text(self, status, text):
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def json_body(self, raw):
+        if not (self.headers.get("Content-Type") or "").startswith("application/json"):
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None
+
+    def slack(self, name, raw):
+        msg = self.json_body(raw)
+        if not isinstance(msg, dict):
+            return self.reject_text(400, "invalid_payload")
+        text, blocks = msg.get("text"), msg.get("blocks")
+        if text is not None and not isinstance(text, str):
+            return self.reject_text(400, "invalid_payload")
+        if not text and not blocks:
+            return self.reject_text(400, "no_text")
+        why = slack_blocks_problem(blocks) if blocks is not None else None
+        if why:
+            return self.reject_text(400, "invalid_blocks", why)
+        with LOCK:
+            RECORDS["slack"].setdefault(name, []).append(msg)
+        self.reply_text(200, "ok")
+
+    def teams(self, name, raw):
+        msg = self.json_body(raw)
+        why = teams_problem(msg)
+        if why:
+            return self.reject_text(400, "Bad payload", why)
+        with LOCK:
+            RECORDS["teams"].setdefault(name, []).append(msg)
+        self.reply_text(200, "1")
+
+    def pagerduty(self, raw):
+        ev = self.json_body(raw)
+        errors = pagerduty_problems(ev)
+        if errors:
+            with LOCK:
+                REJECTED.append({"path": self.path, "status": 400, "why": errors})
+            return self.reply(
+                400, {"status": "invalid event", "message": "Event object is invalid", "errors": errors}
+            )
+        with LOCK:
+            RECORDS["pagerduty"].append(ev)
+        self.reply(202, {"status": "success", "message": "Event processed", "dedup_key": ev.get("dedup_key")})
+
+    def reject_text(self, status, text, why=None):
+        with LOCK:
+            REJECTED.append({"path": self.path, "status": status, "why": why or text})
+        self.reply_text(status, text)
+
+
+def text_object_problem(t, max_len, plain_only=False):
+    if not isinstance(t, dict) or t.get("type") not in ("plain_text", "mrkdwn"):
+        return f"not a text object: {t!r}"
+    if plain_only and t["type"] != "plain_text":
+        return "must be plain_text"
+    if not isinstance(t.get("text"), str) or not t["text"]:
+        return "text object without text"
+    if len(t["text"]) > max_len:
+        return f"text longer than {max_len}"
+    return None
+
+
+def slack_blocks_problem(blocks):
+    """Block Kit rules for the blocks a message may carry (the ones notifications use)."""
+    if not isinstance(blocks, list) or not blocks or len(blocks) > 50:
+        return "blocks must be an array of 1 to 50 blocks"
+    for b in blocks:
+        kind = b.get("type") if isinstance(b, dict) else None
+        if kind == "header":
+            why = text_object_problem(b.get("text"), 150, plain_only=True)
+        elif kind == "section":
+            if "text" not in b and "fields" not in b:
+                why = "section needs text or fields"
+            elif "text" in b:
+                why = text_object_problem(b["text"], 3000)
+            else:
+                why = None
+            fields = b.get("fields")
+            if why is None and fields is not None:
+                if not isinstance(fields, list) or not fields or len(fields) > 10:
+                    why = "fields must hold 1 to 10 text objects"
+                else:
+                    why = next(filter(None, (text_object_problem(f, 2000) for f in fields)), None)
+        elif kind == "context":
+            els = b.get("elements")
+            if not isinstance(els, list) or not 1 <= len(els) <= 10:
+                why = "context needs 1 to 10 elements"
+            else:
+                why = next(
+                    filter(
+                        None,
+                        (None if isinstance(e, dict) and e.get("type") == "image" else text_object_problem(e, 3000)
+                         for e in els),
+                    ),
+                    None,
+                )
+        elif kind == "divider":
+            why = None
+        else:
+            why = f"unknown block type {kind!r}"
+        if why:
+            return f"{kind}: {why}"
+    return None
+
+
+def teams_element_problem(el):
+    kind = el.get("type") if isinstance(el, dict) else None
+    if kind == "TextBlock":
+        return None if isinstance(el.get("text"), str) else "TextBlock needs a string text"
+    if kind == "FactSet":
+        facts = el.get("facts")
+        if not isinstance(facts, list):
+            return "FactSet needs facts"
+        for f in facts:
+            if not (isinstance(f, dict) and isinstance(f.get("title"), str) and isinstance(f.get("value"), str)):
+                return f"fact must have string title and value: {f!r}"
+        return None
+    if kind == "Container":
+        return next(filter(None, map(teams_element_problem, el.get("items") or [])), None)
+    if kind in ("ColumnSet", "Image"):
+        return None
+    return f"unknown element type {kind!r}"
+
+
+def teams_problem(msg):
+    if not isinstance(msg, dict) or msg.get("type") != "message":
+        return "not a message"
+    atts = msg.get("attachments")
+    if not isinstance(atts, list) or not atts:
+        return "no attachments"
+    for a in atts:
+        if not isinstance(a, dict) or a.get("contentType") != "application/vnd.microsoft.card.adaptive":
+            return "attachment is not an adaptive card"
+        card = a.get("content")
+        if not isinstance(card, dict) or card.get("type") != "AdaptiveCard":
+            return "content is not an AdaptiveCard"
+        if card.get("version") not in ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5"):
+            return f"unsupported card version {card.get('version')!r}"
+        body = card.get("body")
+        if not isinstance(body, list) or not body:
+            return "card without body"
+        why = next(filter(None, map(teams_element_problem, body)), None)
+        if why:
+            return why
+    return None
+
+
+ISO8601 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:?\d{2})$")
+
+
+def pagerduty_problems(ev):
+    if not isinstance(ev, dict):
+        return ["Event object is invalid"]
+    errors = []
+    key = ev.get("routing_key")
+    if not isinstance(key, str) or len(key) != 32:
+        errors.append("'routing_key' must be the 32-character integration key")
+    elif PD_KEY is not None and key != PD_KEY:
+        errors.append("Invalid routing key")
+    action = ev.get("event_action")
+    if action not in ("trigger", "acknowledge", "resolve"):
+        errors.append("'event_action' is invalid (must be one of: trigger, acknowledge, resolve)")
+    dedup = ev.get("dedup_key")
+    if dedup is not None and (not isinstance(dedup, str) or len(dedup) > 255):
+        errors.append("'dedup_key' must be a string of at most 255 characters")
+    if action in ("acknowledge", "resolve") and not dedup:
+        errors.append("'dedup_key' is required to acknowledge or resolve")
+    if action == "trigger":
+        p = ev.get("payload")
+        if not isinstance(p, dict):
+            return errors + ["'payload' is missing or not an object"]
+        s = p.get("summary")
+        if not isinstance(s, str) or not s or len(s) > 1024:
+            errors.append("'payload.summary' is required (at most 1024 characters)")
+        if not isinstance(p.get("source"), str) or not p["source"]:
+            errors.append("'payload.source' is required")
+        if p.get("severity") not in ("critical", "error", "warning", "info"):
+            errors.append("'payload.severity' must be one of critical, error, warning, info")
+        if "timestamp" in p and not (isinstance(p["timestamp"], str) and ISO8601.match(p["timestamp"])):
+            errors.append("'payload.timestamp' must be ISO 8601")
+        for k in ("component", "group", "class"):
+            if k in p and not isinstance(p[k], str):
+                errors.append(f"'payload.{k}' must be a string")
+        if "custom_details" in p and not isinstance(p["custom_details"], dict):
+            errors.append("'payload.custom_details' must be an object")
+    return errors
 
 
 server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

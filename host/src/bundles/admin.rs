@@ -507,7 +507,8 @@ async fn plugins(
             check_text("name", &name, 128)?;
             let expect = match query_param(call.query, "world").unwrap_or("check-plugin") {
                 "check-plugin" => World::CheckPlugin,
-                "siem-formatter" => World::SiemFormatter,
+                // `formatter` is the world's name; `siem-formatter` its earlier one.
+                "formatter" | "siem-formatter" => World::SiemFormatter,
                 other => return Err(error(400, format!("unknown world {other:?}"))),
             };
             registry

@@ -75,7 +75,8 @@ fn world_name(world: World) -> &'static str {
 fn world_of(name: &str) -> Option<World> {
     match name {
         "check-plugin" => Some(World::CheckPlugin),
-        "siem-formatter" => Some(World::SiemFormatter),
+        // Stored as `siem-formatter` (the world's earlier name); `formatter` read as well.
+        "siem-formatter" | "formatter" => Some(World::SiemFormatter),
         _ => None,
     }
 }

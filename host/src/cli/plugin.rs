@@ -22,7 +22,7 @@ pub enum PluginCmd {
         file: PathBuf,
         #[arg(long)]
         name: Option<String>,
-        /// `check-plugin` or `siem-formatter`.
+        /// `check-plugin` or `formatter` (`siem-formatter` is accepted too).
         #[arg(long, default_value = "check-plugin")]
         world: String,
     },

@@ -2,7 +2,8 @@
 //! original gateway's environment variables, kept compatible:
 //! `INTENTGATE_WEBHOOK_URL`/`_SECRET`/`_EVENTS`, `INTENTGATE_SIEM_SPLUNK_HEC_URL`/`_TOKEN`
 //! (plus `_INDEX`), `INTENTGATE_SIEM_DATADOG_API_KEY` with `INTENTGATE_SIEM_DATADOG_URL` (the
-//! logs intake URL; default: the US1 site) or `_SITE`, and `_SERVICE`. Flattened into
+//! logs intake URL; default: the US1 site) or `_SITE`, and `_SERVICE`; and the sinks the
+//! original did not have: `INTENTGATE_SIEM_S3_*` and `INTENTGATE_SIEM_SENTINEL_*`. Flattened into
 //! [`super::ServeArgs`] and validated into [`crate::outbox::OutboxConfig`]. This module must
 //! never print a secret.
 
@@ -51,6 +52,51 @@ pub struct OutboxArgs {
     /// Datadog `service` tag.
     #[arg(long, env = "INTENTGATE_SIEM_DATADOG_SERVICE")]
     pub datadog_service: Option<String>,
+    /// S3 (or S3-compatible) bucket URL objects go under: path style
+    /// (`https://s3.example.com/bucket`) or virtual-hosted (`https://bucket.s3.<region>.amazonaws.com`).
+    #[arg(long, env = "INTENTGATE_SIEM_S3_URL")]
+    pub s3_url: Option<String>,
+    /// S3 signing region (default `us-east-1`).
+    #[arg(long, env = "INTENTGATE_SIEM_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// S3 access key id.
+    #[arg(long, env = "INTENTGATE_SIEM_S3_ACCESS_KEY_ID")]
+    pub s3_access_key_id: Option<String>,
+    /// S3 secret access key.
+    #[arg(
+        long,
+        env = "INTENTGATE_SIEM_S3_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
+    pub s3_secret_access_key: Option<String>,
+    /// Key prefix of the S3 objects (before `year=…/`).
+    #[arg(long, env = "INTENTGATE_SIEM_S3_PREFIX")]
+    pub s3_prefix: Option<String>,
+    /// Microsoft Sentinel: the data collection endpoint (or the DCR's logs ingestion endpoint).
+    #[arg(long, env = "INTENTGATE_SIEM_SENTINEL_DCE_URL")]
+    pub sentinel_dce_url: Option<String>,
+    /// Sentinel: the data collection rule's immutable id (`dcr-…`).
+    #[arg(long, env = "INTENTGATE_SIEM_SENTINEL_DCR_ID")]
+    pub sentinel_dcr_id: Option<String>,
+    /// Sentinel: the DCR stream (`Custom-<table>`).
+    #[arg(long, env = "INTENTGATE_SIEM_SENTINEL_STREAM")]
+    pub sentinel_stream: Option<String>,
+    /// Sentinel: the Entra directory (tenant) id, for Entra's token URL.
+    #[arg(long, env = "INTENTGATE_SIEM_SENTINEL_TENANT_ID")]
+    pub sentinel_tenant_id: Option<String>,
+    /// Sentinel: the app registration's client id.
+    #[arg(long, env = "INTENTGATE_SIEM_SENTINEL_CLIENT_ID")]
+    pub sentinel_client_id: Option<String>,
+    /// Sentinel: the app registration's client secret.
+    #[arg(
+        long,
+        env = "INTENTGATE_SIEM_SENTINEL_CLIENT_SECRET",
+        hide_env_values = true
+    )]
+    pub sentinel_client_secret: Option<String>,
+    /// Sentinel: the token URL (default: Entra's, from the tenant id).
+    #[arg(long, env = "INTENTGATE_SIEM_SENTINEL_TOKEN_URL")]
+    pub sentinel_token_url: Option<String>,
     /// Most events per SIEM request.
     #[arg(long, env = "INTENTGATE_OUTBOX_BATCH", default_value_t = 100)]
     pub outbox_batch: usize,
@@ -95,6 +141,8 @@ impl std::fmt::Debug for OutboxArgs {
             .field("webhook_url", &self.webhook_url.as_ref().map(|_| "<set>"))
             .field("splunk_hec_url", &self.splunk_hec_url)
             .field("datadog_url", &self.datadog_url)
+            .field("s3_url", &self.s3_url)
+            .field("sentinel_dce_url", &self.sentinel_dce_url)
             .finish_non_exhaustive()
     }
 }
@@ -104,6 +152,127 @@ fn set(v: &Option<String>) -> Option<&str> {
 }
 
 impl OutboxArgs {
+    /// The S3 sink from `INTENTGATE_SIEM_S3_*`.
+    fn s3(&self, env: &mut Vec<DestinationSpec>) -> Result<(), ConfigError> {
+        let Some(url) = set(&self.s3_url) else {
+            if set(&self.s3_access_key_id).is_some() || set(&self.s3_secret_access_key).is_some() {
+                return Err(invalid(
+                    "INTENTGATE_SIEM_S3_URL",
+                    "is required with the other INTENTGATE_SIEM_S3_* settings",
+                ));
+            }
+            return Ok(());
+        };
+        let key_id = set(&self.s3_access_key_id).ok_or_else(|| {
+            invalid(
+                "INTENTGATE_SIEM_S3_ACCESS_KEY_ID",
+                "is required with INTENTGATE_SIEM_S3_URL",
+            )
+        })?;
+        let secret = set(&self.s3_secret_access_key).ok_or_else(|| {
+            invalid(
+                "INTENTGATE_SIEM_S3_SECRET_ACCESS_KEY",
+                "is required with INTENTGATE_SIEM_S3_URL",
+            )
+        })?;
+        let mut settings = Map::new();
+        settings.insert("access_key_id".into(), Value::from(key_id));
+        for (k, v) in [("region", &self.s3_region), ("prefix", &self.s3_prefix)] {
+            if let Some(v) = set(v) {
+                settings.insert(k.into(), Value::from(v));
+            }
+        }
+        env.push(DestinationSpec {
+            name: "s3".into(),
+            kind: "s3".into(),
+            url: url.into(),
+            secret: Some(secret.into()),
+            settings,
+            ..DestinationSpec::default()
+        });
+        Ok(())
+    }
+
+    /// Microsoft Sentinel from `INTENTGATE_SIEM_SENTINEL_*`.
+    fn sentinel(&self, env: &mut Vec<DestinationSpec>) -> Result<(), ConfigError> {
+        let Some(url) = set(&self.sentinel_dce_url) else {
+            if set(&self.sentinel_client_secret).is_some() || set(&self.sentinel_dcr_id).is_some() {
+                return Err(invalid(
+                    "INTENTGATE_SIEM_SENTINEL_DCE_URL",
+                    "is required with the other INTENTGATE_SIEM_SENTINEL_* settings",
+                ));
+            }
+            return Ok(());
+        };
+        let secret = set(&self.sentinel_client_secret).ok_or_else(|| {
+            invalid(
+                "INTENTGATE_SIEM_SENTINEL_CLIENT_SECRET",
+                "is required with INTENTGATE_SIEM_SENTINEL_DCE_URL",
+            )
+        })?;
+        let mut settings = Map::new();
+        for (k, setting, v, required) in [
+            (
+                "dcr_immutable_id",
+                "INTENTGATE_SIEM_SENTINEL_DCR_ID",
+                &self.sentinel_dcr_id,
+                true,
+            ),
+            (
+                "stream",
+                "INTENTGATE_SIEM_SENTINEL_STREAM",
+                &self.sentinel_stream,
+                true,
+            ),
+            (
+                "client_id",
+                "INTENTGATE_SIEM_SENTINEL_CLIENT_ID",
+                &self.sentinel_client_id,
+                true,
+            ),
+            (
+                "tenant_id",
+                "INTENTGATE_SIEM_SENTINEL_TENANT_ID",
+                &self.sentinel_tenant_id,
+                false,
+            ),
+            (
+                "token_url",
+                "INTENTGATE_SIEM_SENTINEL_TOKEN_URL",
+                &self.sentinel_token_url,
+                false,
+            ),
+        ] {
+            match set(v) {
+                Some(v) => {
+                    settings.insert(k.into(), Value::from(v));
+                }
+                None if required => {
+                    return Err(invalid(
+                        setting,
+                        "is required with INTENTGATE_SIEM_SENTINEL_DCE_URL",
+                    ));
+                }
+                None => {}
+            }
+        }
+        if !settings.contains_key("tenant_id") && !settings.contains_key("token_url") {
+            return Err(invalid(
+                "INTENTGATE_SIEM_SENTINEL_TENANT_ID",
+                "or INTENTGATE_SIEM_SENTINEL_TOKEN_URL is required with INTENTGATE_SIEM_SENTINEL_DCE_URL",
+            ));
+        }
+        env.push(DestinationSpec {
+            name: "sentinel".into(),
+            kind: "sentinel".into(),
+            url: url.into(),
+            secret: Some(secret.into()),
+            settings,
+            ..DestinationSpec::default()
+        });
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<OutboxConfig, ConfigError> {
         let mut env = Vec::new();
         if let Some(url) = set(&self.webhook_url) {
@@ -184,10 +353,14 @@ impl OutboxArgs {
                 "is required with INTENTGATE_SIEM_DATADOG_URL",
             ));
         }
+        self.s3(&mut env)?;
+        self.sentinel(&mut env)?;
         for spec in &env {
             let setting = match spec.kind.as_str() {
                 "webhook" => "INTENTGATE_WEBHOOK_URL",
                 "splunk" => "INTENTGATE_SIEM_SPLUNK_HEC_URL",
+                "s3" => "INTENTGATE_SIEM_S3_URL",
+                "sentinel" => "INTENTGATE_SIEM_SENTINEL_DCE_URL",
                 _ => "INTENTGATE_SIEM_DATADOG_URL",
             };
             Destination::new(spec.clone(), None, Source::Env)

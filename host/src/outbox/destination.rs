@@ -39,10 +39,14 @@ pub enum Kind {
     Pagerduty,
     /// NDJSON of the audit events as recorded (any HTTP log collector).
     Ndjson,
+    /// Gzipped NDJSON objects in an S3-compatible bucket, SigV4-signed ([`super::s3`]).
+    S3,
+    /// Microsoft Sentinel through the Logs Ingestion API ([`super::sentinel`]).
+    Sentinel,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Webhook,
         Kind::Splunk,
         Kind::Datadog,
@@ -50,6 +54,8 @@ impl Kind {
         Kind::Teams,
         Kind::Pagerduty,
         Kind::Ndjson,
+        Kind::S3,
+        Kind::Sentinel,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,6 +67,8 @@ impl Kind {
             Kind::Teams => "teams",
             Kind::Pagerduty => "pagerduty",
             Kind::Ndjson => "ndjson",
+            Kind::S3 => "s3",
+            Kind::Sentinel => "sentinel",
         }
     }
 
@@ -77,6 +85,7 @@ impl Kind {
     pub fn format_name(self) -> &'static str {
         match self {
             Kind::Splunk => "splunk-hec",
+            Kind::S3 => "ndjson",
             other => other.as_str(),
         }
     }
@@ -96,7 +105,7 @@ impl FromStr for Kind {
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
                 OutboxError::Invalid(format!(
-                    "kind must be one of webhook, splunk, datadog, slack, teams, pagerduty, ndjson, not {s:?}"
+                    "kind must be one of webhook, splunk, datadog, slack, teams, pagerduty, ndjson, s3, sentinel, not {s:?}"
                 ))
             })
     }
@@ -325,7 +334,7 @@ pub struct DestinationSpec {
     /// …), passed to the formatter component as its configuration.
     #[serde(default)]
     pub settings: Map<String, Value>,
-    /// The digest of an uploaded formatter component (world `siem-formatter`) to use instead
+    /// The digest of an uploaded formatter component (world `formatter`) to use instead
     /// of the built-in one.
     #[serde(default)]
     pub formatter: Option<String>,
@@ -375,6 +384,19 @@ pub struct Destination {
     pub spec: DestinationSpec,
     pub filter: Filter,
     pub source: Source,
+    /// How requests are made for this kind.
+    pub target: Target,
+}
+
+/// How a destination's requests are made.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// One POST of the formatted batch to the URL.
+    Http,
+    /// Gzipped objects PUT under the URL, SigV4-signed.
+    S3(super::s3::S3Target),
+    /// The Logs Ingestion API with an Entra token.
+    Sentinel(super::sentinel::SentinelTarget),
 }
 
 /// Longest destination name.
@@ -409,12 +431,22 @@ impl Destination {
                 "url must be an absolute http or https URL".into(),
             ));
         }
-        let needs_secret = matches!(kind, Kind::Splunk | Kind::Datadog | Kind::Pagerduty);
+        let needs_secret = matches!(
+            kind,
+            Kind::Splunk | Kind::Datadog | Kind::Pagerduty | Kind::S3 | Kind::Sentinel
+        );
         if needs_secret && spec.secret.as_deref().is_none_or(str::is_empty) {
             return Err(OutboxError::Invalid(format!(
-                "a {kind} destination needs its secret (HEC token, API key or routing key)"
+                "a {kind} destination needs its secret (HEC token, API key, routing key, secret access key or client secret)"
             )));
         }
+        let target = match kind {
+            Kind::S3 => Target::S3(super::s3::S3Target::from_settings(&spec.settings)?),
+            Kind::Sentinel => {
+                Target::Sentinel(super::sentinel::SentinelTarget::new(&url, &spec.settings)?)
+            }
+            _ => Target::Http,
+        };
         if let Some(d) = &spec.formatter
             && !d.is_empty()
             && !d
@@ -445,6 +477,7 @@ impl Destination {
             spec,
             filter,
             source,
+            target,
         })
     }
 

@@ -1,5 +1,5 @@
 //! Formatting a batch for its destination through a formatter component (world
-//! `siem-formatter`, interface `intentgate:plugin/formatter`): the built-in one (the embedded
+//! `intentgate:plugin/formatter`, or its earlier name `siem-formatter`): the built-in one (the embedded
 //! `siem-json` component, configured with the destination kind's `format`) or one a platform
 //! team uploaded (`/v1/admin/plugins`) and bound to the destination by digest.
 //!

@@ -12,8 +12,10 @@
 //!   [`OutboxConfig::dead_after`] (kept, listed and re-driven over the admin API). On
 //!   PostgreSQL replicas share lanes through `FOR UPDATE SKIP LOCKED` ([`store::claim`]).
 //! - **Formatted by components** ([`format`]): every destination's request is produced by a
-//!   formatter component (world `siem-formatter`), the built-in one or an uploaded one.
-//! - **Signed** ([`sign`]): Standard Webhooks plus the original's `X-IntentGate-Signature`.
+//!   formatter component (world `intentgate:plugin/formatter`), the built-in one or an
+//!   uploaded one.
+//! - **Signed** ([`sign`]): Standard Webhooks plus the original's `X-IntentGate-Signature`;
+//!   S3 objects with SigV4 ([`s3`]); Sentinel calls with an Entra token ([`sentinel`]).
 //! - **Configured** ([`destination`]): per tenant or global, through the admin API (stored,
 //!   secrets write-only) and the original's environment variables.
 //!
@@ -24,6 +26,8 @@
 
 pub mod destination;
 pub mod format;
+pub mod s3;
+pub mod sentinel;
 pub mod sign;
 pub mod store;
 pub mod worker;
@@ -98,6 +102,8 @@ impl Default for OutboxConfig {
 pub struct Live {
     pub dest: Destination,
     pub formatter: Result<format::Bound, String>,
+    /// The Entra token cache (Sentinel destinations).
+    pub tokens: sentinel::TokenCache,
 }
 
 /// The destinations in force.
@@ -254,7 +260,11 @@ fn bind_all(runtime: &Arc<Runtime>, registry: &Registry, dests: Vec<Destination>
         if let Err(e) = &formatter {
             tracing::warn!(destination = %dest.id, error = %e, "outbox: destination has no usable formatter; its deliveries fail until fixed");
         }
-        let live = Arc::new(Live { dest, formatter });
+        let live = Arc::new(Live {
+            dest,
+            formatter,
+            tokens: sentinel::TokenCache::default(),
+        });
         set.by_id.insert(live.dest.id.clone(), live.clone());
         set.list.push(live);
     }

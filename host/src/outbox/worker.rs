@@ -17,14 +17,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
+use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use super::destination::Target;
 use super::store::{self, Lane, Outcome, Pending};
-use super::{Kind, Live, Outbox, sign};
+use super::{Kind, Live, Outbox, format, s3, sentinel, sign};
 use crate::audit::time::now_ms;
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -276,11 +277,11 @@ pub fn delivery_id(rows: &[Pending]) -> String {
     }
 }
 
-/// Formats and sends one batch; `Ok` only on a 2xx answer.
+/// Formats and sends one batch; `Ok` only when every request it takes got a 2xx answer.
 async fn send(
     http: &HttpClient,
     live: &Live,
-    _tenant: &str,
+    tenant: &str,
     rows: &[Pending],
     timeout: Duration,
 ) -> Result<(), Failure> {
@@ -288,15 +289,31 @@ async fn send(
         .formatter
         .as_ref()
         .map_err(|e| Failure::new(e.clone()))?;
+    match &live.dest.target {
+        Target::S3(t) => send_s3(http, live, formatter, t, tenant, rows, timeout).await,
+        Target::Sentinel(t) => send_sentinel(http, live, formatter, t, rows, timeout).await,
+        Target::Http => send_http(http, live, formatter, rows, timeout).await,
+    }
+}
+
+fn user_agent() -> HeaderValue {
+    HeaderValue::from_static(concat!("intentgate/", env!("CARGO_PKG_VERSION")))
+}
+
+/// A webhook, notification channel or HTTP SIEM: one POST of the formatted batch.
+async fn send_http(
+    http: &HttpClient,
+    live: &Live,
+    formatter: &format::Bound,
+    rows: &[Pending],
+    timeout: Duration,
+) -> Result<(), Failure> {
     let events = rows.iter().map(|r| r.body.clone()).collect();
     let req = formatter.format(events).await.map_err(Failure::new)?;
     let id = delivery_id(rows);
     let mut builder = hyper::Request::post(live.dest.url.clone())
         .header(CONTENT_TYPE, req.content_type)
-        .header(
-            USER_AGENT,
-            HeaderValue::from_static(concat!("intentgate/", env!("CARGO_PKG_VERSION"))),
-        );
+        .header(USER_AGENT, user_agent());
     for (k, v) in req.headers {
         builder = builder.header(k, v);
     }
@@ -319,12 +336,199 @@ async fn send(
     let request = builder
         .body(Full::new(req.body))
         .map_err(|e| Failure::new(format!("request: {e}")))?;
+    exchange(http, request, timeout, &live.dest.shown_endpoint())
+        .await?
+        .ok()
+}
+
+/// S3: one gzipped object per hour of event time, PUT and signed with SigV4.
+async fn send_s3(
+    http: &HttpClient,
+    live: &Live,
+    formatter: &format::Bound,
+    t: &s3::S3Target,
+    tenant: &str,
+    rows: &[Pending],
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let secret = live.dest.spec.secret.as_deref().unwrap_or("");
+    let url = &live.dest.url;
+    let scheme = url.scheme_str().unwrap_or("https");
+    let host = url.authority().map(|a| a.as_str()).unwrap_or("");
+    let host = host.rsplit('@').next().unwrap_or(host);
+    let base = url.path().trim_end_matches('/');
+    for (partition, range) in s3::by_hour(rows, &s3::partition_of_ms(now_ms())) {
+        let part = &rows[range];
+        let events = part.iter().map(|r| r.body.clone()).collect();
+        let req = formatter.format(events).await.map_err(Failure::new)?;
+        let key = s3::object_key(
+            &t.prefix,
+            &partition,
+            tenant,
+            part,
+            req.content_type.to_str().unwrap_or(""),
+        );
+        let body = s3::gzip(&req.body).map_err(|e| Failure::new(format!("gzip: {e}")))?;
+        let hash = s3::sha256_hex(&body);
+        let path = format!("{base}/{}", s3::encode_key(&key));
+        let amz_date = s3::amz_date(now_ms());
+        let extra: Vec<(String, String)> = req
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        let mut signed: Vec<(&str, &str)> = vec![
+            ("content-type", "application/gzip"),
+            ("host", host),
+            ("x-amz-content-sha256", &hash),
+            ("x-amz-date", &amz_date),
+        ];
+        signed.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let authorization = s3::authorization(
+            &s3::ToSign {
+                method: "PUT",
+                path: &path,
+                query: "",
+                headers: &signed,
+                payload_sha256: &hash,
+            },
+            &t.access_key_id,
+            secret,
+            &t.region,
+            &amz_date,
+        );
+        let mut builder = hyper::Request::put(format!("{scheme}://{host}{path}"))
+            .header(USER_AGENT, user_agent())
+            .header(AUTHORIZATION, authorization);
+        for (k, v) in &signed {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| Failure::new(format!("request: {e}")))?;
+        exchange(http, request, timeout, &live.dest.shown_endpoint())
+            .await?
+            .ok()?;
+    }
+    Ok(())
+}
+
+/// Microsoft Sentinel: the formatted JSON array, split under the API's 1 MB, POSTed to the
+/// Logs Ingestion API with an Entra bearer token.
+async fn send_sentinel(
+    http: &HttpClient,
+    live: &Live,
+    formatter: &format::Bound,
+    t: &sentinel::SentinelTarget,
+    rows: &[Pending],
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let events = rows.iter().map(|r| r.body.clone()).collect();
+    let req = formatter.format(events).await.map_err(Failure::new)?;
+    let id = delivery_id(rows);
+    for body in sentinel::split_array(&req.body).map_err(Failure::new)? {
+        let token = sentinel_token(http, live, t, timeout).await?;
+        let mut builder = hyper::Request::post(t.ingest.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(USER_AGENT, user_agent())
+            .header("x-intentgate-delivery-id", id.as_str())
+            .header(AUTHORIZATION, format!("Bearer {token}"));
+        for (k, v) in &req.headers {
+            builder = builder.header(k, v);
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| Failure::new(format!("request: {e}")))?;
+        let answer = exchange(http, request, timeout, &live.dest.shown_endpoint()).await?;
+        if answer.status == 401 {
+            // Revoked or expired early: the next attempt asks for a new one.
+            live.tokens.clear();
+        }
+        answer.ok()?;
+    }
+    Ok(())
+}
+
+/// The cached Entra token of a Sentinel destination, or a new one (client credentials).
+async fn sentinel_token(
+    http: &HttpClient,
+    live: &Live,
+    t: &sentinel::SentinelTarget,
+    timeout: Duration,
+) -> Result<String, Failure> {
+    if let Some(token) = live.tokens.get() {
+        return Ok(token);
+    }
+    let _one_request = live.tokens.fetching().await;
+    if let Some(token) = live.tokens.get() {
+        return Ok(token);
+    }
+    let secret = live.dest.spec.secret.as_deref().unwrap_or("");
+    let request = hyper::Request::post(t.token_url.clone())
+        .header(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        )
+        .header(ACCEPT, HeaderValue::from_static("application/json"))
+        .header(USER_AGENT, user_agent())
+        .body(Full::new(Bytes::from(t.token_form(secret))))
+        .map_err(|e| Failure::new(format!("token request: {e}")))?;
+    let shown = format!(
+        "{}://{}{}",
+        t.token_url.scheme_str().unwrap_or("https"),
+        t.token_url.host().unwrap_or(""),
+        t.token_url.path()
+    );
+    let answer = exchange(http, request, timeout, &shown).await?;
+    if !(200..300).contains(&answer.status) {
+        return Err(Failure {
+            error: sentinel::token_error(answer.status, &answer.body),
+            retry_after: answer.retry_after,
+        });
+    }
+    let (token, expires_in) = sentinel::parse_token(&answer.body).map_err(Failure::new)?;
+    live.tokens.put(token.clone(), expires_in);
+    Ok(token)
+}
+
+/// An HTTP answer: its status, a bounded look at its body, and its `Retry-After`.
+struct Answer {
+    status: u16,
+    body: Bytes,
+    retry_after: Option<Duration>,
+}
+
+impl Answer {
+    /// `Ok` on 2xx, else the failure to record (status and the start of the body).
+    fn ok(self) -> Result<(), Failure> {
+        if (200..300).contains(&self.status) {
+            return Ok(());
+        }
+        let snippet: String = String::from_utf8_lossy(&self.body)
+            .chars()
+            .take(200)
+            .collect();
+        Err(Failure {
+            error: format!("HTTP {}: {}", self.status, snippet.trim()),
+            retry_after: self.retry_after,
+        })
+    }
+}
+
+/// One HTTP exchange within `timeout`; network errors and timeouts are failures, any answer
+/// is returned.
+async fn exchange(
+    http: &HttpClient,
+    request: hyper::Request<Full<Bytes>>,
+    timeout: Duration,
+    shown: &str,
+) -> Result<Answer, Failure> {
     let exchange = async {
         let resp = http
             .request(request)
             .await
-            .map_err(|e| Failure::new(format!("{}: {}", live.dest.shown_endpoint(), chain(&e))))?;
-        let status = resp.status();
+            .map_err(|e| Failure::new(format!("{shown}: {}", chain(&e))))?;
+        let status = resp.status().as_u16();
         let retry_after = resp
             .headers()
             .get(RETRY_AFTER)
@@ -336,20 +540,16 @@ async fn send(
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        if status.is_success() {
-            return Ok(());
-        }
-        let snippet: String = String::from_utf8_lossy(&body).chars().take(200).collect();
-        Err(Failure {
-            error: format!("HTTP {}: {}", status.as_u16(), snippet.trim()),
+        Ok(Answer {
+            status,
+            body,
             retry_after,
         })
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(r) => r,
         Err(_) => Err(Failure::new(format!(
-            "{}: no answer within {} ms",
-            live.dest.shown_endpoint(),
+            "{shown}: no answer within {} ms",
             timeout.as_millis()
         ))),
     }

@@ -80,13 +80,22 @@ impl Default for Limits {
 /// The version of the WIT package `intentgate:plugin` this host speaks (`wit/types.wit`).
 pub const WIT_VERSION: &str = "0.2.0";
 
+/// A linked formatter component.
+pub(crate) enum SiemPre {
+    /// World `formatter` (interface `format`).
+    Current(sb::FormatterPre<HostState>),
+    /// World `siem-formatter` (interface `formatter`), as built before the rename.
+    Legacy(super::bindings::siem_legacy::SiemFormatterPre<HostState>),
+}
+
 /// Which world a component implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum World {
     /// `intentgate:plugin/check-plugin@0.2.0`
     CheckPlugin,
-    /// `intentgate:plugin/siem-formatter@0.2.0`
+    /// `intentgate:plugin/formatter@0.2.0` (earlier `siem-formatter`, still loaded and read)
+    #[serde(rename = "formatter", alias = "siem-formatter")]
     SiemFormatter,
 }
 
@@ -95,7 +104,7 @@ impl World {
     pub fn name(self) -> &'static str {
         match self {
             World::CheckPlugin => "intentgate:plugin/check-plugin@0.2.0",
-            World::SiemFormatter => "intentgate:plugin/siem-formatter@0.2.0",
+            World::SiemFormatter => "intentgate:plugin/formatter@0.2.0",
         }
     }
 }
@@ -250,7 +259,7 @@ impl Runtime {
         let mut siem_linker = Linker::<HostState>::new(&engine);
         link_wasi(&mut siem_linker)
             .map_err(|e| PluginError::InvalidComponent(format!("linking WASI: {e}")))?;
-        sb::SiemFormatter::add_to_linker::<_, HasSelf<_>>(&mut siem_linker, |s| s)
+        sb::Formatter::add_to_linker::<_, HasSelf<_>>(&mut siem_linker, |s| s)
             .map_err(|e| PluginError::InvalidComponent(format!("linking host imports: {e}")))?;
 
         let gate = Arc::new(TickGate::default());
@@ -423,17 +432,22 @@ impl Runtime {
         cb::CheckPluginPre::new(pre).map_err(wrong)
     }
 
-    pub(crate) fn siem_pre(
-        &self,
-        component: &Component,
-    ) -> Result<sb::SiemFormatterPre<HostState>, PluginError> {
+    /// Links a formatter component: of the world `formatter`, or of its earlier name
+    /// `siem-formatter` (same imports, the interface then named `formatter`).
+    pub(crate) fn siem_pre(&self, component: &Component) -> Result<SiemPre, PluginError> {
         let wrong = |e: wasmtime::Error| PluginError::WrongWorld {
             world: World::SiemFormatter.name(),
             detail: format!("{e:#}"),
         };
         self.refuse_other_wit_version(component, World::SiemFormatter)?;
         let pre = self.siem_linker.instantiate_pre(component).map_err(wrong)?;
-        sb::SiemFormatterPre::new(pre).map_err(wrong)
+        match sb::FormatterPre::new(pre.clone()) {
+            Ok(current) => Ok(SiemPre::Current(current)),
+            Err(e) => match super::bindings::siem_legacy::SiemFormatterPre::new(pre) {
+                Ok(legacy) => Ok(SiemPre::Legacy(legacy)),
+                Err(_) => Err(wrong(e)),
+            },
+        }
     }
 
     /// A component built against another version of our WIT package would fail to link with

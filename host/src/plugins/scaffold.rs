@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 /// The template's `src/lib.rs` (also built as the `test-custom` plugin, so it is known to build).
 pub const TEMPLATE_LIB_RS: &str = include_str!("template/lib.rs");
+/// The formatter template's `src/lib.rs` (also built as the `test-custom-formatter` plugin).
+pub const TEMPLATE_FORMATTER_RS: &str = include_str!("template/formatter.rs");
 const TEMPLATE_CARGO_TOML: &str = include_str!("template/Cargo.toml.tmpl");
 const TEMPLATE_README: &str = include_str!("template/README.md.tmpl");
 
@@ -87,16 +89,37 @@ pub enum ScaffoldError {
 
 /// Create `parent/NAME/` from the template with the SDK vendored into it (builds anywhere).
 pub fn new_plugin_vendored(parent: &Path, name: &str) -> Result<PathBuf, ScaffoldError> {
-    create(parent, name, &SdkSource::Vendored)
+    create(parent, name, &SdkSource::Vendored, World::CheckPlugin)
 }
 
 /// Create `parent/NAME/` from the template against the SDK at `sdk_path`. Returns the crate
 /// directory.
 pub fn new_plugin(parent: &Path, name: &str, sdk_path: &Path) -> Result<PathBuf, ScaffoldError> {
-    create(parent, name, &SdkSource::Path(sdk_path.to_path_buf()))
+    create(
+        parent,
+        name,
+        &SdkSource::Path(sdk_path.to_path_buf()),
+        World::CheckPlugin,
+    )
 }
 
-fn create(parent: &Path, name: &str, source: &SdkSource) -> Result<PathBuf, ScaffoldError> {
+/// Create `parent/NAME/` from the template of `world` (a check plugin, or a formatter of the
+/// world `intentgate:plugin/formatter`).
+pub fn new_plugin_of(
+    parent: &Path,
+    name: &str,
+    source: &SdkSource,
+    world: World,
+) -> Result<PathBuf, ScaffoldError> {
+    create(parent, name, source, world)
+}
+
+fn create(
+    parent: &Path,
+    name: &str,
+    source: &SdkSource,
+    world: World,
+) -> Result<PathBuf, ScaffoldError> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
         && name
             .chars()
@@ -143,21 +166,32 @@ fn create(parent: &Path, name: &str, source: &SdkSource) -> Result<PathBuf, Scaf
         }
     }
     let file = name.replace('-', "_");
+    let (lib, features, what) = match world {
+        World::CheckPlugin => (TEMPLATE_LIB_RS, "", "check plugin"),
+        World::SiemFormatter => (
+            TEMPLATE_FORMATTER_RS,
+            ", features = [\"siem\"]",
+            "formatter",
+        ),
+    };
     let files = [
         (
             dir.join("Cargo.toml"),
             TEMPLATE_CARGO_TOML
                 .replace("{{name}}", name)
-                .replace("{{sdk_path}}", &sdk_text),
+                .replace("{{sdk_path}}", &sdk_text)
+                .replace("{{features}}", features),
         ),
         (
             dir.join("README.md"),
             TEMPLATE_README
                 .replace("{{name}}", name)
-                .replace("{{file}}", &file),
+                .replace("{{file}}", &file)
+                .replace("{{what}}", what)
+                .replace("{{world}}", world.name()),
         ),
         (dir.join(".gitignore"), "/target\n".to_string()),
-        (src.join("lib.rs"), TEMPLATE_LIB_RS.to_string()),
+        (src.join("lib.rs"), lib.to_string()),
     ];
     for (path, text) in files {
         std::fs::write(&path, text).map_err(io(&path))?;
@@ -182,6 +216,38 @@ mod tests {
         assert_eq!(
             TEMPLATE_LIB_RS, built,
             "plugins/test-custom/src/lib.rs must equal the template"
+        );
+    }
+
+    #[test]
+    fn formatter_template_is_the_built_test_formatter() {
+        let built = include_str!("../../../plugins/test-custom-formatter/src/lib.rs");
+        assert_eq!(
+            TEMPLATE_FORMATTER_RS, built,
+            "plugins/test-custom-formatter/src/lib.rs must equal the formatter template"
+        );
+    }
+
+    #[test]
+    fn formatter_crate_enables_the_sdk_feature() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = new_plugin_of(
+            tmp.path(),
+            "my-siem",
+            &SdkSource::Path(default_sdk_path()),
+            World::SiemFormatter,
+        )
+        .expect("new");
+        let cargo = std::fs::read_to_string(dir.join("Cargo.toml")).expect("Cargo.toml");
+        assert!(cargo.contains("features = [\"siem\"]"), "{cargo}");
+        let readme = std::fs::read_to_string(dir.join("README.md")).expect("README");
+        assert!(
+            readme.contains("intentgate:plugin/formatter@0.2.0"),
+            "{readme}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("src/lib.rs")).expect("lib.rs"),
+            TEMPLATE_FORMATTER_RS
         );
     }
 

@@ -1,13 +1,13 @@
-//! SIEM formatter components (world `siem-formatter`): a batch of canonical audit events in, an
-//! HTTP request body and headers out. The host does the I/O; a formatter never sees the network.
+//! Formatter components (world `intentgate:plugin/formatter`, or `siem-formatter` as it was
+//! named before): a batch of canonical audit events in, an HTTP request body and headers out.
+//! The host does the I/O; a formatter never sees the network.
 //!
 //! Batches are rare compared with tool calls, so each batch runs on a fresh instance (no pool),
 //! under the same deadline and memory limits as checks.
 
-use super::bindings::siem as sb;
 use super::counters::MemoryCounters;
 use super::host_state::{self, HostState};
-use super::runtime::Runtime;
+use super::runtime::{Runtime, SiemPre};
 use super::{PluginError, Stage};
 use std::sync::Arc;
 
@@ -25,7 +25,7 @@ pub struct FormattedRequest {
 /// A compiled formatter with its configuration.
 pub struct Formatter {
     runtime: Arc<Runtime>,
-    pre: sb::SiemFormatterPre<HostState>,
+    pre: SiemPre,
     config: Arc<str>,
     digest: Arc<str>,
 }
@@ -58,15 +58,36 @@ impl Formatter {
         );
         let mut store = state.into_store(self.runtime.engine());
         host_state::arm(&mut store, limits.configure_deadline, false);
-        let bindings = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| PluginError::Instantiate {
-                stage,
-                detail: format!("{e:#}"),
-            })?;
-        let api = bindings.intentgate_plugin_formatter();
-        match api.call_configure(&mut store, &self.config) {
+        let instantiate_error = |e: wasmtime::Error| PluginError::Instantiate {
+            stage,
+            detail: format!("{e:#}"),
+        };
+        // The two worlds differ only in the export's name; the calls are the same.
+        macro_rules! run {
+            ($api:expr) => {{
+                let api = $api;
+                let configured = api.call_configure(&mut store, &self.config);
+                match configured {
+                    Ok(Ok(())) => {
+                        host_state::arm(&mut store, limits.call_deadline, false);
+                        let formatted = api.call_format(&mut store, events);
+                        (Ok(Ok(())), Some(formatted))
+                    }
+                    other => (other, None),
+                }
+            }};
+        }
+        let (configured, formatted) = match &self.pre {
+            SiemPre::Current(pre) => {
+                let b = pre.instantiate(&mut store).map_err(instantiate_error)?;
+                run!(b.intentgate_plugin_format())
+            }
+            SiemPre::Legacy(pre) => {
+                let b = pre.instantiate(&mut store).map_err(instantiate_error)?;
+                run!(b.intentgate_plugin_formatter())
+            }
+        };
+        match configured {
             Ok(Ok(())) => {}
             Ok(Err(message)) => return Err(PluginError::Configure { stage, message }),
             Err(e) => {
@@ -78,20 +99,23 @@ impl Formatter {
                 ));
             }
         }
-        host_state::arm(&mut store, limits.call_deadline, false);
-        match api.call_format(&mut store, events) {
-            Ok(Ok(r)) => Ok(FormattedRequest {
+        match formatted {
+            Some(Ok(Ok(r))) => Ok(FormattedRequest {
                 content_type: r.content_type,
                 headers: r.headers,
                 body: r.body,
             }),
-            Ok(Err(detail)) => Err(PluginError::Malformed { stage, detail }),
-            Err(e) => Err(self.runtime.classify(
+            Some(Ok(Err(detail))) => Err(PluginError::Malformed { stage, detail }),
+            Some(Err(e)) => Err(self.runtime.classify(
                 stage,
                 e,
                 store.data().limiter.exceeded,
                 limits.call_deadline,
             )),
+            None => Err(PluginError::Malformed {
+                stage,
+                detail: "formatter was not configured".into(),
+            }),
         }
     }
 }

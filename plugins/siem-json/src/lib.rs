@@ -1,4 +1,4 @@
-//! Built-in formatter (world `siem-formatter`, interface `intentgate:plugin/formatter`): turns a
+//! Built-in formatter (world `intentgate:plugin/formatter`): turns a
 //! batch of canonical JSON audit events into one HTTP request body and headers for the
 //! destination's vendor. The host does the I/O and the signing; this component never sees the
 //! network, and sees only the credential its configuration carries.
@@ -18,6 +18,11 @@
 //!   recorded event).
 //! - `slack` (Block Kit), `teams` (Adaptive Card 1.4), `pagerduty` (Events API v2, the
 //!   routing key being the secret; setting `source`).
+//! - `sentinel`: the Azure Monitor Logs Ingestion API's JSON array, one record per event: the
+//!   event's fields as recorded plus `TimeGenerated` (its `ts`), `EventType` and `Severity`
+//!   (the webhook classification). The host gets the token and splits calls over 1 MB.
+//!
+//! The S3 sink uses `ndjson` (the host gzips and signs the objects).
 //!
 //! The legacy key `splunk_token` is accepted for `secret`.
 
@@ -30,7 +35,7 @@ struct Siem {
     secret: Option<String>,
 }
 
-const FORMATS: [&str; 7] = [
+const FORMATS: [&str; 8] = [
     "ndjson",
     "splunk-hec",
     "datadog",
@@ -38,6 +43,7 @@ const FORMATS: [&str; 7] = [
     "slack",
     "teams",
     "pagerduty",
+    "sentinel",
 ];
 
 impl Siem {
@@ -226,7 +232,9 @@ impl Formatter for Siem {
             Some(_) => return Err("secret must be a string".into()),
         };
         if matches!(format.as_str(), "splunk-hec" | "datadog" | "pagerduty") && secret.is_none() {
-            return Err(format!("{format} needs its secret (token, API key or routing key)"));
+            return Err(format!(
+                "{format} needs its secret (token, API key or routing key)"
+            ));
         }
         Ok(Siem {
             format,
@@ -289,7 +297,10 @@ impl Formatter for Siem {
                     .iter()
                     .map(|e| {
                         let mut m = Map::new();
-                        m.insert("ddsource".into(), self.setting("ddsource", "intentgate").into());
+                        m.insert(
+                            "ddsource".into(),
+                            self.setting("ddsource", "intentgate").into(),
+                        );
                         let tags = self.setting("ddtags", "");
                         if !tags.is_empty() {
                             m.insert("ddtags".into(), tags.into());
@@ -303,7 +314,11 @@ impl Formatter for Siem {
                             self.setting("service", "intentgate-gateway").into(),
                         );
                         m.insert("message".into(), summary(e).into());
-                        let status = if str_of(e, "decision") == "block" { "warn" } else { "info" };
+                        let status = if str_of(e, "decision") == "block" {
+                            "warn"
+                        } else {
+                            "info"
+                        };
                         m.insert("status".into(), status.into());
                         m.insert("audit".into(), e.clone());
                         Value::Object(m)
@@ -337,7 +352,9 @@ impl Formatter for Siem {
                         {"type": "mrkdwn", "text": cut(reason, 2000)}
                     ]}));
                 }
-                Ok(json_request(&json!({"text": cut(&summary(e), 3000), "blocks": blocks})))
+                Ok(json_request(
+                    &json!({"text": cut(&summary(e), 3000), "blocks": blocks}),
+                ))
             }
             "teams" => {
                 let e = events.first().ok_or("empty batch")?;
@@ -351,7 +368,9 @@ impl Formatter for Siem {
                 ];
                 let reason = str_of(e, "reason");
                 if !reason.is_empty() {
-                    body.push(json!({"type": "TextBlock", "text": cut(reason, 2000), "wrap": true}));
+                    body.push(
+                        json!({"type": "TextBlock", "text": cut(reason, 2000), "wrap": true}),
+                    );
                 }
                 Ok(json_request(&json!({
                     "type": "message",
@@ -366,6 +385,25 @@ impl Formatter for Siem {
                         }
                     }]
                 })))
+            }
+            "sentinel" => {
+                let records: Vec<Value> = events
+                    .iter()
+                    .map(|e| {
+                        let (class, severity) = classify(e);
+                        let mut m = Map::new();
+                        m.insert("TimeGenerated".into(), str_of(e, "ts").into());
+                        m.insert("EventType".into(), class.into());
+                        m.insert("Severity".into(), severity.into());
+                        if let Value::Object(fields) = e {
+                            for (k, v) in fields {
+                                m.entry(k.clone()).or_insert_with(|| v.clone());
+                            }
+                        }
+                        Value::Object(m)
+                    })
+                    .collect();
+                Ok(json_request(&Value::Array(records)))
             }
             "pagerduty" => {
                 let e = events.first().ok_or("empty batch")?;
@@ -414,5 +452,20 @@ mod tests {
         let t = epoch_seconds("2026-05-12T10:14:33.871Z").expect("time");
         assert!((t - 1_778_580_873.871).abs() < 1e-6, "{t}");
         assert_eq!(epoch_seconds("garbage"), None);
+    }
+
+    #[test]
+    fn sentinel_records_carry_time_generated() {
+        let f = Siem::configure(r#"{"format": "sentinel"}"#).expect("configure");
+        let e = r#"{"event":"intentgate.tool_call","ts":"2026-05-12T10:14:33.871Z","decision":"block","check":"policy","tenant":"acme"}"#;
+        let out = f.format(&[e.to_owned(), e.to_owned()]).expect("format");
+        assert_eq!(out.content_type, "application/json");
+        let v: Value = serde_json::from_slice(&out.body).expect("json");
+        let records = v.as_array().expect("array");
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0]["TimeGenerated"], "2026-05-12T10:14:33.871Z");
+        assert_eq!(records[0]["EventType"], "intentgate.deny");
+        assert_eq!(records[0]["Severity"], "warning");
+        assert_eq!(records[0]["tenant"], "acme");
     }
 }
