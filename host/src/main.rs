@@ -49,6 +49,21 @@ enum Command {
         #[command(subcommand)]
         cmd: cli::BundleCmd,
     },
+    /// The approval queue: list, approve, reject.
+    Approvals {
+        #[command(flatten)]
+        conn: cli::Connection,
+        #[command(subcommand)]
+        cmd: cli::ApprovalsCmd,
+    },
+    /// Outbox destinations (webhooks, notifications, SIEMs): backlog, dead letters, last error.
+    #[command(
+        after_help = "Examples:\n  intentgate integrations\n  intentgate integrations -o json"
+    )]
+    Integrations {
+        #[command(flatten)]
+        conn: cli::Connection,
+    },
     /// The audit chain: query, export (resumable), verify online or offline, checkpoints.
     Audit {
         #[command(flatten)]
@@ -114,6 +129,8 @@ fn main() -> ExitCode {
         } => audit_verify(&file, &checkpoint, &public_key),
         Command::Audit { conn, cmd } => cli::finish(cmd.run(&conn)),
         Command::Tokens { conn, cmd } => cli::finish(cmd.run(&conn)),
+        Command::Approvals { conn, cmd } => cli::finish(cmd.run(&conn)),
+        Command::Integrations { conn } => cli::finish(cli::integrations(&conn)),
         Command::Policy { conn, cmd } => cli::finish(cmd.run(&conn)),
         Command::Bundle { conn, cmd } => cli::finish(cmd.run(&conn)),
         Command::Plugin {

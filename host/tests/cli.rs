@@ -543,3 +543,94 @@ async fn tokens_carry_resource_and_prompt_scopes() {
     assert_eq!((s, &v["result"]), (200, &json!({})), "{v}");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_are_answered_from_the_cli() {
+    let gw = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let env = [
+        ("INTENTGATE_URL", gw.url.as_str()),
+        ("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN),
+    ];
+    let (token, _) = gw
+        .mint(json!({"subject": "cli-agent", "tools": ["delete_records"]}))
+        .await;
+    let mut pending = Vec::new();
+    for _ in 0..2 {
+        let v = gw
+            .tool_call(&token, "delete_records", json!({"table": "t"}))
+            .await;
+        assert_eq!(rpc_code(&v), Some(-32019), "{v}");
+        pending.push(
+            v["error"]["data"]["pending_id"]
+                .as_str()
+                .expect("id")
+                .to_owned(),
+        );
+    }
+    let listed = cli(d, &env, &["approvals", "list", "-o", "json"]).await;
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    let ids: Vec<String> = listed.json()["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|r| r["pending_id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids, pending);
+    let table = cli(d, &env, &["approvals", "list"]).await;
+    assert!(
+        table.stdout.contains(&pending[0]) && table.stdout.contains("delete_records"),
+        "{}",
+        table.stdout
+    );
+
+    let ok = cli(
+        d,
+        &env,
+        &[
+            "approvals",
+            "approve",
+            &pending[0],
+            "--by",
+            "ops",
+            "--note",
+            "fine",
+        ],
+    )
+    .await;
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(ok.stdout.contains("approved"), "{}", ok.stdout);
+    let no = cli(
+        d,
+        &env,
+        &[
+            "approvals",
+            "reject",
+            &pending[1],
+            "--by",
+            "ops",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(no.code, 0, "{}", no.stderr);
+    assert_eq!(no.json()["approval"]["status"], "rejected");
+    // Deciding again is refused (exit 1) with the reason; a malformed id is a usage error (2).
+    let again = cli(
+        d,
+        &env,
+        &["approvals", "approve", &pending[1], "--by", "ops"],
+    )
+    .await;
+    assert_eq!(again.code, 1, "{}", again.stdout);
+    assert!(again.stderr.contains("already decided"), "{}", again.stderr);
+    let bad = cli(d, &env, &["approvals", "approve", "nope", "--by", "ops"]).await;
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    // The integrations listing answers (no destination configured: an empty table).
+    let integrations = cli(d, &env, &["integrations", "-o", "json"]).await;
+    assert_eq!(integrations.code, 0, "{}", integrations.stderr);
+    assert!(integrations.json().is_object() || integrations.json().is_array());
+    gw.shutdown().await;
+}

@@ -15,6 +15,7 @@ pub mod client;
 pub mod output;
 pub mod profile;
 
+mod approvals;
 mod audit;
 mod bundle;
 mod plugin;
@@ -23,6 +24,7 @@ mod tokens;
 
 use std::process::ExitCode;
 
+pub use approvals::{ApprovalsCmd, integrations};
 pub use audit::AuditCmd;
 pub use bundle::BundleCmd;
 pub use plugin::PluginCmd;
