@@ -487,7 +487,7 @@ impl CallContext<'_> {
             }
             d.to_rpc()
         })?;
-        let Some(upstream) = self.gw.upstream.as_ref() else {
+        let Some(upstream) = call.upstream.and_then(|n| self.gw.upstreams.get(n)) else {
             let e = UpstreamError::NotConfigured;
             self.gw.metrics().upstream.error(&e);
             self.gw
@@ -520,15 +520,10 @@ impl CallContext<'_> {
             .unwrap_or_default()
     }
 
-    /// What the upstream says about itself; when it cannot be asked, the gateway answers alone.
+    /// What the upstreams say about themselves (their union); when none can be asked, the
+    /// gateway answers alone.
     async fn upstream_profile(&self) -> UpstreamProfile {
-        match self.gw.upstream.as_ref() {
-            Some(up) => up.profile().await.unwrap_or_else(|e| {
-                tracing::debug!(error = %e, "upstream profile unavailable; answering locally");
-                UpstreamProfile::default()
-            }),
-            None => UpstreamProfile::default(),
-        }
+        self.gw.upstreams.profile().await
     }
 }
 

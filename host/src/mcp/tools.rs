@@ -64,6 +64,7 @@ impl CallContext<'_> {
                 )),
             );
         }
+        let route = self.route_name(&inv.name)?;
         let modern = self.era.is_modern();
         let seal = RoundSeal::new(&self.gw.sessions);
         // A later round of a multi-round call: the state must be one the gateway sealed for
@@ -109,6 +110,7 @@ impl CallContext<'_> {
                 number: p.round.saturating_add(1),
             }),
             approval_id: resumes.as_deref().or_else(|| self.approval_id()),
+            upstream: route.map(|r| r.name),
         };
         // Every round is decided again; only the first is charged.
         let (permit, upstream) = match self.decide(&call).await {
@@ -127,7 +129,10 @@ impl CallContext<'_> {
             Era::Modern(env) => Some(env),
             Era::Handshake => None,
         };
-        let params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
+        let mut params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
+        if let Some(r) = route {
+            crate::upstreams::rename_target("tools/call", &mut params, r.original);
+        }
         let forwarding = std::time::Instant::now();
         let reply = upstream.call_tool(&permit, params, relay).await;
         self.gw.metrics().forwarded(forwarding, &reply);
