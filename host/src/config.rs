@@ -1196,6 +1196,109 @@ mod tests {
     }
 
     #[test]
+    fn several_upstreams_are_named_checked_and_redacted() {
+        let c = parse(&[
+            "--upstream-url",
+            "http://127.0.0.1:9/mcp",
+            "--upstream",
+            "github=https://bot:hunter2pass@gh.internal/mcp?key=sekrit-key",
+            "--upstream",
+            "db=http://db.internal:8080/mcp",
+        ])
+        .expect("valid");
+        let names: Vec<&str> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["default", "github", "db"]);
+        assert_eq!(c.upstream_separator, "__");
+        let dbg = format!("{c:#?}");
+        for secret in ["hunter2pass", "sekrit-key", "bot:"] {
+            assert!(!dbg.contains(secret), "{dbg}");
+        }
+        assert!(
+            dbg.contains("github=https://***@gh.internal/mcp?***"),
+            "{dbg}"
+        );
+        // Alone, without INTENTGATE_UPSTREAM_URL; commas in one value.
+        let c = parse(&["--upstream", "a=http://h/1,b-2=http://h/2"]).expect("valid");
+        assert_eq!(c.upstreams.len(), 2);
+        assert!(c.upstream_url.is_none());
+        let refused = |args: &[&str], setting: &str, says: &str| {
+            let e = parse(args).err().expect("refused").to_string();
+            assert!(e.starts_with(setting) && e.contains(says), "{args:?}: {e}");
+            assert!(!e.contains("hunter2pass"), "{e}");
+        };
+        refused(
+            &["--upstream", "a=http://h/1", "--upstream", "a=http://h/2"],
+            "INTENTGATE_UPSTREAMS",
+            "twice",
+        );
+        refused(
+            &[
+                "--upstream-url",
+                "http://h/0",
+                "--upstream",
+                "default=http://h/2",
+            ],
+            "INTENTGATE_UPSTREAMS",
+            "twice",
+        );
+        for bad in [
+            "Git=http://h/1",
+            "gh_x=http://h/1",
+            "1a=http://h/1",
+            "=http://h/1",
+        ] {
+            refused(
+                &["--upstream", bad],
+                "INTENTGATE_UPSTREAMS",
+                "upstream name",
+            );
+        }
+        refused(
+            &["--upstream", "github"],
+            "INTENTGATE_UPSTREAMS",
+            "NAME=URL",
+        );
+        refused(
+            &["--upstream", "gh=ftp://bot:hunter2pass@h/1"],
+            "INTENTGATE_UPSTREAMS",
+            "http",
+        );
+        // A legacy name that cannot prefix tool names beside another upstream.
+        refused(
+            &[
+                "--upstream-url",
+                "http://h/0",
+                "--upstream-name",
+                "Tools_1",
+                "--upstream",
+                "db=http://h/2",
+            ],
+            "INTENTGATE_UPSTREAM_NAME",
+            "prefix",
+        );
+        refused(
+            &["--upstream-separator", "/"],
+            "INTENTGATE_UPSTREAM_SEPARATOR",
+            "_",
+        );
+        refused(
+            &["--demo", "--upstream", "db=http://h/2"],
+            "--demo",
+            "INTENTGATE_UPSTREAMS",
+        );
+        refused(
+            &[
+                "--upstream",
+                "db=http://h/2",
+                "--upstream-ca-file",
+                "/nonexistent.pem",
+            ],
+            "INTENTGATE_UPSTREAM_CA_FILE",
+            "https",
+        );
+    }
+
+    #[test]
     fn tenant_admins_parse_and_debug_redacts() {
         let c = parse(&[
             "--tenant-admins",
