@@ -130,7 +130,12 @@ fn require_python_packages() {
 }
 
 /// Runs `clients.py steps` against the gateway and returns the results, one per step.
-async fn steps(gw: &TestGateway, token: Option<&str>, mode: &str, steps: Value) -> Vec<Value> {
+pub(crate) async fn steps(
+    gw: &TestGateway,
+    token: Option<&str>,
+    mode: &str,
+    steps: Value,
+) -> Vec<Value> {
     require_python_packages();
     let mut args = vec![
         "steps".to_owned(),
@@ -297,6 +302,20 @@ impl Upstream {
             panic!("the shared {flavor:?} upstream exited: {status}");
         }
         up
+    }
+
+    /// An upstream of this test's own (one it may kill).
+    pub(crate) async fn start_async(flavor: Flavor) -> Upstream {
+        tokio::task::spawn_blocking(move || Upstream::start(flavor))
+            .await
+            .expect("upstream start")
+    }
+
+    /// Kills the server (a crash: no goodbye to open connections) and waits for it to exit.
+    pub(crate) fn kill(&self) {
+        let mut child = self.child.lock().expect("child");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     pub(crate) async fn shared_async(flavor: Flavor) -> &'static Upstream {

@@ -21,3 +21,4 @@ mod plugins;
 mod store;
 mod support;
 mod transport;
+mod upstreams;
