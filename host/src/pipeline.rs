@@ -280,6 +280,15 @@ impl Pipeline {
         }
     }
 
+    /// The same pipeline counting forwarded calls per upstream (`names`, configuration order).
+    #[must_use]
+    pub fn with_upstream_names(mut self, names: &[&str]) -> Self {
+        if !names.is_empty() {
+            self.metrics = Arc::new(crate::metrics::Metrics::with_upstreams(names));
+        }
+        self
+    }
+
     /// The same pipeline with other approval settings.
     #[must_use]
     pub fn with_approvals(mut self, approvals: ApprovalConfig) -> Self {

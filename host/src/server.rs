@@ -236,7 +236,8 @@ impl Gateway {
             config.arg_values,
             config.upstream_name.clone(),
         )
-        .with_approvals(config.approvals);
+        .with_approvals(config.approvals)
+        .with_upstream_names(&upstreams.iter().map(|(n, _)| n).collect::<Vec<_>>());
         let approvals = crate::approvals::Waiters::default();
         background.push(tokio::spawn(crate::approvals::wait::listen(
             store.db(),

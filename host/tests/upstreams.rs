@@ -412,6 +412,35 @@ async fn an_upstream_that_is_down_fails_only_its_own_calls() {
                 && e["upstream"] == "db"),
         "the failure is audited against db: {events:#?}"
     );
+    // Metrics count each upstream's calls and failures under its name.
+    let (s, _, body) = http::send(
+        "GET",
+        &format!("{}/metrics", gw.url),
+        &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let sum = |prefix: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        sum("intentgate_upstream_errors_total{upstream=\"db\"") >= 2.0,
+        "{body}"
+    );
+    assert_eq!(
+        sum("intentgate_upstream_errors_total{upstream=\"github\""),
+        0.0,
+        "{body}"
+    );
+    assert!(
+        sum("intentgate_upstream_calls_total{upstream=\"github\"}") >= 2.0,
+        "{body}"
+    );
     // Health names the upstreams, never their URLs.
     let (s, v) = http::get_json(&format!("{}/healthz", gw.url), "").await;
     assert_eq!(s, 200, "{v}");

@@ -489,7 +489,7 @@ impl CallContext<'_> {
         })?;
         let Some(upstream) = call.upstream.and_then(|n| self.gw.upstreams.get(n)) else {
             let e = UpstreamError::NotConfigured;
-            self.gw.metrics().upstream.error(&e);
+            self.gw.metrics().upstream.error_at(call.upstream, &e);
             self.gw
                 .pipeline
                 .record_upstream_failure(call, &permit, 0, &e.to_string())

@@ -289,7 +289,7 @@ impl CallContext<'_> {
                 self.relay(),
             )
             .await;
-        self.gw.metrics().forwarded(forwarding, &reply);
+        (self.gw.metrics()).forwarded_to(call.upstream, forwarding, &reply);
         let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {
