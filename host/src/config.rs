@@ -1222,7 +1222,7 @@ mod tests {
         assert_eq!(c.upstreams.len(), 2);
         assert!(c.upstream_url.is_none());
         let refused = |args: &[&str], setting: &str, says: &str| {
-            let e = parse(args).err().expect("refused").to_string();
+            let e = parse(args).expect_err("refused").to_string();
             assert!(e.starts_with(setting) && e.contains(says), "{args:?}: {e}");
             assert!(!e.contains("hunter2pass"), "{e}");
         };
