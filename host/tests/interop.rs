@@ -208,6 +208,8 @@ pub(crate) enum Flavor {
     HandshakeSse,
     /// The same, answering with plain JSON bodies.
     HandshakeJson,
+    /// Plain JSON bodies, `tools/list` in pages of three tools.
+    Paged,
 }
 
 impl Flavor {
@@ -218,6 +220,7 @@ impl Flavor {
             Flavor::Stateless => &["--stateless"],
             Flavor::HandshakeSse => &["--handshake-only"],
             Flavor::HandshakeJson => &["--handshake-only", "--json-response"],
+            Flavor::Paged => &["--json-response", "--page-size", "3"],
         }
     }
 
@@ -290,12 +293,14 @@ impl Upstream {
         static STATELESS: OnceLock<Upstream> = OnceLock::new();
         static HANDSHAKE_SSE: OnceLock<Upstream> = OnceLock::new();
         static HANDSHAKE_JSON: OnceLock<Upstream> = OnceLock::new();
+        static PAGED: OnceLock<Upstream> = OnceLock::new();
         let cell = match flavor {
             Flavor::Sse => &SSE,
             Flavor::Json => &JSON,
             Flavor::Stateless => &STATELESS,
             Flavor::HandshakeSse => &HANDSHAKE_SSE,
             Flavor::HandshakeJson => &HANDSHAKE_JSON,
+            Flavor::Paged => &PAGED,
         };
         let up = cell.get_or_init(|| Upstream::start(flavor));
         if let Ok(Some(status)) = up.child.lock().expect("child").try_wait() {

@@ -449,6 +449,77 @@ async fn an_upstream_that_is_down_fails_only_its_own_calls() {
     gw.shutdown().await;
 }
 
+/// An upstream that lists its tools in pages (three a page) beside one that lists them in
+/// one: the merged list's cursor continues only the upstream that has more, with its own
+/// cursor; the official client paging through the gateway sees every tool once, and a token
+/// scoped to some tools sees only those on every page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagination_continues_each_upstream_with_its_own_cursor() {
+    let github = Upstream::shared_async(Flavor::Sse).await;
+    let db = Upstream::shared_async(Flavor::Paged).await;
+    let gw = two_upstream_gateway(github, db).await;
+    let token = token(&gw, &[]).await;
+    // Raw: the first page has github's four and db's first three; the second db's last.
+    let first = raw_list(&gw, &token, json!({})).await;
+    let names = |v: &Value| -> Vec<String> {
+        v["result"]["tools"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|t| t["name"].as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(names(&first).len(), 7, "{first}");
+    let cursor = first["result"]["nextCursor"].clone();
+    assert!(cursor.is_string(), "{first}");
+    let second = raw_list(&gw, &token, json!({"cursor": cursor})).await;
+    assert_eq!(names(&second).len(), 1, "{second}");
+    assert!(names(&second)[0].starts_with("db__"), "{second}");
+    assert!(second["result"].get("nextCursor").is_none(), "{second}");
+    // The official client, paging in both eras.
+    for mode in ["legacy", MODERN] {
+        let m = marker("paged");
+        let results = interop::steps(
+            &gw,
+            Some(&token),
+            mode,
+            json!([
+                {"op": "list-all"},
+                {"op": "call", "tool": "db__send_email", "args": {"to": "x@example.com", "body": m}},
+            ]),
+        )
+        .await;
+        assert_eq!(results[0]["pages"], 2, "{mode}: {}", results[0]);
+        let tools = results[0]["tools"].as_array().map_or(0, Vec::len);
+        assert_eq!(tools, 8, "{mode}: every tool once: {}", results[0]);
+        assert_eq!(
+            sorted_strings(&results[0]["tools"]),
+            namespaced(&["db", "github"]),
+            "{mode}"
+        );
+        assert_ok(&results[1], mode);
+        assert_eq!(reached(db, &m), ["send_email"], "{mode}");
+    }
+    // A token for db's tools only: github contributes nothing, db's pages are filtered.
+    let scoped = gw
+        .mint(
+            json!({"subject": "agent-multi", "tenant": "acme", "ttl_seconds": 600,
+                     "tools": ["db__send_email", "db__read_invoice"]}),
+        )
+        .await
+        .0;
+    let results = interop::steps(&gw, Some(&scoped), "legacy", json!([{"op": "list-all"}])).await;
+    assert_eq!(
+        sorted_strings(&results[0]["tools"]),
+        ["db__read_invoice", "db__send_email"],
+        "{}",
+        results[0]
+    );
+    gw.shutdown().await;
+}
+
 /// A cursor this gateway did not hand out is refused, not passed to some upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_cursor_is_refused() {
