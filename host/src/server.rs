@@ -554,8 +554,12 @@ fn health(gw: &Gateway) -> Response<Body> {
             // Unauthenticated: whether an upstream is configured, never its URL (it may carry
             // credentials in its userinfo or query).
             "upstream_configured": !gw.upstreams.is_empty(),
-            // Their names only (what tokens' `mcp_allow` name), never their URLs.
-            "upstreams": gw.upstreams.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            // Their names only (what tokens' `mcp_allow` name), never their URLs, with what
+            // the last exchange with each showed (`unknown`, `up`, `down`). An upstream down
+            // is not a 503: this gateway still serves the others.
+            "upstreams": gw.upstreams.health()
+                .map(|(name, h)| json!({"name": name, "status": h.as_str()}))
+                .collect::<Vec<_>>(),
             // Over INTENTGATE_OUTBOX_BACKLOG_ALARM undelivered events: raised, never a 503 (a
             // restart would not deliver them sooner).
             "outbox_backlog_alarm": gw.outbox.alarm(),

@@ -24,13 +24,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::Poll;
 
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
 use crate::mcp::discover::UpstreamProfile;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamError};
 
 /// What joins an upstream's name and a resource URI (see the module documentation).
 pub const URI_SEPARATOR: char = '+';
@@ -42,6 +43,27 @@ pub const UNAVAILABLE_META: &str = "io.intentgate/unavailable";
 pub struct Upstreams {
     entries: Vec<(String, Upstream)>,
     separator: String,
+    /// What the last exchange with each upstream showed (see [`Health`]), by entry.
+    health: Box<[AtomicU8]>,
+}
+
+/// What the last exchange with an upstream showed: nothing yet, an answer (whatever it
+/// said), or no answer (unreachable, timed out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Unknown = 0,
+    Up = 1,
+    Down = 2,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Up => "up",
+            Health::Down => "down",
+        }
+    }
 }
 
 /// Where a call goes: the upstream's name and client, and the name or URI it knows the target
@@ -71,9 +93,35 @@ impl Upstreams {
     /// `entries` in the order they were configured (names unique, checked by the config).
     pub fn new(entries: Vec<(String, Upstream)>, separator: impl Into<String>) -> Self {
         Self {
+            health: entries.iter().map(|_| AtomicU8::new(0)).collect(),
             entries,
             separator: separator.into(),
         }
+    }
+
+    /// Notes what an exchange with the upstream `name` showed: down when it could not be
+    /// reached or timed out, up when it answered anything.
+    pub fn note<T>(&self, name: Option<&str>, result: &Result<T, UpstreamError>) {
+        let Some(i) = name.and_then(|n| self.entries.iter().position(|(e, _)| e == n)) else {
+            return;
+        };
+        let h = match result {
+            Err(UpstreamError::Unavailable(_) | UpstreamError::Timeout(_)) => Health::Down,
+            _ => Health::Up,
+        };
+        self.health[i].store(h as u8, Ordering::Relaxed);
+    }
+
+    /// Each upstream's name and what the last exchange with it showed.
+    pub fn health(&self) -> impl Iterator<Item = (&str, Health)> {
+        self.entries.iter().zip(&*self.health).map(|((n, _), h)| {
+            let h = match h.load(Ordering::Relaxed) {
+                1 => Health::Up,
+                2 => Health::Down,
+                _ => Health::Unknown,
+            };
+            (n.as_str(), h)
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -174,7 +222,9 @@ impl Upstreams {
     /// `None` capabilities when no upstream could be asked.
     pub async fn profile(&self) -> UpstreamProfile {
         let asked = join_all(self.entries.iter().map(|(name, up)| async move {
-            match up.profile().await {
+            let profile = up.profile().await;
+            self.note(Some(name), &profile);
+            match profile {
                 Ok(p) => Some((name.as_str(), p)),
                 Err(e) => {
                     tracing::debug!(upstream = %name, error = %e, "upstream profile unavailable");

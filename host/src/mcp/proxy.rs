@@ -79,6 +79,18 @@ impl CallContext<'_> {
         }
     }
 
+    /// Records a permitted call forwarded to `upstream` at `started`: metrics and the
+    /// upstream's health.
+    pub(super) fn forwarded<T>(
+        &self,
+        upstream: Option<&str>,
+        started: std::time::Instant,
+        reply: &Result<T, UpstreamError>,
+    ) {
+        (self.gw.metrics()).forwarded_to(upstream, started, reply);
+        self.gw.upstreams.note(upstream, reply);
+    }
+
     /// The refusal of a name no upstream's prefix starts, naming the upstreams this token
     /// may reach (never the others).
     fn unrouted(&self, e: &Unrouted) -> RpcError {
@@ -160,6 +172,7 @@ impl CallContext<'_> {
                 params.insert("cursor".into(), c.clone());
             }
             let page = up.forward(method, params, relay).await;
+            self.gw.upstreams.note(Some(name), &page);
             (*name, page)
         }))
         .await;
@@ -289,7 +302,7 @@ impl CallContext<'_> {
                 self.relay(),
             )
             .await;
-        (self.gw.metrics()).forwarded_to(call.upstream, forwarding, &reply);
+        self.forwarded(call.upstream, forwarding, &reply);
         let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {

@@ -135,7 +135,7 @@ impl CallContext<'_> {
         }
         let forwarding = std::time::Instant::now();
         let reply = upstream.call_tool(&permit, params, relay).await;
-        (self.gw.metrics()).forwarded_to(call.upstream, forwarding, &reply);
+        self.forwarded(call.upstream, forwarding, &reply);
         let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {
