@@ -62,6 +62,21 @@ pub struct ServeArgs {
     /// Name of the upstream server, matched by `mcp_allow` caveats.
     #[arg(long, env = "INTENTGATE_UPSTREAM_NAME", default_value = "default")]
     pub upstream_name: String,
+    /// Several upstream MCP servers behind the one endpoint, each `NAME=URL` (repeat the flag;
+    /// in the variable, separate them with commas). Names: a lowercase letter, then up to 31 of
+    /// a-z 0-9 -. With INTENTGATE_UPSTREAM_URL, that one is named INTENTGATE_UPSTREAM_NAME.
+    #[arg(
+        long = "upstream",
+        env = "INTENTGATE_UPSTREAMS",
+        value_name = "NAME=URL",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub upstreams: Vec<String>,
+    /// What joins an upstream's name and a tool or prompt name when several upstreams are
+    /// configured (`github__create_issue`).
+    #[arg(long, env = "INTENTGATE_UPSTREAM_SEPARATOR", default_value = "__")]
+    pub upstream_separator: String,
     /// Upstream call timeout in milliseconds.
     #[arg(long, env = "INTENTGATE_UPSTREAM_TIMEOUT_MS", default_value_t = 5000)]
     pub upstream_timeout_ms: u64,
@@ -225,6 +240,11 @@ pub struct Config {
     pub store: StoreChoice,
     pub upstream_url: Option<hyper::Uri>,
     pub upstream_name: String,
+    /// Every upstream by name, in the order configured: `INTENTGATE_UPSTREAM_URL` (named
+    /// `upstream_name`) first, then `INTENTGATE_UPSTREAMS`. Empty: no upstream.
+    pub upstreams: Vec<NamedUpstream>,
+    /// `INTENTGATE_UPSTREAM_SEPARATOR`: joins an upstream's name and a tool or prompt name.
+    pub upstream_separator: String,
     pub upstream_timeout: Duration,
     pub upstream_max_response_bytes: usize,
     /// `INTENTGATE_APPROVAL_MODE`, `_TIMEOUT_S`, `_KEEPALIVE_MS`.
@@ -278,6 +298,125 @@ impl Config {
             ..crate::audit::AuditConfig::default()
         }
     }
+}
+
+/// One configured upstream: its name (what `mcp_allow`/`callee_allow` match and what its tools
+/// are namespaced by) and its URL (never shown unredacted).
+#[derive(Clone, PartialEq, Eq)]
+pub struct NamedUpstream {
+    pub name: String,
+    pub uri: hyper::Uri,
+}
+
+impl std::fmt::Debug for NamedUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.name, redact_url(&self.uri))
+    }
+}
+
+/// An upstream's name in `INTENTGATE_UPSTREAMS`: a lowercase letter, then up to 31 of
+/// `a-z 0-9 -`. So it is also a valid URI scheme prefix (resource URIs are namespaced as
+/// `NAME+URI`), never contains a separator made of `_` or `.`, and reads the same in any case.
+pub fn valid_upstream_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// An upstream URL, checked: absolute http(s) with a host. `setting` names it in the error.
+fn upstream_uri(setting: &'static str, raw: &str) -> Result<hyper::Uri, ConfigError> {
+    // Never echo the URL: it may carry credentials.
+    let uri: hyper::Uri = raw
+        .parse()
+        .map_err(|e| invalid(setting, format!("not a URL: {e}")))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(invalid(
+            setting,
+            "must be an absolute http:// or https:// URL",
+        ));
+    }
+    if uri.host().is_none() {
+        return Err(invalid(setting, "has no host"));
+    }
+    Ok(uri)
+}
+
+/// `INTENTGATE_UPSTREAMS` after `INTENTGATE_UPSTREAM_URL` (named `legacy_name`): each entry
+/// `NAME=URL`, names valid and unique.
+fn parse_upstreams(
+    legacy: Option<(&str, &hyper::Uri)>,
+    raw: &[String],
+    separator: &str,
+) -> Result<Vec<NamedUpstream>, ConfigError> {
+    const SETTING: &str = "INTENTGATE_UPSTREAMS";
+    let mut out: Vec<NamedUpstream> = legacy
+        .map(|(name, uri)| NamedUpstream {
+            name: name.to_owned(),
+            uri: uri.clone(),
+        })
+        .into_iter()
+        .collect();
+    for (i, entry) in raw.iter().map(|e| e.trim()).enumerate() {
+        if entry.is_empty() {
+            continue;
+        }
+        let Some((name, url)) = entry.split_once('=') else {
+            return Err(invalid(SETTING, format!("entry {} is not NAME=URL", i + 1)));
+        };
+        let name = name.trim();
+        if !valid_upstream_name(name) {
+            return Err(invalid(
+                SETTING,
+                format!(
+                    "entry {}: upstream name {name:?}: use a lowercase letter, then up to 31 of a-z 0-9 -",
+                    i + 1
+                ),
+            ));
+        }
+        if out.iter().any(|u| u.name == name) {
+            return Err(invalid(
+                SETTING,
+                format!(
+                    "upstream name {name:?} is configured twice (INTENTGATE_UPSTREAM_NAME counts)"
+                ),
+            ));
+        }
+        let uri = upstream_uri(SETTING, url.trim()).map_err(|e| match e {
+            ConfigError::Invalid { reason, .. } => {
+                invalid(SETTING, format!("entry {} ({name}): {reason}", i + 1))
+            }
+        })?;
+        out.push(NamedUpstream {
+            name: name.to_owned(),
+            uri,
+        });
+    }
+    // With several upstreams their names prefix tool names and resource URIs: each must be
+    // one that cannot run into the separator or a URI scheme.
+    if out.len() > 1
+        && let Some(bad) = out
+            .iter()
+            .find(|u| !valid_upstream_name(&u.name) || u.name.contains(separator))
+    {
+        return Err(invalid(
+            "INTENTGATE_UPSTREAM_NAME",
+            format!(
+                "{:?} cannot prefix tool names beside other upstreams: use a lowercase letter, then up to 31 of a-z 0-9 -",
+                bad.name
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// A separator between an upstream's name and a tool or prompt name: 1-8 of `_` and `.`,
+/// which MCP tool names may contain (SEP-986: `A-Z a-z 0-9 _ - .`) and upstream names may not,
+/// so the first separator in a namespaced name always ends the upstream's name.
+fn valid_separator(s: &str) -> bool {
+    (1..=8).contains(&s.len()) && s.bytes().all(|b| matches!(b, b'_' | b'.'))
 }
 
 /// TLS toward the upstream: the roots its certificate must chain to, and the client identity.
@@ -416,6 +555,8 @@ impl std::fmt::Debug for Config {
             .field("store", &self.store)
             .field("upstream_url", &self.upstream_url.as_ref().map(redact_url))
             .field("upstream_name", &self.upstream_name)
+            .field("upstreams", &self.upstreams)
+            .field("upstream_separator", &self.upstream_separator)
             .field("upstream_timeout", &self.upstream_timeout)
             .field(
                 "upstream_max_response_bytes",
@@ -520,21 +661,7 @@ impl ServeArgs {
         };
         let upstream_url = match self.upstream_url.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(raw) => {
-                let uri: hyper::Uri = raw
-                    .parse()
-                    .map_err(|e| invalid("INTENTGATE_UPSTREAM_URL", format!("{e}")))?;
-                if !matches!(uri.scheme_str(), Some("http" | "https")) {
-                    return Err(invalid(
-                        "INTENTGATE_UPSTREAM_URL",
-                        "must be an absolute http:// or https:// URL",
-                    ));
-                }
-                if uri.host().is_none() {
-                    return Err(invalid("INTENTGATE_UPSTREAM_URL", "has no host"));
-                }
-                Some(uri)
-            }
+            Some(raw) => Some(upstream_uri("INTENTGATE_UPSTREAM_URL", raw)?),
         };
         if !valid_tenant_name(&self.upstream_name) {
             return Err(invalid(
@@ -542,6 +669,19 @@ impl ServeArgs {
                 "use 1-64 of A-Z a-z 0-9 . _ -",
             ));
         }
+        if !valid_separator(&self.upstream_separator) {
+            return Err(invalid(
+                "INTENTGATE_UPSTREAM_SEPARATOR",
+                "use 1-8 of _ and .",
+            ));
+        }
+        let upstreams = parse_upstreams(
+            upstream_url
+                .as_ref()
+                .map(|u| (self.upstream_name.as_str(), u)),
+            &self.upstreams,
+            &self.upstream_separator,
+        )?;
         let ranged = |setting: &'static str, v: u64, lo: u64, hi: u64| {
             if (lo..=hi).contains(&v) {
                 Ok(v)
@@ -685,7 +825,11 @@ impl ServeArgs {
             1,
             1_000_000,
         )? as usize;
-        let upstream_tls = self.upstream_tls(upstream_url.as_ref())?;
+        let upstream_tls = self.upstream_tls(
+            upstreams
+                .iter()
+                .any(|u| u.uri.scheme_str() == Some("https")),
+        )?;
         let listener_tls = match (self.tls_cert_file.clone(), self.tls_key_file.clone()) {
             (None, None) => None,
             (Some(cert_file), Some(key_file)) => {
@@ -720,10 +864,10 @@ impl ServeArgs {
             host_list("INTENTGATE_ALLOWED_ORIGINS", &self.allowed_origins, |o| {
                 o == "*" || crate::mcp::origin::parse_origin(o).is_some()
             })?;
-        if self.demo && upstream_url.is_some() {
+        if self.demo && !upstreams.is_empty() {
             return Err(invalid(
                 "--demo",
-                "starts a demo upstream; do not combine it with INTENTGATE_UPSTREAM_URL",
+                "starts a demo upstream; do not combine it with INTENTGATE_UPSTREAM_URL or INTENTGATE_UPSTREAMS",
             ));
         }
         let telemetry = self.telemetry.validate(addr)?;
@@ -737,6 +881,8 @@ impl ServeArgs {
             store,
             upstream_url,
             upstream_name: self.upstream_name,
+            upstreams,
+            upstream_separator: self.upstream_separator,
             upstream_timeout,
             upstream_max_response_bytes: self.upstream_max_response_bytes,
             approvals,
@@ -784,13 +930,12 @@ impl ServeArgs {
 
     /// The upstream TLS files, each checked (read and parsed) and named when bad. They only
     /// make sense toward an https upstream.
-    fn upstream_tls(&self, upstream: Option<&hyper::Uri>) -> Result<UpstreamTls, ConfigError> {
-        let https = upstream.is_some_and(|u| u.scheme_str() == Some("https"));
+    fn upstream_tls(&self, https: bool) -> Result<UpstreamTls, ConfigError> {
         if let Some(ca) = &self.upstream_ca_file {
             if !https {
                 return Err(invalid(
                     "INTENTGATE_UPSTREAM_CA_FILE",
-                    "set, but INTENTGATE_UPSTREAM_URL is not an https:// URL",
+                    "set, but no upstream URL is https://",
                 ));
             }
             crate::tls::read_certs(ca)
@@ -805,7 +950,7 @@ impl ServeArgs {
                 if !https {
                     return Err(invalid(
                         "INTENTGATE_UPSTREAM_CLIENT_CERT_FILE",
-                        "set, but INTENTGATE_UPSTREAM_URL is not an https:// URL",
+                        "set, but no upstream URL is https://",
                     ));
                 }
                 crate::tls::load_certified_key(&cert, &key).map_err(|e| {
@@ -1048,6 +1193,109 @@ mod tests {
         let plain: hyper::Uri = "http://127.0.0.1:9/mcp".parse().expect("uri");
         assert_eq!(redact_url(&plain), "http://127.0.0.1:9/mcp");
         assert_eq!(scrub_url_secrets("HTTP 502", &plain), "HTTP 502");
+    }
+
+    #[test]
+    fn several_upstreams_are_named_checked_and_redacted() {
+        let c = parse(&[
+            "--upstream-url",
+            "http://127.0.0.1:9/mcp",
+            "--upstream",
+            "github=https://bot:hunter2pass@gh.internal/mcp?key=sekrit-key",
+            "--upstream",
+            "db=http://db.internal:8080/mcp",
+        ])
+        .expect("valid");
+        let names: Vec<&str> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["default", "github", "db"]);
+        assert_eq!(c.upstream_separator, "__");
+        let dbg = format!("{c:#?}");
+        for secret in ["hunter2pass", "sekrit-key", "bot:"] {
+            assert!(!dbg.contains(secret), "{dbg}");
+        }
+        assert!(
+            dbg.contains("github=https://***@gh.internal/mcp?***"),
+            "{dbg}"
+        );
+        // Alone, without INTENTGATE_UPSTREAM_URL; commas in one value.
+        let c = parse(&["--upstream", "a=http://h/1,b-2=http://h/2"]).expect("valid");
+        assert_eq!(c.upstreams.len(), 2);
+        assert!(c.upstream_url.is_none());
+        let refused = |args: &[&str], setting: &str, says: &str| {
+            let e = parse(args).expect_err("refused").to_string();
+            assert!(e.starts_with(setting) && e.contains(says), "{args:?}: {e}");
+            assert!(!e.contains("hunter2pass"), "{e}");
+        };
+        refused(
+            &["--upstream", "a=http://h/1", "--upstream", "a=http://h/2"],
+            "INTENTGATE_UPSTREAMS",
+            "twice",
+        );
+        refused(
+            &[
+                "--upstream-url",
+                "http://h/0",
+                "--upstream",
+                "default=http://h/2",
+            ],
+            "INTENTGATE_UPSTREAMS",
+            "twice",
+        );
+        for bad in [
+            "Git=http://h/1",
+            "gh_x=http://h/1",
+            "1a=http://h/1",
+            "=http://h/1",
+        ] {
+            refused(
+                &["--upstream", bad],
+                "INTENTGATE_UPSTREAMS",
+                "upstream name",
+            );
+        }
+        refused(
+            &["--upstream", "github"],
+            "INTENTGATE_UPSTREAMS",
+            "NAME=URL",
+        );
+        refused(
+            &["--upstream", "gh=ftp://bot:hunter2pass@h/1"],
+            "INTENTGATE_UPSTREAMS",
+            "http",
+        );
+        // A legacy name that cannot prefix tool names beside another upstream.
+        refused(
+            &[
+                "--upstream-url",
+                "http://h/0",
+                "--upstream-name",
+                "Tools_1",
+                "--upstream",
+                "db=http://h/2",
+            ],
+            "INTENTGATE_UPSTREAM_NAME",
+            "prefix",
+        );
+        refused(
+            &["--upstream-separator", "/"],
+            "INTENTGATE_UPSTREAM_SEPARATOR",
+            "_",
+        );
+        refused(
+            &["--demo", "--upstream", "db=http://h/2"],
+            "--demo",
+            "INTENTGATE_UPSTREAMS",
+        );
+        refused(
+            &[
+                "--upstream",
+                "db=http://h/2",
+                "--upstream-ca-file",
+                "/nonexistent.pem",
+            ],
+            "INTENTGATE_UPSTREAM_CA_FILE",
+            "https",
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! | [`mcp`] | JSON-RPC 2.0 / MCP streamable HTTP framing and method handling |
 //! | [`pipeline`] | the ordered checks and the decision (`Permit`) |
 //! | [`upstream`] | forwarding to the upstream MCP server (pooled, bounded) |
+//! | [`upstreams`] | several upstreams behind one endpoint: routing by name, namespacing, merged lists |
 //! | [`admin`] | the admin HTTP API |
 //! | [`store`] | SQLite and PostgreSQL behind one trait |
 //! | [`audit`] | audit events, canonical form, chain, checkpoints, verify, export |
@@ -51,5 +52,6 @@ pub mod store;
 pub mod testkit;
 pub mod tls;
 pub mod upstream;
+pub mod upstreams;
 
 pub use server::{Gateway, run, serve};

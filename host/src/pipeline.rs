@@ -216,6 +216,9 @@ pub struct ToolCall<'a> {
     /// The approval this call resumes (`X-IntentGate-Approval-Id`): matched to the call, then
     /// consumed with the call's event.
     pub approval_id: Option<&'a str>,
+    /// The upstream the call goes to ([`crate::upstreams`]), the server and callee that
+    /// `mcp_allow`/`callee_allow` match; `None`: the configured `INTENTGATE_UPSTREAM_NAME`.
+    pub upstream: Option<&'a str>,
 }
 
 impl ToolCall<'_> {
@@ -275,6 +278,15 @@ impl Pipeline {
             metrics,
             approvals: ApprovalConfig::default(),
         }
+    }
+
+    /// The same pipeline counting forwarded calls per upstream (`names`, configuration order).
+    #[must_use]
+    pub fn with_upstream_names(mut self, names: &[&str]) -> Self {
+        if !names.is_empty() {
+            self.metrics = Arc::new(crate::metrics::Metrics::with_upstreams(names));
+        }
+        self
     }
 
     /// The same pipeline with other approval settings.
@@ -540,13 +552,14 @@ impl Pipeline {
     ) -> Result<(), Denial> {
         let authorizing = (self.metrics.stages).timer(crate::metrics::Stage::Capability);
         // 1. capability: the token's static caveats for this tool, server and agent.
+        let upstream = call.upstream.unwrap_or(&self.upstream_name);
         call.grant.authorize(&CallContext {
             kind: call.kind.capability_kind(),
             tool: call.tool,
             agent: call.agent,
-            server: Some(&self.upstream_name),
+            server: Some(upstream),
             // The callee is the upstream server the call is forwarded to; its zone is not known.
-            callee: Some((&self.upstream_name, None)),
+            callee: Some((upstream, None)),
             // No risk score is computed: a risk_max caveat is refused as not evaluated.
             risk: None,
         })?;
@@ -714,6 +727,7 @@ impl Pipeline {
         e.bundle_digest = bundle_digest.to_owned();
         e.remote_ip = call.remote_ip.clone();
         e.session_id = call.session_id.unwrap_or_default().to_owned();
+        e.upstream = call.upstream.unwrap_or_default().to_owned();
         if let Some(r) = call.round {
             e.call_id = Some(r.call_event);
             e.round = Some(r.number);

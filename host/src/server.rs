@@ -37,6 +37,7 @@ use crate::pipeline::Pipeline;
 use crate::secrets;
 use crate::store::{self, Db, Store, StoreConfig};
 use crate::upstream::Upstream;
+use crate::upstreams::Upstreams;
 
 /// How often a replica polls the stored bundle pointers. PostgreSQL wakes it at once through
 /// `LISTEN`, so there the poll is only a fallback for a lost notification; on SQLite a
@@ -79,7 +80,8 @@ pub struct Gateway {
     pub revocations: Arc<RevocationSet>,
     pub store: Arc<dyn Store>,
     pub pipeline: Pipeline,
-    pub upstream: Option<Upstream>,
+    /// Every upstream by name (none, one, or several behind this one endpoint).
+    pub upstreams: Upstreams,
     /// Wakes held requests when their approval is decided (here or on another replica).
     pub approvals: crate::approvals::Waiters,
     /// Upstream requests relayed to agents, waiting for their replies.
@@ -125,31 +127,43 @@ impl Gateway {
         let audit = AuditLog::open(store.db(), log_key, config.audit_config()).await?;
 
         let mut background = Vec::new();
-        if config.demo && config.upstream_url.is_none() {
+        if config.demo && config.upstreams.is_empty() {
             let (uri, task) = crate::demo::spawn("127.0.0.1:0")
                 .await
                 .map_err(StartError::Demo)?;
             background.push(task);
+            config.upstreams.push(crate::config::NamedUpstream {
+                name: config.upstream_name.clone(),
+                uri: uri.clone(),
+            });
             config.upstream_url = Some(uri);
         }
-        // TLS is set up once, here: the upstream's client configuration (only an https
-        // upstream needs roots) and the listener's certificate.
-        let upstream = match config.upstream_url.clone() {
-            Some(uri) => {
-                let tls = if uri.scheme_str() == Some("https") {
-                    crate::tls::client_config(&config.upstream_tls)?
-                } else {
-                    crate::tls::plaintext_only()?
-                };
-                Some(Upstream::new(
-                    uri,
+        // TLS is set up once, here: the upstreams' client configuration (only https upstreams
+        // need roots; one configuration for all of them) and the listener's certificate.
+        let mut client_tls = None;
+        let mut entries = Vec::with_capacity(config.upstreams.len());
+        for u in &config.upstreams {
+            let tls = if u.uri.scheme_str() == Some("https") {
+                match &client_tls {
+                    Some(t) => Arc::clone(t),
+                    None => Arc::clone(
+                        client_tls.insert(crate::tls::client_config(&config.upstream_tls)?),
+                    ),
+                }
+            } else {
+                crate::tls::plaintext_only()?
+            };
+            entries.push((
+                u.name.clone(),
+                Upstream::new(
+                    u.uri.clone(),
                     config.upstream_timeout,
                     config.upstream_max_response_bytes,
                     tls,
-                ))
-            }
-            None => None,
-        };
+                ),
+            ));
+        }
+        let upstreams = Upstreams::new(entries, config.upstream_separator.clone());
         let tls = match &config.listener_tls {
             Some(files) => Some(crate::tls::ServerTls::start(files)?),
             None => None,
@@ -224,7 +238,8 @@ impl Gateway {
             config.arg_values,
             config.upstream_name.clone(),
         )
-        .with_approvals(config.approvals);
+        .with_approvals(config.approvals)
+        .with_upstream_names(&upstreams.iter().map(|(n, _)| n).collect::<Vec<_>>());
         let approvals = crate::approvals::Waiters::default();
         background.push(tokio::spawn(crate::approvals::wait::listen(
             store.db(),
@@ -241,7 +256,7 @@ impl Gateway {
             revocations,
             store,
             pipeline,
-            upstream,
+            upstreams,
             approvals,
             relays: Arc::default(),
             admin,
@@ -541,7 +556,13 @@ fn health(gw: &Gateway) -> Response<Body> {
             "revocations_fresh": fresh,
             // Unauthenticated: whether an upstream is configured, never its URL (it may carry
             // credentials in its userinfo or query).
-            "upstream_configured": gw.upstream.is_some(),
+            "upstream_configured": !gw.upstreams.is_empty(),
+            // Their names only (what tokens' `mcp_allow` name), never their URLs, with what
+            // the last exchange with each showed (`unknown`, `up`, `down`). An upstream down
+            // is not a 503: this gateway still serves the others.
+            "upstreams": gw.upstreams.health()
+                .map(|(name, h)| json!({"name": name, "status": h.as_str()}))
+                .collect::<Vec<_>>(),
             // Over INTENTGATE_OUTBOX_BACKLOG_ALARM undelivered events: raised, never a 503 (a
             // restart would not deliver them sooner).
             "outbox_backlog_alarm": gw.outbox.alarm(),
@@ -580,14 +601,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         None => tracing::info!("master key and superadmin token come from the environment"),
     }
-    match &gw.upstream {
-        Some(u) if gw.config.demo => {
-            tracing::info!(upstream = %u.redacted_uri(), "demo tool server running as the upstream")
+    if gw.upstreams.is_empty() {
+        tracing::warn!(
+            "no INTENTGATE_UPSTREAM_URL or INTENTGATE_UPSTREAMS: allowed calls answer -32018 upstream unavailable"
+        );
+    }
+    for (name, u) in gw.upstreams.iter() {
+        if gw.config.demo {
+            tracing::info!(upstream = %u.redacted_uri(), "demo tool server running as the upstream");
+        } else {
+            tracing::info!(%name, upstream = %u.redacted_uri(), "forwarding allowed calls");
         }
-        Some(u) => tracing::info!(upstream = %u.redacted_uri(), "forwarding allowed calls"),
-        None => tracing::warn!(
-            "no INTENTGATE_UPSTREAM_URL: allowed calls answer -32018 upstream unavailable"
-        ),
+    }
+    if gw.upstreams.namespaced() {
+        tracing::info!(
+            separator = %gw.upstreams.separator(),
+            "several upstreams: tools and prompts are named UPSTREAM, separator, NAME; resource URIs UPSTREAM+URI"
+        );
     }
     let _metrics = crate::metrics::endpoint::start_listener(&gw).await?;
     serve(gw, listener, shutdown).await.map_err(RunError::Serve)

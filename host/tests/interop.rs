@@ -130,7 +130,12 @@ fn require_python_packages() {
 }
 
 /// Runs `clients.py steps` against the gateway and returns the results, one per step.
-async fn steps(gw: &TestGateway, token: Option<&str>, mode: &str, steps: Value) -> Vec<Value> {
+pub(crate) async fn steps(
+    gw: &TestGateway,
+    token: Option<&str>,
+    mode: &str,
+    steps: Value,
+) -> Vec<Value> {
     require_python_packages();
     let mut args = vec![
         "steps".to_owned(),
@@ -203,6 +208,8 @@ pub(crate) enum Flavor {
     HandshakeSse,
     /// The same, answering with plain JSON bodies.
     HandshakeJson,
+    /// Plain JSON bodies, `tools/list` in pages of three tools.
+    Paged,
 }
 
 impl Flavor {
@@ -213,6 +220,7 @@ impl Flavor {
             Flavor::Stateless => &["--stateless"],
             Flavor::HandshakeSse => &["--handshake-only"],
             Flavor::HandshakeJson => &["--handshake-only", "--json-response"],
+            Flavor::Paged => &["--json-response", "--page-size", "3"],
         }
     }
 
@@ -285,18 +293,34 @@ impl Upstream {
         static STATELESS: OnceLock<Upstream> = OnceLock::new();
         static HANDSHAKE_SSE: OnceLock<Upstream> = OnceLock::new();
         static HANDSHAKE_JSON: OnceLock<Upstream> = OnceLock::new();
+        static PAGED: OnceLock<Upstream> = OnceLock::new();
         let cell = match flavor {
             Flavor::Sse => &SSE,
             Flavor::Json => &JSON,
             Flavor::Stateless => &STATELESS,
             Flavor::HandshakeSse => &HANDSHAKE_SSE,
             Flavor::HandshakeJson => &HANDSHAKE_JSON,
+            Flavor::Paged => &PAGED,
         };
         let up = cell.get_or_init(|| Upstream::start(flavor));
         if let Ok(Some(status)) = up.child.lock().expect("child").try_wait() {
             panic!("the shared {flavor:?} upstream exited: {status}");
         }
         up
+    }
+
+    /// An upstream of this test's own (one it may kill).
+    pub(crate) async fn start_async(flavor: Flavor) -> Upstream {
+        tokio::task::spawn_blocking(move || Upstream::start(flavor))
+            .await
+            .expect("upstream start")
+    }
+
+    /// Kills the server (a crash: no goodbye to open connections) and waits for it to exit.
+    pub(crate) fn kill(&self) {
+        let mut child = self.child.lock().expect("child");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     pub(crate) async fn shared_async(flavor: Flavor) -> &'static Upstream {

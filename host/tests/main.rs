@@ -22,3 +22,4 @@ mod relay;
 mod store;
 mod support;
 mod transport;
+mod upstreams;

@@ -7,13 +7,15 @@ Scenarios (each prints exactly one JSON line on stdout):
 
     check                       versions of the installed client packages
     list                        official MCP client: connect, tools/list
+    list-all                    official MCP client: connect, tools/list page by page
     call TOOL ARGS_JSON         official MCP client: connect, tools/call
     sdk-call TOOL ARGS_JSON     IntentGate SDK: Gateway(url, token).tool_call(TOOL, ARGS)
     sdk-attenuated-call TOOL ARGS_JSON --deny GLOB[,GLOB]
                                 IntentGate SDK: attenuate the token client-side (tool_deny),
                                 then tool_call with the child token
     steps STEPS_JSON            several operations in one process and one MCP connection:
-                                a JSON list of {"op": "list"}, {"op": "call", "tool", "args"},
+                                a JSON list of {"op": "list"}, {"op": "list-all"},
+                                {"op": "call", "tool", "args"},
                                 {"op": "sdk-call", "tool", "args"[, "token"]},
                                 {"op": "sdk-attenuated-call", "tool", "args", "deny"[, "token"]},
                                 {"op": "sleep", "seconds"}, {"op": "sleep_until", "unix"},
@@ -112,7 +114,7 @@ def jsonable(v: Any) -> Any:
 # --- the official MCP client ---------------------------------------------------------------
 
 
-MCP_OPS = ("list", "call")
+MCP_OPS = ("list", "list-all", "call")
 
 
 @asynccontextmanager
@@ -141,6 +143,21 @@ async def mcp_list(client) -> dict[str, Any]:
         "tools": [t.name for t in result.tools],
         "protocol_version": client.protocol_version,
     }
+
+
+async def mcp_list_all(client) -> dict[str, Any]:
+    """Every page of tools/list, following the server's nextCursor."""
+    tools: list[str] = []
+    pages = 0
+    cursor = None
+    while True:
+        result = await client.list_tools(cursor=cursor)
+        pages += 1
+        tools.extend(t.name for t in result.tools)
+        cursor = result.next_cursor
+        if not cursor or pages >= 50:
+            break
+    return {"op": "list-all", "ok": True, "tools": tools, "pages": pages}
 
 
 async def mcp_call(client, tool: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -270,6 +287,8 @@ async def run_step(args: argparse.Namespace, client, step: dict[str, Any]) -> di
         with anyio.fail_after(STEP_TIMEOUT_S):
             if step.get("op") == "list":
                 r = await mcp_list(client)
+            elif step.get("op") == "list-all":
+                r = await mcp_list_all(client)
             elif step.get("op") == "call":
                 r = await mcp_call(client, step["tool"], step.get("args") or {})
             else:

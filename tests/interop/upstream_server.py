@@ -9,7 +9,7 @@ servers do, so its clients use `initialize` and sessions.
 
     python3 tests/interop/upstream_server.py [PORT] [--json-response] [--stateless]
                                              [--handshake-only] [--call-log FILE]
-                                             [--ignore-stdin]
+                                             [--ignore-stdin] [--page-size N]
 
 PORT 0 (the default) picks a free port. The first line on stdout is always `PORT <n>`,
 written once the socket is bound, so a parent can connect as soon as it reads it.
@@ -28,7 +28,7 @@ With `--call-log FILE`, every tool invocation, resource read, prompt get, comple
 `{"tool", "args", "protocol_version", "authorization", "session_id"}` (`tool` is the tool's
 name, or `resource:<uri>`, `prompt:<name>`, `completion:<ref>`, `subscribe:<uri>`,
 `unsubscribe:<uri>`), so a test can tell which calls reached the upstream and with which
-headers.
+headers. With `--page-size N`, `tools/list` answers N tools a page with a `nextCursor`.
 """
 
 import argparse
@@ -53,10 +53,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--call-log", metavar="FILE", help="append one JSON line per tool call")
     p.add_argument("--ignore-stdin", action="store_true", help="do not exit when stdin closes")
+    p.add_argument(
+        "--page-size",
+        type=int,
+        default=0,
+        help="answer tools/list in pages of this many tools (0: one page)",
+    )
     return p.parse_args(argv)
 
 
-def build_server(call_log: str | None):
+def build_server(call_log: str | None, page_size: int = 0):
     from mcp.server.mcpserver import Context, MCPServer
 
     server = MCPServer("intentgate-interop-upstream")
@@ -194,6 +200,20 @@ def build_server(call_log: str | None):
     server._lowlevel_server.add_request_handler(
         "resources/unsubscribe", mcp_types.UnsubscribeRequestParams, subscription("unsubscribe"))
 
+    if page_size > 0:
+        # tools/list in pages: the cursor is the offset of the next page, as a string.
+        async def list_tools_paged(ctx: Any, params: Any) -> Any:
+            tools = await server.list_tools()
+            cursor = getattr(params, "cursor", None) if params is not None else None
+            start = int(cursor) if cursor else 0
+            end = start + page_size
+            return mcp_types.ListToolsResult(
+                tools=tools[start:end], next_cursor=str(end) if end < len(tools) else None
+            )
+
+        server._lowlevel_server.add_request_handler(
+            "tools/list", mcp_types.PaginatedRequestParams, list_tools_paged)
+
     return server
 
 
@@ -278,7 +298,7 @@ def main(argv: list[str]) -> int:
         )
         return 3
 
-    server = build_server(args.call_log)
+    server = build_server(args.call_log, args.page_size)
     app = server.streamable_http_app(
         streamable_http_path="/mcp",
         json_response=args.json_response,

@@ -189,6 +189,9 @@ pub struct AuditEvent {
     pub latency_ms: Option<u64>,
     /// Upstream HTTP status when the call was forwarded.
     pub upstream_status: Option<u16>,
+    /// The name of the upstream the call was routed to (`upstream`; omitted when empty, so
+    /// events written before it existed hash as they did).
+    pub upstream: String,
     /// Caller address (`remote_ip`).
     pub remote_ip: String,
     /// A later round of a multi-round tool call (MCP 2026-07-28): the id of the audit event of
@@ -227,6 +230,7 @@ impl AuditEvent {
             bundle_digest: String::new(),
             latency_ms: None,
             upstream_status: None,
+            upstream: String::new(),
             remote_ip: String::new(),
             call_id: None,
             round: None,
@@ -288,6 +292,7 @@ impl AuditEvent {
         if let Some(n) = self.upstream_status {
             m.insert("upstream_status".into(), n.into());
         }
+        put_str(&mut m, "upstream", &self.upstream);
         put_str(&mut m, "remote_ip", &self.remote_ip);
         if let Some(id) = self.call_id {
             m.insert("call_id".into(), id.into());

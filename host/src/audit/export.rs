@@ -92,7 +92,7 @@ pub fn content_disposition(tenant: Option<&str>, now_ms: i64, format: Format) ->
 }
 
 /// CSV columns, in order.
-pub const CSV_COLUMNS: [&str; 30] = [
+pub const CSV_COLUMNS: [&str; 31] = [
     "id",
     "seq",
     "ts",
@@ -117,6 +117,7 @@ pub const CSV_COLUMNS: [&str; 30] = [
     "bundle_digest",
     "latency_ms",
     "upstream_status",
+    "upstream",
     "remote_ip",
     "call_id",
     "round",

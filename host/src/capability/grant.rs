@@ -14,7 +14,8 @@
 //! that a caveat restricts.
 //!
 //! The callee of a call is the upstream server the gateway forwards it to: its configured name
-//! (`INTENTGATE_UPSTREAM_NAME`) is the callee agent that `callee_allow` globs match. The gateway
+//! (`INTENTGATE_UPSTREAM_NAME`, or its name in `INTENTGATE_UPSTREAMS`) is the callee agent that
+//! `callee_allow` globs match, and the server that `mcp_allow` globs match. The gateway
 //! knows no zone for its upstream, so a caveat's `callee_zones` match nothing (mint refuses
 //! them). No risk score is computed either: a `risk_max` caveat cannot be evaluated and is
 //! refused with that reason (mint refuses it too), never read as "risk 100".
@@ -214,6 +215,25 @@ impl Grant {
                 | Restriction::ToolDeny { .. }
                 | Restriction::KindAllow { .. }
                 | Restriction::KindDeny { .. } => check(r, &ctx).is_ok(),
+                _ => true,
+            })
+    }
+}
+
+impl Grant {
+    /// Whether the server caveats alone (`mcp_allow`, `callee_allow`) let calls reach the
+    /// upstream named `server`: used to leave out of lists what that upstream offers.
+    pub fn reaches(&self, server: &str) -> bool {
+        let ctx = CallContext {
+            server: Some(server),
+            callee: Some((server, None)),
+            ..CallContext::default()
+        };
+        server.len() <= MAX_NAME_BYTES
+            && self.restrictions.iter().all(|r| match r {
+                Restriction::McpAllow { .. } | Restriction::CalleeAllow { .. } => {
+                    check(r, &ctx).is_ok()
+                }
                 _ => true,
             })
     }

@@ -242,7 +242,7 @@ pub async fn handle(
         && !era.is_modern()
         && rpc.method == "tools/call"
         && accepts_event_stream(&parts.headers)
-        && gw.upstream.is_some()
+        && !gw.upstreams.is_empty()
     {
         let call = streamed::Owned {
             gw: std::sync::Arc::clone(gw),
@@ -513,9 +513,9 @@ impl CallContext<'_> {
             }
             d.to_rpc()
         })?;
-        let Some(upstream) = self.gw.upstream.as_ref() else {
+        let Some(upstream) = call.upstream.and_then(|n| self.gw.upstreams.get(n)) else {
             let e = UpstreamError::NotConfigured;
-            self.gw.metrics().upstream.error(&e);
+            self.gw.metrics().upstream.error_at(call.upstream, &e);
             self.gw
                 .pipeline
                 .record_upstream_failure(call, &permit, 0, &e.to_string())
@@ -546,15 +546,10 @@ impl CallContext<'_> {
             .unwrap_or_default()
     }
 
-    /// What the upstream says about itself; when it cannot be asked, the gateway answers alone.
+    /// What the upstreams say about themselves (their union); when none can be asked, the
+    /// gateway answers alone.
     async fn upstream_profile(&self) -> UpstreamProfile {
-        match self.gw.upstream.as_ref() {
-            Some(up) => up.profile().await.unwrap_or_else(|e| {
-                tracing::debug!(error = %e, "upstream profile unavailable; answering locally");
-                UpstreamProfile::default()
-            }),
-            None => UpstreamProfile::default(),
-        }
+        self.gw.upstreams.profile().await
     }
 }
 

@@ -14,19 +14,27 @@
 //! Update notifications reach no client yet, whichever the upstream's revision (the gateway
 //! advertises `subscribe: false`).
 //!
+//! With several upstreams ([`crate::upstreams`]) every name here is namespaced: a list merges
+//! one page of each upstream the token may reach (its cursor says which upstreams have more,
+//! and where), renaming each entry; a target is routed by its prefix and forwarded with the
+//! upstream's own name. An upstream that does not answer leaves the others' entries listed, and
+//! the list's `_meta` names it ([`crate::upstreams::UNAVAILABLE_META`]).
+//!
 //! This module must never forward a target the pipeline did not permit, and never list an
 //! entry the token may not use.
 
 use serde_json::{Map, Value, json};
 
 use super::era::Era;
-use super::jsonrpc::{Request as RpcRequest, RpcError};
+use super::jsonrpc::{Request as RpcRequest, RpcError, code};
 use super::target::Target;
 use super::{CallContext, passthrough_error, translate, upstream_rpc_error};
 use crate::capability::Kind;
 use crate::http;
+use crate::pipeline::CallKind;
 use crate::pipeline::ToolCall;
 use crate::upstream::{Reply, Upstream, UpstreamEra, UpstreamError};
+use crate::upstreams::{self, Route, Unrouted};
 
 /// A list method: the result member holding the entries, the entry field that names one, and
 /// the kind of caveat that governs it.
@@ -71,39 +79,188 @@ impl CallContext<'_> {
         }
     }
 
-    /// One page of a list, filtered to the token's scope.
+    /// Records a permitted call forwarded to `upstream` at `started`: metrics and the
+    /// upstream's health.
+    pub(super) fn forwarded<T>(
+        &self,
+        upstream: Option<&str>,
+        started: std::time::Instant,
+        reply: &Result<T, UpstreamError>,
+    ) {
+        (self.gw.metrics()).forwarded_to(upstream, started, reply);
+        self.gw.upstreams.note(upstream, reply);
+    }
+
+    /// The refusal of a name no upstream's prefix starts, naming the upstreams this token
+    /// may reach (never the others).
+    fn unrouted(&self, e: &Unrouted) -> RpcError {
+        let reachable: Vec<&str> = (self.gw.upstreams.iter())
+            .map(|(n, _)| n)
+            .filter(|n| self.grant.reaches(n))
+            .collect();
+        RpcError::new(code::INVALID_PARAMS, "Invalid params").with_data(Value::from(format!(
+            "{e}; upstreams: {}",
+            reachable.join(", ")
+        )))
+    }
+
+    /// The upstream a tool or prompt name goes to (`None`: no upstream configured).
+    pub(super) fn route_name<'n>(
+        &self,
+        exposed: &'n str,
+    ) -> Result<Option<Route<'_, 'n>>, RpcError> {
+        self.gw
+            .upstreams
+            .route_name(exposed)
+            .map_err(|e| self.unrouted(&e))
+    }
+
+    /// The upstream a target of `kind` goes to: by URI for resources and resource templates,
+    /// by name otherwise.
+    fn route_target<'n>(
+        &self,
+        kind: CallKind,
+        exposed: &'n str,
+    ) -> Result<Option<Route<'_, 'n>>, RpcError> {
+        match kind.capability_kind() {
+            Kind::Resource => self.gw.upstreams.route_uri(exposed),
+            _ => self.gw.upstreams.route_name(exposed),
+        }
+        .map_err(|e| self.unrouted(&e))
+    }
+
+    /// One page of a list, filtered to the token's scope; with several upstreams, one page of
+    /// each merged.
     pub(super) async fn list(&self, rpc: &RpcRequest) -> Result<Value, RpcError> {
         let method = rpc.method.as_str();
         let Some((member, field, kind)) = list_shape(method) else {
             return Err(super::method_not_found(method));
         };
         let modern = self.era.is_modern();
-        let Some(upstream) = self.gw.upstream.as_ref() else {
-            let empty = Map::from_iter([(member.to_owned(), json!([]))]);
-            return Ok(translate::list_for_client(empty, modern));
+        let ups = &self.gw.upstreams;
+        let reached = |n: &&str| self.grant.reaches(n);
+        // Which upstreams to ask, each with its own cursor.
+        let asked: Vec<(&str, &Upstream, Option<Value>)> = if ups.namespaced() {
+            match rpc.params.get("cursor") {
+                None | Some(Value::Null) => ups
+                    .iter()
+                    .filter(|(n, _)| reached(n))
+                    .map(|(n, u)| (n, u, None))
+                    .collect(),
+                Some(c) => upstreams::decode_cursor(c, ups)
+                    .map_err(|e| {
+                        RpcError::new(code::INVALID_PARAMS, "Invalid params")
+                            .with_data(Value::from(e.to_string()))
+                    })?
+                    .into_iter()
+                    .filter_map(|(n, c)| {
+                        let (name, up) = ups.iter().find(|(k, _)| *k == n)?;
+                        reached(&name).then_some((name, up, Some(c)))
+                    })
+                    .collect(),
+            }
+        } else {
+            ups.iter()
+                .filter(|(n, _)| reached(n))
+                .map(|(n, u)| (n, u, rpc.params.get("cursor").cloned()))
+                .collect()
         };
-        let mut params = Map::new();
-        if let Some(c) = rpc.params.get("cursor") {
-            params.insert("cursor".into(), c.clone());
+        let relay = self.relay();
+        let pages = upstreams::join_all(asked.iter().map(|(name, up, cursor)| async move {
+            let mut params = Map::new();
+            if let Some(c) = cursor {
+                params.insert("cursor".into(), c.clone());
+            }
+            let page = up.forward(method, params, relay).await;
+            self.gw.upstreams.note(Some(name), &page);
+            (*name, page)
+        }))
+        .await;
+        if !ups.namespaced() {
+            // One upstream: its page as it is, filtered (its cursor, its other members).
+            let Some((_, page)) = pages.into_iter().next() else {
+                let empty = Map::from_iter([(member.to_owned(), json!([]))]);
+                return Ok(translate::list_for_client(empty, modern));
+            };
+            let reply = page.map_err(|e| upstream_rpc_error(&e))?;
+            let mut result = result_object(reply, method)?;
+            let entries = match result.remove(member) {
+                Some(Value::Array(entries)) => entries,
+                _ => Vec::new(),
+            };
+            let visible: Vec<Value> = entries
+                .into_iter()
+                .filter(|e| {
+                    e.get(field)
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| self.grant.allows(kind, n))
+                })
+                .collect();
+            result.insert(member.into(), Value::Array(visible));
+            return Ok(translate::list_for_client(result, modern));
         }
-        let reply = upstream
-            .forward(method, params, self.relay())
-            .await
-            .map_err(|e| upstream_rpc_error(&e))?;
-        let mut result = result_object(reply, method)?;
-        let entries = match result.remove(member) {
-            Some(Value::Array(entries)) => entries,
-            _ => Vec::new(),
-        };
-        let visible: Vec<Value> = entries
-            .into_iter()
-            .filter(|e| {
-                e.get(field)
-                    .and_then(Value::as_str)
-                    .is_some_and(|n| self.grant.allows(kind, n))
-            })
-            .collect();
-        result.insert(member.into(), Value::Array(visible));
+        let mut merged = Vec::new();
+        let mut next: Vec<(String, Value)> = Vec::new();
+        let mut missing: Vec<&str> = Vec::new();
+        let mut failure = None;
+        for (name, page) in pages {
+            let reply = match page {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(upstream = %name, error = %e, method, "list: upstream unavailable");
+                    missing.push(name);
+                    failure.get_or_insert_with(|| upstream_rpc_error(&e));
+                    continue;
+                }
+            };
+            let mut result = match result_object(reply, method) {
+                Ok(r) => r,
+                // An upstream without this kind of entry (it does not offer prompts) adds none.
+                Err(e) if e.code == code::METHOD_NOT_FOUND => continue,
+                Err(e) => {
+                    missing.push(name);
+                    failure.get_or_insert(e);
+                    continue;
+                }
+            };
+            if let Some(Value::Array(entries)) = result.remove(member) {
+                for mut entry in entries {
+                    let Some(original) = entry.get(field).and_then(Value::as_str) else {
+                        continue;
+                    };
+                    let exposed = match kind {
+                        Kind::Resource => ups.expose_uri(name, original),
+                        _ => ups.expose_name(name, original),
+                    };
+                    if self.grant.allows(kind, &exposed) {
+                        entry[field] = Value::from(exposed);
+                        merged.push(entry);
+                    }
+                }
+            }
+            match result.remove("nextCursor") {
+                None | Some(Value::Null) => {}
+                Some(c) => next.push((name.to_owned(), c)),
+            }
+        }
+        if let Some(e) = failure
+            && missing.len() == asked.len()
+        {
+            return Err(e); // none answered: as one upstream down would be
+        }
+        let mut result = Map::from_iter([(member.to_owned(), Value::Array(merged))]);
+        if !next.is_empty() {
+            result.insert(
+                "nextCursor".into(),
+                Value::from(upstreams::encode_cursor(&next)),
+            );
+        }
+        if !missing.is_empty() {
+            result.insert(
+                "_meta".into(),
+                json!({upstreams::UNAVAILABLE_META: missing}),
+            );
+        }
         Ok(translate::list_for_client(result, modern))
     }
 
@@ -114,6 +271,7 @@ impl CallContext<'_> {
             Some(t) => t?,
             None => return Err(super::method_not_found(method)),
         };
+        let route = self.route_target(target.kind, &target.name)?;
         let call = ToolCall {
             grant: self.grant,
             kind: target.kind,
@@ -125,6 +283,7 @@ impl CallContext<'_> {
             session_id: self.session,
             round: None,
             approval_id: self.approval_id(),
+            upstream: route.map(|r| r.name),
         };
         let (permit, upstream) = self.decide(&call).await?;
         if acknowledged_here(upstream, method).await {
@@ -136,9 +295,14 @@ impl CallContext<'_> {
         // client's to write for its own hop).
         let forwarding = std::time::Instant::now();
         let reply = upstream
-            .forward_permitted(&permit, method, rpc.params.clone(), self.relay())
+            .forward_permitted(
+                &permit,
+                method,
+                renamed(method, &rpc.params, route),
+                self.relay(),
+            )
             .await;
-        self.gw.metrics().forwarded(forwarding, &reply);
+        self.forwarded(call.upstream, forwarding, &reply);
         let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {
@@ -149,7 +313,10 @@ impl CallContext<'_> {
                 return Err(upstream_rpc_error(&e));
             }
         };
-        let result = result_object(reply, method)?;
+        let mut result = result_object(reply, method)?;
+        if let Some(r) = route {
+            expose_contents(&self.gw.upstreams, r.name, &mut result);
+        }
         let mut result = translate::result_for_client(
             result,
             self.era.is_modern(),
@@ -162,14 +329,20 @@ impl CallContext<'_> {
     /// A method forwarded as it is once authenticated (`resources/unsubscribe`).
     pub(super) async fn forward_plain(&self, rpc: &RpcRequest) -> Result<Value, RpcError> {
         let method = rpc.method.as_str();
-        let Some(upstream) = self.gw.upstream.as_ref() else {
+        let uri = rpc.param_str("uri").unwrap_or_default();
+        let route = self
+            .gw
+            .upstreams
+            .route_uri(uri)
+            .map_err(|e| self.unrouted(&e))?;
+        let Some(upstream) = route.map(|r| r.upstream) else {
             return Err(upstream_rpc_error(&UpstreamError::NotConfigured));
         };
         if acknowledged_here(upstream, method).await {
             return Ok(json!({}));
         }
         let reply = upstream
-            .forward(method, rpc.params.clone(), self.relay())
+            .forward(method, renamed(method, &rpc.params, route), self.relay())
             .await
             .map_err(|e| upstream_rpc_error(&e))?;
         let result = result_object(reply, method)?;
@@ -178,5 +351,35 @@ impl CallContext<'_> {
             self.era.is_modern(),
             false,
         )?))
+    }
+}
+
+/// The body to forward: `params` with the target renamed to the upstream's own name or URI
+/// when it was namespaced.
+pub(super) fn renamed(
+    method: &str,
+    params: &Map<String, Value>,
+    route: Option<Route<'_, '_>>,
+) -> Map<String, Value> {
+    let mut params = params.clone();
+    if let Some(r) = route {
+        upstreams::rename_target(method, &mut params, r.original);
+    }
+    params
+}
+
+/// A `resources/read` result's `contents[].uri` as the agent knows them (namespaced by
+/// `upstream` when there are several upstreams).
+fn expose_contents(ups: &upstreams::Upstreams, upstream: &str, result: &mut Map<String, Value>) {
+    if !ups.namespaced() {
+        return;
+    }
+    if let Some(Value::Array(contents)) = result.get_mut("contents") {
+        for c in contents {
+            if let Some(uri) = c.get("uri").and_then(Value::as_str) {
+                let exposed = ups.expose_uri(upstream, uri);
+                c["uri"] = Value::from(exposed);
+            }
+        }
     }
 }

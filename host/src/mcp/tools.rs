@@ -64,10 +64,11 @@ impl CallContext<'_> {
                 )),
             );
         }
+        let route = self.route_name(&inv.name)?;
         let modern = self.era.is_modern();
-        if modern && let Some(upstream) = self.gw.upstream.as_ref() {
+        if modern && let Some(r) = route {
             // The client's `Mcp-Param-*` headers must agree with the arguments the tool marks.
-            let marked = upstream.marked_arguments(&inv.name).await;
+            let marked = r.upstream.marked_arguments(r.original).await;
             let empty = serde_json::Map::new();
             let args = inv.arguments.as_object().unwrap_or(&empty);
             super::params::check(self.headers, &marked, args)?;
@@ -116,6 +117,7 @@ impl CallContext<'_> {
                 number: p.round.saturating_add(1),
             }),
             approval_id: resumes.as_deref().or_else(|| self.approval_id()),
+            upstream: route.map(|r| r.name),
         };
         // Every round is decided again; only the first is charged.
         let (permit, upstream) = match self.decide(&call).await {
@@ -130,7 +132,10 @@ impl CallContext<'_> {
             }
             Err(e) => return Err(e),
         };
-        let params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
+        let mut params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
+        if let Some(r) = route {
+            crate::upstreams::rename_target("tools/call", &mut params, r.original);
+        }
         let mut result = match self.forward(&call, &permit, upstream, params, rpc).await? {
             Ok(r) => r,
             Err(other) => return Ok(other),
@@ -159,11 +164,15 @@ impl CallContext<'_> {
                     number,
                 }),
                 approval_id: None,
+                upstream: call.upstream,
             };
             let (next_permit, upstream) = self.decide(&round).await?;
             let state = result.get("requestState").and_then(Value::as_str);
             let mut params = inv.forward_params(state);
             params.insert("inputResponses".into(), Value::Object(answers));
+            if let Some(r) = route {
+                crate::upstreams::rename_target("tools/call", &mut params, r.original);
+            }
             result = match self
                 .forward(&round, &next_permit, upstream, params, rpc)
                 .await?
@@ -223,7 +232,7 @@ impl CallContext<'_> {
         let reply = upstream
             .call_tool_relaying(permit, params, relay, ask_client.as_ref())
             .await;
-        self.gw.metrics().forwarded(forwarding, &reply);
+        self.forwarded(call.upstream, forwarding, &reply);
         let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {

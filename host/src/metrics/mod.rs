@@ -17,7 +17,7 @@
 //! and a clock read per stage (measured by `intentgate-bench micro metrics`); everything else is
 //! done when scraped. Labels are bounded: a tenant label (at most
 //! [`decisions::MAX_TENANT_LABELS`] values, the rest folded into `(other)`), and otherwise fixed
-//! sets (check, outcome, stage, kind, the configured upstream name). This module must never
+//! sets (check, outcome, stage, kind, the configured upstream names). This module must never
 //! label a metric with an agent, a token, a tool, an argument or a remote address.
 
 use std::time::Instant;
@@ -82,14 +82,33 @@ impl Metrics {
         self.decisions.record(tenant, check, outcome);
     }
 
+    /// Empty metrics with one upstream series per name (configuration order).
+    pub fn with_upstreams(names: &[&str]) -> Self {
+        Self {
+            upstream: upstream::Upstream::named(names),
+            ..Self::new("default")
+        }
+    }
+
     /// Records a call forwarded to the upstream at `started` and what came back (whatever the
     /// answer's type).
     #[inline]
     pub fn forwarded<T>(&self, started: Instant, result: &Result<T, UpstreamError>) {
+        self.forwarded_to(None, started, result);
+    }
+
+    /// [`Metrics::forwarded`] for the upstream named `upstream`.
+    #[inline]
+    pub fn forwarded_to<T>(
+        &self,
+        upstream: Option<&str>,
+        started: Instant,
+        result: &Result<T, UpstreamError>,
+    ) {
         self.stages.since(Stage::Upstream, started);
-        self.upstream.call();
+        self.upstream.call_to(upstream);
         if let Err(e) = result {
-            self.upstream.error(e);
+            self.upstream.error_at(upstream, e);
         }
     }
 

@@ -161,6 +161,25 @@ fn mcp_allow_needs_a_matching_server() {
 }
 
 #[test]
+fn reaches_reads_only_the_server_and_callee_caveats() {
+    let m = mint_ok(&MintRequest {
+        servers: vec!["git*".into()],
+        callees: vec!["github".into(), "db".into()],
+        tools: vec!["none-of-these".into()],
+        ..req("bot")
+    });
+    let g = grant(&m.token);
+    assert!(g.reaches("github"), "allowed by both, whatever the tools");
+    assert!(!g.reaches("db"), "mcp_allow refuses it");
+    assert!(!g.reaches("gitlab"), "callee_allow refuses it");
+    let open = grant(&mint_ok(&req("bot")).token);
+    assert!(
+        open.reaches("anything"),
+        "no server caveats: every upstream"
+    );
+}
+
+#[test]
 fn callee_allow_by_agent_glob_or_zone() {
     let m = mint_ok(&MintRequest {
         callees: vec!["helper-*".into()],
