@@ -30,7 +30,13 @@ const CAPABILITY: i64 = -32010;
 const UPSTREAM_UNAVAILABLE: i64 = -32018;
 const INVALID_PARAMS: i64 = -32602;
 const MODERN: &str = "2026-07-28";
-const TOOLS: [&str; 4] = ["delete_records", "echo", "read_invoice", "send_email"];
+const TOOLS: [&str; 5] = [
+    "ask_user",
+    "delete_records",
+    "echo",
+    "read_invoice",
+    "send_email",
+];
 
 fn marker(name: &str) -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -467,7 +473,7 @@ async fn pagination_continues_each_upstream_with_its_own_cursor() {
     let db = Upstream::shared_async(Flavor::Paged).await;
     let gw = two_upstream_gateway(github, db).await;
     let token = token(&gw, &[]).await;
-    // Raw: the first page has github's four and db's first three; the second db's last.
+    // Raw: the first page has github's five and db's first three; the second db's last two.
     let first = raw_list(&gw, &token, json!({})).await;
     let names = |v: &Value| -> Vec<String> {
         v["result"]["tools"]
@@ -479,12 +485,15 @@ async fn pagination_continues_each_upstream_with_its_own_cursor() {
             })
             .unwrap_or_default()
     };
-    assert_eq!(names(&first).len(), 7, "{first}");
+    assert_eq!(names(&first).len(), 8, "{first}");
     let cursor = first["result"]["nextCursor"].clone();
     assert!(cursor.is_string(), "{first}");
     let second = raw_list(&gw, &token, json!({"cursor": cursor})).await;
-    assert_eq!(names(&second).len(), 1, "{second}");
-    assert!(names(&second)[0].starts_with("db__"), "{second}");
+    assert_eq!(names(&second).len(), 2, "{second}");
+    assert!(
+        names(&second).iter().all(|n| n.starts_with("db__")),
+        "{second}"
+    );
     assert!(second["result"].get("nextCursor").is_none(), "{second}");
     // The official client, paging in both eras.
     for mode in ["legacy", MODERN] {
@@ -501,7 +510,12 @@ async fn pagination_continues_each_upstream_with_its_own_cursor() {
         .await;
         assert_eq!(results[0]["pages"], 2, "{mode}: {}", results[0]);
         let tools = results[0]["tools"].as_array().map_or(0, Vec::len);
-        assert_eq!(tools, 8, "{mode}: every tool once: {}", results[0]);
+        assert_eq!(
+            tools,
+            2 * TOOLS.len(),
+            "{mode}: every tool once: {}",
+            results[0]
+        );
         assert_eq!(
             sorted_strings(&results[0]["tools"]),
             namespaced(&["db", "github"]),
