@@ -610,6 +610,11 @@ impl Pipeline {
         // state is single-use (a conditional counter of 1 in the shared store, so a replay is
         // refused on every replica), or a replayed state would be a free call. It is charged
         // with the round's event, so a round whose decision is not durable may be retried.
+        // A request the upstream sends the agent during a call is decided (and audited), never
+        // charged: the call that caused it was.
+        if call.kind.is_server_request() {
+            return Ok(());
+        }
         if let Some(r) = call.round {
             findings.charges = vec![Debit {
                 key: format!("round:{}:{}", r.call_event, r.number),
@@ -690,8 +695,8 @@ impl Pipeline {
 
     /// Counts an allowed call in this replica's usage view (what policies see as usage).
     fn note_usage(&self, call: &ToolCall<'_>, debits: &[Debit]) {
-        if call.round.is_some() {
-            return; // counted with the call's first round
+        if call.round.is_some() || call.kind.is_server_request() {
+            return; // counted with the call's first round, or with the call that asked
         }
         let day = day_start();
         let agent_key = format!("usage/{}/{}", call.grant.tenant, call.grant.subject);

@@ -57,6 +57,67 @@ async fn an_elicitation_reaches_a_handshake_era_client_and_its_answer_the_tool()
         assert_eq!(calls.len(), 1, "{mode}: ran once: {calls:?}");
         assert_eq!(calls[0]["args"]["action"], "accept");
     }
+    // The upstream's request was decided and audited as the upstream acting toward the user.
+    let (_, audit) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=default&limit=100", tg.url),
+        gateway::ADMIN_TOKEN,
+    )
+    .await;
+    let asked = audit["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|e| e["tool"] == "elicitation:ask_user")
+        .collect::<Vec<_>>();
+    assert_eq!(asked.len(), 1, "{audit}");
+    assert_eq!(asked[0]["decision"], "allow");
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_policy_can_refuse_what_the_upstream_asks_the_agent() {
+    let up = Upstream::shared_async(Flavor::Sse).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("no_elicitation.rego");
+    std::fs::write(
+        &policy,
+        r#"package intentgate.policy
+
+decision := {"allow": false, "reason": "no questions to users from tools"} if {
+	input.kind == "elicitation"
+} else := {"allow": true, "reason": "ok"}
+"#,
+    )
+    .expect("policy");
+    let policy = policy.display().to_string();
+    let tg = gateway::start(Backend::Sqlite, Some(&up.url), &["--policy-file", &policy]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "asker", "tools": ["ask_user"]}))
+        .await;
+    let question = format!("refused? {}", std::process::id());
+    let (url, tok, q) = (tg.url.clone(), token.clone(), question.clone());
+    let out = tokio::task::spawn_blocking(move || run_client("legacy", &url, &tok, &q))
+        .await
+        .expect("client");
+    // The client was never asked (the tool's call failed with the refusal instead).
+    assert!(
+        out.get("asked").is_none_or(|a| a == &json!([])),
+        "the client was never asked: {out}"
+    );
+    // The tool learned that it could not ask (an error, or a decline) and did not get an answer.
+    assert!(
+        !out.to_string().contains("answer: True"),
+        "no accepted answer reached the tool: {out}"
+    );
+    let (_, audit) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=default&limit=100", tg.url),
+        gateway::ADMIN_TOKEN,
+    )
+    .await;
+    let refused = audit["items"].as_array().expect("items").iter().any(|e| {
+        e["tool"] == "elicitation:ask_user" && e["decision"] == "block" && e["check"] == "policy"
+    });
+    assert!(refused, "the refusal is audited: {audit}");
     tg.shutdown().await;
 }
 

@@ -304,6 +304,7 @@ impl<'a> CallContext<'a> {
             pending: std::sync::Mutex::new(None),
             decided: std::sync::Mutex::new(None),
             to_client: None,
+            owner: None,
         }
     }
 
@@ -425,6 +426,9 @@ struct CallContext<'a> {
     /// Where requests of the upstream for this call's client go (`relay.rs`), when the client
     /// takes an event stream.
     to_client: Option<tokio::sync::mpsc::Sender<Value>>,
+    /// The gateway, owned, for what outlives a borrow of this request (the relayed requests'
+    /// handler, `relay.rs`); set where the call runs in its own task.
+    owner: Option<std::sync::Arc<Gateway>>,
 }
 
 /// What the `X-IntentGate-Decision` and `X-IntentGate-Event-Id` response headers say.

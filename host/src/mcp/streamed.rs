@@ -59,6 +59,7 @@ pub(super) async fn call(owned: Owned) -> Response<Body> {
             &o.era,
         );
         ctx.to_client = Some(to_client);
+        ctx.owner = Some(Arc::clone(&o.gw));
         let outcome = ctx.dispatch(o.endpoint, &o.rpc).await;
         let _ = done_tx.send(Finished {
             outcome,

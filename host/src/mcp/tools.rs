@@ -149,7 +149,7 @@ impl CallContext<'_> {
             if number > MAX_RELAYED_ROUNDS {
                 break;
             }
-            let answers = self.ask_inputs(&result).await;
+            let answers = self.ask_inputs(&call, &result).await;
             let round = ToolCall {
                 grant: self.grant,
                 kind: CallKind::Tool,
@@ -215,20 +215,7 @@ impl CallContext<'_> {
         let forwarding = std::time::Instant::now();
         // The upstream may ask this call's client something (sampling, elicitation): relayed
         // when the client takes an event stream, refused otherwise.
-        let ask_client: Option<std::sync::Arc<crate::upstream::ServerRequests>> =
-            self.to_client.clone().map(|tx| {
-                let relays = std::sync::Arc::clone(&self.gw.relays);
-                let (tenant, jti) = (self.grant.tenant.clone(), self.grant.jti.clone());
-                let ask = move |request: Value| -> crate::store::BoxFuture<
-                    'static,
-                    serde_json::Map<String, Value>,
-                > {
-                    let (relays, tx) = (std::sync::Arc::clone(&relays), tx.clone());
-                    let (tenant, jti) = (tenant.clone(), jti.clone());
-                    Box::pin(async move { relays.relay(&tenant, &jti, &tx, request).await })
-                };
-                std::sync::Arc::new(ask) as std::sync::Arc<crate::upstream::ServerRequests>
-            });
+        let ask_client = self.asker(call).map(super::relay::Asker::into_handler);
         let reply = upstream
             .call_tool_relaying(permit, params, relay, ask_client.as_ref())
             .await;
@@ -254,10 +241,11 @@ impl CallContext<'_> {
     /// one, on its event stream; its answers keyed as the requests were.
     async fn ask_inputs(
         &self,
+        call: &ToolCall<'_>,
         result: &serde_json::Map<String, Value>,
     ) -> serde_json::Map<String, Value> {
         let mut answers = serde_json::Map::new();
-        let Some(tx) = self.to_client.as_ref() else {
+        let Some(asker) = self.asker(call) else {
             return answers;
         };
         let requests = result
@@ -266,11 +254,7 @@ impl CallContext<'_> {
             .cloned()
             .unwrap_or_default();
         for (key, request) in requests.into_iter().take(MAX_RELAYED_INPUTS) {
-            let reply = self
-                .gw
-                .relays
-                .relay(&self.grant.tenant, &self.grant.jti, tx, request)
-                .await;
+            let reply = asker.ask(request).await;
             // An input the client refused is answered as declined, so the tool can go on.
             let answer = match reply.get("result") {
                 Some(r) => r.clone(),
@@ -279,6 +263,23 @@ impl CallContext<'_> {
             answers.insert(key, answer);
         }
         answers
+    }
+
+    /// Who asks this call's client what the upstream asks it, when the client can be asked
+    /// (it takes an event stream on a handshake-era call).
+    fn asker(&self, call: &ToolCall<'_>) -> Option<super::relay::Asker> {
+        let (Some(tx), Some(gw)) = (self.to_client.as_ref(), self.owner.as_ref()) else {
+            return None;
+        };
+        Some(super::relay::Asker {
+            gw: std::sync::Arc::clone(gw),
+            grant: self.grant.clone(),
+            tool: call.tool.to_owned(),
+            upstream: call.upstream.map(str::to_owned),
+            remote_ip: call.remote_ip.clone(),
+            session: call.session_id.map(str::to_owned),
+            to_client: tx.clone(),
+        })
     }
 
     /// The input-required result of a pending approval (2026-07-28): state only, sealed to

@@ -29,10 +29,21 @@ pub enum CallKind {
     /// `completion/complete` for a prompt's (`Kind::Prompt`) or a resource template's
     /// (`Kind::Resource`) argument.
     Completion(Kind),
+    /// `sampling/createMessage` the upstream sends the agent while a tool runs: the upstream
+    /// acting toward the agent's user, named by the tool that asked.
+    Sampling,
+    /// `elicitation/create` the upstream sends the agent while a tool runs (as `Sampling`).
+    Elicitation,
 }
 
 /// Prefixes that qualify the names of the kinds other than tools.
-const RESERVED: &[&str] = &["resource:", "prompt:", "completion:"];
+const RESERVED: &[&str] = &[
+    "resource:",
+    "prompt:",
+    "completion:",
+    "sampling:",
+    "elicitation:",
+];
 
 impl CallKind {
     /// The kind as the policy input and the audit log name it.
@@ -42,7 +53,23 @@ impl CallKind {
             CallKind::Resource => "resource",
             CallKind::Prompt => "prompt",
             CallKind::Completion(_) => "completion",
+            CallKind::Sampling => "sampling",
+            CallKind::Elicitation => "elicitation",
         }
+    }
+
+    /// The kind of a request an upstream sends the agent, by its method.
+    pub fn of_server_request(method: &str) -> Option<CallKind> {
+        match method {
+            "sampling/createMessage" => Some(CallKind::Sampling),
+            "elicitation/create" => Some(CallKind::Elicitation),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a request of the upstream toward the agent (decided, never charged).
+    pub fn is_server_request(self) -> bool {
+        matches!(self, CallKind::Sampling | CallKind::Elicitation)
     }
 
     /// The kind of caveat that governs the target (`tool_*`, `resource_*`, `prompt_*`): a
@@ -54,6 +81,8 @@ impl CallKind {
             CallKind::Resource => Kind::Resource,
             CallKind::Prompt => Kind::Prompt,
             CallKind::Completion(k) => k,
+            // In scope where the tool that asks is.
+            CallKind::Sampling | CallKind::Elicitation => Kind::Tool,
         }
     }
 
@@ -64,6 +93,8 @@ impl CallKind {
             CallKind::Resource => Cow::Owned(format!("resource:{target}")),
             CallKind::Prompt => Cow::Owned(format!("prompt:{target}")),
             CallKind::Completion(k) => Cow::Owned(format!("completion:{}:{target}", k.as_str())),
+            CallKind::Sampling => Cow::Owned(format!("sampling:{target}")),
+            CallKind::Elicitation => Cow::Owned(format!("elicitation:{target}")),
         }
     }
 }
@@ -85,6 +116,8 @@ mod tests {
             CallKind::Prompt,
             CallKind::Completion(Kind::Prompt),
             CallKind::Completion(Kind::Resource),
+            CallKind::Sampling,
+            CallKind::Elicitation,
         ];
         let names: Vec<String> = kinds
             .iter()
@@ -97,7 +130,9 @@ mod tests {
                 "resource:x",
                 "prompt:x",
                 "completion:prompt:x",
-                "completion:resource:x"
+                "completion:resource:x",
+                "sampling:x",
+                "elicitation:x"
             ]
         );
         for n in &names[1..] {

@@ -19,10 +19,11 @@ use std::collections::BTreeMap;
 
 /// The kind of MCP target a call reaches and its name, from the host's qualified `tool`
 /// (`resource:<uri>`, `prompt:<name>`, `completion:prompt:<name>`,
-/// `completion:resource:<uri template>`; a plain name is a tool). The host never passes a tool
+/// `completion:resource:<uri template>`, `sampling:<tool>` / `elicitation:<tool>` for a request
+/// the upstream sends the agent while that tool runs; a plain name is a tool). The host never passes a tool
 /// whose name starts with one of these prefixes.
 pub fn kind_and_target(tool: &str) -> (&'static str, &str) {
-    for kind in ["resource", "prompt", "completion"] {
+    for kind in ["resource", "prompt", "completion", "sampling", "elicitation"] {
         if let Some(target) = tool
             .strip_prefix(kind)
             .and_then(|rest| rest.strip_prefix(':'))
