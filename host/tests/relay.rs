@@ -13,9 +13,14 @@ use crate::support::gateway::{self, Backend};
 use crate::support::http;
 
 fn run_client(mode: &str, url: &str, token: &str, question: &str) -> Value {
+    run_client_with(mode, url, token, question, &[])
+}
+
+fn run_client_with(mode: &str, url: &str, token: &str, question: &str, extra: &[&str]) -> Value {
     let out = Command::new(crate::interop::python())
         .arg(crate::interop::interop_dir().join("relay_client.py"))
         .args([mode, "--gateway", url, "--token", token, question])
+        .args(extra)
         .stdin(Stdio::null())
         .output()
         .expect("relay_client.py ran");
@@ -132,5 +137,34 @@ async fn a_reply_for_another_tokens_request_is_refused() {
     assert_eq!(status, 404, "{v}");
     let (status, _) = http::post_json(&format!("{}/v1/mcp", tg.url), None, &reply).await;
     assert_eq!(status, 401);
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn progress_reaches_a_handshake_era_client_while_the_tool_runs() {
+    let up = Upstream::shared_async(Flavor::Sse).await;
+    let tg = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "counter", "tools": ["slow_count"]}))
+        .await;
+    let (url, tok) = (tg.url.clone(), token.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        run_client_with("legacy", &url, &tok, "-", &["--progress"])
+    })
+    .await
+    .expect("client");
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["text"], json!(["counted to 3"]), "{out}");
+    let at: Vec<f64> = out["progress_at"]
+        .as_array()
+        .expect("progress")
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    let done = out["done_at"].as_f64().expect("done");
+    assert_eq!(at.len(), 3, "every step's progress: {out}");
+    // The tool sleeps 0.3 s after each step: the first progress arrived while it was still
+    // running, not together with the answer.
+    assert!(done - at[0] >= 0.5, "progress streamed as it came: {out}");
     tg.shutdown().await;
 }

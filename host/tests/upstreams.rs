@@ -30,12 +30,13 @@ const CAPABILITY: i64 = -32010;
 const UPSTREAM_UNAVAILABLE: i64 = -32018;
 const INVALID_PARAMS: i64 = -32602;
 const MODERN: &str = "2026-07-28";
-const TOOLS: [&str; 5] = [
+const TOOLS: [&str; 6] = [
     "ask_user",
     "delete_records",
     "echo",
     "read_invoice",
     "send_email",
+    "slow_count",
 ];
 
 fn marker(name: &str) -> String {
@@ -473,7 +474,7 @@ async fn pagination_continues_each_upstream_with_its_own_cursor() {
     let db = Upstream::shared_async(Flavor::Paged).await;
     let gw = two_upstream_gateway(github, db).await;
     let token = token(&gw, &[]).await;
-    // Raw: the first page has github's five and db's first three; the second db's last two.
+    // Raw: the first page has github's six and db's first three; the second db's last three.
     let first = raw_list(&gw, &token, json!({})).await;
     let names = |v: &Value| -> Vec<String> {
         v["result"]["tools"]
@@ -485,11 +486,11 @@ async fn pagination_continues_each_upstream_with_its_own_cursor() {
             })
             .unwrap_or_default()
     };
-    assert_eq!(names(&first).len(), 8, "{first}");
+    assert_eq!(names(&first).len(), 9, "{first}");
     let cursor = first["result"]["nextCursor"].clone();
     assert!(cursor.is_string(), "{first}");
     let second = raw_list(&gw, &token, json!({"cursor": cursor})).await;
-    assert_eq!(names(&second).len(), 2, "{second}");
+    assert_eq!(names(&second).len(), 3, "{second}");
     assert!(
         names(&second).iter().all(|n| n.starts_with("db__")),
         "{second}"

@@ -34,6 +34,18 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
         transport = streamable_http_client(a.gateway + "/v1/mcp", http_client=http)
         async with Client(transport, mode=a.mode, read_timeout_seconds=60.0, cache=None,
                           elicitation_callback=on_elicit) as client:
+            if a.progress:
+                import time
+                started = time.monotonic()
+                seen: list[float] = []
+
+                async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                    seen.append(time.monotonic() - started)
+
+                r = await client.call_tool("slow_count", {"n": 3}, progress_callback=on_progress)
+                done = time.monotonic() - started
+                return {"ok": True, "text": [getattr(b, "text", None) for b in r.content],
+                        "progress_at": seen, "done_at": done}
             r = await client.call_tool("ask_user", {"question": a.question})
             return {"ok": True, "text": [getattr(b, "text", None) for b in r.content],
                     "is_error": bool(r.is_error), "asked": asked,
@@ -46,6 +58,8 @@ def main() -> int:
     p.add_argument("--gateway", required=True)
     p.add_argument("--token", required=True)
     p.add_argument("question")
+    p.add_argument("--progress", action="store_true",
+                   help="call slow_count instead and report when each progress arrived")
     a = p.parse_args()
     try:
         out = asyncio.run(run(a))

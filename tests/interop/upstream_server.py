@@ -18,7 +18,7 @@ The server exits when its stdin closes (so a test process that dies takes it alo
 SIGTERM/SIGINT. `--ignore-stdin` turns the stdin watch off, for running it by hand with
 stdin at /dev/null.
 
-Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text), ask_user(question).
+Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text), ask_user(question), slow_count(n).
 Resources: `file:///public/readme.md`, `file:///public/secret.txt`, `file:///private/ledger.csv`
 and the template `note://{topic}`; prompts: `summarize(text)`, `greet(name)`, `admin_reset()`;
 completions: `greet`'s `name` and `note://{topic}`'s `topic` complete from fixed lists;
@@ -125,6 +125,17 @@ def build_server(call_log: str | None, page_size: int = 0):
         if r.action == "accept":
             return f"answer: {r.data.confirm}"
         return f"answer: {r.action}"
+
+    @server.tool()
+    async def slow_count(n: int, ctx: Context) -> str:
+        """Count to n, reporting progress at each step, a step every 0.3 s."""
+        import anyio
+
+        for i in range(min(n, 10)):
+            await ctx.report_progress(i + 1, n)
+            await anyio.sleep(0.3)
+        record("slow_count", {"n": n}, ctx)
+        return f"counted to {n}"
 
     # --- resources, prompts, completions (host/tests/mcp_kinds.rs) ---
 

@@ -165,11 +165,20 @@ pub struct Asker {
     pub remote_ip: String,
     pub session: Option<String>,
     pub to_client: mpsc::Sender<Value>,
+    /// The call's `progressToken`: only its progress is passed on.
+    pub progress_token: Option<Value>,
 }
 
 impl Asker {
-    /// Decides, then relays `request`; what to answer the upstream.
+    /// Decides, then relays `request`; what to answer the upstream. A notification of the
+    /// call (its progress, a log message) is passed on at once and answered with nothing.
     pub async fn ask(&self, request: Value) -> Map<String, Value> {
+        if request.get("id").is_none() {
+            for n in super::translate::relayable(vec![request], self.progress_token.as_ref()) {
+                let _ = self.to_client.send(n).await;
+            }
+            return Map::new();
+        }
         let method = request
             .get("method")
             .and_then(Value::as_str)

@@ -149,7 +149,7 @@ impl CallContext<'_> {
             if number > MAX_RELAYED_ROUNDS {
                 break;
             }
-            let answers = self.ask_inputs(&call, &result).await;
+            let answers = self.ask_inputs(&call, rpc, &result).await;
             let round = ToolCall {
                 grant: self.grant,
                 kind: CallKind::Tool,
@@ -215,7 +215,7 @@ impl CallContext<'_> {
         let forwarding = std::time::Instant::now();
         // The upstream may ask this call's client something (sampling, elicitation): relayed
         // when the client takes an event stream, refused otherwise.
-        let ask_client = self.asker(call).map(super::relay::Asker::into_handler);
+        let ask_client = self.asker(call, rpc).map(super::relay::Asker::into_handler);
         let reply = upstream
             .call_tool_relaying(permit, params, relay, ask_client.as_ref())
             .await;
@@ -242,10 +242,11 @@ impl CallContext<'_> {
     async fn ask_inputs(
         &self,
         call: &ToolCall<'_>,
+        rpc: &RpcRequest,
         result: &serde_json::Map<String, Value>,
     ) -> serde_json::Map<String, Value> {
         let mut answers = serde_json::Map::new();
-        let Some(asker) = self.asker(call) else {
+        let Some(asker) = self.asker(call, rpc) else {
             return answers;
         };
         let requests = result
@@ -267,7 +268,7 @@ impl CallContext<'_> {
 
     /// Who asks this call's client what the upstream asks it, when the client can be asked
     /// (it takes an event stream on a handshake-era call).
-    fn asker(&self, call: &ToolCall<'_>) -> Option<super::relay::Asker> {
+    fn asker(&self, call: &ToolCall<'_>, rpc: &RpcRequest) -> Option<super::relay::Asker> {
         let (Some(tx), Some(gw)) = (self.to_client.as_ref(), self.owner.as_ref()) else {
             return None;
         };
@@ -279,6 +280,11 @@ impl CallContext<'_> {
             remote_ip: call.remote_ip.clone(),
             session: call.session_id.map(str::to_owned),
             to_client: tx.clone(),
+            progress_token: rpc
+                .params
+                .get("_meta")
+                .and_then(|m| m.get("progressToken"))
+                .cloned(),
         })
     }
 

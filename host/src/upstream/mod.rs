@@ -192,7 +192,8 @@ pub struct Upstream {
 
 /// Answers a request the upstream sends while it works on a call (`sampling/createMessage`,
 /// `elicitation/create`, `roots/list`): given the request message, the reply's `result` or
-/// `error` member, as an object.
+/// `error` member, as an object. It is also handed the call's notifications as they arrive
+/// (its answer to those is ignored).
 pub type ServerRequests =
     dyn Fn(Value) -> crate::store::BoxFuture<'static, Map<String, Value>> + Send + Sync;
 
@@ -704,14 +705,21 @@ impl Upstream {
         let _in_flight = self.session_calls.enter(id, server_requests.cloned());
         match server_requests {
             Some(answer) => {
-                self.post_relaying(&body, id, session, &**answer, RELAYED_CALL_IDLE)
+                self.post_relaying(&body, id, session, &**answer, RELAYED_CALL_IDLE, true)
                     .await
             }
             // Nobody to ask: a request of the upstream is refused at once, and the whole
             // exchange keeps the call timeout.
             None => tokio::time::timeout(
                 self.timeout,
-                self.post_relaying(&body, id, session, &refuse_server_request, self.timeout),
+                self.post_relaying(
+                    &body,
+                    id,
+                    session,
+                    &refuse_server_request,
+                    self.timeout,
+                    false,
+                ),
             )
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?,
@@ -729,6 +737,7 @@ impl Upstream {
         session: &Session,
         answer: &ServerRequests,
         idle: Duration,
+        streaming: bool,
     ) -> Result<Answer, UpstreamError> {
         let bytes =
             serde_json::to_vec(body).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
@@ -771,7 +780,12 @@ impl Upstream {
                 }
                 let is_request = v.get("method").is_some() && v.get("id").is_some();
                 if !is_request {
-                    keep(&mut notifications, v);
+                    if streaming && is_notification(&v) {
+                        // Passed on as it arrives (the handler decides what the client sees).
+                        let _ = answer(v).await;
+                    } else {
+                        keep(&mut notifications, v);
+                    }
                     continue;
                 }
                 relayed += 1;
