@@ -57,6 +57,8 @@ pub enum Denial {
         reason: String,
         escalate: bool,
         requires_step_up: bool,
+        /// How the escalation is answered, when the policy said.
+        approval_mode: Option<approvals::Mode>,
     },
     #[error("{0}")]
     Budget(String),
@@ -180,6 +182,8 @@ pub struct Pending {
     pub reason: String,
     pub requires_step_up: bool,
     pub expires_ms: i64,
+    /// How the policy asked the escalation to be answered, if it did.
+    pub mode: Option<approvals::Mode>,
 }
 
 impl Pending {
@@ -414,6 +418,7 @@ impl Pipeline {
                 escalate: true,
                 reason,
                 requires_step_up,
+                ..
             }) => {
                 let pending = self.pending_for(call, &event, reason, *requires_step_up);
                 event.pending_id = pending.pending_id.clone();
@@ -433,6 +438,7 @@ impl Pipeline {
                     reason,
                     requires_step_up,
                     escalate: true,
+                    approval_mode,
                 }),
                 Ok(_),
             ) => {
@@ -444,6 +450,7 @@ impl Pipeline {
                     reason,
                     requires_step_up,
                     expires_ms: a.expires_ms,
+                    mode: approval_mode,
                 }))
             }
             (Ok(()), Ok(a)) if a.refused.is_some() && a.refused_check == "approval" => {
@@ -594,12 +601,14 @@ impl Pipeline {
                         reason: format!("step-up required: {}", policy.reason),
                         escalate: true,
                         requires_step_up: true,
+                        approval_mode: mode_of(&policy),
                     });
                 }
             }
             VerdictKind::Allow => {}
             kind => {
                 return Err(Denial::Policy {
+                    approval_mode: mode_of(&policy),
                     reason: policy.reason,
                     escalate: kind == VerdictKind::Escalate,
                     requires_step_up: policy.requires_step_up,
@@ -791,6 +800,14 @@ fn refuse_unless_allowed(verdict: &Verdict, deny: fn(String) -> Denial) -> Resul
     } else {
         Err(deny(verdict.reason.clone()))
     }
+}
+
+/// The approval mode a policy verdict asked for, if any.
+fn mode_of(verdict: &Verdict) -> Option<approvals::Mode> {
+    verdict
+        .approval_mode
+        .as_deref()
+        .and_then(|m| approvals::Mode::parse(m).ok())
 }
 
 fn day_start() -> u64 {

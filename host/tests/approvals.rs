@@ -823,3 +823,74 @@ decision := {"allow": true, "requires_step_up": true, "reason": "payments need a
     assert_eq!(upstream_calls(up, &m, 1).await, 1);
     tg.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_policy_decision_chooses_how_its_escalation_is_answered() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("modes.rego");
+    std::fs::write(
+        &policy,
+        r#"package intentgate.policy
+
+decision := {"allow": false, "escalate": true, "reason": "hold it", "approval_mode": "sync"} if {
+	input.tool == "delete_records"
+} else := {"allow": false, "escalate": true, "reason": "ask later", "approval_mode": "async"} if {
+	input.tool == "send_email"
+} else := {"allow": true, "reason": "ok"}
+"#,
+    )
+    .expect("policy");
+    let policy = policy.display().to_string();
+    // The gateway's default is the opposite of each decision's mode.
+    for default in ["async", "sync"] {
+        let tg = start(
+            Backend::Sqlite,
+            up,
+            &["--policy-file", &policy, "--approval-mode", default],
+        )
+        .await;
+        let agent = format!("agent-mode-{default}");
+        let (token, _) = tg
+            .mint(json!({"subject": agent, "tools": ["delete_records", "send_email"]}))
+            .await;
+        // "sync" from the policy: held without any Prefer header, then run once approved.
+        let m = marker("policy-sync");
+        let url = tg.url.clone();
+        let (t2, body) = (token.clone(), call_body("delete_records", &m));
+        let task = tokio::spawn(async move { call_with(&url, &t2, &body, &[]).await });
+        let id = wait_pending(&tg.url, &agent).await;
+        let (status, _) = decide(
+            &tg.url,
+            ADMIN_TOKEN,
+            &id,
+            json!({"decision": "approve", "decided_by": "ops"}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let v = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("answered")
+            .expect("task");
+        assert!(
+            v.get("result").is_some(),
+            "default {default}: held then run: {v}"
+        );
+        assert_eq!(upstream_calls(up, &m, 1).await, 1);
+        // "async" from the policy: answered at once, even when the gateway holds by default.
+        let v = tokio::time::timeout(
+            Duration::from_secs(5),
+            call_with(
+                &tg.url,
+                &token,
+                &json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+                "params": {"name": "send_email", "arguments": {"to": "a@b", "body": "x"}}}),
+                &[],
+            ),
+        )
+        .await
+        .expect("answered at once");
+        pending_of(&v).await;
+        tg.shutdown().await;
+    }
+}

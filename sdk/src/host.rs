@@ -1,4 +1,4 @@
-//! The host imports a plugin may use: log, clock, budget counters.
+//! The host imports a plugin may use: log, clock, budget counters, verdict hints.
 //!
 //! In a component (wasm32) these call the gateway; natively (unit tests) they read and write
 //! the [`crate::testing`] harness state of the current thread. Nothing here touches the
@@ -20,7 +20,7 @@ pub enum Level {
 #[cfg(target_arch = "wasm32")]
 mod imp {
     use super::Level;
-    use crate::bindings::check::intentgate::plugin::{clock, counters, log};
+    use crate::bindings::check::intentgate::plugin::{clock, counters, hints, log};
 
     pub fn log(level: Level, message: &str) {
         let level = match level {
@@ -38,6 +38,10 @@ mod imp {
 
     pub fn counter(key: &str, window_start: u64) -> u64 {
         counters::get(key, window_start)
+    }
+
+    pub fn approval_mode(mode: &str) {
+        hints::approval_mode(mode);
     }
 }
 
@@ -63,6 +67,10 @@ mod imp {
                 .unwrap_or(0)
         })
     }
+
+    pub fn approval_mode(mode: &str) {
+        STATE.with(|s| s.borrow_mut().approval_mode = Some(mode.to_string()));
+    }
 }
 
 /// Write a line to the gateway's log.
@@ -73,6 +81,13 @@ pub fn log(level: Level, message: &str) {
 /// The host's wall clock, milliseconds since the Unix epoch.
 pub fn now_unix_ms() -> u64 {
     imp::now_unix_ms()
+}
+
+/// Tell the host how an escalation of the current call is answered: `"sync"` (held until a
+/// person decides) or `"async"` (answered "approval pending" at once). Call it during
+/// `evaluate`, before returning an escalate verdict; other values are ignored by the host.
+pub fn approval_mode(mode: &str) {
+    imp::approval_mode(mode)
 }
 
 /// The current value of a host-owned budget counter.

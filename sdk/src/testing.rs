@@ -13,6 +13,7 @@ pub(crate) struct HarnessState {
     pub(crate) now_ms: u64,
     pub(crate) counters: HashMap<(String, u64), u64>,
     pub(crate) logs: Vec<(Level, String)>,
+    pub(crate) approval_mode: Option<String>,
 }
 
 thread_local! {
@@ -36,6 +37,11 @@ impl<T: Check> Harness<T> {
         Ok(Self {
             check: T::configure(config)?,
         })
+    }
+
+    /// What the check last told the host through [`crate::host::approval_mode`] (taken).
+    pub fn take_approval_mode(&self) -> Option<String> {
+        STATE.with(|s| s.borrow_mut().approval_mode.take())
     }
 
     /// Set the host clock (ms since the Unix epoch).

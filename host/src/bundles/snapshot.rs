@@ -194,6 +194,7 @@ impl Snapshot {
             kind: VerdictKind::Block,
             reason: "no policy in bundle (deny by default)".into(),
             requires_step_up: false,
+            approval_mode: None,
         }))
     }
 

@@ -9,7 +9,8 @@
 //! is forwarded.
 //!
 //! Chosen per request: `Prefer: respond-async` asks for the `-32019` answer, `Prefer: wait`
-//! to be held; without either, `INTENTGATE_APPROVAL_MODE`.
+//! to be held; without either, what the policy's decision said (`approval_mode`), else
+//! `INTENTGATE_APPROVAL_MODE`.
 //!
 //! This module must never forward a call whose approval it did not see approved, and never
 //! keep waiting for a client that has gone.
@@ -32,9 +33,14 @@ use crate::http::{self, Body};
 use crate::pipeline::{Denial, Pending};
 use crate::server::Gateway;
 
-/// Whether this request waits for its approval (see the module docs).
-pub(super) fn wanted(gw: &Gateway, headers: &hyper::HeaderMap) -> bool {
-    let mut mode = gw.pipeline.approvals().mode;
+/// Whether this request waits for its approval (see the module docs): the request's `Prefer`,
+/// else what the policy said for this escalation (`policy`), else the gateway's mode.
+pub(super) fn wanted(
+    gw: &Gateway,
+    headers: &hyper::HeaderMap,
+    policy: Option<approvals::Mode>,
+) -> bool {
+    let mut mode = policy.unwrap_or(gw.pipeline.approvals().mode);
     for v in headers
         .get_all("prefer")
         .iter()

@@ -265,7 +265,7 @@ pub async fn handle(
     // the gateway's mode); otherwise `-32019` tells it how to resume.
     if outcome.is_err()
         && let Some(pending) = ctx.take_pending()
-        && hold::wanted(gw, &parts.headers)
+        && hold::wanted(gw, &parts.headers, pending.mode)
     {
         let held = hold::Held {
             gw: std::sync::Arc::clone(gw),

@@ -126,7 +126,7 @@ fn event(data: &str) -> Bytes {
 async fn answer(owned: &Arc<Owned>, id: &Value, f: Finished) -> Response<Body> {
     if f.outcome.is_err()
         && let Some(pending) = f.pending
-        && hold::wanted(&owned.gw, &owned.headers)
+        && hold::wanted(&owned.gw, &owned.headers, pending.mode)
     {
         let held = hold::Held {
             gw: Arc::clone(&owned.gw),

@@ -124,12 +124,19 @@ impl CallContext<'_> {
             Ok(decided) => decided,
             // A stateless-era client that is not held gets the pending approval as an
             // input-required result: any MCP client resumes it by retrying with the state.
-            Err(e) if modern && !super::hold::wanted(self.gw, self.headers) => {
-                match self.take_pending() {
-                    Some(p) => return Ok(self.approval_input_required(&inv, &p)),
-                    None => return Err(e),
+            Err(e) if modern => match self.take_pending() {
+                Some(p) if !super::hold::wanted(self.gw, self.headers, p.mode) => {
+                    return Ok(self.approval_input_required(&inv, &p));
                 }
-            }
+                // Held (by `handle`): the pending approval goes back for it.
+                Some(p) => {
+                    if let Ok(mut slot) = self.pending.lock() {
+                        *slot = Some(p);
+                    }
+                    return Err(e);
+                }
+                None => return Err(e),
+            },
             Err(e) => return Err(e),
         };
         let mut params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
@@ -339,6 +346,7 @@ impl CallContext<'_> {
                     reason: row.reason,
                     requires_step_up: row.requires_step_up,
                     expires_ms: row.expires_ms,
+                    mode: None,
                 }))
             }
             Outcome::TimedOut => Ok(None),

@@ -292,8 +292,11 @@ impl CheckPool {
         match result {
             Ok(raw) => {
                 instance.uses += 1;
+                let approval_mode = instance.store.data_mut().approval_mode.take();
                 self.give_back(instance);
-                validate(self.stage, raw, limits, self.require_intent)
+                let mut out = validate(self.stage, raw, limits, self.require_intent)?;
+                out.verdict.approval_mode = approval_mode;
+                Ok(out)
             }
             Err(e) => {
                 let oom = instance.store.data().limiter.exceeded;
@@ -398,6 +401,7 @@ fn validate(
         kind,
         reason: verdict.reason,
         requires_step_up: verdict.requires_step_up,
+        approval_mode: None,
     };
 
     let intent = match (require_intent, raw.intent) {

@@ -67,6 +67,8 @@ pub(crate) struct HostState {
     deadline: Instant,
     /// The current call runs under `call_async`: at every tick it yields to the executor.
     yielding: bool,
+    /// What the current `evaluate` said through `hints.approval-mode` (reset at each call).
+    pub(crate) approval_mode: Option<String>,
 }
 
 impl HostState {
@@ -96,6 +98,7 @@ impl HostState {
             log_budget: LOG_BUDGET_PER_CALL,
             deadline: Instant::now(),
             yielding: false,
+            approval_mode: None,
         }
     }
 
@@ -132,6 +135,7 @@ pub(crate) fn arm(store: &mut Store<HostState>, limit: Duration, yielding: bool)
     state.begin_call();
     state.deadline = Instant::now() + limit;
     state.yielding = yielding;
+    state.approval_mode = None;
     store.set_epoch_deadline(1);
 }
 
@@ -191,6 +195,15 @@ impl cb::intentgate::plugin::log::Host for HostState {
 impl cb::intentgate::plugin::clock::Host for HostState {
     fn now_unix_ms(&mut self) -> u64 {
         now_unix_ms()
+    }
+}
+
+impl cb::intentgate::plugin::hints::Host for HostState {
+    fn approval_mode(&mut self, mode: String) {
+        // Bounded: only the two known values are kept.
+        if matches!(mode.as_str(), "sync" | "async") {
+            self.approval_mode = Some(mode);
+        }
     }
 }
 

@@ -246,6 +246,10 @@ pub struct Verdict {
     pub reason: String,
     /// A step-up is required.
     pub requires_step_up: bool,
+    /// How an escalation is answered, when the check said (`hints.approval-mode`: `sync` or
+    /// `async`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_mode: Option<String>,
 }
 
 impl Verdict {
@@ -255,6 +259,7 @@ impl Verdict {
             kind: VerdictKind::Allow,
             reason: reason.into(),
             requires_step_up: false,
+            approval_mode: None,
         }
     }
 

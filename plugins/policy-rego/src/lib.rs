@@ -3,7 +3,7 @@
 //! The Rego source is this check's configuration: it is parsed, compiled (entry point
 //! `data.intentgate.policy.decision`) and its tests run once per instance in `configure`, never
 //! per call. The decision object is `{allow: bool, reason: string, escalate?: bool,
-//! requires_step_up?: bool}`: `escalate` wins; a missing, undefined or non-boolean `allow` blocks
+//! requires_step_up?: bool, approval_mode?: "sync" | "async"}`: `escalate` wins; a missing, undefined or non-boolean `allow` blocks
 //! (fail closed).
 //!
 //! Configuration: either raw Rego text, or JSON
@@ -52,6 +52,7 @@ struct DecisionKeys {
     reason: Value,
     escalate: Value,
     requires_step_up: Value,
+    approval_mode: Value,
 }
 
 impl Default for DecisionKeys {
@@ -61,6 +62,7 @@ impl Default for DecisionKeys {
             reason: Value::from("reason"),
             escalate: Value::from("escalate"),
             requires_step_up: Value::from("requires_step_up"),
+            approval_mode: Value::from("approval_mode"),
         }
     }
 }
@@ -178,6 +180,10 @@ fn decide(k: &DecisionKeys, decision: &Value) -> Verdict {
     let flag = |key: &Value| matches!(obj.get(key), Some(Value::Bool(true)));
     let step_up = flag(&k.requires_step_up);
     if flag(&k.escalate) {
+        // `approval_mode: "sync" | "async"` chooses how this escalation is answered.
+        if let Some(Value::String(mode)) = obj.get(&k.approval_mode) {
+            intentgate_plugin_sdk::host::approval_mode(mode);
+        }
         let v = Verdict::escalate(if reason.is_empty() {
             "policy escalated".into()
         } else {
@@ -227,6 +233,8 @@ decision := {"allow": false, "escalate": true, "reason": "big", "requires_step_u
 }
 
 decision := {"allow": "yes"} if input.tool == "weird"
+
+decision := {"allow": false, "escalate": true, "reason": "wait", "approval_mode": "sync"} if input.tool == "wire"
 "#;
 
     #[test]
@@ -239,6 +247,10 @@ decision := {"allow": "yes"} if input.tool == "weird"
         let r = h.evaluate(&call("pay").arg("amount", 500).build(), None);
         assert_eq!(r.verdict.kind, VerdictKind::Escalate);
         assert!(r.verdict.requires_step_up);
+        assert_eq!(h.take_approval_mode(), None, "no mode unless the decision names one");
+        let r = h.evaluate(&call("wire").build(), None);
+        assert_eq!(r.verdict.kind, VerdictKind::Escalate);
+        assert_eq!(h.take_approval_mode().as_deref(), Some("sync"));
         let r = h.evaluate(&call("other").build(), None);
         assert_eq!(
             (r.verdict.kind, r.verdict.reason.as_str()),
