@@ -168,3 +168,34 @@ async fn progress_reaches_a_handshake_era_client_while_the_tool_runs() {
     assert!(done - at[0] >= 0.5, "progress streamed as it came: {out}");
     tg.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_clients_roots_reach_the_tool_that_lists_them() {
+    let up = Upstream::shared_async(Flavor::Sse).await;
+    let tg = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "rooter", "tools": ["ask_user"]}))
+        .await;
+    let question = format!("roots: {}", std::process::id());
+    let (url, tok, q) = (tg.url.clone(), token.clone(), question.clone());
+    let out = tokio::task::spawn_blocking(move || run_client("legacy", &url, &tok, &q))
+        .await
+        .expect("client");
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["asked"], json!(["roots"]), "{out}");
+    assert_eq!(out["text"], json!(["roots: file:///work/project"]), "{out}");
+    let (_, audit) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=default&limit=100", tg.url),
+        gateway::ADMIN_TOKEN,
+    )
+    .await;
+    assert!(
+        audit["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .any(|e| e["tool"] == "roots:ask_user" && e["decision"] == "allow"),
+        "{audit}"
+    );
+    tg.shutdown().await;
+}

@@ -29,11 +29,15 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
         asked.append(getattr(params, "message", ""))
         return types.ElicitResult(action="accept", content={"confirm": True})
 
+    async def on_roots(context: Any) -> Any:
+        asked.append("roots")
+        return types.ListRootsResult(roots=[types.Root(uri="file:///work/project", name="project")])
+
     headers = {"Authorization": f"Bearer {a.token}"}
     async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=60.0)) as http:
         transport = streamable_http_client(a.gateway + "/v1/mcp", http_client=http)
         async with Client(transport, mode=a.mode, read_timeout_seconds=60.0, cache=None,
-                          elicitation_callback=on_elicit) as client:
+                          elicitation_callback=on_elicit, list_roots_callback=on_roots) as client:
             if a.progress:
                 import time
                 started = time.monotonic()

@@ -120,6 +120,11 @@ def build_server(call_log: str | None, page_size: int = 0):
     @server.tool()
     async def ask_user(question: str, ctx: Context) -> str:
         """Ask the user a yes/no question (an elicitation to the client) and report the answer."""
+        if question.startswith("roots:"):
+            # The client's roots instead (a roots/list request, on the session's own stream).
+            roots = await ctx.request_context.session.list_roots()
+            record("ask_user", {"question": question, "roots": len(roots.roots)}, ctx)
+            return "roots: " + ", ".join(str(r.uri) for r in roots.roots)
         r = await ctx.elicit(question, Confirm)
         record("ask_user", {"question": question, "action": r.action}, ctx)
         if r.action == "accept":

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::jsonrpc::code;
 
 /// The server-to-client methods relayed; anything else is refused.
-pub const RELAYED: &[&str] = &["sampling/createMessage", "elicitation/create"];
+pub const RELAYED: &[&str] = &["sampling/createMessage", "elicitation/create", "roots/list"];
 
 /// How long an agent has to answer a relayed request (a person may be filling a form).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(300);

@@ -34,6 +34,8 @@ pub enum CallKind {
     Sampling,
     /// `elicitation/create` the upstream sends the agent while a tool runs (as `Sampling`).
     Elicitation,
+    /// `roots/list` the upstream sends the agent while a tool runs (as `Sampling`).
+    Roots,
 }
 
 /// Prefixes that qualify the names of the kinds other than tools.
@@ -43,6 +45,7 @@ const RESERVED: &[&str] = &[
     "completion:",
     "sampling:",
     "elicitation:",
+    "roots:",
 ];
 
 impl CallKind {
@@ -55,6 +58,7 @@ impl CallKind {
             CallKind::Completion(_) => "completion",
             CallKind::Sampling => "sampling",
             CallKind::Elicitation => "elicitation",
+            CallKind::Roots => "roots",
         }
     }
 
@@ -63,13 +67,17 @@ impl CallKind {
         match method {
             "sampling/createMessage" => Some(CallKind::Sampling),
             "elicitation/create" => Some(CallKind::Elicitation),
+            "roots/list" => Some(CallKind::Roots),
             _ => None,
         }
     }
 
     /// Whether this is a request of the upstream toward the agent (decided, never charged).
     pub fn is_server_request(self) -> bool {
-        matches!(self, CallKind::Sampling | CallKind::Elicitation)
+        matches!(
+            self,
+            CallKind::Sampling | CallKind::Elicitation | CallKind::Roots
+        )
     }
 
     /// The kind of caveat that governs the target (`tool_*`, `resource_*`, `prompt_*`): a
@@ -82,7 +90,7 @@ impl CallKind {
             CallKind::Prompt => Kind::Prompt,
             CallKind::Completion(k) => k,
             // In scope where the tool that asks is.
-            CallKind::Sampling | CallKind::Elicitation => Kind::Tool,
+            CallKind::Sampling | CallKind::Elicitation | CallKind::Roots => Kind::Tool,
         }
     }
 
@@ -95,6 +103,7 @@ impl CallKind {
             CallKind::Completion(k) => Cow::Owned(format!("completion:{}:{target}", k.as_str())),
             CallKind::Sampling => Cow::Owned(format!("sampling:{target}")),
             CallKind::Elicitation => Cow::Owned(format!("elicitation:{target}")),
+            CallKind::Roots => Cow::Owned(format!("roots:{target}")),
         }
     }
 }
@@ -118,6 +127,7 @@ mod tests {
             CallKind::Completion(Kind::Resource),
             CallKind::Sampling,
             CallKind::Elicitation,
+            CallKind::Roots,
         ];
         let names: Vec<String> = kinds
             .iter()
@@ -132,7 +142,8 @@ mod tests {
                 "completion:prompt:x",
                 "completion:resource:x",
                 "sampling:x",
-                "elicitation:x"
+                "elicitation:x",
+                "roots:x"
             ]
         );
         for n in &names[1..] {

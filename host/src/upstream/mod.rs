@@ -210,7 +210,7 @@ struct Extras<'a> {
 /// The client capabilities declared toward a stateless upstream for a handshake-era client
 /// whose requests can be relayed (its input requests are asked on the client's event stream).
 fn relayable_capabilities() -> Value {
-    json!({"sampling": {}, "elicitation": {"form": {}, "url": {}}})
+    json!({"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {}})
 }
 
 /// How long the upstream may go silent while it works on a call that relays server requests
@@ -890,7 +890,7 @@ impl Upstream {
         // refused when it cannot be asked).
         let params = json!({
             "protocolVersion": HANDSHAKE_VERSION,
-            "capabilities": {"sampling": {}, "elicitation": {"form": {}, "url": {}}},
+            "capabilities": {"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {}},
             "clientInfo": client_info(),
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

@@ -23,7 +23,14 @@ use std::collections::BTreeMap;
 /// the upstream sends the agent while that tool runs; a plain name is a tool). The host never passes a tool
 /// whose name starts with one of these prefixes.
 pub fn kind_and_target(tool: &str) -> (&'static str, &str) {
-    for kind in ["resource", "prompt", "completion", "sampling", "elicitation"] {
+    for kind in [
+        "resource",
+        "prompt",
+        "completion",
+        "sampling",
+        "elicitation",
+        "roots",
+    ] {
         if let Some(target) = tool
             .strip_prefix(kind)
             .and_then(|rest| rest.strip_prefix(':'))
