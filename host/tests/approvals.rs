@@ -64,7 +64,15 @@ async fn call_with(url: &str, token: &str, body: &Value, extra: &[(&str, &str)])
 }
 
 async fn start(backend: Backend, up: &Upstream, extra: &[&str]) -> TestGateway {
-    let mut flags = vec!["--tenant-admins", "acme:acme-admin-token-0123456789"];
+    // A generous audit deadline: these tests hold, wait and decide across many steps while the
+    // whole suite shares the machine's disk; a commit slower than the 2 s default under that
+    // load would be a refusal the test did not mean to exercise.
+    let mut flags = vec![
+        "--tenant-admins",
+        "acme:acme-admin-token-0123456789",
+        "--audit-deadline-ms",
+        "15000",
+    ];
     flags.extend_from_slice(extra);
     gateway::start(backend, Some(&up.url), &flags).await
 }
