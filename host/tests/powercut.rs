@@ -84,6 +84,7 @@ fn harness_drops_unsynced_writes_names_and_sizes_and_keeps_synced_ones() {
     assert_eq!(std::fs::read(d.join("kept")).expect("kept"), expect_killed);
     assert!(d.join("new-unsynced").exists() && d.join("new-name").exists());
     assert!(!d.join("doomed").exists() && !d.join("old-name").exists());
+    assert!(d.join("hard-link").exists());
     assert_eq!(std::fs::read(d.join("cut")).expect("cut"), b"012");
 
     let r = pc.restore();
@@ -105,6 +106,7 @@ fn harness_drops_unsynced_writes_names_and_sizes_and_keeps_synced_ones() {
         b"renamed"
     );
     assert!(!d.join("new-name").exists());
+    assert!(!d.join("hard-link").exists(), "an unsynced link(2) is undone");
     assert_eq!(
         std::fs::read(d.join("doomed")).expect("unlink undone"),
         b"unlinked"
@@ -156,7 +158,7 @@ fn sqlite_cut(mode: &str, acks: usize) -> (i64, i64, i64) {
     let mut child = cmd.spawn().expect("python");
     let lines = collect_lines(child.stdout.take().expect("stdout"));
     wait_lines(&lines, "acknowledged commits", |l| l.len() >= acks);
-    kill(&mut child);
+    pc.cut(&mut child);
     let acked = lines
         .lock()
         .expect("lines")
@@ -174,6 +176,7 @@ fn sqlite_cut(mode: &str, acks: usize) -> (i64, i64, i64) {
     }
     let (killed_only, _) = sqlite_rows(&copy.join("t.db"));
     let r = pc.restore();
+    assert!(r.undone >= 1, "the cut landed after a write: {r:?}");
     let (after_cut, max) = sqlite_rows(&db);
     assert_eq!(after_cut, max, "rows are a prefix ({r:?})");
     (acked, killed_only, after_cut)
@@ -216,6 +219,23 @@ impl Drop for Gateway {
 
 impl Gateway {
     async fn start(pc: &PowerCut, armed: bool, extra: &[String]) -> Gateway {
+        let mut args: Vec<String> = [
+            "--admin-token",
+            ADMIN_TOKEN,
+            "--master-key",
+            MASTER_KEY,
+            "--tenant-admins",
+            "acme:acme-admin-token-0123456789",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend_from_slice(extra);
+        Gateway::start_bare(pc, armed, &args).await
+    }
+
+    /// Without the test's admin token and master key: the gateway generates its secrets.
+    async fn start_bare(pc: &PowerCut, armed: bool, args: &[String]) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_intentgate"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -223,9 +243,7 @@ impl Gateway {
             .args(["serve", "--addr", "127.0.0.1:0", "--demo"])
             .arg("--data-dir")
             .arg(pc.data())
-            .args(["--admin-token", ADMIN_TOKEN, "--master-key", MASTER_KEY])
-            .args(["--tenant-admins", "acme:acme-admin-token-0123456789"])
-            .args(extra)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
@@ -285,6 +303,16 @@ impl Gateway {
                 _ => return out,
             }
         }
+    }
+
+    async fn verifier_key(&self) -> String {
+        let (status, v) = http::get_json(
+            &format!("{}/v1/admin/audit/public-key", self.url),
+            ADMIN_TOKEN,
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        v["verifier_key"].as_str().expect("verifier key").to_owned()
     }
 
     async fn verify(&self, tenant: &str) {
@@ -385,7 +413,8 @@ async fn wait_answers(answers: &Mutex<Vec<Answer>>, what: &str, done: impl Fn(&[
     }
 }
 
-/// Kills the gateway in the middle of the load, lets the load notice, and cuts the power.
+/// Cuts the power under the gateway in the middle of the load (right after one of its writes),
+/// lets the load notice, and restores the data directory to what the disk would hold.
 async fn cut(
     gw: Gateway,
     pc: &PowerCut,
@@ -393,13 +422,13 @@ async fn cut(
     tasks: Vec<tokio::task::JoinHandle<()>>,
 ) {
     let mut gw = gw;
-    kill(&mut gw.child);
+    pc.cut(&mut gw.child);
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.expect("load task");
     }
     let r = pc.restore();
-    assert!(r.records > 0, "the shim saw the gateway's writes: {r:?}");
+    assert!(r.undone >= 1, "the cut dropped the write it landed after: {r:?}");
     eprintln!("power cut: {r:?}");
 }
 
@@ -411,6 +440,7 @@ async fn power_cut_under_load_loses_no_allowed_call_and_no_charge() {
     let (token, jti) = gw
         .mint(json!({"subject": "agent-p", "tools": ["echo"], "max_calls": MAX_CALLS}))
         .await;
+    let key = gw.verifier_key().await;
     let stop = Arc::new(AtomicBool::new(false));
     let answers = Arc::new(Mutex::new(Vec::new()));
     let (url, load_token) = (gw.url.clone(), token.clone());
@@ -434,9 +464,16 @@ async fn power_cut_under_load_loses_no_allowed_call_and_no_charge() {
     );
 
     let gw = Gateway::start(&pc, false, &[]).await;
+    assert_eq!(
+        gw.verifier_key().await,
+        key,
+        "the audit log key published before the cut is the key after it"
+    );
     gw.verify("default").await;
     let stored: HashSet<i64> = gw
-        .audit(&format!("tenant=default&jti={jti}&decision=allow"))
+        .audit(&format!(
+            "tenant=default&jti={jti}&decision=allow&event=intentgate.tool_call"
+        ))
         .await
         .iter()
         .map(|e| e["id"].as_i64().expect("id"))
@@ -506,7 +543,7 @@ async fn power_cut_under_load_keeps_every_acknowledged_pending_approval() {
 
     let gw = Gateway::start(&pc, false, &[]).await;
     let (status, v) = http::get_json(
-        &format!("{}/v1/admin/approvals?status=pending&limit=1000", gw.url),
+        &format!("{}/v1/admin/approvals?status=pending&limit=500", gw.url),
         ADMIN_TOKEN,
     )
     .await;
@@ -600,4 +637,61 @@ async fn power_cut_with_the_webhook_down_delivers_every_recorded_event_after_res
         delivered.difference(&recorded).collect::<Vec<_>>()
     );
     assert_eq!(rx.get("rejected").await, json!([]));
+}
+
+/// The keys a gateway generates on its first start (`secrets.env`: master key and admin
+/// token; `audit-log.key`: the audit signing key) are durable before it serves: a power cut
+/// right after start-up must not make the next start generate new ones (the old admin token
+/// would stop working, and the published audit verifier key would change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn power_cut_after_first_start_keeps_the_generated_secrets_and_audit_key() {
+    let pc = PowerCut::new();
+    let mut gw = Gateway::start_bare(&pc, true, &[]).await;
+    let secrets = std::fs::read_to_string(pc.data().join("secrets.env")).expect("secrets.env");
+    let admin = secrets
+        .lines()
+        .find_map(|l| l.split_once('=').filter(|(k, _)| k.ends_with("ADMIN_TOKEN")))
+        .map(|(_, v)| v.to_owned())
+        .expect("an admin token in secrets.env");
+    let key_of = |url: String, admin: String| async move {
+        let (status, v) =
+            http::get_json(&format!("{url}/v1/admin/audit/public-key"), &admin).await;
+        assert_eq!(status, 200, "{v}");
+        v["verifier_key"].as_str().expect("verifier key").to_owned()
+    };
+    let key = key_of(gw.url.clone(), admin.clone()).await;
+    // The cut lands at the first write of a mint (its answer never comes).
+    pc.cut_at_next_write(&gw.child);
+    let url = gw.url.clone();
+    let mint = tokio::spawn(mint_into_the_cut(url, admin.clone()));
+    pc.wait_cut(&mut gw.child);
+    let _ = mint.await;
+    drop(gw);
+    let r = pc.restore();
+    assert!(r.undone >= 1, "{r:?}");
+
+    let gw = Gateway::start_bare(&pc, false, &[]).await;
+    assert_eq!(
+        std::fs::read_to_string(pc.data().join("secrets.env")).ok().as_deref(),
+        Some(secrets.as_str()),
+        "the generated secrets survive the cut"
+    );
+    assert_eq!(
+        key_of(gw.url.clone(), admin).await,
+        key,
+        "the audit key survives the cut"
+    );
+
+    /// A mint that the cut interrupts (a connection error panics the task, which is fine).
+    async fn mint_into_the_cut(url: String, admin: String) {
+        let (auth, url) = (format!("Bearer {admin}"), format!("{url}/v1/admin/mint"));
+        let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+        let send = http::send(
+            "POST",
+            &url,
+            &headers,
+            br#"{"subject": "a", "tools": ["echo"]}"#.to_vec(),
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(10), send).await;
+    }
 }

@@ -25,11 +25,16 @@
  * and described a change that never ran. One mutex serialises the journaled changes, so the
  * journal order is the order of the changes.
  *
+ * link(2) and linkat(2) count as creations of the new name.
+ *
  * Not handled (not used by SQLite or the gateway): dup'ed descriptors, mmap writes to other
  * files, fallocate, copy_file_range, truncate(2) by path, directories created or removed.
  *
  * Environment: POWERCUT_DIR (absolute path of the directory to watch), POWERCUT_JOURNAL
- * (absolute path of the journal file; backups are written beside it as <journal>.bak.<seq>).
+ * (absolute path of the journal file; backups are written beside it as <journal>.bak.<seq>),
+ * and optionally POWERCUT_KILL_AT=N: the process SIGKILLs itself right after its N-th journaled
+ * data change, so the cut lands between a write and its sync. SIGUSR2 does the same at the next
+ * journaled data change after it arrives (the process must not handle SIGUSR2 itself).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -37,6 +42,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -73,6 +79,14 @@ static size_t dirlen;
 static char journal_path[PATH_MAX - 64];
 static int journal = -1;
 static uint64_t next_seq = 1;
+static uint64_t writes_seen;   /* data changes journaled so far */
+static uint64_t kill_at;       /* $POWERCUT_KILL_AT: SIGKILL right after this data change */
+static volatile sig_atomic_t cut_next; /* set by SIGUSR2: SIGKILL right after the next one */
+
+static void on_usr2(int sig) {
+    (void)sig;
+    cut_next = 1;
+}
 
 static int (*r_open)(const char *, int, ...);
 static int (*r_open64)(const char *, int, ...);
@@ -96,6 +110,8 @@ static int (*r_syncfs)(int);
 static void (*r_sync)(void);
 static int (*r_unlink)(const char *);
 static int (*r_unlinkat)(int, const char *, int);
+static int (*r_link)(const char *, const char *);
+static int (*r_linkat)(int, const char *, int, const char *, int);
 static int (*r_rename)(const char *, const char *);
 static int (*r_renameat)(int, const char *, int, const char *);
 static int (*r_renameat2)(int, const char *, int, const char *, unsigned int);
@@ -125,6 +141,8 @@ __attribute__((constructor)) static void init(void) {
     RESOLVE(sync);
     RESOLVE(unlink);
     RESOLVE(unlinkat);
+    RESOLVE(link);
+    RESOLVE(linkat);
     RESOLVE(rename);
     RESOLVE(renameat);
     RESOLVE(renameat2);
@@ -137,6 +155,14 @@ __attribute__((constructor)) static void init(void) {
     while (dirlen > 1 && dir[dirlen - 1] == '/')
         dir[--dirlen] = 0;
     strcpy(journal_path, j);
+    const char *k = getenv("POWERCUT_KILL_AT");
+    if (k)
+        kill_at = strtoull(k, NULL, 10);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr2;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGUSR2, &sa, NULL);
     journal = r_open(j, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     if (journal < 0) {
         static const char msg[] = "powercut: cannot open the journal\n";
@@ -280,6 +306,14 @@ static void record_change(int fd, off_t off, size_t n, int cut) {
     h.len2 = keep;
     append(&h, tracked[fd], old, NULL);
     free(old);
+    writes_seen++;
+}
+
+/* After a data change (caller holds mu): the cut, if this is the change it is set at. The
+   change is in the page cache and its sync has not begun, so the restore must drop it. */
+static void maybe_cut(void) {
+    if (cut_next || (kill_at && writes_seen >= kill_at))
+        kill(getpid(), SIGKILL);
 }
 
 static off_t write_offset(int fd) {
@@ -417,6 +451,7 @@ ssize_t write(int fd, const void *buf, size_t n) {
     if (tracked[fd])
         record_change(fd, write_offset(fd), n, 0);
     ssize_t r = r_write(fd, buf, n);
+    maybe_cut();
     pthread_mutex_unlock(&mu);
     return r;
 }
@@ -428,6 +463,7 @@ ssize_t write(int fd, const void *buf, size_t n) {
     if (tracked[fd])                                                                          \
         record_change(fd, off, n, 0);                                                         \
     ssize_t r = call;                                                                         \
+    maybe_cut();                                                                              \
     pthread_mutex_unlock(&mu);                                                                \
     return r;
 
@@ -462,6 +498,7 @@ int ftruncate(int fd, off_t len) {
     if (tracked[fd])
         record_change(fd, len, 0, 1);
     int r = r_ftruncate(fd, len);
+    maybe_cut();
     pthread_mutex_unlock(&mu);
     return r;
 }
@@ -472,6 +509,7 @@ int ftruncate64(int fd, off_t len) {
     if (tracked[fd])
         record_change(fd, len, 0, 1);
     int r = r_ftruncate64(fd, len);
+    maybe_cut();
     pthread_mutex_unlock(&mu);
     return r;
 }
@@ -554,7 +592,7 @@ static int do_unlink(int dirfd, const char *path, int flags) {
     char bak[PATH_MAX];
     uint64_t seq = next_seq;
     backup_name(bak, seq);
-    int linked = link(abs, bak) == 0;
+    int linked = r_link(abs, bak) == 0;
     int r = r_unlinkat(dirfd, path, flags);
     if (r == 0 && linked) {
         struct hdr h = {0};
@@ -576,6 +614,33 @@ static int do_unlink(int dirfd, const char *path, int flags) {
 int unlink(const char *path) { return do_unlink(AT_FDCWD, path, 0); }
 int unlinkat(int dirfd, const char *path, int flags) { return do_unlink(dirfd, path, flags); }
 
+/* A new name for an existing file: a creation, durable once its directory is synced. */
+static int do_link(int odir, const char *from, int ndir, const char *to, int flags) {
+    char b[PATH_MAX];
+    struct stat st, dst;
+    if (journal < 0 || absolute(ndir, to, b) != 0 || !watched(b) || is_shm(b))
+        return r_linkat(odir, from, ndir, to, flags);
+    pthread_mutex_lock(&mu);
+    int r = r_linkat(odir, from, ndir, to, flags);
+    if (r == 0 && lstat(b, &st) == 0 && parent_stat(b, &dst) == 0) {
+        struct hdr h = {0};
+        h.kind = K_CREATE;
+        h.dev = st.st_dev;
+        h.ino = st.st_ino;
+        h.ddev = dst.st_dev;
+        h.dino = dst.st_ino;
+        h.len1 = strlen(b);
+        append(&h, b, NULL, NULL);
+    }
+    pthread_mutex_unlock(&mu);
+    return r;
+}
+
+int link(const char *from, const char *to) { return do_link(AT_FDCWD, from, AT_FDCWD, to, 0); }
+int linkat(int od, const char *from, int nd, const char *to, int flags) {
+    return do_link(od, from, nd, to, flags);
+}
+
 static int do_rename(int odir, const char *from, int ndir, const char *to, unsigned int flags,
                      int (*real)(int, const char *, int, const char *, unsigned int)) {
     char a[PATH_MAX], b[PATH_MAX];
@@ -589,7 +654,7 @@ static int do_rename(int odir, const char *from, int ndir, const char *to, unsig
     bak[0] = 0;
     if (lstat(b, &target) == 0 && S_ISREG(target.st_mode)) {
         backup_name(bak, next_seq);
-        if (link(b, bak) != 0)
+        if (r_link(b, bak) != 0)
             bak[0] = 0;
     }
     int r = real(odir, from, ndir, to, flags);

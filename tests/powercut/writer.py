@@ -33,6 +33,7 @@ os.fsync(h)
 os.close(h)
 os.rename(os.path.join(d, "old-name"), os.path.join(d, "new-name"))
 os.unlink(os.path.join(d, "doomed"))
+os.link(os.path.join(d, "new-synced"), os.path.join(d, "hard-link"))
 t = os.open(os.path.join(d, "cut"), os.O_RDWR)
 os.ftruncate(t, 3)
 

@@ -118,6 +118,8 @@ fn parse(bytes: &[u8]) -> Vec<Record> {
 pub struct Restored {
     /// Records in the journal.
     pub records: usize,
+    /// Data changes journaled (durable or not).
+    pub writes: usize,
     /// Changes undone (not covered by a sync).
     pub undone: usize,
     /// Bytes of file data put back or cut off.
@@ -169,6 +171,40 @@ impl PowerCut {
             .env("POWERCUT_JOURNAL", &self.journal);
     }
 
+    /// Cuts the power under `child` (armed with [`PowerCut::arm`]): asks the shim to SIGKILL
+    /// it right after its next journaled write (SIGUSR2), so the cut lands between a write and
+    /// its sync, and waits for it to die. Then call [`PowerCut::restore`].
+    pub fn cut(&self, child: &mut std::process::Child) {
+        self.cut_at_next_write(child);
+        self.wait_cut(child);
+    }
+
+    /// The first half of [`PowerCut::cut`]: the shim kills `child` at its next write.
+    pub fn cut_at_next_write(&self, child: &std::process::Child) {
+        let sent = Command::new("kill")
+            .args(["-USR2", &child.id().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(sent.success(), "SIGUSR2 sent");
+    }
+
+    /// The second half of [`PowerCut::cut`]: waits until the shim has killed `child`.
+    pub fn wait_cut(&self, child: &mut std::process::Child) {
+        use std::os::unix::process::ExitStatusExt;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "no write within 30 s of the cut signal"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(status.signal(), Some(9), "the shim killed it: {status:?}");
+    }
+
     /// After the watched process was killed: undoes every change no sync made durable, newest
     /// first, deletes the `-shm` files, and clears the journal for the next run.
     pub fn restore(&self) -> Restored {
@@ -197,6 +233,7 @@ impl PowerCut {
         };
         let mut done = Restored {
             records: records.len(),
+            writes: records.iter().filter(|r| r.kind == K_WRITE).count(),
             ..Restored::default()
         };
         for r in records.iter().rev() {
