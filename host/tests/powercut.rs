@@ -106,7 +106,10 @@ fn harness_drops_unsynced_writes_names_and_sizes_and_keeps_synced_ones() {
         b"renamed"
     );
     assert!(!d.join("new-name").exists());
-    assert!(!d.join("hard-link").exists(), "an unsynced link(2) is undone");
+    assert!(
+        !d.join("hard-link").exists(),
+        "an unsynced link(2) is undone"
+    );
     assert_eq!(
         std::fs::read(d.join("doomed")).expect("unlink undone"),
         b"unlinked"
@@ -204,7 +207,8 @@ fn harness_shows_sqlite_without_sync_losing_commits_and_with_full_sync_keeping_t
 // ---------------------------------------------------------------------------------------------
 // the gateway binary
 
-/// The gateway binary on the power-cut data directory, under the shim when `armed`.
+/// The gateway binary on the power-cut data directory, under the shim when `armed` (its value:
+/// the cut lands after that many writes).
 struct Gateway {
     child: Child,
     url: String,
@@ -218,7 +222,7 @@ impl Drop for Gateway {
 }
 
 impl Gateway {
-    async fn start(pc: &PowerCut, armed: bool, extra: &[String]) -> Gateway {
+    async fn start(pc: &PowerCut, armed: Option<usize>, extra: &[String]) -> Gateway {
         let mut args: Vec<String> = [
             "--admin-token",
             ADMIN_TOKEN,
@@ -235,7 +239,7 @@ impl Gateway {
     }
 
     /// Without the test's admin token and master key: the gateway generates its secrets.
-    async fn start_bare(pc: &PowerCut, armed: bool, args: &[String]) -> Gateway {
+    async fn start_bare(pc: &PowerCut, armed: Option<usize>, args: &[String]) -> Gateway {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_intentgate"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -247,8 +251,8 @@ impl Gateway {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        if armed {
-            pc.arm(&mut cmd);
+        if let Some(writes) = armed {
+            pc.arm_cut_after(&mut cmd, writes);
         }
         let mut child = cmd.spawn().expect("start the gateway binary");
         let lines = collect_lines(child.stdout.take().expect("stdout"));
@@ -273,9 +277,12 @@ impl Gateway {
     }
 
     async fn mint(&self, body: Value) -> (String, String) {
-        let (status, v) =
-            http::post_json(&format!("{}/v1/admin/mint", self.url), Some(ADMIN_TOKEN), &body)
-                .await;
+        let (status, v) = http::post_json(
+            &format!("{}/v1/admin/mint", self.url),
+            Some(ADMIN_TOKEN),
+            &body,
+        )
+        .await;
         assert_eq!(status, 200, "mint: {v}");
         (
             v["token"].as_str().expect("token").to_owned(),
@@ -322,7 +329,10 @@ impl Gateway {
         )
         .await;
         assert_eq!(status, 200, "{v}");
-        assert_eq!(v["ok"], true, "the {tenant} chain verifies after the cut: {v}");
+        assert_eq!(
+            v["ok"], true,
+            "the {tenant} chain verifies after the cut: {v}"
+        );
     }
 }
 
@@ -334,25 +344,35 @@ enum Answer {
     Pending(String),
 }
 
-async fn call(url: &str, token: &str, tool: &str, args: Value) -> Option<Answer> {
-    use http_body_util::{BodyExt, Full};
+/// POSTs JSON with a bearer token; `None` when no answer comes (the gateway was cut).
+async fn try_post(
+    url: &str,
+    bearer: &str,
+    body: &Value,
+) -> Option<hyper::Response<hyper::body::Incoming>> {
+    use http_body_util::Full;
     let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
-    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                      "params": {"name": tool, "arguments": args}});
-    let req = hyper::Request::post(format!("{url}/v1/mcp"))
+    let req = hyper::Request::post(url)
         .header("content-type", "application/json")
         .header("accept", "application/json")
-        .header("authorization", format!("Bearer {token}"))
+        .header("authorization", format!("Bearer {bearer}"))
         .body(Full::new(bytes::Bytes::from(
-            serde_json::to_vec(&body).expect("json"),
+            serde_json::to_vec(body).expect("json"),
         )))
         .expect("request");
-    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+    tokio::time::timeout(Duration::from_secs(30), client.request(req))
         .await
         .ok()?
-        .ok()?;
+        .ok()
+}
+
+async fn call(url: &str, token: &str, tool: &str, args: Value) -> Option<Answer> {
+    use http_body_util::BodyExt;
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": tool, "arguments": args}});
+    let resp = try_post(&format!("{url}/v1/mcp"), token, &body).await?;
     let event_id = resp
         .headers()
         .get("x-intentgate-event-id")
@@ -428,42 +448,58 @@ async fn cut(
         t.await.expect("load task");
     }
     let r = pc.restore();
-    assert!(r.undone >= 1, "the cut dropped the write it landed after: {r:?}");
+    assert!(
+        r.undone >= 1,
+        "the cut dropped the write it landed after: {r:?}"
+    );
     eprintln!("power cut: {r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn power_cut_under_load_loses_no_allowed_call_and_no_charge() {
-    const MAX_CALLS: usize = 400;
+    const MAX_CALLS: usize = 600;
+    const CUTS: usize = 3;
     let pc = PowerCut::new();
-    let gw = Gateway::start(&pc, true, &[]).await;
-    let (token, jti) = gw
-        .mint(json!({"subject": "agent-p", "tools": ["echo"], "max_calls": MAX_CALLS}))
-        .await;
-    let key = gw.verifier_key().await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let answers = Arc::new(Mutex::new(Vec::new()));
-    let (url, load_token) = (gw.url.clone(), token.clone());
-    let tasks = load(16, &stop, &answers, move |w, n| {
-        let (url, token) = (url.clone(), load_token.clone());
-        async move { call(&url, &token, "echo", json!({"text": format!("{w}-{n}")})).await }
-    });
-    wait_answers(&answers, "allowed calls", |a| a.len() >= 150).await;
-    cut(gw, &pc, &stop, tasks).await;
-    let answers = answers.lock().expect("answers").clone();
-    let acked: BTreeSet<i64> = answers
-        .iter()
-        .filter_map(|a| match a {
-            Answer::Allowed(id) => Some(*id),
-            _ => None,
-        })
-        .collect();
+    let mut acked: BTreeSet<i64> = BTreeSet::new();
+    let mut minted = None;
+    // Three cuts in a row: each restart under the shim continues from a restored directory.
+    for round in 0..CUTS {
+        let gw = Gateway::start(&pc, Some([1, 5, 12][round]), &[]).await;
+        if minted.is_none() {
+            let (token, jti) = gw
+                .mint(json!({"subject": "agent-p", "tools": ["echo"], "max_calls": MAX_CALLS}))
+                .await;
+            minted = Some((token, jti, gw.verifier_key().await));
+        }
+        let (token, _, key) = minted.clone().expect("minted");
+        assert_eq!(
+            gw.verifier_key().await,
+            key,
+            "round {round}: the audit key is kept"
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let url = gw.url.clone();
+        let tasks = load(16, &stop, &answers, move |w, n| {
+            let (url, token) = (url.clone(), token.clone());
+            async move { call(&url, &token, "echo", json!({"text": format!("{w}-{n}")})).await }
+        });
+        wait_answers(&answers, "allowed calls", |a| a.len() >= 120).await;
+        cut(gw, &pc, &stop, tasks).await;
+        for a in answers.lock().expect("answers").iter() {
+            match a {
+                Answer::Allowed(id) => assert!(acked.insert(*id), "event id {id} given twice"),
+                other => panic!("round {round}: {other:?} before the budget ran out"),
+            }
+        }
+    }
+    let (token, jti, key) = minted.expect("minted");
     assert!(
         acked.len() < MAX_CALLS,
-        "the cut landed before the budget ran out"
+        "the cuts landed before the budget ran out"
     );
 
-    let gw = Gateway::start(&pc, false, &[]).await;
+    let gw = Gateway::start(&pc, None, &[]).await;
     assert_eq!(
         gw.verifier_key().await,
         key,
@@ -510,7 +546,7 @@ async fn power_cut_under_load_loses_no_allowed_call_and_no_charge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn power_cut_under_load_keeps_every_acknowledged_pending_approval() {
     let pc = PowerCut::new();
-    let gw = Gateway::start(&pc, true, &[]).await;
+    let gw = Gateway::start(&pc, Some(3), &[]).await;
     let (token, _) = gw
         .mint(json!({"subject": "agent-q", "tools": ["echo", "delete_records"]}))
         .await;
@@ -522,7 +558,13 @@ async fn power_cut_under_load_keeps_every_acknowledged_pending_approval() {
         let (url, token) = (url.clone(), token.clone());
         async move {
             if w % 2 == 0 {
-                call(&url, &token, "delete_records", json!({"table": format!("t{w}-{n}")})).await
+                call(
+                    &url,
+                    &token,
+                    "delete_records",
+                    json!({"table": format!("t{w}-{n}")}),
+                )
+                .await
             } else {
                 call(&url, &token, "echo", json!({"text": format!("{w}-{n}")})).await
             }
@@ -541,7 +583,7 @@ async fn power_cut_under_load_keeps_every_acknowledged_pending_approval() {
         })
         .collect();
 
-    let gw = Gateway::start(&pc, false, &[]).await;
+    let gw = Gateway::start(&pc, None, &[]).await;
     let (status, v) = http::get_json(
         &format!("{}/v1/admin/approvals?status=pending&limit=500", gw.url),
         ADMIN_TOKEN,
@@ -572,7 +614,7 @@ async fn power_cut_with_the_webhook_down_delivers_every_recorded_event_after_res
     let pc = PowerCut::new();
     let mut flags: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
     flags.extend(rx.env_flags());
-    let gw = Gateway::start(&pc, true, &flags).await;
+    let gw = Gateway::start(&pc, Some(7), &flags).await;
     // One token per worker: the denial throttle allows 30 denials per token and minute.
     let mut tokens = Vec::new();
     for w in 0..8 {
@@ -601,7 +643,7 @@ async fn power_cut_with_the_webhook_down_delivers_every_recorded_event_after_res
     let answered = denied(&answers.lock().expect("answers"));
 
     rx.control(json!({"down": false})).await;
-    let gw = Gateway::start(&pc, false, &flags).await;
+    let gw = Gateway::start(&pc, None, &flags).await;
     gw.verify("acme").await;
     let recorded: BTreeSet<i64> = gw
         .audit("tenant=acme&decision=block")
@@ -646,16 +688,18 @@ async fn power_cut_with_the_webhook_down_delivers_every_recorded_event_after_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn power_cut_after_first_start_keeps_the_generated_secrets_and_audit_key() {
     let pc = PowerCut::new();
-    let mut gw = Gateway::start_bare(&pc, true, &[]).await;
+    let mut gw = Gateway::start_bare(&pc, Some(1), &[]).await;
     let secrets = std::fs::read_to_string(pc.data().join("secrets.env")).expect("secrets.env");
     let admin = secrets
         .lines()
-        .find_map(|l| l.split_once('=').filter(|(k, _)| k.ends_with("ADMIN_TOKEN")))
+        .find_map(|l| {
+            l.split_once('=')
+                .filter(|(k, _)| k.ends_with("ADMIN_TOKEN"))
+        })
         .map(|(_, v)| v.to_owned())
         .expect("an admin token in secrets.env");
     let key_of = |url: String, admin: String| async move {
-        let (status, v) =
-            http::get_json(&format!("{url}/v1/admin/audit/public-key"), &admin).await;
+        let (status, v) = http::get_json(&format!("{url}/v1/admin/audit/public-key"), &admin).await;
         assert_eq!(status, 200, "{v}");
         v["verifier_key"].as_str().expect("verifier key").to_owned()
     };
@@ -670,9 +714,11 @@ async fn power_cut_after_first_start_keeps_the_generated_secrets_and_audit_key()
     let r = pc.restore();
     assert!(r.undone >= 1, "{r:?}");
 
-    let gw = Gateway::start_bare(&pc, false, &[]).await;
+    let gw = Gateway::start_bare(&pc, None, &[]).await;
     assert_eq!(
-        std::fs::read_to_string(pc.data().join("secrets.env")).ok().as_deref(),
+        std::fs::read_to_string(pc.data().join("secrets.env"))
+            .ok()
+            .as_deref(),
         Some(secrets.as_str()),
         "the generated secrets survive the cut"
     );
@@ -682,16 +728,9 @@ async fn power_cut_after_first_start_keeps_the_generated_secrets_and_audit_key()
         "the audit key survives the cut"
     );
 
-    /// A mint that the cut interrupts (a connection error panics the task, which is fine).
+    /// A mint that the cut interrupts.
     async fn mint_into_the_cut(url: String, admin: String) {
-        let (auth, url) = (format!("Bearer {admin}"), format!("{url}/v1/admin/mint"));
-        let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
-        let send = http::send(
-            "POST",
-            &url,
-            &headers,
-            br#"{"subject": "a", "tools": ["echo"]}"#.to_vec(),
-        );
-        let _ = tokio::time::timeout(Duration::from_secs(10), send).await;
+        let body = json!({"subject": "a", "tools": ["echo"]});
+        let _ = try_post(&format!("{url}/v1/admin/mint"), &admin, &body).await;
     }
 }

@@ -33,8 +33,9 @@
  * Environment: POWERCUT_DIR (absolute path of the directory to watch), POWERCUT_JOURNAL
  * (absolute path of the journal file; backups are written beside it as <journal>.bak.<seq>),
  * and optionally POWERCUT_KILL_AT=N: the process SIGKILLs itself right after its N-th journaled
- * data change, so the cut lands between a write and its sync. SIGUSR2 does the same at the next
- * journaled data change after it arrives (the process must not handle SIGUSR2 itself).
+ * data change, so the cut lands between a write and its sync. SIGUSR2 does the same at the
+ * POWERCUT_CUT_AFTER-th (default 1st) journaled data change after it arrives (the process must
+ * not handle SIGUSR2 itself).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -81,7 +82,8 @@ static int journal = -1;
 static uint64_t next_seq = 1;
 static uint64_t writes_seen;   /* data changes journaled so far */
 static uint64_t kill_at;       /* $POWERCUT_KILL_AT: SIGKILL right after this data change */
-static volatile sig_atomic_t cut_next; /* set by SIGUSR2: SIGKILL right after the next one */
+static volatile sig_atomic_t cut_next; /* set by SIGUSR2: SIGKILL after $POWERCUT_CUT_AFTER more */
+static long cut_after = 1;
 
 static void on_usr2(int sig) {
     (void)sig;
@@ -158,6 +160,9 @@ __attribute__((constructor)) static void init(void) {
     const char *k = getenv("POWERCUT_KILL_AT");
     if (k)
         kill_at = strtoull(k, NULL, 10);
+    const char *c = getenv("POWERCUT_CUT_AFTER");
+    if (c && atol(c) > 0)
+        cut_after = atol(c);
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_usr2;
@@ -312,7 +317,7 @@ static void record_change(int fd, off_t off, size_t n, int cut) {
 /* After a data change (caller holds mu): the cut, if this is the change it is set at. The
    change is in the page cache and its sync has not begun, so the restore must drop it. */
 static void maybe_cut(void) {
-    if (cut_next || (kill_at && writes_seen >= kill_at))
+    if ((cut_next && --cut_after <= 0) || (kill_at && writes_seen >= kill_at))
         kill(getpid(), SIGKILL);
 }
 

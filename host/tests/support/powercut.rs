@@ -164,16 +164,25 @@ impl PowerCut {
         self.root.path()
     }
 
-    /// Runs `cmd` under the shim, watching the data directory.
+    /// Runs `cmd` under the shim, watching the data directory; [`PowerCut::cut`] lands right
+    /// after its next write.
     pub fn arm(&self, cmd: &mut Command) {
-        cmd.env("LD_PRELOAD", shim())
+        self.arm_cut_after(cmd, 1);
+    }
+
+    /// [`PowerCut::arm`], with [`PowerCut::cut`] landing after the `writes`-th write after it
+    /// (so a cut can fall in the middle of a commit, not only before its first write).
+    pub fn arm_cut_after(&self, cmd: &mut Command, writes: usize) {
+        cmd.env("POWERCUT_CUT_AFTER", writes.max(1).to_string())
+            .env("LD_PRELOAD", shim())
             .env("POWERCUT_DIR", &self.data)
             .env("POWERCUT_JOURNAL", &self.journal);
     }
 
     /// Cuts the power under `child` (armed with [`PowerCut::arm`]): asks the shim to SIGKILL
-    /// it right after its next journaled write (SIGUSR2), so the cut lands between a write and
-    /// its sync, and waits for it to die. Then call [`PowerCut::restore`].
+    /// it right after its next journaled write (SIGUSR2; or the n-th with
+    /// [`PowerCut::arm_cut_after`]), so the cut lands between a write and its sync, and waits
+    /// for it to die. Then call [`PowerCut::restore`].
     pub fn cut(&self, child: &mut std::process::Child) {
         self.cut_at_next_write(child);
         self.wait_cut(child);
@@ -283,7 +292,10 @@ impl PowerCut {
         }
         done.shm_deleted = delete_shm(&self.data);
         // The next run starts a fresh journal.
-        for e in fs::read_dir(self.root.path()).expect("scratch dir").flatten() {
+        for e in fs::read_dir(self.root.path())
+            .expect("scratch dir")
+            .flatten()
+        {
             let name = e.file_name();
             if name.to_string_lossy().starts_with("powercut.journal") {
                 let _ = fs::remove_file(e.path());
