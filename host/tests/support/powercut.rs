@@ -263,11 +263,9 @@ impl PowerCut {
                     done.bytes_dropped += now.abs_diff(r.old_size) + r.data.len() as u64;
                     done.undone += 1;
                 }
-                K_CREATE if !durable(r.dir, r.seq) => {
-                    if is(&r.path, r.dev, r.ino) {
-                        fs::remove_file(&r.path).expect("undo a creation");
-                        done.undone += 1;
-                    }
+                K_CREATE if !durable(r.dir, r.seq) && is(&r.path, r.dev, r.ino) => {
+                    fs::remove_file(&r.path).expect("undo a creation");
+                    done.undone += 1;
                 }
                 K_UNLINK if !durable(r.dir, r.seq) => {
                     if let Some(b) = &r.backup
