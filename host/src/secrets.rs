@@ -128,6 +128,13 @@ fn create_file(path: &Path) -> Result<(String, String), SecretsError> {
     );
     f.write_all(body.as_bytes()).map_err(io)?;
     f.sync_all().map_err(io)?;
+    // The file's name is durable only once its directory is synced (a power cut must not make
+    // the next start generate other secrets).
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
     Ok((key, admin))
 }
 

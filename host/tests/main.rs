@@ -18,6 +18,7 @@ mod mcp_kinds;
 mod metrics;
 mod outbox;
 mod plugins;
+mod powercut;
 mod relay;
 mod store;
 mod support;

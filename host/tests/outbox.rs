@@ -36,7 +36,7 @@ fn python() -> String {
 }
 
 /// The Python receivers, killed on drop.
-struct Receiver {
+pub(crate) struct Receiver {
     child: Child,
     url: String,
 }
@@ -49,7 +49,7 @@ impl Drop for Receiver {
 }
 
 impl Receiver {
-    fn start() -> Receiver {
+    pub(crate) fn start() -> Receiver {
         let script = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../tests/interop/outbox_receiver.py"
@@ -79,18 +79,18 @@ impl Receiver {
         }
     }
 
-    async fn control(&self, state: Value) {
+    pub(crate) async fn control(&self, state: Value) {
         let (status, _) = http::post_json(&format!("{}/control", self.url), None, &state).await;
         assert_eq!(status, 200);
     }
 
-    async fn get(&self, what: &str) -> Value {
+    pub(crate) async fn get(&self, what: &str) -> Value {
         let (_, _, body) =
             http::send("GET", &format!("{}/{what}", self.url), &[], Vec::new()).await;
         serde_json::from_slice(&body).expect("receiver JSON")
     }
 
-    fn env_flags(&self) -> Vec<String> {
+    pub(crate) fn env_flags(&self) -> Vec<String> {
         [
             "--webhook-url",
             &format!("{}/webhook", self.url),
@@ -112,7 +112,7 @@ impl Receiver {
 }
 
 /// Fast delivery settings for tests.
-const FAST: &[&str] = &[
+pub(crate) const FAST: &[&str] = &[
     "--outbox-poll-ms",
     "50",
     "--outbox-retry-base-ms",
@@ -169,7 +169,7 @@ fn find<'a>(list: &'a [Value], id: &str) -> &'a Value {
 
 /// Webhook records deduplicated by `webhook-id` (the idempotency key): asserts a repeated id
 /// carries the same body, and returns the first arrivals in order.
-fn distinct_webhooks(records: &Value) -> Vec<Value> {
+pub(crate) fn distinct_webhooks(records: &Value) -> Vec<Value> {
     let mut seen: BTreeMap<String, Value> = BTreeMap::new();
     let mut out = Vec::new();
     for r in records["webhook"].as_array().expect("webhooks") {

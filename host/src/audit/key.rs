@@ -164,6 +164,15 @@ impl LogKey {
         let _ = std::fs::remove_file(&tmp);
         match linked {
             Ok(()) => {
+                // The new name is durable only once its directory is synced: without this, a
+                // power cut after start-up can lose the file and the next start signs with a
+                // new key (tests/powercut.rs).
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                std::fs::File::open(dir)?.sync_all()?;
                 tracing::info!(path = %path.display(), verifier_key = %key.verifier(), "generated the audit log key");
                 Ok(key)
             }
