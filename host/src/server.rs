@@ -228,6 +228,7 @@ impl Gateway {
             audit.outbox_router().clone(),
             config.outbox.clone(),
             registry.clone(),
+            crate::outbox::sealed::SecretSeal::derive(secrets.master_key.as_bytes()),
         )
         .await?;
         background.push(outbox.spawn_worker());

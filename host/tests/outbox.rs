@@ -588,6 +588,17 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
         "the secret is write-only: {v}"
     );
     assert_eq!(v["secret_set"], true);
+    // Sealed at rest: the store's files (database and WAL) never hold the secret in clear.
+    let mut at_rest = Vec::new();
+    for name in ["intentgate.sqlite3", "intentgate.sqlite3-wal"] {
+        at_rest.extend(std::fs::read(gw.data_dir.path().join(name)).unwrap_or_default());
+    }
+    let text = String::from_utf8_lossy(&at_rest);
+    assert!(text.contains("igsec1:"), "a sealed secret is stored");
+    assert!(
+        !text.contains("sekrit-value-42"),
+        "the secret is not stored in clear"
+    );
 
     let (token, _) = gw
         .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))

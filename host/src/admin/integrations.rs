@@ -249,7 +249,7 @@ async fn put(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminEr
     }
     // A replacement without a secret keeps the stored one (checked before it is audited).
     if dest.spec.secret.as_deref().is_none_or(str::is_empty) {
-        let kept = store::stored_secret(gw.outbox.db(), &dest.id).await?;
+        let kept = store::stored_secret(gw.outbox.db(), gw.outbox.seal(), &dest.id).await?;
         let mut spec = dest.spec.clone();
         spec.secret = kept;
         dest = Destination::new(spec, tenant.clone(), Source::Admin)?;
@@ -260,7 +260,14 @@ async fn put(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminEr
         .to_string();
     audit_action(gw, event).await?;
     let applied = async {
-        store::save_destination(gw.outbox.db(), &dest.id, tenant.as_deref(), &dest.spec).await?;
+        store::save_destination(
+            gw.outbox.db(),
+            gw.outbox.seal(),
+            &dest.id,
+            tenant.as_deref(),
+            &dest.spec,
+        )
+        .await?;
         gw.outbox.reload(true).await
     }
     .await;

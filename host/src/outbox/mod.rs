@@ -27,6 +27,7 @@
 pub mod destination;
 pub mod format;
 pub mod s3;
+pub mod sealed;
 pub mod sentinel;
 pub mod sign;
 pub mod store;
@@ -132,6 +133,8 @@ pub struct Outbox {
 
 struct Inner {
     db: Db,
+    /// Seals the stored destinations' secrets.
+    seal: sealed::SecretSeal,
     router: Router,
     cfg: OutboxConfig,
     runtime: Arc<Runtime>,
@@ -158,6 +161,7 @@ impl Outbox {
         router: Router,
         cfg: OutboxConfig,
         registry: Registry,
+        seal: sealed::SecretSeal,
     ) -> Result<Self, OutboxError> {
         let env = cfg
             .env_destinations
@@ -167,6 +171,7 @@ impl Outbox {
         let outbox = Outbox {
             inner: Arc::new(Inner {
                 db,
+                seal,
                 router,
                 runtime: registry.runtime().clone(),
                 registry,
@@ -187,6 +192,11 @@ impl Outbox {
 
     pub fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    /// The seal of the stored destinations' secrets.
+    pub fn seal(&self) -> &sealed::SecretSeal {
+        &self.inner.seal
     }
 
     pub fn stats(&self) -> &Stats {
@@ -217,7 +227,7 @@ impl Outbox {
         if !force && *seen == Some(version) {
             return Ok(());
         }
-        let stored = store::load_destinations(&self.inner.db).await?;
+        let stored = store::load_destinations(&self.inner.db, &self.inner.seal).await?;
         let mut dests = self.inner.env.clone();
         for (id, tenant, spec) in stored {
             match Destination::new(spec, tenant, Source::Admin) {

@@ -444,7 +444,10 @@ pub async fn redrive(db: &Db, destination: &str, tenant: Option<&str>) -> Result
 pub type StoredDestination = (String, Option<String>, DestinationSpec);
 
 /// Every destination configured through the admin API.
-pub async fn load_destinations(db: &Db) -> Result<Vec<StoredDestination>, OutboxError> {
+pub async fn load_destinations(
+    db: &Db,
+    seal: &super::sealed::SecretSeal,
+) -> Result<Vec<StoredDestination>, OutboxError> {
     let sql = "SELECT id, tenant, name, kind, url, settings, secret, formatter \
                FROM outbox_destinations ORDER BY id";
     type R = (
@@ -463,6 +466,11 @@ pub async fn load_destinations(db: &Db) -> Result<Vec<StoredDestination>, Outbox
             |(id, tenant, name, kind, url, settings, secret, formatter)| {
                 let stored: Settings = serde_json::from_str(&settings)
                     .map_err(|e| OutboxError::Corrupt(format!("destination {id}: {e}")))?;
+                let secret = if secret.is_empty() {
+                    secret
+                } else {
+                    seal.open(&id, &secret)?
+                };
                 let spec = DestinationSpec {
                     name,
                     kind,
@@ -496,6 +504,7 @@ struct Settings {
 /// Stores (creates or replaces) a destination. A spec without a secret keeps the stored one.
 pub async fn save_destination(
     db: &Db,
+    seal: &super::sealed::SecretSeal,
     id: &str,
     tenant: Option<&str>,
     spec: &DestinationSpec,
@@ -513,6 +522,10 @@ pub async fn save_destination(
                secret = CASE WHEN excluded.secret = '' THEN outbox_destinations.secret ELSE excluded.secret END, \
                formatter = excluded.formatter, updated_ms = excluded.updated_ms";
     let now = crate::audit::time::now_ms();
+    let secret = match spec.secret.as_deref() {
+        Some(s) if !s.is_empty() => seal.seal(id, s)?,
+        _ => String::new(),
+    };
     on_db!(db, pool => {
         sqlx::query(sql)
             .bind(id)
@@ -521,7 +534,7 @@ pub async fn save_destination(
             .bind(&spec.kind)
             .bind(&spec.url)
             .bind(settings)
-            .bind(spec.secret.as_deref().unwrap_or(""))
+            .bind(secret)
             .bind(spec.formatter.as_deref().unwrap_or(""))
             .bind(now)
             .execute(pool)
@@ -531,11 +544,18 @@ pub async fn save_destination(
 }
 
 /// The stored secret of a destination (to keep it when a replacement omits it).
-pub async fn stored_secret(db: &Db, id: &str) -> Result<Option<String>, OutboxError> {
+pub async fn stored_secret(
+    db: &Db,
+    seal: &super::sealed::SecretSeal,
+    id: &str,
+) -> Result<Option<String>, OutboxError> {
     let sql = "SELECT secret FROM outbox_destinations WHERE id = $1";
     let s: Option<String> =
         on_db!(db, pool => sqlx::query_scalar(sql).bind(id).fetch_optional(pool).await?);
-    Ok(s.filter(|s| !s.is_empty()))
+    match s.filter(|s| !s.is_empty()) {
+        Some(stored) => Ok(Some(seal.open(id, &stored)?)),
+        None => Ok(None),
+    }
 }
 
 /// Deletes a stored destination; its undelivered rows stay (visible as backlog) until it is
