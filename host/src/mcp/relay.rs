@@ -274,7 +274,7 @@ mod tests {
         let relays = Relays::default();
         let (tx, rx) = mpsc::channel(1);
         let out = relays
-            .relay("t", "j", &tx, json!({"id": 1, "method": "roots/list"}))
+            .relay("t", "j", &tx, json!({"id": 1, "method": "tasks/get"}))
             .await;
         assert_eq!(out["error"]["code"], code::METHOD_NOT_FOUND);
         drop(rx);
