@@ -247,7 +247,11 @@ decision := {"allow": false, "escalate": true, "reason": "wait", "approval_mode"
         let r = h.evaluate(&call("pay").arg("amount", 500).build(), None);
         assert_eq!(r.verdict.kind, VerdictKind::Escalate);
         assert!(r.verdict.requires_step_up);
-        assert_eq!(h.take_approval_mode(), None, "no mode unless the decision names one");
+        assert_eq!(
+            h.take_approval_mode(),
+            None,
+            "no mode unless the decision names one"
+        );
         let r = h.evaluate(&call("wire").build(), None);
         assert_eq!(r.verdict.kind, VerdictKind::Escalate);
         assert_eq!(h.take_approval_mode().as_deref(), Some("sync"));
