@@ -21,5 +21,6 @@ mod plugins;
 mod relay;
 mod store;
 mod support;
+mod traces;
 mod transport;
 mod upstreams;
