@@ -252,10 +252,10 @@ struct SwapOpts {
 #[cfg(feature = "gateway")]
 #[derive(Args, Clone)]
 struct MicroOpts {
-    /// Which: fsync, verify, revocation, plugin, audit, metrics (default: all).
+    /// Which: fsync, verify, revocation, plugin, audit, metrics, tracing (default: all).
     #[arg(
         value_delimiter = ',',
-        default_value = "fsync,verify,revocation,plugin,audit,metrics"
+        default_value = "fsync,verify,revocation,plugin,audit,metrics,tracing"
     )]
     which: Vec<String>,
     /// Audit backends.
@@ -1497,6 +1497,7 @@ fn micro_main(o: MicroOpts) -> Result<(), String> {
             }
             "plugin" => micro::plugin(o.reps, &o.policy)?,
             "metrics" => micro::metrics(o.reps)?,
+            "tracing" => micro::tracing(o.reps)?,
             other => return Err(format!("unknown micro-benchmark {other:?}")),
         }
     }

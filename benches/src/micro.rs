@@ -9,7 +9,10 @@
 //!   tenants, on SQLite and on PostgreSQL (a throwaway server);
 //! - `plugin`: the default bundle's check components ([`intentgate::bundles::Snapshot`] intent, policy, budget);
 //! - `metrics`: the telemetry a call pays ([`intentgate::metrics::Metrics`]: decision counter,
-//!   stage histograms, upstream counter; a log event filtered off), by tenant count and contention.
+//!   stage histograms, upstream counter; a log event filtered off), by tenant count and contention;
+//! - `tracing`: what tracing costs a call with sampling off ([`intentgate::telemetry`]: the W3C
+//!   header parse, ids, the call's log span and task-local, the stage hooks, the upstream's
+//!   `traceparent`), and with sampling on up to handing the trace to the export queue.
 //!
 //! Timing: each case runs a warm-up, then `reps` repetitions of a timed batch; the reported
 //! figure is the median repetition's on-CPU time per operation (the thread's own run time from
@@ -679,6 +682,83 @@ pub fn metrics(reps: usize) -> Result<(), String> {
     println!(
         "\nexposition of 1,002 tenants' decisions and the stage histograms (part of a scrape): {} on-CPU",
         ns(t.cpu)
+    );
+    Ok(())
+}
+
+/// The tracing path of one call through the library's own calls, as the request path makes
+/// them: [`intentgate::telemetry::Tracer::start`] from the agent's headers, the call's scope
+/// (log span with the trace id, task-local), the seven stage hooks the metrics' timing points
+/// call, the decision's event id on the log span and the upstream's `traceparent`; the
+/// future is polled once (nothing in it waits). Sampling off (`always_off`), with and without
+/// an agent `traceparent`; then sampling on, the trace handed to a full export queue (dropped
+/// and counted), for scale. The log subscriber is the gateway's default (`info`, text).
+pub fn tracing(reps: usize) -> Result<(), String> {
+    use intentgate::metrics::Stage;
+    use intentgate::telemetry::trace::{self, Sampler, Tracer};
+    use std::future::Future;
+
+    println!("\n## tracing per call (OpenTelemetry path; metrics not included)\n");
+    intentgate::logging::init(intentgate::logging::LogFormat::Text);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let _guard = rt.enter();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let one_call = |tracer: &Tracer, tp: Option<&str>| {
+        let call = tracer.start(black_box(tp), black_box(Some("vendor=abc")));
+        let fut = trace::scope(call, async {
+            for stage in Stage::ALL {
+                trace::stage(stage, black_box(Instant::now()));
+            }
+            tracing::Span::current().record("event_id", 7i64);
+            black_box(trace::upstream_headers());
+        });
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let _ = black_box(fut.as_mut().poll(&mut cx));
+    };
+    println!("| case | on-CPU per call (median of {reps}) | min..max | wall per call |");
+    println!("|---|---:|---:|---:|");
+    let row = |label: &str, t: PerOp| {
+        println!(
+            "| {label} | {} | {}..{} | {} |",
+            ns(t.cpu),
+            ns(t.cpu_min),
+            ns(t.cpu_max),
+            ns(t.wall)
+        );
+    };
+    let off = Tracer::off();
+    row(
+        "sampling off, agent sent a traceparent",
+        time_per_op(100_000, reps, || one_call(&off, Some(traceparent))),
+    );
+    row(
+        "sampling off, no traceparent (new trace id)",
+        time_per_op(100_000, reps, || one_call(&off, None)),
+    );
+    // Sampled, into an exporter whose queue is full (nothing listens): the spans are recorded
+    // and the finished trace dropped and counted, never waited for.
+    let settings = intentgate::telemetry::ExportSettings {
+        endpoint: "http://127.0.0.1:9/v1/traces"
+            .parse()
+            .map_err(|e| format!("{e}"))?,
+        headers: Vec::new(),
+        service_name: "bench".into(),
+        max_queue: 1,
+        max_batch: 1,
+        delay: Duration::from_secs(3600),
+        timeout: Duration::from_millis(1),
+    };
+    let tls = intentgate::tls::plaintext_only().map_err(|e| e.to_string())?;
+    let (exporter, task) = intentgate::telemetry::Exporter::start(settings, tls);
+    task.abort();
+    let on = Tracer::new(Sampler::AlwaysOn, Some(exporter));
+    row(
+        "sampling on, 8 spans recorded, queue full (dropped)",
+        time_per_op(50_000, reps, || one_call(&on, Some(traceparent))),
     );
     Ok(())
 }

@@ -33,7 +33,7 @@ mod outbox;
 pub use outbox::{DATADOG_US1, OutboxArgs};
 
 mod telemetry;
-pub use telemetry::{LogFormat, MetricsConfig, TelemetryArgs, TelemetryConfig};
+pub use telemetry::{LogFormat, MetricsConfig, TelemetryArgs, TelemetryConfig, TracingConfig};
 
 /// The raw settings as clap reads them from flags and environment. Validated into [`Config`].
 #[derive(Args, Clone)]

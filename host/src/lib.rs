@@ -24,6 +24,7 @@
 //! | [`bundles`] | bundles of checks: digests, drafts, promote/rollback, per-tenant hot swap |
 //! | [`metrics`] | Prometheus `/metrics`: counters and histograms on atomics, bounded labels |
 //! | [`logging`] | log output: text or JSON lines (`INTENTGATE_LOG_FORMAT`) |
+//! | [`telemetry`] | OpenTelemetry traces of decided calls over OTLP/HTTP (`OTEL_*`), W3C `traceparent` |
 //! | [`server`] | the hyper accept loop, routing, request limits |
 //! | [`http`] | small HTTP helpers shared by the endpoints (bounded body read, JSON replies) |
 //! | [`tls`] | rustls: the https upstream's client configuration, the listener's reloaded certificate |
@@ -48,6 +49,7 @@ pub mod plugins;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 #[doc(hidden)]
 pub mod testkit;
 pub mod tls;

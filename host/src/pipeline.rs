@@ -341,6 +341,7 @@ impl Pipeline {
         let started = Instant::now();
         let decided = self.decide_unmetered(call).await;
         self.metrics.decided(&call.grant.tenant, started, &decided);
+        crate::telemetry::trace::decided(call, &decided);
         // Off at the default level (`INTENTGATE_LOG=intentgate=debug` turns it on); never the
         // reason, which may quote the call.
         match &decided {

@@ -94,6 +94,8 @@ pub struct Gateway {
     pub secrets_file: Option<std::path::PathBuf>,
     /// The listener's TLS (its certificate reloaded when the files change), when configured.
     pub tls: Option<crate::tls::ServerTls>,
+    /// How calls are traced, and the OTLP exporter of sampled traces (see [`crate::telemetry`]).
+    pub tracer: crate::telemetry::Tracer,
     background: Vec<tokio::task::JoinHandle<()>>,
     /// `--watch DIR`: dropping it stops watching.
     _watch: Option<crate::bundles::watch::WatchHandle>,
@@ -250,6 +252,20 @@ impl Gateway {
             pipeline.audit().clone(),
         )));
         let admin = AdminAuth::new(secrets.admin_token.clone(), config.tenant_admins.clone());
+        let tracing = &config.telemetry.tracing;
+        let tracer = match &tracing.export {
+            Some(settings) => {
+                let tls = if settings.endpoint.scheme_str() == Some("https") {
+                    crate::tls::client_config(&crate::config::UpstreamTls::default())?
+                } else {
+                    crate::tls::plaintext_only()?
+                };
+                let (exporter, task) = crate::telemetry::Exporter::start(settings.clone(), tls);
+                background.push(task);
+                crate::telemetry::Tracer::new(tracing.sampler, Some(exporter))
+            }
+            None => crate::telemetry::Tracer::off(),
+        };
         Ok(Arc::new(Gateway {
             sessions: SessionKeys::derive(secrets.master_key.as_bytes()),
             verifier: Verifier::new(master_key.clone(), config.clock_leeway_secs as i64),
@@ -264,6 +280,7 @@ impl Gateway {
             outbox,
             secrets_file: secrets.file,
             tls,
+            tracer,
             config,
             background,
             _watch: watch,
@@ -452,6 +469,10 @@ pub async fn serve(
             tracing::warn!("connections still open after 10 s; closing");
         }
     }
+    // Sampled traces still queued are sent before the process goes.
+    if let Some(exporter) = gw.tracer.exporter() {
+        exporter.flush(Duration::from_secs(5)).await;
+    }
     Ok(())
 }
 
@@ -531,8 +552,19 @@ async fn write_and_linger<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, answ
 async fn route(gw: &Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
     let path = req.uri().path();
     match path {
-        "/v1/mcp" => mcp::handle(gw, req, remote, Endpoint::Mcp).await,
-        "/v1/tool-call" => mcp::handle(gw, req, remote, Endpoint::ToolCall).await,
+        "/v1/mcp" | "/v1/tool-call" => {
+            let endpoint = if path == "/v1/mcp" {
+                Endpoint::Mcp
+            } else {
+                Endpoint::ToolCall
+            };
+            // The request's trace (continuing the agent's W3C trace context) and its log span.
+            let trace = gw.tracer.start(
+                http::header_str(req.headers(), "traceparent"),
+                http::header_str(req.headers(), "tracestate"),
+            );
+            crate::telemetry::trace::scope(trace, mcp::handle(gw, req, remote, endpoint)).await
+        }
         "/healthz" if req.method() == Method::GET => health(gw),
         "/metrics" if crate::metrics::endpoint::on_main_listener(gw) => {
             crate::metrics::endpoint::handle(gw, &req, crate::metrics::endpoint::Listener::Main)

@@ -22,5 +22,6 @@ mod powercut;
 mod relay;
 mod store;
 mod support;
+mod traces;
 mod transport;
 mod upstreams;

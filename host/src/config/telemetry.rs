@@ -1,10 +1,13 @@
-//! The telemetry settings: Prometheus `/metrics` (where, whether, who may scrape) and the log
-//! format. Flattened into [`super::ServeArgs`] and validated into [`TelemetryConfig`].
+//! The telemetry settings: Prometheus `/metrics` (where, whether, who may scrape), the log
+//! format, and OpenTelemetry traces (the standard `OTEL_*` variables). Flattened into
+//! [`super::ServeArgs`] and validated into [`TelemetryConfig`].
 //!
 //! Safe by default: `/metrics` is served on the main listener and every scrape needs a bearer
 //! token (the metrics token or the superadmin token). Scraping without a token must be asked
 //! for (`INTENTGATE_METRICS_AUTH=none`) and is accepted only on a separate listener bound to a
-//! loopback address. This module must never print the metrics token.
+//! loopback address. Traces are exported only when an OTLP endpoint is set
+//! (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, or `OTEL_EXPORTER_OTLP_ENDPOINT` + `/v1/traces`). This
+//! module must never print the metrics token or the OTLP export headers.
 
 use std::net::SocketAddr;
 
@@ -40,6 +43,88 @@ pub struct TelemetryArgs {
     /// Log lines as `text` or `json` (one JSON object per line).
     #[arg(long, env = "INTENTGATE_LOG_FORMAT", default_value = "text", value_parser = str::parse::<LogFormat>)]
     pub log_format: LogFormat,
+    /// OTLP/HTTP base URL; traces go to `{URL}/v1/traces`. Unset: no traces are exported.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP/HTTP traces URL, used as given (overrides OTEL_EXPORTER_OTLP_ENDPOINT).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", value_name = "URL")]
+    pub otlp_traces_endpoint: Option<String>,
+    /// Headers sent with every export, `key=value,key2=value2` (values URL-encoded).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_HEADERS", hide_env_values = true)]
+    pub otlp_headers: Option<String>,
+    /// The `service.name` of the exported traces.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "intentgate")]
+    pub otel_service_name: String,
+    /// always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off or
+    /// parentbased_traceidratio.
+    #[arg(
+        long,
+        env = "OTEL_TRACES_SAMPLER",
+        default_value = "parentbased_always_on"
+    )]
+    pub otel_traces_sampler: String,
+    /// The ratio of the `*traceidratio` samplers (0 to 1, default 1).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG")]
+    pub otel_traces_sampler_arg: Option<String>,
+    /// `true` turns tracing off whatever else is set.
+    #[arg(
+        long,
+        env = "OTEL_SDK_DISABLED",
+        default_value = "false",
+        value_name = "BOOL",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::Set
+    )]
+    pub otel_sdk_disabled: bool,
+    /// Most finished traces waiting for export; more are dropped and counted.
+    #[arg(long, env = "OTEL_BSP_MAX_QUEUE_SIZE", default_value_t = 2048)]
+    pub otel_bsp_max_queue_size: usize,
+    /// Most spans in one export request.
+    #[arg(long, env = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", default_value_t = 512)]
+    pub otel_bsp_max_export_batch_size: usize,
+    /// Milliseconds a batch waits for more spans before it is sent.
+    #[arg(long, env = "OTEL_BSP_SCHEDULE_DELAY", default_value_t = 5000)]
+    pub otel_bsp_schedule_delay: u64,
+    /// Milliseconds one export may take.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TIMEOUT", default_value_t = 10000)]
+    pub otlp_timeout: u64,
+}
+
+/// How calls are traced: the sampler, and where sampled traces go (`None`: nowhere).
+#[derive(Clone)]
+pub struct TracingConfig {
+    pub sampler: crate::telemetry::Sampler,
+    pub export: Option<crate::telemetry::ExportSettings>,
+}
+
+impl PartialEq for TracingConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.sampler == other.sampler
+            && self.export.as_ref().map(|e| &e.endpoint)
+                == other.export.as_ref().map(|e| &e.endpoint)
+    }
+}
+
+impl Eq for TracingConfig {}
+
+impl std::fmt::Debug for TracingConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let e = self.export.as_ref();
+        f.debug_struct("TracingConfig")
+            .field("sampler", &self.sampler)
+            .field("endpoint", &e.map(|e| super::redact_url(&e.endpoint)))
+            .field(
+                "headers",
+                &e.map(|e| {
+                    e.headers
+                        .iter()
+                        .map(|(k, _)| k.as_str())
+                        .collect::<Vec<_>>()
+                }),
+            )
+            .field("service_name", &e.map(|e| e.service_name.as_str()))
+            .finish()
+    }
 }
 
 /// Where and how `/metrics` is served.
@@ -70,6 +155,7 @@ impl std::fmt::Debug for MetricsConfig {
 pub struct TelemetryConfig {
     pub metrics: MetricsConfig,
     pub log_format: LogFormat,
+    pub tracing: TracingConfig,
 }
 
 impl TelemetryArgs {
@@ -123,8 +209,117 @@ impl TelemetryArgs {
                 open,
             },
             log_format: self.log_format,
+            tracing: self.tracing()?,
         })
     }
+
+    fn tracing(&self) -> Result<TracingConfig, ConfigError> {
+        let sampler = crate::telemetry::Sampler::parse(
+            &self.otel_traces_sampler,
+            self.otel_traces_sampler_arg.as_deref(),
+        )
+        .map_err(|e| {
+            let setting = if e.contains("expected a ratio") {
+                "OTEL_TRACES_SAMPLER_ARG"
+            } else {
+                "OTEL_TRACES_SAMPLER"
+            };
+            invalid(setting, e)
+        })?;
+        let nonempty = |v: &Option<String>| {
+            v.as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        let (setting, url) = match (
+            nonempty(&self.otlp_traces_endpoint),
+            nonempty(&self.otlp_endpoint),
+        ) {
+            (Some(t), _) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", t),
+            (None, Some(base)) => (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("{}/v1/traces", base.trim_end_matches('/')),
+            ),
+            (None, None) => {
+                return Ok(TracingConfig {
+                    sampler,
+                    export: None,
+                });
+            }
+        };
+        if self.otel_sdk_disabled {
+            return Ok(TracingConfig {
+                sampler,
+                export: None,
+            });
+        }
+        let endpoint: hyper::Uri = url
+            .parse()
+            .map_err(|e| invalid(setting, format!("{e}: expected an http(s) URL")))?;
+        if !matches!(endpoint.scheme_str(), Some("http" | "https")) || endpoint.host().is_none() {
+            return Err(invalid(setting, "expected an http:// or https:// URL"));
+        }
+        let headers = parse_headers(self.otlp_headers.as_deref().unwrap_or(""))
+            .map_err(|e| invalid("OTEL_EXPORTER_OTLP_HEADERS", e))?;
+        if self.otel_bsp_max_queue_size == 0 || self.otel_bsp_max_export_batch_size == 0 {
+            return Err(invalid(
+                "OTEL_BSP_MAX_QUEUE_SIZE",
+                "the queue and batch sizes must be at least 1",
+            ));
+        }
+        Ok(TracingConfig {
+            sampler,
+            export: Some(crate::telemetry::ExportSettings {
+                endpoint,
+                headers,
+                service_name: self.otel_service_name.clone(),
+                max_queue: self.otel_bsp_max_queue_size,
+                max_batch: self.otel_bsp_max_export_batch_size,
+                delay: std::time::Duration::from_millis(self.otel_bsp_schedule_delay.max(1)),
+                timeout: std::time::Duration::from_millis(self.otlp_timeout.max(1)),
+            }),
+        })
+    }
+}
+
+/// `OTEL_EXPORTER_OTLP_HEADERS`: `key=value` pairs separated by commas, values URL-encoded.
+/// Errors never quote a value.
+fn parse_headers(
+    raw: &str,
+) -> Result<Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>, String> {
+    let mut out = Vec::new();
+    for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err("expected key=value pairs separated by commas".into());
+        };
+        let name = hyper::header::HeaderName::from_bytes(k.trim().as_bytes())
+            .map_err(|_| format!("{:?} is not a header name", k.trim()))?;
+        let value = hyper::header::HeaderValue::from_bytes(&percent_decode(v.trim()))
+            .map_err(|_| format!("the value of {name} is not a valid header value"))?;
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -195,5 +390,70 @@ mod tests {
         }
         let c = parse(&["--metrics-token", "scrape-secret-0123456789"]).expect("valid");
         assert!(!format!("{c:?}").contains("scrape-secret"));
+    }
+
+    #[test]
+    fn otel_variables_make_the_traces_config() {
+        let c = parse(&[]).expect("defaults");
+        assert!(c.tracing.export.is_none(), "no endpoint, no export");
+        let c = parse(&[
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318/",
+            "--otlp-headers",
+            "x-api-key=sec%20ret-value,tenant=a",
+            "--otel-traces-sampler",
+            "parentbased_traceidratio",
+            "--otel-traces-sampler-arg",
+            "0.25",
+        ])
+        .expect("valid");
+        let e = c.tracing.export.as_ref().expect("export");
+        assert_eq!(e.endpoint.to_string(), "http://127.0.0.1:4318/v1/traces");
+        assert_eq!(e.headers[0].1.as_bytes(), b"sec ret-value");
+        assert_eq!(e.service_name, "intentgate");
+        assert!(!format!("{c:?}").contains("sec ret"), "{c:?}");
+        let c = parse(&[
+            "--otlp-endpoint",
+            "http://a:1",
+            "--otlp-traces-endpoint",
+            "http://b:2/custom",
+        ])
+        .expect("valid");
+        let e = c.tracing.export.expect("export");
+        assert_eq!(e.endpoint.to_string(), "http://b:2/custom");
+        let c = parse(&[
+            "--otlp-endpoint",
+            "http://a:1",
+            "--otel-sdk-disabled",
+            "true",
+        ])
+        .expect("valid");
+        assert!(c.tracing.export.is_none());
+        for (args, setting) in [
+            (
+                vec!["--otel-traces-sampler", "sometimes"],
+                "OTEL_TRACES_SAMPLER",
+            ),
+            (
+                vec![
+                    "--otel-traces-sampler",
+                    "traceidratio",
+                    "--otel-traces-sampler-arg",
+                    "1.5",
+                ],
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+            (
+                vec!["--otlp-endpoint", "ftp://x"],
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ),
+            (
+                vec!["--otlp-endpoint", "http://x", "--otlp-headers", "novalue"],
+                "OTEL_EXPORTER_OTLP_HEADERS",
+            ),
+        ] {
+            let e = parse(&args).expect_err("refused").to_string();
+            assert!(e.starts_with(setting), "{args:?}: {e}");
+        }
     }
 }

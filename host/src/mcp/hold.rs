@@ -108,7 +108,7 @@ impl Held {
         }
         let (tx, rx) = mpsc::channel::<Bytes>(4);
         let keepalive = self.gw.pipeline.approvals().keepalive;
-        tokio::spawn(async move {
+        tokio::spawn(crate::telemetry::trace::propagate(async move {
             let finishing = self.finish();
             tokio::pin!(finishing);
             let mut tick = tokio::time::interval(keepalive);
@@ -137,7 +137,7 @@ impl Held {
             event.extend_from_slice(&out.body(&id));
             event.extend_from_slice(b"\n\n");
             let _ = tx.send(Bytes::from(event)).await;
-        });
+        }));
         let mut resp = Response::new(http::channel(rx));
         *resp.status_mut() = StatusCode::OK;
         let h = resp.headers_mut();

@@ -48,7 +48,7 @@ pub(super) async fn call(owned: Owned) -> Response<Body> {
     let (to_client, mut requests) = mpsc::channel::<Value>(8);
     let (done_tx, mut done) = oneshot::channel::<Finished>();
     let task_owned = Arc::clone(&owned);
-    tokio::spawn(async move {
+    tokio::spawn(crate::telemetry::trace::propagate(async move {
         let o = &*task_owned;
         let mut ctx = CallContext::new(
             &o.gw,
@@ -67,7 +67,7 @@ pub(super) async fn call(owned: Owned) -> Response<Body> {
             decided: ctx.decided(),
             pending: ctx.take_pending(),
         });
-    });
+    }));
     let id = owned.rpc.id.clone().unwrap_or(Value::Null);
     let first = tokio::select! {
         finished = &mut done => {

@@ -92,5 +92,25 @@ pub fn render(gw: &Gateway) -> String {
         revocations.len(),
     );
     m.server.write(&mut e, gw.config.max_connections);
+    if let Some(x) = gw.tracer.exporter() {
+        e.single(
+            "intentgate_trace_spans_dropped_total",
+            Kind::Counter,
+            "Spans of sampled calls dropped because the export queue was full (calls never wait).",
+            x.dropped.load(Relaxed),
+        );
+        e.single(
+            "intentgate_trace_spans_exported_total",
+            Kind::Counter,
+            "Spans accepted by the OTLP collector.",
+            x.exported.load(Relaxed),
+        );
+        e.single(
+            "intentgate_trace_export_failed_spans_total",
+            Kind::Counter,
+            "Spans of exports that failed (not retried).",
+            x.failed.load(Relaxed),
+        );
+    }
     e.finish()
 }

@@ -105,6 +105,9 @@ impl Metrics {
         started: Instant,
         result: &Result<T, UpstreamError>,
     ) {
+        if let Err(e) = result {
+            crate::telemetry::trace::upstream_failed(e);
+        }
         self.stages.since(Stage::Upstream, started);
         self.upstream.call_to(upstream);
         if let Err(e) = result {

@@ -5,7 +5,8 @@
 //! (the token's caveats for this tool), the plugin stages `intent`, `policy`, `budget`, `audit`
 //! (the wait for the decision's event and charges to be durable), `upstream` (forwarding).
 //! A stage that did not run (an earlier one refused) records nothing. This module must never
-//! label a latency with anything but the stage.
+//! label a latency with anything but the stage. Each recorded stage is also a span of the call's
+//! trace when it is sampled ([`crate::telemetry::trace::stage`]).
 
 use std::time::Instant;
 
@@ -97,6 +98,8 @@ impl Stages {
     #[inline]
     pub fn since(&self, stage: Stage, started: Instant) {
         self.stages[stage as usize].observe_duration(started.elapsed());
+        // The same timing point is the stage's span in a sampled call's trace.
+        crate::telemetry::trace::stage(stage, started);
     }
 
     /// Records the time since `started` for the whole decision (throttle to durable event).

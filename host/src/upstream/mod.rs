@@ -14,7 +14,8 @@
 //! exchange is bounded in time and size; failures are [`UpstreamError`]s, distinct from
 //! authorization denials, that name their cause (a TLS failure says which check failed). This
 //! module must never forward a `tools/call` without a [`crate::pipeline::Permit`], never send
-//! a header taken from the agent's request, and never show the URL's userinfo or query (they
+//! a header taken from the agent's request (the W3C `traceparent` is computed for the hop by
+//! [`crate::telemetry::trace`]; only the agent's `tracestate` is carried on), and never show the URL's userinfo or query (they
 //! may carry credentials): logs use [`Upstream::redacted_uri`], errors are scrubbed.
 
 use std::sync::Arc;
@@ -955,6 +956,13 @@ impl Upstream {
             .header(ACCEPT, "application/json, text/event-stream");
         for (name, value) in extra {
             req = req.header(name, value.clone());
+        }
+        // W3C trace context of the call being forwarded, computed for this hop.
+        if let Some((traceparent, tracestate)) = crate::telemetry::trace::upstream_headers() {
+            req = req.header("traceparent", traceparent);
+            if let Some(state) = tracestate {
+                req = req.header("tracestate", state);
+            }
         }
         req.body(Full::new(Bytes::from(body)))
             .map_err(|e| UpstreamError::Unavailable(e.to_string()))
