@@ -472,6 +472,7 @@ fn method_of(kind: crate::pipeline::CallKind) -> &'static str {
         CallKind::Completion(_) => "completion/complete",
         CallKind::Sampling => "sampling/createMessage",
         CallKind::Elicitation => "elicitation/create",
+        CallKind::Roots => "roots/list",
     }
 }
 
