@@ -103,8 +103,9 @@ impl Default for OutboxConfig {
 pub struct Live {
     pub dest: Destination,
     pub formatter: Result<format::Bound, String>,
-    /// The Entra token cache (Sentinel destinations).
-    pub tokens: sentinel::TokenCache,
+    /// The Entra token cache (Sentinel destinations), kept across reloads while the
+    /// destination is unchanged.
+    pub tokens: Arc<sentinel::TokenCache>,
 }
 
 /// The destinations in force.
@@ -239,9 +240,11 @@ impl Outbox {
         }
         let runtime = self.inner.runtime.clone();
         let registry = self.inner.registry.clone();
-        let live = tokio::task::spawn_blocking(move || bind_all(&runtime, &registry, dests))
-            .await
-            .map_err(|e| OutboxError::Invalid(format!("binding formatters: {e}")))?;
+        let previous = self.inner.live.load_full();
+        let live =
+            tokio::task::spawn_blocking(move || bind_all(&runtime, &registry, dests, &previous))
+                .await
+                .map_err(|e| OutboxError::Invalid(format!("binding formatters: {e}")))?;
         let list: Vec<Destination> = live.list.iter().map(|l| l.dest.clone()).collect();
         self.inner.live.store(Arc::new(live));
         self.inner.router.install(&list);
@@ -251,7 +254,12 @@ impl Outbox {
 }
 
 /// Binds every destination's formatter (compiles are cached by digest).
-fn bind_all(runtime: &Arc<Runtime>, registry: &Registry, dests: Vec<Destination>) -> LiveSet {
+fn bind_all(
+    runtime: &Arc<Runtime>,
+    registry: &Registry,
+    dests: Vec<Destination>,
+    previous: &LiveSet,
+) -> LiveSet {
     let mut set = LiveSet::default();
     for dest in dests {
         let formatter = match dest.spec.formatter.as_deref().filter(|d| !d.is_empty()) {
@@ -270,10 +278,20 @@ fn bind_all(runtime: &Arc<Runtime>, registry: &Registry, dests: Vec<Destination>
         if let Err(e) = &formatter {
             tracing::warn!(destination = %dest.id, error = %e, "outbox: destination has no usable formatter; its deliveries fail until fixed");
         }
+        // An unchanged destination keeps its token (a reload must not cost a new one).
+        let same = |old: &Live| {
+            old.dest.spec.secret == dest.spec.secret
+                && serde_json::to_string(&old.dest.spec).ok()
+                    == serde_json::to_string(&dest.spec).ok()
+        };
+        let tokens = match previous.by_id.get(&dest.id) {
+            Some(old) if same(old) => Arc::clone(&old.tokens),
+            _ => Arc::default(),
+        };
         let live = Arc::new(Live {
             dest,
             formatter,
-            tokens: sentinel::TokenCache::default(),
+            tokens,
         });
         set.by_id.insert(live.dest.id.clone(), live.clone());
         set.list.push(live);
