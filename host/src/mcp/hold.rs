@@ -33,6 +33,37 @@ use crate::http::{self, Body};
 use crate::pipeline::{Denial, Pending};
 use crate::server::Gateway;
 
+/// What a request's `Prefer` header (RFC 7240) says about waiting for an approval; the last
+/// such preference given wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prefer {
+    /// `respond-async`: answer at once.
+    Async,
+    /// `wait` or `wait=N`: hold the request (for at most N seconds, when given).
+    Wait(Option<u64>),
+}
+
+fn prefer(headers: &hyper::HeaderMap) -> Option<Prefer> {
+    let mut found = None;
+    for v in headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        for pref in v.split(',') {
+            let pref = pref.split(';').next().unwrap_or_default();
+            let (name, value) = pref.split_once('=').unwrap_or((pref, ""));
+            let name = name.trim();
+            if name.eq_ignore_ascii_case("respond-async") {
+                found = Some(Prefer::Async);
+            } else if name.eq_ignore_ascii_case("wait") {
+                found = Some(Prefer::Wait(value.trim().parse().ok()));
+            }
+        }
+    }
+    found
+}
+
 /// Whether this request waits for its approval (see the module docs): the request's `Prefer`,
 /// else what the policy said for this escalation (`policy`), else the gateway's mode.
 pub(super) fn wanted(
@@ -40,50 +71,25 @@ pub(super) fn wanted(
     headers: &hyper::HeaderMap,
     policy: Option<approvals::Mode>,
 ) -> bool {
-    let mut mode = policy.unwrap_or(gw.pipeline.approvals().mode);
-    for v in headers
-        .get_all("prefer")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        for pref in v.split(',').map(str::trim) {
-            let name = pref.split(['=', ';']).next().unwrap_or_default().trim();
-            if name.eq_ignore_ascii_case("respond-async") {
-                mode = approvals::Mode::Async;
-            } else if name.eq_ignore_ascii_case("wait") {
-                mode = approvals::Mode::Sync;
-            }
-        }
+    match prefer(headers) {
+        Some(Prefer::Async) => false,
+        Some(Prefer::Wait(_)) => true,
+        None => policy.unwrap_or(gw.pipeline.approvals().mode) == approvals::Mode::Sync,
     }
-    mode == approvals::Mode::Sync
 }
 
 /// How long a resume of a still-pending approval waits for its decision before it is
-/// answered pending again: `Prefer: wait=N` seconds, none with `Prefer: respond-async`, else
-/// `default`.
+/// answered pending again: `Prefer: wait=N` seconds (at most an hour), none with
+/// `Prefer: respond-async`, else `default`.
 pub(super) fn poll_window(
     headers: &hyper::HeaderMap,
     default: std::time::Duration,
 ) -> std::time::Duration {
-    let mut window = default;
-    for v in headers
-        .get_all("prefer")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        for pref in v.split(',').map(str::trim) {
-            let mut kv = pref.splitn(2, '=');
-            let name = kv.next().unwrap_or_default().trim();
-            if name.eq_ignore_ascii_case("respond-async") {
-                window = std::time::Duration::ZERO;
-            } else if name.eq_ignore_ascii_case("wait")
-                && let Some(secs) = kv.next().and_then(|n| n.trim().parse::<u64>().ok())
-            {
-                window = std::time::Duration::from_secs(secs.min(3600));
-            }
-        }
+    match prefer(headers) {
+        Some(Prefer::Async) => std::time::Duration::ZERO,
+        Some(Prefer::Wait(Some(secs))) => std::time::Duration::from_secs(secs.min(3600)),
+        Some(Prefer::Wait(None)) | None => default,
     }
-    window
 }
 
 /// Everything a held request needs, owned (the stream's task outlives the handler).
@@ -296,5 +302,43 @@ impl Answer {
             d.stamp(&mut resp);
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> hyper::HeaderMap {
+        let mut h = hyper::HeaderMap::new();
+        for v in values {
+            h.append(
+                "prefer",
+                hyper::header::HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn prefer_reads_wait_and_respond_async_the_last_one_winning() {
+        assert_eq!(prefer(&headers(&[])), None);
+        assert_eq!(prefer(&headers(&["wait"])), Some(Prefer::Wait(None)));
+        assert_eq!(
+            prefer(&headers(&["handling=lenient, wait=5"])),
+            Some(Prefer::Wait(Some(5)))
+        );
+        assert_eq!(
+            prefer(&headers(&["Wait = 7 ; x=y"])),
+            Some(Prefer::Wait(Some(7)))
+        );
+        assert_eq!(
+            prefer(&headers(&["wait=5", "respond-async"])),
+            Some(Prefer::Async)
+        );
+        let d = std::time::Duration::from_secs(20);
+        assert_eq!(poll_window(&headers(&["wait=99999"]), d).as_secs(), 3600);
+        assert_eq!(poll_window(&headers(&["respond-async"]), d).as_secs(), 0);
+        assert_eq!(poll_window(&headers(&["wait"]), d), d);
     }
 }
