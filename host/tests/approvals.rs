@@ -3,14 +3,14 @@
 //! expiring), sync holds (approved, rejected, timed out, client gone), the admin API's errors,
 //! two replicas on PostgreSQL, and pending approvals surviving `kill -9`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::interop::{Flavor, Upstream};
+use crate::support::binary::{collect_lines, listening_url};
 use crate::support::gateway::{self, ADMIN_TOKEN, Backend, MASTER_KEY, TestGateway};
 use crate::support::http;
 
@@ -590,18 +590,6 @@ async fn a_decision_on_one_replica_releases_the_call_held_on_another() {
 
 // --- kill -9 ---------------------------------------------------------------------------------
 
-fn collect_lines(out: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&lines);
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().expect("lines").push(line);
-        }
-    });
-    lines
-}
-
 /// The gateway binary on `data`; returns the child and its URL (the caller kills and waits).
 #[allow(clippy::zombie_processes)]
 async fn binary(data: &std::path::Path, upstream: &str) -> (std::process::Child, String) {
@@ -627,21 +615,9 @@ async fn binary(data: &std::path::Path, upstream: &str) -> (std::process::Child,
         .spawn()
         .expect("start the gateway binary");
     let lines = collect_lines(child.stdout.take().expect("stdout"));
-    let started = Instant::now();
-    loop {
-        let found = lines.lock().expect("lines").iter().find_map(|l| {
-            let v: Value = serde_json::from_str(l).ok()?;
-            v["fields"]["local"].as_str().map(|a| format!("http://{a}"))
-        });
-        if let Some(url) = found {
-            return (child, url);
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("no listening line");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    match listening_url(&mut child, &lines).await {
+        Ok(url) => (child, url),
+        Err(e) => panic!("{e}"),
     }
 }
 

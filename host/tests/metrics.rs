@@ -8,14 +8,15 @@
 //! without it these tests fail with the command that installs it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::support::binary::{collect_lines, listening_url};
 use crate::support::gateway::{self, ADMIN_TOKEN, Backend, TestGateway};
 use crate::support::http;
 
@@ -524,19 +525,6 @@ async fn a_separate_listener_serves_metrics_and_the_main_one_does_not() {
 
 // --- JSON logs from the real binary ---------------------------------------------------------------
 
-/// Lines of a child's stdout, collected by a thread.
-fn collect_lines(out: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&lines);
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().expect("lines").push(line);
-        }
-    });
-    lines
-}
-
 #[tokio::test]
 async fn json_log_lines_parse_and_carry_no_planted_secret() {
     let data = tempfile::tempdir().expect("tempdir");
@@ -574,26 +562,9 @@ async fn json_log_lines_parse_and_carry_no_planted_secret() {
         .expect("start the gateway binary");
     let lines = collect_lines(child.stdout.take().expect("stdout"));
     let errors = collect_lines(child.stderr.take().expect("stderr"));
-    let started = Instant::now();
-    let url = loop {
-        let found = lines.lock().expect("lines").iter().find_map(|l| {
-            let v: Value = serde_json::from_str(l).ok()?;
-            v["fields"]["local"].as_str().map(|a| format!("http://{a}"))
-        });
-        if let Some(url) = found {
-            break url;
-        }
-        if started.elapsed() > Duration::from_secs(120) || child.try_wait().ok().flatten().is_some()
-        {
-            let _ = child.kill();
-            panic!(
-                "no listening line\nstdout: {:?}\nstderr: {:?}",
-                lines.lock().expect("lines"),
-                errors.lock().expect("lines")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let url = listening_url(&mut child, &lines)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nstderr: {:?}", errors.lock().expect("lines")));
     let (status, minted) = http::post_json(
         &format!("{url}/v1/admin/mint"),
         Some(admin),

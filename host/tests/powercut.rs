@@ -12,7 +12,6 @@
 //!   pending; every recorded event the webhook's filter matches is delivered after the restart.
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,24 +22,12 @@ use serde_json::{Value, json};
 
 use crate::interop::python;
 use crate::outbox::{FAST, Receiver, distinct_webhooks};
+use crate::support::binary::{collect_lines, listening_url};
 use crate::support::gateway::{ADMIN_TOKEN, MASTER_KEY};
 use crate::support::http;
 use crate::support::powercut::PowerCut;
 
 const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/powercut");
-
-/// Lines of a child's stdout, collected in the background.
-fn collect_lines(out: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&lines);
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().expect("lines").push(line);
-        }
-    });
-    lines
-}
 
 fn wait_lines(lines: &Mutex<Vec<String>>, what: &str, done: impl Fn(&[String]) -> bool) {
     let until = Instant::now() + Duration::from_secs(60);
@@ -256,23 +243,9 @@ impl Gateway {
         }
         let mut child = cmd.spawn().expect("start the gateway binary");
         let lines = collect_lines(child.stdout.take().expect("stdout"));
-        let started = Instant::now();
-        loop {
-            let found = lines.lock().expect("lines").iter().find_map(|l| {
-                let v: Value = serde_json::from_str(l).ok()?;
-                v["fields"]["local"].as_str().map(|a| format!("http://{a}"))
-            });
-            if let Some(url) = found {
-                return Gateway { child, url };
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("the gateway exited: {status}");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "no listening line"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match listening_url(&mut child, &lines).await {
+            Ok(url) => Gateway { child, url },
+            Err(e) => panic!("{e}"),
         }
     }
 

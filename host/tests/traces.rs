@@ -6,7 +6,6 @@
 //! from the real binary carry its trace id and event id.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 
+use crate::support::binary::{collect_lines, listening_url};
 use crate::support::gateway::{self, Backend};
 use crate::support::http;
 
@@ -24,19 +24,6 @@ const PLANTED_ARG: &str = "planted-argument-value-5e1d";
 
 fn python() -> String {
     std::env::var("INTENTGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Lines of a child's stdout, collected by a thread.
-fn collect_lines(out: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&lines);
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().expect("lines").push(line);
-        }
-    });
-    lines
 }
 
 /// The Python OTLP receiver: its child process, its URL and the requests it decoded.
@@ -425,22 +412,9 @@ async fn json_log_lines_of_a_call_carry_its_trace_id_and_event_id() {
         .spawn()
         .expect("start the gateway binary");
     let lines = collect_lines(child.stdout.take().expect("stdout"));
-    let started = Instant::now();
-    let url = loop {
-        let found = lines.lock().expect("lines").iter().find_map(|l| {
-            let v: Value = serde_json::from_str(l).ok()?;
-            v["fields"]["local"].as_str().map(|a| format!("http://{a}"))
-        });
-        if let Some(url) = found {
-            break url;
-        }
-        if started.elapsed() > Duration::from_secs(120) || child.try_wait().ok().flatten().is_some()
-        {
-            let _ = child.kill();
-            panic!("no listening line: {:?}", lines.lock().expect("lines"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let url = listening_url(&mut child, &lines)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let (status, minted) = http::post_json(
         &format!("{url}/v1/admin/mint"),
         Some(admin),

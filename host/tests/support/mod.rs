@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod gateway;
 pub mod http;
 pub mod powercut;

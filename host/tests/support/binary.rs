@@ -1,0 +1,50 @@
+//! The gateway binary as a child process (`INTENTGATE_LOG_FORMAT=json`): its output lines
+//! collected as they come, and the URL it listens on read from its `listening` log line.
+
+use std::io::{BufRead, BufReader};
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Collects the lines of `out` (a child's stdout or stderr) on a thread, as they are written.
+pub fn collect_lines(out: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().expect("lines").push(line);
+        }
+    });
+    lines
+}
+
+/// The `http://ADDR` the child logged as its listening address. `Err` (with the lines seen)
+/// when it exited first or did not listen within 120 s; the child is then killed and reaped.
+pub async fn listening_url(
+    child: &mut Child,
+    lines: &Arc<Mutex<Vec<String>>>,
+) -> Result<String, String> {
+    let started = Instant::now();
+    loop {
+        let found = lines.lock().expect("lines").iter().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            v["fields"]["local"].as_str().map(|a| format!("http://{a}"))
+        });
+        if let Some(url) = found {
+            return Ok(url);
+        }
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "no listening line (exit: {exited:?}); stdout: {:?}",
+                lines.lock().expect("lines")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
