@@ -49,6 +49,7 @@ pub mod plugins;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod streams;
 pub mod telemetry;
 #[doc(hidden)]
 pub mod testkit;

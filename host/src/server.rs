@@ -86,6 +86,8 @@ pub struct Gateway {
     pub approvals: crate::approvals::Waiters,
     /// Upstream requests relayed to agents, waiting for their replies.
     pub relays: Arc<crate::mcp::relay::Relays>,
+    /// Client sessions' `GET /v1/mcp` streams and resource subscriptions.
+    pub streams: Arc<crate::streams::Hub>,
     pub sessions: SessionKeys,
     pub admin: AdminAuth,
     /// Webhooks, notification channels and SIEM sinks (see [`crate::outbox`]).
@@ -266,24 +268,39 @@ impl Gateway {
             }
             None => crate::telemetry::Tracer::off(),
         };
-        Ok(Arc::new(Gateway {
-            sessions: SessionKeys::derive(secrets.master_key.as_bytes()),
-            verifier: Verifier::new(master_key.clone(), config.clock_leeway_secs as i64),
-            master_key,
-            revocations,
-            store,
-            pipeline,
-            upstreams,
-            approvals,
-            relays: Arc::default(),
-            admin,
-            outbox,
-            secrets_file: secrets.file,
-            tls,
-            tracer,
-            config,
-            background,
-            _watch: watch,
+        // What upstreams announce outside any call goes to the client sessions' streams.
+        let streams = Arc::new(crate::streams::Hub::new(crate::streams::Limits::default()));
+        for (name, up) in upstreams.iter() {
+            let hub = Arc::clone(&streams);
+            let (name, namespaced) = (name.to_owned(), upstreams.namespaced());
+            up.on_notifications(Arc::new(move |message| {
+                hub.from_upstream(&name, message, |uri| {
+                    crate::upstreams::expose_uri_as(&name, uri, namespaced)
+                });
+            }));
+        }
+        Ok(Arc::new_cyclic(|gw| {
+            background.push(tokio::spawn(crate::streams::listen::sweep(gw.clone())));
+            Gateway {
+                sessions: SessionKeys::derive(secrets.master_key.as_bytes()),
+                verifier: Verifier::new(master_key.clone(), config.clock_leeway_secs as i64),
+                master_key,
+                revocations,
+                store,
+                pipeline,
+                upstreams,
+                approvals,
+                relays: Arc::default(),
+                streams,
+                admin,
+                outbox,
+                secrets_file: secrets.file,
+                tls,
+                tracer,
+                config,
+                background,
+                _watch: watch,
+            }
         }))
     }
 

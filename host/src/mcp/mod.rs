@@ -24,6 +24,7 @@ pub mod headers;
 mod hold;
 pub mod jsonrpc;
 mod lifecycle;
+pub(crate) use lifecycle::presented_session;
 pub mod origin;
 pub mod params;
 mod proxy;
@@ -74,7 +75,7 @@ fn bad_request(id: Option<&Id>, err: &RpcError) -> Response<Body> {
     rpc_response(StatusCode::BAD_REQUEST, id, err)
 }
 
-/// `405` for a GET stream (not served) or a DELETE where no session can end, with a typed
+/// `405` for a GET stream or a DELETE where the revision has no session, with a typed
 /// JSON-RPC error like every other refusal.
 fn method_not_allowed(method: &Method) -> Response<Body> {
     let err = RpcError::new(code::INVALID_REQUEST, "Method not allowed").with_data(Value::from(
@@ -127,7 +128,10 @@ pub async fn handle(
         (&Method::DELETE, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
             return lifecycle::end_session(gw, req.headers()).await;
         }
-        // No GET stream in either era here; none at all in the stateless one.
+        // A handshake-era session's own stream (`crate::streams`); none in the stateless era.
+        (&Method::GET, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
+            return crate::streams::listen::open(gw, req.headers()).await;
+        }
         (m, _) => return method_not_allowed(m),
     }
     let (parts, body) = req.into_parts();

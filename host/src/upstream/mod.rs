@@ -265,6 +265,12 @@ impl Upstream {
         }
     }
 
+    /// Where the notifications the upstream sends outside any call go (resource updates, list
+    /// changes, on its session's own stream). Set once, at start-up.
+    pub fn on_notifications(&self, sink: Arc<session_stream::Notifications>) {
+        self.session_calls.set_sink(sink);
+    }
+
     /// Remembers the marked arguments of the tools of a `tools/list` result page.
     fn learn_tools(&self, result: &Value) {
         let Some(tools) = result.get("tools").and_then(Value::as_array) else {
