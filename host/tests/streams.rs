@@ -363,3 +363,38 @@ async fn stream_refusals_are_typed() {
     assert_eq!(h.get("allow").and_then(|v| v.to_str().ok()), Some("POST"));
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_client_receives_updates_it_subscribed_to() {
+    let up = Upstream::start_async(Flavor::HandshakeSse).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (tok, _) = token(&gw, "agent-py").await;
+    let uri = format!("note://{}", marker("py"));
+    let (url, t, u) = (gw.url.clone(), tok.clone(), uri.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(crate::interop::python())
+            .arg(crate::interop::interop_dir().join("subscribe_client.py"))
+            .args(["--gateway", &url, "--token", &t, &u])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("subscribe_client.py ran");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        serde_json::from_str::<Value>(stdout.lines().last().unwrap_or_default()).unwrap_or_else(
+            |_| {
+                panic!(
+                    "no JSON from subscribe_client.py: {stdout}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            },
+        )
+    })
+    .await
+    .expect("client task");
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["subscribe"], true, "{out}");
+    assert_eq!(out["updated"][0], uri.as_str(), "{out}");
+    assert!(out["list_changed"].as_u64() >= Some(1), "{out}");
+    assert!(upstream_saw(&up, &format!("subscribe:{uri}")));
+    gw.shutdown().await;
+    up.kill();
+}
