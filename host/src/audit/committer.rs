@@ -216,6 +216,10 @@ struct Planned {
     checkpoint: Option<(super::checkpoint::Checkpoint, String)>,
 }
 
+/// A head to move: the tenant, from, to, and the last event's id and time (none for a
+/// checkpoint alone).
+type Move<'a> = (&'a str, &'a Head, &'a Head, Option<(i64, i64)>);
+
 /// Moves every head in one statement, each only from the head the batch was planned on.
 const HEADS_UPDATE_PREFIX: &str = "WITH v(tenant, seq, hash, checkpoint_size, event_id, ts_ms, \
      old_seq, old_hash) AS (";
@@ -336,7 +340,7 @@ async fn write_batch(
     }
 
     let mut done: Vec<Option<Committed>> = (0..n).map(|_| None).collect();
-    let mut moves: Vec<(&str, &Head, &Head, Option<(i64, i64)>)> = Vec::new();
+    let mut moves: Vec<Move> = Vec::new();
     for p in &planned {
         let tenant = parts[p.part].tenant.as_str();
         let mut appended = Vec::with_capacity(p.rows.len());
