@@ -421,7 +421,7 @@ fn document(
             None => e,
         };
         let err = |reason: String| invalid(setting, format!("{here}{}", scrub(reason)));
-        let entry = Entry::deserialize(raw).map_err(|e| err(e.to_string()))?;
+        let entry = typed::<Entry>(raw, &["name", "url"]).map_err(err)?;
         check_name(setting, &here, &entry.name, specs)?;
         let uri = upstream_uri(setting, entry.url.trim()).map_err(|e| match e {
             ConfigError::Invalid { reason, .. } => err(format!("url: {reason}")),
@@ -455,7 +455,7 @@ fn document(
                 return Err(err("tls: set, but the url is not https://".into()));
             }
             Some(raw) => {
-                let t = TlsEntry::deserialize(raw).map_err(|e| err(format!("tls: {}", e)))?;
+                let t = typed::<TlsEntry>(raw, &[]).map_err(|e| err(format!("tls: {e}")))?;
                 Some(tls_overrides(t, base).map_err(|r| err(format!("tls.{r}")))?)
             }
         };
@@ -470,6 +470,30 @@ fn document(
         });
     }
     Ok(doc.separator)
+}
+
+/// `raw` read as `T`; a value of the wrong type is named by its key (serde names unknown and
+/// missing keys itself). `required` are the keys `T` cannot do without.
+fn typed<T: serde::de::DeserializeOwned>(raw: Value, required: &[&str]) -> Result<T, String> {
+    let e = match T::deserialize(&raw) {
+        Ok(t) => return Ok(t),
+        Err(e) => e.to_string(),
+    };
+    // Each key alone (beside placeholders for the required ones): the first that fails.
+    let at_fault = raw.as_object().and_then(|m| {
+        m.iter().find_map(|(k, v)| {
+            let mut one: serde_json::Map<String, Value> = required
+                .iter()
+                .map(|r| ((*r).to_owned(), Value::from("")))
+                .collect();
+            one.insert(k.clone(), v.clone());
+            T::deserialize(Value::Object(one)).is_err().then_some(k)
+        })
+    });
+    Err(match at_fault {
+        Some(k) if !e.starts_with("unknown field") => format!("{k}: {e}"),
+        _ => e,
+    })
 }
 
 /// An entry's TLS files, resolved against `base` and each read and checked; the error starts
@@ -517,4 +541,315 @@ pub(super) fn check_prefixes(specs: &[Spec], separator: &str) -> Result<(), Conf
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ServeArgs};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["t"];
+        v.extend_from_slice(args);
+        T::try_parse_from(v).expect("clap parse").a.validate()
+    }
+
+    /// A CA certificate, and a client certificate with its key, as PEM.
+    fn pems() -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&ca_key).expect("ca");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["gw.test".to_owned()])
+            .expect("params")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("leaf");
+        (ca.pem(), leaf.pem(), key.serialize_pem())
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> String {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p.to_str().expect("utf-8").to_owned()
+    }
+
+    fn by_name<'c>(c: &'c Config, name: &str) -> &'c NamedUpstream {
+        c.upstreams.iter().find(|u| u.name == name).expect(name)
+    }
+
+    #[test]
+    fn the_file_gives_each_upstream_its_settings_and_the_rest_are_global() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca, cert, key) = pems();
+        write(dir.path(), "ca.pem", &ca);
+        write(dir.path(), "gw.pem", &cert);
+        write(dir.path(), "gw.key", &key);
+        let global_ca = write(dir.path(), "global-ca.pem", &ca);
+        let file = write(
+            dir.path(),
+            "upstreams.json",
+            &json_text(serde_json::json!({
+                "separator": "..",
+                "upstreams": [
+                    {"name": "github", "url": "https://bot:hunter2pass@gh.internal/mcp?k=sekrit-key",
+                     "revision": "2026-07-28", "timeout_ms": 30000, "connect_timeout_ms": 2000,
+                     "max_response_bytes": 16777216,
+                     "tls": {"ca_file": "ca.pem", "client_cert_file": "gw.pem",
+                             "client_key_file": "gw.key", "server_name": "gh.test"}},
+                    {"name": "db", "url": "http://db.internal:8080/mcp", "revision": "2025-11-25"},
+                    {"name": "jira", "url": "https://jira.internal/mcp", "timeout_ms": 900}
+                ]
+            })),
+        );
+        let c = parse(&[
+            "--upstream-url",
+            "http://127.0.0.1:9/mcp",
+            "--upstreams-file",
+            &file,
+            "--upstream-timeout-ms",
+            "7000",
+            "--upstream-ca-file",
+            &global_ca,
+        ])
+        .expect("valid");
+        let names: Vec<&str> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["default", "github", "db", "jira"]);
+        assert_eq!(c.upstream_separator, "..");
+        let gh = by_name(&c, "github");
+        assert_eq!(gh.revision, UpstreamRevision::Stateless("2026-07-28"));
+        assert_eq!(gh.timeout, Duration::from_millis(30_000));
+        assert_eq!(gh.connect_timeout, Duration::from_millis(2000));
+        assert_eq!(gh.max_response_bytes, 16 << 20);
+        assert_eq!(gh.tls.ca_file, Some(dir.path().join("ca.pem")));
+        assert_eq!(
+            gh.tls.client_identity,
+            Some((dir.path().join("gw.pem"), dir.path().join("gw.key")))
+        );
+        assert_eq!(gh.tls.server_name.as_deref(), Some("gh.test"));
+        let db = by_name(&c, "db");
+        assert_eq!(db.revision, UpstreamRevision::Handshake);
+        assert_eq!(db.timeout, Duration::from_millis(7000));
+        assert_eq!(db.connect_timeout, db.timeout);
+        assert_eq!(db.max_response_bytes, 8 << 20);
+        assert_eq!(db.tls, UpstreamTls::default(), "http: no TLS");
+        let jira = by_name(&c, "jira");
+        assert_eq!(jira.revision, UpstreamRevision::Auto);
+        assert_eq!(jira.timeout, Duration::from_millis(900));
+        assert_eq!(jira.connect_timeout, Duration::from_millis(900));
+        assert_eq!(jira.tls.ca_file.as_deref(), Some(Path::new(&global_ca)));
+        let first = by_name(&c, "default");
+        assert_eq!(first.timeout, Duration::from_millis(7000));
+        // Shown without the URL's secrets, with the settings.
+        let dbg = format!("{c:#?}");
+        for secret in ["hunter2pass", "sekrit-key", "bot:"] {
+            assert!(!dbg.contains(secret), "{dbg}");
+        }
+        assert!(
+            dbg.contains("github=https://***@gh.internal/mcp?***"),
+            "{dbg}"
+        );
+        assert!(dbg.contains("revision: 2025-11-25"), "{dbg}");
+    }
+
+    fn json_text(v: serde_json::Value) -> String {
+        serde_json::to_string_pretty(&v).expect("json")
+    }
+
+    #[test]
+    fn the_variable_takes_the_same_document() {
+        let doc = r#"[{"name": "a", "url": "http://h/1", "timeout_ms": 100},
+                      {"name": "b-2", "url": "http://h/2", "revision": "auto"}]"#;
+        let c = parse(&["--upstream", doc]).expect("valid");
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.upstreams[0].timeout, Duration::from_millis(100));
+        assert_eq!(c.upstream_separator, "__");
+        let c = parse(&[
+            "--upstream",
+            r#"{"separator": "_", "upstreams": [{"name": "a", "url": "http://h/1"}]}"#,
+            "--upstream-separator",
+            "_",
+        ])
+        .expect("the same separator twice");
+        assert_eq!(c.upstream_separator, "_");
+        // NAME=URL entries still split at commas.
+        let c = parse(&[
+            "--upstream",
+            "a=http://h/1,b=http://h/2",
+            "--upstream",
+            "c=http://h/3",
+        ])
+        .expect("valid");
+        assert_eq!(c.upstreams.len(), 3);
+    }
+
+    #[test]
+    fn bad_documents_name_the_file_the_entry_and_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca, cert, _) = pems();
+        write(dir.path(), "ca.pem", &ca);
+        write(dir.path(), "gw.pem", &cert);
+        write(dir.path(), "not-a-cert.pem", "hello");
+        let mut n = 0;
+        let mut refused = |doc: serde_json::Value, says: &[&str]| {
+            n += 1;
+            let file = write(dir.path(), &format!("u{n}.json"), &json_text(doc));
+            let e = parse(&["--upstreams-file", &file])
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                e.starts_with(&format!("INTENTGATE_UPSTREAMS_FILE: {file}: ")),
+                "{e}"
+            );
+            for s in says {
+                assert!(e.contains(s), "{s:?} not in {e}");
+            }
+            assert!(!e.contains("hunter2pass"), "{e}");
+        };
+        let ok = serde_json::json!({"name": "a", "url": "http://h/1"});
+        refused(
+            serde_json::json!({"upstreams": [ok, {"name": "db", "url": "http://h/2", "timeout": 5}]}),
+            &["upstream 2 (db)", "unknown field `timeout`"],
+        );
+        refused(
+            serde_json::json!({"upstream": [ok]}),
+            &["unknown field `upstream`"],
+        );
+        refused(
+            serde_json::json!([{"name": "gh", "url": "https://h/1", "tls": {"ca": "ca.pem"}}]),
+            &["upstream 1 (gh)", "tls: unknown field `ca`"],
+        );
+        refused(
+            serde_json::json!([{"name": "gh", "url": "https://h/1", "tls": {"ca_file": 7}}]),
+            &["upstream 1 (gh)", "tls: ca_file: invalid type"],
+        );
+        refused(
+            serde_json::json!([{"url": "https://h/1"}]),
+            &["upstream 1: ", "missing field `name`"],
+        );
+        refused(
+            serde_json::json!([{"name": "gh", "url": "ftp://bot:hunter2pass@h/1"}]),
+            &[
+                "upstream 1 (gh)",
+                "url: must be an absolute http:// or https:// URL",
+            ],
+        );
+        refused(
+            serde_json::json!([{"name": "gh", "url": "https://bot:hunter2pass@h/1", "timeout_ms": "https://bot:hunter2pass@h/1"}]),
+            &["upstream 1 (gh)", "timeout_ms: invalid type"],
+        );
+        refused(
+            serde_json::json!([ok, {"name": "a", "url": "http://h/2"}]),
+            &["upstream 2 (a)", "configured twice"],
+        );
+        refused(
+            serde_json::json!([{"name": "Git", "url": "http://h/2"}]),
+            &["upstream 1 (Git)", "upstream name"],
+        );
+        refused(
+            serde_json::json!([{"name": "a", "url": "http://h/2", "revision": "2024-01-01"}]),
+            &["revision \"2024-01-01\"", "auto, 2025-11-25, 2026-07-28"],
+        );
+        refused(
+            serde_json::json!([{"name": "a", "url": "http://h/2", "timeout_ms": 0}]),
+            &["timeout_ms: 0 is outside"],
+        );
+        refused(
+            serde_json::json!([{"name": "a", "url": "http://h/2", "tls": {"ca_file": "ca.pem"}}]),
+            &["tls: set, but the url is not https://"],
+        );
+        refused(
+            serde_json::json!([{"name": "a", "url": "https://h/2", "tls": {"ca_file": "not-a-cert.pem"}}]),
+            &["upstream 1 (a)", "tls.ca_file", "not-a-cert.pem"],
+        );
+        refused(
+            serde_json::json!([{"name": "a", "url": "https://h/2", "tls": {"ca_file": "missing.pem"}}]),
+            &["tls.ca_file", "missing.pem"],
+        );
+        refused(
+            serde_json::json!([{"name": "a", "url": "https://h/2", "tls": {"client_cert_file": "gw.pem"}}]),
+            &["tls.client_key_file: required with client_cert_file"],
+        );
+        refused(
+            serde_json::json!([{"name": "a", "url": "https://h/2", "tls": {"server_name": "not a name"}}]),
+            &["tls.server_name"],
+        );
+        refused(serde_json::json!({"upstreams": []}), &["lists no upstream"]);
+        refused(serde_json::json!("x"), &["expected an object"]);
+        // Not JSON at all, and no file.
+        let file = write(dir.path(), "broken.json", "{\"upstreams\": [");
+        let e = parse(&["--upstreams-file", &file])
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("broken.json: not a JSON document"), "{e}");
+        let missing = dir.path().join("nope.json");
+        let e = parse(&["--upstreams-file", missing.to_str().expect("utf-8")])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.starts_with("INTENTGATE_UPSTREAMS_FILE") && e.contains("nope.json: cannot read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_file_and_other_lists_combine_by_clear_rules() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write(
+            dir.path(),
+            "u.json",
+            r#"{"separator": "..", "upstreams": [{"name": "db", "url": "http://h/2"}]}"#,
+        );
+        // The file and INTENTGATE_UPSTREAMS: one of them.
+        let e = parse(&["--upstreams-file", &file, "--upstream", "gh=http://h/1"])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.starts_with("INTENTGATE_UPSTREAMS_FILE") && e.contains("use one"),
+            "{e}"
+        );
+        // A document beside NAME=URL entries.
+        let e = parse(&["--upstream", "gh=http://h/1", "--upstream", "[]"])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.starts_with("INTENTGATE_UPSTREAMS") && e.contains("whole value"),
+            "{e}"
+        );
+        // INTENTGATE_UPSTREAM_URL comes first, its name counts.
+        let c = parse(&["--upstream-url", "http://h/0", "--upstreams-file", &file]).expect("valid");
+        let names: Vec<&str> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["default", "db"]);
+        let e = parse(&[
+            "--upstream-url",
+            "http://h/0",
+            "--upstream-name",
+            "db",
+            "--upstreams-file",
+            &file,
+        ])
+        .expect_err("refused")
+        .to_string();
+        assert!(e.contains("upstream 1 (db)") && e.contains("twice"), "{e}");
+        // Two separators that disagree.
+        let e = parse(&["--upstreams-file", &file, "--upstream-separator", "__"])
+            .expect_err("refused")
+            .to_string();
+        assert!(e.starts_with("INTENTGATE_UPSTREAM_SEPARATOR"), "{e}");
+        // --demo starts its own upstream.
+        let e = parse(&["--demo", "--upstreams-file", &file])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.starts_with("--demo") && e.contains("INTENTGATE_UPSTREAMS_FILE"),
+            "{e}"
+        );
+    }
 }
