@@ -136,35 +136,50 @@ impl Gateway {
                 .await
                 .map_err(StartError::Demo)?;
             background.push(task);
-            config.upstreams.push(crate::config::NamedUpstream {
-                name: config.upstream_name.clone(),
-                uri: uri.clone(),
-            });
+            let demo = crate::config::NamedUpstream::with_globals(
+                config.upstream_name.clone(),
+                uri.clone(),
+                &config.upstream_globals(),
+            );
+            config.upstreams.push(demo);
             config.upstream_url = Some(uri);
         }
-        // TLS is set up once, here: the upstreams' client configuration (only https upstreams
-        // need roots; one configuration for all of them) and the listener's certificate.
-        let mut client_tls = None;
+        // TLS is set up once, here: each https upstream's client configuration (one per
+        // distinct set of TLS files, shared by the upstreams that use the same) and the
+        // listener's certificate.
+        let mut client_tls: Vec<(&crate::config::UpstreamTls, Arc<rustls::ClientConfig>)> =
+            Vec::new();
         let mut entries = Vec::with_capacity(config.upstreams.len());
         for u in &config.upstreams {
             let tls = if u.uri.scheme_str() == Some("https") {
-                match &client_tls {
-                    Some(t) => Arc::clone(t),
-                    None => Arc::clone(
-                        client_tls.insert(crate::tls::client_config(&config.upstream_tls)?),
-                    ),
+                let same = |t: &crate::config::UpstreamTls| {
+                    t.ca_file == u.tls.ca_file && t.client_identity == u.tls.client_identity
+                };
+                match client_tls.iter().find(|(t, _)| same(t)) {
+                    Some((_, c)) => Arc::clone(c),
+                    None => {
+                        let c = crate::tls::client_config(&u.tls)?;
+                        client_tls.push((&u.tls, Arc::clone(&c)));
+                        c
+                    }
                 }
             } else {
                 crate::tls::plaintext_only()?
             };
+            let server_name = match &u.tls.server_name {
+                Some(n) => Some(crate::tls::server_name(n)?),
+                None => None,
+            };
+            let options = crate::upstream::Options {
+                timeout: u.timeout,
+                connect_timeout: u.connect_timeout,
+                max_response: u.max_response_bytes,
+                revision: u.revision,
+                server_name,
+            };
             entries.push((
                 u.name.clone(),
-                Upstream::new(
-                    u.uri.clone(),
-                    config.upstream_timeout,
-                    config.upstream_max_response_bytes,
-                    tls,
-                ),
+                Upstream::with_options(u.uri.clone(), options, tls),
             ));
         }
         let upstreams = Upstreams::new(entries, config.upstream_separator.clone());
@@ -653,14 +668,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     if gw.upstreams.is_empty() {
         tracing::warn!(
-            "no INTENTGATE_UPSTREAM_URL or INTENTGATE_UPSTREAMS: allowed calls answer -32018 upstream unavailable"
+            "no INTENTGATE_UPSTREAM_URL, INTENTGATE_UPSTREAMS or INTENTGATE_UPSTREAMS_FILE: allowed calls answer -32018 upstream unavailable"
         );
     }
     for (name, u) in gw.upstreams.iter() {
         if gw.config.demo {
             tracing::info!(upstream = %u.redacted_uri(), "demo tool server running as the upstream");
         } else {
-            tracing::info!(%name, upstream = %u.redacted_uri(), "forwarding allowed calls");
+            tracing::info!(%name, upstream = %u.redacted_uri(), revision = u.revision().as_str(), "forwarding allowed calls");
         }
     }
     if gw.upstreams.namespaced() {
