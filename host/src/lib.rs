@@ -25,7 +25,8 @@
 //! | [`metrics`] | Prometheus `/metrics`: counters and histograms on atomics, bounded labels |
 //! | [`logging`] | log output: text or JSON lines (`INTENTGATE_LOG_FORMAT`) |
 //! | [`telemetry`] | OpenTelemetry traces of decided calls over OTLP/HTTP (`OTEL_*`), W3C `traceparent` |
-//! | [`server`] | the hyper accept loop, routing, request limits |
+//! | [`gateway`] | start-up: the shared parts and each endpoint's service, built once |
+//! | [`server`] | the hyper accept loop, routing to the services, request limits |
 //! | [`http`] | small HTTP helpers shared by the endpoints (bounded body read, JSON replies) |
 //! | [`tls`] | rustls: the https upstream's client configuration, the listener's reloaded certificate |
 //! | [`demo`] | a built-in harmless MCP tool server for `--demo` |
@@ -39,6 +40,7 @@ pub mod capability;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod gateway;
 pub mod http;
 pub mod logging;
 pub mod mcp;
@@ -56,4 +58,5 @@ pub mod tls;
 pub mod upstream;
 pub mod upstreams;
 
-pub use server::{Gateway, run, serve};
+pub use gateway::Gateway;
+pub use server::{run, serve};

@@ -44,7 +44,7 @@ use serde_json::{Value, json};
 
 use crate::capability::Grant;
 use crate::http::{self, Body};
-use crate::server::Gateway;
+
 use crate::upstream::UpstreamError;
 use discover::UpstreamProfile;
 use era::{Era, HeaderEra};
@@ -98,9 +98,76 @@ fn refusal_reason(e: Option<&crate::capability::CapabilityError>) -> String {
     )
 }
 
+/// What the MCP endpoints read of the configuration.
+#[derive(Debug, Clone)]
+pub struct McpSettings {
+    /// The listener's address: a loopback listener accepts only loopback `Host` names.
+    pub listen_ip: std::net::IpAddr,
+    pub allowed_hosts: Vec<String>,
+    pub allowed_origins: Vec<String>,
+    pub max_body_bytes: usize,
+    pub body_timeout: std::time::Duration,
+    pub max_json_depth: usize,
+    /// `_intentgate` in forwarded results.
+    pub annotate_results: bool,
+}
+
+impl McpSettings {
+    pub fn of(config: &crate::config::Config) -> Self {
+        Self {
+            listen_ip: config.addr.ip(),
+            allowed_hosts: config.allowed_hosts.clone(),
+            allowed_origins: config.allowed_origins.clone(),
+            max_body_bytes: config.max_body_bytes,
+            body_timeout: config.body_timeout,
+            max_json_depth: config.max_json_depth,
+            annotate_results: config.annotate_results,
+        }
+    }
+}
+
+/// The MCP endpoints' service, built once at start-up ([`crate::gateway`]): exactly the shared
+/// parts a request on `/v1/mcp` or `/v1/tool-call` uses.
+pub struct McpService {
+    pub settings: McpSettings,
+    /// Checks capability tokens against the master key.
+    pub verifier: crate::capability::Verifier,
+    pub revocations: std::sync::Arc<crate::capability::RevocationSet>,
+    /// Where ended sessions are listed (every replica reads it).
+    pub store: std::sync::Arc<dyn crate::store::Store>,
+    pub pipeline: std::sync::Arc<crate::pipeline::Pipeline>,
+    /// Every upstream by name (none, one, or several behind this one endpoint).
+    pub upstreams: std::sync::Arc<crate::upstreams::Upstreams>,
+    /// Wakes held requests when their approval is decided (here or on another replica).
+    pub approvals: crate::approvals::Waiters,
+    /// Upstream requests relayed to agents, waiting for their replies.
+    pub relays: relay::Relays,
+    /// Signs session ids and round states.
+    pub sessions: session::SessionKeys,
+}
+
+impl McpService {
+    /// Authenticates a bearer capability token (signature, time, revocation; no tool yet).
+    pub fn authenticate(&self, token: &str) -> Result<Grant, crate::capability::CapabilityError> {
+        let started = std::time::Instant::now();
+        let grant = self.verifier.authenticate(
+            token,
+            crate::audit::time::now_ms() / 1000,
+            &self.revocations,
+        );
+        (self.metrics().stages).since(crate::metrics::Stage::Token, started);
+        grant
+    }
+
+    /// The metrics this endpoint's decisions are counted in.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        self.pipeline.metrics()
+    }
+}
+
 /// Handles one HTTP request on an MCP endpoint.
 pub async fn handle(
-    gw: &std::sync::Arc<Gateway>,
+    svc: &std::sync::Arc<McpService>,
     req: Request<Incoming>,
     remote: SocketAddr,
     endpoint: Endpoint,
@@ -109,9 +176,9 @@ pub async fn handle(
     let host = http::header_str(req.headers(), HOST.as_str())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
     if let Err(e) = origin::check(
-        gw.config.addr.ip(),
-        &gw.config.allowed_hosts,
-        &gw.config.allowed_origins,
+        svc.settings.listen_ip,
+        &svc.settings.allowed_hosts,
+        &svc.settings.allowed_origins,
         host,
         http::header_str(req.headers(), ORIGIN.as_str()),
     ) {
@@ -125,7 +192,7 @@ pub async fn handle(
     match (req.method(), header_era) {
         (&Method::POST, _) => {}
         (&Method::DELETE, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
-            return lifecycle::end_session(gw, req.headers()).await;
+            return lifecycle::end_session(svc, req.headers()).await;
         }
         // No GET stream in either era here; none at all in the stateless one.
         (m, _) => return method_not_allowed(m),
@@ -137,13 +204,13 @@ pub async fn handle(
     // in the refusal below; a larger body is refused at once, unread. Every read has a deadline.
     let auth = http::bearer(&parts.headers)
         .ok_or(None)
-        .and_then(|t| gw.authenticate(t).map_err(Some));
+        .and_then(|t| svc.authenticate(t).map_err(Some));
     let limit = if auth.is_ok() {
-        gw.config.max_body_bytes
+        svc.settings.max_body_bytes
     } else {
-        gw.config.max_body_bytes.min(UNAUTHENTICATED_BODY_BYTES)
+        svc.settings.max_body_bytes.min(UNAUTHENTICATED_BODY_BYTES)
     };
-    let bytes = match http::read_body_within(body, limit, gw.config.body_timeout).await {
+    let bytes = match http::read_body_within(body, limit, svc.settings.body_timeout).await {
         Ok(b) => b,
         Err(http::BodyError::TooLarge { .. }) if auth.is_err() => {
             let err = RpcError::new(code::CAPABILITY, "capability check failed").with_data(
@@ -167,9 +234,9 @@ pub async fn handle(
             return bad_request(None, &err);
         }
     };
-    if !http::json_depth_within(&bytes, gw.config.max_json_depth) {
+    if !http::json_depth_within(&bytes, svc.settings.max_json_depth) {
         let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request").with_data(Value::from(
-            format!("JSON nesting deeper than {}", gw.config.max_json_depth),
+            format!("JSON nesting deeper than {}", svc.settings.max_json_depth),
         ));
         return bad_request(None, &err);
     }
@@ -183,7 +250,7 @@ pub async fn handle(
                     .with_data(Value::from("missing or invalid capability token"));
                 return rpc_response(StatusCode::UNAUTHORIZED, None, &err);
             };
-            if gw.relays.deliver(&grant.tenant, &grant.jti, reply) {
+            if svc.relays.deliver(&grant.tenant, &grant.jti, reply) {
                 return http::status(StatusCode::ACCEPTED);
             }
             let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request").with_data(
@@ -206,7 +273,7 @@ pub async fn handle(
         Ok(g) => g,
         Err(e) => {
             if crate::metrics::decisions::is_decided_method(&rpc.method) {
-                gw.metrics().decisions.record_unauthenticated();
+                svc.metrics().decisions.record_unauthenticated();
             }
             let err = RpcError::new(code::CAPABILITY, "capability check failed")
                 .with_data(Value::from(refusal_reason(e.as_ref())));
@@ -224,7 +291,7 @@ pub async fn handle(
     let session = match http::header_str(&parts.headers, SESSION_HEADER) {
         _ if era.is_modern() || endpoint == Endpoint::ToolCall => None,
         Some(id) if rpc.method != "initialize" => {
-            match lifecycle::presented_session(gw, id, &grant).await {
+            match lifecycle::presented_session(svc, id, &grant).await {
                 Ok(()) => Some(id.to_owned()),
                 Err((status, err)) => return rpc_response(status, rpc.id.as_ref(), &err),
             }
@@ -242,10 +309,10 @@ pub async fn handle(
         && !era.is_modern()
         && rpc.method == "tools/call"
         && accepts_event_stream(&parts.headers)
-        && !gw.upstreams.is_empty()
+        && !svc.upstreams.is_empty()
     {
         let call = streamed::Owned {
-            gw: std::sync::Arc::clone(gw),
+            svc: std::sync::Arc::clone(svc),
             grant,
             headers: parts.headers,
             remote,
@@ -256,7 +323,14 @@ pub async fn handle(
         };
         return streamed::call(call).await;
     }
-    let ctx = CallContext::new(gw, &grant, &parts.headers, remote, session.as_deref(), &era);
+    let ctx = CallContext::new(
+        svc,
+        &grant,
+        &parts.headers,
+        remote,
+        session.as_deref(),
+        &era,
+    );
     if endpoint == Endpoint::Mcp && !era.is_modern() && rpc.method == "initialize" {
         return ctx.initialize(&rpc, &id).await;
     }
@@ -265,10 +339,10 @@ pub async fn handle(
     // the gateway's mode); otherwise `-32019` tells it how to resume.
     if outcome.is_err()
         && let Some(pending) = ctx.take_pending()
-        && hold::wanted(gw, &parts.headers, pending.mode)
+        && hold::wanted(svc, &parts.headers, pending.mode)
     {
         let held = hold::Held {
-            gw: std::sync::Arc::clone(gw),
+            svc: std::sync::Arc::clone(svc),
             grant: grant.clone(),
             headers: parts.headers.clone(),
             remote,
@@ -285,7 +359,7 @@ pub async fn handle(
 
 impl<'a> CallContext<'a> {
     fn new(
-        gw: &'a Gateway,
+        svc: &'a McpService,
         grant: &'a Grant,
         headers: &'a hyper::HeaderMap,
         remote: SocketAddr,
@@ -293,7 +367,7 @@ impl<'a> CallContext<'a> {
         era: &'a Era,
     ) -> Self {
         CallContext {
-            gw,
+            svc,
             grant,
             headers,
             remote,
@@ -358,7 +432,7 @@ impl<'a> CallContext<'a> {
         result: &mut serde_json::Map<String, Value>,
         permit: &crate::pipeline::Permit,
     ) {
-        if self.gw.config.annotate_results {
+        if self.svc.settings.annotate_results {
             result.insert(
                 "_intentgate".into(),
                 crate::pipeline::decision_summary(permit),
@@ -409,7 +483,7 @@ fn classify(routing: &Routing, header_era: HeaderEra, rpc: &RpcRequest) -> Resul
 }
 
 struct CallContext<'a> {
-    gw: &'a Gateway,
+    svc: &'a McpService,
     grant: &'a Grant,
     headers: &'a hyper::HeaderMap,
     remote: SocketAddr,
@@ -428,7 +502,7 @@ struct CallContext<'a> {
     to_client: Option<tokio::sync::mpsc::Sender<Value>>,
     /// The gateway, owned, for what outlives a borrow of this request (the relayed requests'
     /// handler, `relay.rs`); set where the call runs in its own task.
-    owner: Option<std::sync::Arc<Gateway>>,
+    owner: Option<std::sync::Arc<McpService>>,
 }
 
 /// What the `X-IntentGate-Decision` and `X-IntentGate-Event-Id` response headers say.
@@ -505,7 +579,7 @@ impl CallContext<'_> {
         &self,
         call: &crate::pipeline::ToolCall<'_>,
     ) -> Result<(crate::pipeline::Permit, &crate::upstream::Upstream), RpcError> {
-        let decided = self.gw.pipeline.decide(call).await;
+        let decided = self.svc.pipeline.decide(call).await;
         if let Ok(mut slot) = self.decided.lock() {
             *slot = Some(Decided::of(&decided));
         }
@@ -517,10 +591,10 @@ impl CallContext<'_> {
             }
             d.to_rpc()
         })?;
-        let Some(upstream) = call.upstream.and_then(|n| self.gw.upstreams.get(n)) else {
+        let Some(upstream) = call.upstream.and_then(|n| self.svc.upstreams.get(n)) else {
             let e = UpstreamError::NotConfigured;
-            self.gw.metrics().upstream.error_at(call.upstream, &e);
-            self.gw
+            self.svc.metrics().upstream.error_at(call.upstream, &e);
+            self.svc
                 .pipeline
                 .record_upstream_failure(call, &permit, 0, &e.to_string())
                 .await;
@@ -553,7 +627,7 @@ impl CallContext<'_> {
     /// What the upstreams say about themselves (their union); when none can be asked, the
     /// gateway answers alone.
     async fn upstream_profile(&self) -> UpstreamProfile {
-        self.gw.upstreams.profile().await
+        self.svc.upstreams.profile().await
     }
 }
 

@@ -87,14 +87,14 @@ impl CallContext<'_> {
         started: std::time::Instant,
         reply: &Result<T, UpstreamError>,
     ) {
-        (self.gw.metrics()).forwarded_to(upstream, started, reply);
-        self.gw.upstreams.note(upstream, reply);
+        (self.svc.metrics()).forwarded_to(upstream, started, reply);
+        self.svc.upstreams.note(upstream, reply);
     }
 
     /// The refusal of a name no upstream's prefix starts, naming the upstreams this token
     /// may reach (never the others).
     fn unrouted(&self, e: &Unrouted) -> RpcError {
-        let reachable: Vec<&str> = (self.gw.upstreams.iter())
+        let reachable: Vec<&str> = (self.svc.upstreams.iter())
             .map(|(n, _)| n)
             .filter(|n| self.grant.reaches(n))
             .collect();
@@ -109,7 +109,7 @@ impl CallContext<'_> {
         &self,
         exposed: &'n str,
     ) -> Result<Option<Route<'_, 'n>>, RpcError> {
-        self.gw
+        self.svc
             .upstreams
             .route_name(exposed)
             .map_err(|e| self.unrouted(&e))
@@ -123,8 +123,8 @@ impl CallContext<'_> {
         exposed: &'n str,
     ) -> Result<Option<Route<'_, 'n>>, RpcError> {
         match kind.capability_kind() {
-            Kind::Resource => self.gw.upstreams.route_uri(exposed),
-            _ => self.gw.upstreams.route_name(exposed),
+            Kind::Resource => self.svc.upstreams.route_uri(exposed),
+            _ => self.svc.upstreams.route_name(exposed),
         }
         .map_err(|e| self.unrouted(&e))
     }
@@ -137,7 +137,7 @@ impl CallContext<'_> {
             return Err(super::method_not_found(method));
         };
         let modern = self.era.is_modern();
-        let ups = &self.gw.upstreams;
+        let ups = &self.svc.upstreams;
         let reached = |n: &&str| self.grant.reaches(n);
         // Which upstreams to ask, each with its own cursor.
         let asked: Vec<(&str, &Upstream, Option<Value>)> = if ups.namespaced() {
@@ -172,7 +172,7 @@ impl CallContext<'_> {
                 params.insert("cursor".into(), c.clone());
             }
             let page = up.forward(method, params, relay).await;
-            self.gw.upstreams.note(Some(name), &page);
+            self.svc.upstreams.note(Some(name), &page);
             (*name, page)
         }))
         .await;
@@ -306,7 +306,7 @@ impl CallContext<'_> {
         let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {
-                self.gw
+                self.svc
                     .pipeline
                     .record_upstream_failure(&call, &permit, e.status(), &e.to_string())
                     .await;
@@ -315,7 +315,7 @@ impl CallContext<'_> {
         };
         let mut result = result_object(reply, method)?;
         if let Some(r) = route {
-            expose_contents(&self.gw.upstreams, r.name, &mut result);
+            expose_contents(&self.svc.upstreams, r.name, &mut result);
         }
         let mut result = translate::result_for_client(
             result,
@@ -331,7 +331,7 @@ impl CallContext<'_> {
         let method = rpc.method.as_str();
         let uri = rpc.param_str("uri").unwrap_or_default();
         let route = self
-            .gw
+            .svc
             .upstreams
             .route_uri(uri)
             .map_err(|e| self.unrouted(&e))?;

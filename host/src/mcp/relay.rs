@@ -157,7 +157,7 @@ impl Relays {
 /// audit; never charged), as `sampling:<tool>` or `elicitation:<tool>` for the tool that asked,
 /// so a policy can refuse it (say, no sampling for this upstream).
 pub struct Asker {
-    pub gw: std::sync::Arc<crate::server::Gateway>,
+    pub svc: std::sync::Arc<super::McpService>,
     pub grant: crate::capability::Grant,
     /// The tool whose call the upstream is working on.
     pub tool: String,
@@ -200,14 +200,14 @@ impl Asker {
             approval_id: None,
             upstream: self.upstream.as_deref(),
         };
-        if let Err(denial) = self.gw.pipeline.decide(&call).await {
+        if let Err(denial) = self.svc.pipeline.decide(&call).await {
             let refused = denial.to_rpc();
             return error(
                 refused.code,
                 format!("{method} refused by the gateway: {denial}"),
             );
         }
-        self.gw
+        self.svc
             .relays
             .relay(
                 &self.grant.tenant,

@@ -26,13 +26,13 @@ impl CallContext<'_> {
         let requested = rpc.param_str("protocolVersion").unwrap_or_default();
         let version = discover::negotiate_handshake(requested);
         let result = discover::initialize_result(version, &self.upstream_profile().await);
-        let session_id = self.gw.sessions.issue(&SessionClaims {
+        let session_id = self.svc.sessions.issue(&SessionClaims {
             tenant: self.grant.tenant.clone(),
             jti: self.grant.jti.clone(),
             protocol_version: version.to_owned(),
             issued_at: now_secs(),
         });
-        self.gw.metrics().server.session_issued();
+        self.svc.metrics().server.session_issued();
         let mut resp = http::json_bytes(StatusCode::OK, jsonrpc::result(id, result));
         if let Ok(v) = HeaderValue::from_str(&session_id) {
             resp.headers_mut().insert(SESSION_HEADER, v);
@@ -73,7 +73,7 @@ impl CallContext<'_> {
             let args = inv.arguments.as_object().unwrap_or(&empty);
             super::params::check(self.headers, &marked, args)?;
         }
-        let seal = RoundSeal::new(&self.gw.sessions);
+        let seal = RoundSeal::new(&self.svc.sessions);
         // A later round of a multi-round call: the state must be one the gateway sealed for
         // this very call; it names the call's first audit event and the round.
         let mut previous = match &inv.request_state {
@@ -125,7 +125,7 @@ impl CallContext<'_> {
             // A stateless-era client that is not held gets the pending approval as an
             // input-required result: any MCP client resumes it by retrying with the state.
             Err(e) if modern => match self.take_pending() {
-                Some(p) if !super::hold::wanted(self.gw, self.headers, p.mode) => {
+                Some(p) if !super::hold::wanted(self.svc, self.headers, p.mode) => {
                     return Ok(self.approval_input_required(&inv, &p));
                 }
                 // Held (by `handle`): the pending approval goes back for it.
@@ -230,7 +230,7 @@ impl CallContext<'_> {
         let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {
-                self.gw
+                self.svc
                     .pipeline
                     .record_upstream_failure(call, permit, e.status(), &e.to_string())
                     .await;
@@ -276,11 +276,11 @@ impl CallContext<'_> {
     /// Who asks this call's client what the upstream asks it, when the client can be asked
     /// (it takes an event stream on a handshake-era call).
     fn asker(&self, call: &ToolCall<'_>, rpc: &RpcRequest) -> Option<super::relay::Asker> {
-        let (Some(tx), Some(gw)) = (self.to_client.as_ref(), self.owner.as_ref()) else {
+        let (Some(tx), Some(svc)) = (self.to_client.as_ref(), self.owner.as_ref()) else {
             return None;
         };
         Some(super::relay::Asker {
-            gw: std::sync::Arc::clone(gw),
+            svc: std::sync::Arc::clone(svc),
             grant: self.grant.clone(),
             tool: call.tool.to_owned(),
             upstream: call.upstream.map(str::to_owned),
@@ -303,7 +303,7 @@ impl CallContext<'_> {
         state.inner = Some(p.pending_id.clone());
         json!({
             "resultType": translate::INPUT_REQUIRED,
-            "requestState": RoundSeal::new(&self.gw.sessions).seal(&state),
+            "requestState": RoundSeal::new(&self.svc.sessions).seal(&state),
             "_meta": {APPROVAL_META: p.to_json()},
         })
     }
@@ -313,7 +313,7 @@ impl CallContext<'_> {
     /// `Some` when it is still pending (answer input-required again), `None` once it was
     /// decided or expired (decide the call with it).
     async fn await_approval(&self, id: &str) -> Result<Option<Pending>, RpcError> {
-        let audit = self.gw.pipeline.audit();
+        let audit = self.svc.pipeline.audit();
         let tenant = &self.grant.tenant;
         let store = |e: crate::approvals::query::QueryError| {
             crate::pipeline::Denial::Audit(e.to_string()).to_rpc()
@@ -333,7 +333,7 @@ impl CallContext<'_> {
         let until =
             tokio::time::Instant::now() + window.min(std::time::Duration::from_millis(left));
         let waited = self
-            .gw
+            .svc
             .approvals
             .wait(audit.db(), tenant, id, until)
             .await
