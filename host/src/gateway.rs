@@ -17,9 +17,9 @@ use crate::bundles::persist::{Follower, Persist};
 use crate::bundles::{BundleSpec, Registry};
 use crate::capability::{MasterKey, RevocationSet, Verifier};
 use crate::config::{Config, StoreChoice};
-use crate::mcp::McpService;
 use crate::mcp::session::SessionKeys;
 use crate::pipeline::Pipeline;
+use crate::proxy::McpService;
 use crate::secrets;
 use crate::store::{self, Db, Store, StoreConfig};
 use crate::upstream::Upstream;
@@ -253,7 +253,7 @@ impl Gateway {
         let upstreams = Arc::new(upstreams);
         // Each endpoint's service, holding exactly the shared parts it uses.
         let mcp = Arc::new(McpService {
-            settings: crate::mcp::McpSettings::of(&config),
+            settings: crate::proxy::McpSettings::of(&config),
             verifier: Verifier::new(master_key.clone(), config.clock_leeway_secs as i64),
             revocations: Arc::clone(&revocations),
             store: Arc::clone(&store),

@@ -12,7 +12,8 @@
 //! | [`secrets`] | the master key and superadmin token: generated on first start, kept 0600 |
 //! | [`capability`] | token format, mint, verify, attenuation rules, revocation set |
 //! | [`cli`] | the operator CLI (`intentgate tokens/policy/bundle/plugin/audit`): a client of the admin API |
-//! | [`mcp`] | JSON-RPC 2.0 / MCP streamable HTTP framing and method handling |
+//! | [`mcp`] | the MCP protocol codec: JSON-RPC framing, eras, headers, translation, sessions, rounds |
+//! | [`proxy`] | the MCP endpoint: a request's phases from read to shape, around the pipeline |
 //! | [`pipeline`] | the ordered checks and the decision (`Permit`) |
 //! | [`upstream`] | forwarding to the upstream MCP server (pooled, bounded) |
 //! | [`upstreams`] | several upstreams behind one endpoint: routing by name, namespacing, merged lists |
@@ -48,6 +49,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
 pub mod plugins;
+pub mod proxy;
 pub mod secrets;
 pub mod server;
 pub mod store;

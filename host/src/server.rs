@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use crate::config::Config;
 use crate::gateway::{Gateway, StartError};
 use crate::http::{self, Body};
-use crate::mcp::Endpoint;
+use crate::proxy::Endpoint;
 
 /// At most this many refusals (cap reached) are being written at once; beyond, a connection
 /// is closed without an answer.
@@ -230,7 +230,7 @@ async fn route(gw: &Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) ->
             );
             crate::telemetry::trace::scope(
                 trace,
-                crate::mcp::handle(&gw.mcp, req, remote, endpoint),
+                crate::proxy::handle(&gw.mcp, req, remote, endpoint),
             )
             .await
         }

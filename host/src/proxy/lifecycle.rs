@@ -1,16 +1,17 @@
 //! A handshake-era session's life at the gateway: a presented `Mcp-Session-Id` is checked
 //! (issued by a gateway sharing the master key, to this token, not ended), and `DELETE /v1/mcp`
-//! ends one on every replica ([`super::ended`]). This module must never accept a session of
+//! ends one on every replica ([`crate::mcp::ended`]). This module must never accept a session of
 //! another token, nor one whose end it could not rule out.
 
 use hyper::{Response, StatusCode};
 use serde_json::Value;
 
 use super::McpService;
-use super::jsonrpc::{RpcError, code};
-use super::{SESSION_HEADER, bad_request, ended, now_secs, refusal_reason, rpc_response};
+use super::{now_secs, refusal_reason};
 use crate::capability::Grant;
 use crate::http::{self, Body};
+use crate::mcp::jsonrpc::{RpcError, code};
+use crate::mcp::{SESSION_HEADER, bad_request, ended, rpc_response};
 
 fn no_session() -> RpcError {
     RpcError::new(-32001, "Session not found")

@@ -25,12 +25,12 @@
 
 use serde_json::{Map, Value, json};
 
-use super::era::Era;
-use super::jsonrpc::{Request as RpcRequest, RpcError, code};
 use super::target::Target;
 use super::{CallContext, passthrough_error, translate, upstream_rpc_error};
 use crate::capability::Kind;
 use crate::http;
+use crate::mcp::era::Era;
+use crate::mcp::jsonrpc::{Request as RpcRequest, RpcError, code};
 use crate::pipeline::CallKind;
 use crate::pipeline::ToolCall;
 use crate::upstream::{Reply, Upstream, UpstreamEra, UpstreamError};
@@ -72,7 +72,7 @@ async fn acknowledged_here(upstream: &Upstream, method: &str) -> bool {
 }
 
 impl CallContext<'_> {
-    fn relay(&self) -> Option<&super::era::Envelope> {
+    fn relay(&self) -> Option<&crate::mcp::era::Envelope> {
         match self.era {
             Era::Modern(env) => Some(env),
             Era::Handshake => None,

@@ -16,11 +16,11 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::McpService;
-use super::era::Era;
-use super::jsonrpc::{self, RpcError};
 use super::{CallContext, Decided, Endpoint, hold, respond_parts};
 use crate::capability::Grant;
 use crate::http::{self, Body};
+use crate::mcp::era::Era;
+use crate::mcp::jsonrpc::{self, RpcError};
 use crate::pipeline::Pending;
 
 /// What the call's task needs, owned.
@@ -72,7 +72,7 @@ pub(super) async fn call(owned: Owned) -> Response<Body> {
     let first = tokio::select! {
         finished = &mut done => {
             let Ok(f) = finished else {
-                let err = RpcError::new(super::code::INTERNAL_ERROR, "call task ended");
+                let err = RpcError::new(crate::mcp::jsonrpc::code::INTERNAL_ERROR, "call task ended");
                 return http::json_bytes(StatusCode::OK, jsonrpc::error(Some(&id), &err));
             };
             return answer(&owned, &id, f).await;

@@ -24,13 +24,13 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::McpService;
-use super::era::Era;
-use super::jsonrpc::{self, RpcError};
 use super::{CallContext, Endpoint};
 use crate::approvals::{self, Status, wait::Outcome};
 use crate::audit::{self, AuditEvent, Decision};
 use crate::capability::Grant;
 use crate::http::{self, Body};
+use crate::mcp::era::Era;
+use crate::mcp::jsonrpc::{self, RpcError};
 use crate::pipeline::{Denial, Pending};
 
 /// What a request's `Prefer` header (RFC 7240) says about waiting for an approval; the last
@@ -293,7 +293,8 @@ impl Answer {
     fn into_response(self, id: &Value) -> Response<Body> {
         let status = match &self.outcome {
             Err(err) if self.modern => {
-                StatusCode::from_u16(super::era::modern_status(err.code)).unwrap_or(StatusCode::OK)
+                StatusCode::from_u16(crate::mcp::era::modern_status(err.code))
+                    .unwrap_or(StatusCode::OK)
             }
             _ => StatusCode::OK,
         };

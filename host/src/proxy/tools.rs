@@ -1,23 +1,23 @@
 //! `initialize` (handshake era) and `tools/call` of either revision: the call
 //! decoded into one [`Invocation`], decided by the pipeline, forwarded with its permit, and its
-//! result shaped for the client's revision, multi-round calls sealed ([`super::rounds`]).
+//! result shaped for the client's revision, multi-round calls sealed ([`crate::mcp::rounds`]).
 //! This module must never forward a call the pipeline did not permit.
 
 use hyper::header::HeaderValue;
 use hyper::{Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::call::Invocation;
-use super::era::Era;
-use super::jsonrpc::{self, Id, Request as RpcRequest, RpcError, code};
-use super::rounds::{self, RoundSeal, RoundState};
-use super::session::SessionClaims;
 use super::{
-    CallContext, SESSION_HEADER, discover, now_secs, passthrough_error, translate,
-    upstream_rpc_error,
+    CallContext, SESSION_HEADER, now_secs, passthrough_error, translate, upstream_rpc_error,
 };
 use crate::approvals::{Status, wait::Outcome};
 use crate::http::{self, Body};
+use crate::mcp::call::Invocation;
+use crate::mcp::discover;
+use crate::mcp::era::Era;
+use crate::mcp::jsonrpc::{self, Id, Request as RpcRequest, RpcError, code};
+use crate::mcp::rounds::{self, RoundSeal, RoundState};
+use crate::mcp::session::SessionClaims;
 use crate::pipeline::{CallKind, Pending, Round, ToolCall, is_reserved_tool_name};
 use crate::upstream::Reply;
 
@@ -71,7 +71,7 @@ impl CallContext<'_> {
             let marked = r.upstream.marked_arguments(r.original).await;
             let empty = serde_json::Map::new();
             let args = inv.arguments.as_object().unwrap_or(&empty);
-            super::params::check(self.headers, &marked, args)?;
+            crate::mcp::params::check(self.headers, &marked, args)?;
         }
         let seal = RoundSeal::new(&self.svc.sessions);
         // A later round of a multi-round call: the state must be one the gateway sealed for
@@ -222,7 +222,7 @@ impl CallContext<'_> {
         let forwarding = std::time::Instant::now();
         // The upstream may ask this call's client something (sampling, elicitation): relayed
         // when the client takes an event stream, refused otherwise.
-        let ask_client = self.asker(call, rpc).map(super::relay::Asker::into_handler);
+        let ask_client = self.asker(call, rpc).map(super::ask::Asker::into_handler);
         let reply = upstream
             .call_tool_relaying(permit, params, relay, ask_client.as_ref())
             .await;
@@ -275,11 +275,11 @@ impl CallContext<'_> {
 
     /// Who asks this call's client what the upstream asks it, when the client can be asked
     /// (it takes an event stream on a handshake-era call).
-    fn asker(&self, call: &ToolCall<'_>, rpc: &RpcRequest) -> Option<super::relay::Asker> {
+    fn asker(&self, call: &ToolCall<'_>, rpc: &RpcRequest) -> Option<super::ask::Asker> {
         let (Some(tx), Some(svc)) = (self.to_client.as_ref(), self.owner.as_ref()) else {
             return None;
         };
-        Some(super::relay::Asker {
+        Some(super::ask::Asker {
             svc: std::sync::Arc::clone(svc),
             grant: self.grant.clone(),
             tool: call.tool.to_owned(),
