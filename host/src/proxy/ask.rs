@@ -61,7 +61,7 @@ impl Asker {
             upstream: self.upstream.as_deref(),
         };
         if let Err(denial) = self.svc.pipeline.decide(&call).await {
-            let refused = denial.to_rpc();
+            let refused = super::denial::rpc_error(&denial);
             return error(
                 refused.code,
                 format!("{method} refused by the gateway: {denial}"),

@@ -265,7 +265,7 @@ impl Held {
     fn refused(&self, denial: Denial) -> Answer {
         Answer {
             notifications: Vec::new(),
-            outcome: Err(denial.to_rpc()),
+            outcome: Err(super::denial::rpc_error(&denial)),
             modern: self.era.is_modern(),
             decided: None,
         }

@@ -19,6 +19,7 @@
 //! and never forward what the pipeline did not permit.
 
 mod ask;
+pub mod denial;
 mod hold;
 mod lifecycle;
 mod methods;
@@ -516,7 +517,7 @@ impl CallContext<'_> {
             {
                 *slot = Some(p.clone());
             }
-            d.to_rpc()
+            denial::rpc_error(&d)
         })?;
         let Some(upstream) = call.upstream.and_then(|n| self.svc.upstreams.get(n)) else {
             let e = UpstreamError::NotConfigured;

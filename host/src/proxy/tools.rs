@@ -100,7 +100,9 @@ impl CallContext<'_> {
             // A resume by header long-polls the same way; still pending is `-32019` again
             // (nothing was decided, so nothing is audited).
             if let Some(still) = self.await_approval(id).await? {
-                return Err(crate::pipeline::Denial::ApprovalPending(still).to_rpc());
+                return Err(super::denial::rpc_error(
+                    &crate::pipeline::Denial::ApprovalPending(still),
+                ));
             }
         }
         let call = ToolCall {
@@ -316,7 +318,7 @@ impl CallContext<'_> {
         let audit = self.svc.pipeline.audit();
         let tenant = &self.grant.tenant;
         let store = |e: crate::approvals::query::QueryError| {
-            crate::pipeline::Denial::Audit(e.to_string()).to_rpc()
+            super::denial::rpc_error(&crate::pipeline::Denial::Audit(e.to_string()))
         };
         let Some(row) = crate::approvals::query::get(audit.db(), Some(tenant), id)
             .await
