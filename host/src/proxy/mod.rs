@@ -142,7 +142,8 @@ pub async fn handle(
     remote: SocketAddr,
     endpoint: Endpoint,
 ) -> Response<Body> {
-    // DNS rebinding: a page whose name resolves to this gateway is refused before anything.
+    // 1. read: `Host`/`Origin` (DNS rebinding: a page whose name resolves to this gateway is
+    // refused before anything), the routing headers, the HTTP method, then the bounded body.
     let host = http::header_str(req.headers(), HOST.as_str())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
     if let Err(e) = origin::check(
@@ -210,6 +211,7 @@ pub async fn handle(
         ));
         return bad_request(None, &err);
     }
+    // 2. frame: one JSON-RPC message (a request, or an agent's reply to a relayed request).
     let rpc = match jsonrpc::parse(&bytes) {
         Ok(Message::Request(r)) => r,
         Ok(Message::Response(reply)) => {
@@ -231,13 +233,14 @@ pub async fn handle(
         Err((id, err)) => return bad_request(id.as_ref(), &err),
     };
 
-    // The era, and the headers' agreement with the body, before anything else looks at it.
+    // 3. era: the revision, and the headers' agreement with the body, before anything else
+    // looks at it.
     let era = match classify(&routing, header_era, &rpc) {
         Ok(e) => e,
         Err(err) => return bad_request(rpc.id.as_ref(), &err),
     };
 
-    // Every method, notifications included, is authenticated (the token was verified above,
+    // 4. authenticate: every method, notifications included (the token was verified above,
     // before the body was read; era and framing errors still answer first, as they always did).
     let grant = match auth {
         Ok(g) => g,
@@ -293,6 +296,9 @@ pub async fn handle(
         };
         return streamed::call(call).await;
     }
+    // 5.–8. decode → decide → forward → shape, per method ([`CallContext::dispatch`]: the
+    // method's params decoded, decided by the pipeline into a permit or a denial mapped by
+    // [`denial`], forwarded with the permit, the result shaped for the client's revision).
     let ctx = CallContext::new(
         svc,
         &grant,
