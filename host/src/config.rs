@@ -35,6 +35,12 @@ pub use outbox::{DATADOG_US1, OutboxArgs};
 mod telemetry;
 pub use telemetry::{LogFormat, MetricsConfig, TelemetryArgs, TelemetryConfig, TracingConfig};
 
+mod upstreams;
+use upstreams::upstream_uri;
+pub use upstreams::{
+    Globals as UpstreamGlobals, NamedUpstream, UpstreamRevision, valid_upstream_name,
+};
+
 /// The raw settings as clap reads them from flags and environment. Validated into [`Config`].
 #[derive(Args, Clone)]
 pub struct ServeArgs {
@@ -62,21 +68,27 @@ pub struct ServeArgs {
     /// Name of the upstream server, matched by `mcp_allow` caveats.
     #[arg(long, env = "INTENTGATE_UPSTREAM_NAME", default_value = "default")]
     pub upstream_name: String,
-    /// Several upstream MCP servers behind the one endpoint, each `NAME=URL` (repeat the flag;
-    /// in the variable, separate them with commas). Names: a lowercase letter, then up to 31 of
-    /// a-z 0-9 -. With INTENTGATE_UPSTREAM_URL, that one is named INTENTGATE_UPSTREAM_NAME.
+    /// Several upstream MCP servers behind the one endpoint, each `NAME=URL` (repeat the flag,
+    /// or separate them with commas), or one JSON document as in INTENTGATE_UPSTREAMS_FILE.
+    /// Names: a lowercase letter, then up to 31 of a-z 0-9 -. With INTENTGATE_UPSTREAM_URL,
+    /// that one comes first, named INTENTGATE_UPSTREAM_NAME.
     #[arg(
         long = "upstream",
         env = "INTENTGATE_UPSTREAMS",
         value_name = "NAME=URL",
-        value_delimiter = ',',
         hide_env_values = true
     )]
     pub upstreams: Vec<String>,
+    /// A JSON file naming each upstream with its own settings: `{"upstreams": [{"name",
+    /// "url", "revision", "timeout_ms", "connect_timeout_ms", "max_response_bytes", "tls":
+    /// {"ca_file", "client_cert_file", "client_key_file", "server_name"}}]}` (instead of
+    /// INTENTGATE_UPSTREAMS).
+    #[arg(long, env = "INTENTGATE_UPSTREAMS_FILE", value_name = "PATH")]
+    pub upstreams_file: Option<PathBuf>,
     /// What joins an upstream's name and a tool or prompt name when several upstreams are
-    /// configured (`github__create_issue`).
-    #[arg(long, env = "INTENTGATE_UPSTREAM_SEPARATOR", default_value = "__")]
-    pub upstream_separator: String,
+    /// configured (`github__create_issue`). Default `__`.
+    #[arg(long, env = "INTENTGATE_UPSTREAM_SEPARATOR")]
+    pub upstream_separator: Option<String>,
     /// Upstream call timeout in milliseconds.
     #[arg(long, env = "INTENTGATE_UPSTREAM_TIMEOUT_MS", default_value_t = 5000)]
     pub upstream_timeout_ms: u64,
@@ -240,10 +252,12 @@ pub struct Config {
     pub store: StoreChoice,
     pub upstream_url: Option<hyper::Uri>,
     pub upstream_name: String,
-    /// Every upstream by name, in the order configured: `INTENTGATE_UPSTREAM_URL` (named
-    /// `upstream_name`) first, then `INTENTGATE_UPSTREAMS`. Empty: no upstream.
+    /// Every upstream by name, with its own settings, in the order configured:
+    /// `INTENTGATE_UPSTREAM_URL` (named `upstream_name`) first, then `INTENTGATE_UPSTREAMS` or
+    /// `INTENTGATE_UPSTREAMS_FILE`. Empty: no upstream.
     pub upstreams: Vec<NamedUpstream>,
-    /// `INTENTGATE_UPSTREAM_SEPARATOR`: joins an upstream's name and a tool or prompt name.
+    /// `INTENTGATE_UPSTREAM_SEPARATOR` (or the upstreams document's `separator`): joins an
+    /// upstream's name and a tool or prompt name.
     pub upstream_separator: String,
     pub upstream_timeout: Duration,
     pub upstream_max_response_bytes: usize,
@@ -278,7 +292,8 @@ pub struct Config {
     pub audit_deadline: Duration,
     /// Most connections served at once.
     pub max_connections: usize,
-    /// How the gateway verifies (and authenticates to) an https upstream.
+    /// How the gateway verifies (and authenticates to) an https upstream, unless its entry in
+    /// the upstreams document says otherwise.
     pub upstream_tls: UpstreamTls,
     /// The listener's certificate and key files, when it serves TLS.
     pub listener_tls: Option<ListenerTls>,
@@ -291,6 +306,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// The settings of an upstream its configuration does not set (see [`NamedUpstream`]).
+    pub fn upstream_globals(&self) -> UpstreamGlobals {
+        UpstreamGlobals {
+            timeout: self.upstream_timeout,
+            max_response_bytes: self.upstream_max_response_bytes,
+            tls: self.upstream_tls.clone(),
+        }
+    }
+
     /// The audit writers' tuning: the defaults with this configuration's deadline.
     pub fn audit_config(&self) -> crate::audit::AuditConfig {
         crate::audit::AuditConfig {
@@ -298,118 +322,6 @@ impl Config {
             ..crate::audit::AuditConfig::default()
         }
     }
-}
-
-/// One configured upstream: its name (what `mcp_allow`/`callee_allow` match and what its tools
-/// are namespaced by) and its URL (never shown unredacted).
-#[derive(Clone, PartialEq, Eq)]
-pub struct NamedUpstream {
-    pub name: String,
-    pub uri: hyper::Uri,
-}
-
-impl std::fmt::Debug for NamedUpstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}={}", self.name, redact_url(&self.uri))
-    }
-}
-
-/// An upstream's name in `INTENTGATE_UPSTREAMS`: a lowercase letter, then up to 31 of
-/// `a-z 0-9 -`. So it is also a valid URI scheme prefix (resource URIs are namespaced as
-/// `NAME+URI`), never contains a separator made of `_` or `.`, and reads the same in any case.
-pub fn valid_upstream_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 32
-        && b[0].is_ascii_lowercase()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-}
-
-/// An upstream URL, checked: absolute http(s) with a host. `setting` names it in the error.
-fn upstream_uri(setting: &'static str, raw: &str) -> Result<hyper::Uri, ConfigError> {
-    // Never echo the URL: it may carry credentials.
-    let uri: hyper::Uri = raw
-        .parse()
-        .map_err(|e| invalid(setting, format!("not a URL: {e}")))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err(invalid(
-            setting,
-            "must be an absolute http:// or https:// URL",
-        ));
-    }
-    if uri.host().is_none() {
-        return Err(invalid(setting, "has no host"));
-    }
-    Ok(uri)
-}
-
-/// `INTENTGATE_UPSTREAMS` after `INTENTGATE_UPSTREAM_URL` (named `legacy_name`): each entry
-/// `NAME=URL`, names valid and unique.
-fn parse_upstreams(
-    legacy: Option<(&str, &hyper::Uri)>,
-    raw: &[String],
-    separator: &str,
-) -> Result<Vec<NamedUpstream>, ConfigError> {
-    const SETTING: &str = "INTENTGATE_UPSTREAMS";
-    let mut out: Vec<NamedUpstream> = legacy
-        .map(|(name, uri)| NamedUpstream {
-            name: name.to_owned(),
-            uri: uri.clone(),
-        })
-        .into_iter()
-        .collect();
-    for (i, entry) in raw.iter().map(|e| e.trim()).enumerate() {
-        if entry.is_empty() {
-            continue;
-        }
-        let Some((name, url)) = entry.split_once('=') else {
-            return Err(invalid(SETTING, format!("entry {} is not NAME=URL", i + 1)));
-        };
-        let name = name.trim();
-        if !valid_upstream_name(name) {
-            return Err(invalid(
-                SETTING,
-                format!(
-                    "entry {}: upstream name {name:?}: use a lowercase letter, then up to 31 of a-z 0-9 -",
-                    i + 1
-                ),
-            ));
-        }
-        if out.iter().any(|u| u.name == name) {
-            return Err(invalid(
-                SETTING,
-                format!(
-                    "upstream name {name:?} is configured twice (INTENTGATE_UPSTREAM_NAME counts)"
-                ),
-            ));
-        }
-        let uri = upstream_uri(SETTING, url.trim()).map_err(|e| match e {
-            ConfigError::Invalid { reason, .. } => {
-                invalid(SETTING, format!("entry {} ({name}): {reason}", i + 1))
-            }
-        })?;
-        out.push(NamedUpstream {
-            name: name.to_owned(),
-            uri,
-        });
-    }
-    // With several upstreams their names prefix tool names and resource URIs: each must be
-    // one that cannot run into the separator or a URI scheme.
-    if out.len() > 1
-        && let Some(bad) = out
-            .iter()
-            .find(|u| !valid_upstream_name(&u.name) || u.name.contains(separator))
-    {
-        return Err(invalid(
-            "INTENTGATE_UPSTREAM_NAME",
-            format!(
-                "{:?} cannot prefix tool names beside other upstreams: use a lowercase letter, then up to 31 of a-z 0-9 -",
-                bad.name
-            ),
-        ));
-    }
-    Ok(out)
 }
 
 /// A separator between an upstream's name and a tool or prompt name: 1-8 of `_` and `.`,
@@ -426,6 +338,9 @@ pub struct UpstreamTls {
     pub ca_file: Option<PathBuf>,
     /// `(certificate chain, private key)` PEM files presented for mTLS.
     pub client_identity: Option<(PathBuf, PathBuf)>,
+    /// The name the upstream's certificate is checked against (and sent as SNI), instead of
+    /// the URL's host. Only per upstream, in the upstreams document.
+    pub server_name: Option<String>,
 }
 
 /// The listener's certificate chain and private key (PEM files, watched for changes).
@@ -669,19 +584,30 @@ impl ServeArgs {
                 "use 1-64 of A-Z a-z 0-9 . _ -",
             ));
         }
-        if !valid_separator(&self.upstream_separator) {
+        let parsed = upstreams::parse(
+            upstream_url
+                .as_ref()
+                .map(|u| (self.upstream_name.as_str(), u)),
+            &self.upstreams,
+            self.upstreams_file.as_deref(),
+        )?;
+        let upstream_separator = match (self.upstream_separator.clone(), parsed.separator) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(invalid(
+                    "INTENTGATE_UPSTREAM_SEPARATOR",
+                    format!("{a:?}, but the upstreams document says {b:?}: set one of them"),
+                ));
+            }
+            (Some(s), _) | (None, Some(s)) => s,
+            (None, None) => "__".to_owned(),
+        };
+        if !valid_separator(&upstream_separator) {
             return Err(invalid(
                 "INTENTGATE_UPSTREAM_SEPARATOR",
                 "use 1-8 of _ and .",
             ));
         }
-        let upstreams = parse_upstreams(
-            upstream_url
-                .as_ref()
-                .map(|u| (self.upstream_name.as_str(), u)),
-            &self.upstreams,
-            &self.upstream_separator,
-        )?;
+        upstreams::check_prefixes(&parsed.specs, &upstream_separator)?;
         let ranged = |setting: &'static str, v: u64, lo: u64, hi: u64| {
             if (lo..=hi).contains(&v) {
                 Ok(v)
@@ -825,11 +751,15 @@ impl ServeArgs {
             1,
             1_000_000,
         )? as usize;
-        let upstream_tls = self.upstream_tls(
-            upstreams
-                .iter()
-                .any(|u| u.uri.scheme_str() == Some("https")),
-        )?;
+        let upstream_tls = self.upstream_tls(parsed.specs.iter().any(|u| u.https()))?;
+        let globals = UpstreamGlobals {
+            timeout: upstream_timeout,
+            max_response_bytes: self.upstream_max_response_bytes,
+            tls: upstream_tls.clone(),
+        };
+        let upstreams: Vec<NamedUpstream> = (parsed.specs.into_iter())
+            .map(|s| s.resolve(&globals))
+            .collect();
         let listener_tls = match (self.tls_cert_file.clone(), self.tls_key_file.clone()) {
             (None, None) => None,
             (Some(cert_file), Some(key_file)) => {
@@ -867,7 +797,7 @@ impl ServeArgs {
         if self.demo && !upstreams.is_empty() {
             return Err(invalid(
                 "--demo",
-                "starts a demo upstream; do not combine it with INTENTGATE_UPSTREAM_URL or INTENTGATE_UPSTREAMS",
+                "starts a demo upstream; do not combine it with INTENTGATE_UPSTREAM_URL, INTENTGATE_UPSTREAMS or INTENTGATE_UPSTREAMS_FILE",
             ));
         }
         let telemetry = self.telemetry.validate(addr)?;
@@ -882,7 +812,7 @@ impl ServeArgs {
             upstream_url,
             upstream_name: self.upstream_name,
             upstreams,
-            upstream_separator: self.upstream_separator,
+            upstream_separator,
             upstream_timeout,
             upstream_max_response_bytes: self.upstream_max_response_bytes,
             approvals,
@@ -977,6 +907,7 @@ impl ServeArgs {
         Ok(UpstreamTls {
             ca_file: self.upstream_ca_file.clone(),
             client_identity,
+            server_name: None,
         })
     }
 }

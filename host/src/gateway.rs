@@ -117,35 +117,50 @@ impl Gateway {
                 .await
                 .map_err(StartError::Demo)?;
             background.push(task);
-            config.upstreams.push(crate::config::NamedUpstream {
-                name: config.upstream_name.clone(),
-                uri: uri.clone(),
-            });
+            let demo = crate::config::NamedUpstream::with_globals(
+                config.upstream_name.clone(),
+                uri.clone(),
+                &config.upstream_globals(),
+            );
+            config.upstreams.push(demo);
             config.upstream_url = Some(uri);
         }
-        // TLS is set up once, here: the upstreams' client configuration (only https upstreams
-        // need roots; one configuration for all of them) and the listener's certificate.
-        let mut client_tls = None;
+        // TLS is set up once, here: each https upstream's client configuration (one per
+        // distinct set of TLS files, shared by the upstreams that use the same) and the
+        // listener's certificate.
+        let mut client_tls: Vec<(&crate::config::UpstreamTls, Arc<rustls::ClientConfig>)> =
+            Vec::new();
         let mut entries = Vec::with_capacity(config.upstreams.len());
         for u in &config.upstreams {
             let tls = if u.uri.scheme_str() == Some("https") {
-                match &client_tls {
-                    Some(t) => Arc::clone(t),
-                    None => Arc::clone(
-                        client_tls.insert(crate::tls::client_config(&config.upstream_tls)?),
-                    ),
+                let same = |t: &crate::config::UpstreamTls| {
+                    t.ca_file == u.tls.ca_file && t.client_identity == u.tls.client_identity
+                };
+                match client_tls.iter().find(|(t, _)| same(t)) {
+                    Some((_, c)) => Arc::clone(c),
+                    None => {
+                        let c = crate::tls::client_config(&u.tls)?;
+                        client_tls.push((&u.tls, Arc::clone(&c)));
+                        c
+                    }
                 }
             } else {
                 crate::tls::plaintext_only()?
             };
+            let server_name = match &u.tls.server_name {
+                Some(n) => Some(crate::tls::server_name(n)?),
+                None => None,
+            };
+            let options = crate::upstream::Options {
+                timeout: u.timeout,
+                connect_timeout: u.connect_timeout,
+                max_response: u.max_response_bytes,
+                revision: u.revision,
+                server_name,
+            };
             entries.push((
                 u.name.clone(),
-                Upstream::new(
-                    u.uri.clone(),
-                    config.upstream_timeout,
-                    config.upstream_max_response_bytes,
-                    tls,
-                ),
+                Upstream::with_options(u.uri.clone(), options, tls),
             ));
         }
         let upstreams = Upstreams::new(entries, config.upstream_separator.clone());
@@ -250,18 +265,34 @@ impl Gateway {
             None => crate::telemetry::Tracer::off(),
         };
         let pipeline = Arc::new(pipeline);
+        // What upstreams announce outside any call goes to the client sessions' streams.
+        let streams = Arc::new(crate::streams::Hub::new(crate::streams::Limits::default()));
+        for (name, up) in upstreams.iter() {
+            let hub = Arc::clone(&streams);
+            let (name, namespaced) = (name.to_owned(), upstreams.namespaced());
+            up.on_notifications(Arc::new(move |message| {
+                hub.from_upstream(&name, message, |uri| {
+                    crate::upstreams::expose_uri_as(&name, uri, namespaced)
+                });
+            }));
+        }
         let upstreams = Arc::new(upstreams);
         // Each endpoint's service, holding exactly the shared parts it uses.
-        let mcp = Arc::new(McpService {
-            settings: crate::proxy::McpSettings::of(&config),
-            verifier: Verifier::new(master_key.clone(), config.clock_leeway_secs as i64),
-            revocations: Arc::clone(&revocations),
-            store: Arc::clone(&store),
-            pipeline: Arc::clone(&pipeline),
-            upstreams: Arc::clone(&upstreams),
-            approvals: approvals.clone(),
-            relays: crate::mcp::relay::Relays::default(),
-            sessions: SessionKeys::derive(secrets.master_key.as_bytes()),
+        let mcp = Arc::new_cyclic(|mcp| {
+            // Ends the streams and subscriptions of revoked or expired tokens and ended sessions.
+            background.push(tokio::spawn(crate::streams::listen::sweep(mcp.clone())));
+            McpService {
+                settings: crate::proxy::McpSettings::of(&config),
+                verifier: Verifier::new(master_key.clone(), config.clock_leeway_secs as i64),
+                revocations: Arc::clone(&revocations),
+                store: Arc::clone(&store),
+                pipeline: Arc::clone(&pipeline),
+                upstreams: Arc::clone(&upstreams),
+                approvals: approvals.clone(),
+                relays: crate::mcp::relay::Relays::default(),
+                streams,
+                sessions: SessionKeys::derive(secrets.master_key.as_bytes()),
+            }
         });
         let admin = AdminService {
             auth: admin_auth,

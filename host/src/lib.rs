@@ -53,6 +53,7 @@ pub mod proxy;
 pub mod secrets;
 pub mod server;
 pub mod store;
+pub mod streams;
 pub mod telemetry;
 #[doc(hidden)]
 pub mod testkit;

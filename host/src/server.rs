@@ -305,14 +305,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     if gw.upstreams.is_empty() {
         tracing::warn!(
-            "no INTENTGATE_UPSTREAM_URL or INTENTGATE_UPSTREAMS: allowed calls answer -32018 upstream unavailable"
+            "no INTENTGATE_UPSTREAM_URL, INTENTGATE_UPSTREAMS or INTENTGATE_UPSTREAMS_FILE: allowed calls answer -32018 upstream unavailable"
         );
     }
     for (name, u) in gw.upstreams.iter() {
         if gw.config.demo {
             tracing::info!(upstream = %u.redacted_uri(), "demo tool server running as the upstream");
         } else {
-            tracing::info!(%name, upstream = %u.redacted_uri(), "forwarding allowed calls");
+            tracing::info!(%name, upstream = %u.redacted_uri(), revision = u.revision().as_str(), "forwarding allowed calls");
         }
     }
     if gw.upstreams.namespaced() {

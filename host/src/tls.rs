@@ -34,6 +34,8 @@ pub enum TlsError {
     File { path: PathBuf, reason: String },
     #[error("no system root certificates found; set INTENTGATE_UPSTREAM_CA_FILE")]
     NoRoots,
+    #[error("server name {0:?} is not a DNS name or an IP address")]
+    ServerName(String),
     #[error("{0}")]
     Config(#[from] rustls::Error),
     #[error("watching the certificate files: {0}")]
@@ -113,6 +115,13 @@ pub fn client_config(tls: &UpstreamTls) -> Result<Arc<ClientConfig>, TlsError> {
     };
     // ALPN is left to the connector, which sets it from the protocols it enables (http/1.1).
     Ok(Arc::new(config))
+}
+
+/// The name an upstream's certificate is checked against (and sent as SNI) when it is not the
+/// URL's host: a DNS name or an IP address.
+pub fn server_name(name: &str) -> Result<rustls::pki_types::ServerName<'static>, TlsError> {
+    rustls::pki_types::ServerName::try_from(name.to_owned())
+        .map_err(|_| TlsError::ServerName(name.to_owned()))
 }
 
 /// The client configuration of an http upstream's connector: it trusts no root, so it could

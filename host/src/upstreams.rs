@@ -39,6 +39,16 @@ pub const URI_SEPARATOR: char = '+';
 /// The `_meta` key of a merged list naming the upstreams that did not answer.
 pub const UNAVAILABLE_META: &str = "io.intentgate/unavailable";
 
+/// A URI of `upstream` as agents know it: prefixed with the upstream's name when there are
+/// several upstreams (`namespaced`), as it is otherwise.
+pub fn expose_uri_as(upstream: &str, original: &str, namespaced: bool) -> String {
+    if namespaced {
+        format!("{upstream}{URI_SEPARATOR}{original}")
+    } else {
+        original.to_owned()
+    }
+}
+
 /// Every configured upstream, by name, in configuration order.
 pub struct Upstreams {
     entries: Vec<(String, Upstream)>,
@@ -210,11 +220,7 @@ impl Upstreams {
 
     /// The URI an agent sees for `upstream`'s resource (or template) `original`.
     pub fn expose_uri(&self, upstream: &str, original: &str) -> String {
-        if self.namespaced() {
-            format!("{upstream}{URI_SEPARATOR}{original}")
-        } else {
-            original.to_owned()
-        }
+        expose_uri_as(upstream, original, self.namespaced())
     }
 
     /// What the upstreams say about themselves, together: the union of their capabilities

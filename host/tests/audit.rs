@@ -278,6 +278,48 @@ async fn postgres_duplicate_position_is_refused() {
     duplicate_position_is_refused(&postgres_at(&postgres_url().await).await).await;
 }
 
+/// The SQLite committer writes every tenant's part in one transaction: a tenant whose stored
+/// head is unusable is refused alone; the others in the same batches commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_tenant_with_an_unusable_head_fails_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = sqlite_at(&dir.path().join("a.db")).await;
+    let log = AuditLog::open(db.clone(), test_key(), quiet_config())
+        .await
+        .expect("open");
+    append_n(&log, "good", 1).await;
+    append_n(&log, "bad", 1).await;
+    exec(
+        &db,
+        "UPDATE audit_chain_heads SET hash = 'not-hex' WHERE tenant = $1",
+        &[&"bad".to_owned()],
+    )
+    .await;
+    let mut set = JoinSet::new();
+    for i in 0..64 {
+        let log = log.clone();
+        let tenant = if i % 2 == 0 { "good" } else { "bad" };
+        set.spawn(async move { (tenant, log.append(event(tenant, 100 + i)).await) });
+    }
+    let (mut good, mut bad) = (0, 0);
+    while let Some(done) = set.join_next().await {
+        match done.expect("task") {
+            ("good", r) => {
+                r.expect("the healthy tenant commits");
+                good += 1;
+            }
+            (_, r) => {
+                let e = r.expect_err("the broken tenant is refused");
+                assert!(e.to_string().contains("malformed hash"), "{e}");
+                bad += 1;
+            }
+        }
+    }
+    assert_eq!((good, bad), (32, 32));
+    assert_eq!(count_rows(&db, "good").await, 33);
+    assert_eq!(count_rows(&db, "bad").await, 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // tampering
 

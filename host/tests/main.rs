@@ -21,6 +21,7 @@ mod plugins;
 mod powercut;
 mod relay;
 mod store;
+mod streams;
 mod support;
 mod traces;
 mod transport;

@@ -605,17 +605,18 @@ async fn host_and_origin_are_checked() {
         let (s, v) = with_host(&gw, &tok, host, origin).await;
         assert_rpc_error(s, &v, 403, INVALID_REQUEST, &format!("{host} {origin:?}"));
     }
-    // Every refusal is a typed JSON-RPC error, a method the endpoint does not serve too.
+    // Every refusal is a typed JSON-RPC error, a method the endpoint does not serve too (the
+    // GET stream's own refusals are in streams.rs).
     let auth = format!("Bearer {tok}");
     let (s, h, b) = http::send(
-        "GET",
+        "PUT",
         &format!("{}/v1/mcp", gw.url),
         &[("authorization", auth.as_str())],
         Vec::new(),
     )
     .await;
     let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
-    assert_rpc_error(s, &v, 405, INVALID_REQUEST, "GET stream");
+    assert_rpc_error(s, &v, 405, INVALID_REQUEST, "PUT");
     assert_eq!(h.get("allow").and_then(|v| v.to_str().ok()), Some("POST"));
     gw.shutdown().await;
 

@@ -272,21 +272,21 @@ async fn upstream_errors_never_show_url_credentials() {
 // --- item 14: TLS -------------------------------------------------------------------------------
 
 /// A certificate authority generated for one test.
-struct Ca {
+pub(crate) struct Ca {
     cert: rcgen::Certificate,
     key: rcgen::KeyPair,
 }
 
 /// A certificate and its key, as PEM and DER.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
+pub(crate) struct Leaf {
+    pub(crate) cert_pem: String,
+    pub(crate) key_pem: String,
+    pub(crate) der: CertificateDer<'static>,
     key_der: Vec<u8>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let key = rcgen::KeyPair::generate().expect("key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -301,12 +301,12 @@ impl Ca {
         Self { cert, key }
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.cert.pem()
     }
 
     /// A leaf for `localhost`/127.0.0.1 with this common name and serial.
-    fn leaf(&self, cn: &str, serial: u64, client: bool) -> Leaf {
+    pub(crate) fn leaf(&self, cn: &str, serial: u64, client: bool) -> Leaf {
         let key = rcgen::KeyPair::generate().expect("key");
         let mut params =
             rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
@@ -344,7 +344,7 @@ impl Leaf {
     }
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write");
     path
@@ -356,7 +356,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// The demo upstream behind a TLS front (rustls), optionally requiring client certificates
 /// from `client_ca`; returns its address and the client certificates it was shown.
-async fn tls_upstream(
+pub(crate) async fn tls_upstream(
     server: &Leaf,
     client_ca: Option<&Ca>,
 ) -> (SocketAddr, Arc<Mutex<Vec<CertificateDer<'static>>>>) {

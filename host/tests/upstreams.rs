@@ -15,11 +15,22 @@
 //!
 //! Each test marks its arguments with a unique string and reads the upstreams' call logs to see
 //! which calls reached which upstream.
+//!
+//! The upstreams document (`--upstreams-file`): each upstream's own timeout (a slow tool times
+//! out behind the short one only), its own TLS roots, client certificate and server name
+//! (rustls fronts from `transport.rs`), its pinned revision (the upstream, behind a recording
+//! proxy, sees only that wire and no `server/discover` probe), and a bad document stopping the
+//! start with an error that names the file, the entry and the key.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::interop::{self, Flavor, Upstream};
 use crate::mcp_eras::{post, python_client};
@@ -30,13 +41,14 @@ const CAPABILITY: i64 = -32010;
 const UPSTREAM_UNAVAILABLE: i64 = -32018;
 const INVALID_PARAMS: i64 = -32602;
 const MODERN: &str = "2026-07-28";
-const TOOLS: [&str; 6] = [
+const TOOLS: [&str; 7] = [
     "ask_user",
     "delete_records",
     "echo",
     "read_invoice",
     "send_email",
     "slow_count",
+    "touch",
 ];
 
 fn marker(name: &str) -> String {
@@ -486,16 +498,22 @@ async fn pagination_continues_each_upstream_with_its_own_cursor() {
             })
             .unwrap_or_default()
     };
-    assert_eq!(names(&first).len(), 9, "{first}");
-    let cursor = first["result"]["nextCursor"].clone();
-    assert!(cursor.is_string(), "{first}");
-    let second = raw_list(&gw, &token, json!({"cursor": cursor})).await;
-    assert_eq!(names(&second).len(), 3, "{second}");
-    assert!(
-        names(&second).iter().all(|n| n.starts_with("db__")),
-        "{second}"
-    );
-    assert!(second["result"].get("nextCursor").is_none(), "{second}");
+    assert_eq!(names(&first).len(), TOOLS.len() + 3, "{first}");
+    // Then db's remaining pages, three tools at most each, until no cursor is left.
+    let mut cursor = first["result"]["nextCursor"].clone();
+    let mut rest = Vec::new();
+    while cursor.is_string() {
+        let page = raw_list(&gw, &token, json!({"cursor": cursor})).await;
+        let n = names(&page);
+        assert!(!n.is_empty() && n.len() <= 3, "{page}");
+        assert!(n.iter().all(|n| n.starts_with("db__")), "{page}");
+        rest.extend(n);
+        cursor = page["result"]
+            .get("nextCursor")
+            .cloned()
+            .unwrap_or(Value::Null);
+    }
+    assert_eq!(rest.len(), TOOLS.len() - 3, "{rest:?}");
     // The official client, paging in both eras.
     for mode in ["legacy", MODERN] {
         let m = marker("paged");
@@ -509,7 +527,12 @@ async fn pagination_continues_each_upstream_with_its_own_cursor() {
             ]),
         )
         .await;
-        assert_eq!(results[0]["pages"], 2, "{mode}: {}", results[0]);
+        assert_eq!(
+            results[0]["pages"],
+            TOOLS.len().div_ceil(3),
+            "{mode}: {}",
+            results[0]
+        );
         let tools = results[0]["tools"].as_array().map_or(0, Vec::len);
         assert_eq!(
             tools,
@@ -555,4 +578,325 @@ async fn a_foreign_cursor_is_refused() {
         assert_eq!(v["error"]["code"], INVALID_PARAMS, "{v}");
     }
     gw.shutdown().await;
+}
+
+// --- the upstreams document ----------------------------------------------------------------------
+
+/// Writes the upstreams document into `dir`; its path.
+fn upstreams_file(dir: &Path, doc: &Value) -> String {
+    let path = dir.join("upstreams.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(doc).expect("json")).expect("write");
+    path.to_str().expect("utf-8").to_owned()
+}
+
+/// Each upstream of the file has its own timeout: `slow_count` (3 s) times out behind the
+/// upstream configured with 1 s, and answers behind the one that keeps the global 20 s, both
+/// the same server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_upstream_of_the_file_has_its_own_timeout() {
+    let up = Upstream::shared_async(Flavor::Sse).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = upstreams_file(
+        dir.path(),
+        &json!({"upstreams": [
+            {"name": "quick", "url": up.url, "timeout_ms": 1000},
+            {"name": "patient", "url": up.url},
+        ]}),
+    );
+    let gw = gateway::start(
+        Backend::Sqlite,
+        None,
+        &["--upstreams-file", &file, "--upstream-timeout-ms", "20000"],
+    )
+    .await;
+    let token = token(&gw, &[]).await;
+    let m = marker("timeouts");
+    let v = gw
+        .tool_call(&token, "quick__echo", json!({"text": m}))
+        .await;
+    assert_eq!(v["result"]["content"][0]["text"], m, "a quick call: {v}");
+    let started = Instant::now();
+    let v = gw
+        .tool_call(&token, "quick__slow_count", json!({"n": 10}))
+        .await;
+    assert_eq!(v["error"]["code"], UPSTREAM_UNAVAILABLE, "{v}");
+    let detail = v["error"]["data"]["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("timed out after 1s"), "{v}");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "the 1 s timeout held: {:?}",
+        started.elapsed()
+    );
+    let v = gw
+        .tool_call(&token, "patient__slow_count", json!({"n": 10}))
+        .await;
+    assert_eq!(
+        v["result"]["content"][0]["text"], "counted to 10",
+        "the global timeout: {v}"
+    );
+    gw.shutdown().await;
+}
+
+/// A TCP forwarder to the upstream at `url` that keeps every byte the gateway sends it, so a
+/// test sees which JSON-RPC methods reached the upstream. Its own URL.
+async fn recording_proxy(url: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
+    let target: SocketAddr = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("an http://ADDR/ URL");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                let Ok(outbound) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let (mut from_gw, mut to_gw) = inbound.into_split();
+                let (mut from_up, mut to_up) = outbound.into_split();
+                let sent = async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n @ 1..) = from_gw.read(&mut buf).await {
+                        log.lock().expect("log").extend_from_slice(&buf[..n]);
+                        if to_up.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to_up.shutdown().await;
+                };
+                let answered = async move {
+                    let _ = tokio::io::copy(&mut from_up, &mut to_gw).await;
+                    let _ = to_gw.shutdown().await;
+                };
+                tokio::join!(sent, answered);
+            });
+        }
+    });
+    (format!("http://{addr}/mcp"), seen)
+}
+
+/// The JSON-RPC methods in what the gateway sent, in order.
+fn methods(log: &Mutex<Vec<u8>>) -> Vec<String> {
+    let text = String::from_utf8_lossy(&log.lock().expect("log")).into_owned();
+    text.split("\"method\":\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next().map(str::to_owned))
+        .collect()
+}
+
+/// A pinned revision is the only wire the upstream sees: pinned to 2025-11-25 the gateway
+/// opens a session (`initialize`) toward a server that also speaks the stateless era, pinned
+/// to 2026-07-28 it sends stateless requests; neither is probed with `server/discover`, which
+/// the same server behind an `auto` entry is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_revision_is_the_only_wire_the_upstream_sees() {
+    let up = Upstream::shared_async(Flavor::Sse).await;
+    let (hs_url, hs_log) = recording_proxy(&up.url).await;
+    let (st_url, st_log) = recording_proxy(&up.url).await;
+    let (auto_url, auto_log) = recording_proxy(&up.url).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = upstreams_file(
+        dir.path(),
+        &json!({"upstreams": [
+            {"name": "hs", "url": hs_url, "revision": "2025-11-25"},
+            {"name": "st", "url": st_url, "revision": "2026-07-28"},
+            {"name": "learned", "url": auto_url, "revision": "auto"},
+        ]}),
+    );
+    let gw = gateway::start(Backend::Sqlite, None, &["--upstreams-file", &file]).await;
+    let token = token(&gw, &[]).await;
+    let mut marks = Vec::new();
+    for name in ["hs", "st", "learned"] {
+        let m = marker(name);
+        let v = gw
+            .tool_call(&token, &format!("{name}__echo"), json!({"text": m}))
+            .await;
+        assert_eq!(v["result"]["content"][0]["text"], m, "{name}: {v}");
+        marks.push(m);
+    }
+    let call = |m: &str| {
+        let calls = up.calls_with(m);
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        calls[0].clone()
+    };
+    let hs = call(&marks[0]);
+    assert_eq!(hs["protocol_version"], "2025-11-25", "{hs}");
+    assert!(hs["session_id"].is_string(), "in a session: {hs}");
+    let st = call(&marks[1]);
+    assert_eq!(st["protocol_version"], "2026-07-28", "{st}");
+    assert!(st["session_id"].is_null(), "no session: {st}");
+    let learned = call(&marks[2]);
+    assert_eq!(learned["protocol_version"], "2026-07-28", "{learned}");
+    let has = |log: &Mutex<Vec<u8>>, method: &str| methods(log).iter().any(|m| m == method);
+    assert_eq!(
+        methods(&hs_log)[..2],
+        ["initialize", "notifications/initialized"],
+        "pinned to the handshake era"
+    );
+    assert!(has(&hs_log, "tools/call"));
+    assert!(!has(&hs_log, "server/discover"), "{:?}", methods(&hs_log));
+    assert!(has(&st_log, "tools/call"));
+    assert!(
+        !has(&st_log, "server/discover") && !has(&st_log, "initialize"),
+        "pinned to the stateless era: {:?}",
+        methods(&st_log)
+    );
+    assert_eq!(
+        methods(&auto_log)[0],
+        "server/discover",
+        "auto probes first (the proxy would see a probe)"
+    );
+    // What a pinned stateless upstream says about itself is asked when a client wants it,
+    // at its revision, without changing what is spoken to it.
+    let (s, _, v) = post(
+        &gw,
+        &token,
+        &[],
+        &json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                           "clientInfo": {"name": "t", "version": "1"}}}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["result"]["capabilities"]["tools"].is_object(), "{v}");
+    assert!(has(&st_log, "server/discover"), "asked, not probed");
+    assert!(!has(&hs_log, "server/discover"), "{:?}", methods(&hs_log));
+    let v = gw
+        .tool_call(&token, "st__echo", json!({"text": marks[1]}))
+        .await;
+    assert_eq!(v["result"]["content"][0]["text"], marks[1], "{v}");
+    let calls = up.calls_with(&marks[1]);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[1]["protocol_version"], "2026-07-28", "{calls:?}");
+    gw.shutdown().await;
+}
+
+/// Each https upstream of the file is verified against its own CA file (relative to the
+/// file's folder), presents its own client certificate, and checks its own server name;
+/// nothing global is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_upstream_of_the_file_has_its_own_tls() {
+    use crate::transport::{Ca, tls_upstream, write};
+    let ca_a = Ca::new("upstream a CA");
+    let ca_b = Ca::new("upstream b CA");
+    let client_ca = Ca::new("client CA");
+    let client = client_ca.leaf("intentgate-gateway", 7, true);
+    let (addr_a, _) = tls_upstream(&ca_a.leaf("a.test", 1, false), None).await;
+    let (addr_b, seen_b) = tls_upstream(&ca_b.leaf("b.test", 2, false), Some(&client_ca)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "a-ca.pem", &ca_a.pem());
+    write(dir.path(), "b-ca.pem", &ca_b.pem());
+    write(dir.path(), "client.pem", &client.cert_pem);
+    write(dir.path(), "client.key", &client.key_pem);
+    let file = upstreams_file(
+        dir.path(),
+        &json!({"upstreams": [
+            // The certificate names localhost and 127.0.0.1: checked as `localhost` here.
+            {"name": "a", "url": format!("https://127.0.0.1:{}/mcp", addr_a.port()),
+             "tls": {"ca_file": "a-ca.pem", "server_name": "localhost"}},
+            {"name": "b", "url": format!("https://localhost:{}/mcp", addr_b.port()),
+             "tls": {"ca_file": "b-ca.pem", "client_cert_file": "client.pem",
+                     "client_key_file": "client.key"}},
+            // a's server checked against another name.
+            {"name": "misnamed", "url": format!("https://127.0.0.1:{}/mcp", addr_a.port()),
+             "tls": {"ca_file": "a-ca.pem", "server_name": "elsewhere.test"}},
+            // b's server checked against a's CA.
+            {"name": "wrong-ca", "url": format!("https://localhost:{}/mcp", addr_b.port()),
+             "tls": {"ca_file": "a-ca.pem"}},
+        ]}),
+    );
+    let gw = gateway::start(Backend::Sqlite, None, &["--upstreams-file", &file]).await;
+    let token = token(&gw, &[]).await;
+    for name in ["a", "b"] {
+        let v = gw
+            .tool_call(&token, &format!("{name}__echo"), json!({"text": name}))
+            .await;
+        assert_eq!(v["result"]["content"][0]["text"], name, "{name}: {v}");
+    }
+    assert!(
+        seen_b.lock().expect("lock").contains(&client.der),
+        "b was shown the client certificate"
+    );
+    for (name, says) in [
+        ("misnamed", "not valid for name \"elsewhere.test\""),
+        ("wrong-ca", "UnknownIssuer"),
+    ] {
+        let v = gw
+            .tool_call(&token, &format!("{name}__echo"), json!({"text": name}))
+            .await;
+        assert_eq!(v["error"]["code"], UPSTREAM_UNAVAILABLE, "{name}: {v}");
+        let detail = v["error"]["data"]["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(says), "{name}: {v}");
+    }
+    gw.shutdown().await;
+}
+
+/// A bad document stops the start: the gateway exits with an error naming the setting, the
+/// file, the entry and what is wrong, and never echoes a URL's credentials.
+#[tokio::test]
+async fn a_bad_upstreams_file_stops_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("not-a-cert.pem"), "hello").expect("write");
+    let ok = json!({"name": "a", "url": "http://127.0.0.1:9/mcp"});
+    let cases = [
+        (
+            json!({"upstreams": [ok, {"name": "db", "url": "http://127.0.0.1:9/mcp", "timeout": 5}]}),
+            "upstream 2 (db): unknown field `timeout`",
+        ),
+        (
+            json!([{"name": "gh", "url": "ftp://bot:hunter2pass@127.0.0.1/mcp"}]),
+            "upstream 1 (gh): url: must be an absolute http:// or https:// URL",
+        ),
+        (
+            json!([ok, {"name": "a", "url": "http://127.0.0.1:9/other"}]),
+            "upstream 2 (a): upstream name \"a\" is configured twice",
+        ),
+        (
+            json!([{"name": "gh", "url": "https://127.0.0.1:9/mcp",
+                    "tls": {"ca_file": "not-a-cert.pem"}}]),
+            "upstream 1 (gh): tls.ca_file:",
+        ),
+        (
+            json!([{"name": "gh", "url": "http://127.0.0.1:9/mcp", "revision": "2099-01-01"}]),
+            "upstream 1 (gh): revision \"2099-01-01\"",
+        ),
+    ];
+    for (doc, says) in cases {
+        let file = upstreams_file(dir.path(), &doc);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_intentgate"))
+            .args(["serve", "--addr", "127.0.0.1:0", "--upstreams-file", &file])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env_remove("INTENTGATE_UPSTREAM_URL")
+            .env_remove("INTENTGATE_UPSTREAMS")
+            .output()
+            .expect("run the gateway");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{doc}: started");
+        assert!(
+            stderr.contains(&format!("INTENTGATE_UPSTREAMS_FILE: {file}: {says}")),
+            "{doc}: {stderr}"
+        );
+        assert!(!stderr.contains("hunter2pass"), "{stderr}");
+    }
+    let missing = dir.path().join("missing.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_intentgate"))
+        .arg("check-config")
+        .arg("--upstreams-file")
+        .arg(&missing)
+        .env_remove("INTENTGATE_UPSTREAMS")
+        .output()
+        .expect("run check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("INTENTGATE_UPSTREAMS_FILE")
+            && stderr.contains("missing.json: cannot read"),
+        "{stderr}"
+    );
 }

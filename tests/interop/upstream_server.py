@@ -18,7 +18,8 @@ The server exits when its stdin closes (so a test process that dies takes it alo
 SIGTERM/SIGINT. `--ignore-stdin` turns the stdin watch off, for running it by hand with
 stdin at /dev/null.
 
-Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text), ask_user(question), slow_count(n).
+Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text), ask_user(question), slow_count(n),
+touch(uri, list_changed) (announces a resource update or a tool list change outside any call).
 Resources: `file:///public/readme.md`, `file:///public/secret.txt`, `file:///private/ledger.csv`
 and the template `note://{topic}`; prompts: `summarize(text)`, `greet(name)`, `admin_reset()`;
 completions: `greet`'s `name` and `note://{topic}`'s `topic` complete from fixed lists;
@@ -141,6 +142,18 @@ def build_server(call_log: str | None, page_size: int = 0):
             await anyio.sleep(0.3)
         record("slow_count", {"n": n}, ctx)
         return f"counted to {n}"
+
+    @server.tool()
+    async def touch(uri: str, ctx: Context, list_changed: bool = False) -> str:
+        """Announce that a resource changed (`notifications/resources/updated`), or with
+        `list_changed` that the tool list did, on the session's own stream (outside any call)."""
+        session = ctx.request_context.session
+        if list_changed:
+            await session.send_tool_list_changed()
+        else:
+            await session.send_resource_updated(uri)
+        record("touch", {"uri": uri, "list_changed": list_changed}, ctx)
+        return f"touched {uri}"
 
     # --- resources, prompts, completions (host/tests/mcp_kinds.rs) ---
 

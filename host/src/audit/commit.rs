@@ -4,21 +4,14 @@
 //!
 //! PostgreSQL commits each tenant writer's batch in its own transaction ([`commit_postgres`]):
 //! writers run in parallel on separate connections, and a head row lock orders replicas.
-//! SQLite has one writer at a time, so [`SqliteCommitter`] is this process's only writer: every
-//! tenant writer hands it its batch, and it commits everything handed to it since its last
-//! commit in **one** transaction (one fsync), each tenant's part under a savepoint so one
-//! tenant's failure refuses only that tenant's batch. It starts the next commit as soon as the
-//! previous one ends, with no timer.
+//! SQLite has one writer at a time: its committer (`committer.rs`) commits every tenant's batch
+//! in one transaction with the chain arithmetic ([`plan`]) and statements of this module.
 //!
 //! This module must never commit a part it could not write whole, and never answer a part
 //! before the transaction holding it committed.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-
-use sqlx::Connection as _;
-use tokio::sync::{mpsc, oneshot};
 
 use super::charges::{self, Debit};
 use super::checkpoint::{Checkpoint, origin_for};
@@ -80,28 +73,28 @@ impl Entry {
 }
 
 /// The head row of a tenant's chain.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Head {
-    seq: i64,
-    hash: String,
-    checkpoint_size: i64,
+    pub(super) seq: i64,
+    pub(super) hash: String,
+    pub(super) checkpoint_size: i64,
 }
 
 /// A row about to be inserted.
 pub(crate) struct NewRow {
-    seq: i64,
-    ts_ms: i64,
-    kind: String,
-    decision: &'static str,
-    check: String,
-    agent_id: String,
-    tool: String,
-    jti: String,
-    root_jti: String,
-    elevation_id: String,
-    body: String,
-    prev_hash: String,
-    hash: String,
+    pub(super) seq: i64,
+    pub(super) ts_ms: i64,
+    pub(super) kind: String,
+    pub(super) decision: &'static str,
+    pub(super) check: String,
+    pub(super) agent_id: String,
+    pub(super) tool: String,
+    pub(super) jti: String,
+    pub(super) root_jti: String,
+    pub(super) elevation_id: String,
+    pub(super) body: String,
+    pub(super) prev_hash: String,
+    pub(super) hash: String,
 }
 
 /// What a committed batch did.
@@ -116,11 +109,11 @@ pub(crate) struct Committed {
 }
 
 /// Rows to insert, the new head, and the checkpoint (with its signed note) to store.
-type Plan = (Vec<NewRow>, Head, Option<(Checkpoint, String)>);
+pub(super) type Plan = (Vec<NewRow>, Head, Option<(Checkpoint, String)>);
 
 /// The chain arithmetic of one batch, shared by both backends: the rows to insert, the new head,
 /// and the checkpoint to sign (if due).
-fn plan(
+pub(super) fn plan(
     head: &Head,
     tenant: &str,
     entries: &[Entry],
@@ -177,20 +170,20 @@ fn plan(
     Ok((rows, new_head, checkpoint))
 }
 
-const HEAD_SELECT: &str =
+pub(super) const HEAD_SELECT: &str =
     "SELECT seq, hash, checkpoint_size FROM audit_chain_heads WHERE tenant = $1";
-const HEAD_INSERT: &str = "INSERT INTO audit_chain_heads (tenant, seq, hash, checkpoint_size, event_id, ts_ms) \
+pub(super) const HEAD_INSERT: &str = "INSERT INTO audit_chain_heads (tenant, seq, hash, checkpoint_size, event_id, ts_ms) \
      VALUES ($1, 0, $2, 0, 0, 0) ON CONFLICT (tenant) DO NOTHING";
-const HEAD_UPDATE: &str = "UPDATE audit_chain_heads SET seq = $1, hash = $2, checkpoint_size = $3, \
+pub(super) const HEAD_UPDATE: &str = "UPDATE audit_chain_heads SET seq = $1, hash = $2, checkpoint_size = $3, \
      event_id = COALESCE($4, event_id), ts_ms = COALESCE($5, ts_ms) \
      WHERE tenant = $6 AND seq = $7 AND hash = $8";
-const CHECKPOINT_INSERT: &str = "INSERT INTO audit_checkpoints (tenant, size, root_hash, key_name, note, created_ms) \
+pub(super) const CHECKPOINT_INSERT: &str = "INSERT INTO audit_checkpoints (tenant, size, root_hash, key_name, note, created_ms) \
      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, size) DO NOTHING";
-const INSERT_PREFIX: &str = "INSERT INTO audit_events (tenant, seq, ts_ms, event, decision, check_name, \
+pub(super) const INSERT_PREFIX: &str = "INSERT INTO audit_events (tenant, seq, ts_ms, event, decision, check_name, \
      agent_id, tool, jti, root_jti, elevation_id, body, prev_hash, hash) ";
 
-/// One tenant's batch (or a checkpoint, with no events) inside the open transaction `$tx`,
-/// written once for both backends: `$lock` is appended to the head read. It does not commit.
+/// One tenant's batch (or a checkpoint, with no events) inside the open transaction `$tx`
+/// (PostgreSQL; `$lock` is appended to the head read). It does not commit.
 macro_rules! write_part {
     ($db:ty, $tx:expr, $lock:expr, $shared:expr, $tenant:expr, $events:expr, $force:expr) => {{
         let shared: &Shared = $shared;
@@ -341,130 +334,4 @@ pub(crate) async fn commit_postgres(
         shared.outbox.ring();
     }
     Ok(done)
-}
-
-/// A tenant writer's batch handed to the [`SqliteCommitter`]; the entries come back with the
-/// answer (settling may have rewritten some as refusals).
-struct Part {
-    tenant: String,
-    entries: Vec<Entry>,
-    force: bool,
-    reply: oneshot::Sender<(Vec<Entry>, Result<Committed, AuditError>)>,
-}
-
-/// The one SQLite writer of this process. Cheap to clone.
-#[derive(Clone)]
-pub(crate) struct SqliteCommitter {
-    parts: mpsc::Sender<Part>,
-}
-
-/// Parts waiting for the committer. Each tenant writer waits for its answer before it hands in
-/// its next part, so this bounds only how many tenants wait at once, and a full queue makes a
-/// writer wait (its callers' deadline still applies).
-const PARTS_QUEUE: usize = 1024;
-
-impl SqliteCommitter {
-    /// Starts the committer task; it ends when every handle is dropped.
-    pub(crate) fn start(pool: sqlx::SqlitePool, shared: Shared) -> Self {
-        let (parts, rx) = mpsc::channel(PARTS_QUEUE);
-        tokio::spawn(run_sqlite(pool, shared, rx));
-        Self { parts }
-    }
-
-    /// Commits `entries` of `tenant` with whatever other tenants hand in meanwhile.
-    pub(crate) async fn commit(
-        &self,
-        tenant: &str,
-        entries: Vec<Entry>,
-        force: bool,
-    ) -> (Vec<Entry>, Result<Committed, AuditError>) {
-        let (reply, answer) = oneshot::channel();
-        let part = Part {
-            tenant: tenant.to_owned(),
-            entries,
-            force,
-            reply,
-        };
-        if let Err(mpsc::error::SendError(part)) = self.parts.send(part).await {
-            return (part.entries, Err(AuditError::Unavailable));
-        }
-        match answer.await {
-            Ok(done) => done,
-            // The committer ended mid-commit (runtime shutdown): the entries are lost with it,
-            // and their callers are refused.
-            Err(_) => (Vec::new(), Err(AuditError::Unavailable)),
-        }
-    }
-}
-
-async fn run_sqlite(pool: sqlx::SqlitePool, shared: Shared, mut rx: mpsc::Receiver<Part>) {
-    let mut parts = Vec::new();
-    while let Some(first) = rx.recv().await {
-        parts.push(first);
-        while let Ok(more) = rx.try_recv() {
-            parts.push(more);
-        }
-        let results = commit_sqlite(&pool, &shared, &mut parts).await;
-        for (part, result) in parts.drain(..).zip(results) {
-            let _ = part.reply.send((part.entries, result));
-        }
-    }
-}
-
-/// One transaction for every part; a part that fails is rolled back to its savepoint and
-/// answered with its error, the others commit. If the commit itself fails, every part fails.
-async fn commit_sqlite(
-    pool: &sqlx::SqlitePool,
-    shared: &Shared,
-    parts: &mut [Part],
-) -> Vec<Result<Committed, AuditError>> {
-    let all_fail = |e: AuditError, n: usize| {
-        let e = Arc::new(e);
-        (0..n)
-            .map(|_| Err(AuditError::CommitFailed(e.clone())))
-            .collect::<Vec<_>>()
-    };
-    let mut tx = match pool.begin_with("BEGIN IMMEDIATE").await {
-        Ok(tx) => tx,
-        Err(e) => return all_fail(e.into(), parts.len()),
-    };
-    let mut results = Vec::with_capacity(parts.len());
-    for part in parts.iter_mut() {
-        let mut sp = match tx.begin().await {
-            Ok(sp) => sp,
-            Err(e) => return all_fail(e.into(), parts.len()),
-        };
-        let written: Result<Committed, AuditError> = async {
-            write_part!(
-                sqlx::Sqlite,
-                &mut sp,
-                "",
-                shared,
-                &part.tenant,
-                &mut part.entries[..],
-                part.force
-            )
-        }
-        .await;
-        let closed = match &written {
-            Ok(_) => sp.commit().await,
-            Err(_) => sp.rollback().await,
-        };
-        if let Err(e) = closed {
-            return all_fail(e.into(), parts.len());
-        }
-        results.push(written);
-    }
-    if let Err(e) = tx.commit().await {
-        return all_fail(e.into(), parts.len());
-    }
-    for done in results.iter().flatten() {
-        if done.checkpointed {
-            shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-        }
-        if done.outboxed {
-            shared.outbox.ring();
-        }
-    }
-    results
 }

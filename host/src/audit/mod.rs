@@ -21,6 +21,7 @@
 pub mod charges;
 pub mod checkpoint;
 mod commit;
+mod committer;
 pub mod event;
 pub mod export;
 pub mod jcs;

@@ -40,7 +40,7 @@ impl Client {
         connector.enforce_http(false);
         let tls = crate::tls::client_config(&crate::config::UpstreamTls {
             ca_file: target.ca_file.clone(),
-            client_identity: None,
+            ..Default::default()
         })
         .map_err(|e| CliError::Usage(format!("TLS toward the gateway: {e}")))?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()

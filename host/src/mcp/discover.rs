@@ -4,9 +4,8 @@
 //! The gateway is the server its agents talk to, so it answers both itself: the version is
 //! negotiated with the gateway, and the capabilities are the upstream's (from its `initialize`
 //! result or its `server/discover` result) narrowed to what the gateway proxies and governs:
-//! tools, resources, prompts and completions, never list-change notifications or resource
-//! subscriptions it would not relay (update notifications do not reach the client yet), nor
-//! logging. A discover result is per token, so it is `cacheScope: private`. This module must
+//! tools, resources, prompts and completions; list-change notifications and resource
+//! subscriptions only where it relays them (a handshake-era session's stream), never logging. A discover result is per token, so it is `cacheScope: private`. This module must
 //! never advertise a capability the gateway does not govern.
 
 use serde_json::{Map, Value, json};
@@ -29,26 +28,46 @@ pub struct UpstreamProfile {
 }
 
 /// The upstream's capabilities narrowed to what the gateway proxies: tools, resources,
-/// prompts and completions (without `listChanged` or `subscribe`, which the gateway does not
-/// relay). No upstream at all still offers tools (an empty list), so clients keep working and
+/// prompts and completions. To a handshake-era client (`streams`: it has a session and its
+/// `GET` stream) the upstream's `listChanged` and `subscribe` flags are passed on, since the
+/// gateway relays those notifications there ([`crate::streams`]); a stateless-era client gets
+/// them off. No upstream at all still offers tools (an empty list), so clients keep working and
 /// learn of the outage on their first call.
-fn capabilities(profile: &UpstreamProfile) -> Value {
+fn capabilities(profile: &UpstreamProfile, streams: bool) -> Value {
+    let offered = |what: &str| match &profile.capabilities {
+        Some(c) => c.get(what),
+        None => None,
+    };
     let offers = |what: &str| match &profile.capabilities {
         Some(c) => c.get(what).is_some(),
         None => what == "tools",
     };
+    let flag = |what: &str, name: &str| {
+        streams
+            && offered(what)
+                .and_then(|c| c.get(name))
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+    };
     let mut caps = Map::new();
     if offers("tools") {
-        caps.insert("tools".into(), json!({"listChanged": false}));
+        caps.insert(
+            "tools".into(),
+            json!({"listChanged": flag("tools", "listChanged")}),
+        );
     }
     if offers("resources") {
         caps.insert(
             "resources".into(),
-            json!({"listChanged": false, "subscribe": false}),
+            json!({"listChanged": flag("resources", "listChanged"),
+                   "subscribe": flag("resources", "subscribe")}),
         );
     }
     if offers("prompts") {
-        caps.insert("prompts".into(), json!({"listChanged": false}));
+        caps.insert(
+            "prompts".into(),
+            json!({"listChanged": flag("prompts", "listChanged")}),
+        );
     }
     if offers("completions") {
         caps.insert("completions".into(), json!({}));
@@ -77,7 +96,7 @@ pub fn negotiate_handshake(requested: &str) -> &'static str {
 pub fn initialize_result(version: &str, profile: &UpstreamProfile) -> Value {
     json!({
         "protocolVersion": version,
-        "capabilities": capabilities(profile),
+        "capabilities": capabilities(profile, true),
         "serverInfo": server_info(),
         "instructions": instructions(profile),
     })
@@ -87,7 +106,7 @@ pub fn initialize_result(version: &str, profile: &UpstreamProfile) -> Value {
 pub fn discover_result(profile: &UpstreamProfile) -> Value {
     json!({
         "supportedVersions": MODERN_VERSIONS,
-        "capabilities": capabilities(profile),
+        "capabilities": capabilities(profile, false),
         "instructions": instructions(profile),
         "resultType": COMPLETE,
         "cacheScope": "private",
@@ -121,9 +140,13 @@ mod tests {
                 .as_str()
                 .is_some_and(|s| s.starts_with("Invoices."))
         );
+        // A handshake-era session has a stream: the upstream's list changes are relayed.
         let i = initialize_result("2025-06-18", &profile);
         assert_eq!(i["protocolVersion"], "2025-06-18");
-        assert_eq!(i["capabilities"], d["capabilities"]);
+        assert_eq!(
+            i["capabilities"],
+            json!({"tools": {"listChanged": true}, "prompts": {"listChanged": false}})
+        );
     }
 
     #[test]
@@ -143,6 +166,10 @@ mod tests {
         assert_eq!(
             discover_result(&all)["capabilities"],
             json!({"resources": {"listChanged": false, "subscribe": false}, "completions": {}})
+        );
+        assert_eq!(
+            initialize_result("2025-11-25", &all)["capabilities"],
+            json!({"resources": {"listChanged": true, "subscribe": true}, "completions": {}})
         );
         assert_eq!(
             discover_result(&UpstreamProfile::default())["capabilities"],

@@ -54,7 +54,7 @@ pub fn bad_request(id: Option<&Id>, err: &RpcError) -> Response<Body> {
     rpc_response(StatusCode::BAD_REQUEST, id, err)
 }
 
-/// `405` for a GET stream (not served) or a DELETE where no session can end, with a typed
+/// `405` for a GET stream or a DELETE where the revision has no session, with a typed
 /// JSON-RPC error like every other refusal.
 pub fn method_not_allowed(method: &Method) -> Response<Body> {
     let err = RpcError::new(code::INVALID_REQUEST, "Method not allowed").with_data(Value::from(

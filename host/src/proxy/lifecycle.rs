@@ -20,7 +20,7 @@ fn no_session() -> RpcError {
 /// Checks a presented `Mcp-Session-Id`: issued by a gateway sharing the master key, to this
 /// token, and not ended on any replica. An unknown or ended one is 404 so the client opens a
 /// new session, as the transport specifies; a store that cannot say is 503 (fail closed).
-pub(super) async fn presented_session(
+pub(crate) async fn presented_session(
     svc: &McpService,
     id: &str,
     grant: &Grant,
@@ -72,7 +72,13 @@ pub(super) async fn end_session(svc: &McpService, headers: &hyper::HeaderMap) ->
         Err(e) => Err(e),
     };
     match ended {
-        Ok(()) => http::status(StatusCode::NO_CONTENT),
+        Ok(()) => {
+            // Its stream and subscriptions on this replica end now; other replicas' sweepers
+            // find it ended in the store.
+            let orphaned = svc.streams.end(id);
+            crate::streams::listen::release(svc, orphaned).await;
+            http::status(StatusCode::NO_CONTENT)
+        }
         Err(e) => {
             tracing::error!(error = %e, "could not record an ended session");
             let err = RpcError::new(code::INTERNAL_ERROR, "session store unavailable");

@@ -11,8 +11,9 @@
 //! A stateless (2026-07-28) upstream has no subscribe pair (its subscriptions are a
 //! `subscriptions/listen` stream, not opened yet): a permitted `resources/subscribe` and an
 //! `resources/unsubscribe` of a handshake-era client are acknowledged by the gateway itself.
-//! Update notifications reach no client yet, whichever the upstream's revision (the gateway
-//! advertises `subscribe: false`).
+//! A handshake-era session's subscription to a handshake-era upstream is recorded by
+//! [`crate::streams`], which routes the upstream's updates to the sessions that subscribed;
+//! the upstream's own subscription is dropped only when the last of them unsubscribes.
 //!
 //! With several upstreams ([`crate::upstreams`]) every name here is namespaced: a list merges
 //! one page of each upstream the token may reach (its cursor says which upstreams have more,
@@ -291,6 +292,9 @@ impl CallContext<'_> {
             self.annotate(&mut ack, &permit);
             return Ok(Value::Object(ack));
         }
+        // A session's subscription is the gateway's to route: recorded before the upstream
+        // may send its first update.
+        let subscribed = self.record_subscription(method, &target.name)?;
         // The body the target was decoded from, as decided (envelope keys are the upstream
         // client's to write for its own hop).
         let forwarding = std::time::Instant::now();
@@ -306,6 +310,7 @@ impl CallContext<'_> {
         let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {
+                self.forget_subscription(subscribed, &target.name);
                 self.svc
                     .pipeline
                     .record_upstream_failure(&call, &permit, e.status(), &e.to_string())
@@ -313,7 +318,13 @@ impl CallContext<'_> {
                 return Err(upstream_rpc_error(&e));
             }
         };
-        let mut result = result_object(reply, method)?;
+        let mut result = match result_object(reply, method) {
+            Ok(r) => r,
+            Err(e) => {
+                self.forget_subscription(subscribed, &target.name);
+                return Err(e);
+            }
+        };
         if let Some(r) = route {
             expose_contents(&self.svc.upstreams, r.name, &mut result);
         }
@@ -324,6 +335,32 @@ impl CallContext<'_> {
         )?;
         self.annotate(&mut result, &permit);
         Ok(Value::Object(result))
+    }
+
+    /// Records a handshake-era session's subscription to `uri` (`true` when recorded); other
+    /// methods and sessionless clients record nothing.
+    fn record_subscription(&self, method: &str, uri: &str) -> Result<bool, RpcError> {
+        let (Some(session), Some(token)) = (self.session, http::bearer(self.headers)) else {
+            return Ok(false);
+        };
+        if method != "resources/subscribe" {
+            return Ok(false);
+        }
+        self.svc
+            .streams
+            .subscribe(session, self.grant, token, uri)
+            .map(|_| true)
+            .map_err(|e| {
+                RpcError::new(code::INTERNAL_ERROR, "subscription refused")
+                    .with_data(Value::from(e.to_string()))
+            })
+    }
+
+    /// Undoes [`Self::record_subscription`] when the upstream did not take it.
+    fn forget_subscription(&self, recorded: bool, uri: &str) {
+        if let (true, Some(session)) = (recorded, self.session) {
+            self.svc.streams.unsubscribe(session, uri);
+        }
     }
 
     /// A method forwarded as it is once authenticated (`resources/unsubscribe`).
@@ -339,6 +376,12 @@ impl CallContext<'_> {
             return Err(upstream_rpc_error(&UpstreamError::NotConfigured));
         };
         if acknowledged_here(upstream, method).await {
+            return Ok(json!({}));
+        }
+        // Another session on this replica still subscribes: the upstream keeps sending.
+        if let Some(session) = self.session
+            && !self.svc.streams.unsubscribe(session, uri)
+        {
             return Ok(json!({}));
         }
         let reply = upstream

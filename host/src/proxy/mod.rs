@@ -22,6 +22,7 @@ mod ask;
 pub mod denial;
 mod hold;
 mod lifecycle;
+pub(crate) use lifecycle::presented_session;
 mod methods;
 mod streamed;
 pub mod target;
@@ -112,6 +113,8 @@ pub struct McpService {
     pub approvals: crate::approvals::Waiters,
     /// Upstream requests relayed to agents, waiting for their replies.
     pub relays: crate::mcp::relay::Relays,
+    /// Client sessions' `GET /v1/mcp` streams and resource subscriptions.
+    pub streams: std::sync::Arc<crate::streams::Hub>,
     /// Signs session ids and round states.
     pub sessions: crate::mcp::session::SessionKeys,
 }
@@ -165,7 +168,10 @@ pub async fn handle(
         (&Method::DELETE, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
             return lifecycle::end_session(svc, req.headers()).await;
         }
-        // No GET stream in either era here; none at all in the stateless one.
+        // A handshake-era session's own stream (`crate::streams`); none in the stateless era.
+        (&Method::GET, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
+            return crate::streams::listen::open(svc, req.headers()).await;
+        }
         (m, _) => return method_not_allowed(m),
     }
     let (parts, body) = req.into_parts();

@@ -1,7 +1,10 @@
 //! Forwarding to the upstream MCP server (streamable HTTP; JSON or SSE responses), in whichever
 //! revision it speaks.
 //!
-//! The gateway learns the upstream's revision once: it probes `server/discover` at the newest
+//! An upstream whose revision is pinned (`"revision"` in the upstreams document, see
+//! [`crate::config::UpstreamRevision`]) is never probed: the gateway speaks that revision to it
+//! and nothing else, and asks its `server/discover` only for what it says about itself.
+//! Otherwise the gateway learns the upstream's revision once: it probes `server/discover` at the newest
 //! stateless revision (2026-07-28); a result that offers that revision means "stateless", and
 //! anything short of that positive evidence — a handshake-only server answers HTTP 400
 //! `-32600` "Missing session ID", others 404 or `-32601` — means "handshake era". The verdict
@@ -33,6 +36,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Map, Value, json};
 
+use crate::config::UpstreamRevision;
 use crate::mcp::discover::UpstreamProfile;
 use crate::mcp::era::{Envelope, LATEST_MODERN, MODERN_VERSIONS, meta};
 use crate::mcp::jsonrpc::code;
@@ -96,9 +100,14 @@ pub enum UpstreamEra {
     Handshake,
 }
 
-/// What the probe learned.
+/// What the probe learned (or the configuration pinned).
 enum Peer {
-    Modern { version: String, discover: Value },
+    /// Stateless at `version`; `discover` is the upstream's `server/discover` result (`None`
+    /// when the revision is pinned and it was not asked yet).
+    Modern {
+        version: String,
+        discover: Option<Value>,
+    },
     Handshake,
 }
 
@@ -168,12 +177,42 @@ fn client_info() -> Value {
     json!({"name": "intentgate", "version": env!("CARGO_PKG_VERSION")})
 }
 
+/// How the gateway talks to one upstream (from its [`crate::config::NamedUpstream`]).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Bound on one exchange.
+    pub timeout: Duration,
+    /// Bound on opening a connection.
+    pub connect_timeout: Duration,
+    /// Largest answer read.
+    pub max_response: usize,
+    /// The revision spoken: learned by a probe, or pinned (never probed).
+    pub revision: UpstreamRevision,
+    /// The name an https upstream's certificate is checked against, instead of the URL's host.
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
+}
+
+impl Options {
+    /// `timeout` for connecting too, the revision learned, the certificate checked against
+    /// the URL's host.
+    pub fn new(timeout: Duration, max_response: usize) -> Self {
+        Self {
+            timeout,
+            connect_timeout: timeout,
+            max_response,
+            revision: UpstreamRevision::Auto,
+            server_name: None,
+        }
+    }
+}
+
 /// The pooled client for one upstream server.
 pub struct Upstream {
     uri: Uri,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     max_response: usize,
+    revision: UpstreamRevision,
     next_id: AtomicU64,
     peer: ArcSwapOption<Peer>,
     learning: tokio::sync::Mutex<()>,
@@ -235,15 +274,32 @@ impl Upstream {
         max_response: usize,
         tls: Arc<rustls::ClientConfig>,
     ) -> Self {
+        Self::with_options(uri, Options::new(timeout, max_response), tls)
+    }
+
+    /// [`Upstream::new`] with every setting of its own ([`Options`]).
+    pub fn with_options(uri: Uri, options: Options, tls: Arc<rustls::ClientConfig>) -> Self {
+        let Options {
+            timeout,
+            connect_timeout,
+            max_response,
+            revision,
+            server_name,
+        } = options;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
+        connector.set_connect_timeout(Some(connect_timeout));
         connector.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(Arc::unwrap_or_clone(tls))
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
+            .https_or_http();
+        let builder = match server_name {
+            Some(name) => {
+                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+            }
+            None => builder,
+        };
+        let connector = builder.enable_http1().wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
@@ -253,6 +309,7 @@ impl Upstream {
             client,
             timeout,
             max_response,
+            revision,
             next_id: AtomicU64::new(1),
             peer: ArcSwapOption::empty(),
             learning: tokio::sync::Mutex::new(()),
@@ -263,6 +320,12 @@ impl Upstream {
             no_session: std::sync::atomic::AtomicBool::new(false),
             session_calls: Arc::default(),
         }
+    }
+
+    /// Where the notifications the upstream sends outside any call go (resource updates, list
+    /// changes, on its session's own stream). Set once, at start-up.
+    pub fn on_notifications(&self, sink: Arc<session_stream::Notifications>) {
+        self.session_calls.set_sink(sink);
     }
 
     /// Remembers the marked arguments of the tools of a `tools/list` result page.
@@ -319,6 +382,11 @@ impl Upstream {
         &self.uri
     }
 
+    /// The revision configured: learned (`auto`) or pinned.
+    pub fn revision(&self) -> UpstreamRevision {
+        self.revision
+    }
+
     /// The URI as it may be shown: without userinfo or query (they may carry credentials).
     pub fn redacted_uri(&self) -> String {
         crate::config::redact_url(&self.uri)
@@ -354,8 +422,15 @@ impl Upstream {
     }
 
     async fn describe(&self) -> Result<UpstreamProfile, UpstreamError> {
-        let described = match &*self.peer().await? {
-            Peer::Modern { discover, .. } => discover.clone(),
+        let peer = self.peer().await?;
+        let described = match &*peer {
+            Peer::Modern {
+                discover: Some(d), ..
+            } => d.clone(),
+            Peer::Modern {
+                version,
+                discover: None,
+            } => self.discover_pinned(&peer, version).await?,
             Peer::Handshake => self.session().await?.initialize_result.clone(),
         };
         Ok(UpstreamProfile {
@@ -479,6 +554,7 @@ impl Upstream {
         // results instead, relayed by the caller).
         if extras.server_requests.is_some()
             && matches!(&*peer, Peer::Modern { .. })
+            && self.revision == UpstreamRevision::Auto
             && !self.no_session.load(Ordering::Relaxed)
         {
             match self
@@ -499,6 +575,14 @@ impl Upstream {
             .await
         {
             Ok(answer) if !answer.wrong_era() => return self.settled(method, answer),
+            // A pinned revision is never learned again: the answer is what it is.
+            Ok(answer) if self.revision != UpstreamRevision::Auto => {
+                return self.settled(method, answer);
+            }
+            Err(e) if self.revision != UpstreamRevision::Auto => {
+                self.forget(&peer);
+                return Err(e);
+            }
             Ok(_) | Err(UpstreamError::Status { .. }) => {
                 tracing::info!(upstream = %self.redacted_uri(), "upstream answered as another MCP revision; probing again");
             }
@@ -559,6 +643,19 @@ impl Upstream {
         if let Some(p) = self.peer.load_full() {
             return Ok(p);
         }
+        let pinned = match self.revision {
+            UpstreamRevision::Auto => None,
+            UpstreamRevision::Handshake => Some(Peer::Handshake),
+            UpstreamRevision::Stateless(version) => Some(Peer::Modern {
+                version: version.to_owned(),
+                discover: None,
+            }),
+        };
+        if let Some(p) = pinned {
+            let p = Arc::new(p);
+            self.peer.store(Some(Arc::clone(&p)));
+            return Ok(p);
+        }
         let _guard = self.learning.lock().await;
         if let Some(p) = self.peer.load_full() {
             return Ok(p);
@@ -603,12 +700,47 @@ impl Upstream {
                 tracing::info!(upstream = %self.redacted_uri(), version = v, "upstream speaks the stateless MCP revision");
                 return Ok(Peer::Modern {
                     version: (*v).to_owned(),
-                    discover: r.clone(),
+                    discover: Some(r.clone()),
                 });
             }
         }
         tracing::info!(upstream = %self.redacted_uri(), status = answer.status.as_u16(), "upstream speaks the handshake MCP revision");
         Ok(Peer::Handshake)
+    }
+
+    /// The `server/discover` result of an upstream pinned to a stateless revision, asked at
+    /// that revision when first needed and kept with the peer. Not a probe: whatever it
+    /// answers, the revision stays pinned.
+    async fn discover_pinned(
+        &self,
+        peer: &Arc<Peer>,
+        version: &str,
+    ) -> Result<Value, UpstreamError> {
+        let answer = self
+            .send_modern(
+                version,
+                "server/discover",
+                Map::new(),
+                None,
+                Extras::default(),
+            )
+            .await?;
+        let result = match answer.settle()? {
+            Reply::Result(r) => r,
+            Reply::Error(e) => {
+                return Err(UpstreamError::Malformed(format!(
+                    "server/discover refused: {e}"
+                )));
+            }
+        };
+        self.peer.compare_and_swap(
+            &Some(Arc::clone(peer)),
+            Some(Arc::new(Peer::Modern {
+                version: version.to_owned(),
+                discover: Some(result.clone()),
+            })),
+        );
+        Ok(result)
     }
 
     // --- the stateless revision ---------------------------------------------------------------

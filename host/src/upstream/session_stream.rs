@@ -1,6 +1,8 @@
 //! The shared handshake-era session's own event stream (`GET` on the upstream's endpoint):
 //! some servers (the TypeScript SDK's) send their requests to the client there rather than on
-//! the stream of the call that caused them.
+//! the stream of the call that caused them, and every server sends there what it announces
+//! outside any call (resource updates, list changes), handed to the gateway's sink
+//! ([`Calls::set_sink`], routed to the subscribed client sessions by [`crate::streams`]).
 //!
 //! The session is shared by every agent, and such a request names no call. So it is given to a
 //! call only when it cannot belong to any other: exactly one call is in flight in the session,
@@ -28,7 +30,12 @@ use crate::mcp::jsonrpc::code;
 #[derive(Default)]
 pub(super) struct Calls {
     calls: Mutex<HashMap<u64, Option<Arc<ServerRequests>>>>,
+    /// Where notifications outside any call go.
+    sink: std::sync::OnceLock<Arc<Notifications>>,
 }
+
+/// Takes a notification the upstream sent on its session's stream.
+pub type Notifications = dyn Fn(Value) + Send + Sync;
 
 /// Leaves [`Calls`] when the call ends.
 pub(super) struct InFlight<'a> {
@@ -51,6 +58,17 @@ impl Calls {
             c.insert(id, answer);
         }
         InFlight { calls: self, id }
+    }
+
+    /// Sets where notifications outside any call go (once; later calls are ignored).
+    pub(super) fn set_sink(&self, sink: Arc<Notifications>) {
+        let _ = self.sink.set(sink);
+    }
+
+    fn notify(&self, message: Value) {
+        if let Some(sink) = self.sink.get() {
+            sink(message);
+        }
     }
 
     /// Who answers a request that came on the session's stream: the one call in flight, when
@@ -112,11 +130,12 @@ pub(super) async fn listen(l: Listener) {
         loop {
             while let Some(end) = event_end(&buf) {
                 let event: Vec<u8> = buf.drain(..end).collect();
-                if let Some(v) = sse_event_json(&event)
-                    && v.get("method").is_some()
-                    && v.get("id").is_some()
-                {
-                    answer(&l, &headers, v);
+                match sse_event_json(&event) {
+                    Some(v) if v.get("method").is_some() && v.get("id").is_some() => {
+                        answer(&l, &headers, v);
+                    }
+                    Some(v) if v.get("method").is_some() => l.calls.notify(v),
+                    _ => {}
                 }
             }
             if l.session.strong_count() == 0 {

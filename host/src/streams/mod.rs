@@ -1,0 +1,485 @@
+//! The server-initiated side of a handshake-era session: its `GET /v1/mcp` event stream and the
+//! resource subscriptions whose updates that stream carries.
+//!
+//! The upstream sees one session (the gateway's, shared by every agent on this replica), so
+//! the gateway keeps who subscribed to what itself. The [`Hub`] holds, per client session,
+//! its subscriptions (as the agent named the URIs), a bounded window of its recent events for
+//! resumption (`Last-Event-ID`), and the sender of its live stream, if one is open. What the
+//! upstream announces is routed here ([`Hub::from_upstream`]):
+//! - `notifications/resources/updated` reaches only the sessions subscribed to that URI;
+//! - `notifications/{tools,prompts,resources}/list_changed` reaches every session whose token
+//!   reaches that upstream (each lists again, filtered to its token).
+//!
+//! Every buffer is bounded: a session's window ([`Limits::window`] events), its live channel
+//! ([`Limits::live`]; a client that does not read is disconnected, and may resume from the
+//! window), the subscriptions of a session and the number of sessions. A session's entry
+//! carries the token that opened it, re-checked by the stream and the sweeper
+//! ([`listen::sweep`]): a revoked or expired token, or an ended session, ends the stream and the
+//! subscriptions. This module must never deliver an update to a session that did not subscribe
+//! to it, never let one slow client grow memory, and never log a token or a session id.
+
+pub mod listen;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::capability::Grant;
+
+/// The bounds of the hub.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Events kept per session for a client resuming with `Last-Event-ID`.
+    pub window: usize,
+    /// Events queued toward a live stream before its client counts as too slow.
+    pub live: usize,
+    /// Sessions with an entry (a stream, subscriptions or a resumable window) on this replica.
+    pub sessions: usize,
+    /// Subscriptions per session.
+    pub subscriptions: usize,
+    /// How long a session without a stream or subscriptions keeps its window.
+    pub linger: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            window: 256,
+            live: 64,
+            sessions: 10_000,
+            subscriptions: 256,
+            linger: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Why the hub refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HubError {
+    #[error("too many open sessions with streams or subscriptions on this gateway (limit {0})")]
+    TooManySessions(usize),
+    #[error("too many subscriptions in this session (limit {0})")]
+    TooManySubscriptions(usize),
+}
+
+/// What the hub knows of one client session.
+struct Entry {
+    grant: Grant,
+    /// The token that opened the session: re-checked so that revoking it ends the session's
+    /// stream and subscriptions. Never logged.
+    token: String,
+    uris: HashSet<String>,
+    window: VecDeque<(u64, Bytes)>,
+    next_id: u64,
+    live: Option<mpsc::Sender<Bytes>>,
+    touched: Instant,
+}
+
+impl Entry {
+    /// Numbers, frames and keeps one event, and hands it to the live stream; a client whose
+    /// queue is full is disconnected (its stream ends; it can resume from the window).
+    fn push(&mut self, message: &Value, window: usize) {
+        self.next_id += 1;
+        let id = self.next_id;
+        let event = Bytes::from(format!("id: {id}\nevent: message\ndata: {message}\n\n"));
+        if self.window.len() >= window {
+            self.window.pop_front();
+        }
+        self.window.push_back((id, event.clone()));
+        if let Some(tx) = &self.live
+            && tx.try_send(event).is_err()
+        {
+            self.live = None;
+            self.touched = Instant::now();
+        }
+    }
+
+    fn idle(&self, now: Instant, linger: Duration) -> bool {
+        self.uris.is_empty()
+            && self.live.as_ref().is_none_or(mpsc::Sender::is_closed)
+            && now.duration_since(self.touched) >= linger
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    sessions: HashMap<String, Entry>,
+    /// Subscribed URI → the sessions subscribed to it.
+    by_uri: HashMap<String, HashSet<String>>,
+}
+
+impl Inner {
+    /// Removes a session; returns the URIs no session subscribes to any more.
+    fn remove(&mut self, session: &str) -> Vec<String> {
+        let Some(entry) = self.sessions.remove(session) else {
+            return Vec::new();
+        };
+        let mut orphaned = Vec::new();
+        for uri in entry.uris {
+            if let Some(set) = self.by_uri.get_mut(&uri) {
+                set.remove(session);
+                if set.is_empty() {
+                    self.by_uri.remove(&uri);
+                    orphaned.push(uri);
+                }
+            }
+        }
+        orphaned
+    }
+}
+
+/// Every client session's stream and subscriptions on this replica.
+pub struct Hub {
+    inner: Mutex<Inner>,
+    limits: Limits,
+}
+
+/// A live stream just opened: its events, the ones replayed first.
+pub struct Opened {
+    pub replay: Vec<Bytes>,
+    pub events: mpsc::Receiver<Bytes>,
+}
+
+impl Hub {
+    pub fn new(limits: Limits) -> Self {
+        Hub {
+            inner: Mutex::new(Inner::default()),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves maps that are still consistent enough to
+        // route (each operation is a few inserts and removes).
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The session's entry, made when it has none (within the session limit).
+    fn entry<'a>(
+        &self,
+        inner: &'a mut Inner,
+        session: &str,
+        grant: &Grant,
+        token: &str,
+    ) -> Result<&'a mut Entry, HubError> {
+        if !inner.sessions.contains_key(session) {
+            if inner.sessions.len() >= self.limits.sessions {
+                let now = Instant::now();
+                let linger = self.limits.linger;
+                inner.sessions.retain(|_, e| !e.idle(now, linger));
+                if inner.sessions.len() >= self.limits.sessions {
+                    return Err(HubError::TooManySessions(self.limits.sessions));
+                }
+            }
+            inner.sessions.insert(
+                session.to_owned(),
+                Entry {
+                    grant: grant.clone(),
+                    token: token.to_owned(),
+                    uris: HashSet::new(),
+                    window: VecDeque::new(),
+                    next_id: 0,
+                    live: None,
+                    touched: Instant::now(),
+                },
+            );
+        }
+        let entry = inner
+            .sessions
+            .get_mut(session)
+            .ok_or(HubError::TooManySessions(self.limits.sessions))?;
+        // The session's token may have been replaced by an attenuated child of the same id:
+        // the newest presented is the one re-checked.
+        if entry.token != token {
+            entry.token = token.to_owned();
+            entry.grant = grant.clone();
+        }
+        Ok(entry)
+    }
+
+    /// Opens the session's live stream (a stream already open for it ends), with the events
+    /// after `last_event_id` still in its window.
+    pub fn open(
+        &self,
+        session: &str,
+        grant: &Grant,
+        token: &str,
+        last_event_id: Option<u64>,
+    ) -> Result<Opened, HubError> {
+        let mut inner = self.lock();
+        let live = self.limits.live;
+        let entry = self.entry(&mut inner, session, grant, token)?;
+        let replay = match last_event_id {
+            Some(last) => (entry.window.iter())
+                .filter(|(id, _)| *id > last)
+                .map(|(_, e)| e.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        let (tx, events) = mpsc::channel(live);
+        entry.live = Some(tx);
+        entry.touched = Instant::now();
+        Ok(Opened { replay, events })
+    }
+
+    /// Records a subscription; `true` when it is the first on this replica for that URI.
+    pub fn subscribe(
+        &self,
+        session: &str,
+        grant: &Grant,
+        token: &str,
+        uri: &str,
+    ) -> Result<bool, HubError> {
+        let mut inner = self.lock();
+        let max = self.limits.subscriptions;
+        let entry = self.entry(&mut inner, session, grant, token)?;
+        if !entry.uris.contains(uri) && entry.uris.len() >= max {
+            return Err(HubError::TooManySubscriptions(max));
+        }
+        entry.uris.insert(uri.to_owned());
+        entry.touched = Instant::now();
+        let set = inner.by_uri.entry(uri.to_owned()).or_default();
+        set.insert(session.to_owned());
+        Ok(set.len() == 1)
+    }
+
+    /// Drops a subscription; `true` when no session on this replica subscribes to the URI any
+    /// more (so the upstream may stop sending its updates).
+    pub fn unsubscribe(&self, session: &str, uri: &str) -> bool {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.sessions.get_mut(session) {
+            entry.uris.remove(uri);
+            entry.touched = Instant::now();
+        }
+        match inner.by_uri.get_mut(uri) {
+            Some(set) => {
+                set.remove(session);
+                let last = set.is_empty();
+                if last {
+                    inner.by_uri.remove(uri);
+                }
+                last
+            }
+            None => true,
+        }
+    }
+
+    /// Ends a session's stream and subscriptions; returns the URIs no session subscribes to
+    /// any more.
+    pub fn end(&self, session: &str) -> Vec<String> {
+        self.lock().remove(session)
+    }
+
+    /// Routes a notification the upstream `upstream` sent outside any call; `expose` gives a
+    /// URI as agents know it.
+    pub fn from_upstream(
+        &self,
+        upstream: &str,
+        mut message: Value,
+        expose: impl Fn(&str) -> String,
+    ) {
+        let method = message.get("method").and_then(Value::as_str).unwrap_or("");
+        match method {
+            "notifications/resources/updated" => {
+                let Some(uri) = message.pointer("/params/uri").and_then(Value::as_str) else {
+                    return;
+                };
+                let exposed = expose(uri);
+                message["params"]["uri"] = Value::from(exposed.as_str());
+                self.resource_updated(&exposed, &message);
+            }
+            "notifications/resources/list_changed"
+            | "notifications/tools/list_changed"
+            | "notifications/prompts/list_changed" => self.list_changed(upstream, &message),
+            other => tracing::debug!(
+                method = other,
+                upstream,
+                "upstream notification outside a call not relayed"
+            ),
+        }
+    }
+
+    /// Sends an update to the sessions subscribed to `uri`.
+    pub fn resource_updated(&self, uri: &str, message: &Value) {
+        let mut inner = self.lock();
+        let window = self.limits.window;
+        let Some(subscribers) = inner.by_uri.get(uri).cloned() else {
+            return;
+        };
+        for s in subscribers {
+            if let Some(entry) = inner.sessions.get_mut(&s) {
+                entry.push(message, window);
+            }
+        }
+    }
+
+    /// Sends a list change to every session whose token reaches `upstream`.
+    pub fn list_changed(&self, upstream: &str, message: &Value) {
+        let mut inner = self.lock();
+        let window = self.limits.window;
+        for entry in inner.sessions.values_mut() {
+            if entry.grant.reaches(upstream) {
+                entry.push(message, window);
+            }
+        }
+    }
+
+    /// Each session with the token it was opened with, to be re-checked by the sweeper.
+    fn tokens(&self) -> Vec<(String, String, String)> {
+        let inner = self.lock();
+        (inner.sessions.iter())
+            .map(|(s, e)| (s.clone(), e.token.clone(), e.grant.jti.clone()))
+            .collect()
+    }
+
+    /// Forgets idle sessions (no stream, no subscription, window older than the linger).
+    fn forget_idle(&self) {
+        let now = Instant::now();
+        let linger = self.limits.linger;
+        self.lock().sessions.retain(|_, e| !e.idle(now, linger));
+    }
+
+    /// How many sessions have an entry, and how many subscriptions in all (for tests and
+    /// `/healthz`-style introspection).
+    pub fn counts(&self) -> (usize, usize) {
+        let inner = self.lock();
+        let subs = inner.sessions.values().map(|e| e.uris.len()).sum();
+        (inner.sessions.len(), subs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capability::{
+        DEFAULT_LEEWAY_SECS, MasterKey, MintRequest, RevocationSet, Verifier, mint,
+    };
+    use serde_json::json;
+
+    fn grant() -> Grant {
+        let key = MasterKey::from_bytes(b"0123456789abcdef0123456789abcdef")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let now = 1_700_000_000;
+        let req = MintRequest {
+            subject: "agent".into(),
+            ..MintRequest::default()
+        };
+        let minted = mint(&key, &req, now).unwrap_or_else(|e| panic!("{e}"));
+        Verifier::new(key, DEFAULT_LEEWAY_SECS)
+            .authenticate(&minted.token, now, &RevocationSet::always_fresh())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn updated(uri: &str) -> Value {
+        json!({"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": uri}})
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<Bytes>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(b) = rx.try_recv() {
+            out.push(String::from_utf8_lossy(&b).into_owned());
+        }
+        out
+    }
+
+    #[test]
+    fn updates_reach_only_subscribers_with_the_exposed_uri() {
+        let hub = Hub::new(Limits::default());
+        let g = grant();
+        let mut a = hub.open("a", &g, "t", None).expect("hub").events;
+        let mut b = hub.open("b", &g, "t", None).expect("hub").events;
+        assert!(hub.subscribe("a", &g, "t", "db+file:///x").expect("hub"));
+        let expose = |u: &str| format!("db+{u}");
+        hub.from_upstream("db", updated("file:///x"), expose);
+        hub.from_upstream("db", updated("file:///y"), expose);
+        let got = drain(&mut a);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].starts_with("id: 1\n"), "{}", got[0]);
+        assert!(got[0].contains(r#""uri":"db+file:///x""#), "{}", got[0]);
+        assert!(drain(&mut b).is_empty());
+    }
+
+    #[test]
+    fn last_unsubscribe_and_end_report_orphans() {
+        let hub = Hub::new(Limits::default());
+        let g = grant();
+        assert!(hub.subscribe("a", &g, "t", "u1").expect("hub"));
+        assert!(!hub.subscribe("b", &g, "t", "u1").expect("hub"));
+        assert!(hub.subscribe("b", &g, "t", "u2").expect("hub"));
+        assert!(!hub.unsubscribe("a", "u1"), "b still subscribes");
+        let mut orphans = hub.end("b");
+        orphans.sort();
+        assert_eq!(orphans, ["u1", "u2"]);
+        assert_eq!(hub.counts(), (1, 0));
+    }
+
+    #[test]
+    fn a_slow_client_is_cut_off_and_resumes_from_the_window() {
+        let limits = Limits {
+            window: 4,
+            live: 2,
+            ..Limits::default()
+        };
+        let hub = Hub::new(limits);
+        let g = grant();
+        let mut rx = hub.open("a", &g, "t", None).expect("hub").events;
+        hub.subscribe("a", &g, "t", "u").expect("hub");
+        for _ in 0..6 {
+            hub.resource_updated("u", &updated("u"));
+        }
+        // Two queued, then the stream was dropped: the channel ends after them.
+        assert_eq!(drain(&mut rx).len(), 2);
+        assert!(rx.try_recv().is_err() && rx.is_closed());
+        // The window kept the last four (3..=6); resuming after 4 replays 5 and 6.
+        let resumed = hub.open("a", &g, "t", Some(4)).expect("hub");
+        let ids: Vec<&str> = resumed
+            .replay
+            .iter()
+            .map(|b| {
+                std::str::from_utf8(b)
+                    .expect("utf-8")
+                    .lines()
+                    .next()
+                    .expect("a line")
+            })
+            .map(|l| l.trim_start_matches("id: "))
+            .collect();
+        assert_eq!(ids, ["5", "6"]);
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let limits = Limits {
+            sessions: 1,
+            subscriptions: 1,
+            ..Limits::default()
+        };
+        let hub = Hub::new(limits);
+        let g = grant();
+        hub.subscribe("a", &g, "t", "u").expect("hub");
+        assert_eq!(
+            hub.subscribe("a", &g, "t", "v"),
+            Err(HubError::TooManySubscriptions(1))
+        );
+        assert_eq!(
+            hub.open("b", &g, "t", None).err(),
+            Some(HubError::TooManySessions(1))
+        );
+    }
+
+    #[test]
+    fn list_changes_reach_every_session_whose_token_reaches_the_upstream() {
+        let hub = Hub::new(Limits::default());
+        let g = grant();
+        let mut a = hub.open("a", &g, "t", None).expect("hub").events;
+        let msg = json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"});
+        hub.from_upstream("db", msg, str::to_owned);
+        assert_eq!(drain(&mut a).len(), 1);
+    }
+}

@@ -1,0 +1,400 @@
+//! `GET /v1/mcp` (a handshake-era session's own stream) and resource subscriptions through the
+//! gateway (issue 12 item 3): updates reach only the session that subscribed, list changes
+//! every session, a client resumes after `Last-Event-ID`, the upstream's subscription is
+//! dropped when the last subscriber goes (unsubscribe, `DELETE`, revocation), and every refusal
+//! of the stream is typed.
+//!
+//! Upstream: `tests/interop/upstream_server.py` refusing the stateless era (`--handshake-only`),
+//! so the gateway holds one upstream session and reads its stream; its `touch` tool announces a
+//! resource update (or a tool list change) on that stream, outside any call. Raw HTTP is the
+//! client here: what each session receives is read byte for byte.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+use crate::interop::{Flavor, Upstream};
+use crate::mcp_eras::post;
+use crate::support::gateway::{self, ADMIN_TOKEN, Backend, TestGateway};
+use crate::support::http;
+
+const UPDATED: &str = "notifications/resources/updated";
+const TOOLS_CHANGED: &str = "notifications/tools/list_changed";
+
+fn marker(name: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{name}{}x{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn token(gw: &TestGateway, subject: &str) -> (String, String) {
+    gw.mint(json!({"subject": subject, "tenant": "acme", "ttl_seconds": 600, "tools": ["*"]}))
+        .await
+}
+
+/// A session opened with `initialize` (and `initialized`); its id.
+async fn session(gw: &TestGateway, tok: &str) -> String {
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"}}});
+    let (s, h, v) = post(gw, tok, &[], &init).await;
+    assert_eq!(s, 200, "{v}");
+    let caps = &v["result"]["capabilities"]["resources"];
+    assert_eq!(
+        caps["subscribe"], true,
+        "the upstream's subscribe is offered: {v}"
+    );
+    let sid = h
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("session id")
+        .to_owned();
+    let done = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let (s, _, _) = post(gw, tok, &[("mcp-session-id", &sid)], &done).await;
+    assert_eq!(s, 202);
+    sid
+}
+
+async fn rpc(gw: &TestGateway, tok: &str, sid: &str, method: &str, params: Value) -> Value {
+    let body = json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params});
+    let (s, _, v) = post(gw, tok, &[("mcp-session-id", sid)], &body).await;
+    assert_eq!(s, 200, "{method}: {v}");
+    assert!(v.get("result").is_some(), "{method}: {v}");
+    v
+}
+
+/// One SSE event: its id, when numbered, and its JSON data.
+#[derive(Debug, Clone)]
+struct Event {
+    id: Option<u64>,
+    data: Value,
+}
+
+/// A `GET /v1/mcp` stream being read.
+struct Stream {
+    body: Incoming,
+    buf: Vec<u8>,
+}
+
+async fn get(
+    gw: &TestGateway,
+    tok: Option<&str>,
+    extra: &[(&str, &str)],
+) -> (u16, hyper::HeaderMap, Incoming) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = hyper::Request::get(format!("{}/v1/mcp", gw.url));
+    if let Some(t) = tok {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let resp = client
+        .request(req.body(Full::new(Bytes::new())).expect("request"))
+        .await
+        .expect("GET sent");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.into_body())
+}
+
+async fn open(gw: &TestGateway, tok: &str, sid: &str, last: Option<u64>) -> Stream {
+    let last = last.map(|l| l.to_string());
+    let mut h = vec![("accept", "text/event-stream"), ("mcp-session-id", sid)];
+    if let Some(l) = &last {
+        h.push(("last-event-id", l.as_str()));
+    }
+    let (s, headers, body) = get(gw, Some(tok), &h).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        headers.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    Stream {
+        body,
+        buf: Vec::new(),
+    }
+}
+
+impl Stream {
+    /// The next event with data within `wait` (comments skipped); `None` on timeout.
+    /// Panics when the stream ends.
+    async fn next(&mut self, wait: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&raw);
+                let mut id = None;
+                let mut data = None;
+                for line in text.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        id = v.trim().parse().ok();
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = serde_json::from_str(v).ok();
+                    }
+                }
+                match data {
+                    Some(data) => return Some(Event { id, data }),
+                    None => continue, // a comment
+                }
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame()).await;
+            match frame {
+                Err(_) => return None,
+                Ok(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        self.buf.extend_from_slice(&d);
+                    }
+                }
+                Ok(_) => panic!("the stream ended"),
+            }
+        }
+    }
+
+    /// Whether the stream ends within `wait` (events before the end are skipped).
+    async fn ends_within(&mut self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.body.frame()).await {
+                Err(_) => return false,
+                Ok(Some(Ok(_))) => {}
+                Ok(_) => return true,
+            }
+        }
+    }
+}
+
+/// Calls `touch` until `stream` gets the event it announces (the gateway's upstream session
+/// opens its own stream just after the session; an announcement before that is lost by the
+/// upstream, as the transport allows).
+async fn touch_until(
+    gw: &TestGateway,
+    tok: &str,
+    sid: &str,
+    stream: &mut Stream,
+    args: Value,
+    method: &str,
+) -> Event {
+    for _ in 0..20 {
+        rpc(
+            gw,
+            tok,
+            sid,
+            "tools/call",
+            json!({"name": "touch", "arguments": args}),
+        )
+        .await;
+        if let Some(e) = stream.next(Duration::from_millis(500)).await {
+            assert_eq!(e.data["method"], method, "{e:?}");
+            return e;
+        }
+    }
+    panic!("no {method} event reached the stream");
+}
+
+fn upstream_saw(up: &Upstream, what: &str) -> bool {
+    up.calls_with("")
+        .iter()
+        .any(|c| c["tool"].as_str() == Some(what))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_reach_only_the_subscribed_session_and_resume_after_last_event_id() {
+    let up = Upstream::start_async(Flavor::HandshakeSse).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (a, _) = token(&gw, "agent-a").await;
+    let (b, _) = token(&gw, "agent-b").await;
+    let (sa, sb) = (session(&gw, &a).await, session(&gw, &b).await);
+    let mut stream_a = open(&gw, &a, &sa, None).await;
+    let mut stream_b = open(&gw, &b, &sb, None).await;
+    let uri = format!("note://{}", marker("sub"));
+    rpc(&gw, &a, &sa, "resources/subscribe", json!({"uri": uri})).await;
+
+    // B calls the tool; only A subscribed, so only A hears of the update.
+    let first = touch_until(&gw, &b, &sb, &mut stream_a, json!({"uri": uri}), UPDATED).await;
+    assert_eq!(first.data["params"]["uri"], uri.as_str(), "{first:?}");
+    let first_id = first.id.expect("numbered event");
+    // A list change goes to every session: B's first event is it, never A's update.
+    let changed = touch_until(
+        &gw,
+        &a,
+        &sa,
+        &mut stream_b,
+        json!({"uri": "-", "list_changed": true}),
+        TOOLS_CHANGED,
+    )
+    .await;
+    assert_eq!(changed.data["method"], TOOLS_CHANGED);
+    let on_a = stream_a.next(Duration::from_secs(5)).await.expect("A too");
+    assert_eq!(on_a.data["method"], TOOLS_CHANGED, "{on_a:?}");
+    let seen = on_a.id.expect("numbered");
+    assert!(seen > first_id);
+
+    // A goes away; two updates happen; A resumes after the last event it saw and gets both.
+    drop(stream_a);
+    for _ in 0..2 {
+        rpc(
+            &gw,
+            &b,
+            &sb,
+            "tools/call",
+            json!({"name": "touch", "arguments": {"uri": uri}}),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut resumed = open(&gw, &a, &sa, Some(seen)).await;
+    for n in 1..=2 {
+        let e = resumed
+            .next(Duration::from_secs(5))
+            .await
+            .expect("replayed");
+        assert_eq!(e.data["method"], UPDATED, "{e:?}");
+        assert_eq!(e.id, Some(seen + n), "{e:?}");
+    }
+    // B never saw an update of A's subscription.
+    while let Some(e) = stream_b.next(Duration::from_millis(300)).await {
+        assert_ne!(e.data["method"], UPDATED, "{e:?}");
+    }
+    gw.shutdown().await;
+    up.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_subscription_ends_with_its_last_subscriber() {
+    let up = Upstream::start_async(Flavor::HandshakeSse).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (a, _) = token(&gw, "agent-a").await;
+    let (b, _) = token(&gw, "agent-b").await;
+    let (sa, sb) = (session(&gw, &a).await, session(&gw, &b).await);
+    let uri = format!("note://{}", marker("shared"));
+    rpc(&gw, &a, &sa, "resources/subscribe", json!({"uri": uri})).await;
+    rpc(&gw, &b, &sb, "resources/subscribe", json!({"uri": uri})).await;
+    let unsubscribed = format!("unsubscribe:{uri}");
+    // A leaves: B still subscribes, so the upstream keeps sending.
+    rpc(&gw, &a, &sa, "resources/unsubscribe", json!({"uri": uri})).await;
+    assert!(!upstream_saw(&up, &unsubscribed));
+    // B's session ends (DELETE): its stream closes and the upstream is told.
+    let mut stream_b = open(&gw, &b, &sb, None).await;
+    let auth = format!("Bearer {b}");
+    let (s, _, _) = http::send(
+        "DELETE",
+        &format!("{}/v1/mcp", gw.url),
+        &[("authorization", &auth), ("mcp-session-id", &sb)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(s, 204);
+    assert!(stream_b.ends_within(Duration::from_secs(5)).await);
+    assert!(upstream_saw(&up, &unsubscribed), "the last subscriber left");
+
+    // Revoking a token ends its stream and its subscriptions (here within the re-check).
+    let (c, jti) = token(&gw, "agent-c").await;
+    let sc = session(&gw, &c).await;
+    let uri = format!("note://{}", marker("revoked"));
+    rpc(&gw, &c, &sc, "resources/subscribe", json!({"uri": uri})).await;
+    let mut stream_c = open(&gw, &c, &sc, None).await;
+    let (s, _) = http::post_json(
+        &format!("{}/v1/admin/revoke", gw.url),
+        Some(ADMIN_TOKEN),
+        &json!({"jti": jti, "reason": "test"}),
+    )
+    .await;
+    assert_eq!(s, 204);
+    assert!(stream_c.ends_within(Duration::from_secs(10)).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !upstream_saw(&up, &format!("unsubscribe:{uri}")) {
+        assert!(tokio::time::Instant::now() < deadline, "never unsubscribed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.shutdown().await;
+    up.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_refusals_are_typed() {
+    let up = Upstream::shared_async(Flavor::HandshakeSse).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (a, _) = token(&gw, "agent-a").await;
+    let (b, _) = token(&gw, "agent-b").await;
+    let sa = session(&gw, &a).await;
+    let sse = ("accept", "text/event-stream");
+    type Case<'a> = (Option<&'a str>, Vec<(&'a str, &'a str)>, u16, i64);
+    let cases: [Case; 5] = [
+        (None, vec![sse, ("mcp-session-id", &sa)], 401, -32010),
+        (Some(&a), vec![("mcp-session-id", &sa)], 406, -32600),
+        (Some(&a), vec![sse], 400, -32600),
+        (Some(&b), vec![sse, ("mcp-session-id", &sa)], 404, -32001),
+        (
+            Some(&a),
+            vec![sse, ("mcp-session-id", "igs1.forged.x")],
+            404,
+            -32001,
+        ),
+    ];
+    for (tok, headers, status, code) in cases {
+        let (s, _, body) = get(&gw, tok, &headers).await;
+        let bytes = body.collect().await.expect("body").to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        assert_eq!(
+            (s, v["error"]["code"].as_i64()),
+            (status, Some(code)),
+            "{headers:?}: {v}"
+        );
+    }
+    // The stateless era has no stream.
+    let (s, h, _) = get(
+        &gw,
+        Some(&a),
+        &[sse, ("mcp-protocol-version", "2026-07-28")],
+    )
+    .await;
+    assert_eq!(s, 405);
+    assert_eq!(h.get("allow").and_then(|v| v.to_str().ok()), Some("POST"));
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_client_receives_updates_it_subscribed_to() {
+    let up = Upstream::start_async(Flavor::HandshakeSse).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (tok, _) = token(&gw, "agent-py").await;
+    let uri = format!("note://{}", marker("py"));
+    let (url, t, u) = (gw.url.clone(), tok.clone(), uri.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(crate::interop::python())
+            .arg(crate::interop::interop_dir().join("subscribe_client.py"))
+            .args(["--gateway", &url, "--token", &t, &u])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("subscribe_client.py ran");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        serde_json::from_str::<Value>(stdout.lines().last().unwrap_or_default()).unwrap_or_else(
+            |_| {
+                panic!(
+                    "no JSON from subscribe_client.py: {stdout}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            },
+        )
+    })
+    .await
+    .expect("client task");
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["subscribe"], true, "{out}");
+    assert_eq!(out["updated"][0], uri.as_str(), "{out}");
+    assert!(out["list_changed"].as_u64() >= Some(1), "{out}");
+    assert!(upstream_saw(&up, &format!("subscribe:{uri}")));
+    gw.shutdown().await;
+    up.kill();
+}
