@@ -39,7 +39,7 @@ const STAGES: &[(&str, &[&str])] = &[
     ),
     (
         "MCP handling (tools/call glue, result building)",
-        &["intentgate::mcp::"],
+        &["intentgate::mcp::", "intentgate::proxy::"],
     ),
     (
         "pipeline glue (inputs, charges, decision)",

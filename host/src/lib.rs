@@ -12,7 +12,8 @@
 //! | [`secrets`] | the master key and superadmin token: generated on first start, kept 0600 |
 //! | [`capability`] | token format, mint, verify, attenuation rules, revocation set |
 //! | [`cli`] | the operator CLI (`intentgate tokens/policy/bundle/plugin/audit`): a client of the admin API |
-//! | [`mcp`] | JSON-RPC 2.0 / MCP streamable HTTP framing and method handling |
+//! | [`mcp`] | the MCP protocol codec: JSON-RPC framing, eras, headers, translation, sessions, rounds |
+//! | [`proxy`] | the MCP endpoint: a request's phases from read to shape, around the pipeline |
 //! | [`pipeline`] | the ordered checks and the decision (`Permit`) |
 //! | [`upstream`] | forwarding to the upstream MCP server (pooled, bounded) |
 //! | [`upstreams`] | several upstreams behind one endpoint: routing by name, namespacing, merged lists |
@@ -25,7 +26,8 @@
 //! | [`metrics`] | Prometheus `/metrics`: counters and histograms on atomics, bounded labels |
 //! | [`logging`] | log output: text or JSON lines (`INTENTGATE_LOG_FORMAT`) |
 //! | [`telemetry`] | OpenTelemetry traces of decided calls over OTLP/HTTP (`OTEL_*`), W3C `traceparent` |
-//! | [`server`] | the hyper accept loop, routing, request limits |
+//! | [`gateway`] | start-up: the shared parts and each endpoint's service, built once |
+//! | [`server`] | the hyper accept loop, routing to the services, request limits |
 //! | [`http`] | small HTTP helpers shared by the endpoints (bounded body read, JSON replies) |
 //! | [`tls`] | rustls: the https upstream's client configuration, the listener's reloaded certificate |
 //! | [`demo`] | a built-in harmless MCP tool server for `--demo` |
@@ -39,6 +41,7 @@ pub mod capability;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod gateway;
 pub mod http;
 pub mod logging;
 pub mod mcp;
@@ -46,6 +49,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
 pub mod plugins;
+pub mod proxy;
 pub mod secrets;
 pub mod server;
 pub mod store;
@@ -57,4 +61,5 @@ pub mod tls;
 pub mod upstream;
 pub mod upstreams;
 
-pub use server::{Gateway, run, serve};
+pub use gateway::Gateway;
+pub use server::{run, serve};

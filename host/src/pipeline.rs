@@ -20,7 +20,6 @@ use crate::approvals::{self, Approval, ApprovalConfig, ApprovalWrite};
 use crate::audit::{self, ArgValuesMode, AuditEvent, AuditLog, Debit, Decision};
 use crate::bundles::{Registry, Snapshot};
 use crate::capability::{CallContext, CapabilityError, Grant};
-use crate::mcp::jsonrpc::{RpcError, code};
 use crate::plugins::{
     Charge, CheckInput, Counters, MemoryCounters, PluginError, Stage, TokenInput, Usage, Verdict,
     VerdictKind,
@@ -45,7 +44,8 @@ pub struct Permit {
     _sealed: (),
 }
 
-/// Why a call was refused. Mapped once to a JSON-RPC error in [`Denial::to_rpc`].
+/// Why a call was refused. Mapped once, at the edge, to a JSON-RPC error
+/// (`crate::proxy::denial`); this module never knows the wire.
 #[derive(Debug, thiserror::Error)]
 pub enum Denial {
     #[error("{0}")]
@@ -127,51 +127,6 @@ impl Denial {
             | Self::ApprovalRejected { .. }
             | Self::ApprovalTimedOut { .. } => false,
         }
-    }
-
-    /// The typed JSON-RPC error the caller sees (WIRE.md codes).
-    pub fn to_rpc(&self) -> RpcError {
-        let (code, message) = match self {
-            Self::Capability(_) => (code::CAPABILITY, "capability check failed"),
-            Self::Intent(_) => (code::INTENT, "intent check failed"),
-            Self::Policy { escalate: true, .. } => (code::APPROVAL_PENDING, "approval required"),
-            Self::Policy { .. } => (code::POLICY, "policy check failed"),
-            Self::Budget(_) => (code::BUDGET, "budget check failed"),
-            Self::CheckFailed { stage, .. } => match stage {
-                Stage::Intent => (code::INTENT, "intent check failed"),
-                Stage::Budget => (code::BUDGET, "budget check failed"),
-                _ => (code::POLICY, "policy check failed"),
-            },
-            Self::Audit(_) => (code::AUDIT_UNAVAILABLE, "audit log unavailable"),
-            // Rate limiting is a budget refusal on the wire, as a `rate_limit` caveat's is.
-            Self::Throttled(_) => (code::BUDGET, "rate limited"),
-            Self::ApprovalPending(_) => (code::APPROVAL_PENDING, "approval required"),
-            Self::Approval(_) => (code::POLICY, "approval not valid for this call"),
-            Self::ApprovalRejected { .. } => (code::POLICY, "approval rejected"),
-            Self::ApprovalTimedOut { .. } => (code::POLICY, "approval timed out"),
-        };
-        // Store errors carry database text (names, addresses): it goes to the log, not to the
-        // agent, which learns only that the dependency is down.
-        let data = match self {
-            Self::Audit(detail) => {
-                tracing::error!(check = self.check(), %detail, "call refused: store unavailable");
-                Value::from("audit log unavailable")
-            }
-            Self::ApprovalPending(p) => p.to_json(),
-            Self::ApprovalRejected { pending_id, note } => serde_json::json!({
-                "pending_id": pending_id,
-                "status": "rejected",
-                "reason": self.to_string(),
-                "note": note,
-            }),
-            Self::ApprovalTimedOut { pending_id } => serde_json::json!({
-                "pending_id": pending_id,
-                "status": "expired",
-                "reason": self.to_string(),
-            }),
-            _ => Value::from(self.to_string()),
-        };
-        RpcError::new(code, message).with_data(data)
     }
 }
 

@@ -12,11 +12,11 @@ use hyper::{Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::AdminService;
 use super::{AdminError, AdminRequest, ok};
 use crate::approvals::{self, ApprovalWrite, Status, query};
 use crate::audit::{self, Decision};
 use crate::http::{self, Body};
-use crate::server::Gateway;
 
 const DEFAULT_LIMIT: i64 = 100;
 
@@ -34,7 +34,7 @@ impl From<query::QueryError> for AdminError {
 
 /// `GET /v1/admin/approvals?tenant&status&limit&cursor`: pending approvals by default
 /// (`status=all` for every status), oldest first.
-pub async fn list(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+pub async fn list(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let tenant = req.principal.scope(req.param("tenant"))?;
     let status = match req.param("status").unwrap_or("pending") {
         "all" => None,
@@ -68,7 +68,7 @@ pub async fn list(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Ad
         after,
     };
     let now = audit::time::now_ms();
-    let (rows, next) = query::list(gw.pipeline.audit().db(), &filter, now).await?;
+    let (rows, next) = query::list(svc.pipeline.audit().db(), &filter, now).await?;
     let items: Vec<Value> = rows.iter().map(|a| a.to_json(now)).collect();
     Ok(ok(json!({
         "items": items,
@@ -89,7 +89,7 @@ struct DecideBody {
 
 /// `POST /v1/admin/approvals/{id}/decide`.
 pub async fn decide(
-    gw: &Gateway,
+    svc: &AdminService,
     req: &AdminRequest,
     id: &str,
 ) -> Result<Response<Body>, AdminError> {
@@ -118,7 +118,7 @@ pub async fn decide(
     let scope = req
         .principal
         .scope(req.tenant_named(body.tenant.as_deref())?)?;
-    let db = gw.pipeline.audit().db();
+    let db = svc.pipeline.audit().db();
     // Another tenant's approval is as unknown as a missing one.
     let Some(a) = query::get(db, scope.as_deref(), id).await? else {
         return Err(AdminError::NotFound);
@@ -155,7 +155,7 @@ pub async fn decide(
     e.jti = a.capability_token_id.clone();
     e.root_jti = a.root_capability_token_id.clone();
     e.requires_step_up = a.requires_step_up;
-    let timeout = gw.pipeline.approvals().timeout.as_millis() as i64;
+    let timeout = svc.pipeline.approvals().timeout.as_millis() as i64;
     let write = ApprovalWrite::Decide {
         id: a.pending_id.clone(),
         approve,
@@ -164,7 +164,7 @@ pub async fn decide(
         at_ms: now,
         resume_until_ms: now.saturating_add(timeout),
     };
-    let appended = gw
+    let appended = svc
         .pipeline
         .audit()
         .append_with(e, Vec::new(), Some(write))
@@ -177,7 +177,7 @@ pub async fn decide(
             None => Err(AdminError::NotFound),
         };
     }
-    gw.approvals.announce(db, &a.tenant, &a.pending_id).await;
+    svc.approvals.announce(db, &a.tenant, &a.pending_id).await;
     let current = query::get(db, Some(&a.tenant), id)
         .await?
         .ok_or(AdminError::NotFound)?;

@@ -14,11 +14,11 @@ use hyper::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE, HeaderValu
 use hyper::{Response, StatusCode};
 use serde_json::{Value, json};
 
+use super::AdminService;
 use super::{AdminError, AdminRequest, audit_action, ok};
 use crate::audit::export::{self, Format};
 use crate::audit::{self, AuditError, AuditFilter, checkpoint, query, time, verify};
 use crate::http::{self, Body};
-use crate::server::Gateway;
 
 /// Default and largest page of `GET /v1/admin/audit`.
 const DEFAULT_LIMIT: u32 = 100;
@@ -55,11 +55,11 @@ fn bad_checkpoint(e: AuditError) -> AdminError {
 
 /// `GET /v1/admin/audit`: `{items: [event + id, hash, prev_hash], next_cursor}`, newest first.
 /// Query: the filters of [`AuditFilter::from_params`], `limit` (1..=1000, default 100), `cursor`.
-pub async fn list(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+pub async fn list(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let filter = scoped_filter(req)?;
     let limit = page_limit(req)?;
     let page = query::list(
-        gw.pipeline.audit().db(),
+        svc.pipeline.audit().db(),
         &filter,
         req.param("cursor"),
         limit,
@@ -81,9 +81,9 @@ pub async fn list(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Ad
 
 /// `GET /v1/admin/audit/verify?tenant=&checkpoint=`: the [`verify::VerifyReport`], always 200
 /// when the walk ran. `checkpoint` is a signed note kept outside the database (URL-encoded).
-pub async fn verify(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+pub async fn verify(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let tenant = req.principal.one_tenant(req.param("tenant"))?;
-    let log = gw.pipeline.audit();
+    let log = svc.pipeline.audit();
     let report = verify::verify_chain(log.db(), &tenant, &log.verifier(), req.param("checkpoint"))
         .await
         .map_err(bad_checkpoint)?;
@@ -91,7 +91,7 @@ pub async fn verify(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, 
 }
 
 /// `GET /v1/admin/audit/export?format=csv|json&<filters>`: streamed attachment.
-pub async fn export(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+pub async fn export(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let filter = scoped_filter(req)?;
     let format = Format::from_param(req.param("format"))?;
     let now = time::now_ms();
@@ -106,9 +106,9 @@ pub async fn export(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, 
         format.extension(),
         filter.tenant.as_deref().unwrap_or("*")
     );
-    audit_action(gw, event).await?;
+    audit_action(svc, event).await?;
 
-    let body = export::stream(gw.pipeline.audit().db().clone(), filter.clone(), format)
+    let body = export::stream(svc.pipeline.audit().db().clone(), filter.clone(), format)
         .map_err(std::io::Error::other)
         .boxed();
     let mut resp = Response::new(body);
@@ -128,9 +128,12 @@ pub async fn export(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, 
 /// `GET /v1/admin/audit/checkpoints?tenant=&limit=&cursor=`: signed checkpoints, newest first,
 /// `{tenant, origin, items: [{size, root_hash, key_name, created_at, checkpoint}], next_cursor}`.
 /// With `format=note`, the newest checkpoint's note as `text/plain` (to keep outside).
-pub async fn checkpoints(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+pub async fn checkpoints(
+    svc: &AdminService,
+    req: &AdminRequest,
+) -> Result<Response<Body>, AdminError> {
     let tenant = req.principal.one_tenant(req.param("tenant"))?;
-    let log = gw.pipeline.audit();
+    let log = svc.pipeline.audit();
     if req.param("format") == Some("note") {
         let Some(row) = query::latest_checkpoint(log.db(), &tenant).await? else {
             return Err(AdminError::NotFound);
@@ -178,8 +181,11 @@ pub async fn checkpoints(gw: &Gateway, req: &AdminRequest) -> Result<Response<Bo
 
 /// `GET /v1/admin/audit/public-key`: the key that signs checkpoints, as a signed-note verifier
 /// key (what `intentgate audit verify --public-key` takes) and as raw base64.
-pub async fn public_key(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
-    let log = gw.pipeline.audit();
+pub async fn public_key(
+    svc: &AdminService,
+    req: &AdminRequest,
+) -> Result<Response<Body>, AdminError> {
+    let log = svc.pipeline.audit();
     let v = log.verifier();
     let tenant = req.principal.scope(req.param("tenant"))?;
     Ok(ok(json!({

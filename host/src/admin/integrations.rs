@@ -19,12 +19,12 @@ use std::collections::BTreeMap;
 use hyper::{Method, Response};
 use serde_json::{Value, json};
 
+use super::AdminService;
 use super::{AdminError, AdminRequest, Principal, audit_action, audit_failed, ok};
 use crate::audit::time::format_rfc3339_ms;
 use crate::http::Body;
 use crate::outbox::store::{self, LaneStatus};
 use crate::outbox::{Destination, DestinationSpec, Kind, OutboxError, Source};
-use crate::server::Gateway;
 
 impl From<OutboxError> for AdminError {
     fn from(e: OutboxError) -> Self {
@@ -39,18 +39,18 @@ impl From<OutboxError> for AdminError {
 }
 
 /// Routes `/v1/admin/integrations…`.
-pub async fn handle(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+pub async fn handle(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let path = req.path.trim_end_matches('/');
     const DEST: &str = "/v1/admin/integrations/destinations";
     match (&req.method, path) {
-        (&Method::GET, "/v1/admin/integrations") => status(gw, req).await,
-        (&Method::GET, DEST) => list(gw, req).await,
-        (&Method::POST, DEST) => put(gw, req).await,
+        (&Method::GET, "/v1/admin/integrations") => status(svc, req).await,
+        (&Method::GET, DEST) => list(svc, req).await,
+        (&Method::POST, DEST) => put(svc, req).await,
         (&Method::DELETE, p) if p.starts_with(DEST) && p.len() > DEST.len() + 1 => {
-            delete(gw, req, &p[DEST.len() + 1..]).await
+            delete(svc, req, &p[DEST.len() + 1..]).await
         }
-        (&Method::GET, "/v1/admin/integrations/dead-letters") => dead_letters(gw, req).await,
-        (&Method::POST, "/v1/admin/integrations/redrive") => redrive(gw, req).await,
+        (&Method::GET, "/v1/admin/integrations/dead-letters") => dead_letters(svc, req).await,
+        (&Method::POST, "/v1/admin/integrations/redrive") => redrive(svc, req).await,
         (
             _,
             "/v1/admin/integrations"
@@ -98,14 +98,14 @@ fn visible(d: &Destination, scope: Option<&str>) -> bool {
 }
 
 /// `GET /v1/admin/integrations`.
-async fn status(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+async fn status(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let scope = req.principal.scope(req.param("tenant"))?;
-    let lanes = store::lane_status(gw.outbox.db(), scope.as_deref()).await?;
+    let lanes = store::lane_status(svc.outbox.db(), scope.as_deref()).await?;
     let mut by_dest: BTreeMap<&str, Vec<&LaneStatus>> = BTreeMap::new();
     for l in &lanes {
         by_dest.entry(l.destination.as_str()).or_default().push(l);
     }
-    let live = gw.outbox.live();
+    let live = svc.outbox.live();
     let mut out = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for l in &live.list {
@@ -176,9 +176,9 @@ fn health(v: &mut Value, lanes: &[&LaneStatus], formatter_error: Option<&String>
 }
 
 /// `GET /v1/admin/integrations/destinations`.
-async fn list(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+async fn list(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let scope = req.principal.scope(req.param("tenant"))?;
-    let live = gw.outbox.live();
+    let live = svc.outbox.live();
     let items: Vec<Value> = live
         .list
         .iter()
@@ -211,7 +211,7 @@ fn target(
 }
 
 /// `POST /v1/admin/integrations/destinations`: creates or replaces one destination.
-async fn put(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+async fn put(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let mut body: serde_json::Map<String, Value> = req.json()?;
     let tenant = match body.remove("tenant") {
         None | Some(Value::Null) => None,
@@ -236,7 +236,7 @@ async fn put(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminEr
         ));
     }
     if let Some(digest) = dest.spec.formatter.as_deref().filter(|d| !d.is_empty()) {
-        let registry = gw.pipeline.registry();
+        let registry = svc.pipeline.registry();
         let usable = match &tenant {
             Some(t) => registry.may_use_component(t, digest),
             None => registry.component_bytes(digest).is_some(),
@@ -249,7 +249,7 @@ async fn put(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminEr
     }
     // A replacement without a secret keeps the stored one (checked before it is audited).
     if dest.spec.secret.as_deref().is_none_or(str::is_empty) {
-        let kept = store::stored_secret(gw.outbox.db(), gw.outbox.seal(), &dest.id).await?;
+        let kept = store::stored_secret(svc.outbox.db(), svc.outbox.seal(), &dest.id).await?;
         let mut spec = dest.spec.clone();
         spec.secret = kept;
         dest = Destination::new(spec, tenant.clone(), Source::Admin)?;
@@ -258,21 +258,21 @@ async fn put(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminEr
     let mut event = req.event("destination.put", &audit_tenant);
     event.reason = json!({"id": dest.id.as_ref(), "kind": dest.kind.as_str(), "endpoint": dest.shown_endpoint(), "global": tenant.is_none()})
         .to_string();
-    audit_action(gw, event).await?;
+    audit_action(svc, event).await?;
     let applied = async {
         store::save_destination(
-            gw.outbox.db(),
-            gw.outbox.seal(),
+            svc.outbox.db(),
+            svc.outbox.seal(),
             &dest.id,
             tenant.as_deref(),
             &dest.spec,
         )
         .await?;
-        gw.outbox.reload(true).await
+        svc.outbox.reload(true).await
     }
     .await;
     if let Err(e) = applied {
-        audit_failed(gw, req, "destination.put", &audit_tenant, &e.to_string()).await;
+        audit_failed(svc, req, "destination.put", &audit_tenant, &e.to_string()).await;
         return Err(e.into());
     }
     Ok(ok(describe(&dest)))
@@ -280,7 +280,7 @@ async fn put(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminEr
 
 /// `DELETE /v1/admin/integrations/destinations/{name}` (`?tenant=` or `?global=true`).
 async fn delete(
-    gw: &Gateway,
+    svc: &AdminService,
     req: &AdminRequest,
     name: &str,
 ) -> Result<Response<Body>, AdminError> {
@@ -290,27 +290,37 @@ async fn delete(
         Some(t) => format!("{t}/{name}"),
         None => format!("*/{name}"),
     };
-    if !gw.outbox.live().by_id.contains_key(id.as_str()) {
+    if !svc.outbox.live().by_id.contains_key(id.as_str()) {
         return Err(AdminError::NotFound);
     }
     let audit_tenant = tenant.clone().unwrap_or_else(|| "default".into());
     let mut event = req.event("destination.delete", &audit_tenant);
     event.reason = json!({"id": id}).to_string();
-    audit_action(gw, event).await?;
+    audit_action(svc, event).await?;
     let applied = async {
-        store::delete_destination(gw.outbox.db(), &id).await?;
-        gw.outbox.reload(true).await
+        store::delete_destination(svc.outbox.db(), &id).await?;
+        svc.outbox.reload(true).await
     }
     .await;
     if let Err(e) = applied {
-        audit_failed(gw, req, "destination.delete", &audit_tenant, &e.to_string()).await;
+        audit_failed(
+            svc,
+            req,
+            "destination.delete",
+            &audit_tenant,
+            &e.to_string(),
+        )
+        .await;
         return Err(e.into());
     }
     Ok(ok(json!({"deleted": id})))
 }
 
 /// `GET /v1/admin/integrations/dead-letters` (`destination`, `tenant`, `after`, `limit`).
-async fn dead_letters(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+async fn dead_letters(
+    svc: &AdminService,
+    req: &AdminRequest,
+) -> Result<Response<Body>, AdminError> {
     let scope = req.principal.scope(req.param("tenant"))?;
     let limit = match req.param("limit") {
         None => 100,
@@ -327,7 +337,7 @@ async fn dead_letters(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>
             .map_err(|_| AdminError::BadRequest("after must be an integer".into()))?,
     };
     let rows = store::list_dead(
-        gw.outbox.db(),
+        svc.outbox.db(),
         scope.as_deref(),
         req.param("destination"),
         after,
@@ -356,7 +366,7 @@ async fn dead_letters(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>
 }
 
 /// `POST /v1/admin/integrations/redrive` `{destination, tenant?}`: puts dead letters back.
-async fn redrive(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+async fn redrive(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {
@@ -371,14 +381,14 @@ async fn redrive(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Adm
     let audit_tenant = scope.clone().unwrap_or_else(|| "default".into());
     let mut event = req.event("outbox.redrive", &audit_tenant);
     event.reason = json!({"destination": body.destination, "tenant": scope}).to_string();
-    audit_action(gw, event).await?;
-    let n = match store::redrive(gw.outbox.db(), &body.destination, scope.as_deref()).await {
+    audit_action(svc, event).await?;
+    let n = match store::redrive(svc.outbox.db(), &body.destination, scope.as_deref()).await {
         Ok(n) => n,
         Err(e) => {
-            audit_failed(gw, req, "outbox.redrive", &audit_tenant, &e.to_string()).await;
+            audit_failed(svc, req, "outbox.redrive", &audit_tenant, &e.to_string()).await;
             return Err(e.into());
         }
     };
-    gw.pipeline.audit().outbox_router().ring();
+    svc.pipeline.audit().outbox_router().ring();
     Ok(ok(json!({"redriven": n})))
 }

@@ -31,7 +31,6 @@ use subtle::ConstantTimeEq;
 use crate::audit::{self, AuditEvent};
 use crate::config::valid_tenant_name;
 use crate::http::{self, Body};
-use crate::server::Gateway;
 
 /// Errors of the admin API, mapped once to a status and `{"error": ...}`.
 #[derive(Debug, thiserror::Error)]
@@ -272,29 +271,86 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// What the admin API reads of the configuration.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub max_body_bytes: usize,
+    pub body_timeout: std::time::Duration,
+    pub max_json_depth: usize,
+    pub max_components_per_tenant: usize,
+    /// The tenants that have a tenant admin configured (never their tokens).
+    pub admin_tenants: Vec<String>,
+}
+
+impl AdminSettings {
+    pub fn of(config: &crate::config::Config) -> Self {
+        Self {
+            max_body_bytes: config.max_body_bytes,
+            body_timeout: config.body_timeout,
+            max_json_depth: config.max_json_depth,
+            max_components_per_tenant: config.max_components_per_tenant,
+            admin_tenants: config
+                .tenant_admins
+                .iter()
+                .map(|(t, _)| t.clone())
+                .collect(),
+        }
+    }
+}
+
+/// The admin endpoint's service, built once at start-up ([`crate::gateway`]): exactly the
+/// shared parts the admin API uses.
+pub struct AdminService {
+    pub auth: AdminAuth,
+    pub settings: AdminSettings,
+    /// Mints tokens.
+    pub master_key: crate::capability::MasterKey,
+    /// A revocation made here is applied to this replica's set at once.
+    pub revocations: std::sync::Arc<crate::capability::RevocationSet>,
+    pub store: std::sync::Arc<dyn crate::store::Store>,
+    /// The audit log, the bundle registry and the approval settings.
+    pub pipeline: std::sync::Arc<crate::pipeline::Pipeline>,
+    /// Wakes held requests when an approval is decided here.
+    pub approvals: crate::approvals::Waiters,
+    pub outbox: crate::outbox::Outbox,
+}
+
+impl AdminService {
+    /// Who presents these headers' admin token, if anyone (the metrics endpoint asks too).
+    pub fn authenticate(&self, headers: &HeaderMap) -> Option<Principal> {
+        self.auth.authenticate(headers)
+    }
+
+    /// Authenticates, reads the body (bounded) and routes one admin request.
+    pub async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+        handle(self, req, remote).await
+    }
+}
+
 /// Authenticates, reads the body (bounded) and routes one admin request.
-pub async fn handle(gw: &Gateway, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
-    let Some(principal) = gw.admin.authenticate(req.headers()) else {
+async fn handle(svc: &AdminService, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    let Some(principal) = svc.auth.authenticate(req.headers()) else {
         return AdminError::Unauthorized.into_response();
     };
     let (parts, body) = req.into_parts();
-    let body = match http::read_body_within(body, gw.config.max_body_bytes, gw.config.body_timeout)
-        .await
-    {
-        Ok(b) => b,
-        Err(http::BodyError::TooLarge { .. }) => return AdminError::TooLarge.into_response(),
-        Err(e @ http::BodyError::Timeout(_)) => {
-            return http::json(
-                StatusCode::REQUEST_TIMEOUT,
-                &json!({"error": e.to_string()}),
-            );
-        }
-        Err(e) => return AdminError::BadRequest(e.to_string()).into_response(),
-    };
+    let body =
+        match http::read_body_within(body, svc.settings.max_body_bytes, svc.settings.body_timeout)
+            .await
+        {
+            Ok(b) => b,
+            Err(http::BodyError::TooLarge { .. }) => return AdminError::TooLarge.into_response(),
+            Err(e @ http::BodyError::Timeout(_)) => {
+                return http::json(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &json!({"error": e.to_string()}),
+                );
+            }
+            Err(e) => return AdminError::BadRequest(e.to_string()).into_response(),
+        };
     // A raw WebAssembly upload is not JSON: its bytes would count as brackets.
     if !body.is_empty()
         && !body.starts_with(b"\0asm")
-        && !http::json_depth_within(&body, gw.config.max_json_depth)
+        && !http::json_depth_within(&body, svc.settings.max_json_depth)
     {
         return AdminError::BadRequest("JSON nesting too deep".into()).into_response();
     }
@@ -308,35 +364,35 @@ pub async fn handle(gw: &Gateway, req: Request<Incoming>, remote: SocketAddr) ->
         body,
         remote,
     };
-    match route(gw, &req).await {
+    match route(svc, &req).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
     }
 }
 
-async fn route(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+async fn route(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let path = req.path.trim_end_matches('/');
     match (&req.method, path) {
-        (&Method::POST, "/v1/admin/mint") => tokens::mint(gw, req).await,
-        (&Method::POST, "/v1/admin/revoke") => tokens::revoke(gw, req).await,
-        (&Method::GET, "/v1/admin/revocations") => tokens::revocations(gw, req).await,
-        (&Method::GET, "/v1/admin/tenants") => tokens::tenants(gw, req).await,
-        (&Method::GET, "/v1/admin/approvals") => approvals::list(gw, req).await,
+        (&Method::POST, "/v1/admin/mint") => tokens::mint(svc, req).await,
+        (&Method::POST, "/v1/admin/revoke") => tokens::revoke(svc, req).await,
+        (&Method::GET, "/v1/admin/revocations") => tokens::revocations(svc, req).await,
+        (&Method::GET, "/v1/admin/tenants") => tokens::tenants(svc, req).await,
+        (&Method::GET, "/v1/admin/approvals") => approvals::list(svc, req).await,
         (_, "/v1/admin/approvals") => Err(AdminError::MethodNotAllowed),
         (method, p) if p.starts_with("/v1/admin/approvals/") => {
             match p["/v1/admin/approvals/".len()..].split_once('/') {
                 Some((id, "decide")) if method == Method::POST => {
-                    approvals::decide(gw, req, id).await
+                    approvals::decide(svc, req, id).await
                 }
                 Some((_, "decide")) => Err(AdminError::MethodNotAllowed),
                 _ => Err(AdminError::NotFound),
             }
         }
-        (&Method::GET, "/v1/admin/audit") => audit_api::list(gw, req).await,
-        (&Method::GET, "/v1/admin/audit/verify") => audit_api::verify(gw, req).await,
-        (&Method::GET, "/v1/admin/audit/export") => audit_api::export(gw, req).await,
-        (&Method::GET, "/v1/admin/audit/checkpoints") => audit_api::checkpoints(gw, req).await,
-        (&Method::GET, "/v1/admin/audit/public-key") => audit_api::public_key(gw, req).await,
+        (&Method::GET, "/v1/admin/audit") => audit_api::list(svc, req).await,
+        (&Method::GET, "/v1/admin/audit/verify") => audit_api::verify(svc, req).await,
+        (&Method::GET, "/v1/admin/audit/export") => audit_api::export(svc, req).await,
+        (&Method::GET, "/v1/admin/audit/checkpoints") => audit_api::checkpoints(svc, req).await,
+        (&Method::GET, "/v1/admin/audit/public-key") => audit_api::public_key(svc, req).await,
         (
             _,
             "/v1/admin/audit"
@@ -349,15 +405,15 @@ async fn route(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Admin
             _,
             "/v1/admin/mint" | "/v1/admin/revoke" | "/v1/admin/revocations" | "/v1/admin/tenants",
         ) => Err(AdminError::MethodNotAllowed),
-        (_, p) if p.starts_with("/v1/admin/integrations") => integrations::handle(gw, req).await,
-        _ => bundles(gw, req).await,
+        (_, p) if p.starts_with("/v1/admin/integrations") => integrations::handle(svc, req).await,
+        _ => bundles(svc, req).await,
     }
 }
 
 /// Plugins, bundles and the `/v1/admin/policies/*` shorthand (the bundles module's API). The
 /// tenant comes from the body's `tenant` field or the query; the handler records each state
 /// change in the audit chain through [`ChainAudit`] before it applies it.
-async fn bundles(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+async fn bundles(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let body_tenant = body_tenant(&req.body)?;
     let tenant = req
         .principal
@@ -371,13 +427,13 @@ async fn bundles(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Adm
         actor: &actor,
         body: &req.body,
     };
-    let audit = ChainAudit { gw, req };
+    let audit = ChainAudit { svc, req };
     let options = crate::bundles::admin::AdminOptions {
         audit: &audit,
-        max_components_per_tenant: gw.config.max_components_per_tenant,
+        max_components_per_tenant: svc.settings.max_components_per_tenant,
     };
     let Some(reply) =
-        crate::bundles::admin::handle_with(gw.pipeline.registry(), call, &options).await
+        crate::bundles::admin::handle_with(svc.pipeline.registry(), call, &options).await
     else {
         return Err(AdminError::NotFound);
     };
@@ -408,7 +464,7 @@ fn body_tenant(body: &[u8]) -> Result<Option<String>, AdminError> {
 
 /// Records the bundle handler's events in the audit chain, as this request's principal.
 struct ChainAudit<'a> {
-    gw: &'a Gateway,
+    svc: &'a AdminService,
     req: &'a AdminRequest,
 }
 
@@ -420,7 +476,7 @@ impl crate::bundles::admin::AdminAudit for ChainAudit<'_> {
         Box::pin(async move {
             let mut event = self.req.event(ev.action, &ev.tenant);
             event.reason = ev.detail.to_string().chars().take(1024).collect();
-            audit_action(self.gw, event)
+            audit_action(self.svc, event)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -433,7 +489,7 @@ impl crate::bundles::admin::AdminAudit for ChainAudit<'_> {
     ) -> crate::store::BoxFuture<'a, ()> {
         Box::pin(async move {
             audit_failed(
-                self.gw,
+                self.svc,
                 self.req,
                 ev.action,
                 &ev.tenant,
@@ -446,18 +502,24 @@ impl crate::bundles::admin::AdminAudit for ChainAudit<'_> {
 
 /// Appends an admin action's event. Called BEFORE the action is applied: when this fails the
 /// action must not be applied (the caller answers the error, 503).
-pub async fn audit_action(gw: &Gateway, event: AuditEvent) -> Result<(), AdminError> {
-    gw.pipeline.audit().append(event).await?;
+pub async fn audit_action(svc: &AdminService, event: AuditEvent) -> Result<(), AdminError> {
+    svc.pipeline.audit().append(event).await?;
     Ok(())
 }
 
 /// Records that an action whose event was appended then failed to apply (`admin/ACTION.failed`).
 /// Best effort: the caller already answers an error; a refusal here is logged.
-pub async fn audit_failed(gw: &Gateway, req: &AdminRequest, action: &str, tenant: &str, why: &str) {
+pub async fn audit_failed(
+    svc: &AdminService,
+    req: &AdminRequest,
+    action: &str,
+    tenant: &str,
+    why: &str,
+) {
     let mut event = req.event(&format!("{action}.failed"), tenant);
     event.decision = Some(audit::Decision::Block);
     event.reason = why.chars().take(1024).collect();
-    if let Err(e) = gw.pipeline.audit().append(event).await {
+    if let Err(e) = svc.pipeline.audit().append(event).await {
         tracing::error!(error = %e, action, tenant, "admin: the failure of an audited action was not recorded");
     }
 }

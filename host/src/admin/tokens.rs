@@ -9,11 +9,11 @@ use hyper::{Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::AdminService;
 use super::{AdminError, AdminRequest, Principal, audit_action, audit_failed, ok};
 use crate::audit::{self, AuditFilter};
 use crate::capability::{self, MintRequest};
 use crate::http::{self, Body};
-use crate::server::Gateway;
 use crate::store::NewRevocation;
 
 /// The mint body: IntentGate's fields plus the caveats this gateway enforces.
@@ -58,7 +58,7 @@ struct MintBody {
     prompts: Vec<String>,
 }
 
-pub async fn mint(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+pub async fn mint(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let body: MintBody = req.json()?;
     let tenant = req
         .principal
@@ -94,7 +94,7 @@ pub async fn mint(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Ad
         prompts: body.prompts,
         ..MintRequest::default()
     };
-    let minted = capability::mint(&gw.master_key, &request, now)
+    let minted = capability::mint(&svc.master_key, &request, now)
         .map_err(|e| AdminError::BadRequest(e.to_string()))?;
     let mut event = req.event("mint", &tenant);
     event.agent_id = minted.subject.clone();
@@ -102,10 +102,10 @@ pub async fn mint(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, Ad
     event.root_jti = minted.root_jti.clone();
     event.tool = request.tools.join(",");
     // Recorded before the token leaves the gateway: no token exists without its event.
-    audit_action(gw, event).await?;
-    if let Err(e) = gw.store.ensure_tenant(&tenant).await {
+    audit_action(svc, event).await?;
+    if let Err(e) = svc.store.ensure_tenant(&tenant).await {
         let e = AdminError::from(e);
-        audit_failed(gw, req, "mint", &tenant, &e.to_string()).await;
+        audit_failed(svc, req, "mint", &tenant, &e.to_string()).await;
         return Err(e);
     }
     Ok(ok(json!({
@@ -138,7 +138,7 @@ fn check_jti(jti: &str) -> Result<(), AdminError> {
     Ok(())
 }
 
-pub async fn revoke(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+pub async fn revoke(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
     let body: RevokeBody = req.json()?;
     let jti = body.jti.trim();
     check_jti(jti)?;
@@ -168,7 +168,7 @@ pub async fn revoke(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, 
                 jti: Some(jti.to_owned()),
                 ..AuditFilter::default()
             };
-            let page = audit::query::list(gw.pipeline.audit().db(), &filter, None, 1).await?;
+            let page = audit::query::list(svc.pipeline.audit().db(), &filter, None, 1).await?;
             if page.items.is_empty() {
                 return Err(AdminError::Forbidden(format!(
                     "no token with this jti was minted in tenant {own:?}"
@@ -182,8 +182,8 @@ pub async fn revoke(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, 
     let mut event = req.event("revoke", &tenant);
     event.jti = jti.to_owned();
     event.reason = body.reason.clone();
-    audit_action(gw, event).await?;
-    let revoked = gw
+    audit_action(svc, event).await?;
+    let revoked = svc
         .store
         .revoke(NewRevocation {
             tenant: tenant.clone(),
@@ -194,16 +194,16 @@ pub async fn revoke(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, 
         .await;
     if let Err(e) = revoked {
         let e = AdminError::from(e);
-        audit_failed(gw, req, "revoke", &tenant, &e.to_string()).await;
+        audit_failed(svc, req, "revoke", &tenant, &e.to_string()).await;
         return Err(e);
     }
     // Take effect on this replica now, not at the next feed poll.
-    gw.revocations.extend(std::iter::once(jti.to_owned()));
+    svc.revocations.extend(std::iter::once(jti.to_owned()));
     // Wake every other replica's feed (PostgreSQL). If the notification is lost, their
     // fallback poll reads the revocation within a third of the staleness limit.
-    if let crate::store::Db::Postgres(pool) = gw.store.db() {
+    if let crate::store::Db::Postgres(pool) = svc.store.db() {
         let notified = sqlx::query("SELECT pg_notify($1, '')")
-            .bind(crate::server::REVOCATIONS_CHANNEL)
+            .bind(crate::store::REVOCATIONS_CHANNEL)
             .execute(&pool)
             .await;
         if let Err(e) = notified {
@@ -213,7 +213,10 @@ pub async fn revoke(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, 
     Ok(http::status(StatusCode::NO_CONTENT))
 }
 
-pub async fn revocations(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+pub async fn revocations(
+    svc: &AdminService,
+    req: &AdminRequest,
+) -> Result<Response<Body>, AdminError> {
     let scope = req.principal.scope(req.param("tenant"))?;
     let limit = match req.param("limit") {
         None => 100,
@@ -232,7 +235,7 @@ pub async fn revocations(gw: &Gateway, req: &AdminRequest) -> Result<Response<Bo
             .filter(|c| *c > 0)
             .ok_or_else(|| AdminError::BadRequest("cursor is not one this API gave".into()))?,
     };
-    let mut rows = gw
+    let mut rows = svc
         .store
         .list_revocations_before(scope.as_deref(), before, limit + 1)
         .await?;
@@ -257,15 +260,15 @@ pub async fn revocations(gw: &Gateway, req: &AdminRequest) -> Result<Response<Bo
     ))
 }
 
-pub async fn tenants(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
-    let mut names: Vec<String> = gw
+pub async fn tenants(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
+    let mut names: Vec<String> = svc
         .store
         .list_tenants()
         .await?
         .into_iter()
         .map(|t| t.name)
         .collect();
-    names.extend(gw.config.tenant_admins.iter().map(|(t, _)| t.clone()));
+    names.extend(svc.settings.admin_tenants.iter().cloned());
     names.push("default".into());
     names.sort();
     names.dedup();
@@ -277,7 +280,7 @@ pub async fn tenants(gw: &Gateway, req: &AdminRequest) -> Result<Response<Body>,
     }) {
         // The console's badge (the original's `Tenant.pending_approvals`).
         let pending =
-            crate::approvals::query::pending_count(gw.pipeline.audit().db(), &name, now).await?;
+            crate::approvals::query::pending_count(svc.pipeline.audit().db(), &name, now).await?;
         visible.push(json!({"name": name, "pending_approvals": pending}));
     }
     Ok(ok(Value::Array(visible)))

@@ -1,6 +1,6 @@
 //! The expiry sweep: an approval past its expiry (never decided, or approved and never resumed)
 //! is recorded as expired, with its audit event, so the queue and the chain say so without
-//! anyone asking. A held request that times out records its own expiry (`mcp/hold.rs`).
+//! anyone asking. A held request that times out records its own expiry (`proxy/hold.rs`).
 //!
 //! On PostgreSQL one replica sweeps: the one holding a session advisory lock on a dedicated
 //! connection (another takes over when that connection goes), so replicas do not race to

@@ -1,83 +1,62 @@
-//! The MCP endpoint (`POST /v1/mcp`) and the plain JSON-RPC endpoint (`POST /v1/tool-call`),
-//! for both MCP revisions: the handshake era (2025-11-25 and older: `initialize`,
-//! `Mcp-Session-Id`) and the stateless era (2026-07-28: `server/discover`, a `_meta` envelope
-//! on every request, no sessions).
+//! The MCP protocol codec, for both revisions: the handshake era (2025-11-25 and older:
+//! `initialize`, `Mcp-Session-Id`) and the stateless era (2026-07-28: `server/discover`, a
+//! `_meta` envelope on every request, no sessions).
 //!
-//! One request goes: framing ([`jsonrpc`]) → era and header/body agreement ([`era`],
-//! [`headers`]) → authentication → the method. Either revision's `tools/call` is decoded into
-//! the same [`call::Invocation`] before the [`crate::pipeline`], so no check knows which
-//! revision it serves, and the result is shaped for the client's revision after
-//! ([`translate`]); `server/discover`/`initialize` are answered by [`discover`]; multi-round
-//! calls are linked by [`rounds`]. Resource reads and subscriptions, prompts and completions
-//! are decoded into a [`target::Target`] and decided the same way, with their kind; lists are
-//! filtered to what the token allows ([`proxy`]). Every method is authenticated with the
-//! capability token. Before anything, `Host` and `Origin` are checked ([`origin`]); `DELETE`
-//! ends a handshake-era session on every replica (`lifecycle.rs`, [`ended`]). This module
-//! must never let an unauthenticated request reach the upstream, never decide from a header,
-//! and never run a check on a request whose headers disagree with its body.
+//! - framing: JSON-RPC 2.0 messages ([`jsonrpc`]) and their HTTP answers (below);
+//! - eras: which revision a request speaks and whether its headers agree with its body
+//!   ([`era`], [`headers`], [`classify`]), `Mcp-Param-*` headers ([`params`]);
+//! - translation: a call decoded into one [`call::Invocation`] whatever the revision, results
+//!   shaped for the client's ([`translate`]), `server/discover`/`initialize` answers
+//!   ([`discover`]);
+//! - sessions and rounds: signed session ids ([`session`]), sessions ended on every replica
+//!   ([`ended`]), sealed multi-round state ([`rounds`]), upstream requests waiting for an
+//!   agent's reply ([`relay`]);
+//! - `Host`/`Origin` validation ([`origin`]).
+//!
+//! The endpoint that uses it (authentication, the pipeline, forwarding) is [`crate::proxy`].
+//! This module must never import the server, the pipeline or the upstream: it turns bytes and
+//! headers into values and values into bytes, and decides nothing.
 
 pub mod call;
 pub mod discover;
 pub mod ended;
 pub mod era;
 pub mod headers;
-mod hold;
 pub mod jsonrpc;
-mod lifecycle;
-pub(crate) use lifecycle::presented_session;
 pub mod origin;
 pub mod params;
-mod proxy;
 pub mod relay;
 pub mod rounds;
 pub mod session;
-mod streamed;
-pub mod target;
-mod tools;
 pub mod translate;
 
-use std::net::SocketAddr;
-
-use hyper::body::Incoming;
-use hyper::header::{ALLOW, HOST, HeaderValue, ORIGIN};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::header::{ALLOW, HeaderValue};
+use hyper::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 
-use crate::capability::Grant;
 use crate::http::{self, Body};
-use crate::server::Gateway;
-use crate::upstream::UpstreamError;
-use discover::UpstreamProfile;
 use era::{Era, HeaderEra};
 use headers::Routing;
-use jsonrpc::{Id, Incoming as Message, Request as RpcRequest, RpcError, code};
+use jsonrpc::{Id, Request as RpcRequest, RpcError, code};
 
 /// Handshake-era revisions this gateway speaks, newest first.
 pub const SUPPORTED_VERSIONS: &[&str] = era::HANDSHAKE_VERSIONS;
 
-const SESSION_HEADER: &str = "mcp-session-id";
+/// The handshake-era session header.
+pub const SESSION_HEADER: &str = "mcp-session-id";
 
-/// Which endpoint a request came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `/v1/mcp`: the full MCP method set.
-    Mcp,
-    /// `/v1/tool-call`: `tools/call` only, no sessions.
-    ToolCall,
-}
-
-fn rpc_response(status: StatusCode, id: Option<&Id>, err: &RpcError) -> Response<Body> {
+pub fn rpc_response(status: StatusCode, id: Option<&Id>, err: &RpcError) -> Response<Body> {
     http::json_bytes(status, jsonrpc::error(id, err))
 }
 
 /// A refusal before the method runs: HTTP 400 with the JSON-RPC error.
-fn bad_request(id: Option<&Id>, err: &RpcError) -> Response<Body> {
+pub fn bad_request(id: Option<&Id>, err: &RpcError) -> Response<Body> {
     rpc_response(StatusCode::BAD_REQUEST, id, err)
 }
 
 /// `405` for a GET stream or a DELETE where the revision has no session, with a typed
 /// JSON-RPC error like every other refusal.
-fn method_not_allowed(method: &Method) -> Response<Body> {
+pub fn method_not_allowed(method: &Method) -> Response<Body> {
     let err = RpcError::new(code::INVALID_REQUEST, "Method not allowed").with_data(Value::from(
         format!("{method} is not served on this endpoint in this revision; use POST"),
     ));
@@ -87,305 +66,13 @@ fn method_not_allowed(method: &Method) -> Response<Body> {
     resp
 }
 
-/// The most of a body read from a request that is not authenticated (enough for any JSON-RPC
-/// envelope whose id the refusal echoes).
-const UNAUTHENTICATED_BODY_BYTES: usize = 16 << 10;
-
-/// Why a request was not authenticated, as the `-32010` refusal's data says it.
-fn refusal_reason(e: Option<&crate::capability::CapabilityError>) -> String {
-    e.map_or_else(
-        || "missing bearer capability token".to_owned(),
-        |e| e.to_string(),
-    )
-}
-
-/// Handles one HTTP request on an MCP endpoint.
-pub async fn handle(
-    gw: &std::sync::Arc<Gateway>,
-    req: Request<Incoming>,
-    remote: SocketAddr,
-    endpoint: Endpoint,
-) -> Response<Body> {
-    // DNS rebinding: a page whose name resolves to this gateway is refused before anything.
-    let host = http::header_str(req.headers(), HOST.as_str())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()));
-    if let Err(e) = origin::check(
-        gw.config.addr.ip(),
-        &gw.config.allowed_hosts,
-        &gw.config.allowed_origins,
-        host,
-        http::header_str(req.headers(), ORIGIN.as_str()),
-    ) {
-        return rpc_response(StatusCode::FORBIDDEN, None, &e);
-    }
-    let routing = match Routing::read(req.headers()) {
-        Ok(r) => r,
-        Err(e) => return bad_request(None, &e),
-    };
-    let header_era = era::era_of_header(routing.version.as_deref());
-    match (req.method(), header_era) {
-        (&Method::POST, _) => {}
-        (&Method::DELETE, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
-            return lifecycle::end_session(gw, req.headers()).await;
-        }
-        // A handshake-era session's own stream (`crate::streams`); none in the stateless era.
-        (&Method::GET, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
-            return crate::streams::listen::open(gw, req.headers()).await;
-        }
-        (m, _) => return method_not_allowed(m),
-    }
-    let (parts, body) = req.into_parts();
-    // Authenticate from the header before reading the body (decode, HMAC chain, revocation
-    // set: microseconds). A request that is not authenticated — no token, or a token that
-    // does not verify — gets no more of its body read than it takes to echo the request's id
-    // in the refusal below; a larger body is refused at once, unread. Every read has a deadline.
-    let auth = http::bearer(&parts.headers)
-        .ok_or(None)
-        .and_then(|t| gw.authenticate(t).map_err(Some));
-    let limit = if auth.is_ok() {
-        gw.config.max_body_bytes
-    } else {
-        gw.config.max_body_bytes.min(UNAUTHENTICATED_BODY_BYTES)
-    };
-    let bytes = match http::read_body_within(body, limit, gw.config.body_timeout).await {
-        Ok(b) => b,
-        Err(http::BodyError::TooLarge { .. }) if auth.is_err() => {
-            let err = RpcError::new(code::CAPABILITY, "capability check failed").with_data(
-                Value::from(refusal_reason(auth.as_ref().err().and_then(Option::as_ref))),
-            );
-            return rpc_response(StatusCode::UNAUTHORIZED, None, &err);
-        }
-        Err(e @ http::BodyError::Timeout(_)) => {
-            let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request")
-                .with_data(Value::from(e.to_string()));
-            return rpc_response(StatusCode::REQUEST_TIMEOUT, None, &err);
-        }
-        Err(e @ http::BodyError::TooLarge { .. }) => {
-            let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request")
-                .with_data(Value::from(e.to_string()));
-            return rpc_response(StatusCode::PAYLOAD_TOO_LARGE, None, &err);
-        }
-        Err(e) => {
-            let err = RpcError::new(code::PARSE_ERROR, "Parse error")
-                .with_data(Value::from(e.to_string()));
-            return bad_request(None, &err);
-        }
-    };
-    if !http::json_depth_within(&bytes, gw.config.max_json_depth) {
-        let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request").with_data(Value::from(
-            format!("JSON nesting deeper than {}", gw.config.max_json_depth),
-        ));
-        return bad_request(None, &err);
-    }
-    let rpc = match jsonrpc::parse(&bytes) {
-        Ok(Message::Request(r)) => r,
-        Ok(Message::Response(reply)) => {
-            // An agent's reply to a request the upstream sent it during a call (`relay.rs`):
-            // taken only from the token the request was relayed to.
-            let Ok(grant) = auth else {
-                let err = RpcError::new(code::CAPABILITY, "capability check failed")
-                    .with_data(Value::from("missing or invalid capability token"));
-                return rpc_response(StatusCode::UNAUTHORIZED, None, &err);
-            };
-            if gw.relays.deliver(&grant.tenant, &grant.jti, reply) {
-                return http::status(StatusCode::ACCEPTED);
-            }
-            let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request").with_data(
-                Value::from("no request of this token waits for a reply with this id"),
-            );
-            return rpc_response(StatusCode::NOT_FOUND, None, &err);
-        }
-        Err((id, err)) => return bad_request(id.as_ref(), &err),
-    };
-
-    // The era, and the headers' agreement with the body, before anything else looks at it.
-    let era = match classify(&routing, header_era, &rpc) {
-        Ok(e) => e,
-        Err(err) => return bad_request(rpc.id.as_ref(), &err),
-    };
-
-    // Every method, notifications included, is authenticated (the token was verified above,
-    // before the body was read; era and framing errors still answer first, as they always did).
-    let grant = match auth {
-        Ok(g) => g,
-        Err(e) => {
-            if crate::metrics::decisions::is_decided_method(&rpc.method) {
-                gw.metrics().decisions.record_unauthenticated();
-            }
-            let err = RpcError::new(code::CAPABILITY, "capability check failed")
-                .with_data(Value::from(refusal_reason(e.as_ref())));
-            let status = if rpc.is_notification() {
-                StatusCode::UNAUTHORIZED
-            } else {
-                StatusCode::OK
-            };
-            return rpc_response(status, rpc.id.as_ref(), &err);
-        }
-    };
-
-    // A session id must be ours, belong to this token and not have ended; the stateless era
-    // has none.
-    let session = match http::header_str(&parts.headers, SESSION_HEADER) {
-        _ if era.is_modern() || endpoint == Endpoint::ToolCall => None,
-        Some(id) if rpc.method != "initialize" => {
-            match lifecycle::presented_session(gw, id, &grant).await {
-                Ok(()) => Some(id.to_owned()),
-                Err((status, err)) => return rpc_response(status, rpc.id.as_ref(), &err),
-            }
-        }
-        _ => None,
-    };
-
-    if rpc.is_notification() {
-        return http::status(StatusCode::ACCEPTED);
-    }
-    let id = rpc.id.clone().unwrap_or(Value::Null);
-    // A handshake-era tool call whose client takes an event stream: the upstream may ask that
-    // client something while it works (sampling, elicitation), relayed on the stream.
-    if endpoint == Endpoint::Mcp
-        && !era.is_modern()
-        && rpc.method == "tools/call"
-        && accepts_event_stream(&parts.headers)
-        && !gw.upstreams.is_empty()
-    {
-        let call = streamed::Owned {
-            gw: std::sync::Arc::clone(gw),
-            grant,
-            headers: parts.headers,
-            remote,
-            session,
-            era,
-            endpoint,
-            rpc,
-        };
-        return streamed::call(call).await;
-    }
-    let ctx = CallContext::new(gw, &grant, &parts.headers, remote, session.as_deref(), &era);
-    if endpoint == Endpoint::Mcp && !era.is_modern() && rpc.method == "initialize" {
-        return ctx.initialize(&rpc, &id).await;
-    }
-    let outcome = ctx.dispatch(endpoint, &rpc).await;
-    // An escalated call waits for its approval here when the client asked to wait (or sync is
-    // the gateway's mode); otherwise `-32019` tells it how to resume.
-    if outcome.is_err()
-        && let Some(pending) = ctx.take_pending()
-        && hold::wanted(gw, &parts.headers, pending.mode)
-    {
-        let held = hold::Held {
-            gw: std::sync::Arc::clone(gw),
-            grant: grant.clone(),
-            headers: parts.headers.clone(),
-            remote,
-            session: session.clone(),
-            era: era.clone(),
-            endpoint,
-            rpc,
-            pending,
-        };
-        return held.respond(accepts_event_stream(&parts.headers)).await;
-    }
-    ctx.respond(&parts.headers, &id, outcome)
-}
-
-impl<'a> CallContext<'a> {
-    fn new(
-        gw: &'a Gateway,
-        grant: &'a Grant,
-        headers: &'a hyper::HeaderMap,
-        remote: SocketAddr,
-        session: Option<&'a str>,
-        era: &'a Era,
-    ) -> Self {
-        CallContext {
-            gw,
-            grant,
-            headers,
-            remote,
-            session,
-            era,
-            notifications: std::sync::Mutex::new(Vec::new()),
-            approval: None,
-            pending: std::sync::Mutex::new(None),
-            decided: std::sync::Mutex::new(None),
-            to_client: None,
-            owner: None,
-        }
-    }
-
-    /// Runs one method (not `initialize`, which answers with its own headers).
-    async fn dispatch(&self, endpoint: Endpoint, rpc: &RpcRequest) -> Result<Value, RpcError> {
-        let ctx = self;
-        let modern = self.era.is_modern();
-        // Each revision's methods: the stateless one has no initialize, ping, logging/setLevel
-        // or subscribe pair (its subscriptions are a stream, not served here).
-        match (endpoint, modern, rpc.method.as_str()) {
-            (_, _, "tools/call") => ctx.tools_call(rpc).await,
-            (Endpoint::ToolCall, _, other) => Err(method_not_found(other)),
-            (_, false, "ping") => Ok(json!({})),
-            (_, false, "logging/setLevel") => set_level(rpc),
-            (_, true, "server/discover") => {
-                Ok(discover::discover_result(&ctx.upstream_profile().await))
-            }
-            (_, _, m) if proxy::is_list(m) => ctx.list(rpc).await,
-            (_, _, "resources/read" | "prompts/get" | "completion/complete")
-            | (_, false, "resources/subscribe") => ctx.target(rpc).await,
-            (_, false, "resources/unsubscribe") => ctx.forward_plain(rpc).await,
-            (_, _, other) => Err(method_not_found(other)),
-        }
-    }
-
-    /// The HTTP answer of a method's outcome, with the upstream's relayed notifications.
-    fn respond(
-        &self,
-        headers: &hyper::HeaderMap,
-        id: &Id,
-        outcome: Result<Value, RpcError>,
-    ) -> Response<Body> {
-        respond_parts(
-            headers,
-            id,
-            self.era.is_modern(),
-            outcome,
-            self.take_notifications(),
-            self.decided(),
-        )
-    }
-
-    fn decided(&self) -> Option<Decided> {
-        self.decided.lock().ok().and_then(|d| *d)
-    }
-
-    /// The permit's summary in the result as `_intentgate`, when the operator asked for it
-    /// (`INTENTGATE_ANNOTATE_RESULTS`); the response headers carry the decision either way.
-    fn annotate(
-        &self,
-        result: &mut serde_json::Map<String, Value>,
-        permit: &crate::pipeline::Permit,
-    ) {
-        if self.gw.config.annotate_results {
-            result.insert(
-                "_intentgate".into(),
-                crate::pipeline::decision_summary(permit),
-            );
-        }
-    }
-
-    /// The approval a held call was waiting for, once the pipeline asked for one.
-    fn take_pending(&self) -> Option<crate::pipeline::Pending> {
-        self.pending.lock().ok().and_then(|mut p| p.take())
-    }
-
-    /// The approval this request resumes: the held call's own, or the agent's header.
-    fn approval_id(&self) -> Option<&str> {
-        self.approval
-            .as_deref()
-            .or_else(|| http::header_str(self.headers, "x-intentgate-approval-id"))
-    }
-}
-
 /// The era of a request, validated: in the stateless era the envelope ladder (shape → header
 /// agreement → version), in the handshake era the optional headers' agreement.
-fn classify(routing: &Routing, header_era: HeaderEra, rpc: &RpcRequest) -> Result<Era, RpcError> {
+pub fn classify(
+    routing: &Routing,
+    header_era: HeaderEra,
+    rpc: &RpcRequest,
+) -> Result<Era, RpcError> {
     match header_era {
         HeaderEra::Handshake => {
             routing.agree_with(rpc, HeaderEra::Handshake)?;
@@ -412,72 +99,12 @@ fn classify(routing: &Routing, header_era: HeaderEra, rpc: &RpcRequest) -> Resul
     }
 }
 
-struct CallContext<'a> {
-    gw: &'a Gateway,
-    grant: &'a Grant,
-    headers: &'a hyper::HeaderMap,
-    remote: SocketAddr,
-    session: Option<&'a str>,
-    era: &'a Era,
-    /// The upstream's notifications for this request, to relay with the answer.
-    notifications: std::sync::Mutex<Vec<Value>>,
-    /// The approval a held call resumes once it was approved (overrides the header).
-    approval: Option<String>,
-    /// Set when the pipeline put the call in the approval queue.
-    pending: std::sync::Mutex<Option<crate::pipeline::Pending>>,
-    /// The pipeline's decision on this request and its audit event, for the response headers.
-    decided: std::sync::Mutex<Option<Decided>>,
-    /// Where requests of the upstream for this call's client go (`relay.rs`), when the client
-    /// takes an event stream.
-    to_client: Option<tokio::sync::mpsc::Sender<Value>>,
-    /// The gateway, owned, for what outlives a borrow of this request (the relayed requests'
-    /// handler, `relay.rs`); set where the call runs in its own task.
-    owner: Option<std::sync::Arc<Gateway>>,
-}
-
-/// What the `X-IntentGate-Decision` and `X-IntentGate-Event-Id` response headers say.
-#[derive(Debug, Clone, Copy)]
-struct Decided {
-    decision: &'static str,
-    event_id: Option<i64>,
-}
-
-impl Decided {
-    fn of(result: &Result<crate::pipeline::Permit, crate::pipeline::Denial>) -> Self {
-        use crate::pipeline::Denial;
-        match result {
-            Ok(p) => Self {
-                decision: "allow",
-                event_id: Some(p.event_id),
-            },
-            Err(Denial::ApprovalPending(_) | Denial::Policy { escalate: true, .. }) => Self {
-                decision: "escalate",
-                event_id: None,
-            },
-            Err(_) => Self {
-                decision: "block",
-                event_id: None,
-            },
-        }
-    }
-
-    fn stamp(self, resp: &mut Response<Body>) {
-        let h = resp.headers_mut();
-        h.insert(DECISION_HEADER, HeaderValue::from_static(self.decision));
-        if let Some(id) = self.event_id
-            && let Ok(v) = HeaderValue::from_str(&id.to_string())
-        {
-            h.insert(EVENT_ID_HEADER, v);
-        }
-    }
-}
-
 /// The pipeline's decision on a request that reached it (`allow`, `block`, `escalate`).
 pub const DECISION_HEADER: &str = "x-intentgate-decision";
 /// The audit event of an allowed call's decision.
 pub const EVENT_ID_HEADER: &str = "x-intentgate-event-id";
 
-fn accepts_event_stream(headers: &hyper::HeaderMap) -> bool {
+pub fn accepts_event_stream(headers: &hyper::HeaderMap) -> bool {
     headers
         .get_all(hyper::header::ACCEPT)
         .iter()
@@ -485,117 +112,8 @@ fn accepts_event_stream(headers: &hyper::HeaderMap) -> bool {
         .any(|v| v.contains("text/event-stream"))
 }
 
-fn upstream_rpc_error(e: &UpstreamError) -> RpcError {
-    match e {
-        UpstreamError::NotConfigured
-        | UpstreamError::Unavailable(_)
-        | UpstreamError::Timeout(_) => {
-            RpcError::new(code::UPSTREAM_UNAVAILABLE, "upstream unavailable")
-                .with_data(json!({"upstream_status": e.status(), "detail": e.to_string()}))
-        }
-        _ => RpcError::new(code::INTERNAL_ERROR, "upstream failure")
-            .with_data(json!({"upstream_status": e.status(), "detail": e.to_string()})),
-    }
-}
-
-fn now_secs() -> i64 {
-    crate::audit::time::now_ms() / 1000
-}
-
-impl CallContext<'_> {
-    /// Decides `call` and returns its permit with the upstream to forward to. Without an
-    /// upstream, the failure is recorded against the decision and the call refused.
-    async fn decide(
-        &self,
-        call: &crate::pipeline::ToolCall<'_>,
-    ) -> Result<(crate::pipeline::Permit, &crate::upstream::Upstream), RpcError> {
-        let decided = self.gw.pipeline.decide(call).await;
-        if let Ok(mut slot) = self.decided.lock() {
-            *slot = Some(Decided::of(&decided));
-        }
-        let permit = decided.map_err(|d| {
-            if let crate::pipeline::Denial::ApprovalPending(p) = &d
-                && let Ok(mut slot) = self.pending.lock()
-            {
-                *slot = Some(p.clone());
-            }
-            d.to_rpc()
-        })?;
-        let Some(upstream) = call.upstream.and_then(|n| self.gw.upstreams.get(n)) else {
-            let e = UpstreamError::NotConfigured;
-            self.gw.metrics().upstream.error_at(call.upstream, &e);
-            self.gw
-                .pipeline
-                .record_upstream_failure(call, &permit, 0, &e.to_string())
-                .await;
-            return Err(upstream_rpc_error(&e));
-        };
-        Ok((permit, upstream))
-    }
-
-    /// The answer of a forwarded request, its relayable notifications kept for the client.
-    fn relay_notifications(
-        &self,
-        relayed: crate::upstream::Relayed,
-        params: &serde_json::Map<String, Value>,
-    ) -> crate::upstream::Reply {
-        let token = params.get("_meta").and_then(|m| m.get("progressToken"));
-        let keep = translate::relayable(relayed.notifications, token);
-        if let Ok(mut n) = self.notifications.lock() {
-            n.extend(keep);
-        }
-        relayed.reply
-    }
-
-    fn take_notifications(&self) -> Vec<Value> {
-        self.notifications
-            .lock()
-            .map(|mut n| std::mem::take(&mut *n))
-            .unwrap_or_default()
-    }
-
-    /// What the upstreams say about themselves (their union); when none can be asked, the
-    /// gateway answers alone.
-    async fn upstream_profile(&self) -> UpstreamProfile {
-        self.gw.upstreams.profile().await
-    }
-}
-
-/// The HTTP answer of a method's outcome, with the upstream's relayed notifications and the
-/// decision headers.
-fn respond_parts(
-    headers: &hyper::HeaderMap,
-    id: &Id,
-    modern: bool,
-    outcome: Result<Value, RpcError>,
-    notifications: Vec<Value>,
-    decided: Option<Decided>,
-) -> Response<Body> {
-    let mut resp = match outcome {
-        // Notifications the upstream sent before its answer go first, as events of one SSE
-        // stream, to a client that accepts one (in the upstream's order, after the answer
-        // arrived: they are not streamed as they come yet).
-        Ok(result) if !notifications.is_empty() && accepts_event_stream(headers) => {
-            translate::event_stream(&notifications, &jsonrpc::result(id, result))
-        }
-        Ok(result) => http::json_bytes(StatusCode::OK, jsonrpc::result(id, result)),
-        Err(err) => {
-            let status = if modern {
-                StatusCode::from_u16(era::modern_status(err.code)).unwrap_or(StatusCode::OK)
-            } else {
-                StatusCode::OK
-            };
-            rpc_response(status, Some(id), &err)
-        }
-    };
-    if let Some(d) = decided {
-        d.stamp(&mut resp);
-    }
-    resp
-}
-
 /// The `-32601` refusal of a method this endpoint or revision does not serve.
-fn method_not_found(method: &str) -> RpcError {
+pub fn method_not_found(method: &str) -> RpcError {
     RpcError::new(code::METHOD_NOT_FOUND, "Method not found")
         .with_data(Value::from(format!("method {method:?} is not supported")))
 }
@@ -604,7 +122,7 @@ fn method_not_found(method: &str) -> RpcError {
 /// itself. It is not forwarded: toward a handshake-era upstream the gateway's one session is
 /// shared by every agent, so one agent's level would become everyone's. Log messages the
 /// upstream sends with an answer are relayed at the upstream's own level.
-fn set_level(rpc: &RpcRequest) -> Result<Value, RpcError> {
+pub fn set_level(rpc: &RpcRequest) -> Result<Value, RpcError> {
     const LEVELS: &[&str] = &[
         "debug",
         "info",
@@ -626,7 +144,7 @@ fn set_level(rpc: &RpcRequest) -> Result<Value, RpcError> {
 }
 
 /// An upstream JSON-RPC error, passed on with its code and message.
-fn passthrough_error(e: Value) -> RpcError {
+pub fn passthrough_error(e: Value) -> RpcError {
     let code = e
         .get("code")
         .and_then(Value::as_i64)

@@ -5,7 +5,7 @@
 //! atomics and snapshots only.
 
 use super::exposition::{Exposition, Kind, Labels};
-use crate::server::Gateway;
+use crate::gateway::Gateway;
 
 /// The scrape answer's body (Prometheus text format 0.0.4).
 pub fn render(gw: &Gateway) -> String {

@@ -27,8 +27,8 @@ use tokio::sync::Semaphore;
 
 use super::Metrics;
 use crate::admin::Principal;
+use crate::gateway::Gateway;
 use crate::http::{self, Body};
-use crate::server::Gateway;
 
 /// Connections the separate metrics listener serves at once (scrapers are few).
 const METRICS_CONNECTIONS: usize = 16;

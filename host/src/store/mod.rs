@@ -39,6 +39,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// The largest page [`Store::list_revocations`] and [`Store::revocations_since`] return.
 pub const MAX_PAGE: i64 = 10_000;
 
+/// The channel a revocation is announced on (PostgreSQL `NOTIFY`), so every replica's
+/// revocation feed reads it at once instead of polling for it.
+pub const REVOCATIONS_CHANNEL: &str = "intentgate_revocations";
+
 /// How long SQLite waits for another writer before giving up with [`StoreError::Unavailable`].
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`connect`] waits for PostgreSQL to answer before giving up.

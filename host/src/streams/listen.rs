@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use crate::capability::Grant;
 use crate::http::{self, Body};
 use crate::mcp::jsonrpc::{self, RpcError, code};
-use crate::server::Gateway;
+use crate::proxy::McpService;
 
 /// How often a live stream re-checks its token.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -39,13 +39,13 @@ fn refuse(status: StatusCode, err: &RpcError) -> Response<Body> {
 
 /// Whether the session's token still verifies, as the same token id (without the metrics of
 /// a request's authentication).
-fn still_valid(gw: &Gateway, token: &str, jti: &str) -> bool {
+fn still_valid(gw: &McpService, token: &str, jti: &str) -> bool {
     let now = crate::audit::time::now_ms() / 1000;
     matches!(gw.verifier.authenticate(token, now, &gw.revocations), Ok(g) if g.jti == jti)
 }
 
 /// Answers `GET /v1/mcp` (handshake era).
-pub async fn open(gw: &Arc<Gateway>, headers: &hyper::HeaderMap) -> Response<Body> {
+pub async fn open(gw: &Arc<McpService>, headers: &hyper::HeaderMap) -> Response<Body> {
     let Some(token) = http::bearer(headers) else {
         let err = RpcError::new(code::CAPABILITY, "capability check failed")
             .with_data(Value::from("missing bearer capability token"));
@@ -73,7 +73,7 @@ pub async fn open(gw: &Arc<Gateway>, headers: &hyper::HeaderMap) -> Response<Bod
         ));
         return refuse(StatusCode::BAD_REQUEST, &err);
     };
-    if let Err((status, err)) = crate::mcp::presented_session(gw, session, &grant).await {
+    if let Err((status, err)) = crate::proxy::presented_session(gw, session, &grant).await {
         return refuse(status, &err);
     }
     // An id we did not number (or not a number) resumes nothing: the stream starts fresh.
@@ -105,7 +105,7 @@ pub async fn open(gw: &Arc<Gateway>, headers: &hyper::HeaderMap) -> Response<Bod
 /// Moves a session's events to its client until the client goes, the hub ends the stream
 /// (replaced, too slow, session ended) or the token stops verifying.
 async fn pump(
-    gw: Weak<Gateway>,
+    gw: Weak<McpService>,
     session: String,
     token: String,
     jti: String,
@@ -152,7 +152,7 @@ async fn pump(
 }
 
 /// Tells each upstream to stop sending updates of URIs no session subscribes to any more.
-pub async fn release(gw: &Gateway, uris: Vec<String>) {
+pub async fn release(gw: &McpService, uris: Vec<String>) {
     for uri in uris {
         let route = match gw.upstreams.route_uri(&uri) {
             Ok(Some(r)) => r,
@@ -172,7 +172,7 @@ pub async fn release(gw: &Gateway, uris: Vec<String>) {
 /// Ends, every few seconds, the streams and subscriptions of sessions whose token no longer
 /// verifies or that were ended on another replica, and forgets idle sessions. Runs for as
 /// long as the gateway does.
-pub async fn sweep(gw: Weak<Gateway>) {
+pub async fn sweep(gw: Weak<McpService>) {
     let mut rounds = 0u32;
     loop {
         tokio::time::sleep(SWEEP).await;

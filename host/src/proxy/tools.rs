@@ -1,23 +1,23 @@
 //! `initialize` (handshake era) and `tools/call` of either revision: the call
 //! decoded into one [`Invocation`], decided by the pipeline, forwarded with its permit, and its
-//! result shaped for the client's revision, multi-round calls sealed ([`super::rounds`]).
+//! result shaped for the client's revision, multi-round calls sealed ([`crate::mcp::rounds`]).
 //! This module must never forward a call the pipeline did not permit.
 
 use hyper::header::HeaderValue;
 use hyper::{Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::call::Invocation;
-use super::era::Era;
-use super::jsonrpc::{self, Id, Request as RpcRequest, RpcError, code};
-use super::rounds::{self, RoundSeal, RoundState};
-use super::session::SessionClaims;
 use super::{
-    CallContext, SESSION_HEADER, discover, now_secs, passthrough_error, translate,
-    upstream_rpc_error,
+    CallContext, SESSION_HEADER, now_secs, passthrough_error, translate, upstream_rpc_error,
 };
 use crate::approvals::{Status, wait::Outcome};
 use crate::http::{self, Body};
+use crate::mcp::call::Invocation;
+use crate::mcp::discover;
+use crate::mcp::era::Era;
+use crate::mcp::jsonrpc::{self, Id, Request as RpcRequest, RpcError, code};
+use crate::mcp::rounds::{self, RoundSeal, RoundState};
+use crate::mcp::session::SessionClaims;
 use crate::pipeline::{CallKind, Pending, Round, ToolCall, is_reserved_tool_name};
 use crate::upstream::Reply;
 
@@ -26,13 +26,13 @@ impl CallContext<'_> {
         let requested = rpc.param_str("protocolVersion").unwrap_or_default();
         let version = discover::negotiate_handshake(requested);
         let result = discover::initialize_result(version, &self.upstream_profile().await);
-        let session_id = self.gw.sessions.issue(&SessionClaims {
+        let session_id = self.svc.sessions.issue(&SessionClaims {
             tenant: self.grant.tenant.clone(),
             jti: self.grant.jti.clone(),
             protocol_version: version.to_owned(),
             issued_at: now_secs(),
         });
-        self.gw.metrics().server.session_issued();
+        self.svc.metrics().server.session_issued();
         let mut resp = http::json_bytes(StatusCode::OK, jsonrpc::result(id, result));
         if let Ok(v) = HeaderValue::from_str(&session_id) {
             resp.headers_mut().insert(SESSION_HEADER, v);
@@ -71,9 +71,9 @@ impl CallContext<'_> {
             let marked = r.upstream.marked_arguments(r.original).await;
             let empty = serde_json::Map::new();
             let args = inv.arguments.as_object().unwrap_or(&empty);
-            super::params::check(self.headers, &marked, args)?;
+            crate::mcp::params::check(self.headers, &marked, args)?;
         }
-        let seal = RoundSeal::new(&self.gw.sessions);
+        let seal = RoundSeal::new(&self.svc.sessions);
         // A later round of a multi-round call: the state must be one the gateway sealed for
         // this very call; it names the call's first audit event and the round.
         let mut previous = match &inv.request_state {
@@ -100,7 +100,9 @@ impl CallContext<'_> {
             // A resume by header long-polls the same way; still pending is `-32019` again
             // (nothing was decided, so nothing is audited).
             if let Some(still) = self.await_approval(id).await? {
-                return Err(crate::pipeline::Denial::ApprovalPending(still).to_rpc());
+                return Err(super::denial::rpc_error(
+                    &crate::pipeline::Denial::ApprovalPending(still),
+                ));
             }
         }
         let call = ToolCall {
@@ -125,7 +127,7 @@ impl CallContext<'_> {
             // A stateless-era client that is not held gets the pending approval as an
             // input-required result: any MCP client resumes it by retrying with the state.
             Err(e) if modern => match self.take_pending() {
-                Some(p) if !super::hold::wanted(self.gw, self.headers, p.mode) => {
+                Some(p) if !super::hold::wanted(self.svc, self.headers, p.mode) => {
                     return Ok(self.approval_input_required(&inv, &p));
                 }
                 // Held (by `handle`): the pending approval goes back for it.
@@ -222,7 +224,7 @@ impl CallContext<'_> {
         let forwarding = std::time::Instant::now();
         // The upstream may ask this call's client something (sampling, elicitation): relayed
         // when the client takes an event stream, refused otherwise.
-        let ask_client = self.asker(call, rpc).map(super::relay::Asker::into_handler);
+        let ask_client = self.asker(call, rpc).map(super::ask::Asker::into_handler);
         let reply = upstream
             .call_tool_relaying(permit, params, relay, ask_client.as_ref())
             .await;
@@ -230,7 +232,7 @@ impl CallContext<'_> {
         let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {
-                self.gw
+                self.svc
                     .pipeline
                     .record_upstream_failure(call, permit, e.status(), &e.to_string())
                     .await;
@@ -275,12 +277,12 @@ impl CallContext<'_> {
 
     /// Who asks this call's client what the upstream asks it, when the client can be asked
     /// (it takes an event stream on a handshake-era call).
-    fn asker(&self, call: &ToolCall<'_>, rpc: &RpcRequest) -> Option<super::relay::Asker> {
-        let (Some(tx), Some(gw)) = (self.to_client.as_ref(), self.owner.as_ref()) else {
+    fn asker(&self, call: &ToolCall<'_>, rpc: &RpcRequest) -> Option<super::ask::Asker> {
+        let (Some(tx), Some(svc)) = (self.to_client.as_ref(), self.owner.as_ref()) else {
             return None;
         };
-        Some(super::relay::Asker {
-            gw: std::sync::Arc::clone(gw),
+        Some(super::ask::Asker {
+            svc: std::sync::Arc::clone(svc),
             grant: self.grant.clone(),
             tool: call.tool.to_owned(),
             upstream: call.upstream.map(str::to_owned),
@@ -303,7 +305,7 @@ impl CallContext<'_> {
         state.inner = Some(p.pending_id.clone());
         json!({
             "resultType": translate::INPUT_REQUIRED,
-            "requestState": RoundSeal::new(&self.gw.sessions).seal(&state),
+            "requestState": RoundSeal::new(&self.svc.sessions).seal(&state),
             "_meta": {APPROVAL_META: p.to_json()},
         })
     }
@@ -313,10 +315,10 @@ impl CallContext<'_> {
     /// `Some` when it is still pending (answer input-required again), `None` once it was
     /// decided or expired (decide the call with it).
     async fn await_approval(&self, id: &str) -> Result<Option<Pending>, RpcError> {
-        let audit = self.gw.pipeline.audit();
+        let audit = self.svc.pipeline.audit();
         let tenant = &self.grant.tenant;
         let store = |e: crate::approvals::query::QueryError| {
-            crate::pipeline::Denial::Audit(e.to_string()).to_rpc()
+            super::denial::rpc_error(&crate::pipeline::Denial::Audit(e.to_string()))
         };
         let Some(row) = crate::approvals::query::get(audit.db(), Some(tenant), id)
             .await
@@ -333,7 +335,7 @@ impl CallContext<'_> {
         let until =
             tokio::time::Instant::now() + window.min(std::time::Duration::from_millis(left));
         let waited = self
-            .gw
+            .svc
             .approvals
             .wait(audit.db(), tenant, id, until)
             .await

@@ -10,8 +10,8 @@
 
 use serde_json::{Map, Value, json};
 
-use super::jsonrpc::{RpcError, code};
 use crate::capability::Kind;
+use crate::mcp::jsonrpc::{RpcError, code};
 use crate::pipeline::CallKind;
 
 /// One decoded target.

@@ -15,17 +15,17 @@ use hyper::{Response, StatusCode};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use super::era::Era;
-use super::jsonrpc::{self, RpcError};
+use super::McpService;
 use super::{CallContext, Decided, Endpoint, hold, respond_parts};
 use crate::capability::Grant;
 use crate::http::{self, Body};
+use crate::mcp::era::Era;
+use crate::mcp::jsonrpc::{self, RpcError};
 use crate::pipeline::Pending;
-use crate::server::Gateway;
 
 /// What the call's task needs, owned.
 pub(super) struct Owned {
-    pub(super) gw: Arc<Gateway>,
+    pub(super) svc: Arc<McpService>,
     pub(super) grant: Grant,
     pub(super) headers: hyper::HeaderMap,
     pub(super) remote: std::net::SocketAddr,
@@ -51,7 +51,7 @@ pub(super) async fn call(owned: Owned) -> Response<Body> {
     tokio::spawn(crate::telemetry::trace::propagate(async move {
         let o = &*task_owned;
         let mut ctx = CallContext::new(
-            &o.gw,
+            &o.svc,
             &o.grant,
             &o.headers,
             o.remote,
@@ -59,7 +59,7 @@ pub(super) async fn call(owned: Owned) -> Response<Body> {
             &o.era,
         );
         ctx.to_client = Some(to_client);
-        ctx.owner = Some(Arc::clone(&o.gw));
+        ctx.owner = Some(Arc::clone(&o.svc));
         let outcome = ctx.dispatch(o.endpoint, &o.rpc).await;
         let _ = done_tx.send(Finished {
             outcome,
@@ -72,7 +72,7 @@ pub(super) async fn call(owned: Owned) -> Response<Body> {
     let first = tokio::select! {
         finished = &mut done => {
             let Ok(f) = finished else {
-                let err = RpcError::new(super::code::INTERNAL_ERROR, "call task ended");
+                let err = RpcError::new(crate::mcp::jsonrpc::code::INTERNAL_ERROR, "call task ended");
                 return http::json_bytes(StatusCode::OK, jsonrpc::error(Some(&id), &err));
             };
             return answer(&owned, &id, f).await;
@@ -126,10 +126,10 @@ fn event(data: &str) -> Bytes {
 async fn answer(owned: &Arc<Owned>, id: &Value, f: Finished) -> Response<Body> {
     if f.outcome.is_err()
         && let Some(pending) = f.pending
-        && hold::wanted(&owned.gw, &owned.headers, pending.mode)
+        && hold::wanted(&owned.svc, &owned.headers, pending.mode)
     {
         let held = hold::Held {
-            gw: Arc::clone(&owned.gw),
+            svc: Arc::clone(&owned.svc),
             grant: owned.grant.clone(),
             headers: owned.headers.clone(),
             remote: owned.remote,

@@ -26,12 +26,12 @@
 
 use serde_json::{Map, Value, json};
 
-use super::era::Era;
-use super::jsonrpc::{Request as RpcRequest, RpcError, code};
 use super::target::Target;
 use super::{CallContext, passthrough_error, translate, upstream_rpc_error};
 use crate::capability::Kind;
 use crate::http;
+use crate::mcp::era::Era;
+use crate::mcp::jsonrpc::{Request as RpcRequest, RpcError, code};
 use crate::pipeline::CallKind;
 use crate::pipeline::ToolCall;
 use crate::upstream::{Reply, Upstream, UpstreamEra, UpstreamError};
@@ -73,7 +73,7 @@ async fn acknowledged_here(upstream: &Upstream, method: &str) -> bool {
 }
 
 impl CallContext<'_> {
-    fn relay(&self) -> Option<&super::era::Envelope> {
+    fn relay(&self) -> Option<&crate::mcp::era::Envelope> {
         match self.era {
             Era::Modern(env) => Some(env),
             Era::Handshake => None,
@@ -88,14 +88,14 @@ impl CallContext<'_> {
         started: std::time::Instant,
         reply: &Result<T, UpstreamError>,
     ) {
-        (self.gw.metrics()).forwarded_to(upstream, started, reply);
-        self.gw.upstreams.note(upstream, reply);
+        (self.svc.metrics()).forwarded_to(upstream, started, reply);
+        self.svc.upstreams.note(upstream, reply);
     }
 
     /// The refusal of a name no upstream's prefix starts, naming the upstreams this token
     /// may reach (never the others).
     fn unrouted(&self, e: &Unrouted) -> RpcError {
-        let reachable: Vec<&str> = (self.gw.upstreams.iter())
+        let reachable: Vec<&str> = (self.svc.upstreams.iter())
             .map(|(n, _)| n)
             .filter(|n| self.grant.reaches(n))
             .collect();
@@ -110,7 +110,7 @@ impl CallContext<'_> {
         &self,
         exposed: &'n str,
     ) -> Result<Option<Route<'_, 'n>>, RpcError> {
-        self.gw
+        self.svc
             .upstreams
             .route_name(exposed)
             .map_err(|e| self.unrouted(&e))
@@ -124,8 +124,8 @@ impl CallContext<'_> {
         exposed: &'n str,
     ) -> Result<Option<Route<'_, 'n>>, RpcError> {
         match kind.capability_kind() {
-            Kind::Resource => self.gw.upstreams.route_uri(exposed),
-            _ => self.gw.upstreams.route_name(exposed),
+            Kind::Resource => self.svc.upstreams.route_uri(exposed),
+            _ => self.svc.upstreams.route_name(exposed),
         }
         .map_err(|e| self.unrouted(&e))
     }
@@ -138,7 +138,7 @@ impl CallContext<'_> {
             return Err(super::method_not_found(method));
         };
         let modern = self.era.is_modern();
-        let ups = &self.gw.upstreams;
+        let ups = &self.svc.upstreams;
         let reached = |n: &&str| self.grant.reaches(n);
         // Which upstreams to ask, each with its own cursor.
         let asked: Vec<(&str, &Upstream, Option<Value>)> = if ups.namespaced() {
@@ -173,7 +173,7 @@ impl CallContext<'_> {
                 params.insert("cursor".into(), c.clone());
             }
             let page = up.forward(method, params, relay).await;
-            self.gw.upstreams.note(Some(name), &page);
+            self.svc.upstreams.note(Some(name), &page);
             (*name, page)
         }))
         .await;
@@ -311,7 +311,7 @@ impl CallContext<'_> {
             Ok(r) => self.relay_notifications(r, &rpc.params),
             Err(e) => {
                 self.forget_subscription(subscribed, &target.name);
-                self.gw
+                self.svc
                     .pipeline
                     .record_upstream_failure(&call, &permit, e.status(), &e.to_string())
                     .await;
@@ -326,7 +326,7 @@ impl CallContext<'_> {
             }
         };
         if let Some(r) = route {
-            expose_contents(&self.gw.upstreams, r.name, &mut result);
+            expose_contents(&self.svc.upstreams, r.name, &mut result);
         }
         let mut result = translate::result_for_client(
             result,
@@ -346,7 +346,7 @@ impl CallContext<'_> {
         if method != "resources/subscribe" {
             return Ok(false);
         }
-        self.gw
+        self.svc
             .streams
             .subscribe(session, self.grant, token, uri)
             .map(|_| true)
@@ -359,7 +359,7 @@ impl CallContext<'_> {
     /// Undoes [`Self::record_subscription`] when the upstream did not take it.
     fn forget_subscription(&self, recorded: bool, uri: &str) {
         if let (true, Some(session)) = (recorded, self.session) {
-            self.gw.streams.unsubscribe(session, uri);
+            self.svc.streams.unsubscribe(session, uri);
         }
     }
 
@@ -368,7 +368,7 @@ impl CallContext<'_> {
         let method = rpc.method.as_str();
         let uri = rpc.param_str("uri").unwrap_or_default();
         let route = self
-            .gw
+            .svc
             .upstreams
             .route_uri(uri)
             .map_err(|e| self.unrouted(&e))?;
@@ -380,7 +380,7 @@ impl CallContext<'_> {
         }
         // Another session on this replica still subscribes: the upstream keeps sending.
         if let Some(session) = self.session
-            && !self.gw.streams.unsubscribe(session, uri)
+            && !self.svc.streams.unsubscribe(session, uri)
         {
             return Ok(json!({}));
         }

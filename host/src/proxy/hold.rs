@@ -23,15 +23,15 @@ use hyper::{Response, StatusCode};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::era::Era;
-use super::jsonrpc::{self, RpcError};
+use super::McpService;
 use super::{CallContext, Endpoint};
 use crate::approvals::{self, Status, wait::Outcome};
 use crate::audit::{self, AuditEvent, Decision};
 use crate::capability::Grant;
 use crate::http::{self, Body};
+use crate::mcp::era::Era;
+use crate::mcp::jsonrpc::{self, RpcError};
 use crate::pipeline::{Denial, Pending};
-use crate::server::Gateway;
 
 /// What a request's `Prefer` header (RFC 7240) says about waiting for an approval; the last
 /// such preference given wins.
@@ -67,14 +67,14 @@ fn prefer(headers: &hyper::HeaderMap) -> Option<Prefer> {
 /// Whether this request waits for its approval (see the module docs): the request's `Prefer`,
 /// else what the policy said for this escalation (`policy`), else the gateway's mode.
 pub(super) fn wanted(
-    gw: &Gateway,
+    svc: &McpService,
     headers: &hyper::HeaderMap,
     policy: Option<approvals::Mode>,
 ) -> bool {
     match prefer(headers) {
         Some(Prefer::Async) => false,
         Some(Prefer::Wait(_)) => true,
-        None => policy.unwrap_or(gw.pipeline.approvals().mode) == approvals::Mode::Sync,
+        None => policy.unwrap_or(svc.pipeline.approvals().mode) == approvals::Mode::Sync,
     }
 }
 
@@ -94,7 +94,7 @@ pub(super) fn poll_window(
 
 /// Everything a held request needs, owned (the stream's task outlives the handler).
 pub(super) struct Held {
-    pub(super) gw: Arc<Gateway>,
+    pub(super) svc: Arc<McpService>,
     pub(super) grant: Grant,
     pub(super) headers: hyper::HeaderMap,
     pub(super) remote: std::net::SocketAddr,
@@ -113,7 +113,7 @@ impl Held {
             return ctx_out.into_response(&id);
         }
         let (tx, rx) = mpsc::channel::<Bytes>(4);
-        let keepalive = self.gw.pipeline.approvals().keepalive;
+        let keepalive = self.svc.pipeline.approvals().keepalive;
         tokio::spawn(crate::telemetry::trace::propagate(async move {
             let finishing = self.finish();
             tokio::pin!(finishing);
@@ -161,15 +161,15 @@ impl Held {
     }
 
     async fn wait_and_run(&self) -> Answer {
-        let gw = &self.gw;
-        let db = gw.pipeline.audit().db();
+        let svc = &self.svc;
+        let db = svc.pipeline.audit().db();
         let pending = &self.pending;
         let tenant = &self.grant.tenant;
         let deadline = tokio::time::Instant::now()
             + std::time::Duration::from_millis(
                 u64::try_from(pending.expires_ms - audit::time::now_ms()).unwrap_or(0),
             );
-        let waited = gw
+        let waited = svc
             .approvals
             .wait(db, tenant, &pending.pending_id, deadline)
             .await;
@@ -201,7 +201,7 @@ impl Held {
         }
         // Approved: decided again, with the approval consumed in the call's commit.
         let mut ctx = CallContext::new(
-            gw,
+            svc,
             &self.grant,
             &self.headers,
             self.remote,
@@ -236,7 +236,7 @@ impl Held {
             pending_only: true,
         };
         match self
-            .gw
+            .svc
             .pipeline
             .audit()
             .append_with(e, Vec::new(), Some(write))
@@ -245,7 +245,7 @@ impl Held {
             Ok(a) if a.refused.is_some() => {
                 // Decided meanwhile: act on the decision.
                 approvals::query::get(
-                    self.gw.pipeline.audit().db(),
+                    self.svc.pipeline.audit().db(),
                     Some(&g.tenant),
                     &self.pending.pending_id,
                 )
@@ -265,7 +265,7 @@ impl Held {
     fn refused(&self, denial: Denial) -> Answer {
         Answer {
             notifications: Vec::new(),
-            outcome: Err(denial.to_rpc()),
+            outcome: Err(super::denial::rpc_error(&denial)),
             modern: self.era.is_modern(),
             decided: None,
         }
@@ -293,7 +293,8 @@ impl Answer {
     fn into_response(self, id: &Value) -> Response<Body> {
         let status = match &self.outcome {
             Err(err) if self.modern => {
-                StatusCode::from_u16(super::era::modern_status(err.code)).unwrap_or(StatusCode::OK)
+                StatusCode::from_u16(crate::mcp::era::modern_status(err.code))
+                    .unwrap_or(StatusCode::OK)
             }
             _ => StatusCode::OK,
         };

@@ -1,16 +1,17 @@
 //! A handshake-era session's life at the gateway: a presented `Mcp-Session-Id` is checked
 //! (issued by a gateway sharing the master key, to this token, not ended), and `DELETE /v1/mcp`
-//! ends one on every replica ([`super::ended`]). This module must never accept a session of
+//! ends one on every replica ([`crate::mcp::ended`]). This module must never accept a session of
 //! another token, nor one whose end it could not rule out.
 
 use hyper::{Response, StatusCode};
 use serde_json::Value;
 
-use super::jsonrpc::{RpcError, code};
-use super::{SESSION_HEADER, bad_request, ended, now_secs, refusal_reason, rpc_response};
+use super::McpService;
+use super::{now_secs, refusal_reason};
 use crate::capability::Grant;
 use crate::http::{self, Body};
-use crate::server::Gateway;
+use crate::mcp::jsonrpc::{RpcError, code};
+use crate::mcp::{SESSION_HEADER, bad_request, ended, rpc_response};
 
 fn no_session() -> RpcError {
     RpcError::new(-32001, "Session not found")
@@ -20,15 +21,15 @@ fn no_session() -> RpcError {
 /// token, and not ended on any replica. An unknown or ended one is 404 so the client opens a
 /// new session, as the transport specifies; a store that cannot say is 503 (fail closed).
 pub(crate) async fn presented_session(
-    gw: &Gateway,
+    svc: &McpService,
     id: &str,
     grant: &Grant,
 ) -> Result<(), (StatusCode, RpcError)> {
-    match gw.sessions.verify(id) {
+    match svc.sessions.verify(id) {
         Some(c) if c.tenant == grant.tenant && c.jti == grant.jti => {}
         _ => return Err((StatusCode::NOT_FOUND, no_session())),
     }
-    match ended::is_ended(gw.store.as_ref(), id).await {
+    match ended::is_ended(svc.store.as_ref(), id).await {
         Ok(false) => Ok(()),
         Ok(true) => Err((StatusCode::NOT_FOUND, no_session())),
         Err(e) => {
@@ -42,10 +43,10 @@ pub(crate) async fn presented_session(
 /// `DELETE /v1/mcp`: ends the handshake-era session the request names, on every replica. The
 /// token must be the one that opened it (another token's, an unknown or an ended session is
 /// 404, as for any request); without a token 401, without a session id 400.
-pub(super) async fn end_session(gw: &Gateway, headers: &hyper::HeaderMap) -> Response<Body> {
+pub(super) async fn end_session(svc: &McpService, headers: &hyper::HeaderMap) -> Response<Body> {
     let grant = match http::bearer(headers)
         .ok_or(None)
-        .and_then(|t| gw.authenticate(t).map_err(Some))
+        .and_then(|t| svc.authenticate(t).map_err(Some))
     {
         Ok(g) => g,
         Err(e) => {
@@ -60,11 +61,11 @@ pub(super) async fn end_session(gw: &Gateway, headers: &hyper::HeaderMap) -> Res
         ));
         return bad_request(None, &err);
     };
-    let claims = match gw.sessions.verify(id) {
+    let claims = match svc.sessions.verify(id) {
         Some(c) if c.tenant == grant.tenant && c.jti == grant.jti => c,
         _ => return rpc_response(StatusCode::NOT_FOUND, None, &no_session()),
     };
-    let store = gw.store.as_ref();
+    let store = svc.store.as_ref();
     let ended = match ended::is_ended(store, id).await {
         Ok(true) => return rpc_response(StatusCode::NOT_FOUND, None, &no_session()),
         Ok(false) => ended::end(store, id, &claims, grant.expires_at, now_secs()).await,
@@ -74,8 +75,8 @@ pub(super) async fn end_session(gw: &Gateway, headers: &hyper::HeaderMap) -> Res
         Ok(()) => {
             // Its stream and subscriptions on this replica end now; other replicas' sweepers
             // find it ended in the store.
-            let orphaned = gw.streams.end(id);
-            crate::streams::listen::release(gw, orphaned).await;
+            let orphaned = svc.streams.end(id);
+            crate::streams::listen::release(svc, orphaned).await;
             http::status(StatusCode::NO_CONTENT)
         }
         Err(e) => {
