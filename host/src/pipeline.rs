@@ -26,23 +26,12 @@ use crate::plugins::{
 };
 
 mod kind;
+mod permit;
 mod throttle;
 
 pub use kind::{CallKind, is_reserved_tool_name};
+pub use permit::{Cleared, NotDecided, Permit};
 pub use throttle::{DenialLimits, Scope as ThrottleScope, THROTTLED_KIND, Throttled};
-
-/// Proof that a tool call was decided `allow` and its audit event is durable.
-// The private field (not `#[non_exhaustive]`, which binds only other crates) keeps every module
-// of this crate but this one from making a Permit.
-#[allow(clippy::manual_non_exhaustive)]
-#[derive(Debug)]
-pub struct Permit {
-    /// The id of the decision's audit event.
-    pub event_id: i64,
-    pub bundle_digest: String,
-    pub started: Instant,
-    _sealed: (),
-}
 
 /// Why a call was refused. Mapped once, at the edge, to a JSON-RPC error
 /// (`crate::proxy::denial`); this module never knows the wire.
@@ -416,12 +405,12 @@ impl Pipeline {
             (Ok(()), Ok(a)) => match a.refused {
                 None => {
                     self.note_usage(call, &debits);
-                    Ok(Permit {
-                        event_id: a.id,
-                        bundle_digest: snapshot.digest().to_owned(),
+                    Ok(Permit::new(
+                        a.id,
+                        snapshot.digest().to_owned(),
                         started,
-                        _sealed: (),
-                    })
+                        call,
+                    ))
                 }
                 Some(reason) => {
                     self.throttle.note_denial(&g.tenant, &g.root_jti, now);

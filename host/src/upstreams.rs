@@ -265,6 +265,21 @@ impl Upstreams {
     }
 }
 
+/// A forwarded request's target, where [`rename_target`] finds it (`None` for methods
+/// without one, or a body without it).
+pub fn target_of<'p>(method: &str, params: &'p Map<String, Value>) -> Option<&'p str> {
+    let slot = match method {
+        "tools/call" | "prompts/get" => params.get("name"),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => params.get("uri"),
+        "completion/complete" => match params.get("ref") {
+            Some(Value::Object(r)) => r.get("uri").or_else(|| r.get("name")),
+            _ => None,
+        },
+        _ => None,
+    };
+    slot.and_then(Value::as_str)
+}
+
 /// Rewrites a forwarded request's target from its exposed name or URI to the upstream's own
 /// (`original`): `params.name` of `tools/call` and `prompts/get`, `params.uri` of the
 /// `resources/*` targets, `params.ref.name`/`.uri` of `completion/complete`.

@@ -11,13 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::exposition::{Exposition, Kind, Labels};
 use crate::upstream::UpstreamError;
 
-const KINDS: [&str; 6] = [
+const KINDS: [&str; 7] = [
     "not_configured",
     "unreachable",
     "timeout",
     "http_status",
     "too_large",
     "malformed",
+    "not_decided",
 ];
 
 fn kind_of(e: &UpstreamError) -> usize {
@@ -28,6 +29,7 @@ fn kind_of(e: &UpstreamError) -> usize {
         UpstreamError::Status { .. } => 3,
         UpstreamError::TooLarge(_) => 4,
         UpstreamError::Malformed(_) => 5,
+        UpstreamError::NotDecided => 6,
     }
 }
 

@@ -297,10 +297,14 @@ impl CallContext<'_> {
         let subscribed = self.record_subscription(method, &target.name)?;
         // The body the target was decoded from, as decided (envelope keys are the upstream
         // client's to write for its own hop).
+        let forwarded_as = route.map_or(target.name.as_str(), |r| r.original);
+        let cleared = permit
+            .clear(target.kind, &target.name, &target.arguments, forwarded_as)
+            .map_err(|_| upstream_rpc_error(&UpstreamError::NotDecided))?;
         let forwarding = std::time::Instant::now();
         let reply = upstream
             .forward_permitted(
-                &permit,
+                cleared,
                 method,
                 renamed(method, &rpc.params, route),
                 self.relay(),

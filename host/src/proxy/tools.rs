@@ -145,7 +145,9 @@ impl CallContext<'_> {
         if let Some(r) = route {
             crate::upstreams::rename_target("tools/call", &mut params, r.original);
         }
-        let mut result = match self.forward(&call, &permit, upstream, params, rpc).await? {
+        let forwarded_as = route.map_or(inv.name.as_str(), |r| r.original);
+        let cleared = clear(&permit, &inv, forwarded_as)?;
+        let mut result = match self.forward(&call, cleared, upstream, params, rpc).await? {
             Ok(r) => r,
             Err(other) => return Ok(other),
         };
@@ -182,10 +184,8 @@ impl CallContext<'_> {
             if let Some(r) = route {
                 crate::upstreams::rename_target("tools/call", &mut params, r.original);
             }
-            result = match self
-                .forward(&round, &next_permit, upstream, params, rpc)
-                .await?
-            {
+            let cleared = clear(&next_permit, &inv, forwarded_as)?;
+            result = match self.forward(&round, cleared, upstream, params, rpc).await? {
                 Ok(r) => r,
                 Err(other) => return Ok(other),
             };
@@ -212,11 +212,12 @@ impl CallContext<'_> {
     async fn forward(
         &self,
         call: &ToolCall<'_>,
-        permit: &crate::pipeline::Permit,
+        cleared: crate::pipeline::Cleared<'_>,
         upstream: &crate::upstream::Upstream,
         params: serde_json::Map<String, Value>,
         rpc: &RpcRequest,
     ) -> Result<Result<serde_json::Map<String, Value>, Value>, RpcError> {
+        let permit = cleared.permit;
         let relay = match self.era {
             Era::Modern(env) => Some(env),
             Era::Handshake => None,
@@ -226,7 +227,7 @@ impl CallContext<'_> {
         // when the client takes an event stream, refused otherwise.
         let ask_client = self.asker(call, rpc).map(super::ask::Asker::into_handler);
         let reply = upstream
-            .call_tool_relaying(permit, params, relay, ask_client.as_ref())
+            .call_tool_relaying(cleared, params, relay, ask_client.as_ref())
             .await;
         self.forwarded(call.upstream, forwarding, &reply);
         let reply = match reply {
@@ -354,6 +355,17 @@ impl CallContext<'_> {
             Outcome::TimedOut => Ok(None),
         }
     }
+}
+
+/// Clears the call's body under its permit: the tool and arguments forwarded are the decided.
+fn clear<'p>(
+    permit: &'p crate::pipeline::Permit,
+    inv: &Invocation,
+    forwarded_as: &'p str,
+) -> Result<crate::pipeline::Cleared<'p>, RpcError> {
+    permit
+        .clear(CallKind::Tool, &inv.name, &inv.arguments, forwarded_as)
+        .map_err(|_| upstream_rpc_error(&crate::upstream::UpstreamError::NotDecided))
 }
 
 /// Most rounds of one handshake-era call whose input requests are relayed to its client.

@@ -41,7 +41,7 @@ use crate::mcp::discover::UpstreamProfile;
 use crate::mcp::era::{Envelope, LATEST_MODERN, MODERN_VERSIONS, meta};
 use crate::mcp::jsonrpc::code;
 use crate::mcp::{headers, params};
-use crate::pipeline::Permit;
+use crate::pipeline::Cleared;
 
 mod session_stream;
 
@@ -62,6 +62,10 @@ pub enum UpstreamError {
     TooLarge(usize),
     #[error("upstream response is not a JSON-RPC answer: {0}")]
     Malformed(String),
+    /// The body about to be sent is not the one the pipeline decided (a gateway defect; the
+    /// call is refused, never sent).
+    #[error("refused to forward a body that is not the one decided")]
+    NotDecided,
 }
 
 impl UpstreamError {
@@ -479,11 +483,12 @@ impl Upstream {
     /// `completion/complete` that the pipeline permitted (`params` as decided).
     pub async fn forward_permitted(
         &self,
-        _permit: &Permit,
+        cleared: Cleared<'_>,
         method: &str,
         params: Map<String, Value>,
         relay: Option<&Envelope>,
     ) -> Result<Relayed, UpstreamError> {
+        sends_what_was_cleared(cleared, method, &params)?;
         self.request(method, params, relay)
             .await
             .map_err(|e| self.scrubbed(e))
@@ -494,22 +499,23 @@ impl Upstream {
     /// travel back to that client); otherwise the gateway declares none.
     pub async fn call_tool(
         &self,
-        permit: &Permit,
+        cleared: Cleared<'_>,
         params: Map<String, Value>,
         relay: Option<&Envelope>,
     ) -> Result<Relayed, UpstreamError> {
-        self.call_tool_relaying(permit, params, relay, None).await
+        self.call_tool_relaying(cleared, params, relay, None).await
     }
 
     /// [`Self::call_tool`] with `server_requests` answering what a handshake-era upstream asks
     /// the client while it works on the call (see [`ServerRequests`]).
     pub async fn call_tool_relaying(
         &self,
-        _permit: &Permit,
+        cleared: Cleared<'_>,
         params: Map<String, Value>,
         relay: Option<&Envelope>,
         server_requests: Option<&Arc<ServerRequests>>,
     ) -> Result<Relayed, UpstreamError> {
+        sends_what_was_cleared(cleared, "tools/call", &params)?;
         // A stateless upstream validates the `Mcp-Param-*` headers of the arguments its
         // schema marks; they are computed from the forwarded arguments.
         let peer = self.peer().await.map_err(|e| self.scrubbed(e))?;
@@ -1165,6 +1171,28 @@ impl Upstream {
 
 /// An error with its causes (`client error (Connect): invalid peer certificate: UnknownIssuer`):
 /// the client's own message alone does not say what failed, e.g. which TLS check.
+/// The last guard before a body leaves: its target (after any renaming) is the one cleared,
+/// and a tool call's arguments are the ones decided.
+fn sends_what_was_cleared(
+    cleared: Cleared<'_>,
+    method: &str,
+    params: &Map<String, Value>,
+) -> Result<(), UpstreamError> {
+    let target = crate::upstreams::target_of(method, params);
+    let arguments_ok = method != "tools/call"
+        || cleared
+            .permit
+            .covers_arguments(params.get("arguments").unwrap_or(&Value::Null));
+    if target == Some(cleared.forwarded_as) && arguments_ok {
+        return Ok(());
+    }
+    tracing::error!(
+        method,
+        "refused to forward a body that is not the one decided"
+    );
+    Err(UpstreamError::NotDecided)
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -1379,6 +1407,43 @@ fn find_sse_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_cleared_body_leaves() {
+        use crate::pipeline::{CallKind, Permit};
+        let args = json!({"text": "hi"});
+        let permit = Permit::for_test(CallKind::Tool, "gh__echo", &args);
+        let cleared = permit
+            .clear(CallKind::Tool, "gh__echo", &args, "echo")
+            .expect("cleared");
+        let body = |name: &str, args: Value| {
+            json!({"name": name, "arguments": args})
+                .as_object()
+                .cloned()
+                .expect("object")
+        };
+        assert!(sends_what_was_cleared(cleared, "tools/call", &body("echo", args.clone())).is_ok());
+        for (name, a) in [
+            ("send_email", args.clone()),
+            ("echo", json!({"text": "rm -rf"})),
+        ] {
+            assert!(matches!(
+                sends_what_was_cleared(cleared, "tools/call", &body(name, a)),
+                Err(UpstreamError::NotDecided)
+            ));
+        }
+        // Another method's target is checked where that method names it.
+        let read = json!({"uri": "file:///x"})
+            .as_object()
+            .cloned()
+            .expect("object");
+        let p = Permit::for_test(CallKind::Resource, "file:///x", &json!({}));
+        let c = p
+            .clear(CallKind::Resource, "file:///x", &json!({}), "file:///x")
+            .expect("cleared");
+        assert!(sends_what_was_cleared(c, "resources/read", &read).is_ok());
+        assert!(sends_what_was_cleared(c, "prompts/get", &read).is_err());
+    }
 
     #[test]
     fn ndjson_and_batches_pick_our_response() {
