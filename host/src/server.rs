@@ -284,6 +284,8 @@ pub enum RunError {
     },
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::endpoint::ListenError),
 }
 
 /// Starts the gateway on the configured address and serves until `shutdown`.

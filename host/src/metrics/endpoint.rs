@@ -166,11 +166,21 @@ impl Drop for MetricsListener {
     }
 }
 
+/// Why the separate metrics listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics listener: {0}")]
+    Serve(std::io::Error),
+}
+
 /// Binds and serves the separate metrics listener when `INTENTGATE_METRICS_ADDR` is set, and
 /// says in the log where (and whether) `/metrics` is served.
-pub async fn start_listener(
-    gw: &Arc<Gateway>,
-) -> Result<Option<MetricsListener>, crate::server::RunError> {
+pub async fn start_listener(gw: &Arc<Gateway>) -> Result<Option<MetricsListener>, ListenError> {
     let m = &gw.config.telemetry.metrics;
     let auth = if m.open {
         "no token (loopback only)"
@@ -188,10 +198,8 @@ pub async fn start_listener(
     };
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| crate::server::RunError::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(crate::server::RunError::Serve)?;
+        .map_err(|source| ListenError::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(ListenError::Serve)?;
     let gw = Arc::clone(gw);
     let task = tokio::spawn(async move {
         if let Err(e) = serve(gw, listener, std::future::pending()).await {
