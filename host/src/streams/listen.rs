@@ -175,6 +175,16 @@ pub async fn release(gw: &McpService, uris: Vec<String>) {
 pub async fn sweep(gw: Weak<McpService>) {
     let mut rounds = 0u32;
     loop {
+        // With no session in the hub there is nothing to sweep: park until one appears, so
+        // an idle gateway is never woken by this task.
+        let idle = match gw.upgrade() {
+            Some(svc) if svc.streams.counts().0 == 0 => Some(Arc::clone(&svc.streams)),
+            Some(_) => None,
+            None => return,
+        };
+        if let Some(hub) = idle {
+            hub.first_entry().await;
+        }
         tokio::time::sleep(SWEEP).await;
         let Some(gw) = gw.upgrade() else { return };
         rounds += 1;

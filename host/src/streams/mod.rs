@@ -136,6 +136,8 @@ impl Inner {
 pub struct Hub {
     inner: Mutex<Inner>,
     limits: Limits,
+    /// Signalled when a session gets an entry (wakes the parked sweeper).
+    entered: tokio::sync::Notify,
 }
 
 /// A live stream just opened: its events, the ones replayed first.
@@ -149,6 +151,7 @@ impl Hub {
         Hub {
             inner: Mutex::new(Inner::default()),
             limits,
+            entered: tokio::sync::Notify::new(),
         }
     }
 
@@ -177,6 +180,7 @@ impl Hub {
                     return Err(HubError::TooManySessions(self.limits.sessions));
                 }
             }
+            self.entered.notify_one();
             inner.sessions.insert(
                 session.to_owned(),
                 Entry {
@@ -343,6 +347,13 @@ impl Hub {
         let now = Instant::now();
         let linger = self.limits.linger;
         self.lock().sessions.retain(|_, e| !e.idle(now, linger));
+    }
+
+    /// Resolves once a session has an entry (at once if one got one since the last wait).
+    pub async fn first_entry(&self) {
+        if self.counts().0 == 0 {
+            self.entered.notified().await;
+        }
     }
 
     /// How many sessions have an entry, and how many subscriptions in all (for tests and
