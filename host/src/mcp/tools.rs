@@ -261,7 +261,12 @@ impl CallContext<'_> {
             .and_then(Value::as_object)
             .cloned()
             .unwrap_or_default();
-        for (key, request) in requests.into_iter().take(MAX_RELAYED_INPUTS) {
+        for (key, mut request) in requests.into_iter().take(MAX_RELAYED_INPUTS) {
+            // An input request carries no id (it is not a JSON-RPC request of its own); it is
+            // asked as one, or the asker would take it for a notification.
+            if let Some(m) = request.as_object_mut() {
+                m.entry("id").or_insert_with(|| Value::from(key.clone()));
+            }
             let reply = asker.ask(request).await;
             // An input the client refused is answered as declined, so the tool can go on.
             let answer = match reply.get("result") {
