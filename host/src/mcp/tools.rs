@@ -189,6 +189,9 @@ impl CallContext<'_> {
             };
         }
         if modern && translate::is_input_required(&result) {
+            // What the upstream asks the agent's user is decided before the client sees it,
+            // as when it is asked during a handshake-era call.
+            self.decide_inputs(&call, &result).await?;
             // Hand out the gateway's seal instead of the upstream's state.
             let mut next = self.round_binding(&inv);
             next.call_event = previous.as_ref().map_or(permit.event_id, |p| p.call_event);
@@ -276,6 +279,29 @@ impl CallContext<'_> {
             answers.insert(key, answer);
         }
         answers
+    }
+
+    /// Decides each input request of an input-required result handed to a 2026-07-28 client
+    /// (the client answers them itself); the first refused one refuses the call.
+    async fn decide_inputs(
+        &self,
+        call: &ToolCall<'_>,
+        result: &serde_json::Map<String, Value>,
+    ) -> Result<(), RpcError> {
+        let Some(requests) = result.get("inputRequests").and_then(Value::as_object) else {
+            return Ok(());
+        };
+        let asking = super::relay::Asking {
+            grant: self.grant,
+            tool: call.tool,
+            upstream: call.upstream,
+            remote_ip: &call.remote_ip,
+            session: call.session_id,
+        };
+        for request in requests.values() {
+            asking.decide(self.gw, request).await?;
+        }
+        Ok(())
     }
 
     /// Who asks this call's client what the upstream asks it, when the client can be asked
