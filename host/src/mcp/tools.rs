@@ -139,6 +139,28 @@ impl CallContext<'_> {
             },
             Err(e) => return Err(e),
         };
+        // A call held open at a handshake-era upstream that asked this 2026-07-28 client
+        // something: resumed with the client's answers, or a new one held when it asks.
+        let held = previous
+            .as_ref()
+            .and_then(|p| p.inner.as_deref())
+            .and_then(|s| s.strip_prefix(HELD));
+        if let Some(id) = held {
+            let step = self.resume_held(&call, &inv, id, rpc).await?;
+            return self
+                .held_answer(&inv, &call, &permit, previous.as_ref(), step, rpc)
+                .await;
+        }
+        if modern && self.holds(upstream).await {
+            let mut params = inv.forward_params(None);
+            if let Some(r) = route {
+                crate::upstreams::rename_target("tools/call", &mut params, r.original);
+            }
+            let step = self.hold_call(&call, &permit, params, rpc).await?;
+            return self
+                .held_answer(&inv, &call, &permit, previous.as_ref(), step, rpc)
+                .await;
+        }
         let mut params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
         if let Some(r) = route {
             crate::upstreams::rename_target("tools/call", &mut params, r.original);
@@ -229,6 +251,19 @@ impl CallContext<'_> {
         let reply = upstream
             .call_tool_relaying(permit, params, relay, ask_client.as_ref())
             .await;
+        self.settle_forwarded(call, permit, forwarding, reply, rpc)
+            .await
+    }
+
+    /// The upstream's answer to a forwarded call, as [`Self::forward`] returns it.
+    async fn settle_forwarded(
+        &self,
+        call: &ToolCall<'_>,
+        permit: &crate::pipeline::Permit,
+        forwarding: std::time::Instant,
+        reply: Result<crate::upstream::Relayed, crate::upstream::UpstreamError>,
+        rpc: &RpcRequest,
+    ) -> Result<Result<serde_json::Map<String, Value>, Value>, RpcError> {
         self.forwarded(call.upstream, forwarding, &reply);
         let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
@@ -279,6 +314,210 @@ impl CallContext<'_> {
             answers.insert(key, answer);
         }
         answers
+    }
+
+    /// Whether a 2026-07-28 client's call to `upstream` is held open when the upstream asks
+    /// something: the upstream speaks the handshake era (it asks during the call) and the
+    /// client declared it can be asked.
+    async fn holds(&self, upstream: &crate::upstream::Upstream) -> bool {
+        let Era::Modern(env) = self.era else {
+            return false;
+        };
+        let caps = &env.client_capabilities;
+        let askable = ["sampling", "elicitation", "roots"]
+            .iter()
+            .any(|k| caps.get(*k).is_some());
+        askable
+            && matches!(
+                upstream.era().await,
+                Ok(crate::upstream::UpstreamEra::Handshake)
+            )
+    }
+
+    /// Starts a permitted call at a handshake-era upstream in a task of its own, and waits for
+    /// its end or its first request to the client.
+    async fn hold_call(
+        &self,
+        call: &ToolCall<'_>,
+        permit: &crate::pipeline::Permit,
+        params: serde_json::Map<String, Value>,
+        rpc: &RpcRequest,
+    ) -> Result<HeldStep, RpcError> {
+        let Era::Modern(env) = self.era else {
+            return Err(RpcError::new(code::INTERNAL_ERROR, "not a held call"));
+        };
+        let Some(upstream) = call.upstream.and_then(|n| self.gw.upstreams.shared(n)) else {
+            return Err(upstream_rpc_error(
+                &crate::upstream::UpstreamError::NotConfigured,
+            ));
+        };
+        let (tx, events) = tokio::sync::mpsc::channel::<Value>(8);
+        let relays = std::sync::Arc::clone(&self.gw.relays);
+        let (tenant, jti) = (self.grant.tenant.clone(), self.grant.jti.clone());
+        let handler: std::sync::Arc<crate::upstream::ServerRequests> =
+            std::sync::Arc::new(move |request: Value| {
+                let (relays, tx) = (std::sync::Arc::clone(&relays), tx.clone());
+                let (tenant, jti) = (tenant.clone(), jti.clone());
+                Box::pin(async move {
+                    if request.get("id").is_none() {
+                        let _ = tx.send(request).await;
+                        return serde_json::Map::new();
+                    }
+                    relays.relay(&tenant, &jti, &tx, request).await
+                })
+                    as crate::store::BoxFuture<'static, serde_json::Map<String, Value>>
+            });
+        let started = std::time::Instant::now();
+        let done = upstream.spawn_call_tool(permit, params, Some(env.clone()), handler);
+        let held = super::relay::HeldCall::new(&self.grant.tenant, &self.grant.jti, events, done);
+        Ok(self.await_held(call, held, started, rpc).await)
+    }
+
+    /// Resumes the call held under `id`: the client's answers go to the upstream's requests,
+    /// then the call is waited for again.
+    async fn resume_held(
+        &self,
+        call: &ToolCall<'_>,
+        inv: &Invocation,
+        id: &str,
+        rpc: &RpcRequest,
+    ) -> Result<HeldStep, RpcError> {
+        let (tenant, jti) = (&self.grant.tenant, &self.grant.jti);
+        let Some(held) = self.gw.relays.resume(tenant, jti, id) else {
+            return Err(
+                RpcError::new(code::INVALID_PARAMS, "Invalid or expired requestState").with_data(
+                    Value::from(
+                        "the call it resumes ended, or is held by another replica of the gateway",
+                    ),
+                ),
+            );
+        };
+        if let Some(Value::Object(answers)) = &inv.input_responses {
+            for (key, answer) in answers {
+                self.gw
+                    .relays
+                    .deliver(tenant, jti, json!({"id": key, "result": answer}));
+            }
+        }
+        Ok(self
+            .await_held(call, held, std::time::Instant::now(), rpc)
+            .await)
+    }
+
+    /// Waits for a held call's next request to its client (decided first, like one asked
+    /// during a handshake-era call; a refused one is answered to the upstream as an error) or
+    /// its end. Its notifications are kept for the client as they come.
+    async fn await_held(
+        &self,
+        call: &ToolCall<'_>,
+        mut held: super::relay::HeldCall,
+        started: std::time::Instant,
+        rpc: &RpcRequest,
+    ) -> HeldStep {
+        let token = rpc
+            .params
+            .get("_meta")
+            .and_then(|m| m.get("progressToken"))
+            .cloned();
+        let asking = super::relay::Asking {
+            grant: self.grant,
+            tool: call.tool,
+            upstream: call.upstream,
+            remote_ip: &call.remote_ip,
+            session: call.session_id,
+        };
+        loop {
+            tokio::select! {
+                Some(message) = held.events.recv() => {
+                    if message.get("id").is_none() {
+                        self.keep_notifications(vec![message], token.as_ref());
+                        continue;
+                    }
+                    match asking.decide(self.gw, &message).await {
+                        Ok(()) => return HeldStep::Asked(message, held),
+                        Err(refused) => {
+                            let error = json!({"code": refused.code, "message": refused.message});
+                            self.gw.relays.deliver(
+                                &self.grant.tenant,
+                                &self.grant.jti,
+                                json!({"id": message["id"], "error": error}),
+                            );
+                        }
+                    }
+                }
+                ended = &mut held.done => {
+                    let mut late = Vec::new();
+                    while let Ok(n) = held.events.try_recv() {
+                        late.push(n);
+                    }
+                    self.keep_notifications(late, token.as_ref());
+                    let reply = ended.unwrap_or_else(|e| {
+                        Err(crate::upstream::UpstreamError::Unavailable(format!(
+                            "the held call ended: {e}"
+                        )))
+                    });
+                    return HeldStep::Finished(started, reply);
+                }
+            }
+        }
+    }
+
+    fn keep_notifications(&self, notifications: Vec<Value>, token: Option<&Value>) {
+        let keep = translate::relayable(notifications, token);
+        if let Ok(mut n) = self.notifications.lock() {
+            n.extend(keep);
+        }
+    }
+
+    /// What a 2026-07-28 client gets for a held call's step: its final result, or the
+    /// upstream's request as an input-required result whose sealed state resumes the call.
+    async fn held_answer(
+        &self,
+        inv: &Invocation,
+        call: &ToolCall<'_>,
+        permit: &crate::pipeline::Permit,
+        previous: Option<&RoundState>,
+        step: HeldStep,
+        rpc: &RpcRequest,
+    ) -> Result<Value, RpcError> {
+        {
+            let (request, held) = match step {
+                HeldStep::Finished(started, reply) => {
+                    let result = match self
+                        .settle_forwarded(call, permit, started, reply, rpc)
+                        .await?
+                    {
+                        Ok(r) => r,
+                        Err(other) => return Ok(other),
+                    };
+                    let mut result = translate::call_for_client(result, true)?;
+                    self.annotate(&mut result, permit);
+                    return Ok(Value::Object(result));
+                }
+                HeldStep::Asked(request, held) => (request, held),
+            };
+            let id = request["id"].as_str().unwrap_or_default().to_owned();
+            if !self.gw.relays.hold(&id, held) {
+                return Err(RpcError::new(
+                    code::INTERNAL_ERROR,
+                    "too many calls waiting for their clients",
+                ));
+            }
+            let mut next = self.round_binding(inv);
+            next.call_event = previous.map_or(permit.event_id, |p| p.call_event);
+            next.round = call.round.as_ref().map_or(1, |r| r.number);
+            next.inner = Some(format!("{HELD}{id}"));
+            let state = RoundSeal::new(&self.gw.sessions).seal(&next);
+            let mut result = serde_json::Map::new();
+            result.insert("resultType".into(), Value::from(translate::INPUT_REQUIRED));
+            result.insert(
+                "inputRequests".into(),
+                json!({id: {"method": request["method"], "params": request["params"]}}),
+            );
+            result.insert("requestState".into(), Value::from(state));
+            self.annotate(&mut result, permit);
+            Ok(Value::Object(result))
+        }
     }
 
     /// Decides each input request of an input-required result handed to a 2026-07-28 client
@@ -383,6 +622,21 @@ impl CallContext<'_> {
             Outcome::TimedOut => Ok(None),
         }
     }
+}
+
+/// The prefix of a sealed round state's upstream state that names a held call instead.
+const HELD: &str = "igheld:";
+
+/// Where a held call is (see [`CallContext::hold_call`]).
+enum HeldStep {
+    /// Ended, with the upstream's answer (and when the wait for it began).
+    Finished(
+        std::time::Instant,
+        Result<crate::upstream::Relayed, crate::upstream::UpstreamError>,
+    ),
+    /// The upstream asked the client something (the request under its `igq-` id): the call
+    /// waits for the client's answer.
+    Asked(Value, super::relay::HeldCall),
 }
 
 /// Most rounds of one handshake-era call whose input requests are relayed to its client.
