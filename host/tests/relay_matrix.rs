@@ -267,3 +267,84 @@ async fn every_client_answers_a_handshake_only_upstream() {
 async fn every_client_answers_a_stateless_only_upstream() {
     matrix(Flavor::ModernOnly).await;
 }
+
+/// A policy that refuses sampling refuses it on every path across the eras: the client is never
+/// asked, the tool never gets a model's answer, elicitation still works, and the refusal is
+/// audited with its kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_refuses_sampling_on_every_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("no_sampling.rego");
+    std::fs::write(
+        &policy,
+        r#"package intentgate.policy
+
+decision := {"allow": false, "reason": "no sampling through this gateway"} if {
+	input.kind == "sampling"
+} else := {"allow": true, "reason": "ok"}
+"#,
+    )
+    .expect("policy");
+    let policy = policy.display().to_string();
+    let mut all = Vec::new();
+    for flavor in [Flavor::Sse, Flavor::HandshakeSse, Flavor::ModernOnly] {
+        let up = Upstream::shared_async(flavor).await;
+        let gw = gateway::start(Backend::Sqlite, Some(&up.url), &["--policy-file", &policy]).await;
+        let mut runs = Vec::new();
+        for mode in ["legacy", MODERN] {
+            let (token, jti) = gw
+                .mint(
+                    json!({"subject": format!("nosampling-{mode}"), "tenant": "acme",
+                             "ttl_seconds": 600, "tools": ["*"]}),
+                )
+                .await;
+            let m = marker("nosampling");
+            let s = json!([
+                {"op": "call", "tool": "ask_model", "args": {"prompt": format!("complete {m}")}},
+                {"op": "call", "tool": "confirm", "args": {"question": format!("go ahead {m}?")}},
+            ]);
+            runs.push((mode, token, jti, m, s));
+        }
+        let (a, b) = tokio::join!(
+            python_client(&gw, &runs[0].1, runs[0].0, runs[0].4.clone(), &[]),
+            python_client(&gw, &runs[1].1, runs[1].0, runs[1].4.clone(), &[]),
+        );
+        for ((mode, _, jti, m, _), out) in runs.iter().zip([a, b]) {
+            let ctx = format!("python {mode} client, {flavor:?} upstream");
+            let mut want = |ok: bool, what: &str| {
+                if !ok {
+                    all.push(format!("{ctx}: {what}: {out}"));
+                }
+            };
+            want(
+                out["sampled"] == json!([]),
+                "the client was asked to sample",
+            );
+            want(
+                !out["results"][0].to_string().contains("model said"),
+                "a model's answer reached the tool",
+            );
+            want(
+                out["results"][1]["text"] == json!(["confirmed: True"]),
+                "elicitation no longer works",
+            );
+            want(
+                !up.calls_with(m).iter().any(|c| c["tool"] == "ask_model"),
+                "the sampling tool finished with an answer",
+            );
+            let audit = audit_of(&gw, jti).await;
+            let refused: Vec<&Value> = audit
+                .iter()
+                .filter(|e| e["tool"] == "sampling:ask_model")
+                .collect();
+            want(
+                refused.len() == 1
+                    && refused[0]["decision"] == "block"
+                    && refused[0]["check"] == "policy",
+                "the refusal is not audited once with its kind",
+            );
+        }
+        gw.shutdown().await;
+    }
+    assert!(all.is_empty(), "{}", all.join("\n"));
+}
