@@ -4,22 +4,23 @@
 //! `@modelcontextprotocol/client`, modes legacy and pin) answer sampling and elicitation and
 //! receive progress, in front of the interop upstream (`tests/interop/upstream_server.py`) in
 //! each of its revisions: both (`Flavor::Sse`), the handshake era only (`HandshakeSse`) and
-//! 2026-07-28 only (`ModernOnly`).
+//! 2026-07-28 only (`ModernOnly`), and in front of `mcp` 1.30's own server
+//! (`tests/interop_modern/upstream_server.py` in its venv, handshake era only).
 //!
 //! The upstream's `confirm` (elicitation) and `ask_model` (sampling) tools ask through the
 //! official SDK's resolvers: a request during the call in the handshake era, an
 //! `InputRequiredResult` in 2026-07-28. The gateway carries each across eras and decides it as
 //! the upstream acting toward the agent's user (audited as `elicitation:confirm`,
 //! `sampling:ask_model`). Resources and prompts are read here only for the pairs that
-//! `mcp_kinds.rs` does not cover (the v1 client, and the 2026-07-28-only upstream).
+//! `mcp_kinds.rs` does not cover (the v1 client, the 2026-07-28-only and the mcp 1.30 upstreams).
 //!
 //! The five clients of one upstream run at once, each with its own token, so each one's audit
 //! is read by its token id.
 
 use serde_json::{Value, json};
 
-use crate::interop::{Flavor, Upstream};
-use crate::mcp_eras::{python_client, ts_client};
+use crate::interop::{Flavor, Upstream as InteropUpstream};
+use crate::mcp_eras::{Kind, Upstream as SdkUpstream, python_client, ts_client};
 use crate::support::gateway::{self, ADMIN_TOKEN, Backend, TestGateway};
 use crate::support::http;
 
@@ -48,9 +49,50 @@ fn marker(name: &str) -> String {
     )
 }
 
+/// The upstream in front of which the clients run.
+#[derive(Clone, Copy)]
+enum Up {
+    /// `tests/interop/upstream_server.py` (mcp 2.3) in one of its revisions.
+    Interop(&'static InteropUpstream, Flavor),
+    /// `tests/interop_modern/upstream_server.py` on mcp 1.30: a handshake-only SDK of its own.
+    Mcp130(&'static SdkUpstream),
+}
+
+impl Up {
+    async fn start(flavor: Option<Flavor>) -> Up {
+        match flavor {
+            Some(f) => Up::Interop(InteropUpstream::shared_async(f).await, f),
+            None => Up::Mcp130(SdkUpstream::shared(Kind::HandshakeOnly).await),
+        }
+    }
+
+    fn url(self) -> &'static str {
+        match self {
+            Up::Interop(u, _) => &u.url,
+            Up::Mcp130(u) => &u.url,
+        }
+    }
+
+    fn calls_with(self, m: &str) -> Vec<Value> {
+        match self {
+            Up::Interop(u, _) => u.calls_with(m),
+            Up::Mcp130(u) => u.calls_with(m),
+        }
+    }
+}
+
+impl std::fmt::Display for Up {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Up::Interop(_, flavor) => write!(f, "{flavor:?}"),
+            Up::Mcp130(_) => f.write_str("mcp 1.30"),
+        }
+    }
+}
+
 /// Whether `mcp_kinds.rs` already reads resources and gets prompts with this pair.
-fn kinds_covered(client: &str, flavor: Flavor) -> bool {
-    client != "v1" && matches!(flavor, Flavor::Sse | Flavor::HandshakeSse)
+fn kinds_covered(client: &str, up: Up) -> bool {
+    client != "v1" && matches!(up, Up::Interop(_, Flavor::Sse | Flavor::HandshakeSse))
 }
 
 fn steps(m: &str, with_kinds: bool) -> Value {
@@ -110,8 +152,7 @@ fn progress_of(r: &Value) -> Vec<f64> {
 #[allow(clippy::too_many_arguments)]
 async fn problems(
     gw: &TestGateway,
-    up: &Upstream,
-    flavor: Flavor,
+    up: Up,
     client: &str,
     mode: &str,
     jti: &str,
@@ -160,7 +201,7 @@ async fn problems(
         }
         Err(e) => want(false, format!("slow_count: {e}")),
     }
-    let kinds = !kinds_covered(client, flavor);
+    let kinds = !kinds_covered(client, up);
     if kinds {
         match step(out, 3) {
             Ok(r) => want(
@@ -211,13 +252,13 @@ async fn problems(
         );
     }
     p.into_iter()
-        .map(|e| format!("{client} {mode} client, {flavor:?} upstream: {e}"))
+        .map(|e| format!("{client} {mode} client, {up} upstream: {e}"))
         .collect()
 }
 
-async fn matrix(flavor: Flavor) {
-    let up = Upstream::shared_async(flavor).await;
-    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+async fn matrix(flavor: Option<Flavor>) {
+    let up = Up::start(flavor).await;
+    let gw = gateway::start(Backend::Sqlite, Some(up.url()), &[]).await;
     let mut runs = Vec::new();
     for (client, mode) in CLIENTS {
         let (token, jti) = gw
@@ -227,7 +268,7 @@ async fn matrix(flavor: Flavor) {
             )
             .await;
         let m = marker(&format!("relay{client}"));
-        let s = steps(&m, !kinds_covered(client, flavor));
+        let s = steps(&m, !kinds_covered(client, up));
         runs.push((client, mode, token, jti, m, s));
     }
     let go = |i: usize| {
@@ -237,7 +278,7 @@ async fn matrix(flavor: Flavor) {
     let (a, b, c, d, e) = tokio::join!(go(0), go(1), go(2), go(3), go(4));
     let mut all = Vec::new();
     for ((client, mode, _, jti, m, _), out) in runs.iter().zip([a, b, c, d, e]) {
-        let p = problems(&gw, up, flavor, client, mode, jti, m, &out).await;
+        let p = problems(&gw, up, client, mode, jti, m, &out).await;
         if !p.is_empty() {
             all.extend(p);
             all.push(format!("  run: {out}"));
@@ -252,20 +293,28 @@ async fn matrix(flavor: Flavor) {
 /// statelessly (its input-required results sealed by the gateway).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_client_answers_an_upstream_of_both_revisions() {
-    matrix(Flavor::Sse).await;
+    matrix(Some(Flavor::Sse)).await;
 }
 
-/// A handshake-only upstream asks during the call, on the call's stream.
+/// A handshake-only upstream asks during the call, on the call's stream; a 2026-07-28 client
+/// gets each request as an input-required result while the gateway holds the call open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_client_answers_a_handshake_only_upstream() {
-    matrix(Flavor::HandshakeSse).await;
+    matrix(Some(Flavor::HandshakeSse)).await;
+}
+
+/// The official Python SDK 1.30 (handshake era only), a server of its own: it asks on the
+/// call's stream (`related_request_id`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_answers_an_mcp_1_30_upstream() {
+    matrix(None).await;
 }
 
 /// A 2026-07-28-only upstream asks through input-required results, which the gateway relays to
 /// a handshake-era client as requests on its call's stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_client_answers_a_stateless_only_upstream() {
-    matrix(Flavor::ModernOnly).await;
+    matrix(Some(Flavor::ModernOnly)).await;
 }
 
 /// A policy that refuses sampling refuses it on every path across the eras: the client is never
@@ -288,7 +337,7 @@ decision := {"allow": false, "reason": "no sampling through this gateway"} if {
     let policy = policy.display().to_string();
     let mut all = Vec::new();
     for flavor in [Flavor::Sse, Flavor::HandshakeSse, Flavor::ModernOnly] {
-        let up = Upstream::shared_async(flavor).await;
+        let up = InteropUpstream::shared_async(flavor).await;
         let gw = gateway::start(Backend::Sqlite, Some(&up.url), &["--policy-file", &policy]).await;
         let mut runs = Vec::new();
         for mode in ["legacy", MODERN] {
