@@ -397,3 +397,94 @@ decision := {"allow": false, "reason": "no sampling through this gateway"} if {
     }
     assert!(all.is_empty(), "{}", all.join("\n"));
 }
+
+/// The held call on the wire: a 2026-07-28 request to a handshake-only upstream's `confirm`
+/// gets the upstream's elicitation as an input-required result under a gateway id with a sealed
+/// state; the retry with the answer gets the tool's result; the rounds are one call in the
+/// audit, and the state cannot be used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_call_on_the_wire() {
+    use crate::mcp_eras::{modern_body, post};
+    let up = InteropUpstream::shared_async(Flavor::HandshakeSse).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (tok, jti) = gw
+        .mint(json!({"subject": "held", "tenant": "acme", "ttl_seconds": 600, "tools": ["*"]}))
+        .await;
+    let m = marker("held");
+    let args = json!({"question": format!("held {m}?")});
+    let round = |id: u64, extra: Value| {
+        let mut b = modern_body(
+            id,
+            "tools/call",
+            json!({"name": "confirm", "arguments": args}),
+        );
+        b["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"] =
+            json!({"elicitation": {"form": {}}});
+        if let (Some(p), Some(e)) = (b["params"].as_object_mut(), extra.as_object()) {
+            p.extend(e.clone());
+        }
+        b
+    };
+    let headers = [
+        ("mcp-protocol-version", MODERN),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "confirm"),
+    ];
+    let (s, _, first) = post(&gw, &tok, &headers, &round(1, json!({}))).await;
+    assert_eq!(s, 200, "{first}");
+    let r = &first["result"];
+    assert_eq!(r["resultType"], "input_required", "{first}");
+    let requests = r["inputRequests"].as_object().expect("inputRequests");
+    assert_eq!(requests.len(), 1, "{first}");
+    let (key, request) = requests.iter().next().expect("one request");
+    assert!(key.starts_with("igq-"), "a gateway id: {key}");
+    assert_eq!(request["method"], "elicitation/create", "{first}");
+    assert_eq!(
+        request["params"]["message"],
+        format!("held {m}?"),
+        "{first}"
+    );
+    let state = r["requestState"].as_str().expect("requestState").to_owned();
+    assert!(state.starts_with("igr1."), "{state}");
+    assert!(
+        up.calls_with(&m).is_empty(),
+        "the upstream's call is still open"
+    );
+
+    let answer = json!({"inputResponses": {key.as_str(): {"action": "accept", "content": {"confirm": true}}},
+                        "requestState": state});
+    let (s, _, second) = post(&gw, &tok, &headers, &round(2, answer.clone())).await;
+    assert_eq!(s, 200, "{second}");
+    assert_eq!(second["result"]["resultType"], "complete", "{second}");
+    assert_eq!(
+        second["result"]["content"][0]["text"], "confirmed: True",
+        "{second}"
+    );
+    assert_eq!(up.calls_with(&m).len(), 1, "the upstream's call ended once");
+
+    let (s, _, replay) = post(&gw, &tok, &headers, &round(3, answer)).await;
+    assert_eq!(
+        replay["error"]["code"], -32013,
+        "a replayed round is refused as spent: {replay}"
+    );
+    assert_eq!(s, 200, "{replay}");
+    assert_eq!(up.calls_with(&m).len(), 1);
+
+    let audit = audit_of(&gw, &jti).await;
+    let calls: Vec<&Value> = audit.iter().filter(|e| e["tool"] == "confirm").collect();
+    let first_event = calls
+        .iter()
+        .find(|e| e.get("round").is_none())
+        .expect("round 1");
+    let second_event = calls.iter().find(|e| e["round"] == 2).expect("round 2");
+    assert_eq!(second_event["call_id"], first_event["id"], "{audit:?}");
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|e| e["tool"] == "elicitation:confirm" && e["decision"] == "allow")
+            .count(),
+        1,
+        "{audit:?}"
+    );
+    gw.shutdown().await;
+}
