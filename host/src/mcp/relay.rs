@@ -8,8 +8,14 @@
 //! token (tenant and token id) is taken for it ([`Relays::deliver`]). A call whose client does
 //! not take an event stream refuses the upstream's request at once (`upstream.rs`).
 //!
-//! This module must never deliver a reply to another token's request, never keep a request
-//! waiting past [`REPLY_TIMEOUT`], and never hold more than [`MAX_PENDING`] at once.
+//! A 2026-07-28 client cannot be asked during a call: when its call goes to a handshake-era
+//! upstream, the call is held open ([`HeldCall`], kept by [`Relays::hold`]) and each request is
+//! handed to the client as an input-required result; the client's retry resumes it
+//! ([`Relays::resume`], same token only). Every request is decided first ([`Asking::decide`]).
+//!
+//! This module must never deliver a reply to another token's request, never resume another
+//! token's held call, never keep a request waiting (or a call held) past [`REPLY_TIMEOUT`], and
+//! never hold more than [`MAX_PENDING`] of either at once.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
