@@ -289,7 +289,7 @@ impl Gateway {
                 pipeline: Arc::clone(&pipeline),
                 upstreams: Arc::clone(&upstreams),
                 approvals: approvals.clone(),
-                relays: crate::mcp::relay::Relays::default(),
+                relays: Arc::default(),
                 streams,
                 sessions: SessionKeys::derive(secrets.master_key.as_bytes()),
             }

@@ -51,7 +51,7 @@ pub fn expose_uri_as(upstream: &str, original: &str, namespaced: bool) -> String
 
 /// Every configured upstream, by name, in configuration order.
 pub struct Upstreams {
-    entries: Vec<(String, Upstream)>,
+    entries: Vec<(String, std::sync::Arc<Upstream>)>,
     separator: String,
     /// What the last exchange with each upstream showed (see [`Health`]), by entry.
     health: Box<[AtomicU8]>,
@@ -104,7 +104,10 @@ impl Upstreams {
     pub fn new(entries: Vec<(String, Upstream)>, separator: impl Into<String>) -> Self {
         Self {
             health: entries.iter().map(|_| AtomicU8::new(0)).collect(),
-            entries,
+            entries: entries
+                .into_iter()
+                .map(|(n, u)| (n, std::sync::Arc::new(u)))
+                .collect(),
             separator: separator.into(),
         }
     }
@@ -153,13 +156,20 @@ impl Upstreams {
 
     /// Each upstream with its name, in configuration order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Upstream)> {
-        self.entries.iter().map(|(n, u)| (n.as_str(), u))
+        self.entries.iter().map(|(n, u)| (n.as_str(), &**u))
     }
 
     pub fn get(&self, name: &str) -> Option<&Upstream> {
         self.entries
             .iter()
-            .find_map(|(n, u)| (n == name).then_some(u))
+            .find_map(|(n, u)| (n == name).then_some(&**u))
+    }
+
+    /// [`Self::get`], owned: for a call that outlives its request (a held call, `mcp/relay.rs`).
+    pub fn shared(&self, name: &str) -> Option<std::sync::Arc<Upstream>> {
+        self.entries
+            .iter()
+            .find_map(|(n, u)| (n == name).then(|| std::sync::Arc::clone(u)))
     }
 
     /// The upstream a tool or prompt name goes to: `Ok(None)` when none is configured.

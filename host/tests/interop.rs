@@ -210,6 +210,10 @@ pub(crate) enum Flavor {
     HandshakeJson,
     /// Plain JSON bodies, `tools/list` in pages of three tools.
     Paged,
+    /// The default server refusing the handshake era (`initialize`, session streams), as a
+    /// server written for 2026-07-28 alone: it asks the client only through input-required
+    /// results.
+    ModernOnly,
 }
 
 impl Flavor {
@@ -221,6 +225,7 @@ impl Flavor {
             Flavor::HandshakeSse => &["--handshake-only"],
             Flavor::HandshakeJson => &["--handshake-only", "--json-response"],
             Flavor::Paged => &["--json-response", "--page-size", "3"],
+            Flavor::ModernOnly => &["--modern-only"],
         }
     }
 
@@ -294,6 +299,7 @@ impl Upstream {
         static HANDSHAKE_SSE: OnceLock<Upstream> = OnceLock::new();
         static HANDSHAKE_JSON: OnceLock<Upstream> = OnceLock::new();
         static PAGED: OnceLock<Upstream> = OnceLock::new();
+        static MODERN_ONLY: OnceLock<Upstream> = OnceLock::new();
         let cell = match flavor {
             Flavor::Sse => &SSE,
             Flavor::Json => &JSON,
@@ -301,6 +307,7 @@ impl Upstream {
             Flavor::HandshakeSse => &HANDSHAKE_SSE,
             Flavor::HandshakeJson => &HANDSHAKE_JSON,
             Flavor::Paged => &PAGED,
+            Flavor::ModernOnly => &MODERN_ONLY,
         };
         let up = cell.get_or_init(|| Upstream::start(flavor));
         if let Ok(Some(status)) = up.child.lock().expect("child").try_wait() {

@@ -20,6 +20,7 @@ mod outbox;
 mod plugins;
 mod powercut;
 mod relay;
+mod relay_matrix;
 mod store;
 mod streams;
 mod support;

@@ -205,15 +205,15 @@ pub(crate) async fn ts_client(
 // --- upstreams ----------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     /// mcp 2.3: both revisions.
     BothEras,
     /// mcp 1.30: the handshake era only.
     HandshakeOnly,
 }
 
-struct Upstream {
-    url: String,
+pub(crate) struct Upstream {
+    pub(crate) url: String,
     log: PathBuf,
     child: Mutex<Child>,
     _stdin: Mutex<ChildStdin>,
@@ -287,7 +287,7 @@ impl Upstream {
         let _ = child.wait();
     }
 
-    async fn shared(kind: Kind) -> &'static Upstream {
+    pub(crate) async fn shared(kind: Kind) -> &'static Upstream {
         static BOTH: OnceLock<Upstream> = OnceLock::new();
         static OLD: OnceLock<Upstream> = OnceLock::new();
         tokio::task::spawn_blocking(move || {
@@ -306,7 +306,7 @@ impl Upstream {
     }
 
     /// The calls that reached this upstream with `marker` in their arguments.
-    fn calls_with(&self, marker: &str) -> Vec<Value> {
+    pub(crate) fn calls_with(&self, marker: &str) -> Vec<Value> {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()

@@ -2,7 +2,7 @@
 //! Python client (handshake era) answers an elicitation of the real Python MCP server's
 //! `ask_user` tool, and only the token whose call was asked can answer. (In the stateless era
 //! the same server cannot elicit outside an input-required result; those rounds are tested in
-//! `mcp_eras.rs`.)
+//! `mcp_eras.rs`, and every client/upstream revision pair in `relay_matrix.rs`.)
 
 use std::process::{Command, Stdio};
 

@@ -41,8 +41,10 @@ const CAPABILITY: i64 = -32010;
 const UPSTREAM_UNAVAILABLE: i64 = -32018;
 const INVALID_PARAMS: i64 = -32602;
 const MODERN: &str = "2026-07-28";
-const TOOLS: [&str; 7] = [
+const TOOLS: [&str; 9] = [
+    "ask_model",
     "ask_user",
+    "confirm",
     "delete_records",
     "echo",
     "read_invoice",

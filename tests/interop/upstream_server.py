@@ -5,10 +5,12 @@ It serves the streamable HTTP transport on 127.0.0.1 at `/mcp`, stateful (with
 `Mcp-Session-Id` sessions) and answering with SSE streams by default, as the official
 server does. It speaks both protocol eras that `mcp` 2.x speaks (handshake 2025-11-25 and
 the stateless 2026-07-28); `--handshake-only` makes it refuse the stateless era as `mcp` 1.x
-servers do, so its clients use `initialize` and sessions.
+servers do, so its clients use `initialize` and sessions; `--modern-only` makes it refuse the
+handshake era instead, as a server written for 2026-07-28 alone does.
 
     python3 tests/interop/upstream_server.py [PORT] [--json-response] [--stateless]
-                                             [--handshake-only] [--call-log FILE]
+                                             [--handshake-only | --modern-only]
+                                             [--call-log FILE]
                                              [--ignore-stdin] [--page-size N]
 
 PORT 0 (the default) picks a free port. The first line on stdout is always `PORT <n>`,
@@ -19,7 +21,10 @@ SIGTERM/SIGINT. `--ignore-stdin` turns the stdin watch off, for running it by ha
 stdin at /dev/null.
 
 Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text), ask_user(question), slow_count(n),
-touch(uri, list_changed) (announces a resource update or a tool list change outside any call).
+touch(uri, list_changed) (announces a resource update or a tool list change outside any call),
+confirm(question) (an elicitation) and ask_model(prompt) (sampling), which ask the client in
+either revision (a request during the call, or an InputRequiredResult in 2026-07-28; ask_user
+elicits only in the handshake era).
 Resources: `file:///public/readme.md`, `file:///public/secret.txt`, `file:///private/ledger.csv`
 and the template `note://{topic}`; prompts: `summarize(text)`, `greet(name)`, `admin_reset()`;
 completions: `greet`'s `name` and `note://{topic}`'s `topic` complete from fixed lists;
@@ -51,6 +56,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--handshake-only",
         action="store_true",
         help="refuse the stateless 2026-07-28 era as a handshake-only server (mcp 1.x) does",
+    )
+    p.add_argument(
+        "--modern-only",
+        action="store_true",
+        help="refuse the handshake era (initialize, sessions): only 2026-07-28 is spoken",
     )
     p.add_argument("--call-log", metavar="FILE", help="append one JSON line per tool call")
     p.add_argument("--ignore-stdin", action="store_true", help="do not exit when stdin closes")
@@ -131,6 +141,39 @@ def build_server(call_log: str | None, page_size: int = 0):
         if r.action == "accept":
             return f"answer: {r.data.confirm}"
         return f"answer: {r.action}"
+
+    # Tools that ask the client in either revision: the SDK's resolvers send a request during
+    # the call in the handshake era and answer an InputRequiredResult in the stateless one.
+    from typing import Annotated
+
+    from mcp.server.elicitation import ElicitationResult
+    from mcp.server.mcpserver.resolve import Elicit, Resolve, Sample
+    from mcp_types import CreateMessageResult, SamplingMessage, TextContent
+
+    def confirmation(question: str) -> Elicit[Confirm]:
+        return Elicit(question, Confirm)
+
+    def completion(prompt: str) -> Sample:
+        return Sample([SamplingMessage(role="user", content=TextContent(type="text", text=prompt))],
+                      max_tokens=64)
+
+    @server.tool()
+    async def confirm(question: str,
+                      answer: Annotated[ElicitationResult[Confirm], Resolve(confirmation)],
+                      ctx: Context) -> str:
+        """Ask the user a yes/no question (an elicitation, in either revision) and report it."""
+        record("confirm", {"question": question, "action": answer.action}, ctx)
+        if answer.action == "accept":
+            return f"confirmed: {answer.data.confirm}"
+        return f"confirmed: {answer.action}"
+
+    @server.tool()
+    async def ask_model(prompt: str, reply: Annotated[CreateMessageResult, Resolve(completion)],
+                        ctx: Context) -> str:
+        """Ask the client's model (sampling, in either revision) and report its text."""
+        text = getattr(reply.content, "text", None)
+        record("ask_model", {"prompt": prompt, "model": reply.model}, ctx)
+        return f"model said: {text}"
 
     @server.tool()
     async def slow_count(n: int, ctx: Context) -> str:
@@ -305,6 +348,37 @@ class HandshakeOnly:
         return await self.app(scope, replay, send)
 
 
+class ModernOnly:
+    """ASGI middleware: answer like a server that speaks only the stateless 2026-07-28 revision.
+
+    Every request that is not of that revision (no `MCP-Protocol-Version: 2026-07-28`, such as
+    `initialize`) is refused with HTTP 400 and -32022 naming the one supported version, and
+    `GET` (a handshake-era session stream) with 405. A client (or gateway) that asks for the
+    handshake era must then speak the stateless one, answering input-required results.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["method"] == "POST" and headers.get("mcp-protocol-version") == "2026-07-28":
+            return await self.app(scope, receive, send)
+        if scope["method"] == "POST":
+            status = 400
+            answer = json.dumps({"jsonrpc": "2.0", "id": None, "error": {
+                "code": -32022, "message": "Unsupported protocol version",
+                "data": {"supported": ["2026-07-28"]}}}).encode()
+        else:
+            status, answer = 405, b""
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"allow", b"POST")]})
+        await send({"type": "http.response.body", "body": answer})
+        return None
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
 
@@ -336,6 +410,8 @@ def main(argv: list[str]) -> int:
     )
     if args.handshake_only:
         app = HandshakeOnly(app)
+    elif args.modern_only:
+        app = ModernOnly(app)
     config = uvicorn.Config(
         app,
         log_level="warning",

@@ -10,9 +10,13 @@
 // then fallback) or { pin: '2026-07-28' } ("pin"). STEPS_JSON is a list of {"op": "list"},
 // {"op": "call", "tool", "args"}, {"op": "resources"}, {"op": "templates"}, {"op": "prompts"},
 // {"op": "read", "uri"}, {"op": "prompt", "name", "args"} and {"op": "complete", "ref",
-// "argument"} (ref as on the wire). Prints one JSON line:
-// {"client", "mode", "era", "protocol_version", "results": [...]}, where a refused operation is
-// {"op", "ok": false, "code", "message"}. Exit 0 whenever the line was printed, 2 for bad
+// "argument"} (ref as on the wire); a call with "progress": true records the progress values
+// it received. The client declares sampling and form elicitation: it answers sampling with the
+// text "sampled by CLIENT MODE" and accepts every elicitation with each boolean of the form true
+// (during a call, or in a 2026-07-28 input-required round, which v2 answers by itself). Prints
+// one JSON line: {"client", "mode", "era", "protocol_version", "sampled" (the prompts it was
+// asked to complete), "elicitations" (their messages), "results": [...]}, where a refused
+// operation is {"op", "ok": false, "code", "message"}. Exit 0 whenever the line was printed, 2 for bad
 // arguments, 3 when the packages are missing (run tests/interop_modern/setup.sh).
 
 import { readFileSync } from 'node:fs';
@@ -31,9 +35,17 @@ async function load(client) {
       const { StreamableHTTPClientTransport } = await import(
         '@modelcontextprotocol/sdk/client/streamableHttp.js'
       );
-      return { Client, StreamableHTTPClientTransport };
+      const { CreateMessageRequestSchema, ElicitRequestSchema } = await import(
+        '@modelcontextprotocol/sdk/types.js'
+      );
+      // v1 registers handlers by request schema, v2 by method name.
+      const schemas = {
+        'sampling/createMessage': CreateMessageRequestSchema,
+        'elicitation/create': ElicitRequestSchema,
+      };
+      return { Client, StreamableHTTPClientTransport, handlerKey: (m) => schemas[m] };
     }
-    return await import('@modelcontextprotocol/client');
+    return { ...(await import('@modelcontextprotocol/client')), handlerKey: (m) => m };
   } catch (e) {
     console.error(`clients.mjs: cannot load the ${client} client (${e.message}); ${HINT}`);
     process.exit(3);
@@ -51,18 +63,40 @@ function failure(op, e) {
 }
 
 async function run(opts, steps) {
-  const { Client, StreamableHTTPClientTransport } = await load(opts.client);
+  const { Client, StreamableHTTPClientTransport, handlerKey } = await load(opts.client);
   const info = { name: 'intentgate-interop-ts', version: '0.0.0' };
-  let options = {};
+  // The client can be asked for sampling and (form) elicitation.
+  let options = { capabilities: { sampling: {}, elicitation: { form: {} } } };
   if (opts.client === 'v2') {
     const mode = opts.mode === 'pin' ? { pin: '2026-07-28' } : opts.mode;
-    options = { versionNegotiation: { mode } };
+    options = { ...options, versionNegotiation: { mode } };
   }
   const client = new Client(info, options);
+  const asked = { sampled: [], elicitations: [] };
+  client.setRequestHandler(handlerKey('sampling/createMessage'), async (request) => {
+    const texts = (request.params.messages ?? []).map((m) => m.content?.text ?? '');
+    asked.sampled.push(texts.filter(Boolean).join(' '));
+    return {
+      model: 'intentgate-fixed-model',
+      role: 'assistant',
+      content: { type: 'text', text: `sampled by ${opts.client} ${opts.mode}` },
+    };
+  });
+  client.setRequestHandler(handlerKey('elicitation/create'), async (request) => {
+    asked.elicitations.push(request.params.message ?? '');
+    // Every boolean the form asks for is true ({"ok": true}, {"confirm": true}, ...).
+    const props = request.params.requestedSchema?.properties ?? {};
+    const content = Object.fromEntries(
+      Object.entries(props)
+        .filter(([, v]) => v?.type === 'boolean')
+        .map(([k]) => [k, true]),
+    );
+    return { action: 'accept', content: Object.keys(content).length ? content : { ok: true } };
+  });
   const transport = new StreamableHTTPClientTransport(new URL(`${opts.gateway}/v1/mcp`), {
     requestInit: { headers: { Authorization: `Bearer ${opts.token}` } },
   });
-  const out = { client: opts.client, mode: opts.mode, results: [] };
+  const out = { client: opts.client, mode: opts.mode, results: [], ...asked };
   try {
     await client.connect(transport);
   } catch (e) {
@@ -112,13 +146,21 @@ async function run(opts, steps) {
         const r = await client.complete({ ref: step.ref, argument: step.argument });
         out.results.push({ op: step.op, ok: true, values: r.completion.values });
       } else if (step.op === 'call') {
-        const r = await client.callTool({ name: step.tool, arguments: step.args ?? {} });
+        const progress = [];
+        const onprogress = (p) => progress.push(p.progress);
+        const params = { name: step.tool, arguments: step.args ?? {} };
+        const options = step.progress ? { onprogress } : undefined;
+        const r =
+          opts.client === 'v1'
+            ? await client.callTool(params, undefined, options)
+            : await client.callTool(params, options);
         out.results.push({
           op: 'call',
           ok: true,
           tool: step.tool,
           is_error: Boolean(r.isError),
           text: (r.content ?? []).map((c) => c.text ?? null),
+          ...(step.progress ? { progress } : {}),
         });
       } else {
         throw new Error(`unknown op ${step.op}`);

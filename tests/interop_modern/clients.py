@@ -9,12 +9,16 @@ fallback) or 2026-07-28 (pinned, stateless). STEPS_JSON is a list of {"op": "lis
 {"op": "call", "tool", "args"}, {"op": "resources"}, {"op": "templates"}, {"op": "prompts"},
 {"op": "read", "uri"}, {"op": "prompt", "name", "args"}, {"op": "complete", "ref", "argument"}
 (ref as on the wire: {"type": "ref/prompt", "name"} or {"type": "ref/resource", "uri"}),
-{"op": "subscribe", "uri"} and {"op": "unsubscribe", "uri"}. The client answers every elicitation (a 2026-07-28
-InputRequiredResult round) with {"ok": true}; with --revoke-on-elicit it first revokes that
-token id through the admin API, so the next round runs with a revoked token.
+{"op": "subscribe", "uri"} and {"op": "unsubscribe", "uri"}; a call with "progress": true
+records the progress notifications it received (their `progress` values). The client answers
+every elicitation (during a call, or in a 2026-07-28 InputRequiredResult round) by accepting
+with every boolean of the form true ({"ok": true} when it has none); with --revoke-on-elicit it
+first revokes that token id through the admin API, so the next round runs with a revoked token.
+It answers every sampling request with the text "sampled by python MODE".
 
-Prints one JSON line: {"mode", "protocol_version" (what the client ended on), "elicitations",
-"results": [...]}; a refused operation is {"op", "ok": false, "code", "message"}.
+Prints one JSON line: {"mode", "protocol_version" (what the client ended on), "elicitations"
+(their messages), "sampled" (the prompts it was asked to complete), "results": [...]}; a
+refused operation is {"op", "ok": false, "code", "message"}.
 Exit 0 whenever the line was printed, 2 for bad arguments, 3 when a package is missing.
 """
 
@@ -58,6 +62,7 @@ async def run(args: argparse.Namespace, steps: list[dict[str, Any]]) -> dict[str
     from mcp.client.streamable_http import streamable_http_client
 
     elicited: list[str] = []
+    sampled: list[str] = []
 
     async def on_elicit(context: Any, params: Any) -> Any:
         elicited.append(getattr(params, "message", ""))
@@ -67,7 +72,18 @@ async def run(args: argparse.Namespace, steps: list[dict[str, Any]]) -> dict[str
                                  json={"jti": args.revoke_on_elicit, "reason": "between rounds"},
                                  headers={"Authorization": f"Bearer {args.admin_token}"})
                 r.raise_for_status()
-        return types.ElicitResult(action="accept", content={"ok": True})
+        # Every boolean the form asks for is true ({"ok": true}, {"confirm": true}, ...).
+        schema = getattr(params, "requested_schema", None) or {}
+        props = schema.get("properties", {}) if isinstance(schema, dict) else {}
+        content = {k: True for k, v in props.items() if v.get("type") == "boolean"} or {"ok": True}
+        return types.ElicitResult(action="accept", content=content)
+
+    async def on_sample(context: Any, params: Any) -> Any:
+        texts = [getattr(m.content, "text", "") for m in getattr(params, "messages", [])]
+        sampled.append(" ".join(t for t in texts if t))
+        return types.CreateMessageResult(
+            role="assistant", model="intentgate-fixed-model",
+            content=types.TextContent(type="text", text=f"sampled by python {args.mode}"))
 
     results: list[dict[str, Any]] = []
     version = None
@@ -76,7 +92,8 @@ async def run(args: argparse.Namespace, steps: list[dict[str, Any]]) -> dict[str
         transport = streamable_http_client(args.gateway + "/v1/mcp", http_client=http)
         try:
             async with Client(transport, mode=args.mode, read_timeout_seconds=30.0, cache=None,
-                              elicitation_callback=on_elicit) as client:
+                              elicitation_callback=on_elicit,
+                              sampling_callback=on_sample) as client:
                 version = client.protocol_version
                 for step in steps:
                     op = step["op"]
@@ -122,11 +139,20 @@ async def run(args: argparse.Namespace, steps: list[dict[str, Any]]) -> dict[str
                                 await client.unsubscribe_resource(step["uri"])
                             results.append({"op": op, "ok": True, "uri": step["uri"]})
                         elif op == "call":
-                            r = await client.call_tool(step["tool"], step.get("args") or {})
+                            progress: list[float] = []
+
+                            async def on_progress(p: float, total: float | None,
+                                                  message: str | None) -> None:
+                                progress.append(p)
+
+                            r = await client.call_tool(
+                                step["tool"], step.get("args") or {},
+                                progress_callback=on_progress if step.get("progress") else None)
                             results.append({
                                 "op": op, "ok": True, "tool": step["tool"],
                                 "is_error": bool(r.is_error),
                                 "text": [getattr(b, "text", None) for b in r.content],
+                                **({"progress": progress} if step.get("progress") else {}),
                             })
                         else:
                             raise SystemExit(f"unknown op {op!r}")
@@ -135,7 +161,7 @@ async def run(args: argparse.Namespace, steps: list[dict[str, Any]]) -> dict[str
         except (Exception, BaseExceptionGroup) as e:  # noqa: B036 - connect failed
             results.append(error_result("connect", e))
     return {"mode": args.mode, "protocol_version": version, "elicitations": elicited,
-            "results": results}
+            "sampled": sampled, "results": results}
 
 
 def main(argv: list[str]) -> int:

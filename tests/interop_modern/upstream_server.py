@@ -11,9 +11,11 @@ tests/interop_modern/.venv-mcp130) it speaks only the handshake era, as deployed
 The first line on stdout is `PORT <n>` once the socket is bound. The server exits when stdin
 closes (so a dying test takes it along) or on SIGTERM.
 
-Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text); with mcp 2.x
+Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text), confirm(question)
+(an elicitation), ask_model(prompt) (sampling), slow_count(n) (progress); with mcp 2.x
 also confirm_transfer(amount, memo), which asks for confirmation through a 2026-07-28
-InputRequiredResult (an elicitation) before it completes. With `--call-log FILE` every tool
+InputRequiredResult (an elicitation) before it completes. Resource template `note://{topic}`
+and prompt `greet(name)`. With `--call-log FILE` every tool
 invocation appends one JSON line: {"tool", "args", "mcp" (package version), "protocol_version",
 "headers" (the routing/auth headers as received), "round" (for confirm_transfer: 1, 2, ...),
 "request_state", "input_responses"}.
@@ -112,6 +114,90 @@ def build_server(call_log: str | None, json_response: bool):
         """Answer with the text it was given."""
         record("echo", {"text": text}, ctx)
         return text
+
+    # What a tool asks the client (host/tests/relay_matrix.rs): with mcp 2.x through the SDK's
+    # resolvers (a request during the call in the handshake era, an InputRequiredResult in
+    # 2026-07-28); with mcp 1.x as a request on the call's own stream.
+    from pydantic import BaseModel
+
+    class Confirm(BaseModel):
+        confirm: bool
+
+    if MODERN:
+        from typing import Annotated
+
+        from mcp.server.elicitation import ElicitationResult
+        from mcp.server.mcpserver.resolve import Elicit, Resolve, Sample
+        from mcp_types import CreateMessageResult, SamplingMessage, TextContent
+
+        def confirmation(question: str) -> Elicit[Confirm]:
+            return Elicit(question, Confirm)
+
+        def completion(prompt: str) -> Sample:
+            return Sample([SamplingMessage(role="user",
+                                           content=TextContent(type="text", text=prompt))],
+                          max_tokens=64)
+
+        @server.tool()
+        async def confirm(question: str,
+                          answer: Annotated[ElicitationResult[Confirm], Resolve(confirmation)],
+                          ctx: Context) -> str:
+            """Ask the user a yes/no question (an elicitation) and report the answer."""
+            record("confirm", {"question": question, "action": answer.action}, ctx)
+            if answer.action == "accept":
+                return f"confirmed: {answer.data.confirm}"
+            return f"confirmed: {answer.action}"
+
+        @server.tool()
+        async def ask_model(prompt: str,
+                            reply: Annotated[CreateMessageResult, Resolve(completion)],
+                            ctx: Context) -> str:
+            """Ask the client's model (sampling) and report its text."""
+            record("ask_model", {"prompt": prompt, "model": reply.model}, ctx)
+            return f"model said: {getattr(reply.content, 'text', None)}"
+    else:
+        from mcp.types import SamplingMessage, TextContent
+
+        @server.tool()
+        async def confirm(question: str, ctx: Context) -> str:
+            """Ask the user a yes/no question (an elicitation) and report the answer."""
+            answer = await ctx.elicit(question, Confirm)
+            record("confirm", {"question": question, "action": answer.action}, ctx)
+            if answer.action == "accept":
+                return f"confirmed: {answer.data.confirm}"
+            return f"confirmed: {answer.action}"
+
+        @server.tool()
+        async def ask_model(prompt: str, ctx: Context) -> str:
+            """Ask the client's model (sampling) and report its text."""
+            reply = await ctx.session.create_message(
+                [SamplingMessage(role="user", content=TextContent(type="text", text=prompt))],
+                max_tokens=64, related_request_id=ctx.request_id)
+            record("ask_model", {"prompt": prompt, "model": reply.model}, ctx)
+            return f"model said: {getattr(reply.content, 'text', None)}"
+
+    @server.tool()
+    async def slow_count(n: int, ctx: Context) -> str:
+        """Count to n, reporting progress at each step, a step every 0.3 s."""
+        import anyio
+
+        for i in range(min(n, 10)):
+            await ctx.report_progress(i + 1, n)
+            await anyio.sleep(0.3)
+        record("slow_count", {"n": n}, ctx)
+        return f"counted to {n}"
+
+    @server.resource("note://{topic}", name="note", mime_type="text/plain")
+    def note(topic: str) -> str:
+        """A note on a topic."""
+        record(f"resource:note://{topic}", {"topic": topic}, None)
+        return f"note about {topic}"
+
+    @server.prompt()
+    def greet(name: str) -> str:
+        """Greet someone."""
+        record("prompt:greet", {"name": name}, None)
+        return f"Say hello to {name}"
 
     if MODERN:
         from mcp_types import ElicitRequest, ElicitRequestFormParams, InputRequiredResult

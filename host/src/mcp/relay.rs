@@ -8,8 +8,15 @@
 //! token (tenant and token id) is taken for it ([`Relays::deliver`]). A call whose client does
 //! not take an event stream refuses the upstream's request at once (`upstream.rs`).
 //!
-//! This module must never deliver a reply to another token's request, never keep a request
-//! waiting past [`REPLY_TIMEOUT`], and never hold more than [`MAX_PENDING`] at once.
+//! A 2026-07-28 client cannot be asked during a call: when its call goes to a handshake-era
+//! upstream, the call is held open ([`HeldCall`], kept by [`Relays::hold`]) and each request is
+//! handed to the client as an input-required result; the client's retry resumes it
+//! ([`Relays::resume`], same token only). Every request is decided first
+//! (`crate::proxy::ask::Asking::decide`).
+//!
+//! This module must never deliver a reply to another token's request, never resume another
+//! token's held call, never keep a request waiting (or a call held) past [`REPLY_TIMEOUT`], and
+//! never hold more than [`MAX_PENDING`] of either at once.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -35,10 +42,49 @@ struct Waiting {
     reply: oneshot::Sender<Value>,
 }
 
-/// Relayed requests waiting for their agent's reply.
+/// Relayed requests waiting for their agent's reply, and the calls held open for them.
 #[derive(Default)]
 pub struct Relays {
     waiting: Mutex<HashMap<String, Waiting>>,
+    held: Mutex<HashMap<String, HeldCall>>,
+}
+
+/// What a held call's upstream sends: requests to relay (under their `igq-` ids, see
+/// [`Relays::relay`]) and the call's notifications.
+pub type HeldEvents = mpsc::Receiver<Value>;
+
+/// How a held call ended.
+pub type HeldDone =
+    tokio::task::JoinHandle<Result<crate::upstream::Relayed, crate::upstream::UpstreamError>>;
+
+/// A handshake-era upstream's call held open while its 2026-07-28 client answers, in its next
+/// request, what the upstream asked (handed to it as an input-required result). Dropped (and
+/// the call ended) when nobody resumes it within [`REPLY_TIMEOUT`].
+pub struct HeldCall {
+    tenant: String,
+    jti: String,
+    since: std::time::Instant,
+    pub events: HeldEvents,
+    pub done: HeldDone,
+}
+
+impl HeldCall {
+    pub fn new(tenant: &str, jti: &str, events: HeldEvents, done: HeldDone) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            jti: jti.to_owned(),
+            since: std::time::Instant::now(),
+            events,
+            done,
+        }
+    }
+}
+
+impl Drop for HeldCall {
+    fn drop(&mut self) {
+        // Not resumed (or its client went away): the upstream's call ends with it.
+        self.done.abort();
+    }
 }
 
 impl Relays {
@@ -72,6 +118,29 @@ impl Relays {
     fn forget(&self, id: &str) {
         if let Ok(mut w) = self.waiting.lock() {
             w.remove(id);
+        }
+    }
+
+    /// Keeps `call` until its client resumes it under `id` (the id of the request it was
+    /// asked). `false` when too many are held.
+    pub fn hold(&self, id: &str, call: HeldCall) -> bool {
+        let Ok(mut h) = self.held.lock() else {
+            return false;
+        };
+        h.retain(|_, c| c.since.elapsed() < REPLY_TIMEOUT);
+        if h.len() >= MAX_PENDING {
+            return false;
+        }
+        h.insert(id.to_owned(), call);
+        true
+    }
+
+    /// The call held under `id` for this token, taken out to resume it.
+    pub fn resume(&self, tenant: &str, jti: &str, id: &str) -> Option<HeldCall> {
+        let mut h = self.held.lock().ok()?;
+        match h.get(id) {
+            Some(c) if c.tenant == tenant && c.jti == jti => h.remove(id),
+            _ => None,
         }
     }
 

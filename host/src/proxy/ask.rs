@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use super::McpService;
-use crate::mcp::jsonrpc::code;
+use crate::mcp::jsonrpc::{RpcError, code};
 use crate::mcp::relay::error;
 
 /// Asks one call's agent what the upstream asks it, once the request is authorized: a request
@@ -39,33 +39,15 @@ impl Asker {
             }
             return Map::new();
         }
-        let method = request
-            .get("method")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let Some(kind) = crate::pipeline::CallKind::of_server_request(method) else {
-            return error(code::METHOD_NOT_FOUND, format!("{method} is not relayed"));
-        };
-        let arguments = request.get("params").cloned().unwrap_or_else(|| json!({}));
-        let call = crate::pipeline::ToolCall {
+        let asking = Asking {
             grant: &self.grant,
-            kind,
             tool: &self.tool,
-            arguments: &arguments,
-            intent_prompt: None,
-            agent: None,
-            remote_ip: self.remote_ip.clone(),
-            session_id: self.session.as_deref(),
-            round: None,
-            approval_id: None,
             upstream: self.upstream.as_deref(),
+            remote_ip: &self.remote_ip,
+            session: self.session.as_deref(),
         };
-        if let Err(denial) = self.svc.pipeline.decide(&call).await {
-            let refused = super::denial::rpc_error(&denial);
-            return error(
-                refused.code,
-                format!("{method} refused by the gateway: {denial}"),
-            );
+        if let Err(refused) = asking.decide(&self.svc, &request).await {
+            return error(refused.code, refused.message);
         }
         self.svc
             .relays
@@ -86,5 +68,58 @@ impl Asker {
             Box::pin(async move { me.ask(request).await })
                 as crate::store::BoxFuture<'static, Map<String, Value>>
         })
+    }
+}
+
+/// Who asks, when an upstream asks a call's agent something: the call's token, tool, upstream
+/// and origin.
+pub struct Asking<'a> {
+    pub grant: &'a crate::capability::Grant,
+    /// The tool whose call the upstream is working on.
+    pub tool: &'a str,
+    pub upstream: Option<&'a str>,
+    pub remote_ip: &'a str,
+    pub session: Option<&'a str>,
+}
+
+impl Asking<'_> {
+    /// Decides one request of the upstream toward the agent's user (`request` is a JSON-RPC
+    /// request, or a 2026-07-28 input request: `method` and `params`) like a call: capability,
+    /// intent, policy, audit, never charged; as `sampling:<tool>`, `elicitation:<tool>` or
+    /// `roots:<tool>`. A method that is not relayed is refused.
+    pub async fn decide(&self, svc: &McpService, request: &Value) -> Result<(), RpcError> {
+        let method = request
+            .get("method")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let Some(kind) = crate::pipeline::CallKind::of_server_request(method) else {
+            return Err(RpcError::new(
+                code::METHOD_NOT_FOUND,
+                format!("{method} is not relayed"),
+            ));
+        };
+        let arguments = request.get("params").cloned().unwrap_or_else(|| json!({}));
+        let call = crate::pipeline::ToolCall {
+            grant: self.grant,
+            kind,
+            tool: self.tool,
+            arguments: &arguments,
+            intent_prompt: None,
+            agent: None,
+            remote_ip: self.remote_ip.to_owned(),
+            session_id: self.session,
+            round: None,
+            approval_id: None,
+            upstream: self.upstream,
+        };
+        svc.pipeline
+            .decide(&call)
+            .await
+            .map(|_| ())
+            .map_err(|denial| {
+                let mut refused = super::denial::rpc_error(&denial);
+                refused.message = format!("{method} refused by the gateway: {denial}");
+                refused
+            })
     }
 }

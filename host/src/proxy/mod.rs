@@ -112,7 +112,7 @@ pub struct McpService {
     /// Wakes held requests when their approval is decided (here or on another replica).
     pub approvals: crate::approvals::Waiters,
     /// Upstream requests relayed to agents, waiting for their replies.
-    pub relays: crate::mcp::relay::Relays,
+    pub relays: std::sync::Arc<crate::mcp::relay::Relays>,
     /// Client sessions' `GET /v1/mcp` streams and resource subscriptions.
     pub streams: std::sync::Arc<crate::streams::Hub>,
     /// Signs session ids and round states.

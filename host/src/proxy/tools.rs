@@ -141,6 +141,30 @@ impl CallContext<'_> {
             },
             Err(e) => return Err(e),
         };
+        // A call held open at a handshake-era upstream that asked this 2026-07-28 client
+        // something: resumed with the client's answers, or a new one held when it asks.
+        let held = previous
+            .as_ref()
+            .and_then(|p| p.inner.as_deref())
+            .and_then(|s| s.strip_prefix(HELD));
+        if let Some(id) = held {
+            let step = self.resume_held(&call, &inv, id, rpc).await?;
+            return self
+                .held_answer(&inv, &call, &permit, previous.as_ref(), step, rpc)
+                .await;
+        }
+        if modern && self.holds(upstream).await {
+            let mut params = inv.forward_params(None);
+            if let Some(r) = route {
+                crate::upstreams::rename_target("tools/call", &mut params, r.original);
+            }
+            let forwarded_as = route.map_or(inv.name.as_str(), |r| r.original);
+            let cleared = clear(&permit, &inv, forwarded_as)?;
+            let step = self.hold_call(&call, cleared, params, rpc).await?;
+            return self
+                .held_answer(&inv, &call, &permit, previous.as_ref(), step, rpc)
+                .await;
+        }
         let mut params = inv.forward_params(previous.as_ref().and_then(|p| p.inner.as_deref()));
         if let Some(r) = route {
             crate::upstreams::rename_target("tools/call", &mut params, r.original);
@@ -191,6 +215,9 @@ impl CallContext<'_> {
             };
         }
         if modern && translate::is_input_required(&result) {
+            // What the upstream asks the agent's user is decided before the client sees it,
+            // as when it is asked during a handshake-era call.
+            self.decide_inputs(&call, &result).await?;
             // Hand out the gateway's seal instead of the upstream's state.
             let mut next = self.round_binding(&inv);
             next.call_event = previous.as_ref().map_or(permit.event_id, |p| p.call_event);
@@ -229,6 +256,19 @@ impl CallContext<'_> {
         let reply = upstream
             .call_tool_relaying(cleared, params, relay, ask_client.as_ref())
             .await;
+        self.settle_forwarded(call, permit, forwarding, reply, rpc)
+            .await
+    }
+
+    /// The upstream's answer to a forwarded call, as [`Self::forward`] returns it.
+    async fn settle_forwarded(
+        &self,
+        call: &ToolCall<'_>,
+        permit: &crate::pipeline::Permit,
+        forwarding: std::time::Instant,
+        reply: Result<crate::upstream::Relayed, crate::upstream::UpstreamError>,
+        rpc: &RpcRequest,
+    ) -> Result<Result<serde_json::Map<String, Value>, Value>, RpcError> {
         self.forwarded(call.upstream, forwarding, &reply);
         let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
@@ -264,7 +304,12 @@ impl CallContext<'_> {
             .and_then(Value::as_object)
             .cloned()
             .unwrap_or_default();
-        for (key, request) in requests.into_iter().take(MAX_RELAYED_INPUTS) {
+        for (key, mut request) in requests.into_iter().take(MAX_RELAYED_INPUTS) {
+            // An input request carries no id (it is not a JSON-RPC request of its own); it is
+            // asked as one, or the asker would take it for a notification.
+            if let Some(m) = request.as_object_mut() {
+                m.entry("id").or_insert_with(|| Value::from(key.clone()));
+            }
             let reply = asker.ask(request).await;
             // An input the client refused is answered as declined, so the tool can go on.
             let answer = match reply.get("result") {
@@ -274,6 +319,236 @@ impl CallContext<'_> {
             answers.insert(key, answer);
         }
         answers
+    }
+
+    /// Whether a 2026-07-28 client's call to `upstream` is held open when the upstream asks
+    /// something: the upstream speaks the handshake era (it asks during the call) and the
+    /// client declared it can be asked.
+    async fn holds(&self, upstream: &crate::upstream::Upstream) -> bool {
+        let Era::Modern(env) = self.era else {
+            return false;
+        };
+        let caps = &env.client_capabilities;
+        let askable = ["sampling", "elicitation", "roots"]
+            .iter()
+            .any(|k| caps.get(*k).is_some());
+        askable
+            && matches!(
+                upstream.era().await,
+                Ok(crate::upstream::UpstreamEra::Handshake)
+            )
+    }
+
+    /// Starts a permitted call at a handshake-era upstream in a task of its own, and waits for
+    /// its end or its first request to the client.
+    async fn hold_call(
+        &self,
+        call: &ToolCall<'_>,
+        cleared: crate::pipeline::Cleared<'_>,
+        params: serde_json::Map<String, Value>,
+        rpc: &RpcRequest,
+    ) -> Result<HeldStep, RpcError> {
+        let Era::Modern(env) = self.era else {
+            return Err(RpcError::new(code::INTERNAL_ERROR, "not a held call"));
+        };
+        let Some(upstream) = call.upstream.and_then(|n| self.svc.upstreams.shared(n)) else {
+            return Err(upstream_rpc_error(
+                &crate::upstream::UpstreamError::NotConfigured,
+            ));
+        };
+        let (tx, events) = tokio::sync::mpsc::channel::<Value>(8);
+        let relays = std::sync::Arc::clone(&self.svc.relays);
+        let (tenant, jti) = (self.grant.tenant.clone(), self.grant.jti.clone());
+        let handler: std::sync::Arc<crate::upstream::ServerRequests> =
+            std::sync::Arc::new(move |request: Value| {
+                let (relays, tx) = (std::sync::Arc::clone(&relays), tx.clone());
+                let (tenant, jti) = (tenant.clone(), jti.clone());
+                Box::pin(async move {
+                    if request.get("id").is_none() {
+                        let _ = tx.send(request).await;
+                        return serde_json::Map::new();
+                    }
+                    relays.relay(&tenant, &jti, &tx, request).await
+                })
+                    as crate::store::BoxFuture<'static, serde_json::Map<String, Value>>
+            });
+        let started = std::time::Instant::now();
+        let done = upstream
+            .spawn_call_tool(cleared, params, Some(env.clone()), handler)
+            .map_err(|e| upstream_rpc_error(&e))?;
+        let held =
+            crate::mcp::relay::HeldCall::new(&self.grant.tenant, &self.grant.jti, events, done);
+        Ok(self.await_held(call, held, started, rpc).await)
+    }
+
+    /// Resumes the call held under `id`: the client's answers go to the upstream's requests,
+    /// then the call is waited for again.
+    async fn resume_held(
+        &self,
+        call: &ToolCall<'_>,
+        inv: &Invocation,
+        id: &str,
+        rpc: &RpcRequest,
+    ) -> Result<HeldStep, RpcError> {
+        let (tenant, jti) = (&self.grant.tenant, &self.grant.jti);
+        let Some(held) = self.svc.relays.resume(tenant, jti, id) else {
+            return Err(
+                RpcError::new(code::INVALID_PARAMS, "Invalid or expired requestState").with_data(
+                    Value::from(
+                        "the call it resumes ended, or is held by another replica of the gateway",
+                    ),
+                ),
+            );
+        };
+        if let Some(Value::Object(answers)) = &inv.input_responses {
+            for (key, answer) in answers {
+                self.svc
+                    .relays
+                    .deliver(tenant, jti, json!({"id": key, "result": answer}));
+            }
+        }
+        Ok(self
+            .await_held(call, held, std::time::Instant::now(), rpc)
+            .await)
+    }
+
+    /// Waits for a held call's next request to its client (decided first, like one asked
+    /// during a handshake-era call; a refused one is answered to the upstream as an error) or
+    /// its end. Its notifications are kept for the client as they come.
+    async fn await_held(
+        &self,
+        call: &ToolCall<'_>,
+        mut held: crate::mcp::relay::HeldCall,
+        started: std::time::Instant,
+        rpc: &RpcRequest,
+    ) -> HeldStep {
+        let token = rpc
+            .params
+            .get("_meta")
+            .and_then(|m| m.get("progressToken"))
+            .cloned();
+        let asking = super::ask::Asking {
+            grant: self.grant,
+            tool: call.tool,
+            upstream: call.upstream,
+            remote_ip: &call.remote_ip,
+            session: call.session_id,
+        };
+        loop {
+            tokio::select! {
+                Some(message) = held.events.recv() => {
+                    if message.get("id").is_none() {
+                        self.keep_notifications(vec![message], token.as_ref());
+                        continue;
+                    }
+                    match asking.decide(self.svc, &message).await {
+                        Ok(()) => return HeldStep::Asked(message, held),
+                        Err(refused) => {
+                            let error = json!({"code": refused.code, "message": refused.message});
+                            self.svc.relays.deliver(
+                                &self.grant.tenant,
+                                &self.grant.jti,
+                                json!({"id": message["id"], "error": error}),
+                            );
+                        }
+                    }
+                }
+                ended = &mut held.done => {
+                    let mut late = Vec::new();
+                    while let Ok(n) = held.events.try_recv() {
+                        late.push(n);
+                    }
+                    self.keep_notifications(late, token.as_ref());
+                    let reply = ended.unwrap_or_else(|e| {
+                        Err(crate::upstream::UpstreamError::Unavailable(format!(
+                            "the held call ended: {e}"
+                        )))
+                    });
+                    return HeldStep::Finished(started, reply);
+                }
+            }
+        }
+    }
+
+    fn keep_notifications(&self, notifications: Vec<Value>, token: Option<&Value>) {
+        let keep = translate::relayable(notifications, token);
+        if let Ok(mut n) = self.notifications.lock() {
+            n.extend(keep);
+        }
+    }
+
+    /// What a 2026-07-28 client gets for a held call's step: its final result, or the
+    /// upstream's request as an input-required result whose sealed state resumes the call.
+    async fn held_answer(
+        &self,
+        inv: &Invocation,
+        call: &ToolCall<'_>,
+        permit: &crate::pipeline::Permit,
+        previous: Option<&RoundState>,
+        step: HeldStep,
+        rpc: &RpcRequest,
+    ) -> Result<Value, RpcError> {
+        {
+            let (request, held) = match step {
+                HeldStep::Finished(started, reply) => {
+                    let result = match self
+                        .settle_forwarded(call, permit, started, reply, rpc)
+                        .await?
+                    {
+                        Ok(r) => r,
+                        Err(other) => return Ok(other),
+                    };
+                    let mut result = translate::call_for_client(result, true)?;
+                    self.annotate(&mut result, permit);
+                    return Ok(Value::Object(result));
+                }
+                HeldStep::Asked(request, held) => (request, held),
+            };
+            let id = request["id"].as_str().unwrap_or_default().to_owned();
+            if !self.svc.relays.hold(&id, held) {
+                return Err(RpcError::new(
+                    code::INTERNAL_ERROR,
+                    "too many calls waiting for their clients",
+                ));
+            }
+            let mut next = self.round_binding(inv);
+            next.call_event = previous.map_or(permit.event_id, |p| p.call_event);
+            next.round = call.round.as_ref().map_or(1, |r| r.number);
+            next.inner = Some(format!("{HELD}{id}"));
+            let state = RoundSeal::new(&self.svc.sessions).seal(&next);
+            let mut result = serde_json::Map::new();
+            result.insert("resultType".into(), Value::from(translate::INPUT_REQUIRED));
+            result.insert(
+                "inputRequests".into(),
+                json!({id: {"method": request["method"], "params": request["params"]}}),
+            );
+            result.insert("requestState".into(), Value::from(state));
+            self.annotate(&mut result, permit);
+            Ok(Value::Object(result))
+        }
+    }
+
+    /// Decides each input request of an input-required result handed to a 2026-07-28 client
+    /// (the client answers them itself); the first refused one refuses the call.
+    async fn decide_inputs(
+        &self,
+        call: &ToolCall<'_>,
+        result: &serde_json::Map<String, Value>,
+    ) -> Result<(), RpcError> {
+        let Some(requests) = result.get("inputRequests").and_then(Value::as_object) else {
+            return Ok(());
+        };
+        let asking = super::ask::Asking {
+            grant: self.grant,
+            tool: call.tool,
+            upstream: call.upstream,
+            remote_ip: &call.remote_ip,
+            session: call.session_id,
+        };
+        for request in requests.values() {
+            asking.decide(self.svc, request).await?;
+        }
+        Ok(())
     }
 
     /// Who asks this call's client what the upstream asks it, when the client can be asked
@@ -366,6 +641,21 @@ fn clear<'p>(
     permit
         .clear(CallKind::Tool, &inv.name, &inv.arguments, forwarded_as)
         .map_err(|_| upstream_rpc_error(&crate::upstream::UpstreamError::NotDecided))
+}
+
+/// The prefix of a sealed round state's upstream state that names a held call instead.
+const HELD: &str = "igheld:";
+
+/// Where a held call is (see [`CallContext::hold_call`]).
+enum HeldStep {
+    /// Ended, with the upstream's answer (and when the wait for it began).
+    Finished(
+        std::time::Instant,
+        Result<crate::upstream::Relayed, crate::upstream::UpstreamError>,
+    ),
+    /// The upstream asked the client something (the request under its `igq-` id): the call
+    /// waits for the client's answer.
+    Asked(Value, crate::mcp::relay::HeldCall),
 }
 
 /// Most rounds of one handshake-era call whose input requests are relayed to its client.

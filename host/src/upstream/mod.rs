@@ -516,6 +516,35 @@ impl Upstream {
         server_requests: Option<&Arc<ServerRequests>>,
     ) -> Result<Relayed, UpstreamError> {
         sends_what_was_cleared(cleared, "tools/call", &params)?;
+        self.call_tool_with(params, relay, server_requests).await
+    }
+
+    /// [`Self::call_tool_relaying`] in a task of its own, so the call can outlive the request
+    /// that made it: a handshake-era upstream's call held open while a 2026-07-28 client
+    /// answers, in later requests, what the upstream asks it (`mcp/relay.rs`).
+    pub fn spawn_call_tool(
+        self: &Arc<Self>,
+        cleared: Cleared<'_>,
+        params: Map<String, Value>,
+        relay: Option<Envelope>,
+        server_requests: Arc<ServerRequests>,
+    ) -> Result<tokio::task::JoinHandle<Result<Relayed, UpstreamError>>, UpstreamError> {
+        sends_what_was_cleared(cleared, "tools/call", &params)?;
+        let me = Arc::clone(self);
+        Ok(tokio::spawn(crate::telemetry::trace::propagate(
+            async move {
+                me.call_tool_with(params, relay.as_ref(), Some(&server_requests))
+                    .await
+            },
+        )))
+    }
+
+    async fn call_tool_with(
+        &self,
+        params: Map<String, Value>,
+        relay: Option<&Envelope>,
+        server_requests: Option<&Arc<ServerRequests>>,
+    ) -> Result<Relayed, UpstreamError> {
         // A stateless upstream validates the `Mcp-Param-*` headers of the arguments its
         // schema marks; they are computed from the forwarded arguments.
         let peer = self.peer().await.map_err(|e| self.scrubbed(e))?;
