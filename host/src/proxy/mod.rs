@@ -138,50 +138,102 @@ impl McpService {
     }
 }
 
-/// Handles one HTTP request on an MCP endpoint.
+/// A response that ends the request early (a refusal, or a reply taken as it is).
+type Answered = Box<Response<Body>>;
+
+/// Handles one HTTP request on an MCP endpoint: the phases in order, each ending the request
+/// early with its own typed answer when it must.
 pub async fn handle(
     svc: &std::sync::Arc<McpService>,
     req: Request<Incoming>,
     remote: SocketAddr,
     endpoint: Endpoint,
 ) -> Response<Body> {
-    // 1. read: `Host`/`Origin` (DNS rebinding: a page whose name resolves to this gateway is
-    // refused before anything), the routing headers, the HTTP method, then the bounded body.
+    match phases(svc, req, remote, endpoint).await {
+        Ok(resp) => resp,
+        Err(early) => *early,
+    }
+}
+
+async fn phases(
+    svc: &std::sync::Arc<McpService>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+    endpoint: Endpoint,
+) -> Result<Response<Body>, Answered> {
+    // 1. read
+    let (routing, header_era) = read_head(svc, &req)?;
+    match (req.method(), header_era) {
+        (&Method::POST, _) => {}
+        (&Method::DELETE, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
+            return Ok(lifecycle::end_session(svc, req.headers()).await);
+        }
+        // A handshake-era session's own stream (`crate::streams`); none in the stateless era.
+        (&Method::GET, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
+            return Ok(crate::streams::listen::open(svc, req.headers()).await);
+        }
+        (m, _) => return Err(Box::new(method_not_allowed(m))),
+    }
+    let (parts, body) = req.into_parts();
+    // Authenticated from the header before the body is read (decode, HMAC chain, revocation
+    // set: microseconds), so that an unauthenticated body is read no further than needed.
+    let auth = http::bearer(&parts.headers)
+        .ok_or(None)
+        .and_then(|t| svc.authenticate(t).map_err(Some));
+    let bytes = read_body(svc, body, &auth).await?;
+    // 2. frame
+    let rpc = frame(svc, &bytes, &auth)?;
+    // 3. era: the revision, and the headers' agreement with the body, before anything else
+    // looks at it.
+    let era = classify(&routing, header_era, &rpc)
+        .map_err(|e| Box::new(bad_request(rpc.id.as_ref(), &e)))?;
+    // 4. authenticate: every method, notifications included, and a presented session.
+    let grant = authenticated(svc, auth, &rpc)?;
+    let session = session_of(svc, &parts.headers, endpoint, &era, &rpc, &grant).await?;
+    if rpc.is_notification() {
+        return Ok(http::status(StatusCode::ACCEPTED));
+    }
+    // 5.–8. decode → decide → forward → shape.
+    Ok(method(
+        svc,
+        parts.headers,
+        remote,
+        endpoint,
+        era,
+        grant,
+        session,
+        rpc,
+    )
+    .await)
+}
+
+/// Phase 1, before the body: `Host`/`Origin` (DNS rebinding: a page whose name resolves to
+/// this gateway is refused before anything) and the routing headers.
+fn read_head(svc: &McpService, req: &Request<Incoming>) -> Result<(Routing, HeaderEra), Answered> {
     let host = http::header_str(req.headers(), HOST.as_str())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
-    if let Err(e) = origin::check(
+    origin::check(
         svc.settings.listen_ip,
         &svc.settings.allowed_hosts,
         &svc.settings.allowed_origins,
         host,
         http::header_str(req.headers(), ORIGIN.as_str()),
-    ) {
-        return rpc_response(StatusCode::FORBIDDEN, None, &e);
-    }
-    let routing = match Routing::read(req.headers()) {
-        Ok(r) => r,
-        Err(e) => return bad_request(None, &e),
-    };
+    )
+    .map_err(|e| Box::new(rpc_response(StatusCode::FORBIDDEN, None, &e)))?;
+    let routing = Routing::read(req.headers()).map_err(|e| Box::new(bad_request(None, &e)))?;
     let header_era = era::era_of_header(routing.version.as_deref());
-    match (req.method(), header_era) {
-        (&Method::POST, _) => {}
-        (&Method::DELETE, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
-            return lifecycle::end_session(svc, req.headers()).await;
-        }
-        // A handshake-era session's own stream (`crate::streams`); none in the stateless era.
-        (&Method::GET, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
-            return crate::streams::listen::open(svc, req.headers()).await;
-        }
-        (m, _) => return method_not_allowed(m),
-    }
-    let (parts, body) = req.into_parts();
-    // Authenticate from the header before reading the body (decode, HMAC chain, revocation
-    // set: microseconds). A request that is not authenticated — no token, or a token that
-    // does not verify — gets no more of its body read than it takes to echo the request's id
-    // in the refusal below; a larger body is refused at once, unread. Every read has a deadline.
-    let auth = http::bearer(&parts.headers)
-        .ok_or(None)
-        .and_then(|t| svc.authenticate(t).map_err(Some));
+    Ok((routing, header_era))
+}
+
+/// Phase 1, the body: bounded (a request that is not authenticated — no token, or a token
+/// that does not verify — gets no more of its body read than it takes to echo the request's
+/// id in the refusal; a larger one is refused at once, unread), with a deadline, and no deeper
+/// than the nesting limit.
+async fn read_body(
+    svc: &McpService,
+    body: Incoming,
+    auth: &Result<Grant, Option<crate::capability::CapabilityError>>,
+) -> Result<bytes::Bytes, Answered> {
     let limit = if auth.is_ok() {
         svc.settings.max_body_bytes
     } else {
@@ -193,107 +245,139 @@ pub async fn handle(
             let err = RpcError::new(code::CAPABILITY, "capability check failed").with_data(
                 Value::from(refusal_reason(auth.as_ref().err().and_then(Option::as_ref))),
             );
-            return rpc_response(StatusCode::UNAUTHORIZED, None, &err);
+            return Err(Box::new(rpc_response(StatusCode::UNAUTHORIZED, None, &err)));
         }
         Err(e @ http::BodyError::Timeout(_)) => {
             let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request")
                 .with_data(Value::from(e.to_string()));
-            return rpc_response(StatusCode::REQUEST_TIMEOUT, None, &err);
+            return Err(Box::new(rpc_response(
+                StatusCode::REQUEST_TIMEOUT,
+                None,
+                &err,
+            )));
         }
         Err(e @ http::BodyError::TooLarge { .. }) => {
             let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request")
                 .with_data(Value::from(e.to_string()));
-            return rpc_response(StatusCode::PAYLOAD_TOO_LARGE, None, &err);
+            return Err(Box::new(rpc_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                None,
+                &err,
+            )));
         }
         Err(e) => {
             let err = RpcError::new(code::PARSE_ERROR, "Parse error")
                 .with_data(Value::from(e.to_string()));
-            return bad_request(None, &err);
+            return Err(Box::new(bad_request(None, &err)));
         }
     };
     if !http::json_depth_within(&bytes, svc.settings.max_json_depth) {
         let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request").with_data(Value::from(
             format!("JSON nesting deeper than {}", svc.settings.max_json_depth),
         ));
-        return bad_request(None, &err);
+        return Err(Box::new(bad_request(None, &err)));
     }
-    // 2. frame: one JSON-RPC message (a request, or an agent's reply to a relayed request).
-    let rpc = match jsonrpc::parse(&bytes) {
-        Ok(Message::Request(r)) => r,
+    Ok(bytes)
+}
+
+/// Phase 2: one JSON-RPC request. An agent's reply to a request the upstream sent it during a
+/// call (`crate::mcp::relay`) is taken here, only from the token it was relayed to.
+fn frame(
+    svc: &McpService,
+    bytes: &[u8],
+    auth: &Result<Grant, Option<crate::capability::CapabilityError>>,
+) -> Result<RpcRequest, Answered> {
+    match jsonrpc::parse(bytes) {
+        Ok(Message::Request(r)) => Ok(r),
         Ok(Message::Response(reply)) => {
-            // An agent's reply to a request the upstream sent it during a call (`relay.rs`):
-            // taken only from the token the request was relayed to.
             let Ok(grant) = auth else {
                 let err = RpcError::new(code::CAPABILITY, "capability check failed")
                     .with_data(Value::from("missing or invalid capability token"));
-                return rpc_response(StatusCode::UNAUTHORIZED, None, &err);
+                return Err(Box::new(rpc_response(StatusCode::UNAUTHORIZED, None, &err)));
             };
             if svc.relays.deliver(&grant.tenant, &grant.jti, reply) {
-                return http::status(StatusCode::ACCEPTED);
+                return Err(Box::new(http::status(StatusCode::ACCEPTED)));
             }
             let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request").with_data(
                 Value::from("no request of this token waits for a reply with this id"),
             );
-            return rpc_response(StatusCode::NOT_FOUND, None, &err);
+            Err(Box::new(rpc_response(StatusCode::NOT_FOUND, None, &err)))
         }
-        Err((id, err)) => return bad_request(id.as_ref(), &err),
-    };
-
-    // 3. era: the revision, and the headers' agreement with the body, before anything else
-    // looks at it.
-    let era = match classify(&routing, header_era, &rpc) {
-        Ok(e) => e,
-        Err(err) => return bad_request(rpc.id.as_ref(), &err),
-    };
-
-    // 4. authenticate: every method, notifications included (the token was verified above,
-    // before the body was read; era and framing errors still answer first, as they always did).
-    let grant = match auth {
-        Ok(g) => g,
-        Err(e) => {
-            if crate::metrics::decisions::is_decided_method(&rpc.method) {
-                svc.metrics().decisions.record_unauthenticated();
-            }
-            let err = RpcError::new(code::CAPABILITY, "capability check failed")
-                .with_data(Value::from(refusal_reason(e.as_ref())));
-            let status = if rpc.is_notification() {
-                StatusCode::UNAUTHORIZED
-            } else {
-                StatusCode::OK
-            };
-            return rpc_response(status, rpc.id.as_ref(), &err);
-        }
-    };
-
-    // A session id must be ours, belong to this token and not have ended; the stateless era
-    // has none.
-    let session = match http::header_str(&parts.headers, SESSION_HEADER) {
-        _ if era.is_modern() || endpoint == Endpoint::ToolCall => None,
-        Some(id) if rpc.method != "initialize" => {
-            match lifecycle::presented_session(svc, id, &grant).await {
-                Ok(()) => Some(id.to_owned()),
-                Err((status, err)) => return rpc_response(status, rpc.id.as_ref(), &err),
-            }
-        }
-        _ => None,
-    };
-
-    if rpc.is_notification() {
-        return http::status(StatusCode::ACCEPTED);
+        Err((id, err)) => Err(Box::new(bad_request(id.as_ref(), &err))),
     }
+}
+
+/// Phase 4: the token verified before the body was read, or the refusal (era and framing
+/// errors answer first, as they always did).
+fn authenticated(
+    svc: &McpService,
+    auth: Result<Grant, Option<crate::capability::CapabilityError>>,
+    rpc: &RpcRequest,
+) -> Result<Grant, Answered> {
+    auth.map_err(|e| {
+        if crate::metrics::decisions::is_decided_method(&rpc.method) {
+            svc.metrics().decisions.record_unauthenticated();
+        }
+        let err = RpcError::new(code::CAPABILITY, "capability check failed")
+            .with_data(Value::from(refusal_reason(e.as_ref())));
+        let status = if rpc.is_notification() {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::OK
+        };
+        Box::new(rpc_response(status, rpc.id.as_ref(), &err))
+    })
+}
+
+/// Phase 4, the session: a presented id must be ours, belong to this token and not have
+/// ended; the stateless era and `/v1/tool-call` have none.
+async fn session_of(
+    svc: &McpService,
+    headers: &hyper::HeaderMap,
+    endpoint: Endpoint,
+    era: &Era,
+    rpc: &RpcRequest,
+    grant: &Grant,
+) -> Result<Option<String>, Answered> {
+    match http::header_str(headers, SESSION_HEADER) {
+        _ if era.is_modern() || endpoint == Endpoint::ToolCall => Ok(None),
+        Some(id) if rpc.method != "initialize" => {
+            match lifecycle::presented_session(svc, id, grant).await {
+                Ok(()) => Ok(Some(id.to_owned())),
+                Err((status, err)) => Err(Box::new(rpc_response(status, rpc.id.as_ref(), &err))),
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Phases 5–8 of one method: decode → decide → forward → shape ([`CallContext::dispatch`]:
+/// the params decoded, decided by the pipeline into a permit or a denial mapped by
+/// [`denial`], forwarded with the permit, the result shaped for the client's revision).
+#[allow(clippy::too_many_arguments)]
+async fn method(
+    svc: &std::sync::Arc<McpService>,
+    headers: hyper::HeaderMap,
+    remote: SocketAddr,
+    endpoint: Endpoint,
+    era: Era,
+    grant: Grant,
+    session: Option<String>,
+    rpc: RpcRequest,
+) -> Response<Body> {
     let id = rpc.id.clone().unwrap_or(Value::Null);
     // A handshake-era tool call whose client takes an event stream: the upstream may ask that
     // client something while it works (sampling, elicitation), relayed on the stream.
     if endpoint == Endpoint::Mcp
         && !era.is_modern()
         && rpc.method == "tools/call"
-        && accepts_event_stream(&parts.headers)
+        && accepts_event_stream(&headers)
         && !svc.upstreams.is_empty()
     {
         let call = streamed::Owned {
             svc: std::sync::Arc::clone(svc),
             grant,
-            headers: parts.headers,
+            headers,
             remote,
             session,
             era,
@@ -302,17 +386,7 @@ pub async fn handle(
         };
         return streamed::call(call).await;
     }
-    // 5.–8. decode → decide → forward → shape, per method ([`CallContext::dispatch`]: the
-    // method's params decoded, decided by the pipeline into a permit or a denial mapped by
-    // [`denial`], forwarded with the permit, the result shaped for the client's revision).
-    let ctx = CallContext::new(
-        svc,
-        &grant,
-        &parts.headers,
-        remote,
-        session.as_deref(),
-        &era,
-    );
+    let ctx = CallContext::new(svc, &grant, &headers, remote, session.as_deref(), &era);
     if endpoint == Endpoint::Mcp && !era.is_modern() && rpc.method == "initialize" {
         return ctx.initialize(&rpc, &id).await;
     }
@@ -321,12 +395,12 @@ pub async fn handle(
     // the gateway's mode); otherwise `-32019` tells it how to resume.
     if outcome.is_err()
         && let Some(pending) = ctx.take_pending()
-        && hold::wanted(svc, &parts.headers, pending.mode)
+        && hold::wanted(svc, &headers, pending.mode)
     {
         let held = hold::Held {
             svc: std::sync::Arc::clone(svc),
             grant: grant.clone(),
-            headers: parts.headers.clone(),
+            headers: headers.clone(),
             remote,
             session: session.clone(),
             era: era.clone(),
@@ -334,9 +408,9 @@ pub async fn handle(
             rpc,
             pending,
         };
-        return held.respond(accepts_event_stream(&parts.headers)).await;
+        return held.respond(accepts_event_stream(&headers)).await;
     }
-    ctx.respond(&parts.headers, &id, outcome)
+    ctx.respond(&headers, &id, outcome)
 }
 
 impl<'a> CallContext<'a> {
