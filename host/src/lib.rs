@@ -33,6 +33,10 @@
 //! | [`demo`] | a built-in harmless MCP tool server for `--demo` |
 //! | [`testkit`] | test support: a throwaway PostgreSQL server started from local binaries |
 
+// The request futures nest deeply (proxy phases → relayed and held calls → the pipeline);
+// the compiler's layout query needs more than its default depth for them in release builds.
+#![recursion_limit = "256"]
+
 pub mod admin;
 pub mod approvals;
 pub mod audit;
