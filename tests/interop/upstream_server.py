@@ -19,7 +19,8 @@ SIGTERM/SIGINT. `--ignore-stdin` turns the stdin watch off, for running it by ha
 stdin at /dev/null.
 
 Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text), ask_user(question), slow_count(n),
-touch(uri, list_changed) (announces a resource update or a tool list change outside any call).
+touch(uri, list_changed) (announces a resource update or a tool list change outside any call: on
+the session's stream in the handshake era, on `subscriptions/listen` streams in the stateless era).
 Resources: `file:///public/readme.md`, `file:///public/secret.txt`, `file:///private/ledger.csv`
 and the template `note://{topic}`; prompts: `summarize(text)`, `greet(name)`, `admin_reset()`;
 completions: `greet`'s `name` and `note://{topic}`'s `topic` complete from fixed lists;
@@ -147,11 +148,19 @@ def build_server(call_log: str | None, page_size: int = 0):
     async def touch(uri: str, ctx: Context, list_changed: bool = False) -> str:
         """Announce that a resource changed (`notifications/resources/updated`), or with
         `list_changed` that the tool list did, on the session's own stream (outside any call)."""
-        session = ctx.request_context.session
-        if list_changed:
-            await session.send_tool_list_changed()
+        if ctx.protocol_version == "2026-07-28":
+            # The stateless era has no session stream: announcements ride the
+            # `subscriptions/listen` streams (SEP-2575), through the server's bus.
+            if list_changed:
+                await ctx.notify_tools_changed()
+            else:
+                await ctx.notify_resource_updated(uri)
         else:
-            await session.send_resource_updated(uri)
+            session = ctx.request_context.session
+            if list_changed:
+                await session.send_tool_list_changed()
+            else:
+                await session.send_resource_updated(uri)
         record("touch", {"uri": uri, "list_changed": list_changed}, ctx)
         return f"touched {uri}"
 

@@ -22,6 +22,7 @@ mod ask;
 pub mod denial;
 mod hold;
 mod lifecycle;
+mod listen;
 pub(crate) use lifecycle::presented_session;
 mod methods;
 mod streamed;
@@ -302,6 +303,18 @@ pub async fn handle(
         };
         return streamed::call(call).await;
     }
+    // A stateless client's subscription stream (`listen.rs`): its own long-lived answer.
+    if endpoint == Endpoint::Mcp && era.is_modern() && rpc.method == "subscriptions/listen" {
+        let listen = listen::Owned {
+            svc: std::sync::Arc::clone(svc),
+            grant,
+            headers: parts.headers,
+            remote,
+            era,
+            rpc,
+        };
+        return listen::open(listen).await;
+    }
     // 5.–8. decode → decide → forward → shape, per method ([`CallContext::dispatch`]: the
     // method's params decoded, decided by the pipeline into a permit or a denial mapped by
     // [`denial`], forwarded with the permit, the result shaped for the client's revision).
@@ -369,7 +382,8 @@ impl<'a> CallContext<'a> {
         let ctx = self;
         let modern = self.era.is_modern();
         // Each revision's methods: the stateless one has no initialize, ping, logging/setLevel
-        // or subscribe pair (its subscriptions are a stream, not served here).
+        // or subscribe pair (its subscriptions are a `subscriptions/listen` stream, answered
+        // before dispatch by `listen.rs`).
         match (endpoint, modern, rpc.method.as_str()) {
             (_, _, "tools/call") => ctx.tools_call(rpc).await,
             (Endpoint::ToolCall, _, other) => Err(method_not_found(other)),

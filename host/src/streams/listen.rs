@@ -39,7 +39,7 @@ fn refuse(status: StatusCode, err: &RpcError) -> Response<Body> {
 
 /// Whether the session's token still verifies, as the same token id (without the metrics of
 /// a request's authentication).
-fn still_valid(gw: &McpService, token: &str, jti: &str) -> bool {
+pub(crate) fn still_valid(gw: &McpService, token: &str, jti: &str) -> bool {
     let now = crate::audit::time::now_ms() / 1000;
     matches!(gw.verifier.authenticate(token, now, &gw.revocations), Ok(g) if g.jti == jti)
 }

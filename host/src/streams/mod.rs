@@ -152,6 +152,11 @@ impl Hub {
         }
     }
 
+    /// The hub's bounds (a `subscriptions/listen` stream keeps the same ones).
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves maps that are still consistent enough to
         // route (each operation is a few inserts and removes).
