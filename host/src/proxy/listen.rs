@@ -45,7 +45,7 @@ use super::{McpService, rpc_response, upstream_rpc_error};
 use crate::capability::Grant;
 use crate::http::{self, Body};
 use crate::mcp::accepts_event_stream;
-use crate::mcp::era::{Era, Envelope};
+use crate::mcp::era::{Envelope, Era};
 use crate::mcp::jsonrpc::{self, Id, Request as RpcRequest, RpcError, code};
 use crate::pipeline::{CallKind, Permit, ToolCall};
 use crate::upstream::{ListenFrame, Reply, UpstreamEra, UpstreamError};
@@ -62,7 +62,10 @@ const KEEPALIVE_EVERY: u32 = 15;
 const FLAGS: [(&str, &str); 3] = [
     ("toolsListChanged", "notifications/tools/list_changed"),
     ("promptsListChanged", "notifications/prompts/list_changed"),
-    ("resourcesListChanged", "notifications/resources/list_changed"),
+    (
+        "resourcesListChanged",
+        "notifications/resources/list_changed",
+    ),
 ];
 const UPDATED: &str = "notifications/resources/updated";
 
@@ -153,7 +156,11 @@ fn requested(params: &Map<String, Value>, max_uris: usize) -> Result<Requested, 
                 }
             }
         }
-        Some(_) => return Err(invalid("notifications.resourceSubscriptions must be an array")),
+        Some(_) => {
+            return Err(invalid(
+                "notifications.resourceSubscriptions must be an array",
+            ));
+        }
     }
     if out.uris.len() > max_uris {
         return Err(invalid(&format!(
@@ -400,7 +407,10 @@ async fn open_part(
     uris: &[&Permitted],
     relay: Option<&Envelope>,
 ) -> Result<Part, UpstreamError> {
-    let upstream = svc.upstreams.get(name).ok_or(UpstreamError::NotConfigured)?;
+    let upstream = svc
+        .upstreams
+        .get(name)
+        .ok_or(UpstreamError::NotConfigured)?;
     let era = upstream.era().await;
     svc.upstreams.note(Some(name), &era);
     match era? {
@@ -583,8 +593,9 @@ impl Pump {
                 let _ = tx.try_send(sse(&end));
             }
             Stop::Revoked => {
-                let err = RpcError::new(code::CAPABILITY, "capability check failed")
-                    .with_data(Value::from("the token no longer verifies (revoked or expired)"));
+                let err = RpcError::new(code::CAPABILITY, "capability check failed").with_data(
+                    Value::from("the token no longer verifies (revoked or expired)"),
+                );
                 let end = jsonrpc::error(Some(&self.id), &err);
                 let _ = tx.try_send(Bytes::from(format!(
                     "event: message\ndata: {}\n\n",

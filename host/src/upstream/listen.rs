@@ -139,7 +139,9 @@ impl Upstream {
                 Some(v) => match stream.frame(v) {
                     ListenFrame::End(reply) => Err(UpstreamError::Status {
                         status: status.as_u16(),
-                        detail: format!("subscriptions/listen ended before its acknowledgment: {reply:?}"),
+                        detail: format!(
+                            "subscriptions/listen ended before its acknowledgment: {reply:?}"
+                        ),
                     }),
                     ListenFrame::Notification(_) => Err(UpstreamError::Malformed(
                         "the listen stream's first message is not its acknowledgment".into(),
