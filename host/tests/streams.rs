@@ -468,12 +468,17 @@ async fn listen(
 
 /// Calls the upstream's `touch` tool as a stateless client.
 async fn touch_modern(gw: &TestGateway, tok: &str, args: Value) {
+    touch_named(gw, tok, "touch", args).await;
+}
+
+/// Calls the `touch` tool exposed as `name` (namespaced behind several upstreams).
+async fn touch_named(gw: &TestGateway, tok: &str, name: &str, args: Value) {
     let body = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
-        "params": {"name": "touch", "arguments": args, "_meta": envelope()}});
+        "params": {"name": name, "arguments": args, "_meta": envelope()}});
     let h = [
         ("mcp-protocol-version", MODERN),
         ("mcp-method", "tools/call"),
-        ("mcp-name", "touch"),
+        ("mcp-name", name),
     ];
     let (s, _, v) = post(gw, tok, &h, &body).await;
     assert_eq!(s, 200, "{v}");
@@ -744,4 +749,73 @@ async fn the_official_client_listens_through_the_gateway() {
     assert!(upstream_saw(&up, "touch"));
     gw.shutdown().await;
     up.kill();
+}
+
+/// Behind several upstreams, each URI goes to its own upstream with its own name (a stateless
+/// one by its own listen, a handshake-era one through the hub) and comes back namespaced; a
+/// URI of an upstream the token may not reach (`servers`), or of none, is not honored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_routes_each_uri_to_its_upstream() {
+    let github = Upstream::start_async(Flavor::Sse).await;
+    let db = Upstream::start_async(Flavor::HandshakeSse).await;
+    let (g, d) = (format!("github={}", github.url), format!("db={}", db.url));
+    let gw = gateway::start(Backend::Sqlite, None, &["--upstream", &g, "--upstream", &d]).await;
+    let (tok, _) = token(&gw, "agent-multi-listen").await;
+    let (m1, m2) = (marker("gh"), marker("db"));
+    let (u1, u2) = (format!("github+note://{m1}"), format!("db+note://{m2}"));
+    let filter = json!({"toolsListChanged": true,
+        "resourceSubscriptions": [u1, u2, "nowhere+note://x", "note://unprefixed"]});
+    let sse = "application/json, text/event-stream";
+    let (s, _, mut stream) = listen(&gw, &tok, "multi", filter.clone(), sse).await;
+    assert_eq!(s, 200);
+    let ack = stream.next(Duration::from_secs(5)).await.expect("ack");
+    assert_eq!(
+        ack.data["params"]["notifications"],
+        json!({"toolsListChanged": true, "resourceSubscriptions": [u1, u2]}),
+        "{ack:?}"
+    );
+    // The handshake-era upstream was subscribed with its own URI; the stateless one listens.
+    assert!(upstream_saw(&db, &format!("subscribe:note://{m2}")));
+    assert!(!upstream_saw(&github, &format!("subscribe:note://{m1}")));
+    for (tool, original, exposed) in [
+        ("github__touch", format!("note://{m1}"), &u1),
+        ("db__touch", format!("note://{m2}"), &u2),
+    ] {
+        let mut got = None;
+        for _ in 0..20 {
+            touch_named(&gw, &tok, tool, json!({"uri": original})).await;
+            if let Some(e) = stream.next(Duration::from_millis(500)).await {
+                got = Some(e);
+                break;
+            }
+        }
+        let e = got.unwrap_or_else(|| panic!("no update from {tool}"));
+        assert_eq!(e.data["method"], UPDATED, "{e:?}");
+        assert_eq!(e.data["params"]["uri"], exposed.as_str(), "{e:?}");
+        stamped(&e, "multi");
+    }
+    drop(stream);
+
+    // A token for github only: db's URI is not honored, and db is not asked.
+    let scoped = gw
+        .mint(
+            json!({"subject": "agent-gh", "tenant": "acme", "ttl_seconds": 600,
+                     "tools": ["*"], "servers": ["github"]}),
+        )
+        .await
+        .0;
+    let m3 = marker("dbonly");
+    let filter = json!({"resourceSubscriptions": [u1, format!("db+note://{m3}")]});
+    let (s, _, mut stream) = listen(&gw, &scoped, "scoped", filter, sse).await;
+    assert_eq!(s, 200);
+    let ack = stream.next(Duration::from_secs(5)).await.expect("ack");
+    assert_eq!(
+        ack.data["params"]["notifications"],
+        json!({"resourceSubscriptions": [u1]}),
+        "{ack:?}"
+    );
+    assert!(!upstream_saw(&db, &format!("subscribe:note://{m3}")));
+    gw.shutdown().await;
+    github.kill();
+    db.kill();
 }
