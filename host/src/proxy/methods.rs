@@ -9,8 +9,9 @@
 //!   sends).
 //!
 //! A stateless (2026-07-28) upstream has no subscribe pair (its subscriptions are a
-//! `subscriptions/listen` stream, not opened yet): a permitted `resources/subscribe` and an
-//! `resources/unsubscribe` of a handshake-era client are acknowledged by the gateway itself.
+//! `subscriptions/listen` stream, which `listen.rs` opens for stateless clients): a permitted
+//! `resources/subscribe` and an `resources/unsubscribe` of a handshake-era client are
+//! acknowledged by the gateway itself (their updates are not delivered yet).
 //! A handshake-era session's subscription to a handshake-era upstream is recorded by
 //! [`crate::streams`], which routes the upstream's updates to the sessions that subscribed;
 //! the upstream's own subscription is dropped only when the last of them unsubscribes.

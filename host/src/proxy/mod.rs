@@ -12,7 +12,8 @@
 //!
 //! The methods: `tools/call` and `initialize` (`tools.rs`), lists and targets (`methods.rs`);
 //! an escalated call held for its approval (`hold.rs`); a handshake-era call whose upstream
-//! asks the client something on its event stream (`streamed.rs`, `ask.rs`). The protocol
+//! asks the client something on its event stream (`streamed.rs`, `ask.rs`); a stateless
+//! client's `subscriptions/listen` stream (`listen.rs`). The protocol
 //! itself is [`crate::mcp`]'s; this module is where it meets authentication, the pipeline and
 //! the upstreams. It must never let an unauthenticated request reach the upstream, never
 //! decide from a header, never run a check on a request whose headers disagree with its body,

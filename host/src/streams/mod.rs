@@ -10,6 +10,10 @@
 //! - `notifications/{tools,prompts,resources}/list_changed` reaches every session whose token
 //!   reaches that upstream (each lists again, filtered to its token).
 //!
+//! A stateless client's `subscriptions/listen` stream whose upstream speaks the handshake era
+//! takes an entry here too, under a key of its own (`listen:<n>`, never a signed session id),
+//! fed and ended by [`crate::proxy`]'s `listen.rs`.
+//!
 //! Every buffer is bounded: a session's window ([`Limits::window`] events), its live channel
 //! ([`Limits::live`]; a client that does not read is disconnected, and may resume from the
 //! window), the subscriptions of a session and the number of sessions. A session's entry
