@@ -204,6 +204,17 @@ pub(super) async fn open(o: Owned) -> Response<Body> {
         Ok(r) => r,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, &e),
     };
+    // Every listen stream has an entry in the hub: it counts against the hub's bound on
+    // streams, and carries what a handshake-era upstream announces.
+    let hub_key = format!("listen:{}", next_key());
+    let hub = match o.streams_open(&hub_key, &token) {
+        Ok(opened) => opened.events,
+        Err(e) => {
+            let err = RpcError::new(code::INTERNAL_ERROR, "stream refused")
+                .with_data(Value::from(e.to_string()));
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, &err);
+        }
+    };
     let permitted = decide_uris(&o, &asked.uris).await;
 
     // Each upstream's part: the flags (every upstream the token reaches), its permitted URIs.
@@ -219,7 +230,6 @@ pub(super) async fn open(o: Owned) -> Response<Body> {
         .map(|(n, _)| (n, permitted.iter().filter(|p| p.upstream == n).collect()))
         .filter(|(_, uris): &(&str, Vec<&Permitted>)| !asked.flags.is_empty() || !uris.is_empty())
         .collect();
-    let hub_key = format!("listen:{}", next_key());
     let owned = &o;
     let (token_ref, key_ref, flags) = (token.as_str(), hub_key.as_str(), &asked.flags);
     let opened = crate::upstreams::join_all(parts.iter().map(|(name, uris)| async move {
@@ -269,23 +279,10 @@ pub(super) async fn open(o: Owned) -> Response<Body> {
         && modern.is_empty()
         && !hub_part
     {
-        end_hub(svc, &hub_key, true).await;
+        end_hub(svc, &hub_key).await;
         let err = upstream_rpc_error(&e);
         return refuse(StatusCode::OK, &err);
     }
-    let events = if hub_part {
-        match svc.streams.open(&hub_key, &o.grant, &token, None) {
-            Ok(opened) => Some(opened.events),
-            Err(e) => {
-                end_hub(svc, &hub_key, true).await;
-                let err = RpcError::new(code::INTERNAL_ERROR, "stream refused")
-                    .with_data(Value::from(e.to_string()));
-                return refuse(StatusCode::SERVICE_UNAVAILABLE, &err);
-            }
-        }
-    } else {
-        None
-    };
 
     // The acknowledgment first, then the pump.
     let stamp = json!({SUBSCRIPTION_ID: id.clone()});
@@ -309,9 +306,10 @@ pub(super) async fn open(o: Owned) -> Response<Body> {
         id,
         honored,
         parts: readers.len(),
-        hub_key: hub_part.then_some(hub_key),
+        hub_key,
+        hub_part,
     };
-    tokio::spawn(pump.run(readers, in_rx, events, tx));
+    tokio::spawn(pump.run(readers, in_rx, hub, tx));
     let mut resp = Response::new(http::channel(rx));
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -487,10 +485,18 @@ async fn open_part(
 
 /// Ends the hub's part of a stream: its subscriptions, and the upstream's where no one else
 /// subscribes any more.
-async fn end_hub(svc: &McpService, key: &str, any: bool) {
-    if any {
-        let orphaned = svc.streams.end(key);
-        crate::streams::listen::release(svc, orphaned).await;
+async fn end_hub(svc: &McpService, key: &str) {
+    let orphaned = svc.streams.end(key);
+    crate::streams::listen::release(svc, orphaned).await;
+}
+
+impl Owned {
+    fn streams_open(
+        &self,
+        key: &str,
+        token: &str,
+    ) -> Result<crate::streams::Opened, crate::streams::HubError> {
+        self.svc.streams.open(key, &self.grant, token, None)
     }
 }
 
@@ -557,8 +563,10 @@ struct Pump {
     honored: Honored,
     /// Stateless upstream parts still open.
     parts: usize,
-    /// The stream's key in the hub, when a handshake-era upstream is part of it.
-    hub_key: Option<String>,
+    /// The stream's key in the hub.
+    hub_key: String,
+    /// Whether a handshake-era upstream is part of the stream (through the hub).
+    hub_part: bool,
 }
 
 /// Why a pump stopped.
@@ -578,7 +586,7 @@ impl Pump {
         mut self,
         readers: Vec<JoinHandle<()>>,
         mut inbound: mpsc::Receiver<Inbound>,
-        mut hub: Option<mpsc::Receiver<Bytes>>,
+        mut hub: mpsc::Receiver<Bytes>,
         tx: mpsc::Sender<Bytes>,
     ) {
         let stop = self.pump(&mut inbound, &mut hub, &tx).await;
@@ -605,15 +613,25 @@ impl Pump {
             Stop::Client | Stop::Abrupt => {}
         }
         drop(tx);
-        if let (Some(key), Some(svc)) = (&self.hub_key, self.svc.upgrade()) {
-            end_hub(&svc, key, true).await;
+        if let Some(svc) = self.svc.upgrade() {
+            end_hub(&svc, &self.hub_key).await;
         }
+    }
+
+    /// Why the stream must stop now, if it must: its token no longer verifies, or the
+    /// gateway is gone.
+    fn check(&self) -> Option<Stop> {
+        let Some(svc) = self.svc.upgrade() else {
+            return Some(Stop::Abrupt);
+        };
+        (!crate::streams::listen::still_valid(&svc, &self.token, &self.jti))
+            .then_some(Stop::Revoked)
     }
 
     async fn pump(
         &mut self,
         inbound: &mut mpsc::Receiver<Inbound>,
-        hub: &mut Option<mpsc::Receiver<Bytes>>,
+        hub: &mut mpsc::Receiver<Bytes>,
         tx: &mpsc::Sender<Bytes>,
     ) -> Stop {
         let mut tick = tokio::time::interval(RECHECK);
@@ -628,29 +646,29 @@ impl Pump {
                     Some(Inbound::Ended { graceful }) => {
                         abrupt |= !graceful;
                         self.parts = self.parts.saturating_sub(1);
-                        if self.parts == 0 && hub.is_none() {
+                        if self.parts == 0 && !self.hub_part {
                             return if abrupt { Stop::Abrupt } else { Stop::Graceful };
                         }
                         None
                     }
                     None => {
                         parts_open = false;
-                        if hub.is_none() {
+                        if !self.hub_part {
                             return if abrupt { Stop::Abrupt } else { Stop::Graceful };
                         }
                         None
                     }
                 },
-                e = async { match hub.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => match e {
+                e = hub.recv() => match e {
                     Some(event) => hub_message(&event),
-                    // The hub cut the stream (too slow, or ended by the sweeper).
-                    None => return Stop::Abrupt,
+                    // The hub cut the stream: too slow, or ended by the sweeper (whose
+                    // token re-check may come before this stream's own).
+                    None => return self.check().unwrap_or(Stop::Abrupt),
                 },
                 () = tx.closed() => return Stop::Client,
                 _ = tick.tick() => {
-                    let Some(svc) = self.svc.upgrade() else { return Stop::Abrupt };
-                    if !crate::streams::listen::still_valid(&svc, &self.token, &self.jti) {
-                        return Stop::Revoked;
+                    if let Some(stop) = self.check() {
+                        return stop;
                     }
                     ticks += 1;
                     if ticks.is_multiple_of(KEEPALIVE_EVERY) {
