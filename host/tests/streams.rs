@@ -501,6 +501,16 @@ async fn touch_listen_until(
     panic!("no event reached the listen stream after touching {args}");
 }
 
+/// The filters of the upstream's listen streams whose log line starts with `what` (`listen:` when
+/// opened, `listen-closed:` when closed) and mentions `marker`.
+fn upstream_listens(up: &Upstream, marker: &str, what: &str) -> Vec<Value> {
+    up.calls_with(marker)
+        .iter()
+        .filter(|c| c["tool"].as_str().is_some_and(|t| t.starts_with(what)))
+        .map(|c| c["args"]["filter"].clone())
+        .collect()
+}
+
 fn stamped(e: &Event, id: &str) {
     assert_eq!(
         e.data["params"]["_meta"][SUBSCRIPTION_ID], id,
@@ -547,6 +557,13 @@ async fn listen_relays_only_the_honored_filter_and_revocation_ends_it() {
         "the refused URI is not honored: {ack:?}"
     );
     stamped(&ack, "raw-1");
+    // The upstream was asked for the authorized filter only.
+    let opened = upstream_listens(&up, &uri, "listen:");
+    assert_eq!(
+        opened,
+        [json!({"toolsListChanged": true, "resourceSubscriptions": [uri]})],
+        "the upstream's listen"
+    );
 
     // The refused URI changes first: its update never comes; the permitted one's does.
     touch_modern(&gw, &parent, json!({"uri": denied})).await;
@@ -597,6 +614,15 @@ async fn listen_relays_only_the_honored_filter_and_revocation_ends_it() {
     let last = last.expect("a final frame");
     assert_eq!(last.data["id"], "raw-1", "{last:?}");
     assert_eq!(last.data["error"]["code"], -32010, "{last:?}");
+    // And the upstream's listen was closed with it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream_listens(&up, &uri, "listen-closed:").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upstream listen stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     gw.shutdown().await;
     up.kill();
 }
@@ -744,9 +770,20 @@ async fn the_official_client_listens_through_the_gateway() {
     );
     assert_eq!(out["updated"], json!([uri]), "{out}");
     assert!(out["tools_changed"].as_u64() >= Some(1), "{out}");
-    // The refused URI was touched upstream, and its update stopped at the gateway's filter
-    // (the upstream was never asked to send it).
-    assert!(upstream_saw(&up, "touch"));
+    // The upstream was asked for the authorized filter only, and its listen closed when the
+    // client left.
+    assert_eq!(
+        upstream_listens(&up, &uri, "listen:"),
+        [json!({"toolsListChanged": true, "resourceSubscriptions": [uri]})]
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream_listens(&up, &uri, "listen-closed:").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upstream listen stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     gw.shutdown().await;
     up.kill();
 }

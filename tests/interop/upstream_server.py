@@ -24,7 +24,9 @@ the session's stream in the handshake era, on `subscriptions/listen` streams in 
 Resources: `file:///public/readme.md`, `file:///public/secret.txt`, `file:///private/ledger.csv`
 and the template `note://{topic}`; prompts: `summarize(text)`, `greet(name)`, `admin_reset()`;
 completions: `greet`'s `name` and `note://{topic}`'s `topic` complete from fixed lists;
-`resources/subscribe` and `resources/unsubscribe` are accepted (and logged).
+`resources/subscribe` and `resources/unsubscribe` are accepted (and logged), and so is each
+`subscriptions/listen` stream, when it opens and when it closes (`listen:<filter>`,
+`listen-closed:<filter>`).
 With `--call-log FILE`, every tool invocation, resource read, prompt get, completion and
 (un)subscription appends one JSON line to FILE:
 `{"tool", "args", "protocol_version", "authorization", "session_id"}` (`tool` is the tool's
@@ -237,6 +239,25 @@ def build_server(call_log: str | None, page_size: int = 0):
         "resources/subscribe", mcp_types.SubscribeRequestParams, subscription("subscribe"))
     server._lowlevel_server.add_request_handler(
         "resources/unsubscribe", mcp_types.UnsubscribeRequestParams, subscription("unsubscribe"))
+
+    # subscriptions/listen (2026-07-28): the server's own handler, wrapped so the call log shows
+    # the filter each stream was opened with (`listen:<filter JSON>`) and when it closed
+    # (`listen-closed:<filter JSON>`).
+    from mcp.server.subscriptions import ListenHandler
+
+    listen_handler = ListenHandler(server._subscriptions)
+
+    async def listen_logged(ctx: Any, params: Any) -> Any:
+        wanted = params.notifications.model_dump(by_alias=True, exclude_none=True)
+        key = json.dumps(wanted, sort_keys=True)
+        record_plain(f"listen:{key}", {"filter": wanted})
+        try:
+            return await listen_handler(ctx, params)
+        finally:
+            record_plain(f"listen-closed:{key}", {"filter": wanted})
+
+    server._lowlevel_server.add_request_handler(
+        "subscriptions/listen", mcp_types.SubscriptionsListenRequestParams, listen_logged)
 
     if page_size > 0:
         # tools/list in pages: the cursor is the offset of the next page, as a string.
