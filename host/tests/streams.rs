@@ -856,3 +856,54 @@ async fn listen_routes_each_uri_to_its_upstream() {
     github.kill();
     db.kill();
 }
+
+/// A handshake-era session subscribed to a stateless upstream's resource (which has no
+/// subscribe pair): the gateway holds a listen of that URI upstream and routes its updates to
+/// the session's `GET` stream; the listen closes when the session unsubscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_subscription_to_a_stateless_upstream_is_bridged() {
+    let up = Upstream::start_async(Flavor::Sse).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (tok, _) = token(&gw, "agent-bridge").await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"}}});
+    let (s, h, v) = post(&gw, &tok, &[], &init).await;
+    assert_eq!(s, 200, "{v}");
+    let sid = h
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("session id")
+        .to_owned();
+    let mut stream = open(&gw, &tok, &sid, None).await;
+    let uri = format!("note://{}", marker("bridge"));
+    rpc(&gw, &tok, &sid, "resources/subscribe", json!({"uri": uri})).await;
+    let e = touch_until(&gw, &tok, &sid, &mut stream, json!({"uri": uri}), UPDATED).await;
+    assert_eq!(e.data["params"]["uri"], uri.as_str(), "{e:?}");
+    assert!(
+        e.data["params"].get("_meta").is_none(),
+        "the upstream's listen stamp is not the session's: {e:?}"
+    );
+    assert_eq!(
+        upstream_listens(&up, &uri, "listen:"),
+        [json!({"resourceSubscriptions": [uri]})]
+    );
+    rpc(
+        &gw,
+        &tok,
+        &sid,
+        "resources/unsubscribe",
+        json!({"uri": uri}),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream_listens(&up, &uri, "listen-closed:").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bridge stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.shutdown().await;
+    up.kill();
+}

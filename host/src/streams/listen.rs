@@ -154,6 +154,7 @@ async fn pump(
 /// Tells each upstream to stop sending updates of URIs no session subscribes to any more.
 pub async fn release(gw: &McpService, uris: Vec<String>) {
     for uri in uris {
+        super::bridge::stop(&gw.streams, &uri);
         let route = match gw.upstreams.route_uri(&uri) {
             Ok(Some(r)) => r,
             _ => continue,

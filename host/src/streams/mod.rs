@@ -10,6 +10,9 @@
 //! - `notifications/{tools,prompts,resources}/list_changed` reaches every session whose token
 //!   reaches that upstream (each lists again, filtered to its token).
 //!
+//! A handshake-era session's subscription to a stateless upstream (which has no subscribe pair)
+//! is bridged: the gateway holds a `subscriptions/listen` of that URI upstream ([`bridge`]).
+//!
 //! A stateless client's `subscriptions/listen` stream whose upstream speaks the handshake era
 //! takes an entry here too, under a key of its own (`listen:<n>`, never a signed session id),
 //! fed and ended by [`crate::proxy`]'s `listen.rs`.
@@ -22,6 +25,7 @@
 //! subscriptions. This module must never deliver an update to a session that did not subscribe
 //! to it, never let one slow client grow memory, and never log a token or a session id.
 
+pub mod bridge;
 pub mod listen;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -140,6 +144,8 @@ impl Inner {
 pub struct Hub {
     inner: Mutex<Inner>,
     limits: Limits,
+    /// The listens held for subscriptions to stateless upstreams, by URI ([`bridge`]).
+    bridges: Mutex<HashMap<String, tokio::task::AbortHandle>>,
 }
 
 /// A live stream just opened: its events, the ones replayed first.
@@ -153,6 +159,7 @@ impl Hub {
         Hub {
             inner: Mutex::new(Inner::default()),
             limits,
+            bridges: Mutex::new(HashMap::new()),
         }
     }
 
