@@ -859,7 +859,8 @@ async fn listen_routes_each_uri_to_its_upstream() {
 
 /// A handshake-era session subscribed to a stateless upstream's resource (which has no
 /// subscribe pair): the gateway holds a listen of that URI upstream and routes its updates to
-/// the session's `GET` stream; the listen closes when the session unsubscribes.
+/// the session's `GET` stream (and one for the upstream's list changes); the URI's listen
+/// closes when the session unsubscribes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_subscription_to_a_stateless_upstream_is_bridged() {
     let up = Upstream::start_async(Flavor::Sse).await;
@@ -888,6 +889,17 @@ async fn a_session_subscription_to_a_stateless_upstream_is_bridged() {
         upstream_listens(&up, &uri, "listen:"),
         [json!({"resourceSubscriptions": [uri]})]
     );
+    // The upstream's list changes reach the stream too (a listen of its own, held by the gateway).
+    let e = touch_until(
+        &gw,
+        &tok,
+        &sid,
+        &mut stream,
+        json!({"uri": "-", "list_changed": true}),
+        TOOLS_CHANGED,
+    )
+    .await;
+    assert!(e.data["params"].get("_meta").is_none(), "{e:?}");
     rpc(
         &gw,
         &tok,

@@ -7,8 +7,14 @@
 //! caller decided the subscription); [`stop`] ends it when the last one goes (unsubscribe,
 //! `DELETE`, revocation: [`super::listen::release`]). A bridge whose upstream stream drops opens
 //! it again, waiting longer each time (up to [`MAX_BACKOFF`]), for as long as it is not stopped.
+//!
+//! List changes likewise: a stateless upstream announces them only on listen streams, so the
+//! first `GET /v1/mcp` stream whose token reaches it starts [`ensure_lists`], one listen of the
+//! three list-change flags per upstream on this replica, held while the gateway runs (the hub
+//! sends each change to every session whose token reaches that upstream).
+//!
 //! This module must never open a listen for a URI no session on this replica subscribed to,
-//! and never pass on anything but that URI's updates.
+//! and never pass on anything but that URI's updates (or, for the lists, list changes).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -16,7 +22,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::Hub;
-use crate::upstream::ListenFrame;
+use crate::upstream::{ListenFrame, UpstreamEra};
 use crate::upstreams::Upstreams;
 
 /// The longest wait before a dropped bridge listens again.
@@ -41,7 +47,7 @@ pub fn ensure(
         Arc::downgrade(hub),
         Arc::clone(upstreams),
         upstream.to_owned(),
-        original.to_owned(),
+        Some(original.to_owned()),
     ));
     bridges.insert(exposed.to_owned(), task.abort_handle());
 }
@@ -53,22 +59,75 @@ pub fn stop(hub: &Hub, exposed: &str) {
     }
 }
 
-async fn run(hub: Weak<Hub>, upstreams: Arc<Upstreams>, name: String, original: String) {
+/// Starts the list-change listen of `upstream` unless one runs (a handshake-era upstream's
+/// task ends at once: its session stream carries its list changes).
+pub fn ensure_lists(hub: &Arc<Hub>, upstreams: &Arc<Upstreams>, upstream: &str) {
+    let Ok(mut lists) = hub.list_bridges.lock() else {
+        return;
+    };
+    if lists.get(upstream).is_some_and(|h| !h.is_finished()) {
+        return;
+    }
+    let (weak, ups, name) = (
+        Arc::downgrade(hub),
+        Arc::clone(upstreams),
+        upstream.to_owned(),
+    );
+    let task = tokio::spawn(async move {
+        let stateless = match ups.get(&name) {
+            Some(up) => matches!(up.era().await, Ok(UpstreamEra::Modern(_))),
+            None => false,
+        };
+        if stateless {
+            run(weak, ups, name, None).await;
+        }
+    });
+    lists.insert(upstream.to_owned(), task.abort_handle());
+}
+
+/// What a bridge listens for: one URI's updates, or (`None`) every list change.
+fn filter(original: Option<&str>) -> Map<String, Value> {
+    match original {
+        Some(uri) => Map::from_iter([("resourceSubscriptions".to_owned(), json!([uri]))]),
+        None => [
+            "toolsListChanged",
+            "promptsListChanged",
+            "resourcesListChanged",
+        ]
+        .into_iter()
+        .map(|f| (f.to_owned(), Value::Bool(true)))
+        .collect(),
+    }
+}
+
+/// Whether a message of the upstream's listen is what the bridge passes on.
+fn wanted(message: &Value, original: Option<&str>) -> bool {
+    let method = message.get("method").and_then(Value::as_str).unwrap_or("");
+    match original {
+        Some(uri) => {
+            method == "notifications/resources/updated"
+                && message.pointer("/params/uri").and_then(Value::as_str) == Some(uri)
+        }
+        None => matches!(
+            method,
+            "notifications/tools/list_changed"
+                | "notifications/prompts/list_changed"
+                | "notifications/resources/list_changed"
+        ),
+    }
+}
+
+async fn run(hub: Weak<Hub>, upstreams: Arc<Upstreams>, name: String, original: Option<String>) {
     let mut backoff = Duration::from_millis(250);
     loop {
         let Some(up) = upstreams.get(&name) else {
             return;
         };
-        let filter = Map::from_iter([("resourceSubscriptions".to_owned(), json!([original]))]);
-        match up.open_listen(filter, None).await {
+        match up.open_listen(filter(original.as_deref()), None).await {
             Ok(mut stream) => {
                 backoff = Duration::from_millis(250);
                 while let Ok(Some(ListenFrame::Notification(mut message))) = stream.next().await {
-                    if message.get("method").and_then(Value::as_str)
-                        != Some("notifications/resources/updated")
-                        || message.pointer("/params/uri").and_then(Value::as_str)
-                            != Some(original.as_str())
-                    {
+                    if !wanted(&message, original.as_deref()) {
                         continue;
                     }
                     // The upstream's stamp is its own stream's, not the sessions'.

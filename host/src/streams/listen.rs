@@ -86,6 +86,10 @@ pub async fn open(gw: &Arc<McpService>, headers: &hyper::HeaderMap) -> Response<
             return refuse(StatusCode::SERVICE_UNAVAILABLE, &err);
         }
     };
+    // A stateless upstream's list changes come only on a listen, held by the gateway.
+    for (name, _) in gw.upstreams.iter().filter(|(n, _)| grant.reaches(n)) {
+        super::bridge::ensure_lists(&gw.streams, &gw.upstreams, name);
+    }
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     tokio::spawn(pump(
         Arc::downgrade(gw),

@@ -146,6 +146,19 @@ pub struct Hub {
     limits: Limits,
     /// The listens held for subscriptions to stateless upstreams, by URI ([`bridge`]).
     bridges: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// The listens held for stateless upstreams' list changes, by upstream ([`bridge`]).
+    list_bridges: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+}
+
+impl Drop for Hub {
+    /// The held listens end with the hub (their upstream connections close).
+    fn drop(&mut self) {
+        for map in [&self.bridges, &self.list_bridges] {
+            if let Ok(m) = map.lock() {
+                m.values().for_each(tokio::task::AbortHandle::abort);
+            }
+        }
+    }
 }
 
 /// A live stream just opened: its events, the ones replayed first.
@@ -160,6 +173,7 @@ impl Hub {
             inner: Mutex::new(Inner::default()),
             limits,
             bridges: Mutex::new(HashMap::new()),
+            list_bridges: Mutex::new(HashMap::new()),
         }
     }
 
