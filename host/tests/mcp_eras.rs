@@ -460,12 +460,13 @@ async fn stateless_era_raw_protocol() {
         assert_eq!(r["resultType"], "complete", "{ctx}: {d}");
         assert_eq!(r["cacheScope"], "private", "{ctx}: {d}");
         assert!(r["ttlMs"].is_u64(), "{ctx}: {d}");
-        // What the upstream offers and the gateway proxies, without the notifications and
-        // subscriptions it does not relay.
+        // What the upstream offers and the gateway proxies, with the notifications and
+        // subscriptions the upstream announces (relayed on `subscriptions/listen` streams).
+        let relayed = kind == Kind::BothEras;
         assert_eq!(
             r["capabilities"],
-            json!({"tools": {"listChanged": false}, "prompts": {"listChanged": false},
-                   "resources": {"listChanged": false, "subscribe": false}}),
+            json!({"tools": {"listChanged": relayed}, "prompts": {"listChanged": relayed},
+                   "resources": {"listChanged": relayed, "subscribe": relayed}}),
             "{ctx}: {d}"
         );
         assert!(

@@ -169,7 +169,7 @@ async fn official_clients_reach_resources_prompts_and_completions() {
 
 /// Attenuates `parent` with the IntentGate Python SDK (0.3.0): the new caveats ride in its
 /// generic `Caveat(type, tools)`.
-fn sdk_attenuate(parent: &str) -> String {
+pub(crate) fn sdk_attenuate(parent: &str) -> String {
     const SCRIPT: &str = r#"
 import sys
 try:

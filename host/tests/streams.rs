@@ -161,6 +161,32 @@ impl Stream {
         }
     }
 
+    /// The events until the stream ends, within `wait` (panics if it does not end).
+    async fn events_until_end(&mut self, wait: Duration) -> Vec<Event> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.body.frame()).await {
+                Err(_) => panic!("the stream did not end"),
+                Ok(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        self.buf.extend_from_slice(&d);
+                    }
+                }
+                Ok(_) => break,
+            }
+        }
+        let text = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
+        text.split("\n\n")
+            .filter_map(|raw| {
+                let data = raw.lines().find_map(|l| l.strip_prefix("data: "))?;
+                Some(Event {
+                    id: None,
+                    data: serde_json::from_str(data).ok()?,
+                })
+            })
+            .collect()
+    }
+
     /// Whether the stream ends within `wait` (events before the end are skipped).
     async fn ends_within(&mut self, wait: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
@@ -395,6 +421,501 @@ async fn the_official_client_receives_updates_it_subscribed_to() {
     assert_eq!(out["updated"][0], uri.as_str(), "{out}");
     assert!(out["list_changed"].as_u64() >= Some(1), "{out}");
     assert!(upstream_saw(&up, &format!("subscribe:{uri}")));
+    gw.shutdown().await;
+    up.kill();
+}
+
+// --- subscriptions/listen (2026-07-28, SEP-2575) ------------------------------------------
+
+const MODERN: &str = "2026-07-28";
+const ACKNOWLEDGED: &str = "notifications/subscriptions/acknowledged";
+const SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
+
+fn envelope() -> Value {
+    json!({"io.modelcontextprotocol/protocolVersion": MODERN,
+           "io.modelcontextprotocol/clientCapabilities": {}})
+}
+
+/// Opens `subscriptions/listen` with `filter` as a raw stateless client; the status, headers
+/// and the stream being read.
+async fn listen(
+    gw: &TestGateway,
+    tok: &str,
+    id: &str,
+    filter: Value,
+    accept: &str,
+) -> (u16, hyper::HeaderMap, Stream) {
+    let body = json!({"jsonrpc": "2.0", "id": id, "method": "subscriptions/listen",
+        "params": {"notifications": filter, "_meta": envelope()}});
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = hyper::Request::post(format!("{}/v1/mcp", gw.url))
+        .header("authorization", format!("Bearer {tok}"))
+        .header("content-type", "application/json")
+        .header("accept", accept)
+        .header("mcp-protocol-version", MODERN)
+        .header("mcp-method", "subscriptions/listen")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let resp = client.request(req).await.expect("POST sent");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let stream = Stream {
+        body: resp.into_body(),
+        buf: Vec::new(),
+    };
+    (status, headers, stream)
+}
+
+/// Calls the upstream's `touch` tool as a stateless client.
+async fn touch_modern(gw: &TestGateway, tok: &str, args: Value) {
+    touch_named(gw, tok, "touch", args).await;
+}
+
+/// Calls the `touch` tool exposed as `name` (namespaced behind several upstreams).
+async fn touch_named(gw: &TestGateway, tok: &str, name: &str, args: Value) {
+    let body = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": name, "arguments": args, "_meta": envelope()}});
+    let h = [
+        ("mcp-protocol-version", MODERN),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", name),
+    ];
+    let (s, _, v) = post(gw, tok, &h, &body).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v.get("result").is_some(), "{v}");
+}
+
+/// Touches with `args` until `stream` gets an event; returns it.
+async fn touch_listen_until(
+    gw: &TestGateway,
+    tok: &str,
+    stream: &mut Stream,
+    args: Value,
+) -> Event {
+    for _ in 0..20 {
+        touch_modern(gw, tok, args.clone()).await;
+        if let Some(e) = stream.next(Duration::from_millis(500)).await {
+            return e;
+        }
+    }
+    panic!("no event reached the listen stream after touching {args}");
+}
+
+/// The filters of the upstream's listen streams whose log line starts with `what` (`listen:` when
+/// opened, `listen-closed:` when closed) and mentions `marker`.
+fn upstream_listens(up: &Upstream, marker: &str, what: &str) -> Vec<Value> {
+    up.calls_with(marker)
+        .iter()
+        .filter(|c| c["tool"].as_str().is_some_and(|t| t.starts_with(what)))
+        .map(|c| c["args"]["filter"].clone())
+        .collect()
+}
+
+fn stamped(e: &Event, id: &str) {
+    assert_eq!(
+        e.data["params"]["_meta"][SUBSCRIPTION_ID], id,
+        "every frame carries the listen request's id: {e:?}"
+    );
+}
+
+/// A stateless client's listen stream through the gateway to a stateless upstream: a URI the
+/// token may not read is left out of the acknowledged filter (audited as a refused
+/// subscription) and its update never arrives; an update of a URI it may read and a tool list
+/// change arrive as they happen, stamped with the request's id; revoking the token ends the
+/// stream with a typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_relays_only_the_honored_filter_and_revocation_ends_it() {
+    let up = Upstream::start_async(Flavor::Sse).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (parent, jti) = token(&gw, "agent-listen").await;
+    let p = parent.clone();
+    let child = tokio::task::spawn_blocking(move || crate::mcp_kinds::sdk_attenuate(&p))
+        .await
+        .expect("sdk");
+    let uri = format!("note://{}", marker("listen"));
+    let denied = "file:///private/ledger.csv";
+    let filter = json!({"toolsListChanged": true, "promptsListChanged": false,
+        "resourceSubscriptions": [uri, denied]});
+    let (s, h, mut stream) = listen(
+        &gw,
+        &child,
+        "raw-1",
+        filter,
+        "application/json, text/event-stream",
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        h.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    let ack = stream.next(Duration::from_secs(5)).await.expect("ack");
+    assert_eq!(ack.data["method"], ACKNOWLEDGED, "{ack:?}");
+    assert_eq!(
+        ack.data["params"]["notifications"],
+        json!({"toolsListChanged": true, "resourceSubscriptions": [uri]}),
+        "the refused URI is not honored: {ack:?}"
+    );
+    stamped(&ack, "raw-1");
+    // The upstream was asked for the authorized filter only.
+    let opened = upstream_listens(&up, &uri, "listen:");
+    assert_eq!(
+        opened,
+        [json!({"toolsListChanged": true, "resourceSubscriptions": [uri]})],
+        "the upstream's listen"
+    );
+
+    // The refused URI changes first: its update never comes; the permitted one's does.
+    touch_modern(&gw, &parent, json!({"uri": denied})).await;
+    let e = touch_listen_until(&gw, &parent, &mut stream, json!({"uri": uri})).await;
+    assert_eq!(e.data["method"], UPDATED, "{e:?}");
+    assert_eq!(e.data["params"]["uri"], uri.as_str(), "{e:?}");
+    assert!(e.id.is_none(), "a listen stream is not resumable: {e:?}");
+    stamped(&e, "raw-1");
+    let e = touch_listen_until(
+        &gw,
+        &parent,
+        &mut stream,
+        json!({"uri": "-", "list_changed": true}),
+    )
+    .await;
+    assert_eq!(e.data["method"], TOOLS_CHANGED, "{e:?}");
+    stamped(&e, "raw-1");
+
+    // Decided and audited as subscriptions, with the kind.
+    let (s, v) = http::get_json(
+        &format!("{}/v1/admin/audit?tenant=acme&limit=1000", gw.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let events = v["items"].as_array().cloned().unwrap_or_default();
+    let decided = |tool: &str, decision: &str| {
+        events
+            .iter()
+            .any(|e| e["tool"] == tool && e["decision"] == decision)
+    };
+    assert!(
+        decided(&format!("resource:{denied}"), "block"),
+        "{events:?}"
+    );
+    assert!(decided(&format!("resource:{uri}"), "allow"), "{events:?}");
+
+    // Revocation ends the stream within the re-check, with a typed answer to the listen.
+    let (s, _) = http::post_json(
+        &format!("{}/v1/admin/revoke", gw.url),
+        Some(ADMIN_TOKEN),
+        &json!({"jti": jti, "reason": "test"}),
+    )
+    .await;
+    assert_eq!(s, 204);
+    let events = stream.events_until_end(Duration::from_secs(10)).await;
+    let last = events.last().cloned();
+    let last = last.expect("a final frame");
+    assert_eq!(last.data["id"], "raw-1", "{last:?}");
+    assert_eq!(last.data["error"]["code"], -32010, "{last:?}");
+    // And the upstream's listen was closed with it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream_listens(&up, &uri, "listen-closed:").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upstream listen stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.shutdown().await;
+    up.kill();
+}
+
+/// Refusals of `subscriptions/listen` are typed: a client that does not take an event stream,
+/// a malformed filter, no token; the handshake era has no such method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_refusals_are_typed() {
+    let up = Upstream::shared_async(Flavor::Sse).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (tok, _) = token(&gw, "agent-refused").await;
+    let read = |mut s: Stream| async move {
+        let mut bytes = std::mem::take(&mut s.buf);
+        bytes.extend_from_slice(&s.body.collect().await.expect("body").to_bytes());
+        serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null)
+    };
+    let (s, _, body) = listen(
+        &gw,
+        &tok,
+        "a",
+        json!({"toolsListChanged": true}),
+        "application/json",
+    )
+    .await;
+    assert_eq!(
+        (s, read(body).await["error"]["code"].as_i64()),
+        (406, Some(-32600))
+    );
+    let sse = "application/json, text/event-stream";
+    for bad in [
+        json!("all"),
+        json!({"resourceSubscriptions": "note://x"}),
+        json!({"toolsListChanged": 1}),
+    ] {
+        let (s, _, body) = listen(&gw, &tok, "b", bad.clone(), sse).await;
+        let v = read(body).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_i64()),
+            (400, Some(-32602)),
+            "{bad}: {v}"
+        );
+        assert_eq!(v["id"], "b");
+    }
+    let (s, _, body) = listen(
+        &gw,
+        "not-a-token",
+        "c",
+        json!({"toolsListChanged": true}),
+        sse,
+    )
+    .await;
+    let v = read(body).await;
+    assert_eq!(v["error"]["code"], -32010, "{s}: {v}");
+    let handshake = json!({"jsonrpc": "2.0", "id": 3, "method": "subscriptions/listen",
+        "params": {"notifications": {"toolsListChanged": true}}});
+    let (s, _, v) = post(&gw, &tok, &[], &handshake).await;
+    assert_eq!((s, v["error"]["code"].as_i64()), (200, Some(-32601)), "{v}");
+    gw.shutdown().await;
+}
+
+/// A handshake-era upstream has no listen of its own: the gateway subscribes on its shared
+/// session and feeds the client's listen stream from the hub; the upstream's subscription is
+/// dropped when the client goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_through_a_handshake_upstream_is_served_from_the_hub() {
+    let up = Upstream::start_async(Flavor::HandshakeSse).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (tok, _) = token(&gw, "agent-hub").await;
+    let uri = format!("note://{}", marker("hub"));
+    let other = format!("note://{}", marker("other"));
+    let filter = json!({"toolsListChanged": true, "resourceSubscriptions": [uri]});
+    let (s, _, mut stream) = listen(&gw, &tok, "hub-1", filter, "text/event-stream").await;
+    assert_eq!(s, 200);
+    let ack = stream.next(Duration::from_secs(5)).await.expect("ack");
+    assert_eq!(
+        ack.data["params"]["notifications"],
+        json!({"toolsListChanged": true, "resourceSubscriptions": [uri]}),
+        "{ack:?}"
+    );
+    stamped(&ack, "hub-1");
+    assert!(upstream_saw(&up, &format!("subscribe:{uri}")));
+    // An update of a URI this stream did not ask for is not relayed.
+    touch_modern(&gw, &tok, json!({"uri": other})).await;
+    let e = touch_listen_until(&gw, &tok, &mut stream, json!({"uri": uri})).await;
+    assert_eq!(e.data["method"], UPDATED, "{e:?}");
+    assert_eq!(e.data["params"]["uri"], uri.as_str(), "{e:?}");
+    stamped(&e, "hub-1");
+    let e = touch_listen_until(
+        &gw,
+        &tok,
+        &mut stream,
+        json!({"uri": "-", "list_changed": true}),
+    )
+    .await;
+    assert_eq!(e.data["method"], TOOLS_CHANGED, "{e:?}");
+    stamped(&e, "hub-1");
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !upstream_saw(&up, &format!("unsubscribe:{uri}")) {
+        assert!(tokio::time::Instant::now() < deadline, "never unsubscribed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.shutdown().await;
+    up.kill();
+}
+
+/// The official Python client (stateless era) listens through the gateway with a scoped
+/// token: the URI it may not read is not honored and its update never arrives; the other
+/// URI's update and a tool list change do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_client_listens_through_the_gateway() {
+    let up = Upstream::start_async(Flavor::Sse).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (parent, _) = token(&gw, "agent-py-listen").await;
+    let child = tokio::task::spawn_blocking(move || crate::mcp_kinds::sdk_attenuate(&parent))
+        .await
+        .expect("sdk");
+    let uri = format!("note://{}", marker("pylisten"));
+    let denied = "file:///private/ledger.csv";
+    let (url, t, u) = (gw.url.clone(), child.clone(), uri.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(crate::interop::python())
+            .arg(crate::interop::interop_dir().join("listen_client.py"))
+            .args(["--gateway", &url, "--token", &t, &u, denied])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("listen_client.py ran");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        serde_json::from_str::<Value>(stdout.lines().last().unwrap_or_default()).unwrap_or_else(
+            |_| {
+                panic!(
+                    "no JSON from listen_client.py: {stdout}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            },
+        )
+    })
+    .await
+    .expect("client task");
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(
+        out["honored"],
+        json!({"toolsListChanged": true, "resourceSubscriptions": [uri]}),
+        "{out}"
+    );
+    assert_eq!(out["updated"], json!([uri]), "{out}");
+    assert!(out["tools_changed"].as_u64() >= Some(1), "{out}");
+    // The upstream was asked for the authorized filter only, and its listen closed when the
+    // client left.
+    assert_eq!(
+        upstream_listens(&up, &uri, "listen:"),
+        [json!({"toolsListChanged": true, "resourceSubscriptions": [uri]})]
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream_listens(&up, &uri, "listen-closed:").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upstream listen stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.shutdown().await;
+    up.kill();
+}
+
+/// Behind several upstreams, each URI goes to its own upstream with its own name (a stateless
+/// one by its own listen, a handshake-era one through the hub) and comes back namespaced; a
+/// URI of an upstream the token may not reach (`servers`), or of none, is not honored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_routes_each_uri_to_its_upstream() {
+    let github = Upstream::start_async(Flavor::Sse).await;
+    let db = Upstream::start_async(Flavor::HandshakeSse).await;
+    let (g, d) = (format!("github={}", github.url), format!("db={}", db.url));
+    let gw = gateway::start(Backend::Sqlite, None, &["--upstream", &g, "--upstream", &d]).await;
+    let (tok, _) = token(&gw, "agent-multi-listen").await;
+    let (m1, m2) = (marker("gh"), marker("db"));
+    let (u1, u2) = (format!("github+note://{m1}"), format!("db+note://{m2}"));
+    let filter = json!({"toolsListChanged": true,
+        "resourceSubscriptions": [u1, u2, "nowhere+note://x", "note://unprefixed"]});
+    let sse = "application/json, text/event-stream";
+    let (s, _, mut stream) = listen(&gw, &tok, "multi", filter.clone(), sse).await;
+    assert_eq!(s, 200);
+    let ack = stream.next(Duration::from_secs(5)).await.expect("ack");
+    assert_eq!(
+        ack.data["params"]["notifications"],
+        json!({"toolsListChanged": true, "resourceSubscriptions": [u1, u2]}),
+        "{ack:?}"
+    );
+    // The handshake-era upstream was subscribed with its own URI; the stateless one listens.
+    assert!(upstream_saw(&db, &format!("subscribe:note://{m2}")));
+    assert!(!upstream_saw(&github, &format!("subscribe:note://{m1}")));
+    for (tool, original, exposed) in [
+        ("github__touch", format!("note://{m1}"), &u1),
+        ("db__touch", format!("note://{m2}"), &u2),
+    ] {
+        let mut got = None;
+        for _ in 0..20 {
+            touch_named(&gw, &tok, tool, json!({"uri": original})).await;
+            if let Some(e) = stream.next(Duration::from_millis(500)).await {
+                got = Some(e);
+                break;
+            }
+        }
+        let e = got.unwrap_or_else(|| panic!("no update from {tool}"));
+        assert_eq!(e.data["method"], UPDATED, "{e:?}");
+        assert_eq!(e.data["params"]["uri"], exposed.as_str(), "{e:?}");
+        stamped(&e, "multi");
+    }
+    drop(stream);
+
+    // A token for github only: db's URI is not honored, and db is not asked.
+    let scoped = gw
+        .mint(
+            json!({"subject": "agent-gh", "tenant": "acme", "ttl_seconds": 600,
+                     "tools": ["*"], "servers": ["github"]}),
+        )
+        .await
+        .0;
+    let m3 = marker("dbonly");
+    let filter = json!({"resourceSubscriptions": [u1, format!("db+note://{m3}")]});
+    let (s, _, mut stream) = listen(&gw, &scoped, "scoped", filter, sse).await;
+    assert_eq!(s, 200);
+    let ack = stream.next(Duration::from_secs(5)).await.expect("ack");
+    assert_eq!(
+        ack.data["params"]["notifications"],
+        json!({"resourceSubscriptions": [u1]}),
+        "{ack:?}"
+    );
+    assert!(!upstream_saw(&db, &format!("subscribe:note://{m3}")));
+    gw.shutdown().await;
+    github.kill();
+    db.kill();
+}
+
+/// A handshake-era session subscribed to a stateless upstream's resource (which has no
+/// subscribe pair): the gateway holds a listen of that URI upstream and routes its updates to
+/// the session's `GET` stream (and one for the upstream's list changes); the URI's listen
+/// closes when the session unsubscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_subscription_to_a_stateless_upstream_is_bridged() {
+    let up = Upstream::start_async(Flavor::Sse).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (tok, _) = token(&gw, "agent-bridge").await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"}}});
+    let (s, h, v) = post(&gw, &tok, &[], &init).await;
+    assert_eq!(s, 200, "{v}");
+    let sid = h
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("session id")
+        .to_owned();
+    let mut stream = open(&gw, &tok, &sid, None).await;
+    let uri = format!("note://{}", marker("bridge"));
+    rpc(&gw, &tok, &sid, "resources/subscribe", json!({"uri": uri})).await;
+    let e = touch_until(&gw, &tok, &sid, &mut stream, json!({"uri": uri}), UPDATED).await;
+    assert_eq!(e.data["params"]["uri"], uri.as_str(), "{e:?}");
+    assert!(
+        e.data["params"].get("_meta").is_none(),
+        "the upstream's listen stamp is not the session's: {e:?}"
+    );
+    assert_eq!(
+        upstream_listens(&up, &uri, "listen:"),
+        [json!({"resourceSubscriptions": [uri]})]
+    );
+    // The upstream's list changes reach the stream too (a listen of its own, held by the gateway).
+    let e = touch_until(
+        &gw,
+        &tok,
+        &sid,
+        &mut stream,
+        json!({"uri": "-", "list_changed": true}),
+        TOOLS_CHANGED,
+    )
+    .await;
+    assert!(e.data["params"].get("_meta").is_none(), "{e:?}");
+    rpc(
+        &gw,
+        &tok,
+        &sid,
+        "resources/unsubscribe",
+        json!({"uri": uri}),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream_listens(&up, &uri, "listen-closed:").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bridge stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     gw.shutdown().await;
     up.kill();
 }

@@ -21,14 +21,17 @@ SIGTERM/SIGINT. `--ignore-stdin` turns the stdin watch off, for running it by ha
 stdin at /dev/null.
 
 Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text), ask_user(question), slow_count(n),
-touch(uri, list_changed) (announces a resource update or a tool list change outside any call),
+touch(uri, list_changed) (announces a resource update or a tool list change outside any call: on
+the session's stream in the handshake era, on `subscriptions/listen` streams in the stateless era),
 confirm(question) (an elicitation) and ask_model(prompt) (sampling), which ask the client in
 either revision (a request during the call, or an InputRequiredResult in 2026-07-28; ask_user
 elicits only in the handshake era).
 Resources: `file:///public/readme.md`, `file:///public/secret.txt`, `file:///private/ledger.csv`
 and the template `note://{topic}`; prompts: `summarize(text)`, `greet(name)`, `admin_reset()`;
 completions: `greet`'s `name` and `note://{topic}`'s `topic` complete from fixed lists;
-`resources/subscribe` and `resources/unsubscribe` are accepted (and logged).
+`resources/subscribe` and `resources/unsubscribe` are accepted (and logged), and so is each
+`subscriptions/listen` stream, when it opens and when it closes (`listen:<filter>`,
+`listen-closed:<filter>`).
 With `--call-log FILE`, every tool invocation, resource read, prompt get, completion and
 (un)subscription appends one JSON line to FILE:
 `{"tool", "args", "protocol_version", "authorization", "session_id"}` (`tool` is the tool's
@@ -190,11 +193,19 @@ def build_server(call_log: str | None, page_size: int = 0):
     async def touch(uri: str, ctx: Context, list_changed: bool = False) -> str:
         """Announce that a resource changed (`notifications/resources/updated`), or with
         `list_changed` that the tool list did, on the session's own stream (outside any call)."""
-        session = ctx.request_context.session
-        if list_changed:
-            await session.send_tool_list_changed()
+        if ctx.protocol_version == "2026-07-28":
+            # The stateless era has no session stream: announcements ride the
+            # `subscriptions/listen` streams (SEP-2575), through the server's bus.
+            if list_changed:
+                await ctx.notify_tools_changed()
+            else:
+                await ctx.notify_resource_updated(uri)
         else:
-            await session.send_resource_updated(uri)
+            session = ctx.request_context.session
+            if list_changed:
+                await session.send_tool_list_changed()
+            else:
+                await session.send_resource_updated(uri)
         record("touch", {"uri": uri, "list_changed": list_changed}, ctx)
         return f"touched {uri}"
 
@@ -271,6 +282,25 @@ def build_server(call_log: str | None, page_size: int = 0):
         "resources/subscribe", mcp_types.SubscribeRequestParams, subscription("subscribe"))
     server._lowlevel_server.add_request_handler(
         "resources/unsubscribe", mcp_types.UnsubscribeRequestParams, subscription("unsubscribe"))
+
+    # subscriptions/listen (2026-07-28): the server's own handler, wrapped so the call log shows
+    # the filter each stream was opened with (`listen:<filter JSON>`) and when it closed
+    # (`listen-closed:<filter JSON>`).
+    from mcp.server.subscriptions import ListenHandler
+
+    listen_handler = ListenHandler(server._subscriptions)
+
+    async def listen_logged(ctx: Any, params: Any) -> Any:
+        wanted = params.notifications.model_dump(by_alias=True, exclude_none=True)
+        key = json.dumps(wanted, sort_keys=True)
+        record_plain(f"listen:{key}", {"filter": wanted})
+        try:
+            return await listen_handler(ctx, params)
+        finally:
+            record_plain(f"listen-closed:{key}", {"filter": wanted})
+
+    server._lowlevel_server.add_request_handler(
+        "subscriptions/listen", mcp_types.SubscriptionsListenRequestParams, listen_logged)
 
     if page_size > 0:
         # tools/list in pages: the cursor is the offset of the next page, as a string.

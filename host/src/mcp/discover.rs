@@ -28,10 +28,10 @@ pub struct UpstreamProfile {
 }
 
 /// The upstream's capabilities narrowed to what the gateway proxies: tools, resources,
-/// prompts and completions. To a handshake-era client (`streams`: it has a session and its
-/// `GET` stream) the upstream's `listChanged` and `subscribe` flags are passed on, since the
-/// gateway relays those notifications there ([`crate::streams`]); a stateless-era client gets
-/// them off. No upstream at all still offers tools (an empty list), so clients keep working and
+/// prompts and completions. The upstream's `listChanged` and `subscribe` flags are passed on
+/// (`streams`) since the gateway relays those notifications: to a handshake-era client on its
+/// session's `GET` stream ([`crate::streams`]), to a stateless-era one on its
+/// `subscriptions/listen` streams. No upstream at all still offers tools (an empty list), so clients keep working and
 /// learn of the outage on their first call.
 fn capabilities(profile: &UpstreamProfile, streams: bool) -> Value {
     let offered = |what: &str| match &profile.capabilities {
@@ -106,7 +106,7 @@ pub fn initialize_result(version: &str, profile: &UpstreamProfile) -> Value {
 pub fn discover_result(profile: &UpstreamProfile) -> Value {
     json!({
         "supportedVersions": MODERN_VERSIONS,
-        "capabilities": capabilities(profile, false),
+        "capabilities": capabilities(profile, true),
         "instructions": instructions(profile),
         "resultType": COMPLETE,
         "cacheScope": "private",
@@ -128,9 +128,10 @@ mod tests {
         };
         let d = discover_result(&profile);
         assert_eq!(d["supportedVersions"], json!(["2026-07-28"]));
+        // Relayed on listen streams.
         assert_eq!(
             d["capabilities"],
-            json!({"tools": {"listChanged": false}, "prompts": {"listChanged": false}})
+            json!({"tools": {"listChanged": true}, "prompts": {"listChanged": false}})
         );
         assert_eq!(d["cacheScope"], "private");
         assert_eq!(d["resultType"], "complete");
@@ -165,7 +166,7 @@ mod tests {
         };
         assert_eq!(
             discover_result(&all)["capabilities"],
-            json!({"resources": {"listChanged": false, "subscribe": false}, "completions": {}})
+            json!({"resources": {"listChanged": true, "subscribe": true}, "completions": {}})
         );
         assert_eq!(
             initialize_result("2025-11-25", &all)["capabilities"],

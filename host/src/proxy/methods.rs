@@ -9,8 +9,10 @@
 //!   sends).
 //!
 //! A stateless (2026-07-28) upstream has no subscribe pair (its subscriptions are a
-//! `subscriptions/listen` stream, not opened yet): a permitted `resources/subscribe` and an
-//! `resources/unsubscribe` of a handshake-era client are acknowledged by the gateway itself.
+//! `subscriptions/listen` stream, which `listen.rs` opens for stateless clients): a permitted
+//! `resources/subscribe` and an `resources/unsubscribe` of a handshake-era client are
+//! acknowledged by the gateway itself, and the session's subscription is bridged to a listen the
+//! gateway holds upstream ([`crate::streams::bridge`]).
 //! A handshake-era session's subscription to a handshake-era upstream is recorded by
 //! [`crate::streams`], which routes the upstream's updates to the sessions that subscribed;
 //! the upstream's own subscription is dropped only when the last of them unsubscribes.
@@ -288,6 +290,13 @@ impl CallContext<'_> {
         };
         let (permit, upstream) = self.decide(&call).await?;
         if acknowledged_here(upstream, method).await {
+            // A session's subscription is bridged to the upstream's listen (`streams::bridge`).
+            if self.record_subscription(method, &target.name)?
+                && let Some(r) = route
+            {
+                let (hub, ups) = (&self.svc.streams, &self.svc.upstreams);
+                crate::streams::bridge::ensure(hub, ups, r.name, &target.name, r.original);
+            }
             let mut ack = serde_json::Map::new();
             self.annotate(&mut ack, &permit);
             return Ok(Value::Object(ack));
@@ -380,6 +389,11 @@ impl CallContext<'_> {
             return Err(upstream_rpc_error(&UpstreamError::NotConfigured));
         };
         if acknowledged_here(upstream, method).await {
+            if let Some(session) = self.session
+                && self.svc.streams.unsubscribe(session, uri)
+            {
+                crate::streams::bridge::stop(&self.svc.streams, uri);
+            }
             return Ok(json!({}));
         }
         // Another session on this replica still subscribes: the upstream keeps sending.

@@ -12,7 +12,8 @@
 //!
 //! The methods: `tools/call` and `initialize` (`tools.rs`), lists and targets (`methods.rs`);
 //! an escalated call held for its approval (`hold.rs`); a handshake-era call whose upstream
-//! asks the client something on its event stream (`streamed.rs`, `ask.rs`). The protocol
+//! asks the client something on its event stream (`streamed.rs`, `ask.rs`); a stateless
+//! client's `subscriptions/listen` stream (`listen.rs`). The protocol
 //! itself is [`crate::mcp`]'s; this module is where it meets authentication, the pipeline and
 //! the upstreams. It must never let an unauthenticated request reach the upstream, never
 //! decide from a header, never run a check on a request whose headers disagree with its body,
@@ -22,6 +23,7 @@ mod ask;
 pub mod denial;
 mod hold;
 mod lifecycle;
+mod listen;
 pub(crate) use lifecycle::presented_session;
 mod methods;
 mod streamed;
@@ -386,6 +388,18 @@ async fn method(
         };
         return streamed::call(call).await;
     }
+    // A stateless client's subscription stream (`listen.rs`): its own long-lived answer.
+    if endpoint == Endpoint::Mcp && era.is_modern() && rpc.method == "subscriptions/listen" {
+        let listen = listen::Owned {
+            svc: std::sync::Arc::clone(svc),
+            grant,
+            headers,
+            remote,
+            era,
+            rpc,
+        };
+        return listen::open(listen).await;
+    }
     let ctx = CallContext::new(svc, &grant, &headers, remote, session.as_deref(), &era);
     if endpoint == Endpoint::Mcp && !era.is_modern() && rpc.method == "initialize" {
         return ctx.initialize(&rpc, &id).await;
@@ -443,7 +457,8 @@ impl<'a> CallContext<'a> {
         let ctx = self;
         let modern = self.era.is_modern();
         // Each revision's methods: the stateless one has no initialize, ping, logging/setLevel
-        // or subscribe pair (its subscriptions are a stream, not served here).
+        // or subscribe pair (its subscriptions are a `subscriptions/listen` stream, answered
+        // before dispatch by `listen.rs`).
         match (endpoint, modern, rpc.method.as_str()) {
             (_, _, "tools/call") => ctx.tools_call(rpc).await,
             (Endpoint::ToolCall, _, other) => Err(method_not_found(other)),

@@ -39,7 +39,7 @@ fn refuse(status: StatusCode, err: &RpcError) -> Response<Body> {
 
 /// Whether the session's token still verifies, as the same token id (without the metrics of
 /// a request's authentication).
-fn still_valid(gw: &McpService, token: &str, jti: &str) -> bool {
+pub(crate) fn still_valid(gw: &McpService, token: &str, jti: &str) -> bool {
     let now = crate::audit::time::now_ms() / 1000;
     matches!(gw.verifier.authenticate(token, now, &gw.revocations), Ok(g) if g.jti == jti)
 }
@@ -86,6 +86,10 @@ pub async fn open(gw: &Arc<McpService>, headers: &hyper::HeaderMap) -> Response<
             return refuse(StatusCode::SERVICE_UNAVAILABLE, &err);
         }
     };
+    // A stateless upstream's list changes come only on a listen, held by the gateway.
+    for (name, _) in gw.upstreams.iter().filter(|(n, _)| grant.reaches(n)) {
+        super::bridge::ensure_lists(&gw.streams, &gw.upstreams, name);
+    }
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     tokio::spawn(pump(
         Arc::downgrade(gw),
@@ -154,6 +158,7 @@ async fn pump(
 /// Tells each upstream to stop sending updates of URIs no session subscribes to any more.
 pub async fn release(gw: &McpService, uris: Vec<String>) {
     for uri in uris {
+        super::bridge::stop(&gw.streams, &uri);
         let route = match gw.upstreams.route_uri(&uri) {
             Ok(Some(r)) => r,
             _ => continue,

@@ -10,6 +10,13 @@
 //! - `notifications/{tools,prompts,resources}/list_changed` reaches every session whose token
 //!   reaches that upstream (each lists again, filtered to its token).
 //!
+//! A handshake-era session's subscription to a stateless upstream (which has no subscribe pair)
+//! is bridged: the gateway holds a `subscriptions/listen` of that URI upstream ([`bridge`]).
+//!
+//! A stateless client's `subscriptions/listen` stream whose upstream speaks the handshake era
+//! takes an entry here too, under a key of its own (`listen:<n>`, never a signed session id),
+//! fed and ended by [`crate::proxy`]'s `listen.rs`.
+//!
 //! Every buffer is bounded: a session's window ([`Limits::window`] events), its live channel
 //! ([`Limits::live`]; a client that does not read is disconnected, and may resume from the
 //! window), the subscriptions of a session and the number of sessions. A session's entry
@@ -18,6 +25,7 @@
 //! subscriptions. This module must never deliver an update to a session that did not subscribe
 //! to it, never let one slow client grow memory, and never log a token or a session id.
 
+pub mod bridge;
 pub mod listen;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -138,6 +146,21 @@ pub struct Hub {
     limits: Limits,
     /// Signalled when a session gets an entry (wakes the parked sweeper).
     entered: tokio::sync::Notify,
+    /// The listens held for subscriptions to stateless upstreams, by URI ([`bridge`]).
+    bridges: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// The listens held for stateless upstreams' list changes, by upstream ([`bridge`]).
+    list_bridges: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+}
+
+impl Drop for Hub {
+    /// The held listens end with the hub (their upstream connections close).
+    fn drop(&mut self) {
+        for map in [&self.bridges, &self.list_bridges] {
+            if let Ok(m) = map.lock() {
+                m.values().for_each(tokio::task::AbortHandle::abort);
+            }
+        }
+    }
 }
 
 /// A live stream just opened: its events, the ones replayed first.
@@ -152,7 +175,14 @@ impl Hub {
             inner: Mutex::new(Inner::default()),
             limits,
             entered: tokio::sync::Notify::new(),
+            bridges: Mutex::new(HashMap::new()),
+            list_bridges: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The hub's bounds (a `subscriptions/listen` stream keeps the same ones).
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -43,7 +43,9 @@ use crate::mcp::jsonrpc::code;
 use crate::mcp::{headers, params};
 use crate::pipeline::Cleared;
 
+mod listen;
 mod session_stream;
+pub use listen::{ACKNOWLEDGED, ListenFrame, UpstreamListen};
 
 /// The protocol revision the gateway asks a handshake-era upstream for.
 pub const HANDSHAKE_VERSION: &str = "2025-11-25";
