@@ -1,8 +1,9 @@
 //! A handshake-era tool call whose client takes an event stream, run so the upstream's requests
-//! during the call (`relay.rs`) can reach the client: the call runs in its own task; if it
-//! ends before the upstream asks anything, the answer is the usual one (JSON, or the event
-//! stream of its notifications); at the upstream's first request the answer becomes an event
-//! stream at once, carrying that request, any later ones, and finally the call's response.
+//! during the call (`relay.rs`) can reach the client: the call runs on the request's task; if
+//! it ends before the upstream asks anything, the answer is the usual one (JSON, or the event
+//! stream of its notifications); at the upstream's first request the call moves to a task of
+//! its own and the answer becomes an event stream at once, carrying that request, any later
+//! ones, and finally the call's response.
 //!
 //! This module must never write to the stream after the call's response, and never keep the
 //! client's stream open once the call ended.
@@ -13,7 +14,7 @@ use bytes::Bytes;
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::McpService;
 use super::{CallContext, Decided, Endpoint, hold, respond_parts};
@@ -46,9 +47,11 @@ struct Finished {
 pub(super) async fn call(owned: Owned) -> Response<Body> {
     let owned = Arc::new(owned);
     let (to_client, mut requests) = mpsc::channel::<Value>(8);
-    let (done_tx, mut done) = oneshot::channel::<Finished>();
     let task_owned = Arc::clone(&owned);
-    tokio::spawn(crate::telemetry::trace::propagate(async move {
+    // The call runs here, on the request's task, until the upstream asks something: most calls
+    // end first, and pay for no task of their own. At the first request it moves to a task
+    // of its own, since the answer becomes a stream that outlives this function.
+    let mut call = Box::pin(crate::telemetry::trace::propagate(async move {
         let o = &*task_owned;
         let mut ctx = CallContext::new(
             &o.svc,
@@ -61,24 +64,19 @@ pub(super) async fn call(owned: Owned) -> Response<Body> {
         ctx.to_client = Some(to_client);
         ctx.owner = Some(Arc::clone(&o.svc));
         let outcome = ctx.dispatch(o.endpoint, &o.rpc).await;
-        let _ = done_tx.send(Finished {
+        Finished {
             outcome,
             notifications: ctx.take_notifications(),
             decided: ctx.decided(),
             pending: ctx.take_pending(),
-        });
+        }
     }));
     let id = owned.rpc.id.clone().unwrap_or(Value::Null);
     let first = tokio::select! {
-        finished = &mut done => {
-            let Ok(f) = finished else {
-                let err = RpcError::new(crate::mcp::jsonrpc::code::INTERNAL_ERROR, "call task ended");
-                return http::json_bytes(StatusCode::OK, jsonrpc::error(Some(&id), &err));
-            };
-            return answer(&owned, &id, f).await;
-        }
+        f = &mut call => return answer(&owned, &id, f).await,
         Some(request) = requests.recv() => request,
     };
+    let mut done = tokio::spawn(call);
     // The upstream asked the client something: answer as an event stream from now on.
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     tokio::spawn(async move {
@@ -93,7 +91,7 @@ pub(super) async fn call(owned: Owned) -> Response<Body> {
             tokio::select! {
                 Some(request) = requests.recv() => next = Some(request),
                 finished = &mut done => {
-                    let Ok(f) = finished else { return };
+                    let Ok(f) = finished else { return }; // the call's task panicked
                     let mut out = Vec::new();
                     for n in &f.notifications {
                         out.extend_from_slice(&event(&n.to_string()));
