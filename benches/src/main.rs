@@ -12,6 +12,10 @@
 //! a runtime of `--client-threads` workers. See `BENCHMARKS.md` for what the figures mean and
 //! what limits each. Nothing here runs under `cargo test` except the unit tests of the maths.
 
+/// The same allocator as the `intentgate` binary: the gateway runs in a child of this one.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bare;
 mod child;
 #[cfg(feature = "gateway")]

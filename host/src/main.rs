@@ -1,5 +1,9 @@
 //! The `intentgate` binary: argument parsing and one call into the library per subcommand.
 
+/// The allocator of the gateway's process (see host/Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
