@@ -12,6 +12,9 @@
 //! a runtime of `--client-threads` workers. See `BENCHMARKS.md` for what the figures mean and
 //! what limits each. Nothing here runs under `cargo test` except the unit tests of the maths.
 
+// The gateway's request futures nest deeply (see the library's crate root).
+#![recursion_limit = "256"]
+
 /// The same allocator as the `intentgate` binary: the gateway runs in a child of this one.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

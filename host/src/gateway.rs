@@ -292,6 +292,7 @@ impl Gateway {
                 relays: Arc::default(),
                 streams,
                 sessions: SessionKeys::derive(secrets.master_key.as_bytes()),
+                in_flight: Default::default(),
             }
         });
         let admin = AdminService {

@@ -1,5 +1,8 @@
 //! The `intentgate` binary: argument parsing and one call into the library per subcommand.
 
+// The gateway's request futures nest deeply (see the library's crate root).
+#![recursion_limit = "256"]
+
 /// The allocator of the gateway's process (see host/Cargo.toml).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

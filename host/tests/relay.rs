@@ -199,3 +199,66 @@ async fn the_clients_roots_reach_the_tool_that_lists_them() {
     );
     tg.shutdown().await;
 }
+
+/// A client's `notifications/cancelled` for a call in flight reaches the upstream, which stops
+/// the tool; a call that is not cancelled runs to its end (the control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_cancellation_stops_the_tool_upstream() {
+    let up = Upstream::start_async(Flavor::HandshakeSse).await;
+    let tg = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "canceller", "tools": ["slow_count"]}))
+        .await;
+    let url = format!("{}/v1/mcp", tg.url);
+    let auth = format!("Bearer {token}");
+    let send = |body: Value, sid: Option<String>| {
+        let (url, auth) = (url.clone(), auth.clone());
+        async move {
+            let mut h = vec![
+                ("content-type", "application/json"),
+                ("accept", "application/json, text/event-stream"),
+                ("authorization", auth.as_str()),
+            ];
+            if let Some(s) = &sid {
+                h.push(("mcp-session-id", s.as_str()));
+            }
+            let body = serde_json::to_vec(&body).expect("json");
+            http::send("POST", &url, &h, body).await
+        }
+    };
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"}}});
+    let (s, h, _) = send(init, None).await;
+    assert_eq!(s, 200);
+    let sid = h
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("session")
+        .to_owned();
+    let count = |id: &str, n: u64| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+               "params": {"name": "slow_count", "arguments": {"n": n}}})
+    };
+    let finished = |n: u64| {
+        up.calls_with("")
+            .iter()
+            .any(|c| c["tool"] == "slow_count" && c["args"]["n"] == n)
+    };
+    // The control: nine steps of 0.3 s run to the end.
+    let (s, _, _) = send(count("c0", 9), Some(sid.clone())).await;
+    assert_eq!(s, 200);
+    assert!(finished(9), "the control call ran to its end");
+    // Cancelled after two steps: the tool never finishes.
+    let call = tokio::spawn(send(count("c1", 8), Some(sid.clone())));
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                        "params": {"requestId": "c1", "reason": "the user pressed stop"}});
+    let (s, _, _) = send(cancel, Some(sid.clone())).await;
+    assert_eq!(s, 202);
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    assert!(!finished(8), "the cancelled tool must not run to its end");
+    call.abort();
+    tg.shutdown().await;
+    up.kill();
+}

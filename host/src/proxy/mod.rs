@@ -20,6 +20,7 @@
 //! and never forward what the pipeline did not permit.
 
 mod ask;
+mod cancel;
 pub mod denial;
 mod hold;
 mod lifecycle;
@@ -119,6 +120,8 @@ pub struct McpService {
     pub streams: std::sync::Arc<crate::streams::Hub>,
     /// Signs session ids and round states.
     pub sessions: crate::mcp::session::SessionKeys,
+    /// Tool calls in flight that their client may cancel.
+    pub in_flight: cancel::InFlight,
 }
 
 impl McpService {
@@ -193,6 +196,9 @@ async fn phases(
     let grant = authenticated(svc, auth, &rpc)?;
     let session = session_of(svc, &parts.headers, endpoint, &era, &rpc, &grant).await?;
     if rpc.is_notification() {
+        if rpc.method == "notifications/cancelled" {
+            cancel::requested(svc, &grant, &rpc.params);
+        }
         return Ok(http::status(StatusCode::ACCEPTED));
     }
     // 5.–8. decode → decide → forward → shape.

@@ -253,9 +253,20 @@ impl CallContext<'_> {
         // The upstream may ask this call's client something (sampling, elicitation): relayed
         // when the client takes an event stream, refused otherwise.
         let ask_client = self.asker(call, rpc).map(super::ask::Asker::into_handler);
-        let reply = upstream
-            .call_tool_relaying(cleared, params, relay, ask_client.as_ref())
-            .await;
+        // Cancellable by its client (`cancel.rs`) while it is in flight.
+        let cancellable = match (rpc.id.as_ref(), call.upstream) {
+            (Some(id), Some(name)) => self.svc.in_flight.register(self.grant, id, name),
+            _ => None,
+        };
+        let sending = upstream.call_tool_relaying(cleared, params, relay, ask_client.as_ref());
+        let reply = match &cancellable {
+            Some(r) => {
+                crate::upstream::SENT
+                    .scope(std::sync::Arc::clone(&r.sent), sending)
+                    .await
+            }
+            None => sending.await,
+        };
         self.settle_forwarded(call, permit, forwarding, reply, rpc)
             .await
     }

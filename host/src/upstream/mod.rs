@@ -815,6 +815,7 @@ impl Upstream {
         }
         params.insert("_meta".into(), Value::Object(envelope));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        sent_as(id, false);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
         // The routing headers are computed from this body and nothing else.
         let mut routing: Vec<(hyper::header::HeaderName, HeaderValue)> =
@@ -871,6 +872,7 @@ impl Upstream {
         server_requests: Option<&Arc<ServerRequests>>,
     ) -> Result<Answer, UpstreamError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        sent_as(id, true);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
         let _in_flight = self.session_calls.enter(id, server_requests.cloned());
         match server_requests {
@@ -1200,8 +1202,75 @@ impl Upstream {
     }
 }
 
-/// An error with its causes (`client error (Connect): invalid peer certificate: UnknownIssuer`):
-/// the client's own message alone does not say what failed, e.g. which TLS check.
+tokio::task_local! {
+    /// Where a forwarded request's upstream id is noted, for a client's later cancellation
+    /// (set by the caller around the forwarding, see [`Upstream::cancel`]).
+    pub static SENT: Arc<Sent>;
+}
+
+/// The upstream id of a forwarded request, and whether it went in the gateway's session.
+#[derive(Debug, Default)]
+pub struct Sent {
+    id: AtomicU64,
+    in_session: std::sync::atomic::AtomicBool,
+}
+
+impl Sent {
+    /// The id the request was sent with, once sent (0 before).
+    pub fn id(&self) -> u64 {
+        self.id.load(Ordering::Acquire)
+    }
+}
+
+/// Notes the id of the request being sent, when the caller asked for it.
+fn sent_as(id: u64, in_session: bool) {
+    let _ = SENT.try_with(|s| {
+        s.in_session.store(in_session, Ordering::Relaxed);
+        s.id.store(id, Ordering::Release);
+    });
+}
+
+impl Upstream {
+    /// Tells the upstream that the client cancelled the request sent as `sent`
+    /// (`notifications/cancelled`). In the gateway's session it goes with the session's
+    /// headers; a stateless request is cancelled by the same notification with the revision's
+    /// envelope. Best effort: a request already answered is ignored by the upstream.
+    pub async fn cancel(&self, sent: &Sent, reason: &str) -> Result<(), UpstreamError> {
+        let id = sent.id();
+        if id == 0 {
+            return Ok(());
+        }
+        let params = json!({"requestId": id, "reason": reason});
+        let (body, headers) = if sent.in_session.load(Ordering::Relaxed) {
+            let Some(session) = self.session.load_full() else {
+                return Ok(()); // the session is gone, and its requests with it
+            };
+            let body =
+                json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params});
+            (body, session_headers(&session))
+        } else {
+            let mut params = params;
+            params["_meta"] = json!({meta::PROTOCOL_VERSION: LATEST_MODERN});
+            let body =
+                json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params});
+            let headers = headers::for_upstream(&body)
+                .map_err(UpstreamError::Malformed)?
+                .into_iter()
+                .map(|(k, v)| (hyper::header::HeaderName::from_static(k), v))
+                .collect();
+            (body, headers)
+        };
+        let bytes =
+            serde_json::to_vec(&body).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+        let req = self.build(bytes, &headers)?;
+        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(UpstreamError::Unavailable(error_chain(&e))),
+            Err(_) => Err(UpstreamError::Timeout(self.timeout)),
+        }
+    }
+}
+
 /// The last guard before a body leaves: its target (after any renaming) is the one cleared,
 /// and a tool call's arguments are the ones decided.
 fn sends_what_was_cleared(
@@ -1224,6 +1293,8 @@ fn sends_what_was_cleared(
     Err(UpstreamError::NotDecided)
 }
 
+/// An error with its causes (`client error (Connect): invalid peer certificate: UnknownIssuer`):
+/// the client's own message alone does not say what failed, e.g. which TLS check.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
