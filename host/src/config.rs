@@ -107,6 +107,16 @@ pub struct ServeArgs {
         default_value_t = 15_000
     )]
     pub approval_keepalive_ms: u64,
+    /// Events kept per session for a `GET /v1/mcp` stream resuming with `Last-Event-ID`.
+    #[arg(long, env = "INTENTGATE_STREAM_REPLAY_EVENTS", default_value_t = 256)]
+    pub stream_replay_events: usize,
+    /// Events queued toward a session's live stream before its client counts as too slow and
+    /// is disconnected (it can resume from the replay window).
+    #[arg(long, env = "INTENTGATE_STREAM_QUEUE_EVENTS", default_value_t = 64)]
+    pub stream_queue_events: usize,
+    /// Sessions with a stream, subscriptions or a replay window on this replica.
+    #[arg(long, env = "INTENTGATE_STREAM_MAX_SESSIONS", default_value_t = 10_000)]
+    pub stream_max_sessions: usize,
     /// Largest upstream response accepted, in bytes.
     #[arg(long, env = "INTENTGATE_UPSTREAM_MAX_RESPONSE_BYTES", default_value_t = 8 << 20)]
     pub upstream_max_response_bytes: usize,
@@ -263,6 +273,8 @@ pub struct Config {
     pub upstream_max_response_bytes: usize,
     /// `INTENTGATE_APPROVAL_MODE`, `_TIMEOUT_S`, `_KEEPALIVE_MS`.
     pub approvals: crate::approvals::ApprovalConfig,
+    /// The bounds of the session streams and subscriptions (`INTENTGATE_STREAM_*`).
+    pub streams: crate::streams::Limits,
     pub max_body_bytes: usize,
     pub max_json_depth: usize,
     pub header_timeout: Duration,
@@ -637,6 +649,27 @@ impl ServeArgs {
                 300_000,
             )?),
         };
+        let streams = crate::streams::Limits {
+            window: ranged(
+                "INTENTGATE_STREAM_REPLAY_EVENTS",
+                self.stream_replay_events as u64,
+                0,
+                100_000,
+            )? as usize,
+            live: ranged(
+                "INTENTGATE_STREAM_QUEUE_EVENTS",
+                self.stream_queue_events as u64,
+                1,
+                100_000,
+            )? as usize,
+            sessions: ranged(
+                "INTENTGATE_STREAM_MAX_SESSIONS",
+                self.stream_max_sessions as u64,
+                1,
+                10_000_000,
+            )? as usize,
+            ..crate::streams::Limits::default()
+        };
         let header_timeout = Duration::from_millis(ranged(
             "INTENTGATE_HEADER_TIMEOUT_MS",
             self.header_timeout_ms,
@@ -816,6 +849,7 @@ impl ServeArgs {
             upstream_timeout,
             upstream_max_response_bytes: self.upstream_max_response_bytes,
             approvals,
+            streams,
             max_body_bytes: self.max_body_bytes,
             max_json_depth: self.max_json_depth,
             header_timeout,

@@ -266,7 +266,7 @@ impl Gateway {
         };
         let pipeline = Arc::new(pipeline);
         // What upstreams announce outside any call goes to the client sessions' streams.
-        let streams = Arc::new(crate::streams::Hub::new(crate::streams::Limits::default()));
+        let streams = Arc::new(crate::streams::Hub::new(config.streams));
         for (name, up) in upstreams.iter() {
             let hub = Arc::clone(&streams);
             let (name, namespaced) = (name.to_owned(), upstreams.namespaced());

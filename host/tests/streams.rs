@@ -919,3 +919,46 @@ async fn a_session_subscription_to_a_stateless_upstream_is_bridged() {
     gw.shutdown().await;
     up.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_window_is_the_configured_one() {
+    let up = Upstream::start_async(Flavor::HandshakeSse).await;
+    let gw = gateway::start(
+        Backend::Sqlite,
+        Some(&up.url),
+        &["--stream-replay-events", "1"],
+    )
+    .await;
+    let (a, _) = token(&gw, "agent-a").await;
+    let sa = session(&gw, &a).await;
+    let mut stream = open(&gw, &a, &sa, None).await;
+    let uri = format!("note://{}", marker("window"));
+    rpc(&gw, &a, &sa, "resources/subscribe", json!({"uri": uri})).await;
+    let first = touch_until(&gw, &a, &sa, &mut stream, json!({"uri": uri}), UPDATED).await;
+    let mut seen = first.id.expect("numbered");
+    while let Some(e) = stream.next(Duration::from_millis(300)).await {
+        seen = seen.max(e.id.unwrap_or(0));
+    }
+    drop(stream);
+    for _ in 0..2 {
+        rpc(
+            &gw,
+            &a,
+            &sa,
+            "tools/call",
+            json!({"name": "touch", "arguments": {"uri": uri}}),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Two were missed; a window of one event replays only the last.
+    let mut resumed = open(&gw, &a, &sa, Some(seen)).await;
+    let e = resumed
+        .next(Duration::from_secs(5))
+        .await
+        .expect("replayed");
+    assert_eq!(e.id, Some(seen + 2), "{e:?}");
+    assert!(resumed.next(Duration::from_millis(300)).await.is_none());
+    gw.shutdown().await;
+    up.kill();
+}

@@ -94,10 +94,12 @@ impl Entry {
         self.next_id += 1;
         let id = self.next_id;
         let event = Bytes::from(format!("id: {id}\nevent: message\ndata: {message}\n\n"));
-        if self.window.len() >= window {
-            self.window.pop_front();
+        if window > 0 {
+            if self.window.len() >= window {
+                self.window.pop_front();
+            }
+            self.window.push_back((id, event.clone()));
         }
-        self.window.push_back((id, event.clone()));
         if let Some(tx) = &self.live
             && tx.try_send(event).is_err()
         {
