@@ -182,6 +182,29 @@ pub(super) const CHECKPOINT_INSERT: &str = "INSERT INTO audit_checkpoints (tenan
 pub(super) const INSERT_PREFIX: &str = "INSERT INTO audit_events (tenant, seq, ts_ms, event, decision, check_name, \
      agent_id, tool, jti, root_jti, elevation_id, body, prev_hash, hash) ";
 
+/// Binds one row of [`INSERT_PREFIX`]'s columns, for either backend's query builder.
+macro_rules! push_row {
+    ($b:expr, $tenant:expr, $r:expr) => {{
+        let r: &NewRow = $r;
+        let mut b = $b;
+        b.push_bind($tenant)
+            .push_bind(r.seq)
+            .push_bind(r.ts_ms)
+            .push_bind(r.kind.as_str())
+            .push_bind(r.decision)
+            .push_bind(r.check.as_str())
+            .push_bind(r.agent_id.as_str())
+            .push_bind(r.tool.as_str())
+            .push_bind(r.jti.as_str())
+            .push_bind(r.root_jti.as_str())
+            .push_bind(r.elevation_id.as_str())
+            .push_bind(r.body.as_str())
+            .push_bind(r.prev_hash.as_str())
+            .push_bind(r.hash.as_str());
+    }};
+}
+pub(super) use push_row;
+
 /// One tenant's batch (or a checkpoint, with no events) inside the open transaction `$tx`
 /// (PostgreSQL; `$lock` is appended to the head read). It does not commit.
 macro_rules! write_part {
@@ -224,22 +247,7 @@ macro_rules! write_part {
         let mut last_ts = 0i64;
         if !rows.is_empty() {
             let mut qb = sqlx::QueryBuilder::<$db>::new(INSERT_PREFIX);
-            qb.push_values(rows.iter(), |mut b, r| {
-                b.push_bind(tenant)
-                    .push_bind(r.seq)
-                    .push_bind(r.ts_ms)
-                    .push_bind(r.kind.as_str())
-                    .push_bind(r.decision)
-                    .push_bind(r.check.as_str())
-                    .push_bind(r.agent_id.as_str())
-                    .push_bind(r.tool.as_str())
-                    .push_bind(r.jti.as_str())
-                    .push_bind(r.root_jti.as_str())
-                    .push_bind(r.elevation_id.as_str())
-                    .push_bind(r.body.as_str())
-                    .push_bind(r.prev_hash.as_str())
-                    .push_bind(r.hash.as_str());
-            });
+            qb.push_values(rows.iter(), |b, r| push_row!(b, tenant, r));
             qb.push(" RETURNING id, seq");
             let ids: Vec<(i64, i64)> = qb.build_query_as().fetch_all(&mut *tx).await?;
             let by_seq: HashMap<i64, i64> = ids.into_iter().map(|(id, seq)| (seq, id)).collect();

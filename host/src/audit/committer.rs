@@ -20,7 +20,9 @@ use sqlx::{Sqlite, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::charges;
-use super::commit::{CHECKPOINT_INSERT, Committed, Entry, Head, INSERT_PREFIX, NewRow, plan};
+use super::commit::{
+    CHECKPOINT_INSERT, Committed, Entry, Head, INSERT_PREFIX, NewRow, plan, push_row,
+};
 use super::key::hex;
 use super::log::{Appended, GENESIS, Shared};
 use super::{AuditError, time};
@@ -332,22 +334,7 @@ async fn write_batch(
     let mut ids: HashMap<(String, i64), i64> = HashMap::with_capacity(flat.len());
     for chunk in flat.chunks(ROWS_PER_INSERT) {
         let mut qb = sqlx::QueryBuilder::<Sqlite>::new(INSERT_PREFIX);
-        qb.push_values(chunk.iter(), |mut b, (tenant, r)| {
-            b.push_bind(*tenant)
-                .push_bind(r.seq)
-                .push_bind(r.ts_ms)
-                .push_bind(r.kind.as_str())
-                .push_bind(r.decision)
-                .push_bind(r.check.as_str())
-                .push_bind(r.agent_id.as_str())
-                .push_bind(r.tool.as_str())
-                .push_bind(r.jti.as_str())
-                .push_bind(r.root_jti.as_str())
-                .push_bind(r.elevation_id.as_str())
-                .push_bind(r.body.as_str())
-                .push_bind(r.prev_hash.as_str())
-                .push_bind(r.hash.as_str());
-        });
+        qb.push_values(chunk.iter(), |b, (tenant, r)| push_row!(b, *tenant, r));
         qb.push(" RETURNING tenant, seq, id");
         let got: Vec<(String, i64, i64)> = qb.build_query_as().fetch_all(&mut *conn).await?;
         ids.extend(got.into_iter().map(|(t, seq, id)| ((t, seq), id)));

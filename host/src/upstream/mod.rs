@@ -1013,8 +1013,20 @@ impl Upstream {
         reply: &Value,
         headers: &[(hyper::header::HeaderName, HeaderValue)],
     ) -> Result<(), UpstreamError> {
+        self.post_message(reply, headers, "the reply to the upstream's request")
+            .await
+    }
+
+    /// Posts a message that has no answer (a notification, a reply), drains what comes back so
+    /// the connection returns to the pool, and says whether the upstream took it.
+    async fn post_message(
+        &self,
+        message: &Value,
+        headers: &[(hyper::header::HeaderName, HeaderValue)],
+        what: &str,
+    ) -> Result<(), UpstreamError> {
         let bytes =
-            serde_json::to_vec(reply).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+            serde_json::to_vec(message).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
         let req = self.build(bytes, headers)?;
         let resp = tokio::time::timeout(self.timeout, self.client.request(req))
             .await
@@ -1029,7 +1041,7 @@ impl Upstream {
         } else {
             Err(UpstreamError::Status {
                 status: status.as_u16(),
-                detail: "the reply to the upstream's request was refused".into(),
+                detail: format!("{what} was refused"),
             })
         }
     }
@@ -1091,26 +1103,9 @@ impl Upstream {
     }
 
     async fn notify(&self, method: &str, session: &Session) -> Result<(), UpstreamError> {
-        let body = serde_json::to_vec(&json!({"jsonrpc": "2.0", "method": method}))
-            .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
-        let req = self.build(body, &session_headers(session))?;
-        let resp = tokio::time::timeout(self.timeout, self.client.request(req))
+        let message = json!({"jsonrpc": "2.0", "method": method});
+        self.post_message(&message, &session_headers(session), method)
             .await
-            .map_err(|_| UpstreamError::Timeout(self.timeout))?
-            .map_err(|e| UpstreamError::Unavailable(error_chain(&e)))?;
-        let status = resp.status();
-        // Drain so the connection goes back to the pool.
-        let _ = Limited::new(resp.into_body(), self.max_response)
-            .collect()
-            .await;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(UpstreamError::Status {
-                status: status.as_u16(),
-                detail: format!("{method} refused"),
-            })
-        }
     }
 
     // --- HTTP ---------------------------------------------------------------------------------
@@ -1260,14 +1255,8 @@ impl Upstream {
                 .collect();
             (body, headers)
         };
-        let bytes =
-            serde_json::to_vec(&body).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
-        let req = self.build(bytes, &headers)?;
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(UpstreamError::Unavailable(error_chain(&e))),
-            Err(_) => Err(UpstreamError::Timeout(self.timeout)),
-        }
+        self.post_message(&body, &headers, "notifications/cancelled")
+            .await
     }
 }
 
