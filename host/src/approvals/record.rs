@@ -194,6 +194,95 @@ macro_rules! restore {
 }
 pub(crate) use restore;
 
+/// [`apply!`] on the SQLite writer's own connection (`crate::audit::committer`).
+pub(crate) fn apply_sqlite(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    entries: &mut [crate::audit::Entry],
+) -> Result<(), crate::audit::AuditError> {
+    use rusqlite::params;
+    for entry in entries.iter_mut() {
+        let Some(write) = entry.approval.as_ref() else {
+            continue;
+        };
+        let changed = match write {
+            ApprovalWrite::Create(a) => {
+                let args = a.args.as_ref().map(|v| v.to_string());
+                tx.prepare_cached(INSERT)?.execute(params![
+                    tenant,
+                    a.pending_id,
+                    a.capability_token_id,
+                    a.root_capability_token_id,
+                    a.agent_id,
+                    a.tool,
+                    args,
+                    a.args_digest,
+                    a.bundle_digest,
+                    a.intent_summary,
+                    a.reason,
+                    a.status.as_str(),
+                    i64::from(a.requires_step_up),
+                    a.created_ms,
+                    a.expires_ms,
+                ])?
+            }
+            ApprovalWrite::Decide {
+                id,
+                approve,
+                by,
+                note,
+                at_ms,
+                resume_until_ms,
+            } => tx.prepare_cached(DECIDE)?.execute(params![
+                decided_status(*approve).as_str(),
+                at_ms,
+                by,
+                note,
+                resume_until_ms,
+                tenant,
+                id,
+            ])?,
+            ApprovalWrite::Consume { id, at_ms } => {
+                tx.prepare_cached(CONSUME)?
+                    .execute(params![at_ms, tenant, id])?
+            }
+            ApprovalWrite::Expire { id, pending_only } => tx
+                .prepare_cached(EXPIRE)?
+                .execute(params![tenant, id, i64::from(*pending_only)])?,
+            ApprovalWrite::Restore { id } => {
+                tx.prepare_cached(RESTORE)?.execute(params![tenant, id])?;
+                continue;
+            }
+        };
+        if changed == 1 {
+            entry.approval_applied = true;
+        } else {
+            let why = write.refusal();
+            entry.refuse_with("approval", why);
+        }
+    }
+    Ok(())
+}
+
+/// [`restore!`] on the SQLite writer's own connection (`crate::audit::committer`).
+pub(crate) fn restore_sqlite(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    entries: &[crate::audit::Entry],
+) -> Result<(), crate::audit::AuditError> {
+    for entry in entries {
+        if let (Some(ApprovalWrite::Consume { id, .. }), Some(_), true) = (
+            entry.approval.as_ref(),
+            entry.refused.as_ref(),
+            entry.approval_applied,
+        ) {
+            tx.prepare_cached(RESTORE)?
+                .execute(rusqlite::params![tenant, id])?;
+        }
+    }
+    Ok(())
+}
+
 /// The status a [`ApprovalWrite::Decide`] leaves.
 pub fn decided_status(approve: bool) -> Status {
     if approve {

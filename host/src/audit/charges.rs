@@ -171,6 +171,51 @@ macro_rules! settle {
 }
 pub(crate) use settle;
 
+/// [`settle!`] on the SQLite writer's own connection (`committer.rs`): the transaction holds the
+/// database write lock, so each counter is read as it stands, every debit is decided in queue
+/// order in memory, and only the counters that changed are written back, each statement prepared
+/// once for the life of the connection.
+pub(crate) fn settle_sqlite(
+    tx: &rusqlite::Transaction<'_>,
+    entries: &mut [&mut super::commit::Entry],
+) -> Result<(), AuditError> {
+    use rusqlite::OptionalExtension;
+    let slots = slots(entries.iter().map(|e| e.debits.as_slice()));
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let mut read = tx.prepare_cached(SQLITE_READ)?;
+    let mut before: BTreeMap<Slot, i64> = BTreeMap::new();
+    for (key, window) in slots {
+        let value: Option<i64> = read
+            .query_row(rusqlite::params![key, window], |r| r.get(0))
+            .optional()?;
+        if let Some(v) = value {
+            before.insert((key, window), v);
+        }
+    }
+    let mut values = before.clone();
+    let refused = decide(&mut values, entries.iter().map(|e| e.debits.as_slice()));
+    let now = super::time::now_ms() / 1000;
+    let mut write = tx.prepare_cached(SQLITE_WRITE)?;
+    for ((key, window), value) in &values {
+        if before.get(&(key.clone(), *window)) != Some(value) {
+            write.execute(rusqlite::params![key, window, value, now])?;
+        }
+    }
+    for (entry, refused) in entries.iter_mut().zip(refused) {
+        if let Some(i) = refused {
+            entry.refuse(i);
+        }
+    }
+    Ok(())
+}
+
+const SQLITE_READ: &str = "SELECT value FROM counters WHERE key = ?1 AND window_start = ?2";
+const SQLITE_WRITE: &str = "INSERT INTO counters (key, window_start, value, updated_at) \
+     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (key, window_start) DO UPDATE \
+     SET value = excluded.value, updated_at = excluded.updated_at";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -203,7 +203,7 @@ macro_rules! push_row {
             .push_bind(r.hash.as_str());
     }};
 }
-pub(super) use push_row;
+
 
 /// One tenant's batch (or a checkpoint, with no events) inside the open transaction `$tx`
 /// (PostgreSQL; `$lock` is appended to the head read). It does not commit.

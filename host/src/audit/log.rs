@@ -189,7 +189,7 @@ impl AuditLog {
             outbox: crate::outbox::Router::default(),
         };
         if let Db::Sqlite(pool) = &shared.db {
-            shared.sqlite = Some(SqliteCommitter::start(pool.clone(), shared.clone()));
+            shared.sqlite = Some(SqliteCommitter::start(pool, shared.clone())?);
         }
         Ok(AuditLog {
             inner: Arc::new(Inner {

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use charges::Debit;
+pub(crate) use commit::Entry;
 pub use checkpoint::Checkpoint;
 pub use event::{ArgValuesMode, AuditEvent, Decision, SCHEMA_VERSION, kinds};
 pub use key::{LogKey, Verifier};
@@ -69,6 +70,9 @@ pub enum AuditError {
     DeadlineExceeded { ms: u64 },
     #[error("audit store: {0}")]
     Store(#[from] sqlx::Error),
+    /// The SQLite writer's own connection (`committer.rs`) failed.
+    #[error("audit store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// The chain in the database contradicts itself in a way a writer cannot continue from.
     #[error("audit chain integrity: {0}")]
     Integrity(String),

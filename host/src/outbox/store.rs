@@ -78,6 +78,40 @@ macro_rules! enqueue {
 }
 pub(crate) use enqueue;
 
+/// [`enqueue!`] on the SQLite writer's own connection (`crate::audit::committer`).
+pub(crate) fn enqueue_sqlite(
+    tx: &rusqlite::Transaction<'_>,
+    router: &super::Router,
+    tenant: &str,
+    entries: &[crate::audit::Entry],
+    appended: &[crate::audit::Appended],
+) -> Result<bool, crate::audit::AuditError> {
+    let routes = router.routes();
+    if routes.is_empty() {
+        return Ok(false);
+    }
+    let now = crate::audit::time::now_ms();
+    let mut lanes: BTreeSet<&str> = BTreeSet::new();
+    for (entry, appended) in entries.iter().zip(appended) {
+        for id in super::destination::destinations_for(&routes, tenant, &entry.event) {
+            tx.prepare_cached(
+                "INSERT INTO outbox (destination, tenant, event_id, created_ms) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(rusqlite::params![id.as_ref(), tenant, appended.id, now])?;
+            lanes.insert(id.as_ref());
+        }
+    }
+    for dest in &lanes {
+        tx.prepare_cached(
+            "INSERT INTO outbox_lanes (destination, tenant) VALUES (?1, ?2) \
+             ON CONFLICT (destination, tenant) DO NOTHING",
+        )?
+        .execute(rusqlite::params![dest, tenant])?;
+    }
+    Ok(!lanes.is_empty())
+}
+
 /// One row to deliver, with the recorded event (its canonical JSON, as hashed).
 #[derive(Debug, Clone)]
 pub struct Pending {
