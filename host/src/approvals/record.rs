@@ -242,10 +242,9 @@ pub(crate) fn apply_sqlite(
                 tenant,
                 id,
             ])?,
-            ApprovalWrite::Consume { id, at_ms } => {
-                tx.prepare_cached(CONSUME)?
-                    .execute(params![at_ms, tenant, id])?
-            }
+            ApprovalWrite::Consume { id, at_ms } => tx
+                .prepare_cached(CONSUME)?
+                .execute(params![at_ms, tenant, id])?,
             ApprovalWrite::Expire { id, pending_only } => tx
                 .prepare_cached(EXPIRE)?
                 .execute(params![tenant, id, i64::from(*pending_only)])?,

@@ -4,8 +4,9 @@
 //!
 //! PostgreSQL commits each tenant writer's batch in its own transaction ([`commit_postgres`]):
 //! writers run in parallel on separate connections, and a head row lock orders replicas.
-//! SQLite has one writer at a time: its committer (`committer.rs`) commits every tenant's batch
-//! in one transaction with the chain arithmetic ([`plan`]) and statements of this module.
+//! SQLite has one writer at a time: its committer thread (`committer.rs`) commits every
+//! tenant's batch in one transaction on its own connection, with the chain arithmetic
+//! ([`plan`]) and the SQL text of this module.
 //!
 //! This module must never commit a part it could not write whole, and never answer a part
 //! before the transaction holding it committed.
@@ -182,7 +183,7 @@ pub(super) const CHECKPOINT_INSERT: &str = "INSERT INTO audit_checkpoints (tenan
 pub(super) const INSERT_PREFIX: &str = "INSERT INTO audit_events (tenant, seq, ts_ms, event, decision, check_name, \
      agent_id, tool, jti, root_jti, elevation_id, body, prev_hash, hash) ";
 
-/// Binds one row of [`INSERT_PREFIX`]'s columns, for either backend's query builder.
+/// Binds one row of [`INSERT_PREFIX`]'s columns in a PostgreSQL query builder.
 macro_rules! push_row {
     ($b:expr, $tenant:expr, $r:expr) => {{
         let r: &NewRow = $r;
@@ -203,7 +204,6 @@ macro_rules! push_row {
             .push_bind(r.hash.as_str());
     }};
 }
-
 
 /// One tenant's batch (or a checkpoint, with no events) inside the open transaction `$tx`
 /// (PostgreSQL; `$lock` is appended to the head read). It does not commit.

@@ -28,6 +28,7 @@ use super::commit::{
 };
 use super::key::hex;
 use super::log::{Appended, GENESIS, Shared};
+use super::wal::{WRITER_AUTOCHECKPOINT, WalCopier};
 use super::{AuditError, charges, time};
 
 /// A tenant writer's batch handed to the [`SqliteCommitter`]; the entries come back with the
@@ -59,11 +60,12 @@ impl SqliteCommitter {
     pub(crate) fn start(pool: &sqlx::SqlitePool, shared: Shared) -> Result<Self, AuditError> {
         let options = pool.connect_options();
         let conn = open(options.get_filename())?;
+        let wal = WalCopier::start(options.get_filename())?;
         let (parts, rx) = mpsc::channel(PARTS_QUEUE);
         let store = pool.clone();
         std::thread::Builder::new()
             .name("intentgate-audit-writer".into())
-            .spawn(move || run(conn, store, shared, rx))
+            .spawn(move || run(conn, wal, store, shared, rx))
             .map_err(|e| AuditError::Config(format!("cannot start the audit writer: {e}")))?;
         Ok(Self { parts })
     }
@@ -111,12 +113,14 @@ fn open(path: &Path) -> Result<Connection, AuditError> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "cache_size", -32768)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 
 fn run(
     mut conn: Connection,
+    mut wal: WalCopier,
     store: sqlx::SqlitePool,
     shared: Shared,
     mut rx: mpsc::Receiver<Part>,
@@ -162,7 +166,10 @@ fn run(
                 .map(|_| Err(AuditError::CommitFailed(e.clone())))
                 .collect()
         } else {
-            commit_batch(&mut conn, &shared, &mut batch)
+            let results = commit_batch(&mut conn, &shared, &mut batch);
+            let events = results.iter().flatten().map(|c| c.appended.len()).sum();
+            wal.committed(events);
+            results
         };
         for (part, result) in batch.into_iter().zip(results) {
             let _ = part.reply.send((part.entries, result));
@@ -298,17 +305,23 @@ fn write_batch(
                 refused_check: String::new(),
             });
         }
-        let outboxed =
-            crate::outbox::store::enqueue_sqlite(tx, &shared.outbox, tenant, &part.entries, &appended)?;
+        let outboxed = crate::outbox::store::enqueue_sqlite(
+            tx,
+            &shared.outbox,
+            tenant,
+            &part.entries,
+            &appended,
+        )?;
         if let Some((cp, note)) = &checkpoint {
-            tx.prepare_cached(CHECKPOINT_INSERT)?.execute(rusqlite::params![
-                tenant,
-                cp.size as i64,
-                hex::encode(&cp.root_hash),
-                shared.key.name(),
-                note,
-                time::now_ms(),
-            ])?;
+            tx.prepare_cached(CHECKPOINT_INSERT)?
+                .execute(rusqlite::params![
+                    tenant,
+                    cp.size as i64,
+                    hex::encode(&cp.root_hash),
+                    shared.key.name(),
+                    note,
+                    time::now_ms(),
+                ])?;
         }
         if !appended.is_empty() || checkpoint.is_some() {
             let moved = tx.prepare_cached(HEAD_UPDATE)?.execute(rusqlite::params![

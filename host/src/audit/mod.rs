@@ -31,13 +31,14 @@ pub mod offline;
 pub mod query;
 pub mod time;
 pub mod verify;
+mod wal;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use charges::Debit;
-pub(crate) use commit::Entry;
 pub use checkpoint::Checkpoint;
+pub(crate) use commit::Entry;
 pub use event::{ArgValuesMode, AuditEvent, Decision, SCHEMA_VERSION, kinds};
 pub use key::{LogKey, Verifier};
 pub use log::{Appended, AuditLog, AuditStats};
