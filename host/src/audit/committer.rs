@@ -137,18 +137,11 @@ fn run(
             }
         }
         parts.append(&mut deferred);
-        // The tenant writers answered by the last commit were woken together, and hand in their
-        // next parts from the runtime's threads. Give up the core while they keep doing so:
-        // one transaction then carries every tenant's part instead of one each. No timer.
-        loop {
-            let before = parts.len();
-            while let Ok(more) = rx.try_recv() {
-                parts.push(more);
-            }
-            if parts.len() == before {
-                break;
-            }
-            std::thread::yield_now();
+        // Everything handed in while the last commit ran goes into this one. (Giving up the
+        // core for parts still on their way, as the async committer did, only delayed commits
+        // on this thread: the runtime's threads hand in while it commits.)
+        while let Ok(more) = rx.try_recv() {
+            parts.push(more);
         }
         let mut seen = HashSet::new();
         let mut batch = Vec::with_capacity(parts.len());
