@@ -260,6 +260,13 @@ async fn a_flood_of_denied_calls_is_throttled_and_audited_in_aggregate() {
     let (other, _) = tg
         .mint(json!({"subject": "worker", "tools": ["echo"]}))
         .await;
+    // Windows are aligned to the clock: start the flood early in one, so that it does not
+    // cross into the next (which would let another `per_token` denials through).
+    let window_ms = limits.window.as_millis().max(1) as u64;
+    let into = intentgate::audit::time::now_ms() as u64 % window_ms;
+    if window_ms >= 20_000 && into > window_ms - 15_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(window_ms - into + 50)).await;
+    }
     let n = (limits.per_token as usize) * 3;
     let mut throttled = 0u64;
     let mut denied = 0u64;
