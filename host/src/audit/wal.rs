@@ -3,9 +3,9 @@
 //!
 //! SQLite's automatic checkpoint runs in the connection whose commit crosses the threshold:
 //! the writer thread would stop committing while it copies a thousand pages and syncs the
-//! file. Here the writer rings after every [`RING_EVERY_COMMITS`] commits or [`RING_EVERY_EVENTS`] events and this thread runs a
-//! `PASSIVE` checkpoint on its own connection, beside the writer's next commits (a passive
-//! checkpoint never blocks a writer). The writer keeps SQLite's own checkpoint at a much
+//! file. Here the writer rings after every [`RING_EVERY_COMMITS`] commits or
+//! [`RING_EVERY_EVENTS`] events, and this thread runs a `PASSIVE` checkpoint on its own
+//! connection beside the writer's next commits (a passive checkpoint never blocks a writer). The writer keeps SQLite's own checkpoint at a much
 //! higher threshold ([`WRITER_AUTOCHECKPOINT`]) as a bound on the log should this thread fall
 //! behind.
 //!
