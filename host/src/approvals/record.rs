@@ -63,6 +63,81 @@ pub(crate) const EXPIRE: &str = "UPDATE approvals SET status = 'expired' \
 pub(crate) const RESTORE: &str = "UPDATE approvals SET status = 'approved', consumed_ms = NULL \
      WHERE tenant = $1 AND pending_id = $2 AND status = 'consumed'";
 
+/// A value bound to an approval statement.
+pub(crate) enum Arg<'a> {
+    Text(&'a str),
+    MaybeText(Option<String>),
+    Int(i64),
+}
+
+impl rusqlite::ToSql for Arg<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Arg::Text(v) => v.to_sql(),
+            Arg::MaybeText(v) => v.to_sql(),
+            Arg::Int(v) => v.to_sql(),
+        }
+    }
+}
+
+/// The statement that applies `write` to `tenant`'s queue, with its values in placeholder
+/// order (one place for the columns, whichever backend binds them).
+pub(crate) fn statement<'a>(
+    write: &'a ApprovalWrite,
+    tenant: &'a str,
+) -> (&'static str, Vec<Arg<'a>>) {
+    use Arg::{Int, MaybeText, Text};
+    match write {
+        ApprovalWrite::Create(a) => (
+            INSERT,
+            vec![
+                Text(tenant),
+                Text(&a.pending_id),
+                Text(&a.capability_token_id),
+                Text(&a.root_capability_token_id),
+                Text(&a.agent_id),
+                Text(&a.tool),
+                MaybeText(a.args.as_ref().map(|v| v.to_string())),
+                Text(&a.args_digest),
+                Text(&a.bundle_digest),
+                Text(&a.intent_summary),
+                Text(&a.reason),
+                Text(a.status.as_str()),
+                Int(i64::from(a.requires_step_up)),
+                Int(a.created_ms),
+                Int(a.expires_ms),
+            ],
+        ),
+        ApprovalWrite::Decide {
+            id,
+            approve,
+            by,
+            note,
+            at_ms,
+            resume_until_ms,
+        } => (
+            DECIDE,
+            vec![
+                Text(decided_status(*approve).as_str()),
+                Int(*at_ms),
+                Text(by),
+                Text(note),
+                Int(*resume_until_ms),
+                Text(tenant),
+                Text(id),
+            ],
+        ),
+        ApprovalWrite::Consume { id, at_ms } => {
+            (CONSUME, vec![Int(*at_ms), Text(tenant), Text(id)])
+        }
+        ApprovalWrite::Expire { id, pending_only } => (
+            EXPIRE,
+            vec![Text(tenant), Text(id), Int(i64::from(*pending_only))],
+        ),
+        ApprovalWrite::Restore { id } => (RESTORE, vec![Text(tenant), Text(id)]),
+    }
+}
+
 /// Applies the approval writes of `$entries` (a `&mut [Entry]` of tenant `$tenant`) inside the
 /// open transaction `$tx`, in queue order; an entry whose conditional write fails is refused
 /// (and its debits dropped). Evaluates to `Result<(), AuditError>`.
@@ -76,76 +151,16 @@ macro_rules! apply {
             let Some(write) = entry.approval.as_ref() else {
                 continue;
             };
-            let done = match write {
-                ApprovalWrite::Create(a) => {
-                    let args = a.args.as_ref().map(|v| v.to_string());
-                    sqlx::query(record::INSERT)
-                        .bind(tenant)
-                        .bind(a.pending_id.as_str())
-                        .bind(a.capability_token_id.as_str())
-                        .bind(a.root_capability_token_id.as_str())
-                        .bind(a.agent_id.as_str())
-                        .bind(a.tool.as_str())
-                        .bind(args)
-                        .bind(a.args_digest.as_str())
-                        .bind(a.bundle_digest.as_str())
-                        .bind(a.intent_summary.as_str())
-                        .bind(a.reason.as_str())
-                        .bind(a.status.as_str())
-                        .bind(i64::from(a.requires_step_up))
-                        .bind(a.created_ms)
-                        .bind(a.expires_ms)
-                        .execute(&mut *$tx)
-                        .await
-                }
-                ApprovalWrite::Decide {
-                    id,
-                    approve,
-                    by,
-                    note,
-                    at_ms,
-                    resume_until_ms,
-                } => {
-                    let status = if *approve {
-                        $crate::approvals::Status::Approved
-                    } else {
-                        $crate::approvals::Status::Rejected
-                    };
-                    sqlx::query(record::DECIDE)
-                        .bind(status.as_str())
-                        .bind(*at_ms)
-                        .bind(by.as_str())
-                        .bind(note.as_str())
-                        .bind(*resume_until_ms)
-                        .bind(tenant)
-                        .bind(id.as_str())
-                        .execute(&mut *$tx)
-                        .await
-                }
-                ApprovalWrite::Consume { id, at_ms } => {
-                    sqlx::query(record::CONSUME)
-                        .bind(*at_ms)
-                        .bind(tenant)
-                        .bind(id.as_str())
-                        .execute(&mut *$tx)
-                        .await
-                }
-                ApprovalWrite::Expire { id, pending_only } => {
-                    sqlx::query(record::EXPIRE)
-                        .bind(tenant)
-                        .bind(id.as_str())
-                        .bind(i64::from(*pending_only))
-                        .execute(&mut *$tx)
-                        .await
-                }
-                ApprovalWrite::Restore { id } => {
-                    sqlx::query(record::RESTORE)
-                        .bind(tenant)
-                        .bind(id.as_str())
-                        .execute(&mut *$tx)
-                        .await
-                }
-            };
+            let (sql, args) = record::statement(write, tenant);
+            let mut query = sqlx::query(sql);
+            for arg in args {
+                query = match arg {
+                    record::Arg::Text(v) => query.bind(v),
+                    record::Arg::MaybeText(v) => query.bind(v),
+                    record::Arg::Int(v) => query.bind(v),
+                };
+            }
+            let done = query.execute(&mut *$tx).await;
             match done {
                 Ok(_) if matches!(write, ApprovalWrite::Restore { .. }) => {}
                 Ok(r) if r.rows_affected() == 1 => entry.approval_applied = true,
@@ -200,59 +215,17 @@ pub(crate) fn apply_sqlite(
     tenant: &str,
     entries: &mut [crate::audit::Entry],
 ) -> Result<(), crate::audit::AuditError> {
-    use rusqlite::params;
     for entry in entries.iter_mut() {
         let Some(write) = entry.approval.as_ref() else {
             continue;
         };
-        let changed = match write {
-            ApprovalWrite::Create(a) => {
-                let args = a.args.as_ref().map(|v| v.to_string());
-                tx.prepare_cached(INSERT)?.execute(params![
-                    tenant,
-                    a.pending_id,
-                    a.capability_token_id,
-                    a.root_capability_token_id,
-                    a.agent_id,
-                    a.tool,
-                    args,
-                    a.args_digest,
-                    a.bundle_digest,
-                    a.intent_summary,
-                    a.reason,
-                    a.status.as_str(),
-                    i64::from(a.requires_step_up),
-                    a.created_ms,
-                    a.expires_ms,
-                ])?
-            }
-            ApprovalWrite::Decide {
-                id,
-                approve,
-                by,
-                note,
-                at_ms,
-                resume_until_ms,
-            } => tx.prepare_cached(DECIDE)?.execute(params![
-                decided_status(*approve).as_str(),
-                at_ms,
-                by,
-                note,
-                resume_until_ms,
-                tenant,
-                id,
-            ])?,
-            ApprovalWrite::Consume { id, at_ms } => tx
-                .prepare_cached(CONSUME)?
-                .execute(params![at_ms, tenant, id])?,
-            ApprovalWrite::Expire { id, pending_only } => tx
-                .prepare_cached(EXPIRE)?
-                .execute(params![tenant, id, i64::from(*pending_only)])?,
-            ApprovalWrite::Restore { id } => {
-                tx.prepare_cached(RESTORE)?.execute(params![tenant, id])?;
-                continue;
-            }
-        };
+        let (sql, args) = statement(write, tenant);
+        let changed = tx
+            .prepare_cached(sql)?
+            .execute(rusqlite::params_from_iter(args))?;
+        if matches!(write, ApprovalWrite::Restore { .. }) {
+            continue;
+        }
         if changed == 1 {
             entry.approval_applied = true;
         } else {

@@ -60,7 +60,7 @@ impl SqliteCommitter {
     pub(crate) fn start(pool: &sqlx::SqlitePool, shared: Shared) -> Result<Self, AuditError> {
         let options = pool.connect_options();
         let conn = open(options.get_filename())?;
-        let wal = WalCopier::start(options.get_filename())?;
+        let wal = WalCopier::start(open(options.get_filename())?)?;
         let (parts, rx) = mpsc::channel(PARTS_QUEUE);
         let store = pool.clone();
         std::thread::Builder::new()
@@ -96,8 +96,9 @@ impl SqliteCommitter {
     }
 }
 
-/// The writer's connection, with the durability the store's pool has (WAL is a property of the
-/// file, set by the store; `synchronous` is per connection and must be FULL here too).
+/// A connection of the writer (or of its WAL copier), with the durability the store's pool has
+/// (WAL is a property of the file, set by the store; `synchronous` is per connection and must
+/// be FULL here too).
 fn open(path: &Path) -> Result<Connection, AuditError> {
     let name = path.to_string_lossy();
     if name.is_empty() || name == ":memory:" {
@@ -107,7 +108,10 @@ fn open(path: &Path) -> Result<Connection, AuditError> {
     }
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(|e| {
-        AuditError::Config(format!("audit writer cannot open {}: {e}", path.display()))
+        AuditError::Config(format!(
+            "the audit writer cannot open {}: {e}",
+            path.display()
+        ))
     })?;
     conn.busy_timeout(crate::store::SQLITE_BUSY_TIMEOUT)?;
     conn.pragma_update(None, "synchronous", "FULL")?;

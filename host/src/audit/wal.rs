@@ -11,10 +11,9 @@
 //!
 //! This module must never block the writer, and never be the only bound on the log's size.
 
-use std::path::Path;
 use std::sync::mpsc;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 
 use super::AuditError;
 
@@ -34,14 +33,8 @@ pub(crate) struct WalCopier {
 }
 
 impl WalCopier {
-    /// Opens the thread's connection to `path` and starts it; it ends with the handle.
-    pub(crate) fn start(path: &Path) -> Result<Self, AuditError> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| {
-            AuditError::Config(format!("WAL copier cannot open {}: {e}", path.display()))
-        })?;
-        conn.busy_timeout(crate::store::SQLITE_BUSY_TIMEOUT)?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+    /// Starts the thread on its own connection to the database file; it ends with the handle.
+    pub(crate) fn start(conn: Connection) -> Result<Self, AuditError> {
         // One ring may wait while a copy runs; more would only repeat it.
         let (bell, rung) = mpsc::sync_channel(1);
         std::thread::Builder::new()
@@ -117,7 +110,7 @@ mod tests {
             db_len()
         );
 
-        let mut copier = WalCopier::start(&path).expect("copier");
+        let mut copier = WalCopier::start(Connection::open(&path).expect("open")).expect("copier");
         copier.committed(1);
         std::thread::sleep(std::time::Duration::from_millis(100));
         assert!(db_len() < 64 * 1024, "one small commit does not ring");
