@@ -606,8 +606,9 @@ pub fn metrics(reps: usize) -> Result<(), String> {
     intentgate::logging::init(intentgate::logging::LogFormat::Text);
     let m = Arc::new(Metrics::new("default"));
     let refused: Result<Permit, Denial> = Err(Denial::Budget("bench".into()));
-    let forwarded: Result<intentgate::upstream::Reply, intentgate::upstream::UpstreamError> =
-        Ok(intentgate::upstream::Reply::Result(serde_json::Value::Null));
+    let forwarded: Result<intentgate::upstream::Reply, intentgate::upstream::UpstreamError> = Ok(
+        intentgate::upstream::Reply::result(&serde_json::Value::Null),
+    );
     let per_call = |m: &Metrics, tenant: &str| {
         let started = Instant::now();
         for stage in [

@@ -121,7 +121,7 @@ async fn handle(req: Request<Incoming>, sessions: Arc<AtomicU64>) -> Response<Bo
         _ => Err(RpcError::new(code::METHOD_NOT_FOUND, "Method not found")),
     };
     let mut resp = match outcome {
-        Ok(r) => http::json_bytes(StatusCode::OK, jsonrpc::result(&id, r)),
+        Ok(r) => http::json_bytes(StatusCode::OK, jsonrpc::result(&id, &r)),
         Err(e) => http::json_bytes(StatusCode::OK, jsonrpc::error(Some(&id), &e)),
     };
     if let Some(s) = session.and_then(|s| HeaderValue::from_str(&s).ok()) {

@@ -21,6 +21,7 @@ mod plugins;
 mod powercut;
 mod relay;
 mod relay_matrix;
+mod results;
 mod store;
 mod streams;
 mod support;

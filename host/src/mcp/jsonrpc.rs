@@ -159,8 +159,20 @@ pub fn parse(body: &[u8]) -> Result<Incoming, (Option<Id>, RpcError)> {
 }
 
 /// Encodes a success response.
-pub fn result(id: &Id, result: Value) -> Vec<u8> {
-    serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": id, "result": result})).unwrap_or_default()
+pub fn result<T: serde::Serialize + ?Sized>(id: &Id, result: &T) -> Vec<u8> {
+    /// The envelope written around the result as it is (an upstream's text stays its text).
+    #[derive(serde::Serialize)]
+    struct Envelope<'a, T: ?Sized> {
+        jsonrpc: &'static str,
+        id: &'a Id,
+        result: &'a T,
+    }
+    let envelope = Envelope {
+        jsonrpc: "2.0",
+        id,
+        result,
+    };
+    serde_json::to_vec(&envelope).unwrap_or_default()
 }
 
 /// Encodes an error response.

@@ -25,6 +25,7 @@ pub mod headers;
 pub mod jsonrpc;
 pub mod origin;
 pub mod params;
+pub mod raw;
 pub mod relay;
 pub mod rounds;
 pub mod session;

@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 
 use super::era::meta;
 use super::jsonrpc::{RpcError, code};
+use super::raw::RawObject;
 use crate::http::{self, Body};
 
 /// Of the upstream's notifications before an answer, those the client may see: progress of
@@ -62,12 +63,58 @@ pub const INPUT_REQUIRED: &str = "input_required";
 /// How long a modern client may cache a per-token list when the upstream said nothing.
 pub const DEFAULT_TTL_MS: u64 = 0;
 
+/// A result's top-level members, as the translation reads and writes them: a tree the gateway
+/// holds, or the upstream's text ([`RawObject`], whose other members are left as they came).
+pub trait Members {
+    /// A member, as a tree.
+    fn member(&self, key: &str) -> Option<Value>;
+    fn has(&self, key: &str) -> bool;
+    fn set(&mut self, key: &str, value: Value);
+    fn unset(&mut self, key: &str);
+}
+
+impl Members for Map<String, Value> {
+    fn member(&self, key: &str) -> Option<Value> {
+        self.get(key).cloned()
+    }
+    fn has(&self, key: &str) -> bool {
+        self.contains_key(key)
+    }
+    fn set(&mut self, key: &str, value: Value) {
+        self.insert(key.to_owned(), value);
+    }
+    fn unset(&mut self, key: &str) {
+        self.remove(key);
+    }
+}
+
+impl Members for RawObject {
+    fn member(&self, key: &str) -> Option<Value> {
+        self.value(key)
+    }
+    fn has(&self, key: &str) -> bool {
+        self.contains_key(key)
+    }
+    fn set(&mut self, key: &str, value: Value) {
+        self.insert(key, &value);
+    }
+    fn unset(&mut self, key: &str) {
+        self.remove(key);
+    }
+}
+
 /// The upstream's server identity is not the client's business: the gateway is its server.
-fn drop_upstream_identity(result: &mut Map<String, Value>) {
-    if let Some(Value::Object(m)) = result.get_mut("_meta") {
-        m.remove(meta::SERVER_INFO);
+fn drop_upstream_identity(result: &mut impl Members) {
+    if !result.has("_meta") {
+        return;
+    }
+    if let Some(Value::Object(mut m)) = result.member("_meta")
+        && m.remove(meta::SERVER_INFO).is_some()
+    {
         if m.is_empty() {
-            result.remove("_meta");
+            result.unset("_meta");
+        } else {
+            result.set("_meta", Value::Object(m));
         }
     }
 }
@@ -92,16 +139,13 @@ pub fn list_for_client(mut result: Map<String, Value>, modern: bool) -> Value {
 }
 
 /// Whether an upstream `tools/call` result asks for another round.
-pub fn is_input_required(result: &Map<String, Value>) -> bool {
-    result.get("resultType").and_then(Value::as_str) == Some(INPUT_REQUIRED)
+pub fn is_input_required(result: &impl Members) -> bool {
+    result.member("resultType").as_ref().and_then(Value::as_str) == Some(INPUT_REQUIRED)
 }
 
 /// A final `tools/call` result for the client's revision. An `InputRequiredResult` for a
 /// handshake-era client is an error: that client cannot answer it.
-pub fn call_for_client(
-    result: Map<String, Value>,
-    modern: bool,
-) -> Result<Map<String, Value>, RpcError> {
+pub fn call_for_client<M: Members>(result: M, modern: bool) -> Result<M, RpcError> {
     result_for_client(result, modern, false)
 }
 
@@ -121,23 +165,22 @@ pub fn is_cacheable(method: &str) -> bool {
 /// A result of any method for the client's revision: `resultType` (and for a cacheable one
 /// `cacheScope: private` and `ttlMs`) added for a modern client, removed for a handshake-era
 /// one, to which an `InputRequiredResult` is an error.
-pub fn result_for_client(
-    mut result: Map<String, Value>,
+pub fn result_for_client<M: Members>(
+    mut result: M,
     modern: bool,
     cacheable: bool,
-) -> Result<Map<String, Value>, RpcError> {
+) -> Result<M, RpcError> {
     drop_upstream_identity(&mut result);
     if modern {
-        result
-            .entry("resultType")
-            .or_insert_with(|| Value::from(COMPLETE));
+        if !result.has("resultType") {
+            result.set("resultType", Value::from(COMPLETE));
+        }
         if cacheable {
-            let ttl = result
-                .get("ttlMs")
+            let ttl = (result.member("ttlMs").as_ref())
                 .and_then(Value::as_u64)
                 .unwrap_or(DEFAULT_TTL_MS);
-            result.insert("cacheScope".into(), Value::from("private"));
-            result.insert("ttlMs".into(), Value::from(ttl));
+            result.set("cacheScope", Value::from("private"));
+            result.set("ttlMs", Value::from(ttl));
         }
         return Ok(result);
     }
@@ -151,7 +194,7 @@ pub fn result_for_client(
         );
     }
     for k in ["resultType", "cacheScope", "ttlMs"] {
-        result.remove(k);
+        result.unset(k);
     }
     Ok(result)
 }

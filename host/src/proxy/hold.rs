@@ -275,7 +275,7 @@ impl Held {
 /// A held request's outcome, ready to encode.
 struct Answer {
     notifications: Vec<Value>,
-    outcome: Result<Value, RpcError>,
+    outcome: Result<crate::mcp::raw::ResultBody, RpcError>,
     modern: bool,
     /// The decision of the resumed call, for the headers of a whole (not streamed) answer.
     decided: Option<super::Decided>,
@@ -285,7 +285,7 @@ impl Answer {
     /// The JSON-RPC message of the answer (the notifications are sent as their own events).
     fn body(&self, id: &Value) -> Vec<u8> {
         match &self.outcome {
-            Ok(result) => jsonrpc::result(id, result.clone()),
+            Ok(result) => jsonrpc::result(id, result),
             Err(err) => jsonrpc::error(Some(id), err),
         }
     }

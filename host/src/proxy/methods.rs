@@ -59,10 +59,12 @@ pub fn is_list(method: &str) -> bool {
 /// The upstream's result, when it is an object.
 fn result_object(reply: Reply, method: &str) -> Result<Map<String, Value>, RpcError> {
     match reply {
-        Reply::Result(Value::Object(r)) => Ok(r),
-        Reply::Result(_) => Err(upstream_rpc_error(&UpstreamError::Malformed(format!(
-            "{method} result is not an object"
-        )))),
+        Reply::Result(r) => match crate::mcp::raw::tree(&r) {
+            Ok(Value::Object(r)) => Ok(r),
+            _ => Err(upstream_rpc_error(&UpstreamError::Malformed(format!(
+                "{method} result is not an object"
+            )))),
+        },
         Reply::Error(e) => Err(passthrough_error(e)),
     }
 }

@@ -44,6 +44,7 @@ use crate::mcp::discover::UpstreamProfile;
 use crate::mcp::era::{self, Era, HeaderEra};
 use crate::mcp::headers::Routing;
 use crate::mcp::jsonrpc::{self, Id, Incoming as Message, Request as RpcRequest, RpcError, code};
+use crate::mcp::raw::ResultBody;
 use crate::mcp::{
     DECISION_HEADER, EVENT_ID_HEADER, SESSION_HEADER, accepts_event_stream, bad_request, classify,
     discover, method_not_allowed, method_not_found, origin, passthrough_error, rpc_response,
@@ -459,14 +460,27 @@ impl<'a> CallContext<'a> {
     }
 
     /// Runs one method (not `initialize`, which answers with its own headers).
-    async fn dispatch(&self, endpoint: Endpoint, rpc: &RpcRequest) -> Result<Value, RpcError> {
+    async fn dispatch(&self, endpoint: Endpoint, rpc: &RpcRequest) -> Result<ResultBody, RpcError> {
+        if rpc.method == "tools/call" {
+            return self.tools_call(rpc).await;
+        }
+        self.dispatch_other(endpoint, rpc)
+            .await
+            .map(ResultBody::from)
+    }
+
+    /// The methods other than `tools/call`, whose results the gateway builds as trees.
+    async fn dispatch_other(
+        &self,
+        endpoint: Endpoint,
+        rpc: &RpcRequest,
+    ) -> Result<Value, RpcError> {
         let ctx = self;
         let modern = self.era.is_modern();
         // Each revision's methods: the stateless one has no initialize, ping, logging/setLevel
         // or subscribe pair (its subscriptions are a `subscriptions/listen` stream, answered
         // before dispatch by `listen.rs`).
         match (endpoint, modern, rpc.method.as_str()) {
-            (_, _, "tools/call") => ctx.tools_call(rpc).await,
             (Endpoint::ToolCall, _, other) => Err(method_not_found(other)),
             (_, false, "ping") => Ok(json!({})),
             (_, false, "logging/setLevel") => set_level(rpc),
@@ -486,7 +500,7 @@ impl<'a> CallContext<'a> {
         &self,
         headers: &hyper::HeaderMap,
         id: &Id,
-        outcome: Result<Value, RpcError>,
+        outcome: Result<ResultBody, RpcError>,
     ) -> Response<Body> {
         respond_parts(
             headers,
@@ -504,16 +518,9 @@ impl<'a> CallContext<'a> {
 
     /// The permit's summary in the result as `_intentgate`, when the operator asked for it
     /// (`INTENTGATE_ANNOTATE_RESULTS`); the response headers carry the decision either way.
-    fn annotate(
-        &self,
-        result: &mut serde_json::Map<String, Value>,
-        permit: &crate::pipeline::Permit,
-    ) {
+    fn annotate(&self, result: &mut impl translate::Members, permit: &crate::pipeline::Permit) {
         if self.svc.settings.annotate_results {
-            result.insert(
-                "_intentgate".into(),
-                crate::pipeline::decision_summary(permit),
-            );
+            result.set("_intentgate", crate::pipeline::decision_summary(permit));
         }
     }
 
@@ -672,7 +679,7 @@ fn respond_parts(
     headers: &hyper::HeaderMap,
     id: &Id,
     modern: bool,
-    outcome: Result<Value, RpcError>,
+    outcome: Result<ResultBody, RpcError>,
     notifications: Vec<Value>,
     decided: Option<Decided>,
 ) -> Response<Body> {
@@ -681,9 +688,9 @@ fn respond_parts(
         // stream, to a client that accepts one (in the upstream's order, after the answer
         // arrived: they are not streamed as they come yet).
         Ok(result) if !notifications.is_empty() && accepts_event_stream(headers) => {
-            translate::event_stream(&notifications, &jsonrpc::result(id, result))
+            translate::event_stream(&notifications, &jsonrpc::result(id, &result))
         }
-        Ok(result) => http::json_bytes(StatusCode::OK, jsonrpc::result(id, result)),
+        Ok(result) => http::json_bytes(StatusCode::OK, jsonrpc::result(id, &result)),
         Err(err) => {
             let status = if modern {
                 StatusCode::from_u16(era::modern_status(err.code)).unwrap_or(StatusCode::OK)

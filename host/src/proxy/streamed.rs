@@ -38,7 +38,7 @@ pub(super) struct Owned {
 
 /// How the call ended.
 struct Finished {
-    outcome: Result<Value, RpcError>,
+    outcome: Result<crate::mcp::raw::ResultBody, RpcError>,
     notifications: Vec<Value>,
     decided: Option<Decided>,
     pending: Option<Pending>,
@@ -97,7 +97,7 @@ pub(super) async fn call(owned: Owned) -> Response<Body> {
                         out.extend_from_slice(&event(&n.to_string()));
                     }
                     let body = match &f.outcome {
-                        Ok(result) => jsonrpc::result(&id, result.clone()),
+                        Ok(result) => jsonrpc::result(&id, result),
                         Err(err) => jsonrpc::error(Some(&id), err),
                     };
                     out.extend_from_slice(&event(&String::from_utf8_lossy(&body)));

@@ -16,6 +16,7 @@ use crate::mcp::call::Invocation;
 use crate::mcp::discover;
 use crate::mcp::era::Era;
 use crate::mcp::jsonrpc::{self, Id, Request as RpcRequest, RpcError, code};
+use crate::mcp::raw::{RawObject, ResultBody};
 use crate::mcp::rounds::{self, RoundSeal, RoundState};
 use crate::mcp::session::SessionClaims;
 use crate::pipeline::{CallKind, Pending, Round, ToolCall, is_reserved_tool_name};
@@ -33,7 +34,7 @@ impl CallContext<'_> {
             issued_at: now_secs(),
         });
         self.svc.metrics().server.session_issued();
-        let mut resp = http::json_bytes(StatusCode::OK, jsonrpc::result(id, result));
+        let mut resp = http::json_bytes(StatusCode::OK, jsonrpc::result(id, &result));
         if let Ok(v) = HeaderValue::from_str(&session_id) {
             resp.headers_mut().insert(SESSION_HEADER, v);
         }
@@ -54,7 +55,7 @@ impl CallContext<'_> {
         }
     }
 
-    pub(super) async fn tools_call(&self, rpc: &RpcRequest) -> Result<Value, RpcError> {
+    pub(super) async fn tools_call(&self, rpc: &RpcRequest) -> Result<ResultBody, RpcError> {
         let inv = Invocation::decode(&rpc.params)?;
         if is_reserved_tool_name(&inv.name) {
             // It would read as a resource, prompt or completion to the checks and the audit.
@@ -92,7 +93,7 @@ impl CallContext<'_> {
         if let Some(p) = previous.as_ref().filter(|p| p.round == 0) {
             let id = p.inner.clone().unwrap_or_default();
             if let Some(still) = self.await_approval(&id).await? {
-                return Ok(self.approval_input_required(&inv, &still));
+                return Ok(self.approval_input_required(&inv, &still).into());
             }
             resumes = Some(id);
             previous = None;
@@ -128,7 +129,7 @@ impl CallContext<'_> {
             // input-required result: any MCP client resumes it by retrying with the state.
             Err(e) if modern => match self.take_pending() {
                 Some(p) if !super::hold::wanted(self.svc, self.headers, p.mode) => {
-                    return Ok(self.approval_input_required(&inv, &p));
+                    return Ok(self.approval_input_required(&inv, &p).into());
                 }
                 // Held (by `handle`): the pending approval goes back for it.
                 Some(p) => {
@@ -173,7 +174,7 @@ impl CallContext<'_> {
         let cleared = clear(&permit, &inv, forwarded_as)?;
         let mut result = match self.forward(&call, cleared, upstream, params, rpc).await? {
             Ok(r) => r,
-            Err(other) => return Ok(other),
+            Err(other) => return Ok(other.into()),
         };
         // A handshake-era client cannot answer an input-required result itself: its input
         // requests are relayed to it as requests on its event stream, and the call is sent
@@ -202,8 +203,8 @@ impl CallContext<'_> {
                 upstream: call.upstream,
             };
             let (next_permit, upstream) = self.decide(&round).await?;
-            let state = result.get("requestState").and_then(Value::as_str);
-            let mut params = inv.forward_params(state);
+            let state = result.string("requestState");
+            let mut params = inv.forward_params(state.as_deref());
             params.insert("inputResponses".into(), Value::Object(answers));
             if let Some(r) = route {
                 crate::upstreams::rename_target("tools/call", &mut params, r.original);
@@ -211,7 +212,7 @@ impl CallContext<'_> {
             let cleared = clear(&next_permit, &inv, forwarded_as)?;
             result = match self.forward(&round, cleared, upstream, params, rpc).await? {
                 Ok(r) => r,
-                Err(other) => return Ok(other),
+                Err(other) => return Ok(other.into()),
             };
         }
         if modern && translate::is_input_required(&result) {
@@ -222,20 +223,17 @@ impl CallContext<'_> {
             let mut next = self.round_binding(&inv);
             next.call_event = previous.as_ref().map_or(permit.event_id, |p| p.call_event);
             next.round = call.round.as_ref().map_or(1, |r| r.number);
-            next.inner = result
-                .get("requestState")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            result.insert("requestState".into(), Value::from(seal.seal(&next)));
+            next.inner = result.string("requestState");
+            result.insert("requestState", &Value::from(seal.seal(&next)));
         }
         let mut result = translate::call_for_client(result, modern)?;
         self.annotate(&mut result, &permit);
-        Ok(Value::Object(result))
+        Ok(result.into())
     }
 
-    /// Forwards a permitted call: the upstream's result object (`Err` holds a result that is
-    /// not an object, passed on as is), its requests to the client relayed when the client
-    /// takes an event stream, its failure recorded against the decision.
+    /// Forwards a permitted call: the upstream's result object, as its text (`Err` holds a
+    /// result that is not an object, passed on as is), its requests to the client relayed when
+    /// the client takes an event stream, its failure recorded against the decision.
     async fn forward(
         &self,
         call: &ToolCall<'_>,
@@ -243,7 +241,7 @@ impl CallContext<'_> {
         upstream: &crate::upstream::Upstream,
         params: serde_json::Map<String, Value>,
         rpc: &RpcRequest,
-    ) -> Result<Result<serde_json::Map<String, Value>, Value>, RpcError> {
+    ) -> Result<Result<RawObject, Value>, RpcError> {
         let permit = cleared.permit;
         let relay = match self.era {
             Era::Modern(env) => Some(env),
@@ -279,7 +277,7 @@ impl CallContext<'_> {
         forwarding: std::time::Instant,
         reply: Result<crate::upstream::Relayed, crate::upstream::UpstreamError>,
         rpc: &RpcRequest,
-    ) -> Result<Result<serde_json::Map<String, Value>, Value>, RpcError> {
+    ) -> Result<Result<RawObject, Value>, RpcError> {
         self.forwarded(call.upstream, forwarding, &reply);
         let reply = match reply {
             Ok(r) => self.relay_notifications(r, &rpc.params),
@@ -292,8 +290,11 @@ impl CallContext<'_> {
             }
         };
         match reply {
-            Reply::Result(Value::Object(r)) => Ok(Ok(r)),
-            Reply::Result(other) => Ok(Err(other)),
+            // Read one level deep: the members the translation touches, the rest as text.
+            Reply::Result(raw) => match RawObject::parse(raw.get()) {
+                Ok(r) => Ok(Ok(r)),
+                Err(_) => Ok(Err(crate::mcp::raw::tree(&raw).unwrap_or(Value::Null))),
+            },
             Reply::Error(e) => Err(passthrough_error(e)),
         }
     }
@@ -304,17 +305,15 @@ impl CallContext<'_> {
         &self,
         call: &ToolCall<'_>,
         rpc: &RpcRequest,
-        result: &serde_json::Map<String, Value>,
+        result: &RawObject,
     ) -> serde_json::Map<String, Value> {
         let mut answers = serde_json::Map::new();
         let Some(asker) = self.asker(call, rpc) else {
             return answers;
         };
-        let requests = result
-            .get("inputRequests")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
+        let Some(Value::Object(requests)) = result.value("inputRequests") else {
+            return answers;
+        };
         for (key, mut request) in requests.into_iter().take(MAX_RELAYED_INPUTS) {
             // An input request carries no id (it is not a JSON-RPC request of its own); it is
             // asked as one, or the asker would take it for a notification.
@@ -498,7 +497,7 @@ impl CallContext<'_> {
         previous: Option<&RoundState>,
         step: HeldStep,
         rpc: &RpcRequest,
-    ) -> Result<Value, RpcError> {
+    ) -> Result<ResultBody, RpcError> {
         {
             let (request, held) = match step {
                 HeldStep::Finished(started, reply) => {
@@ -507,11 +506,11 @@ impl CallContext<'_> {
                         .await?
                     {
                         Ok(r) => r,
-                        Err(other) => return Ok(other),
+                        Err(other) => return Ok(other.into()),
                     };
                     let mut result = translate::call_for_client(result, true)?;
                     self.annotate(&mut result, permit);
-                    return Ok(Value::Object(result));
+                    return Ok(result.into());
                 }
                 HeldStep::Asked(request, held) => (request, held),
             };
@@ -535,18 +534,14 @@ impl CallContext<'_> {
             );
             result.insert("requestState".into(), Value::from(state));
             self.annotate(&mut result, permit);
-            Ok(Value::Object(result))
+            Ok(ResultBody::Tree(Value::Object(result)))
         }
     }
 
     /// Decides each input request of an input-required result handed to a 2026-07-28 client
     /// (the client answers them itself); the first refused one refuses the call.
-    async fn decide_inputs(
-        &self,
-        call: &ToolCall<'_>,
-        result: &serde_json::Map<String, Value>,
-    ) -> Result<(), RpcError> {
-        let Some(requests) = result.get("inputRequests").and_then(Value::as_object) else {
+    async fn decide_inputs(&self, call: &ToolCall<'_>, result: &RawObject) -> Result<(), RpcError> {
+        let Some(Value::Object(requests)) = result.value("inputRequests") else {
             return Ok(());
         };
         let asking = super::ask::Asking {

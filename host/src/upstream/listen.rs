@@ -20,8 +20,9 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value, json};
 
-use super::{Upstream, UpstreamEra, UpstreamError, client_info, error_chain, event_end};
-use super::{sse_event_json, to_reply};
+use super::message::event_end;
+use super::message::{sse_event_json, to_reply};
+use super::{Upstream, UpstreamEra, UpstreamError, client_info, error_chain};
 use crate::mcp::era::{Envelope, meta};
 use crate::mcp::headers;
 

@@ -44,8 +44,14 @@ use crate::mcp::{headers, params};
 use crate::pipeline::Cleared;
 
 mod listen;
+mod message;
 mod session_stream;
 pub use listen::{ACKNOWLEDGED, ListenFrame, UpstreamListen};
+pub use message::{MAX_NOTIFICATIONS, Reply};
+use message::{
+    Message, event_end, find_json_response, find_sse_response, is_notification, keep,
+    sse_event_message,
+};
 
 /// The protocol revision the gateway asks a handshake-era upstream for.
 pub const HANDSHAKE_VERSION: &str = "2025-11-25";
@@ -79,16 +85,6 @@ impl UpstreamError {
         }
     }
 }
-
-/// The upstream's answer to one JSON-RPC request: either `result` or `error`, as sent.
-#[derive(Debug, Clone)]
-pub enum Reply {
-    Result(Value),
-    Error(Value),
-}
-
-/// Most notifications kept from one upstream answer (the answer is bounded in bytes too).
-pub const MAX_NOTIFICATIONS: usize = 64;
 
 /// An answer with the notifications the upstream sent before it in the same response (SSE
 /// events or NDJSON lines: progress, log messages), in order, at most [`MAX_NOTIFICATIONS`].
@@ -372,7 +368,8 @@ impl Upstream {
         {
             let mut cursor: Option<Value> = None;
             for _page in 0..20 {
-                let Ok(Reply::Result(r)) = self.list_tools(cursor.as_ref()).await else {
+                let listed = self.list_tools(cursor.as_ref()).await;
+                let Some(r) = listed.ok().as_ref().and_then(Reply::result_tree) else {
                     break;
                 };
                 cursor = r.get("nextCursor").filter(|c| !c.is_null()).cloned();
@@ -642,9 +639,9 @@ impl Upstream {
     fn settled(&self, method: &str, answer: Answer) -> Result<Relayed, UpstreamError> {
         let relayed = answer.settle_relayed()?;
         if method == "tools/list"
-            && let Reply::Result(r) = &relayed.reply
+            && let Some(r) = relayed.reply.result_tree()
         {
-            self.learn_tools(r);
+            self.learn_tools(&r);
         }
         Ok(relayed)
     }
@@ -728,7 +725,8 @@ impl Upstream {
                 detail: answer.detail,
             });
         }
-        if let (StatusCode::OK, Some(Reply::Result(r))) = (answer.status, &answer.reply) {
+        let result = answer.reply.as_ref().and_then(Reply::result_tree);
+        if let (StatusCode::OK, Some(r)) = (answer.status, result) {
             let offered = r.get("supportedVersions").and_then(Value::as_array);
             let mutual = MODERN_VERSIONS
                 .iter()
@@ -763,7 +761,8 @@ impl Upstream {
             )
             .await?;
         let result = match answer.settle()? {
-            Reply::Result(r) => r,
+            Reply::Result(r) => crate::mcp::raw::tree(&r)
+                .map_err(|e| UpstreamError::Malformed(format!("server/discover: {e}")))?,
             Reply::Error(e) => {
                 return Err(UpstreamError::Malformed(format!(
                     "server/discover refused: {e}"
@@ -944,12 +943,14 @@ impl Upstream {
             // Complete events first (an event ends with a blank line).
             while let Some(end) = event_end(&buf) {
                 let event: Vec<u8> = buf.drain(..end).collect();
-                let Some(v) = sse_event_json(&event) else {
-                    continue;
+                let v = match sse_event_message(&event) {
+                    Some(Message::Response { id: Some(x), reply }) if x.as_u64() == Some(id) => {
+                        return finish(Some(reply), String::new(), notifications);
+                    }
+                    Some(Message::Other(v)) => v,
+                    // Another request's response, or no JSON: not ours.
+                    _ => continue,
                 };
-                if is_response(&v) && v.get("id").and_then(Value::as_u64) == Some(id) {
-                    return finish(Some(to_reply(v)?), String::new(), notifications);
-                }
                 let is_request = v.get("method").is_some() && v.get("id").is_some();
                 if !is_request {
                     if streaming && is_notification(&v) {
@@ -1000,7 +1001,7 @@ impl Upstream {
         } else {
             find_json_response(&buf, id, &mut notifications)
         };
-        match message.and_then(to_reply) {
+        match message {
             Ok(r) => finish(Some(r), detail, notifications),
             Err(e) if status == StatusCode::OK => Err(e),
             Err(_) => finish(None, detail, notifications),
@@ -1082,7 +1083,8 @@ impl Upstream {
         let answer = self.post(&body, id, &[]).await?;
         let session_id = answer.session_id.clone();
         let result = match answer.settle()? {
-            Reply::Result(r) => r,
+            Reply::Result(r) => crate::mcp::raw::tree(&r)
+                .map_err(|e| UpstreamError::Malformed(format!("initialize: {e}")))?,
             Reply::Error(e) => {
                 return Err(UpstreamError::Malformed(format!("initialize refused: {e}")));
             }
@@ -1181,7 +1183,7 @@ impl Upstream {
         } else {
             find_json_response(&body, id, &mut notifications)
         };
-        let reply = match message.and_then(to_reply) {
+        let reply = match message {
             Ok(r) => Some(r),
             // A 200 must carry an answer; an HTTP error may carry none.
             Err(e) if status == StatusCode::OK => return Err(e),
@@ -1310,19 +1312,6 @@ fn session_headers(session: &Session) -> Vec<(hyper::header::HeaderName, HeaderV
     h
 }
 
-fn to_reply(mut message: Value) -> Result<Reply, UpstreamError> {
-    let Some(obj) = message.as_object_mut() else {
-        return Err(UpstreamError::Malformed("not a JSON object".into()));
-    };
-    if let Some(r) = obj.remove("result") {
-        Ok(Reply::Result(r))
-    } else if let Some(e) = obj.remove("error") {
-        Ok(Reply::Error(e))
-    } else {
-        Err(UpstreamError::Malformed("neither result nor error".into()))
-    }
-}
-
 /// Methods that reach a target and are forwarded only with a [`Permit`].
 pub fn needs_permit(method: &str) -> bool {
     matches!(
@@ -1333,81 +1322,6 @@ pub fn needs_permit(method: &str) -> bool {
             | "prompts/get"
             | "completion/complete"
     )
-}
-
-/// Whether `v` is a JSON-RPC response (not a notification or a request).
-fn is_response(v: &Value) -> bool {
-    v.get("method").is_none() && (v.get("result").is_some() || v.get("error").is_some())
-}
-
-/// Whether `v` is a notification (a method and no id).
-fn is_notification(v: &Value) -> bool {
-    v.get("method").is_some() && v.get("id").is_none()
-}
-
-/// Keeps a notification that came before the answer, up to [`MAX_NOTIFICATIONS`].
-fn keep(notifications: &mut Vec<Value>, v: Value) {
-    if is_notification(&v) && notifications.len() < MAX_NOTIFICATIONS {
-        notifications.push(v);
-    }
-}
-
-/// Of several messages, the response with our id; failing that, an error response without an
-/// id (a server that could not read the request answers so). The notifications before the
-/// response are kept in `notifications`.
-fn pick_response(
-    messages: impl Iterator<Item = Value>,
-    id: u64,
-    notifications: &mut Vec<Value>,
-) -> Option<Value> {
-    let mut anonymous_error = None;
-    for v in messages {
-        if !is_response(&v) {
-            keep(notifications, v);
-            continue;
-        }
-        match v.get("id") {
-            Some(x) if x.as_u64() == Some(id) => return Some(v),
-            None | Some(Value::Null) if v.get("error").is_some() && anonymous_error.is_none() => {
-                anonymous_error = Some(v);
-            }
-            _ => {}
-        }
-    }
-    anonymous_error
-}
-
-/// A JSON body: one JSON-RPC message as usual, or newline-delimited JSON (several messages, one
-/// per line: notifications the upstream sent before its answer), of which the response with our
-/// id is taken.
-fn find_json_response(
-    body: &[u8],
-    id: u64,
-    notifications: &mut Vec<Value>,
-) -> Result<Value, UpstreamError> {
-    let whole = serde_json::from_slice::<Value>(body);
-    match whole {
-        Ok(v @ Value::Object(_)) => return Ok(v),
-        Ok(Value::Array(batch)) => {
-            return pick_response(batch.into_iter(), id, notifications)
-                .ok_or_else(|| UpstreamError::Malformed("no response in the batch".into()));
-        }
-        Ok(_) => return Err(UpstreamError::Malformed("not a JSON object".into())),
-        Err(e) if !body.contains(&b'\n') => return Err(UpstreamError::Malformed(e.to_string())),
-        Err(_) => {}
-    }
-    let mut lines = Vec::new();
-    for line in body.split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let v = serde_json::from_slice::<Value>(line)
-            .map_err(|e| UpstreamError::Malformed(format!("NDJSON line: {e}")))?;
-        lines.push(v);
-    }
-    pick_response(lines.into_iter(), id, notifications)
-        .ok_or_else(|| UpstreamError::Malformed("no response among the JSON lines".into()))
 }
 
 /// The answer to an upstream's request when no client can be asked (the client does not take
@@ -1427,72 +1341,6 @@ fn refuse_server_request(request: Value) -> crate::store::BoxFuture<'static, Map
         );
         m
     })
-}
-
-/// Where the first complete SSE event in `buf` ends (after its blank line), if any.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// The JSON message of one SSE event (its `data:` lines joined), if it holds one.
-fn sse_event_json(event: &[u8]) -> Option<Value> {
-    let text = std::str::from_utf8(event).ok()?;
-    let mut data = String::new();
-    for line in text.lines() {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if let Some(rest) = line.strip_prefix("data:") {
-            if !data.is_empty() {
-                data.push('\n');
-            }
-            data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
-        }
-    }
-    serde_json::from_str(&data).ok()
-}
-
-/// Picks the JSON-RPC response with our id out of an SSE stream (skipping notifications and
-/// server requests the upstream interleaves).
-fn find_sse_response(
-    body: &[u8],
-    id: u64,
-    notifications: &mut Vec<Value>,
-) -> Result<Value, UpstreamError> {
-    let text = std::str::from_utf8(body).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
-    let mut data = String::new();
-    let mut check = |data: &mut String| -> Option<Value> {
-        if data.is_empty() {
-            return None;
-        }
-        let parsed = serde_json::from_str::<Value>(data).ok();
-        data.clear();
-        let v = parsed?;
-        if v.get("id").and_then(Value::as_u64) == Some(id)
-            && (v.get("result").is_some() || v.get("error").is_some())
-        {
-            return Some(v);
-        }
-        keep(notifications, v);
-        None
-    };
-    for line in text.lines() {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if line.is_empty() {
-            if let Some(v) = check(&mut data) {
-                return Ok(v);
-            }
-        } else if let Some(rest) = line.strip_prefix("data:") {
-            if !data.is_empty() {
-                data.push('\n');
-            }
-            data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
-        }
-    }
-    check(&mut data).ok_or_else(|| UpstreamError::Malformed("no response in event stream".into()))
 }
 
 #[cfg(test)]
@@ -1534,51 +1382,6 @@ mod tests {
             .expect("cleared");
         assert!(sends_what_was_cleared(c, "resources/read", &read).is_ok());
         assert!(sends_what_was_cleared(c, "prompts/get", &read).is_err());
-    }
-
-    #[test]
-    fn ndjson_and_batches_pick_our_response() {
-        let mut notes = Vec::new();
-        let ndjson = b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{}}\n\
-{\"jsonrpc\":\"2.0\",\"id\":6,\"result\":{\"other\":true}}\r\n\
-{\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\n\n";
-        let v = find_json_response(ndjson, 7, &mut notes).expect("found");
-        assert_eq!(v["result"]["ok"], true);
-        assert_eq!(notes.len(), 1, "the notification before the answer is kept");
-        assert_eq!(notes[0]["method"], "notifications/message");
-        assert!(find_json_response(ndjson, 8, &mut Vec::new()).is_err());
-        assert!(find_json_response(b"{\"a\":1}\n{bad", 1, &mut Vec::new()).is_err());
-        // One object is the answer whatever its id (a refusal may carry none).
-        let one = find_json_response(
-            b"{\"jsonrpc\":\"2.0\",\"id\":\"x\",\"error\":{}}",
-            3,
-            &mut Vec::new(),
-        );
-        assert!(one.expect("one")["error"].is_object());
-        let batch =
-            br#"[{"jsonrpc":"2.0","id":1,"result":{}},{"jsonrpc":"2.0","id":2,"result":{"n":2}}]"#;
-        assert_eq!(
-            find_json_response(batch, 2, &mut Vec::new()).expect("batch")["result"]["n"],
-            2
-        );
-        let anon = b"{\"jsonrpc\":\"2.0\",\"method\":\"x\"}\n{\"jsonrpc\":\"2.0\",\"id\":null,\"error\":{\"code\":-32700}}\n";
-        assert_eq!(
-            find_json_response(anon, 9, &mut Vec::new()).expect("anon")["error"]["code"],
-            -32700
-        );
-        assert!(needs_permit("prompts/get") && !needs_permit("prompts/list"));
-    }
-
-    #[test]
-    fn sse_picks_our_response() {
-        let body = b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n\
-event: message\r\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ok\":true}}\r\n\r\n";
-        let mut notes = Vec::new();
-        let v = find_sse_response(body, 7, &mut notes).expect("found");
-        assert_eq!(v["result"]["ok"], true);
-        assert_eq!(notes[0]["method"], "notifications/progress");
-        assert!(find_sse_response(body, 8, &mut Vec::new()).is_err());
-        assert!(find_sse_response(b"data: {bad", 1, &mut Vec::new()).is_err());
     }
 
     fn answer(status: u16, reply: Option<Value>) -> Answer {

@@ -23,7 +23,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Map, Value, json};
 
-use super::{ServerRequests, Session, event_end, session_headers, sse_event_json};
+use super::message::{event_end, sse_event_json};
+use super::{ServerRequests, Session, session_headers};
 use crate::mcp::jsonrpc::code;
 
 /// The calls in flight in the shared session, and who can answer for each.
