@@ -117,6 +117,12 @@ struct Common {
     /// Closed-loop concurrency (connections, each with one call in flight).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Size of the `text` argument of each call (0: a short sentence).
+    #[arg(long, default_value_t = 0)]
+    argument_bytes: usize,
+    /// Bytes the upstream's `echo` adds to its answer (`pad`), for large results.
+    #[arg(long, default_value_t = 0)]
+    result_bytes: usize,
     /// tokio worker threads of the load generator (this process).
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
@@ -393,9 +399,23 @@ struct Rig {
     current_upstream: usize,
     /// The revision new systems are driven with.
     era: ClientEra,
+    /// The `tools/call` params every call sends (JSON text).
+    params: String,
 }
 
-const TOOL_PARAMS: &str = r#"{"name":"echo","arguments":{"text":"hello from intentgate-bench"}}"#;
+/// The `echo` call's params: a short sentence unless `--argument-bytes`, and the upstream's
+/// padding of its answer (`--result-bytes`).
+fn tool_params(common: &Common) -> String {
+    let text = match common.argument_bytes {
+        0 => "hello from intentgate-bench".to_owned(),
+        n => "a".repeat(n),
+    };
+    let mut args = serde_json::json!({"text": text});
+    if common.result_bytes > 0 {
+        args["pad"] = serde_json::Value::from(common.result_bytes);
+    }
+    serde_json::json!({"name": "echo", "arguments": args}).to_string()
+}
 
 impl Rig {
     fn new(common: &Common) -> Result<Rig, String> {
@@ -418,6 +438,7 @@ impl Rig {
             cpus_client,
             current_upstream: 0,
             era: common.era,
+            params: tool_params(common),
         };
         rig.add_upstream(common.upstream_era, common)?;
         rig.current_upstream = 0;
@@ -618,7 +639,7 @@ impl Rig {
             addr: s.addr,
             path: s.path.to_owned(),
             tokens,
-            params: TOOL_PARAMS.to_owned(),
+            params: self.params.clone(),
             era: s.era,
         }
     }

@@ -253,12 +253,16 @@ async fn handle(
             let args = params.get("arguments");
             let arg = |k: &str| args.and_then(|a| a.get(k));
             let mut r = match name {
-                "echo" => text(
-                    arg("text")
+                "echo" => {
+                    let mut t = arg("text")
                         .and_then(Value::as_str)
                         .unwrap_or_default()
-                        .to_owned(),
-                ),
+                        .to_owned();
+                    // `pad`: a large answer to a small call (bounded).
+                    let pad = arg("pad").and_then(Value::as_u64).unwrap_or(0).min(MAX_PAD);
+                    t.extend(std::iter::repeat_n('x', usize::try_from(pad).unwrap_or(0)));
+                    text(t)
+                }
                 "add" => {
                     let a = arg("a").and_then(Value::as_f64).unwrap_or(0.0);
                     let b = arg("b").and_then(Value::as_f64).unwrap_or(0.0);
@@ -284,6 +288,9 @@ async fn handle(
     }
     resp
 }
+
+/// Most bytes `echo` pads its answer with.
+const MAX_PAD: u64 = 16 << 20;
 
 /// Serves on `listener` forever, speaking `era`.
 pub async fn serve(listener: TcpListener, era: UpstreamEra) {
