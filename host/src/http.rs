@@ -98,21 +98,26 @@ where
 /// strings are skipped; the text need not be valid JSON (the parser judges that afterwards).
 pub fn json_depth_within(text: &[u8], max_depth: usize) -> bool {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in text {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    let mut i = 0usize;
+    while i < text.len() {
+        match text[i] {
+            b'"' => {
+                // A string's content cannot nest: skip it whole, escapes included.
+                i += 1;
+                loop {
+                    let Some(at) = quote_or_backslash(&text[i..]) else {
+                        return true; // unterminated: the parser refuses it
+                    };
+                    i += at;
+                    if text[i] != b'\\' {
+                        break;
+                    }
+                    i += 2;
+                    if i >= text.len() {
+                        return true;
+                    }
+                }
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'{' | b'[' => {
                 depth += 1;
                 if depth > max_depth {
@@ -122,8 +127,35 @@ pub fn json_depth_within(text: &[u8], max_depth: usize) -> bool {
             b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     true
+}
+
+/// Where the first `"` or `\\` of `s` is, eight bytes at a time (a large argument is mostly
+/// string content, which this skips).
+fn quote_or_backslash(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // Whether a byte of `x` is zero (the classic bit trick: exact in its lowest set byte).
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let mut chunks = s.chunks_exact(8);
+    let mut offset = 0usize;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let hits =
+            zero_byte(x ^ (ONES * u64::from(b'"'))) | zero_byte(x ^ (ONES * u64::from(b'\\')));
+        if hits != 0 {
+            return Some(offset + (hits.trailing_zeros() / 8) as usize);
+        }
+        offset += 8;
+    }
+    let rest = chunks.remainder();
+    rest.iter()
+        .position(|b| *b == b'"' || *b == b'\\')
+        .map(|p| offset + p)
 }
 
 /// The bearer credential of an `Authorization` header, if well formed.
@@ -170,6 +202,62 @@ pub fn channel(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The byte-at-a-time guard the fast one must agree with.
+    fn depth_within_bytewise(text: &[u8], max_depth: usize) -> bool {
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for &b in text {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > max_depth {
+                        return false;
+                    }
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        true
+    }
+
+    #[test]
+    fn the_fast_depth_guard_agrees_with_the_bytewise_one() {
+        // Texts over a small alphabet of structural bytes, quotes and escapes, at every
+        // alignment of the eight-byte search.
+        let alphabet = b"[]{}\"\\ax";
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for n in 0..20_000usize {
+            let len = n % 40;
+            let text: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    alphabet[(seed % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            for max in [0, 1, 2, 4] {
+                assert_eq!(
+                    json_depth_within(&text, max),
+                    depth_within_bytewise(&text, max),
+                    "{:?} at depth {max}",
+                    String::from_utf8_lossy(&text)
+                );
+            }
+        }
+    }
 
     #[test]
     fn depth_guard_counts_only_structure() {
