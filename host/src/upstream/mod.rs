@@ -942,16 +942,20 @@ impl Upstream {
         // How far `buf` was searched for an event's end without finding one: each byte is
         // searched once, not once per frame (a large answer comes in many frames).
         let mut searched = 0usize;
+        // Where the next complete event ends (after its blank line). A JSON answer is no event
+        // stream: it is read whole at the end.
+        let next_event = |buf: &[u8], searched: &mut usize| {
+            if !is_sse {
+                return None;
+            }
+            let from = searched.saturating_sub(3);
+            let end = event_end(&buf[from..]).map(|e| e + from);
+            *searched = if end.is_some() { 0 } else { buf.len() };
+            end
+        };
         loop {
-            // Complete events first (an event ends with a blank line). A JSON answer is no
-            // event stream: it is read whole at the end.
-            while is_sse {
-                let from = searched.saturating_sub(3);
-                let Some(end) = event_end(&buf[from..]).map(|e| e + from) else {
-                    searched = buf.len();
-                    break;
-                };
-                searched = 0;
+            // Complete events first.
+            while let Some(end) = next_event(&buf, &mut searched) {
                 let event: Vec<u8> = buf.drain(..end).collect();
                 let v = match sse_event_message(&event) {
                     Some(Message::Response { id: Some(x), reply }) if x.as_u64() == Some(id) => {
