@@ -957,3 +957,48 @@ fn pg_server_shared_instance_stops_when_the_process_exits() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// One process owns a SQLite file: a second gateway process on the same data directory is
+/// refused at start, at once, saying why and what to do; the owner goes on serving.
+#[tokio::test]
+async fn a_second_process_on_one_sqlite_file_is_refused_clearly() {
+    use crate::support::gateway::{self, ADMIN_TOKEN, Backend, MASTER_KEY};
+    let tg = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_intentgate"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("INTENTGATE_ADDR", "127.0.0.1:0")
+        .env("INTENTGATE_DATA_DIR", tg.data_dir.path())
+        .env("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("INTENTGATE_MASTER_KEY", MASTER_KEY)
+        .arg("serve")
+        .arg("--demo")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the gateway binary runs");
+    // A process that served instead would never exit: it is killed at the deadline.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while second.try_wait().expect("wait").is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = second.kill();
+    let out = second.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("in use by another IntentGate process")
+            && stderr.contains(&std::process::id().to_string()),
+        "the refusal names the owner: {stderr}"
+    );
+    // The owner is untouched.
+    let (token, _) = tg
+        .mint(serde_json::json!({"subject": "a", "tools": ["echo"]}))
+        .await;
+    let v = tg
+        .tool_call(&token, "echo", serde_json::json!({"text": "hi"}))
+        .await;
+    assert_eq!(v["result"]["content"][0]["text"], "hi", "{v}");
+    tg.shutdown().await;
+}

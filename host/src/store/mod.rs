@@ -13,12 +13,14 @@
 //!   naming the field. A database that cannot be reached is [`StoreError::Unavailable`], so
 //!   callers can fail closed with a retryable error.
 //! - Both backends pass the same test suite (`host/tests/store.rs`).
+//! - A SQLite file is owned by one process ([`owner`]); replicas share PostgreSQL.
 //!
 //! This module must never panic on bad input or a bad database, never read-then-write a
 //! counter (every charge is one atomic statement), never log secrets (a PostgreSQL URL is
 //! redacted in `Debug` and `Display`), and never hold a lock across an `await` of anything
 //! but its own SQL.
 
+pub mod owner;
 mod postgres;
 mod sqlite;
 

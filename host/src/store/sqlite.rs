@@ -33,6 +33,8 @@ const MAX_CONNECTIONS: u32 = 8;
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// This process's ownership of the file ([`super::owner`]).
+    _owner: std::sync::Arc<super::owner::Owner>,
 }
 
 fn migrator() -> sqlx::migrate::Migrator {
@@ -82,6 +84,8 @@ impl SqliteStore {
                 StoreError::Config(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }
+        // Before anything is read or written: another process may own this file.
+        let owner = super::owner::own(path)?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -111,7 +115,10 @@ impl SqliteStore {
             // journal. Still durable, only slower under concurrency.
             tracing::warn!(path = %path.display(), journal_mode = %mode, "SQLite is not in WAL mode");
         }
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            _owner: owner,
+        };
         store.migrate().await?;
         Ok(store)
     }
