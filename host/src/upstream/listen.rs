@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value, json};
 
-use super::message::event_end;
+use super::message::Events;
 use super::message::{sse_event_json, to_reply};
 use super::{Upstream, UpstreamEra, UpstreamError, client_info, error_chain};
 use crate::mcp::era::{Envelope, meta};
@@ -34,7 +34,7 @@ pub struct UpstreamListen {
     /// The filter the upstream said it honors (its own URIs).
     pub honored: Map<String, Value>,
     body: Incoming,
-    buf: Vec<u8>,
+    events: Events,
     max_event: usize,
     id: u64,
 }
@@ -117,7 +117,7 @@ impl Upstream {
             let mut stream = UpstreamListen {
                 honored: Map::new(),
                 body: resp.into_body(),
-                buf: Vec::new(),
+                events: Events::default(),
                 max_event: self.max_response,
                 id,
             };
@@ -179,8 +179,7 @@ impl UpstreamListen {
     /// The next JSON message of the stream (events without JSON are skipped).
     async fn message(&mut self) -> Result<Option<Value>, UpstreamError> {
         loop {
-            while let Some(end) = event_end(&self.buf) {
-                let event: Vec<u8> = self.buf.drain(..end).collect();
+            while let Some(event) = self.events.next_event() {
                 if let Some(v) = sse_event_json(&event) {
                     return Ok(Some(v));
                 }
@@ -188,8 +187,8 @@ impl UpstreamListen {
             match self.body.frame().await {
                 Some(Ok(f)) => {
                     if let Ok(data) = f.into_data() {
-                        self.buf.extend_from_slice(&data);
-                        if self.buf.len() > self.max_event {
+                        self.events.push(&data);
+                        if self.events.len() > self.max_event {
                             return Err(UpstreamError::TooLarge(self.max_event));
                         }
                     }
@@ -204,12 +203,12 @@ impl UpstreamListen {
     async fn rest(&mut self) -> Vec<u8> {
         while let Some(Ok(f)) = self.body.frame().await {
             if let Ok(data) = f.into_data() {
-                self.buf.extend_from_slice(&data);
-                if self.buf.len() > self.max_event {
+                self.events.push(&data);
+                if self.events.len() > self.max_event {
                     break;
                 }
             }
         }
-        std::mem::take(&mut self.buf)
+        self.events.take()
     }
 }

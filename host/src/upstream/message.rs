@@ -179,8 +179,59 @@ pub(super) fn find_json_response(
         .ok_or_else(|| UpstreamError::Malformed("no response among the JSON lines".into()))
 }
 
+/// An SSE body as it arrives: its frames pushed in, its complete events taken out in order.
+/// Each byte is searched for an event's end once, however many frames an event spans (a
+/// large event comes in many).
+#[derive(Debug, Default)]
+pub(super) struct Events {
+    buf: Vec<u8>,
+    /// How much of `buf` was searched without finding an event's end.
+    searched: usize,
+}
+
+impl Events {
+    pub(super) fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes held (a partial event, or a body that is not a stream).
+    pub(super) fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.buf.clear();
+        self.searched = 0;
+    }
+
+    pub(super) fn take(&mut self) -> Vec<u8> {
+        self.searched = 0;
+        std::mem::take(&mut self.buf)
+    }
+
+    /// The next complete event (up to and including its blank line).
+    pub(super) fn next_event(&mut self) -> Option<Vec<u8>> {
+        // An end ("\r\n\r\n" at most) may straddle what was searched and what came since.
+        let from = self.searched.saturating_sub(3);
+        match event_end(&self.buf[from..]) {
+            Some(end) => {
+                self.searched = 0;
+                Some(self.buf.drain(..from + end).collect())
+            }
+            None => {
+                self.searched = self.buf.len();
+                None
+            }
+        }
+    }
+}
+
 /// Where the first complete SSE event in `buf` ends (after its blank line), if any.
-pub(super) fn event_end(buf: &[u8]) -> Option<usize> {
+fn event_end(buf: &[u8]) -> Option<usize> {
     let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
     let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
     match (lf, crlf) {
@@ -325,6 +376,32 @@ mod tests {
         match find_json_response(text, 4, &mut Vec::new()) {
             Ok(Reply::Result(raw)) => assert_eq!(raw.get(), r#"{"z":1.50,"a":[1e3, "\u00e9"]}"#),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_split_wherever_the_frames_cut() {
+        let stream = b"data: 1\n\ndata: 2\r\n\r\n: comment\n\ndata: 3\n\n";
+        for cut in 1..stream.len() {
+            let mut events = Events::default();
+            let mut seen = Vec::new();
+            for frame in stream.chunks(cut) {
+                events.push(frame);
+                while let Some(e) = events.next_event() {
+                    seen.push(String::from_utf8(e).expect("utf-8"));
+                }
+            }
+            assert_eq!(
+                seen,
+                [
+                    "data: 1\n\n",
+                    "data: 2\r\n\r\n",
+                    ": comment\n\n",
+                    "data: 3\n\n"
+                ],
+                "frames of {cut}"
+            );
+            assert_eq!(events.len(), 0);
         }
     }
 

@@ -47,11 +47,11 @@ mod listen;
 mod message;
 mod session_stream;
 pub use listen::{ACKNOWLEDGED, ListenFrame, UpstreamListen};
-pub use message::{MAX_NOTIFICATIONS, Reply};
 use message::{
-    Message, event_end, find_json_response, find_sse_response, is_notification, keep,
+    Events, Message, find_json_response, find_sse_response, is_notification, keep,
     sse_event_message,
 };
+pub use message::{MAX_NOTIFICATIONS, Reply};
 
 /// The protocol revision the gateway asks a handshake-era upstream for.
 pub const HANDSHAKE_VERSION: &str = "2025-11-25";
@@ -926,7 +926,7 @@ impl Upstream {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         let mut body = resp.into_body();
-        let mut buf: Vec<u8> = Vec::new();
+        let mut events = Events::default();
         let mut read = 0usize;
         let mut notifications = Vec::new();
         let mut relayed = 0usize;
@@ -941,22 +941,10 @@ impl Upstream {
         };
         // How far `buf` was searched for an event's end without finding one: each byte is
         // searched once, not once per frame (a large answer comes in many frames).
-        let mut searched = 0usize;
-        // Where the next complete event ends (after its blank line). A JSON answer is no event
-        // stream: it is read whole at the end.
-        let next_event = |buf: &[u8], searched: &mut usize| {
-            if !is_sse {
-                return None;
-            }
-            let from = searched.saturating_sub(3);
-            let end = event_end(&buf[from..]).map(|e| e + from);
-            *searched = if end.is_some() { 0 } else { buf.len() };
-            end
-        };
         loop {
-            // Complete events first.
-            while let Some(end) = next_event(&buf, &mut searched) {
-                let event: Vec<u8> = buf.drain(..end).collect();
+            // Complete events first. A JSON answer is no event stream: it is read whole at the
+            // end.
+            while let Some(event) = is_sse.then(|| events.next_event()).flatten() {
                 let v = match sse_event_message(&event) {
                     Some(Message::Response { id: Some(x), reply }) if x.as_u64() == Some(id) => {
                         return finish(Some(reply), String::new(), notifications);
@@ -1001,19 +989,20 @@ impl Upstream {
                         if read > self.max_response {
                             return Err(UpstreamError::TooLarge(self.max_response));
                         }
-                        buf.extend_from_slice(&data);
+                        events.push(&data);
                     }
                 }
                 Some(Err(e)) => return Err(UpstreamError::Unavailable(e.to_string())),
                 None => break,
             }
         }
+        let buf = events.bytes();
         // The body ended without our response: a JSON answer, or a stream cut short.
         let detail = String::from_utf8_lossy(&buf[..buf.len().min(512)]).into_owned();
         let message = if is_sse {
-            find_sse_response(&buf, id, &mut notifications)
+            find_sse_response(buf, id, &mut notifications)
         } else {
-            find_json_response(&buf, id, &mut notifications)
+            find_json_response(buf, id, &mut notifications)
         };
         match message {
             Ok(r) => finish(Some(r), detail, notifications),

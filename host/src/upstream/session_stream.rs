@@ -23,7 +23,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Map, Value, json};
 
-use super::message::{event_end, sse_event_json};
+use super::message::{Events, sse_event_json};
 use super::{ServerRequests, Session, session_headers};
 use crate::mcp::jsonrpc::code;
 
@@ -127,10 +127,9 @@ pub(super) async fn listen(l: Listener) {
             return;
         }
         let mut body = resp.into_body();
-        let mut buf: Vec<u8> = Vec::new();
+        let mut events = Events::default();
         loop {
-            while let Some(end) = event_end(&buf) {
-                let event: Vec<u8> = buf.drain(..end).collect();
+            while let Some(event) = events.next_event() {
                 match sse_event_json(&event) {
                     Some(v) if v.get("method").is_some() && v.get("id").is_some() => {
                         answer(&l, &headers, v);
@@ -145,11 +144,11 @@ pub(super) async fn listen(l: Listener) {
             match body.frame().await {
                 Some(Ok(f)) => {
                     if let Ok(data) = f.into_data() {
-                        if buf.len() + data.len() > l.max_response {
-                            buf.clear(); // one event larger than any answer: dropped
+                        if events.len() + data.len() > l.max_response {
+                            events.clear(); // one event larger than any answer: dropped
                             continue;
                         }
-                        buf.extend_from_slice(&data);
+                        events.push(&data);
                     }
                 }
                 _ => break,
