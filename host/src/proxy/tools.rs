@@ -293,7 +293,10 @@ impl CallContext<'_> {
             // Read one level deep: the members the translation touches, the rest as text.
             Reply::Result(raw) => match RawObject::parse(raw.get()) {
                 Ok(r) => Ok(Ok(r)),
-                Err(_) => Ok(Err(crate::mcp::raw::tree(&raw).unwrap_or(Value::Null))),
+                // Not an object: passed on as it is (no member to translate).
+                Err(_) => crate::mcp::raw::tree(&raw).map(Err).map_err(|e| {
+                    upstream_rpc_error(&crate::upstream::UpstreamError::Malformed(e.to_string()))
+                }),
             },
             Reply::Error(e) => Err(passthrough_error(e)),
         }
