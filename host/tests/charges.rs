@@ -1,5 +1,6 @@
 //! Budget debits written in the audit transaction of their call (`AuditLog::append_charged`):
-//! exact under concurrency, on one process and across two replicas, and a refusal is recorded
+//! exact under concurrency, on one process, across two replicas and across two gateway
+//! processes on one PostgreSQL, and a refusal is recorded
 //! as what the caller is told.
 
 use std::sync::Arc;
@@ -205,4 +206,117 @@ async fn a_debit_that_sql_must_not_see_is_refused_before_the_queue() {
             .is_err()
     );
     assert_eq!(log.stats().events, 0, "nothing was written");
+}
+
+/// A child process killed when dropped (a failed assertion leaves nothing running).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A gateway binary on PostgreSQL `url` (its own data directory, the shared master key), with
+/// the demo tool server as its upstream; returns the child and its URL.
+async fn pg_gateway_process(url: &str, data: &std::path::Path) -> (Killed, String) {
+    use crate::support::binary::{collect_lines, listening_url};
+    use crate::support::gateway::{ADMIN_TOKEN, MASTER_KEY};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_intentgate"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("INTENTGATE_LOG_FORMAT", "json")
+        .env("INTENTGATE_ADDR", "127.0.0.1:0")
+        .env("INTENTGATE_DATA_DIR", data)
+        .env("INTENTGATE_POSTGRES_URL", url)
+        .env("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("INTENTGATE_MASTER_KEY", MASTER_KEY)
+        .arg("serve")
+        .arg("--demo")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the gateway binary");
+    let lines = collect_lines(child.stdout.take().expect("stdout"));
+    match listening_url(&mut child, &lines).await {
+        Ok(u) => (Killed(child), u),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Issue 13, as it is checked: two gateway **processes** on one PostgreSQL, one token with
+/// `max_calls: N`, both under load at once: exactly N calls are allowed, every other one is a
+/// budget refusal, and the shared audit chain records exactly N allowed calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateway_processes_on_one_postgres_allow_exactly_max_calls() {
+    use crate::support::gateway::ADMIN_TOKEN;
+    use crate::support::http::{get_json, post_json};
+    use serde_json::{Value, json};
+    const N: usize = 40;
+    const ATTEMPTS: usize = 120;
+    let url = intentgate::testkit::PgServer::shared()
+        .expect("postgres server")
+        .fresh_database()
+        .expect("fresh database");
+    let (da, db) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (_a, url_a) = pg_gateway_process(&url, da.path()).await;
+    let (_b, url_b) = pg_gateway_process(&url, db.path()).await;
+    let (status, minted) = post_json(
+        &format!("{url_a}/v1/admin/mint"),
+        Some(ADMIN_TOKEN),
+        &json!({"subject": "agent", "tools": ["echo"], "max_calls": N}),
+    )
+    .await;
+    assert_eq!(status, 200, "{minted}");
+    let token = minted["token"].as_str().expect("token").to_owned();
+    // 16 callers per process, all at once, until the attempts are spent.
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut callers = JoinSet::new();
+    for i in 0..32 {
+        let target = if i % 2 == 0 { &url_a } else { &url_b };
+        let (target, token, next) = (format!("{target}/v1/mcp"), token.clone(), next.clone());
+        callers.spawn(async move {
+            let mut answers = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < ATTEMPTS {
+                let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {"text": "x"}}});
+                let (_, v) = post_json(&target, Some(&token), &call).await;
+                answers.push(v);
+            }
+            answers
+        });
+    }
+    let answers: Vec<Value> = callers.join_all().await.into_iter().flatten().collect();
+    assert_eq!(answers.len(), ATTEMPTS);
+    let allowed = answers.iter().filter(|v| v.get("result").is_some()).count();
+    let refused = answers
+        .iter()
+        .filter(|v| v["error"]["code"] == -32013)
+        .count();
+    assert_eq!(
+        allowed, N,
+        "exactly max_calls allowed across both processes"
+    );
+    assert_eq!(
+        refused,
+        ATTEMPTS - N,
+        "every other call is a budget refusal"
+    );
+    // The one chain both processes write holds exactly the allowed calls.
+    let (_, audit) = get_json(
+        &format!("{url_b}/v1/admin/audit?tenant=default&tool=echo&decision=allow&limit=500"),
+        ADMIN_TOKEN,
+    )
+    .await;
+    let items = audit["items"].as_array().expect("items");
+    let calls = items
+        .iter()
+        .filter(|e| e["event"] == "intentgate.tool_call" && e["decision"] == "allow")
+        .count();
+    assert_eq!(calls, N, "allowed tool calls in the chain");
 }
