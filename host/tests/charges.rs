@@ -1,7 +1,6 @@
 //! Budget debits written in the audit transaction of their call (`AuditLog::append_charged`):
 //! exact under concurrency, on one process, across two replicas and across two gateway
-//! processes on one PostgreSQL, and a refusal is recorded
-//! as what the caller is told.
+//! processes on one PostgreSQL; a refusal is recorded as what the caller is told.
 
 use std::sync::Arc;
 
