@@ -265,10 +265,11 @@ struct SwapOpts {
 #[cfg(feature = "gateway")]
 #[derive(Args, Clone)]
 struct MicroOpts {
-    /// Which: fsync, verify, revocation, plugin, audit, metrics, tracing (default: all).
+    /// Which: fsync, verify, revocation, plugin, audit, metrics, tracing, results (default:
+    /// all).
     #[arg(
         value_delimiter = ',',
-        default_value = "fsync,verify,revocation,plugin,audit,metrics,tracing"
+        default_value = "fsync,verify,revocation,plugin,audit,metrics,tracing,results"
     )]
     which: Vec<String>,
     /// Audit backends.
@@ -1526,6 +1527,7 @@ fn micro_main(o: MicroOpts) -> Result<(), String> {
             "plugin" => micro::plugin(o.reps, &o.policy)?,
             "metrics" => micro::metrics(o.reps)?,
             "tracing" => micro::tracing(o.reps)?,
+            "results" => micro::results(o.reps)?,
             other => return Err(format!("unknown micro-benchmark {other:?}")),
         }
     }

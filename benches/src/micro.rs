@@ -763,3 +763,75 @@ pub fn tracing(reps: usize) -> Result<(), String> {
     );
     Ok(())
 }
+
+/// A tool's answer on its way back, per size of its text: read as a tree and written again (how
+/// the gateway forwarded results up to session 7), against read by envelope, reshaped by
+/// top-level members and spliced (`mcp::raw`, since `f8f3ed1`). Both shape the result for a
+/// handshake-era client with the gateway's own translation (`resultType` removed).
+pub fn results(reps: usize) -> Result<(), String> {
+    use intentgate::mcp::jsonrpc;
+    use intentgate::mcp::raw::RawObject;
+    use intentgate::mcp::translate;
+    use serde_json::{Map, Value};
+
+    println!("\n## a tool's result, forwarded (upstream response → client response)\n");
+    println!("| result text | as a tree, CPU/op | as text, CPU/op | tree ÷ text |");
+    println!("|---:|---:|---:|---:|");
+    let id = Value::from(7);
+    for size in [32usize, 4 << 10, 64 << 10, 1 << 20] {
+        let text = "x".repeat(size);
+        let body = serde_json::to_vec(&serde_json::json!({
+            "jsonrpc": "2.0", "id": 42,
+            "result": {"content": [{"type": "text", "text": text}], "isError": false,
+                       "resultType": "complete"}
+        }))
+        .map_err(|e| e.to_string())?;
+        let tree = || -> Vec<u8> {
+            let Ok(mut v) = serde_json::from_slice::<Value>(&body) else {
+                return Vec::new();
+            };
+            let Some(Value::Object(result)) = v.as_object_mut().and_then(|m| m.remove("result"))
+            else {
+                return Vec::new();
+            };
+            let shaped: Map<String, Value> =
+                translate::call_for_client(result, false).unwrap_or_default();
+            serde_json::to_vec(&serde_json::json!({"jsonrpc": "2.0", "id": id, "result": shaped}))
+                .unwrap_or_default()
+        };
+        let raw = || -> Vec<u8> {
+            // The envelope one level deep (as the upstream client reads it), then the result.
+            let text = std::str::from_utf8(&body).unwrap_or_default();
+            let Some(env) = RawObject::parse(text).ok() else {
+                return Vec::new();
+            };
+            let Some(Ok(result)) = env.get("result").map(|r| RawObject::parse(r.get())) else {
+                return Vec::new();
+            };
+            let shaped = translate::call_for_client(result, false).unwrap_or_default();
+            jsonrpc::result(&id, &shaped)
+        };
+        // Both write the same answer (key order aside: a tree sorts the keys).
+        let (a, b) = (tree(), raw());
+        let (ta, tb): (Value, Value) = (
+            serde_json::from_slice(&a).map_err(|e| e.to_string())?,
+            serde_json::from_slice(&b).map_err(|e| e.to_string())?,
+        );
+        if ta != tb {
+            return Err(format!("the two paths disagree at {size} bytes"));
+        }
+        let t = time_per_op(200, reps, || {
+            black_box(tree());
+        });
+        let r = time_per_op(200, reps, || {
+            black_box(raw());
+        });
+        println!(
+            "| {size} B | {} | {} | {:.1}× |",
+            ns(t.cpu),
+            ns(r.cpu),
+            t.cpu / r.cpu.max(1.0)
+        );
+    }
+    Ok(())
+}
