@@ -135,7 +135,12 @@ pub fn verify(reps: usize) -> Result<(), String> {
         "\n## token verify (Verifier::authenticate: decode + HMAC chain + caveats + revocation)\n"
     );
     println!(
-        "| caveats | token bytes | on-CPU per verify (median of {reps}) | min..max | wall per verify | verifies/s/core |"
+        "First sight: a token this verifier has not verified yet (decode + HMAC chain). Seen \
+         again: a token it verified before (decode and HMAC chain kept; nbf, caveats and \
+         revocation run).\n"
+    );
+    println!(
+        "| caveats | token bytes | first sight, on-CPU per verify (median of {reps}) | min..max | seen again, on-CPU | verifies/s/core (first sight) |"
     );
     println!("|---:|---:|---:|---:|---:|---:|");
     let key = MasterKey::generate().map_err(|e| e.to_string())?;
@@ -148,7 +153,15 @@ pub fn verify(reps: usize) -> Result<(), String> {
         verifier
             .authenticate(&token, now, &revoked)
             .map_err(|e| format!("token with {n} caveats does not verify: {e}"))?;
+        // A verifier of its own per call: nothing verified before.
         let t = time_per_op(2_000, reps, || {
+            black_box(
+                Verifier::new(key.clone(), DEFAULT_LEEWAY_SECS)
+                    .authenticate(black_box(&token), now, &revoked)
+                    .is_ok(),
+            );
+        });
+        let again = time_per_op(2_000, reps, || {
             black_box(
                 verifier
                     .authenticate(black_box(&token), now, &revoked)
@@ -161,7 +174,7 @@ pub fn verify(reps: usize) -> Result<(), String> {
             ns(t.cpu),
             ns(t.cpu_min),
             ns(t.cpu_max),
-            ns(t.wall),
+            ns(again.cpu),
             1e9 / t.cpu
         );
     }

@@ -8,6 +8,9 @@
 //! This module must never accept a caveat it does not understand, nor a field a caveat type does
 //! not take.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use super::MAX_LEEWAY_SECS;
 use super::error::CapabilityError;
 use super::glob::Glob;
@@ -21,6 +24,8 @@ use super::token::{Caveat, Token};
 pub struct Verifier {
     key: MasterKey,
     leeway_secs: i64,
+    /// Tokens already decoded and found signed by `key` (shared by clones, which share the key).
+    verified: Arc<Verified>,
 }
 
 impl Verifier {
@@ -30,7 +35,14 @@ impl Verifier {
         Verifier {
             key,
             leeway_secs: leeway_secs.clamp(0, MAX_LEEWAY_SECS),
+            verified: Arc::default(),
         }
+    }
+
+    /// Tokens kept as verified (tests).
+    #[cfg(test)]
+    pub(super) fn cached(&self) -> usize {
+        self.verified.len()
     }
 
     /// The effective `nbf` leeway in seconds.
@@ -51,8 +63,14 @@ impl Verifier {
         now_unix: i64,
         revocations: &RevocationSet,
     ) -> Result<Grant, CapabilityError> {
-        let token = Token::decode(bearer)?;
-        token.verify_signature(&self.key)?;
+        let token = match self.verified.get(bearer) {
+            Some(token) => token,
+            None => {
+                let token = Token::decode(bearer)?;
+                token.verify_signature(&self.key)?;
+                self.verified.put(bearer, token)
+            }
+        };
         if token.nbf != 0 && now_unix.saturating_add(self.leeway_secs) < token.nbf {
             return Err(CapabilityError::NotYetValid);
         }
@@ -62,6 +80,63 @@ impl Verifier {
         }
         revocations.check(&token.jti, &token.root_jti)?;
         Ok(grant)
+    }
+}
+
+/// Tokens whose signature verified, by their exact text. Decoding and the HMAC chain are pure
+/// functions of the text and the key, so a token seen again skips them (microseconds, more with
+/// every caveat of a delegation chain); everything that depends on the call or the time — `nbf`,
+/// every caveat, revocation — still runs on every call. Only a token that verified is kept, so
+/// a flood of forged tokens cannot fill it; it is bounded in entries and in each entry's size,
+/// and sharded so concurrent calls rarely meet on one lock. Its `Debug` never shows a token.
+#[derive(Default)]
+struct Verified {
+    shards: [std::sync::Mutex<HashMap<Box<str>, Arc<Token>>>; VERIFIED_SHARDS],
+    hasher: std::collections::hash_map::RandomState,
+}
+
+const VERIFIED_SHARDS: usize = 8;
+/// Tokens kept per shard; a full shard is emptied (the next calls verify again).
+const VERIFIED_PER_SHARD: usize = 512;
+/// Longer tokens (very long delegation chains) are verified every time, not kept.
+const VERIFIED_MAX_BYTES: usize = 8 << 10;
+
+impl Verified {
+    fn shard(&self, bearer: &str) -> &std::sync::Mutex<HashMap<Box<str>, Arc<Token>>> {
+        let i = std::hash::BuildHasher::hash_one(&self.hasher, bearer) as usize % VERIFIED_SHARDS;
+        &self.shards[i]
+    }
+
+    fn get(&self, bearer: &str) -> Option<Arc<Token>> {
+        self.shard(bearer).lock().ok()?.get(bearer).cloned()
+    }
+
+    /// Keeps a token that verified; returns it.
+    fn put(&self, bearer: &str, token: Token) -> Arc<Token> {
+        let token = Arc::new(token);
+        if bearer.len() <= VERIFIED_MAX_BYTES
+            && let Ok(mut shard) = self.shard(bearer).lock()
+        {
+            if shard.len() >= VERIFIED_PER_SHARD {
+                shard.clear();
+            }
+            shard.insert(bearer.into(), Arc::clone(&token));
+        }
+        token
+    }
+
+    fn len(&self) -> usize {
+        (self.shards.iter())
+            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .sum()
+    }
+}
+
+impl std::fmt::Debug for Verified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verified")
+            .field("tokens", &self.len())
+            .finish()
     }
 }
 

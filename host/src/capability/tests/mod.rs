@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::*;
 
+mod cache;
 mod caveats;
 mod mint;
 mod tamper;
