@@ -220,20 +220,10 @@ impl Drop for Killed {
 /// A gateway binary on PostgreSQL `url` (its own data directory, the shared master key), with
 /// the demo tool server as its upstream; returns the child and its URL.
 async fn pg_gateway_process(url: &str, data: &std::path::Path) -> (Killed, String) {
-    use crate::support::binary::{collect_lines, listening_url};
-    use crate::support::gateway::{ADMIN_TOKEN, MASTER_KEY};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_intentgate"))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+    use crate::support::binary::{collect_lines, demo_gateway, listening_url};
+    let mut child = demo_gateway(data)
         .env("INTENTGATE_LOG_FORMAT", "json")
-        .env("INTENTGATE_ADDR", "127.0.0.1:0")
-        .env("INTENTGATE_DATA_DIR", data)
         .env("INTENTGATE_POSTGRES_URL", url)
-        .env("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("INTENTGATE_MASTER_KEY", MASTER_KEY)
-        .arg("serve")
-        .arg("--demo")
-        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

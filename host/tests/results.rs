@@ -4,13 +4,10 @@
 //! their order, strings their escapes — a client that hashes or signs what the tool returned
 //! sees what the tool sent.
 
-use std::net::SocketAddr;
-
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 use crate::support::gateway::{self, Backend};
-use crate::support::http::send;
+use crate::support::http::{json_upstream, send};
 
 /// What the upstream's tool returns, byte for byte: a number a tree would respell (`1.50`,
 /// `1e3`, an integer beyond 64 bits), keys out of order, an escaped string, and the members a
@@ -25,55 +22,28 @@ fn tool_result() -> String {
     )
 }
 
-/// A stateless (2026-07-28) upstream whose one tool answers [`tool_result`].
-async fn verbatim_upstream() -> SocketAddr {
-    use http_body_util::BodyExt;
-    use hyper::service::service_fn;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                    let msg: Value = body
-                        .ok()
-                        .and_then(|b| serde_json::from_slice(&b).ok())
-                        .unwrap_or(Value::Null);
-                    let id = msg["id"].to_string();
-                    let text = match msg["method"].as_str() {
-                        Some("server/discover") => format!(
-                            r#"{{"jsonrpc":"2.0","id":{id},"result":{}}}"#,
-                            json!({"supportedVersions": ["2026-07-28"],
-                                "capabilities": {"tools": {}},
-                                "serverInfo": {"name": "verbatim", "version": "1"},
-                                "resultType": "complete"})
-                        ),
-                        Some("tools/call") => {
-                            format!(
-                                r#"{{"jsonrpc":"2.0","id":{id},"result":{}}}"#,
-                                tool_result()
-                            )
-                        }
-                        _ => format!(
-                            r#"{{"jsonrpc":"2.0","id":{id},"error":{{"code":-32601,"message":"Method not found"}}}}"#
-                        ),
-                    };
-                    let mut resp =
-                        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
-                    resp.headers_mut().insert(
-                        "content-type",
-                        hyper::header::HeaderValue::from_static("application/json"),
-                    );
-                    Ok::<_, std::convert::Infallible>(resp)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
+/// What a stateless (2026-07-28) upstream whose one tool answers [`tool_result`] says.
+fn verbatim(body: &[u8], _uri: &str) -> String {
+    let msg: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let id = msg["id"].to_string();
+    match msg["method"].as_str() {
+        Some("server/discover") => format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"result":{}}}"#,
+            json!({"supportedVersions": ["2026-07-28"],
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": "verbatim", "version": "1"},
+                "resultType": "complete"})
+        ),
+        Some("tools/call") => {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"result":{}}}"#,
+                tool_result()
+            )
         }
-    });
-    addr
+        _ => format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"error":{{"code":-32601,"message":"Method not found"}}}}"#
+        ),
+    }
 }
 
 /// A `tools/call` of either revision, as its client sends it.
@@ -98,7 +68,7 @@ fn call(modern: bool) -> (Vec<u8>, Vec<(&'static str, &'static str)>) {
 
 #[tokio::test]
 async fn a_tool_result_reaches_the_client_as_the_upstream_wrote_it() {
-    let upstream = verbatim_upstream().await;
+    let upstream = json_upstream(verbatim).await;
     let url = format!("http://{upstream}/mcp");
     for annotate in [false, true] {
         let extra: &[&str] = if annotate {

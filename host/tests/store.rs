@@ -962,18 +962,9 @@ fn pg_server_shared_instance_stops_when_the_process_exits() {
 /// refused at start, at once, saying why and what to do; the owner goes on serving.
 #[tokio::test]
 async fn a_second_process_on_one_sqlite_file_is_refused_clearly() {
-    use crate::support::gateway::{self, ADMIN_TOKEN, Backend, MASTER_KEY};
+    use crate::support::gateway::{self, Backend};
     let tg = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
-    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_intentgate"))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("INTENTGATE_ADDR", "127.0.0.1:0")
-        .env("INTENTGATE_DATA_DIR", tg.data_dir.path())
-        .env("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("INTENTGATE_MASTER_KEY", MASTER_KEY)
-        .arg("serve")
-        .arg("--demo")
-        .stdin(std::process::Stdio::null())
+    let mut second = crate::support::binary::demo_gateway(tg.data_dir.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

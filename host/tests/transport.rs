@@ -217,38 +217,15 @@ async fn check_config_never_prints_url_credentials() {
 
 /// An upstream whose every answer is a JSON-RPC error that echoes the URL it was called at,
 /// as many real servers' error pages do.
-async fn echoing_upstream() -> SocketAddr {
-    use hyper::service::service_fn;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let uri = req.uri().to_string();
-                    let body = json!({"jsonrpc": "2.0", "id": 1, "error":
-                        {"code": -32000, "message": format!("bad credentials at {uri}")}});
-                    let mut resp = hyper::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from(body.to_string()),
-                    ));
-                    resp.headers_mut().insert(
-                        "content-type",
-                        hyper::header::HeaderValue::from_static("application/json"),
-                    );
-                    Ok::<_, std::convert::Infallible>(resp)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+fn echo_the_url(_body: &[u8], uri: &str) -> String {
+    json!({"jsonrpc": "2.0", "id": 1, "error":
+        {"code": -32000, "message": format!("bad credentials at {uri}")}})
+    .to_string()
 }
 
 #[tokio::test]
 async fn upstream_errors_never_show_url_credentials() {
-    let upstream = echoing_upstream().await;
+    let upstream = crate::support::http::json_upstream(echo_the_url).await;
     let url = format!("http://svc:{USER_SECRET}@{upstream}/mcp?token={QUERY_SECRET}");
     let tg = gateway::start(Backend::Sqlite, Some(&url), &[]).await;
     let dbg = format!("{:?}", tg.gw.config);

@@ -48,3 +48,21 @@ pub async fn listening_url(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The gateway binary serving the demo upstream on `data`, with the tests' admin token and
+/// master key and nothing else from this environment; the caller adds its own settings and
+/// stdio, then spawns.
+pub fn demo_gateway(data: &std::path::Path) -> std::process::Command {
+    use crate::support::gateway::{ADMIN_TOKEN, MASTER_KEY};
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_intentgate"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("INTENTGATE_ADDR", "127.0.0.1:0")
+        .env("INTENTGATE_DATA_DIR", data)
+        .env("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("INTENTGATE_MASTER_KEY", MASTER_KEY)
+        .arg("serve")
+        .arg("--demo")
+        .stdin(std::process::Stdio::null());
+    cmd
+}

@@ -57,3 +57,37 @@ pub async fn get_json(url: &str, bearer: &str) -> (u16, Value) {
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
 }
+
+/// A JSON upstream on loopback: every POST body is handed to `answer` (the body as text, the
+/// request's URI) and its return is the `application/json` answer. For tests that need an
+/// upstream whose bytes they control exactly.
+pub async fn json_upstream(answer: fn(&[u8], &str) -> String) -> std::net::SocketAddr {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let uri = req.uri().to_string();
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        let text = answer(&body.unwrap_or_default(), &uri);
+                        let mut resp = hyper::Response::new(Full::new(Bytes::from(text)));
+                        resp.headers_mut().insert(
+                            "content-type",
+                            hyper::header::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
