@@ -787,6 +787,26 @@ async fn sqlite_runs_wal_full_sync_with_foreign_keys() {
     assert_eq!(busy, store::SQLITE_BUSY_TIMEOUT.as_millis() as i64);
 }
 
+/// The bundled SQLite is compiled with the repository's flags (`.cargo/config.toml`,
+/// `LIBSQLITE3_FLAGS`): memory statistics off (no process-wide mutex on every allocation) and,
+/// set in the same variable, `fdatasync` for commits. A build that lost the setting fails here.
+#[tokio::test]
+async fn sqlite_is_built_with_the_repositorys_flags() {
+    let f = Fixture::sqlite().await;
+    let Db::Sqlite(pool) = f.store.db() else {
+        panic!("not SQLite")
+    };
+    let mut conn = pool.acquire().await.expect("connection");
+    let options: Vec<String> = sqlx::query_scalar("PRAGMA compile_options")
+        .fetch_all(&mut *conn)
+        .await
+        .expect("compile_options");
+    assert!(
+        options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+        "SQLite built without LIBSQLITE3_FLAGS from .cargo/config.toml: {options:?}"
+    );
+}
+
 #[tokio::test]
 async fn sqlite_bad_paths_are_config_errors() {
     let dir = tempfile::tempdir().expect("temp dir");
