@@ -788,8 +788,10 @@ async fn sqlite_runs_wal_full_sync_with_foreign_keys() {
 }
 
 /// The bundled SQLite is compiled with the repository's flags (`.cargo/config.toml`,
-/// `LIBSQLITE3_FLAGS`): memory statistics off (no process-wide mutex on every allocation) and,
-/// set in the same variable, `fdatasync` for commits. A build that lost the setting fails here.
+/// `LIBSQLITE3_FLAGS`): memory statistics off (no process-wide mutex on every allocation), no
+/// memory management (each connection's page cache is its own, not one cache behind one
+/// process-wide mutex) and, set in the same variable, `fdatasync` for commits. A build that lost
+/// the setting fails here.
 #[tokio::test]
 async fn sqlite_is_built_with_the_repositorys_flags() {
     let f = Fixture::sqlite().await;
@@ -804,6 +806,10 @@ async fn sqlite_is_built_with_the_repositorys_flags() {
     assert!(
         options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
         "SQLite built without LIBSQLITE3_FLAGS from .cargo/config.toml: {options:?}"
+    );
+    assert!(
+        !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+        "SQLite built with one page cache for all connections: {options:?}"
     );
 }
 
