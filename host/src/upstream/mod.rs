@@ -592,7 +592,7 @@ impl Upstream {
             && !self.no_session.load(Ordering::Relaxed)
         {
             match self
-                .send_in_session(method, params.clone(), extras.server_requests)
+                .send_in_session(method, &params, extras.server_requests)
                 .await
             {
                 Ok(answer) if !answer.wrong_era() => return self.settled(method, answer),
@@ -604,10 +604,7 @@ impl Upstream {
                 Err(e) => return Err(e),
             }
         }
-        match self
-            .send_as(&peer, method, params.clone(), relay, extras)
-            .await
-        {
+        match self.send_as(&peer, method, &params, relay, extras).await {
             Ok(answer) if !answer.wrong_era() => return self.settled(method, answer),
             // A pinned revision is never learned again: the answer is what it is.
             Ok(answer) if self.revision != UpstreamRevision::Auto => {
@@ -628,7 +625,7 @@ impl Upstream {
         }
         self.forget(&peer);
         let fresh = self.peer().await?;
-        let answer = self.send_as(&fresh, method, params, relay, extras).await;
+        let answer = self.send_as(&fresh, method, &params, relay, extras).await;
         if answer.is_err() {
             self.forget(&fresh);
         }
@@ -650,13 +647,14 @@ impl Upstream {
         &self,
         peer: &Peer,
         method: &str,
-        params: Map<String, Value>,
+        params: &Map<String, Value>,
         relay: Option<&Envelope>,
         extras: Extras<'_>,
     ) -> Result<Answer, UpstreamError> {
         match peer {
+            // Its `_meta` is rewritten into this hop's envelope: the one copy of the params.
             Peer::Modern { version, .. } => {
-                self.send_modern(version, method, params, relay, extras)
+                self.send_modern(version, method, params.clone(), relay, extras)
                     .await
             }
             Peer::Handshake => {
@@ -837,27 +835,20 @@ impl Upstream {
     async fn send_in_session(
         &self,
         method: &str,
-        mut params: Map<String, Value>,
+        params: &Map<String, Value>,
         server_requests: Option<&Arc<ServerRequests>>,
     ) -> Result<Answer, UpstreamError> {
-        if let Some(Value::Object(m)) = params.get_mut("_meta") {
-            for k in meta::ENVELOPE {
-                m.remove(*k);
-            }
-            if m.is_empty() {
-                params.remove("_meta");
-            }
-        }
+        let params = without_envelope(params);
         let session = self.session().await?;
         let answer = self
-            .send_with_session(method, params.clone(), &session, server_requests)
+            .send_with_session(method, &params, &session, server_requests)
             .await?;
         if answer.status == StatusCode::NOT_FOUND && session.id.is_some() {
             self.session
                 .compare_and_swap(&Some(Arc::clone(&session)), None);
             let fresh = self.session().await?;
             return self
-                .send_with_session(method, params, &fresh, server_requests)
+                .send_with_session(method, &params, &fresh, server_requests)
                 .await;
         }
         Ok(answer)
@@ -866,17 +857,23 @@ impl Upstream {
     async fn send_with_session(
         &self,
         method: &str,
-        params: Map<String, Value>,
+        params: &Map<String, Value>,
         session: &Session,
         server_requests: Option<&Arc<ServerRequests>>,
     ) -> Result<Answer, UpstreamError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         sent_as(id, true);
-        let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        let body = serde_json::to_vec(&Outgoing {
+            jsonrpc: "2.0",
+            id,
+            method,
+            params,
+        })
+        .map_err(|e| UpstreamError::Malformed(e.to_string()))?;
         let _in_flight = self.session_calls.enter(id, server_requests.cloned());
         match server_requests {
             Some(answer) => {
-                self.post_relaying(&body, id, session, &**answer, RELAYED_CALL_IDLE, true)
+                self.post_relaying(body, id, session, &**answer, RELAYED_CALL_IDLE, true)
                     .await
             }
             // Nobody to ask: a request of the upstream is refused at once, and the whole
@@ -884,7 +881,7 @@ impl Upstream {
             None => tokio::time::timeout(
                 self.timeout,
                 self.post_relaying(
-                    &body,
+                    body,
                     id,
                     session,
                     &refuse_server_request,
@@ -903,15 +900,13 @@ impl Upstream {
     /// `post` in size, and by [`RELAYED_CALL_IDLE`] of silence rather than the call timeout.
     async fn post_relaying(
         &self,
-        body: &Value,
+        bytes: Vec<u8>,
         id: u64,
         session: &Session,
         answer: &ServerRequests,
         idle: Duration,
         streaming: bool,
     ) -> Result<Answer, UpstreamError> {
-        let bytes =
-            serde_json::to_vec(body).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
         let headers = session_headers(session);
         let req = self.build(bytes, &headers)?;
         let resp = tokio::time::timeout(self.timeout, self.client.request(req))
@@ -1265,6 +1260,40 @@ impl Upstream {
     }
 }
 
+/// A JSON-RPC request as sent in a session, written from borrowed parts: the params are
+/// serialised where they are, never copied into a new tree first.
+#[derive(serde::Serialize)]
+struct Outgoing<'a> {
+    jsonrpc: &'static str,
+    id: u64,
+    method: &'a str,
+    params: &'a Map<String, Value>,
+}
+
+/// `params` for a handshake-era hop: the stateless envelope's keys are not sent in a session
+/// (an emptied `_meta` goes too). Copied only when there is something to take out.
+fn without_envelope(params: &Map<String, Value>) -> std::borrow::Cow<'_, Map<String, Value>> {
+    let strip = match params.get("_meta") {
+        Some(Value::Object(m)) => {
+            m.is_empty() || m.keys().any(|k| meta::ENVELOPE.contains(&k.as_str()))
+        }
+        _ => false,
+    };
+    if !strip {
+        return std::borrow::Cow::Borrowed(params);
+    }
+    let mut params = params.clone();
+    if let Some(Value::Object(m)) = params.get_mut("_meta") {
+        for k in meta::ENVELOPE {
+            m.remove(*k);
+        }
+        if m.is_empty() {
+            params.remove("_meta");
+        }
+    }
+    std::borrow::Cow::Owned(params)
+}
+
 /// The last guard before a body leaves: its target (after any renaming) is the one cleared,
 /// and a tool call's arguments are the ones decided.
 fn sends_what_was_cleared(
@@ -1349,6 +1378,49 @@ fn refuse_server_request(request: Value) -> crate::store::BoxFuture<'static, Map
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A session hop sends the params as they are (borrowed, not copied) unless the stateless
+    /// envelope must come out; user keys of `_meta` stay, an emptied `_meta` goes.
+    #[test]
+    fn a_session_hop_sends_the_params_without_the_envelope() {
+        let object = |v: Value| v.as_object().cloned().expect("object");
+        let plain = object(json!({"name": "echo", "arguments": {"n": 1.50},
+                                   "_meta": {"progressToken": 7}}));
+        assert!(matches!(
+            without_envelope(&plain),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        let wrapped = object(json!({"name": "echo", "_meta": {
+            "progressToken": 7,
+            (meta::PROTOCOL_VERSION): "2026-07-28",
+            (meta::CLIENT_INFO): {"name": "c", "version": "1"},
+        }}));
+        assert_eq!(
+            Value::Object(without_envelope(&wrapped).into_owned()),
+            json!({"name": "echo", "_meta": {"progressToken": 7}})
+        );
+        let only = object(json!({"name": "echo", "_meta": {(meta::LOG_LEVEL): "info"}}));
+        assert_eq!(
+            Value::Object(without_envelope(&only).into_owned()),
+            json!({"name": "echo"})
+        );
+        let empty = object(json!({"name": "echo", "_meta": {}}));
+        assert_eq!(
+            Value::Object(without_envelope(&empty).into_owned()),
+            json!({"name": "echo"})
+        );
+        let body = serde_json::to_value(Outgoing {
+            jsonrpc: "2.0",
+            id: 9,
+            method: "tools/call",
+            params: &plain,
+        })
+        .expect("serialises");
+        assert_eq!(
+            body,
+            json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": plain})
+        );
+    }
 
     #[test]
     fn only_the_cleared_body_leaves() {
