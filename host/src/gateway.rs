@@ -25,16 +25,12 @@ use crate::store::{self, Db, Store, StoreConfig};
 use crate::upstream::Upstream;
 use crate::upstreams::Upstreams;
 
-/// How often a replica polls the stored bundle pointers. PostgreSQL wakes it at once through
-/// `LISTEN`, so there the poll is only a fallback for a lost notification; on SQLite a
-/// promotion made by this process is applied directly, and the poll is how another process
-/// sharing the file follows (SQLite has no cross-process notification), so it stays short: one
-/// indexed read a second, measured at well under 0.1 % of a core on an idle gateway.
-fn bundle_sync_interval(db: &Db) -> Duration {
-    match db {
-        Db::Postgres(_) => Duration::from_secs(30),
-        Db::Sqlite(_) => Duration::from_secs(1),
-    }
+/// How often a replica polls the stored bundle pointers when nothing woke it: a fallback on
+/// both backends. PostgreSQL wakes it at once through `LISTEN`; on SQLite only this process
+/// writes the file (`store::owner`), and a promotion by any gateway of the process rings the
+/// others at once.
+fn bundle_sync_interval(_db: &Db) -> Duration {
+    Duration::from_secs(30)
 }
 
 /// Why the gateway could not start.
@@ -196,7 +192,7 @@ impl Gateway {
                 .map_err(|e| StartError::Plugins(e.to_string()))?;
         // Bundles promoted through the admin API are stored; this replica starts on the stored
         // pointers (before it accepts a call) and follows them: PostgreSQL wakes it through
-        // LISTEN/NOTIFY, both backends poll.
+        // LISTEN/NOTIFY, SQLite through this process's signal, both with a slow fallback poll.
         registry.attach_store(Persist::new(store.db()));
         let mut follower = Follower::new(registry.clone(), Persist::new(store.db()));
         follower

@@ -12,6 +12,7 @@ use super::registry::{BundleError, BundleStatus, ComponentInfo, DraftInfo, Regis
 use super::spec::BundleSpec;
 use crate::plugins::World;
 use crate::store::Db;
+use crate::store::owner::{self, Change};
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -80,6 +81,8 @@ fn world_of(name: &str) -> Option<World> {
         _ => None,
     }
 }
+
+const BUNDLES: Change = Change::BundlePointers;
 
 /// Bundle persistence over the store's pool.
 #[derive(Clone, Debug)]
@@ -249,6 +252,10 @@ impl Persist {
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 let seq = write_pointer!(tx);
                 tx.commit().await?;
+                if seq.is_some() {
+                    // The other gateways of this process on the file follow at once.
+                    owner::ring(pool.connect_options().get_filename(), BUNDLES);
+                }
                 seq
             }
             Db::Postgres(pool) => {
@@ -507,8 +514,9 @@ impl Follower {
         Ok(swapped)
     }
 
-    /// Follow until `shutdown` resolves: on PostgreSQL woken by `LISTEN`, and polling every
-    /// `interval` on both backends (the only mechanism on SQLite).
+    /// Follow until `shutdown` resolves: woken by `LISTEN` on PostgreSQL and by this process's
+    /// signal on SQLite (only this process writes a SQLite file: `store::owner`), and polling
+    /// every `interval` on both backends as a fallback.
     pub async fn run(
         mut self,
         interval: Duration,
@@ -531,16 +539,25 @@ impl Follower {
             },
             Db::Sqlite(_) => None,
         };
+        let mut rung = match &self.persist.db {
+            Db::Sqlite(pool) => {
+                owner::signal(pool.connect_options().get_filename(), BUNDLES).map(|s| s.subscribe())
+            }
+            Db::Postgres(_) => None,
+        };
         loop {
             if let Err(e) = self.poll().await {
                 tracing::warn!("bundle sync: {e}");
             }
             let wake = async {
-                match listener.as_mut() {
-                    Some(l) => {
+                match (listener.as_mut(), rung.as_mut()) {
+                    (Some(l), _) => {
                         let _ = tokio::time::timeout(interval, l.recv()).await;
                     }
-                    None => tokio::time::sleep(interval).await,
+                    (None, Some(r)) => {
+                        let _ = tokio::time::timeout(interval, r.changed()).await;
+                    }
+                    (None, None) => tokio::time::sleep(interval).await,
                 }
             };
             tokio::select! {

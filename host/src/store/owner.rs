@@ -98,9 +98,63 @@ pub fn own(db: &Path) -> Result<Arc<Owner>, StoreError> {
     Ok(owner)
 }
 
+/// A change to a SQLite file that the gateways of this process follow (SQLite has no
+/// `LISTEN`, and no other process writes the file, so an in-process signal is all they need).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Change {
+    /// A tenant's bundle pointer moved (a promotion or rollback).
+    BundlePointers,
+}
+
+type Signals = HashMap<(PathBuf, Change), tokio::sync::watch::Sender<u64>>;
+
+/// The signal of `change` to the SQLite file `db` in this process: every gateway on the file
+/// subscribes to the same one. `None` when the file cannot be resolved (then only the
+/// follower's slow fallback poll applies).
+pub fn signal(db: &Path, change: Change) -> Option<tokio::sync::watch::Sender<u64>> {
+    static SIGNALS: OnceLock<Mutex<Signals>> = OnceLock::new();
+    let key = std::fs::canonicalize(db).ok()?;
+    let mut signals = SIGNALS.get_or_init(Mutex::default).lock().ok()?;
+    let sender = signals
+        .entry((key, change))
+        .or_insert_with(|| tokio::sync::watch::channel(0).0);
+    Some(sender.clone())
+}
+
+/// Tells the gateways of this process on `db` that `change` happened.
+pub fn ring(db: &Path, change: Change) {
+    if let Some(s) = signal(db, change) {
+        s.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_ring_wakes_every_subscriber_of_that_file_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (x, y) = (dir.path().join("x.db"), dir.path().join("y.db"));
+        std::fs::write(&x, b"").expect("x");
+        std::fs::write(&y, b"").expect("y");
+        let sub = |p: &Path| {
+            signal(p, Change::BundlePointers)
+                .expect("signal")
+                .subscribe()
+        };
+        let (mut a, mut b) = (sub(&x), sub(&dir.path().join(".").join("x.db")));
+        let mut other = sub(&y);
+        ring(&x, Change::BundlePointers);
+        a.changed().await.expect("a woken");
+        b.changed()
+            .await
+            .expect("b woken: the same file by another spelling");
+        assert!(
+            !other.has_changed().expect("open"),
+            "another file is not rung"
+        );
+    }
 
     #[test]
     fn one_process_shares_and_a_dropped_owner_releases() {
