@@ -144,7 +144,7 @@ mod tests {
                 .subscribe()
         };
         let (mut a, mut b) = (sub(&x), sub(&dir.path().join(".").join("x.db")));
-        let mut other = sub(&y);
+        let other = sub(&y);
         ring(&x, Change::BundlePointers);
         a.changed().await.expect("a woken");
         b.changed()
