@@ -36,6 +36,9 @@ const BATCHES_PER_TURN: usize = 32;
 const RELOAD_EVERY: Duration = Duration::from_secs(5);
 /// How often the backlog is counted (for the alarm and `/metrics`).
 const COUNT_EVERY: Duration = Duration::from_secs(2);
+/// The poll while nothing is pending (no row waits, none in flight): new rows of this process
+/// ring the worker at once, so the poll only finds another replica's orphaned lanes.
+const IDLE_POLL: Duration = RELOAD_EVERY;
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -101,13 +104,21 @@ pub async fn run(outbox: Outbox) {
     let mut reloaded = Instant::now();
     let mut counted: Option<Instant> = None;
     let cfg = outbox.inner.cfg.clone();
+    // Nothing was pending at the last look: the poll slows down (an idle gateway reads its
+    // store a few times a minute, not every `poll`).
+    let mut idle = false;
     loop {
+        let nap = if idle {
+            cfg.poll.max(IDLE_POLL)
+        } else {
+            cfg.poll
+        };
         tokio::select! {
             () = outbox.inner.router.rung() => {
                 // Let the ringing commit (and its neighbours) land before looking.
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            () = tokio::time::sleep(cfg.poll) => {}
+            () = tokio::time::sleep(nap) => {}
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
         while tasks.try_join_next().is_some() {}
@@ -121,6 +132,7 @@ pub async fn run(outbox: Outbox) {
             counted = Some(Instant::now());
             count(&outbox).await;
         }
+        idle = false;
         let room = cfg.concurrency.saturating_sub(tasks.len());
         if room == 0 {
             continue;
@@ -132,6 +144,11 @@ pub async fn run(outbox: Outbox) {
                 continue;
             }
         };
+        // Idle only when no row waits at all (a lane in its backoff still counts): a retry is
+        // never left to the slow poll.
+        if lanes.is_empty() && tasks.is_empty() {
+            idle = matches!(store::backlog(&outbox.inner.db).await, Ok(0));
+        }
         let mut started = 0;
         for lane in lanes {
             if started == room {
