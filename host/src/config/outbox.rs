@@ -103,7 +103,8 @@ pub struct OutboxArgs {
     /// Lanes (destination × tenant) delivered at once.
     #[arg(long, env = "INTENTGATE_OUTBOX_CONCURRENCY", default_value_t = 8)]
     pub outbox_concurrency: usize,
-    /// How often the worker polls for due deliveries, in milliseconds.
+    /// How often the worker polls for due deliveries, in milliseconds, while anything is
+    /// pending; with nothing pending it polls every 5 s at most (new events ring it at once).
     #[arg(long, env = "INTENTGATE_OUTBOX_POLL_MS", default_value_t = 1000)]
     pub outbox_poll_ms: u64,
     /// Bound of one delivery's HTTP exchange, in milliseconds.
