@@ -258,9 +258,6 @@ fn relayable_capabilities() -> Value {
 /// How long the upstream may go silent while it works on a call that relays server requests
 /// (a person may be answering an elicitation).
 const RELAYED_CALL_IDLE: Duration = Duration::from_secs(300);
-/// How long the first call of a new handshake-era session waits for the session's own stream
-/// to open (it goes on without it after that).
-const STREAM_OPEN_WAIT: Duration = Duration::from_secs(5);
 
 /// Most server requests one call may relay.
 const MAX_SERVER_REQUESTS: usize = 32;
@@ -1057,10 +1054,9 @@ impl Upstream {
             return Ok(s);
         }
         let s = Arc::new(self.open_session().await?);
+        self.session.store(Some(Arc::clone(&s)));
         // The requests the upstream sends outside any call's stream, for as long as the
-        // session lives. The first call waits until that stream is open (or refused): a
-        // request of the upstream sent there before would be lost with no one listening.
-        let (opened, open) = tokio::sync::oneshot::channel();
+        // session lives.
         tokio::spawn(session_stream::listen(session_stream::Listener {
             client: self.client.clone(),
             uri: self.uri.clone(),
@@ -1068,10 +1064,7 @@ impl Upstream {
             calls: Arc::clone(&self.session_calls),
             timeout: self.timeout,
             max_response: self.max_response,
-            opened: Some(opened),
         }));
-        let _ = tokio::time::timeout(self.timeout.min(STREAM_OPEN_WAIT), open).await;
-        self.session.store(Some(Arc::clone(&s)));
         Ok(s)
     }
 

@@ -91,10 +91,6 @@ pub(super) struct Listener {
     pub(super) calls: Arc<Calls>,
     pub(super) timeout: Duration,
     pub(super) max_response: usize,
-    /// Told once the first attempt to open the stream has its answer (open, refused or
-    /// failed): a call sent before the stream is open could ask the client something there
-    /// that a server without an event store drops, and the call would never end.
-    pub(super) opened: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// How long the listener waits before opening the stream again after it ended.
@@ -102,7 +98,7 @@ const REOPEN: Duration = Duration::from_secs(1);
 
 /// Reads the session's stream while the session lives; ends when the upstream does not offer
 /// one (405) or the session is gone.
-pub(super) async fn listen(mut l: Listener) {
+pub(super) async fn listen(l: Listener) {
     loop {
         let Some(session) = l.session.upgrade() else {
             return;
@@ -119,11 +115,7 @@ pub(super) async fn listen(mut l: Listener) {
         let Ok(req) = req.body(Full::new(Bytes::new())) else {
             return;
         };
-        let resp = tokio::time::timeout(l.timeout, l.client.request(req)).await;
-        if let Some(opened) = l.opened.take() {
-            let _ = opened.send(());
-        }
-        let resp = match resp {
+        let resp = match tokio::time::timeout(l.timeout, l.client.request(req)).await {
             Ok(Ok(r)) => r,
             _ => {
                 tokio::time::sleep(REOPEN).await;
