@@ -29,9 +29,7 @@ use crate::upstreams::Upstreams;
 /// both backends. PostgreSQL wakes it at once through `LISTEN`; on SQLite only this process
 /// writes the file (`store::owner`), and a promotion by any gateway of the process rings the
 /// others at once.
-fn bundle_sync_interval(_db: &Db) -> Duration {
-    Duration::from_secs(30)
-}
+const BUNDLE_SYNC_FALLBACK: Duration = Duration::from_secs(30);
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +198,7 @@ impl Gateway {
             .await
             .map_err(|e| StartError::Plugins(format!("loading the stored bundles: {e}")))?;
         background.push(tokio::spawn(
-            follower.run(bundle_sync_interval(&store.db()), std::future::pending()),
+            follower.run(BUNDLE_SYNC_FALLBACK, std::future::pending()),
         ));
         let watch = match config.watch.clone() {
             None => None,
