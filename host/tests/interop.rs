@@ -214,6 +214,9 @@ pub(crate) enum Flavor {
     /// server written for 2026-07-28 alone: it asks the client only through input-required
     /// results.
     ModernOnly,
+    /// The default server whose session streams (`GET`) open only after 800 ms: what it sends
+    /// there before is lost.
+    SlowSessionStream,
 }
 
 impl Flavor {
@@ -226,6 +229,7 @@ impl Flavor {
             Flavor::HandshakeJson => &["--handshake-only", "--json-response"],
             Flavor::Paged => &["--json-response", "--page-size", "3"],
             Flavor::ModernOnly => &["--modern-only"],
+            Flavor::SlowSessionStream => &["--session-stream-delay-ms", "800"],
         }
     }
 
@@ -300,6 +304,7 @@ impl Upstream {
         static HANDSHAKE_JSON: OnceLock<Upstream> = OnceLock::new();
         static PAGED: OnceLock<Upstream> = OnceLock::new();
         static MODERN_ONLY: OnceLock<Upstream> = OnceLock::new();
+        static SLOW_SESSION_STREAM: OnceLock<Upstream> = OnceLock::new();
         let cell = match flavor {
             Flavor::Sse => &SSE,
             Flavor::Json => &JSON,
@@ -308,6 +313,7 @@ impl Upstream {
             Flavor::HandshakeJson => &HANDSHAKE_JSON,
             Flavor::Paged => &PAGED,
             Flavor::ModernOnly => &MODERN_ONLY,
+            Flavor::SlowSessionStream => &SLOW_SESSION_STREAM,
         };
         let up = cell.get_or_init(|| Upstream::start(flavor));
         if let Ok(Some(status)) = up.child.lock().expect("child").try_wait() {

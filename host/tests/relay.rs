@@ -169,6 +169,26 @@ async fn progress_reaches_a_handshake_era_client_while_the_tool_runs() {
     tg.shutdown().await;
 }
 
+/// The upstream asks for the roots on its session's own stream. A gateway whose first call of
+/// a new session went out before that stream was open would have the question dropped (the
+/// server keeps no events) and the call would never end: the first call waits for the stream.
+#[tokio::test]
+async fn a_question_on_a_session_stream_that_opens_late_still_reaches_the_client() {
+    let up = Upstream::start_async(Flavor::SlowSessionStream).await;
+    let tg = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "rooter", "tools": ["ask_user"]}))
+        .await;
+    let (url, tok) = (tg.url.clone(), token.clone());
+    let out = tokio::task::spawn_blocking(move || run_client("legacy", &url, &tok, "roots: late"))
+        .await
+        .expect("client");
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["asked"], json!(["roots"]), "{out}");
+    assert_eq!(out["text"], json!(["roots: file:///work/project"]), "{out}");
+    tg.shutdown().await;
+}
+
 #[tokio::test]
 async fn the_clients_roots_reach_the_tool_that_lists_them() {
     let up = Upstream::shared_async(Flavor::Sse).await;

@@ -41,6 +41,7 @@ headers. With `--page-size N`, `tools/list` answers N tools a page with a `nextC
 """
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -66,6 +67,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="refuse the handshake era (initialize, sessions): only 2026-07-28 is spoken",
     )
     p.add_argument("--call-log", metavar="FILE", help="append one JSON line per tool call")
+    p.add_argument(
+        "--session-stream-delay-ms",
+        type=int,
+        default=0,
+        help="hold each GET (a session's own stream) this long before it opens",
+    )
     p.add_argument("--ignore-stdin", action="store_true", help="do not exit when stdin closes")
     p.add_argument(
         "--page-size",
@@ -409,6 +416,21 @@ class ModernOnly:
         return None
 
 
+class SlowSessionStream:
+    """Opens a session's own stream (`GET`) only after a delay, as a busy server may: what the
+    server sends there before it is open has no one to go to (no event store), so a client must
+    not start a call that may ask it something there until the stream is open."""
+
+    def __init__(self, app, delay: float):
+        self.app = app
+        self.delay = delay
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "GET":
+            await asyncio.sleep(self.delay)
+        return await self.app(scope, receive, send)
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
 
@@ -438,6 +460,8 @@ def main(argv: list[str]) -> int:
         stateless_http=args.stateless,
         host="127.0.0.1",
     )
+    if args.session_stream_delay_ms > 0:
+        app = SlowSessionStream(app, args.session_stream_delay_ms / 1000)
     if args.handshake_only:
         app = HandshakeOnly(app)
     elif args.modern_only:

@@ -227,6 +227,10 @@ pub struct Upstream {
     marked_refreshed: std::sync::atomic::AtomicI64,
     /// A stateless upstream that refused a handshake-era session (see `request_with`).
     no_session: std::sync::atomic::AtomicBool,
+    /// An upstream that sends its session stream's headers only with the stream's first
+    /// message (Node's `http` does, for the TypeScript SDK): a new session no longer waits for
+    /// them (see `session`).
+    stream_headers_late: std::sync::atomic::AtomicBool,
     /// The calls in flight in the shared session, for the requests the upstream sends on the
     /// session's own stream (`session_stream.rs`).
     session_calls: Arc<session_stream::Calls>,
@@ -258,6 +262,9 @@ fn relayable_capabilities() -> Value {
 /// How long the upstream may go silent while it works on a call that relays server requests
 /// (a person may be answering an elicitation).
 const RELAYED_CALL_IDLE: Duration = Duration::from_secs(300);
+/// How long the first call of a new handshake-era session waits for the session's own stream
+/// to open (it goes on without it after that, and later sessions do not wait).
+const STREAM_OPEN_WAIT: Duration = Duration::from_secs(2);
 
 /// Most server requests one call may relay.
 const MAX_SERVER_REQUESTS: usize = 32;
@@ -320,6 +327,7 @@ impl Upstream {
             marked: arc_swap::ArcSwap::from_pointee(std::collections::HashMap::new()),
             marked_refreshed: std::sync::atomic::AtomicI64::new(0),
             no_session: std::sync::atomic::AtomicBool::new(false),
+            stream_headers_late: std::sync::atomic::AtomicBool::new(false),
             session_calls: Arc::default(),
         }
     }
@@ -1054,9 +1062,13 @@ impl Upstream {
             return Ok(s);
         }
         let s = Arc::new(self.open_session().await?);
-        self.session.store(Some(Arc::clone(&s)));
         // The requests the upstream sends outside any call's stream, for as long as the
-        // session lives.
+        // session lives. A server without an event store drops what it sends there before the
+        // stream is open, and a call waiting on such a request would never end: the first
+        // calls wait (holding `opening`) until the stream's headers arrive. A server that holds
+        // the headers until it has something to send is waited for once, then no more (its
+        // stream is registered as soon as the request reaches it, so nothing is lost there).
+        let (opened, open) = tokio::sync::oneshot::channel();
         tokio::spawn(session_stream::listen(session_stream::Listener {
             client: self.client.clone(),
             uri: self.uri.clone(),
@@ -1064,7 +1076,17 @@ impl Upstream {
             calls: Arc::clone(&self.session_calls),
             timeout: self.timeout,
             max_response: self.max_response,
+            opened: Some(opened),
         }));
+        if !self.stream_headers_late.load(Ordering::Relaxed)
+            && tokio::time::timeout(self.timeout.min(STREAM_OPEN_WAIT), open)
+                .await
+                .is_err()
+        {
+            tracing::info!(upstream = %self.redacted_uri(), "upstream sends its session stream's headers only with a first message; new sessions no longer wait for them");
+            self.stream_headers_late.store(true, Ordering::Relaxed);
+        }
+        self.session.store(Some(Arc::clone(&s)));
         Ok(s)
     }
 

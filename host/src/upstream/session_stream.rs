@@ -91,14 +91,41 @@ pub(super) struct Listener {
     pub(super) calls: Arc<Calls>,
     pub(super) timeout: Duration,
     pub(super) max_response: usize,
+    /// Told once the first attempt to open the stream has its answer (open, refused or
+    /// failed): a call sent before the stream is open could ask the client something there
+    /// that a server without an event store drops, and the call would never end.
+    pub(super) opened: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// How long the listener waits before opening the stream again after it ended.
 const REOPEN: Duration = Duration::from_secs(1);
 
+/// How a request for the session's stream went.
+enum Opening {
+    Answered(hyper::Response<hyper::body::Incoming>),
+    Failed,
+    SessionGone,
+}
+
+/// Waits for the stream's headers for as long as the session lives. Some servers send them
+/// only with the stream's first message (Node's `http` under the TypeScript SDK), so a quiet
+/// stream is not a failed one: giving up on it would drop a stream the server holds open, and
+/// its next request for a stream could be refused as a second one.
+async fn headers_of(l: &Listener, req: Request<Full<Bytes>>) -> Opening {
+    let mut pending = std::pin::pin!(l.client.request(req));
+    loop {
+        match tokio::time::timeout(l.timeout, &mut pending).await {
+            Ok(Ok(r)) => return Opening::Answered(r),
+            Ok(Err(_)) => return Opening::Failed,
+            Err(_) if l.session.strong_count() == 0 => return Opening::SessionGone,
+            Err(_) => {}
+        }
+    }
+}
+
 /// Reads the session's stream while the session lives; ends when the upstream does not offer
 /// one (405) or the session is gone.
-pub(super) async fn listen(l: Listener) {
+pub(super) async fn listen(mut l: Listener) {
     loop {
         let Some(session) = l.session.upgrade() else {
             return;
@@ -115,16 +142,27 @@ pub(super) async fn listen(l: Listener) {
         let Ok(req) = req.body(Full::new(Bytes::new())) else {
             return;
         };
-        let resp = match tokio::time::timeout(l.timeout, l.client.request(req)).await {
-            Ok(Ok(r)) => r,
-            _ => {
+        let resp = headers_of(&l, req).await;
+        if let Some(opened) = l.opened.take() {
+            let _ = opened.send(());
+        }
+        let resp = match resp {
+            Opening::Answered(r) => r,
+            Opening::SessionGone => return,
+            Opening::Failed => {
                 tokio::time::sleep(REOPEN).await;
                 continue;
             }
         };
-        if resp.status() != StatusCode::OK {
+        match resp.status() {
+            StatusCode::OK => {}
+            // The server has not noticed yet that the stream before this one ended.
+            StatusCode::CONFLICT => {
+                tokio::time::sleep(REOPEN).await;
+                continue;
+            }
             // No stream offered (405), or the session is gone: nothing to listen to.
-            return;
+            _ => return,
         }
         let mut body = resp.into_body();
         let mut events = Events::default();
