@@ -99,6 +99,7 @@ pub(crate) struct NewRow {
 }
 
 /// What a committed batch did.
+#[derive(Debug)]
 pub(crate) struct Committed {
     pub(crate) appended: Vec<Appended>,
     /// The head is beyond the newest checkpoint.

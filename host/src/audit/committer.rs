@@ -11,6 +11,10 @@
 //! whose stored head is unusable (a malformed hash) is refused alone, before anything of it is
 //! written; any failure of a statement or of the commit refuses every part of the batch.
 //!
+//! The connection commits with `synchronous=NORMAL` (no sync at commit); a committed batch is
+//! answered only once `durable.rs` has synced the log: on this thread when no other part waits,
+//! else on the sync thread while this one commits the next batch.
+//!
 //! This module must never answer a part before the transaction holding it committed, and never
 //! commit a part it could not write whole.
 
@@ -26,6 +30,7 @@ use super::commit::{
     CHECKPOINT_INSERT, Committed, Entry, HEAD_INSERT, HEAD_SELECT, HEAD_UPDATE, INSERT_PREFIX,
     NewRow, plan,
 };
+use super::durable::{Committing, Durability};
 use super::key::hex;
 use super::log::{Appended, GENESIS, Shared};
 use super::wal::{WRITER_AUTOCHECKPOINT, WalCopier};
@@ -59,13 +64,15 @@ impl SqliteCommitter {
     /// thread ends when every handle is dropped.
     pub(crate) fn start(pool: &sqlx::SqlitePool, shared: Shared) -> Result<Self, AuditError> {
         let options = pool.connect_options();
-        let conn = open(options.get_filename())?;
-        let wal = WalCopier::start(open(options.get_filename())?)?;
+        let path = options.get_filename();
+        let conn = open(path, Sync::ByDurability)?;
+        let wal = WalCopier::start(open(path, Sync::Full)?)?;
+        let durable = Durability::start(path, shared.outbox.durable().clone())?;
         let (parts, rx) = mpsc::channel(PARTS_QUEUE);
         let store = pool.clone();
         std::thread::Builder::new()
             .name("intentgate-audit-writer".into())
-            .spawn(move || run(conn, wal, store, shared, rx))
+            .spawn(move || run(conn, wal, durable, store, shared, rx))
             .map_err(|e| AuditError::Config(format!("cannot start the audit writer: {e}")))?;
         Ok(Self { parts })
     }
@@ -96,10 +103,18 @@ impl SqliteCommitter {
     }
 }
 
-/// A connection of the writer (or of its WAL copier), with the durability the store's pool has
-/// (WAL is a property of the file, set by the store; `synchronous` is per connection and must
-/// be FULL here too).
-fn open(path: &Path) -> Result<Connection, AuditError> {
+/// How a connection's commits become durable.
+enum Sync {
+    /// SQLite syncs the log at every commit, as the store's pool does (the WAL copier, whose
+    /// checkpoints sync the log and the file either way).
+    Full,
+    /// SQLite does not sync the log at commit; [`Durability`] does, before any answer.
+    ByDurability,
+}
+
+/// A connection of the writer or of its WAL copier (WAL is a property of the file, set by the
+/// store; `synchronous` is per connection).
+fn open(path: &Path, sync: Sync) -> Result<Connection, AuditError> {
     let name = path.to_string_lossy();
     if name.is_empty() || name == ":memory:" {
         return Err(AuditError::Config(
@@ -114,7 +129,11 @@ fn open(path: &Path) -> Result<Connection, AuditError> {
         ))
     })?;
     conn.busy_timeout(crate::store::SQLITE_BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    let synchronous = match sync {
+        Sync::Full => "FULL",
+        Sync::ByDurability => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "cache_size", -32768)?;
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)?;
@@ -125,6 +144,7 @@ fn open(path: &Path) -> Result<Connection, AuditError> {
 fn run(
     mut conn: Connection,
     mut wal: WalCopier,
+    mut durable: Durability,
     store: sqlx::SqlitePool,
     shared: Shared,
     mut rx: mpsc::Receiver<Part>,
@@ -156,21 +176,45 @@ fn run(
                 deferred.push(part);
             }
         }
-        // The store was closed (shutdown): nothing more is written, as through its pool.
-        let results = if store.is_closed() {
-            let e = Arc::new(AuditError::Store(sqlx::Error::PoolClosed));
-            (batch.iter())
-                .map(|_| Err(AuditError::CommitFailed(e.clone())))
-                .collect()
+        // The store was closed (shutdown): nothing more is written, as through its pool. After
+        // a failed sync nothing is: what the log holds is unknown until SQLite recovers it.
+        let refusal = if store.is_closed() {
+            Some(AuditError::Store(sqlx::Error::PoolClosed))
+        } else if durable.failed() {
+            Some(AuditError::Io(std::io::Error::other(
+                "an earlier sync of the write-ahead log failed; restart the gateway",
+            )))
         } else {
-            let results = commit_batch(&mut conn, &shared, &mut batch);
-            let events = results.iter().flatten().map(|c| c.appended.len()).sum();
-            wal.committed(events);
-            results
+            None
         };
-        for (part, result) in batch.into_iter().zip(results) {
-            let _ = part.reply.send((part.entries, result));
+        if let Some(e) = refusal {
+            let e = Arc::new(e);
+            for part in batch {
+                let refused = Err(AuditError::CommitFailed(Arc::clone(&e)));
+                let _ = part.reply.send((part.entries, refused));
+            }
+            continue;
         }
+        let seq = shared.outbox.durable().begin();
+        let results = commit_batch(&mut conn, &shared, &mut batch);
+        let events = results.iter().flatten().map(|c| c.appended.len()).sum();
+        wal.committed(events);
+        let outboxed = results.iter().flatten().any(|c| c.outboxed);
+        let answers = batch
+            .into_iter()
+            .zip(results)
+            .map(|(part, result)| (part.reply, part.entries, result))
+            .collect();
+        let outbox = shared.outbox.clone();
+        let then: Option<Box<dyn FnOnce() + Send>> = if outboxed {
+            Some(Box::new(move || outbox.ring()))
+        } else {
+            None
+        };
+        let batch = Committing { seq, answers, then };
+        // Alone: synced here at once. Others waiting: synced beside the next commit.
+        let alone = rx.is_empty() && deferred.is_empty();
+        durable.settle(batch, alone);
     }
 }
 
@@ -201,9 +245,6 @@ fn commit_batch(
     for done in results.iter().flatten() {
         if done.checkpointed {
             shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-        }
-        if done.outboxed {
-            shared.outbox.ring();
         }
     }
     results

@@ -543,6 +543,7 @@ pub struct Router {
 struct RouterInner {
     routes: ArcSwap<Vec<Route>>,
     bell: tokio::sync::Notify,
+    durable: crate::audit::DurableMark,
 }
 
 impl fmt::Debug for Router {
@@ -583,6 +584,12 @@ impl Router {
     /// Waits for [`Router::ring`].
     pub async fn rung(&self) {
         self.inner.bell.notified().await
+    }
+
+    /// How far the commits that write outbox rows are durable: a row is delivered only once
+    /// the commit that wrote it is (SQLite syncs its log beside the writer, `audit/durable.rs`).
+    pub fn durable(&self) -> &crate::audit::DurableMark {
+        &self.inner.durable
     }
 }
 

@@ -57,6 +57,9 @@ pub enum OutboxError {
     /// A stored row that cannot be read back.
     #[error("outbox store holds a corrupt row: {0}")]
     Corrupt(String),
+    /// The audit log cannot say the rows are durable (its log failed to sync): nothing is sent.
+    #[error("outbox: the audit log is not durable: {0}")]
+    NotDurable(String),
 }
 
 /// Tuning of delivery (`INTENTGATE_OUTBOX_*`).

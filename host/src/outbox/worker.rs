@@ -211,6 +211,15 @@ async fn deliver_lane(
         else {
             return Ok(());
         };
+        // A row a power cut could still take back is not sent: the commit that wrote it may
+        // not be durable yet (SQLite syncs its log beside the writer).
+        outbox
+            .inner
+            .router
+            .durable()
+            .covering()
+            .await
+            .map_err(|e| super::OutboxError::NotDurable(e.to_string()))?;
         let sent = match &dest {
             None => Err(Failure::new(format!(
                 "destination {} is not configured",

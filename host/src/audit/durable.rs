@@ -1,0 +1,315 @@
+//! Makes the SQLite writer's commits durable, on the writer's thread or beside it.
+//!
+//! The writer (`committer.rs`) commits with `synchronous=NORMAL`: SQLite writes the
+//! transaction's frames to the write-ahead log and does not sync it. The commit is then made
+//! durable here, by `fdatasync` of the log file, before any part of it is answered:
+//! - when nothing else is waiting for the writer, on its own thread, at once (one call in
+//!   flight pays what `synchronous=FULL` paid, no thread hop more);
+//! - when more parts are waiting, on the sync thread, while the writer commits the next batch:
+//!   the device flush of one commit overlaps the B-tree work of the next, and one sync covers
+//!   every commit that reached the log before it.
+//!
+//! An `fdatasync` of the log covers every frame written to it before the call, whichever
+//! descriptor wrote them (the same inode). The log's name is made durable once, by syncing its
+//! directory, when this module first opens it: SQLite would do that at its own first sync of a
+//! new log, which `NORMAL` defers to the first checkpoint.
+//!
+//! A failed sync leaves commits in the log that are visible and may not be durable: the writer
+//! cannot tell what the device kept. So a failure is final for the process: every waiting part
+//! and every later one is refused (fail closed) until the gateway is restarted and SQLite
+//! recovers the log from what the disk holds.
+//!
+//! This module must never answer a part before a sync that began after its commit returned,
+//! and never answer anything after a failed sync but a refusal.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
+
+use super::AuditError;
+use super::commit::{Committed, Entry};
+
+/// A part's answer: its entries (settling may have rewritten some) and what came of them.
+pub(super) type Answer = (Vec<Entry>, Result<Committed, AuditError>);
+/// Where a part's answer goes.
+pub(super) type Reply = oneshot::Sender<Answer>;
+
+/// How far the writer's commits are durable, for a reader that must not act on a commit a
+/// power cut could still take back: the outbox delivers a row only once the commit that wrote
+/// it is durable ([`DurableMark::covering`]). On PostgreSQL no commit is begun here, and every
+/// wait passes at once. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct DurableMark {
+    inner: Arc<MarkInner>,
+}
+
+#[derive(Default)]
+struct MarkInner {
+    /// Commits begun (numbered from 1, in order).
+    begun: AtomicU64,
+    /// Every commit up to this number is durable.
+    synced: AtomicU64,
+    failed: AtomicBool,
+    moved: tokio::sync::Notify,
+}
+
+impl DurableMark {
+    /// Numbers a commit about to run (before it can be seen by any reader).
+    pub(super) fn begin(&self) -> u64 {
+        self.inner.begun.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Every commit up to `n` is durable.
+    fn reached(&self, n: u64) {
+        self.inner.synced.fetch_max(n, Ordering::SeqCst);
+        self.inner.moved.notify_waiters();
+    }
+
+    fn fail(&self) {
+        self.inner.failed.store(true, Ordering::SeqCst);
+        self.inner.moved.notify_waiters();
+    }
+
+    /// Waits until every commit begun before this call is durable: what a read made before it
+    /// saw is then kept by a power cut. `Err` once a sync failed (nothing is known to be).
+    pub async fn covering(&self) -> std::io::Result<()> {
+        let target = self.inner.begun.load(Ordering::SeqCst);
+        loop {
+            let moved = self.inner.moved.notified();
+            let mut moved = std::pin::pin!(moved);
+            moved.as_mut().enable();
+            if self.inner.failed.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other(
+                    "a sync of the audit log's write-ahead log failed",
+                ));
+            }
+            if self.inner.synced.load(Ordering::SeqCst) >= target {
+                return Ok(());
+            }
+            moved.await;
+        }
+    }
+}
+
+/// A committed batch waiting to be made durable: each part's reply, entries and result.
+pub(super) struct Committing {
+    /// Its number ([`DurableMark::begin`]).
+    pub(super) seq: u64,
+    pub(super) answers: Vec<(Reply, Vec<Entry>, Result<Committed, AuditError>)>,
+    /// Rung once the batch is durable (outbox rows were committed in it).
+    pub(super) then: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// The writer's handle on durability.
+pub(super) struct Durability {
+    wal: PathBuf,
+    file: Option<Arc<File>>,
+    mark: DurableMark,
+    behind: mpsc::Sender<(Arc<File>, Committing)>,
+}
+
+impl Durability {
+    /// Starts the sync thread for the log of the database file `db`; it ends with the handle.
+    pub(super) fn start(db: &Path, mark: DurableMark) -> Result<Self, AuditError> {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        let (behind, queued) = mpsc::channel();
+        let m = mark.clone();
+        std::thread::Builder::new()
+            .name("intentgate-wal-sync".into())
+            .spawn(move || run(queued, m))
+            .map_err(|e| AuditError::Config(format!("cannot start the WAL sync thread: {e}")))?;
+        Ok(Self {
+            wal: PathBuf::from(wal),
+            file: None,
+            mark,
+            behind,
+        })
+    }
+
+    /// Whether a sync failed: nothing may be committed or answered but refusals.
+    pub(super) fn failed(&self) -> bool {
+        self.mark.inner.failed.load(Ordering::SeqCst)
+    }
+
+    /// Makes `batch` durable and answers it: here when `now` (nothing else waits for the
+    /// writer), else on the sync thread. The batch's transaction has ended (committed or
+    /// not: a sync of a failed one costs little and keeps the mark in order).
+    pub(super) fn settle(&mut self, batch: Committing, now: bool) {
+        let file = match self.file() {
+            Ok(f) => f,
+            Err(e) => return fail(&self.mark, vec![batch], e),
+        };
+        if now {
+            match file.sync_data() {
+                Ok(()) => {
+                    self.mark.reached(batch.seq);
+                    answer(batch);
+                }
+                Err(e) => fail(&self.mark, vec![batch], e),
+            }
+            return;
+        }
+        if let Err(mpsc::SendError((_, batch))) = self.behind.send((file, batch)) {
+            fail(
+                &self.mark,
+                vec![batch],
+                std::io::Error::other("the WAL sync thread is gone"),
+            );
+        }
+    }
+
+    /// The log, opened (and its name made durable) at the first commit, when it exists.
+    fn file(&mut self) -> std::io::Result<Arc<File>> {
+        if let Some(f) = &self.file {
+            return Ok(Arc::clone(f));
+        }
+        let f = Arc::new(File::open(&self.wal)?);
+        if let Some(dir) = self.wal.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        self.file = Some(Arc::clone(&f));
+        Ok(f)
+    }
+}
+
+fn run(queued: mpsc::Receiver<(Arc<File>, Committing)>, mark: DurableMark) {
+    while let Ok((file, first)) = queued.recv() {
+        // One sync for everything committed before it.
+        let mut batches = vec![first];
+        while let Ok((_, more)) = queued.try_recv() {
+            batches.push(more);
+        }
+        if mark.inner.failed.load(Ordering::SeqCst) {
+            let e = std::io::Error::other("an earlier sync failed");
+            fail(&mark, batches, e);
+            continue;
+        }
+        match file.sync_data() {
+            Ok(()) => {
+                let last = batches.iter().map(|b| b.seq).max().unwrap_or(0);
+                mark.reached(last);
+                batches.into_iter().for_each(answer);
+            }
+            Err(e) => fail(&mark, batches, e),
+        }
+    }
+}
+
+fn answer(batch: Committing) {
+    for (reply, entries, result) in batch.answers {
+        let _ = reply.send((entries, result));
+    }
+    if let Some(then) = batch.then {
+        then();
+    }
+}
+
+/// Refuses every part of `batches` and every later one.
+fn fail(mark: &DurableMark, batches: Vec<Committing>, e: std::io::Error) {
+    if !mark.inner.failed.swap(true, Ordering::SeqCst) {
+        tracing::error!(error = %e, "the audit log's write-ahead log could not be synced: every call is refused until the gateway is restarted");
+    }
+    mark.fail();
+    let e = Arc::new(AuditError::Io(e));
+    for batch in batches {
+        for (reply, entries, _) in batch.answers {
+            let _ = reply.send((entries, Err(AuditError::CommitFailed(Arc::clone(&e)))));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn batch(seq: u64) -> (Committing, oneshot::Receiver<Answer>) {
+        let (reply, answer) = oneshot::channel();
+        let committed = Committed {
+            appended: Vec::new(),
+            uncovered: false,
+            checkpointed: false,
+            outboxed: false,
+        };
+        let b = Committing {
+            seq,
+            answers: vec![(reply, Vec::new(), Ok(committed))],
+            then: None,
+        };
+        (b, answer)
+    }
+
+    /// A reader waits for every commit begun before it, and only those, whichever way each
+    /// is synced; none begun: it passes at once.
+    #[tokio::test]
+    async fn the_mark_waits_for_the_commits_begun_before_the_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("a.db");
+        std::fs::write(dir.path().join("a.db-wal"), b"").expect("log");
+        let mark = DurableMark::default();
+        tokio::time::timeout(Duration::from_secs(1), mark.covering())
+            .await
+            .expect("nothing begun")
+            .expect("not failed");
+
+        let mut d = Durability::start(&db, mark.clone()).expect("start");
+        let first = mark.begin();
+        let second = mark.begin();
+        let waiting = tokio::spawn({
+            let mark = mark.clone();
+            async move { mark.covering().await }
+        });
+        let (b1, a1) = batch(first);
+        d.settle(b1, true);
+        a1.await.expect("answered").1.expect("committed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the second commit is not synced yet"
+        );
+
+        let (b2, a2) = batch(second);
+        d.settle(b2, false);
+        a2.await
+            .expect("answered by the sync thread")
+            .1
+            .expect("committed");
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("passes once both are synced")
+            .expect("task")
+            .expect("not failed");
+        let third = mark.begin();
+        assert_eq!(third, 3);
+    }
+
+    /// A log that cannot be synced (here: it does not exist) refuses the batch, every later
+    /// one, and every reader of the mark.
+    #[tokio::test]
+    async fn a_failed_sync_refuses_everything_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("missing.db");
+        let mark = DurableMark::default();
+        let mut d = Durability::start(&db, mark.clone()).expect("start");
+        let (b, a) = batch(mark.begin());
+        d.settle(b, true);
+        let refused = a.await.expect("answered").1;
+        assert!(
+            matches!(refused, Err(AuditError::CommitFailed(_))),
+            "{refused:?}"
+        );
+        assert!(d.failed());
+        assert!(mark.covering().await.is_err());
+        // The file appears: it is too late, the failure stands.
+        std::fs::write(dir.path().join("missing.db-wal"), b"").expect("log");
+        let (b, a) = batch(mark.begin());
+        d.settle(b, false);
+        assert!(a.await.expect("answered").1.is_err());
+    }
+}
