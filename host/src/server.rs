@@ -245,7 +245,10 @@ async fn route(gw: &Arc<Gateway>, req: Request<Incoming>, remote: SocketAddr) ->
 
 fn health(gw: &Gateway) -> Response<Body> {
     let fresh = gw.revocations.check_fresh().is_ok();
-    let status = if fresh {
+    // A failed sync of the audit log's WAL refuses every call until a restart (which is what
+    // a 503 here asks an orchestrator for).
+    let durable = !gw.pipeline.audit().outbox_router().durable().failed();
+    let status = if fresh && durable {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -253,9 +256,10 @@ fn health(gw: &Gateway) -> Response<Body> {
     http::json(
         status,
         &json!({
-            "status": if fresh { "ok" } else { "degraded" },
+            "status": if fresh && durable { "ok" } else { "degraded" },
             "version": env!("CARGO_PKG_VERSION"),
             "revocations_fresh": fresh,
+            "audit_durable": durable,
             // Unauthenticated: whether an upstream is configured, never its URL (it may carry
             // credentials in its userinfo or query).
             "upstream_configured": !gw.upstreams.is_empty(),

@@ -385,6 +385,7 @@ async fn healthz_does_not_reveal_the_upstream_url() {
     }
     let v: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(v["upstream_configured"], true, "{v}");
+    assert_eq!(v["audit_durable"], true, "{v}");
     tg.shutdown().await;
 }
 

@@ -74,6 +74,12 @@ impl DurableMark {
         self.inner.moved.notify_waiters();
     }
 
+    /// Whether a sync failed: the gateway refuses every call until it is restarted
+    /// (`/healthz` answers 503).
+    pub fn failed(&self) -> bool {
+        self.inner.failed.load(Ordering::SeqCst)
+    }
+
     /// Waits until every commit begun before this call is durable: what a read made before it
     /// saw is then kept by a power cut. `Err` once a sync failed (nothing is known to be).
     pub async fn covering(&self) -> std::io::Result<()> {
