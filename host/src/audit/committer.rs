@@ -65,9 +65,18 @@ impl SqliteCommitter {
     pub(crate) fn start(pool: &sqlx::SqlitePool, shared: Shared) -> Result<Self, AuditError> {
         let options = pool.connect_options();
         let path = options.get_filename();
-        let conn = open(path, Sync::ByDurability)?;
-        let wal = WalCopier::start(open(path, Sync::Full)?)?;
-        let durable = Durability::start(path, shared.outbox.durable().clone())?;
+        let conn = open(path)?;
+        // On a filesystem that cannot do WAL the store keeps SQLite's rollback journal: there
+        // is no log to sync beside the writer, and SQLite's own sync at commit stays.
+        let journal: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        let mark = shared.outbox.durable().clone();
+        let durable = if journal.eq_ignore_ascii_case("wal") {
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            Durability::start(path, mark)?
+        } else {
+            Durability::by_sqlite(mark)
+        };
+        let wal = WalCopier::start(open(path)?)?;
         let (parts, rx) = mpsc::channel(PARTS_QUEUE);
         let store = pool.clone();
         std::thread::Builder::new()
@@ -103,18 +112,10 @@ impl SqliteCommitter {
     }
 }
 
-/// How a connection's commits become durable.
-enum Sync {
-    /// SQLite syncs the log at every commit, as the store's pool does (the WAL copier, whose
-    /// checkpoints sync the log and the file either way).
-    Full,
-    /// SQLite does not sync the log at commit; [`Durability`] does, before any answer.
-    ByDurability,
-}
-
-/// A connection of the writer or of its WAL copier (WAL is a property of the file, set by the
-/// store; `synchronous` is per connection).
-fn open(path: &Path, sync: Sync) -> Result<Connection, AuditError> {
+/// A connection of the writer or of its WAL copier, syncing at every commit as the store's pool
+/// does (WAL is a property of the file, set by the store; `synchronous` is per connection, and
+/// the writer lowers its own to `NORMAL` when [`Durability`] syncs the log instead).
+fn open(path: &Path) -> Result<Connection, AuditError> {
     let name = path.to_string_lossy();
     if name.is_empty() || name == ":memory:" {
         return Err(AuditError::Config(
@@ -129,11 +130,7 @@ fn open(path: &Path, sync: Sync) -> Result<Connection, AuditError> {
         ))
     })?;
     conn.busy_timeout(crate::store::SQLITE_BUSY_TIMEOUT)?;
-    let synchronous = match sync {
-        Sync::Full => "FULL",
-        Sync::ByDurability => "NORMAL",
-    };
-    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "cache_size", -32768)?;
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)?;
@@ -417,4 +414,58 @@ fn insert_row(
         r.hash,
     ])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    };
+
+    use crate::audit::{AuditConfig, AuditEvent, AuditLog, Db, LogKey, kinds};
+
+    /// A file left in SQLite's rollback journal (a filesystem without WAL) has no log to sync
+    /// beside the writer: its commits are answered on SQLite's own sync, not refused for want
+    /// of a `-wal` file.
+    #[tokio::test]
+    async fn a_store_without_wal_still_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("j.sqlite3");
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Delete)
+            .synchronous(SqliteSynchronous::Full);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .expect("pool");
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&pool)
+            .await
+            .expect("schema");
+        let key = LogKey::from_seed("gw", [7; 32]).expect("key");
+        let log = AuditLog::open(Db::Sqlite(pool), key, AuditConfig::default())
+            .await
+            .expect("audit");
+        for n in 1..=3u64 {
+            let appended = log
+                .append(AuditEvent::new(kinds::TOOL_CALL, "acme"))
+                .await
+                .expect("committed on SQLite's own sync");
+            assert_eq!(appended.seq, n);
+        }
+        assert!(
+            !dir.path().join("j.sqlite3-wal").exists(),
+            "no WAL was made"
+        );
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            log.outbox_router().durable().covering(),
+        )
+        .await
+        .expect("the mark moved")
+        .expect("not failed");
+    }
 }

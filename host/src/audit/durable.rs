@@ -112,7 +112,9 @@ pub(super) struct Committing {
 
 /// The writer's handle on durability.
 pub(super) struct Durability {
-    wal: PathBuf,
+    /// The log to sync; `None` when SQLite syncs at commit itself (no WAL: the rollback
+    /// journal a filesystem without shared memory leaves the store with).
+    wal: Option<PathBuf>,
     file: Option<Arc<File>>,
     mark: DurableMark,
     behind: mpsc::Sender<(Arc<File>, Committing)>,
@@ -130,11 +132,24 @@ impl Durability {
             .spawn(move || run(queued, m))
             .map_err(|e| AuditError::Config(format!("cannot start the WAL sync thread: {e}")))?;
         Ok(Self {
-            wal: PathBuf::from(wal),
+            wal: Some(PathBuf::from(wal)),
             file: None,
             mark,
             behind,
         })
+    }
+
+    /// For a writer whose connection syncs at every commit (`synchronous=FULL`): a batch is
+    /// durable when its transaction has ended.
+    pub(super) fn by_sqlite(mark: DurableMark) -> Self {
+        // No thread: nothing is ever handed to it.
+        let (behind, _) = mpsc::channel();
+        Self {
+            wal: None,
+            file: None,
+            mark,
+            behind,
+        }
     }
 
     /// Whether a sync failed: nothing may be committed or answered but refusals.
@@ -146,6 +161,10 @@ impl Durability {
     /// writer), else on the sync thread. The batch's transaction has ended (committed or
     /// not: a sync of a failed one costs little and keeps the mark in order).
     pub(super) fn settle(&mut self, batch: Committing, now: bool) {
+        if self.wal.is_none() {
+            self.mark.reached(batch.seq);
+            return answer(batch);
+        }
         let file = match self.file() {
             Ok(f) => f,
             Err(e) => return fail(&self.mark, vec![batch], e),
@@ -174,8 +193,11 @@ impl Durability {
         if let Some(f) = &self.file {
             return Ok(Arc::clone(f));
         }
-        let f = Arc::new(File::open(&self.wal)?);
-        if let Some(dir) = self.wal.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let Some(wal) = &self.wal else {
+            return Err(std::io::Error::other("no write-ahead log to sync"));
+        };
+        let f = Arc::new(File::open(wal)?);
+        if let Some(dir) = wal.parent().filter(|d| !d.as_os_str().is_empty()) {
             File::open(dir)?.sync_all()?;
         }
         self.file = Some(Arc::clone(&f));
@@ -293,6 +315,28 @@ mod tests {
             .expect("not failed");
         let third = mark.begin();
         assert_eq!(third, 3);
+    }
+
+    /// Without a log (SQLite syncs at commit), a batch is answered, and the mark moves, as soon
+    /// as it is settled; nothing fails for want of a file.
+    #[tokio::test]
+    async fn without_a_log_sqlite_s_own_sync_stands() {
+        let mark = DurableMark::default();
+        let mut d = Durability::by_sqlite(mark.clone());
+        let seq = mark.begin();
+        let waiting = tokio::spawn({
+            let mark = mark.clone();
+            async move { mark.covering().await }
+        });
+        let (b, a) = batch(seq);
+        d.settle(b, false);
+        a.await.expect("answered").1.expect("committed");
+        assert!(!d.failed());
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the mark moved")
+            .expect("task")
+            .expect("not failed");
     }
 
     /// A log that cannot be synced (here: it does not exist) refuses the batch, every later
