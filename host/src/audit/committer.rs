@@ -13,7 +13,8 @@
 //!
 //! The connection commits with `synchronous=NORMAL` (no sync at commit); a committed batch is
 //! answered only once `durable.rs` has synced the log: on this thread when no other part waits,
-//! else on the sync thread while this one commits the next batch.
+//! else on the sync thread while this one commits the next batch. (A store left in SQLite's
+//! rollback journal has no log to sync beside the writer: there it keeps `FULL`.)
 //!
 //! This module must never answer a part before the transaction holding it committed, and never
 //! commit a part it could not write whole.
