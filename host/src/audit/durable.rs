@@ -273,6 +273,21 @@ mod tests {
         (b, answer)
     }
 
+    /// A reader of the mark, waiting on its own task.
+    fn reader(mark: &DurableMark) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        let mark = mark.clone();
+        tokio::spawn(async move { mark.covering().await })
+    }
+
+    /// The reader passed (within 5 s) and saw no failure.
+    async fn passes(waiting: tokio::task::JoinHandle<std::io::Result<()>>, what: &str) {
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect(what)
+            .expect("task")
+            .expect("not failed");
+    }
+
     /// A reader waits for every commit begun before it, and only those, whichever way each
     /// is synced; none begun: it passes at once.
     #[tokio::test]
@@ -289,10 +304,7 @@ mod tests {
         let mut d = Durability::start(&db, mark.clone()).expect("start");
         let first = mark.begin();
         let second = mark.begin();
-        let waiting = tokio::spawn({
-            let mark = mark.clone();
-            async move { mark.covering().await }
-        });
+        let waiting = reader(&mark);
         let (b1, a1) = batch(first);
         d.settle(b1, true);
         a1.await.expect("answered").1.expect("committed");
@@ -308,11 +320,7 @@ mod tests {
             .expect("answered by the sync thread")
             .1
             .expect("committed");
-        tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("passes once both are synced")
-            .expect("task")
-            .expect("not failed");
+        passes(waiting, "passes once both are synced").await;
         let third = mark.begin();
         assert_eq!(third, 3);
     }
@@ -324,19 +332,12 @@ mod tests {
         let mark = DurableMark::default();
         let mut d = Durability::by_sqlite(mark.clone());
         let seq = mark.begin();
-        let waiting = tokio::spawn({
-            let mark = mark.clone();
-            async move { mark.covering().await }
-        });
+        let waiting = reader(&mark);
         let (b, a) = batch(seq);
         d.settle(b, false);
         a.await.expect("answered").1.expect("committed");
         assert!(!d.failed());
-        tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("the mark moved")
-            .expect("task")
-            .expect("not failed");
+        passes(waiting, "the mark moved").await;
     }
 
     /// A log that cannot be synced (here: it does not exist) refuses the batch, every later
