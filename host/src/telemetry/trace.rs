@@ -482,16 +482,21 @@ tokio::task_local! {
 
 /// Runs `fut` (a request's handling) with `trace` as its call trace, inside a log span that
 /// carries the trace id (and, once decided, the event id) on every log line.
-pub async fn scope<F: std::future::Future>(trace: CallTrace, fut: F) -> F::Output {
+///
+/// Not an `async fn`: the request's future (about 14 KiB) is boxed here, at once, so the
+/// future this returns, and the HTTP server's future for the request around it, hold a pointer
+/// to it rather than a copy of it, which hyper would move on every request.
+pub fn scope<F: std::future::Future>(
+    trace: CallTrace,
+    fut: F,
+) -> impl std::future::Future<Output = F::Output> {
     use tracing::Instrument;
     let span = tracing::info_span!(
         "call",
         trace_id = %Hex(&trace.trace_id),
         event_id = tracing::field::Empty
     );
-    // Boxed: the request's future is deep, and its layout need not be nested in this one's.
     CALL.scope(Arc::new(trace), Box::pin(fut.instrument(span)))
-        .await
 }
 
 /// `fut` with the current request's call trace and log span, for a task spawned for the call.
