@@ -919,6 +919,11 @@ async fn list_filters_and_keyset_pages() {
     admin.decided_by = "alice@acme".into();
     admin.elevation_id = "elv_01".into();
     log.append(admin).await.expect("admin event");
+    // A call of the root token itself (jti = root_jti), found by the token filter too.
+    let mut own = event("acme", 45);
+    own.jti = "root-1".into();
+    own.root_jti = "root-1".into();
+    log.append(own).await.expect("root token's own event");
 
     let acme = AuditFilter {
         tenant: Some("acme".into()),
@@ -937,7 +942,7 @@ async fn list_filters_and_keyset_pages() {
             None => break,
         }
     }
-    assert_eq!(seen.len(), 46);
+    assert_eq!(seen.len(), 47);
     assert!(
         seen.windows(2).all(|w| w[0] > w[1]),
         "newest first, no repeats"
@@ -959,7 +964,7 @@ async fn list_filters_and_keyset_pages() {
             (Some("tool_1"), Some("block"))
         );
     }
-    // jti matches the root too: every event of root-1 in acme.
+    // jti matches the root too: every event of root-1 in acme, its own and its delegates'.
     let f = AuditFilter::from_params([("tenant", "acme"), ("jti", "root-1")]).expect("filter");
     assert_eq!(
         query::list(&db, &f, None, 100)
@@ -967,8 +972,13 @@ async fn list_filters_and_keyset_pages() {
             .expect("list")
             .items
             .len(),
-        22
+        23
     );
+    // A delegated token's jti finds its own event only.
+    let f = AuditFilter::from_params([("tenant", "acme"), ("jti", "jti-7")]).expect("filter");
+    let page = query::list(&db, &f, None, 100).await.expect("list");
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(page.items[0].body_value()["capability_token_id"], "jti-7");
     let f = AuditFilter::from_params([("elevation_id", "elv_01")]).expect("filter");
     let page = query::list(&db, &f, None, 100).await.expect("list");
     assert_eq!(page.items.len(), 1);

@@ -137,7 +137,12 @@ impl AuditFilter {
         if let Some(v) = &self.jti {
             params.push(Param::S(v.clone()));
             let n = params.len();
-            sql.push_str(&format!(" AND (jti = ${n} OR root_jti = ${n})"));
+            // `jti = v OR root_jti = v`, spelled so that each branch names the condition of
+            // its partial index (migrations 0002 and 0007): a root token's own events
+            // (root_jti = jti) are found by the first branch alone.
+            sql.push_str(&format!(
+                " AND ((jti = ${n} AND jti <> '') OR (root_jti = ${n} AND root_jti <> '' AND root_jti <> jti))"
+            ));
         }
         if let Some(v) = &self.elevation_id {
             eq("elevation_id", Param::S(v.clone()), params, &mut sql);
@@ -446,7 +451,7 @@ mod tests {
         let sql = f.where_sql(&mut params);
         assert_eq!(
             sql,
-            " WHERE 1=1 AND tenant = $1 AND ts_ms >= $2 AND ts_ms <= $3 AND decision = $4 AND (jti = $5 OR root_jti = $5)"
+            " WHERE 1=1 AND tenant = $1 AND ts_ms >= $2 AND ts_ms <= $3 AND decision = $4 AND ((jti = $5 AND jti <> '') OR (root_jti = $5 AND root_jti <> '' AND root_jti <> jti))"
         );
         assert!(AuditFilter::from_params([("from", "yesterday")]).is_err());
         assert!(AuditFilter::from_params([("decision", "maybe")]).is_err());
@@ -475,5 +480,80 @@ mod tests {
             r.to_json_line(),
             r#"{"id":9,"hash":"ab","prev_hash":"00","a":1.5,"seq":1}"#
         );
+    }
+
+    /// The token filter can use the token indexes: on a table the planner has statistics for
+    /// (after `ANALYZE`), a token's events are looked up in `audit_events_jti` and
+    /// `audit_events_delegated_root_jti`, not found by scanning the tenant's events.
+    #[test]
+    fn the_token_filter_is_answered_from_the_token_indexes() {
+        let conn = rusqlite::Connection::open_in_memory().expect("sqlite");
+        for migration in [
+            include_str!("../../../migrations/sqlite/0002_audit.sql"),
+            include_str!("../../../migrations/sqlite/0007_audit_token_index.sql"),
+        ] {
+            conn.execute_batch(migration).expect("migration");
+        }
+        // 20,000 events of one tenant from 500 root tokens, a third by delegated tokens.
+        let tx = conn.unchecked_transaction().expect("tx");
+        for i in 0..20_000i64 {
+            let root = format!("root-{}", i % 500);
+            let jti = if i % 3 == 0 {
+                format!("child-{i}")
+            } else {
+                root.clone()
+            };
+            tx.execute(
+                "INSERT INTO audit_events (tenant, seq, ts_ms, event, jti, root_jti, body, prev_hash, hash) \
+                 VALUES ('acme', ?1, ?1, 'tool_call', ?2, ?3, '{}', '', '')",
+                rusqlite::params![i + 1, jti, root],
+            )
+            .expect("insert");
+        }
+        tx.commit().expect("commit");
+        conn.execute_batch("ANALYZE").expect("analyze");
+
+        let f = AuditFilter::from_params([("tenant", "acme"), ("jti", "root-7")]).expect("f");
+        let mut params = Vec::new();
+        let sql = format!(
+            "EXPLAIN QUERY PLAN SELECT id FROM audit_events{} ORDER BY id DESC LIMIT 101",
+            f.where_sql(&mut params)
+        );
+        let mut stmt = conn.prepare(&sql).expect("prepare");
+        let values: Vec<String> = params
+            .iter()
+            .map(|p| match p {
+                Param::S(s) => s.clone(),
+                Param::I(i) => i.to_string(),
+            })
+            .collect();
+        let plan: Vec<String> = stmt
+            .query_map(rusqlite::params_from_iter(values.iter()), |r| r.get(3))
+            .expect("plan")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("audit_events_jti") && plan.contains("audit_events_delegated_root_jti"),
+            "the token filter scans instead of using the token indexes:\n{plan}"
+        );
+
+        // And it finds what `jti = v OR root_jti = v` finds.
+        let count = |sql: &str| -> i64 {
+            conn.query_row(sql, rusqlite::params_from_iter(values.iter()), |r| r.get(0))
+                .expect("count")
+        };
+        let ours = count(&format!(
+            "SELECT count(*) FROM audit_events{}",
+            f.where_sql(&mut Vec::new())
+        ));
+        let plain = count(
+            "SELECT count(*) FROM audit_events WHERE tenant = $1 AND (jti = $2 OR root_jti = $2)",
+        );
+        assert_eq!(
+            ours, 40,
+            "root-7 made 40 calls, 13 of them through delegated tokens"
+        );
+        assert_eq!(ours, plain);
     }
 }
