@@ -787,6 +787,59 @@ async fn sqlite_runs_wal_full_sync_with_foreign_keys() {
     assert_eq!(busy, store::SQLITE_BUSY_TIMEOUT.as_millis() as i64);
 }
 
+/// A store opened on a file with events gives SQLite's planner statistics (`PRAGMA
+/// optimize`), without which the audit query's token filter scans the tenant's events instead
+/// of using the token indexes.
+#[tokio::test]
+async fn sqlite_gives_the_planner_statistics_when_opened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StoreConfig::Sqlite {
+        path: dir.path().join("stats.db"),
+    };
+    let stats = |db: Db| async move {
+        let Db::Sqlite(pool) = db else {
+            panic!("not SQLite")
+        };
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("sqlite_master")
+    };
+    {
+        let s = store::connect(&config).await.expect("open");
+        let Db::Sqlite(pool) = s.db() else {
+            panic!("not SQLite")
+        };
+        let mut tx = pool.begin().await.expect("tx");
+        for i in 1..=2_000i64 {
+            sqlx::query(
+                "INSERT INTO audit_events (tenant, seq, ts_ms, event, jti, root_jti, body, prev_hash, hash) \
+                 VALUES ('acme', ?1, ?1, 'tool_call', ?2, ?2, '{}', '', '')",
+            )
+            .bind(i)
+            .bind(format!("jti-{}", i % 50))
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        }
+        tx.commit().await.expect("commit");
+        s.close().await;
+    }
+    let s = store::connect(&config).await.expect("reopen");
+    assert_eq!(stats(s.db()).await, 1, "no statistics after reopening");
+    let Db::Sqlite(pool) = s.db() else {
+        panic!("not SQLite")
+    };
+    let analyzed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sqlite_stat1 WHERE tbl = 'audit_events'")
+            .fetch_one(&pool)
+            .await
+            .expect("sqlite_stat1");
+    assert!(analyzed > 0, "audit_events was not analyzed");
+}
+
 /// The bundled SQLite is compiled with the repository's flags (`.cargo/config.toml`,
 /// `LIBSQLITE3_FLAGS`): memory statistics off (no process-wide mutex on every allocation), no
 /// memory management (each connection's page cache is its own, not one cache behind one
