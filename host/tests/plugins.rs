@@ -851,8 +851,8 @@ fn the_epoch_ticker_is_parked_while_no_plugin_runs() {
     );
     assert_eq!(runtime.calls_in_flight(), 0);
 
-    // It finishes at most the tick it was sleeping in, then parks again.
-    std::thread::sleep(Duration::from_millis(20));
+    // It lingers a few ticks (20 ms), then parks again.
+    std::thread::sleep(Duration::from_millis(60));
     let settled = runtime.epoch_ticks();
     std::thread::sleep(Duration::from_millis(60));
     assert_eq!(
@@ -860,6 +860,48 @@ fn the_epoch_ticker_is_parked_while_no_plugin_runs() {
         settled,
         "the ticker kept running after the call"
     );
+}
+
+/// Issue 13 (a system call less per guest call): while calls keep coming (here one every 3 ms), a starting call
+/// finds the epoch ticker awake and does not wake it. Before, every call that started with none
+/// in flight took the ticker's lock and made a `futex` wake, three times a request.
+#[test]
+fn calls_in_close_succession_do_not_wake_the_ticker_each_time() {
+    let runtime = Runtime::new(Limits {
+        max_memory_bytes: 16 << 20,
+        max_instances: 8,
+        ..Limits::default()
+    })
+    .expect("runtime");
+    let wasm = std::fs::read(artifacts::TEST_HOSTILE_PATH).expect("hostile artifact");
+    let component = CheckComponent::new(&runtime, &wasm).expect("compile hostile");
+    let pool = CheckPool::new(
+        runtime.clone(),
+        component,
+        "ok",
+        Stage::Policy,
+        "ticker",
+        Arc::new(MemoryCounters::default()),
+    );
+    for _ in 0..40 {
+        pool.evaluate(&input("ticker", "x"), None).expect("ok");
+        // Longer than a tick, so a ticker that parks at the first quiet tick parks here.
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let wakes = runtime.ticker_wakes();
+    assert!(
+        (1..=3).contains(&wakes),
+        "40 calls 3 ms apart woke the ticker {wakes} times"
+    );
+    assert!(runtime.epoch_ticks() > 0, "the ticker ran during the calls");
+
+    // Once calls stop it parks, and the next call wakes it again.
+    std::thread::sleep(Duration::from_millis(80));
+    let parked = runtime.epoch_ticks();
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(runtime.epoch_ticks(), parked, "the ticker kept running");
+    pool.evaluate(&input("ticker", "x"), None).expect("ok");
+    assert_eq!(runtime.ticker_wakes(), wakes + 1);
 }
 
 /// Issue 13: the pool keeps an idle instance per request-path worker, so a call never pays

@@ -2,9 +2,10 @@
 //! blocking calls trap), the limits every call runs under, the epoch ticker, the compile cache,
 //! and the live-instance slots (process-wide and per tenant).
 //!
-//! The epoch ticker runs only while a guest call is in flight ([`Runtime::awake`]): an idle
-//! gateway must cost nothing, and a tick is only a chance for the epoch callback to look at the
-//! call's wall-clock deadline, so there is nothing to tick for when no guest runs.
+//! The epoch ticker runs only while guest calls come ([`Runtime::awake`]), and parks a few ticks
+//! after the last: an idle gateway must cost nothing, and a tick is only a chance for the epoch
+//! callback to look at the call's wall-clock deadline, so there is nothing to tick for when no
+//! guest runs. The linger keeps a busy request path from waking it with a system call per call.
 //!
 //! Compiling is slow (milliseconds to seconds): callers on the async runtime do it in
 //! `spawn_blocking`, never on the request path. Nothing here runs guest code. A plugin must
@@ -124,43 +125,81 @@ impl Drop for Ticker {
     }
 }
 
+/// Ticks the ticker goes on making after it last saw a call, before it parks. Calls that come
+/// closer together than this find it awake, so the request path never makes a system call to
+/// wake it (before, three guest calls a request meant three `futex` wakes); an idle gateway
+/// still parks it within [`EPOCH_TICK`] × this.
+const TICKER_LINGER_TICKS: u32 = 10;
+
 /// What wakes the ticker: the number of guest calls in flight. The hot path touches only the
-/// atomic; the mutex is taken on the 0 → 1 transition alone (to wake a parked ticker).
+/// atomics; it takes the mutex only when a call starts while the ticker is parked, and the
+/// ticker parks only after [`TICKER_LINGER_TICKS`] ticks without a call.
 #[derive(Default)]
 struct TickGate {
     in_flight: AtomicUsize,
+    /// Set by a call that starts with none in flight, cleared by the ticker at each tick: a
+    /// call that begins and ends between two ticks still counts as activity.
+    started: AtomicBool,
+    /// The ticker is parked (or about to): a starting call must wake it.
+    parked: AtomicBool,
     /// Epoch increments so far (how tests and metrics see that an idle ticker is parked).
     ticks: AtomicU64,
+    /// Times a starting call had to wake the parked ticker.
+    wakes: AtomicU64,
     stop: AtomicBool,
-    parked: Mutex<()>,
+    lock: Mutex<()>,
     wake_up: Condvar,
 }
 
 impl TickGate {
     fn wake(&self) {
         // Taking the lock orders this notify after the ticker's check-then-wait.
-        let _guard = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.wake_up.notify_one();
     }
 
-    /// The ticker thread: advances the epoch every tick while a call is in flight, and parks
-    /// (no wake-ups at all) while none is.
+    /// A guest call starts.
+    fn enter(&self) {
+        // SeqCst on both sides (here: `in_flight` then `parked`; the ticker: `parked` then
+        // `in_flight`): either this call sees the ticker parked and wakes it, or the ticker
+        // sees the call and does not park.
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.started.store(true, Ordering::Relaxed);
+            if self.parked.load(Ordering::SeqCst) {
+                self.wakes.fetch_add(1, Ordering::Relaxed);
+                self.wake();
+            }
+        }
+    }
+
+    /// The ticker thread: advances the epoch every tick while calls come, and parks (no
+    /// wake-ups at all) once none has come for [`TICKER_LINGER_TICKS`] ticks.
     fn run(&self, engine: &Engine) {
+        let mut quiet_ticks = TICKER_LINGER_TICKS;
         loop {
-            if self.in_flight.load(Ordering::Acquire) == 0 {
-                let mut guard = self.parked.lock().unwrap_or_else(|p| p.into_inner());
-                while self.in_flight.load(Ordering::Acquire) == 0
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if quiet_ticks >= TICKER_LINGER_TICKS {
+                let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+                self.parked.store(true, Ordering::SeqCst);
+                while self.in_flight.load(Ordering::SeqCst) == 0
                     && !self.stop.load(Ordering::Acquire)
                 {
                     guard = self.wake_up.wait(guard).unwrap_or_else(|p| p.into_inner());
                 }
-            }
-            if self.stop.load(Ordering::Acquire) {
-                return;
+                self.parked.store(false, Ordering::SeqCst);
+                drop(guard);
+                quiet_ticks = 0;
+                continue;
             }
             std::thread::sleep(EPOCH_TICK);
             engine.increment_epoch();
             self.ticks.fetch_add(1, Ordering::Relaxed);
+            // Both read, whatever the first says: `started` must be cleared at every tick.
+            let started = self.started.swap(false, Ordering::Relaxed);
+            let busy = started || self.in_flight.load(Ordering::Acquire) > 0;
+            quiet_ticks = if busy { 0 } else { quiet_ticks + 1 };
         }
     }
 }
@@ -338,9 +377,7 @@ impl Runtime {
     /// Keep the epoch ticker running until the returned guard drops (see [`Awake`]).
     pub(crate) fn awake(&self) -> Awake {
         let gate = &self.ticker.gate;
-        if gate.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
-            gate.wake();
-        }
+        gate.enter();
         Awake { gate: gate.clone() }
     }
 
@@ -349,9 +386,16 @@ impl Runtime {
         self.ticker.gate.in_flight.load(Ordering::Acquire)
     }
 
-    /// Epoch ticks so far: it stays put while no guest call is in flight.
+    /// Epoch ticks so far: it stays put while the ticker is parked (no guest call for
+    /// [`TICKER_LINGER_TICKS`] ticks).
     pub fn epoch_ticks(&self) -> u64 {
         self.ticker.gate.ticks.load(Ordering::Relaxed)
+    }
+
+    /// Times a starting guest call had to wake the parked ticker (a system call on the
+    /// request path): rare while calls keep coming.
+    pub fn ticker_wakes(&self) -> u64 {
+        self.ticker.gate.wakes.load(Ordering::Relaxed)
     }
 
     /// Instances alive right now (pooled idle ones included).
