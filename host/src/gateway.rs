@@ -162,6 +162,12 @@ impl Gateway {
             Some(files) => Some(crate::tls::ServerTls::start(files)?),
             None => None,
         };
+        if let crate::store::Db::Sqlite(pool) = store.db() {
+            background.push(tokio::spawn(crate::store::keep_statistics(
+                pool,
+                crate::store::STATISTICS_REFRESH,
+            )));
+        }
         let revocations = Arc::new(RevocationSet::new(config.revocation_max_staleness));
         background.push(tokio::spawn(revocation_feed(
             Arc::clone(&store),

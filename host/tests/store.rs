@@ -840,6 +840,67 @@ async fn sqlite_gives_the_planner_statistics_when_opened() {
     assert!(analyzed > 0, "audit_events was not analyzed");
 }
 
+/// A running gateway refreshes the statistics (`keep_statistics`): a store opened on an empty
+/// file has none to give, and without the refresh its audit token filter would scan the
+/// tenant's events until a restart, however many it wrote since.
+#[tokio::test]
+async fn sqlite_refreshes_the_planner_statistics_while_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StoreConfig::Sqlite {
+        path: dir.path().join("fresh.db"),
+    };
+    let s = store::connect(&config).await.expect("open");
+    let Db::Sqlite(pool) = s.db() else {
+        panic!("not SQLite")
+    };
+    let analyzed = |pool: sqlx::SqlitePool| async move {
+        let table: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'")
+                .fetch_one(&pool)
+                .await
+                .expect("sqlite_master");
+        if table == 0 {
+            return 0;
+        }
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sqlite_stat1 WHERE tbl = 'audit_events'")
+            .fetch_one(&pool)
+            .await
+            .expect("sqlite_stat1")
+    };
+    assert_eq!(
+        analyzed(pool.clone()).await,
+        0,
+        "an empty file has statistics"
+    );
+    let mut tx = pool.begin().await.expect("tx");
+    for i in 1..=2_000i64 {
+        sqlx::query(
+            "INSERT INTO audit_events (tenant, seq, ts_ms, event, jti, root_jti, body, prev_hash, hash) \
+             VALUES ('acme', ?1, ?1, 'tool_call', ?2, ?2, '{}', '', '')",
+        )
+        .bind(i)
+        .bind(format!("jti-{}", i % 50))
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+    }
+    tx.commit().await.expect("commit");
+    let refresh = tokio::spawn(store::keep_statistics(
+        pool.clone(),
+        Duration::from_millis(50),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while analyzed(pool.clone()).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "audit_events was never analyzed while running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    refresh.abort();
+    s.close().await;
+}
+
 /// The bundled SQLite is compiled with the repository's flags (`.cargo/config.toml`,
 /// `LIBSQLITE3_FLAGS`): memory statistics off (no process-wide mutex on every allocation), no
 /// memory management (each connection's page cache is its own, not one cache behind one

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use postgres::PgStore;
-pub use sqlite::SqliteStore;
+pub use sqlite::{STATISTICS_REFRESH, SqliteStore, keep_statistics};
 
 /// A boxed, sendable future: what every [`Store`] method returns, so the trait stays
 /// object-safe (`Arc<dyn Store>`) without the async-trait crate.

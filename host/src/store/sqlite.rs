@@ -124,26 +124,8 @@ impl SqliteStore {
         Ok(store)
     }
 
-    /// Gives the query planner statistics: `PRAGMA optimize` analyzes the tables that have
-    /// none yet or have grown many times since, each bounded to a sample
-    /// (`analysis_limit`), as SQLite advises on opening a database. Without statistics the
-    /// planner answers the audit query's token filter by scanning the tenant's events instead
-    /// of the token indexes. A failure only leaves the plans as they were.
     async fn optimize(&self) {
-        let result = async {
-            let mut conn = self.pool.acquire().await?;
-            sqlx::query("PRAGMA analysis_limit = 1000")
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query("PRAGMA optimize = 0x10002")
-                .execute(&mut *conn)
-                .await?;
-            Ok::<_, sqlx::Error>(())
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "SQLite PRAGMA optimize failed; query plans keep no statistics");
-        }
+        optimize(&self.pool).await;
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -495,5 +477,48 @@ impl Store for SqliteStore {
 
     fn prune_sessions(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(self.prune_sessions_impl())
+    }
+}
+
+/// How often a running gateway refreshes the planner's statistics ([`keep_statistics`]).
+pub const STATISTICS_REFRESH: Duration = Duration::from_secs(3600);
+
+/// Gives the query planner statistics: `PRAGMA optimize` analyzes the tables that have none yet
+/// or have grown many times since, each bounded to a sample (`analysis_limit`), as SQLite
+/// advises on opening a database and then periodically. Without statistics the planner answers
+/// the audit query's token filter by scanning the tenant's events instead of the token indexes.
+/// A failure only leaves the plans as they were.
+pub(crate) async fn optimize(pool: &SqlitePool) {
+    let result = async {
+        let mut conn = pool.acquire().await?;
+        // `analysis_limit` is per connection: set it on the one that analyzes.
+        sqlx::query("PRAGMA analysis_limit = 1000")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("PRAGMA optimize = 0x10002")
+            .execute(&mut *conn)
+            .await?;
+        Ok::<_, sqlx::Error>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "SQLite PRAGMA optimize failed; query plans keep their statistics");
+    }
+}
+
+/// Refreshes the statistics every `every` while the gateway runs (SQLite advises it for
+/// long-lived connections): a gateway started on an empty file would otherwise plan its audit
+/// queries without statistics until it restarts, however many events it has written since.
+/// Each run is a short write transaction (sampled), so the audit writer waits for it at most
+/// a few milliseconds; nothing wakes in between.
+pub async fn keep_statistics(pool: SqlitePool, every: Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        optimize(&pool).await;
     }
 }
