@@ -24,6 +24,12 @@
 //! plugin charging it too would make one limit two writes. Turn it on to share one call budget
 //! across a root token and all its attenuated children (`token-calls:<tenant>:<root jti>`).
 
+/// Inside the component: free lists per small size class before dlmalloc.
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static ALLOCATOR: intentgate_plugin_alloc::SizeClasses =
+    intentgate_plugin_alloc::SizeClasses::new();
+
 use intentgate_plugin_sdk::{
     Charge, Check, CheckResult, IntentRecord, ToolCall, Verdict, glob_match, host,
 };

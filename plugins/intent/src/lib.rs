@@ -12,6 +12,12 @@
 //!  "min_confidence": 0.5}
 //! ```
 
+/// Inside the component: free lists per small size class before dlmalloc.
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static ALLOCATOR: intentgate_plugin_alloc::SizeClasses =
+    intentgate_plugin_alloc::SizeClasses::new();
+
 use intentgate_plugin_sdk::{Check, CheckResult, IntentRecord, ToolCall, Verdict, glob_match};
 use serde::Deserialize;
 

@@ -1,5 +1,6 @@
-//! The component's allocator: a free list per small size class in front of the system
-//! allocator (wasi-libc's dlmalloc).
+//! The built-in plugins' allocator inside the component: a free list per small size class in
+//! front of the system allocator (wasi-libc's dlmalloc). Each plugin installs it as its
+//! `#[global_allocator]` for `wasm32` only.
 //!
 //! Why: regorus allocates and frees a few hundred small values per evaluation, and inside the
 //! component about a third of an evaluation's time went to `dlmalloc`/`dlfree` and the shims
@@ -11,8 +12,8 @@
 //! blocks it ever had live at once. The instance's linear memory limit still caps the whole,
 //! and the host recycles an instance after a bounded number of calls.
 //!
-//! Only for `wasm32` (one thread per instance: the lists need no lock); the native build and its
-//! benchmark keep the system allocator. This module must never hand out a block smaller than,
+//! Only for `wasm32` (one thread per instance: the lists need no lock); native builds (tests,
+//! the policy's native benchmark) keep the system allocator. This module must never hand out a block smaller than,
 //! or aligned less than, what was asked.
 
 use std::alloc::{GlobalAlloc, Layout, System};
