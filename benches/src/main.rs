@@ -402,6 +402,9 @@ struct Rig {
     era: ClientEra,
     /// The `tools/call` params every call sends (JSON text).
     params: String,
+    /// Gateways started from now on annotate results with `_intentgate` (opt-in since issue
+    /// 13): the swap benchmark reads each answer's bundle digest there.
+    annotate: bool,
 }
 
 /// The `echo` call's params: a short sentence unless `--argument-bytes`, and the upstream's
@@ -440,6 +443,7 @@ impl Rig {
             current_upstream: 0,
             era: common.era,
             params: tool_params(common),
+            annotate: false,
         };
         rig.add_upstream(common.upstream_era, common)?;
         rig.current_upstream = 0;
@@ -588,6 +592,9 @@ impl Rig {
             "--policy-file".into(),
             common.policy.display().to_string(),
         ];
+        if self.annotate {
+            args.push("--annotate-results".into());
+        }
         let label = if store == "postgres" {
             if self._pg.is_none() {
                 self._pg = Some(pg::PgServer::start(root)?);
@@ -1551,6 +1558,8 @@ fn swap(o: SwapOpts) -> Result<(), String> {
     use hyper::Method;
     let common = &o.common;
     let mut rig = Rig::new(common)?;
+    // Each answer must say which bundle decided it.
+    rig.annotate = true;
     rig.add(&o.store, o.server_threads, 1, common)?;
     let rt = runtime(common.client_threads)?;
     check_systems(&rt, &rig)?;
