@@ -268,32 +268,19 @@ pub fn fsync(root: &Path, n: usize) -> Result<(), String> {
             }
             f.sync_all().map_err(e)?;
         }
-        let mut samples = Samples::with_capacity(n);
-        for i in 0..n + 10 {
+        let label = if append {
+            "append (file grows)"
+        } else {
+            "overwrite (preallocated)"
+        };
+        sync_row(label, n, &f, |i| {
             if append {
-                f.write_all(&block).map_err(e)?;
+                (&f).write_all(&block)
             } else {
-                f.write_at(&block, (i as u64 % 256) * 4096).map_err(e)?;
+                f.write_all_at(&block, (i as u64 % 256) * 4096)
             }
-            let t = Instant::now();
-            f.sync_data().map_err(e)?;
-            if i >= 10 {
-                samples.push(t.elapsed());
-            }
-        }
-        let s = samples.summary();
-        println!(
-            "| {} | {} | {} | {} | {} |",
-            if append {
-                "append (file grows)"
-            } else {
-                "overwrite (preallocated)"
-            },
-            fmt_ns(s.p50),
-            fmt_ns(s.p90),
-            fmt_ns(s.p99),
-            fmt_ns(s.max)
-        );
+        })
+        .map_err(e)?;
     }
     // What a one-event audit commit hands the sync: SQLite writes each WAL frame as a 24-byte
     // header and a 4 KiB page (two writes), and such a commit writes about 10 frames (the row,
@@ -306,24 +293,42 @@ pub fn fsync(root: &Path, n: usize) -> Result<(), String> {
     f.write_all(&vec![0u8; 256 * FRAMES * FRAME]).map_err(e)?;
     f.sync_all().map_err(e)?;
     let header = [0xa5u8; 24];
-    let mut samples = Samples::with_capacity(n);
-    for i in 0..n + 10 {
+    let label = format!(
+        "overwrite, a one-event commit's WAL frames ({FRAMES} × {FRAME} bytes in {} writes)",
+        2 * FRAMES
+    );
+    sync_row(&label, n, &f, |i| {
         let base = (i % 256) * FRAMES * FRAME;
         for frame in 0..FRAMES {
             let at = (base + frame * FRAME) as u64;
-            f.write_at(&header, at).map_err(e)?;
-            f.write_at(&block, at + 24).map_err(e)?;
+            f.write_all_at(&header, at)?;
+            f.write_all_at(&block, at + 24)?;
         }
+        Ok(())
+    })
+    .map_err(e)?;
+    Ok(())
+}
+
+/// Times `n` syncs of `f` (after 10 unmeasured), each after `write(i)`, and prints their row.
+fn sync_row(
+    label: &str,
+    n: usize,
+    f: &std::fs::File,
+    mut write: impl FnMut(usize) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut samples = Samples::with_capacity(n);
+    for i in 0..n + 10 {
+        write(i)?;
         let t = Instant::now();
-        f.sync_data().map_err(e)?;
+        f.sync_data()?;
         if i >= 10 {
             samples.push(t.elapsed());
         }
     }
     let s = samples.summary();
     println!(
-        "| overwrite, a one-event commit's WAL frames ({FRAMES} × {FRAME} bytes in {} writes) | {} | {} | {} | {} |",
-        2 * FRAMES,
+        "| {label} | {} | {} | {} | {} |",
         fmt_ns(s.p50),
         fmt_ns(s.p90),
         fmt_ns(s.p99),

@@ -873,16 +873,7 @@ fn calls_in_close_succession_do_not_wake_the_ticker_each_time() {
         ..Limits::default()
     })
     .expect("runtime");
-    let wasm = std::fs::read(artifacts::TEST_HOSTILE_PATH).expect("hostile artifact");
-    let component = CheckComponent::new(&runtime, &wasm).expect("compile hostile");
-    let pool = CheckPool::new(
-        runtime.clone(),
-        component,
-        "ok",
-        Stage::Policy,
-        "ticker",
-        Arc::new(MemoryCounters::default()),
-    );
+    let pool = pool_on(&runtime, "ok", "ticker");
     for _ in 0..40 {
         pool.evaluate(&input("ticker", "x"), None).expect("ok");
         // Longer than a tick, so a ticker that parks at the first quiet tick parks here.
@@ -914,8 +905,7 @@ fn pools_keep_an_idle_instance_per_worker() {
         ..Limits::default()
     })
     .expect("runtime");
-    let wasm = std::fs::read(artifacts::TEST_HOSTILE_PATH).expect("hostile artifact");
-    let component = CheckComponent::new(&runtime, &wasm).expect("compile hostile");
+    let component = hostile_component(&runtime);
     let pool = |tenant: &str| {
         CheckPool::new(
             runtime.clone(),

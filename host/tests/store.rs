@@ -812,19 +812,7 @@ async fn sqlite_gives_the_planner_statistics_when_opened() {
         let Db::Sqlite(pool) = s.db() else {
             panic!("not SQLite")
         };
-        let mut tx = pool.begin().await.expect("tx");
-        for i in 1..=2_000i64 {
-            sqlx::query(
-                "INSERT INTO audit_events (tenant, seq, ts_ms, event, jti, root_jti, body, prev_hash, hash) \
-                 VALUES ('acme', ?1, ?1, 'tool_call', ?2, ?2, '{}', '', '')",
-            )
-            .bind(i)
-            .bind(format!("jti-{}", i % 50))
-            .execute(&mut *tx)
-            .await
-            .expect("insert");
-        }
-        tx.commit().await.expect("commit");
+        insert_bare_events(&pool, 2_000).await;
         s.close().await;
     }
     let s = store::connect(&config).await.expect("reopen");
@@ -872,19 +860,7 @@ async fn sqlite_refreshes_the_planner_statistics_while_running() {
         0,
         "an empty file has statistics"
     );
-    let mut tx = pool.begin().await.expect("tx");
-    for i in 1..=2_000i64 {
-        sqlx::query(
-            "INSERT INTO audit_events (tenant, seq, ts_ms, event, jti, root_jti, body, prev_hash, hash) \
-             VALUES ('acme', ?1, ?1, 'tool_call', ?2, ?2, '{}', '', '')",
-        )
-        .bind(i)
-        .bind(format!("jti-{}", i % 50))
-        .execute(&mut *tx)
-        .await
-        .expect("insert");
-    }
-    tx.commit().await.expect("commit");
+    insert_bare_events(&pool, 2_000).await;
     let refresh = tokio::spawn(store::keep_statistics(
         pool.clone(),
         Duration::from_millis(50),
@@ -1132,4 +1108,22 @@ async fn a_second_process_on_one_sqlite_file_is_refused_clearly() {
         .await;
     assert_eq!(v["result"]["content"][0]["text"], "hi", "{v}");
     tg.shutdown().await;
+}
+
+/// `n` bare audit rows of tenant `acme` over 50 tokens, in one transaction: enough rows for
+/// the planner's statistics to matter (no chain: these tests read plans, not hashes).
+async fn insert_bare_events(pool: &sqlx::SqlitePool, n: i64) {
+    let mut tx = pool.begin().await.expect("tx");
+    for i in 1..=n {
+        sqlx::query(
+            "INSERT INTO audit_events (tenant, seq, ts_ms, event, jti, root_jti, body, prev_hash, hash) \
+             VALUES ('acme', ?1, ?1, 'tool_call', ?2, ?2, '{}', '', '')",
+        )
+        .bind(i)
+        .bind(format!("jti-{}", i % 50))
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+    }
+    tx.commit().await.expect("commit");
 }
