@@ -199,6 +199,12 @@ pub struct ServeArgs {
     /// store answers.
     #[arg(long, env = "INTENTGATE_AUDIT_DEADLINE_MS", default_value_t = 2000)]
     pub audit_deadline_ms: u64,
+    /// The SQLite audit writer thread's nice value (0-19; 0 keeps the process's). Below the
+    /// request threads' priority it lets calls queue for a commit instead of interrupting them:
+    /// a busy gateway spends less CPU a call (larger commits), a lone call waits a little
+    /// longer.
+    #[arg(long, env = "INTENTGATE_AUDIT_WRITER_NICE", default_value_t = crate::audit::DEFAULT_WRITER_NICE)]
+    pub audit_writer_nice: u8,
     /// Most connections served at once; one more is answered 503 (with `Retry-After`) and closed.
     #[arg(long, env = "INTENTGATE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -302,6 +308,8 @@ pub struct Config {
     pub max_components_per_tenant: usize,
     /// `INTENTGATE_AUDIT_DEADLINE_MS`.
     pub audit_deadline: Duration,
+    /// `INTENTGATE_AUDIT_WRITER_NICE`.
+    pub audit_writer_nice: u8,
     /// Most connections served at once.
     pub max_connections: usize,
     /// How the gateway verifies (and authenticates to) an https upstream, unless its entry in
@@ -331,6 +339,7 @@ impl Config {
     pub fn audit_config(&self) -> crate::audit::AuditConfig {
         crate::audit::AuditConfig {
             deadline: self.audit_deadline,
+            writer_nice: self.audit_writer_nice,
             ..crate::audit::AuditConfig::default()
         }
     }
@@ -512,6 +521,7 @@ impl std::fmt::Debug for Config {
             .field("telemetry", &self.telemetry)
             .field("max_components_per_tenant", &self.max_components_per_tenant)
             .field("audit_deadline", &self.audit_deadline)
+            .field("audit_writer_nice", &self.audit_writer_nice)
             .field("max_connections", &self.max_connections)
             .field("upstream_tls", &self.upstream_tls)
             .field("listener_tls", &self.listener_tls)
@@ -717,6 +727,12 @@ impl ServeArgs {
             10,
             60_000,
         )?);
+        let audit_writer_nice = ranged(
+            "INTENTGATE_AUDIT_WRITER_NICE",
+            u64::from(self.audit_writer_nice),
+            0,
+            u64::from(crate::audit::priority::MAX_NICE),
+        )? as u8;
         let body_timeout = Duration::from_millis(ranged(
             "INTENTGATE_BODY_TIMEOUT_MS",
             self.body_timeout_ms,
@@ -883,6 +899,7 @@ impl ServeArgs {
                 }
             },
             audit_deadline,
+            audit_writer_nice,
             max_connections,
             upstream_tls,
             listener_tls,
@@ -1076,6 +1093,23 @@ mod tests {
                 .to_string();
             assert!(e.starts_with("INTENTGATE_AUDIT_DEADLINE_MS"), "{e}");
         }
+    }
+
+    #[test]
+    fn audit_writer_nice_is_bounded() {
+        let c = parse(&[]).expect("defaults");
+        assert_eq!(
+            c.audit_config().writer_nice,
+            crate::audit::DEFAULT_WRITER_NICE
+        );
+        for ok in ["0", "19"] {
+            let c = parse(&["--audit-writer-nice", ok]).expect("valid");
+            assert_eq!(c.audit_config().writer_nice.to_string(), ok);
+        }
+        let e = parse(&["--audit-writer-nice", "20"])
+            .expect_err("must be refused")
+            .to_string();
+        assert!(e.starts_with("INTENTGATE_AUDIT_WRITER_NICE"), "{e}");
     }
 
     #[test]

@@ -147,6 +147,13 @@ fn run(
     shared: Shared,
     mut rx: mpsc::Receiver<Part>,
 ) {
+    let nice = shared.cfg.writer_nice;
+    match super::priority::lower_current_thread(nice) {
+        Ok(now) => tracing::debug!(nice = now, "audit writer priority"),
+        Err(e) => {
+            tracing::warn!(nice, error = %e, "cannot lower the audit writer's priority; it keeps the process's")
+        }
+    }
     let mut parts: Vec<Part> = Vec::new();
     // A second part of a tenant already in the batch waits for the next one (its writer hands
     // in one part at a time, so this is only a guard).
@@ -424,6 +431,59 @@ mod tests {
     };
 
     use crate::audit::{AuditConfig, AuditEvent, AuditLog, Db, LogKey, kinds};
+
+    /// The writer thread runs at the configured nice value (`INTENTGATE_AUDIT_WRITER_NICE`),
+    /// and only that thread: the test's own stays where it was.
+    #[tokio::test]
+    async fn the_writer_thread_runs_at_its_configured_priority() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("n.sqlite3"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .expect("pool");
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&pool)
+            .await
+            .expect("schema");
+        let base = rustix::process::getpriority_process(None).expect("own nice");
+        // A value no other test's writer uses, so that the thread found is this test's.
+        let cfg = AuditConfig {
+            writer_nice: 13,
+            ..AuditConfig::default()
+        };
+        let key = LogKey::from_seed("gw", [7; 32]).expect("key");
+        let log = AuditLog::open(Db::Sqlite(pool), key, cfg)
+            .await
+            .expect("audit");
+        log.append(AuditEvent::new(kinds::TOOL_CALL, "acme"))
+            .await
+            .expect("committed");
+        let writers: Vec<i32> = std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .filter_map(|t| {
+                let stat = std::fs::read_to_string(t.ok()?.path().join("stat")).ok()?;
+                let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+                // After the name: state is field 3, nice field 19.
+                let nice = rest.split(' ').nth(16)?.parse().ok()?;
+                (name == "intentgate-audi").then_some(nice)
+            })
+            .collect();
+        assert!(
+            writers.contains(&base.max(13)),
+            "no writer thread at nice {}: {writers:?}",
+            base.max(13)
+        );
+        assert_eq!(
+            rustix::process::getpriority_process(None).expect("own nice"),
+            base
+        );
+    }
 
     /// A file left in SQLite's rollback journal (a filesystem without WAL) has no log to sync
     /// beside the writer: its commits are answered on SQLite's own sync, not refused for want

@@ -29,6 +29,7 @@ pub mod jcs;
 pub mod key;
 pub mod log;
 pub mod offline;
+pub mod priority;
 pub mod query;
 pub mod time;
 pub mod verify;
@@ -109,7 +110,14 @@ pub struct AuditConfig {
     pub checkpoint_interval: Duration,
     /// How long `append` waits for its event to be durable (`INTENTGATE_AUDIT_DEADLINE_MS`).
     pub deadline: Duration,
+    /// The SQLite writer thread's nice value, 0 to 19; 0 leaves it at the process's
+    /// (`INTENTGATE_AUDIT_WRITER_NICE`, [`priority`]).
+    pub writer_nice: u8,
 }
+
+/// The SQLite writer thread's nice value unless configured: the process's own (see
+/// [`priority`] for what a higher value trades).
+pub const DEFAULT_WRITER_NICE: u8 = 0;
 
 impl Default for AuditConfig {
     fn default() -> Self {
@@ -120,6 +128,7 @@ impl Default for AuditConfig {
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(60),
             deadline: Duration::from_secs(2),
+            writer_nice: DEFAULT_WRITER_NICE,
         }
     }
 }
@@ -140,6 +149,12 @@ impl AuditConfig {
             return Err(AuditError::Config(
                 "checkpoint_every must be at least 1".into(),
             ));
+        }
+        if self.writer_nice > priority::MAX_NICE {
+            return Err(AuditError::Config(format!(
+                "writer_nice must be within 0..={}",
+                priority::MAX_NICE
+            )));
         }
         if self.deadline.is_zero() {
             return Err(AuditError::Config("deadline must be positive".into()));
