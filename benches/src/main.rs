@@ -155,6 +155,10 @@ struct Common {
     /// it runs at start). Default: the token-scope policy that `intentgate serve --demo` uses.
     #[arg(long, default_value_os_t = default_policy())]
     policy: PathBuf,
+    /// One more flag for every gateway started (`intentgate serve`'s own, e.g.
+    /// `--gateway-flag=--audit-writer-nice=8`); repeat it for several.
+    #[arg(long = "gateway-flag", allow_hyphen_values = true)]
+    gateway_flags: Vec<String>,
 }
 
 fn default_policy() -> PathBuf {
@@ -595,6 +599,7 @@ impl Rig {
         if self.annotate {
             args.push("--annotate-results".into());
         }
+        args.extend(common.gateway_flags.iter().cloned());
         let label = if store == "postgres" {
             if self._pg.is_none() {
                 self._pg = Some(pg::PgServer::start(root)?);
