@@ -147,6 +147,11 @@ fn run(
     shared: Shared,
     mut rx: mpsc::Receiver<Part>,
 ) {
+    if shared.cfg.writer_batch
+        && let Err(e) = super::priority::batch_current_thread()
+    {
+        tracing::warn!(error = %e, "cannot move the audit writer to SCHED_BATCH; its wake-ups preempt requests");
+    }
     let nice = shared.cfg.writer_nice;
     match super::priority::lower_current_thread(nice) {
         Ok(now) => tracing::debug!(nice = now, "audit writer priority"),
@@ -432,8 +437,8 @@ mod tests {
 
     use crate::audit::{AuditConfig, AuditEvent, AuditLog, Db, LogKey, kinds};
 
-    /// The writer thread runs at the configured nice value (`INTENTGATE_AUDIT_WRITER_NICE`),
-    /// and only that thread: the test's own stays where it was.
+    /// The writer thread runs in `SCHED_BATCH` at the configured nice value
+    /// (`INTENTGATE_AUDIT_WRITER_NICE`), and only that thread: the test's own stays where it was.
     #[tokio::test]
     async fn the_writer_thread_runs_at_its_configured_priority() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -464,19 +469,18 @@ mod tests {
         log.append(AuditEvent::new(kinds::TOOL_CALL, "acme"))
             .await
             .expect("committed");
-        let writers: Vec<i32> = std::fs::read_dir("/proc/self/task")
+        let writers: Vec<(i32, u32)> = std::fs::read_dir("/proc/self/task")
             .expect("tasks")
             .filter_map(|t| {
-                let stat = std::fs::read_to_string(t.ok()?.path().join("stat")).ok()?;
-                let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
-                // After the name: state is field 3, nice field 19.
-                let nice = rest.split(' ').nth(16)?.parse().ok()?;
-                (name == "intentgate-audi").then_some(nice)
+                let (name, nice, policy) =
+                    crate::audit::priority::scheduling_of(&t.ok()?.path().join("stat"))?;
+                (name == "intentgate-audi").then_some((nice, policy))
             })
             .collect();
+        // In the batch class (3) by default, at the configured nice value.
         assert!(
-            writers.contains(&base.max(13)),
-            "no writer thread at nice {}: {writers:?}",
+            writers.contains(&(base.max(13), 3)),
+            "no batch writer thread at nice {}: {writers:?}",
             base.max(13)
         );
         assert_eq!(

@@ -113,6 +113,9 @@ pub struct AuditConfig {
     /// The SQLite writer thread's nice value, 0 to 19; 0 leaves it at the process's
     /// (`INTENTGATE_AUDIT_WRITER_NICE`, [`priority`]).
     pub writer_nice: u8,
+    /// Whether the SQLite writer thread runs in Linux's `SCHED_BATCH` class, where its wake-ups
+    /// do not preempt requests (`INTENTGATE_AUDIT_WRITER_BATCH`, [`priority`]).
+    pub writer_batch: bool,
 }
 
 /// The SQLite writer thread's nice value unless configured: the process's own (see
@@ -129,6 +132,7 @@ impl Default for AuditConfig {
             checkpoint_interval: Duration::from_secs(60),
             deadline: Duration::from_secs(2),
             writer_nice: DEFAULT_WRITER_NICE,
+            writer_batch: true,
         }
     }
 }
