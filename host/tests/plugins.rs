@@ -874,15 +874,23 @@ fn calls_in_close_succession_do_not_wake_the_ticker_each_time() {
     })
     .expect("runtime");
     let pool = pool_on(&runtime, "ok", "ticker");
+    // A gap the ticker may rightly park in (it lingers 10 ticks, 20 ms): on a loaded machine
+    // a 3 ms sleep sometimes lasts that long, and the call after it wakes the ticker again.
+    let mut long_gaps = 0;
+    let mut last_end: Option<Instant> = None;
     for _ in 0..40 {
+        if last_end.is_some_and(|end| end.elapsed() > Duration::from_millis(15)) {
+            long_gaps += 1;
+        }
         pool.evaluate(&input("ticker", "x"), None).expect("ok");
+        last_end = Some(Instant::now());
         // Longer than a tick, so a ticker that parks at the first quiet tick parks here.
         std::thread::sleep(Duration::from_millis(3));
     }
     let wakes = runtime.ticker_wakes();
     assert!(
-        (1..=3).contains(&wakes),
-        "40 calls 3 ms apart woke the ticker {wakes} times"
+        (1..=3 + long_gaps).contains(&wakes),
+        "40 calls 3 ms apart woke the ticker {wakes} times ({long_gaps} gaps of over 15 ms)"
     );
     assert!(runtime.epoch_ticks() > 0, "the ticker ran during the calls");
 

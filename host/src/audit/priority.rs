@@ -6,9 +6,9 @@
 //! small and each call pays a share of a commit's fixed cost and of the cache it evicts.
 //! - In `SCHED_BATCH` (`INTENTGATE_AUDIT_WRITER_BATCH`, on by default) a wake-up no longer
 //!   preempts: the writer runs on an idle core at once, or when a runtime thread parks or its
-//!   slice ends. Its share of the CPU is unchanged. Saturated, the gateway made 10-36 % more
-//!   calls a second for 14-33 % less CPU a call; one call in flight (the other core idle) was
-//!   not slower.
+//!   slice ends. Its share of the CPU is unchanged. Saturated, the gateway made 16 % more calls
+//!   a second for 20 % less CPU a call (means of eight interleaved pairs); one call in flight
+//!   (the other core idle) was not slower.
 //! - A nice value above the process's (`INTENTGATE_AUDIT_WRITER_NICE`) also shrinks the
 //!   writer's share: 7-23 % more calls a second saturated, but one call in flight waits about
 //!   9 % longer, so it stays opt-in.
