@@ -14,6 +14,8 @@
 //! - [`verify`]: walks a tenant's chain in the database, optionally against a checkpoint.
 //! - [`export`]: streamed CSV / NDJSON with bounded memory.
 //! - [`offline`]: verifies an NDJSON export against a checkpoint and public key, no gateway needed.
+//! - [`priority`]: the SQLite writer thread's scheduling class (`SCHED_BATCH`, so its wake-ups
+//!   do not preempt requests) and nice value.
 //!
 //! This module must never acknowledge an event that is not committed, never drop an event it
 //! acknowledged, and never let two writers extend one tenant's chain from the same head.
