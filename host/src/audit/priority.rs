@@ -99,7 +99,12 @@ mod tests {
         assert_eq!(before.2, policy);
         assert_eq!(after.2, SCHED_BATCH);
         assert_eq!(after.1, before.1, "the class change moved the nice value");
-        assert_eq!(own(), (own().0, nice, policy));
+        let (_, nice_after, policy_after) = own();
+        assert_eq!(
+            (nice_after, policy_after),
+            (nice, policy),
+            "the test thread moved"
+        );
     }
 
     /// Only the calling thread moves, and never up.
