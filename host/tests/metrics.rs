@@ -263,6 +263,8 @@ async fn decisions_match_the_calls_by_outcome_and_the_reference_parser_reads_the
     assert!(m.value("intentgate_audit_events_total", &[]) >= 11.0);
     assert!(m.value("intentgate_audit_batch_events_count", &[]) >= 1.0);
     assert!(m.value("intentgate_audit_commit_duration_seconds_count", &[]) >= 1.0);
+    // The commits of this SQLite store were synced, each sync timed.
+    assert!(m.value("intentgate_audit_sync_duration_seconds_count", &[]) >= 1.0);
     assert!(m.value("intentgate_plugin_instances", &[]) >= 1.0);
     let age = m.value("intentgate_revocation_sync_age_seconds", &[]);
     assert!((0.0..60.0).contains(&age), "synced at start: {age}");

@@ -73,9 +73,9 @@ impl SqliteCommitter {
         let mark = shared.outbox.durable().clone();
         let durable = if journal.eq_ignore_ascii_case("wal") {
             conn.pragma_update(None, "synchronous", "NORMAL")?;
-            Durability::start(path, mark)?
+            Durability::start(path, mark, Arc::clone(&shared.counters))?
         } else {
-            Durability::by_sqlite(mark)
+            Durability::by_sqlite(mark, Arc::clone(&shared.counters))
         };
         let wal = WalCopier::start(open(path)?)?;
         let (parts, rx) = mpsc::channel(PARTS_QUEUE);

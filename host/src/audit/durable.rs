@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 
 use super::AuditError;
 use super::commit::{Committed, Entry};
+use super::log::Counters;
 
 /// A part's answer: its entries (settling may have rewritten some) and what came of them.
 pub(super) type Answer = (Vec<Entry>, Result<Committed, AuditError>);
@@ -118,30 +119,36 @@ pub(super) struct Durability {
     file: Option<Arc<File>>,
     mark: DurableMark,
     behind: mpsc::Sender<(Arc<File>, Committing)>,
+    counters: Arc<Counters>,
 }
 
 impl Durability {
     /// Starts the sync thread for the log of the database file `db`; it ends with the handle.
-    pub(super) fn start(db: &Path, mark: DurableMark) -> Result<Self, AuditError> {
+    pub(super) fn start(
+        db: &Path,
+        mark: DurableMark,
+        counters: Arc<Counters>,
+    ) -> Result<Self, AuditError> {
         let mut wal = db.as_os_str().to_owned();
         wal.push("-wal");
         let (behind, queued) = mpsc::channel();
-        let m = mark.clone();
+        let (m, c) = (mark.clone(), Arc::clone(&counters));
         std::thread::Builder::new()
             .name("intentgate-wal-sync".into())
-            .spawn(move || run(queued, m))
+            .spawn(move || run(queued, m, &c))
             .map_err(|e| AuditError::Config(format!("cannot start the WAL sync thread: {e}")))?;
         Ok(Self {
             wal: Some(PathBuf::from(wal)),
             file: None,
             mark,
             behind,
+            counters,
         })
     }
 
     /// For a writer whose connection syncs at every commit (`synchronous=FULL`): a batch is
     /// durable when its transaction has ended.
-    pub(super) fn by_sqlite(mark: DurableMark) -> Self {
+    pub(super) fn by_sqlite(mark: DurableMark, counters: Arc<Counters>) -> Self {
         // No thread: nothing is ever handed to it.
         let (behind, _) = mpsc::channel();
         Self {
@@ -149,6 +156,7 @@ impl Durability {
             file: None,
             mark,
             behind,
+            counters,
         }
     }
 
@@ -170,7 +178,7 @@ impl Durability {
             Err(e) => return fail(&self.mark, vec![batch], e),
         };
         if now {
-            match file.sync_data() {
+            match sync(&file, &self.counters) {
                 Ok(()) => {
                     self.mark.reached(batch.seq);
                     answer(batch);
@@ -205,7 +213,15 @@ impl Durability {
     }
 }
 
-fn run(queued: mpsc::Receiver<(Arc<File>, Committing)>, mark: DurableMark) {
+/// One `fdatasync` of the log, timed.
+fn sync(file: &File, counters: &Counters) -> std::io::Result<()> {
+    let started = std::time::Instant::now();
+    let synced = file.sync_data();
+    counters.commits.synced(started.elapsed());
+    synced
+}
+
+fn run(queued: mpsc::Receiver<(Arc<File>, Committing)>, mark: DurableMark, counters: &Counters) {
     while let Ok((file, first)) = queued.recv() {
         // One sync for everything committed before it.
         let mut batches = vec![first];
@@ -217,7 +233,7 @@ fn run(queued: mpsc::Receiver<(Arc<File>, Committing)>, mark: DurableMark) {
             fail(&mark, batches, e);
             continue;
         }
-        match file.sync_data() {
+        match sync(&file, counters) {
             Ok(()) => {
                 let last = batches.iter().map(|b| b.seq).max().unwrap_or(0);
                 mark.reached(last);
@@ -301,7 +317,8 @@ mod tests {
             .expect("nothing begun")
             .expect("not failed");
 
-        let mut d = Durability::start(&db, mark.clone()).expect("start");
+        let counters = Arc::new(Counters::default());
+        let mut d = Durability::start(&db, mark.clone(), Arc::clone(&counters)).expect("start");
         let first = mark.begin();
         let second = mark.begin();
         let waiting = reader(&mark);
@@ -323,6 +340,8 @@ mod tests {
         passes(waiting, "passes once both are synced").await;
         let third = mark.begin();
         assert_eq!(third, 3);
+        // Each sync was timed, on the writer's thread and on the sync thread alike.
+        assert_eq!(counters.commits.syncs(), 2);
     }
 
     /// Without a log (SQLite syncs at commit), a batch is answered, and the mark moves, as soon
@@ -330,7 +349,8 @@ mod tests {
     #[tokio::test]
     async fn without_a_log_sqlite_s_own_sync_stands() {
         let mark = DurableMark::default();
-        let mut d = Durability::by_sqlite(mark.clone());
+        let counters = Arc::new(Counters::default());
+        let mut d = Durability::by_sqlite(mark.clone(), Arc::clone(&counters));
         let seq = mark.begin();
         let waiting = reader(&mark);
         let (b, a) = batch(seq);
@@ -338,6 +358,11 @@ mod tests {
         a.await.expect("answered").1.expect("committed");
         assert!(!d.failed());
         passes(waiting, "the mark moved").await;
+        assert_eq!(
+            counters.commits.syncs(),
+            0,
+            "SQLite synced at commit: nothing to time here"
+        );
     }
 
     /// A log that cannot be synced (here: it does not exist) refuses the batch, every later
@@ -347,7 +372,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("missing.db");
         let mark = DurableMark::default();
-        let mut d = Durability::start(&db, mark.clone()).expect("start");
+        let counters = Arc::new(Counters::default());
+        let mut d = Durability::start(&db, mark.clone(), counters).expect("start");
         let (b, a) = batch(mark.begin());
         d.settle(b, true);
         let refused = a.await.expect("answered").1;

@@ -1,7 +1,9 @@
 //! The audit writers' batches: events per committed batch (`intentgate_audit_batch_events`)
 //! and commit latency (`intentgate_audit_commit_duration_seconds`), recorded by each tenant's
-//! writer around its commit; plus the writers' counters ([`crate::audit::AuditStats`]) at
-//! scrape time.
+//! writer around its commit; on SQLite, the latency of each sync of the write-ahead log
+//! (`intentgate_audit_sync_duration_seconds`: what the disk charges for durability, the floor
+//! under every commit); plus the writers' counters ([`crate::audit::AuditStats`]) at scrape
+//! time.
 //!
 //! This module must never label with a tenant (the per-tenant view is the decisions counter).
 
@@ -15,6 +17,7 @@ use crate::audit::AuditStats;
 pub struct AuditCommits {
     batch_events: Sizes,
     commit_seconds: Latency,
+    sync_seconds: Latency,
 }
 
 impl AuditCommits {
@@ -29,6 +32,17 @@ impl AuditCommits {
     /// Batches recorded so far.
     pub fn commits(&self) -> u64 {
         self.commit_seconds.count()
+    }
+
+    /// One sync of the SQLite write-ahead log took `elapsed` (failed ones included: a disk that
+    /// fails slowly shows here first).
+    pub fn synced(&self, elapsed: Duration) {
+        self.sync_seconds.observe_duration(elapsed);
+    }
+
+    /// Syncs recorded so far.
+    pub fn syncs(&self) -> u64 {
+        self.sync_seconds.count()
     }
 
     pub fn write(&self, e: &mut Exposition, stats: &AuditStats) {
@@ -74,5 +88,11 @@ impl AuditCommits {
             "Latency of one audit batch commit (events, charges and chain head in one transaction).",
         );
         self.commit_seconds.write(&mut f, &Labels::NONE);
+        let mut f = e.family(
+            "intentgate_audit_sync_duration_seconds",
+            Kind::Histogram,
+            "Latency of one sync (fdatasync) of the SQLite audit store's write-ahead log; none on PostgreSQL.",
+        );
+        self.sync_seconds.write(&mut f, &Labels::NONE);
     }
 }
