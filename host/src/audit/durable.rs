@@ -14,6 +14,9 @@
 //! directory, when this module first opens it: SQLite would do that at its own first sync of a
 //! new log, which `NORMAL` defers to the first checkpoint.
 //!
+//! Every sync is timed for `/metrics` (`intentgate_audit_sync_duration_seconds`): under load it
+//! is about half of a commit's time, and the first thing a slow disk shows.
+//!
 //! A failed sync leaves commits in the log that are visible and may not be durable: the writer
 //! cannot tell what the device kept. So a failure is final for the process: every waiting part
 //! and every later one is refused (fail closed) until the gateway is restarted and SQLite
