@@ -110,68 +110,8 @@ pub(crate) fn decide<'a>(
     out
 }
 
-pub(crate) const LOCK_PREFIX: &str = "INSERT INTO counters (key, window_start, value, updated_at) ";
-// The no-op update makes the upsert lock and return existing rows as well as new ones.
-pub(crate) const LOCK_SUFFIX: &str = " ON CONFLICT (key, window_start) DO UPDATE SET value = counters.value \
-     RETURNING key, window_start, value";
-pub(crate) const WRITE_PREFIX: &str =
-    "INSERT INTO counters (key, window_start, value, updated_at) ";
-pub(crate) const WRITE_SUFFIX: &str = " ON CONFLICT (key, window_start) DO UPDATE \
-     SET value = excluded.value, updated_at = excluded.updated_at";
-
-/// Settles the debits of `$entries` (a `&mut [Entry]`) inside the open transaction `$tx`:
-/// locks and reads the counters, decides in order, writes the new values, and marks each
-/// refused entry. Evaluates to `Result<(), AuditError>`.
-macro_rules! settle {
-    ($db:ty, $tx:expr, $entries:expr) => {{
-        use std::collections::BTreeMap;
-        use $crate::audit::charges::{self, Slot};
-        let entries: &mut [Entry] = $entries;
-        let slots = charges::slots(entries.iter().map(|e| e.debits.as_slice()));
-        if slots.is_empty() {
-            Ok::<(), AuditError>(())
-        } else {
-            let now = $crate::audit::time::now_ms() / 1000;
-            let mut qb = sqlx::QueryBuilder::<$db>::new(charges::LOCK_PREFIX);
-            qb.push_values(slots.iter(), |mut b, (key, window)| {
-                b.push_bind(key.as_str())
-                    .push_bind(*window)
-                    .push_bind(0i64)
-                    .push_bind(now);
-            });
-            qb.push(charges::LOCK_SUFFIX);
-            let rows: Vec<(String, i64, i64)> = qb.build_query_as().fetch_all(&mut *$tx).await?;
-            let before: BTreeMap<Slot, i64> =
-                rows.into_iter().map(|(k, w, v)| ((k, w), v)).collect();
-            let mut values = before.clone();
-            let refused = charges::decide(&mut values, entries.iter().map(|e| e.debits.as_slice()));
-            let changed: Vec<(&Slot, &i64)> = values
-                .iter()
-                .filter(|(slot, v)| before.get(*slot) != Some(*v))
-                .collect();
-            if !changed.is_empty() {
-                let mut qb = sqlx::QueryBuilder::<$db>::new(charges::WRITE_PREFIX);
-                qb.push_values(changed.iter(), |mut b, ((key, window), value)| {
-                    b.push_bind(key.as_str())
-                        .push_bind(*window)
-                        .push_bind(**value)
-                        .push_bind(now);
-                });
-                qb.push(charges::WRITE_SUFFIX);
-                qb.build().execute(&mut *$tx).await?;
-            }
-            for (entry, refused) in entries.iter_mut().zip(refused) {
-                if let Some(i) = refused {
-                    entry.refuse(i);
-                }
-            }
-            Ok(())
-        }
-    }};
-}
-pub(crate) use settle;
-
-/// [`settle!`] on the SQLite writer's own connection (`committer.rs`): the transaction holds the
+/// Settles the debits on the SQLite writer's own connection (`committer.rs`; PostgreSQL's is
+/// `postgres.rs`): the transaction holds the
 /// database write lock, so each counter is read as it stands, every debit is decided in queue
 /// order in memory, and only the counters that changed are written back, each statement prepared
 /// once for the life of the connection.

@@ -2,7 +2,7 @@
 //! batch's budget debits ([`charges`]), hash the events onto the chain, insert them, sign a
 //! checkpoint when due, and move the head with a compare-and-set.
 //!
-//! PostgreSQL commits each tenant writer's batch in its own transaction ([`commit_postgres`]):
+//! PostgreSQL commits each tenant writer's batch in its own transaction (`postgres.rs`):
 //! writers run in parallel on separate connections, and a head row lock orders replicas.
 //! SQLite has one writer at a time: its committer thread (`committer.rs`) commits every
 //! tenant's batch in one transaction on its own connection, with the chain arithmetic
@@ -11,15 +11,12 @@
 //! This module must never commit a part it could not write whole, and never answer a part
 //! before the transaction holding it committed.
 
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-
-use super::charges::{self, Debit};
+use super::charges::Debit;
 use super::checkpoint::{Checkpoint, origin_for};
 use super::event::CanonicalOpen;
 use super::key::hex;
-use super::log::{Appended, GENESIS, Shared, link_hash};
-use super::{AuditConfig, AuditError, AuditEvent, LogKey, time};
+use super::log::{Appended, link_hash};
+use super::{AuditConfig, AuditError, AuditEvent, LogKey};
 use crate::approvals::ApprovalWrite;
 
 /// An event in a batch, with the debits to settle in its transaction.
@@ -29,7 +26,7 @@ pub(crate) struct Entry {
     /// writer); `None` when the event changed after (a refusal) or for late records.
     pub(crate) canonical: Option<CanonicalOpen>,
     pub(crate) debits: Vec<Debit>,
-    /// Set by [`charges::settle`] when a debit refused the entry (or by an approval write
+    /// Set when a debit refused the entry (or by an approval write
     /// whose condition failed).
     pub(crate) refused: Option<String>,
     /// A change to the approval queue recorded by this event (`crate::approvals::record`).
@@ -183,164 +180,3 @@ pub(super) const CHECKPOINT_INSERT: &str = "INSERT INTO audit_checkpoints (tenan
      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, size) DO NOTHING";
 pub(super) const INSERT_PREFIX: &str = "INSERT INTO audit_events (tenant, seq, ts_ms, event, decision, check_name, \
      agent_id, tool, jti, root_jti, elevation_id, body, prev_hash, hash) ";
-
-/// Binds one row of [`INSERT_PREFIX`]'s columns in a PostgreSQL query builder.
-macro_rules! push_row {
-    ($b:expr, $tenant:expr, $r:expr) => {{
-        let r: &NewRow = $r;
-        let mut b = $b;
-        b.push_bind($tenant)
-            .push_bind(r.seq)
-            .push_bind(r.ts_ms)
-            .push_bind(r.kind.as_str())
-            .push_bind(r.decision)
-            .push_bind(r.check.as_str())
-            .push_bind(r.agent_id.as_str())
-            .push_bind(r.tool.as_str())
-            .push_bind(r.jti.as_str())
-            .push_bind(r.root_jti.as_str())
-            .push_bind(r.elevation_id.as_str())
-            .push_bind(r.body.as_str())
-            .push_bind(r.prev_hash.as_str())
-            .push_bind(r.hash.as_str());
-    }};
-}
-
-/// One tenant's batch (or a checkpoint, with no events) inside the open transaction `$tx`
-/// (PostgreSQL; `$lock` is appended to the head read). It does not commit.
-macro_rules! write_part {
-    ($db:ty, $tx:expr, $lock:expr, $shared:expr, $tenant:expr, $events:expr, $force:expr) => {{
-        let shared: &Shared = $shared;
-        let tenant: &str = $tenant;
-        let tx: &mut <$db as sqlx::Database>::Connection = &mut **$tx;
-        let select = format!("{HEAD_SELECT}{}", $lock);
-        let mut head: Option<(i64, String, i64)> = sqlx::query_as(&select)
-            .bind(tenant)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if head.is_none() {
-            sqlx::query(HEAD_INSERT)
-                .bind(tenant)
-                .bind(hex::encode(&GENESIS))
-                .execute(&mut *tx)
-                .await?;
-            head = sqlx::query_as(&select)
-                .bind(tenant)
-                .fetch_optional(&mut *tx)
-                .await?;
-        }
-        let (seq, hash, checkpoint_size) = head
-            .ok_or_else(|| AuditError::Integrity(format!("chain head of {tenant:?} vanished")))?;
-        let head = Head {
-            seq,
-            hash,
-            checkpoint_size,
-        };
-        // Approval writes, then budget debits, before the chain: a refusal rewrites its event
-        // before it is hashed; a consumed approval whose call a debit refused is given back.
-        crate::approvals::record::apply!(tx, tenant, $events)?;
-        charges::settle!($db, tx, $events)?;
-        crate::approvals::record::restore!(tx, tenant, $events)?;
-        let (rows, new_head, checkpoint) =
-            plan(&head, tenant, $events, &shared.key, &shared.cfg, $force)?;
-        let mut appended = Vec::with_capacity(rows.len());
-        let mut last_id = 0i64;
-        let mut last_ts = 0i64;
-        if !rows.is_empty() {
-            let mut qb = sqlx::QueryBuilder::<$db>::new(INSERT_PREFIX);
-            qb.push_values(rows.iter(), |b, r| push_row!(b, tenant, r));
-            qb.push(" RETURNING id, seq");
-            let ids: Vec<(i64, i64)> = qb.build_query_as().fetch_all(&mut *tx).await?;
-            let by_seq: HashMap<i64, i64> = ids.into_iter().map(|(id, seq)| (seq, id)).collect();
-            for r in &rows {
-                let id = *by_seq.get(&r.seq).ok_or_else(|| {
-                    AuditError::Integrity(format!("insert returned no id for seq {}", r.seq))
-                })?;
-                last_id = last_id.max(id);
-                last_ts = r.ts_ms;
-                appended.push(Appended {
-                    id,
-                    seq: r.seq as u64,
-                    hash: r.hash.clone(),
-                    refused: None,
-                    refused_check: String::new(),
-                });
-            }
-        }
-        // The outbox rows of the events, in their transaction (see crate::outbox).
-        let outboxed =
-            crate::outbox::store::enqueue!($db, tx, &shared.outbox, tenant, $events, &appended)?;
-        if let Some((cp, note)) = &checkpoint {
-            sqlx::query(CHECKPOINT_INSERT)
-                .bind(tenant)
-                .bind(cp.size as i64)
-                .bind(hex::encode(&cp.root_hash))
-                .bind(shared.key.name())
-                .bind(note.as_str())
-                .bind(time::now_ms())
-                .execute(&mut *tx)
-                .await?;
-        }
-        if !rows.is_empty() || checkpoint.is_some() {
-            let mut update = sqlx::query(HEAD_UPDATE)
-                .bind(new_head.seq)
-                .bind(new_head.hash.as_str())
-                .bind(new_head.checkpoint_size);
-            update = if rows.is_empty() {
-                // Checkpoint only: keep the head's event id and time.
-                update.bind(None::<i64>).bind(None::<i64>)
-            } else {
-                update.bind(Some(last_id)).bind(Some(last_ts))
-            };
-            let done = update
-                .bind(tenant)
-                .bind(head.seq)
-                .bind(head.hash.as_str())
-                .execute(&mut *tx)
-                .await?;
-            if done.rows_affected() != 1 {
-                return Err(AuditError::Integrity(format!(
-                    "chain head of {tenant:?} moved under a held lock"
-                )));
-            }
-        }
-        Ok(Committed {
-            appended,
-            uncovered: new_head.seq > new_head.checkpoint_size,
-            checkpointed: checkpoint.is_some(),
-            outboxed,
-        })
-    }};
-}
-
-/// Commits one tenant's batch in its own PostgreSQL transaction.
-pub(crate) async fn commit_postgres(
-    pool: &sqlx::PgPool,
-    shared: &Shared,
-    tenant: &str,
-    entries: &mut [Entry],
-    force: bool,
-) -> Result<Committed, AuditError> {
-    let mut tx = pool.begin().await?;
-    let written: Result<Committed, AuditError> = async {
-        write_part!(
-            sqlx::Postgres,
-            &mut tx,
-            " FOR UPDATE",
-            shared,
-            tenant,
-            entries,
-            force
-        )
-    }
-    .await;
-    let done = written?;
-    tx.commit().await?;
-    if done.checkpointed {
-        shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-    }
-    if done.outboxed {
-        shared.outbox.ring();
-    }
-    Ok(done)
-}

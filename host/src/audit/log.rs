@@ -35,8 +35,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::charges::Debit;
-use super::commit::{Committed, Entry, commit_postgres};
+use super::commit::{Committed, Entry};
 use super::committer::SqliteCommitter;
+use super::postgres::commit_postgres;
 use super::{AuditConfig, AuditError, AuditEvent, Db, LogKey, Verifier, time};
 use crate::approvals::ApprovalWrite;
 

@@ -31,6 +31,7 @@ pub mod jcs;
 pub mod key;
 pub mod log;
 pub mod offline;
+mod postgres;
 pub mod priority;
 pub mod query;
 pub mod time;
