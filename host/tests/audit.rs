@@ -278,6 +278,39 @@ async fn postgres_duplicate_position_is_refused() {
     duplicate_position_is_refused(&postgres_at(&postgres_url().await).await).await;
 }
 
+/// A PostgreSQL tenant writer keeps its connection between batches, unpinged. When the server
+/// ends that connection (a restart, an administrator), the next batch takes another and
+/// commits: no call is refused for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_kept_connection_that_died_is_replaced() {
+    use sqlx::Connection as _;
+    let url = postgres_url().await;
+    let db = postgres_at(&url).await;
+    let log = AuditLog::open(db.clone(), test_key(), quiet_config())
+        .await
+        .expect("open");
+    let mut admin = sqlx::PgConnection::connect(&url)
+        .await
+        .expect("admin connection");
+    for round in 0..3 {
+        // Back to back: the writer keeps the connection of the last batch.
+        append_n(&log, "t", 3).await;
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND application_name = 'intentgate'",
+        )
+        .fetch_all(&mut admin)
+        .await
+        .expect("terminate");
+        assert!(ended.contains(&true), "round {round}: no connection to end");
+        log.append(event("t", 100 + round))
+            .await
+            .expect("the batch after the connection died commits");
+    }
+    assert_eq!(count_rows(&db, "t").await, 12);
+}
+
 /// The SQLite committer writes every tenant's part in one transaction: a tenant whose stored
 /// head is unusable is refused alone; the others in the same batches commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::charges::Debit;
 use super::commit::{Committed, Entry};
 use super::committer::SqliteCommitter;
-use super::postgres::commit_postgres;
+use super::postgres::{HOLD_IDLE, Held, commit_postgres};
 use super::{AuditConfig, AuditError, AuditEvent, Db, LogKey, Verifier, time};
 use crate::approvals::ApprovalWrite;
 
@@ -108,6 +108,9 @@ pub(crate) struct Shared {
     sqlite: Option<SqliteCommitter>,
     /// Where committed events go next: the outbox routing table (empty: no destination).
     pub(crate) outbox: crate::outbox::Router,
+    /// PostgreSQL: how many tenant writers may keep a pooled connection between batches
+    /// (`postgres.rs`); at most half the pool, so other queries always find one.
+    pub(crate) held: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Default)]
@@ -188,6 +191,9 @@ impl AuditLog {
             counters: Arc::default(),
             sqlite: None,
             outbox: crate::outbox::Router::default(),
+            held: Arc::new(tokio::sync::Semaphore::new(
+                crate::store::PG_MAX_CONNECTIONS as usize / 2,
+            )),
         };
         if let Db::Sqlite(pool) = &shared.db {
             shared.sqlite = Some(SqliteCommitter::start(pool, shared.clone())?);
@@ -331,6 +337,7 @@ impl AuditLog {
         let writer = Writer {
             shared: self.inner.shared.clone(),
             tenant: tenant.to_owned(),
+            held: None,
         };
         tokio::spawn(writer.run(rx));
         let mut next = HashMap::clone(&current);
@@ -356,9 +363,10 @@ impl AuditLog {
     /// Signs a checkpoint of `tenant`'s current head unless the newest checkpoint already covers
     /// it, and returns the newest checkpoint note (`None` when the chain is empty).
     pub async fn checkpoint_now(&self, tenant: &str) -> Result<Option<String>, AuditError> {
-        let writer = Writer {
+        let mut writer = Writer {
             shared: self.inner.shared.clone(),
             tenant: tenant.to_owned(),
+            held: None,
         };
         writer.checkpoint().await?;
         Ok(
@@ -439,13 +447,15 @@ fn late_record(entry: &Entry, committed: Option<i64>) -> Option<Entry> {
 struct Writer {
     shared: Shared,
     tenant: String,
+    /// PostgreSQL: the connection kept from the last batch while more follow.
+    held: Option<Held>,
 }
 
 impl Writer {
     /// Commits a batch; the entries come back (settling may have rewritten some as refusals;
     /// they are lost only if the SQLite committer itself is gone).
     async fn commit(
-        &self,
+        &mut self,
         mut entries: Vec<Entry>,
         force: bool,
     ) -> (Vec<Entry>, Result<Committed, AuditError>) {
@@ -455,15 +465,22 @@ impl Writer {
             }
             (Db::Sqlite(_), None) => (entries, Err(AuditError::Unavailable)),
             (Db::Postgres(pool), _) => {
-                let done =
-                    commit_postgres(pool, &self.shared, &self.tenant, &mut entries, force).await;
+                let done = commit_postgres(
+                    pool,
+                    &mut self.held,
+                    &self.shared,
+                    &self.tenant,
+                    &mut entries,
+                    force,
+                )
+                .await;
                 (entries, done)
             }
         }
     }
 
     /// Signs a checkpoint of the current head if it is not covered yet.
-    async fn checkpoint(&self) -> Result<bool, AuditError> {
+    async fn checkpoint(&mut self) -> Result<bool, AuditError> {
         self.commit(Vec::new(), true).await.1.map(|c| !c.uncovered)
     }
 
@@ -477,7 +494,7 @@ impl Writer {
         late.push(record);
     }
 
-    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let cfg = self.shared.cfg.clone();
         let mut batch: Vec<Job> = Vec::with_capacity(cfg.max_batch);
         // When set: the head is not covered by a checkpoint, sign one by then.
@@ -485,11 +502,14 @@ impl Writer {
         // Records of callers that gave up at the deadline, written with the next commit.
         let mut late: Vec<Entry> = Vec::new();
         loop {
-            let late_due = (!late.is_empty()).then(|| tokio::time::Instant::now() + LATE_RETRY);
-            let wake = match (checkpoint_due, late_due) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let now = tokio::time::Instant::now();
+            let late_due = (!late.is_empty()).then(|| now + LATE_RETRY);
+            // A connection kept for the next batch goes back to the pool when none comes.
+            let release_due = self.held.is_some().then(|| now + HOLD_IDLE);
+            let wake = [checkpoint_due, late_due, release_due]
+                .into_iter()
+                .flatten()
+                .min();
             let first = match wake {
                 Some(due) => tokio::select! {
                     biased;
@@ -497,6 +517,10 @@ impl Writer {
                         Some(job) => Some(job),
                         None => break,
                     },
+                    _ = tokio::time::sleep_until(due), if release_due == Some(due) => {
+                        self.held = None;
+                        continue;
+                    }
                     _ = tokio::time::sleep_until(due), if late_due == Some(due) => None,
                     _ = tokio::time::sleep_until(due) => {
                         checkpoint_due = match self.checkpoint().await {

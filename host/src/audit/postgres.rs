@@ -17,6 +17,10 @@
 //! head to lock in step 2: it rolls back and starts again, creating the head before it locks
 //! the counters.
 //!
+//! A tenant writer keeps its connection from one batch to the next while batches follow
+//! (up to [`HOLD_IDLE`] apart, and at most half the pool across writers): a connection taken
+//! from the pool costs sqlx's liveness ping before `BEGIN` and another when it goes back.
+//!
 //! Approval writes and outbox rows, when a batch has any, and a due checkpoint add their own
 //! statements in the same transaction. Every variable-length list is bound as an array
 //! (`UNNEST`), so each statement's text is the same for every batch size and stays prepared
@@ -28,7 +32,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
-use sqlx::PgConnection;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, Postgres};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::charges::{self, Slot};
 use super::commit::{CHECKPOINT_INSERT, Committed, Entry, HEAD_INSERT, Head, NewRow, plan};
@@ -87,21 +96,82 @@ const BATCH_WRITE: &str = "WITH c AS ( \
 const HEAD_COVER: &str = "UPDATE audit_chain_heads SET checkpoint_size = $1 \
      WHERE tenant = $2 AND seq = $3 AND hash = $4";
 
-/// Commits one tenant's batch in its own PostgreSQL transaction.
+/// A pooled connection a tenant writer keeps between batches, with its share of the pool and
+/// the time it was taken.
+pub(crate) type Held = (PoolConnection<Postgres>, OwnedSemaphorePermit, Instant);
+
+/// How long a tenant writer keeps its connection when no batch follows.
+pub(crate) const HOLD_IDLE: Duration = Duration::from_millis(100);
+/// How long a tenant writer keeps one connection at most, so the pool's lifetime limits apply.
+const HOLD_MAX: Duration = Duration::from_secs(60);
+
+/// Commits one tenant's batch in its own PostgreSQL transaction, on the connection `held` from
+/// the last batch or on one from the pool, which it then keeps when a share of the pool is free
+/// (`Shared::held`). A connection taken from the pool is pinged first; a kept one is not, so a
+/// kept connection whose `BEGIN` fails (the server restarted) is replaced by one from the pool
+/// (nothing of the batch was sent). A connection that failed is given back, never kept.
 pub(crate) async fn commit_postgres(
     pool: &sqlx::PgPool,
+    held: &mut Option<Held>,
     shared: &Shared,
     tenant: &str,
     entries: &mut [Entry],
     force: bool,
 ) -> Result<Committed, AuditError> {
-    let mut tx = pool.begin().await?;
+    let (mut conn, mut permit, mut since) = match held.take() {
+        Some((conn, permit, since)) => (conn, Some(permit), since),
+        None => (pool.acquire().await?, None, Instant::now()),
+    };
+    let done = loop {
+        match commit_on(&mut conn, shared, tenant, entries, force).await {
+            Ok(done) => break done,
+            Err(Failed::Begin(e)) if permit.is_some() => {
+                tracing::info!(tenant, error = %e, "audit: a kept PostgreSQL connection failed; taking another");
+                (conn, permit, since) = (pool.acquire().await?, None, Instant::now());
+            }
+            Err(Failed::Begin(e)) => return Err(e.into()),
+            Err(Failed::Batch(e)) => return Err(e),
+        }
+    };
+    if since.elapsed() < HOLD_MAX {
+        let permit = permit.or_else(|| Arc::clone(&shared.held).try_acquire_owned().ok());
+        *held = permit.map(|permit| (conn, permit, since));
+    }
+    Ok(done)
+}
+
+/// Why [`commit_on`] failed: before anything was sent, or in the batch.
+enum Failed {
+    Begin(sqlx::Error),
+    Batch(AuditError),
+}
+
+impl From<sqlx::Error> for Failed {
+    fn from(e: sqlx::Error) -> Self {
+        Failed::Batch(e.into())
+    }
+}
+
+impl From<AuditError> for Failed {
+    fn from(e: AuditError) -> Self {
+        Failed::Batch(e)
+    }
+}
+
+async fn commit_on(
+    conn: &mut PgConnection,
+    shared: &Shared,
+    tenant: &str,
+    entries: &mut [Entry],
+    force: bool,
+) -> Result<Committed, Failed> {
+    let mut tx = conn.begin().await.map_err(Failed::Begin)?;
     let mut done = write(&mut tx, shared, tenant, entries, force, true).await?;
     if done.is_none() {
         // The tenant has no head yet: start again and create it before any counter is locked,
         // so that every writer takes the head's lock before the counters'.
         tx.rollback().await?;
-        tx = pool.begin().await?;
+        tx = conn.begin().await?;
         done = write(&mut tx, shared, tenant, entries, force, false).await?;
     }
     let done =
