@@ -187,6 +187,10 @@ struct LoadOpts {
     /// Open loop: offer this fraction of each system's closed-loop saturation (0 disables).
     #[arg(long, default_value_t = 0.5)]
     open_fraction: f64,
+    /// Open loop: offer this many calls a second to every system instead of a fraction of its
+    /// saturation (to compare builds at equal load).
+    #[arg(long)]
+    open_rate: Option<f64>,
     /// Open loop: most calls in flight (clients available to the pacer).
     #[arg(long, default_value_t = 256)]
     open_connections: usize,
@@ -1053,7 +1057,7 @@ fn load(o: LoadOpts) -> Result<(), String> {
             if !is_gw && rig.systems.iter().any(|s| s.gateway) {
                 continue;
             }
-            let rate = (saturation * o.open_fraction).max(1.0);
+            let rate = o.open_rate.unwrap_or(saturation * o.open_fraction).max(1.0);
             let r = measure(
                 &rt,
                 &rig,

@@ -1127,3 +1127,52 @@ async fn insert_bare_events(pool: &sqlx::SqlitePool, n: i64) {
     }
     tx.commit().await.expect("commit");
 }
+
+/// A session id the SQLite file has no row for is remembered by every store of that file in
+/// this process, so a handshake-era call does not read the file to learn its session was not
+/// ended; a write through any of them makes them read again.
+#[tokio::test]
+async fn sqlite_remembers_absent_sessions_until_a_store_of_the_file_writes_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = StoreConfig::Sqlite {
+        path: dir.path().join("gw.db"),
+    };
+    let a = store::connect(&config).await.expect("store a");
+    let b = store::connect(&config).await.expect("store b");
+    let now = now();
+    let record = |id: &str| SessionRecord {
+        id: id.into(),
+        tenant: "acme".into(),
+        token_jti: "jti-1".into(),
+        upstream_session: None,
+        protocol_version: "ended".into(),
+        created_at: now,
+        expires_at: now + 3600,
+    };
+    assert_eq!(a.get_session("ended:raw").await.expect("get"), None);
+    // Written behind the stores' back (no gateway does this): the absence is remembered.
+    let Db::Sqlite(pool) = a.db() else {
+        panic!("a SQLite store")
+    };
+    sqlx::query(
+        "INSERT INTO mcp_sessions (id, tenant, token_jti, upstream_session, protocol_version, \
+         created_at, expires_at) VALUES ('ended:raw', 'acme', 'jti-1', NULL, 'ended', ?1, ?2)",
+    )
+    .bind(now)
+    .bind(now + 3600)
+    .execute(&pool)
+    .await
+    .expect("raw insert");
+    assert_eq!(a.get_session("ended:raw").await.expect("get"), None);
+    // A write through another store of the file: both read the file again.
+    assert_eq!(a.get_session("ended:put").await.expect("get"), None);
+    b.put_session(&record("ended:put")).await.expect("put");
+    assert_eq!(
+        a.get_session("ended:put").await.expect("get"),
+        Some(record("ended:put"))
+    );
+    assert_eq!(
+        a.get_session("ended:raw").await.expect("get"),
+        Some(record("ended:raw"))
+    );
+}

@@ -20,6 +20,7 @@
 //! redacted in `Debug` and `Display`), and never hold a lock across an `await` of anything
 //! but its own SQL.
 
+pub mod absent;
 pub mod owner;
 mod postgres;
 mod sqlite;

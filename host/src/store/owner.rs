@@ -18,10 +18,13 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use super::StoreError;
 
-/// This process's ownership of one SQLite file, released when the last store of it is dropped.
+/// This process's ownership of one SQLite file, released when the last store of it is dropped,
+/// and what every store of the file in this process shares.
 #[derive(Debug)]
 pub struct Owner {
     _lock: File,
+    /// Session ids with no row in the file ([`super::absent`]).
+    pub absent: super::absent::AbsentSessions,
 }
 
 /// The files this process owns, by the lock file's canonical path.
@@ -92,7 +95,10 @@ pub fn own(db: &Path) -> Result<Arc<Owner>, StoreError> {
     if file.set_len(0).is_ok() {
         let _ = writeln!(file, "{}", std::process::id());
     }
-    let owner = Arc::new(Owner { _lock: file });
+    let owner = Arc::new(Owner {
+        _lock: file,
+        absent: Default::default(),
+    });
     owned.retain(|_, w| w.strong_count() > 0);
     owned.insert(key, Arc::downgrade(&owner));
     Ok(owner)

@@ -34,7 +34,7 @@ const MAX_CONNECTIONS: u32 = 8;
 pub struct SqliteStore {
     pool: SqlitePool,
     /// This process's ownership of the file ([`super::owner`]).
-    _owner: std::sync::Arc<super::owner::Owner>,
+    owner: std::sync::Arc<super::owner::Owner>,
 }
 
 fn migrator() -> sqlx::migrate::Migrator {
@@ -115,10 +115,7 @@ impl SqliteStore {
             // journal. Still durable, only slower under concurrency.
             tracing::warn!(path = %path.display(), journal_mode = %mode, "SQLite is not in WAL mode");
         }
-        let store = Self {
-            pool,
-            _owner: owner,
-        };
+        let store = Self { pool, owner };
         store.migrate().await?;
         store.optimize().await;
         Ok(store)
@@ -350,7 +347,11 @@ impl SqliteStore {
         .bind(s.created_at)
         .bind(s.expires_at)
         .execute(&self.pool)
-        .await?;
+        .await;
+        // Whatever the outcome (an error may follow a commit), a row may exist now that was
+        // absent before.
+        self.owner.absent.invalidate();
+        let done = done?;
         if done.rows_affected() == 0 {
             return Err(StoreError::Conflict(
                 "the session id belongs to another tenant or token".into(),
@@ -361,6 +362,11 @@ impl SqliteStore {
 
     async fn get_session_impl(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
         check::session_id(id)?;
+        let absent = &self.owner.absent;
+        let version = absent.version();
+        if absent.contains(id) {
+            return Ok(None);
+        }
         let row = sqlx::query(&format!(
             "SELECT {SESSION_COLUMNS} FROM mcp_sessions WHERE id = ?1 AND expires_at > ?2"
         ))
@@ -368,6 +374,9 @@ impl SqliteStore {
         .bind(now_secs())
         .fetch_optional(&self.pool)
         .await?;
+        if row.is_none() {
+            absent.remember(id, version);
+        }
         row.as_ref().map(session).transpose()
     }
 
