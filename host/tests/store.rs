@@ -1176,3 +1176,46 @@ async fn sqlite_remembers_absent_sessions_until_a_store_of_the_file_writes_one()
         Some(record("ended:raw"))
     );
 }
+
+/// PostgreSQL answers concurrent session reads with one query per round: every read still
+/// gets its own row, or none, and a read queued after a write on another replica sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_gathered_session_reads_each_get_their_own_answer() {
+    let url = PgServer::shared()
+        .expect("postgres server")
+        .fresh_database()
+        .expect("fresh database");
+    let config = StoreConfig::Postgres { url };
+    let a = store::connect(&config).await.expect("store a");
+    let b = store::connect(&config).await.expect("store b");
+    let now = now();
+    let record = |i: usize| SessionRecord {
+        id: format!("sess-{i}"),
+        tenant: "acme".into(),
+        token_jti: format!("jti-{i}"),
+        upstream_session: Some(format!("up-{i}")),
+        protocol_version: "2025-11-25".into(),
+        created_at: now,
+        expires_at: now + 3600,
+    };
+    for i in (0..300).step_by(2) {
+        b.put_session(&record(i)).await.expect("put");
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let a = Arc::clone(&a);
+        set.spawn(async move { (i, a.get_session(&format!("sess-{i}")).await) });
+    }
+    while let Some(done) = set.join_next().await {
+        let (i, got) = done.expect("task");
+        let got = got.expect("read");
+        assert_eq!(got, (i % 2 == 0).then(|| record(i)), "sess-{i}");
+    }
+    b.put_session(&record(1))
+        .await
+        .expect("put on the other replica");
+    assert_eq!(
+        a.get_session("sess-1").await.expect("read"),
+        Some(record(1))
+    );
+}

@@ -23,6 +23,7 @@
 pub mod absent;
 pub mod owner;
 mod postgres;
+mod session_reads;
 mod sqlite;
 
 use std::fmt;

@@ -25,6 +25,8 @@ use super::{
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    /// Session reads, gathered into one query per round ([`super::session_reads`]).
+    session_reads: super::session_reads::SessionReads,
 }
 
 fn migrator() -> sqlx::migrate::Migrator {
@@ -52,7 +54,7 @@ const SESSION_SETTINGS: [(&str, &str); 5] = [
 ];
 
 const REVOCATION_COLUMNS: &str = "seq, tenant, jti, reason, revoked_by, revoked_at";
-const SESSION_COLUMNS: &str =
+pub(super) const SESSION_COLUMNS: &str =
     "id, tenant, token_jti, upstream_session, protocol_version, created_at, expires_at";
 
 fn revocation(row: &PgRow, newly_revoked: bool) -> Result<Revocation, StoreError> {
@@ -67,7 +69,7 @@ fn revocation(row: &PgRow, newly_revoked: bool) -> Result<Revocation, StoreError
     })
 }
 
-fn session(row: &PgRow) -> Result<SessionRecord, StoreError> {
+pub(super) fn session(row: &PgRow) -> Result<SessionRecord, StoreError> {
     Ok(SessionRecord {
         id: row.try_get("id")?,
         tenant: row.try_get("tenant")?,
@@ -101,7 +103,11 @@ impl PgStore {
             Ok(pool) => pool?,
             Err(_elapsed) => return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
         };
-        let store = Self { pool };
+        let session_reads = super::session_reads::SessionReads::start(pool.clone());
+        let store = Self {
+            pool,
+            session_reads,
+        };
         migrator().run(&store.pool).await?;
         Ok(store)
     }
@@ -342,14 +348,7 @@ impl PgStore {
 
     async fn get_session_impl(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
         check::session_id(id)?;
-        let row = sqlx::query(&format!(
-            "SELECT {SESSION_COLUMNS} FROM mcp_sessions WHERE id = $1 AND expires_at > $2"
-        ))
-        .bind(id)
-        .bind(now_secs())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(session).transpose()
+        self.session_reads.get(id).await
     }
 
     async fn delete_session_impl(&self, id: &str) -> Result<bool, StoreError> {
