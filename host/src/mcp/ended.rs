@@ -10,9 +10,11 @@
 //! does not bound the session's). Session ids carry no expiry of their own yet, so an id ended
 //! more than [`RETENTION_SECS`] ago by a token that is still valid would be accepted again.
 //! Expired rows are pruned when a session is ended. A request
-//! presenting a session id is checked against the list (one indexed read); when the store
-//! cannot answer, the request is refused rather than served on a possibly ended session. This
-//! module must never accept a session whose end it could not rule out.
+//! presenting a session id is checked against the list (one indexed read; the SQLite store
+//! remembers the ids it has no row for, `store/absent.rs`, and PostgreSQL answers concurrent
+//! reads with one query, `store/session_reads.rs`); when the store cannot answer, the request
+//! is refused rather than served on a possibly ended session. This module must never accept a
+//! session whose end it could not rule out.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
