@@ -30,9 +30,8 @@
 //! lock fails the batch), and never build SQL from input.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
-
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
