@@ -172,11 +172,11 @@ async fn phases(
     match (req.method(), header_era) {
         (&Method::POST, _) => {}
         (&Method::DELETE, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
-            return Ok(lifecycle::end_session(svc, req.headers()).await);
+            return Ok(Box::pin(lifecycle::end_session(svc, req.headers())).await);
         }
         // A handshake-era session's own stream (`crate::streams`); none in the stateless era.
         (&Method::GET, HeaderEra::Handshake) if endpoint == Endpoint::Mcp => {
-            return Ok(crate::streams::listen::open(svc, req.headers()).await);
+            return Ok(Box::pin(crate::streams::listen::open(svc, req.headers())).await);
         }
         (m, _) => return Err(Box::new(method_not_allowed(m))),
     }
@@ -405,13 +405,15 @@ async fn method(
             era,
             rpc,
         };
-        return listen::open(listen).await;
+        return Box::pin(listen::open(listen)).await;
     }
     let ctx = CallContext::new(svc, &grant, &headers, remote, session.as_deref(), &era);
     if endpoint == Endpoint::Mcp && !era.is_modern() && rpc.method == "initialize" {
-        return ctx.initialize(&rpc, &id).await;
+        return Box::pin(ctx.initialize(&rpc, &id)).await;
     }
-    let outcome = ctx.dispatch(endpoint, &rpc).await;
+    // Boxed, as every large future on a request's path: nested inline it would size this
+    // function's future, which its callers copy (see `crate::telemetry::trace::scope`).
+    let outcome = Box::pin(ctx.dispatch(endpoint, &rpc)).await;
     // An escalated call waits for its approval here when the client asked to wait (or sync is
     // the gateway's mode); otherwise `-32019` tells it how to resume.
     if outcome.is_err()
@@ -429,7 +431,7 @@ async fn method(
             rpc,
             pending,
         };
-        return held.respond(accepts_event_stream(&headers)).await;
+        return Box::pin(held.respond(accepts_event_stream(&headers))).await;
     }
     ctx.respond(&headers, &id, outcome)
 }

@@ -137,7 +137,7 @@ async fn answer(owned: &Arc<Owned>, id: &Value, f: Finished) -> Response<Body> {
             rpc: owned.rpc.clone(),
             pending,
         };
-        return held.respond(true).await;
+        return Box::pin(held.respond(true)).await;
     }
     respond_parts(
         &owned.headers,
