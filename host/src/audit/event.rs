@@ -306,27 +306,133 @@ impl AuditEvent {
         Value::Object(m)
     }
 
-    /// The canonical (RFC 8785) bytes hashed into the chain at position `seq`.
+    /// The canonical (RFC 8785) bytes hashed into the chain at position `seq`: the canonical
+    /// form of [`AuditEvent::to_json`], written directly (no tree, no sort).
     pub fn canonical(&self, seq: u64) -> String {
-        jcs::canonicalize(&self.to_json(seq))
+        let (mut text, tail) = self.canonical_split();
+        jcs::write_u64(seq, &mut text);
+        text.push_str(&tail);
+        text
     }
 
     /// The canonical form with the chain position left open, so a caller can do the expensive
     /// part (the arguments) before the event reaches the serial writer.
     pub fn canonical_open(&self) -> Option<CanonicalOpen> {
-        let text = self.canonical(0);
-        // Top-level keys are sorted, and every key after "seq" holds a scalar, so the last
-        // `"seq":0` is the event's own (a nested one can only come earlier, in `arg_values`;
-        // inside a string a quote is escaped, so the pattern cannot occur there).
-        let at = text.rfind("\"seq\":0")?;
-        let end = at + "\"seq\":0".len();
-        if !matches!(text.as_bytes().get(end), Some(b',' | b'}')) {
-            return None;
+        let (head, tail) = self.canonical_split();
+        Some(CanonicalOpen { head, tail })
+    }
+
+    /// The canonical text around the chain position: up to `"seq":`, and after its value.
+    ///
+    /// Every member name is ASCII, so RFC 8785's order (UTF-16 code units) is byte order, and
+    /// the members are written in that order here; `canonical_matches_the_tree_form` checks
+    /// this against [`jcs::canonicalize`] of [`AuditEvent::to_json`], which stays the
+    /// reference. An empty string, `None` or `false` leaves its member out, as there.
+    fn canonical_split(&self) -> (String, String) {
+        let mut head = Members::new(256);
+        let m = &mut head;
+        m.str("agent_id", &self.agent_id);
+        if !self.arg_keys.is_empty() {
+            m.key("arg_keys");
+            m.out.push('[');
+            for (i, k) in self.arg_keys.iter().enumerate() {
+                if i > 0 {
+                    m.out.push(',');
+                }
+                jcs::write_string(k, &mut m.out);
+            }
+            m.out.push(']');
         }
-        Some(CanonicalOpen {
-            head: text[..at + "\"seq\":".len()].to_owned(),
-            tail: text[end..].to_owned(),
-        })
+        if let Some(v) = &self.arg_values {
+            m.key("arg_values");
+            jcs::write_value(v, &mut m.out);
+        }
+        m.str("bundle_digest", &self.bundle_digest);
+        m.int("call_id", self.call_id);
+        m.str("capability_token_id", &self.jti);
+        m.int("caveat_count", self.caveat_count.map(i64::from));
+        m.str("check", &self.check);
+        m.uint("count", self.count);
+        m.str("decided_by", &self.decided_by);
+        m.str("decision", self.decision.map_or("", Decision::as_str));
+        m.str("elevation_id", &self.elevation_id);
+        m.str("event", &self.kind);
+        m.str("intent_summary", &self.intent_summary);
+        m.uint("latency_ms", self.latency_ms);
+        m.str("pending_id", &self.pending_id);
+        m.str("reason", &self.reason);
+        m.str("remote_ip", &self.remote_ip);
+        if self.requires_step_up {
+            m.key("requires_step_up");
+            m.out.push_str("true");
+        }
+        m.str("root_capability_token_id", &self.root_jti);
+        m.int("round", self.round.map(i64::from));
+        // Written even when empty, as `to_json` does.
+        m.key("schema_version");
+        jcs::write_string(SCHEMA_VERSION, &mut m.out);
+        m.key("seq");
+        let mut tail = Members {
+            out: String::with_capacity(128),
+            first: false,
+        };
+        let m = &mut tail;
+        m.str("session_id", &self.session_id);
+        m.key("tenant");
+        jcs::write_string(&self.tenant, &mut m.out);
+        m.str("tool", &self.tool);
+        m.key("ts");
+        jcs::write_string(&time::format_rfc3339_ms(self.ts_ms), &mut m.out);
+        m.str("upstream", &self.upstream);
+        m.uint("upstream_status", self.upstream_status.map(u64::from));
+        tail.out.push('}');
+        (head.out, tail.out)
+    }
+}
+
+/// An object's members written in order (the names are ASCII and need no escaping).
+struct Members {
+    out: String,
+    first: bool,
+}
+
+impl Members {
+    fn new(capacity: usize) -> Self {
+        let mut out = String::with_capacity(capacity);
+        out.push('{');
+        Members { out, first: true }
+    }
+
+    fn key(&mut self, name: &str) {
+        if !self.first {
+            self.out.push(',');
+        }
+        self.first = false;
+        self.out.push('"');
+        self.out.push_str(name);
+        self.out.push_str("\":");
+    }
+
+    /// A string member, left out when empty.
+    fn str(&mut self, name: &str, value: &str) {
+        if !value.is_empty() {
+            self.key(name);
+            jcs::write_string(value, &mut self.out);
+        }
+    }
+
+    fn uint(&mut self, name: &str, value: Option<u64>) {
+        if let Some(n) = value {
+            self.key(name);
+            jcs::write_u64(n, &mut self.out);
+        }
+    }
+
+    fn int(&mut self, name: &str, value: Option<i64>) {
+        if let Some(n) = value {
+            self.key(name);
+            jcs::write_i64(n, &mut self.out);
+        }
     }
 }
 
@@ -392,6 +498,58 @@ mod tests {
             for seq in [1, 9, 10, 123_456_789_012] {
                 assert_eq!(open.at(seq), e.canonical(seq), "{args}");
             }
+        }
+    }
+
+    /// The direct writer against the reference (the tree form through `jcs::canonicalize`):
+    /// every member empty and set, escapes, characters beyond U+FFFF, numbers beyond 2^53.
+    #[test]
+    fn canonical_matches_the_tree_form() {
+        let bare = AuditEvent::new(kinds::TOOL_CALL, "t");
+        let mut full = AuditEvent::new(kinds::MCP_METHOD, "acmé \"😀\"\n");
+        full.ts_ms = 1_778_580_873_871;
+        full.decision = Some(Decision::Block);
+        full.check = "policy".into();
+        full.reason = "denied: \u{1}\t\\".into();
+        full.agent_id = "agent/1".into();
+        full.session_id = "s".into();
+        full.tool = "read_file".into();
+        full = full.with_arguments(
+            ArgValuesMode::Raw,
+            &json!({"b": [1, -2, 2.5, 1e300, 9_007_199_254_740_993u64], "a": null, "\u{e000}": true, "😀": {"z": "", "y": "x"}}),
+        );
+        full.jti = "jti-1".into();
+        full.root_jti = "root-1".into();
+        full.caveat_count = Some(u32::MAX);
+        full.intent_summary = "sum".into();
+        full.requires_step_up = true;
+        full.decided_by = "alice".into();
+        full.pending_id = "p".into();
+        full.elevation_id = "e".into();
+        full.bundle_digest = "sha256:00".into();
+        full.latency_ms = Some(u64::MAX);
+        full.upstream_status = Some(502);
+        full.upstream = "github".into();
+        full.remote_ip = "::1".into();
+        full.call_id = Some(i64::MIN);
+        full.round = Some(3);
+        full.count = Some(9_007_199_254_740_993);
+        let mut keys_only = bare
+            .clone()
+            .with_arguments(ArgValuesMode::Off, &json!({"k": 1, "j": 2}));
+        keys_only.decision = Some(Decision::Escalate);
+        keys_only.call_id = Some(-1);
+        for e in [&bare, &full, &keys_only] {
+            for seq in [0, 1, 42, 1 << 53, (1 << 53) + 1, u64::MAX] {
+                let reference = jcs::canonicalize(&e.to_json(seq));
+                assert_eq!(e.canonical(seq), reference);
+                assert_eq!(
+                    jcs::canonicalize_text(&reference, &[]).expect("text"),
+                    reference
+                );
+            }
+            let open = e.canonical_open().expect("open form");
+            assert_eq!(open.at(7), e.canonical(7));
         }
     }
 

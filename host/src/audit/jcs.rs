@@ -33,16 +33,16 @@ pub fn canonicalize(value: &Value) -> String {
     out
 }
 
-fn write_value(value: &Value, out: &mut String) {
+pub(crate) fn write_value(value: &Value, out: &mut String) {
     match value {
         Value::Null => out.push_str("null"),
         Value::Bool(true) => out.push_str("true"),
         Value::Bool(false) => out.push_str("false"),
         Value::Number(n) => {
             if let Some(u) = n.as_u64() {
-                write_u64(false, u, out);
+                write_u64(u, out);
             } else if let Some(i) = n.as_i64() {
-                write_u64(i < 0, i.unsigned_abs(), out);
+                write_i64(i, out);
             } else {
                 // serde_json only holds finite doubles here.
                 write_f64(n.as_f64().unwrap_or(0.0), out);
@@ -76,7 +76,17 @@ fn write_value(value: &Value, out: &mut String) {
     }
 }
 
-fn write_u64(negative: bool, magnitude: u64, out: &mut String) {
+/// An unsigned integer as a JSON number (rounded to a double beyond 2^53, as JCS requires).
+pub(crate) fn write_u64(n: u64, out: &mut String) {
+    write_integer(false, n, out);
+}
+
+/// A signed integer as a JSON number (rounded to a double beyond ±2^53, as JCS requires).
+pub(crate) fn write_i64(n: i64, out: &mut String) {
+    write_integer(n < 0, n.unsigned_abs(), out);
+}
+
+fn write_integer(negative: bool, magnitude: u64, out: &mut String) {
     if magnitude <= MAX_SAFE {
         if negative && magnitude != 0 {
             out.push('-');
@@ -181,28 +191,43 @@ fn even_on_tie(x: f64, digits: String, exp: i32) -> String {
     }
 }
 
-fn write_string(s: &str, out: &mut String) {
+pub(crate) fn write_string(s: &str, out: &mut String) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\u{08}' => out.push_str("\\b"),
-            '\u{0c}' => out.push_str("\\f"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    // Runs of bytes that need no escape are copied whole: every byte of a multi-byte UTF-8
+    // sequence is >= 0x80, so a run never ends inside a character.
+    let bytes = s.as_bytes();
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[run..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{:04x}", b);
+        } else {
+            out.push_str(escape);
         }
+        run = i + 1;
     }
+    out.push_str(&s[run..]);
     out.push('"');
 }
 
 /// Orders object member names by their UTF-16 code units (RFC 8785 §3.2.3).
 fn cmp_utf16(a: &str, b: &str) -> std::cmp::Ordering {
+    // Below U+10000 (no 4-byte UTF-8 sequence, whose lead byte is >= 0xF0) UTF-8 byte order is
+    // code point order, which is UTF-16 order there.
+    if !a.bytes().chain(b.bytes()).any(|x| x >= 0xf0) {
+        return a.as_bytes().cmp(b.as_bytes());
+    }
     a.encode_utf16().cmp(b.encode_utf16())
 }
 
@@ -521,6 +546,55 @@ impl Parser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A string's canonical form is what `JSON.stringify` writes, which `serde_json` writes
+    /// too (the same escapes, lowercase `\u00xx`, everything else raw), for every control
+    /// character, every character that is escaped, and runs around them.
+    #[test]
+    fn strings_are_escaped_as_json_stringify_escapes_them() {
+        let mut samples: Vec<String> = (0u32..0x80)
+            .filter_map(char::from_u32)
+            .map(|c| format!("a{c}b{c}{c}"))
+            .collect();
+        samples.extend(
+            [
+                "",
+                "plain",
+                "é\u{2028}€",
+                "😀\"😀",
+                "\u{7f}\u{80}\u{ffff}",
+                "\\\\\n\n",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        for s in samples {
+            let mut out = String::new();
+            write_string(&s, &mut out);
+            let expected = serde_json::to_string(&s).expect("string");
+            assert_eq!(out, expected, "{s:?}");
+        }
+    }
+
+    /// Member names in UTF-16 order, with and without characters beyond U+FFFF (where UTF-8
+    /// order and UTF-16 order differ).
+    #[test]
+    fn names_are_ordered_by_utf16_code_units() {
+        let names = [
+            "a", "ab", "b", "\u{e000}", "😀", "\u{ffff}", "é", "", "\u{7f}",
+        ];
+        for a in names {
+            for b in names {
+                assert_eq!(
+                    cmp_utf16(a, b),
+                    a.encode_utf16().cmp(b.encode_utf16()),
+                    "{a:?} {b:?}"
+                );
+            }
+        }
+        // U+1F600 is written with surrogates (0xD83D…), before U+E000 in UTF-16 order.
+        assert_eq!(cmp_utf16("😀", "\u{e000}"), std::cmp::Ordering::Less);
+    }
 
     fn num(bits: u64) -> String {
         let mut s = String::new();
