@@ -164,7 +164,7 @@ impl TickGate {
         // `in_flight`): either this call sees the ticker parked and wakes it, or the ticker
         // sees the call and does not park.
         if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
-            self.started.store(true, Ordering::Relaxed);
+            self.started.store(true, Ordering::SeqCst);
             if self.parked.load(Ordering::SeqCst) {
                 self.wakes.fetch_add(1, Ordering::Relaxed);
                 self.wake();
@@ -183,7 +183,11 @@ impl TickGate {
             if quiet_ticks >= TICKER_LINGER_TICKS {
                 let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
                 self.parked.store(true, Ordering::SeqCst);
+                // `started` too: a call that woke the ticker may be over before the ticker
+                // runs again. Waiting on `in_flight` alone lost that wake, so the ticker stayed
+                // parked and every following call had to wake it once more.
                 while self.in_flight.load(Ordering::SeqCst) == 0
+                    && !self.started.load(Ordering::SeqCst)
                     && !self.stop.load(Ordering::Acquire)
                 {
                     guard = self.wake_up.wait(guard).unwrap_or_else(|p| p.into_inner());
@@ -694,6 +698,7 @@ fn is_component(wasm: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn other_wit_versions_are_named() {
@@ -719,5 +724,46 @@ mod tests {
             panic!("second limits must be refused");
         };
         assert!(e.to_string().contains("process-wide"), "{e}");
+    }
+
+    /// A call that wakes the parked ticker and is over before the ticker runs again still
+    /// wakes it: before, the ticker saw nothing in flight, waited again and stayed parked, so
+    /// every following call paid a wake (what made the close-succession test fail on a busy
+    /// machine).
+    #[test]
+    fn a_wake_by_a_call_that_already_ended_is_not_lost() {
+        let gate = Arc::new(TickGate::default());
+        let engine = Engine::default();
+        let thread = {
+            let (gate, engine) = (gate.clone(), engine.clone());
+            std::thread::spawn(move || gate.run(&engine))
+        };
+        let parked = |gate: &TickGate| {
+            // The ticker holds the lock from setting `parked` until it waits.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !gate.parked.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(gate.lock.lock().unwrap_or_else(|p| p.into_inner()));
+        };
+        parked(&gate);
+        let before = gate.ticks.load(Ordering::Relaxed);
+        {
+            // The whole call, wake included, happens while the ticker waits for the lock.
+            let _lock = gate.lock.lock().unwrap_or_else(|p| p.into_inner());
+            gate.in_flight.fetch_add(1, Ordering::SeqCst);
+            gate.started.store(true, Ordering::SeqCst);
+            gate.wake_up.notify_one();
+            gate.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gate.ticks.load(Ordering::Relaxed) == before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let ticked = gate.ticks.load(Ordering::Relaxed) > before;
+        gate.stop.store(true, Ordering::Release);
+        gate.wake();
+        thread.join().expect("the ticker ends");
+        assert!(ticked, "the woken ticker went back to sleep without a tick");
     }
 }
