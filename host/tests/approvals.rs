@@ -270,7 +270,9 @@ async fn async_escalation_resumes_once_and_every_mismatch_is_refused_and_audited
 #[tokio::test]
 async fn an_approved_id_expires() {
     let up = Upstream::shared_async(Flavor::Json).await;
-    let tg = start(Backend::Sqlite, up, &["--approval-timeout-s", "1"]).await;
+    // Three seconds: the decision must land before the pending approval expires, and the
+    // escalated call's synced commit on a loaded machine is part of that span.
+    let tg = start(Backend::Sqlite, up, &["--approval-timeout-s", "3"]).await;
     let (token, _) = tg
         .mint(json!({"subject": "agent-e", "tools": ["delete_records"]}))
         .await;
@@ -285,7 +287,7 @@ async fn an_approved_id_expires() {
     )
     .await;
     assert_eq!(status, 200, "{d}");
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    tokio::time::sleep(Duration::from_millis(3300)).await;
     let resume = [("x-intentgate-approval-id", id.as_str())];
     let v = call_with(&tg.url, &token, &call_body("delete_records", &m), &resume).await;
     assert_eq!(v["error"]["code"], -32012, "{v}");
@@ -294,7 +296,7 @@ async fn an_approved_id_expires() {
     // Deciding an expired approval is a conflict, too.
     let id2 =
         pending_of(&call_with(&tg.url, &token, &call_body("delete_records", &m), &[]).await).await;
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    tokio::time::sleep(Duration::from_millis(3300)).await;
     let (status, d) = decide(
         &tg.url,
         ADMIN_TOKEN,
@@ -410,9 +412,11 @@ async fn sync_holds_until_approved_rejected_or_timed_out() {
     let tg = start(
         Backend::Sqlite,
         up,
+        // Five seconds: the approved and rejected holds are decided within it after the
+        // escalation's synced commit, which a loaded machine can stretch to a second or more.
         &[
             "--approval-timeout-s",
-            "2",
+            "5",
             "--approval-keepalive-ms",
             "100",
         ],
@@ -550,8 +554,14 @@ async fn a_decision_on_one_replica_releases_the_call_held_on_another() {
     let a = start(Backend::Postgres(url.clone()), up, &[]).await;
     let b = start(Backend::Postgres(url), up, &[]).await;
     let (token, _) = a
-        .mint(json!({"subject": "agent-r", "tools": ["delete_records"]}))
+        .mint(json!({"subject": "agent-r", "tools": ["delete_records", "echo"]}))
         .await;
+    // A first call through `a` opens its connection to the upstream, so the span timed below
+    // is the wake and the held call, not a first connect.
+    let warm = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                      "params": {"name": "echo", "arguments": {"text": "warm"}}});
+    let v = call_with(&a.url, &token, &warm, &[]).await;
+    assert!(v.get("result").is_some(), "{v}");
     let m = marker("replicas");
     let task = held(
         a.url.clone(),

@@ -631,9 +631,12 @@ async fn checkpoints_every_n_events_and_after_t_seconds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = sqlite_at(&dir.path().join("a.db")).await;
     let key = test_key();
+    // The interval runs from the first commit a checkpoint does not cover: long enough that ten
+    // sequential synced commits on a slow disk fit in it, so the count alone makes 10 and 20
+    // (a time checkpoint between them would add a size of its own).
     let cfg = AuditConfig {
         checkpoint_every: 10,
-        checkpoint_interval: Duration::from_millis(300),
+        checkpoint_interval: Duration::from_secs(3),
         ..AuditConfig::default()
     };
     let log = AuditLog::open(db.clone(), key.clone(), cfg)
@@ -641,7 +644,7 @@ async fn checkpoints_every_n_events_and_after_t_seconds() {
         .expect("open");
     append_n(&log, "acme", 25).await;
     // 10 and 20 by count; 25 by time.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let cps = query::checkpoints(&db, "acme", None, 10)
             .await

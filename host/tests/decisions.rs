@@ -352,10 +352,12 @@ async fn a_stalled_audit_store_refuses_calls_at_the_deadline_and_records_them_la
     let target = intentgate::testkit::host_port(&url).expect("host:port in the URL");
     let proxy = intentgate::testkit::StallProxy::start(&target).expect("proxy");
     let proxied = url.replacen(&target, &proxy.addr().to_string(), 1);
+    // The deadline must hold a normal commit (the calls before and after the stall) on a loaded
+    // machine; the stall below lasts until the refusal, however long the deadline.
     let tg = gateway::start(
         Backend::Postgres(proxied),
         None,
-        &["--demo", "--audit-deadline-ms", "300"],
+        &["--demo", "--audit-deadline-ms", "2000"],
     )
     .await;
     let (token, jti) = tg

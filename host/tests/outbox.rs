@@ -121,6 +121,14 @@ pub(crate) const FAST: &[&str] = &[
     "300",
 ];
 
+/// How long the receiver takes to answer a delivery while a test checks that calls do not wait
+/// on deliveries.
+const DOWN_DELAY: Duration = Duration::from_secs(6);
+
+/// The longest a denied call may take meanwhile: generous for a loaded machine's synced
+/// commits, and well short of [`DOWN_DELAY`], so a call that waited on a delivery exceeds it.
+const CALL_CEILING: Duration = Duration::from_secs(3);
+
 async fn start(backend: Backend, flags: &[String]) -> TestGateway {
     let mut all: Vec<&str> = FAST.to_vec();
     all.extend(flags.iter().map(String::as_str));
@@ -217,7 +225,11 @@ async fn destinations_down_then_up_get_every_event_in_order_and_calls_keep_their
     for n in 0..5 {
         up.push(denied_call(&gw.url, &token, n).await);
     }
-    rx.control(json!({"down": true, "status": 503, "retry_after": "0"}))
+    // Down, and slow to say so: every delivery waits DOWN_DELAY before its 503, so a call that
+    // waited on a delivery would take that long, far beyond the ceiling below, which leaves a
+    // loaded machine's slow commits room without letting such a regression through.
+    rx.control(json!({"down": true, "status": 503, "retry_after": "0",
+                      "delay_ms": DOWN_DELAY.as_millis()}))
         .await;
     let mut down = Vec::new();
     for n in 5..40 {
@@ -225,10 +237,10 @@ async fn destinations_down_then_up_get_every_event_in_order_and_calls_keep_their
     }
     let worst_down = *down.iter().max().expect("calls");
     assert!(
-        worst_down < Duration::from_millis(500),
+        worst_down < CALL_CEILING,
         "a call took {worst_down:?} while the destinations were down (up: {up:?})"
     );
-    wait_for("the outage to show", Duration::from_secs(10), || async {
+    wait_for("the outage to show", Duration::from_secs(30), || async {
         let list = integrations(&gw.url, ADMIN_TOKEN).await;
         let hook = find(&list, "env:webhook");
         hook["failing"] == true && hook["backlog"].as_i64() > Some(0)
@@ -244,7 +256,7 @@ async fn destinations_down_then_up_get_every_event_in_order_and_calls_keep_their
     let text = serde_json::to_string(&list).expect("json");
     assert!(!text.contains(HEC_TOKEN) && !text.contains(DD_KEY) && !text.contains("MfKQ9r8"));
 
-    rx.control(json!({"down": false})).await;
+    rx.control(json!({"down": false, "delay_ms": 0})).await;
     wait_for("the backlog to drain", Duration::from_secs(30), || async {
         let list = integrations(&gw.url, ADMIN_TOKEN).await;
         ["env:webhook", "env:splunk", "env:datadog"]
@@ -603,11 +615,16 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
     let (token, _) = gw
         .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
         .await;
+    // The receiver answers only after DOWN_DELAY meanwhile: a call that waited on a delivery
+    // (or its formatting) would take that long, far beyond the ceiling.
+    rx.control(json!({"delay_ms": DOWN_DELAY.as_millis()}))
+        .await;
     let mut worst = Duration::ZERO;
     for n in 0..10 {
         worst = worst.max(denied_call(&gw.url, &token, n).await);
     }
-    assert!(worst < Duration::from_millis(500), "a call took {worst:?}");
+    assert!(worst < CALL_CEILING, "a call took {worst:?}");
+    rx.control(json!({"delay_ms": 0})).await;
     wait_for(
         "the healthy destinations",
         Duration::from_secs(20),

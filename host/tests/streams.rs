@@ -950,7 +950,20 @@ async fn the_replay_window_is_the_configured_one() {
         )
         .await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both notifications travel from the upstream's stream to the hub after the calls return:
+    // wait until the second is there. A stream resumed after the first of them gets the second
+    // (replayed, or live if it comes later), whatever the window; it changes no window.
+    let mut probe = open(&gw, &a, &sa, Some(seen + 1)).await;
+    loop {
+        let e = probe
+            .next(Duration::from_secs(10))
+            .await
+            .expect("the second notification reached the hub");
+        if e.id >= Some(seen + 2) {
+            break;
+        }
+    }
+    drop(probe);
     // Two were missed; a window of one event replays only the last.
     let mut resumed = open(&gw, &a, &sa, Some(seen)).await;
     let e = resumed

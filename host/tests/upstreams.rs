@@ -613,9 +613,22 @@ async fn each_upstream_of_the_file_has_its_own_timeout() {
     .await;
     let token = token(&gw, &[]).await;
     let m = marker("timeouts");
-    let v = gw
-        .tool_call(&token, "quick__echo", json!({"text": m}))
-        .await;
+    let timed_out = |v: &Value| {
+        v["error"]["code"] == UPSTREAM_UNAVAILABLE
+            && (v["error"]["data"]["detail"].as_str()).is_some_and(|d| d.contains("timed out"))
+    };
+    // A quick call answers within the 1 s. The first also opens the upstream session, which a
+    // loaded machine (the upstream is a shared Python server) can make last longer than that:
+    // it is tried again then, since what this test is about is the slow call below.
+    let mut v = Value::Null;
+    for _ in 0..5 {
+        v = gw
+            .tool_call(&token, "quick__echo", json!({"text": m}))
+            .await;
+        if !timed_out(&v) {
+            break;
+        }
+    }
     assert_eq!(v["result"]["content"][0]["text"], m, "a quick call: {v}");
     let started = Instant::now();
     let v = gw
@@ -624,8 +637,10 @@ async fn each_upstream_of_the_file_has_its_own_timeout() {
     assert_eq!(v["error"]["code"], UPSTREAM_UNAVAILABLE, "{v}");
     let detail = v["error"]["data"]["detail"].as_str().unwrap_or_default();
     assert!(detail.contains("timed out after 1s"), "{v}");
+    // Cut at the timeout, not when the upstream answered: its ten 0.3 s steps take at least
+    // 3 s, and anything shorter leaves a loaded machine time to record the call after the 1 s.
     assert!(
-        started.elapsed() < Duration::from_millis(2500),
+        started.elapsed() < Duration::from_millis(2900),
         "the 1 s timeout held: {:?}",
         started.elapsed()
     );

@@ -112,6 +112,12 @@ impl RevocationSet {
     /// `Ok` if synced within the bound (or the bound is disabled), else
     /// [`CapabilityError::RevocationStale`].
     pub fn check_fresh(&self) -> Result<(), CapabilityError> {
+        self.check_fresh_at(Instant::now())
+    }
+
+    /// [`check_fresh`](Self::check_fresh) as of `now` (a test's own clock, so that how long
+    /// its statements take cannot decide the outcome).
+    fn check_fresh_at(&self, now: Instant) -> Result<(), CapabilityError> {
         let Some(max) = self.max_staleness else {
             return Ok(());
         };
@@ -119,9 +125,8 @@ impl RevocationSet {
         if last == NEVER {
             return Err(CapabilityError::RevocationStale);
         }
-        let age = self
-            .epoch
-            .elapsed()
+        let age = now
+            .saturating_duration_since(self.epoch)
             .saturating_sub(Duration::from_nanos(last));
         if age > max {
             return Err(CapabilityError::RevocationStale);
@@ -161,15 +166,28 @@ mod tests {
 
     #[test]
     fn never_synced_is_stale_then_fresh_then_stale_again() {
-        let set = RevocationSet::new(Duration::from_millis(30));
+        // A bound no pause of a loaded machine reaches between two statements, for the checks
+        // on the real clock; the edges of the bound are checked at given instants.
+        let max = Duration::from_secs(60);
+        let set = RevocationSet::new(max);
         assert_eq!(set.check_fresh(), Err(CapabilityError::RevocationStale));
         assert_eq!(set.check("x", "y"), Err(CapabilityError::RevocationStale));
+        let before = Instant::now();
         set.mark_synced();
+        let after = Instant::now();
         assert_eq!(set.check_fresh(), Ok(()));
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(set.check_fresh(), Err(CapabilityError::RevocationStale));
+        // Synced at or after `before`: `max` later it is at most `max` old.
+        assert_eq!(set.check_fresh_at(before + max), Ok(()));
+        // Synced at or before `after`: a moment past `max` later it is older than `max`.
+        let late = after + max + Duration::from_millis(1);
+        assert_eq!(
+            set.check_fresh_at(late),
+            Err(CapabilityError::RevocationStale)
+        );
+        let resynced = Instant::now();
         set.replace_all(Vec::<String>::new());
         assert_eq!(set.check_fresh(), Ok(()));
+        assert_eq!(set.check_fresh_at(resynced + max), Ok(()));
     }
 
     #[test]

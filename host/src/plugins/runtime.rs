@@ -396,6 +396,19 @@ impl Runtime {
         self.ticker.gate.ticks.load(Ordering::Relaxed)
     }
 
+    /// The ticker is parked with no call to wake it: no epoch tick happens until the next guest
+    /// call starts (how tests see that it parked, instead of guessing how long that takes).
+    pub fn ticker_parked(&self) -> bool {
+        let gate = &self.ticker.gate;
+        // The calls' marks first: a call that woke the parked ticker leaves `started` set until
+        // the ticker has run again, so `parked` alone may still read true for a ticker about to
+        // tick. With neither mark set, a `parked` read after them is a ticker that waits (until
+        // a call starts).
+        gate.in_flight.load(Ordering::SeqCst) == 0
+            && !gate.started.load(Ordering::SeqCst)
+            && gate.parked.load(Ordering::SeqCst)
+    }
+
     /// Times a starting guest call had to wake the parked ticker (a system call on the
     /// request path): rare while calls keep coming.
     pub fn ticker_wakes(&self) -> u64 {
