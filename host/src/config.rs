@@ -107,6 +107,11 @@ pub struct ServeArgs {
         default_value_t = 15_000
     )]
     pub approval_keepalive_ms: u64,
+    /// Milliseconds between the re-reads of a held call's approval when no announcement woke
+    /// it (a decision on another replica arrives by PostgreSQL `NOTIFY`; this bounds how late
+    /// it is seen should the notification be lost).
+    #[arg(long, env = "INTENTGATE_APPROVAL_POLL_MS", default_value_t = 2_000)]
+    pub approval_poll_ms: u64,
     /// Events kept per session for a `GET /v1/mcp` stream resuming with `Last-Event-ID`.
     #[arg(long, env = "INTENTGATE_STREAM_REPLAY_EVENTS", default_value_t = 256)]
     pub stream_replay_events: usize,
@@ -282,7 +287,7 @@ pub struct Config {
     pub upstream_separator: String,
     pub upstream_timeout: Duration,
     pub upstream_max_response_bytes: usize,
-    /// `INTENTGATE_APPROVAL_MODE`, `_TIMEOUT_S`, `_KEEPALIVE_MS`.
+    /// `INTENTGATE_APPROVAL_MODE`, `_TIMEOUT_S`, `_KEEPALIVE_MS`, `_POLL_MS`.
     pub approvals: crate::approvals::ApprovalConfig,
     /// The bounds of the session streams and subscriptions (`INTENTGATE_STREAM_*`).
     pub streams: crate::streams::Limits,
@@ -666,6 +671,12 @@ impl ServeArgs {
                 self.approval_keepalive_ms,
                 50,
                 300_000,
+            )?),
+            poll: Duration::from_millis(ranged(
+                "INTENTGATE_APPROVAL_POLL_MS",
+                self.approval_poll_ms,
+                50,
+                600_000,
             )?),
         };
         let streams = crate::streams::Limits {
@@ -1053,6 +1064,27 @@ mod tests {
                 .expect_err("must be refused")
                 .to_string();
             assert!(e.starts_with("INTENTGATE_PLUGIN_DEADLINE_MS"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_approval_poll_is_configurable_and_bounded() {
+        assert_eq!(
+            parse(&[]).expect("defaults").approvals.poll,
+            crate::approvals::wait::POLL
+        );
+        assert_eq!(
+            parse(&["--approval-poll-ms", "60000"])
+                .expect("valid")
+                .approvals
+                .poll,
+            Duration::from_secs(60)
+        );
+        for bad in ["0", "600001"] {
+            let e = parse(&["--approval-poll-ms", bad])
+                .expect_err("must be refused")
+                .to_string();
+            assert!(e.starts_with("INTENTGATE_APPROVAL_POLL_MS"), "{e}");
         }
     }
 

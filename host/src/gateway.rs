@@ -241,7 +241,7 @@ impl Gateway {
         )
         .with_approvals(config.approvals)
         .with_upstream_names(&upstreams.iter().map(|(n, _)| n).collect::<Vec<_>>());
-        let approvals = crate::approvals::Waiters::default();
+        let approvals = crate::approvals::Waiters::new(config.approvals.poll);
         background.push(tokio::spawn(crate::approvals::wait::listen(
             store.db(),
             approvals.clone(),

@@ -551,8 +551,11 @@ async fn a_decision_on_one_replica_releases_the_call_held_on_another() {
     };
     let url = pg.fresh_database().expect("database");
     let up = Upstream::shared_async(Flavor::Json).await;
-    let a = start(Backend::Postgres(url.clone()), up, &[]).await;
-    let b = start(Backend::Postgres(url), up, &[]).await;
+    // A poll far longer than the wait below: only the decision's `NOTIFY` can release the
+    // held call in time (with the default 2 s poll, a call woken by the poll could pass).
+    let slow_poll = ["--approval-poll-ms", "60000"];
+    let a = start(Backend::Postgres(url.clone()), up, &slow_poll).await;
+    let b = start(Backend::Postgres(url), up, &slow_poll).await;
     let (token, _) = a
         .mint(json!({"subject": "agent-r", "tools": ["delete_records", "echo"]}))
         .await;
@@ -585,7 +588,7 @@ async fn a_decision_on_one_replica_releases_the_call_held_on_another() {
         .expect("task");
     assert!(v.get("result").is_some(), "{v}");
     assert!(
-        started.elapsed() < intentgate::approvals::wait::POLL,
+        started.elapsed() < Duration::from_secs(10),
         "woken by NOTIFY, not the poll: {:?}",
         started.elapsed()
     );

@@ -66,7 +66,7 @@ impl Mode {
     }
 }
 
-/// The queue's settings (`INTENTGATE_APPROVAL_MODE`, `INTENTGATE_APPROVAL_TIMEOUT_S`).
+/// The queue's settings (`INTENTGATE_APPROVAL_MODE`, `_TIMEOUT_S`, `_KEEPALIVE_MS`, `_POLL_MS`).
 #[derive(Debug, Clone, Copy)]
 pub struct ApprovalConfig {
     pub mode: Mode,
@@ -75,6 +75,9 @@ pub struct ApprovalConfig {
     pub timeout: Duration,
     /// How often a held request that streams its answer sends an SSE comment.
     pub keepalive: Duration,
+    /// How often a held request re-reads its approval when nothing woke it: the bound on how
+    /// late a decision whose announcement was lost (a dropped `LISTEN` connection) releases it.
+    pub poll: Duration,
 }
 
 impl Default for ApprovalConfig {
@@ -83,6 +86,7 @@ impl Default for ApprovalConfig {
             mode: Mode::Async,
             timeout: Duration::from_secs(300),
             keepalive: Duration::from_secs(15),
+            poll: wait::POLL,
         }
     }
 }

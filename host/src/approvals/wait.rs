@@ -15,20 +15,20 @@ use super::query::{self, QueryError};
 use super::{Approval, CHANNEL, Status};
 use crate::store::Db;
 
-/// How often a held request re-reads its row without being woken.
+/// How often a held request re-reads its row without being woken, unless configured
+/// (`INTENTGATE_APPROVAL_POLL_MS`).
 pub const POLL: Duration = Duration::from_secs(2);
 
 /// Announcements of decided approvals, in this process. Cheap to clone.
 #[derive(Clone)]
 pub struct Waiters {
     tx: broadcast::Sender<String>,
+    poll: Duration,
 }
 
 impl Default for Waiters {
     fn default() -> Self {
-        // Bounded: a waiter that lags re-reads its row (it may have missed its own).
-        let (tx, _) = broadcast::channel(1024);
-        Self { tx }
+        Self::new(POLL)
     }
 }
 
@@ -46,6 +46,13 @@ fn key(tenant: &str, id: &str) -> String {
 }
 
 impl Waiters {
+    /// Waiters that re-read their row every `poll` when nothing wakes them.
+    pub fn new(poll: Duration) -> Self {
+        // Bounded: a waiter that lags re-reads its row (it may have missed its own).
+        let (tx, _) = broadcast::channel(1024);
+        Self { tx, poll }
+    }
+
     /// Wakes this process's waiters of the approval, and (PostgreSQL) every other replica's.
     pub async fn announce(&self, db: &Db, tenant: &str, id: &str) {
         let k = key(tenant, id);
@@ -79,7 +86,7 @@ impl Waiters {
             {
                 return Ok(Outcome::Decided(Box::new(a)));
             }
-            let poll = tokio::time::Instant::now() + POLL;
+            let poll = tokio::time::Instant::now() + self.poll;
             loop {
                 tokio::select! {
                     got = rx.recv() => match got {
