@@ -500,6 +500,16 @@ async fn sync_holds_until_approved_rejected_or_timed_out() {
     tg.shutdown().await;
 }
 
+/// The client connections `tg` has open, from its metrics read in process (a scrape over HTTP
+/// would count itself).
+fn connections_open(tg: &TestGateway) -> u64 {
+    intentgate::metrics::collect::render(&tg.gw)
+        .lines()
+        .find_map(|l| l.strip_prefix("intentgate_connections_open "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("intentgate_connections_open")
+}
+
 #[tokio::test]
 async fn a_client_that_left_never_runs_its_approved_call() {
     let up = Upstream::shared_async(Flavor::Json).await;
@@ -521,7 +531,17 @@ async fn a_client_that_left_never_runs_its_approved_call() {
         sock.write_all(&body).expect("body");
         let id = wait_pending(&tg.url, "agent-gone").await;
         drop(sock);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The gateway counts a connection open until it has dropped the connection's request
+        // (and with it the held wait, or the held stream the wait watches): once none is open,
+        // it has seen this client go, however slowly, and approving must not run the call.
+        let until = Instant::now() + Duration::from_secs(10);
+        while connections_open(&tg) > 0 {
+            assert!(
+                Instant::now() < until,
+                "{accept}: the gateway still holds the gone client's connection"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let (status, d) = decide(
             &tg.url,
             ADMIN_TOKEN,

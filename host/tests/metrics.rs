@@ -12,11 +12,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::binary::{collect_lines, listening_url};
+use crate::support::binary::{collect_all_lines, collect_lines, lines_at_end, listening_url};
 use crate::support::gateway::{self, ADMIN_TOKEN, Backend, TestGateway};
 use crate::support::http;
 
@@ -562,7 +561,7 @@ async fn json_log_lines_parse_and_carry_no_planted_secret() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the gateway binary");
-    let lines = collect_lines(child.stdout.take().expect("stdout"));
+    let (lines, reader) = collect_all_lines(child.stdout.take().expect("stdout"));
     let errors = collect_lines(child.stderr.take().expect("stderr"));
     let url = listening_url(&mut child, &lines)
         .await
@@ -593,11 +592,12 @@ async fn json_log_lines_parse_and_carry_no_planted_secret() {
     .await;
     let (status, _, _) = scrape_at(&url, Some(metrics_token)).await;
     assert_eq!(status, 200);
+    // The lines looked for below were written before answers this test already got: once the
+    // killed child is reaped and its output read to its end, they are all here, with every
+    // other line it wrote (each checked for secrets too).
     let _ = child.kill();
     let _ = child.wait();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-
-    let lines = lines.lock().expect("lines").clone();
+    let lines = lines_at_end(&lines, reader);
     assert!(lines.len() >= 3, "{lines:?}");
     let middle = token.len() / 2;
     let fragment = token[middle..middle + 24].to_owned();

@@ -6,6 +6,7 @@
 
 use std::process::{Command, Stdio};
 
+use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
 use crate::interop::{Flavor, Upstream};
@@ -269,16 +270,42 @@ async fn a_clients_cancellation_stops_the_tool_upstream() {
     let (s, _, _) = send(count("c0", 9), Some(sid.clone())).await;
     assert_eq!(s, 200);
     assert!(finished(9), "the control call ran to its end");
-    // Cancelled after two steps: the tool never finishes.
-    let call = tokio::spawn(send(count("c1", 8), Some(sid.clone())));
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    // Cancelled once it runs: the tool never finishes. A cancel that reaches the upstream
+    // before the call does is ignored (the protocol allows it), so the cancel waits for the
+    // tool's first progress, relayed on c1's stream, rather than for a fixed time that a loaded
+    // machine can outlast.
+    let mut c1 = count("c1", 8);
+    c1["params"]["_meta"] = json!({"progressToken": "c1-progress"});
+    let headers = [
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+        ("authorization", auth.as_str()),
+        ("mcp-session-id", sid.as_str()),
+    ];
+    let body = serde_json::to_vec(&c1).expect("json");
+    let (s, _, mut c1_stream) = http::open("POST", &url, &headers, body).await;
+    assert_eq!(s, 200);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("notifications/progress") {
+        match tokio::time::timeout_at(deadline, c1_stream.frame()).await {
+            Ok(Some(Ok(f))) => got.extend_from_slice(&f.into_data().unwrap_or_default()),
+            Ok(_) => panic!("c1's stream ended first: {}", String::from_utf8_lossy(&got)),
+            Err(_) => panic!(
+                "no progress of c1 in 30 s: {}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
     let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
                         "params": {"requestId": "c1", "reason": "the user pressed stop"}});
     let (s, _, _) = send(cancel, Some(sid.clone())).await;
     assert_eq!(s, 202);
-    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    // Uncancelled, the tool would end 2.1 s after its first progress: wait well past that.
+    tokio::time::sleep(std::time::Duration::from_millis(4200)).await;
     assert!(!finished(8), "the cancelled tool must not run to its end");
-    call.abort();
+    // Held open until now: the tool stopped for the cancel, not because its client went away.
+    drop(c1_stream);
     tg.shutdown().await;
     up.kill();
 }

@@ -83,6 +83,11 @@ struct Event {
 struct Stream {
     body: Incoming,
     buf: Vec<u8>,
+    /// The events the `*_until` helpers waited for. A touch retried while its event was merely
+    /// slow announces that event again; later reads skip such repeats ([`Stream::next_new`]).
+    awaited: Vec<Value>,
+    /// The id of the last numbered event read.
+    last_id: Option<u64>,
 }
 
 async fn get(
@@ -122,6 +127,8 @@ async fn open(gw: &TestGateway, tok: &str, sid: &str, last: Option<u64>) -> Stre
     Stream {
         body,
         buf: Vec::new(),
+        awaited: Vec::new(),
+        last_id: None,
     }
 }
 
@@ -144,7 +151,10 @@ impl Stream {
                     }
                 }
                 match data {
-                    Some(data) => return Some(Event { id, data }),
+                    Some(data) => {
+                        self.last_id = id.or(self.last_id);
+                        return Some(Event { id, data });
+                    }
                     None => continue, // a comment
                 }
             }
@@ -157,6 +167,19 @@ impl Stream {
                     }
                 }
                 Ok(_) => panic!("the stream ended"),
+            }
+        }
+    }
+
+    /// The next event within `wait` that is not a repeat of one already awaited (the same
+    /// data); `None` on timeout.
+    async fn next_new(&mut self, wait: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let e = self.next(left).await?;
+            if !self.awaited.contains(&e.data) {
+                return Some(e);
             }
         }
     }
@@ -202,7 +225,9 @@ impl Stream {
 
 /// Calls `touch` until `stream` gets the event it announces (the gateway's upstream session
 /// opens its own stream just after the session; an announcement before that is lost by the
-/// upstream, as the transport allows).
+/// upstream, as the transport allows). Each try waits long enough for a loaded machine, so a
+/// retry is rare; the event a retry repeats is skipped by later reads, and any other event
+/// than the one announced fails here.
 async fn touch_until(
     gw: &TestGateway,
     tok: &str,
@@ -220,8 +245,9 @@ async fn touch_until(
             json!({"name": "touch", "arguments": args}),
         )
         .await;
-        if let Some(e) = stream.next(Duration::from_millis(500)).await {
+        if let Some(e) = stream.next_new(Duration::from_secs(2)).await {
             assert_eq!(e.data["method"], method, "{e:?}");
+            stream.awaited.push(e.data.clone());
             return e;
         }
     }
@@ -244,7 +270,11 @@ async fn updates_reach_only_the_subscribed_session_and_resume_after_last_event_i
     let mut stream_a = open(&gw, &a, &sa, None).await;
     let mut stream_b = open(&gw, &b, &sb, None).await;
     let uri = format!("note://{}", marker("sub"));
+    // The updates A misses while away are of a URI of their own: a late repeat of the first
+    // URI's update (a retried touch) cannot pass for one of them.
+    let later = format!("note://{}", marker("later"));
     rpc(&gw, &a, &sa, "resources/subscribe", json!({"uri": uri})).await;
+    rpc(&gw, &a, &sa, "resources/subscribe", json!({"uri": later})).await;
 
     // B calls the tool; only A subscribed, so only A hears of the update.
     let first = touch_until(&gw, &b, &sb, &mut stream_a, json!({"uri": uri}), UPDATED).await;
@@ -261,10 +291,20 @@ async fn updates_reach_only_the_subscribed_session_and_resume_after_last_event_i
     )
     .await;
     assert_eq!(changed.data["method"], TOOLS_CHANGED);
-    let on_a = stream_a.next(Duration::from_secs(5)).await.expect("A too");
+    let on_a = stream_a
+        .next_new(Duration::from_secs(5))
+        .await
+        .expect("A too");
     assert_eq!(on_a.data["method"], TOOLS_CHANGED, "{on_a:?}");
-    let seen = on_a.id.expect("numbered");
-    assert!(seen > first_id);
+    assert!(on_a.id.expect("numbered") > first_id);
+    stream_a.awaited.push(on_a.data.clone());
+    // Repeats of a retried touch still on their way come now, so the id A resumes after is the
+    // last it really got; nothing else may reach A.
+    if let Some(e) = stream_a.next_new(Duration::from_secs(1)).await {
+        panic!("A got an event nobody announced to it: {e:?}");
+    }
+    let seen = stream_a.last_id.expect("numbered");
+    let had = stream_a.awaited.clone();
 
     // A goes away; two updates happen; A resumes after the last event it saw and gets both.
     drop(stream_a);
@@ -274,19 +314,30 @@ async fn updates_reach_only_the_subscribed_session_and_resume_after_last_event_i
             &b,
             &sb,
             "tools/call",
-            json!({"name": "touch", "arguments": {"uri": uri}}),
+            json!({"name": "touch", "arguments": {"uri": later}}),
         )
         .await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut resumed = open(&gw, &a, &sa, Some(seen)).await;
-    for n in 1..=2 {
+    // Every id after `seen` in order, none skipped; a late repeat of an event A already had
+    // keeps its place among them, and the rest are the two updates it missed.
+    let mut missed = 0;
+    for id in seen + 1.. {
         let e = resumed
             .next(Duration::from_secs(5))
             .await
             .expect("replayed");
+        assert_eq!(e.id, Some(id), "{e:?}");
+        if had.contains(&e.data) {
+            continue;
+        }
         assert_eq!(e.data["method"], UPDATED, "{e:?}");
-        assert_eq!(e.id, Some(seen + n), "{e:?}");
+        assert_eq!(e.data["params"]["uri"], later.as_str(), "{e:?}");
+        missed += 1;
+        if missed == 2 {
+            break;
+        }
     }
     // B never saw an update of A's subscription.
     while let Some(e) = stream_b.next(Duration::from_millis(300)).await {
@@ -462,6 +513,8 @@ async fn listen(
     let stream = Stream {
         body: resp.into_body(),
         buf: Vec::new(),
+        awaited: Vec::new(),
+        last_id: None,
     };
     (status, headers, stream)
 }
@@ -492,13 +545,27 @@ async fn touch_listen_until(
     stream: &mut Stream,
     args: Value,
 ) -> Event {
+    touch_named_until(gw, tok, stream, "touch", args).await
+}
+
+/// Touches with `args` through the tool exposed as `name` until `stream` gets an event; returns
+/// it for the caller to check. Each try waits long enough for a loaded machine, so a retry is
+/// rare; a repeat of an event awaited before (a retry's) is skipped, any other event returned.
+async fn touch_named_until(
+    gw: &TestGateway,
+    tok: &str,
+    stream: &mut Stream,
+    name: &str,
+    args: Value,
+) -> Event {
     for _ in 0..20 {
-        touch_modern(gw, tok, args.clone()).await;
-        if let Some(e) = stream.next(Duration::from_millis(500)).await {
+        touch_named(gw, tok, name, args.clone()).await;
+        if let Some(e) = stream.next_new(Duration::from_secs(2)).await {
+            stream.awaited.push(e.data.clone());
             return e;
         }
     }
-    panic!("no event reached the listen stream after touching {args}");
+    panic!("no event reached the listen stream after touching {name} with {args}");
 }
 
 /// The filters of the upstream's listen streams whose log line starts with `what` (`listen:` when
@@ -818,15 +885,7 @@ async fn listen_routes_each_uri_to_its_upstream() {
         ("github__touch", format!("note://{m1}"), &u1),
         ("db__touch", format!("note://{m2}"), &u2),
     ] {
-        let mut got = None;
-        for _ in 0..20 {
-            touch_named(&gw, &tok, tool, json!({"uri": original})).await;
-            if let Some(e) = stream.next(Duration::from_millis(500)).await {
-                got = Some(e);
-                break;
-            }
-        }
-        let e = got.unwrap_or_else(|| panic!("no update from {tool}"));
+        let e = touch_named_until(&gw, &tok, &mut stream, tool, json!({"uri": original})).await;
         assert_eq!(e.data["method"], UPDATED, "{e:?}");
         assert_eq!(e.data["params"]["uri"], exposed.as_str(), "{e:?}");
         stamped(&e, "multi");
@@ -936,7 +995,9 @@ async fn the_replay_window_is_the_configured_one() {
     rpc(&gw, &a, &sa, "resources/subscribe", json!({"uri": uri})).await;
     let first = touch_until(&gw, &a, &sa, &mut stream, json!({"uri": uri}), UPDATED).await;
     let mut seen = first.id.expect("numbered");
-    while let Some(e) = stream.next(Duration::from_millis(300)).await {
+    // A second long: a repeat of a retried touch arriving after `seen` would shift the ids
+    // counted on below.
+    while let Some(e) = stream.next(Duration::from_secs(1)).await {
         seen = seen.max(e.id.unwrap_or(0));
     }
     drop(stream);

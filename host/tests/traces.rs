@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 
-use crate::support::binary::{collect_lines, listening_url};
+use crate::support::binary::{collect_all_lines, collect_lines, lines_at_end, listening_url};
 use crate::support::gateway::{self, Backend};
 use crate::support::http;
 
@@ -411,7 +411,7 @@ async fn json_log_lines_of_a_call_carry_its_trace_id_and_event_id() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the gateway binary");
-    let lines = collect_lines(child.stdout.take().expect("stdout"));
+    let (lines, reader) = collect_all_lines(child.stdout.take().expect("stdout"));
     let url = listening_url(&mut child, &lines)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -443,11 +443,11 @@ async fn json_log_lines_of_a_call_carry_its_trace_id_and_event_id() {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("an allowed call: {}", String::from_utf8_lossy(&answer)));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The call's lines were written before its answer: once the killed child is reaped and its
+    // output read to the end, they are all there.
     let _ = child.kill();
     let _ = child.wait();
-
-    let lines = lines.lock().expect("lines").clone();
+    let lines = lines_at_end(&lines, reader);
     let parsed: Vec<Value> = lines
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))

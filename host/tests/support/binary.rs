@@ -10,15 +10,43 @@ use serde_json::Value;
 
 /// Collects the lines of `out` (a child's stdout or stderr) on a thread, as they are written.
 pub fn collect_lines(out: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    collect_all_lines(out).0
+}
+
+/// [`collect_lines`], with the reader thread, for [`lines_at_end`].
+pub fn collect_all_lines(
+    out: impl std::io::Read + Send + 'static,
+) -> (Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&lines);
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
             sink.lock().expect("lines").push(line);
         }
     });
-    lines
+    (lines, reader)
+}
+
+/// Every line of a child that has exited and been reaped: its pipe ends then (the gateway
+/// starts no process that could hold it open), so waiting for the reader to see that end
+/// leaves no line written before the exit unread, whereas a fixed sleep can on a loaded
+/// machine. Panics if the output does not end within 30 s.
+pub fn lines_at_end(
+    lines: &Arc<Mutex<Vec<String>>>,
+    reader: std::thread::JoinHandle<()>,
+) -> Vec<String> {
+    let started = Instant::now();
+    while !reader.is_finished() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the child's output did not end: {:?}",
+            lines.lock().expect("lines")
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    reader.join().expect("the reader thread");
+    lines.lock().expect("lines").clone()
 }
 
 /// The `http://ADDR` the child logged as its listening address. `Err` (with the lines seen)

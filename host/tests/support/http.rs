@@ -28,6 +28,26 @@ pub async fn send(
     (status, headers, body)
 }
 
+/// Sends a request and returns status, headers and the body still arriving, for a test that
+/// reads a stream while it is being written.
+pub async fn open(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, hyper::HeaderMap, hyper::body::Incoming) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body))).expect("request");
+    let resp = client.request(req).await.expect("request sent");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.into_body())
+}
+
 /// POSTs JSON with an optional bearer token; returns status and the JSON answer (or Null).
 pub async fn post_json(url: &str, bearer: Option<&str>, body: &Value) -> (u16, Value) {
     let auth = bearer.map(|b| format!("Bearer {b}"));
