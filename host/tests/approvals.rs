@@ -632,6 +632,7 @@ async fn binary(data: &std::path::Path, upstream: &str) -> (std::process::Child,
         .env("INTENTGATE_LOG_FORMAT", "json")
         .env("INTENTGATE_ADDR", "127.0.0.1:0")
         .env("INTENTGATE_DATA_DIR", data)
+        .envs(crate::support::gateway::TEST_CHECK_DEADLINES_ENV)
         .env("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("INTENTGATE_MASTER_KEY", MASTER_KEY)
         .env("INTENTGATE_UPSTREAM_URL", upstream)

@@ -549,6 +549,7 @@ async fn json_log_lines_parse_and_carry_no_planted_secret() {
         .env("INTENTGATE_DATA_DIR", data.path())
         .env("INTENTGATE_ADMIN_TOKEN", admin)
         .env("INTENTGATE_MASTER_KEY", master)
+        .envs(crate::support::gateway::TEST_CHECK_DEADLINES_ENV)
         .env("INTENTGATE_TENANT_ADMINS", format!("acme:{tenant_admin}"))
         .env("INTENTGATE_METRICS_TOKEN", metrics_token)
         .env("INTENTGATE_UPSTREAM_URL", &upstream)

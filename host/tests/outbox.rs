@@ -543,15 +543,10 @@ async fn put_destination(gw: &TestGateway, token: &str, body: Value) -> (u16, Va
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
     let rx = Receiver::start();
-    let flags: Vec<String> = [
-        "--tenant-admins",
-        &format!("globex:{GLOBEX_ADMIN}"),
-        "--plugin-deadline-ms",
-        "50",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let flags: Vec<String> = ["--tenant-admins", &format!("globex:{GLOBEX_ADMIN}")]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let gw = start(Backend::Sqlite, &flags).await;
     let digest = upload_formatter(
         &gw,
@@ -821,6 +816,7 @@ fn spawn_binary(data: &std::path::Path, port: u16, rx: &Receiver) -> Binary {
         .args(["--policy-file", policy])
         .args(FAST)
         .args(rx.env_flags())
+        .envs(crate::support::gateway::TEST_CHECK_DEADLINES_ENV)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     for (k, _) in std::env::vars() {

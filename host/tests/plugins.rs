@@ -781,10 +781,10 @@ mod over_http {
     async fn checks_past_the_calls_deadline_are_denied_and_audited() {
         let tg = gateway::start(Backend::Sqlite, None, &["--demo"]).await;
         let component = upload_hostile(&tg, "slowpoke").await;
-        // Thirteen checks of 20 ms each (each well within its own 50 ms deadline) with the
-        // default bundle's three: sixteen checks, the most a bundle may hold, and more than the
-        // 200 ms all the checks of one call may take together.
-        let modes = vec!["slow:20".to_string(); 13];
+        // Thirteen checks of 250 ms each (each well within its own 1 s deadline, the test
+        // gateways' setting) with the default bundle's three: sixteen checks, the most a bundle
+        // may hold, and more than the 3 s all the checks of one call may take together.
+        let modes = vec!["slow:250".to_string(); 13];
         draft_and_promote(&tg, "slowpoke", spec_with(&tg, &component, &modes)).await;
         let token = token_for(&tg, "slowpoke").await;
         let denied = tg

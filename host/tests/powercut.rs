@@ -231,6 +231,7 @@ impl Gateway {
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("INTENTGATE_LOG_FORMAT", "json")
+            .envs(crate::support::gateway::TEST_CHECK_DEADLINES_ENV)
             .args(["serve", "--addr", "127.0.0.1:0", "--demo"])
             .arg("--data-dir")
             .arg(pc.data())

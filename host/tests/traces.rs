@@ -399,6 +399,7 @@ async fn json_log_lines_of_a_call_carry_its_trace_id_and_event_id() {
         .env("INTENTGATE_DATA_DIR", data.path())
         .env("INTENTGATE_ADMIN_TOKEN", admin)
         .env("INTENTGATE_UPSTREAM_URL", demo.to_string())
+        .envs(crate::support::gateway::TEST_CHECK_DEADLINES_ENV)
         .env(
             "INTENTGATE_POLICY_FILE",
             concat!(

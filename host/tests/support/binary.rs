@@ -89,6 +89,7 @@ pub fn demo_gateway(data: &std::path::Path) -> std::process::Command {
         .env("INTENTGATE_DATA_DIR", data)
         .env("INTENTGATE_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("INTENTGATE_MASTER_KEY", MASTER_KEY)
+        .envs(crate::support::gateway::TEST_CHECK_DEADLINES_ENV)
         .arg("serve")
         .arg("--demo")
         .stdin(std::process::Stdio::null());

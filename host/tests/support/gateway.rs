@@ -26,6 +26,20 @@ pub enum Backend {
 pub const ADMIN_TOKEN: &str = "test-superadmin-token-0123456789";
 pub const MASTER_KEY: &str = "dGVzdC1tYXN0ZXIta2V5LTAxMjM0NTY3ODlhYmNkZWY";
 
+/// The checks' deadlines of every test gateway: generous, so that only a test of the deadlines
+/// sees one expire (see [`start`]). The plugin limits are process-wide, so every in-process
+/// gateway of this test binary has these; a test of the deadlines works within them.
+pub const TEST_CHECK_DEADLINES: [(&str, &str); 2] = [
+    ("--plugin-deadline-ms", "1000"),
+    ("--call-checks-deadline-ms", "3000"),
+];
+
+/// The same deadlines as environment variables, for the gateway binary.
+pub const TEST_CHECK_DEADLINES_ENV: [(&str, &str); 2] = [
+    ("INTENTGATE_PLUGIN_DEADLINE_MS", "1000"),
+    ("INTENTGATE_CALL_CHECKS_DEADLINE_MS", "3000"),
+];
+
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub url: String,
@@ -68,6 +82,14 @@ pub async fn start(backend: Backend, upstream: Option<&str>, extra: &[&str]) -> 
             "{}/../policies/examples/token_scope.rego",
             env!("CARGO_MANIFEST_DIR")
         ));
+    }
+    // The checks' deadlines (by default 50 ms a plugin call, 200 ms a call's checks) are
+    // wall-clock time: on a two-core machine running the whole suite, a guest call preempted
+    // for longer would be refused and fail a test about something else.
+    for (flag, ms) in TEST_CHECK_DEADLINES {
+        if !extra.contains(&flag) {
+            argv.extend([flag.to_owned(), ms.to_owned()]);
+        }
     }
     argv.extend(extra.iter().map(|s| s.to_string()));
     let config = Args::try_parse_from(argv)
