@@ -57,6 +57,14 @@ pub(crate) struct SqliteCommitter {
 /// writer wait (its callers' deadline still applies).
 const PARTS_QUEUE: usize = 1024;
 
+/// The writer's page cache (negative: KiB), 1,024 pages of 4 KiB: the hot set is the chain
+/// heads and the right-hand leaves of each tenant's indexes. Kept small on purpose: a commit
+/// whose B-tree balance swapped page numbers (SQLite parks a page at the lock-byte page's
+/// number meanwhile) ends with a scan of the cache's whole hash table, a division per slot,
+/// whose size follows the cache's. At 32 MiB that scan was 3-5 % of the writer's time with
+/// 16 tenants, whose inserts land mid-index and balance often (`BENCHMARKS.md`, session 20).
+const WRITER_CACHE_KIB: i64 = -4096;
+
 /// Each event's insert, its 14 columns bound by position.
 const EVENT_INSERT: &str = "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
 
@@ -133,7 +141,7 @@ fn open(path: &Path) -> Result<Connection, AuditError> {
     conn.busy_timeout(crate::store::SQLITE_BUSY_TIMEOUT)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.pragma_update(None, "cache_size", -32768)?;
+    conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
