@@ -99,7 +99,7 @@ pub fn parse(body: &[u8]) -> Result<Incoming, (Option<Id>, RpcError)> {
             RpcError::new(code::PARSE_ERROR, "Parse error").with_data(Value::from(e.to_string())),
         )
     })?;
-    let obj = match value {
+    let mut obj = match value {
         Value::Object(o) => o,
         Value::Array(_) => {
             return Err((
@@ -136,17 +136,19 @@ pub fn parse(body: &[u8]) -> Result<Incoming, (Option<Id>, RpcError)> {
     if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
         return invalid("jsonrpc must be \"2.0\"");
     }
-    let method = match obj.get("method") {
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+    // The members are taken out of the parsed object, not cloned: `params` holds the
+    // arguments, the largest part of a call.
+    let method = match obj.remove("method") {
+        Some(Value::String(m)) if !m.is_empty() => m,
         Some(_) => return invalid("method must be a non-empty string"),
         None if id.is_some() && (obj.contains_key("result") || obj.contains_key("error")) => {
             return Ok(Incoming::Response(Value::Object(obj)));
         }
         None => return invalid("method is missing"),
     };
-    let params = match obj.get("params") {
+    let params = match obj.remove("params") {
         None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(p)) => p.clone(),
+        Some(Value::Object(p)) => p,
         Some(_) => {
             return Err((
                 id,
