@@ -57,7 +57,8 @@ pub enum RoundError {
 /// Seals and opens round states.
 #[derive(Clone)]
 pub struct RoundSeal {
-    key: [u8; 32],
+    /// The HMAC keyed once with the round-state key.
+    keyed: HmacSha256,
 }
 
 /// The digest that binds a state to the call's arguments.
@@ -69,12 +70,12 @@ pub fn args_digest(arguments: &Value) -> String {
 impl RoundSeal {
     pub fn new(sessions: &SessionKeys) -> Self {
         Self {
-            key: sessions.subkey(b"intentgate/mcp-round-state/v1"),
+            keyed: sessions.round_mac(),
         }
     }
 
     fn mac(&self, body: &str) -> Option<HmacSha256> {
-        let mut mac = HmacSha256::new_from_slice(&self.key).ok()?;
+        let mut mac = self.keyed.clone();
         mac.update(body.as_bytes());
         Some(mac)
     }
