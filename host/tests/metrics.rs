@@ -261,6 +261,7 @@ async fn decisions_match_the_calls_by_outcome_and_the_reference_parser_reads_the
     );
     assert!(m.value("intentgate_audit_events_total", &[]) >= 11.0);
     assert!(m.value("intentgate_audit_batch_events_count", &[]) >= 1.0);
+    assert!(m.value("intentgate_audit_transactions_total", &[]) >= 1.0);
     assert!(m.value("intentgate_audit_commit_duration_seconds_count", &[]) >= 1.0);
     // The commits of this SQLite store were synced, each sync timed.
     assert!(m.value("intentgate_audit_sync_duration_seconds_count", &[]) >= 1.0);

@@ -260,6 +260,7 @@ fn commit_batch(
     if let Err(e) = tx.commit() {
         return all_fail(e.into(), parts.len());
     }
+    shared.counters.transactions.fetch_add(1, Ordering::Relaxed);
     for done in results.iter().flatten() {
         if done.checkpointed {
             shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -494,6 +495,59 @@ mod tests {
         assert_eq!(
             rustix::process::getpriority_process(None).expect("own nice"),
             base
+        );
+    }
+
+    /// The batches of several tenants handed in while a commit waits are written in one
+    /// transaction, and the counters say so: four tenant batches, two transactions.
+    #[tokio::test]
+    async fn tenants_handed_in_meanwhile_share_one_transaction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("t.sqlite3"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .expect("pool");
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&pool)
+            .await
+            .expect("schema");
+        let key = LogKey::from_seed("gw", [7; 32]).expect("key");
+        let log = AuditLog::open(Db::Sqlite(pool.clone()), key, AuditConfig::default())
+            .await
+            .expect("audit");
+        // Another connection holds the write lock: the writer's first transaction waits in
+        // SQLite's busy handler while the other tenants hand in their batches.
+        let mut blocker = pool.acquire().await.expect("connection");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *blocker)
+            .await
+            .expect("lock");
+        let append = |tenant: &'static str| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(AuditEvent::new(kinds::TOOL_CALL, tenant)).await })
+        };
+        let first = append("a");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let rest: Vec<_> = ["b", "c", "d"].into_iter().map(append).collect();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        sqlx::query("COMMIT")
+            .execute(&mut *blocker)
+            .await
+            .expect("unlock");
+        for task in std::iter::once(first).chain(rest) {
+            task.await.expect("task").expect("committed");
+        }
+        let stats = log.stats();
+        assert_eq!((stats.events, stats.batches), (4, 4), "{stats:?}");
+        assert_eq!(
+            stats.transactions, 2,
+            "tenant a alone, then b, c and d together: {stats:?}"
         );
     }
 

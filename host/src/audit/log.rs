@@ -117,6 +117,7 @@ pub(crate) struct Shared {
 pub(crate) struct Counters {
     pub(crate) events: AtomicU64,
     pub(crate) batches: AtomicU64,
+    pub(crate) transactions: AtomicU64,
     pub(crate) failed_batches: AtomicU64,
     pub(crate) overloaded: AtomicU64,
     pub(crate) checkpoints: AtomicU64,
@@ -129,9 +130,15 @@ pub(crate) struct Counters {
 pub struct AuditStats {
     /// Events committed.
     pub events: u64,
-    /// Transactions that committed events (events / batches = the group-commit factor).
+    /// Tenant batches committed: what one tenant's writer handed in at once (events / batches
+    /// = events per tenant batch).
     pub batches: u64,
-    /// Transactions that failed (their events were refused).
+    /// Write transactions committed (events / transactions = the group-commit factor). On
+    /// SQLite one transaction carries every tenant's batch handed in while the last one ran,
+    /// so with several tenants there are fewer transactions than batches; on PostgreSQL each
+    /// batch is its own transaction.
+    pub transactions: u64,
+    /// Tenant batches that failed (their events were refused).
     pub failed_batches: u64,
     /// Appends refused because a queue was full or an event waited too long.
     pub overloaded: u64,
@@ -241,6 +248,7 @@ impl AuditLog {
         AuditStats {
             events: c.events.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
+            transactions: c.transactions.load(Ordering::Relaxed),
             failed_batches: c.failed_batches.load(Ordering::Relaxed),
             overloaded: c.overloaded.load(Ordering::Relaxed),
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
@@ -474,6 +482,9 @@ impl Writer {
                     force,
                 )
                 .await;
+                if done.is_ok() {
+                    (self.shared.counters.transactions).fetch_add(1, Ordering::Relaxed);
+                }
                 (entries, done)
             }
         }

@@ -54,12 +54,17 @@ impl AuditCommits {
             ),
             (
                 "intentgate_audit_batches_total",
-                "Audit transactions that committed (events / batches = the group-commit factor).",
+                "Audit batches committed, each one tenant writer's (events / batches = events per tenant batch).",
                 stats.batches,
             ),
             (
+                "intentgate_audit_transactions_total",
+                "Audit write transactions committed (events / transactions = the group-commit factor; on SQLite one carries the batches of every tenant handed in meanwhile).",
+                stats.transactions,
+            ),
+            (
                 "intentgate_audit_failed_batches_total",
-                "Audit transactions that failed (their calls were refused).",
+                "Audit batches that failed (their calls were refused).",
                 stats.failed_batches,
             ),
             (
