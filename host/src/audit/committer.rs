@@ -446,15 +446,17 @@ mod tests {
 
     use crate::audit::{AuditConfig, AuditEvent, AuditLog, Db, LogKey, kinds};
 
-    /// The writer thread runs in `SCHED_BATCH` at the configured nice value
-    /// (`INTENTGATE_AUDIT_WRITER_NICE`), and only that thread: the test's own stays where it was.
-    #[tokio::test]
-    async fn the_writer_thread_runs_at_its_configured_priority() {
+    /// A migrated store in a temporary directory (kept alive by the returned guard), syncing
+    /// at every commit, in `journal` mode.
+    async fn migrated(
+        file: &str,
+        journal: SqliteJournalMode,
+    ) -> (tempfile::TempDir, sqlx::SqlitePool) {
         let dir = tempfile::tempdir().expect("tempdir");
         let options = SqliteConnectOptions::new()
-            .filename(dir.path().join("n.sqlite3"))
+            .filename(dir.path().join(file))
             .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
+            .journal_mode(journal)
             .synchronous(SqliteSynchronous::Full);
         let pool = SqlitePoolOptions::new()
             .max_connections(2)
@@ -465,6 +467,14 @@ mod tests {
             .run(&pool)
             .await
             .expect("schema");
+        (dir, pool)
+    }
+
+    /// The writer thread runs in `SCHED_BATCH` at the configured nice value
+    /// (`INTENTGATE_AUDIT_WRITER_NICE`), and only that thread: the test's own stays where it was.
+    #[tokio::test]
+    async fn the_writer_thread_runs_at_its_configured_priority() {
+        let (_dir, pool) = migrated("n.sqlite3", SqliteJournalMode::Wal).await;
         let base = rustix::process::getpriority_process(None).expect("own nice");
         // A value no other test's writer uses, so that the thread found is this test's.
         let cfg = AuditConfig {
@@ -502,21 +512,7 @@ mod tests {
     /// transaction, and the counters say so: four tenant batches, two transactions.
     #[tokio::test]
     async fn tenants_handed_in_meanwhile_share_one_transaction() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let options = SqliteConnectOptions::new()
-            .filename(dir.path().join("t.sqlite3"))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(options)
-            .await
-            .expect("pool");
-        sqlx::migrate!("../migrations/sqlite")
-            .run(&pool)
-            .await
-            .expect("schema");
+        let (_dir, pool) = migrated("t.sqlite3", SqliteJournalMode::Wal).await;
         let key = LogKey::from_seed("gw", [7; 32]).expect("key");
         let log = AuditLog::open(Db::Sqlite(pool.clone()), key, AuditConfig::default())
             .await
@@ -556,22 +552,7 @@ mod tests {
     /// of a `-wal` file.
     #[tokio::test]
     async fn a_store_without_wal_still_commits() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("j.sqlite3");
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Delete)
-            .synchronous(SqliteSynchronous::Full);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(options)
-            .await
-            .expect("pool");
-        sqlx::migrate!("../migrations/sqlite")
-            .run(&pool)
-            .await
-            .expect("schema");
+        let (dir, pool) = migrated("j.sqlite3", SqliteJournalMode::Delete).await;
         let key = LogKey::from_seed("gw", [7; 32]).expect("key");
         let log = AuditLog::open(Db::Sqlite(pool), key, AuditConfig::default())
             .await
