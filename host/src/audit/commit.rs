@@ -178,5 +178,3 @@ pub(super) const HEAD_UPDATE: &str = "UPDATE audit_chain_heads SET seq = $1, has
      WHERE tenant = $6 AND seq = $7 AND hash = $8";
 pub(super) const CHECKPOINT_INSERT: &str = "INSERT INTO audit_checkpoints (tenant, size, root_hash, key_name, note, created_ms) \
      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, size) DO NOTHING";
-pub(super) const INSERT_PREFIX: &str = "INSERT INTO audit_events (tenant, seq, ts_ms, event, decision, check_name, \
-     agent_id, tool, jti, root_jti, elevation_id, body, prev_hash, hash) ";

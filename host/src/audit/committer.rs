@@ -28,8 +28,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, Transactio
 use tokio::sync::{mpsc, oneshot};
 
 use super::commit::{
-    CHECKPOINT_INSERT, Committed, Entry, HEAD_INSERT, HEAD_SELECT, HEAD_UPDATE, INSERT_PREFIX,
-    NewRow, plan,
+    CHECKPOINT_INSERT, Committed, Entry, HEAD_INSERT, HEAD_SELECT, HEAD_UPDATE, NewRow, plan,
 };
 use super::durable::{Committing, Durability};
 use super::key::hex;
@@ -65,8 +64,38 @@ const PARTS_QUEUE: usize = 1024;
 /// 16 tenants, whose inserts land mid-index and balance often (`BENCHMARKS.md`, session 20).
 const WRITER_CACHE_KIB: i64 = -4096;
 
-/// Each event's insert, its 14 columns bound by position.
-const EVENT_INSERT: &str = "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
+/// Columns of an event's row, bound by position.
+const EVENT_COLUMNS: usize = 14;
+
+/// Rows one `INSERT` statement carries, largest first: a tenant's part is written in as few
+/// statements as these sizes add up to (8 rows: one statement; 13: three). Per statement, not
+/// per row, SQLite opens a cursor on the table and on each of its indexes, and reads and
+/// rewrites the `AUTOINCREMENT` counter; per row it pays only the B-tree inserts.
+const ROWS_PER_INSERT: [usize; 6] = [32, 16, 8, 4, 2, 1];
+
+/// The head of every event `INSERT`. `OR ROLLBACK`: a statement of several rows that broke a
+/// constraint half-way would otherwise have to be undone alone, so SQLite would copy every page
+/// it touches to a statement journal first (that copy more than doubled the writer's time with
+/// 16 tenants). A broken constraint (`UNIQUE (tenant, seq)`: a forked chain) fails the whole
+/// batch in any case, so rolling back the whole transaction at once loses nothing.
+const INSERT_PREFIX: &str = "INSERT OR ROLLBACK INTO audit_events (tenant, seq, ts_ms, event, \
+     decision, check_name, agent_id, tool, jti, root_jti, elevation_id, body, prev_hash, hash) ";
+
+/// The `INSERT` of each size of [`ROWS_PER_INSERT`], built once (the statement cache is keyed
+/// by the text).
+static EVENT_INSERTS: std::sync::LazyLock<[String; 6]> = std::sync::LazyLock::new(|| {
+    ROWS_PER_INSERT.map(|rows| {
+        let values: Vec<String> = (0..rows)
+            .map(|r| {
+                let cols: Vec<String> = (1..=EVENT_COLUMNS)
+                    .map(|c| format!("?{}", r * EVENT_COLUMNS + c))
+                    .collect();
+                format!("({})", cols.join(", "))
+            })
+            .collect();
+        format!("{INSERT_PREFIX}VALUES {}", values.join(", "))
+    })
+});
 
 impl SqliteCommitter {
     /// Opens the writer's own connection to the file behind `pool` and starts its thread; the
@@ -335,7 +364,6 @@ fn write_batch(
     }
 
     let mut done: Vec<Option<Committed>> = (0..n).map(|_| None).collect();
-    let mut insert = tx.prepare_cached(&format!("{INSERT_PREFIX}{EVENT_INSERT}"))?;
     for &i in &live {
         let part = &parts[i];
         let tenant = part.tenant.as_str();
@@ -348,20 +376,9 @@ fn write_batch(
             &shared.cfg,
             part.force,
         )?;
-        let mut appended = Vec::with_capacity(rows.len());
-        let mut last = None;
-        for r in rows {
-            insert_row(&mut insert, tenant, &r)?;
-            let id = tx.last_insert_rowid();
-            last = Some((id, r.ts_ms));
-            appended.push(Appended {
-                id,
-                seq: r.seq as u64,
-                hash: r.hash,
-                refused: None,
-                refused_check: String::new(),
-            });
-        }
+        let appended = insert_rows(tx, tenant, rows)?;
+        let last = appended.last().map(|(a, ts)| (a.id, *ts));
+        let appended: Vec<Appended> = appended.into_iter().map(|(a, _)| a).collect();
         let outboxed = crate::outbox::store::enqueue_sqlite(
             tx,
             &shared.outbox,
@@ -414,27 +431,80 @@ fn write_batch(
     Ok(results)
 }
 
-fn insert_row(
+/// Inserts a tenant's rows, in order, in as few statements as [`ROWS_PER_INSERT`] allows, and
+/// returns each row's appended form with its time.
+///
+/// A statement's rows take consecutive ids: under the write lock nothing else inserts, and
+/// `AUTOINCREMENT` numbers each row one past the last. The statement's last id and its count of
+/// changes are checked, so a statement that inserted fewer rows fails the batch.
+fn insert_rows(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    mut rows: Vec<NewRow>,
+) -> Result<Vec<(Appended, i64)>, AuditError> {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut at = 0;
+    while at < rows.len() {
+        let left = rows.len() - at;
+        let size = ROWS_PER_INSERT
+            .iter()
+            .position(|k| *k <= left)
+            .unwrap_or(ROWS_PER_INSERT.len() - 1);
+        let k = ROWS_PER_INSERT[size];
+        let mut insert = tx.prepare_cached(&EVENT_INSERTS[size])?;
+        for (j, r) in rows[at..at + k].iter().enumerate() {
+            bind_row(&mut insert, j * EVENT_COLUMNS, tenant, r)?;
+        }
+        let inserted = insert.raw_execute()?;
+        if inserted != k {
+            return Err(AuditError::Integrity(format!(
+                "an insert of {k} events of {tenant:?} stored {inserted}"
+            )));
+        }
+        let last = tx.last_insert_rowid();
+        for (j, r) in rows[at..at + k].iter_mut().enumerate() {
+            out.push((
+                Appended {
+                    id: last - (k - 1 - j) as i64,
+                    seq: r.seq as u64,
+                    hash: std::mem::take(&mut r.hash),
+                    refused: None,
+                    refused_check: String::new(),
+                },
+                r.ts_ms,
+            ));
+        }
+        at += k;
+    }
+    Ok(out)
+}
+
+/// Binds one row's columns after the first `base` parameters.
+fn bind_row(
     insert: &mut rusqlite::CachedStatement<'_>,
+    base: usize,
     tenant: &str,
     r: &NewRow,
 ) -> Result<(), AuditError> {
-    insert.execute(rusqlite::params![
-        tenant,
-        r.seq,
-        r.ts_ms,
-        r.kind,
-        r.decision,
-        r.check,
-        r.agent_id,
-        r.tool,
-        r.jti,
-        r.root_jti,
-        r.elevation_id,
-        r.body,
-        r.prev_hash,
-        r.hash,
-    ])?;
+    let values: [&dyn rusqlite::ToSql; EVENT_COLUMNS] = [
+        &tenant,
+        &r.seq,
+        &r.ts_ms,
+        &r.kind,
+        &r.decision,
+        &r.check,
+        &r.agent_id,
+        &r.tool,
+        &r.jti,
+        &r.root_jti,
+        &r.elevation_id,
+        &r.body,
+        &r.prev_hash,
+        &r.hash,
+    ];
+    for (c, v) in values.into_iter().enumerate() {
+        insert.raw_bind_parameter(base + c + 1, v)?;
+    }
     Ok(())
 }
 
@@ -545,6 +615,142 @@ mod tests {
             stats.transactions, 2,
             "tenant a alone, then b, c and d together: {stats:?}"
         );
+    }
+
+    /// Holds the store's write lock on another connection while `during` hands in appends,
+    /// so that everything handed in meanwhile reaches the writer together.
+    async fn while_locked<T>(pool: &sqlx::SqlitePool, during: impl AsyncFnOnce() -> T) -> T {
+        let mut blocker = pool.acquire().await.expect("connection");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *blocker)
+            .await
+            .expect("lock");
+        let out = during().await;
+        sqlx::query("COMMIT")
+            .execute(&mut *blocker)
+            .await
+            .expect("unlock");
+        out
+    }
+
+    /// A tenant's batch of 45 events is inserted in statements of 32, 8, 4 and 1 rows: every
+    /// event is answered with the id of its own row, in chain order.
+    #[tokio::test]
+    async fn a_large_batch_answers_each_event_with_its_own_row() {
+        let (_dir, pool) = migrated("m.sqlite3", SqliteJournalMode::Wal).await;
+        let key = LogKey::from_seed("gw", [7; 32]).expect("key");
+        let log = AuditLog::open(Db::Sqlite(pool.clone()), key, AuditConfig::default())
+            .await
+            .expect("audit");
+        log.append(AuditEvent::new(kinds::TOOL_CALL, "acme"))
+            .await
+            .expect("first");
+        let tasks = while_locked(&pool, async || {
+            let tasks: Vec<_> = (0..45)
+                .map(|i| {
+                    let log = log.clone();
+                    let mut e = AuditEvent::new(kinds::TOOL_CALL, "acme");
+                    e.tool = format!("tool-{i}");
+                    tokio::spawn(async move { log.append(e).await })
+                })
+                .collect();
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            tasks
+        })
+        .await;
+        let mut appended = Vec::new();
+        for t in tasks {
+            appended.push(t.await.expect("task").expect("committed"));
+        }
+        // The first event's transaction, then one for the first of the 45 (handed to the
+        // writer before the lock was seen), then the 44 others together.
+        assert!(log.stats().transactions <= 3, "{:?}", log.stats());
+        appended.sort_by_key(|a| a.seq);
+        let seqs: Vec<u64> = appended.iter().map(|a| a.seq).collect();
+        assert_eq!(seqs, (2..=46).collect::<Vec<u64>>());
+        for a in &appended {
+            let (seq, hash): (i64, String) = sqlx::query_as(
+                "SELECT seq, hash FROM audit_events WHERE id = ?1 AND tenant = 'acme'",
+            )
+            .bind(a.id)
+            .fetch_one(&pool)
+            .await
+            .expect("the answered id is a stored row");
+            assert_eq!((seq as u64, hash.as_str()), (a.seq, a.hash.as_str()));
+        }
+        let ids: Vec<i64> = appended.iter().map(|a| a.id).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "ids follow the chain: {ids:?}"
+        );
+    }
+
+    /// A row that breaks `UNIQUE (tenant, seq)` half-way through a batch's insert fails the
+    /// whole batch and leaves nothing of it: the head stays, no row before the broken one is
+    /// kept, and the writer goes on once the conflict is gone.
+    #[tokio::test]
+    async fn a_broken_constraint_rolls_back_the_whole_batch() {
+        let (_dir, pool) = migrated("c.sqlite3", SqliteJournalMode::Wal).await;
+        let key = LogKey::from_seed("gw", [7; 32]).expect("key");
+        let log = AuditLog::open(Db::Sqlite(pool.clone()), key, AuditConfig::default())
+            .await
+            .expect("audit");
+        let first = log
+            .append(AuditEvent::new(kinds::TOOL_CALL, "acme"))
+            .await
+            .expect("first");
+        // A stray row where the batch's 3rd event (seq 4) would go.
+        sqlx::query(
+            "INSERT INTO audit_events (tenant, seq, ts_ms, event, body, prev_hash, hash) \
+             VALUES ('acme', 4, 0, 'stray', '{}', '', '')",
+        )
+        .execute(&pool)
+        .await
+        .expect("plant");
+        let tasks = while_locked(&pool, async || {
+            let tasks: Vec<_> = (0..6)
+                .map(|_| {
+                    let log = log.clone();
+                    tokio::spawn(async move {
+                        log.append(AuditEvent::new(kinds::TOOL_CALL, "acme")).await
+                    })
+                })
+                .collect();
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            tasks
+        })
+        .await;
+        let mut failed = 0;
+        for t in tasks {
+            if t.await.expect("task").is_err() {
+                failed += 1;
+            }
+        }
+        assert!(
+            failed >= 5,
+            "the batch that met the stray row failed whole: {failed}"
+        );
+        let stored: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT seq, event FROM audit_events WHERE tenant = 'acme' ORDER BY seq",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("rows");
+        let seqs: Vec<i64> = stored.iter().map(|r| r.0).collect();
+        assert!(
+            seqs == vec![1, 4] || seqs == vec![1, 2, 4],
+            "only the first event (and one handed in alone before the lock) and the stray row: {stored:?}"
+        );
+        sqlx::query("DELETE FROM audit_events WHERE event = 'stray'")
+            .execute(&pool)
+            .await
+            .expect("remove");
+        let next = log
+            .append(AuditEvent::new(kinds::TOOL_CALL, "acme"))
+            .await
+            .expect("the writer goes on");
+        assert_eq!(next.seq, seqs.len() as u64);
+        assert!(next.id > first.id);
     }
 
     /// A file left in SQLite's rollback journal (a filesystem without WAL) has no log to sync
