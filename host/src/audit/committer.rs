@@ -6,8 +6,9 @@
 //! (`prepare_cached`): a batch costs one hop from the async world and one back, not one per
 //! statement through sqlx's SQLite worker. Inside the transaction it reads every head, applies
 //! the approval writes, decides every budget debit in queue order against the counters it read
-//! under the write lock, hashes each tenant's events onto its own chain, inserts them, writes
-//! the outbox rows and due checkpoints, and moves every head with a compare-and-set. A part
+//! under the write lock, hashes each tenant's events onto its own chain, inserts them (many
+//! rows a statement: [`ROWS_PER_INSERT`]), writes the outbox rows and due checkpoints, and
+//! moves every head with a compare-and-set. A part
 //! whose stored head is unusable (a malformed hash) is refused alone, before anything of it is
 //! written; any failure of a statement or of the commit refuses every part of the batch.
 //!
