@@ -8,9 +8,9 @@
 //! the approval writes, decides every budget debit in queue order against the counters it read
 //! under the write lock, hashes each tenant's events onto its own chain, inserts them (many
 //! rows a statement: [`ROWS_PER_INSERT`]), writes the outbox rows and due checkpoints, and
-//! moves every head with a compare-and-set. A part
-//! whose stored head is unusable (a malformed hash) is refused alone, before anything of it is
-//! written; any failure of a statement or of the commit refuses every part of the batch.
+//! moves every head with a compare-and-set. A part whose stored head is unusable (a malformed
+//! hash) is refused alone, before anything of it is written; any failure of a statement or of
+//! the commit refuses every part of the batch.
 //!
 //! The connection commits with `synchronous=NORMAL` (no sync at commit); a committed batch is
 //! answered only once `durable.rs` has synced the log: on this thread when no other part waits,
@@ -377,9 +377,9 @@ fn write_batch(
             &shared.cfg,
             part.force,
         )?;
+        let last_ts = rows.last().map(|r| r.ts_ms);
         let appended = insert_rows(tx, tenant, rows)?;
-        let last = appended.last().map(|(a, ts)| (a.id, *ts));
-        let appended: Vec<Appended> = appended.into_iter().map(|(a, _)| a).collect();
+        let last = appended.last().map(|a| a.id).zip(last_ts);
         let outboxed = crate::outbox::store::enqueue_sqlite(
             tx,
             &shared.outbox,
@@ -433,7 +433,7 @@ fn write_batch(
 }
 
 /// Inserts a tenant's rows, in order, in as few statements as [`ROWS_PER_INSERT`] allows, and
-/// returns each row's appended form with its time.
+/// returns each row's appended form.
 ///
 /// A statement's rows take consecutive ids: under the write lock nothing else inserts, and
 /// `AUTOINCREMENT` numbers each row one past the last. The statement's last id and its count of
@@ -442,7 +442,7 @@ fn insert_rows(
     tx: &Transaction<'_>,
     tenant: &str,
     mut rows: Vec<NewRow>,
-) -> Result<Vec<(Appended, i64)>, AuditError> {
+) -> Result<Vec<Appended>, AuditError> {
     let mut out = Vec::with_capacity(rows.len());
     let mut at = 0;
     while at < rows.len() {
@@ -464,16 +464,13 @@ fn insert_rows(
         }
         let last = tx.last_insert_rowid();
         for (j, r) in rows[at..at + k].iter_mut().enumerate() {
-            out.push((
-                Appended {
-                    id: last - (k - 1 - j) as i64,
-                    seq: r.seq as u64,
-                    hash: std::mem::take(&mut r.hash),
-                    refused: None,
-                    refused_check: String::new(),
-                },
-                r.ts_ms,
-            ));
+            out.push(Appended {
+                id: last - (k - 1 - j) as i64,
+                seq: r.seq as u64,
+                hash: std::mem::take(&mut r.hash),
+                refused: None,
+                refused_check: String::new(),
+            });
         }
         at += k;
     }
@@ -583,30 +580,21 @@ mod tests {
     /// transaction, and the counters say so: four tenant batches, two transactions.
     #[tokio::test]
     async fn tenants_handed_in_meanwhile_share_one_transaction() {
-        let (_dir, pool) = migrated("t.sqlite3", SqliteJournalMode::Wal).await;
-        let key = LogKey::from_seed("gw", [7; 32]).expect("key");
-        let log = AuditLog::open(Db::Sqlite(pool.clone()), key, AuditConfig::default())
-            .await
-            .expect("audit");
-        // Another connection holds the write lock: the writer's first transaction waits in
-        // SQLite's busy handler while the other tenants hand in their batches.
-        let mut blocker = pool.acquire().await.expect("connection");
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut *blocker)
-            .await
-            .expect("lock");
+        let (_dir, pool, log) = opened("t.sqlite3").await;
         let append = |tenant: &'static str| {
             let log = log.clone();
             tokio::spawn(async move { log.append(AuditEvent::new(kinds::TOOL_CALL, tenant)).await })
         };
-        let first = append("a");
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let rest: Vec<_> = ["b", "c", "d"].into_iter().map(append).collect();
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        sqlx::query("COMMIT")
-            .execute(&mut *blocker)
-            .await
-            .expect("unlock");
+        // Another connection holds the write lock: the writer's first transaction waits in
+        // SQLite's busy handler while the other tenants hand in their batches.
+        let (first, rest) = while_locked(&pool, async || {
+            let first = append("a");
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let rest: Vec<_> = ["b", "c", "d"].into_iter().map(append).collect();
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            (first, rest)
+        })
+        .await;
         for task in std::iter::once(first).chain(rest) {
             task.await.expect("task").expect("committed");
         }
@@ -616,6 +604,16 @@ mod tests {
             stats.transactions, 2,
             "tenant a alone, then b, c and d together: {stats:?}"
         );
+    }
+
+    /// A migrated WAL store in a temporary directory and the audit log over it.
+    async fn opened(file: &str) -> (tempfile::TempDir, sqlx::SqlitePool, AuditLog) {
+        let (dir, pool) = migrated(file, SqliteJournalMode::Wal).await;
+        let key = LogKey::from_seed("gw", [7; 32]).expect("key");
+        let log = AuditLog::open(Db::Sqlite(pool.clone()), key, AuditConfig::default())
+            .await
+            .expect("audit");
+        (dir, pool, log)
     }
 
     /// Holds the store's write lock on another connection while `during` hands in appends,
@@ -638,11 +636,7 @@ mod tests {
     /// event is answered with the id of its own row, in chain order.
     #[tokio::test]
     async fn a_large_batch_answers_each_event_with_its_own_row() {
-        let (_dir, pool) = migrated("m.sqlite3", SqliteJournalMode::Wal).await;
-        let key = LogKey::from_seed("gw", [7; 32]).expect("key");
-        let log = AuditLog::open(Db::Sqlite(pool.clone()), key, AuditConfig::default())
-            .await
-            .expect("audit");
+        let (_dir, pool, log) = opened("m.sqlite3").await;
         log.append(AuditEvent::new(kinds::TOOL_CALL, "acme"))
             .await
             .expect("first");
@@ -691,11 +685,7 @@ mod tests {
     /// kept, and the writer goes on once the conflict is gone.
     #[tokio::test]
     async fn a_broken_constraint_rolls_back_the_whole_batch() {
-        let (_dir, pool) = migrated("c.sqlite3", SqliteJournalMode::Wal).await;
-        let key = LogKey::from_seed("gw", [7; 32]).expect("key");
-        let log = AuditLog::open(Db::Sqlite(pool.clone()), key, AuditConfig::default())
-            .await
-            .expect("audit");
+        let (_dir, pool, log) = opened("c.sqlite3").await;
         let first = log
             .append(AuditEvent::new(kinds::TOOL_CALL, "acme"))
             .await
