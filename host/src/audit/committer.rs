@@ -32,6 +32,7 @@ use super::commit::{
     CHECKPOINT_INSERT, Committed, Entry, HEAD_INSERT, HEAD_SELECT, HEAD_UPDATE, NewRow, plan,
 };
 use super::durable::{Committing, Durability};
+use super::facets::Lag;
 use super::key::hex;
 use super::log::{Appended, GENESIS, Shared};
 use super::wal::{WRITER_AUTOCHECKPOINT, WalCopier};
@@ -116,11 +117,12 @@ impl SqliteCommitter {
             Durability::by_sqlite(mark, Arc::clone(&shared.counters))
         };
         let wal = WalCopier::start(open(path)?)?;
+        let lag = Lag::read(&conn)?;
         let (parts, rx) = mpsc::channel(PARTS_QUEUE);
         let store = pool.clone();
         std::thread::Builder::new()
             .name("intentgate-audit-writer".into())
-            .spawn(move || run(conn, wal, durable, store, shared, rx))
+            .spawn(move || run(conn, wal, durable, lag, store, shared, rx))
             .map_err(|e| AuditError::Config(format!("cannot start the audit writer: {e}")))?;
         Ok(Self { parts })
     }
@@ -181,6 +183,7 @@ fn run(
     mut conn: Connection,
     mut wal: WalCopier,
     mut durable: Durability,
+    mut lag: Lag,
     store: sqlx::SqlitePool,
     shared: Shared,
     mut rx: mpsc::Receiver<Part>,
@@ -244,7 +247,7 @@ fn run(
             continue;
         }
         let seq = shared.outbox.durable().begin();
-        let results = commit_batch(&mut conn, &shared, &mut batch);
+        let results = commit_batch(&mut conn, &shared, &mut lag, &mut batch);
         let events = results.iter().flatten().map(|c| c.appended.len()).sum();
         wal.committed(events);
         let outboxed = results.iter().flatten().any(|c| c.outboxed);
@@ -266,10 +269,12 @@ fn run(
     }
 }
 
-/// One transaction for every part.
+/// One transaction for every part (and, once a slice of events has gathered, their entries in
+/// the agent and tool lookup tables: `facets.rs`).
 fn commit_batch(
     conn: &mut Connection,
     shared: &Shared,
+    lag: &mut Lag,
     parts: &mut [Part],
 ) -> Vec<Result<Committed, AuditError>> {
     let all_fail = |e: AuditError, n: usize| {
@@ -287,9 +292,15 @@ fn commit_batch(
         Ok(r) => r,
         Err(e) => return all_fail(e, parts.len()),
     };
+    let appended = results.iter().flatten().map(|c| c.appended.len()).sum();
+    let settled = match lag.settle(&tx, appended) {
+        Ok(settled) => settled,
+        Err(e) => return all_fail(e, parts.len()),
+    };
     if let Err(e) = tx.commit() {
         return all_fail(e.into(), parts.len());
     }
+    *lag = settled;
     shared.counters.transactions.fetch_add(1, Ordering::Relaxed);
     for done in results.iter().flatten() {
         if done.checkpointed {

@@ -11,6 +11,8 @@
 //!   ([`AuditLog::append_charged`]), so a call costs one commit.
 //! - [`key`] and [`checkpoint`]: the Ed25519 log key and signed checkpoints (C2SP signed notes).
 //! - [`query`]: filters and keyset pagination for the admin API and export.
+//! - `facets`: the SQLite store's agent and tool lookup tables, which the writer fills a slice
+//!   of events at a time instead of updating an index in every commit.
 //! - [`verify`]: walks a tenant's chain in the database, optionally against a checkpoint.
 //! - [`export`]: streamed CSV / NDJSON with bounded memory.
 //! - [`offline`]: verifies an NDJSON export against a checkpoint and public key, no gateway needed.
@@ -27,6 +29,7 @@ mod committer;
 mod durable;
 pub mod event;
 pub mod export;
+mod facets;
 pub mod jcs;
 pub mod key;
 pub mod log;

@@ -8,6 +8,7 @@
 use serde_json::Value;
 
 use super::event::Decision;
+use super::facets::{Facet, MARK};
 use super::{AuditError, Db, time};
 
 /// Longest value of one filter parameter (longer than any stored field can be).
@@ -167,6 +168,25 @@ enum Param {
     I(i64),
 }
 
+#[cfg(test)]
+impl std::fmt::Display for Param {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Param::S(s) => f.write_str(s),
+            Param::I(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+/// The statement `list` runs for `filter`'s first page of 100, and its parameters as text.
+#[cfg(test)]
+pub(crate) fn records_sql_for_test(db: &Db, filter: &AuditFilter, out: &mut Vec<String>) -> String {
+    let mut params = Vec::new();
+    let sql = records_sql(db, filter, &[], Order::NewestFirst, 101, &mut params);
+    out.extend(params.iter().map(ToString::to_string));
+    sql
+}
+
 /// One stored event.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct AuditRecord {
@@ -221,7 +241,75 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
+const RECORD_FIELDS: &str = "SELECT id, tenant, seq, ts_ms, body, prev_hash, hash";
+
 const RECORD_COLS: &str = "SELECT id, tenant, seq, ts_ms, body, prev_hash, hash FROM audit_events";
+
+/// Which way a query walks the events.
+#[derive(Debug, Clone, Copy)]
+enum Order {
+    NewestFirst,
+    OldestFirst,
+}
+
+/// The `SELECT` of the records matching `filter` and `bounds` (conditions on the event id:
+/// `("<", cursor)`), in `order`, at most `limit`.
+///
+/// On SQLite an agent or tool filter is answered in two halves, merged in id order: the events
+/// above the lookup tables' mark, read by id (`NOT INDEXED`: never through a tenant index that
+/// would walk the whole tenant), and the rest through the table (`facets.rs`). The id bounds
+/// are put on the table's own `event_id`, so a page starts where its cursor points.
+fn records_sql(
+    db: &Db,
+    filter: &AuditFilter,
+    bounds: &[(&str, i64)],
+    order: Order,
+    limit: i64,
+    params: &mut Vec<Param>,
+) -> String {
+    let conds = filter.where_sql(params);
+    let mut ids: Vec<(&str, usize)> = Vec::with_capacity(bounds.len());
+    for (op, v) in bounds {
+        params.push(Param::I(*v));
+        ids.push((op, params.len()));
+    }
+    let on = |col: &str| -> String {
+        ids.iter()
+            .map(|(op, n)| format!(" AND {col} {op} ${n}"))
+            .collect()
+    };
+    params.push(Param::I(limit));
+    let tail = format!(
+        " ORDER BY id {} LIMIT ${}",
+        match order {
+            Order::NewestFirst => "DESC",
+            Order::OldestFirst => "ASC",
+        },
+        params.len()
+    );
+    let facet = match db {
+        Db::Sqlite(_) => Facet::driving(filter),
+        Db::Postgres(_) => None,
+    };
+    let Some((facet, value)) = facet else {
+        return format!("{RECORD_COLS}{conds}{}{tail}", on("id"));
+    };
+    params.push(Param::S(value.to_owned()));
+    let mut keyed = format!(" AND value = ${}", params.len());
+    if let Some(tenant) = &filter.tenant {
+        params.push(Param::S(tenant.clone()));
+        keyed.push_str(&format!(" AND scope = ${}", params.len()));
+    }
+    format!(
+        "{RECORD_COLS} NOT INDEXED{conds}{} AND id > {MARK} \
+         UNION ALL \
+         {RECORD_FIELDS} FROM {} CROSS JOIN audit_events ON id = event_id{conds}{keyed} \
+         AND event_id <= {MARK}{}{tail}",
+        on("id"),
+        facet.table(),
+        on("event_id"),
+    )
+}
 
 macro_rules! fetch_all {
     ($db:expr, $T:ty, $sql:expr, $params:expr) => {{
@@ -260,17 +348,22 @@ pub async fn list(
     limit: u32,
 ) -> Result<Page, AuditError> {
     let limit = limit.clamp(1, 1000);
-    let mut params = Vec::new();
-    let mut sql = format!("{RECORD_COLS}{}", filter.where_sql(&mut params));
+    let mut bounds = Vec::new();
     if let Some(c) = cursor.filter(|c| !c.is_empty()) {
         let before: i64 = c
             .parse()
             .map_err(|_| AuditError::InvalidQuery("cursor is not one this API gave".into()))?;
-        params.push(Param::I(before));
-        sql.push_str(&format!(" AND id < ${}", params.len()));
+        bounds.push(("<", before));
     }
-    params.push(Param::I(i64::from(limit) + 1));
-    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
+    let mut params = Vec::new();
+    let sql = records_sql(
+        db,
+        filter,
+        &bounds,
+        Order::NewestFirst,
+        i64::from(limit) + 1,
+        &mut params,
+    );
     let mut items: Vec<AuditRecord> = fetch_all!(db, AuditRecord, &sql, &params);
     let next_cursor = if items.len() > limit as usize {
         items.truncate(limit as usize);
@@ -290,13 +383,14 @@ pub async fn scan(
     limit: u32,
 ) -> Result<Vec<AuditRecord>, AuditError> {
     let mut params = Vec::new();
-    let mut sql = format!("{RECORD_COLS}{}", filter.where_sql(&mut params));
-    params.push(Param::I(after));
-    sql.push_str(&format!(" AND id > ${}", params.len()));
-    params.push(Param::I(upto));
-    sql.push_str(&format!(" AND id <= ${}", params.len()));
-    params.push(Param::I(i64::from(limit.max(1))));
-    sql.push_str(&format!(" ORDER BY id ASC LIMIT ${}", params.len()));
+    let sql = records_sql(
+        db,
+        filter,
+        &[(">", after), ("<=", upto)],
+        Order::OldestFirst,
+        i64::from(limit.max(1)),
+        &mut params,
+    );
     Ok(fetch_all!(db, AuditRecord, &sql, &params))
 }
 
