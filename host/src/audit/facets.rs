@@ -1,14 +1,15 @@
-//! The SQLite store's lookup tables for the audit query's agent and tool filters
-//! (`audit_agent_facet`, `audit_tool_facet`, migration 0008), filled by the writer in slices.
+//! The SQLite store's lookup tables for the audit query's agent, tool and time filters
+//! (`audit_agent_facet`, `audit_tool_facet`, `audit_time_facet`, migration 0008), filled by the
+//! writer in slices.
 //!
 //! An index on `(tenant, agent_id)` rewrites one leaf per tenant in every commit: with sixteen
 //! tenants each such index cost the writer about a quarter of its time. These tables hold the
 //! same entries, but the writer enters them only once [`SLICE`] events have gathered since the
-//! last time, in the transaction of the commit that crosses it, sorted, so each leaf is
-//! written once per slice instead of once per commit. `audit_facets_mark.upto` is the last
+//! last time, in the transaction of the commit that crosses it, so each leaf is written
+//! once per slice instead of once per commit. `audit_facets_mark.upto` is the last
 //! event id entered; a query takes the events above it from `audit_events` itself (at most
 //! about a slice, read by id), and the rest through the table. So an event is found by its
-//! agent or tool as soon as it commits, as through an index.
+//! agent, tool or time as soon as it commits, as through an index.
 //!
 //! This module must never move the mark past an event it did not enter, nor enter one in a
 //! transaction other than the one that moves the mark. PostgreSQL keeps ordinary indexes.
@@ -26,41 +27,55 @@ pub(crate) const SLICE: i64 = 1024;
 /// statement's snapshot: both halves of a query see the same mark).
 pub(crate) const MARK: &str = "(SELECT upto FROM audit_facets_mark)";
 
-/// Enters every event above the mark (sorted, so each table is written in key order), then
-/// moves the mark to the last event.
-const CATCH_UP: [&str; 3] = [
+/// Enters every event above the mark, then moves the mark to the last event. In id order, not
+/// sorted by key: a slice's entries land on a few leaves per tenant, all in the cache, and
+/// sorting them first cost more than it saved (3.0 against 2.4 µs an event).
+const CATCH_UP: [&str; 4] = [
     "INSERT OR IGNORE INTO audit_agent_facet (value, scope, event_id) \
      SELECT agent_id, tenant, id FROM audit_events \
-     WHERE id > (SELECT upto FROM audit_facets_mark) AND agent_id <> '' ORDER BY 1, 2, 3",
+     WHERE id > (SELECT upto FROM audit_facets_mark) AND agent_id <> ''",
     "INSERT OR IGNORE INTO audit_tool_facet (value, scope, event_id) \
      SELECT tool, tenant, id FROM audit_events \
-     WHERE id > (SELECT upto FROM audit_facets_mark) AND tool <> '' ORDER BY 1, 2, 3",
+     WHERE id > (SELECT upto FROM audit_facets_mark) AND tool <> ''",
+    "INSERT OR IGNORE INTO audit_time_facet (scope, value, event_id) \
+     SELECT tenant, ts_ms, id FROM audit_events \
+     WHERE id > (SELECT upto FROM audit_facets_mark)",
     "UPDATE audit_facets_mark SET upto = (SELECT COALESCE(MAX(id), 0) FROM audit_events) \
      WHERE only = 1",
 ];
 
-/// One of the filters answered through a table.
+/// One of the filters answered through a table. The agent and tool tables are keyed
+/// `(value, scope, event_id)` (a value is found in every tenant, or in one); the time table
+/// `(scope, value, event_id)` (a tenant's window).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Facet {
-    Agent,
-    Tool,
+pub(crate) enum Facet<'a> {
+    Agent(&'a str),
+    Tool(&'a str),
+    /// A tenant's time window (the tenant is the filter's).
+    Time,
 }
 
-impl Facet {
+impl<'a> Facet<'a> {
     pub(crate) fn table(self) -> &'static str {
         match self {
-            Facet::Agent => "audit_agent_facet",
-            Facet::Tool => "audit_tool_facet",
+            Facet::Agent(_) => "audit_agent_facet",
+            Facet::Tool(_) => "audit_tool_facet",
+            Facet::Time => "audit_time_facet",
         }
     }
 
-    /// The facet that drives a query with `filter` (the agent when both are asked for; the
-    /// other is then an ordinary condition), and its value.
-    pub(crate) fn driving(filter: &AuditFilter) -> Option<(Facet, &str)> {
+    /// The facet that drives a query with `filter`: its agent, else its tool, else a tenant's
+    /// time window; the other filters are then ordinary conditions. `None`: no table serves
+    /// (the query reads `audit_events` by its own indexes, as on PostgreSQL).
+    pub(crate) fn driving(filter: &'a AuditFilter) -> Option<Self> {
         if let Some(agent) = &filter.agent_id {
-            return Some((Facet::Agent, agent));
+            return Some(Facet::Agent(agent));
         }
-        filter.tool.as_deref().map(|tool| (Facet::Tool, tool))
+        if let Some(tool) = &filter.tool {
+            return Some(Facet::Tool(tool));
+        }
+        let window = filter.from_ms.is_some() || filter.to_ms.is_some();
+        (filter.tenant.is_some() && window).then_some(Facet::Time)
     }
 }
 
@@ -251,19 +266,49 @@ mod tests {
         assert_eq!(counts(&conn).2, 1300);
 
         let db = crate::audit::Db::Sqlite(pool);
+        // Each filter, and the plain conditions that find the same events (`ts_ms` = `seq`).
         let filters = [
-            vec![("tenant", "a"), ("agent_id", "agent-1")],
-            vec![("tenant", "a"), ("tool", "tool-2")],
-            vec![("tenant", "b"), ("agent_id", "agent-2"), ("tool", "tool-4")],
-            vec![("tool", "tool-0")],
-            vec![("tenant", "a"), ("agent_id", "nobody")],
+            (
+                vec![("tenant", "a"), ("agent_id", "agent-1")],
+                "tenant = 'a' AND agent_id = 'agent-1'",
+            ),
+            (
+                vec![("tenant", "a"), ("tool", "tool-2")],
+                "tenant = 'a' AND tool = 'tool-2'",
+            ),
+            (
+                vec![("tenant", "b"), ("agent_id", "agent-2"), ("tool", "tool-4")],
+                "tenant = 'b' AND agent_id = 'agent-2' AND tool = 'tool-4'",
+            ),
+            (vec![("tool", "tool-0")], "tool = 'tool-0'"),
+            (
+                vec![("tenant", "a"), ("agent_id", "nobody")],
+                "tenant = 'a' AND agent_id = 'nobody'",
+            ),
+            (
+                vec![
+                    ("tenant", "a"),
+                    ("from", "1970-01-01T00:00:00.500Z"),
+                    ("to", "1970-01-01T00:00:01.700Z"),
+                ],
+                "tenant = 'a' AND ts_ms >= 500 AND ts_ms <= 1700",
+            ),
+            (
+                vec![("tenant", "b"), ("from", "1970-01-01T00:00:01.250Z")],
+                "tenant = 'b' AND ts_ms >= 1250",
+            ),
+            (
+                vec![
+                    ("tenant", "a"),
+                    ("to", "1970-01-01T00:00:00.100Z"),
+                    ("tool", "tool-1"),
+                ],
+                "tenant = 'a' AND ts_ms <= 100 AND tool = 'tool-1'",
+            ),
         ];
-        for pairs in filters {
+        for (pairs, plain) in filters {
             let f = AuditFilter::from_params(pairs.iter().copied()).expect("filter");
-            let mut plain = String::from("SELECT id FROM audit_events WHERE 1=1");
-            for (k, v) in &pairs {
-                plain.push_str(&format!(" AND {k} = '{v}'"));
-            }
+            let plain = format!("SELECT id FROM audit_events WHERE {plain}");
             let mut want: Vec<i64> = {
                 let mut stmt = conn
                     .prepare(&format!("{plain} ORDER BY id DESC"))
@@ -299,34 +344,44 @@ mod tests {
             assert_eq!(oldest_first, want, "scan {pairs:?}");
         }
 
-        // The plan of a tenant's agent filter.
-        let f = AuditFilter::from_params([("tenant", "a"), ("agent_id", "agent-1")]).expect("f");
-        let mut params = Vec::new();
-        let sql = query::records_sql_for_test(&db, &f, &mut params);
-        let values = params;
-        let mut stmt = conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-            .expect("plan");
-        // By name: `$n` is the n-th value, wherever the text first names it.
-        for (i, v) in values.iter().enumerate() {
-            if let Some(at) = stmt.parameter_index(&format!("${}", i + 1)).expect("name") {
-                stmt.raw_bind_parameter(at, v).expect("bind");
+        // The plans of a tenant's agent filter and of its time window.
+        let plan_of = |pairs: &[(&str, &str)]| -> String {
+            let f = AuditFilter::from_params(pairs.iter().copied()).expect("f");
+            let mut values = Vec::new();
+            let sql = query::records_sql_for_test(&db, &f, &mut values);
+            let mut stmt = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .expect("plan");
+            // By name: `$n` is the n-th value, wherever the text first names it.
+            for (i, v) in values.iter().enumerate() {
+                if let Some(at) = stmt.parameter_index(&format!("${}", i + 1)).expect("name") {
+                    stmt.raw_bind_parameter(at, v).expect("bind");
+                }
             }
-        }
-        let mut plan = Vec::new();
-        let mut rows = stmt.raw_query();
-        while let Some(row) = rows.next().expect("row") {
-            plan.push(row.get::<_, String>(3).expect("detail"));
-        }
-        let plan = plan.join("\n");
-        assert!(
-            plan.contains(
-                "SEARCH audit_agent_facet USING PRIMARY KEY (value=? AND scope=? AND event_id"
-            ) && plan.contains("SEARCH audit_events USING INTEGER PRIMARY KEY (rowid>?)")
-                && plan.contains("SEARCH audit_events USING INTEGER PRIMARY KEY (rowid=?)")
-                && !plan.contains("SCAN audit_events")
-                && !plan.contains("audit_events_tenant"),
-            "the agent filter does not read through its table:\n{plan}"
+            let mut plan = Vec::new();
+            let mut rows = stmt.raw_query();
+            while let Some(row) = rows.next().expect("row") {
+                plan.push(row.get::<_, String>(3).expect("detail"));
+            }
+            plan.join("\n")
+        };
+        let by_table = |plan: &str, search: &str| {
+            assert!(
+                plan.contains(search)
+                    && plan.contains("SEARCH audit_events USING INTEGER PRIMARY KEY (rowid>?)")
+                    && plan.contains("SEARCH audit_events USING INTEGER PRIMARY KEY (rowid=?)")
+                    && !plan.contains("SCAN audit_events")
+                    && !plan.contains("audit_events_tenant"),
+                "not read through its table:\n{plan}"
+            );
+        };
+        by_table(
+            &plan_of(&[("tenant", "a"), ("agent_id", "agent-1")]),
+            "SEARCH audit_agent_facet USING PRIMARY KEY (value=? AND scope=? AND event_id",
+        );
+        by_table(
+            &plan_of(&[("tenant", "a"), ("from", "1970-01-01T00:00:00.500Z")]),
+            "SEARCH audit_time_facet USING PRIMARY KEY (scope=? AND value>?)",
         );
     }
 }

@@ -255,7 +255,7 @@ enum Order {
 /// The `SELECT` of the records matching `filter` and `bounds` (conditions on the event id:
 /// `("<", cursor)`), in `order`, at most `limit`.
 ///
-/// On SQLite an agent or tool filter is answered in two halves, merged in id order: the events
+/// On SQLite an agent, tool or a tenant's time filter is answered in two halves, merged in id order: the events
 /// above the lookup tables' mark, read by id (`NOT INDEXED`: never through a tenant index that
 /// would walk the whole tenant), and the rest through the table (`facets.rs`). The id bounds
 /// are put on the table's own `event_id`, so a page starts where its cursor points.
@@ -291,14 +291,32 @@ fn records_sql(
         Db::Sqlite(_) => Facet::driving(filter),
         Db::Postgres(_) => None,
     };
-    let Some((facet, value)) = facet else {
+    let Some(facet) = facet else {
         return format!("{RECORD_COLS}{conds}{}{tail}", on("id"));
     };
-    params.push(Param::S(value.to_owned()));
-    let mut keyed = format!(" AND value = ${}", params.len());
-    if let Some(tenant) = &filter.tenant {
-        params.push(Param::S(tenant.clone()));
-        keyed.push_str(&format!(" AND scope = ${}", params.len()));
+    let mut keyed = String::new();
+    let mut key = |col: &str, op: &str, v: Param, params: &mut Vec<Param>| {
+        params.push(v);
+        keyed.push_str(&format!(" AND {col} {op} ${}", params.len()));
+    };
+    match facet {
+        Facet::Agent(value) | Facet::Tool(value) => {
+            key("value", "=", Param::S(value.to_owned()), params);
+            if let Some(tenant) = &filter.tenant {
+                key("scope", "=", Param::S(tenant.clone()), params);
+            }
+        }
+        Facet::Time => {
+            if let Some(tenant) = &filter.tenant {
+                key("scope", "=", Param::S(tenant.clone()), params);
+            }
+            if let Some(from) = filter.from_ms {
+                key("value", ">=", Param::I(from), params);
+            }
+            if let Some(to) = filter.to_ms {
+                key("value", "<=", Param::I(to), params);
+            }
+        }
     }
     format!(
         "{RECORD_COLS} NOT INDEXED{conds}{} AND id > {MARK} \
