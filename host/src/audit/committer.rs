@@ -8,7 +8,9 @@
 //! the approval writes, decides every budget debit in queue order against the counters it read
 //! under the write lock, hashes each tenant's events onto its own chain, inserts them (many
 //! rows a statement: [`ROWS_PER_INSERT`]), writes the outbox rows and due checkpoints, and
-//! moves every head with a compare-and-set. A part whose stored head is unusable (a malformed
+//! moves every head with a compare-and-set. Once a slice of events has gathered, the same
+//! transaction enters them in the audit query's lookup tables (`facets.rs`); with nothing else
+//! to do, the thread enters a smaller slice in a transaction of its own. A part whose stored head is unusable (a malformed
 //! hash) is refused alone, before anything of it is written; any failure of a statement or of
 //! the commit refuses every part of the batch.
 //!
@@ -266,6 +268,12 @@ fn run(
         // Alone: synced here at once. Others waiting: synced beside the next commit.
         let alone = rx.is_empty() && deferred.is_empty();
         durable.settle(batch, alone);
+        if alone
+            && rx.is_empty()
+            && let Err(e) = lag.idle(&mut conn)
+        {
+            tracing::warn!(error = %e, "cannot enter audit events in the query's lookup tables; the next commit crossing a slice tries again");
+        }
     }
 }
 
@@ -694,6 +702,39 @@ mod tests {
     /// A row that breaks `UNIQUE (tenant, seq)` half-way through a batch's insert fails the
     /// whole batch and leaves nothing of it: the head stays, no row before the broken one is
     /// kept, and the writer goes on once the conflict is gone.
+    /// Calls one at a time leave the writer idle after each commit: once an idle slice has
+    /// gathered, it enters the events in the query's lookup tables on its own, before it takes
+    /// the next part, so the tables keep up without a commit of callers' events growing.
+    #[tokio::test]
+    async fn an_idle_writer_keeps_the_lookup_tables_up() {
+        let (_dir, pool, log) = opened("i.sqlite3").await;
+        let idle = crate::audit::facets::IDLE_SLICE as usize;
+        let mark = async || -> i64 {
+            sqlx::query_scalar("SELECT upto FROM audit_facets_mark")
+                .fetch_one(&pool)
+                .await
+                .expect("mark")
+        };
+        for i in 0..idle + 1 {
+            let mut e = AuditEvent::new(kinds::TOOL_CALL, "acme");
+            e.agent_id = format!("agent-{}", i % 2);
+            let appended = log.append(e).await.expect("append");
+            if i + 1 < idle {
+                assert_eq!(mark().await, 0, "entered before an idle slice gathered");
+            } else if i == idle {
+                assert!(
+                    mark().await >= appended.id - 1,
+                    "the idle slice was not entered"
+                );
+            }
+        }
+        let entered: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_agent_facet")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        assert!(entered >= idle as i64, "{entered} entries");
+    }
+
     #[tokio::test]
     async fn a_broken_constraint_rolls_back_the_whole_batch() {
         let (_dir, pool, log) = opened("c.sqlite3").await;

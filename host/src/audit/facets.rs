@@ -23,6 +23,12 @@ use super::query::AuditFilter;
 /// the batch over which each table leaf is written once.
 pub(crate) const SLICE: i64 = 1024;
 
+/// Events gathered before a writer with nothing else to do enters them in a transaction of
+/// their own. Nobody waits for that transaction, and it needs no sync of its own (lost in a
+/// crash, the mark is simply lower): under a light load the tables keep up without a commit
+/// that carries callers' events ever growing by a slice's entries.
+pub(crate) const IDLE_SLICE: i64 = 128;
+
 /// The last event id the tables cover, as a scalar subquery (read once per statement, from the
 /// statement's snapshot: both halves of a query see the same mark).
 pub(crate) const MARK: &str = "(SELECT upto FROM audit_facets_mark)";
@@ -106,11 +112,30 @@ impl Lag {
         if pending < SLICE {
             return Ok(Self { pending });
         }
-        for sql in CATCH_UP {
-            tx.prepare_cached(sql)?.raw_execute()?;
-        }
+        catch_up(tx)?;
         Ok(Self { pending: 0 })
     }
+
+    /// With the writer idle: enters what has gathered, in a transaction of its own, once
+    /// [`IDLE_SLICE`] events have. A failure keeps the lag (the next commit crossing a slice
+    /// tries again) and refuses no caller.
+    pub(crate) fn idle(&mut self, conn: &mut rusqlite::Connection) -> Result<(), AuditError> {
+        if self.pending < IDLE_SLICE {
+            return Ok(());
+        }
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        catch_up(&tx)?;
+        tx.commit()?;
+        self.pending = 0;
+        Ok(())
+    }
+}
+
+fn catch_up(tx: &Transaction<'_>) -> Result<(), AuditError> {
+    for sql in CATCH_UP {
+        tx.prepare_cached(sql)?.raw_execute()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -192,6 +217,25 @@ mod tests {
             entered, n,
             "each entry names its own event's tool and tenant"
         );
+    }
+
+    #[test]
+    fn an_idle_writer_enters_a_smaller_slice_on_its_own() {
+        let mut conn = store_with(IDLE_SLICE - 1);
+        let mut lag = Lag::read(&conn).expect("lag");
+        lag.idle(&mut conn).expect("idle");
+        assert_eq!(
+            counts(&conn),
+            (0, 0, 0),
+            "under an idle slice, nothing is entered"
+        );
+        append(&conn, IDLE_SLICE, IDLE_SLICE);
+        lag.pending += 1;
+        lag.idle(&mut conn).expect("idle");
+        let n = IDLE_SLICE;
+        assert_eq!(counts(&conn), (n, n, n));
+        assert_eq!(lag.pending, 0);
+        assert_eq!(Lag::read(&conn).expect("lag").pending, 0);
     }
 
     #[test]
