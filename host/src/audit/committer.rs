@@ -268,8 +268,11 @@ fn run(
         // Alone: synced here at once. Others waiting: synced beside the next commit.
         let alone = rx.is_empty() && deferred.is_empty();
         durable.settle(batch, alone);
+        // Nothing waits (and nothing may be written after a failed sync or past shutdown).
         if alone
             && rx.is_empty()
+            && !durable.failed()
+            && !store.is_closed()
             && let Err(e) = lag.idle(&mut conn)
         {
             tracing::warn!(error = %e, "cannot enter audit events in the query's lookup tables; the next commit crossing a slice tries again");

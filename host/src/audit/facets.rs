@@ -89,6 +89,10 @@ impl<'a> Facet<'a> {
 #[derive(Debug)]
 pub(crate) struct Lag {
     pending: i64,
+    /// An idle catch-up failed: the next is left to the commit that crosses a slice (which
+    /// refuses its callers if it fails too), so a broken store is not retried, and warned
+    /// about, after every commit.
+    idle_failed: bool,
 }
 
 impl Lag {
@@ -101,6 +105,7 @@ impl Lag {
         )?;
         Ok(Self {
             pending: pending.max(0),
+            idle_failed: false,
         })
     }
 
@@ -110,24 +115,37 @@ impl Lag {
     pub(crate) fn settle(&self, tx: &Transaction<'_>, appended: usize) -> Result<Self, AuditError> {
         let pending = self.pending + appended as i64;
         if pending < SLICE {
-            return Ok(Self { pending });
+            return Ok(Self {
+                pending,
+                idle_failed: self.idle_failed,
+            });
         }
         catch_up(tx)?;
-        Ok(Self { pending: 0 })
+        Ok(Self {
+            pending: 0,
+            idle_failed: false,
+        })
     }
 
     /// With the writer idle: enters what has gathered, in a transaction of its own, once
-    /// [`IDLE_SLICE`] events have. A failure keeps the lag (the next commit crossing a slice
-    /// tries again) and refuses no caller.
+    /// [`IDLE_SLICE`] events have. A failure keeps the lag, refuses no caller, and leaves the
+    /// next attempt to the commit that crosses a slice.
     pub(crate) fn idle(&mut self, conn: &mut rusqlite::Connection) -> Result<(), AuditError> {
-        if self.pending < IDLE_SLICE {
+        if self.pending < IDLE_SLICE || self.idle_failed {
             return Ok(());
         }
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        catch_up(&tx)?;
-        tx.commit()?;
-        self.pending = 0;
-        Ok(())
+        let entered = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(AuditError::from)
+            .and_then(|tx| {
+                catch_up(&tx)?;
+                Ok(tx.commit()?)
+            });
+        match entered {
+            Ok(()) => self.pending = 0,
+            Err(_) => self.idle_failed = true,
+        }
+        entered
     }
 }
 
@@ -238,6 +256,31 @@ mod tests {
         assert_eq!(Lag::read(&conn).expect("lag").pending, 0);
     }
 
+    /// A failed idle catch-up keeps the lag and is not retried at every idle moment; the
+    /// commit that crosses a slice tries again.
+    #[test]
+    fn a_failed_idle_catch_up_waits_for_the_next_slice() {
+        let mut conn = store_with(IDLE_SLICE);
+        let mut lag = Lag::read(&conn).expect("lag");
+        conn.execute_batch("ALTER TABLE audit_tool_facet RENAME TO elsewhere")
+            .expect("break");
+        assert!(lag.idle(&mut conn).is_err());
+        assert!(lag.idle_failed);
+        assert_eq!(lag.pending, IDLE_SLICE, "the lag is kept");
+        conn.execute_batch("ALTER TABLE elsewhere RENAME TO audit_tool_facet")
+            .expect("mend");
+        lag.idle(&mut conn).expect("not tried");
+        assert_eq!(counts(&conn), (0, 0, 0), "not retried while idle");
+        append(&conn, IDLE_SLICE + 1, SLICE);
+        let tx = conn.transaction().expect("tx");
+        let lag = lag
+            .settle(&tx, (SLICE - IDLE_SLICE) as usize)
+            .expect("settle");
+        tx.commit().expect("commit");
+        assert!(!lag.idle_failed && lag.pending == 0);
+        assert_eq!(counts(&conn), (SLICE, SLICE, SLICE));
+    }
+
     #[test]
     fn a_transaction_rolled_back_enters_nothing() {
         let mut conn = store_with(SLICE);
@@ -303,7 +346,12 @@ mod tests {
         };
         insert(&conn, 1, 1300);
         let tx = conn.transaction().expect("tx");
-        let lag = Lag { pending: SLICE }.settle(&tx, 0).expect("settle");
+        let lag = Lag {
+            pending: SLICE,
+            idle_failed: false,
+        }
+        .settle(&tx, 0)
+        .expect("settle");
         tx.commit().expect("commit");
         assert_eq!(lag.pending, 0);
         insert(&conn, 1301, 2000);
