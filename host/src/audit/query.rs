@@ -2,6 +2,8 @@
 //! chain heads and the checkpoint history.
 //!
 //! Pagination is always keyset (`id < cursor` / `id > cursor`), never OFFSET over a live table.
+//! On SQLite, the agent, tool and tenant-and-time filters read the lookup tables of `facets.rs`
+//! and the events above their mark (`records_sql`).
 //! This module must never write, and never widen a query beyond the tenant it was given: tenant
 //! scoping is decided by the caller (the admin API) and passed in [`AuditFilter::tenant`].
 
