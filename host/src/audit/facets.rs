@@ -315,22 +315,12 @@ mod tests {
     #[tokio::test]
     async fn filters_find_the_same_events_below_and_above_the_mark() {
         use crate::audit::query::{self, AuditFilter};
-        use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-
-        let dir = tempfile::tempdir().expect("tempdir");
+        let (dir, pool) = super::super::committer::tests::migrated(
+            "f.sqlite3",
+            sqlx::sqlite::SqliteJournalMode::Wal,
+        )
+        .await;
         let file = dir.path().join("f.sqlite3");
-        let options = SqliteConnectOptions::new()
-            .filename(&file)
-            .create_if_missing(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
-            .expect("pool");
-        sqlx::migrate!("../migrations/sqlite")
-            .run(&pool)
-            .await
-            .expect("schema");
         // 2,000 events of two tenants; the first 1,300 entered, the rest above the mark.
         let mut conn = rusqlite::Connection::open(&file).expect("open");
         let insert = |conn: &rusqlite::Connection, from: i64, to: i64| {
