@@ -292,7 +292,8 @@ struct MicroOpts {
     /// Audit: warm-up per case.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     warmup: Duration,
-    /// Audit cases as appenders:tenants.
+    /// Audit cases as appenders:tenants[:tokens] (without tokens, each call number names its
+    /// own token, shared by the appenders at that number).
     #[arg(
         long,
         value_delimiter = ',',
@@ -1521,15 +1522,16 @@ fn micro_main(o: MicroOpts) -> Result<(), String> {
             "verify" => micro::verify(o.reps)?,
             "revocation" => micro::revocation(o.reps)?,
             "audit" => {
-                let cases: Vec<(usize, usize)> = o
+                let cases: Vec<micro::AuditShape> = o
                     .audit_cases
                     .iter()
                     .map(|c| {
-                        let (a, t) = c.split_once(':').unwrap_or((c, "1"));
-                        Ok((
-                            a.parse().map_err(|_| format!("bad case {c}"))?,
-                            t.parse().map_err(|_| format!("bad case {c}"))?,
-                        ))
+                        let bad = |_| format!("bad case {c} (appenders:tenants[:tokens])");
+                        let mut parts = c.split(':');
+                        let a = parts.next().unwrap_or(c).parse().map_err(bad)?;
+                        let t = parts.next().unwrap_or("1").parse().map_err(bad)?;
+                        let k = parts.next().map(str::parse).transpose().map_err(bad)?;
+                        Ok((a, t, k))
                     })
                     .collect::<Result<_, String>>()?;
                 for b in &o.backends {

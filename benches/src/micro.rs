@@ -226,13 +226,22 @@ pub fn revocation(reps: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn tool_call_event(tenant: &str, n: u64) -> AuditEvent {
+/// The `n`th call of an appender; `token` names the appender's own token when the case gives
+/// a token count, else every call names the token `n` (so concurrent appenders share one).
+fn tool_call_event(tenant: &str, n: u64, token: Option<usize>) -> AuditEvent {
     let mut e = AuditEvent::new(kinds::TOOL_CALL, tenant);
     e.decision = Some(Decision::Allow);
     e.agent_id = "bench-agent".into();
     e.tool = "echo".into();
     e.arg_keys = vec!["text".into()];
-    e.jti = format!("tok_{n:024x}");
+    e.jti = match token {
+        // Spread over the key space, as random token ids are.
+        Some(t) => format!(
+            "tok_{:024x}",
+            (t as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ),
+        None => format!("tok_{n:024x}"),
+    };
     e.root_jti = e.jti.clone();
     e.caveat_count = Some(2);
     e.remote_ip = "127.0.0.1".into();
@@ -340,11 +349,11 @@ fn sync_row(
 }
 
 /// One audit case: `appenders` tasks appending as fast as answers come back, spread over
-/// `tenants` tenants, for `duration` after a warm-up.
+/// `tenants` tenants (and, when given, `tokens` tokens: appender `i` calls with token
+/// `i % tokens`, as agents with long-lived tokens do), for `duration` after a warm-up.
 async fn audit_case(
     log: &AuditLog,
-    appenders: usize,
-    tenants: usize,
+    (appenders, tenants, tokens): AuditShape,
     warmup: Duration,
     duration: Duration,
 ) -> AuditCase {
@@ -372,6 +381,7 @@ async fn audit_case(
         let log = log.clone();
         let (ok, failed, stop) = (Arc::clone(&ok), Arc::clone(&failed), Arc::clone(&stop));
         let tenant = format!("bench-{}", i % tenants.max(1));
+        let token = tokens.map(|k| i % k.max(1));
         tasks.push(tokio::spawn(async move {
             let mut samples = Samples::with_capacity(16 * 1024);
             let mut n = 0u64;
@@ -381,7 +391,7 @@ async fn audit_case(
                     break;
                 }
                 n += 1;
-                let r = log.append(tool_call_event(&tenant, n)).await;
+                let r = log.append(tool_call_event(&tenant, n, token)).await;
                 let done = Instant::now();
                 if done >= from && done <= end {
                     match r {
@@ -446,10 +456,14 @@ struct AuditCase {
     latency: crate::stats::Summary,
 }
 
+/// An audit case: appenders, tenants, and the number of tokens they call with (`None`: a
+/// token per call number, shared by the appenders at that number).
+pub type AuditShape = (usize, usize, Option<usize>);
+
 pub async fn audit(
     backend: &str,
     root: &Path,
-    cases: &[(usize, usize)],
+    cases: &[AuditShape],
     warmup: Duration,
     duration: Duration,
 ) -> Result<(), String> {
@@ -483,13 +497,15 @@ pub async fn audit(
         .map_err(|e| e.to_string())?;
     println!("\n## audit append, {label}, group commit (AuditConfig::default())\n");
     println!(
-        "| appenders | tenants | events/s | events/transaction | events/tenant batch | bench-process CPU µs/event | append p50 | p99 | p99.9 | failed |"
+        "| appenders | tenants | tokens | events/s | events/transaction | events/tenant batch | bench-process CPU µs/event | append p50 | p99 | p99.9 | failed |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for &(appenders, tenants) in cases {
-        let c = audit_case(&log, appenders, tenants, warmup, duration).await;
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &shape in cases {
+        let (appenders, tenants, tokens) = shape;
+        let c = audit_case(&log, shape, warmup, duration).await;
+        let tokens = tokens.map_or_else(|| "per call".to_owned(), |k| k.to_string());
         println!(
-            "| {appenders} | {tenants} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            "| {appenders} | {tenants} | {tokens} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
             c.rate,
             c.events_per_transaction,
             c.events_per_batch,

@@ -281,7 +281,7 @@ fn run(
 }
 
 /// One transaction for every part (and, once a slice of events has gathered, their entries in
-/// the agent, tool and time lookup tables: `facets.rs`).
+/// the token, agent, tool and time lookup tables: `facets.rs`).
 fn commit_batch(
     conn: &mut Connection,
     shared: &Shared,

@@ -1,9 +1,11 @@
-//! The SQLite store's lookup tables for the audit query's agent, tool and time filters
-//! (`audit_agent_facet`, `audit_tool_facet`, `audit_time_facet`, migration 0008), filled by the
-//! writer in slices.
+//! The SQLite store's lookup tables for the audit query's agent, tool, time and token filters
+//! (`audit_agent_facet`, `audit_tool_facet`, `audit_time_facet`, migration 0008;
+//! `audit_token_facet`, migration 0009), filled by the writer in slices.
 //!
 //! An index on `(tenant, agent_id)` rewrites one leaf per tenant in every commit: with sixteen
-//! tenants each such index cost the writer about a quarter of its time. These tables hold the
+//! tenants each such index cost the writer about a quarter of its time. An index on `jti` is
+//! worse: agents call with long-lived tokens of their own, so each event of a commit lands on
+//! its own token's leaf. These tables hold the
 //! same entries, but the writer enters them only once [`SLICE`] events have gathered since the
 //! last time, in the transaction of the commit that crosses it, so each leaf is written
 //! once per slice instead of once per commit. `audit_facets_mark.upto` is the last
@@ -36,7 +38,7 @@ pub(crate) const MARK: &str = "(SELECT upto FROM audit_facets_mark)";
 /// Enters every event above the mark, then moves the mark to the last event. In id order, not
 /// sorted by key: a slice's entries land on a few leaves per tenant, all in the cache, and
 /// sorting them first cost more than it saved (3.0 against 2.4 µs an event).
-const CATCH_UP: [&str; 4] = [
+const CATCH_UP: [&str; 5] = [
     "INSERT OR IGNORE INTO audit_agent_facet (value, scope, event_id) \
      SELECT agent_id, tenant, id FROM audit_events \
      WHERE id > (SELECT upto FROM audit_facets_mark) AND agent_id <> ''",
@@ -46,15 +48,25 @@ const CATCH_UP: [&str; 4] = [
     "INSERT OR IGNORE INTO audit_time_facet (scope, value, event_id) \
      SELECT tenant, ts_ms, id FROM audit_events \
      WHERE id > (SELECT upto FROM audit_facets_mark)",
+    // A token's own events, and a delegated token's events once more under its root: the
+    // token filter finds a root token's whole delegation tree.
+    "INSERT OR IGNORE INTO audit_token_facet (value, scope, event_id) \
+     SELECT jti, tenant, id FROM audit_events \
+     WHERE id > (SELECT upto FROM audit_facets_mark) AND jti <> '' \
+     UNION ALL \
+     SELECT root_jti, tenant, id FROM audit_events \
+     WHERE id > (SELECT upto FROM audit_facets_mark) AND root_jti <> '' AND root_jti <> jti",
     "UPDATE audit_facets_mark SET upto = (SELECT COALESCE(MAX(id), 0) FROM audit_events) \
      WHERE only = 1",
 ];
 
-/// One of the filters answered through a table. The agent and tool tables are keyed
+/// One of the filters answered through a table. The token, agent and tool tables are keyed
 /// `(value, scope, event_id)` (a value is found in every tenant, or in one); the time table
 /// `(scope, value, event_id)` (a tenant's window).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Facet<'a> {
+    /// A token id: the events of that token and of every token delegated from it.
+    Token(&'a str),
     Agent(&'a str),
     Tool(&'a str),
     /// A tenant's time window (the tenant is the filter's).
@@ -64,16 +76,21 @@ pub(crate) enum Facet<'a> {
 impl<'a> Facet<'a> {
     pub(crate) fn table(self) -> &'static str {
         match self {
+            Facet::Token(_) => "audit_token_facet",
             Facet::Agent(_) => "audit_agent_facet",
             Facet::Tool(_) => "audit_tool_facet",
             Facet::Time => "audit_time_facet",
         }
     }
 
-    /// The facet that drives a query with `filter`: its agent, else its tool, else a tenant's
-    /// time window; the other filters are then ordinary conditions. `None`: no table serves
-    /// (the query reads `audit_events` by its own indexes, as on PostgreSQL).
+    /// The facet that drives a query with `filter`: its token (the narrowest: one agent's
+    /// grant), else its agent, else its tool, else a tenant's time window; the other filters
+    /// are then ordinary conditions. `None`: no table serves (the query reads `audit_events` by
+    /// its own indexes, as on PostgreSQL).
     pub(crate) fn driving(filter: &'a AuditFilter) -> Option<Self> {
+        if let Some(jti) = &filter.jti {
+            return Some(Facet::Token(jti));
+        }
         if let Some(agent) = &filter.agent_id {
             return Some(Facet::Agent(agent));
         }
@@ -160,8 +177,9 @@ fn catch_up(tx: &Transaction<'_>) -> Result<(), AuditError> {
 mod tests {
     use super::*;
 
-    /// A migrated in-memory store with `n` events of tenant `t`, alternating two agents and
-    /// three tools, none entered (the mark left at 0).
+    /// A migrated in-memory store with `n` events of tenant `t`, alternating two agents,
+    /// three tools and four root tokens (every third call by a token delegated from one), none
+    /// entered (the mark left at 0).
     fn store_with(n: i64) -> rusqlite::Connection {
         let conn = rusqlite::Connection::open_in_memory().expect("sqlite");
         for migration in MIGRATIONS {
@@ -171,29 +189,43 @@ mod tests {
         conn
     }
 
-    pub(crate) const MIGRATIONS: [&str; 3] = [
+    pub(crate) const MIGRATIONS: [&str; 4] = [
         include_str!("../../../migrations/sqlite/0002_audit.sql"),
         include_str!("../../../migrations/sqlite/0007_audit_token_index.sql"),
         include_str!("../../../migrations/sqlite/0008_audit_facets.sql"),
+        include_str!("../../../migrations/sqlite/0009_audit_token_facet.sql"),
     ];
 
     fn append(conn: &rusqlite::Connection, from: i64, to: i64) {
         for i in from..=to {
+            let root = format!("tok-{}", i % 4);
+            let jti = if i % 3 == 0 {
+                format!("child-{i}")
+            } else {
+                root.clone()
+            };
             conn.execute(
-                "INSERT INTO audit_events (tenant, seq, ts_ms, event, agent_id, tool, body, prev_hash, hash) \
-                 VALUES ('t', ?1, ?1, 'tool_call', ?2, ?3, '{}', '', '')",
-                rusqlite::params![i, format!("agent-{}", i % 2), format!("tool-{}", i % 3)],
+                "INSERT INTO audit_events (tenant, seq, ts_ms, event, agent_id, tool, jti, root_jti, body, prev_hash, hash) \
+                 VALUES ('t', ?1, ?1, 'tool_call', ?2, ?3, ?4, ?5, '{}', '', '')",
+                rusqlite::params![i, format!("agent-{}", i % 2), format!("tool-{}", i % 3), jti, root],
             )
             .expect("insert");
         }
     }
 
-    fn counts(conn: &rusqlite::Connection) -> (i64, i64, i64) {
+    /// Token entries for events 1..=n of [`append`]: each its own token, and every third
+    /// (a delegated token's) its root as well.
+    fn tokens(n: i64) -> i64 {
+        n + n / 3
+    }
+
+    /// Agent, tool and token entries, and the mark.
+    fn counts(conn: &rusqlite::Connection) -> (i64, i64, i64, i64) {
         conn.query_row(
             "SELECT (SELECT count(*) FROM audit_agent_facet), (SELECT count(*) FROM audit_tool_facet), \
-             (SELECT upto FROM audit_facets_mark)",
+             (SELECT count(*) FROM audit_token_facet), (SELECT upto FROM audit_facets_mark)",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .expect("counts")
     }
@@ -208,7 +240,7 @@ mod tests {
         tx.commit().expect("commit");
         assert_eq!(
             counts(&conn),
-            (0, 0, 0),
+            (0, 0, 0, 0),
             "under a slice, nothing is entered"
         );
 
@@ -220,7 +252,7 @@ mod tests {
         let n = SLICE + 9;
         assert_eq!(
             counts(&conn),
-            (n, n, n),
+            (n, n, tokens(n), n),
             "every event entered, the mark at the last"
         );
         let entered: i64 = conn
@@ -235,6 +267,19 @@ mod tests {
             entered, n,
             "each entry names its own event's tool and tenant"
         );
+        let under_root: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM audit_token_facet f JOIN audit_events e ON e.id = f.event_id \
+                 WHERE f.value = e.root_jti AND e.root_jti <> e.jti AND f.scope = e.tenant",
+                [],
+                |r| r.get(0),
+            )
+            .expect("joined");
+        assert_eq!(
+            under_root,
+            n / 3,
+            "a delegated token's event is entered under its root too"
+        );
     }
 
     #[test]
@@ -244,14 +289,14 @@ mod tests {
         lag.idle(&mut conn).expect("idle");
         assert_eq!(
             counts(&conn),
-            (0, 0, 0),
+            (0, 0, 0, 0),
             "under an idle slice, nothing is entered"
         );
         append(&conn, IDLE_SLICE, IDLE_SLICE);
         lag.pending += 1;
         lag.idle(&mut conn).expect("idle");
         let n = IDLE_SLICE;
-        assert_eq!(counts(&conn), (n, n, n));
+        assert_eq!(counts(&conn), (n, n, tokens(n), n));
         assert_eq!(lag.pending, 0);
         assert_eq!(Lag::read(&conn).expect("lag").pending, 0);
     }
@@ -270,7 +315,7 @@ mod tests {
         conn.execute_batch("ALTER TABLE elsewhere RENAME TO audit_tool_facet")
             .expect("mend");
         lag.idle(&mut conn).expect("not tried");
-        assert_eq!(counts(&conn), (0, 0, 0), "not retried while idle");
+        assert_eq!(counts(&conn), (0, 0, 0, 0), "not retried while idle");
         append(&conn, IDLE_SLICE + 1, SLICE);
         let tx = conn.transaction().expect("tx");
         let lag = lag
@@ -278,7 +323,7 @@ mod tests {
             .expect("settle");
         tx.commit().expect("commit");
         assert!(!lag.idle_failed && lag.pending == 0);
-        assert_eq!(counts(&conn), (SLICE, SLICE, SLICE));
+        assert_eq!(counts(&conn), (SLICE, SLICE, tokens(SLICE), SLICE));
     }
 
     #[test]
@@ -290,13 +335,13 @@ mod tests {
             lag.settle(&tx, 0).expect("settle");
             // dropped: rolled back
         }
-        assert_eq!(counts(&conn), (0, 0, 0));
+        assert_eq!(counts(&conn), (0, 0, 0, 0));
         assert_eq!(Lag::read(&conn).expect("lag").pending, SLICE);
     }
 
     #[test]
     fn the_migration_enters_the_events_already_stored() {
-        let conn = rusqlite::Connection::open_in_memory().expect("sqlite");
+        let mut conn = rusqlite::Connection::open_in_memory().expect("sqlite");
         for migration in &MIGRATIONS[..2] {
             conn.execute_batch(migration).expect("migration");
         }
@@ -304,14 +349,31 @@ mod tests {
         conn.execute("UPDATE audit_events SET agent_id = '' WHERE seq = 7", [])
             .expect("blank agent");
         conn.execute_batch(MIGRATIONS[2]).expect("0008");
-        assert_eq!(counts(&conn), (29, 30, 30), "empty values are not entered");
-        assert_eq!(Lag::read(&conn).expect("lag").pending, 0);
+        // Events stored after 0008 and before 0009 are above the mark: 0009 leaves them to
+        // the writer's next slice.
+        append(&conn, 31, 35);
+        conn.execute_batch(MIGRATIONS[3]).expect("0009");
+        assert_eq!(
+            counts(&conn),
+            (29, 30, tokens(30), 30),
+            "empty values are not entered; the token table up to the mark"
+        );
+        assert_eq!(Lag::read(&conn).expect("lag").pending, 5);
+        let tx = conn.transaction().expect("tx");
+        Lag {
+            pending: SLICE,
+            idle_failed: false,
+        }
+        .settle(&tx, 0)
+        .expect("settle");
+        tx.commit().expect("commit");
+        assert_eq!(counts(&conn), (34, 35, tokens(35), 35));
     }
 
-    /// The agent and tool filters find through the API exactly what the plain conditions find,
-    /// on events below the mark, above it, and across it, page by page both ways; and their
-    /// plans read the lookup table and the events above the mark by id, never a tenant's
-    /// events whole.
+    /// The token, agent, tool and time filters find through the API exactly what the plain
+    /// conditions find, on events below the mark, above it, and across it, page by page both
+    /// ways; and their plans read the lookup table and the events above the mark by id, never
+    /// a tenant's events whole.
     #[tokio::test]
     async fn filters_find_the_same_events_below_and_above_the_mark() {
         use crate::audit::query::{self, AuditFilter};
@@ -326,10 +388,17 @@ mod tests {
         let insert = |conn: &rusqlite::Connection, from: i64, to: i64| {
             for i in from..=to {
                 let tenant = if i % 4 == 0 { "b" } else { "a" };
+                // Seven root tokens; every third call by a token delegated from one.
+                let root = format!("root-{}", i % 7);
+                let jti = if i % 3 == 0 {
+                    format!("child-{}", i % 11)
+                } else {
+                    root.clone()
+                };
                 conn.execute(
-                    "INSERT INTO audit_events (tenant, seq, ts_ms, event, agent_id, tool, body, prev_hash, hash) \
-                     VALUES (?1, ?2, ?2, 'tool_call', ?3, ?4, '{}', '', '')",
-                    rusqlite::params![tenant, i, format!("agent-{}", i % 3), format!("tool-{}", i % 5)],
+                    "INSERT INTO audit_events (tenant, seq, ts_ms, event, agent_id, tool, jti, root_jti, body, prev_hash, hash) \
+                     VALUES (?1, ?2, ?2, 'tool_call', ?3, ?4, ?5, ?6, '{}', '', '')",
+                    rusqlite::params![tenant, i, format!("agent-{}", i % 3), format!("tool-{}", i % 5), jti, root],
                 )
                 .expect("insert");
             }
@@ -345,7 +414,7 @@ mod tests {
         tx.commit().expect("commit");
         assert_eq!(lag.pending, 0);
         insert(&conn, 1301, 2000);
-        assert_eq!(counts(&conn).2, 1300);
+        assert_eq!(counts(&conn).3, 1300);
 
         let db = crate::audit::Db::Sqlite(pool);
         // Each filter, and the plain conditions that find the same events (`ts_ms` = `seq`).
@@ -386,6 +455,18 @@ mod tests {
                     ("tool", "tool-1"),
                 ],
                 "tenant = 'a' AND ts_ms <= 100 AND tool = 'tool-1'",
+            ),
+            (
+                vec![("tenant", "a"), ("jti", "root-3")],
+                "tenant = 'a' AND (jti = 'root-3' OR root_jti = 'root-3')",
+            ),
+            (
+                vec![("tenant", "b"), ("jti", "child-5"), ("agent_id", "agent-0")],
+                "tenant = 'b' AND jti = 'child-5' AND agent_id = 'agent-0'",
+            ),
+            (
+                vec![("jti", "root-6"), ("from", "1970-01-01T00:00:01.000Z")],
+                "(jti = 'root-6' OR root_jti = 'root-6') AND ts_ms >= 1000",
             ),
         ];
         for (pairs, plain) in filters {
@@ -464,6 +545,10 @@ mod tests {
         by_table(
             &plan_of(&[("tenant", "a"), ("from", "1970-01-01T00:00:00.500Z")]),
             "SEARCH audit_time_facet USING PRIMARY KEY (scope=? AND value>?)",
+        );
+        by_table(
+            &plan_of(&[("tenant", "a"), ("jti", "root-3")]),
+            "SEARCH audit_token_facet USING PRIMARY KEY (value=? AND scope=? AND event_id",
         );
     }
 }

@@ -2,7 +2,7 @@
 //! chain heads and the checkpoint history.
 //!
 //! Pagination is always keyset (`id < cursor` / `id > cursor`), never OFFSET over a live table.
-//! On SQLite, the agent, tool and tenant-and-time filters read the lookup tables of `facets.rs`
+//! On SQLite, the token, agent, tool and tenant-and-time filters read the lookup tables of `facets.rs`
 //! and the events above their mark (`records_sql`).
 //! This module must never write, and never widen a query beyond the tenant it was given: tenant
 //! scoping is decided by the caller (the admin API) and passed in [`AuditFilter::tenant`].
@@ -141,7 +141,8 @@ impl AuditFilter {
             params.push(Param::S(v.clone()));
             let n = params.len();
             // `jti = v OR root_jti = v`, spelled so that each branch names the condition of
-            // its partial index (migrations 0002 and 0007): a root token's own events
+            // its partial index on PostgreSQL (migrations 0002 and 0007; SQLite reads the
+            // token lookup table instead, migration 0009): a root token's own events
             // (root_jti = jti) are found by the first branch alone.
             sql.push_str(&format!(
                 " AND ((jti = ${n} AND jti <> '') OR (root_jti = ${n} AND root_jti <> '' AND root_jti <> jti))"
@@ -303,7 +304,7 @@ fn records_sql(
         keyed.push_str(&format!(" AND {col} {op} ${}", params.len()));
     };
     match facet {
-        Facet::Agent(value) | Facet::Tool(value) => {
+        Facet::Token(value) | Facet::Agent(value) | Facet::Tool(value) => {
             key("value", "=", Param::S(value.to_owned()), params);
             if let Some(tenant) = &filter.tenant {
                 key("scope", "=", Param::S(tenant.clone()), params);
@@ -597,9 +598,11 @@ mod tests {
         );
     }
 
-    /// The token filter can use the token indexes: on a table the planner has statistics for
-    /// (after `ANALYZE`), a token's events are looked up in `audit_events_jti` and
-    /// `audit_events_delegated_root_jti`, not found by scanning the tenant's events.
+    /// The token filter can use the token indexes PostgreSQL keeps (SQLite's planner on the
+    /// same partial indexes, before migration 0009 replaced them there by a lookup table): on
+    /// a table the planner has statistics for (after `ANALYZE`), a token's events are looked up
+    /// in `audit_events_jti` and `audit_events_delegated_root_jti`, not found by scanning the
+    /// tenant's events.
     #[test]
     fn the_token_filter_is_answered_from_the_token_indexes() {
         let conn = rusqlite::Connection::open_in_memory().expect("sqlite");
