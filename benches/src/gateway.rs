@@ -52,11 +52,14 @@ pub fn new_master_key() -> Result<String, String> {
 /// allowed.
 pub const BUDGET: u64 = 1_000_000_000_000;
 
-/// One token per tenant (`bench-0`, `bench-1`, …) allowing `tool`, no expiry; `budgeted` adds
-/// `max_calls` and `rate_limit` (what real tokens carry, each one counter charged per call).
+/// `agents` tokens per tenant (`bench-0`, `bench-1`, …), each its own agent's, allowing `tool`,
+/// no expiry; `budgeted` adds `max_calls` and `rate_limit` (what real tokens carry, each one
+/// counter charged per call). Token `j` is tenant `j % tenants`'s, so connections taking
+/// tokens in turn spread over the tenants first.
 pub fn mint_tokens(
     master_key_b64: &str,
     tenants: usize,
+    agents: usize,
     tool: &str,
     budgeted: bool,
 ) -> Result<Vec<String>, String> {
@@ -65,11 +68,18 @@ pub fn mint_tokens(
         .duration_since(std::time::UNIX_EPOCH)
         .map_err(|e| e.to_string())?
         .as_secs() as i64;
-    (0..tenants.max(1))
-        .map(|i| {
+    let tenants = tenants.max(1);
+    (0..tenants * agents.max(1))
+        .map(|j| {
+            let (tenant, agent) = (j % tenants, j / tenants);
+            let subject = if agent == 0 {
+                format!("bench-agent-{tenant}")
+            } else {
+                format!("bench-agent-{tenant}-{agent}")
+            };
             let req = MintRequest {
-                subject: format!("bench-agent-{i}"),
-                tenant: Some(format!("bench-{i}")),
+                subject,
+                tenant: Some(format!("bench-{tenant}")),
                 tools: vec![tool.to_owned()],
                 max_calls: budgeted.then_some(BUDGET),
                 rate_per_min: budgeted.then_some(BUDGET),

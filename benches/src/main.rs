@@ -117,6 +117,10 @@ struct Common {
     /// Closed-loop concurrency (connections, each with one call in flight).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Agents per tenant, each with its own budgeted token (connection `i` calls with token
+    /// `i % (tenants × agents)`): many tokens charged and audited at once, as in production.
+    #[arg(long, default_value_t = 1)]
+    agents: usize,
     /// Size of the `text` argument of each call (0: a short sentence).
     #[arg(long, default_value_t = 0)]
     argument_bytes: usize,
@@ -624,7 +628,7 @@ impl Rig {
         let s = Server::spawn(&format!("gateway ({store})"), &args, self.cpus_server)?;
         // Each gateway has its own master key, hence its own tokens. Systems without a key
         // (direct, bare) send the first gateway's tokens, so every request has the same size.
-        let tokens = gateway::mint_tokens(&key, tenants, "echo", budgeted)?;
+        let tokens = gateway::mint_tokens(&key, tenants, common.agents, "echo", budgeted)?;
         if self.tokens.is_empty() {
             self.tokens = tokens.clone();
         }
@@ -944,8 +948,8 @@ fn load(o: LoadOpts) -> Result<(), String> {
     print_machine(
         common,
         &format!(
-            ", server threads {}, tenants {}",
-            o.server_threads, o.tenants
+            ", server threads {}, tenants {}, agents (tokens) per tenant {}",
+            o.server_threads, o.tenants, common.agents
         ),
     );
     println!("systems (idle CPU: the server's own CPU over 2 s without load):");

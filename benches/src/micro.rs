@@ -292,11 +292,12 @@ pub fn fsync(root: &Path, n: usize) -> Result<(), String> {
         .map_err(e)?;
     }
     // What a one-event audit commit hands the sync: SQLite writes each WAL frame as a 24-byte
-    // header and a 4 KiB page (two writes), and such a commit writes 6 frames (the row, two
-    // indexes, the sequence, a counter, the chain head; the time, agent and tool lookup tables
-    // are written a slice of events at a time): 130 of 179 transactions in the WAL at one call
-    // in flight, most others 8. The device time grows with them.
-    const FRAMES: usize = 6;
+    // header and a 4 KiB page (two writes), and such a commit writes 5 frames (the row, the
+    // chain's `(tenant, seq)` index, the sequence, a counter, the chain head; the token, time,
+    // agent and tool lookup tables are written a slice of events at a time): 960 of 1,266
+    // transactions in the WAL at one call in flight, most others 7. The device time grows
+    // with them.
+    const FRAMES: usize = 5;
     const FRAME: usize = 24 + 4096;
     let path = dir.path().join("commit");
     let mut f = std::fs::File::create(&path).map_err(e)?;
