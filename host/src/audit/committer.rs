@@ -273,7 +273,7 @@ fn run(
             && rx.is_empty()
             && !durable.failed()
             && !store.is_closed()
-            && let Err(e) = lag.idle(&mut conn)
+            && let Err(e) = lag.idle(&mut conn, events)
         {
             tracing::warn!(error = %e, "cannot enter audit events in the query's lookup tables; the next commit crossing a slice tries again");
         }

@@ -31,6 +31,14 @@ pub(crate) const SLICE: i64 = 1024;
 /// that carries callers' events ever growing by a slice's entries.
 pub(crate) const IDLE_SLICE: i64 = 128;
 
+/// The most events the commit before an idle step may have carried: more, and the load is
+/// heavy, the writer is only between two rounds of callers, and the slice is left to the
+/// commit that crosses [`SLICE`]. Under a closed loop the writer finds nothing waiting after
+/// almost every commit (the callers it just answered have not handed in again yet), so
+/// without this bound the tables were entered 128 events at a time under any load, each
+/// token's and agent's leaf written eight times as often as a slice writes it.
+pub(crate) const LIGHT_COMMIT: usize = 8;
+
 /// The last event id the tables cover, as a scalar subquery (read once per statement, from the
 /// statement's snapshot: both halves of a query see the same mark).
 pub(crate) const MARK: &str = "(SELECT upto FROM audit_facets_mark)";
@@ -144,11 +152,16 @@ impl Lag {
         })
     }
 
-    /// With the writer idle: enters what has gathered, in a transaction of its own, once
-    /// [`IDLE_SLICE`] events have. A failure keeps the lag, refuses no caller, and leaves the
-    /// next attempt to the commit that crosses a slice.
-    pub(crate) fn idle(&mut self, conn: &mut rusqlite::Connection) -> Result<(), AuditError> {
-        if self.pending < IDLE_SLICE || self.idle_failed {
+    /// With the writer idle after a commit of `committed` events: enters what has gathered,
+    /// in a transaction of its own, once [`IDLE_SLICE`] events have and the commit was light
+    /// ([`LIGHT_COMMIT`]). A failure keeps the lag, refuses no caller, and leaves the next
+    /// attempt to the commit that crosses a slice.
+    pub(crate) fn idle(
+        &mut self,
+        conn: &mut rusqlite::Connection,
+        committed: usize,
+    ) -> Result<(), AuditError> {
+        if self.pending < IDLE_SLICE || self.idle_failed || committed > LIGHT_COMMIT {
             return Ok(());
         }
         let entered = conn
@@ -286,7 +299,7 @@ mod tests {
     fn an_idle_writer_enters_a_smaller_slice_on_its_own() {
         let mut conn = store_with(IDLE_SLICE - 1);
         let mut lag = Lag::read(&conn).expect("lag");
-        lag.idle(&mut conn).expect("idle");
+        lag.idle(&mut conn, 1).expect("idle");
         assert_eq!(
             counts(&conn),
             (0, 0, 0, 0),
@@ -294,11 +307,29 @@ mod tests {
         );
         append(&conn, IDLE_SLICE, IDLE_SLICE);
         lag.pending += 1;
-        lag.idle(&mut conn).expect("idle");
+        lag.idle(&mut conn, 1).expect("idle");
         let n = IDLE_SLICE;
         assert_eq!(counts(&conn), (n, n, tokens(n), n));
         assert_eq!(lag.pending, 0);
         assert_eq!(Lag::read(&conn).expect("lag").pending, 0);
+    }
+
+    /// After a heavy commit the writer is only between two rounds of callers: it leaves the
+    /// gathered events to the commit that crosses a slice.
+    #[test]
+    fn a_writer_between_heavy_commits_leaves_the_slice_to_them() {
+        let mut conn = store_with(IDLE_SLICE * 2);
+        let mut lag = Lag::read(&conn).expect("lag");
+        lag.idle(&mut conn, LIGHT_COMMIT + 1).expect("idle");
+        assert_eq!(counts(&conn), (0, 0, 0, 0), "entered after a heavy commit");
+        assert_eq!(lag.pending, IDLE_SLICE * 2);
+        lag.idle(&mut conn, LIGHT_COMMIT).expect("idle");
+        let n = IDLE_SLICE * 2;
+        assert_eq!(
+            counts(&conn),
+            (n, n, tokens(n), n),
+            "a light commit's idle step enters"
+        );
     }
 
     /// A failed idle catch-up keeps the lag and is not retried at every idle moment; the
@@ -309,12 +340,12 @@ mod tests {
         let mut lag = Lag::read(&conn).expect("lag");
         conn.execute_batch("ALTER TABLE audit_tool_facet RENAME TO elsewhere")
             .expect("break");
-        assert!(lag.idle(&mut conn).is_err());
+        assert!(lag.idle(&mut conn, 1).is_err());
         assert!(lag.idle_failed);
         assert_eq!(lag.pending, IDLE_SLICE, "the lag is kept");
         conn.execute_batch("ALTER TABLE elsewhere RENAME TO audit_tool_facet")
             .expect("mend");
-        lag.idle(&mut conn).expect("not tried");
+        lag.idle(&mut conn, 1).expect("not tried");
         assert_eq!(counts(&conn), (0, 0, 0, 0), "not retried while idle");
         append(&conn, IDLE_SLICE + 1, SLICE);
         let tx = conn.transaction().expect("tx");
