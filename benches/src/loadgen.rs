@@ -34,7 +34,8 @@ use crate::stats::{Samples, Summary};
 pub struct Target {
     pub addr: SocketAddr,
     pub path: String,
-    /// Bearer tokens; connection `i` uses `tokens[i % len]` (one per tenant). Empty: no header.
+    /// Bearer tokens; connection `i` uses `tokens[i % len]` (`agents` per tenant, tenants first).
+    /// Empty: no header.
     pub tokens: Vec<String>,
     /// The `tools/call` `params` to send (JSON text).
     pub params: String,

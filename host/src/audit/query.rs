@@ -258,7 +258,7 @@ enum Order {
 /// The `SELECT` of the records matching `filter` and `bounds` (conditions on the event id:
 /// `("<", cursor)`), in `order`, at most `limit`.
 ///
-/// On SQLite an agent, tool or a tenant's time filter is answered in two halves, merged in id
+/// On SQLite a token, agent, tool or a tenant's time filter is answered in two halves, merged in id
 /// order: the events above the lookup tables' mark, read by id (`NOT INDEXED`: never through a
 /// tenant index that would walk the whole tenant), and the rest through the table
 /// (`facets.rs`). The id bounds are put on the table's own `event_id`, so a page starts where

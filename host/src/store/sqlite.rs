@@ -494,8 +494,8 @@ pub const STATISTICS_REFRESH: Duration = Duration::from_secs(3600);
 
 /// Gives the query planner statistics: `PRAGMA optimize` analyzes the tables that have none yet
 /// or have grown many times since, each bounded to a sample (`analysis_limit`), as SQLite
-/// advises on opening a database and then periodically. Without statistics the planner answers
-/// the audit query's token filter by scanning the tenant's events instead of the token indexes.
+/// advises on opening a database and then periodically. Without statistics the planner may walk
+/// the wrong index of a filtered audit query, or of the approvals and outbox queries.
 /// A failure only leaves the plans as they were.
 pub(crate) async fn optimize(pool: &SqlitePool) {
     let result = async {
