@@ -1535,6 +1535,9 @@ fn micro_main(o: MicroOpts) -> Result<(), String> {
                         let a = parts.next().unwrap_or(c).parse().map_err(bad)?;
                         let t = parts.next().unwrap_or("1").parse().map_err(bad)?;
                         let k = parts.next().map(str::parse).transpose().map_err(bad)?;
+                        if parts.next().is_some() {
+                            return Err(format!("bad case {c} (appenders:tenants[:tokens])"));
+                        }
                         Ok((a, t, k))
                     })
                     .collect::<Result<_, String>>()?;
