@@ -482,12 +482,7 @@ async fn power_cut_under_load_loses_no_allowed_call_and_no_charge() {
     gw.verify("default").await;
     // Read without a filter that a lookup table answers: the events themselves (the run made
     // every call with this one token).
-    let stored: HashSet<i64> = gw
-        .audit("tenant=default&decision=allow&event=intentgate.tool_call")
-        .await
-        .iter()
-        .map(|e| e["id"].as_i64().expect("id"))
-        .collect();
+    let stored = allowed_ids(&gw, "").await;
     let missing: Vec<_> = acked.iter().filter(|id| !stored.contains(id)).collect();
     assert!(
         missing.is_empty(),
@@ -519,14 +514,9 @@ async fn power_cut_under_load_loses_no_allowed_call_and_no_charge() {
         stored.len(),
         acked.len()
     );
-    // The calls one at a time since then were light commits: the writer has entered what had
-    // gathered, and the filters now read the tables for most events.
-    let all: HashSet<i64> = gw
-        .audit("tenant=default&decision=allow&event=intentgate.tool_call")
-        .await
-        .iter()
-        .map(|e| e["id"].as_i64().expect("id"))
-        .collect();
+    // The calls one at a time since then were light commits, after which the writer enters
+    // what has gathered: the filters now read the tables for most events.
+    let all = allowed_ids(&gw, "").await;
     assert_eq!(all.len(), MAX_CALLS);
     filters_find(&gw, &jti, &all, "once the tables were entered").await;
     gw.verify("default").await;
@@ -541,16 +531,20 @@ async fn filters_find(gw: &Gateway, jti: &str, want: &HashSet<i64>, when: &str) 
         "tool=echo",
         "from=2000-01-01T00:00:00Z",
     ] {
-        let found: HashSet<i64> = gw
-            .audit(&format!(
-                "tenant=default&{by}&decision=allow&event=intentgate.tool_call"
-            ))
-            .await
-            .iter()
-            .map(|e| e["id"].as_i64().expect("id"))
-            .collect();
+        let found = allowed_ids(gw, &format!("&{by}")).await;
         assert_eq!(&found, want, "the filter {by} {when}");
     }
+}
+
+/// The ids of the allowed tool calls of tenant `default`, with `more` filters (`&k=v…`).
+async fn allowed_ids(gw: &Gateway, more: &str) -> HashSet<i64> {
+    gw.audit(&format!(
+        "tenant=default{more}&decision=allow&event=intentgate.tool_call"
+    ))
+    .await
+    .iter()
+    .map(|e| e["id"].as_i64().expect("id"))
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
