@@ -8,9 +8,9 @@
 //! the approval writes, decides every budget debit in queue order against the counters it read
 //! under the write lock, hashes each tenant's events onto its own chain, inserts them (many
 //! rows a statement: [`ROWS_PER_INSERT`]), writes the outbox rows and due checkpoints, and
-//! moves every head with a compare-and-set. Once a slice of events has gathered, the same
-//! transaction enters them in the audit query's lookup tables (`facets.rs`); with nothing else
-//! to do, the thread enters a smaller slice in a transaction of its own. A part whose stored
+//! moves every head with a compare-and-set. After each commit it rings the thread that enters
+//! the events in the audit query's lookup tables (`facet_writer.rs`), which runs beside it on
+//! a file of its own: no commit of callers' events carries those entries. A part whose stored
 //! head is unusable (a malformed hash) is refused alone, before anything of it is written; any
 //! failure of a statement or of the commit refuses every part of the batch.
 //!
@@ -34,7 +34,7 @@ use super::commit::{
     CHECKPOINT_INSERT, Committed, Entry, HEAD_INSERT, HEAD_SELECT, HEAD_UPDATE, NewRow, plan,
 };
 use super::durable::{Committing, Durability};
-use super::facets::Lag;
+use super::facet_writer::FacetWriter;
 use super::key::hex;
 use super::log::{Appended, GENESIS, Shared};
 use super::wal::{WRITER_AUTOCHECKPOINT, WalCopier};
@@ -112,6 +112,7 @@ impl SqliteCommitter {
         // is no log to sync beside the writer, and SQLite's own sync at commit stays.
         let journal: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
         let mark = shared.outbox.durable().clone();
+        let mark_for_facets = mark.clone();
         let durable = if journal.eq_ignore_ascii_case("wal") {
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             Durability::start(path, mark, Arc::clone(&shared.counters))?
@@ -119,12 +120,12 @@ impl SqliteCommitter {
             Durability::by_sqlite(mark, Arc::clone(&shared.counters))
         };
         let wal = WalCopier::start(open(path)?)?;
-        let lag = Lag::read(&conn)?;
+        let facets = FacetWriter::start(path, mark_for_facets, shared.cfg.writer_batch)?;
         let (parts, rx) = mpsc::channel(PARTS_QUEUE);
         let store = pool.clone();
         std::thread::Builder::new()
             .name("intentgate-audit-writer".into())
-            .spawn(move || run(conn, wal, durable, lag, store, shared, rx))
+            .spawn(move || run(conn, wal, durable, facets, store, shared, rx))
             .map_err(|e| AuditError::Config(format!("cannot start the audit writer: {e}")))?;
         Ok(Self { parts })
     }
@@ -185,7 +186,7 @@ fn run(
     mut conn: Connection,
     mut wal: WalCopier,
     mut durable: Durability,
-    mut lag: Lag,
+    facets: FacetWriter,
     store: sqlx::SqlitePool,
     shared: Shared,
     mut rx: mpsc::Receiver<Part>,
@@ -249,7 +250,7 @@ fn run(
             continue;
         }
         let seq = shared.outbox.durable().begin();
-        let results = commit_batch(&mut conn, &shared, &mut lag, &mut batch);
+        let results = commit_batch(&mut conn, &shared, &mut batch);
         let events = results.iter().flatten().map(|c| c.appended.len()).sum();
         wal.committed(events);
         let outboxed = results.iter().flatten().any(|c| c.outboxed);
@@ -268,24 +269,16 @@ fn run(
         // Alone: synced here at once. Others waiting: synced beside the next commit.
         let alone = rx.is_empty() && deferred.is_empty();
         durable.settle(batch, alone);
-        // Nothing waits (and nothing may be written after a failed sync or past shutdown).
-        if alone
-            && rx.is_empty()
-            && !durable.failed()
-            && !store.is_closed()
-            && let Err(e) = lag.idle(&mut conn, events)
-        {
-            tracing::warn!(error = %e, "cannot enter audit events in the query's lookup tables; the next commit crossing a slice tries again");
+        if events > 0 {
+            facets.ring();
         }
     }
 }
 
-/// One transaction for every part (and, once a slice of events has gathered, their entries in
-/// the token, agent, tool and time lookup tables: `facets.rs`).
+/// One transaction for every part.
 fn commit_batch(
     conn: &mut Connection,
     shared: &Shared,
-    lag: &mut Lag,
     parts: &mut [Part],
 ) -> Vec<Result<Committed, AuditError>> {
     let all_fail = |e: AuditError, n: usize| {
@@ -303,15 +296,9 @@ fn commit_batch(
         Ok(r) => r,
         Err(e) => return all_fail(e, parts.len()),
     };
-    let appended = results.iter().flatten().map(|c| c.appended.len()).sum();
-    let settled = match lag.settle(&tx, appended) {
-        Ok(settled) => settled,
-        Err(e) => return all_fail(e, parts.len()),
-    };
     if let Err(e) = tx.commit() {
         return all_fail(e.into(), parts.len());
     }
-    *lag = settled;
     shared.counters.transactions.fetch_add(1, Ordering::Relaxed);
     for done in results.iter().flatten() {
         if done.checkpointed {
@@ -530,9 +517,7 @@ fn bind_row(
 
 #[cfg(test)]
 pub(super) mod tests {
-    use sqlx::sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
-    };
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
     use crate::audit::{AuditConfig, AuditEvent, AuditLog, Db, LogKey, kinds};
 
@@ -548,7 +533,7 @@ pub(super) mod tests {
             .create_if_missing(true)
             .journal_mode(journal)
             .synchronous(SqliteSynchronous::Full);
-        let pool = SqlitePoolOptions::new()
+        let pool = crate::store::sqlite::pool_options(&dir.path().join(file))
             .max_connections(2)
             .connect_with(options)
             .await
@@ -557,6 +542,9 @@ pub(super) mod tests {
             .run(&pool)
             .await
             .expect("schema");
+        crate::store::sqlite::prepare_facets(&dir.path().join(file))
+            .await
+            .expect("lookup file");
         (dir, pool)
     }
 
@@ -702,42 +690,44 @@ pub(super) mod tests {
         );
     }
 
-    /// Calls one at a time leave the writer idle after each commit: once an idle slice has
-    /// gathered, it enters the events in the query's lookup tables on its own, with no later
-    /// commit needed, so the tables keep up without a commit of callers' events growing.
+    /// Calls one at a time: the lookup writer enters each event within its linger, with no
+    /// later commit needed, and never in the database file's own tables (a rollback's binary
+    /// keeps those).
     #[tokio::test]
-    async fn an_idle_writer_keeps_the_lookup_tables_up() {
+    async fn the_lookup_writer_enters_events_beside_the_writer() {
         let (_dir, pool, log) = opened("i.sqlite3").await;
-        let idle = crate::audit::facets::IDLE_SLICE as usize;
         let mark = async || -> i64 {
-            sqlx::query_scalar("SELECT upto FROM audit_facets_mark")
+            sqlx::query_scalar("SELECT upto FROM facets.audit_facets_mark")
                 .fetch_one(&pool)
                 .await
                 .expect("mark")
         };
         let mut last = 0;
-        for i in 0..idle {
+        for i in 0..5 {
             let mut e = AuditEvent::new(kinds::TOOL_CALL, "acme");
             e.agent_id = format!("agent-{}", i % 2);
             last = log.append(e).await.expect("append").id;
-            if i + 1 < idle {
-                assert_eq!(mark().await, 0, "entered before an idle slice gathered");
-            }
         }
-        // The writer enters them after answering the last call: wait for it, nothing else.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while mark().await < last {
             assert!(
                 std::time::Instant::now() < deadline,
-                "the idle slice was not entered"
+                "the events were not entered"
             );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let entered: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_agent_facet")
+        let entered: i64 = sqlx::query_scalar("SELECT count(*) FROM facets.audit_agent_facet")
             .fetch_one(&pool)
             .await
             .expect("count");
-        assert_eq!(entered, idle as i64);
+        assert_eq!(entered, 5);
+        let in_db_file: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM main.audit_agent_facet), (SELECT upto FROM main.audit_facets_mark)",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+        assert_eq!(in_db_file, (0, 0));
     }
 
     /// A row that breaks `UNIQUE (tenant, seq)` half-way through a batch's insert fails the

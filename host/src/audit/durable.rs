@@ -68,9 +68,23 @@ impl DurableMark {
     }
 
     /// Every commit up to `n` is durable.
-    fn reached(&self, n: u64) {
+    pub(super) fn reached(&self, n: u64) {
         self.inner.synced.fetch_max(n, Ordering::SeqCst);
         self.inner.moved.notify_waiters();
+    }
+
+    /// Commits begun so far: every commit a read made before this call saw is among them.
+    pub(super) fn begun(&self) -> u64 {
+        self.inner.begun.load(Ordering::SeqCst)
+    }
+
+    /// Whether every commit up to `n` is durable; `Err` once a sync failed (nothing is known
+    /// to be).
+    pub(super) fn reached_by(&self, n: u64) -> Result<bool, ()> {
+        if self.inner.failed.load(Ordering::SeqCst) {
+            return Err(());
+        }
+        Ok(self.inner.synced.load(Ordering::SeqCst) >= n)
     }
 
     fn fail(&self) {

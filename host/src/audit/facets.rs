@@ -1,70 +1,218 @@
-//! The SQLite store's lookup tables for the audit query's agent, tool, time and token filters
-//! (`audit_agent_facet`, `audit_tool_facet`, `audit_time_facet`, migration 0008;
-//! `audit_token_facet`, migration 0009), filled by the writer in slices.
+//! The SQLite store's lookup tables for the audit query's token, agent, tool and time filters,
+//! kept in a file of their own beside the database (`<database>-facets`, attached to every
+//! connection as [`SCHEMA`]) and entered by a thread of their own (`facet_writer.rs`).
 //!
-//! An index on `(tenant, agent_id)` rewrites one leaf per tenant in every commit: with sixteen
-//! tenants each such index cost the writer about a quarter of its time. An index on `jti` is
-//! worse: agents call with long-lived tokens of their own, so each event of a commit lands on
-//! its own token's leaf. These tables hold the
-//! same entries, but the writer enters them only once [`SLICE`] events have gathered since the
-//! last time, in the transaction of the commit that crosses it, so each leaf is written
-//! once per slice instead of once per commit. `audit_facets_mark.upto` is the last
-//! event id entered; a query takes the events above it from `audit_events` itself (at most
-//! about a slice, read by id), and the rest through the table. So an event is found by its
-//! token, agent, tool or time as soon as it commits, as through an index.
+//! An index on `(tenant, agent_id)` rewrites one leaf per tenant in every commit, and an index
+//! on `jti` one leaf per token: agents call with long-lived tokens of their own, so each event
+//! of a commit landed on its own page. These tables hold the same entries, entered many events
+//! at a time, so each leaf is written once per slice instead of once per commit. SQLite's
+//! write lock is per file: with the tables in a file of their own, entering them never holds
+//! the lock the audit writer commits under, so the callers' commits never carry them (in the
+//! database file itself, migrations 0008 and 0009, a slice cost the commit crossing it about
+//! 530 page writes with 256 tokens).
 //!
-//! The token table is entered by a trigger on the mark (migration 0009), not by [`CATCH_UP`]:
-//! a binary from before 0009, run again after a rollback, moves the mark without knowing the
-//! table, and the trigger keeps the table up all the same, so an upgrade after it finds no
-//! hole below the mark.
+//! `audit_facets_mark.upto` is the last event id entered; a query takes the events above it
+//! from `audit_events` itself (read by id), and the rest through the tables, so an event is
+//! found by its token, agent, tool or time as soon as it commits, as through an index. The
+//! mark keeps the hash of the last event it covers: a database file restored from a backup,
+//! or a store that lost events the tables had entered, no longer holds that event, and the
+//! tables are then emptied and entered again from the start ([`prepare`]).
 //!
-//! This module must never move the mark past an event it did not enter, nor enter one in a
-//! transaction other than the one that moves the mark. PostgreSQL keeps ordinary indexes.
+//! The tables are a cache of `audit_events`, nothing more: every query also applies its
+//! conditions to the event row itself, and the file can be deleted (with its `-wal` and
+//! `-shm`) while the gateway is stopped: it is entered again. The tables of migrations 0008 and 0009 in the database file
+//! are left as they were, so a binary from before this file still finds them after a
+//! rollback; the first start copies them here instead of entering everything again.
+//!
+//! This module must never enter an event the audit writer has not made durable (a power cut
+//! could take it back and its id be reused), never move the mark past an event it did not
+//! enter, and never write the database file. PostgreSQL keeps ordinary indexes.
 
-use rusqlite::Transaction;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension};
 
 use super::AuditError;
 use super::query::AuditFilter;
 
-/// Events gathered before the writer enters them: the most a query reads past the tables, and
-/// the batch over which each table leaf is written once.
-pub(crate) const SLICE: i64 = 1024;
-
-/// Events gathered before a writer with nothing else to do enters them in a transaction of
-/// their own. Nobody waits for that transaction, and it needs no sync of its own (lost in a
-/// crash, the mark is simply lower): under a light load the tables keep up without a commit
-/// that carries callers' events ever growing by a slice's entries.
-pub(crate) const IDLE_SLICE: i64 = 128;
-
-/// The most events the commit before an idle step may have carried: more, and the load is
-/// heavy, the writer is only between two rounds of callers, and the slice is left to the
-/// commit that crosses [`SLICE`]. Under a closed loop the writer finds nothing waiting after
-/// almost every commit (the callers it just answered have not handed in again yet), so
-/// without this bound the tables were entered 128 events at a time under any load, each
-/// token's and agent's leaf written eight times as often as a slice writes it.
-pub(crate) const LIGHT_COMMIT: usize = 8;
+/// The name the lookup file is attached under on every connection to the database.
+pub(crate) const SCHEMA: &str = "facets";
 
 /// The last event id the tables cover, as a scalar subquery (read once per statement, from the
 /// statement's snapshot: both halves of a query see the same mark).
-pub(crate) const MARK: &str = "(SELECT upto FROM audit_facets_mark)";
+pub(crate) const MARK: &str = "(SELECT upto FROM facets.audit_facets_mark)";
 
-/// Enters every event above the mark, then moves the mark to the last event (which enters the
-/// token entries: the trigger of migration 0009). In id order, not
-/// sorted by key: a slice's entries land on a few leaves per tenant, all in the cache, and
-/// sorting them first cost more than it saved (3.0 against 2.4 µs an event).
-const CATCH_UP: [&str; 4] = [
-    "INSERT OR IGNORE INTO audit_agent_facet (value, scope, event_id) \
-     SELECT agent_id, tenant, id FROM audit_events \
-     WHERE id > (SELECT upto FROM audit_facets_mark) AND agent_id <> ''",
-    "INSERT OR IGNORE INTO audit_tool_facet (value, scope, event_id) \
-     SELECT tool, tenant, id FROM audit_events \
-     WHERE id > (SELECT upto FROM audit_facets_mark) AND tool <> ''",
-    "INSERT OR IGNORE INTO audit_time_facet (scope, value, event_id) \
-     SELECT tenant, ts_ms, id FROM audit_events \
-     WHERE id > (SELECT upto FROM audit_facets_mark)",
-    "UPDATE audit_facets_mark SET upto = (SELECT COALESCE(MAX(id), 0) FROM audit_events) \
-     WHERE only = 1",
+/// The lookup file of the database at `db`: `<db>-facets` (an in-memory database keeps its
+/// tables in memory too).
+pub(crate) fn path_of(db: &Path) -> PathBuf {
+    if db.as_os_str() == ":memory:" {
+        return db.to_path_buf();
+    }
+    let mut name = db.as_os_str().to_owned();
+    name.push("-facets");
+    PathBuf::from(name)
+}
+
+/// The lookup file's schema. The tables of migrations 0008 and 0009, and the mark with the
+/// hash of the event it covers.
+const CREATE: [&str; 5] = [
+    "CREATE TABLE IF NOT EXISTS facets.audit_agent_facet (
+        value TEXT NOT NULL, scope TEXT NOT NULL, event_id INTEGER NOT NULL,
+        PRIMARY KEY (value, scope, event_id)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS facets.audit_tool_facet (
+        value TEXT NOT NULL, scope TEXT NOT NULL, event_id INTEGER NOT NULL,
+        PRIMARY KEY (value, scope, event_id)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS facets.audit_time_facet (
+        scope TEXT NOT NULL, value INTEGER NOT NULL, event_id INTEGER NOT NULL,
+        PRIMARY KEY (scope, value, event_id)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS facets.audit_token_facet (
+        value TEXT NOT NULL, scope TEXT NOT NULL, event_id INTEGER NOT NULL,
+        PRIMARY KEY (value, scope, event_id)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS facets.audit_facets_mark (
+        only INTEGER PRIMARY KEY CHECK (only = 1),
+        upto INTEGER NOT NULL CHECK (upto >= 0),
+        upto_hash TEXT NOT NULL)",
 ];
+
+const TABLES: [&str; 4] = [
+    "audit_agent_facet",
+    "audit_tool_facet",
+    "audit_time_facet",
+    "audit_token_facet",
+];
+
+/// Enters the events with `?1 < id <= ?2` (in id order, not sorted by key: a slice's entries
+/// land on a few leaves per value, all in the cache), then moves the mark to `?2`. A token's
+/// event is entered under its own id and, for a delegated token, under its root's too.
+const ENTER: [&str; 6] = [
+    "INSERT OR IGNORE INTO facets.audit_agent_facet (value, scope, event_id) \
+     SELECT agent_id, tenant, id FROM main.audit_events \
+     WHERE id > ?1 AND id <= ?2 AND agent_id <> ''",
+    "INSERT OR IGNORE INTO facets.audit_tool_facet (value, scope, event_id) \
+     SELECT tool, tenant, id FROM main.audit_events \
+     WHERE id > ?1 AND id <= ?2 AND tool <> ''",
+    "INSERT OR IGNORE INTO facets.audit_time_facet (scope, value, event_id) \
+     SELECT tenant, ts_ms, id FROM main.audit_events WHERE id > ?1 AND id <= ?2",
+    "INSERT OR IGNORE INTO facets.audit_token_facet (value, scope, event_id) \
+     SELECT jti, tenant, id FROM main.audit_events WHERE id > ?1 AND id <= ?2 AND jti <> ''",
+    "INSERT OR IGNORE INTO facets.audit_token_facet (value, scope, event_id) \
+     SELECT root_jti, tenant, id FROM main.audit_events \
+     WHERE id > ?1 AND id <= ?2 AND root_jti <> '' AND root_jti <> jti",
+    "UPDATE facets.audit_facets_mark SET upto = ?2, upto_hash = \
+     COALESCE((SELECT hash FROM main.audit_events WHERE id <= ?2 ORDER BY id DESC LIMIT 1), '') \
+     WHERE only = 1 AND upto = ?1",
+];
+
+/// The hash of the last event at or below `upto` ('' when there is none): what the mark keeps.
+const HASH_AT: &str = "SELECT COALESCE(\
+     (SELECT hash FROM main.audit_events WHERE id <= ?1 ORDER BY id DESC LIMIT 1), '')";
+
+/// Attaches the lookup file of the database at `db` to `conn` as [`SCHEMA`].
+pub(crate) fn attach(conn: &Connection, db: &Path) -> Result<(), AuditError> {
+    let file = path_of(db);
+    conn.execute(
+        "ATTACH DATABASE ?1 AS facets",
+        [file.to_string_lossy().as_ref()],
+    )?;
+    Ok(())
+}
+
+/// At start-up, before anything queries or enters the tables: creates the lookup file (in WAL
+/// mode), and checks its mark against the database. A new file is filled from the tables of
+/// migrations 0008 and 0009 up to their mark; a mark whose event is gone or different (a
+/// restored backup, a power cut that took back events the tables held) empties the tables,
+/// which are then entered again from the first event. `conn` is a connection to the migrated
+/// database with the file attached ([`attach`]); nothing else may write the file meanwhile.
+pub(crate) fn prepare(conn: &mut Connection) -> Result<(), AuditError> {
+    let mode: String = conn.query_row("PRAGMA facets.journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
+        tracing::warn!(journal_mode = %mode, "the audit lookup file is not in WAL mode");
+    }
+    for sql in CREATE {
+        conn.execute_batch(sql)?;
+    }
+    // Deferred: the database file is only read, and its write lock never taken.
+    let tx = conn.transaction()?;
+    let mark: Option<(i64, String)> = tx
+        .query_row(
+            "SELECT upto, upto_hash FROM facets.audit_facets_mark",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let hash_at = |upto: i64| -> Result<String, AuditError> {
+        Ok(tx.query_row(HASH_AT, [upto], |r| r.get(0))?)
+    };
+    match mark {
+        None => {
+            // The tables of 0008 and 0009 in the database file hold every entry up to their
+            // mark (in key order: the copy appends).
+            let upto: i64 =
+                tx.query_row("SELECT upto FROM main.audit_facets_mark", [], |r| r.get(0))?;
+            for table in TABLES {
+                tx.execute(
+                    &format!(
+                        "INSERT OR IGNORE INTO facets.{table} SELECT * FROM main.{table} \
+                         WHERE event_id <= ?1"
+                    ),
+                    [upto],
+                )?;
+            }
+            tx.execute(
+                "INSERT INTO facets.audit_facets_mark (only, upto, upto_hash) VALUES (1, ?1, ?2)",
+                rusqlite::params![upto, hash_at(upto)?],
+            )?;
+        }
+        Some((upto, hash)) if hash_at(upto)? != hash => {
+            tracing::warn!(
+                upto,
+                "the audit lookup tables cover events this database does not hold (restored from a backup, or events lost with power); entering them again from the first event"
+            );
+            for table in TABLES {
+                tx.execute(&format!("DELETE FROM facets.{table}"), [])?;
+            }
+            tx.execute(
+                "UPDATE facets.audit_facets_mark SET upto = 0, upto_hash = '' WHERE only = 1",
+                [],
+            )?;
+        }
+        Some(_) => {}
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The mark and the last event id now: what is left to enter.
+pub(crate) fn lag(conn: &Connection) -> Result<(i64, i64), AuditError> {
+    Ok(conn.query_row(
+        "SELECT (SELECT upto FROM facets.audit_facets_mark), \
+         (SELECT COALESCE(MAX(id), 0) FROM main.audit_events)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?)
+}
+
+/// Enters the events with `from < id <= to` in one transaction of the lookup file, the mark
+/// being at `from`. The caller has made sure that every one is durable.
+pub(crate) fn enter(conn: &mut Connection, from: i64, to: i64) -> Result<(), AuditError> {
+    // Deferred: it reads the database file and writes only the lookup file, so it takes only
+    // the lookup file's write lock (`BEGIN IMMEDIATE` would take every attached file's).
+    let tx = conn.transaction()?;
+    for sql in &ENTER[..ENTER.len() - 1] {
+        tx.prepare_cached(sql)?.execute([from, to])?;
+    }
+    let moved = tx
+        .prepare_cached(ENTER[ENTER.len() - 1])?
+        .execute([from, to])?;
+    if moved != 1 {
+        // Someone else moved the mark: nothing of this is kept.
+        return Err(AuditError::Integrity(format!(
+            "the audit lookup tables' mark is no longer at {from}"
+        )));
+    }
+    tx.commit()?;
+    Ok(())
+}
 
 /// One of the filters answered through a table. The token, agent and tool tables are keyed
 /// `(value, scope, event_id)` (a value is found in every tenant, or in one); the time table
@@ -82,10 +230,10 @@ pub(crate) enum Facet<'a> {
 impl<'a> Facet<'a> {
     pub(crate) fn table(self) -> &'static str {
         match self {
-            Facet::Token(_) => "audit_token_facet",
-            Facet::Agent(_) => "audit_agent_facet",
-            Facet::Tool(_) => "audit_tool_facet",
-            Facet::Time => "audit_time_facet",
+            Facet::Token(_) => "facets.audit_token_facet",
+            Facet::Agent(_) => "facets.audit_agent_facet",
+            Facet::Tool(_) => "facets.audit_tool_facet",
+            Facet::Time => "facets.audit_time_facet",
         }
     }
 
@@ -108,94 +256,20 @@ impl<'a> Facet<'a> {
     }
 }
 
-/// How many events the writer has appended above the mark.
-#[derive(Debug)]
-pub(crate) struct Lag {
-    pending: i64,
-    /// An idle catch-up failed: the next is left to the commit that crosses a slice (which
-    /// refuses its callers if it fails too), so a broken store is not retried, and warned
-    /// about, after every commit.
-    idle_failed: bool,
-}
-
-impl Lag {
-    /// The lag of the store as it is now (at start-up: what an earlier process left).
-    pub(crate) fn read(conn: &rusqlite::Connection) -> Result<Self, AuditError> {
-        let pending: i64 = conn.query_row(
-            "SELECT COALESCE(MAX(id), 0) - (SELECT upto FROM audit_facets_mark) FROM audit_events",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok(Self {
-            pending: pending.max(0),
-            idle_failed: false,
-        })
-    }
-
-    /// Counts `appended` events of the open transaction and, once a slice has gathered, enters
-    /// them all in it. Returns the lag to keep once the transaction commits (the caller keeps
-    /// the old one if it does not).
-    pub(crate) fn settle(&self, tx: &Transaction<'_>, appended: usize) -> Result<Self, AuditError> {
-        let pending = self.pending + appended as i64;
-        if pending < SLICE {
-            return Ok(Self {
-                pending,
-                idle_failed: self.idle_failed,
-            });
-        }
-        catch_up(tx)?;
-        Ok(Self {
-            pending: 0,
-            idle_failed: false,
-        })
-    }
-
-    /// With the writer idle after a commit of `committed` events: enters what has gathered,
-    /// in a transaction of its own, once [`IDLE_SLICE`] events have and the commit was light
-    /// ([`LIGHT_COMMIT`]). A failure keeps the lag, refuses no caller, and leaves the next
-    /// attempt to the commit that crosses a slice.
-    pub(crate) fn idle(
-        &mut self,
-        conn: &mut rusqlite::Connection,
-        committed: usize,
-    ) -> Result<(), AuditError> {
-        if self.pending < IDLE_SLICE || self.idle_failed || committed > LIGHT_COMMIT {
-            return Ok(());
-        }
-        let entered = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(AuditError::from)
-            .and_then(|tx| {
-                catch_up(&tx)?;
-                Ok(tx.commit()?)
-            });
-        match entered {
-            Ok(()) => self.pending = 0,
-            Err(_) => self.idle_failed = true,
-        }
-        entered
-    }
-}
-
-fn catch_up(tx: &Transaction<'_>) -> Result<(), AuditError> {
-    for sql in CATCH_UP {
-        tx.prepare_cached(sql)?.raw_execute()?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A migrated in-memory store with `n` events of tenant `t`, alternating two agents,
-    /// three tools and four root tokens (every third call by a token delegated from one), none
-    /// entered (the mark left at 0).
-    fn store_with(n: i64) -> rusqlite::Connection {
-        let conn = rusqlite::Connection::open_in_memory().expect("sqlite");
+    /// A migrated in-memory store, its lookup tables attached and prepared, with `n` events
+    /// of tenant `t`, alternating two agents, three tools and four root tokens (every third
+    /// call by a token delegated from one), none entered.
+    fn store_with(n: i64) -> Connection {
+        let mut conn = Connection::open_in_memory().expect("sqlite");
         for migration in MIGRATIONS {
             conn.execute_batch(migration).expect("migration");
         }
+        attach(&conn, Path::new(":memory:")).expect("attach");
+        prepare(&mut conn).expect("prepare");
         append(&conn, 1, n);
         conn
     }
@@ -207,7 +281,7 @@ mod tests {
         include_str!("../../../migrations/sqlite/0009_audit_token_facet.sql"),
     ];
 
-    fn append(conn: &rusqlite::Connection, from: i64, to: i64) {
+    fn append(conn: &Connection, from: i64, to: i64) {
         for i in from..=to {
             let root = format!("tok-{}", i % 4);
             let jti = if i % 3 == 0 {
@@ -216,8 +290,8 @@ mod tests {
                 root.clone()
             };
             conn.execute(
-                "INSERT INTO audit_events (tenant, seq, ts_ms, event, agent_id, tool, jti, root_jti, body, prev_hash, hash) \
-                 VALUES ('t', ?1, ?1, 'tool_call', ?2, ?3, ?4, ?5, '{}', '', '')",
+                "INSERT INTO main.audit_events (tenant, seq, ts_ms, event, agent_id, tool, jti, root_jti, body, prev_hash, hash) \
+                 VALUES ('t', ?1, ?1, 'tool_call', ?2, ?3, ?4, ?5, '{}', '', printf('h%d', ?1))",
                 rusqlite::params![i, format!("agent-{}", i % 2), format!("tool-{}", i % 3), jti, root],
             )
             .expect("insert");
@@ -230,92 +304,152 @@ mod tests {
         n + n / 3
     }
 
-    /// Agent, tool and token entries, and the mark.
-    fn counts(conn: &rusqlite::Connection) -> (i64, i64, i64, i64) {
+    /// Agent, tool and token entries, and the mark, of the tables in `schema` (`facets`, or
+    /// `main`: those of migrations 0008 and 0009).
+    fn counts(conn: &Connection, schema: &str) -> (i64, i64, i64, i64) {
         conn.query_row(
-            "SELECT (SELECT count(*) FROM audit_agent_facet), (SELECT count(*) FROM audit_tool_facet), \
-             (SELECT count(*) FROM audit_token_facet), (SELECT upto FROM audit_facets_mark)",
+            &format!(
+                "SELECT (SELECT count(*) FROM {schema}.audit_agent_facet), \
+                 (SELECT count(*) FROM {schema}.audit_tool_facet), \
+                 (SELECT count(*) FROM {schema}.audit_token_facet), \
+                 (SELECT upto FROM {schema}.audit_facets_mark)"
+            ),
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )
         .expect("counts")
     }
 
-    #[test]
-    fn the_writer_enters_events_once_a_slice_has_gathered() {
-        let mut conn = store_with(SLICE - 1);
-        let lag = Lag::read(&conn).expect("lag");
-        assert_eq!(lag.pending, SLICE - 1);
-        let tx = conn.transaction().expect("tx");
-        let lag = lag.settle(&tx, 0).expect("settle");
-        tx.commit().expect("commit");
-        assert_eq!(
-            counts(&conn),
-            (0, 0, 0, 0),
-            "under a slice, nothing is entered"
-        );
+    fn mark_hash(conn: &Connection) -> String {
+        conn.query_row("SELECT upto_hash FROM facets.audit_facets_mark", [], |r| {
+            r.get(0)
+        })
+        .expect("mark")
+    }
 
-        append(&conn, SLICE, SLICE + 9);
-        let tx = conn.transaction().expect("tx");
-        let lag = lag.settle(&tx, 10).expect("settle");
-        tx.commit().expect("commit");
-        assert_eq!(lag.pending, 0);
-        let n = SLICE + 9;
+    #[test]
+    fn entering_a_slice_enters_every_event_of_it_and_moves_the_mark() {
+        let mut conn = store_with(30);
+        assert_eq!(counts(&conn, "facets"), (0, 0, 0, 0));
+        assert_eq!(lag(&conn).expect("lag"), (0, 30));
+        enter(&mut conn, 0, 20).expect("enter");
+        assert_eq!(counts(&conn, "facets"), (20, 20, tokens(20), 20));
+        assert_eq!(mark_hash(&conn), "h20", "the mark keeps its event's hash");
+        enter(&mut conn, 20, 30).expect("enter");
+        assert_eq!(counts(&conn, "facets"), (30, 30, tokens(30), 30));
+        assert_eq!(lag(&conn).expect("lag"), (30, 30));
         assert_eq!(
-            counts(&conn),
-            (n, n, tokens(n), n),
-            "every event entered, the mark at the last"
+            counts(&conn, "main"),
+            (0, 0, 0, 0),
+            "the database file's tables are left as they were"
         );
         let entered: i64 = conn
             .query_row(
-                "SELECT count(*) FROM audit_tool_facet f JOIN audit_events e ON e.id = f.event_id \
+                "SELECT count(*) FROM facets.audit_tool_facet f JOIN audit_events e ON e.id = f.event_id \
                  WHERE f.value = e.tool AND f.scope = e.tenant",
                 [],
                 |r| r.get(0),
             )
             .expect("joined");
         assert_eq!(
-            entered, n,
+            entered, 30,
             "each entry names its own event's tool and tenant"
         );
         let under_root: i64 = conn
             .query_row(
-                "SELECT count(*) FROM audit_token_facet f JOIN audit_events e ON e.id = f.event_id \
+                "SELECT count(*) FROM facets.audit_token_facet f JOIN audit_events e ON e.id = f.event_id \
                  WHERE f.value = e.root_jti AND e.root_jti <> e.jti AND f.scope = e.tenant",
                 [],
                 |r| r.get(0),
             )
             .expect("joined");
         assert_eq!(
-            under_root,
-            n / 3,
+            under_root, 10,
             "a delegated token's event is entered under its root too"
         );
+        let times: i64 = conn
+            .query_row("SELECT count(*) FROM facets.audit_time_facet", [], |r| {
+                r.get(0)
+            })
+            .expect("times");
+        assert_eq!(times, 30);
     }
 
+    /// Entering from a mark that is not the stored one (another writer moved it) keeps
+    /// nothing.
     #[test]
-    fn an_idle_writer_enters_a_smaller_slice_on_its_own() {
-        let mut conn = store_with(IDLE_SLICE - 1);
-        let mut lag = Lag::read(&conn).expect("lag");
-        lag.idle(&mut conn, 1).expect("idle");
-        assert_eq!(
-            counts(&conn),
-            (0, 0, 0, 0),
-            "under an idle slice, nothing is entered"
-        );
-        append(&conn, IDLE_SLICE, IDLE_SLICE);
-        lag.pending += 1;
-        lag.idle(&mut conn, 1).expect("idle");
-        let n = IDLE_SLICE;
-        assert_eq!(counts(&conn), (n, n, tokens(n), n));
-        assert_eq!(lag.pending, 0);
-        assert_eq!(Lag::read(&conn).expect("lag").pending, 0);
+    fn entering_from_a_mark_that_moved_keeps_nothing() {
+        let mut conn = store_with(30);
+        enter(&mut conn, 0, 10).expect("enter");
+        assert!(enter(&mut conn, 0, 20).is_err(), "the mark is at 10, not 0");
+        assert_eq!(counts(&conn, "facets"), (10, 10, tokens(10), 10));
     }
 
-    /// The token table follows the mark through migration 0009's trigger, whatever moves it:
-    /// a binary from before 0009 (after a rollback) moves the mark with its own statements,
-    /// and an upgrade after it must find no event below the mark without its entries. Events
-    /// without a token (an administrator's) are not entered.
+    /// A new lookup file starts from the tables that migrations 0008 and 0009 filled in the
+    /// database file, up to their mark, instead of entering every event again.
+    #[test]
+    fn a_new_lookup_file_starts_from_the_database_files_tables() {
+        let mut conn = Connection::open_in_memory().expect("sqlite");
+        for migration in &MIGRATIONS[..2] {
+            conn.execute_batch(migration).expect("migration");
+        }
+        append(&conn, 1, 30);
+        conn.execute("UPDATE audit_events SET agent_id = '' WHERE seq = 7", [])
+            .expect("blank agent");
+        for migration in &MIGRATIONS[2..] {
+            conn.execute_batch(migration).expect("migration");
+        }
+        append(&conn, 31, 35);
+        assert_eq!(
+            counts(&conn, "main"),
+            (29, 30, tokens(30), 30),
+            "empty values are not entered; the migrations enter up to the mark"
+        );
+        attach(&conn, Path::new(":memory:")).expect("attach");
+        prepare(&mut conn).expect("prepare");
+        assert_eq!(counts(&conn, "facets"), (29, 30, tokens(30), 30));
+        assert_eq!(mark_hash(&conn), "h30");
+        assert_eq!(lag(&conn).expect("lag"), (30, 35));
+        enter(&mut conn, 30, 35).expect("enter");
+        assert_eq!(counts(&conn, "facets"), (34, 35, tokens(35), 35));
+    }
+
+    /// A mark whose event the database no longer holds, or holds with another hash (a backup
+    /// restored, events a power cut took back), empties the tables, entered again from the
+    /// first event; an intact mark is kept.
+    #[test]
+    fn a_mark_the_database_contradicts_empties_the_tables() {
+        let mut conn = store_with(30);
+        enter(&mut conn, 0, 20).expect("enter");
+        prepare(&mut conn).expect("again");
+        assert_eq!(
+            counts(&conn, "facets"),
+            (20, 20, tokens(20), 20),
+            "intact: kept"
+        );
+
+        conn.execute("DELETE FROM audit_events WHERE id > 15", [])
+            .expect("lose events");
+        prepare(&mut conn).expect("again");
+        assert_eq!(counts(&conn, "facets"), (0, 0, 0, 0), "its event is gone");
+        assert_eq!(mark_hash(&conn), "");
+        enter(&mut conn, 0, 15).expect("enter again");
+        assert_eq!(counts(&conn, "facets"), (15, 15, tokens(15), 15));
+
+        conn.execute("UPDATE audit_events SET hash = 'other' WHERE id = 15", [])
+            .expect("another event at the mark");
+        prepare(&mut conn).expect("again");
+        assert_eq!(
+            counts(&conn, "facets"),
+            (0, 0, 0, 0),
+            "another event at the mark"
+        );
+    }
+
+    /// The database file's token table follows its mark through migration 0009's trigger,
+    /// whatever moves it: a binary from before 0009 (after a rollback) moves the mark with its
+    /// own statements, and an upgrade after it must find no event below the mark without its
+    /// entries. Events without a token (an administrator's) are not entered.
     #[test]
     fn the_token_table_follows_the_mark_whatever_moves_it() {
         let conn = store_with(20);
@@ -325,19 +459,25 @@ mod tests {
             [],
         )
         .expect("an event without a token");
-        conn.execute("UPDATE audit_facets_mark SET upto = 12 WHERE only = 1", [])
-            .expect("move");
-        assert_eq!(counts(&conn).2, tokens(12));
-        conn.execute("UPDATE audit_facets_mark SET upto = 21 WHERE only = 1", [])
-            .expect("move");
+        conn.execute(
+            "UPDATE main.audit_facets_mark SET upto = 12 WHERE only = 1",
+            [],
+        )
+        .expect("move");
+        assert_eq!(counts(&conn, "main").2, tokens(12));
+        conn.execute(
+            "UPDATE main.audit_facets_mark SET upto = 21 WHERE only = 1",
+            [],
+        )
+        .expect("move");
         assert_eq!(
-            counts(&conn).2,
+            counts(&conn, "main").2,
             tokens(20),
             "the tokenless event has no entry"
         );
         let own: i64 = conn
             .query_row(
-                "SELECT count(*) FROM audit_token_facet f JOIN audit_events e ON e.id = f.event_id \
+                "SELECT count(*) FROM main.audit_token_facet f JOIN audit_events e ON e.id = f.event_id \
                  WHERE f.scope = e.tenant AND (f.value = e.jti OR f.value = e.root_jti)",
                 [],
                 |r| r.get(0),
@@ -348,93 +488,6 @@ mod tests {
             tokens(20),
             "each entry names its own event's token or root"
         );
-    }
-
-    /// After a heavy commit the writer is only between two rounds of callers: it leaves the
-    /// gathered events to the commit that crosses a slice.
-    #[test]
-    fn a_writer_between_heavy_commits_leaves_the_slice_to_them() {
-        let mut conn = store_with(IDLE_SLICE * 2);
-        let mut lag = Lag::read(&conn).expect("lag");
-        lag.idle(&mut conn, LIGHT_COMMIT + 1).expect("idle");
-        assert_eq!(counts(&conn), (0, 0, 0, 0), "entered after a heavy commit");
-        assert_eq!(lag.pending, IDLE_SLICE * 2);
-        lag.idle(&mut conn, LIGHT_COMMIT).expect("idle");
-        let n = IDLE_SLICE * 2;
-        assert_eq!(
-            counts(&conn),
-            (n, n, tokens(n), n),
-            "a light commit's idle step enters"
-        );
-    }
-
-    /// A failed idle catch-up keeps the lag and is not retried at every idle moment; the
-    /// commit that crosses a slice tries again.
-    #[test]
-    fn a_failed_idle_catch_up_waits_for_the_next_slice() {
-        let mut conn = store_with(IDLE_SLICE);
-        let mut lag = Lag::read(&conn).expect("lag");
-        conn.execute_batch("ALTER TABLE audit_tool_facet RENAME TO elsewhere")
-            .expect("break");
-        assert!(lag.idle(&mut conn, 1).is_err());
-        assert!(lag.idle_failed);
-        assert_eq!(lag.pending, IDLE_SLICE, "the lag is kept");
-        conn.execute_batch("ALTER TABLE elsewhere RENAME TO audit_tool_facet")
-            .expect("mend");
-        lag.idle(&mut conn, 1).expect("not tried");
-        assert_eq!(counts(&conn), (0, 0, 0, 0), "not retried while idle");
-        append(&conn, IDLE_SLICE + 1, SLICE);
-        let tx = conn.transaction().expect("tx");
-        let lag = lag
-            .settle(&tx, (SLICE - IDLE_SLICE) as usize)
-            .expect("settle");
-        tx.commit().expect("commit");
-        assert!(!lag.idle_failed && lag.pending == 0);
-        assert_eq!(counts(&conn), (SLICE, SLICE, tokens(SLICE), SLICE));
-    }
-
-    #[test]
-    fn a_transaction_rolled_back_enters_nothing() {
-        let mut conn = store_with(SLICE);
-        let lag = Lag::read(&conn).expect("lag");
-        {
-            let tx = conn.transaction().expect("tx");
-            lag.settle(&tx, 0).expect("settle");
-            // dropped: rolled back
-        }
-        assert_eq!(counts(&conn), (0, 0, 0, 0));
-        assert_eq!(Lag::read(&conn).expect("lag").pending, SLICE);
-    }
-
-    #[test]
-    fn the_migration_enters_the_events_already_stored() {
-        let mut conn = rusqlite::Connection::open_in_memory().expect("sqlite");
-        for migration in &MIGRATIONS[..2] {
-            conn.execute_batch(migration).expect("migration");
-        }
-        append(&conn, 1, 30);
-        conn.execute("UPDATE audit_events SET agent_id = '' WHERE seq = 7", [])
-            .expect("blank agent");
-        conn.execute_batch(MIGRATIONS[2]).expect("0008");
-        // Events stored after 0008 and before 0009 are above the mark: 0009 leaves them to
-        // the writer's next slice.
-        append(&conn, 31, 35);
-        conn.execute_batch(MIGRATIONS[3]).expect("0009");
-        assert_eq!(
-            counts(&conn),
-            (29, 30, tokens(30), 30),
-            "empty values are not entered; the token table up to the mark"
-        );
-        assert_eq!(Lag::read(&conn).expect("lag").pending, 5);
-        let tx = conn.transaction().expect("tx");
-        Lag {
-            pending: SLICE,
-            idle_failed: false,
-        }
-        .settle(&tx, 0)
-        .expect("settle");
-        tx.commit().expect("commit");
-        assert_eq!(counts(&conn), (34, 35, tokens(35), 35));
     }
 
     /// The token, agent, tool and time filters find through the API exactly what the plain
@@ -471,17 +524,10 @@ mod tests {
             }
         };
         insert(&conn, 1, 1300);
-        let tx = conn.transaction().expect("tx");
-        let lag = Lag {
-            pending: SLICE,
-            idle_failed: false,
-        }
-        .settle(&tx, 0)
-        .expect("settle");
-        tx.commit().expect("commit");
-        assert_eq!(lag.pending, 0);
+        attach(&conn, &file).expect("attach");
+        enter(&mut conn, 0, 1300).expect("enter");
         insert(&conn, 1301, 2000);
-        assert_eq!(counts(&conn).3, 1300);
+        assert_eq!(counts(&conn, "facets").3, 1300);
 
         let db = crate::audit::Db::Sqlite(pool);
         // Each filter, and the plain conditions that find the same events (`ts_ms` = `seq`).
@@ -607,15 +653,15 @@ mod tests {
         };
         by_table(
             &plan_of(&[("tenant", "a"), ("agent_id", "agent-1")]),
-            "SEARCH audit_agent_facet USING PRIMARY KEY (value=? AND scope=? AND event_id",
+            "SEARCH facets.audit_agent_facet USING PRIMARY KEY (value=? AND scope=? AND event_id",
         );
         by_table(
             &plan_of(&[("tenant", "a"), ("from", "1970-01-01T00:00:00.500Z")]),
-            "SEARCH audit_time_facet USING PRIMARY KEY (scope=? AND value>?)",
+            "SEARCH facets.audit_time_facet USING PRIMARY KEY (scope=? AND value>?)",
         );
         by_table(
             &plan_of(&[("tenant", "a"), ("jti", "root-3")]),
-            "SEARCH audit_token_facet USING PRIMARY KEY (value=? AND scope=? AND event_id",
+            "SEARCH facets.audit_token_facet USING PRIMARY KEY (value=? AND scope=? AND event_id",
         );
     }
 }

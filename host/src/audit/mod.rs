@@ -11,8 +11,9 @@
 //!   ([`AuditLog::append_charged`]), so a call costs one commit.
 //! - [`key`] and [`checkpoint`]: the Ed25519 log key and signed checkpoints (C2SP signed notes).
 //! - [`query`]: filters and keyset pagination for the admin API and export.
-//! - `facets`: the SQLite store's token, agent, tool and time lookup tables, which the writer
-//!   fills a slice of events at a time instead of updating an index in every commit.
+//! - `facets`: the SQLite store's token, agent, tool and time lookup tables, in a file of their
+//!   own, which `facet_writer` fills a slice of durable events at a time beside the audit
+//!   writer instead of updating an index in every commit.
 //! - [`verify`]: walks a tenant's chain in the database, optionally against a checkpoint.
 //! - [`export`]: streamed CSV / NDJSON with bounded memory.
 //! - [`offline`]: verifies an NDJSON export against a checkpoint and public key, no gateway needed.
@@ -29,7 +30,8 @@ mod committer;
 mod durable;
 pub mod event;
 pub mod export;
-mod facets;
+mod facet_writer;
+pub(crate) mod facets;
 pub mod jcs;
 pub mod key;
 pub mod log;

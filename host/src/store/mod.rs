@@ -24,7 +24,7 @@ pub mod absent;
 pub mod owner;
 mod postgres;
 mod session_reads;
-mod sqlite;
+pub(crate) mod sqlite;
 
 use std::fmt;
 use std::future::Future;

@@ -37,6 +37,47 @@ pub struct SqliteStore {
     owner: std::sync::Arc<super::owner::Owner>,
 }
 
+/// Pool options whose every connection attaches the audit query's lookup file of the
+/// database at `path` (`audit/facets.rs`): the queries read its tables beside `audit_events`.
+pub(crate) fn pool_options(path: &Path) -> SqlitePoolOptions {
+    let facets = crate::audit::facets::path_of(path)
+        .to_string_lossy()
+        .into_owned();
+    SqlitePoolOptions::new().after_connect(move |conn, _| {
+        let facets = facets.clone();
+        Box::pin(async move {
+            sqlx::query("ATTACH DATABASE ?1 AS facets")
+                .bind(facets)
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+    })
+}
+
+/// Creates or checks the audit lookup file of the migrated database at `path`
+/// ([`crate::audit::facets::prepare`]), on a connection of its own, before anything queries it.
+pub(crate) async fn prepare_facets(path: &Path) -> Result<(), StoreError> {
+    let path = path.to_path_buf();
+    let shown = crate::audit::facets::path_of(&path);
+    let prepared = tokio::task::spawn_blocking(move || {
+        let mut conn = rusqlite::Connection::open(&path).map_err(|e| e.to_string())?;
+        conn.busy_timeout(SQLITE_BUSY_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        crate::audit::facets::attach(&conn, &path).map_err(|e| e.to_string())?;
+        crate::audit::facets::prepare(&mut conn).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    prepared.map_err(|e| {
+        StoreError::Config(format!(
+            "cannot prepare the audit lookup file {}: {e}",
+            shown.display()
+        ))
+    })
+}
+
 fn migrator() -> sqlx::migrate::Migrator {
     let mut m = sqlx::migrate!("../migrations/sqlite");
     // A database already migrated by a newer binary (rolling upgrade, rollback) still opens.
@@ -96,7 +137,7 @@ impl SqliteStore {
             // The audit indexes of many tenants are written at once: a page cache that holds
             // their hot leaves keeps the committer from reading them back from the kernel.
             .pragma("cache_size", SQLITE_CACHE_KIB);
-        let pool = SqlitePoolOptions::new()
+        let pool = pool_options(path)
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(SQLITE_BUSY_TIMEOUT + Duration::from_secs(5))
             .connect_with(options)
@@ -117,6 +158,7 @@ impl SqliteStore {
         }
         let store = Self { pool, owner };
         store.migrate().await?;
+        prepare_facets(path).await?;
         store.optimize().await;
         Ok(store)
     }
