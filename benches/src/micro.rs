@@ -354,6 +354,7 @@ fn sync_row(
 /// `i % tokens`, as agents with long-lived tokens do), for `duration` after a warm-up.
 async fn audit_case(
     log: &AuditLog,
+    db: &store::Db,
     (appenders, tenants, tokens): AuditShape,
     warmup: Duration,
     duration: Duration,
@@ -377,6 +378,7 @@ async fn audit_case(
         let b = cpu_at(end).await;
         b - a
     });
+    let lag_window = tokio::spawn(lookup_lag(db.clone(), from, end));
     let mut tasks = Vec::new();
     for i in 0..appenders {
         let log = log.clone();
@@ -435,7 +437,22 @@ async fn audit_case(
             f64::NAN
         },
         latency: all.summary(),
+        lookup_lag: lag_window.await.ok().flatten(),
     }
+}
+
+/// On SQLite: the most events the audit query's lookup tables lagged behind the audit table,
+/// sampled every 100 ms over the measured window (events a filtered query reads from the
+/// audit table itself instead of through them). `None` elsewhere.
+async fn lookup_lag(db: store::Db, from: Instant, end: Instant) -> Option<i64> {
+    tokio::time::sleep_until(from.into()).await;
+    let mut most = None;
+    while Instant::now() < end {
+        let lag = intentgate::audit::query::lookup_lag(&db).await.ok()??;
+        most = Some(most.unwrap_or(0).max(lag));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    most
 }
 
 /// `a / b`, NaN when nothing was counted.
@@ -455,6 +472,8 @@ struct AuditCase {
     /// PostgreSQL's own CPU is not included.
     cpu_us_per_event: f64,
     latency: crate::stats::Summary,
+    /// SQLite: the lookup tables' largest lag in the window, in events.
+    lookup_lag: Option<i64>,
 }
 
 /// An audit case: appenders, tenants, and the number of tokens they call with (`None`: a
@@ -498,15 +517,15 @@ pub async fn audit(
         .map_err(|e| e.to_string())?;
     println!("\n## audit append, {label}, group commit (AuditConfig::default())\n");
     println!(
-        "| appenders | tenants | tokens | events/s | events/transaction | events/tenant batch | bench-process CPU µs/event | append p50 | p99 | p99.9 | failed |"
+        "| appenders | tenants | tokens | events/s | events/transaction | events/tenant batch | bench-process CPU µs/event | append p50 | p99 | p99.9 | failed | lookup lag, most |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &shape in cases {
         let (appenders, tenants, tokens) = shape;
-        let c = audit_case(&log, shape, warmup, duration).await;
+        let c = audit_case(&log, &store.db(), shape, warmup, duration).await;
         let tokens = tokens.map_or_else(|| "per call".to_owned(), |k| k.to_string());
         println!(
-            "| {appenders} | {tenants} | {tokens} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            "| {appenders} | {tenants} | {tokens} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
             c.rate,
             c.events_per_transaction,
             c.events_per_batch,
@@ -515,6 +534,8 @@ pub async fn audit(
             fmt_ns(c.latency.p99),
             fmt_ns(c.latency.p999),
             c.failed,
+            c.lookup_lag
+                .map_or_else(|| "-".to_owned(), |n| n.to_string()),
         );
     }
     Ok(())

@@ -721,6 +721,11 @@ pub(super) mod tests {
             .await
             .expect("count");
         assert_eq!(entered, 5);
+        let db = Db::Sqlite(pool.clone());
+        assert_eq!(
+            crate::audit::query::lookup_lag(&db).await.expect("lag"),
+            Some(0)
+        );
         let in_db_file: (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM main.audit_agent_facet), (SELECT upto FROM main.audit_facets_mark)",
         )

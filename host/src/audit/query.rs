@@ -423,6 +423,20 @@ pub async fn max_id(db: &Db) -> Result<i64, AuditError> {
     Ok(rows.first().and_then(|r| r.0).unwrap_or(0))
 }
 
+/// On SQLite, how many events the lookup tables of `facets.rs` lag behind the audit table:
+/// what a filtered query reads from the table itself. `None` on PostgreSQL (plain indexes).
+pub async fn lookup_lag(db: &Db) -> Result<Option<i64>, AuditError> {
+    let Db::Sqlite(pool) = db else {
+        return Ok(None);
+    };
+    let lag: i64 = sqlx::query_scalar(&format!(
+        "SELECT COALESCE(MAX(id), 0) - {MARK} FROM audit_events"
+    ))
+    .fetch_one(pool)
+    .await?;
+    Ok(Some(lag))
+}
+
 /// A stored event with the indexed columns that the verifier compares against its body.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ChainRow {
