@@ -244,7 +244,10 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
-const RECORD_FIELDS: &str = "SELECT id, tenant, seq, ts_ms, body, prev_hash, hash";
+/// The lookup half's columns: the id is the table's `event_id` (equal to the event's), so a
+/// table read in `event_id` order (one value of one tenant) gives the page's order as read, and
+/// the page stops after its rows; naming the event's `id` made SQLite sort every entry first.
+const RECORD_FIELDS: &str = "SELECT event_id AS id, tenant, seq, ts_ms, body, prev_hash, hash";
 
 const RECORD_COLS: &str = "SELECT id, tenant, seq, ts_ms, body, prev_hash, hash FROM audit_events";
 
