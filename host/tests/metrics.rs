@@ -265,6 +265,15 @@ async fn decisions_match_the_calls_by_outcome_and_the_reference_parser_reads_the
     assert!(m.value("intentgate_audit_commit_duration_seconds_count", &[]) >= 1.0);
     // The commits of this SQLite store were synced, each sync timed.
     assert!(m.value("intentgate_audit_sync_duration_seconds_count", &[]) >= 1.0);
+    // The lookup tables' writer: a gauge of what it has not entered yet (at most every event
+    // of this new store), and no failure.
+    assert!(text.contains("# TYPE intentgate_audit_lookup_lag_events gauge"));
+    let lag = m.value("intentgate_audit_lookup_lag_events", &[]);
+    assert!(
+        lag <= m.value("intentgate_audit_events_total", &[]),
+        "lag {lag}"
+    );
+    assert_eq!(m.value("intentgate_audit_lookup_failures_total", &[]), 0.0);
     assert!(m.value("intentgate_plugin_instances", &[]) >= 1.0);
     let age = m.value("intentgate_revocation_sync_age_seconds", &[]);
     assert!((0.0..60.0).contains(&age), "synced at start: {age}");

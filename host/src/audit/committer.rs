@@ -120,7 +120,12 @@ impl SqliteCommitter {
             Durability::by_sqlite(mark, Arc::clone(&shared.counters))
         };
         let wal = WalCopier::start(open(path)?)?;
-        let facets = FacetWriter::start(path, mark_for_facets, shared.cfg.writer_batch)?;
+        let facets = FacetWriter::start(
+            path,
+            mark_for_facets,
+            shared.cfg.writer_batch,
+            Arc::clone(&shared.counters),
+        )?;
         let (parts, rx) = mpsc::channel(PARTS_QUEUE);
         let store = pool.clone();
         std::thread::Builder::new()

@@ -22,12 +22,15 @@
 //! events above the mark from `audit_events` itself).
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 
 use super::durable::DurableMark;
+use super::log::Counters;
 use super::{AuditError, facets};
 
 /// Events gathered before the thread enters them: the most a query reads past the tables
@@ -65,6 +68,7 @@ impl FacetWriter {
         path: &Path,
         durable: DurableMark,
         writer_batch: bool,
+        counters: Arc<Counters>,
     ) -> Result<Self, AuditError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| {
@@ -87,7 +91,7 @@ impl FacetWriter {
                 if writer_batch && let Err(e) = super::priority::batch_current_thread() {
                     tracing::debug!(error = %e, "the audit lookup writer keeps its scheduling class");
                 }
-                run(conn, &durable, &rung)
+                run(conn, &durable, &rung, &counters)
             })
             .map_err(|e| {
                 AuditError::Config(format!("cannot start the audit lookup writer: {e}"))
@@ -101,7 +105,18 @@ impl FacetWriter {
     }
 }
 
-fn run(mut conn: Connection, durable: &DurableMark, rung: &mpsc::Receiver<()>) {
+fn run(
+    mut conn: Connection,
+    durable: &DurableMark,
+    rung: &mpsc::Receiver<()>,
+    counters: &Counters,
+) {
+    let lag = |n: i64| {
+        counters
+            .lookup_lag
+            .store(n.max(0) as u64, Ordering::Relaxed)
+    };
+    let failed = || counters.lookup_failures.fetch_add(1, Ordering::Relaxed);
     let mut since = Instant::now();
     let mut failures = 0u32;
     loop {
@@ -109,6 +124,7 @@ fn run(mut conn: Connection, durable: &DurableMark, rung: &mpsc::Receiver<()>) {
             Ok(lag) => lag,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the audit lookup tables' mark; retrying");
+                failed();
                 failures += 1;
                 if !pause(rung, backoff(failures)) {
                     return;
@@ -117,6 +133,7 @@ fn run(mut conn: Connection, durable: &DurableMark, rung: &mpsc::Receiver<()>) {
             }
         };
         let pending = last - mark;
+        lag(pending);
         if pending >= SLICE || (pending > 0 && since.elapsed() >= LINGER) {
             // Every commit this read saw was begun before now: once the sync covers them all,
             // every event up to `last` is durable.
@@ -129,10 +146,12 @@ fn run(mut conn: Connection, durable: &DurableMark, rung: &mpsc::Receiver<()>) {
             let to = last.min(mark + MOST);
             match facets::enter(&mut conn, mark, to) {
                 Ok(()) => {
+                    lag(last - to);
                     failures = 0;
                     since = Instant::now();
                 }
                 Err(e) => {
+                    failed();
                     failures += 1;
                     tracing::warn!(error = %e, from = mark, to, "cannot enter audit events in the query's lookup tables; the queries read them from the audit table meanwhile");
                     if !pause(rung, backoff(failures)) {
@@ -240,8 +259,14 @@ mod tests {
             .await
             .expect("insert");
         }
-        let writer = FacetWriter::start(&dir.path().join("d.sqlite3"), durable.clone(), false)
-            .expect("start");
+        let counters = Arc::new(Counters::default());
+        let writer = FacetWriter::start(
+            &dir.path().join("d.sqlite3"),
+            durable.clone(),
+            false,
+            Arc::clone(&counters),
+        )
+        .expect("start");
         writer.ring();
         tokio::time::sleep(LINGER * 3).await;
         assert_eq!(
@@ -262,6 +287,8 @@ mod tests {
             .await
             .expect("count");
         assert_eq!(entered, 5);
+        assert_eq!(counters.lookup_lag.load(Ordering::Relaxed), 0);
+        assert_eq!(counters.lookup_failures.load(Ordering::Relaxed), 0);
     }
 
     /// More than a slice at once (a store entered again from its first event) is entered in
@@ -284,8 +311,13 @@ mod tests {
         .await
         .expect("insert");
         let durable = DurableMark::default();
-        let writer =
-            FacetWriter::start(&dir.path().join("l.sqlite3"), durable, false).expect("start");
+        let writer = FacetWriter::start(
+            &dir.path().join("l.sqlite3"),
+            durable,
+            false,
+            Default::default(),
+        )
+        .expect("start");
         writer.ring();
         let until = Instant::now() + Duration::from_secs(60);
         while mark(&pool).await < n {

@@ -121,6 +121,10 @@ pub(crate) struct Counters {
     pub(crate) failed_batches: AtomicU64,
     pub(crate) overloaded: AtomicU64,
     pub(crate) checkpoints: AtomicU64,
+    /// SQLite: events above the lookup tables' mark when the lookup writer last looked.
+    pub(crate) lookup_lag: AtomicU64,
+    /// SQLite: the lookup writer's failed attempts.
+    pub(crate) lookup_failures: AtomicU64,
     /// Batch sizes and commit latency (`/metrics`).
     pub(crate) commits: crate::metrics::audit::AuditCommits,
 }
@@ -144,6 +148,11 @@ pub struct AuditStats {
     pub overloaded: u64,
     /// Checkpoints signed.
     pub checkpoints: u64,
+    /// SQLite: events the audit query's lookup tables lagged behind when their writer last
+    /// looked (a filtered query reads those from the audit table itself); 0 on PostgreSQL.
+    pub lookup_lag: u64,
+    /// SQLite: the lookup tables' writer's failed attempts (each logged, retried later).
+    pub lookup_failures: u64,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -252,6 +261,8 @@ impl AuditLog {
             failed_batches: c.failed_batches.load(Ordering::Relaxed),
             overloaded: c.overloaded.load(Ordering::Relaxed),
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
+            lookup_lag: c.lookup_lag.load(Ordering::Relaxed),
+            lookup_failures: c.lookup_failures.load(Ordering::Relaxed),
         }
     }
 

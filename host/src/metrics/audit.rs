@@ -77,10 +77,21 @@ impl AuditCommits {
                 "Audit checkpoints signed.",
                 stats.checkpoints,
             ),
+            (
+                "intentgate_audit_lookup_failures_total",
+                "SQLite: failed attempts to enter audit events in the query's lookup tables (each logged and retried; queries read the events from the audit table meanwhile).",
+                stats.lookup_failures,
+            ),
         ];
         for (name, help, value) in counters {
             e.single(name, Kind::Counter, help, value);
         }
+        e.single(
+            "intentgate_audit_lookup_lag_events",
+            Kind::Gauge,
+            "SQLite: audit events not yet entered in the query's lookup tables, as their writer last saw (a filtered query reads these from the audit table itself); 0 on PostgreSQL.",
+            stats.lookup_lag,
+        );
         let mut f = e.family(
             "intentgate_audit_batch_events",
             Kind::Histogram,
