@@ -538,6 +538,9 @@ pub(super) mod tests {
             .create_if_missing(true)
             .journal_mode(journal)
             .synchronous(SqliteSynchronous::Full);
+        crate::store::sqlite::create_facets(&dir.path().join(file))
+            .await
+            .expect("lookup file");
         let pool = crate::store::sqlite::pool_options(&dir.path().join(file))
             .max_connections(2)
             .connect_with(options)

@@ -83,6 +83,23 @@ impl FacetWriter {
         conn.pragma_update(file, "synchronous", "NORMAL")?;
         conn.pragma_update(file, "cache_size", CACHE_KIB)?;
         conn.set_prepared_statement_cache_capacity(16);
+        // Without a write-ahead log, this thread's read of the database holds its shared lock,
+        // which the audit writer's commit waits for: one slice at a time, never a long catch-up.
+        let journal: String = conn.query_row("PRAGMA main.journal_mode", [], |r| r.get(0))?;
+        let most = if journal.eq_ignore_ascii_case("wal") {
+            MOST
+        } else {
+            SLICE
+        };
+        // What an earlier process committed and left unsynced (killed before its sync) is
+        // visible now, and this process's durable mark knows nothing of it: sync it first.
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        match std::fs::File::open(&wal) {
+            Ok(f) => f.sync_data()?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
         // One ring may wait while a slice is entered; more would only repeat it.
         let (bell, rung) = mpsc::sync_channel(1);
         std::thread::Builder::new()
@@ -91,7 +108,7 @@ impl FacetWriter {
                 if writer_batch && let Err(e) = super::priority::batch_current_thread() {
                     tracing::debug!(error = %e, "the audit lookup writer keeps its scheduling class");
                 }
-                run(conn, &durable, &rung, &counters)
+                run(conn, &durable, &rung, &counters, most)
             })
             .map_err(|e| {
                 AuditError::Config(format!("cannot start the audit lookup writer: {e}"))
@@ -110,6 +127,7 @@ fn run(
     durable: &DurableMark,
     rung: &mpsc::Receiver<()>,
     counters: &Counters,
+    most: i64,
 ) {
     let lag = |n: i64| {
         counters
@@ -143,7 +161,7 @@ fn run(
                 Waited::Later => continue,
                 Waited::Stop => return,
             }
-            let to = last.min(mark + MOST);
+            let to = last.min(mark + most);
             match facets::enter(&mut conn, mark, to) {
                 Ok(()) => {
                     lag(last - to);
@@ -161,7 +179,7 @@ fn run(
             }
             continue;
         }
-        if pending == 0 {
+        if pending <= 0 {
             // Idle: asleep until a commit rings.
             if rung.recv().is_err() {
                 return;
@@ -186,6 +204,8 @@ enum Waited {
 
 fn wait_durable(durable: &DurableMark, begun: u64, rung: &mpsc::Receiver<()>) -> Waited {
     let until = Instant::now() + SYNC_WAIT;
+    // A sync takes about a millisecond; a stalled disk is looked at less and less often.
+    let mut wait = Duration::from_millis(1);
     loop {
         match durable.reached_by(begun) {
             Err(()) => {
@@ -195,10 +215,10 @@ fn wait_durable(durable: &DurableMark, begun: u64, rung: &mpsc::Receiver<()>) ->
             Ok(true) => return Waited::Durable,
             Ok(false) if Instant::now() >= until => return Waited::Later,
             Ok(false) => {
-                // A sync takes about a millisecond; the writer rings at its next commit.
-                match rung.recv_timeout(Duration::from_millis(1)) {
-                    Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return Waited::Stop,
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_millis(50));
+                if let Err(TryRecvError::Disconnected) = rung.try_recv() {
+                    return Waited::Stop;
                 }
             }
         }

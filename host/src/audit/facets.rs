@@ -1,6 +1,7 @@
 //! The SQLite store's lookup tables for the audit query's token, agent, tool and time filters,
-//! kept in a file of their own beside the database (`<database>-facets`, attached to every
-//! connection as [`SCHEMA`]) and entered by a thread of their own (`facet_writer.rs`).
+//! kept in a file of their own beside the database (`<database>-facets`, attached read-only to
+//! every connection of the store's pool as [`SCHEMA`]) and entered by a thread of their own
+//! (`facet_writer.rs`), the only connection that writes it.
 //!
 //! An index on `(tenant, agent_id)` rewrites one leaf per tenant in every commit, and an index
 //! on `jti` one leaf per token: agents call with long-lived tokens of their own, so each event
@@ -51,6 +52,67 @@ pub(crate) fn path_of(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
     name.push("-facets");
     PathBuf::from(name)
+}
+
+/// The lookup file as a URI opening it read-only (how the store's pool attaches it; an
+/// in-memory database attaches an in-memory file).
+pub(crate) fn read_only_uri(db: &Path) -> String {
+    let file = path_of(db);
+    if file.as_os_str() == ":memory:" {
+        return ":memory:".into();
+    }
+    let mut uri = String::from("file:");
+    for b in file.to_string_lossy().bytes() {
+        match b {
+            b'?' | b'#' | b'%' => uri.push_str(&format!("%{b:02X}")),
+            _ => uri.push(b as char),
+        }
+    }
+    uri.push_str("?mode=ro");
+    uri
+}
+
+/// Makes the lookup file of the database at `db` exist, in WAL mode, before anything attaches
+/// it. A file SQLite cannot read as a database (damaged, or deleted without its `-wal`, whose
+/// frames SQLite then replays onto an empty file) is removed with its `-wal` and `-shm` and made
+/// anew: it is a cache, entered again.
+pub(crate) fn create(db: &Path) -> Result<(), AuditError> {
+    let file = path_of(db);
+    if file.as_os_str() == ":memory:" {
+        return Ok(());
+    }
+    let open = || -> Result<(), rusqlite::Error> {
+        let conn = Connection::open(&file)?;
+        conn.busy_timeout(crate::store::SQLITE_BUSY_TIMEOUT)?;
+        let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        Ok(())
+    };
+    match open() {
+        Ok(()) => Ok(()),
+        Err(e) if is_damaged(&e) => {
+            tracing::warn!(file = %file.display(), error = %e, "the audit lookup file is damaged; making it anew (its tables are entered again)");
+            for suffix in ["", "-wal", "-shm"] {
+                let mut name = file.as_os_str().to_owned();
+                name.push(suffix);
+                match std::fs::remove_file(&name) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                    _ => {}
+                }
+            }
+            Ok(open()?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn is_damaged(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
 }
 
 /// The lookup file's schema. The tables of migrations 0008 and 0009, and the mark with the
@@ -444,6 +506,58 @@ mod tests {
             (0, 0, 0, 0),
             "another event at the mark"
         );
+    }
+
+    /// The store's pool attaches the lookup file read-only: a write transaction of the pool
+    /// (`BEGIN IMMEDIATE`: a revocation, a bundle, the outbox) takes only the database's write
+    /// lock, and never waits for the lookup file's, which its writer holds while it enters a
+    /// slice (waiting for it, the pool held the database's lock and stalled the audit writer).
+    #[tokio::test]
+    async fn a_pool_write_never_waits_for_the_lookup_writer() {
+        let (dir, pool) = super::super::committer::tests::migrated(
+            "w.sqlite3",
+            sqlx::sqlite::SqliteJournalMode::Wal,
+        )
+        .await;
+        let lookup = Connection::open(path_of(&dir.path().join("w.sqlite3"))).expect("open");
+        lookup
+            .execute_batch("BEGIN IMMEDIATE; UPDATE audit_facets_mark SET upto = upto")
+            .expect("the lookup writer's lock");
+        let started = std::time::Instant::now();
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.expect("begin");
+        sqlx::query("INSERT INTO tenants (name, created_at) VALUES ('w', 0)")
+            .execute(&mut *tx)
+            .await
+            .expect("write");
+        tx.commit().await.expect("commit");
+        assert!(
+            started.elapsed() < crate::store::SQLITE_BUSY_TIMEOUT,
+            "waited for the lookup file"
+        );
+        let refused = sqlx::query("UPDATE facets.audit_facets_mark SET upto = 0")
+            .execute(&pool)
+            .await;
+        assert!(refused.is_err(), "the pool can write the lookup file");
+        lookup.execute_batch("ROLLBACK").expect("release");
+    }
+
+    /// A lookup file SQLite cannot read (damaged, or deleted without its `-wal`) is made anew
+    /// at start, and entered again: the store opens.
+    #[tokio::test]
+    async fn a_damaged_lookup_file_is_made_anew() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("d.sqlite3");
+        std::fs::write(
+            path_of(&db),
+            b"not a database, not at all: 64 bytes of it at least...",
+        )
+        .expect("garbage");
+        let store = crate::store::SqliteStore::open(&db).await.expect("opens");
+        let mark: i64 = sqlx::query_scalar("SELECT upto FROM facets.audit_facets_mark")
+            .fetch_one(store.pool())
+            .await
+            .expect("mark");
+        assert_eq!(mark, 0);
     }
 
     /// The database file's token table follows its mark through migration 0009's trigger,

@@ -38,11 +38,12 @@ pub struct SqliteStore {
 }
 
 /// Pool options whose every connection attaches the audit query's lookup file of the
-/// database at `path` (`audit/facets.rs`): the queries read its tables beside `audit_events`.
+/// database at `path` (`audit/facets.rs`), read-only: the queries read its tables beside
+/// `audit_events`, and a `BEGIN IMMEDIATE` of the pool takes only the database's write lock,
+/// never the lookup file's (which its writer holds while it enters a slice).
+/// [`create_facets`] must have made the file first.
 pub(crate) fn pool_options(path: &Path) -> SqlitePoolOptions {
-    let facets = crate::audit::facets::path_of(path)
-        .to_string_lossy()
-        .into_owned();
+    let facets = crate::audit::facets::read_only_uri(path);
     SqlitePoolOptions::new().after_connect(move |conn, _| {
         let facets = facets.clone();
         Box::pin(async move {
@@ -53,6 +54,23 @@ pub(crate) fn pool_options(path: &Path) -> SqlitePoolOptions {
             Ok(())
         })
     })
+}
+
+/// Creates the audit lookup file of the database at `path` when it is missing, before the pool
+/// attaches it ([`crate::audit::facets::create`]).
+pub(crate) async fn create_facets(path: &Path) -> Result<(), StoreError> {
+    let path = path.to_path_buf();
+    let shown = crate::audit::facets::path_of(&path);
+    tokio::task::spawn_blocking(move || crate::audit::facets::create(&path))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(|e| {
+            StoreError::Config(format!(
+                "cannot create the audit lookup file {}: {e}",
+                shown.display()
+            ))
+        })
 }
 
 /// Creates or checks the audit lookup file of the migrated database at `path`
@@ -137,6 +155,7 @@ impl SqliteStore {
             // The audit indexes of many tenants are written at once: a page cache that holds
             // their hot leaves keeps the committer from reading them back from the kernel.
             .pragma("cache_size", SQLITE_CACHE_KIB);
+        create_facets(path).await?;
         let pool = pool_options(path)
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(SQLITE_BUSY_TIMEOUT + Duration::from_secs(5))
@@ -546,7 +565,8 @@ pub(crate) async fn optimize(pool: &SqlitePool) {
         sqlx::query("PRAGMA analysis_limit = 1000")
             .execute(&mut *conn)
             .await?;
-        sqlx::query("PRAGMA optimize = 0x10002")
+        // `main.`: the lookup file is attached read-only here (its writer keeps it).
+        sqlx::query("PRAGMA main.optimize = 0x10002")
             .execute(&mut *conn)
             .await?;
         Ok::<_, sqlx::Error>(())
