@@ -103,7 +103,7 @@ impl FacetWriter {
         // One ring may wait while a slice is entered; more would only repeat it.
         let (bell, rung) = mpsc::sync_channel(1);
         std::thread::Builder::new()
-            .name("intentgate-audit-facets".into())
+            .name("intentgate-lookup".into())
             .spawn(move || {
                 if writer_batch && let Err(e) = super::priority::batch_current_thread() {
                     tracing::debug!(error = %e, "the audit lookup writer keeps its scheduling class");

@@ -182,9 +182,10 @@ pub(crate) fn attach(conn: &Connection, db: &Path) -> Result<(), AuditError> {
 /// At start-up, before anything queries or enters the tables: creates the lookup file (in WAL
 /// mode), and checks its mark against the database. A new file is filled from the tables of
 /// migrations 0008 and 0009 up to their mark; a mark whose event is gone or different (a
-/// restored backup, a power cut that took back events the tables held) empties the tables,
-/// which are then entered again from the first event. `conn` is a connection to the migrated
-/// database with the file attached ([`attach`]); nothing else may write the file meanwhile.
+/// restored backup, a power cut that took back events the tables held) empties the tables and
+/// fills them again the same way; the lookup writer enters the rest. `conn` is a connection to
+/// the migrated database with the file attached ([`attach`]); nothing else may write the file
+/// meanwhile.
 pub(crate) fn prepare(conn: &mut Connection) -> Result<(), AuditError> {
     let mode: String = conn.query_row("PRAGMA facets.journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
@@ -205,21 +206,26 @@ pub(crate) fn prepare(conn: &mut Connection) -> Result<(), AuditError> {
     let hash_at = |upto: i64| -> Result<String, AuditError> {
         Ok(tx.query_row(HASH_AT, [upto], |r| r.get(0))?)
     };
+    // The tables of 0008 and 0009 in the database file hold every entry up to their mark,
+    // consistent with its events whatever happened to this file (in key order: the copy
+    // appends). Returns the mark they reach.
+    let copy = || -> Result<i64, AuditError> {
+        let upto: i64 =
+            tx.query_row("SELECT upto FROM main.audit_facets_mark", [], |r| r.get(0))?;
+        for table in TABLES {
+            tx.execute(
+                &format!(
+                    "INSERT OR IGNORE INTO facets.{table} SELECT * FROM main.{table} \
+                     WHERE event_id <= ?1"
+                ),
+                [upto],
+            )?;
+        }
+        Ok(upto)
+    };
     match mark {
         None => {
-            // The tables of 0008 and 0009 in the database file hold every entry up to their
-            // mark (in key order: the copy appends).
-            let upto: i64 =
-                tx.query_row("SELECT upto FROM main.audit_facets_mark", [], |r| r.get(0))?;
-            for table in TABLES {
-                tx.execute(
-                    &format!(
-                        "INSERT OR IGNORE INTO facets.{table} SELECT * FROM main.{table} \
-                         WHERE event_id <= ?1"
-                    ),
-                    [upto],
-                )?;
-            }
+            let upto = copy()?;
             tx.execute(
                 "INSERT INTO facets.audit_facets_mark (only, upto, upto_hash) VALUES (1, ?1, ?2)",
                 rusqlite::params![upto, hash_at(upto)?],
@@ -228,14 +234,15 @@ pub(crate) fn prepare(conn: &mut Connection) -> Result<(), AuditError> {
         Some((upto, hash)) if hash_at(upto)? != hash => {
             tracing::warn!(
                 upto,
-                "the audit lookup tables cover events this database does not hold (restored from a backup, or events lost with power); entering them again from the first event"
+                "the audit lookup tables cover events this database does not hold (restored from a backup, or events lost with power); entering them again"
             );
             for table in TABLES {
                 tx.execute(&format!("DELETE FROM facets.{table}"), [])?;
             }
+            let upto = copy()?;
             tx.execute(
-                "UPDATE facets.audit_facets_mark SET upto = 0, upto_hash = '' WHERE only = 1",
-                [],
+                "UPDATE facets.audit_facets_mark SET upto = ?1, upto_hash = ?2 WHERE only = 1",
+                rusqlite::params![upto, hash_at(upto)?],
             )?;
         }
         Some(_) => {}
@@ -474,11 +481,18 @@ mod tests {
         assert_eq!(lag(&conn).expect("lag"), (30, 35));
         enter(&mut conn, 30, 35).expect("enter");
         assert_eq!(counts(&conn, "facets"), (34, 35, tokens(35), 35));
+
+        // Contradicted (another event at the mark): filled again from the same tables.
+        conn.execute("UPDATE audit_events SET hash = 'other' WHERE id = 35", [])
+            .expect("another event at the mark");
+        prepare(&mut conn).expect("again");
+        assert_eq!(counts(&conn, "facets"), (29, 30, tokens(30), 30));
+        assert_eq!(mark_hash(&conn), "h30");
     }
 
     /// A mark whose event the database no longer holds, or holds with another hash (a backup
-    /// restored, events a power cut took back), empties the tables, entered again from the
-    /// first event; an intact mark is kept.
+    /// restored, events a power cut took back), empties the tables, entered again (here from
+    /// the first event: the database file's own tables are empty); an intact mark is kept.
     #[test]
     fn a_mark_the_database_contradicts_empties_the_tables() {
         let mut conn = store_with(30);
