@@ -644,8 +644,8 @@ mod tests {
                     root.clone()
                 };
                 conn.execute(
-                    "INSERT INTO audit_events (tenant, seq, ts_ms, event, agent_id, tool, jti, root_jti, body, prev_hash, hash) \
-                     VALUES (?1, ?2, ?2, 'tool_call', ?3, ?4, ?5, ?6, '{}', '', '')",
+                    "INSERT INTO audit_events (tenant, seq, ts_ms, event, decision, agent_id, tool, jti, root_jti, body, prev_hash, hash) \
+                     VALUES (?1, ?2, ?2, 'tool_call', CASE WHEN ?2 % 7 < 4 THEN 'allow' ELSE 'block' END, ?3, ?4, ?5, ?6, '{}', '', '')",
                     rusqlite::params![tenant, i, format!("agent-{}", i % 3), format!("tool-{}", i % 5), jti, root],
                 )
                 .expect("insert");
@@ -673,6 +673,18 @@ mod tests {
                 "tenant = 'b' AND agent_id = 'agent-2' AND tool = 'tool-4'",
             ),
             (vec![("tool", "tool-0")], "tool = 'tool-0'"),
+            (
+                vec![
+                    ("tenant", "a"),
+                    ("agent_id", "agent-1"),
+                    ("after_id", "600"),
+                ],
+                "tenant = 'a' AND agent_id = 'agent-1' AND id > 600",
+            ),
+            (
+                vec![("tenant", "a"), ("tool", "tool-3"), ("decision", "allow")],
+                "tenant = 'a' AND tool = 'tool-3' AND decision = 'allow'",
+            ),
             (
                 vec![("tenant", "a"), ("agent_id", "nobody")],
                 "tenant = 'a' AND agent_id = 'nobody'",
@@ -769,34 +781,59 @@ mod tests {
             }
             plan.join("\n")
         };
-        // `sorts`: whether the table's half may be sorted for the page. A value of one tenant
-        // is read in `event_id` order, so a page stops after its rows instead of joining
-        // every entry of the value first; a time window is a range, and sorts.
-        let by_table = |plan: &str, search: &str, sorts: bool| {
+        // How the table's half finds a page. `Chosen`: the filter is all in the table's key,
+        // so the page's ids are chosen from its entries first (a co-routine), and only those
+        // events are read. `InOrder`: other conditions need the events, read in `event_id`
+        // order (one value of one tenant), so the page stops after its rows: no sort of every
+        // entry joined first.
+        #[derive(Clone, Copy)]
+        enum Half {
+            Chosen,
+            InOrder,
+        }
+        let by_table = |plan: &str, search: &str, half: Half| {
+            let shaped = match half {
+                Half::Chosen => plan.contains("CO-ROUTINE"),
+                Half::InOrder => !plan.contains("TEMP B-TREE") && !plan.contains("CO-ROUTINE"),
+            };
             assert!(
                 plan.contains(search)
                     && plan.contains("SEARCH audit_events USING INTEGER PRIMARY KEY (rowid>?)")
                     && plan.contains("SEARCH audit_events USING INTEGER PRIMARY KEY (rowid=?)")
                     && !plan.contains("SCAN audit_events")
                     && !plan.contains("audit_events_tenant")
-                    && (sorts || !plan.contains("TEMP B-TREE")),
-                "not read through its table:\n{plan}"
+                    && shaped,
+                "not read through its table as expected:\n{plan}"
             );
         };
         by_table(
             &plan_of(&[("tenant", "a"), ("agent_id", "agent-1")]),
             "SEARCH facets.audit_agent_facet USING PRIMARY KEY (value=? AND scope=? AND event_id",
-            false,
+            Half::Chosen,
+        );
+        by_table(
+            &plan_of(&[
+                ("tenant", "a"),
+                ("agent_id", "agent-1"),
+                ("decision", "allow"),
+            ]),
+            "SEARCH facets.audit_agent_facet USING PRIMARY KEY (value=? AND scope=? AND event_id",
+            Half::InOrder,
         );
         by_table(
             &plan_of(&[("tenant", "a"), ("from", "1970-01-01T00:00:00.500Z")]),
             "SEARCH facets.audit_time_facet USING PRIMARY KEY (scope=? AND value>?)",
-            true,
+            Half::Chosen,
         );
         by_table(
-            &plan_of(&[("tenant", "a"), ("jti", "root-3")]),
+            &plan_of(&[("jti", "root-3")]),
+            "SEARCH facets.audit_token_facet USING PRIMARY KEY (value=?",
+            Half::Chosen,
+        );
+        by_table(
+            &plan_of(&[("tenant", "a"), ("jti", "root-3"), ("tool", "tool-1")]),
             "SEARCH facets.audit_token_facet USING PRIMARY KEY (value=? AND scope=? AND event_id",
-            false,
+            Half::InOrder,
         );
     }
 }
