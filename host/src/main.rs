@@ -134,6 +134,10 @@ fn main() -> ExitCode {
                 },
             ..
         } => audit_verify(&file, &checkpoint, &public_key),
+        Command::Audit {
+            cmd: cli::AuditCmd::PrepareRollback { data_dir, database },
+            ..
+        } => prepare_rollback(&database.unwrap_or_else(|| data_dir.join("intentgate.sqlite3"))),
         Command::Audit { conn, cmd } => cli::finish(cmd.run(&conn)),
         Command::Tokens { conn, cmd } => cli::finish(cmd.run(&conn)),
         Command::Approvals { conn, cmd } => cli::finish(cmd.run(&conn)),
@@ -216,6 +220,45 @@ fn main() -> ExitCode {
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("intentgate: {e}");
     ExitCode::FAILURE
+}
+
+fn prepare_rollback(db: &std::path::Path) -> ExitCode {
+    use std::io::Write as _;
+    let mut shown = std::time::Instant::now();
+    let prepared = intentgate::audit::rollback::prepare(
+        db,
+        intentgate::audit::rollback::SLICE,
+        |upto, last| {
+            if shown.elapsed() >= std::time::Duration::from_secs(1) || upto == last {
+                shown = std::time::Instant::now();
+                eprint!("\rentered up to event {upto} of {last}");
+                let _ = std::io::stderr().flush();
+            }
+        },
+    );
+    match prepared {
+        Ok(p) if p.slices == 0 => {
+            println!(
+                "{}: the database file's lookup tables already cover every event (up to {})",
+                db.display(),
+                p.upto
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(p) => {
+            eprintln!();
+            println!(
+                "{}: entered events {} to {} in {} transaction(s); the database file's lookup tables cover every event up to {}. Stop the gateway and start the older binary now: it enters only what was written after this.",
+                db.display(),
+                p.from + 1,
+                p.upto,
+                p.slices,
+                p.upto
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
 }
 
 fn audit_verify(file: &PathBuf, checkpoint: &PathBuf, public_key: &str) -> ExitCode {

@@ -14,6 +14,8 @@
 //! - `facets`: the SQLite store's token, agent, tool and time lookup tables, in a file of their
 //!   own, which `facet_writer` fills a slice of durable events at a time beside the audit
 //!   writer instead of updating an index in every commit.
+//! - [`rollback`]: `audit prepare-rollback`, which enters every event in the database file's
+//!   own lookup tables (migrations 0008 and 0009) before a rollback to a binary that uses them.
 //! - [`verify`]: walks a tenant's chain in the database, optionally against a checkpoint.
 //! - [`export`]: streamed CSV / NDJSON with bounded memory.
 //! - [`offline`]: verifies an NDJSON export against a checkpoint and public key, no gateway needed.
@@ -39,6 +41,7 @@ pub mod offline;
 mod postgres;
 pub mod priority;
 pub mod query;
+pub mod rollback;
 pub mod time;
 pub mod verify;
 mod wal;

@@ -119,6 +119,21 @@ pub enum AuditCmd {
     /// The key that signs checkpoints (what offline verification takes).
     #[command(after_help = "Example:\n  intentgate audit public-key > key.txt")]
     PublicKey,
+    /// Before rolling back to a binary older than the audit lookup file: enter every event in
+    /// the SQLite database's own lookup tables, a short transaction at a time (the gateway may
+    /// keep running). Works on the database file; no gateway connection.
+    #[command(
+        name = "prepare-rollback",
+        after_help = "Example:\n  intentgate audit prepare-rollback --data-dir /var/lib/intentgate\n\nRun it just before stopping the gateway for the rollback: the older binary then enters only\nwhat was written after it, instead of every event since the upgrade in one transaction."
+    )]
+    PrepareRollback {
+        /// The gateway's data directory (its database is `intentgate.sqlite3` there).
+        #[arg(long, env = "INTENTGATE_DATA_DIR", default_value = "intentgate-data")]
+        data_dir: PathBuf,
+        /// The SQLite database file itself, instead of the data directory's.
+        #[arg(long)]
+        database: Option<PathBuf>,
+    },
 }
 
 impl AuditCmd {
@@ -208,6 +223,9 @@ impl AuditCmd {
                 }
                 Ok(())
             }
+            AuditCmd::PrepareRollback { .. } => Err(CliError::Local(
+                "prepare-rollback works on the database file, not through the gateway".into(),
+            )),
             AuditCmd::PublicKey => {
                 let v = c.get("/v1/admin/audit/public-key", &[]).await?;
                 match out {
