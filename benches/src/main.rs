@@ -23,6 +23,7 @@ mod bare;
 mod child;
 #[cfg(feature = "gateway")]
 mod gateway;
+mod inside;
 mod loadgen;
 #[cfg(feature = "gateway")]
 mod micro;
@@ -738,6 +739,8 @@ struct Run {
     system: usize,
     outcome: Outcome,
     cpu: CpuUse,
+    /// The gateway's `/metrics` over the window (gateways only).
+    inside: Option<inside::Breakdown>,
 }
 
 /// Runs one measurement against system `i`, sampling CPU over the window.
@@ -809,21 +812,59 @@ fn measure_once(
         let start = Instant::now();
         std::thread::scope(|s| {
             s.spawn(|| {
+                let scrape = || {
+                    (sys.gateway && !sys.admin_token.is_empty())
+                        .then(|| {
+                            rt.handle()
+                                .block_on(inside::scrape(sys.addr, &sys.admin_token))
+                        })
+                        .flatten()
+                };
                 std::thread::sleep(warmup.saturating_sub(start.elapsed()));
                 let a = cpu_snapshot(rig, sys);
+                let seen_a = scrape();
                 std::thread::sleep((warmup + duration).saturating_sub(start.elapsed()));
                 let b = cpu_snapshot(rig, sys);
-                let _ = tx.send((a, b));
+                let seen_b = scrape();
+                let inside = seen_a
+                    .zip(seen_b)
+                    .and_then(|(a, b)| inside::between(&a, &b));
+                let _ = tx.send((a, b, inside));
             });
             rt.block_on(loadgen::run(&spec))
         })
     };
-    let (a, b) = rx.recv().unwrap_or_default();
+    let (a, b, inside) = rx.recv().unwrap_or_default();
     let cpu = cpu_delta(a, b, common.duration.as_secs_f64());
     Run {
         system: i,
         outcome,
         cpu,
+        inside,
+    }
+}
+
+/// Where an average call's time went in each gateway run, by the gateway's own clocks.
+fn print_inside<'a>(rig: &Rig, runs: impl Iterator<Item = &'a Run>) {
+    let rows: Vec<String> = runs
+        .filter_map(|r| {
+            let b = r.inside.as_ref()?;
+            let load = match r.outcome.mode {
+                Mode::Closed => format!("closed c={}", r.outcome.connections),
+                Mode::Open { rate } => format!("open {rate:.0}/s"),
+            };
+            Some(inside::row(&rig.systems[r.system].name, &load, b))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "\n## where a call's time goes (the gateway's /metrics over each window: means)\n\n{}",
+        inside::header()
+    );
+    for row in rows {
+        println!("{row}");
     }
 }
 
@@ -1052,6 +1093,7 @@ fn load(o: LoadOpts) -> Result<(), String> {
 
     // Open loop at a fraction of each system's saturation; the bare proxy also at each
     // gateway's rate, so latencies compare at equal offered load.
+    let mut open_runs: Vec<Run> = Vec::new();
     if o.open_fraction > 0.0 {
         println!(
             "\n## open loop at {:.0}% of each gateway's closed-loop saturation (latency from the scheduled send time)\n\n{RUN_HEADER}",
@@ -1073,6 +1115,7 @@ fn load(o: LoadOpts) -> Result<(), String> {
             );
             print_run(&rig, &r, None);
             let p99 = r.outcome.latency.p99;
+            open_runs.push(r);
             if let Some(b) = bare.filter(|_| is_gw) {
                 let rb = measure(
                     &rt,
@@ -1094,6 +1137,8 @@ fn load(o: LoadOpts) -> Result<(), String> {
             }
         }
     }
+
+    print_inside(&rig, runs.iter().chain(&open_runs));
 
     if let Some(b) = bare {
         println!("\n## goals\n");
