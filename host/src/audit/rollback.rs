@@ -42,6 +42,9 @@ pub struct Prepared {
     pub slices: u64,
 }
 
+/// Migration 0008's entries, for a range of ids. Deliberately not `facets.rs`'s statements with
+/// another schema name: these must stay what the older binary makes, whatever the lookup file
+/// becomes (the tests compare them with the migration's own statements).
 const ENTER: [&str; 3] = [
     "INSERT OR IGNORE INTO main.audit_agent_facet (value, scope, event_id) \
      SELECT agent_id, tenant, id FROM main.audit_events \
