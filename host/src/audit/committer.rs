@@ -2,6 +2,11 @@
 //! the database file and commits everything the tenant writers handed it since its last commit
 //! in **one** transaction (one fsync), as soon as the previous commit ends, with no timer.
 //!
+//! The connection and what a commit needs are one [`Engine`] behind a mutex. When the gateway
+//! is quiet (one append in flight, the writer idle), the tenant writer that hands in takes the
+//! engine and commits its part on its own thread, as the leader of a group commit does, instead
+//! of waking the writer thread and being woken by it ([`SqliteCommitter::commit_here`]).
+//!
 //! The thread runs every statement of a batch itself, with statements prepared once and kept
 //! (`prepare_cached`): a batch costs one hop from the async world and one back, not one per
 //! statement through sqlx's SQLite worker. Inside the transaction it reads every head, applies
@@ -15,17 +20,17 @@
 //! failure of a statement or of the commit refuses every part of the batch.
 //!
 //! The connection commits with `synchronous=NORMAL` (no sync at commit); a committed batch is
-//! answered only once `durable.rs` has synced the log: on this thread when no other part waits,
-//! else on the sync thread while this one commits the next batch. (A store left in SQLite's
-//! rollback journal has no log to sync beside the writer: there it keeps `FULL`.)
+//! answered only once `durable.rs` has synced the log: on the committing thread when no other
+//! part waits, else on the sync thread while the writer commits the next batch. (A store left
+//! in SQLite's rollback journal has no log to sync beside the writer: there it keeps `FULL`.)
 //!
 //! This module must never answer a part before the transaction holding it committed, and never
 //! commit a part it could not write whole.
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
@@ -53,6 +58,8 @@ struct Part {
 #[derive(Clone)]
 pub(crate) struct SqliteCommitter {
     parts: mpsc::Sender<Part>,
+    engine: Arc<Mutex<Engine>>,
+    counters: Arc<super::log::Counters>,
 }
 
 /// Parts waiting for the committer. Each tenant writer waits for its answer before it hands in
@@ -127,12 +134,25 @@ impl SqliteCommitter {
             Arc::clone(&shared.counters),
         )?;
         let (parts, rx) = mpsc::channel(PARTS_QUEUE);
-        let store = pool.clone();
+        let counters = Arc::clone(&shared.counters);
+        let engine = Arc::new(Mutex::new(Engine {
+            conn,
+            wal,
+            durable,
+            facets,
+            store: pool.clone(),
+            shared,
+        }));
+        let for_thread = Arc::clone(&engine);
         std::thread::Builder::new()
             .name("intentgate-audit-writer".into())
-            .spawn(move || run(conn, wal, durable, facets, store, shared, rx))
+            .spawn(move || run(for_thread, rx))
             .map_err(|e| AuditError::Config(format!("cannot start the audit writer: {e}")))?;
-        Ok(Self { parts })
+        Ok(Self {
+            parts,
+            engine,
+            counters,
+        })
     }
 
     /// Commits `entries` of `tenant` with whatever other tenants hand in meanwhile.
@@ -149,15 +169,54 @@ impl SqliteCommitter {
             force,
             reply,
         };
+        let part = match self.commit_here(part) {
+            Some(part) => part,
+            None => return answered(answer).await,
+        };
         if let Err(mpsc::error::SendError(part)) = self.parts.send(part).await {
             return (part.entries, Err(AuditError::Unavailable));
         }
-        match answer.await {
-            Ok(done) => done,
-            // The writer thread ended mid-commit (a panic): the entries are lost with it, and
-            // their callers are refused.
-            Err(_) => (Vec::new(), Err(AuditError::Unavailable)),
+        answered(answer).await
+    }
+
+    /// Commits `part` on this thread when the gateway is quiet: it is the only append in
+    /// flight, no part waits for the writer and the writer is idle. Then the two thread
+    /// hand-offs (to the writer thread and back, each a sleeping thread woken) are most of
+    /// what a commit costs beyond its sync: one call in flight saved about 75 µs a call and
+    /// 60 µs of CPU (`BENCHMARKS.md`, session 27). Under load the part goes to the writer
+    /// thread, which batches; `None`: committed here, and answered.
+    ///
+    /// This blocks the runtime worker for the commit and its sync, which the call waits for
+    /// anyway. No other call is in the audit stage then, and the worker's other tasks are
+    /// stolen by the other workers (nothing can be in its LIFO slot: this task fills it only
+    /// with its answer, after the commit). Handing the worker's core over (`block_in_place`)
+    /// cost more than it saved here. A current-thread runtime has no other worker: there the
+    /// part always goes to the writer thread.
+    fn commit_here(&self, part: Part) -> Option<Part> {
+        let quiet = self.counters.appending.load(Ordering::Relaxed) <= 1
+            && self.parts.capacity() == self.parts.max_capacity()
+            && tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if !quiet {
+            return Some(part);
         }
+        // Busy (the writer thread is committing) or poisoned (a commit panicked: the thread
+        // has ended, and the hand-in fails closed).
+        let Ok(mut engine) = self.engine.try_lock() else {
+            return Some(part);
+        };
+        engine.commit(vec![part], true);
+        self.counters.caller_commits.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+async fn answered(answer: oneshot::Receiver<super::durable::Answer>) -> super::durable::Answer {
+    match answer.await {
+        Ok(done) => done,
+        // The writer thread ended mid-commit (a panic): the entries are lost with it, and
+        // their callers are refused.
+        Err(_) => (Vec::new(), Err(AuditError::Unavailable)),
     }
 }
 
@@ -187,25 +246,81 @@ fn open(path: &Path) -> Result<Connection, AuditError> {
     Ok(conn)
 }
 
-fn run(
-    mut conn: Connection,
-    mut wal: WalCopier,
-    mut durable: Durability,
+/// What a commit needs, owned by whichever thread commits: the writer thread, or a caller that
+/// found the gateway quiet ([`SqliteCommitter::commit`]). Behind a mutex, so commits stay one
+/// at a time and in the order they take it.
+struct Engine {
+    conn: Connection,
+    wal: WalCopier,
+    durable: Durability,
     facets: FacetWriter,
     store: sqlx::SqlitePool,
     shared: Shared,
-    mut rx: mpsc::Receiver<Part>,
-) {
-    if shared.cfg.writer_batch
-        && let Err(e) = super::priority::batch_current_thread()
-    {
-        tracing::warn!(error = %e, "cannot move the audit writer to SCHED_BATCH; its wake-ups preempt requests");
+}
+
+impl Engine {
+    /// Commits `batch` (one part per tenant) in one transaction and answers every part once
+    /// it is durable: here when `alone` (nothing else waits for the writer), else beside the
+    /// next commit on the sync thread.
+    fn commit(&mut self, mut batch: Vec<Part>, alone: bool) {
+        // The store was closed (shutdown): nothing more is written, as through its pool. After
+        // a failed sync nothing is: what the log holds is unknown until SQLite recovers it.
+        let refusal = if self.store.is_closed() {
+            Some(AuditError::Store(sqlx::Error::PoolClosed))
+        } else if self.durable.failed() {
+            Some(AuditError::Io(std::io::Error::other(
+                "an earlier sync of the write-ahead log failed; restart the gateway",
+            )))
+        } else {
+            None
+        };
+        if let Some(e) = refusal {
+            let e = Arc::new(e);
+            for part in batch {
+                let refused = Err(AuditError::CommitFailed(Arc::clone(&e)));
+                let _ = part.reply.send((part.entries, refused));
+            }
+            return;
+        }
+        let seq = self.shared.outbox.durable().begin();
+        let results = commit_batch(&mut self.conn, &self.shared, &mut batch);
+        let events = results.iter().flatten().map(|c| c.appended.len()).sum();
+        self.wal.committed(events);
+        let outboxed = results.iter().flatten().any(|c| c.outboxed);
+        let answers = batch
+            .into_iter()
+            .zip(results)
+            .map(|(part, result)| (part.reply, part.entries, result))
+            .collect();
+        let outbox = self.shared.outbox.clone();
+        let then: Option<Box<dyn FnOnce() + Send>> = if outboxed {
+            Some(Box::new(move || outbox.ring()))
+        } else {
+            None
+        };
+        let batch = Committing { seq, answers, then };
+        self.durable.settle(batch, alone);
+        if events > 0 {
+            self.facets.ring();
+        }
     }
-    let nice = shared.cfg.writer_nice;
-    match super::priority::lower_current_thread(nice) {
-        Ok(now) => tracing::debug!(nice = now, "audit writer priority"),
-        Err(e) => {
-            tracing::warn!(nice, error = %e, "cannot lower the audit writer's priority; it keeps the process's")
+}
+
+fn run(engine: Arc<Mutex<Engine>>, mut rx: mpsc::Receiver<Part>) {
+    {
+        let Ok(e) = engine.lock() else { return };
+        let shared = &e.shared;
+        if shared.cfg.writer_batch
+            && let Err(e) = super::priority::batch_current_thread()
+        {
+            tracing::warn!(error = %e, "cannot move the audit writer to SCHED_BATCH; its wake-ups preempt requests");
+        }
+        let nice = shared.cfg.writer_nice;
+        match super::priority::lower_current_thread(nice) {
+            Ok(now) => tracing::debug!(nice = now, "audit writer priority"),
+            Err(e) => {
+                tracing::warn!(nice, error = %e, "cannot lower the audit writer's priority; it keeps the process's")
+            }
         }
     }
     let mut parts: Vec<Part> = Vec::new();
@@ -219,10 +334,16 @@ fn run(
                 None => return,
             }
         }
+        // A caller committing its own part holds the engine meanwhile; a poisoned engine
+        // (a commit panicked) refuses everything: the parts' replies drop unanswered.
+        let Ok(mut engine) = engine.lock() else {
+            return;
+        };
         parts.append(&mut deferred);
-        // Everything handed in while the last commit ran goes into this one. (Giving up the
-        // core for parts still on their way, as the async committer did, only delayed commits
-        // on this thread: the runtime's threads hand in while it commits.)
+        // Everything handed in while the last commit ran (here or on a caller's thread) goes
+        // into this one. (Giving up the core for parts still on their way, as the async
+        // committer did, only delayed commits on this thread: the runtime's threads hand in
+        // while it commits.)
         while let Ok(more) = rx.try_recv() {
             parts.push(more);
         }
@@ -235,48 +356,9 @@ fn run(
                 deferred.push(part);
             }
         }
-        // The store was closed (shutdown): nothing more is written, as through its pool. After
-        // a failed sync nothing is: what the log holds is unknown until SQLite recovers it.
-        let refusal = if store.is_closed() {
-            Some(AuditError::Store(sqlx::Error::PoolClosed))
-        } else if durable.failed() {
-            Some(AuditError::Io(std::io::Error::other(
-                "an earlier sync of the write-ahead log failed; restart the gateway",
-            )))
-        } else {
-            None
-        };
-        if let Some(e) = refusal {
-            let e = Arc::new(e);
-            for part in batch {
-                let refused = Err(AuditError::CommitFailed(Arc::clone(&e)));
-                let _ = part.reply.send((part.entries, refused));
-            }
-            continue;
-        }
-        let seq = shared.outbox.durable().begin();
-        let results = commit_batch(&mut conn, &shared, &mut batch);
-        let events = results.iter().flatten().map(|c| c.appended.len()).sum();
-        wal.committed(events);
-        let outboxed = results.iter().flatten().any(|c| c.outboxed);
-        let answers = batch
-            .into_iter()
-            .zip(results)
-            .map(|(part, result)| (part.reply, part.entries, result))
-            .collect();
-        let outbox = shared.outbox.clone();
-        let then: Option<Box<dyn FnOnce() + Send>> = if outboxed {
-            Some(Box::new(move || outbox.ring()))
-        } else {
-            None
-        };
-        let batch = Committing { seq, answers, then };
         // Alone: synced here at once. Others waiting: synced beside the next commit.
         let alone = rx.is_empty() && deferred.is_empty();
-        durable.settle(batch, alone);
-        if events > 0 {
-            facets.ring();
-        }
+        engine.commit(batch, alone);
     }
 }
 
@@ -621,6 +703,69 @@ pub(super) mod tests {
         assert_eq!(
             stats.transactions, 2,
             "tenant a alone, then b, c and d together: {stats:?}"
+        );
+    }
+
+    /// With one append in flight and the writer idle, the caller commits its own part (no
+    /// hand-off to the writer thread), and is answered only once the commit is durable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_append_commits_on_its_callers_thread() {
+        let (_dir, pool, log) = opened("l.sqlite3").await;
+        for n in 1..=3u64 {
+            let a = log
+                .append(AuditEvent::new(kinds::TOOL_CALL, "acme"))
+                .await
+                .expect("committed");
+            let mark = log.outbox_router().durable();
+            assert_eq!(
+                mark.reached_by(mark.begun()),
+                Ok(true),
+                "answered before durable"
+            );
+            let stats = log.stats();
+            assert_eq!(
+                (stats.transactions, stats.caller_commits),
+                (n, n),
+                "{stats:?}"
+            );
+            let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_events WHERE id = ?")
+                .bind(a.id)
+                .fetch_one(&pool)
+                .await
+                .expect("read");
+            assert_eq!(stored, 1);
+        }
+    }
+
+    /// Appends in flight together go to the writer thread, which commits them in one
+    /// transaction: only a lone append is committed by its caller.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_in_flight_together_go_to_the_writer() {
+        let (_dir, pool, log) = opened("w.sqlite3").await;
+        let append = |tenant: &'static str| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(AuditEvent::new(kinds::TOOL_CALL, tenant)).await })
+        };
+        // Tenant a, alone, commits on its caller's thread, and waits there in SQLite's busy
+        // handler for the lock held below; b, c and d, handed in meanwhile, wait for the
+        // writer thread, which takes them together once a's commit gives the engine back.
+        let (first, rest) = while_locked(&pool, async || {
+            let first = append("a");
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let rest: Vec<_> = ["b", "c", "d"].into_iter().map(append).collect();
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            (first, rest)
+        })
+        .await;
+        for task in std::iter::once(first).chain(rest) {
+            task.await.expect("task").expect("committed");
+        }
+        let stats = log.stats();
+        assert_eq!(stats.events, 4, "{stats:?}");
+        assert_eq!(
+            (stats.transactions, stats.caller_commits),
+            (2, 1),
+            "a on its caller's thread, then b, c and d together on the writer's: {stats:?}"
         );
     }
 

@@ -127,6 +127,11 @@ pub(crate) struct Counters {
     pub(crate) lookup_failures: AtomicU64,
     /// Batch sizes and commit latency (`/metrics`).
     pub(crate) commits: crate::metrics::audit::AuditCommits,
+    /// Appends waiting for their answer now, in every tenant: the SQLite writer commits a
+    /// lone one on its caller's thread (`committer.rs`).
+    pub(crate) appending: std::sync::atomic::AtomicUsize,
+    /// SQLite: transactions committed on a caller's thread (the gateway was quiet).
+    pub(crate) caller_commits: AtomicU64,
 }
 
 /// Counters of this process's writers since `open` (for metrics).
@@ -153,6 +158,9 @@ pub struct AuditStats {
     pub lookup_lag: u64,
     /// SQLite: the lookup tables' writer's failed attempts (each logged, retried later).
     pub lookup_failures: u64,
+    /// SQLite: transactions committed on the appending caller's own thread, because it was
+    /// the only append in flight and the writer was idle (no hand-off to the writer thread).
+    pub caller_commits: u64,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -263,6 +271,7 @@ impl AuditLog {
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
             lookup_lag: c.lookup_lag.load(Ordering::Relaxed),
             lookup_failures: c.lookup_failures.load(Ordering::Relaxed),
+            caller_commits: c.caller_commits.load(Ordering::Relaxed),
         }
     }
 
@@ -313,6 +322,7 @@ impl AuditLog {
             reply,
         };
         let deadline = self.inner.shared.cfg.deadline;
+        let _appending = Appending::new(&self.inner.shared.counters);
         for _attempt in 0..2 {
             let sender = self.sender(&tenant);
             match sender.try_send(job) {
@@ -460,6 +470,22 @@ fn late_record(entry: &Entry, committed: Option<i64>) -> Option<Entry> {
         _ => {}
     }
     Some(record)
+}
+
+/// Counts an append in [`Counters::appending`] while it waits.
+struct Appending<'a>(&'a Counters);
+
+impl<'a> Appending<'a> {
+    fn new(counters: &'a Counters) -> Self {
+        counters.appending.fetch_add(1, Ordering::Relaxed);
+        Self(counters)
+    }
+}
+
+impl Drop for Appending<'_> {
+    fn drop(&mut self) {
+        self.0.appending.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One tenant's writer.

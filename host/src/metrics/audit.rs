@@ -82,6 +82,11 @@ impl AuditCommits {
                 "SQLite: failed attempts to enter audit events in the query's lookup tables (each logged and retried; queries read the events from the audit table meanwhile).",
                 stats.lookup_failures,
             ),
+            (
+                "intentgate_audit_caller_commits_total",
+                "SQLite: audit transactions committed on the appending call's own thread, because it was the only append in flight and the writer was idle (part of intentgate_audit_transactions_total).",
+                stats.caller_commits,
+            ),
         ];
         for (name, help, value) in counters {
             e.single(name, Kind::Counter, help, value);
