@@ -193,7 +193,7 @@ impl SqliteCommitter {
     /// cost more than it saved here. A current-thread runtime has no other worker: there the
     /// part always goes to the writer thread.
     fn commit_here(&self, part: Part) -> Option<Part> {
-        let quiet = self.counters.appending.load(Ordering::Relaxed) <= 1
+        let quiet = self.counters.appending.now() <= 1
             && self.parts.capacity() == self.parts.max_capacity()
             && tokio::runtime::Handle::try_current()
                 .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
@@ -205,7 +205,11 @@ impl SqliteCommitter {
         let Ok(mut engine) = self.engine.try_lock() else {
             return Some(part);
         };
-        engine.commit(vec![part], true);
+        // A part handed in meanwhile waits for the engine: then the sync goes to the sync
+        // thread, so that the writer commits that part beside it.
+        engine.commit(vec![part], || {
+            self.parts.capacity() == self.parts.max_capacity()
+        });
         self.counters.caller_commits.fetch_add(1, Ordering::Relaxed);
         None
     }
@@ -260,9 +264,9 @@ struct Engine {
 
 impl Engine {
     /// Commits `batch` (one part per tenant) in one transaction and answers every part once
-    /// it is durable: here when `alone` (nothing else waits for the writer), else beside the
-    /// next commit on the sync thread.
-    fn commit(&mut self, mut batch: Vec<Part>, alone: bool) {
+    /// it is durable: here when `alone()` says, once the transaction has ended, that nothing
+    /// else waits for the writer; else beside the next commit, on the sync thread.
+    fn commit(&mut self, mut batch: Vec<Part>, alone: impl FnOnce() -> bool) {
         // The store was closed (shutdown): nothing more is written, as through its pool. After
         // a failed sync nothing is: what the log holds is unknown until SQLite recovers it.
         let refusal = if self.store.is_closed() {
@@ -299,7 +303,9 @@ impl Engine {
             None
         };
         let batch = Committing { seq, answers, then };
-        self.durable.settle(batch, alone);
+        // Asked now, not before the transaction: what was handed in while it ran is better
+        // committed beside this sync than after it.
+        self.durable.settle(batch, alone());
         if events > 0 {
             self.facets.ring();
         }
@@ -357,8 +363,7 @@ fn run(engine: Arc<Mutex<Engine>>, mut rx: mpsc::Receiver<Part>) {
             }
         }
         // Alone: synced here at once. Others waiting: synced beside the next commit.
-        let alone = rx.is_empty() && deferred.is_empty();
-        engine.commit(batch, alone);
+        engine.commit(batch, || rx.is_empty() && deferred.is_empty());
     }
 }
 
