@@ -135,6 +135,7 @@ impl SqliteCommitter {
         )?;
         let (parts, rx) = mpsc::channel(PARTS_QUEUE);
         let counters = Arc::clone(&shared.counters);
+        let cfg = shared.cfg.clone();
         let engine = Arc::new(Mutex::new(Engine {
             conn,
             wal,
@@ -146,7 +147,7 @@ impl SqliteCommitter {
         let for_thread = Arc::clone(&engine);
         std::thread::Builder::new()
             .name("intentgate-audit-writer".into())
-            .spawn(move || run(for_thread, rx))
+            .spawn(move || run(for_thread, rx, &cfg))
             .map_err(|e| AuditError::Config(format!("cannot start the audit writer: {e}")))?;
         Ok(Self {
             parts,
@@ -313,21 +314,19 @@ impl Engine {
     }
 }
 
-fn run(engine: Arc<Mutex<Engine>>, mut rx: mpsc::Receiver<Part>) {
+/// The writer thread. It takes the engine only to commit parts it was handed: a caller that
+/// finds the gateway quiet must find the engine free.
+fn run(engine: Arc<Mutex<Engine>>, mut rx: mpsc::Receiver<Part>, cfg: &super::AuditConfig) {
+    if cfg.writer_batch
+        && let Err(e) = super::priority::batch_current_thread()
     {
-        let Ok(e) = engine.lock() else { return };
-        let shared = &e.shared;
-        if shared.cfg.writer_batch
-            && let Err(e) = super::priority::batch_current_thread()
-        {
-            tracing::warn!(error = %e, "cannot move the audit writer to SCHED_BATCH; its wake-ups preempt requests");
-        }
-        let nice = shared.cfg.writer_nice;
-        match super::priority::lower_current_thread(nice) {
-            Ok(now) => tracing::debug!(nice = now, "audit writer priority"),
-            Err(e) => {
-                tracing::warn!(nice, error = %e, "cannot lower the audit writer's priority; it keeps the process's")
-            }
+        tracing::warn!(error = %e, "cannot move the audit writer to SCHED_BATCH; its wake-ups preempt requests");
+    }
+    let nice = cfg.writer_nice;
+    match super::priority::lower_current_thread(nice) {
+        Ok(now) => tracing::debug!(nice = now, "audit writer priority"),
+        Err(e) => {
+            tracing::warn!(nice, error = %e, "cannot lower the audit writer's priority; it keeps the process's")
         }
     }
     let mut parts: Vec<Part> = Vec::new();
