@@ -183,8 +183,8 @@ impl SqliteCommitter {
     /// Commits `part` on this thread when the gateway is quiet: it is the only append in
     /// flight, no part waits for the writer and the writer is idle. Then the two thread
     /// hand-offs (to the writer thread and back, each a sleeping thread woken) are most of
-    /// what a commit costs beyond its sync: one call in flight answered 41 µs sooner at the
-    /// median, for 27 µs less CPU, and switched threads 4.7 times a call instead of 10.6
+    /// what a commit costs beyond its sync: one call in flight answered 31 µs sooner at the
+    /// median, for 25 µs less CPU, and switched threads 4.7 times a call instead of 10.6
     /// (`BENCHMARKS.md`, session 27). Under load the part goes to the writer
     /// thread, which batches; `None`: committed here, and answered.
     ///
