@@ -686,23 +686,9 @@ pub(super) mod tests {
     #[tokio::test]
     async fn tenants_handed_in_meanwhile_share_one_transaction() {
         let (_dir, pool, log) = opened("t.sqlite3").await;
-        let append = |tenant: &'static str| {
-            let log = log.clone();
-            tokio::spawn(async move { log.append(AuditEvent::new(kinds::TOOL_CALL, tenant)).await })
-        };
         // Another connection holds the write lock: the writer's first transaction waits in
         // SQLite's busy handler while the other tenants hand in their batches.
-        let (first, rest) = while_locked(&pool, async || {
-            let first = append("a");
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            let rest: Vec<_> = ["b", "c", "d"].into_iter().map(append).collect();
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            (first, rest)
-        })
-        .await;
-        for task in std::iter::once(first).chain(rest) {
-            task.await.expect("task").expect("committed");
-        }
+        a_then_three_while_locked(&pool, &log).await;
         let stats = log.stats();
         assert_eq!((stats.events, stats.batches), (4, 4), "{stats:?}");
         assert_eq!(
@@ -747,24 +733,10 @@ pub(super) mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_in_flight_together_go_to_the_writer() {
         let (_dir, pool, log) = opened("w.sqlite3").await;
-        let append = |tenant: &'static str| {
-            let log = log.clone();
-            tokio::spawn(async move { log.append(AuditEvent::new(kinds::TOOL_CALL, tenant)).await })
-        };
         // Tenant a, alone, commits on its caller's thread, and waits there in SQLite's busy
-        // handler for the lock held below; b, c and d, handed in meanwhile, wait for the
+        // handler for the lock held meanwhile; b, c and d, handed in meanwhile, wait for the
         // writer thread, which takes them together once a's commit gives the engine back.
-        let (first, rest) = while_locked(&pool, async || {
-            let first = append("a");
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            let rest: Vec<_> = ["b", "c", "d"].into_iter().map(append).collect();
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            (first, rest)
-        })
-        .await;
-        for task in std::iter::once(first).chain(rest) {
-            task.await.expect("task").expect("committed");
-        }
+        a_then_three_while_locked(&pool, &log).await;
         let stats = log.stats();
         assert_eq!(stats.events, 4, "{stats:?}");
         assert_eq!(
@@ -782,6 +754,26 @@ pub(super) mod tests {
             .await
             .expect("audit");
         (dir, pool, log)
+    }
+
+    /// Appends one event of tenant a, then, 300 ms later, one each of b, c and d, all while
+    /// another connection holds the write lock; returns once every one is committed.
+    async fn a_then_three_while_locked(pool: &sqlx::SqlitePool, log: &AuditLog) {
+        let append = |tenant: &'static str| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(AuditEvent::new(kinds::TOOL_CALL, tenant)).await })
+        };
+        let (first, rest) = while_locked(pool, async || {
+            let first = append("a");
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let rest: Vec<_> = ["b", "c", "d"].into_iter().map(append).collect();
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            (first, rest)
+        })
+        .await;
+        for task in std::iter::once(first).chain(rest) {
+            task.await.expect("task").expect("committed");
+        }
     }
 
     /// Holds the store's write lock on another connection while `during` hands in appends,
