@@ -133,6 +133,55 @@ fn promote_and_rollback_under_load_never_fail_or_misattribute() {
     );
 }
 
+/// With several policy checks, a later check's block wins over an earlier check's escalation
+/// (an approval of the escalation must never answer a block nobody was shown), and a step-up
+/// that any allowing check asks for is kept, whichever check words the verdict.
+#[test]
+fn a_later_policy_block_beats_an_escalation_and_every_step_up_is_kept() {
+    let registry = registry();
+    let tenant = "bundles-policy-combined";
+    let rego = |rules: &str| format!("package intentgate.policy\n\n{rules}\n");
+    let mut spec = registry.default_spec().with_policy_config(rego(
+        r#"decision := {"allow": false, "escalate": true, "reason": "ask a person"} if {
+	input.tool == "wire_funds"
+} else := {"allow": true, "reason": "the first check allows"}"#,
+    ));
+    let policy = spec.checks(Stage::Policy)[0].component.clone();
+    spec.stages
+        .get_mut(&Stage::Policy)
+        .expect("policy stage")
+        .push(CheckSpec {
+            component: policy,
+            config: rego(
+                r#"decision := {"allow": false, "reason": "wire_funds is never allowed"} if {
+	input.tool == "wire_funds"
+} else := {"allow": true, "requires_step_up": true, "reason": "the second check wants a step-up"}"#,
+            ),
+        });
+    let draft = registry
+        .create_draft(tenant, "combined", spec)
+        .expect("draft");
+    registry.promote(tenant, &draft.digest).expect("promote");
+
+    let (verdict, _) = registry
+        .snapshot(tenant)
+        .decide(&input(tenant, "wire_funds"))
+        .expect("decide");
+    assert_eq!(verdict.kind, VerdictKind::Block, "{verdict:?}");
+    assert!(verdict.reason.contains("never allowed"), "{verdict:?}");
+
+    let (verdict, _) = registry
+        .snapshot(tenant)
+        .decide(&input(tenant, "read_report"))
+        .expect("decide");
+    assert_eq!(verdict.kind, VerdictKind::Allow, "{verdict:?}");
+    assert_eq!(verdict.reason, "the first check allows");
+    assert!(
+        verdict.requires_step_up,
+        "the second check's step-up: {verdict:?}"
+    );
+}
+
 #[test]
 fn a_custom_check_from_the_template_changes_decisions_without_restart() {
     let registry = registry();

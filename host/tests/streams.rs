@@ -356,8 +356,23 @@ async fn the_upstream_subscription_ends_with_its_last_subscriber() {
     let (sa, sb) = (session(&gw, &a).await, session(&gw, &b).await);
     let uri = format!("note://{}", marker("shared"));
     rpc(&gw, &a, &sa, "resources/subscribe", json!({"uri": uri})).await;
-    rpc(&gw, &b, &sb, "resources/subscribe", json!({"uri": uri})).await;
     let unsubscribed = format!("unsubscribe:{uri}");
+    // Only a session's own subscription can be undone. Another agent's token, sent without a
+    // session (the upstream's one session serves everyone), or from a session of its own that
+    // never subscribed, is answered and changes nothing upstream.
+    let (c, _) = token(&gw, "agent-c").await;
+    let bare = json!({"jsonrpc": "2.0", "id": 9, "method": "resources/unsubscribe",
+        "params": {"uri": uri}});
+    let (s, _, v) = post(&gw, &c, &[], &bare).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v.get("result").is_some(), "{v}");
+    let sc = session(&gw, &c).await;
+    rpc(&gw, &c, &sc, "resources/unsubscribe", json!({"uri": uri})).await;
+    assert!(
+        !upstream_saw(&up, &unsubscribed),
+        "a session that never subscribed ended A's subscription"
+    );
+    rpc(&gw, &b, &sb, "resources/subscribe", json!({"uri": uri})).await;
     // A leaves: B still subscribes, so the upstream keeps sending.
     rpc(&gw, &a, &sa, "resources/unsubscribe", json!({"uri": uri})).await;
     assert!(!upstream_saw(&up, &unsubscribed));
@@ -376,7 +391,7 @@ async fn the_upstream_subscription_ends_with_its_last_subscriber() {
     assert!(upstream_saw(&up, &unsubscribed), "the last subscriber left");
 
     // Revoking a token ends its stream and its subscriptions (here within the re-check).
-    let (c, jti) = token(&gw, "agent-c").await;
+    let (c, jti) = token(&gw, "agent-d").await;
     let sc = session(&gw, &c).await;
     let uri = format!("note://{}", marker("revoked"));
     rpc(&gw, &c, &sc, "resources/subscribe", json!({"uri": uri})).await;

@@ -46,8 +46,8 @@ pub async fn handle(svc: &AdminService, req: &AdminRequest) -> Result<Response<B
         (&Method::GET, "/v1/admin/integrations") => status(svc, req).await,
         (&Method::GET, DEST) => list(svc, req).await,
         (&Method::POST, DEST) => put(svc, req).await,
-        (&Method::DELETE, p) if p.starts_with(DEST) && p.len() > DEST.len() + 1 => {
-            delete(svc, req, &p[DEST.len() + 1..]).await
+        (&Method::DELETE, p) if destination_named(p).is_some() => {
+            delete(svc, req, destination_named(p).unwrap_or_default()).await
         }
         (&Method::GET, "/v1/admin/integrations/dead-letters") => dead_letters(svc, req).await,
         (&Method::POST, "/v1/admin/integrations/redrive") => redrive(svc, req).await,
@@ -60,6 +60,13 @@ pub async fn handle(svc: &AdminService, req: &AdminRequest) -> Result<Response<B
         | (_, DEST) => Err(AdminError::MethodNotAllowed),
         _ => Err(AdminError::NotFound),
     }
+}
+
+/// The name in `/v1/admin/integrations/destinations/{name}` (`None` for any other path: never a
+/// byte index into a path that may hold any UTF-8).
+fn destination_named(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/admin/integrations/destinations/")
+        .filter(|name| !name.is_empty())
 }
 
 fn ts(ms: i64) -> Value {
@@ -391,4 +398,31 @@ async fn redrive(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body
     };
     svc.pipeline.audit().outbox_router().ring();
     Ok(ok(json!({"redriven": n})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::destination_named;
+
+    /// A destination's name is what follows `destinations/`; any other path (a longer word, a
+    /// multi-byte character right after the prefix) names none and panics nothing.
+    #[test]
+    fn only_a_destinations_own_path_names_one() {
+        assert_eq!(
+            destination_named("/v1/admin/integrations/destinations/siem"),
+            Some("siem")
+        );
+        assert_eq!(
+            destination_named("/v1/admin/integrations/destinationsXsiem"),
+            None
+        );
+        assert_eq!(
+            destination_named("/v1/admin/integrations/destinationsé"),
+            None
+        );
+        assert_eq!(
+            destination_named("/v1/admin/integrations/destinations/"),
+            None
+        );
+    }
 }

@@ -27,9 +27,9 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
 
@@ -137,6 +137,8 @@ pub(super) struct Durability {
     mark: DurableMark,
     behind: mpsc::Sender<(Arc<File>, Committing)>,
     counters: Arc<Counters>,
+    /// Held across every sync, here and on the sync thread ([`gated_sync`]).
+    gate: Arc<Mutex<()>>,
 }
 
 impl Durability {
@@ -149,10 +151,11 @@ impl Durability {
         let mut wal = db.as_os_str().to_owned();
         wal.push("-wal");
         let (behind, queued) = mpsc::channel();
-        let (m, c) = (mark.clone(), Arc::clone(&counters));
+        let gate = Arc::new(Mutex::new(()));
+        let (m, c, g) = (mark.clone(), Arc::clone(&counters), Arc::clone(&gate));
         std::thread::Builder::new()
             .name("intentgate-wal-sync".into())
-            .spawn(move || run(queued, m, &c))
+            .spawn(move || run(queued, m, &c, &g))
             .map_err(|e| AuditError::Config(format!("cannot start the WAL sync thread: {e}")))?;
         Ok(Self {
             wal: Some(PathBuf::from(wal)),
@@ -160,6 +163,7 @@ impl Durability {
             mark,
             behind,
             counters,
+            gate,
         })
     }
 
@@ -174,6 +178,7 @@ impl Durability {
             mark,
             behind,
             counters,
+            gate: Arc::new(Mutex::new(())),
         }
     }
 
@@ -194,8 +199,10 @@ impl Durability {
             Ok(f) => f,
             Err(e) => return fail(&self.mark, vec![batch], e),
         };
-        if now {
-            match sync(&file, &self.counters) {
+        // While the sync thread syncs, the batch goes to it (its next sync covers the batch):
+        // two syncs never run side by side.
+        if now && let Ok(held) = self.gate.try_lock() {
+            match gated_sync(held, &file, &self.mark, &self.counters) {
                 Ok(()) => {
                     self.mark.reached(batch.seq);
                     answer(batch);
@@ -238,19 +245,42 @@ fn sync(file: &File, counters: &Counters) -> std::io::Result<()> {
     synced
 }
 
-fn run(queued: mpsc::Receiver<(Arc<File>, Committing)>, mark: DurableMark, counters: &Counters) {
+/// One sync under `gate`, refused once any sync failed. A writeback error is reported to one
+/// sync only (once per open file), so a sync beside a failing one could return success for a
+/// log whose earlier frames the disk lost, and SQLite's recovery stops at the first lost
+/// frame: the later commit would be answered and gone. Under the gate, the sync that sees the
+/// error marks the failure before any other sync begins, and every later one refuses.
+fn gated_sync(
+    held: MutexGuard<'_, ()>,
+    file: &File,
+    mark: &DurableMark,
+    counters: &Counters,
+) -> std::io::Result<()> {
+    if mark.failed() {
+        return Err(std::io::Error::other("an earlier sync failed"));
+    }
+    let synced = sync(file, counters);
+    if let Err(e) = &synced {
+        mark_failed(mark, e);
+    }
+    drop(held);
+    synced
+}
+
+fn run(
+    queued: mpsc::Receiver<(Arc<File>, Committing)>,
+    mark: DurableMark,
+    counters: &Counters,
+    gate: &Mutex<()>,
+) {
     while let Ok((file, first)) = queued.recv() {
         // One sync for everything committed before it.
         let mut batches = vec![first];
         while let Ok((_, more)) = queued.try_recv() {
             batches.push(more);
         }
-        if mark.inner.failed.load(Ordering::SeqCst) {
-            let e = std::io::Error::other("an earlier sync failed");
-            fail(&mark, batches, e);
-            continue;
-        }
-        match sync(&file, counters) {
+        let held = gate.lock().unwrap_or_else(PoisonError::into_inner);
+        match gated_sync(held, &file, &mark, counters) {
             Ok(()) => {
                 let last = batches.iter().map(|b| b.seq).max().unwrap_or(0);
                 mark.reached(last);
@@ -270,12 +300,17 @@ fn answer(batch: Committing) {
     }
 }
 
-/// Refuses every part of `batches` and every later one.
-fn fail(mark: &DurableMark, batches: Vec<Committing>, e: std::io::Error) {
+/// Marks the log failed: every later sync, commit and answer is a refusal.
+fn mark_failed(mark: &DurableMark, e: &std::io::Error) {
     if !mark.inner.failed.swap(true, Ordering::SeqCst) {
         tracing::error!(error = %e, "the audit log's write-ahead log could not be synced: every call is refused until the gateway is restarted");
     }
     mark.fail();
+}
+
+/// Refuses every part of `batches` and every later one.
+fn fail(mark: &DurableMark, batches: Vec<Committing>, e: std::io::Error) {
+    mark_failed(mark, &e);
     let e = Arc::new(AuditError::Io(e));
     for batch in batches {
         for (reply, entries, _) in batch.answers {
@@ -380,6 +415,39 @@ mod tests {
             0,
             "SQLite synced at commit: nothing to time here"
         );
+    }
+
+    /// Two syncs never run side by side: a writeback error is reported to one sync only, so a
+    /// batch settled while another sync runs waits for it (on the sync thread) and is refused
+    /// when that sync failed, though its own `fdatasync` would have returned success.
+    #[tokio::test]
+    async fn a_batch_settled_beside_a_failing_sync_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("a.db");
+        std::fs::write(dir.path().join("a.db-wal"), b"").expect("log");
+        let mark = DurableMark::default();
+        let mut d =
+            Durability::start(&db, mark.clone(), Arc::new(Counters::default())).expect("start");
+        let gate = Arc::clone(&d.gate);
+        let (b, mut a) = batch(mark.begin());
+        let other_sync = gate.lock().expect("gate");
+        d.settle(b, true);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            a.try_recv().is_err(),
+            "answered while another sync was running"
+        );
+        mark_failed(
+            &mark,
+            &std::io::Error::other("EIO reported to the other sync"),
+        );
+        drop(other_sync);
+        let refused = a.await.expect("answered").1;
+        assert!(
+            matches!(refused, Err(AuditError::CommitFailed(_))),
+            "{refused:?}"
+        );
+        assert!(mark.covering().await.is_err());
     }
 
     /// A log that cannot be synced (here: it does not exist) refuses the batch, every later

@@ -156,9 +156,10 @@ impl Snapshot {
         })
     }
 
-    /// The policy stage: the first verdict that is not allow, else the first check's allow (the
-    /// operator's policy words the reason; custom checks after it only add vetoes). A bundle
-    /// without a policy check denies (deny by default).
+    /// The policy stage: the first block; else the first escalation, once every check ran (a
+    /// later check's block wins over it); else the first check's allow (the operator's policy
+    /// words the reason; custom checks after it only add vetoes). The verdict asks for a
+    /// step-up when any check did. A bundle without a policy check denies (deny by default).
     pub fn policy(
         &self,
         input: &CheckInput,
@@ -182,20 +183,38 @@ impl Snapshot {
         intent: &IntentRecord,
         exec: Exec,
     ) -> Result<Verdict, PluginError> {
-        let mut first_allow = None;
+        let mut first_allow: Option<Verdict> = None;
+        let mut first_escalate: Option<Verdict> = None;
+        let mut step_up = false;
         for pool in &self.policy {
             let out: CheckOutput = pool.run(input, Some(intent), exec).await?;
-            if !out.verdict.is_allow() {
-                return Ok(out.verdict);
+            step_up |= out.verdict.requires_step_up;
+            match out.verdict.kind {
+                // A block ends the stage: no approval can answer it.
+                VerdictKind::Block => return Ok(out.verdict),
+                // An escalation does not: a person approves the call only if no later check
+                // blocks it, or the approval would answer a block nobody was shown.
+                VerdictKind::Escalate => {
+                    first_escalate.get_or_insert(out.verdict);
+                }
+                VerdictKind::Allow => {
+                    first_allow.get_or_insert(out.verdict);
+                }
             }
-            first_allow.get_or_insert(out.verdict);
         }
-        Ok(first_allow.unwrap_or_else(|| Verdict {
-            kind: VerdictKind::Block,
-            reason: "no policy in bundle (deny by default)".into(),
-            requires_step_up: false,
-            approval_mode: None,
-        }))
+        match first_escalate.or(first_allow) {
+            // Any check's step-up holds, whichever check words the verdict.
+            Some(verdict) => Ok(Verdict {
+                requires_step_up: step_up,
+                ..verdict
+            }),
+            None => Ok(Verdict {
+                kind: VerdictKind::Block,
+                reason: "no policy in bundle (deny by default)".into(),
+                requires_step_up: false,
+                approval_mode: None,
+            }),
+        }
     }
 
     /// The budget stage: a verdict and, when it allows, the charges (keys namespaced

@@ -390,18 +390,21 @@ impl CallContext<'_> {
         let Some(upstream) = route.map(|r| r.upstream) else {
             return Err(upstream_rpc_error(&UpstreamError::NotConfigured));
         };
+        // Without a session nothing of this client's is subscribed, and the upstream's one
+        // session serves every agent's subscriptions: nothing is forwarded, or any token could
+        // end another tenant's subscription.
+        let Some(session) = self.session else {
+            return Ok(json!({}));
+        };
         if acknowledged_here(upstream, method).await {
-            if let Some(session) = self.session
-                && self.svc.streams.unsubscribe(session, uri)
-            {
+            if self.svc.streams.unsubscribe(session, uri) {
                 crate::streams::bridge::stop(&self.svc.streams, uri);
             }
             return Ok(json!({}));
         }
-        // Another session on this replica still subscribes: the upstream keeps sending.
-        if let Some(session) = self.session
-            && !self.svc.streams.unsubscribe(session, uri)
-        {
+        // This session did not subscribe, or another session on this replica still does: the
+        // upstream keeps sending.
+        if !self.svc.streams.unsubscribe(session, uri) {
             return Ok(json!({}));
         }
         let reply = upstream

@@ -285,25 +285,28 @@ impl Hub {
         Ok(set.len() == 1)
     }
 
-    /// Drops a subscription; `true` when no session on this replica subscribes to the URI any
-    /// more (so the upstream may stop sending its updates).
+    /// Drops a subscription; `true` only when this session held it and no session on this
+    /// replica subscribes to the URI any more (so the upstream may stop sending its updates).
+    /// A session that never subscribed undoes nothing: the upstream's subscription serves the
+    /// sessions that did.
     pub fn unsubscribe(&self, session: &str, uri: &str) -> bool {
         let mut inner = self.lock();
-        if let Some(entry) = inner.sessions.get_mut(session) {
-            entry.uris.remove(uri);
-            entry.touched = Instant::now();
-        }
-        match inner.by_uri.get_mut(uri) {
-            Some(set) => {
-                set.remove(session);
-                let last = set.is_empty();
-                if last {
-                    inner.by_uri.remove(uri);
-                }
-                last
+        let held = match inner.sessions.get_mut(session) {
+            Some(entry) => {
+                entry.touched = Instant::now();
+                entry.uris.remove(uri)
             }
-            None => true,
+            None => false,
+        };
+        let Some(set) = inner.by_uri.get_mut(uri) else {
+            return false;
+        };
+        set.remove(session);
+        let last = set.is_empty();
+        if last {
+            inner.by_uri.remove(uri);
         }
+        held && last
     }
 
     /// Ends a session's stream and subscriptions; returns the URIs no session subscribes to
