@@ -122,6 +122,14 @@ pub struct ServeArgs {
     /// Sessions with a stream, subscriptions or a replay window on this replica.
     #[arg(long, env = "INTENTGATE_STREAM_MAX_SESSIONS", default_value_t = 10_000)]
     pub stream_max_sessions: usize,
+    /// Of those, the most one tenant may hold, so that one tenant's sessions cannot shut the
+    /// others out (at most the replica's limit).
+    #[arg(
+        long,
+        env = "INTENTGATE_STREAM_MAX_SESSIONS_PER_TENANT",
+        default_value_t = 5_000
+    )]
+    pub stream_max_sessions_per_tenant: usize,
     /// Largest upstream response accepted, in bytes.
     #[arg(long, env = "INTENTGATE_UPSTREAM_MAX_RESPONSE_BYTES", default_value_t = 8 << 20)]
     pub upstream_max_response_bytes: usize,
@@ -695,6 +703,12 @@ impl ServeArgs {
             sessions: ranged(
                 "INTENTGATE_STREAM_MAX_SESSIONS",
                 self.stream_max_sessions as u64,
+                1,
+                10_000_000,
+            )? as usize,
+            sessions_per_tenant: ranged(
+                "INTENTGATE_STREAM_MAX_SESSIONS_PER_TENANT",
+                self.stream_max_sessions_per_tenant as u64,
                 1,
                 10_000_000,
             )? as usize,

@@ -249,8 +249,14 @@ async fn async_escalation_resumes_once_and_every_mismatch_is_refused_and_audited
     };
     has(&|e| e["decision"] == "escalate", "the escalation");
     has(
-        &|e| e["event"] == "intentgate.approval.decided" && e["decided_by"] == "ops@example.com",
-        "the decision",
+        &|e| {
+            e["event"] == "intentgate.approval.decided"
+                && e["decided_by"] == "ops@example.com"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("approved with credential superadmin"))
+        },
+        "the decision, with the credential that made it beside the claimed name",
     );
     has(
         &|e| e["decision"] == "allow" && e["event"] == "intentgate.tool_call",

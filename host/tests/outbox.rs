@@ -688,6 +688,30 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(v["secret_set"], true, "the stored secret was kept");
+    // ... but never sent somewhere else: a replacement that moves the URL (or changes the
+    // kind, formatter or settings) without the secret is refused, and the stored one stays.
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"tenant": "acme", "name": "good", "kind": "ndjson",
+               "url": format!("{}/ndjson/elsewhere", rx.url)}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("send the secret again"), "{v}");
+    let (_, dests) = http::get_json(
+        &format!("{}/v1/admin/integrations/destinations", gw.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    let dests = dests["items"].as_array().cloned().unwrap_or_default();
+    let good = find(&dests, "acme/good");
+    assert!(
+        good["endpoint"]
+            .as_str()
+            .is_some_and(|e| e.ends_with("/ndjson/good")),
+        "the refused replacement changed nothing: {good}"
+    );
 
     // Tenant scoping: globex sees none of acme's destinations, cannot add a global one, and
     // cannot delete acme's.

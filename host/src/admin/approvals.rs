@@ -140,7 +140,11 @@ pub async fn decide(
         Decision::Block
     });
     e.check = "approval".to_owned();
-    e.reason = if approve { "approved" } else { "rejected" }.to_owned();
+    // `decided_by` is the operator's name as the console sends it (the wire contract); the
+    // credential that made the decision is recorded beside it, so a claimed name never stands
+    // alone in the chain.
+    let verdict = if approve { "approved" } else { "rejected" };
+    e.reason = format!("{verdict} with credential {}", req.principal.label());
     if !note.is_empty() {
         e.reason = format!(
             "{}: {}",

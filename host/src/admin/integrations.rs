@@ -254,12 +254,20 @@ async fn put(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, A
             )));
         }
     }
-    // A replacement without a secret keeps the stored one (checked before it is audited).
+    // A replacement without a secret keeps the stored one (checked before it is audited), as
+    // long as it sends it where the stored destination did.
     if dest.spec.secret.as_deref().is_none_or(str::is_empty) {
-        let kept = store::stored_secret(svc.outbox.db(), svc.outbox.seal(), &dest.id).await?;
-        let mut spec = dest.spec.clone();
-        spec.secret = kept;
-        dest = Destination::new(spec, tenant.clone(), Source::Admin)?;
+        let stored = store::stored_secret(svc.outbox.db(), svc.outbox.seal(), &dest.id, &dest.spec);
+        if let Some((kept, same)) = stored.await? {
+            if !same {
+                return Err(AdminError::BadRequest(
+                    "secret: this destination has a secret; a replacement that changes its kind, url, formatter or settings must send the secret again".into(),
+                ));
+            }
+            let mut spec = dest.spec.clone();
+            spec.secret = Some(kept);
+            dest = Destination::new(spec, tenant.clone(), Source::Admin)?;
+        }
     }
     let audit_tenant = tenant.clone().unwrap_or_else(|| "default".into());
     let mut event = req.event("destination.put", &audit_tenant);

@@ -577,19 +577,30 @@ pub async fn save_destination(
     Ok(())
 }
 
-/// The stored secret of a destination (to keep it when a replacement omits it).
+/// The stored secret of a destination (to keep it when a replacement omits it), and whether
+/// `spec` sends it where the stored destination did: the same kind, URL, formatter and
+/// formatter settings (a token URL is one). A replacement that changes any of them must
+/// carry the secret itself, or a tenant could point a secret it cannot read at itself.
 pub async fn stored_secret(
     db: &Db,
     seal: &super::sealed::SecretSeal,
     id: &str,
-) -> Result<Option<String>, OutboxError> {
-    let sql = "SELECT secret FROM outbox_destinations WHERE id = $1";
-    let s: Option<String> =
-        on_db!(db, pool => sqlx::query_scalar(sql).bind(id).fetch_optional(pool).await?);
-    match s.filter(|s| !s.is_empty()) {
-        Some(stored) => Ok(Some(seal.open(id, &stored)?)),
-        None => Ok(None),
-    }
+    spec: &DestinationSpec,
+) -> Result<Option<(String, bool)>, OutboxError> {
+    let sql =
+        "SELECT secret, kind, url, settings, formatter FROM outbox_destinations WHERE id = $1";
+    let row: Option<(String, String, String, String, String)> =
+        on_db!(db, pool => sqlx::query_as(sql).bind(id).fetch_optional(pool).await?);
+    let Some((stored, kind, url, settings, formatter)) = row.filter(|r| !r.0.is_empty()) else {
+        return Ok(None);
+    };
+    let settings: Settings = serde_json::from_str(&settings)
+        .map_err(|e| OutboxError::Corrupt(format!("destination {id}: {e}")))?;
+    let same = kind == spec.kind
+        && url == spec.url
+        && formatter == spec.formatter.as_deref().unwrap_or("")
+        && settings.settings == spec.settings;
+    Ok(Some((seal.open(id, &stored)?, same)))
 }
 
 /// Deletes a stored destination; its undelivered rows stay (visible as backlog) until it is

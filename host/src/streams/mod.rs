@@ -47,6 +47,9 @@ pub struct Limits {
     pub live: usize,
     /// Sessions with an entry (a stream, subscriptions or a resumable window) on this replica.
     pub sessions: usize,
+    /// Of those, the most one tenant may hold: one tenant's sessions (a subscription keeps
+    /// its session's entry) must not shut every other tenant out.
+    pub sessions_per_tenant: usize,
     /// Subscriptions per session.
     pub subscriptions: usize,
     /// How long a session without a stream or subscriptions keeps its window.
@@ -59,6 +62,7 @@ impl Default for Limits {
             window: 256,
             live: 64,
             sessions: 10_000,
+            sessions_per_tenant: 5_000,
             subscriptions: 256,
             linger: Duration::from_secs(300),
         }
@@ -70,6 +74,10 @@ impl Default for Limits {
 pub enum HubError {
     #[error("too many open sessions with streams or subscriptions on this gateway (limit {0})")]
     TooManySessions(usize),
+    #[error(
+        "too many open sessions with streams or subscriptions for this tenant on this gateway (limit {0})"
+    )]
+    TooManySessionsForTenant(usize),
     #[error("too many subscriptions in this session (limit {0})")]
     TooManySubscriptions(usize),
 }
@@ -204,12 +212,21 @@ impl Hub {
         token: &str,
     ) -> Result<&'a mut Entry, HubError> {
         if !inner.sessions.contains_key(session) {
-            if inner.sessions.len() >= self.limits.sessions {
+            let per_tenant = self.limits.sessions_per_tenant.min(self.limits.sessions);
+            let tenants = |inner: &Inner| {
+                (inner.sessions.values())
+                    .filter(|e| e.grant.tenant == grant.tenant)
+                    .count()
+            };
+            if inner.sessions.len() >= self.limits.sessions || tenants(inner) >= per_tenant {
                 let now = Instant::now();
                 let linger = self.limits.linger;
                 inner.sessions.retain(|_, e| !e.idle(now, linger));
                 if inner.sessions.len() >= self.limits.sessions {
                     return Err(HubError::TooManySessions(self.limits.sessions));
+                }
+                if tenants(inner) >= per_tenant {
+                    return Err(HubError::TooManySessionsForTenant(per_tenant));
                 }
             }
             self.entered.notify_one();
@@ -517,6 +534,28 @@ mod tests {
             hub.open("b", &g, "t", None).err(),
             Some(HubError::TooManySessions(1))
         );
+    }
+
+    /// One tenant's sessions stop at its share; another tenant still gets in.
+    #[test]
+    fn one_tenant_cannot_take_every_session() {
+        let limits = Limits {
+            sessions: 4,
+            sessions_per_tenant: 2,
+            ..Limits::default()
+        };
+        let hub = Hub::new(limits);
+        let a = grant();
+        hub.subscribe("a1", &a, "t", "u").expect("first");
+        hub.subscribe("a2", &a, "t", "u").expect("second");
+        assert_eq!(
+            hub.subscribe("a3", &a, "t", "u"),
+            Err(HubError::TooManySessionsForTenant(2))
+        );
+        let mut other = grant();
+        other.tenant = format!("{}-other", other.tenant);
+        hub.subscribe("b1", &other, "t2", "u")
+            .expect("another tenant is not shut out");
     }
 
     #[test]
