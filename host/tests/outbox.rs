@@ -540,6 +540,77 @@ async fn put_destination(gw: &TestGateway, token: &str, body: Value) -> (u16, Va
     .await
 }
 
+/// By default a destination added over the admin API reaches only public addresses: the
+/// gateway's loopback, the cloud's metadata endpoint and private networks are refused when it
+/// is saved (a host name is checked again at every connection, `outbox/address.rs`), for a
+/// tenant admin and the superadmin alike, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_destinations_reach_only_public_addresses_by_default() {
+    let flags: Vec<String> = [
+        "--tenant-admins",
+        &format!("globex:{GLOBEX_ADMIN}"),
+        "--outbox-allow-private-networks=false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let gw = start(Backend::Sqlite, &flags).await;
+    for (token, url) in [
+        (GLOBEX_ADMIN, "http://169.254.169.254/latest/meta-data/"),
+        (GLOBEX_ADMIN, "http://127.0.0.1:9/hook"),
+        (GLOBEX_ADMIN, "http://[::1]:9/hook"),
+        (ADMIN_TOKEN, "http://localhost:9/hook"),
+        (ADMIN_TOKEN, "https://10.0.0.7/hook"),
+    ] {
+        let (status, v) = put_destination(
+            &gw,
+            token,
+            json!({"tenant": "globex", "name": "inner", "kind": "ndjson", "url": url}),
+        )
+        .await;
+        assert_eq!(status, 400, "{url}: {v}");
+        assert!(
+            v.to_string()
+                .contains("INTENTGATE_OUTBOX_ALLOW_PRIVATE_NETWORKS"),
+            "the refusal names the switch: {v}"
+        );
+    }
+    // A Sentinel destination's token endpoint is held to the same bound.
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"tenant": "globex", "name": "sentinel", "kind": "sentinel",
+               "url": "https://dce.example.com/", "secret": "s",
+               "settings": {"dcr_immutable_id": "dcr-1", "stream": "Custom-X_CL",
+                            "client_id": "app", "token_url": "http://127.0.0.1:9/token"}}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("127.0.0.1"), "{v}");
+    // A public name is accepted (it is resolved, and checked, when delivered to).
+    let (status, v) = put_destination(
+        &gw,
+        GLOBEX_ADMIN,
+        json!({"tenant": "globex", "name": "public", "kind": "ndjson",
+               "url": "https://hooks.example.com/in"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (_, dests) = http::get_json(
+        &format!("{}/v1/admin/integrations/destinations", gw.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    let ids: Vec<&str> = dests["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["globex/public"], "nothing refused was stored");
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
     let rx = Receiver::start();

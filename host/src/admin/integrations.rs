@@ -242,6 +242,11 @@ async fn put(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, A
             "secret: a whsec_ secret must be followed by base64".into(),
         ));
     }
+    if !svc.outbox.config().allow_private_networks
+        && let Some(why) = crate::outbox::address::refused_destination(&dest)
+    {
+        return Err(AdminError::BadRequest(format!("url: {why}")));
+    }
     if let Some(digest) = dest.spec.formatter.as_deref().filter(|d| !d.is_empty()) {
         let registry = svc.pipeline.registry();
         let usable = match &tenant {

@@ -134,6 +134,10 @@ pub struct OutboxArgs {
         default_value_t = 100_000
     )]
     pub outbox_backlog_alarm: u64,
+    /// Whether destinations added over the admin API may reach loopback, private and
+    /// link-local addresses (off: only public ones; see `outbox/address.rs`).
+    #[arg(long, env = "INTENTGATE_OUTBOX_ALLOW_PRIVATE_NETWORKS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub outbox_allow_private_networks: bool,
 }
 
 impl std::fmt::Debug for OutboxArgs {
@@ -421,6 +425,7 @@ impl OutboxArgs {
                 1,
                 u64::MAX,
             )?,
+            allow_private_networks: self.outbox_allow_private_networks,
         })
     }
 }

@@ -24,6 +24,7 @@
 //! destination is slow or down, and never drop a recorded event without making it a dead
 //! letter.
 
+pub mod address;
 pub mod destination;
 pub mod format;
 pub mod s3;
@@ -84,6 +85,8 @@ pub struct OutboxConfig {
     pub dead_after: Duration,
     /// Undelivered rows beyond which the alarm is raised.
     pub backlog_alarm: u64,
+    /// Destinations added over the admin API may reach private networks (`address.rs`).
+    pub allow_private_networks: bool,
 }
 
 impl Default for OutboxConfig {
@@ -98,6 +101,7 @@ impl Default for OutboxConfig {
             retry_max: Duration::from_secs(300),
             dead_after: Duration::from_secs(72 * 3600),
             backlog_alarm: 100_000,
+            allow_private_networks: false,
         }
     }
 }

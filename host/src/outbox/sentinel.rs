@@ -149,6 +149,9 @@ struct Cached {
     until: Instant,
 }
 
+/// The longest a cached access token is used, whatever its endpoint says.
+const MOST_TOKEN_LIFE: Duration = Duration::from_secs(86_400);
+
 /// The token cache of one destination.
 #[derive(Default)]
 pub struct TokenCache {
@@ -175,12 +178,18 @@ impl TokenCache {
     /// Caches `token`, valid for `expires_in` from now: it is used until a minute before that
     /// (half its life when it is shorter than two minutes).
     pub fn put(&self, token: String, expires_in: Duration) {
+        // The token endpoint's number is not trusted to be sane: a day at most, and never an
+        // `Instant` past what the clock can hold (an overflow would end the lane's task).
+        let expires_in = expires_in.min(MOST_TOKEN_LIFE);
         let margin = if expires_in >= Duration::from_secs(120) {
             Duration::from_secs(60)
         } else {
             expires_in / 2
         };
-        let until = Instant::now() + expires_in.saturating_sub(margin);
+        let now = Instant::now();
+        let until = now
+            .checked_add(expires_in.saturating_sub(margin))
+            .unwrap_or(now);
         *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = Some(Cached { token, until });
     }
 
@@ -273,6 +282,21 @@ mod tests {
 
     fn settings(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap_or_default()
+    }
+
+    /// A token endpoint answering an absurd `expires_in` gets a day at most, and no panic.
+    #[test]
+    fn an_absurd_token_life_is_capped_not_a_panic() {
+        let cache = TokenCache::default();
+        cache.put("t".into(), Duration::from_secs(u64::MAX));
+        assert_eq!(cache.get().as_deref(), Some("t"));
+        let until = cache
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.until);
+        assert!(until.is_some_and(|u| u <= Instant::now() + MOST_TOKEN_LIFE));
     }
 
     #[test]

@@ -23,12 +23,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::destination::Target;
+use super::address::Resolver;
+use super::destination::{Destination, Source, Target};
 use super::store::{self, Lane, Outcome, Pending};
 use super::{Kind, Live, Outbox, format, s3, sentinel, sign};
 use crate::audit::time::now_ms;
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpClient = Client<HttpsConnector<HttpConnector<Resolver>>, Full<Bytes>>;
 
 /// Batches one lane task delivers before it gives its slot to other lanes.
 const BATCHES_PER_TURN: usize = 32;
@@ -58,8 +59,39 @@ impl Failure {
     }
 }
 
-/// The client every delivery uses: pooled, http or https (system roots).
-fn client(timeout: Duration) -> HttpClient {
+/// The clients deliveries use: pooled, http or https (system roots); `public` connects only to
+/// public addresses (`address.rs`), `open` to any.
+#[derive(Clone)]
+struct Clients {
+    public: HttpClient,
+    open: HttpClient,
+    allow_private: bool,
+}
+
+impl Clients {
+    fn new(cfg: &super::OutboxConfig) -> Self {
+        Clients {
+            public: client(cfg.timeout, Resolver { public_only: true }),
+            open: client(cfg.timeout, Resolver { public_only: false }),
+            allow_private: cfg.allow_private_networks,
+        }
+    }
+
+    /// The client for `dest`, or why it may not be reached: a destination from the admin API
+    /// reaches only public addresses unless the operator allowed private networks.
+    fn for_destination(&self, dest: &Destination) -> Result<&HttpClient, Failure> {
+        if self.allow_private || dest.source == Source::Env {
+            return Ok(&self.open);
+        }
+        match super::address::refused_destination(dest) {
+            Some(why) => Err(Failure::new(why)),
+            None => Ok(&self.public),
+        }
+    }
+}
+
+/// A pooled client over `resolver`.
+fn client(timeout: Duration, resolver: Resolver) -> HttpClient {
     let tls = crate::tls::client_config(&crate::config::UpstreamTls::default())
         .or_else(|_| crate::tls::plaintext_only());
     let tls = match tls {
@@ -77,7 +109,7 @@ fn client(timeout: Duration) -> HttpClient {
             .unwrap_or_else(|_| unreachable_tls())
         }
     };
-    let mut connector = HttpConnector::new();
+    let mut connector = HttpConnector::new_with_resolver(resolver);
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(timeout));
     connector.enforce_http(false);
@@ -98,7 +130,7 @@ fn unreachable_tls() -> rustls::ClientConfig {
 
 /// The worker loop.
 pub async fn run(outbox: Outbox) {
-    let http = client(outbox.inner.cfg.timeout);
+    let http = Clients::new(&outbox.inner.cfg);
     let inflight: Arc<Mutex<HashSet<Lane>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let mut reloaded = Instant::now();
@@ -198,7 +230,7 @@ async fn count(outbox: &Outbox) {
 /// Delivers batches of one lane until it is empty, fails, or has had its turn.
 async fn deliver_lane(
     outbox: &Outbox,
-    http: &HttpClient,
+    http: &Clients,
     lane: &Lane,
 ) -> Result<(), super::OutboxError> {
     let cfg = &outbox.inner.cfg;
@@ -225,7 +257,10 @@ async fn deliver_lane(
                 "destination {} is not configured",
                 lane.0
             ))),
-            Some(d) => send(http, d, &lane.1, &rows, cfg.timeout).await,
+            Some(d) => match http.for_destination(&d.dest) {
+                Ok(client) => send(client, d, &lane.1, &rows, cfg.timeout).await,
+                Err(refused) => Err(refused),
+            },
         };
         let now = now_ms();
         let outcome = match sent {

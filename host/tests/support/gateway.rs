@@ -83,6 +83,15 @@ pub async fn start(backend: Backend, upstream: Option<&str>, extra: &[&str]) -> 
             env!("CARGO_MANIFEST_DIR")
         ));
     }
+    // The tests' receivers listen on loopback, which a destination added over the admin API
+    // may reach only when private networks are allowed; a test of that bound passes
+    // `--outbox-allow-private-networks=false`.
+    if !extra
+        .iter()
+        .any(|f| f.starts_with("--outbox-allow-private-networks"))
+    {
+        argv.push("--outbox-allow-private-networks".into());
+    }
     // The checks' deadlines (by default 50 ms a plugin call, 200 ms a call's checks) are
     // wall-clock time: on a two-core machine running the whole suite, a guest call preempted
     // for longer would be refused and fail a test about something else.
