@@ -130,6 +130,21 @@ pub(crate) async fn commit_postgres(
             }
             Err(Failed::Begin(e)) => return Err(e.into()),
             Err(Failed::Batch(e)) => return Err(e),
+            Err(Failed::Commit(e, done)) => {
+                // The connection is not kept: it failed at COMMIT.
+                return match committed_after_all(pool, tenant, &done).await {
+                    Ok(true) => {
+                        tracing::warn!(tenant, error = %e, "audit: COMMIT reported a failure, but the batch is in the chain: answered as committed");
+                        Ok(*done)
+                    }
+                    Ok(false) => Err(e.into()),
+                    Err(unknown) => {
+                        tracing::error!(tenant, error = %e, check = %unknown, "audit: COMMIT failed and whether it took effect cannot be read; its refunds are not retried");
+                        drop_refunds(entries);
+                        Err(e.into())
+                    }
+                };
+            }
         }
     };
     if since.elapsed() < HOLD_MAX {
@@ -139,10 +154,49 @@ pub(crate) async fn commit_postgres(
     Ok(done)
 }
 
-/// Why [`commit_on`] failed: before anything was sent, or in the batch.
+/// Why [`commit_on`] failed: before anything was sent, in the batch, or at `COMMIT` (whose
+/// outcome the server may know and the client not: the batch may be in the chain).
 enum Failed {
     Begin(sqlx::Error),
     Batch(AuditError),
+    Commit(sqlx::Error, Box<Committed>),
+}
+
+/// Whether a batch whose `COMMIT` failed is in the chain after all: its last event's position
+/// holds its hash (read on another connection). Answering such a batch as failed would refuse
+/// calls that were charged, and retrying its late records would give their refunds twice.
+async fn committed_after_all(
+    pool: &sqlx::PgPool,
+    tenant: &str,
+    done: &Committed,
+) -> Result<bool, sqlx::Error> {
+    let Some(last) = done.appended.last() else {
+        return Ok(false);
+    };
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT hash FROM audit_events WHERE tenant = $1 AND seq = $2")
+            .bind(tenant)
+            .bind(last.seq as i64)
+            .fetch_optional(pool)
+            .await?;
+    Ok(stored.as_deref() == Some(last.hash.as_str()))
+}
+
+/// After a `COMMIT` whose outcome is unknown, the entries' refunds are dropped: a late record
+/// retried later must not give back twice what the lost commit may already have given back
+/// (a refund too few only counts a call that was refused; one too many would allow a call past
+/// its limit), and so are approvals given back.
+fn drop_refunds(entries: &mut [Entry]) {
+    for e in entries {
+        e.debits.retain(|d| d.amount >= 0);
+        // Giving a consumed approval back twice could let it run a second call.
+        if matches!(
+            e.approval,
+            Some(crate::approvals::ApprovalWrite::Restore { .. })
+        ) {
+            e.approval = None;
+        }
+    }
 }
 
 impl From<sqlx::Error> for Failed {
@@ -175,7 +229,9 @@ async fn commit_on(
     }
     let done =
         done.ok_or_else(|| AuditError::Integrity(format!("chain head of {tenant:?} vanished")))?;
-    tx.commit().await?;
+    if let Err(e) = tx.commit().await {
+        return Err(Failed::Commit(e, Box::new(done)));
+    }
     if done.checkpointed {
         shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
     }
@@ -397,4 +453,90 @@ fn settle(before: BTreeMap<Slot, i64>, entries: &mut [Entry]) -> BTreeMap<Slot, 
     }
     values.retain(|slot, v| before.get(slot) != Some(v));
     values
+}
+
+#[cfg(test)]
+mod commit_outcome_tests {
+    use super::*;
+    use crate::audit::{AuditConfig, AuditEvent, AuditLog, Debit, LogKey, kinds};
+    use crate::store::{self, Db, StoreConfig};
+
+    /// After a `COMMIT` that reported a failure, the batch is found in the chain exactly when
+    /// its last event's position holds its hash: then its callers are answered as committed
+    /// and its late records are not retried (their refunds would be given twice).
+    #[tokio::test]
+    async fn a_failed_commit_is_found_in_the_chain_only_when_it_is_there() {
+        let server = tokio::task::spawn_blocking(crate::testkit::PgServer::shared)
+            .await
+            .expect("join")
+            .expect("a PostgreSQL server");
+        let url = server.fresh_database().expect("database");
+        let db = store::connect(&StoreConfig::Postgres { url })
+            .await
+            .expect("store")
+            .db();
+        let Db::Postgres(pool) = db.clone() else {
+            panic!("a PostgreSQL store");
+        };
+        let key = LogKey::from_seed("test-gw", [7; 32]).expect("key");
+        let log = AuditLog::open(db, key, AuditConfig::default())
+            .await
+            .expect("log");
+        let appended = log
+            .append(AuditEvent::new(kinds::TOOL_CALL, "acme"))
+            .await
+            .expect("append");
+        let done = |a: Appended| Committed {
+            appended: vec![a],
+            uncovered: false,
+            checkpointed: false,
+            outboxed: false,
+        };
+        let found = |a: Appended| {
+            let pool = pool.clone();
+            async move { committed_after_all(&pool, "acme", &done(a)).await }
+        };
+        assert!(found(appended.clone()).await.expect("read"), "it is there");
+        let mut forked = appended.clone();
+        forked.hash = "00".repeat(32);
+        assert!(
+            !found(forked).await.expect("read"),
+            "another event at that seq"
+        );
+        let mut later = appended.clone();
+        later.seq += 1;
+        assert!(!found(later).await.expect("read"), "nothing at that seq");
+        assert!(
+            !committed_after_all(&pool, "other", &done(appended))
+                .await
+                .expect("read"),
+            "another tenant's chain"
+        );
+    }
+
+    /// When the outcome cannot be read, a late record keeps its refusal and loses its refunds
+    /// and given-back approval; charges of other entries stay.
+    #[test]
+    fn an_unknown_outcome_drops_refunds_and_restores_only() {
+        let debit = Debit {
+            key: "acme/calls".into(),
+            window: 0,
+            amount: 1,
+            limit: 10,
+        };
+        let mut late = Entry::new(
+            AuditEvent::new(kinds::TOOL_CALL, "acme"),
+            vec![debit.refund()],
+        );
+        late.approval = Some(crate::approvals::ApprovalWrite::Restore { id: "p1".into() });
+        let call = Entry::new(
+            AuditEvent::new(kinds::TOOL_CALL, "acme"),
+            vec![debit.clone()],
+        );
+        let mut entries = [late, call];
+        drop_refunds(&mut entries);
+        assert!(entries[0].debits.is_empty());
+        assert!(entries[0].approval.is_none());
+        assert_eq!(entries[1].debits, [debit]);
+    }
 }
