@@ -173,12 +173,25 @@ async fn committed_after_all(
     let Some(last) = done.appended.last() else {
         return Ok(false);
     };
+    // The failed transaction holds its tenant's head lock until the server has committed or
+    // aborted it: taking the lock first waits for that, so the read cannot run before a
+    // commit still landing. A server that has not yet noticed the lost connection holds it
+    // longer; past the timeout the outcome stays unknown.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT 1 FROM audit_chain_heads WHERE tenant = $1 FOR UPDATE")
+        .bind(tenant)
+        .fetch_optional(&mut *tx)
+        .await?;
     let stored: Option<String> =
         sqlx::query_scalar("SELECT hash FROM audit_events WHERE tenant = $1 AND seq = $2")
             .bind(tenant)
             .bind(last.seq as i64)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *tx)
             .await?;
+    tx.rollback().await?;
     Ok(stored.as_deref() == Some(last.hash.as_str()))
 }
 
