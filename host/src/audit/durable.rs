@@ -25,11 +25,12 @@
 //! This module must never answer a part before a sync that began after its commit returned,
 //! and never answer anything after a failed sync but a refusal.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
 
@@ -137,8 +138,8 @@ pub(super) struct Durability {
     mark: DurableMark,
     behind: mpsc::Sender<(Arc<File>, Committing)>,
     counters: Arc<Counters>,
-    /// Held across every sync, here and on the sync thread ([`gated_sync`]).
-    gate: Arc<Mutex<()>>,
+    /// The syncs in progress, here and on the sync thread ([`checked_sync`]).
+    syncs: Arc<Syncs>,
 }
 
 impl Durability {
@@ -151,8 +152,8 @@ impl Durability {
         let mut wal = db.as_os_str().to_owned();
         wal.push("-wal");
         let (behind, queued) = mpsc::channel();
-        let gate = Arc::new(Mutex::new(()));
-        let (m, c, g) = (mark.clone(), Arc::clone(&counters), Arc::clone(&gate));
+        let syncs = Arc::new(Syncs::default());
+        let (m, c, g) = (mark.clone(), Arc::clone(&counters), Arc::clone(&syncs));
         std::thread::Builder::new()
             .name("intentgate-wal-sync".into())
             .spawn(move || run(queued, m, &c, &g))
@@ -163,7 +164,7 @@ impl Durability {
             mark,
             behind,
             counters,
-            gate,
+            syncs,
         })
     }
 
@@ -178,7 +179,7 @@ impl Durability {
             mark,
             behind,
             counters,
-            gate: Arc::new(Mutex::new(())),
+            syncs: Arc::new(Syncs::default()),
         }
     }
 
@@ -199,10 +200,8 @@ impl Durability {
             Ok(f) => f,
             Err(e) => return fail(&self.mark, vec![batch], e),
         };
-        // While the sync thread syncs, the batch goes to it (its next sync covers the batch):
-        // two syncs never run side by side.
-        if now && let Ok(held) = self.gate.try_lock() {
-            match gated_sync(held, &file, &self.mark, &self.counters) {
+        if now {
+            match checked_sync(&self.syncs, &file, &self.mark, &self.counters) {
                 Ok(()) => {
                     self.mark.reached(batch.seq);
                     answer(batch);
@@ -245,13 +244,57 @@ fn sync(file: &File, counters: &Counters) -> std::io::Result<()> {
     synced
 }
 
-/// One sync under `gate`, refused once any sync failed. A writeback error is reported to one
-/// sync only (once per open file), so a sync beside a failing one could return success for a
-/// log whose earlier frames the disk lost, and SQLite's recovery stops at the first lost
-/// frame: the later commit would be answered and gone. Under the gate, the sync that sees the
-/// error marks the failure before any other sync begins, and every later one refuses.
-fn gated_sync(
-    held: MutexGuard<'_, ()>,
+/// The syncs of the log in progress, by ticket.
+#[derive(Default)]
+struct Syncs {
+    state: Mutex<SyncTickets>,
+    ended: Condvar,
+}
+
+#[derive(Default)]
+struct SyncTickets {
+    next: u64,
+    running: BTreeSet<u64>,
+}
+
+impl Syncs {
+    fn lock(&self) -> MutexGuard<'_, SyncTickets> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn begin(&self) -> u64 {
+        let mut s = self.lock();
+        let ticket = s.next;
+        s.next += 1;
+        s.running.insert(ticket);
+        ticket
+    }
+
+    /// Ends `ticket`; returns the first ticket begun after it ended.
+    fn end(&self, ticket: u64) -> u64 {
+        let mut s = self.lock();
+        s.running.remove(&ticket);
+        self.ended.notify_all();
+        s.next
+    }
+
+    /// Waits until every sync begun before `horizon` has ended.
+    fn wait_before(&self, horizon: u64) {
+        let mut s = self.lock();
+        while s.running.first().is_some_and(|&t| t < horizon) {
+            s = self.ended.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// One sync, refused once any sync failed, and answered only once every sync that ran beside
+/// it has ended without failing. A writeback error is reported to one sync only (once per
+/// open file): a sync beside a failing one can return success for a log whose earlier frames
+/// the disk lost, and SQLite's recovery stops at the first lost frame, so the later commit
+/// would be answered and gone. A failing sync marks the failure before it ends, so waiting for
+/// the syncs begun before this one ended, then looking at the mark, sees it.
+fn checked_sync(
+    syncs: &Syncs,
     file: &File,
     mark: &DurableMark,
     counters: &Counters,
@@ -259,19 +302,25 @@ fn gated_sync(
     if mark.failed() {
         return Err(std::io::Error::other("an earlier sync failed"));
     }
+    let ticket = syncs.begin();
     let synced = sync(file, counters);
     if let Err(e) = &synced {
         mark_failed(mark, e);
     }
-    drop(held);
-    synced
+    let horizon = syncs.end(ticket);
+    synced?;
+    syncs.wait_before(horizon);
+    if mark.failed() {
+        return Err(std::io::Error::other("a sync beside this one failed"));
+    }
+    Ok(())
 }
 
 fn run(
     queued: mpsc::Receiver<(Arc<File>, Committing)>,
     mark: DurableMark,
     counters: &Counters,
-    gate: &Mutex<()>,
+    syncs: &Syncs,
 ) {
     while let Ok((file, first)) = queued.recv() {
         // One sync for everything committed before it.
@@ -279,8 +328,7 @@ fn run(
         while let Ok((_, more)) = queued.try_recv() {
             batches.push(more);
         }
-        let held = gate.lock().unwrap_or_else(PoisonError::into_inner);
-        match gated_sync(held, &file, &mark, counters) {
+        match checked_sync(syncs, &file, &mark, counters) {
             Ok(()) => {
                 let last = batches.iter().map(|b| b.seq).max().unwrap_or(0);
                 mark.reached(last);
@@ -417,31 +465,34 @@ mod tests {
         );
     }
 
-    /// Two syncs never run side by side: a writeback error is reported to one sync only, so a
-    /// batch settled while another sync runs waits for it (on the sync thread) and is refused
-    /// when that sync failed, though its own `fdatasync` would have returned success.
+    /// A sync that succeeds beside a failing one is not trusted: a writeback error is reported
+    /// to one sync only, so a batch whose sync ran beside another waits for it to end and is
+    /// refused when it failed, though its own `fdatasync` returned success.
     #[tokio::test]
-    async fn a_batch_settled_beside_a_failing_sync_is_refused() {
+    async fn a_batch_synced_beside_a_failing_sync_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("a.db");
         std::fs::write(dir.path().join("a.db-wal"), b"").expect("log");
         let mark = DurableMark::default();
         let mut d =
             Durability::start(&db, mark.clone(), Arc::new(Counters::default())).expect("start");
-        let gate = Arc::clone(&d.gate);
+        // Another sync is running (begun, not ended) when this batch is synced here.
+        let other = d.syncs.begin();
         let (b, mut a) = batch(mark.begin());
-        let other_sync = gate.lock().expect("gate");
-        d.settle(b, true);
-        std::thread::sleep(Duration::from_millis(50));
+        let syncs = Arc::clone(&d.syncs);
+        let settling = std::thread::spawn(move || d.settle(b, true));
+        std::thread::sleep(Duration::from_millis(100));
         assert!(
             a.try_recv().is_err(),
-            "answered while another sync was running"
+            "answered while a sync beside it was running"
         );
+        // That sync fails: the error was reported to it, not to this batch's sync.
         mark_failed(
             &mark,
             &std::io::Error::other("EIO reported to the other sync"),
         );
-        drop(other_sync);
+        syncs.end(other);
+        settling.join().expect("settled");
         let refused = a.await.expect("answered").1;
         assert!(
             matches!(refused, Err(AuditError::CommitFailed(_))),
