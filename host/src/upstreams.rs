@@ -233,11 +233,12 @@ impl Upstreams {
         expose_uri_as(upstream, original, self.namespaced())
     }
 
-    /// What the upstreams say about themselves, together: the union of their capabilities
+    /// What the upstreams `reaches` accepts say about themselves, together: the union of their capabilities
     /// (an upstream that cannot be asked adds none), their instructions each under its name.
     /// `None` capabilities when no upstream could be asked.
-    pub async fn profile(&self) -> UpstreamProfile {
-        let asked = join_all(self.entries.iter().map(|(name, up)| async move {
+    pub async fn profile(&self, reaches: impl Fn(&str) -> bool) -> UpstreamProfile {
+        let reached = self.entries.iter().filter(|(name, _)| reaches(name));
+        let asked = join_all(reached.map(|(name, up)| async move {
             let profile = up.profile().await;
             self.note(Some(name), &profile);
             match profile {

@@ -295,6 +295,46 @@ async fn resources_and_prompts_of_both_upstreams_are_namespaced() {
 /// A token whose `servers` caveat names `github` lists only github's tools, resources and
 /// prompts, and its calls to `db` are refused by the capability check (audited with the
 /// upstream) and never reach `db`.
+/// `initialize` describes only the upstreams the token reaches: another upstream's name and
+/// instructions stay hidden from it, as its tools, resources and prompts do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initialize_describes_only_the_upstreams_the_token_reaches() {
+    let github = Upstream::shared_async(Flavor::Json).await;
+    let billing = crate::mcp_eras::Upstream::shared(crate::mcp_eras::Kind::BothEras).await;
+    let github = format!("github={}", github.url);
+    let billing = format!("billing={}", billing.url);
+    let gw = gateway::start(
+        Backend::Sqlite,
+        None,
+        &["--upstream", &github, "--upstream", &billing],
+    )
+    .await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"}}});
+    let instructions = |v: &Value| {
+        v["result"]["instructions"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let both = token(&gw, &[]).await;
+    let (s, _, v) = post(&gw, &both, &[], &init).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        instructions(&v).contains("billing: Invoices and e-mail."),
+        "a token reaching billing reads its instructions: {v}"
+    );
+    let only_github = token(&gw, &["github"]).await;
+    let (s, _, v) = post(&gw, &only_github, &[], &init).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        !v.to_string().contains("billing") && !v.to_string().contains("Invoices"),
+        "an upstream the token cannot reach is not described to it: {v}"
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_for_one_upstream_neither_sees_nor_reaches_the_other() {
     let github = Upstream::shared_async(Flavor::Sse).await;

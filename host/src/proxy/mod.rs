@@ -668,10 +668,12 @@ impl CallContext<'_> {
             .unwrap_or_default()
     }
 
-    /// What the upstreams say about themselves (their union); when none can be asked, the
+    /// What the upstreams this token reaches say about themselves (their union; the others'
+    /// names and instructions stay hidden, as everywhere else); when none can be asked, the
     /// gateway answers alone.
     async fn upstream_profile(&self) -> UpstreamProfile {
-        self.svc.upstreams.profile().await
+        let grant = self.grant;
+        self.svc.upstreams.profile(|name| grant.reaches(name)).await
     }
 }
 
