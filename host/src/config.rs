@@ -606,6 +606,16 @@ impl ServeArgs {
             None => Vec::new(),
             Some(raw) => parse_tenant_admins(raw)?,
         };
+        // One credential, one principal: a tenant admin's token equal to the superadmin's would
+        // be matched as whichever comes first, raising or lowering it silently.
+        if let Some(t) = &self.admin_token
+            && tenant_admins.iter().any(|(_, token)| token == t)
+        {
+            return Err(invalid(
+                "INTENTGATE_TENANT_ADMINS",
+                "a tenant admin's token is the same as INTENTGATE_ADMIN_TOKEN",
+            ));
+        }
         let store = match self.postgres_url.clone() {
             Some(url) if !url.trim().is_empty() => {
                 if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -1031,6 +1041,15 @@ fn parse_tenant_admins(raw: &str) -> Result<Vec<(String, String)>, ConfigError> 
         if out.iter().any(|(t, _)| t == tenant) {
             return Err(invalid(SETTING, format!("tenant {tenant} listed twice")));
         }
+        if out.iter().any(|(_, t)| t == token) {
+            return Err(invalid(
+                SETTING,
+                format!(
+                    "entry {} ({tenant}): the same token as another tenant's",
+                    i + 1
+                ),
+            ));
+        }
         out.push((tenant.to_owned(), token.to_owned()));
     }
     Ok(out)
@@ -1377,5 +1396,23 @@ mod tests {
             !dbg.contains("aaaaaaaa") && !dbg.contains("supersecret"),
             "{dbg}"
         );
+        // One token, one principal: shared with another tenant or with the superadmin, it is
+        // refused at start, never echoed.
+        for (admins, superadmin) in [
+            (
+                "acme:aaaaaaaaaaaaaaaa1, globex:aaaaaaaaaaaaaaaa1",
+                "supersecretsupersecret",
+            ),
+            ("acme:supersecretsupersecret", "supersecretsupersecret"),
+        ] {
+            let e = parse(&["--tenant-admins", admins, "--admin-token", superadmin])
+                .expect_err("a shared token");
+            let text = e.to_string();
+            assert!(text.contains("INTENTGATE_TENANT_ADMINS"), "{text}");
+            assert!(
+                !text.contains("aaaaaaaa") && !text.contains("supersecret"),
+                "{text}"
+            );
+        }
     }
 }
