@@ -136,7 +136,7 @@ pub(super) struct Durability {
     wal: Option<PathBuf>,
     file: Option<Arc<File>>,
     mark: DurableMark,
-    behind: mpsc::Sender<(Arc<File>, Committing)>,
+    behind: mpsc::Sender<Behind>,
     counters: Arc<Counters>,
     /// The syncs in progress, here and on the sync thread ([`checked_sync`]).
     syncs: Arc<Syncs>,
@@ -200,17 +200,29 @@ impl Durability {
             Ok(f) => f,
             Err(e) => return fail(&self.mark, vec![batch], e),
         };
-        if now {
-            match checked_sync(&self.syncs, &file, &self.mark, &self.counters) {
-                Ok(()) => {
-                    self.mark.reached(batch.seq);
-                    answer(batch);
+        let behind = if now {
+            match ticketed_sync(&self.syncs, &file, &self.mark, &self.counters) {
+                Err(e) => return fail(&self.mark, vec![batch], e),
+                // Nothing ran beside this sync: the batch is durable.
+                Ok(horizon) if !self.syncs.any_before(horizon) => {
+                    return match cleared(&self.syncs, horizon, &self.mark) {
+                        Ok(()) => {
+                            self.mark.reached(batch.seq);
+                            answer(batch);
+                        }
+                        Err(e) => fail(&self.mark, vec![batch], e),
+                    };
                 }
-                Err(e) => fail(&self.mark, vec![batch], e),
+                // The sync thread's sync ran beside it: the sync thread answers the batch once
+                // that one has ended, and the writer goes on committing meanwhile.
+                Ok(horizon) => Behind::Synced(batch, horizon),
             }
-            return;
-        }
-        if let Err(mpsc::SendError((_, batch))) = self.behind.send((file, batch)) {
+        } else {
+            Behind::Sync(file, batch)
+        };
+        if let Err(mpsc::SendError(Behind::Sync(_, batch) | Behind::Synced(batch, _))) =
+            self.behind.send(behind)
+        {
             fail(
                 &self.mark,
                 vec![batch],
@@ -278,6 +290,11 @@ impl Syncs {
         s.next
     }
 
+    /// Whether a sync begun before `horizon` is still running.
+    fn any_before(&self, horizon: u64) -> bool {
+        self.lock().running.first().is_some_and(|&t| t < horizon)
+    }
+
     /// Waits until every sync begun before `horizon` has ended.
     fn wait_before(&self, horizon: u64) {
         let mut s = self.lock();
@@ -287,18 +304,19 @@ impl Syncs {
     }
 }
 
-/// One sync, refused once any sync failed, and answered only once every sync that ran beside
-/// it has ended without failing. A writeback error is reported to one sync only (once per
-/// open file): a sync beside a failing one can return success for a log whose earlier frames
-/// the disk lost, and SQLite's recovery stops at the first lost frame, so the later commit
-/// would be answered and gone. A failing sync marks the failure before it ends, so waiting for
-/// the syncs begun before this one ended, then looking at the mark, sees it.
-fn checked_sync(
+/// One sync, refused once any sync failed; on success, the first ticket begun after it ended
+/// (its horizon). A writeback error is reported to one sync only (once per open file): a sync
+/// beside a failing one can return success for a log whose earlier frames the disk lost, and
+/// SQLite's recovery stops at the first lost frame, so a later commit would be answered and
+/// gone. A failing sync marks the failure before it ends, so a batch is answered only once
+/// every sync begun before its own ended has ended too, and the mark shows no failure
+/// ([`cleared`]).
+fn ticketed_sync(
     syncs: &Syncs,
     file: &File,
     mark: &DurableMark,
     counters: &Counters,
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     if mark.failed() {
         return Err(std::io::Error::other("an earlier sync failed"));
     }
@@ -308,7 +326,11 @@ fn checked_sync(
         mark_failed(mark, e);
     }
     let horizon = syncs.end(ticket);
-    synced?;
+    synced.map(|()| horizon)
+}
+
+/// Waits for every sync begun before `horizon`, then whether any sync failed.
+fn cleared(syncs: &Syncs, horizon: u64, mark: &DurableMark) -> std::io::Result<()> {
     syncs.wait_before(horizon);
     if mark.failed() {
         return Err(std::io::Error::other("a sync beside this one failed"));
@@ -316,25 +338,50 @@ fn checked_sync(
     Ok(())
 }
 
-fn run(
-    queued: mpsc::Receiver<(Arc<File>, Committing)>,
-    mark: DurableMark,
-    counters: &Counters,
-    syncs: &Syncs,
-) {
-    while let Ok((file, first)) = queued.recv() {
+/// What the writer hands the sync thread.
+enum Behind {
+    /// A batch to sync (with the log to sync).
+    Sync(Arc<File>, Committing),
+    /// A batch synced on the writer's thread beside another sync: answered once the syncs
+    /// begun before the horizon have ended ([`cleared`]).
+    Synced(Committing, u64),
+}
+
+fn run(queued: mpsc::Receiver<Behind>, mark: DurableMark, counters: &Counters, syncs: &Syncs) {
+    while let Ok(first) = queued.recv() {
         // One sync for everything committed before it.
-        let mut batches = vec![first];
-        while let Ok((_, more)) = queued.try_recv() {
-            batches.push(more);
-        }
-        match checked_sync(syncs, &file, &mark, counters) {
-            Ok(()) => {
-                let last = batches.iter().map(|b| b.seq).max().unwrap_or(0);
-                mark.reached(last);
-                batches.into_iter().for_each(answer);
+        let mut to_sync: Vec<Committing> = Vec::new();
+        let mut synced: Vec<(Committing, u64)> = Vec::new();
+        let mut file = None;
+        for item in std::iter::once(first).chain(std::iter::from_fn(|| queued.try_recv().ok())) {
+            match item {
+                Behind::Sync(f, batch) => {
+                    file = Some(f);
+                    to_sync.push(batch);
+                }
+                Behind::Synced(batch, horizon) => synced.push((batch, horizon)),
             }
-            Err(e) => fail(&mark, batches, e),
+        }
+        if let Some(file) = file {
+            match ticketed_sync(syncs, &file, &mark, counters)
+                .and_then(|horizon| cleared(syncs, horizon, &mark))
+            {
+                Ok(()) => {
+                    let last = to_sync.iter().map(|b| b.seq).max().unwrap_or(0);
+                    mark.reached(last);
+                    to_sync.into_iter().for_each(answer);
+                }
+                Err(e) => fail(&mark, to_sync, e),
+            }
+        }
+        for (batch, horizon) in synced {
+            match cleared(syncs, horizon, &mark) {
+                Ok(()) => {
+                    mark.reached(batch.seq);
+                    answer(batch);
+                }
+                Err(e) => fail(&mark, vec![batch], e),
+            }
         }
     }
 }
@@ -466,8 +513,9 @@ mod tests {
     }
 
     /// A sync that succeeds beside a failing one is not trusted: a writeback error is reported
-    /// to one sync only, so a batch whose sync ran beside another waits for it to end and is
-    /// refused when it failed, though its own `fdatasync` returned success.
+    /// to one sync only, so a batch whose sync ran beside another is answered only once that
+    /// one has ended, and refused when it failed, though its own `fdatasync` returned success.
+    /// Meanwhile the writer is not held.
     #[tokio::test]
     async fn a_batch_synced_beside_a_failing_sync_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -479,8 +527,9 @@ mod tests {
         // Another sync is running (begun, not ended) when this batch is synced here.
         let other = d.syncs.begin();
         let (b, mut a) = batch(mark.begin());
-        let syncs = Arc::clone(&d.syncs);
-        let settling = std::thread::spawn(move || d.settle(b, true));
+        // The writer syncs and goes on (it does not wait for the other sync): the sync thread
+        // answers the batch once that sync has ended.
+        d.settle(b, true);
         std::thread::sleep(Duration::from_millis(100));
         assert!(
             a.try_recv().is_err(),
@@ -491,8 +540,7 @@ mod tests {
             &mark,
             &std::io::Error::other("EIO reported to the other sync"),
         );
-        syncs.end(other);
-        settling.join().expect("settled");
+        d.syncs.end(other);
         let refused = a.await.expect("answered").1;
         assert!(
             matches!(refused, Err(AuditError::CommitFailed(_))),
