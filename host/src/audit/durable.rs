@@ -22,6 +22,12 @@
 //! and every later one is refused (fail closed) until the gateway is restarted and SQLite
 //! recovers the log from what the disk holds.
 //!
+//! The two may sync at once, and the kernel reports a writeback error to one `fdatasync` of
+//! the descriptor only: a sync that returned success beside one that failed proves nothing.
+//! So every sync takes a ticket, and a batch is answered only once every sync begun before its
+//! own ended has ended without failing; the writer never waits for that, it leaves such a
+//! batch to the sync thread.
+//!
 //! This module must never answer a part before a sync that began after its commit returned,
 //! and never answer anything after a failed sync but a refusal.
 
@@ -138,7 +144,7 @@ pub(super) struct Durability {
     mark: DurableMark,
     behind: mpsc::Sender<Behind>,
     counters: Arc<Counters>,
-    /// The syncs in progress, here and on the sync thread ([`checked_sync`]).
+    /// The syncs in progress, here and on the sync thread ([`ticketed_sync`]).
     syncs: Arc<Syncs>,
 }
 
