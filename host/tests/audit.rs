@@ -429,6 +429,46 @@ async fn edited_event_is_named(db: Db) {
     assert!(b.reason.starts_with("gap"), "{}", b.reason);
 }
 
+/// A head moved back over intact rows (or rows planted above it) is found: the rows beyond
+/// the head are reported, though every row up to the head still links.
+async fn rows_beyond_the_head_are_found(db: Db) {
+    let key = test_key();
+    let log = AuditLog::open(db.clone(), key.clone(), quiet_config())
+        .await
+        .expect("open");
+    let acks = append_n(&log, "acme", 10).await;
+    let r = verify::verify_chain(&db, "acme", &key.verifier(), None)
+        .await
+        .expect("verify");
+    assert!(r.ok, "{r:?}");
+    let fifth = &acks[4];
+    let t = "acme".to_owned();
+    exec(
+        &db,
+        "UPDATE audit_chain_heads SET seq = 5, hash = $1, event_id = $2 WHERE tenant = $3",
+        &[&fifth.hash, &fifth.id, &t],
+    )
+    .await;
+    let r = verify::verify_chain(&db, "acme", &key.verifier(), None)
+        .await
+        .expect("verify");
+    assert!(!r.ok, "{r:?}");
+    let b = r.broken_at.expect("rows beyond the head");
+    assert!(b.reason.contains("beyond the chain head"), "{}", b.reason);
+    assert_eq!(b.seq, 5);
+}
+
+#[tokio::test]
+async fn sqlite_rows_beyond_the_head_are_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    rows_beyond_the_head_are_found(sqlite_at(&dir.path().join("a.db")).await).await;
+}
+
+#[tokio::test]
+async fn postgres_rows_beyond_the_head_are_found() {
+    rows_beyond_the_head_are_found(postgres_at(&postgres_url().await).await).await;
+}
+
 #[tokio::test]
 async fn sqlite_edited_event_is_named() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -481,8 +481,17 @@ async fn admin_api_uploads_promotes_rolls_back_and_edits_policies() {
         .snapshot(tenant)
         .decide(&over_quota)
         .expect("decide");
-    // The custom check of the active bundle is kept: the shorthand only replaces the Rego.
-    assert_eq!(verdict.kind, VerdictKind::Escalate, "{}", verdict.reason);
+    // The custom check of the active bundle is kept (the shorthand only replaces the Rego):
+    // its block wins over the runbook's escalation of a call over its quota, which no approval
+    // may answer.
+    assert_eq!(verdict.kind, VerdictKind::Block, "{}", verdict.reason);
+    assert!(
+        verdict
+            .reason
+            .contains("send_email_internal matches send_email_*"),
+        "{}",
+        verdict.reason
+    );
     let r = run(
         &registry,
         admin(&get, "/v1/admin/policies/active", None, b""),

@@ -544,6 +544,18 @@ pub async fn head(db: &Db, tenant: &str) -> Result<Option<HeadRow>, AuditError> 
     Ok(rows.into_iter().next())
 }
 
+/// The highest position of any row of `tenant`'s chain (0 when it has none).
+pub async fn max_seq(db: &Db, tenant: &str) -> Result<i64, AuditError> {
+    let params = [Param::S(tenant.to_owned())];
+    let rows: Vec<(i64,)> = fetch_all!(
+        db,
+        (i64,),
+        "SELECT COALESCE(MAX(seq), 0) FROM audit_events WHERE tenant = $1",
+        &params
+    );
+    Ok(rows.first().map(|r| r.0).unwrap_or(0))
+}
+
 /// Tenants that have a chain.
 pub async fn tenants(db: &Db) -> Result<Vec<String>, AuditError> {
     let rows: Vec<(String,)> = fetch_all!(

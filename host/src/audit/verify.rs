@@ -261,6 +261,28 @@ pub async fn verify_chain(
         });
     }
 
+    if report.broken_at.is_none()
+        && let Some(h) = head.as_ref()
+    {
+        // Rows above the head were not written by the chain's writer (which moves the head in
+        // the same transaction). Read the rows first and the head after: a row appended
+        // meanwhile is under the head read second.
+        let highest = query::max_seq(db, tenant).await?;
+        let now_head = query::head(db, tenant).await?.map_or(h.seq, |h| h.seq);
+        if highest > now_head {
+            report.broken_at = Some(BrokenAt {
+                id: h.event_id,
+                seq: now_head,
+                ts: time::format_rfc3339_ms(h.ts_ms),
+                stored_hash: h.hash.clone(),
+                expected_hash: hex::encode(&prev),
+                reason: format!(
+                    "events up to seq {highest} lie beyond the chain head ({now_head}): written outside the chain's writer, or the head was moved back"
+                ),
+            });
+        }
+    }
+
     for t in targets {
         let result = match t.result {
             Some(r) => r,

@@ -16,7 +16,8 @@
 //!
 //! This module must never deliver a reply to another token's request, never resume another
 //! token's held call, never keep a request waiting (or a call held) past [`REPLY_TIMEOUT`], and
-//! never hold more than [`MAX_PENDING`] of either at once.
+//! never hold more than [`MAX_PENDING`] of either at once, [`MAX_PENDING_PER_TENANT`] for one
+//! tenant.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -33,8 +34,12 @@ pub const RELAYED: &[&str] = &["sampling/createMessage", "elicitation/create", "
 /// How long an agent has to answer a relayed request (a person may be filling a form).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Most relayed requests waiting for a reply in this process.
+/// Most relayed requests waiting for a reply in this process (and most calls held open).
 pub const MAX_PENDING: usize = 4096;
+
+/// Of those, the most one tenant may have waiting (or held): one tenant's calls must not
+/// leave every other tenant's upstream requests refused.
+pub const MAX_PENDING_PER_TENANT: usize = MAX_PENDING / 4;
 
 struct Waiting {
     tenant: String,
@@ -101,7 +106,8 @@ impl Relays {
         let mut w = self.waiting.lock().ok()?;
         // Replies that will never come (their call ended) are dropped here.
         w.retain(|_, v| !v.reply.is_closed());
-        if w.len() >= MAX_PENDING {
+        let tenants = w.values().filter(|v| v.tenant == tenant).count();
+        if w.len() >= MAX_PENDING || tenants >= MAX_PENDING_PER_TENANT {
             return None;
         }
         w.insert(
@@ -128,7 +134,8 @@ impl Relays {
             return false;
         };
         h.retain(|_, c| c.since.elapsed() < REPLY_TIMEOUT);
-        if h.len() >= MAX_PENDING {
+        let tenants = h.values().filter(|c| c.tenant == call.tenant).count();
+        if h.len() >= MAX_PENDING || tenants >= MAX_PENDING_PER_TENANT {
             return false;
         }
         h.insert(id.to_owned(), call);
@@ -260,6 +267,21 @@ mod tests {
         assert!(!relays.deliver("t", "j", reply), "only once");
         let out = task.await.expect("task");
         assert_eq!(out["result"]["action"], "accept");
+    }
+
+    /// One tenant's waiting requests stop at its share; another tenant's still get an id.
+    #[test]
+    fn one_tenant_cannot_take_every_relay() {
+        let relays = Relays::default();
+        let mut kept = Vec::new();
+        for _ in 0..MAX_PENDING_PER_TENANT {
+            kept.push(relays.register("busy", "j").expect("within its share"));
+        }
+        assert!(relays.register("busy", "j").is_none(), "past its share");
+        assert!(
+            relays.register("other", "k").is_some(),
+            "another tenant is not shut out"
+        );
     }
 
     #[tokio::test]
