@@ -135,6 +135,7 @@ pub(crate) async fn commit_postgres(
                 return match committed_after_all(pool, tenant, &done).await {
                     Ok(true) => {
                         tracing::warn!(tenant, error = %e, "audit: COMMIT reported a failure, but the batch is in the chain: answered as committed");
+                        committed(shared, &done);
                         Ok(*done)
                     }
                     Ok(false) => Err(e.into()),
@@ -245,13 +246,18 @@ async fn commit_on(
     if let Err(e) = tx.commit().await {
         return Err(Failed::Commit(e, Box::new(done)));
     }
+    committed(shared, &done);
+    Ok(done)
+}
+
+/// What follows a commit: its checkpoint counted, the outbox rung for its rows.
+fn committed(shared: &Shared, done: &Committed) {
     if done.checkpointed {
         shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
     }
     if done.outboxed {
         shared.outbox.ring();
     }
-    Ok(done)
 }
 
 /// The batch inside the open transaction `tx`; it does not commit. With `together`, the head
