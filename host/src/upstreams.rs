@@ -283,12 +283,23 @@ pub fn target_of<'p>(method: &str, params: &'p Map<String, Value>) -> Option<&'p
         "tools/call" | "prompts/get" => params.get("name"),
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => params.get("uri"),
         "completion/complete" => match params.get("ref") {
-            Some(Value::Object(r)) => r.get("uri").or_else(|| r.get("name")),
+            Some(Value::Object(r)) => r.get(completed_key(r)?),
             _ => None,
         },
         _ => None,
     };
     slot.and_then(Value::as_str)
+}
+
+/// The member of a completion's `ref` that names what is completed, by the ref's type: a
+/// prompt's `name`, a resource template's `uri` (as `proxy/target.rs` decodes it, so a ref
+/// carrying both is decided, renamed and checked on the same one).
+fn completed_key(reference: &Map<String, Value>) -> Option<&'static str> {
+    match reference.get("type").and_then(Value::as_str) {
+        Some("ref/prompt") => Some("name"),
+        Some("ref/resource") => Some("uri"),
+        _ => None,
+    }
 }
 
 /// Rewrites a forwarded request's target from its exposed name or URI to the upstream's own
@@ -299,10 +310,10 @@ pub fn rename_target(method: &str, params: &mut Map<String, Value>, original: &s
         "tools/call" | "prompts/get" => params.get_mut("name"),
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => params.get_mut("uri"),
         "completion/complete" => match params.get_mut("ref") {
-            Some(Value::Object(r)) => {
-                let key = if r.contains_key("uri") { "uri" } else { "name" };
-                r.get_mut(key)
-            }
+            Some(Value::Object(r)) => match completed_key(r) {
+                Some(key) => r.get_mut(key),
+                None => None,
+            },
             _ => None,
         },
         _ => None,
@@ -450,6 +461,20 @@ mod tests {
             .expect("o");
         rename_target("resources/unsubscribe", &mut p, "file:///a");
         assert_eq!(p["uri"], "file:///a");
+        // A prompt's ref carrying a `uri` too: its `name` is what was decided, so that is what
+        // is renamed and what the last check before sending reads.
+        let mut p = json!({"ref": {"type": "ref/prompt", "name": "gh__greet", "uri": "gh__other"},
+                           "argument": {"name": "who", "value": ""}})
+        .as_object()
+        .cloned()
+        .expect("o");
+        rename_target("completion/complete", &mut p, "greet");
+        assert_eq!(p["ref"]["name"], "greet");
+        assert_eq!(p["ref"]["uri"], "gh__other");
+        assert_eq!(target_of("completion/complete", &p), Some("greet"));
+        let mut untyped = p.clone();
+        untyped["ref"].as_object_mut().expect("ref").remove("type");
+        assert_eq!(target_of("completion/complete", &untyped), None);
     }
 
     #[test]

@@ -62,12 +62,17 @@ impl Asker {
 
     /// The asker as the upstream client's handler of server requests.
     pub fn into_handler(self) -> std::sync::Arc<crate::upstream::ServerRequests> {
+        let (tenant, jti) = (self.grant.tenant.clone(), self.grant.jti.clone());
         let me = std::sync::Arc::new(self);
-        std::sync::Arc::new(move |request: Value| {
-            let me = std::sync::Arc::clone(&me);
-            Box::pin(async move { me.ask(request).await })
-                as crate::store::BoxFuture<'static, Map<String, Value>>
-        })
+        std::sync::Arc::new(crate::upstream::ServerRequests::new(
+            &tenant,
+            &jti,
+            move |request: Value| {
+                let me = std::sync::Arc::clone(&me);
+                Box::pin(async move { me.ask(request).await })
+                    as crate::store::BoxFuture<'static, Map<String, Value>>
+            },
+        ))
     }
 }
 

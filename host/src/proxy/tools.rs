@@ -372,8 +372,10 @@ impl CallContext<'_> {
         let (tx, events) = tokio::sync::mpsc::channel::<Value>(8);
         let relays = std::sync::Arc::clone(&self.svc.relays);
         let (tenant, jti) = (self.grant.tenant.clone(), self.grant.jti.clone());
-        let handler: std::sync::Arc<crate::upstream::ServerRequests> =
-            std::sync::Arc::new(move |request: Value| {
+        let handler = std::sync::Arc::new(crate::upstream::ServerRequests::new(
+            &self.grant.tenant,
+            &self.grant.jti,
+            move |request: Value| {
                 let (relays, tx) = (std::sync::Arc::clone(&relays), tx.clone());
                 let (tenant, jti) = (tenant.clone(), jti.clone());
                 Box::pin(async move {
@@ -384,7 +386,8 @@ impl CallContext<'_> {
                     relays.relay(&tenant, &jti, &tx, request).await
                 })
                     as crate::store::BoxFuture<'static, serde_json::Map<String, Value>>
-            });
+            },
+        ));
         let started = std::time::Instant::now();
         let done = upstream
             .spawn_call_tool(cleared, params, Some(env.clone()), handler)

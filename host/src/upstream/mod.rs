@@ -240,8 +240,45 @@ pub struct Upstream {
 /// `elicitation/create`, `roots/list`): given the request message, the reply's `result` or
 /// `error` member, as an object. It is also handed the call's notifications as they arrive
 /// (its answer to those is ignored).
-pub type ServerRequests =
+pub type AskClient =
     dyn Fn(Value) -> crate::store::BoxFuture<'static, Map<String, Value>> + Send + Sync;
+
+/// Who answers what the upstream asks during one call: the call's token (its tenant and token
+/// id, so the session's own stream can tell one agent's calls from another's) and the
+/// [`AskClient`] that decides and relays.
+pub struct ServerRequests {
+    owner: String,
+    ask: Box<AskClient>,
+}
+
+impl ServerRequests {
+    pub fn new(
+        tenant: &str,
+        jti: &str,
+        ask: impl Fn(Value) -> crate::store::BoxFuture<'static, Map<String, Value>>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        Self {
+            // Length-prefixed, so no two (tenant, token id) pairs give one owner.
+            owner: format!("{}:{tenant}{jti}", tenant.len()),
+            ask: Box::new(ask),
+        }
+    }
+
+    /// Whose call this is: one value per tenant and token id.
+    pub(super) fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    pub(super) fn ask(
+        &self,
+        request: Value,
+    ) -> crate::store::BoxFuture<'static, Map<String, Value>> {
+        (self.ask)(request)
+    }
+}
 
 /// What a call carries beyond its body toward the upstream.
 #[derive(Clone, Copy, Default)]
@@ -881,7 +918,7 @@ impl Upstream {
         let _in_flight = self.session_calls.enter(id, server_requests.cloned());
         match server_requests {
             Some(answer) => {
-                self.post_relaying(body, id, session, &**answer, RELAYED_CALL_IDLE, true)
+                self.post_relaying(body, id, session, &*answer.ask, RELAYED_CALL_IDLE, true)
                     .await
             }
             // Nobody to ask: a request of the upstream is refused at once, and the whole
@@ -911,7 +948,7 @@ impl Upstream {
         bytes: Vec<u8>,
         id: u64,
         session: &Session,
-        answer: &ServerRequests,
+        answer: &AskClient,
         idle: Duration,
         streaming: bool,
     ) -> Result<Answer, UpstreamError> {

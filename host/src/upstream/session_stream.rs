@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -30,9 +30,34 @@ use crate::mcp::jsonrpc::code;
 /// The calls in flight in the shared session, and who can answer for each.
 #[derive(Default)]
 pub(super) struct Calls {
-    calls: Mutex<HashMap<u64, Option<Arc<ServerRequests>>>>,
+    state: Mutex<InSession>,
     /// Where notifications outside any call go.
     sink: std::sync::OnceLock<Arc<Notifications>>,
+}
+
+/// How long after one agent's call ended a request on the session's stream may still be its
+/// own: the upstream may have sent it before that call's answer, on another connection, and it
+/// can arrive after that call ended and another agent's began.
+const STRAGGLER: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct InSession {
+    calls: HashMap<u64, InCall>,
+    /// When a call that could be asked (one with an owner) last ended, and whose it was; `None`
+    /// as the owner when calls of several owners ended within [`STRAGGLER`] of each other.
+    ended: Option<(Instant, Option<String>)>,
+}
+
+struct InCall {
+    answer: Option<Arc<ServerRequests>>,
+    /// No call of another owner was in flight beside this one, or had ended within
+    /// [`STRAGGLER`] before it began: a request on the session's stream during it can only be
+    /// this call's owner's.
+    alone: bool,
+}
+
+fn owner_of(answer: &Option<Arc<ServerRequests>>) -> Option<&str> {
+    answer.as_deref().map(ServerRequests::owner)
 }
 
 /// Takes a notification the upstream sent on its session's stream.
@@ -46,17 +71,44 @@ pub(super) struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if let Ok(mut c) = self.calls.calls.lock() {
-            c.remove(&self.id);
+        if let Ok(mut s) = self.calls.state.lock() {
+            let Some(call) = s.calls.remove(&self.id) else {
+                return;
+            };
+            let Some(owner) = owner_of(&call.answer) else {
+                return;
+            };
+            let now = Instant::now();
+            let mixed = matches!(&s.ended, Some((at, last)) if now.duration_since(*at) < STRAGGLER
+                && last.as_deref() != Some(owner));
+            s.ended = Some((now, (!mixed).then(|| owner.to_owned())));
         }
     }
 }
 
 impl Calls {
-    /// Records a call in flight until the guard drops.
+    /// Records a call in flight until the guard drops. A call that can be asked stays alone
+    /// while no other call, of another owner or of none (a list, a read: nobody can be asked
+    /// for those), has been in flight beside it, and no call of another owner ended just
+    /// before it began. A call of no owner that ended before it began does not count: the
+    /// upstream's requests during such a call are refused on that call's own stream
+    /// (`refuse_server_request`), and an agent's session starts with several of them.
     pub(super) fn enter(&self, id: u64, answer: Option<Arc<ServerRequests>>) -> InFlight<'_> {
-        if let Ok(mut c) = self.calls.lock() {
-            c.insert(id, answer);
+        if let Ok(mut s) = self.state.lock() {
+            let owner = owner_of(&answer).map(str::to_owned);
+            let mut alone = owner.is_some();
+            for other in s.calls.values_mut() {
+                if owner.is_none() || owner_of(&other.answer) != owner.as_deref() {
+                    other.alone = false;
+                    alone = false;
+                }
+            }
+            if let (Some(owner), Some((at, last))) = (owner.as_deref(), &s.ended) {
+                if at.elapsed() < STRAGGLER && last.as_deref() != Some(owner) {
+                    alone = false;
+                }
+            }
+            s.calls.insert(id, InCall { answer, alone });
         }
         InFlight { calls: self, id }
     }
@@ -73,13 +125,18 @@ impl Calls {
     }
 
     /// Who answers a request that came on the session's stream: the one call in flight, when
-    /// its client can be asked.
+    /// its client can be asked and no other agent's call shared the session with it (see
+    /// [`InCall::alone`]).
     fn route(&self) -> Option<Arc<ServerRequests>> {
-        let c = self.calls.lock().ok()?;
-        if c.len() != 1 {
+        let s = self.state.lock().ok()?;
+        if s.calls.len() != 1 {
             return None;
         }
-        c.values().next().cloned().flatten()
+        let call = s.calls.values().next()?;
+        if !call.alone {
+            return None;
+        }
+        call.answer.clone()
     }
 }
 
@@ -210,7 +267,7 @@ fn answer(
     let (timeout, max_response) = (l.timeout, l.max_response);
     tokio::spawn(async move {
         let mut reply = match who {
-            Some(ask) => ask(request).await,
+            Some(ask) => ask.ask(request).await,
             None => {
                 let mut m = Map::new();
                 m.insert(
@@ -246,4 +303,89 @@ fn answer(
             ),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asker(tenant: &str, jti: &str) -> Option<Arc<ServerRequests>> {
+        Some(Arc::new(ServerRequests::new(tenant, jti, |_| {
+            Box::pin(async { Map::new() })
+        })))
+    }
+
+    fn routed_to(calls: &Calls) -> Option<String> {
+        calls.route().map(|a| a.owner().to_owned())
+    }
+
+    #[test]
+    fn a_lone_call_is_asked_and_an_owner_may_follow_itself() {
+        let calls = Calls::default();
+        {
+            let _a = calls.enter(1, asker("acme", "t1"));
+            assert_eq!(routed_to(&calls), Some("4:acmet1".into()));
+        }
+        assert_eq!(routed_to(&calls), None, "no call in flight");
+        // The same token's next call, at once: a straggler of the first is its own.
+        let _b = calls.enter(2, asker("acme", "t1"));
+        assert_eq!(routed_to(&calls), Some("4:acmet1".into()));
+    }
+
+    #[test]
+    fn a_call_that_shared_the_session_with_another_agent_is_never_asked() {
+        let calls = Calls::default();
+        let a = calls.enter(1, asker("acme", "t1"));
+        let b = calls.enter(2, asker("other", "t2"));
+        assert_eq!(routed_to(&calls), None, "two in flight");
+        drop(a);
+        // Only b is left, but a request sent during a's call may still arrive now.
+        assert_eq!(routed_to(&calls), None, "b shared the session with a");
+        drop(b);
+        // A different tenant with the same token id is another owner.
+        let c = calls.enter(3, asker("acme", "t2"));
+        assert_eq!(
+            routed_to(&calls),
+            None,
+            "b's call ended just before c's began"
+        );
+        drop(c);
+    }
+
+    #[test]
+    fn a_call_just_after_another_agents_is_not_asked() {
+        let calls = Calls::default();
+        drop(calls.enter(1, asker("acme", "t1")));
+        let _b = calls.enter(2, asker("acme", "t2"));
+        assert_eq!(routed_to(&calls), None);
+    }
+
+    #[test]
+    fn calls_nobody_can_be_asked_for_count_only_while_beside_one() {
+        let calls = Calls::default();
+        // A session begins with lists and reads: they do not make the call after them share.
+        drop(calls.enter(1, None));
+        let a = calls.enter(2, asker("acme", "t1"));
+        assert_eq!(routed_to(&calls), Some("4:acmet1".into()));
+        // A read beside the call: the upstream may ask during either.
+        let read = calls.enter(3, None);
+        assert_eq!(routed_to(&calls), None);
+        drop(read);
+        assert_eq!(
+            routed_to(&calls),
+            None,
+            "the read shared the session with a"
+        );
+        drop(a);
+        // A call whose client cannot be asked is never routed to.
+        let _n = calls.enter(4, None);
+        assert_eq!(routed_to(&calls), None);
+    }
+
+    #[test]
+    fn owners_are_told_apart_by_tenant_and_token() {
+        let a = ServerRequests::new("ab", "c", |_| Box::pin(async { Map::new() }));
+        let b = ServerRequests::new("a", "bc", |_| Box::pin(async { Map::new() }));
+        assert_ne!(a.owner(), b.owner());
+    }
 }
