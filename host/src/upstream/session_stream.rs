@@ -103,10 +103,11 @@ impl Calls {
                     alone = false;
                 }
             }
-            if let (Some(owner), Some((at, last))) = (owner.as_deref(), &s.ended) {
-                if at.elapsed() < STRAGGLER && last.as_deref() != Some(owner) {
-                    alone = false;
-                }
+            if let (Some(owner), Some((at, last))) = (owner.as_deref(), &s.ended)
+                && at.elapsed() < STRAGGLER
+                && last.as_deref() != Some(owner)
+            {
+                alone = false;
             }
             s.calls.insert(id, InCall { answer, alone });
         }
