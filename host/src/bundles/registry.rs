@@ -515,16 +515,27 @@ impl Registry {
         wasm: &[u8],
         expect: World,
     ) -> Result<ComponentInfo, BundleError> {
-        let world = self.inner.runtime.validate(wasm)?;
+        let refused = |e: BundleError| {
+            // What the registry does not hold must not stay compiled.
+            let digest = crate::plugins::runtime::digest_of(wasm);
+            if !read(&self.inner.infos).contains_key(&digest) {
+                self.inner.runtime.forget(&digest);
+            }
+            e
+        };
+        let world = self
+            .inner
+            .runtime
+            .validate(wasm)
+            .map_err(|e| refused(e.into()))?;
         if world != expect {
-            let (digest, _) = self.inner.runtime.compile(wasm)?;
-            return Err(BundleError::WrongWorld {
-                digest,
+            return Err(refused(BundleError::WrongWorld {
+                digest: crate::plugins::runtime::digest_of(wasm),
                 expected: expect,
                 found: world,
-            });
+            }));
         }
-        self.add_component(name, wasm, false)
+        self.add_component(name, wasm, false).map_err(refused)
     }
 
     /// Forget an uploaded component (the admin API undoes an upload the store did not record).
@@ -543,6 +554,7 @@ impl Registry {
         write(&self.inner.components).remove(digest);
         write(&self.inner.wasm).remove(digest);
         write(&self.inner.owners).remove(digest);
+        self.inner.runtime.forget(digest);
         true
     }
 
@@ -1089,5 +1101,49 @@ fn name(kind: VerdictKind) -> &'static str {
         VerdictKind::Allow => "allow",
         VerdictKind::Block => "block",
         VerdictKind::Escalate => "escalate",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes of a component that differ only in a custom section: a new digest each `i`.
+    fn variant(wasm: &[u8], i: u8) -> Vec<u8> {
+        let mut w = wasm.to_vec();
+        w.extend_from_slice(&[0, 3, 1, b'x', i]);
+        w
+    }
+
+    #[test]
+    fn refused_and_released_uploads_do_not_stay_compiled() {
+        let runtime = Runtime::new(crate::plugins::Limits::default()).expect("runtime");
+        let registry = Registry::with_runtime(Arc::clone(&runtime)).expect("registry");
+        let before = runtime.compiled_len();
+        for i in 0..5 {
+            // A formatter offered as a check: refused, and not kept.
+            let wasm = variant(crate::plugins::artifacts::SIEM_JSON, i);
+            let refused = registry.upload_component("x", &wasm, World::CheckPlugin);
+            assert!(
+                matches!(refused, Err(BundleError::WrongWorld { .. })),
+                "{refused:?}"
+            );
+            // Not a component at all.
+            assert!(
+                registry
+                    .upload_component("y", &[0, 1, 2, i], World::CheckPlugin)
+                    .is_err()
+            );
+        }
+        assert_eq!(runtime.compiled_len(), before);
+        // Taken, then released by its only owner: it goes from the cache too.
+        let wasm = variant(crate::plugins::artifacts::SIEM_JSON, 9);
+        let info = registry
+            .upload_component("z", &wasm, World::SiemFormatter)
+            .expect("a formatter");
+        registry.add_component_owner(&info.digest, "acme");
+        assert_eq!(runtime.compiled_len(), before + 1);
+        assert!(registry.release_component("acme", &info.digest));
+        assert_eq!(runtime.compiled_len(), before);
     }
 }

@@ -19,26 +19,54 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 const LOG_BUDGET_PER_CALL: usize = 16 * 1024;
 
 /// Memory limiter that remembers it refused a growth (so a trap can be reported as OOM).
+///
+/// The limit is on the instance, not on each of its memories: a component made of several core
+/// instances has a memory each (the pool allows a few), and every one is counted against the
+/// same `max_bytes`.
 pub(crate) struct MemoryLimiter {
     max_bytes: usize,
+    /// Bytes of every memory of the store, as approved so far (memories only grow).
+    total: usize,
+    /// The last approved growth, taken back if the growth then failed.
+    pending: usize,
     pub(crate) exceeded: bool,
+}
+
+impl MemoryLimiter {
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            total: 0,
+            pending: 0,
+            exceeded: false,
+        }
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
-            self.exceeded = true;
-            return Ok(false);
+        // Also called when a memory is created (`current` 0, `desired` its initial size).
+        let growth = desired.saturating_sub(current);
+        match self.total.checked_add(growth) {
+            Some(total) if total <= self.max_bytes => {
+                self.total = total;
+                self.pending = growth;
+                Ok(true)
+            }
+            _ => {
+                self.exceeded = true;
+                Ok(false)
+            }
         }
-        Ok(true)
     }
 
     fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.total = self.total.saturating_sub(std::mem::take(&mut self.pending));
         self.exceeded = true;
         Ok(())
     }
@@ -87,10 +115,7 @@ impl HostState {
         Self {
             wasi,
             table: ResourceTable::new(),
-            limiter: MemoryLimiter {
-                max_bytes: max_memory_bytes,
-                exceeded: false,
-            },
+            limiter: MemoryLimiter::new(max_memory_bytes),
             counters,
             tenant,
             stage,
@@ -209,6 +234,12 @@ impl cb::intentgate::plugin::hints::Host for HostState {
 
 impl cb::intentgate::plugin::counters::Host for HostState {
     fn get(&mut self, key: String, window_start: u64) -> u64 {
+        // A key with '/' could name another namespace through this tenant's prefix (a tenant
+        // named `usage` reading `acme/agent/tool` would read the pipeline's usage counters of
+        // tenant acme). No charge may carry one either (`check.rs`): it reads as exhausted.
+        if key.contains('/') {
+            return u64::MAX;
+        }
         let key = format!("{}/{}", self.tenant, key);
         let counters = self.counters.clone();
         catch_unwind(AssertUnwindSafe(|| counters.get(&key, window_start))).unwrap_or(u64::MAX)
@@ -233,5 +264,34 @@ impl sb::intentgate::plugin::log::Host for HostState {
 impl sb::intentgate::plugin::clock::Host for HostState {
     fn now_unix_ms(&mut self) -> u64 {
         now_unix_ms()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::MemoryCounters;
+    use cb::intentgate::plugin::counters::Host as _;
+
+    #[test]
+    fn a_plugin_reads_only_its_own_tenants_counters() {
+        let counters = Arc::new(MemoryCounters::default());
+        let charge = |key: &str| crate::plugins::Charge {
+            key: key.to_owned(),
+            window_start: 0,
+            amount: 3,
+            limit: 100,
+        };
+        // The pipeline's usage counter of tenant acme, and a counter of tenant `usage`.
+        counters
+            .charge_all(&[charge("usage/acme/agent-7"), charge("usage/mine")])
+            .expect("charged");
+        let mut state = HostState::new(1 << 20, counters, "usage".into(), None, "p".into());
+        assert_eq!(state.get("mine".into(), 0), 3, "its own counter");
+        assert_eq!(
+            state.get("acme/agent-7".into(), 0),
+            u64::MAX,
+            "another namespace"
+        );
     }
 }

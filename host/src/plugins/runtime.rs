@@ -453,6 +453,19 @@ impl Runtime {
         compiled.clone().map(|component| (digest, component))
     }
 
+    /// Drops a compiled component from the cache (a component refused at upload, or one no
+    /// tenant holds any more): the cache keeps only what the registry may still use, so
+    /// uploads cannot grow it without bound.
+    pub fn forget(&self, digest: &str) {
+        self.cache().remove(digest);
+    }
+
+    /// Components compiled and kept (for tests of what the cache holds).
+    #[cfg(test)]
+    pub(crate) fn compiled_len(&self) -> usize {
+        self.cache().len()
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, CompileCache> {
         match self.compiled.lock() {
             Ok(guard) => guard,
@@ -712,6 +725,64 @@ fn is_component(wasm: &[u8]) -> bool {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    /// A component of `n` core instances of one module, each with a memory of `pages`.
+    fn with_memories(n: usize, pages: u64) -> Vec<u8> {
+        use wasm_encoder::{
+            Component, InstanceSection, MemorySection, MemoryType, Module, ModuleArg, ModuleSection,
+        };
+        let mut m = Module::new();
+        let mut mems = MemorySection::new();
+        mems.memory(MemoryType {
+            minimum: pages,
+            maximum: None,
+            memory64: false,
+            shared: false,
+            page_size_log2: None,
+        });
+        m.section(&mems);
+        let mut c = Component::new();
+        c.section(&ModuleSection(&m));
+        let mut inst = InstanceSection::new();
+        for _ in 0..n {
+            inst.instantiate(0, std::iter::empty::<(&str, ModuleArg)>());
+        }
+        c.section(&inst);
+        c.finish()
+    }
+
+    #[test]
+    fn the_memory_limit_holds_for_an_instance_of_several_memories() {
+        let runtime = Runtime::new(Limits::default()).expect("runtime");
+        let pages = (runtime.limits.max_memory_bytes / 65536) as u64;
+        let instantiate = |n: usize, pages: u64| {
+            let (_, component) = runtime.compile(&with_memories(n, pages)).expect("compiles");
+            let state = HostState::new(
+                runtime.limits.max_memory_bytes,
+                Arc::new(crate::plugins::MemoryCounters::default()),
+                "t".into(),
+                None,
+                "x".into(),
+            );
+            let mut store = state.into_store(runtime.engine());
+            let linker = wasmtime::component::Linker::<HostState>::new(runtime.engine());
+            let ok = linker.instantiate(&mut store, &component).is_ok();
+            (ok, store.data().limiter.exceeded)
+        };
+        assert_eq!(
+            instantiate(4, pages / 4),
+            (true, false),
+            "within the limit together"
+        );
+        assert_eq!(
+            instantiate(1, pages),
+            (true, false),
+            "one memory of the whole limit"
+        );
+        // Each memory alone is within the limit; together they are not.
+        assert_eq!(instantiate(4, pages / 4 + 1), (false, true));
+        assert_eq!(instantiate(2, pages), (false, true));
+    }
 
     #[test]
     fn other_wit_versions_are_named() {
