@@ -293,6 +293,7 @@ impl Gateway {
                 streams,
                 sessions: SessionKeys::derive(secrets.master_key.as_bytes()),
                 in_flight: Default::default(),
+                step_ups: crate::proxy::step_up::StepUps::new(Arc::clone(&store)),
             }
         });
         let admin = AdminService {

@@ -837,7 +837,7 @@ decision := {"allow": true, "requires_step_up": true, "reason": "payments need a
             .any(|e| e["decision"] == "escalate" && e["requires_step_up"] == true),
         "{events:#?}"
     );
-    // A token that carries a step-up runs without a person.
+    // A token minted with a step-up runs without a person, and so does a child of it.
     let (stepped, _) = tg
         .mint(json!({"subject": "agent-su", "tools": ["delete_records"], "step_up": true}))
         .await;
@@ -845,6 +845,27 @@ decision := {"allow": true, "requires_step_up": true, "reason": "payments need a
     let v = call_with(&tg.url, &stepped, &call_body("delete_records", &m), &[]).await;
     assert!(v.get("result").is_some(), "{v}");
     assert_eq!(upstream_calls(up, &m, 1).await, 1);
+    let child = attenuated(&stepped, intentgate::capability::Caveat::bare("exp"), |c| {
+        c.exp = 4_000_000_000;
+    });
+    let m = marker("stepped-child");
+    let v = call_with(&tg.url, &child, &call_body("delete_records", &m), &[]).await;
+    assert!(v.get("result").is_some(), "{v}");
+    assert_eq!(upstream_calls(up, &m, 1).await, 1);
+    // A step-up its holder appended is no step-up: the call still waits for a person, and
+    // nothing reached the upstream.
+    let forged = attenuated(
+        &plain,
+        intentgate::capability::Caveat::bare("step_up"),
+        |c| {
+            c.step_up_at = 1;
+        },
+    );
+    let m = marker("forged-step-up");
+    let v = call_with(&tg.url, &forged, &call_body("delete_records", &m), &[]).await;
+    assert_eq!(v["error"]["code"], -32019, "{v}");
+    assert_eq!(v["error"]["data"]["requires_step_up"], true, "{v}");
+    assert_eq!(upstream_calls(up, &m, 0).await, 0);
     tg.shutdown().await;
 }
 
@@ -917,4 +938,18 @@ decision := {"allow": false, "escalate": true, "reason": "hold it", "approval_mo
         pending_of(&v).await;
         tg.shutdown().await;
     }
+}
+
+/// `token` with one more caveat appended by its holder (no master key), as `set` fills it.
+fn attenuated(
+    token: &str,
+    mut caveat: intentgate::capability::Caveat,
+    set: impl FnOnce(&mut intentgate::capability::Caveat),
+) -> String {
+    set(&mut caveat);
+    intentgate::capability::Token::decode(token)
+        .expect("decode")
+        .attenuate(caveat)
+        .expect("attenuate")
+        .encode()
 }

@@ -85,6 +85,7 @@ suite!(
     revocations_since_orders_and_pages,
     concurrent_revocations_are_never_missed,
     tenants_are_listed_once,
+    step_ups_are_recorded_per_tenant_and_tree,
     charge_adds_within_the_limit,
     concurrent_charges_never_pass_the_limit,
     sessions_round_trip_and_expire,
@@ -406,6 +407,54 @@ async fn tenants_are_listed_once(f: Fixture) {
         tenants
             .iter()
             .all(|t| (before..=now()).contains(&t.created_at))
+    );
+}
+
+async fn step_ups_are_recorded_per_tenant_and_tree(f: Fixture) {
+    assert_eq!(
+        f.store
+            .minted_step_up("acme", "root-1")
+            .await
+            .expect("read"),
+        None
+    );
+    f.store
+        .record_step_up("acme", "root-1", 1_700_000_000)
+        .await
+        .expect("record");
+    // Idempotent: a second record keeps the first.
+    f.store
+        .record_step_up("acme", "root-1", 1_800_000_000)
+        .await
+        .expect("again");
+    let replica = f.replica().await;
+    assert_eq!(
+        replica
+            .minted_step_up("acme", "root-1")
+            .await
+            .expect("read"),
+        Some(1_700_000_000)
+    );
+    assert_eq!(
+        replica
+            .minted_step_up("globex", "root-1")
+            .await
+            .expect("read"),
+        None
+    );
+    assert_eq!(
+        replica
+            .minted_step_up("acme", "root-2")
+            .await
+            .expect("read"),
+        None
+    );
+    assert!(f.store.record_step_up("acme", "", 1).await.is_err());
+    assert!(
+        f.store
+            .record_step_up("Not a tenant!", "r", 1)
+            .await
+            .is_err()
     );
 }
 

@@ -108,6 +108,20 @@ pub async fn mint(svc: &AdminService, req: &AdminRequest) -> Result<Response<Bod
         audit_failed(svc, req, "mint", &tenant, &e.to_string()).await;
         return Err(e);
     }
+    // The only proof of a step-up: a `step_up` caveat alone is one its holder could have
+    // appended (`proxy/step_up.rs`). Recorded before the token leaves the gateway.
+    if let Some(at) = request.step_up_at {
+        let at = i64::try_from(at).unwrap_or(i64::MAX);
+        if let Err(e) = svc
+            .store
+            .record_step_up(&tenant, &minted.root_jti, at)
+            .await
+        {
+            let e = AdminError::from(e);
+            audit_failed(svc, req, "mint", &tenant, &e.to_string()).await;
+            return Err(e);
+        }
+    }
     Ok(ok(json!({
         "token": minted.token,
         "jti": minted.jti,

@@ -27,6 +27,7 @@ mod lifecycle;
 mod listen;
 pub(crate) use lifecycle::presented_session;
 mod methods;
+pub mod step_up;
 mod streamed;
 pub mod target;
 mod tools;
@@ -123,6 +124,8 @@ pub struct McpService {
     pub sessions: crate::mcp::session::SessionKeys,
     /// Tool calls in flight that their client may cancel.
     pub in_flight: cancel::InFlight,
+    /// Which tokens' `step_up` caveats their mint recorded (the others count for nothing).
+    pub step_ups: step_up::StepUps,
 }
 
 impl McpService {
@@ -194,7 +197,8 @@ async fn phases(
     let era = classify(&routing, header_era, &rpc)
         .map_err(|e| Box::new(bad_request(rpc.id.as_ref(), &e)))?;
     // 4. authenticate: every method, notifications included, and a presented session.
-    let grant = authenticated(svc, auth, &rpc)?;
+    let mut grant = authenticated(svc, auth, &rpc)?;
+    svc.step_ups.confirm(&mut grant).await;
     let session = session_of(svc, &parts.headers, endpoint, &era, &rpc, &grant).await?;
     if rpc.is_notification() {
         if rpc.method == "notifications/cancelled" {

@@ -330,6 +330,22 @@ pub trait Store: Send + Sync {
     /// Every known tenant, by name.
     fn list_tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, StoreError>>;
 
+    /// Records that the token tree `root_jti` of `tenant` was minted with a step-up at `at`
+    /// (unix seconds), before the token leaves the gateway. Idempotent.
+    fn record_step_up<'a>(
+        &'a self,
+        tenant: &'a str,
+        root_jti: &'a str,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// When the token tree `root_jti` of `tenant` was minted with a step-up, if it was.
+    fn minted_step_up<'a>(
+        &'a self,
+        tenant: &'a str,
+        root_jti: &'a str,
+    ) -> BoxFuture<'a, Result<Option<i64>, StoreError>>;
+
     /// Atomically adds `amount` to the counter `(key, window_start)` if the result stays
     /// `<= limit` (`limit >= 0`), in one statement, so concurrent charges from any number of
     /// replicas never pass the limit. A negative `amount` is a refund: always applied, never

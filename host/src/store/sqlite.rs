@@ -295,6 +295,41 @@ impl SqliteStore {
             .collect()
     }
 
+    async fn record_step_up_impl(
+        &self,
+        tenant: &str,
+        root_jti: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        check::tenant(tenant)?;
+        check::visible_ascii("root_jti", root_jti, 128)?;
+        sqlx::query(
+            "INSERT INTO step_ups (tenant, root_jti, step_up_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (tenant, root_jti) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(root_jti)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn minted_step_up_impl(
+        &self,
+        tenant: &str,
+        root_jti: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let at: Option<i64> = sqlx::query_scalar(
+            "SELECT step_up_at FROM step_ups WHERE tenant = ?1 AND root_jti = ?2",
+        )
+        .bind(tenant)
+        .bind(root_jti)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(at)
+    }
+
     async fn ensure_tenant_impl(&self, name: &str) -> Result<bool, StoreError> {
         check::tenant(name)?;
         let done = sqlx::query(
@@ -510,6 +545,23 @@ impl Store for SqliteStore {
 
     fn list_tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, StoreError>> {
         Box::pin(self.list_tenants_impl())
+    }
+
+    fn record_step_up<'a>(
+        &'a self,
+        tenant: &'a str,
+        root_jti: &'a str,
+        at: i64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.record_step_up_impl(tenant, root_jti, at))
+    }
+
+    fn minted_step_up<'a>(
+        &'a self,
+        tenant: &'a str,
+        root_jti: &'a str,
+    ) -> BoxFuture<'a, Result<Option<i64>, StoreError>> {
+        Box::pin(self.minted_step_up_impl(tenant, root_jti))
     }
 
     fn charge<'a>(
