@@ -141,12 +141,19 @@ fn requested(params: &Map<String, Value>, max_uris: usize) -> Result<Requested, 
     match f.get("resourceSubscriptions") {
         None | Some(Value::Null) => {}
         Some(Value::Array(uris)) => {
+            let mut seen = std::collections::HashSet::new();
             for u in uris {
                 match u.as_str() {
                     Some(s) if !s.is_empty() => {
-                        if !out.uris.iter().any(|x| x == s) {
-                            out.uris.push(s.to_owned());
+                        // Linear, and refused at the first URI past the limit: a body of a
+                        // hundred thousand URIs must not hold a worker.
+                        if !seen.insert(s) {
+                            continue;
                         }
+                        if out.uris.len() == max_uris {
+                            return Err(too_many(max_uris));
+                        }
+                        out.uris.push(s.to_owned());
                     }
                     _ => {
                         return Err(invalid(
@@ -162,12 +169,13 @@ fn requested(params: &Map<String, Value>, max_uris: usize) -> Result<Requested, 
             ));
         }
     }
-    if out.uris.len() > max_uris {
-        return Err(invalid(&format!(
-            "at most {max_uris} resourceSubscriptions in one listen request"
-        )));
-    }
     Ok(out)
+}
+
+fn too_many(max_uris: usize) -> RpcError {
+    invalid(&format!(
+        "at most {max_uris} resourceSubscriptions in one listen request"
+    ))
 }
 
 /// One URI the pipeline permitted: where it goes, and its permit.
@@ -726,6 +734,21 @@ mod tests {
             let e = requested(b.as_object().expect("object"), 2).expect_err("refused");
             assert_eq!(e.code, code::INVALID_PARAMS, "{b}");
         }
+        // Refused at the first URI past the limit, before the rest is read: a body of many
+        // thousands of URIs costs no more than the limit's worth.
+        let mut many: Vec<Value> = (0..200_000).map(|i| Value::from(format!("u{i}"))).collect();
+        many.push(Value::from(1));
+        let p = json!({"notifications": {"resourceSubscriptions": many}});
+        let e = requested(p.as_object().expect("object"), 256).expect_err("refused");
+        assert!(
+            e.data
+                .as_ref()
+                .is_some_and(|d| d.to_string().contains("at most 256")),
+            "{e:?}"
+        );
+        // Repeats do not count toward it.
+        let p = json!({"notifications": {"resourceSubscriptions": ["a", "b", "a", "b", "a"]}});
+        assert!(requested(p.as_object().expect("object"), 2).is_ok());
     }
 
     #[test]
