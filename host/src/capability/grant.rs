@@ -153,6 +153,10 @@ pub struct Grant {
     pub risk_max: Option<u8>,
     /// The oldest `step_up_at` along the chain (for the policy input; 0 means none recorded).
     pub step_up_at: Option<i64>,
+    /// SHA-256 of the token's signature: one value per token, where `jti` is shared by a token
+    /// and every token attenuated from it (what only the presenting token may touch is keyed
+    /// by this). A digest, so it reveals nothing of the signature.
+    pub token_digest: [u8; 32],
     restrictions: Vec<Restriction>,
 }
 
@@ -172,6 +176,10 @@ impl Grant {
             max_cents: None,
             risk_max: None,
             step_up_at: None,
+            token_digest: {
+                use sha2::Digest;
+                sha2::Sha256::digest(t.sig.as_bytes()).into()
+            },
             restrictions: Vec::new(),
         }
     }

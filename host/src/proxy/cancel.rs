@@ -3,7 +3,10 @@
 //! the request by ([`crate::upstream::Sent`]), so the cancellation reaches the upstream as
 //! the upstream's own `notifications/cancelled`.
 //!
-//! Only the token that made a call can cancel it. The table is bounded: past
+//! Only the token that made a call can cancel it: the very token, not another of its tree (a
+//! token and the tokens attenuated from it share a `jti`, so calls are keyed by the token's
+//! digest). A call whose id is already in flight for the same token is forwarded without being
+//! cancellable, so no call's cancellation can reach another. The table is bounded: past
 //! [`MAX_IN_FLIGHT`] calls a new one is forwarded without being cancellable. This module must
 //! never cancel another token's call, and never keep an entry after its call ended.
 
@@ -19,7 +22,7 @@ use crate::upstream::Sent;
 /// Most calls that can be cancelled at once.
 pub const MAX_IN_FLIGHT: usize = 100_000;
 
-type Key = (String, String, String);
+type Key = (String, [u8; 32], String);
 
 /// The cancellable calls in flight.
 #[derive(Default)]
@@ -43,7 +46,7 @@ impl Drop for Registered<'_> {
 }
 
 fn key(grant: &Grant, id: &Value) -> Key {
-    (grant.tenant.clone(), grant.jti.clone(), id.to_string())
+    (grant.tenant.clone(), grant.token_digest, id.to_string())
 }
 
 impl InFlight {
@@ -55,7 +58,14 @@ impl InFlight {
         }
         let k = key(grant, id);
         let sent = Arc::new(Sent::default());
-        c.insert(k.clone(), (upstream.to_owned(), Arc::clone(&sent)));
+        match c.entry(k.clone()) {
+            // Another call of this token with this id is in flight: a cancellation could not
+            // tell the two apart, and this one's end must not unregister that one.
+            std::collections::hash_map::Entry::Occupied(_) => return None,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((upstream.to_owned(), Arc::clone(&sent)));
+            }
+        }
         Some(Registered {
             table: self,
             key: k,
@@ -92,4 +102,63 @@ pub fn requested(svc: &McpService, grant: &Grant, params: &serde_json::Map<Strin
             tracing::debug!(upstream = %name, error = %e, "cancellation not delivered");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capability::{Caveat, MasterKey, MintRequest, RevocationSet, Token, Verifier, mint};
+
+    const NOW: i64 = 1_700_000_000;
+
+    fn grants() -> (Grant, Grant) {
+        let key = MasterKey::from_bytes(b"0123456789abcdef0123456789abcdef").expect("key");
+        let parent = mint(
+            &key,
+            &MintRequest {
+                subject: "agent".into(),
+                ..MintRequest::default()
+            },
+            NOW,
+        )
+        .expect("mint")
+        .token;
+        let child = Token::decode(&parent)
+            .expect("decode")
+            .attenuate(Caveat {
+                tools: vec!["read_only".into()],
+                ..Caveat::bare("tool_allow")
+            })
+            .expect("attenuate")
+            .encode();
+        let v = Verifier::new(key, 60);
+        let fresh = RevocationSet::always_fresh();
+        let g = |t: &str| v.authenticate(t, NOW, &fresh).expect("authenticate");
+        (g(&parent), g(&child))
+    }
+
+    #[test]
+    fn only_the_very_token_finds_its_call() {
+        let (parent, child) = grants();
+        assert_eq!(parent.jti, child.jti, "a tree shares its jti");
+        let table = InFlight::default();
+        let id = Value::from(1);
+        let call = table.register(&parent, &id, "up").expect("registered");
+        assert!(table.find(&parent, &id).is_some());
+        assert!(
+            table.find(&child, &id).is_none(),
+            "the child token cannot cancel it"
+        );
+        // The same token reusing an in-flight id: not cancellable, and its end does not
+        // unregister the first.
+        assert!(table.register(&parent, &id, "up").is_none());
+        let theirs = table
+            .register(&child, &id, "up")
+            .expect("the child's own call");
+        drop(call);
+        assert!(table.find(&parent, &id).is_none());
+        assert!(table.find(&child, &id).is_some());
+        drop(theirs);
+        assert!(table.find(&child, &id).is_none());
+    }
 }
