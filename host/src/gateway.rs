@@ -240,6 +240,7 @@ impl Gateway {
             config.upstream_name.clone(),
         )
         .with_approvals(config.approvals)
+        .with_revocations(Arc::clone(&revocations))
         .with_upstream_names(&upstreams.iter().map(|(n, _)| n).collect::<Vec<_>>());
         let approvals = crate::approvals::Waiters::new(config.approvals.poll);
         background.push(tokio::spawn(crate::approvals::wait::listen(

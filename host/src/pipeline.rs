@@ -196,6 +196,8 @@ pub struct Pipeline {
     throttle: Arc<throttle::Throttle>,
     metrics: Arc<crate::metrics::Metrics>,
     approvals: ApprovalConfig,
+    /// The revocations every decision checks again (see [`Pipeline::with_revocations`]).
+    revocations: Option<Arc<crate::capability::RevocationSet>>,
 }
 
 /// What the checks concluded, for the audit event.
@@ -225,7 +227,17 @@ impl Pipeline {
             throttle,
             metrics,
             approvals: ApprovalConfig::default(),
+            revocations: None,
         }
+    }
+
+    /// The same pipeline checking, at every decision, that the call's token has not expired or
+    /// been revoked since its request authenticated it: a call held for its approval, a long
+    /// poll or an upstream's request during a long call is decided later than that.
+    #[must_use]
+    pub fn with_revocations(mut self, revocations: Arc<crate::capability::RevocationSet>) -> Self {
+        self.revocations = Some(revocations);
+        self
     }
 
     /// The same pipeline counting forwarded calls per upstream (`names`, configuration order).
@@ -503,7 +515,12 @@ impl Pipeline {
         approved: bool,
     ) -> Result<(), Denial> {
         let authorizing = (self.metrics.stages).timer(crate::metrics::Stage::Capability);
-        // 1. capability: the token's static caveats for this tool, server and agent.
+        // 1. capability: the token is still good now (it may have waited since its request
+        // authenticated it), and its static caveats for this tool, server and agent.
+        if let Some(revocations) = &self.revocations {
+            let now = i64::try_from(audit::time::now_ms() / 1000).unwrap_or(i64::MAX);
+            call.grant.still_valid(now, revocations)?;
+        }
         let upstream = call.upstream.unwrap_or(&self.upstream_name);
         call.grant.authorize(&CallContext {
             kind: call.kind.capability_kind(),

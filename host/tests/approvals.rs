@@ -953,3 +953,47 @@ fn attenuated(
         .expect("attenuate")
         .encode()
 }
+
+/// A call held for its approval is decided again when approved, with its token as it is then:
+/// revoked meanwhile, it is refused and never reaches the upstream.
+#[tokio::test]
+async fn a_held_call_whose_token_was_revoked_meanwhile_does_not_run() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let tg = start(Backend::Sqlite, up, &["--approval-timeout-s", "30"]).await;
+    let (token, jti) = tg
+        .mint(json!({"subject": "agent-rv", "tools": ["delete_records"]}))
+        .await;
+    let m = marker("revoked-while-held");
+    let task = held(
+        tg.url.clone(),
+        token.clone(),
+        call_body("delete_records", &m),
+    )
+    .await;
+    let id = wait_pending(&tg.url, "agent-rv").await;
+    let (status, v) = http::post_json(
+        &format!("{}/v1/admin/revoke", tg.url),
+        Some(ADMIN_TOKEN),
+        &json!({"jti": jti, "reason": "compromised"}),
+    )
+    .await;
+    assert_eq!(status, 204, "{v}");
+    let (status, d) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "approve", "decided_by": "ops"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    let v = tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("answered")
+        .expect("task");
+    assert_eq!(v["error"]["code"], -32010, "{v}");
+    assert!(v.to_string().contains("revoked"), "{v}");
+    // Given time to arrive, had it been sent.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(up.calls_with(&m).len(), 0);
+    tg.shutdown().await;
+}

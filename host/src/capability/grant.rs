@@ -157,6 +157,8 @@ pub struct Grant {
     /// and every token attenuated from it (what only the presenting token may touch is keyed
     /// by this). A digest, so it reveals nothing of the signature.
     pub token_digest: [u8; 32],
+    /// The `exp` caveat that set `expires_at`.
+    pub(crate) expiry_caveat: usize,
     restrictions: Vec<Restriction>,
 }
 
@@ -180,8 +182,26 @@ impl Grant {
                 use sha2::Digest;
                 sha2::Sha256::digest(t.sig.as_bytes()).into()
             },
+            expiry_caveat: 0,
             restrictions: Vec::new(),
         }
+    }
+
+    /// Whether the token is still good at `now_unix`, for a call decided some time after its
+    /// request authenticated it (a call held for an approval, a long poll, an upstream's
+    /// request during a long call): not expired since, nor revoked, nor with a stale
+    /// revocation list.
+    pub fn still_valid(
+        &self,
+        now_unix: i64,
+        revocations: &super::RevocationSet,
+    ) -> Result<(), CapabilityError> {
+        if self.expires_at.is_some_and(|exp| now_unix >= exp) {
+            return Err(CapabilityError::Expired {
+                caveat: self.expiry_caveat,
+            });
+        }
+        revocations.check(&self.jti, &self.root_jti)
     }
 
     pub(crate) fn push(&mut self, r: Restriction) {

@@ -228,7 +228,10 @@ fn apply(
             if now >= c.exp {
                 return Err(CapabilityError::Expired { caveat: i });
             }
-            grant.expires_at = Some(grant.expires_at.map_or(c.exp, |e| e.min(c.exp)));
+            if grant.expires_at.is_none_or(|e| c.exp < e) {
+                grant.expires_at = Some(c.exp);
+                grant.expiry_caveat = i;
+            }
         }
         "agent_lock" => {
             if c.agent != token.sub {

@@ -486,6 +486,16 @@ fn exp_boundary_has_no_leeway() {
         v.authenticate(&child, NOW + 10, &fresh()).err(),
         Some(CapabilityError::Expired { caveat: 2 })
     );
+    // A grant checked again later (a call that waited) expires as its token would, naming the
+    // same caveat, and is refused once its token is revoked.
+    assert_eq!(g.still_valid(NOW + 9, &fresh()), Ok(()));
+    assert_eq!(
+        g.still_valid(NOW + 10, &fresh()),
+        Err(CapabilityError::Expired { caveat: 2 })
+    );
+    let set = fresh();
+    set.extend([g.root_jti.clone()]);
+    assert_eq!(g.still_valid(NOW, &set), Err(CapabilityError::Revoked));
 }
 
 #[test]
