@@ -505,6 +505,22 @@ async fn admin_api_uploads_promotes_rolls_back_and_edits_policies() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(registry.snapshot(tenant).digest(), digest);
+    // The rollback target (now the runbook draft) and the active bundle are not deleted: a
+    // rollback and the replicas following the pointer rebuild from them.
+    for gone in [id.as_str(), digest.as_str()] {
+        let r = run(
+            &registry,
+            admin(
+                &delete,
+                &format!("/v1/admin/policies/drafts/{gone}"),
+                None,
+                b"",
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 409, "{}", r.body);
+    }
+    assert!(registry.drafts(tenant).iter().any(|d| d.digest == id));
 
     // Dry-run a candidate against recorded calls.
     let calls = serde_json::json!([

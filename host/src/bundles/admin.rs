@@ -634,8 +634,9 @@ async fn replay_set(
     Ok(calls)
 }
 
-/// Delete a draft (not the active bundle): 404 unless it exists, then its event, then the
-/// store, then memory (so a store that refuses leaves the draft everywhere).
+/// Delete a draft (not the active bundle nor the rollback target: 409): 404 unless it exists,
+/// then its event, then the store, then memory (so a store that refuses leaves the draft
+/// everywhere).
 async fn delete_draft(
     registry: &Registry,
     call: &AdminCall<'_>,
@@ -645,8 +646,18 @@ async fn delete_draft(
     detail: Value,
 ) -> Result<Box<AdminEvent>, AdminReply> {
     let tenant = call.tenant;
-    if !draft_exists(registry, tenant, digest) || registry.status(tenant).active == digest {
-        return Err(error(404, format!("unknown or active draft {digest}")));
+    if !draft_exists(registry, tenant, digest) {
+        return Err(error(404, format!("unknown draft {digest}")));
+    }
+    let status = registry.status(tenant);
+    if status.active == digest {
+        return Err(error(409, format!("draft {digest} is the active bundle")));
+    }
+    if status.previous.as_deref() == Some(digest) {
+        return Err(error(
+            409,
+            format!("draft {digest} is the rollback target; promote another bundle first"),
+        ));
     }
     let event = audit_first(opts, call, action, detail).await?;
     if let Err(r) = store_delete(registry, tenant, digest).await {

@@ -657,15 +657,27 @@ impl Registry {
                 true,
             )
         };
+        self.within_quota(tenant, build)
+    }
+
+    /// Runs `build`, and when the tenant's instance quota refused it, runs it once more after
+    /// giving back the idle instances of the tenant's current bundles: they are a cache, and
+    /// the tenant must be able to hold the bundle that replaces them.
+    fn within_quota<T>(
+        &self,
+        tenant: &str,
+        build: impl Fn() -> Result<T, BundleError>,
+    ) -> Result<T, BundleError> {
         match build() {
             Err(BundleError::Invalid {
                 error: PluginError::TenantQuota { .. },
                 ..
             }) => {
-                // The active bundle's idle instances are a cache: give them back to the
-                // tenant's quota so that it can hold the candidate, and try once more.
                 if let Some(slot) = self.inner.tenants.load().get(tenant) {
                     slot.active.load().trim();
+                    if let Some(previous) = lock(&slot.previous).as_ref() {
+                        previous.trim();
+                    }
                 }
                 build()
             }
@@ -735,7 +747,10 @@ impl Registry {
 
     /// Delete a draft (the active one cannot be deleted). Returns whether it existed.
     pub fn delete_draft(&self, tenant: &str, digest: &str) -> bool {
-        if self.status(tenant).active == digest {
+        let status = self.status(tenant);
+        // The rollback target stays too: a rollback, and the undo of a swap the store refused,
+        // rebuild from it, and so do the replicas that follow the stored pointer.
+        if status.active == digest || status.previous.as_deref() == Some(digest) {
             return false;
         }
         write(&self.inner.drafts)
@@ -826,8 +841,10 @@ impl Registry {
                 warm,
             )?))
         };
-        let next = build(active, true)?;
-        let previous = previous.map(|d| build(d, false)).transpose()?;
+        let next = self.within_quota(tenant, || build(active, true))?;
+        let previous = previous
+            .map(|d| self.within_quota(tenant, || build(d, false)))
+            .transpose()?;
         let slot = self.slot(tenant);
         let _serial = lock(&slot.swap);
         let old = slot.active.swap(next.clone());
@@ -1113,6 +1130,40 @@ mod tests {
         let mut w = wasm.to_vec();
         w.extend_from_slice(&[0, 3, 1, b'x', i]);
         w
+    }
+
+    #[test]
+    fn a_follower_installs_a_promotion_when_the_tenant_is_at_its_quota() {
+        let runtime = Runtime::new(crate::plugins::Limits {
+            max_instances: 16,
+            max_instances_per_tenant: 4,
+            ..crate::plugins::Limits::default()
+        })
+        .expect("runtime");
+        let registry = Registry::with_runtime(Arc::clone(&runtime)).expect("registry");
+        let spec = |pad: &str| {
+            registry
+                .default_spec()
+                .with_policy_config(format!("{}{pad}", crate::bundles::default_policy_config()))
+        };
+        let a = registry.create_draft("t", "a", spec(" ")).expect("a");
+        let b = registry.create_draft("t", "b", spec("  ")).expect("b");
+        registry.promote("t", &a.digest).expect("promote a");
+        // Traffic leaves the active bundle's instances idle in its pools (a cache).
+        let input = CheckInput {
+            tenant: "t".into(),
+            tool: "x".into(),
+            arguments: "{}".into(),
+            ..Default::default()
+        };
+        let _ = registry.snapshot("t").decide(&input);
+        assert!(runtime.tenant_instances("t") >= 3);
+        // What a replica following the stored pointer {active: b, previous: a} does.
+        assert_eq!(
+            registry.install("t", &b.digest, Some(&a.digest)).ok(),
+            Some(true)
+        );
+        assert_eq!(registry.status("t").active, b.digest);
     }
 
     #[test]
