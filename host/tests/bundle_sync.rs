@@ -598,6 +598,25 @@ async fn a_bundle_the_store_never_recorded_is_stored_before_it_is_promoted() {
         .await
         .expect("a replica loads every stored pointer");
     assert_eq!(b.status(tenant).active, draft.digest);
+    // Every component it names is stored, the built-in intent, Rego and budget ones too: a
+    // build of the gateway with other built-ins (an upgrade) loads the bundle from these bytes.
+    let persist = Persist::new(store.db());
+    let spec = a
+        .drafts(tenant)
+        .into_iter()
+        .find(|d| d.digest == draft.digest)
+        .expect("the draft")
+        .spec;
+    let named: Vec<String> = spec.component_digests().map(str::to_owned).collect();
+    assert!(named.len() >= 4, "{named:?}");
+    for digest in named {
+        let (_, _, wasm) = persist
+            .component(&digest)
+            .await
+            .expect("read")
+            .unwrap_or_else(|| panic!("component {digest} is not stored"));
+        assert_eq!(Some(wasm.as_slice()), a.component_bytes(&digest).as_deref());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -322,9 +322,11 @@ async fn store_delete(registry: &Registry, tenant: &str, digest: &str) -> Result
         .map_err(|e| error(503, e))
 }
 
-/// Store (again) the bundles a pointer is about to name and their uploaded components, so a
-/// stored pointer never names a bundle the other replicas (or this one restarting) cannot load:
-/// a draft or component whose store write failed when it was made may still be in memory.
+/// Store (again) the bundles a pointer is about to name and their components, so a stored
+/// pointer never names a bundle the other replicas (or this one restarting) cannot load: a
+/// draft or component whose store write failed when it was made may still be in memory. The
+/// built-in components a bundle names are stored too: another build of the gateway (an
+/// upgrade, a rolling one) has other built-ins, and loads the bundle with these bytes.
 /// Every write is idempotent.
 async fn store_pointed(
     registry: &Registry,
@@ -334,12 +336,6 @@ async fn store_pointed(
 ) -> Result<(), super::persist::PersistError> {
     let status = registry.status(tenant);
     let drafts = registry.drafts(tenant);
-    let builtin: Vec<String> = registry
-        .components()
-        .into_iter()
-        .filter(|c| c.builtin)
-        .map(|c| c.digest)
-        .collect();
     let default = registry.default_spec().digest();
     for digest in std::iter::once(&status.active).chain(status.previous.as_ref()) {
         if *digest == default {
@@ -349,9 +345,6 @@ async fn store_pointed(
             continue;
         };
         for component in draft.spec.component_digests() {
-            if builtin.iter().any(|b| b == component) {
-                continue;
-            }
             let info = registry
                 .components()
                 .into_iter()
