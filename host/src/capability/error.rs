@@ -65,6 +65,9 @@ pub enum CapabilityError {
     /// The revocation set has not been synced recently enough: failing closed.
     #[error("revocation list is stale; refusing tokens until it is synced")]
     RevocationStale,
+    /// The token's patterns with a `*` add up to more than [`super::glob::MAX_WILDCARD_BYTES`].
+    #[error("the token's wildcard patterns take {bytes} bytes (at most {max})")]
+    TooManyWildcards { bytes: usize, max: usize },
     /// A request-supplied name is longer than [`super::MAX_NAME_BYTES`].
     #[error("{what} name too long")]
     NameTooLong { what: &'static str },

@@ -11,6 +11,12 @@
 
 use std::fmt;
 
+/// Most bytes of patterns with a `*` one token may carry, all its caveats together. A holder
+/// can append caveats, and a list filtered for a token matches every name against every
+/// pattern: without a bound, 12 KB of `*a*a*…` would cost milliseconds a name. Real tokens
+/// carry a few short globs (`read_*`).
+pub const MAX_WILDCARD_BYTES: usize = 1024;
+
 /// One parsed pattern.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Glob {
@@ -105,6 +111,17 @@ impl Glob {
     /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.source
+    }
+
+    /// What matching may cost beyond one pass over the name: a pattern with a `*` backtracks,
+    /// up to its length for every character of the name. Counted against
+    /// [`MAX_WILDCARD_BYTES`].
+    pub(crate) fn wildcard_bytes(&self) -> usize {
+        if self.toks.contains(&Tok::Star) {
+            self.source.len()
+        } else {
+            0
+        }
     }
 
     /// Whether `name` is equal to the pattern or matches it as a glob.

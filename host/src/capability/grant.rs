@@ -208,6 +208,23 @@ impl Grant {
         self.restrictions.push(r);
     }
 
+    /// The bytes of the grant's patterns with a `*` (see [`Glob::wildcard_bytes`]).
+    pub(crate) fn wildcard_bytes(&self) -> usize {
+        let sum = |globs: &[Glob]| globs.iter().map(Glob::wildcard_bytes).sum::<usize>();
+        self.restrictions
+            .iter()
+            .map(|r| match r {
+                Restriction::ToolAllow { globs, .. }
+                | Restriction::ToolDeny { globs, .. }
+                | Restriction::KindAllow { globs, .. }
+                | Restriction::KindDeny { globs, .. }
+                | Restriction::McpAllow { globs, .. } => sum(globs),
+                Restriction::CalleeAllow { agents, .. } => sum(agents),
+                Restriction::RiskMax { .. } => 0,
+            })
+            .sum()
+    }
+
     /// Checks one call against the token's per-call caveats, in chain order; the first failing
     /// caveat is reported.
     pub fn authorize(&self, ctx: &CallContext<'_>) -> Result<(), CapabilityError> {

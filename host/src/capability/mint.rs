@@ -202,6 +202,21 @@ pub(crate) fn mint_with_random(
         cav.push(Caveat::scoped("prompt_allow", globs));
     }
 
+    // What verification refuses is never minted: the wildcard patterns of every caveat
+    // together stay within the bound a holder's caveats are held to.
+    let wildcard = cav
+        .iter()
+        .flat_map(|c| c.tools.iter().chain(&c.servers).chain(&c.callees))
+        .filter_map(|p| Glob::new(p).ok())
+        .map(|g| g.wildcard_bytes())
+        .sum::<usize>();
+    if wildcard > super::glob::MAX_WILDCARD_BYTES {
+        return Err(MintError::InvalidPattern {
+            field: "tools",
+            pattern: String::new(),
+            reason: "the patterns with a '*' exceed 1024 bytes in one token",
+        });
+    }
     let mut id = [0u8; 16];
     // The original truncates the time to 32 bits too; it only orders ids, uniqueness is random.
     id[..4].copy_from_slice(&((now_unix & 0xffff_ffff) as u32).to_be_bytes());

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::MAX_LEEWAY_SECS;
 use super::error::CapabilityError;
-use super::glob::Glob;
+use super::glob::{Glob, MAX_WILDCARD_BYTES};
 use super::grant::{Grant, Kind, Restriction};
 use super::key::MasterKey;
 use super::revocation::RevocationSet;
@@ -77,6 +77,13 @@ impl Verifier {
         let mut grant = Grant::new(&token);
         for (i, c) in token.cav.iter().enumerate() {
             apply(&mut grant, &token, i, c, now_unix)?;
+        }
+        let bytes = grant.wildcard_bytes();
+        if bytes > MAX_WILDCARD_BYTES {
+            return Err(CapabilityError::TooManyWildcards {
+                bytes,
+                max: MAX_WILDCARD_BYTES,
+            });
         }
         revocations.check(&token.jti, &token.root_jti)?;
         Ok(grant)
@@ -303,7 +310,15 @@ fn globs(
     patterns: &[String],
     bad: &dyn Fn(&str) -> CapabilityError,
 ) -> Result<Vec<Glob>, CapabilityError> {
-    patterns.iter().map(|p| Glob::new(p).map_err(bad)).collect()
+    patterns
+        .iter()
+        .map(|p| {
+            if p.len() > super::MAX_NAME_BYTES {
+                return Err(bad("pattern longer than a name may be"));
+            }
+            Glob::new(p).map_err(bad)
+        })
+        .collect()
 }
 
 /// The smaller of a running minimum and a non-negative caveat value.

@@ -563,3 +563,58 @@ fn stale_revocation_set_fails_closed() {
     set.mark_synced();
     assert!(verifier().authenticate(&m.token, NOW, &set).is_ok());
 }
+
+// ---- bounded matching ---------------------------------------------------------------------------
+
+#[test]
+fn a_holders_wildcards_are_bounded() {
+    let m = mint_ok(&req("bot"));
+    // What backtracks worst: `*a*a*…*b` against a name of `a`s.
+    let costly = format!("{}b", "*a".repeat(250));
+    assert_eq!(costly.len(), 501);
+    let child = attenuate(
+        &m.token,
+        vec![Caveat::scoped("tool_allow", [costly.clone()])],
+    );
+    assert!(auth(&child).is_ok(), "one such pattern is within the bound");
+    let child = attenuate(
+        &m.token,
+        vec![Caveat::scoped(
+            "tool_deny",
+            [costly.clone(), costly.clone(), costly],
+        )],
+    );
+    assert_eq!(
+        auth(&child).err(),
+        Some(CapabilityError::TooManyWildcards {
+            bytes: 1503,
+            max: 1024
+        })
+    );
+    // Literal names cost one pass and are not counted.
+    let names: Vec<String> = (0..40).map(|i| format!("tool_{i:040}")).collect();
+    let child = attenuate(&m.token, vec![Caveat::scoped("tool_allow", names)]);
+    assert!(auth(&child).is_ok());
+    // No pattern longer than a name may be.
+    let child = attenuate(
+        &m.token,
+        vec![Caveat::scoped("tool_allow", ["x".repeat(513)])],
+    );
+    assert!(matches!(
+        auth(&child).err(),
+        Some(CapabilityError::MalformedCaveat { .. })
+    ));
+    // The mint refuses what verification would.
+    let many: Vec<String> = (0..5).map(|i| format!("{i}{}", "*x".repeat(120))).collect();
+    assert!(matches!(
+        mint(
+            &key(),
+            &MintRequest {
+                tools: many,
+                ..req("bot")
+            },
+            NOW
+        ),
+        Err(MintError::InvalidPattern { .. })
+    ));
+}
