@@ -210,3 +210,45 @@ mod tests {
         assert!(matches!(err, SecretsError::Permissions { .. }), "{err}");
     }
 }
+
+/// A configured bearer secret, kept as its SHA-256: compared with a presented one in constant
+/// time over the digests, so neither the secret's bytes nor its length show in the timing (a
+/// constant-time comparison of the raw bytes still ends early on a length mismatch).
+#[derive(Clone)]
+pub struct BearerSecret([u8; 32]);
+
+impl BearerSecret {
+    pub fn new(secret: &str) -> Self {
+        use sha2::Digest;
+        Self(sha2::Sha256::digest(secret.as_bytes()).into())
+    }
+
+    /// Whether `presented` is this secret.
+    pub fn matches(&self, presented: &str) -> bool {
+        use sha2::Digest;
+        use subtle::ConstantTimeEq;
+        let digest: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
+        bool::from(digest.ct_eq(&self.0))
+    }
+}
+
+impl std::fmt::Debug for BearerSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerSecret(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod bearer_tests {
+    use super::BearerSecret;
+
+    #[test]
+    fn only_the_very_secret_matches() {
+        let s = BearerSecret::new("super-secret-token-1");
+        assert!(s.matches("super-secret-token-1"));
+        assert!(!s.matches("super-secret-token-"));
+        assert!(!s.matches("super-secret-token-12"));
+        assert!(!s.matches(""));
+        assert_eq!(format!("{s:?}"), "BearerSecret(<redacted>)");
+    }
+}

@@ -22,11 +22,11 @@ mod tokens;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use crate::secrets::BearerSecret;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
-use subtle::ConstantTimeEq;
 
 use crate::audit::{self, AuditEvent};
 use crate::config::valid_tenant_name;
@@ -144,17 +144,17 @@ impl Principal {
 
 /// The admin credentials.
 pub struct AdminAuth {
-    superadmin: Vec<u8>,
-    tenants: Vec<(String, Vec<u8>)>,
+    superadmin: BearerSecret,
+    tenants: Vec<(String, BearerSecret)>,
 }
 
 impl AdminAuth {
     pub fn new(superadmin: String, tenants: Vec<(String, String)>) -> Self {
         Self {
-            superadmin: superadmin.into_bytes(),
+            superadmin: BearerSecret::new(&superadmin),
             tenants: tenants
                 .into_iter()
-                .map(|(t, k)| (t, k.into_bytes()))
+                .map(|(t, k)| (t, BearerSecret::new(&k)))
                 .collect(),
         }
     }
@@ -162,13 +162,13 @@ impl AdminAuth {
     /// Compares the presented token with every configured one in constant time (no early exit,
     /// so timing does not reveal which entry matched or how much of one).
     pub fn authenticate(&self, headers: &HeaderMap) -> Option<Principal> {
-        let presented = http::bearer(headers)?.as_bytes();
+        let presented = http::bearer(headers)?;
         let mut found = None;
-        if bool::from(presented.ct_eq(&self.superadmin)) {
+        if self.superadmin.matches(presented) {
             found = Some(Principal::Superadmin);
         }
         for (tenant, key) in &self.tenants {
-            if bool::from(presented.ct_eq(key)) && found.is_none() {
+            if key.matches(presented) && found.is_none() {
                 found = Some(Principal::TenantAdmin(tenant.clone()));
             }
         }

@@ -21,7 +21,6 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -92,7 +91,9 @@ fn authorized(gw: &Gateway, headers: &hyper::HeaderMap, listener: Listener) -> b
     }
     let superadmin = gw.admin.authenticate(headers) == Some(Principal::Superadmin);
     let scraper = match (http::bearer(headers), &m.token) {
-        (Some(presented), Some(token)) => bool::from(presented.as_bytes().ct_eq(token.as_bytes())),
+        (Some(presented), Some(token)) => {
+            crate::secrets::BearerSecret::new(token).matches(presented)
+        }
         _ => false,
     };
     superadmin | scraper

@@ -91,8 +91,11 @@ impl Target {
             _ => return Err(invalid("params.argument must be an object")),
         };
         let mut arguments = json!({"ref": reference, "argument": argument});
-        if let Some(c @ Value::Object(_)) = params.get("context") {
-            arguments["context"] = c.clone();
+        // What is forwarded is what the checks saw: a context they could not see is refused.
+        match params.get("context") {
+            None | Some(Value::Null) => {}
+            Some(c @ Value::Object(_)) => arguments["context"] = c.clone(),
+            Some(_) => return Err(invalid("params.context must be an object")),
         }
         Ok(Target {
             kind: CallKind::Completion(kind),
@@ -161,6 +164,11 @@ mod tests {
             (
                 "completion/complete",
                 json!({"ref": {"type": "ref/prompt", "name": "x"}}),
+            ),
+            (
+                "completion/complete",
+                json!({"ref": {"type": "ref/prompt", "name": "x"}, "argument": {},
+                       "context": "not an object"}),
             ),
         ] {
             let e = decode(method, params.clone()).expect_err("refused");
