@@ -537,6 +537,18 @@ async fn admin_api_uploads_promotes_rolls_back_and_edits_policies() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["transitions"]["block->allow"], 1);
     assert_eq!(r.body["transitions"]["block->block"], 1);
+    // No more calls than a recorded sample holds.
+    let many: Vec<serde_json::Value> = (0..=intentgate::bundles::sample::MAX_SAMPLE)
+        .map(|_| serde_json::json!({"input": {"tool": "t"}, "decision": "block"}))
+        .collect();
+    let body =
+        serde_json::to_vec(&serde_json::json!({"rego_source": rego, "calls": many})).expect("json");
+    let r = run(
+        &registry,
+        admin(&post, "/v1/admin/policies/dry-run", None, &body),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
 
     // Clearing the active policy returns to deny by default; unknown paths are not ours.
     assert_eq!(

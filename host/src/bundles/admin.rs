@@ -613,6 +613,17 @@ async fn replay_set(
     mut calls: Vec<RecordedCall>,
     sample: Option<&str>,
 ) -> Result<Vec<RecordedCall>, AdminReply> {
+    // Each call is replayed through every check of the candidate: as many as a sample holds.
+    let most = super::sample::MAX_SAMPLE;
+    if calls.len() > most {
+        return Err(error(
+            400,
+            format!(
+                "at most {most} calls in one dry run ({} given)",
+                calls.len()
+            ),
+        ));
+    }
     if let Some(name) = sample {
         let window = super::sample::window_ms(name).map_err(|e| error(400, e))?;
         let persist = registry
