@@ -539,15 +539,19 @@ impl Registry {
     }
 
     /// Forget an uploaded component (the admin API undoes an upload the store did not record).
-    /// Built-ins and components a draft of any tenant names stay. Returns whether it went.
+    /// Built-ins, components a draft of any tenant names and components a tenant holds (one
+    /// that uploaded the same bytes meanwhile) stay. Returns whether it went.
     pub fn remove_component(&self, digest: &str) -> bool {
         let drafts = read(&self.inner.drafts);
         let used = drafts
             .values()
             .flat_map(|d| d.values())
             .any(|d| d.spec.component_digests().any(|c| c == digest));
+        let held = read(&self.inner.owners)
+            .get(digest)
+            .is_some_and(|o| !o.is_empty());
         let mut infos = write(&self.inner.infos);
-        if used || infos.get(digest).is_none_or(|i| i.builtin) {
+        if used || held || infos.get(digest).is_none_or(|i| i.builtin) {
             return false;
         }
         infos.remove(digest);
@@ -1196,5 +1200,15 @@ mod tests {
         assert_eq!(runtime.compiled_len(), before + 1);
         assert!(registry.release_component("acme", &info.digest));
         assert_eq!(runtime.compiled_len(), before);
+        // An upload undone (its event could not be recorded) while another tenant holds the same
+        // bytes leaves that tenant's component in place.
+        let info = registry
+            .upload_component("z", &wasm, World::SiemFormatter)
+            .expect("again");
+        registry.add_component_owner(&info.digest, "globex");
+        assert!(!registry.remove_component(&info.digest));
+        assert!(registry.may_use_component("globex", &info.digest));
+        assert!(registry.release_component("globex", &info.digest));
+        assert!(!registry.may_use_component("globex", &info.digest));
     }
 }
