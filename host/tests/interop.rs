@@ -217,6 +217,9 @@ pub(crate) enum Flavor {
     /// The default server whose session streams (`GET`) open only after 800 ms: what it sends
     /// there before is lost.
     SlowSessionStream,
+    /// A handshake-only server that refuses (HTTP 500) the client's replies to its requests and
+    /// logs every `tools/call` POST it receives as `posted:tools/call`.
+    RefusesReplies,
 }
 
 impl Flavor {
@@ -230,6 +233,7 @@ impl Flavor {
             Flavor::Paged => &["--json-response", "--page-size", "3"],
             Flavor::ModernOnly => &["--modern-only"],
             Flavor::SlowSessionStream => &["--session-stream-delay-ms", "800"],
+            Flavor::RefusesReplies => &["--handshake-only", "--refuse-replies"],
         }
     }
 
@@ -305,6 +309,7 @@ impl Upstream {
         static PAGED: OnceLock<Upstream> = OnceLock::new();
         static MODERN_ONLY: OnceLock<Upstream> = OnceLock::new();
         static SLOW_SESSION_STREAM: OnceLock<Upstream> = OnceLock::new();
+        static REFUSES_REPLIES: OnceLock<Upstream> = OnceLock::new();
         let cell = match flavor {
             Flavor::Sse => &SSE,
             Flavor::Json => &JSON,
@@ -314,6 +319,7 @@ impl Upstream {
             Flavor::Paged => &PAGED,
             Flavor::ModernOnly => &MODERN_ONLY,
             Flavor::SlowSessionStream => &SLOW_SESSION_STREAM,
+            Flavor::RefusesReplies => &REFUSES_REPLIES,
         };
         let up = cell.get_or_init(|| Upstream::start(flavor));
         if let Ok(Some(status)) = up.child.lock().expect("child").try_wait() {

@@ -190,6 +190,32 @@ async fn a_question_on_a_session_stream_that_opens_late_still_reaches_the_client
     tg.shutdown().await;
 }
 
+/// A call the upstream took is never sent to it again: when the upstream refuses the client's
+/// reply to its question (HTTP 500), the call ends in an error, and the upstream received it
+/// once (not again after probing its revision, as a refusal before the call was taken is).
+#[tokio::test]
+async fn a_call_the_upstream_took_is_never_sent_twice() {
+    let up = Upstream::start_async(Flavor::RefusesReplies).await;
+    let tg = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "once", "tools": ["ask_user"]}))
+        .await;
+    let question = format!("once? {}", std::process::id());
+    let (url, tok, q) = (tg.url.clone(), token.clone(), question.clone());
+    let out = tokio::task::spawn_blocking(move || run_client("legacy", &url, &tok, &q))
+        .await
+        .expect("client");
+    assert_ne!(out["ok"], true, "{out}");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let posted: Vec<Value> = up
+        .calls_with(&question)
+        .into_iter()
+        .filter(|c| c["tool"] == "posted:tools/call")
+        .collect();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    tg.shutdown().await;
+}
+
 #[tokio::test]
 async fn the_clients_roots_reach_the_tool_that_lists_them() {
     let up = Upstream::shared_async(Flavor::Sse).await;

@@ -73,6 +73,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=0,
         help="hold each GET (a session's own stream) this long before it opens",
     )
+    p.add_argument(
+        "--refuse-replies",
+        action="store_true",
+        help="answer every client reply (a POST with result or error, no method) with HTTP 500, "
+        "and log each tools/call POST to --call-log as tool 'posted:tools/call'",
+    )
     p.add_argument("--ignore-stdin", action="store_true", help="do not exit when stdin closes")
     p.add_argument(
         "--page-size",
@@ -385,6 +391,51 @@ class HandshakeOnly:
         return await self.app(scope, replay, send)
 
 
+class RefuseReplies:
+    """ASGI middleware: refuse the client's replies to the server's requests (HTTP 500), as a
+    server that fails while taking an answer does, and note every `tools/call` POST it receives
+    (one line per POST in the call log), so a test can tell how many times a call was sent."""
+
+    def __init__(self, app, call_log: str | None):
+        self.app = app
+        self.call_log = call_log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        messages = []
+        body = b""
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and parsed.get("method") == "tools/call" and self.call_log:
+            params = parsed.get("params") or {}
+            line = json.dumps({"tool": "posted:tools/call", "args": params.get("arguments")})
+            with open(self.call_log, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        if isinstance(parsed, dict) and "method" not in parsed and ("result" in parsed or "error" in parsed):
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"cannot take this reply"})
+            return None
+
+        async def replay():
+            if messages:
+                return messages.pop(0)
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
 class ModernOnly:
     """ASGI middleware: answer like a server that speaks only the stateless 2026-07-28 revision.
 
@@ -462,6 +513,8 @@ def main(argv: list[str]) -> int:
     )
     if args.session_stream_delay_ms > 0:
         app = SlowSessionStream(app, args.session_stream_delay_ms / 1000)
+    if args.refuse_replies:
+        app = RefuseReplies(app, args.call_log)
     if args.handshake_only:
         app = HandshakeOnly(app)
     elif args.modern_only:

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::exposition::{Exposition, Kind, Labels};
 use crate::upstream::UpstreamError;
 
-const KINDS: [&str; 7] = [
+const KINDS: [&str; 8] = [
     "not_configured",
     "unreachable",
     "timeout",
@@ -19,6 +19,7 @@ const KINDS: [&str; 7] = [
     "too_large",
     "malformed",
     "not_decided",
+    "interrupted",
 ];
 
 fn kind_of(e: &UpstreamError) -> usize {
@@ -30,6 +31,7 @@ fn kind_of(e: &UpstreamError) -> usize {
         UpstreamError::TooLarge(_) => 4,
         UpstreamError::Malformed(_) => 5,
         UpstreamError::NotDecided => 6,
+        UpstreamError::Interrupted(_) => 7,
     }
 }
 

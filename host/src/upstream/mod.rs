@@ -70,6 +70,10 @@ pub enum UpstreamError {
     TooLarge(usize),
     #[error("upstream response is not a JSON-RPC answer: {0}")]
     Malformed(String),
+    /// The upstream took the request (its answer had begun), then the exchange failed: the
+    /// request may have run, so it is never sent again.
+    #[error("the upstream took the request, then the exchange failed: {0}")]
+    Interrupted(String),
     /// The body about to be sent is not the one the pipeline decided (a gateway defect; the
     /// call is refused, never sent).
     #[error("refused to forward a body that is not the one decided")]
@@ -451,6 +455,7 @@ impl Upstream {
                 detail: scrub(detail),
             },
             UpstreamError::Malformed(t) => UpstreamError::Malformed(scrub(t)),
+            UpstreamError::Interrupted(t) => UpstreamError::Interrupted(scrub(t)),
             other => other,
         }
     }
@@ -1017,7 +1022,11 @@ impl Upstream {
                 };
                 reply.insert("jsonrpc".into(), Value::from("2.0"));
                 reply.insert("id".into(), upstream_id);
-                self.post_reply(&Value::Object(reply), &headers).await?;
+                // The call is running upstream: a refused reply must not read as a refused call
+                // (which would be sent again).
+                self.post_reply(&Value::Object(reply), &headers)
+                    .await
+                    .map_err(|e| UpstreamError::Interrupted(e.to_string()))?;
             }
             let frame = tokio::time::timeout(idle, body.frame())
                 .await
@@ -1046,7 +1055,8 @@ impl Upstream {
         };
         match message {
             Ok(r) => finish(Some(r), detail, notifications),
-            Err(e) if status == StatusCode::OK => Err(e),
+            // Taken (200), then cut short: it may have run.
+            Err(e) if status == StatusCode::OK => Err(UpstreamError::Interrupted(e.to_string())),
             Err(_) => finish(None, detail, notifications),
         }
     }
@@ -1077,9 +1087,11 @@ impl Upstream {
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
             .map_err(|e| UpstreamError::Unavailable(error_chain(&e)))?;
         let status = resp.status();
-        let _ = Limited::new(resp.into_body(), self.max_response)
-            .collect()
-            .await;
+        // The drain is bounded too: an upstream that answers a notification with a stream it
+        // never ends must not hold the caller (a session's opening holds a lock every other
+        // caller waits on). What it said is its status; the body is dropped after that.
+        let drain = Limited::new(resp.into_body(), self.max_response).collect();
+        let _ = tokio::time::timeout(self.timeout, drain).await;
         if status.is_success() {
             Ok(())
         } else {

@@ -158,6 +158,9 @@ pub(super) struct Listener {
 /// How long the listener waits before opening the stream again after it ended.
 const REOPEN: Duration = Duration::from_secs(1);
 
+/// How often a quiet stream's listener looks whether its session is gone.
+const SESSION_CHECK: Duration = Duration::from_secs(5);
+
 /// How a request for the session's stream went.
 enum Opening {
     Answered(hyper::Response<hyper::body::Incoming>),
@@ -237,7 +240,13 @@ pub(super) async fn listen(mut l: Listener) {
             if l.session.strong_count() == 0 {
                 return;
             }
-            match body.frame().await {
+            // Woken now and then on a quiet stream, to end once its session is gone (a server
+            // keeps a dropped session's stream open, silent, as long as the connection lives).
+            let frame = match tokio::time::timeout(SESSION_CHECK, body.frame()).await {
+                Ok(frame) => frame,
+                Err(_) => continue,
+            };
+            match frame {
                 Some(Ok(f)) => {
                     if let Ok(data) = f.into_data() {
                         if events.len() + data.len() > l.max_response {
@@ -297,7 +306,8 @@ fn answer(
         };
         match tokio::time::timeout(timeout, client.request(req)).await {
             Ok(Ok(resp)) => {
-                let _ = Limited::new(resp.into_body(), max_response).collect().await;
+                let drain = Limited::new(resp.into_body(), max_response).collect();
+                let _ = tokio::time::timeout(timeout, drain).await;
             }
             _ => tracing::warn!(
                 "upstream: the reply to a request on the session stream was not delivered"
