@@ -239,6 +239,24 @@ async fn quickstart_with_the_cli_alone() {
     let verified = cli(d, &env, &["audit", "verify", "--tenant", "acme"]).await;
     assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
     assert!(verified.stdout.starts_with("ok"), "{}", verified.stdout);
+    // A checkpoint kept outside the gateway is checked online too, never ignored.
+    let forged = d.join("forged.note");
+    std::fs::write(&forged, "not a signed checkpoint\n").expect("write");
+    let against = cli(
+        d,
+        &env,
+        &[
+            "audit",
+            "verify",
+            "--tenant",
+            "acme",
+            "--checkpoint",
+            forged.to_str().expect("utf8"),
+        ],
+    )
+    .await;
+    assert_ne!(against.code, 0, "{}{}", against.stdout, against.stderr);
+    assert!(against.stderr.contains("checkpoint"), "{}", against.stderr);
 
     let full = d.join("full.ndjson");
     let part = d.join("part.ndjson");

@@ -584,6 +584,9 @@ const CHECKPOINT_COLS: &str =
     "SELECT tenant, size, root_hash, key_name, note, created_ms FROM audit_checkpoints";
 
 /// A tenant's checkpoints, newest first, smaller than `before_size` when given.
+/// The most checkpoints one page lists.
+pub const MAX_CHECKPOINT_PAGE: u32 = 1000;
+
 pub async fn checkpoints(
     db: &Db,
     tenant: &str,
@@ -595,7 +598,8 @@ pub async fn checkpoints(
     let params = [
         Param::S(tenant.to_owned()),
         Param::I(before_size.unwrap_or(i64::MAX)),
-        Param::I(i64::from(limit.clamp(1, 1000))),
+        // A page of the most a caller may ask for, and one more to tell whether more follow.
+        Param::I(i64::from(limit.clamp(1, MAX_CHECKPOINT_PAGE + 1))),
     ];
     Ok(fetch_all!(db, CheckpointRow, &sql, &params))
 }
@@ -644,6 +648,39 @@ mod tests {
         }
         let long = "x".repeat(MAX_FILTER_BYTES + 1);
         assert!(AuditFilter::from_params([("tool", long.as_str())]).is_err());
+    }
+
+    /// A full page of checkpoints says that more follow: the page and the one more that tells.
+    #[tokio::test]
+    async fn a_full_page_of_checkpoints_says_more_follow() {
+        let pool = sqlx::SqlitePool::connect("sqlite::memory:")
+            .await
+            .expect("sqlite");
+        sqlx::raw_sql(include_str!("../../../migrations/sqlite/0002_audit.sql"))
+            .execute(&pool)
+            .await
+            .expect("schema");
+        for size in 1..=1002i64 {
+            sqlx::query(
+                "INSERT INTO audit_checkpoints (tenant, size, root_hash, key_name, note, created_ms) \
+                 VALUES ('t', ?1, 'ab', 'k', 'n', 0)",
+            )
+            .bind(size)
+            .execute(&pool)
+            .await
+            .expect("insert");
+        }
+        let db = Db::Sqlite(pool);
+        let page = MAX_CHECKPOINT_PAGE;
+        let rows = checkpoints(&db, "t", None, page + 1).await.expect("read");
+        assert_eq!(rows.len(), page as usize + 1);
+        assert_eq!(rows[0].size, 1002);
+        let rows = checkpoints(&db, "t", None, u32::MAX).await.expect("read");
+        assert_eq!(
+            rows.len(),
+            page as usize + 1,
+            "never more than a page and one"
+        );
     }
 
     #[test]

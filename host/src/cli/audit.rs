@@ -183,8 +183,25 @@ impl AuditCmd {
                 format,
                 resume,
             } => export(&c, filters, &path, format, resume).await,
-            AuditCmd::Verify { .. } => {
-                let v = c.get("/v1/admin/audit/verify", &[]).await?;
+            AuditCmd::Verify {
+                checkpoint,
+                public_key,
+                ..
+            } => {
+                // Online, the gateway checks the chain against its own key; a checkpoint kept
+                // outside it is what catches a rewritten chain, so it is never dropped.
+                if public_key.is_some() {
+                    return Err(CliError::Local(
+                        "--public-key is for verifying an export offline (with --file)".into(),
+                    ));
+                }
+                let mut q = Vec::new();
+                if let Some(path) = checkpoint {
+                    let note = std::fs::read_to_string(&path)
+                        .map_err(|e| CliError::Local(format!("{}: {e}", path.display())))?;
+                    q.push(("checkpoint", note));
+                }
+                let v = c.get("/v1/admin/audit/verify", &q).await?;
                 let ok = v.get("ok") == Some(&Value::Bool(true));
                 match out {
                     Output::Json => println!("{}", output::pretty(&v)),
