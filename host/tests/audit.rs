@@ -1129,10 +1129,18 @@ async fn export_verifies_offline(db: Db, n: usize) {
     assert_eq!(report.events_checked, acme_n as u64 + 1);
     assert_eq!(report.other_tenant_lines, (acks.len() - acme_n) as u64);
     assert_eq!(report.tenant.as_deref(), Some("acme"));
-    // The bare public key works too.
+    // The bare public key works too, also when another signature line, under a name no key
+    // could have, comes before the log's own.
     let bare = key.verifier().public_key_base64();
     assert!(
         offline::verify_export(&file[..], &note, &bare)
+            .expect("verify")
+            .ok
+    );
+    let (text, signatures) = note.split_once("\n\n").expect("a signed note");
+    let witnessed = format!("{text}\n\n\u{2014} bad+name AAAA\n{signatures}");
+    assert!(
+        offline::verify_export(&file[..], &witnessed, &bare)
             .expect("verify")
             .ok
     );

@@ -118,7 +118,15 @@ fn open_checkpoint(
         .filter_map(|l| l.split(' ').next());
     let mut last_err = AuditError::InvalidCheckpoint("no signature lines".into());
     for name in names {
-        let v = Verifier::parse(public_key, name)?;
+        // A signature line under a name no key could have (another witness's, a stray line)
+        // is passed over, not taken as the answer: the log's own may come after it.
+        let v = match Verifier::parse(public_key, name) {
+            Ok(v) => v,
+            Err(e) => {
+                last_err = e;
+                continue;
+            }
+        };
         match Checkpoint::open(checkpoint, &v) {
             Ok(cp) => return Ok((cp, v)),
             Err(e) => last_err = e,
