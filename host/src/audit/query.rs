@@ -64,6 +64,20 @@ impl AuditFilter {
             }
             match k {
                 "tenant" => f.tenant = text(v),
+                // Two names of one bound, both given: which wins would depend on the order
+                // the query was read in, so neither does.
+                "from" | "since" | "to" | "until" | "agent_id" | "subject"
+                    if !v.is_empty()
+                        && match k {
+                            "from" | "since" => f.from_ms.is_some(),
+                            "to" | "until" => f.to_ms.is_some(),
+                            _ => f.agent_id.is_some(),
+                        } =>
+                {
+                    return Err(AuditError::InvalidQuery(format!(
+                        "{k} repeats a bound already given (from/since, to/until, agent_id/subject name the same one)"
+                    )));
+                }
                 "from" | "since" if !v.is_empty() => {
                     f.from_ms = Some(time::parse_rfc3339(v).ok_or_else(|| {
                         AuditError::InvalidQuery(format!("{k} must be an RFC 3339 time"))
@@ -639,6 +653,17 @@ mod tests {
             " WHERE 1=1 AND tenant = $1 AND ts_ms >= $2 AND ts_ms <= $3 AND decision = $4 AND ((jti = $5 AND jti <> '') OR (root_jti = $5 AND root_jti <> '' AND root_jti <> jti))"
         );
         assert!(AuditFilter::from_params([("from", "yesterday")]).is_err());
+        for pair in [("from", "since"), ("until", "to"), ("subject", "agent_id")] {
+            let v = if pair.0 == "subject" {
+                "a"
+            } else {
+                "2026-05-01"
+            };
+            assert!(
+                AuditFilter::from_params([(pair.0, v), (pair.1, v)]).is_err(),
+                "{pair:?}"
+            );
+        }
         assert!(AuditFilter::from_params([("decision", "maybe")]).is_err());
         for (k, v) in [("tool", "a\0b"), ("agent_id", "\u{7}")] {
             match AuditFilter::from_params([(k, v)]) {
