@@ -290,7 +290,14 @@ impl Gateway {
                 pipeline: Arc::clone(&pipeline),
                 upstreams: Arc::clone(&upstreams),
                 approvals: approvals.clone(),
-                relays: Arc::default(),
+                relays: {
+                    let relays = Arc::new(crate::mcp::relay::Relays::default());
+                    // Held calls nobody resumes end on time, not at the next hold.
+                    background.push(tokio::spawn(crate::mcp::relay::sweep(Arc::downgrade(
+                        &relays,
+                    ))));
+                    relays
+                },
                 streams,
                 sessions: SessionKeys::derive(secrets.master_key.as_bytes()),
                 in_flight: Default::default(),

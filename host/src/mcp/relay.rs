@@ -142,13 +142,35 @@ impl Relays {
         true
     }
 
-    /// The call held under `id` for this token, taken out to resume it.
+    /// The call held under `id` for this token, taken out to resume it; not one held past
+    /// [`REPLY_TIMEOUT`].
     pub fn resume(&self, tenant: &str, jti: &str, id: &str) -> Option<HeldCall> {
         let mut h = self.held.lock().ok()?;
         match h.get(id) {
+            Some(c) if c.since.elapsed() >= REPLY_TIMEOUT => {
+                h.remove(id);
+                None
+            }
             Some(c) if c.tenant == tenant && c.jti == jti => h.remove(id),
             _ => None,
         }
+    }
+
+    /// Ends the calls held past [`REPLY_TIMEOUT`] (their upstream calls with them) and forgets
+    /// the requests whose call ended: run now and then ([`sweep`]), so a call nobody resumes
+    /// does not keep its upstream connection until the next call is held.
+    pub fn sweep(&self) {
+        if let Ok(mut h) = self.held.lock() {
+            h.retain(|_, c| c.since.elapsed() < REPLY_TIMEOUT);
+        }
+        if let Ok(mut w) = self.waiting.lock() {
+            w.retain(|_, v| !v.reply.is_closed());
+        }
+    }
+
+    /// Calls held now (for tests and metrics).
+    pub fn held_len(&self) -> usize {
+        self.held.lock().map(|h| h.len()).unwrap_or(0)
     }
 
     /// Hands an agent's reply (a JSON-RPC response) to the relayed request it answers. `false`
@@ -229,6 +251,19 @@ impl Relays {
 }
 
 /// An `error` answer to the upstream's request.
+/// Sweeps `relays` every 10 s while it lives ([`Relays::sweep`]).
+pub async fn sweep(relays: std::sync::Weak<Relays>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(relays) = relays.upgrade() else {
+            return;
+        };
+        relays.sweep();
+    }
+}
+
 pub fn error(code: i64, message: String) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("error".into(), json!({"code": code, "message": message}));
@@ -282,6 +317,30 @@ mod tests {
             relays.register("other", "k").is_some(),
             "another tenant is not shut out"
         );
+    }
+
+    #[tokio::test]
+    async fn a_call_held_past_its_time_ends_and_cannot_be_resumed() {
+        let relays = Relays::default();
+        let held = |age: Duration| {
+            let (_tx, events) = mpsc::channel(1);
+            let done = tokio::spawn(async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Err(crate::upstream::UpstreamError::NotConfigured)
+            });
+            let mut call = HeldCall::new("t", "j", events, done);
+            call.since = std::time::Instant::now()
+                .checked_sub(age)
+                .expect("a clock this old");
+            call
+        };
+        assert!(relays.hold("old", held(REPLY_TIMEOUT + Duration::from_secs(1))));
+        assert!(relays.hold("fresh", held(Duration::ZERO)));
+        assert!(relays.resume("t", "j", "old").is_none(), "past its time");
+        assert!(relays.hold("old2", held(REPLY_TIMEOUT + Duration::from_secs(1))));
+        relays.sweep();
+        assert_eq!(relays.held_len(), 1, "only the fresh one is kept");
+        assert!(relays.resume("t", "j", "fresh").is_some());
     }
 
     #[tokio::test]
