@@ -332,6 +332,28 @@ def build_server(call_log: str | None, page_size: int = 0):
     return server
 
 
+async def read_body(receive):
+    """Reads a request's whole body, and gives a `receive` that hands the app the same
+    messages again: what a middleware that looks at the body passes on."""
+    messages = []
+    body = b""
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            break
+
+    async def replay():
+        if messages:
+            return messages.pop(0)
+        return await receive()
+
+    return messages, body, replay
+
+
 class HandshakeOnly:
     """ASGI middleware: answer like a handshake-only server (mcp 1.x).
 
@@ -348,16 +370,7 @@ class HandshakeOnly:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        messages = []
-        body = b""
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        _, body, replay = await read_body(receive)
         method = None
         try:
             parsed = json.loads(body)
@@ -383,11 +396,6 @@ class HandshakeOnly:
             await send({"type": "http.response.body", "body": answer})
             return None
 
-        async def replay():
-            if messages:
-                return messages.pop(0)
-            return await receive()
-
         return await self.app(scope, replay, send)
 
 
@@ -403,16 +411,7 @@ class RefuseReplies:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        messages = []
-        body = b""
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        _, body, replay = await read_body(receive)
         try:
             parsed = json.loads(body)
         except ValueError:
@@ -427,11 +426,6 @@ class RefuseReplies:
                         "headers": [(b"content-type", b"text/plain")]})
             await send({"type": "http.response.body", "body": b"cannot take this reply"})
             return None
-
-        async def replay():
-            if messages:
-                return messages.pop(0)
-            return await receive()
 
         return await self.app(scope, replay, send)
 

@@ -169,14 +169,19 @@ pub enum KeyError {
 
 /// A request-supplied name, cut to a length fit for an error message.
 pub(crate) fn echo(name: &str) -> String {
-    if name.len() <= ECHO_MAX {
-        return name.to_owned();
+    cut(name, ECHO_MAX)
+}
+
+/// `s`, cut at a character boundary to at most `max` bytes (and `…` where it was cut).
+pub(crate) fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
     }
-    let mut end = ECHO_MAX;
-    while !name.is_char_boundary(end) {
+    let mut end = max;
+    while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", &name[..end])
+    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]
@@ -190,6 +195,12 @@ mod tests {
         let cut = echo(&long);
         assert!(cut.ends_with('…'));
         assert!(cut.len() <= ECHO_MAX + '…'.len_utf8());
+        assert_eq!(super::cut("tool", 8), "tool");
+        assert_eq!(
+            super::cut(&"x".repeat(1 << 20), 512).len(),
+            512 + '…'.len_utf8()
+        );
+        assert_eq!(super::cut("aé", 2), "a…");
     }
 
     #[test]

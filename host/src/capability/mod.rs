@@ -37,6 +37,7 @@
 mod canonical;
 mod error;
 mod glob;
+pub(crate) use error::cut;
 mod grant;
 mod key;
 mod mint;

@@ -566,7 +566,7 @@ pub fn decided(
                 tenant: call.grant.tenant.clone(),
                 // The name as the client sent it, which may be refused for its length: a span
                 // keeps at most what a name may be, so queued traces stay small.
-                tool: bounded(&call.name(), crate::capability::MAX_NAME_BYTES),
+                tool: crate::capability::cut(&call.name(), crate::capability::MAX_NAME_BYTES),
                 decision,
                 check,
                 event_id,
@@ -656,30 +656,5 @@ mod tests {
             tp.ends_with("-00") && !tp.contains("00f067aa0ba902b7"),
             "{tp}"
         );
-    }
-}
-
-/// `s`, cut at a character boundary to at most `max` bytes (and `…` where it was cut).
-fn bounded(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
-#[cfg(test)]
-mod bounded_tests {
-    #[test]
-    fn long_names_are_cut_at_a_character() {
-        assert_eq!(super::bounded("tool", 8), "tool");
-        assert_eq!(
-            super::bounded(&"x".repeat(1 << 20), 512).len(),
-            512 + '…'.len_utf8()
-        );
-        assert_eq!(super::bounded("aé", 2), "a…");
     }
 }
