@@ -480,6 +480,56 @@ async fn postgres_edited_event_is_named() {
     edited_event_is_named(postgres_at(&postgres_url().await).await).await;
 }
 
+/// An entry deleted from the SQLite lookup file hides its event from a filtered list while
+/// the chain still holds: `verify` names the event and the filter, on any page of the walk.
+#[tokio::test]
+async fn sqlite_an_event_the_lookup_tables_would_hide_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.db");
+    let db = sqlite_at(&path).await;
+    let key = test_key();
+    let log = AuditLog::open(db.clone(), key.clone(), quiet_config())
+        .await
+        .expect("open");
+    let acks = append_n(&log, "acme", 1_100).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while query::lookup_lag(&db).await.expect("lag") != Some(0) {
+        assert!(Instant::now() < deadline, "the lookup writer never caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = verify::verify_chain(&db, "acme", &key.verifier(), None)
+        .await
+        .expect("verify");
+    assert!(r.ok && r.unlisted.is_none(), "{r:?}");
+
+    let victim = &acks[1_050];
+    let agent = "agent-2"; // event(_, 1050)'s agent
+    let filter = AuditFilter::from_params([("tenant", "acme"), ("agent_id", agent)]).expect("f");
+    let listed = |page: &audit::query::Page| page.items.iter().any(|e| e.id == victim.id);
+    assert!(listed(&query::list(&db, &filter, None, 1000).await.expect("list")));
+    let facets = rusqlite::Connection::open(format!("{}-facets", path.display())).expect("open");
+    facets
+        .busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    let gone = facets
+        .execute(
+            "DELETE FROM audit_agent_facet WHERE event_id = ?1",
+            [victim.id],
+        )
+        .expect("delete");
+    assert_eq!(gone, 1);
+    assert!(!listed(&query::list(&db, &filter, None, 1000).await.expect("list")));
+
+    let r = verify::verify_chain(&db, "acme", &key.verifier(), None)
+        .await
+        .expect("verify");
+    assert!(!r.ok, "{r:?}");
+    assert!(r.broken_at.is_none(), "{r:?}");
+    assert_eq!(r.verified, 1_100);
+    let u = r.unlisted.expect("the hidden event is named");
+    assert_eq!((u.id, u.seq, u.filter.as_str()), (victim.id, 1_051, "agent_id"));
+}
+
 /// Rewrites `tenant`'s chain from `from_seq` on with consistent hashes (an attacker with write
 /// access to the database but not the log key), moves the head, and drops the stored checkpoints.
 async fn rewrite_consistently(db: &Db, tenant: &str, from_seq: i64) {

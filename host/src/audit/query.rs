@@ -490,6 +490,59 @@ pub async fn lookup_lag(db: &Db) -> Result<Option<i64>, AuditError> {
     Ok(Some(lag))
 }
 
+/// An event the lookup tables of `facets.rs` cover (its id is at or below their mark) but
+/// hold no entry for under one of its filters: a filtered list would not show it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Unlisted {
+    pub id: i64,
+    pub seq: i64,
+    /// The filter that would miss it: `agent_id`, `tool`, `time`, `jti` or `root_jti`.
+    pub filter: String,
+}
+
+/// On SQLite, the first of `tenant`'s events with `after_seq < seq <= upto_seq` that the lookup
+/// tables cover but lack an entry for (`None` on PostgreSQL, whose indexes are the database's
+/// own). One statement: the mark and the tables are read from one snapshot, so an event the
+/// lookup writer enters meanwhile is either above the mark or entered.
+pub async fn first_unlisted(
+    db: &Db,
+    tenant: &str,
+    after_seq: i64,
+    upto_seq: i64,
+) -> Result<Option<Unlisted>, AuditError> {
+    let Db::Sqlite(pool) = db else {
+        return Ok(None);
+    };
+    let lacks = |table: &str, value: &str| {
+        format!(
+            "NOT EXISTS (SELECT 1 FROM facets.{table} f \
+             WHERE f.value = {value} AND f.scope = e.tenant AND f.event_id = e.id)"
+        )
+    };
+    let sql = format!(
+        "SELECT id, seq, filter FROM (SELECT e.id AS id, e.seq AS seq, CASE \
+         WHEN e.agent_id <> '' AND {agent} THEN 'agent_id' \
+         WHEN e.tool <> '' AND {tool} THEN 'tool' \
+         WHEN {time} THEN 'time' \
+         WHEN e.jti <> '' AND {jti} THEN 'jti' \
+         WHEN e.root_jti <> '' AND e.root_jti <> e.jti AND {root} THEN 'root_jti' \
+         END AS filter FROM audit_events e \
+         WHERE e.tenant = $1 AND e.seq > $2 AND e.seq <= $3 AND e.id <= {MARK}) \
+         WHERE filter IS NOT NULL ORDER BY seq LIMIT 1",
+        agent = lacks("audit_agent_facet", "e.agent_id"),
+        tool = lacks("audit_tool_facet", "e.tool"),
+        time = lacks("audit_time_facet", "e.ts_ms"),
+        jti = lacks("audit_token_facet", "e.jti"),
+        root = lacks("audit_token_facet", "e.root_jti"),
+    );
+    Ok(sqlx::query_as::<_, Unlisted>(&sql)
+        .bind(tenant)
+        .bind(after_seq)
+        .bind(upto_seq)
+        .fetch_optional(pool)
+        .await?)
+}
+
 /// A stored event with the indexed columns that the verifier compares against its body.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ChainRow {

@@ -8,6 +8,10 @@
 //! kept outside the database: only the latter detects a consistent rewrite of the whole chain, or
 //! a tail deleted together with its head and its stored checkpoints.
 //!
+//! On SQLite the walk also checks, page by page, that the query's lookup tables (`facets.rs`)
+//! hold every entry of each event they cover: they answer the filtered lists, and an entry
+//! deleted from that file would hide its event from a filter while the chain still holds.
+//!
 //! `skipped` counts the events after the first break, which the walk does not vouch for.
 //! This module must never report `ok` for a chain it did not walk to its head.
 
@@ -41,6 +45,21 @@ pub struct VerifyReport {
     /// Checks against signed checkpoints (stored newest, and the one given by the caller).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub checkpoints: Vec<CheckpointCheck>,
+    /// On SQLite, the first walked event the query's lookup tables would not list under one
+    /// of its filters (the chain itself may hold).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unlisted: Option<UnlistedAt>,
+}
+
+/// An event in the chain that a filtered list would not show: the lookup file
+/// (`<database>-facets`) covers it but lacks its entry.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UnlistedAt {
+    pub id: i64,
+    pub seq: i64,
+    /// The filter that would miss it (`agent_id`, `tool`, `time`, `jti` or `root_jti`).
+    pub filter: String,
+    pub reason: String,
 }
 
 /// Where and why the chain breaks.
@@ -120,6 +139,7 @@ pub async fn verify_chain(
         head_id: None,
         head_seq: 0,
         checkpoints: Vec::new(),
+        unlisted: None,
     };
     let origin = origin_for(verifier.name(), tenant);
     let mut targets: Vec<Target> = Vec::new();
@@ -176,6 +196,7 @@ pub async fn verify_chain(
         if page.is_empty() {
             break;
         }
+        let page_from = last_seq;
         for row in page {
             let r = &row.record;
             let computed = link_hash(&prev, r.body.as_bytes());
@@ -232,6 +253,21 @@ pub async fn verify_chain(
             prev = computed;
             last_seq = r.seq;
             report.verified += 1;
+        }
+        // The page's rows agree with their hashed bodies, so their columns are what the
+        // lookup tables must hold.
+        if report.unlisted.is_none()
+            && let Some(u) = query::first_unlisted(db, tenant, page_from, last_seq).await?
+        {
+            report.unlisted = Some(UnlistedAt {
+                reason: format!(
+                    "the audit lookup file (<database>-facets) has no {} entry for this event, so a list filtered by it would not show the event: the file was edited or damaged. Keep it as evidence; then stop the gateway and delete it (with its -wal and -shm) to have it entered again",
+                    u.filter
+                ),
+                id: u.id,
+                seq: u.seq,
+                filter: u.filter,
+            });
         }
     }
 
@@ -301,6 +337,8 @@ pub async fn verify_chain(
             reason: result.err(),
         });
     }
-    report.ok = report.broken_at.is_none() && report.checkpoints.iter().all(|c| c.ok);
+    report.ok = report.broken_at.is_none()
+        && report.unlisted.is_none()
+        && report.checkpoints.iter().all(|c| c.ok);
     Ok(report)
 }

@@ -210,6 +210,13 @@ impl AuditCmd {
                         cell(v.get("tenant")),
                         cell(v.get("verified"))
                     ),
+                    Output::Table if v.get("broken_at").is_none() => println!(
+                        "BROKEN: tenant {} chain holds ({} events), but: {} {}",
+                        cell(v.get("tenant")),
+                        cell(v.get("verified")),
+                        cell(v.get("unlisted")),
+                        cell(v.get("checkpoints"))
+                    ),
                     Output::Table => println!(
                         "BROKEN: tenant {} chain fails at event {} ({} verified before it)",
                         cell(v.get("tenant")),
