@@ -494,7 +494,10 @@ async fn sqlite_an_event_the_lookup_tables_would_hide_is_named() {
     let acks = append_n(&log, "acme", 1_100).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while query::lookup_lag(&db).await.expect("lag") != Some(0) {
-        assert!(Instant::now() < deadline, "the lookup writer never caught up");
+        assert!(
+            Instant::now() < deadline,
+            "the lookup writer never caught up"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let r = verify::verify_chain(&db, "acme", &key.verifier(), None)
@@ -506,7 +509,9 @@ async fn sqlite_an_event_the_lookup_tables_would_hide_is_named() {
     let agent = "agent-2"; // event(_, 1050)'s agent
     let filter = AuditFilter::from_params([("tenant", "acme"), ("agent_id", agent)]).expect("f");
     let listed = |page: &audit::query::Page| page.items.iter().any(|e| e.id == victim.id);
-    assert!(listed(&query::list(&db, &filter, None, 1000).await.expect("list")));
+    assert!(listed(
+        &query::list(&db, &filter, None, 1000).await.expect("list")
+    ));
     let facets = rusqlite::Connection::open(format!("{}-facets", path.display())).expect("open");
     facets
         .busy_timeout(Duration::from_secs(10))
@@ -518,7 +523,9 @@ async fn sqlite_an_event_the_lookup_tables_would_hide_is_named() {
         )
         .expect("delete");
     assert_eq!(gone, 1);
-    assert!(!listed(&query::list(&db, &filter, None, 1000).await.expect("list")));
+    assert!(!listed(
+        &query::list(&db, &filter, None, 1000).await.expect("list")
+    ));
 
     let r = verify::verify_chain(&db, "acme", &key.verifier(), None)
         .await
@@ -527,7 +534,10 @@ async fn sqlite_an_event_the_lookup_tables_would_hide_is_named() {
     assert!(r.broken_at.is_none(), "{r:?}");
     assert_eq!(r.verified, 1_100);
     let u = r.unlisted.expect("the hidden event is named");
-    assert_eq!((u.id, u.seq, u.filter.as_str()), (victim.id, 1_051, "agent_id"));
+    assert_eq!(
+        (u.id, u.seq, u.filter.as_str()),
+        (victim.id, 1_051, "agent_id")
+    );
 }
 
 /// Rewrites `tenant`'s chain from `from_seq` on with consistent hashes (an attacker with write
@@ -1273,6 +1283,87 @@ async fn export_verifies_offline(db: Db, n: usize) {
 async fn sqlite_large_export_streams_and_verifies_offline() {
     let dir = tempfile::tempdir().expect("tempdir");
     export_verifies_offline(sqlite_at(&dir.path().join("a.db")).await, 20_000).await;
+}
+
+/// Events as large as a request (raw argument values on) are read a few megabytes at a time:
+/// each page of the list, the export and the verification ends at `MAX_PAGE_BYTES`, and the
+/// pages together still hold every event.
+async fn pages_are_bounded_by_bytes(db: Db) {
+    let key = test_key();
+    let log = AuditLog::open(db.clone(), key.clone(), quiet_config())
+        .await
+        .expect("open");
+    // Five events of 3 MiB, a small one between each: any two large ones fill a page.
+    let big = "x".repeat(3 << 20);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let e = event("acme", i).with_arguments(ArgValuesMode::Raw, &json!({ "blob": big }));
+        ids.push(log.append(e).await.expect("append").id);
+        ids.push(log.append(event("acme", 10 + i)).await.expect("append").id);
+    }
+    let weight = |rows: &[query::AuditRecord]| rows.iter().map(|r| r.body.len()).sum::<usize>();
+    let most = query::MAX_PAGE_BYTES + (3 << 20) + 4096;
+    let filter = AuditFilter::from_params([("tenant", "acme")]).expect("filter");
+
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = query::list(&db, &filter, cursor.as_deref(), 1000)
+            .await
+            .expect("list");
+        assert!(!page.items.is_empty());
+        assert!(weight(&page.items) <= most, "{}", weight(&page.items));
+        pages += 1;
+        listed.extend(page.items.iter().map(|r| r.id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    listed.reverse();
+    assert_eq!(listed, ids);
+    assert!(pages >= 3, "{pages} pages");
+
+    let mut scanned = Vec::new();
+    let mut after = 0;
+    loop {
+        let rows = query::scan(&db, &filter, after, i64::MAX, 500)
+            .await
+            .expect("scan");
+        let Some(last) = rows.last() else { break };
+        assert!(weight(&rows) <= most, "{}", weight(&rows));
+        after = last.id;
+        scanned.extend(rows.iter().map(|r| r.id));
+    }
+    assert_eq!(scanned, ids);
+    let page = query::chain_page(&db, "acme", 0, i64::MAX, 1000)
+        .await
+        .expect("chain page");
+    assert!(page.len() < ids.len() && !page.is_empty(), "{}", page.len());
+
+    let r = verify::verify_chain(&db, "acme", &key.verifier(), None)
+        .await
+        .expect("verify");
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.verified, ids.len() as u64);
+    let note = log.checkpoint_now("acme").await.expect("cp").expect("note");
+    let (file, _) = collect(export::stream(db.clone(), filter, Format::Ndjson)).await;
+    let report = offline::verify_export(&file[..], &note, &key.verifier().to_string())
+        .expect("verify export");
+    assert!(report.ok, "{report}");
+    assert_eq!(report.events_checked, ids.len() as u64);
+}
+
+#[tokio::test]
+async fn sqlite_pages_are_bounded_by_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    pages_are_bounded_by_bytes(sqlite_at(&dir.path().join("a.db")).await).await;
+}
+
+#[tokio::test]
+async fn postgres_pages_are_bounded_by_bytes() {
+    pages_are_bounded_by_bytes(postgres_at(&postgres_url().await).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,6 +8,7 @@ use sqlx::Row as _;
 
 use super::{Approval, Status};
 use crate::store::Db;
+use crate::store::page::read_bounded;
 
 /// Errors reading the queue.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +109,8 @@ pub struct ListFilter {
     pub after: Option<(i64, String)>,
 }
 
-/// A page of the queue, oldest first, and the cursor of the next page.
+/// A page of the queue, oldest first, and the cursor of the next page (a page ends early at
+/// [`crate::store::page::MAX_PAGE_BYTES`] of arguments).
 pub async fn list(
     db: &Db,
     filter: &ListFilter,
@@ -135,7 +137,7 @@ pub async fn list(
     );
     let tenant = filter.tenant.as_deref().unwrap_or_default();
     let (after_ms, after_id) = filter.after.clone().unwrap_or((i64::MIN, String::new()));
-    let rows: Vec<Approval> = match db {
+    let (rows, cut_short): (Vec<Approval>, bool) = match db {
         Db::Sqlite(pool) => {
             let rows = sqlx::query(&sql)
                 .bind(tenant)
@@ -143,13 +145,13 @@ pub async fn list(
                 .bind(now_ms)
                 .bind(after_ms)
                 .bind(after_id)
-                .fetch_all(pool)
-                .await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in rows {
-                out.push(row_to_approval!(row));
-            }
-            out
+                .fetch(pool);
+            read_bounded(rows, |row| {
+                let args: Option<String> = row.try_get("args")?;
+                let size = 512 + args.map_or(0, |a| a.len());
+                Ok::<_, QueryError>((row_to_approval!(row), size))
+            })
+            .await?
         }
         Db::Postgres(pool) => {
             let rows = sqlx::query(&sql)
@@ -158,16 +160,16 @@ pub async fn list(
                 .bind(now_ms)
                 .bind(after_ms)
                 .bind(after_id)
-                .fetch_all(pool)
-                .await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in rows {
-                out.push(row_to_approval!(row));
-            }
-            out
+                .fetch(pool);
+            read_bounded(rows, |row| {
+                let args: Option<String> = row.try_get("args")?;
+                let size = 512 + args.map_or(0, |a| a.len());
+                Ok::<_, QueryError>((row_to_approval!(row), size))
+            })
+            .await?
         }
     };
-    let next = (rows.len() as i64 == filter.limit)
+    let next = (rows.len() as i64 == filter.limit || cut_short)
         .then(|| rows.last().map(|a| (a.created_ms, a.pending_id.clone())))
         .flatten();
     Ok((rows, next))
@@ -236,4 +238,67 @@ pub fn decode_cursor(s: &str) -> Option<(i64, String)> {
     let (ms, id) = s.split_once(':')?;
     let ms = ms.parse().ok()?;
     super::valid_id(id).then(|| (ms, id.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{self, StoreConfig};
+
+    /// Approvals whose arguments are as large as a request page a few at a time: each page
+    /// ends at the byte bound with a cursor, and the pages hold every approval once.
+    #[tokio::test]
+    async fn a_page_of_large_arguments_ends_at_the_byte_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store::connect(&StoreConfig::Sqlite {
+            path: dir.path().join("a.db"),
+        })
+        .await
+        .expect("store");
+        let db = store.db();
+        let Db::Sqlite(pool) = &db else {
+            panic!("a SQLite store")
+        };
+        let big = serde_json::json!({ "blob": "x".repeat(3 << 20) }).to_string();
+        for i in 0..5i64 {
+            sqlx::query(super::super::record::INSERT)
+                .bind("acme")
+                .bind(format!("pa_{i}"))
+                .bind("jti")
+                .bind("root")
+                .bind("agent")
+                .bind("tool")
+                .bind(Some(big.as_str()))
+                .bind("digest")
+                .bind("bundle")
+                .bind("")
+                .bind("reason")
+                .bind("pending")
+                .bind(0i64)
+                .bind(1_000 + i)
+                .bind(i64::MAX)
+                .execute(pool)
+                .await
+                .expect("insert");
+        }
+        let mut filter = ListFilter {
+            tenant: Some("acme".into()),
+            status: None,
+            limit: MAX_LIMIT,
+            after: None,
+        };
+        let (mut seen, mut pages) = (Vec::new(), 0);
+        loop {
+            let (rows, next) = list(&db, &filter, 0).await.expect("list");
+            assert!(!rows.is_empty() && rows.len() <= 3, "{} rows", rows.len());
+            pages += 1;
+            seen.extend(rows.into_iter().map(|a| a.pending_id));
+            match next {
+                Some(after) => filter.after = Some(after),
+                None => break,
+            }
+        }
+        assert_eq!(seen, (0..5).map(|i| format!("pa_{i}")).collect::<Vec<_>>());
+        assert!(pages >= 2, "{pages} pages");
+    }
 }

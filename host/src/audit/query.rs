@@ -12,9 +12,50 @@ use serde_json::Value;
 use super::event::Decision;
 use super::facets::{Facet, MARK};
 use super::{AuditError, Db, time};
+use crate::store::page::read_bounded;
 
 /// Longest value of one filter parameter (longer than any stored field can be).
 pub const MAX_FILTER_BYTES: usize = 1024;
+
+/// Most bytes of stored events one page of a list, an export or a verification holds in
+/// memory (an event's body can be as large as a request, with raw argument values on). A page
+/// that reaches it ends early and says where to go on.
+pub use crate::store::page::MAX_PAGE_BYTES;
+
+/// What a read row holds in memory, near enough to bound a page by.
+trait Weight {
+    fn weight(&self) -> usize;
+}
+
+impl Weight for AuditRecord {
+    fn weight(&self) -> usize {
+        64 + self.tenant.len() + self.body.len() + self.prev_hash.len() + self.hash.len()
+    }
+}
+
+impl Weight for ChainRow {
+    fn weight(&self) -> usize {
+        self.record.weight()
+            + [
+                &self.event,
+                &self.decision,
+                &self.check_name,
+                &self.agent_id,
+                &self.tool,
+                &self.jti,
+                &self.root_jti,
+                &self.elevation_id,
+            ]
+            .iter()
+            .map(|s| s.len())
+            .sum::<usize>()
+    }
+}
+
+fn weighed<T: Weight>(row: T) -> Result<(T, usize), AuditError> {
+    let w = row.weight();
+    Ok((row, w))
+}
 
 /// Filters of `GET /v1/admin/audit` and the export. `tenant: None` means every tenant (only a
 /// superadmin may ask for that; the admin API decides).
@@ -415,6 +456,37 @@ macro_rules! fetch_all {
     }};
 }
 
+/// As `fetch_all!`, for pages of events: at most [`MAX_PAGE_BYTES`] of them; gives
+/// `(rows, cut_short)`.
+macro_rules! fetch_page {
+    ($db:expr, $T:ty, $sql:expr, $params:expr) => {{
+        let sql: &str = $sql;
+        let params: &[Param] = $params;
+        match $db {
+            Db::Sqlite(pool) => {
+                let mut q = sqlx::query_as::<_, $T>(sql);
+                for p in params {
+                    q = match p {
+                        Param::S(s) => q.bind(s.as_str()),
+                        Param::I(i) => q.bind(*i),
+                    };
+                }
+                read_bounded(q.fetch(pool), weighed).await?
+            }
+            Db::Postgres(pool) => {
+                let mut q = sqlx::query_as::<_, $T>(sql);
+                for p in params {
+                    q = match p {
+                        Param::S(s) => q.bind(s.as_str()),
+                        Param::I(i) => q.bind(*i),
+                    };
+                }
+                read_bounded(q.fetch(pool), weighed).await?
+            }
+        }
+    }};
+}
+
 /// Events matching `filter`, newest first, older than `cursor` (an id from `next_cursor`).
 pub async fn list(
     db: &Db,
@@ -439,8 +511,9 @@ pub async fn list(
         i64::from(limit) + 1,
         &mut params,
     );
-    let mut items: Vec<AuditRecord> = fetch_all!(db, AuditRecord, &sql, &params);
-    let next_cursor = if items.len() > limit as usize {
+    let (mut items, cut_short): (Vec<AuditRecord>, bool) =
+        fetch_page!(db, AuditRecord, &sql, &params);
+    let next_cursor = if items.len() > limit as usize || cut_short {
         items.truncate(limit as usize);
         items.last().map(|r| r.id.to_string())
     } else {
@@ -449,7 +522,8 @@ pub async fn list(
     Ok(Page { items, next_cursor })
 }
 
-/// Events matching `filter` with `after < id <= upto`, oldest first (the export's pages).
+/// Events matching `filter` with `after < id <= upto`, oldest first (the export's pages; a
+/// page may end before `limit` at [`MAX_PAGE_BYTES`], so only an empty one is the last).
 pub async fn scan(
     db: &Db,
     filter: &AuditFilter,
@@ -466,7 +540,8 @@ pub async fn scan(
         i64::from(limit.max(1)),
         &mut params,
     );
-    Ok(fetch_all!(db, AuditRecord, &sql, &params))
+    let (rows, _): (Vec<AuditRecord>, bool) = fetch_page!(db, AuditRecord, &sql, &params);
+    Ok(rows)
 }
 
 /// The largest event id now (the export's fixed upper bound), 0 when empty.
@@ -558,7 +633,8 @@ pub struct ChainRow {
     pub elevation_id: String,
 }
 
-/// A tenant's events with `after_seq < seq <= upto_seq`, in chain order (the verifier's pages).
+/// A tenant's events with `after_seq < seq <= upto_seq`, in chain order (the verifier's pages;
+/// a page may end before `limit` at [`MAX_PAGE_BYTES`], so only an empty one is the last).
 pub async fn chain_page(
     db: &Db,
     tenant: &str,
@@ -575,7 +651,8 @@ pub async fn chain_page(
         Param::I(upto_seq),
         Param::I(i64::from(limit.max(1))),
     ];
-    Ok(fetch_all!(db, ChainRow, sql, &params))
+    let (rows, _): (Vec<ChainRow>, bool) = fetch_page!(db, ChainRow, sql, &params);
+    Ok(rows)
 }
 
 /// How many events of `tenant` have `seq > after_seq`.

@@ -22,6 +22,7 @@
 
 pub mod absent;
 pub mod owner;
+pub mod page;
 mod postgres;
 mod session_reads;
 pub(crate) mod sqlite;
