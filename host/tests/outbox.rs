@@ -887,6 +887,116 @@ async fn dead_letters_are_kept_listed_and_redriven() {
     gw.shutdown().await;
 }
 
+/// An event too large for its destinations (an agent's call with a 300 KB argument name,
+/// against receivers that refuse bodies over 200 KB with 413, as Splunk's HEC does over its
+/// `max_content_length`) is set aside as a dead letter at once, and the events behind it are
+/// delivered; before, the lane retried that batch until the dead-letter age (72 hours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_too_large_for_its_destination_does_not_hold_its_lane() {
+    let rx = Receiver::start();
+    let gw = start(Backend::Sqlite, &rx.env_flags()).await;
+    let (token, _) = gw
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
+        .await;
+    rx.control(json!({"max_bytes": 200_000})).await;
+    let call = |key: String| {
+        let (url, token) = (gw.url.clone(), token.clone());
+        async move {
+            let (status, v) = http::post_json(
+                &format!("{url}/v1/mcp"),
+                Some(&token),
+                &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                        "params": {"name": "delete_everything", "arguments": {key: 1}}}),
+            )
+            .await;
+            assert_eq!(status, 200);
+            assert!(v.get("error").is_some(), "denied: {v}");
+        }
+    };
+    call("k".repeat(300_000)).await;
+    for n in 0..3 {
+        call(format!("after_{n}")).await;
+    }
+    let keys_at = |records: &Value, vendor: &str, at: &str| -> Vec<String> {
+        records[vendor]
+            .as_array()
+            .expect("records")
+            .iter()
+            .filter_map(|r| r[at]["arg_keys"].as_array())
+            .flatten()
+            .filter_map(|k| k.as_str().map(str::to_owned))
+            .collect()
+    };
+    let want: Vec<String> = (0..3).map(|n| format!("after_{n}")).collect();
+    wait_for(
+        "the events behind the large one",
+        Duration::from_secs(30),
+        || async {
+            let records = rx.get("records").await;
+            let (splunk, dd) = (
+                keys_at(&records, "splunk", "event"),
+                keys_at(&records, "datadog", "audit"),
+            );
+            want.iter().all(|k| splunk.contains(k) && dd.contains(k))
+        },
+    )
+    .await;
+    for id in ["env:splunk", "env:datadog"] {
+        let (status, dead) = http::get_json(
+            &format!(
+                "{}/v1/admin/integrations/dead-letters?destination={id}",
+                gw.url
+            ),
+            ADMIN_TOKEN,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let items = dead["items"].as_array().expect("items");
+        assert_eq!(items.len(), 1, "{id}: only the large event: {dead}");
+        let error = items[0]["last_error"].as_str().unwrap_or("");
+        assert!(
+            error.contains("413") && error.contains("too large"),
+            "{error}"
+        );
+    }
+    // Five events of 60 KB each, gathered while the receivers were down: their batch is too
+    // large together, and goes in halves; none of them is set aside.
+    rx.control(json!({"down": true, "status": 503})).await;
+    let mid: Vec<String> = (0..5)
+        .map(|n| format!("mid_{n}_{}", "m".repeat(60_000)))
+        .collect();
+    for key in &mid {
+        call(key.clone()).await;
+    }
+    wait_for("the backlog of five", Duration::from_secs(30), || async {
+        let list = integrations(&gw.url, ADMIN_TOKEN).await;
+        find(&list, "env:splunk")["backlog"].as_i64() >= Some(5)
+    })
+    .await;
+    rx.control(json!({"down": false})).await;
+    wait_for("the five in halves", Duration::from_secs(30), || async {
+        let records = rx.get("records").await;
+        let (splunk, dd) = (
+            keys_at(&records, "splunk", "event"),
+            keys_at(&records, "datadog", "audit"),
+        );
+        mid.iter().all(|k| splunk.contains(k) && dd.contains(k))
+    })
+    .await;
+    let list = integrations(&gw.url, ADMIN_TOKEN).await;
+    for id in ["env:splunk", "env:datadog"] {
+        assert_eq!(find(&list, id)["dead_letters"], 1, "{id}");
+    }
+    let records = rx.get("records").await;
+    assert!(
+        !keys_at(&records, "splunk", "event")
+            .iter()
+            .any(|k| k.len() > 100_000),
+        "the large event was never accepted"
+    );
+    gw.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // kill -9 during delivery
 

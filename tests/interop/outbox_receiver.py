@@ -32,8 +32,10 @@ documentation, not from the gateway's code.
   optional `timestamp` (ISO 8601), `component`, `group`, `class` (strings) and
   `custom_details` (an object). Answers 202 `{"status": "success", "message": "Event
   processed", "dedup_key": …}`, or 400 `{"status": "invalid event", "errors": [...]}`.
-- POST /control {"down": bool, "status": int, "retry_after": str|null, "delay_ms": int}: makes
-  every receiver answer `status` (with `Retry-After`) while down, and wait `delay_ms` first.
+- POST /control {"down": bool, "status": int, "retry_after": str|null, "delay_ms": int,
+  "max_bytes": int|null}: makes every receiver answer `status` (with `Retry-After`) while down,
+  and wait `delay_ms` first; a request body over `max_bytes` is refused with 413, as Splunk's
+  HEC refuses one over its `max_content_length`.
 - GET /records: everything accepted so far; GET /rejected: what was refused and why.
 
 Usage: outbox_receiver.py <webhook secret> <splunk token> <datadog api key> [<pagerduty routing
@@ -54,7 +56,7 @@ from standardwebhooks.webhooks import Webhook
 WEBHOOK_SECRET, SPLUNK_TOKEN, DD_KEY = sys.argv[1], sys.argv[2], sys.argv[3]
 PD_KEY = sys.argv[4] if len(sys.argv) > 4 else None
 LOCK = threading.Lock()
-STATE = {"down": False, "status": 503, "retry_after": None, "delay_ms": 0}
+STATE = {"down": False, "status": 503, "retry_after": None, "delay_ms": 0, "max_bytes": None}
 RECORDS = {"webhook": [], "splunk": [], "datadog": [], "ndjson": {}, "slack": {}, "teams": {}, "pagerduty": []}
 REJECTED = []
 HEC_KEYS = {"event", "time", "host", "source", "sourcetype", "index", "fields"}
@@ -115,6 +117,8 @@ class Handler(BaseHTTPRequestHandler):
         if state["down"]:
             headers = [("Retry-After", state["retry_after"])] if state["retry_after"] else []
             return self.reply(state["status"], {"error": "down"}, headers)
+        if state["max_bytes"] is not None and len(raw) > state["max_bytes"]:
+            return self.reject(413, f"{len(raw)} bytes", {"text": "Content too large", "code": 27})
         if self.path == "/webhook":
             return self.webhook(raw)
         if self.path == "/services/collector/event":

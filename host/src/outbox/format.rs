@@ -41,6 +41,46 @@ const HOST_OWNED: &[&str] = &[
     "x-intentgate-signature",
 ];
 
+/// Whether a batch's size is why it could not be formatted or sent: the worker then sends a
+/// smaller batch, and an event that is too large on its own is set aside as a dead letter
+/// instead of holding its lane until the dead-letter age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Oversize {
+    /// Not a question of size (or not known to be).
+    #[default]
+    No,
+    /// Possibly: the formatter ran out of memory or time (a smaller batch may pass; one event
+    /// alone is retried as any failure).
+    Perhaps,
+    /// Certainly: the destination takes no request this large, so the same batch fails the
+    /// same way every time.
+    Yes,
+}
+
+/// Why a batch could not be formatted: the text recorded as the delivery's error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatError {
+    pub message: String,
+    pub oversize: Oversize,
+}
+
+impl FormatError {
+    fn new(message: impl Into<String>) -> Self {
+        FormatError {
+            message: message.into(),
+            oversize: Oversize::No,
+        }
+    }
+
+    /// An error of one batch's size, `Yes` or `Perhaps`.
+    pub fn oversize(message: impl Into<String>, oversize: Oversize) -> Self {
+        FormatError {
+            message: message.into(),
+            oversize,
+        }
+    }
+}
+
 /// A checked request, ready to send.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -65,24 +105,39 @@ impl Bound {
 
     /// Formats `events` (canonical JSON, oldest first) off the async runtime and checks the
     /// result. Errors are the text recorded as the delivery's error.
-    pub async fn format(&self, events: Vec<String>) -> Result<Request, String> {
+    pub async fn format(&self, events: Vec<String>) -> Result<Request, FormatError> {
         let formatter = self.formatter.clone();
         let out = tokio::task::spawn_blocking(move || formatter.format(&events))
             .await
-            .map_err(|e| format!("formatter task failed: {e}"))?
-            .map_err(|e| format!("formatter: {e}"))?;
+            .map_err(|e| FormatError::new(format!("formatter task failed: {e}")))?
+            .map_err(|e| {
+                let oversize = match e {
+                    PluginError::OutOfMemory { .. } | PluginError::Timeout { .. } => {
+                        Oversize::Perhaps
+                    }
+                    _ => Oversize::No,
+                };
+                FormatError::oversize(format!("formatter: {e}"), oversize)
+            })?;
         check(out)
     }
 }
 
 /// Checks a formatter's answer.
-pub fn check(out: FormattedRequest) -> Result<Request, String> {
+pub fn check(out: FormattedRequest) -> Result<Request, FormatError> {
     if out.body.len() > MAX_BODY {
-        return Err(format!(
-            "formatter returned a {} byte body (limit {MAX_BODY})",
-            out.body.len()
+        return Err(FormatError::oversize(
+            format!(
+                "formatter returned a {} byte body (limit {MAX_BODY})",
+                out.body.len()
+            ),
+            Oversize::Yes,
         ));
     }
+    check_rest(out).map_err(FormatError::new)
+}
+
+fn check_rest(out: FormattedRequest) -> Result<Request, String> {
     let content_type = HeaderValue::from_str(&out.content_type)
         .ok()
         .filter(|v| !v.is_empty() && out.content_type.contains('/'))
@@ -144,6 +199,15 @@ mod tests {
         assert!(check(req("application/json", &[("webhook-signature", "v1,x")], 1)).is_err());
         assert!(check(req("application/json", &[("bad name", "v")], 1)).is_err());
         assert!(check(req("application/json", &[("x-a", "line\r\nbreak")], 1)).is_err());
-        assert!(check(req("application/json", &[], MAX_BODY + 1)).is_err());
+        assert_eq!(
+            check(req("application/json", &[], MAX_BODY + 1))
+                .expect_err("too large")
+                .oversize,
+            Oversize::Yes
+        );
+        assert_eq!(
+            check(req("", &[], 1)).expect_err("no type").oversize,
+            Oversize::No
+        );
     }
 }

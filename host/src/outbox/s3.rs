@@ -120,7 +120,10 @@ pub fn partition_of_ms(now_ms: i64) -> String {
     format!("year={y:04}/month={mo:02}/day={d:02}/hour={h:02}/")
 }
 
-/// The object key of a run: `<prefix><partition><tenant>-<first id>-<last id>.<ext>`.
+/// The object key of a run: `<prefix><partition><tenant>-<first id>.<ext>`. Keyed by its first
+/// event alone: a retry re-reads its lane, whose batch may have grown (or been halved) since,
+/// and must overwrite the object of the attempt whose answer was lost, not add a second copy
+/// of the same events beside it.
 pub fn object_key(
     prefix: &str,
     partition: &str,
@@ -129,7 +132,6 @@ pub fn object_key(
     content_type: &str,
 ) -> String {
     let first = rows.first().map_or(0, |r| r.event_id);
-    let last = rows.last().map_or(0, |r| r.event_id);
     let ext = if content_type.starts_with("application/x-ndjson") {
         "ndjson.gz"
     } else if content_type.starts_with("application/json") {
@@ -141,7 +143,7 @@ pub fn object_key(
     if !prefix.is_empty() && !prefix.ends_with('/') {
         prefix.push('/');
     }
-    format!("{prefix}{partition}{tenant}-{first:012}-{last:012}.{ext}")
+    format!("{prefix}{partition}{tenant}-{first:012}.{ext}")
 }
 
 /// gzip of `body`.
@@ -381,11 +383,11 @@ mod tests {
         );
         assert_eq!(
             key,
-            "logs/year=2026/month=05/day=12/hour=10/acme-000000000001-000000000002.ndjson.gz"
+            "logs/year=2026/month=05/day=12/hour=10/acme-000000000001.ndjson.gz"
         );
         assert_eq!(
             encode_key(&key),
-            "logs/year%3D2026/month%3D05/day%3D12/hour%3D10/acme-000000000001-000000000002.ndjson.gz"
+            "logs/year%3D2026/month%3D05/day%3D12/hour%3D10/acme-000000000001.ndjson.gz"
         );
     }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use super::OutboxError;
+use super::format::{FormatError, Oversize};
 
 /// The Logs Ingestion API version used.
 pub const API_VERSION: &str = "2023-01-01";
@@ -243,21 +244,28 @@ pub fn token_error(status: u16, body: &[u8]) -> String {
 
 /// Splits a JSON array body into bodies of at most [`MAX_CALL`] bytes (whole records; a
 /// single record over the limit is an error).
-pub fn split_array(body: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+pub fn split_array(body: &[u8]) -> Result<Vec<Vec<u8>>, FormatError> {
     if body.len() <= MAX_CALL {
         return Ok(vec![body.to_vec()]);
     }
-    let records: Vec<Value> = serde_json::from_slice(body)
-        .map_err(|_| "the sentinel formatter did not return a JSON array".to_owned())?;
+    let records: Vec<Value> = serde_json::from_slice(body).map_err(|_| {
+        FormatError::oversize(
+            "the sentinel formatter did not return a JSON array",
+            Oversize::No,
+        )
+    })?;
     let mut out = Vec::new();
     let mut cur: Vec<u8> = vec![b'['];
     for r in records {
         let rec = r.to_string();
         let rec = rec.as_bytes();
         if rec.len() + 2 > MAX_CALL {
-            return Err(format!(
-                "one record is {} bytes; a Logs Ingestion call takes at most {MAX_CALL}",
-                rec.len()
+            return Err(FormatError::oversize(
+                format!(
+                    "one record is {} bytes; a Logs Ingestion call takes at most {MAX_CALL}",
+                    rec.len()
+                ),
+                Oversize::Yes,
             ));
         }
         if cur.len() + rec.len() + 2 > MAX_CALL {

@@ -259,7 +259,7 @@ macro_rules! write_outcome {
                 push_ids(&mut qb);
                 qb.build().execute(&mut *conn).await?;
                 sqlx::query(
-                    "UPDATE outbox_lanes SET failures = 0, next_ms = 0, delivered = delivered + $1, \
+                    "UPDATE outbox_lanes SET failures = 0, next_ms = $2, delivered = delivered + $1, \
                      last_success_ms = $2 WHERE destination = $3 AND tenant = $4",
                 )
                 .bind(ids.len() as i64)
@@ -458,16 +458,17 @@ pub async fn list_dead(
 }
 
 /// Puts the dead letters of `destination` (and `tenant`, all tenants when `None`) back in
-/// their lanes, due at once. Returns how many.
+/// their lanes, due at once, their age counted again from now (so one failed attempt does not
+/// set them aside again). Returns how many.
 pub async fn redrive(db: &Db, destination: &str, tenant: Option<&str>) -> Result<u64, OutboxError> {
     let t = tenant.unwrap_or("");
-    let rows = "UPDATE outbox SET dead_ms = 0, attempts = 0 WHERE dead_ms <> 0 \
+    let rows = "UPDATE outbox SET dead_ms = 0, attempts = 0, created_ms = $3 WHERE dead_ms <> 0 \
                 AND destination = $1 AND ($2 = '' OR tenant = $2)";
     let lanes = "UPDATE outbox_lanes SET next_ms = 0, failures = 0 WHERE destination = $1 \
                  AND ($2 = '' OR tenant = $2)";
     Ok(on_db!(db, pool => {
         let mut tx = pool.begin().await?;
-        let n = sqlx::query(rows).bind(destination).bind(t).execute(&mut *tx).await?.rows_affected();
+        let n = sqlx::query(rows).bind(destination).bind(t).bind(crate::audit::time::now_ms()).execute(&mut *tx).await?.rows_affected();
         sqlx::query(lanes).bind(destination).bind(t).execute(&mut *tx).await?;
         tx.commit().await?;
         n
@@ -554,7 +555,9 @@ pub async fn save_destination(
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO UPDATE SET \
                kind = excluded.kind, url = excluded.url, settings = excluded.settings, \
                secret = CASE WHEN excluded.secret = '' THEN outbox_destinations.secret ELSE excluded.secret END, \
-               formatter = excluded.formatter, updated_ms = excluded.updated_ms";
+               formatter = excluded.formatter, updated_ms = CASE \
+               WHEN excluded.updated_ms > outbox_destinations.updated_ms THEN excluded.updated_ms \
+               ELSE outbox_destinations.updated_ms + 1 END";
     let now = crate::audit::time::now_ms();
     let secret = match spec.secret.as_deref() {
         Some(s) if !s.is_empty() => seal.seal(id, s)?,
@@ -611,9 +614,13 @@ pub async fn delete_destination(db: &Db, id: &str) -> Result<bool, OutboxError> 
     Ok(n > 0)
 }
 
-/// A cheap fingerprint of the stored destinations (to reload only on change).
+/// A cheap fingerprint of the stored destinations (to reload only on change). A row's
+/// `updated_ms` grows at every change whatever the writing replica's clock says, so the sum
+/// moves with any change; the latest time alone would miss a change stamped by a clock behind
+/// another replica's.
 pub async fn destinations_version(db: &Db) -> Result<(i64, i64), OutboxError> {
-    let sql = "SELECT COUNT(*), COALESCE(MAX(updated_ms), 0) FROM outbox_destinations";
+    let sql =
+        "SELECT COUNT(*), CAST(COALESCE(SUM(updated_ms), 0) AS BIGINT) FROM outbox_destinations";
     Ok(on_db!(db, pool => sqlx::query_as(sql).fetch_one(pool).await?))
 }
 
@@ -623,4 +630,136 @@ pub async fn referenced_destinations(db: &Db) -> Result<BTreeSet<String>, Outbox
     let sql = "SELECT DISTINCT destination FROM outbox_lanes";
     let v: Vec<String> = on_db!(db, pool => sqlx::query_scalar(sql).fetch_all(pool).await?);
     Ok(v.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{self, StoreConfig};
+
+    async fn sqlite() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = store::connect(&StoreConfig::Sqlite {
+            path: dir.path().join("a.db"),
+        })
+        .await
+        .expect("store")
+        .db();
+        (dir, db)
+    }
+
+    fn spec(url: &str) -> DestinationSpec {
+        DestinationSpec {
+            name: "hook".into(),
+            kind: "webhook".into(),
+            url: url.into(),
+            secret: None,
+            events: Vec::new(),
+            decisions: Vec::new(),
+            min_severity: None,
+            settings: serde_json::Map::new(),
+            formatter: None,
+        }
+    }
+
+    async fn exec(db: &Db, sql: &str) {
+        on_db!(db, pool => { sqlx::query(sql).execute(pool).await.expect(sql); });
+    }
+
+    /// A change stamped by a clock behind the one that stamped another destination still
+    /// changes the fingerprint replicas reload on.
+    #[tokio::test]
+    async fn a_change_from_a_clock_behind_another_is_seen() {
+        let (_dir, db) = sqlite().await;
+        let seal = super::super::sealed::SecretSeal::derive(b"k");
+        save_destination(&db, &seal, "a", None, &spec("https://a.example/1"))
+            .await
+            .expect("save");
+        save_destination(&db, &seal, "b", None, &spec("https://b.example/1"))
+            .await
+            .expect("save");
+        // `b` was written by a replica whose clock runs an hour ahead.
+        exec(
+            &db,
+            "UPDATE outbox_destinations SET updated_ms = updated_ms + 3600000 WHERE id = 'b'",
+        )
+        .await;
+        let before = destinations_version(&db).await.expect("version");
+        save_destination(&db, &seal, "a", None, &spec("https://a.example/2"))
+            .await
+            .expect("save");
+        assert_ne!(destinations_version(&db).await.expect("version"), before);
+        // And a row written again by a clock behind its own stamp moves forward.
+        let before = destinations_version(&db).await.expect("version");
+        save_destination(&db, &seal, "b", None, &spec("https://b.example/2"))
+            .await
+            .expect("save");
+        assert_ne!(destinations_version(&db).await.expect("version"), before);
+    }
+
+    /// A lane that just delivered goes behind the lanes that have waited; re-driven dead
+    /// letters count their age from the re-drive.
+    #[tokio::test]
+    async fn delivery_takes_turns_and_a_redrive_starts_the_age_again() {
+        let (_dir, db) = sqlite().await;
+        exec(
+            &db,
+            "INSERT INTO audit_events (id, tenant, seq, ts_ms, event, body, prev_hash, hash) \
+             VALUES (1, 'a', 1, 0, 'e', '{}', '', 'h1'), (2, 'b', 1, 0, 'e', '{}', '', 'h2')",
+        )
+        .await;
+        exec(
+            &db,
+            "INSERT INTO outbox (destination, tenant, event_id, created_ms) \
+             VALUES ('d', 'a', 1, 5), ('d', 'b', 2, 5)",
+        )
+        .await;
+        exec(
+            &db,
+            "INSERT INTO outbox_lanes (destination, tenant) VALUES ('d', 'a'), ('d', 'b')",
+        )
+        .await;
+        let lane_a: Lane = ("d".into(), "a".into());
+        let (held, _, rows) = claim(&db, &lane_a, 1_000, 10)
+            .await
+            .expect("claim")
+            .expect("due");
+        // A second event of lane a arrives meanwhile.
+        exec(
+            &db,
+            "INSERT INTO audit_events (id, tenant, seq, ts_ms, event, body, prev_hash, hash) \
+             VALUES (3, 'a', 2, 0, 'e', '{}', '', 'h3')",
+        )
+        .await;
+        exec(
+            &db,
+            "INSERT INTO outbox (destination, tenant, event_id, created_ms) VALUES ('d', 'a', 3, 6)",
+        )
+        .await;
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        finish(held, &lane_a, &ids, &Outcome::Delivered, 1_000)
+            .await
+            .expect("finish");
+        let due = due_lanes(&db, 2_000, 10).await.expect("due");
+        assert_eq!(due, vec![("d".into(), "b".into()), lane_a.clone()]);
+
+        let (held, _, rows) = claim(&db, &lane_a, 2_000, 10)
+            .await
+            .expect("claim")
+            .expect("due");
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let dead = Outcome::Dead {
+            error: "HTTP 500".into(),
+        };
+        finish(held, &lane_a, &ids, &dead, 2_000)
+            .await
+            .expect("finish");
+        let before = crate::audit::time::now_ms();
+        assert_eq!(redrive(&db, "d", Some("a")).await.expect("redrive"), 1);
+        let (_, _, rows) = claim(&db, &lane_a, 3_000, 10)
+            .await
+            .expect("claim")
+            .expect("due");
+        assert!(rows.iter().all(|r| r.created_ms >= before), "{rows:?}");
+    }
 }

@@ -25,6 +25,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::address::Resolver;
 use super::destination::{Destination, Source, Target};
+use super::format::Oversize;
 use super::store::{self, Lane, Outcome, Pending};
 use super::{Kind, Live, Outbox, format, s3, sentinel, sign};
 use crate::audit::time::now_ms;
@@ -43,11 +44,13 @@ const IDLE_POLL: Duration = RELOAD_EVERY;
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-/// A failed delivery: what to record, and the destination's `Retry-After`, if any.
+/// A failed delivery: what to record, the destination's `Retry-After`, if any, and whether the
+/// batch's size is the cause.
 #[derive(Debug)]
 pub struct Failure {
     pub error: String,
     pub retry_after: Option<Duration>,
+    pub oversize: Oversize,
 }
 
 impl Failure {
@@ -55,6 +58,17 @@ impl Failure {
         Failure {
             error: error.into(),
             retry_after: None,
+            oversize: Oversize::No,
+        }
+    }
+}
+
+impl From<format::FormatError> for Failure {
+    fn from(e: format::FormatError) -> Self {
+        Failure {
+            error: e.message,
+            retry_after: None,
+            oversize: e.oversize,
         }
     }
 }
@@ -234,10 +248,15 @@ async fn deliver_lane(
     lane: &Lane,
 ) -> Result<(), super::OutboxError> {
     let cfg = &outbox.inner.cfg;
+    // A batch refused for its size is sent again at once as its first half, down to one
+    // event; an event too large on its own is set aside as a dead letter, so it never holds
+    // its lane (and the events behind it) until the dead-letter age.
+    let mut shrunk: Option<i64> = None;
     for _ in 0..BATCHES_PER_TURN {
         let live = outbox.live();
         let dest = live.by_id.get(lane.0.as_str()).cloned();
         let limit = dest.as_ref().map_or(1, |d| d.dest.batch_limit(cfg.batch)) as i64;
+        let limit = shrunk.map_or(limit, |n| n.min(limit));
         let Some((claim, failures, rows)) =
             store::claim(&outbox.inner.db, lane, now_ms(), limit).await?
         else {
@@ -263,11 +282,35 @@ async fn deliver_lane(
             },
         };
         let now = now_ms();
+        let mut ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let outcome = match sent {
             Ok(()) => Outcome::Delivered,
+            Err(f) if f.oversize != Oversize::No && rows.len() > 1 => {
+                tracing::info!(destination = %lane.0, tenant = %lane.1, events = rows.len(), error = %f.error, "outbox: batch too large for its destination; sending its first half");
+                shrunk = Some(rows.len() as i64 / 2);
+                // Nothing recorded: the claim is released and the lane taken again.
+                drop(claim);
+                continue;
+            }
+            Err(f) if f.oversize == Oversize::Yes => {
+                shrunk = None;
+                Outcome::Dead {
+                    error: format!(
+                        "{} (this event alone is too large for the destination)",
+                        f.error
+                    ),
+                }
+            }
             Err(f) => {
-                let oldest = rows.first().map_or(now, |r| r.created_ms);
-                if now.saturating_sub(oldest) >= cfg.dead_after.as_millis() as i64 {
+                // Only the rows past the dead-letter age are set aside; the rest wait for
+                // their own (a re-driven row's age starts again at its re-drive).
+                let dead_before = now.saturating_sub(cfg.dead_after.as_millis() as i64);
+                let old = rows
+                    .iter()
+                    .take_while(|r| r.created_ms <= dead_before)
+                    .count();
+                if old > 0 {
+                    ids.truncate(old);
                     Outcome::Dead { error: f.error }
                 } else {
                     let wait = backoff(cfg.retry_base, cfg.retry_max, failures, f.retry_after);
@@ -278,7 +321,6 @@ async fn deliver_lane(
                 }
             }
         };
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         store::finish(claim, lane, &ids, &outcome, now).await?;
         let stats = &outbox.inner.stats;
         match &outcome {
@@ -370,7 +412,7 @@ async fn send_http(
     timeout: Duration,
 ) -> Result<(), Failure> {
     let events = rows.iter().map(|r| r.body.clone()).collect();
-    let req = formatter.format(events).await.map_err(Failure::new)?;
+    let req = formatter.format(events).await?;
     let id = delivery_id(rows);
     let mut builder = hyper::Request::post(live.dest.url.clone())
         .header(CONTENT_TYPE, req.content_type)
@@ -421,7 +463,7 @@ async fn send_s3(
     for (partition, range) in s3::by_hour(rows, &s3::partition_of_ms(now_ms())) {
         let part = &rows[range];
         let events = part.iter().map(|r| r.body.clone()).collect();
-        let req = formatter.format(events).await.map_err(Failure::new)?;
+        let req = formatter.format(events).await?;
         let key = s3::object_key(
             &t.prefix,
             &partition,
@@ -485,9 +527,9 @@ async fn send_sentinel(
     timeout: Duration,
 ) -> Result<(), Failure> {
     let events = rows.iter().map(|r| r.body.clone()).collect();
-    let req = formatter.format(events).await.map_err(Failure::new)?;
+    let req = formatter.format(events).await?;
     let id = delivery_id(rows);
-    for body in sentinel::split_array(&req.body).map_err(Failure::new)? {
+    for body in sentinel::split_array(&req.body)? {
         let token = sentinel_token(http, live, t, timeout).await?;
         let mut builder = hyper::Request::post(t.ingest.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
@@ -545,6 +587,7 @@ async fn sentinel_token(
         return Err(Failure {
             error: sentinel::token_error(answer.status, &answer.body),
             retry_after: answer.retry_after,
+            oversize: Oversize::No,
         });
     }
     let (token, expires_in) = sentinel::parse_token(&answer.body).map_err(Failure::new)?;
@@ -572,6 +615,12 @@ impl Answer {
         Err(Failure {
             error: format!("HTTP {}: {}", self.status, snippet.trim()),
             retry_after: self.retry_after,
+            // 413 Content Too Large: the same request is refused the same way every time.
+            oversize: if self.status == 413 {
+                Oversize::Yes
+            } else {
+                Oversize::No
+            },
         })
     }
 }
