@@ -429,6 +429,78 @@ async fn edited_event_is_named(db: Db) {
     assert!(b.reason.starts_with("gap"), "{}", b.reason);
 }
 
+/// A NUL in a field the store keeps in a column of its own (PostgreSQL's text refuses it) is
+/// refused for that event alone, before it reaches a batch; a NUL in an approval's free text
+/// (a policy's reason, an operator's note) is stored replaced. The calls beside it commit.
+async fn a_nul_fails_its_own_event_only(db: Db) {
+    use intentgate::approvals::{Approval, Status, record::ApprovalWrite};
+    let key = test_key();
+    let log = AuditLog::open(db.clone(), key.clone(), quiet_config())
+        .await
+        .expect("open");
+    let mut bad = event("acme", 1);
+    bad.tool = "echo\u{0}".into();
+    let (bad, good) = tokio::join!(log.append(bad), log.append(event("acme", 2)));
+    assert!(
+        matches!(bad, Err(AuditError::Unstorable("tool"))),
+        "{bad:?}"
+    );
+    good.expect("the call beside it commits");
+
+    let approval = Approval {
+        tenant: "acme".into(),
+        pending_id: intentgate::approvals::new_id(),
+        capability_token_id: "jti-1".into(),
+        root_capability_token_id: "root-1".into(),
+        agent_id: "agent-1".into(),
+        tool: "delete_records".into(),
+        args: None,
+        args_digest: "d".into(),
+        bundle_digest: "b".into(),
+        intent_summary: "clean up\u{0}".into(),
+        reason: "rule \u{0} matched".into(),
+        status: Status::Pending,
+        requires_step_up: false,
+        created_ms: 1,
+        expires_ms: i64::MAX,
+        decided_ms: None,
+        decided_by: None,
+        decide_note: None,
+        consumed_ms: None,
+    };
+    let id = approval.pending_id.clone();
+    let escalated = log
+        .append_with(
+            event("acme", 3),
+            Vec::new(),
+            Some(ApprovalWrite::Create(Box::new(approval))),
+        )
+        .await
+        .expect("an approval with a NUL in its reason commits");
+    assert!(escalated.refused.is_none(), "{escalated:?}");
+    let stored = intentgate::approvals::query::get(&db, Some("acme"), &id)
+        .await
+        .expect("get")
+        .expect("stored");
+    assert_eq!(stored.reason, "rule \u{FFFD} matched");
+    log.append(event("acme", 4)).await.expect("and after it");
+    let r = verify::verify_chain(&db, "acme", &key.verifier(), None)
+        .await
+        .expect("verify");
+    assert!(r.ok && r.verified == 3, "{r:?}");
+}
+
+#[tokio::test]
+async fn sqlite_a_nul_fails_its_own_event_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    a_nul_fails_its_own_event_only(sqlite_at(&dir.path().join("a.db")).await).await;
+}
+
+#[tokio::test]
+async fn postgres_a_nul_fails_its_own_event_only() {
+    a_nul_fails_its_own_event_only(postgres_at(&postgres_url().await).await).await;
+}
+
 /// A head moved back over intact rows (or rows planted above it) is found: the rows beyond
 /// the head are reported, though every row up to the head still links.
 async fn rows_beyond_the_head_are_found(db: Db) {

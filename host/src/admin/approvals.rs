@@ -104,15 +104,23 @@ pub async fn decide(
         }
     };
     let decided_by = body.decided_by.trim();
-    if decided_by.is_empty() || decided_by.len() > 256 {
+    if decided_by.is_empty() || decided_by.len() > 256 || decided_by.chars().any(char::is_control) {
         return Err(AdminError::BadRequest(
-            "decided_by must name who decides (1-256 characters)".into(),
+            "decided_by must name who decides (1-256 characters, none a control character)".into(),
         ));
     }
     let note = body.note.unwrap_or_default();
     if note.len() > 4096 {
         return Err(AdminError::BadRequest(
             "note must be at most 4096 bytes".into(),
+        ));
+    }
+    if note
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(AdminError::BadRequest(
+            "note must not contain control characters (other than line breaks and tabs)".into(),
         ));
     }
     let scope = req

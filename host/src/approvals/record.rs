@@ -80,6 +80,17 @@ impl rusqlite::ToSql for Arg<'_> {
     }
 }
 
+/// Free text (a policy's reason, an intent summary, an operator's note) as PostgreSQL's text
+/// columns can hold it: a NUL would fail the whole audit batch carrying the write, so it is
+/// stored as U+FFFD (the audit event keeps the exact text).
+fn free(v: &str) -> Arg<'_> {
+    if v.contains('\0') {
+        Arg::MaybeText(Some(v.replace('\0', "\u{FFFD}")))
+    } else {
+        Arg::Text(v)
+    }
+}
+
 /// The statement that applies `write` to `tenant`'s queue, with its values in placeholder
 /// order (one place for the columns, whichever backend binds them).
 pub(crate) fn statement<'a>(
@@ -95,13 +106,13 @@ pub(crate) fn statement<'a>(
                 Text(&a.pending_id),
                 Text(&a.capability_token_id),
                 Text(&a.root_capability_token_id),
-                Text(&a.agent_id),
-                Text(&a.tool),
+                free(&a.agent_id),
+                free(&a.tool),
                 MaybeText(a.args.as_ref().map(|v| v.to_string())),
                 Text(&a.args_digest),
                 Text(&a.bundle_digest),
-                Text(&a.intent_summary),
-                Text(&a.reason),
+                free(&a.intent_summary),
+                free(&a.reason),
                 Text(a.status.as_str()),
                 Int(i64::from(a.requires_step_up)),
                 Int(a.created_ms),
@@ -120,8 +131,8 @@ pub(crate) fn statement<'a>(
             vec![
                 Text(decided_status(*approve).as_str()),
                 Int(*at_ms),
-                Text(by),
-                Text(note),
+                free(by),
+                free(note),
                 Int(*resume_until_ms),
                 Text(tenant),
                 Text(id),

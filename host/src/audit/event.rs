@@ -239,6 +239,24 @@ impl AuditEvent {
     }
 
     /// Records the tool-call arguments as `mode` allows.
+    /// The first field stored in a column of its own (beside the hashed body) that holds a
+    /// NUL, which PostgreSQL's text cannot store.
+    pub fn column_with_nul(&self) -> Option<&'static str> {
+        [
+            ("tenant", &self.tenant),
+            ("event", &self.kind),
+            ("check", &self.check),
+            ("agent_id", &self.agent_id),
+            ("tool", &self.tool),
+            ("capability_token_id", &self.jti),
+            ("root_capability_token_id", &self.root_jti),
+            ("elevation_id", &self.elevation_id),
+        ]
+        .into_iter()
+        .find(|(_, v)| v.contains('\0'))
+        .map(|(name, _)| name)
+    }
+
     pub fn with_arguments(mut self, mode: ArgValuesMode, args: &Value) -> Self {
         let (keys, values) = mode.apply(args);
         self.arg_keys = keys;

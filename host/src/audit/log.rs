@@ -309,6 +309,9 @@ impl AuditLog {
         for d in &debits {
             d.validate()?;
         }
+        if let Some(field) = event.column_with_nul() {
+            return Err(AuditError::Unstorable(field));
+        }
         let tenant = event.tenant.clone();
         let (reply, answer) = oneshot::channel();
         // The canonical text (the arguments' share of the hashing work) is made here, on the

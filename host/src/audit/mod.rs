@@ -104,6 +104,10 @@ pub enum AuditError {
     Malformed(String),
     #[error("audit i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// A field the store keeps in a column of its own holds a NUL, which PostgreSQL's text
+    /// cannot store: the event is refused alone, before it can fail a batch of other calls.
+    #[error("audit event field {0} contains a NUL character")]
+    Unstorable(&'static str),
 }
 
 /// Tuning of the writers and checkpoints.

@@ -26,6 +26,13 @@ pub struct Invocation {
     pub request_state: Option<String>,
 }
 
+/// Whether a name or URI holds a control character. None belongs in one (RFC 3986 has none
+/// in a URI, MCP's tool names are printable), and a NUL cannot be stored by PostgreSQL's text
+/// columns: it would fail the audit batch that carries the call.
+pub fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
 fn invalid(why: &str) -> RpcError {
     RpcError::new(code::INVALID_PARAMS, "Invalid params").with_data(Value::from(why))
 }
@@ -37,6 +44,9 @@ impl Invocation {
             Some(Value::String(n)) if !n.is_empty() => n.clone(),
             _ => return Err(invalid("params.name must be a non-empty string")),
         };
+        if has_control(&name) {
+            return Err(invalid("params.name must not contain control characters"));
+        }
         let arguments = match params.get("arguments") {
             None | Some(Value::Null) => Value::Object(Map::new()),
             Some(a @ Value::Object(_)) => a.clone(),
@@ -127,6 +137,8 @@ mod tests {
         for bad in [
             json!({}),
             json!({"name": ""}),
+            json!({"name": "echo\u{0}"}),
+            json!({"name": "echo\n"}),
             json!({"name": "t", "arguments": [1]}),
             json!({"name": "t", "_meta": "x"}),
             json!({"name": "t", "requestState": 5}),

@@ -31,6 +31,9 @@ fn invalid(why: &str) -> RpcError {
 
 fn non_empty(params: &Map<String, Value>, key: &str, what: &str) -> Result<String, RpcError> {
     match params.get(key) {
+        Some(Value::String(s)) if crate::mcp::call::has_control(s) => Err(invalid(&format!(
+            "{what} must not contain control characters"
+        ))),
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
         _ => Err(invalid(&format!("{what} must be a non-empty string"))),
     }
@@ -149,6 +152,8 @@ mod tests {
         for (method, params) in [
             ("resources/read", json!({})),
             ("resources/read", json!({"uri": ""})),
+            ("resources/read", json!({"uri": "file:///a\u{0}"})),
+            ("prompts/get", json!({"name": "greet\r"})),
             ("resources/subscribe", json!({"uri": 5})),
             ("prompts/get", json!({"name": "p", "arguments": []})),
             ("prompts/get", json!({})),
