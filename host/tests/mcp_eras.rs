@@ -954,6 +954,60 @@ async fn audit_events(gw: &TestGateway, jti: &str) -> Vec<Value> {
 /// A 2026-07-28 tool that asks for input: the official client answers the elicitation and
 /// retries; the gateway decides every round, charges once (max_calls 1 is enough for both
 /// rounds, and spent afterwards), and the audit links round 2 to the call's first event.
+/// A prompt whose upstream answers with an input-required result (here, a request that the
+/// client sample) is refused: only a `tools/call`'s input requests are decided, sealed and
+/// audited on their way to the client, so this one would have reached the agent undecided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_request_outside_a_tool_call_is_refused() {
+    let up = Upstream::shared(Kind::BothEras).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (tok, jti) = token(&gw, &["*"], json!({})).await;
+    let m = marker("prompt-input");
+    let mut body = modern_body(
+        3,
+        "prompts/get",
+        json!({"name": "greet_by_model", "arguments": {"name": m}}),
+    );
+    body["params"]["_meta"][CAPS] = json!({"sampling": {}});
+    let (status, v) = modern(&gw, &tok, &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["error"]["code"], -32603, "{v}");
+    assert!(
+        v["error"]["data"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("during prompts/get")),
+        "{v}"
+    );
+    assert!(v["result"].is_null(), "{v}");
+    assert_eq!(
+        up.calls_with(&m).len(),
+        1,
+        "the prompt itself was decided and ran"
+    );
+    let audit = audit_events(&gw, &jti).await;
+    assert!(
+        audit.iter().any(|e| e["tool"] == "prompt:greet_by_model"
+            && e["upstream_status"] == 200
+            && e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("more input"))),
+        "the refused answer is audited: {audit:?}"
+    );
+    // The gateway keeps serving the same prompt's plain sibling.
+    let (_, v) = modern(
+        &gw,
+        &tok,
+        &modern_body(
+            4,
+            "prompts/get",
+            json!({"name": "greet", "arguments": {"name": m}}),
+        ),
+    )
+    .await;
+    assert!(v["result"]["messages"].is_array(), "{v}");
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_round_call_is_one_call() {
     let up = Upstream::shared(Kind::BothEras).await;

@@ -15,7 +15,8 @@ Tools: read_invoice(id), send_email(to, body), delete_records(table), echo(text)
 (an elicitation), ask_model(prompt) (sampling), slow_count(n) (progress); with mcp 2.x
 also confirm_transfer(amount, memo), which asks for confirmation through a 2026-07-28
 InputRequiredResult (an elicitation) before it completes. Resource template `note://{topic}`
-and prompt `greet(name)`. With `--call-log FILE` every tool
+and prompt `greet(name)` (with mcp 2.x also `greet_by_model(name)`, which answers with an
+InputRequiredResult asking the client to sample). With `--call-log FILE` every tool
 invocation appends one JSON line: {"tool", "args", "mcp" (package version), "protocol_version",
 "headers" (the routing/auth headers as received), "round" (for confirm_transfer: 1, 2, ...),
 "request_state", "input_responses"}.
@@ -200,7 +201,24 @@ def build_server(call_log: str | None, json_response: bool):
         return f"Say hello to {name}"
 
     if MODERN:
-        from mcp_types import ElicitRequest, ElicitRequestFormParams, InputRequiredResult
+        from mcp_types import (CreateMessageRequest, CreateMessageRequestParams, ElicitRequest,
+                               ElicitRequestFormParams, InputRequiredResult, SamplingMessage,
+                               TextContent)
+
+        @server.prompt()
+        def greet_by_model(name: str) -> InputRequiredResult:
+            """A prompt that asks the client's model first (a 2026-07-28 input-required prompt)."""
+            record("prompt:greet_by_model", {"name": name}, None)
+            ask = CreateMessageRequest(
+                method="sampling/createMessage",
+                params=CreateMessageRequestParams(
+                    messages=[SamplingMessage(role="user",
+                                              content=TextContent(type="text", text=f"greet {name}"))],
+                    max_tokens=32,
+                ),
+            )
+            return InputRequiredResult(result_type="input_required", input_requests={"model": ask},
+                                       request_state="greet:1")
 
         @server.tool()
         def confirm_transfer(amount: int, memo: str, ctx: Context) -> InputRequiredResult | str:

@@ -340,6 +340,25 @@ impl CallContext<'_> {
                 return Err(e);
             }
         };
+        if translate::is_input_required(&result) {
+            // Only a `tools/call`'s input requests are decided, sealed and audited on their way
+            // to the client (`tools.rs`); passed on here, an upstream's sampling or elicitation
+            // would reach the agent undecided.
+            self.forget_subscription(subscribed, &target.name);
+            let detail = format!(
+                "the upstream asked for more input during {method}; the gateway relays input requests only during tools/call, where each is decided"
+            );
+            self.svc
+                .pipeline
+                .record_upstream_failure(&call, &permit, 200, &detail)
+                .await;
+            return Err(
+                RpcError::new(code::INTERNAL_ERROR, "upstream failure").with_data(json!({
+                    "upstream_status": 200,
+                    "detail": detail,
+                })),
+            );
+        }
         if let Some(r) = route {
             expose_contents(&self.svc.upstreams, r.name, &mut result);
         }
@@ -428,6 +447,10 @@ pub(super) fn renamed(
     route: Option<Route<'_, '_>>,
 ) -> Map<String, Value> {
     let mut params = params.clone();
+    // A later round's members: the gateway never passes these methods' input requests to a
+    // client (see `target`), so any answer to one is not the client's to give the upstream.
+    params.remove("inputResponses");
+    params.remove("requestState");
     if let Some(r) = route {
         upstreams::rename_target(method, &mut params, r.original);
     }
