@@ -118,6 +118,15 @@ pub fn parse(body: &[u8]) -> Result<Incoming, (Option<Id>, RpcError)> {
     };
     let id = match obj.get("id") {
         None => None,
+        // An integer past u64 is read as a float, and would be echoed as another number than
+        // the client sent: its answer would match no request.
+        Some(Value::Number(n)) if n.as_f64().is_some_and(|f| n.is_f64() && f.abs() >= 9.0e15) => {
+            return Err((
+                None,
+                RpcError::new(code::INVALID_REQUEST, "Invalid Request")
+                    .with_data(Value::from("id is a number too large to be echoed exactly")),
+            ));
+        }
         Some(v @ (Value::String(_) | Value::Number(_) | Value::Null)) => Some(v.clone()),
         Some(_) => {
             return Err((
@@ -139,6 +148,10 @@ pub fn parse(body: &[u8]) -> Result<Incoming, (Option<Id>, RpcError)> {
     // The members are taken out of the parsed object, not cloned: `params` holds the
     // arguments, the largest part of a call.
     let method = match obj.remove("method") {
+        // MCP: a request's id must not be null (null is for errors without a request).
+        Some(Value::String(_)) if id == Some(Value::Null) => {
+            return invalid("a request's id must be a string or a number, not null");
+        }
         Some(Value::String(m)) if !m.is_empty() => m,
         Some(_) => return invalid("method must be a non-empty string"),
         None if id.is_some() && (obj.contains_key("result") || obj.contains_key("error")) => {
@@ -237,6 +250,21 @@ mod tests {
             err_code(r#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#),
             code::INVALID_PARAMS
         );
+        assert_eq!(
+            err_code(r#"{"jsonrpc":"2.0","id":null,"method":"tools/call"}"#),
+            code::INVALID_REQUEST
+        );
+        assert_eq!(
+            err_code(r#"{"jsonrpc":"2.0","id":18446744073709551616,"method":"tools/list"}"#),
+            code::INVALID_REQUEST
+        );
+        // The largest integers still echo exactly; a null id stays fine on an error response.
+        let r = req(r#"{"jsonrpc":"2.0","id":18446744073709551615,"method":"tools/list"}"#);
+        assert_eq!(r.id, Some(Value::from(u64::MAX)));
+        assert!(matches!(
+            parse(br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}"#),
+            Ok(Incoming::Response(_))
+        ));
     }
 
     #[test]

@@ -218,7 +218,7 @@ impl CallContext<'_> {
         if modern && translate::is_input_required(&result) {
             // What the upstream asks the agent's user is decided before the client sees it,
             // as when it is asked during a handshake-era call.
-            self.decide_inputs(&call, &result).await?;
+            self.decide_inputs(&call, &mut result).await?;
             // Hand out the gateway's seal instead of the upstream's state.
             let mut next = self.round_binding(&inv);
             next.call_event = previous.as_ref().map_or(permit.event_id, |p| p.call_event);
@@ -545,10 +545,26 @@ impl CallContext<'_> {
     }
 
     /// Decides each input request of an input-required result handed to a 2026-07-28 client
-    /// (the client answers them itself); the first refused one refuses the call.
-    async fn decide_inputs(&self, call: &ToolCall<'_>, result: &RawObject) -> Result<(), RpcError> {
-        let Some(Value::Object(requests)) = result.value("inputRequests") else {
-            return Ok(());
+    /// (the client answers them itself); the first refused one refuses the call. The requests
+    /// the client gets are the ones decided, written back from the parsed tree: with duplicate
+    /// keys in the upstream's text, a client whose parser keeps the first could otherwise act
+    /// on a request no check saw.
+    async fn decide_inputs(
+        &self,
+        call: &ToolCall<'_>,
+        result: &mut RawObject,
+    ) -> Result<(), RpcError> {
+        let requests = match result.value("inputRequests") {
+            None | Some(Value::Null) => return Ok(()),
+            Some(Value::Object(requests)) => requests,
+            Some(_) => {
+                return Err(
+                    RpcError::new(code::INTERNAL_ERROR, "upstream failure").with_data(json!({
+                        "upstream_status": 200,
+                        "detail": "the upstream's inputRequests is not an object",
+                    })),
+                );
+            }
         };
         let asking = super::ask::Asking {
             grant: self.grant,
@@ -560,6 +576,7 @@ impl CallContext<'_> {
         for request in requests.values() {
             asking.decide(self.svc, request).await?;
         }
+        result.insert("inputRequests", &Value::Object(requests));
         Ok(())
     }
 

@@ -36,7 +36,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::capability::Grant;
+use crate::capability::{Grant, Kind};
 
 /// The bounds of the hub.
 #[derive(Debug, Clone, Copy)]
@@ -248,10 +248,13 @@ impl Hub {
             .get_mut(session)
             .ok_or(HubError::TooManySessions(self.limits.sessions))?;
         // The session's token may have been replaced by an attenuated child of the same id:
-        // the newest presented is the one re-checked.
+        // the newest presented is the one re-checked, and what the window kept under the
+        // previous token is not replayed to it (updates are pushed only for URIs the current
+        // token may read, see `resource_updated`).
         if entry.token != token {
             entry.token = token.to_owned();
             entry.grant = grant.clone();
+            entry.window.clear();
         }
         Ok(entry)
     }
@@ -369,7 +372,9 @@ impl Hub {
             return;
         };
         for s in subscribers {
-            if let Some(entry) = inner.sessions.get_mut(&s) {
+            if let Some(entry) = inner.sessions.get_mut(&s)
+                && entry.grant.allows(Kind::Resource, uri)
+            {
                 entry.push(message, window);
             }
         }
@@ -437,6 +442,43 @@ mod tests {
         Verifier::new(key, DEFAULT_LEEWAY_SECS)
             .authenticate(&minted.token, now, &RevocationSet::always_fresh())
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn grant_for(resources: &[&str]) -> Grant {
+        let key = MasterKey::from_bytes(b"0123456789abcdef0123456789abcdef")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let now = 1_700_000_000;
+        let req = MintRequest {
+            subject: "agent".into(),
+            resources: resources.iter().map(|r| r.to_string()).collect(),
+            ..MintRequest::default()
+        };
+        let minted = mint(&key, &req, now).unwrap_or_else(|e| panic!("{e}"));
+        Verifier::new(key, DEFAULT_LEEWAY_SECS)
+            .authenticate(&minted.token, now, &RevocationSet::always_fresh())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A session presented with a narrower token (an attenuated child of the same id) gets
+    /// neither what the window kept under the previous token nor updates of URIs it may not
+    /// read.
+    #[test]
+    fn a_narrower_token_on_the_session_gets_only_its_own_uris() {
+        let hub = Hub::new(Limits::default());
+        let wide = grant();
+        let narrow = grant_for(&["note://a"]);
+        hub.subscribe("s", &wide, "wide", "note://secret")
+            .expect("hub");
+        hub.subscribe("s", &wide, "wide", "note://a").expect("hub");
+        hub.resource_updated("note://secret", &updated("note://secret"));
+        let opened = hub.open("s", &narrow, "narrow", Some(0)).expect("hub");
+        assert!(opened.replay.is_empty(), "the wide token's window");
+        let mut rx = opened.events;
+        hub.resource_updated("note://secret", &updated("note://secret"));
+        hub.resource_updated("note://a", &updated("note://a"));
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains("note://a"), "{}", got[0]);
     }
 
     fn updated(uri: &str) -> Value {
