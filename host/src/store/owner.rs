@@ -43,7 +43,10 @@ pub fn lock_path(db: &Path) -> PathBuf {
 /// Takes (or shares, within this process) the ownership of the SQLite file `db`, whose
 /// directory exists.
 pub fn own(db: &Path) -> Result<Arc<Owner>, StoreError> {
-    let path = lock_path(db);
+    // The file itself, not the name it was reached by: two processes opening one database
+    // through a symbolic link and its target would otherwise lock two different files.
+    let resolved = std::fs::canonicalize(db).ok();
+    let path = lock_path(resolved.as_deref().unwrap_or(db));
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     let key = match dir {
         Some(d) => std::fs::canonicalize(d)
@@ -183,5 +186,22 @@ mod tests {
         probe.unlock().expect("unlock");
         let again = own(&db).expect("owned again");
         drop(again);
+    }
+
+    /// A database reached through a symbolic link is the same database: one lock, beside the
+    /// file itself (two locks, one per name, let two processes own it).
+    #[test]
+    fn a_link_to_an_owned_file_is_the_same_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).expect("dir");
+        let db = real.join("gw.db");
+        std::fs::write(&db, b"").expect("db");
+        let link = dir.path().join("gw.db");
+        std::os::unix::fs::symlink(&db, &link).expect("symlink");
+        let a = own(&db).expect("first");
+        let b = own(&link).expect("shared");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!lock_path(&link).exists(), "no second lock beside the link");
     }
 }
