@@ -168,6 +168,9 @@ impl Gateway {
                 crate::store::STATISTICS_REFRESH,
             )));
         }
+        background.push(tokio::spawn(crate::store::retention::prune_counters(
+            Arc::clone(&store),
+        )));
         let revocations = Arc::new(RevocationSet::new(config.revocation_max_staleness));
         background.push(tokio::spawn(revocation_feed(
             Arc::clone(&store),

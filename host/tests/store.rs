@@ -88,6 +88,7 @@ suite!(
     step_ups_are_recorded_per_tenant_and_tree,
     charge_adds_within_the_limit,
     concurrent_charges_never_pass_the_limit,
+    past_counter_windows_are_pruned,
     sessions_round_trip_and_expire,
     bad_input_is_a_typed_error,
     db_handle_ping_and_close,
@@ -506,6 +507,61 @@ async fn charge_adds_within_the_limit(f: Fixture) {
     );
     assert_eq!(charge("zero", 0, 0, 0).await, Charged { total: 0 });
     assert_eq!(charge("zero", 0, 1, 0).await, Exceeded { total: 0 });
+}
+
+/// Counter windows that can no longer be charged go (a rate minute past, a window with a later
+/// one of its key), an hour after they ended; counters without a window and each key's newest
+/// window stay.
+async fn past_counter_windows_are_pruned(f: Fixture) {
+    let s = &f.store;
+    let minute = now() / 60 * 60;
+    let old = minute - 7_200;
+    let day = 86_400;
+    let charged = [
+        ("rate:old", old),
+        ("rate:old", minute - 5_400),
+        ("rate:recent", minute - 1_800),
+        ("rate:now", minute),
+        ("budget:k", old - 2 * day),
+        ("budget:k", old - day),
+        ("budget:k", old),
+        ("budget:idle", old - day),
+        ("calls:j", 0),
+        ("budget:fresh", minute - 600),
+        ("budget:fresh", minute),
+    ];
+    for (key, window) in charged {
+        s.charge(key, window, 1, 10).await.expect("charge");
+    }
+    let mut gone = 0;
+    loop {
+        let n = s.prune_counters(now() - 3_600).await.expect("prune");
+        gone += n;
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(gone, 4, "rate:old twice, budget:k's two superseded days");
+    for (key, window, left) in [
+        ("rate:old", old, 0),
+        ("rate:old", minute - 5_400, 0),
+        ("rate:recent", minute - 1_800, 1),
+        ("rate:now", minute, 1),
+        ("budget:k", old - 2 * day, 0),
+        ("budget:k", old - day, 0),
+        ("budget:k", old, 1),
+        ("budget:idle", old - day, 1),
+        ("calls:j", 0, 1),
+        ("budget:fresh", minute - 600, 1),
+        ("budget:fresh", minute, 1),
+    ] {
+        assert_eq!(
+            s.counter(key, window).await.expect("counter"),
+            left,
+            "{key} at {window}"
+        );
+    }
+    assert_eq!(store::retention::prune_now(s.as_ref()).await, 0);
 }
 
 /// Many tasks on two replicas charge one counter at once: exactly `limit` unit charges win,

@@ -24,6 +24,7 @@ pub mod absent;
 pub mod owner;
 pub mod page;
 mod postgres;
+pub mod retention;
 mod session_reads;
 pub(crate) mod sqlite;
 
@@ -381,6 +382,10 @@ pub trait Store: Send + Sync {
 
     /// Deletes expired sessions; returns how many.
     fn prune_sessions(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// Deletes up to [`retention::BATCH`] counter windows that can no longer be charged and
+    /// started before `before` (unix seconds); returns how many ([`retention`]).
+    fn prune_counters(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>>;
 }
 
 /// Opens the store described by `config` and applies the embedded migrations (idempotent:

@@ -510,4 +510,14 @@ impl Store for PgStore {
     fn prune_sessions(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(self.prune_sessions_impl())
     }
+
+    fn prune_counters(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let done = sqlx::query(super::retention::PRUNE_COUNTERS)
+                .bind(before)
+                .execute(&self.pool)
+                .await?;
+            Ok(done.rows_affected())
+        })
+    }
 }
