@@ -10,7 +10,7 @@
 //!   tenant), with an idempotency key per delivery (`webhook-id`), exponential back-off with
 //!   jitter on network errors and non-2xx answers (honouring `Retry-After`), dead letters after
 //!   [`OutboxConfig::dead_after`] (kept, listed and re-driven over the admin API). On
-//!   PostgreSQL replicas share lanes through `FOR UPDATE SKIP LOCKED` ([`store::claim`]).
+//!   PostgreSQL replicas share lanes through leases on the lane rows ([`store::claim`]).
 //! - **Formatted by components** ([`format`]): every destination's request is produced by a
 //!   formatter component (world `intentgate:plugin/formatter`), the built-in one or an
 //!   uploaded one.
@@ -61,6 +61,10 @@ pub enum OutboxError {
     /// The audit log cannot say the rows are durable (its log failed to sync): nothing is sent.
     #[error("outbox: the audit log is not durable: {0}")]
     NotDurable(String),
+    /// A delivery outlived its lane's lease (PostgreSQL): nothing of it was recorded, and the
+    /// lane's rows are delivered again (at least once).
+    #[error("outbox: the lane's lease ran out during the delivery; nothing recorded")]
+    LeaseLost,
 }
 
 /// Tuning of delivery (`INTENTGATE_OUTBOX_*`).
@@ -151,6 +155,8 @@ struct Inner {
     live: ArcSwap<LiveSet>,
     stats: Stats,
     version: tokio::sync::Mutex<Option<(i64, i64)>>,
+    /// This process's name in the lanes' leases (PostgreSQL).
+    replica: String,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -159,6 +165,14 @@ impl std::fmt::Debug for Outbox {
             .field("destinations", &self.inner.live.load().list.len())
             .finish_non_exhaustive()
     }
+}
+
+/// A random name for this process's leases: a restarted replica never mistakes a lease of its
+/// previous life for its own.
+fn replica_name() -> String {
+    let mut b = [0u8; 12];
+    let _ = getrandom::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 impl Outbox {
@@ -188,6 +202,7 @@ impl Outbox {
                 live: ArcSwap::default(),
                 stats: Stats::default(),
                 version: tokio::sync::Mutex::new(None),
+                replica: replica_name(),
             }),
         };
         outbox.reload(true).await?;

@@ -3,10 +3,12 @@
 //! queries of the admin API (health per lane, dead letters, re-drive, stored destinations).
 //!
 //! A lane is one (destination, tenant): rows are delivered in id order within it, by one
-//! worker at a time. On PostgreSQL the claim is the lane row locked `FOR UPDATE SKIP LOCKED`
-//! in a transaction held for the delivery, so replicas share lanes and never deliver one
-//! twice at once; a replica that dies releases its lanes with its connection. On SQLite one
-//! process owns the file and its worker keeps its lanes apart in memory.
+//! worker at a time. On PostgreSQL the claim is a lease on the lane row (`lease_owner`,
+//! `lease_until`), taken in one statement when the last lease has run out, so replicas share
+//! lanes and never deliver one twice at once, without a transaction or a pooled connection
+//! held while a destination answers; a replica that dies releases its lanes when their leases
+//! run out, and a replica that outlived its lease records nothing (another may have taken the
+//! lane). On SQLite one process owns the file and its worker keeps its lanes apart in memory.
 //!
 //! This module must never delete a row that was not delivered, never write outside the lane
 //! it claimed, and never return a stored secret to the admin API.
@@ -127,7 +129,7 @@ pub type Lane = (String, String);
 /// Lanes with undelivered rows whose back-off has passed, oldest due first.
 pub async fn due_lanes(db: &Db, now: i64, limit: i64) -> Result<Vec<Lane>, OutboxError> {
     let sql = "SELECT l.destination, l.tenant FROM outbox_lanes l WHERE l.next_ms <= $1 \
-               AND EXISTS (SELECT 1 FROM outbox o WHERE o.destination = l.destination \
+               AND l.lease_until <= $1 AND EXISTS (SELECT 1 FROM outbox o WHERE o.destination = l.destination \
                AND o.tenant = l.tenant AND o.dead_ms = 0) ORDER BY l.next_ms LIMIT $2";
     Ok(on_db!(db, pool => sqlx::query_as(sql).bind(now).bind(limit).fetch_all(pool).await?))
 }
@@ -154,11 +156,32 @@ where
         .collect()
 }
 
-/// A claimed lane: on PostgreSQL the transaction holding its row lock.
+/// A claimed lane: on PostgreSQL its lease (this replica's name and the lease's end, which
+/// together say the lease is still this claim's).
 pub enum Claim {
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Postgres {
+        pool: sqlx::PgPool,
+        owner: String,
+        until: i64,
+    },
     Sqlite(sqlx::SqlitePool),
 }
+
+/// Who claims, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Lease<'a> {
+    /// This replica's name (random per process).
+    pub owner: &'a str,
+    /// How long a claim holds the lane; a delivery must end well within it.
+    pub ms: i64,
+}
+
+const TAKE_LEASE: &str = "UPDATE outbox_lanes SET lease_owner = $4, lease_until = $5 \
+     WHERE destination = $1 AND tenant = $2 AND next_ms <= $3 \
+     AND (lease_until <= $3 OR lease_owner = $4) RETURNING failures";
+
+const END_LEASE: &str = "UPDATE outbox_lanes SET lease_owner = '', lease_until = 0 \
+     WHERE destination = $1 AND tenant = $2 AND lease_owner = $3 AND lease_until = $4";
 
 /// Claims `lane` if its back-off has passed and no other replica holds it, and reads its
 /// next batch (at most `limit` rows, in id order) with the lane's consecutive failures.
@@ -168,34 +191,48 @@ pub async fn claim(
     lane: &Lane,
     now: i64,
     limit: i64,
+    lease: Lease<'_>,
 ) -> Result<Option<(Claim, i64, Vec<Pending>)>, OutboxError> {
     let (dest, tenant) = lane;
     match db {
         Db::Postgres(pool) => {
-            let mut tx = pool.begin().await?;
-            let locked: Option<(i64,)> = sqlx::query_as(
-                "SELECT failures FROM outbox_lanes WHERE destination = $1 AND tenant = $2 \
-                 AND next_ms <= $3 FOR UPDATE SKIP LOCKED",
-            )
-            .bind(dest)
-            .bind(tenant)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((failures,)) = locked else {
+            // Past the last lease's end: unique per claim, so a late finish of an older claim
+            // of this replica cannot pass for this one.
+            let until = now.saturating_add(lease.ms.max(1));
+            let taken: Option<(i64,)> = sqlx::query_as(TAKE_LEASE)
+                .bind(dest)
+                .bind(tenant)
+                .bind(now)
+                .bind(lease.owner)
+                .bind(until)
+                .fetch_optional(pool)
+                .await?;
+            let Some((failures,)) = taken else {
                 return Ok(None);
+            };
+            let claim = Claim::Postgres {
+                pool: pool.clone(),
+                owner: lease.owner.to_owned(),
+                until,
             };
             let rows = sqlx::query(BATCH_SELECT)
                 .bind(dest)
                 .bind(tenant)
                 .bind(limit)
-                .fetch_all(&mut *tx)
-                .await?;
-            let rows = pending_of(rows)?;
-            if rows.is_empty() {
-                return Ok(None);
-            }
-            Ok(Some((Claim::Postgres(tx), failures, rows)))
+                .fetch_all(pool)
+                .await;
+            let rows = match rows.map(pending_of) {
+                Ok(Ok(rows)) if !rows.is_empty() => rows,
+                Ok(Ok(_)) => {
+                    release(claim, lane).await?;
+                    return Ok(None);
+                }
+                Ok(Err(e)) | Err(e) => {
+                    release(claim, lane).await?;
+                    return Err(e.into());
+                }
+            };
+            Ok(Some((claim, failures, rows)))
         }
         Db::Sqlite(pool) => {
             let due: Option<(i64,)> = sqlx::query_as(
@@ -318,7 +355,23 @@ fn error_text(e: &str) -> String {
     e.chars().take(1024).collect()
 }
 
-/// Records `outcome` for the batch `ids` of `lane`, and releases the claim.
+/// Gives a claim back without recording anything (the lane is due again at once).
+pub async fn release(claim: Claim, lane: &Lane) -> Result<(), OutboxError> {
+    if let Claim::Postgres { pool, owner, until } = claim {
+        sqlx::query(END_LEASE)
+            .bind(&lane.0)
+            .bind(&lane.1)
+            .bind(owner)
+            .bind(until)
+            .execute(&pool)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Records `outcome` for the batch `ids` of `lane`, and releases the claim. On PostgreSQL
+/// nothing is recorded when the lease is no longer this claim's ([`OutboxError::LeaseLost`]):
+/// another replica may have taken the lane since, and delivers the rows itself.
 pub async fn finish(
     claim: Claim,
     lane: &Lane,
@@ -327,7 +380,20 @@ pub async fn finish(
     now: i64,
 ) -> Result<(), OutboxError> {
     match claim {
-        Claim::Postgres(mut tx) => {
+        Claim::Postgres { pool, owner, until } => {
+            let mut tx = pool.begin().await?;
+            let held = sqlx::query(END_LEASE)
+                .bind(&lane.0)
+                .bind(&lane.1)
+                .bind(&owner)
+                .bind(until)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if held != 1 {
+                tx.rollback().await?;
+                return Err(OutboxError::LeaseLost);
+            }
             write_outcome!(sqlx::Postgres, &mut *tx, lane, ids, outcome, now);
             tx.commit().await?;
         }
@@ -637,6 +703,11 @@ mod tests {
     use super::*;
     use crate::store::{self, StoreConfig};
 
+    const LEASE: Lease<'static> = Lease {
+        owner: "me",
+        ms: 60_000,
+    };
+
     async fn sqlite() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = store::connect(&StoreConfig::Sqlite {
@@ -720,7 +791,7 @@ mod tests {
         )
         .await;
         let lane_a: Lane = ("d".into(), "a".into());
-        let (held, _, rows) = claim(&db, &lane_a, 1_000, 10)
+        let (held, _, rows) = claim(&db, &lane_a, 1_000, 10, LEASE)
             .await
             .expect("claim")
             .expect("due");
@@ -743,7 +814,7 @@ mod tests {
         let due = due_lanes(&db, 2_000, 10).await.expect("due");
         assert_eq!(due, vec![("d".into(), "b".into()), lane_a.clone()]);
 
-        let (held, _, rows) = claim(&db, &lane_a, 2_000, 10)
+        let (held, _, rows) = claim(&db, &lane_a, 2_000, 10, LEASE)
             .await
             .expect("claim")
             .expect("due");
@@ -756,10 +827,88 @@ mod tests {
             .expect("finish");
         let before = crate::audit::time::now_ms();
         assert_eq!(redrive(&db, "d", Some("a")).await.expect("redrive"), 1);
-        let (_, _, rows) = claim(&db, &lane_a, 3_000, 10)
+        let (_, _, rows) = claim(&db, &lane_a, 3_000, 10, LEASE)
             .await
             .expect("claim")
             .expect("due");
         assert!(rows.iter().all(|r| r.created_ms >= before), "{rows:?}");
+    }
+
+    /// On PostgreSQL a lane is held by a lease, not a transaction: another replica cannot take
+    /// it while the lease runs; a claim whose lease ran out and was taken by another records
+    /// nothing; a released claim is due again at once.
+    #[tokio::test]
+    async fn a_lease_holds_a_lane_for_one_replica() {
+        let url = tokio::task::spawn_blocking(|| {
+            crate::testkit::PgServer::shared().and_then(|s| s.fresh_database())
+        })
+        .await
+        .expect("join")
+        .expect("postgres");
+        let db = store::connect(&StoreConfig::Postgres { url })
+            .await
+            .expect("store")
+            .db();
+        exec(
+            &db,
+            "INSERT INTO audit_events (tenant, seq, ts_ms, event, body, prev_hash, hash) \
+             VALUES ('a', 1, 0, 'e', '{}', '', 'h1')",
+        )
+        .await;
+        exec(
+            &db,
+            "INSERT INTO outbox (destination, tenant, event_id, created_ms) \
+             SELECT 'd', 'a', id, 5 FROM audit_events",
+        )
+        .await;
+        exec(
+            &db,
+            "INSERT INTO outbox_lanes (destination, tenant) VALUES ('d', 'a')",
+        )
+        .await;
+        let lane: Lane = ("d".into(), "a".into());
+        let (one, two) = (
+            Lease {
+                owner: "one",
+                ms: 1_000,
+            },
+            Lease {
+                owner: "two",
+                ms: 1_000,
+            },
+        );
+        let (held, _, rows) = claim(&db, &lane, 10_000, 10, one)
+            .await
+            .expect("claim")
+            .expect("due");
+        assert_eq!(rows.len(), 1);
+        assert!(
+            claim(&db, &lane, 10_500, 10, two)
+                .await
+                .expect("claim")
+                .is_none()
+        );
+        assert!(due_lanes(&db, 10_500, 10).await.expect("due").is_empty());
+        // One's lease runs out; two takes the lane; one's late finish records nothing.
+        let (taken, _, _) = claim(&db, &lane, 11_001, 10, two)
+            .await
+            .expect("claim")
+            .expect("taken over");
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        assert!(matches!(
+            finish(held, &lane, &ids, &Outcome::Delivered, 11_002).await,
+            Err(OutboxError::LeaseLost)
+        ));
+        assert_eq!(backlog(&db).await.expect("backlog"), 1, "nothing deleted");
+        // Two gives it back: due again at once, for anyone.
+        release(taken, &lane).await.expect("release");
+        let (held, _, _) = claim(&db, &lane, 11_003, 10, one)
+            .await
+            .expect("claim")
+            .expect("due again");
+        finish(held, &lane, &ids, &Outcome::Delivered, 11_004)
+            .await
+            .expect("finish");
+        assert_eq!(backlog(&db).await.expect("backlog"), 0);
     }
 }

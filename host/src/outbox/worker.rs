@@ -207,14 +207,32 @@ pub async fn run(outbox: Outbox) {
             started += 1;
             let (outbox, http, inflight) = (outbox.clone(), http.clone(), inflight.clone());
             tasks.spawn(async move {
+                // Out of the in-flight set however the task ends (a panic too), or the lane
+                // would never be delivered again until a restart.
+                let _held = Held {
+                    set: &inflight,
+                    lane: &lane,
+                };
                 if let Err(e) = deliver_lane(&outbox, &http, &lane).await {
                     tracing::warn!(destination = %lane.0, tenant = %lane.1, error = %e, "outbox: delivery bookkeeping failed; the lane is retried");
                 }
-                lock(&inflight).remove(&lane);
+                drop(_held);
                 // Another lane may be waiting for this slot.
                 outbox.inner.router.ring();
             });
         }
+    }
+}
+
+/// A lane in the in-flight set, taken out when dropped.
+struct Held<'a> {
+    set: &'a Mutex<HashSet<Lane>>,
+    lane: &'a Lane,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(self.lane);
     }
 }
 
@@ -257,27 +275,38 @@ async fn deliver_lane(
         let dest = live.by_id.get(lane.0.as_str()).cloned();
         let limit = dest.as_ref().map_or(1, |d| d.dest.batch_limit(cfg.batch)) as i64;
         let limit = shrunk.map_or(limit, |n| n.min(limit));
+        let lease = store::Lease {
+            owner: &outbox.inner.replica,
+            ms: lease_ms(cfg.timeout),
+        };
         let Some((claim, failures, rows)) =
-            store::claim(&outbox.inner.db, lane, now_ms(), limit).await?
+            store::claim(&outbox.inner.db, lane, now_ms(), limit, lease).await?
         else {
             return Ok(());
         };
         // A row a power cut could still take back is not sent: the commit that wrote it may
         // not be durable yet (SQLite syncs its log beside the writer).
-        outbox
-            .inner
-            .router
-            .durable()
-            .covering()
-            .await
-            .map_err(|e| super::OutboxError::NotDurable(e.to_string()))?;
+        if let Err(e) = outbox.inner.router.durable().covering().await {
+            store::release(claim, lane).await?;
+            return Err(super::OutboxError::NotDurable(e.to_string()));
+        }
+        let bound = delivery_bound(cfg.timeout);
         let sent = match &dest {
             None => Err(Failure::new(format!(
                 "destination {} is not configured",
                 lane.0
             ))),
             Some(d) => match http.for_destination(&d.dest) {
-                Ok(client) => send(client, d, &lane.1, &rows, cfg.timeout).await,
+                Ok(client) => {
+                    tokio::time::timeout(bound, send(client, d, &lane.1, &rows, cfg.timeout))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Failure::new(format!(
+                                "the delivery took longer than {} s",
+                                bound.as_secs()
+                            )))
+                        })
+                }
                 Err(refused) => Err(refused),
             },
         };
@@ -288,8 +317,8 @@ async fn deliver_lane(
             Err(f) if f.oversize != Oversize::No && rows.len() > 1 => {
                 tracing::info!(destination = %lane.0, tenant = %lane.1, events = rows.len(), error = %f.error, "outbox: batch too large for its destination; sending its first half");
                 shrunk = Some(rows.len() as i64 / 2);
-                // Nothing recorded: the claim is released and the lane taken again.
-                drop(claim);
+                // Nothing recorded: the claim is given back and the lane taken again.
+                store::release(claim, lane).await?;
                 continue;
             }
             Err(f) if f.oversize == Oversize::Yes => {
@@ -344,6 +373,18 @@ async fn deliver_lane(
         }
     }
     Ok(())
+}
+
+/// The longest one batch's delivery may take: a few exchanges (an S3 batch spans hours, a
+/// Sentinel one several calls and a token), each bounded by `timeout`.
+fn delivery_bound(timeout: Duration) -> Duration {
+    timeout.saturating_mul(4).max(Duration::from_secs(1))
+}
+
+/// How long a claim holds its lane (PostgreSQL): past the delivery's bound, so a lease runs
+/// out only when its replica is gone or stalled.
+fn lease_ms(timeout: Duration) -> i64 {
+    (delivery_bound(timeout) + Duration::from_secs(60)).as_millis() as i64
 }
 
 /// The wait before the next attempt after `failures` earlier consecutive failures:
@@ -707,7 +748,14 @@ fn parse_imf_fixdate(v: &str) -> Option<i64> {
         .split(':')
         .map(|p| p.parse().ok())
         .collect::<Option<_>>()?;
-    if hms.len() != 3 {
+    // A destination's header: bounded before any arithmetic (an absurd year overflowed).
+    if hms.len() != 3
+        || !(1970..=9999).contains(&year)
+        || !(1..=31).contains(&day)
+        || !(0..24).contains(&hms[0])
+        || !(0..60).contains(&hms[1])
+        || !(0..61).contains(&hms[2])
+    {
         return None;
     }
     // Days from civil (Howard Hinnant).
@@ -757,6 +805,14 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+        // A destination's absurd date is no date (it overflowed before).
+        for absurd in [
+            "Sun, 06 Nov 9223372036854775807 08:49:37 GMT",
+            "Sun, 99999999999 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 9223372036854775807:49:37 GMT",
+        ] {
+            assert_eq!(parse_retry_after(absurd), None, "{absurd}");
+        }
     }
 
     #[test]
