@@ -954,57 +954,104 @@ async fn audit_events(gw: &TestGateway, jti: &str) -> Vec<Value> {
 /// A 2026-07-28 tool that asks for input: the official client answers the elicitation and
 /// retries; the gateway decides every round, charges once (max_calls 1 is enough for both
 /// rounds, and spent afterwards), and the audit links round 2 to the call's first event.
-/// A prompt whose upstream answers with an input-required result (here, a request that the
-/// client sample) is refused: only a `tools/call`'s input requests are decided, sealed and
-/// audited on their way to the client, so this one would have reached the agent undecided.
+/// A prompt whose upstream answers with an input-required result (a request that the client
+/// sample) is a multi-round call like a tool's: the request is decided and audited before the
+/// client sees it, the upstream's state goes out sealed to this prompt and its arguments, and
+/// the retry reaches the upstream with the client's answer and the upstream's own state. A
+/// policy that refuses sampling refuses the prompt's round too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_input_request_outside_a_tool_call_is_refused() {
+async fn a_prompts_input_requests_are_decided_and_sealed() {
     let up = Upstream::shared(Kind::BothEras).await;
     let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
     let (tok, jti) = token(&gw, &["*"], json!({})).await;
     let m = marker("prompt-input");
-    let mut body = modern_body(
-        3,
-        "prompts/get",
-        json!({"name": "greet_by_model", "arguments": {"name": m}}),
-    );
-    body["params"]["_meta"][CAPS] = json!({"sampling": {}});
-    let (status, v) = modern(&gw, &tok, &body).await;
+    let ask = |id: u64, extra: Value| {
+        let mut body = modern_body(
+            id,
+            "prompts/get",
+            json!({"name": "greet_by_model", "arguments": {"name": m}}),
+        );
+        body["params"]["_meta"][CAPS] = json!({"sampling": {}});
+        if let (Some(p), Some(e)) = (body["params"].as_object_mut(), extra.as_object()) {
+            p.extend(e.clone());
+        }
+        body
+    };
+    let (status, v) = modern(&gw, &tok, &ask(3, json!({}))).await;
     assert_eq!(status, 200, "{v}");
-    assert_eq!(v["error"]["code"], -32603, "{v}");
-    assert!(
-        v["error"]["data"]["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("during prompts/get")),
+    let r = &v["result"];
+    assert_eq!(r["resultType"], "input_required", "{v}");
+    assert_eq!(
+        r["inputRequests"]["model"]["method"], "sampling/createMessage",
         "{v}"
     );
-    assert!(v["result"].is_null(), "{v}");
-    assert_eq!(
-        up.calls_with(&m).len(),
-        1,
-        "the prompt itself was decided and ran"
-    );
+    let state = r["requestState"].as_str().expect("a state").to_owned();
+    assert_ne!(state, "greet:1", "the upstream's state goes out sealed");
     let audit = audit_events(&gw, &jti).await;
     assert!(
-        audit.iter().any(|e| e["tool"] == "prompt:greet_by_model"
-            && e["upstream_status"] == 200
-            && e["reason"]
-                .as_str()
-                .is_some_and(|r| r.contains("more input"))),
-        "the refused answer is audited: {audit:?}"
+        audit
+            .iter()
+            .any(|e| e["tool"] == "sampling:prompt:greet_by_model" && e["decision"] == "allow"),
+        "the request to sample was decided: {audit:?}"
     );
-    // The gateway keeps serving the same prompt's plain sibling.
+    // The state is bound to the prompt and its arguments.
+    let mut other = ask(
+        4,
+        json!({"requestState": state, "inputResponses": {"model": {}}}),
+    );
+    other["params"]["arguments"]["name"] = json!("someone else");
+    let (_, v) = modern(&gw, &tok, &other).await;
+    assert_eq!(v["error"]["code"], INVALID_PARAMS, "{v}");
+    // The retry with the answer: the upstream gets its own state back, and completes.
+    let answer = json!({"model": {"role": "assistant", "model": "m",
+                                   "content": {"type": "text", "text": "hello"}}});
     let (_, v) = modern(
         &gw,
         &tok,
-        &modern_body(
-            4,
-            "prompts/get",
-            json!({"name": "greet", "arguments": {"name": m}}),
-        ),
+        &ask(5, json!({"requestState": state, "inputResponses": answer})),
     )
     .await;
     assert!(v["result"]["messages"].is_array(), "{v}");
+    let rounds = up.calls_with(&m);
+    assert_eq!(rounds.len(), 2, "{rounds:?}");
+    assert_eq!(rounds[1]["request_state"], "greet:1", "{rounds:?}");
+    assert_eq!(rounds[1]["answered"], json!(["model"]), "{rounds:?}");
+    // A state is single-use.
+    let (_, v) = modern(
+        &gw,
+        &tok,
+        &ask(6, json!({"requestState": state, "inputResponses": answer})),
+    )
+    .await;
+    assert!(v["error"].is_object(), "a second use of the state: {v}");
+    gw.shutdown().await;
+
+    // A policy that refuses sampling refuses the prompt's request to sample.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("no_sampling.rego");
+    std::fs::write(
+        &policy,
+        "package intentgate.policy\n\ndecision := {\"allow\": false, \"reason\": \"no sampling\"} if {\n\tinput.kind == \"sampling\"\n} else := {\"allow\": true, \"reason\": \"ok\"}\n",
+    )
+    .expect("policy");
+    let gw = gateway::start(
+        Backend::Sqlite,
+        Some(&up.url),
+        &["--policy-file", &policy.display().to_string()],
+    )
+    .await;
+    let (tok, jti) = token(&gw, &["*"], json!({})).await;
+    let (_, v) = modern(&gw, &tok, &ask(7, json!({}))).await;
+    assert!(v["error"].is_object() && v["result"].is_null(), "{v}");
+    let audit = audit_events(&gw, &jti).await;
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["tool"] == "sampling:prompt:greet_by_model"
+                && e["decision"] == "block"
+                && e["check"] == "policy"),
+        "{audit:?}"
+    );
     gw.shutdown().await;
 }
 

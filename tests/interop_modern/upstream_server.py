@@ -206,9 +206,13 @@ def build_server(call_log: str | None, json_response: bool):
                                TextContent)
 
         @server.prompt()
-        def greet_by_model(name: str) -> InputRequiredResult:
+        def greet_by_model(name: str, ctx: Context) -> InputRequiredResult | str:
             """A prompt that asks the client's model first (a 2026-07-28 input-required prompt)."""
-            record("prompt:greet_by_model", {"name": name}, None)
+            answers = ctx.input_responses or {}
+            record("prompt:greet_by_model", {"name": name}, ctx, request_state=ctx.request_state,
+                   answered=sorted(answers))
+            if "model" in answers:
+                return f"Say hello to {name}, as the model suggests"
             ask = CreateMessageRequest(
                 method="sampling/createMessage",
                 params=CreateMessageRequestParams(

@@ -29,13 +29,13 @@
 use serde_json::{Map, Value, json};
 
 use super::target::Target;
-use super::{CallContext, passthrough_error, translate, upstream_rpc_error};
+use super::{CallContext, now_secs, passthrough_error, translate, upstream_rpc_error};
 use crate::capability::Kind;
 use crate::http;
 use crate::mcp::era::Era;
 use crate::mcp::jsonrpc::{Request as RpcRequest, RpcError, code};
-use crate::pipeline::CallKind;
-use crate::pipeline::ToolCall;
+use crate::mcp::rounds::{self, RoundSeal, RoundState};
+use crate::pipeline::{CallKind, Round, ToolCall};
 use crate::upstream::{Reply, Upstream, UpstreamEra, UpstreamError};
 use crate::upstreams::{self, Route, Unrouted};
 
@@ -277,6 +277,21 @@ impl CallContext<'_> {
             None => return Err(super::method_not_found(method)),
         };
         let route = self.route_target(target.kind, &target.name)?;
+        // A later round (2026-07-28): the state must be one the gateway sealed for this very
+        // target and arguments; it names the first round's audit event and the round.
+        let seal = RoundSeal::new(&self.svc.sessions);
+        let binding = self.target_binding(&target);
+        let previous = match rpc.params.get("requestState") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(seal.open(s, &binding, now_secs()).map_err(|e| {
+                RpcError::new(code::INVALID_PARAMS, "Invalid or expired requestState")
+                    .with_data(Value::from(e.to_string()))
+            })?),
+            Some(_) => {
+                return Err(RpcError::new(code::INVALID_PARAMS, "Invalid params")
+                    .with_data(Value::from("params.requestState must be a string")));
+            }
+        };
         let call = ToolCall {
             grant: self.grant,
             kind: target.kind,
@@ -286,7 +301,10 @@ impl CallContext<'_> {
             agent: http::header_str(self.headers, "x-intentgate-agent"),
             remote_ip: self.remote.ip().to_string(),
             session_id: self.session,
-            round: None,
+            round: previous.as_ref().map(|p| Round {
+                call_event: p.call_event,
+                number: p.round.saturating_add(1),
+            }),
             approval_id: self.approval_id(),
             upstream: route.map(|r| r.name),
         };
@@ -312,14 +330,19 @@ impl CallContext<'_> {
         let cleared = permit
             .clear(target.kind, &target.name, &target.arguments, forwarded_as)
             .map_err(|_| upstream_rpc_error(&UpstreamError::NotDecided))?;
+        let mut params = renamed(method, &rpc.params, route);
+        if let Some(p) = &previous {
+            // The client's answers to the requests it was given, and the upstream's own state.
+            if let Some(answers @ Value::Object(_)) = rpc.params.get("inputResponses") {
+                params.insert("inputResponses".into(), answers.clone());
+            }
+            if let Some(inner) = &p.inner {
+                params.insert("requestState".into(), Value::from(inner.as_str()));
+            }
+        }
         let forwarding = std::time::Instant::now();
         let reply = upstream
-            .forward_permitted(
-                cleared,
-                method,
-                renamed(method, &rpc.params, route),
-                self.relay(),
-            )
+            .forward_permitted(cleared, method, params, self.relay())
             .await;
         self.forwarded(call.upstream, forwarding, &reply);
         let reply = match reply {
@@ -340,24 +363,23 @@ impl CallContext<'_> {
                 return Err(e);
             }
         };
-        if translate::is_input_required(&result) {
-            // Only a `tools/call`'s input requests are decided, sealed and audited on their way
-            // to the client (`tools.rs`); passed on here, an upstream's sampling or elicitation
-            // would reach the agent undecided.
-            self.forget_subscription(subscribed, &target.name);
-            let detail = format!(
-                "the upstream asked for more input during {method}; the gateway relays input requests only during tools/call, where each is decided"
-            );
-            self.svc
-                .pipeline
-                .record_upstream_failure(&call, &permit, 200, &detail)
-                .await;
-            return Err(
-                RpcError::new(code::INTERNAL_ERROR, "upstream failure").with_data(json!({
-                    "upstream_status": 200,
-                    "detail": detail,
-                })),
-            );
+        if self.era.is_modern() && translate::is_input_required(&result) {
+            // What the upstream asks the agent's user is decided before the client sees it
+            // (as during a tool call), and the upstream's state goes out under the gateway's
+            // seal, bound to this target. (A handshake-era client cannot answer it:
+            // `result_for_client` refuses it below.)
+            if let Err(e) = self.decide_target_inputs(&call, &mut result).await {
+                self.forget_subscription(subscribed, &target.name);
+                return Err(e);
+            }
+            let mut next = binding;
+            next.call_event = previous.as_ref().map_or(permit.event_id, |p| p.call_event);
+            next.round = previous.as_ref().map_or(1, |p| p.round.saturating_add(1));
+            next.inner = result
+                .get("requestState")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            result.insert("requestState".into(), Value::from(seal.seal(&next)));
         }
         if let Some(r) = route {
             expose_contents(&self.svc.upstreams, r.name, &mut result);
@@ -369,6 +391,55 @@ impl CallContext<'_> {
         )?;
         self.annotate(&mut result, &permit);
         Ok(Value::Object(result))
+    }
+
+    /// What binds the rounds of a target's call: the token, the target as the checks name it
+    /// (`prompt:…`, `resource:…`, `completion:…`: never a tool's), and its arguments.
+    fn target_binding(&self, target: &Target) -> RoundState {
+        RoundState {
+            tenant: self.grant.tenant.clone(),
+            jti: self.grant.jti.clone(),
+            tool: target.kind.qualified(&target.name).into_owned(),
+            args_digest: rounds::args_digest(&target.arguments),
+            call_event: 0,
+            round: 0,
+            issued_at: now_secs(),
+            inner: None,
+        }
+    }
+
+    /// Decides each input request of a target's input-required result (the first refused one
+    /// refuses the call), and gives the client exactly the requests decided.
+    async fn decide_target_inputs(
+        &self,
+        call: &ToolCall<'_>,
+        result: &mut Map<String, Value>,
+    ) -> Result<(), RpcError> {
+        let requests = match result.get("inputRequests") {
+            None | Some(Value::Null) => return Ok(()),
+            Some(Value::Object(requests)) => requests.clone(),
+            Some(_) => {
+                return Err(
+                    RpcError::new(code::INTERNAL_ERROR, "upstream failure").with_data(json!({
+                        "upstream_status": 200,
+                        "detail": "the upstream's inputRequests is not an object",
+                    })),
+                );
+            }
+        };
+        let qualified = call.name();
+        let asking = super::ask::Asking {
+            grant: self.grant,
+            tool: &qualified,
+            upstream: call.upstream,
+            remote_ip: &call.remote_ip,
+            session: call.session_id,
+        };
+        for request in requests.values() {
+            asking.decide(self.svc, request).await?;
+        }
+        result.insert("inputRequests".into(), Value::Object(requests));
+        Ok(())
     }
 
     /// Records a handshake-era session's subscription to `uri` (`true` when recorded); other
@@ -447,8 +518,7 @@ pub(super) fn renamed(
     route: Option<Route<'_, '_>>,
 ) -> Map<String, Value> {
     let mut params = params.clone();
-    // A later round's members: the gateway never passes these methods' input requests to a
-    // client (see `target`), so any answer to one is not the client's to give the upstream.
+    // A later round's members go upstream only as `target` opened them from its seal.
     params.remove("inputResponses");
     params.remove("requestState");
     if let Some(r) = route {
