@@ -33,6 +33,33 @@ pub fn has_control(s: &str) -> bool {
     s.chars().any(char::is_control)
 }
 
+/// serde_json's private number key: a check that converts the arguments through serde (the
+/// Rego plugin's regorus values, a plugin author's own types) reads an object holding it as a
+/// number, so the check would decide on another value than the one forwarded.
+pub const PRIVATE_NUMBER_KEY: &str = "$serde_json::private::Number";
+
+/// Whether `v` holds [`PRIVATE_NUMBER_KEY`] as a key at any depth (bounded by the parser's
+/// nesting limit).
+pub fn has_private_number_key(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m
+            .iter()
+            .any(|(k, v)| k == PRIVATE_NUMBER_KEY || has_private_number_key(v)),
+        Value::Array(a) => a.iter().any(has_private_number_key),
+        _ => false,
+    }
+}
+
+/// Refuses arguments a check could read as another value than the one forwarded.
+pub fn decidable(what: &str, v: &Value) -> Result<(), RpcError> {
+    if has_private_number_key(v) {
+        return Err(invalid(&format!(
+            "{what} must not use the key {PRIVATE_NUMBER_KEY:?} (reserved by the JSON library the checks read them with)"
+        )));
+    }
+    Ok(())
+}
+
 fn invalid(why: &str) -> RpcError {
     RpcError::new(code::INVALID_PARAMS, "Invalid params").with_data(Value::from(why))
 }
@@ -52,6 +79,7 @@ impl Invocation {
             Some(a @ Value::Object(_)) => a.clone(),
             Some(_) => return Err(invalid("params.arguments must be an object")),
         };
+        decidable("params.arguments", &arguments)?;
         let meta = match params.get("_meta") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(m)) => m
@@ -139,6 +167,7 @@ mod tests {
             json!({"name": ""}),
             json!({"name": "echo\u{0}"}),
             json!({"name": "echo\n"}),
+            json!({"name": "t", "arguments": {"a": [{"$serde_json::private::Number": "1"}]}}),
             json!({"name": "t", "arguments": [1]}),
             json!({"name": "t", "_meta": "x"}),
             json!({"name": "t", "requestState": 5}),

@@ -59,10 +59,12 @@ impl Target {
                 })
             }
             "prompts/get" => non_empty(params, "name", "params.name").and_then(|name| {
+                let arguments = object_or_empty(params, "arguments")?;
+                crate::mcp::call::decidable("params.arguments", &arguments)?;
                 Ok(Target {
                     kind: CallKind::Prompt,
                     name,
-                    arguments: object_or_empty(params, "arguments")?,
+                    arguments,
                 })
             }),
             "completion/complete" => Self::completion(params),
@@ -100,6 +102,7 @@ impl Target {
             Some(c @ Value::Object(_)) => arguments["context"] = c.clone(),
             Some(_) => return Err(invalid("params.context must be an object")),
         }
+        crate::mcp::call::decidable("params", &arguments)?;
         Ok(Target {
             kind: CallKind::Completion(kind),
             name,
@@ -154,6 +157,10 @@ mod tests {
             ("resources/read", json!({"uri": ""})),
             ("resources/read", json!({"uri": "file:///a\u{0}"})),
             ("prompts/get", json!({"name": "greet\r"})),
+            (
+                "prompts/get",
+                json!({"name": "greet", "arguments": {"$serde_json::private::Number": "1"}}),
+            ),
             ("resources/subscribe", json!({"uri": 5})),
             ("prompts/get", json!({"name": "p", "arguments": []})),
             ("prompts/get", json!({})),

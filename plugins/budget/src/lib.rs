@@ -43,7 +43,9 @@ struct Config {
     agent: Option<Ceiling>,
     #[serde(default)]
     tenant: Option<Ceiling>,
-    /// Cost in cents per tool (glob patterns; the first matching pattern in order wins).
+    /// Cost in cents per tool, by glob pattern. A JSON object has no order, so the most
+    /// specific matching pattern wins: the one with the most literal (non-wildcard)
+    /// characters, and among equally specific ones the highest price.
     #[serde(default)]
     costs: BTreeMap<String, u64>,
     #[serde(default)]
@@ -161,10 +163,12 @@ impl Check for Budget {
 
 impl Budget {
     fn cost(&self, tool: &str) -> u64 {
+        let literal = |p: &str| p.chars().filter(|c| !matches!(c, '*' | '?')).count();
         self.config
             .costs
             .iter()
-            .find(|(pattern, _)| glob_match(pattern, tool))
+            .filter(|(pattern, _)| glob_match(pattern, tool))
+            .max_by_key(|(pattern, cents)| (literal(pattern), **cents))
             .map(|(_, cents)| *cents)
             .unwrap_or(self.config.default_cost_cents)
     }
@@ -220,6 +224,26 @@ mod tests {
         let r = h.evaluate(&call("send_email").max_calls(1).build(), None);
         assert_eq!(r.verdict.kind, VerdictKind::Allow);
         assert!(r.charges.is_empty(), "{:?}", r.charges);
+    }
+
+    /// The most specific pattern prices a call, whatever the object's key order (a wildcard
+    /// sorts before letters, and used to shadow every pattern it shares a prefix with).
+    #[test]
+    fn the_most_specific_pattern_prices_a_call() {
+        let h = Harness::<Budget>::new(
+            r#"{"costs": {"*": 1, "pay_*": 10, "pay_large": 500, "wire": 1000}}"#,
+        )
+        .expect("configure");
+        for (tool, price) in [
+            ("pay_large", 500),
+            ("pay_small", 10),
+            ("wire", 1000),
+            ("read", 1),
+        ] {
+            let r = h.evaluate(&call(tool).max_cents(10_000).build(), None);
+            assert_eq!(r.verdict.kind, VerdictKind::Allow, "{}", r.verdict.reason);
+            assert_eq!(r.charges[0].amount, price, "{tool}");
+        }
     }
 
     #[test]

@@ -334,6 +334,25 @@ fn may_spell_private_number(text: &str) -> bool {
     text.contains(['$', '\\'])
 }
 
+/// serde_json's private number key, which regorus's conversion reads as "this object is a
+/// number" (or as an error): an object holding it turns into another value than the one the
+/// tool receives.
+pub const PRIVATE_NUMBER_KEY: &str = "$serde_json::private::Number";
+
+/// Whether the arguments hold [`PRIVATE_NUMBER_KEY`] as a key at any depth: the policy would
+/// decide on another value than the one forwarded (a number for an object, or an undefined
+/// input that a default-allow policy allows), so such a call is refused before evaluation.
+pub fn spells_private_number(text: &str) -> bool {
+    fn walk(v: &Json) -> bool {
+        match v {
+            Json::Object(m) => m.iter().any(|(k, v)| k == PRIVATE_NUMBER_KEY || walk(v)),
+            Json::Array(a) => a.iter().any(walk),
+            _ => false,
+        }
+    }
+    may_spell_private_number(text) && serde_json::from_str::<Json>(text).is_ok_and(|v| walk(&v))
+}
+
 fn capability(k: &InputKeys, call: &ToolCall) -> Value {
     let t = &call.token;
     object([

@@ -81,6 +81,13 @@ impl Check for Policy {
     }
 
     fn evaluate(&self, call: &ToolCall, intent: Option<&IntentRecord>) -> CheckResult {
+        if input::spells_private_number(&call.arguments) {
+            return Verdict::block(format!(
+                "the arguments use the key {:?}, which the policy's input cannot hold as sent",
+                input::PRIVATE_NUMBER_KEY
+            ))
+            .into();
+        }
         let input = input_value(&self.keys, self.fields, call, intent);
         match self.compiled.eval_with_input(input) {
             Ok(decision) => decide(&self.decision, &decision).into(),
@@ -271,6 +278,51 @@ decision := {"allow": false, "escalate": true, "reason": "wait", "approval_mode"
             h.evaluate(&call("weird").build(), None).verdict.kind,
             VerdictKind::Block
         );
+    }
+
+    /// serde_json's private number key in the arguments would make the policy decide on
+    /// another value than the one forwarded (a number for the object, or an undefined input a
+    /// default-allow policy allows): such a call is blocked before evaluation.
+    #[test]
+    fn the_private_number_key_cannot_change_what_the_policy_sees() {
+        const OPEN: &str = r#"
+package intentgate.policy
+
+default decision := {"allow": true, "reason": "allowed by default"}
+
+decision := {"allow": false, "escalate": true, "reason": "big"} if {
+  input.tool == "pay"
+  input.args.amount > 100
+}
+
+decision := {"allow": false, "reason": "never"} if input.tool == "delete_db"
+"#;
+        let h = Harness::<Policy>::new(OPEN).expect("configure");
+        for (tool, args) in [
+            (
+                "pay",
+                r#"{"amount":5000,"$serde_json::private::Number":"1"}"#,
+            ),
+            ("delete_db", r#"{"o":{"$serde_json::private::Number":"x"}}"#),
+            (
+                "delete_db",
+                r#"{"o":[{"$serde_json::private::Number":"x"}]}"#,
+            ),
+        ] {
+            let mut c = call(tool).build();
+            c.arguments = args.into();
+            let r = h.evaluate(&c, None);
+            assert_eq!(r.verdict.kind, VerdictKind::Block, "{tool} {args}");
+            assert!(
+                r.verdict.reason.contains("private::Number"),
+                "{}",
+                r.verdict.reason
+            );
+        }
+        // A dollar elsewhere is an ordinary key.
+        let mut c = call("pay").build();
+        c.arguments = r#"{"amount":5000,"$note":"x"}"#.into();
+        assert_eq!(h.evaluate(&c, None).verdict.kind, VerdictKind::Escalate);
     }
 
     #[test]
