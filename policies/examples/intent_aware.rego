@@ -1,17 +1,19 @@
 # Uses the intent stage's record: tools the intent forbids are blocked, tools outside a confident
-# intent go to review, tools inside it are allowed.
+# intent go to review, tools inside it are allowed. Patterns match as the intent plugin matches
+# them: `*` crosses every character, `.` included (`null` delimiters; `[]` would make `.` one,
+# so `db.*` would match `db.delete_rows` while `*delete*` did not).
 package intentgate.policy
 
 default decision := {"allow": false, "reason": "no matching intent"}
 
 forbidden if {
 	some pattern in input.intent.forbidden_tools
-	glob.match(pattern, [], input.tool)
+	glob.match(pattern, null, input.tool)
 }
 
 in_intent if {
 	some pattern in input.intent.allowed_tools
-	glob.match(pattern, [], input.tool)
+	glob.match(pattern, null, input.tool)
 }
 
 decision := {"allow": false, "reason": "tool forbidden by the stated intent"} if forbidden

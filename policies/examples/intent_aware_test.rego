@@ -24,3 +24,15 @@ test_no_intent_denied if {
 	d.allow == false
 	not d.escalate
 }
+
+dotted := {"allowed_tools": ["db.*"], "forbidden_tools": ["*delete*"], "confidence": 0.9}
+
+test_a_forbidden_pattern_crosses_dots if {
+	d := policy.decision with input as {"tool": "db.delete_rows", "intent": dotted}
+	d.allow == false
+	not d.escalate
+}
+
+test_an_allowed_pattern_crosses_dots if {
+	policy.decision.allow with input as {"tool": "db.read.rows", "intent": dotted}
+}

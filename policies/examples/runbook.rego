@@ -12,7 +12,9 @@ decision := {"allow": true, "reason": "read-only invoice access"} if {
   input.tool == "read_invoice"
 }
 
-# Allow internal email under a budget, escalate above it.
+# Allow internal email under a budget, escalate above it. The count is this replica's (usage is
+# kept per gateway process, from its start): with several replicas, or to survive restarts,
+# make the quota a budget ceiling (the budget stage's counters are shared through the store).
 decision := {"allow": true, "reason": "internal email under daily quota"} if {
   input.tool == "send_email_internal"
   input.agent.calls_today_for_tool < 50

@@ -149,6 +149,26 @@ impl ToolCall {
     pub fn arg_str(&self, name: &str) -> Option<String> {
         self.arg::<String>(name)
     }
+
+    /// One numeric argument, as a tool server would read it: `Ok(None)` when missing or null,
+    /// a JSON number or a string holding one (pydantic and zod coerce `"5000"` to 5000), and
+    /// an error when it is there but no number. A check that skipped a limit whenever the
+    /// value was not a JSON number would let `"amount": "5000"` through: treat the error as a
+    /// reason to block or escalate, never to allow.
+    pub fn arg_number(&self, name: &str) -> Result<Option<f64>, String> {
+        match self.args().remove(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Number(n)) => n
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| format!("{name} is not a finite number")),
+            Some(serde_json::Value::String(s)) => match s.trim().parse::<f64>() {
+                Ok(v) if v.is_finite() => Ok(Some(v)),
+                _ => Err(format!("{name} is a string that is not a number")),
+            },
+            Some(_) => Err(format!("{name} is not a number")),
+        }
+    }
 }
 
 /// Shell-style glob match on tool names: `*` matches any run of characters, `?` one character.

@@ -98,7 +98,7 @@ impl Check for Budget {
         let scopes = [
             (
                 "agent",
-                format!("{}:{}", call.tenant, call.agent_id),
+                format!("{}:{}", call.tenant, key_part(&call.agent_id)),
                 &self.config.agent,
             ),
             ("tenant", call.tenant.clone(), &self.config.tenant),
@@ -159,6 +159,25 @@ impl Check for Budget {
         )))
         .with_charges(charges)
     }
+}
+
+/// An agent id as a part of a counter key: the host refuses keys holding `/` (a tenant's
+/// counters are `tenant/…`) or longer than 256 bytes, and a subject may be a SPIFFE id or a
+/// URL of up to 256 bytes. `%` and `/` are escaped; a long id keeps its first 120 bytes and a
+/// 64-bit FNV-1a digest of the whole (subjects are minted by operators, not chosen by agents).
+fn key_part(id: &str) -> String {
+    let escaped = id.replace('%', "%25").replace('/', "%2F");
+    if escaped.len() <= 160 {
+        return escaped;
+    }
+    let mut cut = 120;
+    while !escaped.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let digest = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{}~{digest:016x}", &escaped[..cut])
 }
 
 impl Budget {
@@ -224,6 +243,36 @@ mod tests {
         let r = h.evaluate(&call("send_email").max_calls(1).build(), None);
         assert_eq!(r.verdict.kind, VerdictKind::Allow);
         assert!(r.charges.is_empty(), "{:?}", r.charges);
+    }
+
+    /// An agent named by a SPIFFE id or a URL (a `/`, up to 256 bytes) gets counter keys the
+    /// host takes: no `/`, at most 256 bytes, distinct per agent.
+    #[test]
+    fn agent_keys_hold_no_slash_and_stay_short() {
+        let long = format!("https://agents.example/{}", "x".repeat(230));
+        let ids = [
+            "spiffe://acme.org/agent/billing",
+            "spiffe://acme.org%2Fagent/billing",
+            long.as_str(),
+        ];
+        let mut keys = Vec::new();
+        for id in ids {
+            let k = key_part(id);
+            assert!(!k.contains('/') && k.len() <= 160 + 17, "{k}");
+            keys.push(k);
+        }
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 3, "distinct: {keys:?}");
+        let h = Harness::<Budget>::new(r#"{"agent": {"calls": 10, "window_secs": 60}}"#)
+            .expect("configure");
+        let r = h.evaluate(&call("read").agent(ids[0]).build(), None);
+        assert_eq!(r.verdict.kind, VerdictKind::Allow, "{}", r.verdict.reason);
+        assert!(
+            r.charges
+                .iter()
+                .all(|c| !c.key.contains('/') && c.key.len() <= 256)
+        );
     }
 
     /// The most specific pattern prices a call, whatever the object's key order (a wildcard

@@ -139,6 +139,15 @@ fn webhook_body(e: &Value) -> Value {
     Value::Object(m)
 }
 
+/// Text an agent chose (a tool name, a policy's reason quoting one) as Slack `mrkdwn`:
+/// `&`, `<` and `>` escaped as Slack documents, so `<https://evil|Approve>` shows as text
+/// instead of a link in an approver's channel.
+fn slack_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
 fn cut(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         return s.to_owned();
@@ -340,7 +349,9 @@ impl Formatter for Siem {
                 let fields: Vec<Value> = facts(e)
                     .into_iter()
                     .take(10)
-                    .map(|(t, v)| json!({"type": "mrkdwn", "text": format!("*{t}*\n{v}")}))
+                    .map(|(t, v)| {
+                        json!({"type": "mrkdwn", "text": format!("*{t}*\n{}", slack_escape(&v))})
+                    })
                     .collect();
                 let mut blocks = vec![
                     json!({"type": "header", "text": {"type": "plain_text", "text": title(e)}}),
@@ -349,11 +360,11 @@ impl Formatter for Siem {
                 let reason = str_of(e, "reason");
                 if !reason.is_empty() {
                     blocks.push(json!({"type": "context", "elements": [
-                        {"type": "mrkdwn", "text": cut(reason, 2000)}
+                        {"type": "mrkdwn", "text": cut(&slack_escape(reason), 2000)}
                     ]}));
                 }
                 Ok(json_request(
-                    &json!({"text": cut(&summary(e), 3000), "blocks": blocks}),
+                    &json!({"text": cut(&slack_escape(&summary(e)), 3000), "blocks": blocks}),
                 ))
             }
             "teams" => {
@@ -452,6 +463,36 @@ mod tests {
         let t = epoch_seconds("2026-05-12T10:14:33.871Z").expect("time");
         assert!((t - 1_778_580_873.871).abs() < 1e-6, "{t}");
         assert_eq!(epoch_seconds("garbage"), None);
+    }
+
+    /// A tool name an agent chose cannot put a link (or a mention) in an approver's channel.
+    #[test]
+    fn slack_text_escapes_what_an_agent_chose() {
+        let f = Siem::configure(r#"{"format": "slack"}"#).expect("configure");
+        let e = json!({"event": "intentgate.tool_call", "ts": "2026-05-12T10:14:33.871Z",
+                       "decision": "block", "check": "policy", "tenant": "acme",
+                       "tool": "<https://evil.example|Approve pending call>",
+                       "reason": "tool <!channel> & co"});
+        let out = f.format(&[e.to_string()]).expect("format");
+        let v: Value = serde_json::from_slice(&out.body).expect("json");
+        // Every text Slack reads as mrkdwn: the fallback, the fields, the context (the header
+        // is `plain_text`, never rendered as links).
+        let mut mrkdwn = vec![v["text"].as_str().expect("text").to_owned()];
+        for block in v["blocks"].as_array().expect("blocks") {
+            for part in block["fields"].as_array().into_iter().flatten() {
+                mrkdwn.push(part["text"].as_str().expect("field").to_owned());
+            }
+            for part in block["elements"].as_array().into_iter().flatten() {
+                mrkdwn.push(part["text"].as_str().expect("element").to_owned());
+            }
+        }
+        let all = mrkdwn.join("\n");
+        assert!(!all.contains('<') && !all.contains('>'), "{all}");
+        assert!(
+            all.contains("&lt;https://evil.example|Approve pending call&gt;"),
+            "{all}"
+        );
+        assert!(all.contains("&amp; co"), "{all}");
     }
 
     #[test]

@@ -55,13 +55,17 @@ impl Check for MyCheck {
         if let Some(pattern) = self.deny.iter().find(|p| glob_match(p, &call.tool)) {
             return Verdict::block(format!("custom check: {} matches {pattern}", call.tool)).into();
         }
-        if let Some((arg, limit)) = &self.step_up
-            && let Some(value) = call.arg::<f64>(arg)
-            && value > *limit
-        {
-            return Verdict::escalate(format!("custom check: {arg} {value} over {limit}"))
-                .with_step_up()
-                .into();
+        if let Some((arg, limit)) = &self.step_up {
+            // A value the tool would read as a number but this check cannot is never a pass.
+            match call.arg_number(arg) {
+                Ok(Some(value)) if value > *limit => {
+                    return Verdict::escalate(format!("custom check: {arg} {value} over {limit}"))
+                        .with_step_up()
+                        .into();
+                }
+                Ok(_) => {}
+                Err(why) => return Verdict::block(format!("custom check: {why}")).into(),
+            }
         }
         Verdict::allow("custom check: ok").into()
     }
@@ -102,6 +106,11 @@ mod tests {
                 .verdict
                 .is_allow()
         );
+        // A number in a string is the number the tool reads; anything else is no pass.
+        let r = h.evaluate(&call("pay").arg("amount", "5000").build(), None);
+        assert_eq!(r.verdict.kind, VerdictKind::Escalate);
+        let r = h.evaluate(&call("pay").arg("amount", "lots").build(), None);
+        assert_eq!(r.verdict.kind, VerdictKind::Block);
     }
 
     #[test]
