@@ -584,7 +584,7 @@ pub fn valid_tenant_name(name: &str) -> bool {
 
 impl ServeArgs {
     /// Checks every setting and returns the configuration, or the first bad setting by name.
-    pub fn validate(self) -> Result<Config, ConfigError> {
+    pub fn validate(mut self) -> Result<Config, ConfigError> {
         let addr: SocketAddr = self.addr.parse().map_err(|e| {
             invalid(
                 "INTENTGATE_ADDR",
@@ -594,6 +594,11 @@ impl ServeArgs {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("INTENTGATE_DATA_DIR", "must not be empty"));
         }
+        // A token read from a file (a Kubernetes Secret) often ends in a newline, which no
+        // client sends (a bearer is trimmed): it could never match.
+        self.admin_token = self.admin_token.map(|t| t.trim().to_owned());
+        self.telemetry.metrics_token =
+            (self.telemetry.metrics_token.take()).map(|t| t.trim().to_owned());
         if let Some(t) = &self.admin_token
             && t.len() < 16
         {
@@ -614,6 +619,16 @@ impl ServeArgs {
             return Err(invalid(
                 "INTENTGATE_TENANT_ADMINS",
                 "a tenant admin's token is the same as INTENTGATE_ADMIN_TOKEN",
+            ));
+        }
+        // The scrape credential must not also be an admin's.
+        if let Some(m) = &self.telemetry.metrics_token
+            && (self.admin_token.as_ref() == Some(m)
+                || tenant_admins.iter().any(|(_, token)| token == m))
+        {
+            return Err(invalid(
+                "INTENTGATE_METRICS_TOKEN",
+                "is the same as an admin's token (INTENTGATE_ADMIN_TOKEN or INTENTGATE_TENANT_ADMINS)",
             ));
         }
         let store = match self.postgres_url.clone() {
@@ -1029,25 +1044,27 @@ fn parse_tenant_admins(raw: &str) -> Result<Vec<(String, String)>, ConfigError> 
                 format!("entry {}: bad tenant name", i + 1),
             ));
         }
+        // Entries are named by number only: written the wrong way round (token:tenant), the
+        // "tenant" is a secret, and this error goes to the logs.
         if token.len() < 16 {
             return Err(invalid(
                 SETTING,
                 format!(
-                    "entry {} ({tenant}): token shorter than 16 characters",
+                    "entry {}: token shorter than 16 characters (entries are tenant:token)",
                     i + 1
                 ),
             ));
         }
         if out.iter().any(|(t, _)| t == tenant) {
-            return Err(invalid(SETTING, format!("tenant {tenant} listed twice")));
+            return Err(invalid(
+                SETTING,
+                format!("entry {}: its tenant is listed twice", i + 1),
+            ));
         }
         if out.iter().any(|(_, t)| t == token) {
             return Err(invalid(
                 SETTING,
-                format!(
-                    "entry {} ({tenant}): the same token as another tenant's",
-                    i + 1
-                ),
+                format!("entry {}: the same token as another tenant's", i + 1),
             ));
         }
         out.push((tenant.to_owned(), token.to_owned()));
@@ -1240,7 +1257,21 @@ mod tests {
         let e = parse(&["--tenant-admins", "acme:tiny-secret"])
             .expect_err("must be refused")
             .to_string();
-        assert!(e.contains("acme") && !e.contains("tiny-secret"), "{e}");
+        assert!(e.contains("entry 1") && !e.contains("tiny-secret"), "{e}");
+        // Written the wrong way round, the "tenant" is the secret: never echoed.
+        let e = parse(&["--tenant-admins", "aaaaaaaaaaaaaaaaaaaaaaaa:acme"])
+            .expect_err("must be refused")
+            .to_string();
+        assert!(e.contains("entry 1") && !e.contains("aaaa"), "{e}");
+        let e = parse(&[
+            "--metrics-token",
+            "same-token-0123456789",
+            "--admin-token",
+            "same-token-0123456789",
+        ])
+        .expect_err("must be refused")
+        .to_string();
+        assert!(e.starts_with("INTENTGATE_METRICS_TOKEN"), "{e}");
         let e = parse(&["--upstream-timeout-ms", "0"])
             .expect_err("must be refused")
             .to_string();

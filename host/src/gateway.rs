@@ -231,7 +231,8 @@ impl Gateway {
             audit.outbox_router().clone(),
             config.outbox.clone(),
             registry.clone(),
-            crate::outbox::sealed::SecretSeal::derive(secrets.master_key.as_bytes()),
+            crate::outbox::sealed::SecretSeal::derive(secrets.master_key.as_bytes())
+                .with_legacy(secrets.legacy_master_key.as_deref().map(str::as_bytes)),
         )
         .await?;
         background.push(outbox.spawn_worker());

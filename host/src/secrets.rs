@@ -38,7 +38,13 @@ pub enum SecretsError {
 
 /// The secrets the gateway runs with, and the file they came from when generated.
 pub struct Secrets {
+    /// The master key's text, trimmed: the keys derived from it (sealed destination secrets,
+    /// session ids) must not depend on a newline a Secret file ends with, since the capability
+    /// verifier ignores it.
     pub master_key: String,
+    /// The master key's text as given, when trimming changed it: what seals made before the
+    /// trimming were derived from (opened as a fallback).
+    pub legacy_master_key: Option<String>,
     pub admin_token: String,
     /// The file holding generated secrets, when any secret came from it.
     pub file: Option<PathBuf>,
@@ -65,11 +71,7 @@ pub fn load_or_create(
     admin_token: Option<&str>,
 ) -> Result<Secrets, SecretsError> {
     if let (Some(k), Some(a)) = (master_key, admin_token) {
-        return Ok(Secrets {
-            master_key: k.to_owned(),
-            admin_token: a.to_owned(),
-            file: None,
-        });
+        return Ok(Secrets::new(k, a, None));
     }
     ensure_private_dir(data_dir)?;
     let path = data_dir.join(FILE_NAME);
@@ -84,11 +86,23 @@ pub fn load_or_create(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_file(&path)?,
         Err(source) => return Err(SecretsError::Io { path, source }),
     };
-    Ok(Secrets {
-        master_key: master_key.map(str::to_owned).unwrap_or(file_key),
-        admin_token: admin_token.map(str::to_owned).unwrap_or(file_admin),
-        file: Some(path),
-    })
+    Ok(Secrets::new(
+        master_key.unwrap_or(&file_key),
+        admin_token.unwrap_or(&file_admin),
+        Some(path),
+    ))
+}
+
+impl Secrets {
+    fn new(master_key: &str, admin_token: &str, file: Option<PathBuf>) -> Self {
+        let trimmed = master_key.trim();
+        Secrets {
+            master_key: trimmed.to_owned(),
+            legacy_master_key: (trimmed != master_key).then(|| master_key.to_owned()),
+            admin_token: admin_token.trim().to_owned(),
+            file,
+        }
+    }
 }
 
 /// Creates the data directory (0700) if needed.
@@ -198,6 +212,25 @@ mod tests {
         let c = load_or_create(&data, None, Some("explicit-admin-token")).expect("mixed");
         assert_eq!(c.admin_token, "explicit-admin-token");
         assert_eq!(c.master_key, a.master_key);
+    }
+
+    /// Secrets from a file ending in a newline are the same secrets: the derived keys and the
+    /// admin token match what clients and other replicas use.
+    #[test]
+    fn given_secrets_are_trimmed_and_the_text_as_given_kept_for_old_seals() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = load_or_create(
+            dir.path(),
+            Some("key-text\n"),
+            Some("admin-token-0123456789\n"),
+        )
+        .expect("given");
+        assert_eq!(s.master_key, "key-text");
+        assert_eq!(s.legacy_master_key.as_deref(), Some("key-text\n"));
+        assert_eq!(s.admin_token, "admin-token-0123456789");
+        let s = load_or_create(dir.path(), Some("key-text"), Some("admin-token-0123456789"))
+            .expect("given");
+        assert_eq!(s.legacy_master_key, None);
     }
 
     #[test]

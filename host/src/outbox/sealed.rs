@@ -20,6 +20,9 @@ const PREFIX: &str = "igsec1:";
 /// Seals and opens destination secrets.
 pub struct SecretSeal {
     key: LessSafeKey,
+    /// The key of the master key's text as given before it was trimmed, when that differed:
+    /// secrets sealed under it still open.
+    legacy: Option<LessSafeKey>,
 }
 
 impl std::fmt::Debug for SecretSeal {
@@ -28,17 +31,28 @@ impl std::fmt::Debug for SecretSeal {
     }
 }
 
+fn key_of(master_key: &[u8]) -> LessSafeKey {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(master_key).expect("HMAC accepts any key length");
+    mac.update(b"intentgate/outbox-destination-secrets/v1");
+    let bytes = mac.finalize().into_bytes();
+    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &bytes).expect("a 32-byte key"))
+}
+
 impl SecretSeal {
     /// The seal of this gateway's master key material (every replica derives the same).
     pub fn derive(master_key: &[u8]) -> Self {
-        let mut mac =
-            <Hmac<Sha256> as Mac>::new_from_slice(master_key).expect("HMAC accepts any key length");
-        mac.update(b"intentgate/outbox-destination-secrets/v1");
-        let bytes = mac.finalize().into_bytes();
-        let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes).expect("a 32-byte key");
         Self {
-            key: LessSafeKey::new(key),
+            key: key_of(master_key),
+            legacy: None,
         }
+    }
+
+    /// [`Self::derive`], also opening what was sealed under `legacy` (the master key's text
+    /// before it was trimmed); new seals use `master_key`.
+    pub fn with_legacy(mut self, legacy: Option<&[u8]>) -> Self {
+        self.legacy = legacy.map(key_of);
+        self
     }
 
     /// The stored form of `secret` for destination `id`.
@@ -71,19 +85,37 @@ impl SecretSeal {
             return Err(corrupt());
         }
         let (nonce, rest) = bytes.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| corrupt())?;
-        let mut data = rest.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(id.as_bytes()), &mut data)
-            .map_err(|_| corrupt())?;
-        String::from_utf8(plain.to_vec()).map_err(|_| corrupt())
+        for key in std::iter::once(&self.key).chain(&self.legacy) {
+            let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| corrupt())?;
+            let mut data = rest.to_vec();
+            if let Ok(plain) = key.open_in_place(nonce, Aad::from(id.as_bytes()), &mut data) {
+                return String::from_utf8(plain.to_vec()).map_err(|_| corrupt());
+            }
+        }
+        Err(corrupt())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A master key given with a trailing newline (a Secret file) seals as the trimmed key
+    /// does, and what was sealed under the untrimmed text before still opens.
+    #[test]
+    fn the_untrimmed_master_key_still_opens_what_it_sealed() {
+        let before = SecretSeal::derive(b"K0123456789\n");
+        let stored = before.seal("d", "whsec_x").expect("seal");
+        let now = SecretSeal::derive(b"K0123456789").with_legacy(Some(b"K0123456789\n"));
+        assert_eq!(now.open("d", &stored).expect("legacy opens"), "whsec_x");
+        let fresh = now.seal("d", "whsec_y").expect("seal");
+        let trimmed_only = SecretSeal::derive(b"K0123456789");
+        assert_eq!(trimmed_only.open("d", &fresh).expect("open"), "whsec_y");
+        assert!(
+            trimmed_only.open("d", &stored).is_err(),
+            "without the fallback"
+        );
+    }
 
     #[test]
     fn secrets_round_trip_and_are_bound_to_their_destination_and_key() {
