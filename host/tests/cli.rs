@@ -304,6 +304,34 @@ async fn quickstart_with_the_cli_alone() {
         "{}",
         resumed.stderr
     );
+    // An export that fails (here, a token the gateway refuses) leaves an existing export as
+    // it was: it is the evidence the command exists to keep.
+    let refused = cli(
+        d,
+        &[
+            ("INTENTGATE_URL", gw.url.as_str()),
+            ("INTENTGATE_ADMIN_TOKEN", "not-the-admin-token-0123456789"),
+        ],
+        &[
+            "audit",
+            "export",
+            "--tenant",
+            "acme",
+            "--out",
+            full.to_str().expect("utf8"),
+        ],
+    )
+    .await;
+    assert_eq!(refused.code, 1, "{}{}", refused.stdout, refused.stderr);
+    assert_eq!(
+        std::fs::read_to_string(&full).expect("kept"),
+        text,
+        "the earlier export is untouched"
+    );
+    assert!(
+        !d.join("full.ndjson.partial").exists(),
+        "nothing arrived, nothing left"
+    );
 
     gw.shutdown().await;
 }

@@ -319,6 +319,12 @@ async fn export(
         },
     ));
     let local = |e: std::io::Error| CliError::Local(format!("{}: {e}", path.display()));
+    let partial = {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".partial");
+        std::path::PathBuf::from(name)
+    };
+    let existed = path.exists();
     let mut file = if resume {
         if format != ExportFormat::Json {
             return Err(CliError::Usage(
@@ -337,21 +343,39 @@ async fn export(
         f.seek(std::io::SeekFrom::End(0)).map_err(local)?;
         f
     } else {
-        std::fs::File::create(path).map_err(local)?
+        // A new export goes to `<file>.partial` first: an existing export (evidence) is
+        // replaced only by one that arrived whole, never truncated by one that failed.
+        std::fs::File::create(&partial).map_err(local)?
     };
     let (mut events, mut bytes) = (0u64, 0u64);
     let progress = |events: u64, bytes: u64| {
         eprint!("\r{events} events, {} written", human_bytes(bytes));
     };
-    c.stream("/v1/admin/audit/export", &q, |chunk| {
-        file.write_all(chunk).map_err(local)?;
-        bytes += chunk.len() as u64;
-        events += chunk.iter().filter(|b| **b == b'\n').count() as u64;
-        progress(events, bytes);
-        Ok(())
-    })
-    .await?;
+    let streamed = c
+        .stream("/v1/admin/audit/export", &q, |chunk| {
+            file.write_all(chunk).map_err(local)?;
+            bytes += chunk.len() as u64;
+            events += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+            progress(events, bytes);
+            Ok(())
+        })
+        .await;
     file.sync_all().map_err(local)?;
+    if !resume {
+        if streamed.is_ok() || (!existed && bytes > 0) {
+            // Whole, or the first export to this file: `--resume` goes on from what arrived.
+            std::fs::rename(&partial, path).map_err(local)?;
+        } else if bytes == 0 {
+            let _ = std::fs::remove_file(&partial);
+        } else {
+            eprintln!(
+                "\nthe export broke off: {} is unchanged; what arrived is in {}",
+                path.display(),
+                partial.display()
+            );
+        }
+    }
+    streamed?;
     if format == ExportFormat::Csv {
         events = events.saturating_sub(1); // the header line
     }
