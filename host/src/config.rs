@@ -476,7 +476,8 @@ impl PolicySource {
         }
     }
 
-    fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
+    /// The policy at `path` and the `NAME_test.rego` beside it, if any.
+    pub fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
         const SETTING: &str = "INTENTGATE_POLICY_FILE";
         let read = |p: &std::path::Path| {
             std::fs::read_to_string(p)

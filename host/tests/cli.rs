@@ -179,6 +179,37 @@ async fn quickstart_with_the_cli_alone() {
     assert!(dry.stdout.contains("allow->block"), "{}", dry.stdout);
     assert!(dry.stdout.contains("+ block"), "{}", dry.stdout);
 
+    // `policy test` runs the NAME_test.rego beside the policy, as the gateway does at start:
+    // a failing test fails the command.
+    let test = |d: &Path| d.join("deny_test.rego");
+    let rego_arg = rego.to_str().expect("utf8").to_owned();
+    let test_args = ["policy", "test", rego_arg.as_str(), "--tenant", "acme"];
+    let run_test = || cli(d, &env, &test_args);
+    let untested = run_test().await;
+    assert_eq!(untested.code, 0, "{}", untested.stderr);
+    assert!(
+        untested.stdout.contains("no tests ran"),
+        "{}",
+        untested.stdout
+    );
+    std::fs::write(
+        test(d),
+        "package intentgate.policy_test\n\nimport data.intentgate.policy\n\ntest_frozen if {\n\tnot policy.decision.allow\n}\n",
+    )
+    .expect("write test");
+    let passing = run_test().await;
+    assert_eq!(passing.code, 0, "{}", passing.stderr);
+    assert!(passing.stdout.contains("tests pass"), "{}", passing.stdout);
+    std::fs::write(
+        test(d),
+        "package intentgate.policy_test\n\nimport data.intentgate.policy\n\ntest_open if {\n\tpolicy.decision.allow\n}\n",
+    )
+    .expect("write test");
+    let failing = run_test().await;
+    assert_ne!(failing.code, 0, "{}{}", failing.stdout, failing.stderr);
+    assert!(failing.stderr.contains("test_open"), "{}", failing.stderr);
+    std::fs::remove_file(test(d)).expect("remove test");
+
     // Revoke, then list shows the token as revoked; the next call is refused.
     let jti = cli(
         d,

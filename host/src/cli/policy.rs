@@ -74,6 +74,19 @@ fn read_rego(file: &Path) -> Result<String, CliError> {
         .map_err(|_| CliError::Usage(format!("{} is not UTF-8 text", file.display())))
 }
 
+/// The policy plugin's configuration for `file`: the Rego text alone, or, with a
+/// `NAME_test.rego` beside it (as the gateway reads `INTENTGATE_POLICY_FILE`), both modules,
+/// so the gateway runs the tests when it compiles the draft. Says whether tests came along.
+fn read_policy(file: &Path) -> Result<(String, bool), CliError> {
+    let rego = read_rego(file)?;
+    let source =
+        crate::config::PolicySource::read(file).map_err(|e| CliError::Local(e.to_string()))?;
+    if source.tests.is_empty() {
+        return Ok((rego, false));
+    }
+    Ok((source.to_config(), true))
+}
+
 impl PolicyCmd {
     pub fn run(self, conn: &Connection) -> Result<(), CliError> {
         with_client(conn, |c| self.remote(c))
@@ -83,7 +96,7 @@ impl PolicyCmd {
         let out = c.output();
         match self {
             PolicyCmd::Draft { file, name } => {
-                let rego = read_rego(&file)?;
+                let (rego, _) = read_policy(&file)?;
                 let name = name.unwrap_or_else(|| {
                     file.file_stem()
                         .map(|s| s.to_string_lossy().into_owned())
@@ -120,7 +133,7 @@ impl PolicyCmd {
                 Ok(())
             }
             PolicyCmd::Test { file, input } => {
-                let rego = read_rego(&file)?;
+                let (rego, tested) = read_policy(&file)?;
                 let input: Value = match &input {
                     Some(text) => serde_json::from_str(text)
                         .map_err(|e| CliError::Usage(format!("--input is not JSON: {e}")))?,
@@ -139,22 +152,29 @@ impl PolicyCmd {
                     .and_then(|d| d.get("candidate_decision"))
                     .cloned()
                     .unwrap_or(Value::Null);
+                let verdict = if tested {
+                    "compiles, tests pass"
+                } else {
+                    "compiles (no NAME_test.rego beside it: no tests ran)"
+                };
                 match out {
                     Output::Json => println!(
                         "{}",
-                        output::pretty(&json!({"ok": true, "decision": decision}))
+                        output::pretty(
+                            &json!({"ok": true, "tests_ran": tested, "decision": decision})
+                        )
                     ),
                     Output::Table if input_given(&report) => println!(
-                        "{}: compiles, tests pass; decision for the input: {}",
+                        "{}: {verdict}; decision for the input: {}",
                         file.display(),
                         cell(Some(&decision))
                     ),
-                    Output::Table => println!("{}: compiles, tests pass", file.display()),
+                    Output::Table => println!("{}: {verdict}", file.display()),
                 }
                 Ok(())
             }
             PolicyCmd::DryRun { file, sample } => {
-                let rego = read_rego(&file)?;
+                let (rego, _) = read_policy(&file)?;
                 let report = c
                     .post(
                         "/v1/admin/policies/dry-run",
