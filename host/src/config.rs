@@ -63,7 +63,7 @@ pub struct ServeArgs {
     #[arg(long, env = "INTENTGATE_POSTGRES_URL", hide_env_values = true)]
     pub postgres_url: Option<String>,
     /// Upstream MCP server (streamable HTTP), e.g. http://tools.internal/mcp.
-    #[arg(long, env = "INTENTGATE_UPSTREAM_URL")]
+    #[arg(long, env = "INTENTGATE_UPSTREAM_URL", hide_env_values = true)]
     pub upstream_url: Option<String>,
     /// Name of the upstream server, matched by `mcp_allow` caveats.
     #[arg(long, env = "INTENTGATE_UPSTREAM_NAME", default_value = "default")]
@@ -1088,6 +1088,43 @@ mod tests {
         let mut v = vec!["t"];
         v.extend_from_slice(args);
         T::try_parse_from(v).expect("clap parse").a.validate()
+    }
+
+    /// `--help` prints each setting's environment value unless told not to: a URL carries
+    /// credentials (userinfo, a Slack-style secret path, a query token), and a key or token
+    /// is one. Every such setting hides its value.
+    #[test]
+    fn help_never_prints_a_secret_or_url_from_the_environment() {
+        use clap::CommandFactory;
+        let cmd = T::command();
+        let mut checked = 0;
+        for arg in cmd.get_arguments() {
+            let Some(env) = arg.get_env().and_then(|e| e.to_str()) else {
+                continue;
+            };
+            let sensitive = [
+                "URL",
+                "ENDPOINT",
+                "TOKEN",
+                "SECRET",
+                "MASTER_KEY",
+                "HEADERS",
+                "ADMINS",
+                "UPSTREAMS",
+            ]
+            .iter()
+            .any(|w| env.contains(w))
+                && !env.ends_with("_FILE")
+                && !env.ends_with("_MS");
+            if sensitive {
+                checked += 1;
+                assert!(
+                    arg.is_hide_env_values_set(),
+                    "{env} shows its value in --help"
+                );
+            }
+        }
+        assert!(checked >= 12, "{checked} settings checked");
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub const DATADOG_US1: &str = "https://http-intake.logs.datadoghq.com/api/v2/log
 #[derive(Args, Clone)]
 pub struct OutboxArgs {
     /// Webhook receiver for deny, escalate, approval and step-up events (signed).
-    #[arg(long, env = "INTENTGATE_WEBHOOK_URL")]
+    #[arg(long, env = "INTENTGATE_WEBHOOK_URL", hide_env_values = true)]
     pub webhook_url: Option<String>,
     /// Webhook signing secret: `whsec_<base64>` (Standard Webhooks) or any shared secret.
     #[arg(long, env = "INTENTGATE_WEBHOOK_SECRET", hide_env_values = true)]
@@ -32,7 +32,7 @@ pub struct OutboxArgs {
     #[arg(long, env = "INTENTGATE_WEBHOOK_EVENTS")]
     pub webhook_events: Option<String>,
     /// Splunk HTTP Event Collector URL (…/services/collector/event).
-    #[arg(long, env = "INTENTGATE_SIEM_SPLUNK_HEC_URL")]
+    #[arg(long, env = "INTENTGATE_SIEM_SPLUNK_HEC_URL", hide_env_values = true)]
     pub splunk_hec_url: Option<String>,
     /// Splunk HEC token.
     #[arg(long, env = "INTENTGATE_SIEM_SPLUNK_TOKEN", hide_env_values = true)]
@@ -44,7 +44,7 @@ pub struct OutboxArgs {
     #[arg(long, env = "INTENTGATE_SIEM_DATADOG_API_KEY", hide_env_values = true)]
     pub datadog_api_key: Option<String>,
     /// Datadog logs intake URL (any site, or a local receiver).
-    #[arg(long, env = "INTENTGATE_SIEM_DATADOG_URL")]
+    #[arg(long, env = "INTENTGATE_SIEM_DATADOG_URL", hide_env_values = true)]
     pub datadog_url: Option<String>,
     /// Datadog site (`datadoghq.eu`, `us3.datadoghq.com`, …) when no URL is given.
     #[arg(long, env = "INTENTGATE_SIEM_DATADOG_SITE")]
@@ -54,7 +54,7 @@ pub struct OutboxArgs {
     pub datadog_service: Option<String>,
     /// S3 (or S3-compatible) bucket URL objects go under: path style
     /// (`https://s3.example.com/bucket`) or virtual-hosted (`https://bucket.s3.<region>.amazonaws.com`).
-    #[arg(long, env = "INTENTGATE_SIEM_S3_URL")]
+    #[arg(long, env = "INTENTGATE_SIEM_S3_URL", hide_env_values = true)]
     pub s3_url: Option<String>,
     /// S3 signing region (default `us-east-1`).
     #[arg(long, env = "INTENTGATE_SIEM_S3_REGION")]
@@ -73,7 +73,7 @@ pub struct OutboxArgs {
     #[arg(long, env = "INTENTGATE_SIEM_S3_PREFIX")]
     pub s3_prefix: Option<String>,
     /// Microsoft Sentinel: the data collection endpoint (or the DCR's logs ingestion endpoint).
-    #[arg(long, env = "INTENTGATE_SIEM_SENTINEL_DCE_URL")]
+    #[arg(long, env = "INTENTGATE_SIEM_SENTINEL_DCE_URL", hide_env_values = true)]
     pub sentinel_dce_url: Option<String>,
     /// Sentinel: the data collection rule's immutable id (`dcr-…`).
     #[arg(long, env = "INTENTGATE_SIEM_SENTINEL_DCR_ID")]
@@ -95,7 +95,11 @@ pub struct OutboxArgs {
     )]
     pub sentinel_client_secret: Option<String>,
     /// Sentinel: the token URL (default: Entra's, from the tenant id).
-    #[arg(long, env = "INTENTGATE_SIEM_SENTINEL_TOKEN_URL")]
+    #[arg(
+        long,
+        env = "INTENTGATE_SIEM_SENTINEL_TOKEN_URL",
+        hide_env_values = true
+    )]
     pub sentinel_token_url: Option<String>,
     /// Most events per SIEM request.
     #[arg(long, env = "INTENTGATE_OUTBOX_BATCH", default_value_t = 100)]

@@ -44,10 +44,20 @@ pub struct TelemetryArgs {
     #[arg(long, env = "INTENTGATE_LOG_FORMAT", default_value = "text", value_parser = str::parse::<LogFormat>)]
     pub log_format: LogFormat,
     /// OTLP/HTTP base URL; traces go to `{URL}/v1/traces`. Unset: no traces are exported.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub otlp_endpoint: Option<String>,
     /// OTLP/HTTP traces URL, used as given (overrides OTEL_EXPORTER_OTLP_ENDPOINT).
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", value_name = "URL")]
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub otlp_traces_endpoint: Option<String>,
     /// Headers sent with every export, `key=value,key2=value2` (values URL-encoded).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_HEADERS", hide_env_values = true)]
