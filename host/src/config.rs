@@ -97,9 +97,14 @@ pub struct ServeArgs {
     /// `Prefer: wait` overrides it.
     #[arg(long, env = "INTENTGATE_APPROVAL_MODE", default_value = "async")]
     pub approval_mode: String,
-    /// Seconds a pending approval waits for a decision (and an approved one may be resumed).
-    #[arg(long, env = "INTENTGATE_APPROVAL_TIMEOUT_S", default_value_t = 300)]
-    pub approval_timeout_s: u64,
+    /// Seconds a pending approval waits for a decision (and an approved one may be resumed)
+    /// [default: 300]. The original's `INTENTGATE_APPROVAL_TIMEOUT` is read too.
+    #[arg(long, env = "INTENTGATE_APPROVAL_TIMEOUT_S")]
+    pub approval_timeout_s: Option<u64>,
+    /// The original gateway's names for settings this one names otherwise (read, or refused
+    /// with what to set instead: never silently ignored).
+    #[command(flatten)]
+    pub original: OriginalNames,
     /// Milliseconds between the SSE keep-alive comments of a held call.
     #[arg(
         long,
@@ -444,6 +449,37 @@ pub fn scrub_url_secrets(text: &str, uri: &hyper::Uri) -> String {
     out
 }
 
+/// Settings under the original gateway's names (`INTENTGATE_*` as its runbook and OpenAPI
+/// document name them), hidden from `--help`.
+#[derive(clap::Args, Clone, Default)]
+pub struct OriginalNames {
+    /// `INTENTGATE_TENANT_ADMINS` under the original's name.
+    #[arg(
+        long,
+        env = "INTENTGATE_TENANT_ADMIN_TOKENS",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub tenant_admin_tokens: Option<String>,
+    /// `INTENTGATE_APPROVAL_TIMEOUT_S` under the original's name (seconds).
+    #[arg(
+        long = "approval-timeout",
+        env = "INTENTGATE_APPROVAL_TIMEOUT",
+        hide = true
+    )]
+    pub approval_timeout: Option<u64>,
+    /// The retired Sentinel Data Collector API's settings: refused with what to set instead.
+    #[arg(long, env = "INTENTGATE_SIEM_SENTINEL_WORKSPACE_ID", hide = true)]
+    pub sentinel_workspace_id: Option<String>,
+    #[arg(
+        long,
+        env = "INTENTGATE_SIEM_SENTINEL_SHARED_KEY",
+        hide = true,
+        hide_env_values = true
+    )]
+    pub sentinel_shared_key: Option<String>,
+}
+
 /// A Rego policy (and its tests) for the default bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicySource {
@@ -608,7 +644,26 @@ impl ServeArgs {
                 "must be at least 16 characters",
             ));
         }
-        let tenant_admins = match &self.tenant_admins {
+        if self.original.sentinel_workspace_id.is_some()
+            || self.original.sentinel_shared_key.is_some()
+        {
+            return Err(invalid(
+                "INTENTGATE_SIEM_SENTINEL_WORKSPACE_ID",
+                "(and _SHARED_KEY) configured the HTTP Data Collector API, which Microsoft retired; \
+                 this gateway sends to the Logs Ingestion API: set INTENTGATE_SIEM_SENTINEL_DCE_URL, \
+                 _DCR_ID, _STREAM, _TENANT_ID, _CLIENT_ID and _CLIENT_SECRET instead (see the README)",
+            ));
+        }
+        let tenant_admins_raw = match (&self.tenant_admins, &self.original.tenant_admin_tokens) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(invalid(
+                    "INTENTGATE_TENANT_ADMINS",
+                    "differs from INTENTGATE_TENANT_ADMIN_TOKENS (the original's name): set one",
+                ));
+            }
+            (a, b) => a.as_ref().or(b.as_ref()),
+        };
+        let tenant_admins = match tenant_admins_raw {
             None => Vec::new(),
             Some(raw) => parse_tenant_admins(raw)?,
         };
@@ -696,7 +751,15 @@ impl ServeArgs {
                 .map_err(|e| invalid("INTENTGATE_APPROVAL_MODE", e))?,
             timeout: Duration::from_secs(ranged(
                 "INTENTGATE_APPROVAL_TIMEOUT_S",
-                self.approval_timeout_s,
+                match (self.approval_timeout_s, self.original.approval_timeout) {
+                    (Some(a), Some(b)) if a != b => {
+                        return Err(invalid(
+                            "INTENTGATE_APPROVAL_TIMEOUT_S",
+                            "differs from INTENTGATE_APPROVAL_TIMEOUT (the original's name): set one",
+                        ));
+                    }
+                    (a, b) => a.or(b).unwrap_or(300),
+                },
                 1,
                 7 * 86_400,
             )?),
@@ -1125,6 +1188,26 @@ mod tests {
             }
         }
         assert!(checked >= 12, "{checked} settings checked");
+    }
+
+    /// The original gateway's names are read (or refused with what to set instead), never
+    /// silently ignored.
+    #[test]
+    fn the_originals_names_are_read_or_refused() {
+        let c = parse(&[]).expect("defaults");
+        assert_eq!(c.approvals.timeout, Duration::from_secs(300));
+        let c = parse(&["--approval-timeout", "600"]).expect("original name");
+        assert_eq!(c.approvals.timeout, Duration::from_secs(600));
+        let e = parse(&["--approval-timeout", "600", "--approval-timeout-s", "60"])
+            .expect_err("two values")
+            .to_string();
+        assert!(e.contains("INTENTGATE_APPROVAL_TIMEOUT"), "{e}");
+        let c = parse(&["--tenant-admin-tokens", "acme:acme-admin-token-0123"]).expect("alias");
+        assert_eq!(c.tenant_admins.len(), 1);
+        let e = parse(&["--sentinel-shared-key", "k"])
+            .expect_err("retired API")
+            .to_string();
+        assert!(e.contains("INTENTGATE_SIEM_SENTINEL_DCE_URL"), "{e}");
     }
 
     #[test]
