@@ -26,6 +26,8 @@ use crate::config::{ListenerTls, UpstreamTls};
 /// How long the certificate files must be quiet before a reload (a renewal writes the chain
 /// and the key one after the other).
 const RELOAD_DEBOUNCE: Duration = Duration::from_millis(200);
+/// The longest a reload waits for its folders to be quiet.
+const RELOAD_MAX_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -208,34 +210,38 @@ fn reload_loop(
     files: &ListenerTls,
     resolver: &ReloadingCert,
 ) {
-    let names = [file_name(&files.cert_file), file_name(&files.key_file)];
-    let concerns = |event: &notify::Result<notify::Event>| match event {
-        Ok(e) => e.paths.iter().any(|p| names.contains(&file_name(p))),
-        Err(_) => false,
-    };
-    while let Ok(first) = rx.recv() {
-        let mut relevant = concerns(&first);
-        while let Ok(next) = rx.recv_timeout(RELOAD_DEBOUNCE) {
-            relevant |= concerns(&next);
-        }
-        if !relevant {
-            continue;
+    // Any change in the folders may be a renewal: a Kubernetes Secret volume (and so
+    // cert-manager) swaps a `..data` symlink and never touches `tls.crt` itself, which is a
+    // link through it. So every quiet moment after a change reads the files again and serves
+    // them if the certificate differs. Busy folders (a data directory beside) are waited out
+    // at most RELOAD_MAX_WAIT, so a steady stream of unrelated events cannot hold a renewal.
+    let mut failed: Option<String> = None;
+    while rx.recv().is_ok() {
+        let started = std::time::Instant::now();
+        while started.elapsed() < RELOAD_MAX_WAIT {
+            match rx.recv_timeout(RELOAD_DEBOUNCE) {
+                Ok(_) => continue,
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
         }
         match load_certified_key(&files.cert_file, &files.key_file) {
             Ok(fresh) => {
+                failed = None;
                 if fresh.cert != resolver.current.load().cert {
                     resolver.current.store(Arc::new(fresh));
                     tracing::info!(cert = %files.cert_file.display(), "TLS certificate reloaded");
                 }
             }
-            Err(e) => tracing::warn!(
-                cert = %files.cert_file.display(),
-                "TLS certificate not reloaded, keeping the running one: {e}"
-            ),
+            // Said once per distinct failure, not at every change in the folders.
+            Err(e) if failed.as_deref() != Some(e.to_string().as_str()) => {
+                tracing::warn!(
+                    cert = %files.cert_file.display(),
+                    "TLS certificate not reloaded, keeping the running one: {e}"
+                );
+                failed = Some(e.to_string());
+            }
+            Err(_) => {}
         }
     }
-}
-
-fn file_name(p: &Path) -> Option<std::ffi::OsString> {
-    p.file_name().map(|n| n.to_os_string())
 }

@@ -568,6 +568,56 @@ async fn the_tls_listener_serves_and_reloads_its_certificate() {
     tg.shutdown().await;
 }
 
+/// A certificate in a Kubernetes Secret volume: `tls.crt` is a link through `..data`, and a
+/// renewal swaps `..data` to a new folder by renaming a link; the file names never change.
+/// The renewed certificate is served.
+#[tokio::test]
+async fn the_tls_listener_follows_a_kubernetes_secret_volume() {
+    let ca = Ca::new("volume test CA");
+    let first = ca.leaf("gateway-one", 301, false);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let version = |name: &str, leaf: &Leaf| {
+        let v = d.join(name);
+        std::fs::create_dir(&v).expect("version dir");
+        write(&v, "tls.crt", &leaf.cert_pem);
+        write(&v, "tls.key", &leaf.key_pem);
+    };
+    version("..2026_12_07_a", &first);
+    std::os::unix::fs::symlink("..2026_12_07_a", d.join("..data")).expect("..data");
+    for f in ["tls.crt", "tls.key"] {
+        std::os::unix::fs::symlink(format!("..data/{f}"), d.join(f)).expect("link");
+    }
+    let (cert, key) = (d.join("tls.crt"), d.join("tls.key"));
+    let tg = gateway::start(
+        Backend::Sqlite,
+        None,
+        &[
+            "--tls-cert-file",
+            cert.to_str().expect("utf-8"),
+            "--tls-key-file",
+            key.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    assert_eq!(served_certificate(&tg, &ca).await.0, first.der);
+    // The kubelet's swap: a new version folder, a `..data_tmp` link to it, renamed over `..data`.
+    let second = ca.leaf("gateway-two", 302, false);
+    version("..2026_12_07_b", &second);
+    std::os::unix::fs::symlink("..2026_12_07_b", d.join("..data_tmp")).expect("..data_tmp");
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).expect("swap");
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if served_certificate(&tg, &ca).await.0 == second.der {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "the renewed certificate was never served");
+    tg.shutdown().await;
+}
+
 #[tokio::test]
 async fn tls_settings_are_checked_before_start() {
     use clap::Parser;
