@@ -801,6 +801,10 @@ impl ServeArgs {
                 1,
                 10_000_000,
             )? as usize,
+            // Half of the connections, so one tenant's streams never shut the others out.
+            live_per_tenant: (self.max_connections / 2)
+                .max(1)
+                .min(self.stream_max_sessions_per_tenant.max(1)),
             ..crate::streams::Limits::default()
         };
         let header_timeout = Duration::from_millis(ranged(

@@ -50,6 +50,10 @@ pub struct Limits {
     /// Of those, the most one tenant may hold: one tenant's sessions (a subscription keeps
     /// its session's entry) must not shut every other tenant out.
     pub sessions_per_tenant: usize,
+    /// Live streams one tenant may hold open at once on this replica: each holds a
+    /// connection for as long as its token lives, so one tenant must not take every
+    /// connection the listener accepts (`INTENTGATE_MAX_CONNECTIONS`, of which it gets half).
+    pub live_per_tenant: usize,
     /// Subscriptions per session.
     pub subscriptions: usize,
     /// How long a session without a stream or subscriptions keeps its window.
@@ -63,6 +67,7 @@ impl Default for Limits {
             live: 64,
             sessions: 10_000,
             sessions_per_tenant: 5_000,
+            live_per_tenant: 512,
             subscriptions: 256,
             linger: Duration::from_secs(300),
         }
@@ -80,6 +85,8 @@ pub enum HubError {
     TooManySessionsForTenant(usize),
     #[error("too many subscriptions in this session (limit {0})")]
     TooManySubscriptions(usize),
+    #[error("too many open streams for this tenant on this gateway (limit {0})")]
+    TooManyStreamsForTenant(usize),
 }
 
 /// What the hub knows of one client session.
@@ -270,6 +277,18 @@ impl Hub {
     ) -> Result<Opened, HubError> {
         let mut inner = self.lock();
         let live = self.limits.live;
+        let streaming = (inner.sessions.iter())
+            .filter(|(s, e)| {
+                e.grant.tenant == grant.tenant
+                    && s.as_str() != session
+                    && e.live.as_ref().is_some_and(|tx| !tx.is_closed())
+            })
+            .count();
+        if streaming >= self.limits.live_per_tenant {
+            return Err(HubError::TooManyStreamsForTenant(
+                self.limits.live_per_tenant,
+            ));
+        }
         let entry = self.entry(&mut inner, session, grant, token)?;
         let replay = match last_event_id {
             Some(last) => (entry.window.iter())
@@ -457,6 +476,31 @@ mod tests {
         Verifier::new(key, DEFAULT_LEEWAY_SECS)
             .authenticate(&minted.token, now, &RevocationSet::always_fresh())
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// One tenant's live streams take at most their share; a session reopening its stream is
+    /// not another one, and a stream that ended frees its place.
+    #[test]
+    fn a_tenant_holds_at_most_its_share_of_live_streams() {
+        let hub = Hub::new(Limits {
+            live_per_tenant: 2,
+            ..Limits::default()
+        });
+        let g = grant();
+        let a = hub.open("a", &g, "t", None).expect("first");
+        let _b = hub.open("b", &g, "t", None).expect("second");
+        assert_eq!(
+            hub.open("c", &g, "t", None).err(),
+            Some(HubError::TooManyStreamsForTenant(2))
+        );
+        // The same session reopening is not another stream.
+        let a = {
+            drop(a);
+            hub.open("a", &g, "t", None).expect("reopened")
+        };
+        drop(a);
+        hub.open("c", &g, "t", None)
+            .expect("a closed stream frees its place");
     }
 
     /// A session presented with a narrower token (an attenuated child of the same id) gets
