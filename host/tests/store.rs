@@ -529,9 +529,18 @@ async fn past_counter_windows_are_pruned(f: Fixture) {
         ("calls:j", 0),
         ("budget:fresh", minute - 600),
         ("budget:fresh", minute),
+        ("round:7:2", 0),
+        ("round:8:2", 0),
     ];
     for (key, window) in charged {
         s.charge(key, window, 1, 10).await.expect("charge");
+    }
+    // One round's mark was set two hours ago (its sealed state long expired).
+    let db = s.db();
+    let sql = "UPDATE counters SET updated_at = updated_at - 7200 WHERE key = 'round:7:2'";
+    match &db {
+        intentgate::store::Db::Sqlite(p) => drop(sqlx::query(sql).execute(p).await.expect("age")),
+        intentgate::store::Db::Postgres(p) => drop(sqlx::query(sql).execute(p).await.expect("age")),
     }
     let mut gone = 0;
     loop {
@@ -541,7 +550,10 @@ async fn past_counter_windows_are_pruned(f: Fixture) {
             break;
         }
     }
-    assert_eq!(gone, 4, "rate:old twice, budget:k's two superseded days");
+    assert_eq!(
+        gone, 5,
+        "rate:old twice, budget:k's two superseded days, round:7:2"
+    );
     for (key, window, left) in [
         ("rate:old", old, 0),
         ("rate:old", minute - 5_400, 0),
@@ -554,6 +566,8 @@ async fn past_counter_windows_are_pruned(f: Fixture) {
         ("calls:j", 0, 1),
         ("budget:fresh", minute - 600, 1),
         ("budget:fresh", minute, 1),
+        ("round:7:2", 0, 0),
+        ("round:8:2", 0, 1),
     ] {
         assert_eq!(
             s.counter(key, window).await.expect("counter"),

@@ -7,8 +7,13 @@
 //! once its minute has passed. Both are kept an hour past that ([`KEEP_SECS`]), so a replica
 //! whose clock runs behind still finds the window it charges.
 //!
+//! A multi-round call's single-use marks (`round:{event}:{n}`, without a window) are dead once
+//! the sealed state they guard has expired (`crate::mcp::rounds::MAX_AGE_SECS`, 15 minutes):
+//! they go [`KEEP_SECS`] after their last change.
+//!
 //! This module must never delete a counter without a window (`window_start = 0`: a token's
-//! `max_calls`, a lifetime budget), nor the newest window of a key other than a rate's.
+//! `max_calls`, a lifetime budget) other than a round's mark, nor the newest window of a key
+//! other than a rate's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +28,14 @@ pub const KEEP_SECS: i64 = 3600;
 pub const BATCH: u64 = 1000;
 
 /// Deletes up to [`BATCH`] dead windows that started before `$1`: those of a key with a later
-/// window, and those of a gateway rate limit (`rate:`, one minute long).
+/// window, and those of a gateway rate limit (`rate:`, one minute long); and the round marks
+/// last changed before `$1`.
 pub(crate) const PRUNE_COUNTERS: &str = "DELETE FROM counters WHERE (key, window_start) IN (\
      SELECT c.key, c.window_start FROM counters c \
-     WHERE c.window_start > 0 AND c.window_start < $1 \
+     WHERE (c.window_start > 0 AND c.window_start < $1 \
      AND (c.key LIKE 'rate:%' OR EXISTS (SELECT 1 FROM counters n \
-     WHERE n.key = c.key AND n.window_start > c.window_start)) \
+     WHERE n.key = c.key AND n.window_start > c.window_start))) \
+     OR (c.window_start = 0 AND c.key LIKE 'round:%' AND c.updated_at < $1) \
      LIMIT 1000)";
 
 /// Runs for the gateway's life: every [`PRUNE_EVERY`], deletes the dead windows, a batch at a
