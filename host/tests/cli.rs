@@ -230,6 +230,19 @@ async fn quickstart_with_the_cli_alone() {
     )
     .await;
     assert_eq!(revoked.code, 0, "{}", revoked.stderr);
+    // A thousand later revocations: the token's is on the second page, and still shown.
+    for i in 0..1000 {
+        gw.gw
+            .store
+            .revoke(intentgate::store::NewRevocation {
+                tenant: "acme".into(),
+                jti: format!("later-{i}"),
+                reason: "later".into(),
+                revoked_by: "superadmin".into(),
+            })
+            .await
+            .expect("revoke");
+    }
     let listed = cli(
         d,
         &env,

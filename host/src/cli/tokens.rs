@@ -216,9 +216,33 @@ impl TokensCmd {
                         &[("event", "admin/mint".into()), ("limit", limit.to_string())],
                     )
                     .await?;
-                let revoked = c
-                    .get("/v1/admin/revocations", &[("limit", "1000".into())])
-                    .await?;
+                // Every revocation, page by page: a token revoked before the newest thousand
+                // is still revoked.
+                let mut items = Vec::new();
+                let mut cursor: Option<String> = None;
+                loop {
+                    let mut q = vec![("limit", "1000".to_string())];
+                    if let Some(cur) = &cursor {
+                        q.push(("cursor", cur.clone()));
+                    }
+                    let page = c.get("/v1/admin/revocations", &q).await?;
+                    if let Some(Value::Array(rows)) = page.get("items") {
+                        items.extend(rows.iter().cloned());
+                    }
+                    match page.get("next_cursor").and_then(Value::as_str) {
+                        Some(next) if items.len() < MAX_REVOCATIONS_READ => {
+                            cursor = Some(next.to_owned())
+                        }
+                        Some(_) => {
+                            eprintln!(
+                                "note: read the newest {MAX_REVOCATIONS_READ} revocations only; older ones are not shown"
+                            );
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                let revoked = json!({"items": items});
                 let rows = token_rows(&minted, &revoked);
                 output::print(
                     c.output(),
@@ -239,6 +263,9 @@ impl TokensCmd {
         }
     }
 }
+
+/// The most revocations `tokens list` reads (a hundred pages).
+const MAX_REVOCATIONS_READ: usize = 100_000;
 
 /// Joins mint events with revocations into `{jti, subject, tenant, tools, minted_at, revoked_at,
 /// revoke_reason}` rows.
