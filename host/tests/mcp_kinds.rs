@@ -710,6 +710,31 @@ async fn delete_on_one_replica_ends_it_on_both(a: TestGateway, b: TestGateway) {
     };
     let (s, _) = delete(&a, &other).await;
     assert_eq!(s, 404, "another token cannot end the session");
+    // A child the holder attenuated (same token id) may call in the session, but neither open
+    // its stream nor end it: only the very token that opened it does.
+    let mut exp = intentgate::capability::Caveat::bare("exp");
+    exp.exp = 4_000_000_000;
+    let child = intentgate::capability::Token::decode(&tok)
+        .expect("decode")
+        .attenuate(exp)
+        .expect("attenuate")
+        .encode();
+    let (s, _, v) = post(&a, &child, &[("mcp-session-id", &sid)], &list).await;
+    assert_eq!(s, 200, "a child calls in the session: {v}");
+    let (s, _, _) = http::send(
+        "GET",
+        &format!("{}/v1/mcp", a.url),
+        &[
+            ("authorization", format!("Bearer {child}").as_str()),
+            ("mcp-session-id", sid.as_str()),
+            ("accept", "text/event-stream"),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(s, 404, "a child cannot open the session's stream");
+    let (s, _) = delete(&a, &child).await;
+    assert_eq!(s, 404, "a child cannot end the session");
     let (s, _) = delete(&a, &tok).await;
     assert_eq!(s, 204);
     for gw in [&a, &b] {

@@ -45,6 +45,18 @@ pub struct SessionClaims {
     pub jti: String,
     pub protocol_version: String,
     pub issued_at: i64,
+    /// The very token that opened the session ([`opener_of`] its digest), so that only it
+    /// opens the session's stream or ends the session; an attenuated child shares the `jti`.
+    /// `None` in ids issued before it was recorded.
+    pub opener: Option<String>,
+}
+
+/// The opener recorded in a session id: the first 16 bytes of the token's digest, in hex.
+pub fn opener_of(token_digest: &[u8; 32]) -> String {
+    token_digest[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl SessionKeys {
@@ -82,7 +94,8 @@ impl SessionKeys {
             claims.jti,
             claims.protocol_version,
             claims.issued_at,
-            URL_SAFE_NO_PAD.encode(nonce)
+            URL_SAFE_NO_PAD.encode(nonce),
+            claims.opener.as_deref().unwrap_or_default()
         ]);
         let body = format!(
             "{PREFIX}.{}",
@@ -109,6 +122,11 @@ impl SessionKeys {
             jti: a.get(1)?.as_str()?.to_owned(),
             protocol_version: a.get(2)?.as_str()?.to_owned(),
             issued_at: a.get(3)?.as_i64()?,
+            opener: a
+                .get(5)
+                .and_then(serde_json::Value::as_str)
+                .filter(|o| !o.is_empty())
+                .map(str::to_owned),
         })
     }
 }
@@ -123,6 +141,7 @@ mod tests {
             jti: "abc".into(),
             protocol_version: "2025-11-25".into(),
             issued_at: 1_700_000_000,
+            opener: Some(opener_of(&[7; 32])),
         }
     }
 
@@ -133,6 +152,12 @@ mod tests {
         let id = a.issue(&claims());
         assert_eq!(b.verify(&id), Some(claims()));
         assert_ne!(a.issue(&claims()), id, "ids are unique");
+        // An id issued before the opener was recorded still reads, without one.
+        let before = SessionClaims {
+            opener: None,
+            ..claims()
+        };
+        assert_eq!(b.verify(&a.issue(&before)), Some(before));
     }
 
     #[test]

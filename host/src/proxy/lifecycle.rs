@@ -11,6 +11,7 @@ use super::{now_secs, refusal_reason};
 use crate::capability::Grant;
 use crate::http::{self, Body};
 use crate::mcp::jsonrpc::{RpcError, code};
+use crate::mcp::session::SessionClaims;
 use crate::mcp::{SESSION_HEADER, bad_request, ended, rpc_response};
 
 fn no_session() -> RpcError {
@@ -25,8 +26,32 @@ pub(crate) async fn presented_session(
     id: &str,
     grant: &Grant,
 ) -> Result<(), (StatusCode, RpcError)> {
+    presented_session_as(svc, id, grant, false).await
+}
+
+/// Whether `claims` name the token of `grant`: its tree (tenant and `jti`), and with `opener`
+/// the very token that opened the session (what its stream and its end need: an attenuated
+/// child may call in its parent's session, but neither read what the session is sent nor end
+/// it).
+fn holds(claims: &SessionClaims, grant: &Grant, opener: bool) -> bool {
+    claims.tenant == grant.tenant
+        && claims.jti == grant.jti
+        && (!opener
+            || claims
+                .opener
+                .as_ref()
+                .is_none_or(|o| *o == crate::mcp::session::opener_of(&grant.token_digest)))
+}
+
+/// [`presented_session`], and with `opener` only for the token that opened the session.
+pub(crate) async fn presented_session_as(
+    svc: &McpService,
+    id: &str,
+    grant: &Grant,
+    opener: bool,
+) -> Result<(), (StatusCode, RpcError)> {
     match svc.sessions.verify(id) {
-        Some(c) if c.tenant == grant.tenant && c.jti == grant.jti => {}
+        Some(c) if holds(&c, grant, opener) => {}
         _ => return Err((StatusCode::NOT_FOUND, no_session())),
     }
     match ended::is_ended(svc.store.as_ref(), id).await {
@@ -62,7 +87,7 @@ pub(super) async fn end_session(svc: &McpService, headers: &hyper::HeaderMap) ->
         return bad_request(None, &err);
     };
     let claims = match svc.sessions.verify(id) {
-        Some(c) if c.tenant == grant.tenant && c.jti == grant.jti => c,
+        Some(c) if holds(&c, &grant, true) => c,
         _ => return rpc_response(StatusCode::NOT_FOUND, None, &no_session()),
     };
     let store = svc.store.as_ref();

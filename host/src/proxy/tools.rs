@@ -32,6 +32,7 @@ impl CallContext<'_> {
             jti: self.grant.jti.clone(),
             protocol_version: version.to_owned(),
             issued_at: now_secs(),
+            opener: Some(crate::mcp::session::opener_of(&self.grant.token_digest)),
         });
         self.svc.metrics().server.session_issued();
         let mut resp = http::json_bytes(StatusCode::OK, jsonrpc::result(id, &result));

@@ -73,7 +73,10 @@ pub async fn open(gw: &Arc<McpService>, headers: &hyper::HeaderMap) -> Response<
         ));
         return refuse(StatusCode::BAD_REQUEST, &err);
     };
-    if let Err((status, err)) = crate::proxy::presented_session(gw, session, &grant).await {
+    // Only the token that opened the session reads what it is sent (an attenuated child of
+    // it would otherwise take over its stream).
+    if let Err((status, err)) = crate::proxy::presented_session_as(gw, session, &grant, true).await
+    {
         return refuse(status, &err);
     }
     // An id we did not number (or not a number) resumes nothing: the stream starts fresh.
