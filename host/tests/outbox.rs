@@ -467,18 +467,25 @@ async fn a_deny_and_an_approval_decision_reach_the_webhook_slack_teams_and_pager
     }
     assert!(slack[2].to_string().contains(&pending));
 
-    // Teams: an Adaptive Card per event with the facts.
+    // Teams: an Adaptive Card per event, its title and facts in text runs (never Markdown).
     let teams = named(&records, "teams", "ops");
     assert_eq!(teams.len(), 3, "{teams:?}");
+    let runs = |block: &serde_json::Value| -> Vec<String> {
+        block["inlines"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["text"].as_str().map(str::to_owned))
+            .collect()
+    };
     for (msg, want) in teams.iter().zip(["deny", "escalate", "approval decided"]) {
         let card = &msg["attachments"][0]["content"];
-        let title = card["body"][0]["text"].as_str().unwrap_or("");
+        let body = card["body"].as_array().expect("body");
+        let title = runs(&body[0]).concat();
         assert!(title.contains(want), "{title:?} names {want}");
-        let facts = card["body"][1]["facts"].as_array().expect("facts");
         assert!(
-            facts
-                .iter()
-                .any(|f| f["title"] == "Tenant" && f["value"] == "default")
+            body.iter().any(|b| runs(b) == ["Tenant: ", "default"]),
+            "{body:?}"
         );
     }
 

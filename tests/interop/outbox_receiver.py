@@ -24,6 +24,7 @@ documentation, not from the gateway's code.
   `message` with `attachments` whose `contentType` is `application/vnd.microsoft.card.adaptive`
   and whose `content` is an `AdaptiveCard` (`version` "1.0"-"1.5", `body` of elements:
   `TextBlock` with a string `text`, `FactSet` with `facts` of string `title`/`value`,
+  `RichTextBlock` whose `inlines` are `TextRun`s with a string `text` (version 1.2 on),
   `Container`/`ColumnSet`/`Image`). Answers 200 `1`.
 - POST /pagerduty/v2/enqueue: PagerDuty Events API v2. `routing_key` (the 32-character
   integration key), `event_action` trigger|acknowledge|resolve, `dedup_key` (at most 255
@@ -328,6 +329,18 @@ def teams_element_problem(el):
             if not (isinstance(f, dict) and isinstance(f.get("title"), str) and isinstance(f.get("value"), str)):
                 return f"fact must have string title and value: {f!r}"
         return None
+    if kind == "RichTextBlock":
+        # Inlines are TextRuns (or bare strings, their shorthand); a TextRun's text is never
+        # Markdown.
+        inlines = el.get("inlines")
+        if not isinstance(inlines, list) or not inlines:
+            return "RichTextBlock needs inlines"
+        for run in inlines:
+            if isinstance(run, str):
+                continue
+            if not (isinstance(run, dict) and run.get("type") == "TextRun" and isinstance(run.get("text"), str)):
+                return f"inline must be a TextRun with a string text: {run!r}"
+        return None
     if kind == "Container":
         return next(filter(None, map(teams_element_problem, el.get("items") or [])), None)
     if kind in ("ColumnSet", "Image"):
@@ -352,6 +365,10 @@ def teams_problem(msg):
         body = card.get("body")
         if not isinstance(body, list) or not body:
             return "card without body"
+        if card["version"] in ("1.0", "1.1") and any(
+            isinstance(el, dict) and el.get("type") == "RichTextBlock" for el in body
+        ):
+            return "RichTextBlock needs card version 1.2 or later"
         why = next(filter(None, map(teams_element_problem, body)), None)
         if why:
             return why

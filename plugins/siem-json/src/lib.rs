@@ -16,7 +16,8 @@
 //!   `severity`, `tenant`, `decision`, `check`, `tool`, `agent_id`, `reason`,
 //!   `requires_step_up`, `capability_token_id`, `pending_id`) plus `seq` and `audit` (the
 //!   recorded event).
-//! - `slack` (Block Kit), `teams` (Adaptive Card 1.4), `pagerduty` (Events API v2, the
+//! - `slack` (Block Kit, agent-chosen text escaped), `teams` (Adaptive Card 1.4, agent-chosen
+//!   text only in `TextRun`s, never Markdown), `pagerduty` (Events API v2, the
 //!   routing key being the secret; setting `source`).
 //! - `sentinel`: the Azure Monitor Logs Ingestion API's JSON array, one record per event: the
 //!   event's fields as recorded plus `TimeGenerated` (its `ts`), `EventType` and `Severity`
@@ -368,20 +369,25 @@ impl Formatter for Siem {
                 ))
             }
             "teams" => {
+                // Every text an agent may have chosen (the title names the tool, the facts and
+                // the reason quote it) goes in a `TextRun`, which Adaptive Cards never read as
+                // Markdown: a `TextBlock` or a fact would turn `[Approve](https://evil)` into a
+                // link in an approver's channel.
                 let e = events.first().ok_or("empty batch")?;
-                let facts: Vec<Value> = facts(e)
-                    .into_iter()
-                    .map(|(t, v)| json!({"title": t, "value": v}))
-                    .collect();
-                let mut body = vec![
-                    json!({"type": "TextBlock", "size": "Medium", "weight": "Bolder", "text": title(e), "wrap": true}),
-                    json!({"type": "FactSet", "facts": facts}),
-                ];
+                let mut body = vec![json!({"type": "RichTextBlock", "inlines": [
+                    {"type": "TextRun", "text": title(e), "size": "Medium", "weight": "Bolder"}
+                ]})];
+                body.extend(facts(e).into_iter().map(|(t, v)| {
+                    json!({"type": "RichTextBlock", "inlines": [
+                        {"type": "TextRun", "text": format!("{t}: "), "weight": "Bolder"},
+                        {"type": "TextRun", "text": v}
+                    ]})
+                }));
                 let reason = str_of(e, "reason");
                 if !reason.is_empty() {
-                    body.push(
-                        json!({"type": "TextBlock", "text": cut(reason, 2000), "wrap": true}),
-                    );
+                    body.push(json!({"type": "RichTextBlock", "inlines": [
+                        {"type": "TextRun", "text": cut(reason, 2000)}
+                    ]}));
                 }
                 Ok(json_request(&json!({
                     "type": "message",
@@ -493,6 +499,38 @@ mod tests {
             "{all}"
         );
         assert!(all.contains("&amp; co"), "{all}");
+    }
+
+    /// A tool name or reason an agent chose reaches a Teams card only as a `TextRun`, which
+    /// Adaptive Cards never read as Markdown (no link, no formatting), and still in full.
+    #[test]
+    fn teams_text_an_agent_chose_is_never_markdown() {
+        let f = Siem::configure(r#"{"format": "teams"}"#).expect("configure");
+        let e = json!({"event": "intentgate.tool_call", "ts": "2026-05-12T10:14:33.871Z",
+                       "decision": "block", "check": "policy", "tenant": "acme",
+                       "tool": "[Approve pending call](https://evil.example)",
+                       "reason": "see **[here](https://evil.example)**"});
+        let out = f.format(&[e.to_string()]).expect("format");
+        let v: Value = serde_json::from_slice(&out.body).expect("json");
+        let card = &v["attachments"][0]["content"];
+        let mut runs = Vec::new();
+        for el in card["body"].as_array().expect("body") {
+            assert_eq!(el["type"], "RichTextBlock", "only rich text blocks: {el}");
+            for run in el["inlines"].as_array().expect("inlines") {
+                assert_eq!(run["type"], "TextRun", "{run}");
+                runs.push(run["text"].as_str().expect("text").to_owned());
+            }
+        }
+        assert!(
+            runs[0].contains("[Approve pending call](https://evil.example)"),
+            "{runs:?}"
+        );
+        assert!(runs.iter().any(|r| r == "Tenant: "), "{runs:?}");
+        assert!(
+            runs.iter()
+                .any(|r| r == "see **[here](https://evil.example)**"),
+            "{runs:?}"
+        );
     }
 
     #[test]
