@@ -32,6 +32,9 @@ pub use crate::audit::ArgValuesMode as ArgValues;
 mod outbox;
 pub use outbox::{DATADOG_US1, OutboxArgs};
 
+mod secret_files;
+pub use secret_files::SecretFiles;
+
 mod telemetry;
 pub use telemetry::{LogFormat, MetricsConfig, TelemetryArgs, TelemetryConfig, TracingConfig};
 
@@ -261,6 +264,9 @@ pub struct ServeArgs {
     /// Webhooks, SIEM sinks and delivery tuning.
     #[command(flatten)]
     pub outbox: OutboxArgs,
+    /// Secrets read from files (`INTENTGATE_*_FILE`).
+    #[command(flatten)]
+    pub secret_files: SecretFiles,
 }
 
 /// Where state lives.
@@ -622,6 +628,7 @@ pub fn valid_tenant_name(name: &str) -> bool {
 impl ServeArgs {
     /// Checks every setting and returns the configuration, or the first bad setting by name.
     pub fn validate(mut self) -> Result<Config, ConfigError> {
+        secret_files::apply(&mut self)?;
         let addr: SocketAddr = self.addr.parse().map_err(|e| {
             invalid(
                 "INTENTGATE_ADDR",

@@ -102,6 +102,9 @@ impl Gateway {
             StoreChoice::Postgres(url) => StoreConfig::Postgres { url: url.clone() },
         };
         let store = store::connect(&store_cfg).await?;
+        // Said once at start: an empty INTENTGATE_POSTGRES_URL means SQLite, and an operator
+        // should see which store answers (the DSN's password is never shown).
+        tracing::info!(store = ?config.store, "state store opened");
         let log_key = LogKey::from_env_or_dir(&config.data_dir)?;
         let audit = AuditLog::open(store.db(), log_key, config.audit_config()).await?;
 

@@ -1,0 +1,243 @@
+//! Secrets read from files (`INTENTGATE_*_FILE`, `--*-file`): a Kubernetes or Docker secret is
+//! mounted as a file, and a secret passed as a flag is visible to every user of the machine in
+//! the process list. Each file setting stands for the setting of the same name without
+//! `_FILE`; setting both is refused, so which one applies is never a guess.
+//!
+//! Must never print a file's contents, in an error or anywhere else.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::{ConfigError, ServeArgs, invalid};
+
+/// A secret file larger than this is not a secret (a wrong path, a certificate bundle).
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// The `*_FILE` settings.
+#[derive(Args, Clone, Default)]
+pub struct SecretFiles {
+    /// Read INTENTGATE_MASTER_KEY from this file.
+    #[arg(long, env = "INTENTGATE_MASTER_KEY_FILE", value_name = "PATH")]
+    pub master_key_file: Option<PathBuf>,
+    /// Read INTENTGATE_ADMIN_TOKEN from this file.
+    #[arg(long, env = "INTENTGATE_ADMIN_TOKEN_FILE", value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Read INTENTGATE_TENANT_ADMINS from this file.
+    #[arg(long, env = "INTENTGATE_TENANT_ADMINS_FILE", value_name = "PATH")]
+    pub tenant_admins_file: Option<PathBuf>,
+    /// Read INTENTGATE_POSTGRES_URL from this file.
+    #[arg(long, env = "INTENTGATE_POSTGRES_URL_FILE", value_name = "PATH")]
+    pub postgres_url_file: Option<PathBuf>,
+    /// Read INTENTGATE_METRICS_TOKEN from this file.
+    #[arg(long, env = "INTENTGATE_METRICS_TOKEN_FILE", value_name = "PATH")]
+    pub metrics_token_file: Option<PathBuf>,
+    /// Read INTENTGATE_WEBHOOK_SECRET from this file.
+    #[arg(long, env = "INTENTGATE_WEBHOOK_SECRET_FILE", value_name = "PATH")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Read INTENTGATE_SIEM_SENTINEL_CLIENT_SECRET from this file.
+    #[arg(
+        long,
+        env = "INTENTGATE_SIEM_SENTINEL_CLIENT_SECRET_FILE",
+        value_name = "PATH"
+    )]
+    pub sentinel_client_secret_file: Option<PathBuf>,
+}
+
+/// Fills each secret whose `_FILE` setting is given from its file.
+pub(super) fn apply(args: &mut ServeArgs) -> Result<(), ConfigError> {
+    let files = std::mem::take(&mut args.secret_files);
+    let pairs: [(&'static str, Option<PathBuf>, &mut Option<String>); 7] = [
+        (
+            "INTENTGATE_MASTER_KEY_FILE",
+            files.master_key_file,
+            &mut args.master_key,
+        ),
+        (
+            "INTENTGATE_ADMIN_TOKEN_FILE",
+            files.admin_token_file,
+            &mut args.admin_token,
+        ),
+        (
+            "INTENTGATE_TENANT_ADMINS_FILE",
+            files.tenant_admins_file,
+            &mut args.tenant_admins,
+        ),
+        (
+            "INTENTGATE_POSTGRES_URL_FILE",
+            files.postgres_url_file,
+            &mut args.postgres_url,
+        ),
+        (
+            "INTENTGATE_METRICS_TOKEN_FILE",
+            files.metrics_token_file,
+            &mut args.telemetry.metrics_token,
+        ),
+        (
+            "INTENTGATE_WEBHOOK_SECRET_FILE",
+            files.webhook_secret_file,
+            &mut args.outbox.webhook_secret,
+        ),
+        (
+            "INTENTGATE_SIEM_SENTINEL_CLIENT_SECRET_FILE",
+            files.sentinel_client_secret_file,
+            &mut args.outbox.sentinel_client_secret,
+        ),
+    ];
+    for (setting, path, value) in pairs {
+        let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) else {
+            continue;
+        };
+        if value.is_some() {
+            let direct = setting.trim_end_matches("_FILE");
+            return Err(invalid(
+                setting,
+                format!("is set and so is {direct}: set one"),
+            ));
+        }
+        *value = Some(read(setting, &path)?);
+    }
+    Ok(())
+}
+
+/// The secret in `path`: its text without the surrounding whitespace (a file written by
+/// `echo` or a secret manager ends in a newline no client sends).
+fn read(setting: &'static str, path: &Path) -> Result<String, ConfigError> {
+    let shown = path.display();
+    let len = std::fs::metadata(path)
+        .map_err(|e| invalid(setting, format!("cannot read {shown}: {e}")))?
+        .len();
+    if len > MAX_SECRET_FILE {
+        return Err(invalid(
+            setting,
+            format!("{shown} holds {len} bytes; a secret file holds at most {MAX_SECRET_FILE}"),
+        ));
+    }
+    let bytes =
+        std::fs::read(path).map_err(|e| invalid(setting, format!("cannot read {shown}: {e}")))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| invalid(setting, format!("{shown} is not UTF-8 text")))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(invalid(setting, format!("{shown} is empty")));
+    }
+    Ok(secret.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: ServeArgs,
+    }
+
+    fn args(list: &[&str]) -> ServeArgs {
+        let mut v = vec!["t"];
+        v.extend_from_slice(list);
+        T::try_parse_from(v).expect("clap parse").a
+    }
+
+    /// A secret mounted as a file is read without its newline, stands for its setting, and is
+    /// never shown in an error; both forms at once, an empty file or a missing one are refused
+    /// by the file setting's name.
+    #[test]
+    fn secrets_are_read_from_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = |name: &str, text: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            p.display().to_string()
+        };
+        let admin = file("admin", b"file-admin-token-0123456789\n");
+        let metrics = file("metrics", b"  file-metrics-token-0123456789\r\n");
+        let pg = file("pg", b"postgres://u:pw@127.0.0.1:1/db\n");
+        let hook = file("hook", b"whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=\n");
+        let c = args(&[
+            "--admin-token-file",
+            &admin,
+            "--metrics-token-file",
+            &metrics,
+            "--postgres-url-file",
+            &pg,
+            "--webhook-secret-file",
+            &hook,
+            "--webhook-url",
+            "http://127.0.0.1:9/hook",
+        ])
+        .validate()
+        .expect("valid");
+        assert_eq!(
+            c.admin_token.as_deref(),
+            Some("file-admin-token-0123456789")
+        );
+        assert_eq!(
+            c.telemetry.metrics.token.as_deref(),
+            Some("file-metrics-token-0123456789")
+        );
+        assert!(
+            matches!(&c.store, crate::config::StoreChoice::Postgres(u) if u == "postgres://u:pw@127.0.0.1:1/db")
+        );
+
+        let both = args(&[
+            "--admin-token",
+            "direct-admin-token-0123456789",
+            "--admin-token-file",
+            &admin,
+        ])
+        .validate()
+        .expect_err("both refused")
+        .to_string();
+        assert!(both.starts_with("INTENTGATE_ADMIN_TOKEN_FILE"), "{both}");
+        assert!(
+            both.contains("INTENTGATE_ADMIN_TOKEN:") || both.contains("INTENTGATE_ADMIN_TOKEN "),
+            "{both}"
+        );
+
+        let empty = file("empty", b"\n\n");
+        let e = args(&["--master-key-file", &empty])
+            .validate()
+            .expect_err("empty")
+            .to_string();
+        assert!(
+            e.starts_with("INTENTGATE_MASTER_KEY_FILE") && e.contains("empty"),
+            "{e}"
+        );
+
+        let missing = dir.path().join("nope").display().to_string();
+        let e = args(&["--tenant-admins-file", &missing])
+            .validate()
+            .expect_err("missing")
+            .to_string();
+        assert!(
+            e.starts_with("INTENTGATE_TENANT_ADMINS_FILE") && e.contains("cannot read"),
+            "{e}"
+        );
+
+        let binary = file("binary", &[0xff, 0xfe, 0x00, 0x41]);
+        let e = args(&["--webhook-secret-file", &binary])
+            .validate()
+            .expect_err("binary")
+            .to_string();
+        assert!(e.contains("not UTF-8"), "{e}");
+
+        let big = file("big", &vec![b'a'; 70_000]);
+        let e = args(&["--admin-token-file", &big])
+            .validate()
+            .expect_err("big")
+            .to_string();
+        assert!(e.contains("at most"), "{e}");
+
+        let key = file("key", b"c2l4dGVlbi1ieXRlcy1vZi1rZXktbWF0ZXJpYWw=\n");
+        let c = args(&["--master-key-file", &key])
+            .validate()
+            .expect("valid");
+        assert_eq!(
+            c.master_key.as_deref(),
+            Some("c2l4dGVlbi1ieXRlcy1vZi1rZXktbWF0ZXJpYWw=")
+        );
+    }
+}
