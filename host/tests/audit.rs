@@ -919,6 +919,76 @@ async fn full_queue_and_slow_store_are_refused_not_dropped() {
     assert_eq!(count_rows(&again, "t").await, 1 + ok.len() as i64);
 }
 
+/// A late record (the refusal of a caller that gave up at the deadline) the store refuses for
+/// what it holds, not for being down, never refuses anyone else's call: the tenant's next
+/// calls and another tenant's are written beside it, and after its strikes it is dropped,
+/// counted and logged, instead of being retried forever with every batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_record_the_store_refuses_does_not_refuse_later_calls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.db");
+    let db = sqlite_at(&path).await;
+    let cfg = AuditConfig {
+        deadline: Duration::from_millis(100),
+        ..quiet_config()
+    };
+    let log = AuditLog::open(db.clone(), test_key(), cfg)
+        .await
+        .expect("open");
+    log.append(event("t", 1)).await.expect("warm up the writer");
+    // What the store refuses: a row naming the tool `poison` (as a constraint the gateway
+    // does not know about would).
+    let Db::Sqlite(pool) = &db else {
+        unreachable!()
+    };
+    sqlx::query(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON audit_events WHEN NEW.tool = 'poison' \
+         BEGIN SELECT RAISE(ABORT, 'poison refused'); END",
+    )
+    .execute(pool)
+    .await
+    .expect("trigger");
+    // The writer stalls on the write lock past the caller's deadline: the caller is refused
+    // and gone when the commit fails, so its refusal becomes a late record (still naming the
+    // tool the store refuses).
+    let mut blocker = pool.acquire().await.expect("conn");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *blocker)
+        .await
+        .expect("lock");
+    let mut poison = event("t", 2);
+    poison.tool = "poison".into();
+    match log.append(poison).await {
+        Err(AuditError::DeadlineExceeded { .. }) => {}
+        other => panic!("expected the deadline, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut *blocker)
+        .await
+        .expect("unlock");
+    drop(blocker);
+    // Every later call of this tenant and of another is written.
+    let mut written = 1;
+    for i in 0..(4 * 3) {
+        log.append(event("t", 10 + i))
+            .await
+            .unwrap_or_else(|e| panic!("call {i} of the tenant refused: {e}"));
+        log.append(event("other", i))
+            .await
+            .unwrap_or_else(|e| panic!("call {i} of another tenant refused: {e}"));
+        written += 1;
+    }
+    assert_eq!(log.stats().late_dropped, 1, "{:?}", log.stats());
+    assert_eq!(count_rows(&db, "t").await, written);
+    for tenant in ["t", "other"] {
+        let r = verify::verify_chain(&db, tenant, &test_key().verifier(), None)
+            .await
+            .expect("verify");
+        assert!(r.ok, "{tenant}: {r:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // kill -9 under load
 

@@ -51,6 +51,9 @@ struct Part {
     tenant: String,
     entries: Vec<Entry>,
     force: bool,
+    /// Committed in a transaction of its own (late records, which the store may refuse for
+    /// what they hold: they must not take other tenants' calls down with them).
+    alone: bool,
     reply: oneshot::Sender<(Vec<Entry>, Result<Committed, AuditError>)>,
 }
 
@@ -163,11 +166,31 @@ impl SqliteCommitter {
         entries: Vec<Entry>,
         force: bool,
     ) -> (Vec<Entry>, Result<Committed, AuditError>) {
+        self.commit_part(tenant, entries, force, false).await
+    }
+
+    /// Commits `entries` of `tenant` in a transaction no other tenant's part shares.
+    pub(crate) async fn commit_alone(
+        &self,
+        tenant: &str,
+        entries: Vec<Entry>,
+    ) -> (Vec<Entry>, Result<Committed, AuditError>) {
+        self.commit_part(tenant, entries, false, true).await
+    }
+
+    async fn commit_part(
+        &self,
+        tenant: &str,
+        entries: Vec<Entry>,
+        force: bool,
+        alone: bool,
+    ) -> (Vec<Entry>, Result<Committed, AuditError>) {
         let (reply, answer) = oneshot::channel();
         let part = Part {
             tenant: tenant.to_owned(),
             entries,
             force,
+            alone,
             reply,
         };
         let part = match self.commit_here(part) {
@@ -355,8 +378,14 @@ fn run(engine: Arc<Mutex<Engine>>, mut rx: mpsc::Receiver<Part>, cfg: &super::Au
         }
         let mut seen = HashSet::new();
         let mut batch = Vec::with_capacity(parts.len());
+        // A part that must commit alone takes a transaction of its own (the first part always
+        // goes in: every round commits something).
+        let mut closed = false;
         for part in parts.drain(..) {
-            if seen.insert(part.tenant.clone()) {
+            let fits = !closed && (!part.alone || batch.is_empty()) && !seen.contains(&part.tenant);
+            if fits {
+                seen.insert(part.tenant.clone());
+                closed = part.alone;
                 batch.push(part);
             } else {
                 deferred.push(part);

@@ -19,8 +19,9 @@
 //! is still in the writer's hands, so the writer records the outcome when the store returns:
 //! an event committed after its caller gave up is followed by a refusal event pointing at it
 //! (`call_id`, `check: "audit"`, decision `block`), and an event that could not be committed at
-//! all is written in its refused form. These late records are retried until the store takes
-//! them (bounded: beyond [`MAX_LATE`] they are dropped with an error log).
+//! all is written in its refused form. These late records are retried, in commits of their
+//! own, until the store takes them (`late.rs`: bounded, and one the store keeps refusing while
+//! it takes everything else is dropped; either drop is logged and counted).
 //!
 //! This module must never answer `Ok` before the commit, never skip or reuse a chain position,
 //! never wait on a full queue, and never leave a caller waiting past the deadline.
@@ -37,6 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::charges::Debit;
 use super::commit::{Committed, Entry};
 use super::committer::SqliteCommitter;
+use super::late::Late;
 use super::postgres::{HOLD_IDLE, Held, commit_postgres};
 use super::{AuditConfig, AuditError, AuditEvent, Db, LogKey, Verifier, time};
 use crate::approvals::ApprovalWrite;
@@ -69,9 +71,6 @@ pub fn link_hash(prev: &[u8; 32], canonical_event: &[u8]) -> [u8; 32] {
 /// `prev_hash` of a tenant's first event.
 pub const GENESIS: [u8; 32] = [0; 32];
 
-/// Most late records (refusals of callers that gave up at the deadline) a writer holds while
-/// its store is down.
-pub const MAX_LATE: usize = 4096;
 /// How soon a writer retries its late records when no new event arrives.
 const LATE_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -120,6 +119,8 @@ pub(crate) struct Counters {
     pub(crate) transactions: AtomicU64,
     pub(crate) failed_batches: AtomicU64,
     pub(crate) overloaded: AtomicU64,
+    /// Late records dropped (too many held, refused by the store, or unwritten at shutdown).
+    pub(crate) late_dropped: AtomicU64,
     pub(crate) checkpoints: AtomicU64,
     /// SQLite: events above the lookup tables' mark when the lookup writer last looked.
     pub(crate) lookup_lag: AtomicU64,
@@ -151,6 +152,10 @@ pub struct AuditStats {
     pub failed_batches: u64,
     /// Appends refused because a queue was full or an event waited too long.
     pub overloaded: u64,
+    /// Late records (refusals of callers that gave up at the deadline) dropped unwritten:
+    /// too many held, refused by the store while it took everything else, or unwritten at
+    /// shutdown. Each is logged at error level.
+    pub late_dropped: u64,
     /// Checkpoints signed.
     pub checkpoints: u64,
     /// SQLite: events the audit query's lookup tables lagged behind when their writer last
@@ -268,6 +273,7 @@ impl AuditLog {
             transactions: c.transactions.load(Ordering::Relaxed),
             failed_batches: c.failed_batches.load(Ordering::Relaxed),
             overloaded: c.overloaded.load(Ordering::Relaxed),
+            late_dropped: c.late_dropped.load(Ordering::Relaxed),
             checkpoints: c.checkpoints.load(Ordering::Relaxed),
             lookup_lag: c.lookup_lag.load(Ordering::Relaxed),
             lookup_failures: c.lookup_failures.load(Ordering::Relaxed),
@@ -542,19 +548,78 @@ impl Writer {
         }
     }
 
+    /// [`Self::commit`] in a transaction no other tenant's batch shares (on PostgreSQL every
+    /// tenant's batch is its own transaction anyway).
+    async fn commit_alone(
+        &mut self,
+        entries: Vec<Entry>,
+    ) -> (Vec<Entry>, Result<Committed, AuditError>) {
+        match (&self.shared.db, &self.shared.sqlite) {
+            (Db::Sqlite(_), Some(committer)) => committer.commit_alone(&self.tenant, entries).await,
+            _ => self.commit(entries, false).await,
+        }
+    }
+
     /// Signs a checkpoint of the current head if it is not covered yet.
     async fn checkpoint(&mut self) -> Result<bool, AuditError> {
         self.commit(Vec::new(), true).await.1.map(|c| !c.uncovered)
     }
 
-    /// Keeps a late record for the next commit (bounded).
-    fn keep_late(&self, late: &mut Vec<Entry>, record: Option<Entry>) {
+    /// Keeps a late record for a later commit (bounded).
+    fn keep_late(&self, late: &mut Late, record: Option<Entry>) {
         let Some(record) = record else { return };
-        if late.len() >= MAX_LATE {
+        if late.keep(record).is_err() {
+            self.shared
+                .counters
+                .late_dropped
+                .fetch_add(1, Ordering::Relaxed);
             tracing::error!(tenant = %self.tenant, "audit: too many late records held; dropping the refusal of a caller that gave up at the deadline");
-            return;
         }
-        late.push(record);
+    }
+
+    /// Commits late records (up to a batch) in a transaction of their own. Returns whether
+    /// the chain's head is now uncovered by a checkpoint.
+    async fn write_late(&mut self, late: &mut Late) -> bool {
+        let records = late.take(self.shared.cfg.max_batch);
+        let (n, committing) = (records.len(), std::time::Instant::now());
+        let (records, done) = self.commit_alone(records).await;
+        (self.shared.counters.commits).record(n, committing.elapsed(), done.is_ok());
+        match done {
+            Ok(done) => {
+                let c = &self.shared.counters;
+                c.events
+                    .fetch_add(done.appended.len() as u64, Ordering::Relaxed);
+                c.batches.fetch_add(1, Ordering::Relaxed);
+                late.committed();
+                done.uncovered
+            }
+            Err(e) => {
+                if late.failed(records) {
+                    tracing::warn!(tenant = %self.tenant, records = n, error = %e, "audit: late refusal records not written yet; retrying");
+                }
+                false
+            }
+        }
+    }
+
+    /// A fresh commit succeeded: a late commit that failed before it failed for what it
+    /// carried.
+    fn store_is_up(&self, late: &mut Late) {
+        if let Some(dropped) = late.store_is_up() {
+            self.shared
+                .counters
+                .late_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            let e = &dropped.event;
+            tracing::error!(
+                tenant = %self.tenant,
+                tool = %e.tool,
+                agent = %e.agent_id,
+                ts_ms = e.ts_ms,
+                strikes = super::late::STRIKES,
+                "audit: dropping a late refusal record the store keeps refusing while it takes every other commit"
+            );
+        }
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
@@ -562,8 +627,8 @@ impl Writer {
         let mut batch: Vec<Job> = Vec::with_capacity(cfg.max_batch);
         // When set: the head is not covered by a checkpoint, sign one by then.
         let mut checkpoint_due: Option<tokio::time::Instant> = None;
-        // Records of callers that gave up at the deadline, written with the next commit.
-        let mut late: Vec<Entry> = Vec::new();
+        // Records of callers that gave up at the deadline, written in commits of their own.
+        let mut late = Late::default();
         loop {
             let now = tokio::time::Instant::now();
             let late_due = (!late.is_empty()).then(|| now + LATE_RETRY);
@@ -602,9 +667,7 @@ impl Writer {
                 },
             };
             batch.extend(first);
-            // Leave room for late records (up to half a batch) so they are not starved.
-            let room = cfg.max_batch - late.len().min(cfg.max_batch / 2);
-            while batch.len() < room {
+            while batch.len() < cfg.max_batch {
                 match rx.try_recv() {
                     Ok(job) => batch.push(job),
                     Err(_) => break,
@@ -629,12 +692,15 @@ impl Writer {
                     self.keep_late(&mut late, late_record(&job.entry, None));
                 }
             }
-            if fresh.is_empty() && late.is_empty() {
+            // Late records first: they are older than anything in this batch. On their own, so
+            // that one the store refuses cannot refuse these calls.
+            if !late.is_empty() && self.write_late(&mut late).await && checkpoint_due.is_none() {
+                checkpoint_due = Some(tokio::time::Instant::now() + cfg.checkpoint_interval);
+            }
+            if fresh.is_empty() {
                 continue;
             }
-            // Late records first: they are older than anything in this batch.
-            let held = late.len().min(cfg.max_batch.saturating_sub(fresh.len()));
-            let mut events: Vec<Entry> = late.drain(..held).collect();
+            let mut events: Vec<Entry> = Vec::with_capacity(fresh.len());
             let mut replies = Vec::with_capacity(fresh.len());
             for j in fresh {
                 events.push(j.entry);
@@ -642,7 +708,7 @@ impl Writer {
             }
             let force = checkpoint_due.is_some_and(|d| d <= tokio::time::Instant::now());
             let (batch, committing) = (events.len(), std::time::Instant::now());
-            let (mut events, committed) = self.commit(events, force).await;
+            let (events, committed) = self.commit(events, force).await;
             (self.shared.counters.commits).record(batch, committing.elapsed(), committed.is_ok());
             match committed {
                 Ok(done) => {
@@ -650,7 +716,8 @@ impl Writer {
                     c.events
                         .fetch_add(done.appended.len() as u64, Ordering::Relaxed);
                     c.batches.fetch_add(1, Ordering::Relaxed);
-                    let own = events[held..].iter().zip(&done.appended[held..]);
+                    self.store_is_up(&mut late);
+                    let own = events.iter().zip(&done.appended);
                     for (reply, (entry, appended)) in replies.into_iter().zip(own) {
                         let id = appended.id;
                         let answer = Appended {
@@ -684,10 +751,7 @@ impl Writer {
                         AuditError::CommitFailed(inner) => inner,
                         e => Arc::new(e),
                     };
-                    let own = events.split_off(held.min(events.len()));
-                    // The late records stay for the next attempt.
-                    late.splice(0..0, events);
-                    for (reply, entry) in replies.into_iter().zip(own) {
+                    for (reply, entry) in replies.into_iter().zip(events) {
                         if reply
                             .send(Err(AuditError::CommitFailed(e.clone())))
                             .is_err()
@@ -703,13 +767,19 @@ impl Writer {
         // Queue closed: every AuditLog handle is gone. Record what is still late (one
         // attempt), then cover the tail before leaving.
         if !late.is_empty() {
-            match self.commit(std::mem::take(&mut late), false).await.1 {
+            let records = late.take_all();
+            let n = records.len();
+            match self.commit_alone(records).await.1 {
                 Ok(done) => {
                     checkpoint_due =
                         checkpoint_due.or(done.uncovered.then(tokio::time::Instant::now));
                 }
                 Err(e) => {
-                    tracing::error!(tenant = %self.tenant, events = late.len(), error = %e, "audit: late refusal records lost at shutdown");
+                    self.shared
+                        .counters
+                        .late_dropped
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    tracing::error!(tenant = %self.tenant, events = n, error = %e, "audit: late refusal records lost at shutdown");
                 }
             }
         }

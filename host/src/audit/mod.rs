@@ -36,6 +36,7 @@ mod facet_writer;
 pub(crate) mod facets;
 pub mod jcs;
 pub mod key;
+mod late;
 pub mod log;
 pub mod offline;
 mod postgres;

@@ -73,6 +73,11 @@ impl AuditCommits {
                 stats.overloaded,
             ),
             (
+                "intentgate_audit_late_records_dropped_total",
+                "Late audit records (refusals of callers that gave up at the deadline) dropped unwritten; each is logged.",
+                stats.late_dropped,
+            ),
+            (
                 "intentgate_audit_checkpoints_total",
                 "Audit checkpoints signed.",
                 stats.checkpoints,
