@@ -372,6 +372,18 @@ async fn the_upstream_subscription_ends_with_its_last_subscriber() {
         !upstream_saw(&up, &unsubscribed),
         "a session that never subscribed ended A's subscription"
     );
+    // A subscribe without a session is decided and acknowledged, not forwarded: no stream
+    // could carry its updates, and nothing could end it upstream.
+    let lone = format!("note://{}", marker("sessionless"));
+    let bare = json!({"jsonrpc": "2.0", "id": 10, "method": "resources/subscribe",
+        "params": {"uri": lone}});
+    let (s, _, v) = post(&gw, &c, &[], &bare).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v.get("result").is_some(), "{v}");
+    assert!(
+        !upstream_saw(&up, &format!("subscribe:{lone}")),
+        "a sessionless subscribe reached the upstream"
+    );
     rpc(&gw, &b, &sb, "resources/subscribe", json!({"uri": uri})).await;
     // A leaves: B still subscribes, so the upstream keeps sending.
     rpc(&gw, &a, &sa, "resources/unsubscribe", json!({"uri": uri})).await;

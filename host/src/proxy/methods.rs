@@ -13,6 +13,8 @@
 //! `resources/subscribe` and an `resources/unsubscribe` of a handshake-era client are
 //! acknowledged by the gateway itself, and the session's subscription is bridged to a listen the
 //! gateway holds upstream ([`crate::streams::bridge`]).
+//! A permitted `resources/subscribe` without a session is acknowledged by the gateway and not
+//! forwarded: no stream could carry its updates, and nothing could ever end it upstream.
 //! A handshake-era session's subscription to a handshake-era upstream is recorded by
 //! [`crate::streams`], which routes the upstream's updates to the sessions that subscribed;
 //! the upstream's own subscription is dropped only when the last of them unsubscribes.
@@ -309,7 +311,11 @@ impl CallContext<'_> {
             upstream: route.map(|r| r.name),
         };
         let (permit, upstream) = self.decide(&call).await?;
-        if acknowledged_here(upstream, method).await {
+        // A subscribe without a session has no stream to be sent updates on, and the
+        // upstream's one session serves every agent: it is decided (and audited) and
+        // acknowledged here, or the upstream would keep a subscription nobody can end.
+        let sessionless = method == "resources/subscribe" && self.session.is_none();
+        if sessionless || acknowledged_here(upstream, method).await {
             // A session's subscription is bridged to the upstream's listen (`streams::bridge`).
             if self.record_subscription(method, &target.name)?
                 && let Some(r) = route
