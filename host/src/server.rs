@@ -134,6 +134,16 @@ pub async fn serve(
             tracing::warn!("connections still open after 10 s; closing");
         }
     }
+    // Each upstream's shared session is ended there (the upstreams are asked at once, and
+    // waited for at most 2 s in all).
+    let mut ending = tokio::task::JoinSet::new();
+    for (name, _) in gw.upstreams.iter() {
+        if let Some(u) = gw.upstreams.shared(name) {
+            ending.spawn(async move { u.end_session(Duration::from_secs(2)).await });
+        }
+    }
+    let all = async { while ending.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(Duration::from_secs(2), all).await;
     // Sampled traces still queued are sent before the process goes.
     if let Some(exporter) = gw.tracer.exporter() {
         exporter.flush(Duration::from_secs(5)).await;

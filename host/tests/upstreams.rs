@@ -20,7 +20,8 @@
 //! out behind the short one only), its own TLS roots, client certificate and server name
 //! (rustls fronts from `transport.rs`), its pinned revision (the upstream, behind a recording
 //! proxy, sees only that wire and no `server/discover` probe), and a bad document stopping the
-//! start with an error that names the file, the entry and the key.
+//! start with an error that names the file, the entry and the key. At shutdown the gateway
+//! ends its handshake-era upstream session (`DELETE`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -831,6 +832,25 @@ async fn a_pinned_revision_is_the_only_wire_the_upstream_sees() {
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[1]["protocol_version"], "2026-07-28", "{calls:?}");
     gw.shutdown().await;
+    // At shutdown the gateway ends its session with the handshake-era upstream (`DELETE` with
+    // the session's id), as a client done with a session should; the stateless one has none.
+    let text =
+        |log: &Mutex<Vec<u8>>| String::from_utf8_lossy(&log.lock().expect("log")).into_owned();
+    let hs_text = text(&hs_log);
+    let at = hs_text
+        .find("DELETE /mcp")
+        .unwrap_or_else(|| panic!("no DELETE of the upstream session: {:?}", methods(&hs_log)));
+    assert!(
+        hs_text[at..]
+            .to_ascii_lowercase()
+            .contains("mcp-session-id:"),
+        "{}",
+        &hs_text[at..]
+    );
+    assert!(
+        !text(&st_log).contains("DELETE "),
+        "the stateless upstream has no session"
+    );
 }
 
 /// Each https upstream of the file is verified against its own CA file (relative to the

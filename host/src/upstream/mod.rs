@@ -1173,6 +1173,30 @@ impl Upstream {
         Ok(session)
     }
 
+    /// Ends the shared handshake-era session upstream (`DELETE` with its id), as a client done
+    /// with a session should, so the upstream does not keep one nobody will use again (at
+    /// shutdown). Best effort within `within`: a server that does not allow it (`405`) or does
+    /// not answer changes nothing here. Returns the status the upstream answered.
+    pub async fn end_session(&self, within: Duration) -> Option<StatusCode> {
+        let session = self.session.swap(None)?;
+        session.id.as_ref()?;
+        let mut req = Request::builder()
+            .method(Method::DELETE)
+            .uri(self.uri.clone());
+        for (name, value) in session_headers(&session) {
+            req = req.header(name, value);
+        }
+        let req = req.body(Full::new(Bytes::new())).ok()?;
+        match tokio::time::timeout(within, self.client.request(req)).await {
+            Ok(Ok(resp)) => Some(resp.status()),
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %self.redacted_uri(), error = %error_chain(&e), "ending the upstream session failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     async fn notify(&self, method: &str, session: &Session) -> Result<(), UpstreamError> {
         let message = json!({"jsonrpc": "2.0", "method": method});
         self.post_message(&message, &session_headers(session), method)
