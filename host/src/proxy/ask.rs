@@ -128,3 +128,49 @@ impl Asking<'_> {
             })
     }
 }
+
+/// The input requests of an input-required result: none (absent or `null`) or an object of
+/// them. Anything else is the upstream's failure, never a call let through undecided.
+pub(super) fn input_requests(
+    value: Option<&Value>,
+) -> Result<Option<&Map<String, Value>>, RpcError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(requests)) => Ok(Some(requests)),
+        Some(_) => Err(
+            RpcError::new(code::INTERNAL_ERROR, "upstream failure").with_data(json!({
+                "upstream_status": 200,
+                "detail": "the upstream's inputRequests is not an object",
+            })),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An input-required result whose requests are not an object is refused as the
+    /// upstream's failure (an array or a string of them would otherwise reach the client with
+    /// nothing decided).
+    #[test]
+    fn input_requests_are_an_object_or_nothing() {
+        assert!(matches!(input_requests(None), Ok(None)));
+        assert!(matches!(input_requests(Some(&Value::Null)), Ok(None)));
+        let one = json!({"m": {"method": "sampling/createMessage", "params": {}}});
+        assert_eq!(
+            input_requests(Some(&one)).expect("object").map(Map::len),
+            Some(1)
+        );
+        for bad in [
+            json!([{"method": "sampling/createMessage", "params": {}}]),
+            json!("sampling/createMessage"),
+            json!(1),
+            json!(true),
+        ] {
+            let e = input_requests(Some(&bad)).expect_err("refused");
+            assert_eq!(e.code, code::INTERNAL_ERROR, "{bad}");
+            assert_eq!(e.message, "upstream failure", "{bad}");
+        }
+    }
+}

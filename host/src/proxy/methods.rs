@@ -421,17 +421,9 @@ impl CallContext<'_> {
         call: &ToolCall<'_>,
         result: &mut Map<String, Value>,
     ) -> Result<(), RpcError> {
-        let requests = match result.get("inputRequests") {
-            None | Some(Value::Null) => return Ok(()),
-            Some(Value::Object(requests)) => requests.clone(),
-            Some(_) => {
-                return Err(
-                    RpcError::new(code::INTERNAL_ERROR, "upstream failure").with_data(json!({
-                        "upstream_status": 200,
-                        "detail": "the upstream's inputRequests is not an object",
-                    })),
-                );
-            }
+        let Some(requests) = super::ask::input_requests(result.get("inputRequests"))?.cloned()
+        else {
+            return Ok(());
         };
         let qualified = call.name();
         let asking = super::ask::Asking {

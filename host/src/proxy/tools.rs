@@ -555,17 +555,9 @@ impl CallContext<'_> {
         call: &ToolCall<'_>,
         result: &mut RawObject,
     ) -> Result<(), RpcError> {
-        let requests = match result.value("inputRequests") {
-            None | Some(Value::Null) => return Ok(()),
-            Some(Value::Object(requests)) => requests,
-            Some(_) => {
-                return Err(
-                    RpcError::new(code::INTERNAL_ERROR, "upstream failure").with_data(json!({
-                        "upstream_status": 200,
-                        "detail": "the upstream's inputRequests is not an object",
-                    })),
-                );
-            }
+        let value = result.value("inputRequests");
+        let Some(requests) = super::ask::input_requests(value.as_ref())?.cloned() else {
+            return Ok(());
         };
         let asking = super::ask::Asking {
             grant: self.grant,
