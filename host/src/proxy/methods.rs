@@ -510,15 +510,25 @@ impl CallContext<'_> {
 
 /// The body to forward: `params` with the target renamed to the upstream's own name or URI
 /// when it was namespaced.
+/// Only the members the decision saw and `_meta` (a progress token, the stateless envelope)
+/// are forwarded: any other member would reach the upstream undecided. A later round's
+/// `inputResponses` and `requestState` go upstream only as `target` opened them from its seal.
 pub(super) fn renamed(
     method: &str,
     params: &Map<String, Value>,
     route: Option<Route<'_, '_>>,
 ) -> Map<String, Value> {
-    let mut params = params.clone();
-    // A later round's members go upstream only as `target` opened them from its seal.
-    params.remove("inputResponses");
-    params.remove("requestState");
+    let decided: &[&str] = match method {
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => &["uri"],
+        "prompts/get" => &["name", "arguments"],
+        "completion/complete" => &["ref", "argument", "context"],
+        _ => &[],
+    };
+    let mut params: Map<String, Value> = params
+        .iter()
+        .filter(|(k, _)| k.as_str() == "_meta" || decided.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     if let Some(r) = route {
         upstreams::rename_target(method, &mut params, r.original);
     }
@@ -537,6 +547,45 @@ fn expose_contents(ups: &upstreams::Upstreams, upstream: &str, result: &mut Map<
                 let exposed = ups.expose_uri(upstream, uri);
                 c["uri"] = Value::from(exposed);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a target method forwards is what its decision saw, and `_meta`: a member the
+    /// checks never saw (or a later round's members sent without a seal) stays here.
+    #[test]
+    fn only_decided_members_are_forwarded() {
+        let cases = [
+            (
+                "resources/read",
+                json!({"uri": "file:///a", "_meta": {"progressToken": 1}, "range": "0-9",
+                       "inputResponses": {}, "requestState": "x"}),
+                json!({"uri": "file:///a", "_meta": {"progressToken": 1}}),
+            ),
+            (
+                "prompts/get",
+                json!({"name": "greet", "arguments": {"who": "a"}, "override": true}),
+                json!({"name": "greet", "arguments": {"who": "a"}}),
+            ),
+            (
+                "completion/complete",
+                json!({"ref": {"type": "ref/prompt", "name": "p"}, "argument": {"name": "a", "value": ""},
+                       "context": {"arguments": {}}, "extra": 1}),
+                json!({"ref": {"type": "ref/prompt", "name": "p"}, "argument": {"name": "a", "value": ""},
+                       "context": {"arguments": {}}}),
+            ),
+        ];
+        for (method, sent, forwarded) in cases {
+            let params = sent.as_object().cloned().expect("object");
+            assert_eq!(
+                Value::Object(renamed(method, &params, None)),
+                forwarded,
+                "{method}"
+            );
         }
     }
 }

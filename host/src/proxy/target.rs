@@ -4,7 +4,8 @@
 //!
 //! The arguments the checks see are `{"operation": "read" | "subscribe"}` for a resource, the
 //! prompt's arguments for a prompt, and `{"ref", "argument", "context"}` for a completion; the
-//! body forwarded upstream is the one decoded here, so what is forwarded is what was decided.
+//! body forwarded upstream holds only these members and `_meta` (`methods::renamed`), so what
+//! is forwarded is what was decided.
 //! This module only decodes; it must never accept a target it cannot name (a missing, empty or
 //! non-string name or URI is `-32602`).
 
