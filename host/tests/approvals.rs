@@ -506,6 +506,117 @@ async fn sync_holds_until_approved_rejected_or_timed_out() {
     tg.shutdown().await;
 }
 
+/// Calls held for their approval take the tenant's share of connections held open, as live
+/// streams do: past it a call is answered at once with its pending approval (`-32019`, to be
+/// resumed), so one tenant's waiting calls cannot take every connection the gateway accepts.
+#[tokio::test]
+async fn held_calls_take_at_most_the_tenants_share_of_connections() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    // 8 connections: one tenant may hold 4 open.
+    let tg = start(Backend::Sqlite, up, &["--max-connections", "8"]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "agent-share", "tools": ["delete_records"]}))
+        .await;
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let m = marker(&format!("share-{i}"));
+        tasks.push(
+            held(
+                tg.url.clone(),
+                token.clone(),
+                call_body("delete_records", &m),
+            )
+            .await,
+        );
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while approvals(&tg.url, ADMIN_TOKEN, "status=pending&limit=500")
+        .await
+        .iter()
+        .filter(|r| r["agent_id"] == "agent-share")
+        .count()
+        < 4
+    {
+        assert!(Instant::now() < until, "four held calls never pending");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The fifth asks to wait but is answered at once, pending.
+    let m = marker("share-over");
+    let v = tokio::time::timeout(
+        Duration::from_secs(10),
+        call_with(
+            &tg.url,
+            &token,
+            &call_body("delete_records", &m),
+            &[("prefer", "wait")],
+        ),
+    )
+    .await
+    .expect("answered at once, not held");
+    let over = pending_of(&v).await;
+    // Each held call is still waiting for its own decision; rejecting them frees the share.
+    for row in approvals(&tg.url, ADMIN_TOKEN, "status=pending&limit=500").await {
+        if row["agent_id"] == "agent-share" && row["pending_id"] != over.as_str() {
+            let id = row["pending_id"].as_str().expect("id");
+            let (s, d) = decide(
+                &tg.url,
+                ADMIN_TOKEN,
+                id,
+                json!({"decision": "reject", "decided_by": "ops"}),
+            )
+            .await;
+            assert_eq!(s, 200, "{d}");
+        }
+    }
+    for task in tasks {
+        let v = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("answered")
+            .expect("task");
+        assert_eq!(v["error"]["message"], "approval rejected", "{v}");
+    }
+    // With the share free again, a call is held.
+    let m = marker("share-again");
+    let task = held(
+        tg.url.clone(),
+        token.clone(),
+        call_body("delete_records", &m),
+    )
+    .await;
+    let id = wait_pending(&tg.url, "agent-share").await;
+    let id = if id == over {
+        // The first pending row found may be the one answered at once; find the held one.
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let rows = approvals(&tg.url, ADMIN_TOKEN, "status=pending&limit=500").await;
+            if let Some(r) = rows
+                .iter()
+                .find(|r| r["agent_id"] == "agent-share" && r["pending_id"] != over.as_str())
+            {
+                break r["pending_id"].as_str().expect("id").to_owned();
+            }
+            assert!(Instant::now() < until, "the call was not held");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    } else {
+        id
+    };
+    let (s, _) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "reject", "decided_by": "ops"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let v = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("held, then answered")
+        .expect("task");
+    assert_eq!(v["error"]["message"], "approval rejected", "{v}");
+    tg.shutdown().await;
+}
+
 /// The client connections `tg` has open, from its metrics read in process (a scrape over HTTP
 /// would count itself).
 fn connections_open(tg: &TestGateway) -> u64 {

@@ -65,17 +65,21 @@ fn prefer(headers: &hyper::HeaderMap) -> Option<Prefer> {
 }
 
 /// Whether this request waits for its approval (see the module docs): the request's `Prefer`,
-/// else what the policy said for this escalation (`policy`), else the gateway's mode.
+/// else what the policy said for this escalation (`policy`), else the gateway's mode. A
+/// tenant that already holds its share of connections open (held requests and live streams,
+/// [`crate::streams::Hub::hold`]) is answered at once instead, with how to resume.
 pub(super) fn wanted(
     svc: &McpService,
     headers: &hyper::HeaderMap,
+    tenant: &str,
     policy: Option<approvals::Mode>,
 ) -> bool {
-    match prefer(headers) {
+    let wanted = match prefer(headers) {
         Some(Prefer::Async) => false,
         Some(Prefer::Wait(_)) => true,
         None => policy.unwrap_or(svc.pipeline.approvals().mode) == approvals::Mode::Sync,
-    }
+    };
+    wanted && svc.streams.can_hold(tenant)
 }
 
 /// How long a resume of a still-pending approval waits for its decision before it is
@@ -103,6 +107,8 @@ pub(super) struct Held {
     pub(super) endpoint: Endpoint,
     pub(super) rpc: jsonrpc::Request,
     pub(super) pending: Pending,
+    /// The tenant's place for a connection held open, given back when the answer is sent.
+    pub(super) _slot: crate::streams::HeldSlot,
 }
 
 impl Held {

@@ -422,7 +422,9 @@ async fn method(
     // the gateway's mode); otherwise `-32019` tells it how to resume.
     if outcome.is_err()
         && let Some(pending) = ctx.take_pending()
-        && hold::wanted(svc, &headers, pending.mode)
+        && let Some(slot) = hold::wanted(svc, &headers, &grant.tenant, pending.mode)
+            .then(|| svc.streams.hold(&grant.tenant))
+            .flatten()
     {
         let held = hold::Held {
             svc: std::sync::Arc::clone(svc),
@@ -434,6 +436,7 @@ async fn method(
             endpoint,
             rpc,
             pending,
+            _slot: slot,
         };
         return Box::pin(held.respond(accepts_event_stream(&headers))).await;
     }

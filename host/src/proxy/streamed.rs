@@ -124,7 +124,14 @@ fn event(data: &str) -> Bytes {
 async fn answer(owned: &Arc<Owned>, id: &Value, f: Finished) -> Response<Body> {
     if f.outcome.is_err()
         && let Some(pending) = f.pending
-        && hold::wanted(&owned.svc, &owned.headers, pending.mode)
+        && let Some(slot) = hold::wanted(
+            &owned.svc,
+            &owned.headers,
+            &owned.grant.tenant,
+            pending.mode,
+        )
+        .then(|| owned.svc.streams.hold(&owned.grant.tenant))
+        .flatten()
     {
         let held = hold::Held {
             svc: Arc::clone(&owned.svc),
@@ -136,6 +143,7 @@ async fn answer(owned: &Arc<Owned>, id: &Value, f: Finished) -> Response<Body> {
             endpoint: owned.endpoint,
             rpc: owned.rpc.clone(),
             pending,
+            _slot: slot,
         };
         return Box::pin(held.respond(true)).await;
     }

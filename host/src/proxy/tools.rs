@@ -129,7 +129,9 @@ impl CallContext<'_> {
             // A stateless-era client that is not held gets the pending approval as an
             // input-required result: any MCP client resumes it by retrying with the state.
             Err(e) if modern => match self.take_pending() {
-                Some(p) if !super::hold::wanted(self.svc, self.headers, p.mode) => {
+                Some(p)
+                    if !super::hold::wanted(self.svc, self.headers, &self.grant.tenant, p.mode) =>
+                {
                     return Ok(self.approval_input_required(&inv, &p).into());
                 }
                 // Held (by `handle`): the pending approval goes back for it.
@@ -629,7 +631,14 @@ impl CallContext<'_> {
         }
         let now = crate::audit::time::now_ms();
         let left = u64::try_from(row.expires_ms - now).unwrap_or(0);
-        let window = super::hold::poll_window(self.headers, APPROVAL_LONG_POLL);
+        // The poll holds its connection as a held call does: past the tenant's share of
+        // connections held open it is answered at once.
+        let slot = self.svc.streams.hold(tenant);
+        let window = if slot.is_some() {
+            super::hold::poll_window(self.headers, APPROVAL_LONG_POLL)
+        } else {
+            std::time::Duration::ZERO
+        };
         let until =
             tokio::time::Instant::now() + window.min(std::time::Duration::from_millis(left));
         let waited = self
@@ -638,6 +647,7 @@ impl CallContext<'_> {
             .wait(audit.db(), tenant, id, until)
             .await
             .map_err(store)?;
+        drop(slot);
         match waited {
             Outcome::Decided(_) => Ok(None),
             Outcome::TimedOut if row.status_at(crate::audit::time::now_ms()) == Status::Pending => {

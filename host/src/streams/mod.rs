@@ -89,6 +89,24 @@ pub enum HubError {
     TooManyStreamsForTenant(usize),
 }
 
+/// One request a tenant holds open ([`Hub::hold`]); its place is given back on drop.
+pub struct HeldSlot {
+    hub: std::sync::Arc<Hub>,
+    tenant: String,
+}
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        let mut inner = self.hub.lock();
+        if let Some(n) = inner.held.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inner.held.remove(&self.tenant);
+            }
+        }
+    }
+}
+
 /// What the hub knows of one client session.
 struct Entry {
     grant: Grant,
@@ -135,6 +153,9 @@ struct Inner {
     sessions: HashMap<String, Entry>,
     /// Subscribed URI → the sessions subscribed to it.
     by_uri: HashMap<String, HashSet<String>>,
+    /// Requests held open per tenant (a synchronous approval's wait, [`HeldSlot`]): each
+    /// holds a connection as a live stream does, and counts toward the same share.
+    held: HashMap<String, usize>,
 }
 
 impl Inner {
@@ -284,7 +305,8 @@ impl Hub {
                     && e.live.as_ref().is_some_and(|tx| !tx.is_closed())
             })
             .count();
-        if streaming >= self.limits.live_per_tenant {
+        let held = inner.held.get(&grant.tenant).copied().unwrap_or(0);
+        if streaming + held >= self.limits.live_per_tenant {
             return Err(HubError::TooManyStreamsForTenant(
                 self.limits.live_per_tenant,
             ));
@@ -301,6 +323,36 @@ impl Hub {
         entry.live = Some(tx);
         entry.touched = Instant::now();
         Ok(Opened { replay, events })
+    }
+
+    /// Connections `tenant` holds open for long now: its live streams and its held requests.
+    fn held_by(inner: &Inner, tenant: &str) -> usize {
+        let streaming = (inner.sessions.values())
+            .filter(|e| {
+                e.grant.tenant == tenant && e.live.as_ref().is_some_and(|tx| !tx.is_closed())
+            })
+            .count();
+        streaming + inner.held.get(tenant).copied().unwrap_or(0)
+    }
+
+    /// Whether `tenant` may hold one more request open (see [`Hub::hold`]).
+    pub fn can_hold(&self, tenant: &str) -> bool {
+        Self::held_by(&self.lock(), tenant) < self.limits.live_per_tenant
+    }
+
+    /// Takes one of `tenant`'s long-held connections for a request held open (a synchronous
+    /// approval's wait), until the slot is dropped; `None` when the tenant already holds its
+    /// share, live streams and held requests together.
+    pub fn hold(self: &std::sync::Arc<Self>, tenant: &str) -> Option<HeldSlot> {
+        let mut inner = self.lock();
+        if Self::held_by(&inner, tenant) >= self.limits.live_per_tenant {
+            return None;
+        }
+        *inner.held.entry(tenant.to_owned()).or_default() += 1;
+        Some(HeldSlot {
+            hub: std::sync::Arc::clone(self),
+            tenant: tenant.to_owned(),
+        })
     }
 
     /// Records a subscription; `true` when it is the first on this replica for that URI.
@@ -501,6 +553,38 @@ mod tests {
         drop(a);
         hub.open("c", &g, "t", None)
             .expect("a closed stream frees its place");
+    }
+
+    /// Requests held open (synchronous approvals) and live streams share a tenant's place:
+    /// neither can take every connection, and a released slot frees its place.
+    #[test]
+    fn held_requests_and_streams_share_a_tenants_place() {
+        let hub = std::sync::Arc::new(Hub::new(Limits {
+            live_per_tenant: 2,
+            ..Limits::default()
+        }));
+        let g = grant();
+        let slot = hub.hold(&g.tenant).expect("first held request");
+        let stream = hub.open("a", &g, "t", None).expect("a stream beside it");
+        assert!(!hub.can_hold(&g.tenant));
+        assert!(hub.hold(&g.tenant).is_none(), "the share is taken");
+        assert_eq!(
+            hub.open("b", &g, "t", None).err(),
+            Some(HubError::TooManyStreamsForTenant(2))
+        );
+        assert!(
+            hub.can_hold("another-tenant"),
+            "other tenants are not held back"
+        );
+        drop(slot);
+        let _b = hub
+            .open("b", &g, "t", None)
+            .expect("a released slot frees its place");
+        drop(stream);
+        assert!(
+            hub.hold(&g.tenant).is_some(),
+            "a closed stream frees its place"
+        );
     }
 
     /// A session presented with a narrower token (an attenuated child of the same id) gets
