@@ -721,6 +721,15 @@ async fn delete_on_one_replica_ends_it_on_both(a: TestGateway, b: TestGateway) {
         .encode();
     let (s, _, v) = post(&a, &child, &[("mcp-session-id", &sid)], &list).await;
     assert_eq!(s, 200, "a child calls in the session: {v}");
+    for method in ["resources/subscribe", "resources/unsubscribe"] {
+        let change = json!({"jsonrpc": "2.0", "id": 3, "method": method,
+                            "params": {"uri": "note://child"}});
+        let (_, _, v) = post(&a, &child, &[("mcp-session-id", &sid)], &change).await;
+        assert_eq!(
+            v["error"]["code"], -32600,
+            "a child cannot change the session's subscriptions ({method}): {v}"
+        );
+    }
     let (s, _, _) = http::send(
         "GET",
         &format!("{}/v1/mcp", a.url),

@@ -5,9 +5,9 @@
 //! for what it holds (not for being down) cannot refuse anyone else's call. Whether a failure
 //! was the store being down is learned from the writer's next commit of fresh calls: when that
 //! one succeeds, the late commit's failure counts as a strike against what it carried. After
-//! [`STRIKES`] strikes the records are tried one at a time, and one that earns [`STRIKES`]
-//! strikes alone is dropped with an error log and counted
-//! (`intentgate_audit_late_records_dropped_total`).
+//! [`STRIKES`] strikes the records are tried one at a time (several in a row while they go
+//! through), and one that earns [`STRIKES`] strikes alone is dropped with an error log and
+//! counted (`intentgate_audit_late_records_dropped_total`); the others then go together again.
 //!
 //! Must never hold more than [`MAX_LATE`] records, never retry a record the store keeps
 //! refusing while it takes everything else, and never drop one without saying so.
@@ -107,11 +107,9 @@ impl Late {
             self.one_by_one = true;
             return None;
         }
-        let dropped = (!self.records.is_empty()).then(|| self.records.remove(0));
-        if self.records.is_empty() {
-            self.one_by_one = false;
-        }
-        dropped
+        // Found: the others go together again.
+        self.one_by_one = false;
+        (!self.records.is_empty()).then(|| self.records.remove(0))
     }
 }
 

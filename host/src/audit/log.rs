@@ -71,6 +71,8 @@ pub fn link_hash(prev: &[u8; 32], canonical_event: &[u8]) -> [u8; 32] {
 /// `prev_hash` of a tenant's first event.
 pub const GENESIS: [u8; 32] = [0; 32];
 
+/// How long a closing writer keeps trying to write its late records.
+const LATE_AT_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(5);
 /// How soon a writer retries its late records when no new event arrives.
 const LATE_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -577,28 +579,46 @@ impl Writer {
         }
     }
 
-    /// Commits late records (up to a batch) in a transaction of their own. Returns whether
-    /// the chain's head is now uncovered by a checkpoint.
+    /// Commits late records (up to a batch) in transactions of their own: all together, or
+    /// one per transaction while the one the store refuses is looked for. Returns whether the
+    /// chain's head is now uncovered by a checkpoint.
     async fn write_late(&mut self, late: &mut Late) -> bool {
-        let records = late.take(self.shared.cfg.max_batch);
-        let (n, committing) = (records.len(), std::time::Instant::now());
-        let (records, done) = self.commit_alone(records).await;
-        (self.shared.counters.commits).record(n, committing.elapsed(), done.is_ok());
-        match done {
-            Ok(done) => {
-                let c = &self.shared.counters;
-                c.events
-                    .fetch_add(done.appended.len() as u64, Ordering::Relaxed);
-                c.batches.fetch_add(1, Ordering::Relaxed);
-                late.committed();
-                done.uncovered
-            }
-            Err(e) => {
-                if late.failed(records) {
-                    tracing::warn!(tenant = %self.tenant, records = n, error = %e, "audit: late refusal records not written yet; retrying");
+        let mut budget = self.shared.cfg.max_batch;
+        let mut uncovered = false;
+        while budget > 0 && !late.is_empty() {
+            let records = late.take(budget);
+            let (n, committing) = (records.len(), std::time::Instant::now());
+            let (records, done) = self.commit_alone(records).await;
+            (self.shared.counters.commits).record(n, committing.elapsed(), done.is_ok());
+            match done {
+                Ok(done) => {
+                    let c = &self.shared.counters;
+                    c.events
+                        .fetch_add(done.appended.len() as u64, Ordering::Relaxed);
+                    c.batches.fetch_add(1, Ordering::Relaxed);
+                    late.committed();
+                    uncovered = done.uncovered;
+                    budget = budget.saturating_sub(n);
                 }
-                false
+                Err(e) => {
+                    self.lost_late(n, records.len());
+                    if late.failed(records) {
+                        tracing::warn!(tenant = %self.tenant, records = n, error = %e, "audit: late refusal records not written yet; retrying");
+                    }
+                    break;
+                }
             }
+        }
+        uncovered
+    }
+
+    /// Counts and says late records a failed commit did not give back (the SQLite writer
+    /// thread ended with them).
+    fn lost_late(&self, taken: usize, returned: usize) {
+        if returned < taken {
+            let lost = (taken - returned) as u64;
+            (self.shared.counters.late_dropped).fetch_add(lost, Ordering::Relaxed);
+            tracing::error!(tenant = %self.tenant, records = lost, "audit: late refusal records lost with the audit writer");
         }
     }
 
@@ -692,12 +712,14 @@ impl Writer {
                     self.keep_late(&mut late, late_record(&job.entry, None));
                 }
             }
-            // Late records first: they are older than anything in this batch. On their own, so
-            // that one the store refuses cannot refuse these calls.
-            if !late.is_empty() && self.write_late(&mut late).await && checkpoint_due.is_none() {
-                checkpoint_due = Some(tokio::time::Instant::now() + cfg.checkpoint_interval);
-            }
+            // Late records go in commits of their own, after this batch's (its callers are
+            // still waiting; a late record's caller is not), so that one the store refuses
+            // cannot refuse these calls.
             if fresh.is_empty() {
+                if !late.is_empty() && self.write_late(&mut late).await && checkpoint_due.is_none()
+                {
+                    checkpoint_due = Some(tokio::time::Instant::now() + cfg.checkpoint_interval);
+                }
                 continue;
             }
             let mut events: Vec<Entry> = Vec::with_capacity(fresh.len());
@@ -734,7 +756,8 @@ impl Writer {
                             self.keep_late(&mut late, late_record(entry, Some(id)));
                         }
                     }
-                    if !done.uncovered {
+                    let uncovered = done.uncovered | self.write_late(&mut late).await;
+                    if !uncovered {
                         checkpoint_due = None;
                     } else if checkpoint_due.is_none() {
                         checkpoint_due =
@@ -764,23 +787,40 @@ impl Writer {
                 }
             }
         }
-        // Queue closed: every AuditLog handle is gone. Record what is still late (one
-        // attempt), then cover the tail before leaving.
+        // Queue closed: every AuditLog handle is gone. Record what is still late (all at once;
+        // after a failure one at a time, so a record the store refuses loses only itself;
+        // for at most a few seconds), then cover the tail before leaving.
         if !late.is_empty() {
-            let records = late.take_all();
-            let n = records.len();
-            match self.commit_alone(records).await.1 {
-                Ok(done) => {
-                    checkpoint_due =
-                        checkpoint_due.or(done.uncovered.then(tokio::time::Instant::now));
+            let until = Instant::now() + LATE_AT_SHUTDOWN;
+            let mut records = late.take_all();
+            let mut one_by_one = false;
+            while !records.is_empty() && Instant::now() < until {
+                let take = if one_by_one { 1 } else { records.len() };
+                let part: Vec<Entry> = records.drain(..take).collect();
+                let n = part.len();
+                let (mut back, done) = self.commit_alone(part).await;
+                match done {
+                    Ok(done) => {
+                        checkpoint_due =
+                            checkpoint_due.or(done.uncovered.then(tokio::time::Instant::now));
+                    }
+                    Err(e) if !one_by_one && n > 1 => {
+                        tracing::warn!(tenant = %self.tenant, error = %e, "audit: late refusal records refused together at shutdown; trying one at a time");
+                        self.lost_late(n, back.len());
+                        back.append(&mut records);
+                        records = back;
+                        one_by_one = true;
+                    }
+                    Err(e) => {
+                        (self.shared.counters.late_dropped).fetch_add(n as u64, Ordering::Relaxed);
+                        tracing::error!(tenant = %self.tenant, events = n, error = %e, "audit: late refusal record lost at shutdown");
+                    }
                 }
-                Err(e) => {
-                    self.shared
-                        .counters
-                        .late_dropped
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    tracing::error!(tenant = %self.tenant, events = n, error = %e, "audit: late refusal records lost at shutdown");
-                }
+            }
+            if !records.is_empty() {
+                let n = records.len() as u64;
+                (self.shared.counters.late_dropped).fetch_add(n, Ordering::Relaxed);
+                tracing::error!(tenant = %self.tenant, events = n, "audit: late refusal records lost at shutdown (out of time)");
             }
         }
         if checkpoint_due.is_some()

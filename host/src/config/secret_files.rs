@@ -42,12 +42,33 @@ pub struct SecretFiles {
         value_name = "PATH"
     )]
     pub sentinel_client_secret_file: Option<PathBuf>,
+    /// Read INTENTGATE_SIEM_SPLUNK_TOKEN from this file.
+    #[arg(long, env = "INTENTGATE_SIEM_SPLUNK_TOKEN_FILE", value_name = "PATH")]
+    pub splunk_token_file: Option<PathBuf>,
+    /// Read INTENTGATE_SIEM_DATADOG_API_KEY from this file.
+    #[arg(
+        long,
+        env = "INTENTGATE_SIEM_DATADOG_API_KEY_FILE",
+        value_name = "PATH"
+    )]
+    pub datadog_api_key_file: Option<PathBuf>,
+    /// Read INTENTGATE_SIEM_S3_SECRET_ACCESS_KEY from this file.
+    #[arg(
+        long,
+        env = "INTENTGATE_SIEM_S3_SECRET_ACCESS_KEY_FILE",
+        value_name = "PATH"
+    )]
+    pub s3_secret_access_key_file: Option<PathBuf>,
+    /// Read OTEL_EXPORTER_OTLP_HEADERS (which may carry an exporter's credential) from this
+    /// file.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_HEADERS_FILE", value_name = "PATH")]
+    pub otlp_headers_file: Option<PathBuf>,
 }
 
 /// Fills each secret whose `_FILE` setting is given from its file.
 pub(super) fn apply(args: &mut ServeArgs) -> Result<(), ConfigError> {
     let files = std::mem::take(&mut args.secret_files);
-    let pairs: [(&'static str, Option<PathBuf>, &mut Option<String>); 7] = [
+    let pairs: [(&'static str, Option<PathBuf>, &mut Option<String>); 11] = [
         (
             "INTENTGATE_MASTER_KEY_FILE",
             files.master_key_file,
@@ -83,12 +104,33 @@ pub(super) fn apply(args: &mut ServeArgs) -> Result<(), ConfigError> {
             files.sentinel_client_secret_file,
             &mut args.outbox.sentinel_client_secret,
         ),
+        (
+            "INTENTGATE_SIEM_SPLUNK_TOKEN_FILE",
+            files.splunk_token_file,
+            &mut args.outbox.splunk_token,
+        ),
+        (
+            "INTENTGATE_SIEM_DATADOG_API_KEY_FILE",
+            files.datadog_api_key_file,
+            &mut args.outbox.datadog_api_key,
+        ),
+        (
+            "INTENTGATE_SIEM_S3_SECRET_ACCESS_KEY_FILE",
+            files.s3_secret_access_key_file,
+            &mut args.outbox.s3_secret_access_key,
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_HEADERS_FILE",
+            files.otlp_headers_file,
+            &mut args.telemetry.otlp_headers,
+        ),
     ];
     for (setting, path, value) in pairs {
-        let Some(path) = path.filter(|p| !p.as_os_str().is_empty()) else {
+        let Some(path) = path else {
             continue;
         };
-        if value.is_some() {
+        // An empty variable counts as unset (as a chart that always sets it leaves it).
+        if value.as_deref().is_some_and(|v| !v.trim().is_empty()) {
             let direct = setting.trim_end_matches("_FILE");
             return Err(invalid(
                 setting,
@@ -103,18 +145,24 @@ pub(super) fn apply(args: &mut ServeArgs) -> Result<(), ConfigError> {
 /// The secret in `path`: its text without the surrounding whitespace (a file written by
 /// `echo` or a secret manager ends in a newline no client sends).
 fn read(setting: &'static str, path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
     let shown = path.display();
-    let len = std::fs::metadata(path)
-        .map_err(|e| invalid(setting, format!("cannot read {shown}: {e}")))?
-        .len();
-    if len > MAX_SECRET_FILE {
+    let cannot = |e: std::io::Error| invalid(setting, format!("cannot read {shown}: {e}"));
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    // A pipe or a device (`/dev/stdin`, `/dev/zero`) could block the start or never end.
+    if !file.metadata().map_err(cannot)?.is_file() {
+        return Err(invalid(setting, format!("{shown} is not a regular file")));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
         return Err(invalid(
             setting,
-            format!("{shown} holds {len} bytes; a secret file holds at most {MAX_SECRET_FILE}"),
+            format!("{shown} holds more than {MAX_SECRET_FILE} bytes, more than a secret"),
         ));
     }
-    let bytes =
-        std::fs::read(path).map_err(|e| invalid(setting, format!("cannot read {shown}: {e}")))?;
     let text = String::from_utf8(bytes)
         .map_err(|_| invalid(setting, format!("{shown} is not UTF-8 text")))?;
     let secret = text.trim();
@@ -224,12 +272,44 @@ mod tests {
             .to_string();
         assert!(e.contains("not UTF-8"), "{e}");
 
+        // An empty variable beside its file counts as unset.
+        let c = args(&["--admin-token", "", "--admin-token-file", &admin])
+            .validate()
+            .expect("empty direct value is unset");
+        assert_eq!(
+            c.admin_token.as_deref(),
+            Some("file-admin-token-0123456789")
+        );
+
+        let folder = dir.path().display().to_string();
+        let e = args(&["--admin-token-file", &folder])
+            .validate()
+            .expect_err("a folder")
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = args(&["--admin-token-file", "/dev/zero"])
+            .validate()
+            .expect_err("a device")
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+
         let big = file("big", &vec![b'a'; 70_000]);
         let e = args(&["--admin-token-file", &big])
             .validate()
             .expect_err("big")
             .to_string();
-        assert!(e.contains("at most"), "{e}");
+        assert!(e.contains("more than"), "{e}");
+        assert!(!e.contains("aaaa"), "a file's text is never shown: {e}");
+        // A secret the check after reading refuses is not shown either.
+        let short = file("short", b"hunter2\n");
+        let e = args(&["--admin-token-file", &short])
+            .validate()
+            .expect_err("too short")
+            .to_string();
+        assert!(
+            e.starts_with("INTENTGATE_ADMIN_TOKEN") && !e.contains("hunter2"),
+            "{e}"
+        );
 
         let key = file("key", b"c2l4dGVlbi1ieXRlcy1vZi1rZXktbWF0ZXJpYWw=\n");
         let c = args(&["--master-key-file", &key])

@@ -30,9 +30,11 @@ pub(crate) async fn presented_session(
 }
 
 /// Whether `claims` name the token of `grant`: its tree (tenant and `jti`), and with `opener`
-/// the very token that opened the session (what its stream and its end need: an attenuated
-/// child may call in its parent's session, but neither read what the session is sent nor end
-/// it).
+/// the very token that opened the session (what its stream, its subscriptions and its end
+/// need: an attenuated child may call in its parent's session, but neither read what the
+/// session is sent, change what it is sent, nor end it). An id issued before openers were
+/// recorded names none: only calls go on in it, and its client opens a new session for the
+/// rest (a `404` says so).
 fn holds(claims: &SessionClaims, grant: &Grant, opener: bool) -> bool {
     claims.tenant == grant.tenant
         && claims.jti == grant.jti
@@ -40,7 +42,14 @@ fn holds(claims: &SessionClaims, grant: &Grant, opener: bool) -> bool {
             || claims
                 .opener
                 .as_ref()
-                .is_none_or(|o| *o == crate::mcp::session::opener_of(&grant.token_digest)))
+                .is_some_and(|o| *o == crate::mcp::session::opener_of(&grant.token_digest)))
+}
+
+/// Whether `grant` is the very token that opened session `id` (see [`holds`]).
+pub(crate) fn opened_by(svc: &McpService, id: &str, grant: &Grant) -> bool {
+    svc.sessions
+        .verify(id)
+        .is_some_and(|c| holds(&c, grant, true))
 }
 
 /// [`presented_session`], and with `opener` only for the token that opened the session.

@@ -278,6 +278,9 @@ impl CallContext<'_> {
             Some(t) => t?,
             None => return Err(super::method_not_found(method)),
         };
+        if method == "resources/subscribe" {
+            self.owns_subscriptions()?;
+        }
         let route = self.route_target(target.kind, &target.name)?;
         // A later round (2026-07-28): the state must be one the gateway sealed for this very
         // target and arguments; it names the first round's audit event and the round.
@@ -459,6 +462,19 @@ impl CallContext<'_> {
             })
     }
 
+    /// A session's subscriptions are its opener's, as its stream is: a token attenuated from
+    /// it may call in the session but not change what the session is sent (nor, by
+    /// subscribing, take over which token the session's stream is checked against).
+    fn owns_subscriptions(&self) -> Result<(), RpcError> {
+        match self.session {
+            Some(id) if !super::opened_by(self.svc, id, self.grant) => Err(RpcError::new(
+                code::INVALID_REQUEST,
+                "only the token that opened this session may change its subscriptions",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Undoes [`Self::record_subscription`] when the upstream did not take it.
     fn forget_subscription(&self, recorded: bool, uri: &str) {
         if let (true, Some(session)) = (recorded, self.session) {
@@ -469,6 +485,7 @@ impl CallContext<'_> {
     /// A method forwarded as it is once authenticated (`resources/unsubscribe`).
     pub(super) async fn forward_plain(&self, rpc: &RpcRequest) -> Result<Value, RpcError> {
         let method = rpc.method.as_str();
+        self.owns_subscriptions()?;
         let uri = rpc.param_str("uri").unwrap_or_default();
         let route = self
             .svc

@@ -25,7 +25,7 @@ pub mod denial;
 mod hold;
 mod lifecycle;
 mod listen;
-pub(crate) use lifecycle::presented_session_as;
+pub(crate) use lifecycle::{opened_by, presented_session_as};
 mod methods;
 pub mod step_up;
 mod streamed;

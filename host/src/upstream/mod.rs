@@ -238,6 +238,9 @@ pub struct Upstream {
     /// The calls in flight in the shared session, for the requests the upstream sends on the
     /// session's own stream (`session_stream.rs`).
     session_calls: Arc<session_stream::Calls>,
+    /// The shared session was ended ([`Upstream::end_session`], at shutdown): none is opened
+    /// again, or the upstream would keep one nobody ends.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 /// Answers a request the upstream sends while it works on a call (`sampling/createMessage`,
@@ -370,6 +373,7 @@ impl Upstream {
             no_session: std::sync::atomic::AtomicBool::new(false),
             stream_headers_late: std::sync::atomic::AtomicBool::new(false),
             session_calls: Arc::default(),
+            ended: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -1110,6 +1114,11 @@ impl Upstream {
         if let Some(s) = self.session.load_full() {
             return Ok(s);
         }
+        if self.ended.load(Ordering::Acquire) {
+            return Err(UpstreamError::Unavailable(
+                "the gateway is shutting down".into(),
+            ));
+        }
         let s = Arc::new(self.open_session().await?);
         // The requests the upstream sends outside any call's stream, for as long as the
         // session lives. A server without an event store drops what it sends there before the
@@ -1178,7 +1187,14 @@ impl Upstream {
     /// shutdown). Best effort within `within`: a server that does not allow it (`405`) or does
     /// not answer changes nothing here. Returns the status the upstream answered.
     pub async fn end_session(&self, within: Duration) -> Option<StatusCode> {
-        let session = self.session.swap(None)?;
+        // Under `opening`: a session being opened now is stored first, then ended here.
+        let session = {
+            let _guard = tokio::time::timeout(within, self.opening.lock())
+                .await
+                .ok()?;
+            self.ended.store(true, Ordering::Release);
+            self.session.swap(None)?
+        };
         session.id.as_ref()?;
         let mut req = Request::builder()
             .method(Method::DELETE)
