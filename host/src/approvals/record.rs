@@ -29,8 +29,13 @@ pub enum ApprovalWrite {
     /// approved → consumed, if approved and not expired (with the event of the resumed call).
     Consume { id: String, at_ms: i64 },
     /// pending | approved → expired (the sweep, or a held request that timed out). Only a
-    /// pending row when `pending_only`.
-    Expire { id: String, pending_only: bool },
+    /// pending row when `pending_only`; an approved row only when it is past its expiry at
+    /// `at_ms` (an approval decided after the sweep read it overdue has a new expiry).
+    Expire {
+        id: String,
+        pending_only: bool,
+        at_ms: i64,
+    },
     /// consumed → approved: the late refusal of a resumed call whose caller gave up at the audit
     /// deadline gives its approval back (unconditional; nothing to give back is no refusal).
     Restore { id: String },
@@ -59,7 +64,8 @@ pub(crate) const DECIDE: &str = "UPDATE approvals SET status = $1, decided_ms = 
 pub(crate) const CONSUME: &str = "UPDATE approvals SET status = 'consumed', consumed_ms = $1 \
      WHERE tenant = $2 AND pending_id = $3 AND status = 'approved' AND expires_ms > $1";
 pub(crate) const EXPIRE: &str = "UPDATE approvals SET status = 'expired' \
-     WHERE tenant = $1 AND pending_id = $2 AND (status = 'pending' OR (status = 'approved' AND $3 = 0))";
+     WHERE tenant = $1 AND pending_id = $2 \
+     AND (status = 'pending' OR (status = 'approved' AND $3 = 0 AND expires_ms <= $4))";
 pub(crate) const RESTORE: &str = "UPDATE approvals SET status = 'approved', consumed_ms = NULL \
      WHERE tenant = $1 AND pending_id = $2 AND status = 'consumed'";
 
@@ -141,9 +147,18 @@ pub(crate) fn statement<'a>(
         ApprovalWrite::Consume { id, at_ms } => {
             (CONSUME, vec![Int(*at_ms), Text(tenant), Text(id)])
         }
-        ApprovalWrite::Expire { id, pending_only } => (
+        ApprovalWrite::Expire {
+            id,
+            pending_only,
+            at_ms,
+        } => (
             EXPIRE,
-            vec![Text(tenant), Text(id), Int(i64::from(*pending_only))],
+            vec![
+                Text(tenant),
+                Text(id),
+                Int(i64::from(*pending_only)),
+                Int(*at_ms),
+            ],
         ),
         ApprovalWrite::Restore { id } => (RESTORE, vec![Text(tenant), Text(id)]),
     }

@@ -35,12 +35,14 @@ pub fn expiry_event(a: &Approval, reason: &str) -> AuditEvent {
 
 /// Records every overdue approval as expired, now; returns how many were.
 pub async fn sweep_once(audit: &AuditLog) -> Result<usize, query::QueryError> {
-    let overdue = query::overdue(audit.db(), audit::time::now_ms(), 200).await?;
+    let now_ms = audit::time::now_ms();
+    let overdue = query::overdue(audit.db(), now_ms, 200).await?;
     let mut expired = 0;
     for a in overdue {
         let write = ApprovalWrite::Expire {
             id: a.pending_id.clone(),
             pending_only: false,
+            at_ms: now_ms,
         };
         match audit
             .append_with(
@@ -102,5 +104,97 @@ async fn holds_lock(pool: &sqlx::PgPool, leader: &mut Option<sqlx::PgConnection>
             true
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditConfig, LogKey};
+    use crate::store::{self, StoreConfig};
+
+    /// The sweep reads overdue rows, then expires each: an approval decided in between (its
+    /// expiry is now the resume window's) is not expired by it; one still past its expiry is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_approval_decided_after_the_sweep_read_it_is_not_expired() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = store::connect(&StoreConfig::Sqlite {
+            path: dir.path().join("a.db"),
+        })
+        .await
+        .expect("store")
+        .db();
+        let key = LogKey::from_seed("test-gw", [9; 32]).expect("key");
+        let log = AuditLog::open(db.clone(), key, AuditConfig::default())
+            .await
+            .expect("log");
+        let now = audit::time::now_ms();
+        let pending = Approval {
+            tenant: "acme".into(),
+            pending_id: super::super::new_id(),
+            capability_token_id: "jti".into(),
+            root_capability_token_id: "root".into(),
+            agent_id: "agent".into(),
+            tool: "delete_records".into(),
+            args: None,
+            args_digest: "d".into(),
+            bundle_digest: "b".into(),
+            intent_summary: String::new(),
+            reason: "needs a person".into(),
+            status: super::super::Status::Pending,
+            requires_step_up: false,
+            created_ms: now,
+            expires_ms: now + 60_000,
+            decided_ms: None,
+            decided_by: None,
+            decide_note: None,
+            consumed_ms: None,
+        };
+        let id = pending.pending_id.clone();
+        let write = |w: ApprovalWrite| {
+            let log = log.clone();
+            let e = expiry_event(&pending, "test");
+            async move {
+                log.append_with(e, Vec::new(), Some(w))
+                    .await
+                    .expect("append")
+            }
+        };
+        let created = write(ApprovalWrite::Create(Box::new(pending.clone()))).await;
+        assert!(created.refused.is_none(), "{created:?}");
+        let decided = write(ApprovalWrite::Decide {
+            id: id.clone(),
+            approve: true,
+            by: "ops".into(),
+            note: String::new(),
+            at_ms: now,
+            resume_until_ms: now + 120_000,
+        })
+        .await;
+        assert!(decided.refused.is_none(), "{decided:?}");
+        // The sweep read it overdue before the decision (its old expiry had passed at
+        // `now + 90 s`); the decision gave it until `now + 120 s`.
+        let expire = |at_ms| ApprovalWrite::Expire {
+            id: id.clone(),
+            pending_only: false,
+            at_ms,
+        };
+        let early = write(expire(now + 90_000)).await;
+        assert!(
+            early.refused.is_some(),
+            "a fresh approval expired: {early:?}"
+        );
+        let row = query::get(&db, Some("acme"), &id)
+            .await
+            .expect("get")
+            .expect("row");
+        assert_eq!(row.status, super::super::Status::Approved);
+        let late = write(expire(now + 120_000)).await;
+        assert!(late.refused.is_none(), "{late:?}");
+        let row = query::get(&db, Some("acme"), &id)
+            .await
+            .expect("get")
+            .expect("row");
+        assert_eq!(row.status, super::super::Status::Expired);
     }
 }

@@ -240,6 +240,7 @@ impl Held {
         let write = approvals::ApprovalWrite::Expire {
             id: self.pending.pending_id.clone(),
             pending_only: true,
+            at_ms: audit::time::now_ms(),
         };
         match self
             .svc
