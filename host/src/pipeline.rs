@@ -329,13 +329,30 @@ impl Pipeline {
         let snapshot = self.registry.snapshot(&call.grant.tenant);
         let mut findings = Findings::default();
         // A resumed approval is matched to this call before any check runs.
-        let outcome = match self.resumed(call, snapshot.digest()).await {
+        let mut outcome = match self.resumed(call, snapshot.digest()).await {
             Ok(approved) => {
                 self.run_checks(call, &snapshot, &mut findings, approved)
                     .await
             }
             Err(denial) => Err(denial),
         };
+        // An escalation joins the same call's waiting approval, or is refused when its token
+        // tree has too many waiting (`approvals::queue`).
+        let mut joined = None;
+        if let Err(Denial::Policy { escalate: true, .. }) = &outcome {
+            match self.queued(call, snapshot.digest()).await {
+                Ok(approvals::queue::Found::Same(a)) => joined = Some(a),
+                Ok(approvals::queue::Found::Room) => {}
+                Ok(approvals::queue::Found::Full) => {
+                    outcome = Err(Denial::Approval(format!(
+                        "too many approvals waiting for this token ({}): wait for a decision \
+                         before escalating more calls",
+                        approvals::queue::MAX_PENDING_PER_TOKEN
+                    )));
+                }
+                Err(denial) => outcome = Err(denial),
+            }
+        }
         if let Err(denial) = &outcome
             && denial.counts_toward_throttle()
         {
@@ -376,11 +393,18 @@ impl Pipeline {
                 reason,
                 requires_step_up,
                 ..
-            }) => {
-                let pending = self.pending_for(call, &event, reason, *requires_step_up);
-                event.pending_id = pending.pending_id.clone();
-                Some(ApprovalWrite::Create(Box::new(pending)))
-            }
+            }) => match &joined {
+                // The same call waits already: this event names its approval.
+                Some(a) => {
+                    event.pending_id = a.pending_id.clone();
+                    None
+                }
+                None => {
+                    let pending = self.pending_for(call, &event, reason, *requires_step_up);
+                    event.pending_id = pending.pending_id.clone();
+                    Some(ApprovalWrite::Create(Box::new(pending)))
+                }
+            },
             Err(_) => None,
         };
         let committing = Instant::now();
@@ -399,8 +423,9 @@ impl Pipeline {
                 }),
                 Ok(_),
             ) => {
-                let Some(ApprovalWrite::Create(a)) = approval else {
-                    return Err(Denial::Audit("escalation without its approval".into()));
+                let a = match (approval, joined) {
+                    (Some(ApprovalWrite::Create(a)), _) | (None, Some(a)) => a,
+                    _ => return Err(Denial::Audit("escalation without its approval".into())),
                 };
                 Err(Denial::ApprovalPending(Pending {
                     pending_id: a.pending_id,
@@ -472,6 +497,28 @@ impl Pipeline {
             return refuse("was issued under another policy bundle");
         }
         Ok(true)
+    }
+
+    /// What an escalated call finds in the approval queue (a store that cannot say refuses).
+    async fn queued(
+        &self,
+        call: &ToolCall<'_>,
+        bundle_digest: &str,
+    ) -> Result<approvals::queue::Found, Denial> {
+        let g = call.grant;
+        let tool = call.name();
+        let args_digest = approvals::args_digest(call.arguments);
+        let escalated = approvals::queue::Escalated {
+            tenant: &g.tenant,
+            root_jti: &g.root_jti,
+            agent_id: &g.subject,
+            tool: &tool,
+            args_digest: &args_digest,
+            bundle_digest,
+        };
+        approvals::queue::find(self.audit.db(), &escalated, audit::time::now_ms())
+            .await
+            .map_err(|e| Denial::Audit(e.to_string()))
     }
 
     /// The pending approval an escalated call creates.

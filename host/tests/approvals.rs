@@ -506,6 +506,43 @@ async fn sync_holds_until_approved_rejected_or_timed_out() {
     tg.shutdown().await;
 }
 
+/// The same call escalated again joins its waiting approval instead of queueing it twice, and
+/// a token tree may have at most 100 approvals waiting: past that an escalation is refused
+/// (so one agent cannot bury the queue an operator reads).
+#[tokio::test]
+async fn an_escalation_joins_the_same_calls_approval_and_the_queue_is_bounded_per_token() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let tg = start(Backend::Sqlite, up, &[]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "agent-again", "tools": ["delete_records"]}))
+        .await;
+    let escalate = |m: String| {
+        let (url, token) = (tg.url.clone(), token.clone());
+        async move { call_with(&url, &token, &call_body("delete_records", &m), &[]).await }
+    };
+    let m = marker("again");
+    let first = pending_of(&escalate(m.clone()).await).await;
+    let again = pending_of(&escalate(m.clone()).await).await;
+    assert_eq!(first, again, "the same call joins its waiting approval");
+    let mut ids = std::collections::HashSet::from([first.clone()]);
+    for i in 1..100 {
+        ids.insert(pending_of(&escalate(marker(&format!("again-{i}"))).await).await);
+    }
+    assert_eq!(ids.len(), 100, "other arguments are other approvals");
+    let v = escalate(marker("one-too-many")).await;
+    assert_eq!(v["error"]["code"], -32012, "{v}");
+    assert!(v.to_string().contains("too many approvals waiting"), "{v}");
+    // A call already waiting still joins its approval.
+    assert_eq!(pending_of(&escalate(m).await).await, first);
+    let rows = approvals(&tg.url, ADMIN_TOKEN, "status=pending&limit=500").await;
+    let mine = rows
+        .iter()
+        .filter(|r| r["agent_id"] == "agent-again")
+        .count();
+    assert_eq!(mine, 100, "one row per waiting call");
+    tg.shutdown().await;
+}
+
 /// Calls held for their approval take the tenant's share of connections held open, as live
 /// streams do: past it a call is answered at once with its pending approval (`-32019`, to be
 /// resumed), so one tenant's waiting calls cannot take every connection the gateway accepts.

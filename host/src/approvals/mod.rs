@@ -20,6 +20,7 @@
 //! audit event that records the change.
 
 pub mod query;
+pub mod queue;
 pub mod record;
 pub mod sweep;
 pub mod wait;

@@ -175,6 +175,50 @@ pub async fn list(
     Ok((rows, next))
 }
 
+/// The pending, unexpired approvals of one token tree (`root_jti`) in `tenant`, at most
+/// `limit`: what an escalation looks through before it adds one (the same call waiting already,
+/// or too many waiting).
+pub async fn pending_of_token(
+    db: &Db,
+    tenant: &str,
+    root_jti: &str,
+    now_ms: i64,
+    limit: i64,
+) -> Result<Vec<Approval>, QueryError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM approvals WHERE tenant = $1 AND status = 'pending' \
+         AND root_capability_token_id = $2 AND expires_ms > $3 ORDER BY created_ms LIMIT $4"
+    );
+    let mut out = Vec::new();
+    match db {
+        Db::Sqlite(pool) => {
+            for row in sqlx::query(&sql)
+                .bind(tenant)
+                .bind(root_jti)
+                .bind(now_ms)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+            {
+                out.push(row_to_approval!(row));
+            }
+        }
+        Db::Postgres(pool) => {
+            for row in sqlx::query(&sql)
+                .bind(tenant)
+                .bind(root_jti)
+                .bind(now_ms)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+            {
+                out.push(row_to_approval!(row));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Approvals still pending or approved but past their expiry, oldest first (for the sweep).
 pub async fn overdue(db: &Db, now_ms: i64, limit: i64) -> Result<Vec<Approval>, QueryError> {
     let sql = format!(
