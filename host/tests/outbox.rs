@@ -649,6 +649,21 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
+    // A component a destination formats with cannot be deleted from under it.
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let (status, _, body) = http::send(
+        "DELETE",
+        &format!("{}/v1/admin/plugins/{legacy}?tenant=acme", gw.url),
+        &[("authorization", &auth)],
+        Vec::new(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 409, "{text}");
+    assert!(
+        text.contains("in use by the destination") && text.contains("legacy"),
+        "names the destination: {text}"
+    );
     for mode in ["trap", "loop", "garbage"] {
         let (status, v) = put_destination(
             &gw,

@@ -427,6 +427,25 @@ async fn bundles(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body
         actor: &actor,
         body: &req.body,
     };
+    // A component a destination formats with stays while the destination names it (its
+    // events would otherwise stop at the next reload).
+    if req.method == hyper::Method::DELETE
+        && let Some(digest) = req
+            .path
+            .trim_end_matches('/')
+            .strip_prefix("/v1/admin/plugins/")
+        && !digest.contains('/')
+    {
+        let user = crate::outbox::store::formatter_user(svc.outbox.db(), &tenant, digest)
+            .await
+            .map_err(|_| AdminError::Unavailable("outbox store unavailable".into()))?;
+        if let Some(by) = user {
+            return Ok(http::json(
+                StatusCode::CONFLICT,
+                &serde_json::json!({"error": format!("component {digest} is in use by {by} as its formatter")}),
+            ));
+        }
+    }
     let audit = ChainAudit { svc, req };
     let options = crate::bundles::admin::AdminOptions {
         audit: &audit,

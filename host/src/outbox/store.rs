@@ -589,6 +589,27 @@ pub async fn load_destinations(
         .collect()
 }
 
+/// A destination, global or of `tenant`, whose formatter is the component `digest`: what a
+/// tenant's deletion of that component would break (`None` when none is). Another tenant's
+/// destinations are never named.
+pub async fn formatter_user(
+    db: &Db,
+    tenant: &str,
+    digest: &str,
+) -> Result<Option<String>, OutboxError> {
+    let sql = "SELECT tenant, name FROM outbox_destinations \
+               WHERE formatter = $1 AND (tenant = '' OR tenant = $2) ORDER BY id LIMIT 1";
+    let row: Option<(String, String)> = on_db!(db, pool => sqlx::query_as(sql)
+        .bind(digest)
+        .bind(tenant)
+        .fetch_optional(pool)
+        .await?);
+    Ok(row.map(|(owner, name)| match owner.as_str() {
+        "" => format!("the global destination {name:?}"),
+        _ => format!("the destination {name:?}"),
+    }))
+}
+
 /// The `settings` column: the spec without name, kind, url, secret and formatter.
 #[derive(serde::Serialize, serde::Deserialize, Default)]
 struct Settings {
