@@ -428,13 +428,16 @@ async fn bundles(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body
         body: &req.body,
     };
     // A component a destination formats with stays while the destination names it (its
-    // events would otherwise stop at the next reload).
+    // events would otherwise stop at the next reload): refused when this tenant's hold is the
+    // last one (another tenant's hold keeps the component; a tenant that holds none gets the
+    // handler's 404 and learns no destination's name).
     if req.method == hyper::Method::DELETE
         && let Some(digest) = req
             .path
             .trim_end_matches('/')
             .strip_prefix("/v1/admin/plugins/")
         && !digest.contains('/')
+        && svc.pipeline.registry().sole_holder(&tenant, digest)
     {
         let user = crate::outbox::store::formatter_user(svc.outbox.db(), &tenant, digest)
             .await

@@ -40,6 +40,11 @@ pub(super) struct Late {
 pub(super) struct Full;
 
 impl Late {
+    /// Whether records are being tried one at a time.
+    pub(super) fn searching(&self) -> bool {
+        self.one_by_one
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.records.is_empty()
     }

@@ -71,6 +71,8 @@ pub fn link_hash(prev: &[u8; 32], canonical_event: &[u8]) -> [u8; 32] {
 /// `prev_hash` of a tenant's first event.
 pub const GENESIS: [u8; 32] = [0; 32];
 
+/// Most single-record late commits a writer makes between two fresh batches.
+const LATE_SINGLES_A_TURN: usize = 8;
 /// How long a closing writer keeps trying to write its late records.
 const LATE_AT_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(5);
 /// How soon a writer retries its late records when no new event arrives.
@@ -583,7 +585,13 @@ impl Writer {
     /// one per transaction while the one the store refuses is looked for. Returns whether the
     /// chain's head is now uncovered by a checkpoint.
     async fn write_late(&mut self, late: &mut Late) -> bool {
-        let mut budget = self.shared.cfg.max_batch;
+        // While searching one record at a time, a few commits a turn: fresh calls wait
+        // behind each.
+        let mut budget = if late.searching() {
+            LATE_SINGLES_A_TURN
+        } else {
+            self.shared.cfg.max_batch
+        };
         let mut uncovered = false;
         while budget > 0 && !late.is_empty() {
             let records = late.take(budget);

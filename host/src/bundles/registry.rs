@@ -1022,6 +1022,15 @@ impl Registry {
                 .is_some_and(|o| o.contains(tenant))
     }
 
+    /// Whether `tenant` is the only tenant holding the uploaded component `digest` (its
+    /// deletion would remove the component itself).
+    pub fn sole_holder(&self, tenant: &str, digest: &str) -> bool {
+        self.holds_component(tenant, digest)
+            && read(&self.inner.owners)
+                .get(digest)
+                .is_some_and(|o| o.len() == 1)
+    }
+
     /// Drop `tenant`'s hold on an uploaded component (`DELETE /v1/admin/plugins/{digest}`); the
     /// component itself goes when no tenant holds it any more and no bundle uses it. Returns
     /// whether it went entirely.

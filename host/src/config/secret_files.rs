@@ -148,11 +148,13 @@ fn read(setting: &'static str, path: &Path) -> Result<String, ConfigError> {
     use std::io::Read as _;
     let shown = path.display();
     let cannot = |e: std::io::Error| invalid(setting, format!("cannot read {shown}: {e}"));
-    let file = std::fs::File::open(path).map_err(cannot)?;
-    // A pipe or a device (`/dev/stdin`, `/dev/zero`) could block the start or never end.
-    if !file.metadata().map_err(cannot)?.is_file() {
+    // A pipe or a device (`/dev/stdin`, `/dev/zero`) could block the start (opening a pipe
+    // waits for a writer) or never end: checked before opening (following symlinks, as a
+    // Kubernetes secret volume's are).
+    if !std::fs::metadata(path).map_err(cannot)?.is_file() {
         return Err(invalid(setting, format!("{shown} is not a regular file")));
     }
+    let file = std::fs::File::open(path).map_err(cannot)?;
     let mut bytes = Vec::new();
     file.take(MAX_SECRET_FILE + 1)
         .read_to_end(&mut bytes)
@@ -285,6 +287,18 @@ mod tests {
         let e = args(&["--admin-token-file", &folder])
             .validate()
             .expect_err("a folder")
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        // A named pipe would block the start in `open` until a writer came.
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let e = args(&["--admin-token-file", &fifo.display().to_string()])
+            .validate()
+            .expect_err("a pipe")
             .to_string();
         assert!(e.contains("not a regular file"), "{e}");
         let e = args(&["--admin-token-file", "/dev/zero"])

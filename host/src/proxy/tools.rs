@@ -632,12 +632,14 @@ impl CallContext<'_> {
         let now = crate::audit::time::now_ms();
         let left = u64::try_from(row.expires_ms - now).unwrap_or(0);
         // The poll holds its connection as a held call does: past the tenant's share of
-        // connections held open it is answered at once.
+        // connections held open it waits a second at most (a client that retries at once is
+        // paced, and holds its connection only that long).
         let slot = self.svc.streams.hold(tenant);
+        let window = super::hold::poll_window(self.headers, APPROVAL_LONG_POLL);
         let window = if slot.is_some() {
-            super::hold::poll_window(self.headers, APPROVAL_LONG_POLL)
+            window
         } else {
-            std::time::Duration::ZERO
+            window.min(std::time::Duration::from_secs(1))
         };
         let until =
             tokio::time::Instant::now() + window.min(std::time::Duration::from_millis(left));
