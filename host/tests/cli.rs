@@ -647,9 +647,10 @@ async fn approvals_are_answered_from_the_cli() {
         .mint(json!({"subject": "cli-agent", "tools": ["delete_records"]}))
         .await;
     let mut pending = Vec::new();
-    for _ in 0..2 {
+    // Two calls (the same call again would join its waiting approval).
+    for table in ["t0", "t1"] {
         let v = gw
-            .tool_call(&token, "delete_records", json!({"table": "t"}))
+            .tool_call(&token, "delete_records", json!({"table": table}))
             .await;
         assert_eq!(rpc_code(&v), Some(-32019), "{v}");
         pending.push(
