@@ -683,3 +683,129 @@ async fn schemathesis_finds_no_server_error_in_the_admin_api() {
     );
     tg.shutdown().await;
 }
+
+/// The superadmin's actions on every tenant at once (a global destination, a redrive and an
+/// export across tenants) are recorded in the `(global)` chain, which only the superadmin can
+/// read: never in `default`, whose tenant admin would otherwise read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_on_every_tenant_are_in_a_chain_no_tenant_admin_reads() {
+    const DEFAULT_ADMIN: &str = "default-admin-token-1234";
+    let tg = gateway::start(
+        Backend::Sqlite,
+        None,
+        &[
+            "--demo",
+            "--tenant-admins",
+            &format!("default:{DEFAULT_ADMIN},acme:{ACME_ADMIN}"),
+        ],
+    )
+    .await;
+    let (s, v) = post(
+        &tg,
+        "/v1/admin/integrations/destinations",
+        ADMIN_TOKEN,
+        json!({"global": true, "name": "all", "kind": "ndjson", "url": "http://127.0.0.1:9/all"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = post(
+        &tg,
+        "/v1/admin/integrations/redrive",
+        ADMIN_TOKEN,
+        json!({"destination": "all"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _, _) = send(
+        "GET",
+        &format!("{}/v1/admin/audit/export?format=json", tg.url),
+        &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, v) = raw(
+        &tg,
+        "DELETE",
+        "/v1/admin/integrations/destinations/all?global=true",
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+
+    let kinds = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter_map(|e| e["event"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let (s, v) = get(&tg, "/v1/admin/audit?tenant=(global)&limit=1000").await;
+    assert_eq!(s, 200, "{v}");
+    let global = kinds(&v);
+    for kind in [
+        "admin/destination.put",
+        "admin/outbox.redrive",
+        "admin/audit_export",
+        "admin/destination.delete",
+    ] {
+        assert!(global.iter().any(|k| k == kind), "{kind} in {global:?}");
+    }
+    assert!(
+        v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .all(|e| e["tenant"] == "(global)"),
+        "{v}"
+    );
+    let (s, v) = get(&tg, "/v1/admin/audit/verify?tenant=(global)").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["verified"], 4, "{v}");
+    assert_eq!(v["tenant"], "(global)", "{v}");
+
+    // `default` holds none of them, read by its own admin or by the superadmin…
+    let (s, v) = get(&tg, "/v1/admin/audit?tenant=default&limit=1000").await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        kinds(&v).iter().all(|k| !global.contains(k)),
+        "{:?}",
+        kinds(&v)
+    );
+    let (s, v) = get_json(
+        &format!("{}/v1/admin/audit?limit=1000", tg.url),
+        DEFAULT_ADMIN,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .all(|e| e["tenant"] == "default"),
+        "{v}"
+    );
+    // …and no tenant admin can name the global chain.
+    for path in [
+        "/v1/admin/audit?tenant=(global)",
+        "/v1/admin/audit/verify?tenant=(global)",
+        "/v1/admin/audit/checkpoints?tenant=(global)",
+        "/v1/admin/audit/export?tenant=(global)",
+    ] {
+        let (s, v) = get_json(&format!("{}{path}", tg.url), DEFAULT_ADMIN).await;
+        assert_eq!(s, 400, "{path}: {v}");
+    }
+    // The chain is not a tenant: nothing else accepts its name.
+    let (s, v) = post(
+        &tg,
+        "/v1/admin/mint",
+        ADMIN_TOKEN,
+        json!({"subject": "x", "tenant": "(global)", "tools": ["echo"]}),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    tg.shutdown().await;
+}

@@ -25,7 +25,7 @@ const DEFAULT_LIMIT: u32 = 100;
 
 /// The filter from the query string, with the tenant forced to the caller's scope.
 fn scoped_filter(req: &AdminRequest) -> Result<AuditFilter, AdminError> {
-    let tenant = req.principal.scope(req.param("tenant"))?;
+    let tenant = req.principal.chain_scope(req.param("tenant"))?;
     let mut filter =
         AuditFilter::from_params(req.query.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
     filter.tenant = tenant;
@@ -82,7 +82,7 @@ pub async fn list(svc: &AdminService, req: &AdminRequest) -> Result<Response<Bod
 /// `GET /v1/admin/audit/verify?tenant=&checkpoint=`: the [`verify::VerifyReport`], always 200
 /// when the walk ran. `checkpoint` is a signed note kept outside the database (URL-encoded).
 pub async fn verify(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, AdminError> {
-    let tenant = req.principal.one_tenant(req.param("tenant"))?;
+    let tenant = req.principal.one_chain(req.param("tenant"))?;
     let log = svc.pipeline.audit();
     let report = verify::verify_chain(log.db(), &tenant, &log.verifier(), req.param("checkpoint"))
         .await
@@ -96,10 +96,7 @@ pub async fn export(svc: &AdminService, req: &AdminRequest) -> Result<Response<B
     let format = Format::from_param(req.param("format"))?;
     let now = time::now_ms();
     // The export itself is an audited admin action (evidence leaving the gateway).
-    let chain = filter
-        .tenant
-        .clone()
-        .unwrap_or_else(|| "default".to_owned());
+    let chain = super::chain_of(filter.tenant.as_deref());
     let mut event = req.event("audit_export", &chain);
     event.reason = format!(
         "format={} scope={}",
@@ -132,7 +129,7 @@ pub async fn checkpoints(
     svc: &AdminService,
     req: &AdminRequest,
 ) -> Result<Response<Body>, AdminError> {
-    let tenant = req.principal.one_tenant(req.param("tenant"))?;
+    let tenant = req.principal.one_chain(req.param("tenant"))?;
     let log = svc.pipeline.audit();
     if req.param("format") == Some("note") {
         let Some(row) = query::latest_checkpoint(log.db(), &tenant).await? else {
@@ -187,7 +184,7 @@ pub async fn public_key(
 ) -> Result<Response<Body>, AdminError> {
     let log = svc.pipeline.audit();
     let v = log.verifier();
-    let tenant = req.principal.scope(req.param("tenant"))?;
+    let tenant = req.principal.chain_scope(req.param("tenant"))?;
     Ok(ok(json!({
         "algorithm": "ed25519",
         "name": v.name(),

@@ -274,7 +274,7 @@ async fn put(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, A
             dest = Destination::new(spec, tenant.clone(), Source::Admin)?;
         }
     }
-    let audit_tenant = tenant.clone().unwrap_or_else(|| "default".into());
+    let audit_tenant = super::chain_of(tenant.as_deref());
     let mut event = req.event("destination.put", &audit_tenant);
     event.reason = json!({"id": dest.id.as_ref(), "kind": dest.kind.as_str(), "endpoint": dest.shown_endpoint(), "global": tenant.is_none()})
         .to_string();
@@ -313,7 +313,7 @@ async fn delete(
     if !svc.outbox.live().by_id.contains_key(id.as_str()) {
         return Err(AdminError::NotFound);
     }
-    let audit_tenant = tenant.clone().unwrap_or_else(|| "default".into());
+    let audit_tenant = super::chain_of(tenant.as_deref());
     let mut event = req.event("destination.delete", &audit_tenant);
     event.reason = json!({"id": id}).to_string();
     audit_action(svc, event).await?;
@@ -398,7 +398,7 @@ async fn redrive(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body
     let scope = req
         .principal
         .scope(req.tenant_named(body.tenant.as_deref())?)?;
-    let audit_tenant = scope.clone().unwrap_or_else(|| "default".into());
+    let audit_tenant = super::chain_of(scope.as_deref());
     let mut event = req.event("outbox.redrive", &audit_tenant);
     event.reason = json!({"destination": body.destination, "tenant": scope}).to_string();
     audit_action(svc, event).await?;

@@ -126,6 +126,22 @@ impl Principal {
         }
     }
 
+    /// Like [`Self::scope`], for the audit read API: the superadmin may also name
+    /// [`audit::GLOBAL_CHAIN`], where its actions on every tenant are recorded.
+    pub fn chain_scope(&self, requested: Option<&str>) -> Result<Option<String>, AdminError> {
+        match (self, requested) {
+            (Self::Superadmin, Some(audit::GLOBAL_CHAIN)) => Ok(Some(audit::GLOBAL_CHAIN.into())),
+            _ => self.scope(requested),
+        }
+    }
+
+    /// Like [`Self::chain_scope`] but always one chain (`default` for the superadmin).
+    pub fn one_chain(&self, requested: Option<&str>) -> Result<String, AdminError> {
+        Ok(self
+            .chain_scope(requested)?
+            .unwrap_or_else(|| "default".to_owned()))
+    }
+
     /// Like [`Self::scope`] but always one tenant (`default` for the superadmin).
     pub fn one_tenant(&self, requested: Option<&str>) -> Result<String, AdminError> {
         Ok(self
@@ -140,6 +156,12 @@ impl Principal {
             Self::TenantAdmin(t) => format!("tenant-admin:{t}"),
         }
     }
+}
+
+/// The chain an action on `tenant` is recorded in: the tenant's own, or
+/// [`audit::GLOBAL_CHAIN`] for an action on every tenant (`None`).
+pub fn chain_of(tenant: Option<&str>) -> String {
+    tenant.unwrap_or(audit::GLOBAL_CHAIN).to_owned()
 }
 
 /// The admin credentials.
@@ -591,6 +613,24 @@ mod tests {
             Principal::Superadmin.scope(Some("bad name")),
             Err(AdminError::BadRequest(_))
         ));
+        // The global chain is readable by the superadmin only, and is no tenant.
+        let global = Some(audit::GLOBAL_CHAIN);
+        assert_eq!(
+            Principal::Superadmin.one_chain(global).expect("global"),
+            audit::GLOBAL_CHAIN
+        );
+        assert!(matches!(
+            Principal::Superadmin.one_tenant(global),
+            Err(AdminError::BadRequest(_))
+        ));
+        let default = Principal::TenantAdmin("default".into());
+        assert!(matches!(
+            default.chain_scope(global),
+            Err(AdminError::BadRequest(_))
+        ));
+        assert_eq!(default.one_chain(None).expect("own"), "default");
+        assert_eq!(chain_of(None), audit::GLOBAL_CHAIN);
+        assert_eq!(chain_of(Some("acme")), "acme");
     }
 
     #[test]

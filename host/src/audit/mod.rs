@@ -60,6 +60,12 @@ pub use log::{Appended, AuditLog, AuditStats};
 pub use query::{AuditFilter, AuditRecord, Page};
 pub use verify::{BrokenAt, CheckpointCheck, VerifyReport};
 
+/// The chain the superadmin's actions on every tenant at once are recorded in: a global
+/// destination's change, a redrive or an export across tenants. Its name is not a tenant name
+/// (parentheses are refused in one), so no tenant admin can read it and no tenant's chain holds
+/// another tenant's business; only the superadmin may name it, in the audit read API.
+pub const GLOBAL_CHAIN: &str = "(global)";
+
 /// The database the audit tables live in: the store's raw pool ([`crate::store::Store::db`]).
 pub use crate::store::Db;
 
