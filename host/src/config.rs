@@ -120,6 +120,10 @@ pub struct ServeArgs {
     /// it is seen should the notification be lost).
     #[arg(long, env = "INTENTGATE_APPROVAL_POLL_MS", default_value_t = 2_000)]
     pub approval_poll_ms: u64,
+    /// Days a final approval's row (rejected, expired, consumed) is kept in the queue; then it
+    /// is deleted, with an audit event (its steps stay in the chain). 0 keeps every row.
+    #[arg(long, env = "INTENTGATE_APPROVAL_RETENTION_DAYS", default_value_t = 30)]
+    pub approval_retention_days: u64,
     /// Events kept per session for a `GET /v1/mcp` stream resuming with `Last-Event-ID`.
     #[arg(long, env = "INTENTGATE_STREAM_REPLAY_EVENTS", default_value_t = 256)]
     pub stream_replay_events: usize,
@@ -782,6 +786,15 @@ impl ServeArgs {
                 50,
                 600_000,
             )?),
+            retention_days: match ranged(
+                "INTENTGATE_APPROVAL_RETENTION_DAYS",
+                self.approval_retention_days,
+                0,
+                36_500,
+            )? {
+                0 => None,
+                days => Some(days),
+            },
         };
         let streams = crate::streams::Limits {
             window: ranged(
@@ -1268,6 +1281,18 @@ mod tests {
                 .to_string();
             assert!(e.starts_with("INTENTGATE_APPROVAL_POLL_MS"), "{e}");
         }
+    }
+
+    #[test]
+    fn approval_rows_are_kept_30_days_unless_configured() {
+        let days = |args: &[&str]| parse(args).expect("valid").approvals.retention_days;
+        assert_eq!(days(&[]), Some(30));
+        assert_eq!(days(&["--approval-retention-days", "7"]), Some(7));
+        assert_eq!(days(&["--approval-retention-days", "0"]), None);
+        let e = parse(&["--approval-retention-days", "36501"])
+            .expect_err("must be refused")
+            .to_string();
+        assert!(e.starts_with("INTENTGATE_APPROVAL_RETENTION_DAYS"), "{e}");
     }
 
     #[test]

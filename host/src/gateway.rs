@@ -256,6 +256,7 @@ impl Gateway {
         )));
         background.push(tokio::spawn(crate::approvals::sweep::run(
             pipeline.audit().clone(),
+            config.approvals.retention_days,
         )));
         let admin_auth = AdminAuth::new(secrets.admin_token.clone(), config.tenant_admins.clone());
         let tracing = &config.telemetry.tracing;

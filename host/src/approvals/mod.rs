@@ -6,6 +6,8 @@
 //!   chain are durable together or not at all, and the conditional ones (decide, consume,
 //!   expire) are decided in that transaction: an approval is single-use on every replica.
 //! - [`query`]: reads (one approval, a page of the queue).
+//! - [`sweep`] expires overdue approvals; [`retention`] deletes final ones past the retention,
+//!   each deletion with its event.
 //! - [`wait`]: how a held request learns of a decision: an in-process broadcast, PostgreSQL
 //!   `NOTIFY` from other replicas, and a slow poll as the fallback.
 //!
@@ -22,6 +24,7 @@
 pub mod query;
 pub mod queue;
 pub mod record;
+pub mod retention;
 pub mod sweep;
 pub mod wait;
 
@@ -79,6 +82,8 @@ pub struct ApprovalConfig {
     /// How often a held request re-reads its approval when nothing woke it: the bound on how
     /// late a decision whose announcement was lost (a dropped `LISTEN` connection) releases it.
     pub poll: Duration,
+    /// How long a final approval's row is kept (`None`: for ever; [`retention`]).
+    pub retention_days: Option<u64>,
 }
 
 impl Default for ApprovalConfig {
@@ -88,6 +93,7 @@ impl Default for ApprovalConfig {
             timeout: Duration::from_secs(300),
             keepalive: Duration::from_secs(15),
             poll: wait::POLL,
+            retention_days: Some(30),
         }
     }
 }

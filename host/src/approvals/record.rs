@@ -39,6 +39,10 @@ pub enum ApprovalWrite {
     /// consumed → approved: the late refusal of a resumed call whose caller gave up at the audit
     /// deadline gives its approval back (unconditional; nothing to give back is no refusal).
     Restore { id: String },
+    /// Deletes the tenant's final approvals (rejected, expired, consumed) whose every time is
+    /// before `before_ms`: retention (`super::retention`). Unconditional: none to delete is no
+    /// refusal. Never a pending or approved row, however old.
+    Purge { before_ms: i64 },
 }
 
 impl ApprovalWrite {
@@ -50,7 +54,13 @@ impl ApprovalWrite {
             Self::Consume { .. } => "approval already used, not approved, or expired",
             Self::Expire { .. } => "approval already decided",
             Self::Restore { .. } => "approval could not be restored",
+            Self::Purge { .. } => "approvals could not be deleted",
         }
+    }
+
+    /// Whether the write must change exactly one row, its entry being refused otherwise.
+    pub fn conditional(&self) -> bool {
+        !matches!(self, Self::Restore { .. } | Self::Purge { .. })
     }
 }
 
@@ -66,6 +76,10 @@ pub(crate) const CONSUME: &str = "UPDATE approvals SET status = 'consumed', cons
 pub(crate) const EXPIRE: &str = "UPDATE approvals SET status = 'expired' \
      WHERE tenant = $1 AND pending_id = $2 \
      AND (status = 'pending' OR (status = 'approved' AND $3 = 0 AND expires_ms <= $4))";
+/// Every time a row records is before `$2`, and it can change no more.
+pub(crate) const PURGE: &str = "DELETE FROM approvals WHERE tenant = $1 \
+     AND status IN ('rejected', 'expired', 'consumed') AND created_ms < $2 AND expires_ms < $2 \
+     AND COALESCE(decided_ms, 0) < $2 AND COALESCE(consumed_ms, 0) < $2";
 pub(crate) const RESTORE: &str = "UPDATE approvals SET status = 'approved', consumed_ms = NULL \
      WHERE tenant = $1 AND pending_id = $2 AND status = 'consumed'";
 
@@ -161,6 +175,7 @@ pub(crate) fn statement<'a>(
             ],
         ),
         ApprovalWrite::Restore { id } => (RESTORE, vec![Text(tenant), Text(id)]),
+        ApprovalWrite::Purge { before_ms } => (PURGE, vec![Text(tenant), Int(*before_ms)]),
     }
 }
 
@@ -169,7 +184,7 @@ pub(crate) fn statement<'a>(
 /// (and its debits dropped). Evaluates to `Result<(), AuditError>`.
 macro_rules! apply {
     ($tx:expr, $tenant:expr, $entries:expr) => {{
-        use $crate::approvals::record::{self, ApprovalWrite};
+        use $crate::approvals::record;
         let tenant: &str = $tenant;
         let entries: &mut [Entry] = $entries;
         let mut result = Ok::<(), AuditError>(());
@@ -188,7 +203,7 @@ macro_rules! apply {
             }
             let done = query.execute(&mut *$tx).await;
             match done {
-                Ok(_) if matches!(write, ApprovalWrite::Restore { .. }) => {}
+                Ok(_) if !write.conditional() => {}
                 Ok(r) if r.rows_affected() == 1 => entry.approval_applied = true,
                 Ok(_) => {
                     let why = write.refusal();
@@ -249,7 +264,7 @@ pub(crate) fn apply_sqlite(
         let changed = tx
             .prepare_cached(sql)?
             .execute(rusqlite::params_from_iter(args))?;
-        if matches!(write, ApprovalWrite::Restore { .. }) {
+        if !write.conditional() {
             continue;
         }
         if changed == 1 {

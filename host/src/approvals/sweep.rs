@@ -4,11 +4,13 @@
 //!
 //! On PostgreSQL one replica sweeps: the one holding a session advisory lock on a dedicated
 //! connection (another takes over when that connection goes), so replicas do not race to
-//! record the same expiry. This module must never expire an approval without its event.
+//! record the same expiry; the same replica deletes final approvals past the retention
+//! ([`retention`]). This module must never expire an approval without its event.
 
 use std::time::Duration;
 
 use super::query;
+use super::retention;
 use super::{Approval, ApprovalWrite};
 use crate::audit::{self, AuditEvent, AuditLog, Decision};
 use crate::store::Db;
@@ -63,9 +65,11 @@ pub async fn sweep_once(audit: &AuditLog) -> Result<usize, query::QueryError> {
     Ok(expired)
 }
 
-/// Sweeps for the life of the gateway.
-pub async fn run(audit: AuditLog) {
+/// Sweeps for the life of the gateway, and every [`retention::PURGE_EVERY`] deletes the final
+/// approvals older than `retention_days` (`None`: never).
+pub async fn run(audit: AuditLog, retention_days: Option<u64>) {
     let mut leader: Option<sqlx::PgConnection> = None;
+    let mut purged_at: Option<std::time::Instant> = None;
     loop {
         tokio::time::sleep(INTERVAL).await;
         if let Db::Postgres(pool) = audit.db()
@@ -75,6 +79,16 @@ pub async fn run(audit: AuditLog) {
         }
         if let Err(e) = sweep_once(&audit).await {
             tracing::warn!(error = %e, "approvals: expiry sweep failed");
+        }
+        if let Some(days) = retention_days
+            && purged_at.is_none_or(|t| t.elapsed() >= retention::PURGE_EVERY)
+        {
+            purged_at = Some(std::time::Instant::now());
+            let keep_ms = i64::try_from(days.saturating_mul(86_400_000)).unwrap_or(i64::MAX);
+            let before_ms = audit::time::now_ms().saturating_sub(keep_ms);
+            if let Err(e) = retention::purge_once(&audit, before_ms, days).await {
+                tracing::warn!(error = %e, "approvals: deleting past the retention failed");
+            }
         }
     }
 }
