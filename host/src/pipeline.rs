@@ -41,14 +41,13 @@ pub enum Denial {
     Capability(#[from] CapabilityError),
     #[error("{0}")]
     Intent(String),
-    #[error("{reason}")]
-    Policy {
-        reason: String,
-        escalate: bool,
-        requires_step_up: bool,
-        /// How the escalation is answered, when the policy said.
-        approval_mode: Option<approvals::Mode>,
-    },
+    #[error("{0}")]
+    Policy(String),
+    /// A check escalated (or the policy asked for a step-up the token does not carry): the
+    /// call is for a person to decide. Becomes [`Denial::ApprovalPending`] once its approval is
+    /// queued with its event.
+    #[error("{}", .0.reason)]
+    Escalated(Escalation),
     #[error("{0}")]
     Budget(String),
     /// A check plugin failed (trap, timeout, bad result): the call is refused by that stage.
@@ -57,8 +56,8 @@ pub enum Denial {
     /// The decision could not be made durable; nothing was forwarded.
     #[error("audit log unavailable: {0}")]
     Audit(String),
-    /// The policy escalated (or asked for a step-up the token does not carry): the call waits
-    /// for a person in the approval queue, under this pending id.
+    /// A check escalated: the call waits for a person in the approval queue, under this
+    /// pending id.
     #[error("approval required: {}", .0.reason)]
     ApprovalPending(Pending),
     /// The approval the call resumed (`X-IntentGate-Approval-Id`) does not let it run: unknown,
@@ -89,12 +88,13 @@ impl Denial {
         match self {
             Self::Capability(_) => "capability",
             Self::Intent(_) => "intent",
-            Self::Policy { .. } => "policy",
+            Self::Policy(_) => "policy",
+            Self::Escalated(e) => e.check,
             Self::Budget(_) => "budget",
             Self::CheckFailed { stage, .. } => stage.as_str(),
             Self::Audit(_) => "audit",
             Self::Throttled(_) => "throttle",
-            Self::ApprovalPending(_) => "policy",
+            Self::ApprovalPending(p) => p.check,
             Self::Approval(_) | Self::ApprovalRejected { .. } | Self::ApprovalTimedOut { .. } => {
                 "approval"
             }
@@ -105,10 +105,12 @@ impl Denial {
     /// our own store failing, not an approval being awaited.
     fn counts_toward_throttle(&self) -> bool {
         match self {
-            Self::Capability(_) | Self::Intent(_) | Self::Budget(_) | Self::CheckFailed { .. } => {
-                true
-            }
-            Self::Policy { escalate, .. } => !escalate,
+            Self::Capability(_)
+            | Self::Intent(_)
+            | Self::Policy(_)
+            | Self::Budget(_)
+            | Self::CheckFailed { .. } => true,
+            Self::Escalated(_) => false,
             Self::Approval(_) => true,
             Self::Audit(_)
             | Self::Throttled(_)
@@ -119,9 +121,36 @@ impl Denial {
     }
 }
 
+/// A check's escalation of a call, before its approval is queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Escalation {
+    /// The check that escalated, as audit events name it: `intent`, `policy` or `budget`.
+    pub check: &'static str,
+    pub reason: String,
+    /// The policy asked for a step-up the token does not carry.
+    pub requires_step_up: bool,
+    /// How the escalation is answered, when the check said.
+    pub approval_mode: Option<approvals::Mode>,
+}
+
+impl Escalation {
+    /// The escalation of `check`'s verdict.
+    fn of(check: &'static str, verdict: &Verdict) -> Self {
+        Self {
+            check,
+            reason: verdict.reason.clone(),
+            // A step-up is the policy's to ask for.
+            requires_step_up: check == "policy" && verdict.requires_step_up,
+            approval_mode: mode_of(verdict),
+        }
+    }
+}
+
 /// A call waiting in the approval queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
+    /// The check that escalated it.
+    pub check: &'static str,
     pub pending_id: String,
     pub reason: String,
     pub requires_step_up: bool,
@@ -329,18 +358,29 @@ impl Pipeline {
         let snapshot = self.registry.snapshot(&call.grant.tenant);
         let mut findings = Findings::default();
         // A resumed approval is matched to this call before any check runs.
-        let mut outcome = match self.resumed(call, snapshot.digest()).await {
-            Ok(approved) => {
-                self.run_checks(call, &snapshot, &mut findings, approved)
+        let resumed = self.resumed(call, snapshot.digest()).await;
+        let answered = resumed.as_ref().ok().cloned().flatten();
+        let mut outcome = match resumed {
+            Ok(_) => {
+                self.run_checks(call, &snapshot, &mut findings, answered.as_deref())
                     .await
             }
             Err(denial) => Err(denial),
         };
+        // The checks an escalation's approval answers: the one escalating now, after those the
+        // call's approval already answered (a person approved each question in turn).
+        let escalated_by = match &outcome {
+            Err(Denial::Escalated(e)) => match answered.as_deref() {
+                Some(a) if !a.is_empty() => format!("{a},{}", e.check),
+                _ => e.check.to_owned(),
+            },
+            _ => String::new(),
+        };
         // An escalation joins the same call's waiting approval, or is refused when its token
         // tree has too many waiting (`approvals::queue`).
         let mut joined = None;
-        if let Err(Denial::Policy { escalate: true, .. }) = &outcome {
-            match self.queued(call, snapshot.digest()).await {
+        if let Err(Denial::Escalated(_)) = &outcome {
+            match self.queued(call, snapshot.digest(), &escalated_by).await {
                 Ok(approvals::queue::Found::Same(a)) => joined = Some(a),
                 Ok(approvals::queue::Found::Room) => {}
                 Ok(approvals::queue::Found::Full) => {
@@ -367,7 +407,7 @@ impl Pipeline {
             Ok(()) => event.decision = Some(Decision::Allow),
             Err(denial) => {
                 event.decision = Some(match denial {
-                    Denial::Policy { escalate: true, .. } => Decision::Escalate,
+                    Denial::Escalated(_) => Decision::Escalate,
                     _ => Decision::Block,
                 });
                 event.check = denial.check().to_owned();
@@ -388,19 +428,14 @@ impl Pipeline {
                 id: id.to_owned(),
                 at_ms: audit::time::now_ms(),
             }),
-            Err(Denial::Policy {
-                escalate: true,
-                reason,
-                requires_step_up,
-                ..
-            }) => match &joined {
+            Err(Denial::Escalated(e)) => match &joined {
                 // The same call waits already: this event names its approval.
                 Some(a) => {
                     event.pending_id = a.pending_id.clone();
                     None
                 }
                 None => {
-                    let pending = self.pending_for(call, &event, reason, *requires_step_up);
+                    let pending = self.pending_for(call, &event, e, &escalated_by);
                     event.pending_id = pending.pending_id.clone();
                     Some(ApprovalWrite::Create(Box::new(pending)))
                 }
@@ -414,25 +449,18 @@ impl Pipeline {
             .await;
         (self.metrics.stages).since(crate::metrics::Stage::Audit, committing);
         match (outcome, appended) {
-            (
-                Err(Denial::Policy {
-                    reason,
-                    requires_step_up,
-                    escalate: true,
-                    approval_mode,
-                }),
-                Ok(_),
-            ) => {
+            (Err(Denial::Escalated(e)), Ok(_)) => {
                 let a = match (approval, joined) {
                     (Some(ApprovalWrite::Create(a)), _) | (None, Some(a)) => a,
                     _ => return Err(Denial::Audit("escalation without its approval".into())),
                 };
                 Err(Denial::ApprovalPending(Pending {
+                    check: e.check,
                     pending_id: a.pending_id,
-                    reason,
-                    requires_step_up,
+                    reason: e.reason,
+                    requires_step_up: e.requires_step_up,
                     expires_ms: a.expires_ms,
-                    mode: approval_mode,
+                    mode: e.approval_mode,
                 }))
             }
             (Ok(()), Ok(a)) if a.refused.is_some() && a.refused_check == "approval" => {
@@ -459,12 +487,18 @@ impl Pipeline {
         }
     }
 
-    /// Whether the call resumes an approval that lets it run: `Ok(false)` without one, `Ok(true)`
-    /// when it matches an approved, unexpired approval (consumed with the call's event), else
-    /// the refusal. Matched on tenant, agent, token tree, tool, arguments and bundle.
-    async fn resumed(&self, call: &ToolCall<'_>, bundle_digest: &str) -> Result<bool, Denial> {
+    /// The checks whose escalations the call's approval answers (comma-separated, see
+    /// [`Approval::escalated_by`]): `Ok(None)` without an approval, `Ok(Some(checks))` when it
+    /// matches an approved, unexpired approval (consumed with the
+    /// call's event), else the refusal. Matched on tenant, agent, token tree, tool, arguments
+    /// and bundle.
+    async fn resumed(
+        &self,
+        call: &ToolCall<'_>,
+        bundle_digest: &str,
+    ) -> Result<Option<String>, Denial> {
         let Some(id) = call.approval_id else {
-            return Ok(false);
+            return Ok(None);
         };
         let g = call.grant;
         let found = approvals::query::get(self.audit.db(), Some(&g.tenant), id)
@@ -496,7 +530,7 @@ impl Pipeline {
         if a.bundle_digest != bundle_digest {
             return refuse("was issued under another policy bundle");
         }
-        Ok(true)
+        Ok(Some(a.escalated_by))
     }
 
     /// What an escalated call finds in the approval queue (a store that cannot say refuses).
@@ -504,6 +538,7 @@ impl Pipeline {
         &self,
         call: &ToolCall<'_>,
         bundle_digest: &str,
+        escalated_by: &str,
     ) -> Result<approvals::queue::Found, Denial> {
         let g = call.grant;
         let tool = call.name();
@@ -515,6 +550,7 @@ impl Pipeline {
             tool: &tool,
             args_digest: &args_digest,
             bundle_digest,
+            escalated_by,
         };
         approvals::queue::find(self.audit.db(), &escalated, audit::time::now_ms())
             .await
@@ -526,8 +562,8 @@ impl Pipeline {
         &self,
         call: &ToolCall<'_>,
         event: &AuditEvent,
-        reason: &str,
-        requires_step_up: bool,
+        e: &Escalation,
+        escalated_by: &str,
     ) -> Approval {
         let g = call.grant;
         let now = audit::time::now_ms();
@@ -542,9 +578,10 @@ impl Pipeline {
             args_digest: approvals::args_digest(call.arguments),
             bundle_digest: event.bundle_digest.clone(),
             intent_summary: event.intent_summary.clone(),
-            reason: reason.to_owned(),
+            reason: e.reason.clone(),
+            escalated_by: escalated_by.to_owned(),
             status: approvals::Status::Pending,
-            requires_step_up,
+            requires_step_up: e.requires_step_up,
             created_ms: now,
             expires_ms: now.saturating_add(self.approvals.timeout.as_millis() as i64),
             decided_ms: None,
@@ -559,7 +596,7 @@ impl Pipeline {
         call: &ToolCall<'_>,
         snapshot: &Snapshot,
         findings: &mut Findings,
-        approved: bool,
+        answered: Option<&str>,
     ) -> Result<(), Denial> {
         let authorizing = (self.metrics.stages).timer(crate::metrics::Stage::Capability);
         // 1. capability: the token is still good now (it may have waited since its request
@@ -595,34 +632,22 @@ impl Pipeline {
         )
         .await?;
         findings.intent_summary = intent.record.summary.clone();
-        refuse_unless_allowed(&intent.verdict, Denial::Intent)?;
+        decided_by("intent", &intent.verdict, answered, Denial::Intent)?;
         // 3. policy: the operator's Rego.
         let policy = snapshot.policy_async(&input, &intent.record);
         let policy = checks_within(&self.metrics, deadline, limit, Stage::Policy, policy).await?;
         findings.requires_step_up = policy.requires_step_up;
         match policy.kind {
-            // A person approved this very call (see `resumed`): the escalation is answered.
-            VerdictKind::Escalate if approved => {}
             // A step-up the token does not carry is asked of a person, bound to the call.
             VerdictKind::Allow if policy.requires_step_up && call.grant.step_up_at.is_none() => {
-                if !approved {
-                    return Err(Denial::Policy {
-                        reason: format!("step-up required: {}", policy.reason),
-                        escalate: true,
-                        requires_step_up: true,
-                        approval_mode: mode_of(&policy),
-                    });
+                if !answers(answered, "policy") {
+                    let mut e = Escalation::of("policy", &policy);
+                    e.reason = format!("step-up required: {}", policy.reason);
+                    e.requires_step_up = true;
+                    return Err(Denial::Escalated(e));
                 }
             }
-            VerdictKind::Allow => {}
-            kind => {
-                return Err(Denial::Policy {
-                    approval_mode: mode_of(&policy),
-                    reason: policy.reason,
-                    escalate: kind == VerdictKind::Escalate,
-                    requires_step_up: policy.requires_step_up,
-                });
-            }
+            _ => decided_by("policy", &policy, answered, Denial::Policy)?,
         }
         // A later round of a multi-round call was charged with its first round; its sealed
         // state is single-use (a conditional counter of 1 in the shared store, so a replay is
@@ -646,7 +671,7 @@ impl Pipeline {
         // event (see `decide`).
         let budget = snapshot.budget_async(&input);
         let budget = checks_within(&self.metrics, deadline, limit, Stage::Budget, budget).await?;
-        refuse_unless_allowed(&budget.verdict, Denial::Budget)?;
+        decided_by("budget", &budget.verdict, answered, Denial::Budget)?;
         findings.charges = self.charges_for(call.grant, &budget.charges);
         Ok(())
     }
@@ -803,12 +828,27 @@ async fn checks_within<T>(
     }
 }
 
-fn refuse_unless_allowed(verdict: &Verdict, deny: fn(String) -> Denial) -> Result<(), Denial> {
-    if verdict.kind == VerdictKind::Allow {
-        Ok(())
-    } else {
-        Err(deny(verdict.reason.clone()))
+/// What `check`'s verdict makes of the call: on its way, refused by `deny`, or escalated to a
+/// person. The escalation of the check whose question a person approved for this very call
+/// (`answered`, see `resumed`) is answered: the call goes on to the next check, which may still
+/// refuse it, or escalate a question of its own that nobody has answered yet.
+fn decided_by(
+    check: &'static str,
+    verdict: &Verdict,
+    answered: Option<&str>,
+    deny: fn(String) -> Denial,
+) -> Result<(), Denial> {
+    match verdict.kind {
+        VerdictKind::Allow => Ok(()),
+        VerdictKind::Escalate if answers(answered, check) => Ok(()),
+        VerdictKind::Escalate => Err(Denial::Escalated(Escalation::of(check, verdict))),
+        VerdictKind::Block => Err(deny(verdict.reason.clone())),
     }
+}
+
+/// Whether the checks a call's approval answers (comma-separated) include `check`.
+fn answers(answered: Option<&str>, check: &str) -> bool {
+    answered.is_some_and(|a| a.split(',').any(|c| c == check))
 }
 
 /// The approval mode a policy verdict asked for, if any.
@@ -832,4 +872,66 @@ pub fn decision_summary(permit: &Permit) -> Value {
         "event_id": permit.event_id,
         "bundle_digest": permit.bundle_digest,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(kind: VerdictKind, step_up: bool) -> Verdict {
+        Verdict {
+            kind,
+            reason: "why".into(),
+            requires_step_up: step_up,
+            approval_mode: Some("sync".into()),
+        }
+    }
+
+    /// Every check's escalation goes to a person, named by its check, and is answered by an
+    /// approval of that check's question only; a block stays its check's own refusal even when
+    /// approved.
+    #[test]
+    fn every_checks_escalation_is_a_persons_and_an_approval_answers_it() {
+        type Deny = fn(String) -> Denial;
+        let cases: [(&'static str, Deny); 3] = [
+            ("intent", Denial::Intent),
+            ("policy", Denial::Policy),
+            ("budget", Denial::Budget),
+        ];
+        for (check, deny) in cases {
+            let escalate = verdict(VerdictKind::Escalate, true);
+            match decided_by(check, &escalate, None, deny) {
+                Err(Denial::Escalated(e)) => {
+                    assert_eq!(e.check, check);
+                    assert_eq!(e.reason, "why");
+                    assert_eq!(e.approval_mode, Some(approvals::Mode::Sync));
+                    assert_eq!(e.requires_step_up, check == "policy", "{check}");
+                }
+                other => panic!("{check}: {other:?}"),
+            }
+            assert!(
+                decided_by(check, &escalate, Some(check), deny).is_ok(),
+                "{check}"
+            );
+            let all = Some("intent,policy,budget");
+            assert!(decided_by(check, &escalate, all, deny).is_ok(), "{check}");
+            for other in ["intent", "policy", "budget"]
+                .into_iter()
+                .filter(|c| *c != check)
+            {
+                let e = decided_by(check, &escalate, Some(other), deny);
+                assert_eq!(
+                    e.map_err(|d| d.check()),
+                    Err(check),
+                    "{check} after {other}"
+                );
+            }
+            for answered in [None, Some(check)] {
+                let block = decided_by(check, &verdict(VerdictKind::Block, false), answered, deny);
+                assert_eq!(block.map_err(|d| d.check()), Err(check), "{check}");
+            }
+            let allow = verdict(VerdictKind::Allow, false);
+            assert!(decided_by(check, &allow, None, deny).is_ok());
+        }
+    }
 }

@@ -1145,3 +1145,155 @@ async fn a_held_call_whose_token_was_revoked_meanwhile_does_not_run() {
     assert_eq!(up.calls_with(&m).len(), 0);
     tg.shutdown().await;
 }
+
+/// An escalation by the intent check, not only the policy's, goes to a person: the call is
+/// pending (`check: intent`, `decision: escalate`), runs once approved (the intent check's
+/// escalation answered, the later checks run again), and is counted as the intent's. An
+/// approval answers its own check's question only.
+#[tokio::test]
+async fn an_intent_escalation_waits_for_a_person_like_the_policys() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let tg = start(Backend::Sqlite, up, &[]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "agent-i", "tools": ["echo", "delete_records"]}))
+        .await;
+    // Reading is all an agent that says it reads may do; anything else goes to a person.
+    let mut spec = serde_json::to_value(tg.gw.pipeline.registry().default_spec()).expect("spec");
+    spec["stages"]["intent"][0]["config"] = Value::from(
+        json!({"rules": [{"name": "reading", "keywords": ["read"], "summary": "reading",
+                          "allowed_tools": ["read_*"]}],
+               "on_outside_allowed": "escalate"})
+        .to_string(),
+    );
+    let (status, created) = http::post_json(
+        &format!("{}/v1/admin/bundles", tg.url),
+        Some(ADMIN_TOKEN),
+        &json!({"name": "intent-escalates", "spec": spec}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let digest = created["digest"].as_str().expect("digest");
+    let (status, v) = http::post_json(
+        &format!("{}/v1/admin/bundles/{digest}/promote", tg.url),
+        Some(ADMIN_TOKEN),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+
+    let m = marker("intent");
+    let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                      "params": {"name": "echo", "arguments": {"text": m}}});
+    let prompt = ("x-intent-prompt", "read the invoices of March");
+    let v = call_with(&tg.url, &token, &body, &[prompt]).await;
+    let id = pending_of(&v).await;
+    assert_eq!(
+        upstream_calls(up, &m, 1).await,
+        0,
+        "not run before approval"
+    );
+    let events = audit_with(&tg, &id).await;
+    let escalated = events
+        .iter()
+        .find(|e| e["decision"] == "escalate")
+        .unwrap_or_else(|| panic!("the escalation in {events:?}"));
+    assert_eq!(escalated["check"], "intent", "{escalated}");
+    let rows = approvals(&tg.url, ADMIN_TOKEN, "status=pending").await;
+    let row = rows
+        .iter()
+        .find(|r| r["pending_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("pending row in {rows:?}"));
+    assert_eq!(row["requires_step_up"], false, "{row}");
+    assert_eq!(row["intent_summary"], "reading", "{row}");
+
+    let (status, d) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "approve", "decided_by": "ops@example.com"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    let resume = [prompt, ("x-intentgate-approval-id", id.as_str())];
+    let v = call_with(&tg.url, &token, &body, &resume).await;
+    assert!(v["result"].is_object(), "approved: {v}");
+    assert_eq!(upstream_calls(up, &m, 1).await, 1, "run once");
+    let again = call_with(&tg.url, &token, &body, &resume).await;
+    assert_eq!(again["error"]["code"], -32012, "single use: {again}");
+    assert_eq!(upstream_calls(up, &m, 2).await, 1, "not run twice");
+
+    // A call two checks ask about: approving the intent check's question answers that one
+    // only; the policy (which sends delete_records to a person) asks its own, and the call
+    // runs once that one is approved too.
+    let m = marker("both");
+    let first = call_with(&tg.url, &token, &call_body("delete_records", &m), &[prompt]).await;
+    let asked_by_intent = pending_of(&first).await;
+    let (status, d) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &asked_by_intent,
+        json!({"decision": "approve", "decided_by": "ops@example.com"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["approval"]["escalated_by"], json!(["intent"]), "{d}");
+    let resume = [
+        prompt,
+        ("x-intentgate-approval-id", asked_by_intent.as_str()),
+    ];
+    let second = call_with(&tg.url, &token, &call_body("delete_records", &m), &resume).await;
+    let asked_by_policy = pending_of(&second).await;
+    assert_ne!(asked_by_policy, asked_by_intent, "{second}");
+    assert_eq!(
+        upstream_calls(up, &m, 1).await,
+        0,
+        "the policy's question is open"
+    );
+    let events = audit_with(&tg, &asked_by_policy).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["decision"] == "escalate" && e["check"] == "policy"),
+        "{events:?}"
+    );
+    let (status, d) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &asked_by_policy,
+        json!({"decision": "approve", "decided_by": "ops@example.com"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(
+        d["approval"]["escalated_by"],
+        json!(["intent", "policy"]),
+        "{d}"
+    );
+    let resume = [
+        prompt,
+        ("x-intentgate-approval-id", asked_by_policy.as_str()),
+    ];
+    let third = call_with(&tg.url, &token, &call_body("delete_records", &m), &resume).await;
+    assert!(third["result"].is_object(), "both answered: {third}");
+    assert_eq!(upstream_calls(up, &m, 1).await, 1, "run once");
+
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let (status, _, metrics) = http::send(
+        "GET",
+        &format!("{}/metrics", tg.url),
+        &[("authorization", &auth)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("intentgate_decisions_total{")
+                && l.contains("check=\"intent\"")
+                && l.contains("outcome=\"escalate\"")),
+        "{metrics}"
+    );
+    tg.shutdown().await;
+}

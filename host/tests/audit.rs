@@ -459,6 +459,7 @@ async fn a_nul_fails_its_own_event_only(db: Db) {
         bundle_digest: "b".into(),
         intent_summary: "clean up\u{0}".into(),
         reason: "rule \u{0} matched".into(),
+        escalated_by: "policy".into(),
         status: Status::Pending,
         requires_step_up: false,
         created_ms: 1,

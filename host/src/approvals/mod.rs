@@ -146,6 +146,11 @@ pub struct Approval {
     pub bundle_digest: String,
     pub intent_summary: String,
     pub reason: String,
+    /// The checks whose escalations this approval answers, comma-separated in pipeline order:
+    /// the one that escalated the call, after those a previous approval of the same call
+    /// answered (`intent,policy`: a person approved the intent check's question, then this
+    /// one the policy's). Never another check's.
+    pub escalated_by: String,
     pub status: Status,
     pub requires_step_up: bool,
     pub created_ms: i64,
@@ -181,6 +186,7 @@ impl Approval {
             "bundle_digest": self.bundle_digest,
             "intent_summary": self.intent_summary,
             "reason": self.reason,
+            "escalated_by": self.escalated_by.split(',').collect::<Vec<_>>(),
             "status": self.status_at(now_ms).as_str(),
             "requires_step_up": self.requires_step_up,
             "created_at": ts(self.created_ms),
@@ -245,6 +251,7 @@ mod tests {
             bundle_digest: "b".into(),
             intent_summary: String::new(),
             reason: String::new(),
+            escalated_by: "policy".into(),
             status: Status::Approved,
             requires_step_up: false,
             created_ms: 0,

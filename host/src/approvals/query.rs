@@ -22,7 +22,7 @@ pub enum QueryError {
 }
 
 const COLUMNS: &str = "tenant, pending_id, capability_token_id, root_capability_token_id, \
-     agent_id, tool, args, args_digest, bundle_digest, intent_summary, reason, status, \
+     agent_id, tool, args, args_digest, bundle_digest, intent_summary, reason, escalated_by, status, \
      requires_step_up, created_ms, expires_ms, decided_ms, decided_by, decide_note, consumed_ms";
 
 /// The most rows one page returns.
@@ -52,6 +52,7 @@ macro_rules! row_to_approval {
             bundle_digest: row.try_get("bundle_digest")?,
             intent_summary: row.try_get("intent_summary")?,
             reason: row.try_get("reason")?,
+            escalated_by: row.try_get("escalated_by")?,
             status: Status::parse(&status)
                 .ok_or_else(|| QueryError::Malformed(format!("status {status:?}")))?,
             requires_step_up: step_up != 0,
@@ -321,6 +322,7 @@ mod tests {
                 .bind(0i64)
                 .bind(1_000 + i)
                 .bind(i64::MAX)
+                .bind("policy")
                 .execute(pool)
                 .await
                 .expect("insert");

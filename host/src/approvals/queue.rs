@@ -31,6 +31,9 @@ pub struct Escalated<'a> {
     pub tool: &'a str,
     pub args_digest: &'a str,
     pub bundle_digest: &'a str,
+    /// The checks its approval would answer ([`Approval::escalated_by`]): an approval waiting
+    /// on another check's question is not this one's.
+    pub escalated_by: &'a str,
 }
 
 /// Looks through the token tree's waiting approvals for `call`.
@@ -48,6 +51,7 @@ fn decide(waiting: Vec<Approval>, call: &Escalated<'_>) -> Found {
             && a.tool == call.tool
             && a.args_digest == call.args_digest
             && a.bundle_digest == call.bundle_digest
+            && a.escalated_by == call.escalated_by
     });
     match same {
         Some(a) => Found::Same(Box::new(a)),
@@ -74,6 +78,7 @@ mod tests {
             bundle_digest: "b1".into(),
             intent_summary: String::new(),
             reason: String::new(),
+            escalated_by: "policy".into(),
             status: Status::Pending,
             requires_step_up: false,
             created_ms: 0,
@@ -93,11 +98,12 @@ mod tests {
             tool,
             args_digest: args,
             bundle_digest: bundle,
+            escalated_by: "policy",
         }
     }
 
-    /// The same call joins its waiting approval; another tool, other arguments or another
-    /// bundle do not; a full token tree refuses what is not already waiting.
+    /// The same call joins its waiting approval; another tool, other arguments, another bundle
+    /// or another check's question do not; a full token tree refuses what is not already waiting.
     #[test]
     fn the_same_call_joins_and_a_full_tree_refuses() {
         let one = vec![waiting("delete", "a1"), waiting("drop", "a2")];
@@ -106,10 +112,15 @@ mod tests {
             Found::Same(a) => assert_eq!(a.pending_id, id),
             other => panic!("{other:?}"),
         }
+        let asked_by_intent = Escalated {
+            escalated_by: "intent",
+            ..call("drop", "a2", "b1")
+        };
         for other in [
             call("drop", "a3", "b1"),
             call("drop", "a2", "b2"),
             call("wipe", "a2", "b1"),
+            asked_by_intent,
         ] {
             assert!(matches!(decide(one.clone(), &other), Found::Room));
         }

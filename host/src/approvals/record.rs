@@ -66,8 +66,8 @@ impl ApprovalWrite {
 
 pub(crate) const INSERT: &str = "INSERT INTO approvals (tenant, pending_id, capability_token_id, \
      root_capability_token_id, agent_id, tool, args, args_digest, bundle_digest, intent_summary, \
-     reason, status, requires_step_up, created_ms, expires_ms) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+     reason, status, requires_step_up, created_ms, expires_ms, escalated_by) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 pub(crate) const DECIDE: &str = "UPDATE approvals SET status = $1, decided_ms = $2, decided_by = $3, \
      decide_note = $4, expires_ms = $5 \
      WHERE tenant = $6 AND pending_id = $7 AND status = 'pending' AND expires_ms > $2";
@@ -137,6 +137,7 @@ pub(crate) fn statement<'a>(
                 Int(i64::from(a.requires_step_up)),
                 Int(a.created_ms),
                 Int(a.expires_ms),
+                Text(&a.escalated_by),
             ],
         ),
         ApprovalWrite::Decide {

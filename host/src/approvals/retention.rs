@@ -147,6 +147,7 @@ mod tests {
             bundle_digest: "b".into(),
             intent_summary: String::new(),
             reason: "needs a person".into(),
+            escalated_by: "policy".into(),
             status: Status::Pending,
             requires_step_up: false,
             created_ms,

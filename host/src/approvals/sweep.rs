@@ -155,6 +155,7 @@ mod tests {
             bundle_digest: "b".into(),
             intent_summary: String::new(),
             reason: "needs a person".into(),
+            escalated_by: "policy".into(),
             status: super::super::Status::Pending,
             requires_step_up: false,
             created_ms: now,

@@ -71,8 +71,8 @@ impl Metrics {
         self.stages.decision_since(started);
         let (check, outcome) = match result {
             Ok(_) => (Check::None, Outcome::Allow),
-            Err(Denial::Policy { escalate: true, .. } | Denial::ApprovalPending(_)) => {
-                (Check::Policy, Outcome::Escalate)
+            Err(d @ (Denial::Escalated(_) | Denial::ApprovalPending(_))) => {
+                (Check::from_name(d.check()), Outcome::Escalate)
             }
             Err(d) => (Check::from_name(d.check()), Outcome::Block),
         };

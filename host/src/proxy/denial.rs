@@ -14,8 +14,8 @@ pub fn rpc_error(denial: &Denial) -> RpcError {
     let (code, message) = match denial {
         Denial::Capability(_) => (code::CAPABILITY, "capability check failed"),
         Denial::Intent(_) => (code::INTENT, "intent check failed"),
-        Denial::Policy { escalate: true, .. } => (code::APPROVAL_PENDING, "approval required"),
-        Denial::Policy { .. } => (code::POLICY, "policy check failed"),
+        Denial::Escalated(_) => (code::APPROVAL_PENDING, "approval required"),
+        Denial::Policy(_) => (code::POLICY, "policy check failed"),
         Denial::Budget(_) => (code::BUDGET, "budget check failed"),
         Denial::CheckFailed { stage, .. } => match stage {
             Stage::Intent => (code::INTENT, "intent check failed"),
@@ -63,14 +63,18 @@ mod tests {
         let e = rpc_error(&Denial::Audit("connection to 10.0.0.7 refused".into()));
         assert_eq!(e.code, code::AUDIT_UNAVAILABLE);
         assert_eq!(e.data, Some(Value::from("audit log unavailable")));
-        let policy = |escalate| Denial::Policy {
-            reason: "no".into(),
-            escalate,
-            requires_step_up: false,
-            approval_mode: None,
+        let escalated = |check| {
+            Denial::Escalated(crate::pipeline::Escalation {
+                check,
+                reason: "no".into(),
+                requires_step_up: false,
+                approval_mode: None,
+            })
         };
-        assert_eq!(rpc_error(&policy(true)).code, code::APPROVAL_PENDING);
-        assert_eq!(rpc_error(&policy(false)).code, code::POLICY);
+        for check in ["intent", "policy", "budget"] {
+            assert_eq!(rpc_error(&escalated(check)).code, code::APPROVAL_PENDING);
+        }
+        assert_eq!(rpc_error(&Denial::Policy("no".into())).code, code::POLICY);
         assert_eq!(rpc_error(&Denial::Budget("over".into())).code, code::BUDGET);
     }
 }

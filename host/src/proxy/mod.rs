@@ -584,7 +584,7 @@ impl Decided {
                 decision: "allow",
                 event_id: Some(p.event_id),
             },
-            Err(Denial::ApprovalPending(_) | Denial::Policy { escalate: true, .. }) => Self {
+            Err(Denial::ApprovalPending(_) | Denial::Escalated(_)) => Self {
                 decision: "escalate",
                 event_id: None,
             },

@@ -654,6 +654,8 @@ impl CallContext<'_> {
             Outcome::Decided(_) => Ok(None),
             Outcome::TimedOut if row.status_at(crate::audit::time::now_ms()) == Status::Pending => {
                 Ok(Some(Pending {
+                    // Still waiting in the queue: the queue answers, not a check.
+                    check: "approval",
                     pending_id: row.pending_id,
                     reason: row.reason,
                     requires_step_up: row.requires_step_up,

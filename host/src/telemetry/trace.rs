@@ -555,7 +555,7 @@ pub fn decided(
         }
         let (decision, check, event_id) = match result {
             Ok(p) => ("allow", "", Some(p.event_id)),
-            Err(d @ (Denial::Policy { escalate: true, .. } | Denial::ApprovalPending(_))) => {
+            Err(d @ (Denial::Escalated(_) | Denial::ApprovalPending(_))) => {
                 ("escalate", d.check(), None)
             }
             Err(d) => ("block", d.check(), None),
