@@ -909,6 +909,98 @@ async fn dead_letters_are_kept_listed_and_redriven() {
     gw.shutdown().await;
 }
 
+/// Events past the dead-letter age at a destination that is failing are set aside together,
+/// and the lane keeps waiting out the destination's `Retry-After`: a Slack destination (one
+/// event a request) down for longer than the age is not sent one request after another, one
+/// per aged event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aged_events_are_set_aside_together_and_the_lane_keeps_its_back_off() {
+    let rx = Receiver::start();
+    rx.control(json!({"down": true, "status": 503, "retry_after": "2"}))
+        .await;
+    let flags = ["--outbox-dead-after-secs", "1"].map(str::to_owned);
+    let gw = start(Backend::Sqlite, &flags).await;
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"global": true, "name": "ops", "kind": "slack",
+               "url": format!("{}/slack/ops", rx.url)}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (token, _) = gw
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
+        .await;
+    for n in 0..20 {
+        denied_call(&gw.url, &token, n).await;
+    }
+    wait_for(
+        "the aged events set aside",
+        Duration::from_secs(20),
+        || async {
+            let list = integrations(&gw.url, ADMIN_TOKEN).await;
+            find(&list, "*/ops")["dead_letters"] == 20
+        },
+    )
+    .await;
+    // Two more seconds: at most the back-off's next attempt, not a request per event.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let hits = rx.get("down_hits").await["/slack/ops"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        (1..=4).contains(&hits),
+        "{hits} requests to a destination answering 503 with Retry-After: 2"
+    );
+    gw.shutdown().await;
+}
+
+/// A batch delivered whose delivery the store then refuses to record is not sent again every
+/// few milliseconds while the store refuses: the lane waits (1 s, then 2 s, …).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lane_whose_bookkeeping_fails_waits_before_it_is_sent_again() {
+    let rx = Receiver::start();
+    let gw = start(Backend::Sqlite, &[]).await;
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"global": true, "name": "ops", "kind": "slack",
+               "url": format!("{}/slack/ops", rx.url)}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    // What the store refuses: deleting a delivered row (as a full disk or a lock would).
+    let intentgate::store::Db::Sqlite(pool) = gw.gw.outbox.db() else {
+        unreachable!("a SQLite gateway")
+    };
+    sqlx::query(
+        "CREATE TRIGGER keep_outbox BEFORE DELETE ON outbox \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    .execute(pool)
+    .await
+    .expect("trigger");
+    let (token, _) = gw
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
+        .await;
+    denied_call(&gw.url, &token, 1).await;
+    wait_for("the first delivery", Duration::from_secs(20), || async {
+        rx.get("records").await["slack"]["ops"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let sent = rx.get("records").await["slack"]["ops"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!(
+        (1..=3).contains(&sent),
+        "{sent} deliveries of one event in 2.5 s while its record was refused"
+    );
+    gw.shutdown().await;
+}
+
 /// An event too large for its destinations (an agent's call with a 300 KB argument name,
 /// against receivers that refuse bodies over 200 KB with 413, as Splunk's HEC does over its
 /// `max_content_length`) is set aside as a dead letter at once, and the events behind it are

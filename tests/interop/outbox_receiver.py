@@ -37,7 +37,8 @@ documentation, not from the gateway's code.
   "max_bytes": int|null}: makes every receiver answer `status` (with `Retry-After`) while down,
   and wait `delay_ms` first; a request body over `max_bytes` is refused with 413, as Splunk's
   HEC refuses one over its `max_content_length`.
-- GET /records: everything accepted so far; GET /rejected: what was refused and why.
+- GET /records: everything accepted so far; GET /rejected: what was refused and why;
+  GET /down_hits: how many requests each path got while down (answered `status`).
 
 Usage: outbox_receiver.py <webhook secret> <splunk token> <datadog api key> [<pagerduty routing
 key>]; prints `PORT <n>`.
@@ -60,6 +61,7 @@ LOCK = threading.Lock()
 STATE = {"down": False, "status": 503, "retry_after": None, "delay_ms": 0, "max_bytes": None}
 RECORDS = {"webhook": [], "splunk": [], "datadog": [], "ndjson": {}, "slack": {}, "teams": {}, "pagerduty": []}
 REJECTED = []
+DOWN_HITS = {}
 HEC_KEYS = {"event", "time", "host", "source", "sourcetype", "index", "fields"}
 
 
@@ -103,6 +105,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(200, RECORDS)
             if self.path == "/rejected":
                 return self.reply(200, REJECTED)
+            if self.path == "/down_hits":
+                return self.reply(200, DOWN_HITS)
         self.reply(404, {})
 
     def do_POST(self):
@@ -116,6 +120,8 @@ class Handler(BaseHTTPRequestHandler):
         if state["delay_ms"]:
             time.sleep(state["delay_ms"] / 1000)
         if state["down"]:
+            with LOCK:
+                DOWN_HITS[self.path] = DOWN_HITS.get(self.path, 0) + 1
             headers = [("Retry-After", state["retry_after"])] if state["retry_after"] else []
             return self.reply(state["status"], {"error": "down"}, headers)
         if state["max_bytes"] is not None and len(raw) > state["max_bytes"]:

@@ -242,23 +242,42 @@ pub fn token_error(status: u16, body: &[u8]) -> String {
         .to_owned()
 }
 
-/// Splits a JSON array body into bodies of at most [`MAX_CALL`] bytes (whole records; a
-/// single record over the limit is an error).
+/// The most records one formatted batch may hold: a formatter's body (at most
+/// `format::MAX_BODY`) of tiny records must not make the host hold millions of them.
+pub const MAX_RECORDS: usize = 50_000;
+
+/// Splits a JSON array body into bodies of at most [`MAX_CALL`] bytes (whole records, as the
+/// formatter wrote them; a single record over the limit is an error). The records are
+/// counted before they are kept, and kept as slices of `body`, so the split holds little
+/// more than the body twice, whatever the formatter wrote.
 pub fn split_array(body: &[u8]) -> Result<Vec<Vec<u8>>, FormatError> {
     if body.len() <= MAX_CALL {
         return Ok(vec![body.to_vec()]);
     }
-    let records: Vec<Value> = serde_json::from_slice(body).map_err(|_| {
+    let not_array = || {
         FormatError::oversize(
             "the sentinel formatter did not return a JSON array",
             Oversize::No,
         )
-    })?;
+    };
+    // A vector of a zero-sized type allocates nothing per record.
+    let count = serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(body)
+        .map_err(|_| not_array())?
+        .len();
+    if count > MAX_RECORDS {
+        return Err(FormatError::oversize(
+            format!(
+                "the sentinel formatter returned {count} records for one batch; at most {MAX_RECORDS}"
+            ),
+            Oversize::No,
+        ));
+    }
+    let records: Vec<&serde_json::value::RawValue> =
+        serde_json::from_slice(body).map_err(|_| not_array())?;
     let mut out = Vec::new();
     let mut cur: Vec<u8> = vec![b'['];
     for r in records {
-        let rec = r.to_string();
-        let rec = rec.as_bytes();
+        let rec = r.get().trim().as_bytes();
         if rec.len() + 2 > MAX_CALL {
             return Err(FormatError::oversize(
                 format!(
@@ -376,5 +395,26 @@ mod tests {
         assert_eq!(n, 5);
         let huge = format!("[{{\"m\":\"{}\"}}]", "x".repeat(MAX_CALL + 10));
         assert!(split_array(huge.as_bytes()).is_err());
+    }
+
+    /// A formatter's body of millions of tiny records is refused, not held record by record;
+    /// as many records as a batch could mean are split, and kept as the formatter wrote them.
+    #[test]
+    fn a_body_of_countless_tiny_records_is_refused() {
+        let zeros = format!("[{}0]", "0,".repeat(2_600_000));
+        let e = split_array(zeros.as_bytes()).expect_err("too many records");
+        assert!(e.message.contains("records"), "{}", e.message);
+        let rec = format!("{{ \"m\": \"{}\" }}", "y".repeat(40));
+        let body = format!("[{}]", vec![rec.as_str(); MAX_RECORDS].join(", "));
+        assert!(body.len() > MAX_CALL);
+        let parts = split_array(body.as_bytes()).expect("split");
+        let mut n = 0;
+        for p in &parts {
+            assert!(p.len() <= MAX_CALL);
+            let v: Vec<Value> = serde_json::from_slice(p).expect("array");
+            n += v.len();
+        }
+        assert_eq!(n, MAX_RECORDS);
+        assert!(String::from_utf8_lossy(&parts[0]).starts_with(&format!("[{rec},")));
     }
 }

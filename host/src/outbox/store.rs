@@ -271,9 +271,16 @@ pub enum Outcome {
         error: String,
         retry_at_ms: i64,
     },
-    /// Failed and the batch is older than the dead-letter age: set aside, the lane moves on.
+    /// Failed, and what failed is set aside as dead letters.
     Dead {
         error: String,
+        /// Every undelivered row of the lane created at or before this time is set aside (the
+        /// dead-letter age passed), in one statement; `None`: the batch's rows only (an event
+        /// too large on its own).
+        aged_before: Option<i64>,
+        /// When the lane is tried again: `None` at once (what stopped it is set aside), or a
+        /// failing destination's back-off, which setting rows aside does not cut short.
+        retry_at_ms: Option<i64>,
     },
 }
 
@@ -294,7 +301,7 @@ macro_rules! write_outcome {
             Outcome::Delivered => {
                 let mut qb = sqlx::QueryBuilder::<$db>::new("DELETE FROM outbox");
                 push_ids(&mut qb);
-                qb.build().execute(&mut *conn).await?;
+                let n = qb.build().execute(&mut *conn).await?.rows_affected();
                 sqlx::query(
                     "UPDATE outbox_lanes SET failures = 0, next_ms = $2, delivered = delivered + $1, \
                      last_success_ms = $2 WHERE destination = $3 AND tenant = $4",
@@ -305,6 +312,7 @@ macro_rules! write_outcome {
                 .bind(tenant)
                 .execute(&mut *conn)
                 .await?;
+                n
             }
             Outcome::Retry { error, retry_at_ms } => {
                 let error = error_text(error);
@@ -325,8 +333,13 @@ macro_rules! write_outcome {
                 .bind(tenant)
                 .execute(&mut *conn)
                 .await?;
+                0
             }
-            Outcome::Dead { error } => {
+            Outcome::Dead {
+                error,
+                aged_before,
+                retry_at_ms,
+            } => {
                 let error = error_text(error);
                 let mut qb = sqlx::QueryBuilder::<$db>::new(
                     "UPDATE outbox SET attempts = attempts + 1, dead_ms = ",
@@ -334,18 +347,34 @@ macro_rules! write_outcome {
                 qb.push_bind($now);
                 qb.push(", last_error = ");
                 qb.push_bind(error.clone());
-                push_ids(&mut qb);
-                qb.build().execute(&mut *conn).await?;
-                sqlx::query(
-                    "UPDATE outbox_lanes SET failures = 0, next_ms = 0, last_error = $1, \
-                     last_error_ms = $2 WHERE destination = $3 AND tenant = $4",
-                )
-                .bind(error)
-                .bind($now)
-                .bind(dest)
-                .bind(tenant)
-                .execute(&mut *conn)
-                .await?;
+                match aged_before {
+                    Some(before) => {
+                        qb.push(" WHERE destination = ");
+                        qb.push_bind(dest);
+                        qb.push(" AND tenant = ");
+                        qb.push_bind(tenant);
+                        qb.push(" AND dead_ms = 0 AND created_ms <= ");
+                        qb.push_bind(*before);
+                    }
+                    None => push_ids(&mut qb),
+                }
+                let set_aside = qb.build().execute(&mut *conn).await?.rows_affected();
+                let lane = match retry_at_ms {
+                    Some(_) => "UPDATE outbox_lanes SET failures = failures + 1, next_ms = $1, \
+                                last_error = $2, last_error_ms = $3 \
+                                WHERE destination = $4 AND tenant = $5",
+                    None => "UPDATE outbox_lanes SET failures = 0, next_ms = $1, last_error = $2, \
+                             last_error_ms = $3 WHERE destination = $4 AND tenant = $5",
+                };
+                sqlx::query(lane)
+                    .bind(retry_at_ms.unwrap_or(0))
+                    .bind(error)
+                    .bind($now)
+                    .bind(dest)
+                    .bind(tenant)
+                    .execute(&mut *conn)
+                    .await?;
+                set_aside
             }
         }
     }};
@@ -369,7 +398,8 @@ pub async fn release(claim: Claim, lane: &Lane) -> Result<(), OutboxError> {
     Ok(())
 }
 
-/// Records `outcome` for the batch `ids` of `lane`, and releases the claim. On PostgreSQL
+/// Records `outcome` for the batch `ids` of `lane`, and releases the claim; returns the rows
+/// delivered or set aside. On PostgreSQL
 /// nothing is recorded when the lease is no longer this claim's ([`OutboxError::LeaseLost`]):
 /// another replica may have taken the lane since, and delivers the rows itself.
 pub async fn finish(
@@ -378,8 +408,8 @@ pub async fn finish(
     ids: &[i64],
     outcome: &Outcome,
     now: i64,
-) -> Result<(), OutboxError> {
-    match claim {
+) -> Result<u64, OutboxError> {
+    Ok(match claim {
         Claim::Postgres { pool, owner, until } => {
             let mut tx = pool.begin().await?;
             let held = sqlx::query(END_LEASE)
@@ -394,16 +424,17 @@ pub async fn finish(
                 tx.rollback().await?;
                 return Err(OutboxError::LeaseLost);
             }
-            write_outcome!(sqlx::Postgres, &mut *tx, lane, ids, outcome, now);
+            let n = write_outcome!(sqlx::Postgres, &mut *tx, lane, ids, outcome, now);
             tx.commit().await?;
+            n
         }
         Claim::Sqlite(pool) => {
             let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-            write_outcome!(sqlx::Sqlite, &mut *tx, lane, ids, outcome, now);
+            let n = write_outcome!(sqlx::Sqlite, &mut *tx, lane, ids, outcome, now);
             tx.commit().await?;
+            n
         }
-    }
-    Ok(())
+    })
 }
 
 /// Undelivered rows (not dead letters) over every lane.
@@ -842,6 +873,8 @@ mod tests {
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let dead = Outcome::Dead {
             error: "HTTP 500".into(),
+            aged_before: None,
+            retry_at_ms: None,
         };
         finish(held, &lane_a, &ids, &dead, 2_000)
             .await

@@ -146,6 +146,7 @@ fn unreachable_tls() -> rustls::ClientConfig {
 pub async fn run(outbox: Outbox) {
     let http = Clients::new(&outbox.inner.cfg);
     let inflight: Arc<Mutex<HashSet<Lane>>> = Arc::default();
+    let paused: Arc<Mutex<Paused>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let mut reloaded = Instant::now();
     let mut counted: Option<Instant> = None;
@@ -200,12 +201,20 @@ pub async fn run(outbox: Outbox) {
             if started == room {
                 break;
             }
+            if lock(&paused).holds(&lane, Instant::now()) {
+                continue;
+            }
             let fresh = lock(&inflight).insert(lane.clone());
             if !fresh {
                 continue;
             }
             started += 1;
-            let (outbox, http, inflight) = (outbox.clone(), http.clone(), inflight.clone());
+            let (outbox, http, inflight, paused) = (
+                outbox.clone(),
+                http.clone(),
+                inflight.clone(),
+                paused.clone(),
+            );
             tasks.spawn(async move {
                 // Out of the in-flight set however the task ends (a panic too), or the lane
                 // would never be delivered again until a restart.
@@ -213,14 +222,51 @@ pub async fn run(outbox: Outbox) {
                     set: &inflight,
                     lane: &lane,
                 };
-                if let Err(e) = deliver_lane(&outbox, &http, &lane).await {
-                    tracing::warn!(destination = %lane.0, tenant = %lane.1, error = %e, "outbox: delivery bookkeeping failed; the lane is retried");
+                // A lane whose bookkeeping failed waits before it is taken again: its batch
+                // may have been sent and not recorded, and must not go out again every few
+                // milliseconds while the store refuses.
+                match deliver_lane(&outbox, &http, &lane).await {
+                    Ok(()) => lock(&paused).clear(&lane),
+                    Err(e) => {
+                        let wait = lock(&paused).strike(&lane, Instant::now());
+                        tracing::warn!(destination = %lane.0, tenant = %lane.1, error = %e, retry_in_ms = wait.as_millis() as u64, "outbox: delivery bookkeeping failed; the lane is retried");
+                    }
                 }
                 drop(_held);
                 // Another lane may be waiting for this slot.
                 outbox.inner.router.ring();
             });
         }
+    }
+}
+
+/// Lanes whose last turn failed in the gateway's own bookkeeping (the store refused a claim or
+/// a record, or durability could not be confirmed), each with when it may be taken again:
+/// 1 s after a first failure, doubling to [`MAX_PAUSE`]. Bounded by the lanes there are.
+#[derive(Default)]
+struct Paused(std::collections::HashMap<Lane, (Instant, u32)>);
+
+/// The longest pause of a lane whose bookkeeping keeps failing.
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+
+impl Paused {
+    fn holds(&self, lane: &Lane, now: Instant) -> bool {
+        self.0.get(lane).is_some_and(|(until, _)| *until > now)
+    }
+
+    /// Records a failure; returns how long the lane waits.
+    fn strike(&mut self, lane: &Lane, now: Instant) -> Duration {
+        let strikes = self.0.get(lane).map_or(0, |(_, n)| *n);
+        let wait = Duration::from_secs(1)
+            .saturating_mul(1 << strikes.min(6))
+            .min(MAX_PAUSE);
+        self.0
+            .insert(lane.clone(), (now + wait, strikes.saturating_add(1)));
+        wait
+    }
+
+    fn clear(&mut self, lane: &Lane) {
+        self.0.remove(lane);
     }
 }
 
@@ -311,7 +357,7 @@ async fn deliver_lane(
             },
         };
         let now = now_ms();
-        let mut ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let outcome = match sent {
             Ok(()) => Outcome::Delivered,
             Err(f) if f.oversize != Oversize::No && rows.len() > 1 => {
@@ -328,47 +374,52 @@ async fn deliver_lane(
                         "{} (this event alone is too large for the destination)",
                         f.error
                     ),
+                    aged_before: None,
+                    retry_at_ms: None,
                 }
             }
             Err(f) => {
-                // Only the rows past the dead-letter age are set aside; the rest wait for
-                // their own (a re-driven row's age starts again at its re-drive).
+                // Every row of the lane past the dead-letter age is set aside at once (not one
+                // failed request each); the rest wait for their own (a re-driven row's age
+                // starts again at its re-drive). Either way the lane waits out its back-off
+                // and the destination's `Retry-After`: the destination is failing.
                 let dead_before = now.saturating_sub(cfg.dead_after.as_millis() as i64);
-                let old = rows
-                    .iter()
-                    .take_while(|r| r.created_ms <= dead_before)
-                    .count();
-                if old > 0 {
-                    ids.truncate(old);
-                    Outcome::Dead { error: f.error }
+                let wait = backoff(cfg.retry_base, cfg.retry_max, failures, f.retry_after);
+                let retry_at_ms = now + wait.as_millis() as i64;
+                if rows.iter().any(|r| r.created_ms <= dead_before) {
+                    Outcome::Dead {
+                        error: f.error,
+                        aged_before: Some(dead_before),
+                        retry_at_ms: Some(retry_at_ms),
+                    }
                 } else {
-                    let wait = backoff(cfg.retry_base, cfg.retry_max, failures, f.retry_after);
                     Outcome::Retry {
                         error: f.error,
-                        retry_at_ms: now + wait.as_millis() as i64,
+                        retry_at_ms,
                     }
                 }
             }
         };
-        store::finish(claim, lane, &ids, &outcome, now).await?;
+        let counted = store::finish(claim, lane, &ids, &outcome, now).await?;
         let stats = &outbox.inner.stats;
         match &outcome {
             Outcome::Delivered => {
-                stats
-                    .delivered
-                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                stats.delivered.fetch_add(counted, Ordering::Relaxed);
             }
             Outcome::Retry { error, .. } => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(destination = %lane.0, tenant = %lane.1, error = %error, "outbox: delivery failed; retrying after back-off");
                 return Ok(());
             }
-            Outcome::Dead { error } => {
+            Outcome::Dead {
+                error, retry_at_ms, ..
+            } => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .dead_lettered
-                    .fetch_add(ids.len() as u64, Ordering::Relaxed);
-                tracing::error!(destination = %lane.0, tenant = %lane.1, events = ids.len(), error = %error, "outbox: undeliverable past the dead-letter age; kept as dead letters");
+                stats.dead_lettered.fetch_add(counted, Ordering::Relaxed);
+                tracing::error!(destination = %lane.0, tenant = %lane.1, events = counted, error = %error, "outbox: undeliverable past the dead-letter age, or too large; kept as dead letters");
+                if retry_at_ms.is_some() {
+                    return Ok(());
+                }
             }
         }
     }
@@ -791,6 +842,27 @@ mod tests {
         assert!(d >= Duration::from_secs(7));
         let d = backoff(base, max, 0, Some(Duration::from_secs(1 << 30)));
         assert_eq!(d, MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn a_failing_lane_waits_longer_each_time_up_to_a_minute() {
+        let lane: Lane = ("d".into(), "t".into());
+        let other: Lane = ("d".into(), "u".into());
+        let mut p = Paused::default();
+        let t0 = Instant::now();
+        assert!(!p.holds(&lane, t0));
+        let waits: Vec<u64> = (0..9).map(|_| p.strike(&lane, t0).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert!(p.holds(&lane, t0 + Duration::from_secs(59)));
+        assert!(!p.holds(&lane, t0 + Duration::from_secs(60)));
+        assert!(!p.holds(&other, t0), "another lane is not held");
+        p.clear(&lane);
+        assert!(!p.holds(&lane, t0));
+        assert_eq!(
+            p.strike(&lane, t0),
+            Duration::from_secs(1),
+            "a success starts over"
+        );
     }
 
     #[test]
