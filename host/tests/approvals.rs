@@ -1297,3 +1297,63 @@ async fn an_intent_escalation_waits_for_a_person_like_the_policys() {
     );
     tg.shutdown().await;
 }
+
+/// A call held for its approval in a session the client then ends (`DELETE`) runs nothing
+/// when approved: the session is gone, as for every other request naming it.
+#[tokio::test]
+async fn a_held_call_of_an_ended_session_does_not_run_when_approved() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let tg = start(Backend::Sqlite, up, &[]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "agent-e", "tools": ["delete_records"]}))
+        .await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"}}});
+    let auth = format!("Bearer {token}");
+    let (status, h, body) = http::send(
+        "POST",
+        &format!("{}/v1/mcp", tg.url),
+        &[
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            ("authorization", &auth),
+        ],
+        serde_json::to_vec(&init).expect("json"),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let sid = h
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("session")
+        .to_owned();
+    let m = marker("ended");
+    let (url, tok, s, table) = (tg.url.clone(), token.clone(), sid.clone(), m.clone());
+    let task = tokio::spawn(async move {
+        let headers = [("prefer", "wait"), ("mcp-session-id", s.as_str())];
+        call_with(&url, &tok, &call_body("delete_records", &table), &headers).await
+    });
+    let id = wait_pending(&tg.url, "agent-e").await;
+    let (status, _, _) = http::send(
+        "DELETE",
+        &format!("{}/v1/mcp", tg.url),
+        &[("authorization", &auth), ("mcp-session-id", &sid)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, d) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "approve", "decided_by": "ops@example.com"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    let v = task.await.expect("join");
+    assert_eq!(v["error"]["code"], -32012, "{v}");
+    assert!(v.to_string().contains("session that has ended"), "{v}");
+    assert_eq!(upstream_calls(up, &m, 1).await, 0);
+    tg.shutdown().await;
+}

@@ -187,6 +187,18 @@ impl Grant {
         }
     }
 
+    /// The token's own key, as text: [`Self::token_digest`] in hex (what an upstream's request
+    /// during a call, and its reply, are tied to).
+    pub fn token_key(&self) -> String {
+        use std::fmt::Write;
+        self.token_digest
+            .iter()
+            .fold(String::with_capacity(64), |mut s, b| {
+                let _ = write!(s, "{b:02x}");
+                s
+            })
+    }
+
     /// Whether the token is still good at `now_unix`, for a call decided some time after its
     /// request authenticated it (a call held for an approval, a long poll, an upstream's
     /// request during a long call): not expired since, nor revoked, nor with a stale

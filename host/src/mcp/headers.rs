@@ -45,6 +45,17 @@ fn mismatch(why: impl Into<String>) -> RpcError {
 }
 
 impl Routing {
+    /// A notification's `Mcp-Method`, when sent, names the body's method: a server never acts
+    /// on a notification whose headers say another (clients need not send it on one).
+    pub fn agree_on_notification(&self, rpc: &Request) -> Result<(), RpcError> {
+        match &self.method {
+            Some(m) if *m != rpc.method => Err(mismatch(
+                "Mcp-Method header does not match the notification's method",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Reads the routing headers; a duplicated or unreadable one is a mismatch (first-copy and
     /// last-copy readers would disagree).
     pub fn read(headers: &HeaderMap) -> Result<Routing, RpcError> {
@@ -204,6 +215,27 @@ mod tests {
             "name": name, "arguments": {},
             "_meta": {meta::PROTOCOL_VERSION: "2026-07-28", meta::CLIENT_CAPABILITIES: {}}}}),
         )
+    }
+
+    /// A modern notification whose `Mcp-Method` names another method is refused (it would
+    /// cancel a call while its headers say it reports progress); without the header it is
+    /// taken, as clients need not send it on a notification.
+    #[test]
+    fn a_notifications_method_header_names_its_method() {
+        let cancel = rpc(
+            json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                "params": {"requestId": 1}}),
+        );
+        let other = routing(Some("2026-07-28"), Some("notifications/progress"), None);
+        let e = super::super::classify(&other, HeaderEra::Modern, &cancel).expect_err("mismatch");
+        assert_eq!(e.code, code::HEADER_MISMATCH);
+        for method in [Some("notifications/cancelled"), None] {
+            let r = routing(Some("2026-07-28"), method, None);
+            assert!(
+                super::super::classify(&r, HeaderEra::Modern, &cancel).is_ok(),
+                "{method:?}"
+            );
+        }
     }
 
     #[test]

@@ -80,7 +80,9 @@ pub fn classify(
             Ok(Era::Handshake)
         }
         HeaderEra::Modern if rpc.is_notification() => {
-            // Notifications carry no envelope requirement; the version must still be served.
+            // Notifications carry no envelope requirement; the version must still be served,
+            // and a method header must name the body's.
+            routing.agree_on_notification(rpc)?;
             let v = routing.version.as_deref().unwrap_or_default();
             if !era::MODERN_VERSIONS.contains(&v) {
                 return Err(era::unsupported_version(v));

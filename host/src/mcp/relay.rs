@@ -43,7 +43,7 @@ pub const MAX_PENDING_PER_TENANT: usize = MAX_PENDING / 4;
 
 struct Waiting {
     tenant: String,
-    jti: String,
+    token: String,
     reply: oneshot::Sender<Value>,
 }
 
@@ -67,17 +67,17 @@ pub type HeldDone =
 /// the call ended) when nobody resumes it within [`REPLY_TIMEOUT`].
 pub struct HeldCall {
     tenant: String,
-    jti: String,
+    token: String,
     since: std::time::Instant,
     pub events: HeldEvents,
     pub done: HeldDone,
 }
 
 impl HeldCall {
-    pub fn new(tenant: &str, jti: &str, events: HeldEvents, done: HeldDone) -> Self {
+    pub fn new(tenant: &str, token: &str, events: HeldEvents, done: HeldDone) -> Self {
         Self {
             tenant: tenant.to_owned(),
-            jti: jti.to_owned(),
+            token: token.to_owned(),
             since: std::time::Instant::now(),
             events,
             done,
@@ -93,9 +93,9 @@ impl Drop for HeldCall {
 }
 
 impl Relays {
-    /// A fresh id for a request relayed to the agent of `tenant`/`jti`, and where its reply
+    /// A fresh id for a request relayed to the agent of `tenant`/`token` (a token's own key, `Grant::token_key`), and where its reply
     /// arrives. `None` when too many are waiting.
-    fn register(&self, tenant: &str, jti: &str) -> Option<(String, oneshot::Receiver<Value>)> {
+    fn register(&self, tenant: &str, token: &str) -> Option<(String, oneshot::Receiver<Value>)> {
         let mut bytes = [0u8; 16];
         getrandom::fill(&mut bytes).ok()?;
         let id = format!(
@@ -114,7 +114,7 @@ impl Relays {
             id.clone(),
             Waiting {
                 tenant: tenant.to_owned(),
-                jti: jti.to_owned(),
+                token: token.to_owned(),
                 reply: tx,
             },
         );
@@ -144,14 +144,14 @@ impl Relays {
 
     /// The call held under `id` for this token, taken out to resume it; not one held past
     /// [`REPLY_TIMEOUT`].
-    pub fn resume(&self, tenant: &str, jti: &str, id: &str) -> Option<HeldCall> {
+    pub fn resume(&self, tenant: &str, token: &str, id: &str) -> Option<HeldCall> {
         let mut h = self.held.lock().ok()?;
         match h.get(id) {
             Some(c) if c.since.elapsed() >= REPLY_TIMEOUT => {
                 h.remove(id);
                 None
             }
-            Some(c) if c.tenant == tenant && c.jti == jti => h.remove(id),
+            Some(c) if c.tenant == tenant && c.token == token => h.remove(id),
             _ => None,
         }
     }
@@ -175,7 +175,7 @@ impl Relays {
 
     /// Hands an agent's reply (a JSON-RPC response) to the relayed request it answers. `false`
     /// when no request of this token waits under its id.
-    pub fn deliver(&self, tenant: &str, jti: &str, reply: Value) -> bool {
+    pub fn deliver(&self, tenant: &str, token: &str, reply: Value) -> bool {
         let Some(id) = reply.get("id").and_then(Value::as_str) else {
             return false;
         };
@@ -183,7 +183,7 @@ impl Relays {
             return false;
         };
         match w.get(id) {
-            Some(v) if v.tenant == tenant && v.jti == jti => {}
+            Some(v) if v.tenant == tenant && v.token == token => {}
             _ => return false,
         }
         match w.remove(id) {
@@ -197,7 +197,7 @@ impl Relays {
     pub async fn relay(
         &self,
         tenant: &str,
-        jti: &str,
+        token: &str,
         to_client: &mpsc::Sender<Value>,
         request: Value,
     ) -> Map<String, Value> {
@@ -208,7 +208,7 @@ impl Relays {
         if !RELAYED.contains(&method) {
             return error(code::METHOD_NOT_FOUND, format!("{method} is not relayed"));
         }
-        let Some((id, reply)) = self.register(tenant, jti) else {
+        let Some((id, reply)) = self.register(tenant, token) else {
             return error(
                 code::INTERNAL_ERROR,
                 "too many requests waiting for clients".into(),

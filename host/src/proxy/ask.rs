@@ -53,7 +53,7 @@ impl Asker {
             .relays
             .relay(
                 &self.grant.tenant,
-                &self.grant.jti,
+                &self.grant.token_key(),
                 &self.to_client,
                 request,
             )
@@ -62,11 +62,11 @@ impl Asker {
 
     /// The asker as the upstream client's handler of server requests.
     pub fn into_handler(self) -> std::sync::Arc<crate::upstream::ServerRequests> {
-        let (tenant, jti) = (self.grant.tenant.clone(), self.grant.jti.clone());
+        let (tenant, token) = (self.grant.tenant.clone(), self.grant.token_key());
         let me = std::sync::Arc::new(self);
         std::sync::Arc::new(crate::upstream::ServerRequests::new(
             &tenant,
-            &jti,
+            &token,
             move |request: Value| {
                 let me = std::sync::Arc::clone(&me);
                 Box::pin(async move { me.ask(request).await })

@@ -161,4 +161,41 @@ mod tests {
         drop(theirs);
         assert!(table.find(&child, &id).is_none());
     }
+
+    /// What an upstream asks during a call is the very token's: a token attenuated from it
+    /// shares its id but neither owns the call on the shared session nor answers its request.
+    #[tokio::test]
+    async fn an_upstreams_question_is_answered_by_the_very_token_only() {
+        let (parent, child) = grants();
+        assert_ne!(parent.token_key(), child.token_key());
+        assert_eq!(parent.token_key().len(), 64);
+        let owner = |g: &crate::capability::Grant| {
+            crate::upstream::ServerRequests::new(&g.tenant, &g.token_key(), |_| {
+                Box::pin(async { serde_json::Map::new() })
+            })
+            .owner_for_tests()
+        };
+        assert_ne!(owner(&parent), owner(&child));
+        let relays = std::sync::Arc::new(crate::mcp::relay::Relays::default());
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let asking = {
+            let (relays, key) = (relays.clone(), parent.token_key());
+            let tenant = parent.tenant.clone();
+            tokio::spawn(async move {
+                let request = serde_json::json!({"jsonrpc": "2.0", "id": 9,
+                    "method": "elicitation/create", "params": {"message": "sure?"}});
+                relays.relay(&tenant, &key, &tx, request).await
+            })
+        };
+        let asked = rx.recv().await.expect("relayed to the client");
+        let reply = serde_json::json!({"jsonrpc": "2.0", "id": asked["id"],
+                                       "result": {"action": "accept"}});
+        assert!(
+            !relays.deliver(&child.tenant, &child.token_key(), reply.clone()),
+            "the child token answered the parent's question"
+        );
+        assert!(relays.deliver(&parent.tenant, &parent.token_key(), reply));
+        let answered = asking.await.expect("join");
+        assert_eq!(answered["result"]["action"], "accept", "{answered:?}");
+    }
 }

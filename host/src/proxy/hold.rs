@@ -205,6 +205,20 @@ impl Held {
                 });
             }
         }
+        // A session ended while the call waited (`DELETE`, on any replica) runs nothing more:
+        // a subscription would outlive it, and every other request naming it is refused.
+        if let Some(session) = self.session.as_deref() {
+            match crate::mcp::ended::is_ended(svc.store.as_ref(), session).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    return self.refused(Denial::Approval(format!(
+                        "approval {} is for a call of a session that has ended",
+                        pending.pending_id
+                    )));
+                }
+                Err(e) => return self.refused(Denial::Audit(e.to_string())),
+            }
+        }
         // Approved: decided again, with the approval consumed in the call's commit.
         let mut ctx = CallContext::new(
             svc,

@@ -308,7 +308,7 @@ fn frame(
                     .with_data(Value::from("missing or invalid capability token"));
                 return Err(Box::new(rpc_response(StatusCode::UNAUTHORIZED, None, &err)));
             };
-            if svc.relays.deliver(&grant.tenant, &grant.jti, reply) {
+            if svc.relays.deliver(&grant.tenant, &grant.token_key(), reply) {
                 return Err(Box::new(http::status(StatusCode::ACCEPTED)));
             }
             let err = RpcError::new(code::INVALID_REQUEST, "Invalid Request").with_data(

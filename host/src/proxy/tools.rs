@@ -374,19 +374,19 @@ impl CallContext<'_> {
         };
         let (tx, events) = tokio::sync::mpsc::channel::<Value>(8);
         let relays = std::sync::Arc::clone(&self.svc.relays);
-        let (tenant, jti) = (self.grant.tenant.clone(), self.grant.jti.clone());
+        let (tenant, token) = (self.grant.tenant.clone(), self.grant.token_key());
         let handler = std::sync::Arc::new(crate::upstream::ServerRequests::new(
             &self.grant.tenant,
-            &self.grant.jti,
+            &token.clone(),
             move |request: Value| {
                 let (relays, tx) = (std::sync::Arc::clone(&relays), tx.clone());
-                let (tenant, jti) = (tenant.clone(), jti.clone());
+                let (tenant, token) = (tenant.clone(), token.clone());
                 Box::pin(async move {
                     if request.get("id").is_none() {
                         let _ = tx.send(request).await;
                         return serde_json::Map::new();
                     }
-                    relays.relay(&tenant, &jti, &tx, request).await
+                    relays.relay(&tenant, &token, &tx, request).await
                 })
                     as crate::store::BoxFuture<'static, serde_json::Map<String, Value>>
             },
@@ -395,8 +395,12 @@ impl CallContext<'_> {
         let done = upstream
             .spawn_call_tool(cleared, params, Some(env.clone()), handler)
             .map_err(|e| upstream_rpc_error(&e))?;
-        let held =
-            crate::mcp::relay::HeldCall::new(&self.grant.tenant, &self.grant.jti, events, done);
+        let held = crate::mcp::relay::HeldCall::new(
+            &self.grant.tenant,
+            &self.grant.token_key(),
+            events,
+            done,
+        );
         Ok(self.await_held(call, held, started, rpc).await)
     }
 
@@ -409,8 +413,8 @@ impl CallContext<'_> {
         id: &str,
         rpc: &RpcRequest,
     ) -> Result<HeldStep, RpcError> {
-        let (tenant, jti) = (&self.grant.tenant, &self.grant.jti);
-        let Some(held) = self.svc.relays.resume(tenant, jti, id) else {
+        let (tenant, token) = (&self.grant.tenant, &self.grant.token_key());
+        let Some(held) = self.svc.relays.resume(tenant, token, id) else {
             return Err(
                 RpcError::new(code::INVALID_PARAMS, "Invalid or expired requestState").with_data(
                     Value::from(
@@ -423,7 +427,7 @@ impl CallContext<'_> {
             for (key, answer) in answers {
                 self.svc
                     .relays
-                    .deliver(tenant, jti, json!({"id": key, "result": answer}));
+                    .deliver(tenant, token, json!({"id": key, "result": answer}));
             }
         }
         Ok(self
@@ -466,7 +470,7 @@ impl CallContext<'_> {
                             let error = json!({"code": refused.code, "message": refused.message});
                             self.svc.relays.deliver(
                                 &self.grant.tenant,
-                                &self.grant.jti,
+                                &self.grant.token_key(),
                                 json!({"id": message["id"], "error": error}),
                             );
                         }

@@ -261,22 +261,29 @@ pub struct ServerRequests {
 impl ServerRequests {
     pub fn new(
         tenant: &str,
-        jti: &str,
+        token: &str,
         ask: impl Fn(Value) -> crate::store::BoxFuture<'static, Map<String, Value>>
         + Send
         + Sync
         + 'static,
     ) -> Self {
         Self {
-            // Length-prefixed, so no two (tenant, token id) pairs give one owner.
-            owner: format!("{}:{tenant}{jti}", tenant.len()),
+            // Length-prefixed, so no two (tenant, token) pairs give one owner. The token's own
+            // key (`Grant::token_key`), not its id: a token attenuated from another shares
+            // its id, and must not be asked what the other's call asked.
+            owner: format!("{}:{tenant}{token}", tenant.len()),
             ask: Box::new(ask),
         }
     }
 
-    /// Whose call this is: one value per tenant and token id.
+    /// Whose call this is: one value per tenant and token.
     pub(super) fn owner(&self) -> &str {
         &self.owner
+    }
+
+    #[cfg(test)]
+    pub(crate) fn owner_for_tests(&self) -> String {
+        self.owner.clone()
     }
 
     pub(super) fn ask(
