@@ -56,6 +56,12 @@ pub struct Limits {
     pub live_per_tenant: usize,
     /// Subscriptions per session.
     pub subscriptions: usize,
+    /// Distinct URIs subscribed on this replica: each holds an upstream subscription (or, to a
+    /// stateless upstream, a listen stream and its task).
+    pub uris: usize,
+    /// Of those, the most one tenant's sessions may subscribe to: one tenant must not take
+    /// every upstream subscription this replica can hold.
+    pub uris_per_tenant: usize,
     /// How long a session without a stream or subscriptions keeps its window.
     pub linger: Duration,
 }
@@ -69,6 +75,8 @@ impl Default for Limits {
             sessions_per_tenant: 5_000,
             live_per_tenant: 512,
             subscriptions: 256,
+            uris: 4_096,
+            uris_per_tenant: 2_048,
             linger: Duration::from_secs(300),
         }
     }
@@ -85,6 +93,10 @@ pub enum HubError {
     TooManySessionsForTenant(usize),
     #[error("too many subscriptions in this session (limit {0})")]
     TooManySubscriptions(usize),
+    #[error("too many resources subscribed to on this gateway (limit {0})")]
+    TooManyUris(usize),
+    #[error("too many resources subscribed to for this tenant on this gateway (limit {0})")]
+    TooManyUrisForTenant(usize),
     #[error("too many open streams for this tenant on this gateway (limit {0})")]
     TooManyStreamsForTenant(usize),
 }
@@ -153,6 +165,8 @@ struct Inner {
     sessions: HashMap<String, Entry>,
     /// Subscribed URI → the sessions subscribed to it.
     by_uri: HashMap<String, HashSet<String>>,
+    /// Tenant → subscribed URI → how many of its sessions subscribe to it.
+    tenant_uris: HashMap<String, HashMap<String, usize>>,
     /// Requests held open per tenant (a synchronous approval's wait, [`HeldSlot`]): each
     /// holds a connection as a live stream does, and counts toward the same share.
     held: HashMap<String, usize>,
@@ -166,6 +180,7 @@ impl Inner {
         };
         let mut orphaned = Vec::new();
         for uri in entry.uris {
+            self.untenant(&entry.grant.tenant, &uri);
             if let Some(set) = self.by_uri.get_mut(&uri) {
                 set.remove(session);
                 if set.is_empty() {
@@ -175,6 +190,21 @@ impl Inner {
             }
         }
         orphaned
+    }
+
+    /// One fewer session of `tenant` subscribes to `uri`.
+    fn untenant(&mut self, tenant: &str, uri: &str) {
+        if let Some(uris) = self.tenant_uris.get_mut(tenant) {
+            if let Some(n) = uris.get_mut(uri) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    uris.remove(uri);
+                }
+            }
+            if uris.is_empty() {
+                self.tenant_uris.remove(tenant);
+            }
+        }
     }
 }
 
@@ -365,12 +395,39 @@ impl Hub {
     ) -> Result<bool, HubError> {
         let mut inner = self.lock();
         let max = self.limits.subscriptions;
+        let (uris, per_tenant) = (self.limits.uris, self.limits.uris_per_tenant);
+        let tenant_has = |inner: &Inner| {
+            inner
+                .tenant_uris
+                .get(&grant.tenant)
+                .map_or((false, 0), |u| (u.contains_key(uri), u.len()))
+        };
+        let (tenant_holds, tenant_count) = tenant_has(&inner);
         let entry = self.entry(&mut inner, session, grant, token)?;
-        if !entry.uris.contains(uri) && entry.uris.len() >= max {
+        if entry.uris.contains(uri) {
+            entry.touched = Instant::now();
+            return Ok(inner.by_uri.get(uri).map_or(0, HashSet::len) == 1);
+        }
+        if entry.uris.len() >= max {
             return Err(HubError::TooManySubscriptions(max));
         }
+        if !tenant_holds && tenant_count >= per_tenant {
+            return Err(HubError::TooManyUrisForTenant(per_tenant));
+        }
+        if !inner.by_uri.contains_key(uri) && inner.by_uri.len() >= uris {
+            return Err(HubError::TooManyUris(uris));
+        }
+        let Some(entry) = inner.sessions.get_mut(session) else {
+            return Ok(false);
+        };
         entry.uris.insert(uri.to_owned());
         entry.touched = Instant::now();
+        *inner
+            .tenant_uris
+            .entry(grant.tenant.clone())
+            .or_default()
+            .entry(uri.to_owned())
+            .or_default() += 1;
         let set = inner.by_uri.entry(uri.to_owned()).or_default();
         set.insert(session.to_owned());
         Ok(set.len() == 1)
@@ -385,7 +442,12 @@ impl Hub {
         let held = match inner.sessions.get_mut(session) {
             Some(entry) => {
                 entry.touched = Instant::now();
-                entry.uris.remove(uri)
+                let held = entry.uris.remove(uri);
+                let tenant = entry.grant.tenant.clone();
+                if held {
+                    inner.untenant(&tenant, uri);
+                }
+                held
             }
             None => false,
         };
@@ -636,6 +698,65 @@ mod tests {
         assert!(got[0].starts_with("id: 1\n"), "{}", got[0]);
         assert!(got[0].contains(r#""uri":"db+file:///x""#), "{}", got[0]);
         assert!(drain(&mut b).is_empty());
+    }
+
+    fn grant_in(tenant: &str) -> Grant {
+        let key = MasterKey::from_bytes(b"0123456789abcdef0123456789abcdef")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let now = 1_700_000_000;
+        let req = MintRequest {
+            subject: "agent".into(),
+            tenant: Some(tenant.into()),
+            ..MintRequest::default()
+        };
+        let minted = mint(&key, &req, now).unwrap_or_else(|e| panic!("{e}"));
+        Verifier::new(key, DEFAULT_LEEWAY_SECS)
+            .authenticate(&minted.token, now, &RevocationSet::always_fresh())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Each distinct subscribed URI holds an upstream subscription or listen: one tenant takes
+    /// at most its share of them, the replica at most its limit, and unsubscribing or ending
+    /// a session gives places back.
+    #[test]
+    fn subscribed_uris_are_bounded_per_tenant_and_per_replica() {
+        let hub = Hub::new(Limits {
+            uris: 3,
+            uris_per_tenant: 2,
+            ..Limits::default()
+        });
+        let (a, b) = (grant_in("acme"), grant_in("globex"));
+        assert!(hub.subscribe("s1", &a, "t", "u1").expect("first"));
+        assert!(hub.subscribe("s2", &a, "t", "u2").expect("second"));
+        assert_eq!(
+            hub.subscribe("s1", &a, "t", "u3").err(),
+            Some(HubError::TooManyUrisForTenant(2))
+        );
+        // A URI the tenant subscribes to already is no new one, in any of its sessions.
+        assert!(!hub.subscribe("s3", &a, "t", "u1").expect("shared"));
+        assert!(hub.subscribe("s4", &b, "t", "u3").expect("another tenant"));
+        assert_eq!(
+            hub.subscribe("s4", &b, "t", "u4").err(),
+            Some(HubError::TooManyUris(3))
+        );
+        assert!(
+            !hub.subscribe("s4", &b, "t", "u1")
+                .expect("a URI held already")
+        );
+        assert_eq!(
+            hub.subscribe("s5", &b, "t", "u2").err(),
+            Some(HubError::TooManyUrisForTenant(2))
+        );
+        hub.unsubscribe("s2", "u2");
+        assert!(hub.subscribe("s1", &a, "t", "u5").expect("u2's place"));
+        let _ = hub.end("s1");
+        let _ = hub.end("s3");
+        // acme holds nothing now (globex still holds u1 and u3).
+        assert!(
+            hub.subscribe("s6", &a, "t", "u6")
+                .expect("acme's places are back")
+        );
+        assert!(!hub.subscribe("s6", &a, "t", "u1").expect("held by globex"));
     }
 
     #[test]
