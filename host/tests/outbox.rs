@@ -909,6 +909,18 @@ async fn dead_letters_are_kept_listed_and_redriven() {
     gw.shutdown().await;
 }
 
+/// Adds the global Slack destination `ops` (`*/ops`), posting to the receiver.
+async fn global_slack(gw: &TestGateway, rx: &Receiver) {
+    let (status, v) = put_destination(
+        gw,
+        ADMIN_TOKEN,
+        json!({"global": true, "name": "ops", "kind": "slack",
+               "url": format!("{}/slack/ops", rx.url)}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+}
+
 /// Events past the dead-letter age at a destination that is failing are set aside together,
 /// and the lane keeps waiting out the destination's `Retry-After`: a Slack destination (one
 /// event a request) down for longer than the age is not sent one request after another, one
@@ -920,14 +932,7 @@ async fn aged_events_are_set_aside_together_and_the_lane_keeps_its_back_off() {
         .await;
     let flags = ["--outbox-dead-after-secs", "1"].map(str::to_owned);
     let gw = start(Backend::Sqlite, &flags).await;
-    let (status, v) = put_destination(
-        &gw,
-        ADMIN_TOKEN,
-        json!({"global": true, "name": "ops", "kind": "slack",
-               "url": format!("{}/slack/ops", rx.url)}),
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
+    global_slack(&gw, &rx).await;
     let (token, _) = gw
         .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
         .await;
@@ -961,14 +966,7 @@ async fn aged_events_are_set_aside_together_and_the_lane_keeps_its_back_off() {
 async fn a_lane_whose_bookkeeping_fails_waits_before_it_is_sent_again() {
     let rx = Receiver::start();
     let gw = start(Backend::Sqlite, &[]).await;
-    let (status, v) = put_destination(
-        &gw,
-        ADMIN_TOKEN,
-        json!({"global": true, "name": "ops", "kind": "slack",
-               "url": format!("{}/slack/ops", rx.url)}),
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
+    global_slack(&gw, &rx).await;
     // What the store refuses: deleting a delivered row (as a full disk or a lock would).
     let intentgate::store::Db::Sqlite(pool) = gw.gw.outbox.db() else {
         unreachable!("a SQLite gateway")

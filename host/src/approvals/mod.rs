@@ -199,6 +199,33 @@ impl Approval {
     }
 }
 
+/// A pending approval of `tenant`'s agent `agent` for `delete_records`, for tests.
+#[cfg(test)]
+pub(crate) fn sample(tenant: &str, created_ms: i64, expires_ms: i64) -> Approval {
+    Approval {
+        tenant: tenant.into(),
+        pending_id: new_id(),
+        capability_token_id: "jti".into(),
+        root_capability_token_id: "root".into(),
+        agent_id: "agent".into(),
+        tool: "delete_records".into(),
+        args: None,
+        args_digest: "d".into(),
+        bundle_digest: "b".into(),
+        intent_summary: String::new(),
+        reason: "needs a person".into(),
+        escalated_by: "policy".into(),
+        status: Status::Pending,
+        requires_step_up: false,
+        created_ms,
+        expires_ms,
+        decided_ms: None,
+        decided_by: None,
+        decide_note: None,
+        consumed_ms: None,
+    }
+}
+
 /// A fresh pending id: `pa_` and 128 random bits.
 pub fn new_id() -> String {
     let mut bytes = [0u8; 16];

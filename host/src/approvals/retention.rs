@@ -90,74 +90,50 @@ async fn tenants_with_rows(db: &Db, before_ms: i64) -> Result<Vec<String>, Query
 /// expiry (a row's latest time: a decision, a consumption and its creation all come before it),
 /// or `before_ms` when fewer remain; `None` when none does.
 async fn next_cutoff(db: &Db, tenant: &str, before_ms: i64) -> Result<Option<i64>, QueryError> {
+    if nth_expiry(db, tenant, before_ms, 0).await?.is_none() {
+        return Ok(None);
+    }
+    let nth = nth_expiry(db, tenant, before_ms, BATCH - 1).await?;
+    Ok(Some(nth.map_or(before_ms, |t| (t + 1).min(before_ms))))
+}
+
+/// The expiry of `tenant`'s `offset`-th oldest final approval expired before `before_ms`.
+async fn nth_expiry(
+    db: &Db,
+    tenant: &str,
+    before_ms: i64,
+    offset: i64,
+) -> Result<Option<i64>, QueryError> {
     let sql = format!(
         "SELECT expires_ms FROM approvals WHERE tenant = $1 AND {FINAL} AND expires_ms < $2 \
          ORDER BY expires_ms LIMIT 1 OFFSET $3"
     );
-    let (any, nth): (Option<i64>, Option<i64>) = match db {
-        Db::Sqlite(pool) => (
+    Ok(match db {
+        Db::Sqlite(pool) => {
             sqlx::query_scalar(&sql)
                 .bind(tenant)
                 .bind(before_ms)
-                .bind(0_i64)
+                .bind(offset)
                 .fetch_optional(pool)
-                .await?,
+                .await?
+        }
+        Db::Postgres(pool) => {
             sqlx::query_scalar(&sql)
                 .bind(tenant)
                 .bind(before_ms)
-                .bind(BATCH - 1)
+                .bind(offset)
                 .fetch_optional(pool)
-                .await?,
-        ),
-        Db::Postgres(pool) => (
-            sqlx::query_scalar(&sql)
-                .bind(tenant)
-                .bind(before_ms)
-                .bind(0_i64)
-                .fetch_optional(pool)
-                .await?,
-            sqlx::query_scalar(&sql)
-                .bind(tenant)
-                .bind(before_ms)
-                .bind(BATCH - 1)
-                .fetch_optional(pool)
-                .await?,
-        ),
-    };
-    Ok(any.map(|_| nth.map_or(before_ms, |t| (t + 1).min(before_ms))))
+                .await?
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Approval, Status, query};
+    use super::super::query;
     use super::*;
     use crate::audit::{AuditConfig, AuditFilter, LogKey};
     use crate::store::{self, StoreConfig};
-
-    fn approval(tenant: &str, created_ms: i64, expires_ms: i64) -> Approval {
-        Approval {
-            tenant: tenant.into(),
-            pending_id: super::super::new_id(),
-            capability_token_id: "jti".into(),
-            root_capability_token_id: "root".into(),
-            agent_id: "agent".into(),
-            tool: "delete_records".into(),
-            args: None,
-            args_digest: "d".into(),
-            bundle_digest: "b".into(),
-            intent_summary: String::new(),
-            reason: "needs a person".into(),
-            escalated_by: "policy".into(),
-            status: Status::Pending,
-            requires_step_up: false,
-            created_ms,
-            expires_ms,
-            decided_ms: None,
-            decided_by: None,
-            decide_note: None,
-            consumed_ms: None,
-        }
-    }
 
     /// Old final rows go, with one event per tenant; pending and approved rows stay however
     /// old, and so do final rows inside the retention.
@@ -226,7 +202,7 @@ mod tests {
             } else {
                 (old, old + 300_000)
             };
-            let a = approval(tenant, created, expires);
+            let a = super::super::sample(tenant, created, expires);
             let id = a.pending_id.clone();
             write(tenant, ApprovalWrite::Create(Box::new(a))).await;
             match fate {

@@ -143,28 +143,7 @@ mod tests {
             .await
             .expect("log");
         let now = audit::time::now_ms();
-        let pending = Approval {
-            tenant: "acme".into(),
-            pending_id: super::super::new_id(),
-            capability_token_id: "jti".into(),
-            root_capability_token_id: "root".into(),
-            agent_id: "agent".into(),
-            tool: "delete_records".into(),
-            args: None,
-            args_digest: "d".into(),
-            bundle_digest: "b".into(),
-            intent_summary: String::new(),
-            reason: "needs a person".into(),
-            escalated_by: "policy".into(),
-            status: super::super::Status::Pending,
-            requires_step_up: false,
-            created_ms: now,
-            expires_ms: now + 60_000,
-            decided_ms: None,
-            decided_by: None,
-            decide_note: None,
-            consumed_ms: None,
-        };
+        let pending = super::super::sample("acme", now, now + 60_000);
         let id = pending.pending_id.clone();
         let write = |w: ApprovalWrite| {
             let log = log.clone();

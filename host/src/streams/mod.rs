@@ -563,33 +563,37 @@ mod tests {
     };
     use serde_json::json;
 
-    fn grant() -> Grant {
+    fn grant_of(req: MintRequest) -> Grant {
         let key = MasterKey::from_bytes(b"0123456789abcdef0123456789abcdef")
             .unwrap_or_else(|e| panic!("{e}"));
         let now = 1_700_000_000;
-        let req = MintRequest {
-            subject: "agent".into(),
-            ..MintRequest::default()
-        };
         let minted = mint(&key, &req, now).unwrap_or_else(|e| panic!("{e}"));
         Verifier::new(key, DEFAULT_LEEWAY_SECS)
             .authenticate(&minted.token, now, &RevocationSet::always_fresh())
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    fn grant() -> Grant {
+        grant_of(MintRequest {
+            subject: "agent".into(),
+            ..MintRequest::default()
+        })
+    }
+
     fn grant_for(resources: &[&str]) -> Grant {
-        let key = MasterKey::from_bytes(b"0123456789abcdef0123456789abcdef")
-            .unwrap_or_else(|e| panic!("{e}"));
-        let now = 1_700_000_000;
-        let req = MintRequest {
+        grant_of(MintRequest {
             subject: "agent".into(),
             resources: resources.iter().map(|r| r.to_string()).collect(),
             ..MintRequest::default()
-        };
-        let minted = mint(&key, &req, now).unwrap_or_else(|e| panic!("{e}"));
-        Verifier::new(key, DEFAULT_LEEWAY_SECS)
-            .authenticate(&minted.token, now, &RevocationSet::always_fresh())
-            .unwrap_or_else(|e| panic!("{e}"))
+        })
+    }
+
+    fn grant_in(tenant: &str) -> Grant {
+        grant_of(MintRequest {
+            subject: "agent".into(),
+            tenant: Some(tenant.into()),
+            ..MintRequest::default()
+        })
     }
 
     /// One tenant's live streams take at most their share; a session reopening its stream is
@@ -698,21 +702,6 @@ mod tests {
         assert!(got[0].starts_with("id: 1\n"), "{}", got[0]);
         assert!(got[0].contains(r#""uri":"db+file:///x""#), "{}", got[0]);
         assert!(drain(&mut b).is_empty());
-    }
-
-    fn grant_in(tenant: &str) -> Grant {
-        let key = MasterKey::from_bytes(b"0123456789abcdef0123456789abcdef")
-            .unwrap_or_else(|e| panic!("{e}"));
-        let now = 1_700_000_000;
-        let req = MintRequest {
-            subject: "agent".into(),
-            tenant: Some(tenant.into()),
-            ..MintRequest::default()
-        };
-        let minted = mint(&key, &req, now).unwrap_or_else(|e| panic!("{e}"));
-        Verifier::new(key, DEFAULT_LEEWAY_SECS)
-            .authenticate(&minted.token, now, &RevocationSet::always_fresh())
-            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Each distinct subscribed URI holds an upstream subscription or listen: one tenant takes
