@@ -615,6 +615,7 @@ impl Pipeline {
             callee: Some((upstream, None)),
             // No risk score is computed: a risk_max caveat is refused as not evaluated.
             risk: None,
+            template: call.kind == CallKind::Completion(crate::capability::Kind::Resource),
         })?;
         drop(authorizing);
         let input = self.check_input(call);

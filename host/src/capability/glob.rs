@@ -113,6 +113,22 @@ impl Glob {
         &self.source
     }
 
+    /// Whether some name that begins with `prefix`, followed by anything, could match: an
+    /// over-approximation (a `*` is taken to match everything after it), for a URI template of
+    /// which only the literal prefix is known.
+    pub(crate) fn may_match_with_prefix(&self, prefix: &str) -> bool {
+        let mut toks = self.toks.iter();
+        for c in prefix.chars() {
+            match toks.next() {
+                None => return false,
+                Some(Tok::Star) => return true,
+                Some(t) if !t.matches(c) => return false,
+                Some(_) => {}
+            }
+        }
+        true
+    }
+
     /// What matching may cost beyond one pass over the name: a pattern with a `*` backtracks,
     /// up to its length for every character of the name. Counted against
     /// [`MAX_WILDCARD_BYTES`].

@@ -106,6 +106,10 @@ pub struct CallContext<'a> {
     /// The caller's risk score 0-100. The gateway computes none (`None`): a `risk_max` caveat
     /// then fails with [`CapabilityError::RiskNotEvaluated`].
     pub risk: Option<u8>,
+    /// `tool` is a URI template (a completion of a resource template's argument), not one
+    /// name: a `*_deny` caveat refuses it when any of its expansions could be denied, since
+    /// the completion's values name what those expansions reach.
+    pub template: bool,
 }
 
 impl<'a> CallContext<'a> {
@@ -303,6 +307,15 @@ fn check_len(what: &'static str, name: Option<&str>) -> Result<(), CapabilityErr
     }
 }
 
+/// Whether a deny caveat's `globs` refuse the call: its name, or for a URI template any name
+/// its expansions could take (only the literal part before its first expression is known).
+fn denies(globs: &[Glob], ctx: &CallContext<'_>) -> bool {
+    match ctx.tool.split_once('{') {
+        Some((prefix, _)) if ctx.template => globs.iter().any(|g| g.may_match_with_prefix(prefix)),
+        _ => any_matches(globs, ctx.tool),
+    }
+}
+
 fn check(r: &Restriction, ctx: &CallContext<'_>) -> Result<(), CapabilityError> {
     let is_tool = ctx.kind == Kind::Tool;
     match r {
@@ -333,7 +346,7 @@ fn check(r: &Restriction, ctx: &CallContext<'_>) -> Result<(), CapabilityError> 
             kind,
             caveat,
             globs,
-        } if *kind == ctx.kind && any_matches(globs, ctx.tool) => Err(CapabilityError::Denied {
+        } if *kind == ctx.kind && denies(globs, ctx) => Err(CapabilityError::Denied {
             kind: kind.as_str(),
             name: echo(ctx.tool),
             caveat: *caveat,

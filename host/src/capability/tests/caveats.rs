@@ -127,6 +127,48 @@ fn resource_and_prompt_caveats_restrict_their_kind_only() {
     ));
 }
 
+/// A completion of a resource template's argument names what the template's expansions
+/// reach: a deny caveat refuses the template when any expansion could be denied, and leaves
+/// templates whose expansions it cannot reach alone.
+#[test]
+fn a_resource_deny_covers_every_expansion_of_a_template() {
+    let m = mint_ok(&req("bot"));
+    let t = attenuate(
+        &m.token,
+        vec![Caveat::scoped(
+            "resource_deny",
+            ["file:///secret/*", "db://?/admin"],
+        )],
+    );
+    let g = grant(&t);
+    let template = |uri| {
+        g.authorize(&CallContext {
+            template: true,
+            ..CallContext::of(Kind::Resource, uri)
+        })
+    };
+    for denied in [
+        "file:///{path}",
+        "file:///secret/{name}",
+        "file:///{+path}",
+        "{uri}",
+        "db://{shard}/admin",
+    ] {
+        assert!(
+            matches!(template(denied), Err(CapabilityError::Denied { .. })),
+            "{denied}"
+        );
+    }
+    for allowed in ["file:///public/{name}", "note://{id}", "db://ab{x}"] {
+        assert_eq!(template(allowed), Ok(()), "{allowed}");
+    }
+    // The same text as a plain URI is only itself.
+    assert_eq!(
+        g.authorize(&CallContext::of(Kind::Resource, "file:///{path}")),
+        Ok(())
+    );
+}
+
 #[test]
 fn mcp_allow_needs_a_matching_server() {
     let m = mint_ok(&MintRequest {

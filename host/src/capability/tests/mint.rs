@@ -123,6 +123,7 @@ fn round_trip_surfaces_identity_and_limits() {
         server: Some("erp-1"),
         callee: Some(("helper-1", None)),
         risk: None,
+        template: false,
     };
     assert_eq!(g.authorize(&ok), Ok(()));
 }
