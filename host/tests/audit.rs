@@ -1390,6 +1390,29 @@ async fn export_verifies_offline(db: Db, n: usize) {
     assert!(!r.ok);
     assert!(r.broken.expect("broken").reason.starts_with("truncated"));
 
+    // A hostile export whose first acme line is at the largest seq: the line after it is a
+    // gap, not an overflow (a panic in a debug build, a wrapped `seq` passing in release).
+    let forged = |seq: u64, prev: [u8; 32]| {
+        let body = json!({"event": kinds::TOOL_CALL, "seq": seq, "tenant": "acme"});
+        let canonical = intentgate::audit::jcs::canonicalize(&body);
+        let hash = intentgate::audit::log::link_hash(&prev, canonical.as_bytes());
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let mut line = body;
+        line["id"] = json!(1);
+        line["hash"] = json!(hex(&hash));
+        line["prev_hash"] = json!(hex(&prev));
+        (line.to_string(), hash)
+    };
+    let (first, h) = forged(u64::MAX, [7; 32]);
+    let (second, _) = forged(0, h);
+    let hostile = format!("{first}\n{second}\n");
+    let r = offline::verify_export(hostile.as_bytes(), &note, &vk).expect("verify");
+    assert!(!r.ok);
+    assert!(
+        r.broken.expect("broken").reason.starts_with("gap"),
+        "a gap after the largest seq"
+    );
+
     // A wrong key or a forged checkpoint is an error, not a verdict.
     let other = LogKey::from_seed("test-gw", [9; 32])
         .expect("key")

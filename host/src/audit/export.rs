@@ -127,12 +127,14 @@ pub const CSV_COLUMNS: [&str; 31] = [
 ];
 
 /// Appends one CSV cell (without separator), quoted when needed and defused against formulas.
+/// A `;` is quoted too: a spreadsheet in a locale whose list separator it is splits an
+/// unquoted cell there, and the piece after it (`0;=cmd|…`) would start a formula of its own.
 pub fn csv_cell(value: &str, out: &mut String) {
     let formula = matches!(
         value.as_bytes().first(),
         Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')
     );
-    let quote = formula || value.contains([',', '"', '\n', '\r']);
+    let quote = formula || value.contains([',', ';', '"', '\n', '\r']);
     if quote {
         out.push('"');
     }
@@ -289,6 +291,8 @@ mod tests {
             assert!(c.starts_with("\"'"), "{bad:?} → {c:?}");
         }
         assert_eq!(cell("a\nb"), "\"a\nb\"");
+        // Split at `;` by a spreadsheet of such a locale, the second piece would be a formula.
+        assert_eq!(cell("0;=cmd|' /C calc'!A0"), "\"0;=cmd|' /C calc'!A0\"");
     }
 
     #[test]

@@ -253,10 +253,10 @@ pub fn verify_export(
             }
         };
         if let Some(last) = report.last_seq
-            && seq != last + 1
+            && Some(seq) != last.checked_add(1)
         {
             report.broken = Some(fail(
-                format!("gap: expected seq {}, found {seq}", last + 1),
+                format!("gap: expected seq {}, found {seq}", u128::from(last) + 1),
                 Some(id.unwrap_or(0)),
                 Some(seq),
                 stored,
