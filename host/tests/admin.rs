@@ -798,6 +798,38 @@ async fn actions_on_every_tenant_are_in_a_chain_no_tenant_admin_reads() {
         let (s, v) = get_json(&format!("{}{path}", tg.url), DEFAULT_ADMIN).await;
         assert_eq!(s, 400, "{path}: {v}");
     }
+    // A token of acme's revoked by the superadmin without naming a tenant is acme's
+    // business: its chain and revocation list say so, default's do not.
+    let (_, jti) = tg
+        .mint(json!({"subject": "x", "tenant": "acme", "tools": ["echo"]}))
+        .await;
+    let (s, v) = post(
+        &tg,
+        "/v1/admin/revoke",
+        ADMIN_TOKEN,
+        json!({"jti": jti, "reason": "lost laptop"}),
+    )
+    .await;
+    assert_eq!(s, 204, "{v}");
+    let revoked = admin_events(&tg, "acme", "admin/revoke").await;
+    assert!(
+        revoked
+            .iter()
+            .any(|e| e["capability_token_id"] == jti.as_str()),
+        "{revoked:?}"
+    );
+    assert!(
+        admin_events(&tg, "default", "admin/revoke")
+            .await
+            .is_empty()
+    );
+    let listed = |token: &'static str| {
+        let url = format!("{}/v1/admin/revocations", tg.url);
+        async move { get_json(&url, token).await.1.to_string() }
+    };
+    assert!(listed(ACME_ADMIN).await.contains(&jti));
+    assert!(!listed(DEFAULT_ADMIN).await.contains(&jti));
+
     // The chain is not a tenant: nothing else accepts its name.
     let (s, v) = post(
         &tg,

@@ -172,6 +172,21 @@ pub async fn revoke(svc: &AdminService, req: &AdminRequest) -> Result<Response<B
     }
     let named = req.tenant_named(body.tenant.as_deref())?;
     let tenant = match &req.principal {
+        Principal::Superadmin if named.is_none() => {
+            // The tenant whose chain records the token's mint: its revocation is that tenant's
+            // business (its chain and revocation list say so), not `default`'s. A token this
+            // gateway never minted (an original gateway's) stays `default`'s, as before.
+            let filter = AuditFilter {
+                jti: Some(jti.to_owned()),
+                ..AuditFilter::default()
+            };
+            let page = audit::query::list(svc.pipeline.audit().db(), &filter, None, 1).await?;
+            page.items
+                .first()
+                .map(|r| r.tenant.clone())
+                .filter(|t| crate::config::valid_tenant_name(t))
+                .unwrap_or_else(|| "default".to_owned())
+        }
         Principal::Superadmin => req.principal.one_tenant(named)?,
         p @ Principal::TenantAdmin(_) => {
             let own = p.one_tenant(named)?;
