@@ -719,3 +719,49 @@ async fn replicas_follow_promotions_and_rollbacks_through_the_store() {
     assert!(b.status(tenant).is_default);
     assert_eq!(b.status(tenant).previous.as_deref(), Some(digest.as_str()));
 }
+
+/// A promote whose request goes away mid-swap (the client disconnected) still stores the
+/// pointer it swapped to: the other replicas follow, and no replica runs a bundle the store
+/// does not name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promote_whose_request_is_dropped_still_reaches_every_replica() {
+    use intentgate::bundles::persist::{Follower, Persist};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = intentgate::store::StoreConfig::Sqlite {
+        path: dir.path().join("gateway.db"),
+    };
+    let store = intentgate::store::connect(&config).await.expect("store");
+    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let a = intentgate::bundles::Registry::with_runtime(runtime.clone()).expect("replica a");
+    let b = intentgate::bundles::Registry::with_runtime(runtime).expect("replica b");
+    a.attach_store(Persist::new(store.db()));
+    let mut follow_b = Follower::new(b.clone(), Persist::new(store.db()));
+    let tenant = "bundles-admin";
+    let post = hyper::Method::POST;
+    let body = serde_json::to_vec(
+        &serde_json::json!({"name": "dropped", "spec": tagged_spec("dropped-promote")}),
+    )
+    .expect("json");
+    let r = run(&a, admin(&post, "/v1/admin/bundles", None, &body)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let digest = r.body["digest"].as_str().expect("digest").to_string();
+    let path = format!("/v1/admin/bundles/{digest}/promote");
+    // The request is dropped a millisecond in, as hyper drops a disconnected client's.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_millis(1),
+        handle(&a, admin(&post, &path, None, b"")),
+    )
+    .await;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while b.snapshot(tenant).digest() != digest {
+        assert!(
+            std::time::Instant::now() < until,
+            "replica b never followed: a runs {}, b runs {}",
+            a.snapshot(tenant).digest(),
+            b.snapshot(tenant).digest()
+        );
+        let _ = follow_b.poll().await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.snapshot(tenant).digest(), digest);
+}

@@ -365,7 +365,23 @@ async fn store_pointed(
 /// replica or on none. The pointer is a compare-and-set on the `seq` this replica runs: when
 /// another replica swapped meanwhile, the swap here is undone too and the caller gets 409 (this
 /// replica's follower brings it up to date; then a retry works).
+///
+/// It runs as a task of its own: a client that goes away mid-swap (its request dropped) must
+/// not leave the swap made here and its pointer never stored, nor release the gate while the
+/// swap still runs.
 async fn swap_and_store(
+    registry: &Registry,
+    tenant: &str,
+    actor: &str,
+    swap: impl FnOnce(&Registry) -> Result<SwapOutcome, BundleError> + Send + 'static,
+) -> Result<SwapOutcome, AdminReply> {
+    let (registry, tenant, actor) = (registry.clone(), tenant.to_owned(), actor.to_owned());
+    tokio::spawn(async move { swap_and_store_whole(&registry, &tenant, &actor, swap).await })
+        .await
+        .unwrap_or_else(|e| Err(error(500, format!("the swap's task failed: {e}"))))
+}
+
+async fn swap_and_store_whole(
     registry: &Registry,
     tenant: &str,
     actor: &str,
