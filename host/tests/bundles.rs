@@ -765,3 +765,75 @@ async fn a_promote_whose_request_is_dropped_still_reaches_every_replica() {
     }
     assert_eq!(a.snapshot(tenant).digest(), digest);
 }
+
+/// The test component with a custom section of its own: other bytes, another digest, the
+/// same code.
+fn variant(n: u8) -> Vec<u8> {
+    let mut wasm = std::fs::read(artifacts::TEST_CUSTOM_PATH).expect("custom artifact");
+    wasm.extend_from_slice(&[0x00, 0x03, 0x01, b'v', n]);
+    wasm
+}
+
+/// Parallel uploads are counted one after another against the tenant's quota (none passes
+/// the check before the others are counted), and an upload whose request is dropped while
+/// it compiles leaves nothing behind to count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn uploads_keep_to_the_quota_in_parallel_and_when_dropped() {
+    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let registry = intentgate::bundles::Registry::with_runtime(runtime).expect("registry");
+    let post = hyper::Method::POST;
+    let options = intentgate::bundles::admin::AdminOptions {
+        max_components_per_tenant: 2,
+        ..intentgate::bundles::admin::AdminOptions::default()
+    };
+    let uploads: Vec<_> = (0..8u8)
+        .map(|n| {
+            let (registry, wasm) = (registry.clone(), variant(n));
+            tokio::spawn(async move {
+                let options = intentgate::bundles::admin::AdminOptions {
+                    max_components_per_tenant: 2,
+                    ..intentgate::bundles::admin::AdminOptions::default()
+                };
+                let call = admin(
+                    &hyper::Method::POST,
+                    "/v1/admin/plugins",
+                    Some("name=v"),
+                    &wasm,
+                );
+                intentgate::bundles::admin::handle_with(&registry, call, &options)
+                    .await
+                    .expect("a route")
+                    .status
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for u in uploads {
+        if u.await.expect("join") == 201 {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 2, "the quota is 2");
+    let uploaded = |r: &intentgate::bundles::Registry| {
+        r.components().into_iter().filter(|c| !c.builtin).count()
+    };
+    assert_eq!(uploaded(&registry), 2);
+
+    // Dropped a millisecond in, while it compiles: nothing stays once the compile ends.
+    let fresh = intentgate::bundles::Registry::with_runtime(
+        intentgate::plugins::Runtime::shared().expect("runtime"),
+    )
+    .expect("registry");
+    let wasm = variant(200);
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_millis(1),
+        intentgate::bundles::admin::handle_with(
+            &fresh,
+            admin(&post, "/v1/admin/plugins", Some("name=gone"), &wasm),
+            &options,
+        ),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(uploaded(&fresh), 0, "{:?}", fresh.components());
+}

@@ -30,6 +30,7 @@ use crate::plugins::{CheckInput, PluginError, Stage, VerdictKind, World};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::sync::Arc;
 
 /// One admin request, already authenticated and scoped to `tenant`.
 #[derive(Clone, Copy, Debug)]
@@ -358,6 +359,78 @@ async fn store_pointed(
     Ok(())
 }
 
+/// A component's compile, as its upload request and the compiling thread share it.
+#[derive(Default)]
+struct Compiling {
+    /// The request went away: the compile undoes its entry when it ends.
+    abandoned: bool,
+    /// The compile ended and its entry is the request's to keep or undo.
+    done: bool,
+}
+
+/// Marks a compile abandoned when its request is dropped before it was answered, and undoes
+/// the entry of a compile that ended meanwhile.
+struct AbandonCompile {
+    compiling: Arc<std::sync::Mutex<Compiling>>,
+    registry: Registry,
+    digest: String,
+    /// The component was there before this upload: never undone here.
+    known: bool,
+    armed: bool,
+}
+
+impl AbandonCompile {
+    /// The request got the compile's answer: its entry is the request's now.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AbandonCompile {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut c = self.compiling.lock().unwrap_or_else(|p| p.into_inner());
+        c.abandoned = true;
+        if std::mem::take(&mut c.done) && !self.known {
+            self.registry.remove_component(&self.digest);
+        }
+    }
+}
+
+/// Uploads in this process, one at a time (see the upload handler).
+static UPLOADS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// An uploaded component not yet recorded, owned and stored: dropped before [`Self::keep`],
+/// it gives up the ownership it added and removes a component that was not there before.
+struct PendingUpload<'a> {
+    registry: &'a Registry,
+    digest: String,
+    /// The component was there before this upload (another tenant's, or a built-in).
+    known: bool,
+    /// The tenant this upload made an owner.
+    owner: Option<String>,
+}
+
+impl PendingUpload<'_> {
+    fn keep(mut self) {
+        self.known = true;
+        self.owner = None;
+    }
+}
+
+impl Drop for PendingUpload<'_> {
+    fn drop(&mut self) {
+        if let Some(tenant) = self.owner.take() {
+            self.registry.remove_component_owner(&self.digest, &tenant);
+        }
+        if !self.known {
+            self.registry.remove_component(&self.digest);
+        }
+    }
+}
+
 /// Make a swap (`promote` or `rollback`) and store the tenant's new pointer, which the other
 /// replicas follow. Both happen under the registry's swap gate, so this replica's follower
 /// cannot interleave an older pointer. The bundles the pointer names are stored first. When the
@@ -520,6 +593,9 @@ async fn plugins(
                 "formatter" | "siem-formatter" => World::SiemFormatter,
                 other => return Err(error(400, format!("unknown world {other:?}"))),
             };
+            // One upload at a time in this process, from the quota's check to the component's
+            // owner: parallel uploads must not all pass the check before any is counted.
+            let _gate = UPLOADS.lock().await;
             registry
                 .component_room(
                     &crate::plugins::runtime::digest_of(&wasm),
@@ -527,39 +603,54 @@ async fn plugins(
                     opts.max_components_per_tenant,
                 )
                 .map_err(bundle_error)?;
-            let known: Vec<String> = registry
-                .components()
-                .into_iter()
-                .map(|c| c.digest)
-                .collect();
+            let digest = crate::plugins::runtime::digest_of(&wasm);
+            let known = registry.components().iter().any(|c| c.digest == digest);
             // Compiled (and so validated) before its event is recorded; no tenant may use it
-            // until it is recorded, stored and owned below.
-            let r2 = registry.clone();
-            let info = blocking(move || r2.upload_component(&name, &wasm, expect))
-                .await?
-                .map_err(|e| error(422, e))?;
-            let forget = |registry: &Registry| {
-                if !known.contains(&info.digest) {
-                    registry.remove_component(&info.digest);
+            // until it is recorded, stored and owned below. The compile runs on to its end
+            // even when this request is dropped meanwhile; then it undoes its own entry.
+            let compiling = Arc::new(std::sync::Mutex::new(Compiling::default()));
+            let abandon = AbandonCompile {
+                compiling: Arc::clone(&compiling),
+                registry: registry.clone(),
+                known,
+                digest,
+                armed: true,
+            };
+            let (r2, c2) = (registry.clone(), Arc::clone(&compiling));
+            let info = blocking(move || {
+                let info = r2.upload_component(&name, &wasm, expect)?;
+                let mut c = c2.lock().unwrap_or_else(|p| p.into_inner());
+                if c.abandoned {
+                    if !known {
+                        r2.remove_component(&info.digest);
+                    }
+                } else {
+                    c.done = true;
                 }
+                Ok(info)
+            })
+            .await?
+            .map_err(|e: BundleError| error(422, e))?;
+            abandon.disarm();
+            // Until it is recorded, owned and stored, the component is undone however this
+            // ends: an error, or the request dropped (a client gone) between two awaits.
+            let mut pending = PendingUpload {
+                registry,
+                digest: info.digest.clone(),
+                known,
+                owner: None,
             };
             let detail = json!({"digest": info.digest, "world": info.world, "name": info.name});
-            let event = match audit_first(opts, call, "plugin.upload", detail).await {
-                Ok(e) => e,
-                Err(r) => {
-                    forget(registry);
-                    return Err(r);
-                }
-            };
-            let newly_owned = registry.add_component_owner(&info.digest, call.tenant);
+            let event = audit_first(opts, call, "plugin.upload", detail).await?;
+            if registry.add_component_owner(&info.digest, call.tenant) {
+                pending.owner = Some(call.tenant.to_owned());
+            }
             if let Err(e) = store_component(registry, call.tenant, &info, call.actor).await {
                 // Not stored, so not kept: a bundle naming it could not be loaded elsewhere.
-                if newly_owned {
-                    registry.remove_component_owner(&info.digest, call.tenant);
-                }
-                forget(registry);
+                drop(pending);
                 return Err(applied_failed(opts, &event, e).await);
             }
+            pending.keep();
             Ok(AdminReply {
                 status: 201,
                 body: json!(info),
