@@ -140,7 +140,7 @@ async fn postgres_replicas_are_woken_by_notify_not_by_the_poll() {
     let store = intentgate::store::connect(&intentgate::store::StoreConfig::Postgres { url })
         .await
         .expect("store");
-    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let runtime = crate::support::gateway::shared_runtime();
     let a = Registry::with_runtime(runtime.clone()).expect("replica a");
     let b = Registry::with_runtime(runtime).expect("replica b");
     a.attach_store(Persist::new(store.db()));
@@ -182,7 +182,7 @@ async fn a_swap_the_store_cannot_record_is_undone() {
     })
     .await
     .expect("store");
-    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let runtime = crate::support::gateway::shared_runtime();
     let a = Registry::with_runtime(runtime).expect("registry");
     a.attach_store(Persist::new(store.db()));
     let tenant = "undo";
@@ -516,7 +516,7 @@ async fn a_bundle_the_store_never_recorded_is_stored_before_it_is_promoted() {
     })
     .await
     .expect("store");
-    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let runtime = crate::support::gateway::shared_runtime();
     let a = Registry::with_runtime(runtime.clone()).expect("replica a");
     a.attach_store(Persist::new(store.db()));
     let tenant = "unstored";
@@ -621,7 +621,7 @@ async fn a_bundle_the_store_never_recorded_is_stored_before_it_is_promoted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_dry_run_leaves_the_drafts_as_they_were() {
-    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let runtime = crate::support::gateway::shared_runtime();
     let a = Registry::with_runtime(runtime).expect("registry");
     let tenant = "dry-run-drafts";
     let post = |path: &'static str, body: Value| {
@@ -661,7 +661,7 @@ async fn a_swap_over_a_pointer_another_replica_moved_is_refused_and_undone() {
     })
     .await
     .expect("store");
-    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let runtime = crate::support::gateway::shared_runtime();
     let a = Registry::with_runtime(runtime.clone()).expect("replica a");
     let b = Registry::with_runtime(runtime).expect("replica b");
     a.attach_store(Persist::new(store.db()));
@@ -764,7 +764,7 @@ async fn a_tenant_sees_and_uses_only_its_own_uploaded_components() {
     })
     .await
     .expect("store");
-    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let runtime = crate::support::gateway::shared_runtime();
     let a = Registry::with_runtime(runtime).expect("registry");
     a.attach_store(Persist::new(store.db()));
     let wasm = std::fs::read(intentgate::plugins::artifacts::TEST_CUSTOM_PATH).expect("artifact");
@@ -859,7 +859,7 @@ async fn a_tenant_sees_and_uses_only_its_own_uploaded_components() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drafts_uploads_and_the_history_are_bounded() {
-    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let runtime = crate::support::gateway::shared_runtime();
     let a = Registry::with_runtime(runtime).expect("registry");
     a.set_limits(2, 0);
     let tenant = "limits";

@@ -646,7 +646,7 @@ async fn replicas_follow_promotions_and_rollbacks_through_the_store() {
         path: dir.path().join("gateway.db"),
     };
     let store = intentgate::store::connect(&config).await.expect("store");
-    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let runtime = crate::support::gateway::shared_runtime();
     let a = intentgate::bundles::Registry::with_runtime(runtime.clone()).expect("replica a");
     let b = intentgate::bundles::Registry::with_runtime(runtime).expect("replica b");
     a.attach_store(Persist::new(store.db()));
@@ -731,7 +731,7 @@ async fn a_promote_whose_request_is_dropped_still_reaches_every_replica() {
         path: dir.path().join("gateway.db"),
     };
     let store = intentgate::store::connect(&config).await.expect("store");
-    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let runtime = crate::support::gateway::shared_runtime();
     let a = intentgate::bundles::Registry::with_runtime(runtime.clone()).expect("replica a");
     let b = intentgate::bundles::Registry::with_runtime(runtime).expect("replica b");
     a.attach_store(Persist::new(store.db()));
@@ -779,7 +779,7 @@ fn variant(n: u8) -> Vec<u8> {
 /// it compiles leaves nothing behind to count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn uploads_keep_to_the_quota_in_parallel_and_when_dropped() {
-    let runtime = intentgate::plugins::Runtime::shared().expect("runtime");
+    let runtime = crate::support::gateway::shared_runtime();
     let registry = intentgate::bundles::Registry::with_runtime(runtime).expect("registry");
     let post = hyper::Method::POST;
     let options = intentgate::bundles::admin::AdminOptions {
@@ -820,10 +820,9 @@ async fn uploads_keep_to_the_quota_in_parallel_and_when_dropped() {
     assert_eq!(uploaded(&registry), 2);
 
     // Dropped a millisecond in, while it compiles: nothing stays once the compile ends.
-    let fresh = intentgate::bundles::Registry::with_runtime(
-        intentgate::plugins::Runtime::shared().expect("runtime"),
-    )
-    .expect("registry");
+    let fresh =
+        intentgate::bundles::Registry::with_runtime(crate::support::gateway::shared_runtime())
+            .expect("registry");
     let wasm = variant(200);
     let _ = tokio::time::timeout(
         std::time::Duration::from_millis(1),

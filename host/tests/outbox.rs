@@ -1679,8 +1679,8 @@ async fn sentinel_gets_every_event_through_the_logs_ingestion_api_with_one_cache
 
 #[test]
 fn formatters_of_the_world_and_of_its_earlier_name_load_and_format() {
-    use intentgate::plugins::{Runtime, World, artifacts, siem::Formatter};
-    let runtime = Runtime::shared().expect("runtime");
+    use intentgate::plugins::{World, artifacts, siem::Formatter};
+    let runtime = crate::support::gateway::shared_runtime();
     assert_eq!(
         World::SiemFormatter.name(),
         "intentgate:plugin/formatter@0.2.0"

@@ -35,7 +35,10 @@ pub fn input(tenant: &str, tool: &str) -> CheckInput {
 /// One registry (built-in components compiled once) for the whole test binary.
 pub fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(|| Registry::builtin().expect("builtin registry"))
+    REGISTRY.get_or_init(|| {
+        crate::support::gateway::shared_runtime();
+        Registry::builtin().expect("builtin registry")
+    })
 }
 
 fn hostile_runtime() -> Arc<Runtime> {
@@ -404,7 +407,8 @@ fn every_policy_in_policies_passes_its_rego_tests_and_broken_tests_fail() {
 
 #[test]
 fn budget_charges_apply_only_when_asked_and_block_at_the_ceiling() {
-    let registry = Registry::with_runtime(Runtime::shared().expect("runtime")).expect("registry");
+    let registry =
+        Registry::with_runtime(crate::support::gateway::shared_runtime()).expect("registry");
     let counters = registry.memory_counters().expect("memory counters");
     let tenant = "plugins-budget";
     let mut spec = registry.default_spec().clone().with_policy_config(
@@ -450,7 +454,7 @@ fn budget_charges_apply_only_when_asked_and_block_at_the_ceiling() {
 #[test]
 fn the_siem_formatter_builds_a_request() {
     let formatter = intentgate::plugins::siem::Formatter::new(
-        Runtime::shared().expect("runtime"),
+        crate::support::gateway::shared_runtime(),
         artifacts::SIEM_JSON,
         r#"{"format": "splunk-hec", "splunk_token": "t0k"}"#,
     )
@@ -509,13 +513,15 @@ fn a_tenant_at_its_instance_quota_is_refused_while_other_tenants_get_instances()
             .contains("INTENTGATE_MAX_INSTANCES_PER_TENANT"),
         "{refused}"
     );
-    // Another check of the same tenant is refused too: the quota is the tenant's.
+    // Another check of the same tenant is not shut out by instances idle in the first: it
+    // takes one of them out, and the tenant still holds at most its quota.
     let call = input("greedy", "x");
     let sibling = pool_on(&runtime, "ok", "greedy");
-    assert!(matches!(
-        sibling.evaluate(&call, None),
-        Err(PluginError::TenantQuota { .. })
-    ));
+    sibling
+        .evaluate(&call, None)
+        .expect("an idle instance of the tenant's other check gave its place");
+    assert_eq!(greedy.idle_count(), 1);
+    assert_eq!(sibling.idle_count(), 1);
     assert_eq!(runtime.tenant_instances("greedy"), 2);
 
     // The pool has room, and another tenant gets its instances.
@@ -528,8 +534,45 @@ fn a_tenant_at_its_instance_quota_is_refused_while_other_tenants_get_instances()
 
     // Instances given back free the quota.
     greedy.trim();
+    sibling.trim();
     assert_eq!(runtime.tenant_instances("greedy"), 0);
     sibling.evaluate(&call, None).expect("room again");
+}
+
+/// With every one of its instances in use (none idle to give its place), a tenant's next
+/// call is refused by the quota.
+#[test]
+fn a_tenant_whose_instances_are_all_in_use_is_refused() {
+    let runtime = Runtime::new(Limits {
+        call_deadline: Duration::from_secs(10),
+        max_instances: 16,
+        max_instances_per_tenant: 2,
+        ..Limits::default()
+    })
+    .expect("runtime");
+    let slow = Arc::new(pool_on(&runtime, "slow:1500", "busy"));
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let slow = Arc::clone(&slow);
+            std::thread::spawn(move || slow.evaluate(&input("busy", "x"), None))
+        })
+        .collect();
+    while runtime.tenant_instances("busy") < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the slow calls began"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let other = pool_on(&runtime, "ok", "busy");
+    assert!(matches!(
+        other.evaluate(&input("busy", "x"), None),
+        Err(PluginError::TenantQuota { .. })
+    ));
+    for c in calls {
+        c.join().expect("join").expect("the slow calls end well");
+    }
 }
 
 #[test]
@@ -959,7 +1002,7 @@ fn pools_keep_an_idle_instance_per_worker() {
 /// [`CheckPool::warm`]), not in `configure` of every instance that serves calls.
 #[test]
 fn rego_tests_run_at_validation_not_in_every_serving_instance() {
-    let runtime = Runtime::shared().expect("runtime");
+    let runtime = crate::support::gateway::shared_runtime();
     let component = CheckComponent::new(&runtime, artifacts::POLICY_REGO).expect("compile rego");
     let allow = "package intentgate.policy\n\ndecision := {\"allow\": true, \"reason\": \"ok\"}\n";
     let failing = "package intentgate.policy_test\n\ntest_never if false\n";

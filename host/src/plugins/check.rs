@@ -110,7 +110,45 @@ pub struct CheckPool {
     tenant: Arc<str>,
     counters: Arc<dyn Counters>,
     require_intent: bool,
-    idle: Mutex<Vec<Instance>>,
+    idle: Arc<IdleList>,
+}
+
+/// A pool's idle instances.
+type IdleList = Mutex<Vec<Instance>>;
+
+/// Every pool's idle list, by runtime and tenant. Idle instances hold their tenant's slots:
+/// a call refused for its tenant's quota takes an idle instance of the tenant's other pools
+/// out (freeing its slot) and tries once more, so the instances one check kept after a burst
+/// never shut the tenant's other checks out. Dead lists are dropped as they are met.
+type IdleLists = std::collections::HashMap<(usize, Arc<str>), Vec<std::sync::Weak<IdleList>>>;
+
+static IDLE_LISTS: std::sync::LazyLock<Mutex<IdleLists>> = std::sync::LazyLock::new(Mutex::default);
+
+fn idle_lists() -> std::sync::MutexGuard<'static, IdleLists> {
+    IDLE_LISTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn runtime_key(runtime: &Arc<Runtime>) -> usize {
+    Arc::as_ptr(runtime) as usize
+}
+
+/// Drops one idle instance of `tenant`'s pools other than `mine`; whether one went.
+fn evict_idle_elsewhere(runtime: &Arc<Runtime>, tenant: &Arc<str>, mine: &Arc<IdleList>) -> bool {
+    let lists: Vec<Arc<IdleList>> = {
+        let mut all = idle_lists();
+        let Some(weak) = all.get_mut(&(runtime_key(runtime), tenant.clone())) else {
+            return false;
+        };
+        weak.retain(|w| w.strong_count() > 0);
+        weak.iter().filter_map(std::sync::Weak::upgrade).collect()
+    };
+    for list in lists.iter().filter(|l| !Arc::ptr_eq(l, mine)) {
+        let evicted = list.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        if evicted.is_some() {
+            return true;
+        }
+    }
+    false
 }
 
 impl std::fmt::Debug for CheckPool {
@@ -144,8 +182,24 @@ impl CheckPool {
             tenant: tenant.into(),
             counters,
             require_intent: stage == Stage::Intent,
-            idle: Mutex::new(Vec::new()),
+            idle: Arc::default(),
         }
+        .registered()
+    }
+
+    /// Lists this pool's idle instances where its tenant's other pools find them.
+    fn registered(self) -> Self {
+        let mut all = idle_lists();
+        // Pools come and go with bundles (a swap, a draft): dead lists leave here.
+        all.retain(|_, lists| {
+            lists.retain(|w| w.strong_count() > 0);
+            !lists.is_empty()
+        });
+        all.entry((runtime_key(&self.runtime), self.tenant.clone()))
+            .or_default()
+            .push(Arc::downgrade(&self.idle));
+        drop(all);
+        self
     }
 
     /// Whether results must carry an intent record (default: in the intent stage). Custom
@@ -296,7 +350,14 @@ impl CheckPool {
         };
         let mut instance = match pooled {
             Some(instance) => instance,
-            None => self.instantiate(exec, &self.serving_config).await?,
+            None => match self.instantiate(exec, &self.serving_config).await {
+                Err(PluginError::TenantQuota { .. })
+                    if evict_idle_elsewhere(&self.runtime, &self.tenant, &self.idle) =>
+                {
+                    self.instantiate(exec, &self.serving_config).await?
+                }
+                other => other?,
+            },
         };
         let limits = &self.runtime.limits;
         host_state::arm(

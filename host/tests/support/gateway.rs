@@ -40,6 +40,18 @@ pub const TEST_CHECK_DEADLINES_ENV: [(&str, &str); 2] = [
     ("INTENTGATE_CALL_CHECKS_DEADLINE_MS", "3000"),
 ];
 
+/// The process-wide plugin runtime with the limits every in-process test gateway asks for
+/// ([`TEST_CHECK_DEADLINES`]). A test that uses the shared runtime takes it here, so whichever
+/// test touches it first, the gateways started after find the limits they ask for.
+pub fn shared_runtime() -> std::sync::Arc<intentgate::plugins::Runtime> {
+    intentgate::plugins::Runtime::shared_with(intentgate::plugins::Limits {
+        call_deadline: std::time::Duration::from_millis(1000),
+        call_checks_deadline: std::time::Duration::from_millis(3000),
+        ..intentgate::plugins::Limits::default()
+    })
+    .expect("the shared runtime has the test gateways' limits")
+}
+
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub url: String,
