@@ -141,6 +141,14 @@ fn hostile_plugins_fail_closed_within_the_deadline_while_others_keep_serving() {
             .expect_err("garbage");
         assert!(matches!(err, PluginError::Malformed { .. }), "{err}");
 
+        // A result larger than a crossing may lift is refused while it is lifted, before the
+        // host holds it (the reason's bound is checked only after).
+        let err = hostile_pool("huge-reason:4194304", "bad-tenant")
+            .evaluate(&call, None)
+            .expect_err("huge");
+        assert!(matches!(err, PluginError::Trap { .. }), "{err}");
+        assert!(err.to_string().contains("fuel"), "{err}");
+
         let err = hostile_pool("configure-fail", "bad-tenant")
             .evaluate(&call, None)
             .expect_err("configure");

@@ -99,6 +99,11 @@ pub(crate) struct HostState {
     pub(crate) approval_mode: Option<String>,
 }
 
+/// Bytes a check's crossing may lift out of its guest (its result's strings and lists).
+pub(crate) const CHECK_HOSTCALL_BYTES: usize = 2 << 20;
+/// Bytes a formatter's crossing may lift: its body (at most 5 MiB) and its headers.
+pub(crate) const FORMATTER_HOSTCALL_BYTES: usize = 16 << 20;
+
 impl HostState {
     pub(crate) fn new(
         max_memory_bytes: usize,
@@ -137,8 +142,18 @@ impl HostState {
     /// guest once the call's deadline passed and otherwise, in an async call, yields to the
     /// executor at every tick (so a plugin never holds a runtime worker for more than a tick).
     pub(crate) fn into_store(self, engine: &Engine) -> Store<HostState> {
+        let check = self.stage.is_some();
         let mut store = Store::new(engine, self);
         store.limiter(|s| &mut s.limiter);
+        // What the host may allocate for one crossing's values lifted out of the guest (its
+        // result, an import's arguments), before any of our checks of their sizes run: a few
+        // KiB serve a check, a formatted batch is at most `format::MAX_BODY`. Wasmtime's
+        // default, 128 MiB a crossing, let a small guest make the host hold that much.
+        store.set_hostcall_fuel(if check {
+            CHECK_HOSTCALL_BYTES
+        } else {
+            FORMATTER_HOSTCALL_BYTES
+        });
         store.epoch_deadline_callback(|ctx| {
             let state = ctx.data();
             Ok(if Instant::now() >= state.deadline {

@@ -5,7 +5,7 @@
 //! `sometimes-trap:<n>` (traps on every n-th call of an instance, allows otherwise),
 //! `sleep:<ms>` (sleeps in `evaluate` with `std::thread::sleep`, i.e. a WASI monotonic-clock
 //! subscription polled with `wasi:io/poll`: a wait in the host), `configure-sleep:<ms>` (the same
-//! in configure).
+//! in configure), `huge-reason:<bytes>` (allows with a reason of that many bytes).
 //! It must never be part of a production bundle.
 
 use intentgate_plugin_sdk::{Charge, Check, CheckResult, IntentRecord, ToolCall, Verdict, host};
@@ -59,6 +59,12 @@ impl Check for Hostile {
         }
         if mode == "trap" {
             panic!("trap on purpose for {}", call.tool);
+        }
+        if let Some(bytes) = mode
+            .strip_prefix("huge-reason:")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
+            return Verdict::allow("x".repeat(bytes)).into();
         }
         if mode == "garbage" {
             return CheckResult {
