@@ -836,3 +836,31 @@ async fn uploads_keep_to_the_quota_in_parallel_and_when_dropped() {
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert_eq!(uploaded(&fresh), 0, "{:?}", fresh.components());
 }
+
+/// Each tenant's swaps have a gate of their own: a tenant whose promote is under way (its
+/// gate held) holds up no other tenant's promote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_swap_in_progress_holds_up_no_other_tenants() {
+    let runtime = crate::support::gateway::shared_runtime();
+    let registry = intentgate::bundles::Registry::with_runtime(runtime).expect("registry");
+    let gate = registry.swap_gate("slow-tenant");
+    let _held = gate.lock().await;
+    let post = hyper::Method::POST;
+    let body = serde_json::to_vec(
+        &serde_json::json!({"name": "other", "spec": tagged_spec("another tenant's")}),
+    )
+    .expect("json");
+    let r = run(&registry, admin(&post, "/v1/admin/bundles", None, &body)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let path = format!(
+        "/v1/admin/bundles/{}/promote",
+        r.body["digest"].as_str().expect("digest")
+    );
+    let promoted = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        run(&registry, admin(&post, &path, None, b"")),
+    )
+    .await
+    .expect("the other tenant's promote is not held up");
+    assert_eq!(promoted.status, 200, "{}", promoted.body);
+}

@@ -460,7 +460,8 @@ async fn swap_and_store_whole(
     actor: &str,
     swap: impl FnOnce(&Registry) -> Result<SwapOutcome, BundleError> + Send + 'static,
 ) -> Result<SwapOutcome, AdminReply> {
-    let _gate = registry.swap_gate().lock().await;
+    let gate = registry.swap_gate(tenant);
+    let _gate = gate.lock().await;
     let before = registry.status(tenant);
     let r2 = registry.clone();
     let outcome = blocking(move || swap(&r2)).await?.map_err(bundle_error)?;

@@ -405,8 +405,8 @@ impl Follower {
             }
             // Read the pointer again under the gate: a swap made on this replica meanwhile has
             // stored a newer one, and applying the listed one would undo it.
-            let registry = self.registry.clone();
-            let _gate = registry.swap_gate().lock().await;
+            let gate = self.registry.swap_gate(&listed.tenant);
+            let _gate = gate.lock().await;
             let Some(pointer) = self.persist.pointer(&listed.tenant).await? else {
                 continue;
             };

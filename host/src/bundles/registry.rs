@@ -258,9 +258,10 @@ struct Inner {
     /// or written by a swap here): a swap stores its pointer only over that one.
     pointer_seqs: Mutex<HashMap<String, i64>>,
     persist: std::sync::OnceLock<super::persist::Persist>,
-    /// Held while a swap is made and stored, and while a follower applies a stored pointer, so
-    /// a follower can never apply a pointer older than a swap this replica just made.
-    gate: tokio::sync::Mutex<()>,
+    /// Per tenant: held while a swap is made and stored, and while a follower applies a stored
+    /// pointer, so a follower can never apply a pointer older than a swap this replica just
+    /// made. A tenant's own, so one tenant's slow promote holds up nobody else's.
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Swaps made in this process by action, [`SWAP_ACTIONS`] order (`/metrics`).
     swaps: [std::sync::atomic::AtomicU64; 3],
 }
@@ -366,7 +367,7 @@ impl Registry {
                 max_components: MAX_UPLOADED_COMPONENTS.into(),
                 pointer_seqs: Mutex::new(HashMap::new()),
                 persist: std::sync::OnceLock::new(),
-                gate: tokio::sync::Mutex::new(()),
+                gates: Mutex::new(HashMap::new()),
                 swaps: Default::default(),
             }),
         };
@@ -396,10 +397,15 @@ impl Registry {
         self.inner.persist.get()
     }
 
-    /// The lock that orders swaps made here (and stored) with pointers applied from the store.
-    /// Hold it across "swap, then store the pointer" and across "read the pointer, then apply".
-    pub fn swap_gate(&self) -> &tokio::sync::Mutex<()> {
-        &self.inner.gate
+    /// The lock that orders `tenant`'s swaps made here (and stored) with its pointers applied
+    /// from the store. Hold it across "swap, then store the pointer" and across "read the
+    /// pointer, then apply".
+    pub fn swap_gate(&self, tenant: &str) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(
+            lock(&self.inner.gates)
+                .entry(tenant.to_owned())
+                .or_default(),
+        )
     }
 
     /// The `seq` of the stored pointer this replica runs for `tenant` (`None`: none applied
