@@ -190,6 +190,7 @@ pub fn verify(reps: usize) -> Result<(), String> {
         server: Some("default"),
         callee: None,
         risk: None,
+        template: false,
     };
     let t = time_per_op(100_000, reps, || {
         black_box(grant.authorize(black_box(&ctx)).is_ok());
