@@ -103,7 +103,7 @@ struct Verified {
 }
 
 const VERIFIED_SHARDS: usize = 8;
-/// Tokens kept per shard; a full shard is emptied (the next calls verify again).
+/// Tokens kept per shard; a full shard gives up one entry for each new one.
 const VERIFIED_PER_SHARD: usize = 512;
 /// Longer tokens (very long delegation chains) are verified every time, not kept.
 const VERIFIED_MAX_BYTES: usize = 8 << 10;
@@ -124,8 +124,12 @@ impl Verified {
         if bearer.len() <= VERIFIED_MAX_BYTES
             && let Ok(mut shard) = self.shard(bearer).lock()
         {
-            if shard.len() >= VERIFIED_PER_SHARD {
-                shard.clear();
+            // A full shard gives up one entry, not all of them: a holder minting attenuation
+            // after attenuation of its own token must not empty everyone else's entries.
+            if shard.len() >= VERIFIED_PER_SHARD
+                && let Some(victim) = shard.keys().next().cloned()
+            {
+                shard.remove(&victim);
             }
             shard.insert(bearer.into(), Arc::clone(&token));
         }

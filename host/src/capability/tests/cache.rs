@@ -74,3 +74,16 @@ fn only_tokens_signed_by_this_key_are_kept() {
         "the parent's grant is its own"
     );
 }
+
+/// A full cache gives up one entry for each new one: thousands of attenuations of one token,
+/// each a valid token of its own, leave the cache full, not emptied shard after shard.
+#[test]
+fn a_full_cache_gives_up_one_entry_at_a_time() {
+    let m = mint_ok(&req("bot"));
+    let v = verifier();
+    for i in 0..6_000 {
+        let t = attenuate(&m.token, vec![Caveat::tool_allow([format!("t{i}")])]);
+        assert!(v.authenticate(&t, NOW, &fresh()).is_ok());
+    }
+    assert_eq!(v.cached(), 8 * 512, "every shard full");
+}
