@@ -864,3 +864,33 @@ async fn one_tenants_swap_in_progress_holds_up_no_other_tenants() {
     .expect("the other tenant's promote is not held up");
     assert_eq!(promoted.status, 200, "{}", promoted.body);
 }
+
+/// A draft's deletion waits for a swap of its tenant under way (it takes the tenant's gate):
+/// a promote of that draft finishes first, and the draft, then active, is not deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drafts_deletion_waits_for_its_tenants_swap() {
+    let runtime = crate::support::gateway::shared_runtime();
+    let registry = intentgate::bundles::Registry::with_runtime(runtime).expect("registry");
+    let post = hyper::Method::POST;
+    let body = serde_json::to_vec(
+        &serde_json::json!({"name": "kept", "spec": tagged_spec("deleted while promoted")}),
+    )
+    .expect("json");
+    let r = run(&registry, admin(&post, "/v1/admin/bundles", None, &body)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let digest = r.body["digest"].as_str().expect("digest").to_string();
+    let gate = registry.swap_gate("bundles-admin");
+    let held = gate.lock().await;
+    let deleting = {
+        let (registry, path) = (registry.clone(), format!("/v1/admin/bundles/{digest}"));
+        tokio::spawn(async move {
+            run(&registry, admin(&hyper::Method::DELETE, &path, None, b""))
+                .await
+                .status
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!deleting.is_finished(), "the deletion waits for the gate");
+    drop(held);
+    assert_eq!(deleting.await.expect("join"), 204);
+}

@@ -758,6 +758,10 @@ async fn delete_draft(
     detail: Value,
 ) -> Result<Box<AdminEvent>, AdminReply> {
     let tenant = call.tenant;
+    // Under the tenant's swap gate: a promote of this draft under way finishes first (and the
+    // draft, then active, is refused below), rather than running a bundle no draft names.
+    let gate = registry.swap_gate(tenant);
+    let _gate = gate.lock().await;
     if !draft_exists(registry, tenant, digest) {
         return Err(error(404, format!("unknown draft {digest}")));
     }
