@@ -638,10 +638,15 @@ fn watch_mode_reloads_rego_and_wasm_on_save() {
     assert_eq!(reason("read_invoice"), "watch v3");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_follow_promotions_and_rollbacks_through_the_store() {
+/// Replica `a` stores its swaps in a SQLite store in `dir`; replica `b` follows them.
+async fn two_replicas(
+    dir: &tempfile::TempDir,
+) -> (
+    intentgate::bundles::Registry,
+    intentgate::bundles::Registry,
+    intentgate::bundles::persist::Follower,
+) {
     use intentgate::bundles::persist::{Follower, Persist};
-    let dir = tempfile::tempdir().expect("tempdir");
     let config = intentgate::store::StoreConfig::Sqlite {
         path: dir.path().join("gateway.db"),
     };
@@ -650,7 +655,14 @@ async fn replicas_follow_promotions_and_rollbacks_through_the_store() {
     let a = intentgate::bundles::Registry::with_runtime(runtime.clone()).expect("replica a");
     let b = intentgate::bundles::Registry::with_runtime(runtime).expect("replica b");
     a.attach_store(Persist::new(store.db()));
-    let mut follow_b = Follower::new(b.clone(), Persist::new(store.db()));
+    let follow_b = Follower::new(b.clone(), Persist::new(store.db()));
+    (a, b, follow_b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_follow_promotions_and_rollbacks_through_the_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, mut follow_b) = two_replicas(&dir).await;
     assert!(
         follow_b.poll().await.expect("poll").is_empty(),
         "nothing promoted yet"
@@ -725,17 +737,8 @@ async fn replicas_follow_promotions_and_rollbacks_through_the_store() {
 /// does not name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promote_whose_request_is_dropped_still_reaches_every_replica() {
-    use intentgate::bundles::persist::{Follower, Persist};
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = intentgate::store::StoreConfig::Sqlite {
-        path: dir.path().join("gateway.db"),
-    };
-    let store = intentgate::store::connect(&config).await.expect("store");
-    let runtime = crate::support::gateway::shared_runtime();
-    let a = intentgate::bundles::Registry::with_runtime(runtime.clone()).expect("replica a");
-    let b = intentgate::bundles::Registry::with_runtime(runtime).expect("replica b");
-    a.attach_store(Persist::new(store.db()));
-    let mut follow_b = Follower::new(b.clone(), Persist::new(store.db()));
+    let (a, b, mut follow_b) = two_replicas(&dir).await;
     let tenant = "bundles-admin";
     let post = hyper::Method::POST;
     let body = serde_json::to_vec(
