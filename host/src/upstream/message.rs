@@ -180,63 +180,80 @@ pub(super) fn find_json_response(
 }
 
 /// An SSE body as it arrives: its frames pushed in, its complete events taken out in order.
-/// Each byte is searched for an event's end once, however many frames an event spans (a
-/// large event comes in many).
+/// Each byte is looked at once, however many frames an event spans (a large event comes in
+/// many) and however many events a frame holds (an upstream's frame of 400 KiB of empty
+/// events must not cost a scan of the rest of the frame per event, on a runtime thread).
 #[derive(Debug, Default)]
 pub(super) struct Events {
     buf: Vec<u8>,
-    /// How much of `buf` was searched without finding an event's end.
+    /// Where the bytes not yet taken as events begin.
+    start: usize,
+    /// How far `buf` was searched for an event's end (never before `start`).
     searched: usize,
+    /// Bytes looked at by the search, for the tests' bound.
+    #[cfg(test)]
+    looked_at: usize,
 }
 
 impl Events {
     pub(super) fn push(&mut self, data: &[u8]) {
+        // What was taken goes once a frame, not once an event.
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.searched -= self.start;
+            self.start = 0;
+        }
         self.buf.extend_from_slice(data);
     }
 
     /// Bytes held (a partial event, or a body that is not a stream).
     pub(super) fn len(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     pub(super) fn bytes(&self) -> &[u8] {
-        &self.buf
+        &self.buf[self.start..]
     }
 
     pub(super) fn clear(&mut self) {
         self.buf.clear();
+        self.start = 0;
         self.searched = 0;
     }
 
     pub(super) fn take(&mut self) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.drain(..self.start);
+        self.start = 0;
         self.searched = 0;
-        std::mem::take(&mut self.buf)
+        buf
     }
 
-    /// The next complete event (up to and including its blank line).
+    /// The next complete event (up to and including its blank line): it ends at the first
+    /// `\n` that closes a `\n\n` or a `\r\n\r\n` within the event.
     pub(super) fn next_event(&mut self) -> Option<Vec<u8>> {
-        // An end ("\r\n\r\n" at most) may straddle what was searched and what came since.
-        let from = self.searched.saturating_sub(3);
-        match event_end(&self.buf[from..]) {
-            Some(end) => {
-                self.searched = 0;
-                Some(self.buf.drain(..from + end).collect())
+        let mut at = self.searched.max(self.start);
+        while let Some(i) = self.buf[at..].iter().position(|b| *b == b'\n') {
+            let lf = at + i;
+            #[cfg(test)]
+            {
+                self.looked_at += i + 1;
             }
-            None => {
-                self.searched = self.buf.len();
-                None
+            let event = &self.buf[self.start..=lf];
+            if event.ends_with(b"\n\n") || event.ends_with(b"\r\n\r\n") {
+                let event = event.to_vec();
+                self.start = lf + 1;
+                self.searched = self.start;
+                return Some(event);
             }
+            at = lf + 1;
         }
-    }
-}
-
-/// Where the first complete SSE event in `buf` ends (after its blank line), if any.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+        #[cfg(test)]
+        {
+            self.looked_at += self.buf.len() - at;
+        }
+        self.searched = self.buf.len();
+        None
     }
 }
 
@@ -402,6 +419,31 @@ mod tests {
                 "frames of {cut}"
             );
             assert_eq!(events.len(), 0);
+        }
+    }
+
+    #[test]
+    fn a_frame_of_many_events_is_looked_at_once() {
+        // 100,000 empty events and one with data, in one frame and then split in two.
+        let mut stream = b"\n\n".repeat(100_000);
+        stream.extend_from_slice(b"data: 1\r\n\r\n");
+        for frames in [vec![&stream[..]], vec![&stream[..1001], &stream[1001..]]] {
+            let mut events = Events::default();
+            let mut seen = 0;
+            for frame in frames {
+                events.push(frame);
+                while events.next_event().is_some() {
+                    seen += 1;
+                }
+            }
+            assert_eq!(seen, 100_001);
+            assert_eq!(events.len(), 0);
+            assert!(
+                events.looked_at <= stream.len(),
+                "{} bytes looked at for a stream of {}",
+                events.looked_at,
+                stream.len()
+            );
         }
     }
 

@@ -995,8 +995,6 @@ impl Upstream {
                 notifications,
             })
         };
-        // How far `buf` was searched for an event's end without finding one: each byte is
-        // searched once, not once per frame (a large answer comes in many frames).
         loop {
             // Complete events first. A JSON answer is no event stream: it is read whole at the
             // end.
