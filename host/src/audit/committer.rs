@@ -215,13 +215,17 @@ impl SqliteCommitter {
     /// anyway. No other call is in the audit stage then, and the worker's other tasks are
     /// stolen by the other workers (nothing can be in its LIFO slot: this task fills it only
     /// with its answer, after the commit). Handing the worker's core over (`block_in_place`)
-    /// cost more than it saved here. A current-thread runtime has no other worker: there the
-    /// part always goes to the writer thread.
+    /// cost more than it saved here. A runtime with one worker (current-thread, or a host of
+    /// one CPU) has no other worker: there the part always goes to the writer thread, or a
+    /// task holding SQLite's write lock between two awaits (the outbox's acknowledgement)
+    /// could not be polled to release it while this commit waits for it in the busy handler.
     fn commit_here(&self, part: Part) -> Option<Part> {
         let quiet = self.counters.appending.now() <= 1
             && self.parts.capacity() == self.parts.max_capacity()
-            && tokio::runtime::Handle::try_current()
-                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            && tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                    && h.metrics().num_workers() >= 2
+            });
         if !quiet {
             return Some(part);
         }
@@ -755,6 +759,37 @@ pub(super) mod tests {
                 .expect("read");
             assert_eq!(stored, 1);
         }
+    }
+
+    /// A runtime of one worker never commits on the caller's thread: a task of that worker
+    /// holding SQLite's write lock between two awaits could not run to release it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_lone_append_on_a_runtime_of_one_worker_goes_to_the_writer() {
+        let (_dir, pool, log) = opened("one.sqlite3").await;
+        // The lock held across an await on this runtime's only worker, as the outbox's
+        // acknowledgement holds it: the append must still be committed once it is released.
+        let mut holder = pool.acquire().await.expect("connection");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *holder)
+            .await
+            .expect("lock");
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            sqlx::query("COMMIT")
+                .execute(&mut *holder)
+                .await
+                .expect("release");
+        });
+        log.append(AuditEvent::new(kinds::TOOL_CALL, "acme"))
+            .await
+            .expect("committed once the lock is released");
+        release.await.expect("released");
+        let stats = log.stats();
+        assert_eq!(
+            (stats.transactions, stats.caller_commits),
+            (1, 0),
+            "committed by the writer thread: {stats:?}"
+        );
     }
 
     /// Appends in flight together go to the writer thread, which commits them in one
