@@ -429,3 +429,55 @@ async fn a_stalled_audit_store_refuses_calls_at_the_deadline_and_records_them_la
     assert_eq!(verify["ok"], true, "{verify}");
     tg.shutdown().await;
 }
+
+/// A refused call's huge tool name (PostgreSQL cannot index 20 KB of text) is recorded cut to
+/// the longest name a token may hold, so its denial commits; before, the batch failed and
+/// the call was refused as "audit log unavailable", with every call committed beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_calls_huge_tool_name_is_recorded_cut_on_postgres() {
+    let url = tokio::task::spawn_blocking(|| {
+        intentgate::testkit::PgServer::shared().and_then(|pg| pg.fresh_database())
+    })
+    .await
+    .expect("postgres task")
+    .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    let tg = gateway::start(Backend::Postgres(url), None, &["--demo"]).await;
+    let (token, jti) = tg
+        .mint(json!({"subject": "long-names", "tools": ["*"]}))
+        .await;
+    // Letters that do not compress: an index entry of about 20 KB.
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let name: String = (0..20_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    let v = tg.tool_call(&token, &name, json!({})).await;
+    assert!(v.get("error").is_some(), "refused: {v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        !message.contains("audit"),
+        "refused for its name, not for the audit: {v}"
+    );
+    let events = events_of(&tg, &jti).await;
+    let denial = events
+        .iter()
+        .find(|e| {
+            e["tool"]
+                .as_str()
+                .is_some_and(|t| t.starts_with(&name[..64]))
+        })
+        .unwrap_or_else(|| panic!("the denial in {events:?}"));
+    let tool = denial["tool"].as_str().expect("tool");
+    assert!(
+        tool.len() <= intentgate::capability::MAX_NAME_BYTES + '…'.len_utf8()
+            && tool.ends_with('…'),
+        "{} bytes",
+        tool.len()
+    );
+    assert!(allowed(&invoice(&tg, &token).await));
+    tg.shutdown().await;
+}

@@ -238,7 +238,19 @@ impl AuditEvent {
         }
     }
 
-    /// Records the tool-call arguments as `mode` allows.
+    /// Cuts the request-supplied names stored in indexed columns of their own to
+    /// [`crate::capability::MAX_NAME_BYTES`] (marked `…`): PostgreSQL refuses an index entry
+    /// over about 2.7 KB, and one refused call's 100 KB tool name must not fail the batch of
+    /// every call committed with it. Longer names are refused by the capability check anyway.
+    pub fn fit_indexed_columns(&mut self) {
+        let max = crate::capability::MAX_NAME_BYTES;
+        for v in [&mut self.tool, &mut self.agent_id] {
+            if v.len() > max {
+                *v = crate::capability::cut(v, max);
+            }
+        }
+    }
+
     /// The first field stored in a column of its own (beside the hashed body) that holds a
     /// NUL, which PostgreSQL's text cannot store.
     pub fn column_with_nul(&self) -> Option<&'static str> {
@@ -257,6 +269,7 @@ impl AuditEvent {
         .map(|(name, _)| name)
     }
 
+    /// Records the tool-call arguments as `mode` allows.
     pub fn with_arguments(mut self, mode: ArgValuesMode, args: &Value) -> Self {
         let (keys, values) = mode.apply(args);
         self.arg_keys = keys;

@@ -312,10 +312,11 @@ impl AuditLog {
     /// and charges nothing.
     pub async fn append_with(
         &self,
-        event: AuditEvent,
+        mut event: AuditEvent,
         debits: Vec<Debit>,
         approval: Option<ApprovalWrite>,
     ) -> Result<Appended, AuditError> {
+        event.fit_indexed_columns();
         for d in &debits {
             d.validate()?;
         }
