@@ -182,6 +182,91 @@ fn a_later_policy_block_beats_an_escalation_and_every_step_up_is_kept() {
     );
 }
 
+/// The intent and budget stages combine their checks like the policy stage: a later check's
+/// block wins over an earlier check's escalation (before, the escalation ended the stage, so
+/// an approval of it skipped the later checks' blocks), every step-up is kept, and an
+/// escalated call carries every budget check's charges (before: none, so an approved call
+/// was never charged to the bundle's budgets).
+#[test]
+fn intent_and_budget_stages_run_every_check_past_an_escalation() {
+    let registry = registry();
+    let tenant = "bundles-stages-combined";
+    let wasm = std::fs::read(artifacts::TEST_CUSTOM_PATH).expect("custom artifact");
+    let custom = registry
+        .upload_component("step-up-over", &wasm, World::CheckPlugin)
+        .expect("upload")
+        .digest;
+    let step_up = r#"{"step_up_over": {"arg": "amount", "limit": 1000}}"#;
+    let promote = |name: &str, spec: BundleSpec| {
+        let draft = registry.create_draft(tenant, name, spec).expect("draft");
+        registry.promote(tenant, &draft.digest).expect("promote");
+    };
+    let budget_spec = |config: serde_json::Value| {
+        let mut spec = registry.default_spec().clone();
+        let stage = spec.stages.get_mut(&Stage::Budget).expect("budget stage");
+        stage[0].config = config.to_string();
+        stage.insert(
+            0,
+            CheckSpec {
+                component: custom.clone(),
+                config: step_up.into(),
+            },
+        );
+        spec
+    };
+    let mut pay = input(tenant, "pay");
+    pay.arguments = r#"{"amount": 5000}"#.into();
+
+    // The built-in budget check allows: the escalation carries its charge.
+    promote(
+        "allows",
+        budget_spec(serde_json::json!({"agent": {"calls": 10}})),
+    );
+    let out = registry.snapshot(tenant).budget(&pay).expect("budget");
+    assert_eq!(out.verdict.kind, VerdictKind::Escalate, "{out:?}");
+    assert!(out.verdict.requires_step_up, "{out:?}");
+    assert_eq!(out.charges.len(), 1, "{out:?}");
+    assert!(
+        out.charges[0]
+            .key
+            .starts_with(&format!("{tenant}/agent-calls:")),
+        "{out:?}"
+    );
+    // It blocks: its block wins over the escalation.
+    promote(
+        "blocks",
+        budget_spec(serde_json::json!({"agent": {"calls": 0}})),
+    );
+    let out = registry.snapshot(tenant).budget(&pay).expect("budget");
+    assert_eq!(out.verdict.kind, VerdictKind::Block, "{out:?}");
+    assert!(out.verdict.reason.contains("budget exceeded"), "{out:?}");
+    assert!(out.charges.is_empty(), "{out:?}");
+
+    // The intent stage: the built-in check escalates a tool outside what the agent says it
+    // does, a custom check after it blocks the tool.
+    let mut spec = registry.default_spec().clone();
+    let stage = spec.stages.get_mut(&Stage::Intent).expect("intent stage");
+    stage[0].config = serde_json::json!({
+        "rules": [{"name": "reading", "keywords": ["read"], "summary": "reading",
+                   "allowed_tools": ["read_*"]}],
+        "on_outside_allowed": "escalate"})
+    .to_string();
+    stage.push(CheckSpec {
+        component: custom.clone(),
+        config: r#"{"deny": ["pay"]}"#.into(),
+    });
+    promote("intent", spec);
+    let out = registry.snapshot(tenant).intent(&pay).expect("intent");
+    assert_eq!(out.verdict.kind, VerdictKind::Block, "{out:?}");
+    assert!(out.verdict.reason.contains("custom check"), "{out:?}");
+    let out = registry
+        .snapshot(tenant)
+        .intent(&input(tenant, "wire"))
+        .expect("intent");
+    assert_eq!(out.verdict.kind, VerdictKind::Escalate, "{out:?}");
+    assert_eq!(out.record.summary, "reading", "{out:?}");
+}
+
 #[test]
 fn a_custom_check_from_the_template_changes_decisions_without_restart() {
     let registry = registry();

@@ -132,27 +132,41 @@ impl Snapshot {
     ) -> Result<IntentOutcome, PluginError> {
         let mut record = None;
         let mut last = Verdict::allow("no intent check in bundle");
+        let mut first_escalate: Option<Verdict> = None;
+        let mut step_up = false;
         for pool in &self.intent {
             let out = pool.run(input, None, exec).await?;
             if record.is_none() {
                 record = out.intent;
             }
-            if !out.verdict.is_allow() {
-                return Ok(IntentOutcome {
-                    record: record.unwrap_or_default(),
-                    verdict: out.verdict,
-                });
+            step_up |= out.verdict.requires_step_up;
+            match out.verdict.kind {
+                VerdictKind::Block => {
+                    return Ok(IntentOutcome {
+                        record: record.unwrap_or_default(),
+                        verdict: out.verdict,
+                    });
+                }
+                // As in the policy stage: a later check's block wins over an escalation, or an
+                // approval of the escalation would skip a block nobody was shown.
+                VerdictKind::Escalate => {
+                    first_escalate.get_or_insert(out.verdict);
+                }
+                VerdictKind::Allow => last = out.verdict,
             }
-            last = out.verdict;
         }
         let record = record.unwrap_or_else(|| IntentRecord {
             summary: "no intent check".into(),
             rationale: "the bundle has no intent stage".into(),
             ..IntentRecord::default()
         });
+        let verdict = first_escalate.unwrap_or(last);
         Ok(IntentOutcome {
             record,
-            verdict: last,
+            verdict: Verdict {
+                requires_step_up: step_up,
+                ..verdict
+            },
         })
     }
 
@@ -235,22 +249,44 @@ impl Snapshot {
     ) -> Result<BudgetOutcome, PluginError> {
         let mut charges: Vec<Charge> = Vec::new();
         let mut last = Verdict::allow("no budget check in bundle");
+        let mut first_escalate: Option<Verdict> = None;
+        let mut step_up = false;
         for pool in &self.budget {
             let out = pool.run(input, None, exec).await?;
-            if !out.verdict.is_allow() {
-                return Ok(BudgetOutcome {
-                    verdict: out.verdict,
-                    charges: Vec::new(),
-                });
+            step_up |= out.verdict.requires_step_up;
+            match out.verdict.kind {
+                VerdictKind::Block => {
+                    return Ok(BudgetOutcome {
+                        verdict: out.verdict,
+                        charges: Vec::new(),
+                    });
+                }
+                // A later check's block wins over an escalation, and every check's charges are
+                // kept: the call a person approves is charged like any other.
+                VerdictKind::Escalate => {
+                    first_escalate.get_or_insert(out.verdict);
+                }
+                VerdictKind::Allow => last = out.verdict,
             }
-            charges.extend(out.charges.into_iter().map(|c| Charge {
-                key: format!("{}/{}", self.tenant, c.key),
-                ..c
-            }));
-            last = out.verdict;
+            for c in out.charges {
+                let key = format!("{}/{}", self.tenant, c.key);
+                merge_charge(
+                    &mut charges,
+                    Charge {
+                        key,
+                        window_start: c.window_start,
+                        amount: c.amount,
+                        limit: c.limit,
+                    },
+                );
+            }
         }
+        let verdict = first_escalate.unwrap_or(last);
         Ok(BudgetOutcome {
-            verdict: last,
+            verdict: Verdict {
+                requires_step_up: step_up,
+                ..verdict
+            },
             charges,
         })
     }
@@ -293,5 +329,54 @@ impl Snapshot {
             .chain(&self.budget)
             .map(CheckPool::idle_count)
             .sum()
+    }
+}
+
+/// Adds `c` to a call's charges. Two checks charging the same counter in the same window
+/// (two ceilings on one key) are one write of the larger amount against the smaller limit:
+/// charged twice, each call would count double against both.
+fn merge_charge(charges: &mut Vec<Charge>, c: Charge) {
+    match charges
+        .iter_mut()
+        .find(|x| x.key == c.key && x.window_start == c.window_start)
+    {
+        Some(x) => {
+            x.amount = x.amount.max(c.amount);
+            x.limit = x.limit.min(c.limit);
+        }
+        None => charges.push(c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn charge(key: &str, window_start: u64, amount: u64, limit: u64) -> Charge {
+        Charge {
+            key: key.into(),
+            window_start,
+            amount,
+            limit,
+        }
+    }
+
+    #[test]
+    fn two_ceilings_on_one_counter_are_one_write() {
+        let mut charges = Vec::new();
+        merge_charge(&mut charges, charge("t/agent-calls:a", 100, 1, 50));
+        merge_charge(&mut charges, charge("t/agent-cents:a", 100, 3, 500));
+        merge_charge(&mut charges, charge("t/agent-calls:a", 100, 1, 20));
+        merge_charge(&mut charges, charge("t/agent-cents:a", 100, 5, 900));
+        // Another window of the same key is another counter.
+        merge_charge(&mut charges, charge("t/agent-calls:a", 0, 1, 7));
+        assert_eq!(
+            charges,
+            [
+                charge("t/agent-calls:a", 100, 1, 20),
+                charge("t/agent-cents:a", 100, 5, 500),
+                charge("t/agent-calls:a", 0, 1, 7),
+            ]
+        );
     }
 }

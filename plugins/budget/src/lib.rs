@@ -106,9 +106,16 @@ impl Check for Budget {
         for (scope, id, ceiling) in scopes {
             let Some(c) = ceiling else { continue };
             let window_start = now_secs - now_secs % c.window_secs;
+            // A key is counted in windows of one length: the host deletes a key's window once a
+            // later one exists, so an hourly and a daily ceiling sharing a key would lose the
+            // day's count every hour. A day (the default) keeps the key it always had.
+            let len = match c.window_secs {
+                86_400 => String::new(),
+                secs => format!("@{secs}s"),
+            };
             if let Some(limit) = c.calls {
                 charges.push(Charge {
-                    key: format!("{scope}-calls:{id}"),
+                    key: format!("{scope}-calls{len}:{id}"),
                     window_start,
                     amount: 1,
                     limit,
@@ -117,7 +124,7 @@ impl Check for Budget {
             }
             if let (Some(limit), true) = (c.cents, cost > 0) {
                 charges.push(Charge {
-                    key: format!("{scope}-cents:{id}"),
+                    key: format!("{scope}-cents{len}:{id}"),
                     window_start,
                     amount: cost,
                     limit,
@@ -220,6 +227,27 @@ mod tests {
         // A new window starts from zero.
         h.set_now_ms(180_000);
         assert_eq!(h.evaluate(&c, None).verdict.kind, VerdictKind::Allow);
+    }
+
+    /// A daily ceiling keeps the key it always had; any other window length has a key of its
+    /// own, so that an hourly and a daily ceiling never share a counter.
+    #[test]
+    fn each_window_length_counts_under_a_key_of_its_own() {
+        let key = |config: &str| {
+            let h = Harness::<Budget>::new(config).expect("configure");
+            let r = h.evaluate(&call("t").agent("bot").build(), None);
+            r.charges.iter().map(|c| c.key.clone()).collect::<Vec<_>>()
+        };
+        let day = key(r#"{"agent": {"calls": 9, "cents": 9}, "default_cost_cents": 1}"#);
+        let hour = key(
+            r#"{"agent": {"calls": 9, "cents": 9, "window_secs": 3600}, "default_cost_cents": 1}"#,
+        );
+        assert_eq!(day.len(), 2);
+        assert!(day[0].starts_with("agent-calls:") && day[1].starts_with("agent-cents:"));
+        assert!(
+            hour[0].starts_with("agent-calls@3600s:") && hour[1].starts_with("agent-cents@3600s:")
+        );
+        assert!(day.iter().all(|k| !hour.contains(k)), "{day:?} {hour:?}");
     }
 
     #[test]
