@@ -428,18 +428,34 @@ impl Pipeline {
                 id: id.to_owned(),
                 at_ms: audit::time::now_ms(),
             }),
-            Err(Denial::Escalated(e)) => match &joined {
-                // The same call waits already: this event names its approval.
-                Some(a) => {
-                    event.pending_id = a.pending_id.clone();
-                    None
+            Err(Denial::Escalated(e)) => {
+                // A resumed call escalating at a later check uses its approval up: it answered
+                // its question once, and the approval of the next question answers both.
+                let used = answered
+                    .as_ref()
+                    .and(call.approval_id)
+                    .map(|id| id.to_owned());
+                let next = match &joined {
+                    // The same call waits already: this event names its approval.
+                    Some(a) => {
+                        event.pending_id = a.pending_id.clone();
+                        None
+                    }
+                    None => {
+                        let pending = self.pending_for(call, &event, e, &escalated_by);
+                        event.pending_id = pending.pending_id.clone();
+                        Some(Box::new(pending))
+                    }
+                };
+                match (used, next) {
+                    (Some(id), next) => Some(ApprovalWrite::Supersede {
+                        id,
+                        at_ms: audit::time::now_ms(),
+                        next,
+                    }),
+                    (None, next) => next.map(ApprovalWrite::Create),
                 }
-                None => {
-                    let pending = self.pending_for(call, &event, e, &escalated_by);
-                    event.pending_id = pending.pending_id.clone();
-                    Some(ApprovalWrite::Create(Box::new(pending)))
-                }
-            },
+            }
             Err(_) => None,
         };
         let committing = Instant::now();
@@ -449,9 +465,21 @@ impl Pipeline {
             .await;
         (self.metrics.stages).since(crate::metrics::Stage::Audit, committing);
         match (outcome, appended) {
+            // The approval the call used was used meanwhile, or is no longer approved.
+            (_, Ok(a)) if a.refused.is_some() && a.refused_check == "approval" => {
+                self.throttle.note_denial(&g.tenant, &g.root_jti, now);
+                Err(Denial::Approval(a.refused.unwrap_or_default()))
+            }
             (Err(Denial::Escalated(e)), Ok(_)) => {
                 let a = match (approval, joined) {
-                    (Some(ApprovalWrite::Create(a)), _) | (None, Some(a)) => a,
+                    (
+                        Some(
+                            ApprovalWrite::Create(a)
+                            | ApprovalWrite::Supersede { next: Some(a), .. },
+                        ),
+                        _,
+                    )
+                    | (_, Some(a)) => a,
                     _ => return Err(Denial::Audit("escalation without its approval".into())),
                 };
                 Err(Denial::ApprovalPending(Pending {
@@ -462,10 +490,6 @@ impl Pipeline {
                     expires_ms: a.expires_ms,
                     mode: e.approval_mode,
                 }))
-            }
-            (Ok(()), Ok(a)) if a.refused.is_some() && a.refused_check == "approval" => {
-                self.throttle.note_denial(&g.tenant, &g.root_jti, now);
-                Err(Denial::Approval(a.refused.unwrap_or_default()))
             }
             (Ok(()), Ok(a)) => match a.refused {
                 None => {
@@ -482,7 +506,8 @@ impl Pipeline {
                     Err(Denial::Budget(reason))
                 }
             },
-            (Ok(()), Err(e)) => Err(Denial::Audit(e.to_string())),
+            // An escalation that is not recorded created no approval: no pending id to give.
+            (Ok(()) | Err(Denial::Escalated(_)), Err(e)) => Err(Denial::Audit(e.to_string())),
             (Err(denial), _) => Err(denial),
         }
     }

@@ -1244,6 +1244,16 @@ async fn an_intent_escalation_waits_for_a_person_like_the_policys() {
     let second = call_with(&tg.url, &token, &call_body("delete_records", &m), &resume).await;
     let asked_by_policy = pending_of(&second).await;
     assert_ne!(asked_by_policy, asked_by_intent, "{second}");
+    // The intent check's approval was used up by the call that went on to the policy's
+    // question: left approved, it would run the call again once the policy allowed it.
+    let reused = call_with(&tg.url, &token, &call_body("delete_records", &m), &resume).await;
+    assert_eq!(reused["error"]["code"], -32012, "used up: {reused}");
+    let rows = approvals(&tg.url, ADMIN_TOKEN, "status=consumed").await;
+    assert!(
+        rows.iter()
+            .any(|r| r["pending_id"] == asked_by_intent.as_str()),
+        "{rows:?}"
+    );
     assert_eq!(
         upstream_calls(up, &m, 1).await,
         0,

@@ -28,6 +28,16 @@ pub enum ApprovalWrite {
     },
     /// approved → consumed, if approved and not expired (with the event of the resumed call).
     Consume { id: String, at_ms: i64 },
+    /// A resumed call escalated again at a later check: its approval is consumed (it answered
+    /// its question once; left approved, it could run the call a second time once the later
+    /// check's answer is used), and, when `next` is given, the new pending approval that
+    /// answers both questions is created. Refused as a whole when the approval is no longer
+    /// approved.
+    Supersede {
+        id: String,
+        at_ms: i64,
+        next: Option<Box<Approval>>,
+    },
     /// pending | approved → expired (the sweep, or a held request that timed out). Only a
     /// pending row when `pending_only`; an approved row only when it is past its expiry at
     /// `at_ms` (an approval decided after the sweep read it overdue has a new expiry).
@@ -51,7 +61,9 @@ impl ApprovalWrite {
         match self {
             Self::Create(_) => "approval could not be created",
             Self::Decide { .. } => "approval already decided or expired",
-            Self::Consume { .. } => "approval already used, not approved, or expired",
+            Self::Consume { .. } | Self::Supersede { .. } => {
+                "approval already used, not approved, or expired"
+            }
             Self::Expire { .. } => "approval already decided",
             Self::Restore { .. } => "approval could not be restored",
             Self::Purge { .. } => "approvals could not be deleted",
@@ -111,35 +123,23 @@ fn free(v: &str) -> Arg<'_> {
     }
 }
 
-/// The statement that applies `write` to `tenant`'s queue, with its values in placeholder
-/// order (one place for the columns, whichever backend binds them).
-pub(crate) fn statement<'a>(
+/// The statements that apply `write` to `tenant`'s queue, in order, each with its values in
+/// placeholder order (one place for the columns, whichever backend binds them). Of a
+/// conditional write, each must change one row, or the rest are not run.
+pub(crate) fn statements<'a>(
     write: &'a ApprovalWrite,
     tenant: &'a str,
-) -> (&'static str, Vec<Arg<'a>>) {
-    use Arg::{Int, MaybeText, Text};
+) -> Vec<(&'static str, Vec<Arg<'a>>)> {
+    use Arg::{Int, Text};
+    let consume =
+        |id: &'a str, at_ms: &'a i64| (CONSUME, vec![Int(*at_ms), Text(tenant), Text(id)]);
     match write {
-        ApprovalWrite::Create(a) => (
-            INSERT,
-            vec![
-                Text(tenant),
-                Text(&a.pending_id),
-                Text(&a.capability_token_id),
-                Text(&a.root_capability_token_id),
-                free(&a.agent_id),
-                free(&a.tool),
-                MaybeText(a.args.as_ref().map(|v| v.to_string())),
-                Text(&a.args_digest),
-                Text(&a.bundle_digest),
-                free(&a.intent_summary),
-                free(&a.reason),
-                Text(a.status.as_str()),
-                Int(i64::from(a.requires_step_up)),
-                Int(a.created_ms),
-                Int(a.expires_ms),
-                Text(&a.escalated_by),
-            ],
-        ),
+        ApprovalWrite::Create(a) => vec![insert(a, tenant)],
+        ApprovalWrite::Supersede { id, at_ms, next } => {
+            let mut out = vec![consume(id, at_ms)];
+            out.extend(next.as_deref().map(|a| insert(a, tenant)));
+            out
+        }
         ApprovalWrite::Decide {
             id,
             approve,
@@ -147,7 +147,7 @@ pub(crate) fn statement<'a>(
             note,
             at_ms,
             resume_until_ms,
-        } => (
+        } => vec![(
             DECIDE,
             vec![
                 Text(decided_status(*approve).as_str()),
@@ -158,15 +158,13 @@ pub(crate) fn statement<'a>(
                 Text(tenant),
                 Text(id),
             ],
-        ),
-        ApprovalWrite::Consume { id, at_ms } => {
-            (CONSUME, vec![Int(*at_ms), Text(tenant), Text(id)])
-        }
+        )],
+        ApprovalWrite::Consume { id, at_ms } => vec![consume(id, at_ms)],
         ApprovalWrite::Expire {
             id,
             pending_only,
             at_ms,
-        } => (
+        } => vec![(
             EXPIRE,
             vec![
                 Text(tenant),
@@ -174,10 +172,35 @@ pub(crate) fn statement<'a>(
                 Int(i64::from(*pending_only)),
                 Int(*at_ms),
             ],
-        ),
-        ApprovalWrite::Restore { id } => (RESTORE, vec![Text(tenant), Text(id)]),
-        ApprovalWrite::Purge { before_ms } => (PURGE, vec![Text(tenant), Int(*before_ms)]),
+        )],
+        ApprovalWrite::Restore { id } => vec![(RESTORE, vec![Text(tenant), Text(id)])],
+        ApprovalWrite::Purge { before_ms } => vec![(PURGE, vec![Text(tenant), Int(*before_ms)])],
     }
+}
+
+fn insert<'a>(a: &'a Approval, tenant: &'a str) -> (&'static str, Vec<Arg<'a>>) {
+    use Arg::{Int, MaybeText, Text};
+    (
+        INSERT,
+        vec![
+            Text(tenant),
+            Text(&a.pending_id),
+            Text(&a.capability_token_id),
+            Text(&a.root_capability_token_id),
+            free(&a.agent_id),
+            free(&a.tool),
+            MaybeText(a.args.as_ref().map(|v| v.to_string())),
+            Text(&a.args_digest),
+            Text(&a.bundle_digest),
+            free(&a.intent_summary),
+            free(&a.reason),
+            Text(a.status.as_str()),
+            Int(i64::from(a.requires_step_up)),
+            Int(a.created_ms),
+            Int(a.expires_ms),
+            Text(&a.escalated_by),
+        ],
+    )
 }
 
 /// Applies the approval writes of `$entries` (a `&mut [Entry]` of tenant `$tenant`) inside the
@@ -193,28 +216,32 @@ macro_rules! apply {
             let Some(write) = entry.approval.as_ref() else {
                 continue;
             };
-            let (sql, args) = record::statement(write, tenant);
-            let mut query = sqlx::query(sql);
-            for arg in args {
-                query = match arg {
-                    record::Arg::Text(v) => query.bind(v),
-                    record::Arg::MaybeText(v) => query.bind(v),
-                    record::Arg::Int(v) => query.bind(v),
-                };
-            }
-            let done = query.execute(&mut *$tx).await;
-            match done {
-                Ok(_) if !write.conditional() => {}
-                Ok(r) if r.rows_affected() == 1 => entry.approval_applied = true,
-                Ok(_) => {
-                    let why = write.refusal();
-                    entry.refuse_with("approval", why);
+            let mut refused = false;
+            for (sql, args) in record::statements(write, tenant) {
+                let mut query = sqlx::query(sql);
+                for arg in args {
+                    query = match arg {
+                        record::Arg::Text(v) => query.bind(v),
+                        record::Arg::MaybeText(v) => query.bind(v),
+                        record::Arg::Int(v) => query.bind(v),
+                    };
                 }
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
+                match query.execute(&mut *$tx).await {
+                    Ok(r) if write.conditional() && r.rows_affected() != 1 => {
+                        refused = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        result = Err(e.into());
+                        break;
+                    }
                 }
             }
+            if result.is_err() {
+                break;
+            }
+            record::settle(entry, refused);
         }
         result
     }};
@@ -261,21 +288,39 @@ pub(crate) fn apply_sqlite(
         let Some(write) = entry.approval.as_ref() else {
             continue;
         };
-        let (sql, args) = statement(write, tenant);
-        let changed = tx
-            .prepare_cached(sql)?
-            .execute(rusqlite::params_from_iter(args))?;
-        if !write.conditional() {
-            continue;
+        let mut refused = false;
+        for (sql, args) in statements(write, tenant) {
+            let changed = tx
+                .prepare_cached(sql)?
+                .execute(rusqlite::params_from_iter(args))?;
+            if write.conditional() && changed != 1 {
+                refused = true;
+                break;
+            }
         }
-        if changed == 1 {
-            entry.approval_applied = true;
-        } else {
-            let why = write.refusal();
-            entry.refuse_with("approval", why);
-        }
+        settle(entry, refused);
     }
     Ok(())
+}
+
+/// Marks `entry`'s conditional approval write applied, or its entry refused by it. A refused
+/// supersession names the approval it could not use, not the one it did not create.
+pub(crate) fn settle(entry: &mut crate::audit::Entry, refused: bool) {
+    let Some(write) = entry.approval.as_ref() else {
+        return;
+    };
+    if !write.conditional() {
+        return;
+    }
+    if !refused {
+        entry.approval_applied = true;
+        return;
+    }
+    let why = write.refusal();
+    if let ApprovalWrite::Supersede { id, .. } = write {
+        entry.event.pending_id = id.clone();
+    }
+    entry.refuse_with("approval", why);
 }
 
 /// [`restore!`] on the SQLite writer's own connection (`crate::audit::committer`).

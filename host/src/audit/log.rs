@@ -481,6 +481,8 @@ fn late_record(entry: &Entry, committed: Option<i64>) -> Option<Entry> {
         }
         // An escalation that was not written created no approval: its record names none.
         (Some(ApprovalWrite::Create(_)), None) => record.event.pending_id.clear(),
+        // Nor did a supersession: the record names the approval the call used.
+        (Some(ApprovalWrite::Supersede { id, .. }), None) => record.event.pending_id = id.clone(),
         _ => {}
     }
     Some(record)
