@@ -25,6 +25,13 @@ const COLUMNS: &str = "tenant, pending_id, capability_token_id, root_capability_
      agent_id, tool, args, args_digest, bundle_digest, intent_summary, reason, escalated_by, status, \
      requires_step_up, created_ms, expires_ms, decided_ms, decided_by, decide_note, consumed_ms";
 
+/// [`COLUMNS`] without the stored arguments (up to a request body each), for reads that look
+/// through many rows and never show them: an escalation's look at its token's queue, the sweep.
+const COLUMNS_BRIEF: &str = "tenant, pending_id, capability_token_id, root_capability_token_id, \
+     agent_id, tool, CAST(NULL AS TEXT) AS args, args_digest, bundle_digest, intent_summary, \
+     reason, escalated_by, status, requires_step_up, created_ms, expires_ms, decided_ms, \
+     decided_by, decide_note, consumed_ms";
+
 /// The most rows one page returns.
 pub const MAX_LIMIT: i64 = 500;
 
@@ -177,8 +184,8 @@ pub async fn list(
 }
 
 /// The pending, unexpired approvals of one token tree (`root_jti`) in `tenant`, at most
-/// `limit`: what an escalation looks through before it adds one (the same call waiting already,
-/// or too many waiting).
+/// `limit`, without their arguments: what an escalation looks through before it adds one (the
+/// same call waiting already, or too many waiting).
 pub async fn pending_of_token(
     db: &Db,
     tenant: &str,
@@ -187,7 +194,7 @@ pub async fn pending_of_token(
     limit: i64,
 ) -> Result<Vec<Approval>, QueryError> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM approvals WHERE tenant = $1 AND status = 'pending' \
+        "SELECT {COLUMNS_BRIEF} FROM approvals WHERE tenant = $1 AND status = 'pending' \
          AND root_capability_token_id = $2 AND expires_ms > $3 ORDER BY created_ms LIMIT $4"
     );
     let mut out = Vec::new();
@@ -220,10 +227,11 @@ pub async fn pending_of_token(
     Ok(out)
 }
 
-/// Approvals still pending or approved but past their expiry, oldest first (for the sweep).
+/// Approvals still pending or approved but past their expiry, oldest first, without their
+/// arguments (for the sweep).
 pub async fn overdue(db: &Db, now_ms: i64, limit: i64) -> Result<Vec<Approval>, QueryError> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM approvals WHERE status IN ('pending', 'approved') \
+        "SELECT {COLUMNS_BRIEF} FROM approvals WHERE status IN ('pending', 'approved') \
          AND expires_ms <= $1 ORDER BY expires_ms LIMIT $2"
     );
     let mut out = Vec::new();

@@ -202,7 +202,8 @@ mod tests {
             } else {
                 (old, old + 300_000)
             };
-            let a = super::super::sample(tenant, created, expires);
+            let mut a = super::super::sample(tenant, created, expires);
+            a.args = Some(serde_json::json!({"text": "x".repeat(1000)}));
             let id = a.pending_id.clone();
             write(tenant, ApprovalWrite::Create(Box::new(a))).await;
             match fate {
@@ -232,6 +233,21 @@ mod tests {
                 gone.push((tenant, id));
             }
         }
+        // The sweep's and the queue's reads leave the stored arguments out; one row's read
+        // carries them.
+        let overdue = query::overdue(&db, now, 200).await.expect("overdue");
+        assert_eq!(
+            overdue.len(),
+            2,
+            "the old pending and approved rows: {overdue:?}"
+        );
+        let waiting = query::pending_of_token(&db, "acme", "root", old, 100)
+            .await
+            .expect("pending of token");
+        assert!(!waiting.is_empty());
+        assert!(overdue.iter().chain(&waiting).all(|a| a.args.is_none()));
+        let one = query::get(&db, Some("acme"), &overdue[0].pending_id).await;
+        assert!(one.expect("get").expect("row").args.is_some());
         let before = now - 30 * day;
         assert_eq!(purge_once(&log, before, 30).await.expect("purge"), 2);
         for (tenant, id) in &kept {

@@ -447,6 +447,15 @@ async fn wait_for(
 /// once it is written: the caller was refused either way.
 fn late_record(entry: &Entry, committed: Option<i64>) -> Option<Entry> {
     let event = &entry.event;
+    // Only a call's decision is answered by its commit. An operator's action (an approval
+    // decided, a token minted or revoked) or a record made after the fact that became durable
+    // late took effect, and its event says so; one that was not written did nothing.
+    if !matches!(
+        event.kind.as_str(),
+        super::kinds::TOOL_CALL | super::kinds::MCP_METHOD
+    ) {
+        return None;
+    }
     let refused = matches!(
         event.decision,
         Some(super::Decision::Block | super::Decision::Escalate)
@@ -839,5 +848,39 @@ impl Writer {
         {
             tracing::warn!(tenant = %self.tenant, error = %e, "final audit checkpoint failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An approval decided whose caller stopped waiting took effect when it was committed: it
+    /// gets no record calling it refused (the queue says approved; the chain must agree). A
+    /// call's allow committed late does.
+    #[test]
+    fn only_a_calls_decision_gets_a_late_refusal() {
+        let mut decided =
+            super::super::AuditEvent::new(super::super::kinds::APPROVAL_DECIDED, "acme");
+        decided.decision = Some(super::super::Decision::Allow);
+        let mut entry = Entry::new(decided, Vec::new());
+        entry.approval = Some(ApprovalWrite::Decide {
+            id: "pa_1".into(),
+            approve: true,
+            by: "ops".into(),
+            note: String::new(),
+            at_ms: 1,
+            resume_until_ms: 2,
+        });
+        assert!(late_record(&entry, Some(7)).is_none());
+        assert!(late_record(&entry, None).is_none());
+        let minted = super::super::AuditEvent::new("admin/mint", "acme");
+        assert!(late_record(&Entry::new(minted, Vec::new()), Some(8)).is_none());
+
+        let mut call = super::super::AuditEvent::new(super::super::kinds::TOOL_CALL, "acme");
+        call.decision = Some(super::super::Decision::Allow);
+        let late = late_record(&Entry::new(call, Vec::new()), Some(9)).expect("a record");
+        assert_eq!(late.event.decision, Some(super::super::Decision::Block));
+        assert_eq!(late.event.call_id, Some(9));
     }
 }

@@ -199,6 +199,13 @@ impl Held {
                     note: decided.decide_note.filter(|n| !n.is_empty()),
                 });
             }
+            // Another request of the same call, holding the same approval, ran it first.
+            Status::Consumed => {
+                return self.refused(Denial::Approval(format!(
+                    "approval {} was already used by another request of this call",
+                    pending.pending_id
+                )));
+            }
             _ => {
                 return self.refused(Denial::ApprovalTimedOut {
                     pending_id: pending.pending_id.clone(),
