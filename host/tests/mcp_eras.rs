@@ -1294,6 +1294,34 @@ async fn a_round_state_is_single_use() {
     gw.shutdown().await;
 }
 
+/// Answers sent with a first round (no sealed state) never reach the upstream: the client may
+/// answer only what the upstream asked, through the gateway, in a later round. Forwarded, they
+/// pre-answered a confirmation nobody was shown, and the call completed in one round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_without_a_sealed_round_are_not_forwarded() {
+    let up = Upstream::shared(Kind::BothEras).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let (tok, _) = token(&gw, &["confirm_transfer"], json!({})).await;
+    let m = marker("pre-answered");
+    let mut body = modern_body(
+        1,
+        "tools/call",
+        json!({"name": "confirm_transfer", "arguments": {"amount": 9, "memo": m},
+               "inputResponses": {"confirm": {"action": "accept", "content": {"ok": true}}}}),
+    );
+    body["params"]["_meta"][CAPS] = json!({"elicitation": {}});
+    let (s, first) = modern(&gw, &tok, &body).await;
+    assert_eq!(s, 200, "{first}");
+    assert!(
+        first["result"]["requestState"].is_string(),
+        "the upstream asked its question: {first}"
+    );
+    let calls = up.calls_with(&m);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(calls[0]["input_responses"].is_null(), "{calls:?}");
+    gw.shutdown().await;
+}
+
 // --- replicas -----------------------------------------------------------------------------------
 
 /// Two gateways on one PostgreSQL database with the same master key: a handshake-era session

@@ -57,7 +57,7 @@ impl CallContext<'_> {
     }
 
     pub(super) async fn tools_call(&self, rpc: &RpcRequest) -> Result<ResultBody, RpcError> {
-        let inv = Invocation::decode(&rpc.params)?;
+        let mut inv = Invocation::decode(&rpc.params)?;
         if is_reserved_tool_name(&inv.name) {
             // It would read as a resource, prompt or completion to the checks and the audit.
             return Err(
@@ -106,6 +106,12 @@ impl CallContext<'_> {
                     &crate::pipeline::Denial::ApprovalPending(still),
                 ));
             }
+        }
+        // Answers belong to a later round only: the upstream asked them through the gateway,
+        // whose seal names the round. Sent with a first round, they would pre-answer a question
+        // (a confirmation) nobody was shown, and no check would see it.
+        if previous.is_none() {
+            inv.input_responses = None;
         }
         let call = ToolCall {
             grant: self.grant,
