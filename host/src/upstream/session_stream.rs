@@ -155,6 +155,11 @@ pub(super) struct Listener {
     pub(super) opened: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+/// Requests of the upstream on one session's stream answered at once: each holds a task, and
+/// until it is answered a connection to the upstream. Past it a request is dropped unanswered
+/// (an upstream sending thousands would otherwise exhaust the gateway's tasks and sockets).
+const MAX_STREAM_REQUESTS: usize = 32;
+
 /// How long the listener waits before opening the stream again after it ended.
 const REOPEN: Duration = Duration::from_secs(1);
 
@@ -187,6 +192,8 @@ async fn headers_of(l: &Listener, req: Request<Full<Bytes>>) -> Opening {
 /// Reads the session's stream while the session lives; ends when the upstream does not offer
 /// one (405) or the session is gone.
 pub(super) async fn listen(mut l: Listener) {
+    let answering = Arc::new(tokio::sync::Semaphore::new(MAX_STREAM_REQUESTS));
+    let mut dropped = 0u64;
     loop {
         let Some(session) = l.session.upgrade() else {
             return;
@@ -231,7 +238,15 @@ pub(super) async fn listen(mut l: Listener) {
             while let Some(event) = events.next_event() {
                 match sse_event_json(&event) {
                     Some(v) if v.get("method").is_some() && v.get("id").is_some() => {
-                        answer(&l, &headers, v);
+                        if !answer(&l, &headers, v, &answering) {
+                            dropped += 1;
+                            if dropped.is_power_of_two() {
+                                tracing::warn!(
+                                    dropped,
+                                    "upstream: requests on the session stream beyond {MAX_STREAM_REQUESTS} at once are dropped unanswered"
+                                );
+                            }
+                        }
                     }
                     Some(v) if v.get("method").is_some() => l.calls.notify(v),
                     _ => {}
@@ -264,11 +279,16 @@ pub(super) async fn listen(mut l: Listener) {
 }
 
 /// Answers one request of the upstream: through the one call it can belong to, or refused.
+/// `false`: not taken, [`MAX_STREAM_REQUESTS`] are being answered.
 fn answer(
     l: &Listener,
     headers: &[(hyper::header::HeaderName, hyper::header::HeaderValue)],
     request: Value,
-) {
+    answering: &Arc<tokio::sync::Semaphore>,
+) -> bool {
+    let Ok(permit) = answering.clone().try_acquire_owned() else {
+        return false;
+    };
     let upstream_id = request.get("id").cloned().unwrap_or(Value::Null);
     let who = l.calls.route();
     let client = l.client.clone();
@@ -276,6 +296,7 @@ fn answer(
     let headers = headers.to_vec();
     let (timeout, max_response) = (l.timeout, l.max_response);
     tokio::spawn(async move {
+        let _permit = permit;
         let mut reply = match who {
             Some(ask) => ask.ask(request).await,
             None => {
@@ -314,6 +335,7 @@ fn answer(
             ),
         }
     });
+    true
 }
 
 #[cfg(test)]
@@ -391,6 +413,45 @@ mod tests {
         // A call whose client cannot be asked is never routed to.
         let _n = calls.enter(4, None);
         assert_eq!(routed_to(&calls), None);
+    }
+
+    /// A flood of requests on the session's stream, none answered yet: only
+    /// [`MAX_STREAM_REQUESTS`] are taken (a task each); the rest are refused at once.
+    #[tokio::test]
+    async fn requests_on_the_stream_are_answered_a_bounded_number_at_a_time() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = asked.clone();
+        let calls = Arc::new(Calls::default());
+        let ask = Arc::new(ServerRequests::new("acme", "t1", move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Box::pin(std::future::pending())
+        }));
+        let tls = crate::tls::plaintext_only().expect("tls");
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(Arc::unwrap_or_clone(tls))
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let l = Listener {
+            client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector),
+            uri: Uri::from_static("http://127.0.0.1:9/mcp"),
+            session: Weak::new(),
+            calls: calls.clone(),
+            timeout: Duration::from_secs(5),
+            max_response: 1 << 20,
+            opened: None,
+        };
+        let _call = calls.enter(1, Some(ask));
+        let answering = Arc::new(tokio::sync::Semaphore::new(MAX_STREAM_REQUESTS));
+        let taken = (0..1000)
+            .filter(|i| answer(&l, &[], json!({"method": "x", "id": i}), &answering))
+            .count();
+        assert_eq!(taken, MAX_STREAM_REQUESTS);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), MAX_STREAM_REQUESTS);
     }
 
     #[test]
