@@ -194,6 +194,25 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
+/// How long a response stream waits for its client to take the next bytes. A client that
+/// stops reading (its socket's window full) would otherwise hold the stream's task, the call
+/// behind it and its upstream connection for as long as its TCP connection lives.
+pub const CLIENT_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Sends `v` to the body of a response stream ([`channel`]); `false` when the client is gone
+/// or took nothing for [`CLIENT_STALL`] (the stream should end: dropping its sender does).
+pub async fn to_client<T>(tx: &tokio::sync::mpsc::Sender<T>, v: T) -> bool {
+    send_within(tx, v, CLIENT_STALL).await
+}
+
+async fn send_within<T>(
+    tx: &tokio::sync::mpsc::Sender<T>,
+    v: T,
+    stall: std::time::Duration,
+) -> bool {
+    tx.send_timeout(v, stall).await.is_ok()
+}
+
 /// A [`Body`] fed by `rx`.
 pub fn channel(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
     ChannelBody { rx }.boxed()
@@ -202,6 +221,20 @@ pub fn channel(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream whose client stopped reading gives up after its stall bound, not never.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_given_up_on() {
+        let stall = std::time::Duration::from_millis(50);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        assert!(send_within(&tx, Bytes::from_static(b"a"), stall).await);
+        let started = std::time::Instant::now();
+        assert!(!send_within(&tx, Bytes::from_static(b"b"), stall).await);
+        assert!(started.elapsed() >= stall);
+        assert_eq!(rx.recv().await.as_deref(), Some(&b"a"[..]));
+        drop(rx);
+        assert!(!to_client(&tx, Bytes::from_static(b"c")).await);
+    }
 
     /// The byte-at-a-time guard the fast one must agree with.
     fn depth_within_bytewise(text: &[u8], max_depth: usize) -> bool {

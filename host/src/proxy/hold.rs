@@ -132,7 +132,7 @@ impl Held {
                     _ = tx.closed() => return,
                     _ = tick.tick() => {
                         let comment = Bytes::from_static(b": waiting for approval\n\n");
-                        if tx.send(comment).await.is_err() {
+                        if !crate::http::to_client(&tx, comment).await {
                             return;
                         }
                     }
@@ -148,7 +148,7 @@ impl Held {
             event.extend_from_slice(b"event: message\ndata: ");
             event.extend_from_slice(&out.body(&id));
             event.extend_from_slice(b"\n\n");
-            let _ = tx.send(Bytes::from(event)).await;
+            let _ = crate::http::to_client(&tx, Bytes::from(event)).await;
         }));
         let mut resp = Response::new(http::channel(rx));
         *resp.status_mut() = StatusCode::OK;

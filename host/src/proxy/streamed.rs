@@ -83,7 +83,7 @@ pub(super) async fn call(owned: Owned) -> Response<Body> {
         let mut next = Some(first);
         loop {
             if let Some(request) = next.take() {
-                if tx.send(event(&request.to_string())).await.is_err() {
+                if !crate::http::to_client(&tx, event(&request.to_string())).await {
                     return; // the client is gone; its relayed requests are refused
                 }
                 continue;
@@ -101,7 +101,7 @@ pub(super) async fn call(owned: Owned) -> Response<Body> {
                         Err(err) => jsonrpc::error(Some(&id), err),
                     };
                     out.extend_from_slice(&event(&String::from_utf8_lossy(&body)));
-                    let _ = tx.send(Bytes::from(out)).await;
+                    let _ = crate::http::to_client(&tx, Bytes::from(out)).await;
                     return;
                 }
             }

@@ -124,7 +124,7 @@ async fn pump(
     for e in opened.replay {
         first.extend_from_slice(&e);
     }
-    if tx.send(Bytes::from(first)).await.is_err() {
+    if !crate::http::to_client(&tx, Bytes::from(first)).await {
         return;
     }
     let mut events = opened.events;
@@ -135,7 +135,7 @@ async fn pump(
         tokio::select! {
             e = events.recv() => match e {
                 Some(event) => {
-                    if tx.send(event).await.is_err() {
+                    if !crate::http::to_client(&tx, event).await {
                         return;
                     }
                 }
