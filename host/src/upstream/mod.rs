@@ -693,9 +693,20 @@ impl Upstream {
         self.settled(method, answer?)
     }
 
-    /// An answer settled, with what a `tools/list` teaches about the tools' marked arguments.
+    /// An answer settled (an error's text without the URL's secrets), with what a `tools/list` teaches about the tools' marked arguments.
     fn settled(&self, method: &str, answer: Answer) -> Result<Relayed, UpstreamError> {
-        let relayed = answer.settle_relayed()?;
+        let mut relayed = answer.settle_relayed()?;
+        // An upstream's error may quote the URL it was called at: the credentials in the
+        // configured URL's userinfo or query are the gateway's, never the agent's to read.
+        if let Reply::Error(e) = &mut relayed.reply
+            && (self.uri.query().is_some()
+                || self
+                    .uri
+                    .authority()
+                    .is_some_and(|a| a.as_str().contains('@')))
+        {
+            scrub_strings(e, &self.uri);
+        }
         if method == "tools/list"
             && let Some(r) = relayed.reply.result_tree()
         {
@@ -1460,6 +1471,16 @@ fn session_headers(session: &Session) -> Vec<(hyper::header::HeaderName, HeaderV
     h
 }
 
+/// Every string in `v` without the secrets of `uri` ([`crate::config::scrub_url_secrets`]).
+fn scrub_strings(v: &mut Value, uri: &Uri) {
+    match v {
+        Value::String(t) => *t = crate::config::scrub_url_secrets(t, uri),
+        Value::Array(items) => items.iter_mut().for_each(|i| scrub_strings(i, uri)),
+        Value::Object(m) => m.values_mut().for_each(|i| scrub_strings(i, uri)),
+        _ => {}
+    }
+}
+
 /// Methods that reach a target and are forwarded only with a [`Permit`].
 pub fn needs_permit(method: &str) -> bool {
     matches!(
@@ -1494,6 +1515,38 @@ fn refuse_server_request(request: Value) -> crate::store::BoxFuture<'static, Map
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An upstream's error quoting the URL it was called at reaches the agent without the
+    /// credentials of the configured URL.
+    #[tokio::test]
+    async fn an_upstream_error_loses_the_secrets_of_its_url() {
+        let url = "http://svc:hunter22@127.0.0.1:9/mcp?api_key=sekrit99";
+        let up = Upstream::with_options(
+            url.parse().expect("uri"),
+            Options::new(Duration::from_secs(1), 1 << 20),
+            crate::tls::plaintext_only().expect("tls"),
+        );
+        let answer = Answer {
+            status: StatusCode::OK,
+            reply: Some(Reply::Error(json!({"code": -32000,
+                "message": format!("POST {url} failed"),
+                "data": {"tried": [url], "n": 1}}))),
+            session_id: None,
+            detail: String::new(),
+            notifications: Vec::new(),
+        };
+        let relayed = up.settled("tools/call", answer).expect("settled");
+        let Reply::Error(e) = relayed.reply else {
+            panic!("an error")
+        };
+        let text = e.to_string();
+        assert!(
+            !text.contains("sekrit99") && !text.contains("hunter22"),
+            "{text}"
+        );
+        assert_eq!(e["data"]["n"], 1);
+        assert!(text.contains("127.0.0.1:9/mcp"), "{text}");
+    }
 
     /// A session hop sends the params as they are (borrowed, not copied) unless the stateless
     /// envelope must come out; user keys of `_meta` stay, an emptied `_meta` goes.
