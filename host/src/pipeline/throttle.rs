@@ -370,9 +370,11 @@ impl Throttle {
     }
 }
 
-/// Moves an entry to `window`, keeping the count of the window it leaves.
+/// Moves an entry forward to `window`, keeping the count of the window it leaves. Never back:
+/// a denial noted with the time its call started (before its commit, maybe in the window
+/// before) counts in the current window instead of resetting it.
 fn roll(e: &mut Entry, window: u64, tenant: &str, scope: Scope, pending: &mut Vec<Summary>) {
-    if e.window != window {
+    if window > e.window {
         take_count(e, tenant, scope, pending);
         e.window = window;
         e.denials = 0;
@@ -491,6 +493,20 @@ mod tests {
         assert_eq!((s[0].count, s[0].scope), (2, Scope::Token));
         assert_eq!(s[0].subject.root_jti, "a");
         assert!(t.take_summaries().is_empty(), "taken once");
+    }
+
+    /// A denial noted late, with its call's start in the window before, counts in the
+    /// current window instead of resetting it (each late one would reset it again).
+    #[tokio::test]
+    async fn a_late_denial_of_the_window_before_does_not_reset_the_current_one() {
+        let (t, _dir) = throttle(limits()).await;
+        let next = T0 + 60_000;
+        t.note_denial("acme", "a", next);
+        t.note_denial("acme", "a", T0);
+        assert!(
+            t.admit("acme", "a", who, next + 1000).is_err(),
+            "two denials in the current window"
+        );
     }
 
     #[tokio::test]
