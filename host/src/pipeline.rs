@@ -523,7 +523,15 @@ impl Pipeline {
         bundle_digest: &str,
     ) -> Result<Option<String>, Denial> {
         let Some(id) = call.approval_id else {
-            return Ok(None);
+            // A later round of a call is the same call: what a person approved of its first
+            // round stays answered (asked again each round, the call could never finish).
+            return match call.round {
+                Some(r) => {
+                    self.answered_in_first_round(call, r.call_event, bundle_digest)
+                        .await
+                }
+                None => Ok(None),
+            };
         };
         let g = call.grant;
         let found = approvals::query::get(self.audit.db(), Some(&g.tenant), id)
@@ -556,6 +564,49 @@ impl Pipeline {
             return refuse("was issued under another policy bundle");
         }
         Ok(Some(a.escalated_by))
+    }
+
+    /// The checks the approval its first round used answers (`first_event`, the round's
+    /// sealed or own call event): `None` when it used none, or the approval is not this call's
+    /// (another agent, token tree, tool, arguments or bundle). Nothing is consumed: the first
+    /// round consumed it.
+    async fn answered_in_first_round(
+        &self,
+        call: &ToolCall<'_>,
+        first_event: i64,
+        bundle_digest: &str,
+    ) -> Result<Option<String>, Denial> {
+        let g = call.grant;
+        let store = |e: String| Denial::Audit(e);
+        let filter = audit::AuditFilter {
+            tenant: Some(g.tenant.clone()),
+            id: Some(first_event),
+            ..audit::AuditFilter::default()
+        };
+        let page = audit::query::list(self.audit.db(), &filter, None, 1)
+            .await
+            .map_err(|e| store(e.to_string()))?;
+        let Some(first) = page.items.first() else {
+            return Ok(None);
+        };
+        let event = first.body_value();
+        let used = event["pending_id"].as_str().unwrap_or_default();
+        if used.is_empty() || event["decision"] != "allow" {
+            return Ok(None);
+        }
+        let found = approvals::query::get(self.audit.db(), Some(&g.tenant), used)
+            .await
+            .map_err(|e| store(e.to_string()))?;
+        Ok(found
+            .filter(|a| {
+                a.status == approvals::Status::Consumed
+                    && a.agent_id == g.subject
+                    && a.root_capability_token_id == g.root_jti
+                    && a.tool == call.name()
+                    && a.args_digest == approvals::args_digest(call.arguments)
+                    && a.bundle_digest == bundle_digest
+            })
+            .map(|a| a.escalated_by))
     }
 
     /// What an escalated call finds in the approval queue (a store that cannot say refuses).

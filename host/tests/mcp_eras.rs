@@ -1322,6 +1322,90 @@ async fn answers_without_a_sealed_round_are_not_forwarded() {
     gw.shutdown().await;
 }
 
+/// A multi-round call a person approved is approved for every round: its later rounds are
+/// decided again but not asked again (before, each round escalated anew, and the call could
+/// never finish).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_multi_round_call_is_not_asked_again_in_its_later_rounds() {
+    let up = Upstream::shared(Kind::BothEras).await;
+    let gw = gateway::start(Backend::Sqlite, Some(&up.url), &[]).await;
+    let registry = gw.gw.pipeline.registry().clone();
+    tokio::task::spawn_blocking(move || {
+        let spec = registry.default_spec().with_policy_config(
+            r#"package intentgate.policy
+
+decision := {"allow": false, "escalate": true, "reason": "transfers need a person"} if {
+	input.tool == "confirm_transfer"
+} else := {"allow": true, "reason": "ok"}
+"#
+            .into(),
+        );
+        let draft = registry
+            .create_draft("acme", "transfers-asked", spec)
+            .expect("draft");
+        registry.promote("acme", &draft.digest).expect("promote");
+    })
+    .await
+    .expect("promote task");
+    let (tok, _) = token(&gw, &["confirm_transfer"], json!({})).await;
+    let m = marker("approved-rounds");
+    let round = |id: u64, extra: Value| {
+        let mut b = modern_body(
+            id,
+            "tools/call",
+            json!({"name": "confirm_transfer", "arguments": {"amount": 3, "memo": m}}),
+        );
+        b["params"]["_meta"][CAPS] = json!({"elicitation": {}});
+        if let (Some(p), Some(e)) = (b["params"].as_object_mut(), extra.as_object()) {
+            p.extend(e.clone());
+        }
+        b
+    };
+    // Round 0: the policy asks a person; the client holds a sealed state naming the approval.
+    let (s, asked) = modern(&gw, &tok, &round(1, json!({}))).await;
+    assert_eq!(s, 200, "{asked}");
+    let state = asked["result"]["requestState"]
+        .as_str()
+        .unwrap_or_else(|| panic!("an approval state: {asked}"))
+        .to_owned();
+    let (s, list) = http::get_json(
+        &format!("{}/v1/admin/approvals?status=pending&tenant=acme", gw.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(s, 200, "{list}");
+    let id = list["items"][0]["pending_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a pending approval: {list}"))
+        .to_owned();
+    let (s, d) = http::post_json(
+        &format!("{}/v1/admin/approvals/{id}/decide", gw.url),
+        Some(ADMIN_TOKEN),
+        &json!({"decision": "approve", "decided_by": "ops@example.com"}),
+    )
+    .await;
+    assert_eq!(s, 200, "{d}");
+    // Approved: the call runs, and the upstream asks its confirmation.
+    let (s, confirm) = modern(&gw, &tok, &round(2, json!({"requestState": state}))).await;
+    assert_eq!(s, 200, "{confirm}");
+    let state = confirm["result"]["requestState"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the upstream's question: {confirm}"))
+        .to_owned();
+    assert_eq!(up.calls_with(&m).len(), 1, "ran once");
+    // The answer's round is decided again, not asked of a person again.
+    let answer = json!({"requestState": state,
+        "inputResponses": {"confirm": {"action": "accept", "content": {"ok": true}}}});
+    let (s, done) = modern(&gw, &tok, &round(3, answer)).await;
+    assert_eq!(s, 200, "{done}");
+    let text = done["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(text.contains("confirmed=True"), "completed: {done}");
+    assert_eq!(up.calls_with(&m).len(), 2, "the answered round ran");
+    gw.shutdown().await;
+}
+
 // --- replicas -----------------------------------------------------------------------------------
 
 /// Two gateways on one PostgreSQL database with the same master key: a handshake-era session
