@@ -473,7 +473,7 @@ async fn a_refused_calls_huge_tool_name_is_recorded_cut_on_postgres() {
         .unwrap_or_else(|| panic!("the denial in {events:?}"));
     let tool = denial["tool"].as_str().expect("tool");
     assert!(
-        tool.len() <= intentgate::capability::MAX_NAME_BYTES + '…'.len_utf8()
+        tool.len() <= intentgate::capability::MAX_NAME_BYTES + 64 + '…'.len_utf8()
             && tool.ends_with('…'),
         "{} bytes",
         tool.len()

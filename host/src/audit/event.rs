@@ -238,12 +238,14 @@ impl AuditEvent {
         }
     }
 
-    /// Cuts the request-supplied names stored in indexed columns of their own to
-    /// [`crate::capability::MAX_NAME_BYTES`] (marked `…`): PostgreSQL refuses an index entry
+    /// Cuts the request-supplied names stored in indexed columns of their own to a little
+    /// over [`crate::capability::MAX_NAME_BYTES`] (marked `…`): PostgreSQL refuses an index entry
     /// over about 2.7 KB, and one refused call's 100 KB tool name must not fail the batch of
     /// every call committed with it. Longer names are refused by the capability check anyway.
     pub fn fit_indexed_columns(&mut self) {
-        let max = crate::capability::MAX_NAME_BYTES;
+        // A qualified name (`completion:resource:` and a URI the token allows) is a little
+        // longer than the longest name a token may hold: an allowed call is never cut.
+        let max = crate::capability::MAX_NAME_BYTES + 64;
         for v in [&mut self.tool, &mut self.agent_id] {
             if v.len() > max {
                 *v = crate::capability::cut(v, max);

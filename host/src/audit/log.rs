@@ -447,14 +447,46 @@ async fn wait_for(
 /// once it is written: the caller was refused either way.
 fn late_record(entry: &Entry, committed: Option<i64>) -> Option<Entry> {
     let event = &entry.event;
-    // Only a call's decision is answered by its commit. An operator's action (an approval
-    // decided, a token minted or revoked) or a record made after the fact that became durable
-    // late took effect, and its event says so; one that was not written did nothing.
-    if !matches!(
-        event.kind.as_str(),
-        super::kinds::TOOL_CALL | super::kinds::MCP_METHOD
-    ) {
+    // A change the commit itself makes (an approval decided or expired, old approvals
+    // purged) took effect when the commit landed late, and its event says so; so does a record
+    // made after the fact (an upstream's failure, a throttle's summary). Neither was an answer
+    // a caller waited for. An operator's action that runs only once its event is recorded (a
+    // revoke, a mint) did not run: its late record says it was refused.
+    let in_commit = matches!(
+        entry.approval,
+        Some(
+            ApprovalWrite::Decide { .. }
+                | ApprovalWrite::Expire { .. }
+                | ApprovalWrite::Purge { .. }
+                | ApprovalWrite::Restore { .. }
+        )
+    );
+    if in_commit
+        || matches!(
+            event.kind.as_str(),
+            "intentgate.upstream_result" | "intentgate.denials_throttled"
+        )
+    {
         return None;
+    }
+    // A resumed call that escalated again used its approval up in that commit: its caller,
+    // refused, never learned the next approval's id, so the approval is given back.
+    if let (Some(ApprovalWrite::Supersede { id, .. }), Some(committed)) =
+        (&entry.approval, committed)
+        && entry.approval_applied
+    {
+        let mut late = event.clone();
+        late.ts_ms = time::now_ms();
+        late.decision = Some(super::Decision::Block);
+        late.check = "audit".to_owned();
+        late.reason = format!(
+            "event {committed} became durable only after its caller stopped waiting (audit deadline): approval {id} is given back"
+        );
+        late.call_id = Some(committed);
+        late.pending_id = id.clone();
+        let mut record = Entry::new(late, Vec::new());
+        record.approval = Some(ApprovalWrite::Restore { id: id.clone() });
+        return Some(record);
     }
     let refused = matches!(
         event.decision,
@@ -874,8 +906,30 @@ mod tests {
         });
         assert!(late_record(&entry, Some(7)).is_none());
         assert!(late_record(&entry, None).is_none());
-        let minted = super::super::AuditEvent::new("admin/mint", "acme");
-        assert!(late_record(&Entry::new(minted, Vec::new()), Some(8)).is_none());
+        // A revoke runs only once its event is recorded: committed late, it did not run.
+        let mut revoked = super::super::AuditEvent::new("admin/revoke", "acme");
+        revoked.decision = Some(super::super::Decision::Allow);
+        let late = late_record(&Entry::new(revoked, Vec::new()), Some(8)).expect("a record");
+        assert_eq!(late.event.decision, Some(super::super::Decision::Block));
+
+        // A supersession committed late gives the approval it used back.
+        let mut escalated = super::super::AuditEvent::new(super::super::kinds::TOOL_CALL, "acme");
+        escalated.decision = Some(super::super::Decision::Escalate);
+        let mut entry = Entry::new(escalated, Vec::new());
+        entry.approval = Some(ApprovalWrite::Supersede {
+            id: "pa_used".into(),
+            at_ms: 1,
+            next: None,
+        });
+        entry.approval_applied = true;
+        let late = late_record(&entry, Some(10)).expect("a record");
+        assert!(
+            matches!(&late.approval, Some(ApprovalWrite::Restore { id }) if id == "pa_used"),
+            "{:?}",
+            late.approval
+        );
+        entry.approval_applied = false;
+        assert!(late_record(&entry, Some(10)).is_none(), "nothing used up");
 
         let mut call = super::super::AuditEvent::new(super::super::kinds::TOOL_CALL, "acme");
         call.decision = Some(super::super::Decision::Allow);

@@ -333,16 +333,22 @@ impl Snapshot {
 }
 
 /// Adds `c` to a call's charges. Two checks charging the same counter in the same window
-/// (two ceilings on one key) are one write of the larger amount against the smaller limit:
-/// charged twice, each call would count double against both.
+/// (two ceilings on one key) are one write: charged twice, each call would count double
+/// against both. The write adds the larger amount, and its limit leaves the counter the
+/// headroom the tighter check asked for (`min(limit - amount)`), so it passes exactly when
+/// each check's own charge would.
 fn merge_charge(charges: &mut Vec<Charge>, c: Charge) {
     match charges
         .iter_mut()
         .find(|x| x.key == c.key && x.window_start == c.window_start)
     {
         Some(x) => {
+            let headroom = x
+                .limit
+                .saturating_sub(x.amount)
+                .min(c.limit.saturating_sub(c.amount));
             x.amount = x.amount.max(c.amount);
-            x.limit = x.limit.min(c.limit);
+            x.limit = headroom.saturating_add(x.amount);
         }
         None => charges.push(c),
     }
@@ -370,11 +376,13 @@ mod tests {
         merge_charge(&mut charges, charge("t/agent-cents:a", 100, 5, 900));
         // Another window of the same key is another counter.
         merge_charge(&mut charges, charge("t/agent-calls:a", 0, 1, 7));
+        // Cents: 3 against 500 and 5 against 900 (headroom 497 and 895): 5 against 502, so a
+        // counter at 497 passes neither check alone and not the write, at 496 all three.
         assert_eq!(
             charges,
             [
                 charge("t/agent-calls:a", 100, 1, 20),
-                charge("t/agent-cents:a", 100, 5, 500),
+                charge("t/agent-cents:a", 100, 5, 502),
                 charge("t/agent-calls:a", 0, 1, 7),
             ]
         );

@@ -408,7 +408,8 @@ fn sweep<K>(
     pending: &mut Vec<Summary>,
 ) {
     map.retain(|k, e| {
-        if e.window == window {
+        // A later window than the caller's (a denial noted late) is current, not past.
+        if e.window >= window {
             return true;
         }
         take_count(e, tenant_of(k), scope, pending);
@@ -506,6 +507,19 @@ mod tests {
         assert!(
             t.admit("acme", "a", who, next + 1000).is_err(),
             "two denials in the current window"
+        );
+        // With the token table full, a late denial of a new token sweeps past windows only.
+        let (t, _dir) = throttle(limits()).await;
+        t.note_denial("acme", "a", next);
+        t.note_denial("acme", "a", next);
+        for token in ["b", "c", "d"] {
+            t.note_denial("globex", token, next);
+        }
+        // (acme's 3 denials stay under its tenant limit of 5.)
+        t.note_denial("acme", "e", T0);
+        assert!(
+            t.admit("acme", "a", who, next + 1000).is_err(),
+            "a's denials of the current window kept"
         );
     }
 

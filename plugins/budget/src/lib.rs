@@ -65,6 +65,10 @@ struct Ceiling {
     window_secs: u64,
 }
 
+/// The longest window (ten years): a window's length is part of its counter key, which the
+/// host bounds at 256 bytes.
+const MAX_WINDOW_SECS: u64 = 10 * 366 * 86_400;
+
 fn day() -> u64 {
     86_400
 }
@@ -82,9 +86,11 @@ impl Check for Budget {
         };
         for (name, ceiling) in [("agent", &config.agent), ("tenant", &config.tenant)] {
             if let Some(c) = ceiling
-                && c.window_secs == 0
+                && !(1..=MAX_WINDOW_SECS).contains(&c.window_secs)
             {
-                return Err(format!("budget {name}.window_secs must be > 0"));
+                return Err(format!(
+                    "budget {name}.window_secs must be between 1 and {MAX_WINDOW_SECS} (ten years)"
+                ));
             }
         }
         Ok(Self { config })
@@ -248,6 +254,14 @@ mod tests {
             hour[0].starts_with("agent-calls@3600s:") && hour[1].starts_with("agent-cents@3600s:")
         );
         assert!(day.iter().all(|k| !hour.contains(k)), "{day:?} {hour:?}");
+    }
+
+    #[test]
+    fn a_window_is_between_a_second_and_ten_years() {
+        let config = |secs: u64| format!(r#"{{"agent": {{"calls": 9, "window_secs": {secs}}}}}"#);
+        assert!(Harness::<Budget>::new(&config(0)).is_err());
+        assert!(Harness::<Budget>::new(&config(MAX_WINDOW_SECS)).is_ok());
+        assert!(Harness::<Budget>::new(&config(u64::MAX)).is_err());
     }
 
     #[test]
