@@ -29,6 +29,18 @@ fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
 
 pub use crate::audit::ArgValuesMode as ArgValues;
 
+/// Whether `token` can be presented as a bearer credential at all. A request's `Authorization`
+/// header is read only when it is visible ASCII ([`crate::http::bearer`]) and a bearer token
+/// (RFC 6750) holds no space, so a configured token with whitespace (a newline from a file), a
+/// control character or a non-ASCII character would be accepted but could never match.
+fn bearer_chars_ok(token: &str) -> bool {
+    token.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Why [`bearer_chars_ok`] refused a token (never quoting it).
+const BEARER_CHARS: &str = "must not contain whitespace, control or non-ASCII characters \
+                            (an Authorization header cannot carry them, so it could never match)";
+
 mod outbox;
 pub use outbox::{DATADOG_US1, OutboxArgs};
 
@@ -59,7 +71,8 @@ pub struct ServeArgs {
     /// Superadmin bearer token for /v1/admin/*. Generated when unset.
     #[arg(long, env = "INTENTGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Per-tenant admin tokens: `tenant1:token1,tenant2:token2`.
+    /// Per-tenant admin tokens: `tenant1:token1,tenant2:token2` (commas or newlines between
+    /// entries).
     #[arg(long, env = "INTENTGATE_TENANT_ADMINS", hide_env_values = true)]
     pub tenant_admins: Option<String>,
     /// PostgreSQL DSN; when unset the embedded SQLite store in the data directory is used.
@@ -647,13 +660,16 @@ impl ServeArgs {
         self.admin_token = self.admin_token.map(|t| t.trim().to_owned());
         self.telemetry.metrics_token =
             (self.telemetry.metrics_token.take()).map(|t| t.trim().to_owned());
-        if let Some(t) = &self.admin_token
-            && t.len() < 16
-        {
-            return Err(invalid(
-                "INTENTGATE_ADMIN_TOKEN",
-                "must be at least 16 characters",
-            ));
+        if let Some(t) = &self.admin_token {
+            if t.len() < 16 {
+                return Err(invalid(
+                    "INTENTGATE_ADMIN_TOKEN",
+                    "must be at least 16 characters",
+                ));
+            }
+            if !bearer_chars_ok(t) {
+                return Err(invalid("INTENTGATE_ADMIN_TOKEN", BEARER_CHARS));
+            }
         }
         if self.original.sentinel_workspace_id.is_some()
             || self.original.sentinel_shared_key.is_some()
@@ -1114,7 +1130,9 @@ impl ServeArgs {
 fn parse_tenant_admins(raw: &str) -> Result<Vec<(String, String)>, ConfigError> {
     const SETTING: &str = "INTENTGATE_TENANT_ADMINS";
     let mut out: Vec<(String, String)> = Vec::new();
-    for (i, entry) in raw.split(',').map(str::trim).enumerate() {
+    // Commas or newlines between entries: a file (INTENTGATE_TENANT_ADMINS_FILE) reads best
+    // with one entry a line. Numbered as split, so in such a file entry N is line N.
+    for (i, entry) in raw.split([',', '\n']).map(str::trim).enumerate() {
         if entry.is_empty() {
             continue;
         }
@@ -1141,6 +1159,12 @@ fn parse_tenant_admins(raw: &str) -> Result<Vec<(String, String)>, ConfigError> 
                     "entry {}: token shorter than 16 characters (entries are tenant:token)",
                     i + 1
                 ),
+            ));
+        }
+        if !bearer_chars_ok(token) {
+            return Err(invalid(
+                SETTING,
+                format!("entry {}: the token {BEARER_CHARS}", i + 1),
             ));
         }
         if out.iter().any(|(t, _)| t == tenant) {
@@ -1567,6 +1591,87 @@ mod tests {
             "INTENTGATE_UPSTREAM_CA_FILE",
             "https",
         );
+    }
+
+    /// A bearer secret with whitespace, a control or a non-ASCII character could never match a
+    /// request's `Authorization` header: refused by its setting's name, never quoted.
+    #[test]
+    fn bearer_secrets_that_could_never_match_are_refused() {
+        let refused = |args: &[&str], setting: &str| {
+            let e = parse(args).expect_err("refused").to_string();
+            assert!(
+                e.starts_with(setting) && e.contains("whitespace"),
+                "{args:?}: {e}"
+            );
+            assert!(!e.contains("sekrit"), "a secret is never shown: {e}");
+        };
+        for bad in [
+            "sekrit token with spaces",
+            "sekrit-0123456789\nsecond-line",
+            "sekrit-0123456789\tx",
+            "sekrit-\u{7f}-0123456789",
+            "sekrit-\u{e9}-0123456789",
+        ] {
+            refused(&["--admin-token", bad], "INTENTGATE_ADMIN_TOKEN:");
+            refused(&["--metrics-token", bad], "INTENTGATE_METRICS_TOKEN:");
+            if bad.contains('\n') {
+                continue; // separates tenant-admins entries (see below)
+            }
+            let entry = format!("acme:{bad}");
+            let e = parse(&["--tenant-admins", &entry])
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                e.starts_with("INTENTGATE_TENANT_ADMINS")
+                    && e.contains("entry 1")
+                    && e.contains("whitespace")
+                    && !e.contains("sekrit"),
+                "{e}"
+            );
+        }
+        // Only the ends are whitespace: trimmed, as before.
+        let c = parse(&[
+            "--admin-token",
+            " padded-admin-token-0123456789\n",
+            "--metrics-token",
+            "padded-metrics-token-0123456789\r\n",
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.admin_token.as_deref(),
+            Some("padded-admin-token-0123456789")
+        );
+        assert_eq!(
+            c.telemetry.metrics.token.as_deref(),
+            Some("padded-metrics-token-0123456789")
+        );
+    }
+
+    /// A tenant-admins list (a file, mostly) may put one entry a line; blank lines and CRLF
+    /// endings are skipped, commas still separate, and entries are numbered as split.
+    #[test]
+    fn tenant_admins_may_be_one_a_line() {
+        let c = parse(&[
+            "--tenant-admins",
+            "acme:aaaaaaaaaaaaaaaa1\r\n\n  globex:bbbbbbbbbbbbbbbb2 \ninitech:cccccccccccccccc3,umbrella:dddddddddddddddd4\n",
+        ])
+        .expect("valid");
+        let got: Vec<(&str, &str)> = (c.tenant_admins.iter())
+            .map(|(t, k)| (t.as_str(), k.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("acme", "aaaaaaaaaaaaaaaa1"),
+                ("globex", "bbbbbbbbbbbbbbbb2"),
+                ("initech", "cccccccccccccccc3"),
+                ("umbrella", "dddddddddddddddd4"),
+            ]
+        );
+        let e = parse(&["--tenant-admins", "acme:aaaaaaaaaaaaaaaa1\nglobex"])
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("entry 2 is not tenant:token"), "{e}");
     }
 
     #[test]

@@ -105,6 +105,19 @@ impl Secrets {
     }
 }
 
+/// The admin token a token file holds: the value of its `INTENTGATE_ADMIN_TOKEN=` line when it
+/// is a `secrets.env` (as [`load_or_create`] writes it), else the whole text; trimmed either way.
+/// The one reading of such a file, for `serve` (`INTENTGATE_ADMIN_TOKEN_FILE`) and the CLI
+/// (`--token-file`): the two take the same token from the same file.
+pub fn admin_token_in(text: &str) -> String {
+    let prefix = format!("{ADMIN_VAR}=");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+        .map(|v| v.trim().trim_matches('"'))
+        .unwrap_or(text.trim())
+        .to_owned()
+}
+
 /// Creates the data directory (0700) if needed.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), SecretsError> {
     if !dir.exists() {

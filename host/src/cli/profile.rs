@@ -138,11 +138,7 @@ pub fn read_token_file(path: &Path) -> Result<String, CliError> {
             path.display()
         ))
     })?;
-    let from_env_file = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("INTENTGATE_ADMIN_TOKEN="))
-        .map(|v| v.trim().trim_matches('"').to_owned());
-    let token = from_env_file.unwrap_or_else(|| text.trim().to_owned());
+    let token = crate::secrets::admin_token_in(&text);
     if token.is_empty() || token.contains(char::is_whitespace) {
         return Err(CliError::Usage(format!(
             "{} holds no admin token (expected the token alone or an INTENTGATE_ADMIN_TOKEN= line)",

@@ -14,16 +14,20 @@ use super::{ConfigError, ServeArgs, invalid};
 /// A secret file larger than this is not a secret (a wrong path, a certificate bundle).
 const MAX_SECRET_FILE: u64 = 64 * 1024;
 
+const ADMIN_TOKEN_FILE: &str = "INTENTGATE_ADMIN_TOKEN_FILE";
+
 /// The `*_FILE` settings.
 #[derive(Args, Clone, Default)]
 pub struct SecretFiles {
     /// Read INTENTGATE_MASTER_KEY from this file.
     #[arg(long, env = "INTENTGATE_MASTER_KEY_FILE", value_name = "PATH")]
     pub master_key_file: Option<PathBuf>,
-    /// Read INTENTGATE_ADMIN_TOKEN from this file.
+    /// Read INTENTGATE_ADMIN_TOKEN from this file: the token alone, or a `secrets.env` with an
+    /// `INTENTGATE_ADMIN_TOKEN=` line (read as the CLI's `--token-file` reads it).
     #[arg(long, env = "INTENTGATE_ADMIN_TOKEN_FILE", value_name = "PATH")]
     pub admin_token_file: Option<PathBuf>,
-    /// Read INTENTGATE_TENANT_ADMINS from this file.
+    /// Read INTENTGATE_TENANT_ADMINS from this file (one `tenant:token` a line, or
+    /// comma-separated).
     #[arg(long, env = "INTENTGATE_TENANT_ADMINS_FILE", value_name = "PATH")]
     pub tenant_admins_file: Option<PathBuf>,
     /// Read INTENTGATE_POSTGRES_URL from this file.
@@ -75,7 +79,7 @@ pub(super) fn apply(args: &mut ServeArgs) -> Result<(), ConfigError> {
             &mut args.master_key,
         ),
         (
-            "INTENTGATE_ADMIN_TOKEN_FILE",
+            ADMIN_TOKEN_FILE,
             files.admin_token_file,
             &mut args.admin_token,
         ),
@@ -137,7 +141,13 @@ pub(super) fn apply(args: &mut ServeArgs) -> Result<(), ConfigError> {
                 format!("is set and so is {direct}: set one"),
             ));
         }
-        *value = Some(read(setting, &path)?);
+        let mut secret = read(setting, &path)?;
+        if setting == ADMIN_TOKEN_FILE {
+            // A `secrets.env` (the generated one, say) holds more than the token: the whole
+            // text could never match. One reading for `serve` and the CLI.
+            secret = crate::secrets::admin_token_in(&secret);
+        }
+        *value = Some(secret);
     }
     Ok(())
 }
@@ -322,6 +332,45 @@ mod tests {
             .to_string();
         assert!(
             e.starts_with("INTENTGATE_ADMIN_TOKEN") && !e.contains("hunter2"),
+            "{e}"
+        );
+
+        // A secrets.env (the generated one, say) as the admin token file: its
+        // INTENTGATE_ADMIN_TOKEN= line is the token, as the CLI's --token-file reads it.
+        let env = file(
+            "secrets.env",
+            b"# IntentGate secrets\nINTENTGATE_MASTER_KEY=c2l4dGVlbi1ieXRlcy1vZi1rZXktbWF0ZXJpYWw=\nINTENTGATE_ADMIN_TOKEN=igadm_env-file-token-0123456789\n",
+        );
+        let c = args(&["--admin-token-file", &env])
+            .validate()
+            .expect("a secrets.env");
+        assert_eq!(
+            c.admin_token.as_deref(),
+            Some("igadm_env-file-token-0123456789")
+        );
+        let cli = crate::cli::profile::read_token_file(std::path::Path::new(&env))
+            .expect("the CLI reads it");
+        assert_eq!(c.admin_token, Some(cli), "serve and the CLI agree");
+        // One tenant:token a line.
+        let tenants = file(
+            "tenants",
+            b"acme:acme-admin-token-0123456789\nglobex:globex-admin-token-0123456789\n",
+        );
+        let c = args(&["--tenant-admins-file", &tenants])
+            .validate()
+            .expect("one a line");
+        assert_eq!(c.tenant_admins.len(), 2);
+        // A file of two lines is not one token: refused, unquoted.
+        let two = file(
+            "two",
+            b"first-admin-token-0123456789\nsecond-line-0123456789\n",
+        );
+        let e = args(&["--admin-token-file", &two])
+            .validate()
+            .expect_err("two lines")
+            .to_string();
+        assert!(
+            e.starts_with("INTENTGATE_ADMIN_TOKEN") && !e.contains("first-admin"),
             "{e}"
         );
 

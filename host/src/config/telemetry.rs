@@ -195,13 +195,16 @@ impl TelemetryArgs {
                 Some(addr)
             }
         };
-        if let Some(t) = &self.metrics_token
-            && t.len() < 16
-        {
-            return Err(invalid(
-                "INTENTGATE_METRICS_TOKEN",
-                "must be at least 16 characters",
-            ));
+        if let Some(t) = &self.metrics_token {
+            if t.len() < 16 {
+                return Err(invalid(
+                    "INTENTGATE_METRICS_TOKEN",
+                    "must be at least 16 characters",
+                ));
+            }
+            if !super::bearer_chars_ok(t) {
+                return Err(invalid("INTENTGATE_METRICS_TOKEN", super::BEARER_CHARS));
+            }
         }
         let open = self.metrics_auth == "none";
         if open && !addr.is_some_and(|a| a.ip().is_loopback()) {
