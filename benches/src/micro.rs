@@ -773,7 +773,10 @@ pub fn metrics(reps: usize) -> Result<(), String> {
     println!(
         "\n## telemetry per call (metrics recorded on the request path; tracing sampled off)\n"
     );
-    intentgate::logging::init(intentgate::logging::LogFormat::Text);
+    intentgate::logging::init(
+        intentgate::logging::LogFormat::Text,
+        intentgate::logging::DEFAULT_FILTER,
+    );
     let m = Arc::new(Metrics::new("default"));
     let refused: Result<Permit, Denial> = Err(Denial::Budget("bench".into()));
     let forwarded: Result<intentgate::upstream::Reply, intentgate::upstream::UpstreamError> = Ok(
@@ -870,7 +873,10 @@ pub fn tracing(reps: usize) -> Result<(), String> {
     use std::future::Future;
 
     println!("\n## tracing per call (OpenTelemetry path; metrics not included)\n");
-    intentgate::logging::init(intentgate::logging::LogFormat::Text);
+    intentgate::logging::init(
+        intentgate::logging::LogFormat::Text,
+        intentgate::logging::DEFAULT_FILTER,
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

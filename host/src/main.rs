@@ -298,7 +298,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    intentgate::logging::init(config.telemetry.log_format);
+    intentgate::logging::init(config.telemetry.log_format, &config.telemetry.log_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

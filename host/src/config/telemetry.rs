@@ -40,6 +40,10 @@ pub struct TelemetryArgs {
     /// accepted only with INTENTGATE_METRICS_ADDR on a loopback address).
     #[arg(long, env = "INTENTGATE_METRICS_AUTH", default_value = "token", value_parser = ["token", "none"])]
     pub metrics_auth: String,
+    /// Which log lines are written: `tracing` `EnvFilter` directives such as
+    /// `intentgate=debug,info` [default: info; empty counts as unset].
+    #[arg(long = "log", env = "INTENTGATE_LOG", value_name = "FILTER")]
+    pub log_filter: Option<String>,
     /// Log lines as `text` or `json` (one JSON object per line).
     #[arg(long, env = "INTENTGATE_LOG_FORMAT", default_value = "text", value_parser = str::parse::<LogFormat>)]
     pub log_format: LogFormat,
@@ -165,6 +169,8 @@ impl std::fmt::Debug for MetricsConfig {
 pub struct TelemetryConfig {
     pub metrics: MetricsConfig,
     pub log_format: LogFormat,
+    /// `INTENTGATE_LOG`, checked: `EnvFilter` directives (`info` when unset).
+    pub log_filter: String,
     pub tracing: TracingConfig,
 }
 
@@ -222,8 +228,22 @@ impl TelemetryArgs {
                 open,
             },
             log_format: self.log_format,
+            log_filter: self.log_filter()?,
             tracing: self.tracing()?,
         })
+    }
+
+    /// `INTENTGATE_LOG`: an empty value is unset (`info`), not a filter that turns every line
+    /// off, errors included; one that does not parse stops the start rather than becoming
+    /// `info` unnoticed.
+    fn log_filter(&self) -> Result<String, ConfigError> {
+        match self.log_filter.as_deref().map(str::trim) {
+            None | Some("") => Ok(crate::logging::DEFAULT_FILTER.to_owned()),
+            Some(directives) => {
+                crate::logging::filter(directives).map_err(|e| invalid("INTENTGATE_LOG", e))?;
+                Ok(directives.to_owned())
+            }
+        }
     }
 
     fn tracing(&self) -> Result<TracingConfig, ConfigError> {
@@ -403,6 +423,24 @@ mod tests {
         }
         let c = parse(&["--metrics-token", "scrape-secret-0123456789"]).expect("valid");
         assert!(!format!("{c:?}").contains("scrape-secret"));
+    }
+
+    /// INTENTGATE_LOG: empty or blank is unset (`info`), not a filter that turns every line off,
+    /// errors included; a value that does not parse is refused by name, not turned into `info`
+    /// unnoticed; a valid one is kept as given.
+    #[test]
+    fn the_log_filter_is_checked() {
+        assert_eq!(parse(&[]).expect("defaults").log_filter, "info");
+        for blank in ["", "  "] {
+            let c = parse(&["--log", blank]).expect("blank is unset");
+            assert_eq!(c.log_filter, "info");
+        }
+        let c = parse(&["--log", "intentgate=debug,info"]).expect("valid");
+        assert_eq!(c.log_filter, "intentgate=debug,info");
+        for bad in ["intentgate=loud", "info,[{"] {
+            let e = parse(&["--log", bad]).expect_err("refused").to_string();
+            assert!(e.starts_with("INTENTGATE_LOG:"), "{bad}: {e}");
+        }
     }
 
     #[test]
