@@ -248,6 +248,10 @@ pub struct ServeArgs {
     /// so a busy gateway gathers larger commits, at the same share of the CPU.
     #[arg(long, env = "INTENTGATE_AUDIT_WRITER_BATCH", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub audit_writer_batch: bool,
+    /// The audit log's checkpoint signing key: a `PRIVATE+KEY+…` signer key, or a base64 32-byte
+    /// seed. Unset: `audit-log.key` in the data directory (generated on first start).
+    #[arg(long, env = "INTENTGATE_AUDIT_LOG_KEY", hide_env_values = true)]
+    pub audit_log_key: Option<String>,
     /// Most connections served at once; one more is answered 503 (with `Retry-After`) and closed.
     #[arg(long, env = "INTENTGATE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -358,6 +362,8 @@ pub struct Config {
     pub audit_writer_nice: u8,
     /// `INTENTGATE_AUDIT_WRITER_BATCH`.
     pub audit_writer_batch: bool,
+    /// `INTENTGATE_AUDIT_LOG_KEY`, parsed; `None`: the key file in the data directory.
+    pub audit_log_key: Option<crate::audit::LogKey>,
     /// Most connections served at once.
     pub max_connections: usize,
     /// How the gateway verifies (and authenticates to) an https upstream, unless its entry in
@@ -604,6 +610,8 @@ impl std::fmt::Debug for Config {
             .field("audit_deadline", &self.audit_deadline)
             .field("audit_writer_nice", &self.audit_writer_nice)
             .field("audit_writer_batch", &self.audit_writer_batch)
+            // The key's `Debug` shows its name and public half only.
+            .field("audit_log_key", &self.audit_log_key)
             .field("max_connections", &self.max_connections)
             .field("upstream_tls", &self.upstream_tls)
             .field("listener_tls", &self.listener_tls)
@@ -671,6 +679,20 @@ impl ServeArgs {
                 return Err(invalid("INTENTGATE_ADMIN_TOKEN", BEARER_CHARS));
             }
         }
+        // Checked here as `Gateway::start` checks it, so that `check-config` refuses what
+        // `serve` would (the key itself is never shown: `KeyError` does not quote it).
+        if let Some(key) = &self.master_key {
+            crate::capability::MasterKey::from_base64(key)
+                .map_err(|e| invalid("INTENTGATE_MASTER_KEY", e.to_string()))?;
+        }
+        // An empty value counts as unset, as it always has.
+        let audit_log_key = match self.audit_log_key.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(text) => Some(
+                crate::audit::LogKey::parse(text)
+                    .map_err(|e| invalid("INTENTGATE_AUDIT_LOG_KEY", e.to_string()))?,
+            ),
+        };
         if self.original.sentinel_workspace_id.is_some()
             || self.original.sentinel_shared_key.is_some()
         {
@@ -1064,6 +1086,7 @@ impl ServeArgs {
             audit_deadline,
             audit_writer_nice,
             audit_writer_batch: self.audit_writer_batch,
+            audit_log_key,
             max_connections,
             upstream_tls,
             listener_tls,
@@ -1672,6 +1695,46 @@ mod tests {
             .expect_err("refused")
             .to_string();
         assert!(e.contains("entry 2 is not tenant:token"), "{e}");
+    }
+
+    /// `check-config` refuses what `serve` would: a master key that is not base64 or decodes
+    /// too short, an audit log key that does not parse; each by its setting's name, unquoted.
+    #[test]
+    fn the_master_key_and_the_audit_log_key_are_checked() {
+        for bad in ["sekrit: not base64!", "c2Vrcml0"] {
+            let e = parse(&["--master-key", bad])
+                .expect_err("refused")
+                .to_string();
+            assert!(e.starts_with("INTENTGATE_MASTER_KEY:"), "{e}");
+            assert!(!e.contains("sekrit") && !e.contains("c2Vrcml0"), "{e}");
+        }
+        let c =
+            parse(&["--master-key", "c2l4dGVlbi1ieXRlcy1vZi1rZXktbWF0ZXJpYWw=\n"]).expect("valid");
+        // Kept as given: seals made before trimming are opened with the text as given.
+        assert_eq!(
+            c.master_key.as_deref(),
+            Some("c2l4dGVlbi1ieXRlcy1vZi1rZXktbWF0ZXJpYWw=\n")
+        );
+
+        const SEED: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+        assert!(parse(&[]).expect("defaults").audit_log_key.is_none());
+        assert!(
+            (parse(&["--audit-log-key", " "]).expect("blank is unset"))
+                .audit_log_key
+                .is_none()
+        );
+        let c = parse(&["--audit-log-key", SEED]).expect("a base64 seed");
+        let key = c.audit_log_key.as_ref().expect("parsed");
+        let same = crate::audit::LogKey::parse(SEED).expect("parse");
+        assert_eq!(key.verifier().to_string(), same.verifier().to_string());
+        assert!(!format!("{c:?}").contains(SEED), "{c:?}");
+        for bad in ["PRIVATE+KEY+sekrit", "c2Vrcml0", "sekrit!"] {
+            let e = parse(&["--audit-log-key", bad])
+                .expect_err("refused")
+                .to_string();
+            assert!(e.starts_with("INTENTGATE_AUDIT_LOG_KEY:"), "{e}");
+            assert!(!e.contains("sekrit") && !e.contains("c2Vrcml0"), "{e}");
+        }
     }
 
     #[test]

@@ -105,7 +105,10 @@ impl Gateway {
         // Said once at start: an empty INTENTGATE_POSTGRES_URL means SQLite, and an operator
         // should see which store answers (the DSN's password is never shown).
         tracing::info!(store = ?config.store, "state store opened");
-        let log_key = LogKey::from_env_or_dir(&config.data_dir)?;
+        let log_key = match config.audit_log_key.clone() {
+            Some(key) => key,
+            None => LogKey::load_or_create(&config.data_dir)?,
+        };
         let audit = AuditLog::open(store.db(), log_key, config.audit_config()).await?;
 
         let mut background = Vec::new();

@@ -1703,3 +1703,26 @@ async fn admin_api_lists_verifies_exports_and_serves_checkpoints() {
     assert!(body.starts_with(b"id,seq,ts,tenant,"));
     tg.shutdown().await;
 }
+
+/// `INTENTGATE_AUDIT_LOG_KEY`, read and checked with the configuration, is the key the gateway
+/// signs checkpoints with (not the key file in the data directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configured_audit_log_key_signs_the_checkpoints() {
+    use crate::support::gateway::{self, ADMIN_TOKEN, Backend};
+    use crate::support::http;
+    const SEED: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+    let tg = gateway::start(Backend::Sqlite, None, &["--audit-log-key", SEED]).await;
+    let (s, pk) = http::get_json(
+        &format!("{}/v1/admin/audit/public-key", tg.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(s, 200, "{pk}");
+    let expected = LogKey::parse(SEED).expect("seed").verifier().to_string();
+    assert_eq!(pk["verifier_key"].as_str(), Some(expected.as_str()), "{pk}");
+    assert!(
+        !tg.data_dir.path().join("audit-log.key").exists(),
+        "no key file is generated when the key is configured"
+    );
+    tg.shutdown().await;
+}

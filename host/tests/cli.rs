@@ -725,3 +725,33 @@ async fn approvals_are_answered_from_the_cli() {
     assert!(integrations.json().is_object() || integrations.json().is_array());
     gw.shutdown().await;
 }
+
+/// `check-config` refuses (exit 2, by the setting's name, never quoting a secret) what `serve`
+/// would refuse at start: a log filter that does not parse, a master key that is not base64 or
+/// too short, an audit log key that does not parse. An empty INTENTGATE_LOG is unset.
+#[tokio::test]
+async fn check_config_refuses_what_serve_would() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let data = d.join("data");
+    let data = data.to_str().expect("utf-8");
+    let base = ["check-config", "--data-dir", data];
+    let ok = cli(d, &[("INTENTGATE_LOG", "")], &base).await;
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    for (env, setting) in [
+        (("INTENTGATE_LOG", "intentgate=loud"), "INTENTGATE_LOG"),
+        (
+            ("INTENTGATE_MASTER_KEY", "c2Vrcml0"),
+            "INTENTGATE_MASTER_KEY",
+        ),
+        (
+            ("INTENTGATE_AUDIT_LOG_KEY", "c2Vrcml0"),
+            "INTENTGATE_AUDIT_LOG_KEY",
+        ),
+    ] {
+        let run = cli(d, &[env], &base).await;
+        assert_eq!(run.code, 2, "{setting}: {}{}", run.stdout, run.stderr);
+        assert!(run.stderr.contains(setting), "{}", run.stderr);
+        assert!(!run.stderr.contains("c2Vrcml0"), "{}", run.stderr);
+    }
+}

@@ -8,7 +8,7 @@
 //! where `keyhash = SHA-256(name || "\n" || 0x01 || public key)[..4]`.
 //!
 //! The key comes from `INTENTGATE_AUDIT_LOG_KEY` (signer-key format, or a bare base64 32-byte
-//! seed) or is generated on first start into `audit-log.key` (mode 0600) in the data directory.
+//! seed; read and parsed by `crate::config`) or is generated on first start into `audit-log.key` (mode 0600) in the data directory.
 //! This module must never write the private key anywhere else, log it, or show it through `Debug`.
 
 use std::fmt;
@@ -24,8 +24,6 @@ use super::AuditError;
 
 /// File name of the generated key inside the data directory.
 pub const KEY_FILE: &str = "audit-log.key";
-/// Environment variable that supplies the key instead of the file.
-pub const KEY_ENV: &str = "INTENTGATE_AUDIT_LOG_KEY";
 /// Key name used when none is given.
 pub const DEFAULT_KEY_NAME: &str = "intentgate-audit";
 /// Signature algorithm byte of Ed25519 in signed notes.
@@ -126,14 +124,6 @@ impl LogKey {
         Self::from_seed(DEFAULT_KEY_NAME, seed)
     }
 
-    /// The key from `INTENTGATE_AUDIT_LOG_KEY`, if set.
-    pub fn from_env() -> Result<Option<Self>, AuditError> {
-        match std::env::var(KEY_ENV) {
-            Ok(v) if !v.trim().is_empty() => Self::parse(&v).map(Some),
-            _ => Ok(None),
-        }
-    }
-
     /// The key in `dir/audit-log.key`, generated (0600, written atomically) on first start.
     pub fn load_or_create(dir: &Path) -> Result<Self, AuditError> {
         let path = dir.join(KEY_FILE);
@@ -180,14 +170,6 @@ impl LogKey {
                 Self::parse(&std::fs::read_to_string(&path)?)
             }
             Err(e) => Err(AuditError::Io(e)),
-        }
-    }
-
-    /// The environment key if set, else the file key in `dir`.
-    pub fn from_env_or_dir(dir: &Path) -> Result<Self, AuditError> {
-        match Self::from_env()? {
-            Some(k) => Ok(k),
-            None => Self::load_or_create(dir),
         }
     }
 
