@@ -160,17 +160,35 @@ fn set(v: &Option<String>) -> Option<&str> {
     v.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// A sink's settings given without the one that enables it: refused by name, naming the first
+/// of them that is set, rather than ignored (a sink the operator thinks is configured would
+/// receive nothing).
+fn required_with(
+    required: &'static str,
+    others: &[(&'static str, &Option<String>)],
+) -> Result<(), ConfigError> {
+    match others.iter().find(|(_, v)| set(v).is_some()) {
+        Some((name, _)) => Err(invalid(required, format!("is required with {name}"))),
+        None => Ok(()),
+    }
+}
+
 impl OutboxArgs {
     /// The S3 sink from `INTENTGATE_SIEM_S3_*`.
     fn s3(&self, env: &mut Vec<DestinationSpec>) -> Result<(), ConfigError> {
         let Some(url) = set(&self.s3_url) else {
-            if set(&self.s3_access_key_id).is_some() || set(&self.s3_secret_access_key).is_some() {
-                return Err(invalid(
-                    "INTENTGATE_SIEM_S3_URL",
-                    "is required with the other INTENTGATE_SIEM_S3_* settings",
-                ));
-            }
-            return Ok(());
+            return required_with(
+                "INTENTGATE_SIEM_S3_URL",
+                &[
+                    ("INTENTGATE_SIEM_S3_ACCESS_KEY_ID", &self.s3_access_key_id),
+                    (
+                        "INTENTGATE_SIEM_S3_SECRET_ACCESS_KEY",
+                        &self.s3_secret_access_key,
+                    ),
+                    ("INTENTGATE_SIEM_S3_REGION", &self.s3_region),
+                    ("INTENTGATE_SIEM_S3_PREFIX", &self.s3_prefix),
+                ],
+            );
         };
         let key_id = set(&self.s3_access_key_id).ok_or_else(|| {
             invalid(
@@ -205,13 +223,29 @@ impl OutboxArgs {
     /// Microsoft Sentinel from `INTENTGATE_SIEM_SENTINEL_*`.
     fn sentinel(&self, env: &mut Vec<DestinationSpec>) -> Result<(), ConfigError> {
         let Some(url) = set(&self.sentinel_dce_url) else {
-            if set(&self.sentinel_client_secret).is_some() || set(&self.sentinel_dcr_id).is_some() {
-                return Err(invalid(
-                    "INTENTGATE_SIEM_SENTINEL_DCE_URL",
-                    "is required with the other INTENTGATE_SIEM_SENTINEL_* settings",
-                ));
-            }
-            return Ok(());
+            return required_with(
+                "INTENTGATE_SIEM_SENTINEL_DCE_URL",
+                &[
+                    (
+                        "INTENTGATE_SIEM_SENTINEL_CLIENT_SECRET",
+                        &self.sentinel_client_secret,
+                    ),
+                    ("INTENTGATE_SIEM_SENTINEL_DCR_ID", &self.sentinel_dcr_id),
+                    ("INTENTGATE_SIEM_SENTINEL_STREAM", &self.sentinel_stream),
+                    (
+                        "INTENTGATE_SIEM_SENTINEL_CLIENT_ID",
+                        &self.sentinel_client_id,
+                    ),
+                    (
+                        "INTENTGATE_SIEM_SENTINEL_TENANT_ID",
+                        &self.sentinel_tenant_id,
+                    ),
+                    (
+                        "INTENTGATE_SIEM_SENTINEL_TOKEN_URL",
+                        &self.sentinel_token_url,
+                    ),
+                ],
+            );
         };
         let secret = set(&self.sentinel_client_secret).ok_or_else(|| {
             invalid(
@@ -336,7 +370,10 @@ impl OutboxArgs {
                     "is required with INTENTGATE_SIEM_SPLUNK_TOKEN",
                 ));
             }
-            (None, None) => {}
+            (None, None) => required_with(
+                "INTENTGATE_SIEM_SPLUNK_HEC_URL",
+                &[("INTENTGATE_SIEM_SPLUNK_INDEX", &self.splunk_index)],
+            )?,
         }
         if let Some(key) = set(&self.datadog_api_key) {
             let url = match (set(&self.datadog_url), set(&self.datadog_site)) {
@@ -356,11 +393,15 @@ impl OutboxArgs {
                 settings,
                 ..DestinationSpec::default()
             });
-        } else if set(&self.datadog_url).is_some() {
-            return Err(invalid(
+        } else {
+            required_with(
                 "INTENTGATE_SIEM_DATADOG_API_KEY",
-                "is required with INTENTGATE_SIEM_DATADOG_URL",
-            ));
+                &[
+                    ("INTENTGATE_SIEM_DATADOG_URL", &self.datadog_url),
+                    ("INTENTGATE_SIEM_DATADOG_SITE", &self.datadog_site),
+                    ("INTENTGATE_SIEM_DATADOG_SERVICE", &self.datadog_service),
+                ],
+            )?;
         }
         self.s3(&mut env)?;
         self.sentinel(&mut env)?;
@@ -431,5 +472,104 @@ impl OutboxArgs {
             )?,
             allow_private_networks: self.outbox_allow_private_networks,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: OutboxArgs,
+    }
+
+    fn args(list: &[&str]) -> OutboxArgs {
+        let mut v = vec!["t"];
+        v.extend_from_slice(list);
+        T::try_parse_from(v).expect("clap parse").a
+    }
+
+    /// A sink's optional setting given without the one that enables it is refused, naming both,
+    /// instead of being ignored: the operator would think the sink configured.
+    #[test]
+    fn partial_siem_settings_are_refused() {
+        for (flags, required, named) in [
+            (
+                vec!["--datadog-site", "datadoghq.eu"],
+                "INTENTGATE_SIEM_DATADOG_API_KEY",
+                "INTENTGATE_SIEM_DATADOG_SITE",
+            ),
+            (
+                vec!["--datadog-service", "gw"],
+                "INTENTGATE_SIEM_DATADOG_API_KEY",
+                "INTENTGATE_SIEM_DATADOG_SERVICE",
+            ),
+            (
+                vec!["--splunk-index", "main"],
+                "INTENTGATE_SIEM_SPLUNK_HEC_URL",
+                "INTENTGATE_SIEM_SPLUNK_INDEX",
+            ),
+            (
+                vec!["--s3-region", "eu-west-1"],
+                "INTENTGATE_SIEM_S3_URL",
+                "INTENTGATE_SIEM_S3_REGION",
+            ),
+            (
+                vec!["--s3-prefix", "audit/"],
+                "INTENTGATE_SIEM_S3_URL",
+                "INTENTGATE_SIEM_S3_PREFIX",
+            ),
+            (
+                vec!["--sentinel-stream", "Custom-IntentGate"],
+                "INTENTGATE_SIEM_SENTINEL_DCE_URL",
+                "INTENTGATE_SIEM_SENTINEL_STREAM",
+            ),
+            (
+                vec!["--sentinel-client-id", "app"],
+                "INTENTGATE_SIEM_SENTINEL_DCE_URL",
+                "INTENTGATE_SIEM_SENTINEL_CLIENT_ID",
+            ),
+            (
+                vec!["--sentinel-tenant-id", "dir"],
+                "INTENTGATE_SIEM_SENTINEL_DCE_URL",
+                "INTENTGATE_SIEM_SENTINEL_TENANT_ID",
+            ),
+            (
+                vec!["--sentinel-token-url", "http://127.0.0.1:9/token"],
+                "INTENTGATE_SIEM_SENTINEL_DCE_URL",
+                "INTENTGATE_SIEM_SENTINEL_TOKEN_URL",
+            ),
+        ] {
+            let e = args(&flags).validate().expect_err("refused").to_string();
+            assert!(
+                e.starts_with(required) && e.contains(named),
+                "{flags:?}: {e}"
+            );
+        }
+        // Blank counts as unset, and with the enabling setting each is accepted.
+        args(&["--datadog-site", " ", "--splunk-index", ""])
+            .validate()
+            .expect("blank is unset");
+        let c = args(&[
+            "--datadog-api-key",
+            "dd-key",
+            "--datadog-site",
+            "datadoghq.eu",
+            "--datadog-service",
+            "gw",
+            "--splunk-hec-url",
+            "http://127.0.0.1:9/services/collector/event",
+            "--splunk-token",
+            "hec-token",
+            "--splunk-index",
+            "main",
+        ])
+        .validate()
+        .expect("complete");
+        assert_eq!(c.env_destinations.len(), 2);
     }
 }
