@@ -16,6 +16,12 @@ use clap::Args;
 use super::{ConfigError, invalid};
 pub use crate::logging::LogFormat;
 
+/// The most `OTEL_BSP_MAX_QUEUE_SIZE` (traces) and `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (spans) may
+/// be: the export queue is a tokio channel, which panics at start past `usize::MAX >> 3`, and a
+/// million traces waiting is already more memory than an export backlog deserves. (The two
+/// count different things, so neither bounds the other.)
+const MAX_BSP_SIZE: usize = 1_000_000;
+
 /// The raw telemetry flags and variables.
 #[derive(Args, Clone, Debug)]
 pub struct TelemetryArgs {
@@ -295,11 +301,19 @@ impl TelemetryArgs {
         }
         let headers = parse_headers(self.otlp_headers.as_deref().unwrap_or(""))
             .map_err(|e| invalid("OTEL_EXPORTER_OTLP_HEADERS", e))?;
-        if self.otel_bsp_max_queue_size == 0 || self.otel_bsp_max_export_batch_size == 0 {
-            return Err(invalid(
-                "OTEL_BSP_MAX_QUEUE_SIZE",
-                "the queue and batch sizes must be at least 1",
-            ));
+        for (setting, size) in [
+            ("OTEL_BSP_MAX_QUEUE_SIZE", self.otel_bsp_max_queue_size),
+            (
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+                self.otel_bsp_max_export_batch_size,
+            ),
+        ] {
+            if !(1..=MAX_BSP_SIZE).contains(&size) {
+                return Err(invalid(
+                    setting,
+                    format!("{size} is outside 1..={MAX_BSP_SIZE}"),
+                ));
+            }
         }
         Ok(TracingConfig {
             sampler,
@@ -423,6 +437,30 @@ mod tests {
         }
         let c = parse(&["--metrics-token", "scrape-secret-0123456789"]).expect("valid");
         assert!(!format!("{c:?}").contains("scrape-secret"));
+    }
+
+    /// The export queue and batch sizes are bounded: a huge queue made the exporter's channel
+    /// panic at start.
+    #[test]
+    fn export_queue_and_batch_sizes_are_bounded() {
+        let with =
+            |flag: &str, v: &str| parse(&["--otlp-endpoint", "http://127.0.0.1:4318", flag, v]);
+        for (flag, setting) in [
+            ("--otel-bsp-max-queue-size", "OTEL_BSP_MAX_QUEUE_SIZE"),
+            (
+                "--otel-bsp-max-export-batch-size",
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+            ),
+        ] {
+            for bad in ["0", "1000001", &usize::MAX.to_string()] {
+                let e = with(flag, bad).expect_err("refused").to_string();
+                assert!(e.starts_with(setting), "{flag} {bad}: {e}");
+            }
+            with(flag, "1000000").expect("the bound itself");
+        }
+        let c = parse(&["--otlp-endpoint", "http://127.0.0.1:4318"]).expect("defaults");
+        let e = c.tracing.export.expect("export");
+        assert_eq!((e.max_queue, e.max_batch), (2048, 512));
     }
 
     /// INTENTGATE_LOG: empty or blank is unset (`info`), not a filter that turns every line off,
