@@ -451,6 +451,16 @@ pub fn redact_url(uri: &hyper::Uri) -> String {
     out
 }
 
+/// A URL setting's raw value as a `Debug` may show it: through [`redact_url`] when it is an
+/// http(s) URL, else only that it is set (a value that is no URL may still be a credential).
+fn redact_raw_url(raw: &Option<String>) -> Option<String> {
+    raw.as_deref()
+        .map(|r| match r.trim().parse::<hyper::Uri>() {
+            Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) => redact_url(&u),
+            _ => "<set>".to_owned(),
+        })
+}
+
 /// `text` with the secrets of `uri` (its userinfo and query, whole and part by part) replaced
 /// by `***`: for messages that may echo the URL, such as an upstream's error page or a client
 /// library's error. Parts shorter than 4 characters are only removed as part of the whole.

@@ -145,13 +145,23 @@ pub struct OutboxArgs {
 }
 
 impl std::fmt::Debug for OutboxArgs {
+    /// Secrets only as `<set>`; URLs without their userinfo and query (a webhook's whole URL
+    /// may be its credential, as a Slack one's path is).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |v: &Option<String>| v.as_ref().map(|_| "<set>");
+        let url = super::redact_raw_url;
         f.debug_struct("OutboxArgs")
-            .field("webhook_url", &self.webhook_url.as_ref().map(|_| "<set>"))
-            .field("splunk_hec_url", &self.splunk_hec_url)
-            .field("datadog_url", &self.datadog_url)
-            .field("s3_url", &self.s3_url)
-            .field("sentinel_dce_url", &self.sentinel_dce_url)
+            .field("webhook_url", &set(&self.webhook_url))
+            .field("webhook_secret", &set(&self.webhook_secret))
+            .field("splunk_hec_url", &url(&self.splunk_hec_url))
+            .field("splunk_token", &set(&self.splunk_token))
+            .field("datadog_api_key", &set(&self.datadog_api_key))
+            .field("datadog_url", &url(&self.datadog_url))
+            .field("s3_url", &url(&self.s3_url))
+            .field("s3_secret_access_key", &set(&self.s3_secret_access_key))
+            .field("sentinel_dce_url", &url(&self.sentinel_dce_url))
+            .field("sentinel_client_secret", &set(&self.sentinel_client_secret))
+            .field("sentinel_token_url", &url(&self.sentinel_token_url))
             .finish_non_exhaustive()
     }
 }
@@ -491,6 +501,43 @@ mod tests {
         let mut v = vec!["t"];
         v.extend_from_slice(list);
         T::try_parse_from(v).expect("clap parse").a
+    }
+
+    /// The raw settings' `Debug` shows no secret: tokens and keys only as set, URLs without
+    /// their userinfo and query.
+    #[test]
+    fn the_raw_settings_debug_shows_no_secret() {
+        let a = args(&[
+            "--webhook-url",
+            "https://hooks.example.com/services/T0/B0/path-sekrit",
+            "--webhook-secret",
+            "whsec-sekrit",
+            "--splunk-hec-url",
+            "https://hec:pw-sekrit@splunk.internal:8088/services/collector/event?token=q-sekrit",
+            "--splunk-token",
+            "hec-sekrit",
+            "--datadog-api-key",
+            "dd-sekrit",
+            "--datadog-url",
+            "https://intake.internal/api/v2/logs?dd-api-key=q-sekrit",
+            "--s3-url",
+            "https://key:pw-sekrit@s3.internal/bucket",
+            "--s3-secret-access-key",
+            "s3-sekrit",
+            "--sentinel-dce-url",
+            "https://dce.internal/?sig=q-sekrit",
+            "--sentinel-client-secret",
+            "entra-sekrit",
+            "--sentinel-token-url",
+            "https://login.internal/token?secret=q-sekrit",
+        ]);
+        let dbg = format!("{a:?} {a:#?}");
+        assert!(!dbg.contains("sekrit"), "{dbg}");
+        assert!(
+            dbg.contains("https://***@splunk.internal:8088/services/collector/event?***"),
+            "{dbg}"
+        );
+        assert!(dbg.contains("https://***@s3.internal/bucket"), "{dbg}");
     }
 
     /// A sink's optional setting given without the one that enables it is refused, naming both,

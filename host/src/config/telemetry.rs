@@ -23,7 +23,7 @@ pub use crate::logging::LogFormat;
 const MAX_BSP_SIZE: usize = 1_000_000;
 
 /// The raw telemetry flags and variables.
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone)]
 pub struct TelemetryArgs {
     /// Serve Prometheus metrics at `GET /metrics` (`false` answers 404).
     #[arg(
@@ -108,6 +108,39 @@ pub struct TelemetryArgs {
     /// Milliseconds one export may take.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_TIMEOUT", default_value_t = 10000)]
     pub otlp_timeout: u64,
+}
+
+impl std::fmt::Debug for TelemetryArgs {
+    /// Without the metrics token, the export headers (which may carry the collector's
+    /// credential) or the endpoints' userinfo and query.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |v: &Option<String>| v.as_ref().map(|_| "<set>");
+        f.debug_struct("TelemetryArgs")
+            .field("metrics_enabled", &self.metrics_enabled)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("metrics_token", &set(&self.metrics_token))
+            .field("metrics_auth", &self.metrics_auth)
+            .field("log_filter", &self.log_filter)
+            .field("log_format", &self.log_format)
+            .field("otlp_endpoint", &super::redact_raw_url(&self.otlp_endpoint))
+            .field(
+                "otlp_traces_endpoint",
+                &super::redact_raw_url(&self.otlp_traces_endpoint),
+            )
+            .field("otlp_headers", &set(&self.otlp_headers))
+            .field("otel_service_name", &self.otel_service_name)
+            .field("otel_traces_sampler", &self.otel_traces_sampler)
+            .field("otel_traces_sampler_arg", &self.otel_traces_sampler_arg)
+            .field("otel_sdk_disabled", &self.otel_sdk_disabled)
+            .field("otel_bsp_max_queue_size", &self.otel_bsp_max_queue_size)
+            .field(
+                "otel_bsp_max_export_batch_size",
+                &self.otel_bsp_max_export_batch_size,
+            )
+            .field("otel_bsp_schedule_delay", &self.otel_bsp_schedule_delay)
+            .field("otlp_timeout", &self.otlp_timeout)
+            .finish()
+    }
 }
 
 /// How calls are traced: the sampler, and where sampled traces go (`None`: nowhere).
@@ -437,6 +470,28 @@ mod tests {
         }
         let c = parse(&["--metrics-token", "scrape-secret-0123456789"]).expect("valid");
         assert!(!format!("{c:?}").contains("scrape-secret"));
+    }
+
+    /// The raw settings' `Debug` shows no secret: not the metrics token, not the export headers,
+    /// not an endpoint's userinfo or query.
+    #[test]
+    fn the_raw_settings_debug_shows_no_secret() {
+        let mut v = vec!["t"];
+        v.extend_from_slice(&[
+            "--metrics-token",
+            "scrape-sekrit-0123456789",
+            "--otlp-headers",
+            "x-api-key=hdr-sekrit",
+            "--otlp-endpoint",
+            "https://svc:pw-sekrit@otel.internal:4318/?key=q-sekrit",
+            "--otlp-traces-endpoint",
+            "https://otel.internal/v1/traces?token=t-sekrit",
+        ]);
+        let a = T::try_parse_from(v).expect("clap parse").a;
+        let dbg = format!("{a:?} {a:#?}");
+        assert!(!dbg.contains("sekrit"), "{dbg}");
+        assert!(dbg.contains("https://***@otel.internal:4318/?***"), "{dbg}");
+        assert!(dbg.contains("metrics_token: Some(\"<set>\")"), "{dbg}");
     }
 
     /// The export queue and batch sizes are bounded: a huge queue made the exporter's channel
