@@ -238,7 +238,10 @@ pub(super) async fn listen(mut l: Listener) {
             while let Some(event) = events.next_event() {
                 match sse_event_json(&event) {
                     Some(v) if v.get("method").is_some() && v.get("id").is_some() => {
-                        if !answer(&l, &headers, v, &answering) {
+                        // Not a match guard (as clippy suggests): a request that was answered
+                        // would then fall through to the notification arm.
+                        let answered = answer(&l, &headers, v, &answering);
+                        if !answered {
                             dropped += 1;
                             if dropped.is_power_of_two() {
                                 tracing::warn!(
