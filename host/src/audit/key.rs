@@ -129,7 +129,7 @@ impl LogKey {
         let path = dir.join(KEY_FILE);
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                warn_if_readable_by_others(&path);
+                refuse_if_readable_by_others(&path)?;
                 return Self::parse(&text)
                     .map_err(|e| AuditError::Key(format!("{}: {e}", path.display())));
             }
@@ -209,17 +209,24 @@ impl LogKey {
 }
 
 #[cfg(unix)]
-fn warn_if_readable_by_others(path: &Path) {
+fn refuse_if_readable_by_others(path: &Path) -> Result<(), AuditError> {
     use std::os::unix::fs::PermissionsExt as _;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(path = %path.display(), "the audit log key file is readable by other users; chmod 600 it");
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        // Whoever reads it can sign checkpoints: the chain's tamper evidence would be theirs
+        // to forge. Refused like `secrets.env` (never a warning a start-up log buries).
+        return Err(AuditError::Key(format!(
+            "{}: readable by other users (mode {mode:o}); chmod 600 it",
+            path.display()
+        )));
     }
+    Ok(())
 }
 
 #[cfg(not(unix))]
-fn warn_if_readable_by_others(_path: &Path) {}
+fn refuse_if_readable_by_others(_path: &Path) -> Result<(), AuditError> {
+    Ok(())
+}
 
 /// A public log key: verifies checkpoint signatures.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -350,6 +357,22 @@ pub(crate) mod hex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key file others can read is refused (they could sign checkpoints), as `secrets.env`
+    /// is; the file the gateway writes is not.
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let made = LogKey::load_or_create(dir.path()).expect("created");
+        let again = LogKey::load_or_create(dir.path()).expect("read again");
+        assert_eq!(again.verifier(), made.verifier());
+        let path = dir.path().join(KEY_FILE);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = LogKey::load_or_create(dir.path()).expect_err("refused");
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+    }
 
     #[test]
     fn signer_and_verifier_text_round_trip() {
