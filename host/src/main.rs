@@ -266,13 +266,18 @@ fn audit_verify(file: &PathBuf, checkpoint: &PathBuf, public_key: &str) -> ExitC
         Ok(text) => text.trim().to_owned(),
         Err(_) => public_key.trim().to_owned(),
     };
+    // A file that cannot be read is no verdict on the chain: not exit 1, which says it failed.
+    let local = |what: &PathBuf, e: std::io::Error| {
+        eprintln!("intentgate: {}: {e}", what.display());
+        ExitCode::from(intentgate::cli::EXIT_LOCAL)
+    };
     let checkpoint = match std::fs::read_to_string(checkpoint) {
         Ok(c) => c,
-        Err(e) => return fail(&format!("{}: {e}", checkpoint.display())),
+        Err(e) => return local(checkpoint, e),
     };
     let export = match std::fs::File::open(file) {
         Ok(f) => std::io::BufReader::new(f),
-        Err(e) => return fail(&format!("{}: {e}", file.display())),
+        Err(e) => return local(file, e),
     };
     match intentgate::audit::offline::verify_export(export, &checkpoint, &key) {
         Ok(report) => {

@@ -411,6 +411,24 @@ async fn profiles_exit_codes_and_completions() {
     )
     .await;
     assert_eq!(wrong.code, 1, "{}", wrong.stderr);
+    // A file that cannot be read is not a chain that does not verify (exit 1): exit 4.
+    let missing = d.join("missing.ndjson");
+    let unread = cli(
+        d,
+        &[],
+        &[
+            "audit",
+            "verify",
+            "--file",
+            missing.to_str().expect("utf8"),
+            "--checkpoint",
+            missing.to_str().expect("utf8"),
+            "--public-key",
+            "gw+00000000+AAAA",
+        ],
+    )
+    .await;
+    assert_eq!(unread.code, 4, "{}", unread.stderr);
     assert!(
         wrong.stderr.contains("401") && wrong.stderr.contains("hint"),
         "{}",

@@ -46,17 +46,22 @@ pub enum CliError {
         "cannot reach the gateway at {url}: {detail}\n  hint: is it running (`intentgate serve`)? Set the address with --url, INTENTGATE_URL or a profile (`intentgate profile set`)."
     )]
     Unreachable { url: String, detail: String },
-    /// A local file could not be read or written (exit 1).
+    /// A local file could not be read or written (exit 4: never 1, which a script reads as
+    /// a refusal or a chain that does not verify).
     #[error("{0}")]
     Local(String),
 }
+
+/// The exit code of a local file that could not be read or written.
+pub const EXIT_LOCAL: u8 = 4;
 
 impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Usage(_) => 2,
-            Self::Refused(_) | Self::Local(_) => 1,
+            Self::Refused(_) => 1,
             Self::Unreachable { .. } => 3,
+            Self::Local(_) => EXIT_LOCAL,
         }
     }
 }
