@@ -48,6 +48,12 @@ impl Client {
             .https_or_http()
             .enable_http1()
             .wrap_connector(connector);
+        if let Some(host) = cleartext_remote(&target.url) {
+            eprintln!(
+                "intentgate: warning: the admin token goes to {host} over plain http, readable on \
+                 the network; use an https:// gateway URL (loopback addresses are not warned about)"
+            );
+        }
         Ok(Client {
             target,
             http: HyperClient::builder(TokioExecutor::new()).build(connector),
@@ -260,6 +266,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_plain_http_to_another_host_is_cleartext() {
+        assert_eq!(
+            cleartext_remote("http://gw.example.com:8080").as_deref(),
+            Some("gw.example.com")
+        );
+        assert_eq!(
+            cleartext_remote("http://10.0.0.5").as_deref(),
+            Some("10.0.0.5")
+        );
+        for quiet in [
+            "https://gw.example.com",
+            "http://127.0.0.1:8080",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+        ] {
+            assert_eq!(cleartext_remote(quiet), None, "{quiet}");
+        }
+    }
+
+    #[test]
     fn query_values_are_encoded() {
         assert_eq!(encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
         assert_eq!(encode("last-24h"), "last-24h");
@@ -280,4 +306,18 @@ mod tests {
         );
         assert_eq!(e.exit_code(), 1);
     }
+}
+
+/// The host of a plain `http://` gateway URL that is not a loopback address, if `url` is one.
+fn cleartext_remote(url: &str) -> Option<String> {
+    let uri: hyper::Uri = url.parse().ok()?;
+    if uri.scheme_str() != Some("http") {
+        return None;
+    }
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| host.to_owned())
 }
