@@ -264,15 +264,15 @@ fn escape(v: &str, keep: &[u8]) -> String {
 /// The host of a plain `http://` gateway URL that is not a loopback address, if `url` is one.
 fn cleartext_remote(url: &str) -> Option<String> {
     let uri: hyper::Uri = url.parse().ok()?;
-    if uri.scheme_str() != Some("http") {
+    if uri.scheme_str() != Some("http") || super::profile::is_loopback(url) {
         return None;
     }
-    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    (!loopback).then(|| host.to_owned())
+    Some(
+        uri.host()?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+    )
 }
 
 #[cfg(test)]

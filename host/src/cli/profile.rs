@@ -149,12 +149,31 @@ pub fn read_token_file(path: &Path) -> Result<String, CliError> {
 }
 
 impl Connection {
-    /// Flags (and their environment variables) over the profile over the defaults.
+    /// Flags (and their environment variables) over the profile over the defaults; see
+    /// [`Connection::resolve_in`] for where the token comes from.
     pub fn resolve(&self) -> Result<Target, CliError> {
         let file = match file_path() {
             Some(p) => load_file(&p)?,
             None => ProfileFile::default(),
         };
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        self.resolve_in(&file, &env, Path::new(QUICKSTART_SECRETS))
+    }
+
+    /// Resolves against a profile file, an environment (`env` gives a variable's value, an
+    /// empty one as unset) and where the quickstart's secrets would be.
+    ///
+    /// The token is tied to the gateway it was made for. A profile that names its own gateway
+    /// and its own token is used whole: the environment's `INTENTGATE_ADMIN_TOKEN`, which is
+    /// often the local gateway's, never goes to the profile's gateway (an explicit
+    /// `--token-file` still wins). The quickstart's `intentgate-data/secrets.env` is read only
+    /// for a gateway on this machine, never sent to another host.
+    fn resolve_in(
+        &self,
+        file: &ProfileFile,
+        env: &dyn Fn(&str) -> Option<String>,
+        quickstart: &Path,
+    ) -> Result<Target, CliError> {
         let profile = match self.profile.as_deref().or(file.default.as_deref()) {
             Some(name) => match file.profiles.get(name) {
                 Some(p) => p.clone(),
@@ -167,6 +186,7 @@ impl Connection {
             },
             None => Profile::default(),
         };
+        let gateway_of_profile = self.url.is_none() && profile.url.is_some();
         let url = self
             .url
             .clone()
@@ -178,23 +198,31 @@ impl Connection {
                 "the gateway URL must start with http:// or https://, got {url:?}"
             )));
         }
+        let profile_token = || -> Result<Option<String>, CliError> {
+            if let Some(var) = &profile.token_env {
+                return env(var).map(Some).ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "the profile reads the admin token from ${var}, which is not set"
+                    ))
+                });
+            }
+            profile
+                .token_file
+                .as_deref()
+                .map(read_token_file)
+                .transpose()
+        };
+        let names_token = profile.token_env.is_some() || profile.token_file.is_some();
         let token = if let Some(path) = &self.token_file {
             read_token_file(path)?
-        } else if let Some(t) = std::env::var("INTENTGATE_ADMIN_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty())
-        {
+        } else if gateway_of_profile && names_token {
+            profile_token()?.unwrap_or_default()
+        } else if let Some(t) = env("INTENTGATE_ADMIN_TOKEN") {
             t
-        } else if let Some(var) = &profile.token_env {
-            std::env::var(var).map_err(|_| {
-                CliError::Usage(format!(
-                    "the profile reads the admin token from ${var}, which is not set"
-                ))
-            })?
-        } else if let Some(path) = &profile.token_file {
-            read_token_file(path)?
-        } else if Path::new(QUICKSTART_SECRETS).is_file() {
-            read_token_file(Path::new(QUICKSTART_SECRETS))?
+        } else if let Some(t) = profile_token()? {
+            t
+        } else if is_loopback(&url) && quickstart.is_file() {
+            read_token_file(quickstart)?
         } else {
             return Err(CliError::Usage(
                 "no admin token: set INTENTGATE_ADMIN_TOKEN, pass --token-file FILE, or make a profile (`intentgate profile set NAME --url URL --token-file FILE`)".into(),
@@ -208,6 +236,21 @@ impl Connection {
             output: self.output,
         })
     }
+}
+
+/// Whether a gateway URL's host is this machine (`localhost` or a loopback address).
+pub(super) fn is_loopback(url: &str) -> bool {
+    let Ok(uri) = url.parse::<hyper::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `intentgate profile …`: manage the profile file.
@@ -325,6 +368,115 @@ mod tests {
         let empty = dir.path().join("e");
         std::fs::write(&empty, "\n").expect("write");
         assert!(matches!(read_token_file(&empty), Err(CliError::Usage(_))));
+    }
+
+    fn profiles(url: &str) -> ProfileFile {
+        let prod = Profile {
+            url: Some(url.into()),
+            token_env: Some("PROD_TOKEN".into()),
+            ..Profile::default()
+        };
+        let bare = Profile {
+            url: Some(url.into()),
+            ..Profile::default()
+        };
+        ProfileFile {
+            default: None,
+            profiles: [("prod".to_owned(), prod), ("bare".to_owned(), bare)].into(),
+        }
+    }
+
+    fn token_of(
+        conn: &Connection,
+        file: &ProfileFile,
+        quickstart: &Path,
+    ) -> Result<String, CliError> {
+        let env = |name: &str| match name {
+            "INTENTGATE_ADMIN_TOKEN" => Some("local-token".to_owned()),
+            "PROD_TOKEN" => Some("prod-token".to_owned()),
+            _ => None,
+        };
+        conn.resolve_in(file, &env, quickstart).map(|t| t.token)
+    }
+
+    #[test]
+    fn a_profiles_gateway_gets_the_profiles_token_not_the_environments() {
+        let file = profiles("https://gw.example.com");
+        let none = Path::new("/nonexistent/secrets.env");
+        let named = |profile: &str| Connection {
+            profile: Some(profile.into()),
+            ..Connection::default()
+        };
+        assert_eq!(
+            token_of(&named("prod"), &file, none).expect("token"),
+            "prod-token"
+        );
+        // The same profile as the default: used whole too.
+        let by_default = ProfileFile {
+            default: Some("prod".into()),
+            ..file.clone()
+        };
+        let plain = Connection::default();
+        assert_eq!(
+            token_of(&plain, &by_default, none).expect("token"),
+            "prod-token"
+        );
+        // Another gateway named on the command line: the environment's token is for it.
+        let elsewhere = Connection {
+            url: Some("http://127.0.0.1:9".into()),
+            ..named("prod")
+        };
+        assert_eq!(
+            token_of(&elsewhere, &file, none).expect("token"),
+            "local-token"
+        );
+        // A profile that names no token takes the environment's.
+        assert_eq!(
+            token_of(&named("bare"), &file, none).expect("token"),
+            "local-token"
+        );
+        // An explicit token file wins over everything.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = dir.path().join("t");
+        std::fs::write(&t, "file-token\n").expect("write");
+        let with_file = Connection {
+            token_file: Some(t),
+            ..named("prod")
+        };
+        assert_eq!(
+            token_of(&with_file, &file, none).expect("token"),
+            "file-token"
+        );
+    }
+
+    #[test]
+    fn the_quickstarts_secrets_go_only_to_a_gateway_on_this_machine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secrets = dir.path().join("secrets.env");
+        std::fs::write(&secrets, "INTENTGATE_ADMIN_TOKEN=quickstart-token\n").expect("write");
+        let no_env = |_: &str| None;
+        let at = |url: &str| Connection {
+            url: Some(url.into()),
+            ..Connection::default()
+        };
+        let empty = ProfileFile::default();
+        for local in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+        ] {
+            let t = at(local)
+                .resolve_in(&empty, &no_env, &secrets)
+                .expect(local);
+            assert_eq!(t.token, "quickstart-token", "{local}");
+        }
+        for remote in ["https://gw.example.com", "http://10.0.0.5:8080"] {
+            let refused = at(remote).resolve_in(&empty, &no_env, &secrets);
+            assert!(
+                matches!(&refused, Err(CliError::Usage(m)) if m.contains("no admin token")),
+                "{remote}: the quickstart's token would be sent"
+            );
+        }
     }
 
     #[test]
