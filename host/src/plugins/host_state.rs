@@ -104,6 +104,18 @@ pub(crate) const CHECK_HOSTCALL_BYTES: usize = 2 << 20;
 /// Bytes a formatter's crossing may lift: its body (at most 5 MiB) and its headers.
 pub(crate) const FORMATTER_HOSTCALL_BYTES: usize = 16 << 20;
 
+/// Host resources (WASI pollables, streams, network handles) one instance may hold at once.
+/// Their memory is the host's, outside the plugin's memory limit, and an instance lives for
+/// many calls: unbounded (wasmtime's default is a million), a plugin that never drops its
+/// handles could grow the gateway's heap by gigabytes. Rust's `std` holds a handful.
+pub(crate) const MAX_HOST_RESOURCES: usize = 256;
+
+fn bounded_table() -> ResourceTable {
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(MAX_HOST_RESOURCES);
+    table
+}
+
 impl HostState {
     pub(crate) fn new(
         max_memory_bytes: usize,
@@ -119,7 +131,7 @@ impl HostState {
             .build();
         Self {
             wasi,
-            table: ResourceTable::new(),
+            table: bounded_table(),
             limiter: MemoryLimiter::new(max_memory_bytes),
             counters,
             tenant,
@@ -287,6 +299,19 @@ mod tests {
     use super::*;
     use crate::plugins::MemoryCounters;
     use cb::intentgate::plugin::counters::Host as _;
+
+    #[test]
+    fn a_plugins_host_resources_are_bounded() {
+        let counters = Arc::new(MemoryCounters::default());
+        let mut state = HostState::new(1 << 20, counters, "t".into(), None, "p".into());
+        for _ in 0..MAX_HOST_RESOURCES {
+            state.table.push(0u64).expect("within the bound");
+        }
+        assert!(
+            state.table.push(0u64).is_err(),
+            "a plugin could hold host memory without bound"
+        );
+    }
 
     #[test]
     fn a_plugin_reads_only_its_own_tenants_counters() {
