@@ -982,3 +982,74 @@ async fn a_drafts_deletion_waits_for_its_tenants_swap() {
     drop(held);
     assert_eq!(deleting.await.expect("join"), 204);
 }
+
+/// Two rollbacks at once are recorded as the two swaps they make (each plans under the
+/// tenant's gate), and promoting the active bundle again keeps the rollback target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaps_record_what_they_did_and_a_repeated_promote_keeps_the_rollback_target() {
+    let runtime = crate::support::gateway::shared_runtime();
+    let registry = intentgate::bundles::Registry::with_runtime(runtime).expect("registry");
+    let post = hyper::Method::POST;
+    let mut digests = Vec::new();
+    for tag in ["swap record a", "swap record b"] {
+        let body = serde_json::to_vec(&serde_json::json!({"name": tag, "spec": tagged_spec(tag)}))
+            .expect("json");
+        let r = run(&registry, admin(&post, "/v1/admin/bundles", None, &body)).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        digests.push(r.body["digest"].as_str().expect("digest").to_string());
+    }
+    for d in &digests {
+        let path = format!("/v1/admin/bundles/{d}/promote");
+        let r = run(&registry, admin(&post, &path, None, b"")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // b active, a the rollback target. b promoted again: a stays the target.
+    let again = format!("/v1/admin/bundles/{}/promote", digests[1]);
+    let r = run(&registry, admin(&post, &again, None, b"")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let status = registry.status("bundles-admin");
+    assert_eq!(status.active, digests[1]);
+    assert_eq!(
+        status.previous.as_deref(),
+        Some(digests[0].as_str()),
+        "promoting the active bundle again lost the rollback target"
+    );
+
+    // Two rollbacks queued behind the gate: b→a, then a→b, each recorded as made.
+    let gate = registry.swap_gate("bundles-admin");
+    let held = gate.lock().await;
+    let rollbacks: Vec<_> = (0..2)
+        .map(|_| {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                run(
+                    &registry,
+                    admin(
+                        &hyper::Method::POST,
+                        "/v1/admin/bundles/rollback",
+                        None,
+                        b"",
+                    ),
+                )
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    drop(held);
+    let mut recorded = Vec::new();
+    for r in rollbacks {
+        let r = r.await.expect("join");
+        assert_eq!(r.status, 200, "{}", r.body);
+        let event = r.event.expect("an event");
+        assert_eq!(event.detail["from"], r.body["from"], "{}", event.detail);
+        assert_eq!(event.detail["to"], r.body["to"], "{}", event.detail);
+        recorded.push((event.detail["from"].clone(), event.detail["to"].clone()));
+    }
+    recorded.sort_by_key(|(from, _)| from.to_string());
+    assert_ne!(
+        recorded[0], recorded[1],
+        "both recorded the same swap: {recorded:?}"
+    );
+    assert_eq!(registry.status("bundles-admin").active, digests[1]);
+}

@@ -446,22 +446,28 @@ async fn swap_and_store(
     registry: &Registry,
     tenant: &str,
     actor: &str,
+    gate: Gate,
     swap: impl FnOnce(&Registry) -> Result<SwapOutcome, BundleError> + Send + 'static,
 ) -> Result<SwapOutcome, AdminReply> {
     let (registry, tenant, actor) = (registry.clone(), tenant.to_owned(), actor.to_owned());
-    tokio::spawn(async move { swap_and_store_whole(&registry, &tenant, &actor, swap).await })
-        .await
-        .unwrap_or_else(|e| Err(error(500, format!("the swap's task failed: {e}"))))
+    tokio::spawn(async move {
+        let _gate = gate;
+        swap_and_store_whole(&registry, &tenant, &actor, swap).await
+    })
+    .await
+    .unwrap_or_else(|e| Err(error(500, format!("the swap's task failed: {e}"))))
 }
 
+/// The tenant's swap gate ([`Registry::swap_gate`]), held.
+type Gate = tokio::sync::OwnedMutexGuard<()>;
+
+/// Makes the swap and stores its pointer; the caller holds the tenant's swap gate.
 async fn swap_and_store_whole(
     registry: &Registry,
     tenant: &str,
     actor: &str,
     swap: impl FnOnce(&Registry) -> Result<SwapOutcome, BundleError> + Send + 'static,
 ) -> Result<SwapOutcome, AdminReply> {
-    let gate = registry.swap_gate(tenant);
-    let _gate = gate.lock().await;
     let before = registry.status(tenant);
     let r2 = registry.clone();
     let outcome = blocking(move || swap(&r2)).await?.map_err(bundle_error)?;
@@ -512,16 +518,22 @@ async fn swap_and_store_whole(
 }
 
 /// Record a swap, then make it (see [`swap_and_store`]); when it then fails, record that.
+///
+/// The tenant's swap gate is held from the plan (`plan` gives the event's detail, `{from,
+/// to}`) to the stored pointer, so the event says what the swap does: two rollbacks at once
+/// are recorded as the two swaps they make, not twice as the first.
 async fn audited_swap(
     registry: &Registry,
     call: &AdminCall<'_>,
     opts: &AdminOptions<'_>,
     action: &'static str,
-    detail: Value,
+    plan: impl FnOnce(&Registry) -> Result<Value, AdminReply>,
     swap: impl FnOnce(&Registry) -> Result<SwapOutcome, BundleError> + Send + 'static,
 ) -> Result<(SwapOutcome, Box<AdminEvent>), AdminReply> {
+    let gate = registry.swap_gate(call.tenant).lock_owned().await;
+    let detail = plan(registry)?;
     let event = audit_first(opts, call, action, detail).await?;
-    match swap_and_store(registry, call.tenant, call.actor, swap).await {
+    match swap_and_store(registry, call.tenant, call.actor, gate, swap).await {
         Ok(outcome) => Ok((outcome, event)),
         Err(r) => Err(applied_failed(opts, &event, r).await),
     }
@@ -891,10 +903,11 @@ async fn bundles(
         }
         ("POST", ["rollback"]) => {
             no_body_fields(call.body)?;
-            let detail = rollback_target(registry, &tenant)?;
+            let plan = |r: &Registry| rollback_target(r, &tenant);
+            let t = tenant.clone();
             let (outcome, event) =
-                audited_swap(registry, call, opts, "bundle.rollback", detail, move |r| {
-                    r.rollback(&tenant)
+                audited_swap(registry, call, opts, "bundle.rollback", plan, move |r| {
+                    r.rollback(&t)
                 })
                 .await?;
             Ok(AdminReply {
@@ -905,11 +918,11 @@ async fn bundles(
         }
         ("POST", [digest, "promote"]) => {
             no_body_fields(call.body)?;
-            let detail = promotion(registry, &tenant, digest)?;
-            let digest = digest.to_string();
+            let plan = |r: &Registry| promotion(r, &tenant, digest);
+            let (t, digest) = (tenant.clone(), digest.to_string());
             let (outcome, event) =
-                audited_swap(registry, call, opts, "bundle.promote", detail, move |r| {
-                    r.promote(&tenant, &digest)
+                audited_swap(registry, call, opts, "bundle.promote", plan, move |r| {
+                    r.promote(&t, &digest)
                 })
                 .await?;
             Ok(AdminReply {
@@ -1189,17 +1202,18 @@ async fn policies(
             let body: PromoteRequest = parse(call.body)?;
             let promoted_by = body.promoted_by.unwrap_or_default();
             check_text("promoted_by", &promoted_by, 256)?;
-            let mut detail = promotion(registry, &tenant, &body.draft_id)?;
-            if let Some(obj) = detail.as_object_mut() {
-                obj.insert("promoted_by".into(), json!(promoted_by));
-            }
-            let t = tenant.clone();
-            let draft_id = body.draft_id;
-            let (_, event) =
-                audited_swap(registry, call, opts, "policy.promote", detail, move |r| {
-                    r.promote(&t, &draft_id)
-                })
-                .await?;
+            let plan = |r: &Registry| {
+                let mut detail = promotion(r, &tenant, &body.draft_id)?;
+                if let Some(obj) = detail.as_object_mut() {
+                    obj.insert("promoted_by".into(), json!(promoted_by));
+                }
+                Ok(detail)
+            };
+            let (t, draft_id) = (tenant.clone(), body.draft_id.clone());
+            let (_, event) = audited_swap(registry, call, opts, "policy.promote", plan, move |r| {
+                r.promote(&t, &draft_id)
+            })
+            .await?;
             let mut body = active_json(registry, &tenant);
             if let Some(obj) = body.as_object_mut() {
                 obj.insert("promoted_by".into(), json!(promoted_by));
@@ -1212,9 +1226,9 @@ async fn policies(
         }
         ("DELETE", ["active"]) => {
             // Back to the default bundle: deny by default (fail closed).
-            let detail = promotion(registry, &tenant, "default")?;
+            let plan = |r: &Registry| promotion(r, &tenant, "default");
             let t = tenant.clone();
-            let (_, event) = audited_swap(registry, call, opts, "policy.clear", detail, move |r| {
+            let (_, event) = audited_swap(registry, call, opts, "policy.clear", plan, move |r| {
                 r.promote(&t, "default")
             })
             .await?;
@@ -1226,10 +1240,10 @@ async fn policies(
         }
         ("POST", ["rollback"]) => {
             no_body_fields(call.body)?;
-            let detail = rollback_target(registry, &tenant)?;
+            let plan = |r: &Registry| rollback_target(r, &tenant);
             let t = tenant.clone();
             let (_, event) =
-                audited_swap(registry, call, opts, "policy.rollback", detail, move |r| {
+                audited_swap(registry, call, opts, "policy.rollback", plan, move |r| {
                     r.rollback(&t)
                 })
                 .await?;

@@ -796,7 +796,11 @@ impl Registry {
             to: snapshot.digest().to_string(),
             at: now_secs(),
         };
-        *lock(&slot.previous) = Some(old);
+        // Promoting the active bundle again (a retry, a double click) keeps the rollback
+        // target: it must not become the bundle itself, leaving nothing to roll back to.
+        if outcome.from != outcome.to {
+            *lock(&slot.previous) = Some(old);
+        }
         self.record(outcome.clone());
         Ok(outcome)
     }
