@@ -1722,3 +1722,113 @@ fn formatters_of_the_world_and_of_its_earlier_name_load_and_format() {
             .contains(&("authorization".to_string(), "Bearer t0k".to_string()))
     );
 }
+
+/// What is stored over the admin API outlives a restart: an uploaded formatter (which no
+/// bundle names) still formats its destination, and a policy draft not promoted is still
+/// listed. A destination replaced without its secret keeps the stored one, whatever its kind.
+/// After the master key changed, the gateway still starts: the destinations whose secret it
+/// can no longer open are listed as unusable, and can be deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_formatters_and_drafts_outlive_a_restart_and_a_new_master_key_breaks_only_secrets() {
+    let rx = Receiver::start();
+    let data = tempfile::tempdir().expect("tempdir");
+    let dir = data.path().display().to_string();
+    let flags = |key: &'static str| -> Vec<String> {
+        let mut f = vec!["--data-dir".to_owned(), dir.clone()];
+        f.extend(["--master-key".to_owned(), key.to_owned()]);
+        f
+    };
+    let gw = start(Backend::Sqlite, &flags(MASTER_KEY)).await;
+    let digest = upload_formatter(
+        &gw,
+        "acme",
+        intentgate::plugins::artifacts::TEST_LEGACY_FORMATTER_PATH,
+        "siem-formatter",
+    )
+    .await;
+    let (status, v) = put_destination(
+        &gw,
+        ADMIN_TOKEN,
+        json!({"tenant": "acme", "name": "formatted", "kind": "ndjson",
+               "url": format!("{}/ndjson/formatted", rx.url), "formatter": digest}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let splunk = json!({"tenant": "acme", "name": "hec", "kind": "splunk",
+                        "url": format!("{}/services/collector/event", rx.url)});
+    let mut with_secret = splunk.clone();
+    with_secret["secret"] = HEC_TOKEN.into();
+    let (status, v) = put_destination(&gw, ADMIN_TOKEN, with_secret).await;
+    assert_eq!(status, 200, "{v}");
+    // Only its severity changes: the stored secret is kept (a Splunk destination needs one).
+    let mut quieter = splunk.clone();
+    quieter["min_severity"] = "critical".into();
+    let (status, v) = put_destination(&gw, ADMIN_TOKEN, quieter).await;
+    assert_eq!(status, 200, "a replacement without the secret: {v}");
+    assert_eq!(v["secret_set"], true, "{v}");
+    let (status, draft) = http::post_json(
+        &format!("{}/v1/admin/policies/drafts", gw.url),
+        Some(ADMIN_TOKEN),
+        &json!({"name": "kept", "tenant": "acme",
+                "rego_source": "package intentgate.policy\n\ndecision := {\"allow\": false, \"reason\": \"kept draft\"}\n"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{draft}");
+    let draft_id = draft["id"].as_str().expect("id").to_owned();
+    gw.shutdown().await;
+
+    let gw = start(Backend::Sqlite, &flags(MASTER_KEY)).await;
+    let list = integrations(&gw.url, ADMIN_TOKEN).await;
+    let formatted = find(&list, "acme/formatted");
+    assert_eq!(
+        formatted["failing"], false,
+        "the uploaded formatter did not survive the restart: {formatted}"
+    );
+    let (status, drafts) = http::get_json(
+        &format!("{}/v1/admin/policies/drafts?tenant=acme", gw.url),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(status, 200, "{drafts}");
+    assert!(
+        drafts
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["id"] == draft_id.as_str())),
+        "the draft did not survive the restart: {drafts}"
+    );
+    gw.shutdown().await;
+
+    // Another master key: the stored Splunk secret cannot be opened any more.
+    const OTHER_KEY: &str = "b3RoZXItbWFzdGVyLWtleS0wMTIzNDU2Nzg5YWJjZGVm";
+    let gw = start(Backend::Sqlite, &flags(OTHER_KEY)).await;
+    let list = integrations(&gw.url, ADMIN_TOKEN).await;
+    let hec = find(&list, "acme/hec");
+    assert_eq!(hec["usable"], false, "{hec}");
+    assert_eq!(hec["failing"], true, "{hec}");
+    assert!(
+        hec["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot be opened")),
+        "{hec}"
+    );
+    assert_eq!(find(&list, "acme/formatted")["failing"], false);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let (status, _, body) = http::send(
+        "DELETE",
+        &format!(
+            "{}/v1/admin/integrations/destinations/hec?tenant=acme",
+            gw.url
+        ),
+        &[("authorization", &auth)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let list = integrations(&gw.url, ADMIN_TOKEN).await;
+    assert!(
+        list.iter()
+            .all(|d| d["id"] != "acme/hec" || d["configured"] == false),
+        "{list:?}"
+    );
+    gw.shutdown().await;
+}

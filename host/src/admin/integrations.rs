@@ -129,6 +129,28 @@ async fn status(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>
         v["configured"] = true.into();
         out.push(v);
     }
+    // Stored destinations that cannot be used: listed, so their operator sees why.
+    for b in &live.broken {
+        let serves = match (scope.as_deref(), b.tenant.as_deref()) {
+            (None, _) | (_, None) => true,
+            (Some(s), Some(t)) => s == t,
+        };
+        if !serves {
+            continue;
+        }
+        seen.insert(b.id.clone());
+        let mut v = json!({
+            "id": b.id, "name": b.name, "kind": b.kind, "tenant": b.tenant,
+            "global": b.tenant.is_none(), "source": "admin", "configured": true,
+            "usable": false,
+        });
+        health(
+            &mut v,
+            by_dest.get(b.id.as_str()).map_or(&[][..], |v| v),
+            Some(&b.error),
+        );
+        out.push(v);
+    }
     // Lanes of destinations no longer configured still hold their rows.
     for (id, lanes) in &by_dest {
         if seen.contains(*id) {
@@ -233,7 +255,26 @@ async fn put(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, A
     let spec: DestinationSpec = serde_json::from_value(Value::Object(body))
         .map_err(|e| AdminError::BadRequest(format!("invalid destination: {e}")))?;
     let tenant = target(req, tenant.as_deref(), global)?;
-    let mut dest = Destination::new(spec, tenant.clone(), Source::Admin)?;
+    // A replacement without a secret keeps the stored one (checked before it is audited), as
+    // long as it sends it where the stored destination did. Merged before the destination is
+    // validated: most kinds need their secret.
+    let mut spec = spec;
+    if spec.secret.as_deref().is_none_or(str::is_empty) {
+        let id = match &tenant {
+            Some(t) => format!("{t}/{}", spec.name),
+            None => format!("*/{}", spec.name),
+        };
+        let stored = store::stored_secret(svc.outbox.db(), svc.outbox.seal(), &id, &spec);
+        if let Some((kept, same)) = stored.await? {
+            if !same {
+                return Err(AdminError::BadRequest(
+                    "secret: this destination has a secret; a replacement that changes its kind, url, formatter or settings must send the secret again".into(),
+                ));
+            }
+            spec.secret = Some(kept);
+        }
+    }
+    let dest = Destination::new(spec, tenant.clone(), Source::Admin)?;
     if let Some(s) = dest.spec.secret.as_deref()
         && dest.kind == Kind::Webhook
         && !crate::outbox::sign::valid_secret(s)
@@ -257,21 +298,6 @@ async fn put(svc: &AdminService, req: &AdminRequest) -> Result<Response<Body>, A
             return Err(AdminError::BadRequest(format!(
                 "formatter {digest} is not an uploaded component this tenant may use"
             )));
-        }
-    }
-    // A replacement without a secret keeps the stored one (checked before it is audited), as
-    // long as it sends it where the stored destination did.
-    if dest.spec.secret.as_deref().is_none_or(str::is_empty) {
-        let stored = store::stored_secret(svc.outbox.db(), svc.outbox.seal(), &dest.id, &dest.spec);
-        if let Some((kept, same)) = stored.await? {
-            if !same {
-                return Err(AdminError::BadRequest(
-                    "secret: this destination has a secret; a replacement that changes its kind, url, formatter or settings must send the secret again".into(),
-                ));
-            }
-            let mut spec = dest.spec.clone();
-            spec.secret = Some(kept);
-            dest = Destination::new(spec, tenant.clone(), Source::Admin)?;
         }
     }
     let audit_tenant = super::chain_of(tenant.as_deref());
@@ -310,7 +336,8 @@ async fn delete(
         Some(t) => format!("{t}/{name}"),
         None => format!("*/{name}"),
     };
-    if !svc.outbox.live().by_id.contains_key(id.as_str()) {
+    let live = svc.outbox.live();
+    if !live.by_id.contains_key(id.as_str()) && !live.broken.iter().any(|b| b.id == id) {
         return Err(AdminError::NotFound);
     }
     let audit_tenant = super::chain_of(tenant.as_deref());

@@ -331,6 +331,47 @@ impl Persist {
         Ok(Some((name, spec)))
     }
 
+    /// Every stored component's owners: `(digest, tenant)`.
+    pub async fn component_owners(&self) -> Result<Vec<(String, String)>, PersistError> {
+        let sql = "SELECT digest, tenant FROM plugin_component_tenants";
+        Ok(on_db!(&self.db, pool => sqlx::query_as(sql).fetch_all(pool).await?))
+    }
+
+    /// Every stored bundle not deleted: `(tenant, digest)`.
+    pub async fn live_bundles(&self) -> Result<Vec<(String, String)>, PersistError> {
+        let sql = "SELECT tenant, digest FROM bundles WHERE deleted_at IS NULL";
+        Ok(on_db!(&self.db, pool => sqlx::query_as(sql).fetch_all(pool).await?))
+    }
+
+    /// Loads one stored component into `registry` (validated again, as an upload is).
+    pub async fn load_component(
+        &self,
+        registry: &Registry,
+        digest: &str,
+    ) -> Result<(), PersistError> {
+        let (name, world, wasm) =
+            self.component(digest)
+                .await?
+                .ok_or_else(|| PersistError::Corrupt {
+                    what: "component",
+                    id: digest.into(),
+                    detail: "named but not stored".into(),
+                })?;
+        let registry = registry.clone();
+        let info =
+            tokio::task::spawn_blocking(move || registry.upload_component(&name, &wasm, world))
+                .await
+                .map_err(|e| PersistError::Join(e.to_string()))??;
+        if info.digest != digest {
+            return Err(PersistError::Corrupt {
+                what: "component",
+                id: digest.into(),
+                detail: "digest mismatch".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// A stored component: name, world, bytes.
     pub async fn component(
         &self,
@@ -359,6 +400,8 @@ pub struct Follower {
     registry: Registry,
     persist: Persist,
     seen: HashMap<String, i64>,
+    /// Stored components (by digest) and drafts (`"{tenant} {digest}"`) that did not load.
+    unloadable: std::collections::HashSet<String>,
 }
 
 impl std::fmt::Debug for Follower {
@@ -376,6 +419,7 @@ impl Follower {
             registry,
             persist,
             seen: HashMap::new(),
+            unloadable: Default::default(),
         }
     }
 
@@ -398,6 +442,7 @@ impl Follower {
     }
 
     async fn sync(&mut self, strict: bool) -> Result<Vec<String>, PersistError> {
+        self.library().await?;
         let mut changed = Vec::new();
         for listed in self.persist.pointers().await? {
             if self.seen.get(&listed.tenant) == Some(&listed.seq) {
@@ -426,6 +471,52 @@ impl Follower {
             }
         }
         Ok(changed)
+    }
+
+    /// Loads the stored components (with their owners) and drafts this registry lacks: an
+    /// uploaded formatter, which no bundle names, and a draft not promoted yet must outlive a
+    /// restart and reach every replica, like a promoted bundle. One that no longer loads is
+    /// logged and skipped (for as long as this process runs: what is stored is content
+    /// addressed, so it would fail the same way again); only a failing store is an error.
+    async fn library(&mut self) -> Result<(), PersistError> {
+        let known: std::collections::HashSet<String> = self
+            .registry
+            .components()
+            .into_iter()
+            .map(|c| c.digest)
+            .collect();
+        for (digest, tenant) in self.persist.component_owners().await? {
+            if self.unloadable.contains(&digest) {
+                continue;
+            }
+            if !known.contains(&digest) && self.registry.component_bytes(&digest).is_none() {
+                match self.persist.load_component(&self.registry, &digest).await {
+                    Ok(()) => {}
+                    Err(e @ PersistError::Db(_)) => return Err(e),
+                    Err(e) => {
+                        self.unloadable.insert(digest.clone());
+                        tracing::warn!(tenant = %tenant, component = %digest, "bundle sync: cannot load a stored component: {e}");
+                        continue;
+                    }
+                }
+            }
+            self.registry.add_component_owner(&digest, &tenant);
+        }
+        for (tenant, digest) in self.persist.live_bundles().await? {
+            let key = format!("{tenant} {digest}");
+            if self.unloadable.contains(&key) {
+                continue;
+            }
+            match self.ensure(&tenant, &digest).await {
+                Ok(()) => {}
+                Err(e @ PersistError::Db(_)) => return Err(e),
+                Err(e) => {
+                    self.unloadable.insert(key);
+                    tracing::warn!(tenant = %tenant, bundle = %digest, "bundle sync: cannot load a stored draft: {e}")
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn ensure(&self, tenant: &str, digest: &str) -> Result<(), PersistError> {
@@ -459,19 +550,9 @@ impl Follower {
             if known.iter().any(|k| k == component) {
                 continue;
             }
-            let (cname, world, wasm) =
-                self.persist
-                    .component(component)
-                    .await?
-                    .ok_or_else(|| PersistError::Corrupt {
-                        what: "component",
-                        id: component.into(),
-                        detail: "bundle names a component that is not stored".into(),
-                    })?;
-            let registry = self.registry.clone();
-            tokio::task::spawn_blocking(move || registry.upload_component(&cname, &wasm, world))
-                .await
-                .map_err(|e| PersistError::Join(e.to_string()))??;
+            self.persist
+                .load_component(&self.registry, component)
+                .await?;
             self.registry.add_component_owner(component, tenant);
         }
         let (registry, tenant) = (self.registry.clone(), tenant.to_string());

@@ -124,6 +124,8 @@ pub struct Live {
 pub struct LiveSet {
     pub list: Vec<Arc<Live>>,
     pub by_id: HashMap<Arc<str>, Arc<Live>>,
+    /// Stored destinations that cannot be used (listed, deletable, replaceable).
+    pub broken: Vec<store::Broken>,
 }
 
 /// Counters of this process's deliveries and the last backlog reading.
@@ -247,17 +249,44 @@ impl Outbox {
     pub async fn reload(&self, force: bool) -> Result<(), OutboxError> {
         let mut seen = self.inner.version.lock().await;
         let version = store::destinations_version(&self.inner.db).await?;
-        if !force && *seen == Some(version) {
+        // A destination whose formatter did not bind is tried again on every reload: its
+        // component may have been uploaded on another replica since.
+        let unbound = self.live().list.iter().any(|l| l.formatter.is_err());
+        if !force && *seen == Some(version) && !unbound {
             return Ok(());
         }
         let stored = store::load_destinations(&self.inner.db, &self.inner.seal).await?;
         let mut dests = self.inner.env.clone();
-        for (id, tenant, spec) in stored {
-            match Destination::new(spec, tenant, Source::Admin) {
+        let mut broken = Vec::new();
+        for row in stored {
+            let made = row.and_then(|(id, tenant, spec)| {
+                let (name, kind) = (spec.name.clone(), spec.kind.clone());
+                Destination::new(spec, tenant.clone(), Source::Admin).map_err(|e| store::Broken {
+                    id,
+                    tenant,
+                    name,
+                    kind,
+                    error: e.to_string(),
+                })
+            });
+            match made {
                 Ok(d) => dests.push(d),
-                Err(e) => {
-                    tracing::error!(destination = %id, error = %e, "outbox: stored destination is invalid; skipped")
+                Err(b) => {
+                    tracing::error!(destination = %b.id, error = %b.error, "outbox: stored destination cannot be used; it receives nothing until it is replaced or deleted");
+                    broken.push(b);
                 }
+            }
+        }
+        // A formatter uploaded on another replica (or before a restart) is in the store.
+        let persist = crate::bundles::persist::Persist::new(self.inner.db.clone());
+        for d in &dests {
+            let Some(digest) = d.spec.formatter.as_deref().filter(|f| !f.is_empty()) else {
+                continue;
+            };
+            if self.inner.registry.component_bytes(digest).is_none()
+                && let Err(e) = persist.load_component(&self.inner.registry, digest).await
+            {
+                tracing::warn!(destination = %d.id, component = %digest, error = %e, "outbox: the destination's formatter is not loadable");
             }
         }
         let runtime = self.inner.runtime.clone();
@@ -267,6 +296,8 @@ impl Outbox {
             tokio::task::spawn_blocking(move || bind_all(&runtime, &registry, dests, &previous))
                 .await
                 .map_err(|e| OutboxError::Invalid(format!("binding formatters: {e}")))?;
+        let mut live = live;
+        live.broken = broken;
         let list: Vec<Destination> = live.list.iter().map(|l| l.dest.clone()).collect();
         self.inner.live.store(Arc::new(live));
         self.inner.router.install(&list);

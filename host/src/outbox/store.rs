@@ -576,10 +576,13 @@ pub async fn redrive(db: &Db, destination: &str, tenant: Option<&str>) -> Result
 pub type StoredDestination = (String, Option<String>, DestinationSpec);
 
 /// Every destination configured through the admin API.
+/// Reads every stored destination. A row that cannot be read (its secret sealed under another
+/// master key, its settings unreadable) is returned as [`Broken`], not as an error: one such
+/// row must not stop the gateway from starting, nor the other destinations from loading.
 pub async fn load_destinations(
     db: &Db,
     seal: &super::sealed::SecretSeal,
-) -> Result<Vec<StoredDestination>, OutboxError> {
+) -> Result<Vec<Result<StoredDestination, Broken>>, OutboxError> {
     let sql = "SELECT id, tenant, name, kind, url, settings, secret, formatter \
                FROM outbox_destinations ORDER BY id";
     type R = (
@@ -593,15 +596,29 @@ pub async fn load_destinations(
         String,
     );
     let rows: Vec<R> = on_db!(db, pool => sqlx::query_as(sql).fetch_all(pool).await?);
-    rows.into_iter()
+    Ok(rows
+        .into_iter()
         .map(
             |(id, tenant, name, kind, url, settings, secret, formatter)| {
+                let tenant = (!tenant.is_empty()).then_some(tenant);
+                let broken = |error: String| Broken {
+                    id: id.clone(),
+                    tenant: tenant.clone(),
+                    name: name.clone(),
+                    kind: kind.clone(),
+                    error,
+                };
                 let stored: Settings = serde_json::from_str(&settings)
-                    .map_err(|e| OutboxError::Corrupt(format!("destination {id}: {e}")))?;
+                    .map_err(|e| broken(format!("its stored settings are unreadable: {e}")))?;
                 let secret = if secret.is_empty() {
                     secret
                 } else {
-                    seal.open(&id, &secret)?
+                    seal.open(&id, &secret).map_err(|e| {
+                        broken(format!(
+                            "its secret cannot be opened ({e}); sealed under another master key? \
+                             set it again with PUT"
+                        ))
+                    })?
                 };
                 let spec = DestinationSpec {
                     name,
@@ -614,10 +631,21 @@ pub async fn load_destinations(
                     settings: stored.settings,
                     formatter: (!formatter.is_empty()).then_some(formatter),
                 };
-                Ok((id, (!tenant.is_empty()).then_some(tenant), spec))
+                Ok((id, tenant, spec))
             },
         )
-        .collect()
+        .collect())
+}
+
+/// A stored destination that cannot be used; it receives nothing until it is replaced or
+/// deleted, and is listed with its error.
+#[derive(Clone, Debug)]
+pub struct Broken {
+    pub id: String,
+    pub tenant: Option<String>,
+    pub name: String,
+    pub kind: String,
+    pub error: String,
 }
 
 /// A destination, global or of `tenant`, whose formatter is the component `digest`: what a
@@ -721,7 +749,13 @@ pub async fn stored_secret(
         && url == spec.url
         && formatter == spec.formatter.as_deref().unwrap_or("")
         && settings.settings == spec.settings;
-    Ok(Some((seal.open(id, &stored)?, same)))
+    let kept = seal.open(id, &stored).map_err(|_| {
+        OutboxError::Invalid(
+            "secret: the stored secret cannot be opened (sealed under another master key?); send the secret again"
+                .into(),
+        )
+    })?;
+    Ok(Some((kept, same)))
 }
 
 /// Deletes a stored destination; its undelivered rows stay (visible as backlog) until it is
