@@ -71,6 +71,9 @@ pub enum CapabilityError {
     /// A request-supplied name is longer than [`super::MAX_NAME_BYTES`].
     #[error("{what} name too long")]
     NameTooLong { what: &'static str },
+    /// A resource URI an upstream could read as another URI ([`super::uri::ambiguity`]).
+    #[error("resource {uri:?} is refused: {why}; send the URI in its plain form")]
+    AmbiguousUri { uri: String, why: &'static str },
     /// The tool matches no pattern of a `tool_allow` caveat.
     #[error("tool {tool:?} not allowed by caveat {caveat} (tool_allow)")]
     ToolNotAllowed { tool: String, caveat: usize },

@@ -254,6 +254,16 @@ impl Grant {
         {
             return Err(CapabilityError::AgentMismatch { agent: echo(agent) });
         }
+        // Before any caveat: the caveats and the policy decide on the URI as written, and the
+        // upstream must not be able to read it as another.
+        if ctx.kind == Kind::Resource
+            && let Some(why) = super::uri::ambiguity(ctx.tool)
+        {
+            return Err(CapabilityError::AmbiguousUri {
+                uri: echo(ctx.tool),
+                why,
+            });
+        }
         for r in &self.restrictions {
             check(r, ctx)?;
         }

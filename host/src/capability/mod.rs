@@ -43,6 +43,7 @@ mod key;
 mod mint;
 mod revocation;
 mod token;
+pub mod uri;
 mod verify;
 
 #[cfg(test)]

@@ -86,6 +86,19 @@ fn resource_and_prompt_caveats_restrict_their_kind_only() {
             caveat: 3
         })
     );
+    // A URI the upstream could resolve to another is refused before any caveat: the allow
+    // would match it as written, and the deny would not.
+    for dodge in [
+        "file:///public/x/../secret.txt",
+        "file:///public/%2e%2e/%2e%2e/etc/passwd",
+        "FILE:///public/secret.txt",
+    ] {
+        assert!(
+            matches!(res(dodge), Err(CapabilityError::AmbiguousUri { .. })),
+            "{dodge}: {:?}",
+            res(dodge)
+        );
+    }
     assert_eq!(prompt("summarize"), Ok(()));
     assert_eq!(prompt("greet_user"), Ok(()));
     assert_eq!(
