@@ -252,6 +252,11 @@ impl Gateway {
         .with_approvals(config.approvals)
         .with_revocations(Arc::clone(&revocations))
         .with_upstream_names(&upstreams.iter().map(|(n, _)| n).collect::<Vec<_>>());
+        let pipeline = if upstreams.namespaced() {
+            pipeline.with_namespacing(upstreams.separator())
+        } else {
+            pipeline
+        };
         let approvals = crate::approvals::Waiters::new(config.approvals.poll);
         background.push(tokio::spawn(crate::approvals::wait::listen(
             store.db(),

@@ -222,6 +222,8 @@ pub struct Pipeline {
     local_counters: Arc<MemoryCounters>,
     arg_values: ArgValuesMode,
     upstream_name: String,
+    /// The namespacing's separator, with several upstreams ([`Pipeline::with_namespacing`]).
+    separator: Option<String>,
     throttle: Arc<throttle::Throttle>,
     metrics: Arc<crate::metrics::Metrics>,
     approvals: ApprovalConfig,
@@ -253,6 +255,7 @@ impl Pipeline {
             local_counters,
             arg_values,
             upstream_name,
+            separator: None,
             throttle,
             metrics,
             approvals: ApprovalConfig::default(),
@@ -275,6 +278,15 @@ impl Pipeline {
         if !names.is_empty() {
             self.metrics = Arc::new(crate::metrics::Metrics::with_upstreams(names));
         }
+        self
+    }
+
+    /// The same pipeline in front of several upstreams, whose names are namespaced with
+    /// `separator` ([`crate::upstreams`]): a deny caveat is matched against a call's name as
+    /// its upstream knows it too.
+    #[must_use]
+    pub fn with_namespacing(mut self, separator: &str) -> Self {
+        self.separator = Some(separator.to_owned());
         self
     }
 
@@ -682,9 +694,20 @@ impl Pipeline {
             call.grant.still_valid(now, revocations)?;
         }
         let upstream = call.upstream.unwrap_or(&self.upstream_name);
+        let kind = call.kind.capability_kind();
+        // With several upstreams the name as the upstream knows it, for the deny caveats.
+        let own_name = self.separator.as_deref().and_then(|separator| {
+            let rest = call.tool.strip_prefix(upstream)?;
+            if kind == crate::capability::Kind::Resource {
+                rest.strip_prefix(crate::upstreams::URI_SEPARATOR)
+            } else {
+                rest.strip_prefix(separator)
+            }
+        });
         call.grant.authorize(&CallContext {
-            kind: call.kind.capability_kind(),
+            kind,
             tool: call.tool,
+            own_name,
             agent: call.agent,
             server: Some(upstream),
             // The callee is the upstream server the call is forwarded to; its zone is not known.

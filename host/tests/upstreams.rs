@@ -418,6 +418,40 @@ async fn a_token_for_one_upstream_neither_sees_nor_reaches_the_other() {
     gw.shutdown().await;
 }
 
+/// A `tool_deny` written for the upstreams' own names (a token from before the second
+/// upstream was configured) still refuses their namespaced tools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_caveat_of_an_upstreams_own_names_holds_behind_the_namespace() {
+    let github = Upstream::shared_async(Flavor::Sse).await;
+    let db = Upstream::shared_async(Flavor::Json).await;
+    let gw = two_upstream_gateway(github, db).await;
+    let token = intentgate::capability::Token::decode(&token(&gw, &[]).await)
+        .expect("decode")
+        .attenuate(intentgate::capability::Caveat::tool_deny(["delete_*"]))
+        .expect("attenuate")
+        .encode();
+    let m = marker("denied");
+    let results = interop::steps(
+        &gw,
+        Some(&token),
+        "legacy",
+        json!([
+            {"op": "call", "tool": "db__delete_records", "args": {"text": m}},
+            {"op": "call", "tool": "db__echo", "args": {"text": m}},
+        ]),
+    )
+    .await;
+    assert_code(&results[0], CAPABILITY, "legacy");
+    assert!(
+        results[0]["data"].to_string().contains("tool_deny"),
+        "{}",
+        results[0]
+    );
+    assert_ok(&results[1], "legacy");
+    assert_eq!(reached(db, &m), ["echo"]);
+    gw.shutdown().await;
+}
+
 /// One upstream is killed: its calls fail with `-32018` (audited against it), the other's keep
 /// working, lists carry the other's entries and name the missing upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,6 +95,11 @@ pub struct CallContext<'a> {
     pub kind: Kind,
     /// The tool's name, the resource's URI or the prompt's name.
     pub tool: &'a str,
+    /// With several upstreams, `tool` as its upstream knows it (without the namespace): the
+    /// deny caveats refuse a call when either name matches, so a `tool_deny ["delete_*"]`
+    /// minted before a second upstream was configured still refuses `gh__delete_repo`. The
+    /// allow caveats match `tool` only (they fail closed on a namespaced name).
+    pub own_name: Option<&'a str>,
     /// The agent the request claims to act for, if it names one; must be the token's subject.
     pub agent: Option<&'a str>,
     /// The upstream MCP server the call goes to; `None` fails every `mcp_allow` caveat.
@@ -320,10 +325,11 @@ fn check_len(what: &'static str, name: Option<&str>) -> Result<(), CapabilityErr
 /// Whether a deny caveat's `globs` refuse the call: its name, or for a URI template any name
 /// its expansions could take (only the literal part before its first expression is known).
 fn denies(globs: &[Glob], ctx: &CallContext<'_>) -> bool {
-    match ctx.tool.split_once('{') {
+    let one = |name: &str| match name.split_once('{') {
         Some((prefix, _)) if ctx.template => globs.iter().any(|g| g.may_match_with_prefix(prefix)),
-        _ => any_matches(globs, ctx.tool),
-    }
+        _ => any_matches(globs, name),
+    };
+    one(ctx.tool) || ctx.own_name.is_some_and(one)
 }
 
 fn check(r: &Restriction, ctx: &CallContext<'_>) -> Result<(), CapabilityError> {
@@ -335,7 +341,7 @@ fn check(r: &Restriction, ctx: &CallContext<'_>) -> Result<(), CapabilityError> 
                 caveat: *caveat,
             })
         }
-        Restriction::ToolDeny { caveat, globs } if is_tool && any_matches(globs, ctx.tool) => {
+        Restriction::ToolDeny { caveat, globs } if is_tool && denies(globs, ctx) => {
             Err(CapabilityError::ToolDenied {
                 tool: echo(ctx.tool),
                 caveat: *caveat,

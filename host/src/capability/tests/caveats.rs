@@ -42,6 +42,54 @@ fn tool_allow_and_deny() {
     assert!(!none.allows_tool("read_invoice"));
 }
 
+/// With several upstreams a deny caveat matches the name as its upstream knows it too: a
+/// token minted before the second upstream was configured keeps its `tool_deny`, while its
+/// allow lists fail closed on the namespaced names.
+#[test]
+fn deny_caveats_see_through_an_upstreams_namespace() {
+    let m = mint_ok(&MintRequest {
+        tools: vec!["*".into()],
+        ..req("bot")
+    });
+    let t = attenuate(
+        &m.token,
+        vec![
+            Caveat::tool_deny(["delete_*"]),
+            Caveat::scoped("resource_deny", ["file:///secret*"]),
+        ],
+    );
+    let g = grant(&t);
+    let namespaced = |kind, tool, own_name| CallContext {
+        kind,
+        tool,
+        own_name: Some(own_name),
+        server: Some("gh"),
+        ..CallContext::default()
+    };
+    assert!(matches!(
+        g.authorize(&namespaced(Kind::Tool, "gh__delete_repo", "delete_repo")),
+        Err(CapabilityError::ToolDenied { .. })
+    ));
+    assert_eq!(
+        g.authorize(&namespaced(Kind::Tool, "gh__read_repo", "read_repo")),
+        Ok(())
+    );
+    assert!(matches!(
+        g.authorize(&namespaced(
+            Kind::Resource,
+            "gh+file:///secret.txt",
+            "file:///secret.txt"
+        )),
+        Err(CapabilityError::Denied { .. })
+    ));
+    // A tool_allow of the upstream's own names does not match the namespaced ones.
+    let narrow = grant(&attenuate(&m.token, vec![Caveat::tool_allow(["read_*"])]));
+    assert!(matches!(
+        narrow.authorize(&namespaced(Kind::Tool, "gh__read_repo", "read_repo")),
+        Err(CapabilityError::ToolNotAllowed { .. })
+    ));
+}
+
 #[test]
 fn resource_and_prompt_caveats_restrict_their_kind_only() {
     let m = mint_ok(&MintRequest {

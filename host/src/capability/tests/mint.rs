@@ -124,6 +124,7 @@ fn round_trip_surfaces_identity_and_limits() {
         callee: Some(("helper-1", None)),
         risk: None,
         template: false,
+        own_name: None,
     };
     assert_eq!(g.authorize(&ok), Ok(()));
 }
