@@ -421,6 +421,49 @@ fn dry_run_counts_and_transitions() {
     assert!(registry.status(tenant).is_default);
 }
 
+/// A candidate that fails on every call is not replayed to the end: the replay stops after
+/// a row of failures, each of which costs a fresh instance, and says so.
+#[test]
+fn a_dry_run_of_a_broken_candidate_stops_early() {
+    let registry = registry();
+    let tenant = "bundles-dry-run-broken";
+    let wasm = std::fs::read(artifacts::TEST_HOSTILE_PATH).expect("hostile artifact");
+    let hostile = registry
+        .upload_component("hostile", &wasm, World::CheckPlugin)
+        .expect("upload");
+    let mut spec = tagged_spec("broken candidate");
+    spec.stages
+        .get_mut(&Stage::Policy)
+        .expect("policy")
+        .push(CheckSpec {
+            component: hostile.digest.clone(),
+            config: "trap".into(),
+        });
+    let calls: Vec<RecordedCall> = (0..200)
+        .map(|n| RecordedCall {
+            input: input(tenant, "read_invoice"),
+            decision: VerdictKind::Allow,
+            id: Some(format!("c{n}")),
+        })
+        .collect();
+    let report = registry
+        .dry_run_spec(tenant, &spec, &calls)
+        .expect("dry run");
+    assert_eq!(
+        report.total,
+        intentgate::bundles::DRY_RUN_FAILURES_IN_A_ROW,
+        "{report:?}"
+    );
+    assert_eq!(report.would_block, report.total);
+    assert!(
+        report
+            .stopped
+            .as_deref()
+            .is_some_and(|s| s.contains("in a row")),
+        "{report:?}"
+    );
+}
+
 fn admin<'a>(
     method: &'a hyper::Method,
     path: &'a str,

@@ -745,6 +745,7 @@ async fn replay_set(
         ));
     }
     if let Some(name) = sample {
+        let room = most - calls.len();
         let window = super::sample::window_ms(name).map_err(|e| error(400, e))?;
         let persist = registry
             .persist()
@@ -753,9 +754,53 @@ async fn replay_set(
         let recorded = super::sample::recorded_calls(persist.db(), tenant, window, now)
             .await
             .map_err(|e| error(503, e))?;
-        calls.extend(recorded);
+        // The newest first: given and sampled calls together stay within the bound.
+        calls.extend(recorded.into_iter().take(room));
     }
     Ok(calls)
+}
+
+/// Dry-runs at once in this process, and per tenant: each holds a core while it replays.
+const DRY_RUNS_AT_ONCE: usize = 2;
+
+/// A dry-run's place; released on drop.
+struct DryRunSlot {
+    tenant: String,
+}
+
+static DRY_RUNS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+impl DryRunSlot {
+    /// A place for one of `tenant`'s dry-runs, or 429: one per tenant, [`DRY_RUNS_AT_ONCE`]
+    /// in all.
+    fn take(tenant: &str) -> Result<DryRunSlot, AdminReply> {
+        let mut running = DRY_RUNS.lock().unwrap_or_else(|p| p.into_inner());
+        if running.iter().any(|t| t == tenant) {
+            return Err(error(
+                429,
+                "a dry run of this tenant is already running; retry when it ends",
+            ));
+        }
+        if running.len() >= DRY_RUNS_AT_ONCE {
+            return Err(error(
+                429,
+                "the gateway is running as many dry runs as it allows; retry shortly",
+            ));
+        }
+        running.push(tenant.to_owned());
+        Ok(DryRunSlot {
+            tenant: tenant.to_owned(),
+        })
+    }
+}
+
+impl Drop for DryRunSlot {
+    fn drop(&mut self) {
+        let mut running = DRY_RUNS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = running.iter().position(|t| *t == self.tenant) {
+            running.swap_remove(i);
+        }
+    }
 }
 
 /// Delete a draft (not the active bundle nor the rollback target: 409): 404 unless it exists,
@@ -933,11 +978,16 @@ async fn bundles(
         }
         ("POST", [digest, "dry-run"]) => {
             let body: DryRunBody = parse(call.body)?;
+            let slot = DryRunSlot::take(&tenant)?;
             let calls = replay_set(registry, &tenant, body.calls, body.sample.as_deref()).await?;
             let (r2, digest) = (registry.clone(), digest.to_string());
-            let report = blocking(move || r2.dry_run(&tenant, &digest, &calls))
-                .await?
-                .map_err(bundle_error)?;
+            // The slot goes with the replay: a client that leaves does not free it early.
+            let report = blocking(move || {
+                let _slot = slot;
+                r2.dry_run(&tenant, &digest, &calls)
+            })
+            .await?
+            .map_err(bundle_error)?;
             Ok(reply(200, json!(report)))
         }
         _ => Err(error(405, "method not allowed")),
@@ -1264,6 +1314,7 @@ async fn policies(
                     "nothing to replay: give input (one call) or sample (e.g. \"last-24h\")",
                 ));
             }
+            let slot = DryRunSlot::take(&tenant)?;
             let mut calls =
                 replay_set(registry, &tenant, body.calls, body.sample.as_deref()).await?;
             if let Some(input) = body.input {
@@ -1275,6 +1326,7 @@ async fn policies(
             }
             let (registry2, t) = (registry.clone(), tenant.clone());
             let report = blocking(move || {
+                let _slot = slot;
                 let spec = registry2
                     .active_spec(&t)
                     .with_policy_config(body.rego_source);
@@ -1322,7 +1374,24 @@ async fn policies(
 
 #[cfg(test)]
 mod tests {
-    use super::rfc3339;
+    use super::{DryRunSlot, rfc3339};
+
+    #[test]
+    fn dry_runs_are_one_a_tenant_and_two_at_once() {
+        let a = DryRunSlot::take("slots-a").expect("a");
+        let again = DryRunSlot::take("slots-a")
+            .map(|_| ())
+            .expect_err("a twice");
+        assert_eq!(again.status, 429);
+        let b = DryRunSlot::take("slots-b").expect("b");
+        let c = DryRunSlot::take("slots-c")
+            .map(|_| ())
+            .expect_err("a third");
+        assert_eq!(c.status, 429);
+        drop(a);
+        let _c = DryRunSlot::take("slots-c").expect("c once a ended");
+        drop(b);
+    }
 
     #[test]
     fn rfc3339_formats_utc() {

@@ -31,8 +31,9 @@ mod spec;
 pub mod watch;
 
 pub use registry::{
-    BundleError, BundleStatus, ComponentInfo, DraftInfo, DryRunReport, DryRunRow,
-    MAX_COMPONENTS_PER_TENANT, MAX_UPLOADED_COMPONENTS, RecordedCall, Registry, SwapOutcome,
+    BundleError, BundleStatus, ComponentInfo, DRY_RUN_FAILURES_IN_A_ROW, DRY_RUN_TIME, DraftInfo,
+    DryRunReport, DryRunRow, MAX_COMPONENTS_PER_TENANT, MAX_UPLOADED_COMPONENTS, RecordedCall,
+    Registry, SwapOutcome,
 };
 pub use snapshot::Snapshot;
 pub use spec::{BundleSpec, CheckSpec, builtin_components, default_policy_config};

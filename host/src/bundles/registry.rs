@@ -230,7 +230,19 @@ pub struct DryRunReport {
     /// The candidate's decision for each call, in the order given (for the per-call listing).
     #[serde(skip)]
     pub candidates: Vec<VerdictKind>,
+    /// Why the replay stopped before the last call, if it did (`total` counts the calls
+    /// replayed): it ran out of time, or the candidate failed on every call of a row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
+
+/// The longest one dry-run replays: its checks run on the gateway's cores, beside the live
+/// calls, whose checks have deadlines of their own.
+pub const DRY_RUN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Failing calls in a row after which a dry-run stops: the candidate is broken (every failed
+/// call costs a fresh instance, `configure` included), and the rest would fail alike.
+pub const DRY_RUN_FAILURES_IN_A_ROW: usize = 32;
 
 struct TenantSlot {
     active: ArcSwap<Snapshot>,
@@ -1094,10 +1106,32 @@ impl Registry {
             total: calls.len(),
             ..Default::default()
         };
-        for call in calls {
+        let started = std::time::Instant::now();
+        let mut failing = 0;
+        for (n, call) in calls.iter().enumerate() {
+            let left = calls.len() - n;
+            if started.elapsed() > DRY_RUN_TIME {
+                report.stopped = Some(format!(
+                    "stopped after {}s, {left} calls not replayed: replay fewer calls (a shorter sample)",
+                    DRY_RUN_TIME.as_secs()
+                ));
+                break;
+            }
+            if failing >= DRY_RUN_FAILURES_IN_A_ROW {
+                report.stopped = Some(format!(
+                    "stopped: the candidate failed on {failing} calls in a row, {left} calls not replayed"
+                ));
+                break;
+            }
             let (kind, reason) = match snapshot.decide(&call.input) {
-                Ok((verdict, _)) => (verdict.kind, verdict.reason),
-                Err(e) => (VerdictKind::Block, e.to_string()),
+                Ok((verdict, _)) => {
+                    failing = 0;
+                    (verdict.kind, verdict.reason)
+                }
+                Err(e) => {
+                    failing += 1;
+                    (VerdictKind::Block, e.to_string())
+                }
             };
             report.candidates.push(kind);
             match kind {
@@ -1120,6 +1154,7 @@ impl Registry {
                 });
             }
         }
+        report.total = report.candidates.len();
         Ok(report)
     }
 
