@@ -531,6 +531,48 @@ async fn rows_beyond_the_head_are_found(db: Db) {
     assert_eq!(b.seq, 5);
 }
 
+/// A row planted below the chain's first place (written past the table's CHECK, which
+/// `PRAGMA ignore_check_constraints` turns off) is never walked, but lists and exports show it:
+/// verify counts the rows that claim a place in the chain.
+#[tokio::test]
+async fn sqlite_a_row_planted_below_the_chain_is_found() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.db");
+    let db = sqlite_at(&path).await;
+    let key = test_key();
+    let log = AuditLog::open(db.clone(), key.clone(), quiet_config())
+        .await
+        .expect("open");
+    append_n(&log, "acme", 5).await;
+    let r = verify::verify_chain(&db, "acme", &key.verifier(), None)
+        .await
+        .expect("verify");
+    assert!(r.ok, "{r:?}");
+    let mut raw = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("raw connection");
+    sqlx::query("PRAGMA ignore_check_constraints = 1")
+        .execute(&mut raw)
+        .await
+        .expect("pragma");
+    sqlx::query(
+        "INSERT INTO audit_events (tenant, seq, ts_ms, event, body, prev_hash, hash) \
+         SELECT tenant, 0, ts_ms, event, body, prev_hash, hash FROM audit_events \
+         WHERE tenant = 'acme' AND seq = 1",
+    )
+    .execute(&mut raw)
+    .await
+    .expect("planted");
+    raw.close().await.expect("close");
+    let r = verify::verify_chain(&db, "acme", &key.verifier(), None)
+        .await
+        .expect("verify");
+    assert!(!r.ok, "a planted row went unseen: {r:?}");
+    let b = r.broken_at.expect("the planted row");
+    assert!(b.reason.contains("6 rows claim"), "{}", b.reason);
+}
+
 #[tokio::test]
 async fn sqlite_rows_beyond_the_head_are_found() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -667,6 +667,19 @@ pub async fn count_after(db: &Db, tenant: &str, after_seq: i64) -> Result<i64, A
     Ok(rows.first().map(|r| r.0).unwrap_or(0))
 }
 
+/// How many of a tenant's rows claim a place up to `upto` in its chain (`seq <= upto`, a row
+/// below 1 included): the chain's writer writes exactly `upto` of them.
+pub async fn count_upto(db: &Db, tenant: &str, upto: i64) -> Result<i64, AuditError> {
+    let params = [Param::S(tenant.to_owned()), Param::I(upto)];
+    let rows: Vec<(i64,)> = fetch_all!(
+        db,
+        (i64,),
+        "SELECT COUNT(*) FROM audit_events WHERE tenant = $1 AND seq <= $2",
+        &params
+    );
+    Ok(rows.first().map(|r| r.0).unwrap_or(0))
+}
+
 /// A tenant's chain head row.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct HeadRow {

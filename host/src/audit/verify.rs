@@ -305,7 +305,22 @@ pub async fn verify_chain(
         // meanwhile is under the head read second.
         let highest = query::max_seq(db, tenant).await?;
         let now_head = query::head(db, tenant).await?.map_or(h.seq, |h| h.seq);
-        if highest > now_head {
+        // Rows the walk did not see but a list or an export shows: a seq below 1, or one
+        // repeated (the walk reads each seq once).
+        let claimed = query::count_upto(db, tenant, h.seq).await?;
+        if claimed != report.verified as i64 {
+            report.broken_at = Some(BrokenAt {
+                id: h.event_id,
+                seq: h.seq,
+                ts: time::format_rfc3339_ms(h.ts_ms),
+                stored_hash: h.hash.clone(),
+                expected_hash: hex::encode(&prev),
+                reason: format!(
+                    "{claimed} rows claim a place up to seq {} in the chain, which has {}: rows were written outside the chain's writer (a seq below 1 or repeated), and lists and exports show them",
+                    h.seq, report.verified
+                ),
+            });
+        } else if highest > now_head {
             report.broken_at = Some(BrokenAt {
                 id: h.event_id,
                 seq: now_head,
