@@ -1479,6 +1479,12 @@ async fn export_verifies_offline(db: Db, n: usize) {
     let csv = String::from_utf8(csv).expect("utf8");
     assert!(csv.starts_with("id,seq,ts,tenant,event,decision,check,reason,"));
     assert!(
+        csv.lines()
+            .next()
+            .is_some_and(|h| h.ends_with(",prev_hash,hash,count")),
+        "a throttled record's count is a column"
+    );
+    assert!(
         csv.contains("\"'=HYPERLINK(\"\"http://x\"\",\"\"click\"\")\""),
         "formula defused"
     );

@@ -65,6 +65,7 @@ pub async fn list(svc: &AdminService, req: &AdminRequest) -> Result<Response<Bod
         limit,
     )
     .await?;
+    durable(svc).await?;
     // Spliced, not re-encoded: each item carries its stored canonical bytes unchanged.
     let mut body = String::from("{\"items\":[");
     for (i, rec) in page.items.iter().enumerate() {
@@ -77,6 +78,16 @@ pub async fn list(svc: &AdminService, req: &AdminRequest) -> Result<Response<Bod
     body.push_str(&Value::from(page.next_cursor).to_string());
     body.push('}');
     Ok(http::json_bytes(StatusCode::OK, body.into_bytes()))
+}
+
+/// Waits until what the request read is durable (SQLite makes a commit visible a moment
+/// before its log is synced): evidence handed out is never taken back by a power cut.
+async fn durable(svc: &AdminService) -> Result<(), AdminError> {
+    let log = svc.pipeline.audit();
+    log.outbox_router().durable().covering().await.map_err(|e| {
+        tracing::error!(error = %e, "admin: the audit log is not durable");
+        AdminError::Unavailable("audit log unavailable".into())
+    })
 }
 
 /// `GET /v1/admin/audit/verify?tenant=&checkpoint=`: the [`verify::VerifyReport`], always 200
@@ -105,7 +116,9 @@ pub async fn export(svc: &AdminService, req: &AdminRequest) -> Result<Response<B
     );
     audit_action(svc, event).await?;
 
-    let body = export::stream(svc.pipeline.audit().db().clone(), filter.clone(), format)
+    let log = svc.pipeline.audit();
+    let durable = log.outbox_router().durable().clone();
+    let body = export::stream_durable(log.db().clone(), filter.clone(), format, durable)
         .map_err(std::io::Error::other)
         .boxed();
     let mut resp = Response::new(body);
@@ -135,6 +148,8 @@ pub async fn checkpoints(
         let Some(row) = query::latest_checkpoint(log.db(), &tenant).await? else {
             return Err(AdminError::NotFound);
         };
+        // A note kept outside must not sign what a power cut could still take back.
+        durable(svc).await?;
         let mut resp = Response::new(http::full(row.note));
         resp.headers_mut().insert(
             CONTENT_TYPE,
@@ -151,6 +166,7 @@ pub async fn checkpoints(
         ),
     };
     let rows = query::checkpoints(log.db(), &tenant, before, limit + 1).await?;
+    durable(svc).await?;
     let more = rows.len() > limit as usize;
     let items: Vec<Value> = rows
         .iter()
