@@ -91,9 +91,24 @@ fn describe(d: &Destination) -> Value {
         "events": d.spec.events,
         "decisions": d.spec.decisions,
         "min_severity": d.spec.min_severity,
-        "settings": d.spec.settings,
+        "settings": shown_settings(&d.spec.settings),
         "formatter": d.spec.formatter.clone().unwrap_or_else(|| "builtin".into()),
     })
+}
+
+/// A destination's settings as shown: a URL among them (Sentinel's `token_url`, say) without
+/// its userinfo and query, which may carry a credential.
+fn shown_settings(settings: &serde_json::Map<String, Value>) -> Value {
+    let shown = settings.iter().map(|(k, v)| {
+        let v = match v.as_str().map(str::parse::<hyper::Uri>) {
+            Some(Ok(u)) if matches!(u.scheme_str(), Some("http" | "https")) => {
+                Value::from(crate::config::redact_url(&u))
+            }
+            _ => v.clone(),
+        };
+        (k.clone(), v)
+    });
+    Value::Object(shown.collect())
 }
 
 /// Whether the caller (scoped to `scope`, `None` = every tenant) sees `d`.

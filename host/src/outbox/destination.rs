@@ -93,7 +93,12 @@ impl Kind {
     /// Whether the URL itself is a credential (Slack and Teams webhook URLs): then only its
     /// scheme and host are ever shown.
     pub fn url_is_secret(self) -> bool {
-        matches!(self, Kind::Slack | Kind::Teams)
+        // A generic webhook's URL is often its own credential too (Discord, Zapier, a chat
+        // app's incoming hook), and an NDJSON sink is a webhook of another format.
+        matches!(
+            self,
+            Kind::Slack | Kind::Teams | Kind::Webhook | Kind::Ndjson
+        )
     }
 }
 

@@ -566,7 +566,11 @@ pub async fn redrive(db: &Db, destination: &str, tenant: Option<&str>) -> Result
     Ok(on_db!(db, pool => {
         let mut tx = pool.begin().await?;
         let n = sqlx::query(rows).bind(destination).bind(t).bind(crate::audit::time::now_ms()).execute(&mut *tx).await?.rows_affected();
-        sqlx::query(lanes).bind(destination).bind(t).execute(&mut *tx).await?;
+        // Only a lane given rows back is tried at once: a redrive of nothing must not reset a
+        // failing destination's back-off (a tenant looping on it would hammer a shared SIEM).
+        if n > 0 {
+            sqlx::query(lanes).bind(destination).bind(t).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         n
     }))
@@ -575,8 +579,7 @@ pub async fn redrive(db: &Db, destination: &str, tenant: Option<&str>) -> Result
 /// A stored destination row: (id, tenant or '' for global, spec with its secret).
 pub type StoredDestination = (String, Option<String>, DestinationSpec);
 
-/// Every destination configured through the admin API.
-/// Reads every stored destination. A row that cannot be read (its secret sealed under another
+/// Reads every stored destination (those configured through the admin API). A row that cannot be read (its secret sealed under another
 /// master key, its settings unreadable) is returned as [`Broken`], not as an error: one such
 /// row must not stop the gateway from starting, nor the other destinations from loading.
 pub async fn load_destinations(
@@ -920,6 +923,19 @@ mod tests {
             .expect("claim")
             .expect("due");
         assert!(rows.iter().all(|r| r.created_ms >= before), "{rows:?}");
+
+        // A failing lane with nothing dead keeps its back-off through a redrive of nothing.
+        exec(
+            &db,
+            "UPDATE outbox_lanes SET failures = 4, next_ms = 9000000 WHERE tenant = 'b'",
+        )
+        .await;
+        assert_eq!(redrive(&db, "d", Some("b")).await.expect("redrive"), 0);
+        let due = due_lanes(&db, 10_000, 10).await.expect("due");
+        assert!(
+            !due.contains(&("d".into(), "b".into())),
+            "a redrive of nothing reset the lane's back-off: {due:?}"
+        );
     }
 
     /// On PostgreSQL a lane is held by a lease, not a transaction: another replica cannot take
