@@ -861,6 +861,74 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
     gw.shutdown().await;
 }
 
+/// An event whose payload the destination refuses (400) does not hold its lane until the
+/// dead-letter age: its batch goes in halves to find it, and once refused three times in a
+/// row it is set aside; the events behind it are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_a_destination_refuses_is_set_aside_and_the_lane_goes_on() {
+    let rx = Receiver::start();
+    let gw = start(Backend::Sqlite, &rx.env_flags()).await;
+    let (token, _) = gw
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
+        .await;
+    rx.control(json!({"refuse": "poison_key"})).await;
+    let call = |key: String| {
+        let (url, token) = (gw.url.clone(), token.clone());
+        async move {
+            let (status, v) = http::post_json(
+                &format!("{url}/v1/mcp"),
+                Some(&token),
+                &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                        "params": {"name": "delete_everything", "arguments": {key: 1}}}),
+            )
+            .await;
+            assert_eq!(status, 200);
+            assert!(v.get("error").is_some(), "denied: {v}");
+        }
+    };
+    call("poison_key".into()).await;
+    for n in 0..3 {
+        call(format!("after_{n}")).await;
+    }
+    let want: Vec<String> = (0..3).map(|n| format!("after_{n}")).collect();
+    wait_for(
+        "the events behind the refused one",
+        Duration::from_secs(30),
+        || async {
+            let records = rx.get("records").await;
+            let keys: Vec<String> = records["splunk"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|r| r["event"]["arg_keys"].as_array())
+                        .flatten()
+                        .filter_map(|k| k.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            want.iter().all(|k| keys.contains(k))
+        },
+    )
+    .await;
+    let (status, dead) = http::get_json(
+        &format!(
+            "{}/v1/admin/integrations/dead-letters?destination=env:splunk",
+            gw.url
+        ),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let items = dead["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "only the refused event: {dead}");
+    let error = items[0]["last_error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("400") && error.contains("refused 3 times"),
+        "{error}"
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dead_letters_are_kept_listed_and_redriven() {
     let rx = Receiver::start();

@@ -34,7 +34,8 @@ documentation, not from the gateway's code.
   `custom_details` (an object). Answers 202 `{"status": "success", "message": "Event
   processed", "dedup_key": …}`, or 400 `{"status": "invalid event", "errors": [...]}`.
 - POST /control {"down": bool, "status": int, "retry_after": str|null, "delay_ms": int,
-  "max_bytes": int|null}: makes every receiver answer `status` (with `Retry-After`) while down,
+  "max_bytes": int|null, "refuse": str|null}: makes every receiver answer `status` (with
+  `Retry-After`) while down, refuse with 400 a request whose body holds `refuse`,
   and wait `delay_ms` first; a request body over `max_bytes` is refused with 413, as Splunk's
   HEC refuses one over its `max_content_length`.
 - GET /records: everything accepted so far; GET /rejected: what was refused and why;
@@ -58,7 +59,8 @@ from standardwebhooks.webhooks import Webhook
 WEBHOOK_SECRET, SPLUNK_TOKEN, DD_KEY = sys.argv[1], sys.argv[2], sys.argv[3]
 PD_KEY = sys.argv[4] if len(sys.argv) > 4 else None
 LOCK = threading.Lock()
-STATE = {"down": False, "status": 503, "retry_after": None, "delay_ms": 0, "max_bytes": None}
+STATE = {"down": False, "status": 503, "retry_after": None, "delay_ms": 0, "max_bytes": None,
+         "refuse": None}
 RECORDS = {"webhook": [], "splunk": [], "datadog": [], "ndjson": {}, "slack": {}, "teams": {}, "pagerduty": []}
 REJECTED = []
 DOWN_HITS = {}
@@ -126,6 +128,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(state["status"], {"error": "down"}, headers)
         if state["max_bytes"] is not None and len(raw) > state["max_bytes"]:
             return self.reject(413, f"{len(raw)} bytes", {"text": "Content too large", "code": 27})
+        if state.get("refuse") and state["refuse"].encode() in raw:
+            return self.reject(400, "refused on purpose", {"text": "Invalid data format", "code": 6})
         if self.path == "/webhook":
             return self.webhook(raw)
         if self.path == "/services/collector/event":

@@ -55,6 +55,10 @@ pub enum Oversize {
     /// Certainly: the destination takes no request this large, so the same batch fails the
     /// same way every time.
     Yes,
+    /// The destination refused the payload itself (HTTP 400 or 422): one of the batch's events,
+    /// likely. A smaller batch isolates it; one event refused on several attempts in a row is
+    /// set aside as a dead letter, so it does not hold its lane until the dead-letter age.
+    Refused,
 }
 
 /// Why a batch could not be formatted: the text recorded as the delivery's error.

@@ -41,6 +41,10 @@ const COUNT_EVERY: Duration = Duration::from_secs(2);
 /// The poll while nothing is pending (no row waits, none in flight): new rows of this process
 /// ring the worker at once, so the poll only finds another replica's orphaned lanes.
 const IDLE_POLL: Duration = RELOAD_EVERY;
+/// Attempts in a row after which one event whose payload the destination refuses (400, 422)
+/// is set aside as a dead letter, the lane's back-off between them.
+const REFUSED_ATTEMPTS: i64 = 3;
+
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -366,6 +370,17 @@ async fn deliver_lane(
                 // Nothing recorded: the claim is given back and the lane taken again.
                 store::release(claim, lane).await?;
                 continue;
+            }
+            Err(f) if f.oversize == Oversize::Refused && failures >= REFUSED_ATTEMPTS - 1 => {
+                shrunk = None;
+                Outcome::Dead {
+                    error: format!(
+                        "{} (this event was refused {REFUSED_ATTEMPTS} times in a row)",
+                        f.error
+                    ),
+                    aged_before: None,
+                    retry_at_ms: None,
+                }
             }
             Err(f) if f.oversize == Oversize::Yes => {
                 shrunk = None;
@@ -707,11 +722,13 @@ impl Answer {
         Err(Failure {
             error: format!("HTTP {}: {}", self.status, snippet.trim()),
             retry_after: self.retry_after,
-            // 413 Content Too Large: the same request is refused the same way every time.
-            oversize: if self.status == 413 {
-                Oversize::Yes
-            } else {
-                Oversize::No
+            // 413 Content Too Large: the same request is refused the same way every time. 400
+            // and 422: the payload is refused, not the destination down (401, 403, 404 and 429
+            // are the destination's settings or state, waited out like a 5xx).
+            oversize: match self.status {
+                413 => Oversize::Yes,
+                400 | 422 => Oversize::Refused,
+                _ => Oversize::No,
             },
         })
     }
