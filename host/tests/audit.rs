@@ -573,6 +573,37 @@ async fn sqlite_a_row_planted_below_the_chain_is_found() {
     assert!(b.reason.contains("6 rows claim"), "{}", b.reason);
 }
 
+/// The chain's freshness comes from the newest event verified, not from the head row: a head
+/// row edited to look recent does not make a stalled chain look fresh.
+#[tokio::test]
+async fn sqlite_freshness_is_the_newest_verified_event() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = sqlite_at(&dir.path().join("a.db")).await;
+    let key = test_key();
+    let log = AuditLog::open(db.clone(), key.clone(), quiet_config())
+        .await
+        .expect("open");
+    let acks = append_n(&log, "acme", 3).await;
+    let t = "acme".to_owned();
+    let later: i64 = 4_000_000_000_000;
+    exec(
+        &db,
+        "UPDATE audit_chain_heads SET ts_ms = $1 WHERE tenant = $2",
+        &[&later, &t],
+    )
+    .await;
+    let r = verify::verify_chain(&db, "acme", &key.verifier(), None)
+        .await
+        .expect("verify");
+    assert_eq!(r.head_id, Some(acks[2].id), "{r:?}");
+    assert!(
+        r.head_at
+            .as_deref()
+            .is_some_and(|at| !at.starts_with("2096")),
+        "the head row's claim was reported: {r:?}"
+    );
+}
+
 #[tokio::test]
 async fn sqlite_rows_beyond_the_head_are_found() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -24,8 +24,11 @@ use super::key::{Verifier, hex};
 use super::log::{GENESIS, link_hash};
 use super::{AuditError, jcs};
 
-/// Longest line accepted (an event with raw argument values can be large, not unbounded).
-pub const MAX_LINE_BYTES: u64 = 16 * 1024 * 1024;
+/// Longest line accepted (an event with raw argument values can be large, not unbounded): a
+/// request body may be 64 MiB (`INTENTGATE_MAX_BODY_BYTES` at its most), and its arguments'
+/// canonical text up to six times that (a control character is written `\u0000`), so an honest
+/// export's line always fits.
+pub const MAX_LINE_BYTES: u64 = 6 * (64 << 20) + (16 << 20);
 
 /// Members an export line carries beside the hashed event.
 pub const CHAIN_FIELDS: [&str; 3] = ["id", "hash", "prev_hash"];

@@ -128,13 +128,17 @@ impl AuditFilter {
                     let ms = time::parse_rfc3339(v).ok_or_else(|| {
                         AuditError::InvalidQuery(format!("{k} must be an RFC 3339 time"))
                     })?;
-                    // A bound without milliseconds covers its whole second (or day).
+                    // A bound covers the whole of its last written unit: a day, a second, or
+                    // a tenth or hundredth of one (`.5` ends at `.599`).
                     let whole = if v.len() == 10 {
                         86_399_999
-                    } else if !v.contains('.') {
-                        999
                     } else {
-                        0
+                        match fraction_digits(v) {
+                            0 => 999,
+                            1 => 99,
+                            2 => 9,
+                            _ => 0,
+                        }
                     };
                     f.to_ms = Some(ms + whole);
                 }
@@ -680,6 +684,13 @@ pub async fn count_upto(db: &Db, tenant: &str, upto: i64) -> Result<i64, AuditEr
     Ok(rows.first().map(|r| r.0).unwrap_or(0))
 }
 
+/// How many digits the fraction of an RFC 3339 time's seconds has (0 without one).
+fn fraction_digits(v: &str) -> usize {
+    v.split_once('.').map_or(0, |(_, rest)| {
+        rest.bytes().take_while(u8::is_ascii_digit).count()
+    })
+}
+
 /// A tenant's chain head row.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct HeadRow {
@@ -789,6 +800,14 @@ mod tests {
             "a whole-second bound covers the second"
         );
         assert_eq!(f.decision, Some(Decision::Block));
+        for (to, end) in [
+            ("2026-05-01T10:00:00.5Z", "2026-05-01T10:00:00.599Z"),
+            ("2026-05-01T10:00:00.25Z", "2026-05-01T10:00:00.259Z"),
+            ("2026-05-01T10:00:00.125Z", "2026-05-01T10:00:00.125Z"),
+        ] {
+            let f = AuditFilter::from_params([("to", to)]).expect("filter");
+            assert_eq!(f.to_ms, time::parse_rfc3339(end), "{to}");
+        }
         let mut params = Vec::new();
         let sql = f.where_sql(&mut params);
         assert_eq!(

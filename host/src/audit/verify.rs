@@ -35,7 +35,8 @@ pub struct VerifyReport {
     pub skipped: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broken_at: Option<BrokenAt>,
-    /// Time of the newest event (chain freshness); omitted for an empty chain.
+    /// Time of the newest event walked and found intact (chain freshness; `head_id` its id),
+    /// never the head row's own claim; omitted for an empty chain.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub head_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -182,15 +183,14 @@ pub async fn verify_chain(
     let head = query::head(db, tenant).await?;
     let head_seq = head.as_ref().map(|h| h.seq).unwrap_or(0);
     report.head_seq = head_seq.max(0) as u64;
-    if let Some(h) = head.as_ref().filter(|h| h.seq > 0) {
-        report.head_at = Some(time::format_rfc3339_ms(h.ts_ms));
-        report.head_id = Some(h.event_id);
-    }
 
     // Without a head row, walk everything: rows without a head are themselves a finding.
     let walk_to = if head.is_some() { head_seq } else { i64::MAX };
     let mut prev = GENESIS;
     let mut last_seq = 0i64;
+    // The newest event walked and found intact: its time and id, not the head row's (which
+    // the walk does not check), say how fresh the chain is.
+    let mut last_walked: Option<(i64, i64)> = None;
     'walk: loop {
         let page = query::chain_page(db, tenant, last_seq, walk_to, 1000).await?;
         if page.is_empty() {
@@ -252,6 +252,7 @@ pub async fn verify_chain(
             }
             prev = computed;
             last_seq = r.seq;
+            last_walked = Some((r.ts_ms, r.id));
             report.verified += 1;
         }
         // The page's rows agree with their hashed bodies, so their columns are what the
@@ -269,6 +270,11 @@ pub async fn verify_chain(
                 filter: u.filter,
             });
         }
+    }
+
+    if let Some((ts_ms, id)) = last_walked {
+        report.head_at = Some(time::format_rfc3339_ms(ts_ms));
+        report.head_id = Some(id);
     }
 
     if report.broken_at.is_none() && last_seq != head_seq {
