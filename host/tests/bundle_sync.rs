@@ -926,14 +926,16 @@ async fn drafts_uploads_and_the_history_are_bounded() {
     );
     assert!(a.components().iter().all(|c| c.builtin));
 
-    // The history keeps the last 1000 swaps.
+    // The history keeps the last 1000 swaps of each tenant: another's swap is not pushed out.
+    a.promote("bundle-sync-other", "default").expect("promote");
     let first = a.drafts(tenant)[0].digest.clone();
     a.promote(tenant, &first).expect("promote");
     for _ in 0..1100 {
         a.rollback(tenant).expect("rollback");
     }
-    let history = a.history();
+    let history = a.history(tenant);
     assert_eq!(history.len(), 1000);
+    assert_eq!(a.history("bundle-sync-other").len(), 1);
     assert_eq!(history.last().map(|h| h.action.as_str()), Some("rollback"));
     assert!(
         history.iter().all(|h| h.action == "rollback"),

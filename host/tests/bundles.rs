@@ -123,14 +123,7 @@ fn promote_and_rollback_under_load_never_fail_or_misattribute() {
         "only {} decisions",
         decisions.load(Ordering::Relaxed)
     );
-    assert_eq!(
-        registry
-            .history()
-            .iter()
-            .filter(|h| h.tenant == tenant)
-            .count(),
-        25
-    );
+    assert_eq!(registry.history(tenant).len(), 25);
 }
 
 /// With several policy checks, a later check's block wins over an earlier check's escalation

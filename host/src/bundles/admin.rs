@@ -210,7 +210,11 @@ fn bundle_error(e: BundleError) -> AdminReply {
         | BundleError::TooManyComponents { .. }
         | BundleError::TenantComponentQuota { .. }
         | BundleError::ComponentInUse { .. } => error(409, e),
-        BundleError::Plugin(PluginError::Busy(_)) => error(503, e),
+        BundleError::Plugin(PluginError::Busy(_))
+        | BundleError::Invalid {
+            error: PluginError::Busy(_),
+            ..
+        } => error(503, e),
         BundleError::TooManyChecks { .. }
         | BundleError::Invalid {
             error: PluginError::TenantQuota { .. },
@@ -853,25 +857,24 @@ async fn bundles(
             json!({"status": registry.status(&tenant), "drafts": registry.drafts(&tenant)}),
         )),
         ("GET", ["history"]) => {
-            let history: Vec<SwapOutcome> = registry
-                .history()
-                .into_iter()
-                .filter(|h| h.tenant == tenant)
-                .collect();
+            let history: Vec<SwapOutcome> = registry.history(&tenant);
             Ok(reply(200, json!(history)))
         }
         ("POST", []) => {
             let body: DraftCreate = parse(call.body)?;
             check_text("name", &body.name, 128)?;
             // A tenant builds bundles from the built-ins and the components it uploaded.
-            if let Some(foreign) = body.spec.component_digests().find(|d| {
-                registry.components().iter().any(|c| c.digest == *d)
-                    && !registry.may_use_component(&tenant, d)
-            }) {
+            // One answer whether another tenant uploaded it or nobody did: a tenant must not
+            // learn which components other tenants hold.
+            if let Some(foreign) = body
+                .spec
+                .component_digests()
+                .find(|d| !registry.may_use_component(&tenant, d))
+            {
                 return Err(error(
                     422,
                     format!(
-                        "component {foreign} was not uploaded by tenant {tenant}: upload it as this tenant first"
+                        "component {foreign} is not a built-in nor one tenant {tenant} uploaded: upload it as this tenant first"
                     ),
                 ));
             }
@@ -1072,12 +1075,7 @@ fn active_json(registry: &Registry, tenant: &str) -> Value {
                 String::new()
             }
         });
-    let promoted_at = registry
-        .history()
-        .into_iter()
-        .rev()
-        .find(|h| h.tenant == tenant)
-        .map(|h| rfc3339(h.at));
+    let promoted_at = registry.history(tenant).last().map(|h| rfc3339(h.at));
     json!({
         "draft_id": status.active,
         "name": name,

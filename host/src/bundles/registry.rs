@@ -122,7 +122,8 @@ pub const MAX_UPLOADED_COMPONENTS: usize = 256;
 /// Most uploaded components one tenant holds, unless configured
 /// (`INTENTGATE_MAX_COMPONENTS_PER_TENANT`): one tenant cannot fill the gateway's room.
 pub const MAX_COMPONENTS_PER_TENANT: usize = 64;
-/// Swaps the history keeps (the oldest go first).
+/// Swaps the history keeps per tenant (the oldest go first): one busy tenant's swaps never push
+/// out another's.
 pub const HISTORY_LEN: usize = 1000;
 
 /// An uploaded component.
@@ -263,7 +264,7 @@ struct Inner {
     owners: RwLock<HashMap<String, std::collections::BTreeSet<String>>>,
     drafts: RwLock<HashMap<String, BTreeMap<String, DraftInfo>>>,
     tenants: ArcSwap<HashMap<String, Arc<TenantSlot>>>,
-    history: Mutex<std::collections::VecDeque<SwapOutcome>>,
+    history: Mutex<HashMap<String, std::collections::VecDeque<SwapOutcome>>>,
     max_drafts: std::sync::atomic::AtomicUsize,
     max_components: std::sync::atomic::AtomicUsize,
     /// Per tenant, the `seq` of the stored pointer this replica runs (applied by the follower
@@ -374,7 +375,7 @@ impl Registry {
                 owners: RwLock::new(HashMap::new()),
                 drafts: RwLock::new(HashMap::new()),
                 tenants: ArcSwap::from_pointee(HashMap::new()),
-                history: Mutex::new(std::collections::VecDeque::new()),
+                history: Mutex::new(HashMap::new()),
                 max_drafts: MAX_DRAFTS_PER_TENANT.into(),
                 max_components: MAX_UPLOADED_COMPONENTS.into(),
                 pointer_seqs: Mutex::new(HashMap::new()),
@@ -920,9 +921,12 @@ impl Registry {
         status
     }
 
-    /// Every promote/rollback so far (oldest first).
-    pub fn history(&self) -> Vec<SwapOutcome> {
-        lock(&self.inner.history).iter().cloned().collect()
+    /// `tenant`'s promotes, rollbacks and syncs so far (oldest first).
+    pub fn history(&self, tenant: &str) -> Vec<SwapOutcome> {
+        lock(&self.inner.history)
+            .get(tenant)
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Swaps made in this process so far, by action (`promote`, `rollback`, `sync`).
@@ -931,12 +935,13 @@ impl Registry {
         [0, 1, 2].map(|i| (SWAP_ACTIONS[i], n(i)))
     }
 
-    /// Append to the history, a ring of the last [`HISTORY_LEN`] swaps.
+    /// Append to the tenant's history, a ring of its last [`HISTORY_LEN`] swaps.
     fn record(&self, outcome: SwapOutcome) {
         if let Some(i) = SWAP_ACTIONS.iter().position(|a| *a == outcome.action) {
             self.inner.swaps[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let mut history = lock(&self.inner.history);
+        let mut all = lock(&self.inner.history);
+        let history = all.entry(outcome.tenant.clone()).or_default();
         while history.len() >= HISTORY_LEN {
             history.pop_front();
         }
