@@ -132,6 +132,55 @@ async fn promotions_reach_other_gateways_and_survive_a_restart() {
     c.shutdown().await;
 }
 
+/// A tenant whose stored bundle no longer loads (its row damaged here; a limit lowered since
+/// it was promoted, in practice) does not stop the gateway from starting: that tenant's calls
+/// are refused, never decided by the default bundle, other tenants' are served, and promoting
+/// another bundle mends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_bundle_that_no_longer_loads_stops_only_its_tenant() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    let a = gateway::start(Backend::Sqlite, None, &["--demo", "--data-dir", d]).await;
+    let frozen = promote_rego(&a, FREEZE).await;
+    a.shutdown().await;
+    let file = dir.path().join("intentgate.sqlite3");
+    let mut raw = sqlx::SqliteConnection::connect(&format!("sqlite://{}", file.display()))
+        .await
+        .expect("raw connection");
+    sqlx::query(
+        "UPDATE bundles SET spec = '{\"stages\": {}}' WHERE tenant = 'acme' AND digest = ?",
+    )
+    .bind(&frozen)
+    .execute(&mut raw)
+    .await
+    .expect("damaged");
+    raw.close().await.expect("close");
+
+    let b = gateway::start(Backend::Sqlite, None, &["--demo", "--data-dir", d]).await;
+    let (acme, _) = b
+        .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_invoice"], "ttl_seconds": 600}))
+        .await;
+    let (globex, _) = b
+        .mint(json!({"subject": "bot", "tenant": "globex", "tools": ["read_invoice"], "ttl_seconds": 600}))
+        .await;
+    let refused = denial(&b, &acme).await;
+    assert!(
+        refused
+            .as_deref()
+            .is_some_and(|r| r.contains("deny by default")),
+        "acme's calls are refused: {refused:?}"
+    );
+    assert_eq!(denial(&b, &globex).await, None, "another tenant is served");
+    // The operator mends it by promoting another bundle.
+    promote_rego(&b, &FREEZE.replace("frozen by", "mended by")).await;
+    assert_eq!(
+        denial(&b, &acme).await.as_deref(),
+        Some("mended by the sync test")
+    );
+    b.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_are_woken_by_notify_not_by_the_poll() {
     let url = intentgate::testkit::PgServer::shared()

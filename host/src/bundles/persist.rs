@@ -435,8 +435,9 @@ impl Follower {
         self.sync(false).await
     }
 
-    /// Start-up: apply every stored pointer, or fail. A replica must not serve a tenant on the
-    /// default bundle because the tenant's own bundle failed to load.
+    /// Start-up: apply every stored pointer. A replica must not serve a tenant on the default
+    /// bundle because the tenant's own bundle failed to load: such a tenant's calls are all
+    /// refused instead (see `sync`); only a failing store fails the start.
     pub async fn load_all(&mut self) -> Result<Vec<String>, PersistError> {
         self.sync(true).await
     }
@@ -464,7 +465,17 @@ impl Follower {
                         changed.push(pointer.tenant.clone());
                     }
                 }
-                Err(e) if strict => return Err(e),
+                // At start a store that fails stops the start; a bundle that does not load
+                // stops only its tenant: every call of it is refused (never decided by the
+                // default bundle) until the bundle loads, tried again at every poll. Swaps
+                // made here compare-and-set against the stored pointer, so promoting another
+                // bundle mends the tenant.
+                Err(e @ PersistError::Db(_)) if strict => return Err(e),
+                Err(e) if strict => {
+                    tracing::error!(tenant = %pointer.tenant, bundle = %pointer.active, "bundle sync: the tenant's stored bundle does not load ({e}); every call of this tenant is refused until it loads or another bundle is promoted");
+                    self.registry.refuse_all(&pointer.tenant);
+                    self.registry.set_pointer_seq(&pointer.tenant, pointer.seq);
+                }
                 Err(e) => {
                     tracing::warn!(tenant = %pointer.tenant, "bundle sync: cannot load {}: {e}", pointer.active)
                 }

@@ -818,6 +818,16 @@ impl Registry {
         Ok(outcome)
     }
 
+    /// Refuse every call of `tenant` (a bundle without checks: deny by default) until a bundle
+    /// is installed: what a replica runs for a tenant whose stored bundle does not load, rather
+    /// than the default bundle or a refusal to start for every tenant.
+    pub fn refuse_all(&self, tenant: &str) {
+        let slot = self.slot(tenant);
+        let _serial = lock(&slot.swap);
+        let old = slot.active.swap(Arc::new(Snapshot::empty(tenant)));
+        old.trim();
+    }
+
     /// Swap the active and previous bundles back, instantly (the previous snapshot is kept
     /// built). Rolling back twice returns to where you were.
     pub fn rollback(&self, tenant: &str) -> Result<SwapOutcome, BundleError> {
