@@ -139,8 +139,8 @@ impl Escalation {
         Self {
             check,
             reason: verdict.reason.clone(),
-            // A step-up is the policy's to ask for.
-            requires_step_up: check == "policy" && verdict.requires_step_up,
+            // Any stage's check may ask for one (the SDK's `with_step_up`).
+            requires_step_up: verdict.requires_step_up,
             approval_mode: mode_of(verdict),
         }
     }
@@ -732,23 +732,20 @@ impl Pipeline {
         )
         .await?;
         findings.intent_summary = intent.record.summary.clone();
-        decided_by("intent", &intent.verdict, answered, Denial::Intent)?;
+        let stepped_up = call.grant.step_up_at.is_some();
+        findings.requires_step_up = intent.verdict.requires_step_up;
+        decided_with_step_up(
+            "intent",
+            &intent.verdict,
+            stepped_up,
+            answered,
+            Denial::Intent,
+        )?;
         // 3. policy: the operator's Rego.
         let policy = snapshot.policy_async(&input, &intent.record);
         let policy = checks_within(&self.metrics, deadline, limit, Stage::Policy, policy).await?;
-        findings.requires_step_up = policy.requires_step_up;
-        match policy.kind {
-            // A step-up the token does not carry is asked of a person, bound to the call.
-            VerdictKind::Allow if policy.requires_step_up && call.grant.step_up_at.is_none() => {
-                if !answers(answered, "policy") {
-                    let mut e = Escalation::of("policy", &policy);
-                    e.reason = format!("step-up required: {}", policy.reason);
-                    e.requires_step_up = true;
-                    return Err(Denial::Escalated(e));
-                }
-            }
-            _ => decided_by("policy", &policy, answered, Denial::Policy)?,
-        }
+        findings.requires_step_up |= policy.requires_step_up;
+        decided_with_step_up("policy", &policy, stepped_up, answered, Denial::Policy)?;
         // A later round of a multi-round call was charged with its first round; its sealed
         // state is single-use (a conditional counter of 1 in the shared store, so a replay is
         // refused on every replica), or a replayed state would be a free call. It is charged
@@ -771,7 +768,14 @@ impl Pipeline {
         // event (see `decide`).
         let budget = snapshot.budget_async(&input);
         let budget = checks_within(&self.metrics, deadline, limit, Stage::Budget, budget).await?;
-        decided_by("budget", &budget.verdict, answered, Denial::Budget)?;
+        findings.requires_step_up |= budget.verdict.requires_step_up;
+        decided_with_step_up(
+            "budget",
+            &budget.verdict,
+            stepped_up,
+            answered,
+            Denial::Budget,
+        )?;
         findings.charges = self.charges_for(call.grant, &budget.charges);
         Ok(())
     }
@@ -813,8 +817,10 @@ impl Pipeline {
             .map(|c| Debit {
                 key: c.key.clone(),
                 window: int(c.window_start),
-                amount: int(c.amount),
-                limit: int(c.limit),
+                // Clamped one by one, a charge over its limit could come out at the limit and
+                // pass: such a charge stays one that never passes.
+                amount: if c.amount > c.limit { 1 } else { int(c.amount) },
+                limit: if c.amount > c.limit { 0 } else { int(c.limit) },
             })
             .collect();
         if let Some(max) = grant.max_calls {
@@ -944,6 +950,27 @@ fn decided_by(
         VerdictKind::Escalate => Err(Denial::Escalated(Escalation::of(check, verdict))),
         VerdictKind::Block => Err(deny(verdict.reason.clone())),
     }
+}
+
+/// [`decided_by`], and a step-up the check asks for that the token does not carry is asked of
+/// a person, bound to the call: a check of any stage may ask for one.
+fn decided_with_step_up(
+    check: &'static str,
+    verdict: &Verdict,
+    stepped_up: bool,
+    answered: Option<&str>,
+    deny: fn(String) -> Denial,
+) -> Result<(), Denial> {
+    if verdict.kind == VerdictKind::Allow && verdict.requires_step_up && !stepped_up {
+        if answers(answered, check) {
+            return Ok(());
+        }
+        let mut e = Escalation::of(check, verdict);
+        e.reason = format!("step-up required: {}", verdict.reason);
+        e.requires_step_up = true;
+        return Err(Denial::Escalated(e));
+    }
+    decided_by(check, verdict, answered, deny)
 }
 
 /// Whether the checks a call's approval answers (comma-separated) include `check`.

@@ -1146,6 +1146,78 @@ async fn a_held_call_whose_token_was_revoked_meanwhile_does_not_run() {
     tg.shutdown().await;
 }
 
+/// A step-up asked for by a budget-stage check (not only the policy's) holds: without one on
+/// the token the call goes to a person, marked as a step-up, and runs once approved.
+#[tokio::test]
+async fn a_budget_checks_step_up_is_asked_of_a_person() {
+    let up = Upstream::shared_async(Flavor::Json).await;
+    let tg = start(Backend::Sqlite, up, &[]).await;
+    let (token, _) = tg
+        .mint(json!({"subject": "agent-b", "tools": ["echo"]}))
+        .await;
+    let wasm =
+        std::fs::read(intentgate::plugins::artifacts::TEST_HOSTILE_PATH).expect("hostile artifact");
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let (status, _, uploaded) = http::send(
+        "POST",
+        &format!("{}/v1/admin/plugins?name=step-up", tg.url),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/wasm"),
+        ],
+        wasm,
+    )
+    .await;
+    let uploaded: Value = serde_json::from_slice(&uploaded).expect("json");
+    assert_eq!(status, 201, "{uploaded}");
+    let mut spec = serde_json::to_value(tg.gw.pipeline.registry().default_spec()).expect("spec");
+    spec["stages"]["budget"]
+        .as_array_mut()
+        .expect("budget stage")
+        .push(json!({"component": uploaded["digest"], "config": "step-up"}));
+    let (status, created) = http::post_json(
+        &format!("{}/v1/admin/bundles", tg.url),
+        Some(ADMIN_TOKEN),
+        &json!({"name": "budget-step-up", "spec": spec}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let digest = created["digest"].as_str().expect("digest");
+    let (status, v) = http::post_json(
+        &format!("{}/v1/admin/bundles/{digest}/promote", tg.url),
+        Some(ADMIN_TOKEN),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+
+    let m = marker("budget-step-up");
+    let body = json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                      "params": {"name": "echo", "arguments": {"text": m}}});
+    let v = call_with(&tg.url, &token, &body, &[]).await;
+    let id = pending_of(&v).await;
+    assert_eq!(v["error"]["data"]["requires_step_up"], true, "{v}");
+    assert!(v.to_string().contains("step-up required"), "{v}");
+    assert_eq!(
+        upstream_calls(up, &m, 1).await,
+        0,
+        "not run before approval"
+    );
+    let (status, d) = decide(
+        &tg.url,
+        ADMIN_TOKEN,
+        &id,
+        json!({"decision": "approve", "decided_by": "ops"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{d}");
+    let resume = [("x-intentgate-approval-id", id.as_str())];
+    let v = call_with(&tg.url, &token, &body, &resume).await;
+    assert!(v.get("result").is_some(), "{v}");
+    assert_eq!(upstream_calls(up, &m, 1).await, 1);
+    tg.shutdown().await;
+}
+
 /// An escalation by the intent check, not only the policy's, goes to a person: the call is
 /// pending (`check: intent`, `decision: escalate`), runs once approved (the intent check's
 /// escalation answered, the later checks run again), and is counted as the intent's. An

@@ -343,12 +343,12 @@ fn merge_charge(charges: &mut Vec<Charge>, c: Charge) {
         .find(|x| x.key == c.key && x.window_start == c.window_start)
     {
         Some(x) => {
-            let headroom = x
-                .limit
-                .saturating_sub(x.amount)
-                .min(c.limit.saturating_sub(c.amount));
+            // Signed: a charge over its own limit (which can never pass) has negative
+            // headroom, and the merged write must never pass either.
+            let room = |c: &Charge| i128::from(c.limit) - i128::from(c.amount);
+            let headroom = room(x).min(room(&c));
             x.amount = x.amount.max(c.amount);
-            x.limit = headroom.saturating_add(x.amount);
+            x.limit = u64::try_from((i128::from(x.amount) + headroom).max(0)).unwrap_or(u64::MAX);
         }
         None => charges.push(c),
     }
@@ -364,6 +364,24 @@ mod tests {
             window_start,
             amount,
             limit,
+        }
+    }
+
+    #[test]
+    fn a_charge_over_its_own_limit_keeps_the_merged_write_from_passing() {
+        for (first, second) in [
+            ((200, 100), (200, 500)),
+            ((200, 500), (200, 100)),
+            ((5, 0), (1, 9)),
+        ] {
+            let mut charges = Vec::new();
+            merge_charge(&mut charges, charge("t/spend", 0, first.0, first.1));
+            merge_charge(&mut charges, charge("t/spend", 0, second.0, second.1));
+            let c = &charges[0];
+            assert!(
+                c.amount > c.limit,
+                "{first:?} + {second:?} merged into {c:?}, which passes on a fresh counter"
+            );
         }
     }
 

@@ -5,7 +5,8 @@
 //! `sometimes-trap:<n>` (traps on every n-th call of an instance, allows otherwise),
 //! `sleep:<ms>` (sleeps in `evaluate` with `std::thread::sleep`, i.e. a WASI monotonic-clock
 //! subscription polled with `wasi:io/poll`: a wait in the host), `configure-sleep:<ms>` (the same
-//! in configure), `huge-reason:<bytes>` (allows with a reason of that many bytes).
+//! in configure), `huge-reason:<bytes>` (allows with a reason of that many bytes), `step-up`
+//! (allows, asking for a step-up).
 //! It must never be part of a production bundle.
 
 use intentgate_plugin_sdk::{Charge, Check, CheckResult, IntentRecord, ToolCall, Verdict, host};
@@ -65,6 +66,11 @@ impl Check for Hostile {
             .and_then(|s| s.parse::<usize>().ok())
         {
             return Verdict::allow("x".repeat(bytes)).into();
+        }
+        if mode == "step-up" {
+            return Verdict::allow("allowed with a fresh factor")
+                .with_step_up()
+                .into();
         }
         if mode == "garbage" {
             return CheckResult {
