@@ -56,6 +56,7 @@ pub mod plugins;
 pub mod proxy;
 pub mod secrets;
 pub mod server;
+pub mod stall;
 pub mod store;
 pub mod streams;
 pub mod telemetry;

@@ -84,6 +84,8 @@ pub async fn serve(
             }
             continue;
         };
+        // A peer that stops taking the answers gives its slot back (see `stall`).
+        let stream = crate::stall::Stalling::new(stream, http::CLIENT_STALL);
         let gw = Arc::clone(&gw);
         let service = {
             let gw = Arc::clone(&gw);

@@ -145,7 +145,13 @@ pub async fn serve(
                 }
             });
             if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(
+                    TokioIo::new(crate::stall::Stalling::new(
+                        stream,
+                        crate::http::CLIENT_STALL,
+                    )),
+                    service,
+                )
                 .await
             {
                 tracing::debug!(error = %e, "metrics connection ended with an error");
