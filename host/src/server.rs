@@ -146,6 +146,10 @@ pub async fn serve(
     }
     let all = async { while ending.join_next().await.is_some() {} };
     let _ = tokio::time::timeout(Duration::from_secs(2), all).await;
+    // Denials the throttle counted in this window are recorded, then the audit writers
+    // record what is late and sign their final checkpoints, before the runtime ends.
+    gw.pipeline.flush_throttled().await;
+    gw.pipeline.audit().shutdown(Duration::from_secs(5)).await;
     // Sampled traces still queued are sent before the process goes.
     if let Some(exporter) = gw.tracer.exporter() {
         exporter.flush(Duration::from_secs(5)).await;

@@ -250,6 +250,42 @@ async fn events_of(tg: &TestGateway, jti: &str) -> Vec<Value> {
     v["items"].as_array().cloned().unwrap_or_default()
 }
 
+/// A gateway that stops records the denials it throttled in the window it stopped in: the
+/// count is in the chain when a gateway starts again on the same store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_denials_are_recorded_when_the_gateway_stops() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8 path");
+    let tg = gateway::start(Backend::Sqlite, None, &["--demo", "--data-dir", d]).await;
+    let per_token = tg.gw.pipeline.denial_limits().per_token as usize;
+    let (flooder, jti) = tg
+        .mint(json!({"subject": "flooder", "tools": ["echo"]}))
+        .await;
+    let mut throttled = 0u64;
+    for _ in 0..per_token + 5 {
+        let v = tg
+            .tool_call(&flooder, "send_email", json!({"to": "x"}))
+            .await;
+        if err_code(&v) == Some(-32013) {
+            throttled += 1;
+        }
+    }
+    assert!(throttled > 0, "the flood was throttled");
+    tg.shutdown().await;
+    let again = gateway::start(Backend::Sqlite, None, &["--demo", "--data-dir", d]).await;
+    let events = events_of(&again, &jti).await;
+    let counted: u64 = events
+        .iter()
+        .filter(|e| e["event"] == intentgate::pipeline::THROTTLED_KIND)
+        .filter_map(|e| e["count"].as_u64())
+        .sum();
+    assert_eq!(
+        counted, throttled,
+        "the throttled denials of the last window: {events:#?}"
+    );
+    again.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_flood_of_denied_calls_is_throttled_and_audited_in_aggregate() {
     let tg = gateway::start(Backend::Sqlite, None, &["--demo"]).await;

@@ -94,6 +94,8 @@ struct Inner {
     shared: Shared,
     writers: ArcSwap<HashMap<String, mpsc::Sender<Job>>>,
     spawn_lock: Mutex<()>,
+    /// The writers' tasks, awaited at shutdown ([`AuditLog::shutdown`]).
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// What a writer task needs (it holds no sender, so dropping every `AuditLog` ends the writers
@@ -236,6 +238,7 @@ impl AuditLog {
                 shared,
                 writers: ArcSwap::from_pointee(HashMap::new()),
                 spawn_lock: Mutex::new(()),
+                tasks: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -382,11 +385,54 @@ impl AuditLog {
             tenant: tenant.to_owned(),
             held: None,
         };
-        tokio::spawn(writer.run(rx));
+        let task = tokio::spawn(writer.run(rx));
+        let mut tasks = self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+        drop(tasks);
         let mut next = HashMap::clone(&current);
         next.insert(tenant.to_owned(), tx.clone());
         self.inner.writers.store(Arc::new(next));
         tx
+    }
+
+    /// Ends the writers, once the server stopped taking calls: each records what is still
+    /// late (refusals of callers that stopped waiting) and signs its final checkpoint, then
+    /// ends; waited for at most `within`. Without it the runtime's end would cancel them at
+    /// their next await and those records would be lost. An append after it starts a writer
+    /// anew.
+    pub async fn shutdown(&self, within: std::time::Duration) {
+        let tasks: Vec<_> = {
+            let _guard = self
+                .inner
+                .spawn_lock
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            // The map holds each writer's last long-lived sender: dropped, its queue closes
+            // once the appends in flight are in it.
+            self.inner.writers.store(Arc::new(HashMap::new()));
+            let mut tasks = self
+                .inner
+                .tasks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            std::mem::take(&mut *tasks)
+        };
+        let all = async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(within, all).await.is_err() {
+            tracing::warn!(
+                "audit: writers still busy {} s after the shutdown began; their late records may be lost",
+                within.as_secs()
+            );
+        }
     }
 
     fn forget(&self, tenant: &str, dead: &mpsc::Sender<Job>) {
