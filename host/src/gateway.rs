@@ -374,24 +374,31 @@ async fn revocation_feed(store: Arc<dyn Store>, set: Arc<RevocationSet>, max_sta
     };
     let mut after = 0i64;
     loop {
-        loop {
+        // Read to the end, then add what was read at once: the set is copied on every change
+        // (readers never wait), so adding a page at a time would copy it once per page, and a
+        // start over many revocations would take time quadratic in their number.
+        let mut read: Vec<String> = Vec::new();
+        let caught_up = loop {
             match store.revocations_since(after, 1000).await {
                 Ok(rows) => {
                     let full = rows.len() == 1000;
                     if let Some((seq, _)) = rows.last() {
                         after = *seq;
                     }
-                    set.extend(rows.into_iter().map(|(_, jti)| jti));
+                    read.extend(rows.into_iter().map(|(_, jti)| jti));
                     if !full {
-                        set.mark_synced();
-                        break;
+                        break true;
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "revocation feed: store unavailable");
-                    break;
+                    break false;
                 }
             }
+        };
+        set.extend(read);
+        if caught_up {
+            set.mark_synced();
         }
         match listener.as_mut() {
             Some(l) => match tokio::time::timeout(fallback, l.recv()).await {
