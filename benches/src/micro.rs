@@ -191,6 +191,7 @@ pub fn verify(reps: usize) -> Result<(), String> {
         callee: None,
         risk: None,
         template: false,
+        own_name: None,
     };
     let t = time_per_op(100_000, reps, || {
         black_box(grant.authorize(black_box(&ctx)).is_ok());

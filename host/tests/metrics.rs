@@ -511,6 +511,37 @@ async fn a_separate_listener_serves_metrics_and_the_main_one_does_not() {
     drop(listener);
     tg.shutdown().await;
 
+    // Reachable from the network (plain HTTP): the metrics token scrapes, the superadmin
+    // token is not taken there.
+    let tg = gateway::start(
+        Backend::Sqlite,
+        None,
+        &[
+            "--demo",
+            "--metrics-addr",
+            "0.0.0.0:0",
+            "--metrics-token",
+            "scrape-only-token-123456",
+        ],
+    )
+    .await;
+    let listener = intentgate::metrics::endpoint::start_listener(&tg.gw)
+        .await
+        .expect("bind")
+        .expect("a separate listener");
+    let url = format!("http://127.0.0.1:{}", listener.addr.port());
+    assert_eq!(
+        scrape_at(&url, Some(ADMIN_TOKEN)).await.0,
+        401,
+        "the superadmin token over plain HTTP on the network"
+    );
+    assert_eq!(
+        scrape_at(&url, Some("scrape-only-token-123456")).await.0,
+        200
+    );
+    drop(listener);
+    tg.shutdown().await;
+
     // Asked for: no token, on loopback only (the configuration refuses it elsewhere).
     let tg = gateway::start(
         Backend::Sqlite,

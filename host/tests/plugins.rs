@@ -136,10 +136,14 @@ fn hostile_plugins_fail_closed_within_the_deadline_while_others_keep_serving() {
             .expect_err("trap");
         assert!(matches!(err, PluginError::Trap { .. }), "{err}");
 
-        let err = hostile_pool("garbage", "bad-tenant")
-            .evaluate(&call, None)
-            .expect_err("garbage");
+        let garbage = hostile_pool("garbage", "bad-tenant");
+        let err = garbage.evaluate(&call, None).expect_err("garbage");
         assert!(matches!(err, PluginError::Malformed { .. }), "{err}");
+        assert_eq!(
+            garbage.idle_count(),
+            0,
+            "an instance whose result was malformed went back to the pool"
+        );
 
         // A result larger than a crossing may lift is refused while it is lifted, before the
         // host holds it (the reason's bound is checked only after).

@@ -864,6 +864,18 @@ async fn bundles(
             let body: DraftCreate = parse(call.body)?;
             check_text("name", &body.name, 128)?;
             // A tenant builds bundles from the built-ins and the components it uploaded.
+            // A component of the tenant's that is stored but not loaded (an earlier build of a
+            // built-in, loaded only when a bundle names it) is loaded now.
+            if let Some(persist) = registry.persist() {
+                for d in body.spec.component_digests() {
+                    if registry.component_bytes(d).is_none()
+                        && registry.may_use_component(&tenant, d)
+                        && let Err(e) = persist.load_component(registry, d).await
+                    {
+                        tracing::warn!(component = %d, error = %e, "bundles: a stored component does not load");
+                    }
+                }
+            }
             // One answer whether another tenant uploaded it or nobody did: a tenant must not
             // learn which components other tenants hold.
             if let Some(foreign) = body

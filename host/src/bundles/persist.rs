@@ -331,9 +331,12 @@ impl Persist {
         Ok(Some((name, spec)))
     }
 
-    /// Every stored component's owners: `(digest, tenant)`.
-    pub async fn component_owners(&self) -> Result<Vec<(String, String)>, PersistError> {
-        let sql = "SELECT digest, tenant FROM plugin_component_tenants";
+    /// Every stored component's owners: `(digest, tenant, name, world)` (not the bytes).
+    pub async fn component_owners(
+        &self,
+    ) -> Result<Vec<(String, String, String, String)>, PersistError> {
+        let sql = "SELECT t.digest, t.tenant, c.name, c.world FROM plugin_component_tenants t \
+                   JOIN plugin_components c ON c.digest = t.digest";
         Ok(on_db!(&self.db, pool => sqlx::query_as(sql).fetch_all(pool).await?))
     }
 
@@ -496,8 +499,16 @@ impl Follower {
             .into_iter()
             .map(|c| c.digest)
             .collect();
-        for (digest, tenant) in self.persist.component_owners().await? {
-            if self.unloadable.contains(&digest) {
+        let builtin_names = super::spec::builtin_components().map(|(name, _)| name);
+        for (digest, tenant, name, world) in self.persist.component_owners().await? {
+            // Named like a built-in, a check is most likely an earlier build of one, stored
+            // with a bundle that named it: loaded (a compile each, the Rego one's over a
+            // second) only when a stored bundle names it, below. Formatters, which no bundle
+            // names, and other uploads are loaded now.
+            let older_builtin = builtin_names.contains(&name.as_str())
+                && world_of(&world) == Some(World::CheckPlugin);
+            if older_builtin || self.unloadable.contains(&digest) {
+                self.registry.add_component_owner(&digest, &tenant);
                 continue;
             }
             if !known.contains(&digest) && self.registry.component_bytes(&digest).is_none() {

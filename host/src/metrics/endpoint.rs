@@ -89,7 +89,13 @@ fn authorized(gw: &Gateway, headers: &hyper::HeaderMap, listener: Listener) -> b
     if m.open && listener == Listener::Separate {
         return true;
     }
-    let superadmin = gw.admin.authenticate(headers) == Some(Principal::Superadmin);
+    // The separate listener is plain HTTP: where it is reachable from the network the
+    // superadmin token, which can do everything, is not taken there (a scraper set up with it
+    // would send it in clear on every scrape); the metrics token, which can do only this, is.
+    let cleartext_network =
+        listener == Listener::Separate && m.addr.is_some_and(|a| !a.ip().is_loopback());
+    let superadmin =
+        !cleartext_network && gw.admin.authenticate(headers) == Some(Principal::Superadmin);
     let scraper = match (http::bearer(headers), &m.token) {
         (Some(presented), Some(token)) => {
             crate::secrets::BearerSecret::new(token).matches(presented)

@@ -381,8 +381,13 @@ impl CheckPool {
                 instance.uses += 1;
                 instance.home = me;
                 let approval_mode = instance.store.data_mut().approval_mode.take();
-                self.give_back(instance);
-                let mut out = validate(self.stage, raw, limits, self.require_intent)?;
+                // A malformed result drops its instance like any other error: whatever state
+                // made it would make the next call's too.
+                let validated = validate(self.stage, raw, limits, self.require_intent);
+                if validated.is_ok() {
+                    self.give_back(instance);
+                }
+                let mut out = validated?;
                 out.verdict.approval_mode = approval_mode;
                 Ok(out)
             }

@@ -196,8 +196,11 @@ async fn post(
     let exchange = async {
         let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
-        // Read the (small) answer so the connection can be reused.
-        let _ = resp.into_body().collect().await;
+        // Read the (small) answer so the connection can be reused; a collector that sends
+        // more is not read to its end.
+        let _ = http_body_util::Limited::new(resp.into_body(), 64 << 10)
+            .collect()
+            .await;
         if status.is_success() {
             Ok(())
         } else {

@@ -69,6 +69,11 @@ struct Rule {
     confidence: f32,
 }
 
+/// The gateway's bounds on an intent record (`host/src/plugins/check.rs`).
+const MAX_TOOLS: usize = 256;
+const MAX_TOOL_BYTES: usize = 256;
+const MAX_SUMMARY_BYTES: usize = 1024;
+
 fn default_confidence() -> f32 {
     0.9
 }
@@ -90,6 +95,9 @@ impl Check for Intent {
         } else {
             serde_json::from_str(config).map_err(|e| format!("intent configuration: {e}"))?
         };
+        if !(0.0..=1.0).contains(&config.min_confidence) {
+            return Err("min_confidence must be in [0, 1]".into());
+        }
         for rule in &config.rules {
             if rule.keywords.is_empty() {
                 return Err(format!("intent rule {:?} has no keywords", rule.name));
@@ -97,6 +105,28 @@ impl Check for Intent {
             if !(0.0..=1.0).contains(&rule.confidence) {
                 return Err(format!(
                     "intent rule {:?}: confidence must be in [0, 1]",
+                    rule.name
+                ));
+            }
+            // The gateway refuses an intent record past these bounds: a rule that could only
+            // produce such a record would fail every call it matches, so it is refused here.
+            let lists = [&rule.allowed_tools, &rule.forbidden_tools];
+            if lists
+                .iter()
+                .any(|l| l.len() > MAX_TOOLS || l.iter().any(|t| t.len() > MAX_TOOL_BYTES))
+            {
+                return Err(format!(
+                    "intent rule {:?}: at most {MAX_TOOLS} allowed and forbidden tools, each at most {MAX_TOOL_BYTES} bytes",
+                    rule.name
+                ));
+            }
+            if rule
+                .summary
+                .as_ref()
+                .is_some_and(|s| s.len() > MAX_SUMMARY_BYTES)
+            {
+                return Err(format!(
+                    "intent rule {:?}: summary longer than {MAX_SUMMARY_BYTES} bytes",
                     rule.name
                 ));
             }
@@ -262,5 +292,14 @@ mod tests {
         assert!(Harness::<Intent>::new("{\"rules\": 3}").is_err());
         assert!(Harness::<Intent>::new(r#"{"rules":[{"name":"x","keywords":[]}]}"#).is_err());
         assert!(Harness::<Intent>::new("").is_ok());
+        // What the gateway would refuse in every record the rule makes is refused at once.
+        assert!(Harness::<Intent>::new(r#"{"min_confidence": 1.5}"#).is_err());
+        let many: Vec<String> = (0..300).map(|n| format!("t{n}")).collect();
+        let too_many = serde_json::json!({"rules": [{"name": "x", "keywords": ["k"],
+                                                      "allowed_tools": many}]});
+        assert!(Harness::<Intent>::new(&too_many.to_string()).is_err());
+        let long = serde_json::json!({"rules": [{"name": "x", "keywords": ["k"],
+                                                  "summary": "s".repeat(2000)}]});
+        assert!(Harness::<Intent>::new(&long.to_string()).is_err());
     }
 }

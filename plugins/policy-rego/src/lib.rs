@@ -150,14 +150,23 @@ fn run_tests(mut engine: Engine, tests: &BTreeMap<String, String>) -> Result<(),
             .add_policy(file.clone(), source.clone())
             .map_err(|e| format!("{file}: {e}"))?;
         for line in source.lines() {
-            let Some(rest) = line.strip_prefix("test_") else {
+            // Indented heads count too: a test skipped for its indentation would let a
+            // policy whose test fails be promoted.
+            let Some(rest) = line.trim_start().strip_prefix("test_") else {
                 continue;
             };
             let name: String = rest
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            names.push(format!("{package}.test_{name}"));
+            let after = rest[name.len()..].trim_start();
+            let is_head = after.starts_with("if")
+                || after.starts_with('{')
+                || after.starts_with(":=")
+                || (after.starts_with('=') && !after.starts_with("=="));
+            if is_head {
+                names.push(format!("{package}.test_{name}"));
+            }
         }
     }
     if names.is_empty() {
@@ -336,6 +345,14 @@ decision := {"allow": false, "reason": "never"} if input.tool == "delete_db"
             .err()
             .expect("must fail");
         assert!(err.contains("test_other"), "{err}");
+        // An indented failing test is run too, and a reference to a test in a rule's body is
+        // not taken for one.
+        let indented = json!({"modules": {"p.rego": POLICY}, "tests": {"p_test.rego":
+            "package intentgate.policy_test\n\ntest_read if data.intentgate.policy.decision.allow with input as {\"tool\": \"read_invoice\"}\n\n    test_indented if data.intentgate.policy.decision.allow with input as {\"tool\": \"other\"}\n\nboth if {\n    test_read\n}\n"}});
+        let err = Harness::<Policy>::new(&indented.to_string())
+            .err()
+            .expect("the indented test fails");
+        assert!(err.contains("test_indented"), "{err}");
     }
 
     #[test]

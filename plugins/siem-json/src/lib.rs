@@ -57,6 +57,20 @@ impl Siem {
     }
 }
 
+/// The one event of a notification's batch (Slack, Teams, PagerDuty carry one event a
+/// message): a batch of several is refused, never formatted as its first event alone (the rest
+/// would be dropped in silence).
+fn one<T>(events: &[T]) -> Result<&T, String> {
+    match events {
+        [e] => Ok(e),
+        [] => Err("empty batch".into()),
+        many => Err(format!(
+            "this format sends one event a message, not a batch of {}",
+            many.len()
+        )),
+    }
+}
+
 /// Seconds since the epoch of an RFC 3339 UTC time as the audit log writes it
 /// (`2026-05-12T10:14:33.871Z`), with milliseconds.
 fn epoch_seconds(ts: &str) -> Option<f64> {
@@ -346,7 +360,7 @@ impl Formatter for Siem {
                 Ok(json_request(&body))
             }
             "slack" => {
-                let e = events.first().ok_or("empty batch")?;
+                let e = one(&events)?;
                 let fields: Vec<Value> = facts(e)
                     .into_iter()
                     .take(10)
@@ -373,7 +387,7 @@ impl Formatter for Siem {
                 // the reason quote it) goes in a `TextRun`, which Adaptive Cards never read as
                 // Markdown: a `TextBlock` or a fact would turn `[Approve](https://evil)` into a
                 // link in an approver's channel.
-                let e = events.first().ok_or("empty batch")?;
+                let e = one(&events)?;
                 let mut body = vec![json!({"type": "RichTextBlock", "inlines": [
                     {"type": "TextRun", "text": title(e), "size": "Medium", "weight": "Bolder"}
                 ]})];
@@ -423,7 +437,7 @@ impl Formatter for Siem {
                 Ok(json_request(&Value::Array(records)))
             }
             "pagerduty" => {
-                let e = events.first().ok_or("empty batch")?;
+                let e = one(&events)?;
                 let (class, severity) = classify(e);
                 let mut payload = Map::new();
                 payload.insert("summary".into(), cut(&summary(e), 1024).into());
@@ -469,6 +483,26 @@ mod tests {
         let t = epoch_seconds("2026-05-12T10:14:33.871Z").expect("time");
         assert!((t - 1_778_580_873.871).abs() < 1e-6, "{t}");
         assert_eq!(epoch_seconds("garbage"), None);
+    }
+
+    /// A notification format sends one event a message: a batch of several is refused, not
+    /// formatted as its first event (the others would be dropped).
+    #[test]
+    fn notification_formats_refuse_a_batch() {
+        let e = json!({"event": "intentgate.tool_call", "ts": "2026-05-12T10:14:33.871Z",
+                       "decision": "block", "check": "policy", "tenant": "acme",
+                       "tool": "x", "reason": "r"})
+        .to_string();
+        for format in ["slack", "teams", "pagerduty"] {
+            let f = Siem::configure(&json!({"format": format, "secret": "k"}).to_string())
+                .expect("configure");
+            assert!(f.format(std::slice::from_ref(&e)).is_ok(), "{format}");
+            let err = f
+                .format(&[e.clone(), e.clone()])
+                .err()
+                .unwrap_or_else(|| panic!("{format}: a batch of two was formatted"));
+            assert!(err.contains("one event a message"), "{format}: {err}");
+        }
     }
 
     /// A tool name an agent chose cannot put a link (or a mention) in an approver's channel.
