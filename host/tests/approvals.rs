@@ -1146,6 +1146,25 @@ async fn a_held_call_whose_token_was_revoked_meanwhile_does_not_run() {
     tg.shutdown().await;
 }
 
+/// Drafts `spec` as a bundle of the default tenant and promotes it.
+async fn promote_spec(tg: &TestGateway, name: &str, spec: Value) {
+    let (status, created) = http::post_json(
+        &format!("{}/v1/admin/bundles", tg.url),
+        Some(ADMIN_TOKEN),
+        &json!({"name": name, "spec": spec}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let digest = created["digest"].as_str().expect("digest");
+    let (status, v) = http::post_json(
+        &format!("{}/v1/admin/bundles/{digest}/promote", tg.url),
+        Some(ADMIN_TOKEN),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+}
+
 /// A step-up asked for by a budget-stage check (not only the policy's) holds: without one on
 /// the token the call goes to a person, marked as a step-up, and runs once approved.
 #[tokio::test]
@@ -1175,21 +1194,7 @@ async fn a_budget_checks_step_up_is_asked_of_a_person() {
         .as_array_mut()
         .expect("budget stage")
         .push(json!({"component": uploaded["digest"], "config": "step-up"}));
-    let (status, created) = http::post_json(
-        &format!("{}/v1/admin/bundles", tg.url),
-        Some(ADMIN_TOKEN),
-        &json!({"name": "budget-step-up", "spec": spec}),
-    )
-    .await;
-    assert_eq!(status, 201, "{created}");
-    let digest = created["digest"].as_str().expect("digest");
-    let (status, v) = http::post_json(
-        &format!("{}/v1/admin/bundles/{digest}/promote", tg.url),
-        Some(ADMIN_TOKEN),
-        &json!({}),
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
+    promote_spec(&tg, "budget-step-up", spec).await;
 
     let m = marker("budget-step-up");
     let body = json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
@@ -1237,21 +1242,7 @@ async fn an_intent_escalation_waits_for_a_person_like_the_policys() {
                "on_outside_allowed": "escalate"})
         .to_string(),
     );
-    let (status, created) = http::post_json(
-        &format!("{}/v1/admin/bundles", tg.url),
-        Some(ADMIN_TOKEN),
-        &json!({"name": "intent-escalates", "spec": spec}),
-    )
-    .await;
-    assert_eq!(status, 201, "{created}");
-    let digest = created["digest"].as_str().expect("digest");
-    let (status, v) = http::post_json(
-        &format!("{}/v1/admin/bundles/{digest}/promote", tg.url),
-        Some(ADMIN_TOKEN),
-        &json!({}),
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
+    promote_spec(&tg, "intent-escalates", spec).await;
 
     let m = marker("intent");
     let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",

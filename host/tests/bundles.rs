@@ -1089,3 +1089,33 @@ async fn swaps_record_what_they_did_and_a_repeated_promote_keeps_the_rollback_ta
     );
     assert_eq!(registry.status("bundles-admin").active, digests[1]);
 }
+
+/// Dry-runs wait for a place: one a tenant at a time and two a gateway; past the wait, none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_runs_take_turns_one_a_tenant_and_two_a_gateway() {
+    let runtime = crate::support::gateway::shared_runtime();
+    let registry = intentgate::bundles::Registry::with_runtime(runtime).expect("registry");
+    let short = std::time::Duration::from_millis(200);
+    let a = registry.dry_run_place("a", short).await.expect("a");
+    assert!(
+        registry.dry_run_place("a", short).await.is_none(),
+        "a second dry-run of a tenant at once"
+    );
+    let b = registry.dry_run_place("b", short).await.expect("b");
+    assert!(
+        registry.dry_run_place("c", short).await.is_none(),
+        "a third dry-run at once"
+    );
+    let waiting = {
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            registry
+                .dry_run_place("c", std::time::Duration::from_secs(10))
+                .await
+                .is_some()
+        })
+    };
+    drop(a);
+    assert!(waiting.await.expect("join"), "c gets a's place once a ends");
+    drop(b);
+}

@@ -861,6 +861,31 @@ async fn hostile_formatters_fail_only_their_destinations_and_admin_is_scoped() {
     gw.shutdown().await;
 }
 
+/// A denied call (a tool outside the token's scope) whose one argument is named `key`.
+async fn denied_with_key(url: &str, token: &str, key: String) {
+    let (status, v) = http::post_json(
+        &format!("{url}/v1/mcp"),
+        Some(token),
+        &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": "delete_everything", "arguments": {key: 1}}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(v.get("error").is_some(), "denied: {v}");
+}
+
+/// The argument names of the events a vendor received (`at`: where the event sits in a record).
+fn keys_at(records: &Value, vendor: &str, at: &str) -> Vec<String> {
+    records[vendor]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r[at]["arg_keys"].as_array())
+        .flatten()
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect()
+}
+
 /// An event whose payload the destination refuses (400) does not hold its lane until the
 /// dead-letter age: its batch goes in halves to find it, and once refused three times in a
 /// row it is set aside; the events behind it are delivered.
@@ -872,20 +897,7 @@ async fn an_event_a_destination_refuses_is_set_aside_and_the_lane_goes_on() {
         .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
         .await;
     rx.control(json!({"refuse": "poison_key"})).await;
-    let call = |key: String| {
-        let (url, token) = (gw.url.clone(), token.clone());
-        async move {
-            let (status, v) = http::post_json(
-                &format!("{url}/v1/mcp"),
-                Some(&token),
-                &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                        "params": {"name": "delete_everything", "arguments": {key: 1}}}),
-            )
-            .await;
-            assert_eq!(status, 200);
-            assert!(v.get("error").is_some(), "denied: {v}");
-        }
-    };
+    let call = |key: String| denied_with_key(&gw.url, &token, key);
     call("poison_key".into()).await;
     for n in 0..3 {
         call(format!("after_{n}")).await;
@@ -895,17 +907,7 @@ async fn an_event_a_destination_refuses_is_set_aside_and_the_lane_goes_on() {
         "the events behind the refused one",
         Duration::from_secs(30),
         || async {
-            let records = rx.get("records").await;
-            let keys: Vec<String> = records["splunk"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|r| r["event"]["arg_keys"].as_array())
-                        .flatten()
-                        .filter_map(|k| k.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let keys = keys_at(&rx.get("records").await, "splunk", "event");
             want.iter().all(|k| keys.contains(k))
         },
     )
@@ -1087,34 +1089,11 @@ async fn an_event_too_large_for_its_destination_does_not_hold_its_lane() {
         .mint(json!({"subject": "bot", "tenant": "acme", "tools": ["read_*"]}))
         .await;
     rx.control(json!({"max_bytes": 200_000})).await;
-    let call = |key: String| {
-        let (url, token) = (gw.url.clone(), token.clone());
-        async move {
-            let (status, v) = http::post_json(
-                &format!("{url}/v1/mcp"),
-                Some(&token),
-                &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                        "params": {"name": "delete_everything", "arguments": {key: 1}}}),
-            )
-            .await;
-            assert_eq!(status, 200);
-            assert!(v.get("error").is_some(), "denied: {v}");
-        }
-    };
+    let call = |key: String| denied_with_key(&gw.url, &token, key);
     call("k".repeat(300_000)).await;
     for n in 0..3 {
         call(format!("after_{n}")).await;
     }
-    let keys_at = |records: &Value, vendor: &str, at: &str| -> Vec<String> {
-        records[vendor]
-            .as_array()
-            .expect("records")
-            .iter()
-            .filter_map(|r| r[at]["arg_keys"].as_array())
-            .flatten()
-            .filter_map(|k| k.as_str().map(str::to_owned))
-            .collect()
-    };
     let want: Vec<String> = (0..3).map(|n| format!("after_{n}")).collect();
     wait_for(
         "the events behind the large one",

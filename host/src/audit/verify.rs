@@ -74,6 +74,18 @@ pub struct BrokenAt {
     pub reason: String,
 }
 
+/// A break found at the chain's head row (`seq` as reported), against the last hash walked.
+fn at_head(h: &query::HeadRow, seq: i64, prev: &[u8], reason: String) -> BrokenAt {
+    BrokenAt {
+        id: h.event_id,
+        seq,
+        ts: time::format_rfc3339_ms(h.ts_ms),
+        stored_hash: h.hash.clone(),
+        expected_hash: hex::encode(prev),
+        reason,
+    }
+}
+
 /// The outcome of checking the chain against one signed checkpoint.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct CheckpointCheck {
@@ -293,14 +305,12 @@ pub async fn verify_chain(
     } else if report.broken_at.is_none()
         && let Some(h) = head.as_ref().filter(|h| h.hash != hex::encode(&prev))
     {
-        report.broken_at = Some(BrokenAt {
-            id: h.event_id,
-            seq: h.seq,
-            ts: time::format_rfc3339_ms(h.ts_ms),
-            stored_hash: h.hash.clone(),
-            expected_hash: hex::encode(&prev),
-            reason: "chain head hash does not match the last event".into(),
-        });
+        report.broken_at = Some(at_head(
+            h,
+            h.seq,
+            &prev,
+            "chain head hash does not match the last event".into(),
+        ));
     }
 
     if report.broken_at.is_none()
@@ -315,28 +325,16 @@ pub async fn verify_chain(
         // repeated (the walk reads each seq once).
         let claimed = query::count_upto(db, tenant, h.seq).await?;
         if claimed != report.verified as i64 {
-            report.broken_at = Some(BrokenAt {
-                id: h.event_id,
-                seq: h.seq,
-                ts: time::format_rfc3339_ms(h.ts_ms),
-                stored_hash: h.hash.clone(),
-                expected_hash: hex::encode(&prev),
-                reason: format!(
-                    "{claimed} rows claim a place up to seq {} in the chain, which has {}: rows were written outside the chain's writer (a seq below 1 or repeated), and lists and exports show them",
-                    h.seq, report.verified
-                ),
-            });
+            let reason = format!(
+                "{claimed} rows claim a place up to seq {} in the chain, which has {}: rows were written outside the chain's writer (a seq below 1 or repeated), and lists and exports show them",
+                h.seq, report.verified
+            );
+            report.broken_at = Some(at_head(h, h.seq, &prev, reason));
         } else if highest > now_head {
-            report.broken_at = Some(BrokenAt {
-                id: h.event_id,
-                seq: now_head,
-                ts: time::format_rfc3339_ms(h.ts_ms),
-                stored_hash: h.hash.clone(),
-                expected_hash: hex::encode(&prev),
-                reason: format!(
-                    "events up to seq {highest} lie beyond the chain head ({now_head}): written outside the chain's writer, or the head was moved back"
-                ),
-            });
+            let reason = format!(
+                "events up to seq {highest} lie beyond the chain head ({now_head}): written outside the chain's writer, or the head was moved back"
+            );
+            report.broken_at = Some(at_head(h, now_head, &prev, reason));
         }
     }
 

@@ -764,47 +764,23 @@ async fn replay_set(
     Ok(calls)
 }
 
-/// Dry-runs at once in this process, and per tenant: each holds a core while it replays.
-const DRY_RUNS_AT_ONCE: usize = 2;
+/// How long a dry-run waits for its place before it is refused (429).
+const DRY_RUN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A dry-run's place; released on drop.
-struct DryRunSlot {
-    tenant: String,
-}
-
-static DRY_RUNS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-impl DryRunSlot {
-    /// A place for one of `tenant`'s dry-runs, or 429: one per tenant, [`DRY_RUNS_AT_ONCE`]
-    /// in all.
-    fn take(tenant: &str) -> Result<DryRunSlot, AdminReply> {
-        let mut running = DRY_RUNS.lock().unwrap_or_else(|p| p.into_inner());
-        if running.iter().any(|t| t == tenant) {
-            return Err(error(
+/// A dry-run's place ([`Registry::dry_run_place`]), or 429 once it waited [`DRY_RUN_WAIT`].
+async fn dry_run_place(
+    registry: &Registry,
+    tenant: &str,
+) -> Result<impl Send + 'static, AdminReply> {
+    registry
+        .dry_run_place(tenant, DRY_RUN_WAIT)
+        .await
+        .ok_or_else(|| {
+            error(
                 429,
-                "a dry run of this tenant is already running; retry when it ends",
-            ));
-        }
-        if running.len() >= DRY_RUNS_AT_ONCE {
-            return Err(error(
-                429,
-                "the gateway is running as many dry runs as it allows; retry shortly",
-            ));
-        }
-        running.push(tenant.to_owned());
-        Ok(DryRunSlot {
-            tenant: tenant.to_owned(),
+                "too many dry runs at once (one a tenant, two a gateway); retry when one ends",
+            )
         })
-    }
-}
-
-impl Drop for DryRunSlot {
-    fn drop(&mut self) {
-        let mut running = DRY_RUNS.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = running.iter().position(|t| *t == self.tenant) {
-            running.swap_remove(i);
-        }
-    }
 }
 
 /// Delete a draft (not the active bundle nor the rollback target: 409): 404 unless it exists,
@@ -993,7 +969,7 @@ async fn bundles(
         }
         ("POST", [digest, "dry-run"]) => {
             let body: DryRunBody = parse(call.body)?;
-            let slot = DryRunSlot::take(&tenant)?;
+            let slot = dry_run_place(registry, &tenant).await?;
             let calls = replay_set(registry, &tenant, body.calls, body.sample.as_deref()).await?;
             let (r2, digest) = (registry.clone(), digest.to_string());
             // The slot goes with the replay: a client that leaves does not free it early.
@@ -1324,7 +1300,7 @@ async fn policies(
                     "nothing to replay: give input (one call) or sample (e.g. \"last-24h\")",
                 ));
             }
-            let slot = DryRunSlot::take(&tenant)?;
+            let slot = dry_run_place(registry, &tenant).await?;
             let mut calls =
                 replay_set(registry, &tenant, body.calls, body.sample.as_deref()).await?;
             if let Some(input) = body.input {
@@ -1384,24 +1360,7 @@ async fn policies(
 
 #[cfg(test)]
 mod tests {
-    use super::{DryRunSlot, rfc3339};
-
-    #[test]
-    fn dry_runs_are_one_a_tenant_and_two_at_once() {
-        let a = DryRunSlot::take("slots-a").expect("a");
-        let again = DryRunSlot::take("slots-a")
-            .map(|_| ())
-            .expect_err("a twice");
-        assert_eq!(again.status, 429);
-        let b = DryRunSlot::take("slots-b").expect("b");
-        let c = DryRunSlot::take("slots-c")
-            .map(|_| ())
-            .expect_err("a third");
-        assert_eq!(c.status, 429);
-        drop(a);
-        let _c = DryRunSlot::take("slots-c").expect("c once a ended");
-        drop(b);
-    }
+    use super::rfc3339;
 
     #[test]
     fn rfc3339_formats_utc() {

@@ -524,9 +524,18 @@ impl Follower {
             }
             self.registry.add_component_owner(&digest, &tenant);
         }
+        // What each tenant has already (read once a tenant, not once a draft).
+        let mut have: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
         for (tenant, digest) in self.persist.live_bundles().await? {
+            let known = have.entry(tenant.clone()).or_insert_with(|| {
+                self.registry
+                    .drafts(&tenant)
+                    .into_iter()
+                    .map(|d| d.digest)
+                    .collect()
+            });
             let key = format!("{tenant} {digest}");
-            if self.unloadable.contains(&key) {
+            if known.contains(&digest) || self.unloadable.contains(&key) {
                 continue;
             }
             match self.ensure(&tenant, &digest).await {

@@ -237,6 +237,9 @@ pub struct DryRunReport {
     pub stopped: Option<String>,
 }
 
+/// Dry-runs one gateway runs at once (one per tenant at a time).
+pub const DRY_RUNS_AT_ONCE: usize = 2;
+
 /// The longest one dry-run replays: its checks run on the gateway's cores, beside the live
 /// calls, whose checks have deadlines of their own.
 pub const DRY_RUN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
@@ -275,6 +278,9 @@ struct Inner {
     /// pointer, so a follower can never apply a pointer older than a swap this replica just
     /// made. A tenant's own, so one tenant's slow promote holds up nobody else's.
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Dry-runs of each tenant, one at a time, and of all tenants, [`DRY_RUNS_AT_ONCE`].
+    dry_run_gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    dry_runs: Arc<tokio::sync::Semaphore>,
     /// Swaps made in this process by action, [`SWAP_ACTIONS`] order (`/metrics`).
     swaps: [std::sync::atomic::AtomicU64; 3],
 }
@@ -381,6 +387,8 @@ impl Registry {
                 pointer_seqs: Mutex::new(HashMap::new()),
                 persist: std::sync::OnceLock::new(),
                 gates: Mutex::new(HashMap::new()),
+                dry_run_gates: Mutex::new(HashMap::new()),
+                dry_runs: Arc::new(tokio::sync::Semaphore::new(DRY_RUNS_AT_ONCE)),
                 swaps: Default::default(),
             }),
         };
@@ -419,6 +427,33 @@ impl Registry {
                 .entry(tenant.to_owned())
                 .or_default(),
         )
+    }
+
+    /// A place for one dry-run of `tenant`: its tenant's gate and one of the
+    /// [`DRY_RUNS_AT_ONCE`] places, both held until dropped; waited for at most `within`
+    /// (`None` past it). Each dry-run holds a core beside the live calls.
+    pub async fn dry_run_place(
+        &self,
+        tenant: &str,
+        within: std::time::Duration,
+    ) -> Option<(
+        tokio::sync::OwnedMutexGuard<()>,
+        tokio::sync::OwnedSemaphorePermit,
+    )> {
+        let gate = Arc::clone(
+            lock(&self.inner.dry_run_gates)
+                .entry(tenant.to_owned())
+                .or_default(),
+        );
+        let all = Arc::clone(&self.inner.dry_runs);
+        tokio::time::timeout(within, async move {
+            let mine = gate.lock_owned().await;
+            let place = all.acquire_owned().await.ok()?;
+            Some((mine, place))
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// The `seq` of the stored pointer this replica runs for `tenant` (`None`: none applied
